@@ -1,0 +1,56 @@
+//! The interface Keel presents to guests: CPUID identification leaves, hypercall numbers and
+//! status codes, and the well-known I/O ports. docs/HYPERCALLS.md is the user-facing copy; keep
+//! them in step.
+//!
+//! Hypercall convention: the guest executes `VMCALL` with the call number in RAX and arguments in
+//! RBX, RCX, RDX, RSI (EAX/EBX/... in 32-bit and 16-bit code). The result comes back in RAX; values
+//! above `u64::MAX - 4095` are negative error codes (in 32-bit mode the low 32 bits of the same
+//! value). All other registers are preserved.
+
+/// CPUID leaf 0x4000_0000: EAX = highest Keel leaf, EBX:ECX:EDX = "KeelKeelKeel".
+pub const CPUID_SIGNATURE_LEAF: u32 = 0x4000_0000;
+/// CPUID leaf 0x4000_0001: EAX = hypercall ABI version, EBX = feature bits (none defined yet).
+pub const CPUID_INTERFACE_LEAF: u32 = 0x4000_0001;
+pub const CPUID_MAX_LEAF: u32 = CPUID_INTERFACE_LEAF;
+pub const SIGNATURE: &[u8; 12] = b"KeelKeelKeel";
+pub const ABI_VERSION: u32 = 1;
+
+/// Hypercall numbers (RAX).
+pub mod hc {
+    /// Write RCX bytes at guest-physical RBX to the guest's console. Returns bytes written.
+    pub const CONSOLE_WRITE: u64 = 1;
+    /// Give up the rest of this time slice. Returns 0.
+    pub const YIELD: u64 = 2;
+    /// Returns the caller's guest id (its index in the manifest).
+    pub const GUEST_ID: u64 = 3;
+    /// Stop the calling guest with exit status RBX. Does not return.
+    pub const SHUTDOWN: u64 = 4;
+    /// Print the accounting table of every guest on Keel's console. Returns 0.
+    pub const PRINT_STATS: u64 = 5;
+    /// Returns the TSC cycles this guest has been given so far (its CPU time).
+    pub const CPU_TIME: u64 = 6;
+}
+
+/// Hypercall status codes (as two's-complement negatives in RAX).
+pub mod status {
+    pub const OK: u64 = 0;
+    /// Unknown hypercall number.
+    pub const ENOSYS: u64 = -38i64 as u64;
+    /// A pointer argument names memory the guest does not own.
+    pub const EFAULT: u64 = -14i64 as u64;
+    /// An argument is out of range.
+    pub const EINVAL: u64 = -22i64 as u64;
+}
+
+/// Ports every guest sees.
+pub mod port {
+    /// QEMU's isa-debug-exit: writing v ends the guest with status (v << 1) | 1.
+    pub const DEBUG_EXIT: u16 = 0xf4;
+    /// COM1, the guest's virtual 16550.
+    pub const COM1: u16 = 0x3f8;
+    /// Bochs/QEMU debug console; bytes written go to the guest's console like COM1.
+    pub const DEBUGCON: u16 = 0xe9;
+}
+
+/// Largest CONSOLE_WRITE accepted in one call.
+pub const CONSOLE_WRITE_MAX: u64 = 4096;

@@ -1,0 +1,1 @@
+//! The thin hardware layer (bare-metal target only).

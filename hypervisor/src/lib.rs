@@ -1,0 +1,27 @@
+//! Keel: a bare-metal VT-x hypervisor.
+//!
+//! The crate has two halves. Everything that is *logic* (VMCS field and control computations, EPT
+//! building, exit decoding and handlers, device models, the scheduler, loaders, the ramdisk format)
+//! lives in modules that compile for the build host too, so `cargo test` exercises it against fakes
+//! of the hardware. Only [`arch`] touches the machine, and it is compiled for the bare-metal target
+//! alone. See docs/ARCHITECTURE.md for the map.
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+pub mod abi;
+pub mod archive;
+pub mod devices;
+pub mod ept;
+pub mod exits;
+pub mod guest;
+pub mod loader;
+pub mod log;
+pub mod machine;
+pub mod manifest;
+pub mod mm;
+pub mod sched;
+pub mod vmx;
+
+#[cfg(target_os = "none")]
+pub mod arch;

@@ -1,0 +1,274 @@
+//! The ramdisk manifest: which guests Keel runs and how each one starts.
+//!
+//! A small INI-like text, chosen so that it is easy to write by hand and to parse without a
+//! general-purpose parser in the kernel:
+//!
+//! ```text
+//! # comments start with '#'
+//! [keel]
+//! quantum_ms = 10          # scheduler time slice (default 10)
+//!
+//! [guest hello64]          # one section per guest; the name is used as the console prefix
+//! kind = elf               # flat | elf | multiboot
+//! image = hello64.elf      # archive entry holding the image
+//! memory = 16M             # guest RAM, a multiple of 2M (K, M and G suffixes)
+//! cmdline = quiet debug    # free text to the end of the line
+//! load = 0x7c00            # flat: load address (default 0x7c00)
+//! entry = 0x7c00           # flat: entry point (default: load)
+//! modules = initrd.img     # multiboot: archive entries passed as modules
+//! ```
+//!
+//! docs/GUESTS.md documents the same format for users.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestKind {
+    /// A flat binary started in 16-bit real mode at `entry` (needs unrestricted guest).
+    Flat,
+    /// An ELF32 or ELF64 kernel entered in protected or long mode.
+    Elf,
+    /// A multiboot 1 kernel, entered as a multiboot loader such as QEMU's `-kernel` would.
+    Multiboot,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestConfig {
+    pub name: String,
+    pub kind: GuestKind,
+    pub image: String,
+    pub memory: u64,
+    pub cmdline: String,
+    pub load: u64,
+    pub entry: u64,
+    pub modules: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    pub quantum_ms: u32,
+    pub guests: Vec<GuestConfig>,
+}
+
+pub const DEFAULT_QUANTUM_MS: u32 = 10;
+pub const DEFAULT_FLAT_LOAD: u64 = 0x7c00;
+/// Guest RAM is built from 2 MiB EPT pages, so sizes are whole multiples of this.
+pub const MEMORY_GRANULE: u64 = 2 << 20;
+pub const MAX_GUEST_MEMORY: u64 = 3 << 30;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestError {
+    pub line: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "manifest line {}: {}", self.line, self.message)
+    }
+}
+
+fn err(line: usize, message: impl ToString) -> ManifestError {
+    ManifestError { line, message: message.to_string() }
+}
+
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mul) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 1u64 << 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    parse_u64(num)?.checked_mul(mul)
+}
+
+pub fn parse_u64(s: &str) -> Option<u64> {
+    let s = s.trim();
+    if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        u64::from_str_radix(&hex.replace('_', ""), 16).ok()
+    } else {
+        s.replace('_', "").parse().ok()
+    }
+}
+
+struct Partial {
+    line: usize,
+    name: String,
+    kind: Option<GuestKind>,
+    image: Option<String>,
+    memory: Option<u64>,
+    cmdline: String,
+    load: Option<u64>,
+    entry: Option<u64>,
+    modules: Vec<String>,
+}
+
+impl Partial {
+    fn finish(self) -> Result<GuestConfig, ManifestError> {
+        let kind = self.kind.ok_or_else(|| err(self.line, format_args!("guest {} has no kind", self.name)))?;
+        let image = self.image.ok_or_else(|| err(self.line, format_args!("guest {} has no image", self.name)))?;
+        let memory = self.memory.ok_or_else(|| err(self.line, format_args!("guest {} has no memory size", self.name)))?;
+        let load = self.load.unwrap_or(DEFAULT_FLAT_LOAD);
+        Ok(GuestConfig {
+            name: self.name,
+            kind,
+            image,
+            memory,
+            cmdline: self.cmdline,
+            load,
+            entry: self.entry.unwrap_or(load),
+            modules: self.modules,
+        })
+    }
+}
+
+pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
+    let mut manifest = Manifest { quantum_ms: DEFAULT_QUANTUM_MS, guests: Vec::new() };
+    let mut current: Option<Partial> = None;
+    let mut in_keel = false;
+    for (i, raw) in text.lines().enumerate() {
+        let line_no = i + 1;
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(section) = line.strip_prefix('[') {
+            let section = section.strip_suffix(']').ok_or_else(|| err(line_no, "section header lacks ']'"))?.trim();
+            if let Some(done) = current.take() {
+                manifest.guests.push(done.finish()?);
+            }
+            in_keel = false;
+            if section == "keel" {
+                in_keel = true;
+            } else if let Some(name) = section.strip_prefix("guest ") {
+                let name = name.trim();
+                if name.is_empty() || name.len() > 16 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                    return Err(err(line_no, "guest names are 1-16 characters of [A-Za-z0-9_-]"));
+                }
+                if manifest.guests.iter().any(|g| g.name == name) {
+                    return Err(err(line_no, format_args!("guest {name} is defined twice")));
+                }
+                current = Some(Partial {
+                    line: line_no,
+                    name: name.to_string(),
+                    kind: None,
+                    image: None,
+                    memory: None,
+                    cmdline: String::new(),
+                    load: None,
+                    entry: None,
+                    modules: Vec::new(),
+                });
+            } else {
+                return Err(err(line_no, format_args!("unknown section [{section}]")));
+            }
+            continue;
+        }
+        let (key, value) = line.split_once('=').ok_or_else(|| err(line_no, "expected key = value"))?;
+        let key = key.trim();
+        // cmdline keeps '#' characters; everything else may carry a trailing comment.
+        let value = if key == "cmdline" { value.trim() } else { value.split('#').next().unwrap_or("").trim() };
+        if in_keel {
+            match key {
+                "quantum_ms" => {
+                    manifest.quantum_ms = parse_u64(value)
+                        .filter(|&q| (1..=1000).contains(&q))
+                        .ok_or_else(|| err(line_no, "quantum_ms must be 1..1000"))? as u32
+                }
+                _ => return Err(err(line_no, format_args!("unknown key {key} in [keel]"))),
+            }
+            continue;
+        }
+        let g = current.as_mut().ok_or_else(|| err(line_no, "key outside a section"))?;
+        match key {
+            "kind" => {
+                g.kind = Some(match value {
+                    "flat" => GuestKind::Flat,
+                    "elf" => GuestKind::Elf,
+                    "multiboot" => GuestKind::Multiboot,
+                    _ => return Err(err(line_no, "kind must be flat, elf or multiboot")),
+                })
+            }
+            "image" => g.image = Some(value.to_string()),
+            "memory" => {
+                let m = parse_size(value).ok_or_else(|| err(line_no, "memory must be a size like 16M"))?;
+                if m == 0 || m % MEMORY_GRANULE != 0 || m > MAX_GUEST_MEMORY {
+                    return Err(err(line_no, "memory must be a non-zero multiple of 2M, at most 3G"));
+                }
+                g.memory = Some(m)
+            }
+            "cmdline" => g.cmdline = value.to_string(),
+            "load" => g.load = Some(parse_u64(value).ok_or_else(|| err(line_no, "load must be a number"))?),
+            "entry" => g.entry = Some(parse_u64(value).ok_or_else(|| err(line_no, "entry must be a number"))?),
+            "modules" => g.modules = value.split_whitespace().map(|s| s.to_string()).collect(),
+            _ => return Err(err(line_no, format_args!("unknown key {key}"))),
+        }
+    }
+    if let Some(done) = current.take() {
+        manifest.guests.push(done.finish()?);
+    }
+    Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+# demo
+[keel]
+quantum_ms = 5
+
+[guest real16]
+kind = flat
+image = real16.bin
+memory = 2M
+load = 0x1000
+
+[guest mb]
+kind = multiboot   # trailing comment
+image = mb.elf
+memory = 0x400000
+cmdline = console=ttyS0 # kept
+modules = a b
+";
+
+    #[test]
+    fn parses_sample() {
+        let m = parse(SAMPLE).unwrap();
+        assert_eq!(m.quantum_ms, 5);
+        assert_eq!(m.guests.len(), 2);
+        let g = &m.guests[0];
+        assert_eq!((g.kind, g.memory, g.load, g.entry), (GuestKind::Flat, 2 << 20, 0x1000, 0x1000));
+        let g = &m.guests[1];
+        assert_eq!(g.kind, GuestKind::Multiboot);
+        assert_eq!(g.memory, 4 << 20);
+        assert_eq!(g.cmdline, "console=ttyS0 # kept");
+        assert_eq!(g.modules, ["a", "b"]);
+    }
+
+    #[test]
+    fn reports_line_numbers() {
+        let e = parse("[guest a]\nkind = flat\nimage = x\nmemory = 3M\n").unwrap_err();
+        assert_eq!(e.line, 4);
+        let e = parse("[guest a]\nkind = weird\n").unwrap_err();
+        assert_eq!(e.line, 2);
+        let e = parse("[guest a]\nimage = x\nmemory = 2M\n").unwrap_err();
+        assert!(e.message.contains("no kind"), "{e}");
+        let e = parse("[guest a]\nkind=flat\nimage=x\nmemory=2M\n[guest a]\n").unwrap_err();
+        assert!(e.message.contains("twice"));
+        assert!(parse("[bogus]\n").is_err());
+        assert!(parse("x = 1\n").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16M"), Some(16 << 20));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("0x1000"), Some(0x1000));
+        assert_eq!(parse_size("zz"), None);
+    }
+}
