@@ -39,8 +39,12 @@ impl fmt::Display for ArchiveError {
             Self::TooShort => write!(f, "ramdisk is shorter than the archive header"),
             Self::BadMagic => write!(f, "ramdisk does not start with the KEELARC1 magic"),
             Self::EntryTableOutOfBounds => write!(f, "archive entry table runs past the end"),
-            Self::BadName { index } => write!(f, "archive entry {index} has a name that is not UTF-8"),
-            Self::DataOutOfBounds { index } => write!(f, "archive entry {index} points past the end"),
+            Self::BadName { index } => {
+                write!(f, "archive entry {index} has a name that is not UTF-8")
+            }
+            Self::DataOutOfBounds { index } => {
+                write!(f, "archive entry {index} points past the end")
+            }
         }
     }
 }
@@ -81,10 +85,13 @@ impl<'a> Archive<'a> {
         let archive = Self { bytes, count };
         for index in 0..count {
             let raw = archive.raw_entry(index);
-            core::str::from_utf8(trim_nul(&raw[..NAME_LEN])).map_err(|_| ArchiveError::BadName { index })?;
+            core::str::from_utf8(trim_nul(&raw[..NAME_LEN]))
+                .map_err(|_| ArchiveError::BadName { index })?;
             let off = le_u64(&raw[NAME_LEN..]);
             let len = le_u64(&raw[NAME_LEN + 8..]);
-            let end = off.checked_add(len).ok_or(ArchiveError::DataOutOfBounds { index })?;
+            let end = off
+                .checked_add(len)
+                .ok_or(ArchiveError::DataOutOfBounds { index })?;
             if end > bytes.len() as u64 {
                 return Err(ArchiveError::DataOutOfBounds { index });
             }
@@ -174,15 +181,24 @@ mod tests {
     #[test]
     fn rejects_garbage() {
         assert_eq!(Archive::parse(b"short").err(), Some(ArchiveError::TooShort));
-        assert_eq!(Archive::parse(&[0u8; 32]).err(), Some(ArchiveError::BadMagic));
+        assert_eq!(
+            Archive::parse(&[0u8; 32]).err(),
+            Some(ArchiveError::BadMagic)
+        );
         let mut a = build(&[("f", &[9; 40])]).unwrap();
         // Point the entry's data past the end.
         let len_at = HEADER_LEN + NAME_LEN + 8;
         a[len_at..len_at + 8].copy_from_slice(&1000u64.to_le_bytes());
-        assert_eq!(Archive::parse(&a).err(), Some(ArchiveError::DataOutOfBounds { index: 0 }));
+        assert_eq!(
+            Archive::parse(&a).err(),
+            Some(ArchiveError::DataOutOfBounds { index: 0 })
+        );
         let mut b = build(&[]).unwrap();
         b[8] = 200;
-        assert_eq!(Archive::parse(&b).err(), Some(ArchiveError::EntryTableOutOfBounds));
+        assert_eq!(
+            Archive::parse(&b).err(),
+            Some(ArchiveError::EntryTableOutOfBounds)
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! of the hardware. Only [`arch`] touches the machine, and it is compiled for the bare-metal target
 //! alone. See docs/ARCHITECTURE.md for the map.
 #![cfg_attr(not(test), no_std)]
+#![cfg_attr(target_os = "none", feature(abi_x86_interrupt))]
 
 extern crate alloc;
 
@@ -25,3 +26,5 @@ pub mod vmx;
 
 #[cfg(target_os = "none")]
 pub mod arch;
+#[cfg(target_os = "none")]
+pub mod hypervisor;

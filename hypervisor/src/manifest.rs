@@ -71,7 +71,10 @@ impl fmt::Display for ManifestError {
 }
 
 fn err(line: usize, message: impl ToString) -> ManifestError {
-    ManifestError { line, message: message.to_string() }
+    ManifestError {
+        line,
+        message: message.to_string(),
+    }
 }
 
 pub fn parse_size(s: &str) -> Option<u64> {
@@ -108,9 +111,18 @@ struct Partial {
 
 impl Partial {
     fn finish(self) -> Result<GuestConfig, ManifestError> {
-        let kind = self.kind.ok_or_else(|| err(self.line, format_args!("guest {} has no kind", self.name)))?;
-        let image = self.image.ok_or_else(|| err(self.line, format_args!("guest {} has no image", self.name)))?;
-        let memory = self.memory.ok_or_else(|| err(self.line, format_args!("guest {} has no memory size", self.name)))?;
+        let kind = self
+            .kind
+            .ok_or_else(|| err(self.line, format_args!("guest {} has no kind", self.name)))?;
+        let image = self
+            .image
+            .ok_or_else(|| err(self.line, format_args!("guest {} has no image", self.name)))?;
+        let memory = self.memory.ok_or_else(|| {
+            err(
+                self.line,
+                format_args!("guest {} has no memory size", self.name),
+            )
+        })?;
         let load = self.load.unwrap_or(DEFAULT_FLAT_LOAD);
         Ok(GuestConfig {
             name: self.name,
@@ -126,7 +138,10 @@ impl Partial {
 }
 
 pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
-    let mut manifest = Manifest { quantum_ms: DEFAULT_QUANTUM_MS, guests: Vec::new() };
+    let mut manifest = Manifest {
+        quantum_ms: DEFAULT_QUANTUM_MS,
+        guests: Vec::new(),
+    };
     let mut current: Option<Partial> = None;
     let mut in_keel = false;
     for (i, raw) in text.lines().enumerate() {
@@ -136,7 +151,10 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
             continue;
         }
         if let Some(section) = line.strip_prefix('[') {
-            let section = section.strip_suffix(']').ok_or_else(|| err(line_no, "section header lacks ']'"))?.trim();
+            let section = section
+                .strip_suffix(']')
+                .ok_or_else(|| err(line_no, "section header lacks ']'"))?
+                .trim();
             if let Some(done) = current.take() {
                 manifest.guests.push(done.finish()?);
             }
@@ -145,8 +163,16 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                 in_keel = true;
             } else if let Some(name) = section.strip_prefix("guest ") {
                 let name = name.trim();
-                if name.is_empty() || name.len() > 16 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-                    return Err(err(line_no, "guest names are 1-16 characters of [A-Za-z0-9_-]"));
+                if name.is_empty()
+                    || name.len() > 16
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                {
+                    return Err(err(
+                        line_no,
+                        "guest names are 1-16 characters of [A-Za-z0-9_-]",
+                    ));
                 }
                 if manifest.guests.iter().any(|g| g.name == name) {
                     return Err(err(line_no, format_args!("guest {name} is defined twice")));
@@ -167,22 +193,31 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
             }
             continue;
         }
-        let (key, value) = line.split_once('=').ok_or_else(|| err(line_no, "expected key = value"))?;
+        let (key, value) = line
+            .split_once('=')
+            .ok_or_else(|| err(line_no, "expected key = value"))?;
         let key = key.trim();
         // cmdline keeps '#' characters; everything else may carry a trailing comment.
-        let value = if key == "cmdline" { value.trim() } else { value.split('#').next().unwrap_or("").trim() };
+        let value = if key == "cmdline" {
+            value.trim()
+        } else {
+            value.split('#').next().unwrap_or("").trim()
+        };
         if in_keel {
             match key {
                 "quantum_ms" => {
                     manifest.quantum_ms = parse_u64(value)
                         .filter(|&q| (1..=1000).contains(&q))
-                        .ok_or_else(|| err(line_no, "quantum_ms must be 1..1000"))? as u32
+                        .ok_or_else(|| err(line_no, "quantum_ms must be 1..1000"))?
+                        as u32
                 }
                 _ => return Err(err(line_no, format_args!("unknown key {key} in [keel]"))),
             }
             continue;
         }
-        let g = current.as_mut().ok_or_else(|| err(line_no, "key outside a section"))?;
+        let g = current
+            .as_mut()
+            .ok_or_else(|| err(line_no, "key outside a section"))?;
         match key {
             "kind" => {
                 g.kind = Some(match value {
@@ -194,15 +229,25 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
             }
             "image" => g.image = Some(value.to_string()),
             "memory" => {
-                let m = parse_size(value).ok_or_else(|| err(line_no, "memory must be a size like 16M"))?;
+                let m = parse_size(value)
+                    .ok_or_else(|| err(line_no, "memory must be a size like 16M"))?;
                 if m == 0 || m % MEMORY_GRANULE != 0 || m > MAX_GUEST_MEMORY {
-                    return Err(err(line_no, "memory must be a non-zero multiple of 2M, at most 3G"));
+                    return Err(err(
+                        line_no,
+                        "memory must be a non-zero multiple of 2M, at most 3G",
+                    ));
                 }
                 g.memory = Some(m)
             }
             "cmdline" => g.cmdline = value.to_string(),
-            "load" => g.load = Some(parse_u64(value).ok_or_else(|| err(line_no, "load must be a number"))?),
-            "entry" => g.entry = Some(parse_u64(value).ok_or_else(|| err(line_no, "entry must be a number"))?),
+            "load" => {
+                g.load =
+                    Some(parse_u64(value).ok_or_else(|| err(line_no, "load must be a number"))?)
+            }
+            "entry" => {
+                g.entry =
+                    Some(parse_u64(value).ok_or_else(|| err(line_no, "entry must be a number"))?)
+            }
             "modules" => g.modules = value.split_whitespace().map(|s| s.to_string()).collect(),
             _ => return Err(err(line_no, format_args!("unknown key {key}"))),
         }
@@ -242,7 +287,10 @@ modules = a b
         assert_eq!(m.quantum_ms, 5);
         assert_eq!(m.guests.len(), 2);
         let g = &m.guests[0];
-        assert_eq!((g.kind, g.memory, g.load, g.entry), (GuestKind::Flat, 2 << 20, 0x1000, 0x1000));
+        assert_eq!(
+            (g.kind, g.memory, g.load, g.entry),
+            (GuestKind::Flat, 2 << 20, 0x1000, 0x1000)
+        );
         let g = &m.guests[1];
         assert_eq!(g.kind, GuestKind::Multiboot);
         assert_eq!(g.memory, 4 << 20);

@@ -1,0 +1,112 @@
+//! Privileged CPU primitives: port I/O, MSRs, control registers, CPUID, TSC.
+
+use core::arch::asm;
+
+/// # Safety
+/// Port I/O can reconfigure hardware; callers own the device they talk to.
+#[inline]
+pub unsafe fn outb(port: u16, value: u8) {
+    // SAFETY: per the caller's contract.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// # Safety
+/// See [`outb`].
+#[inline]
+pub unsafe fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: per the caller's contract.
+    unsafe {
+        asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
+    v
+}
+
+#[inline]
+pub fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: Keel only reads MSRs whose presence it checked (CPUID / VMX capability bits).
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    }
+    ((hi as u64) << 32) | lo as u64
+}
+
+/// # Safety
+/// Writing an MSR changes processor behaviour; the caller knows the MSR exists and the value is valid.
+#[inline]
+pub unsafe fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: per the caller's contract.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack, preserves_flags))
+    }
+}
+
+#[inline]
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+pub fn read_cr0() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR0 has no side effects.
+    unsafe { asm!("mov {}, cr0", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+/// # Safety
+/// The new value must keep the kernel running (paging, protection on).
+pub unsafe fn write_cr0(v: u64) {
+    // SAFETY: per the caller's contract.
+    unsafe { asm!("mov cr0, {}", in(reg) v, options(nostack, preserves_flags)) }
+}
+
+pub fn read_cr3() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR3 has no side effects.
+    unsafe { asm!("mov {}, cr3", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+pub fn read_cr4() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR4 has no side effects.
+    unsafe { asm!("mov {}, cr4", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+/// # Safety
+/// See [`write_cr0`].
+pub unsafe fn write_cr4(v: u64) {
+    // SAFETY: per the caller's contract.
+    unsafe { asm!("mov cr4, {}", in(reg) v, options(nostack, preserves_flags)) }
+}
+
+pub fn read_cr2() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR2 has no side effects.
+    unsafe { asm!("mov {}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    // SAFETY: CPUID is available on every x86_64 CPU.
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+pub mod msr {
+    pub const IA32_APIC_BASE: u32 = 0x1b;
+    pub const IA32_FEATURE_CONTROL: u32 = 0x3a;
+    pub const IA32_VMX_BASIC: u32 = 0x480;
+    pub const IA32_PAT: u32 = 0x277;
+    pub const IA32_EFER: u32 = 0xc000_0080;
+    pub const IA32_FS_BASE: u32 = 0xc000_0100;
+    pub const IA32_GS_BASE: u32 = 0xc000_0101;
+    pub const IA32_SYSENTER_CS: u32 = 0x174;
+    pub const IA32_SYSENTER_ESP: u32 = 0x175;
+    pub const IA32_SYSENTER_EIP: u32 = 0x176;
+}

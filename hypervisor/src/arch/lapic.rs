@@ -1,0 +1,102 @@
+//! Keel's own local APIC: a periodic timer calibrated against the PIT, used as Keel's tick (and as
+//! the scheduler's clock where the VMX-preemption timer is missing).
+
+use super::{cpu, idt, paging};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+const REG_ID: usize = 0x20;
+const REG_EOI: usize = 0xb0;
+const REG_SVR: usize = 0xf0;
+const REG_LVT_TIMER: usize = 0x320;
+const REG_TIMER_INIT: usize = 0x380;
+const REG_TIMER_CURRENT: usize = 0x390;
+const REG_TIMER_DIVIDE: usize = 0x3e0;
+const LVT_PERIODIC: u32 = 1 << 17;
+const LVT_MASKED: u32 = 1 << 16;
+
+static BASE: AtomicU64 = AtomicU64::new(0);
+static TICKS: AtomicU64 = AtomicU64::new(0);
+
+/// What calibration measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Calibration {
+    pub tsc_hz: u64,
+    pub apic_timer_hz: u64,
+}
+
+fn reg(offset: usize) -> *mut u32 {
+    (BASE.load(Ordering::Relaxed) as usize + offset) as *mut u32
+}
+
+fn read(offset: usize) -> u32 {
+    // SAFETY: BASE maps the 4 KiB xAPIC page (set in `init`), `offset` is a register in it.
+    unsafe { reg(offset).read_volatile() }
+}
+
+fn write(offset: usize, v: u32) {
+    // SAFETY: as in `read`.
+    unsafe { reg(offset).write_volatile(v) }
+}
+
+/// PIT input clock (Hz), by definition of the 8254 in the PC.
+const PIT_HZ: u64 = 1_193_182;
+
+/// Runs PIT channel 2 as a one-shot of `ms` milliseconds and returns (TSC delta, APIC timer
+/// ticks) over that time. The channel 2 gate and OUT2 live in port 0x61 (bits 0 and 5).
+fn measure(ms: u64) -> (u64, u64) {
+    let count = (PIT_HZ * ms / 1000) as u16;
+    // SAFETY: PIT and port 0x61 are the standard PC devices; Keel owns them at this point.
+    unsafe {
+        let p61 = cpu::inb(0x61);
+        cpu::outb(0x61, (p61 & !0x02) | 0x01); // gate on, speaker off
+        cpu::outb(0x43, 0b1011_0000); // channel 2, lobyte/hibyte, mode 0
+        cpu::outb(0x42, count as u8);
+        cpu::outb(0x42, (count >> 8) as u8);
+        // Restart the count by toggling the gate.
+        let p61 = cpu::inb(0x61);
+        cpu::outb(0x61, p61 & !0x01);
+        cpu::outb(0x61, p61 | 0x01);
+        write(REG_TIMER_INIT, u32::MAX);
+        let t0 = cpu::rdtsc();
+        while cpu::inb(0x61) & 0x20 == 0 {}
+        let t1 = cpu::rdtsc();
+        let apic = u32::MAX - read(REG_TIMER_CURRENT);
+        (t1 - t0, apic as u64)
+    }
+}
+
+/// Enables the xAPIC, calibrates its timer and starts it periodic at `hz` on [`idt::TIMER_VECTOR`].
+pub fn init(hz: u64) -> Calibration {
+    let base_pa = cpu::rdmsr(cpu::msr::IA32_APIC_BASE) & 0xf_ffff_f000;
+    BASE.store(paging::map_mmio(base_pa, 4096), Ordering::Relaxed);
+    write(REG_SVR, 0x100 | idt::SPURIOUS_VECTOR as u32);
+    write(REG_TIMER_DIVIDE, 0b1011); // divide by 1
+    write(REG_LVT_TIMER, LVT_MASKED | idt::TIMER_VECTOR as u32);
+    let (tsc, apic) = measure(10);
+    let cal = Calibration {
+        tsc_hz: tsc * 100,
+        apic_timer_hz: apic * 100,
+    };
+    write(REG_LVT_TIMER, LVT_PERIODIC | idt::TIMER_VECTOR as u32);
+    write(REG_TIMER_INIT, (cal.apic_timer_hz / hz).max(1) as u32);
+    cal
+}
+
+pub fn id() -> u32 {
+    read(REG_ID) >> 24
+}
+
+pub fn eoi() {
+    write(REG_EOI, 0);
+}
+
+pub fn ticks() -> u64 {
+    TICKS.load(Ordering::Relaxed)
+}
+
+/// Called for Keel's timer vector, from the IDT (interrupts enabled in root mode) or from the
+/// VM-exit path (an external-interrupt exit acknowledged on exit).
+pub fn on_timer_interrupt() {
+    TICKS.fetch_add(1, Ordering::Relaxed);
+    eoi();
+}
