@@ -1,1 +1,13 @@
-//! TODO
+//! The host-testable half of VMX: typed VMCS fields, capability MSRs, control computations, exit
+//! decoding and VMX error messages. Nothing here executes a VMX instruction; the hardware layer
+//! (`arch::vmx`) implements [`VmcsAccess`] with VMREAD/VMWRITE and tests use [`FakeVmcs`].
+
+pub mod fake;
+pub mod fields;
+
+pub use fake::FakeVmcs;
+pub use fields::{
+    Control16, Control32, Control64, ControlNat, Guest16, Guest32, Guest64, GuestNat, Host16,
+    Host32, Host64, HostNat, ReadOnly32, ReadOnly64, ReadOnlyNat, Segment, Vmcs, VmcsAccess,
+    VmcsField, WritableField,
+};
