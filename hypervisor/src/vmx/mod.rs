@@ -6,6 +6,7 @@
 pub mod caps;
 pub mod controls;
 pub mod cr;
+pub mod exit;
 pub mod fake;
 pub mod fields;
 
@@ -15,6 +16,11 @@ pub use controls::{
     PinBasedControls, PrimaryControls, SecondaryControls,
 };
 pub use cr::{fixed_cr0, fixed_cr4, CrContext, CrFault, CrLoad, CrPolicy, GuestCr};
+pub use exit::{
+    ActivityState, CrAccessQualification, CrAccessType, EptViolationQualification, ExitReason,
+    ExitReasonField, Interruptibility, InterruptionInfo, InterruptionType, IoDirection,
+    IoQualification,
+};
 pub use fake::FakeVmcs;
 pub use fields::{
     Control16, Control32, Control64, ControlNat, Guest16, Guest32, Guest64, GuestNat, Host16,
