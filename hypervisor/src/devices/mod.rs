@@ -1,1 +1,499 @@
-//! TODO
+//! The per-guest virtual platform: the PC devices a guest finds at its I/O ports and MMIO ranges.
+//!
+//! Every model here is a plain state machine driven by register accesses and by the guest's
+//! virtual time (`now`, in TSC ticks); none of them touches hardware, so each one is unit-tested on
+//! the build host. docs/DEVICES.md describes what each model does and does not do.
+//!
+//! How the pieces fit:
+//! - A model that sits on the bus implements [`Device`]. [`platform::Platform`] keeps the models
+//!   in a list and registers each one's port ranges on a [`PortBus`] (MMIO ranges on an
+//!   [`MmioBus`]), so adding a device means registering it in `Platform::new`; the exit handlers
+//!   only ever call `Platform::io_read`/`io_write`/`mmio_read`/`mmio_write`.
+//! - A device raises and lowers its interrupt lines through the [`DeviceContext`] it is handed on
+//!   every call (`cx.raise_irq(4)`). Lines are numbered as ISA IRQs / GSIs (0-23); the platform
+//!   routes them to the 8259A pair and the IOAPIC, which feeds the local APIC.
+//! - The interrupt controllers (PIC pair, IOAPIC, LAPIC) are the platform's own chipset rather
+//!   than bus devices: every line leads to them and they talk to each other (EOI broadcast, ExtINT).
+//!   Their windows are still entries on the buses, with [`Responder`] naming them.
+
+pub mod clock;
+pub mod console;
+pub mod debug_exit;
+pub mod platform;
+pub mod port80;
+pub mod uart16550;
+
+pub use clock::{ClockRate, Schedule};
+pub use console::ConsoleBuffer;
+pub use platform::{LineStats, Platform, PlatformStats};
+
+use alloc::vec::Vec;
+use core::any::Any;
+use core::fmt;
+
+/// Number of interrupt lines the platform routes: GSIs 0-23 (the IOAPIC's pins); 0-15 are also
+/// the ISA IRQs wired to the 8259A pair.
+pub const IRQ_LINES: usize = 24;
+
+/// A model on the port or MMIO bus.
+///
+/// Port accesses arrive one byte at a time unless [`Device::wide_ports`] says otherwise: the
+/// platform splits a 16/32-bit access into byte accesses at successive ports, which is what an
+/// 8-bit ISA device sees of a wide `IN`/`OUT`. MMIO accesses arrive whole, with the offset from the
+/// start of the registered range.
+pub trait Device: Any {
+    /// A short name for logs and the bus table.
+    fn name(&self) -> &'static str;
+
+    /// A read of `size` bytes at `port`. The default is an open bus (all ones).
+    fn io_read(&mut self, port: u16, size: u8, cx: &mut DeviceContext<'_>) -> u32 {
+        let _ = (port, size, cx);
+        u32::MAX
+    }
+
+    /// A write of `size` bytes at `port`. The default ignores it.
+    fn io_write(&mut self, port: u16, size: u8, value: u32, cx: &mut DeviceContext<'_>) {
+        let _ = (port, size, value, cx);
+    }
+
+    /// A read of `size` bytes at `offset` into the device's MMIO range.
+    fn mmio_read(&mut self, offset: u64, size: u8, cx: &mut DeviceContext<'_>) -> u64 {
+        let _ = (offset, size, cx);
+        u64::MAX
+    }
+
+    /// A write of `size` bytes at `offset` into the device's MMIO range.
+    fn mmio_write(&mut self, offset: u64, size: u8, value: u64, cx: &mut DeviceContext<'_>) {
+        let _ = (offset, size, value, cx);
+    }
+
+    /// True if the device takes 16/32-bit port accesses whole instead of byte by byte.
+    fn wide_ports(&self) -> bool {
+        false
+    }
+
+    /// Brings the device's timers up to `cx.now()`, raising the interrupts that fell due.
+    fn advance(&mut self, cx: &mut DeviceContext<'_>) {
+        let _ = cx;
+    }
+
+    /// The earliest TSC value at which [`Device::advance`] has something to do.
+    fn next_deadline(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// Where a device's interrupt lines go. The platform's chipset implements it; tests use a recorder.
+pub trait IrqSink {
+    /// Drives line `line` (a GSI, 0-23) to `level` (true = asserted). Lines beyond 23 are ignored.
+    fn set_line(&mut self, line: u8, level: bool);
+    /// Records that `count` timer ticks on `line` were folded into an interrupt already raised
+    /// (the coalescing policy in docs/DEVICES.md), for the statistics.
+    fn ticks_coalesced(&mut self, line: u8, count: u64);
+}
+
+/// What a device may reach while it handles an access or a timer: the time, its interrupt lines,
+/// the guest's console and the guest's exit status.
+pub struct DeviceContext<'a> {
+    now: u64,
+    irq: &'a mut dyn IrqSink,
+    console: &'a mut ConsoleBuffer,
+    exit_status: &'a mut Option<u32>,
+}
+
+impl<'a> DeviceContext<'a> {
+    pub fn new(
+        now: u64,
+        irq: &'a mut dyn IrqSink,
+        console: &'a mut ConsoleBuffer,
+        exit_status: &'a mut Option<u32>,
+    ) -> Self {
+        DeviceContext {
+            now,
+            irq,
+            console,
+            exit_status,
+        }
+    }
+
+    /// The guest's virtual time in TSC ticks.
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    /// Asserts line `line`. An edge-triggered receiver sees a rising edge if it was low.
+    pub fn raise_irq(&mut self, line: u8) {
+        self.irq.set_line(line, true);
+    }
+
+    /// Deasserts line `line`.
+    pub fn lower_irq(&mut self, line: u8) {
+        self.irq.set_line(line, false);
+    }
+
+    /// Drives line `line` to `level`.
+    pub fn set_irq(&mut self, line: u8, level: bool) {
+        self.irq.set_line(line, level);
+    }
+
+    /// A rising then falling edge: how the timers signal a tick on an edge-triggered line.
+    pub fn pulse_irq(&mut self, line: u8) {
+        self.irq.set_line(line, true);
+        self.irq.set_line(line, false);
+    }
+
+    /// Counts `count` ticks on `line` that were folded into one interrupt.
+    pub fn ticks_coalesced(&mut self, line: u8, count: u64) {
+        if count > 0 {
+            self.irq.ticks_coalesced(line, count);
+        }
+    }
+
+    pub fn console(&mut self) -> &mut ConsoleBuffer {
+        self.console
+    }
+
+    /// Records the guest's exit status (the debug-exit device); the first one written wins.
+    pub fn set_exit_status(&mut self, status: u32) {
+        if self.exit_status.is_none() {
+            *self.exit_status = Some(status);
+        }
+    }
+}
+
+/// The answer of a controller to a rising interrupt edge, for the statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Latch {
+    /// A new request was latched (an IRR bit went from 0 to 1).
+    New,
+    /// The same request was still pending: this edge merges into it (coalesced).
+    AlreadyPending,
+    /// The input is masked: the edge is dropped (or parked behind the mask).
+    Masked,
+}
+
+impl Latch {
+    /// The better of two controllers' answers for the same edge (the line reaches both the 8259A
+    /// and the IOAPIC; the guest normally masks one of them).
+    pub fn either(self, other: Latch) -> Latch {
+        match (self, other) {
+            (Latch::New, _) | (_, Latch::New) => Latch::New,
+            (Latch::AlreadyPending, _) | (_, Latch::AlreadyPending) => Latch::AlreadyPending,
+            _ => Latch::Masked,
+        }
+    }
+}
+
+/// Identifies a device in its platform's list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DeviceId(pub usize);
+
+/// Who answers an access to a bus range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Responder {
+    /// The 8259A pair (0x20/0x21, 0xA0/0xA1).
+    Pic,
+    /// The edge/level control registers of the pair (0x4D0/0x4D1).
+    Elcr,
+    /// The local APIC's xAPIC MMIO page.
+    Lapic,
+    /// The IOAPIC's MMIO window.
+    Ioapic,
+    /// A [`Device`] in the platform's list.
+    Device(DeviceId),
+}
+
+/// One registered range: `len` addresses from `start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub len: u64,
+    pub responder: Responder,
+    pub name: &'static str,
+}
+
+impl Mapping {
+    fn end(&self) -> u64 {
+        self.start.saturating_add(self.len)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusError {
+    /// The range has no addresses or runs past the end of the address space.
+    BadRange { start: u64, len: u64 },
+    /// The range overlaps one registered before, named here.
+    Overlap {
+        start: u64,
+        len: u64,
+        with: &'static str,
+    },
+}
+
+impl fmt::Display for BusError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BusError::BadRange { start, len } => write!(f, "bad range {start:#x}+{len:#x}"),
+            BusError::Overlap { start, len, with } => {
+                write!(f, "range {start:#x}+{len:#x} overlaps {with}")
+            }
+        }
+    }
+}
+
+/// Non-overlapping address ranges kept sorted, each naming its responder.
+#[derive(Debug, Clone, Default)]
+struct RangeMap {
+    ranges: Vec<Mapping>,
+}
+
+impl RangeMap {
+    fn register(&mut self, m: Mapping, limit: u64) -> Result<(), BusError> {
+        let bad = BusError::BadRange {
+            start: m.start,
+            len: m.len,
+        };
+        if m.len == 0
+            || m.start
+                .checked_add(m.len - 1)
+                .is_none_or(|last| last > limit)
+        {
+            return Err(bad);
+        }
+        let at = self.ranges.partition_point(|r| r.start < m.start);
+        let clash = [at.checked_sub(1), Some(at)]
+            .into_iter()
+            .flatten()
+            .filter_map(|i| self.ranges.get(i))
+            .find(|r| r.start < m.end() && m.start < r.end());
+        if let Some(r) = clash {
+            return Err(BusError::Overlap {
+                start: m.start,
+                len: m.len,
+                with: r.name,
+            });
+        }
+        self.ranges.insert(at, m);
+        Ok(())
+    }
+
+    fn find(&self, addr: u64) -> Option<(&Mapping, u64)> {
+        let at = self.ranges.partition_point(|r| r.start <= addr);
+        let r = self.ranges.get(at.checked_sub(1)?)?;
+        (addr < r.end()).then(|| (r, addr - r.start))
+    }
+}
+
+/// The I/O port map of one guest.
+#[derive(Debug, Clone, Default)]
+pub struct PortBus {
+    map: RangeMap,
+}
+
+impl PortBus {
+    /// Claims `count` ports from `first` for `responder`.
+    pub fn register(
+        &mut self,
+        first: u16,
+        count: u16,
+        responder: Responder,
+        name: &'static str,
+    ) -> Result<(), BusError> {
+        let m = Mapping {
+            start: u64::from(first),
+            len: u64::from(count),
+            responder,
+            name,
+        };
+        self.map.register(m, u64::from(u16::MAX))
+    }
+
+    /// Who answers at `port`.
+    pub fn find(&self, port: u16) -> Option<Responder> {
+        self.map.find(u64::from(port)).map(|(m, _)| m.responder)
+    }
+
+    /// Every registered range in address order (for the docs and the per-guest table).
+    pub fn mappings(&self) -> &[Mapping] {
+        &self.map.ranges
+    }
+}
+
+/// The MMIO map of one guest (guest-physical addresses that are not RAM).
+#[derive(Debug, Clone, Default)]
+pub struct MmioBus {
+    map: RangeMap,
+}
+
+impl MmioBus {
+    /// Claims `len` bytes from guest-physical `base` for `responder`.
+    pub fn register(
+        &mut self,
+        base: u64,
+        len: u64,
+        responder: Responder,
+        name: &'static str,
+    ) -> Result<(), BusError> {
+        let m = Mapping {
+            start: base,
+            len,
+            responder,
+            name,
+        };
+        self.map.register(m, u64::MAX)
+    }
+
+    /// Who answers at `gpa`, and the offset into its range.
+    pub fn find(&self, gpa: u64) -> Option<(Responder, u64)> {
+        self.map.find(gpa).map(|(m, off)| (m.responder, off))
+    }
+
+    pub fn mappings(&self) -> &[Mapping] {
+        &self.map.ranges
+    }
+}
+
+/// The bits an access of `size` bytes carries (1, 2 or 4; anything else is treated as 4).
+pub fn size_mask(size: u8) -> u32 {
+    match size {
+        1 => 0xff,
+        2 => 0xffff,
+        _ => u32::MAX,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! A stand-in for the platform when one device is tested alone.
+    use super::*;
+    use alloc::vec::Vec;
+
+    /// Records what a device does to its lines.
+    #[derive(Debug, Default)]
+    pub struct LineLog {
+        pub levels: [bool; IRQ_LINES],
+        /// Rising edges seen per line.
+        pub edges: [u64; IRQ_LINES],
+        pub coalesced: [u64; IRQ_LINES],
+        /// Every (line, level) change in order.
+        pub changes: Vec<(u8, bool)>,
+    }
+
+    impl IrqSink for LineLog {
+        fn set_line(&mut self, line: u8, level: bool) {
+            let Some(old) = self.levels.get_mut(usize::from(line)) else {
+                return;
+            };
+            if *old != level {
+                self.changes.push((line, level));
+                if level {
+                    self.edges[usize::from(line)] += 1;
+                }
+            }
+            *old = level;
+        }
+
+        fn ticks_coalesced(&mut self, line: u8, count: u64) {
+            if let Some(c) = self.coalesced.get_mut(usize::from(line)) {
+                *c += count;
+            }
+        }
+    }
+
+    /// Everything a [`DeviceContext`] borrows.
+    #[derive(Debug, Default)]
+    pub struct Bench {
+        pub lines: LineLog,
+        pub console: ConsoleBuffer,
+        pub exit_status: Option<u32>,
+    }
+
+    impl Bench {
+        pub fn cx(&mut self, now: u64) -> DeviceContext<'_> {
+            DeviceContext::new(
+                now,
+                &mut self.lines,
+                &mut self.console,
+                &mut self.exit_status,
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Responder = Responder::Device(DeviceId(0));
+    const B: Responder = Responder::Device(DeviceId(1));
+
+    #[test]
+    fn port_bus_finds_registered_ranges() {
+        let mut bus = PortBus::default();
+        bus.register(0x3f8, 8, A, "uart").unwrap();
+        bus.register(0x20, 2, B, "pic").unwrap();
+        assert_eq!(bus.find(0x3f8), Some(A));
+        assert_eq!(bus.find(0x3ff), Some(A));
+        assert_eq!(bus.find(0x400), None);
+        assert_eq!(bus.find(0x3f7), None);
+        assert_eq!(bus.find(0x21), Some(B));
+        assert_eq!(bus.find(0), None);
+        assert_eq!(bus.mappings()[0].name, "pic");
+    }
+
+    #[test]
+    fn port_bus_rejects_overlaps_and_empty_ranges() {
+        let mut bus = PortBus::default();
+        bus.register(0x40, 4, A, "pit").unwrap();
+        assert_eq!(
+            bus.register(0x43, 1, B, "x"),
+            Err(BusError::Overlap {
+                start: 0x43,
+                len: 1,
+                with: "pit"
+            })
+        );
+        assert!(bus.register(0x3c, 5, B, "x").is_err());
+        assert!(bus.register(0x30, 0x20, B, "x").is_err());
+        assert!(bus.register(0x50, 0, B, "x").is_err());
+        bus.register(0x3c, 4, B, "below").unwrap();
+        bus.register(0x44, 1, B, "above").unwrap();
+        bus.register(0xffff, 1, B, "last").unwrap();
+        assert_eq!(bus.find(0xffff), Some(B));
+    }
+
+    #[test]
+    fn mmio_bus_gives_offsets() {
+        let mut bus = MmioBus::default();
+        bus.register(0xfee0_0000, 0x1000, Responder::Lapic, "lapic")
+            .unwrap();
+        bus.register(0xfec0_0000, 0x1000, Responder::Ioapic, "ioapic")
+            .unwrap();
+        assert_eq!(bus.find(0xfee0_0300), Some((Responder::Lapic, 0x300)));
+        assert_eq!(bus.find(0xfec0_0010), Some((Responder::Ioapic, 0x10)));
+        assert_eq!(bus.find(0xfee0_1000), None);
+        assert!(bus.register(u64::MAX, 2, A, "wrap").is_err());
+    }
+
+    #[test]
+    fn latch_prefers_new_then_pending() {
+        use Latch::*;
+        assert_eq!(Masked.either(New), New);
+        assert_eq!(AlreadyPending.either(Masked), AlreadyPending);
+        assert_eq!(Masked.either(Masked), Masked);
+    }
+
+    #[test]
+    fn context_keeps_first_exit_status_and_pulses() {
+        let mut bench = testing::Bench::default();
+        let mut cx = bench.cx(5);
+        assert_eq!(cx.now(), 5);
+        cx.set_exit_status(3);
+        cx.set_exit_status(7);
+        cx.pulse_irq(4);
+        cx.pulse_irq(99);
+        assert_eq!(bench.exit_status, Some(3));
+        assert_eq!(bench.lines.edges[4], 1);
+        assert!(!bench.lines.levels[4]);
+    }
+}
