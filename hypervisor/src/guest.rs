@@ -1,1 +1,235 @@
-//! TODO
+//! What Keel knows about one guest apart from the hardware: its registers between exits, its
+//! memory, its virtual platform, its run state and its accounting. Everything here is plain data so
+//! the exit handlers that work on it are tested on the build host.
+
+use crate::devices::Platform;
+use alloc::string::String;
+
+/// The guest general-purpose registers that VMX does not keep in the VMCS (RSP and RIP are VMCS
+/// guest-state fields, SDM 25.4.1). The layout is fixed: the VM-entry/exit assembly in
+/// `arch::vmcs` indexes it.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GuestRegs {
+    pub rax: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rbx: u64,
+    pub rbp: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+}
+
+impl GuestRegs {
+    /// Register by the x86 encoding used in exit qualifications (0 = RAX, 1 = RCX, ... 15 = R15).
+    /// RSP (4) lives in the VMCS and is handled by the caller.
+    pub fn get(&self, index: u8) -> u64 {
+        match index & 15 {
+            0 => self.rax,
+            1 => self.rcx,
+            2 => self.rdx,
+            3 => self.rbx,
+            5 => self.rbp,
+            6 => self.rsi,
+            7 => self.rdi,
+            8 => self.r8,
+            9 => self.r9,
+            10 => self.r10,
+            11 => self.r11,
+            12 => self.r12,
+            13 => self.r13,
+            14 => self.r14,
+            15 => self.r15,
+            _ => 0,
+        }
+    }
+
+    pub fn set(&mut self, index: u8, v: u64) {
+        let slot = match index & 15 {
+            0 => &mut self.rax,
+            1 => &mut self.rcx,
+            2 => &mut self.rdx,
+            3 => &mut self.rbx,
+            5 => &mut self.rbp,
+            6 => &mut self.rsi,
+            7 => &mut self.rdi,
+            8 => &mut self.r8,
+            9 => &mut self.r9,
+            10 => &mut self.r10,
+            11 => &mut self.r11,
+            12 => &mut self.r12,
+            13 => &mut self.r13,
+            14 => &mut self.r14,
+            15 => &mut self.r15,
+            _ => return,
+        };
+        *slot = v;
+    }
+}
+
+/// Why a guest stopped running for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// It wrote v to the debug-exit port: status (v << 1) | 1.
+    DebugExit(u32),
+    /// It asked with the SHUTDOWN hypercall.
+    Shutdown(u64),
+    TripleFault,
+    /// It touched guest-physical memory that holds neither RAM nor a device.
+    BadMemoryAccess {
+        gpa: u64,
+        write: bool,
+    },
+    /// HLT with interrupts disabled and nothing that could wake it.
+    HaltedForever,
+    /// An exit Keel does not handle, or a state it refuses to continue from.
+    Killed(String),
+    /// The CPU refused to enter it (VM-entry failure: a Keel bug or a state Keel failed to check).
+    EntryFailed(String),
+}
+
+impl StopReason {
+    /// The status reported for the guest at the end of the run.
+    pub fn status(&self) -> u32 {
+        match self {
+            StopReason::DebugExit(s) => *s,
+            StopReason::Shutdown(v) => (*v as u32) << 1 | 1,
+            _ => 0,
+        }
+    }
+}
+
+impl core::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::DebugExit(s) => write!(f, "debug-exit status {s:#x}"),
+            Self::Shutdown(v) => write!(f, "shutdown hypercall ({v})"),
+            Self::TripleFault => write!(f, "triple fault"),
+            Self::BadMemoryAccess { gpa, write } => {
+                write!(
+                    f,
+                    "{} of guest-physical {gpa:#x}, which is neither RAM nor a device",
+                    if *write { "write" } else { "read" }
+                )
+            }
+            Self::HaltedForever => write!(f, "HLT with interrupts disabled and no way to wake up"),
+            Self::Killed(why) => write!(f, "killed: {why}"),
+            Self::EntryFailed(why) => write!(f, "VM entry failed: {why}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunState {
+    Runnable,
+    /// Executed HLT; runnable again when an interrupt is pending for it.
+    Halted,
+    /// Paused from the management API; not scheduled until resumed.
+    Paused,
+    Stopped(StopReason),
+}
+
+/// Number of basic exit reasons counted one by one (SDM Appendix C goes to 75).
+pub const EXIT_REASONS: usize = 80;
+
+#[derive(Debug, Clone)]
+pub struct GuestStats {
+    pub exits: [u64; EXIT_REASONS],
+    /// TSC cycles spent running the guest (between entry and exit, as Keel sees it).
+    pub cpu_cycles: u64,
+    /// TSC cycles the guest spent halted.
+    pub halted_cycles: u64,
+    pub interrupts_injected: u64,
+    pub exceptions_injected: u64,
+    pub unclaimed_port_accesses: u64,
+    pub hypercalls: u64,
+}
+
+impl Default for GuestStats {
+    fn default() -> Self {
+        Self {
+            exits: [0; EXIT_REASONS],
+            cpu_cycles: 0,
+            halted_cycles: 0,
+            interrupts_injected: 0,
+            exceptions_injected: 0,
+            unclaimed_port_accesses: 0,
+            hypercalls: 0,
+        }
+    }
+}
+
+impl GuestStats {
+    pub fn total_exits(&self) -> u64 {
+        self.exits.iter().sum()
+    }
+}
+
+/// Guest RAM: guest-physical 0..len, backed by one contiguous host block.
+pub struct GuestRam {
+    mem: &'static mut [u8],
+    /// Host-physical address of guest-physical 0.
+    pub hpa: u64,
+}
+
+impl GuestRam {
+    /// # Safety
+    /// `mem` must be memory owned by this guest alone for as long as the `GuestRam` lives.
+    pub unsafe fn new(mem: &'static mut [u8], hpa: u64) -> Self {
+        Self { mem, hpa }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.mem.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mem.is_empty()
+    }
+
+    pub fn bytes(&mut self) -> &mut [u8] {
+        self.mem
+    }
+
+    /// The guest-physical range [gpa, gpa+len) if it lies wholly in RAM.
+    pub fn slice(&self, gpa: u64, len: u64) -> Option<&[u8]> {
+        let end = gpa.checked_add(len)?;
+        if end > self.len() {
+            return None;
+        }
+        Some(&self.mem[gpa as usize..end as usize])
+    }
+}
+
+/// Everything about a guest that is not hardware state.
+pub struct Guest {
+    pub id: u32,
+    pub name: String,
+    pub ram: GuestRam,
+    pub platform: Platform,
+    pub regs: GuestRegs,
+    pub state: RunState,
+    pub stats: GuestStats,
+    /// The CR0/CR4 values the guest believes it wrote (the read shadows).
+    pub cr0_shadow: u64,
+    pub cr4_shadow: u64,
+    /// Emulated MSRs.
+    pub apic_base: u64,
+    pub misc_enable: u64,
+    pub mtrr_def_type: u64,
+    /// The CR0/CR4 bits VMX forces for this guest and the checks on guest writes.
+    pub cr0_rules: crate::vmx::cr::GuestCr,
+    pub cr4_rules: crate::vmx::cr::GuestCr,
+    /// The guest's XCR0, loaded before it runs.
+    pub xcr0: u64,
+    /// Set by the PRINT_STATS hypercall; Keel prints the table after the exit.
+    pub stats_requested: bool,
+}

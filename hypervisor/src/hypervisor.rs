@@ -1,9 +1,25 @@
 //! The top of Keel on real hardware: bring the CPU into VMX operation, build the guests the ramdisk
 //! asks for and run them until they have all ended.
 
-use crate::arch::{self, lapic, vmx, ExitCode};
+use crate::arch::host::{Frames, RealHost};
+use crate::arch::vmcs::{CurrentVmcs, VmcsRegion};
+use crate::arch::{self, cpu, lapic, vmx, ExitCode};
+use crate::archive::{self, Archive};
+use crate::devices::Platform;
+use crate::ept::{Ept, EptPerms, MemType};
+use crate::exits::{self, Action, ExitContext};
+use crate::guest::{Guest, GuestRam, GuestRegs, GuestStats, RunState, StopReason};
+use crate::loader::{self, LoadRequest};
 use crate::machine::MachineInfo;
-use crate::{fatal, info};
+use crate::manifest::{self, GuestConfig};
+use crate::mm;
+use crate::sched::RoundRobin;
+use crate::vcpu::{self, ControlSet};
+use crate::vmx::cr::GuestCr;
+use crate::vmx::{Guest32, Vmcs, VmxCaps};
+use crate::{error, fatal, info};
+use alloc::string::String;
+use alloc::vec::Vec;
 
 /// Keel's own tick rate (Hz).
 pub const TICK_HZ: u64 = 100;
@@ -39,7 +55,384 @@ pub fn run(machine: MachineInfo) -> ! {
             })
         }
     }
+    let caps = VmxCaps::read(|msr| cpu::rdmsr(msr));
+    info!("{caps}");
+    let controls = match vcpu::compute_controls(&caps) {
+        Ok(c) => c,
+        Err(e) => {
+            fatal!("{e}");
+            arch::exit(ExitCode::VmxSetupFailed)
+        }
+    };
+    let Some(archive_bytes) = arch::boot::ramdisk_bytes(&machine) else {
+        fatal!("no ramdisk: build the image with `cargo keel image` so it carries guests");
+        arch::exit(ExitCode::NoGuests)
+    };
+    let manifest = match Archive::parse(archive_bytes)
+        .map_err(|e| alloc::format!("{e}"))
+        .and_then(|a| {
+            let text = a
+                .get(archive::MANIFEST_NAME)
+                .ok_or_else(|| String::from("the ramdisk has no manifest"))?;
+            let text = core::str::from_utf8(text)
+                .map_err(|_| String::from("the manifest is not UTF-8"))?;
+            manifest::parse(text)
+                .map(|m| (a, m))
+                .map_err(|e| alloc::format!("{e}"))
+        }) {
+        Ok(m) => m,
+        Err(e) => {
+            fatal!("bad ramdisk: {e}");
+            arch::exit(ExitCode::NoGuests)
+        }
+    };
+    let (archive, manifest) = manifest;
+    let mut vms = Vec::new();
+    for (id, cfg) in manifest.guests.iter().enumerate() {
+        match Vm::create(id as u32, cfg, &archive, &caps, &controls, cal.tsc_hz) {
+            Ok(vm) => vms.push(vm),
+            Err(e) => error!("guest {}: not started: {e}", cfg.name),
+        }
+    }
+    if vms.is_empty() {
+        fatal!("no guest could be started");
+        arch::exit(ExitCode::NoGuests)
+    }
+    let quantum = cal.tsc_hz * manifest.quantum_ms as u64 / 1000;
+    info!(
+        "running {} guests, quantum {} ms ({} TSC cycles)",
+        vms.len(),
+        manifest.quantum_ms,
+        quantum
+    );
+    let mut runner = Runner {
+        vms,
+        sched: RoundRobin::new(quantum),
+        loaded: None,
+        caps,
+        controls,
+    };
+    runner.run();
+    runner.report();
     arch::exit(ExitCode::Completed)
+}
+
+/// One guest on the hardware: its VMCS and the structures the VMCS points to, plus the
+/// hardware-independent [`Guest`].
+struct Vm {
+    guest: Guest,
+    vmcs: VmcsRegion,
+    launched: bool,
+    ept: Ept<Frames>,
+}
+
+impl Vm {
+    fn create(
+        id: u32,
+        cfg: &GuestConfig,
+        archive: &Archive,
+        caps: &VmxCaps,
+        controls: &ControlSet,
+        tsc_hz: u64,
+    ) -> Result<Self, String> {
+        let image = archive
+            .get(&cfg.image)
+            .ok_or_else(|| alloc::format!("image {} is not in the ramdisk", cfg.image))?;
+        let mut modules = Vec::new();
+        for m in &cfg.modules {
+            modules.push((
+                m.as_str(),
+                archive
+                    .get(m)
+                    .ok_or_else(|| alloc::format!("module {m} is not in the ramdisk"))?,
+            ));
+        }
+        let hpa = mm::FRAMES
+            .lock()
+            .alloc(cfg.memory, 2 << 20)
+            .ok_or_else(|| alloc::format!("no {} MiB of RAM left", cfg.memory >> 20))?;
+        // SAFETY: the block was just allocated for this guest alone and is mapped at phys_to_virt.
+        let mem =
+            unsafe { core::slice::from_raw_parts_mut(mm::phys_to_virt(hpa), cfg.memory as usize) };
+        mem.fill(0);
+        // SAFETY: as above: the guest owns the block until it is destroyed.
+        let mut ram = unsafe { GuestRam::new(mem, hpa) };
+        let st = loader::load(
+            ram.bytes(),
+            &LoadRequest {
+                cfg,
+                image,
+                modules: &modules,
+                guest_id: id,
+            },
+        )
+        .map_err(|e| alloc::format!("{e}"))?;
+
+        let mut ept = Ept::new(Frames, caps.ept_1g_pages()).map_err(|e| alloc::format!("{e}"))?;
+        ept.map(
+            0,
+            hpa,
+            cfg.memory,
+            EptPerms::READ | EptPerms::WRITE | EptPerms::EXECUTE,
+            MemType::WriteBack,
+        )
+        .map_err(|e| alloc::format!("{e}"))?;
+
+        let io_a = mm::alloc_zeroed_page().ok_or("out of memory")?;
+        let io_b = mm::alloc_zeroed_page().ok_or("out of memory")?;
+        let msr = mm::alloc_zeroed_page().ok_or("out of memory")?;
+        // SAFETY: three fresh frames owned by this guest's VMCS.
+        unsafe {
+            core::ptr::write_bytes(mm::phys_to_virt(io_a), 0xff, 4096);
+            core::ptr::write_bytes(mm::phys_to_virt(io_b), 0xff, 4096);
+            core::ptr::copy_nonoverlapping(
+                exits::msr::bitmap().as_ptr(),
+                mm::phys_to_virt(msr),
+                4096,
+            );
+        }
+        let vmcs = VmcsRegion::new(caps.revision_id()).ok_or("out of memory")?;
+        vmcs.load();
+        let mut v = CurrentVmcs;
+        let cr0_rules = GuestCr::cr0(caps, true);
+        let cr4_rules = GuestCr::cr4(caps);
+        vcpu::write_controls(
+            &mut v,
+            controls,
+            (io_a, io_b),
+            msr,
+            ept.eptp(),
+            id as u16 + 1,
+        );
+        arch::vmcs::write_host_state(&mut v);
+        let shadows = vcpu::write_guest_state(&mut v, &st, &cr0_rules, &cr4_rules);
+        let regs = GuestRegs {
+            rax: st.rax,
+            rbx: st.rbx,
+            rcx: st.rcx,
+            rdx: st.rdx,
+            rsi: st.rsi,
+            rdi: st.rdi,
+            ..Default::default()
+        };
+        info!(
+            "guest {id} {}: {:?} {} KiB image, {} MiB RAM at {hpa:#x}, entry {:?} mode at {:#x}",
+            cfg.name,
+            cfg.kind,
+            image.len() >> 10,
+            cfg.memory >> 20,
+            st.mode,
+            st.rip
+        );
+        let guest = Guest {
+            id,
+            name: cfg.name.clone(),
+            ram,
+            platform: Platform::new(tsc_hz),
+            regs,
+            state: RunState::Runnable,
+            stats: GuestStats::default(),
+            cr0_shadow: shadows.cr0,
+            cr4_shadow: shadows.cr4,
+            cr0_rules,
+            cr4_rules,
+            apic_base: exits::msr::APIC_BASE_DEFAULT,
+            misc_enable: 1,
+            mtrr_def_type: 0,
+            xcr0: 1,
+            stats_requested: false,
+        };
+        Ok(Self {
+            guest,
+            vmcs,
+            launched: false,
+            ept,
+        })
+    }
+}
+
+struct Runner {
+    vms: Vec<Vm>,
+    sched: RoundRobin,
+    /// Index of the VMCS currently loaded on the CPU.
+    loaded: Option<usize>,
+    caps: VmxCaps,
+    controls: ControlSet,
+}
+
+impl Runner {
+    fn run(&mut self) {
+        loop {
+            let now = cpu::rdtsc();
+            let mut live = 0;
+            for vm in &mut self.vms {
+                let g = &mut vm.guest;
+                if matches!(g.state, RunState::Stopped(_)) {
+                    continue;
+                }
+                live += 1;
+                g.platform.advance(now);
+                if g.state == RunState::Halted && g.platform.pending_interrupt().is_some() {
+                    g.state = RunState::Runnable;
+                }
+            }
+            if live == 0 {
+                return;
+            }
+            let vms = &self.vms;
+            match self
+                .sched
+                .pick(vms.len(), |i| vms[i].guest.state == RunState::Runnable)
+            {
+                Some(i) => self.run_slice(i),
+                None => {
+                    // Everybody is halted: sleep until Keel's next tick.
+                    let t0 = cpu::rdtsc();
+                    x86_64::instructions::interrupts::enable_and_hlt();
+                    x86_64::instructions::interrupts::disable();
+                    let dt = cpu::rdtsc() - t0;
+                    for vm in &mut self.vms {
+                        if vm.guest.state == RunState::Halted {
+                            vm.guest.stats.halted_cycles += dt;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn run_slice(&mut self, i: usize) {
+        if self.loaded != Some(i) {
+            self.vms[i].vmcs.load();
+            self.loaded = Some(i);
+        }
+        let quantum = self.sched.quantum;
+        let rate = self.caps.preemption_timer_rate();
+        let use_timer = self.controls.preemption_timer;
+        let vm = &mut self.vms[i];
+        let mut v = CurrentVmcs;
+        let start = cpu::rdtsc();
+        let deadline = start + quantum;
+        loop {
+            let now = cpu::rdtsc();
+            vm.guest.platform.advance(now);
+            exits::inject_pending_interrupt(&mut v, &mut vm.guest);
+            if use_timer {
+                let left = deadline.saturating_sub(now) >> rate;
+                v.write(
+                    Guest32::PreemptionTimerValue,
+                    left.min(u32::MAX as u64) as u32,
+                );
+            }
+            let t0 = cpu::rdtsc();
+            let entered = arch::vmcs::enter(&mut vm.guest.regs, vm.launched);
+            let t1 = cpu::rdtsc();
+            vm.guest.stats.cpu_cycles += t1 - t0;
+            if let Err(code) = entered {
+                let why = alloc::format!("{}", crate::vmx::VmInstructionError::from_raw(code));
+                self.stop(i, StopReason::EntryFailed(why));
+                return;
+            }
+            vm.launched = true;
+            exits::requeue_interrupted_event(&mut v);
+            let action = {
+                let mut host = RealHost;
+                let mut cx = ExitContext {
+                    vmcs: &mut v,
+                    guest: &mut vm.guest,
+                    host: &mut host,
+                    now: t1,
+                };
+                exits::dispatch(&mut cx)
+            };
+            exits::apply(&mut v, &mut vm.guest, &action);
+            print_console(&mut vm.guest);
+            if vm.guest.stats_requested {
+                vm.guest.stats_requested = false;
+                print_stats(self.vms.iter().map(|vm| &vm.guest));
+                return;
+            }
+            match action {
+                Action::Resume | Action::Advance | Action::AdvanceBy(_) | Action::Inject(_) => {
+                    if cpu::rdtsc() >= deadline {
+                        return;
+                    }
+                }
+                Action::Halt => {
+                    vm.guest.state = RunState::Halted;
+                    return;
+                }
+                Action::Yield | Action::Preempted => return,
+                Action::Stop(reason) => {
+                    self.stop(i, reason);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn stop(&mut self, i: usize, reason: StopReason) {
+        let g = &mut self.vms[i].guest;
+        print_console(g);
+        if let Some(rest) = g.platform.console().take_partial() {
+            print_guest_line(&g.name, &rest);
+        }
+        match &reason {
+            StopReason::DebugExit(_) | StopReason::Shutdown(_) => {
+                info!("guest {} ended: {reason}", g.name)
+            }
+            _ => error!("guest {} stopped: {reason}", g.name),
+        }
+        g.state = RunState::Stopped(reason);
+    }
+
+    fn report(&self) {
+        print_stats(self.vms.iter().map(|vm| &vm.guest));
+        for vm in &self.vms {
+            let g = &vm.guest;
+            if let RunState::Stopped(r) = &g.state {
+                info!("guest {} status {:#x}: {r}", g.name, r.status());
+            }
+        }
+        let _ = (
+            &self.controls,
+            self.vms.iter().map(|v| v.ept.tables_used()).sum::<usize>(),
+        );
+    }
+}
+
+fn print_guest_line(name: &str, line: &str) {
+    crate::log::write_line(&alloc::format!("[{name}] "), line.as_bytes());
+}
+
+fn print_console(g: &mut Guest) {
+    while let Some(line) = g.platform.console().take_line() {
+        print_guest_line(&g.name, &line);
+    }
+}
+
+fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>) {
+    info!(
+        "{:<16} {:>14} {:>14} {:>10} {:>10} {:>8}",
+        "guest", "cpu cycles", "halted cycles", "exits", "irqs", "state"
+    );
+    for g in guests {
+        let state = match &g.state {
+            RunState::Runnable => "run",
+            RunState::Halted => "halted",
+            RunState::Paused => "paused",
+            RunState::Stopped(_) => "stopped",
+        };
+        info!(
+            "{:<16} {:>14} {:>14} {:>10} {:>10} {:>8}",
+            g.name,
+            g.stats.cpu_cycles,
+            g.stats.halted_cycles,
+            g.stats.total_exits(),
+            g.stats.interrupts_injected,
+            state
+        );
+    }
 }
 
 fn report_cpu() {

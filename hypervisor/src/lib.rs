@@ -15,13 +15,16 @@ pub mod archive;
 pub mod devices;
 pub mod ept;
 pub mod exits;
+pub mod gmem;
 pub mod guest;
 pub mod loader;
 pub mod log;
 pub mod machine;
 pub mod manifest;
 pub mod mm;
+pub mod mmio;
 pub mod sched;
+pub mod vcpu;
 pub mod vmx;
 
 #[cfg(target_os = "none")]

@@ -6,10 +6,12 @@
 pub mod boot;
 pub mod cpu;
 pub mod gdt;
+pub mod host;
 pub mod idt;
 pub mod lapic;
 pub mod paging;
 pub mod serial;
+pub mod vmcs;
 pub mod vmx;
 
 /// Why Keel stops the machine; the code is written to QEMU's isa-debug-exit port, so the emulator's

@@ -1,1 +1,230 @@
-//! TODO
+//! VM-exit handling: one module per exit kind, one dispatcher, one place that advances RIP.
+//!
+//! A handler looks at the exit (through the [`Vmcs`] trait and the guest's saved registers) and
+//! returns an [`Action`]; it never touches RIP or the VM-entry event fields itself. [`apply`] turns
+//! the action into VMCS writes — advancing RIP by the exit's instruction length and clearing the
+//! STI/MOV-SS blocking it leaves behind (SDM 25.4.2), or injecting an exception — so those rules
+//! live in one spot. Everything here runs against traits, so the host tests drive it with
+//! `vmx::FakeVmcs` and a fake [`Host`].
+
+pub mod cpuid;
+pub mod cr;
+pub mod ept;
+pub mod hlt;
+pub mod io;
+pub mod msr;
+pub mod simple;
+pub mod vmcall;
+pub mod xsetbv;
+
+#[cfg(test)]
+pub(crate) mod testing;
+
+use crate::guest::{Guest, StopReason};
+use crate::vmx::{ExitReason, Guest32, GuestNat, InterruptionInfo, ReadOnly32, ReadOnlyNat, Vmcs};
+use alloc::format;
+
+/// Services of the machine the handlers need, implemented by `arch` and faked in tests.
+pub trait Host {
+    /// The real CPU's CPUID.
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
+    /// XCR0 bits this CPU supports (CPUID.(EAX=0DH,ECX=0):EDX:EAX).
+    fn xcr0_supported(&self) -> u64;
+    /// An interrupt that arrived for Keel while the guest ran (acknowledged on exit).
+    fn host_interrupt(&mut self, vector: u8);
+}
+
+/// A hardware exception to deliver to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exception {
+    pub vector: u8,
+    pub error_code: Option<u32>,
+}
+
+impl Exception {
+    pub const UD: Exception = Exception {
+        vector: 6,
+        error_code: None,
+    };
+    pub const GP0: Exception = Exception {
+        vector: 13,
+        error_code: Some(0),
+    };
+}
+
+/// What should happen after an exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Re-enter at the same instruction (it was not executed, or it is to be retried).
+    Resume,
+    /// The instruction was emulated: skip it.
+    Advance,
+    /// Skip an instruction whose length Keel decoded itself (exits that are not
+    /// instruction-caused, such as EPT violations, report no length: SDM 28.2.4).
+    AdvanceBy(u8),
+    /// Deliver an exception with fault semantics (RIP stays on the instruction).
+    Inject(Exception),
+    /// HLT was executed: skip it and block until an interrupt is pending.
+    Halt,
+    /// Skip the instruction and give up the rest of the time slice.
+    Yield,
+    /// The time slice is over (preemption timer): re-enter later at the same RIP.
+    Preempted,
+    Stop(StopReason),
+}
+
+/// Everything a handler may look at or change.
+pub struct ExitContext<'a, V: Vmcs + ?Sized> {
+    pub vmcs: &'a mut V,
+    pub guest: &'a mut Guest,
+    pub host: &'a mut dyn Host,
+    /// The guest's virtual TSC at the exit.
+    pub now: u64,
+}
+
+/// Decodes the exit reason and runs its handler.
+pub fn dispatch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
+    let raw = cx.vmcs.read(ReadOnly32::ExitReason);
+    let reason = crate::vmx::ExitReasonField::from_raw(raw).basic;
+    let basic = (raw & 0xffff) as usize;
+    if let Some(slot) = cx.guest.stats.exits.get_mut(basic) {
+        *slot += 1;
+    }
+    if raw & (1 << 31) != 0 {
+        // SDM 27.8: a VM-entry failure is reported as an exit with bit 31 set.
+        let qual = cx.vmcs.read(ReadOnlyNat::ExitQualification);
+        return Action::Stop(StopReason::EntryFailed(format!(
+            "{} (exit reason {raw:#x}, qualification {qual:#x})",
+            crate::vmx::ExitReasonField::from_raw(raw).basic
+        )));
+    }
+    match reason {
+        ExitReason::ExternalInterrupt => {
+            let info = InterruptionInfo(cx.vmcs.read(ReadOnly32::ExitInterruptionInfo));
+            if info.raw() & (1 << 31) != 0 {
+                cx.host.host_interrupt(info.vector());
+            }
+            Action::Resume
+        }
+        ExitReason::TripleFault => Action::Stop(StopReason::TripleFault),
+        ExitReason::InterruptWindow | ExitReason::NmiWindow => Action::Resume,
+        ExitReason::Cpuid => cpuid::handle(cx),
+        ExitReason::Hlt => hlt::handle(cx),
+        ExitReason::IoInstruction => io::handle(cx),
+        ExitReason::Vmcall => vmcall::handle(cx),
+        ExitReason::ControlRegisterAccess => cr::handle(cx),
+        ExitReason::Rdmsr => msr::read(cx),
+        ExitReason::Wrmsr => msr::write(cx),
+        ExitReason::Xsetbv => xsetbv::handle(cx),
+        ExitReason::EptViolation => ept::violation(cx),
+        ExitReason::EptMisconfiguration => ept::misconfiguration(cx),
+        ExitReason::PreemptionTimer => Action::Preempted,
+        ExitReason::Invd | ExitReason::Wbinvd => simple::cache_flush(cx),
+        r if simple::is_vmx_instruction(r) => Action::Inject(Exception::UD),
+        ExitReason::Getsec | ExitReason::Monitor | ExitReason::Mwait => {
+            Action::Inject(Exception::UD)
+        }
+        ExitReason::Pause => Action::Advance,
+        other => {
+            let qual = cx.vmcs.read(ReadOnlyNat::ExitQualification);
+            Action::Stop(StopReason::Killed(format!(
+                "unhandled exit {other} (qualification {qual:#x})"
+            )))
+        }
+    }
+}
+
+/// Carries out an action's effect on the VMCS. Returns the action for the scheduler to see.
+pub fn apply<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, action: &Action) {
+    match action {
+        Action::Advance | Action::Halt | Action::Yield => {
+            let len = vmcs.read(ReadOnly32::ExitInstructionLength) as u64;
+            advance_rip(vmcs, len)
+        }
+        Action::AdvanceBy(len) => advance_rip(vmcs, *len as u64),
+        Action::Inject(e) => {
+            inject_exception(vmcs, *e);
+            guest.stats.exceptions_injected += 1;
+        }
+        Action::Resume | Action::Preempted | Action::Stop(_) => {}
+    }
+}
+
+/// Skips the instruction that caused the exit. SDM 28.2.4: the VM-exit instruction length is valid
+/// for the instruction-caused exits Keel emulates. Executing an instruction also ends blocking by
+/// STI and by MOV SS (SDM 25.4.2 / 26.6.6.1), which emulation must reproduce.
+pub fn advance_rip<V: Vmcs + ?Sized>(vmcs: &mut V, len: u64) {
+    let rip = vmcs.read(GuestNat::Rip);
+    vmcs.write(GuestNat::Rip, rip.wrapping_add(len));
+    let blocking = vmcs.read(Guest32::InterruptibilityState);
+    if blocking & 0b11 != 0 {
+        vmcs.write(Guest32::InterruptibilityState, blocking & !0b11);
+    }
+}
+
+/// Queues a hardware exception for the next VM entry (SDM 26.6 "Event injection").
+pub fn inject_exception<V: Vmcs + ?Sized>(vmcs: &mut V, e: Exception) {
+    let info = InterruptionInfo::hardware_exception(e.vector, e.error_code.is_some());
+    vmcs.write(crate::vmx::Control32::EntryInterruptionInfo, info.raw());
+    if let Some(code) = e.error_code {
+        vmcs.write(crate::vmx::Control32::EntryExceptionErrorCode, code);
+    }
+}
+
+const RFLAGS_IF: u64 = 1 << 9;
+
+/// Re-queues an event whose delivery was cut short by the exit (SDM 28.2.4 "Information for VM
+/// exits during event delivery"; 27.2.3 allows entering with it in the injection field). Call
+/// before handling the exit, so a handler's own injection wins only when nothing was in flight.
+pub fn requeue_interrupted_event<V: Vmcs + ?Sized>(vmcs: &mut V) {
+    use crate::vmx::Control32;
+    let idt = vmcs.read(ReadOnly32::IdtVectoringInfo);
+    if idt & (1 << 31) == 0 {
+        return;
+    }
+    vmcs.write(Control32::EntryInterruptionInfo, idt & !(1 << 12));
+    if idt & (1 << 11) != 0 {
+        let code = vmcs.read(ReadOnly32::IdtVectoringErrorCode);
+        vmcs.write(Control32::EntryExceptionErrorCode, code);
+    }
+    let len = vmcs.read(ReadOnly32::ExitInstructionLength);
+    vmcs.write(Control32::EntryInstructionLength, len);
+}
+
+/// Before each VM entry: inject the guest's highest-priority pending interrupt if it can take one
+/// now (RFLAGS.IF = 1, no STI/MOV-SS blocking, no event already queued), otherwise ask for an
+/// interrupt-window exit so Keel gets back the moment it can (SDM 26.7.5, 27.2.1.3).
+pub fn inject_pending_interrupt<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest) {
+    use crate::vmx::controls::PrimaryControls;
+    use crate::vmx::Control32;
+    let window = PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
+    let primary = vmcs.read(Control32::PrimaryProcBasedControls);
+    let queued = vmcs.read(Control32::EntryInterruptionInfo) & (1 << 31) != 0;
+    let want_window = match guest.platform.pending_interrupt() {
+        None => false,
+        Some(_) if queued => true,
+        Some(vector) => {
+            let open = vmcs.read(GuestNat::Rflags) & RFLAGS_IF != 0
+                && vmcs.read(Guest32::InterruptibilityState) & 0b11 == 0;
+            if open {
+                guest.platform.acknowledge(vector);
+                vmcs.write(
+                    Control32::EntryInterruptionInfo,
+                    InterruptionInfo::external(vector).raw(),
+                );
+                guest.stats.interrupts_injected += 1;
+                false
+            } else {
+                true
+            }
+        }
+    };
+    let new = if want_window {
+        primary | window
+    } else {
+        primary & !window
+    };
+    if new != primary {
+        vmcs.write(Control32::PrimaryProcBasedControls, new);
+    }
+}

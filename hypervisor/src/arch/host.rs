@@ -1,0 +1,41 @@
+//! The real machine behind `exits::Host`, and Keel's physical frames behind `ept::TableAlloc`.
+
+use super::{cpu, idt, lapic};
+use crate::mm;
+
+pub struct RealHost;
+
+impl crate::exits::Host for RealHost {
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        cpu::cpuid(leaf, subleaf)
+    }
+
+    fn xcr0_supported(&self) -> u64 {
+        let [a, _, _, d] = cpu::cpuid(0xd, 0);
+        (d as u64) << 32 | a as u64
+    }
+
+    fn host_interrupt(&mut self, vector: u8) {
+        if vector == idt::TIMER_VECTOR {
+            lapic::on_timer_interrupt();
+        } else if vector != idt::SPURIOUS_VECTOR {
+            crate::warn!("unexpected host interrupt vector {vector:#x}");
+            lapic::eoi();
+        }
+    }
+}
+
+/// EPT tables from Keel's frame allocator, reached through the physical-memory mapping.
+pub struct Frames;
+
+impl crate::ept::TableAlloc for Frames {
+    fn alloc_table(&mut self) -> Option<u64> {
+        mm::alloc_zeroed_page()
+    }
+
+    fn table(&mut self, hpa: u64) -> &mut [u64; 512] {
+        // SAFETY: `hpa` is a table frame this allocator handed out; Keel is single-threaded while
+        // it edits EPT tables.
+        unsafe { &mut *(mm::phys_to_virt(hpa) as *mut [u64; 512]) }
+    }
+}

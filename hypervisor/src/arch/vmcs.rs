@@ -1,0 +1,217 @@
+//! The hardware side of a VMCS: allocating and loading it, VMREAD/VMWRITE, the host-state area,
+//! and the assembly that enters the guest and comes back on a VM exit.
+
+use super::{cpu, gdt, idt};
+use crate::guest::GuestRegs;
+use crate::mm;
+use crate::vmx::{Host16, Host32, Host64, HostNat, ReadOnly32, Vmcs, VmcsAccess};
+use core::arch::{asm, global_asm};
+
+/// The current VMCS of this CPU, accessed with VMREAD/VMWRITE.
+pub struct CurrentVmcs;
+
+impl VmcsAccess for CurrentVmcs {
+    fn read_raw(&self, encoding: u32) -> u64 {
+        let value: u64;
+        let flags: u64;
+        // SAFETY: VMREAD of a field of the current VMCS; failure is reported through RFLAGS.
+        unsafe {
+            asm!("vmread {v}, {e}", "pushfq", "pop {f}", v = out(reg) value, e = in(reg) encoding as u64, f = out(reg) flags)
+        };
+        if flags & 0x41 != 0 {
+            vm_instruction_failed("VMREAD", encoding, flags);
+        }
+        value
+    }
+
+    fn write_raw(&mut self, encoding: u32, value: u64) {
+        let flags: u64;
+        // SAFETY: VMWRITE of a field of the current VMCS; failure is reported through RFLAGS.
+        unsafe {
+            asm!("vmwrite {e}, {v}", "pushfq", "pop {f}", e = in(reg) encoding as u64, v = in(reg) value, f = out(reg) flags)
+        };
+        if flags & 0x41 != 0 {
+            vm_instruction_failed("VMWRITE", encoding, flags);
+        }
+    }
+}
+
+/// A failed VMREAD/VMWRITE is a Keel bug (wrong encoding or no current VMCS): stop loudly.
+fn vm_instruction_failed(what: &str, encoding: u32, flags: u64) -> ! {
+    let name = crate::vmx::fields::field_name(encoding);
+    if flags & 0x40 != 0 {
+        // VMfailValid: the error number is in the current VMCS (SDM 31.4). Read it directly.
+        let err: u64;
+        // SAFETY: reading the VM-instruction error field of the current VMCS.
+        unsafe { asm!("vmread {v}, {e}", v = out(reg) err, e = in(reg) 0x4400u64) };
+        panic!(
+            "{what} {encoding:#x} {name:?} failed: {}",
+            crate::vmx::VmInstructionError::from_raw(err as u32)
+        );
+    }
+    panic!("{what} {encoding:#x} {name:?} failed: no current VMCS (VMfailInvalid)");
+}
+
+/// A VMCS region in Keel's memory.
+pub struct VmcsRegion {
+    pub pa: u64,
+}
+
+impl VmcsRegion {
+    pub fn new(revision: u32) -> Option<Self> {
+        let pa = mm::alloc_zeroed_page()?;
+        // SAFETY: a fresh frame owned by this region; SDM 25.2: the first 31 bits hold the revision.
+        unsafe { (mm::phys_to_virt(pa) as *mut u32).write(revision) };
+        let r = Self { pa };
+        // SAFETY: VMCLEAR initialises the region's launch state (SDM 25.11.3).
+        unsafe { asm!("vmclear [{}]", in(reg) &r.pa) };
+        Some(r)
+    }
+
+    /// Makes this the current VMCS (VMPTRLD).
+    pub fn load(&self) {
+        let flags: u64;
+        // SAFETY: the region was VMCLEARed with the right revision id.
+        unsafe {
+            asm!("vmptrld [{p}]", "pushfq", "pop {f}", p = in(reg) &self.pa, f = out(reg) flags)
+        };
+        if flags & 0x41 != 0 {
+            panic!("VMPTRLD {:#x} failed", self.pa);
+        }
+    }
+}
+
+/// Writes the host-state area (SDM 25.5, checked by 27.2.2-27.2.4): where the CPU returns to on
+/// every VM exit: Keel's own CR0/CR3/CR4, segments, descriptor tables and the exit entry point.
+pub fn write_host_state(vmcs: &mut CurrentVmcs) {
+    let sel = gdt::selectors();
+    vmcs.write(HostNat::Cr0, cpu::read_cr0());
+    vmcs.write(HostNat::Cr3, cpu::read_cr3());
+    vmcs.write(HostNat::Cr4, cpu::read_cr4());
+    vmcs.write(Host16::CsSelector, sel.code.0);
+    vmcs.write(Host16::SsSelector, sel.data.0);
+    vmcs.write(Host16::DsSelector, sel.data.0);
+    vmcs.write(Host16::EsSelector, sel.data.0);
+    vmcs.write(Host16::FsSelector, 0);
+    vmcs.write(Host16::GsSelector, 0);
+    vmcs.write(Host16::TrSelector, sel.tss.0);
+    vmcs.write(HostNat::FsBase, cpu::rdmsr(cpu::msr::IA32_FS_BASE));
+    vmcs.write(HostNat::GsBase, cpu::rdmsr(cpu::msr::IA32_GS_BASE));
+    vmcs.write(HostNat::TrBase, gdt::tss_base());
+    vmcs.write(HostNat::GdtrBase, gdt::gdt_base());
+    vmcs.write(HostNat::IdtrBase, idt::idt_base());
+    vmcs.write(
+        Host32::Ia32SysenterCs,
+        cpu::rdmsr(cpu::msr::IA32_SYSENTER_CS) as u32,
+    );
+    vmcs.write(
+        HostNat::Ia32SysenterEsp,
+        cpu::rdmsr(cpu::msr::IA32_SYSENTER_ESP),
+    );
+    vmcs.write(
+        HostNat::Ia32SysenterEip,
+        cpu::rdmsr(cpu::msr::IA32_SYSENTER_EIP),
+    );
+    vmcs.write(Host64::Ia32Efer, cpu::rdmsr(cpu::msr::IA32_EFER));
+    vmcs.write(Host64::Ia32Pat, cpu::rdmsr(cpu::msr::IA32_PAT));
+    vmcs.write(HostNat::Rip, keel_vm_exit as usize as u64);
+}
+
+unsafe extern "C" {
+    /// Enters the guest (VMLAUNCH if `launched` is 0, else VMRESUME) with the GPRs in `regs`.
+    /// Returns 0 after a VM exit (the guest's GPRs are back in `regs`) or 1 if the VM entry
+    /// instruction itself failed (VMfailValid/VMfailInvalid, SDM 31.2).
+    fn keel_vm_enter(regs: *mut GuestRegs, launched: u64) -> u64;
+    fn keel_vm_exit();
+}
+
+// The offsets follow `GuestRegs` (repr(C), 8 bytes per register in x86 encoding order minus RSP).
+// HOST_RSP is written on every entry so that the exit path finds this frame, with the `regs`
+// pointer on top, whatever the caller's stack depth.
+global_asm!(
+    ".global keel_vm_enter",
+    "keel_vm_enter:",
+    "push rbx",
+    "push rbp",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
+    "push rdi",
+    "mov rax, 0x6c14", // HOST_RSP
+    "vmwrite rax, rsp",
+    "test rsi, rsi",
+    "mov rax, [rdi + 0x00]",
+    "mov rcx, [rdi + 0x08]",
+    "mov rdx, [rdi + 0x10]",
+    "mov rbx, [rdi + 0x18]",
+    "mov rbp, [rdi + 0x20]",
+    "mov rsi, [rdi + 0x28]",
+    "mov r8,  [rdi + 0x38]",
+    "mov r9,  [rdi + 0x40]",
+    "mov r10, [rdi + 0x48]",
+    "mov r11, [rdi + 0x50]",
+    "mov r12, [rdi + 0x58]",
+    "mov r13, [rdi + 0x60]",
+    "mov r14, [rdi + 0x68]",
+    "mov r15, [rdi + 0x70]",
+    "mov rdi, [rdi + 0x30]",
+    "jnz 2f",
+    "vmlaunch",
+    "jmp 3f",
+    "2:",
+    "vmresume",
+    "3:",
+    // Only reached when VMLAUNCH/VMRESUME failed.
+    "pop rdi",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbp",
+    "pop rbx",
+    "mov eax, 1",
+    "ret",
+    ".global keel_vm_exit",
+    "keel_vm_exit:",
+    "push rdi",
+    "mov rdi, [rsp + 8]",
+    "mov [rdi + 0x00], rax",
+    "mov [rdi + 0x08], rcx",
+    "mov [rdi + 0x10], rdx",
+    "mov [rdi + 0x18], rbx",
+    "mov [rdi + 0x20], rbp",
+    "mov [rdi + 0x28], rsi",
+    "mov [rdi + 0x38], r8",
+    "mov [rdi + 0x40], r9",
+    "mov [rdi + 0x48], r10",
+    "mov [rdi + 0x50], r11",
+    "mov [rdi + 0x58], r12",
+    "mov [rdi + 0x60], r13",
+    "mov [rdi + 0x68], r14",
+    "mov [rdi + 0x70], r15",
+    "pop rax",
+    "mov [rdi + 0x30], rax",
+    "pop rdi",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbp",
+    "pop rbx",
+    "xor eax, eax",
+    "ret",
+);
+
+/// Enters the guest once and returns when it exits. `Err` carries the VM-instruction error of a
+/// failed VMLAUNCH/VMRESUME.
+pub fn enter(regs: &mut GuestRegs, launched: bool) -> Result<(), u32> {
+    // SAFETY: the current VMCS holds a complete guest and host state (written by the caller);
+    // `regs` is valid for the duration of the call.
+    let failed = unsafe { keel_vm_enter(regs, launched as u64) };
+    if failed != 0 {
+        Err(CurrentVmcs.read(ReadOnly32::VmInstructionError))
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,37 @@
+//! HLT: the guest waits for an interrupt. The scheduler blocks it until one is pending; HLT with
+//! RFLAGS.IF = 0 can only be left by an NMI, which Keel never sends, so that guest is stopped.
+
+use super::{Action, ExitContext};
+use crate::guest::StopReason;
+use crate::vmx::{GuestNat, Vmcs};
+
+const RFLAGS_IF: u64 = 1 << 9;
+
+pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
+    if cx.vmcs.read(GuestNat::Rflags) & RFLAGS_IF == 0 {
+        return Action::Stop(StopReason::HaltedForever);
+    }
+    Action::Halt
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exits::testing::*;
+    use crate::vmx::ExitReason;
+
+    #[test]
+    fn hlt_blocks_or_stops() {
+        let mut t = TestBed::new();
+        t.vmcs.write(GuestNat::Rflags, 0x202);
+        t.vmcs.write(GuestNat::Rip, 0x1000);
+        t.set_instruction_length(1);
+        assert_eq!(t.run(ExitReason::Hlt), Action::Halt);
+        assert_eq!(t.vmcs.read(GuestNat::Rip), 0x1001, "RIP moves past HLT");
+        t.vmcs.write(GuestNat::Rflags, 0x2);
+        assert_eq!(
+            t.run(ExitReason::Hlt),
+            Action::Stop(StopReason::HaltedForever)
+        );
+    }
+}

@@ -1,0 +1,233 @@
+//! IN/OUT and INS/OUTS (with REP), all sizes, through the guest's port bus.
+//!
+//! Keel intercepts every port (the I/O bitmaps are all ones). A port no device claims reads as
+//! all-ones and drops writes, like an empty ISA bus, and is counted in the guest's statistics.
+
+use super::{Action, ExitContext};
+use crate::gmem::{self, PagingMode};
+use crate::guest::StopReason;
+use crate::vmx::{Guest64, GuestNat, IoDirection, IoQualification, ReadOnly32, ReadOnlyNat, Vmcs};
+use alloc::format;
+
+/// Most string elements moved per exit; the instruction re-executes for the rest, which keeps
+/// Keel's time in one exit bounded and lets interrupts in between.
+pub const STRING_CHUNK: u64 = 256;
+
+fn port_in<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, port: u16, size: u8) -> u32 {
+    match cx.guest.platform.io_read(port, size, cx.now) {
+        Some(v) => v,
+        None => {
+            cx.guest.stats.unclaimed_port_accesses += 1;
+            u32::MAX
+        }
+    }
+}
+
+fn port_out<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, port: u16, size: u8, value: u32) {
+    if !cx.guest.platform.io_write(port, size, value, cx.now) {
+        cx.guest.stats.unclaimed_port_accesses += 1;
+    }
+}
+
+fn mask(size: u8) -> u64 {
+    match size {
+        1 => 0xff,
+        2 => 0xffff,
+        _ => 0xffff_ffff,
+    }
+}
+
+pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
+    let raw = cx.vmcs.read(ReadOnlyNat::ExitQualification);
+    let Some(q) = IoQualification::decode(raw) else {
+        return Action::Stop(StopReason::Killed(format!(
+            "undecodable I/O exit qualification {raw:#x}"
+        )));
+    };
+    let (port, size) = (q.port, q.size);
+    let action = if q.string {
+        string(cx, &q)
+    } else if q.direction == IoDirection::In {
+        let v = port_in(cx, port, size) as u64 & mask(size);
+        let rax = &mut cx.guest.regs.rax;
+        // A 32-bit destination zero-extends into RAX; 8- and 16-bit ones merge.
+        *rax = if size == 4 {
+            v
+        } else {
+            (*rax & !mask(size)) | v
+        };
+        Action::Advance
+    } else {
+        let v = (cx.guest.regs.rax & mask(size)) as u32;
+        port_out(cx, port, size, v);
+        Action::Advance
+    };
+    match cx.guest.platform.exit_status() {
+        Some(status) => Action::Stop(StopReason::DebugExit(status)),
+        None => action,
+    }
+}
+
+fn string<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, q: &IoQualification) -> Action {
+    // SDM 28.2.5, Table 28-8: instruction information for INS/OUTS gives the address size (bits
+    // 9:7: 0 = 16, 1 = 32, 2 = 64) and, for OUTS, the segment register (bits 17:15).
+    let info = cx.vmcs.read(ReadOnly32::ExitInstructionInfo);
+    let addr_mask = match (info >> 7) & 7 {
+        0 => 0xffff,
+        1 => 0xffff_ffff,
+        _ => u64::MAX,
+    };
+    let size = q.size;
+    let step = size as u64;
+    let df = cx.vmcs.read(GuestNat::Rflags) & (1 << 10) != 0;
+    let mode = PagingMode {
+        cr0: cx.vmcs.read(GuestNat::Cr0),
+        cr3: cx.vmcs.read(GuestNat::Cr3),
+        cr4: cx.vmcs.read(GuestNat::Cr4),
+        efer: cx.vmcs.read(Guest64::Ia32Efer),
+    };
+    let (index_reg, seg_base) = if q.direction == IoDirection::In {
+        // INS always writes ES:[rDI].
+        (7u8, cx.vmcs.read(GuestNat::EsBase))
+    } else {
+        let seg = match (info >> 15) & 7 {
+            0 => GuestNat::EsBase,
+            1 => GuestNat::CsBase,
+            2 => GuestNat::SsBase,
+            4 => GuestNat::FsBase,
+            5 => GuestNat::GsBase,
+            _ => GuestNat::DsBase,
+        };
+        (6u8, cx.vmcs.read(seg))
+    };
+    let mut count = if q.rep {
+        cx.guest.regs.rcx & addr_mask
+    } else {
+        1
+    };
+    if count == 0 {
+        return Action::Advance;
+    }
+    let mut budget = STRING_CHUNK;
+    while count > 0 && budget > 0 {
+        let index = cx.guest.regs.get(index_reg) & addr_mask;
+        let la = seg_base.wrapping_add(index);
+        let Some(gpa) = gmem::translate(&cx.guest.ram, &mode, la) else {
+            return Action::Stop(StopReason::Killed(format!(
+                "string I/O at unmapped linear address {la:#x}"
+            )));
+        };
+        if cx.guest.ram.slice(gpa, step).is_none() {
+            return Action::Stop(StopReason::BadMemoryAccess {
+                gpa,
+                write: q.direction == IoDirection::In,
+            });
+        }
+        let at = gpa as usize..(gpa + step) as usize;
+        if q.direction == IoDirection::In {
+            let v = port_in(cx, q.port, size);
+            cx.guest.ram.bytes()[at].copy_from_slice(&v.to_le_bytes()[..size as usize]);
+        } else {
+            let mut b = [0u8; 4];
+            b[..size as usize].copy_from_slice(&cx.guest.ram.bytes()[at]);
+            port_out(cx, q.port, size, u32::from_le_bytes(b));
+        }
+        let next = if df {
+            index.wrapping_sub(step)
+        } else {
+            index.wrapping_add(step)
+        } & addr_mask;
+        let old = cx.guest.regs.get(index_reg);
+        cx.guest.regs.set(index_reg, (old & !addr_mask) | next);
+        count -= 1;
+        budget -= 1;
+        if q.rep {
+            let rcx = cx.guest.regs.rcx;
+            cx.guest.regs.rcx = (rcx & !addr_mask) | count;
+        }
+        if cx.guest.platform.exit_status().is_some() {
+            break;
+        }
+    }
+    if count > 0 {
+        Action::Resume
+    } else {
+        Action::Advance
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exits::testing::*;
+    use crate::vmx::ExitReason;
+
+    fn io_qual(port: u16, size: u8, is_in: bool, string: bool, rep: bool) -> u64 {
+        // SDM Table 28-5.
+        (size as u64 - 1)
+            | (is_in as u64) << 3
+            | (string as u64) << 4
+            | (rep as u64) << 5
+            | (port as u64) << 16
+    }
+
+    #[test]
+    fn unclaimed_port_reads_all_ones_and_counts() {
+        let mut t = TestBed::new();
+        t.guest.regs.rax = 0x1234_5678_9abc_def0;
+        t.set_qualification(io_qual(0x1234, 1, true, false, false));
+        assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
+        assert_eq!(
+            t.guest.regs.rax, 0x1234_5678_9abc_deff,
+            "8-bit IN merges into AL"
+        );
+        t.set_qualification(io_qual(0x1234, 4, true, false, false));
+        t.run(ExitReason::IoInstruction);
+        assert_eq!(t.guest.regs.rax, 0xffff_ffff, "32-bit IN zero-extends");
+        assert_eq!(t.guest.stats.unclaimed_port_accesses, 2);
+    }
+
+    #[test]
+    fn uart_output_reaches_the_console_and_debug_exit_stops() {
+        let mut t = TestBed::new();
+        for &b in b"hi\n" {
+            t.guest.regs.rax = b as u64;
+            t.set_qualification(io_qual(0x3f8, 1, false, false, false));
+            assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
+        }
+        assert_eq!(
+            t.guest.platform.console().take_line().as_deref(),
+            Some("hi")
+        );
+        t.guest.regs.rax = 0x10;
+        t.set_qualification(io_qual(0xf4, 1, false, false, false));
+        assert_eq!(
+            t.run(ExitReason::IoInstruction),
+            Action::Stop(StopReason::DebugExit(0x21))
+        );
+    }
+
+    #[test]
+    fn rep_outsb_walks_memory_in_chunks() {
+        let mut t = TestBed::new();
+        let text = [b'x'; 300];
+        t.guest.ram.bytes()[0x5000..0x5000 + 300].copy_from_slice(&text);
+        t.vmcs.write(GuestNat::Cr0, 0x11); // paging off
+        t.vmcs.write(GuestNat::Rflags, 2);
+        t.set_instruction_info(1 << 7 | 3 << 15); // 32-bit addresses, DS
+        t.guest.regs.rsi = 0x5000;
+        t.guest.regs.rcx = 300;
+        t.set_qualification(io_qual(0x3f8, 1, false, true, true));
+        assert_eq!(
+            t.run(ExitReason::IoInstruction),
+            Action::Resume,
+            "first chunk"
+        );
+        assert_eq!(t.guest.regs.rcx, 300 - STRING_CHUNK);
+        assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
+        assert_eq!(t.guest.regs.rcx, 0);
+        assert_eq!(t.guest.regs.rsi, 0x5000 + 300);
+        let line = t.guest.platform.console().take_line().unwrap();
+        assert!(line.starts_with("xxxx"));
+    }
+}

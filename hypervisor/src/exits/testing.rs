@@ -1,0 +1,108 @@
+//! A test bed for the exit handlers: a fake VMCS, a guest with a little RAM and a fake host CPU.
+
+use super::{apply, dispatch, Action, ExitContext, Host};
+use crate::devices::Platform;
+use crate::guest::{Guest, GuestRam, GuestRegs, GuestStats, RunState};
+use crate::vmx::cr::GuestCr;
+use crate::vmx::VmxCaps;
+use crate::vmx::{
+    ExitReason, FakeVmcs, Guest32, ReadOnly32, ReadOnlyNat, Vmcs, VmcsAccess, VmcsField,
+};
+use alloc::string::String;
+
+pub struct FakeHost {
+    pub interrupts: alloc::vec::Vec<u8>,
+}
+
+impl Host for FakeHost {
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        match leaf {
+            // Bochs' corei7_skylake_x leaf 1 (PLATFORM.md): VMX set, plus x2APIC and MONITOR.
+            1 => [0x50654, 0x0001_0800, 0x77fa_f3bf, 0xbfeb_fbff],
+            4 => [0x1c00_4121, 0x01c0_003f, 0x3f, 0],
+            _ => [leaf ^ 0x5a5a, subleaf, leaf, 7],
+        }
+    }
+    fn xcr0_supported(&self) -> u64 {
+        0xe7
+    }
+    fn host_interrupt(&mut self, vector: u8) {
+        self.interrupts.push(vector);
+    }
+}
+
+pub struct TestBed {
+    pub vmcs: FakeVmcs,
+    pub guest: Guest,
+    pub host: FakeHost,
+}
+
+pub const TEST_RAM: usize = 1 << 20;
+pub const TEST_TSC_HZ: u64 = 10_000_000;
+
+impl TestBed {
+    pub fn new() -> Self {
+        let mem: &'static mut [u8] = alloc::vec![0u8; TEST_RAM].leak();
+        let guest = Guest {
+            id: 3,
+            name: String::from("test"),
+            // SAFETY: the leaked buffer belongs to this test alone.
+            ram: unsafe { GuestRam::new(mem, 0x100_0000) },
+            platform: Platform::new(TEST_TSC_HZ),
+            regs: GuestRegs::default(),
+            state: RunState::Runnable,
+            stats: GuestStats::default(),
+            cr0_shadow: 0,
+            cr4_shadow: 0,
+            cr0_rules: GuestCr::cr0(&VmxCaps::bochs_skylake_x(), true),
+            cr4_rules: GuestCr::cr4(&VmxCaps::bochs_skylake_x()),
+            apic_base: crate::exits::msr::APIC_BASE_DEFAULT,
+            misc_enable: 1,
+            mtrr_def_type: 0,
+            xcr0: 1,
+            stats_requested: false,
+        };
+        Self {
+            vmcs: FakeVmcs::new(),
+            guest,
+            host: FakeHost {
+                interrupts: alloc::vec::Vec::new(),
+            },
+        }
+    }
+
+    /// Marks the guest as running 64-bit code (CS.L).
+    pub fn long_mode(&mut self) {
+        self.vmcs.write(Guest32::CsAccessRights, 0xa09b);
+    }
+
+    pub fn set_qualification(&mut self, q: u64) {
+        self.vmcs
+            .write_raw(ReadOnlyNat::ExitQualification.encoding(), q);
+    }
+
+    pub fn set_instruction_length(&mut self, len: u32) {
+        self.vmcs
+            .write_raw(ReadOnly32::ExitInstructionLength.encoding(), len as u64);
+    }
+
+    pub fn set_instruction_info(&mut self, info: u32) {
+        self.vmcs
+            .write_raw(ReadOnly32::ExitInstructionInfo.encoding(), info as u64);
+    }
+
+    /// Simulates one exit of the given reason: dispatch, then apply the action.
+    pub fn run(&mut self, reason: ExitReason) -> Action {
+        self.vmcs
+            .write_raw(ReadOnly32::ExitReason.encoding(), reason.number() as u64);
+        let mut cx = ExitContext {
+            vmcs: &mut self.vmcs,
+            guest: &mut self.guest,
+            host: &mut self.host,
+            now: 0,
+        };
+        let action = dispatch(&mut cx);
+        apply(&mut self.vmcs, &mut self.guest, &action);
+        action
+    }
+}

@@ -1,0 +1,49 @@
+//! XSETBV: the guest sets XCR0. SDM 13.3 and the XSETBV reference: #GP(0) unless CPL = 0, ECX = 0,
+//! bit 0 (x87) set, no bit the CPU does not support, AVX (bit 2) only with SSE (bit 1), the MPX
+//! pair (bits 3, 4) together, the AVX-512 trio (bits 5-7) all or none and only with AVX.
+//! Keel does not use extended state itself; the value is loaded into the real XCR0 before the
+//! guest next runs.
+
+use super::{Action, Exception, ExitContext};
+use crate::vmx::{Guest32, Vmcs};
+
+pub fn valid_xcr0(supported: u64, v: u64) -> bool {
+    let avx512 = 0b111 << 5;
+    v & 1 != 0
+        && v & !supported == 0
+        && !(v & 4 != 0 && v & 2 == 0)
+        && (v >> 3) & 3 != 1
+        && (v >> 3) & 3 != 2
+        && (v & avx512 == 0 || (v & avx512 == avx512 && v & 4 != 0))
+}
+
+pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
+    let cpl = cx.vmcs.read(Guest32::SsAccessRights) >> 5 & 3;
+    let ecx = cx.guest.regs.rcx as u32;
+    let v = (cx.guest.regs.rdx << 32) | (cx.guest.regs.rax & 0xffff_ffff);
+    if cpl != 0 || ecx != 0 || !valid_xcr0(cx.host.xcr0_supported(), v) {
+        return Action::Inject(Exception::GP0);
+    }
+    cx.guest.xcr0 = v;
+    Action::Advance
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xcr0_rules() {
+        let sup = 0xe7; // x87, SSE, AVX, AVX-512
+        assert!(valid_xcr0(sup, 1));
+        assert!(valid_xcr0(sup, 0b111));
+        assert!(valid_xcr0(sup, 0xe7));
+        assert!(!valid_xcr0(sup, 0), "x87 must stay on");
+        assert!(!valid_xcr0(sup, 0b101), "AVX needs SSE");
+        assert!(!valid_xcr0(sup, 0b11 | 1 << 5), "AVX-512 all or none");
+        assert!(!valid_xcr0(sup, 0x63), "AVX-512 needs AVX");
+        assert!(!valid_xcr0(sup, 0b1011), "MPX not supported here");
+        assert!(!valid_xcr0(0x1f, 0b1011), "MPX bits go together");
+        assert!(valid_xcr0(0x1f, 0b11011));
+    }
+}

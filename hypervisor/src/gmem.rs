@@ -1,0 +1,141 @@
+//! Guest memory as the guest's code sees it: linear addresses through the guest's own page tables
+//! (SDM 4.3 32-bit, 4.4 PAE, 4.5 4-level paging) down to guest-physical addresses, then to RAM.
+//! Used where Keel emulates an instruction that names memory (string I/O, MMIO).
+
+use crate::guest::GuestRam;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagingMode {
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+}
+
+const CR0_PG: u64 = 1 << 31;
+const CR4_PSE: u64 = 1 << 4;
+const CR4_PAE: u64 = 1 << 5;
+const EFER_LMA: u64 = 1 << 10;
+const PRESENT: u64 = 1;
+const PAGE_SIZE_BIT: u64 = 1 << 7;
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+fn read_u64(ram: &GuestRam, gpa: u64) -> Option<u64> {
+    let b = ram.slice(gpa, 8)?;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    Some(u64::from_le_bytes(a))
+}
+
+fn read_u32(ram: &GuestRam, gpa: u64) -> Option<u64> {
+    let b = ram.slice(gpa, 4)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64)
+}
+
+/// Translates a guest-linear address. `None` when a table is not present or lies outside RAM
+/// (Keel then stops the emulation rather than guess; a #PF would be the architectural answer and
+/// is left for the MMIO emulator to grow into).
+pub fn translate(ram: &GuestRam, mode: &PagingMode, la: u64) -> Option<u64> {
+    if mode.cr0 & CR0_PG == 0 {
+        return Some(la & 0xffff_ffff);
+    }
+    if mode.efer & EFER_LMA != 0 {
+        let mut table = mode.cr3 & ADDR_MASK;
+        for level in (1..=4u32).rev() {
+            let shift = 12 + 9 * (level - 1);
+            let e = read_u64(ram, table + ((la >> shift) & 511) * 8)?;
+            if e & PRESENT == 0 {
+                return None;
+            }
+            if level == 1 || (level <= 3 && e & PAGE_SIZE_BIT != 0) {
+                let page_mask = (1u64 << shift) - 1;
+                return Some((e & ADDR_MASK & !page_mask) | (la & page_mask));
+            }
+            table = e & ADDR_MASK;
+        }
+        None
+    } else if mode.cr4 & CR4_PAE != 0 {
+        let pdpte = read_u64(ram, (mode.cr3 & 0xffff_ffe0) + ((la >> 30) & 3) * 8)?;
+        if pdpte & PRESENT == 0 {
+            return None;
+        }
+        let pde = read_u64(ram, (pdpte & ADDR_MASK) + ((la >> 21) & 511) * 8)?;
+        if pde & PRESENT == 0 {
+            return None;
+        }
+        if pde & PAGE_SIZE_BIT != 0 {
+            return Some((pde & ADDR_MASK & !0x1f_ffff) | (la & 0x1f_ffff));
+        }
+        let pte = read_u64(ram, (pde & ADDR_MASK) + ((la >> 12) & 511) * 8)?;
+        (pte & PRESENT != 0).then_some((pte & ADDR_MASK) | (la & 0xfff))
+    } else {
+        let pde = read_u32(ram, (mode.cr3 & 0xffff_f000) + ((la >> 22) & 1023) * 4)?;
+        if pde & PRESENT == 0 {
+            return None;
+        }
+        if pde & PAGE_SIZE_BIT != 0 && mode.cr4 & CR4_PSE != 0 {
+            return Some((pde & 0xffc0_0000) | (la & 0x3f_ffff));
+        }
+        let pte = read_u32(ram, (pde & 0xffff_f000) + ((la >> 12) & 1023) * 4)?;
+        (pte & PRESENT != 0).then_some((pte & 0xffff_f000) | (la & 0xfff))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ram(size: usize) -> GuestRam {
+        let mem: &'static mut [u8] = alloc::vec![0u8; size].leak();
+        // SAFETY: the leaked buffer belongs to this test alone.
+        unsafe { GuestRam::new(mem, 0) }
+    }
+
+    fn put(ram: &mut GuestRam, gpa: u64, v: u64) {
+        ram.bytes()[gpa as usize..gpa as usize + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    #[test]
+    fn four_level_with_2m_and_4k_pages() {
+        let mut r = ram(1 << 20);
+        // PML4 at 0x1000 -> PDPT 0x2000 -> PD 0x3000: entry 0 is a 2M page at 0x400000,
+        // entry 1 points to PT 0x4000 whose entry 5 maps 0x7000.
+        put(&mut r, 0x1000, 0x2000 | 3);
+        put(&mut r, 0x2000, 0x3000 | 3);
+        put(&mut r, 0x3000, 0x40_0000 | 0x83);
+        put(&mut r, 0x3008, 0x4000 | 3);
+        put(&mut r, 0x4000 + 5 * 8, 0x7000 | 3);
+        let m = PagingMode {
+            cr0: CR0_PG | 1,
+            cr3: 0x1000,
+            cr4: CR4_PAE,
+            efer: EFER_LMA | (1 << 8),
+        };
+        assert_eq!(translate(&r, &m, 0x1234), Some(0x40_1234));
+        assert_eq!(translate(&r, &m, 0x20_5abc), Some(0x7abc));
+        assert_eq!(translate(&r, &m, 0x20_6000), None, "not present");
+        assert_eq!(translate(&r, &m, 1 << 39), None);
+    }
+
+    #[test]
+    fn paging_off_and_32_bit() {
+        let mut r = ram(1 << 20);
+        let off = PagingMode {
+            cr0: 1,
+            cr3: 0,
+            cr4: 0,
+            efer: 0,
+        };
+        assert_eq!(translate(&r, &off, 0x1_0000_1234), Some(0x1234));
+        // 32-bit paging: PD at 0x1000, entry 1 -> PT 0x2000, entry 2 -> 0x9000.
+        r.bytes()[0x1004..0x1008].copy_from_slice(&(0x2003u32).to_le_bytes());
+        r.bytes()[0x2008..0x200c].copy_from_slice(&(0x9003u32).to_le_bytes());
+        let m = PagingMode {
+            cr0: CR0_PG | 1,
+            cr3: 0x1000,
+            cr4: 0,
+            efer: 0,
+        };
+        assert_eq!(translate(&r, &m, 0x40_2010), Some(0x9010));
+    }
+}
