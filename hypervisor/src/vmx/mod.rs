@@ -6,6 +6,7 @@
 pub mod caps;
 pub mod controls;
 pub mod cr;
+pub mod error;
 pub mod exit;
 pub mod fake;
 pub mod fields;
@@ -16,6 +17,7 @@ pub use controls::{
     PinBasedControls, PrimaryControls, SecondaryControls,
 };
 pub use cr::{fixed_cr0, fixed_cr4, CrContext, CrFault, CrLoad, CrPolicy, GuestCr};
+pub use error::{EntryFailure, GuestStateDetail, VmInstructionError, VmxError};
 pub use exit::{
     ActivityState, CrAccessQualification, CrAccessType, EptViolationQualification, ExitReason,
     ExitReasonField, Interruptibility, InterruptionInfo, InterruptionType, IoDirection,
