@@ -4,68 +4,39 @@
 use super::exit::{ExitReason, ExitReasonField};
 use core::fmt;
 
-macro_rules! instruction_errors {
-    ($( $variant:ident = $num:literal, $msg:literal; )+) => {
-        /// VM-instruction error numbers (SDM 31.4, Table 31-1), read from the VM-instruction
-        /// error field after a VMfailValid.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        pub enum VmInstructionError {
-            $( $variant, )+
-            Unknown(u32),
-        }
-
-        impl VmInstructionError {
-            pub const fn from_raw(number: u32) -> Self {
-                match number {
-                    $( $num => Self::$variant, )+
-                    n => Self::Unknown(n),
-                }
-            }
-
-            pub const fn number(self) -> u32 {
-                match self {
-                    $( Self::$variant => $num, )+
-                    Self::Unknown(n) => n,
-                }
-            }
-
-            /// The SDM's description; `None` for numbers it does not define.
-            pub const fn message(self) -> Option<&'static str> {
-                match self {
-                    $( Self::$variant => Some($msg), )+
-                    Self::Unknown(_) => None,
-                }
-            }
-        }
-    };
-}
-
-instruction_errors! {
-    VmcallInRoot = 1, "VMCALL executed in VMX root operation";
-    VmclearInvalidAddress = 2, "VMCLEAR with invalid physical address";
-    VmclearVmxonPointer = 3, "VMCLEAR with VMXON pointer";
-    VmlaunchNonClear = 4, "VMLAUNCH with non-clear VMCS";
-    VmresumeNonLaunched = 5, "VMRESUME with non-launched VMCS";
-    VmresumeAfterVmxoff = 6, "VMRESUME after VMXOFF (VMXOFF and VMXON between VMLAUNCH and VMRESUME)";
-    InvalidControlFields = 7, "VM entry with invalid control field(s)";
-    InvalidHostState = 8, "VM entry with invalid host-state field(s)";
-    VmptrldInvalidAddress = 9, "VMPTRLD with invalid physical address";
-    VmptrldVmxonPointer = 10, "VMPTRLD with VMXON pointer";
-    VmptrldBadRevision = 11, "VMPTRLD with incorrect VMCS revision identifier";
-    UnsupportedComponent = 12, "VMREAD/VMWRITE from/to unsupported VMCS component";
-    VmwriteReadOnly = 13, "VMWRITE to read-only VMCS component";
-    VmxonInRoot = 15, "VMXON executed in VMX root operation";
-    InvalidExecutiveVmcsPointer = 16, "VM entry with invalid executive-VMCS pointer";
-    NonLaunchedExecutiveVmcs = 17, "VM entry with non-launched executive VMCS";
-    ExecutiveVmcsNotVmxon = 18, "VM entry with executive-VMCS pointer not VMXON pointer (when attempting to deactivate the dual-monitor treatment of SMIs and SMM)";
-    VmcallNonClear = 19, "VMCALL with non-clear VMCS (when attempting to activate the dual-monitor treatment of SMIs and SMM)";
-    VmcallInvalidExitControls = 20, "VMCALL with invalid VM-exit control fields";
-    VmcallBadMsegRevision = 22, "VMCALL with incorrect MSEG revision identifier (when attempting to activate the dual-monitor treatment of SMIs and SMM)";
-    VmxoffDualMonitor = 23, "VMXOFF under dual-monitor treatment of SMIs and SMM";
-    VmcallInvalidSmmFeatures = 24, "VMCALL with invalid SMM-monitor features (when attempting to activate the dual-monitor treatment of SMIs and SMM)";
-    InvalidExecutiveControls = 25, "VM entry with invalid VM-execution control fields in executive VMCS (when attempting to return from SMM)";
-    EventsBlockedByMovSs = 26, "VM entry with events blocked by MOV SS";
-    InvalidInvOperand = 28, "Invalid operand to INVEPT/INVVPID";
+numbered_enum! {
+    /// VM-instruction error numbers (SDM 31.4, Table 31-1), read from the VM-instruction
+    /// error field after a VMfailValid.
+    pub enum VmInstructionError: u32 {
+        from: from_raw,
+        /// The SDM's description; `None` for numbers it does not define.
+        text: message,
+        VmcallInRoot = 1, "VMCALL executed in VMX root operation";
+        VmclearInvalidAddress = 2, "VMCLEAR with invalid physical address";
+        VmclearVmxonPointer = 3, "VMCLEAR with VMXON pointer";
+        VmlaunchNonClear = 4, "VMLAUNCH with non-clear VMCS";
+        VmresumeNonLaunched = 5, "VMRESUME with non-launched VMCS";
+        VmresumeAfterVmxoff = 6, "VMRESUME after VMXOFF (VMXOFF and VMXON between VMLAUNCH and VMRESUME)";
+        InvalidControlFields = 7, "VM entry with invalid control field(s)";
+        InvalidHostState = 8, "VM entry with invalid host-state field(s)";
+        VmptrldInvalidAddress = 9, "VMPTRLD with invalid physical address";
+        VmptrldVmxonPointer = 10, "VMPTRLD with VMXON pointer";
+        VmptrldBadRevision = 11, "VMPTRLD with incorrect VMCS revision identifier";
+        UnsupportedComponent = 12, "VMREAD/VMWRITE from/to unsupported VMCS component";
+        VmwriteReadOnly = 13, "VMWRITE to read-only VMCS component";
+        VmxonInRoot = 15, "VMXON executed in VMX root operation";
+        InvalidExecutiveVmcsPointer = 16, "VM entry with invalid executive-VMCS pointer";
+        NonLaunchedExecutiveVmcs = 17, "VM entry with non-launched executive VMCS";
+        ExecutiveVmcsNotVmxon = 18, "VM entry with executive-VMCS pointer not VMXON pointer (when attempting to deactivate the dual-monitor treatment of SMIs and SMM)";
+        VmcallNonClear = 19, "VMCALL with non-clear VMCS (when attempting to activate the dual-monitor treatment of SMIs and SMM)";
+        VmcallInvalidExitControls = 20, "VMCALL with invalid VM-exit control fields";
+        VmcallBadMsegRevision = 22, "VMCALL with incorrect MSEG revision identifier (when attempting to activate the dual-monitor treatment of SMIs and SMM)";
+        VmxoffDualMonitor = 23, "VMXOFF under dual-monitor treatment of SMIs and SMM";
+        VmcallInvalidSmmFeatures = 24, "VMCALL with invalid SMM-monitor features (when attempting to activate the dual-monitor treatment of SMIs and SMM)";
+        InvalidExecutiveControls = 25, "VM entry with invalid VM-execution control fields in executive VMCS (when attempting to return from SMM)";
+        EventsBlockedByMovSs = 26, "VM entry with events blocked by MOV SS";
+        InvalidInvOperand = 28, "Invalid operand to INVEPT/INVVPID";
+    }
 }
 
 impl fmt::Display for VmInstructionError {

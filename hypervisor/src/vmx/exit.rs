@@ -7,115 +7,86 @@ use crate::ept::EptPerms;
 use bitflags::bitflags;
 use core::fmt;
 
-macro_rules! exit_reasons {
-    ($( $(#[$doc:meta])* $variant:ident = $num:literal, $name:literal; )+) => {
-        /// Basic exit reasons (SDM Appendix C, Table C-1). Numbers without a name in the SDM
-        /// (35, 38, 42, 71) and later additions are `Unknown`.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum ExitReason {
-            $( $(#[$doc])* $variant, )+
-            Unknown(u16),
-        }
-
-        impl ExitReason {
-            pub const fn from_basic(number: u16) -> Self {
-                match number {
-                    $( $num => Self::$variant, )+
-                    n => Self::Unknown(n),
-                }
-            }
-
-            pub const fn number(self) -> u16 {
-                match self {
-                    $( Self::$variant => $num, )+
-                    Self::Unknown(n) => n,
-                }
-            }
-
-            /// The SDM's name for the exit ("I/O instruction"); `None` for unknown numbers.
-            pub const fn name(self) -> Option<&'static str> {
-                match self {
-                    $( Self::$variant => Some($name), )+
-                    Self::Unknown(_) => None,
-                }
-            }
-        }
-    };
-}
-
-exit_reasons! {
-    ExceptionOrNmi = 0, "Exception or non-maskable interrupt (NMI)";
-    ExternalInterrupt = 1, "External interrupt";
-    TripleFault = 2, "Triple fault";
-    InitSignal = 3, "INIT signal";
-    StartupIpi = 4, "Start-up IPI (SIPI)";
-    IoSmi = 5, "I/O system-management interrupt (SMI)";
-    OtherSmi = 6, "Other SMI";
-    InterruptWindow = 7, "Interrupt window";
-    NmiWindow = 8, "NMI window";
-    TaskSwitch = 9, "Task switch";
-    Cpuid = 10, "CPUID";
-    Getsec = 11, "GETSEC";
-    Hlt = 12, "HLT";
-    Invd = 13, "INVD";
-    Invlpg = 14, "INVLPG";
-    Rdpmc = 15, "RDPMC";
-    Rdtsc = 16, "RDTSC";
-    Rsm = 17, "RSM";
-    Vmcall = 18, "VMCALL";
-    Vmclear = 19, "VMCLEAR";
-    Vmlaunch = 20, "VMLAUNCH";
-    Vmptrld = 21, "VMPTRLD";
-    Vmptrst = 22, "VMPTRST";
-    Vmread = 23, "VMREAD";
-    Vmresume = 24, "VMRESUME";
-    Vmwrite = 25, "VMWRITE";
-    Vmxoff = 26, "VMXOFF";
-    Vmxon = 27, "VMXON";
-    ControlRegisterAccess = 28, "Control-register accesses";
-    MovDr = 29, "MOV DR";
-    IoInstruction = 30, "I/O instruction";
-    Rdmsr = 31, "RDMSR";
-    Wrmsr = 32, "WRMSR";
-    EntryFailureGuestState = 33, "VM-entry failure due to invalid guest state";
-    EntryFailureMsrLoading = 34, "VM-entry failure due to MSR loading";
-    Mwait = 36, "MWAIT";
-    MonitorTrapFlag = 37, "Monitor trap flag";
-    Monitor = 39, "MONITOR";
-    Pause = 40, "PAUSE";
-    EntryFailureMachineCheck = 41, "VM-entry failure due to machine-check event";
-    TprBelowThreshold = 43, "TPR below threshold";
-    ApicAccess = 44, "APIC access";
-    VirtualizedEoi = 45, "Virtualized EOI";
-    GdtrIdtrAccess = 46, "Access to GDTR or IDTR";
-    LdtrTrAccess = 47, "Access to LDTR or TR";
-    EptViolation = 48, "EPT violation";
-    EptMisconfiguration = 49, "EPT misconfiguration";
-    Invept = 50, "INVEPT";
-    Rdtscp = 51, "RDTSCP";
-    PreemptionTimer = 52, "VMX-preemption timer expired";
-    Invvpid = 53, "INVVPID";
-    Wbinvd = 54, "WBINVD or WBNOINVD";
-    Xsetbv = 55, "XSETBV";
-    ApicWrite = 56, "APIC write";
-    Rdrand = 57, "RDRAND";
-    Invpcid = 58, "INVPCID";
-    Vmfunc = 59, "VMFUNC";
-    Encls = 60, "ENCLS";
-    Rdseed = 61, "RDSEED";
-    PmlFull = 62, "Page-modification log full";
-    Xsaves = 63, "XSAVES";
-    Xrstors = 64, "XRSTORS";
-    Pconfig = 65, "PCONFIG";
-    SppEvent = 66, "SPP-related event";
-    Umwait = 67, "UMWAIT";
-    Tpause = 68, "TPAUSE";
-    Loadiwkey = 69, "LOADIWKEY";
-    Enclv = 70, "ENCLV";
-    EnqcmdPasidFailure = 72, "ENQCMD PASID translation failure";
-    EnqcmdsPasidFailure = 73, "ENQCMDS PASID translation failure";
-    BusLock = 74, "Bus lock";
-    InstructionTimeout = 75, "Instruction timeout";
+numbered_enum! {
+    /// Basic exit reasons (SDM Appendix C, Table C-1). Numbers without a name in the SDM
+    /// (35, 38, 42, 71) and later additions are `Unknown`.
+    pub enum ExitReason: u16 {
+        from: from_basic,
+        /// The SDM's name for the exit ("I/O instruction"); `None` for unknown numbers.
+        text: name,
+        ExceptionOrNmi = 0, "Exception or non-maskable interrupt (NMI)";
+        ExternalInterrupt = 1, "External interrupt";
+        TripleFault = 2, "Triple fault";
+        InitSignal = 3, "INIT signal";
+        StartupIpi = 4, "Start-up IPI (SIPI)";
+        IoSmi = 5, "I/O system-management interrupt (SMI)";
+        OtherSmi = 6, "Other SMI";
+        InterruptWindow = 7, "Interrupt window";
+        NmiWindow = 8, "NMI window";
+        TaskSwitch = 9, "Task switch";
+        Cpuid = 10, "CPUID";
+        Getsec = 11, "GETSEC";
+        Hlt = 12, "HLT";
+        Invd = 13, "INVD";
+        Invlpg = 14, "INVLPG";
+        Rdpmc = 15, "RDPMC";
+        Rdtsc = 16, "RDTSC";
+        Rsm = 17, "RSM";
+        Vmcall = 18, "VMCALL";
+        Vmclear = 19, "VMCLEAR";
+        Vmlaunch = 20, "VMLAUNCH";
+        Vmptrld = 21, "VMPTRLD";
+        Vmptrst = 22, "VMPTRST";
+        Vmread = 23, "VMREAD";
+        Vmresume = 24, "VMRESUME";
+        Vmwrite = 25, "VMWRITE";
+        Vmxoff = 26, "VMXOFF";
+        Vmxon = 27, "VMXON";
+        ControlRegisterAccess = 28, "Control-register accesses";
+        MovDr = 29, "MOV DR";
+        IoInstruction = 30, "I/O instruction";
+        Rdmsr = 31, "RDMSR";
+        Wrmsr = 32, "WRMSR";
+        EntryFailureGuestState = 33, "VM-entry failure due to invalid guest state";
+        EntryFailureMsrLoading = 34, "VM-entry failure due to MSR loading";
+        Mwait = 36, "MWAIT";
+        MonitorTrapFlag = 37, "Monitor trap flag";
+        Monitor = 39, "MONITOR";
+        Pause = 40, "PAUSE";
+        EntryFailureMachineCheck = 41, "VM-entry failure due to machine-check event";
+        TprBelowThreshold = 43, "TPR below threshold";
+        ApicAccess = 44, "APIC access";
+        VirtualizedEoi = 45, "Virtualized EOI";
+        GdtrIdtrAccess = 46, "Access to GDTR or IDTR";
+        LdtrTrAccess = 47, "Access to LDTR or TR";
+        EptViolation = 48, "EPT violation";
+        EptMisconfiguration = 49, "EPT misconfiguration";
+        Invept = 50, "INVEPT";
+        Rdtscp = 51, "RDTSCP";
+        PreemptionTimer = 52, "VMX-preemption timer expired";
+        Invvpid = 53, "INVVPID";
+        Wbinvd = 54, "WBINVD or WBNOINVD";
+        Xsetbv = 55, "XSETBV";
+        ApicWrite = 56, "APIC write";
+        Rdrand = 57, "RDRAND";
+        Invpcid = 58, "INVPCID";
+        Vmfunc = 59, "VMFUNC";
+        Encls = 60, "ENCLS";
+        Rdseed = 61, "RDSEED";
+        PmlFull = 62, "Page-modification log full";
+        Xsaves = 63, "XSAVES";
+        Xrstors = 64, "XRSTORS";
+        Pconfig = 65, "PCONFIG";
+        SppEvent = 66, "SPP-related event";
+        Umwait = 67, "UMWAIT";
+        Tpause = 68, "TPAUSE";
+        Loadiwkey = 69, "LOADIWKEY";
+        Enclv = 70, "ENCLV";
+        EnqcmdPasidFailure = 72, "ENQCMD PASID translation failure";
+        EnqcmdsPasidFailure = 73, "ENQCMDS PASID translation failure";
+        BusLock = 74, "Bus lock";
+        InstructionTimeout = 75, "Instruction timeout";
+    }
 }
 
 impl fmt::Display for ExitReason {

@@ -3,6 +3,52 @@
 //! instruction; the hardware layer (`arch::vmx`) implements [`VmcsAccess`] with VMREAD/VMWRITE
 //! and tests use [`FakeVmcs`].
 
+/// An enum of the numbers a VMX field reports, with the SDM's text for each, plus `Unknown(n)` for
+/// numbers the SDM does not define (or that came later): `from` builds it from the number,
+/// `number()` gives the number back, `text` names the accessor of the SDM text.
+macro_rules! numbered_enum {
+    (
+        $(#[$doc:meta])*
+        pub enum $name:ident: $int:ty {
+            from: $from:ident,
+            $(#[$text_doc:meta])*
+            text: $text:ident,
+            $( $variant:ident = $num:literal, $msg:literal; )+
+        }
+    ) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $( $variant, )+
+            Unknown($int),
+        }
+
+        impl $name {
+            pub const fn $from(number: $int) -> Self {
+                match number {
+                    $( $num => Self::$variant, )+
+                    n => Self::Unknown(n),
+                }
+            }
+
+            pub const fn number(self) -> $int {
+                match self {
+                    $( Self::$variant => $num, )+
+                    Self::Unknown(n) => n,
+                }
+            }
+
+            $(#[$text_doc])*
+            pub const fn $text(self) -> Option<&'static str> {
+                match self {
+                    $( Self::$variant => Some($msg), )+
+                    Self::Unknown(_) => None,
+                }
+            }
+        }
+    };
+}
+
 pub mod caps;
 pub mod controls;
 pub mod cr;
