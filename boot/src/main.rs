@@ -1,1 +1,216 @@
-fn main(){}
+//! `keel-boot` (`cargo keel ...`): build images, boot them in an emulator, flash a USB stick.
+//! See `keel-boot help` and docs/BOOTING.md.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use keel_boot::cli::{self, Cmd, FlashArgs, ImageArgs, RunArgs};
+use keel_boot::emulator::{self, Firmware, RunOptions};
+use keel_boot::image::{self, ImageOptions, Images};
+use keel_boot::{console, flash};
+
+/// `run`'s exit status when the time limit hit, as timeout(1) does.
+const EXIT_TIMEOUT: u8 = 124;
+/// `run`'s exit status when interrupted (128 + SIGINT).
+const EXIT_INTERRUPTED: u8 = 130;
+
+fn image_options(b: &ImageArgs) -> ImageOptions {
+    let root = image::workspace_root();
+    let mut opts = ImageOptions::new(&root);
+    if let Some(m) = &b.manifest {
+        opts.manifest = m.clone();
+    }
+    opts.files = b.files.clone();
+    opts.release = b.release;
+    opts.out = b
+        .out
+        .clone()
+        .unwrap_or_else(|| image::default_out_dir(&root, b.release));
+    opts.quiet = b.quiet;
+    opts
+}
+
+fn build(b: &ImageArgs) -> Result<Images> {
+    let opts = image_options(b);
+    let images = image::build_images(&opts)?;
+    eprintln!(
+        "keel-boot: {} guest(s) [{}] from {}\n  BIOS image: {}\n  UEFI image: {}",
+        images.guests.len(),
+        images.guests.join(", "),
+        opts.manifest.display(),
+        images.bios.display(),
+        images.uefi.display()
+    );
+    Ok(images)
+}
+
+fn secs(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| format!("{:.1} s", d.as_secs_f64()))
+}
+
+fn run(r: &RunArgs) -> Result<ExitCode> {
+    let firmware = if r.uefi {
+        Firmware::Uefi
+    } else {
+        Firmware::Bios
+    };
+    let emulator = r.emulator.unwrap_or_else(emulator::best_emulator);
+    // Check the emulator before spending a build on it.
+    keel_boot::tools::require(emulator, firmware)?;
+    let (image, out) = match &r.image {
+        Some(path) => {
+            let out = path.parent().map(PathBuf::from).unwrap_or_default();
+            (path.clone(), out)
+        }
+        None => {
+            let images = build(&r.build)?;
+            let out = images.bios.parent().map(PathBuf::from).unwrap_or_default();
+            let image = match firmware {
+                Firmware::Bios => images.bios,
+                Firmware::Uefi => images.uefi,
+            };
+            (image, out)
+        }
+    };
+    let kept = r.work_dir.is_some();
+    let work_dir = r.work_dir.clone().unwrap_or_else(|| {
+        out.join(format!(
+            "run-{}-{}.{}",
+            emulator.name(),
+            firmware.name(),
+            std::process::id()
+        ))
+    });
+    let mut opts = RunOptions::new(&image, firmware, emulator, &work_dir);
+    if let Some(t) = r.timeout_secs {
+        opts.timeout = (t > 0).then(|| Duration::from_secs(t));
+    }
+    if let Some(m) = r.memory_mib {
+        opts.memory_mib = m;
+    }
+    if let Some(ips) = r.ips {
+        opts.bochs_ips = ips;
+    }
+    if let Some(cpu) = &r.cpu {
+        opts.bochs_cpu = cpu.clone();
+    }
+    opts.echo = !r.no_echo;
+    eprintln!(
+        "keel-boot: booting {} in {} ({}), time limit {}",
+        image.display(),
+        emulator.name(),
+        firmware.name(),
+        opts.timeout
+            .map_or("none".into(), |t| format!("{} s", t.as_secs()))
+    );
+    emulator::install_interrupt_handler();
+    let result = emulator::run(&opts)?;
+    eprintln!(
+        "keel-boot: {} after {:.1} s (first serial line {}, first Keel line {})",
+        match (result.keel_status, result.exit_code) {
+            (Some(s), _) => format!("Keel exit status {s}"),
+            (None, Some(c)) => format!("{} exited with {c}, no Keel status line", emulator.name()),
+            (None, None) => "no Keel status line".into(),
+        },
+        result.wall.as_secs_f64(),
+        secs(result.first_serial_line_after),
+        secs(result.first_keel_line_after),
+    );
+    if result.status_mismatch() {
+        eprintln!(
+            "keel-boot: warning: QEMU exited with {:?} but Keel printed status {:?}",
+            result.exit_code, result.keel_status
+        );
+    }
+    let failed = result.timed_out || result.interrupted || result.keel_status.is_none();
+    if failed {
+        if result.timed_out {
+            eprintln!("keel-boot: timed out; the emulator was stopped");
+        }
+        if !result.emulator_log_tail.is_empty() {
+            eprintln!(
+                "keel-boot: end of the emulator log:\n{}",
+                result.emulator_log_tail
+            );
+        }
+        if !result.e9.is_empty() {
+            eprintln!(
+                "keel-boot: port 0xE9 output:\n{}",
+                console::tail_lines(&result.e9, 20)
+            );
+        }
+        eprintln!("keel-boot: the run's files are in {}", work_dir.display());
+    } else if !kept {
+        let _ = std::fs::remove_dir_all(&work_dir);
+    }
+    Ok(if result.interrupted {
+        ExitCode::from(EXIT_INTERRUPTED)
+    } else if result.timed_out {
+        ExitCode::from(EXIT_TIMEOUT)
+    } else {
+        match result.status() {
+            Some(s) => ExitCode::from(u8::try_from(s).unwrap_or(u8::MAX)),
+            None => ExitCode::FAILURE,
+        }
+    })
+}
+
+fn flash_cmd(f: &FlashArgs) -> Result<ExitCode> {
+    let image = match &f.image {
+        Some(p) => p.clone(),
+        None => {
+            let images = build(&f.build)?;
+            if f.bios {
+                images.bios
+            } else {
+                images.uefi
+            }
+        }
+    };
+    if !image.is_file() {
+        bail!("image {} does not exist", image.display());
+    }
+    let opts = flash::FlashOptions {
+        image,
+        device: f.device.clone(),
+        force: f.force,
+        yes: f.yes,
+    };
+    let stdin = std::io::stdin();
+    flash::flash(&opts, &mut stdin.lock(), &mut std::io::stderr())?;
+    eprintln!(
+        "keel-boot: wrote {} to {}",
+        opts.image.display(),
+        opts.device.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let cmd = match cli::parse(&argv) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("keel-boot: {e}\n\n{}", cli::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cmd {
+        Cmd::Help => {
+            print!("{}", cli::USAGE);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Image(b) => build(&b).map(|_| ExitCode::SUCCESS),
+        Cmd::Run(r) => run(&r),
+        Cmd::Flash(f) => flash_cmd(&f),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("keel-boot: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The command line of `keel-boot` (also reached as `cargo keel ...`).
+
+use std::path::PathBuf;
+
+use crate::emulator::Emulator;
+
+pub const USAGE: &str = "\
+keel-boot: build, boot and flash Keel images
+
+USAGE:
+    cargo keel image [IMAGE OPTIONS]
+    cargo keel run   [IMAGE OPTIONS] [RUN OPTIONS]
+    cargo keel flash DEVICE [IMAGE OPTIONS] [--image PATH] [--bios] [--force] [--yes]
+
+IMAGE OPTIONS:
+    --manifest PATH   guest manifest (default tests/guests/manifests/demo.manifest)
+    --files DIR       take the files the manifest names from DIR instead of building
+                      the guests with tests/guests/build.sh
+    --out DIR         where images go (default target/keel/<profile>)
+    --release         build the kernel with the release profile
+    --quiet           hide build output unless a build fails
+
+RUN OPTIONS:
+    --image PATH      boot this disk image instead of building one
+    --emulator E      bochs | qemu | qemu-kvm (default: qemu-kvm if /dev/kvm exists and
+                      the CPU has vmx, else bochs)
+    --uefi            boot the UEFI image with OVMF (default: BIOS image)
+    --timeout SECS    stop the emulator after SECS (0: never; default 300 Bochs BIOS,
+                      600 Bochs UEFI, 120 QEMU, 60 KVM)
+    --memory MIB      guest-physical memory of the emulated machine (default 256)
+    --ips N           Bochs instructions per emulated second (default 10000000)
+    --cpu MODEL       Bochs CPU model (default corei7_skylake_x)
+    --work-dir DIR    keep the run's files (serial.log, e9.log, emulator.log, bochsrc) in DIR
+    --no-echo         do not copy COM1 to stdout
+
+`run` exits with QEMU's status ((code << 1) | 1 from isa-debug-exit) or, in Bochs, the status
+of Keel's `keel: exit status N` line; 124 on a timeout, 130 when interrupted.
+
+FLASH OPTIONS:
+    --image PATH      write this image (default: build, then write the UEFI image)
+    --bios            write the BIOS image instead of the UEFI one
+    --force           accept a device that is not marked removable
+    --yes             do not ask for confirmation
+";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageArgs {
+    pub manifest: Option<PathBuf>,
+    pub files: Option<PathBuf>,
+    pub out: Option<PathBuf>,
+    pub release: bool,
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunArgs {
+    pub build: ImageArgs,
+    pub image: Option<PathBuf>,
+    pub emulator: Option<Emulator>,
+    pub uefi: bool,
+    /// `Some(0)` means no limit.
+    pub timeout_secs: Option<u64>,
+    pub memory_mib: Option<u32>,
+    pub ips: Option<u64>,
+    pub cpu: Option<String>,
+    pub work_dir: Option<PathBuf>,
+    pub no_echo: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlashArgs {
+    pub build: ImageArgs,
+    pub device: PathBuf,
+    pub image: Option<PathBuf>,
+    pub bios: bool,
+    pub force: bool,
+    pub yes: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cmd {
+    Image(ImageArgs),
+    Run(RunArgs),
+    Flash(FlashArgs),
+    Help,
+}
+
+/// Splits `--key=value` and hands out values of `--key value`.
+struct Args<'a> {
+    items: std::slice::Iter<'a, String>,
+    inline: Option<String>,
+}
+
+impl<'a> Args<'a> {
+    fn next_flag(&mut self) -> Option<String> {
+        let item = self.items.next()?;
+        match item.split_once('=') {
+            Some((flag, value)) if item.starts_with("--") => {
+                self.inline = Some(value.to_string());
+                Some(flag.to_string())
+            }
+            _ => {
+                self.inline = None;
+                Some(item.clone())
+            }
+        }
+    }
+
+    fn value(&mut self, flag: &str) -> Result<String, String> {
+        if let Some(v) = self.inline.take() {
+            return Ok(v);
+        }
+        self.items
+            .next()
+            .cloned()
+            .ok_or_else(|| format!("{flag} needs a value"))
+    }
+
+    fn number<T: std::str::FromStr>(&mut self, flag: &str) -> Result<T, String> {
+        let v = self.value(flag)?;
+        v.parse()
+            .map_err(|_| format!("{flag} takes a number, not `{v}`"))
+    }
+
+    /// A flag that takes no value must not have been given one.
+    fn no_value(&mut self, flag: &str) -> Result<(), String> {
+        match self.inline.take() {
+            Some(_) => Err(format!("{flag} takes no value")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Handles the options every subcommand shares; false if `flag` is not one of them.
+fn image_flag(flag: &str, args: &mut Args, b: &mut ImageArgs) -> Result<bool, String> {
+    match flag {
+        "--manifest" => b.manifest = Some(args.value(flag)?.into()),
+        "--files" => b.files = Some(args.value(flag)?.into()),
+        "--out" => b.out = Some(args.value(flag)?.into()),
+        "--release" => {
+            args.no_value(flag)?;
+            b.release = true
+        }
+        "--quiet" => {
+            args.no_value(flag)?;
+            b.quiet = true
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// Parses the arguments after the program name.
+pub fn parse(argv: &[String]) -> Result<Cmd, String> {
+    let Some((sub, rest)) = argv.split_first() else {
+        return Ok(Cmd::Help);
+    };
+    let mut args = Args {
+        items: rest.iter(),
+        inline: None,
+    };
+    match sub.as_str() {
+        "help" | "--help" | "-h" => Ok(Cmd::Help),
+        "image" => {
+            let mut b = ImageArgs::default();
+            while let Some(flag) = args.next_flag() {
+                if !image_flag(&flag, &mut args, &mut b)? {
+                    return Err(format!("image: unknown option `{flag}`"));
+                }
+            }
+            Ok(Cmd::Image(b))
+        }
+        "run" => {
+            let mut r = RunArgs::default();
+            while let Some(flag) = args.next_flag() {
+                if image_flag(&flag, &mut args, &mut r.build)? {
+                    continue;
+                }
+                match flag.as_str() {
+                    "--image" => r.image = Some(args.value(&flag)?.into()),
+                    "--emulator" => {
+                        let v = args.value(&flag)?;
+                        r.emulator = Some(Emulator::parse(&v).ok_or_else(|| {
+                            format!("--emulator takes bochs, qemu or qemu-kvm, not `{v}`")
+                        })?)
+                    }
+                    "--uefi" => {
+                        args.no_value(&flag)?;
+                        r.uefi = true
+                    }
+                    "--timeout" => r.timeout_secs = Some(args.number(&flag)?),
+                    "--memory" => r.memory_mib = Some(args.number(&flag)?),
+                    "--ips" => r.ips = Some(args.number(&flag)?),
+                    "--cpu" => r.cpu = Some(args.value(&flag)?),
+                    "--work-dir" => r.work_dir = Some(args.value(&flag)?.into()),
+                    "--no-echo" => {
+                        args.no_value(&flag)?;
+                        r.no_echo = true
+                    }
+                    _ => return Err(format!("run: unknown option `{flag}`")),
+                }
+            }
+            Ok(Cmd::Run(r))
+        }
+        "flash" => {
+            let mut f = FlashArgs::default();
+            let mut device = None;
+            while let Some(flag) = args.next_flag() {
+                if image_flag(&flag, &mut args, &mut f.build)? {
+                    continue;
+                }
+                match flag.as_str() {
+                    "--image" => f.image = Some(args.value(&flag)?.into()),
+                    "--bios" => f.bios = true,
+                    "--force" => f.force = true,
+                    "--yes" => f.yes = true,
+                    other if other.starts_with('-') => {
+                        return Err(format!("flash: unknown option `{other}`"))
+                    }
+                    other if device.is_none() => device = Some(PathBuf::from(other)),
+                    other => return Err(format!("flash: unexpected argument `{other}`")),
+                }
+            }
+            f.device = device.ok_or("flash: which device? e.g. `cargo keel flash /dev/sdb`")?;
+            Ok(Cmd::Flash(f))
+        }
+        other => Err(format!(
+            "unknown command `{other}` (image, run, flash or help)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(line: &str) -> Result<Cmd, String> {
+        let argv: Vec<String> = line.split_whitespace().map(String::from).collect();
+        parse(&argv)
+    }
+
+    #[test]
+    fn run_options() {
+        let Ok(Cmd::Run(r)) = p("run --emulator=qemu --uefi --timeout 30 --manifest m --release")
+        else {
+            panic!("run parses");
+        };
+        assert_eq!(r.emulator, Some(Emulator::Qemu));
+        assert!(r.uefi && r.build.release);
+        assert_eq!(r.timeout_secs, Some(30));
+        assert_eq!(r.build.manifest, Some(PathBuf::from("m")));
+    }
+
+    #[test]
+    fn image_defaults_and_help() {
+        assert_eq!(p("image"), Ok(Cmd::Image(ImageArgs::default())));
+        assert_eq!(p(""), Ok(Cmd::Help));
+        assert_eq!(p("--help"), Ok(Cmd::Help));
+    }
+
+    #[test]
+    fn flash_takes_one_device() {
+        let Ok(Cmd::Flash(f)) = p("flash /dev/sdb --yes --image x.img") else {
+            panic!("flash parses");
+        };
+        assert_eq!(f.device, PathBuf::from("/dev/sdb"));
+        assert!(f.yes && !f.force);
+        assert_eq!(f.image, Some(PathBuf::from("x.img")));
+        assert!(p("flash").is_err());
+        assert!(p("flash /dev/sdb /dev/sdc").is_err());
+    }
+
+    #[test]
+    fn errors_are_readable() {
+        assert_eq!(
+            p("run --emulator vbox"),
+            Err("--emulator takes bochs, qemu or qemu-kvm, not `vbox`".into())
+        );
+        assert_eq!(
+            p("run --timeout soon"),
+            Err("--timeout takes a number, not `soon`".into())
+        );
+        assert_eq!(p("run --timeout"), Err("--timeout needs a value".into()));
+        assert_eq!(p("run --uefi=1"), Err("--uefi takes no value".into()));
+        assert!(p("image --bogus").is_err());
+        assert!(p("boot").is_err());
+    }
+}

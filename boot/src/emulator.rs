@@ -1,0 +1,533 @@
+//! Booting a disk image in an emulator and watching it: COM1 is followed live (optionally echoed to
+//! stdout), port 0xE9 is captured, and the run ends when the emulator exits, when Keel has printed
+//! its `keel: exit status N` line, or at the time limit.
+//!
+//! The emulator runs in a process group of its own, so a time limit or a Ctrl-C stops exactly
+//! the processes this run started (Bochs, and the Xvfb server of its `xvfb-run`), never another
+//! user's emulator.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::console::{self, FileTail};
+use crate::tools::{self, HostTools};
+use crate::{bochs, qemu};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Emulator {
+    /// Bochs with its VMX emulation: the VT-x platform when the host has no nested VT-x.
+    Bochs,
+    /// QEMU with TCG: no VMX, so Keel stops with "no VMX". Fast; tests the boot path.
+    Qemu,
+    /// QEMU with KVM and `-cpu host`: real VT-x, on an Intel host with nested virtualization.
+    QemuKvm,
+}
+
+impl Emulator {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "bochs" => Some(Self::Bochs),
+            "qemu" | "qemu-tcg" => Some(Self::Qemu),
+            "qemu-kvm" | "kvm" => Some(Self::QemuKvm),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bochs => "bochs",
+            Self::Qemu => "qemu",
+            Self::QemuKvm => "qemu-kvm",
+        }
+    }
+
+    /// A time limit that leaves room on a busy 2-core machine.
+    pub fn default_timeout(self, firmware: Firmware) -> Duration {
+        Duration::from_secs(match (self, firmware) {
+            (Self::Bochs, Firmware::Bios) => 300,
+            (Self::Bochs, Firmware::Uefi) => 600,
+            (Self::Qemu, _) => 120,
+            (Self::QemuKvm, _) => 60,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Firmware {
+    Bios,
+    Uefi,
+}
+
+impl Firmware {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bios => "bios",
+            Self::Uefi => "uefi",
+        }
+    }
+}
+
+/// KVM is only worth using when it can give Keel VMX: `/dev/kvm` must exist and the host CPU must
+/// show `vmx` (an AMD host or a software KVM such as kvm_pvm has none). Otherwise Bochs.
+pub fn choose_emulator(kvm_device: bool, cpuinfo: &str) -> Emulator {
+    let vmx = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx"));
+    if kvm_device && vmx {
+        Emulator::QemuKvm
+    } else {
+        Emulator::Bochs
+    }
+}
+
+/// The best emulator on this host (see [`choose_emulator`]).
+pub fn best_emulator() -> Emulator {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    choose_emulator(Path::new("/dev/kvm").exists(), &cpuinfo)
+}
+
+/// How to run one boot.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The disk image: keel-bios.img or keel-uefi.img to match `firmware`.
+    pub image: PathBuf,
+    pub firmware: Firmware,
+    pub emulator: Emulator,
+    /// `None`: no limit.
+    pub timeout: Option<Duration>,
+    pub memory_mib: u32,
+    pub bochs_ips: u64,
+    pub bochs_cpu: String,
+    /// Where the run keeps its files (serial.log, e9.log, emulator.log, the bochsrc, the disk
+    /// copy). Created if needed; files of an earlier run there are replaced.
+    pub work_dir: PathBuf,
+    /// Copy COM1 to stdout as it arrives.
+    pub echo: bool,
+}
+
+impl RunOptions {
+    pub fn new(image: &Path, firmware: Firmware, emulator: Emulator, work_dir: &Path) -> Self {
+        Self {
+            image: image.to_path_buf(),
+            firmware,
+            emulator,
+            timeout: Some(emulator.default_timeout(firmware)),
+            memory_mib: 256,
+            bochs_ips: bochs::DEFAULT_IPS,
+            bochs_cpu: bochs::DEFAULT_CPU_MODEL.into(),
+            work_dir: work_dir.to_path_buf(),
+            echo: false,
+        }
+    }
+}
+
+/// What a run produced.
+#[derive(Debug, Clone, Default)]
+pub struct RunResult {
+    /// COM1 as text, CR and NUL bytes removed.
+    pub serial: String,
+    /// Port 0xE9 as text.
+    pub e9: String,
+    /// QEMU's exit status (`(code << 1) | 1` after isa-debug-exit); `None` when this tool stopped
+    /// it, and always for Bochs, whose status says nothing about the guest.
+    pub exit_code: Option<i32>,
+    /// N from Keel's last `keel: exit status N` line.
+    pub keel_status: Option<u32>,
+    pub timed_out: bool,
+    /// The run was cut short by Ctrl-C (SIGINT/SIGTERM/SIGHUP to this tool).
+    pub interrupted: bool,
+    /// The end of the Bochs log or of QEMU's standard error.
+    pub emulator_log_tail: String,
+    pub wall: Duration,
+    /// From the start of the emulator to the first complete line on COM1 (the bootloader's).
+    pub first_serial_line_after: Option<Duration>,
+    /// From the start of the emulator to the first line Keel printed.
+    pub first_keel_line_after: Option<Duration>,
+    pub work_dir: PathBuf,
+}
+
+impl RunResult {
+    /// The run's verdict as a process exit status: QEMU's own status if it ended by itself,
+    /// otherwise the status Keel printed.
+    pub fn status(&self) -> Option<i32> {
+        self.exit_code
+            .or(self.keel_status.and_then(|s| i32::try_from(s).ok()))
+    }
+
+    /// True when both QEMU's status and Keel's line exist and disagree.
+    pub fn status_mismatch(&self) -> bool {
+        match (self.exit_code, self.keel_status) {
+            (Some(code), Some(keel)) => i64::from(code) != i64::from(keel),
+            _ => false,
+        }
+    }
+
+    /// Lines of COM1 that contain `needle`.
+    pub fn serial_lines_with<'a>(&'a self, needle: &'a str) -> impl Iterator<Item = &'a str> {
+        self.serial.lines().filter(move |l| l.contains(needle))
+    }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGINT, SIGTERM and SIGHUP end a run cleanly (the emulator is in its own process group
+/// and does not see the terminal's Ctrl-C). For command-line front ends; call once.
+pub fn install_interrupt_handler() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+/// The files of one run.
+struct RunFiles {
+    serial: PathBuf,
+    e9: PathBuf,
+    stdout: PathBuf,
+    log: PathBuf,
+}
+
+fn prepare(opts: &RunOptions, tools: &HostTools) -> Result<(Command, RunFiles)> {
+    let dir = &opts.work_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let files = RunFiles {
+        serial: dir.join("serial.log"),
+        e9: dir.join("e9.log"),
+        stdout: dir.join("emulator.stdout"),
+        log: dir.join("emulator.log"),
+    };
+    for f in [&files.serial, &files.e9, &files.stdout, &files.log] {
+        match std::fs::remove_file(f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", f.display())),
+        }
+    }
+    if !opts.image.is_file() {
+        bail!("disk image {} does not exist", opts.image.display());
+    }
+    let cmd = match tools {
+        HostTools::Bochs {
+            bochs,
+            xvfb_run,
+            rom,
+            vga_rom,
+        } => {
+            // Bochs locks the image it opens (and leaves IMAGE.lock behind when killed), so each
+            // run boots its own copy.
+            let disk = dir.join("disk.img");
+            std::fs::copy(&opts.image, &disk).with_context(|| {
+                format!("cannot copy {} to {}", opts.image.display(), disk.display())
+            })?;
+            let _ = std::fs::remove_file(dir.join("disk.img.lock"));
+            let cfg = bochs::BochsConfig {
+                memory_mib: opts.memory_mib,
+                ips: opts.bochs_ips,
+                cpu_model: opts.bochs_cpu.clone(),
+                rom: rom.clone(),
+                vga_rom: vga_rom.clone(),
+                disk,
+                serial_out: files.serial.clone(),
+                log: files.log.clone(),
+            };
+            for p in [&cfg.rom, &cfg.vga_rom, &cfg.disk, &cfg.serial_out, &cfg.log] {
+                if !bochs::rc_safe(p) {
+                    bail!(
+                        "{} cannot go into a bochsrc (quote, comma or newline)",
+                        p.display()
+                    );
+                }
+            }
+            let rc = dir.join("bochsrc");
+            let cmds = dir.join("bochs-debugger-cmds");
+            std::fs::write(&rc, bochs::bochsrc(&cfg))
+                .with_context(|| format!("cannot write {}", rc.display()))?;
+            std::fs::write(&cmds, "c\n")
+                .with_context(|| format!("cannot write {}", cmds.display()))?;
+            let mut cmd = bochs::command(xvfb_run, bochs, &rc, &cmds);
+            cmd.current_dir(dir);
+            let err = File::create(dir.join("emulator.stderr"))?;
+            cmd.stderr(err);
+            cmd
+        }
+        HostTools::Qemu {
+            qemu: qemu_bin,
+            ovmf,
+        } => {
+            let ovmf = match ovmf {
+                Some((code, vars_template)) => {
+                    // UEFI writes its variable store; each run starts from the pristine template.
+                    let vars = dir.join("ovmf-vars.fd");
+                    std::fs::copy(vars_template, &vars).with_context(|| {
+                        format!(
+                            "cannot copy {} to {}",
+                            vars_template.display(),
+                            vars.display()
+                        )
+                    })?;
+                    Some((code.clone(), vars))
+                }
+                None => None,
+            };
+            let cfg = qemu::QemuConfig {
+                kvm: opts.emulator == Emulator::QemuKvm,
+                memory_mib: opts.memory_mib,
+                disk: opts.image.clone(),
+                ovmf,
+                serial_out: files.serial.clone(),
+                e9_out: files.e9.clone(),
+            };
+            for p in [&cfg.disk, &cfg.serial_out, &cfg.e9_out] {
+                if !qemu::path_ok(p) {
+                    bail!(
+                        "QEMU cannot take the path {} (it holds a comma)",
+                        p.display()
+                    );
+                }
+            }
+            let mut cmd = Command::new(qemu_bin);
+            cmd.args(qemu::args(&cfg));
+            let err = File::create(&files.log)?;
+            cmd.stderr(err);
+            cmd
+        }
+    };
+    Ok((cmd, files))
+}
+
+/// Processes in process group `pgid` whose command name is `comm`, read from /proc.
+fn group_members_named(pgid: i32, comm: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // "pid (comm) state ppid pgrp ...": comm may hold spaces, so split at the last ')'.
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                return false;
+            };
+            let name = &stat[open + 1..close];
+            let pgrp = stat[close + 1..].split_whitespace().nth(2);
+            name == comm && pgrp.and_then(|p| p.parse::<i32>().ok()) == Some(pgid)
+        })
+        .collect()
+}
+
+fn wait_until(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Stops this run's emulator. Bochs runs under `xvfb-run`: stopping Bochs alone lets `xvfb-run`
+/// shut its X server down and remove its files; only if that does not happen is the whole process
+/// group (which holds nothing but this run's processes) killed.
+fn stop(child: &mut Child, emulator: Emulator) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    let pgid = child.id() as i32;
+    let leaf = match emulator {
+        Emulator::Bochs => group_members_named(pgid, "bochs"),
+        Emulator::Qemu | Emulator::QemuKvm => vec![pgid],
+    };
+    for sig in [libc::SIGTERM, libc::SIGKILL] {
+        for &pid in &leaf {
+            // SAFETY: plain kill(2) on a process of this run's own process group.
+            unsafe { libc::kill(pid, sig) };
+        }
+        if let Some(status) = wait_until(child, Duration::from_secs(2)) {
+            return Some(status);
+        }
+    }
+    // SAFETY: a negative pid names the process group created for this child alone.
+    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    wait_until(child, Duration::from_secs(5))
+}
+
+/// Boots `opts.image` and watches it; see the module documentation.
+pub fn run(opts: &RunOptions) -> Result<RunResult> {
+    let tools = tools::require(opts.emulator, opts.firmware)?;
+    let (mut cmd, files) = prepare(opts, &tools)?;
+    let stdout = File::create(&files.stdout)
+        .with_context(|| format!("cannot create {}", files.stdout.display()))?;
+    cmd.stdin(Stdio::null()).stdout(stdout).process_group(0);
+
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    let mut tail = FileTail::new(&files.serial);
+    let mut result = RunResult {
+        work_dir: opts.work_dir.clone(),
+        ..RunResult::default()
+    };
+    let mut echo = std::io::stdout();
+    let mut status_seen: Option<Instant> = None;
+    let exit_status = loop {
+        let exited = child.try_wait().context("cannot wait for the emulator")?;
+        let new = tail.poll().context("cannot read the serial log")?;
+        if !new.is_empty() {
+            let text = console::clean(&new);
+            if opts.echo {
+                let _ = echo.write_all(text.as_bytes());
+                let _ = echo.flush();
+            }
+            result.serial.push_str(&text);
+            let now = start.elapsed();
+            if result.first_serial_line_after.is_none() && result.serial.contains('\n') {
+                result.first_serial_line_after = Some(now);
+            }
+            if result.first_keel_line_after.is_none()
+                && console::complete_lines(&result.serial).any(|l| l.starts_with("keel: "))
+            {
+                result.first_keel_line_after = Some(now);
+            }
+        }
+        if exited.is_some() {
+            break exited;
+        }
+        if status_seen.is_none() && console::keel_status(&result.serial).is_some() {
+            status_seen = Some(Instant::now());
+        }
+        if let Some(seen) = status_seen {
+            // Bochs cannot report the status and is stopped at once; QEMU leaves through
+            // isa-debug-exit right after the line, and is given a moment to report its status.
+            let grace = match opts.emulator {
+                Emulator::Bochs => Duration::ZERO,
+                Emulator::Qemu | Emulator::QemuKvm => Duration::from_secs(3),
+            };
+            if seen.elapsed() >= grace {
+                break stop(&mut child, opts.emulator);
+            }
+        }
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            result.interrupted = true;
+            break stop(&mut child, opts.emulator);
+        }
+        if opts.timeout.is_some_and(|t| start.elapsed() >= t) {
+            result.timed_out = true;
+            break stop(&mut child, opts.emulator);
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    result.wall = start.elapsed();
+    // Whatever arrived between the last poll and the end.
+    let mut rest = console::clean(&tail.poll().unwrap_or_default());
+    // The emulator is gone, so a last line without its newline is complete. (Bochs may stop with
+    // the final byte still in the emulated UART's transmitter.)
+    let last = rest.chars().last().or(result.serial.chars().last());
+    if last.is_some_and(|c| c != '\n') {
+        rest.push('\n');
+    }
+    if opts.echo {
+        let _ = echo.write_all(rest.as_bytes());
+        let _ = echo.flush();
+    }
+    result.serial.push_str(&rest);
+    result.keel_status = console::keel_status(&result.serial);
+    result.exit_code = match opts.emulator {
+        // Bochs' own status (1 after the "Shutdown" port, too) says nothing about the guest.
+        Emulator::Bochs => None,
+        // A status only counts when QEMU ended by itself, not by a signal from `stop`.
+        Emulator::Qemu | Emulator::QemuKvm => {
+            exit_status.and_then(|s| if s.signal().is_some() { None } else { s.code() })
+        }
+    };
+    result.e9 = match opts.emulator {
+        Emulator::Bochs => {
+            bochs::e9_from_stdout(&std::fs::read_to_string(&files.stdout).unwrap_or_default())
+        }
+        Emulator::Qemu | Emulator::QemuKvm => {
+            console::clean(&std::fs::read(&files.e9).unwrap_or_default())
+        }
+    };
+    if opts.emulator == Emulator::Bochs {
+        let _ = std::fs::write(&files.e9, &result.e9);
+    }
+    result.emulator_log_tail = console::file_tail(&files.log, 30);
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AMD_PVM: &str = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr hypervisor\n";
+    const INTEL: &str = "processor\t: 0\nflags\t\t: fpu vme vmx ept tsc\n";
+
+    #[test]
+    fn kvm_only_with_vmx() {
+        assert_eq!(choose_emulator(true, AMD_PVM), Emulator::Bochs);
+        assert_eq!(choose_emulator(false, INTEL), Emulator::Bochs);
+        assert_eq!(choose_emulator(true, INTEL), Emulator::QemuKvm);
+        // "vmx" must be a whole flag, not part of another word.
+        assert_eq!(choose_emulator(true, "flags\t: vmxfake\n"), Emulator::Bochs);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for e in [Emulator::Bochs, Emulator::Qemu, Emulator::QemuKvm] {
+            assert_eq!(Emulator::parse(e.name()), Some(e));
+        }
+        assert_eq!(Emulator::parse("vbox"), None);
+    }
+
+    #[test]
+    fn verdict_prefers_the_emulator_status() {
+        let mut r = RunResult {
+            keel_status: Some(33),
+            ..RunResult::default()
+        };
+        assert_eq!(r.status(), Some(33));
+        assert!(!r.status_mismatch());
+        r.exit_code = Some(33);
+        assert!(!r.status_mismatch());
+        r.exit_code = Some(0);
+        assert_eq!(r.status(), Some(0));
+        assert!(r.status_mismatch());
+    }
+
+    #[test]
+    fn missing_image_is_reported() {
+        let dir = std::env::temp_dir().join(format!("keel-boot-noimg-{}", std::process::id()));
+        let opts = RunOptions::new(&dir.join("none.img"), Firmware::Bios, Emulator::Qemu, &dir);
+        let tools = HostTools::Qemu {
+            qemu: "qemu-system-x86_64".into(),
+            ovmf: None,
+        };
+        let e = prepare(&opts, &tools).err().map(|e| format!("{e:#}"));
+        assert!(
+            e.as_deref()
+                .is_some_and(|m| m.contains("none.img does not exist")),
+            "{e:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

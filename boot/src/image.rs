@@ -1,0 +1,375 @@
+//! Building what boots: the kernel ELF, the guest files, the ramdisk archive (manifest + files)
+//! and the BIOS (MBR) and UEFI (GPT) disk images made by `bootloader::DiskImageBuilder`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bootloader::{BootConfig, DiskImageBuilder};
+use keel::manifest::{self, Manifest};
+
+/// The target the kernel is built for.
+pub const KERNEL_TARGET: &str = "x86_64-unknown-none";
+/// The manifest `image` and `run` use when none is given (relative to the workspace root).
+pub const DEFAULT_MANIFEST: &str = "tests/guests/manifests/demo.manifest";
+/// The script that builds the guest kernels into the directory it is given (owned by tests/guests).
+pub const GUEST_BUILD_SCRIPT: &str = "tests/guests/build.sh";
+
+/// What `build_images` builds and where it puts it.
+#[derive(Debug, Clone)]
+pub struct ImageOptions {
+    /// The workspace root (the directory holding the top Cargo.toml).
+    pub root: PathBuf,
+    pub manifest: PathBuf,
+    /// A directory holding the files the manifest names; `None` builds the guests with
+    /// `tests/guests/build.sh` when the manifest names any file.
+    pub files: Option<PathBuf>,
+    pub out: PathBuf,
+    pub release: bool,
+    /// Capture the output of cargo and the guest build and show it only when they fail.
+    pub quiet: bool,
+}
+
+impl ImageOptions {
+    /// The defaults of `keel-boot image`: the demo manifest, a debug kernel, images under
+    /// `target/keel/debug`.
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            manifest: root.join(DEFAULT_MANIFEST),
+            files: None,
+            out: default_out_dir(root, false),
+            release: false,
+            quiet: false,
+        }
+    }
+}
+
+/// The results of `build_images`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Images {
+    pub kernel: PathBuf,
+    pub ramdisk: PathBuf,
+    pub bios: PathBuf,
+    pub uefi: PathBuf,
+    /// The guests the manifest declares, in order.
+    pub guests: Vec<String>,
+}
+
+/// The workspace this tool was built from.
+pub fn workspace_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().unwrap_or(here).to_path_buf()
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR` if set, else `<root>/target`.
+pub fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
+}
+
+pub fn default_out_dir(root: &Path, release: bool) -> PathBuf {
+    target_dir(root).join("keel").join(profile(release))
+}
+
+fn profile(release: bool) -> &'static str {
+    if release {
+        "release"
+    } else {
+        "debug"
+    }
+}
+
+/// The archive entries a manifest needs (each guest's `image` and `modules`), first use first,
+/// each once.
+pub fn needed_files(manifest: &Manifest) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for guest in &manifest.guests {
+        for name in std::iter::once(&guest.image).chain(&guest.modules) {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+    }
+    names
+}
+
+/// Parses `text` (so a bad manifest fails here, with its line number, rather than in Keel) and
+/// packs it with the files it names from `files_dir` into a ramdisk archive.
+pub fn pack_ramdisk(manifest_path: &Path, text: &str, files_dir: Option<&Path>) -> Result<Vec<u8>> {
+    let parsed = manifest::parse(text).map_err(|e| anyhow!("{}: {e}", manifest_path.display()))?;
+    let names = needed_files(&parsed);
+    let mut contents: Vec<(String, Vec<u8>)> = Vec::new();
+    if !names.is_empty() {
+        let dir = files_dir.ok_or_else(|| {
+            anyhow!(
+                "{} names files ({}) but no directory to take them from",
+                manifest_path.display(),
+                names.join(", ")
+            )
+        })?;
+        for name in names {
+            let path = dir.join(&name);
+            let data = std::fs::read(&path).with_context(|| {
+                format!(
+                    "{} names `{name}`, but {} cannot be read",
+                    manifest_path.display(),
+                    path.display()
+                )
+            })?;
+            contents.push((name, data));
+        }
+    }
+    let mut entries: Vec<(&str, &[u8])> = vec![(keel::archive::MANIFEST_NAME, text.as_bytes())];
+    entries.extend(contents.iter().map(|(n, d)| (n.as_str(), d.as_slice())));
+    keel::archive::build(&entries).map_err(|e| anyhow!("cannot pack the ramdisk: {e}"))
+}
+
+/// Runs a build command; with `quiet`, its output is kept and shown only if it fails.
+fn run_build(mut cmd: Command, what: &str, quiet: bool) -> Result<()> {
+    cmd.stdin(Stdio::null());
+    let shown = format!("{cmd:?}");
+    if quiet {
+        let out = cmd
+            .output()
+            .with_context(|| format!("cannot start {what}: {shown}"))?;
+        if !out.status.success() {
+            bail!(
+                "{what} failed ({}): {shown}\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                crate::console::tail_lines(&String::from_utf8_lossy(&out.stderr), 60)
+            );
+        }
+    } else {
+        let status = cmd
+            .status()
+            .with_context(|| format!("cannot start {what}: {shown}"))?;
+        if !status.success() {
+            bail!("{what} failed ({status}): {shown}");
+        }
+    }
+    Ok(())
+}
+
+/// `cargo build -p keel --target x86_64-unknown-none`; returns the kernel ELF.
+pub fn build_kernel(root: &Path, release: bool, quiet: bool) -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root).args([
+        "build",
+        "-p",
+        "keel",
+        "--bin",
+        "keel",
+        "--target",
+        KERNEL_TARGET,
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    run_build(cmd, "the kernel build", quiet)?;
+    let elf = target_dir(root)
+        .join(KERNEL_TARGET)
+        .join(profile(release))
+        .join("keel");
+    if !elf.is_file() {
+        bail!(
+            "the kernel build succeeded but {} is missing",
+            elf.display()
+        );
+    }
+    Ok(elf)
+}
+
+/// Builds the guest kernels into `out` with tests/guests/build.sh.
+pub fn build_guests(root: &Path, out: &Path, quiet: bool) -> Result<()> {
+    let script = root.join(GUEST_BUILD_SCRIPT);
+    if !script.is_file() {
+        bail!(
+            "{} does not exist, so the guest kernels cannot be built here; build the files the \
+             manifest names and pass their directory with --files DIR",
+            script.display()
+        );
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut cmd = Command::new("bash");
+    cmd.current_dir(root).arg(&script).arg(out);
+    run_build(cmd, "the guest build", quiet)
+}
+
+/// Writes `data` to `path` through a temporary file and a rename, so a reader (another run in the
+/// same checkout) never sees half a file.
+fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let result = write(&tmp).and_then(|()| {
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The bootloader's own settings: it logs to COM1 (the first lines of every run, useful when a
+/// boot stalls before Keel) but not to the framebuffer, which costs seconds per screen in Bochs.
+fn boot_config() -> BootConfig {
+    let mut config = BootConfig::default();
+    config.frame_buffer_logging = false;
+    config.serial_logging = true;
+    config
+}
+
+/// Packs `kernel` and `ramdisk` into `out/keel-bios.img` and `out/keel-uefi.img`.
+pub fn write_disk_images(kernel: &Path, ramdisk: &Path, out: &Path) -> Result<(PathBuf, PathBuf)> {
+    let mut builder = DiskImageBuilder::new(kernel.to_path_buf());
+    builder.set_ramdisk(ramdisk.to_path_buf());
+    builder.set_boot_config(&boot_config());
+    let bios = out.join("keel-bios.img");
+    let uefi = out.join("keel-uefi.img");
+    write_atomically(&bios, |tmp| {
+        builder
+            .create_bios_image(tmp)
+            .map_err(|e| anyhow!("cannot write the BIOS image {}: {e:#}", bios.display()))
+    })?;
+    write_atomically(&uefi, |tmp| {
+        builder
+            .create_uefi_image(tmp)
+            .map_err(|e| anyhow!("cannot write the UEFI image {}: {e:#}", uefi.display()))
+    })?;
+    Ok((bios, uefi))
+}
+
+/// The whole `image` step: validate the manifest, build the kernel and (if needed) the guests,
+/// pack the ramdisk, write both disk images.
+pub fn build_images(opts: &ImageOptions) -> Result<Images> {
+    let text = std::fs::read_to_string(&opts.manifest)
+        .with_context(|| format!("cannot read the manifest {}", opts.manifest.display()))?;
+    let parsed = manifest::parse(&text).map_err(|e| anyhow!("{}: {e}", opts.manifest.display()))?;
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("cannot create {}", opts.out.display()))?;
+    let kernel = build_kernel(&opts.root, opts.release, opts.quiet)?;
+
+    // Guests go to a directory of this process's own, so two runs in one checkout do not read
+    // each other's half-written files.
+    let built_guests = opts.out.join(format!("guests.{}", std::process::id()));
+    let files_dir = match (&opts.files, needed_files(&parsed).is_empty()) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, true) => None,
+        (None, false) => {
+            build_guests(&opts.root, &built_guests, opts.quiet)?;
+            Some(built_guests.clone())
+        }
+    };
+    let packed = pack_ramdisk(&opts.manifest, &text, files_dir.as_deref());
+    let _ = std::fs::remove_dir_all(&built_guests);
+    let archive = packed?;
+
+    let ramdisk = opts.out.join("ramdisk.keelarc");
+    write_atomically(&ramdisk, |tmp| {
+        std::fs::write(tmp, &archive).with_context(|| format!("cannot write {}", tmp.display()))
+    })?;
+    let (bios, uefi) = write_disk_images(&kernel, &ramdisk, &opts.out)?;
+    Ok(Images {
+        kernel,
+        ramdisk,
+        bios,
+        uefi,
+        guests: parsed.guests.into_iter().map(|g| g.name).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel::archive::Archive;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("keel-boot-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+
+    const TWO_GUESTS: &str = "\
+[guest a]
+kind = multiboot
+image = a.elf
+memory = 2M
+modules = initrd a.elf
+[guest b]
+kind = flat
+image = b.bin
+memory = 2M
+";
+
+    #[test]
+    fn needed_files_in_first_use_order_once() {
+        let m = manifest::parse(TWO_GUESTS).expect("sample parses");
+        assert_eq!(needed_files(&m), ["a.elf", "initrd", "b.bin"]);
+    }
+
+    #[test]
+    fn packs_manifest_and_named_files() -> Result<()> {
+        let dir = scratch("pack");
+        std::fs::write(dir.join("a.elf"), b"ELF-A")?;
+        std::fs::write(dir.join("initrd"), b"INITRD")?;
+        std::fs::write(dir.join("b.bin"), b"\xeb\xfe")?;
+        std::fs::write(dir.join("unused"), b"not packed")?;
+        let bytes = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, Some(&dir))?;
+        let archive = Archive::parse(&bytes).map_err(|e| anyhow!("{e}"))?;
+        let names: Vec<&str> = archive.entries().map(|(n, _)| n).collect();
+        assert_eq!(names, ["manifest", "a.elf", "initrd", "b.bin"]);
+        assert_eq!(archive.get("manifest"), Some(TWO_GUESTS.as_bytes()));
+        assert_eq!(archive.get("b.bin"), Some(&b"\xeb\xfe"[..]));
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn bad_manifest_fails_with_path_and_line() {
+        let text = "[guest a]\nkind = flat\nimage = x\nmemory = 3M\n";
+        let e = pack_ramdisk(Path::new("demo.manifest"), text, None).expect_err("3M is rejected");
+        let msg = format!("{e:#}");
+        assert!(msg.contains("demo.manifest: manifest line 4:"), "{msg}");
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let dir = scratch("missing");
+        let e = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, Some(&dir))
+            .expect_err("files are missing");
+        let msg = format!("{e:#}");
+        assert!(msg.contains("names `a.elf`"), "{msg}");
+        let e = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, None)
+            .expect_err("no files directory");
+        assert!(format!("{e:#}").contains("a.elf, initrd, b.bin"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn manifest_without_guests_needs_no_files() -> Result<()> {
+        let bytes = pack_ramdisk(Path::new("empty"), "[keel]\nquantum_ms = 5\n", None)?;
+        let archive = Archive::parse(&bytes).map_err(|e| anyhow!("{e}"))?;
+        assert_eq!(archive.len(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn missing_guest_script_gives_a_clear_error() {
+        let dir = scratch("noscript");
+        let e = build_guests(&dir, &dir.join("out"), true).expect_err("no build.sh");
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("tests/guests/build.sh does not exist"),
+            "{msg}"
+        );
+        assert!(msg.contains("--files DIR"), "{msg}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

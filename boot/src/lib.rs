@@ -1,0 +1,23 @@
+//! keel-boot: the host side of Keel.
+//!
+//! - [`image`]: builds the kernel and the guests, packs the ramdisk archive (manifest + files)
+//!   and writes BIOS and UEFI disk images with the `bootloader` crate.
+//! - [`emulator`]: boots an image in Bochs, QEMU (TCG) or QEMU with KVM, follows COM1 and port
+//!   0xE9, and reports Keel's exit status ([`emulator::run`] returns a [`RunResult`]).
+//! - [`flash`]: writes an image to a USB stick after checking it is the right kind of device.
+//! - [`tools`]: which host programs and firmware files each run needs, and their Debian packages.
+//!
+//! The integration tests (crate `keel-tests`) drive the same functions as the command line.
+//! docs/BOOTING.md is the user's guide.
+
+pub mod bochs;
+pub mod cli;
+pub mod console;
+pub mod emulator;
+pub mod flash;
+pub mod image;
+pub mod qemu;
+pub mod tools;
+
+pub use emulator::{best_emulator, run, Emulator, Firmware, RunOptions, RunResult};
+pub use image::{build_images, workspace_root, ImageOptions, Images};
