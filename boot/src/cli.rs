@@ -211,9 +211,18 @@ pub fn parse(argv: &[String]) -> Result<Cmd, String> {
                 }
                 match flag.as_str() {
                     "--image" => f.image = Some(args.value(&flag)?.into()),
-                    "--bios" => f.bios = true,
-                    "--force" => f.force = true,
-                    "--yes" => f.yes = true,
+                    "--bios" => {
+                        args.no_value(&flag)?;
+                        f.bios = true
+                    }
+                    "--force" => {
+                        args.no_value(&flag)?;
+                        f.force = true
+                    }
+                    "--yes" => {
+                        args.no_value(&flag)?;
+                        f.yes = true
+                    }
                     other if other.starts_with('-') => {
                         return Err(format!("flash: unknown option `{other}`"))
                     }

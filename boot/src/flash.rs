@@ -227,6 +227,15 @@ pub fn check_device(device: &Path, view: &SystemView, force: bool) -> Result<Tar
     })
 }
 
+fn writable(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: access(2) reads the NUL-terminated path and nothing else.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+}
+
 /// What `flash` writes where.
 #[derive(Debug, Clone)]
 pub struct FlashOptions {
@@ -282,7 +291,24 @@ pub fn flash(
     if crate::tools::find_program("dd").is_none() {
         bail!("cannot flash: program `dd` is missing (Debian package: coreutils)");
     }
-    let status = Command::new("dd")
+    // Writing to a disk usually needs root; go through sudo rather than ask for a root cargo.
+    let mut cmd = if writable(&target.path) {
+        Command::new("dd")
+    } else if crate::tools::find_program("sudo").is_some() {
+        eprintln!(
+            "{} is not writable by this user: running dd through sudo",
+            target.path.display()
+        );
+        let mut c = Command::new("sudo");
+        c.arg("dd");
+        c
+    } else {
+        bail!(
+            "{} is not writable by this user and sudo is missing; run as root",
+            target.path.display()
+        );
+    };
+    let status = cmd
         .arg(format!("if={}", opts.image.display()))
         .arg(format!("of={}", target.path.display()))
         .args(["bs=4M", "conv=fsync", "status=progress"])
