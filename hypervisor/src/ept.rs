@@ -1,9 +1,20 @@
-//! Extended page tables (SDM 29.3): the guest-physical to host-physical map of each guest.
+//! Extended page tables (SDM 29.3 "The Extended Page Table Mechanism"): each guest's map from
+//! guest-physical to host-physical addresses.
+//!
+//! [`Ept`] builds a 4-level structure (PML4, PDPT, PD, PT) through a [`TableAlloc`], using the
+//! largest leaf that fits: 1 GiB (when enabled), 2 MiB, else 4 KiB. It refuses overlapping or
+//! misaligned maps rather than silently replacing entries. Tables are never freed while the
+//! `Ept` lives; [`Ept::into_parts`] hands them back for freeing with the guest.
+//!
+//! After changing a live EPT (unmap, or map over a range the guest may have touched), the caller
+//! must INVEPT the context (SDM 29.4.3.1).
 
+use alloc::vec::Vec;
 use bitflags::bitflags;
+use core::fmt;
 
 bitflags! {
-    /// Access rights of an EPT entry, bits 2:0 (SDM 29.3.2, Table 29-6).
+    /// Access rights of an EPT entry, bits 2:0 (SDM 29.3.2).
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
     pub struct EptPerms: u8 {
         const READ = 1 << 0;
@@ -12,5 +23,771 @@ bitflags! {
         const RW = Self::READ.bits() | Self::WRITE.bits();
         const RX = Self::READ.bits() | Self::EXECUTE.bits();
         const RWX = Self::READ.bits() | Self::WRITE.bits() | Self::EXECUTE.bits();
+    }
+}
+
+/// EPT memory type of a leaf, bits 5:3 (SDM 29.3.7; values from SDM 12.3, Table 12-2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MemType {
+    Uncacheable = 0,
+    WriteCombining = 1,
+    WriteThrough = 4,
+    WriteProtected = 5,
+    WriteBack = 6,
+}
+
+impl MemType {
+    /// `None` for the reserved values 2, 3 and 7 (an EPT misconfiguration, SDM 29.3.3.1).
+    pub const fn from_bits(bits: u8) -> Option<Self> {
+        match bits {
+            0 => Some(Self::Uncacheable),
+            1 => Some(Self::WriteCombining),
+            4 => Some(Self::WriteThrough),
+            5 => Some(Self::WriteProtected),
+            6 => Some(Self::WriteBack),
+            _ => None,
+        }
+    }
+}
+
+/// Where EPT tables come from: Keel's frame allocator in the kernel, a heap in tests.
+pub trait TableAlloc {
+    /// A zeroed 4 KiB table; returns its host-physical address.
+    fn alloc_table(&mut self) -> Option<u64>;
+    /// The table at `hpa`, which this allocator handed out.
+    fn table(&mut self, hpa: u64) -> &mut [u64; 512];
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EptError {
+    /// Addresses and length must be multiples of 4 KiB.
+    Misaligned {
+        gpa: u64,
+        hpa: u64,
+        len: u64,
+    },
+    EmptyRange,
+    /// The range runs past the 48-bit guest-physical space of a 4-level EPT or the 52-bit
+    /// host-physical space.
+    OutOfRange {
+        gpa: u64,
+        len: u64,
+    },
+    /// Part of the range is already mapped, starting at `gpa`.
+    Overlap {
+        gpa: u64,
+    },
+    /// Leaves must be readable: write-only and execute-only entries are misconfigurations on
+    /// processors without those features (SDM 29.3.3.1), and none-at-all is "not present".
+    BadPermissions(EptPerms),
+    OutOfMemory,
+}
+
+impl fmt::Display for EptError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Misaligned { gpa, hpa, len } => write!(
+                f,
+                "EPT map not 4 KiB aligned: gpa {gpa:#x}, hpa {hpa:#x}, length {len:#x}"
+            ),
+            Self::EmptyRange => f.write_str("EPT map of zero length"),
+            Self::OutOfRange { gpa, len } => write!(
+                f,
+                "EPT range {gpa:#x}+{len:#x} exceeds the 48-bit guest-physical or 52-bit host-physical space"
+            ),
+            Self::Overlap { gpa } => write!(f, "EPT map overlaps an existing mapping at {gpa:#x}"),
+            Self::BadPermissions(p) => write!(f, "EPT permissions {p:?} lack READ"),
+            Self::OutOfMemory => f.write_str("out of memory for EPT tables"),
+        }
+    }
+}
+
+/// Guest-physical addresses a 4-level EPT translates (SDM 29.3.2: bits 47:0).
+pub const GPA_LIMIT: u64 = 1 << 48;
+/// Host-physical addresses an entry can hold (bits 51:12).
+const HPA_LIMIT: u64 = 1 << 52;
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+const LARGE: u64 = 1 << 7;
+const PAGE: u64 = 4096;
+/// Bits of a leaf below the address: permissions, memory type, ignore-PAT, large.
+const LEAF_ATTRS: u64 = 0xff;
+
+/// Bytes one entry of a table at `level` covers (1 = PT: 4 KiB ... 4 = PML4: 512 GiB).
+const fn entry_size(level: u8) -> u64 {
+    1 << (12 + 9 * (level as u32 - 1))
+}
+
+const fn entry_index(gpa: u64, level: u8) -> usize {
+    ((gpa >> (12 + 9 * (level as u32 - 1))) & 511) as usize
+}
+
+const fn present(entry: u64) -> bool {
+    entry & 7 != 0
+}
+
+const fn is_leaf(entry: u64, level: u8) -> bool {
+    level == 1 || entry & LARGE != 0
+}
+
+/// One EPT hierarchy.
+pub struct Ept<A: TableAlloc> {
+    alloc: A,
+    /// Every table, the PML4 first.
+    tables: Vec<u64>,
+    pages_1g: bool,
+    pages_2m: bool,
+}
+
+impl<A: TableAlloc> Ept<A> {
+    /// An empty EPT (one zeroed PML4). `pages_1g` allows 1 GiB leaves; pass
+    /// `VmxCaps::ept_1g_pages()`. 2 MiB leaves are used unless [`set_2m_pages`](Self::set_2m_pages)
+    /// turns them off.
+    pub fn new(mut alloc: A, pages_1g: bool) -> Result<Self, EptError> {
+        let root = alloc.alloc_table().ok_or(EptError::OutOfMemory)?;
+        Ok(Self {
+            alloc,
+            tables: alloc::vec![root],
+            pages_1g,
+            pages_2m: true,
+        })
+    }
+
+    /// Allow or forbid 2 MiB leaves for later maps (`VmxCaps::ept_2m_pages()`).
+    pub fn set_2m_pages(&mut self, enabled: bool) {
+        self.pages_2m = enabled;
+    }
+
+    /// The EPT pointer for the VMCS (SDM 25.6.11): PML4 address, write-back paging-structure
+    /// memory type (6) in bits 2:0, page-walk length minus one (3) in bits 5:3, accessed/dirty
+    /// flags off (bit 6 = 0).
+    pub fn eptp(&self) -> u64 {
+        self.tables[0] | (3 << 3) | MemType::WriteBack as u64
+    }
+
+    /// Number of 4 KiB tables in use (the memory overhead of this EPT).
+    pub fn tables_used(&self) -> usize {
+        self.tables.len()
+    }
+
+    /// Host-physical addresses of every table, the PML4 first.
+    pub fn tables(&self) -> &[u64] {
+        &self.tables
+    }
+
+    /// The allocator and every table (PML4 first), so the caller can free them.
+    pub fn into_parts(self) -> (A, Vec<u64>) {
+        (self.alloc, self.tables)
+    }
+
+    /// Maps `len` bytes of guest-physical memory at `gpa` to host-physical `hpa`. All three must
+    /// be 4 KiB multiples and the range must be unmapped. On error nothing is mapped.
+    pub fn map(
+        &mut self,
+        gpa: u64,
+        hpa: u64,
+        len: u64,
+        perms: EptPerms,
+        mem_type: MemType,
+    ) -> Result<(), EptError> {
+        if !(gpa | hpa | len).is_multiple_of(PAGE) {
+            return Err(EptError::Misaligned { gpa, hpa, len });
+        }
+        if len == 0 {
+            return Err(EptError::EmptyRange);
+        }
+        let end = gpa
+            .checked_add(len)
+            .filter(|&e| e <= GPA_LIMIT)
+            .ok_or(EptError::OutOfRange { gpa, len })?;
+        if hpa.checked_add(len).is_none_or(|e| e > HPA_LIMIT) {
+            return Err(EptError::OutOfRange { gpa, len });
+        }
+        if !perms.contains(EptPerms::READ) {
+            return Err(EptError::BadPermissions(perms));
+        }
+        let root = self.tables[0];
+        if let Some(at) = self.first_mapped(root, 4, gpa, end) {
+            return Err(EptError::Overlap { gpa: at });
+        }
+        let attrs = u64::from(perms.bits()) | ((mem_type as u64) << 3);
+        let delta = hpa.wrapping_sub(gpa);
+        let result = self.map_range(root, 4, gpa, end, delta, attrs);
+        if result.is_err() {
+            // Undo the part that was mapped; it lies wholly inside the range, so no split (and no
+            // allocation) is needed.
+            let _ = self.unmap_range(root, 4, gpa, end);
+        }
+        result
+    }
+
+    /// Removes every mapping in `[gpa, gpa + len)`; holes are fine. A large page that straddles
+    /// an end is split (which may need tables, hence `OutOfMemory`).
+    pub fn unmap(&mut self, gpa: u64, len: u64) -> Result<(), EptError> {
+        if !(gpa | len).is_multiple_of(PAGE) {
+            return Err(EptError::Misaligned { gpa, hpa: 0, len });
+        }
+        let end = gpa
+            .checked_add(len)
+            .filter(|&e| e <= GPA_LIMIT)
+            .ok_or(EptError::OutOfRange { gpa, len })?;
+        let root = self.tables[0];
+        self.unmap_range(root, 4, gpa, end)
+    }
+
+    /// Walks the tables for `gpa`: the host-physical address, permissions and memory type, or
+    /// `None` where nothing is mapped. Takes `&mut self` because [`TableAlloc`] hands tables out
+    /// mutably; nothing is changed.
+    pub fn translate(&mut self, gpa: u64) -> Option<(u64, EptPerms, MemType)> {
+        if gpa >= GPA_LIMIT {
+            return None;
+        }
+        let mut table = self.tables[0];
+        for level in (1..=4u8).rev() {
+            let entry = self.alloc.table(table)[entry_index(gpa, level)];
+            if !present(entry) {
+                return None;
+            }
+            if is_leaf(entry, level) {
+                let offset = gpa & (entry_size(level) - 1);
+                let perms = EptPerms::from_bits_truncate(entry as u8);
+                let mem_type = MemType::from_bits(((entry >> 3) & 7) as u8)?;
+                return Some(((entry & ADDR_MASK) + offset, perms, mem_type));
+            }
+            table = entry & ADDR_MASK;
+        }
+        None
+    }
+
+    /// Whether every byte of `[gpa, gpa + len)` is mapped with at least `need` (for checking
+    /// guest pointers, e.g. hypercall buffers).
+    pub fn is_mapped(&mut self, gpa: u64, len: u64, need: EptPerms) -> bool {
+        let Some(end) = gpa.checked_add(len) else {
+            return false;
+        };
+        let mut page = gpa & !(PAGE - 1);
+        while page < end {
+            match self.translate(page) {
+                Some((_, perms, _)) if perms.contains(need) => {}
+                _ => return false,
+            }
+            page += PAGE;
+        }
+        true
+    }
+
+    /// The first address in `[gpa, end)` covered by a leaf under `table`.
+    fn first_mapped(&mut self, table: u64, level: u8, gpa: u64, end: u64) -> Option<u64> {
+        let size = entry_size(level);
+        let mut a = gpa;
+        while a < end {
+            let next = ((a & !(size - 1)) + size).min(end);
+            let entry = self.alloc.table(table)[entry_index(a, level)];
+            if present(entry) {
+                if is_leaf(entry, level) {
+                    return Some(a);
+                }
+                if let Some(hit) = self.first_mapped(entry & ADDR_MASK, level - 1, a, next) {
+                    return Some(hit);
+                }
+            }
+            a = next;
+        }
+        None
+    }
+
+    /// The table an entry points to, allocating it when the entry is empty.
+    fn child(&mut self, table: u64, index: usize) -> Result<u64, EptError> {
+        let entry = self.alloc.table(table)[index];
+        if present(entry) {
+            return Ok(entry & ADDR_MASK);
+        }
+        let new = self.alloc.alloc_table().ok_or(EptError::OutOfMemory)?;
+        self.tables.push(new);
+        // Non-leaf entries grant everything; the leaf decides (SDM 29.3.2: access is the AND of
+        // the rights along the walk).
+        self.alloc.table(table)[index] = new | EptPerms::RWX.bits() as u64;
+        Ok(new)
+    }
+
+    fn leaf_allowed(&self, level: u8) -> bool {
+        match level {
+            1 => true,
+            2 => self.pages_2m,
+            3 => self.pages_1g,
+            _ => false,
+        }
+    }
+
+    fn map_range(
+        &mut self,
+        table: u64,
+        level: u8,
+        gpa: u64,
+        end: u64,
+        delta: u64,
+        attrs: u64,
+    ) -> Result<(), EptError> {
+        let size = entry_size(level);
+        let mut a = gpa;
+        while a < end {
+            let start = a & !(size - 1);
+            let next = (start + size).min(end);
+            let hpa = a.wrapping_add(delta);
+            let index = entry_index(a, level);
+            let whole = a == start && next == start + size && hpa.is_multiple_of(size);
+            if whole && self.leaf_allowed(level) {
+                let large = if level > 1 { LARGE } else { 0 };
+                self.alloc.table(table)[index] = hpa | attrs | large;
+            } else {
+                let child = self.child(table, index)?;
+                self.map_range(child, level - 1, a, next, delta, attrs)?;
+            }
+            a = next;
+        }
+        Ok(())
+    }
+
+    fn unmap_range(&mut self, table: u64, level: u8, gpa: u64, end: u64) -> Result<(), EptError> {
+        let size = entry_size(level);
+        let mut a = gpa;
+        while a < end {
+            let start = a & !(size - 1);
+            let next = (start + size).min(end);
+            let index = entry_index(a, level);
+            let entry = self.alloc.table(table)[index];
+            if present(entry) {
+                if a == start && next == start + size {
+                    // The whole entry goes, leaf or subtree (the subtree's tables stay owned).
+                    self.alloc.table(table)[index] = 0;
+                } else {
+                    let child = if is_leaf(entry, level) {
+                        self.split(table, index, level, entry)?
+                    } else {
+                        entry & ADDR_MASK
+                    };
+                    self.unmap_range(child, level - 1, a, next)?;
+                }
+            }
+            a = next;
+        }
+        Ok(())
+    }
+
+    /// Replaces the large leaf `entry` (at `level` > 1) by a table of 512 leaves one level down
+    /// with the same attributes, covering the same memory.
+    fn split(&mut self, table: u64, index: usize, level: u8, entry: u64) -> Result<u64, EptError> {
+        let new = self.alloc.alloc_table().ok_or(EptError::OutOfMemory)?;
+        self.tables.push(new);
+        let base = entry & ADDR_MASK;
+        let mut attrs = entry & LEAF_ATTRS & !LARGE;
+        if level - 1 > 1 {
+            attrs |= LARGE;
+        }
+        let step = entry_size(level - 1);
+        let children = self.alloc.table(new);
+        for (i, slot) in children.iter_mut().enumerate() {
+            *slot = (base + i as u64 * step) | attrs;
+        }
+        self.alloc.table(table)[index] = new | EptPerms::RWX.bits() as u64;
+        Ok(new)
+    }
+}
+
+/// EPT tables on the heap with made-up host-physical addresses, for tests of EPT users. Addresses
+/// start at `base`; `limit` caps the number of tables to test running out of memory.
+pub struct FakeTables {
+    pub base: u64,
+    pub tables: Vec<alloc::boxed::Box<[u64; 512]>>,
+    pub limit: usize,
+}
+
+impl FakeTables {
+    pub fn new() -> Self {
+        Self {
+            base: 0x7000_0000_0000,
+            tables: Vec::new(),
+            limit: usize::MAX,
+        }
+    }
+}
+
+impl Default for FakeTables {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TableAlloc for FakeTables {
+    fn alloc_table(&mut self) -> Option<u64> {
+        if self.tables.len() >= self.limit {
+            return None;
+        }
+        self.tables.push(alloc::boxed::Box::new([0; 512]));
+        Some(self.base + (self.tables.len() as u64 - 1) * PAGE)
+    }
+
+    fn table(&mut self, hpa: u64) -> &mut [u64; 512] {
+        let i = hpa
+            .checked_sub(self.base)
+            .filter(|off| off.is_multiple_of(PAGE))
+            .map(|off| (off / PAGE) as usize)
+            .filter(|&i| i < self.tables.len());
+        match i {
+            Some(i) => &mut self.tables[i],
+            None => panic!("{hpa:#x} is not a table of this allocator"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+
+    const MB: u64 = 1 << 20;
+    const GB: u64 = 1 << 30;
+    const RAM: u64 = 0x4000_0000;
+    const IGNORE_PAT: u64 = 1 << 6;
+
+    fn ept() -> Ept<FakeTables> {
+        Ept::new(FakeTables::new(), false).unwrap()
+    }
+
+    /// The raw leaf entry for `gpa` and the level it sits at.
+    fn leaf(e: &mut Ept<FakeTables>, gpa: u64) -> Option<(u64, u8)> {
+        let mut table = e.tables[0];
+        for level in (1..=4u8).rev() {
+            let entry = e.alloc.table(table)[entry_index(gpa, level)];
+            if !present(entry) {
+                return None;
+            }
+            if is_leaf(entry, level) {
+                return Some((entry, level));
+            }
+            table = entry & ADDR_MASK;
+        }
+        None
+    }
+
+    #[test]
+    fn eptp_format() {
+        let e = ept();
+        let eptp = e.eptp();
+        assert_eq!(eptp & 7, 6, "write-back paging structures");
+        assert_eq!((eptp >> 3) & 7, 3, "4-level walk");
+        assert_eq!(eptp & (1 << 6), 0, "A/D off");
+        assert_eq!(eptp & ADDR_MASK, e.tables()[0]);
+    }
+
+    #[test]
+    fn guest_ram_in_2m_pages() {
+        let mut e = ept();
+        e.map(0, RAM, 16 * MB, EptPerms::RWX, MemType::WriteBack)
+            .unwrap();
+        assert_eq!(e.tables_used(), 3, "PML4, PDPT, PD");
+        for gpa in [0, 0x1234, 2 * MB - 1, 2 * MB, 7 * MB + 0x42, 16 * MB - 1] {
+            assert_eq!(
+                e.translate(gpa),
+                Some((RAM + gpa, EptPerms::RWX, MemType::WriteBack)),
+                "gpa {gpa:#x}"
+            );
+        }
+        assert_eq!(e.translate(16 * MB), None);
+        let (entry, level) = leaf(&mut e, 3 * MB).unwrap();
+        assert_eq!(level, 2);
+        assert_eq!(entry, (RAM + 2 * MB) | LARGE | (6 << 3) | 7);
+    }
+
+    #[test]
+    fn unaligned_ends_use_4k_pages() {
+        let mut e = ept();
+        let (gpa, len) = (0x1000, 4 * MB);
+        e.map(gpa, RAM + gpa, len, EptPerms::RW, MemType::WriteBack)
+            .unwrap();
+        // 0x1000..2M in 4K pages, 2M..4M one 2M page, 4M..4M+4K in 4K pages.
+        assert_eq!(leaf(&mut e, 0x1000).unwrap().1, 1);
+        assert_eq!(leaf(&mut e, 2 * MB - PAGE).unwrap().1, 1);
+        assert_eq!(leaf(&mut e, 2 * MB).unwrap().1, 2);
+        assert_eq!(leaf(&mut e, 4 * MB).unwrap().1, 1);
+        assert_eq!(e.tables_used(), 5, "PML4, PDPT, PD and two PTs");
+        for g in (gpa..gpa + len).step_by(0x3_f000) {
+            assert_eq!(e.translate(g).map(|t| t.0), Some(RAM + g));
+        }
+        assert_eq!(e.translate(0), None);
+        assert_eq!(e.translate(0xfff), None);
+        assert_eq!(e.translate(gpa + len), None);
+        assert_eq!(
+            e.translate(gpa + len - 1),
+            Some((RAM + gpa + len - 1, EptPerms::RW, MemType::WriteBack))
+        );
+    }
+
+    #[test]
+    fn host_alignment_decides_the_page_size() {
+        let mut e = ept();
+        // Guest 2M-aligned, host only 4K-aligned: 4K pages throughout.
+        e.map(
+            2 * MB,
+            RAM + PAGE,
+            2 * MB,
+            EptPerms::RWX,
+            MemType::WriteBack,
+        )
+        .unwrap();
+        assert_eq!(leaf(&mut e, 2 * MB).unwrap().1, 1);
+        assert_eq!(e.translate(3 * MB).unwrap().0, RAM + PAGE + MB);
+    }
+
+    #[test]
+    fn one_gig_pages_only_when_enabled() {
+        let mut e = Ept::new(FakeTables::new(), true).unwrap();
+        e.map(0, 2 * GB, 2 * GB, EptPerms::RWX, MemType::WriteBack)
+            .unwrap();
+        assert_eq!(e.tables_used(), 2);
+        assert_eq!(leaf(&mut e, GB + 5).unwrap().1, 3);
+        assert_eq!(e.translate(GB + 5).unwrap().0, 3 * GB + 5);
+
+        let mut e = ept();
+        e.map(0, 2 * GB, 2 * GB, EptPerms::RWX, MemType::WriteBack)
+            .unwrap();
+        assert_eq!(e.tables_used(), 4, "PML4, PDPT, two PDs");
+        assert_eq!(leaf(&mut e, GB + 5).unwrap().1, 2);
+
+        let mut e = ept();
+        e.set_2m_pages(false);
+        e.map(0, RAM, 2 * MB, EptPerms::RWX, MemType::WriteBack)
+            .unwrap();
+        assert_eq!(leaf(&mut e, 0).unwrap().1, 1);
+    }
+
+    #[test]
+    fn overlap_is_refused_and_changes_nothing() {
+        let mut e = ept();
+        e.map(4 * MB, RAM, 4 * MB, EptPerms::RWX, MemType::WriteBack)
+            .unwrap();
+        let used = e.tables_used();
+        assert_eq!(
+            e.map(0, RAM, 4 * MB + PAGE, EptPerms::RWX, MemType::WriteBack),
+            Err(EptError::Overlap { gpa: 4 * MB })
+        );
+        assert_eq!(
+            e.map(
+                8 * MB - PAGE,
+                RAM,
+                2 * PAGE,
+                EptPerms::RWX,
+                MemType::WriteBack
+            ),
+            Err(EptError::Overlap { gpa: 8 * MB - PAGE })
+        );
+        assert_eq!(e.tables_used(), used);
+        assert_eq!(e.translate(0), None);
+        assert_eq!(e.translate(8 * MB), None);
+        // Right next to it is fine.
+        e.map(
+            8 * MB,
+            RAM + 8 * MB,
+            PAGE,
+            EptPerms::READ,
+            MemType::Uncacheable,
+        )
+        .unwrap();
+        assert_eq!(
+            EptError::Overlap { gpa: 0x400000 }.to_string(),
+            "EPT map overlaps an existing mapping at 0x400000"
+        );
+    }
+
+    #[test]
+    fn argument_errors() {
+        let mut e = ept();
+        let wb = MemType::WriteBack;
+        assert_eq!(
+            e.map(0x800, RAM, PAGE, EptPerms::RWX, wb),
+            Err(EptError::Misaligned {
+                gpa: 0x800,
+                hpa: RAM,
+                len: PAGE
+            })
+        );
+        assert!(matches!(
+            e.map(0, RAM + 1, PAGE, EptPerms::RWX, wb),
+            Err(EptError::Misaligned { .. })
+        ));
+        assert_eq!(
+            e.map(0, RAM, 0, EptPerms::RWX, wb),
+            Err(EptError::EmptyRange)
+        );
+        assert_eq!(
+            e.map(GPA_LIMIT - PAGE, RAM, 2 * PAGE, EptPerms::RWX, wb),
+            Err(EptError::OutOfRange {
+                gpa: GPA_LIMIT - PAGE,
+                len: 2 * PAGE
+            })
+        );
+        assert!(matches!(
+            e.map(0, HPA_LIMIT - PAGE, 2 * PAGE, EptPerms::RWX, wb),
+            Err(EptError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            e.map(!0xfff, RAM, PAGE, EptPerms::RWX, wb),
+            Err(EptError::OutOfRange { .. })
+        ));
+        assert_eq!(
+            e.map(0, RAM, PAGE, EptPerms::WRITE, wb),
+            Err(EptError::BadPermissions(EptPerms::WRITE))
+        );
+        assert_eq!(
+            e.map(0, RAM, PAGE, EptPerms::empty(), wb),
+            Err(EptError::BadPermissions(EptPerms::empty()))
+        );
+        assert_eq!(e.tables_used(), 1);
+        // The last page below the 48-bit limit works.
+        e.map(GPA_LIMIT - PAGE, RAM, PAGE, EptPerms::RWX, wb)
+            .unwrap();
+        assert_eq!(e.translate(GPA_LIMIT - 1).unwrap().0, RAM + PAGE - 1);
+        assert_eq!(e.translate(GPA_LIMIT), None);
+    }
+
+    #[test]
+    fn memory_type_bits() {
+        let mut e = ept();
+        let cases = [
+            (MemType::Uncacheable, 0),
+            (MemType::WriteCombining, 1),
+            (MemType::WriteThrough, 4),
+            (MemType::WriteProtected, 5),
+            (MemType::WriteBack, 6),
+        ];
+        for (i, (mt, bits)) in cases.into_iter().enumerate() {
+            let gpa = i as u64 * PAGE;
+            e.map(gpa, RAM + gpa, PAGE, EptPerms::RX, mt).unwrap();
+            let (entry, _) = leaf(&mut e, gpa).unwrap();
+            assert_eq!((entry >> 3) & 7, bits);
+            assert_eq!(entry & IGNORE_PAT, 0);
+            assert_eq!(entry & 7, 5);
+            assert_eq!(e.translate(gpa), Some((RAM + gpa, EptPerms::RX, mt)));
+        }
+        assert_eq!(MemType::from_bits(2), None);
+        assert_eq!(MemType::from_bits(7), None);
+    }
+
+    #[test]
+    fn unmap_splits_large_pages() {
+        let mut e = ept();
+        e.map(0, RAM, 4 * MB, EptPerms::RWX, MemType::WriteBack)
+            .unwrap();
+        let hole = 2 * MB + 5 * PAGE;
+        e.unmap(hole, PAGE).unwrap();
+        assert_eq!(e.translate(hole), None);
+        assert_eq!(e.translate(hole - 1).unwrap().0, RAM + hole - 1);
+        assert_eq!(e.translate(hole + PAGE).unwrap().0, RAM + hole + PAGE);
+        assert_eq!(e.translate(2 * MB).unwrap().0, RAM + 2 * MB);
+        assert_eq!(
+            leaf(&mut e, 0).unwrap().1,
+            2,
+            "the other 2M page stays large"
+        );
+        assert_eq!(leaf(&mut e, 2 * MB).unwrap().1, 1);
+        // The hole can be mapped again, e.g. as an uncached device page.
+        e.map(hole, 0xfee0_0000, PAGE, EptPerms::RW, MemType::Uncacheable)
+            .unwrap();
+        assert_eq!(
+            e.translate(hole + 0x20),
+            Some((0xfee0_0020, EptPerms::RW, MemType::Uncacheable))
+        );
+        // Unmapping everything, holes included, leaves nothing.
+        e.unmap(0, 8 * MB).unwrap();
+        for g in (0..8 * MB).step_by(0x1_1000) {
+            assert_eq!(e.translate(g), None);
+        }
+    }
+
+    #[test]
+    fn unmap_splits_1g_pages_down_to_4k() {
+        let mut e = Ept::new(FakeTables::new(), true).unwrap();
+        e.map(0, GB, GB, EptPerms::RWX, MemType::WriteBack).unwrap();
+        e.unmap(3 * MB, PAGE).unwrap();
+        assert_eq!(e.translate(3 * MB), None);
+        assert_eq!(leaf(&mut e, 0).unwrap().1, 2);
+        assert_eq!(leaf(&mut e, 3 * MB + PAGE).unwrap().1, 1);
+        assert_eq!(e.translate(GB - 1).unwrap().0, 2 * GB - 1);
+        assert_eq!(e.translate(3 * MB + PAGE).unwrap().0, GB + 3 * MB + PAGE);
+    }
+
+    #[test]
+    fn out_of_memory_maps_nothing() {
+        let mut tables = FakeTables::new();
+        tables.limit = 4;
+        let mut e = Ept::new(tables, false).unwrap();
+        // Needs PML4, PDPT, PD and two PTs: the second PT is one too many.
+        assert_eq!(
+            e.map(PAGE, RAM + PAGE, 4 * MB, EptPerms::RWX, MemType::WriteBack),
+            Err(EptError::OutOfMemory)
+        );
+        for g in (0..5 * MB).step_by(0x1_0000) {
+            assert_eq!(e.translate(g), None, "{g:#x}");
+        }
+        // What fits still maps.
+        e.map(0, RAM, 2 * MB, EptPerms::RWX, MemType::WriteBack)
+            .unwrap();
+        assert_eq!(e.translate(MB).unwrap().0, RAM + MB);
+    }
+
+    #[test]
+    fn nothing_outside_the_maps_translates() {
+        let mut e = ept();
+        let maps = [
+            (0, RAM, 6 * MB + 3 * PAGE),
+            (0xfec0_0000, 0xfec0_0000, PAGE),
+            (GB + 2 * MB, 2 * GB, 10 * MB),
+            (0x80_0000_0000, 3 * GB, 2 * MB),
+        ];
+        for (g, h, l) in maps {
+            e.map(g, h, l, EptPerms::RWX, MemType::WriteBack).unwrap();
+        }
+        let expect = |gpa: u64| {
+            maps.iter()
+                .find(|(g, _, l)| gpa >= *g && gpa < g + l)
+                .map(|(g, h, _)| h + (gpa - g))
+        };
+        // A simple LCG spread over the 48-bit space, plus the edges of every map.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut points: Vec<u64> = (0..4000)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 16) & (GPA_LIMIT - 1) & !0x7
+            })
+            .collect();
+        for (g, _, l) in maps {
+            points.extend([g.wrapping_sub(1), g, g + l - 1, g + l, g + l / 2]);
+            points.extend((0..64).map(|i| g + i * 0x1_8000));
+        }
+        for p in points {
+            assert_eq!(e.translate(p).map(|t| t.0), expect(p), "gpa {p:#x}");
+        }
+        assert!(e.is_mapped(0xfec0_0000, PAGE, EptPerms::RW));
+        assert!(!e.is_mapped(0xfec0_0000, PAGE + 1, EptPerms::READ));
+        assert!(e.is_mapped(PAGE - 2, 4, EptPerms::RWX));
+        assert!(!e.is_mapped(u64::MAX, 2, EptPerms::READ));
+    }
+
+    #[test]
+    fn tables_are_handed_back() {
+        let mut e = ept();
+        e.map(PAGE, RAM, PAGE, EptPerms::RWX, MemType::WriteBack)
+            .unwrap();
+        let listed = e.tables().to_vec();
+        assert_eq!(listed.len(), 4);
+        let (alloc, tables) = e.into_parts();
+        assert_eq!(tables, listed);
+        assert_eq!(alloc.tables.len(), 4);
+        let mut sorted = tables.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 4, "no table listed twice");
     }
 }
