@@ -1,1 +1,366 @@
+//! keel-tests: the integration-test harness. It builds Keel images with `keel-boot`, boots them
+//! in Bochs or QEMU under a time limit, and checks the lines Keel prints on COM1 and its exit
+//! status. When a check fails it prints the last 40 serial lines and the end of the emulator's log.
+//!
+//! Bochs is slow, so a boot is meant to be shared: declare one [`BootSpec`] per manifest and
+//! emulator, and let many `#[test]`s call [`shared_boot`] on it; the first one boots, the others
+//! wait for that boot and assert on the same output. Different boots run in parallel because
+//! libtest runs tests on several threads.
+//!
+//! The emulator tests live in `tests/emulators.rs` behind the `emulators` feature (`cargo itest`).
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use keel_boot::{console, image, ImageOptions, RunOptions};
+pub use keel_boot::{Emulator, Firmware, Images, RunResult};
+
+/// How many serial lines a failure report shows.
+pub const REPORT_LINES: usize = 40;
+
+/// The ramdisk a boot gets.
+#[derive(Debug, Clone, Copy)]
+pub enum Manifest {
+    /// Manifest text that names no files (for checks of Keel itself); `name` keys the image cache.
+    Inline {
+        name: &'static str,
+        text: &'static str,
+    },
+    /// A manifest file in the repository, relative to the workspace root; the guests it names
+    /// are built with tests/guests/build.sh.
+    File(&'static str),
+}
+
+impl Manifest {
+    fn key(&self) -> String {
+        match self {
+            Manifest::Inline { name, .. } => format!("inline-{name}"),
+            Manifest::File(path) => format!(
+                "file-{}",
+                path.trim_end_matches(".manifest")
+                    .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+            ),
+        }
+    }
+}
+
+/// One boot: a manifest, an emulator, a firmware.
+#[derive(Debug, Clone, Copy)]
+pub struct BootSpec {
+    /// Names the boot in reports and its run directory; unique per spec.
+    pub name: &'static str,
+    pub manifest: Manifest,
+    pub emulator: Emulator,
+    pub firmware: Firmware,
+    /// `None`: the emulator's default (see `Emulator::default_timeout`).
+    pub timeout: Option<Duration>,
+}
+
+/// Where the harness keeps manifests, images and run files: `target/keel-tests`.
+pub fn harness_dir() -> PathBuf {
+    image::target_dir(&image::workspace_root()).join("keel-tests")
+}
+
+type Slot<T> = Arc<OnceLock<Result<T, String>>>;
+
+/// The slot for `key` in `map`, created empty on first use. The map's lock is held only for the
+/// lookup, so different keys are computed in parallel while equal keys wait for one result.
+fn slot<T>(map: &Mutex<HashMap<String, Slot<T>>>, key: &str) -> Slot<T> {
+    let mut map = map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    map.entry(key.to_string()).or_default().clone()
+}
+
+fn build_images(manifest: &Manifest) -> Result<Images, String> {
+    let root = image::workspace_root();
+    let dir = harness_dir();
+    let out = dir.join("images").join(manifest.key());
+    let manifest_path = match manifest {
+        Manifest::Inline { name, text } => {
+            let path = dir.join("manifests").join(format!("{name}.manifest"));
+            std::fs::create_dir_all(dir.join("manifests"))
+                .and_then(|()| std::fs::write(&path, text))
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            path
+        }
+        Manifest::File(rel) => root.join(rel),
+    };
+    let mut opts = ImageOptions::new(&root);
+    opts.manifest = manifest_path;
+    opts.out = out;
+    opts.quiet = true;
+    keel_boot::build_images(&opts).map_err(|e| format!("building the images failed: {e:#}"))
+}
+
+/// The images for `manifest`, built once per test process.
+pub fn images(manifest: &Manifest) -> Result<Images, String> {
+    static IMAGES: OnceLock<Mutex<HashMap<String, Slot<Images>>>> = OnceLock::new();
+    let map = IMAGES.get_or_init(Default::default);
+    slot(map, &manifest.key())
+        .get_or_init(|| build_images(manifest))
+        .clone()
+}
+
+/// What one boot printed, with the checks tests make on it.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub name: &'static str,
+    pub result: RunResult,
+}
+
+/// Boots `spec` now (no sharing). Errors are setup failures: a build that failed, a missing
+/// emulator. A guest that misbehaves is an `Outcome` whose checks fail.
+pub fn boot(spec: &BootSpec) -> Result<Outcome, String> {
+    let images = images(&spec.manifest)?;
+    let image = match spec.firmware {
+        Firmware::Bios => &images.bios,
+        Firmware::Uefi => &images.uefi,
+    };
+    let work_dir = harness_dir().join("runs").join(spec.name);
+    let mut opts = RunOptions::new(image, spec.firmware, spec.emulator, &work_dir);
+    if spec.timeout.is_some() {
+        opts.timeout = spec.timeout;
+    }
+    opts.echo = std::env::var_os("KEEL_TEST_ECHO").is_some();
+    let result = keel_boot::run(&opts).map_err(|e| format!("{}: {e:#}", spec.name))?;
+    let outcome = Outcome {
+        name: spec.name,
+        result,
+    };
+    eprintln!("{}", outcome.summary());
+    Ok(outcome)
+}
+
+/// Boots `spec` once per test process and hands every caller the same outcome. A setup failure
+/// fails every test that shares the boot, each with the same message.
+#[track_caller]
+pub fn shared_boot(spec: &'static BootSpec) -> Arc<Outcome> {
+    static BOOTS: OnceLock<Mutex<HashMap<String, Slot<Arc<Outcome>>>>> = OnceLock::new();
+    let map = BOOTS.get_or_init(Default::default);
+    let result = slot(map, spec.name)
+        .get_or_init(|| boot(spec).map(Arc::new))
+        .clone();
+    match result {
+        Ok(outcome) => outcome,
+        Err(e) => panic!("{}: the boot could not run: {e}", spec.name),
+    }
+}
+
+fn secs(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| format!("{:.1} s", d.as_secs_f64()))
+}
+
+impl Outcome {
+    pub fn lines(&self) -> impl Iterator<Item = &str> {
+        self.result.serial.lines()
+    }
+
+    /// The first COM1 line that contains `needle`.
+    pub fn find_line(&self, needle: &str) -> Option<&str> {
+        self.lines().find(|l| l.contains(needle))
+    }
+
+    /// One line for logs: status, wall time, times to the first lines.
+    pub fn summary(&self) -> String {
+        let r = &self.result;
+        format!(
+            "[{}] keel status {}, emulator status {}, {}{:.1} s wall (first serial line {}, first Keel line {})",
+            self.name,
+            r.keel_status.map_or("none".into(), |s| s.to_string()),
+            r.exit_code.map_or("none".into(), |s| s.to_string()),
+            if r.timed_out { "TIMED OUT, " } else { "" },
+            r.wall.as_secs_f64(),
+            secs(r.first_serial_line_after),
+            secs(r.first_keel_line_after),
+        )
+    }
+
+    /// The failure report: summary, the last serial lines, the emulator log's end, port 0xE9.
+    pub fn report(&self) -> String {
+        let r = &self.result;
+        let mut out = format!("{}\nrun files: {}\n", self.summary(), r.work_dir.display());
+        out.push_str(&format!("--- last {REPORT_LINES} lines of COM1 ---\n"));
+        out.push_str(&console::tail_lines(&r.serial, REPORT_LINES));
+        if !r.emulator_log_tail.is_empty() {
+            out.push_str("--- end of the emulator log ---\n");
+            out.push_str(&r.emulator_log_tail);
+        }
+        if !r.e9.is_empty() {
+            out.push_str("--- port 0xE9 ---\n");
+            out.push_str(&console::tail_lines(&r.e9, 20));
+        }
+        out
+    }
+
+    #[track_caller]
+    pub fn fail(&self, why: &str) -> ! {
+        panic!("{}: {why}\n{}", self.name, self.report())
+    }
+
+    /// The first line containing `needle`; fails the test if there is none.
+    #[track_caller]
+    pub fn expect_line(&self, needle: &str) -> &str {
+        match self.find_line(needle) {
+            Some(line) => line,
+            None => self.fail(&format!("no COM1 line contains `{needle}`")),
+        }
+    }
+
+    /// Fails the test if any line contains `needle`.
+    #[track_caller]
+    pub fn expect_no_line(&self, needle: &str) {
+        if let Some(line) = self.find_line(needle) {
+            self.fail(&format!("unexpected COM1 line `{line}`"));
+        }
+    }
+
+    /// Fails unless the lines containing the needles appear, in this order.
+    #[track_caller]
+    pub fn expect_in_order(&self, needles: &[&str]) {
+        let mut lines = self.lines();
+        for needle in needles {
+            if !lines.any(|l| l.contains(needle)) {
+                self.fail(&format!(
+                    "`{needle}` missing or out of order in {needles:?}"
+                ));
+            }
+        }
+    }
+
+    /// Keel's `keel: exit status N` line must say `status`.
+    #[track_caller]
+    pub fn expect_keel_status(&self, status: u32) {
+        if self.result.timed_out {
+            self.fail("timed out");
+        }
+        if self.result.keel_status != Some(status) {
+            self.fail(&format!(
+                "expected `keel: exit status {status}`, got {:?}",
+                self.result.keel_status
+            ));
+        }
+    }
+
+    /// Keel printed some exit status (any value) and the run did not time out.
+    #[track_caller]
+    pub fn expect_some_keel_status(&self) -> u32 {
+        match (self.result.timed_out, self.result.keel_status) {
+            (false, Some(s)) => s,
+            (true, _) => self.fail("timed out before `keel: exit status`"),
+            (false, None) => self.fail("the emulator ended without `keel: exit status`"),
+        }
+    }
+
+    /// The emulator's own exit status (QEMU's isa-debug-exit status) must be `code`.
+    #[track_caller]
+    pub fn expect_exit_code(&self, code: i32) {
+        if self.result.exit_code != Some(code) {
+            self.fail(&format!(
+                "expected the emulator to exit with {code}, got {:?}",
+                self.result.exit_code
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+
+    fn outcome(serial: &str) -> Outcome {
+        Outcome {
+            name: "sample",
+            result: RunResult {
+                serial: serial.into(),
+                keel_status: console::keel_status(serial),
+                emulator_log_tail: "bochs: the end\n".into(),
+                ..RunResult::default()
+            },
+        }
+    }
+
+    fn failure(f: impl FnOnce()) -> String {
+        let err = catch_unwind(AssertUnwindSafe(f)).expect_err("the check should fail");
+        err.downcast_ref::<String>().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn passing_checks() {
+        let o =
+            outcome("INFO : 4th Stage\nkeel: VMXON ok (region at 0x1000)\nkeel: exit status 1\n");
+        assert_eq!(
+            o.expect_line("VMXON ok"),
+            "keel: VMXON ok (region at 0x1000)"
+        );
+        o.expect_no_line("fatal");
+        o.expect_in_order(&["4th Stage", "VMXON ok", "exit status"]);
+        o.expect_keel_status(1);
+        assert_eq!(o.expect_some_keel_status(), 1);
+    }
+
+    #[test]
+    fn failure_report_has_the_last_40_lines_and_the_log() {
+        let serial: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        let o = outcome(&serial);
+        let msg = failure(|| {
+            o.expect_line("VMXON ok");
+        });
+        assert!(msg.contains("no COM1 line contains `VMXON ok`"), "{msg}");
+        assert!(
+            msg.contains("line 60\n") && msg.contains("line 99\n"),
+            "{msg}"
+        );
+        assert!(!msg.contains("line 59\n"), "more than 40 lines: {msg}");
+        assert!(msg.contains("bochs: the end"), "{msg}");
+    }
+
+    #[test]
+    fn failing_checks() {
+        let o = outcome("keel: b\nkeel: a\nkeel: exit status 33\n");
+        assert!(failure(|| o.expect_in_order(&["a", "b"])).contains("out of order"));
+        assert!(failure(|| o.expect_keel_status(1)).contains("got Some(33)"));
+        assert!(failure(|| o.expect_exit_code(33)).contains("got None"));
+        assert!(failure(|| o.expect_no_line("keel: a")).contains("unexpected COM1 line"));
+        let o = outcome("keel: starting\n");
+        assert!(failure(|| {
+            o.expect_some_keel_status();
+        })
+        .contains("without `keel: exit status`"));
+    }
+
+    #[test]
+    fn manifest_keys_are_file_names() {
+        assert_eq!(
+            Manifest::File("tests/guests/manifests/demo.manifest").key(),
+            "file-tests_guests_manifests_demo"
+        );
+        assert_eq!(
+            Manifest::Inline {
+                name: "no-guests",
+                text: ""
+            }
+            .key(),
+            "inline-no-guests"
+        );
+    }
+
+    #[test]
+    fn equal_keys_share_one_computation() {
+        let map: Mutex<HashMap<String, Slot<u32>>> = Mutex::default();
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    slot(&map, "k").get_or_init(|| {
+                        calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        Ok(7)
+                    });
+                });
+            }
+        });
+        assert_eq!(calls.into_inner(), 1);
+        assert_eq!(slot(&map, "k").get().cloned(), Some(Ok(7)));
+    }
+}
