@@ -30,10 +30,10 @@ pub struct ClockRate {
 
 impl ClockRate {
     /// A clock of `hz` against a TSC of `tsc_hz` (a zero rate is taken as 1 Hz).
-    pub fn new(hz: u64, tsc_hz: u64) -> Self {
+    pub const fn new(hz: u64, tsc_hz: u64) -> Self {
         ClockRate {
-            hz: hz.max(1),
-            tsc_hz: tsc_hz.max(1),
+            hz: if hz == 0 { 1 } else { hz },
+            tsc_hz: if tsc_hz == 0 { 1 } else { tsc_hz },
         }
     }
 

@@ -19,6 +19,8 @@
 pub mod clock;
 pub mod console;
 pub mod debug_exit;
+pub mod pic8259;
+pub mod pit8254;
 pub mod platform;
 pub mod port80;
 pub mod uart16550;

@@ -9,11 +9,13 @@
 
 use super::console::DebugConsole;
 use super::debug_exit::DebugExit;
+use super::pic8259::{self, PicPair};
+use super::pit8254::{self, Pit};
 use super::port80::Port80;
 use super::uart16550::{self, Uart16550};
 use super::{
-    BusError, ConsoleBuffer, Device, DeviceContext, DeviceId, IrqSink, MmioBus, PortBus, Responder,
-    IRQ_LINES,
+    BusError, ConsoleBuffer, Device, DeviceContext, DeviceId, IrqSink, Latch, MmioBus, PortBus,
+    Responder, IRQ_LINES,
 };
 use crate::abi::port;
 use alloc::boxed::Box;
@@ -51,6 +53,7 @@ pub struct PlatformStats {
 #[derive(Debug, Default)]
 struct Chipset {
     levels: [bool; IRQ_LINES],
+    pic: PicPair,
     // Placeholders until the local APIC model lands.
     tpr: u8,
     tsc_deadline: u64,
@@ -65,8 +68,19 @@ impl IrqSink for Chipset {
         };
         let rising = level && !*old;
         *old = level;
+        let pic = if i < 16 {
+            self.pic.set_irq(line, level)
+        } else {
+            Latch::Masked
+        };
         if rising {
-            self.stats.lines[i].raised += 1;
+            let stats = &mut self.stats.lines[i];
+            stats.raised += 1;
+            match pic {
+                Latch::New => {}
+                Latch::AlreadyPending => stats.coalesced += 1,
+                Latch::Masked => stats.masked += 1,
+            }
         }
     }
 
@@ -100,6 +114,17 @@ impl Platform {
             console: ConsoleBuffer::new(),
             exit_status: None,
         };
+        let chipset_ports = [
+            (pic8259::MASTER_CMD, Responder::Pic, "pic8259 master"),
+            (pic8259::SLAVE_CMD, Responder::Pic, "pic8259 slave"),
+            (pic8259::ELCR_MASTER, Responder::Elcr, "elcr"),
+        ];
+        for (first, responder, name) in chipset_ports {
+            let registered = p.ports.register(first, 2, responder, name);
+            debug_assert!(registered.is_ok());
+        }
+        let pit = Box::new(Pit::new(p.tsc_hz));
+        p.attach_builtin(pit, &[(pit8254::CHANNEL0, 4), (pit8254::PORT_61, 1)]);
         p.attach_builtin(Box::new(Port80::default()), &[(0x80, 1)]);
         p.attach_builtin(Box::new(DebugConsole), &[(port::DEBUGCON, 1)]);
         p.attach_builtin(Box::new(DebugExit), &[(port::DEBUG_EXIT, 4)]);
@@ -294,13 +319,18 @@ impl Platform {
 
     /// The vector to inject next, if any (call [`Platform::advance`] first).
     pub fn pending_interrupt(&self) -> Option<u8> {
-        None
+        self.chipset.pic.pending_vector()
     }
 
-    /// Reports that `vector` (from [`Platform::pending_interrupt`]) was injected.
+    /// Reports that `vector` (from [`Platform::pending_interrupt`]) was injected: the INTA cycle
+    /// of the controller that offered it.
     pub fn acknowledge(&mut self, vector: u8) {
-        let _ = vector;
-        self.chipset.stats.stale_acks += 1;
+        if self.chipset.pic.pending_vector() == Some(vector) {
+            self.chipset.pic.acknowledge();
+            self.chipset.stats.acknowledged += 1;
+        } else {
+            self.chipset.stats.stale_acks += 1;
+        }
     }
 
     /// The local APIC's task-priority register (CR8 is its bits 7:4).
@@ -345,6 +375,7 @@ impl Platform {
 
     fn port_read(&mut self, r: Responder, port: u16, size: u8, now: u64) -> u32 {
         match r {
+            Responder::Pic | Responder::Elcr => u32::from(self.chipset.pic.read(port)),
             Responder::Device(id) => self
                 .call(id, now, |dev, cx| dev.io_read(port, size, cx))
                 .unwrap_or(u32::MAX),
@@ -353,8 +384,12 @@ impl Platform {
     }
 
     fn port_write(&mut self, r: Responder, port: u16, size: u8, value: u32, now: u64) {
-        if let Responder::Device(id) = r {
-            self.call(id, now, |dev, cx| dev.io_write(port, size, value, cx));
+        match r {
+            Responder::Pic | Responder::Elcr => self.chipset.pic.write(port, value as u8),
+            Responder::Device(id) => {
+                self.call(id, now, |dev, cx| dev.io_write(port, size, value, cx));
+            }
+            Responder::Lapic | Responder::Ioapic => {}
         }
     }
 }
@@ -370,6 +405,7 @@ fn access_size(size: u8) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::clock::{ClockRate, PIT_HZ};
 
     const TSC_HZ: u64 = 2_000_000_000;
 
@@ -443,6 +479,133 @@ mod tests {
         assert!(p.push_serial_input(b'q', 0));
         assert_eq!(p.stats().lines[4].raised, 1);
         assert_eq!(p.io_read(port::COM1, 1, 0), Some(u32::from(b'q')));
+    }
+
+    /// Linux-style 8259A setup: vectors 0x30/0x38, cascade, everything masked but `unmask`.
+    fn init_pic(p: &mut Platform, master_mask: u8) {
+        for (port, v) in [
+            (0x20, 0x11),
+            (0x21, 0x30),
+            (0x21, 0x04),
+            (0x21, 0x01),
+            (0xa0, 0x11),
+            (0xa1, 0x38),
+            (0xa1, 0x02),
+            (0xa1, 0x01),
+            (0x21, master_mask),
+            (0xa1, 0xff),
+        ] {
+            assert!(p.io_write(port, 1, u32::from(v), 0));
+        }
+    }
+
+    /// Runs the guest's side of interrupt handling from TSC `from` to `to` in steps of `step`:
+    /// advance, inject everything pending, EOI the way `eoi` says. Returns the vectors injected.
+    fn run(
+        p: &mut Platform,
+        from: u64,
+        to: u64,
+        step: u64,
+        mut eoi: impl FnMut(&mut Platform, u8, u64),
+    ) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut now = from;
+        while now <= to {
+            p.advance(now);
+            while let Some(v) = p.pending_interrupt() {
+                p.acknowledge(v);
+                got.push(v);
+                eoi(p, v, now);
+            }
+            now += step;
+        }
+        got
+    }
+
+    /// Channel 0 in mode 2 (rate generator) with `divisor`, programmed at TSC 0. (A 16-bit OUT to
+    /// 0x40 would write channel 1's port too, as on an ISA bus.)
+    fn pit_periodic(p: &mut Platform, divisor: u16) {
+        let [lo, hi] = divisor.to_le_bytes();
+        p.io_write(0x43, 1, 0x34, 0);
+        p.io_write(0x40, 1, u32::from(lo), 0);
+        p.io_write(0x40, 1, u32::from(hi), 0);
+    }
+
+    fn pic_eoi(p: &mut Platform, _v: u8, now: u64) {
+        p.io_write(0x20, 1, 0x20, now);
+    }
+
+    #[test]
+    fn pit_at_100hz_gives_100_interrupts_a_second() {
+        let mut p = Platform::new(TSC_HZ);
+        init_pic(&mut p, 0xfa);
+        pit_periodic(&mut p, (PIT_HZ / 100) as u16);
+        let got = run(&mut p, 0, TSC_HZ, TSC_HZ / 1000, pic_eoi);
+        assert_eq!(got.len(), 100);
+        assert!(got.iter().all(|&v| v == 0x30));
+        let s = p.stats();
+        assert_eq!((s.lines[0].raised, s.lines[0].coalesced), (100, 0));
+        assert_eq!(s.acknowledged, 100);
+    }
+
+    #[test]
+    fn pit_period_is_exact_against_the_tsc() {
+        // Linux's LATCH for HZ=100 is 11932: the 100th tick comes 20 us after one second.
+        let mut p = Platform::new(TSC_HZ);
+        init_pic(&mut p, 0xfa);
+        pit_periodic(&mut p, 11932);
+        assert_eq!(run(&mut p, 0, TSC_HZ, TSC_HZ / 1000, pic_eoi).len(), 99);
+        let tenth = TSC_HZ / 10_000;
+        assert_eq!(
+            run(&mut p, TSC_HZ + tenth, TSC_HZ + tenth, 1, pic_eoi).len(),
+            1
+        );
+        assert_eq!(p.next_deadline(), Some(PIT.tsc_at(101 * 11932)));
+    }
+
+    const PIT: ClockRate = ClockRate::new(PIT_HZ, TSC_HZ);
+
+    #[test]
+    fn unacknowledged_ticks_are_coalesced() {
+        let mut p = Platform::new(TSC_HZ);
+        init_pic(&mut p, 0xfa);
+        pit_periodic(&mut p, 11931);
+        // The guest takes the first interrupt but never sends EOI: later ticks stay in IRR.
+        let got = run(&mut p, 0, TSC_HZ, TSC_HZ / 1000, |_, _, _| {});
+        assert_eq!(got, [0x30]);
+        let s = p.stats().lines[0];
+        assert_eq!(s.raised, 100);
+        assert_eq!(
+            s.coalesced, 98,
+            "one delivered, one waiting in IRR, 98 merged"
+        );
+        // A jump of a whole second: one edge, the rest counted as coalesced.
+        p.io_write(0x20, 1, 0x20, TSC_HZ);
+        p.acknowledge(0x30);
+        p.io_write(0x20, 1, 0x20, TSC_HZ);
+        p.advance(2 * TSC_HZ);
+        let s = p.stats().lines[0];
+        assert_eq!((s.raised, s.coalesced), (101, 98 + 99));
+    }
+
+    #[test]
+    fn masked_ticks_are_counted() {
+        let mut p = Platform::new(TSC_HZ);
+        init_pic(&mut p, 0xff);
+        pit_periodic(&mut p, 11931);
+        assert!(run(&mut p, 0, TSC_HZ / 10, TSC_HZ / 1000, pic_eoi).is_empty());
+        assert_eq!(p.stats().lines[0].masked, 10);
+    }
+
+    #[test]
+    fn elcr_and_pic_ports_are_on_the_bus() {
+        let mut p = Platform::new(TSC_HZ);
+        p.io_write(0x4d0, 2, 0x0c20, 0);
+        assert_eq!(p.io_read(0x4d0, 1, 0), Some(0x20));
+        assert_eq!(p.io_read(0x4d1, 1, 0), Some(0x0c));
+        init_pic(&mut p, 0x5a);
+        assert_eq!(p.io_read(0x21, 1, 0), Some(0x5a));
+        assert_eq!(p.io_read(0xa1, 1, 0), Some(0xff));
     }
 
     #[test]
