@@ -164,7 +164,11 @@ mod tests {
         assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
         assert_eq!(t.vmcs.read(Guest64::Ia32Efer), LME | LMA);
         assert_ne!(t.vmcs.read(Control32::EntryControls) & ENTRY_IA32E_MODE, 0);
-        assert_eq!(t.vmcs.read(GuestNat::Cr0) & (PG | PE | NE), PG | PE | NE, "NE forced on");
+        assert_eq!(
+            t.vmcs.read(GuestNat::Cr0) & (PG | PE | NE),
+            PG | PE | NE,
+            "NE forced on"
+        );
     }
 
     #[test]
