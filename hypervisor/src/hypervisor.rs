@@ -45,7 +45,12 @@ pub fn run(machine: MachineInfo) -> ! {
         TICK_HZ
     );
     match vmx::enable() {
-        Ok(region) => info!("VMXON ok (region at {region:#x})"),
+        Ok(region) => {
+            info!("VMXON ok (region at {region:#x})");
+            if cpu::has_xsave() {
+                cpu::enable_xsave();
+            }
+        }
         Err(e) => {
             fatal!("{e}");
             arch::exit(match e {
@@ -111,6 +116,7 @@ pub fn run(machine: MachineInfo) -> ! {
         loaded: None,
         caps,
         controls,
+        cal,
     };
     runner.run();
     runner.report();
@@ -124,6 +130,67 @@ struct Vm {
     vmcs: VmcsRegion,
     launched: bool,
     ept: Ept<Frames>,
+    /// Register state that VMX does not switch, saved while another guest runs.
+    saved: SavedState,
+}
+
+/// The MSRs in `exits::msr::PASSTHROUGH` that the VMCS does not switch.
+const SWITCHED_MSRS: [u32; 6] = [
+    exits::msr::index::KERNEL_GS_BASE,
+    exits::msr::index::STAR,
+    exits::msr::index::LSTAR,
+    exits::msr::index::CSTAR,
+    exits::msr::index::SFMASK,
+    exits::msr::index::TSC_AUX,
+];
+
+/// A guest's share of the CPU that VMX leaves alone (SDM 27.3/28.3 switch neither the extended
+/// state, nor XCR0, nor these MSRs, nor CR2): saved when the guest is switched out, restored when
+/// it is switched in. Keel itself never touches any of it (it is built without SSE).
+struct SavedState {
+    /// Physical address of a 4 KiB XSAVE area (zeroed = every component in its init state).
+    xsave_pa: u64,
+    msrs: [u64; 6],
+    cr2: u64,
+}
+
+impl SavedState {
+    fn new() -> Option<Self> {
+        Some(Self {
+            xsave_pa: mm::alloc_zeroed_page()?,
+            msrs: [0; 6],
+            cr2: 0,
+        })
+    }
+
+    fn save(&mut self, xcr0: u64) {
+        if cpu::has_xsave() {
+            // SAFETY: a page-aligned 4 KiB area owned by this guest; XCR0 holds this guest's value.
+            unsafe { cpu::xsave(mm::phys_to_virt(self.xsave_pa), xcr0) };
+        }
+        for (slot, &msr) in self.msrs.iter_mut().zip(SWITCHED_MSRS.iter()) {
+            *slot = cpu::rdmsr(msr);
+        }
+        self.cr2 = cpu::read_cr2();
+    }
+
+    fn restore(&self, xcr0: u64) {
+        if cpu::has_xsave() {
+            // SAFETY: XCR0 was validated by the XSETBV handler (or is the x87-only default), and the
+            // area was written by `save` or is zeroed (init state).
+            unsafe {
+                cpu::xsetbv0(xcr0);
+                cpu::xrstor(mm::phys_to_virt(self.xsave_pa), xcr0);
+            }
+        }
+        for (&v, &msr) in self.msrs.iter().zip(SWITCHED_MSRS.iter()) {
+            // SAFETY: the values were read from the same MSRs (or are 0, their reset value);
+            // TSC_AUX and the SYSCALL MSRs take any value Keel saved.
+            unsafe { cpu::wrmsr(msr, v) };
+        }
+        // SAFETY: CR2 does not affect Keel.
+        unsafe { cpu::write_cr2(self.cr2) };
+    }
 }
 
 impl Vm {
@@ -242,11 +309,13 @@ impl Vm {
             xcr0: 1,
             stats_requested: false,
         };
+        let saved = SavedState::new().ok_or("out of memory")?;
         Ok(Self {
             guest,
             vmcs,
             launched: false,
             ept,
+            saved,
         })
     }
 }
@@ -258,6 +327,7 @@ struct Runner {
     loaded: Option<usize>,
     caps: VmxCaps,
     controls: ControlSet,
+    cal: lapic::Calibration,
 }
 
 impl Runner {
@@ -286,10 +356,16 @@ impl Runner {
             {
                 Some(i) => self.run_slice(i),
                 None => {
-                    // Everybody is halted: sleep until Keel's next tick.
+                    // Every live guest is halted: sleep until the earliest guest timer (or at
+                    // most one quantum, in case an interrupt source has no deadline).
                     let t0 = cpu::rdtsc();
-                    x86_64::instructions::interrupts::enable_and_hlt();
-                    x86_64::instructions::interrupts::disable();
+                    let wake = self
+                        .vms
+                        .iter()
+                        .filter_map(|vm| vm.guest.platform.next_deadline())
+                        .min()
+                        .unwrap_or(t0 + self.sched.quantum);
+                    lapic::sleep_until(wake, self.sched.quantum, &self.cal);
                     let dt = cpu::rdtsc() - t0;
                     for vm in &mut self.vms {
                         if vm.guest.state == RunState::Halted {
@@ -303,7 +379,13 @@ impl Runner {
 
     fn run_slice(&mut self, i: usize) {
         if self.loaded != Some(i) {
-            self.vms[i].vmcs.load();
+            if let Some(prev) = self.loaded {
+                let p = &mut self.vms[prev];
+                p.saved.save(p.guest.xcr0);
+            }
+            let vm = &self.vms[i];
+            vm.saved.restore(vm.guest.xcr0);
+            vm.vmcs.load();
             self.loaded = Some(i);
         }
         let quantum = self.sched.quantum;
@@ -313,12 +395,20 @@ impl Runner {
         let mut v = CurrentVmcs;
         let start = cpu::rdtsc();
         let deadline = start + quantum;
+        let mut xcr0 = vm.guest.xcr0;
         loop {
             let now = cpu::rdtsc();
             vm.guest.platform.advance(now);
             exits::inject_pending_interrupt(&mut v, &mut vm.guest);
             if use_timer {
-                let left = deadline.saturating_sub(now) >> rate;
+                // Come back at the end of the slice or when one of the guest's own timers falls
+                // due, whichever is first.
+                let until = vm
+                    .guest
+                    .platform
+                    .next_deadline()
+                    .map_or(deadline, |d| d.min(deadline));
+                let left = until.saturating_sub(now) >> rate;
                 v.write(
                     Guest32::PreemptionTimerValue,
                     left.min(u32::MAX as u64) as u32,
@@ -335,6 +425,12 @@ impl Runner {
             }
             vm.launched = true;
             exits::requeue_interrupted_event(&mut v);
+            if vm.guest.xcr0 != xcr0 {
+                // The guest executed XSETBV (validated by its handler): load it for the next entry.
+                // SAFETY: `exits::xsetbv` only stores values valid for this CPU.
+                unsafe { cpu::xsetbv0(vm.guest.xcr0) };
+                xcr0 = vm.guest.xcr0;
+            }
             let action = {
                 let mut host = RealHost;
                 let mut cx = ExitContext {
@@ -362,6 +458,7 @@ impl Runner {
                     vm.guest.state = RunState::Halted;
                     return;
                 }
+                Action::Preempted if cpu::rdtsc() < deadline => {}
                 Action::Yield | Action::Preempted => return,
                 Action::Stop(reason) => {
                     self.stop(i, reason);

@@ -110,3 +110,58 @@ pub mod msr {
     pub const IA32_SYSENTER_ESP: u32 = 0x175;
     pub const IA32_SYSENTER_EIP: u32 = 0x176;
 }
+
+pub fn has_xsave() -> bool {
+    cpuid(1, 0)[2] & (1 << 26) != 0
+}
+
+/// Sets CR4.OSXSAVE so Keel may use XSAVE/XRSTOR/XSETBV to switch guests' extended state.
+pub fn enable_xsave() {
+    // SAFETY: only called when CPUID reports XSAVE; setting OSXSAVE does not affect Keel's code.
+    unsafe { write_cr4(read_cr4() | (1 << 18)) };
+}
+
+pub fn xgetbv0() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: CR4.OSXSAVE is set (enable_xsave) before this is used.
+    unsafe {
+        asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
+    (hi as u64) << 32 | lo as u64
+}
+
+/// # Safety
+/// `v` must be a valid XCR0 for this CPU (checked by `exits::xsetbv::valid_xcr0`).
+pub unsafe fn xsetbv0(v: u64) {
+    // SAFETY: per the caller's contract.
+    unsafe {
+        asm!("xsetbv", in("ecx") 0, in("eax") v as u32, in("edx") (v >> 32) as u32, options(nostack, preserves_flags))
+    };
+}
+
+/// # Safety
+/// `area` is a 64-byte aligned XSAVE area large enough for the components in XCR0.
+pub unsafe fn xsave(area: *mut u8, mask: u64) {
+    // SAFETY: per the caller's contract.
+    unsafe {
+        asm!("xsave64 [{}]", in(reg) area, in("eax") mask as u32, in("edx") (mask >> 32) as u32, options(nostack, preserves_flags))
+    };
+}
+
+/// # Safety
+/// `area` holds a valid XSAVE image (or is zeroed: every component then takes its init state).
+pub unsafe fn xrstor(area: *const u8, mask: u64) {
+    // SAFETY: per the caller's contract.
+    unsafe {
+        asm!("xrstor64 [{}]", in(reg) area, in("eax") mask as u32, in("edx") (mask >> 32) as u32, options(nostack, preserves_flags))
+    };
+}
+
+/// Writes CR2 (the guest's last page-fault address survives guest switches this way).
+///
+/// # Safety
+/// CR2 has no effect on Keel; any value is safe.
+pub unsafe fn write_cr2(v: u64) {
+    // SAFETY: per the caller's contract.
+    unsafe { asm!("mov cr2, {}", in(reg) v, options(nostack, preserves_flags)) }
+}

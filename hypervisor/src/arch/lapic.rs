@@ -16,6 +16,7 @@ const LVT_MASKED: u32 = 1 << 16;
 
 static BASE: AtomicU64 = AtomicU64::new(0);
 static TICKS: AtomicU64 = AtomicU64::new(0);
+static PERIOD: AtomicU64 = AtomicU64::new(0);
 
 /// What calibration measured.
 #[derive(Debug, Clone, Copy)]
@@ -78,8 +79,26 @@ pub fn init(hz: u64) -> Calibration {
         apic_timer_hz: apic * 100,
     };
     write(REG_LVT_TIMER, LVT_PERIODIC | idt::TIMER_VECTOR as u32);
-    write(REG_TIMER_INIT, (cal.apic_timer_hz / hz).max(1) as u32);
+    let period = (cal.apic_timer_hz / hz).max(1);
+    PERIOD.store(period, Ordering::Relaxed);
+    write(REG_TIMER_INIT, period as u32);
     cal
+}
+
+/// Sleeps (STI; HLT) until an interrupt arrives, after arming a one-shot timer interrupt for
+/// `tsc_deadline` (at most `max_tsc` cycles away). Keel's periodic tick is paused meanwhile and
+/// restarted after, so a guest timer that falls due between ticks is not late by a whole tick.
+pub fn sleep_until(tsc_deadline: u64, max_tsc: u64, cal: &Calibration) {
+    let now = cpu::rdtsc();
+    let delta = tsc_deadline.saturating_sub(now).clamp(1, max_tsc);
+    let count = ((delta as u128 * cal.apic_timer_hz as u128) / cal.tsc_hz.max(1) as u128)
+        .clamp(1, u32::MAX as u128);
+    write(REG_LVT_TIMER, idt::TIMER_VECTOR as u32); // one-shot
+    write(REG_TIMER_INIT, count as u32);
+    x86_64::instructions::interrupts::enable_and_hlt();
+    x86_64::instructions::interrupts::disable();
+    write(REG_LVT_TIMER, LVT_PERIODIC | idt::TIMER_VECTOR as u32);
+    write(REG_TIMER_INIT, PERIOD.load(Ordering::Relaxed) as u32);
 }
 
 pub fn id() -> u32 {

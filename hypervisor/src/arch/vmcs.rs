@@ -114,7 +114,7 @@ pub fn write_host_state(vmcs: &mut CurrentVmcs) {
     );
     vmcs.write(Host64::Ia32Efer, cpu::rdmsr(cpu::msr::IA32_EFER));
     vmcs.write(Host64::Ia32Pat, cpu::rdmsr(cpu::msr::IA32_PAT));
-    vmcs.write(HostNat::Rip, keel_vm_exit as usize as u64);
+    vmcs.write(HostNat::Rip, keel_vm_exit as *const () as u64);
 }
 
 unsafe extern "C" {
