@@ -128,6 +128,8 @@ pub fn probe(emulator: Emulator, firmware: Firmware) -> Result<HostTools, Vec<Mi
             let bochs = program("bochs", "bochs", &mut missing);
             bochs_x_plugin(&mut missing);
             let xvfb_run = program("xvfb-run", "xvfb", &mut missing);
+            // xvfb-run needs xauth, which Debian's xvfb only recommends.
+            program("xauth", "xauth", &mut missing);
             let rom = match firmware {
                 Firmware::Bios => file(BOCHS_BIOS, "bochsbios", &mut missing),
                 Firmware::Uefi => file(OVMF_COMBINED, "ovmf", &mut missing),

@@ -215,6 +215,20 @@ impl Outcome {
         }
     }
 
+    /// Fails if a line containing `bad` comes before the first line containing `marker` (or
+    /// anywhere, if `marker` never appears).
+    #[track_caller]
+    pub fn expect_none_before(&self, bad: &str, marker: &str) {
+        for line in self.lines() {
+            if line.contains(marker) {
+                return;
+            }
+            if line.contains(bad) {
+                self.fail(&format!("`{line}` came before `{marker}`"));
+            }
+        }
+    }
+
     /// Fails unless the lines containing the needles appear, in this order.
     #[track_caller]
     pub fn expect_in_order(&self, needles: &[&str]) {
@@ -296,6 +310,7 @@ mod tests {
         );
         o.expect_no_line("fatal");
         o.expect_in_order(&["4th Stage", "VMXON ok", "exit status"]);
+        o.expect_none_before("fatal", "VMXON ok");
         o.expect_keel_status(1);
         assert_eq!(o.expect_some_keel_status(), 1);
     }
@@ -323,6 +338,8 @@ mod tests {
         assert!(failure(|| o.expect_keel_status(1)).contains("got Some(33)"));
         assert!(failure(|| o.expect_exit_code(33)).contains("got None"));
         assert!(failure(|| o.expect_no_line("keel: a")).contains("unexpected COM1 line"));
+        assert!(failure(|| o.expect_none_before("keel: a", "status")).contains("came before"));
+        assert!(failure(|| o.expect_none_before("keel: a", "never")).contains("came before"));
         let o = outcome("keel: starting\n");
         assert!(failure(|| {
             o.expect_some_keel_status();
