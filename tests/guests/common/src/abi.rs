@@ -1,0 +1,14 @@
+//! Keel's guest ABI, mirrored from hypervisor/src/abi.rs (the guests do not link the hypervisor
+//! crate). docs/GUESTS.md describes it.
+
+/// CPUID leaf with the hypervisor signature in EBX:ECX:EDX.
+pub const CPUID_SIGNATURE_LEAF: u32 = 0x4000_0000;
+/// Hypercall numbers (EAX/RAX for VMCALL).
+pub const HC_CONSOLE_WRITE: usize = 1;
+pub const HC_GUEST_ID: usize = 3;
+/// A number Keel does not define: must fail with ENOSYS.
+pub const HC_UNKNOWN: usize = 0x7777;
+/// -38 as a register value: the low 32 bits of the 64-bit status in 32-bit guests.
+pub const ENOSYS: usize = -38isize as usize;
+/// QEMU's isa-debug-exit port, which Keel models too.
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;

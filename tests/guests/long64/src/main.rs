@@ -1,0 +1,179 @@
+//! long64: an ELF64 guest entered in long mode by Keel's ELF loader (RDI = command line, RSI =
+//! RAM size, identity page tables). The command line picks a behaviour with `mode=NAME`:
+//!
+//! | mode       | does                                                     | exit code |
+//! |------------|----------------------------------------------------------|-----------|
+//! | `good`     | the standard checks (default)                            | 0x13      |
+//! | `vmxon`    | VMXON with CR4.VMXE clear: expects #UD                   | 0x20      |
+//! | `wild`     | writes guest-physical 0x40000000, outside its RAM        | (stopped) |
+//! | `triple`   | zero-limit IDT, INT3: a triple fault                     | (stopped) |
+//! | `cr4vmxe`  | sets CR4.VMXE: expects #GP                               | 0x21      |
+//! | `spin`     | interrupts off, prints `spin <n>` every 2^20 iterations  | never     |
+//! | `ticks`    | counts PIT (100 Hz) and LAPIC timer (1 kHz) interrupts   | 0x22      |
+//!
+//! Any failure (unexpected exception, expected fault missing) exits with 0x3f.
+#![no_std]
+#![no_main]
+
+use core::arch::{asm, global_asm};
+use core::sync::atomic::Ordering;
+use guest_common::console::Printable;
+use guest_common::trap::{self, LAPIC_TICKS, LAPIC_TIMER_VECTOR, PIT_TICKS};
+use guest_common::{checks, cpu, lapic, pic, pit, say, EXIT_FAILURE};
+
+const EXIT_DONE: u8 = 0x13;
+const EXIT_VMXON_UD: u8 = 0x20;
+const EXIT_CR4_VMXE_GP: u8 = 0x21;
+const EXIT_TICKS: u8 = 0x22;
+const INVALID_OPCODE: u8 = 6;
+const GENERAL_PROTECTION: u8 = 13;
+/// Far outside any guest's RAM, inside the loader's identity map.
+const WILD_ADDRESS: u64 = 0x4000_0000;
+/// CR4 bit 13 (SDM Vol. 3A 2.5).
+const CR4_VMXE: u64 = 1 << 13;
+/// `ticks` mode: how long to count, in TSC cycles of the guest's own time.
+const TICKS_WINDOW: u64 = 10_000_000;
+const LAPIC_HZ: u32 = 1000;
+/// PIT ticks (at 100 Hz) over which the LAPIC timer is calibrated: 50 ms.
+const CALIBRATION_TICKS: u32 = 5;
+
+global_asm!(
+    r#"
+    .pushsection .bss.stack, "aw", @nobits
+    .balign 16
+long64_stack:
+    .skip 0x10000
+long64_stack_top:
+    .popsection
+
+    .pushsection .text.start, "ax"
+    .globl _start
+_start:
+    lea rsp, [rip + long64_stack_top]
+    call {main}
+    ud2
+    .popsection
+"#,
+    main = sym long64_main,
+);
+
+extern "C" fn long64_main(cmdline: *const u8, ram_size: u64) -> ! {
+    checks::init("long64");
+    say!("hello from long mode");
+    // SAFETY: the ELF entry convention puts a NUL-terminated command line at RDI.
+    let cmdline = unsafe { checks::elf_entry_line(cmdline, ram_size) };
+    match mode(cmdline) {
+        b"good" => {
+            checks::standard();
+            checks::done(EXIT_DONE)
+        }
+        b"vmxon" => vmxon(),
+        b"wild" => wild(),
+        b"triple" => {
+            say!("triple");
+            trap::triple_fault()
+        }
+        b"cr4vmxe" => cr4_vmxe(),
+        b"spin" => spin(),
+        b"ticks" => ticks(),
+        other => {
+            say!("unknown mode {}", Printable(other));
+            cpu::exit(EXIT_FAILURE)
+        }
+    }
+}
+
+/// The value of the first `mode=` word, or `good`.
+fn mode(cmdline: &[u8]) -> &[u8] {
+    cmdline
+        .split(|&b| b == b' ')
+        .find_map(|word| word.strip_prefix(b"mode="))
+        .unwrap_or(b"good")
+}
+
+/// VMXON while CR4.VMXE is clear raises #UD (SDM Vol. 3C 31.3, VMXON "Operation"); a
+/// hypervisor must not let the guest reach VMX operation.
+fn vmxon() -> ! {
+    static REGION_ADDRESS: u64 = 0;
+    trap::expect_fault(INVALID_OPCODE, "vmxon -> #UD", EXIT_VMXON_UD);
+    // SAFETY: expected to fault; the handler exits the guest.
+    unsafe { asm!("vmxon [{}]", in(reg) &REGION_ADDRESS) };
+    say!("vmxon did not fault");
+    cpu::exit(EXIT_FAILURE)
+}
+
+/// Setting CR4.VMXE where VMX is not offered is a #GP (SDM Vol. 3A 2.5 and MOV to CR4).
+fn cr4_vmxe() -> ! {
+    trap::expect_fault(GENERAL_PROTECTION, "cr4.vmxe -> #GP", EXIT_CR4_VMXE_GP);
+    // SAFETY: expected to fault; the handler exits the guest.
+    unsafe {
+        asm!("mov {t}, cr4", "or {t}, {bit}", "mov cr4, {t}", t = out(reg) _, bit = in(reg) CR4_VMXE)
+    };
+    say!("cr4.vmxe set without #GP");
+    cpu::exit(EXIT_FAILURE)
+}
+
+fn wild() -> ! {
+    say!("wild write");
+    // SAFETY: deliberately writes memory the guest does not own: the identity map covers it, and
+    // the hypervisor is expected to stop the guest. No Rust object lives there.
+    unsafe { core::ptr::write_volatile(WILD_ADDRESS as *mut u64, 0x574c_4457) };
+    say!("wild write was not stopped");
+    cpu::exit(EXIT_FAILURE)
+}
+
+fn spin() -> ! {
+    cpu::disable_interrupts();
+    let mut i: u64 = 0;
+    loop {
+        i = core::hint::black_box(i + 1);
+        if i & ((1 << 20) - 1) == 0 {
+            say!("spin {}", i >> 20);
+        }
+    }
+}
+
+/// Waits with HLT until the next PIT tick.
+fn wait_pit_tick() {
+    let t = PIT_TICKS.load(Ordering::SeqCst);
+    while PIT_TICKS.load(Ordering::SeqCst) == t {
+        cpu::wait_for_interrupt();
+    }
+}
+
+/// PIT at 100 Hz and the LAPIC timer at 1 kHz (calibrated on the PIT), counted for
+/// [`TICKS_WINDOW`] TSC cycles.
+fn ticks() -> ! {
+    pic::init();
+    pit::start_periodic(checks::PIT_HZ);
+    pic::enable_only(1);
+    lapic::enable();
+    lapic::start_free_running();
+    wait_pit_tick();
+    let c0 = lapic::current_count();
+    for _ in 0..CALIBRATION_TICKS {
+        wait_pit_tick();
+    }
+    let elapsed = c0.wrapping_sub(lapic::current_count());
+    let per_second = u64::from(elapsed) * u64::from(checks::PIT_HZ) / u64::from(CALIBRATION_TICKS);
+    let count = (per_second / u64::from(LAPIC_HZ)).clamp(1, u64::from(u32::MAX)) as u32;
+    say!("lapic timer {} Hz", per_second);
+    lapic::start_periodic(LAPIC_TIMER_VECTOR, count);
+    PIT_TICKS.store(0, Ordering::SeqCst);
+    LAPIC_TICKS.store(0, Ordering::SeqCst);
+    let t0 = cpu::rdtsc();
+    cpu::enable_interrupts();
+    while cpu::rdtsc().wrapping_sub(t0) < TICKS_WINDOW {
+        core::hint::spin_loop();
+    }
+    cpu::disable_interrupts();
+    let tsc = cpu::rdtsc().wrapping_sub(t0);
+    let (pit_ticks, lapic_ticks) = (
+        PIT_TICKS.load(Ordering::SeqCst),
+        LAPIC_TICKS.load(Ordering::SeqCst),
+    );
+    lapic::stop();
+    pic::mask_all();
+    say!("ticks pit={} lapic={} tsc={}", pit_ticks, lapic_ticks, tsc);
+    cpu::exit(EXIT_TICKS)
+}
