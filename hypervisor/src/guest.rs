@@ -232,4 +232,19 @@ pub struct Guest {
     pub xcr0: u64,
     /// Set by the PRINT_STATS hypercall; Keel prints the table after the exit.
     pub stats_requested: bool,
+    /// Added to the host TSC to give the guest's TSC (the VMCS TSC offset, SDM 26.3): every guest's
+    /// clock starts near 0 when it is created, and its device timers run on that clock.
+    pub tsc_offset: u64,
+}
+
+impl Guest {
+    /// The guest's TSC (its virtual time) at host TSC `host_tsc`.
+    pub fn now(&self, host_tsc: u64) -> u64 {
+        host_tsc.wrapping_add(self.tsc_offset)
+    }
+
+    /// The host TSC at which the guest's TSC reads `guest_tsc`.
+    pub fn host_time(&self, guest_tsc: u64) -> u64 {
+        guest_tsc.wrapping_sub(self.tsc_offset)
+    }
 }

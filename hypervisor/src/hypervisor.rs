@@ -15,6 +15,7 @@ use crate::manifest::{self, GuestConfig};
 use crate::mm;
 use crate::sched::RoundRobin;
 use crate::vcpu::{self, ControlSet};
+use crate::vmx::controls::PrimaryControls;
 use crate::vmx::cr::GuestCr;
 use crate::vmx::{Guest32, Vmcs, VmxCaps};
 use crate::{error, fatal, info};
@@ -261,6 +262,11 @@ impl Vm {
         let vmcs = VmcsRegion::new(caps.revision_id()).ok_or("out of memory")?;
         vmcs.load();
         let mut v = CurrentVmcs;
+        let tsc_offset = if controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0 {
+            0u64.wrapping_sub(cpu::rdtsc())
+        } else {
+            0
+        };
         let cr0_rules = GuestCr::cr0(caps, true);
         let cr4_rules = GuestCr::cr4(caps);
         vcpu::write_controls(
@@ -308,8 +314,10 @@ impl Vm {
             mtrr_def_type: 0,
             xcr0: 1,
             stats_requested: false,
+            tsc_offset,
         };
         let saved = SavedState::new().ok_or("out of memory")?;
+        v.write(crate::vmx::Control64::TscOffset, tsc_offset);
         Ok(Self {
             guest,
             vmcs,
@@ -341,7 +349,8 @@ impl Runner {
                     continue;
                 }
                 live += 1;
-                g.platform.advance(now);
+                let t = g.now(now);
+                g.platform.advance(t);
                 if g.state == RunState::Halted && g.platform.pending_interrupt().is_some() {
                     g.state = RunState::Runnable;
                 }
@@ -362,7 +371,12 @@ impl Runner {
                     let wake = self
                         .vms
                         .iter()
-                        .filter_map(|vm| vm.guest.platform.next_deadline())
+                        .filter_map(|vm| {
+                            vm.guest
+                                .platform
+                                .next_deadline()
+                                .map(|d| vm.guest.host_time(d))
+                        })
                         .min()
                         .unwrap_or(t0 + self.sched.quantum);
                     lapic::sleep_until(wake, self.sched.quantum, &self.cal);
@@ -398,7 +412,8 @@ impl Runner {
         let mut xcr0 = vm.guest.xcr0;
         loop {
             let now = cpu::rdtsc();
-            vm.guest.platform.advance(now);
+            let guest_now = vm.guest.now(now);
+            vm.guest.platform.advance(guest_now);
             exits::inject_pending_interrupt(&mut v, &mut vm.guest);
             if use_timer {
                 // Come back at the end of the slice or when one of the guest's own timers falls
@@ -407,7 +422,7 @@ impl Runner {
                     .guest
                     .platform
                     .next_deadline()
-                    .map_or(deadline, |d| d.min(deadline));
+                    .map_or(deadline, |d| vm.guest.host_time(d).min(deadline));
                 let left = until.saturating_sub(now) >> rate;
                 v.write(
                     Guest32::PreemptionTimerValue,
@@ -417,6 +432,7 @@ impl Runner {
             let t0 = cpu::rdtsc();
             let entered = arch::vmcs::enter(&mut vm.guest.regs, vm.launched);
             let t1 = cpu::rdtsc();
+            let guest_t1 = vm.guest.now(t1);
             vm.guest.stats.cpu_cycles += t1 - t0;
             if let Err(code) = entered {
                 let why = alloc::format!("{}", crate::vmx::VmInstructionError::from_raw(code));
@@ -437,7 +453,7 @@ impl Runner {
                     vmcs: &mut v,
                     guest: &mut vm.guest,
                     host: &mut host,
-                    now: t1,
+                    now: guest_t1,
                 };
                 exits::dispatch(&mut cx)
             };

@@ -61,6 +61,7 @@ impl TestBed {
             mtrr_def_type: 0,
             xcr0: 1,
             stats_requested: false,
+            tsc_offset: 0,
         };
         Self {
             vmcs: FakeVmcs::new(),
