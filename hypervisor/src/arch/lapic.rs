@@ -68,6 +68,13 @@ fn measure(ms: u64) -> (u64, u64) {
 
 /// Enables the xAPIC, calibrates its timer and starts it periodic at `hz` on [`idt::TIMER_VECTOR`].
 pub fn init(hz: u64) -> Calibration {
+    // The firmware may leave the legacy 8259A pair enabled with the PIT ticking on IRQ0 (vector 8
+    // after a BIOS boot). Keel uses only its local APIC: mask every 8259A line.
+    // SAFETY: 0x21/0xA1 are the 8259A mask registers; masking all lines only stops their interrupts.
+    unsafe {
+        cpu::outb(0x21, 0xff);
+        cpu::outb(0xa1, 0xff);
+    }
     let base_pa = cpu::rdmsr(cpu::msr::IA32_APIC_BASE) & 0xf_ffff_f000;
     BASE.store(paging::map_mmio(base_pa, 4096), Ordering::Relaxed);
     write(REG_SVR, 0x100 | idt::SPURIOUS_VECTOR as u32);
