@@ -19,10 +19,13 @@
 pub mod clock;
 pub mod console;
 pub mod debug_exit;
+pub mod ioapic;
+pub mod lapic;
 pub mod pic8259;
 pub mod pit8254;
 pub mod platform;
 pub mod port80;
+pub mod rtc;
 pub mod uart16550;
 
 pub use clock::{ClockRate, Schedule};

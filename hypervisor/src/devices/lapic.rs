@@ -1,0 +1,985 @@
+//! The guest's local APIC in xAPIC mode (MMIO page at 0xFEE00000).
+//!
+//! After the Intel SDM Vol. 3A chapter 10 ("Advanced Programmable Interrupt Controller"; chapter
+//! 11 in editions from 2023): ID, version, TPR/PPR (10.8.3.1), EOI (10.8.5), LDR/DFR and logical
+//! destinations (10.6.2), SVR software enable (10.4.7.2), ISR/TMR/IRR (10.8.4), ESR (10.5.3), ICR
+//! (10.6.1), the LVT (10.5.1) and the timer in one-shot, periodic and TSC-deadline modes (10.5.4).
+//!
+//! One vCPU per guest, so interrupts sent to others are only recorded ([`Lapic::take_ipi`]).
+//! The timer's input clock is [`LAPIC_TIMER_HZ`]. Not modelled: x2APIC (MSR access), the
+//! arbitration priority register (reads 0), the thermal and performance-counter sources (their
+//! LVT entries are plain storage), relocation of the MMIO page, focus checking.
+
+use super::clock::{ClockRate, Schedule, LAPIC_TIMER_HZ};
+use super::Latch;
+use alloc::vec::Vec;
+
+/// Guest-physical base of the xAPIC page (IA32_APIC_BASE reset value, SDM 10.4.4).
+pub const LAPIC_BASE: u64 = 0xfee0_0000;
+pub const LAPIC_SIZE: u64 = 0x1000;
+/// Version register: version 0x14 (an integrated xAPIC), max LVT entry 5 (six entries), no EOI
+/// broadcast suppression.
+pub const LAPIC_VERSION: u32 = 0x0005_0014;
+
+/// IA32_APIC_BASE bits (SDM 10.4.4).
+pub const APIC_BASE_BSP: u64 = 1 << 8;
+pub const APIC_BASE_ENABLE: u64 = 1 << 11;
+
+// Register offsets (SDM Table 10-1).
+const ID: u64 = 0x020;
+const VERSION: u64 = 0x030;
+const TPR: u64 = 0x080;
+const APR: u64 = 0x090;
+const PPR: u64 = 0x0a0;
+const EOI: u64 = 0x0b0;
+const RRD: u64 = 0x0c0;
+const LDR: u64 = 0x0d0;
+const DFR: u64 = 0x0e0;
+const SVR: u64 = 0x0f0;
+const ISR0: u64 = 0x100;
+const TMR0: u64 = 0x180;
+const IRR0: u64 = 0x200;
+const ESR: u64 = 0x280;
+const ICR_LOW: u64 = 0x300;
+const ICR_HIGH: u64 = 0x310;
+const LVT_TIMER: u64 = 0x320;
+const LVT_ERROR: u64 = 0x370;
+const TIMER_INITIAL: u64 = 0x380;
+const TIMER_CURRENT: u64 = 0x390;
+const TIMER_DIVIDE: u64 = 0x3e0;
+
+// LVT indices, in register order from 0x320.
+const TIMER: usize = 0;
+const LINT0: usize = 3;
+const LINT1: usize = 4;
+const ERROR: usize = 5;
+/// Writable bits of each LVT entry (SDM Figure 10-8): timer, thermal, performance, LINT0, LINT1,
+/// error.
+const LVT_WRITABLE: [u32; 6] = [0x7_00ff, 0x1_07ff, 0x1_07ff, 0x1_a7ff, 0x1_a7ff, 0x1_00ff];
+const LVT_MASKED: u32 = 1 << 16;
+
+const SVR_ENABLE: u32 = 1 << 8;
+
+// ESR bits (SDM Figure 10-9).
+const ESR_SEND_ILLEGAL_VECTOR: u32 = 1 << 5;
+const ESR_RECEIVE_ILLEGAL_VECTOR: u32 = 1 << 6;
+
+/// Delivery modes (SDM 10.5.1, 10.6.1).
+pub mod delivery {
+    pub const FIXED: u8 = 0;
+    pub const LOWEST_PRIORITY: u8 = 1;
+    pub const SMI: u8 = 2;
+    pub const NMI: u8 = 4;
+    pub const INIT: u8 = 5;
+    pub const STARTUP: u8 = 6;
+    pub const EXTINT: u8 = 7;
+}
+
+/// Recorded IPIs beyond which older ones are dropped.
+const MAX_RECORDED_IPIS: usize = 16;
+
+/// An interrupt message on the APIC bus (from the IOAPIC, or an IPI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApicMessage {
+    pub vector: u8,
+    pub delivery_mode: u8,
+    /// Logical (true) or physical destination mode.
+    pub logical: bool,
+    pub destination: u8,
+    /// Level triggered (sets the TMR bit, asks for an EOI broadcast).
+    pub level_triggered: bool,
+}
+
+/// What receives APIC messages: the local APIC, or a recorder in tests.
+pub trait MessageSink {
+    fn deliver(&mut self, msg: ApicMessage) -> Latch;
+}
+
+/// An ICR command that names processors other than this one (recorded, not delivered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipi {
+    pub icr_low: u32,
+    pub icr_high: u32,
+}
+
+impl Ipi {
+    pub fn vector(&self) -> u8 {
+        self.icr_low as u8
+    }
+    pub fn delivery_mode(&self) -> u8 {
+        ((self.icr_low >> 8) & 7) as u8
+    }
+    /// Destination shorthand: 0 none, 1 self, 2 all including self, 3 all excluding self.
+    pub fn shorthand(&self) -> u8 {
+        ((self.icr_low >> 18) & 3) as u8
+    }
+    pub fn destination(&self) -> u8 {
+        (self.icr_high >> 24) as u8
+    }
+}
+
+/// Timer mode, LVT timer bits 18:17 (SDM 10.5.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TimerMode {
+    OneShot,
+    Periodic,
+    TscDeadline,
+}
+
+/// Timer counters: how often it fired into IRR, and ticks folded into a pending one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TimerStats {
+    pub fired: u64,
+    pub coalesced: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Lapic {
+    clock: ClockRate,
+    apic_base: u64,
+    id: u8,
+    tpr: u8,
+    ldr: u32,
+    dfr: u32,
+    svr: u32,
+    irr: [u32; 8],
+    isr: [u32; 8],
+    tmr: [u32; 8],
+    esr: u32,
+    esr_pending: u32,
+    icr_low: u32,
+    icr_high: u32,
+    lvt: [u32; 6],
+    timer_initial: u32,
+    timer_divide: u32,
+    /// Count modes: the LAPIC-clock tick at which the current count started from the initial.
+    timer_start: Option<u64>,
+    /// Count modes: the next expiry, in LAPIC-clock ticks.
+    timer_schedule: Option<Schedule>,
+    /// TSC-deadline mode: IA32_TSC_DEADLINE (0 = disarmed).
+    tsc_deadline: u64,
+    nmi_pending: bool,
+    ipis: Vec<Ipi>,
+    timer_stats: TimerStats,
+}
+
+impl Lapic {
+    /// The bootstrap processor's APIC (ID 0) as firmware hands it over: globally enabled,
+    /// software-disabled (SVR 0xFF), LINT0 in ExtINT and LINT1 in NMI delivery (virtual-wire mode,
+    /// MP spec 3.6.2.2), so the 8259A's interrupts reach the CPU until the guest takes over.
+    pub fn new(tsc_hz: u64) -> Self {
+        let mut l = Lapic {
+            clock: ClockRate::new(LAPIC_TIMER_HZ, tsc_hz),
+            apic_base: LAPIC_BASE | APIC_BASE_ENABLE | APIC_BASE_BSP,
+            id: 0,
+            tpr: 0,
+            ldr: 0,
+            dfr: 0,
+            svr: 0,
+            irr: [0; 8],
+            isr: [0; 8],
+            tmr: [0; 8],
+            esr: 0,
+            esr_pending: 0,
+            icr_low: 0,
+            icr_high: 0,
+            lvt: [0; 6],
+            timer_initial: 0,
+            timer_divide: 0,
+            timer_start: None,
+            timer_schedule: None,
+            tsc_deadline: 0,
+            nmi_pending: false,
+            ipis: Vec::new(),
+            timer_stats: TimerStats::default(),
+        };
+        l.reset();
+        l.lvt[LINT0] = u32::from(delivery::EXTINT) << 8;
+        l.lvt[LINT1] = u32::from(delivery::NMI) << 8;
+        l
+    }
+
+    /// The power-up state of SDM 10.4.7.1 (kept: the ID and IA32_APIC_BASE).
+    fn reset(&mut self) {
+        self.tpr = 0;
+        self.ldr = 0;
+        self.dfr = u32::MAX;
+        self.svr = 0xff;
+        self.irr = [0; 8];
+        self.isr = [0; 8];
+        self.tmr = [0; 8];
+        self.esr = 0;
+        self.esr_pending = 0;
+        self.icr_low = 0;
+        self.icr_high = 0;
+        self.lvt = [LVT_MASKED; 6];
+        self.timer_initial = 0;
+        self.timer_divide = 0;
+        self.timer_start = None;
+        self.timer_schedule = None;
+        self.tsc_deadline = 0;
+    }
+
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// IA32_APIC_BASE as the guest reads it.
+    pub fn apic_base(&self) -> u64 {
+        self.apic_base
+    }
+
+    /// A guest write of IA32_APIC_BASE. The base address stays at 0xFEE00000 and the BSP flag is
+    /// kept; clearing the enable bit puts the APIC in its power-up state (SDM 10.4.3), and while it
+    /// is clear the 8259A's INTR goes straight to the CPU.
+    pub fn set_apic_base(&mut self, value: u64) {
+        let enable = value & APIC_BASE_ENABLE;
+        if enable == 0 && self.globally_enabled() {
+            self.reset();
+        }
+        self.apic_base = (self.apic_base & !APIC_BASE_ENABLE) | enable;
+    }
+
+    fn globally_enabled(&self) -> bool {
+        self.apic_base & APIC_BASE_ENABLE != 0
+    }
+
+    fn software_enabled(&self) -> bool {
+        self.svr & SVR_ENABLE != 0
+    }
+
+    pub fn tpr(&self) -> u8 {
+        self.tpr
+    }
+
+    /// Writes TPR (also how a MOV to CR8 lands: CR8[3:0] is TPR[7:4], SDM 10.8.6.1).
+    pub fn set_tpr(&mut self, tpr: u8) {
+        self.tpr = tpr;
+    }
+
+    /// Processor priority (SDM 10.8.3.1).
+    pub fn ppr(&self) -> u8 {
+        let isrv = highest(&self.isr).unwrap_or(0);
+        if self.tpr >> 4 >= isrv >> 4 {
+            self.tpr
+        } else {
+            isrv & 0xf0
+        }
+    }
+
+    pub fn timer_stats(&self) -> TimerStats {
+        self.timer_stats
+    }
+
+    /// True if the 8259A's INTR output reaches the CPU: the APIC is globally disabled, or LINT0
+    /// is unmasked in ExtINT mode (virtual wire).
+    pub fn accepts_pic_intr(&self) -> bool {
+        let lint0 = self.lvt[LINT0];
+        !self.globally_enabled()
+            || (lint0 & LVT_MASKED == 0 && (lint0 >> 8) & 7 == u32::from(delivery::EXTINT))
+    }
+
+    /// The vector to deliver: the highest IRR vector whose priority class exceeds PPR's
+    /// (SDM 10.8.3.1).
+    pub fn deliverable(&self) -> Option<u8> {
+        if !self.globally_enabled() {
+            return None;
+        }
+        let v = highest(&self.irr)?;
+        (v & 0xf0 > self.ppr() & 0xf0).then_some(v)
+    }
+
+    /// The processor accepted `vector`: IRR to ISR (SDM 10.8.4).
+    pub fn acknowledge(&mut self, vector: u8) {
+        clear_bit(&mut self.irr, vector);
+        set_bit(&mut self.isr, vector);
+    }
+
+    /// Takes a pending NMI (from the IOAPIC, LINT1 or an ICR NMI to self).
+    pub fn take_nmi(&mut self) -> bool {
+        core::mem::take(&mut self.nmi_pending)
+    }
+
+    /// Takes the oldest recorded IPI to other processors.
+    pub fn take_ipi(&mut self) -> Option<Ipi> {
+        (!self.ipis.is_empty()).then(|| self.ipis.remove(0))
+    }
+
+    /// A fixed interrupt arrives: sets IRR (and TMR for level triggered). Vectors 0-15 are
+    /// illegal and set ESR bit 6 instead (SDM 10.5.3).
+    pub fn accept(&mut self, vector: u8, level_triggered: bool) -> Latch {
+        if vector < 16 {
+            self.error(ESR_RECEIVE_ILLEGAL_VECTOR);
+            return Latch::Masked;
+        }
+        if level_triggered {
+            set_bit(&mut self.tmr, vector);
+        } else {
+            clear_bit(&mut self.tmr, vector);
+        }
+        if test_bit(&self.irr, vector) {
+            return Latch::AlreadyPending;
+        }
+        set_bit(&mut self.irr, vector);
+        Latch::New
+    }
+
+    /// Records an error and raises the error LVT if it is unmasked (SDM 10.5.3).
+    fn error(&mut self, bits: u32) {
+        let new = bits & !self.esr_pending;
+        self.esr_pending |= bits;
+        let lvt = self.lvt[ERROR];
+        if new != 0 && lvt & LVT_MASKED == 0 && lvt as u8 >= 16 {
+            set_bit(&mut self.irr, lvt as u8);
+        }
+    }
+
+    /// Does a message for `destination` reach this APIC (SDM 10.6.2)?
+    pub fn matches(&self, destination: u8, logical: bool) -> bool {
+        if destination == 0xff {
+            return true;
+        }
+        if !logical {
+            return destination == self.id;
+        }
+        let ldr = (self.ldr >> 24) as u8;
+        if self.dfr >> 28 == 0xf {
+            ldr & destination != 0 // flat model: a bit per APIC
+        } else {
+            // Cluster model: cluster in bits 7:4, a bit per APIC in 3:0.
+            ldr >> 4 == destination >> 4 && ldr & destination & 0x0f != 0
+        }
+    }
+
+    /// End of interrupt: clears the highest ISR bit; returns its vector if it was level
+    /// triggered, for the EOI broadcast to the IOAPIC (SDM 10.8.5).
+    pub fn eoi(&mut self) -> Option<u8> {
+        let v = highest(&self.isr)?;
+        clear_bit(&mut self.isr, v);
+        test_bit(&self.tmr, v).then_some(v)
+    }
+
+    fn timer_mode(&self) -> TimerMode {
+        match (self.lvt[TIMER] >> 17) & 3 {
+            0 => TimerMode::OneShot,
+            2 => TimerMode::TscDeadline,
+            // 11b is reserved; treated as periodic.
+            _ => TimerMode::Periodic,
+        }
+    }
+
+    /// The divide configuration as a divisor (SDM Figure 10-10: bits 3, 1:0).
+    fn timer_divisor(&self) -> u64 {
+        let code = ((self.timer_divide >> 1) & 4) | (self.timer_divide & 3);
+        if code == 7 {
+            1
+        } else {
+            2 << code
+        }
+    }
+
+    /// Starts counting down from the initial count at LAPIC tick `t` (0 stops the timer).
+    fn arm_count(&mut self, t: u64) {
+        if self.timer_initial == 0 || self.timer_mode() == TimerMode::TscDeadline {
+            self.timer_start = None;
+            self.timer_schedule = None;
+            return;
+        }
+        let period = u64::from(self.timer_initial) * self.timer_divisor();
+        self.timer_start = Some(t);
+        self.timer_schedule = Some(match self.timer_mode() {
+            TimerMode::Periodic => Schedule::periodic(t + period, period),
+            _ => Schedule::once(t + period),
+        });
+    }
+
+    /// The current-count register at LAPIC tick `t`.
+    fn current_count(&self, t: u64) -> u32 {
+        let Some(start) = self.timer_start else {
+            return 0;
+        };
+        let initial = u64::from(self.timer_initial);
+        let elapsed = t.saturating_sub(start) / self.timer_divisor();
+        let count = match self.timer_mode() {
+            TimerMode::Periodic => initial - elapsed % initial,
+            TimerMode::OneShot => initial.saturating_sub(elapsed),
+            TimerMode::TscDeadline => 0,
+        };
+        count as u32
+    }
+
+    /// IA32_TSC_DEADLINE as the guest reads it: 0 outside TSC-deadline mode and once it fired.
+    pub fn tsc_deadline(&self) -> u64 {
+        if self.timer_mode() == TimerMode::TscDeadline {
+            self.tsc_deadline
+        } else {
+            0
+        }
+    }
+
+    /// A guest write of IA32_TSC_DEADLINE at TSC `now`: arms the timer for TSC `value` (0
+    /// disarms). Ignored outside TSC-deadline mode (SDM 10.5.4.1).
+    pub fn write_tsc_deadline(&mut self, value: u64, now: u64) {
+        if self.timer_mode() == TimerMode::TscDeadline {
+            self.tsc_deadline = value;
+            // A deadline already passed fires at the next advance.
+            self.advance(now);
+        }
+    }
+
+    /// Raises the timer's LVT vector (unless masked); `missed` more expiries were folded in.
+    fn timer_fired(&mut self, missed: u64) {
+        let lvt = self.lvt[TIMER];
+        if lvt & LVT_MASKED != 0 {
+            return;
+        }
+        self.timer_stats.fired += 1;
+        self.timer_stats.coalesced += missed;
+        if self.accept(lvt as u8, false) == Latch::AlreadyPending {
+            self.timer_stats.coalesced += 1;
+        }
+    }
+
+    /// Fires the timer if it fell due by TSC `now`.
+    pub fn advance(&mut self, now: u64) {
+        if self.timer_mode() == TimerMode::TscDeadline {
+            if self.tsc_deadline != 0 && now >= self.tsc_deadline {
+                self.tsc_deadline = 0;
+                self.timer_fired(0);
+            }
+            return;
+        }
+        let t = self.clock.ticks_at(now);
+        let fired = self.timer_schedule.as_mut().and_then(|s| s.fire(t));
+        if let Some(missed) = fired {
+            if self.timer_schedule.is_some_and(|s| s.next().is_none()) {
+                self.timer_schedule = None;
+            }
+            self.timer_fired(missed);
+        }
+    }
+
+    /// The TSC at which the timer fires next (None while it is masked: a masked expiry raises
+    /// nothing and is consumed at the next advance).
+    pub fn next_deadline(&self) -> Option<u64> {
+        if self.lvt[TIMER] & LVT_MASKED != 0 {
+            return None;
+        }
+        match self.timer_mode() {
+            TimerMode::TscDeadline => (self.tsc_deadline != 0).then_some(self.tsc_deadline),
+            _ => Some(self.clock.tsc_at(self.timer_schedule?.next()?)),
+        }
+    }
+
+    /// A 32-bit register read at `offset` in the page.
+    fn read_register(&self, offset: u64, now: u64) -> u32 {
+        match offset {
+            ID => u32::from(self.id) << 24,
+            VERSION => LAPIC_VERSION,
+            TPR => u32::from(self.tpr),
+            APR | EOI | RRD => 0,
+            PPR => u32::from(self.ppr()),
+            LDR => self.ldr,
+            DFR => self.dfr,
+            SVR => self.svr,
+            0x100..=0x170 => self.isr[((offset - ISR0) >> 4) as usize],
+            0x180..=0x1f0 => self.tmr[((offset - TMR0) >> 4) as usize],
+            0x200..=0x270 => self.irr[((offset - IRR0) >> 4) as usize],
+            ESR => self.esr,
+            // Delivery status (bit 12) always reads idle: IPIs are delivered at once.
+            ICR_LOW => self.icr_low & !(1 << 12),
+            ICR_HIGH => self.icr_high,
+            LVT_TIMER..=LVT_ERROR => self.lvt[((offset - LVT_TIMER) >> 4) as usize],
+            TIMER_INITIAL => self.timer_initial,
+            TIMER_CURRENT => self.current_count(self.clock.ticks_at(now)),
+            TIMER_DIVIDE => self.timer_divide,
+            _ => 0,
+        }
+    }
+
+    /// A 32-bit register write. Returns the vector of a level-triggered EOI to broadcast.
+    fn write_register(&mut self, offset: u64, value: u32, now: u64) -> Option<u8> {
+        let t = self.clock.ticks_at(now);
+        match offset {
+            ID => self.id = (value >> 24) as u8,
+            TPR => self.tpr = value as u8,
+            EOI => return self.eoi(),
+            LDR => self.ldr = value & 0xff00_0000,
+            DFR => self.dfr = value | 0x0fff_ffff,
+            SVR => {
+                self.svr = value & 0x3ff;
+                if !self.software_enabled() {
+                    // Software disable masks every LVT entry (SDM 10.4.7.2).
+                    for lvt in &mut self.lvt {
+                        *lvt |= LVT_MASKED;
+                    }
+                }
+            }
+            ESR => self.esr = core::mem::take(&mut self.esr_pending),
+            ICR_LOW => {
+                self.icr_low = value & 0x000c_cfff;
+                self.send_ipi();
+            }
+            ICR_HIGH => self.icr_high = value & 0xff00_0000,
+            LVT_TIMER..=LVT_ERROR => {
+                let i = ((offset - LVT_TIMER) >> 4) as usize;
+                let mut v = value & LVT_WRITABLE[i];
+                if !self.software_enabled() {
+                    v |= LVT_MASKED;
+                }
+                // Keep the read-only remote IRR of LINT0/LINT1.
+                v |= self.lvt[i] & !LVT_WRITABLE[i] & (1 << 14);
+                let old_mode = self.timer_mode();
+                self.lvt[i] = v;
+                if i == TIMER && self.timer_mode() != old_mode {
+                    // Switching into or out of TSC-deadline mode disarms the timer (10.5.4.1).
+                    let deadline_switch = old_mode == TimerMode::TscDeadline
+                        || self.timer_mode() == TimerMode::TscDeadline;
+                    if deadline_switch {
+                        self.tsc_deadline = 0;
+                        self.timer_initial = 0;
+                        self.arm_count(t);
+                    } else if let Some(next) = self.timer_schedule.and_then(|s| s.next()) {
+                        // One-shot <-> periodic: the countdown in progress runs out as it
+                        // would have; what follows it changes.
+                        let period = u64::from(self.timer_initial) * self.timer_divisor();
+                        self.timer_start = Some(next.saturating_sub(period));
+                        self.timer_schedule = Some(match self.timer_mode() {
+                            TimerMode::Periodic => Schedule::periodic(next, period),
+                            _ => Schedule::once(next),
+                        });
+                    }
+                }
+            }
+            TIMER_INITIAL => {
+                if self.timer_mode() != TimerMode::TscDeadline {
+                    self.timer_initial = value;
+                    self.arm_count(t);
+                }
+            }
+            TIMER_DIVIDE => {
+                let count = self.current_count(t);
+                self.timer_divide = value & 0xb;
+                if self.timer_schedule.is_some() && count != 0 {
+                    // Keep the current count; the rest of the period runs at the new rate.
+                    let done = u64::from(self.timer_initial - count) * self.timer_divisor();
+                    self.arm_count(t.saturating_sub(done));
+                }
+            }
+            _ => {} // read-only or reserved
+        }
+        None
+    }
+
+    /// Acts on the ICR just written (SDM 10.6.1). Self-directed fixed and NMI interrupts are
+    /// delivered; everything aimed at other processors is recorded.
+    fn send_ipi(&mut self) {
+        let ipi = Ipi {
+            icr_low: self.icr_low,
+            icr_high: self.icr_high,
+        };
+        let logical = self.icr_low & (1 << 11) != 0;
+        let (to_self, to_others) = match ipi.shorthand() {
+            1 => (true, false),
+            2 => (true, true),
+            3 => (false, true),
+            _ => {
+                let dest = ipi.destination();
+                let me = self.matches(dest, logical);
+                (me, dest == 0xff || !me)
+            }
+        };
+        if to_others {
+            if self.ipis.len() >= MAX_RECORDED_IPIS {
+                self.ipis.remove(0);
+            }
+            self.ipis.push(ipi);
+        }
+        if !to_self {
+            return;
+        }
+        match ipi.delivery_mode() {
+            delivery::FIXED | delivery::LOWEST_PRIORITY => {
+                if ipi.vector() < 16 {
+                    self.error(ESR_SEND_ILLEGAL_VECTOR);
+                } else {
+                    self.accept(ipi.vector(), false);
+                }
+            }
+            delivery::NMI => self.nmi_pending = true,
+            _ => {} // SMI, INIT, SIPI to oneself: not modelled
+        }
+    }
+
+    /// An MMIO load of `size` bytes at `offset`. Registers are 32 bits wide at 16-byte
+    /// boundaries (SDM 10.4.1); a narrower load inside the first 4 bytes reads part of one.
+    pub fn mmio_read(&mut self, offset: u64, size: u8, now: u64) -> u64 {
+        let within = offset & 0xf;
+        if within >= 4 {
+            return 0;
+        }
+        let reg = u64::from(self.read_register(offset & 0xff0, now));
+        let value = reg >> (8 * within);
+        match size {
+            1 => value & 0xff,
+            2 => value & 0xffff,
+            _ => value,
+        }
+    }
+
+    /// An MMIO store. Only aligned 32-bit (or wider: the low 32 bits) stores reach a register;
+    /// others are dropped, their effect being undefined in the SDM. Returns the vector of a
+    /// level-triggered EOI for the IOAPIC.
+    pub fn mmio_write(&mut self, offset: u64, size: u8, value: u64, now: u64) -> Option<u8> {
+        if offset & 0xf != 0 || size < 4 || offset >= LAPIC_SIZE {
+            return None;
+        }
+        self.write_register(offset, value as u32, now)
+    }
+}
+
+impl MessageSink for Lapic {
+    /// A message from the IOAPIC.
+    fn deliver(&mut self, msg: ApicMessage) -> Latch {
+        if !self.globally_enabled() || !self.matches(msg.destination, msg.logical) {
+            return Latch::Masked;
+        }
+        match msg.delivery_mode {
+            delivery::FIXED | delivery::LOWEST_PRIORITY => {
+                self.accept(msg.vector, msg.level_triggered)
+            }
+            delivery::NMI => {
+                let was = core::mem::replace(&mut self.nmi_pending, true);
+                if was {
+                    Latch::AlreadyPending
+                } else {
+                    Latch::New
+                }
+            }
+            // ExtINT through the IOAPIC, SMI and INIT are not modelled.
+            _ => Latch::Masked,
+        }
+    }
+}
+
+fn set_bit(regs: &mut [u32; 8], v: u8) {
+    regs[usize::from(v >> 5)] |= 1 << (v & 31);
+}
+
+fn clear_bit(regs: &mut [u32; 8], v: u8) {
+    regs[usize::from(v >> 5)] &= !(1 << (v & 31));
+}
+
+fn test_bit(regs: &[u32; 8], v: u8) -> bool {
+    regs[usize::from(v >> 5)] & (1 << (v & 31)) != 0
+}
+
+/// The highest vector set in a 256-bit register.
+fn highest(regs: &[u32; 8]) -> Option<u8> {
+    regs.iter()
+        .enumerate()
+        .rev()
+        .find(|(_, &w)| w != 0)
+        .map(|(i, &w)| (i as u8) * 32 + (31 - w.leading_zeros() as u8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One TSC tick per LAPIC-clock tick keeps the arithmetic of the tests plain.
+    const TSC_HZ: u64 = LAPIC_TIMER_HZ;
+
+    fn enabled() -> Lapic {
+        let mut l = Lapic::new(TSC_HZ);
+        l.mmio_write(SVR, 4, 0x1ff, 0);
+        l
+    }
+
+    fn read(l: &mut Lapic, off: u64, now: u64) -> u32 {
+        l.mmio_read(off, 4, now) as u32
+    }
+
+    #[test]
+    fn identification_and_reset_values() {
+        let mut l = Lapic::new(TSC_HZ);
+        assert_eq!(read(&mut l, VERSION, 0), 0x50014);
+        assert_eq!(read(&mut l, ID, 0), 0);
+        assert_eq!(read(&mut l, SVR, 0), 0xff);
+        assert_eq!(read(&mut l, DFR, 0), u32::MAX);
+        assert_eq!(read(&mut l, LVT_TIMER, 0), LVT_MASKED);
+        assert_eq!(read(&mut l, 0x350, 0), 0x700, "LINT0 ExtINT");
+        assert_eq!(l.apic_base(), 0xfee0_0900);
+        assert!(l.accepts_pic_intr());
+        l.mmio_write(ID, 4, 0x0300_0000, 0);
+        assert_eq!(read(&mut l, ID, 0), 0x0300_0000);
+        assert_eq!(l.mmio_read(VERSION, 1, 0), 0x14);
+        assert_eq!(l.mmio_read(VERSION + 2, 1, 0), 0x05);
+        assert_eq!(l.mmio_read(VERSION + 4, 4, 0), 0);
+    }
+
+    #[test]
+    fn irr_isr_priority_and_eoi() {
+        let mut l = enabled();
+        assert_eq!(l.accept(0x31, false), Latch::New);
+        assert_eq!(l.accept(0x31, false), Latch::AlreadyPending);
+        l.accept(0x52, false);
+        assert_eq!(read(&mut l, IRR0 + 0x10, 0), 1 << 17);
+        assert_eq!(read(&mut l, IRR0 + 0x20, 0), 1 << 18);
+        assert_eq!(l.deliverable(), Some(0x52));
+        l.acknowledge(0x52);
+        assert_eq!(read(&mut l, ISR0 + 0x20, 0), 1 << 18);
+        assert_eq!(l.ppr(), 0x50);
+        // 0x31 is in a lower class than the one in service.
+        assert_eq!(l.deliverable(), None);
+        l.accept(0x5f, false);
+        assert_eq!(l.deliverable(), None, "same class as PPR: held");
+        l.accept(0x61, false);
+        assert_eq!(l.deliverable(), Some(0x61));
+        assert_eq!(l.mmio_write(EOI, 4, 0, 0), None);
+        assert_eq!(l.ppr(), 0);
+        assert_eq!(l.deliverable(), Some(0x61));
+    }
+
+    #[test]
+    fn tpr_blocks_lower_classes() {
+        let mut l = enabled();
+        l.accept(0x45, false);
+        l.mmio_write(TPR, 4, 0x40, 0);
+        assert_eq!(l.deliverable(), None);
+        assert_eq!(read(&mut l, PPR, 0), 0x40);
+        l.set_tpr(0x30);
+        assert_eq!(l.deliverable(), Some(0x45));
+        assert_eq!(read(&mut l, TPR, 0), 0x30);
+    }
+
+    #[test]
+    fn level_triggered_eoi_is_reported_for_broadcast() {
+        let mut l = enabled();
+        l.accept(0x41, true);
+        assert_eq!(read(&mut l, TMR0 + 0x20, 0), 1 << 1);
+        l.acknowledge(0x41);
+        assert_eq!(l.mmio_write(EOI, 4, 0, 0), Some(0x41));
+    }
+
+    #[test]
+    fn illegal_vectors_set_esr_and_raise_the_error_lvt() {
+        let mut l = enabled();
+        l.mmio_write(LVT_ERROR, 4, 0xfe, 0);
+        assert_eq!(l.accept(3, false), Latch::Masked);
+        // ESR shows the error after a write (SDM 10.5.3: write before read).
+        assert_eq!(read(&mut l, ESR, 0), 0);
+        l.mmio_write(ESR, 4, 0, 0);
+        assert_eq!(read(&mut l, ESR, 0), ESR_RECEIVE_ILLEGAL_VECTOR);
+        assert_eq!(l.deliverable(), Some(0xfe));
+        l.mmio_write(ICR_LOW, 4, 0x4_0005, 0); // fixed vector 5 to self
+        l.mmio_write(ESR, 4, 0, 0);
+        assert_eq!(read(&mut l, ESR, 0), ESR_SEND_ILLEGAL_VECTOR);
+    }
+
+    #[test]
+    fn self_ipi_and_recorded_ipis() {
+        let mut l = enabled();
+        l.mmio_write(ICR_LOW, 4, 0x4_0040, 0); // shorthand self, fixed 0x40
+        assert_eq!(l.deliverable(), Some(0x40));
+        assert_eq!(l.take_ipi(), None);
+        l.mmio_write(ICR_HIGH, 4, 0x0100_0000, 0);
+        l.mmio_write(ICR_LOW, 4, 0x0000_4500, 0); // INIT to APIC 1
+        let ipi = l.take_ipi();
+        assert_eq!(
+            ipi.map(|i| (i.delivery_mode(), i.destination())),
+            Some((5, 1))
+        );
+        assert_eq!(read(&mut l, ICR_HIGH, 0), 0x0100_0000);
+        l.mmio_write(ICR_HIGH, 4, 0, 0);
+        l.mmio_write(ICR_LOW, 4, 0x0000_0400, 0); // NMI to APIC 0 (us)
+        assert!(l.take_nmi());
+        assert!(!l.take_nmi());
+        assert_eq!(l.take_ipi(), None);
+        l.mmio_write(ICR_LOW, 4, 0x000c_0050, 0); // all excluding self
+        assert_eq!(l.take_ipi().map(|i| i.shorthand()), Some(3));
+        assert_eq!(l.deliverable(), Some(0x40));
+    }
+
+    #[test]
+    fn logical_destinations() {
+        let mut l = enabled();
+        l.mmio_write(LDR, 4, 0x0200_0000, 0);
+        assert!(l.matches(0x02, true));
+        assert!(l.matches(0x03, true));
+        assert!(!l.matches(0x01, true));
+        l.mmio_write(DFR, 4, 0x0fff_ffff, 0); // cluster model
+        assert_eq!(read(&mut l, DFR, 0), 0x0fff_ffff);
+        l.mmio_write(LDR, 4, 0x1200_0000, 0); // cluster 1, member bit 1
+        assert!(l.matches(0x12, true));
+        assert!(!l.matches(0x22, true));
+        assert!(l.matches(0xff, true));
+        assert!(l.matches(0, false));
+        assert!(!l.matches(1, false));
+    }
+
+    #[test]
+    fn software_disable_masks_the_lvt() {
+        let mut l = enabled();
+        l.mmio_write(LVT_TIMER, 4, 0x20030, 0);
+        assert_eq!(read(&mut l, LVT_TIMER, 0), 0x20030);
+        l.mmio_write(SVR, 4, 0xff, 0);
+        assert_eq!(read(&mut l, LVT_TIMER, 0), 0x30030);
+        l.mmio_write(LVT_TIMER, 4, 0x20030, 0);
+        assert_eq!(read(&mut l, LVT_TIMER, 0) & LVT_MASKED, LVT_MASKED);
+        assert!(!l.accepts_pic_intr(), "LINT0 masked too");
+    }
+
+    #[test]
+    fn global_disable_resets_and_passes_the_pic_through() {
+        let mut l = enabled();
+        l.accept(0x40, false);
+        l.set_apic_base(LAPIC_BASE);
+        assert_eq!(l.apic_base(), LAPIC_BASE | APIC_BASE_BSP);
+        assert!(l.accepts_pic_intr());
+        assert_eq!(l.deliverable(), None);
+        assert_eq!(
+            l.deliver(ApicMessage {
+                vector: 0x40,
+                delivery_mode: 0,
+                logical: false,
+                destination: 0,
+                level_triggered: false
+            }),
+            Latch::Masked
+        );
+        l.set_apic_base(LAPIC_BASE | APIC_BASE_ENABLE);
+        assert_eq!(read(&mut l, SVR, 0), 0xff);
+        assert_eq!(read(&mut l, IRR0 + 0x20, 0), 0);
+    }
+
+    #[test]
+    fn divide_configuration() {
+        let mut l = enabled();
+        for (code, div) in [
+            (0x0, 2),
+            (0x1, 4),
+            (0x2, 8),
+            (0x3, 16),
+            (0x8, 32),
+            (0x9, 64),
+            (0xa, 128),
+            (0xb, 1),
+        ] {
+            l.mmio_write(TIMER_DIVIDE, 4, code, 0);
+            assert_eq!(l.timer_divisor(), div);
+        }
+    }
+
+    #[test]
+    fn one_shot_counts_down_and_fires_once() {
+        let mut l = enabled();
+        l.mmio_write(TIMER_DIVIDE, 4, 0x3, 0); // /16
+        l.mmio_write(LVT_TIMER, 4, 0x30, 0);
+        l.mmio_write(TIMER_INITIAL, 4, 1000, 100);
+        assert_eq!(read(&mut l, TIMER_CURRENT, 100), 1000);
+        assert_eq!(read(&mut l, TIMER_CURRENT, 100 + 16 * 250), 750);
+        assert_eq!(l.next_deadline(), Some(100 + 16_000));
+        l.advance(100 + 15_999);
+        assert_eq!(l.deliverable(), None);
+        l.advance(100 + 16_000);
+        assert_eq!(l.deliverable(), Some(0x30));
+        assert_eq!(read(&mut l, TIMER_CURRENT, 200_000), 0);
+        assert_eq!(l.next_deadline(), None);
+        assert_eq!(
+            l.timer_stats(),
+            TimerStats {
+                fired: 1,
+                coalesced: 0
+            }
+        );
+        // Writing 0 stops a running timer.
+        l.mmio_write(TIMER_INITIAL, 4, 50, 300_000);
+        l.mmio_write(TIMER_INITIAL, 4, 0, 300_001);
+        assert_eq!(l.next_deadline(), None);
+    }
+
+    #[test]
+    fn periodic_reloads_and_coalesces() {
+        let mut l = enabled();
+        l.mmio_write(TIMER_DIVIDE, 4, 0xb, 0); // /1
+        l.mmio_write(LVT_TIMER, 4, 0x2_0040, 0);
+        l.mmio_write(TIMER_INITIAL, 4, 100, 0);
+        assert_eq!(read(&mut l, TIMER_CURRENT, 250), 50);
+        l.advance(100);
+        l.advance(350); // 200 and 300 together: one more, merged into the pending IRR bit
+        let s = l.timer_stats();
+        assert_eq!((s.fired, s.coalesced), (2, 2));
+        assert_eq!(l.next_deadline(), Some(400));
+    }
+
+    #[test]
+    fn switching_periodic_to_one_shot_finishes_the_current_count() {
+        let mut l = enabled();
+        l.mmio_write(TIMER_DIVIDE, 4, 0xb, 0);
+        l.mmio_write(LVT_TIMER, 4, 0x2_0040, 0);
+        l.mmio_write(TIMER_INITIAL, 4, 100, 0);
+        l.advance(100);
+        l.advance(250);
+        l.mmio_write(LVT_TIMER, 4, 0x40, 250);
+        assert_eq!(read(&mut l, TIMER_CURRENT, 260), 40);
+        assert_eq!(l.next_deadline(), Some(300));
+        l.advance(300);
+        assert_eq!(l.next_deadline(), None);
+        assert_eq!(read(&mut l, TIMER_CURRENT, 310), 0);
+    }
+
+    #[test]
+    fn masked_timer_counts_but_raises_nothing() {
+        let mut l = enabled();
+        l.mmio_write(LVT_TIMER, 4, 0x3_0040, 0); // periodic, masked
+        l.mmio_write(TIMER_INITIAL, 4, 10, 0);
+        assert_eq!(l.next_deadline(), None);
+        l.advance(1000);
+        assert_eq!(l.deliverable(), None);
+        l.mmio_write(LVT_TIMER, 4, 0x2_0040, 1000);
+        assert_eq!(l.timer_stats().fired, 0);
+        assert!(l.next_deadline().is_some_and(|d| d > 1000));
+    }
+
+    #[test]
+    fn tsc_deadline_mode() {
+        let mut l = enabled();
+        l.write_tsc_deadline(5000, 0);
+        assert_eq!(l.tsc_deadline(), 0, "ignored outside deadline mode");
+        l.mmio_write(LVT_TIMER, 4, 0x4_00ef, 0);
+        l.mmio_write(TIMER_INITIAL, 4, 100, 0);
+        assert_eq!(read(&mut l, TIMER_INITIAL, 0), 0, "initial count ignored");
+        l.write_tsc_deadline(5000, 10);
+        assert_eq!(l.tsc_deadline(), 5000);
+        assert_eq!(l.next_deadline(), Some(5000));
+        l.advance(4999);
+        assert_eq!(l.deliverable(), None);
+        l.advance(5000);
+        assert_eq!(l.deliverable(), Some(0xef));
+        assert_eq!(l.tsc_deadline(), 0, "cleared when it fires");
+        // A deadline in the past fires at once; 0 disarms.
+        l.acknowledge(0xef);
+        l.eoi();
+        l.write_tsc_deadline(100, 6000);
+        assert_eq!(l.deliverable(), Some(0xef));
+        l.write_tsc_deadline(9000, 6000);
+        l.write_tsc_deadline(0, 6000);
+        assert_eq!(l.next_deadline(), None);
+        // Leaving deadline mode disarms.
+        l.write_tsc_deadline(9000, 6000);
+        l.mmio_write(LVT_TIMER, 4, 0xef, 6000);
+        assert_eq!(l.next_deadline(), None);
+    }
+
+    #[test]
+    fn highest_vector() {
+        let mut r = [0u32; 8];
+        assert_eq!(highest(&r), None);
+        set_bit(&mut r, 0x20);
+        set_bit(&mut r, 0xff);
+        assert_eq!(highest(&r), Some(0xff));
+        clear_bit(&mut r, 0xff);
+        assert_eq!(highest(&r), Some(0x20));
+    }
+}
