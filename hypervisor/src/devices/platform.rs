@@ -9,9 +9,12 @@
 
 use super::console::DebugConsole;
 use super::debug_exit::DebugExit;
+use super::ioapic::{self, IoApic};
+use super::lapic::{self, Ipi, Lapic};
 use super::pic8259::{self, PicPair};
 use super::pit8254::{self, Pit};
 use super::port80::Port80;
+use super::rtc::{self, Rtc};
 use super::uart16550::{self, Uart16550};
 use super::{
     BusError, ConsoleBuffer, Device, DeviceContext, DeviceId, IrqSink, Latch, MmioBus, PortBus,
@@ -39,6 +42,8 @@ pub struct LineStats {
 pub struct PlatformStats {
     /// Per GSI / ISA IRQ line.
     pub lines: [LineStats; IRQ_LINES],
+    /// The local APIC timer: `raised` counts expiries that set an IRR bit.
+    pub lapic_timer: LineStats,
     /// Interrupts injected (acknowledged) into the guest.
     pub acknowledged: u64,
     /// Acknowledgements of a vector no controller was offering (ignored).
@@ -49,15 +54,54 @@ pub struct PlatformStats {
     pub unclaimed_mmio_writes: u64,
 }
 
-/// The interrupt fabric: line levels and the controllers they lead to.
-#[derive(Debug, Default)]
+/// The interrupt fabric: line levels and the controllers they lead to. Every ISA line goes to
+/// the 8259A pair and to the IOAPIC (IRQ0 on pin 2); the IOAPIC sends to the local APIC; the
+/// 8259A's INTR reaches the CPU through LINT0 in ExtINT mode (or directly while the local APIC is
+/// globally disabled).
+#[derive(Debug)]
 struct Chipset {
     levels: [bool; IRQ_LINES],
     pic: PicPair,
-    // Placeholders until the local APIC model lands.
-    tpr: u8,
-    tsc_deadline: u64,
+    ioapic: IoApic,
+    lapic: Lapic,
     stats: PlatformStats,
+}
+
+/// Which controller offers the interrupt to inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Lapic,
+    Pic,
+}
+
+impl Chipset {
+    fn new(tsc_hz: u64) -> Self {
+        Chipset {
+            levels: [false; IRQ_LINES],
+            pic: PicPair::new(),
+            ioapic: IoApic::new(),
+            lapic: Lapic::new(tsc_hz),
+            stats: PlatformStats::default(),
+        }
+    }
+
+    /// The interrupt the CPU would take next: the local APIC's highest IRR vector above PPR,
+    /// else the 8259A's if its INTR gets through.
+    fn pending(&self) -> Option<(Source, u8)> {
+        if let Some(v) = self.lapic.deliverable() {
+            return Some((Source::Lapic, v));
+        }
+        if self.lapic.accepts_pic_intr() {
+            return self.pic.pending_vector().map(|v| (Source::Pic, v));
+        }
+        None
+    }
+
+    fn lapic_write(&mut self, offset: u64, size: u8, value: u64, now: u64) {
+        if let Some(vector) = self.lapic.mmio_write(offset, size, value, now) {
+            self.ioapic.eoi(vector, &mut self.lapic);
+        }
+    }
 }
 
 impl IrqSink for Chipset {
@@ -73,10 +117,12 @@ impl IrqSink for Chipset {
         } else {
             Latch::Masked
         };
+        let pin = ioapic::pin_for_line(line);
+        let io = self.ioapic.set_pin(pin, level, &mut self.lapic);
         if rising {
             let stats = &mut self.stats.lines[i];
             stats.raised += 1;
-            match pic {
+            match pic.either(io) {
                 Latch::New => {}
                 Latch::AlreadyPending => stats.coalesced += 1,
                 Latch::Masked => stats.masked += 1,
@@ -110,7 +156,7 @@ impl Platform {
             devices: Vec::new(),
             ports: PortBus::default(),
             mmio: MmioBus::default(),
-            chipset: Chipset::default(),
+            chipset: Chipset::new(tsc_hz),
             console: ConsoleBuffer::new(),
             exit_status: None,
         };
@@ -123,6 +169,26 @@ impl Platform {
             let registered = p.ports.register(first, 2, responder, name);
             debug_assert!(registered.is_ok());
         }
+        let chipset_mmio = [
+            (
+                lapic::LAPIC_BASE,
+                lapic::LAPIC_SIZE,
+                Responder::Lapic,
+                "lapic",
+            ),
+            (
+                ioapic::IOAPIC_BASE,
+                ioapic::IOAPIC_SIZE,
+                Responder::Ioapic,
+                "ioapic",
+            ),
+        ];
+        for (base, len, responder, name) in chipset_mmio {
+            let registered = p.mmio.register(base, len, responder, name);
+            debug_assert!(registered.is_ok());
+        }
+        let rtc = Box::new(Rtc::new(p.tsc_hz));
+        p.attach_builtin(rtc, &[(rtc::RTC_INDEX, 2)]);
         let pit = Box::new(Pit::new(p.tsc_hz));
         p.attach_builtin(pit, &[(pit8254::CHANNEL0, 4), (pit8254::PORT_61, 1)]);
         p.attach_builtin(Box::new(Port80::default()), &[(0x80, 1)]);
@@ -285,7 +351,9 @@ impl Platform {
             Responder::Device(id) => self
                 .call(id, now, |dev, cx| dev.mmio_read(offset, size, cx))
                 .unwrap_or(u64::MAX),
-            _ => u64::MAX,
+            Responder::Lapic => self.chipset.lapic.mmio_read(offset, size, now),
+            Responder::Ioapic => self.chipset.ioapic.mmio_read(offset, size),
+            Responder::Pic | Responder::Elcr => u64::MAX,
         };
         Some(value)
     }
@@ -297,8 +365,16 @@ impl Platform {
             self.chipset.stats.unclaimed_mmio_writes += 1;
             return false;
         };
-        if let Responder::Device(id) = r {
-            self.call(id, now, |dev, cx| dev.mmio_write(offset, size, value, cx));
+        let chipset = &mut self.chipset;
+        match r {
+            Responder::Device(id) => {
+                self.call(id, now, |dev, cx| dev.mmio_write(offset, size, value, cx));
+            }
+            Responder::Lapic => chipset.lapic_write(offset, size, value, now),
+            Responder::Ioapic => chipset
+                .ioapic
+                .mmio_write(offset, size, value, &mut chipset.lapic),
+            Responder::Pic | Responder::Elcr => {}
         }
         true
     }
@@ -310,47 +386,88 @@ impl Platform {
                 self.call(DeviceId(i), now, |dev, cx| dev.advance(cx));
             }
         }
+        self.chipset.lapic.advance(now);
     }
 
     /// The earliest TSC at which a timer fires.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.devices.iter().filter_map(|d| d.next_deadline()).min()
+        let devices = self.devices.iter().filter_map(|d| d.next_deadline());
+        devices.chain(self.chipset.lapic.next_deadline()).min()
     }
 
-    /// The vector to inject next, if any (call [`Platform::advance`] first).
+    /// The vector to inject next, if any (call [`Platform::advance`] first): the local APIC's
+    /// highest IRR vector above PPR, else the 8259A's vector if its INTR reaches the CPU.
     pub fn pending_interrupt(&self) -> Option<u8> {
-        self.chipset.pic.pending_vector()
+        self.chipset.pending().map(|(_, v)| v)
     }
 
     /// Reports that `vector` (from [`Platform::pending_interrupt`]) was injected: the INTA cycle
-    /// of the controller that offered it.
+    /// of the controller that offered it (IRR to ISR). A vector no controller offers is counted
+    /// in `stale_acks` and otherwise ignored.
     pub fn acknowledge(&mut self, vector: u8) {
-        if self.chipset.pic.pending_vector() == Some(vector) {
-            self.chipset.pic.acknowledge();
-            self.chipset.stats.acknowledged += 1;
-        } else {
-            self.chipset.stats.stale_acks += 1;
+        let c = &mut self.chipset;
+        match c.pending() {
+            Some((Source::Lapic, v)) if v == vector => c.lapic.acknowledge(v),
+            Some((Source::Pic, v)) if v == vector => {
+                c.pic.acknowledge();
+            }
+            _ => {
+                c.stats.stale_acks += 1;
+                return;
+            }
         }
+        c.stats.acknowledged += 1;
     }
 
-    /// The local APIC's task-priority register (CR8 is its bits 7:4).
+    /// Takes a pending NMI for injection (IOAPIC or ICR NMI delivery).
+    pub fn take_nmi(&mut self) -> bool {
+        self.chipset.lapic.take_nmi()
+    }
+
+    /// Takes the oldest IPI the guest sent to processors other than its own (not delivered).
+    pub fn take_ipi(&mut self) -> Option<Ipi> {
+        self.chipset.lapic.take_ipi()
+    }
+
+    /// The local APIC's task-priority register (CR8 is its bits 7:4, SDM 10.8.6.1).
     pub fn tpr(&self) -> u8 {
-        self.chipset.tpr
+        self.chipset.lapic.tpr()
     }
 
     pub fn set_tpr(&mut self, tpr: u8) {
-        self.chipset.tpr = tpr;
+        self.chipset.lapic.set_tpr(tpr);
     }
 
-    /// IA32_TSC_DEADLINE as the guest reads it.
+    /// IA32_TSC_DEADLINE as the guest reads it (0 outside TSC-deadline mode).
     pub fn tsc_deadline(&self) -> u64 {
-        self.chipset.tsc_deadline
+        self.chipset.lapic.tsc_deadline()
     }
 
-    /// A guest write of IA32_TSC_DEADLINE at time `now`.
+    /// A guest write of IA32_TSC_DEADLINE at time `now` (the MSR exit handler calls this).
     pub fn write_tsc_deadline(&mut self, value: u64, now: u64) {
-        let _ = now;
-        self.chipset.tsc_deadline = value;
+        self.chipset.lapic.write_tsc_deadline(value, now);
+    }
+
+    /// IA32_APIC_BASE as the guest reads it.
+    pub fn apic_base(&self) -> u64 {
+        self.chipset.lapic.apic_base()
+    }
+
+    /// A guest write of IA32_APIC_BASE (only the global enable bit takes effect).
+    pub fn set_apic_base(&mut self, value: u64) {
+        self.chipset.lapic.set_apic_base(value);
+    }
+
+    /// Sets the guest's wall clock (the RTC) to `unix_seconds` at guest TSC `now`.
+    pub fn set_wall_clock(&mut self, unix_seconds: u64, now: u64) {
+        self.with_device(now, |rtc: &mut Rtc, _| {
+            rtc.set_wall_clock(unix_seconds, now)
+        });
+    }
+
+    /// True while the guest has NMIs masked through bit 7 of port 0x70.
+    pub fn nmi_masked(&self) -> bool {
+        self.device::<Rtc>().is_some_and(|rtc| rtc.nmi_masked())
     }
 
     /// The status the guest wrote to the debug-exit port, once it has.
@@ -363,7 +480,15 @@ impl Platform {
     }
 
     pub fn stats(&self) -> PlatformStats {
-        self.chipset.stats
+        let timer = self.chipset.lapic.timer_stats();
+        PlatformStats {
+            lapic_timer: LineStats {
+                raised: timer.fired,
+                coalesced: timer.coalesced,
+                masked: 0,
+            },
+            ..self.chipset.stats
+        }
     }
 
     fn takes_wide(&self, r: Responder) -> bool {
@@ -405,7 +530,7 @@ fn access_size(size: u8) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::clock::{ClockRate, PIT_HZ};
+    use crate::devices::clock::{ClockRate, LAPIC_TIMER_HZ, PIT_HZ};
 
     const TSC_HZ: u64 = 2_000_000_000;
 
@@ -606,6 +731,166 @@ mod tests {
         init_pic(&mut p, 0x5a);
         assert_eq!(p.io_read(0x21, 1, 0), Some(0x5a));
         assert_eq!(p.io_read(0xa1, 1, 0), Some(0xff));
+    }
+
+    const LAPIC: u64 = lapic::LAPIC_BASE;
+    const IOAPIC: u64 = ioapic::IOAPIC_BASE;
+
+    fn lapic_eoi(p: &mut Platform, _v: u8, now: u64) {
+        p.mmio_write(LAPIC + 0xb0, 4, 0, now);
+    }
+
+    fn enable_lapic(p: &mut Platform) {
+        p.mmio_write(LAPIC + 0xf0, 4, 0x1ff, 0);
+    }
+
+    fn ioapic_route(p: &mut Platform, pin: u64, entry: u64) {
+        p.mmio_write(IOAPIC, 4, 0x10 + 2 * pin + 1, 0);
+        p.mmio_write(IOAPIC + 0x10, 4, entry >> 32, 0);
+        p.mmio_write(IOAPIC, 4, 0x10 + 2 * pin, 0);
+        p.mmio_write(IOAPIC + 0x10, 4, entry & 0xffff_ffff, 0);
+    }
+
+    #[test]
+    fn lapic_timer_at_1khz_gives_1000_interrupts_a_second() {
+        let mut p = Platform::new(TSC_HZ);
+        enable_lapic(&mut p);
+        let ticks_per_ms = LAPIC_TIMER_HZ / 16 / 1000;
+        p.mmio_write(LAPIC + 0x3e0, 4, 0x3, 0); // divide by 16
+        p.mmio_write(LAPIC + 0x320, 4, 0x2_00ec, 0); // periodic, vector 0xec
+        p.mmio_write(LAPIC + 0x380, 4, ticks_per_ms, 0);
+        assert_eq!(p.next_deadline(), Some(TSC_HZ / 1000));
+        let got = run(&mut p, 0, TSC_HZ, TSC_HZ / 4000, lapic_eoi);
+        assert_eq!(got.len(), 1000);
+        assert!(got.iter().all(|&v| v == 0xec));
+        let s = p.stats();
+        assert_eq!((s.lapic_timer.raised, s.lapic_timer.coalesced), (1000, 0));
+        // The current count runs down between ticks.
+        let half = p.mmio_read(LAPIC + 0x390, 4, TSC_HZ + TSC_HZ / 2000);
+        assert_eq!(half, Some(ticks_per_ms / 2));
+    }
+
+    #[test]
+    fn tsc_deadline_through_the_platform() {
+        let mut p = Platform::new(TSC_HZ);
+        enable_lapic(&mut p);
+        p.mmio_write(LAPIC + 0x320, 4, 0x4_00d0, 0);
+        p.write_tsc_deadline(5_000, 0);
+        assert_eq!(p.tsc_deadline(), 5_000);
+        assert_eq!(p.next_deadline(), Some(5_000));
+        assert_eq!(run(&mut p, 0, 10_000, 1_000, lapic_eoi), [0xd0]);
+        assert_eq!(p.tsc_deadline(), 0);
+    }
+
+    #[test]
+    fn pit_through_the_ioapic_on_pin_2() {
+        let mut p = Platform::new(TSC_HZ);
+        init_pic(&mut p, 0xff); // the guest masks the 8259A and uses the IOAPIC
+        enable_lapic(&mut p);
+        ioapic_route(&mut p, 2, 0x41);
+        pit_periodic(&mut p, (PIT_HZ / 100) as u16);
+        let got = run(&mut p, 0, TSC_HZ, TSC_HZ / 1000, lapic_eoi);
+        assert_eq!(got.len(), 100);
+        assert!(got.iter().all(|&v| v == 0x41));
+        let s = p.stats().lines[0];
+        assert_eq!((s.raised, s.coalesced, s.masked), (100, 0, 0));
+    }
+
+    #[test]
+    fn level_triggered_ioapic_line_and_eoi_broadcast() {
+        let mut p = Platform::new(TSC_HZ);
+        enable_lapic(&mut p);
+        ioapic_route(&mut p, 4, 0x8051); // COM1, level triggered, vector 0x51
+        p.io_write(port::COM1 + 4, 1, 0x08, 0); // OUT2
+        p.io_write(port::COM1 + 1, 1, 0x01, 0); // RX interrupt
+        p.io_write(port::COM1 + 2, 1, 0x01, 0); // FIFO on, trigger level 1
+        p.push_serial_input(b'a', 0);
+        p.push_serial_input(b'b', 0);
+        assert_eq!(p.pending_interrupt(), Some(0x51));
+        p.acknowledge(0x51);
+        // The handler reads one byte and sends EOI: the line is still up, so it comes again.
+        assert_eq!(p.io_read(port::COM1, 1, 0), Some(u32::from(b'a')));
+        lapic_eoi(&mut p, 0x51, 0);
+        assert_eq!(p.pending_interrupt(), Some(0x51));
+        p.acknowledge(0x51);
+        assert_eq!(p.io_read(port::COM1, 1, 0), Some(u32::from(b'b')));
+        lapic_eoi(&mut p, 0x51, 0);
+        assert_eq!(p.pending_interrupt(), None);
+    }
+
+    #[test]
+    fn lint0_gates_the_8259a() {
+        let mut p = Platform::new(TSC_HZ);
+        init_pic(&mut p, 0xfa);
+        pit_periodic(&mut p, 100);
+        p.advance(PIT.tsc_at(100));
+        assert_eq!(p.pending_interrupt(), Some(0x30), "virtual wire at reset");
+        enable_lapic(&mut p);
+        p.mmio_write(LAPIC + 0x350, 4, 0x1_0700, 0); // mask LINT0
+        assert_eq!(p.pending_interrupt(), None);
+        // A globally disabled local APIC passes the 8259A straight through.
+        p.set_apic_base(lapic::LAPIC_BASE);
+        assert_eq!(p.pending_interrupt(), Some(0x30));
+        assert_eq!(p.apic_base() & lapic::APIC_BASE_ENABLE, 0);
+    }
+
+    #[test]
+    fn lapic_vectors_outrank_the_8259a() {
+        let mut p = Platform::new(TSC_HZ);
+        init_pic(&mut p, 0xfa);
+        enable_lapic(&mut p);
+        p.mmio_write(LAPIC + 0x350, 4, 0x700, 0); // LINT0 ExtINT
+        pit_periodic(&mut p, 100);
+        p.mmio_write(LAPIC + 0x300, 4, 0x4_0060, 0); // self-IPI 0x60
+        p.advance(PIT.tsc_at(100));
+        assert_eq!(p.pending_interrupt(), Some(0x60));
+        p.acknowledge(0x30);
+        assert_eq!(p.stats().stale_acks, 1, "not the vector on offer");
+        p.acknowledge(0x60);
+        assert_eq!(p.pending_interrupt(), Some(0x30), "ExtINT ignores PPR");
+        p.acknowledge(0x30);
+        assert_eq!(p.pending_interrupt(), None);
+        assert_eq!(p.stats().acknowledged, 2);
+    }
+
+    #[test]
+    fn rtc_periodic_interrupt_through_the_slave_pic() {
+        let mut p = Platform::new(TSC_HZ);
+        init_pic(&mut p, 0xfb);
+        p.io_write(0xa1, 1, 0xfe, 0); // unmask IRQ8
+        p.io_write(0x70, 1, 0x0a, 0);
+        p.io_write(0x71, 1, 0x2f, 0); // 2 Hz
+        p.io_write(0x70, 1, 0x0b, 0);
+        p.io_write(0x71, 1, 0x42, 0); // PIE, 24 h
+                                      // The handler reads register C, then EOIs slave and master.
+        let got = run(&mut p, 0, TSC_HZ, TSC_HZ / 100, |p, _, now| {
+            p.io_write(0x70, 1, 0x0c, now);
+            p.io_read(0x71, 1, now);
+            p.io_write(0xa0, 1, 0x20, now);
+            p.io_write(0x20, 1, 0x20, now);
+        });
+        assert_eq!(got, [0x38, 0x38]);
+        assert_eq!(p.stats().lines[8].raised, 2);
+    }
+
+    #[test]
+    fn wall_clock_and_nmi_mask() {
+        let mut p = Platform::new(TSC_HZ);
+        p.set_wall_clock(1_709_210_096, 0); // 2024-02-29 12:34:56
+        p.io_write(0x70, 1, 0x80, 0);
+        assert!(p.nmi_masked());
+        assert_eq!(p.io_read(0x71, 1, 3 * TSC_HZ), Some(0x59));
+        p.io_write(0x70, 1, 0x09, 0);
+        assert!(!p.nmi_masked());
+        assert_eq!(p.io_read(0x71, 1, 0), Some(0x24));
+    }
+
+    #[test]
+    fn chipset_mmio_is_claimed() {
+        let p = Platform::new(TSC_HZ);
+        assert!(p.claims_mmio(0xfee0_0030));
+        assert!(p.claims_mmio(0xfec0_0010));
+        assert!(!p.claims_mmio(0xfed0_0000));
     }
 
     #[test]
