@@ -151,6 +151,8 @@ pub struct GuestStats {
     pub exceptions_injected: u64,
     pub unclaimed_port_accesses: u64,
     pub hypercalls: u64,
+    /// Basic reason of the most recent exit.
+    pub last_exit: u16,
 }
 
 impl Default for GuestStats {
@@ -163,6 +165,7 @@ impl Default for GuestStats {
             exceptions_injected: 0,
             unclaimed_port_accesses: 0,
             hypercalls: 0,
+            last_exit: 0,
         }
     }
 }

@@ -87,6 +87,7 @@ pub fn dispatch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let raw = cx.vmcs.read(ReadOnly32::ExitReason);
     let reason = crate::vmx::ExitReasonField::from_raw(raw).basic;
     let basic = (raw & 0xffff) as usize;
+    cx.guest.stats.last_exit = basic as u16;
     if let Some(slot) = cx.guest.stats.exits.get_mut(basic) {
         *slot += 1;
     }
@@ -132,6 +133,25 @@ pub fn dispatch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             )))
         }
     }
+}
+
+/// Whether handling an exit of this kind may have changed the guest's virtual platform (device
+/// registers, pending interrupts, timers) or needs it re-checked (an interrupt window opened).
+/// The run loop skips all device work after the others.
+pub fn may_touch_platform(reason: ExitReason) -> bool {
+    !matches!(
+        reason,
+        ExitReason::Cpuid
+            | ExitReason::Vmcall
+            | ExitReason::Xsetbv
+            | ExitReason::Rdmsr
+            | ExitReason::Invd
+            | ExitReason::Wbinvd
+            | ExitReason::Pause
+            | ExitReason::Getsec
+            | ExitReason::Monitor
+            | ExitReason::Mwait
+    ) && !simple::is_vmx_instruction(reason)
 }
 
 /// Carries out an action's effect on the VMCS. Returns the action for the scheduler to see.
