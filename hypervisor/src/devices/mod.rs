@@ -77,7 +77,9 @@ pub trait Device: Any {
         false
     }
 
-    /// Brings the device's timers up to `cx.now()`, raising the interrupts that fell due.
+    /// Brings the device's timers up to `cx.now()`, raising the interrupts that fell due. The
+    /// platform calls it only once [`Device::next_deadline`] has come, so everything a device
+    /// does on its own (without a register access) must be announced there.
     fn advance(&mut self, cx: &mut DeviceContext<'_>) {
         let _ = cx;
     }
