@@ -46,7 +46,7 @@ pub const IRQ_LINES: usize = 24;
 /// platform splits a 16/32-bit access into byte accesses at successive ports, which is what an
 /// 8-bit ISA device sees of a wide `IN`/`OUT`. MMIO accesses arrive whole, with the offset from the
 /// start of the registered range.
-pub trait Device: Any {
+pub trait Device: Any + Send {
     /// A short name for logs and the bus table.
     fn name(&self) -> &'static str;
 

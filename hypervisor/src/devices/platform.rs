@@ -535,6 +535,12 @@ mod tests {
     const TSC_HZ: u64 = 2_000_000_000;
 
     #[test]
+    fn platform_can_move_between_cpus() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Platform>();
+    }
+
+    #[test]
     fn builtin_map_has_the_standard_ports() {
         let p = Platform::new(TSC_HZ);
         let names: Vec<_> = p.port_bus().mappings().iter().map(|m| m.name).collect();
