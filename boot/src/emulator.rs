@@ -202,7 +202,9 @@ struct RunFiles {
 }
 
 fn prepare(opts: &RunOptions, tools: &HostTools) -> Result<(Command, RunFiles)> {
-    let dir = &opts.work_dir;
+    // The emulator runs in the work directory, so every path it gets must be absolute.
+    let dir = &std::path::absolute(&opts.work_dir)
+        .with_context(|| format!("cannot resolve {}", opts.work_dir.display()))?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let files = RunFiles {
         serial: dir.join("serial.log"),
@@ -286,7 +288,7 @@ fn prepare(opts: &RunOptions, tools: &HostTools) -> Result<(Command, RunFiles)> 
             let cfg = qemu::QemuConfig {
                 kvm: opts.emulator == Emulator::QemuKvm,
                 memory_mib: opts.memory_mib,
-                disk: opts.image.clone(),
+                disk: std::path::absolute(&opts.image)?,
                 ovmf,
                 serial_out: files.serial.clone(),
                 e9_out: files.e9.clone(),

@@ -184,6 +184,45 @@ pub fn build_kernel(root: &Path, release: bool, quiet: bool) -> Result<PathBuf> 
     Ok(elf)
 }
 
+/// `llvm-objcopy` from the toolchain's llvm-tools component (the bootloader build needs that
+/// component anyway), or binutils' `objcopy`.
+fn find_objcopy() -> Option<PathBuf> {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let sysroot = Command::new(rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    let in_sysroot = sysroot.and_then(|root| {
+        let bins = std::fs::read_dir(root.join("lib/rustlib")).ok()?;
+        bins.flatten()
+            .map(|e| e.path().join("bin/llvm-objcopy"))
+            .find(|p| p.is_file())
+    });
+    in_sysroot.or_else(|| crate::tools::find_program("objcopy"))
+}
+
+/// A copy of the kernel without debug information in `out/keel.elf`. The debug kernel is mostly
+/// DWARF (7 MB against 0.35 MB), and every byte of it would be read through the firmware's disk
+/// calls at each boot, which is slow in an emulator. The unstripped ELF stays where cargo put it,
+/// for gdb and addr2line. Without an objcopy the full ELF is used.
+pub fn strip_kernel(elf: &Path, out: &Path) -> Result<PathBuf> {
+    let Some(objcopy) = find_objcopy() else {
+        eprintln!(
+            "keel-boot: no llvm-objcopy or objcopy found: packing the kernel with its debug info"
+        );
+        return Ok(elf.to_path_buf());
+    };
+    let stripped = out.join("keel.elf");
+    write_atomically(&stripped, |tmp| {
+        let mut cmd = Command::new(&objcopy);
+        cmd.arg("--strip-debug").arg(elf).arg(tmp);
+        run_build(cmd, "stripping the kernel", true)
+    })?;
+    Ok(stripped)
+}
+
 /// Builds the guest kernels into `out` with tests/guests/build.sh.
 pub fn build_guests(root: &Path, out: &Path, quiet: bool) -> Result<()> {
     let script = root.join(GUEST_BUILD_SCRIPT);
@@ -274,7 +313,12 @@ pub fn build_images(opts: &ImageOptions) -> Result<Images> {
     write_atomically(&ramdisk, |tmp| {
         std::fs::write(tmp, &archive).with_context(|| format!("cannot write {}", tmp.display()))
     })?;
-    let (bios, uefi) = write_disk_images(&kernel, &ramdisk, &opts.out)?;
+    let packed_kernel = if std::env::var_os("KEEL_NO_STRIP").is_some() {
+        kernel.clone()
+    } else {
+        strip_kernel(&kernel, &opts.out)?
+    };
+    let (bios, uefi) = write_disk_images(&packed_kernel, &ramdisk, &opts.out)?;
     Ok(Images {
         kernel,
         ramdisk,
