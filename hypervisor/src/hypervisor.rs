@@ -133,6 +133,14 @@ struct Vm {
     ept: Ept<Frames>,
     /// Register state that VMX does not switch, saved while another guest runs.
     saved: SavedState,
+    /// Host TSC since which the guest has been runnable but waiting for the CPU. Its clock does
+    /// not advance meanwhile: when it runs again, the wait is taken out of its TSC offset, so its
+    /// timers keep their programmed rate in its own time and no ticks pile up while others run.
+    /// Time spent halted does pass (the guest asked to wait). docs/ARCHITECTURE.md, "Time".
+    waiting_since: Option<u64>,
+    /// Woken from HLT by an interrupt and not run since: scheduled ahead of the rotation, so a
+    /// timer interrupt reaches a waiting guest within its period even while others compute.
+    woken: bool,
 }
 
 /// The MSRs in `exits::msr::PASSTHROUGH` that the VMCS does not switch.
@@ -324,6 +332,8 @@ impl Vm {
             launched: false,
             ept,
             saved,
+            waiting_since: None,
+            woken: false,
         })
     }
 }
@@ -349,20 +359,26 @@ impl Runner {
                     continue;
                 }
                 live += 1;
-                let t = g.now(now);
-                g.platform.advance(t);
-                if g.state == RunState::Halted && g.platform.pending_interrupt().is_some() {
-                    g.state = RunState::Runnable;
+                // A runnable guest waiting for its turn has its clock stopped (see
+                // `Vm::waiting_since`); only halted guests need their timers checked here.
+                if g.state == RunState::Halted {
+                    g.platform.advance(g.now(now));
+                    if g.platform.pending_interrupt().is_some() {
+                        g.state = RunState::Runnable;
+                        vm.waiting_since = Some(now);
+                        vm.woken = true;
+                    }
                 }
             }
             if live == 0 {
                 return;
             }
             let vms = &self.vms;
-            match self
-                .sched
-                .pick(vms.len(), |i| vms[i].guest.state == RunState::Runnable)
-            {
+            match self.sched.pick_urgent_first(
+                vms.len(),
+                |i| vms[i].guest.state == RunState::Runnable,
+                |i| vms[i].woken,
+            ) {
                 Some(i) => self.run_slice(i),
                 None => {
                     // Every live guest is halted: sleep until the earliest guest timer (or at
@@ -403,11 +419,33 @@ impl Runner {
             self.loaded = Some(i);
         }
         let quantum = self.sched.quantum;
+        // When a halted guest's timer falls due, this slice ends early so that guest can run.
+        let others_due = self
+            .vms
+            .iter()
+            .enumerate()
+            .filter(|(j, vm)| *j != i && vm.guest.state == RunState::Halted)
+            .filter_map(|(_, vm)| {
+                vm.guest
+                    .platform
+                    .next_deadline()
+                    .map(|d| vm.guest.host_time(d))
+            })
+            .min();
         let rate = self.caps.preemption_timer_rate();
         let use_timer = self.controls.preemption_timer;
+        let use_offsetting =
+            self.controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0;
         let vm = &mut self.vms[i];
         let mut v = CurrentVmcs;
         let start = cpu::rdtsc();
+        vm.woken = false;
+        if let Some(since) = vm.waiting_since.take() {
+            if use_offsetting {
+                vm.guest.tsc_offset = vm.guest.tsc_offset.wrapping_sub(start - since);
+                v.write(crate::vmx::Control64::TscOffset, vm.guest.tsc_offset);
+            }
+        }
         let deadline = start + quantum;
         let mut xcr0 = vm.guest.xcr0;
         // The guest's platform is only consulted when it may have changed: after an exit that
@@ -429,7 +467,10 @@ impl Runner {
             if use_timer {
                 // Come back at the end of the slice or when one of the guest's own timers falls
                 // due, whichever is first.
-                let until = timer_due.map_or(deadline, |d| d.min(deadline));
+                let until = [timer_due, others_due]
+                    .into_iter()
+                    .flatten()
+                    .fold(deadline, u64::min);
                 let left = until.saturating_sub(now) >> rate;
                 v.write(
                     Guest32::PreemptionTimerValue,
@@ -472,12 +513,14 @@ impl Runner {
             }
             if vm.guest.stats_requested {
                 vm.guest.stats_requested = false;
-                print_stats(self.vms.iter().map(|vm| &vm.guest));
-                return;
+                vm.waiting_since = Some(cpu::rdtsc());
+                break;
             }
             match action {
                 Action::Resume | Action::Advance | Action::AdvanceBy(_) | Action::Inject(_) => {
-                    if cpu::rdtsc() >= deadline {
+                    let t = cpu::rdtsc();
+                    if t >= deadline {
+                        vm.waiting_since = Some(t);
                         return;
                     }
                 }
@@ -485,14 +528,24 @@ impl Runner {
                     vm.guest.state = RunState::Halted;
                     return;
                 }
+                Action::Preempted if others_due.is_some_and(|d| cpu::rdtsc() >= d) => {
+                    vm.waiting_since = Some(cpu::rdtsc());
+                    self.sched.interrupted();
+                    return;
+                }
                 Action::Preempted if cpu::rdtsc() < deadline => {}
-                Action::Yield | Action::Preempted => return,
+                Action::Yield | Action::Preempted => {
+                    vm.waiting_since = Some(cpu::rdtsc());
+                    return;
+                }
                 Action::Stop(reason) => {
                     self.stop(i, reason);
                     return;
                 }
             }
         }
+        // Only the PRINT_STATS hypercall leaves the loop this way.
+        print_stats(self.vms.iter().map(|vm| &vm.guest));
     }
 
     fn stop(&mut self, i: usize, reason: StopReason) {
