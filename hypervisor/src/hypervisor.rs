@@ -95,7 +95,14 @@ pub fn run(machine: MachineInfo) -> ! {
     let (archive, manifest) = manifest;
     let mut vms = Vec::new();
     for (id, cfg) in manifest.guests.iter().enumerate() {
-        match Vm::create(id as u32, cfg, &archive, &caps, &controls, cal.tsc_hz) {
+        let setup = match guest_setup(cfg, archive, &caps, &controls) {
+            Ok(s) => s,
+            Err(e) => {
+                error!("guest {}: not started: {e}", cfg.name);
+                continue;
+            }
+        };
+        match Vm::create(id as u32, setup, cal.tsc_hz) {
             Ok(vm) => vms.push(vm),
             Err(e) => error!("guest {}: not started: {e}", cfg.name),
         }
@@ -138,6 +145,9 @@ struct Vm {
     /// timers keep their programmed rate in its own time and no ticks pile up while others run.
     /// Time spent halted does pass (the guest asked to wait). docs/ARCHITECTURE.md, "Time".
     waiting_since: Option<u64>,
+    setup: Setup,
+    /// How many times the guest has been restarted after dying (manifest key `restart`).
+    restarts: u32,
     /// Woken from HLT by an interrupt and not run since: scheduled ahead of the rotation, so a
     /// timer interrupt reaches a waiting guest within its period even while others compute.
     woken: bool,
@@ -172,6 +182,14 @@ impl SavedState {
         })
     }
 
+    /// Back to power-on: extended state in its init state, MSRs and CR2 zero.
+    fn reset(&mut self) {
+        // SAFETY: the area is this guest's own page.
+        unsafe { core::ptr::write_bytes(mm::phys_to_virt(self.xsave_pa), 0, 4096) };
+        self.msrs = [0; 6];
+        self.cr2 = 0;
+    }
+
     fn save(&mut self, xcr0: u64) {
         if cpu::has_xsave() {
             // SAFETY: a page-aligned 4 KiB area owned by this guest; XCR0 holds this guest's value.
@@ -202,27 +220,46 @@ impl SavedState {
     }
 }
 
+/// The per-guest I/O and MSR bitmaps (every port exits; MSRs per `exits::msr`).
+fn guest_setup(
+    cfg: &GuestConfig,
+    archive: Archive<'static>,
+    caps: &VmxCaps,
+    controls: &ControlSet,
+) -> Result<Setup, String> {
+    let io_a = mm::alloc_zeroed_page().ok_or("out of memory")?;
+    let io_b = mm::alloc_zeroed_page().ok_or("out of memory")?;
+    let msr = mm::alloc_zeroed_page().ok_or("out of memory")?;
+    // SAFETY: three fresh frames owned by this guest's VMCS.
+    unsafe {
+        core::ptr::write_bytes(mm::phys_to_virt(io_a), 0xff, 4096);
+        core::ptr::write_bytes(mm::phys_to_virt(io_b), 0xff, 4096);
+        core::ptr::copy_nonoverlapping(exits::msr::bitmap().as_ptr(), mm::phys_to_virt(msr), 4096);
+    }
+    Ok(Setup {
+        cfg: cfg.clone(),
+        archive,
+        caps: *caps,
+        controls: *controls,
+        io_bitmaps: (io_a, io_b),
+        msr_bitmap: msr,
+    })
+}
+
+/// What is fixed for a guest's whole life: where its image comes from and what the CPU allows.
+struct Setup {
+    cfg: GuestConfig,
+    archive: Archive<'static>,
+    caps: VmxCaps,
+    controls: ControlSet,
+    io_bitmaps: (u64, u64),
+    msr_bitmap: u64,
+}
+
 impl Vm {
-    fn create(
-        id: u32,
-        cfg: &GuestConfig,
-        archive: &Archive,
-        caps: &VmxCaps,
-        controls: &ControlSet,
-        tsc_hz: u64,
-    ) -> Result<Self, String> {
-        let image = archive
-            .get(&cfg.image)
-            .ok_or_else(|| alloc::format!("image {} is not in the ramdisk", cfg.image))?;
-        let mut modules = Vec::new();
-        for m in &cfg.modules {
-            modules.push((
-                m.as_str(),
-                archive
-                    .get(m)
-                    .ok_or_else(|| alloc::format!("module {m} is not in the ramdisk"))?,
-            ));
-        }
+    /// Allocates everything a guest needs (RAM, EPT, bitmaps, VMCS, save area) and boots it.
+    fn create(id: u32, setup: Setup, tsc_hz: u64) -> Result<Self, String> {
+        let cfg = &setup.cfg;
         let hpa = mm::FRAMES
             .lock()
             .alloc(cfg.memory, 2 << 20)
@@ -230,21 +267,10 @@ impl Vm {
         // SAFETY: the block was just allocated for this guest alone and is mapped at phys_to_virt.
         let mem =
             unsafe { core::slice::from_raw_parts_mut(mm::phys_to_virt(hpa), cfg.memory as usize) };
-        mem.fill(0);
         // SAFETY: as above: the guest owns the block until it is destroyed.
-        let mut ram = unsafe { GuestRam::new(mem, hpa) };
-        let st = loader::load(
-            ram.bytes(),
-            &LoadRequest {
-                cfg,
-                image,
-                modules: &modules,
-                guest_id: id,
-            },
-        )
-        .map_err(|e| alloc::format!("{e}"))?;
-
-        let mut ept = Ept::new(Frames, caps.ept_1g_pages()).map_err(|e| alloc::format!("{e}"))?;
+        let ram = unsafe { GuestRam::new(mem, hpa) };
+        let mut ept =
+            Ept::new(Frames, setup.caps.ept_1g_pages()).map_err(|e| alloc::format!("{e}"))?;
         ept.map(
             0,
             hpa,
@@ -253,41 +279,96 @@ impl Vm {
             MemType::WriteBack,
         )
         .map_err(|e| alloc::format!("{e}"))?;
+        let vmcs = VmcsRegion::new(setup.caps.revision_id()).ok_or("out of memory")?;
+        let saved = SavedState::new().ok_or("out of memory")?;
+        let guest = Guest {
+            id,
+            name: cfg.name.clone(),
+            ram,
+            platform: Platform::new(tsc_hz),
+            regs: GuestRegs::default(),
+            state: RunState::Runnable,
+            stats: GuestStats::default(),
+            cr0_shadow: 0,
+            cr4_shadow: 0,
+            cr0_rules: GuestCr::cr0(&setup.caps, true),
+            cr4_rules: GuestCr::cr4(&setup.caps),
+            apic_base: exits::msr::APIC_BASE_DEFAULT,
+            misc_enable: 1,
+            mtrr_def_type: 0,
+            xcr0: 1,
+            stats_requested: false,
+            tsc_offset: 0,
+        };
+        let mut vm = Self {
+            guest,
+            vmcs,
+            launched: false,
+            ept,
+            saved,
+            waiting_since: None,
+            woken: false,
+            setup,
+            restarts: 0,
+        };
+        vm.boot()?;
+        Ok(vm)
+    }
 
-        let io_a = mm::alloc_zeroed_page().ok_or("out of memory")?;
-        let io_b = mm::alloc_zeroed_page().ok_or("out of memory")?;
-        let msr = mm::alloc_zeroed_page().ok_or("out of memory")?;
-        // SAFETY: three fresh frames owned by this guest's VMCS.
-        unsafe {
-            core::ptr::write_bytes(mm::phys_to_virt(io_a), 0xff, 4096);
-            core::ptr::write_bytes(mm::phys_to_virt(io_b), 0xff, 4096);
-            core::ptr::copy_nonoverlapping(
-                exits::msr::bitmap().as_ptr(),
-                mm::phys_to_virt(msr),
-                4096,
-            );
+    /// (Re)starts the guest from its image: fresh RAM contents, devices, registers and VMCS.
+    /// Leaves this guest's VMCS current on the CPU.
+    fn boot(&mut self) -> Result<(), String> {
+        let setup = &self.setup;
+        let mut cfg = setup.cfg.clone();
+        if self.restarts > 0 {
+            cfg.cmdline = alloc::format!("{} restart={}", cfg.cmdline, self.restarts)
+                .trim_start()
+                .into();
         }
-        let vmcs = VmcsRegion::new(caps.revision_id()).ok_or("out of memory")?;
-        vmcs.load();
+        let image = setup
+            .archive
+            .get(&cfg.image)
+            .ok_or_else(|| alloc::format!("image {} is not in the ramdisk", cfg.image))?;
+        let mut modules = Vec::new();
+        for m in &cfg.modules {
+            let data = setup
+                .archive
+                .get(m)
+                .ok_or_else(|| alloc::format!("module {m} is not in the ramdisk"))?;
+            modules.push((m.as_str(), data));
+        }
+        let g = &mut self.guest;
+        g.ram.bytes().fill(0);
+        let req = LoadRequest {
+            cfg: &cfg,
+            image,
+            modules: &modules,
+            guest_id: g.id,
+        };
+        let st = loader::load(g.ram.bytes(), &req).map_err(|e| alloc::format!("{e}"))?;
+
+        self.vmcs.clear();
+        self.vmcs.load();
+        self.launched = false;
         let mut v = CurrentVmcs;
-        let tsc_offset = if controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0 {
+        let id = g.id;
+        vcpu::write_controls(
+            &mut v,
+            &setup.controls,
+            setup.io_bitmaps,
+            setup.msr_bitmap,
+            self.ept.eptp(),
+            id as u16 + 1,
+        );
+        arch::vmcs::write_host_state(&mut v);
+        let shadows = vcpu::write_guest_state(&mut v, &st, &g.cr0_rules, &g.cr4_rules);
+        g.tsc_offset = if setup.controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0 {
             0u64.wrapping_sub(cpu::rdtsc())
         } else {
             0
         };
-        let cr0_rules = GuestCr::cr0(caps, true);
-        let cr4_rules = GuestCr::cr4(caps);
-        vcpu::write_controls(
-            &mut v,
-            controls,
-            (io_a, io_b),
-            msr,
-            ept.eptp(),
-            id as u16 + 1,
-        );
-        arch::vmcs::write_host_state(&mut v);
-        let shadows = vcpu::write_guest_state(&mut v, &st, &cr0_rules, &cr4_rules);
-        let regs = GuestRegs {
+        v.write(crate::vmx::Control64::TscOffset, g.tsc_offset);
+        g.regs = GuestRegs {
             rax: st.rax,
             rbx: st.rbx,
             rcx: st.rcx,
@@ -296,45 +377,32 @@ impl Vm {
             rdi: st.rdi,
             ..Default::default()
         };
+        g.cr0_shadow = shadows.cr0;
+        g.cr4_shadow = shadows.cr4;
+        g.platform = Platform::new(g.platform.tsc_hz());
+        g.state = RunState::Runnable;
+        g.apic_base = exits::msr::APIC_BASE_DEFAULT;
+        g.misc_enable = 1;
+        g.mtrr_def_type = 0;
+        g.xcr0 = 1;
+        self.saved.reset();
+        self.waiting_since = None;
         info!(
-            "guest {id} {}: {:?} {} KiB image, {} MiB RAM at {hpa:#x}, entry {:?} mode at {:#x}",
+            "guest {id} {}: {:?} {} KiB image, {} MiB RAM at {:#x}, entry {:?} mode at {:#x}{}",
             cfg.name,
             cfg.kind,
             image.len() >> 10,
             cfg.memory >> 20,
+            g.ram.hpa,
             st.mode,
-            st.rip
+            st.rip,
+            if self.restarts > 0 {
+                alloc::format!(" (restart {})", self.restarts)
+            } else {
+                String::new()
+            }
         );
-        let guest = Guest {
-            id,
-            name: cfg.name.clone(),
-            ram,
-            platform: Platform::new(tsc_hz),
-            regs,
-            state: RunState::Runnable,
-            stats: GuestStats::default(),
-            cr0_shadow: shadows.cr0,
-            cr4_shadow: shadows.cr4,
-            cr0_rules,
-            cr4_rules,
-            apic_base: exits::msr::APIC_BASE_DEFAULT,
-            misc_enable: 1,
-            mtrr_def_type: 0,
-            xcr0: 1,
-            stats_requested: false,
-            tsc_offset,
-        };
-        let saved = SavedState::new().ok_or("out of memory")?;
-        v.write(crate::vmx::Control64::TscOffset, tsc_offset);
-        Ok(Self {
-            guest,
-            vmcs,
-            launched: false,
-            ept,
-            saved,
-            waiting_since: None,
-            woken: false,
-        })
+        Ok(())
     }
 }
 
@@ -560,7 +628,23 @@ impl Runner {
             }
             _ => error!("guest {} stopped: {reason}", g.name),
         }
-        g.state = RunState::Stopped(reason);
+        let died = !matches!(reason, StopReason::DebugExit(_) | StopReason::Shutdown(_));
+        let vm = &mut self.vms[i];
+        if died && vm.restarts < vm.setup.cfg.restart {
+            vm.restarts += 1;
+            match vm.boot() {
+                Ok(()) => {
+                    // `boot` made this guest's VMCS current; its extended state, XCR0 and MSRs
+                    // go back to their power-on values too.
+                    vm.saved.restore(vm.guest.xcr0);
+                    self.loaded = Some(i);
+                    return;
+                }
+                Err(e) => error!("guest {}: restart failed: {e}", vm.guest.name),
+            }
+            self.loaded = Some(i);
+        }
+        vm.guest.state = RunState::Stopped(reason);
     }
 
     fn report(&self) {

@@ -16,7 +16,12 @@
 //! load = 0x7c00            # flat: load address (default 0x7c00)
 //! entry = 0x7c00           # flat: entry point (default: load)
 //! modules = initrd.img     # multiboot: archive entries passed as modules
+//! restart = 100            # restart the guest up to 100 times when it dies (default 0)
 //! ```
+//!
+//! A guest "dies" when Keel stops it for any reason other than its own debug-exit or SHUTDOWN
+//! hypercall (a triple fault, a bad memory access, ...). A restarted guest is reloaded from its
+//! image with ` restart=<k>` appended to its command line.
 //!
 //! docs/GUESTS.md documents the same format for users.
 
@@ -44,6 +49,8 @@ pub struct GuestConfig {
     pub load: u64,
     pub entry: u64,
     pub modules: Vec<String>,
+    /// How many times to restart the guest after it dies.
+    pub restart: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +114,7 @@ struct Partial {
     load: Option<u64>,
     entry: Option<u64>,
     modules: Vec<String>,
+    restart: u32,
 }
 
 impl Partial {
@@ -133,6 +141,7 @@ impl Partial {
             load,
             entry: self.entry.unwrap_or(load),
             modules: self.modules,
+            restart: self.restart,
         })
     }
 }
@@ -187,6 +196,7 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     load: None,
                     entry: None,
                     modules: Vec::new(),
+                    restart: 0,
                 });
             } else {
                 return Err(err(line_no, format_args!("unknown section [{section}]")));
@@ -249,6 +259,12 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     Some(parse_u64(value).ok_or_else(|| err(line_no, "entry must be a number"))?)
             }
             "modules" => g.modules = value.split_whitespace().map(|s| s.to_string()).collect(),
+            "restart" => {
+                g.restart = parse_u64(value)
+                    .filter(|&r| r <= 1_000_000)
+                    .ok_or_else(|| err(line_no, "restart must be a number up to 1000000"))?
+                    as u32
+            }
             _ => return Err(err(line_no, format_args!("unknown key {key}"))),
         }
     }
@@ -279,6 +295,7 @@ image = mb.elf
 memory = 0x400000
 cmdline = console=ttyS0 # kept
 modules = a b
+restart = 7
 ";
 
     #[test]
@@ -296,6 +313,7 @@ modules = a b
         assert_eq!(g.memory, 4 << 20);
         assert_eq!(g.cmdline, "console=ttyS0 # kept");
         assert_eq!(g.modules, ["a", "b"]);
+        assert_eq!((g.restart, m.guests[0].restart), (7, 0));
     }
 
     #[test]

@@ -68,6 +68,12 @@ impl VmcsRegion {
         Some(r)
     }
 
+    /// VMCLEAR: writes back any cached state and makes the next entry a VMLAUNCH (SDM 25.11.3).
+    pub fn clear(&self) {
+        // SAFETY: the region is a VMCS of this CPU's revision.
+        unsafe { asm!("vmclear [{}]", in(reg) &self.pa) };
+    }
+
     /// Makes this the current VMCS (VMPTRLD).
     pub fn load(&self) {
         let flags: u64;

@@ -474,6 +474,7 @@ pub(crate) mod test_util {
             load: crate::manifest::DEFAULT_FLAT_LOAD,
             entry: crate::manifest::DEFAULT_FLAT_LOAD,
             modules: Vec::<String>::new(),
+            restart: 0,
         }
     }
 
