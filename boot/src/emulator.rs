@@ -311,8 +311,8 @@ fn prepare(opts: &RunOptions, tools: &HostTools) -> Result<(Command, RunFiles)> 
     Ok((cmd, files))
 }
 
-/// Processes in process group `pgid` whose command name is `comm`, read from /proc.
-fn group_members_named(pgid: i32, comm: &str) -> Vec<i32> {
+/// Processes in process group `pgid` whose command name is one of `names`, read from /proc.
+fn group_members_named(pgid: i32, names: &[&str]) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -329,7 +329,7 @@ fn group_members_named(pgid: i32, comm: &str) -> Vec<i32> {
             };
             let name = &stat[open + 1..close];
             let pgrp = stat[close + 1..].split_whitespace().nth(2);
-            name == comm && pgrp.and_then(|p| p.parse::<i32>().ok()) == Some(pgid)
+            names.contains(&name) && pgrp.and_then(|p| p.parse::<i32>().ok()) == Some(pgid)
         })
         .collect()
 }
@@ -356,7 +356,8 @@ fn stop(child: &mut Child, emulator: Emulator) -> Option<ExitStatus> {
     }
     let pgid = child.id() as i32;
     let leaf = match emulator {
-        Emulator::Bochs => group_members_named(pgid, "bochs"),
+        // Debian's /usr/bin/bochs is a script that execs `bochs-bin`.
+        Emulator::Bochs => group_members_named(pgid, &["bochs", "bochs-bin"]),
         Emulator::Qemu | Emulator::QemuKvm => vec![pgid],
     };
     for sig in [libc::SIGTERM, libc::SIGKILL] {
@@ -368,6 +369,8 @@ fn stop(child: &mut Child, emulator: Emulator) -> Option<ExitStatus> {
             return Some(status);
         }
     }
+    // Reached only when no emulator process was found in the group or it did not go away; the X
+    // server may then leave its lock file in /tmp.
     // SAFETY: a negative pid names the process group created for this child alone.
     unsafe { libc::kill(-pgid, libc::SIGKILL) };
     wait_until(child, Duration::from_secs(5))
