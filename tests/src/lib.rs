@@ -147,6 +147,11 @@ pub fn shared_boot(spec: &'static BootSpec) -> Arc<Outcome> {
     }
 }
 
+/// How Keel prefixes a guest's console lines on COM1.
+pub fn guest_prefix(name: &str) -> String {
+    format!("[{name}] ")
+}
+
 fn secs(d: Option<Duration>) -> String {
     d.map_or("-".into(), |d| format!("{:.1} s", d.as_secs_f64()))
 }
@@ -212,6 +217,32 @@ impl Outcome {
     pub fn expect_no_line(&self, needle: &str) {
         if let Some(line) = self.find_line(needle) {
             self.fail(&format!("unexpected COM1 line `{line}`"));
+        }
+    }
+
+    /// The console lines of guest `name` (Keel prints them as `[name] text`), prefix removed.
+    pub fn guest_lines<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a str> + 'a {
+        let prefix = guest_prefix(name);
+        self.lines()
+            .filter_map(move |l| l.strip_prefix(prefix.as_str()))
+    }
+
+    /// The first console line of guest `name` that contains `needle`; fails the test if none.
+    #[track_caller]
+    pub fn expect_guest_line(&self, name: &str, needle: &str) -> &str {
+        match self.guest_lines(name).find(|l| l.contains(needle)) {
+            Some(line) => line,
+            None => self.fail(&format!(
+                "guest {name} printed no line containing `{needle}`"
+            )),
+        }
+    }
+
+    /// Fails if guest `name` printed a line containing `needle`.
+    #[track_caller]
+    pub fn expect_no_guest_line(&self, name: &str, needle: &str) {
+        if let Some(line) = self.guest_lines(name).find(|l| l.contains(needle)) {
+            self.fail(&format!("guest {name} printed `{line}`"));
         }
     }
 
@@ -345,6 +376,22 @@ mod tests {
             o.expect_some_keel_status();
         })
         .contains("without `keel: exit status`"));
+    }
+
+    #[test]
+    fn guest_lines_are_split_by_prefix() {
+        let o = outcome("[a] a: hello\n[ab] ab: hello\nkeel: [a] not a guest line\n[a] a: done\n");
+        assert_eq!(
+            o.guest_lines("a").collect::<Vec<_>>(),
+            ["a: hello", "a: done"]
+        );
+        assert_eq!(o.expect_guest_line("ab", "hello"), "ab: hello");
+        o.expect_no_guest_line("ab", "done");
+        assert!(failure(|| {
+            o.expect_guest_line("ab", "done");
+        })
+        .contains("guest ab printed no line containing `done`"));
+        assert!(failure(|| o.expect_no_guest_line("a", "done")).contains("printed `a: done`"));
     }
 
     #[test]

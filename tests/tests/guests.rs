@@ -1,0 +1,160 @@
+//! Keel running the guests of tests/guests (their output contract is in tests/guests/README.md):
+//! one guest of every kind, and a set of guests that misbehave on purpose next to a good one.
+
+use keel_tests::{shared_boot, BootSpec, Emulator, Firmware, Manifest, Outcome};
+
+static KINDS: BootSpec = BootSpec {
+    name: "bochs-bios-kinds",
+    manifest: Manifest::File("tests/guests/manifests/kinds.manifest"),
+    emulator: Emulator::Bochs,
+    firmware: Firmware::Bios,
+    timeout: None,
+};
+
+static ISOLATION: BootSpec = BootSpec {
+    name: "bochs-bios-isolation",
+    manifest: Manifest::File("tests/guests/manifests/isolation.manifest"),
+    emulator: Emulator::Bochs,
+    firmware: Firmware::Bios,
+    timeout: None,
+};
+
+static DEMO_UEFI: BootSpec = BootSpec {
+    name: "bochs-uefi-demo",
+    manifest: Manifest::File("tests/guests/manifests/demo.manifest"),
+    emulator: Emulator::Bochs,
+    firmware: Firmware::Uefi,
+    timeout: None,
+};
+
+/// Keel's status when every guest ran to its end: `ExitCode::Completed` (0) as `(0 << 1) | 1`.
+const COMPLETED: u32 = 1;
+
+/// The guests of kinds.manifest in manifest order (their guest ids): name (the manifest's and
+/// the guest's own), the mode it says hello from, the code it writes to port 0xf4.
+const KIND_GUESTS: [(&str, &str, u32); 4] = [
+    ("real16", "real mode", 0x10),
+    ("pm32", "protected mode", 0x11),
+    ("mb32", "protected mode", 0x12),
+    ("long64", "long mode", 0x13),
+];
+
+/// Keel reports how a guest ended on a line `keel: guest NAME ended: debug-exit status 0xNN`.
+#[track_caller]
+fn expect_guest_status(boot: &Outcome, guest: &str, port_f4_code: u32) {
+    let status = format!("status {:#x}", (port_f4_code << 1) | 1);
+    let prefix = format!("keel: guest {guest} ");
+    if !boot
+        .lines()
+        .any(|l| l.starts_with(&prefix) && l.contains(&status))
+    {
+        boot.fail(&format!("no `{prefix}... {status}` line"));
+    }
+}
+
+/// Keel's report of a guest it stopped: `keel: error: guest NAME stopped: WHY`.
+#[track_caller]
+fn expect_guest_stopped(boot: &Outcome, guest: &str, why: &str) {
+    let line = boot.expect_line(&format!("keel: error: guest {guest} stopped"));
+    if !line.contains(why) {
+        boot.fail(&format!(
+            "guest {guest} was stopped, but not for `{why}`: `{line}`"
+        ));
+    }
+}
+
+#[test]
+fn every_kind_says_hello_in_its_own_mode() {
+    let boot = shared_boot(&KINDS);
+    for (name, mode, _) in KIND_GUESTS {
+        boot.expect_guest_line(name, &format!("{name}: hello from {mode}"));
+    }
+}
+
+#[test]
+fn every_kind_sees_keel_through_cpuid_and_hypercalls() {
+    let boot = shared_boot(&KINDS);
+    for (id, (name, _, _)) in KIND_GUESTS.iter().enumerate() {
+        boot.expect_guest_line(name, "cpuid sig=KeelKeelKeel hv=1 vmx=0");
+        boot.expect_guest_line(name, &format!("{name}: vmcall id={id}"));
+        boot.expect_guest_line(name, "via hypercall");
+        boot.expect_guest_line(name, "enosys ok");
+    }
+}
+
+#[test]
+fn every_kind_wakes_from_hlt_on_the_timer() {
+    let boot = shared_boot(&KINDS);
+    for (name, _, _) in KIND_GUESTS {
+        boot.expect_guest_line(name, "hlt ok");
+    }
+}
+
+#[test]
+fn every_kind_ends_with_its_own_status() {
+    let boot = shared_boot(&KINDS);
+    for (name, _, code) in KIND_GUESTS {
+        boot.expect_in_order(&[
+            &format!("[{name}] {name}: hello"),
+            &format!("[{name}] {name}: done"),
+        ]);
+        expect_guest_status(&boot, name, code);
+    }
+    boot.expect_keel_status(COMPLETED);
+}
+
+#[test]
+fn guests_get_their_command_lines_and_memory() {
+    let boot = shared_boot(&KINDS);
+    boot.expect_guest_line("pm32", "cmdline=pm32 says hi ram=16777216");
+    boot.expect_guest_line("long64", "cmdline=mode=good ram=16777216");
+    boot.expect_guest_line("mb32", "cmdline=mb32 says hi");
+    boot.expect_guest_line("mb32", "mods=1");
+    let module = boot.expect_guest_line("mb32", "module real16.bin size=");
+    let size = module
+        .rsplit('=')
+        .next()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    if !size.is_some_and(|s| s > 0) {
+        boot.fail(&format!("bad module size in `{module}`"));
+    }
+}
+
+#[test]
+fn no_kind_reports_a_failure() {
+    let boot = shared_boot(&KINDS);
+    for (name, _, _) in KIND_GUESTS {
+        for bad in ["BAD", "exception", "panic", "#UD"] {
+            boot.expect_no_guest_line(name, bad);
+        }
+    }
+    boot.expect_no_line("keel: error");
+    boot.expect_no_line("keel: fatal");
+}
+
+#[test]
+fn faulting_guests_are_contained_and_the_good_one_finishes() {
+    let boot = shared_boot(&ISOLATION);
+    boot.expect_guest_line("vmxon", "vmxon -> #UD");
+    expect_guest_status(&boot, "vmxon", 0x20);
+    boot.expect_guest_line("cr4vmxe", "cr4.vmxe -> #GP");
+    expect_guest_status(&boot, "cr4vmxe", 0x21);
+    boot.expect_guest_line("wild", "wild write");
+    expect_guest_stopped(&boot, "wild", "0x40000000");
+    boot.expect_guest_line("triple", "long64: triple");
+    expect_guest_stopped(&boot, "triple", "triple fault");
+    boot.expect_guest_line("good", "long64: done");
+    expect_guest_status(&boot, "good", 0x13);
+    boot.expect_keel_status(COMPLETED);
+    boot.expect_no_line("keel: fatal");
+}
+
+#[test]
+fn demo_completes_under_uefi() {
+    let boot = shared_boot(&DEMO_UEFI);
+    boot.expect_line("keel: firmware Uefi");
+    boot.expect_keel_status(COMPLETED);
+    boot.expect_no_line("keel: fatal");
+    boot.expect_no_line("keel: error");
+    boot.expect_no_line("PANIC");
+}
