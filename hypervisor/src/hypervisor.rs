@@ -521,6 +521,8 @@ impl Runner {
         // cost no device work at all (docs/BENCHMARKS.md).
         let mut touched = true;
         let mut timer_due: Option<u64> = None;
+        let mut armed_for: Option<u64> = None;
+        let keep_timer = self.controls.save_preemption_timer;
         loop {
             let now = cpu::rdtsc();
             if touched || timer_due.is_some_and(|d| now >= d) {
@@ -534,16 +536,20 @@ impl Runner {
             }
             if use_timer {
                 // Come back at the end of the slice or when one of the guest's own timers falls
-                // due, whichever is first.
+                // due, whichever is first. With "save preemption timer value" the count left is
+                // kept across exits, so it is only rewritten when that moment changes.
                 let until = [timer_due, others_due]
                     .into_iter()
                     .flatten()
                     .fold(deadline, u64::min);
-                let left = until.saturating_sub(now) >> rate;
-                v.write(
-                    Guest32::PreemptionTimerValue,
-                    left.min(u32::MAX as u64) as u32,
-                );
+                if armed_for != Some(until) || !keep_timer {
+                    let left = until.saturating_sub(now) >> rate;
+                    v.write(
+                        Guest32::PreemptionTimerValue,
+                        left.min(u32::MAX as u64) as u32,
+                    );
+                    armed_for = Some(until);
+                }
             }
             let t0 = cpu::rdtsc();
             let entered = arch::vmcs::enter(&mut vm.guest.regs, vm.launched);

@@ -13,43 +13,48 @@ pub struct CurrentVmcs;
 impl VmcsAccess for CurrentVmcs {
     fn read_raw(&self, encoding: u32) -> u64 {
         let value: u64;
-        let flags: u64;
-        // SAFETY: VMREAD of a field of the current VMCS; failure is reported through RFLAGS.
+        let failed: u8;
+        // SAFETY: VMREAD of a field of the current VMCS; failure is reported through CF/ZF
+        // (SDM 31.2), tested with SETBE so the hot path has no PUSHF.
         unsafe {
-            asm!("vmread {v}, {e}", "pushfq", "pop {f}", v = out(reg) value, e = in(reg) encoding as u64, f = out(reg) flags)
+            asm!("vmread {v}, {e}", "setbe {f}", v = out(reg) value, e = in(reg) encoding as u64, f = out(reg_byte) failed, options(nostack))
         };
-        if flags & 0x41 != 0 {
-            vm_instruction_failed("VMREAD", encoding, flags);
+        if failed != 0 {
+            vm_instruction_failed("VMREAD", encoding);
         }
         value
     }
 
     fn write_raw(&mut self, encoding: u32, value: u64) {
-        let flags: u64;
-        // SAFETY: VMWRITE of a field of the current VMCS; failure is reported through RFLAGS.
+        let failed: u8;
+        // SAFETY: VMWRITE of a field of the current VMCS; failure is reported through CF/ZF.
         unsafe {
-            asm!("vmwrite {e}, {v}", "pushfq", "pop {f}", e = in(reg) encoding as u64, v = in(reg) value, f = out(reg) flags)
+            asm!("vmwrite {e}, {v}", "setbe {f}", e = in(reg) encoding as u64, v = in(reg) value, f = out(reg_byte) failed, options(nostack))
         };
-        if flags & 0x41 != 0 {
-            vm_instruction_failed("VMWRITE", encoding, flags);
+        if failed != 0 {
+            vm_instruction_failed("VMWRITE", encoding);
         }
     }
 }
 
 /// A failed VMREAD/VMWRITE is a Keel bug (wrong encoding or no current VMCS): stop loudly.
-fn vm_instruction_failed(what: &str, encoding: u32, flags: u64) -> ! {
+#[cold]
+fn vm_instruction_failed(what: &str, encoding: u32) -> ! {
     let name = crate::vmx::fields::field_name(encoding);
-    if flags & 0x40 != 0 {
-        // VMfailValid: the error number is in the current VMCS (SDM 31.4). Read it directly.
-        let err: u64;
-        // SAFETY: reading the VM-instruction error field of the current VMCS.
-        unsafe { asm!("vmread {v}, {e}", v = out(reg) err, e = in(reg) 0x4400u64) };
-        panic!(
-            "{what} {encoding:#x} {name:?} failed: {}",
-            crate::vmx::VmInstructionError::from_raw(err as u32)
-        );
+    let err: u64;
+    let invalid: u8;
+    // SAFETY: reading the VM-instruction error field; with no current VMCS this fails too (CF=1).
+    unsafe {
+        asm!("vmread {v}, {e}", "setc {f}", v = out(reg) err, e = in(reg) 0x4400u64, f = out(reg_byte) invalid, options(nostack))
+    };
+    if invalid != 0 {
+        panic!("{what} {encoding:#x} {name:?} failed: no current VMCS (VMfailInvalid)");
     }
-    panic!("{what} {encoding:#x} {name:?} failed: no current VMCS (VMfailInvalid)");
+    // VMfailValid: the error number is in the current VMCS (SDM 31.4).
+    panic!(
+        "{what} {encoding:#x} {name:?} failed: {}",
+        crate::vmx::VmInstructionError::from_raw(err as u32)
+    );
 }
 
 /// A VMCS region in Keel's memory.

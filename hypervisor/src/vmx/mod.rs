@@ -24,6 +24,7 @@ macro_rules! numbered_enum {
         }
 
         impl $name {
+            #[inline]
             pub const fn $from(number: $int) -> Self {
                 match number {
                     $( $num => Self::$variant, )+
@@ -31,6 +32,7 @@ macro_rules! numbered_enum {
                 }
             }
 
+            #[inline]
             pub const fn number(self) -> $int {
                 match self {
                     $( Self::$variant => $num, )+
