@@ -132,8 +132,11 @@ pub enum RunState {
     Runnable,
     /// Executed HLT; runnable again when an interrupt is pending for it.
     Halted,
-    /// Paused from the management API; not scheduled until resumed.
-    Paused,
+    /// Paused from the management API; not scheduled until resumed. `halted` remembers whether
+    /// it was waiting in HLT, so resuming puts it back exactly where it was.
+    Paused {
+        halted: bool,
+    },
     Stopped(StopReason),
 }
 
@@ -240,6 +243,60 @@ pub struct Guest {
     pub tsc_offset: u64,
 }
 
+/// A management request that does not fit the guest's current state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlError {
+    AlreadyStopped,
+    NotPaused,
+    AlreadyPaused,
+}
+
+impl core::fmt::Display for ControlError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::AlreadyStopped => "the guest has stopped",
+            Self::NotPaused => "the guest is not paused",
+            Self::AlreadyPaused => "the guest is already paused",
+        })
+    }
+}
+
+impl RunState {
+    /// Pause: the guest keeps all its state but is not scheduled.
+    pub fn pause(&mut self) -> Result<(), ControlError> {
+        *self = match self {
+            RunState::Runnable => RunState::Paused { halted: false },
+            RunState::Halted => RunState::Paused { halted: true },
+            RunState::Paused { .. } => return Err(ControlError::AlreadyPaused),
+            RunState::Stopped(_) => return Err(ControlError::AlreadyStopped),
+        };
+        Ok(())
+    }
+
+    pub fn resume(&mut self) -> Result<(), ControlError> {
+        *self = match self {
+            RunState::Paused { halted: true } => RunState::Halted,
+            RunState::Paused { halted: false } => RunState::Runnable,
+            RunState::Stopped(_) => return Err(ControlError::AlreadyStopped),
+            _ => return Err(ControlError::NotPaused),
+        };
+        Ok(())
+    }
+
+    /// Stop for good (a running, halted or paused guest).
+    pub fn stop(&mut self, reason: StopReason) -> Result<(), ControlError> {
+        if matches!(self, RunState::Stopped(_)) {
+            return Err(ControlError::AlreadyStopped);
+        }
+        *self = RunState::Stopped(reason);
+        Ok(())
+    }
+
+    pub fn is_live(&self) -> bool {
+        !matches!(self, RunState::Stopped(_))
+    }
+}
+
 impl Guest {
     /// The guest's TSC (its virtual time) at host TSC `host_tsc`.
     pub fn now(&self, host_tsc: u64) -> u64 {
@@ -249,5 +306,37 @@ impl Guest {
     /// The host TSC at which the guest's TSC reads `guest_tsc`.
     pub fn host_time(&self, guest_tsc: u64) -> u64 {
         guest_tsc.wrapping_sub(self.tsc_offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pause_resume_stop() {
+        let mut s = RunState::Halted;
+        s.pause().unwrap();
+        assert_eq!(s, RunState::Paused { halted: true });
+        assert_eq!(s.pause(), Err(ControlError::AlreadyPaused));
+        s.resume().unwrap();
+        assert_eq!(s, RunState::Halted, "a paused HLT goes back to waiting");
+        let mut r = RunState::Runnable;
+        assert_eq!(r.resume(), Err(ControlError::NotPaused));
+        r.pause().unwrap();
+        r.stop(StopReason::Killed("operator".into())).unwrap();
+        assert!(!r.is_live());
+        assert_eq!(r.resume(), Err(ControlError::AlreadyStopped));
+        assert_eq!(
+            r.stop(StopReason::TripleFault),
+            Err(ControlError::AlreadyStopped)
+        );
+    }
+
+    #[test]
+    fn status_of_each_ending() {
+        assert_eq!(StopReason::DebugExit(0x21).status(), 0x21);
+        assert_eq!(StopReason::Shutdown(3).status(), 7);
+        assert_eq!(StopReason::TripleFault.status(), 0);
     }
 }

@@ -133,7 +133,7 @@ pub fn run(machine: MachineInfo) -> ! {
 
 /// One guest on the hardware: its VMCS and the structures the VMCS points to, plus the
 /// hardware-independent [`Guest`].
-struct Vm {
+pub struct Vm {
     guest: Guest,
     vmcs: VmcsRegion,
     launched: bool,
@@ -247,7 +247,7 @@ fn guest_setup(
 }
 
 /// What is fixed for a guest's whole life: where its image comes from and what the CPU allows.
-struct Setup {
+pub struct Setup {
     cfg: GuestConfig,
     archive: Archive<'static>,
     caps: VmxCaps,
@@ -406,7 +406,7 @@ impl Vm {
     }
 }
 
-struct Runner {
+pub struct Runner {
     vms: Vec<Vm>,
     sched: RoundRobin,
     /// Index of the VMCS currently loaded on the CPU.
@@ -417,8 +417,64 @@ struct Runner {
 }
 
 impl Runner {
+    /// Adds a guest while the others run: it is scheduled from the next pick on.
+    pub fn add_guest(&mut self, setup: Setup, tsc_hz: u64) -> Result<u32, String> {
+        let id = self.vms.len() as u32;
+        let vm = Vm::create(id, setup, tsc_hz)?;
+        // `create` made the new guest's VMCS current.
+        self.loaded = None;
+        self.vms.push(vm);
+        Ok(id)
+    }
+
+    /// Pauses a guest: it keeps its state and is not scheduled until resumed.
+    pub fn pause(&mut self, id: usize) -> Result<(), String> {
+        let vm = self.vms.get_mut(id).ok_or("no such guest")?;
+        vm.guest.state.pause().map_err(|e| alloc::format!("{e}"))?;
+        info!("guest {} paused", vm.guest.name);
+        Ok(())
+    }
+
+    pub fn resume(&mut self, id: usize) -> Result<(), String> {
+        let vm = self.vms.get_mut(id).ok_or("no such guest")?;
+        vm.guest.state.resume().map_err(|e| alloc::format!("{e}"))?;
+        // Its clock stopped while paused, as while waiting for the CPU.
+        vm.waiting_since.get_or_insert(cpu::rdtsc());
+        info!("guest {} resumed", vm.guest.name);
+        Ok(())
+    }
+
+    /// Stops a guest for good (an operator's kill: no restart).
+    pub fn kill(&mut self, id: usize) -> Result<(), String> {
+        let vm = self.vms.get_mut(id).ok_or("no such guest")?;
+        vm.guest
+            .state
+            .stop(StopReason::Killed("by the operator".into()))
+            .map_err(|e| alloc::format!("{e}"))?;
+        info!("guest {} killed", vm.guest.name);
+        Ok(())
+    }
+
+    /// Keys typed on Keel's console (COM1): `s` prints the accounting table, `p` pauses every
+    /// running guest, `r` resumes every paused one. The management monitor will grow from here.
+    fn poll_console(&mut self) {
+        while let Some(key) = arch::serial::try_read() {
+            match key {
+                b's' => print_stats(self.vms.iter().map(|vm| &vm.guest)),
+                b'p' => (0..self.vms.len()).for_each(|i| {
+                    let _ = self.pause(i);
+                }),
+                b'r' => (0..self.vms.len()).for_each(|i| {
+                    let _ = self.resume(i);
+                }),
+                _ => {}
+            }
+        }
+    }
+
     fn run(&mut self) {
         loop {
+            self.poll_console();
             let now = cpu::rdtsc();
             let mut live = 0;
             for vm in &mut self.vms {
@@ -687,7 +743,7 @@ fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>) {
         let state = match &g.state {
             RunState::Runnable => "run",
             RunState::Halted => "halted",
-            RunState::Paused => "paused",
+            RunState::Paused { .. } => "paused",
             RunState::Stopped(_) => "stopped",
         };
         info!(

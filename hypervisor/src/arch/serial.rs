@@ -15,6 +15,19 @@ impl crate::log::Sink for Com1 {
     }
 }
 
+/// A byte typed on COM1, if one is waiting (LSR bit 0, data ready).
+pub fn try_read() -> Option<u8> {
+    // SAFETY: reading COM1's line status and receive registers has no side effect beyond taking
+    // the received byte, which is what the caller wants.
+    unsafe {
+        if super::cpu::inb(0x3fd) & 1 != 0 {
+            Some(super::cpu::inb(0x3f8))
+        } else {
+            None
+        }
+    }
+}
+
 /// Brings up COM1 (115200 8N1) and makes it the log sink.
 pub fn init() {
     static mut COM1: Option<Com1> = None;
