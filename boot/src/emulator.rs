@@ -410,7 +410,9 @@ pub fn run(opts: &RunOptions) -> Result<RunResult> {
                 result.first_serial_line_after = Some(now);
             }
             if result.first_keel_line_after.is_none()
-                && console::complete_lines(&result.serial).any(|l| l.starts_with("keel: "))
+                // `contains`: Keel's first line can follow the bootloader's last one without a
+                // newline (the UART reset drops the bootloader's final byte).
+                && console::complete_lines(&result.serial).any(|l| l.contains("keel: "))
             {
                 result.first_keel_line_after = Some(now);
             }

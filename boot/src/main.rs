@@ -149,6 +149,9 @@ fn run(r: &RunArgs) -> Result<ExitCode> {
         ExitCode::from(EXIT_INTERRUPTED)
     } else if result.timed_out {
         ExitCode::from(EXIT_TIMEOUT)
+    } else if result.keel_status.is_none() {
+        // QEMU ends with 0 after a triple fault (-no-reboot): without Keel's line it is a failure.
+        ExitCode::FAILURE
     } else {
         match result.status() {
             Some(s) => ExitCode::from(u8::try_from(s).unwrap_or(u8::MAX)),
