@@ -61,7 +61,7 @@ pub fn run(machine: MachineInfo) -> ! {
             })
         }
     }
-    let caps = VmxCaps::read(|msr| cpu::rdmsr(msr));
+    let caps = VmxCaps::read(cpu::rdmsr);
     info!("{caps}");
     let controls = match vcpu::compute_controls(&caps) {
         Ok(c) => c,

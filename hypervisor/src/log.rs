@@ -87,7 +87,7 @@ pub fn log(level: Level, args: fmt::Arguments) {
     }
     if let Some(sink) = logger.sink.as_mut() {
         let mut w = SinkWriter(&mut **sink);
-        let _ = write!(w, "keel: {}{}\n", level.tag(), args);
+        let _ = writeln!(w, "keel: {}{}", level.tag(), args);
     }
 }
 

@@ -48,7 +48,7 @@ impl FrameAllocator {
 
     /// Allocates `size` bytes aligned to `align` (both multiples of 4 KiB; align a power of two).
     pub fn alloc(&mut self, size: u64, align: u64) -> Option<u64> {
-        debug_assert!(align.is_power_of_two() && size % PAGE_SIZE == 0 && size > 0);
+        debug_assert!(align.is_power_of_two() && size.is_multiple_of(PAGE_SIZE) && size > 0);
         for i in 0..self.free.len() {
             let r = self.free[i];
             let start = align_up(r.start, align);
