@@ -19,10 +19,12 @@ static mut IST_STACKS: [Stack; 3] = [const { Stack([0; IST_STACK_SIZE]) }; 3];
 
 static TSS: Lazy<TaskStateSegment> = Lazy::new(|| {
     let mut tss = TaskStateSegment::new();
-    for (i, slot) in tss.interrupt_stack_table.iter_mut().take(3).enumerate() {
+    // The TSS is a packed struct, so its IST slots are written by index, not through references.
+    #[allow(clippy::needless_range_loop)]
+    for i in 0..3 {
         // SAFETY: only the address of the static stack is taken; the CPU is its only user.
         let base = unsafe { core::ptr::addr_of!(IST_STACKS[i]) } as u64;
-        *slot = VirtAddr::new(base + IST_STACK_SIZE as u64);
+        tss.interrupt_stack_table[i] = VirtAddr::new(base + IST_STACK_SIZE as u64);
     }
     tss
 });
