@@ -30,8 +30,8 @@ pub struct BochsConfig {
     pub log: PathBuf,
 }
 
-/// Paths go into the bochsrc in double quotes, so spaces are fine; `run` checks that no path
-/// holds a quote or a line break.
+/// Paths go into the bochsrc in double quotes, so spaces are fine; `run` checks with [`rc_safe`]
+/// that no path holds a quote, a comma or a line break.
 fn rc_path(p: &Path) -> String {
     p.display().to_string()
 }

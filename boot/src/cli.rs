@@ -30,7 +30,7 @@ RUN OPTIONS:
     --memory MIB      guest-physical memory of the emulated machine (default 256)
     --ips N           Bochs instructions per emulated second (default 10000000)
     --cpu MODEL       Bochs CPU model (default corei7_skylake_x)
-    --work-dir DIR    keep the run's files (serial.log, e9.log, emulator.log, bochsrc) in DIR
+    --work-dir DIR    keep the run's files (serial.log, e9.log, emulator.*, bochsrc) in DIR
     --no-echo         do not copy COM1 to stdout
 
 `run` exits with QEMU's status ((code << 1) | 1 from isa-debug-exit) or, in Bochs, the status

@@ -106,8 +106,8 @@ pub struct RunOptions {
     pub memory_mib: u32,
     pub bochs_ips: u64,
     pub bochs_cpu: String,
-    /// Where the run keeps its files (serial.log, e9.log, emulator.log, the bochsrc, the disk
-    /// copy). Created if needed; files of an earlier run there are replaced.
+    /// Where the run keeps its files (serial.log, e9.log, emulator.log/.stdout/.stderr, the
+    /// bochsrc, the disk copy). Created if needed; files of an earlier run there are replaced.
     pub work_dir: PathBuf,
     /// Copy COM1 to stdout as it arrives.
     pub echo: bool,
@@ -198,6 +198,8 @@ struct RunFiles {
     serial: PathBuf,
     e9: PathBuf,
     stdout: PathBuf,
+    stderr: PathBuf,
+    /// Bochs' log file (QEMU has none: its messages go to stderr).
     log: PathBuf,
 }
 
@@ -210,9 +212,16 @@ fn prepare(opts: &RunOptions, tools: &HostTools) -> Result<(Command, RunFiles)> 
         serial: dir.join("serial.log"),
         e9: dir.join("e9.log"),
         stdout: dir.join("emulator.stdout"),
+        stderr: dir.join("emulator.stderr"),
         log: dir.join("emulator.log"),
     };
-    for f in [&files.serial, &files.e9, &files.stdout, &files.log] {
+    for f in [
+        &files.serial,
+        &files.e9,
+        &files.stdout,
+        &files.stderr,
+        &files.log,
+    ] {
         match std::fs::remove_file(f) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -222,93 +231,107 @@ fn prepare(opts: &RunOptions, tools: &HostTools) -> Result<(Command, RunFiles)> 
     if !opts.image.is_file() {
         bail!("disk image {} does not exist", opts.image.display());
     }
-    let cmd = match tools {
+    let mut cmd = match tools {
         HostTools::Bochs {
             bochs,
             xvfb_run,
             rom,
             vga_rom,
         } => {
-            // Bochs locks the image it opens (and leaves IMAGE.lock behind when killed), so each
-            // run boots its own copy.
-            let disk = dir.join("disk.img");
-            std::fs::copy(&opts.image, &disk).with_context(|| {
-                format!("cannot copy {} to {}", opts.image.display(), disk.display())
-            })?;
-            let _ = std::fs::remove_file(dir.join("disk.img.lock"));
             let cfg = bochs::BochsConfig {
                 memory_mib: opts.memory_mib,
                 ips: opts.bochs_ips,
                 cpu_model: opts.bochs_cpu.clone(),
                 rom: rom.clone(),
                 vga_rom: vga_rom.clone(),
-                disk,
+                disk: dir.join("disk.img"),
                 serial_out: files.serial.clone(),
                 log: files.log.clone(),
             };
-            for p in [&cfg.rom, &cfg.vga_rom, &cfg.disk, &cfg.serial_out, &cfg.log] {
-                if !bochs::rc_safe(p) {
-                    bail!(
-                        "{} cannot go into a bochsrc (quote, comma or newline)",
-                        p.display()
-                    );
-                }
-            }
-            let rc = dir.join("bochsrc");
-            let cmds = dir.join("bochs-debugger-cmds");
-            std::fs::write(&rc, bochs::bochsrc(&cfg))
-                .with_context(|| format!("cannot write {}", rc.display()))?;
-            std::fs::write(&cmds, "c\n")
-                .with_context(|| format!("cannot write {}", cmds.display()))?;
-            let mut cmd = bochs::command(xvfb_run, bochs, &rc, &cmds);
-            cmd.current_dir(dir);
-            let err = File::create(dir.join("emulator.stderr"))?;
-            cmd.stderr(err);
-            cmd
+            bochs_command(opts, dir, &cfg, xvfb_run, bochs)?
         }
-        HostTools::Qemu {
-            qemu: qemu_bin,
-            ovmf,
-        } => {
-            let ovmf = match ovmf {
-                Some((code, vars_template)) => {
-                    // UEFI writes its variable store; each run starts from the pristine template.
-                    let vars = dir.join("ovmf-vars.fd");
-                    std::fs::copy(vars_template, &vars).with_context(|| {
-                        format!(
-                            "cannot copy {} to {}",
-                            vars_template.display(),
-                            vars.display()
-                        )
-                    })?;
-                    Some((code.clone(), vars))
-                }
-                None => None,
-            };
+        HostTools::Qemu { qemu, ovmf } => {
             let cfg = qemu::QemuConfig {
                 kvm: opts.emulator == Emulator::QemuKvm,
                 memory_mib: opts.memory_mib,
                 disk: std::path::absolute(&opts.image)?,
-                ovmf,
+                ovmf: None,
                 serial_out: files.serial.clone(),
                 e9_out: files.e9.clone(),
             };
-            for p in [&cfg.disk, &cfg.serial_out, &cfg.e9_out] {
-                if !qemu::path_ok(p) {
-                    bail!(
-                        "QEMU cannot take the path {} (it holds a comma)",
-                        p.display()
-                    );
-                }
-            }
-            let mut cmd = Command::new(qemu_bin);
-            cmd.args(qemu::args(&cfg));
-            let err = File::create(&files.log)?;
-            cmd.stderr(err);
-            cmd
+            qemu_command(dir, cfg, qemu, ovmf.as_ref())?
         }
     };
+    let stderr = File::create(&files.stderr)
+        .with_context(|| format!("cannot create {}", files.stderr.display()))?;
+    cmd.stderr(stderr);
     Ok((cmd, files))
+}
+
+fn bochs_command(
+    opts: &RunOptions,
+    dir: &Path,
+    cfg: &bochs::BochsConfig,
+    xvfb_run: &Path,
+    bochs_bin: &Path,
+) -> Result<Command> {
+    // Bochs locks the image it opens (and leaves IMAGE.lock behind when killed), so each run
+    // boots its own copy.
+    std::fs::copy(&opts.image, &cfg.disk).with_context(|| {
+        format!(
+            "cannot copy {} to {}",
+            opts.image.display(),
+            cfg.disk.display()
+        )
+    })?;
+    let _ = std::fs::remove_file(dir.join("disk.img.lock"));
+    for p in [&cfg.rom, &cfg.vga_rom, &cfg.disk, &cfg.serial_out, &cfg.log] {
+        if !bochs::rc_safe(p) {
+            bail!(
+                "{} cannot go into a bochsrc (quote, comma or newline)",
+                p.display()
+            );
+        }
+    }
+    let rc = dir.join("bochsrc");
+    let cmds = dir.join("bochs-debugger-cmds");
+    std::fs::write(&rc, bochs::bochsrc(cfg))
+        .with_context(|| format!("cannot write {}", rc.display()))?;
+    std::fs::write(&cmds, "c\n").with_context(|| format!("cannot write {}", cmds.display()))?;
+    let mut cmd = bochs::command(xvfb_run, bochs_bin, &rc, &cmds);
+    cmd.current_dir(dir);
+    Ok(cmd)
+}
+
+fn qemu_command(
+    dir: &Path,
+    mut cfg: qemu::QemuConfig,
+    qemu_bin: &Path,
+    ovmf: Option<&(PathBuf, PathBuf)>,
+) -> Result<Command> {
+    if let Some((code, vars_template)) = ovmf {
+        // UEFI writes its variable store; each run starts from the pristine template.
+        let vars = dir.join("ovmf-vars.fd");
+        std::fs::copy(vars_template, &vars).with_context(|| {
+            format!(
+                "cannot copy {} to {}",
+                vars_template.display(),
+                vars.display()
+            )
+        })?;
+        cfg.ovmf = Some((code.clone(), vars));
+    }
+    for p in [&cfg.disk, &cfg.serial_out, &cfg.e9_out] {
+        if !qemu::path_ok(p) {
+            bail!(
+                "QEMU cannot take the path {} (it holds a comma)",
+                p.display()
+            );
+        }
+    }
+    let mut cmd = Command::new(qemu_bin);
+    cmd.args(qemu::args(&cfg));
+    Ok(cmd)
 }
 
 /// Processes in process group `pgid` whose command name is one of `names`, read from /proc.
@@ -478,7 +501,20 @@ pub fn run(opts: &RunOptions) -> Result<RunResult> {
     if opts.emulator == Emulator::Bochs {
         let _ = std::fs::write(&files.e9, &result.e9);
     }
-    result.emulator_log_tail = console::file_tail(&files.log, 30);
+    result.emulator_log_tail = match opts.emulator {
+        Emulator::Bochs => console::file_tail(&files.log, 30),
+        Emulator::Qemu | Emulator::QemuKvm => console::file_tail(&files.stderr, 30),
+    };
+    if result.keel_status.is_none() && opts.emulator == Emulator::Bochs {
+        // xvfb-run and Bochs' start-up report their errors on stderr, not in the log.
+        let err = console::file_tail(&files.stderr, 10);
+        if !err.is_empty() {
+            result
+                .emulator_log_tail
+                .push_str("--- emulator stderr ---\n");
+            result.emulator_log_tail.push_str(&err);
+        }
+    }
     Ok(result)
 }
 
