@@ -9,6 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::console::Com1;
+
 /// The CPU model Keel is tested on (it boots Linux 6.1 too; `tigerlake` hangs Linux in xstate setup).
 pub const DEFAULT_CPU_MODEL: &str = "corei7_skylake_x";
 /// Emulated instructions per emulated second. Only emulated time depends on it: a low value makes
@@ -26,7 +28,7 @@ pub struct BochsConfig {
     pub vga_rom: PathBuf,
     /// The disk image (a per-run copy: Bochs locks the file it opens).
     pub disk: PathBuf,
-    pub serial_out: PathBuf,
+    pub com1: Com1,
     pub log: PathBuf,
 }
 
@@ -57,7 +59,7 @@ display_library: x
 ata0: enabled=1, ioaddr1=0x1f0, ioaddr2=0x3f0, irq=14
 ata0-master: type=disk, path=\"{disk}\", mode=flat
 boot: disk
-com1: enabled=1, mode=file, dev=\"{serial}\"
+com1: enabled=1, mode={com1_mode}, dev=\"{com1}\"
 port_e9_hack: enabled=1
 log: \"{log}\"
 # Keel stops Bochs by writing \"Shutdown\" to port 0x8900, which Bochs reports as a panic.
@@ -74,7 +76,11 @@ speaker: enabled=0
         rom = rc_path(&cfg.rom),
         vga = rc_path(&cfg.vga_rom),
         disk = rc_path(&cfg.disk),
-        serial = rc_path(&cfg.serial_out),
+        com1_mode = match cfg.com1 {
+            Com1::File(_) => "file",
+            Com1::Terminal(_) => "term",
+        },
+        com1 = rc_path(cfg.com1.path()),
         log = rc_path(&cfg.log),
     )
 }
@@ -141,7 +147,7 @@ mod tests {
             rom: "/usr/share/ovmf/OVMF.fd".into(),
             vga_rom: "/usr/share/vgabios/vgabios.bin".into(),
             disk: "/tmp/run/disk.img".into(),
-            serial_out: "/tmp/run/serial.log".into(),
+            com1: Com1::File("/tmp/run/serial.log".into()),
             log: "/tmp/run/bochs.log".into(),
         }
     }
@@ -161,6 +167,17 @@ mod tests {
         ] {
             assert!(rc.lines().any(|l| l == line), "missing `{line}` in\n{rc}");
         }
+    }
+
+    #[test]
+    fn com1_on_a_terminal() {
+        let mut cfg = sample();
+        cfg.com1 = Com1::Terminal("/dev/pts/7".into());
+        let rc = bochsrc(&cfg);
+        assert!(
+            rc.contains("com1: enabled=1, mode=term, dev=\"/dev/pts/7\"\n"),
+            "{rc}"
+        );
     }
 
     // Recorded from Bochs 2.7 running a boot sector that writes "Hi\n" to port 0xE9 and then

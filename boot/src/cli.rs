@@ -32,6 +32,8 @@ RUN OPTIONS:
     --cpu MODEL       Bochs CPU model (default corei7_skylake_x)
     --work-dir DIR    keep the run's files (serial.log, e9.log, emulator.*, bochsrc) in DIR
     --no-echo         do not copy COM1 to stdout
+    --no-input        do not forward what you type to COM1 (forwarded by default when
+                      stdin is a terminal; Keel reads keys such as `s` there, then Enter)
 
 `run` exits with QEMU's status ((code << 1) | 1 from isa-debug-exit) or, in Bochs, the status
 of Keel's `keel: exit status N` line; 124 on a timeout, 130 when interrupted.
@@ -65,6 +67,7 @@ pub struct RunArgs {
     pub cpu: Option<String>,
     pub work_dir: Option<PathBuf>,
     pub no_echo: bool,
+    pub no_input: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -196,6 +199,10 @@ pub fn parse(argv: &[String]) -> Result<Cmd, String> {
                     "--no-echo" => {
                         args.no_value(&flag)?;
                         r.no_echo = true
+                    }
+                    "--no-input" => {
+                        args.no_value(&flag)?;
+                        r.no_input = true
                     }
                     _ => return Err(format!("run: unknown option `{flag}`")),
                 }

@@ -5,6 +5,23 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+/// Where an emulator's COM1 goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Com1 {
+    /// Written to this file; nothing can be typed.
+    File(PathBuf),
+    /// Attached to this terminal (a pseudo-terminal held by this tool): output and input.
+    Terminal(PathBuf),
+}
+
+impl Com1 {
+    pub fn path(&self) -> &Path {
+        match self {
+            Com1::File(p) | Com1::Terminal(p) => p,
+        }
+    }
+}
+
 /// Keel prints this, then the decimal status, as its last line before it stops the machine. The
 /// number is the value QEMU's isa-debug-exit reports: `(code << 1) | 1`.
 pub const STATUS_PREFIX: &str = "keel: exit status ";

@@ -12,11 +12,13 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::console::{self, FileTail};
+use crate::console::{self, Com1, FileTail};
+use crate::pty::Pty;
 use crate::tools::{self, HostTools};
 use crate::{bochs, qemu};
 
@@ -111,6 +113,9 @@ pub struct RunOptions {
     pub work_dir: PathBuf,
     /// Copy COM1 to stdout as it arrives.
     pub echo: bool,
+    /// Connect COM1 to a pseudo-terminal and forward this process's stdin to it, so the user can
+    /// type to Keel. Off: COM1 goes straight to a file and nothing can be typed.
+    pub console_input: bool,
 }
 
 impl RunOptions {
@@ -125,6 +130,7 @@ impl RunOptions {
             bochs_cpu: bochs::DEFAULT_CPU_MODEL.into(),
             work_dir: work_dir.to_path_buf(),
             echo: false,
+            console_input: false,
         }
     }
 }
@@ -203,7 +209,11 @@ struct RunFiles {
     log: PathBuf,
 }
 
-fn prepare(opts: &RunOptions, tools: &HostTools) -> Result<(Command, RunFiles)> {
+fn prepare(
+    opts: &RunOptions,
+    tools: &HostTools,
+    terminal: Option<&Path>,
+) -> Result<(Command, RunFiles)> {
     // The emulator runs in the work directory, so every path it gets must be absolute.
     let dir = &std::path::absolute(&opts.work_dir)
         .with_context(|| format!("cannot resolve {}", opts.work_dir.display()))?;
@@ -231,6 +241,10 @@ fn prepare(opts: &RunOptions, tools: &HostTools) -> Result<(Command, RunFiles)> 
     if !opts.image.is_file() {
         bail!("disk image {} does not exist", opts.image.display());
     }
+    let com1 = match terminal {
+        Some(tty) => Com1::Terminal(tty.to_path_buf()),
+        None => Com1::File(files.serial.clone()),
+    };
     let mut cmd = match tools {
         HostTools::Bochs {
             bochs,
@@ -245,7 +259,7 @@ fn prepare(opts: &RunOptions, tools: &HostTools) -> Result<(Command, RunFiles)> 
                 rom: rom.clone(),
                 vga_rom: vga_rom.clone(),
                 disk: dir.join("disk.img"),
-                serial_out: files.serial.clone(),
+                com1,
                 log: files.log.clone(),
             };
             bochs_command(opts, dir, &cfg, xvfb_run, bochs)?
@@ -256,7 +270,7 @@ fn prepare(opts: &RunOptions, tools: &HostTools) -> Result<(Command, RunFiles)> 
                 memory_mib: opts.memory_mib,
                 disk: std::path::absolute(&opts.image)?,
                 ovmf: None,
-                serial_out: files.serial.clone(),
+                com1,
                 e9_out: files.e9.clone(),
             };
             qemu_command(dir, cfg, qemu, ovmf.as_ref())?
@@ -285,7 +299,7 @@ fn bochs_command(
         )
     })?;
     let _ = std::fs::remove_file(dir.join("disk.img.lock"));
-    for p in [&cfg.rom, &cfg.vga_rom, &cfg.disk, &cfg.serial_out, &cfg.log] {
+    for p in [&cfg.rom, &cfg.vga_rom, &cfg.disk, cfg.com1.path(), &cfg.log] {
         if !bochs::rc_safe(p) {
             bail!(
                 "{} cannot go into a bochsrc (quote, comma or newline)",
@@ -321,7 +335,7 @@ fn qemu_command(
         })?;
         cfg.ovmf = Some((code.clone(), vars));
     }
-    for p in [&cfg.disk, &cfg.serial_out, &cfg.e9_out] {
+    for p in [&cfg.disk, cfg.com1.path(), &cfg.e9_out] {
         if !qemu::path_ok(p) {
             bail!(
                 "QEMU cannot take the path {} (it holds a comma)",
@@ -402,7 +416,24 @@ fn stop(child: &mut Child, emulator: Emulator) -> Option<ExitStatus> {
 /// Boots `opts.image` and watches it; see the module documentation.
 pub fn run(opts: &RunOptions) -> Result<RunResult> {
     let tools = tools::require(opts.emulator, opts.firmware)?;
-    let (mut cmd, files) = prepare(opts, &tools)?;
+    let pty = if opts.console_input {
+        let pty = Pty::open()?;
+        crate::pty::check_path(&pty.path)?;
+        Some(pty)
+    } else {
+        None
+    };
+    let (mut cmd, files) = prepare(opts, &tools, pty.as_ref().map(|p| p.path.as_path()))?;
+    // With a terminal, this tool writes serial.log itself from what the emulator sends.
+    let pump_stop = Arc::new(AtomicBool::new(false));
+    let pump = match &pty {
+        Some(pty) => {
+            let pump = pty.copy_output_to(&files.serial, pump_stop.clone())?;
+            pty.forward_stdin()?;
+            Some(pump)
+        }
+        None => None,
+    };
     let stdout = File::create(&files.stdout)
         .with_context(|| format!("cannot create {}", files.stdout.display()))?;
     cmd.stdin(Stdio::null()).stdout(stdout).process_group(0);
@@ -468,6 +499,10 @@ pub fn run(opts: &RunOptions) -> Result<RunResult> {
         std::thread::sleep(Duration::from_millis(25));
     };
     result.wall = start.elapsed();
+    pump_stop.store(true, Ordering::SeqCst);
+    if let Some(pump) = pump {
+        let _ = pump.join();
+    }
     // Whatever arrived between the last poll and the end.
     let mut rest = console::clean(&tail.poll().unwrap_or_default());
     // The emulator is gone, so a last line without its newline is complete. (Bochs may stop with
@@ -565,7 +600,7 @@ mod tests {
             qemu: "qemu-system-x86_64".into(),
             ovmf: None,
         };
-        let e = prepare(&opts, &tools).err().map(|e| format!("{e:#}"));
+        let e = prepare(&opts, &tools, None).err().map(|e| format!("{e:#}"));
         assert!(
             e.as_deref()
                 .is_some_and(|m| m.contains("none.img does not exist")),

@@ -16,6 +16,7 @@ pub mod console;
 pub mod emulator;
 pub mod flash;
 pub mod image;
+pub mod pty;
 pub mod qemu;
 pub mod tools;
 

@@ -1,6 +1,7 @@
 //! `keel-boot` (`cargo keel ...`): build images, boot them in an emulator, flash a USB stick.
 //! See `keel-boot help` and docs/BOOTING.md.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -97,6 +98,7 @@ fn run(r: &RunArgs) -> Result<ExitCode> {
         opts.bochs_cpu = cpu.clone();
     }
     opts.echo = !r.no_echo;
+    opts.console_input = !r.no_input && std::io::stdin().is_terminal();
     eprintln!(
         "keel-boot: booting {} in {} ({}), time limit {}",
         image.display(),

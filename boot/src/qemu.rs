@@ -4,6 +4,8 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use crate::console::Com1;
+
 /// Where a QEMU run sends things, and how it boots.
 #[derive(Debug, Clone)]
 pub struct QemuConfig {
@@ -12,7 +14,7 @@ pub struct QemuConfig {
     pub disk: PathBuf,
     /// OVMF code (read-only) and this run's own copy of the variable store, for UEFI.
     pub ovmf: Option<(PathBuf, PathBuf)>,
-    pub serial_out: PathBuf,
+    pub com1: Com1,
     pub e9_out: PathBuf,
 }
 
@@ -46,7 +48,11 @@ pub fn args(cfg: &QemuConfig) -> Vec<OsString> {
     a.push("-drive".into());
     a.push(joined("format=raw,snapshot=on,file=", &cfg.disk));
     a.push("-serial".into());
-    a.push(joined("file:", &cfg.serial_out));
+    a.push(match &cfg.com1 {
+        Com1::File(path) => joined("file:", path),
+        // A host terminal device: QEMU reads and writes it.
+        Com1::Terminal(path) => path.as_os_str().to_owned(),
+    });
     a.push("-debugcon".into());
     a.push(joined("file:", &cfg.e9_out));
     a
@@ -75,7 +81,7 @@ mod tests {
             memory_mib: 256,
             disk: "/o/keel-bios.img".into(),
             ovmf: None,
-            serial_out: "/r/serial.log".into(),
+            com1: Com1::File("/r/serial.log".into()),
             e9_out: "/r/e9.log".into(),
         }
     }
@@ -123,6 +129,13 @@ mod tests {
             "-drive",
             "if=pflash,format=raw,file=/r/vars.fd"
         ));
+    }
+
+    #[test]
+    fn com1_on_a_terminal() {
+        let mut cfg = config();
+        cfg.com1 = Com1::Terminal("/dev/pts/7".into());
+        assert!(has_pair(&strings(&cfg), "-serial", "/dev/pts/7"));
     }
 
     #[test]
