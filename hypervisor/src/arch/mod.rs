@@ -33,6 +33,7 @@ pub enum ExitCode {
 pub fn exit(code: ExitCode) -> ! {
     let status = ((code as u32) << 1) | 1;
     crate::info!("exit status {status}");
+    serial::drain();
     // SAFETY: port writes to emulator debug devices; on real hardware these ports are unused.
     unsafe {
         cpu::outb(crate::abi::port::DEBUG_EXIT, code as u8);

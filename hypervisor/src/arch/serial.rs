@@ -15,6 +15,17 @@ impl crate::log::Sink for Com1 {
     }
 }
 
+/// Waits until COM1 has sent everything (LSR bit 6, transmitter empty), so a shutdown right after
+/// does not cut off the last byte.
+pub fn drain() {
+    for _ in 0..1_000_000 {
+        // SAFETY: reading COM1's line status register has no side effect.
+        if unsafe { super::cpu::inb(0x3fd) } & 0x40 != 0 {
+            return;
+        }
+    }
+}
+
 /// A byte typed on COM1, if one is waiting (LSR bit 0, data ready).
 pub fn try_read() -> Option<u8> {
     // SAFETY: reading COM1's line status and receive registers has no side effect beyond taking
