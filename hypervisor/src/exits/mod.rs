@@ -96,7 +96,7 @@ pub fn dispatch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         let qual = cx.vmcs.read(ReadOnlyNat::ExitQualification);
         return Action::Stop(StopReason::EntryFailed(format!(
             "{} (exit reason {raw:#x}, qualification {qual:#x})",
-            crate::vmx::ExitReasonField::from_raw(raw).basic
+            crate::vmx::EntryFailure::from_exit(raw, qual)
         )));
     }
     match reason {
@@ -246,5 +246,123 @@ pub fn inject_pending_interrupt<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Gues
     };
     if new != primary {
         vmcs.write(Control32::PrimaryProcBasedControls, new);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use crate::vmx::{Control32, ReadOnly64, VmcsAccess, VmcsField};
+
+    #[test]
+    fn vmx_instructions_raise_ud_and_rip_stays() {
+        let mut t = TestBed::new();
+        t.vmcs.write(GuestNat::Rip, 0x5000);
+        for r in [
+            ExitReason::Vmxon,
+            ExitReason::Vmread,
+            ExitReason::Invept,
+            ExitReason::Vmlaunch,
+        ] {
+            assert_eq!(t.run(r), Action::Inject(Exception::UD));
+            let info = InterruptionInfo(t.vmcs.read(Control32::EntryInterruptionInfo));
+            assert_eq!((info.vector(), info.raw() >> 31), (6, 1));
+            assert_eq!(
+                t.vmcs.read(GuestNat::Rip),
+                0x5000,
+                "faults do not advance RIP"
+            );
+        }
+        assert_eq!(t.guest.stats.exceptions_injected, 4);
+    }
+
+    #[test]
+    fn outcomes_that_stop_only_the_guest() {
+        let mut t = TestBed::new();
+        assert_eq!(
+            t.run(ExitReason::TripleFault),
+            Action::Stop(StopReason::TripleFault)
+        );
+        t.vmcs
+            .write_raw(ReadOnly64::GuestPhysicalAddr.encoding(), 0x4000_0000);
+        t.set_qualification(0b10); // a write
+        assert_eq!(
+            t.run(ExitReason::EptViolation),
+            Action::Stop(StopReason::BadMemoryAccess {
+                gpa: 0x4000_0000,
+                write: true
+            })
+        );
+        t.set_qualification(0x1234);
+        match t.run(ExitReason::Rdpmc) {
+            Action::Stop(StopReason::Killed(why)) => {
+                assert!(why.contains("RDPMC") && why.contains("0x1234"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn entry_failures_are_decoded() {
+        let mut t = TestBed::new();
+        t.vmcs
+            .write_raw(ReadOnly32::ExitReason.encoding(), (1 << 31) | 33);
+        let mut cx = ExitContext {
+            vmcs: &mut t.vmcs,
+            guest: &mut t.guest,
+            host: &mut t.host,
+            now: 0,
+        };
+        match dispatch(&mut cx) {
+            Action::Stop(StopReason::EntryFailed(why)) => {
+                assert!(why.to_lowercase().contains("guest state"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn host_interrupts_go_to_keel_and_the_guest_resumes() {
+        let mut t = TestBed::new();
+        t.vmcs.write_raw(
+            ReadOnly32::ExitInterruptionInfo.encoding(),
+            InterruptionInfo::external(0x30).raw() as u64,
+        );
+        assert_eq!(t.run(ExitReason::ExternalInterrupt), Action::Resume);
+        assert_eq!(t.host.interrupts, [0x30]);
+    }
+
+    #[test]
+    fn pending_interrupts_are_injected_or_wait_for_a_window() {
+        let mut t = TestBed::new();
+        // Program the guest's PIC (vector base 0x20, IRQ0 unmasked) and raise IRQ0 via the PIT.
+        for (port, v) in [
+            (0x20u16, 0x11u32),
+            (0x21, 0x20),
+            (0x21, 4),
+            (0x21, 1),
+            (0x21, 0xfe),
+        ] {
+            assert!(t.guest.platform.io_write(port, 1, v, 0));
+        }
+        t.guest.platform.io_write(0x43, 1, 0x34, 0);
+        t.guest.platform.io_write(0x40, 1, 100, 0);
+        t.guest.platform.io_write(0x40, 1, 0, 0);
+        t.guest.platform.advance(TEST_TSC_HZ / 100);
+        assert!(t.guest.platform.pending_interrupt().is_some());
+        // IF = 0: no injection, interrupt-window exiting armed.
+        t.vmcs.write(GuestNat::Rflags, 0x2);
+        inject_pending_interrupt(&mut t.vmcs, &mut t.guest);
+        let window = crate::vmx::controls::PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
+        assert_ne!(t.vmcs.read(Control32::PrimaryProcBasedControls) & window, 0);
+        assert_eq!(t.vmcs.read(Control32::EntryInterruptionInfo) >> 31, 0);
+        // IF = 1: injected as an external interrupt at the PIC's vector, window disarmed.
+        t.vmcs.write(GuestNat::Rflags, 0x202);
+        inject_pending_interrupt(&mut t.vmcs, &mut t.guest);
+        let info = InterruptionInfo(t.vmcs.read(Control32::EntryInterruptionInfo));
+        assert_eq!((info.vector(), info.raw() >> 31), (0x20, 1));
+        assert_eq!(t.vmcs.read(Control32::PrimaryProcBasedControls) & window, 0);
+        assert_eq!(t.guest.stats.interrupts_injected, 1);
     }
 }
