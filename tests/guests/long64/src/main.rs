@@ -9,11 +9,16 @@
 //! | `triple`   | zero-limit IDT, INT3: a triple fault                     | (stopped) |
 //! | `cr4vmxe`  | sets CR4.VMXE: expects #GP                               | 0x21      |
 //! | `spin`     | interrupts off, prints `spin <n>` every 2^20 iterations  | never     |
-//! | `ticks`    | counts PIT (100 Hz) and LAPIC timer (1 kHz) interrupts   | 0x22      |
+//! | `ticks`    | counts PIT (100 Hz) and LAPIC timer (1 kHz) interrupts for `cycles=N` TSC cycles (default 10 000 000) | 0x22 |
+//! | `crunch`   | CPU-bound for `secs=N` of its own seconds (`timeshare`)  | 0x23      |
+//! | `sleeper`  | halts between PIT ticks for `secs=N` (`timeshare`)       | 0x24      |
+//! | `clispin`  | spins `cycles=N` TSC cycles with interrupts off          | 0x25      |
 //!
 //! Any failure (unexpected exception, expected fault missing) exits with 0x3f.
 #![no_std]
 #![no_main]
+
+mod timeshare;
 
 use core::arch::{asm, global_asm};
 use core::sync::atomic::Ordering;
@@ -31,11 +36,9 @@ const GENERAL_PROTECTION: u8 = 13;
 const WILD_ADDRESS: u64 = 0x4000_0000;
 /// CR4 bit 13 (SDM Vol. 3A 2.5).
 const CR4_VMXE: u64 = 1 << 13;
-/// `ticks` mode: how long to count, in TSC cycles of the guest's own time.
+/// `ticks` mode: how long to count, in TSC cycles of the guest's own time, unless `cycles=N`.
 const TICKS_WINDOW: u64 = 10_000_000;
 const LAPIC_HZ: u32 = 1000;
-/// PIT ticks (at 100 Hz) over which the LAPIC timer is calibrated: 50 ms.
-const CALIBRATION_TICKS: u32 = 5;
 
 global_asm!(
     r#"
@@ -75,7 +78,10 @@ extern "C" fn long64_main(cmdline: *const u8, ram_size: u64) -> ! {
         }
         b"cr4vmxe" => cr4_vmxe(),
         b"spin" => spin(),
-        b"ticks" => ticks(),
+        b"ticks" => ticks(param(cmdline, b"cycles").unwrap_or(TICKS_WINDOW)),
+        b"crunch" => timeshare::crunch(&plan(cmdline)),
+        b"sleeper" => timeshare::sleeper(&plan(cmdline)),
+        b"clispin" => timeshare::clispin(required(cmdline, b"cycles")),
         other => {
             say!("unknown mode {}", Printable(other));
             cpu::exit(EXIT_FAILURE)
@@ -85,10 +91,46 @@ extern "C" fn long64_main(cmdline: *const u8, ram_size: u64) -> ! {
 
 /// The value of the first `mode=` word, or `good`.
 fn mode(cmdline: &[u8]) -> &[u8] {
-    cmdline
-        .split(|&b| b == b' ')
-        .find_map(|word| word.strip_prefix(b"mode="))
-        .unwrap_or(b"good")
+    value(cmdline, b"mode").unwrap_or(b"good")
+}
+
+/// The text after `key=` in the first word that starts so.
+fn value<'a>(cmdline: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    cmdline.split(|&b| b == b' ').find_map(|word| {
+        word.strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix(b"="))
+    })
+}
+
+/// The decimal number given as `key=N`; a malformed one ends the guest with [`EXIT_FAILURE`].
+fn param(cmdline: &[u8], key: &[u8]) -> Option<u64> {
+    let text = value(cmdline, key)?;
+    let parsed = (!text.is_empty() && text.len() <= 19 && text.iter().all(u8::is_ascii_digit))
+        .then(|| text.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')));
+    match parsed {
+        Some(n) => Some(n),
+        None => {
+            say!("bad {}={}", Printable(key), Printable(text));
+            cpu::exit(EXIT_FAILURE)
+        }
+    }
+}
+
+/// `key=N`, which the mode cannot do without.
+fn required(cmdline: &[u8], key: &[u8]) -> u64 {
+    param(cmdline, key).unwrap_or_else(|| {
+        say!("missing {}=N", Printable(key));
+        cpu::exit(EXIT_FAILURE)
+    })
+}
+
+/// `secs=N` (required), `every=N` (default 1), `stats=N` (optional) for the time-sharing modes.
+fn plan(cmdline: &[u8]) -> timeshare::Plan {
+    timeshare::Plan {
+        secs: required(cmdline, b"secs").max(1),
+        every: param(cmdline, b"every").unwrap_or(1).max(1),
+        stats_at: param(cmdline, b"stats"),
+    }
 }
 
 /// VMXON while CR4.VMXE is clear raises #UD (SDM Vol. 3C 31.3, VMXON "Operation"); a
@@ -133,29 +175,16 @@ fn spin() -> ! {
     }
 }
 
-/// Waits with HLT until the next PIT tick.
-fn wait_pit_tick() {
-    let t = PIT_TICKS.load(Ordering::SeqCst);
-    while PIT_TICKS.load(Ordering::SeqCst) == t {
-        cpu::wait_for_interrupt();
-    }
-}
-
-/// PIT at 100 Hz and the LAPIC timer at 1 kHz (calibrated on the PIT), counted for
-/// [`TICKS_WINDOW`] TSC cycles.
-fn ticks() -> ! {
+/// PIT at 100 Hz and the LAPIC timer at 1 kHz (its rate measured on PIT channel 2), counted for
+/// `window` TSC cycles.
+fn ticks(window: u64) -> ! {
     pic::init();
     pit::start_periodic(checks::PIT_HZ);
     pic::enable_only(1);
     lapic::enable();
     lapic::start_free_running();
-    wait_pit_tick();
-    let c0 = lapic::current_count();
-    for _ in 0..CALIBRATION_TICKS {
-        wait_pit_tick();
-    }
-    let elapsed = c0.wrapping_sub(lapic::current_count());
-    let per_second = u64::from(elapsed) * u64::from(checks::PIT_HZ) / u64::from(CALIBRATION_TICKS);
+    // The LAPIC timer counts down: its complement counts up.
+    let per_second = pit::measure_rate(|| u64::from(!lapic::current_count()));
     let count = (per_second / u64::from(LAPIC_HZ)).clamp(1, u64::from(u32::MAX)) as u32;
     say!("lapic timer {} Hz", per_second);
     lapic::start_periodic(LAPIC_TIMER_VECTOR, count);
@@ -163,7 +192,7 @@ fn ticks() -> ! {
     LAPIC_TICKS.store(0, Ordering::SeqCst);
     let t0 = cpu::rdtsc();
     cpu::enable_interrupts();
-    while cpu::rdtsc().wrapping_sub(t0) < TICKS_WINDOW {
+    while cpu::rdtsc().wrapping_sub(t0) < window {
         core::hint::spin_loop();
     }
     cpu::disable_interrupts();
