@@ -49,3 +49,8 @@ cp "$target_dir/i686-keel/release/mb32" "$out/mb32.elf"
 # real16's boot sector reads at most 63 more sectors when a BIOS boots it (qemu-smoke.sh).
 size=$(stat -c %s "$out/real16.bin")
 ((size <= 64 * 512)) || die "real16.bin is $size bytes, more than the 32 KiB its boot sector loads"
+
+# The hostile guests, their witness and the fuzzer (hostile64/, fuzz/; README.md "Hostile guests").
+cargo build --quiet --release --target-dir "$target_dir" --target x86_64-unknown-none \
+    -p hostile64 || die "building hostile64 failed"
+for g in hostile64 witness64; do cp "$target_dir/x86_64-unknown-none/release/$g" "$out/$g.elf"; done
