@@ -54,3 +54,4 @@ size=$(stat -c %s "$out/real16.bin")
 cargo build --quiet --release --target-dir "$target_dir" --target x86_64-unknown-none \
     -p hostile64 || die "building hostile64 failed"
 for g in hostile64 witness64; do cp "$target_dir/x86_64-unknown-none/release/$g" "$out/$g.elf"; done
+bash "$here/bench64/build.sh" "$out" "$target_dir" "$objcopy" || die "building bench64 failed"
