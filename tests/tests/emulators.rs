@@ -6,11 +6,13 @@
 //!
 //! - `bringup`: Keel alone: VMXON in Bochs (BIOS and UEFI), "no VMX" in QEMU TCG.
 //! - `guests`: the manifests of tests/guests: every guest kind, and misbehaving guests.
+//! - `hostile`: attacking guests next to a witness (tests/guests/manifests/hostile.manifest).
 //! - `cleanup`: a time limit stops the emulator and leaves nothing behind.
 
 mod bringup;
 mod cleanup;
 mod guests;
+mod hostile;
 
 use keel_tests::Manifest;
 

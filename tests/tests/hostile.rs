@@ -1,0 +1,274 @@
+//! A hostile guest cannot hurt Keel: boots Keel in Bochs with attacking guests next to a witness
+//! (tests/guests/manifests/hostile.manifest, the guests in tests/guests/hostile64, described in
+//! tests/guests/README.md and docs/SECURITY.md) and checks that Keel stays up, that the witness
+//! computes the right checksum, and that every attacker gets its documented outcome.
+//!
+//! One Bochs boot of about 15 s; every test below asserts on it. Run them alone with
+//! `cargo itest hostile`.
+
+use keel_tests::{shared_boot, BootSpec, Emulator, Firmware, Manifest, Outcome};
+use std::time::Duration;
+
+static HOSTILE: BootSpec = BootSpec {
+    name: "bochs-hostile",
+    manifest: Manifest::File("tests/guests/manifests/hostile.manifest"),
+    emulator: Emulator::Bochs,
+    firmware: Firmware::Bios,
+    timeout: Some(Duration::from_secs(240)),
+};
+
+/// Exit status of a guest that wrote 0x30 to the debug-exit port: every case as documented.
+const OK_STATUS: u32 = (0x30 << 1) | 1;
+
+/// `keel: guest NAME ended: debug-exit status <status>`.
+#[track_caller]
+fn expect_ended(boot: &Outcome, guest: &str, status: u32) {
+    boot.expect_line(&format!(
+        "keel: guest {guest} ended: debug-exit status {status:#x}"
+    ));
+}
+
+/// `keel: error: guest NAME stopped: <reason>`.
+#[track_caller]
+fn expect_stopped(boot: &Outcome, guest: &str, reason: &str) {
+    boot.expect_line(&format!("keel: error: guest {guest} stopped: {reason}"));
+}
+
+/// The witness's algorithm (tests/guests/hostile64/src/witness.rs and rng.rs), computed here
+/// independently: SplitMix64-seeded xorshift64* fills 8192 words, `rounds` FNV-style rounds
+/// rewrite them, the words are folded into the checksum.
+fn witness_checksum(rounds: u64) -> u64 {
+    let mut z = 0x5749_544e_4553_5321u64.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    let mut x = z ^ (z >> 31);
+    let mut buf: Vec<u64> = (0..8192)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        })
+        .collect();
+    let mut h = 0u64;
+    for r in 0..rounds {
+        for w in buf.iter_mut() {
+            h = (h ^ *w)
+                .wrapping_mul(0x0000_0100_0000_01b3)
+                .rotate_left(29)
+                .wrapping_add(r);
+            *w = w.rotate_left(7) ^ h;
+        }
+    }
+    buf.iter().fold(h, |c, &w| c.rotate_left(1) ^ w)
+}
+
+/// `rounds=` of the witnesses in hostile.manifest.
+const WITNESS_ROUNDS: u64 = 48;
+
+#[test]
+fn keel_survives_every_attack() {
+    let boot = shared_boot(&HOSTILE);
+    boot.expect_some_keel_status();
+    boot.expect_line("keel: running 21 guests");
+    boot.expect_no_line("PANIC");
+    boot.expect_no_line("KEEL BUG");
+    boot.expect_no_line("keel: fatal");
+}
+
+#[test]
+fn witness_computes_the_right_checksum() {
+    let boot = shared_boot(&HOSTILE);
+    let want = witness_checksum(WITNESS_ROUNDS);
+    boot.expect_guest_line("witness", &format!("witness: checksum={want:#018x} ok"));
+    expect_ended(&boot, "witness", OK_STATUS);
+}
+
+#[test]
+fn sse_state_does_not_cross_guests() {
+    let boot = shared_boot(&HOSTILE);
+    // The witness keeps a pattern in XMM0-15 while `sse` fills them with its own and yields.
+    boot.expect_guest_line("witness-xmm", "witness: xmm intact");
+    let want = witness_checksum(WITNESS_ROUNDS);
+    boot.expect_guest_line("witness-xmm", &format!("witness: checksum={want:#018x} ok"));
+    boot.expect_guest_line("sse", "hostile64: sse leaks=0 rounds=200");
+}
+
+#[test]
+fn vmx_instructions_raise_ud() {
+    let boot = shared_boot(&HOSTILE);
+    boot.expect_guest_line("vmx", "hostile64: vmx ud=13/13 ok");
+    expect_ended(&boot, "vmx", OK_STATUS);
+}
+
+#[test]
+fn owned_and_reserved_control_register_bits_raise_gp() {
+    let boot = shared_boot(&HOSTILE);
+    boot.expect_guest_line("cr", "hostile64: cr gp=17/17 ok");
+    expect_ended(&boot, "cr", OK_STATUS);
+}
+
+#[test]
+fn vmx_and_unknown_msrs_raise_gp() {
+    let boot = shared_boot(&HOSTILE);
+    boot.expect_guest_line("msr", "hostile64: msr gp=76/76 ok");
+    expect_ended(&boot, "msr", OK_STATUS);
+}
+
+#[test]
+fn invalid_xcr0_values_raise_gp() {
+    let boot = shared_boot(&HOSTILE);
+    boot.expect_guest_line("xsetbv", "hostile64: xsetbv gp=13/13 ok");
+    expect_ended(&boot, "xsetbv", OK_STATUS);
+}
+
+#[test]
+fn invd_and_wbinvd_complete() {
+    let boot = shared_boot(&HOSTILE);
+    boot.expect_guest_line("cache", "hostile64: cache completed=6/6 ok");
+    expect_ended(&boot, "cache", OK_STATUS);
+}
+
+/// The ports a device claims (docs/HYPERCALLS.md, "Ports every guest sees"); 0xf4-0xf7 are not
+/// probed.
+fn claimed(port: u32) -> bool {
+    matches!(
+        port,
+        0x20..=0x21
+            | 0x40..=0x43
+            | 0x61
+            | 0x70..=0x71
+            | 0x80
+            | 0xa0..=0xa1
+            | 0xe9
+            | 0x3f8..=0x3ff
+            | 0x4d0..=0x4d1
+    )
+}
+
+fn parse_hex(s: &str) -> Option<u32> {
+    u32::from_str_radix(s.strip_prefix("0x")?, 16).ok()
+}
+
+#[test]
+fn unclaimed_ports_read_all_ones_and_nothing_breaks() {
+    let boot = shared_boot(&HOSTILE);
+    let mut not_ones = Vec::new();
+    for line in boot.guest_lines("ports") {
+        if let Some(list) = line.strip_prefix("hostile64: ports not-ones ") {
+            for entry in list.split(' ') {
+                let port = entry.split('=').next().and_then(parse_hex);
+                match port {
+                    Some(p) if claimed(p) => not_ones.push(p),
+                    _ => boot.fail(&format!("port {entry} is unclaimed but did not read 0xff")),
+                }
+            }
+        }
+    }
+    let total = 0x10000 - 4;
+    boot.expect_guest_line(
+        "ports",
+        &format!(
+            "hostile64: ports in ones={}/{total}",
+            total - not_ones.len()
+        ),
+    );
+    boot.expect_in_order(&[
+        "[ports] hostile64: ports out done",
+        "[ports] hostile64: ports wide=11/11 ok",
+    ]);
+    expect_ended(&boot, "ports", OK_STATUS);
+}
+
+#[test]
+fn hypercall_flood_gets_only_documented_answers() {
+    let boot = shared_boot(&HOSTILE);
+    let line = boot.expect_guest_line("hypercalls", "hostile64: hypercalls calls=3000 ");
+    if !line.ends_with(" bad=0") {
+        boot.fail(&format!("some hypercalls got a wrong answer: {line}"));
+    }
+    boot.expect_guest_line("hypercalls", "hostile64: hypercalls results=3000/3000 ok");
+    expect_ended(&boot, "hypercalls", OK_STATUS);
+}
+
+#[test]
+fn a_spinning_guest_with_interrupts_off_does_not_starve_the_witness() {
+    let boot = shared_boot(&HOSTILE);
+    boot.expect_in_order(&[
+        "[spin] hostile64: spin 150000000 cycles with interrupts off",
+        "keel: guest witness ended: debug-exit status 0x61",
+        "[spin] hostile64: spin done",
+        "keel: guest spin ended: debug-exit status 0x61",
+    ]);
+}
+
+#[test]
+fn an_interrupt_storm_does_not_starve_the_witness() {
+    let boot = shared_boot(&HOSTILE);
+    boot.expect_in_order(&[
+        "[storm] hostile64: storm for 60000000 cycles",
+        "keel: guest witness ended: debug-exit status 0x61",
+        "[storm] hostile64: storm pit=",
+    ]);
+    expect_ended(&boot, "storm", OK_STATUS);
+}
+
+#[test]
+fn apic_and_ioapic_abuse_stays_inside_the_guest() {
+    let boot = shared_boot(&HOSTILE);
+    boot.expect_in_order(&[
+        "[apic] hostile64: apic accesses=1295 ipis=533 self=1",
+        "[apic] hostile64: apic movdqu to the ICR",
+    ]);
+    expect_stopped(
+        &boot,
+        "apic",
+        "killed: MMIO access to 0xfee00300 by an instruction Keel does not emulate",
+    );
+}
+
+#[test]
+fn hlt_with_interrupts_off_stops_only_that_guest() {
+    let boot = shared_boot(&HOSTILE);
+    boot.expect_guest_line("hltcli", "hostile64: cli hlt");
+    expect_stopped(
+        &boot,
+        "hltcli",
+        "HLT with interrupts disabled and no way to wake up",
+    );
+}
+
+#[test]
+fn a_triple_fault_stops_only_that_guest() {
+    let boot = shared_boot(&HOSTILE);
+    boot.expect_guest_line("triple", "long64: triple");
+    expect_stopped(&boot, "triple", "triple fault");
+}
+
+#[test]
+fn memory_outside_ram_is_neither_keels_nor_another_guests() {
+    let boot = shared_boot(&HOSTILE);
+    // Guest RAM is 4 MiB; Keel's kernel is loaded at 16 MiB host-physical and the first guests'
+    // RAM starts a few MiB above it; the last one is just below MAXPHYADDR.
+    for (guest, access, addr) in [
+        ("probe-ramend", "read", "0x400000"),
+        ("probe-keel", "write", "0x1000000"),
+        ("probe-guest", "write", "0x1800000"),
+        ("probe-exec", "read", "0x8000000"),
+        ("probe-4g", "read", "0x100000000"),
+    ] {
+        expect_stopped(
+            &boot,
+            guest,
+            &format!("{access} of guest-physical {addr}, which is neither RAM nor a device"),
+        );
+    }
+    let line = boot.expect_guest_line("probe-top", "hostile64: probe 2049 read ");
+    let addr = line.rsplit(' ').next().unwrap_or_default();
+    expect_stopped(
+        &boot,
+        "probe-top",
+        &format!("read of guest-physical {addr}, which is neither RAM nor a device"),
+    );
+    boot.expect_no_line("survived");
+}
