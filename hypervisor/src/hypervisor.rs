@@ -50,6 +50,12 @@ pub fn run(machine: MachineInfo) -> ! {
             info!("VMXON ok (region at {region:#x})");
             if cpu::has_xsave() {
                 cpu::enable_xsave();
+                // Each guest's extended state lives in one 4 KiB page (SavedState).
+                let size = cpu::cpuid(0xd, 0)[2];
+                if size > 4096 {
+                    fatal!("this CPU's XSAVE image is {size} bytes; Keel keeps 4096 per guest");
+                    arch::exit(ExitCode::VmxSetupFailed)
+                }
             }
         }
         Err(e) => {
@@ -190,10 +196,22 @@ impl SavedState {
         self.cr2 = 0;
     }
 
-    fn save(&mut self, xcr0: u64) {
+    /// Saves the guest's registers. Extended state is saved whole, every component the CPU has,
+    /// whatever the guest's XCR0: a guest with XCR0 = x87 may still use SSE (its state is
+    /// component 1 all the same), so Keel widens XCR0 while it saves and restores (SDM 13.7-13.8).
+    fn save(&mut self, _xcr0: u64) {
         if cpu::has_xsave() {
-            // SAFETY: a page-aligned 4 KiB area owned by this guest; XCR0 holds this guest's value.
-            unsafe { cpu::xsave(mm::phys_to_virt(self.xsave_pa), xcr0) };
+            let all = cpu::xcr0_supported();
+            // SAFETY: a page-aligned 4 KiB area owned by this guest (the full XSAVE image of
+            // this CPU fits: CPUID.(EAX=0DH,ECX=0):ECX, checked at boot); XCR0 = every supported
+            // component is a valid XCR0.
+            unsafe {
+                cpu::xsetbv0(all);
+                cpu::xsave(mm::phys_to_virt(self.xsave_pa), all);
+            }
+        } else {
+            // SAFETY: as above; FXSAVE covers x87 and SSE, all a CPU without XSAVE has.
+            unsafe { cpu::fxsave(mm::phys_to_virt(self.xsave_pa)) };
         }
         for (slot, &msr) in self.msrs.iter_mut().zip(SWITCHED_MSRS.iter()) {
             *slot = cpu::rdmsr(msr);
@@ -203,12 +221,18 @@ impl SavedState {
 
     fn restore(&self, xcr0: u64) {
         if cpu::has_xsave() {
-            // SAFETY: XCR0 was validated by the XSETBV handler (or is the x87-only default), and the
-            // area was written by `save` or is zeroed (init state).
+            let all = cpu::xcr0_supported();
+            // SAFETY: the area was written by `save` or is zeroed (every component then takes
+            // its init state); the guest's XCR0 was validated by the XSETBV handler (or is the
+            // x87-only power-on value).
             unsafe {
+                cpu::xsetbv0(all);
+                cpu::xrstor(mm::phys_to_virt(self.xsave_pa), all);
                 cpu::xsetbv0(xcr0);
-                cpu::xrstor(mm::phys_to_virt(self.xsave_pa), xcr0);
             }
+        } else {
+            // SAFETY: a zeroed FXSAVE image has MXCSR = 0, a valid value; otherwise `save` wrote it.
+            unsafe { cpu::fxrstor(mm::phys_to_virt(self.xsave_pa)) };
         }
         for (&v, &msr) in self.msrs.iter().zip(SWITCHED_MSRS.iter()) {
             // SAFETY: the values were read from the same MSRs (or are 0, their reset value);
@@ -244,6 +268,19 @@ fn guest_setup(
         io_bitmaps: (io_a, io_b),
         msr_bitmap: msr,
     })
+}
+
+struct Overhead {
+    ept_tables: usize,
+    /// The guest's bookkeeping and device models (their fixed-size part).
+    device_bytes: usize,
+}
+
+impl Overhead {
+    fn total(&self) -> usize {
+        // VMCS, two I/O bitmaps, the MSR bitmap and the XSAVE area are one page each.
+        (1 + 2 + 1 + 1 + self.ept_tables) * 4096 + self.device_bytes
+    }
 }
 
 /// What is fixed for a guest's whole life: where its image comes from and what the CPU allows.
@@ -312,7 +349,23 @@ impl Vm {
             restarts: 0,
         };
         vm.boot()?;
+        let o = vm.overhead();
+        info!(
+            "guest {id} {} overhead: {} KiB (VMCS 4, EPT {} tables, I/O+MSR bitmaps 12, XSAVE 4, devices {} B)",
+            vm.guest.name,
+            o.total() >> 10,
+            o.ept_tables,
+            o.device_bytes
+        );
         Ok(vm)
+    }
+
+    /// Keel's memory for this guest beyond its RAM.
+    fn overhead(&self) -> Overhead {
+        Overhead {
+            ept_tables: self.ept.tables_used(),
+            device_bytes: core::mem::size_of::<Platform>() + core::mem::size_of::<Guest>(),
+        }
     }
 
     /// (Re)starts the guest from its image: fresh RAM contents, devices, registers and VMCS.

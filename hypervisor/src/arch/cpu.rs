@@ -111,14 +111,52 @@ pub mod msr {
     pub const IA32_SYSENTER_EIP: u32 = 0x176;
 }
 
+/// CPUID.1:ECX.XSAVE, read once (CPUID is slow on hardware and exits when Keel itself runs nested).
 pub fn has_xsave() -> bool {
-    cpuid(1, 0)[2] & (1 << 26) != 0
+    use core::sync::atomic::{AtomicU8, Ordering};
+    static XSAVE: AtomicU8 = AtomicU8::new(2);
+    match XSAVE.load(Ordering::Relaxed) {
+        2 => {
+            let v = cpuid(1, 0)[2] & (1 << 26) != 0;
+            XSAVE.store(v as u8, Ordering::Relaxed);
+            v
+        }
+        v => v != 0,
+    }
 }
 
 /// Sets CR4.OSXSAVE so Keel may use XSAVE/XRSTOR/XSETBV to switch guests' extended state.
 pub fn enable_xsave() {
     // SAFETY: only called when CPUID reports XSAVE; setting OSXSAVE does not affect Keel's code.
     unsafe { write_cr4(read_cr4() | (1 << 18)) };
+}
+
+/// Every XCR0 component this CPU supports (CPUID.(EAX=0DH,ECX=0):EDX:EAX, SDM 13.2).
+pub fn xcr0_supported() -> u64 {
+    use core::sync::atomic::{AtomicU64, Ordering};
+    static ALL: AtomicU64 = AtomicU64::new(0);
+    let v = ALL.load(Ordering::Relaxed);
+    if v != 0 {
+        return v;
+    }
+    let [a, _, _, d] = cpuid(0xd, 0);
+    let v = ((d as u64) << 32 | a as u64) | 1;
+    ALL.store(v, Ordering::Relaxed);
+    v
+}
+
+/// # Safety
+/// `area` is a 16-byte aligned 512-byte FXSAVE area.
+pub unsafe fn fxsave(area: *mut u8) {
+    // SAFETY: per the caller's contract.
+    unsafe { asm!("fxsave64 [{}]", in(reg) area, options(nostack, preserves_flags)) };
+}
+
+/// # Safety
+/// `area` holds a valid FXSAVE image.
+pub unsafe fn fxrstor(area: *const u8) {
+    // SAFETY: per the caller's contract.
+    unsafe { asm!("fxrstor64 [{}]", in(reg) area, options(nostack, preserves_flags)) };
 }
 
 pub fn xgetbv0() -> u64 {

@@ -7,7 +7,7 @@
 
 use super::{Action, ExitContext, Host};
 use crate::abi;
-use crate::vmx::Vmcs;
+use crate::vmx::{GuestNat, Vmcs};
 
 pub mod bit {
     pub const ECX1_MONITOR: u32 = 1 << 3;
@@ -18,7 +18,11 @@ pub mod bit {
     pub const ECX1_TM2: u32 = 1 << 8;
     pub const ECX1_PDCM: u32 = 1 << 15;
     pub const ECX1_X2APIC: u32 = 1 << 21;
+    pub const ECX1_OSXSAVE: u32 = 1 << 27;
     pub const ECX1_HYPERVISOR: u32 = 1 << 31;
+    pub const ECX7_OSPKE: u32 = 1 << 4;
+    pub const CR4_OSXSAVE: u64 = 1 << 18;
+    pub const CR4_PKE: u64 = 1 << 22;
     pub const EDX1_DS: u32 = 1 << 21;
     pub const EDX1_ACPI: u32 = 1 << 22;
     pub const EDX1_HTT: u32 = 1 << 28;
@@ -29,7 +33,7 @@ pub mod bit {
 }
 
 /// The answer the guest gets for CPUID(leaf, subleaf).
-pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32) -> [u32; 4] {
+pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32, guest_cr4: u64) -> [u32; 4] {
     use bit::*;
     match leaf {
         abi::CPUID_SIGNATURE_LEAF => {
@@ -48,8 +52,15 @@ pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32) -> [u32; 4] {
                 | ECX1_EIST
                 | ECX1_TM2
                 | ECX1_PDCM
-                | ECX1_X2APIC))
+                | ECX1_X2APIC
+                | ECX1_OSXSAVE))
                 | ECX1_HYPERVISOR;
+            // OSXSAVE mirrors the guest's own CR4.OSXSAVE, not Keel's (SDM Vol. 2A, CPUID).
+            let c = if guest_cr4 & CR4_OSXSAVE != 0 {
+                c | ECX1_OSXSAVE
+            } else {
+                c
+            };
             let d = d & !(EDX1_DS | EDX1_ACPI | EDX1_HTT | EDX1_TM | EDX1_PBE);
             // EBX: initial APIC ID 0 (bits 31:24), one logical processor (23:16), CLFLUSH size kept.
             let b = (b & 0xffff) | (1 << 16);
@@ -65,7 +76,18 @@ pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32) -> [u32; 4] {
         7 => {
             let [a, b, c, d] = host.cpuid(7, subleaf);
             if subleaf == 0 {
-                [a, b & !EBX7_SGX, c & !ECX7_WAITPKG, d]
+                // OSPKE mirrors the guest's CR4.PKE.
+                let ospke = if guest_cr4 & CR4_PKE != 0 {
+                    c & ECX7_OSPKE
+                } else {
+                    0
+                };
+                [
+                    a,
+                    b & !EBX7_SGX,
+                    (c & !(ECX7_WAITPKG | ECX7_OSPKE)) | ospke,
+                    d,
+                ]
             } else {
                 [a, b, c, d]
             }
@@ -85,7 +107,8 @@ pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32) -> [u32; 4] {
 pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let leaf = cx.guest.regs.rax as u32;
     let subleaf = cx.guest.regs.rcx as u32;
-    let [a, b, c, d] = policy(cx.host, leaf, subleaf);
+    let cr4 = cx.vmcs.read(GuestNat::Cr4);
+    let [a, b, c, d] = policy(cx.host, leaf, subleaf, cr4);
     let r = &mut cx.guest.regs;
     // CPUID writes the low 32 bits and clears the upper halves in 64-bit mode.
     r.rax = a as u64;
@@ -124,24 +147,36 @@ mod tests {
     }
 
     #[test]
+    fn osxsave_follows_the_guests_cr4() {
+        let t = TestBed::new();
+        // The fake CPU reports OSXSAVE, as the real one does for Keel (which sets CR4.OSXSAVE).
+        assert_ne!(t.host.cpuid(1, 0)[2] & bit::ECX1_OSXSAVE, 0);
+        assert_eq!(policy(&t.host, 1, 0, 0)[2] & bit::ECX1_OSXSAVE, 0);
+        assert_ne!(
+            policy(&t.host, 1, 0, bit::CR4_OSXSAVE)[2] & bit::ECX1_OSXSAVE,
+            0
+        );
+    }
+
+    #[test]
     fn topology_is_one_thread() {
         let t = TestBed::new();
-        assert_eq!(policy(&t.host, 0xb, 0)[1], 1);
-        assert_eq!(policy(&t.host, 0xb, 1)[1], 1);
+        assert_eq!(policy(&t.host, 0xb, 0, 0)[1], 1);
+        assert_eq!(policy(&t.host, 0xb, 1, 0)[1], 1);
         assert_eq!(
-            policy(&t.host, 0xb, 2)[2] >> 8 & 0xff,
+            policy(&t.host, 0xb, 2, 0)[2] >> 8 & 0xff,
             0,
             "level 2 is invalid"
         );
         assert_eq!(
-            policy(&t.host, 4, 0)[0] >> 14,
+            policy(&t.host, 4, 0, 0)[0] >> 14,
             0,
             "no sibling threads or cores"
         );
-        assert_eq!(policy(&t.host, 0x4000_0005, 0), [0; 4]);
+        assert_eq!(policy(&t.host, 0x4000_0005, 0, 0), [0; 4]);
         // Everything else comes from the CPU.
         assert_eq!(
-            policy(&t.host, 0x8000_0000, 0),
+            policy(&t.host, 0x8000_0000, 0, 0),
             t.host.cpuid(0x8000_0000, 0)
         );
     }

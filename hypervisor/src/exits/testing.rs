@@ -17,8 +17,8 @@ pub struct FakeHost {
 impl Host for FakeHost {
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
         match leaf {
-            // Bochs' corei7_skylake_x leaf 1 (PLATFORM.md): VMX set, plus x2APIC and MONITOR.
-            1 => [0x50654, 0x0001_0800, 0x77fa_f3bf, 0xbfeb_fbff],
+            // Bochs' corei7_skylake_x leaf 1 (PLATFORM.md): VMX set, plus x2APIC and MONITOR, and OSXSAVE as Keel's own CR4 has it.
+            1 => [0x50654, 0x0001_0800, 0x7ffa_f3bf, 0xbfeb_fbff],
             4 => [0x1c00_4121, 0x01c0_003f, 0x3f, 0],
             _ => [leaf ^ 0x5a5a, subleaf, leaf, 7],
         }
