@@ -11,6 +11,7 @@ use core::arch::{asm, global_asm};
 pub struct CurrentVmcs;
 
 impl VmcsAccess for CurrentVmcs {
+    #[inline(always)]
     fn read_raw(&self, encoding: u32) -> u64 {
         let value: u64;
         let failed: u8;
@@ -25,6 +26,7 @@ impl VmcsAccess for CurrentVmcs {
         value
     }
 
+    #[inline(always)]
     fn write_raw(&mut self, encoding: u32, value: u64) {
         let failed: u8;
         // SAFETY: VMWRITE of a field of the current VMCS; failure is reported through CF/ZF.

@@ -33,6 +33,7 @@ pub mod bit {
 }
 
 /// The answer the guest gets for CPUID(leaf, subleaf).
+#[inline]
 pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32, guest_cr4: u64) -> [u32; 4] {
     use bit::*;
     match leaf {
@@ -104,6 +105,7 @@ pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32, guest_cr4: u64) -> [u32;
     }
 }
 
+#[inline]
 pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let leaf = cx.guest.regs.rax as u32;
     let subleaf = cx.guest.regs.rcx as u32;

@@ -83,6 +83,7 @@ pub struct ExitContext<'a, V: Vmcs + ?Sized> {
 }
 
 /// Decodes the exit reason and runs its handler.
+#[inline]
 pub fn dispatch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let raw = cx.vmcs.read(ReadOnly32::ExitReason);
     let reason = crate::vmx::ExitReasonField::from_raw(raw).basic;
@@ -138,6 +139,7 @@ pub fn dispatch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
 /// Whether handling an exit of this kind may have changed the guest's virtual platform (device
 /// registers, pending interrupts, timers) or needs it re-checked (an interrupt window opened).
 /// The run loop skips all device work after the others.
+#[inline]
 pub fn may_touch_platform(reason: ExitReason) -> bool {
     !matches!(
         reason,
@@ -155,6 +157,7 @@ pub fn may_touch_platform(reason: ExitReason) -> bool {
 }
 
 /// Carries out an action's effect on the VMCS. Returns the action for the scheduler to see.
+#[inline]
 pub fn apply<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, action: &Action) {
     match action {
         Action::Advance | Action::Halt | Action::Yield => {
@@ -173,6 +176,7 @@ pub fn apply<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, action: &Action)
 /// Skips the instruction that caused the exit. SDM 28.2.4: the VM-exit instruction length is valid
 /// for the instruction-caused exits Keel emulates. Executing an instruction also ends blocking by
 /// STI and by MOV SS (SDM 25.4.2 / 26.6.6.1), which emulation must reproduce.
+#[inline]
 pub fn advance_rip<V: Vmcs + ?Sized>(vmcs: &mut V, len: u64) {
     let rip = vmcs.read(GuestNat::Rip);
     vmcs.write(GuestNat::Rip, rip.wrapping_add(len));
@@ -196,6 +200,7 @@ const RFLAGS_IF: u64 = 1 << 9;
 /// Re-queues an event whose delivery was cut short by the exit (SDM 28.2.4 "Information for VM
 /// exits during event delivery"; 27.2.3 allows entering with it in the injection field). Call
 /// before handling the exit, so a handler's own injection wins only when nothing was in flight.
+#[inline]
 pub fn requeue_interrupted_event<V: Vmcs + ?Sized>(vmcs: &mut V) {
     use crate::vmx::Control32;
     let idt = vmcs.read(ReadOnly32::IdtVectoringInfo);

@@ -14,6 +14,7 @@ fn in_64bit_code<V: Vmcs + ?Sized>(vmcs: &V) -> bool {
     vmcs.read(Guest32::CsAccessRights) & (1 << 13) != 0
 }
 
+#[inline]
 pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     // SDM 25.1.3 / VMCALL: CPL > 0 in the guest still exits; Keel only serves ring 0.
     if cx.vmcs.read(Guest32::SsAccessRights) >> 5 & 3 != 0 {

@@ -140,10 +140,12 @@ pub trait VmcsAccess {
 
 /// Typed access, provided for every [`VmcsAccess`].
 pub trait Vmcs: VmcsAccess {
+    #[inline(always)]
     fn read<F: VmcsField>(&self, field: F) -> F::Value {
         F::Value::from_raw(self.read_raw(field.encoding()))
     }
 
+    #[inline(always)]
     fn write<F: WritableField>(&mut self, field: F, value: F::Value) {
         self.write_raw(field.encoding(), value.into_raw());
     }
