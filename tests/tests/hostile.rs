@@ -3,7 +3,7 @@
 //! tests/guests/README.md and docs/SECURITY.md) and checks that Keel stays up, that the witness
 //! computes the right checksum, and that every attacker gets its documented outcome.
 //!
-//! One Bochs boot of about 15 s; every test below asserts on it. Run them alone with
+//! One Bochs boot of about 15 s (22 guests); every test below asserts on it. Run them alone with
 //! `cargo itest hostile`.
 
 use keel_tests::{shared_boot, BootSpec, Emulator, Firmware, Manifest, Outcome};
@@ -70,7 +70,7 @@ const WITNESS_ROUNDS: u64 = 48;
 fn keel_survives_every_attack() {
     let boot = shared_boot(&HOSTILE);
     boot.expect_some_keel_status();
-    boot.expect_line("keel: running 21 guests");
+    boot.expect_line("keel: running 22 guests");
     boot.expect_no_line("PANIC");
     boot.expect_no_line("KEEL BUG");
     boot.expect_no_line("keel: fatal");
@@ -178,6 +178,13 @@ fn unclaimed_ports_read_all_ones_and_nothing_breaks() {
         "[ports] hostile64: ports wide=11/11 ok",
     ]);
     expect_ended(&boot, "ports", OK_STATUS);
+}
+
+#[test]
+fn string_io_respects_the_guests_page_tables() {
+    let boot = shared_boot(&HOSTILE);
+    boot.expect_guest_line("stringio", "hostile64: stringio pf=3/3 ok");
+    expect_ended(&boot, "stringio", OK_STATUS);
 }
 
 #[test]

@@ -3,10 +3,9 @@
 
 /// The value of the first `key=value` word, if any.
 pub fn word<'a>(cmdline: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
-    cmdline.split(|&b| b == b' ').find_map(|w| {
-        w.strip_prefix(key)
-            .and_then(|rest| rest.strip_prefix(b"="))
-    })
+    cmdline
+        .split(|&b| b == b' ')
+        .find_map(|w| w.strip_prefix(key).and_then(|rest| rest.strip_prefix(b"=")))
 }
 
 /// A number written in decimal or with a `0x` prefix in hexadecimal; `None` if it is not one.
@@ -26,7 +25,5 @@ pub fn parse_number(text: &[u8]) -> Option<u64> {
 
 /// The number after `key=`, or `default` if the word is missing or not a number.
 pub fn number(cmdline: &[u8], key: &[u8], default: u64) -> u64 {
-    word(cmdline, key)
-        .and_then(parse_number)
-        .unwrap_or(default)
+    word(cmdline, key).and_then(parse_number).unwrap_or(default)
 }

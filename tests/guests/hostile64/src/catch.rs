@@ -110,14 +110,13 @@ pub fn set_gate(vector: u8, handler: u64) {
         asm!("mov {:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags));
     }
     let gate = idtr.base as *mut u64;
-    let low = (handler & 0xffff)
-        | u64::from(cs) << 16
-        | 0x8e << 40
-        | ((handler >> 16) & 0xffff) << 48;
+    let low =
+        (handler & 0xffff) | u64::from(cs) << 16 | 0x8e << 40 | ((handler >> 16) & 0xffff) << 48;
     // SAFETY: the common IDT has 256 16-byte gates and this CPU is its only user.
     unsafe {
         gate.add(2 * usize::from(vector)).write_volatile(low);
-        gate.add(2 * usize::from(vector) + 1).write_volatile(handler >> 32);
+        gate.add(2 * usize::from(vector) + 1)
+            .write_volatile(handler >> 32);
     }
 }
 

@@ -60,7 +60,10 @@ extern "C" fn witness_main(cmdline: *const u8, ram_size: u64) -> ! {
     let mut h = 0u64;
     for r in 0..rounds {
         for w in buf.iter_mut() {
-            h = (h ^ *w).wrapping_mul(FNV_PRIME).rotate_left(29).wrapping_add(r);
+            h = (h ^ *w)
+                .wrapping_mul(FNV_PRIME)
+                .rotate_left(29)
+                .wrapping_add(r);
             *w = w.rotate_left(7) ^ h;
         }
         if check_xmm && !xmm_bad {
@@ -102,7 +105,10 @@ extern "C" fn witness_main(cmdline: *const u8, ram_size: u64) -> ! {
 fn xmm_pattern() -> sse::Registers {
     let mut r = [[0u64; 2]; 16];
     for (n, v) in r.iter_mut().enumerate() {
-        *v = [0x5749_544e_0000_0000 | n as u64, 0x5749_544e_786d_6d00 | n as u64];
+        *v = [
+            0x5749_544e_0000_0000 | n as u64,
+            0x5749_544e_786d_6d00 | n as u64,
+        ];
     }
     r
 }

@@ -45,7 +45,10 @@ fn read_cr4() -> u64 {
 pub fn control_registers(_cmdline: &[u8], _ram: u64) -> ! {
     let mut t = Tally::new("cr", "gp");
     let (cr0, cr4) = (read_cr0(), read_cr4());
-    t.require(format_args!("CR4.VMXE as read ({cr4:#x})"), cr4 & CR4_VMXE == 0);
+    t.require(
+        format_args!("CR4.VMXE as read ({cr4:#x})"),
+        cr4 & CR4_VMXE == 0,
+    );
     let gp = Some(GP);
     let cr4_cases = [
         ("CR4.VMXE", cr4 | CR4_VMXE),
@@ -56,7 +59,11 @@ pub fn control_registers(_cmdline: &[u8], _ram: u64) -> ! {
         ("CR4.PAE clear in long mode", cr4 & !CR4_PAE),
     ];
     for (case, v) in cr4_cases {
-        t.expect(format_args!("{case}"), fault!("mov cr4, {v}", v = in(reg) v), gp);
+        t.expect(
+            format_args!("{case}"),
+            fault!("mov cr4, {v}", v = in(reg) v),
+            gp,
+        );
     }
     let cr0_cases = [
         ("CR0 bit 32", cr0 | 1 << 32),
@@ -66,14 +73,30 @@ pub fn control_registers(_cmdline: &[u8], _ram: u64) -> ! {
         ("CR0.PE clear with PG set", cr0 & !CR0_PE),
     ];
     for (case, v) in cr0_cases {
-        t.expect(format_args!("{case}"), fault!("mov cr0, {v}", v = in(reg) v), gp);
+        t.expect(
+            format_args!("{case}"),
+            fault!("mov cr0, {v}", v = in(reg) v),
+            gp,
+        );
     }
     for v in [16u64, 1 << 63] {
-        t.expect(format_args!("CR8={v:#x}"), fault!("mov cr8, {v}", v = in(reg) v), gp);
+        t.expect(
+            format_args!("CR8={v:#x}"),
+            fault!("mov cr8, {v}", v = in(reg) v),
+            gp,
+        );
     }
     // The same registers written back unchanged must not fault.
-    t.expect(format_args!("CR0 rewritten"), fault!("mov cr0, {v}", v = in(reg) cr0), None);
-    t.expect(format_args!("CR4 rewritten"), fault!("mov cr4, {v}", v = in(reg) cr4), None);
+    t.expect(
+        format_args!("CR0 rewritten"),
+        fault!("mov cr0, {v}", v = in(reg) cr0),
+        None,
+    );
+    t.expect(
+        format_args!("CR4 rewritten"),
+        fault!("mov cr4, {v}", v = in(reg) cr4),
+        None,
+    );
     t.require(format_args!("CR4 after the attack"), read_cr4() == cr4);
     t.finish()
 }
@@ -103,18 +126,26 @@ pub fn xsetbv(_cmdline: &[u8], _ram: u64) -> ! {
         ecx & CPUID_OSXSAVE == 0,
     );
     let cr4 = read_cr4() | CR4_OSXSAVE;
-    t.expect(format_args!("set CR4.OSXSAVE"), fault!("mov cr4, {v}", v = in(reg) cr4), None);
+    t.expect(
+        format_args!("set CR4.OSXSAVE"),
+        fault!("mov cr4, {v}", v = in(reg) cr4),
+        None,
+    );
     let (sup_lo, _, _, sup_hi) = cpu::cpuid(0xd);
     let supported = u64::from(sup_hi) << 32 | u64::from(sup_lo);
     let gp = Some(GP);
     t.expect(format_args!("XSETBV ECX=1"), set_xcr(1, 1), gp);
-    t.expect(format_args!("XSETBV ECX=0xffffffff"), set_xcr(u32::MAX, 1), gp);
+    t.expect(
+        format_args!("XSETBV ECX=0xffffffff"),
+        set_xcr(u32::MAX, 1),
+        gp,
+    );
     t.expect(format_args!("XCR0=0 (x87 off)"), set_xcr(0, 0), gp);
     t.expect(format_args!("XCR0=2 (x87 off)"), set_xcr(0, 2), gp);
     t.expect(format_args!("XCR0=5 (AVX without SSE)"), set_xcr(0, 5), gp);
     t.expect(format_args!("XCR0 bit 63"), set_xcr(0, 1 | 1 << 63), gp);
     let unsupported = !supported & !(1 << 63);
-    let bit = unsupported & unsupported.wrapping_neg();
+    let bit = unsupported.isolate_lowest_one();
     t.expect(
         format_args!("XCR0 unsupported bit {bit:#x} (supported {supported:#x})"),
         set_xcr(0, 1 | bit),

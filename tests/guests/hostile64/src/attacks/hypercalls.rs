@@ -9,9 +9,9 @@
 //! then `hostile64: hypercalls results=<n>/<n> ok`.
 
 use super::Tally;
+use guest_common::say;
 use hostile64::args;
 use hostile64::rng::Rng;
-use guest_common::say;
 
 const CONSOLE_WRITE: u64 = 1;
 const YIELD: u64 = 2;

@@ -80,7 +80,10 @@ pub fn storm(cmdline: &[u8], _ram: u64) -> ! {
     while cpu::rdtsc().wrapping_sub(t0) < cycles {
         // SAFETY: the xAPIC page is identity mapped (uncached) and is MMIO, not Rust memory.
         unsafe {
-            core::ptr::write_volatile(ICR_LOW as *mut u32, ICR_SELF | u32::from(LAPIC_TIMER_VECTOR))
+            core::ptr::write_volatile(
+                ICR_LOW as *mut u32,
+                ICR_SELF | u32::from(LAPIC_TIMER_VECTOR),
+            )
         };
         sent += 1;
     }

@@ -7,6 +7,7 @@ mod interrupts;
 mod memory;
 mod msr;
 mod ports;
+mod stringio;
 mod vmx;
 
 use core::fmt;
@@ -26,6 +27,7 @@ const ATTACKS: &[(&[u8], Attack)] = &[
     (b"cache", cpu_state::cache),
     (b"sse", cpu_state::sse),
     (b"ports", ports::run),
+    (b"stringio", stringio::run),
     (b"hltcli", interrupts::hlt_with_interrupts_off),
     (b"spin", interrupts::spin),
     (b"storm", interrupts::storm),

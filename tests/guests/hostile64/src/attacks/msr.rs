@@ -50,7 +50,11 @@ pub fn run(_cmdline: &[u8], _ram: u64) -> ! {
     t.expect(format_args!("RDMSR FEATURE_CONTROL"), f, None);
     t.require(format_args!("FEATURE_CONTROL value {v:#x}"), v == 1);
     for v in [0, 1, 5] {
-        t.expect(format_args!("WRMSR FEATURE_CONTROL={v}"), wrmsr(FEATURE_CONTROL, v), gp);
+        t.expect(
+            format_args!("WRMSR FEATURE_CONTROL={v}"),
+            wrmsr(FEATURE_CONTROL, v),
+            gp,
+        );
     }
     let (f, efer) = rdmsr(EFER);
     t.expect(format_args!("RDMSR EFER"), f, None);
@@ -72,10 +76,18 @@ pub fn run(_cmdline: &[u8], _ram: u64) -> ! {
     }
     // x2APIC enable; the xAPIC page moved; reserved bits.
     for v in [0xfee0_0d00, 0xfed0_0900, 0xfee0_0901] {
-        t.expect(format_args!("WRMSR APIC_BASE={v:#x}"), wrmsr(APIC_BASE, v), gp);
+        t.expect(
+            format_args!("WRMSR APIC_BASE={v:#x}"),
+            wrmsr(APIC_BASE, v),
+            gp,
+        );
     }
     // Memory type 2 is reserved in every PAT entry (SDM Vol. 3A 13.12.2).
-    t.expect(format_args!("WRMSR PAT type 2"), wrmsr(PAT, 0x0007_0406_0007_0402), gp);
+    t.expect(
+        format_args!("WRMSR PAT type 2"),
+        wrmsr(PAT, 0x0007_0406_0007_0402),
+        gp,
+    );
     for (name, msr) in [
         ("FS_BASE", FS_BASE),
         ("KERNEL_GS_BASE", KERNEL_GS_BASE),

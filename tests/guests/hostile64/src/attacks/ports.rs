@@ -119,7 +119,10 @@ pub fn run(_cmdline: &[u8], _ram: u64) -> ! {
     // Wide reads of unclaimed ports, including ones that wrap past 0xffff.
     for port in [0x1234u16, 0xfffd, 0xfffe, 0xffff] {
         let v = inl(port);
-        t.require(format_args!("IN eax from {port:#x} ({v:#x})"), v == u32::MAX);
+        t.require(
+            format_args!("IN eax from {port:#x} ({v:#x})"),
+            v == u32::MAX,
+        );
         let v = inw(port);
         t.require(format_args!("IN ax from {port:#x} ({v:#x})"), v == u16::MAX);
     }
@@ -139,7 +142,10 @@ pub fn run(_cmdline: &[u8], _ram: u64) -> ! {
         asm!("std", "rep insb", "cld", in("dx") 0x1234u16, inout("rdi") p.add(599) => _,
              inout("rcx") 600u64 => _, options(nostack));
     }
-    t.require(format_args!("STD; REP INSB"), buf.iter().all(|&b| b == 0xff));
+    t.require(
+        format_args!("STD; REP INSB"),
+        buf.iter().all(|&b| b == 0xff),
+    );
     let left: u64;
     // SAFETY: reads 600 bytes of `buf`.
     unsafe {

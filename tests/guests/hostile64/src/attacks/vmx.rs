@@ -14,11 +14,27 @@ pub fn run(_cmdline: &[u8], _ram: u64) -> ! {
     let mut region = [0u64; 2];
     let p = region.as_mut_ptr();
     let ud = Some(UD);
-    t.expect(format_args!("vmxon"), fault!("vmxon [{p}]", p = in(reg) p), ud);
+    t.expect(
+        format_args!("vmxon"),
+        fault!("vmxon [{p}]", p = in(reg) p),
+        ud,
+    );
     t.expect(format_args!("vmxoff"), fault!("vmxoff"), ud);
-    t.expect(format_args!("vmclear"), fault!("vmclear [{p}]", p = in(reg) p), ud);
-    t.expect(format_args!("vmptrld"), fault!("vmptrld [{p}]", p = in(reg) p), ud);
-    t.expect(format_args!("vmptrst"), fault!("vmptrst [{p}]", p = in(reg) p), ud);
+    t.expect(
+        format_args!("vmclear"),
+        fault!("vmclear [{p}]", p = in(reg) p),
+        ud,
+    );
+    t.expect(
+        format_args!("vmptrld"),
+        fault!("vmptrld [{p}]", p = in(reg) p),
+        ud,
+    );
+    t.expect(
+        format_args!("vmptrst"),
+        fault!("vmptrst [{p}]", p = in(reg) p),
+        ud,
+    );
     // VMCS field 0x4400: the VM-instruction error; 0x681e: guest RIP.
     t.expect(
         format_args!("vmread"),
