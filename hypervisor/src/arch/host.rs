@@ -15,6 +15,11 @@ impl crate::exits::Host for RealHost {
         (d as u64) << 32 | a as u64
     }
 
+    fn host_nmi(&mut self) {
+        // Nothing on the machine sends Keel NMIs on purpose yet (no watchdog, one CPU): report it.
+        crate::warn!("NMI while a guest ran");
+    }
+
     fn host_interrupt(&mut self, vector: u8) {
         if vector == idt::TIMER_VECTOR {
             lapic::on_timer_interrupt();

@@ -32,6 +32,8 @@ pub trait Host {
     fn xcr0_supported(&self) -> u64;
     /// An interrupt that arrived for Keel while the guest ran (acknowledged on exit).
     fn host_interrupt(&mut self, vector: u8);
+    /// An NMI that arrived while the guest ran.
+    fn host_nmi(&mut self);
 }
 
 /// A hardware exception to deliver to the guest.
@@ -107,6 +109,20 @@ pub fn dispatch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
                 cx.host.host_interrupt(info.vector());
             }
             Action::Resume
+        }
+        ExitReason::ExceptionOrNmi => {
+            // The exception bitmap is empty, so this is an NMI that arrived while the guest ran
+            // ("NMI exiting", SDM 25.2): it belongs to the machine, not the guest.
+            let info = InterruptionInfo(cx.vmcs.read(ReadOnly32::ExitInterruptionInfo));
+            if info.kind() == crate::vmx::InterruptionType::Nmi {
+                cx.host.host_nmi();
+                Action::Resume
+            } else {
+                Action::Stop(StopReason::Killed(format!(
+                    "unexpected exception exit, vector {}",
+                    info.vector()
+                )))
+            }
         }
         ExitReason::TripleFault => Action::Stop(StopReason::TripleFault),
         ExitReason::InterruptWindow | ExitReason::NmiWindow => Action::Resume,
@@ -325,6 +341,17 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn nmis_go_to_keel() {
+        let mut t = TestBed::new();
+        t.vmcs.write_raw(
+            ReadOnly32::ExitInterruptionInfo.encoding(),
+            InterruptionInfo::nmi().raw() as u64,
+        );
+        assert_eq!(t.run(ExitReason::ExceptionOrNmi), Action::Resume);
+        assert_eq!(t.host.nmis, 1);
     }
 
     #[test]

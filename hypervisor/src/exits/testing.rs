@@ -12,6 +12,7 @@ use alloc::string::String;
 
 pub struct FakeHost {
     pub interrupts: alloc::vec::Vec<u8>,
+    pub nmis: u32,
 }
 
 impl Host for FakeHost {
@@ -28,6 +29,9 @@ impl Host for FakeHost {
     }
     fn host_interrupt(&mut self, vector: u8) {
         self.interrupts.push(vector);
+    }
+    fn host_nmi(&mut self) {
+        self.nmis += 1;
     }
 }
 
@@ -68,6 +72,7 @@ impl TestBed {
             guest,
             host: FakeHost {
                 interrupts: alloc::vec::Vec::new(),
+                nmis: 0,
             },
         }
     }
