@@ -11,6 +11,7 @@ USAGE:
     cargo keel image [IMAGE OPTIONS]
     cargo keel run   [IMAGE OPTIONS] [RUN OPTIONS]
     cargo keel flash DEVICE [IMAGE OPTIONS] [--image PATH] [--bios] [--force] [--yes]
+    cargo keel bench [IMAGE OPTIONS] [--timeout SECS] [--echo]
 
 IMAGE OPTIONS:
     --manifest PATH   guest manifest (default tests/guests/manifests/demo.manifest)
@@ -43,6 +44,10 @@ FLASH OPTIONS:
     --bios            write the BIOS image instead of the UEFI one
     --force           accept a device that is not marked removable
     --yes             do not ask for confirmation
+
+BENCH OPTIONS (docs/BENCHMARKS.md; always a release build, default manifest bench.manifest):
+    --timeout SECS    time limit of each of the two Bochs boots (default 120)
+    --echo            copy COM1 of both boots to the terminal
 ";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -85,6 +90,7 @@ pub enum Cmd {
     Image(ImageArgs),
     Run(RunArgs),
     Flash(FlashArgs),
+    Bench(crate::bench::BenchArgs),
     Help,
 }
 
@@ -240,8 +246,26 @@ pub fn parse(argv: &[String]) -> Result<Cmd, String> {
             f.device = device.ok_or("flash: which device? e.g. `cargo keel flash /dev/sdb`")?;
             Ok(Cmd::Flash(f))
         }
+        "bench" => {
+            let mut b = crate::bench::BenchArgs::default();
+            while let Some(flag) = args.next_flag() {
+                if image_flag(&flag, &mut args, &mut b.build)? {
+                    continue;
+                }
+                match flag.as_str() {
+                    "--timeout" => b.timeout_secs = Some(args.number(&flag)?),
+                    "--echo" => {
+                        args.no_value(&flag)?;
+                        b.echo = true
+                    }
+                    _ => return Err(format!("bench: unknown option `{flag}`")),
+                }
+            }
+            b.build.release = true;
+            Ok(Cmd::Bench(b))
+        }
         other => Err(format!(
-            "unknown command `{other}` (image, run, flash or help)"
+            "unknown command `{other}` (image, run, flash, bench or help)"
         )),
     }
 }

@@ -5,11 +5,13 @@
 //! - [`emulator`]: boots an image in Bochs, QEMU (TCG) or QEMU with KVM, follows COM1 and port
 //!   0xE9, and reports Keel's exit status ([`emulator::run`] returns a [`RunResult`]).
 //! - [`flash`]: writes an image to a USB stick after checking it is the right kind of device.
+//! - [`bench`]: `cargo keel bench`, the exit-path benchmark (docs/BENCHMARKS.md).
 //! - [`tools`]: which host programs and firmware files each run needs, and their Debian packages.
 //!
 //! The integration tests (crate `keel-tests`) drive the same functions as the command line.
 //! docs/BOOTING.md is the user's guide.
 
+pub mod bench;
 pub mod bochs;
 pub mod cli;
 pub mod console;

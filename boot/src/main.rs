@@ -210,6 +210,7 @@ fn main() -> ExitCode {
         Cmd::Image(b) => build(&b).map(|_| ExitCode::SUCCESS),
         Cmd::Run(r) => run(&r),
         Cmd::Flash(f) => flash_cmd(&f),
+        Cmd::Bench(b) => keel_boot::bench::run(&image_options(&b.build), &b),
     };
     match result {
         Ok(code) => code,
