@@ -19,6 +19,13 @@
 //! Under Keel, guest 0 runs the ping-pong with the other guests, then the whole suite alone; every
 //! other guest runs only the ping-pong and exits. The first line also reports `first-rdtsc`: the
 //! TSC read by the first instruction of `_start`.
+//!
+//! Landmarks for the host: Bochs logs every EPT violation with its tick count (its TSC, which
+//! starts at power-on), and a LAPIC register read is an EPT violation under Keel. So `_start`
+//! reads the LAPIC version register with its fifth instruction, and each guest reads an ISR/TMR/IRR
+//! register of its own just before and just after its YIELD loop ([`landmark`]): `cargo keel
+//! bench` finds those lines in Bochs' log to time what no guest clock shows (the first guest
+//! instruction after power-on, the whole ping-pong). The reads have no effect on the LAPIC.
 #![no_std]
 #![no_main]
 
@@ -45,6 +52,8 @@ const MSR_TSC_DEADLINE: u32 = 0x6e0;
 const LAPIC_TPR: usize = 0xfee0_0080;
 const LAPIC_ICR_LOW: usize = 0xfee0_0300;
 const LAPIC_LVT_TIMER: usize = 0xfee0_0320;
+/// The first of the 24 read-only registers ISR, TMR and IRR (0x100-0x270) used as landmarks.
+const LAPIC_LANDMARKS: usize = 0xfee0_0100;
 /// LVT timer mode bits 18:17 = 10b: TSC-deadline (SDM Vol. 3A 11.5.4.1).
 const LVT_TSC_DEADLINE: u32 = 0b10 << 17;
 /// ICR destination shorthand 01b: self; delivery mode fixed (SDM Vol. 3A 11.6.1).
@@ -80,6 +89,8 @@ _start:
     rdtsc
     mov dword ptr [rip + {first}], eax
     mov dword ptr [rip + {first} + 4], edx
+    mov eax, 0xfee00030                 # landmark: the LAPIC version register
+    mov eax, dword ptr [rax]
     lea rsp, [rip + bench_stack_top]
     call {main}
     ud2
@@ -172,9 +183,9 @@ extern "C" fn bench_main(cmdline: *const u8, _ram_size: u64) -> ! {
         FIRST_TSC.load(Ordering::Relaxed),
         Printable(cmdline)
     );
-    if mode == Mode::Keel {
-        ping_pong(yields);
-        if id != Some(0) {
+    if let Some(id) = id {
+        ping_pong(yields, id as usize);
+        if id != 0 {
             say!("done");
             cpu::exit(EXIT_DONE);
         }
@@ -197,14 +208,25 @@ fn word<'a>(cmdline: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
 /// YIELD round trips, each in this guest's own clock. Keel stops a runnable guest's clock while it
 /// waits for the CPU, so a round trip shows only this guest's share of the exit and entry, not the
 /// other guests' time nor the switch work done while no guest's clock runs (docs/BENCHMARKS.md).
-fn ping_pong(yields: usize) {
+/// The landmarks around the loop let the host time the whole ping-pong in Bochs ticks.
+fn ping_pong(yields: usize, id: usize) {
     let mut samples = [0u32; SAMPLES];
+    landmark(2 * id);
     for i in 0..yields {
         // `i % SAMPLES` (not a branch) keeps every iteration the same instructions, so a longer
         // run differs from a shorter one by whole round trips only.
         samples[i % SAMPLES] = timed!("mov eax, {nr}", "vmcall"; nr = const HC_YIELD);
     }
+    landmark(2 * id + 1);
     report("yield", &mut samples[..yields.min(SAMPLES)]);
+}
+
+/// Reads LAPIC landmark register `k` (0xfee00100 + 0x10 * (k % 24)), an EPT violation that Bochs
+/// logs with its tick count.
+fn landmark(k: usize) {
+    let address = LAPIC_LANDMARKS + 0x10 * (k % 24);
+    // SAFETY: the LAPIC page is identity mapped (uncached); ISR, TMR and IRR are read-only.
+    unsafe { core::ptr::read_volatile(address as *const u32) };
 }
 
 fn suite(mode: Mode) {
