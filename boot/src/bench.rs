@@ -655,6 +655,21 @@ keel: guest 0 bench-a overhead: 35 KiB (VMCS 4, EPT 3 tables, I/O+MSR bitmaps 12
         assert!(parse_figure("cpuid min=1 max=2 n=3").is_none());
     }
 
+    #[test]
+    fn command_line() {
+        let argv: Vec<String> = ["bench", "--timeout", "30", "--echo", "--quiet"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let Ok(crate::cli::Cmd::Bench(b)) = crate::cli::parse(&argv) else {
+            panic!("bench parses");
+        };
+        assert_eq!(b.timeout_secs, Some(30));
+        assert!(b.echo && b.build.quiet && b.build.release, "always release");
+        let bad: Vec<String> = vec!["bench".into(), "--uefi".into()];
+        assert!(crate::cli::parse(&bad).is_err());
+    }
+
     const LOG: &str = "\
 00034125870i[BIOS  ] Booting from 0000:7c00
 00056490429i[CPU0  ] RDMSR: Read 00000000:fee00900 from MSR_APICBASE
