@@ -52,6 +52,6 @@ size=$(stat -c %s "$out/real16.bin")
 
 # The hostile guests, their witness and the fuzzer (hostile64/, fuzz/; README.md "Hostile guests").
 cargo build --quiet --release --target-dir "$target_dir" --target x86_64-unknown-none \
-    -p hostile64 || die "building hostile64 failed"
-for g in hostile64 witness64; do cp "$target_dir/x86_64-unknown-none/release/$g" "$out/$g.elf"; done
+    -p hostile64 -p fuzz64 || die "building hostile64/fuzz64 failed"
+for g in hostile64 witness64 fuzz64; do cp "$target_dir/x86_64-unknown-none/release/$g" "$out/$g.elf"; done
 bash "$here/bench64/build.sh" "$out" "$target_dir" "$objcopy" || die "building bench64 failed"

@@ -7,10 +7,12 @@
 //! - `bringup`: Keel alone: VMXON in Bochs (BIOS and UEFI), "no VMX" in QEMU TCG.
 //! - `guests`: the manifests of tests/guests: every guest kind, and misbehaving guests.
 //! - `hostile`: attacking guests next to a witness (tests/guests/manifests/hostile.manifest).
+//! - `fuzz`: guests running random code next to a witness (tests/guests/manifests/fuzz.manifest).
 //! - `cleanup`: a time limit stops the emulator and leaves nothing behind.
 
 mod bringup;
 mod cleanup;
+mod fuzz;
 mod guests;
 mod hostile;
 

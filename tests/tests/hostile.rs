@@ -37,7 +37,7 @@ fn expect_stopped(boot: &Outcome, guest: &str, reason: &str) {
 /// The witness's algorithm (tests/guests/hostile64/src/witness.rs and rng.rs), computed here
 /// independently: SplitMix64-seeded xorshift64* fills 8192 words, `rounds` FNV-style rounds
 /// rewrite them, the words are folded into the checksum.
-fn witness_checksum(rounds: u64) -> u64 {
+pub(crate) fn witness_checksum(rounds: u64) -> u64 {
     let mut z = 0x5749_544e_4553_5321u64.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -63,17 +63,23 @@ fn witness_checksum(rounds: u64) -> u64 {
     buf.iter().fold(h, |c, &w| c.rotate_left(1) ^ w)
 }
 
-/// `rounds=` of the witnesses in hostile.manifest.
-const WITNESS_ROUNDS: u64 = 48;
+/// `rounds=` of the witnesses in hostile.manifest and fuzz.manifest.
+pub(crate) const WITNESS_ROUNDS: u64 = 48;
+
+/// Keel ran to its end: it printed its exit status, and no panic, bug report or fatal error.
+#[track_caller]
+pub(crate) fn expect_keel_unhurt(boot: &Outcome) {
+    boot.expect_some_keel_status();
+    boot.expect_no_line("PANIC");
+    boot.expect_no_line("KEEL BUG");
+    boot.expect_no_line("keel: fatal");
+}
 
 #[test]
 fn keel_survives_every_attack() {
     let boot = shared_boot(&HOSTILE);
-    boot.expect_some_keel_status();
     boot.expect_line("keel: running 22 guests");
-    boot.expect_no_line("PANIC");
-    boot.expect_no_line("KEEL BUG");
-    boot.expect_no_line("keel: fatal");
+    expect_keel_unhurt(&boot);
 }
 
 #[test]

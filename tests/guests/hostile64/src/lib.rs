@@ -3,13 +3,15 @@
 //! - [`args`]: `key=value` words of the command line;
 //! - [`catch`]: resuming after a fault an attack provokes on purpose, with the vector recorded;
 //! - [`rng`]: a small deterministic PRNG, so every run and every seed can be replayed;
-//! - [`sse`]: XMM registers as state that must survive guest switches.
+//! - [`sse`]: XMM registers as state that must survive guest switches;
+//! - [`text`]: formatting into a fixed buffer.
 #![no_std]
 
 pub mod args;
 pub mod catch;
 pub mod rng;
 pub mod sse;
+pub mod text;
 
 /// Exit code of an attack or witness that saw what it should: status (0x30 << 1) | 1 = 0x61.
 pub const EXIT_OK: u8 = 0x30;

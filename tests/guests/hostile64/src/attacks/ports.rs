@@ -15,6 +15,7 @@ use super::Tally;
 use core::arch::asm;
 use guest_common::cpu::{inb, outb};
 use guest_common::say;
+use hostile64::text::Cursor;
 
 fn skip_read(port: u16) -> bool {
     (0xf4..=0xf7).contains(&port)
@@ -60,31 +61,12 @@ impl NotOnes {
             return;
         }
         let mut text = [0u8; 8 * 14];
-        let mut w = Cursor(&mut text, 0);
+        let mut w = Cursor::new(&mut text);
         for (port, v) in &self.line[..self.len] {
             let _ = core::fmt::write(&mut w, format_args!(" {port:#x}={v:#x}"));
         }
-        let n = w.1;
-        say!(
-            "ports not-ones{}",
-            core::str::from_utf8(&text[..n]).unwrap_or("?")
-        );
+        say!("ports not-ones{}", w.as_str());
         self.len = 0;
-    }
-}
-
-/// A `fmt::Write` into a byte buffer.
-struct Cursor<'a>(&'a mut [u8], usize);
-
-impl core::fmt::Write for Cursor<'_> {
-    fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        let end = self.1 + s.len();
-        self.0
-            .get_mut(self.1..end)
-            .ok_or(core::fmt::Error)?
-            .copy_from_slice(s.as_bytes());
-        self.1 = end;
-        Ok(())
     }
 }
 
