@@ -13,6 +13,8 @@ const LVT_MASKED: u32 = 1 << 16;
 const LVT_PERIODIC: u32 = 1 << 17;
 /// Divide configuration 0b1011: divide by 1.
 const DIVIDE_BY_1: u32 = 0xb;
+/// Divide configuration 0b1010: divide by 128 (SDM Vol. 3A figure 11-10).
+const DIVIDE_BY_128: u32 = 0xa;
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
 fn write(reg: usize, v: u32) {
@@ -35,6 +37,22 @@ pub fn start_free_running() {
     write(DIVIDE_CONFIG, DIVIDE_BY_1);
     write(LVT_TIMER, LVT_MASKED);
     write(INITIAL_COUNT, u32::MAX);
+}
+
+/// As [`start_free_running`] with the clock divided by 128, for long one-shots: at a 1 GHz timer
+/// clock a count lasts up to 9 minutes instead of 4 seconds.
+pub fn start_free_running_slow() {
+    write(DIVIDE_CONFIG, DIVIDE_BY_128);
+    write(LVT_TIMER, LVT_MASKED);
+    write(INITIAL_COUNT, u32::MAX);
+}
+
+/// One interrupt on `vector` after `count` ticks of the timer clock divided by 128 (the rate
+/// [`start_free_running_slow`] lets one measure).
+pub fn start_one_shot_slow(vector: u8, count: u32) {
+    write(DIVIDE_CONFIG, DIVIDE_BY_128);
+    write(LVT_TIMER, u32::from(vector));
+    write(INITIAL_COUNT, count.max(1));
 }
 
 pub fn current_count() -> u32 {

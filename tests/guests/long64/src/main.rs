@@ -13,6 +13,7 @@
 //! | `crunch`   | CPU-bound for `secs=N` of its own seconds (`timeshare`)  | 0x23      |
 //! | `sleeper`  | halts between PIT ticks for `secs=N` (`timeshare`)       | 0x24      |
 //! | `clispin`  | spins `cycles=N` TSC cycles with interrupts off          | 0x25      |
+//! | `timekeeper` | halts `every=N` s on a LAPIC one-shot, then PRINT_STATS, until `secs=N` | 0x26 |
 //!
 //! Any failure (unexpected exception, expected fault missing) exits with 0x3f.
 #![no_std]
@@ -82,6 +83,7 @@ extern "C" fn long64_main(cmdline: *const u8, ram_size: u64) -> ! {
         b"crunch" => timeshare::crunch(&plan(cmdline)),
         b"sleeper" => timeshare::sleeper(&plan(cmdline)),
         b"clispin" => timeshare::clispin(required(cmdline, b"cycles")),
+        b"timekeeper" => timeshare::timekeeper(&plan(cmdline)),
         other => {
             say!("unknown mode {}", Printable(other));
             cpu::exit(EXIT_FAILURE)
@@ -124,12 +126,11 @@ fn required(cmdline: &[u8], key: &[u8]) -> u64 {
     })
 }
 
-/// `secs=N` (required), `every=N` (default 1), `stats=N` (optional) for the time-sharing modes.
+/// `secs=N` (required) and `every=N` (default 1) for the time-sharing modes.
 fn plan(cmdline: &[u8]) -> timeshare::Plan {
     timeshare::Plan {
         secs: required(cmdline, b"secs").max(1),
         every: param(cmdline, b"every").unwrap_or(1).max(1),
-        stats_at: param(cmdline, b"stats"),
     }
 }
 

@@ -10,20 +10,22 @@
 //! | mode      | does                                                                 | exit |
 //! |-----------|----------------------------------------------------------------------|------|
 //! | `crunch`  | computes for `secs=N` seconds, PIT ticks counted meanwhile            | 0x23 |
-//! | `sleeper` | halts between PIT ticks for `secs=N` seconds; `stats=S` calls PRINT_STATS at S s | 0x24 |
+//! | `sleeper` | halts between PIT ticks for `secs=N` seconds                          | 0x24 |
 //! | `clispin` | spins `cycles=N` TSC cycles with interrupts disabled, no exits        | 0x25 |
+//! | `timekeeper` | halts on a LAPIC one-shot for `every=N` seconds, then PRINT_STATS, until `secs=N` | 0x26 |
 //!
 //! crunch and sleeper print `demo: <s> s, ...` once per second of their time (`every=N`: every
 //! N seconds), then `demo: done ...`.
 
 use core::sync::atomic::Ordering;
 use guest_common::abi::{HC_CPU_TIME, HC_PRINT_STATS};
-use guest_common::trap::PIT_TICKS;
-use guest_common::{console, cpu, pic, pit, say};
+use guest_common::trap::{LAPIC_TICKS, LAPIC_TIMER_VECTOR, PIT_TICKS};
+use guest_common::{console, cpu, lapic, pic, pit, say};
 
 pub const EXIT_CRUNCH: u8 = 0x23;
 pub const EXIT_SLEEPER: u8 = 0x24;
 pub const EXIT_CLISPIN: u8 = 0x25;
+pub const EXIT_TIMEKEEPER: u8 = 0x26;
 /// The PIT rate every time-sharing guest runs at.
 const PIT_HZ: u32 = 100;
 /// crunch: work steps between two looks at the clock.
@@ -33,10 +35,8 @@ const STEPS_PER_CHECK: u64 = 1024;
 pub struct Plan {
     /// How long to run, in seconds of the guest's own time.
     pub secs: u64,
-    /// Print a progress line every this many seconds.
+    /// Print a progress line (timekeeper: ask for Keel's table) every this many seconds.
     pub every: u64,
-    /// sleeper: call PRINT_STATS when this second is reached.
-    pub stats_at: Option<u64>,
 }
 
 impl Plan {
@@ -126,27 +126,19 @@ pub fn sleeper(plan: &Plan) -> ! {
     console::set_name("demo");
     let hz = start_clock();
     let (mut wakeups, mut next) = (0u64, plan.first());
-    let mut stats_at = plan.stats_at;
     PIT_TICKS.store(0, Ordering::SeqCst);
     let t0 = cpu::rdtsc();
     loop {
         cpu::wait_for_interrupt();
         wakeups += 1;
         let elapsed = cpu::rdtsc().wrapping_sub(t0);
-        if let Some(s) = stats_at.filter(|&s| elapsed >= s * hz) {
-            with_interrupts(|| {
-                say!("stats at {} s: asking Keel for its table", s);
-                let _ = cpu::vmcall(HC_PRINT_STATS, 0, 0);
-            });
-            stats_at = None;
-        }
         if elapsed < next * hz {
             continue;
         }
         // The whole run, calibration included: the guest's TSC started at 0.
         let cpu_share = Percent(basis_points(cpu_time(), cpu::rdtsc()));
         let ticks = PIT_TICKS.load(Ordering::SeqCst);
-        if next >= plan.secs && stats_at.is_none() {
+        if next >= plan.secs {
             say!(
                 "done: {} s, {} PIT ticks, {} wakeups, tsc={} cpu {}",
                 next,
@@ -161,6 +153,45 @@ pub fn sleeper(plan: &Plan) -> ! {
         with_interrupts(|| say!("{} s, {} PIT ticks, cpu {}", next, ticks, cpu_share));
         next = plan.secs.min(next + plan.every);
     }
+}
+
+/// Halts `plan.every` seconds at a time on a LAPIC timer one-shot (one interrupt per wait, none in
+/// between), then has Keel print its accounting table (PRINT_STATS); ends after `plan.secs`.
+pub fn timekeeper(plan: &Plan) -> ! {
+    console::set_name("demo");
+    lapic::enable();
+    lapic::start_free_running_slow();
+    let lapic_hz = pit::measure_rate(|| u64::from(!lapic::current_count()));
+    let hz = pit::tsc_hz().max(1);
+    say!(
+        "tsc {} kHz, lapic timer / 128 {} kHz",
+        hz / 1000,
+        lapic_hz / 1000
+    );
+    let t0 = cpu::rdtsc();
+    let mut at = 0;
+    while at < plan.secs {
+        let wait = plan.every.min(plan.secs - at);
+        at += wait;
+        let count = (lapic_hz * wait).clamp(1, u64::from(u32::MAX)) as u32;
+        let before = LAPIC_TICKS.load(Ordering::SeqCst);
+        lapic::start_one_shot_slow(LAPIC_TIMER_VECTOR, count);
+        while LAPIC_TICKS.load(Ordering::SeqCst) == before {
+            cpu::wait_for_interrupt();
+        }
+        let elapsed = cpu::rdtsc().wrapping_sub(t0);
+        say!("{} s (tsc={}): Keel, print your table", at, elapsed);
+        let _ = cpu::vmcall(HC_PRINT_STATS, 0, 0);
+    }
+    let cpu_share = Percent(basis_points(cpu_time(), cpu::rdtsc()));
+    say!(
+        "done: {} s, {} wakeups, cpu {}",
+        at,
+        plan.secs.div_ceil(plan.every),
+        cpu_share
+    );
+    lapic::stop();
+    cpu::exit(EXIT_TIMEKEEPER)
 }
 
 /// Runs `f` with interrupts on. A line on the UART costs two exits per byte, long enough under an

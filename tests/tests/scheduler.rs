@@ -1,0 +1,340 @@
+//! The scheduler and virtual-time checks: one Bochs boot of `tests/guests/manifests/sched.manifest`
+//! (seven long64 guests, docs/SCHEDULING.md), several tests reading it. A module of the
+//! `emulators` test target (`cargo itest scheduler -- --nocapture`); the measured shares and tick
+//! counts are printed, and `--nocapture` shows them when the tests pass.
+//!
+//! What the guests do (tests/guests/long64/src/timeshare.rs):
+//! - cpu1-cpu3: CPU-bound for 12 s of their own time each;
+//! - sleeper: PIT at 100 Hz, halts between ticks for 40 s;
+//! - ticks: PIT at 100 Hz and LAPIC timer at 1 kHz counted over 50 000 000 TSC cycles;
+//! - clispin: 30 000 000 TSC cycles with interrupts off and no exits;
+//! - timekeeper: halts 10 s on one LAPIC one-shot, then PRINT_STATS: the snapshot table.
+use std::collections::HashMap;
+use std::time::Duration;
+
+use keel_tests::{guest_prefix, shared_boot, BootSpec, Emulator, Firmware, Manifest, Outcome};
+
+static SCHED: BootSpec = BootSpec {
+    name: "bochs-sched",
+    manifest: Manifest::File("tests/guests/manifests/sched.manifest"),
+    emulator: Emulator::Bochs,
+    firmware: Firmware::Bios,
+    // About 10-20 s on an idle machine; the limit leaves room for a loaded one.
+    timeout: Some(Duration::from_secs(240)),
+};
+
+const CPU_BOUND: [&str; 3] = ["cpu1", "cpu2", "cpu3"];
+/// Every guest and the status Keel reports when it ends: `(code << 1) | 1` for the exit code the
+/// guest writes to port 0xf4 (long64: crunch 0x23, sleeper 0x24, ticks 0x22, clispin 0x25,
+/// timekeeper 0x26).
+const STATUSES: [(&str, u32); 7] = [
+    ("cpu1", 0x47),
+    ("cpu2", 0x47),
+    ("cpu3", 0x47),
+    ("sleeper", 0x49),
+    ("ticks", 0x45),
+    ("clispin", 0x4b),
+    ("timekeeper", 0x4d),
+];
+/// Keel's status when every guest ran to its end (`ExitCode::Completed`, 0 << 1 | 1).
+const COMPLETED: u32 = 1;
+/// What the timekeeper prints right before its PRINT_STATS.
+const SNAPSHOT_MARKER: &str = "[timekeeper] demo: 10 s";
+
+/// One `print_stats` table: column name -> value, per guest, in manifest order.
+#[derive(Debug)]
+struct Table {
+    rows: Vec<(String, HashMap<String, String>)>,
+}
+
+impl Table {
+    /// The first table that starts after the first line containing `after` (from the start when
+    /// `after` is empty). Columns are named by the header, whose names are separated by two or more
+    /// spaces (`cpu cycles`, `halted cycles`); a row's values by whitespace.
+    fn parse(lines: &[&str], after: &str) -> Option<Table> {
+        let start = lines.iter().position(|l| l.contains(after))?;
+        let body: Vec<&str> = lines[start..]
+            .iter()
+            .map(|l| l.strip_prefix("keel: ").unwrap_or(""))
+            .collect();
+        let header = body
+            .iter()
+            .position(|l| l.starts_with("guest ") && l.contains("cpu cycles"))?;
+        let columns: Vec<String> = body[header]
+            .split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(String::from)
+            .collect();
+        let rows = body[header + 1..]
+            .iter()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .take_while(|values| {
+                values.len() == columns.len() && values[1].bytes().all(|b| b.is_ascii_digit())
+            })
+            .map(|values| {
+                let row = columns
+                    .iter()
+                    .cloned()
+                    .zip(values.iter().map(|v| v.to_string()))
+                    .collect();
+                (values[0].to_string(), row)
+            })
+            .collect();
+        Some(Table { rows })
+    }
+
+    fn get(&self, guest: &str, column: &str) -> Option<&str> {
+        let (_, row) = self.rows.iter().find(|(name, _)| name == guest)?;
+        row.get(column).map(String::as_str)
+    }
+
+    fn cpu(&self, guest: &str) -> Option<u64> {
+        self.get(guest, "cpu cycles")?.parse().ok()
+    }
+
+    fn total_cpu(&self) -> u64 {
+        self.rows
+            .iter()
+            .filter_map(|(name, _)| self.cpu(name))
+            .sum()
+    }
+
+    /// Each guest's cpu cycles and share of the table's total, for the test output.
+    fn shares(&self) -> String {
+        let total = self.total_cpu().max(1);
+        self.rows
+            .iter()
+            .map(|(name, row)| {
+                let cpu = self.cpu(name).unwrap_or(0);
+                format!(
+                    "  {name:<12} {cpu:>12} cpu cycles {:>6.2}%  {}\n",
+                    100.0 * cpu as f64 / total as f64,
+                    row.get("state").map_or("?", String::as_str)
+                )
+            })
+            .collect()
+    }
+}
+
+fn boot() -> std::sync::Arc<Outcome> {
+    shared_boot(&SCHED)
+}
+
+/// The snapshot (the table PRINT_STATS printed) and the final table Keel prints at its end.
+fn tables(boot: &Outcome) -> (Table, Table) {
+    let lines: Vec<&str> = boot.lines().collect();
+    let Some(snapshot) = Table::parse(&lines, SNAPSHOT_MARKER) else {
+        boot.fail(&format!(
+            "no accounting table after `{SNAPSHOT_MARKER}` (the PRINT_STATS snapshot)"
+        ))
+    };
+    // The final table is the last one: parse from its header.
+    let last_header = lines
+        .iter()
+        .rposition(|l| l.starts_with("keel: guest ") && l.contains("cpu cycles"))
+        .unwrap_or(0);
+    let Some(last) = Table::parse(&lines[last_header..], "") else {
+        boot.fail("no final accounting table")
+    };
+    for t in [&snapshot, &last] {
+        if t.rows.len() != STATUSES.len() {
+            boot.fail(&format!(
+                "a table has {} rows, expected {}: {:?}",
+                t.rows.len(),
+                STATUSES.len(),
+                t.rows.iter().map(|(n, _)| n).collect::<Vec<_>>()
+            ));
+        }
+    }
+    (snapshot, last)
+}
+
+/// The decimal number after `key=` in `line`.
+fn field(line: &str, key: &str) -> Option<u64> {
+    let rest = &line[line.find(&format!("{key}="))? + key.len() + 1..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// The TSC rate Keel measured on the real PIT at boot (`... calibrated: TSC 9999 kHz ...`), in Hz:
+/// the guests' TSCs run at this rate (offset, never scaled), and their device models count time
+/// from it.
+fn keel_tsc_hz(boot: &Outcome) -> f64 {
+    let line = boot.expect_line("timer calibrated: TSC ");
+    let khz = line
+        .split("TSC ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<f64>().ok());
+    match khz {
+        Some(khz) => khz * 1000.0,
+        None => boot.fail(&format!("cannot read the TSC rate from `{line}`")),
+    }
+}
+
+#[test]
+fn every_guest_ends_with_its_own_status() {
+    let boot = boot();
+    boot.expect_keel_status(COMPLETED);
+    for (guest, status) in STATUSES {
+        boot.expect_line(&format!("keel: guest {guest} status {status:#x}:"));
+    }
+    boot.expect_no_line("stopped:");
+    boot.expect_no_line("exception vec=");
+    boot.expect_no_line("panic");
+}
+
+#[test]
+fn cpu_bound_guests_share_the_cpu_equally() {
+    let boot = boot();
+    let (snapshot, last) = tables(&boot);
+    println!("snapshot (PRINT_STATS from the timekeeper at 10 s of its time):");
+    print!("{}", snapshot.shares());
+    println!("final table:");
+    print!("{}", last.shares());
+    let mut cycles = Vec::new();
+    for guest in CPU_BOUND {
+        // The snapshot is only a fairness measurement if all three were still competing.
+        if snapshot.get(guest, "state") != Some("run") {
+            boot.fail(&format!(
+                "{guest} was not running at the snapshot: {:?}",
+                snapshot.get(guest, "state")
+            ));
+        }
+        match snapshot.cpu(guest) {
+            Some(c) => cycles.push((guest, c)),
+            None => boot.fail(&format!("no cpu cycles for {guest} in the snapshot")),
+        }
+    }
+    let mean = cycles.iter().map(|&(_, c)| c as f64).sum::<f64>() / cycles.len() as f64;
+    let quantum = 0.01 * keel_tsc_hz(&boot);
+    println!(
+        "cpu-bound guests at the snapshot: mean {mean:.0} cycles ({:.0} quanta of 10 ms each)",
+        mean / quantum
+    );
+    let mut off = Vec::new();
+    for &(guest, c) in &cycles {
+        let deviation = (c as f64 - mean) / mean;
+        println!(
+            "  {guest}: {c} cycles, {:+.2}% from the mean",
+            100.0 * deviation
+        );
+        if deviation.abs() > 0.02 {
+            off.push(format!("{guest} {c} ({:+.2}%)", 100.0 * deviation));
+        }
+    }
+    if !off.is_empty() {
+        boot.fail(&format!(
+            "cpu-bound guests more than 2% from their mean {mean:.0} cycles at the snapshot: {}",
+            off.join(", ")
+        ));
+    }
+}
+
+#[test]
+fn the_mostly_halting_guest_uses_under_one_percent() {
+    let boot = boot();
+    let (snapshot, last) = tables(&boot);
+    for (which, table) in [("snapshot", &snapshot), ("final table", &last)] {
+        let (sleeper, total) = (table.cpu("sleeper").unwrap_or(u64::MAX), table.total_cpu());
+        let share = sleeper as f64 / total.max(1) as f64;
+        println!(
+            "{which}: sleeper {sleeper} of {total} cpu cycles = {:.3}%",
+            100.0 * share
+        );
+        if share >= 0.01 {
+            boot.fail(&format!(
+                "{which}: the sleeper used {:.3}% of the cpu cycles (limit 1%)",
+                100.0 * share
+            ));
+        }
+    }
+    if let Some(done) = boot.find_line("[sleeper] demo: done:") {
+        println!("sleeper: {done}");
+    }
+}
+
+#[test]
+fn pit_and_lapic_ticks_follow_the_guests_own_clock() {
+    let boot = boot();
+    let line = boot.expect_line("[ticks] long64: ticks pit=");
+    let (Some(pit), Some(lapic), Some(tsc)) =
+        (field(line, "pit"), field(line, "lapic"), field(line, "tsc"))
+    else {
+        boot.fail(&format!("cannot read `{line}`"))
+    };
+    let hz = keel_tsc_hz(&boot);
+    let seconds = tsc as f64 / hz;
+    println!(
+        "ticks guest: {tsc} TSC cycles at {hz:.0} Hz = {seconds:.4} s of its own time; \
+         pit={pit} (expected {:.2}), lapic={lapic} (expected {:.2})",
+        100.0 * seconds,
+        1000.0 * seconds
+    );
+    let mut wrong = Vec::new();
+    for (name, count, rate) in [("PIT", pit, 100.0), ("LAPIC", lapic, 1000.0)] {
+        let expected = rate * seconds;
+        // Counting periodic ticks over a window that starts and ends at arbitrary points of the
+        // period can see one tick more or fewer than rate x time (the fencepost): allow 1% of the
+        // expected count plus that one tick.
+        let allowed = 0.01 * expected + 1.0;
+        let error = count as f64 - expected;
+        println!(
+            "  {name}: {count} ticks, {:+.3}% from {rate} Hz (allowed {allowed:.1} ticks)",
+            100.0 * error / expected
+        );
+        if error.abs() > allowed {
+            wrong.push(format!(
+                "{name} {count} ticks, expected {expected:.1} +- {allowed:.1}"
+            ));
+        }
+    }
+    if !wrong.is_empty() {
+        boot.fail(&format!(
+            "tick counts off over {seconds:.4} s: {}",
+            wrong.join("; ")
+        ));
+    }
+}
+
+#[test]
+fn the_cli_spinner_does_not_starve_the_others() {
+    let boot = boot();
+    let start = "[clispin] long64: cli spin: ";
+    let end = "[clispin] long64: cli spin done:";
+    boot.expect_in_order(&[start, end]);
+    let lines: Vec<&str> = boot.lines().collect();
+    let from = lines.iter().position(|l| l.contains(start)).unwrap_or(0);
+    let to = lines.iter().position(|l| l.contains(end)).unwrap_or(0);
+    let during = &lines[from..to];
+    // Every other guest must have run while the spinner held interrupts off: only Keel's
+    // preemption timer could take the CPU from it.
+    for guest in ["cpu1", "cpu2", "cpu3", "sleeper", "ticks"] {
+        let printed = during
+            .iter()
+            .filter(|l| l.starts_with(&guest_prefix(guest)))
+            .count();
+        println!("while clispin spun: {guest} printed {printed} line(s)");
+        if printed == 0 {
+            boot.fail(&format!(
+                "{guest} printed nothing while clispin spun with interrupts off"
+            ));
+        }
+    }
+    let done = lines[to];
+    println!("clispin: {done}");
+    match (field(done, "tsc"), field(done, "cpu")) {
+        (Some(tsc), Some(cpu)) if tsc >= 30_000_000 => {
+            println!("clispin: {tsc} cycles of its own time, {cpu} cycles on the CPU per Keel")
+        }
+        _ => boot.fail(&format!(
+            "clispin ended early or said so unreadably: `{done}`"
+        )),
+    }
+    // The others ended too (their statuses: every_guest_ends_with_its_own_status).
+    for guest in CPU_BOUND.iter().chain(&["sleeper", "ticks"]) {
+        boot.expect_line(&format!("keel: guest {guest} ended"));
+    }
+    boot.expect_line("keel: guest clispin ended");
+}
