@@ -32,6 +32,8 @@ use crate::image::{self, ImageOptions};
 pub const DEFAULT_MANIFEST: &str = "tests/guests/manifests/bench.manifest";
 /// The bare disk image tests/guests/build.sh writes next to the guests.
 pub const BARE_IMAGE: &str = "bench64-bare.img";
+/// The unstripped kernel of the Keel run, kept in its run directory.
+pub const KERNEL_COPY: &str = "keel.elf";
 /// Per-boot time limit: a bench boot takes a few seconds.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 120;
 
@@ -553,6 +555,10 @@ pub fn run(opts: &ImageOptions, args: &BenchArgs) -> Result<ExitCode> {
     emulator::install_interrupt_handler();
 
     let keel_dir = work.join("keel");
+    std::fs::create_dir_all(&keel_dir)?;
+    // The kernel with its symbols, next to the disk that boots it, for trace_exits.py: the one in
+    // target/ is rebuilt by the next build in this checkout.
+    std::fs::copy(&images.kernel, keel_dir.join(KERNEL_COPY))?;
     eprintln!("keel-boot bench: Keel with {}", opts.manifest.display());
     let keel_run = boot(&images.bios, &keel_dir, timeout, args.echo)?;
     eprintln!("keel-boot bench: bare {}", bare_image.display());

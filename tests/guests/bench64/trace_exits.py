@@ -27,8 +27,8 @@ import sys
 import tempfile
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-GUEST_ELF = os.path.join(ROOT, "tests/guests/target/x86_64-unknown-none/release/bench64")
-KEEL_ELF = os.path.join(ROOT, "target/x86_64-unknown-none/release/keel")
+# `cargo keel bench` leaves the Keel run's disk, bochsrc and unstripped kernel (keel.elf) here, and
+# the guests it built (bench64.elf) in ../guests: always the files of that one run.
 RUN_DIR = os.path.join(ROOT, "target/keel/release/bench/keel")
 # Execution order in bench64 (the ping-pong first, then `suite`).
 OPS = ["yield", "cpuid", "vmcall", "out", "in", "rdmsr", "wrmsr", "mmio-read", "mmio-write",
@@ -186,17 +186,19 @@ def main():
     for tool in ("bochs", "xvfb-run", "objdump", "nm", "addr2line"):
         if not shutil.which(tool):
             sys.exit(f"trace_exits: {tool} is missing")
-    for f in (GUEST_ELF, KEEL_ELF, os.path.join(args.run_dir, "disk.img")):
+    guest_elf = os.path.join(args.run_dir, "..", "guests", "bench64.elf")
+    keel_elf = os.path.join(args.run_dir, "keel.elf")
+    for f in (guest_elf, keel_elf, os.path.join(args.run_dir, "disk.img")):
         if not os.path.exists(f):
             sys.exit(f"trace_exits: {f} is missing: run `cargo keel bench` first")
-    found = find_ops(disassemble(GUEST_ELF), GUEST_ELF)
+    found = find_ops(disassemble(guest_elf), guest_elf)
     wanted = [op for op in OPS if op in args.ops.split(",")]
     missing = [op for op in wanted if op not in found]
     if missing:
         sys.exit(f"trace_exits: cannot find {', '.join(missing)} in bench64's disassembly")
     targets = [(op, found[op]) for op in wanted]
     traces = bochs_trace(args.run_dir, targets, args.hit)
-    exit_entry = symbol(KEEL_ELF, "keel_vm_exit")
+    exit_entry = symbol(keel_elf, "keel_vm_exit")
     base = None
     for t in traces.values():
         keel = [rip for (_, rip, _) in t if rip >= 1 << 32]
@@ -204,7 +206,7 @@ def main():
             base = keel[0] - exit_entry  # the first Keel instruction is keel_vm_exit
             break
     rips = {rip for t in traces.values() for (_, rip, _) in t if base and rip >= base}
-    frames = keel_frames(KEEL_ELF, base, rips) if rips else {}
+    frames = keel_frames(keel_elf, base, rips) if rips else {}
     for op, t in traces.items():
         start, end = found[op]
         files, funcs, special = collections.Counter(), collections.Counter(), collections.Counter()
