@@ -630,10 +630,13 @@ impl Runner {
         // cost no device work at all (docs/BENCHMARKS.md).
         let mut touched = true;
         let mut timer_due: Option<u64> = None;
+        let mut until = deadline;
         let mut armed_for: Option<u64> = None;
         let keep_timer = self.controls.save_preemption_timer;
+        // One TSC read per exit: the time of the last exit serves for the timer checks, and the
+        // guest is charged for the whole time from one exit to the next (its exits included).
+        let mut now = start;
         loop {
-            let now = cpu::rdtsc();
             if touched || timer_due.is_some_and(|d| now >= d) {
                 vm.guest.platform.advance(vm.guest.now(now));
                 exits::inject_pending_interrupt(&mut v, &mut vm.guest);
@@ -642,28 +645,29 @@ impl Runner {
                     .platform
                     .next_deadline()
                     .map(|d| vm.guest.host_time(d));
-            }
-            if use_timer {
-                // Come back at the end of the slice or when one of the guest's own timers falls
-                // due, whichever is first. With "save preemption timer value" the count left is
-                // kept across exits, so it is only rewritten when that moment changes.
-                let until = [timer_due, others_due]
+                // Come back at the end of the slice, when one of the guest's own timers falls
+                // due, or when a halted guest's does, whichever is first.
+                until = [timer_due, others_due]
                     .into_iter()
                     .flatten()
                     .fold(deadline, u64::min);
-                if armed_for != Some(until) || !keep_timer {
-                    let left = until.saturating_sub(now) >> rate;
-                    v.write(
-                        Guest32::PreemptionTimerValue,
-                        left.min(u32::MAX as u64) as u32,
-                    );
-                    armed_for = Some(until);
-                }
             }
-            let t0 = cpu::rdtsc();
+            // With "save preemption timer value" the count left is kept across exits, so it is
+            // only rewritten when `until` moves.
+            if use_timer && (armed_for != Some(until) || !keep_timer) {
+                // A fresh TSC read: handling the last exit took time, and a timer armed from the
+                // exit's time would fire that much late (enough to lose 1 kHz ticks).
+                let left = until.saturating_sub(cpu::rdtsc()) >> rate;
+                v.write(
+                    Guest32::PreemptionTimerValue,
+                    left.min(u32::MAX as u64) as u32,
+                );
+                armed_for = Some(until);
+            }
             let entered = arch::vmcs::enter(&mut vm.guest.regs, vm.launched);
             let t1 = cpu::rdtsc();
-            vm.guest.stats.cpu_cycles += t1 - t0;
+            vm.guest.stats.cpu_cycles += t1 - now;
+            now = t1;
             if let Err(code) = entered {
                 let why = alloc::format!("{}", crate::vmx::VmInstructionError::from_raw(code));
                 self.stop(i, StopReason::EntryFailed(why));
@@ -701,9 +705,8 @@ impl Runner {
             }
             match action {
                 Action::Resume | Action::Advance | Action::AdvanceBy(_) | Action::Inject(_) => {
-                    let t = cpu::rdtsc();
-                    if t >= deadline {
-                        vm.waiting_since = Some(t);
+                    if now >= deadline {
+                        vm.waiting_since = Some(now);
                         return;
                     }
                 }
@@ -711,14 +714,14 @@ impl Runner {
                     vm.guest.state = RunState::Halted;
                     return;
                 }
-                Action::Preempted if others_due.is_some_and(|d| cpu::rdtsc() >= d) => {
-                    vm.waiting_since = Some(cpu::rdtsc());
+                Action::Preempted if others_due.is_some_and(|d| now >= d) => {
+                    vm.waiting_since = Some(now);
                     self.sched.interrupted();
                     return;
                 }
-                Action::Preempted if cpu::rdtsc() < deadline => {}
+                Action::Preempted if now < deadline => {}
                 Action::Yield | Action::Preempted => {
-                    vm.waiting_since = Some(cpu::rdtsc());
+                    vm.waiting_since = Some(now);
                     return;
                 }
                 Action::Stop(reason) => {
