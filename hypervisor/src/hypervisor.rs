@@ -152,6 +152,10 @@ pub struct Vm {
     /// Time spent halted does pass (the guest asked to wait). docs/ARCHITECTURE.md, "Time".
     waiting_since: Option<u64>,
     setup: Setup,
+    /// Host TSC at which the guest executed HLT (for its halted-time account).
+    halted_since: Option<u64>,
+    /// What was left of its time slice when a woken guest cut it short.
+    slice_left: Option<u64>,
     /// How many times the guest has been restarted after dying (manifest key `restart`).
     restarts: u32,
     /// Woken from HLT by an interrupt and not run since: scheduled ahead of the rotation, so a
@@ -346,6 +350,8 @@ impl Vm {
             waiting_since: None,
             woken: false,
             setup,
+            slice_left: None,
+            halted_since: None,
             restarts: 0,
         };
         vm.boot()?;
@@ -542,6 +548,9 @@ impl Runner {
                     g.platform.advance(g.now(now));
                     if g.platform.pending_interrupt().is_some() {
                         g.state = RunState::Runnable;
+                        if let Some(since) = vm.halted_since.take() {
+                            g.stats.halted_cycles += now.saturating_sub(since);
+                        }
                         vm.waiting_since = Some(now);
                         vm.woken = true;
                     }
@@ -573,12 +582,6 @@ impl Runner {
                         .min()
                         .unwrap_or(t0 + self.sched.quantum);
                     lapic::sleep_until(wake, self.sched.quantum, &self.cal);
-                    let dt = cpu::rdtsc() - t0;
-                    for vm in &mut self.vms {
-                        if vm.guest.state == RunState::Halted {
-                            vm.guest.stats.halted_cycles += dt;
-                        }
-                    }
                 }
             }
         }
@@ -595,7 +598,7 @@ impl Runner {
             vm.vmcs.load();
             self.loaded = Some(i);
         }
-        let quantum = self.sched.quantum;
+        let quantum = self.vms[i].slice_left.take().unwrap_or(self.sched.quantum);
         // When a halted guest's timer falls due, this slice ends early so that guest can run.
         let others_due = self
             .vms
@@ -712,10 +715,15 @@ impl Runner {
                 }
                 Action::Halt => {
                     vm.guest.state = RunState::Halted;
+                    vm.halted_since = Some(now);
                     return;
                 }
                 Action::Preempted if others_due.is_some_and(|d| now >= d) => {
                     vm.waiting_since = Some(now);
+                    // It gets the CPU back next, but only for what was left of its slice:
+                    // otherwise a guest woken every few ms would hand the same CPU hog a fresh
+                    // quantum each time and starve the others.
+                    vm.slice_left = Some(deadline.saturating_sub(now));
                     self.sched.interrupted();
                     return;
                 }
