@@ -146,8 +146,10 @@ pub const EXIT_REASONS: usize = 80;
 #[derive(Debug, Clone)]
 pub struct GuestStats {
     pub exits: [u64; EXIT_REASONS],
-    /// TSC cycles spent running the guest (between entry and exit, as Keel sees it).
+    /// TSC cycles spent running the guest (from VM entry to VM exit).
     pub cpu_cycles: u64,
+    /// TSC cycles Keel spent handling the guest's exits (from VM exit to the next entry).
+    pub keel_cycles: u64,
     /// TSC cycles the guest spent halted.
     pub halted_cycles: u64,
     pub interrupts_injected: u64,
@@ -163,6 +165,7 @@ impl Default for GuestStats {
         Self {
             exits: [0; EXIT_REASONS],
             cpu_cycles: 0,
+            keel_cycles: 0,
             halted_cycles: 0,
             interrupts_injected: 0,
             exceptions_injected: 0,

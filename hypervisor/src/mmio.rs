@@ -248,6 +248,26 @@ fn write_register(old: u64, value: u64, size: u8, high_byte: bool) -> u64 {
     }
 }
 
+/// Reads up to `out.len()` instruction bytes at guest-linear `la`, one page walk per page
+/// touched; stops early at a page that is not mapped. Returns how many bytes were read.
+fn fetch(ram: &crate::guest::GuestRam, mode: &PagingMode, la: u64, out: &mut [u8]) -> usize {
+    let mut got = 0;
+    while got < out.len() {
+        let at = la.wrapping_add(got as u64);
+        let in_page = (4096 - (at & 0xfff)) as usize;
+        let n = in_page.min(out.len() - got);
+        let Some(pa) = gmem::translate(ram, mode, at) else {
+            break;
+        };
+        let Some(src) = ram.slice(pa, n as u64) else {
+            break;
+        };
+        out[got..got + n].copy_from_slice(src);
+        got += n;
+    }
+    got
+}
+
 pub fn emulate<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, gpa: u64) -> Action {
     let mode = PagingMode {
         cr0: cx.vmcs.read(GuestNat::Cr0),
@@ -261,17 +281,7 @@ pub fn emulate<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, gpa: u64) -> Actio
     let rip = cx.vmcs.read(GuestNat::Rip);
     let la = cx.vmcs.read(GuestNat::CsBase).wrapping_add(rip);
     let mut bytes = [0u8; 15];
-    let mut got = 0;
-    for (k, b) in bytes.iter_mut().enumerate() {
-        let Some(pa) = gmem::translate(&cx.guest.ram, &mode, la.wrapping_add(k as u64)) else {
-            break;
-        };
-        let Some(s) = cx.guest.ram.slice(pa, 1) else {
-            break;
-        };
-        *b = s[0];
-        got += 1;
-    }
+    let got = fetch(&cx.guest.ram, &mode, la, &mut bytes);
     let Some(d) = decode(&bytes[..got], long, default32) else {
         return Action::Stop(StopReason::Killed(format!(
             "MMIO access to {gpa:#x} by an instruction Keel does not emulate: {:02x?}",
@@ -441,6 +451,35 @@ mod tests {
             "truncated displacement"
         );
         assert_eq!(decode(&[], true, false), None);
+    }
+
+    #[test]
+    fn fetch_walks_once_per_page_and_stops_at_a_hole() {
+        let mem: &'static mut [u8] = alloc::vec![0u8; 0x10000].leak();
+        // SAFETY: the leaked buffer belongs to this test alone.
+        let mut ram = unsafe { crate::guest::GuestRam::new(mem, 0) };
+        for (i, b) in ram.bytes()[0x1ff8..0x2010].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let off = PagingMode {
+            cr0: 1,
+            cr3: 0,
+            cr4: 0,
+            efer: 0,
+        };
+        let mut out = [0u8; 15];
+        assert_eq!(
+            fetch(&ram, &off, 0x1ffa, &mut out),
+            15,
+            "crosses a page boundary"
+        );
+        assert_eq!(out[..3], [2, 3, 4]);
+        assert_eq!(out[14], 16);
+        assert_eq!(
+            fetch(&ram, &off, 0xfffa, &mut out),
+            6,
+            "stops where RAM ends"
+        );
     }
 
     #[test]
