@@ -146,6 +146,10 @@ pub struct Platform {
     chipset: Chipset,
     console: ConsoleBuffer,
     exit_status: Option<u32>,
+    /// The earliest timer deadline, recomputed after every operation that can change a timer
+    /// (device accesses, firings, TSC-deadline writes), so that `advance` and `next_deadline`
+    /// cost nothing on the many exits that touch no device.
+    next: Option<u64>,
 }
 
 impl Platform {
@@ -159,6 +163,7 @@ impl Platform {
             chipset: Chipset::new(tsc_hz),
             console: ConsoleBuffer::new(),
             exit_status: None,
+            next: None,
         };
         let chipset_ports = [
             (pic8259::MASTER_CMD, Responder::Pic, "pic8259 master"),
@@ -225,6 +230,7 @@ impl Platform {
         self.ports = port_bus;
         self.mmio = mmio_bus;
         self.devices.push(device);
+        self.refresh();
         Ok(id)
     }
 
@@ -258,10 +264,13 @@ impl Platform {
             .devices
             .iter()
             .position(|d| (d.as_ref() as &dyn Any).is::<T>())?;
-        self.call(DeviceId(i), now, |dev, cx| {
-            (dev as &mut dyn Any).downcast_mut::<T>().map(|t| f(t, cx))
-        })
-        .flatten()
+        let r = self
+            .call(DeviceId(i), now, |dev, cx| {
+                (dev as &mut dyn Any).downcast_mut::<T>().map(|t| f(t, cx))
+            })
+            .flatten();
+        self.refresh();
+        r
     }
 
     /// Runs `f` on device `id` with a context at time `now`.
@@ -292,6 +301,12 @@ impl Platform {
     /// A guest `IN` of `size` bytes (1, 2 or 4) from `port`; None if no device claims the port
     /// (the caller returns all ones to the guest).
     pub fn io_read(&mut self, port: u16, size: u8, now: u64) -> Option<u32> {
+        let r = self.io_read_inner(port, size, now);
+        self.refresh();
+        r
+    }
+
+    fn io_read_inner(&mut self, port: u16, size: u8, now: u64) -> Option<u32> {
         self.advance(now);
         let Some(first) = self.ports.find(port) else {
             self.chipset.stats.unclaimed_io_reads += 1;
@@ -316,6 +331,12 @@ impl Platform {
 
     /// A guest `OUT` of `size` bytes to `port`; false if no device claims the port.
     pub fn io_write(&mut self, port: u16, size: u8, value: u32, now: u64) -> bool {
+        let r = self.io_write_inner(port, size, value, now);
+        self.refresh();
+        r
+    }
+
+    fn io_write_inner(&mut self, port: u16, size: u8, value: u32, now: u64) -> bool {
         self.advance(now);
         let Some(first) = self.ports.find(port) else {
             self.chipset.stats.unclaimed_io_writes += 1;
@@ -342,6 +363,12 @@ impl Platform {
 
     /// A guest load of `size` bytes at `gpa`; None if no device claims it.
     pub fn mmio_read(&mut self, gpa: u64, size: u8, now: u64) -> Option<u64> {
+        let r = self.mmio_read_inner(gpa, size, now);
+        self.refresh();
+        r
+    }
+
+    fn mmio_read_inner(&mut self, gpa: u64, size: u8, now: u64) -> Option<u64> {
         self.advance(now);
         let Some((r, offset)) = self.mmio.find(gpa) else {
             self.chipset.stats.unclaimed_mmio_reads += 1;
@@ -360,6 +387,12 @@ impl Platform {
 
     /// A guest store of `size` bytes at `gpa`; false if no device claims it.
     pub fn mmio_write(&mut self, gpa: u64, size: u8, value: u64, now: u64) -> bool {
+        let r = self.mmio_write_inner(gpa, size, value, now);
+        self.refresh();
+        r
+    }
+
+    fn mmio_write_inner(&mut self, gpa: u64, size: u8, value: u64, now: u64) -> bool {
         self.advance(now);
         let Some((r, offset)) = self.mmio.find(gpa) else {
             self.chipset.stats.unclaimed_mmio_writes += 1;
@@ -381,18 +414,27 @@ impl Platform {
 
     /// Fires every timer that fell due by `now` (the guest's virtual TSC).
     pub fn advance(&mut self, now: u64) {
+        if !self.next.is_some_and(|d| d <= now) {
+            return;
+        }
         for i in 0..self.devices.len() {
             if self.devices[i].next_deadline().is_some_and(|d| d <= now) {
                 self.call(DeviceId(i), now, |dev, cx| dev.advance(cx));
             }
         }
         self.chipset.lapic.advance(now);
+        self.refresh();
     }
 
     /// The earliest TSC at which a timer fires.
     pub fn next_deadline(&self) -> Option<u64> {
+        self.next
+    }
+
+    /// Recomputes the cached earliest deadline from every timer.
+    fn refresh(&mut self) {
         let devices = self.devices.iter().filter_map(|d| d.next_deadline());
-        devices.chain(self.chipset.lapic.next_deadline()).min()
+        self.next = devices.chain(self.chipset.lapic.next_deadline()).min();
     }
 
     /// The vector to inject next, if any (call [`Platform::advance`] first): the local APIC's
@@ -446,6 +488,7 @@ impl Platform {
     /// A guest write of IA32_TSC_DEADLINE at time `now` (the MSR exit handler calls this).
     pub fn write_tsc_deadline(&mut self, value: u64, now: u64) {
         self.chipset.lapic.write_tsc_deadline(value, now);
+        self.refresh();
     }
 
     /// IA32_APIC_BASE as the guest reads it.
@@ -456,6 +499,7 @@ impl Platform {
     /// A guest write of IA32_APIC_BASE (only the global enable bit takes effect).
     pub fn set_apic_base(&mut self, value: u64) {
         self.chipset.lapic.set_apic_base(value);
+        self.refresh();
     }
 
     /// Sets the guest's wall clock (the RTC) to `unix_seconds` at guest TSC `now`.
