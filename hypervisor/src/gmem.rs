@@ -32,29 +32,62 @@ fn read_u32(ram: &GuestRam, gpa: u64) -> Option<u64> {
     Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64)
 }
 
-/// Translates a guest-linear address. `None` when a table is not present or lies outside RAM
-/// (Keel then stops the emulation rather than guess; a #PF would be the architectural answer and
-/// is left for the MMIO emulator to grow into).
-pub fn translate(ram: &GuestRam, mode: &PagingMode, la: u64) -> Option<u64> {
+/// A successful walk: the guest-physical address and the permissions of the whole path (a page
+/// is writable or user-accessible only if every level says so, SDM 4.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Walk {
+    pub gpa: u64,
+    pub writable: bool,
+    pub user: bool,
+}
+
+/// A page fault to inject: error code bits P (0), W/R (1), U/S (2) as SDM 4.7 defines them; the
+/// faulting linear address goes to CR2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageFault {
+    pub address: u64,
+    pub error_code: u32,
+}
+
+const RW: u64 = 1 << 1;
+const US: u64 = 1 << 2;
+const CR0_WP: u64 = 1 << 16;
+
+/// Walks the guest's page tables for `la`. `None` when an entry is not present, or a table lies
+/// outside RAM.
+pub fn walk(ram: &GuestRam, mode: &PagingMode, la: u64) -> Option<Walk> {
     if mode.cr0 & CR0_PG == 0 {
-        return Some(la & 0xffff_ffff);
+        return Some(Walk {
+            gpa: la & 0xffff_ffff,
+            writable: true,
+            user: true,
+        });
     }
-    if mode.efer & EFER_LMA != 0 {
+    let (mut writable, mut user) = (true, true);
+    let mut leaf = |e: u64| {
+        writable &= e & RW != 0;
+        user &= e & US != 0;
+    };
+    let gpa = if mode.efer & EFER_LMA != 0 {
         let mut table = mode.cr3 & ADDR_MASK;
+        let mut found = None;
         for level in (1..=4u32).rev() {
             let shift = 12 + 9 * (level - 1);
             let e = read_u64(ram, table + ((la >> shift) & 511) * 8)?;
             if e & PRESENT == 0 {
                 return None;
             }
+            leaf(e);
             if level == 1 || (level <= 3 && e & PAGE_SIZE_BIT != 0) {
                 let page_mask = (1u64 << shift) - 1;
-                return Some((e & ADDR_MASK & !page_mask) | (la & page_mask));
+                found = Some((e & ADDR_MASK & !page_mask) | (la & page_mask));
+                break;
             }
             table = e & ADDR_MASK;
         }
-        None
+        found?
     } else if mode.cr4 & CR4_PAE != 0 {
+        // PAE PDPTEs carry no R/W or U/S bits (SDM 4.4.1).
         let pdpte = read_u64(ram, (mode.cr3 & 0xffff_ffe0) + ((la >> 30) & 3) * 8)?;
         if pdpte & PRESENT == 0 {
             return None;
@@ -63,22 +96,72 @@ pub fn translate(ram: &GuestRam, mode: &PagingMode, la: u64) -> Option<u64> {
         if pde & PRESENT == 0 {
             return None;
         }
+        leaf(pde);
         if pde & PAGE_SIZE_BIT != 0 {
-            return Some((pde & ADDR_MASK & !0x1f_ffff) | (la & 0x1f_ffff));
+            (pde & ADDR_MASK & !0x1f_ffff) | (la & 0x1f_ffff)
+        } else {
+            let pte = read_u64(ram, (pde & ADDR_MASK) + ((la >> 12) & 511) * 8)?;
+            if pte & PRESENT == 0 {
+                return None;
+            }
+            leaf(pte);
+            (pte & ADDR_MASK) | (la & 0xfff)
         }
-        let pte = read_u64(ram, (pde & ADDR_MASK) + ((la >> 12) & 511) * 8)?;
-        (pte & PRESENT != 0).then_some((pte & ADDR_MASK) | (la & 0xfff))
     } else {
         let pde = read_u32(ram, (mode.cr3 & 0xffff_f000) + ((la >> 22) & 1023) * 4)?;
         if pde & PRESENT == 0 {
             return None;
         }
+        leaf(pde);
         if pde & PAGE_SIZE_BIT != 0 && mode.cr4 & CR4_PSE != 0 {
-            return Some((pde & 0xffc0_0000) | (la & 0x3f_ffff));
+            (pde & 0xffc0_0000) | (la & 0x3f_ffff)
+        } else {
+            let pte = read_u32(ram, (pde & 0xffff_f000) + ((la >> 12) & 1023) * 4)?;
+            if pte & PRESENT == 0 {
+                return None;
+            }
+            leaf(pte);
+            (pte & 0xffff_f000) | (la & 0xfff)
         }
-        let pte = read_u32(ram, (pde & 0xffff_f000) + ((la >> 12) & 1023) * 4)?;
-        (pte & PRESENT != 0).then_some((pte & 0xffff_f000) | (la & 0xfff))
+    };
+    Some(Walk {
+        gpa,
+        writable,
+        user,
+    })
+}
+
+/// Translates a guest-linear address (no permission check).
+pub fn translate(ram: &GuestRam, mode: &PagingMode, la: u64) -> Option<u64> {
+    walk(ram, mode, la).map(|w| w.gpa)
+}
+
+/// Translates a data access the guest makes (or Keel makes for it, as in string I/O) the way its
+/// MMU would, or says which page fault the guest should see instead (SDM 4.6: a write to a
+/// read-only page faults in user mode, and in supervisor mode when CR0.WP = 1; a user access to a
+/// supervisor page faults).
+pub fn access(
+    ram: &GuestRam,
+    mode: &PagingMode,
+    la: u64,
+    write: bool,
+    user: bool,
+) -> Result<u64, PageFault> {
+    let code = |present: bool| (present as u32) | (write as u32) << 1 | (user as u32) << 2;
+    let Some(w) = walk(ram, mode, la) else {
+        return Err(PageFault {
+            address: la,
+            error_code: code(false),
+        });
+    };
+    let write_denied = write && !w.writable && (user || mode.cr0 & CR0_WP != 0);
+    if write_denied || (user && !w.user) {
+        return Err(PageFault {
+            address: la,
+            error_code: code(true),
+        });
     }
+    Ok(w.gpa)
 }
 
 #[cfg(test)]
@@ -115,6 +198,53 @@ mod tests {
         assert_eq!(translate(&r, &m, 0x20_5abc), Some(0x7abc));
         assert_eq!(translate(&r, &m, 0x20_6000), None, "not present");
         assert_eq!(translate(&r, &m, 1 << 39), None);
+    }
+
+    #[test]
+    fn permissions_give_the_right_page_fault() {
+        let mut r = ram(1 << 20);
+        // 4-level: PML4 0x1000 -> PDPT 0x2000 -> PD 0x3000 -> PT 0x4000; page 0 read-only
+        // supervisor, page 1 writable user, page 2 not present.
+        put(&mut r, 0x1000, 0x2000 | 7);
+        put(&mut r, 0x2000, 0x3000 | 7);
+        put(&mut r, 0x3000, 0x4000 | 7);
+        put(&mut r, 0x4000, 0x9000 | 1);
+        put(&mut r, 0x4008, 0xa000 | 7);
+        let wp = PagingMode {
+            cr0: CR0_PG | CR0_WP | 1,
+            cr3: 0x1000,
+            cr4: CR4_PAE,
+            efer: EFER_LMA,
+        };
+        assert_eq!(access(&r, &wp, 0x10, false, false), Ok(0x9010));
+        assert_eq!(
+            access(&r, &wp, 0x10, true, false),
+            Err(PageFault {
+                address: 0x10,
+                error_code: 0b011
+            })
+        );
+        assert_eq!(
+            access(&r, &wp, 0x10, false, true),
+            Err(PageFault {
+                address: 0x10,
+                error_code: 0b101
+            })
+        );
+        assert_eq!(access(&r, &wp, 0x1010, true, true), Ok(0xa010));
+        assert_eq!(
+            access(&r, &wp, 0x2010, true, false),
+            Err(PageFault {
+                address: 0x2010,
+                error_code: 0b010
+            })
+        );
+        // Without CR0.WP the supervisor may write a read-only page.
+        let nowp = PagingMode {
+            cr0: CR0_PG | 1,
+            ..wp
+        };
+        assert_eq!(access(&r, &nowp, 0x10, true, false), Ok(0x9010));
     }
 
     #[test]

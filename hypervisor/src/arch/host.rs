@@ -20,6 +20,11 @@ impl crate::exits::Host for RealHost {
         crate::warn!("NMI while a guest ran");
     }
 
+    fn set_guest_cr2(&mut self, value: u64) {
+        // SAFETY: Keel never takes page faults of its own, so CR2 is the guest's until entry.
+        unsafe { cpu::write_cr2(value) };
+    }
+
     fn host_interrupt(&mut self, vector: u8) {
         if vector == idt::TIMER_VECTOR {
             lapic::on_timer_interrupt();

@@ -3,10 +3,12 @@
 //! Keel intercepts every port (the I/O bitmaps are all ones). A port no device claims reads as
 //! all-ones and drops writes, like an empty ISA bus, and is counted in the guest's statistics.
 
-use super::{Action, ExitContext};
+use super::{Action, Exception, ExitContext};
 use crate::gmem::{self, PagingMode};
 use crate::guest::StopReason;
-use crate::vmx::{Guest64, GuestNat, IoDirection, IoQualification, ReadOnly32, ReadOnlyNat, Vmcs};
+use crate::vmx::{
+    Guest32, Guest64, GuestNat, IoDirection, IoQualification, ReadOnly32, ReadOnlyNat, Vmcs,
+};
 use alloc::format;
 
 /// Most string elements moved per exit; the instruction re-executes for the rest, which keeps
@@ -86,7 +88,8 @@ fn string<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, q: &IoQualification) ->
         cr4: cx.vmcs.read(GuestNat::Cr4),
         efer: cx.vmcs.read(Guest64::Ia32Efer),
     };
-    let (index_reg, seg_base) = if q.direction == IoDirection::In {
+    let is_in = q.direction == IoDirection::In;
+    let (index_reg, seg_base) = if is_in {
         // INS always writes ES:[rDI].
         (7u8, cx.vmcs.read(GuestNat::EsBase))
     } else {
@@ -100,6 +103,7 @@ fn string<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, q: &IoQualification) ->
         };
         (6u8, cx.vmcs.read(seg))
     };
+    let user = cx.vmcs.read(Guest32::SsAccessRights) >> 5 & 3 == 3;
     let mut count = if q.rep {
         cx.guest.regs.rcx & addr_mask
     } else {
@@ -112,19 +116,23 @@ fn string<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, q: &IoQualification) ->
     while count > 0 && budget > 0 {
         let index = cx.guest.regs.get(index_reg) & addr_mask;
         let la = seg_base.wrapping_add(index);
-        let Some(gpa) = gmem::translate(&cx.guest.ram, &mode, la) else {
-            return Action::Stop(StopReason::Killed(format!(
-                "string I/O at unmapped linear address {la:#x}"
-            )));
+        // The access goes through the guest's own page tables with its permissions: a fault is
+        // the guest's #PF (CR2 = the address), as if its CPU had done the access itself.
+        let gpa = match gmem::access(&cx.guest.ram, &mode, la, is_in, user) {
+            Ok(gpa) => gpa,
+            Err(pf) => {
+                cx.host.set_guest_cr2(pf.address);
+                return Action::Inject(Exception {
+                    vector: 14,
+                    error_code: Some(pf.error_code),
+                });
+            }
         };
         if cx.guest.ram.slice(gpa, step).is_none() {
-            return Action::Stop(StopReason::BadMemoryAccess {
-                gpa,
-                write: q.direction == IoDirection::In,
-            });
+            return Action::Stop(StopReason::BadMemoryAccess { gpa, write: is_in });
         }
         let at = gpa as usize..(gpa + step) as usize;
-        if q.direction == IoDirection::In {
+        if is_in {
             let v = port_in(cx, q.port, size);
             cx.guest.ram.bytes()[at].copy_from_slice(&v.to_le_bytes()[..size as usize]);
         } else {
@@ -205,6 +213,53 @@ mod tests {
             t.run(ExitReason::IoInstruction),
             Action::Stop(StopReason::DebugExit(0x21))
         );
+    }
+
+    #[test]
+    fn string_io_respects_the_guests_page_tables() {
+        let mut t = TestBed::new();
+        // Long-mode paging: PML4 0x1000 -> PDPT 0x2000 -> PD 0x3000 -> PT 0x4000, where linear
+        // page 5 is read-only (0x9000) and page 6 is not present.
+        let put = |t: &mut TestBed, at: usize, v: u64| {
+            t.guest.ram.bytes()[at..at + 8].copy_from_slice(&v.to_le_bytes())
+        };
+        put(&mut t, 0x1000, 0x2003);
+        put(&mut t, 0x2000, 0x3003);
+        put(&mut t, 0x3000, 0x4003);
+        put(&mut t, 0x4000 + 5 * 8, 0x9001);
+        t.vmcs.write(GuestNat::Cr0, 0x8001_0011); // PG, WP, PE
+        t.vmcs.write(GuestNat::Cr3, 0x1000);
+        t.vmcs.write(GuestNat::Cr4, 0x20);
+        t.vmcs.write(Guest64::Ia32Efer, 0x500);
+        t.vmcs.write(GuestNat::Rflags, 2);
+        t.vmcs.write(GuestNat::Rip, 0x7000);
+        t.set_instruction_info(2 << 7 | 3 << 15); // 64-bit addresses, DS
+                                                  // INSB into the read-only page: #PF(W|P), CR2 = the address, RIP and RDI unchanged.
+        t.guest.regs.rdi = 0x5010;
+        t.set_qualification(io_qual(0x3f8, 1, true, true, false));
+        assert_eq!(
+            t.run(ExitReason::IoInstruction),
+            Action::Inject(Exception {
+                vector: 14,
+                error_code: Some(0b011)
+            })
+        );
+        assert_eq!((t.host.cr2, t.guest.regs.rdi), (0x5010, 0x5010));
+        assert_eq!(t.vmcs.read(GuestNat::Rip), 0x7000);
+        // OUTSB from the page that is not present: #PF(0).
+        t.guest.regs.rsi = 0x6000;
+        t.set_qualification(io_qual(0x3f8, 1, false, true, false));
+        assert_eq!(
+            t.run(ExitReason::IoInstruction),
+            Action::Inject(Exception {
+                vector: 14,
+                error_code: Some(0)
+            })
+        );
+        assert_eq!(t.host.cr2, 0x6000);
+        // OUTSB from the read-only page is fine.
+        t.guest.regs.rsi = 0x5020;
+        assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
     }
 
     #[test]

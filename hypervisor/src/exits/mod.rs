@@ -34,6 +34,9 @@ pub trait Host {
     fn host_interrupt(&mut self, vector: u8);
     /// An NMI that arrived while the guest ran.
     fn host_nmi(&mut self);
+    /// Sets the guest's CR2 (for an injected #PF). VMX does not switch CR2 (SDM 28.3): the
+    /// value in the CPU at VM entry is the guest's.
+    fn set_guest_cr2(&mut self, value: u64);
 }
 
 /// A hardware exception to deliver to the guest.

@@ -13,6 +13,7 @@ use alloc::string::String;
 pub struct FakeHost {
     pub interrupts: alloc::vec::Vec<u8>,
     pub nmis: u32,
+    pub cr2: u64,
 }
 
 impl Host for FakeHost {
@@ -32,6 +33,9 @@ impl Host for FakeHost {
     }
     fn host_nmi(&mut self) {
         self.nmis += 1;
+    }
+    fn set_guest_cr2(&mut self, value: u64) {
+        self.cr2 = value;
     }
 }
 
@@ -73,6 +77,7 @@ impl TestBed {
             host: FakeHost {
                 interrupts: alloc::vec::Vec::new(),
                 nmis: 0,
+                cr2: 0,
             },
         }
     }
