@@ -435,10 +435,10 @@ pub fn report(
         let _ = writeln!(
             out,
             "Guest switch: {} switches between the landmarks around the ping-pong, {} ticks each. A \
-             guest's own clock shows {r} per round trip (its exit half and its entry half; its \
-             clock is stopped while it waits). Not seen by either guest: about {} ticks per \
-             switch (the other guest's loop body, the XSAVE/XRSTOR, MSR and CR2 switch, VMPTRLD, \
-             the scheduler).\n",
+             guest's own clock shows {r} per round trip (the part of the exit and of its next entry \
+             before its clock stops and after it restarts: it is stopped while the guest waits). Not \
+             seen by either guest: about {} ticks per switch (handling the YIELD, the XSAVE/XRSTOR, \
+             MSR and CR2 switch, VMPTRLD, the scheduler, the other guest's loop body).\n",
             s.switches,
             s.one_way,
             s.one_way.saturating_sub(r)
