@@ -276,7 +276,7 @@ fn guest_setup(
 
 struct Overhead {
     ept_tables: usize,
-    /// The guest's bookkeeping and device models (their fixed-size part).
+    /// Heap bytes: the guest's bookkeeping and device models.
     device_bytes: usize,
 }
 
@@ -300,6 +300,7 @@ pub struct Setup {
 impl Vm {
     /// Allocates everything a guest needs (RAM, EPT, bitmaps, VMCS, save area) and boots it.
     fn create(id: u32, setup: Setup, tsc_hz: u64) -> Result<Self, String> {
+        let heap_before = arch::boot::heap_used();
         let cfg = &setup.cfg;
         let hpa = mm::FRAMES
             .lock()
@@ -355,23 +356,21 @@ impl Vm {
             restarts: 0,
         };
         vm.boot()?;
-        let o = vm.overhead();
+        // The guest's heap share: its device models, buffers and bookkeeping (the `Vm` itself is
+        // in the caller's vector and counted by size).
+        let heap = arch::boot::heap_used().saturating_sub(heap_before) + core::mem::size_of::<Vm>();
+        let o = Overhead {
+            ept_tables: vm.ept.tables_used(),
+            device_bytes: heap,
+        };
         info!(
-            "guest {id} {} overhead: {} KiB (VMCS 4, EPT {} tables, I/O+MSR bitmaps 12, XSAVE 4, devices {} B)",
+            "guest {id} {} overhead: {} KiB (VMCS 4, EPT {} tables, I/O+MSR bitmaps 12, XSAVE 4, devices and bookkeeping {} B)",
             vm.guest.name,
             o.total() >> 10,
             o.ept_tables,
             o.device_bytes
         );
         Ok(vm)
-    }
-
-    /// Keel's memory for this guest beyond its RAM.
-    fn overhead(&self) -> Overhead {
-        Overhead {
-            ept_tables: self.ept.tables_used(),
-            device_bytes: core::mem::size_of::<Platform>() + core::mem::size_of::<Guest>(),
-        }
     }
 
     /// (Re)starts the guest from its image: fresh RAM contents, devices, registers and VMCS.

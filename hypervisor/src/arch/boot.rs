@@ -14,6 +14,11 @@ static HEAP: LockedHeap = LockedHeap::empty();
 
 pub const HEAP_SIZE: u64 = 8 << 20;
 
+/// Bytes of Keel's heap in use (for the per-guest overhead report).
+pub fn heap_used() -> usize {
+    HEAP.lock().used()
+}
+
 #[derive(Debug)]
 pub enum BootError {
     NoPhysicalMemoryMapping,
