@@ -678,7 +678,6 @@ impl Runner {
                 return;
             }
             vm.launched = true;
-            exits::requeue_interrupted_event(&mut v);
             let guest_now = vm.guest.now(t1);
             let action = {
                 let mut host = RealHost;

@@ -105,6 +105,9 @@ pub fn dispatch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             crate::vmx::EntryFailure::from_exit(raw, qual)
         )));
     }
+    if may_interrupt_delivery(reason) {
+        requeue_interrupted_event(cx.vmcs);
+    }
     match reason {
         ExitReason::ExternalInterrupt => {
             let info = InterruptionInfo(cx.vmcs.read(ReadOnly32::ExitInterruptionInfo));
@@ -215,6 +218,26 @@ pub fn inject_exception<V: Vmcs + ?Sized>(vmcs: &mut V, e: Exception) {
 }
 
 const RFLAGS_IF: u64 = 1 << 9;
+
+/// Exits that can happen while the CPU delivers an event through the guest's IDT, the only ones
+/// whose IDT-vectoring information can be valid (SDM 28.2.4): instruction-caused exits such as
+/// CPUID or VMCALL never are, and skip the VMREAD.
+#[inline]
+pub fn may_interrupt_delivery(reason: ExitReason) -> bool {
+    matches!(
+        reason,
+        ExitReason::ExceptionOrNmi
+            | ExitReason::ExternalInterrupt
+            | ExitReason::TripleFault
+            | ExitReason::NmiWindow
+            | ExitReason::TaskSwitch
+            | ExitReason::EptViolation
+            | ExitReason::EptMisconfiguration
+            | ExitReason::ApicAccess
+            | ExitReason::PreemptionTimer
+            | ExitReason::InitSignal
+    )
+}
 
 /// Re-queues an event whose delivery was cut short by the exit (SDM 28.2.4 "Information for VM
 /// exits during event delivery"; 27.2.3 allows entering with it in the injection field). Call
