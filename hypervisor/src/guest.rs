@@ -180,6 +180,27 @@ impl GuestStats {
     pub fn total_exits(&self) -> u64 {
         self.exits.iter().sum()
     }
+
+    /// "I/O instruction 340, CPUID 12, ...": the non-zero exit counts, most frequent first.
+    pub fn exits_by_reason(&self) -> String {
+        let mut v: alloc::vec::Vec<(usize, u64)> = self
+            .exits
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|&(_, n)| n > 0)
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let parts: alloc::vec::Vec<String> = v
+            .iter()
+            .map(|&(r, n)| alloc::format!("{} {n}", crate::vmx::ExitReason::from_basic(r as u16)))
+            .collect();
+        if parts.is_empty() {
+            String::from("none")
+        } else {
+            parts.join(", ")
+        }
+    }
 }
 
 /// Guest RAM: guest-physical 0..len, backed by one contiguous host block.
@@ -334,6 +355,17 @@ mod tests {
             r.stop(StopReason::TripleFault),
             Err(ControlError::AlreadyStopped)
         );
+    }
+
+    #[test]
+    fn exits_by_reason_most_frequent_first() {
+        let mut s = GuestStats::default();
+        assert_eq!(s.exits_by_reason(), "none");
+        s.exits[10] = 3;
+        s.exits[30] = 7;
+        s.exits[12] = 3;
+        assert_eq!(s.exits_by_reason(), "I/O instruction 7, CPUID 3, HLT 3");
+        assert_eq!(s.total_exits(), 13);
     }
 
     #[test]

@@ -799,11 +799,12 @@ fn print_console(g: &mut Guest) {
 }
 
 fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>) {
+    let guests: Vec<&Guest> = guests.collect();
     info!(
         "{:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
         "guest", "cpu cycles", "keel cycles", "halted cycles", "exits", "irqs", "state"
     );
-    for g in guests {
+    for g in &guests {
         let state = match &g.state {
             RunState::Runnable => "run",
             RunState::Halted => "halted",
@@ -820,6 +821,9 @@ fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>) {
             g.stats.interrupts_injected,
             state
         );
+    }
+    for g in &guests {
+        info!("exits of {}: {}", g.name, g.stats.exits_by_reason());
     }
 }
 
