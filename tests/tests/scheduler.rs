@@ -298,6 +298,49 @@ fn pit_and_lapic_ticks_follow_the_guests_own_clock() {
     }
 }
 
+/// The number right before `what` in `line` (`3986 PIT ticks`).
+fn count_before(line: &str, what: &str) -> Option<u64> {
+    let head = &line[..line.find(what)?];
+    head.rsplit(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Beyond the ticks guest: the CPU-bound guests (whose clocks stop while they wait) and the
+/// sleeper (whose clock runs while it is halted, and whose ticks must wake it in time) count
+/// their 100 Hz PIT ticks over their own time too, each in its `done:` line.
+#[test]
+fn every_guest_counts_its_pit_ticks_in_its_own_time() {
+    let boot = boot();
+    let hz = keel_tsc_hz(&boot);
+    let mut wrong = Vec::new();
+    for guest in CPU_BOUND.iter().chain(&["sleeper"]) {
+        let line = boot.expect_guest_line(guest, "demo: done:");
+        let (Some(ticks), Some(tsc)) = (count_before(line, " PIT ticks"), field(line, "tsc"))
+        else {
+            boot.fail(&format!("cannot read {guest}'s `{line}`"))
+        };
+        let expected = 100.0 * tsc as f64 / hz;
+        // As in the ticks guest: 1% of the expected count plus the +-1 tick fencepost.
+        let allowed = 0.01 * expected + 1.0;
+        let error = ticks as f64 - expected;
+        println!(
+            "{guest}: {ticks} PIT ticks in {:.4} s of its own time, expected {expected:.1} ({:+.2}%)",
+            tsc as f64 / hz,
+            100.0 * error / expected
+        );
+        if error.abs() > allowed {
+            wrong.push(format!(
+                "{guest} {ticks}, expected {expected:.1} +- {allowed:.1}"
+            ));
+        }
+    }
+    if !wrong.is_empty() {
+        boot.fail(&format!("PIT tick counts off: {}", wrong.join("; ")));
+    }
+}
+
 #[test]
 fn the_cli_spinner_does_not_starve_the_others() {
     let boot = boot();
