@@ -76,6 +76,12 @@ pub fn run(machine: MachineInfo) -> ! {
             arch::exit(ExitCode::VmxSetupFailed)
         }
     };
+    if controls.preemption_timer {
+        lapic::stop_periodic();
+        info!("time slices by the VMX-preemption timer; Keel's periodic tick is off");
+    } else {
+        info!("no VMX-preemption timer: time slices end on Keel's {TICK_HZ} Hz LAPIC tick");
+    }
     let Some(archive_bytes) = arch::boot::ramdisk_bytes(&machine) else {
         fatal!("no ramdisk: build the image with `cargo keel image` so it carries guests");
         arch::exit(ExitCode::NoGuests)

@@ -104,8 +104,26 @@ pub fn sleep_until(tsc_deadline: u64, max_tsc: u64, cal: &Calibration) {
     write(REG_TIMER_INIT, count as u32);
     x86_64::instructions::interrupts::enable_and_hlt();
     x86_64::instructions::interrupts::disable();
+    restart_periodic();
+}
+
+/// Puts the timer back in periodic mode, unless the periodic tick was turned off.
+fn restart_periodic() {
+    let period = PERIOD.load(Ordering::Relaxed);
+    if period == 0 {
+        write(REG_LVT_TIMER, LVT_MASKED | idt::TIMER_VECTOR as u32);
+        return;
+    }
     write(REG_LVT_TIMER, LVT_PERIODIC | idt::TIMER_VECTOR as u32);
-    write(REG_TIMER_INIT, PERIOD.load(Ordering::Relaxed) as u32);
+    write(REG_TIMER_INIT, period as u32);
+}
+
+/// Turns Keel's periodic tick off: with the VMX-preemption timer ending time slices, the tick
+/// would only interrupt guests (an external-interrupt exit each time) for nothing. The timer is
+/// still used one-shot to wake Keel from idle.
+pub fn stop_periodic() {
+    PERIOD.store(0, Ordering::Relaxed);
+    restart_periodic();
 }
 
 pub fn id() -> u32 {
