@@ -18,7 +18,14 @@ hostile64::entry!(hostile_main);
 extern "C" fn hostile_main(cmdline: *const u8, ram_size: u64) -> ! {
     checks::init("hostile64");
     // SAFETY: the ELF entry convention puts a NUL-terminated command line at RDI.
-    let cmdline = unsafe { checks::elf_entry_line(cmdline, ram_size) };
+    let line = unsafe { guest_common::console::c_str(cmdline, 4096) };
+    // `quiet=1` skips the `cmdline=` line: the probe sweep starts thousands of times.
+    let cmdline = if args::number(line, b"quiet", 0) != 0 {
+        line
+    } else {
+        // SAFETY: as above.
+        unsafe { checks::elf_entry_line(cmdline, ram_size) }
+    };
     catch::install();
     let attack = args::word(cmdline, b"attack").unwrap_or(b"");
     match attacks::find(attack) {
