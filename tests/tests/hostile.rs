@@ -1,7 +1,7 @@
 //! A hostile guest cannot hurt Keel: boots Keel in Bochs with attacking guests next to a witness
 //! (tests/guests/manifests/hostile.manifest, the guests in tests/guests/hostile64, described in
-//! tests/guests/README.md and docs/SECURITY.md) and checks that Keel stays up, that the witness
-//! computes the right checksum, and that every attacker gets its documented outcome.
+//! docs/SECURITY.md) and checks that Keel stays up, that the witness computes the right checksum,
+//! and that every attacker gets its documented outcome.
 //!
 //! One Bochs boot of about 15 s (21 guests), plus two of their own: the interrupt storm, and
 //! the sweep of guest-physical memory (about a minute); every test below asserts on it. Run them alone with

@@ -1,4 +1,4 @@
-//! What the hostile, witness and fuzz guests share (see tests/guests/README.md, "Hostile guests"):
+//! What the hostile, witness and fuzz guests share (docs/SECURITY.md describes them):
 //! - [`entry!`]: the `_start` of an ELF64 guest, with its own stack;
 //! - [`args`]: `key=value` words of the command line;
 //! - [`catch`]: resuming after a fault an attack provokes on purpose, with the vector recorded;

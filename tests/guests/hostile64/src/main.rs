@@ -2,7 +2,7 @@
 //! on its command line. Each attack prints `hostile64: ...` lines that tests/tests/hostile.rs
 //! asserts, and either exits through port 0xf4 with 0x30 (status 0x61) when every case had its
 //! documented outcome, with 0x3f (status 0x7f) when one did not, or is stopped by Keel on
-//! purpose. tests/guests/README.md has the table of attacks and their outcomes.
+//! purpose. docs/SECURITY.md has the table of attacks and their outcomes.
 #![no_std]
 #![no_main]
 #![feature(abi_x86_interrupt)]

@@ -18,7 +18,7 @@ use hostile64::EXIT_OK;
 /// An attack: gets the command line and the RAM size, never returns.
 pub type Attack = fn(&[u8], u64) -> !;
 
-/// `attack=NAME` -> the attack (tests/guests/README.md describes each).
+/// `attack=NAME` -> the attack (docs/SECURITY.md describes each).
 const ATTACKS: &[(&[u8], Attack)] = &[
     (b"vmx", vmx::run),
     (b"cr", cpu_state::control_registers),
