@@ -9,7 +9,7 @@
 //! mode (64-bit, 32-bit or 16-bit user code; with `kernel=1` also 64-bit kernel code), sets the
 //! general-purpose registers to random values or pointers into the user region, arms the local
 //! APIC timer as a watchdog and jumps there with IRETQ. Whatever ends the seed — an exception, the
-//! watchdog, an interrupt — arrives in [`trap`] on the handlers' own stack, which starts the next
+//! watchdog, an interrupt — arrives in `fuzz_trap` on the handlers' own stack, which starts the next
 //! seed. Before it starts, a seed prints `fuzz64: seed <n> <mode>`; replay one with
 //! `cmdline = seed=<n> seeds=1` (docs/SECURITY.md). After the last seed fuzz64 prints
 //! `fuzz64: done seeds=<count> first=<n> <outcome>=<count>...` and exits with 0x30; every 50
@@ -26,10 +26,11 @@ mod sandbox;
 
 use core::arch::asm;
 use core::cell::UnsafeCell;
-use guest_common::console::{self, Line};
+use guest_common::console;
 use guest_common::cpu;
+use hostile64::fuzz::{self, Outcomes, Plan, PROGRESS_EVERY, WATCHDOG};
 use hostile64::rng::Rng;
-use hostile64::{args, sse, EXIT_OK};
+use hostile64::{report, sse, EXIT_OK};
 use sandbox::{
     KERNEL_CODE, KERNEL_DATA, LAPIC, USER_BASE, USER_CODE16, USER_CODE32, USER_CODE64, USER_DATA,
     USER_DATA16, USER_SIZE,
@@ -37,26 +38,12 @@ use sandbox::{
 
 hostile64::entry!(fuzz_main);
 
-const HC_CONSOLE_WRITE: usize = 1;
-/// The watchdog's vector.
-const WATCHDOG: u8 = 0x40;
 const LAPIC_EOI: u64 = 0xb0;
 const LAPIC_SVR: u64 = 0xf0;
 const LAPIC_LVT_TIMER: u64 = 0x320;
 const LAPIC_TIMER_INITIAL: u64 = 0x380;
 const LAPIC_TIMER_DIVIDE: u64 = 0x3e0;
 const CODE_PAGE: usize = 4096;
-/// Seeds between two `progress` lines (the same counts as `done`, so far).
-const PROGRESS_EVERY: u64 = 50;
-
-/// A line through hypercall CONSOLE_WRITE: a seed may have reprogrammed the UART.
-macro_rules! report {
-    ($($arg:tt)*) => {{
-        let line = Line::new(format_args!($($arg)*));
-        let bytes = line.as_bytes();
-        let _ = cpu::vmcall(HC_CONSOLE_WRITE, bytes.as_ptr() as usize, bytes.len());
-    }};
-}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -89,14 +76,10 @@ impl Mode {
     }
 }
 
-/// What ended the seeds, by vector; index 256: the watchdog (vector WATCHDOG is counted there).
 struct State {
-    first: u64,
-    end: u64,
+    plan: Plan,
     next: u64,
-    kernel: bool,
-    budget: u32,
-    ended_by: [u32; 257],
+    ended_by: Outcomes,
     /// The FXSAVE image every seed starts from (x87 and SSE in their initial state).
     fx: Fx,
     regs: [u64; 15],
@@ -110,12 +93,14 @@ struct Global(UnsafeCell<State>);
 // SAFETY: one CPU; `trap` and `start_seed` run with interrupts off and never overlap.
 unsafe impl Sync for Global {}
 static STATE: Global = Global(UnsafeCell::new(State {
-    first: 0,
-    end: 0,
+    plan: Plan {
+        first: 0,
+        end: 0,
+        kernel: false,
+        budget: 0,
+    },
     next: 0,
-    kernel: false,
-    budget: 0,
-    ended_by: [0; 257],
+    ended_by: Outcomes::new(),
     fx: Fx([0; 512]),
     regs: [0; 15],
     frame: [0; 5],
@@ -136,18 +121,14 @@ extern "C" fn fuzz_main(cmdline: *const u8, _ram_size: u64) -> ! {
     // SAFETY: the ELF entry convention puts a NUL-terminated command line at RDI.
     let cmdline = unsafe { console::c_str(cmdline, 4096) };
     let s = state();
-    let count = args::number(cmdline, b"seeds", 250);
-    s.first = args::number(cmdline, b"seed", 0) + args::number(cmdline, b"restart", 0) * count;
-    s.end = s.first + count;
-    s.next = s.first;
-    s.kernel = args::number(cmdline, b"kernel", 0) != 0;
-    s.budget = args::number(cmdline, b"budget", 5_000_000).min(u64::from(u32::MAX)) as u32;
+    s.plan = Plan::from_cmdline(cmdline);
+    s.next = s.plan.first;
     report!(
         "cmdline={} seeds {}..{} kernel={}",
         console::Printable(cmdline),
-        s.first,
-        s.end,
-        s.kernel
+        s.plan.first,
+        s.plan.end,
+        s.plan.kernel
     );
     sandbox::build();
     sse::enable();
@@ -164,11 +145,9 @@ extern "C" fn fuzz_main(cmdline: *const u8, _ram_size: u64) -> ! {
 #[no_mangle]
 extern "C" fn fuzz_trap(frame: &[u64; 7]) -> ! {
     let s = state();
-    let vector = frame[0] as usize;
-    if vector == usize::from(WATCHDOG) {
-        s.ended_by[256] += 1;
-    } else {
-        s.ended_by[vector.min(255)] += 1;
+    let vector = frame[0] as u8;
+    s.ended_by.count(vector);
+    if vector != WATCHDOG {
         lapic_write(LAPIC_TIMER_INITIAL, 0);
     }
     // End of interrupt for the watchdog, or for whatever else a seed made pending at the LAPIC.
@@ -176,52 +155,19 @@ extern "C" fn fuzz_trap(frame: &[u64; 7]) -> ! {
     start_seed()
 }
 
-/// Kernel-mode streams must not switch the watchdog off or end the guest on purpose.
-fn filter_kernel_code(code: &mut [u8]) {
-    const NOP: u8 = 0x90;
-    for i in 0..code.len() {
-        let next = code.get(i + 1).copied().unwrap_or(NOP);
-        match (code[i], next) {
-            // CLI, POPF, IRET.
-            (0xfa | 0x9d | 0xcf, _) => code[i] = NOP,
-            // MOV to CR0-CR15 (CR8 is the TPR).
-            (0x0f, 0x22) => code[i] = NOP,
-            // Group 7: LGDT/LIDT (memory forms, reg 2 and 3) and VMCALL (0f 01 c1).
-            (0x0f, 0x01) => {
-                let modrm = code.get(i + 2).copied().unwrap_or(0);
-                let reg = (modrm >> 3) & 7;
-                if modrm == 0xc1 || (modrm >> 6 != 3 && (reg == 2 || reg == 3)) {
-                    code[i] = NOP;
-                }
-            }
-            // OUT imm8 to the debug-exit ports.
-            (0xe6 | 0xe7, 0xf4..=0xf7) => code[i] = NOP,
-            _ => {}
-        }
-    }
-}
-
-/// A register value: a pointer into the user region, a small number, or anything.
-fn register_value(rng: &mut Rng) -> u64 {
-    match rng.below(4) {
-        0 | 1 => USER_BASE + rng.below(USER_SIZE),
-        2 => rng.below(256),
-        _ => rng.next_u64(),
-    }
-}
-
 fn start_seed() -> ! {
     let s = state();
-    if s.next >= s.end {
-        finish(s)
+    if s.next >= s.plan.end {
+        s.ended_by.report("done", s.plan.first);
+        cpu::exit(EXIT_OK)
     }
     let seed = s.next;
     s.next += 1;
-    if seed != s.first && (seed - s.first).is_multiple_of(PROGRESS_EVERY) {
-        summary(s, "progress");
+    if seed != s.plan.first && (seed - s.plan.first).is_multiple_of(PROGRESS_EVERY) {
+        s.ended_by.report("progress", s.plan.first);
     }
     let mut rng = Rng::new(seed);
-    let modes = if s.kernel { 4 } else { 3 };
+    let modes = if s.plan.kernel { 4 } else { 3 };
     let mode = match rng.below(modes) {
         0 => Mode::User64,
         1 => Mode::User32,
@@ -234,11 +180,11 @@ fn start_seed() -> ! {
     let (code, rest) = user.split_at_mut(CODE_PAGE);
     rng.fill(code);
     if mode == Mode::Kernel64 {
-        filter_kernel_code(code);
+        fuzz::filter_kernel(code);
     }
     rest.fill(0);
     for r in s.regs.iter_mut() {
-        *r = register_value(&mut rng);
+        *r = fuzz::register_value(&mut rng, USER_BASE, USER_SIZE);
     }
     // DX must not name a debug-exit port for an OUT DX in kernel mode (user mode is denied them).
     if (0xf4..=0xf7).contains(&(s.regs[3] & 0xffff)) {
@@ -247,7 +193,7 @@ fn start_seed() -> ! {
     let (cs, ss, rsp, rip) = mode.entry();
     // IRETQ pops RIP, CS, RFLAGS (IF set, IOPL 0), RSP, SS.
     s.frame = [rip, u64::from(cs), 0x202, rsp, u64::from(ss)];
-    lapic_write(LAPIC_TIMER_INITIAL, s.budget);
+    lapic_write(LAPIC_TIMER_INITIAL, s.plan.budget);
     // SAFETY: the FX image is valid (FXSAVE at start-up); the frame and registers are complete;
     // IRETQ leaves the harness for good (every way back is through the IDT, on the IST stack).
     unsafe {
@@ -282,48 +228,4 @@ fn start_seed() -> ! {
             options(noreturn)
         );
     }
-}
-
-/// Names of the vectors counted in the summary.
-const OUTCOMES: [(usize, &str); 12] = [
-    (0, "de"),
-    (1, "db"),
-    (3, "bp"),
-    (5, "br"),
-    (6, "ud"),
-    (7, "nm"),
-    (12, "ss"),
-    (13, "gp"),
-    (14, "pf"),
-    (16, "mf"),
-    (17, "ac"),
-    (19, "xm"),
-];
-
-/// `<what> seeds=<n> first=<n> <outcome>=<count>... watchdog=<n> other=<n>`: how the seeds so far
-/// ended.
-fn summary(s: &State, what: &str) {
-    let named: u32 = OUTCOMES.iter().map(|&(v, _)| s.ended_by[v]).sum();
-    let all: u32 = s.ended_by.iter().sum();
-    let mut text = [0u8; 160];
-    let mut w = hostile64::text::Cursor::new(&mut text);
-    for &(v, name) in OUTCOMES.iter() {
-        if s.ended_by[v] != 0 {
-            let _ = core::fmt::write(&mut w, format_args!(" {}={}", name, s.ended_by[v]));
-        }
-    }
-    report!(
-        "{} seeds={} first={}{} watchdog={} other={}",
-        what,
-        all,
-        s.first,
-        w.as_str(),
-        s.ended_by[256],
-        all - named - s.ended_by[256]
-    );
-}
-
-fn finish(s: &State) -> ! {
-    summary(s, "done");
-    cpu::exit(EXIT_OK)
 }
