@@ -22,6 +22,9 @@ use crate::{error, fatal, info};
 use alloc::string::String;
 use alloc::vec::Vec;
 
+/// A guest's own timers may bring it back to Keel at most this often: every 1/20000 s (50 us).
+const MIN_TIMER_GAP_DIVISOR: u64 = 20_000;
+
 /// Keel's own tick rate (Hz).
 pub const TICK_HZ: u64 = 100;
 
@@ -632,6 +635,7 @@ impl Runner {
             }
         }
         let deadline = start + quantum;
+        let min_gap = self.cal.tsc_hz / MIN_TIMER_GAP_DIVISOR;
         let mut xcr0 = vm.guest.xcr0;
         // The guest's platform is only consulted when it may have changed: after an exit that
         // reached a device, or when one of its timers falls due. CPUID, VMCALL and the like then
@@ -639,8 +643,6 @@ impl Runner {
         let mut touched = true;
         let mut timer_due: Option<u64> = None;
         let mut until = deadline;
-        let mut armed_for: Option<u64> = None;
-        let keep_timer = self.controls.save_preemption_timer;
         // The time of the last exit serves for the timer checks. Time in the guest (entry to exit)
         // is its cpu time; Keel's handling of its exits (exit to next entry) is kept apart.
         let mut now = start;
@@ -660,19 +662,21 @@ impl Runner {
                     .flatten()
                     .fold(deadline, u64::min);
             }
-            // With "save preemption timer value" the count left is kept across exits, so it is
-            // only rewritten when `until` moves.
-            if use_timer && (armed_for != Some(until) || !keep_timer) {
-                // A fresh TSC read: handling the last exit took time, and a timer armed from the
-                // exit's time would fire that much late (enough to lose 1 kHz ticks).
-                let left = until.saturating_sub(cpu::rdtsc()) >> rate;
+            // The timer is armed afresh before every entry, from a fresh TSC read: it only
+            // counts while the guest runs (SDM 26.5.1), so Keel's own time since the last exit
+            // must come off it, or a guest timer fires that much late and ticks are lost.
+            let t0 = cpu::rdtsc();
+            if use_timer {
+                // The guest runs at least `min_gap` before the timer brings it back, so a timer
+                // faster than Keel can deliver (a PIT programmed with count 1 ticks every 0.84 us)
+                // cannot livelock it in back-to-back exits: its ticks are coalesced instead
+                // (docs/SCHEDULING.md).
+                let left = until.max(t0 + min_gap).saturating_sub(t0) >> rate;
                 v.write(
                     Guest32::PreemptionTimerValue,
                     left.min(u32::MAX as u64) as u32,
                 );
-                armed_for = Some(until);
             }
-            let t0 = cpu::rdtsc();
             vm.guest.stats.keel_cycles += t0 - now;
             let entered = arch::vmcs::enter(&mut vm.guest.regs, vm.launched);
             let t1 = cpu::rdtsc();

@@ -136,9 +136,6 @@ pub struct ControlSet {
     pub exit: u32,
     pub entry: u32,
     pub preemption_timer: bool,
-    /// The CPU writes the remaining preemption-timer count back on exit, so Keel only rewrites it
-    /// when the deadline changes.
-    pub save_preemption_timer: bool,
 }
 
 /// Required: everything Keel's isolation depends on (EPT, I/O and MSR bitmaps, HLT and external
@@ -178,9 +175,7 @@ pub fn compute_controls(caps: &VmxCaps) -> Result<ControlSet, ControlError> {
             | ExitControls::ACK_INTERRUPT_ON_EXIT
             | ExitControls::SAVE_IA32_EFER
             | ExitControls::LOAD_IA32_EFER,
-        ExitControls::SAVE_IA32_PAT
-            | ExitControls::LOAD_IA32_PAT
-            | ExitControls::SAVE_PREEMPTION_TIMER,
+        ExitControls::SAVE_IA32_PAT | ExitControls::LOAD_IA32_PAT,
     )?;
     let entry = adjust_controls(
         caps,
@@ -194,8 +189,6 @@ pub fn compute_controls(caps: &VmxCaps) -> Result<ControlSet, ControlError> {
         exit: exit.bits(),
         entry: entry.bits(),
         preemption_timer: pin.contains(PinBasedControls::ACTIVATE_PREEMPTION_TIMER),
-        save_preemption_timer: pin.contains(PinBasedControls::ACTIVATE_PREEMPTION_TIMER)
-            && exit.contains(ExitControls::SAVE_PREEMPTION_TIMER),
     })
 }
 
