@@ -8,6 +8,8 @@
 //! - `guests`: the manifests of tests/guests: every guest kind, and misbehaving guests.
 //! - `hostile`: attacking guests next to a witness (tests/guests/manifests/hostile.manifest).
 //! - `fuzz`: guests running random code next to a witness (tests/guests/manifests/fuzz.manifest).
+//! - `scheduler`: time sharing: fair shares, a sleeper's share, timer rates, a CLI spinner
+//!   (tests/guests/manifests/sched.manifest).
 //! - `cleanup`: a time limit stops the emulator and leaves nothing behind.
 
 mod bringup;
@@ -15,6 +17,7 @@ mod cleanup;
 mod fuzz;
 mod guests;
 mod hostile;
+mod scheduler;
 
 use keel_tests::Manifest;
 
