@@ -55,3 +55,7 @@ cargo build --quiet --release --target-dir "$target_dir" --target x86_64-unknown
     -p hostile64 -p fuzz64 || die "building hostile64/fuzz64 failed"
 for g in hostile64 witness64 fuzz64; do cp "$target_dir/x86_64-unknown-none/release/$g" "$out/$g.elf"; done
 bash "$here/bench64/build.sh" "$out" "$target_dir" "$objcopy" || die "building bench64 failed"
+cargo build --quiet --release --target-dir "$target_dir" --target "$here/i686-keel.json" \
+    -Zjson-target-spec -Zbuild-std=core -Zbuild-std-features=compiler-builtins-mem \
+    -p fuzz32 || die "building fuzz32 failed"
+cp "$target_dir/i686-keel/release/fuzz32" "$out/fuzz32.elf"

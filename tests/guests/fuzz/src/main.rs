@@ -26,11 +26,8 @@ mod sandbox;
 
 use core::arch::asm;
 use core::cell::UnsafeCell;
-use guest_common::console;
-use guest_common::cpu;
-use hostile64::fuzz::{self, Outcomes, Plan, PROGRESS_EVERY, WATCHDOG};
-use hostile64::rng::Rng;
-use hostile64::{report, sse, EXIT_OK};
+use hostile64::fuzz::{self, Run, WATCHDOG};
+use hostile64::{report, sse};
 use sandbox::{
     KERNEL_CODE, KERNEL_DATA, LAPIC, USER_BASE, USER_CODE16, USER_CODE32, USER_CODE64, USER_DATA,
     USER_DATA16, USER_SIZE,
@@ -77,9 +74,7 @@ impl Mode {
 }
 
 struct State {
-    plan: Plan,
-    next: u64,
-    ended_by: Outcomes,
+    run: Run,
     /// The FXSAVE image every seed starts from (x87 and SSE in their initial state).
     fx: Fx,
     regs: [u64; 15],
@@ -93,14 +88,7 @@ struct Global(UnsafeCell<State>);
 // SAFETY: one CPU; `trap` and `start_seed` run with interrupts off and never overlap.
 unsafe impl Sync for Global {}
 static STATE: Global = Global(UnsafeCell::new(State {
-    plan: Plan {
-        first: 0,
-        end: 0,
-        kernel: false,
-        budget: 0,
-    },
-    next: 0,
-    ended_by: Outcomes::new(),
+    run: Run::new(),
     fx: Fx([0; 512]),
     regs: [0; 15],
     frame: [0; 5],
@@ -117,19 +105,9 @@ fn lapic_write(reg: u64, v: u32) {
 }
 
 extern "C" fn fuzz_main(cmdline: *const u8, _ram_size: u64) -> ! {
-    console::set_name("fuzz64");
-    // SAFETY: the ELF entry convention puts a NUL-terminated command line at RDI.
-    let cmdline = unsafe { console::c_str(cmdline, 4096) };
     let s = state();
-    s.plan = Plan::from_cmdline(cmdline);
-    s.next = s.plan.first;
-    report!(
-        "cmdline={} seeds {}..{} kernel={}",
-        console::Printable(cmdline),
-        s.plan.first,
-        s.plan.end,
-        s.plan.kernel
-    );
+    // SAFETY: the ELF entry convention puts a NUL-terminated command line at RDI.
+    unsafe { s.run.start("fuzz64", cmdline) };
     sandbox::build();
     sse::enable();
     // SAFETY: FNINIT resets x87 state; FXSAVE64 writes the 512-byte aligned image.
@@ -146,7 +124,7 @@ extern "C" fn fuzz_main(cmdline: *const u8, _ram_size: u64) -> ! {
 extern "C" fn fuzz_trap(frame: &[u64; 7]) -> ! {
     let s = state();
     let vector = frame[0] as u8;
-    s.ended_by.count(vector);
+    s.run.ended(vector);
     if vector != WATCHDOG {
         lapic_write(LAPIC_TIMER_INITIAL, 0);
     }
@@ -157,18 +135,8 @@ extern "C" fn fuzz_trap(frame: &[u64; 7]) -> ! {
 
 fn start_seed() -> ! {
     let s = state();
-    if s.next >= s.plan.end {
-        s.ended_by.report("done", s.plan.first);
-        cpu::exit(EXIT_OK)
-    }
-    let seed = s.next;
-    s.next += 1;
-    if seed != s.plan.first && (seed - s.plan.first).is_multiple_of(PROGRESS_EVERY) {
-        s.ended_by.report("progress", s.plan.first);
-    }
-    let mut rng = Rng::new(seed);
-    let modes = if s.plan.kernel { 4 } else { 3 };
-    let mode = match rng.below(modes) {
+    let (seed, mut rng) = s.run.next_seed();
+    let mode = match s.run.mode_index(&mut rng, 3) {
         0 => Mode::User64,
         1 => Mode::User32,
         2 => Mode::User16,
@@ -193,7 +161,7 @@ fn start_seed() -> ! {
     let (cs, ss, rsp, rip) = mode.entry();
     // IRETQ pops RIP, CS, RFLAGS (IF set, IOPL 0), RSP, SS.
     s.frame = [rip, u64::from(cs), 0x202, rsp, u64::from(ss)];
-    lapic_write(LAPIC_TIMER_INITIAL, s.plan.budget);
+    lapic_write(LAPIC_TIMER_INITIAL, s.run.plan.budget);
     // SAFETY: the FX image is valid (FXSAVE at start-up); the frame and registers are complete;
     // IRETQ leaves the harness for good (every way back is through the IDT, on the IST stack).
     unsafe {

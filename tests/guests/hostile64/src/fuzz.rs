@@ -5,7 +5,7 @@
 use crate::args;
 use crate::rng::Rng;
 use crate::text::Cursor;
-use guest_common::console::Line;
+use guest_common::console::{self, Line};
 use guest_common::cpu;
 
 const HC_CONSOLE_WRITE: usize = 1;
@@ -95,6 +95,81 @@ pub fn filter_real(code: &mut [u8]) {
             | (0x0f, 0x01 | 0xa1 | 0xa9 | 0xb2 | 0xb4 | 0xb5) => code[i] = NOP,
             _ => {}
         }
+    }
+}
+
+/// A fuzzer's progress through its plan, and how its seeds ended so far.
+pub struct Run {
+    pub plan: Plan,
+    next: u64,
+    outcomes: Outcomes,
+}
+
+impl Run {
+    pub const fn new() -> Self {
+        Self {
+            plan: Plan {
+                first: 0,
+                end: 0,
+                kernel: false,
+                budget: 0,
+            },
+            next: 0,
+            outcomes: Outcomes::new(),
+        }
+    }
+
+    /// Names the guest's lines, reads the plan from the NUL-terminated command line at
+    /// `cmdline` (the ELF entry convention) and prints `cmdline=<text> seeds <a>..<b> kernel=<k>`.
+    ///
+    /// # Safety
+    /// `cmdline` is the command line Keel's ELF loader passed, not yet overwritten.
+    pub unsafe fn start(&mut self, name: &'static str, cmdline: *const u8) {
+        console::set_name(name);
+        // SAFETY: per the contract above.
+        let cmdline = unsafe { console::c_str(cmdline, 4096) };
+        self.plan = Plan::from_cmdline(cmdline);
+        self.next = self.plan.first;
+        report(format_args!(
+            "cmdline={} seeds {}..{} kernel={}",
+            console::Printable(cmdline),
+            self.plan.first,
+            self.plan.end,
+            self.plan.kernel
+        ));
+    }
+
+    /// The seed that ran last ended with `vector`.
+    pub fn ended(&mut self, vector: u8) {
+        self.outcomes.count(vector);
+    }
+
+    /// The next seed and its PRNG, after a `progress` line every [`PROGRESS_EVERY`] seeds. After
+    /// the last seed: the `done` line, and the guest exits with 0x30.
+    pub fn next_seed(&mut self) -> (u64, Rng) {
+        let first = self.plan.first;
+        if self.next >= self.plan.end {
+            self.outcomes.report("done", first);
+            cpu::exit(crate::EXIT_OK)
+        }
+        let seed = self.next;
+        self.next += 1;
+        if seed != first && (seed - first).is_multiple_of(PROGRESS_EVERY) {
+            self.outcomes.report("progress", first);
+        }
+        (seed, Rng::new(seed))
+    }
+
+    /// Picks the seed's mode: one of `user` user modes, or with `kernel=1` also the kernel mode
+    /// (index `user`).
+    pub fn mode_index(&self, rng: &mut Rng, user: u64) -> u64 {
+        rng.below(if self.plan.kernel { user + 1 } else { user })
+    }
+}
+
+impl Default for Run {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
