@@ -3,7 +3,7 @@
 //! docs/SECURITY.md) and checks that Keel stays up, that the witness computes the right checksum,
 //! and that every attacker gets its documented outcome.
 //!
-//! One Bochs boot of about 15 s (21 guests), plus two of their own: the interrupt storm, and
+//! One Bochs boot of about 15 s (22 guests), plus two of their own: the interrupt storm, and
 //! the sweep of guest-physical memory (about a minute); every test below asserts on it. Run them alone with
 //! `cargo itest hostile`.
 
@@ -98,7 +98,7 @@ pub(crate) fn expect_keel_unhurt(boot: &Outcome) {
 #[test]
 fn keel_survives_every_attack() {
     let boot = shared_boot(&HOSTILE);
-    boot.expect_line("keel: running 21 guests");
+    boot.expect_line("keel: running 22 guests");
     expect_keel_unhurt(&boot);
 }
 
@@ -261,6 +261,13 @@ fn apic_and_ioapic_abuse_stays_inside_the_guest() {
         "apic",
         "killed: MMIO access to 0xfee00300 by an instruction Keel does not emulate",
     );
+}
+
+#[test]
+fn mmio_through_a_mov_with_an_absolute_address_is_emulated() {
+    let boot = shared_boot(&HOSTILE);
+    boot.expect_guest_line("moffs", "hostile64: moffs mmio=3/3 ok");
+    expect_ended(&boot, "moffs", OK_STATUS);
 }
 
 #[test]

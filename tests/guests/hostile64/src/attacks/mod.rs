@@ -5,6 +5,7 @@ mod cpu_state;
 mod hypercalls;
 mod interrupts;
 mod memory;
+mod moffs;
 mod msr;
 mod ports;
 mod stringio;
@@ -32,6 +33,7 @@ const ATTACKS: &[(&[u8], Attack)] = &[
     (b"spin", interrupts::spin),
     (b"storm", interrupts::storm),
     (b"apic", apic::run),
+    (b"moffs", moffs::run),
     (b"hypercalls", hypercalls::run),
     (b"probe", memory::probe),
 ];
