@@ -4,7 +4,7 @@
 //! (and, not being instruction-caused, gives no instruction length: SDM 28.2.4), so Keel fetches
 //! the instruction at CS:RIP through the guest's page tables and decodes it. Device drivers reach
 //! registers with plain moves, so the decoder handles the MOV family (88, 89, 8A, 8B, C6, C7,
-//! 0F B6/B7 MOVZX) with every prefix, ModRM, SIB and displacement form; anything else stops the
+//! A0-A3 with an absolute offset, 0F B6/B7 MOVZX) with every prefix, ModRM, SIB and displacement form; anything else stops the
 //! guest with the bytes in the message rather than guessing.
 
 use crate::exits::{Action, ExitContext};
@@ -85,6 +85,40 @@ pub fn decode(bytes: &[u8], long: bool, default32: bool) -> Option<Decoded> {
     if opcode == 0x0f {
         opcode = 0x0f00 | *bytes.get(i)? as u16;
         i += 1;
+    }
+    // MOV AL/eAX <-> moffs (A0-A3): no ModRM, an absolute offset of the address size follows
+    // (SDM Vol. 2B, MOV: 8 bytes in 64-bit mode, 4 with a 0x67 prefix there or in 32-bit code).
+    if (0xa0..=0xa3).contains(&opcode) {
+        let offset_len = if long {
+            if addr_override {
+                4
+            } else {
+                8
+            }
+        } else if addr32 {
+            4
+        } else {
+            2
+        };
+        let len = i + offset_len;
+        if len > 15 || len > bytes.len() {
+            return None;
+        }
+        let rax = Operand::Reg {
+            index: 0,
+            high_byte: false,
+        };
+        let size = if opcode & 1 == 0 { 1 } else { wide };
+        let op = if opcode < 0xa2 {
+            MmioOp::Read {
+                dst: rax,
+                size,
+                dst_size: size,
+            }
+        } else {
+            MmioOp::Write { src: rax, size }
+        };
+        return Some(Decoded { op, len: len as u8 });
     }
     let modrm = *bytes.get(i)?;
     i += 1;
@@ -439,6 +473,58 @@ mod tests {
                 size: 8
             }
         );
+    }
+
+    #[test]
+    fn decodes_moves_with_an_absolute_offset() {
+        // mov eax, [0xfee00080] in 64-bit code: A1 + 8-byte offset.
+        let mut b = alloc::vec![0xa1];
+        b.extend_from_slice(&0xfee0_0080u64.to_le_bytes());
+        let d = decode(&b, true, false).unwrap();
+        assert_eq!(
+            d,
+            Decoded {
+                op: MmioOp::Read {
+                    dst: Operand::Reg {
+                        index: 0,
+                        high_byte: false
+                    },
+                    size: 4,
+                    dst_size: 4
+                },
+                len: 9
+            }
+        );
+        // mov [0xfee000b0], eax with 0x67 in 64-bit code: 4-byte offset.
+        let d = decode(&[0x67, 0xa3, 0xb0, 0, 0xe0, 0xfe], true, false).unwrap();
+        assert_eq!(
+            d,
+            Decoded {
+                op: MmioOp::Write {
+                    src: Operand::Reg {
+                        index: 0,
+                        high_byte: false
+                    },
+                    size: 4
+                },
+                len: 6
+            }
+        );
+        // mov [moffs], rax with REX.W; mov al, [moffs16] in real mode.
+        let mut b = alloc::vec![0x48, 0xa3];
+        b.extend_from_slice(&0u64.to_le_bytes());
+        assert_eq!(
+            decode(&b, true, false).unwrap().op,
+            MmioOp::Write {
+                src: Operand::Reg {
+                    index: 0,
+                    high_byte: false
+                },
+                size: 8
+            }
+        );
+        assert_eq!(decode(&[0xa0, 0x34, 0x12], false, false).unwrap().len, 3);
+        assert_eq!(decode(&[0xa1, 1, 2], true, false), None, "truncated offset");
     }
 
     #[test]
