@@ -710,8 +710,7 @@ impl Runner {
             exits::apply(&mut v, &mut vm.guest, &action);
             let reason = ExitReason::from_basic(vm.guest.stats.last_exit);
             touched = exits::may_touch_platform(reason);
-            if touched || reason == ExitReason::Vmcall {
-                print_console(&mut vm.guest);
+            if (touched || reason == ExitReason::Vmcall) && print_console(&mut vm.guest) {
                 crate::log::pump();
             }
             if reason == ExitReason::Xsetbv && vm.guest.xcr0 != xcr0 {
@@ -811,10 +810,14 @@ fn print_guest_line(name: &str, line: &str) {
     crate::log::write_line(&alloc::format!("[{name}] "), line.as_bytes());
 }
 
-fn print_console(g: &mut Guest) {
+/// Prints the guest's complete console lines; true if there were any.
+fn print_console(g: &mut Guest) -> bool {
+    let mut printed = false;
     while let Some(line) = g.platform.console().take_line() {
         print_guest_line(&g.name, &line);
+        printed = true;
     }
+    printed
 }
 
 fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>) {
