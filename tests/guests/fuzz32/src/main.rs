@@ -96,8 +96,8 @@ fn state() -> &'static mut State {
     unsafe { &mut *STATE.0.get() }
 }
 
-/// A LAPIC register write as `mov [reg], reg`: Keel's MMIO decoder does not take the
-/// `mov moffs32, eax` (A3) form the compiler picks for a constant address (docs/SECURITY.md).
+/// A LAPIC register write as `mov [reg], reg`: Keel's MMIO decoder took no `mov moffs32, eax`
+/// (A3), the form the compiler picks for a constant address, before af8f309 (docs/SECURITY.md).
 fn lapic_write(reg: u32, v: u32) {
     // SAFETY: the LAPIC page is mapped (uncached) by the sandbox, and identity with paging off;
     // MMIO, not Rust memory.
