@@ -9,6 +9,7 @@ mod moffs;
 mod msr;
 mod ports;
 mod stringio;
+mod tables;
 mod vmx;
 
 use core::fmt;
@@ -34,6 +35,7 @@ const ATTACKS: &[(&[u8], Attack)] = &[
     (b"storm", interrupts::storm),
     (b"apic", apic::run),
     (b"moffs", moffs::run),
+    (b"idtmmio", tables::run),
     (b"hypercalls", hypercalls::run),
     (b"probe", memory::probe),
 ];
