@@ -24,6 +24,15 @@ pub fn violation<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             if cx.guest.platform.claims_mmio(gpa) { "device memory" } else { "neither RAM nor a device" }
         )));
     }
+    // Bit 8 clear with bit 7 set: the access was the CPU reading the guest's own page tables
+    // during a walk (SDM Table 28-7), again not an instruction's access.
+    if q.contains(EptViolationQualification::GLA_VALID)
+        && !q.contains(EptViolationQualification::GLA_TRANSLATION)
+    {
+        return Action::Stop(StopReason::Killed(format!(
+            "the guest's page walk touched guest-physical {gpa:#x} (page tables outside RAM)"
+        )));
+    }
     if cx.guest.platform.claims_mmio(gpa) && !q.contains(EptViolationQualification::FETCH) {
         return crate::mmio::emulate(cx, gpa);
     }
@@ -68,6 +77,26 @@ mod tests {
                     "{why}"
                 )
             }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod walk_tests {
+    use crate::exits::testing::*;
+    use crate::exits::Action;
+    use crate::guest::StopReason;
+    use crate::vmx::{ExitReason, ReadOnly64, VmcsAccess, VmcsField};
+
+    #[test]
+    fn a_page_walk_into_device_memory_is_not_emulated() {
+        let mut t = TestBed::new();
+        t.vmcs
+            .write_raw(ReadOnly64::GuestPhysicalAddr.encoding(), 0xfee0_0000);
+        t.set_qualification(1 | 1 << 7); // a read, linear address valid, not its translation
+        match t.run(ExitReason::EptViolation) {
+            Action::Stop(StopReason::Killed(why)) => assert!(why.contains("page walk"), "{why}"),
             other => panic!("{other:?}"),
         }
     }
