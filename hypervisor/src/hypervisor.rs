@@ -799,10 +799,6 @@ impl Runner {
                 info!("guest {} status {:#x}: {r}", g.name, r.status());
             }
         }
-        let _ = (
-            &self.controls,
-            self.vms.iter().map(|v| v.ept.tables_used()).sum::<usize>(),
-        );
     }
 }
 
