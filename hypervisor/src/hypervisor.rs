@@ -108,6 +108,15 @@ pub fn run(machine: MachineInfo) -> ! {
         }
     };
     let (archive, manifest) = manifest;
+    match manifest.selftest {
+        Some(manifest::SelfTest::Panic) => panic!("self-test: a panic requested by the manifest"),
+        Some(manifest::SelfTest::Fault) => {
+            info!("self-test: executing UD2 in Keel");
+            // SAFETY: UD2 raises #UD, which Keel's IDT reports before it stops the machine.
+            unsafe { core::arch::asm!("ud2") };
+        }
+        None => {}
+    }
     let mut vms = Vec::new();
     for (id, cfg) in manifest.guests.iter().enumerate() {
         let setup = match guest_setup(cfg, archive, &caps, &controls) {

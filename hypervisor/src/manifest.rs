@@ -53,9 +53,18 @@ pub struct GuestConfig {
     pub restart: u32,
 }
 
+/// Keel checking its own failure paths on request (`[keel] selftest = panic | fault`): after VMXON
+/// it panics, or executes UD2, so that the tests can see what a Keel bug looks like on COM1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelfTest {
+    Panic,
+    Fault,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
     pub quantum_ms: u32,
+    pub selftest: Option<SelfTest>,
     pub guests: Vec<GuestConfig>,
 }
 
@@ -149,6 +158,7 @@ impl Partial {
 pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
     let mut manifest = Manifest {
         quantum_ms: DEFAULT_QUANTUM_MS,
+        selftest: None,
         guests: Vec::new(),
     };
     let mut current: Option<Partial> = None;
@@ -220,6 +230,13 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                         .filter(|&q| (1..=1000).contains(&q))
                         .ok_or_else(|| err(line_no, "quantum_ms must be 1..1000"))?
                         as u32
+                }
+                "selftest" => {
+                    manifest.selftest = Some(match value {
+                        "panic" => SelfTest::Panic,
+                        "fault" => SelfTest::Fault,
+                        _ => return Err(err(line_no, "selftest must be panic or fault")),
+                    })
                 }
                 _ => return Err(err(line_no, format_args!("unknown key {key} in [keel]"))),
             }
@@ -327,6 +344,11 @@ restart = 7
         let e = parse("[guest a]\nkind=flat\nimage=x\nmemory=2M\n[guest a]\n").unwrap_err();
         assert!(e.message.contains("twice"));
         assert!(parse("[bogus]\n").is_err());
+        assert_eq!(
+            parse("[keel]\nselftest = fault\n").unwrap().selftest,
+            Some(SelfTest::Fault)
+        );
+        assert!(parse("[keel]\nselftest = maybe\n").is_err());
         assert!(parse("x = 1\n").is_err());
     }
 

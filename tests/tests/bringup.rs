@@ -85,3 +85,53 @@ fn qemu_tcg_uefi_reports_no_vmx() {
     boot.expect_keel_status(NO_VMX_STATUS);
     boot.expect_exit_code(NO_VMX_STATUS as i32);
 }
+
+/// Keel's own failure paths, triggered on purpose by the manifest (`[keel] selftest = ...`): a
+/// Keel bug must end with a readable report on COM1 and `ExitCode::Panic` (0x1f: status 63).
+const PANIC_STATUS: u32 = (0x1f << 1) | 1;
+
+static SELFTEST_PANIC: BootSpec = BootSpec {
+    name: "bochs-selftest-panic",
+    manifest: keel_tests::Manifest::Inline {
+        name: "selftest-panic",
+        text: "[keel]\nselftest = panic\n",
+    },
+    emulator: Emulator::Bochs,
+    firmware: Firmware::Bios,
+    timeout: None,
+};
+
+static SELFTEST_FAULT: BootSpec = BootSpec {
+    name: "bochs-selftest-fault",
+    manifest: keel_tests::Manifest::Inline {
+        name: "selftest-fault",
+        text: "[keel]\nselftest = fault\n",
+    },
+    emulator: Emulator::Bochs,
+    firmware: Firmware::Bios,
+    timeout: None,
+};
+
+#[test]
+fn a_keel_panic_prints_file_line_and_message_then_stops() {
+    let boot = shared_boot(&SELFTEST_PANIC);
+    let line = boot.expect_line("keel: fatal: PANIC at hypervisor/src/");
+    if !line.contains(".rs:") || !line.contains("self-test: a panic requested by the manifest") {
+        boot.fail(&format!(
+            "the panic line lacks file:line or the message: `{line}`"
+        ));
+    }
+    boot.expect_keel_status(PANIC_STATUS);
+}
+
+#[test]
+fn a_cpu_exception_in_keel_is_reported_with_its_registers() {
+    let boot = shared_boot(&SELFTEST_FAULT);
+    boot.expect_in_order(&[
+        "keel: self-test: executing UD2 in Keel",
+        "keel: fatal: CPU exception in Keel: #UD invalid opcode",
+        "keel: fatal:   rip 0x",
+        "keel: fatal:   cr0 0x",
+    ]);
+    boot.expect_keel_status(PANIC_STATUS);
+}
