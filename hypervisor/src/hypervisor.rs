@@ -496,9 +496,13 @@ impl Runner {
     /// Adds a guest while the others run: it is scheduled from the next pick on.
     pub fn add_guest(&mut self, setup: Setup, tsc_hz: u64) -> Result<u32, String> {
         let id = self.vms.len() as u32;
+        // `create` makes the new guest's VMCS current: the guest whose state is in the CPU now
+        // is switched out first, so its extended state and MSRs are kept.
+        if let Some(prev) = self.loaded.take() {
+            let p = &mut self.vms[prev];
+            p.saved.save(p.guest.xcr0);
+        }
         let vm = Vm::create(id, setup, tsc_hz)?;
-        // `create` made the new guest's VMCS current.
-        self.loaded = None;
         self.vms.push(vm);
         Ok(id)
     }
