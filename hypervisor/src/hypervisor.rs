@@ -221,7 +221,7 @@ impl SavedState {
     /// Saves the guest's registers. Extended state is saved whole, every component the CPU has,
     /// whatever the guest's XCR0: a guest with XCR0 = x87 may still use SSE (its state is
     /// component 1 all the same), so Keel widens XCR0 while it saves and restores (SDM 13.7-13.8).
-    fn save(&mut self, _xcr0: u64) {
+    fn save(&mut self) {
         if cpu::has_xsave() {
             let all = cpu::xcr0_supported();
             // SAFETY: a page-aligned 4 KiB area owned by this guest (the full XSAVE image of
@@ -500,7 +500,7 @@ impl Runner {
         // is switched out first, so its extended state and MSRs are kept.
         if let Some(prev) = self.loaded.take() {
             let p = &mut self.vms[prev];
-            p.saved.save(p.guest.xcr0);
+            p.saved.save();
         }
         let vm = Vm::create(id, setup, tsc_hz)?;
         self.vms.push(vm);
@@ -552,6 +552,23 @@ impl Runner {
         }
     }
 
+    /// The host TSC at which the first timer of a halted guest (other than `except`) falls due:
+    /// when a running guest must make room, or when Keel must wake from idle. Stopped and paused
+    /// guests do not count.
+    fn earliest_halted_deadline(&self, except: Option<usize>) -> Option<u64> {
+        self.vms
+            .iter()
+            .enumerate()
+            .filter(|(j, vm)| Some(*j) != except && vm.guest.state == RunState::Halted)
+            .filter_map(|(_, vm)| {
+                vm.guest
+                    .platform
+                    .next_deadline()
+                    .map(|d| vm.guest.host_time(d))
+            })
+            .min()
+    }
+
     fn run(&mut self) {
         loop {
             self.poll_console();
@@ -593,15 +610,7 @@ impl Runner {
                     // most one quantum, in case an interrupt source has no deadline).
                     let t0 = cpu::rdtsc();
                     let wake = self
-                        .vms
-                        .iter()
-                        .filter_map(|vm| {
-                            vm.guest
-                                .platform
-                                .next_deadline()
-                                .map(|d| vm.guest.host_time(d))
-                        })
-                        .min()
+                        .earliest_halted_deadline(None)
                         .unwrap_or(t0 + self.sched.quantum);
                     // While console output is queued, wake often enough to keep the UART busy
                     // (16 bytes of FIFO last 1.4 ms at 115200 baud).
@@ -620,7 +629,7 @@ impl Runner {
         if self.loaded != Some(i) {
             if let Some(prev) = self.loaded {
                 let p = &mut self.vms[prev];
-                p.saved.save(p.guest.xcr0);
+                p.saved.save();
             }
             let vm = &self.vms[i];
             vm.saved.restore(vm.guest.xcr0);
@@ -629,18 +638,7 @@ impl Runner {
         }
         let quantum = self.vms[i].slice_left.take().unwrap_or(self.sched.quantum);
         // When a halted guest's timer falls due, this slice ends early so that guest can run.
-        let others_due = self
-            .vms
-            .iter()
-            .enumerate()
-            .filter(|(j, vm)| *j != i && vm.guest.state == RunState::Halted)
-            .filter_map(|(_, vm)| {
-                vm.guest
-                    .platform
-                    .next_deadline()
-                    .map(|d| vm.guest.host_time(d))
-            })
-            .min();
+        let others_due = self.earliest_halted_deadline(Some(i));
         let rate = self.caps.preemption_timer_rate();
         let use_timer = self.controls.preemption_timer;
         let use_offsetting =

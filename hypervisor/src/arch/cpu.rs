@@ -159,15 +159,6 @@ pub unsafe fn fxrstor(area: *const u8) {
     unsafe { asm!("fxrstor64 [{}]", in(reg) area, options(nostack, preserves_flags)) };
 }
 
-pub fn xgetbv0() -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: CR4.OSXSAVE is set (enable_xsave) before this is used.
-    unsafe {
-        asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
-    };
-    (hi as u64) << 32 | lo as u64
-}
-
 /// # Safety
 /// `v` must be a valid XCR0 for this CPU (checked by `exits::xsetbv::valid_xcr0`).
 pub unsafe fn xsetbv0(v: u64) {

@@ -11,8 +11,7 @@ impl crate::exits::Host for RealHost {
     }
 
     fn xcr0_supported(&self) -> u64 {
-        let [a, _, _, d] = cpu::cpuid(0xd, 0);
-        (d as u64) << 32 | a as u64
+        cpu::xcr0_supported()
     }
 
     fn host_nmi(&mut self) {

@@ -178,7 +178,8 @@ pub fn may_touch_platform(reason: ExitReason) -> bool {
     ) && !simple::is_vmx_instruction(reason)
 }
 
-/// Carries out an action's effect on the VMCS. Returns the action for the scheduler to see.
+/// Carries out an action's effect on the VMCS (RIP, event injection); the scheduling part of the
+/// action is the run loop's.
 #[inline]
 pub fn apply<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, action: &Action) {
     match action {
