@@ -112,9 +112,35 @@ mod tests {
         );
     }
 
+    /// In 32-bit code only EAX/EBX/ECX count (values whose upper halves would make them ENOSYS
+    /// or EFAULT if read whole) and the result is cut to 32 bits.
     #[test]
     fn protected_mode_truncates() {
         let mut t = TestBed::new();
+        assert!(
+            !in_64bit_code(&t.vmcs),
+            "the test bed starts in 32-bit code"
+        );
+        t.guest.ram.bytes()[0x100..0x103].copy_from_slice(b"hi\n");
+        t.guest.regs.rax = 0xdead_0000_0000_0000 | hc::CONSOLE_WRITE;
+        t.guest.regs.rbx = 0x1_0000_0000 | 0x100;
+        t.guest.regs.rcx = 0xffff_ffff_0000_0000 | 3;
+        assert_eq!(t.run(ExitReason::Vmcall), Action::Advance);
+        assert_eq!(t.guest.regs.rax, 3);
+        assert_eq!(
+            t.guest.platform.console().take_line().as_deref(),
+            Some("hi")
+        );
+
+        t.guest.regs.rax = 0x1_0000_0000 | hc::GUEST_ID;
+        t.run(ExitReason::Vmcall);
+        assert_eq!(t.guest.regs.rax, u64::from(t.guest.id));
+
+        t.guest.stats.cpu_cycles = 0x1234_5678_9abc_def0;
+        t.guest.regs.rax = hc::CPU_TIME;
+        t.run(ExitReason::Vmcall);
+        assert_eq!(t.guest.regs.rax, 0x9abc_def0, "result cut to 32 bits");
+
         t.guest.regs.rax = 0xdead_0000_0000_0000 | 0x7777;
         t.run(ExitReason::Vmcall);
         assert_eq!(t.guest.regs.rax, status::ENOSYS & 0xffff_ffff);
