@@ -14,6 +14,8 @@
 //! ```
 //!
 //! One entry is named `manifest`: the text that says which guests to run (see [`crate::manifest`]).
+//! Names are unique: [`build`] and [`Archive::parse`] refuse an archive with two entries of one
+//! name (a guest image named `manifest` once made Keel boot the manifest text as the guest).
 
 use core::fmt;
 
@@ -29,8 +31,16 @@ pub enum ArchiveError {
     TooShort,
     BadMagic,
     EntryTableOutOfBounds,
-    BadName { index: usize },
-    DataOutOfBounds { index: usize },
+    BadName {
+        index: usize,
+    },
+    DataOutOfBounds {
+        index: usize,
+    },
+    /// Entry `index` has the name of an earlier one (lookups would only ever see the first).
+    DuplicateName {
+        index: usize,
+    },
 }
 
 impl fmt::Display for ArchiveError {
@@ -44,6 +54,9 @@ impl fmt::Display for ArchiveError {
             }
             Self::DataOutOfBounds { index } => {
                 write!(f, "archive entry {index} points past the end")
+            }
+            Self::DuplicateName { index } => {
+                write!(f, "archive entry {index} has the name of an earlier entry")
             }
         }
     }
@@ -85,8 +98,11 @@ impl<'a> Archive<'a> {
         let archive = Self { bytes, count };
         for index in 0..count {
             let raw = archive.raw_entry(index);
-            core::str::from_utf8(trim_nul(&raw[..NAME_LEN]))
-                .map_err(|_| ArchiveError::BadName { index })?;
+            let name = trim_nul(&raw[..NAME_LEN]);
+            core::str::from_utf8(name).map_err(|_| ArchiveError::BadName { index })?;
+            if (0..index).any(|earlier| trim_nul(&archive.raw_entry(earlier)[..NAME_LEN]) == name) {
+                return Err(ArchiveError::DuplicateName { index });
+            }
             let off = le_u64(&raw[NAME_LEN..]);
             let len = le_u64(&raw[NAME_LEN + 8..]);
             let end = off
@@ -142,9 +158,12 @@ pub fn build(files: &[(&str, &[u8])]) -> Result<alloc::vec::Vec<u8>, &'static st
     out.extend_from_slice(&(files.len() as u32).to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     let mut data_off = align16(HEADER_LEN + files.len() * ENTRY_LEN);
-    for (name, data) in files {
+    for (i, (name, data)) in files.iter().enumerate() {
         if name.len() >= NAME_LEN || name.is_empty() || name.contains('\0') {
             return Err("archive entry names must be 1..47 bytes without NUL");
+        }
+        if files[..i].iter().any(|(earlier, _)| earlier == name) {
+            return Err("two archive entries have the same name");
         }
         let mut n = [0u8; NAME_LEN];
         n[..name.len()].copy_from_slice(name.as_bytes());
@@ -198,6 +217,26 @@ mod tests {
         assert_eq!(
             Archive::parse(&b).err(),
             Some(ArchiveError::EntryTableOutOfBounds)
+        );
+    }
+
+    /// Two entries of one name: `get` would return the first, so an image named `manifest`
+    /// made Keel boot the manifest text. Both the writer and the reader refuse it.
+    #[test]
+    fn rejects_duplicate_names() {
+        assert_eq!(
+            build(&[("manifest", b"m"), ("x", b"1"), ("manifest", b"guest")]),
+            Err("two archive entries have the same name")
+        );
+        let mut a = build(&[("manifest", b"m"), ("x", b"1"), ("manifesx", b"guest")]).unwrap();
+        a[HEADER_LEN + 2 * ENTRY_LEN + 7] = b't';
+        assert_eq!(
+            Archive::parse(&a).err(),
+            Some(ArchiveError::DuplicateName { index: 2 })
+        );
+        assert_eq!(
+            alloc::format!("{}", ArchiveError::DuplicateName { index: 2 }),
+            "archive entry 2 has the name of an earlier entry"
         );
     }
 

@@ -397,9 +397,8 @@ impl Vm {
         let setup = &self.setup;
         let mut cfg = setup.cfg.clone();
         if self.restarts > 0 {
-            cfg.cmdline = alloc::format!("{} restart={}", cfg.cmdline, self.restarts)
-                .trim_start()
-                .into();
+            // The manifest parser checked that the last restart's command line fits the loaders.
+            cfg.cmdline = manifest::restart_cmdline(&cfg.cmdline, self.restarts);
         }
         let image = setup
             .archive

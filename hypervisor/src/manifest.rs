@@ -21,7 +21,11 @@
 //!
 //! A guest "dies" when Keel stops it for any reason other than its own debug-exit or SHUTDOWN
 //! hypercall (a triple fault, a bad memory access, ...). A restarted guest is reloaded from its
-//! image with ` restart=<k>` appended to its command line.
+//! image with ` restart=<k>` appended to its command line ([`restart_cmdline`]); the parser
+//! refuses a command line that would be too long for the loaders at the last restart.
+//!
+//! `image` and `modules` name archive entries: 1-47 bytes, and never `manifest` (the entry of
+//! this text).
 //!
 //! docs/GUESTS.md documents the same format for users.
 
@@ -74,6 +78,17 @@ pub const DEFAULT_FLAT_LOAD: u64 = 0x7c00;
 pub const MEMORY_GRANULE: u64 = 2 << 20;
 pub const MAX_GUEST_MEMORY: u64 = 3 << 30;
 
+/// The command line a guest gets at its `restart`-th restart: Keel appends ` restart=<k>`.
+pub fn restart_cmdline(cmdline: &str, restart: u32) -> String {
+    let mut line = String::from(cmdline);
+    if !line.is_empty() {
+        line.push(' ');
+    }
+    line.push_str("restart=");
+    line.push_str(&restart.to_string());
+    line
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManifestError {
     pub line: usize,
@@ -120,14 +135,85 @@ struct Partial {
     image: Option<String>,
     memory: Option<u64>,
     cmdline: String,
+    /// The line of the `cmdline` key (0 when there is none).
+    cmdline_line: usize,
     load: Option<u64>,
     entry: Option<u64>,
     modules: Vec<String>,
     restart: u32,
 }
 
+/// Checks that `file` (an `image` or `module` of guest `guest`) can be an archive entry of its
+/// own: not the manifest's entry (two entries of one name: Keel would read the manifest text as
+/// the guest) and short enough for an entry name.
+fn check_file_name(guest: &str, what: &str, file: &str, line: usize) -> Result<(), ManifestError> {
+    if file.is_empty() {
+        return Err(err(
+            line,
+            format_args!("guest {guest}: {what} names no file"),
+        ));
+    }
+    if file == crate::archive::MANIFEST_NAME {
+        return Err(err(
+            line,
+            format_args!(
+                "guest {guest}: {what} `{file}` has the name of the ramdisk's manifest entry; rename the file"
+            ),
+        ));
+    }
+    if file.len() >= crate::archive::NAME_LEN {
+        return Err(err(
+            line,
+            format_args!(
+                "guest {guest}: {what} `{file}` is {} bytes; ramdisk entry names are at most {}",
+                file.len(),
+                crate::archive::NAME_LEN - 1
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Partial {
+    /// The longest command line the guest will get: with the ` restart=<k>` of its last restart.
+    /// Refused here, at pack time and when Keel reads the manifest, rather than by the loader at
+    /// a restart.
+    fn check_cmdline(&self) -> Result<(), ManifestError> {
+        let max = crate::loader::CMDLINE_MAX;
+        let len = self.cmdline.len();
+        let fail = |message: core::fmt::Arguments| Err(err(self.cmdline_line, message));
+        if self.cmdline.contains('\0') {
+            return fail(format_args!(
+                "guest {}: command line contains a NUL byte",
+                self.name
+            ));
+        }
+        if self.restart == 0 {
+            if len > max {
+                return fail(format_args!(
+                    "guest {}: command line of {len} bytes is longer than {max}",
+                    self.name
+                ));
+            }
+            return Ok(());
+        }
+        let longest = restart_cmdline(&self.cmdline, self.restart).len();
+        if longest > max {
+            let suffix = longest - len;
+            return fail(format_args!(
+                "guest {}: command line of {len} bytes is too long: Keel appends ` restart={}` \
+                 ({suffix} bytes) when it restarts the guest, and command lines are at most {max} \
+                 bytes with it, so at most {} without it",
+                self.name,
+                self.restart,
+                max - suffix
+            ));
+        }
+        Ok(())
+    }
+
     fn finish(self) -> Result<GuestConfig, ManifestError> {
+        self.check_cmdline()?;
         let kind = self
             .kind
             .ok_or_else(|| err(self.line, format_args!("guest {} has no kind", self.name)))?;
@@ -203,6 +289,7 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     image: None,
                     memory: None,
                     cmdline: String::new(),
+                    cmdline_line: 0,
                     load: None,
                     entry: None,
                     modules: Vec::new(),
@@ -254,7 +341,10 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     _ => return Err(err(line_no, "kind must be flat, elf or multiboot")),
                 })
             }
-            "image" => g.image = Some(value.to_string()),
+            "image" => {
+                check_file_name(&g.name, "image", value, line_no)?;
+                g.image = Some(value.to_string())
+            }
             "memory" => {
                 let m = parse_size(value)
                     .ok_or_else(|| err(line_no, "memory must be a size like 16M"))?;
@@ -266,7 +356,10 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                 }
                 g.memory = Some(m)
             }
-            "cmdline" => g.cmdline = value.to_string(),
+            "cmdline" => {
+                g.cmdline = value.to_string();
+                g.cmdline_line = line_no;
+            }
             "load" => {
                 g.load =
                     Some(parse_u64(value).ok_or_else(|| err(line_no, "load must be a number"))?)
@@ -275,7 +368,12 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                 g.entry =
                     Some(parse_u64(value).ok_or_else(|| err(line_no, "entry must be a number"))?)
             }
-            "modules" => g.modules = value.split_whitespace().map(|s| s.to_string()).collect(),
+            "modules" => {
+                g.modules = value.split_whitespace().map(|s| s.to_string()).collect();
+                for m in &g.modules {
+                    check_file_name(&g.name, "module", m, line_no)?;
+                }
+            }
             "restart" => {
                 g.restart = parse_u64(value)
                     .filter(|&r| r <= 1_000_000)
@@ -350,6 +448,85 @@ restart = 7
         );
         assert!(parse("[keel]\nselftest = maybe\n").is_err());
         assert!(parse("x = 1\n").is_err());
+    }
+
+    fn one_guest(keys: &str) -> String {
+        format!("[guest g1]\nkind = multiboot\nimage = g1.elf\nmemory = 2M\n{keys}")
+    }
+
+    /// A guest image or module named `manifest` would be a second archive entry of that name
+    /// (Keel booted the manifest text as the guest); names must also fit an archive entry.
+    #[test]
+    fn refuses_file_names_the_archive_cannot_hold() {
+        let e = parse("[guest g1]\nkind = elf\nimage = manifest\nmemory = 2M\n").unwrap_err();
+        assert_eq!(e.line, 3);
+        assert_eq!(
+            e.message,
+            "guest g1: image `manifest` has the name of the ramdisk's manifest entry; rename the file"
+        );
+        let e = parse(&one_guest("modules = a manifest\n")).unwrap_err();
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (
+                5,
+                "guest g1: module `manifest` has the name of the ramdisk's manifest entry; rename the file"
+            )
+        );
+        let long = "n".repeat(48);
+        let e = parse(&one_guest(&format!("modules = {long}\n"))).unwrap_err();
+        assert_eq!(
+            e.message,
+            format!("guest g1: module `{long}` is 48 bytes; ramdisk entry names are at most 47")
+        );
+        assert!(parse(&one_guest(&format!("modules = {}\n", &long[1..]))).is_ok());
+    }
+
+    /// Keel appends ` restart=<k>` at each restart; the longest command line it will pass
+    /// (at the last restart) must fit the loaders' 4095 bytes, or the guest fails at a restart.
+    #[test]
+    fn command_line_limit_counts_the_restart_suffix() {
+        let max = crate::loader::CMDLINE_MAX;
+        // restart = 7: " restart=7" is 10 bytes.
+        let fits = one_guest(&format!(
+            "cmdline = {}\nrestart = 7\n",
+            "c".repeat(max - 10)
+        ));
+        assert_eq!(parse(&fits).unwrap().guests[0].cmdline.len(), max - 10);
+        let e = parse(&one_guest(&format!(
+            "cmdline = {}\nrestart = 7\n",
+            "c".repeat(max - 9)
+        )))
+        .unwrap_err();
+        assert_eq!(e.line, 5);
+        assert_eq!(
+            e.message,
+            "guest g1: command line of 4086 bytes is too long: Keel appends ` restart=7` (10 bytes) \
+             when it restarts the guest, and command lines are at most 4095 bytes with it, so at \
+             most 4085 without it"
+        );
+        // No restarts: the whole 4095 bytes.
+        assert!(parse(&one_guest(&format!("cmdline = {}\n", "c".repeat(max)))).is_ok());
+        let e = parse(&one_guest(&format!("cmdline = {}\n", "c".repeat(max + 1)))).unwrap_err();
+        assert_eq!(
+            e.message,
+            "guest g1: command line of 4096 bytes is longer than 4095"
+        );
+        // restart = 1000000: " restart=1000000" is 16 bytes, whatever order the keys come in.
+        let e = parse(&one_guest(&format!(
+            "restart = 1000000\ncmdline = {}\n",
+            "c".repeat(max - 15)
+        )))
+        .unwrap_err();
+        assert_eq!(e.line, 6);
+        assert!(e.message.contains("at most 4079 without it"), "{e}");
+        let e = parse(&one_guest("cmdline = a\0b\n")).unwrap_err();
+        assert_eq!(e.message, "guest g1: command line contains a NUL byte");
+    }
+
+    #[test]
+    fn restart_suffix() {
+        assert_eq!(restart_cmdline("quiet", 3), "quiet restart=3");
+        assert_eq!(restart_cmdline("", 12), "restart=12");
     }
 
     #[test]
