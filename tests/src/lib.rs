@@ -147,6 +147,32 @@ pub fn shared_boot(spec: &'static BootSpec) -> Arc<Outcome> {
     }
 }
 
+/// Keel's exit statuses: `(code << 1) | 1` for each `ExitCode` of hypervisor/src/arch/mod.rs,
+/// as printed in `keel: exit status N` and reported by QEMU's isa-debug-exit.
+pub mod status {
+    /// `ExitCode::Completed` (0x00): every guest ran to its end (whatever each guest's own end).
+    pub const COMPLETED: u32 = 1;
+    /// `ExitCode::NoVmx` (0x10).
+    pub const NO_VMX: u32 = (0x10 << 1) | 1;
+    /// `ExitCode::NoGuests` (0x13): no ramdisk, a bad one, no guest in the manifest or none
+    /// that could start.
+    pub const NO_GUESTS: u32 = (0x13 << 1) | 1;
+    /// `ExitCode::Panic` (0x1f): a panic or a CPU exception in Keel.
+    pub const PANIC: u32 = (0x1f << 1) | 1;
+}
+
+/// What Keel prints, and only prints, when Keel itself failed: a fatal line (a panic is
+/// `keel: fatal: PANIC at ...`, a CPU exception `keel: fatal: CPU exception in Keel: ...`), a
+/// `KEEL BUG` report, a guest stopped for a Keel bug, and a guest the CPU refused to enter (a
+/// state Keel failed to check). Each is the exact text of the kernel's format string (the unit
+/// test `failure_markers_are_what_keel_prints` checks them against hypervisor/src).
+pub const KEEL_FAILURE_MARKERS: [&str; 4] = [
+    "keel: fatal: ",
+    "KEEL BUG: ",
+    "(a Keel bug)",
+    " stopped: VM entry failed: ",
+];
+
 /// How Keel prefixes a guest's console lines on COM1.
 pub fn guest_prefix(name: &str) -> String {
     format!("[{name}] ")
@@ -287,14 +313,20 @@ impl Outcome {
         }
     }
 
-    /// Keel printed some exit status (any value) and the run did not time out.
+    /// Keel printed none of its failure markers ([`KEEL_FAILURE_MARKERS`]).
     #[track_caller]
-    pub fn expect_some_keel_status(&self) -> u32 {
-        match (self.result.timed_out, self.result.keel_status) {
-            (false, Some(s)) => s,
-            (true, _) => self.fail("timed out before `keel: exit status`"),
-            (false, None) => self.fail("the emulator ended without `keel: exit status`"),
+    pub fn expect_no_keel_failure(&self) {
+        for marker in KEEL_FAILURE_MARKERS {
+            self.expect_no_line(marker);
         }
+    }
+
+    /// Keel ran to its end with every guest done ([`status::COMPLETED`]), printing none of its
+    /// failure markers.
+    #[track_caller]
+    pub fn expect_keel_unhurt(&self) {
+        self.expect_no_keel_failure();
+        self.expect_keel_status(status::COMPLETED);
     }
 
     /// The emulator's own exit status (QEMU's isa-debug-exit status) must be `code`.
@@ -343,7 +375,7 @@ mod tests {
         o.expect_in_order(&["4th Stage", "VMXON ok", "exit status"]);
         o.expect_none_before("fatal", "VMXON ok");
         o.expect_keel_status(1);
-        assert_eq!(o.expect_some_keel_status(), 1);
+        o.expect_keel_unhurt();
     }
 
     #[test]
@@ -372,10 +404,69 @@ mod tests {
         assert!(failure(|| o.expect_none_before("keel: a", "status")).contains("came before"));
         assert!(failure(|| o.expect_none_before("keel: a", "never")).contains("came before"));
         let o = outcome("keel: starting\n");
-        assert!(failure(|| {
-            o.expect_some_keel_status();
-        })
-        .contains("without `keel: exit status`"));
+        assert!(failure(|| o.expect_keel_unhurt()).contains("got None"));
+        let o = outcome("keel: exit status 39\n");
+        assert!(failure(|| o.expect_keel_unhurt()).contains("got Some(39)"));
+    }
+
+    /// Each line Keel prints when Keel failed trips the check; guest lines that merely talk
+    /// about panics or bugs do not.
+    #[test]
+    fn keel_failures_are_caught_by_their_exact_text() {
+        for line in [
+            "keel: fatal: PANIC at hypervisor/src/x.rs:1:2: oops",
+            "keel: fatal: CPU exception in Keel: #UD invalid opcode",
+            "keel: fatal: bad ramdisk: archive entry 2 has the name of an earlier entry",
+            "keel: error: KEEL BUG: EPT misconfiguration at guest-physical 0x1000 in guest g",
+            "keel: error: guest g stopped: killed: EPT misconfiguration at 0x1000 (a Keel bug)",
+            "keel: error: guest g stopped: VM entry failed: invalid guest state (exit reason 33)",
+        ] {
+            let o = outcome(&format!(
+                "keel: running 1 guests\n{line}\nkeel: exit status 1\n"
+            ));
+            let msg = failure(|| o.expect_keel_unhurt());
+            assert!(
+                msg.contains(&format!("unexpected COM1 line `{line}`")),
+                "{msg}"
+            );
+        }
+        outcome("[g] g: panic: a guest's own\n[g] g: KEEL BUG hunt\nkeel: exit status 1\n")
+            .expect_keel_unhurt();
+    }
+
+    /// The markers and statuses are the kernel's own text: a change there that these miss
+    /// would make every negative check pass vacuously.
+    #[test]
+    fn failure_markers_are_what_keel_prints() {
+        let src = image::workspace_root().join("hypervisor/src");
+        let read =
+            |f: &str| std::fs::read_to_string(src.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        let (log, ept, guest, main, arch, hv) = (
+            read("log.rs"),
+            read("exits/ept.rs"),
+            read("guest.rs"),
+            read("main.rs"),
+            read("arch/mod.rs"),
+            read("hypervisor.rs"),
+        );
+        assert!(log.contains(r#"writeln!(w, "keel: {}{}", level.tag(), args)"#));
+        assert!(log.contains(r#"Level::Fatal => "fatal: ""#));
+        assert!(main.contains(r#"fatal!("PANIC at {}:{}: {}""#));
+        assert!(ept.contains(r#""KEEL BUG: EPT misconfiguration"#));
+        assert!(ept.contains(r#"(a Keel bug)""#));
+        assert!(hv.contains(r#"error!("guest {} stopped: {reason}", g.name)"#));
+        assert!(guest.contains(r#"Self::EntryFailed(why) => write!(f, "VM entry failed: {why}")"#));
+        for (code, value) in [
+            ("Completed = 0x00", status::COMPLETED),
+            ("NoVmx = 0x10", status::NO_VMX),
+            ("NoGuests = 0x13", status::NO_GUESTS),
+            ("Panic = 0x1f", status::PANIC),
+        ] {
+            assert!(arch.contains(code), "ExitCode {code} changed");
+            let n = u32::from_str_radix(&code[code.len() - 2..], 16).unwrap_or(u32::MAX);
+            assert_eq!((n << 1) | 1, value, "{code}");
+        }
+        assert!(arch.contains("let status = ((code as u32) << 1) | 1;"));
     }
 
     #[test]
