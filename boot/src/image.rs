@@ -122,9 +122,69 @@ pub fn pack_ramdisk(manifest_path: &Path, text: &str, files_dir: Option<&Path>) 
             contents.push((name, data));
         }
     }
+    check_guests_load(manifest_path, &parsed, &contents)?;
     let mut entries: Vec<(&str, &[u8])> = vec![(keel::archive::MANIFEST_NAME, text.as_bytes())];
     entries.extend(contents.iter().map(|(n, d)| (n.as_str(), d.as_slice())));
     keel::archive::build(&entries).map_err(|e| anyhow!("cannot pack the ramdisk: {e}"))
+}
+
+/// Runs Keel's own loaders against every guest as Keel will start it: its image and modules,
+/// its memory and its longest command line (the one with the ` restart=<k>` of its last
+/// restart), so that an image Keel would refuse at boot or at a restart fails here, naming the
+/// guest. Guest RAM is a zeroed allocation of the guest's size; the loaders touch only the pages
+/// they write, so even a 3 GiB guest costs little.
+fn check_guests_load(
+    manifest_path: &Path,
+    parsed: &Manifest,
+    files: &[(String, Vec<u8>)],
+) -> Result<()> {
+    let file = |name: &str| {
+        files
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d.as_slice())
+            .ok_or_else(|| anyhow!("{}: `{name}` was not read", manifest_path.display()))
+    };
+    for guest in &parsed.guests {
+        let mut cfg = guest.clone();
+        if cfg.restart > 0 {
+            cfg.cmdline = manifest::restart_cmdline(&cfg.cmdline, cfg.restart);
+        }
+        let modules = guest
+            .modules
+            .iter()
+            .map(|m| Ok((m.as_str(), file(m)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let request = keel::loader::LoadRequest {
+            cfg: &cfg,
+            image: file(&guest.image)?,
+            modules: &modules,
+            guest_id: 0,
+        };
+        let memory = usize::try_from(guest.memory)
+            .map_err(|_| anyhow!("guest {}: memory does not fit this host", guest.name))?;
+        let mut ram = vec![0u8; memory];
+        keel::loader::load(&mut ram, &request).map_err(|e| {
+            anyhow!(
+                "{}: guest {}: `{}` (kind = {}, memory = {}M) cannot be loaded: {e}",
+                manifest_path.display(),
+                guest.name,
+                guest.image,
+                kind_name(guest.kind),
+                guest.memory >> 20
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// The manifest's word for `kind`.
+fn kind_name(kind: manifest::GuestKind) -> &'static str {
+    match kind {
+        manifest::GuestKind::Flat => "flat",
+        manifest::GuestKind::Elf => "elf",
+        manifest::GuestKind::Multiboot => "multiboot",
+    }
 }
 
 /// Runs a build command; with `quiet`, its output is kept and shown only if it fails.
@@ -352,6 +412,121 @@ image = b.bin
 memory = 2M
 ";
 
+    /// A multiboot kernel the loader accepts: the header with the a.out kludge (flag 16) at
+    /// offset 0, loaded at 1 MiB, entered at its code (HLT) after the 32-byte header.
+    fn multiboot_image() -> Vec<u8> {
+        let magic: u32 = 0x1bad_b002;
+        let flags: u32 = 1 << 16;
+        let load: u32 = 0x10_0000;
+        let mut img = Vec::new();
+        for v in [
+            magic,
+            flags,
+            0u32.wrapping_sub(magic).wrapping_sub(flags),
+            load,
+            load,
+            0,
+            0,
+            load + 32,
+        ] {
+            img.extend_from_slice(&v.to_le_bytes());
+        }
+        img.extend_from_slice(&[0xf4; 16]);
+        img
+    }
+
+    /// `files` written to a fresh directory.
+    fn files_dir(name: &str, files: &[(&str, &[u8])]) -> PathBuf {
+        let dir = scratch(name);
+        for (file, data) in files {
+            std::fs::write(dir.join(file), data).expect("write a test file");
+        }
+        dir
+    }
+
+    fn pack_error(manifest: &str, dir: &Path) -> String {
+        let e = pack_ramdisk(Path::new("t.manifest"), manifest, Some(dir))
+            .expect_err("the manifest is refused");
+        format!("{e:#}")
+    }
+
+    /// An image named `manifest` would be a second archive entry of that name, and Keel booted
+    /// the manifest text as the guest.
+    #[test]
+    fn an_image_named_manifest_is_refused_with_the_guests_name() {
+        let dir = files_dir("named-manifest", &[("manifest", b"\xeb\xfe")]);
+        let text = "[guest g1]\nkind = flat\nimage = manifest\nmemory = 2M\n";
+        assert_eq!(
+            pack_error(text, &dir),
+            "t.manifest: manifest line 3: guest g1: image `manifest` has the name of the \
+             ramdisk's manifest entry; rename the file"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The loaders run at pack time against each guest's image, memory and longest command
+    /// line: what Keel would refuse at boot (or at a restart) fails here, naming the guest.
+    #[test]
+    fn images_the_loaders_refuse_fail_at_pack_time() {
+        let mb = multiboot_image();
+        let dir = files_dir(
+            "loaders",
+            &[
+                ("mb.elf", &mb),
+                ("junk.elf", b"not an ELF"),
+                ("b.bin", b"\xeb\xfe"),
+            ],
+        );
+        let guest = |kind: &str, image: &str, memory: &str, rest: &str| {
+            format!("[guest g1]\nkind = {kind}\nimage = {image}\nmemory = {memory}\n{rest}")
+        };
+        assert!(pack_ramdisk(
+            Path::new("t"),
+            &guest("multiboot", "mb.elf", "2M", ""),
+            Some(&dir)
+        )
+        .is_ok());
+        assert_eq!(
+            pack_error(&guest("elf", "junk.elf", "2M", ""), &dir),
+            "t.manifest: guest g1: `junk.elf` (kind = elf, memory = 2M) cannot be loaded: \
+             the image is not an ELF file"
+        );
+        assert_eq!(
+            pack_error(&guest("flat", "b.bin", "2M", "load = 0x100\n"), &dir),
+            "t.manifest: guest g1: `b.bin` (kind = flat, memory = 2M) cannot be loaded: \
+             flat image at 0x100 (+0x2) must lie within 0x500..0x100000"
+        );
+        assert_eq!(
+            pack_error(&guest("flat", "b.bin", "2M", "modules = mb.elf\n"), &dir),
+            "t.manifest: guest g1: `b.bin` (kind = flat, memory = 2M) cannot be loaded: \
+             only multiboot guests take modules"
+        );
+        // Too many modules for the multiboot info area.
+        let many = vec!["b.bin"; 600].join(" ");
+        assert_eq!(
+            pack_error(&guest("multiboot", "mb.elf", "2M", &format!("modules = {many}\n")), &dir),
+            "t.manifest: guest g1: `mb.elf` (kind = multiboot, memory = 2M) cannot be loaded: multiboot modules and strings do not fit the info area"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A 4,095-byte command line fits the loaders once, but not with ` restart=1` after it.
+    #[test]
+    fn a_command_line_too_long_for_a_restart_fails_at_pack_time() {
+        let dir = files_dir("cmdline", &[("mb.elf", &multiboot_image())]);
+        let text = format!(
+            "[guest g1]\nkind = multiboot\nimage = mb.elf\nmemory = 2M\nrestart = 1\ncmdline = {}\n",
+            "c".repeat(4095)
+        );
+        assert_eq!(
+            pack_error(&text, &dir),
+            "t.manifest: manifest line 6: guest g1: command line of 4095 bytes is too long: Keel \
+             appends ` restart=1` (10 bytes) when it restarts the guest, and command lines are at \
+             most 4095 bytes with it, so at most 4085 without it"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn needed_files_in_first_use_order_once() {
         let m = manifest::parse(TWO_GUESTS).expect("sample parses");
@@ -361,7 +536,8 @@ memory = 2M
     #[test]
     fn packs_manifest_and_named_files() -> Result<()> {
         let dir = scratch("pack");
-        std::fs::write(dir.join("a.elf"), b"ELF-A")?;
+        let a = multiboot_image();
+        std::fs::write(dir.join("a.elf"), &a)?;
         std::fs::write(dir.join("initrd"), b"INITRD")?;
         std::fs::write(dir.join("b.bin"), b"\xeb\xfe")?;
         std::fs::write(dir.join("unused"), b"not packed")?;
@@ -370,6 +546,7 @@ memory = 2M
         let names: Vec<&str> = archive.entries().map(|(n, _)| n).collect();
         assert_eq!(names, ["manifest", "a.elf", "initrd", "b.bin"]);
         assert_eq!(archive.get("manifest"), Some(TWO_GUESTS.as_bytes()));
+        assert_eq!(archive.get("a.elf"), Some(&a[..]));
         assert_eq!(archive.get("b.bin"), Some(&b"\xeb\xfe"[..]));
         std::fs::remove_dir_all(&dir)?;
         Ok(())
