@@ -378,9 +378,297 @@ pub(crate) mod build {
     }
 }
 
+/// A model of what the loader must make of an image made by [`build::elf`] with one header field
+/// changed, for the tests that mangle images (here and in the multiboot loader).
+#[cfg(test)]
+pub(crate) mod mangle {
+    use super::build::phdr;
+    use super::{EM_386, EM_X86_64};
+    use crate::loader::test_util::{u32_at, u64_at};
+    use crate::loader::LoadError;
+    use alloc::vec::Vec;
+
+    /// The fields of the test image's headers, as the mangling tests see them.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Field {
+        /// Bytes the loader does not read (identification padding, e_version, e_flags, section
+        /// header fields, p_flags, p_align, all of the PT_NOTE header but its type).
+        Ignored,
+        Magic,
+        Class,
+        Data,
+        Version,
+        Type,
+        Machine,
+        Entry,
+        PhOff,
+        PhEntSize,
+        PhNum,
+        /// A field of the program header of PT_LOAD segment `k` (0 or 1).
+        Load(usize, SegField),
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum SegField {
+        Type,
+        Offset,
+        Vaddr,
+        Paddr,
+        Filesz,
+        Memsz,
+        Ignored,
+    }
+
+    /// The field byte `i` of an image made by [`super::build::elf`] belongs to, with its offset and
+    /// width.
+    pub fn field_at(is_64: bool, i: usize) -> (Field, usize, usize) {
+        use Field as F;
+        // Word-sized fields: 8 bytes in ELF64, 4 in ELF32 (the 64-bit header is the 32-bit one
+        // with wider entry, phoff and shoff, so phentsize/phnum move from 42 to 54).
+        let w = if is_64 { 8 } else { 4 };
+        let phentsize_at = if is_64 { 54 } else { 42 };
+        let header = [
+            (0, 4, F::Magic),
+            (4, 1, F::Class),
+            (5, 1, F::Data),
+            (6, 1, F::Version),
+            (16, 2, F::Type),
+            (18, 2, F::Machine),
+            (24, w, F::Entry),
+            (24 + w, w, F::PhOff),
+            (phentsize_at, 2, F::PhEntSize),
+            (phentsize_at + 2, 2, F::PhNum),
+        ];
+        // A program header: p_type, then (ELF64: after p_flags) offset, vaddr, paddr, filesz,
+        // memsz, one word each.
+        let first = if is_64 { 8 } else { 4 };
+        let ph = [
+            (0, 4, SegField::Type),
+            (first, w, SegField::Offset),
+            (first + w, w, SegField::Vaddr),
+            (first + 2 * w, w, SegField::Paddr),
+            (first + 3 * w, w, SegField::Filesz),
+            (first + 4 * w, w, SegField::Memsz),
+        ];
+        if i < phdr(is_64, 0) {
+            return header
+                .iter()
+                .find(|(at, len, _)| (*at..at + len).contains(&i))
+                .map_or((F::Ignored, i, 1), |&(at, len, f)| (f, at, len));
+        }
+        let k = (i - phdr(is_64, 0)) / (phdr(is_64, 1) - phdr(is_64, 0));
+        let base = phdr(is_64, k);
+        let (f, at, len) = ph
+            .iter()
+            .find(|(at, len, _)| (base + at..base + at + len).contains(&i))
+            .map_or((SegField::Ignored, i - base, 1), |&(at, len, f)| {
+                (f, at, len)
+            });
+        match k {
+            // The PT_NOTE: only its type is read, and no byte value in the sweep makes it PT_LOAD.
+            0 => (F::Ignored, i, 1),
+            _ => (F::Load(k - 1, f), base + at, len),
+        }
+    }
+
+    /// A PT_LOAD as the loader should read it from a mangled image.
+    #[derive(Clone, Copy)]
+    pub struct Load {
+        pub offset: u64,
+        pub vaddr: u64,
+        pub paddr: u64,
+        pub filesz: u64,
+        pub memsz: u64,
+    }
+
+    /// The `n` PT_LOADs of an image made by [`super::build::elf`], as its headers say.
+    pub fn good_loads(good: &[u8], is_64: bool, n: usize) -> Vec<Load> {
+        (1..=n)
+            .map(|k| {
+                let ph = phdr(is_64, k);
+                let f = |off64: usize, off32: usize| {
+                    if is_64 {
+                        u64_at(good, (ph + off64) as u64)
+                    } else {
+                        u64::from(u32_at(good, (ph + off32) as u64))
+                    }
+                };
+                Load {
+                    offset: f(8, 4),
+                    vaddr: f(16, 8),
+                    paddr: f(24, 12),
+                    filesz: f(32, 16),
+                    memsz: f(40, 20),
+                }
+            })
+            .collect()
+    }
+
+    /// What loading `good` (made by [`super::build::elf`] with `n` segments and entry point
+    /// `entry`) with `field` set to `value` must give: the exact error, or the entry point and the
+    /// segments as they must land in RAM. Each rule is the ELF specification's meaning of the field
+    /// and the loader's documented checks, in the order the loader makes them.
+    pub fn expected(
+        is_64: bool,
+        good: &[u8],
+        n: usize,
+        mut entry: u64,
+        field: Field,
+        value: u64,
+        ram: u64,
+    ) -> Result<(u64, Vec<Option<Load>>), LoadError> {
+        let (class, machine) = if is_64 { (2, EM_X86_64) } else { (1, EM_386) };
+        let mut loads: Vec<Option<Load>> =
+            good_loads(good, is_64, n).into_iter().map(Some).collect();
+        let ph_size = (phdr(is_64, 1) - phdr(is_64, 0)) as u64;
+        let ph_table = |phoff: u64, entsize: u64, num: u64| {
+            entsize
+                .checked_mul(num)
+                .and_then(|l| l.checked_add(phoff))
+                .is_none_or(|end| end > good.len() as u64)
+        };
+        let bad = LoadError::BadElf;
+        match field {
+            Field::Ignored => {}
+            Field::Magic => return Err(LoadError::NotElf),
+            Field::Class => {
+                return Err(LoadError::UnsupportedElf {
+                    class: value as u8,
+                    machine,
+                })
+            }
+            Field::Data => return Err(bad("not little-endian")),
+            Field::Version => return Err(bad("unknown ELF version")),
+            Field::Type => return Err(bad("not an executable (ET_EXEC)")),
+            Field::Machine => {
+                return Err(LoadError::UnsupportedElf {
+                    class,
+                    machine: value as u16,
+                })
+            }
+            Field::Entry => entry = value,
+            Field::PhOff => {
+                if ph_table(value, ph_size, n as u64 + 1) {
+                    return Err(bad("program header table outside the file"));
+                }
+                // Elsewhere in this image the "headers" are segment data and file offsets,
+                // none of them PT_LOAD (checked by hand for the values swept).
+                return Err(LoadError::NoLoadableSegment);
+            }
+            Field::PhEntSize => {
+                if value < ph_size {
+                    return Err(bad("program header entries too small"));
+                }
+                assert!(
+                    ph_table(phdr(is_64, 0) as u64, value, n as u64 + 1),
+                    "unmodelled: {value}"
+                );
+                return Err(bad("program header table outside the file"));
+            }
+            Field::PhNum => {
+                if value == 0xffff {
+                    return Err(bad("extended program header numbering"));
+                }
+                if ph_table(phdr(is_64, 0) as u64, ph_size, value) {
+                    return Err(bad("program header table outside the file"));
+                }
+                assert_eq!(value, 0, "unmodelled");
+                return Err(LoadError::NoLoadableSegment);
+            }
+            Field::Load(k, f) => {
+                let Some(l) = loads[k].as_mut() else {
+                    unreachable!()
+                };
+                match f {
+                    SegField::Ignored => {}
+                    SegField::Type => loads[k] = None,
+                    SegField::Offset => l.offset = value,
+                    SegField::Vaddr => l.vaddr = value,
+                    SegField::Paddr => l.paddr = value,
+                    SegField::Filesz => l.filesz = value,
+                    SegField::Memsz => l.memsz = value,
+                }
+            }
+        }
+        // Parsing: each segment's sizes and file bytes, in header order.
+        for l in loads.iter().flatten() {
+            if l.filesz > l.memsz {
+                return Err(bad("segment file size exceeds its memory size"));
+            }
+            if l.offset
+                .checked_add(l.filesz)
+                .is_none_or(|e| e > good.len() as u64)
+            {
+                return Err(LoadError::SegmentOutsideImage {
+                    offset: l.offset,
+                    size: l.filesz,
+                });
+            }
+        }
+        // A segment that occupies no memory is left out.
+        for l in loads.iter_mut() {
+            if l.is_some_and(|l| l.memsz == 0) {
+                *l = None;
+            }
+        }
+        if loads.iter().all(Option::is_none) {
+            return Err(LoadError::NoLoadableSegment);
+        }
+        // Placing: inside RAM, clear of the boot structures and of the stack.
+        for l in loads.iter().flatten() {
+            let (addr, size) = (l.paddr, l.memsz);
+            let what = "segment";
+            if addr.checked_add(size).is_none_or(|e| e > ram) {
+                return Err(LoadError::OutsideRam { what, addr, size });
+            }
+            for (area, name) in [
+                (crate::loader::BOOT_AREA, "boot structures"),
+                (ram - 0x11000..ram, "initial stack"),
+            ] {
+                if addr < area.end && area.start < addr + size {
+                    return Err(LoadError::Overlaps {
+                        what,
+                        addr,
+                        size,
+                        area: name,
+                    });
+                }
+            }
+        }
+        let rip = loads
+            .iter()
+            .flatten()
+            .find(|l| l.vaddr <= entry && entry - l.vaddr < l.memsz)
+            .map(|l| l.paddr + (entry - l.vaddr))
+            .ok_or(LoadError::EntryOutsideImage { entry })?;
+        Ok((rip, loads))
+    }
+
+    /// The RAM a load of `loads` from `image` must leave, given the RAM of the good load
+    /// (`good_ram`, whose segments are `good`): the good segments removed, these written.
+    pub fn expected_ram(
+        good_ram: &[u8],
+        good: &[Load],
+        image: &[u8],
+        loads: &[Option<Load>],
+    ) -> Vec<u8> {
+        let mut ram = good_ram.to_vec();
+        for l in good {
+            ram[l.paddr as usize..(l.paddr + l.memsz) as usize].fill(0);
+        }
+        for l in loads.iter().flatten() {
+            let at = l.paddr as usize;
+            let data = &image[l.offset as usize..(l.offset + l.filesz) as usize];
+            ram[at..at + data.len()].copy_from_slice(data);
+            ram[at + data.len()..(l.paddr + l.memsz) as usize].fill(0);
+        }
+        ram
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::build::{elf, phdr, put32, put64, Seg};
+    use super::build::{elf, phdr, put64, Seg};
     use super::*;
     use crate::loader::test_util::{config, cstr_at, u64_at};
     use crate::loader::{CpuMode, CMDLINE_ADDR, GDT_ADDR, GDT_ENTRIES};
@@ -621,27 +909,85 @@ mod tests {
         ));
     }
 
-    /// Truncating or corrupting a valid image anywhere gives an error or a load, never a panic.
+    /// Every truncation of a valid image, and every byte of its headers set to 0x00, 0xff, 0x80
+    /// and 0x7f, gives exactly the error the damaged field calls for, or the load the changed
+    /// field describes (entry point, state and every byte of RAM).
     #[test]
-    fn survives_mangled_images() {
+    fn mangled_images_give_the_exact_error_or_load() {
+        use super::mangle::{expected, expected_ram, field_at, good_loads, Field};
+        const MEM: u64 = 4 << 20;
+        const ENTRY: u64 = 0x20_0010;
+        let cfg = config(GuestKind::Elf, MEM, "");
         for (is_64, machine) in [(true, EM_X86_64), (false, EM_386)] {
             let good = two_segments(is_64, machine);
-            let mut ram = vec![0u8; 4 << 20];
-            let cfg = config(GuestKind::Elf, 4 << 20, "");
+            let loads = good_loads(&good, is_64, 2);
+            let mut good_ram = vec![0u8; MEM as usize];
+            let good_state = run(&good, &cfg, &mut good_ram).unwrap();
+            let header_len = if is_64 { EHDR64_SIZE } else { EHDR32_SIZE };
+            let table_end = phdr(is_64, 3);
+            let seg_end = |k: usize| (loads[k].offset + loads[k].filesz) as usize;
             for len in 0..good.len() {
-                let _ = run(&good[..len], &cfg, &mut ram);
+                let want = match len {
+                    0..=4 => LoadError::NotElf,
+                    _ if len < header_len => LoadError::BadElf("truncated ELF header"),
+                    _ if len < table_end => {
+                        LoadError::BadElf("program header table outside the file")
+                    }
+                    _ => {
+                        let k = if len < seg_end(0) { 0 } else { 1 };
+                        LoadError::SegmentOutsideImage {
+                            offset: loads[k].offset,
+                            size: loads[k].filesz,
+                        }
+                    }
+                };
+                let mut ram = vec![0u8; MEM as usize];
+                assert_eq!(run(&good[..len], &cfg, &mut ram), Err(want), "{len} bytes");
             }
-            let header_len = phdr(is_64, 3);
-            for i in 0..header_len {
+            // Every field at its largest value (the overflow paths).
+            for i in 0..table_end {
+                let (field, at, width) = field_at(is_64, i);
+                if at != i || field == Field::Ignored {
+                    continue;
+                }
+                let mut bad = good.clone();
+                bad[at..at + width].fill(0xff);
+                let value = u64::MAX >> (64 - 8 * width);
+                let mut ram = vec![0u8; MEM as usize];
+                let want = expected(is_64, &good, 2, ENTRY, field, value, MEM).map(|(rip, _)| {
+                    InitialState {
+                        rip,
+                        ..good_state.clone()
+                    }
+                });
+                assert_eq!(run(&bad, &cfg, &mut ram), want, "{field:?} = {value:#x}");
+            }
+            for i in 0..table_end {
                 for v in [0x00, 0xff, 0x80, 0x7f] {
                     let mut bad = good.clone();
                     bad[i] = v;
-                    let _ = run(&bad, &cfg, &mut ram);
-                }
-                let mut bad = good.clone();
-                if i + 4 <= header_len {
-                    put32(&mut bad, i, 0xffff_fff0);
-                    let _ = run(&bad, &cfg, &mut ram);
+                    let (mut field, at, width) = field_at(is_64, i);
+                    if v == good[i] {
+                        field = Field::Ignored; // unchanged
+                    }
+                    let mut raw = [0u8; 8];
+                    raw[..width].copy_from_slice(&bad[at..at + width]);
+                    let value = u64::from_le_bytes(raw);
+                    let mut ram = vec![0u8; MEM as usize];
+                    let got = run(&bad, &cfg, &mut ram);
+                    let what = alloc::format!("byte {i} ({field:?}) = {v:#x}");
+                    match expected(is_64, &good, 2, ENTRY, field, value, MEM) {
+                        Err(e) => assert_eq!(got, Err(e), "{what}"),
+                        Ok((rip, placed)) => {
+                            let want = InitialState {
+                                rip,
+                                ..good_state.clone()
+                            };
+                            assert_eq!(got, Ok(want), "{what}");
+                            let want_ram = expected_ram(&good_ram, &loads, &bad, &placed);
+                            assert!(ram == want_ram, "{what}: RAM differs");
+                        }
+                    }
                 }
             }
         }

@@ -557,17 +557,81 @@ mod tests {
         assert!(run(&img, &ok, RAM).is_ok());
     }
 
+    /// Every truncation of a valid multiboot ELF kernel, and every byte of it set to 0x00, 0xff,
+    /// 0x80 and 0x7f, gives exactly the error the damaged part calls for (the ELF headers as the
+    /// ELF loader reads them, the multiboot header's magic, flags and checksum), or the load the
+    /// change describes (state and every byte of RAM).
     #[test]
-    fn survives_mangled_images() {
+    fn mangled_images_give_the_exact_error_or_load() {
+        use crate::loader::elf::mangle::{expected, expected_ram, field_at, good_loads, Field};
+        const MEM: u64 = 2 << 20;
+        const ENTRY: u64 = 0x10_000c;
         let good = elf_kernel();
+        let (good_state, good_ram) = run(&good, &[], MEM).unwrap();
+        let loads = good_loads(&good, false, 1);
+        // The multiboot header opens the segment's file bytes: magic, flags, checksum, code.
+        let mb = loads[0].offset as usize;
+        let seg_end = mb + loads[0].filesz as usize;
+        assert_eq!(seg_end, good.len());
         for len in 0..good.len() {
-            let _ = run(&good[..len], &[], 2 << 20);
+            let want = if len < mb + 12 {
+                LoadError::NoMultibootHeader
+            } else {
+                LoadError::SegmentOutsideImage {
+                    offset: mb as u64,
+                    size: loads[0].filesz,
+                }
+            };
+            assert_eq!(
+                run(&good[..len], &[], MEM).map(|_| ()),
+                Err(want),
+                "{len} bytes"
+            );
         }
         for i in 0..good.len() {
-            for v in [0x00, 0xff, 0x80] {
+            for v in [0x00, 0xff, 0x80, 0x7f] {
+                if v == good[i] {
+                    continue;
+                }
                 let mut bad = good.clone();
                 bad[i] = v;
-                let _ = run(&bad, &[], 2 << 20);
+                let got = run(&bad, &[], MEM);
+                let what = alloc::format!("byte {i} = {v:#x}");
+                let want = match i {
+                    _ if i < mb => {
+                        let (field, at, width) = field_at(false, i);
+                        let mut raw = [0u8; 8];
+                        raw[..width].copy_from_slice(&bad[at..at + width]);
+                        let value = u64::from_le_bytes(raw);
+                        expected(false, &good, 1, ENTRY, field, value, MEM).map(|(rip, placed)| {
+                            let ram = if field == Field::Ignored {
+                                good_ram.clone()
+                            } else {
+                                expected_ram(&good_ram, &loads, &bad, &placed)
+                            };
+                            (rip, ram)
+                        })
+                    }
+                    _ if i < mb + 4 => Err(LoadError::NoMultibootHeader),
+                    _ if i < mb + 12 => Err(LoadError::BadMultibootChecksum { offset: mb }),
+                    _ => {
+                        let mut ram = good_ram.clone();
+                        ram[(loads[0].paddr as usize) + (i - mb)] = v;
+                        Ok((ENTRY, ram))
+                    }
+                };
+                match want {
+                    Err(e) => assert_eq!(got.map(|_| ()), Err(e), "{what}"),
+                    Ok((rip, want_ram)) => {
+                        let (state, ram) = got.unwrap_or_else(|e| panic!("{what}: {e}"));
+                        let want_state = InitialState {
+                            rip,
+                            ..good_state.clone()
+                        };
+                        assert_eq!(state, want_state, "{what}");
+                        assert!(ram == want_ram, "{what}: RAM differs");
+                    }
+                }
             }
         }
     }
