@@ -28,7 +28,8 @@ RUN OPTIONS:
     --uefi            boot the UEFI image with OVMF (default: BIOS image)
     --timeout SECS    stop the emulator after SECS (0: never; default 300 Bochs BIOS,
                       600 Bochs UEFI, 120 QEMU, 60 KVM)
-    --memory MIB      guest-physical memory of the emulated machine (default 256)
+    --memory MIB      guest-physical memory of the emulated machine (default 256; Bochs:
+                      at most 2048)
     --ips N           Bochs instructions per emulated second (default 10000000)
     --cpu MODEL       Bochs CPU model (default corei7_skylake_x)
     --work-dir DIR    keep the run's files (serial.log, e9.log, emulator.*, bochsrc) in DIR
@@ -159,6 +160,21 @@ fn image_flag(flag: &str, args: &mut Args, b: &mut ImageArgs) -> Result<bool, St
     Ok(true)
 }
 
+/// The most memory Bochs emulates: its `megs` (and `memory: host=`) setting stops at 2048 MiB.
+pub const BOCHS_MAX_MEMORY_MIB: u32 = 2048;
+
+/// `--memory` must be something the chosen emulator can give (checked once the whole command
+/// line is read, so the order of `--emulator` and `--memory` does not matter).
+fn check_memory(r: &RunArgs) -> Result<(), String> {
+    match (r.memory_mib, r.emulator) {
+        (Some(0), _) => Err("--memory 0: the emulated machine needs some memory".into()),
+        (Some(m), Some(Emulator::Bochs)) if m > BOCHS_MAX_MEMORY_MIB => Err(format!(
+            "--memory {m}: Bochs emulates at most {BOCHS_MAX_MEMORY_MIB} MiB (its `megs` limit)"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Parses the arguments after the program name.
 pub fn parse(argv: &[String]) -> Result<Cmd, String> {
     let Some((sub, rest)) = argv.split_first() else {
@@ -213,6 +229,7 @@ pub fn parse(argv: &[String]) -> Result<Cmd, String> {
                     _ => return Err(format!("run: unknown option `{flag}`")),
                 }
             }
+            check_memory(&r)?;
             Ok(Cmd::Run(r))
         }
         "flash" => {
@@ -308,6 +325,31 @@ mod tests {
         assert_eq!(f.image, Some(PathBuf::from("x.img")));
         assert!(p("flash").is_err());
         assert!(p("flash /dev/sdb /dev/sdc").is_err());
+    }
+
+    /// Bochs' `megs` takes at most 2048 MiB; more must fail here, not in Bochs' log.
+    #[test]
+    fn bochs_memory_is_capped() {
+        assert_eq!(
+            p("run --emulator bochs --memory 4096"),
+            Err("--memory 4096: Bochs emulates at most 2048 MiB (its `megs` limit)".into())
+        );
+        assert_eq!(
+            p("run --memory 3000 --emulator bochs"),
+            Err("--memory 3000: Bochs emulates at most 2048 MiB (its `megs` limit)".into())
+        );
+        let Ok(Cmd::Run(r)) = p("run --emulator bochs --memory 2048") else {
+            panic!("2048 MiB is Bochs' largest");
+        };
+        assert_eq!(r.memory_mib, Some(2048));
+        assert!(matches!(
+            p("run --emulator qemu --memory 4096"),
+            Ok(Cmd::Run(_))
+        ));
+        assert_eq!(
+            p("run --memory 0"),
+            Err("--memory 0: the emulated machine needs some memory".into())
+        );
     }
 
     #[test]
