@@ -510,6 +510,25 @@ memory = 2M
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Entries are named by the manifest's path, not the file's base name: two files of one
+    /// base name from different directories are two entries, each guest gets its own.
+    #[test]
+    fn same_base_name_in_two_directories_are_two_entries() -> Result<()> {
+        let dir = scratch("basename");
+        for (sub, code) in [("a", b"\xeb\xfe"), ("b", b"\xf4\xf4")] {
+            std::fs::create_dir_all(dir.join(sub))?;
+            std::fs::write(dir.join(sub).join("x.bin"), code)?;
+        }
+        let text = "[guest a]\nkind = flat\nimage = a/x.bin\nmemory = 2M\n\
+                    [guest b]\nkind = flat\nimage = b/x.bin\nmemory = 2M\n";
+        let bytes = pack_ramdisk(Path::new("t"), text, Some(&dir))?;
+        let archive = Archive::parse(&bytes).map_err(|e| anyhow!("{e}"))?;
+        assert_eq!(archive.get("a/x.bin"), Some(&b"\xeb\xfe"[..]));
+        assert_eq!(archive.get("b/x.bin"), Some(&b"\xf4\xf4"[..]));
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
     /// A 4,095-byte command line fits the loaders once, but not with ` restart=1` after it.
     #[test]
     fn a_command_line_too_long_for_a_restart_fails_at_pack_time() {
