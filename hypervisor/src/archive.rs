@@ -242,7 +242,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_names() {
-        assert!(build(&[("", b"")]).is_err());
-        assert!(build(&[(&"n".repeat(48), b"")]).is_err());
+        let bad = Err("archive entry names must be 1..47 bytes without NUL");
+        assert_eq!(build(&[("", b"")]), bad);
+        assert_eq!(build(&[(&"n".repeat(48), b"")]), bad);
+        assert_eq!(build(&[("a\0b", b"")]), bad);
+        assert!(build(&[(&"n".repeat(47), b"")]).is_ok_and(|a| Archive::parse(&a).is_ok()));
     }
 }

@@ -441,13 +441,19 @@ restart = 7
         assert!(e.message.contains("no kind"), "{e}");
         let e = parse("[guest a]\nkind=flat\nimage=x\nmemory=2M\n[guest a]\n").unwrap_err();
         assert!(e.message.contains("twice"));
-        assert!(parse("[bogus]\n").is_err());
+        let e = parse("[bogus]\n").unwrap_err();
+        assert_eq!((e.line, e.message.as_str()), (1, "unknown section [bogus]"));
         assert_eq!(
             parse("[keel]\nselftest = fault\n").unwrap().selftest,
             Some(SelfTest::Fault)
         );
-        assert!(parse("[keel]\nselftest = maybe\n").is_err());
-        assert!(parse("x = 1\n").is_err());
+        let e = parse("[keel]\nselftest = maybe\n").unwrap_err();
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (2, "selftest must be panic or fault")
+        );
+        let e = parse("x = 1\n").unwrap_err();
+        assert_eq!((e.line, e.message.as_str()), (1, "key outside a section"));
     }
 
     fn one_guest(keys: &str) -> String {

@@ -792,10 +792,11 @@ mod tests {
         );
         for (is_64, machine) in [(true, EM_386), (false, EM_X86_64), (false, 40)] {
             let img = two_segments(is_64, machine);
-            assert!(matches!(
+            let class = if is_64 { 2 } else { 1 };
+            assert_eq!(
                 load_with(&img, RAM).unwrap_err(),
-                LoadError::UnsupportedElf { .. }
-            ));
+                LoadError::UnsupportedElf { class, machine }
+            );
         }
         let mut big_endian = good.clone();
         big_endian[5] = 2;
@@ -811,10 +812,10 @@ mod tests {
         );
         let mut table_out = good.clone();
         put64(&mut table_out, 32, good.len() as u64 - 8);
-        assert!(matches!(
+        assert_eq!(
             load_with(&table_out, RAM).unwrap_err(),
             LoadError::BadElf("program header table outside the file")
-        ));
+        );
         let no_load = elf(true, EM_X86_64, 0, &[]);
         assert_eq!(
             load_with(&no_load, RAM).unwrap_err(),
@@ -829,10 +830,13 @@ mod tests {
         let mut data_out = good.clone();
         put64(&mut data_out, ph + 32, 0x10_0000); // p_filesz past the end
         put64(&mut data_out, ph + 40, 0x10_0000);
-        assert!(matches!(
+        assert_eq!(
             load_with(&data_out, RAM).unwrap_err(),
-            LoadError::SegmentOutsideImage { .. }
-        ));
+            LoadError::SegmentOutsideImage {
+                offset: 232,
+                size: 0x10_0000
+            }
+        );
         let mut file_gt_mem = good.clone();
         put64(&mut file_gt_mem, ph + 40, 1);
         assert_eq!(
@@ -841,13 +845,14 @@ mod tests {
         );
         let mut wrapping = good.clone();
         put64(&mut wrapping, ph + 24, u64::MAX - 8);
-        assert!(matches!(
+        assert_eq!(
             load_with(&wrapping, RAM).unwrap_err(),
             LoadError::OutsideRam {
                 what: "segment",
-                ..
+                addr: u64::MAX - 8,
+                size: 0x40
             }
-        ));
+        );
         // The second segment's bss reaches past 4 MiB of RAM.
         let img = elf(
             true,
@@ -858,33 +863,41 @@ mod tests {
                 Seg::at(0x3f_f000, &[1], 0x2000),
             ],
         );
-        assert!(matches!(
+        assert_eq!(
             load_with(&img, 4 << 20).unwrap_err(),
             LoadError::OutsideRam {
                 what: "segment",
-                ..
+                addr: 0x3f_f000,
+                size: 0x2001
             }
-        ));
+        );
         let low = elf(false, EM_386, 0x8000, &[Seg::at(0x8000, &[0; 16], 0)]);
-        assert!(matches!(
+        assert_eq!(
             load_with(&low, RAM).unwrap_err(),
             LoadError::Overlaps {
+                what: "segment",
+                addr: 0x8000,
+                size: 16,
                 area: "boot structures",
-                ..
             }
-        ));
+        );
         let high = elf(false, EM_386, 0xff_8000, &[Seg::at(0xff_8000, &[0; 16], 0)]);
-        assert!(matches!(
+        assert_eq!(
             load_with(&high, RAM).unwrap_err(),
             LoadError::Overlaps {
+                what: "segment",
+                addr: 0xff_8000,
+                size: 16,
                 area: "initial stack",
-                ..
             }
-        ));
-        assert!(matches!(
+        );
+        assert_eq!(
             load_with(&good, 1 << 20).unwrap_err(),
-            LoadError::RamTooSmall { .. }
-        ));
+            LoadError::RamTooSmall {
+                needed: 2 << 20,
+                have: 1 << 20
+            }
+        );
     }
 
     #[test]
@@ -903,10 +916,13 @@ mod tests {
             LoadError::ModulesNotSupported
         );
         cfg.cmdline = "y".repeat(5000);
-        assert!(matches!(
+        assert_eq!(
             run(&img, &cfg, &mut ram).unwrap_err(),
-            LoadError::CmdlineTooLong { len: 5000, .. }
-        ));
+            LoadError::CmdlineTooLong {
+                len: 5000,
+                max: 4095
+            }
+        );
     }
 
     /// Every truncation of a valid image, and every byte of its headers set to 0x00, 0xff, 0x80
