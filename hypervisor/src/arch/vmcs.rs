@@ -6,6 +6,7 @@ use crate::guest::GuestRegs;
 use crate::mm;
 use crate::vmx::{Host16, Host32, Host64, HostNat, ReadOnly32, Vmcs, VmcsAccess};
 use core::arch::{asm, global_asm};
+use core::mem::offset_of;
 
 /// The current VMCS of this CPU, accessed with VMREAD/VMWRITE.
 pub struct CurrentVmcs;
@@ -138,8 +139,8 @@ unsafe extern "C" {
     fn keel_vm_exit();
 }
 
-// The offsets follow `GuestRegs` (repr(C), 8 bytes per register in x86 encoding order minus RSP).
-// HOST_RSP is written on every entry so that the exit path finds this frame, with the `regs`
+// The register offsets come from `GuestRegs` itself (`offset_of!` as `const` operands), so a
+// reordered or resized struct changes the assembly with it. HOST_RSP is written on every entry so that the exit path finds this frame, with the `regs`
 // pointer on top, whatever the caller's stack depth.
 global_asm!(
     ".global keel_vm_enter",
@@ -151,24 +152,24 @@ global_asm!(
     "push r14",
     "push r15",
     "push rdi",
-    "mov rax, 0x6c14", // HOST_RSP
+    "mov rax, {host_rsp}",
     "vmwrite rax, rsp",
     "test rsi, rsi",
-    "mov rax, [rdi + 0x00]",
-    "mov rcx, [rdi + 0x08]",
-    "mov rdx, [rdi + 0x10]",
-    "mov rbx, [rdi + 0x18]",
-    "mov rbp, [rdi + 0x20]",
-    "mov rsi, [rdi + 0x28]",
-    "mov r8,  [rdi + 0x38]",
-    "mov r9,  [rdi + 0x40]",
-    "mov r10, [rdi + 0x48]",
-    "mov r11, [rdi + 0x50]",
-    "mov r12, [rdi + 0x58]",
-    "mov r13, [rdi + 0x60]",
-    "mov r14, [rdi + 0x68]",
-    "mov r15, [rdi + 0x70]",
-    "mov rdi, [rdi + 0x30]",
+    "mov rax, [rdi + {rax}]",
+    "mov rcx, [rdi + {rcx}]",
+    "mov rdx, [rdi + {rdx}]",
+    "mov rbx, [rdi + {rbx}]",
+    "mov rbp, [rdi + {rbp}]",
+    "mov rsi, [rdi + {rsi}]",
+    "mov r8,  [rdi + {r8}]",
+    "mov r9,  [rdi + {r9}]",
+    "mov r10, [rdi + {r10}]",
+    "mov r11, [rdi + {r11}]",
+    "mov r12, [rdi + {r12}]",
+    "mov r13, [rdi + {r13}]",
+    "mov r14, [rdi + {r14}]",
+    "mov r15, [rdi + {r15}]",
+    "mov rdi, [rdi + {rdi}]",
     "jnz 2f",
     "vmlaunch",
     "jmp 3f",
@@ -189,22 +190,22 @@ global_asm!(
     "keel_vm_exit:",
     "push rdi",
     "mov rdi, [rsp + 8]",
-    "mov [rdi + 0x00], rax",
-    "mov [rdi + 0x08], rcx",
-    "mov [rdi + 0x10], rdx",
-    "mov [rdi + 0x18], rbx",
-    "mov [rdi + 0x20], rbp",
-    "mov [rdi + 0x28], rsi",
-    "mov [rdi + 0x38], r8",
-    "mov [rdi + 0x40], r9",
-    "mov [rdi + 0x48], r10",
-    "mov [rdi + 0x50], r11",
-    "mov [rdi + 0x58], r12",
-    "mov [rdi + 0x60], r13",
-    "mov [rdi + 0x68], r14",
-    "mov [rdi + 0x70], r15",
+    "mov [rdi + {rax}], rax",
+    "mov [rdi + {rcx}], rcx",
+    "mov [rdi + {rdx}], rdx",
+    "mov [rdi + {rbx}], rbx",
+    "mov [rdi + {rbp}], rbp",
+    "mov [rdi + {rsi}], rsi",
+    "mov [rdi + {r8}], r8",
+    "mov [rdi + {r9}], r9",
+    "mov [rdi + {r10}], r10",
+    "mov [rdi + {r11}], r11",
+    "mov [rdi + {r12}], r12",
+    "mov [rdi + {r13}], r13",
+    "mov [rdi + {r14}], r14",
+    "mov [rdi + {r15}], r15",
     "pop rax",
-    "mov [rdi + 0x30], rax",
+    "mov [rdi + {rdi}], rax",
     "pop rdi",
     "pop r15",
     "pop r14",
@@ -214,6 +215,22 @@ global_asm!(
     "pop rbx",
     "xor eax, eax",
     "ret",
+    host_rsp = const HostNat::Rsp as u32,
+    rax = const offset_of!(GuestRegs, rax),
+    rcx = const offset_of!(GuestRegs, rcx),
+    rdx = const offset_of!(GuestRegs, rdx),
+    rbx = const offset_of!(GuestRegs, rbx),
+    rbp = const offset_of!(GuestRegs, rbp),
+    rsi = const offset_of!(GuestRegs, rsi),
+    rdi = const offset_of!(GuestRegs, rdi),
+    r8 = const offset_of!(GuestRegs, r8),
+    r9 = const offset_of!(GuestRegs, r9),
+    r10 = const offset_of!(GuestRegs, r10),
+    r11 = const offset_of!(GuestRegs, r11),
+    r12 = const offset_of!(GuestRegs, r12),
+    r13 = const offset_of!(GuestRegs, r13),
+    r14 = const offset_of!(GuestRegs, r14),
+    r15 = const offset_of!(GuestRegs, r15),
 );
 
 /// Enters the guest once and returns when it exits. `Err` carries the VM-instruction error of a
@@ -228,3 +245,9 @@ pub fn enter(regs: &mut GuestRegs, launched: bool) -> Result<(), u32> {
         Ok(())
     }
 }
+
+// `keel_vm_enter`/`keel_vm_exit` move whole 8-byte registers at the offsets above: every field must
+// be a u64 (the struct is exactly 15 of them, RSP lives in the VMCS), and the frame layout of
+// `regs` on the stack is what `keel_vm_exit` reads back.
+const _: () = assert!(core::mem::size_of::<GuestRegs>() == 15 * 8);
+const _: () = assert!(core::mem::align_of::<GuestRegs>() == 8);
