@@ -4,7 +4,8 @@
 //! [`Ept`] builds a 4-level structure (PML4, PDPT, PD, PT) through a [`TableAlloc`], using the
 //! largest leaf that fits: 1 GiB (when enabled), 2 MiB, else 4 KiB. It refuses overlapping or
 //! misaligned maps rather than silently replacing entries. Tables are never freed while the
-//! `Ept` lives; [`Ept::into_parts`] hands them back for freeing with the guest.
+//! `Ept` lives (an unmapped subtree stays owned); dropping the `Ept` gives every table it
+//! allocated back to its [`TableAlloc`], so a guest that is refused or destroyed keeps none.
 //!
 //! After changing a live EPT (unmap, or map over a range the guest may have touched), the caller
 //! must INVEPT the context (SDM 29.4.3.1).
@@ -57,6 +58,21 @@ pub trait TableAlloc {
     fn alloc_table(&mut self) -> Option<u64>;
     /// The table at `hpa`, which this allocator handed out.
     fn table(&mut self, hpa: u64) -> &mut [u64; 512];
+    /// Takes back a table this allocator handed out; it is not used again.
+    fn free_table(&mut self, hpa: u64);
+}
+
+/// Tables from an allocator the caller keeps (tests look at it after the `Ept` is gone).
+impl<A: TableAlloc> TableAlloc for &mut A {
+    fn alloc_table(&mut self) -> Option<u64> {
+        (**self).alloc_table()
+    }
+    fn table(&mut self, hpa: u64) -> &mut [u64; 512] {
+        (**self).table(hpa)
+    }
+    fn free_table(&mut self, hpa: u64) {
+        (**self).free_table(hpa)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,11 +189,6 @@ impl<A: TableAlloc> Ept<A> {
     /// Host-physical addresses of every table, the PML4 first.
     pub fn tables(&self) -> &[u64] {
         &self.tables
-    }
-
-    /// The allocator and every table (PML4 first), so the caller can free them.
-    pub fn into_parts(self) -> (A, Vec<u64>) {
-        (self.alloc, self.tables)
     }
 
     /// Maps `len` bytes of guest-physical memory at `gpa` to host-physical `hpa`. All three must
@@ -394,12 +405,27 @@ impl<A: TableAlloc> Ept<A> {
     }
 }
 
+/// Every table goes back to the allocator: a guest refused at boot or destroyed keeps no EPT
+/// memory (issue 8 item 9). The caller must have stopped using the EPTP (no VMCS that refers to it
+/// is entered again) and invalidates it before the frames can serve as another guest's EPT
+/// (`vmx::FlushPolicy::at_guest_boot`).
+impl<A: TableAlloc> Drop for Ept<A> {
+    fn drop(&mut self) {
+        for &t in &self.tables {
+            self.alloc.free_table(t);
+        }
+        self.tables.clear();
+    }
+}
+
 /// EPT tables on the heap with made-up host-physical addresses, for tests of EPT users. Addresses
-/// start at `base`; `limit` caps the number of tables to test running out of memory.
+/// start at `base`; `limit` caps the number of tables to test running out of memory; `freed`
+/// lists the tables given back, in order.
 pub struct FakeTables {
     pub base: u64,
     pub tables: Vec<alloc::boxed::Box<[u64; 512]>>,
     pub limit: usize,
+    pub freed: Vec<u64>,
 }
 
 impl FakeTables {
@@ -408,6 +434,7 @@ impl FakeTables {
             base: 0x7000_0000_0000,
             tables: Vec::new(),
             limit: usize::MAX,
+            freed: Vec::new(),
         }
     }
 }
@@ -437,6 +464,13 @@ impl TableAlloc for FakeTables {
             Some(i) => &mut self.tables[i],
             None => panic!("{hpa:#x} is not a table of this allocator"),
         }
+    }
+
+    fn free_table(&mut self, hpa: u64) {
+        assert!(!self.freed.contains(&hpa), "table {hpa:#x} freed twice");
+        // Panics on an address this allocator never handed out.
+        self.table(hpa);
+        self.freed.push(hpa);
     }
 }
 
@@ -775,19 +809,43 @@ mod tests {
         assert!(!e.is_mapped(u64::MAX, 2, EptPerms::READ));
     }
 
+    /// Issue 8 item 9: every table an EPT allocated (PML4, the tables maps created, the ones
+    /// splitting a large page made, and those left under an unmapped subtree) goes back to the
+    /// allocator exactly once when the EPT is dropped, also after a map that ran out of memory.
     #[test]
-    fn tables_are_handed_back() {
-        let mut e = ept();
-        e.map(PAGE, RAM, PAGE, EptPerms::RWX, MemType::WriteBack)
+    fn dropping_the_ept_frees_every_table() {
+        let mut tables = FakeTables::new();
+        {
+            let mut e = Ept::new(&mut tables, false).unwrap();
+            e.map(PAGE, RAM, PAGE, EptPerms::RWX, MemType::WriteBack)
+                .unwrap();
+            e.map(
+                4 * MB,
+                RAM + 4 * MB,
+                4 * MB,
+                EptPerms::RWX,
+                MemType::WriteBack,
+            )
             .unwrap();
-        let listed = e.tables().to_vec();
-        assert_eq!(listed.len(), 4);
-        let (alloc, tables) = e.into_parts();
-        assert_eq!(tables, listed);
-        assert_eq!(alloc.tables.len(), 4);
-        let mut sorted = tables.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        assert_eq!(sorted.len(), 4, "no table listed twice");
+            e.unmap(4 * MB + PAGE, PAGE).unwrap(); // splits a 2M page: one more table
+            e.unmap(0, 2 * MB).unwrap(); // the PT under it stays owned
+            assert_eq!(e.tables_used(), 5);
+        }
+        assert_eq!(tables.tables.len(), 5);
+        let mut freed = tables.freed.clone();
+        freed.sort_unstable();
+        let all: Vec<u64> = (0..5).map(|i| tables.base + i * PAGE).collect();
+        assert_eq!(freed, all, "each table freed once");
+
+        let mut tables = FakeTables::new();
+        tables.limit = 4;
+        {
+            let mut e = Ept::new(&mut tables, false).unwrap();
+            assert_eq!(
+                e.map(PAGE, RAM + PAGE, 4 * MB, EptPerms::RWX, MemType::WriteBack),
+                Err(EptError::OutOfMemory)
+            );
+        }
+        assert_eq!(tables.freed.len(), 4, "the tables of a failed map too");
     }
 }

@@ -161,7 +161,7 @@ pub fn compute_controls(caps: &VmxCaps) -> Result<ControlSet, ControlError> {
             | PrimaryControls::MONITOR_EXITING,
         PrimaryControls::USE_TSC_OFFSETTING,
     )?;
-    let secondary = adjust_controls(
+    let mut secondary = adjust_controls(
         caps,
         SecondaryControls::ENABLE_EPT | SecondaryControls::UNRESTRICTED_GUEST,
         SecondaryControls::ENABLE_VPID
@@ -169,6 +169,11 @@ pub fn compute_controls(caps: &VmxCaps) -> Result<ControlSet, ControlError> {
             | SecondaryControls::ENABLE_INVPCID
             | SecondaryControls::ENABLE_XSAVES,
     )?;
+    // A VPID is reused when its guest restarts: only with INVVPID to flush it (SDM A.10), or the
+    // new life would see the old one's cached translations.
+    if !caps.vpid_usable() {
+        secondary.remove(SecondaryControls::ENABLE_VPID);
+    }
     let exit = adjust_controls(
         caps,
         ExitControls::HOST_ADDRESS_SPACE_SIZE
@@ -240,6 +245,24 @@ mod tests {
         assert!(PrimaryControls::from_bits_retain(c.primary)
             .contains(PrimaryControls::HLT_EXITING | PrimaryControls::USE_IO_BITMAPS));
         assert!(c.preemption_timer);
+    }
+
+    /// VPIDs are reused (a restarted guest gets its old one), so they are only enabled when
+    /// INVVPID can flush them (SDM A.10).
+    #[test]
+    fn vpids_only_with_invvpid() {
+        use crate::vmx::controls::SecondaryControls;
+        use crate::vmx::EptVpidCap;
+        let caps = VmxCaps::bochs_skylake_x();
+        let c = compute_controls(&caps).unwrap();
+        assert!(SecondaryControls::from_bits_retain(c.secondary)
+            .contains(SecondaryControls::ENABLE_VPID));
+        let mut caps = VmxCaps::bochs_skylake_x();
+        caps.ept_vpid_cap &=
+            !(EptVpidCap::INVVPID_SINGLE_CONTEXT | EptVpidCap::INVVPID_ALL_CONTEXT).bits();
+        let c = compute_controls(&caps).unwrap();
+        assert!(!SecondaryControls::from_bits_retain(c.secondary)
+            .contains(SecondaryControls::ENABLE_VPID));
     }
 
     #[test]

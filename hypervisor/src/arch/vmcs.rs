@@ -1,10 +1,11 @@
 //! The hardware side of a VMCS: allocating and loading it, VMREAD/VMWRITE, the host-state area,
 //! and the assembly that enters the guest and comes back on a VM exit.
 
+use super::vmx::vmx_instruction;
 use super::{cpu, gdt, idt};
 use crate::guest::GuestRegs;
 use crate::mm;
-use crate::vmx::{Host16, Host32, Host64, HostNat, ReadOnly32, Vmcs, VmcsAccess};
+use crate::vmx::{Host16, Host32, Host64, HostNat, Vmcs, VmcsAccess, VmxError};
 use core::arch::{asm, global_asm};
 use core::mem::offset_of;
 
@@ -60,37 +61,65 @@ fn vm_instruction_failed(what: &str, encoding: u32) -> ! {
     );
 }
 
-/// A VMCS region in Keel's memory.
+/// A VMCS region in Keel's memory. Dropping it VMCLEARs it (so the processor holds no cached
+/// state that it could later write into the frame, SDM 25.11.1) and gives the frame back.
 pub struct VmcsRegion {
     pub pa: u64,
 }
 
 impl VmcsRegion {
-    pub fn new(revision: u32) -> Option<Self> {
-        let pa = mm::alloc_zeroed_page()?;
+    pub fn new(revision: u32) -> Result<Self, VmcsError> {
+        let pa = mm::alloc_zeroed_page().ok_or(VmcsError::OutOfMemory)?;
         // SAFETY: a fresh frame owned by this region; SDM 25.2: the first 31 bits hold the revision.
         unsafe { (mm::phys_to_virt(pa) as *mut u32).write(revision) };
         let r = Self { pa };
-        // SAFETY: VMCLEAR initialises the region's launch state (SDM 25.11.3).
-        unsafe { asm!("vmclear [{}]", in(reg) &r.pa) };
-        Some(r)
+        // VMCLEAR initialises the region's launch state (SDM 25.11.3). On failure `r` is dropped,
+        // which tries once more and keeps the frame out of the pool if that fails too.
+        r.clear()?;
+        Ok(r)
     }
 
     /// VMCLEAR: writes back any cached state and makes the next entry a VMLAUNCH (SDM 25.11.3).
-    pub fn clear(&self) {
-        // SAFETY: the region is a VMCS of this CPU's revision.
-        unsafe { asm!("vmclear [{}]", in(reg) &self.pa) };
+    pub fn clear(&self) -> Result<(), VmcsError> {
+        // SAFETY: the region is a 4 KiB-aligned frame owned by this value, stamped with this
+        // CPU's revision; VMCLEAR only writes the region itself.
+        unsafe { vmx_instruction!("vmclear [{p}]", p = in(reg) &self.pa,) }
+            .map_err(|e| VmcsError::Clear(self.pa, e))
     }
 
     /// Makes this the current VMCS (VMPTRLD).
-    pub fn load(&self) {
-        let flags: u64;
-        // SAFETY: the region was VMCLEARed with the right revision id.
-        unsafe {
-            asm!("vmptrld [{p}]", "pushfq", "pop {f}", p = in(reg) &self.pa, f = out(reg) flags)
-        };
-        if flags & 0x41 != 0 {
-            panic!("VMPTRLD {:#x} failed", self.pa);
+    pub fn load(&self) -> Result<(), VmcsError> {
+        // SAFETY: the region was VMCLEARed with the right revision id; VMPTRLD only makes it
+        // current.
+        unsafe { vmx_instruction!("vmptrld [{p}]", p = in(reg) &self.pa,) }
+            .map_err(|e| VmcsError::Load(self.pa, e))
+    }
+}
+
+impl Drop for VmcsRegion {
+    fn drop(&mut self) {
+        match self.clear() {
+            Ok(()) => mm::free_pages(self.pa, mm::PAGE_SIZE),
+            // The processor may still hold state it writes back here: the frame is not reused.
+            Err(e) => crate::error!("{e}: its frame is not given back"),
+        }
+    }
+}
+
+/// A VMCLEAR or VMPTRLD that failed, with the region's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmcsError {
+    OutOfMemory,
+    Clear(u64, VmxError),
+    Load(u64, VmxError),
+}
+
+impl core::fmt::Display for VmcsError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::OutOfMemory => f.write_str("out of memory for a VMCS"),
+            Self::Clear(pa, e) => write!(f, "VMCLEAR of the VMCS at {pa:#x} failed: {e}"),
+            Self::Load(pa, e) => write!(f, "VMPTRLD of the VMCS at {pa:#x} failed: {e}"),
         }
     }
 }
@@ -133,8 +162,9 @@ pub fn write_host_state(vmcs: &mut CurrentVmcs) {
 
 unsafe extern "C" {
     /// Enters the guest (VMLAUNCH if `launched` is 0, else VMRESUME) with the GPRs in `regs`.
-    /// Returns 0 after a VM exit (the guest's GPRs are back in `regs`) or 1 if the VM entry
-    /// instruction itself failed (VMfailValid/VMfailInvalid, SDM 31.2).
+    /// Returns 0 after a VM exit (the guest's GPRs are back in `regs`) or, if the VM entry
+    /// instruction itself failed, RFLAGS as it left it (never 0: bit 1 is always set), whose CF
+    /// and ZF say how (SDM 31.2).
     fn keel_vm_enter(regs: *mut GuestRegs, launched: u64) -> u64;
     fn keel_vm_exit();
 }
@@ -176,7 +206,9 @@ global_asm!(
     "2:",
     "vmresume",
     "3:",
-    // Only reached when VMLAUNCH/VMRESUME failed.
+    // Only reached when VMLAUNCH/VMRESUME failed: RFLAGS first, before anything changes it.
+    "pushfq",
+    "pop rax",
     "pop rdi",
     "pop r15",
     "pop r14",
@@ -184,7 +216,6 @@ global_asm!(
     "pop r12",
     "pop rbp",
     "pop rbx",
-    "mov eax, 1",
     "ret",
     ".global keel_vm_exit",
     "keel_vm_exit:",
@@ -233,16 +264,16 @@ global_asm!(
     r15 = const offset_of!(GuestRegs, r15),
 );
 
-/// Enters the guest once and returns when it exits. `Err` carries the VM-instruction error of a
-/// failed VMLAUNCH/VMRESUME.
-pub fn enter(regs: &mut GuestRegs, launched: bool) -> Result<(), u32> {
+/// Enters the guest once and returns when it exits. `Err` says how VMLAUNCH/VMRESUME itself failed
+/// (VMfailInvalid, or VMfailValid with the VM-instruction error, SDM 31.2).
+pub fn enter(regs: &mut GuestRegs, launched: bool) -> Result<(), VmxError> {
     // SAFETY: the current VMCS holds a complete guest and host state (written by the caller);
     // `regs` is valid for the duration of the call.
-    let failed = unsafe { keel_vm_enter(regs, launched as u64) };
-    if failed != 0 {
-        Err(CurrentVmcs.read(ReadOnly32::VmInstructionError))
-    } else {
+    let rflags = unsafe { keel_vm_enter(regs, launched as u64) };
+    if rflags == 0 {
         Ok(())
+    } else {
+        VmxError::check(rflags, super::vmx::read_instruction_error)
     }
 }
 

@@ -58,6 +58,7 @@ pub mod error;
 pub mod exit;
 pub mod fake;
 pub mod fields;
+pub mod invalidate;
 
 pub use caps::{EptVpidCap, VmxCaps};
 pub use controls::{
@@ -77,3 +78,4 @@ pub use fields::{
     Host32, Host64, HostNat, ReadOnly32, ReadOnly64, ReadOnlyNat, Segment, Vmcs, VmcsAccess,
     VmcsField, WritableField,
 };
+pub use invalidate::{FlushPolicy, Invalidation};
