@@ -58,6 +58,7 @@ pub mod error;
 pub mod exit;
 pub mod fake;
 pub mod fields;
+pub mod guest_state;
 pub mod invalidate;
 
 pub use caps::{EptVpidCap, VmxCaps};
@@ -78,4 +79,5 @@ pub use fields::{
     Host32, Host64, HostNat, ReadOnly32, ReadOnly64, ReadOnlyNat, Segment, Vmcs, VmcsAccess,
     VmcsField, WritableField,
 };
+pub use guest_state::{check_guest_state, check_guest_state_with, EntryEnv};
 pub use invalidate::{FlushPolicy, Invalidation};
