@@ -535,7 +535,9 @@ pub struct Runner {
 impl Runner {
     /// Adds a guest while the others run: it is scheduled from the next pick on.
     pub fn add_guest(&mut self, setup: Setup, tsc_hz: u64) -> Result<u32, String> {
-        let id = self.vms.len() as u32;
+        // Past every id in use: guests refused at boot leave gaps, so `vms.len()` could repeat
+        // an id (and with it a VPID).
+        let id = self.vms.iter().map(|vm| vm.guest.id + 1).max().unwrap_or(0);
         // `create` makes the new guest's VMCS current: the guest whose state is in the CPU now
         // is switched out first, so its extended state and MSRs are kept.
         if let Some(prev) = self.loaded.take() {
