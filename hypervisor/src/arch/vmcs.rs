@@ -5,7 +5,7 @@ use super::vmx::vmx_instruction;
 use super::{cpu, gdt, idt};
 use crate::guest::GuestRegs;
 use crate::mm;
-use crate::vmx::{Host16, Host32, Host64, HostNat, Vmcs, VmcsAccess, VmxError};
+use crate::vmx::{Host16, Host32, Host64, HostNat, Vmcs, VmcsAccess, VmcsError, VmxError};
 use core::arch::{asm, global_asm};
 use core::mem::offset_of;
 
@@ -102,24 +102,6 @@ impl Drop for VmcsRegion {
             Ok(()) => mm::free_pages(self.pa, mm::PAGE_SIZE),
             // The processor may still hold state it writes back here: the frame is not reused.
             Err(e) => crate::error!("{e}: its frame is not given back"),
-        }
-    }
-}
-
-/// A VMCLEAR or VMPTRLD that failed, with the region's address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VmcsError {
-    OutOfMemory,
-    Clear(u64, VmxError),
-    Load(u64, VmxError),
-}
-
-impl core::fmt::Display for VmcsError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            Self::OutOfMemory => f.write_str("out of memory for a VMCS"),
-            Self::Clear(pa, e) => write!(f, "VMCLEAR of the VMCS at {pa:#x} failed: {e}"),
-            Self::Load(pa, e) => write!(f, "VMPTRLD of the VMCS at {pa:#x} failed: {e}"),
         }
     }
 }

@@ -84,6 +84,25 @@ impl fmt::Display for VmxError {
     }
 }
 
+/// A VMCS region that could not be set up, cleared (VMCLEAR) or made current (VMPTRLD), with
+/// its physical address. Ends the guest it belongs to, not Keel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmcsError {
+    OutOfMemory,
+    Clear(u64, VmxError),
+    Load(u64, VmxError),
+}
+
+impl fmt::Display for VmcsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::OutOfMemory => f.write_str("out of memory for a VMCS"),
+            Self::Clear(pa, e) => write!(f, "VMCLEAR of the VMCS at {pa:#x} failed: {e}"),
+            Self::Load(pa, e) => write!(f, "VMPTRLD of the VMCS at {pa:#x} failed: {e}"),
+        }
+    }
+}
+
 /// A VM entry that failed after the processor started loading guest state: it is reported as a
 /// VM exit with bit 31 of the exit reason set (SDM 27.8). Displayed as what failed, without a
 /// "VM entry failed" prefix: `StopReason::EntryFailed` adds that once.
@@ -208,6 +227,23 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "VMfailValid: VMRESUME with non-launched VMCS (VM-instruction error 5)"
+        );
+    }
+
+    #[test]
+    fn vmcs_errors_name_the_instruction_and_the_region() {
+        let e = VmcsError::Clear(
+            0x12_3000,
+            VmxError::FailValid(VmInstructionError::VmclearInvalidAddress),
+        );
+        assert_eq!(
+            e.to_string(),
+            "VMCLEAR of the VMCS at 0x123000 failed: VMfailValid: VMCLEAR with invalid physical \
+             address (VM-instruction error 2)"
+        );
+        assert_eq!(
+            VmcsError::Load(0x5000, VmxError::FailInvalid).to_string(),
+            "VMPTRLD of the VMCS at 0x5000 failed: VMfailInvalid (no current VMCS or bad pointer)"
         );
     }
 

@@ -67,7 +67,7 @@ pub use controls::{
     PinBasedControls, PrimaryControls, SecondaryControls,
 };
 pub use cr::{fixed_cr0, fixed_cr4, CrContext, CrFault, CrLoad, CrPolicy, GuestCr};
-pub use error::{EntryFailure, GuestStateDetail, VmInstructionError, VmxError};
+pub use error::{EntryFailure, GuestStateDetail, VmInstructionError, VmcsError, VmxError};
 pub use exit::{
     ActivityState, CrAccessQualification, CrAccessType, EptViolationQualification, ExitReason,
     ExitReasonField, Interruptibility, InterruptionInfo, InterruptionType, IoDirection,
