@@ -7,8 +7,11 @@
 //! `Ept` lives (an unmapped subtree stays owned); dropping the `Ept` gives every table it
 //! allocated back to its [`TableAlloc`], so a guest that is refused or destroyed keeps none.
 //!
-//! After changing a live EPT (unmap, or map over a range the guest may have touched), the caller
-//! must INVEPT the context (SDM 29.4.3.1).
+//! After removing entries from a live EPT the caller must INVEPT the context before the guest runs
+//! again: [`Ept::unmap`] returns a [`StaleTranslations`] that says so and may not be ignored.
+//! [`Ept::map`] needs none: it only fills entries that were not present, and the processor caches
+//! no translation through a not-present entry (an EPT violation invalidates what it used,
+//! SDM 29.4.3.1).
 
 use alloc::vec::Vec;
 use bitflags::bitflags;
@@ -146,6 +149,14 @@ const fn is_leaf(entry: u64, level: u8) -> bool {
     level == 1 || entry & LARGE != 0
 }
 
+/// Translations cached under `eptp` may be out of date: the caller must run the INVEPT that
+/// `vmx::FlushPolicy::for_ept(eptp)` picks before a guest runs on this EPT again.
+#[must_use = "run FlushPolicy::for_ept(eptp) before the guest runs again (SDM 29.4.3.1)"]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaleTranslations {
+    pub eptp: u64,
+}
+
 /// One EPT hierarchy.
 pub struct Ept<A: TableAlloc> {
     alloc: A,
@@ -233,8 +244,10 @@ impl<A: TableAlloc> Ept<A> {
     }
 
     /// Removes every mapping in `[gpa, gpa + len)`; holes are fine. A large page that straddles
-    /// an end is split (which may need tables, hence `OutOfMemory`).
-    pub fn unmap(&mut self, gpa: u64, len: u64) -> Result<(), EptError> {
+    /// an end is split (which may need tables, hence `OutOfMemory`). The processor may still hold
+    /// the removed translations: the result says which EPTP to invalidate (SDM 29.4.3.1); on
+    /// error part of the range may be unmapped, so the caller invalidates then too.
+    pub fn unmap(&mut self, gpa: u64, len: u64) -> Result<StaleTranslations, EptError> {
         if !(gpa | len).is_multiple_of(PAGE) {
             return Err(EptError::Misaligned { gpa, hpa: 0, len });
         }
@@ -243,7 +256,8 @@ impl<A: TableAlloc> Ept<A> {
             .filter(|&e| e <= GPA_LIMIT)
             .ok_or(EptError::OutOfRange { gpa, len })?;
         let root = self.tables[0];
-        self.unmap_range(root, 4, gpa, end)
+        self.unmap_range(root, 4, gpa, end)?;
+        Ok(StaleTranslations { eptp: self.eptp() })
     }
 
     /// Walks the tables for `gpa`: the host-physical address, permissions and memory type, or
@@ -713,7 +727,8 @@ mod tests {
         e.map(0, RAM, 4 * MB, EptPerms::RWX, MemType::WriteBack)
             .unwrap();
         let hole = 2 * MB + 5 * PAGE;
-        e.unmap(hole, PAGE).unwrap();
+        let stale = e.unmap(hole, PAGE).unwrap();
+        assert_eq!(stale.eptp, e.eptp(), "the EPTP to invalidate");
         assert_eq!(e.translate(hole), None);
         assert_eq!(e.translate(hole - 1).unwrap().0, RAM + hole - 1);
         assert_eq!(e.translate(hole + PAGE).unwrap().0, RAM + hole + PAGE);
@@ -732,7 +747,7 @@ mod tests {
             Some((0xfee0_0020, EptPerms::RW, MemType::Uncacheable))
         );
         // Unmapping everything, holes included, leaves nothing.
-        e.unmap(0, 8 * MB).unwrap();
+        let _ = e.unmap(0, 8 * MB).unwrap();
         for g in (0..8 * MB).step_by(0x1_1000) {
             assert_eq!(e.translate(g), None);
         }
@@ -742,7 +757,7 @@ mod tests {
     fn unmap_splits_1g_pages_down_to_4k() {
         let mut e = Ept::new(FakeTables::new(), true).unwrap();
         e.map(0, GB, GB, EptPerms::RWX, MemType::WriteBack).unwrap();
-        e.unmap(3 * MB, PAGE).unwrap();
+        let _ = e.unmap(3 * MB, PAGE).unwrap();
         assert_eq!(e.translate(3 * MB), None);
         assert_eq!(leaf(&mut e, 0).unwrap().1, 2);
         assert_eq!(leaf(&mut e, 3 * MB + PAGE).unwrap().1, 1);
@@ -827,8 +842,8 @@ mod tests {
                 MemType::WriteBack,
             )
             .unwrap();
-            e.unmap(4 * MB + PAGE, PAGE).unwrap(); // splits a 2M page: one more table
-            e.unmap(0, 2 * MB).unwrap(); // the PT under it stays owned
+            let _ = e.unmap(4 * MB + PAGE, PAGE).unwrap(); // splits a 2M page: one more table
+            let _ = e.unmap(0, 2 * MB).unwrap(); // the PT under it stays owned
             assert_eq!(e.tables_used(), 5);
         }
         assert_eq!(tables.tables.len(), 5);

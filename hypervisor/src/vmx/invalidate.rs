@@ -290,6 +290,25 @@ mod tests {
         assert_eq!(FlushPolicy::new(&caps, true, true).for_vpid(0), None);
     }
 
+    /// Removing EPT entries hands back the EPTP whose cached translations are stale; the policy
+    /// turns it into the single-context INVEPT for exactly that EPT.
+    #[test]
+    fn an_unmap_asks_for_invept_of_its_ept() {
+        use crate::ept::{Ept, EptPerms, FakeTables, MemType};
+        let mut e = Ept::new(FakeTables::new(), false).unwrap();
+        e.map(0, 0x4000_0000, 4 << 20, EptPerms::RWX, MemType::WriteBack)
+            .unwrap();
+        let stale = e.unmap(0x1000, 0x1000).unwrap();
+        let p = FlushPolicy::new(&VmxCaps::bochs_skylake_x(), true, true);
+        assert_eq!(
+            p.for_ept(stale.eptp),
+            Some(Invalidation::Ept {
+                kind: InveptType::SingleContext,
+                eptp: e.eptp()
+            })
+        );
+    }
+
     #[test]
     fn vpids_are_never_0() {
         assert_eq!(guest_vpid(0), 1);
