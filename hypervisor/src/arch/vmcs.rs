@@ -166,6 +166,8 @@ global_asm!(
     "push rdi",
     "mov rax, {host_rsp}",
     "vmwrite rax, rsp",
+    // A failed VMWRITE (no current VMCS) takes the failure path with its flags (SDM 31.2).
+    "jbe 3f",
     "test rsi, rsi",
     "mov rax, [rdi + {rax}]",
     "mov rcx, [rdi + {rcx}]",
@@ -188,7 +190,8 @@ global_asm!(
     "2:",
     "vmresume",
     "3:",
-    // Only reached when VMLAUNCH/VMRESUME failed: RFLAGS first, before anything changes it.
+    // Only reached when VMLAUNCH/VMRESUME (or the VMWRITE of HOST_RSP) failed: RFLAGS first,
+    // before anything changes it.
     "pushfq",
     "pop rax",
     "pop rdi",
