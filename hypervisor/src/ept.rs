@@ -4,10 +4,14 @@
 //! [`Ept`] builds a 4-level structure (PML4, PDPT, PD, PT) through a [`TableAlloc`], using the
 //! largest leaf that fits: 1 GiB (when enabled), 2 MiB, else 4 KiB. It refuses overlapping or
 //! misaligned maps rather than silently replacing entries. Tables are never freed while the
-//! `Ept` lives; [`Ept::into_parts`] hands them back for freeing with the guest.
+//! `Ept` lives (an unmapped subtree stays owned); dropping the `Ept` gives every table it
+//! allocated back to its [`TableAlloc`], so a guest that is refused or destroyed keeps none.
 //!
-//! After changing a live EPT (unmap, or map over a range the guest may have touched), the caller
-//! must INVEPT the context (SDM 29.4.3.1).
+//! After removing entries from a live EPT the caller must INVEPT the context before the guest runs
+//! again: [`Ept::unmap`] returns a [`StaleTranslations`] that says so and may not be ignored.
+//! [`Ept::map`] needs none: it only fills entries that were not present, and the processor caches
+//! no translation through a not-present entry (an EPT violation invalidates what it used,
+//! SDM 29.4.3.1).
 
 use alloc::vec::Vec;
 use bitflags::bitflags;
@@ -57,6 +61,21 @@ pub trait TableAlloc {
     fn alloc_table(&mut self) -> Option<u64>;
     /// The table at `hpa`, which this allocator handed out.
     fn table(&mut self, hpa: u64) -> &mut [u64; 512];
+    /// Takes back a table this allocator handed out; it is not used again.
+    fn free_table(&mut self, hpa: u64);
+}
+
+/// Tables from an allocator the caller keeps (tests look at it after the `Ept` is gone).
+impl<A: TableAlloc> TableAlloc for &mut A {
+    fn alloc_table(&mut self) -> Option<u64> {
+        (**self).alloc_table()
+    }
+    fn table(&mut self, hpa: u64) -> &mut [u64; 512] {
+        (**self).table(hpa)
+    }
+    fn free_table(&mut self, hpa: u64) {
+        (**self).free_table(hpa)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +149,14 @@ const fn is_leaf(entry: u64, level: u8) -> bool {
     level == 1 || entry & LARGE != 0
 }
 
+/// Translations cached under `eptp` may be out of date: the caller must run the INVEPT that
+/// `vmx::FlushPolicy::for_ept(eptp)` picks before a guest runs on this EPT again.
+#[must_use = "run FlushPolicy::for_ept(eptp) before the guest runs again (SDM 29.4.3.1)"]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaleTranslations {
+    pub eptp: u64,
+}
+
 /// One EPT hierarchy.
 pub struct Ept<A: TableAlloc> {
     alloc: A,
@@ -175,11 +202,6 @@ impl<A: TableAlloc> Ept<A> {
         &self.tables
     }
 
-    /// The allocator and every table (PML4 first), so the caller can free them.
-    pub fn into_parts(self) -> (A, Vec<u64>) {
-        (self.alloc, self.tables)
-    }
-
     /// Maps `len` bytes of guest-physical memory at `gpa` to host-physical `hpa`. All three must
     /// be 4 KiB multiples and the range must be unmapped. On error nothing is mapped.
     pub fn map(
@@ -222,8 +244,10 @@ impl<A: TableAlloc> Ept<A> {
     }
 
     /// Removes every mapping in `[gpa, gpa + len)`; holes are fine. A large page that straddles
-    /// an end is split (which may need tables, hence `OutOfMemory`).
-    pub fn unmap(&mut self, gpa: u64, len: u64) -> Result<(), EptError> {
+    /// an end is split (which may need tables, hence `OutOfMemory`). The processor may still hold
+    /// the removed translations: the result says which EPTP to invalidate (SDM 29.4.3.1); on
+    /// error part of the range may be unmapped, so the caller invalidates then too.
+    pub fn unmap(&mut self, gpa: u64, len: u64) -> Result<StaleTranslations, EptError> {
         if !(gpa | len).is_multiple_of(PAGE) {
             return Err(EptError::Misaligned { gpa, hpa: 0, len });
         }
@@ -232,7 +256,8 @@ impl<A: TableAlloc> Ept<A> {
             .filter(|&e| e <= GPA_LIMIT)
             .ok_or(EptError::OutOfRange { gpa, len })?;
         let root = self.tables[0];
-        self.unmap_range(root, 4, gpa, end)
+        self.unmap_range(root, 4, gpa, end)?;
+        Ok(StaleTranslations { eptp: self.eptp() })
     }
 
     /// Walks the tables for `gpa`: the host-physical address, permissions and memory type, or
@@ -394,12 +419,27 @@ impl<A: TableAlloc> Ept<A> {
     }
 }
 
+/// Every table goes back to the allocator: a guest refused at boot or destroyed keeps no EPT
+/// memory (issue 8 item 9). The caller must have stopped using the EPTP (no VMCS that refers to it
+/// is entered again) and invalidates it before the frames can serve as another guest's EPT
+/// (`vmx::FlushPolicy::at_guest_boot`).
+impl<A: TableAlloc> Drop for Ept<A> {
+    fn drop(&mut self) {
+        for &t in &self.tables {
+            self.alloc.free_table(t);
+        }
+        self.tables.clear();
+    }
+}
+
 /// EPT tables on the heap with made-up host-physical addresses, for tests of EPT users. Addresses
-/// start at `base`; `limit` caps the number of tables to test running out of memory.
+/// start at `base`; `limit` caps the number of tables to test running out of memory; `freed`
+/// lists the tables given back, in order.
 pub struct FakeTables {
     pub base: u64,
     pub tables: Vec<alloc::boxed::Box<[u64; 512]>>,
     pub limit: usize,
+    pub freed: Vec<u64>,
 }
 
 impl FakeTables {
@@ -408,6 +448,7 @@ impl FakeTables {
             base: 0x7000_0000_0000,
             tables: Vec::new(),
             limit: usize::MAX,
+            freed: Vec::new(),
         }
     }
 }
@@ -437,6 +478,13 @@ impl TableAlloc for FakeTables {
             Some(i) => &mut self.tables[i],
             None => panic!("{hpa:#x} is not a table of this allocator"),
         }
+    }
+
+    fn free_table(&mut self, hpa: u64) {
+        assert!(!self.freed.contains(&hpa), "table {hpa:#x} freed twice");
+        // Panics on an address this allocator never handed out.
+        self.table(hpa);
+        self.freed.push(hpa);
     }
 }
 
@@ -679,7 +727,8 @@ mod tests {
         e.map(0, RAM, 4 * MB, EptPerms::RWX, MemType::WriteBack)
             .unwrap();
         let hole = 2 * MB + 5 * PAGE;
-        e.unmap(hole, PAGE).unwrap();
+        let stale = e.unmap(hole, PAGE).unwrap();
+        assert_eq!(stale.eptp, e.eptp(), "the EPTP to invalidate");
         assert_eq!(e.translate(hole), None);
         assert_eq!(e.translate(hole - 1).unwrap().0, RAM + hole - 1);
         assert_eq!(e.translate(hole + PAGE).unwrap().0, RAM + hole + PAGE);
@@ -698,7 +747,7 @@ mod tests {
             Some((0xfee0_0020, EptPerms::RW, MemType::Uncacheable))
         );
         // Unmapping everything, holes included, leaves nothing.
-        e.unmap(0, 8 * MB).unwrap();
+        let _ = e.unmap(0, 8 * MB).unwrap();
         for g in (0..8 * MB).step_by(0x1_1000) {
             assert_eq!(e.translate(g), None);
         }
@@ -708,7 +757,7 @@ mod tests {
     fn unmap_splits_1g_pages_down_to_4k() {
         let mut e = Ept::new(FakeTables::new(), true).unwrap();
         e.map(0, GB, GB, EptPerms::RWX, MemType::WriteBack).unwrap();
-        e.unmap(3 * MB, PAGE).unwrap();
+        let _ = e.unmap(3 * MB, PAGE).unwrap();
         assert_eq!(e.translate(3 * MB), None);
         assert_eq!(leaf(&mut e, 0).unwrap().1, 2);
         assert_eq!(leaf(&mut e, 3 * MB + PAGE).unwrap().1, 1);
@@ -775,19 +824,43 @@ mod tests {
         assert!(!e.is_mapped(u64::MAX, 2, EptPerms::READ));
     }
 
+    /// Issue 8 item 9: every table an EPT allocated (PML4, the tables maps created, the ones
+    /// splitting a large page made, and those left under an unmapped subtree) goes back to the
+    /// allocator exactly once when the EPT is dropped, also after a map that ran out of memory.
     #[test]
-    fn tables_are_handed_back() {
-        let mut e = ept();
-        e.map(PAGE, RAM, PAGE, EptPerms::RWX, MemType::WriteBack)
+    fn dropping_the_ept_frees_every_table() {
+        let mut tables = FakeTables::new();
+        {
+            let mut e = Ept::new(&mut tables, false).unwrap();
+            e.map(PAGE, RAM, PAGE, EptPerms::RWX, MemType::WriteBack)
+                .unwrap();
+            e.map(
+                4 * MB,
+                RAM + 4 * MB,
+                4 * MB,
+                EptPerms::RWX,
+                MemType::WriteBack,
+            )
             .unwrap();
-        let listed = e.tables().to_vec();
-        assert_eq!(listed.len(), 4);
-        let (alloc, tables) = e.into_parts();
-        assert_eq!(tables, listed);
-        assert_eq!(alloc.tables.len(), 4);
-        let mut sorted = tables.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        assert_eq!(sorted.len(), 4, "no table listed twice");
+            let _ = e.unmap(4 * MB + PAGE, PAGE).unwrap(); // splits a 2M page: one more table
+            let _ = e.unmap(0, 2 * MB).unwrap(); // the PT under it stays owned
+            assert_eq!(e.tables_used(), 5);
+        }
+        assert_eq!(tables.tables.len(), 5);
+        let mut freed = tables.freed.clone();
+        freed.sort_unstable();
+        let all: Vec<u64> = (0..5).map(|i| tables.base + i * PAGE).collect();
+        assert_eq!(freed, all, "each table freed once");
+
+        let mut tables = FakeTables::new();
+        tables.limit = 4;
+        {
+            let mut e = Ept::new(&mut tables, false).unwrap();
+            assert_eq!(
+                e.map(PAGE, RAM + PAGE, 4 * MB, EptPerms::RWX, MemType::WriteBack),
+                Err(EptError::OutOfMemory)
+            );
+        }
+        assert_eq!(tables.freed.len(), 4, "the tables of a failed map too");
     }
 }

@@ -15,9 +15,10 @@ use crate::manifest::{self, GuestConfig};
 use crate::mm;
 use crate::sched::RoundRobin;
 use crate::vcpu::{self, ControlSet};
-use crate::vmx::controls::PrimaryControls;
+use crate::vmx::controls::{PrimaryControls, SecondaryControls};
 use crate::vmx::cr::GuestCr;
-use crate::vmx::{ExitReason, Guest32, Vmcs, VmxCaps};
+use crate::vmx::invalidate::guest_vpid;
+use crate::vmx::{ExitReason, FlushPolicy, Guest32, Vmcs, VmxCaps};
 use crate::{error, fatal, info};
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -72,6 +73,14 @@ pub fn run(machine: MachineInfo) -> ! {
     }
     let caps = VmxCaps::read(cpu::rdmsr);
     info!("{caps}");
+    // Translations cached before Keel (firmware, a previous VMM) may carry the EPTPs and VPIDs
+    // Keel's guests will use: drop them all before the first guest runs (SDM 29.4.3.1, 29.4.3.3).
+    for inv in FlushPolicy::at_vmxon(&caps) {
+        if let Err(e) = vmx::invalidate(&inv) {
+            fatal!("{inv} at VMXON failed: {e}");
+            arch::exit(ExitCode::VmxSetupFailed)
+        }
+    }
     let controls = match vcpu::compute_controls(&caps) {
         Ok(c) => c,
         Err(e) => {
@@ -179,6 +188,9 @@ pub struct Vm {
     /// Woken from HLT by an interrupt and not run since: scheduled ahead of the rotation, so a
     /// timer interrupt reaches a waiting guest within its period even while others compute.
     woken: bool,
+    /// The guest's RAM (`guest.ram` views it). Last, so it is given back after everything that
+    /// refers to it when a `Vm` is dropped (a guest refused at boot).
+    ram_block: mm::OwnedPages,
 }
 
 /// The MSRs in `exits::msr::PASSTHROUGH` that the VMCS does not switch.
@@ -266,21 +278,32 @@ impl SavedState {
     }
 }
 
-/// The per-guest I/O and MSR bitmaps (every port exits; MSRs per `exits::msr`).
+/// Its XSAVE page goes back with the guest (a guest refused at boot keeps nothing, issue 8).
+impl Drop for SavedState {
+    fn drop(&mut self) {
+        mm::free_pages(self.xsave_pa, mm::PAGE_SIZE);
+    }
+}
+
+/// The per-guest I/O and MSR bitmaps (every port exits; MSRs per `exits::msr`). Each page is
+/// owned by the `Setup`, so a guest that is not started gives them back.
 fn guest_setup(
     cfg: &GuestConfig,
     archive: Archive<'static>,
     caps: &VmxCaps,
     controls: &ControlSet,
 ) -> Result<Setup, String> {
-    let io_a = mm::alloc_zeroed_page().ok_or("out of memory")?;
-    let io_b = mm::alloc_zeroed_page().ok_or("out of memory")?;
-    let msr = mm::alloc_zeroed_page().ok_or("out of memory")?;
-    // SAFETY: three fresh frames owned by this guest's VMCS.
+    let page = || mm::OwnedPages::zeroed_page().ok_or("out of memory");
+    let (io_a, io_b, msr) = (page()?, page()?, page()?);
+    // SAFETY: three fresh frames owned by this guest's `Setup`.
     unsafe {
-        core::ptr::write_bytes(mm::phys_to_virt(io_a), 0xff, 4096);
-        core::ptr::write_bytes(mm::phys_to_virt(io_b), 0xff, 4096);
-        core::ptr::copy_nonoverlapping(exits::msr::bitmap().as_ptr(), mm::phys_to_virt(msr), 4096);
+        core::ptr::write_bytes(mm::phys_to_virt(io_a.pa()), 0xff, 4096);
+        core::ptr::write_bytes(mm::phys_to_virt(io_b.pa()), 0xff, 4096);
+        core::ptr::copy_nonoverlapping(
+            exits::msr::bitmap().as_ptr(),
+            mm::phys_to_virt(msr.pa()),
+            4096,
+        );
     }
     Ok(Setup {
         cfg: cfg.clone(),
@@ -311,19 +334,20 @@ pub struct Setup {
     archive: Archive<'static>,
     caps: VmxCaps,
     controls: ControlSet,
-    io_bitmaps: (u64, u64),
-    msr_bitmap: u64,
+    io_bitmaps: (mm::OwnedPages, mm::OwnedPages),
+    msr_bitmap: mm::OwnedPages,
 }
 
 impl Vm {
-    /// Allocates everything a guest needs (RAM, EPT, bitmaps, VMCS, save area) and boots it.
+    /// Allocates everything a guest needs (RAM, EPT, bitmaps, VMCS, save area) and boots it. Each
+    /// of them is owned by a value that gives it back when dropped, so when any step fails (the
+    /// image is refused, say) the guest keeps nothing.
     fn create(id: u32, setup: Setup, tsc_hz: u64) -> Result<Self, String> {
         let heap_before = arch::boot::heap_used();
         let cfg = &setup.cfg;
-        let hpa = mm::FRAMES
-            .lock()
-            .alloc(cfg.memory, 2 << 20)
+        let ram_block = mm::OwnedPages::alloc(cfg.memory, 2 << 20)
             .ok_or_else(|| alloc::format!("no {} MiB of RAM left", cfg.memory >> 20))?;
+        let hpa = ram_block.pa();
         // SAFETY: the block was just allocated for this guest alone and is mapped at phys_to_virt.
         let mem =
             unsafe { core::slice::from_raw_parts_mut(mm::phys_to_virt(hpa), cfg.memory as usize) };
@@ -339,7 +363,7 @@ impl Vm {
             MemType::WriteBack,
         )
         .map_err(|e| alloc::format!("{e}"))?;
-        let vmcs = VmcsRegion::new(setup.caps.revision_id()).ok_or("out of memory")?;
+        let vmcs = VmcsRegion::new(setup.caps.revision_id()).map_err(|e| alloc::format!("{e}"))?;
         let saved = SavedState::new().ok_or("out of memory")?;
         let guest = Guest {
             id,
@@ -372,6 +396,7 @@ impl Vm {
             slice_left: None,
             halted_since: None,
             restarts: 0,
+            ram_block,
         };
         vm.boot()?;
         // The guest's heap share: its device models, buffers and bookkeeping (the `Vm` itself is
@@ -422,19 +447,34 @@ impl Vm {
         };
         let st = loader::load(g.ram.bytes(), &req).map_err(|e| alloc::format!("{e}"))?;
 
-        self.vmcs.clear();
-        self.vmcs.load();
+        // A VMCS that cannot be cleared or loaded ends this guest (the caller reports why), not
+        // Keel.
+        self.vmcs.clear().map_err(|e| alloc::format!("{e}"))?;
+        self.vmcs.load().map_err(|e| alloc::format!("{e}"))?;
         self.launched = false;
         let mut v = CurrentVmcs;
         let id = g.id;
+        let vpid = guest_vpid(id);
+        let eptp = self.ept.eptp();
         vcpu::write_controls(
             &mut v,
             &setup.controls,
-            setup.io_bitmaps,
-            setup.msr_bitmap,
-            self.ept.eptp(),
-            id as u16 + 1,
+            (setup.io_bitmaps.0.pa(), setup.io_bitmaps.1.pa()),
+            setup.msr_bitmap.pa(),
+            eptp,
+            vpid,
         );
+        // Nothing cached under this guest's EPTP or VPID may outlive its previous life or another
+        // guest's use of the same tags (vmx::invalidate).
+        let secondary = SecondaryControls::from_bits_retain(setup.controls.secondary);
+        let policy = FlushPolicy::new(
+            &setup.caps,
+            secondary.contains(SecondaryControls::ENABLE_EPT),
+            secondary.contains(SecondaryControls::ENABLE_VPID),
+        );
+        for inv in policy.at_guest_boot(eptp, vpid) {
+            vmx::invalidate(&inv).map_err(|e| alloc::format!("{inv} failed: {e}"))?;
+        }
         arch::vmcs::write_host_state(&mut v);
         let shadows = vcpu::write_guest_state(&mut v, &st, &g.cr0_rules, &g.cr4_rules);
         g.tsc_offset = if setup.controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0 {
@@ -468,7 +508,7 @@ impl Vm {
             cfg.kind,
             image.len() >> 10,
             cfg.memory >> 20,
-            g.ram.hpa,
+            self.ram_block.pa(),
             st.mode,
             st.rip,
             if self.restarts > 0 {
@@ -494,7 +534,9 @@ pub struct Runner {
 impl Runner {
     /// Adds a guest while the others run: it is scheduled from the next pick on.
     pub fn add_guest(&mut self, setup: Setup, tsc_hz: u64) -> Result<u32, String> {
-        let id = self.vms.len() as u32;
+        // Past every id in use: guests refused at boot leave gaps, so `vms.len()` could repeat
+        // an id (and with it a VPID).
+        let id = self.vms.iter().map(|vm| vm.guest.id + 1).max().unwrap_or(0);
         // `create` makes the new guest's VMCS current: the guest whose state is in the CPU now
         // is switched out first, so its extended state and MSRs are kept.
         if let Some(prev) = self.loaded.take() {
@@ -632,7 +674,11 @@ impl Runner {
             }
             let vm = &self.vms[i];
             vm.saved.restore(vm.guest.xcr0);
-            vm.vmcs.load();
+            if let Err(e) = vm.vmcs.load() {
+                self.loaded = None;
+                self.stop(i, StopReason::Killed(alloc::format!("{e}")));
+                return;
+            }
             self.loaded = Some(i);
         }
         let quantum = self.vms[i].slice_left.take().unwrap_or(self.sched.quantum);
@@ -700,9 +746,8 @@ impl Runner {
             let t1 = cpu::rdtsc();
             vm.guest.stats.cpu_cycles += t1 - t0;
             now = t1;
-            if let Err(code) = entered {
-                let why = alloc::format!("{}", crate::vmx::VmInstructionError::from_raw(code));
-                self.stop(i, StopReason::EntryFailed(why));
+            if let Err(e) = entered {
+                self.stop(i, StopReason::EntryFailed(alloc::format!("{e}")));
                 return;
             }
             vm.launched = true;

@@ -161,7 +161,7 @@ pub fn compute_controls(caps: &VmxCaps) -> Result<ControlSet, ControlError> {
             | PrimaryControls::MONITOR_EXITING,
         PrimaryControls::USE_TSC_OFFSETTING,
     )?;
-    let secondary = adjust_controls(
+    let mut secondary = adjust_controls(
         caps,
         SecondaryControls::ENABLE_EPT | SecondaryControls::UNRESTRICTED_GUEST,
         SecondaryControls::ENABLE_VPID
@@ -169,6 +169,11 @@ pub fn compute_controls(caps: &VmxCaps) -> Result<ControlSet, ControlError> {
             | SecondaryControls::ENABLE_INVPCID
             | SecondaryControls::ENABLE_XSAVES,
     )?;
+    // A VPID is reused when its guest restarts: only with INVVPID to flush it (SDM A.10), or the
+    // new life would see the old one's cached translations.
+    if !caps.vpid_usable() {
+        secondary.remove(SecondaryControls::ENABLE_VPID);
+    }
     let exit = adjust_controls(
         caps,
         ExitControls::HOST_ADDRESS_SPACE_SIZE
@@ -242,6 +247,24 @@ mod tests {
         assert!(c.preemption_timer);
     }
 
+    /// VPIDs are reused (a restarted guest gets its old one), so they are only enabled when
+    /// INVVPID can flush them (SDM A.10).
+    #[test]
+    fn vpids_only_with_invvpid() {
+        use crate::vmx::controls::SecondaryControls;
+        use crate::vmx::EptVpidCap;
+        let caps = VmxCaps::bochs_skylake_x();
+        let c = compute_controls(&caps).unwrap();
+        assert!(SecondaryControls::from_bits_retain(c.secondary)
+            .contains(SecondaryControls::ENABLE_VPID));
+        let mut caps = VmxCaps::bochs_skylake_x();
+        caps.ept_vpid_cap &=
+            !(EptVpidCap::INVVPID_SINGLE_CONTEXT | EptVpidCap::INVVPID_ALL_CONTEXT).bits();
+        let c = compute_controls(&caps).unwrap();
+        assert!(!SecondaryControls::from_bits_retain(c.secondary)
+            .contains(SecondaryControls::ENABLE_VPID));
+    }
+
     #[test]
     fn missing_unrestricted_guest_is_named() {
         let mut caps = VmxCaps::bochs_skylake_x();
@@ -250,45 +273,297 @@ mod tests {
         assert!(alloc::format!("{e}").contains("UNRESTRICTED_GUEST"), "{e}");
     }
 
-    #[test]
-    fn long_mode_guest_state() {
-        let caps = VmxCaps::bochs_skylake_x();
-        let st = InitialState {
-            mode: CpuMode::Long,
-            rip: 0x20_0000,
-            rsp: 0x7f_0000,
-            rflags: 2,
-            rax: 0,
-            rbx: 0,
-            rcx: 0,
-            rdx: 0,
-            rsi: 0,
-            rdi: 0,
-            cr0: 0x8000_0011,
-            cr3: 0x1000,
-            cr4: 0x20,
-            efer: 0x500,
-            gdtr_base: 0x800,
-            gdtr_limit: 23,
-            code_selector: 8,
-            data_selector: 16,
+    use crate::loader::elf::build::{elf, Seg};
+    use crate::loader::test_util::config;
+    use crate::loader::LoadRequest;
+    use crate::manifest::GuestKind;
+    use crate::vmx::controls::SecondaryControls;
+    use crate::vmx::{Control32, Segment};
+    use alloc::vec;
+    use alloc::vec::Vec;
+
+    const RAM: u64 = 16 << 20;
+    const EM_386: u16 = 3;
+    const EM_X86_64: u16 = 62;
+
+    /// What a loader makes of `image` for a guest of `kind`.
+    fn loaded(kind: GuestKind, image: &[u8]) -> InitialState {
+        let cfg = config(kind, RAM, "x");
+        let mut ram = vec![0u8; RAM as usize];
+        let req = LoadRequest {
+            cfg: &cfg,
+            image,
+            modules: &[],
+            guest_id: 0,
         };
+        crate::loader::load(&mut ram, &req).expect("the loader accepts the image")
+    }
+
+    /// An ELF32 kernel at 1 MiB whose text starts with a multiboot header (magic, flags
+    /// page-align | memory-info, checksum).
+    fn multiboot_image() -> Vec<u8> {
+        let mut text = Vec::new();
+        for w in [0x1bad_b002u32, 3, 0u32.wrapping_sub(0x1bad_b002 + 3)] {
+            text.extend_from_slice(&w.to_le_bytes());
+        }
+        text.extend_from_slice(&[0xf4; 16]);
+        elf(false, EM_386, 0x10_000c, &[Seg::at(0x10_0000, &text, 0)])
+    }
+
+    /// The initial state of every loader and CPU mode: flat (real mode), ELF32 (protected mode),
+    /// multiboot (protected mode, EBX = info) and ELF64 (long mode on identity tables).
+    fn every_initial_state() -> [(&'static str, InitialState); 4] {
+        let code = [0xf4; 16];
+        [
+            ("flat", loaded(GuestKind::Flat, &[0xfa, 0xf4, 0xeb, 0xfe])),
+            (
+                "elf32",
+                loaded(
+                    GuestKind::Elf,
+                    &elf(false, EM_386, 0x20_0000, &[Seg::at(0x20_0000, &code, 0)]),
+                ),
+            ),
+            (
+                "multiboot",
+                loaded(GuestKind::Multiboot, &multiboot_image()),
+            ),
+            (
+                "elf64",
+                loaded(
+                    GuestKind::Elf,
+                    &elf(true, EM_X86_64, 0x20_0000, &[Seg::at(0x20_0000, &code, 0)]),
+                ),
+            ),
+        ]
+    }
+
+    /// A VMCS as `Vm::boot` fills it: Keel's controls for Bochs, then the guest state.
+    fn entered(st: &InitialState) -> (FakeVmcs, Shadows) {
+        let caps = VmxCaps::bochs_skylake_x();
+        let c = compute_controls(&caps).unwrap();
         let mut v = FakeVmcs::new();
-        let sh = write_guest_state(
-            &mut v,
-            &st,
-            &GuestCr::cr0(&caps, true),
-            &GuestCr::cr4(&caps),
+        write_controls(&mut v, &c, (0x1000, 0x2000), 0x3000, 0x4000 | 0x1e, 1);
+        let sh = write_guest_state(&mut v, st, &GuestCr::cr0(&caps, true), &GuestCr::cr4(&caps));
+        (v, sh)
+    }
+
+    /// SDM 27.3.1: the state every loader starts a guest in passes the processor's guest-state
+    /// checks, in the mode the loader chose.
+    #[test]
+    fn every_loader_state_passes_the_entry_checks() {
+        let modes = [
+            CpuMode::Real,
+            CpuMode::Protected,
+            CpuMode::Protected,
+            CpuMode::Long,
+        ];
+        for ((name, st), mode) in every_initial_state().into_iter().zip(modes) {
+            assert_eq!(st.mode, mode, "{name}");
+            let (v, sh) = entered(&st);
+            assert_eq!(v.check_entry(), Ok(()), "{name}: {st:?}");
+            let long = v.read(Control32::EntryControls) & ENTRY_IA32E_MODE != 0;
+            assert_eq!(long, mode == CpuMode::Long, "{name}: IA-32e mode guest");
+            // The guest sees its own CR0/CR4, not the bits VMX forces (VMXE, NE).
+            assert_eq!((sh.cr0, sh.cr4), (st.cr0, st.cr4), "{name}");
+            assert_eq!(v.read(ControlNat::Cr4ReadShadow) & (1 << 13), 0, "{name}");
+        }
+    }
+
+    /// Every CPU mode on its own, with the loaders' conventions but none of their memory
+    /// layout: the checker is about the mode, not the image.
+    #[test]
+    fn every_cpu_mode_passes_the_entry_checks() {
+        let states = every_initial_state();
+        for mode in [CpuMode::Real, CpuMode::Protected, CpuMode::Long] {
+            let (_, st) = states.iter().find(|(_, s)| s.mode == mode).unwrap();
+            let (v, _) = entered(st);
+            assert_eq!(v.check_entry(), Ok(()), "{mode:?}");
+        }
+    }
+
+    fn state(name: &str) -> InitialState {
+        every_initial_state()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1
+    }
+
+    #[track_caller]
+    fn refused(v: &FakeVmcs, section: &str, what: &str) {
+        let e = v.check_entry().expect_err(&alloc::format!(
+            "the checker refuses a state without: {what}"
+        ));
+        assert!(
+            e.starts_with(&alloc::format!("SDM {section}: ")) && e.contains(what),
+            "{e}"
         );
-        assert_eq!(sh.cr4, 0x20, "the guest does not see VMXE");
-        assert_eq!(
-            v.read(GuestNat::Cr4) & (1 << 13),
-            1 << 13,
-            "the real CR4 has VMXE"
-        );
-        assert_eq!(v.read(GuestNat::Cr0) & 0x20, 0x20, "NE forced");
-        assert_eq!(v.read(Guest32::CsAccessRights), ar::CODE_64);
-        assert_ne!(v.read(Control32::EntryControls) & ENTRY_IA32E_MODE, 0);
-        assert_eq!(v.read(Guest64::VmcsLinkPointer), u64::MAX);
+    }
+
+    /// Negative tests: states a real CPU refuses are refused here too, with the rule named.
+    #[test]
+    fn long_mode_without_the_ia32e_entry_control_is_refused() {
+        let (mut v, _) = entered(&state("elf64"));
+        v.update(Control32::EntryControls, |e| e & !ENTRY_IA32E_MODE);
+        refused(&v, "27.3.1.1", "IA32_EFER.LMA (true) differs");
+    }
+
+    #[test]
+    fn unusable_tr_is_refused() {
+        for name in ["flat", "elf32", "elf64"] {
+            let (mut v, _) = entered(&state(name));
+            v.write(Segment::Tr.access_rights(), ar::TSS_BUSY | ar::UNUSABLE);
+            refused(&v, "27.3.1.2", "usable system descriptor");
+        }
+    }
+
+    #[test]
+    fn rflags_bit_1_clear_is_refused() {
+        let (mut v, _) = entered(&state("elf32"));
+        v.write(GuestNat::Rflags, 0);
+        refused(&v, "27.3.1.4", "bit 1 must be 1");
+    }
+
+    #[test]
+    fn more_broken_states_are_refused() {
+        type Break = fn(&mut FakeVmcs);
+        let cases: [(&str, Break, &str, &str); 9] = [
+            (
+                "elf64",
+                |v| v.write(Guest64::Ia32Efer, 0x400),
+                "27.3.1.1",
+                "LMA must equal LME",
+            ),
+            (
+                "elf32",
+                |v| v.write(GuestNat::Cr0, 0x8000_0030),
+                "27.3.1.1",
+                "PG set without PE",
+            ),
+            (
+                "elf64",
+                |v| v.write(Segment::Cs.access_rights(), ar::CODE_64 | (1 << 14)),
+                "27.3.1.2",
+                "L and D/B both set",
+            ),
+            (
+                "elf32",
+                |v| v.write(Segment::Ds.access_rights(), 0xc092),
+                "27.3.1.2",
+                "not accessed",
+            ),
+            (
+                "elf32",
+                |v| v.write(Segment::Cs.limit(), 0xffff_f000),
+                "27.3.1.2",
+                "so G must be 0",
+            ),
+            (
+                "flat",
+                |v| {
+                    v.write(Segment::Cs.access_rights(), ar::CODE_16 | (3 << 5));
+                    v.write(Segment::Ss.access_rights(), ar::DATA_16 | (3 << 5));
+                },
+                "27.3.1.2",
+                "must be 0 in real mode",
+            ),
+            (
+                "elf64",
+                |v| v.write(GuestNat::Rip, 0x1_0000_0000_0000),
+                "27.3.1.4",
+                "must be identical",
+            ),
+            (
+                "elf32",
+                |v| v.write(GuestNat::Rip, 0x1_0000_0000),
+                "27.3.1.4",
+                "bits 63:32 must be 0",
+            ),
+            (
+                "elf32",
+                |v| v.write(Guest32::GdtrLimit, 0x1_0000),
+                "27.3.1.3",
+                "bits 31:16",
+            ),
+        ];
+        for (name, break_it, section, what) in cases {
+            let (mut v, _) = entered(&state(name));
+            break_it(&mut v);
+            refused(&v, section, what);
+        }
+    }
+
+    #[test]
+    fn interruptibility_and_activity_rules() {
+        let (mut v, _) = entered(&state("elf64"));
+        v.write(Guest32::InterruptibilityState, 1);
+        refused(&v, "27.3.1.5", "blocking by STI with RFLAGS.IF clear");
+        v.write(GuestNat::Rflags, 0x202);
+        assert_eq!(v.check_entry(), Ok(()));
+        v.write(Guest32::InterruptibilityState, 3);
+        refused(&v, "27.3.1.5", "STI and by MOV SS together");
+        v.write(Guest32::InterruptibilityState, 0);
+        v.write(Guest32::ActivityState, 1);
+        assert_eq!(v.check_entry(), Ok(()), "HLT at CPL 0");
+        v.write(Guest32::ActivityState, 4);
+        refused(&v, "27.3.1.5", "activity state 4");
+        v.write(Guest32::ActivityState, 0);
+        v.write(Guest64::VmcsLinkPointer, 0);
+        refused(&v, "27.3.1.5", "VMCS link pointer");
+    }
+
+    /// SDM 27.2.1.3: valid vector/type pairs and the error-code rule.
+    #[test]
+    fn event_injection_rules() {
+        const VALID: u32 = 1 << 31;
+        const CODE: u32 = 1 << 11;
+        let hw = |vector: u32| VALID | (3 << 8) | vector;
+        let (mut v, _) = entered(&state("elf32"));
+        let ok = [
+            hw(13) | CODE,
+            hw(14) | CODE,
+            hw(6),
+            hw(8) | CODE,
+            VALID | (2 << 8) | 2,
+        ];
+        for info in ok {
+            v.write(Control32::EntryInterruptionInfo, info);
+            assert_eq!(v.check_entry(), Ok(()), "{info:#x}");
+        }
+        let bad: [(u32, &str); 6] = [
+            (hw(13), "deliver-error-code is 0"),
+            (hw(6) | CODE, "deliver-error-code is 1"),
+            (VALID | (2 << 8) | 3, "NMI injection with vector 3"),
+            (hw(32), "vector 32"),
+            (VALID | (1 << 8) | 3, "type 1 is reserved"),
+            (VALID | (1 << 12) | (3 << 8) | 6, "reserved bits 30:12"),
+        ];
+        for (info, what) in bad {
+            v.write(Control32::EntryInterruptionInfo, info);
+            refused(&v, "27.2.1.3", what);
+        }
+        // Real mode (unrestricted guest, CR0.PE = 0): no error code, even for #GP.
+        let (mut v, _) = entered(&state("flat"));
+        v.write(Control32::EntryInterruptionInfo, hw(13));
+        assert_eq!(v.check_entry(), Ok(()));
+        // A software interrupt needs its instruction length.
+        v.write(Control32::EntryInterruptionInfo, VALID | (4 << 8) | 0x21);
+        refused(&v, "27.2.1.3", "instruction length 0");
+        v.write(Control32::EntryInstructionLength, 2);
+        assert_eq!(v.check_entry(), Ok(()));
+        // An external interrupt needs RFLAGS.IF.
+        v.write(Control32::EntryInterruptionInfo, VALID | 0x20);
+        refused(&v, "27.3.1.4", "RFLAGS.IF clear");
+    }
+
+    /// The checker sees the controls Keel chose: without "unrestricted guest" a real-mode state
+    /// is refused (CR0.PE and PG are then fixed to 1).
+    #[test]
+    fn real_mode_needs_unrestricted_guest() {
+        let (mut v, _) = entered(&state("flat"));
+        v.update(Control32::SecondaryProcBasedControls, |s| {
+            s & !SecondaryControls::UNRESTRICTED_GUEST.bits()
+        });
+        refused(&v, "27.3.1.1", "IA32_VMX_CR0_FIXED0/1");
     }
 }

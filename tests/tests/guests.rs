@@ -19,6 +19,14 @@ static ISOLATION: BootSpec = BootSpec {
     timeout: None,
 };
 
+static REFUSED: BootSpec = BootSpec {
+    name: "bochs-bios-refused",
+    manifest: Manifest::File("tests/guests/manifests/refused.manifest"),
+    emulator: Emulator::Bochs,
+    firmware: Firmware::Bios,
+    timeout: None,
+};
+
 static DEMO_UEFI: BootSpec = BootSpec {
     name: "bochs-uefi-demo",
     manifest: Manifest::File("tests/guests/manifests/demo.manifest"),
@@ -154,4 +162,21 @@ fn demo_completes_under_uefi() {
     boot.expect_line("keel: firmware Uefi");
     boot.expect_keel_unhurt();
     boot.expect_no_line("keel: error");
+}
+
+/// Issue 8 item 9: a guest refused at boot kept its 200 MiB (and its EPT, VMCS, XSAVE and bitmap
+/// pages), so the next guest found "no 64 MiB of RAM left".
+#[test]
+fn a_refused_guest_gives_its_memory_back() {
+    let boot = shared_boot(&REFUSED);
+    let refused = boot.expect_line("keel: error: guest toobig: not started:");
+    if !refused.contains("the image is not an ELF file") {
+        boot.fail(&format!("toobig refused for another reason: `{refused}`"));
+    }
+    boot.expect_no_line("guest after: not started");
+    boot.expect_guest_line("after", "long64: hello from long mode");
+    boot.expect_guest_line("after", "cmdline=mode=good ram=67108864");
+    expect_guest_status(&boot, "after", 0x13);
+    boot.expect_keel_status(COMPLETED);
+    boot.expect_no_line("keel: fatal");
 }

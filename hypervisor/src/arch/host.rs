@@ -47,4 +47,8 @@ impl crate::ept::TableAlloc for Frames {
         // it edits EPT tables.
         unsafe { &mut *(mm::phys_to_virt(hpa) as *mut [u64; 512]) }
     }
+
+    fn free_table(&mut self, hpa: u64) {
+        mm::free_pages(hpa, mm::PAGE_SIZE);
+    }
 }

@@ -1,11 +1,13 @@
 //! The hardware side of a VMCS: allocating and loading it, VMREAD/VMWRITE, the host-state area,
 //! and the assembly that enters the guest and comes back on a VM exit.
 
+use super::vmx::vmx_instruction;
 use super::{cpu, gdt, idt};
 use crate::guest::GuestRegs;
 use crate::mm;
-use crate::vmx::{Host16, Host32, Host64, HostNat, ReadOnly32, Vmcs, VmcsAccess};
+use crate::vmx::{Host16, Host32, Host64, HostNat, Vmcs, VmcsAccess, VmcsError, VmxError};
 use core::arch::{asm, global_asm};
+use core::mem::offset_of;
 
 /// The current VMCS of this CPU, accessed with VMREAD/VMWRITE.
 pub struct CurrentVmcs;
@@ -59,37 +61,47 @@ fn vm_instruction_failed(what: &str, encoding: u32) -> ! {
     );
 }
 
-/// A VMCS region in Keel's memory.
+/// A VMCS region in Keel's memory. Dropping it VMCLEARs it (so the processor holds no cached
+/// state that it could later write into the frame, SDM 25.11.1) and gives the frame back.
 pub struct VmcsRegion {
     pub pa: u64,
 }
 
 impl VmcsRegion {
-    pub fn new(revision: u32) -> Option<Self> {
-        let pa = mm::alloc_zeroed_page()?;
+    pub fn new(revision: u32) -> Result<Self, VmcsError> {
+        let pa = mm::alloc_zeroed_page().ok_or(VmcsError::OutOfMemory)?;
         // SAFETY: a fresh frame owned by this region; SDM 25.2: the first 31 bits hold the revision.
         unsafe { (mm::phys_to_virt(pa) as *mut u32).write(revision) };
         let r = Self { pa };
-        // SAFETY: VMCLEAR initialises the region's launch state (SDM 25.11.3).
-        unsafe { asm!("vmclear [{}]", in(reg) &r.pa) };
-        Some(r)
+        // VMCLEAR initialises the region's launch state (SDM 25.11.3). On failure `r` is dropped,
+        // which tries once more and keeps the frame out of the pool if that fails too.
+        r.clear()?;
+        Ok(r)
     }
 
     /// VMCLEAR: writes back any cached state and makes the next entry a VMLAUNCH (SDM 25.11.3).
-    pub fn clear(&self) {
-        // SAFETY: the region is a VMCS of this CPU's revision.
-        unsafe { asm!("vmclear [{}]", in(reg) &self.pa) };
+    pub fn clear(&self) -> Result<(), VmcsError> {
+        // SAFETY: the region is a 4 KiB-aligned frame owned by this value, stamped with this
+        // CPU's revision; VMCLEAR only writes the region itself.
+        unsafe { vmx_instruction!("vmclear [{p}]", p = in(reg) &self.pa,) }
+            .map_err(|e| VmcsError::Clear(self.pa, e))
     }
 
     /// Makes this the current VMCS (VMPTRLD).
-    pub fn load(&self) {
-        let flags: u64;
-        // SAFETY: the region was VMCLEARed with the right revision id.
-        unsafe {
-            asm!("vmptrld [{p}]", "pushfq", "pop {f}", p = in(reg) &self.pa, f = out(reg) flags)
-        };
-        if flags & 0x41 != 0 {
-            panic!("VMPTRLD {:#x} failed", self.pa);
+    pub fn load(&self) -> Result<(), VmcsError> {
+        // SAFETY: the region was VMCLEARed with the right revision id; VMPTRLD only makes it
+        // current.
+        unsafe { vmx_instruction!("vmptrld [{p}]", p = in(reg) &self.pa,) }
+            .map_err(|e| VmcsError::Load(self.pa, e))
+    }
+}
+
+impl Drop for VmcsRegion {
+    fn drop(&mut self) {
+        match self.clear() {
+            Ok(()) => mm::free_pages(self.pa, mm::PAGE_SIZE),
+            // The processor may still hold state it writes back here: the frame is not reused.
+            Err(e) => crate::error!("{e}: its frame is not given back"),
         }
     }
 }
@@ -132,14 +144,15 @@ pub fn write_host_state(vmcs: &mut CurrentVmcs) {
 
 unsafe extern "C" {
     /// Enters the guest (VMLAUNCH if `launched` is 0, else VMRESUME) with the GPRs in `regs`.
-    /// Returns 0 after a VM exit (the guest's GPRs are back in `regs`) or 1 if the VM entry
-    /// instruction itself failed (VMfailValid/VMfailInvalid, SDM 31.2).
+    /// Returns 0 after a VM exit (the guest's GPRs are back in `regs`) or, if the VM entry
+    /// instruction itself failed, RFLAGS as it left it (never 0: bit 1 is always set), whose CF
+    /// and ZF say how (SDM 31.2).
     fn keel_vm_enter(regs: *mut GuestRegs, launched: u64) -> u64;
     fn keel_vm_exit();
 }
 
-// The offsets follow `GuestRegs` (repr(C), 8 bytes per register in x86 encoding order minus RSP).
-// HOST_RSP is written on every entry so that the exit path finds this frame, with the `regs`
+// The register offsets come from `GuestRegs` itself (`offset_of!` as `const` operands), so a
+// reordered or resized struct changes the assembly with it. HOST_RSP is written on every entry so that the exit path finds this frame, with the `regs`
 // pointer on top, whatever the caller's stack depth.
 global_asm!(
     ".global keel_vm_enter",
@@ -151,31 +164,36 @@ global_asm!(
     "push r14",
     "push r15",
     "push rdi",
-    "mov rax, 0x6c14", // HOST_RSP
+    "mov rax, {host_rsp}",
     "vmwrite rax, rsp",
+    // A failed VMWRITE (no current VMCS) takes the failure path with its flags (SDM 31.2).
+    "jbe 3f",
     "test rsi, rsi",
-    "mov rax, [rdi + 0x00]",
-    "mov rcx, [rdi + 0x08]",
-    "mov rdx, [rdi + 0x10]",
-    "mov rbx, [rdi + 0x18]",
-    "mov rbp, [rdi + 0x20]",
-    "mov rsi, [rdi + 0x28]",
-    "mov r8,  [rdi + 0x38]",
-    "mov r9,  [rdi + 0x40]",
-    "mov r10, [rdi + 0x48]",
-    "mov r11, [rdi + 0x50]",
-    "mov r12, [rdi + 0x58]",
-    "mov r13, [rdi + 0x60]",
-    "mov r14, [rdi + 0x68]",
-    "mov r15, [rdi + 0x70]",
-    "mov rdi, [rdi + 0x30]",
+    "mov rax, [rdi + {rax}]",
+    "mov rcx, [rdi + {rcx}]",
+    "mov rdx, [rdi + {rdx}]",
+    "mov rbx, [rdi + {rbx}]",
+    "mov rbp, [rdi + {rbp}]",
+    "mov rsi, [rdi + {rsi}]",
+    "mov r8,  [rdi + {r8}]",
+    "mov r9,  [rdi + {r9}]",
+    "mov r10, [rdi + {r10}]",
+    "mov r11, [rdi + {r11}]",
+    "mov r12, [rdi + {r12}]",
+    "mov r13, [rdi + {r13}]",
+    "mov r14, [rdi + {r14}]",
+    "mov r15, [rdi + {r15}]",
+    "mov rdi, [rdi + {rdi}]",
     "jnz 2f",
     "vmlaunch",
     "jmp 3f",
     "2:",
     "vmresume",
     "3:",
-    // Only reached when VMLAUNCH/VMRESUME failed.
+    // Only reached when VMLAUNCH/VMRESUME (or the VMWRITE of HOST_RSP) failed: RFLAGS first,
+    // before anything changes it.
+    "pushfq",
+    "pop rax",
     "pop rdi",
     "pop r15",
     "pop r14",
@@ -183,28 +201,27 @@ global_asm!(
     "pop r12",
     "pop rbp",
     "pop rbx",
-    "mov eax, 1",
     "ret",
     ".global keel_vm_exit",
     "keel_vm_exit:",
     "push rdi",
     "mov rdi, [rsp + 8]",
-    "mov [rdi + 0x00], rax",
-    "mov [rdi + 0x08], rcx",
-    "mov [rdi + 0x10], rdx",
-    "mov [rdi + 0x18], rbx",
-    "mov [rdi + 0x20], rbp",
-    "mov [rdi + 0x28], rsi",
-    "mov [rdi + 0x38], r8",
-    "mov [rdi + 0x40], r9",
-    "mov [rdi + 0x48], r10",
-    "mov [rdi + 0x50], r11",
-    "mov [rdi + 0x58], r12",
-    "mov [rdi + 0x60], r13",
-    "mov [rdi + 0x68], r14",
-    "mov [rdi + 0x70], r15",
+    "mov [rdi + {rax}], rax",
+    "mov [rdi + {rcx}], rcx",
+    "mov [rdi + {rdx}], rdx",
+    "mov [rdi + {rbx}], rbx",
+    "mov [rdi + {rbp}], rbp",
+    "mov [rdi + {rsi}], rsi",
+    "mov [rdi + {r8}], r8",
+    "mov [rdi + {r9}], r9",
+    "mov [rdi + {r10}], r10",
+    "mov [rdi + {r11}], r11",
+    "mov [rdi + {r12}], r12",
+    "mov [rdi + {r13}], r13",
+    "mov [rdi + {r14}], r14",
+    "mov [rdi + {r15}], r15",
     "pop rax",
-    "mov [rdi + 0x30], rax",
+    "mov [rdi + {rdi}], rax",
     "pop rdi",
     "pop r15",
     "pop r14",
@@ -214,17 +231,39 @@ global_asm!(
     "pop rbx",
     "xor eax, eax",
     "ret",
+    host_rsp = const HostNat::Rsp as u32,
+    rax = const offset_of!(GuestRegs, rax),
+    rcx = const offset_of!(GuestRegs, rcx),
+    rdx = const offset_of!(GuestRegs, rdx),
+    rbx = const offset_of!(GuestRegs, rbx),
+    rbp = const offset_of!(GuestRegs, rbp),
+    rsi = const offset_of!(GuestRegs, rsi),
+    rdi = const offset_of!(GuestRegs, rdi),
+    r8 = const offset_of!(GuestRegs, r8),
+    r9 = const offset_of!(GuestRegs, r9),
+    r10 = const offset_of!(GuestRegs, r10),
+    r11 = const offset_of!(GuestRegs, r11),
+    r12 = const offset_of!(GuestRegs, r12),
+    r13 = const offset_of!(GuestRegs, r13),
+    r14 = const offset_of!(GuestRegs, r14),
+    r15 = const offset_of!(GuestRegs, r15),
 );
 
-/// Enters the guest once and returns when it exits. `Err` carries the VM-instruction error of a
-/// failed VMLAUNCH/VMRESUME.
-pub fn enter(regs: &mut GuestRegs, launched: bool) -> Result<(), u32> {
+/// Enters the guest once and returns when it exits. `Err` says how VMLAUNCH/VMRESUME itself failed
+/// (VMfailInvalid, or VMfailValid with the VM-instruction error, SDM 31.2).
+pub fn enter(regs: &mut GuestRegs, launched: bool) -> Result<(), VmxError> {
     // SAFETY: the current VMCS holds a complete guest and host state (written by the caller);
     // `regs` is valid for the duration of the call.
-    let failed = unsafe { keel_vm_enter(regs, launched as u64) };
-    if failed != 0 {
-        Err(CurrentVmcs.read(ReadOnly32::VmInstructionError))
-    } else {
+    let rflags = unsafe { keel_vm_enter(regs, launched as u64) };
+    if rflags == 0 {
         Ok(())
+    } else {
+        VmxError::check(rflags, super::vmx::read_instruction_error)
     }
 }
+
+// `keel_vm_enter`/`keel_vm_exit` move whole 8-byte registers at the offsets above: every field must
+// be a u64 (the struct is exactly 15 of them, RSP lives in the VMCS), and the frame layout of
+// `regs` on the stack is what `keel_vm_exit` reads back.
+const _: () = assert!(core::mem::size_of::<GuestRegs>() == 15 * 8);
+const _: () = assert!(core::mem::align_of::<GuestRegs>() == 8);

@@ -2,7 +2,84 @@
 
 use super::cpu::{self, msr};
 use crate::mm;
+use crate::vmx::{Invalidation, VmxError};
 use core::arch::asm;
+
+/// Runs one VMX instruction and turns its status flags into a result (SDM 31.2 "Conventions":
+/// VMsucceed clears CF and ZF, VMfailInvalid sets CF, VMfailValid sets ZF and leaves the error
+/// number in the current VMCS). CF and ZF are captured with SETC/SETZ in the same asm block as
+/// the instruction, so no compiler-generated code can change them in between.
+macro_rules! vmx_instruction {
+    ($insn:literal, $($operands:tt)*) => {{
+        let cf: u8;
+        let zf: u8;
+        asm!(
+            $insn,
+            "setc {cf}",
+            "setz {zf}",
+            $($operands)*
+            cf = out(reg_byte) cf,
+            zf = out(reg_byte) zf,
+            options(nostack),
+        );
+        $crate::arch::vmx::status(cf, zf)
+    }};
+}
+pub(crate) use vmx_instruction;
+
+/// The result of a VMX instruction from its CF and ZF (see [`vmx_instruction!`]).
+pub(crate) fn status(cf: u8, zf: u8) -> Result<(), VmxError> {
+    let rflags = u64::from(cf & 1) | (u64::from(zf & 1) << 6);
+    VmxError::check(rflags, read_instruction_error)
+}
+
+/// The VM-instruction error field of the current VMCS (SDM 31.4); 0 (no error number) when there
+/// is no current VMCS to read it from.
+pub(crate) fn read_instruction_error() -> u32 {
+    let value: u64;
+    let failed: u8;
+    // SAFETY: VMREAD of the read-only VM-instruction error field (encoding 0x4400); with no
+    // current VMCS it fails with CF = 1 and nothing is read.
+    unsafe {
+        asm!(
+            "vmread {v}, {e}",
+            "setbe {f}",
+            v = out(reg) value,
+            e = in(reg) 0x4400u64,
+            f = out(reg_byte) failed,
+            options(nostack),
+        )
+    };
+    if failed != 0 {
+        0
+    } else {
+        value as u32
+    }
+}
+
+/// Executes one INVEPT or INVVPID (SDM 31.3) that a [`crate::vmx::FlushPolicy`] chose, with the
+/// type operand in a register and the 128-bit descriptor in memory.
+pub fn invalidate(inv: &Invalidation) -> Result<(), VmxError> {
+    let descriptor = inv.descriptor();
+    let kind = inv.kind();
+    // SAFETY: VMX root operation (these run after VMXON); the policy only picks types the
+    // capability MSR reports and nonzero VPIDs for the single-context type; the descriptor lives
+    // on the stack for the duration of the instruction, which only reads it.
+    unsafe {
+        match inv {
+            Invalidation::Ept { .. } => vmx_instruction!(
+                "invept {t}, [{d}]",
+                t = in(reg) kind,
+                d = in(reg) descriptor.as_ptr(),
+            ),
+            Invalidation::Vpid { .. } => vmx_instruction!(
+                "invvpid {t}, [{d}]",
+                t = in(reg) kind,
+                d = in(reg) descriptor.as_ptr(),
+            ),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnableError {
@@ -11,8 +88,9 @@ pub enum EnableError {
     /// IA32_FEATURE_CONTROL is locked with "VMXON outside SMX" clear.
     DisabledInFirmware,
     OutOfMemory,
-    /// VMXON itself failed (RFLAGS.CF or ZF set).
-    VmxonFailed,
+    /// VMXON itself failed (VMfailInvalid: bad region or revision; VMfailValid: already in VMX
+    /// operation).
+    VmxonFailed(VmxError),
 }
 
 impl core::fmt::Display for EnableError {
@@ -23,7 +101,7 @@ impl core::fmt::Display for EnableError {
                 write!(f, "VT-x disabled in firmware: IA32_FEATURE_CONTROL is locked with VMXON outside SMX off")
             }
             Self::OutOfMemory => write!(f, "no memory for the VMXON region"),
-            Self::VmxonFailed => write!(f, "VMXON failed"),
+            Self::VmxonFailed(e) => write!(f, "VMXON failed: {e}"),
         }
     }
 }
@@ -72,23 +150,7 @@ pub fn enable() -> Result<u64, EnableError> {
     // SAFETY: `region` is a fresh zeroed frame owned by Keel from now on.
     unsafe { (mm::phys_to_virt(region) as *mut u32).write(revision) };
     // SAFETY: VMX is enabled in CR4 and the region is prepared per SDM 24.11.5.
-    let ok = unsafe { vmx_instr_ok(|| asm!("vmxon [{}]", in(reg) &region, options(nostack))) };
-    if ok {
-        Ok(region)
-    } else {
-        Err(EnableError::VmxonFailed)
-    }
-}
-
-/// Runs one VMX instruction and reports success (VMsucceed: CF = ZF = 0, SDM 31.2).
-///
-/// # Safety
-/// The closure executes a VMX instruction whose operands the caller validated.
-#[inline(always)]
-unsafe fn vmx_instr_ok(f: impl FnOnce()) -> bool {
-    f();
-    let flags: u64;
-    // SAFETY: reading RFLAGS right after the instruction.
-    unsafe { asm!("pushfq; pop {}", out(reg) flags) };
-    flags & 0x41 == 0
+    unsafe { vmx_instruction!("vmxon [{r}]", r = in(reg) &region,) }
+        .map_err(EnableError::VmxonFailed)?;
+    Ok(region)
 }

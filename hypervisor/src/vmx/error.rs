@@ -84,8 +84,28 @@ impl fmt::Display for VmxError {
     }
 }
 
+/// A VMCS region that could not be set up, cleared (VMCLEAR) or made current (VMPTRLD), with
+/// its physical address. Ends the guest it belongs to, not Keel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmcsError {
+    OutOfMemory,
+    Clear(u64, VmxError),
+    Load(u64, VmxError),
+}
+
+impl fmt::Display for VmcsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::OutOfMemory => f.write_str("out of memory for a VMCS"),
+            Self::Clear(pa, e) => write!(f, "VMCLEAR of the VMCS at {pa:#x} failed: {e}"),
+            Self::Load(pa, e) => write!(f, "VMPTRLD of the VMCS at {pa:#x} failed: {e}"),
+        }
+    }
+}
+
 /// A VM entry that failed after the processor started loading guest state: it is reported as a
-/// VM exit with bit 31 of the exit reason set (SDM 27.8).
+/// VM exit with bit 31 of the exit reason set (SDM 27.8). Displayed as what failed, without a
+/// "VM entry failed" prefix: `StopReason::EntryFailed` adds that once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryFailure {
     /// Exit reason 33: a guest-state check of SDM 27.3.1 failed. The exit qualification says
@@ -138,7 +158,7 @@ impl fmt::Display for EntryFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::InvalidGuestState(d) => {
-                f.write_str("VM entry failed: invalid guest state")?;
+                f.write_str("invalid guest state")?;
                 match d {
                     GuestStateDetail::Unspecified => {
                         f.write_str(" (a guest-state check of SDM 27.3.1 failed)")
@@ -153,12 +173,11 @@ impl fmt::Display for EntryFailure {
                     GuestStateDetail::Unknown(q) => write!(f, " (qualification {q})"),
                 }
             }
-            Self::MsrLoading { entry } => write!(
-                f,
-                "VM entry failed: loading entry {entry} of the VM-entry MSR-load list"
-            ),
-            Self::MachineCheck => f.write_str("VM entry failed: machine-check event"),
-            Self::Other(reason) => write!(f, "VM entry failed with exit reason {reason}"),
+            Self::MsrLoading { entry } => {
+                write!(f, "loading entry {entry} of the VM-entry MSR-load list")
+            }
+            Self::MachineCheck => f.write_str("machine-check event"),
+            Self::Other(reason) => write!(f, "exit reason {reason}"),
         }
     }
 }
@@ -212,6 +231,23 @@ mod tests {
     }
 
     #[test]
+    fn vmcs_errors_name_the_instruction_and_the_region() {
+        let e = VmcsError::Clear(
+            0x12_3000,
+            VmxError::FailValid(VmInstructionError::VmclearInvalidAddress),
+        );
+        assert_eq!(
+            e.to_string(),
+            "VMCLEAR of the VMCS at 0x123000 failed: VMfailValid: VMCLEAR with invalid physical \
+             address (VM-instruction error 2)"
+        );
+        assert_eq!(
+            VmcsError::Load(0x5000, VmxError::FailInvalid).to_string(),
+            "VMPTRLD of the VMCS at 0x5000 failed: VMfailInvalid (no current VMCS or bad pointer)"
+        );
+    }
+
+    #[test]
     fn entry_failures() {
         let f = EntryFailure::from_exit(0x8000_0021, 0);
         assert_eq!(
@@ -220,11 +256,11 @@ mod tests {
         );
         assert_eq!(
             f.to_string(),
-            "VM entry failed: invalid guest state (a guest-state check of SDM 27.3.1 failed)"
+            "invalid guest state (a guest-state check of SDM 27.3.1 failed)"
         );
         assert_eq!(
             EntryFailure::from_exit(0x8000_0021, 4).to_string(),
-            "VM entry failed: invalid guest state (invalid VMCS link pointer)"
+            "invalid guest state (invalid VMCS link pointer)"
         );
         assert_eq!(
             EntryFailure::from_exit(0x8000_0022, 3),
@@ -232,7 +268,7 @@ mod tests {
         );
         assert_eq!(
             EntryFailure::from_exit(0x8000_0022, 3).to_string(),
-            "VM entry failed: loading entry 3 of the VM-entry MSR-load list"
+            "loading entry 3 of the VM-entry MSR-load list"
         );
         assert_eq!(
             EntryFailure::from_exit(0x8000_0029, 0),
@@ -240,7 +276,43 @@ mod tests {
         );
         assert_eq!(
             EntryFailure::from_exit(0x8000_000a, 0).to_string(),
-            "VM entry failed with exit reason CPUID"
+            "exit reason CPUID"
+        );
+    }
+
+    /// The message a guest killed by a VM-entry failure gets, composed as the exit path does:
+    /// `dispatch` wraps the decoded failure in `StopReason::EntryFailed`, whose Display adds the
+    /// "VM entry failed: " prefix once.
+    #[test]
+    fn entry_failure_stop_message_has_one_prefix() {
+        use crate::exits::testing::TestBed;
+        use crate::exits::{dispatch, Action, ExitContext};
+        use crate::vmx::{ReadOnly32, ReadOnlyNat, VmcsAccess, VmcsField};
+        let mut t = TestBed::new();
+        t.vmcs
+            .write_raw(ReadOnly32::ExitReason.encoding(), 0x8000_0021);
+        t.vmcs
+            .write_raw(ReadOnlyNat::ExitQualification.encoding(), 0);
+        let mut cx = ExitContext {
+            vmcs: &mut t.vmcs,
+            guest: &mut t.guest,
+            host: &mut t.host,
+            now: 0,
+        };
+        let Action::Stop(reason) = dispatch(&mut cx) else {
+            panic!("an entry failure stops the guest")
+        };
+        assert_eq!(
+            reason.to_string(),
+            "VM entry failed: invalid guest state (a guest-state check of SDM 27.3.1 failed) \
+             (exit reason 0x80000021, qualification 0x0)"
+        );
+        assert_eq!(
+            crate::guest::StopReason::EntryFailed(
+                EntryFailure::from_exit(0x8000_0022, 2).to_string()
+            )
+            .to_string(),
+            "VM entry failed: loading entry 2 of the VM-entry MSR-load list"
         );
     }
 }

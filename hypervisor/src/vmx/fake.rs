@@ -49,6 +49,13 @@ impl FakeVmcs {
     pub fn clear_log(&mut self) {
         self.writes.clear();
     }
+
+    /// The VM-entry checks a processor makes on this VMCS's guest state and event injection
+    /// (SDM 27.2.1.3, 27.3.1), with Bochs' capabilities: `Err` says which rule the state breaks,
+    /// where the real CPU would fail the entry with exit reason 33 or VM-instruction error 7.
+    pub fn check_entry(&self) -> Result<(), alloc::string::String> {
+        super::guest_state::check_guest_state(self)
+    }
 }
 
 impl VmcsAccess for FakeVmcs {

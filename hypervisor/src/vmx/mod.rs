@@ -58,6 +58,8 @@ pub mod error;
 pub mod exit;
 pub mod fake;
 pub mod fields;
+pub mod guest_state;
+pub mod invalidate;
 
 pub use caps::{EptVpidCap, VmxCaps};
 pub use controls::{
@@ -65,7 +67,7 @@ pub use controls::{
     PinBasedControls, PrimaryControls, SecondaryControls,
 };
 pub use cr::{fixed_cr0, fixed_cr4, CrContext, CrFault, CrLoad, CrPolicy, GuestCr};
-pub use error::{EntryFailure, GuestStateDetail, VmInstructionError, VmxError};
+pub use error::{EntryFailure, GuestStateDetail, VmInstructionError, VmcsError, VmxError};
 pub use exit::{
     ActivityState, CrAccessQualification, CrAccessType, EptViolationQualification, ExitReason,
     ExitReasonField, Interruptibility, InterruptionInfo, InterruptionType, IoDirection,
@@ -77,3 +79,5 @@ pub use fields::{
     Host32, Host64, HostNat, ReadOnly32, ReadOnly64, ReadOnlyNat, Segment, Vmcs, VmcsAccess,
     VmcsField, WritableField,
 };
+pub use guest_state::{check_guest_state, check_guest_state_with, EntryEnv};
+pub use invalidate::{FlushPolicy, Invalidation};
