@@ -4,6 +4,7 @@
 //!   and writes BIOS and UEFI disk images with the `bootloader` crate.
 //! - [`emulator`]: boots an image in Bochs, QEMU (TCG) or QEMU with KVM, follows COM1 and port
 //!   0xE9, and reports Keel's exit status ([`emulator::run`] returns a [`RunResult`]).
+//! - [`linux`]: turns a Linux bzImage or vmlinux into the kernel image Keel loads (`kind = linux`).
 //! - [`flash`]: writes an image to a USB stick after checking it is the right kind of device.
 //! - [`bench`]: `cargo keel bench`, the exit-path benchmark (docs/BENCHMARKS.md).
 //! - [`tools`]: which host programs and firmware files each run needs, and their Debian packages.
@@ -18,6 +19,7 @@ pub mod console;
 pub mod emulator;
 pub mod flash;
 pub mod image;
+pub mod linux;
 pub mod pty;
 pub mod qemu;
 pub mod tools;

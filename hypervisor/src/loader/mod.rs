@@ -31,6 +31,7 @@
 
 pub mod elf;
 pub mod flat;
+pub mod linux;
 pub mod multiboot;
 
 use crate::manifest::{GuestConfig, GuestKind};
@@ -186,6 +187,10 @@ pub enum LoadError {
     CmdlineHasNul,
     /// The multiboot info, module list and strings do not fit their area.
     BootInfoFull,
+    /// A Linux kernel image that Keel cannot use.
+    BadLinux(&'static str),
+    /// A bzImage whose boot protocol is older than `linux::MIN_PROTOCOL`.
+    LinuxProtocol(u16),
 }
 
 impl fmt::Display for LoadError {
@@ -242,6 +247,15 @@ impl fmt::Display for LoadError {
             }
             Self::CmdlineHasNul => write!(f, "command line contains a NUL byte"),
             Self::BootInfoFull => write!(f, "multiboot modules and strings do not fit the info area"),
+            Self::BadLinux(why) => write!(f, "bad Linux kernel: {why}"),
+            Self::LinuxProtocol(v) => write!(
+                f,
+                "Linux boot protocol {}.{:02} is older than {}.{:02} (no 64-bit entry point)",
+                v >> 8,
+                v & 0xff,
+                linux::MIN_PROTOCOL >> 8,
+                linux::MIN_PROTOCOL & 0xff
+            ),
         }
     }
 }
