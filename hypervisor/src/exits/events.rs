@@ -26,8 +26,13 @@
 //!   virtual-NMI blocking to honour; the NMI goes in at the first entry without STI/MOV-SS
 //!   blocking.
 //!
-//! Priority at one entry: the exception (or re-delivered event), then an NMI, then an external
-//! interrupt (SDM 6.9).
+//! - A debug trap owed by an instruction Keel completed (single step: [`EventQueue::debug_trap`])
+//!   goes through the pending-debug-exceptions field, so the CPU delivers it after VM entry and
+//!   updates DR6 itself (SDM 27.7.3); an entry that injects anything would lose it, so NMIs and
+//!   interrupts wait behind it (it has their priority anyway, SDM 6.9).
+//!
+//! Priority at one entry: the exception (or re-delivered event) or debug trap, then an NMI, then
+//! an external interrupt (SDM 6.9).
 
 use super::Exception;
 use crate::guest::{Guest, StopReason};
@@ -123,6 +128,8 @@ pub struct EventQueue {
     nmi: bool,
     /// A fault during the delivery of #DF: the guest is to stop.
     triple_fault: bool,
+    /// Pending-debug-exceptions bits for the next entry (SDM 25.4.2, Table 25-4).
+    debug_trap: u64,
     /// Keel has NMI-window exiting on for this guest.
     nmi_window: bool,
 }
@@ -146,6 +153,9 @@ impl EventQueue {
     /// after the exception, when the guest can take it.
     pub fn exception(&mut self, e: Exception) {
         use ExceptionClass::*;
+        // The instruction raised a fault, or its delivery did: it did not complete, and owes no
+        // debug trap.
+        self.debug_trap = 0;
         if self.triple_fault {
             return;
         }
@@ -177,6 +187,14 @@ impl EventQueue {
                 self.next = Some(second);
             }
         }
+    }
+
+    /// Requests the debug trap an instruction Keel completed owes: `bits` are pending debug
+    /// exceptions (SDM 25.4.2, Table 25-4: B3-B0 with bit 12 "enabled breakpoint" for data and
+    /// I/O breakpoints, bit 14 BS for single step), delivered by the CPU after the next entry
+    /// as a #DB trap that sets the same bits in DR6 (SDM 27.7.3).
+    pub fn debug_trap(&mut self, bits: u64) {
+        self.debug_trap |= bits;
     }
 
     /// Requests an NMI (vector 2, interruption type NMI).
@@ -218,11 +236,18 @@ impl EventQueue {
     /// Whether the next entry already delivers an event (so an external interrupt must wait for
     /// the one after): one is queued, or a pending NMI can go in now.
     pub(super) fn claims_entry<V: Vmcs + ?Sized>(&self, vmcs: &V) -> bool {
-        self.next.is_some() || self.triple_fault || (self.nmi && nmi_allowed(vmcs))
+        self.next.is_some()
+            || self.triple_fault
+            || self.debug_trap != 0
+            || (self.nmi && nmi_allowed(vmcs))
     }
 
     fn idle(&self) -> bool {
-        self.next.is_none() && !self.nmi && !self.triple_fault && !self.nmi_window
+        self.next.is_none()
+            && !self.nmi
+            && !self.triple_fault
+            && self.debug_trap == 0
+            && !self.nmi_window
     }
 }
 
@@ -259,6 +284,13 @@ pub fn commit<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest) -> Result<(), S
         if event.raised {
             guest.stats.exceptions_injected += 1;
         }
+        nmi_window = q.nmi;
+    } else if q.debug_trap != 0 {
+        let pending = vmcs.read(GuestNat::PendingDebugExceptions);
+        vmcs.write(
+            GuestNat::PendingDebugExceptions,
+            pending | core::mem::take(&mut q.debug_trap),
+        );
         nmi_window = q.nmi;
     } else if q.nmi {
         if nmi_allowed(vmcs) {

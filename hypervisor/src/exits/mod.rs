@@ -185,22 +185,38 @@ pub fn may_touch_platform(reason: ExitReason) -> bool {
 #[inline]
 pub fn apply<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, action: &Action) {
     match action {
-        Action::Advance | Action::Halt | Action::Yield => {
+        Action::Halt => {
             let len = vmcs.read(ReadOnly32::ExitInstructionLength) as u64;
             advance_rip(vmcs, len)
         }
+        Action::Advance | Action::Yield => {
+            let len = vmcs.read(ReadOnly32::ExitInstructionLength) as u64;
+            advance_rip(vmcs, len);
+            complete_instruction(vmcs, guest);
+        }
         Action::AdvanceBy(len) => {
             advance_rip(vmcs, *len as u64);
-            // SDM 28.3.3: an EPT-violation exit saves RF = 1 (the instruction is to be
-            // restarted); Keel completed it instead, and a completed instruction clears RF
-            // (SDM 17.3.1.1), or the next one's instruction breakpoint would be missed.
-            let rflags = vmcs.read(GuestNat::Rflags);
-            if rflags & RFLAGS_RF != 0 {
-                vmcs.write(GuestNat::Rflags, rflags & !RFLAGS_RF);
-            }
+            complete_instruction(vmcs, guest);
         }
         Action::Inject(e) => guest.events.exception(*e),
         Action::Resume | Action::Preempted | Action::Stop(_) => {}
+    }
+}
+
+/// What completing an instruction does to RFLAGS beyond RIP, which Keel must reproduce for one it
+/// emulated:
+/// - it clears RF (SDM 17.3.1.1). An EPT-violation exit saves RF = 1, the instruction being
+///   restartable (SDM 28.3.3); left set, the next instruction's instruction breakpoint would be
+///   missed. Instruction-caused exits save RF = 0.
+/// - with TF = 1 (and DEBUGCTL.BTF = 0, which steps branches only), a single-step #DB trap follows
+///   it, DR6.BS set (SDM 17.3.1.4). HLT is left out: its trap waits for the halt to end.
+fn complete_instruction<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest) {
+    let rflags = vmcs.read(GuestNat::Rflags);
+    if rflags & RFLAGS_RF != 0 {
+        vmcs.write(GuestNat::Rflags, rflags & !RFLAGS_RF);
+    }
+    if rflags & RFLAGS_TF != 0 && vmcs.read(crate::vmx::Guest64::Ia32Debugctl) & DEBUGCTL_BTF == 0 {
+        guest.events.debug_trap(PENDING_DEBUG_BS);
     }
 }
 
@@ -217,8 +233,12 @@ pub fn advance_rip<V: Vmcs + ?Sized>(vmcs: &mut V, len: u64) {
     }
 }
 
+const RFLAGS_TF: u64 = 1 << 8;
 const RFLAGS_IF: u64 = 1 << 9;
 const RFLAGS_RF: u64 = 1 << 16;
+const DEBUGCTL_BTF: u64 = 1 << 1;
+/// Pending debug exceptions bit 14: single step (SDM 25.4.2, Table 25-4).
+const PENDING_DEBUG_BS: u64 = 1 << 14;
 
 /// Exits that can happen while the CPU delivers an event through the guest's IDT, the only ones
 /// whose IDT-vectoring information can be valid (SDM 28.2.4): instruction-caused exits such as
@@ -695,5 +715,49 @@ mod tests {
         apply(&mut t.vmcs, &mut t.guest, &Action::AdvanceBy(3));
         assert_eq!(t.vmcs.read(GuestNat::Rip), 0x1003);
         assert_eq!(t.vmcs.read(GuestNat::Rflags), 0x2);
+    }
+
+    #[test]
+    fn an_instruction_keel_completes_under_single_step_owes_a_debug_trap() {
+        const BS: u64 = 1 << 14;
+        let mut t = TestBed::new();
+        let virtual_nmis = crate::vmx::controls::PinBasedControls::VIRTUAL_NMIS.bits();
+        let nmi_window = crate::vmx::controls::PrimaryControls::NMI_WINDOW_EXITING.bits();
+        t.vmcs.write(Control32::PinBasedControls, virtual_nmis);
+        t.vmcs.write(GuestNat::Rip, 0x1000);
+        t.set_instruction_length(2);
+        t.vmcs.write(GuestNat::Rflags, 0x302); // TF, IF
+        send_ipi(&mut t, 0x400); // an NMI is pending too
+        assert_eq!(t.run(ExitReason::Cpuid), Action::Advance);
+        assert_eq!(t.enter(), Ok(()));
+        // SDM 17.3.1.4: a #DB trap after the instruction with DR6.BS set. Keel leaves it to the
+        // CPU through the pending debug exceptions (SDM 27.7.3), which a vectoring entry would
+        // lose: the NMI waits (the trap has priority, SDM 6.9) behind an NMI window.
+        assert_eq!(t.vmcs.read(GuestNat::Rip), 0x1002);
+        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), BS);
+        assert_eq!(injected(&t).0 >> 31, 0);
+        assert_ne!(
+            t.vmcs.read(Control32::PrimaryProcBasedControls) & nmi_window,
+            0
+        );
+        // The CPU delivered the #DB (clearing the field, TF cleared by its interrupt gate); the
+        // NMI-window exit delivers the NMI.
+        t.vmcs.write(GuestNat::PendingDebugExceptions, 0);
+        t.vmcs.write(GuestNat::Rflags, 0x2);
+        t.run(ExitReason::NmiWindow);
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(injected(&t), (0x8000_0202, None));
+        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), 0);
+        // An instruction that faults did not complete: no trap.
+        t.vmcs.write(GuestNat::Rflags, 0x302);
+        t.run(ExitReason::Vmxon);
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(injected(&t), (0x8000_0306, None));
+        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), 0);
+        // No TF, no trap.
+        t.vmcs.write(GuestNat::Rflags, 0x202);
+        t.run(ExitReason::Cpuid);
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), 0);
     }
 }
