@@ -135,7 +135,8 @@ fn self_nmis_arrive_once_and_injected_faults_push_rf() {
         "[events] hostile64: events nmi in handler: inside=1 total=2 nested=0",
         // Keel's #UD and #GP push RF = 1 as the CPU's own faults do; INT3, a trap, does not.
         "[events] hostile64: events rf ud2=1 gp=1 int3=0 vmxon=1 wrmsr=1",
-        "[events] hostile64: events cases=13/13 ok",
+        "[events] hostile64: events step nop=1,bs=1,rip+1 cpuid=1,bs=1,rip+2",
+        "[events] hostile64: events cases=15/15 ok",
     ]);
     expect_ended(&boot, "events", OK_STATUS);
 }
