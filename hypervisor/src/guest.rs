@@ -265,6 +265,8 @@ pub struct Guest {
     /// Added to the host TSC to give the guest's TSC (the VMCS TSC offset, SDM 26.3): every guest's
     /// clock starts near 0 when it is created, and its device timers run on that clock.
     pub tsc_offset: u64,
+    /// Exceptions, NMIs and interrupts owed to the guest at its next VM entries.
+    pub events: crate::exits::events::EventQueue,
 }
 
 /// A management request that does not fit the guest's current state.

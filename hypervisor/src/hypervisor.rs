@@ -383,6 +383,7 @@ impl Vm {
             xcr0: 1,
             stats_requested: false,
             tsc_offset: 0,
+            events: Default::default(),
         };
         let mut vm = Self {
             guest,
@@ -500,6 +501,7 @@ impl Vm {
         g.misc_enable = 1;
         g.mtrr_def_type = 0;
         g.xcr0 = 1;
+        g.events = Default::default();
         self.saved.reset();
         self.waiting_since = None;
         info!(
@@ -725,6 +727,11 @@ impl Runner {
                     .into_iter()
                     .flatten()
                     .fold(deadline, u64::min);
+            }
+            // The one place an event is written to the VM-entry fields (exits::events).
+            if let Err(reason) = exits::events::commit(&mut v, &mut vm.guest) {
+                self.stop(i, reason);
+                return;
             }
             // The timer is armed afresh before every entry, from a fresh TSC read: it only
             // counts while the guest runs (SDM 26.5.1), so Keel's own time since the last exit

@@ -3,7 +3,7 @@
 //! docs/SECURITY.md) and checks that Keel stays up, that the witness computes the right checksum,
 //! and that every attacker gets its documented outcome.
 //!
-//! One Bochs boot of about 15 s (23 guests), plus two of their own: the interrupt storm, and
+//! One Bochs boot of about 15 s (24 guests), plus two of their own: the interrupt storm, and
 //! the sweep of guest-physical memory (about a minute); every test below asserts on it. Run them alone with
 //! `cargo itest hostile`.
 
@@ -96,7 +96,7 @@ pub(crate) fn expect_keel_unhurt(boot: &Outcome) {
 #[test]
 fn keel_survives_every_attack() {
     let boot = shared_boot(&HOSTILE);
-    boot.expect_line("keel: running 23 guests");
+    boot.expect_line("keel: running 24 guests");
     expect_keel_unhurt(&boot);
 }
 
@@ -123,6 +123,20 @@ fn vmx_instructions_raise_ud() {
     let boot = shared_boot(&HOSTILE);
     boot.expect_guest_line("vmx", "hostile64: vmx ud=13/13 ok");
     expect_ended(&boot, "vmx", OK_STATUS);
+}
+
+#[test]
+fn self_nmis_arrive_once_and_injected_faults_push_rf() {
+    let boot = shared_boot(&HOSTILE);
+    boot.expect_in_order(&[
+        "[events] hostile64: events nmi sent=8 received=8",
+        "[events] hostile64: events nmi in handler: inside=1 total=2 nested=0",
+        // Keel's #UD and #GP push RF = 1 as the CPU's own faults do; INT3, a trap, does not.
+        "[events] hostile64: events rf ud2=1 gp=1 int3=0 vmxon=1 wrmsr=1",
+        "[events] hostile64: events step nop=1,bs=1,rip+1 cpuid=1,bs=1,rip+2",
+        "[events] hostile64: events cases=15/15 ok",
+    ]);
+    expect_ended(&boot, "events", OK_STATUS);
 }
 
 #[test]

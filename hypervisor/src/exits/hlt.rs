@@ -1,5 +1,7 @@
 //! HLT: the guest waits for an interrupt. The scheduler blocks it until one is pending; HLT with
-//! RFLAGS.IF = 0 can only be left by an NMI, which Keel never sends, so that guest is stopped.
+//! RFLAGS.IF = 0 can only be left by an NMI, and the only NMIs a guest gets are those it sends
+//! itself through its local APIC, which are injected before its next instruction unless it blocks
+//! NMIs (exits/events.rs): either way none can arrive during this HLT, so that guest is stopped.
 
 use super::{Action, ExitContext};
 use crate::guest::StopReason;

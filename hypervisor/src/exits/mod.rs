@@ -3,13 +3,15 @@
 //! A handler looks at the exit (through the [`Vmcs`] trait and the guest's saved registers) and
 //! returns an [`Action`]; it never touches RIP or the VM-entry event fields itself. [`apply`] turns
 //! the action into VMCS writes — advancing RIP by the exit's instruction length and clearing the
-//! STI/MOV-SS blocking it leaves behind (SDM 25.4.2), or injecting an exception — so those rules
-//! live in one spot. Everything here runs against traits, so the host tests drive it with
+//! STI/MOV-SS blocking it leaves behind (SDM 25.4.2) — or queues the exception it asks for in the
+//! guest's [`events::EventQueue`]; [`events::commit`] writes the one event the guest gets right
+//! before the next VM entry. Those rules live in one spot each. Everything here runs against traits, so the host tests drive it with
 //! `vmx::FakeVmcs` and a fake [`Host`].
 
 pub mod cpuid;
 pub mod cr;
 pub mod ept;
+pub mod events;
 pub mod hlt;
 pub mod io;
 pub mod msr;
@@ -106,7 +108,7 @@ pub fn dispatch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         )));
     }
     if may_interrupt_delivery(reason) {
-        requeue_interrupted_event(cx.vmcs);
+        requeue_interrupted_event(cx.vmcs, cx.guest);
     }
     match reason {
         ExitReason::ExternalInterrupt => {
@@ -178,21 +180,43 @@ pub fn may_touch_platform(reason: ExitReason) -> bool {
     ) && !simple::is_vmx_instruction(reason)
 }
 
-/// Carries out an action's effect on the VMCS (RIP, event injection); the scheduling part of the
-/// action is the run loop's.
+/// Carries out an action's effect on the VMCS (RIP) and on the guest's event queue (an exception
+/// to deliver); the scheduling part of the action is the run loop's.
 #[inline]
 pub fn apply<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, action: &Action) {
     match action {
-        Action::Advance | Action::Halt | Action::Yield => {
+        Action::Halt => {
             let len = vmcs.read(ReadOnly32::ExitInstructionLength) as u64;
             advance_rip(vmcs, len)
         }
-        Action::AdvanceBy(len) => advance_rip(vmcs, *len as u64),
-        Action::Inject(e) => {
-            inject_exception(vmcs, *e);
-            guest.stats.exceptions_injected += 1;
+        Action::Advance | Action::Yield => {
+            let len = vmcs.read(ReadOnly32::ExitInstructionLength) as u64;
+            advance_rip(vmcs, len);
+            complete_instruction(vmcs, guest);
         }
+        Action::AdvanceBy(len) => {
+            advance_rip(vmcs, *len as u64);
+            complete_instruction(vmcs, guest);
+        }
+        Action::Inject(e) => guest.events.exception(*e),
         Action::Resume | Action::Preempted | Action::Stop(_) => {}
+    }
+}
+
+/// What completing an instruction does to RFLAGS beyond RIP, which Keel must reproduce for one it
+/// emulated:
+/// - it clears RF (SDM 17.3.1.1). An EPT-violation exit saves RF = 1, the instruction being
+///   restartable (SDM 28.3.3); left set, the next instruction's instruction breakpoint would be
+///   missed. Instruction-caused exits save RF = 0.
+/// - with TF = 1 (and DEBUGCTL.BTF = 0, which steps branches only), a single-step #DB trap follows
+///   it, DR6.BS set (SDM 17.3.1.4). HLT is left out: its trap waits for the halt to end.
+fn complete_instruction<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest) {
+    let rflags = vmcs.read(GuestNat::Rflags);
+    if rflags & RFLAGS_RF != 0 {
+        vmcs.write(GuestNat::Rflags, rflags & !RFLAGS_RF);
+    }
+    if rflags & RFLAGS_TF != 0 && vmcs.read(crate::vmx::Guest64::Ia32Debugctl) & DEBUGCTL_BTF == 0 {
+        guest.events.debug_trap(PENDING_DEBUG_BS);
     }
 }
 
@@ -209,16 +233,12 @@ pub fn advance_rip<V: Vmcs + ?Sized>(vmcs: &mut V, len: u64) {
     }
 }
 
-/// Queues a hardware exception for the next VM entry (SDM 26.6 "Event injection").
-pub fn inject_exception<V: Vmcs + ?Sized>(vmcs: &mut V, e: Exception) {
-    let info = InterruptionInfo::hardware_exception(e.vector, e.error_code.is_some());
-    vmcs.write(crate::vmx::Control32::EntryInterruptionInfo, info.raw());
-    if let Some(code) = e.error_code {
-        vmcs.write(crate::vmx::Control32::EntryExceptionErrorCode, code);
-    }
-}
-
+const RFLAGS_TF: u64 = 1 << 8;
 const RFLAGS_IF: u64 = 1 << 9;
+const RFLAGS_RF: u64 = 1 << 16;
+const DEBUGCTL_BTF: u64 = 1 << 1;
+/// Pending debug exceptions bit 14: single step (SDM 25.4.2, Table 25-4).
+const PENDING_DEBUG_BS: u64 = 1 << 14;
 
 /// Exits that can happen while the CPU delivers an event through the guest's IDT, the only ones
 /// whose IDT-vectoring information can be valid (SDM 28.2.4): instruction-caused exits such as
@@ -241,45 +261,57 @@ pub fn may_interrupt_delivery(reason: ExitReason) -> bool {
 }
 
 /// Re-queues an event whose delivery was cut short by the exit (SDM 28.2.4 "Information for VM
-/// exits during event delivery"; 27.2.3 allows entering with it in the injection field). Call
-/// before handling the exit, so a handler's own injection wins only when nothing was in flight.
+/// exits during event delivery") in the guest's event queue. Call before handling the exit: an
+/// exception the handler raises then arose during that delivery, and the queue combines the two
+/// (SDM 6.15) instead of one replacing the other.
 #[inline]
-pub fn requeue_interrupted_event<V: Vmcs + ?Sized>(vmcs: &mut V) {
-    use crate::vmx::Control32;
-    let idt = vmcs.read(ReadOnly32::IdtVectoringInfo);
-    if idt & (1 << 31) == 0 {
+pub fn requeue_interrupted_event<V: Vmcs + ?Sized>(vmcs: &V, guest: &mut Guest) {
+    let idt = InterruptionInfo(vmcs.read(ReadOnly32::IdtVectoringInfo));
+    if !idt.valid() {
         return;
     }
-    vmcs.write(Control32::EntryInterruptionInfo, idt & !(1 << 12));
-    if idt & (1 << 11) != 0 {
-        let code = vmcs.read(ReadOnly32::IdtVectoringErrorCode);
-        vmcs.write(Control32::EntryExceptionErrorCode, code);
-    }
-    let len = vmcs.read(ReadOnly32::ExitInstructionLength);
-    vmcs.write(Control32::EntryInstructionLength, len);
+    let code = if idt.has_error_code() {
+        vmcs.read(ReadOnly32::IdtVectoringErrorCode)
+    } else {
+        0
+    };
+    // SDM 28.2.5: for a software interrupt or exception the exit's instruction length is that of
+    // the INT n / INT3 / INTO / INT1 whose delivery was interrupted.
+    let len = if idt.kind().needs_instruction_length() {
+        vmcs.read(ReadOnly32::ExitInstructionLength)
+    } else {
+        0
+    };
+    guest.events.interrupted(idt, code, len);
 }
 
-/// Before each VM entry: inject the guest's highest-priority pending interrupt if it can take one
-/// now (RFLAGS.IF = 1, no STI/MOV-SS blocking, no event already queued), otherwise ask for an
-/// interrupt-window exit so Keel gets back the moment it can (SDM 26.7.5, 27.2.1.3).
+/// After the guest's platform may have changed: requests the NMI its local APIC holds, and queues
+/// its highest-priority pending interrupt if it can take one now (RFLAGS.IF = 1, no STI/MOV-SS
+/// blocking, no exception or NMI going in at this entry), otherwise asks for an interrupt-window
+/// exit so Keel gets back the moment it can (SDM 26.7.5, 27.2.1.3). [`events::commit`] then
+/// writes it.
 pub fn inject_pending_interrupt<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest) {
     use crate::vmx::controls::PrimaryControls;
     use crate::vmx::Control32;
+    if guest.platform.take_nmi() {
+        guest.events.nmi();
+    }
     let window = PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
     let primary = vmcs.read(Control32::PrimaryProcBasedControls);
-    let queued = vmcs.read(Control32::EntryInterruptionInfo) & (1 << 31) != 0;
-    let want_window = match guest.platform.pending_interrupt() {
+    let held = guest.events.held_interrupt();
+    let want_window = match held.or_else(|| guest.platform.pending_interrupt()) {
         None => false,
-        Some(_) if queued => true,
+        Some(_) if guest.events.claims_entry(vmcs) => true,
         Some(vector) => {
             let open = vmcs.read(GuestNat::Rflags) & RFLAGS_IF != 0
                 && vmcs.read(Guest32::InterruptibilityState) & 0b11 == 0;
             if open {
-                guest.platform.acknowledge(vector);
-                vmcs.write(
-                    Control32::EntryInterruptionInfo,
-                    InterruptionInfo::external(vector).raw(),
-                );
+                if held.is_some() {
+                    guest.events.take_held_interrupt();
+                } else {
+                    guest.platform.acknowledge(vector);
+                }
+                guest.events.interrupt(vector);
                 guest.stats.interrupts_injected += 1;
                 false
             } else {
@@ -314,6 +346,7 @@ mod tests {
             ExitReason::Vmlaunch,
         ] {
             assert_eq!(t.run(r), Action::Inject(Exception::UD));
+            assert_eq!(t.enter(), Ok(()));
             let info = InterruptionInfo(t.vmcs.read(Control32::EntryInterruptionInfo));
             assert_eq!((info.vector(), info.raw() >> 31), (6, 1));
             assert_eq!(
@@ -412,16 +445,319 @@ mod tests {
         assert!(t.guest.platform.pending_interrupt().is_some());
         // IF = 0: no injection, interrupt-window exiting armed.
         t.vmcs.write(GuestNat::Rflags, 0x2);
-        inject_pending_interrupt(&mut t.vmcs, &mut t.guest);
+        assert_eq!(t.enter(), Ok(()));
         let window = crate::vmx::controls::PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
         assert_ne!(t.vmcs.read(Control32::PrimaryProcBasedControls) & window, 0);
         assert_eq!(t.vmcs.read(Control32::EntryInterruptionInfo) >> 31, 0);
         // IF = 1: injected as an external interrupt at the PIC's vector, window disarmed.
         t.vmcs.write(GuestNat::Rflags, 0x202);
-        inject_pending_interrupt(&mut t.vmcs, &mut t.guest);
+        assert_eq!(t.enter(), Ok(()));
         let info = InterruptionInfo(t.vmcs.read(Control32::EntryInterruptionInfo));
         assert_eq!((info.vector(), info.raw() >> 31), (0x20, 1));
         assert_eq!(t.vmcs.read(Control32::PrimaryProcBasedControls) & window, 0);
         assert_eq!(t.guest.stats.interrupts_injected, 1);
+    }
+
+    const RF: u64 = 1 << 16;
+    const PF: u8 = 14;
+
+    /// The entry's injection: (interruption information, error code if delivered).
+    fn injected(t: &TestBed) -> (u32, Option<u32>) {
+        let info = t.vmcs.read(Control32::EntryInterruptionInfo);
+        let code = (info & (1 << 11) != 0).then(|| t.vmcs.read(Control32::EntryExceptionErrorCode));
+        (info, code)
+    }
+
+    /// An exit (the preemption timer) that interrupted the delivery of `event`, as the processor
+    /// reports it in the IDT-vectoring fields (SDM 28.2.4).
+    fn exit_during_delivery(t: &mut TestBed, event: InterruptionInfo, error_code: u32) {
+        t.vmcs
+            .write_raw(ReadOnly32::IdtVectoringInfo.encoding(), event.raw() as u64);
+        t.vmcs.write_raw(
+            ReadOnly32::IdtVectoringErrorCode.encoding(),
+            error_code as u64,
+        );
+        assert_eq!(t.run(ExitReason::PreemptionTimer), Action::Preempted);
+        t.vmcs.write_raw(ReadOnly32::IdtVectoringInfo.encoding(), 0);
+    }
+
+    /// A handler raised `e` while the exit's IDT-vectoring event was pending.
+    fn raise(t: &mut TestBed, e: Exception) {
+        apply(&mut t.vmcs, &mut t.guest, &Action::Inject(e));
+    }
+
+    #[test]
+    fn a_page_fault_or_contributory_fault_while_delivering_one_is_a_double_fault() {
+        // SDM 6.15, Table 6-5: page fault then page fault, page fault then contributory,
+        // contributory then contributory -> #DF with error code 0.
+        for (first, code, second) in [
+            (
+                PF,
+                2,
+                Exception {
+                    vector: PF,
+                    error_code: Some(0),
+                },
+            ),
+            (PF, 2, Exception::GP0),
+            (11, 0x18, Exception::GP0),
+        ] {
+            let mut t = TestBed::new();
+            t.long_mode();
+            t.vmcs.write(GuestNat::Cr0, 0x8000_0011);
+            exit_during_delivery(
+                &mut t,
+                InterruptionInfo::hardware_exception(first, true),
+                code,
+            );
+            raise(&mut t, second);
+            assert_eq!(t.enter(), Ok(()));
+            assert_eq!(
+                injected(&t),
+                (0x8000_0b08, Some(0)),
+                "{first} then {second:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_fault_while_delivering_a_double_fault_is_a_triple_fault() {
+        let mut t = TestBed::new();
+        t.vmcs.write(GuestNat::Cr0, 0x11);
+        exit_during_delivery(&mut t, InterruptionInfo::hardware_exception(8, true), 0);
+        raise(&mut t, Exception::GP0);
+        assert_eq!(t.enter(), Err(StopReason::TripleFault));
+        assert_eq!(t.vmcs.read(Control32::EntryInterruptionInfo) >> 31, 0);
+    }
+
+    #[test]
+    fn serial_cases_deliver_the_second_exception_and_lose_no_interrupt() {
+        // SDM Table 6-5: contributory then page fault, page fault then benign, benign then
+        // anything: handled serially. The second exception is delivered; a first one that is an
+        // exception recurs when its instruction runs again, so it is dropped.
+        for (first, second, want) in [
+            (
+                13u8,
+                Exception {
+                    vector: PF,
+                    error_code: Some(2),
+                },
+                (0x8000_0b0e, Some(2)),
+            ),
+            (PF, Exception::UD, (0x8000_0306, None)),
+            (6, Exception::GP0, (0x8000_0b0d, Some(0))),
+        ] {
+            let mut t = TestBed::new();
+            t.vmcs.write(GuestNat::Cr0, 0x11);
+            let has_code = crate::vmx::exit::exception_has_error_code(first);
+            exit_during_delivery(
+                &mut t,
+                InterruptionInfo::hardware_exception(first, has_code),
+                0,
+            );
+            raise(&mut t, second);
+            assert_eq!(t.enter(), Ok(()));
+            assert_eq!(injected(&t), want, "{first} then {second:?}");
+        }
+        // An external interrupt in flight is not raised again by re-executing anything: it is
+        // delivered after the exception, once the guest can take interrupts again.
+        let mut t = TestBed::new();
+        t.vmcs.write(GuestNat::Cr0, 0x11);
+        t.vmcs.write(GuestNat::Rflags, 0x202);
+        exit_during_delivery(&mut t, InterruptionInfo::external(0x30), 0);
+        raise(&mut t, Exception::GP0);
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(injected(&t), (0x8000_0b0d, Some(0)));
+        // The #GP handler runs with IF = 0 (an interrupt gate); an interrupt-window exit brings
+        // Keel back when it sets IF again.
+        let window = crate::vmx::controls::PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
+        assert_ne!(t.vmcs.read(Control32::PrimaryProcBasedControls) & window, 0);
+        t.vmcs.write(GuestNat::Rflags, 0x202);
+        t.run(ExitReason::InterruptWindow);
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(injected(&t), (0x8000_0030, None));
+        t.run(ExitReason::InterruptWindow);
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(injected(&t).0 >> 31, 0, "delivered once");
+    }
+
+    #[test]
+    fn an_interrupted_event_is_delivered_again_as_it_was() {
+        let mut t = TestBed::new();
+        // INT 0x80 (2 bytes) interrupted: software interrupts keep their instruction length
+        // (SDM 27.6.1.1, 28.2.4).
+        t.set_instruction_length(2);
+        exit_during_delivery(&mut t, InterruptionInfo::software_interrupt(0x80), 0);
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(injected(&t), (0x8000_0480, None));
+        assert_eq!(t.vmcs.read(Control32::EntryInstructionLength), 2);
+        assert_eq!(t.vmcs.read(GuestNat::Rflags) & RF, 0);
+        // An NMI in flight: re-injected, and blocking by NMI (set when its delivery began) is
+        // cleared first, or the entry fails (SDM 27.3.1.5).
+        let mut t = TestBed::new();
+        t.vmcs.write(Guest32::InterruptibilityState, 1 << 3);
+        exit_during_delivery(&mut t, InterruptionInfo::nmi(), 0);
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(injected(&t), (0x8000_0202, None));
+        assert_eq!(t.vmcs.read(Guest32::InterruptibilityState) & (1 << 3), 0);
+    }
+
+    #[test]
+    fn injected_faults_set_rf_and_traps_and_interrupts_do_not() {
+        // SDM 27.6.1.1: the RFLAGS pushed is the guest-state field's, RF unchanged; the CPU
+        // itself sets RF in the image it pushes for a fault (SDM 17.3.1.1), so Keel must.
+        let mut t = TestBed::new();
+        t.vmcs.write(GuestNat::Cr0, 0x11);
+        t.vmcs.write(GuestNat::Rflags, 0x2);
+        assert_eq!(t.run(ExitReason::Vmxon), Action::Inject(Exception::UD));
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(injected(&t), (0x8000_0306, None));
+        assert_eq!(t.vmcs.read(GuestNat::Rflags), 0x2 | RF);
+        for e in [
+            Exception::GP0,
+            Exception {
+                vector: PF,
+                error_code: Some(4),
+            },
+        ] {
+            t.vmcs.write(GuestNat::Rflags, 0x2);
+            t.run(ExitReason::Cpuid);
+            raise(&mut t, e);
+            assert_eq!(t.enter(), Ok(()));
+            assert_eq!(t.vmcs.read(GuestNat::Rflags), 0x2 | RF, "{e:?}");
+        }
+        // A #DB trap (single step, I/O breakpoint): no RF.
+        t.vmcs.write(GuestNat::Rflags, 0x2);
+        t.run(ExitReason::Cpuid);
+        raise(
+            &mut t,
+            Exception {
+                vector: 1,
+                error_code: None,
+            },
+        );
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(injected(&t), (0x8000_0301, None));
+        assert_eq!(t.vmcs.read(GuestNat::Rflags), 0x2);
+    }
+
+    #[test]
+    fn error_codes_only_where_the_entry_checks_allow_them() {
+        let mut t = TestBed::new();
+        // Real mode (CR0.PE = 0, unrestricted guest): no error code (SDM 27.2.1.3).
+        t.vmcs.write(GuestNat::Cr0, 0x10);
+        t.run(ExitReason::Cpuid);
+        raise(&mut t, Exception::GP0);
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(injected(&t), (0x8000_030d, None));
+        // #UD never has one, whatever the handler asked.
+        t.vmcs.write(GuestNat::Cr0, 0x11);
+        t.run(ExitReason::Cpuid);
+        raise(
+            &mut t,
+            Exception {
+                vector: 6,
+                error_code: Some(0),
+            },
+        );
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(injected(&t), (0x8000_0306, None));
+    }
+
+    /// Writes the guest's xAPIC ICR (low half) as an MMIO store would.
+    fn send_ipi(t: &mut TestBed, icr_low: u32) {
+        assert!(t
+            .guest
+            .platform
+            .mmio_write(0xfee0_0300, 4, icr_low as u64, 0));
+    }
+
+    #[test]
+    fn a_self_nmi_through_the_icr_is_injected_once() {
+        let mut t = TestBed::new();
+        t.vmcs.write(GuestNat::Rflags, 0x2);
+        send_ipi(&mut t, 0x400); // delivery mode NMI, destination APIC 0 (its own)
+        t.run(ExitReason::Pause);
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(injected(&t), (0x8000_0202, None));
+        assert_eq!(t.vmcs.read(GuestNat::Rflags) & RF, 0);
+        t.run(ExitReason::Cpuid);
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(injected(&t).0 >> 31, 0);
+    }
+
+    #[test]
+    fn an_nmi_waits_while_nmis_are_blocked() {
+        let mut t = TestBed::new();
+        let virtual_nmis = crate::vmx::controls::PinBasedControls::VIRTUAL_NMIS.bits();
+        let window = crate::vmx::controls::PrimaryControls::NMI_WINDOW_EXITING.bits();
+        t.vmcs.write(Control32::PinBasedControls, virtual_nmis);
+        t.vmcs.write(Guest32::InterruptibilityState, 1 << 3);
+        send_ipi(&mut t, 0x400);
+        t.run(ExitReason::Pause);
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(injected(&t).0 >> 31, 0, "blocked by NMI");
+        assert_ne!(t.vmcs.read(Control32::PrimaryProcBasedControls) & window, 0);
+        // The guest's IRET ends the blocking: the NMI-window exit delivers it.
+        t.vmcs.write(Guest32::InterruptibilityState, 0);
+        t.run(ExitReason::NmiWindow);
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(injected(&t), (0x8000_0202, None));
+        assert_eq!(t.vmcs.read(Control32::PrimaryProcBasedControls) & window, 0);
+    }
+
+    #[test]
+    fn an_instruction_keel_completes_clears_rf() {
+        let mut t = TestBed::new();
+        t.vmcs.write(GuestNat::Rip, 0x1000);
+        // What an EPT-violation exit saves (SDM 28.3.3); Keel emulates the MMIO access.
+        t.vmcs.write(GuestNat::Rflags, 0x2 | RF);
+        apply(&mut t.vmcs, &mut t.guest, &Action::AdvanceBy(3));
+        assert_eq!(t.vmcs.read(GuestNat::Rip), 0x1003);
+        assert_eq!(t.vmcs.read(GuestNat::Rflags), 0x2);
+    }
+
+    #[test]
+    fn an_instruction_keel_completes_under_single_step_owes_a_debug_trap() {
+        const BS: u64 = 1 << 14;
+        let mut t = TestBed::new();
+        let virtual_nmis = crate::vmx::controls::PinBasedControls::VIRTUAL_NMIS.bits();
+        let nmi_window = crate::vmx::controls::PrimaryControls::NMI_WINDOW_EXITING.bits();
+        t.vmcs.write(Control32::PinBasedControls, virtual_nmis);
+        t.vmcs.write(GuestNat::Rip, 0x1000);
+        t.set_instruction_length(2);
+        t.vmcs.write(GuestNat::Rflags, 0x302); // TF, IF
+        send_ipi(&mut t, 0x400); // an NMI is pending too
+        assert_eq!(t.run(ExitReason::Cpuid), Action::Advance);
+        assert_eq!(t.enter(), Ok(()));
+        // SDM 17.3.1.4: a #DB trap after the instruction with DR6.BS set. Keel leaves it to the
+        // CPU through the pending debug exceptions (SDM 27.7.3), which a vectoring entry would
+        // lose: the NMI waits (the trap has priority, SDM 6.9) behind an NMI window.
+        assert_eq!(t.vmcs.read(GuestNat::Rip), 0x1002);
+        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), BS);
+        assert_eq!(injected(&t).0 >> 31, 0);
+        assert_ne!(
+            t.vmcs.read(Control32::PrimaryProcBasedControls) & nmi_window,
+            0
+        );
+        // The CPU delivered the #DB (clearing the field, TF cleared by its interrupt gate); the
+        // NMI-window exit delivers the NMI.
+        t.vmcs.write(GuestNat::PendingDebugExceptions, 0);
+        t.vmcs.write(GuestNat::Rflags, 0x2);
+        t.run(ExitReason::NmiWindow);
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(injected(&t), (0x8000_0202, None));
+        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), 0);
+        // An instruction that faults did not complete: no trap.
+        t.vmcs.write(GuestNat::Rflags, 0x302);
+        t.run(ExitReason::Vmxon);
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(injected(&t), (0x8000_0306, None));
+        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), 0);
+        // No TF, no trap.
+        t.vmcs.write(GuestNat::Rflags, 0x202);
+        t.run(ExitReason::Cpuid);
+        assert_eq!(t.enter(), Ok(()));
+        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), 0);
     }
 }

@@ -70,6 +70,7 @@ impl TestBed {
             xcr0: 1,
             stats_requested: false,
             tsc_offset: 0,
+            events: Default::default(),
         };
         Self {
             vmcs: FakeVmcs::new(),
@@ -104,6 +105,12 @@ impl TestBed {
 
     /// Simulates one exit of the given reason: dispatch, then apply the action.
     pub fn run(&mut self, reason: ExitReason) -> Action {
+        // SDM 25.8.3: every VM exit clears the valid bit of the VM-entry interruption information.
+        let entry = self.vmcs.read(crate::vmx::Control32::EntryInterruptionInfo);
+        self.vmcs.write_raw(
+            crate::vmx::Control32::EntryInterruptionInfo.encoding(),
+            (entry & !(1 << 31)) as u64,
+        );
         self.vmcs
             .write_raw(ReadOnly32::ExitReason.encoding(), reason.number() as u64);
         let mut cx = ExitContext {
@@ -115,5 +122,12 @@ impl TestBed {
         let action = dispatch(&mut cx);
         apply(&mut self.vmcs, &mut self.guest, &action);
         action
+    }
+
+    /// What the run loop does right before the next VM entry: offer the platform's pending
+    /// interrupts and commit one event to the VMCS. `Err` is a reason to stop the guest instead.
+    pub fn enter(&mut self) -> Result<(), crate::guest::StopReason> {
+        super::inject_pending_interrupt(&mut self.vmcs, &mut self.guest);
+        super::events::commit(&mut self.vmcs, &mut self.guest)
     }
 }

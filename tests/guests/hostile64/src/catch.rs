@@ -6,7 +6,8 @@
 //! instruction faults, the stub records the vector and error code and returns to that address
 //! instead of to the faulting instruction. A fault while nothing is armed is a real failure: it is
 //! printed as `NAME: unexpected exception vec=.. err=.. rip=..` and the guest exits with
-//! `guest_common::EXIT_FAILURE`.
+//! `guest_common::EXIT_FAILURE`. Vector 2, the NMI, is an interrupt rather than a fault: its
+//! stub counts it ([`nmis`]) and returns.
 
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +20,12 @@ pub static HOSTILE_RESUME: AtomicU64 = AtomicU64::new(0);
 static HOSTILE_VECTOR: AtomicU64 = AtomicU64::new(NO_FAULT);
 #[no_mangle]
 static HOSTILE_ERROR: AtomicU64 = AtomicU64::new(0);
+/// The RFLAGS image the fault pushed.
+#[no_mangle]
+static HOSTILE_RFLAGS: AtomicU64 = AtomicU64::new(0);
+/// NMIs taken through the default NMI gate.
+#[no_mangle]
+static HOSTILE_NMIS: AtomicU64 = AtomicU64::new(0);
 const NO_FAULT: u64 = u64::MAX;
 
 /// Bytes per stub in `hostile_catch_stubs`.
@@ -47,6 +54,8 @@ hostile_catch_stubs:
 
 hostile_catch_common:
     push rax
+    mov rax, qword ptr [rsp + 24]
+    mov qword ptr [rip + HOSTILE_RFLAGS], rax
     mov rax, qword ptr [rip + HOSTILE_RESUME]
     test rax, rax
     jz 1f
@@ -61,6 +70,11 @@ hostile_catch_common:
     and rsp, -16
     call {unexpected}
     ud2
+
+    .globl hostile_nmi_counter
+hostile_nmi_counter:
+    lock inc qword ptr [rip + HOSTILE_NMIS]
+    iretq
     .popsection
 "#,
     unexpected = sym unexpected,
@@ -68,6 +82,7 @@ hostile_catch_common:
 
 extern "C" {
     static hostile_catch_stubs: u8;
+    static hostile_nmi_counter: u8;
 }
 
 extern "C" fn unexpected(vector: u64, error: u64, rip: u64) -> ! {
@@ -121,12 +136,18 @@ pub fn set_gate(vector: u8, handler: u64) {
 }
 
 /// Points the exception vectors 0-31 of the loaded IDT (`guest_common::trap::install` first) at
-/// this module's stubs.
+/// this module's stubs, and the NMI (vector 2) at a counter.
 pub fn install() {
     let stubs = core::ptr::addr_of!(hostile_catch_stubs) as u64;
     for vector in 0..32u8 {
         set_gate(vector, stubs + STUB_SIZE * u64::from(vector));
     }
+    set_gate(2, core::ptr::addr_of!(hostile_nmi_counter) as u64);
+}
+
+/// NMIs the default NMI gate has taken.
+pub fn nmis() -> u64 {
+    HOSTILE_NMIS.load(Ordering::SeqCst)
 }
 
 /// A fault that the armed instruction raised.
@@ -134,6 +155,8 @@ pub fn install() {
 pub struct Fault {
     pub vector: u8,
     pub error: u64,
+    /// The RFLAGS image pushed with it (RF is bit 16).
+    pub rflags: u64,
 }
 
 /// Arms the catcher; [`fault!`](crate::fault) calls it.
@@ -148,6 +171,7 @@ pub fn take() -> Option<Fault> {
     (v != NO_FAULT).then(|| Fault {
         vector: v as u8,
         error: HOSTILE_ERROR.load(Ordering::SeqCst),
+        rflags: HOSTILE_RFLAGS.load(Ordering::SeqCst),
     })
 }
 

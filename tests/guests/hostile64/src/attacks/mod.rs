@@ -2,6 +2,7 @@
 
 mod apic;
 mod cpu_state;
+mod events;
 mod hypercalls;
 mod interrupts;
 mod memory;
@@ -38,6 +39,7 @@ const ATTACKS: &[(&[u8], Attack)] = &[
     (b"idtmmio", tables::run),
     (b"hypercalls", hypercalls::run),
     (b"probe", memory::probe),
+    (b"events", events::run),
 ];
 
 pub fn find(name: &[u8]) -> Option<Attack> {
