@@ -2,6 +2,7 @@
 
 mod apic;
 mod cpu_state;
+mod debugregs;
 mod hypercalls;
 mod interrupts;
 mod memory;
@@ -38,6 +39,7 @@ const ATTACKS: &[(&[u8], Attack)] = &[
     (b"idtmmio", tables::run),
     (b"hypercalls", hypercalls::run),
     (b"probe", memory::probe),
+    (b"debugregs", debugregs::run),
 ];
 
 pub fn find(name: &[u8]) -> Option<Attack> {
@@ -122,7 +124,8 @@ impl Tally {
         self.good == self.total
     }
 
-    pub fn finish(self) -> ! {
+    /// Prints `hostile64: <attack> <label>=<good>/<total> ok|BAD`; true if all were good.
+    pub fn report(&self) -> bool {
         let ok = self.all_good();
         say!(
             "{} {}={}/{} {}",
@@ -132,6 +135,11 @@ impl Tally {
             self.total,
             if ok { "ok" } else { "BAD" }
         );
+        ok
+    }
+
+    pub fn finish(self) -> ! {
+        let ok = self.report();
         cpu::exit(if ok { EXIT_OK } else { EXIT_FAILURE })
     }
 }
