@@ -3,7 +3,7 @@
 //! Keel intercepts every port (the I/O bitmaps are all ones). A port no device claims reads as
 //! all-ones and drops writes, like an empty ISA bus, and is counted in the guest's statistics.
 
-use super::{Action, Exception, ExitContext};
+use super::{debug, Action, Exception, ExitContext};
 use crate::gmem::{self, PagingMode};
 use crate::guest::StopReason;
 use crate::vmx::{
@@ -47,8 +47,14 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         )));
     };
     let (port, size) = (q.port, q.size);
+    // The guest's I/O breakpoints this access meets (SDM 17.2.4): a #DB trap is owed once the
+    // access is done; a repeated INS/OUTS takes it after its first element (SDM 17.3.1.2).
+    let breakpoints = debug::io_access(cx, port, size);
+    let index = if q.direction == IoDirection::In { 7 } else { 6 };
+    let index_before = cx.guest.regs.get(index);
     let action = if q.string {
-        string(cx, &q)
+        let budget = if breakpoints != 0 { 1 } else { STRING_CHUNK };
+        string(cx, &q, budget)
     } else if q.direction == IoDirection::In {
         let v = port_in(cx, port, size) as u64 & mask(size);
         let rax = &mut cx.guest.regs.rax;
@@ -64,13 +70,22 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         port_out(cx, port, size, v);
         Action::Advance
     };
-    match cx.guest.platform.exit_status() {
-        Some(status) => Action::Stop(StopReason::DebugExit(status)),
-        None => action,
+    if let Some(status) = cx.guest.platform.exit_status() {
+        return Action::Stop(StopReason::DebugExit(status));
     }
+    // IN/OUT always access the port; INS/OUTS did if an element moved its index register.
+    if !q.string || cx.guest.regs.get(index) != index_before {
+        debug::queue_trap(cx.vmcs, breakpoints);
+    }
+    action
 }
 
-fn string<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, q: &IoQualification) -> Action {
+/// Moves at most `budget` elements.
+fn string<V: Vmcs + ?Sized>(
+    cx: &mut ExitContext<'_, V>,
+    q: &IoQualification,
+    mut budget: u64,
+) -> Action {
     // SDM 28.2.5, Table 28-8: instruction information for INS/OUTS gives the address size (bits
     // 9:7: 0 = 16, 1 = 32, 2 = 64) and, for OUTS, the segment register (bits 17:15).
     let info = cx.vmcs.read(ReadOnly32::ExitInstructionInfo);
@@ -112,7 +127,6 @@ fn string<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, q: &IoQualification) ->
     if count == 0 {
         return Action::Advance;
     }
-    let mut budget = STRING_CHUNK;
     while count > 0 && budget > 0 {
         let index = cx.guest.regs.get(index_reg) & addr_mask;
         let la = seg_base.wrapping_add(index);
@@ -167,6 +181,7 @@ fn string<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, q: &IoQualification) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exits::debug;
     use crate::exits::testing::*;
     use crate::vmx::ExitReason;
 
@@ -260,6 +275,67 @@ mod tests {
         // OUTSB from the read-only page is fine.
         t.guest.regs.rsi = 0x5020;
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
+    }
+
+    /// CR4.DE, DR7 with I/O breakpoint 0 (L0, R/W0 = 10, LEN0 = 1 byte) on port 80H.
+    fn io_breakpoint_on_port_80(t: &mut TestBed) {
+        t.vmcs.write(GuestNat::Cr4, 0x20 | 1 << 3);
+        t.vmcs
+            .write(GuestNat::Dr7, debug::DR7_INIT | 1 | 0b10 << 16);
+        t.host.dr = [0x80, 0, 0, 0];
+        t.vmcs.write(GuestNat::Rip, 0x7000);
+        t.set_instruction_length(2);
+    }
+
+    const TRAP_B0: u64 = debug::pending::ENABLED_BREAKPOINT | 1;
+
+    #[test]
+    fn io_breakpoint_traps_after_an_emulated_in_or_out() {
+        let mut t = TestBed::new();
+        io_breakpoint_on_port_80(&mut t);
+        // OUT 80H: emulated, RIP past it, and a #DB trap pending with B0 (SDM 17.3.1.2).
+        t.set_qualification(io_qual(0x80, 1, false, false, false));
+        assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
+        assert_eq!(t.vmcs.read(GuestNat::Rip), 0x7002);
+        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), TRAP_B0);
+        // IN of a word at 7FH covers 80H too.
+        t.vmcs.write(GuestNat::PendingDebugExceptions, 0);
+        t.set_qualification(io_qual(0x7f, 2, true, false, false));
+        assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
+        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), TRAP_B0);
+        // OUT 84H meets no breakpoint.
+        t.vmcs.write(GuestNat::PendingDebugExceptions, 0);
+        t.set_qualification(io_qual(0x84, 1, false, false, false));
+        assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
+        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), 0);
+    }
+
+    #[test]
+    fn rep_string_io_traps_after_the_first_element() {
+        // SDM 17.3.1.2: a repeated INS/OUTS that meets an I/O breakpoint traps after the first
+        // iteration; the #DB handler returns to the instruction, which goes on with the rest.
+        let mut t = TestBed::new();
+        io_breakpoint_on_port_80(&mut t);
+        t.vmcs.write(GuestNat::Cr0, 0x11); // paging off
+        t.vmcs.write(GuestNat::Rflags, 2);
+        t.set_instruction_info(1 << 7 | 3 << 15); // 32-bit addresses, DS
+        t.guest.regs.rsi = 0x5000;
+        t.guest.regs.rcx = 5;
+        t.set_qualification(io_qual(0x80, 1, false, true, true));
+        assert_eq!(t.run(ExitReason::IoInstruction), Action::Resume);
+        assert_eq!((t.guest.regs.rcx, t.guest.regs.rsi), (4, 0x5001));
+        assert_eq!(t.vmcs.read(GuestNat::Rip), 0x7000);
+        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), TRAP_B0);
+        // The last element: RIP moves past the instruction, and the trap is pending again.
+        t.vmcs.write(GuestNat::PendingDebugExceptions, 0);
+        t.guest.regs.rcx = 1;
+        assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
+        assert_eq!(t.vmcs.read(GuestNat::Rip), 0x7002);
+        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), TRAP_B0);
+        // REP with RCX = 0 accesses no port: no trap.
+        t.vmcs.write(GuestNat::PendingDebugExceptions, 0);
+        assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
+        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), 0);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod cpuid;
 pub mod cr;
+pub mod debug;
 pub mod ept;
 pub mod hlt;
 pub mod io;
@@ -37,6 +38,9 @@ pub trait Host {
     /// Sets the guest's CR2 (for an injected #PF). VMX does not switch CR2 (SDM 28.3): the
     /// value in the CPU at VM entry is the guest's.
     fn set_guest_cr2(&mut self, value: u64);
+    /// The guest's DR0-DR3: VMX does not switch them, Keel does with the guest (`debug`), so the
+    /// CPU's are the guest's while it is loaded.
+    fn breakpoint_addresses(&self) -> [u64; 4];
 }
 
 /// A hardware exception to deliver to the guest.
@@ -270,7 +274,8 @@ pub fn inject_pending_interrupt<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Gues
     let queued = vmcs.read(Control32::EntryInterruptionInfo) & (1 << 31) != 0;
     let want_window = match guest.platform.pending_interrupt() {
         None => false,
-        Some(_) if queued => true,
+        // A debug trap pending for the entry comes first and would be lost to an injection.
+        Some(_) if queued || debug::trap_pending(vmcs) => true,
         Some(vector) => {
             let open = vmcs.read(GuestNat::Rflags) & RFLAGS_IF != 0
                 && vmcs.read(Guest32::InterruptibilityState) & 0b11 == 0;
