@@ -134,35 +134,43 @@ mod tests {
 
     const DE: u64 = CR4_DE;
 
+    /// Each (port, size, breakpoints met) with CR4.DE set.
+    fn expect_hits(dr7: u64, dr: [u64; 4], cases: &[(u16, u8, u8)]) {
+        for &(port, size, hits) in cases {
+            let got = io_breakpoints(dr7, DE, &dr, port, size);
+            assert_eq!(got, hits, "{size} bytes at port {port:#x}");
+        }
+    }
+
     #[test]
     fn one_byte_io_breakpoint_matches_its_port_only() {
-        let dr = [0x80, 0, 0, 0];
-        let dr7 = enable(0, 0b10, 0b00);
-        assert_eq!(io_breakpoints(dr7, DE, &dr, 0x80, 1), 0b0001);
-        assert_eq!(io_breakpoints(dr7, DE, &dr, 0x81, 1), 0);
-        assert_eq!(io_breakpoints(dr7, DE, &dr, 0x7f, 1), 0);
         // A wider access that includes the port meets it (any byte of the access counts).
-        assert_eq!(io_breakpoints(dr7, DE, &dr, 0x7f, 2), 0b0001);
-        assert_eq!(io_breakpoints(dr7, DE, &dr, 0x7e, 4), 0b0001);
-        assert_eq!(io_breakpoints(dr7, DE, &dr, 0x7c, 4), 0);
+        let cases = [
+            (0x80, 1, 1),
+            (0x81, 1, 0),
+            (0x7f, 1, 0),
+            (0x7f, 2, 1),
+            (0x7e, 4, 1),
+        ];
+        expect_hits(enable(0, 0b10, 0b00), [0x80, 0, 0, 0], &cases);
+        expect_hits(enable(0, 0b10, 0b00), [0x80, 0, 0, 0], &[(0x7c, 4, 0)]);
     }
 
     #[test]
     fn len_masks_the_low_address_bits() {
         // LEN = 2 bytes at 71H covers 70H-71H (the processor masks bit 0).
-        let dr = [0, 0x71, 0, 0];
-        let dr7 = enable(1, 0b10, 0b01);
-        assert_eq!(io_breakpoints(dr7, DE, &dr, 0x70, 1), 0b0010);
-        assert_eq!(io_breakpoints(dr7, DE, &dr, 0x71, 1), 0b0010);
-        assert_eq!(io_breakpoints(dr7, DE, &dr, 0x72, 1), 0);
+        let cases = [(0x70, 1, 0b10), (0x71, 1, 0b10), (0x72, 1, 0)];
+        expect_hits(enable(1, 0b10, 0b01), [0, 0x71, 0, 0], &cases);
         // LEN = 4 bytes (11) at 3FAH covers 3F8H-3FBH; LEN = 8 bytes (10) at 3F9H covers 3F8H-3FFH.
-        let dr = [0, 0, 0x3fa, 0x3f9];
         let dr7 = enable(2, 0b10, 0b11) | enable(3, 0b10, 0b10);
-        assert_eq!(io_breakpoints(dr7, DE, &dr, 0x3f8, 1), 0b1100);
-        assert_eq!(io_breakpoints(dr7, DE, &dr, 0x3fb, 1), 0b1100);
-        assert_eq!(io_breakpoints(dr7, DE, &dr, 0x3fc, 1), 0b1000);
-        assert_eq!(io_breakpoints(dr7, DE, &dr, 0x3ff, 1), 0b1000);
-        assert_eq!(io_breakpoints(dr7, DE, &dr, 0x400, 2), 0);
+        let cases = [
+            (0x3f8, 1, 0b1100),
+            (0x3fb, 1, 0b1100),
+            (0x3fc, 1, 0b1000),
+            (0x3ff, 1, 0b1000),
+            (0x400, 2, 0),
+        ];
+        expect_hits(dr7, [0, 0, 0x3fa, 0x3f9], &cases);
     }
 
     #[test]

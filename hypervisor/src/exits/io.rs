@@ -289,25 +289,27 @@ mod tests {
 
     const TRAP_B0: u64 = debug::pending::ENABLED_BREAKPOINT | 1;
 
+    /// One I/O exit with no debug exception pending before it: its action, and the
+    /// pending-debug-exceptions field after it.
+    fn run_io(t: &mut TestBed) -> (Action, u64) {
+        t.vmcs.write(GuestNat::PendingDebugExceptions, 0);
+        let action = t.run(ExitReason::IoInstruction);
+        (action, t.vmcs.read(GuestNat::PendingDebugExceptions))
+    }
+
     #[test]
     fn io_breakpoint_traps_after_an_emulated_in_or_out() {
         let mut t = TestBed::new();
         io_breakpoint_on_port_80(&mut t);
         // OUT 80H: emulated, RIP past it, and a #DB trap pending with B0 (SDM 17.3.1.2).
         t.set_qualification(io_qual(0x80, 1, false, false, false));
-        assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
+        assert_eq!(run_io(&mut t), (Action::Advance, TRAP_B0));
         assert_eq!(t.vmcs.read(GuestNat::Rip), 0x7002);
-        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), TRAP_B0);
-        // IN of a word at 7FH covers 80H too.
-        t.vmcs.write(GuestNat::PendingDebugExceptions, 0);
+        // IN of a word at 7FH covers 80H too; OUT 84H meets no breakpoint.
         t.set_qualification(io_qual(0x7f, 2, true, false, false));
-        assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
-        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), TRAP_B0);
-        // OUT 84H meets no breakpoint.
-        t.vmcs.write(GuestNat::PendingDebugExceptions, 0);
+        assert_eq!(run_io(&mut t), (Action::Advance, TRAP_B0));
         t.set_qualification(io_qual(0x84, 1, false, false, false));
-        assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
-        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), 0);
+        assert_eq!(run_io(&mut t), (Action::Advance, 0));
     }
 
     #[test]
@@ -322,20 +324,15 @@ mod tests {
         t.guest.regs.rsi = 0x5000;
         t.guest.regs.rcx = 5;
         t.set_qualification(io_qual(0x80, 1, false, true, true));
-        assert_eq!(t.run(ExitReason::IoInstruction), Action::Resume);
+        assert_eq!(run_io(&mut t), (Action::Resume, TRAP_B0));
         assert_eq!((t.guest.regs.rcx, t.guest.regs.rsi), (4, 0x5001));
         assert_eq!(t.vmcs.read(GuestNat::Rip), 0x7000);
-        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), TRAP_B0);
         // The last element: RIP moves past the instruction, and the trap is pending again.
-        t.vmcs.write(GuestNat::PendingDebugExceptions, 0);
         t.guest.regs.rcx = 1;
-        assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
+        assert_eq!(run_io(&mut t), (Action::Advance, TRAP_B0));
         assert_eq!(t.vmcs.read(GuestNat::Rip), 0x7002);
-        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), TRAP_B0);
         // REP with RCX = 0 accesses no port: no trap.
-        t.vmcs.write(GuestNat::PendingDebugExceptions, 0);
-        assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
-        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), 0);
+        assert_eq!(run_io(&mut t), (Action::Advance, 0));
     }
 
     #[test]

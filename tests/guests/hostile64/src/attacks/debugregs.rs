@@ -25,15 +25,13 @@
 //!
 //! Exits with 0x30 when every count is complete.
 
-use super::Tally;
+use super::{Tally, HC_YIELD};
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
 use guest_common::{cpu, say, EXIT_FAILURE};
 use hostile64::args;
 use hostile64::catch::{self, InterruptFrame};
 
-/// Hypercall YIELD (docs/HYPERCALLS.md).
-const HC_YIELD: usize = 2;
 /// DR6 and DR7 at power-on.
 const DR6_INIT: u64 = 0xffff_0ff0;
 const DR7_INIT: u64 = 0x400;

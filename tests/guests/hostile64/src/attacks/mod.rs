@@ -46,6 +46,9 @@ pub fn find(name: &[u8]) -> Option<Attack> {
     ATTACKS.iter().find(|(n, _)| *n == name).map(|&(_, a)| a)
 }
 
+/// Hypercall YIELD (docs/HYPERCALLS.md).
+pub const HC_YIELD: usize = 2;
+
 pub const UD: u8 = 6;
 pub const GP: u8 = 13;
 
