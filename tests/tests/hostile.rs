@@ -124,13 +124,14 @@ fn sse_state_does_not_cross_guests() {
 fn debug_registers_stay_with_their_guest() {
     let boot = shared_boot(&HOSTILE);
     // Each of two guests finds the power-on values (the second after letting the first write its
-    // own), then keeps its own DR0-DR3, DR6 and DR7 across 40 yields to the other; the first also takes the #DB of a data breakpoint and of
-    // DR7.GD armed before an exit, and of I/O breakpoints on ports Keel emulates.
+    // own), then keeps its own DR0-DR3, DR6 and DR7 across 40 yields to the other. The first also
+    // takes the #DB of a data breakpoint and of DR7.GD armed before an exit, of I/O breakpoints
+    // on ports Keel emulates, and of a data breakpoint on the byte an (emulated) INSB stores.
     for guest in ["dr-a", "dr-b"] {
         boot.expect_guest_line(guest, "hostile64: debugregs reset=6/6 ok");
         boot.expect_guest_line(guest, "hostile64: debugregs kept=40/40 ok");
     }
-    boot.expect_guest_line("dr-a", "hostile64: debugregs traps=6/6 ok");
+    boot.expect_guest_line("dr-a", "hostile64: debugregs traps=7/7 ok");
     // The second dies once with all six set; restarted, it must find the power-on values again.
     boot.expect_in_order(&[
         "[dr-b] hostile64: debugregs dies with DR0-DR3, DR6, DR7 set",

@@ -16,11 +16,13 @@
 //!   (`hypervisor::SavedState`: saved when a guest is switched out, restored when it is switched
 //!   in, set to the power-on values, DR0-DR3 = 0 and DR6 = FFFF0FF0H, when it is (re)booted).
 //!   Keel itself never uses DR0-DR3 or DR6.
-//! - Breakpoints on what Keel emulates: the CPU does not see I/O that Keel performs on the
-//!   guest's behalf, so [`io_access`] matches the guest's enabled I/O breakpoints (DR7 R/Wn = 10
-//!   with CR4.DE = 1, SDM 17.2.4) against the ports of an emulated IN/OUT/INS/OUTS and
-//!   [`queue_trap`] has the CPU deliver the trap-class #DB after the instruction (SDM 17.3.1.2)
-//!   through the pending-debug-exceptions field (SDM 25.4.2, 27.7.3), which sets DR6.Bn itself.
+//! - Breakpoints on what Keel emulates: the CPU does not see the accesses Keel performs on the
+//!   guest's behalf. [`Breakpoints::io`] matches the guest's enabled I/O breakpoints (DR7
+//!   R/Wn = 10 with CR4.DE = 1, SDM 17.2.4) against the ports of an emulated IN/OUT/INS/OUTS,
+//!   [`Breakpoints::data`] its data breakpoints against the memory an emulated INS/OUTS writes or
+//!   reads, and [`queue_trap`] has the CPU deliver the trap-class #DB after the instruction (SDM
+//!   17.3.1.2) through the pending-debug-exceptions field (SDM 25.4.2, 27.7.3), which sets DR6.Bn
+//!   itself.
 
 use super::ExitContext;
 use crate::vmx::{GuestNat, Vmcs};
@@ -62,43 +64,63 @@ fn len_bytes(len: u64) -> u64 {
     }
 }
 
-/// The enabled I/O breakpoints (bit n = breakpoint n, as DR6.B0-B3) that an access of `size` bytes
-/// at `port` meets. SDM 17.2.4: R/Wn = 10 means "I/O reads or writes" only with CR4.DE = 1
-/// (undefined otherwise: Keel then matches nothing). SDM 17.2.5: the breakpoint covers the
-/// LENn-byte range at DRn with its low bits masked by LENn (the processor enforces alignment
-/// that way); I/O addresses are zero-extended for the comparison; it is met if any byte of the
-/// access lies in that range.
-pub fn io_breakpoints(dr7: u64, cr4: u64, addresses: &[u64; 4], port: u16, size: u8) -> u8 {
-    if cr4 & CR4_DE == 0 {
-        return 0;
-    }
-    let first = u64::from(port);
-    let last = first + u64::from(size.max(1)) - 1;
-    let mut hits = 0;
-    for (n, &address) in addresses.iter().enumerate() {
-        let (enabled, rw, len) = breakpoint(dr7, n);
-        if !enabled || rw != 0b10 {
-            continue;
-        }
-        let bytes = len_bytes(len);
-        let start = address & !(bytes - 1);
-        if first <= start + (bytes - 1) && last >= start {
-            hits |= 1 << n;
-        }
-    }
-    hits
+/// The guest's breakpoints as they stand at an exit, for matching the accesses Keel performs on
+/// its behalf. The results are DR6-style masks: bit n = breakpoint n met (B0-B3).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Breakpoints {
+    pub dr7: u64,
+    pub cr4: u64,
+    /// DR0-DR3.
+    pub addresses: [u64; 4],
 }
 
-/// The enabled I/O breakpoints an emulated access to `size` bytes at `port` meets, from the
-/// guest's DR7 and CR4 (VMCS) and DR0-DR3 (the CPU's, the guest's own while it is loaded).
-pub fn io_access<V: Vmcs + ?Sized>(cx: &ExitContext<'_, V>, port: u16, size: u8) -> u8 {
-    let dr7 = cx.vmcs.read(GuestNat::Dr7);
-    // The usual case, no breakpoint enabled, costs no more than this one VMREAD.
-    if dr7 & 0xff == 0 {
-        return 0;
+impl Breakpoints {
+    /// From the guest's DR7 and CR4 (VMCS) and DR0-DR3 (the CPU's, the guest's own while it is
+    /// loaded). The usual case, no breakpoint enabled, costs one VMREAD.
+    pub fn of<V: Vmcs + ?Sized>(cx: &ExitContext<'_, V>) -> Self {
+        let dr7 = cx.vmcs.read(GuestNat::Dr7);
+        if dr7 & 0xff == 0 {
+            return Self::default();
+        }
+        Self {
+            dr7,
+            cr4: cx.vmcs.read(GuestNat::Cr4),
+            addresses: cx.host.breakpoint_addresses(),
+        }
     }
-    let cr4 = cx.vmcs.read(GuestNat::Cr4);
-    io_breakpoints(dr7, cr4, &cx.host.breakpoint_addresses(), port, size)
+
+    /// The enabled breakpoints whose R/W `accepts` and whose range holds a byte of the `size`
+    /// bytes at `first`. SDM 17.2.5: the range is LENn bytes at DRn with its low bits masked by
+    /// LENn (the processor enforces alignment that way); any byte of the access in it counts.
+    fn met(&self, first: u64, size: u64, accepts: impl Fn(u64) -> bool) -> u8 {
+        let last = first.saturating_add(size.max(1) - 1);
+        let mut hits = 0;
+        for (n, &address) in self.addresses.iter().enumerate() {
+            let (enabled, rw, len) = breakpoint(self.dr7, n);
+            let bytes = len_bytes(len);
+            let start = address & !(bytes - 1);
+            if enabled && accepts(rw) && first <= start + (bytes - 1) && last >= start {
+                hits |= 1 << n;
+            }
+        }
+        hits
+    }
+
+    /// I/O breakpoints met by an access of `size` bytes at `port`. SDM 17.2.4: R/Wn = 10 means
+    /// "I/O reads or writes" only with CR4.DE = 1 (undefined otherwise: Keel then matches
+    /// nothing); I/O addresses are zero-extended for the comparison (SDM 17.2.5).
+    pub fn io(&self, port: u16, size: u8) -> u8 {
+        if self.cr4 & CR4_DE == 0 {
+            return 0;
+        }
+        self.met(u64::from(port), u64::from(size), |rw| rw == 0b10)
+    }
+
+    /// Data breakpoints met by an access of `size` bytes at linear address `linear` (SDM 17.2.4:
+    /// R/Wn = 01 for writes only, 11 for reads or writes).
+    pub fn data(&self, linear: u64, size: u64, write: bool) -> u8 {
+        self.met(linear, size, |rw| rw == 0b11 || (write && rw == 0b01))
+    }
 }
 
 /// Has the CPU deliver a debug exception for breakpoints `hits` (bit n = Bn) after the next VM
@@ -133,6 +155,15 @@ mod tests {
     }
 
     const DE: u64 = CR4_DE;
+
+    fn io_breakpoints(dr7: u64, cr4: u64, dr: &[u64; 4], port: u16, size: u8) -> u8 {
+        let b = Breakpoints {
+            dr7,
+            cr4,
+            addresses: *dr,
+        };
+        b.io(port, size)
+    }
 
     /// Each (port, size, breakpoints met) with CR4.DE set.
     fn expect_hits(dr7: u64, dr: [u64; 4], cases: &[(u16, u8, u8)]) {
@@ -190,6 +221,33 @@ mod tests {
         assert_eq!(io_breakpoints(all, DE, &dr, 0x80, 1), 0b1111);
         // DRn is compared whole: 10080H is not port 80H.
         assert_eq!(io_breakpoints(io, DE, &[0x1_0080, 0, 0, 0], 0x80, 1), 0);
+    }
+
+    #[test]
+    fn data_breakpoints_by_access_kind() {
+        // DR0: writes to the 4 bytes at 1000H; DR1: reads or writes of the 8 bytes at 2000H;
+        // DR2: an I/O breakpoint on port 1000H; DR3: an instruction breakpoint at 2000H.
+        let b = Breakpoints {
+            dr7: enable(0, 0b01, 0b11)
+                | enable(1, 0b11, 0b10)
+                | enable(2, 0b10, 0)
+                | enable(3, 0b00, 0),
+            cr4: DE,
+            addresses: [0x1000, 0x2000, 0x1000, 0x2000],
+        };
+        assert_eq!(b.data(0x1003, 1, true), 0b0001);
+        assert_eq!(b.data(0x1000, 4, false), 0, "DR0 watches writes only");
+        assert_eq!(b.data(0x0fff, 2, true), 0b0001);
+        assert_eq!(b.data(0x2007, 1, false), 0b0010);
+        assert_eq!(b.data(0x1ffc, 8, true), 0b0010);
+        assert_eq!(b.data(0x2008, 1, true), 0);
+        assert_eq!(
+            b.io(0x1000, 1),
+            0b0100,
+            "only the I/O breakpoint sees port 1000H"
+        );
+        // The top of the address space does not wrap around to 0.
+        assert_eq!(b.data(u64::MAX, 8, true), 0);
     }
 
     #[test]

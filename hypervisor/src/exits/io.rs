@@ -49,12 +49,13 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let (port, size) = (q.port, q.size);
     // The guest's I/O breakpoints this access meets (SDM 17.2.4): a #DB trap is owed once the
     // access is done; a repeated INS/OUTS takes it after its first element (SDM 17.3.1.2).
-    let breakpoints = debug::io_access(cx, port, size);
+    let watch = debug::Breakpoints::of(cx);
+    let breakpoints = watch.io(port, size);
     let index = if q.direction == IoDirection::In { 7 } else { 6 };
     let index_before = cx.guest.regs.get(index);
     let action = if q.string {
         let budget = if breakpoints != 0 { 1 } else { STRING_CHUNK };
-        string(cx, &q, budget)
+        string(cx, &q, budget, &watch)
     } else if q.direction == IoDirection::In {
         let v = port_in(cx, port, size) as u64 & mask(size);
         let rax = &mut cx.guest.regs.rax;
@@ -80,11 +81,12 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     action
 }
 
-/// Moves at most `budget` elements.
+/// Moves at most `budget` elements, and stops after one that meets a data breakpoint in `watch`.
 fn string<V: Vmcs + ?Sized>(
     cx: &mut ExitContext<'_, V>,
     q: &IoQualification,
     mut budget: u64,
+    watch: &debug::Breakpoints,
 ) -> Action {
     // SDM 28.2.5, Table 28-8: instruction information for INS/OUTS gives the address size (bits
     // 9:7: 0 = 16, 1 = 32, 2 = 64) and, for OUTS, the segment register (bits 17:15).
@@ -163,6 +165,12 @@ fn string<V: Vmcs + ?Sized>(
         cx.guest.regs.set(index_reg, (old & !addr_mask) | next);
         count -= 1;
         budget -= 1;
+        // SDM 17.3.1.2: a repeated INS/OUTS traps after the iteration that met a data breakpoint.
+        let met = watch.data(la, step, is_in);
+        if met != 0 {
+            debug::queue_trap(cx.vmcs, met);
+            budget = 0;
+        }
         if q.rep {
             let rcx = cx.guest.regs.rcx;
             cx.guest.regs.rcx = (rcx & !addr_mask) | count;
@@ -332,6 +340,32 @@ mod tests {
         assert_eq!(run_io(&mut t), (Action::Advance, TRAP_B0));
         assert_eq!(t.vmcs.read(GuestNat::Rip), 0x7002);
         // REP with RCX = 0 accesses no port: no trap.
+        assert_eq!(run_io(&mut t), (Action::Advance, 0));
+    }
+
+    #[test]
+    fn rep_insb_traps_after_writing_a_watched_byte() {
+        // DR7: L0, R/W0 = 01 (writes), LEN0 = 1 byte at linear 5002H.
+        let mut t = TestBed::new();
+        t.vmcs
+            .write(GuestNat::Dr7, debug::DR7_INIT | 1 | 0b01 << 16);
+        t.host.dr = [0x5002, 0, 0, 0];
+        t.vmcs.write(GuestNat::Cr0, 0x11); // paging off
+        t.vmcs.write(GuestNat::Rflags, 2);
+        t.vmcs.write(GuestNat::Rip, 0x7000);
+        t.set_instruction_info(1 << 7); // 32-bit addresses
+        t.guest.regs.rdi = 0x5000;
+        t.guest.regs.rcx = 10;
+        t.set_qualification(io_qual(0x1234, 1, true, true, true));
+        // Elements 5000H-5002H are written, then the trap; RIP stays on the REP INSB.
+        assert_eq!(run_io(&mut t), (Action::Resume, TRAP_B0));
+        assert_eq!((t.guest.regs.rcx, t.guest.regs.rdi), (7, 0x5003));
+        assert_eq!(t.guest.ram.bytes()[0x5002], 0xff);
+        // The rest runs on without a trap; OUTSB reading the byte does not meet a write breakpoint.
+        assert_eq!(run_io(&mut t), (Action::Advance, 0));
+        assert_eq!(t.guest.regs.rcx, 0);
+        t.guest.regs.rsi = 0x5002;
+        t.set_qualification(io_qual(0x1234, 1, false, true, false));
         assert_eq!(run_io(&mut t), (Action::Advance, 0));
     }
 

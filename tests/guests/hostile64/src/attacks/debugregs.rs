@@ -12,7 +12,7 @@
 //!    the rounds, set all six once more and die (a read past the end of RAM); restarted by Keel
 //!    (`restart=1` on the command line), the guest must find the power-on values again.
 //! 3. `traps=1`: breakpoints keep working across VM exits, and fire for I/O that Keel emulates
-//!    (`debugregs traps=6/6 ok`), each #DB seen by a handler of the guest's own that records the
+//!    (`debugregs traps=7/7 ok`), each #DB seen by a handler of the guest's own that records the
 //!    RIP it returns to and DR6:
 //!    - a data-write breakpoint (DR7 L0, R/W0 = 01, LEN0 = 8 bytes) armed before a CPUID (an exit):
 //!      the write after it traps, DR6.B0, RIP after the write (SDM 17.3.1.2);
@@ -21,7 +21,9 @@
 //!    - with CR4.DE = 1, an I/O breakpoint on port 80H (R/W0 = 10, LEN0 = 1): OUT 80H traps with
 //!      DR6.B0 and RIP after the OUT (17.2.4, 17.3.1.2);
 //!    - an I/O breakpoint on 70H with LEN1 = 2 bytes: IN from 71H traps with DR6.B1 (17.2.5);
-//!    - the same breakpoints and OUT 84H: no #DB.
+//!    - the same breakpoints and OUT 84H: no #DB;
+//!    - a data-write breakpoint on a byte that INSB (emulated by Keel) stores: #DB with DR6.B0,
+//!      RIP after the INSB.
 //!
 //! Exits with 0x30 when every count is complete.
 
@@ -43,6 +45,8 @@ const DR6_BD: u64 = 1 << 13;
 const DR7_GD: u64 = 1 << 13;
 const CR4_DE: u64 = 1 << 3;
 const DB: u8 = 1;
+/// No device claims it (docs/HYPERCALLS.md): reads FFH.
+const UNCLAIMED_PORT: u16 = 0x1234;
 
 macro_rules! dr_access {
     ($($n:literal),*) => {
@@ -180,6 +184,7 @@ fn exit_to_keel() {
 fn arm() {
     DB_COUNT.store(0, Ordering::SeqCst);
     DB_RIP.store(0, Ordering::SeqCst);
+    DB_DR6.store(0, Ordering::SeqCst);
     write_dr(6, DR6_INIT);
 }
 
@@ -272,6 +277,19 @@ fn breakpoints(t: &mut Tally) {
     // SAFETY: port 84H is unclaimed: the write is dropped.
     unsafe { asm!("out 0x84, al", in("al") 0u8, options(nomem, nostack)) };
     check(t, "OUT 84H", None, 0);
+
+    // A data-write breakpoint on memory that Keel writes for the guest: INSB's destination.
+    arm();
+    write_dr(0, WATCHED.0.as_ptr() as u64);
+    write_dr(7, DR7_INIT | 1 | 0b01 << 16);
+    let after: u64;
+    // SAFETY: INSB stores one byte (FFH from an unclaimed port) into the watched variable.
+    unsafe {
+        asm!("lea {after}, [rip + 2f]", "insb", "2:",
+             after = out(reg) after, in("dx") UNCLAIMED_PORT,
+             inout("rdi") WATCHED.0.as_ptr() => _, options(nostack))
+    };
+    check(t, "INSB into a watched byte", Some(after), DR6_B0);
 
     write_dr(7, DR7_INIT);
     catch::install();
