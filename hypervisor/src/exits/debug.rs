@@ -25,7 +25,7 @@
 //!   itself.
 
 use super::ExitContext;
-use crate::vmx::{GuestNat, Vmcs};
+use crate::vmx::{Guest64, GuestNat, Vmcs};
 
 /// DR6 at power-on and after INIT (SDM Vol. 3A, "IA-32 and Intel 64 Processor States Following
 /// Power-up, Reset, or INIT"); DR0-DR3 are 0.
@@ -134,6 +134,24 @@ pub fn queue_trap<V: Vmcs + ?Sized>(vmcs: &mut V, hits: u8) {
     let field = vmcs.read(GuestNat::PendingDebugExceptions);
     let bits = u64::from(hits) & pending::B_MASK | pending::ENABLED_BREAKPOINT;
     vmcs.write(GuestNat::PendingDebugExceptions, field | bits);
+}
+
+/// Queues the single-step trap an instruction that Keel completed for the guest owes: with
+/// RFLAGS.TF = 1 the CPU raises #DB with DR6.BS after every instruction (SDM 17.3.1.4), unless
+/// IA32_DEBUGCTL.BTF = 1 makes it step on branches only (SDM 17.4.3; Keel emulates no branch).
+/// The exit came before the instruction completed, so the CPU did not, and it saves the
+/// pending-debug-exceptions field clear at such an exit (SDM 28.3.4). (Bochs 2.7 saves BS there
+/// itself; the BS set here then changes nothing.)
+pub fn single_step<V: Vmcs + ?Sized>(vmcs: &mut V) {
+    const RFLAGS_TF: u64 = 1 << 8;
+    const DEBUGCTL_BTF: u64 = 1 << 1;
+    if vmcs.read(GuestNat::Rflags) & RFLAGS_TF == 0
+        || vmcs.read(Guest64::Ia32Debugctl) & DEBUGCTL_BTF != 0
+    {
+        return;
+    }
+    let field = vmcs.read(GuestNat::PendingDebugExceptions);
+    vmcs.write(GuestNat::PendingDebugExceptions, field | pending::BS);
 }
 
 /// Whether the next VM entry delivers a pending debug exception. Injecting an event at that
@@ -248,6 +266,32 @@ mod tests {
         );
         // The top of the address space does not wrap around to 0.
         assert_eq!(b.data(u64::MAX, 8, true), 0);
+    }
+
+    #[test]
+    fn an_emulated_instruction_owes_the_single_step_trap() {
+        // SDM 17.3.1.4: with RFLAGS.TF = 1 the CPU raises #DB (DR6.BS) after each instruction;
+        // one that Keel completes for the guest (CPUID here) owes it too, and a fault does not.
+        use crate::exits::testing::TestBed;
+        use crate::vmx::{ExitReason, Guest64};
+        let mut t = TestBed::new();
+        t.vmcs.write(GuestNat::Rip, 0x7000);
+        t.set_instruction_length(2);
+        t.vmcs.write(GuestNat::Rflags, 0x102);
+        t.run(ExitReason::Cpuid);
+        assert_eq!(t.vmcs.read(GuestNat::Rip), 0x7002);
+        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), pending::BS);
+        // A VMX instruction raises #UD: a fault, no step completed.
+        t.vmcs.write(GuestNat::PendingDebugExceptions, 0);
+        t.run(ExitReason::Vmxon);
+        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), 0);
+        // TF = 0, or IA32_DEBUGCTL.BTF = 1 (single-step on branches only: CPUID is none).
+        for (rflags, debugctl) in [(0x2, 0), (0x102, 1 << 1)] {
+            t.vmcs.write(GuestNat::Rflags, rflags);
+            t.vmcs.write(Guest64::Ia32Debugctl, debugctl);
+            t.run(ExitReason::Cpuid);
+            assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), 0);
+        }
     }
 
     #[test]

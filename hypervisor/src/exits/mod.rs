@@ -202,11 +202,13 @@ pub fn apply<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, action: &Action)
 
 /// Skips the instruction that caused the exit. SDM 28.2.4: the VM-exit instruction length is valid
 /// for the instruction-caused exits Keel emulates. Executing an instruction also ends blocking by
-/// STI and by MOV SS (SDM 25.4.2 / 26.6.6.1), which emulation must reproduce.
+/// STI and by MOV SS (SDM 25.4.2 / 26.6.6.1), which emulation must reproduce, and owes the
+/// single-step trap when RFLAGS.TF is set (`debug::single_step`).
 #[inline]
 pub fn advance_rip<V: Vmcs + ?Sized>(vmcs: &mut V, len: u64) {
     let rip = vmcs.read(GuestNat::Rip);
     vmcs.write(GuestNat::Rip, rip.wrapping_add(len));
+    debug::single_step(vmcs);
     let blocking = vmcs.read(Guest32::InterruptibilityState);
     if blocking & 0b11 != 0 {
         vmcs.write(Guest32::InterruptibilityState, blocking & !0b11);

@@ -12,7 +12,7 @@
 //!    the rounds, set all six once more and die (a read past the end of RAM); restarted by Keel
 //!    (`restart=1` on the command line), the guest must find the power-on values again.
 //! 3. `traps=1`: breakpoints keep working across VM exits, and fire for I/O that Keel emulates
-//!    (`debugregs traps=7/7 ok`), each #DB seen by a handler of the guest's own that records the
+//!    (`debugregs traps=8/8 ok`), each #DB seen by a handler of the guest's own that records the
 //!    RIP it returns to and DR6:
 //!    - a data-write breakpoint (DR7 L0, R/W0 = 01, LEN0 = 8 bytes) armed before a CPUID (an exit):
 //!      the write after it traps, DR6.B0, RIP after the write (SDM 17.3.1.2);
@@ -23,7 +23,9 @@
 //!    - an I/O breakpoint on 70H with LEN1 = 2 bytes: IN from 71H traps with DR6.B1 (17.2.5);
 //!    - the same breakpoints and OUT 84H: no #DB;
 //!    - a data-write breakpoint on a byte that INSB (emulated by Keel) stores: #DB with DR6.B0,
-//!      RIP after the INSB.
+//!      RIP after the INSB;
+//!    - RFLAGS.TF set over a CPUID (emulated by Keel): the first #DB comes after the CPUID with
+//!      DR6.BS (17.3.1.4).
 //!
 //! Exits with 0x30 when every count is complete.
 
@@ -42,6 +44,7 @@ const DR6_WRITABLE: u64 = 0xe00f;
 const DR6_B0: u64 = 1 << 0;
 const DR6_B1: u64 = 1 << 1;
 const DR6_BD: u64 = 1 << 13;
+const DR6_BS: u64 = 1 << 14;
 const DR7_GD: u64 = 1 << 13;
 const CR4_DE: u64 = 1 << 3;
 const DB: u8 = 1;
@@ -164,10 +167,12 @@ static DB_COUNT: AtomicU64 = AtomicU64::new(0);
 static DB_RIP: AtomicU64 = AtomicU64::new(0);
 static DB_DR6: AtomicU64 = AtomicU64::new(0);
 
+/// Counts every #DB and records the first one's return RIP and DR6.
 extern "x86-interrupt" fn on_debug(frame: InterruptFrame) {
-    DB_COUNT.fetch_add(1, Ordering::SeqCst);
-    DB_RIP.store(frame.rip, Ordering::SeqCst);
-    DB_DR6.store(read_dr(6), Ordering::SeqCst);
+    if DB_COUNT.fetch_add(1, Ordering::SeqCst) == 0 {
+        DB_RIP.store(frame.rip, Ordering::SeqCst);
+        DB_DR6.store(read_dr(6), Ordering::SeqCst);
+    }
 }
 
 /// The variable the data breakpoint watches.
@@ -292,5 +297,30 @@ fn breakpoints(t: &mut Tally) {
     check(t, "INSB into a watched byte", Some(after), DR6_B0);
 
     write_dr(7, DR7_INIT);
+
+    // Single-stepping over an instruction Keel emulates: the first #DB comes right after the
+    // CPUID (DR6.BS), not after the instruction that follows it (SDM 17.3.1.4). TF is set by
+    // POPF, which itself is not stepped; the steps after the CPUID until TF is clear again are
+    // counted but not checked.
+    arm();
+    let after: u64;
+    // SAFETY: TF only makes the CPU raise #DB after each instruction, which `on_debug` takes;
+    // RBX, which CPUID writes, is saved around it; the flags are restored with TF clear.
+    unsafe {
+        asm!("lea {after}, [rip + 2f]", "push rbx", "pushfq", "or qword ptr [rsp], 0x100",
+             "popfq", "cpuid", "2:", "pushfq", "and qword ptr [rsp], -0x101", "popfq", "pop rbx",
+             after = out(reg) after, inout("eax") 0u32 => _, out("ecx") _, out("edx") _)
+    };
+    let (count, rip) = (
+        DB_COUNT.load(Ordering::SeqCst),
+        DB_RIP.load(Ordering::SeqCst),
+    );
+    let dr6 = DB_DR6.load(Ordering::SeqCst);
+    t.require(
+        format_args!(
+            "TF over CPUID: first #DB at {rip:#x} (want {after:#x}), DR6 {dr6:#x}, {count} in all"
+        ),
+        count >= 1 && rip == after && dr6 & DR6_BS != 0,
+    );
     catch::install();
 }
