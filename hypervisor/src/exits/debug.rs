@@ -77,6 +77,7 @@ pub struct Breakpoints {
 impl Breakpoints {
     /// From the guest's DR7 and CR4 (VMCS) and DR0-DR3 (the CPU's, the guest's own while it is
     /// loaded). The usual case, no breakpoint enabled, costs one VMREAD.
+    #[inline]
     pub fn of<V: Vmcs + ?Sized>(cx: &ExitContext<'_, V>) -> Self {
         let dr7 = cx.vmcs.read(GuestNat::Dr7);
         if dr7 & 0xff == 0 {
@@ -92,6 +93,7 @@ impl Breakpoints {
     /// The enabled breakpoints whose R/W `accepts` and whose range holds a byte of the `size`
     /// bytes at `first`. SDM 17.2.5: the range is LENn bytes at DRn with its low bits masked by
     /// LENn (the processor enforces alignment that way); any byte of the access in it counts.
+    #[inline]
     fn met(&self, first: u64, size: u64, accepts: impl Fn(u64) -> bool) -> u8 {
         let last = first.saturating_add(size.max(1) - 1);
         let mut hits = 0;
@@ -109,6 +111,7 @@ impl Breakpoints {
     /// I/O breakpoints met by an access of `size` bytes at `port`. SDM 17.2.4: R/Wn = 10 means
     /// "I/O reads or writes" only with CR4.DE = 1 (undefined otherwise: Keel then matches
     /// nothing); I/O addresses are zero-extended for the comparison (SDM 17.2.5).
+    #[inline]
     pub fn io(&self, port: u16, size: u8) -> u8 {
         if self.cr4 & CR4_DE == 0 {
             return 0;
@@ -118,6 +121,7 @@ impl Breakpoints {
 
     /// Data breakpoints met by an access of `size` bytes at linear address `linear` (SDM 17.2.4:
     /// R/Wn = 01 for writes only, 11 for reads or writes).
+    #[inline]
     pub fn data(&self, linear: u64, size: u64, write: bool) -> u8 {
         self.met(linear, size, |rw| rw == 0b11 || (write && rw == 0b01))
     }
@@ -127,6 +131,7 @@ impl Breakpoints {
 /// entry, as a trap on the instruction Keel just completed (SDM 27.7.3: "treated as they would
 /// had they been encountered normally in guest execution"; the CPU updates DR6 as it delivers
 /// it). Pending debug exceptions already in the field (saved by the exit) are kept.
+#[inline]
 pub fn queue_trap<V: Vmcs + ?Sized>(vmcs: &mut V, hits: u8) {
     if hits == 0 {
         return;
@@ -142,6 +147,7 @@ pub fn queue_trap<V: Vmcs + ?Sized>(vmcs: &mut V, hits: u8) {
 /// The exit came before the instruction completed, so the CPU did not, and it saves the
 /// pending-debug-exceptions field clear at such an exit (SDM 28.3.4). (Bochs 2.7 saves BS there
 /// itself; the BS set here then changes nothing.)
+#[inline]
 pub fn single_step<V: Vmcs + ?Sized>(vmcs: &mut V) {
     const RFLAGS_TF: u64 = 1 << 8;
     const DEBUGCTL_BTF: u64 = 1 << 1;
@@ -159,6 +165,7 @@ pub fn single_step<V: Vmcs + ?Sized>(vmcs: &mut V) {
 /// not vectoring), and the debug trap has priority over external interrupts anyway (SDM Vol. 3A,
 /// "Priority Among Concurrent Exceptions and Interrupts": traps on the previous instruction come
 /// before external interrupts): an interrupt waits for an interrupt window instead.
+#[inline]
 pub fn trap_pending<V: Vmcs + ?Sized>(vmcs: &V) -> bool {
     vmcs.read(GuestNat::PendingDebugExceptions) & (pending::ENABLED_BREAKPOINT | pending::BS) != 0
 }
