@@ -438,7 +438,7 @@ pub fn report(
              guest's own clock shows {r} per round trip (the part of the exit and of its next entry \
              before its clock stops and after it restarts: it is stopped while the guest waits). Not \
              seen by either guest: about {} ticks per switch (handling the YIELD, the XSAVE/XRSTOR, \
-             MSR and CR2 switch, VMPTRLD, the scheduler, the other guest's loop body).\n",
+             MSR, CR2 and debug-register switch, VMPTRLD, the scheduler, the other guest's loop body).\n",
             s.switches,
             s.one_way,
             s.one_way.saturating_sub(r)

@@ -204,14 +204,22 @@ const SWITCHED_MSRS: [u32; 6] = [
 ];
 
 /// A guest's share of the CPU that VMX leaves alone (SDM 27.3/28.3 switch neither the extended
-/// state, nor XCR0, nor these MSRs, nor CR2): saved when the guest is switched out, restored when
-/// it is switched in. Keel itself never touches any of it (it is built without SSE).
+/// state, nor XCR0, nor these MSRs, nor CR2, nor DR0-DR3 and DR6): saved when the guest is
+/// switched out, restored when it is switched in. Keel itself never touches any of it (it is
+/// built without SSE and sets no breakpoints; `exits::debug` has why the debug registers are
+/// switched rather than intercepted).
 struct SavedState {
     /// Physical address of a 4 KiB XSAVE area (zeroed = every component in its init state).
     xsave_pa: u64,
     msrs: [u64; 6],
     cr2: u64,
+    /// DR0, DR1, DR2, DR3, DR6.
+    debug: [u64; 5],
 }
+
+/// DR0-DR3 and DR6 at power-on (SDM Vol. 3A, "IA-32 and Intel 64 Processor States Following
+/// Power-up, Reset, or INIT").
+const DEBUG_INIT: [u64; 5] = [0, 0, 0, 0, exits::debug::DR6_INIT];
 
 impl SavedState {
     fn new() -> Option<Self> {
@@ -219,15 +227,18 @@ impl SavedState {
             xsave_pa: mm::alloc_zeroed_page()?,
             msrs: [0; 6],
             cr2: 0,
+            debug: DEBUG_INIT,
         })
     }
 
-    /// Back to power-on: extended state in its init state, MSRs and CR2 zero.
+    /// Back to power-on: extended state in its init state, MSRs and CR2 zero, DR0-DR3 zero and
+    /// DR6 = FFFF0FF0H.
     fn reset(&mut self) {
         // SAFETY: the area is this guest's own page.
         unsafe { core::ptr::write_bytes(mm::phys_to_virt(self.xsave_pa), 0, 4096) };
         self.msrs = [0; 6];
         self.cr2 = 0;
+        self.debug = DEBUG_INIT;
     }
 
     /// Saves the guest's registers. Extended state is saved whole, every component the CPU has,
@@ -251,6 +262,7 @@ impl SavedState {
             *slot = cpu::rdmsr(msr);
         }
         self.cr2 = cpu::read_cr2();
+        self.debug = cpu::read_debug_registers();
     }
 
     fn restore(&self, xcr0: u64) {
@@ -275,6 +287,9 @@ impl SavedState {
         }
         // SAFETY: CR2 does not affect Keel.
         unsafe { cpu::write_cr2(self.cr2) };
+        // SAFETY: values read from the same registers (DR6 bits 63:32 read as 0) or the power-on
+        // values; Keel's DR7 (400H since the last exit, or since boot) enables no breakpoint.
+        unsafe { cpu::write_debug_registers(&self.debug) };
     }
 }
 

@@ -111,7 +111,7 @@ pub fn write_guest_state<V: Vmcs + ?Sized>(
     };
     vmcs.write(Control32::EntryControls, entry);
 
-    vmcs.write(GuestNat::Dr7, 0x400);
+    vmcs.write(GuestNat::Dr7, crate::exits::debug::DR7_INIT);
     vmcs.write(GuestNat::Rsp, st.rsp);
     vmcs.write(GuestNat::Rip, st.rip);
     vmcs.write(GuestNat::Rflags, st.rflags | 2);
@@ -139,7 +139,9 @@ pub struct ControlSet {
 }
 
 /// Required: everything Keel's isolation depends on (EPT, I/O and MSR bitmaps, HLT and external
-/// interrupt exits, unrestricted guest for real-mode guests, a 64-bit host, EFER switching).
+/// interrupt exits, unrestricted guest for real-mode guests, a 64-bit host, EFER switching, and
+/// DR7/IA32_DEBUGCTL switching: "save/load debug controls", default1 controls every VMX processor
+/// has, SDM A.4/A.5 and `exits::debug`).
 /// Optional: what improves guests when present (VPID, RDTSCP/INVPCID/XSAVES pass-through, the
 /// preemption timer for the scheduler, virtual NMIs, PAT switching).
 pub fn compute_controls(caps: &VmxCaps) -> Result<ControlSet, ControlError> {
@@ -177,6 +179,7 @@ pub fn compute_controls(caps: &VmxCaps) -> Result<ControlSet, ControlError> {
     let exit = adjust_controls(
         caps,
         ExitControls::HOST_ADDRESS_SPACE_SIZE
+            | ExitControls::SAVE_DEBUG_CONTROLS
             | ExitControls::ACK_INTERRUPT_ON_EXIT
             | ExitControls::SAVE_IA32_EFER
             | ExitControls::LOAD_IA32_EFER,
@@ -184,7 +187,7 @@ pub fn compute_controls(caps: &VmxCaps) -> Result<ControlSet, ControlError> {
     )?;
     let entry = adjust_controls(
         caps,
-        EntryControls::LOAD_IA32_EFER,
+        EntryControls::LOAD_IA32_EFER | EntryControls::LOAD_DEBUG_CONTROLS,
         EntryControls::LOAD_IA32_PAT,
     )?;
     Ok(ControlSet {
@@ -263,6 +266,28 @@ mod tests {
         let c = compute_controls(&caps).unwrap();
         assert!(!SecondaryControls::from_bits_retain(c.secondary)
             .contains(SecondaryControls::ENABLE_VPID));
+    }
+
+    #[test]
+    fn debug_registers_travel_in_the_vmcs() {
+        // DR7 and IA32_DEBUGCTL are saved at every exit and loaded at every entry (SDM 25.7.1,
+        // 25.8.1); without these controls the guest's DR7 is 400H after any exit (SDM 28.5.1).
+        use crate::vmx::controls::*;
+        let c = compute_controls(&VmxCaps::bochs_skylake_x()).unwrap();
+        assert!(ExitControls::from_bits_retain(c.exit).contains(ExitControls::SAVE_DEBUG_CONTROLS));
+        assert!(
+            EntryControls::from_bits_retain(c.entry).contains(EntryControls::LOAD_DEBUG_CONTROLS)
+        );
+        let mut v = FakeVmcs::new();
+        write_controls(&mut v, &c, (0x1000, 0x2000), 0x3000, 0x4000, 1);
+        assert_ne!(
+            v.read(Control32::ExitControls) & ExitControls::SAVE_DEBUG_CONTROLS.bits(),
+            0
+        );
+        assert_ne!(
+            v.read(Control32::EntryControls) & EntryControls::LOAD_DEBUG_CONTROLS.bits(),
+            0
+        );
     }
 
     #[test]

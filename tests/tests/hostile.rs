@@ -3,7 +3,7 @@
 //! docs/SECURITY.md) and checks that Keel stays up, that the witness computes the right checksum,
 //! and that every attacker gets its documented outcome.
 //!
-//! One Bochs boot of about 15 s (24 guests), plus two of their own: the interrupt storm, and
+//! One Bochs boot of about 15 s (26 guests), plus two of their own: the interrupt storm, and
 //! the sweep of guest-physical memory (about a minute); every test below asserts on it. Run them alone with
 //! `cargo itest hostile`.
 
@@ -96,7 +96,7 @@ pub(crate) fn expect_keel_unhurt(boot: &Outcome) {
 #[test]
 fn keel_survives_every_attack() {
     let boot = shared_boot(&HOSTILE);
-    boot.expect_line("keel: running 24 guests");
+    boot.expect_line("keel: running 26 guests");
     expect_keel_unhurt(&boot);
 }
 
@@ -116,6 +116,32 @@ fn sse_state_does_not_cross_guests() {
     let want = witness_checksum(WITNESS_ROUNDS);
     boot.expect_guest_line("witness-xmm", &format!("witness: checksum={want:#018x} ok"));
     boot.expect_guest_line("sse", "hostile64: sse leaks=0 rounds=200");
+}
+
+#[test]
+fn debug_registers_stay_with_their_guest() {
+    let boot = shared_boot(&HOSTILE);
+    // Each of two guests finds the power-on values (the second after letting the first write its
+    // own), then keeps its own DR0-DR3, DR6 and DR7 across 40 yields to the other. The first also
+    // takes the #DB of a data breakpoint and of DR7.GD armed before an exit, of I/O breakpoints
+    // on ports Keel emulates, of a data breakpoint on the byte an (emulated) INSB stores, and the
+    // single-step trap right after a CPUID run with RFLAGS.TF set.
+    for guest in ["dr-a", "dr-b"] {
+        boot.expect_guest_line(guest, "hostile64: debugregs reset=6/6 ok");
+        boot.expect_guest_line(guest, "hostile64: debugregs kept=40/40 ok");
+    }
+    boot.expect_guest_line("dr-a", "hostile64: debugregs traps=8/8 ok");
+    // The second dies once with all six set; restarted, it must find the power-on values again.
+    boot.expect_in_order(&[
+        "[dr-b] hostile64: debugregs dies with DR0-DR3, DR6, DR7 set",
+        "keel: error: guest dr-b stopped: ",
+        "[dr-b] hostile64: cmdline=attack=debugregs seed=2 rounds=40 settle=4 die=1 restart=1",
+        "[dr-b] hostile64: debugregs reset=6/6 ok",
+        "[dr-b] hostile64: debugregs kept=40/40 ok",
+        "[dr-b] hostile64: debugregs traps=0/0 ok",
+    ]);
+    expect_ended(&boot, "dr-a", OK_STATUS);
+    expect_ended(&boot, "dr-b", OK_STATUS);
 }
 
 #[test]

@@ -194,3 +194,30 @@ pub unsafe fn write_cr2(v: u64) {
     // SAFETY: per the caller's contract.
     unsafe { asm!("mov cr2, {}", in(reg) v, options(nostack, preserves_flags)) }
 }
+
+/// DR0, DR1, DR2, DR3 and DR6 (SDM Vol. 3B 17.2).
+pub fn read_debug_registers() -> [u64; 5] {
+    let (dr0, dr1, dr2, dr3, dr6): (u64, u64, u64, u64, u64);
+    // SAFETY: reading debug registers at CPL 0 has no side effect; DR7.GD is clear in Keel (the
+    // CPU sets DR7 to 400H at every VM exit, SDM 28.5.1), so no #DB.
+    unsafe {
+        asm!("mov {}, dr0", "mov {}, dr1", "mov {}, dr2", "mov {}, dr3", "mov {}, dr6",
+             out(reg) dr0, out(reg) dr1, out(reg) dr2, out(reg) dr3, out(reg) dr6,
+             options(nomem, nostack, preserves_flags))
+    }
+    [dr0, dr1, dr2, dr3, dr6]
+}
+
+/// Loads DR0-DR3 and DR6 (in that order in `v`).
+///
+/// # Safety
+/// DR6 bits 63:32 must be 0 (else #GP). Breakpoints at the new addresses fire only if DR7
+/// enables them, and Keel's DR7 enables none (400H after every VM exit).
+pub unsafe fn write_debug_registers(v: &[u64; 5]) {
+    // SAFETY: per the caller's contract.
+    unsafe {
+        asm!("mov dr0, {}", "mov dr1, {}", "mov dr2, {}", "mov dr3, {}", "mov dr6, {}",
+             in(reg) v[0], in(reg) v[1], in(reg) v[2], in(reg) v[3], in(reg) v[4],
+             options(nomem, nostack, preserves_flags))
+    }
+}

@@ -24,6 +24,11 @@ impl crate::exits::Host for RealHost {
         unsafe { cpu::write_cr2(value) };
     }
 
+    fn breakpoint_addresses(&self) -> [u64; 4] {
+        let [dr0, dr1, dr2, dr3, _] = cpu::read_debug_registers();
+        [dr0, dr1, dr2, dr3]
+    }
+
     fn host_interrupt(&mut self, vector: u8) {
         if vector == idt::TIMER_VECTOR {
             lapic::on_timer_interrupt();

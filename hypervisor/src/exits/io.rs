@@ -3,7 +3,7 @@
 //! Keel intercepts every port (the I/O bitmaps are all ones). A port no device claims reads as
 //! all-ones and drops writes, like an empty ISA bus, and is counted in the guest's statistics.
 
-use super::{Action, Exception, ExitContext};
+use super::{debug, Action, Exception, ExitContext};
 use crate::gmem::{self, PagingMode};
 use crate::guest::StopReason;
 use crate::vmx::{
@@ -47,8 +47,15 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         )));
     };
     let (port, size) = (q.port, q.size);
+    // The guest's I/O breakpoints this access meets (SDM 17.2.4): a #DB trap is owed once the
+    // access is done; a repeated INS/OUTS takes it after its first element (SDM 17.3.1.2).
+    let watch = debug::Breakpoints::of(cx);
+    let breakpoints = watch.io(port, size);
+    let index = if q.direction == IoDirection::In { 7 } else { 6 };
+    let index_before = cx.guest.regs.get(index);
     let action = if q.string {
-        string(cx, &q)
+        let budget = if breakpoints != 0 { 1 } else { STRING_CHUNK };
+        string(cx, &q, budget, &watch)
     } else if q.direction == IoDirection::In {
         let v = port_in(cx, port, size) as u64 & mask(size);
         let rax = &mut cx.guest.regs.rax;
@@ -64,13 +71,23 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         port_out(cx, port, size, v);
         Action::Advance
     };
-    match cx.guest.platform.exit_status() {
-        Some(status) => Action::Stop(StopReason::DebugExit(status)),
-        None => action,
+    if let Some(status) = cx.guest.platform.exit_status() {
+        return Action::Stop(StopReason::DebugExit(status));
     }
+    // IN/OUT always access the port; INS/OUTS did if an element moved its index register.
+    if !q.string || cx.guest.regs.get(index) != index_before {
+        debug::queue_trap(cx.vmcs, breakpoints);
+    }
+    action
 }
 
-fn string<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, q: &IoQualification) -> Action {
+/// Moves at most `budget` elements, and stops after one that meets a data breakpoint in `watch`.
+fn string<V: Vmcs + ?Sized>(
+    cx: &mut ExitContext<'_, V>,
+    q: &IoQualification,
+    mut budget: u64,
+    watch: &debug::Breakpoints,
+) -> Action {
     // SDM 28.2.5, Table 28-8: instruction information for INS/OUTS gives the address size (bits
     // 9:7: 0 = 16, 1 = 32, 2 = 64) and, for OUTS, the segment register (bits 17:15).
     let info = cx.vmcs.read(ReadOnly32::ExitInstructionInfo);
@@ -112,7 +129,6 @@ fn string<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, q: &IoQualification) ->
     if count == 0 {
         return Action::Advance;
     }
-    let mut budget = STRING_CHUNK;
     while count > 0 && budget > 0 {
         let index = cx.guest.regs.get(index_reg) & addr_mask;
         let la = seg_base.wrapping_add(index);
@@ -149,6 +165,12 @@ fn string<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, q: &IoQualification) ->
         cx.guest.regs.set(index_reg, (old & !addr_mask) | next);
         count -= 1;
         budget -= 1;
+        // SDM 17.3.1.2: a repeated INS/OUTS traps after the iteration that met a data breakpoint.
+        let met = watch.data(la, step, is_in);
+        if met != 0 {
+            debug::queue_trap(cx.vmcs, met);
+            budget = 0;
+        }
         if q.rep {
             let rcx = cx.guest.regs.rcx;
             cx.guest.regs.rcx = (rcx & !addr_mask) | count;
@@ -167,6 +189,7 @@ fn string<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, q: &IoQualification) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exits::debug;
     use crate::exits::testing::*;
     use crate::vmx::ExitReason;
 
@@ -260,6 +283,90 @@ mod tests {
         // OUTSB from the read-only page is fine.
         t.guest.regs.rsi = 0x5020;
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
+    }
+
+    /// CR4.DE, DR7 with I/O breakpoint 0 (L0, R/W0 = 10, LEN0 = 1 byte) on port 80H.
+    fn io_breakpoint_on_port_80(t: &mut TestBed) {
+        t.vmcs.write(GuestNat::Cr4, 0x20 | 1 << 3);
+        t.vmcs
+            .write(GuestNat::Dr7, debug::DR7_INIT | 1 | 0b10 << 16);
+        t.host.dr = [0x80, 0, 0, 0];
+        t.vmcs.write(GuestNat::Rip, 0x7000);
+        t.set_instruction_length(2);
+    }
+
+    const TRAP_B0: u64 = debug::pending::ENABLED_BREAKPOINT | 1;
+
+    /// One I/O exit with no debug exception pending before it: its action, and the
+    /// pending-debug-exceptions field after it.
+    fn run_io(t: &mut TestBed) -> (Action, u64) {
+        t.vmcs.write(GuestNat::PendingDebugExceptions, 0);
+        let action = t.run(ExitReason::IoInstruction);
+        (action, t.vmcs.read(GuestNat::PendingDebugExceptions))
+    }
+
+    #[test]
+    fn io_breakpoint_traps_after_an_emulated_in_or_out() {
+        let mut t = TestBed::new();
+        io_breakpoint_on_port_80(&mut t);
+        // OUT 80H: emulated, RIP past it, and a #DB trap pending with B0 (SDM 17.3.1.2).
+        t.set_qualification(io_qual(0x80, 1, false, false, false));
+        assert_eq!(run_io(&mut t), (Action::Advance, TRAP_B0));
+        assert_eq!(t.vmcs.read(GuestNat::Rip), 0x7002);
+        // IN of a word at 7FH covers 80H too; OUT 84H meets no breakpoint.
+        t.set_qualification(io_qual(0x7f, 2, true, false, false));
+        assert_eq!(run_io(&mut t), (Action::Advance, TRAP_B0));
+        t.set_qualification(io_qual(0x84, 1, false, false, false));
+        assert_eq!(run_io(&mut t), (Action::Advance, 0));
+    }
+
+    #[test]
+    fn rep_string_io_traps_after_the_first_element() {
+        // SDM 17.3.1.2: a repeated INS/OUTS that meets an I/O breakpoint traps after the first
+        // iteration; the #DB handler returns to the instruction, which goes on with the rest.
+        let mut t = TestBed::new();
+        io_breakpoint_on_port_80(&mut t);
+        t.vmcs.write(GuestNat::Cr0, 0x11); // paging off
+        t.vmcs.write(GuestNat::Rflags, 2);
+        t.set_instruction_info(1 << 7 | 3 << 15); // 32-bit addresses, DS
+        t.guest.regs.rsi = 0x5000;
+        t.guest.regs.rcx = 5;
+        t.set_qualification(io_qual(0x80, 1, false, true, true));
+        assert_eq!(run_io(&mut t), (Action::Resume, TRAP_B0));
+        assert_eq!((t.guest.regs.rcx, t.guest.regs.rsi), (4, 0x5001));
+        assert_eq!(t.vmcs.read(GuestNat::Rip), 0x7000);
+        // The last element: RIP moves past the instruction, and the trap is pending again.
+        t.guest.regs.rcx = 1;
+        assert_eq!(run_io(&mut t), (Action::Advance, TRAP_B0));
+        assert_eq!(t.vmcs.read(GuestNat::Rip), 0x7002);
+        // REP with RCX = 0 accesses no port: no trap.
+        assert_eq!(run_io(&mut t), (Action::Advance, 0));
+    }
+
+    #[test]
+    fn rep_insb_traps_after_writing_a_watched_byte() {
+        // DR7: L0, R/W0 = 01 (writes), LEN0 = 1 byte at linear 5002H.
+        let mut t = TestBed::new();
+        t.vmcs
+            .write(GuestNat::Dr7, debug::DR7_INIT | 1 | 0b01 << 16);
+        t.host.dr = [0x5002, 0, 0, 0];
+        t.vmcs.write(GuestNat::Cr0, 0x11); // paging off
+        t.vmcs.write(GuestNat::Rflags, 2);
+        t.vmcs.write(GuestNat::Rip, 0x7000);
+        t.set_instruction_info(1 << 7); // 32-bit addresses
+        t.guest.regs.rdi = 0x5000;
+        t.guest.regs.rcx = 10;
+        t.set_qualification(io_qual(0x1234, 1, true, true, true));
+        // Elements 5000H-5002H are written, then the trap; RIP stays on the REP INSB.
+        assert_eq!(run_io(&mut t), (Action::Resume, TRAP_B0));
+        assert_eq!((t.guest.regs.rcx, t.guest.regs.rdi), (7, 0x5003));
+        assert_eq!(t.guest.ram.bytes()[0x5002], 0xff);
+        // The rest runs on without a trap; OUTSB reading the byte does not meet a write breakpoint.
+        assert_eq!(run_io(&mut t), (Action::Advance, 0));
+        assert_eq!(t.guest.regs.rcx, 0);
+        t.guest.regs.rsi = 0x5002;
+        t.set_qualification(io_qual(0x1234, 1, false, true, false));
+        assert_eq!(run_io(&mut t), (Action::Advance, 0));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 pub mod cpuid;
 pub mod cr;
+pub mod debug;
 pub mod ept;
 pub mod events;
 pub mod hlt;
@@ -39,6 +40,9 @@ pub trait Host {
     /// Sets the guest's CR2 (for an injected #PF). VMX does not switch CR2 (SDM 28.3): the
     /// value in the CPU at VM entry is the guest's.
     fn set_guest_cr2(&mut self, value: u64);
+    /// The guest's DR0-DR3: VMX does not switch them, Keel does with the guest (`debug`), so the
+    /// CPU's are the guest's while it is loaded.
+    fn breakpoint_addresses(&self) -> [u64; 4];
 }
 
 /// A hardware exception to deliver to the guest.
@@ -222,7 +226,8 @@ fn complete_instruction<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest) {
 
 /// Skips the instruction that caused the exit. SDM 28.2.4: the VM-exit instruction length is valid
 /// for the instruction-caused exits Keel emulates. Executing an instruction also ends blocking by
-/// STI and by MOV SS (SDM 25.4.2 / 26.6.6.1), which emulation must reproduce.
+/// STI and by MOV SS (SDM 25.4.2 / 26.6.6.1), which emulation must reproduce. (The single-step
+/// trap it owes is `complete_instruction`'s.)
 #[inline]
 pub fn advance_rip<V: Vmcs + ?Sized>(vmcs: &mut V, len: u64) {
     let rip = vmcs.read(GuestNat::Rip);
@@ -301,7 +306,9 @@ pub fn inject_pending_interrupt<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Gues
     let held = guest.events.held_interrupt();
     let want_window = match held.or_else(|| guest.platform.pending_interrupt()) {
         None => false,
-        Some(_) if guest.events.claims_entry(vmcs) => true,
+        // An event of the queue, or a debug trap already pending in the VMCS (an I/O breakpoint
+        // of an emulated instruction), comes first and would be lost to an injection.
+        Some(_) if guest.events.claims_entry(vmcs) || debug::trap_pending(vmcs) => true,
         Some(vector) => {
             let open = vmcs.read(GuestNat::Rflags) & RFLAGS_IF != 0
                 && vmcs.read(Guest32::InterruptibilityState) & 0b11 == 0;

@@ -14,6 +14,8 @@ pub struct FakeHost {
     pub interrupts: alloc::vec::Vec<u8>,
     pub nmis: u32,
     pub cr2: u64,
+    /// The guest's DR0-DR3.
+    pub dr: [u64; 4],
 }
 
 impl Host for FakeHost {
@@ -36,6 +38,9 @@ impl Host for FakeHost {
     }
     fn set_guest_cr2(&mut self, value: u64) {
         self.cr2 = value;
+    }
+    fn breakpoint_addresses(&self) -> [u64; 4] {
+        self.dr
     }
 }
 
@@ -79,6 +84,7 @@ impl TestBed {
                 interrupts: alloc::vec::Vec::new(),
                 nmis: 0,
                 cr2: 0,
+                dr: [0; 4],
             },
         }
     }

@@ -8,13 +8,10 @@
 //!   another value there when it runs again (`sse leaks=<n>`); next to `witness64 xmm=1` this shows
 //!   whether Keel switches SSE state between guests.
 
-use super::{Tally, GP};
+use super::{Tally, GP, HC_YIELD};
 use core::arch::asm;
 use guest_common::{cpu, say};
 use hostile64::{args, fault, sse, EXIT_OK};
-
-/// Hypercall YIELD (docs/HYPERCALLS.md).
-const HC_YIELD: usize = 2;
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_NW: u64 = 1 << 29;

@@ -2,6 +2,7 @@
 
 mod apic;
 mod cpu_state;
+mod debugregs;
 mod events;
 mod hypercalls;
 mod interrupts;
@@ -40,11 +41,15 @@ const ATTACKS: &[(&[u8], Attack)] = &[
     (b"hypercalls", hypercalls::run),
     (b"probe", memory::probe),
     (b"events", events::run),
+    (b"debugregs", debugregs::run),
 ];
 
 pub fn find(name: &[u8]) -> Option<Attack> {
     ATTACKS.iter().find(|(n, _)| *n == name).map(|&(_, a)| a)
 }
+
+/// Hypercall YIELD (docs/HYPERCALLS.md).
+pub const HC_YIELD: usize = 2;
 
 pub const UD: u8 = 6;
 pub const GP: u8 = 13;
@@ -124,7 +129,8 @@ impl Tally {
         self.good == self.total
     }
 
-    pub fn finish(self) -> ! {
+    /// Prints `hostile64: <attack> <label>=<good>/<total> ok|BAD`; true if all were good.
+    pub fn report(&self) -> bool {
         let ok = self.all_good();
         say!(
             "{} {}={}/{} {}",
@@ -134,6 +140,11 @@ impl Tally {
             self.total,
             if ok { "ok" } else { "BAD" }
         );
+        ok
+    }
+
+    pub fn finish(self) -> ! {
+        let ok = self.report();
         cpu::exit(if ok { EXIT_OK } else { EXIT_FAILURE })
     }
 }
