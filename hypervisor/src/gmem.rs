@@ -164,6 +164,50 @@ pub fn access(
     Ok(w.gpa)
 }
 
+/// The guest-physical bytes of one data access: a piece per 4 KiB page it touches (an access of
+/// up to 8 bytes touches at most two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pieces {
+    /// (guest-physical address, length) of the bytes on each page, in address order.
+    pieces: [(u64, u64); 2],
+    count: usize,
+}
+
+impl Pieces {
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.pieces[..self.count].iter().copied()
+    }
+}
+
+/// Translates every byte of a `len`-byte data access (1 to 8 bytes) at linear `la` with
+/// [`access`]'s checks, page by page: an access that crosses a page boundary needs both pages
+/// present and permitted before any byte moves, and its fault is that of the first page that
+/// fails, CR2 = the first byte of the access on that page (SDM 4.7; the pages are not physically
+/// contiguous in general). `linear_mask` is 0xffff_ffff outside 64-bit mode, where linear
+/// addresses wrap at 4 GiB (SDM 3.4.4).
+pub fn access_bytes(
+    ram: &GuestRam,
+    mode: &PagingMode,
+    la: u64,
+    len: u64,
+    write: bool,
+    user: bool,
+    linear_mask: u64,
+) -> Result<Pieces, PageFault> {
+    let la = la & linear_mask;
+    let first = len.min(4096 - (la & 0xfff));
+    let mut out = Pieces {
+        pieces: [(access(ram, mode, la, write, user)?, first), (0, 0)],
+        count: 1,
+    };
+    if first < len {
+        let next = la.wrapping_add(first) & linear_mask;
+        out.pieces[1] = (access(ram, mode, next, write, user)?, len - first);
+        out.count = 2;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
