@@ -4,8 +4,9 @@
 //! (and, not being instruction-caused, gives no instruction length: SDM 28.2.4), so Keel fetches
 //! the instruction at CS:RIP through the guest's page tables and decodes it. Device drivers reach
 //! registers with plain moves, so the decoder handles the MOV family (88, 89, 8A, 8B, C6, C7,
-//! A0-A3 with an absolute offset, 0F B6/B7 MOVZX) with every prefix, ModRM, SIB and displacement form; anything else stops the
-//! guest with the bytes in the message rather than guessing.
+//! A0-A3 with an absolute offset, 0F B6/B7 MOVZX) with every prefix, ModRM, SIB and displacement
+//! form, and the operand- and address-size rules of 16-, 32- and 64-bit code ([`CodeSize`]);
+//! anything else stops the guest with the bytes in the message rather than guessing.
 
 use crate::exits::{Action, ExitContext};
 use crate::gmem::{self, PagingMode};
@@ -43,42 +44,80 @@ pub struct Decoded {
     pub len: u8,
 }
 
-/// Decodes one instruction. `long` = 64-bit code; `default32` = CS.D (32-bit default operand and
-/// address size outside long mode).
-pub fn decode(bytes: &[u8], long: bool, default32: bool) -> Option<Decoded> {
+/// The default operand and address size of the code the guest runs (SDM Vol. 1 3.6, Vol. 3A
+/// 3.4.5: CS.L in IA-32e mode selects 64-bit code, else CS.D 32-bit; real and virtual-8086 mode
+/// are 16-bit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeSize {
+    Bits16,
+    Bits32,
+    Bits64,
+}
+
+impl CodeSize {
+    /// The guest's code size from its VMCS state: real mode (CR0.PE = 0) and virtual-8086 mode
+    /// (RFLAGS.VM) are 16-bit whatever CS holds (SDM 20.1); CS.L counts only in IA-32e mode
+    /// (EFER.LMA); otherwise CS.D says 32 or 16.
+    pub fn of<V: Vmcs + ?Sized>(vmcs: &V) -> Self {
+        const CR0_PE: u64 = 1;
+        const RFLAGS_VM: u64 = 1 << 17;
+        const EFER_LMA: u64 = 1 << 10;
+        const CS_L: u32 = 1 << 13;
+        const CS_D: u32 = 1 << 14;
+        let cs = vmcs.read(Guest32::CsAccessRights);
+        if vmcs.read(GuestNat::Cr0) & CR0_PE == 0 || vmcs.read(GuestNat::Rflags) & RFLAGS_VM != 0 {
+            Self::Bits16
+        } else if vmcs.read(Guest64::Ia32Efer) & EFER_LMA != 0 && cs & CS_L != 0 {
+            Self::Bits64
+        } else if cs & CS_D != 0 {
+            Self::Bits32
+        } else {
+            Self::Bits16
+        }
+    }
+}
+
+/// Decodes one instruction of `code`-sized code.
+///
+/// Operand size (SDM Vol. 1 3.6, Table 3-4; Vol. 2 2.2.1.2): 16 in 16-bit code and 32 in 32- and
+/// 64-bit code by default, 0x66 switches between 16 and 32, REX.W makes it 64 whatever 0x66
+/// says. Address size: 16, 32 or 64 by default, 0x67 switches 16 <-> 32 outside 64-bit code and
+/// 64 -> 32 in it. The address size picks the ModRM forms (16-bit: Vol. 2 Table 2-1, no SIB,
+/// disp16; 32/64-bit: Table 2-2/2-3 with SIB and disp32) and the width of a moffs offset.
+pub fn decode(bytes: &[u8], code: CodeSize) -> Option<Decoded> {
+    let long = code == CodeSize::Bits64;
     let mut i = 0;
-    let mut opsize16 = false;
-    let mut addr_override = false;
+    let mut opsize_prefix = false;
+    let mut addr_prefix = false;
     let mut rex = 0u8;
     loop {
-        match *bytes.get(i)? {
-            0x66 => opsize16 = true,
-            0x67 => addr_override = true,
+        let b = *bytes.get(i)?;
+        match b {
+            0x66 => opsize_prefix = true,
+            0x67 => addr_prefix = true,
             0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0xf2 | 0xf3 => {}
-            b @ 0x40..=0x4f if long => {
+            0x40..=0x4f if long => {
                 rex = b;
                 i += 1;
-                break;
+                continue;
             }
             _ => break,
         }
+        // SDM Vol. 2 2.2.1: a REX prefix counts only immediately before the opcode.
+        rex = 0;
         i += 1;
     }
     let rex_w = rex & 8 != 0;
     let rex_r = (rex & 4) << 1;
-    let wide = if rex_w {
-        8
-    } else if opsize16 {
-        2
-    } else if long || default32 {
-        4
-    } else {
-        2
+    let wide = match (code, opsize_prefix) {
+        (CodeSize::Bits64, _) if rex_w => 8,
+        (CodeSize::Bits16, false) | (CodeSize::Bits32 | CodeSize::Bits64, true) => 2,
+        _ => 4,
     };
-    let addr32 = if long {
-        true
-    } else {
-        default32 != addr_override
+    let addr_bytes = match (code, addr_prefix) {
+        (CodeSize::Bits16, false) | (CodeSize::Bits32, true) => 2,
+        (CodeSize::Bits64, false) => 8,
+        _ => 4,
     };
     let mut opcode = *bytes.get(i)? as u16;
     i += 1;
@@ -87,20 +126,9 @@ pub fn decode(bytes: &[u8], long: bool, default32: bool) -> Option<Decoded> {
         i += 1;
     }
     // MOV AL/eAX <-> moffs (A0-A3): no ModRM, an absolute offset of the address size follows
-    // (SDM Vol. 2B, MOV: 8 bytes in 64-bit mode, 4 with a 0x67 prefix there or in 32-bit code).
+    // (SDM Vol. 2B, MOV).
     if (0xa0..=0xa3).contains(&opcode) {
-        let offset_len = if long {
-            if addr_override {
-                4
-            } else {
-                8
-            }
-        } else if addr32 {
-            4
-        } else {
-            2
-        };
-        let len = i + offset_len;
+        let len = i + addr_bytes;
         if len > 15 || len > bytes.len() {
             return None;
         }
@@ -126,8 +154,16 @@ pub fn decode(bytes: &[u8], long: bool, default32: bool) -> Option<Decoded> {
     if md == 3 {
         return None; // a register operand cannot fault on MMIO
     }
-    // Addressing bytes: SIB and displacement (SDM Vol. 2, 2.1.5 tables 2-1/2-2).
-    if addr32 {
+    // Addressing bytes: SIB and displacement (SDM Vol. 2, 2.1.5 Tables 2-1 to 2-3). REX.B
+    // extends the base register but not which forms take a SIB or a displacement.
+    if addr_bytes == 2 {
+        i += match md {
+            0 if rm == 6 => 2,
+            1 => 1,
+            2 => 2,
+            _ => 0,
+        };
+    } else {
         if rm == 4 {
             let sib = *bytes.get(i)?;
             i += 1;
@@ -139,13 +175,6 @@ pub fn decode(bytes: &[u8], long: bool, default32: bool) -> Option<Decoded> {
             0 if rm == 5 => 4,
             1 => 1,
             2 => 4,
-            _ => 0,
-        };
-    } else {
-        i += match md {
-            0 if rm == 6 => 2,
-            1 => 1,
-            2 => 2,
             _ => 0,
         };
     }
@@ -283,11 +312,18 @@ fn write_register(old: u64, value: u64, size: u8, high_byte: bool) -> u64 {
 }
 
 /// Reads up to `out.len()` instruction bytes at guest-linear `la`, one page walk per page
-/// touched; stops early at a page that is not mapped. Returns how many bytes were read.
-fn fetch(ram: &crate::guest::GuestRam, mode: &PagingMode, la: u64, out: &mut [u8]) -> usize {
+/// touched (an instruction may straddle two pages that are not physically adjacent); stops
+/// early at a page that is not mapped. Returns how many bytes were read.
+fn fetch(
+    ram: &crate::guest::GuestRam,
+    mode: &PagingMode,
+    la: u64,
+    linear_mask: u64,
+    out: &mut [u8],
+) -> usize {
     let mut got = 0;
     while got < out.len() {
-        let at = la.wrapping_add(got as u64);
+        let at = la.wrapping_add(got as u64) & linear_mask;
         let in_page = (4096 - (at & 0xfff)) as usize;
         let n = in_page.min(out.len() - got);
         let Some(pa) = gmem::translate(ram, mode, at) else {
@@ -309,14 +345,18 @@ pub fn emulate<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, gpa: u64) -> Actio
         cr4: cx.vmcs.read(GuestNat::Cr4),
         efer: cx.vmcs.read(Guest64::Ia32Efer),
     };
-    let cs_ar = cx.vmcs.read(Guest32::CsAccessRights);
-    let long = cs_ar & (1 << 13) != 0;
-    let default32 = cs_ar & (1 << 14) != 0;
+    let code = CodeSize::of(cx.vmcs);
     let rip = cx.vmcs.read(GuestNat::Rip);
+    // Linear addresses are 32 bits outside 64-bit code (SDM 3.4.4), so CS base + EIP wraps.
+    let linear_mask = if code == CodeSize::Bits64 {
+        u64::MAX
+    } else {
+        0xffff_ffff
+    };
     let la = cx.vmcs.read(GuestNat::CsBase).wrapping_add(rip);
     let mut bytes = [0u8; 15];
-    let got = fetch(&cx.guest.ram, &mode, la, &mut bytes);
-    let Some(d) = decode(&bytes[..got], long, default32) else {
+    let got = fetch(&cx.guest.ram, &mode, la, linear_mask, &mut bytes);
+    let Some(d) = decode(&bytes[..got], code) else {
         return Action::Stop(StopReason::Killed(format!(
             "MMIO access to {gpa:#x} by an instruction Keel does not emulate: {:02x?}",
             &bytes[..got.min(8)]
@@ -364,7 +404,7 @@ mod tests {
     #[test]
     fn decodes_the_moves_drivers_use() {
         // mov dword [rax+0xb0], ecx  (89 88 b0 00 00 00)
-        let d = decode(&[0x89, 0x88, 0xb0, 0, 0, 0], true, false).unwrap();
+        let d = decode(&[0x89, 0x88, 0xb0, 0, 0, 0], CodeSize::Bits64).unwrap();
         assert_eq!(
             d,
             Decoded {
@@ -379,7 +419,7 @@ mod tests {
             }
         );
         // mov eax, [rip+disp32]  (8b 05 xx xx xx xx)
-        let d = decode(&[0x8b, 0x05, 1, 2, 3, 4], true, false).unwrap();
+        let d = decode(&[0x8b, 0x05, 1, 2, 3, 4], CodeSize::Bits64).unwrap();
         assert_eq!(d.len, 6);
         assert_eq!(
             d.op,
@@ -393,7 +433,7 @@ mod tests {
             }
         );
         // mov r9, [rdx]  (4c 8b 0a)
-        let d = decode(&[0x4c, 0x8b, 0x0a], true, false).unwrap();
+        let d = decode(&[0x4c, 0x8b, 0x0a], CodeSize::Bits64).unwrap();
         assert_eq!(
             d.op,
             MmioOp::Read {
@@ -408,8 +448,7 @@ mod tests {
         // mov dword [rbx + rcx*4 + 0x10], 0x12345678  (c7 44 8b 10 78 56 34 12)
         let d = decode(
             &[0xc7, 0x44, 0x8b, 0x10, 0x78, 0x56, 0x34, 0x12],
-            true,
-            false,
+            CodeSize::Bits64,
         )
         .unwrap();
         assert_eq!(
@@ -423,7 +462,7 @@ mod tests {
             }
         );
         // movzx eax, byte [rsi]  (0f b6 06)
-        let d = decode(&[0x0f, 0xb6, 0x06], true, false).unwrap();
+        let d = decode(&[0x0f, 0xb6, 0x06], CodeSize::Bits64).unwrap();
         assert_eq!(
             d.op,
             MmioOp::Read {
@@ -436,7 +475,7 @@ mod tests {
             }
         );
         // 16-bit: mov ax, [0x1234] in real mode (8b 06 34 12)
-        let d = decode(&[0x8b, 0x06, 0x34, 0x12], false, false).unwrap();
+        let d = decode(&[0x8b, 0x06, 0x34, 0x12], CodeSize::Bits16).unwrap();
         assert_eq!(
             (d.len, d.op),
             (
@@ -452,7 +491,7 @@ mod tests {
             )
         );
         // mov ah, [ebx] in 32-bit code (8a 23)
-        let d = decode(&[0x8a, 0x23], false, true).unwrap();
+        let d = decode(&[0x8a, 0x23], CodeSize::Bits32).unwrap();
         assert_eq!(
             d.op,
             MmioOp::Read {
@@ -465,7 +504,11 @@ mod tests {
             }
         );
         // mov qword [rax], imm32 sign-extended (48 c7 00 ff ff ff ff)
-        let d = decode(&[0x48, 0xc7, 0x00, 0xff, 0xff, 0xff, 0xff], true, false).unwrap();
+        let d = decode(
+            &[0x48, 0xc7, 0x00, 0xff, 0xff, 0xff, 0xff],
+            CodeSize::Bits64,
+        )
+        .unwrap();
         assert_eq!(
             d.op,
             MmioOp::Write {
@@ -480,7 +523,7 @@ mod tests {
         // mov eax, [0xfee00080] in 64-bit code: A1 + 8-byte offset.
         let mut b = alloc::vec![0xa1];
         b.extend_from_slice(&0xfee0_0080u64.to_le_bytes());
-        let d = decode(&b, true, false).unwrap();
+        let d = decode(&b, CodeSize::Bits64).unwrap();
         assert_eq!(
             d,
             Decoded {
@@ -496,7 +539,7 @@ mod tests {
             }
         );
         // mov [0xfee000b0], eax with 0x67 in 64-bit code: 4-byte offset.
-        let d = decode(&[0x67, 0xa3, 0xb0, 0, 0xe0, 0xfe], true, false).unwrap();
+        let d = decode(&[0x67, 0xa3, 0xb0, 0, 0xe0, 0xfe], CodeSize::Bits64).unwrap();
         assert_eq!(
             d,
             Decoded {
@@ -514,7 +557,7 @@ mod tests {
         let mut b = alloc::vec![0x48, 0xa3];
         b.extend_from_slice(&0u64.to_le_bytes());
         assert_eq!(
-            decode(&b, true, false).unwrap().op,
+            decode(&b, CodeSize::Bits64).unwrap().op,
             MmioOp::Write {
                 src: Operand::Reg {
                     index: 0,
@@ -523,20 +566,149 @@ mod tests {
                 size: 8
             }
         );
-        assert_eq!(decode(&[0xa0, 0x34, 0x12], false, false).unwrap().len, 3);
-        assert_eq!(decode(&[0xa1, 1, 2], true, false), None, "truncated offset");
+        assert_eq!(
+            decode(&[0xa0, 0x34, 0x12], CodeSize::Bits16).unwrap().len,
+            3
+        );
+        assert_eq!(
+            decode(&[0xa1, 1, 2], CodeSize::Bits64),
+            None,
+            "truncated offset"
+        );
+    }
+
+    /// (R/W, size, destination size, length), as [`shape`] gives it.
+    type Shape = (char, u8, u8, u8);
+
+    /// What a test compares: the access (R = read into a register, W = write), its size, the
+    /// destination size of a read, and the instruction length.
+    fn shape(d: Option<Decoded>) -> Option<Shape> {
+        d.map(|d| match d.op {
+            MmioOp::Read { size, dst_size, .. } => ('R', size, dst_size, d.len),
+            MmioOp::Write { size, .. } => ('W', size, size, d.len),
+        })
+    }
+
+    /// Operand and address size over the three code sizes and the 0x66/0x67/REX prefixes (SDM
+    /// Vol. 1 3.6 Table 3-4, Vol. 2 2.2.1.2 and Table 2-1 for 16-bit ModRM), each row: code
+    /// size, bytes, (R/W, size, destination size, length).
+    #[test]
+    fn operand_and_address_sizes_follow_the_code_size_and_prefixes() {
+        use CodeSize::*;
+        #[rustfmt::skip]
+        let rows: &[(CodeSize, &[u8], Shape)] = &[
+            // 16-bit code: 16-bit operands, 0x66 makes them 32-bit.
+            (Bits16, &[0x89, 0x07], ('W', 2, 2, 2)),                       // mov [bx], ax
+            (Bits16, &[0x66, 0x89, 0x07], ('W', 4, 4, 3)),                 // mov [bx], eax
+            (Bits16, &[0x8b, 0x06, 0x34, 0x12], ('R', 2, 2, 4)),           // mov ax, [0x1234]
+            (Bits16, &[0x66, 0x8b, 0x06, 0x34, 0x12], ('R', 4, 4, 5)),     // mov eax, [0x1234]
+            (Bits16, &[0x8b, 0x04], ('R', 2, 2, 2)),                       // mov ax, [si]: no SIB
+            (Bits16, &[0x8b, 0x44, 0x10], ('R', 2, 2, 3)),                 // [si+disp8]
+            (Bits16, &[0x8b, 0x84, 0x10, 0x20], ('R', 2, 2, 4)),           // [si+disp16]
+            (Bits16, &[0x8b, 0x46, 0x10], ('R', 2, 2, 3)),                 // [bp+disp8]
+            (Bits16, &[0xc7, 0x06, 0x34, 0x12, 0x78, 0x56], ('W', 2, 2, 6)), // imm16
+            (Bits16, &[0xc7, 0x87, 0x10, 0x20, 0x78, 0x56], ('W', 2, 2, 6)), // [bx+disp16], imm16
+            (Bits16, &[0x66, 0xc7, 0x06, 0x34, 0x12, 1, 2, 3, 4], ('W', 4, 4, 9)), // imm32
+            // 0x67 in 16-bit code: 32-bit addressing (SIB, disp32).
+            (Bits16, &[0x67, 0x8b, 0x05, 1, 2, 3, 4], ('R', 2, 2, 7)),
+            (Bits16, &[0x67, 0x8b, 0x04, 0x24], ('R', 2, 2, 4)),
+            (Bits16, &[0x66, 0x67, 0xc7, 0x05, 0x80, 0, 0xe0, 0xfe, 1, 2, 3, 4], ('W', 4, 4, 12)),
+            (Bits16, &[0x67, 0x66, 0x8b, 0x05, 0x80, 0, 0xe0, 0xfe], ('R', 4, 4, 8)),
+            // moffs: an address-size offset.
+            (Bits16, &[0xa1, 0x80, 0x00], ('R', 2, 2, 3)),
+            (Bits16, &[0x66, 0xa1, 0x80, 0x00], ('R', 4, 4, 4)),
+            (Bits16, &[0x67, 0xa1, 0x80, 0, 0xe0, 0xfe], ('R', 2, 2, 6)),
+            (Bits16, &[0x66, 0x67, 0xa3, 0x80, 0, 0xe0, 0xfe], ('W', 4, 4, 7)),
+            (Bits16, &[0xa2, 0x80, 0x00], ('W', 1, 1, 3)),
+            // MOVZX: the destination takes the operand size.
+            (Bits16, &[0x0f, 0xb7, 0x07], ('R', 2, 2, 3)),
+            (Bits16, &[0x66, 0x0f, 0xb6, 0x07], ('R', 1, 4, 4)),
+            // 32-bit code: 0x66 makes operands 16-bit, 0x67 addresses 16-bit.
+            (Bits32, &[0x89, 0x07], ('W', 4, 4, 2)),
+            (Bits32, &[0x66, 0x89, 0x07], ('W', 2, 2, 3)),
+            (Bits32, &[0x8b, 0x05, 1, 2, 3, 4], ('R', 4, 4, 6)),
+            (Bits32, &[0x67, 0x8b, 0x06, 0x34, 0x12], ('R', 4, 4, 5)),
+            (Bits32, &[0x67, 0x8b, 0x04], ('R', 4, 4, 3)),
+            (Bits32, &[0x66, 0xc7, 0x05, 1, 2, 3, 4, 0x78, 0x56], ('W', 2, 2, 9)),
+            (Bits32, &[0xc7, 0x04, 0x24, 1, 2, 3, 4], ('W', 4, 4, 7)),
+            (Bits32, &[0xa1, 0x80, 0, 0xe0, 0xfe], ('R', 4, 4, 5)),
+            (Bits32, &[0x67, 0xa1, 0x80, 0x00], ('R', 4, 4, 4)),
+            (Bits32, &[0x66, 0x67, 0xa3, 0x80, 0x00], ('W', 2, 2, 5)),
+            // 64-bit code: REX.W wins over 0x66; 0x67 makes addresses 32-bit (same ModRM forms).
+            (Bits64, &[0x89, 0x07], ('W', 4, 4, 2)),
+            (Bits64, &[0x66, 0x89, 0x07], ('W', 2, 2, 3)),
+            (Bits64, &[0x48, 0x89, 0x07], ('W', 8, 8, 3)),
+            (Bits64, &[0x66, 0x48, 0x89, 0x07], ('W', 8, 8, 4)),
+            // A REX followed by a legacy prefix is ignored (SDM Vol. 2 2.2.1).
+            (Bits64, &[0x48, 0x66, 0x89, 0x07], ('W', 2, 2, 4)),
+            (Bits64, &[0x67, 0x8b, 0x05, 1, 2, 3, 4], ('R', 4, 4, 7)),
+            (Bits64, &[0x67, 0x8b, 0x04, 0x24], ('R', 4, 4, 4)),
+            (Bits64, &[0x41, 0x8b, 0x04, 0x24], ('R', 4, 4, 4)),           // [r12]: SIB
+            (Bits64, &[0x41, 0x8b, 0x45, 0x00], ('R', 4, 4, 4)),           // [r13+0]
+            (Bits64, &[0x66, 0xc7, 0x00, 0x34, 0x12], ('W', 2, 2, 5)),
+            (Bits64, &[0x48, 0xc7, 0x00, 1, 2, 3, 4], ('W', 8, 8, 7)),
+            (Bits64, &[0xa1, 0x80, 0, 0xe0, 0xfe, 0, 0, 0, 0], ('R', 4, 4, 9)),
+            (Bits64, &[0x67, 0xa1, 0x80, 0, 0xe0, 0xfe], ('R', 4, 4, 6)),
+            (Bits64, &[0x66, 0xa1, 0x80, 0, 0xe0, 0xfe, 0, 0, 0, 0], ('R', 2, 2, 10)),
+            (Bits64, &[0x48, 0x0f, 0xb7, 0x07], ('R', 2, 8, 4)),
+        ];
+        let mut wrong = alloc::vec::Vec::new();
+        for &(code, bytes, want) in rows {
+            let got = shape(decode(bytes, code));
+            if got != Some(want) {
+                wrong.push(alloc::format!(
+                    "{code:?} {bytes:02x?}: {got:?}, want {want:?}"
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn immediates_follow_the_operand_size() {
+        // 16-bit code, 0x66 0x67: mov dword [disp32], imm32 (the instruction).
+        let d = decode(
+            &[
+                0x66, 0x67, 0xc7, 0x05, 0x80, 0, 0xe0, 0xfe, 0x78, 0x56, 0x34, 0x12,
+            ],
+            CodeSize::Bits16,
+        );
+        assert_eq!(
+            d.map(|d| d.op),
+            Some(MmioOp::Write {
+                src: Operand::Imm(0x1234_5678),
+                size: 4
+            })
+        );
+        // 32-bit code, 0x66: imm16, not sign-extended.
+        let d = decode(&[0x66, 0xc7, 0x00, 0xff, 0xff], CodeSize::Bits32);
+        assert_eq!(
+            d.map(|d| d.op),
+            Some(MmioOp::Write {
+                src: Operand::Imm(0xffff),
+                size: 2
+            })
+        );
     }
 
     #[test]
     fn refuses_what_it_does_not_know() {
-        assert_eq!(decode(&[0x01, 0x00], true, false), None, "ADD to memory");
-        assert_eq!(decode(&[0x89, 0xc0], true, false), None, "register form");
         assert_eq!(
-            decode(&[0x89, 0x80, 0, 0], true, false),
+            decode(&[0x01, 0x00], CodeSize::Bits64),
+            None,
+            "ADD to memory"
+        );
+        assert_eq!(
+            decode(&[0x89, 0xc0], CodeSize::Bits64),
+            None,
+            "register form"
+        );
+        assert_eq!(
+            decode(&[0x89, 0x80, 0, 0], CodeSize::Bits64),
             None,
             "truncated displacement"
         );
-        assert_eq!(decode(&[], true, false), None);
+        assert_eq!(decode(&[], CodeSize::Bits64), None);
     }
 
     #[test]
@@ -555,16 +727,43 @@ mod tests {
         };
         let mut out = [0u8; 15];
         assert_eq!(
-            fetch(&ram, &off, 0x1ffa, &mut out),
+            fetch(&ram, &off, 0x1ffa, u64::MAX, &mut out),
             15,
             "crosses a page boundary"
         );
         assert_eq!(out[..3], [2, 3, 4]);
         assert_eq!(out[14], 16);
         assert_eq!(
-            fetch(&ram, &off, 0xfffa, &mut out),
+            fetch(&ram, &off, 0xfffa, u64::MAX, &mut out),
             6,
             "stops where RAM ends"
+        );
+    }
+
+    #[test]
+    fn fetch_follows_the_page_tables_across_a_page_boundary() {
+        let mem: &'static mut [u8] = alloc::vec![0u8; 0x10000].leak();
+        // SAFETY: the leaked buffer belongs to this test alone.
+        let mut ram = unsafe { crate::guest::GuestRam::new(mem, 0) };
+        // 32-bit paging: PD 0x1000 -> PT 0x2000; linear page 0 -> 0x5000, page 1 -> 0x3000.
+        ram.bytes()[0x1000..0x1004].copy_from_slice(&0x2003u32.to_le_bytes());
+        ram.bytes()[0x2000..0x2004].copy_from_slice(&0x5003u32.to_le_bytes());
+        ram.bytes()[0x2004..0x2008].copy_from_slice(&0x3003u32.to_le_bytes());
+        ram.bytes()[0x5ffd..0x6000].copy_from_slice(&[0x66, 0x67, 0xc7]);
+        ram.bytes()[0x3000..0x3009].copy_from_slice(&[0x05, 0x80, 0, 0xe0, 0xfe, 1, 2, 3, 4]);
+        ram.bytes()[0x6000] = 0xcc; // the physically next byte, not the instruction's
+        let paged = PagingMode {
+            cr0: 0x8000_0001,
+            cr3: 0x1000,
+            cr4: 0,
+            efer: 0,
+        };
+        let mut out = [0u8; 15];
+        assert_eq!(fetch(&ram, &paged, 0xffd, 0xffff_ffff, &mut out), 15);
+        assert_eq!(
+            decode(&out, CodeSize::Bits16).map(|d| d.len),
+            Some(12),
+            "{out:02x?}"
         );
     }
 
