@@ -5,6 +5,7 @@ mod cpu_state;
 mod hypercalls;
 mod interrupts;
 mod memory;
+mod mmio16;
 mod moffs;
 mod msr;
 mod ports;
@@ -35,6 +36,7 @@ const ATTACKS: &[(&[u8], Attack)] = &[
     (b"storm", interrupts::storm),
     (b"apic", apic::run),
     (b"moffs", moffs::run),
+    (b"mmio16", mmio16::run),
     (b"idtmmio", tables::run),
     (b"hypercalls", hypercalls::run),
     (b"probe", memory::probe),
