@@ -33,12 +33,24 @@ fn read_u32(ram: &GuestRam, gpa: u64) -> Option<u64> {
 }
 
 /// A successful walk: the guest-physical address and the permissions of the whole path (a page
-/// is writable or user-accessible only if every level says so, SDM 4.6).
+/// is writable or user-accessible only if every level says so, SDM 4.6), and where the entries
+/// it used are (the leaf last), for their accessed and dirty flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Walk {
     pub gpa: u64,
     pub writable: bool,
     pub user: bool,
+    entries: [u64; 4],
+    levels: usize,
+}
+
+/// Who makes a data access and how (SDM 4.6): a write or a read, in user mode (CPL 3) or
+/// supervisor mode, and RFLAGS.AC, which lifts SMAP for explicit supervisor accesses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessKind {
+    pub write: bool,
+    pub user: bool,
+    pub ac: bool,
 }
 
 /// A page fault to inject: error code bits P (0), W/R (1), U/S (2) as SDM 4.7 defines them; the
@@ -51,7 +63,11 @@ pub struct PageFault {
 
 const RW: u64 = 1 << 1;
 const US: u64 = 1 << 2;
+/// Accessed and dirty flags: bits 5 and 6 of every entry format (SDM 4.8).
+const ACCESSED: u8 = 1 << 5;
+const DIRTY: u8 = 1 << 6;
 const CR0_WP: u64 = 1 << 16;
+const CR4_SMAP: u64 = 1 << 21;
 
 /// Walks the guest's page tables for `la`. `None` when an entry is not present, or a table lies
 /// outside RAM.
@@ -61,23 +77,29 @@ pub fn walk(ram: &GuestRam, mode: &PagingMode, la: u64) -> Option<Walk> {
             gpa: la & 0xffff_ffff,
             writable: true,
             user: true,
+            entries: [0; 4],
+            levels: 0,
         });
     }
     let (mut writable, mut user) = (true, true);
-    let mut leaf = |e: u64| {
+    let (mut entries, mut levels) = ([0u64; 4], 0);
+    let mut leaf = |at: u64, e: u64| {
         writable &= e & RW != 0;
         user &= e & US != 0;
+        entries[levels] = at;
+        levels += 1;
     };
     let gpa = if mode.efer & EFER_LMA != 0 {
         let mut table = mode.cr3 & ADDR_MASK;
         let mut found = None;
         for level in (1..=4u32).rev() {
             let shift = 12 + 9 * (level - 1);
-            let e = read_u64(ram, table + ((la >> shift) & 511) * 8)?;
+            let at = table + ((la >> shift) & 511) * 8;
+            let e = read_u64(ram, at)?;
             if e & PRESENT == 0 {
                 return None;
             }
-            leaf(e);
+            leaf(at, e);
             if level == 1 || (level <= 3 && e & PAGE_SIZE_BIT != 0) {
                 let page_mask = (1u64 << shift) - 1;
                 found = Some((e & ADDR_MASK & !page_mask) | (la & page_mask));
@@ -92,35 +114,39 @@ pub fn walk(ram: &GuestRam, mode: &PagingMode, la: u64) -> Option<Walk> {
         if pdpte & PRESENT == 0 {
             return None;
         }
-        let pde = read_u64(ram, (pdpte & ADDR_MASK) + ((la >> 21) & 511) * 8)?;
+        let at = (pdpte & ADDR_MASK) + ((la >> 21) & 511) * 8;
+        let pde = read_u64(ram, at)?;
         if pde & PRESENT == 0 {
             return None;
         }
-        leaf(pde);
+        leaf(at, pde);
         if pde & PAGE_SIZE_BIT != 0 {
             (pde & ADDR_MASK & !0x1f_ffff) | (la & 0x1f_ffff)
         } else {
-            let pte = read_u64(ram, (pde & ADDR_MASK) + ((la >> 12) & 511) * 8)?;
+            let at = (pde & ADDR_MASK) + ((la >> 12) & 511) * 8;
+            let pte = read_u64(ram, at)?;
             if pte & PRESENT == 0 {
                 return None;
             }
-            leaf(pte);
+            leaf(at, pte);
             (pte & ADDR_MASK) | (la & 0xfff)
         }
     } else {
-        let pde = read_u32(ram, (mode.cr3 & 0xffff_f000) + ((la >> 22) & 1023) * 4)?;
+        let at = (mode.cr3 & 0xffff_f000) + ((la >> 22) & 1023) * 4;
+        let pde = read_u32(ram, at)?;
         if pde & PRESENT == 0 {
             return None;
         }
-        leaf(pde);
+        leaf(at, pde);
         if pde & PAGE_SIZE_BIT != 0 && mode.cr4 & CR4_PSE != 0 {
             (pde & 0xffc0_0000) | (la & 0x3f_ffff)
         } else {
-            let pte = read_u32(ram, (pde & 0xffff_f000) + ((la >> 12) & 1023) * 4)?;
+            let at = (pde & 0xffff_f000) + ((la >> 12) & 1023) * 4;
+            let pte = read_u32(ram, at)?;
             if pte & PRESENT == 0 {
                 return None;
             }
-            leaf(pte);
+            leaf(at, pte);
             (pte & 0xffff_f000) | (la & 0xfff)
         }
     };
@@ -128,6 +154,8 @@ pub fn walk(ram: &GuestRam, mode: &PagingMode, la: u64) -> Option<Walk> {
         gpa,
         writable,
         user,
+        entries,
+        levels,
     })
 }
 
@@ -136,32 +164,43 @@ pub fn translate(ram: &GuestRam, mode: &PagingMode, la: u64) -> Option<u64> {
     walk(ram, mode, la).map(|w| w.gpa)
 }
 
-/// Translates a data access the guest makes (or Keel makes for it, as in string I/O) the way its
-/// MMU would, or says which page fault the guest should see instead (SDM 4.6: a write to a
-/// read-only page faults in user mode, and in supervisor mode when CR0.WP = 1; a user access to a
-/// supervisor page faults).
-pub fn access(
-    ram: &GuestRam,
-    mode: &PagingMode,
-    la: u64,
-    write: bool,
-    user: bool,
-) -> Result<u64, PageFault> {
-    let code = |present: bool| (present as u32) | (write as u32) << 1 | (user as u32) << 2;
+/// Checks a data access the guest makes (or Keel makes for it, as in string I/O) the way its
+/// MMU would, or says which page fault the guest should see instead (SDM 4.6.1: a write to a
+/// read-only page faults in user mode, and in supervisor mode when CR0.WP = 1; a user access to
+/// a supervisor page faults; with CR4.SMAP a supervisor access to a user page faults unless
+/// RFLAGS.AC = 1). Protection keys (CR4.PKE) are not checked: Keel does not see the guest's PKRU.
+fn check(ram: &GuestRam, mode: &PagingMode, la: u64, kind: AccessKind) -> Result<Walk, PageFault> {
+    let code =
+        |present: bool| (present as u32) | (kind.write as u32) << 1 | (kind.user as u32) << 2;
     let Some(w) = walk(ram, mode, la) else {
         return Err(PageFault {
             address: la,
             error_code: code(false),
         });
     };
-    let write_denied = write && !w.writable && (user || mode.cr0 & CR0_WP != 0);
-    if write_denied || (user && !w.user) {
+    let write_denied = kind.write && !w.writable && (kind.user || mode.cr0 & CR0_WP != 0);
+    let user_denied = kind.user && !w.user;
+    let smap_denied = !kind.user && w.user && mode.cr4 & CR4_SMAP != 0 && !kind.ac;
+    if write_denied || user_denied || smap_denied {
         return Err(PageFault {
             address: la,
             error_code: code(true),
         });
     }
-    Ok(w.gpa)
+    Ok(w)
+}
+
+/// Sets the accessed flag of every entry a walk used and, for a write, the dirty flag of the
+/// leaf, as the CPU does for an access it makes (SDM 4.8). Keel's emulated accesses are the
+/// guest's own: an OS that finds dirty pages by the D flag must see a page INS wrote as dirty.
+fn mark_used(ram: &mut GuestRam, w: &Walk, write: bool) {
+    let bytes = ram.bytes();
+    for (i, &at) in w.entries[..w.levels].iter().enumerate() {
+        let dirty = if write && i + 1 == w.levels { DIRTY } else { 0 };
+        if let Some(b) = bytes.get_mut(at as usize) {
+            *b |= ACCESSED | dirty;
+        }
+    }
 }
 
 /// The guest-physical bytes of one data access: a piece per 4 KiB page it touches (an access of
@@ -180,30 +219,38 @@ impl Pieces {
 }
 
 /// Translates every byte of a `len`-byte data access (1 to 8 bytes) at linear `la` with
-/// [`access`]'s checks, page by page: an access that crosses a page boundary needs both pages
+/// [`check`]'s rules, page by page: an access that crosses a page boundary needs both pages
 /// present and permitted before any byte moves, and its fault is that of the first page that
 /// fails, CR2 = the first byte of the access on that page (SDM 4.7; the pages are not physically
-/// contiguous in general). `linear_mask` is 0xffff_ffff outside 64-bit mode, where linear
-/// addresses wrap at 4 GiB (SDM 3.4.4).
+/// contiguous in general). Once both pass, their entries get their accessed and dirty flags.
+/// `linear_mask` is 0xffff_ffff outside 64-bit mode, where linear addresses wrap at 4 GiB
+/// (SDM 3.4.4).
 pub fn access_bytes(
-    ram: &GuestRam,
+    ram: &mut GuestRam,
     mode: &PagingMode,
     la: u64,
     len: u64,
-    write: bool,
-    user: bool,
+    kind: AccessKind,
     linear_mask: u64,
 ) -> Result<Pieces, PageFault> {
     let la = la & linear_mask;
     let first = len.min(4096 - (la & 0xfff));
+    let w1 = check(ram, mode, la, kind)?;
     let mut out = Pieces {
-        pieces: [(access(ram, mode, la, write, user)?, first), (0, 0)],
+        pieces: [(w1.gpa, first), (0, 0)],
         count: 1,
     };
-    if first < len {
+    let w2 = if first < len {
         let next = la.wrapping_add(first) & linear_mask;
-        out.pieces[1] = (access(ram, mode, next, write, user)?, len - first);
+        let w2 = check(ram, mode, next, kind)?;
+        out.pieces[1] = (w2.gpa, len - first);
         out.count = 2;
+        Some(w2)
+    } else {
+        None
+    };
+    for w in core::iter::once(w1).chain(w2) {
+        mark_used(ram, &w, kind.write);
     }
     Ok(out)
 }
@@ -220,6 +267,121 @@ mod tests {
 
     fn put(ram: &mut GuestRam, gpa: u64, v: u64) {
         ram.bytes()[gpa as usize..gpa as usize + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn access(
+        ram: &GuestRam,
+        mode: &PagingMode,
+        la: u64,
+        write: bool,
+        user: bool,
+    ) -> Result<u64, PageFault> {
+        let kind = AccessKind {
+            write,
+            user,
+            ac: false,
+        };
+        check(ram, mode, la, kind).map(|w| w.gpa)
+    }
+
+    /// 4-level paging: PML4 0x1000 -> PDPT 0x2000 -> PD 0x3000 -> PT 0x4000, all user and
+    /// writable; PT entry 0 maps 0x9000 (user), entry 1 maps 0xa000 (supervisor).
+    fn four_level(r: &mut GuestRam, cr4: u64) -> PagingMode {
+        put(r, 0x1000, 0x2000 | 7);
+        put(r, 0x2000, 0x3000 | 7);
+        put(r, 0x3000, 0x4000 | 7);
+        put(r, 0x4000, 0x9000 | 7);
+        put(r, 0x4008, 0xa000 | 3);
+        PagingMode {
+            cr0: CR0_PG | CR0_WP | 1,
+            cr3: 0x1000,
+            cr4: CR4_PAE | cr4,
+            efer: EFER_LMA,
+        }
+    }
+
+    #[test]
+    fn smap_stops_supervisor_accesses_to_user_pages_unless_ac_is_set() {
+        // SDM 4.6.1: CR4.SMAP = 1, CPL < 3, RFLAGS.AC = 0: a data access to a user page faults
+        // (P, W/R as the access); AC = 1 allows explicit accesses; supervisor pages are not
+        // affected, nor user-mode accesses.
+        let mut r = ram(1 << 20);
+        let m = four_level(&mut r, CR4_SMAP);
+        let kind = |write, user, ac| AccessKind { write, user, ac };
+        let gpa = |res: Result<Walk, PageFault>| res.map(|w| w.gpa);
+        assert_eq!(
+            gpa(check(&r, &m, 0x10, kind(true, false, false))),
+            Err(PageFault {
+                address: 0x10,
+                error_code: 0b011
+            })
+        );
+        assert_eq!(
+            gpa(check(&r, &m, 0x10, kind(false, false, false))),
+            Err(PageFault {
+                address: 0x10,
+                error_code: 0b001
+            })
+        );
+        assert_eq!(
+            gpa(check(&r, &m, 0x10, kind(true, false, true))),
+            Ok(0x9010)
+        );
+        assert_eq!(
+            gpa(check(&r, &m, 0x10, kind(true, true, false))),
+            Ok(0x9010)
+        );
+        assert_eq!(
+            gpa(check(&r, &m, 0x1010, kind(true, false, false))),
+            Ok(0xa010)
+        );
+        let no_smap = four_level(&mut r, 0);
+        assert_eq!(
+            gpa(check(&r, &no_smap, 0x10, kind(true, false, false))),
+            Ok(0x9010)
+        );
+    }
+
+    #[test]
+    fn accesses_set_accessed_and_dirty_flags_once_both_pages_pass() {
+        let mut r = ram(1 << 20);
+        let m = four_level(&mut r, 0);
+        let write = AccessKind {
+            write: true,
+            user: false,
+            ac: false,
+        };
+        let read = AccessKind {
+            write: false,
+            ..write
+        };
+        let flags = |r: &mut GuestRam, at: usize| r.bytes()[at] & (ACCESSED | DIRTY);
+        // A read sets A on all four levels, D nowhere.
+        let p = access_bytes(&mut r, &m, 0x20, 4, read, u64::MAX).unwrap();
+        assert_eq!(p.iter().collect::<alloc::vec::Vec<_>>(), [(0x9020, 4)]);
+        for at in [0x1000, 0x2000, 0x3000, 0x4000] {
+            assert_eq!(flags(&mut r, at), ACCESSED, "entry at {at:#x}");
+        }
+        // A word written across pages 0 and 1 (0x9fff, 0xa000): both leaves dirty.
+        let p = access_bytes(&mut r, &m, 0xfff, 2, write, u64::MAX).unwrap();
+        assert_eq!(
+            p.iter().collect::<alloc::vec::Vec<_>>(),
+            [(0x9fff, 1), (0xa000, 1)]
+        );
+        assert_eq!(flags(&mut r, 0x4000), ACCESSED | DIRTY);
+        assert_eq!(flags(&mut r, 0x4008), ACCESSED | DIRTY);
+        assert_eq!(flags(&mut r, 0x3000), ACCESSED, "D only in the leaf");
+        // A write that faults on its second page (page 2 not present) marks nothing.
+        let m = four_level(&mut r, 0); // the entries again, without A and D
+        let p = access_bytes(&mut r, &m, 0x1fff, 2, write, u64::MAX);
+        assert_eq!(
+            p,
+            Err(PageFault {
+                address: 0x2000,
+                error_code: 0b010
+            })
+        );
+        assert_eq!(flags(&mut r, 0x4008), 0, "page 1's entry untouched");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! all-ones and drops writes, like an empty ISA bus, and is counted in the guest's statistics.
 
 use super::{Action, Exception, ExitContext};
-use crate::gmem::{self, PagingMode};
+use crate::gmem::{self, AccessKind, PagingMode};
 use crate::guest::StopReason;
 use crate::vmx::{
     Guest32, Guest64, GuestNat, IoDirection, IoQualification, ReadOnly32, ReadOnlyNat, Segment,
@@ -172,6 +172,7 @@ const SS0: Exception = Exception {
 
 const RFLAGS_DF: u64 = 1 << 10;
 const RFLAGS_VM: u64 = 1 << 17;
+const RFLAGS_AC: u64 = 1 << 18;
 const CR0_PE: u64 = 1;
 const EFER_LMA: u64 = 1 << 10;
 const CS_L: u32 = 1 << 13;
@@ -233,7 +234,12 @@ fn string<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, q: &IoQualification) ->
         (6u8, seg)
     };
     let seg = DataSegment::read(cx.vmcs, seg);
-    let user = cx.vmcs.read(Guest32::SsAccessRights) >> 5 & 3 == 3;
+    // CPL is SS.DPL (SDM 5.5); RFLAGS.AC lifts SMAP for these explicit accesses (SDM 4.6.1).
+    let kind = AccessKind {
+        write: is_in,
+        user: cx.vmcs.read(Guest32::SsAccessRights) >> 5 & 3 == 3,
+        ac: rflags & RFLAGS_AC != 0,
+    };
     let mut count = if q.rep {
         cx.guest.regs.rcx & addr_mask
     } else {
@@ -252,17 +258,17 @@ fn string<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, q: &IoQualification) ->
         // The access goes through the guest's own page tables with its permissions, each page
         // of the element on its own: a fault is the guest's #PF (CR2 = the address), as if its
         // CPU had done the access itself.
-        let pieces =
-            match gmem::access_bytes(&cx.guest.ram, &mode, la, step, is_in, user, linear_mask) {
-                Ok(p) => p,
-                Err(pf) => {
-                    cx.host.set_guest_cr2(pf.address);
-                    return Action::Inject(Exception {
-                        vector: 14,
-                        error_code: Some(pf.error_code),
-                    });
-                }
-            };
+        let pieces = match gmem::access_bytes(&mut cx.guest.ram, &mode, la, step, kind, linear_mask)
+        {
+            Ok(p) => p,
+            Err(pf) => {
+                cx.host.set_guest_cr2(pf.address);
+                return Action::Inject(Exception {
+                    vector: 14,
+                    error_code: Some(pf.error_code),
+                });
+            }
+        };
         if let Some((gpa, _)) = pieces
             .iter()
             .find(|&(gpa, n)| cx.guest.ram.slice(gpa, n).is_none())
@@ -501,6 +507,23 @@ mod tests {
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
         assert_eq!((t.guest.regs.rsi, t.guest.regs.rcx), (0x5ffe, 0));
         assert_eq!(console_line(&mut t).as_deref(), Some("ba"));
+    }
+
+    #[test]
+    fn ins_marks_the_page_dirty_and_respects_smap() {
+        let mut t = paged_bed();
+        // SDM 4.8: the write sets A and D in the leaf (page 5's PTE at 0x4028), A above it.
+        t.guest.regs.rdi = 0x5000;
+        t.set_qualification(io_qual(0x80, 1, true, true, false));
+        assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
+        assert_eq!(t.guest.ram.bytes()[0x4028] & 0x60, 0x60);
+        assert_eq!(t.guest.ram.bytes()[0x3000] & 0x60, 0x20);
+        // SDM 4.6.1: with CR4.SMAP, CPL 0 may not write a user page unless RFLAGS.AC = 1.
+        t.vmcs.write(GuestNat::Cr4, 0x20 | 1 << 21);
+        t.guest.regs.rdi = 0x5000;
+        assert_eq!(t.run(ExitReason::IoInstruction), pf(0b011));
+        t.vmcs.write(GuestNat::Rflags, 2 | 1 << 18);
+        assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
     }
 
     #[test]
