@@ -11,7 +11,7 @@
 use crate::exits::{Action, ExitContext};
 use crate::gmem::{self, PagingMode};
 use crate::guest::{GuestRegs, StopReason};
-use crate::vmx::{Guest32, Guest64, GuestNat, Vmcs};
+use crate::vmx::{Guest32, Guest64, GuestNat, Segment, Vmcs};
 use alloc::format;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,10 +38,31 @@ pub enum MmioOp {
     },
 }
 
+/// Where the instruction's memory operand is: segment and effective address (SDM Vol. 1 3.7.5,
+/// Vol. 2 2.1.5). Registers by number (REX-extended).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemOperand {
+    /// The segment: an override prefix, else SS for an rSP or rBP base, else DS (SDM Vol. 1
+    /// 3.7.4).
+    pub segment: Segment,
+    pub base: Option<u8>,
+    /// Index register and scale factor (1, 2, 4 or 8).
+    pub index: Option<(u8, u8)>,
+    /// The displacement or moffs offset, sign-extended from its width (a moffs offset is not
+    /// signed, but it has the address size, so the sum is masked to it anyway).
+    pub disp: u64,
+    /// RIP-relative (64-bit code, ModRM 00 101): the displacement counts from the next
+    /// instruction.
+    pub rip_relative: bool,
+    /// Address size in bytes: 2, 4 or 8.
+    pub addr_bytes: u8,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decoded {
     pub op: MmioOp,
     pub len: u8,
+    pub mem: MemOperand,
 }
 
 /// The default operand and address size of the code the guest runs (SDM Vol. 1 3.6, Vol. 3A
@@ -90,12 +111,19 @@ pub fn decode(bytes: &[u8], code: CodeSize) -> Option<Decoded> {
     let mut opsize_prefix = false;
     let mut addr_prefix = false;
     let mut rex = 0u8;
+    let mut segment = None;
     loop {
         let b = *bytes.get(i)?;
         match b {
             0x66 => opsize_prefix = true,
             0x67 => addr_prefix = true,
-            0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0xf2 | 0xf3 => {}
+            0x26 => segment = Some(Segment::Es),
+            0x2e => segment = Some(Segment::Cs),
+            0x36 => segment = Some(Segment::Ss),
+            0x3e => segment = Some(Segment::Ds),
+            0x64 => segment = Some(Segment::Fs),
+            0x65 => segment = Some(Segment::Gs),
+            0xf2 | 0xf3 => {}
             0x40..=0x4f if long => {
                 rex = b;
                 i += 1;
@@ -109,6 +137,8 @@ pub fn decode(bytes: &[u8], code: CodeSize) -> Option<Decoded> {
     }
     let rex_w = rex & 8 != 0;
     let rex_r = (rex & 4) << 1;
+    let rex_x = (rex & 2) << 2;
+    let rex_b = (rex & 1) << 3;
     let wide = match (code, opsize_prefix) {
         (CodeSize::Bits64, _) if rex_w => 8,
         (CodeSize::Bits16, false) | (CodeSize::Bits32 | CodeSize::Bits64, true) => 2,
@@ -127,11 +157,32 @@ pub fn decode(bytes: &[u8], code: CodeSize) -> Option<Decoded> {
     }
     // MOV AL/eAX <-> moffs (A0-A3): no ModRM, an absolute offset of the address size follows
     // (SDM Vol. 2B, MOV).
+    let le = |at: usize, n: usize| -> Option<u64> {
+        let b = bytes.get(at..at + n)?;
+        let mut v = [0u8; 8];
+        v[..n].copy_from_slice(b);
+        Some(u64::from_le_bytes(v))
+    };
+    // A displacement of `n` bytes at `at`, sign-extended.
+    let disp = |at: usize, n: usize| -> Option<u64> {
+        let shift = 64 - 8 * n as u32;
+        Some((((le(at, n)? << shift) as i64) >> shift) as u64)
+    };
+    let mut mem = MemOperand {
+        segment: Segment::Ds,
+        base: None,
+        index: None,
+        disp: 0,
+        rip_relative: false,
+        addr_bytes: addr_bytes as u8,
+    };
     if (0xa0..=0xa3).contains(&opcode) {
         let len = i + addr_bytes;
         if len > 15 || len > bytes.len() {
             return None;
         }
+        mem.disp = le(i, addr_bytes)?;
+        mem.segment = segment.unwrap_or(Segment::Ds);
         let rax = Operand::Reg {
             index: 0,
             high_byte: false,
@@ -146,7 +197,11 @@ pub fn decode(bytes: &[u8], code: CodeSize) -> Option<Decoded> {
         } else {
             MmioOp::Write { src: rax, size }
         };
-        return Some(Decoded { op, len: len as u8 });
+        return Some(Decoded {
+            op,
+            len: len as u8,
+            mem,
+        });
     }
     let modrm = *bytes.get(i)?;
     i += 1;
@@ -156,28 +211,70 @@ pub fn decode(bytes: &[u8], code: CodeSize) -> Option<Decoded> {
     }
     // Addressing bytes: SIB and displacement (SDM Vol. 2, 2.1.5 Tables 2-1 to 2-3). REX.B
     // extends the base register but not which forms take a SIB or a displacement.
-    if addr_bytes == 2 {
-        i += match md {
+    const BX: u8 = 3;
+    const SP: u8 = 4;
+    const BP: u8 = 5;
+    const SI: u8 = 6;
+    const DI: u8 = 7;
+    let disp_len = if addr_bytes == 2 {
+        // Table 2-1: [BX+SI], [BX+DI], [BP+SI], [BP+DI], [SI], [DI], [BP] (disp16 alone with
+        // mod 00), [BX].
+        let (base, index) = match rm {
+            0 => (Some(BX), Some(SI)),
+            1 => (Some(BX), Some(DI)),
+            2 => (Some(BP), Some(SI)),
+            3 => (Some(BP), Some(DI)),
+            4 => (Some(SI), None),
+            5 => (Some(DI), None),
+            6 if md == 0 => (None, None),
+            6 => (Some(BP), None),
+            _ => (Some(BX), None),
+        };
+        mem.base = base;
+        mem.index = index.map(|r| (r, 1));
+        match md {
             0 if rm == 6 => 2,
             1 => 1,
             2 => 2,
             _ => 0,
-        };
-    } else {
-        if rm == 4 {
-            let sib = *bytes.get(i)?;
-            i += 1;
-            if md == 0 && sib & 7 == 5 {
-                i += 4;
-            }
         }
-        i += match md {
+    } else {
+        let mut n = match md {
             0 if rm == 5 => 4,
             1 => 1,
             2 => 4,
             _ => 0,
         };
-    }
+        if rm == 4 {
+            let sib = *bytes.get(i)?;
+            i += 1;
+            let (scale, index, base) = (1 << (sib >> 6), ((sib >> 3) & 7) | rex_x, sib & 7);
+            if index != SP {
+                mem.index = Some((index, scale));
+            }
+            if md == 0 && base == BP {
+                n = 4; // no base, disp32
+            } else {
+                mem.base = Some(base | rex_b);
+            }
+        } else if md == 0 && rm == 5 {
+            // disp32 alone outside 64-bit code, RIP-relative in it (Table 2-7).
+            mem.rip_relative = long;
+        } else {
+            mem.base = Some(rm | rex_b);
+        }
+        n
+    };
+    mem.disp = if disp_len > 0 { disp(i, disp_len)? } else { 0 };
+    i += disp_len;
+    // SS is the default segment for an rSP or rBP base (SDM Vol. 1 3.7.4; REX.B makes it R12 or
+    // R13, whose default is DS, which no matter in 64-bit code).
+    let stack_based = matches!(mem.base, Some(SP | BP));
+    mem.segment = segment.unwrap_or(if stack_based {
+        Segment::Ss
+    } else {
+        Segment::Ds
+    });
     let reg8 = |r: u8| Operand::Reg {
         index: if rex == 0 && (4..8).contains(&r) {
             r - 4
@@ -189,12 +286,6 @@ pub fn decode(bytes: &[u8], code: CodeSize) -> Option<Decoded> {
     let regw = |r: u8| Operand::Reg {
         index: r,
         high_byte: false,
-    };
-    let imm = |at: usize, n: usize| -> Option<u64> {
-        let b = bytes.get(at..at + n)?;
-        let mut v = [0u8; 8];
-        v[..n].copy_from_slice(b);
-        Some(u64::from_le_bytes(v))
     };
     let (op, extra) = match opcode {
         0x88 => (
@@ -229,14 +320,14 @@ pub fn decode(bytes: &[u8], code: CodeSize) -> Option<Decoded> {
         ),
         0xc6 if reg & 7 == 0 => (
             MmioOp::Write {
-                src: Operand::Imm(imm(i, 1)?),
+                src: Operand::Imm(le(i, 1)?),
                 size: 1,
             },
             1,
         ),
         0xc7 if reg & 7 == 0 => {
             let n = if wide == 2 { 2 } else { 4 };
-            let mut v = imm(i, n)?;
+            let mut v = le(i, n)?;
             if wide == 8 && v & 0x8000_0000 != 0 {
                 v |= 0xffff_ffff_0000_0000; // imm32 sign-extended to 64 bits
             }
@@ -270,7 +361,11 @@ pub fn decode(bytes: &[u8], code: CodeSize) -> Option<Decoded> {
     if len > 15 || len > bytes.len() {
         return None;
     }
-    Some(Decoded { op, len: len as u8 })
+    Some(Decoded {
+        op,
+        len: len as u8,
+        mem,
+    })
 }
 
 fn size_mask(size: u8) -> u64 {
@@ -308,6 +403,49 @@ fn write_register(old: u64, value: u64, size: u8, high_byte: bool) -> u64 {
         (2, _) => (old & !0xffff) | (value & 0xffff),
         (4, _) => value & 0xffff_ffff,
         _ => value,
+    }
+}
+
+/// The linear address of a decoded memory operand (SDM Vol. 1 3.7.5: base + index * scale +
+/// displacement, truncated to the address size; RIP-relative from the next instruction; Vol. 3A
+/// 3.4.4: plus the segment's base, of which 64-bit code uses only FS and GS; linear addresses
+/// are 32 bits outside 64-bit code).
+fn operand_linear_address<V: Vmcs + ?Sized>(
+    vmcs: &V,
+    regs: &GuestRegs,
+    d: &Decoded,
+    code: CodeSize,
+    rip: u64,
+) -> u64 {
+    let m = &d.mem;
+    let reg = |r: u8| {
+        if r == 4 {
+            vmcs.read(GuestNat::Rsp)
+        } else {
+            regs.get(r)
+        }
+    };
+    let mut ea = m.disp;
+    if let Some(b) = m.base {
+        ea = ea.wrapping_add(reg(b));
+    }
+    if let Some((x, scale)) = m.index {
+        ea = ea.wrapping_add(reg(x).wrapping_mul(u64::from(scale)));
+    }
+    if m.rip_relative {
+        ea = ea.wrapping_add(rip.wrapping_add(u64::from(d.len)));
+    }
+    let ea = ea & size_mask(m.addr_bytes);
+    let base = match (code, m.segment) {
+        (CodeSize::Bits64, Segment::Fs | Segment::Gs)
+        | (CodeSize::Bits16 | CodeSize::Bits32, _) => vmcs.read(m.segment.base()),
+        (CodeSize::Bits64, _) => 0,
+    };
+    let la = base.wrapping_add(ea);
+    if code == CodeSize::Bits64 {
+        la
+    } else {
+        la & 0xffff_ffff
     }
 }
 
@@ -362,6 +500,36 @@ pub fn emulate<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, gpa: u64) -> Actio
             &bytes[..got.min(8)]
         )));
     };
+    // SDM 28.2.4 gives the guest-physical address of the access, not its size or where it
+    // started: recompute the operand's linear address and check that the access starts at the
+    // reported page offset. Otherwise the bytes at RIP are not the instruction that faulted, or
+    // the access straddles into the device page from the page below (the EPT violation then
+    // names the device page's first byte, and emulating the access whole there would put the
+    // wrong bytes into the device and lose those for the page below). An access that starts on
+    // the device page and runs past its end goes to the device whole, which ignores the bytes
+    // beyond its registers (the `apic` hostile attack reads across the APIC page's end).
+    let operand_la = operand_linear_address(cx.vmcs, &cx.guest.regs, &d, code, rip);
+    if operand_la & 0xfff != gpa & 0xfff {
+        let size = match d.op {
+            MmioOp::Read { size, .. } | MmioOp::Write { size, .. } => u64::from(size),
+        };
+        let code_bytes = &bytes[..d.len as usize];
+        // Crossing into the device page is the guest's doing; any other mismatch means Keel
+        // decoded the instruction wrongly, and says so.
+        let why = if (operand_la & 0xfff) + size > 0x1000 && gpa & 0xfff == 0 {
+            format!(
+                "by an instruction Keel does not emulate: {size} bytes at linear {operand_la:#x} \
+                 cross a page boundary into the device page, which Keel does not split: \
+                 {code_bytes:02x?}"
+            )
+        } else {
+            format!(
+                "not emulated: Keel decoded the instruction at RIP ({code_bytes:02x?}) as an \
+                 access at linear {operand_la:#x}, which does not match (a Keel bug)"
+            )
+        };
+        return Action::Stop(StopReason::Killed(format!("MMIO access to {gpa:#x} {why}")));
+    }
     let now = cx.now;
     match d.op {
         MmioOp::Read {
@@ -406,17 +574,17 @@ mod tests {
         // mov dword [rax+0xb0], ecx  (89 88 b0 00 00 00)
         let d = decode(&[0x89, 0x88, 0xb0, 0, 0, 0], CodeSize::Bits64).unwrap();
         assert_eq!(
-            d,
-            Decoded {
-                op: MmioOp::Write {
+            (d.op, d.len),
+            (
+                MmioOp::Write {
                     src: Operand::Reg {
                         index: 1,
                         high_byte: false
                     },
                     size: 4
                 },
-                len: 6
-            }
+                6
+            )
         );
         // mov eax, [rip+disp32]  (8b 05 xx xx xx xx)
         let d = decode(&[0x8b, 0x05, 1, 2, 3, 4], CodeSize::Bits64).unwrap();
@@ -452,14 +620,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            d,
-            Decoded {
-                op: MmioOp::Write {
+            (d.op, d.len),
+            (
+                MmioOp::Write {
                     src: Operand::Imm(0x1234_5678),
                     size: 4
                 },
-                len: 8
-            }
+                8
+            )
         );
         // movzx eax, byte [rsi]  (0f b6 06)
         let d = decode(&[0x0f, 0xb6, 0x06], CodeSize::Bits64).unwrap();
@@ -525,9 +693,9 @@ mod tests {
         b.extend_from_slice(&0xfee0_0080u64.to_le_bytes());
         let d = decode(&b, CodeSize::Bits64).unwrap();
         assert_eq!(
-            d,
-            Decoded {
-                op: MmioOp::Read {
+            (d.op, d.len),
+            (
+                MmioOp::Read {
                     dst: Operand::Reg {
                         index: 0,
                         high_byte: false
@@ -535,23 +703,23 @@ mod tests {
                     size: 4,
                     dst_size: 4
                 },
-                len: 9
-            }
+                9
+            )
         );
         // mov [0xfee000b0], eax with 0x67 in 64-bit code: 4-byte offset.
         let d = decode(&[0x67, 0xa3, 0xb0, 0, 0xe0, 0xfe], CodeSize::Bits64).unwrap();
         assert_eq!(
-            d,
-            Decoded {
-                op: MmioOp::Write {
+            (d.op, d.len),
+            (
+                MmioOp::Write {
                     src: Operand::Reg {
                         index: 0,
                         high_byte: false
                     },
                     size: 4
                 },
-                len: 6
-            }
+                6
+            )
         );
         // mov [moffs], rax with REX.W; mov al, [moffs16] in real mode.
         let mut b = alloc::vec![0x48, 0xa3];
@@ -658,6 +826,72 @@ mod tests {
             if got != Some(want) {
                 wrong.push(alloc::format!(
                     "{code:?} {bytes:02x?}: {got:?}, want {want:?}"
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    /// The operand's linear address over addressing forms, segments and address sizes (SDM Vol. 2
+    /// Tables 2-1 to 2-3, Vol. 1 3.7.4 default segments). Each row: code size, bytes, linear
+    /// address, with RAX 0x1000, RCX 2, RBX 0x3000, RSP 0x7000, RBP 0x5000, RSI 0x10, RDI 0x20,
+    /// R12 0xc000, R13 0xd000, RIP 0x400; DS based at 0x10_0000, SS at 0x20_0000, FS at
+    /// 0x30_0000, ES at 0x40_0000.
+    #[test]
+    fn operands_are_found_at_their_linear_address() {
+        use crate::vmx::FakeVmcs;
+        use CodeSize::*;
+        let mut v = FakeVmcs::new();
+        v.write(GuestNat::Rsp, 0x7000);
+        for (seg, base) in [
+            (Segment::Ds, 0x10_0000),
+            (Segment::Ss, 0x20_0000),
+            (Segment::Fs, 0x30_0000),
+            (Segment::Es, 0x40_0000),
+        ] {
+            v.write(seg.base(), base);
+        }
+        let regs = GuestRegs {
+            rax: 0x1000,
+            rcx: 2,
+            rbx: 0x3000,
+            rbp: 0x5000,
+            rsi: 0x10,
+            rdi: 0x20,
+            r12: 0xc000,
+            r13: 0xd000,
+            ..GuestRegs::default()
+        };
+        #[rustfmt::skip]
+        let rows: &[(CodeSize, &[u8], u64)] = &[
+            (Bits16, &[0x8b, 0x00], 0x10_3010),                      // [bx+si]
+            (Bits16, &[0x8b, 0x42, 0x08], 0x20_5018),                // [bp+si+8]: SS
+            (Bits16, &[0x8b, 0x46, 0xfe], 0x20_4ffe),                // [bp-2]: SS
+            (Bits16, &[0x8b, 0x06, 0x34, 0x12], 0x10_1234),          // [0x1234]
+            (Bits16, &[0x8b, 0x87, 0xff, 0xff], 0x10_2fff),          // [bx-1] (disp16)
+            (Bits16, &[0x26, 0x8b, 0x05], 0x40_0020),                // es:[di]
+            (Bits16, &[0x8b, 0x85, 0xf0, 0xff], 0x10_0010),          // [di-0x10]
+            (Bits16, &[0x67, 0x8b, 0x44, 0x8b, 0x10], 0x10_3018),    // [ebx+ecx*4+0x10]
+            (Bits32, &[0x8b, 0x44, 0x24, 0x04], 0x20_7004),          // [esp+4]: SS
+            (Bits32, &[0x8b, 0x04, 0x8d, 0, 1, 0, 0], 0x10_0108),    // [ecx*4+0x100]
+            (Bits32, &[0x8b, 0x05, 0x80, 0, 0xe0, 0xfe], 0xfef0_0080), // DS + disp32
+            (Bits32, &[0x64, 0xa1, 0x80, 0, 0, 0], 0x30_0080),        // fs:moffs32
+            (Bits32, &[0x67, 0x8b, 0x47, 0xf0], 0x10_2ff0),           // [bx-0x10], 16-bit
+            (Bits64, &[0x8b, 0x05, 0x10, 0, 0, 0], 0x416),            // [rip+0x10]
+            (Bits64, &[0x41, 0x8b, 0x04, 0x24], 0xc000),              // [r12]: no segment base
+            (Bits64, &[0x41, 0x8b, 0x45, 0x08], 0xd008),              // [r13+8]
+            (Bits64, &[0x42, 0x8b, 0x04, 0x20], 0x1000 + 0xc000),     // [rax+r12]
+            (Bits64, &[0x64, 0x8b, 0x03], 0x30_3000),                 // fs:[rbx]
+            (Bits64, &[0x8b, 0x44, 0x24, 0xf8], 0x6ff8),              // [rsp-8]
+            (Bits64, &[0x67, 0x8b, 0x43, 0xff], 0x2fff),              // [ebx-1]
+        ];
+        let mut wrong = alloc::vec::Vec::new();
+        for &(code, bytes, want) in rows {
+            let got =
+                decode(bytes, code).map(|d| operand_linear_address(&v, &regs, &d, code, 0x400));
+            if got != Some(want) {
+                wrong.push(alloc::format!(
+                    "{code:?} {bytes:02x?}: {got:x?}, want {want:#x}"
                 ));
             }
         }

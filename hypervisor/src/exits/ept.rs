@@ -148,7 +148,10 @@ mod code_size_tests {
         let load = [0x66, 0x67, 0x8b, 0x05, 0x80, 0, 0xe0, 0xfe];
         assert_eq!(mmio_exit(&mut t, TPR, false, &load), Action::AdvanceBy(8));
         assert_eq!(t.guest.regs.rax, 0x20);
-        // mov [bx], eax (66 89 07) with EAX = 0x30: a 32-bit store, 3 bytes.
+        // mov [bx], eax (66 89 07) with EAX = 0x30, BX = 0x80, DS based at the APIC page: a
+        // 32-bit store, 3 bytes.
+        t.vmcs.write(GuestNat::DsBase, 0xfee0_0000);
+        t.guest.regs.rbx = 0x80;
         t.guest.regs.rax = 0x30;
         assert_eq!(
             mmio_exit(&mut t, TPR, true, &[0x66, 0x89, 0x07]),
@@ -174,11 +177,59 @@ mod code_size_tests {
         t.vmcs.write(GuestNat::Rflags, 2);
         t.vmcs.write(Guest32::CsAccessRights, 0x209b);
         t.vmcs.write(GuestNat::Rip, 0x100);
+        t.vmcs.write(GuestNat::DsBase, 0xfee0_0000);
+        t.guest.regs.rbx = 0x80;
         t.guest.regs.rax = 0x40;
         assert_eq!(
             mmio_exit(&mut t, TPR, true, &[0x66, 0x89, 0x07]),
             Action::AdvanceBy(3)
         );
         assert_eq!(tpr(&mut t), 0x40);
+    }
+
+    /// Protected mode without paging, 32-bit code, flat segments.
+    fn flat32() -> TestBed {
+        let mut t = TestBed::new();
+        t.vmcs.write(GuestNat::Cr0, 0x11);
+        t.vmcs.write(GuestNat::Rflags, 2);
+        t.vmcs.write(Guest32::CsAccessRights, 0xc09b);
+        t.vmcs.write(GuestNat::Rip, 0x100);
+        t
+    }
+
+    fn killed(a: Action) -> alloc::string::String {
+        match a {
+            Action::Stop(crate::guest::StopReason::Killed(why)) => why,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_access_that_crosses_into_the_apic_page_is_not_emulated_whole() {
+        // mov [edi], eax with EDI = 0xfedffffe: two bytes below the APIC page, two on it. The
+        // EPT violation names the APIC page's first byte; writing all four bytes there would
+        // put EAX's low half into APIC offset 0 and lose the bytes for the page below.
+        let mut t = flat32();
+        t.guest.regs.rdi = 0xfedf_fffe;
+        t.guest.regs.rax = 0x1122_3344;
+        let why = killed(mmio_exit(&mut t, 0xfee0_0000, true, &[0x89, 0x07]));
+        assert!(why.contains("cross a page boundary"), "{why}");
+        assert_eq!(t.vmcs.read(GuestNat::Rip), 0x100);
+    }
+
+    #[test]
+    fn an_instruction_whose_operand_is_not_the_faulting_address_is_not_emulated() {
+        // The decoded operand (DS:[EBX+8] = 0xfee00048) is not at the page offset the CPU
+        // reported (0x80): the bytes at RIP are not the instruction that faulted.
+        let mut t = flat32();
+        t.guest.regs.rbx = 0xfee0_0040;
+        let why = killed(mmio_exit(&mut t, TPR, false, &[0x8b, 0x43, 0x08]));
+        assert!(why.contains("0xfee00048") && why.contains("a Keel bug"), "{why}");
+        // With EBX = 0xfee00078 it is the TPR: emulated.
+        t.guest.regs.rbx = 0xfee0_0078;
+        assert_eq!(
+            mmio_exit(&mut t, TPR, false, &[0x8b, 0x43, 0x08]),
+            Action::AdvanceBy(3)
+        );
     }
 }
