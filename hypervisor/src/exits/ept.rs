@@ -224,7 +224,10 @@ mod code_size_tests {
         let mut t = flat32();
         t.guest.regs.rbx = 0xfee0_0040;
         let why = killed(mmio_exit(&mut t, TPR, false, &[0x8b, 0x43, 0x08]));
-        assert!(why.contains("0xfee00048") && why.contains("a Keel bug"), "{why}");
+        assert!(
+            why.contains("0xfee00048") && why.contains("a Keel bug"),
+            "{why}"
+        );
         // With EBX = 0xfee00078 it is the TPR: emulated.
         t.guest.regs.rbx = 0xfee0_0078;
         assert_eq!(
