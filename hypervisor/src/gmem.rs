@@ -3,6 +3,7 @@
 //! Used where Keel emulates an instruction that names memory (string I/O, MMIO).
 
 use crate::guest::GuestRam;
+use crate::vmx::{Guest64, GuestNat, Vmcs};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PagingMode {
@@ -10,6 +11,30 @@ pub struct PagingMode {
     pub cr3: u64,
     pub cr4: u64,
     pub efer: u64,
+    /// MAXPHYADDR as the guest's CPUID reports it (leaf 0x80000008, EAX[7:0]): entry bits from
+    /// there to 51 are reserved (SDM 4.1.4).
+    pub maxphyaddr: u8,
+}
+
+impl PagingMode {
+    /// The guest's paging mode from its VMCS state.
+    pub fn of<V: Vmcs + ?Sized>(vmcs: &V, maxphyaddr: u8) -> Self {
+        Self {
+            cr0: vmcs.read(GuestNat::Cr0),
+            cr3: vmcs.read(GuestNat::Cr3),
+            cr4: vmcs.read(GuestNat::Cr4),
+            efer: vmcs.read(Guest64::Ia32Efer),
+            maxphyaddr,
+        }
+    }
+
+    /// MAXPHYADDR in bits: 36 when CPUID does not report it (SDM 4.1.4), at most 52.
+    fn physical_bits(&self) -> u32 {
+        match self.maxphyaddr {
+            0 => 36,
+            m => u32::from(m).clamp(32, 52),
+        }
+    }
 }
 
 const CR0_PG: u64 = 1 << 31;
@@ -69,11 +94,35 @@ const DIRTY: u8 = 1 << 6;
 const CR0_WP: u64 = 1 << 16;
 const CR4_SMAP: u64 = 1 << 21;
 
-/// Walks the guest's page tables for `la`. `None` when an entry is not present, or a table lies
-/// outside RAM.
-pub fn walk(ram: &GuestRam, mode: &PagingMode, la: u64) -> Option<Walk> {
+/// Why a walk found no translation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    /// An entry is not present.
+    NotPresent,
+    /// A present entry has a reserved bit set (SDM 4.7: #PF with P = 1 and RSVD = 1).
+    Reserved,
+    /// A paging structure lies outside the guest's RAM (at this guest-physical address): the
+    /// CPU's own walk would take an EPT violation there, which Keel does not emulate.
+    TableOutsideRam(u64),
+}
+
+/// Reserved bits of a present entry (SDM 4.4.2 Tables 4-8 to 4-11, 4.5.4 Tables 4-15 to 4-20):
+/// address bits from MAXPHYADDR up to 51 everywhere, and bit 63 (XD) when EFER.NXE = 0;
+/// `extra` adds the bits a given level and page size reserve.
+fn reserved(mode: &PagingMode, e: u64, extra: u64) -> bool {
+    const EFER_NXE: u64 = 1 << 11;
+    let m = mode.physical_bits();
+    let mut bits = ((1u64 << 52) - 1) & !((1u64 << m) - 1);
+    if mode.efer & EFER_NXE == 0 {
+        bits |= 1 << 63;
+    }
+    e & (bits | extra) != 0
+}
+
+/// Walks the guest's page tables for `la`.
+pub fn walk(ram: &GuestRam, mode: &PagingMode, la: u64) -> Result<Walk, Miss> {
     if mode.cr0 & CR0_PG == 0 {
-        return Some(Walk {
+        return Ok(Walk {
             gpa: la & 0xffff_ffff,
             writable: true,
             user: true,
@@ -83,74 +132,104 @@ pub fn walk(ram: &GuestRam, mode: &PagingMode, la: u64) -> Option<Walk> {
     }
     let (mut writable, mut user) = (true, true);
     let (mut entries, mut levels) = ([0u64; 4], 0);
+    // Reads the entry at `at`: present and without reserved bits (`extra` beyond the common
+    // ones), or why not.
+    let entry = |at: u64, wide: bool, extra: u64| -> Result<u64, Miss> {
+        let e = if wide {
+            read_u64(ram, at)
+        } else {
+            read_u32(ram, at)
+        }
+        .ok_or(Miss::TableOutsideRam(at))?;
+        // 32-bit paging has 4-byte entries without high address bits or XD.
+        let has_reserved = if wide {
+            reserved(mode, e, extra)
+        } else {
+            e & extra != 0
+        };
+        if e & PRESENT == 0 {
+            Err(Miss::NotPresent)
+        } else if has_reserved {
+            Err(Miss::Reserved)
+        } else {
+            Ok(e)
+        }
+    };
     let mut leaf = |at: u64, e: u64| {
         writable &= e & RW != 0;
         user &= e & US != 0;
         entries[levels] = at;
         levels += 1;
     };
+    // Bits 20:13 of a 2 MiB page's entry, 29:13 of a 1 GiB page's.
+    const LARGE_2M: u64 = 0x1f_e000;
+    const LARGE_1G: u64 = 0x3fff_e000;
     let gpa = if mode.efer & EFER_LMA != 0 {
         let mut table = mode.cr3 & ADDR_MASK;
         let mut found = None;
         for level in (1..=4u32).rev() {
             let shift = 12 + 9 * (level - 1);
             let at = table + ((la >> shift) & 511) * 8;
-            let e = read_u64(ram, at)?;
-            if e & PRESENT == 0 {
-                return None;
-            }
+            // PS is reserved in a PML4E; its bits 20:13 or 29:13 are in a large page's entry.
+            let e = read_u64(ram, at).ok_or(Miss::TableOutsideRam(at))?;
+            let large = (2..=3).contains(&level) && e & PAGE_SIZE_BIT != 0;
+            let extra = match (level, large) {
+                (4, _) => PAGE_SIZE_BIT,
+                (3, true) => LARGE_1G,
+                (2, true) => LARGE_2M,
+                _ => 0,
+            };
+            let e = entry(at, true, extra)?;
             leaf(at, e);
-            if level == 1 || (level <= 3 && e & PAGE_SIZE_BIT != 0) {
+            if level == 1 || large {
                 let page_mask = (1u64 << shift) - 1;
                 found = Some((e & ADDR_MASK & !page_mask) | (la & page_mask));
                 break;
             }
             table = e & ADDR_MASK;
         }
-        found?
+        found.ok_or(Miss::NotPresent)?
     } else if mode.cr4 & CR4_PAE != 0 {
-        // PAE PDPTEs carry no R/W or U/S bits (SDM 4.4.1).
-        let pdpte = read_u64(ram, (mode.cr3 & 0xffff_ffe0) + ((la >> 30) & 3) * 8)?;
-        if pdpte & PRESENT == 0 {
-            return None;
-        }
+        // PAE PDPTEs carry no R/W, U/S or XD bits: 2:1 and 8:5 are reserved (SDM 4.4.1).
+        let at = (mode.cr3 & 0xffff_ffe0) + ((la >> 30) & 3) * 8;
+        let pdpte = entry(at, true, 0x1e6 | 1 << 63)?;
         let at = (pdpte & ADDR_MASK) + ((la >> 21) & 511) * 8;
-        let pde = read_u64(ram, at)?;
-        if pde & PRESENT == 0 {
-            return None;
-        }
+        let large = read_u64(ram, at).is_some_and(|e| e & PAGE_SIZE_BIT != 0);
+        let pde = entry(at, true, if large { LARGE_2M } else { 0 })?;
         leaf(at, pde);
-        if pde & PAGE_SIZE_BIT != 0 {
+        if large {
             (pde & ADDR_MASK & !0x1f_ffff) | (la & 0x1f_ffff)
         } else {
             let at = (pde & ADDR_MASK) + ((la >> 12) & 511) * 8;
-            let pte = read_u64(ram, at)?;
-            if pte & PRESENT == 0 {
-                return None;
-            }
+            let pte = entry(at, true, 0)?;
             leaf(at, pte);
             (pte & ADDR_MASK) | (la & 0xfff)
         }
     } else {
         let at = (mode.cr3 & 0xffff_f000) + ((la >> 22) & 1023) * 4;
-        let pde = read_u32(ram, at)?;
-        if pde & PRESENT == 0 {
-            return None;
-        }
+        let large =
+            mode.cr4 & CR4_PSE != 0 && read_u32(ram, at).is_some_and(|e| e & PAGE_SIZE_BIT != 0);
+        // A 4 MiB page's entry: bits 20:13 hold physical-address bits 39:32 (PSE-36) up to
+        // MAXPHYADDR (at most 40); bits 21:(M - 19) are reserved (SDM 4.3, Table 4-4).
+        let m = mode.physical_bits().min(40);
+        let pde_reserved = if large {
+            ((1u64 << 22) - 1) & !((1u64 << (m - 19)) - 1)
+        } else {
+            0
+        };
+        let pde = entry(at, false, pde_reserved)?;
         leaf(at, pde);
-        if pde & PAGE_SIZE_BIT != 0 && mode.cr4 & CR4_PSE != 0 {
-            (pde & 0xffc0_0000) | (la & 0x3f_ffff)
+        if large {
+            let high = ((pde >> 13) & 0xff) << 32;
+            (high | (pde & 0xffc0_0000) | (la & 0x3f_ffff)) & ((1u64 << m) - 1)
         } else {
             let at = (pde & 0xffff_f000) + ((la >> 12) & 1023) * 4;
-            let pte = read_u32(ram, at)?;
-            if pte & PRESENT == 0 {
-                return None;
-            }
+            let pte = entry(at, false, 0)?;
             leaf(at, pte);
             (pte & 0xffff_f000) | (la & 0xfff)
         }
     };
-    Some(Walk {
+    Ok(Walk {
         gpa,
         writable,
         user,
@@ -161,7 +240,7 @@ pub fn walk(ram: &GuestRam, mode: &PagingMode, la: u64) -> Option<Walk> {
 
 /// Translates a guest-linear address (no permission check).
 pub fn translate(ram: &GuestRam, mode: &PagingMode, la: u64) -> Option<u64> {
-    walk(ram, mode, la).map(|w| w.gpa)
+    walk(ram, mode, la).ok().map(|w| w.gpa)
 }
 
 /// Checks a data access the guest makes (or Keel makes for it, as in string I/O) the way its
@@ -169,25 +248,40 @@ pub fn translate(ram: &GuestRam, mode: &PagingMode, la: u64) -> Option<u64> {
 /// read-only page faults in user mode, and in supervisor mode when CR0.WP = 1; a user access to
 /// a supervisor page faults; with CR4.SMAP a supervisor access to a user page faults unless
 /// RFLAGS.AC = 1). Protection keys (CR4.PKE) are not checked: Keel does not see the guest's PKRU.
-fn check(ram: &GuestRam, mode: &PagingMode, la: u64, kind: AccessKind) -> Result<Walk, PageFault> {
-    let code =
-        |present: bool| (present as u32) | (kind.write as u32) << 1 | (kind.user as u32) << 2;
-    let Some(w) = walk(ram, mode, la) else {
-        return Err(PageFault {
+fn check(ram: &GuestRam, mode: &PagingMode, la: u64, kind: AccessKind) -> Result<Walk, Fault> {
+    let fault = |bits: u32| {
+        Fault::Page(PageFault {
             address: la,
-            error_code: code(false),
-        });
+            error_code: bits | (kind.write as u32) << 1 | (kind.user as u32) << 2,
+        })
+    };
+    let w = match walk(ram, mode, la) {
+        Ok(w) => w,
+        Err(Miss::NotPresent) => return Err(fault(0)),
+        Err(Miss::Reserved) => return Err(fault(PF_P | PF_RSVD)),
+        Err(Miss::TableOutsideRam(gpa)) => return Err(Fault::TableOutsideRam(gpa)),
     };
     let write_denied = kind.write && !w.writable && (kind.user || mode.cr0 & CR0_WP != 0);
     let user_denied = kind.user && !w.user;
     let smap_denied = !kind.user && w.user && mode.cr4 & CR4_SMAP != 0 && !kind.ac;
     if write_denied || user_denied || smap_denied {
-        return Err(PageFault {
-            address: la,
-            error_code: code(true),
-        });
+        return Err(fault(PF_P));
     }
     Ok(w)
+}
+
+/// #PF error code bits (SDM 4.7): the page was present, a reserved bit was set.
+const PF_P: u32 = 1;
+const PF_RSVD: u32 = 1 << 3;
+
+/// Why Keel cannot make a data access for the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The guest's CPU would raise this #PF.
+    Page(PageFault),
+    /// A paging structure lies outside RAM, at this guest-physical address (the CPU's walk
+    /// would exit; Keel stops such a guest, `exits::ept`).
+    TableOutsideRam(u64),
 }
 
 /// Sets the accessed flag of every entry a walk used and, for a write, the dirty flag of the
@@ -232,7 +326,7 @@ pub fn access_bytes(
     len: u64,
     kind: AccessKind,
     linear_mask: u64,
-) -> Result<Pieces, PageFault> {
+) -> Result<Pieces, Fault> {
     let la = la & linear_mask;
     let first = len.min(4096 - (la & 0xfff));
     let w1 = check(ram, mode, la, kind)?;
@@ -275,7 +369,7 @@ mod tests {
         la: u64,
         write: bool,
         user: bool,
-    ) -> Result<u64, PageFault> {
+    ) -> Result<u64, Fault> {
         let kind = AccessKind {
             write,
             user,
@@ -297,7 +391,96 @@ mod tests {
             cr3: 0x1000,
             cr4: CR4_PAE | cr4,
             efer: EFER_LMA,
+            maxphyaddr: 40,
         }
+    }
+
+    fn read_at(r: &GuestRam, m: &PagingMode, la: u64) -> Result<u64, Fault> {
+        let kind = AccessKind {
+            write: false,
+            user: false,
+            ac: false,
+        };
+        check(r, m, la, kind).map(|w| w.gpa)
+    }
+
+    fn rsvd(address: u64) -> Result<u64, Fault> {
+        // P | RSVD, a supervisor read.
+        Err(Fault::Page(PageFault {
+            address,
+            error_code: 0b1001,
+        }))
+    }
+
+    #[test]
+    fn reserved_bits_in_an_entry_give_a_page_fault_with_rsvd() {
+        // SDM 4.5.4 / 4.7: a present entry with a reserved bit set: #PF with P = 1, RSVD = 1.
+        let mut r = ram(1 << 20);
+        let mut m = four_level(&mut r, 0);
+        assert_eq!(read_at(&r, &m, 0x10), Ok(0x9010));
+        // An address bit at or above MAXPHYADDR (40).
+        put(&mut r, 0x4000, 0x9000 | 7 | 1 << 40);
+        assert_eq!(read_at(&r, &m, 0x10), rsvd(0x10));
+        // XD is reserved while EFER.NXE = 0, and no obstacle to a data access with NXE = 1.
+        put(&mut r, 0x4000, 0x9000 | 7 | 1 << 63);
+        assert_eq!(read_at(&r, &m, 0x10), rsvd(0x10));
+        m.efer |= 1 << 11;
+        assert_eq!(read_at(&r, &m, 0x10), Ok(0x9010));
+        // PS in a PML4E; bit 13 of a 2 MiB page's PDE.
+        put(&mut r, 0x1000, 0x2000 | 7 | PAGE_SIZE_BIT);
+        assert_eq!(read_at(&r, &m, 0x10), rsvd(0x10));
+        put(&mut r, 0x1000, 0x2000 | 7);
+        put(&mut r, 0x3008, 0x40_0000 | 7 | PAGE_SIZE_BIT | 1 << 13);
+        assert_eq!(read_at(&r, &m, 0x20_0010), rsvd(0x20_0010));
+        put(&mut r, 0x3008, 0x40_0000 | 7 | PAGE_SIZE_BIT);
+        assert_eq!(read_at(&r, &m, 0x20_0010), Ok(0x40_0010));
+        // PAE: a PDPTE with R/W set (bits 2:1 are reserved there).
+        let pae = PagingMode {
+            cr0: CR0_PG | 1,
+            cr3: 0x5000,
+            cr4: CR4_PAE,
+            efer: 0,
+            maxphyaddr: 40,
+        };
+        put(&mut r, 0x4000, 0x9000 | 7); // no XD: the PAE mode here has NXE = 0
+        put(&mut r, 0x5000, 0x3000 | 1);
+        assert_eq!(read_at(&r, &pae, 0x10), Ok(0x9010));
+        put(&mut r, 0x5000, 0x3000 | 3);
+        assert_eq!(read_at(&r, &pae, 0x10), rsvd(0x10));
+        // 32-bit paging, a 4 MiB page: bit 21 is reserved; bits 20:13 are address bits 39:32.
+        let pse = PagingMode {
+            cr0: CR0_PG | 1,
+            cr3: 0x6000,
+            cr4: CR4_PSE,
+            efer: 0,
+            maxphyaddr: 36,
+        };
+        r.bytes()[0x6000..0x6004].copy_from_slice(&(0x0040_2083u32).to_le_bytes());
+        assert_eq!(read_at(&r, &pse, 0x10), Ok(0x1_0040_0010));
+        r.bytes()[0x6000..0x6004].copy_from_slice(&(0x0060_0083u32).to_le_bytes());
+        assert_eq!(read_at(&r, &pse, 0x10), rsvd(0x10));
+        // With MAXPHYADDR 36, bit 17 (address bit 36) is reserved too.
+        r.bytes()[0x6000..0x6004].copy_from_slice(&(0x0042_0083u32).to_le_bytes());
+        assert_eq!(read_at(&r, &pse, 0x10), rsvd(0x10));
+    }
+
+    #[test]
+    fn page_tables_outside_ram_are_not_a_page_fault() {
+        // The CPU's own walk would exit (an EPT violation on the table), which Keel does not
+        // turn into a #PF.
+        let mut r = ram(1 << 20);
+        let mut m = four_level(&mut r, 0);
+        m.cr3 = 0x20_0000;
+        assert_eq!(
+            read_at(&r, &m, 0x10),
+            Err(Fault::TableOutsideRam(0x20_0000))
+        );
+        let m = four_level(&mut r, 0);
+        put(&mut r, 0x3000, 0x30_0000 | 7);
+        assert_eq!(
+            read_at(&r, &m, 0x10),
+            Err(Fault::TableOutsideRam(0x30_0000))
+        );
     }
 
     #[test]
@@ -308,20 +491,20 @@ mod tests {
         let mut r = ram(1 << 20);
         let m = four_level(&mut r, CR4_SMAP);
         let kind = |write, user, ac| AccessKind { write, user, ac };
-        let gpa = |res: Result<Walk, PageFault>| res.map(|w| w.gpa);
+        let gpa = |res: Result<Walk, Fault>| res.map(|w| w.gpa);
         assert_eq!(
             gpa(check(&r, &m, 0x10, kind(true, false, false))),
-            Err(PageFault {
+            Err(Fault::Page(PageFault {
                 address: 0x10,
                 error_code: 0b011
-            })
+            }))
         );
         assert_eq!(
             gpa(check(&r, &m, 0x10, kind(false, false, false))),
-            Err(PageFault {
+            Err(Fault::Page(PageFault {
                 address: 0x10,
                 error_code: 0b001
-            })
+            }))
         );
         assert_eq!(
             gpa(check(&r, &m, 0x10, kind(true, false, true))),
@@ -376,10 +559,10 @@ mod tests {
         let p = access_bytes(&mut r, &m, 0x1fff, 2, write, u64::MAX);
         assert_eq!(
             p,
-            Err(PageFault {
+            Err(Fault::Page(PageFault {
                 address: 0x2000,
                 error_code: 0b010
-            })
+            }))
         );
         assert_eq!(flags(&mut r, 0x4008), 0, "page 1's entry untouched");
     }
@@ -399,6 +582,7 @@ mod tests {
             cr3: 0x1000,
             cr4: CR4_PAE,
             efer: EFER_LMA | (1 << 8),
+            maxphyaddr: 40,
         };
         assert_eq!(translate(&r, &m, 0x1234), Some(0x40_1234));
         assert_eq!(translate(&r, &m, 0x20_5abc), Some(0x7abc));
@@ -421,29 +605,30 @@ mod tests {
             cr3: 0x1000,
             cr4: CR4_PAE,
             efer: EFER_LMA,
+            maxphyaddr: 40,
         };
         assert_eq!(access(&r, &wp, 0x10, false, false), Ok(0x9010));
         assert_eq!(
             access(&r, &wp, 0x10, true, false),
-            Err(PageFault {
+            Err(Fault::Page(PageFault {
                 address: 0x10,
                 error_code: 0b011
-            })
+            }))
         );
         assert_eq!(
             access(&r, &wp, 0x10, false, true),
-            Err(PageFault {
+            Err(Fault::Page(PageFault {
                 address: 0x10,
                 error_code: 0b101
-            })
+            }))
         );
         assert_eq!(access(&r, &wp, 0x1010, true, true), Ok(0xa010));
         assert_eq!(
             access(&r, &wp, 0x2010, true, false),
-            Err(PageFault {
+            Err(Fault::Page(PageFault {
                 address: 0x2010,
                 error_code: 0b010
-            })
+            }))
         );
         // Without CR0.WP the supervisor may write a read-only page.
         let nowp = PagingMode {
@@ -461,6 +646,7 @@ mod tests {
             cr3: 0,
             cr4: 0,
             efer: 0,
+            maxphyaddr: 40,
         };
         assert_eq!(translate(&r, &off, 0x1_0000_1234), Some(0x1234));
         // 32-bit paging: PD at 0x1000, entry 1 -> PT 0x2000, entry 2 -> 0x9000.
@@ -471,6 +657,7 @@ mod tests {
             cr3: 0x1000,
             cr4: 0,
             efer: 0,
+            maxphyaddr: 40,
         };
         assert_eq!(translate(&r, &m, 0x40_2010), Some(0x9010));
     }

@@ -477,12 +477,9 @@ fn fetch(
 }
 
 pub fn emulate<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, gpa: u64) -> Action {
-    let mode = PagingMode {
-        cr0: cx.vmcs.read(GuestNat::Cr0),
-        cr3: cx.vmcs.read(GuestNat::Cr3),
-        cr4: cx.vmcs.read(GuestNat::Cr4),
-        efer: cx.vmcs.read(Guest64::Ia32Efer),
-    };
+    // The CPU has fetched the instruction through these page tables, so their entries have no
+    // reserved bits: no need to ask CPUID for MAXPHYADDR (52 checks none).
+    let mode = PagingMode::of(cx.vmcs, 52);
     let code = CodeSize::of(cx.vmcs);
     let rip = cx.vmcs.read(GuestNat::Rip);
     // Linear addresses are 32 bits outside 64-bit code (SDM 3.4.4), so CS base + EIP wraps.
@@ -958,6 +955,7 @@ mod tests {
             cr3: 0,
             cr4: 0,
             efer: 0,
+            maxphyaddr: 40,
         };
         let mut out = [0u8; 15];
         assert_eq!(
@@ -991,6 +989,7 @@ mod tests {
             cr3: 0x1000,
             cr4: 0,
             efer: 0,
+            maxphyaddr: 40,
         };
         let mut out = [0u8; 15];
         assert_eq!(fetch(&ram, &paged, 0xffd, 0xffff_ffff, &mut out), 15);

@@ -7,8 +7,7 @@ use super::{Action, Exception, ExitContext};
 use crate::gmem::{self, AccessKind, PagingMode};
 use crate::guest::StopReason;
 use crate::vmx::{
-    Guest32, Guest64, GuestNat, IoDirection, IoQualification, ReadOnly32, ReadOnlyNat, Segment,
-    Vmcs,
+    Guest32, GuestNat, IoDirection, IoQualification, ReadOnly32, ReadOnlyNat, Segment, Vmcs,
 };
 use alloc::format;
 
@@ -196,12 +195,10 @@ fn string<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, q: &IoQualification) ->
     let step = size as u64;
     let rflags = cx.vmcs.read(GuestNat::Rflags);
     let df = rflags & RFLAGS_DF != 0;
-    let mode = PagingMode {
-        cr0: cx.vmcs.read(GuestNat::Cr0),
-        cr3: cx.vmcs.read(GuestNat::Cr3),
-        cr4: cx.vmcs.read(GuestNat::Cr4),
-        efer: cx.vmcs.read(Guest64::Ia32Efer),
-    };
+    // MAXPHYADDR as the guest's CPUID says it, for the reserved bits of its paging entries.
+    let cr4 = cx.vmcs.read(GuestNat::Cr4);
+    let maxphyaddr = super::cpuid::policy(&*cx.host, 0x8000_0008, 0, cr4)[0] as u8;
+    let mode = PagingMode::of(cx.vmcs, maxphyaddr);
     let how = if mode.cr0 & CR0_PE == 0 || rflags & RFLAGS_VM != 0 {
         AddressingMode::Real
     } else if mode.efer & EFER_LMA != 0 && cx.vmcs.read(Guest32::CsAccessRights) & CS_L != 0 {
@@ -261,12 +258,18 @@ fn string<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, q: &IoQualification) ->
         let pieces = match gmem::access_bytes(&mut cx.guest.ram, &mode, la, step, kind, linear_mask)
         {
             Ok(p) => p,
-            Err(pf) => {
+            Err(gmem::Fault::Page(pf)) => {
                 cx.host.set_guest_cr2(pf.address);
                 return Action::Inject(Exception {
                     vector: 14,
                     error_code: Some(pf.error_code),
                 });
+            }
+            Err(gmem::Fault::TableOutsideRam(gpa)) => {
+                return Action::Stop(StopReason::Killed(format!(
+                    "the guest's page walk touched guest-physical {gpa:#x} (page tables outside \
+                     RAM) during string I/O"
+                )))
             }
         };
         if let Some((gpa, _)) = pieces
@@ -320,7 +323,7 @@ fn string<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, q: &IoQualification) ->
 mod tests {
     use super::*;
     use crate::exits::testing::*;
-    use crate::vmx::ExitReason;
+    use crate::vmx::{ExitReason, Guest64};
 
     fn io_qual(port: u16, size: u8, is_in: bool, string: bool, rep: bool) -> u64 {
         // SDM Table 28-5.
@@ -524,6 +527,24 @@ mod tests {
         assert_eq!(t.run(ExitReason::IoInstruction), pf(0b011));
         t.vmcs.write(GuestNat::Rflags, 2 | 1 << 18);
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
+    }
+
+    #[test]
+    fn page_tables_outside_ram_stop_the_guest() {
+        // As when the CPU's own walk touches them (exits::ept): not a #PF the CPU would not give.
+        let mut t = paged_bed();
+        t.vmcs.write(GuestNat::Cr3, 0x4000_0000);
+        t.guest.regs.rdi = 0x5000;
+        t.set_qualification(io_qual(0x80, 1, true, true, false));
+        match t.run(ExitReason::IoInstruction) {
+            Action::Stop(StopReason::Killed(why)) => {
+                assert!(
+                    why.contains("page walk touched guest-physical 0x40000000"),
+                    "{why}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
