@@ -40,6 +40,7 @@ impl PagingMode {
 const CR0_PG: u64 = 1 << 31;
 const CR4_PSE: u64 = 1 << 4;
 const CR4_PAE: u64 = 1 << 5;
+const CR4_LA57: u64 = 1 << 12;
 const EFER_LMA: u64 = 1 << 10;
 const PRESENT: u64 = 1;
 const PAGE_SIZE_BIT: u64 = 1 << 7;
@@ -65,7 +66,7 @@ pub struct Walk {
     pub gpa: u64,
     pub writable: bool,
     pub user: bool,
-    entries: [u64; 4],
+    entries: [u64; 5],
     levels: usize,
 }
 
@@ -126,12 +127,12 @@ pub fn walk(ram: &GuestRam, mode: &PagingMode, la: u64) -> Result<Walk, Miss> {
             gpa: la & 0xffff_ffff,
             writable: true,
             user: true,
-            entries: [0; 4],
+            entries: [0; 5],
             levels: 0,
         });
     }
     let (mut writable, mut user) = (true, true);
-    let (mut entries, mut levels) = ([0u64; 4], 0);
+    let (mut entries, mut levels) = ([0u64; 5], 0);
     // Reads the entry at `at`: present and without reserved bits (`extra` beyond the common
     // ones), or why not.
     let entry = |at: u64, wide: bool, extra: u64| -> Result<u64, Miss> {
@@ -167,14 +168,16 @@ pub fn walk(ram: &GuestRam, mode: &PagingMode, la: u64) -> Result<Walk, Miss> {
     let gpa = if mode.efer & EFER_LMA != 0 {
         let mut table = mode.cr3 & ADDR_MASK;
         let mut found = None;
-        for level in (1..=4u32).rev() {
+        // 5-level paging (CR4.LA57) adds a PML5 above the PML4 (SDM 4.5.1).
+        let top = if mode.cr4 & CR4_LA57 != 0 { 5 } else { 4 };
+        for level in (1..=top).rev() {
             let shift = 12 + 9 * (level - 1);
             let at = table + ((la >> shift) & 511) * 8;
-            // PS is reserved in a PML4E; its bits 20:13 or 29:13 are in a large page's entry.
+            // PS is reserved in a PML4E (and PML5E); bits 20:13 or 29:13 in a large page's entry.
             let e = read_u64(ram, at).ok_or(Miss::TableOutsideRam(at))?;
             let large = (2..=3).contains(&level) && e & PAGE_SIZE_BIT != 0;
             let extra = match (level, large) {
-                (4, _) => PAGE_SIZE_BIT,
+                (4 | 5, _) => PAGE_SIZE_BIT,
                 (3, true) => LARGE_1G,
                 (2, true) => LARGE_2M,
                 _ => 0,
@@ -588,6 +591,18 @@ mod tests {
         assert_eq!(translate(&r, &m, 0x20_5abc), Some(0x7abc));
         assert_eq!(translate(&r, &m, 0x20_6000), None, "not present");
         assert_eq!(translate(&r, &m, 1 << 39), None);
+    }
+
+    #[test]
+    fn five_level_paging_walks_the_pml5() {
+        // CR4.LA57: PML5 0x5000 entry 1 (linear bit 48) -> PML4 0x1000 -> ... -> 0x9000.
+        let mut r = ram(1 << 20);
+        let mut m = four_level(&mut r, 0);
+        m.cr4 |= CR4_LA57;
+        m.cr3 = 0x5000;
+        put(&mut r, 0x5008, 0x1000 | 7);
+        assert_eq!(translate(&r, &m, 1 << 48 | 0x10), Some(0x9010));
+        assert_eq!(translate(&r, &m, 0x10), None, "PML5 entry 0 not present");
     }
 
     #[test]

@@ -77,8 +77,9 @@ enum AddressingMode {
     Real,
     /// Protected mode, and compatibility mode: limit and type checks, 32-bit linear addresses.
     Protected,
-    /// 64-bit mode: no limits, ES/CS/SS/DS bases 0, canonical addresses.
-    Long64,
+    /// 64-bit mode: no limits, ES/CS/SS/DS bases 0, canonical addresses of 48 bits, or 57
+    /// with 5-level paging (CR4.LA57).
+    Long64 { linear_bits: u32 },
 }
 
 /// The segment a string element is addressed through, as the VMCS holds it (SDM 25.4.1).
@@ -125,13 +126,14 @@ impl DataSegment {
             Exception::GP0
         });
         let last = offset + len - 1;
-        if how == AddressingMode::Long64 {
+        if let AddressingMode::Long64 { linear_bits } = how {
             let base = match self.seg {
                 Segment::Fs | Segment::Gs => self.base,
                 _ => 0,
             };
             let la = base.wrapping_add(offset);
-            let canonical = |a: u64| ((a << 16) as i64 >> 16) as u64 == a;
+            let unused = 64 - linear_bits;
+            let canonical = |a: u64| ((a << unused) as i64 >> unused) as u64 == a;
             return if canonical(la) && canonical(la.wrapping_add(len - 1)) {
                 Ok(la)
             } else {
@@ -173,6 +175,7 @@ const RFLAGS_DF: u64 = 1 << 10;
 const RFLAGS_VM: u64 = 1 << 17;
 const RFLAGS_AC: u64 = 1 << 18;
 const CR0_PE: u64 = 1;
+const CR4_LA57: u64 = 1 << 12;
 const EFER_LMA: u64 = 1 << 10;
 const CS_L: u32 = 1 << 13;
 
@@ -202,11 +205,13 @@ fn string<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, q: &IoQualification) ->
     let how = if mode.cr0 & CR0_PE == 0 || rflags & RFLAGS_VM != 0 {
         AddressingMode::Real
     } else if mode.efer & EFER_LMA != 0 && cx.vmcs.read(Guest32::CsAccessRights) & CS_L != 0 {
-        AddressingMode::Long64
+        AddressingMode::Long64 {
+            linear_bits: if mode.cr4 & CR4_LA57 != 0 { 57 } else { 48 },
+        }
     } else {
         AddressingMode::Protected
     };
-    let linear_mask = if how == AddressingMode::Long64 {
+    let linear_mask = if matches!(how, AddressingMode::Long64 { .. }) {
         u64::MAX
     } else {
         0xffff_ffff
@@ -579,6 +584,12 @@ mod tests {
         t.set_instruction_info(2 << 7 | 2 << 15); // SS:
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Inject(SS0));
         assert_eq!(t.guest.platform.exit_status(), None);
+        // With 5-level paging (CR4.LA57) addresses are canonical up to bit 56: this one is, and
+        // its PML5 entry (0x5000, empty) is not present: #PF(0).
+        t.vmcs.write(GuestNat::Cr4, 0x20 | 1 << 12);
+        t.vmcs.write(GuestNat::Cr3, 0x5000);
+        assert_eq!(t.run(ExitReason::IoInstruction), pf(0));
+        assert_eq!(t.host.cr2, 0x8000_0000_0000);
     }
 
     /// Protected mode without paging, 32-bit code, flat 4 GiB data segments.
