@@ -1,6 +1,6 @@
 //! Guest memory as the guest's code sees it: linear addresses through the guest's own page tables
-//! (SDM 4.3 32-bit, 4.4 PAE, 4.5 4- and 5-level paging) down to guest-physical addresses, then to RAM.
-//! Used where Keel emulates an instruction that names memory (string I/O, MMIO).
+//! (SDM 4.3 32-bit, 4.4 PAE, 4.5 4- and 5-level paging) down to guest-physical addresses, then
+//! to RAM. Used where Keel emulates an instruction that names memory (string I/O, MMIO).
 
 use crate::guest::GuestRam;
 use crate::vmx::{Guest64, GuestNat, Vmcs};
