@@ -125,7 +125,6 @@ impl DataSegment {
         } else {
             Exception::GP0
         });
-        let last = offset + len - 1;
         if let AddressingMode::Long64 { linear_bits } = how {
             let base = match self.seg {
                 Segment::Fs | Segment::Gs => self.base,
@@ -134,12 +133,15 @@ impl DataSegment {
             let la = base.wrapping_add(offset);
             let unused = 64 - linear_bits;
             let canonical = |a: u64| ((a << unused) as i64 >> unused) as u64 == a;
-            return if canonical(la) && canonical(la.wrapping_add(len - 1)) {
-                Ok(la)
-            } else {
-                fault
+            // An element that would wrap past 2^64 is refused like a non-canonical one.
+            return match la.checked_add(len - 1) {
+                Some(end) if canonical(la) && canonical(end) => Ok(la),
+                _ => fault,
             };
         }
+        // Outside 64-bit mode the offset has at most 32 bits (saturating all the same: a guest
+        // value must never overflow in Keel).
+        let last = offset.saturating_add(len - 1);
         let ar = self.access_rights;
         if how == AddressingMode::Protected {
             let code = ar & AR_CODE != 0;
@@ -584,6 +586,16 @@ mod tests {
         t.set_instruction_info(2 << 7 | 2 << 15); // SS:
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Inject(SS0));
         assert_eq!(t.guest.platform.exit_status(), None);
+        // A word at the very top of the address space does not wrap to 0 (nor panic Keel).
+        t.set_instruction_info(2 << 7 | 3 << 15);
+        t.guest.regs.rsi = u64::MAX;
+        t.set_qualification(io_qual(0xf4, 2, false, true, false));
+        assert_eq!(
+            t.run(ExitReason::IoInstruction),
+            Action::Inject(Exception::GP0)
+        );
+        t.set_qualification(io_qual(0xf4, 1, false, true, false));
+        t.guest.regs.rsi = 0x8000_0000_0000;
         // With 5-level paging (CR4.LA57) addresses are canonical up to bit 56: this one is, and
         // its PML5 entry (0x5000, empty) is not present: #PF(0).
         t.vmcs.write(GuestNat::Cr4, 0x20 | 1 << 12);
