@@ -155,8 +155,6 @@ pub fn decode(bytes: &[u8], code: CodeSize) -> Option<Decoded> {
         opcode = 0x0f00 | *bytes.get(i)? as u16;
         i += 1;
     }
-    // MOV AL/eAX <-> moffs (A0-A3): no ModRM, an absolute offset of the address size follows
-    // (SDM Vol. 2B, MOV).
     let le = |at: usize, n: usize| -> Option<u64> {
         let b = bytes.get(at..at + n)?;
         let mut v = [0u8; 8];
@@ -176,6 +174,8 @@ pub fn decode(bytes: &[u8], code: CodeSize) -> Option<Decoded> {
         rip_relative: false,
         addr_bytes: addr_bytes as u8,
     };
+    // MOV AL/eAX <-> moffs (A0-A3): no ModRM, an absolute offset of the address size follows
+    // (SDM Vol. 2B, MOV).
     if (0xa0..=0xa3).contains(&opcode) {
         let len = i + addr_bytes;
         if len > 15 || len > bytes.len() {
