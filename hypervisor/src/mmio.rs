@@ -4,13 +4,14 @@
 //! (and, not being instruction-caused, gives no instruction length: SDM 28.2.4), so Keel fetches
 //! the instruction at CS:RIP through the guest's page tables and decodes it. Device drivers reach
 //! registers with plain moves, so the decoder handles the MOV family (88, 89, 8A, 8B, C6, C7,
-//! A0-A3 with an absolute offset, 0F B6/B7 MOVZX) with every prefix, ModRM, SIB and displacement form; anything else stops the
-//! guest with the bytes in the message rather than guessing.
+//! A0-A3 with an absolute offset, 0F B6/B7 MOVZX) with every prefix, ModRM, SIB and displacement
+//! form, and the operand- and address-size rules of 16-, 32- and 64-bit code ([`CodeSize`]);
+//! anything else stops the guest with the bytes in the message rather than guessing.
 
 use crate::exits::{Action, ExitContext};
 use crate::gmem::{self, PagingMode};
 use crate::guest::{GuestRegs, StopReason};
-use crate::vmx::{Guest32, Guest64, GuestNat, Vmcs};
+use crate::vmx::{Guest32, Guest64, GuestNat, Segment, Vmcs};
 use alloc::format;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,48 +38,116 @@ pub enum MmioOp {
     },
 }
 
+/// Where the instruction's memory operand is: segment and effective address (SDM Vol. 1 3.7.5,
+/// Vol. 2 2.1.5). Registers by number (REX-extended).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemOperand {
+    /// The segment: an override prefix, else SS for an rSP or rBP base, else DS (SDM Vol. 1
+    /// 3.7.4).
+    pub segment: Segment,
+    pub base: Option<u8>,
+    /// Index register and scale factor (1, 2, 4 or 8).
+    pub index: Option<(u8, u8)>,
+    /// The displacement or moffs offset, sign-extended from its width (a moffs offset is not
+    /// signed, but it has the address size, so the sum is masked to it anyway).
+    pub disp: u64,
+    /// RIP-relative (64-bit code, ModRM 00 101): the displacement counts from the next
+    /// instruction.
+    pub rip_relative: bool,
+    /// Address size in bytes: 2, 4 or 8.
+    pub addr_bytes: u8,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decoded {
     pub op: MmioOp,
     pub len: u8,
+    pub mem: MemOperand,
 }
 
-/// Decodes one instruction. `long` = 64-bit code; `default32` = CS.D (32-bit default operand and
-/// address size outside long mode).
-pub fn decode(bytes: &[u8], long: bool, default32: bool) -> Option<Decoded> {
+/// The default operand and address size of the code the guest runs (SDM Vol. 1 3.6, Vol. 3A
+/// 3.4.5: CS.L in IA-32e mode selects 64-bit code, else CS.D 32-bit; real and virtual-8086 mode
+/// are 16-bit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeSize {
+    Bits16,
+    Bits32,
+    Bits64,
+}
+
+impl CodeSize {
+    /// The guest's code size from its VMCS state: real mode (CR0.PE = 0) and virtual-8086 mode
+    /// (RFLAGS.VM) are 16-bit whatever CS holds (SDM 20.1); CS.L counts only in IA-32e mode
+    /// (EFER.LMA); otherwise CS.D says 32 or 16.
+    pub fn of<V: Vmcs + ?Sized>(vmcs: &V) -> Self {
+        const CR0_PE: u64 = 1;
+        const RFLAGS_VM: u64 = 1 << 17;
+        const EFER_LMA: u64 = 1 << 10;
+        const CS_L: u32 = 1 << 13;
+        const CS_D: u32 = 1 << 14;
+        let cs = vmcs.read(Guest32::CsAccessRights);
+        if vmcs.read(GuestNat::Cr0) & CR0_PE == 0 || vmcs.read(GuestNat::Rflags) & RFLAGS_VM != 0 {
+            Self::Bits16
+        } else if vmcs.read(Guest64::Ia32Efer) & EFER_LMA != 0 && cs & CS_L != 0 {
+            Self::Bits64
+        } else if cs & CS_D != 0 {
+            Self::Bits32
+        } else {
+            Self::Bits16
+        }
+    }
+}
+
+/// Decodes one instruction of `code`-sized code.
+///
+/// Operand size (SDM Vol. 1 3.6, Table 3-4; Vol. 2 2.2.1.2): 16 in 16-bit code and 32 in 32- and
+/// 64-bit code by default, 0x66 switches between 16 and 32, REX.W makes it 64 whatever 0x66
+/// says. Address size: 16, 32 or 64 by default, 0x67 switches 16 <-> 32 outside 64-bit code and
+/// 64 -> 32 in it. The address size picks the ModRM forms (16-bit: Vol. 2 Table 2-1, no SIB,
+/// disp16; 32/64-bit: Table 2-2/2-3 with SIB and disp32) and the width of a moffs offset.
+pub fn decode(bytes: &[u8], code: CodeSize) -> Option<Decoded> {
+    let long = code == CodeSize::Bits64;
     let mut i = 0;
-    let mut opsize16 = false;
-    let mut addr_override = false;
+    let mut opsize_prefix = false;
+    let mut addr_prefix = false;
     let mut rex = 0u8;
+    let mut segment = None;
     loop {
-        match *bytes.get(i)? {
-            0x66 => opsize16 = true,
-            0x67 => addr_override = true,
-            0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0xf2 | 0xf3 => {}
-            b @ 0x40..=0x4f if long => {
+        let b = *bytes.get(i)?;
+        match b {
+            0x66 => opsize_prefix = true,
+            0x67 => addr_prefix = true,
+            0x26 => segment = Some(Segment::Es),
+            0x2e => segment = Some(Segment::Cs),
+            0x36 => segment = Some(Segment::Ss),
+            0x3e => segment = Some(Segment::Ds),
+            0x64 => segment = Some(Segment::Fs),
+            0x65 => segment = Some(Segment::Gs),
+            0xf2 | 0xf3 => {}
+            0x40..=0x4f if long => {
                 rex = b;
                 i += 1;
-                break;
+                continue;
             }
             _ => break,
         }
+        // SDM Vol. 2 2.2.1: a REX prefix counts only immediately before the opcode.
+        rex = 0;
         i += 1;
     }
     let rex_w = rex & 8 != 0;
     let rex_r = (rex & 4) << 1;
-    let wide = if rex_w {
-        8
-    } else if opsize16 {
-        2
-    } else if long || default32 {
-        4
-    } else {
-        2
+    let rex_x = (rex & 2) << 2;
+    let rex_b = (rex & 1) << 3;
+    let wide = match (code, opsize_prefix) {
+        (CodeSize::Bits64, _) if rex_w => 8,
+        (CodeSize::Bits16, false) | (CodeSize::Bits32 | CodeSize::Bits64, true) => 2,
+        _ => 4,
     };
-    let addr32 = if long {
-        true
-    } else {
-        default32 != addr_override
+    let addr_bytes = match (code, addr_prefix) {
+        (CodeSize::Bits16, false) | (CodeSize::Bits32, true) => 2,
+        (CodeSize::Bits64, false) => 8,
+        _ => 4,
     };
     let mut opcode = *bytes.get(i)? as u16;
     i += 1;
@@ -86,24 +155,34 @@ pub fn decode(bytes: &[u8], long: bool, default32: bool) -> Option<Decoded> {
         opcode = 0x0f00 | *bytes.get(i)? as u16;
         i += 1;
     }
+    let le = |at: usize, n: usize| -> Option<u64> {
+        let b = bytes.get(at..at + n)?;
+        let mut v = [0u8; 8];
+        v[..n].copy_from_slice(b);
+        Some(u64::from_le_bytes(v))
+    };
+    // A displacement of `n` bytes at `at`, sign-extended.
+    let disp = |at: usize, n: usize| -> Option<u64> {
+        let shift = 64 - 8 * n as u32;
+        Some((((le(at, n)? << shift) as i64) >> shift) as u64)
+    };
+    let mut mem = MemOperand {
+        segment: Segment::Ds,
+        base: None,
+        index: None,
+        disp: 0,
+        rip_relative: false,
+        addr_bytes: addr_bytes as u8,
+    };
     // MOV AL/eAX <-> moffs (A0-A3): no ModRM, an absolute offset of the address size follows
-    // (SDM Vol. 2B, MOV: 8 bytes in 64-bit mode, 4 with a 0x67 prefix there or in 32-bit code).
+    // (SDM Vol. 2B, MOV).
     if (0xa0..=0xa3).contains(&opcode) {
-        let offset_len = if long {
-            if addr_override {
-                4
-            } else {
-                8
-            }
-        } else if addr32 {
-            4
-        } else {
-            2
-        };
-        let len = i + offset_len;
+        let len = i + addr_bytes;
         if len > 15 || len > bytes.len() {
             return None;
         }
+        mem.disp = le(i, addr_bytes)?;
+        mem.segment = segment.unwrap_or(Segment::Ds);
         let rax = Operand::Reg {
             index: 0,
             high_byte: false,
@@ -118,7 +197,11 @@ pub fn decode(bytes: &[u8], long: bool, default32: bool) -> Option<Decoded> {
         } else {
             MmioOp::Write { src: rax, size }
         };
-        return Some(Decoded { op, len: len as u8 });
+        return Some(Decoded {
+            op,
+            len: len as u8,
+            mem,
+        });
     }
     let modrm = *bytes.get(i)?;
     i += 1;
@@ -126,29 +209,72 @@ pub fn decode(bytes: &[u8], long: bool, default32: bool) -> Option<Decoded> {
     if md == 3 {
         return None; // a register operand cannot fault on MMIO
     }
-    // Addressing bytes: SIB and displacement (SDM Vol. 2, 2.1.5 tables 2-1/2-2).
-    if addr32 {
-        if rm == 4 {
-            let sib = *bytes.get(i)?;
-            i += 1;
-            if md == 0 && sib & 7 == 5 {
-                i += 4;
-            }
+    // Addressing bytes: SIB and displacement (SDM Vol. 2, 2.1.5 Tables 2-1 to 2-3). REX.B
+    // extends the base register but not which forms take a SIB or a displacement.
+    const BX: u8 = 3;
+    const SP: u8 = 4;
+    const BP: u8 = 5;
+    const SI: u8 = 6;
+    const DI: u8 = 7;
+    let disp_len = if addr_bytes == 2 {
+        // Table 2-1: [BX+SI], [BX+DI], [BP+SI], [BP+DI], [SI], [DI], [BP] (disp16 alone with
+        // mod 00), [BX].
+        let (base, index) = match rm {
+            0 => (Some(BX), Some(SI)),
+            1 => (Some(BX), Some(DI)),
+            2 => (Some(BP), Some(SI)),
+            3 => (Some(BP), Some(DI)),
+            4 => (Some(SI), None),
+            5 => (Some(DI), None),
+            6 if md == 0 => (None, None),
+            6 => (Some(BP), None),
+            _ => (Some(BX), None),
+        };
+        mem.base = base;
+        mem.index = index.map(|r| (r, 1));
+        match md {
+            0 if rm == 6 => 2,
+            1 => 1,
+            2 => 2,
+            _ => 0,
         }
-        i += match md {
+    } else {
+        let mut n = match md {
             0 if rm == 5 => 4,
             1 => 1,
             2 => 4,
             _ => 0,
         };
+        if rm == 4 {
+            let sib = *bytes.get(i)?;
+            i += 1;
+            let (scale, index, base) = (1 << (sib >> 6), ((sib >> 3) & 7) | rex_x, sib & 7);
+            if index != SP {
+                mem.index = Some((index, scale));
+            }
+            if md == 0 && base == BP {
+                n = 4; // no base, disp32
+            } else {
+                mem.base = Some(base | rex_b);
+            }
+        } else if md == 0 && rm == 5 {
+            // disp32 alone outside 64-bit code, RIP-relative in it (Table 2-7).
+            mem.rip_relative = long;
+        } else {
+            mem.base = Some(rm | rex_b);
+        }
+        n
+    };
+    mem.disp = if disp_len > 0 { disp(i, disp_len)? } else { 0 };
+    i += disp_len;
+    // SS is the default segment for an rSP or rBP base (SDM Vol. 1 3.7.4; REX.B makes it R12 or
+    // R13, whose default is DS, which no matter in 64-bit code).
+    let stack_based = matches!(mem.base, Some(SP | BP));
+    mem.segment = segment.unwrap_or(if stack_based {
+        Segment::Ss
     } else {
-        i += match md {
-            0 if rm == 6 => 2,
-            1 => 1,
-            2 => 2,
-            _ => 0,
-        };
-    }
+        Segment::Ds
+    });
     let reg8 = |r: u8| Operand::Reg {
         index: if rex == 0 && (4..8).contains(&r) {
             r - 4
@@ -160,12 +286,6 @@ pub fn decode(bytes: &[u8], long: bool, default32: bool) -> Option<Decoded> {
     let regw = |r: u8| Operand::Reg {
         index: r,
         high_byte: false,
-    };
-    let imm = |at: usize, n: usize| -> Option<u64> {
-        let b = bytes.get(at..at + n)?;
-        let mut v = [0u8; 8];
-        v[..n].copy_from_slice(b);
-        Some(u64::from_le_bytes(v))
     };
     let (op, extra) = match opcode {
         0x88 => (
@@ -200,14 +320,14 @@ pub fn decode(bytes: &[u8], long: bool, default32: bool) -> Option<Decoded> {
         ),
         0xc6 if reg & 7 == 0 => (
             MmioOp::Write {
-                src: Operand::Imm(imm(i, 1)?),
+                src: Operand::Imm(le(i, 1)?),
                 size: 1,
             },
             1,
         ),
         0xc7 if reg & 7 == 0 => {
             let n = if wide == 2 { 2 } else { 4 };
-            let mut v = imm(i, n)?;
+            let mut v = le(i, n)?;
             if wide == 8 && v & 0x8000_0000 != 0 {
                 v |= 0xffff_ffff_0000_0000; // imm32 sign-extended to 64 bits
             }
@@ -241,7 +361,11 @@ pub fn decode(bytes: &[u8], long: bool, default32: bool) -> Option<Decoded> {
     if len > 15 || len > bytes.len() {
         return None;
     }
-    Some(Decoded { op, len: len as u8 })
+    Some(Decoded {
+        op,
+        len: len as u8,
+        mem,
+    })
 }
 
 fn size_mask(size: u8) -> u64 {
@@ -282,12 +406,62 @@ fn write_register(old: u64, value: u64, size: u8, high_byte: bool) -> u64 {
     }
 }
 
+/// The linear address of a decoded memory operand (SDM Vol. 1 3.7.5: base + index * scale +
+/// displacement, truncated to the address size; RIP-relative from the next instruction; Vol. 3A
+/// 3.4.4: plus the segment's base, of which 64-bit code uses only FS and GS; linear addresses
+/// are 32 bits outside 64-bit code).
+fn operand_linear_address<V: Vmcs + ?Sized>(
+    vmcs: &V,
+    regs: &GuestRegs,
+    d: &Decoded,
+    code: CodeSize,
+    rip: u64,
+) -> u64 {
+    let m = &d.mem;
+    let reg = |r: u8| {
+        if r == 4 {
+            vmcs.read(GuestNat::Rsp)
+        } else {
+            regs.get(r)
+        }
+    };
+    let mut ea = m.disp;
+    if let Some(b) = m.base {
+        ea = ea.wrapping_add(reg(b));
+    }
+    if let Some((x, scale)) = m.index {
+        ea = ea.wrapping_add(reg(x).wrapping_mul(u64::from(scale)));
+    }
+    if m.rip_relative {
+        ea = ea.wrapping_add(rip.wrapping_add(u64::from(d.len)));
+    }
+    let ea = ea & size_mask(m.addr_bytes);
+    let base = match (code, m.segment) {
+        (CodeSize::Bits64, Segment::Fs | Segment::Gs)
+        | (CodeSize::Bits16 | CodeSize::Bits32, _) => vmcs.read(m.segment.base()),
+        (CodeSize::Bits64, _) => 0,
+    };
+    let la = base.wrapping_add(ea);
+    if code == CodeSize::Bits64 {
+        la
+    } else {
+        la & 0xffff_ffff
+    }
+}
+
 /// Reads up to `out.len()` instruction bytes at guest-linear `la`, one page walk per page
-/// touched; stops early at a page that is not mapped. Returns how many bytes were read.
-fn fetch(ram: &crate::guest::GuestRam, mode: &PagingMode, la: u64, out: &mut [u8]) -> usize {
+/// touched (an instruction may straddle two pages that are not physically adjacent); stops
+/// early at a page that is not mapped. Returns how many bytes were read.
+fn fetch(
+    ram: &crate::guest::GuestRam,
+    mode: &PagingMode,
+    la: u64,
+    linear_mask: u64,
+    out: &mut [u8],
+) -> usize {
     let mut got = 0;
     while got < out.len() {
-        let at = la.wrapping_add(got as u64);
+        let at = la.wrapping_add(got as u64) & linear_mask;
         let in_page = (4096 - (at & 0xfff)) as usize;
         let n = in_page.min(out.len() - got);
         let Some(pa) = gmem::translate(ram, mode, at) else {
@@ -303,25 +477,56 @@ fn fetch(ram: &crate::guest::GuestRam, mode: &PagingMode, la: u64, out: &mut [u8
 }
 
 pub fn emulate<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, gpa: u64) -> Action {
-    let mode = PagingMode {
-        cr0: cx.vmcs.read(GuestNat::Cr0),
-        cr3: cx.vmcs.read(GuestNat::Cr3),
-        cr4: cx.vmcs.read(GuestNat::Cr4),
-        efer: cx.vmcs.read(Guest64::Ia32Efer),
-    };
-    let cs_ar = cx.vmcs.read(Guest32::CsAccessRights);
-    let long = cs_ar & (1 << 13) != 0;
-    let default32 = cs_ar & (1 << 14) != 0;
+    // The CPU has fetched the instruction through these page tables, so their entries have no
+    // reserved bits: no need to ask CPUID for MAXPHYADDR (52 checks none).
+    let mode = PagingMode::of(cx.vmcs, 52);
+    let code = CodeSize::of(cx.vmcs);
     let rip = cx.vmcs.read(GuestNat::Rip);
+    // Linear addresses are 32 bits outside 64-bit code (SDM 3.4.4), so CS base + EIP wraps.
+    let linear_mask = if code == CodeSize::Bits64 {
+        u64::MAX
+    } else {
+        0xffff_ffff
+    };
     let la = cx.vmcs.read(GuestNat::CsBase).wrapping_add(rip);
     let mut bytes = [0u8; 15];
-    let got = fetch(&cx.guest.ram, &mode, la, &mut bytes);
-    let Some(d) = decode(&bytes[..got], long, default32) else {
+    let got = fetch(&cx.guest.ram, &mode, la, linear_mask, &mut bytes);
+    let Some(d) = decode(&bytes[..got], code) else {
         return Action::Stop(StopReason::Killed(format!(
             "MMIO access to {gpa:#x} by an instruction Keel does not emulate: {:02x?}",
             &bytes[..got.min(8)]
         )));
     };
+    // SDM 28.2.4 gives the guest-physical address of the access, not its size or where it
+    // started: recompute the operand's linear address and check that the access starts at the
+    // reported page offset. Otherwise the bytes at RIP are not the instruction that faulted, or
+    // the access straddles into the device page from the page below (the EPT violation then
+    // names the device page's first byte, and emulating the access whole there would put the
+    // wrong bytes into the device and lose those for the page below). An access that starts on
+    // the device page and runs past its end goes to the device whole, which ignores the bytes
+    // beyond its registers (the `apic` hostile attack reads across the APIC page's end).
+    let operand_la = operand_linear_address(cx.vmcs, &cx.guest.regs, &d, code, rip);
+    if operand_la & 0xfff != gpa & 0xfff {
+        let size = match d.op {
+            MmioOp::Read { size, .. } | MmioOp::Write { size, .. } => u64::from(size),
+        };
+        let code_bytes = &bytes[..d.len as usize];
+        // Crossing into the device page is the guest's doing; any other mismatch means Keel
+        // decoded the instruction wrongly, and says so.
+        let why = if (operand_la & 0xfff) + size > 0x1000 && gpa & 0xfff == 0 {
+            format!(
+                "by an instruction Keel does not emulate: {size} bytes at linear {operand_la:#x} \
+                 cross a page boundary into the device page, which Keel does not split: \
+                 {code_bytes:02x?}"
+            )
+        } else {
+            format!(
+                "not emulated: Keel decoded the instruction at RIP ({code_bytes:02x?}) as an \
+                 access at linear {operand_la:#x}, which does not match (a Keel bug)"
+            )
+        };
+        return Action::Stop(StopReason::Killed(format!("MMIO access to {gpa:#x} {why}")));
+    }
     let now = cx.now;
     match d.op {
         MmioOp::Read {
@@ -364,22 +569,22 @@ mod tests {
     #[test]
     fn decodes_the_moves_drivers_use() {
         // mov dword [rax+0xb0], ecx  (89 88 b0 00 00 00)
-        let d = decode(&[0x89, 0x88, 0xb0, 0, 0, 0], true, false).unwrap();
+        let d = decode(&[0x89, 0x88, 0xb0, 0, 0, 0], CodeSize::Bits64).unwrap();
         assert_eq!(
-            d,
-            Decoded {
-                op: MmioOp::Write {
+            (d.op, d.len),
+            (
+                MmioOp::Write {
                     src: Operand::Reg {
                         index: 1,
                         high_byte: false
                     },
                     size: 4
                 },
-                len: 6
-            }
+                6
+            )
         );
         // mov eax, [rip+disp32]  (8b 05 xx xx xx xx)
-        let d = decode(&[0x8b, 0x05, 1, 2, 3, 4], true, false).unwrap();
+        let d = decode(&[0x8b, 0x05, 1, 2, 3, 4], CodeSize::Bits64).unwrap();
         assert_eq!(d.len, 6);
         assert_eq!(
             d.op,
@@ -393,7 +598,7 @@ mod tests {
             }
         );
         // mov r9, [rdx]  (4c 8b 0a)
-        let d = decode(&[0x4c, 0x8b, 0x0a], true, false).unwrap();
+        let d = decode(&[0x4c, 0x8b, 0x0a], CodeSize::Bits64).unwrap();
         assert_eq!(
             d.op,
             MmioOp::Read {
@@ -408,22 +613,21 @@ mod tests {
         // mov dword [rbx + rcx*4 + 0x10], 0x12345678  (c7 44 8b 10 78 56 34 12)
         let d = decode(
             &[0xc7, 0x44, 0x8b, 0x10, 0x78, 0x56, 0x34, 0x12],
-            true,
-            false,
+            CodeSize::Bits64,
         )
         .unwrap();
         assert_eq!(
-            d,
-            Decoded {
-                op: MmioOp::Write {
+            (d.op, d.len),
+            (
+                MmioOp::Write {
                     src: Operand::Imm(0x1234_5678),
                     size: 4
                 },
-                len: 8
-            }
+                8
+            )
         );
         // movzx eax, byte [rsi]  (0f b6 06)
-        let d = decode(&[0x0f, 0xb6, 0x06], true, false).unwrap();
+        let d = decode(&[0x0f, 0xb6, 0x06], CodeSize::Bits64).unwrap();
         assert_eq!(
             d.op,
             MmioOp::Read {
@@ -436,7 +640,7 @@ mod tests {
             }
         );
         // 16-bit: mov ax, [0x1234] in real mode (8b 06 34 12)
-        let d = decode(&[0x8b, 0x06, 0x34, 0x12], false, false).unwrap();
+        let d = decode(&[0x8b, 0x06, 0x34, 0x12], CodeSize::Bits16).unwrap();
         assert_eq!(
             (d.len, d.op),
             (
@@ -452,7 +656,7 @@ mod tests {
             )
         );
         // mov ah, [ebx] in 32-bit code (8a 23)
-        let d = decode(&[0x8a, 0x23], false, true).unwrap();
+        let d = decode(&[0x8a, 0x23], CodeSize::Bits32).unwrap();
         assert_eq!(
             d.op,
             MmioOp::Read {
@@ -465,7 +669,11 @@ mod tests {
             }
         );
         // mov qword [rax], imm32 sign-extended (48 c7 00 ff ff ff ff)
-        let d = decode(&[0x48, 0xc7, 0x00, 0xff, 0xff, 0xff, 0xff], true, false).unwrap();
+        let d = decode(
+            &[0x48, 0xc7, 0x00, 0xff, 0xff, 0xff, 0xff],
+            CodeSize::Bits64,
+        )
+        .unwrap();
         assert_eq!(
             d.op,
             MmioOp::Write {
@@ -480,11 +688,11 @@ mod tests {
         // mov eax, [0xfee00080] in 64-bit code: A1 + 8-byte offset.
         let mut b = alloc::vec![0xa1];
         b.extend_from_slice(&0xfee0_0080u64.to_le_bytes());
-        let d = decode(&b, true, false).unwrap();
+        let d = decode(&b, CodeSize::Bits64).unwrap();
         assert_eq!(
-            d,
-            Decoded {
-                op: MmioOp::Read {
+            (d.op, d.len),
+            (
+                MmioOp::Read {
                     dst: Operand::Reg {
                         index: 0,
                         high_byte: false
@@ -492,29 +700,29 @@ mod tests {
                     size: 4,
                     dst_size: 4
                 },
-                len: 9
-            }
+                9
+            )
         );
         // mov [0xfee000b0], eax with 0x67 in 64-bit code: 4-byte offset.
-        let d = decode(&[0x67, 0xa3, 0xb0, 0, 0xe0, 0xfe], true, false).unwrap();
+        let d = decode(&[0x67, 0xa3, 0xb0, 0, 0xe0, 0xfe], CodeSize::Bits64).unwrap();
         assert_eq!(
-            d,
-            Decoded {
-                op: MmioOp::Write {
+            (d.op, d.len),
+            (
+                MmioOp::Write {
                     src: Operand::Reg {
                         index: 0,
                         high_byte: false
                     },
                     size: 4
                 },
-                len: 6
-            }
+                6
+            )
         );
         // mov [moffs], rax with REX.W; mov al, [moffs16] in real mode.
         let mut b = alloc::vec![0x48, 0xa3];
         b.extend_from_slice(&0u64.to_le_bytes());
         assert_eq!(
-            decode(&b, true, false).unwrap().op,
+            decode(&b, CodeSize::Bits64).unwrap().op,
             MmioOp::Write {
                 src: Operand::Reg {
                     index: 0,
@@ -523,20 +731,215 @@ mod tests {
                 size: 8
             }
         );
-        assert_eq!(decode(&[0xa0, 0x34, 0x12], false, false).unwrap().len, 3);
-        assert_eq!(decode(&[0xa1, 1, 2], true, false), None, "truncated offset");
+        assert_eq!(
+            decode(&[0xa0, 0x34, 0x12], CodeSize::Bits16).unwrap().len,
+            3
+        );
+        assert_eq!(
+            decode(&[0xa1, 1, 2], CodeSize::Bits64),
+            None,
+            "truncated offset"
+        );
+    }
+
+    /// (R/W, size, destination size, length), as [`shape`] gives it.
+    type Shape = (char, u8, u8, u8);
+
+    /// What a test compares: the access (R = read into a register, W = write), its size, the
+    /// destination size of a read, and the instruction length.
+    fn shape(d: Option<Decoded>) -> Option<Shape> {
+        d.map(|d| match d.op {
+            MmioOp::Read { size, dst_size, .. } => ('R', size, dst_size, d.len),
+            MmioOp::Write { size, .. } => ('W', size, size, d.len),
+        })
+    }
+
+    /// Operand and address size over the three code sizes and the 0x66/0x67/REX prefixes (SDM
+    /// Vol. 1 3.6 Table 3-4, Vol. 2 2.2.1.2 and Table 2-1 for 16-bit ModRM), each row: code
+    /// size, bytes, (R/W, size, destination size, length).
+    #[test]
+    fn operand_and_address_sizes_follow_the_code_size_and_prefixes() {
+        use CodeSize::*;
+        #[rustfmt::skip]
+        let rows: &[(CodeSize, &[u8], Shape)] = &[
+            // 16-bit code: 16-bit operands, 0x66 makes them 32-bit.
+            (Bits16, &[0x89, 0x07], ('W', 2, 2, 2)),                       // mov [bx], ax
+            (Bits16, &[0x66, 0x89, 0x07], ('W', 4, 4, 3)),                 // mov [bx], eax
+            (Bits16, &[0x8b, 0x06, 0x34, 0x12], ('R', 2, 2, 4)),           // mov ax, [0x1234]
+            (Bits16, &[0x66, 0x8b, 0x06, 0x34, 0x12], ('R', 4, 4, 5)),     // mov eax, [0x1234]
+            (Bits16, &[0x8b, 0x04], ('R', 2, 2, 2)),                       // mov ax, [si]: no SIB
+            (Bits16, &[0x8b, 0x44, 0x10], ('R', 2, 2, 3)),                 // [si+disp8]
+            (Bits16, &[0x8b, 0x84, 0x10, 0x20], ('R', 2, 2, 4)),           // [si+disp16]
+            (Bits16, &[0x8b, 0x46, 0x10], ('R', 2, 2, 3)),                 // [bp+disp8]
+            (Bits16, &[0xc7, 0x06, 0x34, 0x12, 0x78, 0x56], ('W', 2, 2, 6)), // imm16
+            (Bits16, &[0xc7, 0x87, 0x10, 0x20, 0x78, 0x56], ('W', 2, 2, 6)), // [bx+disp16], imm16
+            (Bits16, &[0x66, 0xc7, 0x06, 0x34, 0x12, 1, 2, 3, 4], ('W', 4, 4, 9)), // imm32
+            // 0x67 in 16-bit code: 32-bit addressing (SIB, disp32).
+            (Bits16, &[0x67, 0x8b, 0x05, 1, 2, 3, 4], ('R', 2, 2, 7)),
+            (Bits16, &[0x67, 0x8b, 0x04, 0x24], ('R', 2, 2, 4)),
+            (Bits16, &[0x66, 0x67, 0xc7, 0x05, 0x80, 0, 0xe0, 0xfe, 1, 2, 3, 4], ('W', 4, 4, 12)),
+            (Bits16, &[0x67, 0x66, 0x8b, 0x05, 0x80, 0, 0xe0, 0xfe], ('R', 4, 4, 8)),
+            // moffs: an address-size offset.
+            (Bits16, &[0xa1, 0x80, 0x00], ('R', 2, 2, 3)),
+            (Bits16, &[0x66, 0xa1, 0x80, 0x00], ('R', 4, 4, 4)),
+            (Bits16, &[0x67, 0xa1, 0x80, 0, 0xe0, 0xfe], ('R', 2, 2, 6)),
+            (Bits16, &[0x66, 0x67, 0xa3, 0x80, 0, 0xe0, 0xfe], ('W', 4, 4, 7)),
+            (Bits16, &[0xa2, 0x80, 0x00], ('W', 1, 1, 3)),
+            // MOVZX: the destination takes the operand size.
+            (Bits16, &[0x0f, 0xb7, 0x07], ('R', 2, 2, 3)),
+            (Bits16, &[0x66, 0x0f, 0xb6, 0x07], ('R', 1, 4, 4)),
+            // 32-bit code: 0x66 makes operands 16-bit, 0x67 addresses 16-bit.
+            (Bits32, &[0x89, 0x07], ('W', 4, 4, 2)),
+            (Bits32, &[0x66, 0x89, 0x07], ('W', 2, 2, 3)),
+            (Bits32, &[0x8b, 0x05, 1, 2, 3, 4], ('R', 4, 4, 6)),
+            (Bits32, &[0x67, 0x8b, 0x06, 0x34, 0x12], ('R', 4, 4, 5)),
+            (Bits32, &[0x67, 0x8b, 0x04], ('R', 4, 4, 3)),
+            (Bits32, &[0x66, 0xc7, 0x05, 1, 2, 3, 4, 0x78, 0x56], ('W', 2, 2, 9)),
+            (Bits32, &[0xc7, 0x04, 0x24, 1, 2, 3, 4], ('W', 4, 4, 7)),
+            (Bits32, &[0xa1, 0x80, 0, 0xe0, 0xfe], ('R', 4, 4, 5)),
+            (Bits32, &[0x67, 0xa1, 0x80, 0x00], ('R', 4, 4, 4)),
+            (Bits32, &[0x66, 0x67, 0xa3, 0x80, 0x00], ('W', 2, 2, 5)),
+            // 64-bit code: REX.W wins over 0x66; 0x67 makes addresses 32-bit (same ModRM forms).
+            (Bits64, &[0x89, 0x07], ('W', 4, 4, 2)),
+            (Bits64, &[0x66, 0x89, 0x07], ('W', 2, 2, 3)),
+            (Bits64, &[0x48, 0x89, 0x07], ('W', 8, 8, 3)),
+            (Bits64, &[0x66, 0x48, 0x89, 0x07], ('W', 8, 8, 4)),
+            // A REX followed by a legacy prefix is ignored (SDM Vol. 2 2.2.1).
+            (Bits64, &[0x48, 0x66, 0x89, 0x07], ('W', 2, 2, 4)),
+            (Bits64, &[0x67, 0x8b, 0x05, 1, 2, 3, 4], ('R', 4, 4, 7)),
+            (Bits64, &[0x67, 0x8b, 0x04, 0x24], ('R', 4, 4, 4)),
+            (Bits64, &[0x41, 0x8b, 0x04, 0x24], ('R', 4, 4, 4)),           // [r12]: SIB
+            (Bits64, &[0x41, 0x8b, 0x45, 0x00], ('R', 4, 4, 4)),           // [r13+0]
+            (Bits64, &[0x66, 0xc7, 0x00, 0x34, 0x12], ('W', 2, 2, 5)),
+            (Bits64, &[0x48, 0xc7, 0x00, 1, 2, 3, 4], ('W', 8, 8, 7)),
+            (Bits64, &[0xa1, 0x80, 0, 0xe0, 0xfe, 0, 0, 0, 0], ('R', 4, 4, 9)),
+            (Bits64, &[0x67, 0xa1, 0x80, 0, 0xe0, 0xfe], ('R', 4, 4, 6)),
+            (Bits64, &[0x66, 0xa1, 0x80, 0, 0xe0, 0xfe, 0, 0, 0, 0], ('R', 2, 2, 10)),
+            (Bits64, &[0x48, 0x0f, 0xb7, 0x07], ('R', 2, 8, 4)),
+        ];
+        let mut wrong = alloc::vec::Vec::new();
+        for &(code, bytes, want) in rows {
+            let got = shape(decode(bytes, code));
+            if got != Some(want) {
+                wrong.push(alloc::format!(
+                    "{code:?} {bytes:02x?}: {got:?}, want {want:?}"
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    /// The operand's linear address over addressing forms, segments and address sizes (SDM Vol. 2
+    /// Tables 2-1 to 2-3, Vol. 1 3.7.4 default segments). Each row: code size, bytes, linear
+    /// address, with RAX 0x1000, RCX 2, RBX 0x3000, RSP 0x7000, RBP 0x5000, RSI 0x10, RDI 0x20,
+    /// R12 0xc000, R13 0xd000, RIP 0x400; DS based at 0x10_0000, SS at 0x20_0000, FS at
+    /// 0x30_0000, ES at 0x40_0000.
+    #[test]
+    fn operands_are_found_at_their_linear_address() {
+        use crate::vmx::FakeVmcs;
+        use CodeSize::*;
+        let mut v = FakeVmcs::new();
+        v.write(GuestNat::Rsp, 0x7000);
+        for (seg, base) in [
+            (Segment::Ds, 0x10_0000),
+            (Segment::Ss, 0x20_0000),
+            (Segment::Fs, 0x30_0000),
+            (Segment::Es, 0x40_0000),
+        ] {
+            v.write(seg.base(), base);
+        }
+        let regs = GuestRegs {
+            rax: 0x1000,
+            rcx: 2,
+            rbx: 0x3000,
+            rbp: 0x5000,
+            rsi: 0x10,
+            rdi: 0x20,
+            r12: 0xc000,
+            r13: 0xd000,
+            ..GuestRegs::default()
+        };
+        #[rustfmt::skip]
+        let rows: &[(CodeSize, &[u8], u64)] = &[
+            (Bits16, &[0x8b, 0x00], 0x10_3010),                      // [bx+si]
+            (Bits16, &[0x8b, 0x42, 0x08], 0x20_5018),                // [bp+si+8]: SS
+            (Bits16, &[0x8b, 0x46, 0xfe], 0x20_4ffe),                // [bp-2]: SS
+            (Bits16, &[0x8b, 0x06, 0x34, 0x12], 0x10_1234),          // [0x1234]
+            (Bits16, &[0x8b, 0x87, 0xff, 0xff], 0x10_2fff),          // [bx-1] (disp16)
+            (Bits16, &[0x26, 0x8b, 0x05], 0x40_0020),                // es:[di]
+            (Bits16, &[0x8b, 0x85, 0xf0, 0xff], 0x10_0010),          // [di-0x10]
+            (Bits16, &[0x67, 0x8b, 0x44, 0x8b, 0x10], 0x10_3018),    // [ebx+ecx*4+0x10]
+            (Bits32, &[0x8b, 0x44, 0x24, 0x04], 0x20_7004),          // [esp+4]: SS
+            (Bits32, &[0x8b, 0x04, 0x8d, 0, 1, 0, 0], 0x10_0108),    // [ecx*4+0x100]
+            (Bits32, &[0x8b, 0x05, 0x80, 0, 0xe0, 0xfe], 0xfef0_0080), // DS + disp32
+            (Bits32, &[0x64, 0xa1, 0x80, 0, 0, 0], 0x30_0080),        // fs:moffs32
+            (Bits32, &[0x67, 0x8b, 0x47, 0xf0], 0x10_2ff0),           // [bx-0x10], 16-bit
+            (Bits64, &[0x8b, 0x05, 0x10, 0, 0, 0], 0x416),            // [rip+0x10]
+            (Bits64, &[0x41, 0x8b, 0x04, 0x24], 0xc000),              // [r12]: no segment base
+            (Bits64, &[0x41, 0x8b, 0x45, 0x08], 0xd008),              // [r13+8]
+            (Bits64, &[0x42, 0x8b, 0x04, 0x20], 0x1000 + 0xc000),     // [rax+r12]
+            (Bits64, &[0x64, 0x8b, 0x03], 0x30_3000),                 // fs:[rbx]
+            (Bits64, &[0x8b, 0x44, 0x24, 0xf8], 0x6ff8),              // [rsp-8]
+            (Bits64, &[0x67, 0x8b, 0x43, 0xff], 0x2fff),              // [ebx-1]
+        ];
+        let mut wrong = alloc::vec::Vec::new();
+        for &(code, bytes, want) in rows {
+            let got =
+                decode(bytes, code).map(|d| operand_linear_address(&v, &regs, &d, code, 0x400));
+            if got != Some(want) {
+                wrong.push(alloc::format!(
+                    "{code:?} {bytes:02x?}: {got:x?}, want {want:#x}"
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn immediates_follow_the_operand_size() {
+        // 16-bit code, 0x66 0x67: mov dword [disp32], imm32 (the issue's instruction).
+        let d = decode(
+            &[
+                0x66, 0x67, 0xc7, 0x05, 0x80, 0, 0xe0, 0xfe, 0x78, 0x56, 0x34, 0x12,
+            ],
+            CodeSize::Bits16,
+        );
+        assert_eq!(
+            d.map(|d| d.op),
+            Some(MmioOp::Write {
+                src: Operand::Imm(0x1234_5678),
+                size: 4
+            })
+        );
+        // 32-bit code, 0x66: imm16, not sign-extended.
+        let d = decode(&[0x66, 0xc7, 0x00, 0xff, 0xff], CodeSize::Bits32);
+        assert_eq!(
+            d.map(|d| d.op),
+            Some(MmioOp::Write {
+                src: Operand::Imm(0xffff),
+                size: 2
+            })
+        );
     }
 
     #[test]
     fn refuses_what_it_does_not_know() {
-        assert_eq!(decode(&[0x01, 0x00], true, false), None, "ADD to memory");
-        assert_eq!(decode(&[0x89, 0xc0], true, false), None, "register form");
         assert_eq!(
-            decode(&[0x89, 0x80, 0, 0], true, false),
+            decode(&[0x01, 0x00], CodeSize::Bits64),
+            None,
+            "ADD to memory"
+        );
+        assert_eq!(
+            decode(&[0x89, 0xc0], CodeSize::Bits64),
+            None,
+            "register form"
+        );
+        assert_eq!(
+            decode(&[0x89, 0x80, 0, 0], CodeSize::Bits64),
             None,
             "truncated displacement"
         );
-        assert_eq!(decode(&[], true, false), None);
+        assert_eq!(decode(&[], CodeSize::Bits64), None);
     }
 
     #[test]
@@ -552,19 +955,48 @@ mod tests {
             cr3: 0,
             cr4: 0,
             efer: 0,
+            maxphyaddr: 40,
         };
         let mut out = [0u8; 15];
         assert_eq!(
-            fetch(&ram, &off, 0x1ffa, &mut out),
+            fetch(&ram, &off, 0x1ffa, u64::MAX, &mut out),
             15,
             "crosses a page boundary"
         );
         assert_eq!(out[..3], [2, 3, 4]);
         assert_eq!(out[14], 16);
         assert_eq!(
-            fetch(&ram, &off, 0xfffa, &mut out),
+            fetch(&ram, &off, 0xfffa, u64::MAX, &mut out),
             6,
             "stops where RAM ends"
+        );
+    }
+
+    #[test]
+    fn fetch_follows_the_page_tables_across_a_page_boundary() {
+        let mem: &'static mut [u8] = alloc::vec![0u8; 0x10000].leak();
+        // SAFETY: the leaked buffer belongs to this test alone.
+        let mut ram = unsafe { crate::guest::GuestRam::new(mem, 0) };
+        // 32-bit paging: PD 0x1000 -> PT 0x2000; linear page 0 -> 0x5000, page 1 -> 0x3000.
+        ram.bytes()[0x1000..0x1004].copy_from_slice(&0x2003u32.to_le_bytes());
+        ram.bytes()[0x2000..0x2004].copy_from_slice(&0x5003u32.to_le_bytes());
+        ram.bytes()[0x2004..0x2008].copy_from_slice(&0x3003u32.to_le_bytes());
+        ram.bytes()[0x5ffd..0x6000].copy_from_slice(&[0x66, 0x67, 0xc7]);
+        ram.bytes()[0x3000..0x3009].copy_from_slice(&[0x05, 0x80, 0, 0xe0, 0xfe, 1, 2, 3, 4]);
+        ram.bytes()[0x6000] = 0xcc; // the physically next byte, not the instruction's
+        let paged = PagingMode {
+            cr0: 0x8000_0001,
+            cr3: 0x1000,
+            cr4: 0,
+            efer: 0,
+            maxphyaddr: 40,
+        };
+        let mut out = [0u8; 15];
+        assert_eq!(fetch(&ram, &paged, 0xffd, 0xffff_ffff, &mut out), 15);
+        assert_eq!(
+            decode(&out, CodeSize::Bits16).map(|d| d.len),
+            Some(12),
+            "{out:02x?}"
         );
     }
 

@@ -3,7 +3,7 @@
 //! docs/SECURITY.md) and checks that Keel stays up, that the witness computes the right checksum,
 //! and that every attacker gets its documented outcome.
 //!
-//! One Bochs boot of about 15 s (26 guests), plus two of their own: the interrupt storm, and
+//! One Bochs boot of about 15 s (27 guests), plus two of their own: the interrupt storm, and
 //! the sweep of guest-physical memory (about a minute); every test below asserts on it. Run them alone with
 //! `cargo itest hostile`.
 
@@ -96,7 +96,7 @@ pub(crate) fn expect_keel_unhurt(boot: &Outcome) {
 #[test]
 fn keel_survives_every_attack() {
     let boot = shared_boot(&HOSTILE);
-    boot.expect_line("keel: running 26 guests");
+    boot.expect_line("keel: running 27 guests");
     expect_keel_unhurt(&boot);
 }
 
@@ -247,7 +247,7 @@ fn unclaimed_ports_read_all_ones_and_nothing_breaks() {
 #[test]
 fn string_io_respects_the_guests_page_tables() {
     let boot = shared_boot(&HOSTILE);
-    boot.expect_guest_line("stringio", "hostile64: stringio pf=3/3 ok");
+    boot.expect_guest_line("stringio", "hostile64: stringio pf=13/13 ok");
     expect_ended(&boot, "stringio", OK_STATUS);
 }
 
@@ -306,6 +306,13 @@ fn mmio_through_a_mov_with_an_absolute_address_is_emulated() {
     let boot = shared_boot(&HOSTILE);
     boot.expect_guest_line("moffs", "hostile64: moffs mmio=3/3 ok");
     expect_ended(&boot, "moffs", OK_STATUS);
+}
+
+#[test]
+fn mmio_from_16_bit_code_follows_the_operand_and_address_size_prefixes() {
+    let boot = shared_boot(&HOSTILE);
+    boot.expect_guest_line("mmio16", "hostile64: mmio16 mmio=5/5 ok");
+    expect_ended(&boot, "mmio16", OK_STATUS);
 }
 
 #[test]

@@ -101,3 +101,138 @@ mod walk_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod code_size_tests {
+    use crate::exits::testing::*;
+    use crate::exits::Action;
+    use crate::vmx::{
+        ExitReason, Guest32, Guest64, GuestNat, ReadOnly64, Vmcs, VmcsAccess, VmcsField,
+    };
+
+    const TPR: u64 = 0xfee0_0080;
+
+    /// An EPT violation at `gpa` (a write or a read) by the instruction at CS:IP, which is
+    /// placed in RAM first.
+    fn mmio_exit(t: &mut TestBed, gpa: u64, write: bool, code: &[u8]) -> Action {
+        let la = (t.vmcs.read(GuestNat::CsBase) + t.vmcs.read(GuestNat::Rip)) as usize;
+        t.guest.ram.bytes()[la..la + code.len()].copy_from_slice(code);
+        t.vmcs
+            .write_raw(ReadOnly64::GuestPhysicalAddr.encoding(), gpa);
+        // SDM Table 28-7: bit 0 read, bit 1 write, bits 7-8 linear address valid, translated.
+        t.set_qualification(if write { 2 } else { 1 } | 3 << 7);
+        t.run(ExitReason::EptViolation)
+    }
+
+    fn tpr(t: &mut TestBed) -> u64 {
+        t.guest.platform.mmio_read(TPR, 4, 0).unwrap_or(u64::MAX)
+    }
+
+    #[test]
+    fn sixteen_bit_code_reaches_the_apic_with_32_bit_moves() {
+        // Real mode (SDM 20.1: 16-bit operands and addresses), CS = 0x1000, IP = 0x100.
+        let mut t = TestBed::new();
+        t.vmcs.write(GuestNat::Cr0, 0x10);
+        t.vmcs.write(GuestNat::Rflags, 2);
+        t.vmcs.write(GuestNat::CsBase, 0x1_0000);
+        t.vmcs.write(Guest32::CsAccessRights, 0x9b);
+        t.vmcs.write(GuestNat::Rip, 0x100);
+        // mov dword [dword 0xfee00080], 0x20 (66 67 C7 05 disp32 imm32): 12 bytes, the whole
+        // 32-bit value reaches the TPR.
+        let store = [0x66, 0x67, 0xc7, 0x05, 0x80, 0, 0xe0, 0xfe, 0x20, 0, 0, 0];
+        assert_eq!(mmio_exit(&mut t, TPR, true, &store), Action::AdvanceBy(12));
+        assert_eq!(t.vmcs.read(GuestNat::Rip), 0x10c);
+        assert_eq!(tpr(&mut t), 0x20);
+        // mov eax, [dword 0xfee00080] (66 67 8B 05 disp32): a 32-bit read, 8 bytes.
+        t.guest.regs.rax = 0xffff_ffff_ffff_ffff;
+        let load = [0x66, 0x67, 0x8b, 0x05, 0x80, 0, 0xe0, 0xfe];
+        assert_eq!(mmio_exit(&mut t, TPR, false, &load), Action::AdvanceBy(8));
+        assert_eq!(t.guest.regs.rax, 0x20);
+        // mov [bx], eax (66 89 07) with EAX = 0x30, BX = 0x80, DS based at the APIC page: a
+        // 32-bit store, 3 bytes.
+        t.vmcs.write(GuestNat::DsBase, 0xfee0_0000);
+        t.guest.regs.rbx = 0x80;
+        t.guest.regs.rax = 0x30;
+        assert_eq!(
+            mmio_exit(&mut t, TPR, true, &[0x66, 0x89, 0x07]),
+            Action::AdvanceBy(3)
+        );
+        assert_eq!(tpr(&mut t), 0x30);
+        // mov ax, [0x80] (8B 06 disp16): a 16-bit read merges into AX.
+        t.guest.regs.rax = 0xffff_ffff_ffff_0000;
+        assert_eq!(
+            mmio_exit(&mut t, TPR, false, &[0x8b, 0x06, 0x80, 0x00]),
+            Action::AdvanceBy(4)
+        );
+        assert_eq!(t.guest.regs.rax, 0xffff_ffff_ffff_0030);
+    }
+
+    #[test]
+    fn cs_l_counts_only_in_ia32e_mode() {
+        // SDM 3.4.5: CS.L is meaningful only in IA-32e mode; a protected-mode guest with L set
+        // and D clear runs 16-bit code, where 66 89 07 stores 32 bits.
+        let mut t = TestBed::new();
+        t.vmcs.write(GuestNat::Cr0, 0x11);
+        t.vmcs.write(Guest64::Ia32Efer, 0);
+        t.vmcs.write(GuestNat::Rflags, 2);
+        t.vmcs.write(Guest32::CsAccessRights, 0x209b);
+        t.vmcs.write(GuestNat::Rip, 0x100);
+        t.vmcs.write(GuestNat::DsBase, 0xfee0_0000);
+        t.guest.regs.rbx = 0x80;
+        t.guest.regs.rax = 0x40;
+        assert_eq!(
+            mmio_exit(&mut t, TPR, true, &[0x66, 0x89, 0x07]),
+            Action::AdvanceBy(3)
+        );
+        assert_eq!(tpr(&mut t), 0x40);
+    }
+
+    /// Protected mode without paging, 32-bit code, flat segments.
+    fn flat32() -> TestBed {
+        let mut t = TestBed::new();
+        t.vmcs.write(GuestNat::Cr0, 0x11);
+        t.vmcs.write(GuestNat::Rflags, 2);
+        t.vmcs.write(Guest32::CsAccessRights, 0xc09b);
+        t.vmcs.write(GuestNat::Rip, 0x100);
+        t
+    }
+
+    fn killed(a: Action) -> alloc::string::String {
+        match a {
+            Action::Stop(crate::guest::StopReason::Killed(why)) => why,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_access_that_crosses_into_the_apic_page_is_not_emulated_whole() {
+        // mov [edi], eax with EDI = 0xfedffffe: two bytes below the APIC page, two on it. The
+        // EPT violation names the APIC page's first byte; writing all four bytes there would
+        // put EAX's low half into APIC offset 0 and lose the bytes for the page below.
+        let mut t = flat32();
+        t.guest.regs.rdi = 0xfedf_fffe;
+        t.guest.regs.rax = 0x1122_3344;
+        let why = killed(mmio_exit(&mut t, 0xfee0_0000, true, &[0x89, 0x07]));
+        assert!(why.contains("cross a page boundary"), "{why}");
+        assert_eq!(t.vmcs.read(GuestNat::Rip), 0x100);
+    }
+
+    #[test]
+    fn an_instruction_whose_operand_is_not_the_faulting_address_is_not_emulated() {
+        // The decoded operand (DS:[EBX+8] = 0xfee00048) is not at the page offset the CPU
+        // reported (0x80): the bytes at RIP are not the instruction that faulted.
+        let mut t = flat32();
+        t.guest.regs.rbx = 0xfee0_0040;
+        let why = killed(mmio_exit(&mut t, TPR, false, &[0x8b, 0x43, 0x08]));
+        assert!(
+            why.contains("0xfee00048") && why.contains("a Keel bug"),
+            "{why}"
+        );
+        // With EBX = 0xfee00078 it is the TPR: emulated.
+        t.guest.regs.rbx = 0xfee0_0078;
+        assert_eq!(
+            mmio_exit(&mut t, TPR, false, &[0x8b, 0x43, 0x08]),
+            Action::AdvanceBy(3)
+        );
+    }
+}

@@ -89,8 +89,14 @@ impl TestBed {
         }
     }
 
-    /// Marks the guest as running 64-bit code (CS.L).
+    /// Marks the guest as running 64-bit code: IA-32e mode (CR0.PE and PG, EFER.LME and LMA)
+    /// and CS.L (SDM 3.4.5: CS.L counts only in IA-32e mode).
     pub fn long_mode(&mut self) {
+        use crate::vmx::{Guest64, GuestNat};
+        let cr0 = self.vmcs.read(GuestNat::Cr0);
+        self.vmcs.write(GuestNat::Cr0, cr0 | 1 | 1 << 31);
+        let efer = self.vmcs.read(Guest64::Ia32Efer);
+        self.vmcs.write(Guest64::Ia32Efer, efer | 1 << 8 | 1 << 10);
         self.vmcs.write(Guest32::CsAccessRights, 0xa09b);
     }
 

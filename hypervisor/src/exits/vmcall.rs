@@ -9,9 +9,9 @@ use crate::abi::{hc, status, CONSOLE_WRITE_MAX};
 use crate::guest::StopReason;
 use crate::vmx::{Guest32, Vmcs};
 
-/// True when the guest runs 64-bit code (CS.L = 1, SDM 3.4.5).
+/// True when the guest runs 64-bit code (IA-32e mode and CS.L = 1, SDM 3.4.5).
 fn in_64bit_code<V: Vmcs + ?Sized>(vmcs: &V) -> bool {
-    vmcs.read(Guest32::CsAccessRights) & (1 << 13) != 0
+    crate::mmio::CodeSize::of(vmcs) == crate::mmio::CodeSize::Bits64
 }
 
 #[inline]
@@ -144,5 +144,17 @@ mod tests {
         t.guest.regs.rax = 0xdead_0000_0000_0000 | 0x7777;
         t.run(ExitReason::Vmcall);
         assert_eq!(t.guest.regs.rax, status::ENOSYS & 0xffff_ffff);
+    }
+
+    #[test]
+    fn cs_l_outside_ia32e_mode_is_not_64_bit_code() {
+        // SDM 3.4.5: CS.L counts only in IA-32e mode (EFER.LMA); a protected-mode guest whose CS
+        // has L set runs 32-bit code, so only EAX names the hypercall.
+        let mut t = TestBed::new();
+        t.vmcs.write(crate::vmx::GuestNat::Cr0, 0x11);
+        t.vmcs.write(Guest32::CsAccessRights, 0x20_9b | 1 << 14);
+        t.guest.regs.rax = 0xdead_0000_0000_0000 | hc::GUEST_ID;
+        t.run(ExitReason::Vmcall);
+        assert_eq!(t.guest.regs.rax, t.guest.id as u64);
     }
 }

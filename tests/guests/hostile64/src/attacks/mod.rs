@@ -7,6 +7,7 @@ mod events;
 mod hypercalls;
 mod interrupts;
 mod memory;
+mod mmio16;
 mod moffs;
 mod msr;
 mod ports;
@@ -37,6 +38,7 @@ const ATTACKS: &[(&[u8], Attack)] = &[
     (b"storm", interrupts::storm),
     (b"apic", apic::run),
     (b"moffs", moffs::run),
+    (b"mmio16", mmio16::run),
     (b"idtmmio", tables::run),
     (b"hypercalls", hypercalls::run),
     (b"probe", memory::probe),
