@@ -248,9 +248,6 @@ pub struct Guest {
     pub regs: GuestRegs,
     pub state: RunState,
     pub stats: GuestStats,
-    /// The CR0/CR4 values the guest believes it wrote (the read shadows).
-    pub cr0_shadow: u64,
-    pub cr4_shadow: u64,
     /// Emulated MSRs.
     pub apic_base: u64,
     pub misc_enable: u64,

@@ -349,8 +349,6 @@ impl Vm {
             regs: GuestRegs::default(),
             state: RunState::Runnable,
             stats: GuestStats::default(),
-            cr0_shadow: 0,
-            cr4_shadow: 0,
             cr0_rules: GuestCr::cr0(&setup.caps, true),
             cr4_rules: GuestCr::cr4(&setup.caps),
             apic_base: exits::msr::APIC_BASE_DEFAULT,
@@ -437,7 +435,7 @@ impl Vm {
             id as u16 + 1,
         );
         arch::vmcs::write_host_state(&mut v);
-        let shadows = vcpu::write_guest_state(&mut v, &st, &g.cr0_rules, &g.cr4_rules);
+        vcpu::write_guest_state(&mut v, &st, &g.cr0_rules, &g.cr4_rules);
         g.tsc_offset = if setup.controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0 {
             0u64.wrapping_sub(cpu::rdtsc())
         } else {
@@ -453,8 +451,6 @@ impl Vm {
             rdi: st.rdi,
             ..Default::default()
         };
-        g.cr0_shadow = shadows.cr0;
-        g.cr4_shadow = shadows.cr4;
         g.platform = Platform::new(g.platform.tsc_hz());
         g.state = RunState::Runnable;
         g.apic_base = exits::msr::APIC_BASE_DEFAULT;

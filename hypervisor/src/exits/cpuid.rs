@@ -7,7 +7,7 @@
 
 use super::{Action, ExitContext, Host};
 use crate::abi;
-use crate::vmx::{GuestNat, Vmcs};
+use crate::vmx::Vmcs;
 
 pub mod bit {
     pub const ECX1_MONITOR: u32 = 1 << 3;
@@ -109,7 +109,7 @@ pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32, guest_cr4: u64) -> [u32;
 pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let leaf = cx.guest.regs.rax as u32;
     let subleaf = cx.guest.regs.rcx as u32;
-    let cr4 = cx.vmcs.read(GuestNat::Cr4);
+    let cr4 = super::cr::live_cr4(cx.vmcs, cx.guest);
     let [a, b, c, d] = policy(cx.host, leaf, subleaf, cr4);
     let r = &mut cx.guest.regs;
     // CPUID writes the low 32 bits and clears the upper halves in 64-bit mode.

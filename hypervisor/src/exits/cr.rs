@@ -25,17 +25,37 @@ fn gpr<V: Vmcs + ?Sized>(vmcs: &V, guest: &Guest, index: u8) -> u64 {
     }
 }
 
+/// The CR0 the guest sees now. Bits it owns (clear in the guest/host mask) change without an
+/// exit and live only in the VMCS guest CR0; bits Keel owns read from the read shadow (SDM 25.3,
+/// MOV from CR0). Keel keeps no copy of its own: one would go stale at the guest's next write of
+/// PG, WP, TS or any other guest-owned bit.
+pub fn live_cr0<V: Vmcs + ?Sized>(vmcs: &V, guest: &Guest) -> u64 {
+    guest.cr0_rules.view(
+        vmcs.read(GuestNat::Cr0),
+        vmcs.read(ControlNat::Cr0ReadShadow),
+    )
+}
+
+/// The CR4 the guest sees now (as [`live_cr0`]).
+pub fn live_cr4<V: Vmcs + ?Sized>(vmcs: &V, guest: &Guest) -> u64 {
+    guest.cr4_rules.view(
+        vmcs.read(GuestNat::Cr4),
+        vmcs.read(ControlNat::Cr4ReadShadow),
+    )
+}
+
+/// What a CR write is checked against: the live values, never a copy from an earlier exit.
 fn context<V: Vmcs + ?Sized>(vmcs: &V, guest: &Guest) -> CrContext {
     CrContext {
-        cr0: guest.cr0_shadow,
-        cr4: guest.cr4_shadow,
+        cr0: live_cr0(vmcs, guest),
+        cr4: live_cr4(vmcs, guest),
         efer: vmcs.read(Guest64::Ia32Efer),
         cs_long: vmcs.read(Guest32::CsAccessRights) & (1 << 13) != 0,
     }
 }
 
 /// Loads an accepted CR0 write: real value, shadow, and IA-32e mode when LMA changed.
-fn load_cr0<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, load: CrLoad) {
+fn load_cr0<V: Vmcs + ?Sized>(vmcs: &mut V, load: CrLoad) {
     if let Some(efer) = load.efer {
         vmcs.write(Guest64::Ia32Efer, efer);
         let lma = efer & crate::vmx::cr::efer::LMA != 0;
@@ -47,7 +67,6 @@ fn load_cr0<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, load: CrLoad) {
             }
         });
     }
-    guest.cr0_shadow = load.shadow;
     vmcs.write(ControlNat::Cr0ReadShadow, load.shadow);
     vmcs.write(GuestNat::Cr0, load.value);
 }
@@ -55,7 +74,7 @@ fn load_cr0<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, load: CrLoad) {
 fn write_cr0<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, v: u64) -> Action {
     match guest.cr0_rules.write(v, &context(vmcs, guest)) {
         Ok(load) => {
-            load_cr0(vmcs, guest, load);
+            load_cr0(vmcs, load);
             Action::Advance
         }
         Err(_) => Action::Inject(Exception::GP0),
@@ -65,7 +84,6 @@ fn write_cr0<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, v: u64) -> Actio
 fn write_cr4<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, v: u64) -> Action {
     match guest.cr4_rules.write(v, &context(vmcs, guest)) {
         Ok(load) => {
-            guest.cr4_shadow = load.shadow;
             vmcs.write(ControlNat::Cr4ReadShadow, load.shadow);
             vmcs.write(GuestNat::Cr4, load.value);
             Action::Advance
@@ -104,11 +122,11 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             Action::Advance
         }
         (CrAccessType::Clts, _) => {
-            let v = clts(guest.cr0_shadow);
+            let v = clts(live_cr0(vmcs, guest));
             write_cr0(vmcs, guest, v)
         }
         (CrAccessType::Lmsw, _) => {
-            let v = lmsw(guest.cr0_shadow, q.lmsw_source);
+            let v = lmsw(live_cr0(vmcs, guest), q.lmsw_source);
             write_cr0(vmcs, guest, v)
         }
         _ => Action::Inject(Exception::UD),
@@ -119,6 +137,7 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
 mod tests {
     use super::*;
     use crate::exits::testing::*;
+    use crate::vmx::cr::GuestCr;
     use crate::vmx::cr::{cr0::*, cr4::*, efer::*};
     use crate::vmx::ExitReason;
 
@@ -158,7 +177,7 @@ mod tests {
             t.run(ExitReason::ControlRegisterAccess),
             Action::Inject(Exception::GP0)
         );
-        t.guest.cr4_shadow = PAE;
+        t.vmcs.write(GuestNat::Cr4, PAE | VMXE);
         t.vmcs.write(Guest64::Ia32Efer, LME);
         t.guest.regs.rbx = PG | PE;
         assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
@@ -168,6 +187,79 @@ mod tests {
             t.vmcs.read(GuestNat::Cr0) & (PG | PE | NE),
             PG | PE | NE,
             "NE forced on"
+        );
+    }
+
+    /// The guest turned on PAE and paging with writes that do not exit (guest-owned bits): the
+    /// VMCS guest CR0/CR4 hold them, the read shadows do not.
+    fn paging_enabled_without_exits(t: &mut TestBed) {
+        t.vmcs.write(GuestNat::Cr4, PAE | VMXE);
+        t.vmcs.write(ControlNat::Cr4ReadShadow, 0);
+        t.vmcs
+            .write(ControlNat::Cr4GuestHostMask, t.guest.cr4_rules.mask());
+        t.vmcs.write(GuestNat::Cr0, PG | PE | NE | ET | TS);
+        t.vmcs.write(ControlNat::Cr0ReadShadow, NE | ET);
+        t.vmcs
+            .write(ControlNat::Cr0GuestHostMask, t.guest.cr0_rules.mask());
+        t.vmcs.write(Guest64::Ia32Efer, LME | LMA);
+        t.vmcs.write(Control32::EntryControls, ENTRY_IA32E_MODE);
+    }
+
+    #[test]
+    fn cr0_write_is_checked_against_the_live_cr0_and_cr4() {
+        let mut t = TestBed::new();
+        paging_enabled_without_exits(&mut t);
+        // Clearing NE (a bit Keel owns) exits; PG and PAE are already on.
+        t.guest.regs.rax = PG | WP | PE;
+        t.set_qualification(mov_to_cr(0, 0));
+        assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
+        assert_eq!(t.vmcs.read(GuestNat::Cr0), PG | WP | PE | NE | ET);
+        assert_eq!(
+            t.vmcs.read(ControlNat::Cr0ReadShadow),
+            PG | WP | PE | ET,
+            "NE reads back as written"
+        );
+        assert_eq!(t.vmcs.read(Guest64::Ia32Efer), LME | LMA, "still IA-32e");
+        assert_ne!(t.vmcs.read(Control32::EntryControls) & ENTRY_IA32E_MODE, 0);
+    }
+
+    #[test]
+    fn clts_and_lmsw_start_from_the_live_cr0() {
+        let mut t = TestBed::new();
+        paging_enabled_without_exits(&mut t);
+        t.set_qualification(2 << 4); // CLTS (SDM Table 28-3)
+        assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
+        assert_eq!(
+            t.vmcs.read(GuestNat::Cr0),
+            PG | PE | NE | ET,
+            "TS cleared, paging kept"
+        );
+        // LMSW with source 0x1 | TS (PE, TS): MP and EM clear, paging kept.
+        t.set_qualification(3 << 4 | 0x9 << 16);
+        assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
+        assert_eq!(t.vmcs.read(GuestNat::Cr0), PG | PE | NE | ET | TS);
+        assert_eq!(t.vmcs.read(Guest64::Ia32Efer), LME | LMA);
+    }
+
+    #[test]
+    fn cr4_write_is_checked_against_the_live_cr0() {
+        let mut t = TestBed::new();
+        paging_enabled_without_exits(&mut t);
+        // The guest set WP itself (no exit): CR4.CET is then allowed (SDM 2.5), and refused
+        // again once it clears WP.
+        let mut caps = crate::vmx::VmxCaps::bochs_skylake_x();
+        caps.cr4_fixed1 |= CET;
+        t.guest.cr4_rules = GuestCr::cr4(&caps);
+        t.vmcs.write(GuestNat::Cr0, PG | PE | NE | ET | WP);
+        t.guest.regs.rax = PAE | CET;
+        t.set_qualification(mov_to_cr(4, 0));
+        assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
+        assert_eq!(t.vmcs.read(GuestNat::Cr4), PAE | CET | VMXE);
+        t.vmcs.write(GuestNat::Cr0, PG | PE | NE | ET);
+        t.vmcs.write(GuestNat::Cr4, PAE | VMXE);
+        assert_eq!(
+            t.run(ExitReason::ControlRegisterAccess),
+            Action::Inject(Exception::GP0)
         );
     }
 

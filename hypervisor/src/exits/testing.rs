@@ -60,8 +60,6 @@ impl TestBed {
             regs: GuestRegs::default(),
             state: RunState::Runnable,
             stats: GuestStats::default(),
-            cr0_shadow: 0,
-            cr4_shadow: 0,
             cr0_rules: GuestCr::cr0(&VmxCaps::bochs_skylake_x(), true),
             cr4_rules: GuestCr::cr4(&VmxCaps::bochs_skylake_x()),
             apic_base: crate::exits::msr::APIC_BASE_DEFAULT,
