@@ -6,9 +6,9 @@
 //! operation requires (SDM 24.8 / A.7, A.8) and never let the guest enable VMX (CR4.VMXE reads as 0
 //! and setting it is a #GP, as on a CPU without VMX).
 
-use super::{Action, Exception, ExitContext};
+use super::{Action, Exception, ExitContext, Host};
 use crate::guest::Guest;
-use crate::vmx::cr::{clts, lmsw, CrContext, CrFault, CrLoad};
+use crate::vmx::cr::{clts, lmsw, CrContext, CrLoad};
 use crate::vmx::{
     Control32, ControlNat, CrAccessQualification, CrAccessType, Guest32, Guest64, GuestNat,
     ReadOnlyNat, Vmcs,
@@ -71,38 +71,90 @@ fn load_cr0<V: Vmcs + ?Sized>(vmcs: &mut V, load: CrLoad) {
     vmcs.write(GuestNat::Cr0, load.value);
 }
 
-fn write_cr0<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, v: u64) -> Action {
-    match guest.cr0_rules.write(v, &context(vmcs, guest)) {
-        Ok(load) => {
-            load_cr0(vmcs, load);
-            Action::Advance
-        }
-        Err(_) => Action::Inject(Exception::GP0),
-    }
+/// Bits of a present PAE-paging PDPTE that must be 0: 2:1, 8:5 and MAXPHYADDR up to 63
+/// (SDM 4.4.1, Table 4-8).
+fn pdpte_reserved(maxphyaddr: u32) -> u64 {
+    0x1e6 | !((1u64 << maxphyaddr.min(52)) - 1)
 }
 
-fn write_cr4<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, v: u64) -> Action {
-    match guest.cr4_rules.write(v, &context(vmcs, guest)) {
-        Ok(load) => {
-            vmcs.write(ControlNat::Cr4ReadShadow, load.shadow);
-            vmcs.write(GuestNat::Cr4, load.value);
-            Action::Advance
-        }
-        Err(CrFault::ReservedBits(_)) | Err(_) => Action::Inject(Exception::GP0),
+/// SDM 4.4.1: a MOV to CR0 or CR4 that leaves the processor in PAE paging (CR0.PG = 1,
+/// CR4.PAE = 1, EFER.LMA = 0) loads the four PDPTEs from the 32-byte table at CR3[31:5]; with EPT
+/// the processor uses the VMCS guest PDPTE fields at the next VM entry (SDM 27.3.2.4), so Keel
+/// writes them. A present entry with a reserved bit set, or a table outside guest RAM (the bus
+/// would read all ones), makes the instruction fault with #GP(0) before anything changes.
+fn load_pdptes<V: Vmcs + ?Sized>(
+    vmcs: &mut V,
+    guest: &Guest,
+    host: &dyn Host,
+    cr0: u64,
+    cr4: u64,
+    efer: u64,
+) -> Result<(), ()> {
+    use crate::vmx::cr::{cr0::PG, cr4::PAE, efer::LMA};
+    if cr0 & PG == 0 || cr4 & PAE == 0 || efer & LMA != 0 {
+        return Ok(());
     }
+    let table = vmcs.read(GuestNat::Cr3) & 0xffff_ffe0;
+    let bytes = guest.ram.slice(table, 32).ok_or(())?;
+    let reserved = pdpte_reserved(host.cpuid(0x8000_0008, 0)[0] & 0xff);
+    let mut pdptes = [0u64; 4];
+    for (e, b) in pdptes.iter_mut().zip(bytes.chunks_exact(8)) {
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(b);
+        *e = u64::from_le_bytes(raw);
+        if *e & 1 != 0 && *e & reserved != 0 {
+            return Err(());
+        }
+    }
+    let fields = [
+        Guest64::Pdpte0,
+        Guest64::Pdpte1,
+        Guest64::Pdpte2,
+        Guest64::Pdpte3,
+    ];
+    for (f, e) in fields.into_iter().zip(pdptes) {
+        vmcs.write(f, e);
+    }
+    Ok(())
+}
+
+fn write_cr0<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, host: &dyn Host, v: u64) -> Action {
+    let ctx = context(vmcs, guest);
+    let Ok(load) = guest.cr0_rules.write(v, &ctx) else {
+        return Action::Inject(Exception::GP0);
+    };
+    let efer = load.efer.unwrap_or(ctx.efer);
+    if load_pdptes(vmcs, guest, host, load.shadow, ctx.cr4, efer).is_err() {
+        return Action::Inject(Exception::GP0);
+    }
+    load_cr0(vmcs, load);
+    Action::Advance
+}
+
+fn write_cr4<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, host: &dyn Host, v: u64) -> Action {
+    let ctx = context(vmcs, guest);
+    let Ok(load) = guest.cr4_rules.write(v, &ctx) else {
+        return Action::Inject(Exception::GP0);
+    };
+    if load_pdptes(vmcs, guest, host, ctx.cr0, load.shadow, ctx.efer).is_err() {
+        return Action::Inject(Exception::GP0);
+    }
+    vmcs.write(ControlNat::Cr4ReadShadow, load.shadow);
+    vmcs.write(GuestNat::Cr4, load.value);
+    Action::Advance
 }
 
 pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let q = CrAccessQualification::decode(cx.vmcs.read(ReadOnlyNat::ExitQualification));
-    let (vmcs, guest) = (&mut *cx.vmcs, &mut *cx.guest);
+    let (vmcs, guest, host) = (&mut *cx.vmcs, &mut *cx.guest, &*cx.host);
     match (q.access, q.cr) {
         (CrAccessType::MovToCr, 0) => {
             let v = gpr(vmcs, guest, q.gpr);
-            write_cr0(vmcs, guest, v)
+            write_cr0(vmcs, guest, host, v)
         }
         (CrAccessType::MovToCr, 4) => {
             let v = gpr(vmcs, guest, q.gpr);
-            write_cr4(vmcs, guest, v)
+            write_cr4(vmcs, guest, host, v)
         }
         (CrAccessType::MovToCr, 8) => {
             let v = gpr(vmcs, guest, q.gpr);
@@ -123,11 +175,11 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         }
         (CrAccessType::Clts, _) => {
             let v = clts(live_cr0(vmcs, guest));
-            write_cr0(vmcs, guest, v)
+            write_cr0(vmcs, guest, host, v)
         }
         (CrAccessType::Lmsw, _) => {
             let v = lmsw(live_cr0(vmcs, guest), q.lmsw_source);
-            write_cr0(vmcs, guest, v)
+            write_cr0(vmcs, guest, host, v)
         }
         _ => Action::Inject(Exception::UD),
     }
@@ -261,6 +313,67 @@ mod tests {
             t.run(ExitReason::ControlRegisterAccess),
             Action::Inject(Exception::GP0)
         );
+    }
+
+    /// A 32-bit guest with PAE on and paging off, its PDPT at 0x1000 (CR3).
+    fn pae_guest(t: &mut TestBed, pdptes: [u64; 4]) {
+        t.vmcs.write(GuestNat::Cr4, PAE | VMXE);
+        t.vmcs
+            .write(ControlNat::Cr4GuestHostMask, t.guest.cr4_rules.mask());
+        t.vmcs.write(GuestNat::Cr0, PE | NE | ET);
+        t.vmcs.write(ControlNat::Cr0ReadShadow, NE | ET);
+        t.vmcs
+            .write(ControlNat::Cr0GuestHostMask, t.guest.cr0_rules.mask());
+        t.vmcs.write(GuestNat::Cr3, 0x1000);
+        for (i, e) in pdptes.iter().enumerate() {
+            let at = 0x1000 + i * 8;
+            t.guest.ram.bytes()[at..at + 8].copy_from_slice(&e.to_le_bytes());
+        }
+    }
+
+    #[test]
+    fn pae_paging_loads_the_pdptes() {
+        let mut t = TestBed::new();
+        pae_guest(&mut t, [0x2001, 0x3001, 0, 0x5000]);
+        // PG on and NE off in one write (NE is Keel's: it exits). SDM 4.4.1: the PDPTEs load.
+        t.guest.regs.rax = PG | PE;
+        t.set_qualification(mov_to_cr(0, 0));
+        assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
+        let pdptes = [
+            Guest64::Pdpte0,
+            Guest64::Pdpte1,
+            Guest64::Pdpte2,
+            Guest64::Pdpte3,
+        ]
+        .map(|f| t.vmcs.read(f));
+        assert_eq!(pdptes, [0x2001, 0x3001, 0, 0x5000]);
+        assert_eq!(t.vmcs.read(GuestNat::Cr0), PG | PE | NE | ET);
+    }
+
+    #[test]
+    fn a_present_pdpte_with_reserved_bits_is_gp() {
+        // Bits 2:1 and 8:5 are reserved in a present PAE PDPTE, and so is every bit from
+        // MAXPHYADDR up (the fake CPU reports 39).
+        for bad in [0x4003, 0x4021, 0x4101, 1 << 39 | 1, 1 << 63 | 1] {
+            let mut t = TestBed::new();
+            pae_guest(&mut t, [0x2001, 0, bad, 0]);
+            t.guest.regs.rax = PG | PE;
+            t.set_qualification(mov_to_cr(0, 0));
+            assert_eq!(
+                t.run(ExitReason::ControlRegisterAccess),
+                Action::Inject(Exception::GP0),
+                "PDPTE {bad:#x}"
+            );
+            assert_eq!(t.vmcs.read(GuestNat::Cr0), PE | NE | ET, "CR0 unchanged");
+            assert_eq!(t.vmcs.read(Guest64::Pdpte0), 0);
+        }
+        // A not-present entry may hold anything.
+        let mut t = TestBed::new();
+        pae_guest(&mut t, [0x2001, 0xffff_fffe, 0, 0]);
+        t.guest.regs.rax = PG | PE;
+        t.set_qualification(mov_to_cr(0, 0));
+        assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
+        assert_eq!(t.vmcs.read(Guest64::Pdpte1), 0xffff_fffe);
     }
 
     #[test]

@@ -22,6 +22,8 @@ impl Host for FakeHost {
             // Bochs' corei7_skylake_x leaf 1 (PLATFORM.md): VMX set, plus x2APIC and MONITOR, and OSXSAVE as Keel's own CR4 has it.
             1 => [0x50654, 0x0001_0800, 0x7ffa_f3bf, 0xbfeb_fbff],
             4 => [0x1c00_4121, 0x01c0_003f, 0x3f, 0],
+            // 39 physical and 48 linear address bits.
+            0x8000_0008 => [0x3027, 0, 0, 0],
             _ => [leaf ^ 0x5a5a, subleaf, leaf, 7],
         }
     }
