@@ -149,6 +149,7 @@ pub fn run(machine: MachineInfo) -> ! {
         caps,
         controls,
         cal,
+        spec_ctrl: 0,
     };
     runner.run();
     runner.report();
@@ -351,12 +352,13 @@ impl Vm {
             stats: GuestStats::default(),
             cr0_rules: GuestCr::cr0(&setup.caps, true),
             cr4_rules: GuestCr::cr4(&setup.caps),
-            apic_base: exits::msr::APIC_BASE_DEFAULT,
             misc_enable: 1,
             mtrr_def_type: 0,
             xcr0: 1,
             stats_requested: false,
             tsc_offset: 0,
+            tsc_adjust: 0,
+            spec_ctrl: 0,
         };
         let mut vm = Self {
             guest,
@@ -441,7 +443,9 @@ impl Vm {
         } else {
             0
         };
-        v.write(crate::vmx::Control64::TscOffset, g.tsc_offset);
+        g.tsc_adjust = 0;
+        g.spec_ctrl = 0;
+        v.write(crate::vmx::Control64::TscOffset, g.vmcs_tsc_offset());
         g.regs = GuestRegs {
             rax: st.rax,
             rbx: st.rbx,
@@ -453,7 +457,6 @@ impl Vm {
         };
         g.platform = Platform::new(g.platform.tsc_hz());
         g.state = RunState::Runnable;
-        g.apic_base = exits::msr::APIC_BASE_DEFAULT;
         g.misc_enable = 1;
         g.mtrr_def_type = 0;
         g.xcr0 = 1;
@@ -486,6 +489,20 @@ pub struct Runner {
     caps: VmxCaps,
     controls: ControlSet,
     cal: lapic::Calibration,
+    /// What Keel last wrote to the real IA32_SPEC_CTRL (0, its reset value, until a guest sets it).
+    spec_ctrl: u64,
+}
+
+/// Gives the CPU the running guest's IA32_SPEC_CTRL (a guest's IBRS, STIBP or SSBD must hold
+/// while it runs, and not be left to the next guest to read). The guest's writes exit
+/// (`exits::msr`); Keel runs with the value of the guest it last ran.
+fn load_spec_ctrl(loaded: &mut u64, value: u64) {
+    if *loaded != value {
+        // SAFETY: `exits::msr` accepts only bits this CPU enumerates in CPUID.7.EDX, so the MSR
+        // exists and takes the value; Keel's own code does not depend on it.
+        unsafe { cpu::wrmsr(exits::msr::index::SPEC_CTRL, value) };
+        *loaded = value;
+    }
 }
 
 impl Runner {
@@ -640,13 +657,14 @@ impl Runner {
         let use_offsetting =
             self.controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0;
         let vm = &mut self.vms[i];
+        load_spec_ctrl(&mut self.spec_ctrl, vm.guest.spec_ctrl);
         let mut v = CurrentVmcs;
         let start = cpu::rdtsc();
         vm.woken = false;
         if let Some(since) = vm.waiting_since.take() {
             if use_offsetting {
                 vm.guest.tsc_offset = vm.guest.tsc_offset.wrapping_sub(start - since);
-                v.write(crate::vmx::Control64::TscOffset, vm.guest.tsc_offset);
+                v.write(crate::vmx::Control64::TscOffset, vm.guest.vmcs_tsc_offset());
             }
         }
         let deadline = start + quantum;
@@ -725,6 +743,9 @@ impl Runner {
                 // SAFETY: `exits::xsetbv` only stores values valid for this CPU.
                 unsafe { cpu::xsetbv0(vm.guest.xcr0) };
                 xcr0 = vm.guest.xcr0;
+            }
+            if reason == ExitReason::Wrmsr {
+                load_spec_ctrl(&mut self.spec_ctrl, vm.guest.spec_ctrl);
             }
             if vm.guest.stats_requested {
                 vm.guest.stats_requested = false;

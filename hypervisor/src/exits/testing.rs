@@ -11,6 +11,8 @@ use crate::vmx::{
 use alloc::string::String;
 
 pub struct FakeHost {
+    /// Leaves that answer differently from [`FakeHost::cpuid`]'s defaults: (leaf, subleaf).
+    pub leaves: alloc::vec::Vec<((u32, u32), [u32; 4])>,
     pub interrupts: alloc::vec::Vec<u8>,
     pub nmis: u32,
     pub cr2: u64,
@@ -18,6 +20,20 @@ pub struct FakeHost {
 
 impl Host for FakeHost {
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        if let Some(&(_, v)) = self.leaves.iter().find(|(k, _)| *k == (leaf, subleaf)) {
+            return v;
+        }
+        match (leaf, subleaf) {
+            // A CPU with every leaf-7 and XSAVE feature, so that the tests see each one Keel
+            // hides or keeps.
+            (7, 0) => return [2, u32::MAX, u32::MAX, u32::MAX],
+            (7, 1) | (7, 2) => return [u32::MAX; 4],
+            // XSAVEOPT, XSAVEC, XGETBV1, XSAVES, XFD; supervisor states PT (8) and CET (11, 12).
+            (0xd, 1) => return [0x1f, 0x340, 0x1900, 0],
+            // LAHF, LZCNT, PREFETCHW; SYSCALL, NX, 1-GiB pages, RDTSCP, LM.
+            (0x8000_0001, 0) => return [0, 0, 0x121, 0x2c10_0800],
+            _ => {}
+        }
         match leaf {
             // Bochs' corei7_skylake_x leaf 1 (PLATFORM.md): VMX set, plus x2APIC and MONITOR, and OSXSAVE as Keel's own CR4 has it.
             1 => [0x50654, 0x0001_0800, 0x7ffa_f3bf, 0xbfeb_fbff],
@@ -64,17 +80,19 @@ impl TestBed {
             stats: GuestStats::default(),
             cr0_rules: GuestCr::cr0(&VmxCaps::bochs_skylake_x(), true),
             cr4_rules: GuestCr::cr4(&VmxCaps::bochs_skylake_x()),
-            apic_base: crate::exits::msr::APIC_BASE_DEFAULT,
             misc_enable: 1,
             mtrr_def_type: 0,
             xcr0: 1,
             stats_requested: false,
             tsc_offset: 0,
+            tsc_adjust: 0,
+            spec_ctrl: 0,
         };
         Self {
             vmcs: FakeVmcs::new(),
             guest,
             host: FakeHost {
+                leaves: alloc::vec::Vec::new(),
                 interrupts: alloc::vec::Vec::new(),
                 nmis: 0,
                 cr2: 0,
