@@ -158,7 +158,8 @@ pub fn compute_controls(caps: &VmxCaps) -> Result<ControlSet, ControlError> {
             | PrimaryControls::CR8_LOAD_EXITING
             | PrimaryControls::CR8_STORE_EXITING
             | PrimaryControls::MWAIT_EXITING
-            | PrimaryControls::MONITOR_EXITING,
+            | PrimaryControls::MONITOR_EXITING
+            | PrimaryControls::RDPMC_EXITING,
         PrimaryControls::USE_TSC_OFFSETTING,
     )?;
     let secondary = adjust_controls(

@@ -98,10 +98,8 @@ fn load_pdptes<V: Vmcs + ?Sized>(
     let bytes = guest.ram.slice(table, 32).ok_or(())?;
     let reserved = pdpte_reserved(host.cpuid(0x8000_0008, 0)[0] & 0xff);
     let mut pdptes = [0u64; 4];
-    for (e, b) in pdptes.iter_mut().zip(bytes.chunks_exact(8)) {
-        let mut raw = [0u8; 8];
-        raw.copy_from_slice(b);
-        *e = u64::from_le_bytes(raw);
+    for (e, b) in pdptes.iter_mut().zip(bytes.as_chunks::<8>().0) {
+        *e = u64::from_le_bytes(*b);
         if *e & 1 != 0 && *e & reserved != 0 {
             return Err(());
         }

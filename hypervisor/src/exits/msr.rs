@@ -162,6 +162,13 @@ fn set_tsc_adjust<V: Vmcs + ?Sized>(vmcs: &mut V, g: &mut crate::guest::Guest, v
     }
 }
 
+/// RDPMC: the guest has no performance counters (CPUID leaf 0xA is zero, PDCM hidden), so every
+/// counter index is invalid: #GP(0) (SDM Vol. 2B, RDPMC). Without "RDPMC exiting" it would read
+/// the CPU's own counters, which count for whatever ran before.
+pub fn rdpmc<V: Vmcs + ?Sized>(_cx: &mut ExitContext<'_, V>) -> Action {
+    Action::Inject(Exception::GP0)
+}
+
 pub fn read<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     use super::cpuid::{bit, has, LEAF1_ECX, LEAF7_EBX, LEAFD1_EAX};
     let msr = cx.guest.regs.rcx as u32;
@@ -656,5 +663,15 @@ mod tests {
         assert_ne!(cpuid(&mut t, 7, 0)[1] & 1 << 10, 0, "INVPCID");
         // TSC_AUX then goes straight to the CPU (and is switched between guests).
         assert!(PASSTHROUGH.contains(&index::TSC_AUX));
+    }
+
+    #[test]
+    fn rdpmc_is_gp_without_a_pmu() {
+        let mut t = TestBed::new();
+        assert_eq!(cpuid(&mut t, 0xa, 0), [0; 4]);
+        t.guest.regs.rcx = 0;
+        assert_eq!(t.run(ExitReason::Rdpmc), GP);
+        t.guest.regs.rcx = 1 << 30; // fixed-function counter 0
+        assert_eq!(t.run(ExitReason::Rdpmc), GP);
     }
 }
