@@ -102,6 +102,7 @@ pub const HIDDEN: &[Hidden] = &[
     hide(7, 0, ECX, 1 << 29, "ENQCMD: no IA32_PASID"),
     hide(7, 0, ECX, 1 << 30, "SGX_LC: SGX not offered"),
     hide(7, 0, ECX, 1 << 31, "PKS: no IA32_PKRS"),
+    hide(7, 0, EDX, 1 << 5, "UINTR: no IA32_UINTR_* MSRs"),
     hide(7, 0, EDX, 1 << 9, "SRBDS_CTRL: no IA32_MCU_OPT_CTRL"),
     hide(7, 0, EDX, 1 << 13, "TSX_FORCE_ABORT: no MSR 0x10f"),
     hide(7, 0, EDX, 1 << 18, "PCONFIG: #UD"),
@@ -121,6 +122,7 @@ pub const HIDDEN: &[Hidden] = &[
         1 << 30,
         "CORE_CAPABILITIES: no split-lock control",
     ),
+    hide(7, 1, EAX, 1 << 17, "FRED: no IA32_FRED_* MSRs"),
     hide(7, 1, EAX, 1 << 22, "HRESET: no IA32_HRESET_ENABLE"),
     hide(7, 1, EAX, 1 << 26, "LAM: CR3 bits not checked"),
     hide(

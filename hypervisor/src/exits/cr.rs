@@ -292,25 +292,34 @@ mod tests {
     }
 
     #[test]
-    fn cr4_write_is_checked_against_the_live_cr0() {
+    fn live_values_have_the_guests_bits_and_keels_shadowed_ones() {
         let mut t = TestBed::new();
         paging_enabled_without_exits(&mut t);
-        // The guest set WP itself (no exit): CR4.CET is then allowed (SDM 2.5), and refused
-        // again once it clears WP.
-        let mut caps = crate::vmx::VmxCaps::bochs_skylake_x();
-        caps.cr4_fixed1 |= CET;
-        t.guest.cr4_rules = GuestCr::cr4(&caps);
-        t.vmcs.write(GuestNat::Cr0, PG | PE | NE | ET | WP);
-        t.guest.regs.rax = PAE | CET;
-        t.set_qualification(mov_to_cr(4, 0));
-        assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
-        assert_eq!(t.vmcs.read(GuestNat::Cr4), PAE | CET | VMXE);
-        t.vmcs.write(GuestNat::Cr0, PG | PE | NE | ET);
-        t.vmcs.write(GuestNat::Cr4, PAE | VMXE);
+        t.vmcs.write(ControlNat::Cr0ReadShadow, ET);
         assert_eq!(
-            t.run(ExitReason::ControlRegisterAccess),
-            Action::Inject(Exception::GP0)
+            live_cr0(&t.vmcs, &t.guest),
+            PG | PE | ET | TS,
+            "NE as shadowed"
         );
+        assert_eq!(live_cr4(&t.vmcs, &t.guest), PAE, "VMXE hidden");
+    }
+
+    #[test]
+    fn cr4_bits_of_hidden_features_are_gp() {
+        let mut t = TestBed::new();
+        let mut caps = crate::vmx::VmxCaps::bochs_skylake_x();
+        caps.cr4_fixed1 |= CET | PKS;
+        t.guest.cr4_rules = GuestCr::cr4(&caps);
+        t.vmcs.write(GuestNat::Cr0, PE | NE | ET | WP);
+        t.set_qualification(mov_to_cr(4, 0));
+        for bit in [CET, PKS, SMXE] {
+            t.guest.regs.rax = PAE | bit;
+            assert_eq!(
+                t.run(ExitReason::ControlRegisterAccess),
+                Action::Inject(Exception::GP0),
+                "{bit:#x}"
+            );
+        }
     }
 
     /// A 32-bit guest with PAE on and paging off, its PDPT at 0x1000 (CR3).

@@ -74,6 +74,11 @@ pub fn fixed_cr0(caps: &VmxCaps, unrestricted: bool) -> (u64, u64) {
     (one, !caps.cr0_fixed1)
 }
 
+/// CR4 bits that enable features `exits::cpuid` hides from every guest: SMXE (SMX), CET
+/// (CET_SS/CET_IBT), PKS, UINTR (bit 25), LAM_SUP (bit 28), FRED (bit 32). Setting one is #GP, as
+/// on a CPU without the feature (SDM 2.5); they read as 0.
+pub const HIDDEN_CR4: u64 = cr4::SMXE | cr4::CET | cr4::PKS | 1 << 25 | 1 << 28 | 1 << 32;
+
 /// (must be one, must be zero) for guest CR4 (SDM A.8). CR4.VMXE is always among the ones.
 pub fn fixed_cr4(caps: &VmxCaps) -> (u64, u64) {
     (caps.cr4_fixed0 | cr4::VMXE, !caps.cr4_fixed1)
@@ -171,12 +176,14 @@ impl GuestCr {
         }
     }
 
+    /// The CR4 rules: VMX's fixed bits, plus the bits of features the guest's CPUID hides
+    /// ([`HIDDEN_CR4`]), which it may not set either.
     pub fn cr4(caps: &VmxCaps) -> Self {
         let (must_be_one, must_be_zero) = fixed_cr4(caps);
         Self {
             which: Which::Cr4,
             must_be_one,
-            must_be_zero,
+            must_be_zero: must_be_zero | HIDDEN_CR4,
         }
     }
 
