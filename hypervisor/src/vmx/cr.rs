@@ -164,7 +164,15 @@ pub struct GuestCr {
     which: Which,
     pub must_be_one: u64,
     pub must_be_zero: u64,
+    /// Bits the guest sets only in its view (the read shadow), never in the real register.
+    pub shadowed: u64,
 }
+
+/// CR0.CD and NW: VM entry and VM exit never load them (SDM 27.3.2.1, 28.5.1), so a guest that
+/// owned them would turn caching off in the CPU for Keel and for every guest after it, and the
+/// others would read its CD. Keel keeps them: the guest sees what it wrote, caching stays on
+/// (with EPT the memory type comes from EPT and PAT: SDM 29.3.7, "EPT and Memory Typing").
+pub const SHADOWED_CR0: u64 = cr0::CD | cr0::NW;
 
 impl GuestCr {
     pub fn cr0(caps: &VmxCaps, unrestricted: bool) -> Self {
@@ -173,6 +181,7 @@ impl GuestCr {
             which: Which::Cr0,
             must_be_one,
             must_be_zero,
+            shadowed: SHADOWED_CR0,
         }
     }
 
@@ -184,13 +193,19 @@ impl GuestCr {
             which: Which::Cr4,
             must_be_one,
             must_be_zero: must_be_zero | HIDDEN_CR4,
+            shadowed: 0,
         }
     }
 
-    /// Host-owned bits: every fixed bit (CR4.VMXE among them). A guest write that changes one
-    /// exits; a read returns the shadow's copy.
+    /// Host-owned bits: every fixed bit (CR4.VMXE among them) and the shadowed ones. A guest
+    /// write that changes one exits; a read returns the shadow's copy.
     pub fn mask(&self) -> u64 {
-        self.must_be_one | self.must_be_zero
+        self.must_be_one | self.must_be_zero | self.shadowed
+    }
+
+    /// The real register (VMCS guest field) for the guest's view `view`.
+    pub fn real(&self, view: u64) -> u64 {
+        (view | self.must_be_one) & !self.must_be_zero & !self.shadowed
     }
 
     /// Mask and shadow for a guest whose view is `view`.
@@ -252,7 +267,7 @@ impl GuestCr {
         };
         let efer = (new_efer != ctx.efer).then_some(new_efer);
         Ok(CrLoad {
-            value: view | self.must_be_one,
+            value: self.real(view),
             shadow: view,
             efer,
         })
@@ -278,7 +293,7 @@ impl GuestCr {
             return Err(CrFault::CetWithoutWp);
         }
         Ok(CrLoad {
-            value: value | self.must_be_one,
+            value: self.real(value),
             shadow: value,
             efer: None,
         })
@@ -315,7 +330,7 @@ mod tests {
         );
         assert_eq!(fixed_cr0(&caps, true), (0x20, 0xffff_ffff_0000_0000));
         assert_eq!(fixed_cr4(&caps), (0x2000, !0x0037_27ff));
-        assert_eq!(GuestCr::cr0(&caps, true).mask(), 0xffff_ffff_0000_0020);
+        assert_eq!(GuestCr::cr0(&caps, true).mask(), 0xffff_ffff_6000_0020);
         let cr4 = GuestCr::cr4(&caps);
         assert_ne!(cr4.mask() & cr4::VMXE, 0);
         assert_ne!(cr4.mask() & cr4::UMIP, 0, "Bochs' skylake_x lacks UMIP");
@@ -343,6 +358,19 @@ mod tests {
         // The guest setting NE itself is seen.
         let load = cr0.write(0x31, &ctx).unwrap();
         assert_eq!((load.value, load.shadow), (0x31, 0x31));
+    }
+
+    #[test]
+    fn cache_disable_is_the_guests_view_only() {
+        // SDM 27.3.2.1 / 28.5.1: VM entry and exit never load CR0.CD and NW, so a guest that
+        // owned them would set them in the CPU for Keel and every guest after it.
+        let cr0 = GuestCr::cr0(&bochs(), true);
+        assert_eq!(cr0.mask() & (cr0::CD | cr0::NW), cr0::CD | cr0::NW);
+        let load = cr0.write(0x6000_0011, &CrContext::default()).unwrap();
+        assert_eq!(load.shadow, 0x6000_0011, "the guest reads what it wrote");
+        assert_eq!(load.value, 0x31, "caching stays on in the real CR0");
+        assert_eq!(cr0.real(0x6000_0011), 0x31);
+        assert_eq!(cr0.view(load.value, load.shadow), 0x6000_0011);
     }
 
     #[test]
