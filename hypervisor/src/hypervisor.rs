@@ -281,7 +281,11 @@ fn guest_setup(
     unsafe {
         core::ptr::write_bytes(mm::phys_to_virt(io_a), 0xff, 4096);
         core::ptr::write_bytes(mm::phys_to_virt(io_b), 0xff, 4096);
-        core::ptr::copy_nonoverlapping(exits::msr::bitmap().as_ptr(), mm::phys_to_virt(msr), 4096);
+        core::ptr::copy_nonoverlapping(
+            exits::msr::bitmap(cpu::cpuid(7, 0)[3]).as_ptr(),
+            mm::phys_to_virt(msr),
+            4096,
+        );
     }
     Ok(Setup {
         cfg: cfg.clone(),

@@ -60,15 +60,19 @@ pub const PASSTHROUGH: &[u32] = &[
 /// includes the TSC offset (SDM 26.3).
 pub const READ_PASSTHROUGH: &[u32] = &[index::TSC];
 
-/// Write-only command MSRs the CPU carries out for the guest: IA32_PRED_CMD (IBPB) and
-/// IA32_FLUSH_CMD (L1D flush). They hold no state to switch; the CPU refuses their reserved bits,
-/// and the whole MSR when it lacks the feature, which the guest's CPUID then lacks too
-/// (CPUID.7.EDX bits 26 and 28 pass through). Reads exit and are #GP: both are write-only.
-pub const WRITE_PASSTHROUGH: &[u32] = &[index::PRED_CMD, index::FLUSH_CMD];
+/// Write-only command MSRs the CPU carries out for the guest when it has them: IA32_PRED_CMD
+/// (IBPB, CPUID.7.EDX[26]) and IA32_FLUSH_CMD (L1D flush, CPUID.7.EDX[28]). They hold no state to
+/// switch, and the CPU refuses their reserved bits itself. Without the feature the writes exit
+/// and are #GP (an emulator may implement the MSR without enumerating it: Bochs' skylake_x has
+/// PRED_CMD but no IBPB bit). Reads always exit and are #GP: both are write-only.
+pub const WRITE_PASSTHROUGH: &[(u32, u32)] = &[
+    (index::PRED_CMD, super::cpuid::bit::EDX7_IBRS_IBPB),
+    (index::FLUSH_CMD, super::cpuid::bit::EDX7_L1D_FLUSH),
+];
 
 /// Builds the 4 KiB MSR bitmap: read-low, read-high, write-low, write-high quarters; a set bit
-/// means "exit" (SDM 24.6.9).
-pub fn bitmap() -> [u8; 4096] {
+/// means "exit" (SDM 24.6.9). `edx7` is the CPU's CPUID.7.EDX (the guest's, for these bits).
+pub fn bitmap(edx7: u32) -> [u8; 4096] {
     let mut b = [0xffu8; 4096];
     let mut clear = |msr: u32, write: bool| {
         let (base, bit) = match msr {
@@ -86,8 +90,10 @@ pub fn bitmap() -> [u8; 4096] {
     for &m in READ_PASSTHROUGH {
         clear(m, false);
     }
-    for &m in WRITE_PASSTHROUGH {
-        clear(m, true);
+    for &(m, feature) in WRITE_PASSTHROUGH {
+        if edx7 & feature != 0 {
+            clear(m, true);
+        }
     }
     b
 }
@@ -358,7 +364,7 @@ mod tests {
 
     #[test]
     fn bitmap_passes_only_the_listed_msrs() {
-        let b = bitmap();
+        let b = bitmap(0);
         let exits = |msr: u32, write: bool| exits_in(&b, msr, write);
         assert!(!exits(index::LSTAR, false) && !exits(index::LSTAR, true));
         assert!(!exits(index::TSC, false) && exits(index::TSC, true));
@@ -457,12 +463,18 @@ mod tests {
     fn pred_cmd_and_flush_cmd_are_write_only_commands_for_the_cpu() {
         // The CPU executes IBPB and the L1D flush itself and refuses reserved bits itself (or
         // the whole MSR when it lacks the feature, which the guest's CPUID then hides too).
-        let b = bitmap();
+        let b = bitmap(u32::MAX);
         assert!(!exits_in(&b, index::PRED_CMD, true));
         assert!(!exits_in(&b, index::FLUSH_CMD, true));
         let mut t = TestBed::new();
         assert_eq!(rd(&mut t, index::PRED_CMD), Err(GP), "write-only");
         assert_eq!(rd(&mut t, index::FLUSH_CMD), Err(GP), "write-only");
+        // A CPU that does not enumerate them: the writes exit and are #GP.
+        let b = bitmap(1 << 26);
+        assert!(!exits_in(&b, index::PRED_CMD, true));
+        assert!(exits_in(&b, index::FLUSH_CMD, true));
+        assert_eq!(wr(&mut t, index::FLUSH_CMD, 1), GP);
+        assert_eq!(wr(&mut t, index::PRED_CMD, 1), GP);
     }
 
     #[test]

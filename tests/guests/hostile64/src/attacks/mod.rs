@@ -2,6 +2,7 @@
 
 mod apic;
 mod cpu_state;
+mod cpuidmsr;
 mod hypercalls;
 mod interrupts;
 mod memory;
@@ -25,6 +26,7 @@ const ATTACKS: &[(&[u8], Attack)] = &[
     (b"vmx", vmx::run),
     (b"cr", cpu_state::control_registers),
     (b"msr", msr::run),
+    (b"cpuidmsr", cpuidmsr::run),
     (b"xsetbv", cpu_state::xsetbv),
     (b"cache", cpu_state::cache),
     (b"sse", cpu_state::sse),
