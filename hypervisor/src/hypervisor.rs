@@ -356,7 +356,7 @@ impl Vm {
             stats: GuestStats::default(),
             cr0_rules: GuestCr::cr0(&setup.caps, true),
             cr4_rules: GuestCr::cr4(&setup.caps),
-            misc_enable: 1,
+            misc_enable: exits::msr::MISC_ENABLE_DEFAULT,
             mtrr_def_type: 0,
             xcr0: 1,
             stats_requested: false,
@@ -461,7 +461,7 @@ impl Vm {
         };
         g.platform = Platform::new(g.platform.tsc_hz());
         g.state = RunState::Runnable;
-        g.misc_enable = 1;
+        g.misc_enable = exits::msr::MISC_ENABLE_DEFAULT;
         g.mtrr_def_type = 0;
         g.xcr0 = 1;
         self.saved.reset();

@@ -101,6 +101,13 @@ pub fn bitmap(edx7: u32) -> [u8; 4096] {
 const APIC_BASE_BSP: u64 = 1 << 8;
 const APIC_BASE_X2APIC: u64 = 1 << 10;
 pub const APIC_BASE_ENABLE: u64 = 1 << 11;
+/// IA32_MISC_ENABLE at reset as Keel offers it: fast strings (bit 0) on, BTS (11) and PEBS (12)
+/// unavailable (read-only; CPUID hides DS). Only bit 0 may change: the other writable bits
+/// (SpeedStep 16, MONITOR FSM 18, CPUID limit 22, xTPR 23, XD disable 34) belong to features
+/// CPUID hides or that Keel does not apply, so changing one is #GP (SDM Vol. 4, Table 2-2).
+pub const MISC_ENABLE_DEFAULT: u64 = 1 | 1 << 11 | 1 << 12;
+const MISC_ENABLE_WRITABLE: u64 = 1;
+
 pub const APIC_BASE_DEFAULT: u64 = 0xfee0_0000 | APIC_BASE_BSP | APIC_BASE_ENABLE;
 
 fn valid_pat(v: u64) -> bool {
@@ -241,7 +248,12 @@ pub fn write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             }
             g.platform.set_apic_base(value);
         }
-        index::MISC_ENABLE => g.misc_enable = value,
+        index::MISC_ENABLE => {
+            if (value ^ g.misc_enable) & !MISC_ENABLE_WRITABLE != 0 {
+                return Action::Inject(Exception::GP0);
+            }
+            g.misc_enable = value
+        }
         index::MTRR_DEF_TYPE => {
             if !valid_mtrr_def_type(value) {
                 return Action::Inject(Exception::GP0);
@@ -685,5 +697,23 @@ mod tests {
         assert_eq!(t.run(ExitReason::Rdpmc), GP);
         t.guest.regs.rcx = 1 << 30; // fixed-function counter 0
         assert_eq!(t.run(ExitReason::Rdpmc), GP);
+    }
+
+    #[test]
+    fn misc_enable_agrees_with_cpuid() {
+        let mut t = TestBed::new();
+        // Fast strings on; BTS (11) and PEBS (12) unavailable, as CPUID hides DS; no SpeedStep
+        // (16), MONITOR FSM (18) or CPUID limit (22): CPUID hides those features or ignores them.
+        assert_eq!(rd(&mut t, index::MISC_ENABLE), Ok(0x1801));
+        assert_eq!(wr(&mut t, index::MISC_ENABLE, 0x1800), Action::Advance);
+        assert_eq!(rd(&mut t, index::MISC_ENABLE), Ok(0x1800));
+        for bit in [11, 12, 16, 18, 22, 23, 24, 34] {
+            assert_eq!(
+                wr(&mut t, index::MISC_ENABLE, 0x1801 ^ 1 << bit),
+                GP,
+                "bit {bit}"
+            );
+        }
+        assert_eq!(rd(&mut t, index::MISC_ENABLE), Ok(0x1800));
     }
 }

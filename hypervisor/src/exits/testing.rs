@@ -80,7 +80,7 @@ impl TestBed {
             stats: GuestStats::default(),
             cr0_rules: GuestCr::cr0(&VmxCaps::bochs_skylake_x(), true),
             cr4_rules: GuestCr::cr4(&VmxCaps::bochs_skylake_x()),
-            misc_enable: 1,
+            misc_enable: crate::exits::msr::MISC_ENABLE_DEFAULT,
             mtrr_def_type: 0,
             xcr0: 1,
             stats_requested: false,
