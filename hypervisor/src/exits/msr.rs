@@ -716,4 +716,28 @@ mod tests {
         }
         assert_eq!(rd(&mut t, index::MISC_ENABLE), Ok(0x1800));
     }
+
+    #[test]
+    fn mtrr_def_type_and_apic_base_refuse_what_no_cpu_takes() {
+        let mut t = TestBed::new();
+        // SDM 13.11.2.1: memory types 2, 3 and 7 are reserved in an MTRR.
+        for ty in [2, 3, 7, 8] {
+            assert_eq!(
+                wr(&mut t, index::MTRR_DEF_TYPE, 1 << 11 | ty),
+                GP,
+                "type {ty}"
+            );
+        }
+        assert_eq!(
+            wr(&mut t, index::MTRR_DEF_TYPE, 1 << 11 | 6),
+            Action::Advance
+        );
+        assert_eq!(rd(&mut t, index::MTRR_DEF_TYPE), Ok(0x806));
+        // The xAPIC page stays at 0xFEE00000: no base bit above bit 35 either.
+        assert_eq!(
+            wr(&mut t, index::APIC_BASE, APIC_BASE_DEFAULT | 1 << 40),
+            GP
+        );
+        assert_eq!(rd(&mut t, index::APIC_BASE), Ok(APIC_BASE_DEFAULT));
+    }
 }
