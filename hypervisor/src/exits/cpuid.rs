@@ -143,6 +143,10 @@ pub const HIDDEN: &[Hidden] = &[
     hide(0xd, 1, EDX, u32::MAX, "IA32_XSS: no supervisor state"),
 ];
 
+/// XCR0 components of hidden features: BNDREGS and BNDCSR (MPX, bits 3 and 4). CPUID.(0DH,0)
+/// leaves them out and XSETBV refuses them (`exits::xsetbv`), as on a CPU without MPX.
+pub const XCR0_HIDDEN: u64 = 0b11 << 3;
+
 /// Leaves that read as zeros: the features they describe are hidden.
 const ZERO_LEAVES: &[u32] = &[5, 6, 0xa, 0xf, 0x10, 0x12, 0x14, 0x19, 0x1b, 0x1c, 0x20];
 
@@ -239,6 +243,12 @@ pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32, f: &GuestFeatures) -> [u
         }
         0xd => {
             let mut r = host.cpuid(0xd, subleaf);
+            if subleaf == 0 {
+                r[EAX] &= !(XCR0_HIDDEN as u32);
+            }
+            if XCR0_HIDDEN & 1u64.checked_shl(subleaf).unwrap_or(0) != 0 {
+                r = [0; 4];
+            }
             if subleaf == 1 && !f.secondary(SecondaryControls::ENABLE_XSAVES) {
                 r[EAX] &= !EAXD1_XSAVES;
             }
@@ -381,5 +391,17 @@ mod tests {
             policy(&t.host, 0x8000_0000, 0, &features(0)),
             t.host.cpuid(0x8000_0000, 0)
         );
+    }
+
+    #[test]
+    fn any_subleaf_is_answered() {
+        let t = TestBed::new();
+        assert_eq!(policy(&t.host, 0xd, 3, &features(0)), [0; 4], "MPX BNDREGS");
+        // The fake CPU marks every other subleaf a supervisor component (ECX bit 0): none is
+        // enabled in IA32_XSS, so each reads as zeros, however large the subleaf (no shift
+        // overflow).
+        assert_eq!(t.host.cpuid(0xd, u32::MAX)[2] & 1, 1);
+        assert_eq!(policy(&t.host, 0xd, u32::MAX, &features(0)), [0; 4]);
+        assert_eq!(policy(&t.host, 0xd, 64, &features(0)), [0; 4]);
     }
 }

@@ -28,6 +28,8 @@ impl Host for FakeHost {
             // hides or keeps.
             (7, 0) => return [2, u32::MAX, u32::MAX, u32::MAX],
             (7, 1) | (7, 2) => return [u32::MAX; 4],
+            // x87, SSE, AVX, MPX (3, 4), AVX-512.
+            (0xd, 0) => return [0xff, 0x340, 0xa80, 0],
             // XSAVEOPT, XSAVEC, XGETBV1, XSAVES, XFD; supervisor states PT (8) and CET (11, 12).
             (0xd, 1) => return [0x1f, 0x340, 0x1900, 0],
             // LAHF, LZCNT, PREFETCHW; SYSCALL, NX, 1-GiB pages, RDTSCP, LM.
@@ -44,7 +46,7 @@ impl Host for FakeHost {
         }
     }
     fn xcr0_supported(&self) -> u64 {
-        0xe7
+        0xff
     }
     fn host_interrupt(&mut self, vector: u8) {
         self.interrupts.push(vector);
