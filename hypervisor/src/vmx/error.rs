@@ -134,11 +134,12 @@ impl EntryFailure {
     }
 }
 
+/// What went wrong; the guest's stop reason (`StopReason::EntryFailed`) says "VM entry failed".
 impl fmt::Display for EntryFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::InvalidGuestState(d) => {
-                f.write_str("VM entry failed: invalid guest state")?;
+                f.write_str("invalid guest state")?;
                 match d {
                     GuestStateDetail::Unspecified => {
                         f.write_str(" (a guest-state check of SDM 27.3.1 failed)")
@@ -153,12 +154,11 @@ impl fmt::Display for EntryFailure {
                     GuestStateDetail::Unknown(q) => write!(f, " (qualification {q})"),
                 }
             }
-            Self::MsrLoading { entry } => write!(
-                f,
-                "VM entry failed: loading entry {entry} of the VM-entry MSR-load list"
-            ),
-            Self::MachineCheck => f.write_str("VM entry failed: machine-check event"),
-            Self::Other(reason) => write!(f, "VM entry failed with exit reason {reason}"),
+            Self::MsrLoading { entry } => {
+                write!(f, "loading entry {entry} of the VM-entry MSR-load list")
+            }
+            Self::MachineCheck => f.write_str("machine-check event"),
+            Self::Other(reason) => write!(f, "exit reason {reason}"),
         }
     }
 }
@@ -220,11 +220,11 @@ mod tests {
         );
         assert_eq!(
             f.to_string(),
-            "VM entry failed: invalid guest state (a guest-state check of SDM 27.3.1 failed)"
+            "invalid guest state (a guest-state check of SDM 27.3.1 failed)"
         );
         assert_eq!(
             EntryFailure::from_exit(0x8000_0021, 4).to_string(),
-            "VM entry failed: invalid guest state (invalid VMCS link pointer)"
+            "invalid guest state (invalid VMCS link pointer)"
         );
         assert_eq!(
             EntryFailure::from_exit(0x8000_0022, 3),
@@ -232,7 +232,7 @@ mod tests {
         );
         assert_eq!(
             EntryFailure::from_exit(0x8000_0022, 3).to_string(),
-            "VM entry failed: loading entry 3 of the VM-entry MSR-load list"
+            "loading entry 3 of the VM-entry MSR-load list"
         );
         assert_eq!(
             EntryFailure::from_exit(0x8000_0029, 0),
@@ -240,7 +240,17 @@ mod tests {
         );
         assert_eq!(
             EntryFailure::from_exit(0x8000_000a, 0).to_string(),
-            "VM entry failed with exit reason CPUID"
+            "exit reason CPUID"
+        );
+    }
+
+    #[test]
+    fn a_stopped_guest_says_vm_entry_failed_once() {
+        // Issue 8: Keel logged "VM entry failed: VM entry failed: invalid guest state".
+        let why = EntryFailure::from_exit(0x8000_0021, 0).to_string();
+        assert_eq!(
+            crate::guest::StopReason::EntryFailed(why).to_string(),
+            "VM entry failed: invalid guest state (a guest-state check of SDM 27.3.1 failed)"
         );
     }
 }
