@@ -258,8 +258,9 @@ pub struct Guest {
     pub xcr0: u64,
     /// Set by the PRINT_STATS hypercall; Keel prints the table after the exit.
     pub stats_requested: bool,
-    /// Added to the host TSC to give the guest's TSC (the VMCS TSC offset, SDM 26.3): every guest's
-    /// clock starts near 0 when it is created, and its device timers run on that clock.
+    /// Added to the host TSC to give the guest's virtual time: every guest's clock starts near 0
+    /// when it is created, and its device timers run on that clock. Its TSC adds `tsc_adjust`
+    /// (the VMCS TSC offset, SDM 26.3, is [`Guest::vmcs_tsc_offset`]).
     pub tsc_offset: u64,
     /// IA32_TSC_ADJUST (SDM 17.17.3): what the guest added to its own TSC with WRMSR. Its TSC is
     /// Keel's clock plus this ([`Guest::vmcs_tsc_offset`]); its devices keep Keel's clock.
@@ -335,7 +336,7 @@ impl Guest {
         self.tsc_offset.wrapping_add(self.tsc_adjust)
     }
 
-    /// The host TSC at which the guest's TSC reads `guest_tsc`.
+    /// The host TSC at which the guest's virtual time ([`Guest::now`]) reads `guest_tsc`.
     pub fn host_time(&self, guest_tsc: u64) -> u64 {
         guest_tsc.wrapping_sub(self.tsc_offset)
     }
