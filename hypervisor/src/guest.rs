@@ -248,11 +248,7 @@ pub struct Guest {
     pub regs: GuestRegs,
     pub state: RunState,
     pub stats: GuestStats,
-    /// The CR0/CR4 values the guest believes it wrote (the read shadows).
-    pub cr0_shadow: u64,
-    pub cr4_shadow: u64,
-    /// Emulated MSRs.
-    pub apic_base: u64,
+    /// Emulated MSRs (IA32_APIC_BASE is the local APIC's, in `platform`).
     pub misc_enable: u64,
     pub mtrr_def_type: u64,
     /// The CR0/CR4 bits VMX forces for this guest and the checks on guest writes.
@@ -262,11 +258,18 @@ pub struct Guest {
     pub xcr0: u64,
     /// Set by the PRINT_STATS hypercall; Keel prints the table after the exit.
     pub stats_requested: bool,
-    /// Added to the host TSC to give the guest's TSC (the VMCS TSC offset, SDM 26.3): every guest's
-    /// clock starts near 0 when it is created, and its device timers run on that clock.
+    /// Added to the host TSC to give the guest's virtual time: every guest's clock starts near 0
+    /// when it is created, and its device timers run on that clock. Its TSC adds `tsc_adjust`
+    /// (the VMCS TSC offset, SDM 26.3, is [`Guest::vmcs_tsc_offset`]).
     pub tsc_offset: u64,
     /// Exceptions, NMIs and interrupts owed to the guest at its next VM entries.
     pub events: crate::exits::events::EventQueue,
+    /// IA32_TSC_ADJUST (SDM 17.17.3): what the guest added to its own TSC with WRMSR. Its TSC is
+    /// Keel's clock plus this ([`Guest::vmcs_tsc_offset`]); its devices keep Keel's clock.
+    pub tsc_adjust: u64,
+    /// IA32_SPEC_CTRL as the guest last wrote it (`exits::msr`); the run loop loads it into the
+    /// real MSR whenever this guest runs.
+    pub spec_ctrl: u64,
 }
 
 /// A management request that does not fit the guest's current state.
@@ -324,12 +327,18 @@ impl RunState {
 }
 
 impl Guest {
-    /// The guest's TSC (its virtual time) at host TSC `host_tsc`.
+    /// The guest's virtual time at host TSC `host_tsc`: the clock its devices run on, which is
+    /// its TSC less its own IA32_TSC_ADJUST.
     pub fn now(&self, host_tsc: u64) -> u64 {
         host_tsc.wrapping_add(self.tsc_offset)
     }
 
-    /// The host TSC at which the guest's TSC reads `guest_tsc`.
+    /// The VMCS TSC offset: Keel's clock for the guest plus the guest's IA32_TSC_ADJUST.
+    pub fn vmcs_tsc_offset(&self) -> u64 {
+        self.tsc_offset.wrapping_add(self.tsc_adjust)
+    }
+
+    /// The host TSC at which the guest's virtual time ([`Guest::now`]) reads `guest_tsc`.
     pub fn host_time(&self, guest_tsc: u64) -> u64 {
         guest_tsc.wrapping_sub(self.tsc_offset)
     }

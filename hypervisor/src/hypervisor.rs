@@ -158,6 +158,7 @@ pub fn run(machine: MachineInfo) -> ! {
         caps,
         controls,
         cal,
+        spec_ctrl: 0,
     };
     runner.run();
     runner.report();
@@ -315,7 +316,7 @@ fn guest_setup(
         core::ptr::write_bytes(mm::phys_to_virt(io_a.pa()), 0xff, 4096);
         core::ptr::write_bytes(mm::phys_to_virt(io_b.pa()), 0xff, 4096);
         core::ptr::copy_nonoverlapping(
-            exits::msr::bitmap().as_ptr(),
+            exits::msr::bitmap(cpu::cpuid(7, 0)[3]).as_ptr(),
             mm::phys_to_virt(msr.pa()),
             4096,
         );
@@ -388,17 +389,16 @@ impl Vm {
             regs: GuestRegs::default(),
             state: RunState::Runnable,
             stats: GuestStats::default(),
-            cr0_shadow: 0,
-            cr4_shadow: 0,
             cr0_rules: GuestCr::cr0(&setup.caps, true),
             cr4_rules: GuestCr::cr4(&setup.caps),
-            apic_base: exits::msr::APIC_BASE_DEFAULT,
-            misc_enable: 1,
+            misc_enable: exits::msr::MISC_ENABLE_DEFAULT,
             mtrr_def_type: 0,
             xcr0: 1,
             stats_requested: false,
             tsc_offset: 0,
             events: Default::default(),
+            tsc_adjust: 0,
+            spec_ctrl: 0,
         };
         let mut vm = Self {
             guest,
@@ -492,13 +492,15 @@ impl Vm {
             vmx::invalidate(&inv).map_err(|e| alloc::format!("{inv} failed: {e}"))?;
         }
         arch::vmcs::write_host_state(&mut v);
-        let shadows = vcpu::write_guest_state(&mut v, &st, &g.cr0_rules, &g.cr4_rules);
+        vcpu::write_guest_state(&mut v, &st, &g.cr0_rules, &g.cr4_rules);
         g.tsc_offset = if setup.controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0 {
             0u64.wrapping_sub(cpu::rdtsc())
         } else {
             0
         };
-        v.write(crate::vmx::Control64::TscOffset, g.tsc_offset);
+        g.tsc_adjust = 0;
+        g.spec_ctrl = 0;
+        v.write(crate::vmx::Control64::TscOffset, g.vmcs_tsc_offset());
         g.regs = GuestRegs {
             rax: st.rax,
             rbx: st.rbx,
@@ -508,12 +510,9 @@ impl Vm {
             rdi: st.rdi,
             ..Default::default()
         };
-        g.cr0_shadow = shadows.cr0;
-        g.cr4_shadow = shadows.cr4;
         g.platform = Platform::new(g.platform.tsc_hz());
         g.state = RunState::Runnable;
-        g.apic_base = exits::msr::APIC_BASE_DEFAULT;
-        g.misc_enable = 1;
+        g.misc_enable = exits::msr::MISC_ENABLE_DEFAULT;
         g.mtrr_def_type = 0;
         g.xcr0 = 1;
         g.events = Default::default();
@@ -546,6 +545,20 @@ pub struct Runner {
     caps: VmxCaps,
     controls: ControlSet,
     cal: lapic::Calibration,
+    /// What Keel last wrote to the real IA32_SPEC_CTRL (0, its reset value, until a guest sets it).
+    spec_ctrl: u64,
+}
+
+/// Gives the CPU the running guest's IA32_SPEC_CTRL (a guest's IBRS, STIBP or SSBD must hold
+/// while it runs, and not be left to the next guest to read). The guest's writes exit
+/// (`exits::msr`); Keel runs with the value of the guest it last ran.
+fn load_spec_ctrl(loaded: &mut u64, value: u64) {
+    if *loaded != value {
+        // SAFETY: `exits::msr` accepts only bits this CPU enumerates in CPUID.7.EDX, so the MSR
+        // exists and takes the value; Keel's own code does not depend on it.
+        unsafe { cpu::wrmsr(exits::msr::index::SPEC_CTRL, value) };
+        *loaded = value;
+    }
 }
 
 impl Runner {
@@ -706,13 +719,14 @@ impl Runner {
         let use_offsetting =
             self.controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0;
         let vm = &mut self.vms[i];
+        load_spec_ctrl(&mut self.spec_ctrl, vm.guest.spec_ctrl);
         let mut v = CurrentVmcs;
         let start = cpu::rdtsc();
         vm.woken = false;
         if let Some(since) = vm.waiting_since.take() {
             if use_offsetting {
                 vm.guest.tsc_offset = vm.guest.tsc_offset.wrapping_sub(start - since);
-                v.write(crate::vmx::Control64::TscOffset, vm.guest.tsc_offset);
+                v.write(crate::vmx::Control64::TscOffset, vm.guest.vmcs_tsc_offset());
             }
         }
         let deadline = start + quantum;
@@ -795,6 +809,9 @@ impl Runner {
                 // SAFETY: `exits::xsetbv` only stores values valid for this CPU.
                 unsafe { cpu::xsetbv0(vm.guest.xcr0) };
                 xcr0 = vm.guest.xcr0;
+            }
+            if reason == ExitReason::Wrmsr {
+                load_spec_ctrl(&mut self.spec_ctrl, vm.guest.spec_ctrl);
             }
             if vm.guest.stats_requested {
                 vm.guest.stats_requested = false;

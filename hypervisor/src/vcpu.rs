@@ -86,15 +86,9 @@ pub fn write_guest_state<V: Vmcs + ?Sized>(
     vmcs.write(GuestNat::GdtrBase, st.gdtr_base);
     vmcs.write(Guest32::GdtrLimit, st.gdtr_limit as u32);
 
-    vmcs.write(
-        GuestNat::Cr0,
-        (st.cr0 | cr0.must_be_one) & !cr0.must_be_zero,
-    );
+    vmcs.write(GuestNat::Cr0, cr0.real(st.cr0));
     vmcs.write(GuestNat::Cr3, st.cr3);
-    vmcs.write(
-        GuestNat::Cr4,
-        (st.cr4 | cr4.must_be_one) & !cr4.must_be_zero,
-    );
+    vmcs.write(GuestNat::Cr4, cr4.real(st.cr4));
     vmcs.write(ControlNat::Cr0GuestHostMask, cr0.mask());
     vmcs.write(ControlNat::Cr4GuestHostMask, cr4.mask());
     vmcs.write(ControlNat::Cr0ReadShadow, st.cr0);
@@ -160,7 +154,8 @@ pub fn compute_controls(caps: &VmxCaps) -> Result<ControlSet, ControlError> {
             | PrimaryControls::CR8_LOAD_EXITING
             | PrimaryControls::CR8_STORE_EXITING
             | PrimaryControls::MWAIT_EXITING
-            | PrimaryControls::MONITOR_EXITING,
+            | PrimaryControls::MONITOR_EXITING
+            | PrimaryControls::RDPMC_EXITING,
         PrimaryControls::USE_TSC_OFFSETTING,
     )?;
     let mut secondary = adjust_controls(

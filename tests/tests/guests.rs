@@ -128,6 +128,19 @@ fn guests_get_their_command_lines_and_memory() {
     }
 }
 
+/// mb32 turns on PAE paging and IA-32e mode itself, each time with a CR0 write that clears NE
+/// (Keel's bit, so it exits): Keel must load the PDPTEs and check the write against the live
+/// CR0/CR4, not a copy from the guest's start (issue 8, items 0 and 5).
+#[test]
+fn a_kernel_that_enables_paging_itself_keeps_running() {
+    let boot = shared_boot(&KINDS);
+    boot.expect_guest_line(
+        "mb32",
+        "own paging ok cr0=0x80010011 efer=0x500 pae_cr0=0x80000011 lmsw=0x80010013",
+    );
+    expect_guest_status(&boot, "mb32", 0x12);
+}
+
 #[test]
 fn no_kind_reports_a_failure() {
     let boot = shared_boot(&KINDS);

@@ -3,7 +3,7 @@
 //! docs/SECURITY.md) and checks that Keel stays up, that the witness computes the right checksum,
 //! and that every attacker gets its documented outcome.
 //!
-//! One Bochs boot of about 15 s (27 guests), plus two of their own: the interrupt storm, and
+//! One Bochs boot of about 15 s (28 guests), plus two of their own: the interrupt storm, and
 //! the sweep of guest-physical memory (about a minute); every test below asserts on it. Run them alone with
 //! `cargo itest hostile`.
 
@@ -96,7 +96,7 @@ pub(crate) fn expect_keel_unhurt(boot: &Outcome) {
 #[test]
 fn keel_survives_every_attack() {
     let boot = shared_boot(&HOSTILE);
-    boot.expect_line("keel: running 27 guests");
+    boot.expect_line("keel: running 28 guests");
     expect_keel_unhurt(&boot);
 }
 
@@ -177,6 +177,15 @@ fn vmx_and_unknown_msrs_raise_gp() {
     let boot = shared_boot(&HOSTILE);
     boot.expect_guest_line("msr", "hostile64: msr gp=76/76 ok");
     expect_ended(&boot, "msr", OK_STATUS);
+}
+
+/// Every MSR a CPUID feature implies answers exactly when CPUID advertises the feature, and the
+/// advertised behaviours hold (TSC_ADJUST, SPEC_CTRL, XSS, EFER.LME, APIC_BASE.EN, RDPMC).
+#[test]
+fn cpuid_and_msrs_agree() {
+    let boot = shared_boot(&HOSTILE);
+    boot.expect_guest_line("cpuidmsr", "hostile64: cpuidmsr agree=135/135 ok");
+    expect_ended(&boot, "cpuidmsr", OK_STATUS);
 }
 
 #[test]

@@ -613,7 +613,12 @@ impl Lapic {
 
     /// An MMIO load of `size` bytes at `offset`. Registers are 32 bits wide at 16-byte
     /// boundaries (SDM 10.4.1); a narrower load inside the first 4 bytes reads part of one.
+    /// While the APIC is globally disabled (IA32_APIC_BASE.EN clear) the processor has none
+    /// (SDM 10.4.3): the page reads as an empty bus, all ones.
     pub fn mmio_read(&mut self, offset: u64, size: u8, now: u64) -> u64 {
+        if !self.globally_enabled() {
+            return u64::MAX >> (64 - 8 * u32::from(size.clamp(1, 8)));
+        }
         let within = offset & 0xf;
         if within >= 4 {
             return 0;
@@ -630,8 +635,10 @@ impl Lapic {
     /// An MMIO store. Only aligned 32-bit (or wider: the low 32 bits) stores reach a register;
     /// others are dropped, their effect being undefined in the SDM. Returns the vector of a
     /// level-triggered EOI for the IOAPIC.
+    ///
+    /// Dropped while the APIC is globally disabled (see [`Lapic::mmio_read`]).
     pub fn mmio_write(&mut self, offset: u64, size: u8, value: u64, now: u64) -> Option<u8> {
-        if offset & 0xf != 0 || size < 4 || offset >= LAPIC_SIZE {
+        if !self.globally_enabled() || offset & 0xf != 0 || size < 4 || offset >= LAPIC_SIZE {
             return None;
         }
         self.write_register(offset, value as u32, now)
@@ -851,6 +858,27 @@ mod tests {
         l.set_apic_base(LAPIC_BASE | APIC_BASE_ENABLE);
         assert_eq!(read(&mut l, SVR, 0), 0xff);
         assert_eq!(read(&mut l, IRR0 + 0x20, 0), 0);
+    }
+
+    #[test]
+    fn a_globally_disabled_apic_leaves_its_page() {
+        let mut l = enabled();
+        l.mmio_write(TPR, 4, 0x20, 0);
+        l.set_apic_base(LAPIC_BASE);
+        // SDM 10.4.3: with IA32_APIC_BASE.EN clear the processor has no APIC; the page reads as
+        // an empty bus (all ones) and takes no writes.
+        assert_eq!(l.mmio_read(VERSION, 4, 0), 0xffff_ffff);
+        assert_eq!(l.mmio_read(ID, 1, 0), 0xff);
+        l.mmio_write(SVR, 4, 0x1ff, 0);
+        l.mmio_write(TPR, 4, 0x30, 0);
+        assert_eq!(
+            l.tpr(),
+            0,
+            "reset when disabled, and the write went nowhere"
+        );
+        l.set_apic_base(LAPIC_BASE | APIC_BASE_ENABLE);
+        assert_eq!(read(&mut l, VERSION, 0), 0x50014);
+        assert_eq!(read(&mut l, SVR, 0), 0xff, "back from its reset state");
     }
 
     #[test]

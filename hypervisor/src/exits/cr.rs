@@ -6,9 +6,9 @@
 //! operation requires (SDM 24.8 / A.7, A.8) and never let the guest enable VMX (CR4.VMXE reads as 0
 //! and setting it is a #GP, as on a CPU without VMX).
 
-use super::{Action, Exception, ExitContext};
+use super::{Action, Exception, ExitContext, Host};
 use crate::guest::Guest;
-use crate::vmx::cr::{clts, lmsw, CrContext, CrFault, CrLoad};
+use crate::vmx::cr::{clts, lmsw, CrContext, CrLoad};
 use crate::vmx::{
     Control32, ControlNat, CrAccessQualification, CrAccessType, Guest32, Guest64, GuestNat,
     ReadOnlyNat, Vmcs,
@@ -25,17 +25,37 @@ fn gpr<V: Vmcs + ?Sized>(vmcs: &V, guest: &Guest, index: u8) -> u64 {
     }
 }
 
+/// The CR0 the guest sees now. Bits it owns (clear in the guest/host mask) change without an
+/// exit and live only in the VMCS guest CR0; bits Keel owns read from the read shadow (SDM 25.3,
+/// MOV from CR0). Keel keeps no copy of its own: one would go stale at the guest's next write of
+/// PG, WP, TS or any other guest-owned bit.
+pub fn live_cr0<V: Vmcs + ?Sized>(vmcs: &V, guest: &Guest) -> u64 {
+    guest.cr0_rules.view(
+        vmcs.read(GuestNat::Cr0),
+        vmcs.read(ControlNat::Cr0ReadShadow),
+    )
+}
+
+/// The CR4 the guest sees now (as [`live_cr0`]).
+pub fn live_cr4<V: Vmcs + ?Sized>(vmcs: &V, guest: &Guest) -> u64 {
+    guest.cr4_rules.view(
+        vmcs.read(GuestNat::Cr4),
+        vmcs.read(ControlNat::Cr4ReadShadow),
+    )
+}
+
+/// What a CR write is checked against: the live values, never a copy from an earlier exit.
 fn context<V: Vmcs + ?Sized>(vmcs: &V, guest: &Guest) -> CrContext {
     CrContext {
-        cr0: guest.cr0_shadow,
-        cr4: guest.cr4_shadow,
+        cr0: live_cr0(vmcs, guest),
+        cr4: live_cr4(vmcs, guest),
         efer: vmcs.read(Guest64::Ia32Efer),
         cs_long: vmcs.read(Guest32::CsAccessRights) & (1 << 13) != 0,
     }
 }
 
 /// Loads an accepted CR0 write: real value, shadow, and IA-32e mode when LMA changed.
-fn load_cr0<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, load: CrLoad) {
+fn load_cr0<V: Vmcs + ?Sized>(vmcs: &mut V, load: CrLoad) {
     if let Some(efer) = load.efer {
         vmcs.write(Guest64::Ia32Efer, efer);
         let lma = efer & crate::vmx::cr::efer::LMA != 0;
@@ -47,44 +67,92 @@ fn load_cr0<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, load: CrLoad) {
             }
         });
     }
-    guest.cr0_shadow = load.shadow;
     vmcs.write(ControlNat::Cr0ReadShadow, load.shadow);
     vmcs.write(GuestNat::Cr0, load.value);
 }
 
-fn write_cr0<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, v: u64) -> Action {
-    match guest.cr0_rules.write(v, &context(vmcs, guest)) {
-        Ok(load) => {
-            load_cr0(vmcs, guest, load);
-            Action::Advance
-        }
-        Err(_) => Action::Inject(Exception::GP0),
-    }
+/// Bits of a present PAE-paging PDPTE that must be 0: 2:1, 8:5 and MAXPHYADDR up to 63
+/// (SDM 4.4.1, Table 4-8).
+fn pdpte_reserved(maxphyaddr: u32) -> u64 {
+    0x1e6 | !((1u64 << maxphyaddr.min(52)) - 1)
 }
 
-fn write_cr4<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, v: u64) -> Action {
-    match guest.cr4_rules.write(v, &context(vmcs, guest)) {
-        Ok(load) => {
-            guest.cr4_shadow = load.shadow;
-            vmcs.write(ControlNat::Cr4ReadShadow, load.shadow);
-            vmcs.write(GuestNat::Cr4, load.value);
-            Action::Advance
-        }
-        Err(CrFault::ReservedBits(_)) | Err(_) => Action::Inject(Exception::GP0),
+/// SDM 4.4.1: a MOV to CR0 or CR4 that leaves the processor in PAE paging (CR0.PG = 1,
+/// CR4.PAE = 1, EFER.LMA = 0) loads the four PDPTEs from the 32-byte table at CR3[31:5]; with EPT
+/// the processor uses the VMCS guest PDPTE fields at the next VM entry (SDM 27.3.2.4), so Keel
+/// writes them. A present entry with a reserved bit set, or a table outside guest RAM (the bus
+/// would read all ones), makes the instruction fault with #GP(0) before anything changes.
+fn load_pdptes<V: Vmcs + ?Sized>(
+    vmcs: &mut V,
+    guest: &Guest,
+    host: &dyn Host,
+    cr0: u64,
+    cr4: u64,
+    efer: u64,
+) -> Result<(), ()> {
+    use crate::vmx::cr::{cr0::PG, cr4::PAE, efer::LMA};
+    if cr0 & PG == 0 || cr4 & PAE == 0 || efer & LMA != 0 {
+        return Ok(());
     }
+    let table = vmcs.read(GuestNat::Cr3) & 0xffff_ffe0;
+    let bytes = guest.ram.slice(table, 32).ok_or(())?;
+    let reserved = pdpte_reserved(host.cpuid(0x8000_0008, 0)[0] & 0xff);
+    let mut pdptes = [0u64; 4];
+    for (e, b) in pdptes.iter_mut().zip(bytes.as_chunks::<8>().0) {
+        *e = u64::from_le_bytes(*b);
+        if *e & 1 != 0 && *e & reserved != 0 {
+            return Err(());
+        }
+    }
+    let fields = [
+        Guest64::Pdpte0,
+        Guest64::Pdpte1,
+        Guest64::Pdpte2,
+        Guest64::Pdpte3,
+    ];
+    for (f, e) in fields.into_iter().zip(pdptes) {
+        vmcs.write(f, e);
+    }
+    Ok(())
+}
+
+fn write_cr0<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, host: &dyn Host, v: u64) -> Action {
+    let ctx = context(vmcs, guest);
+    let Ok(load) = guest.cr0_rules.write(v, &ctx) else {
+        return Action::Inject(Exception::GP0);
+    };
+    let efer = load.efer.unwrap_or(ctx.efer);
+    if load_pdptes(vmcs, guest, host, load.shadow, ctx.cr4, efer).is_err() {
+        return Action::Inject(Exception::GP0);
+    }
+    load_cr0(vmcs, load);
+    Action::Advance
+}
+
+fn write_cr4<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, host: &dyn Host, v: u64) -> Action {
+    let ctx = context(vmcs, guest);
+    let Ok(load) = guest.cr4_rules.write(v, &ctx) else {
+        return Action::Inject(Exception::GP0);
+    };
+    if load_pdptes(vmcs, guest, host, ctx.cr0, load.shadow, ctx.efer).is_err() {
+        return Action::Inject(Exception::GP0);
+    }
+    vmcs.write(ControlNat::Cr4ReadShadow, load.shadow);
+    vmcs.write(GuestNat::Cr4, load.value);
+    Action::Advance
 }
 
 pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let q = CrAccessQualification::decode(cx.vmcs.read(ReadOnlyNat::ExitQualification));
-    let (vmcs, guest) = (&mut *cx.vmcs, &mut *cx.guest);
+    let (vmcs, guest, host) = (&mut *cx.vmcs, &mut *cx.guest, &*cx.host);
     match (q.access, q.cr) {
         (CrAccessType::MovToCr, 0) => {
             let v = gpr(vmcs, guest, q.gpr);
-            write_cr0(vmcs, guest, v)
+            write_cr0(vmcs, guest, host, v)
         }
         (CrAccessType::MovToCr, 4) => {
             let v = gpr(vmcs, guest, q.gpr);
-            write_cr4(vmcs, guest, v)
+            write_cr4(vmcs, guest, host, v)
         }
         (CrAccessType::MovToCr, 8) => {
             let v = gpr(vmcs, guest, q.gpr);
@@ -104,12 +172,12 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             Action::Advance
         }
         (CrAccessType::Clts, _) => {
-            let v = clts(guest.cr0_shadow);
-            write_cr0(vmcs, guest, v)
+            let v = clts(live_cr0(vmcs, guest));
+            write_cr0(vmcs, guest, host, v)
         }
         (CrAccessType::Lmsw, _) => {
-            let v = lmsw(guest.cr0_shadow, q.lmsw_source);
-            write_cr0(vmcs, guest, v)
+            let v = lmsw(live_cr0(vmcs, guest), q.lmsw_source);
+            write_cr0(vmcs, guest, host, v)
         }
         _ => Action::Inject(Exception::UD),
     }
@@ -119,6 +187,7 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
 mod tests {
     use super::*;
     use crate::exits::testing::*;
+    use crate::vmx::cr::GuestCr;
     use crate::vmx::cr::{cr0::*, cr4::*, efer::*};
     use crate::vmx::ExitReason;
 
@@ -158,7 +227,7 @@ mod tests {
             t.run(ExitReason::ControlRegisterAccess),
             Action::Inject(Exception::GP0)
         );
-        t.guest.cr4_shadow = PAE;
+        t.vmcs.write(GuestNat::Cr4, PAE | VMXE);
         t.vmcs.write(Guest64::Ia32Efer, LME);
         t.guest.regs.rbx = PG | PE;
         assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
@@ -169,6 +238,149 @@ mod tests {
             PG | PE | NE,
             "NE forced on"
         );
+    }
+
+    /// The guest turned on PAE and paging with writes that do not exit (guest-owned bits): the
+    /// VMCS guest CR0/CR4 hold them, the read shadows do not.
+    fn paging_enabled_without_exits(t: &mut TestBed) {
+        t.vmcs.write(GuestNat::Cr4, PAE | VMXE);
+        t.vmcs.write(ControlNat::Cr4ReadShadow, 0);
+        t.vmcs
+            .write(ControlNat::Cr4GuestHostMask, t.guest.cr4_rules.mask());
+        t.vmcs.write(GuestNat::Cr0, PG | PE | NE | ET | TS);
+        t.vmcs.write(ControlNat::Cr0ReadShadow, NE | ET);
+        t.vmcs
+            .write(ControlNat::Cr0GuestHostMask, t.guest.cr0_rules.mask());
+        t.vmcs.write(Guest64::Ia32Efer, LME | LMA);
+        t.vmcs.write(Control32::EntryControls, ENTRY_IA32E_MODE);
+    }
+
+    #[test]
+    fn cr0_write_is_checked_against_the_live_cr0_and_cr4() {
+        let mut t = TestBed::new();
+        paging_enabled_without_exits(&mut t);
+        // Clearing NE (a bit Keel owns) exits; PG and PAE are already on.
+        t.guest.regs.rax = PG | WP | PE;
+        t.set_qualification(mov_to_cr(0, 0));
+        assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
+        assert_eq!(t.vmcs.read(GuestNat::Cr0), PG | WP | PE | NE | ET);
+        assert_eq!(
+            t.vmcs.read(ControlNat::Cr0ReadShadow),
+            PG | WP | PE | ET,
+            "NE reads back as written"
+        );
+        assert_eq!(t.vmcs.read(Guest64::Ia32Efer), LME | LMA, "still IA-32e");
+        assert_ne!(t.vmcs.read(Control32::EntryControls) & ENTRY_IA32E_MODE, 0);
+    }
+
+    #[test]
+    fn clts_and_lmsw_start_from_the_live_cr0() {
+        let mut t = TestBed::new();
+        paging_enabled_without_exits(&mut t);
+        t.set_qualification(2 << 4); // CLTS (SDM Table 28-3)
+        assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
+        assert_eq!(
+            t.vmcs.read(GuestNat::Cr0),
+            PG | PE | NE | ET,
+            "TS cleared, paging kept"
+        );
+        // LMSW with source 0x1 | TS (PE, TS): MP and EM clear, paging kept.
+        t.set_qualification(3 << 4 | 0x9 << 16);
+        assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
+        assert_eq!(t.vmcs.read(GuestNat::Cr0), PG | PE | NE | ET | TS);
+        assert_eq!(t.vmcs.read(Guest64::Ia32Efer), LME | LMA);
+    }
+
+    #[test]
+    fn live_values_have_the_guests_bits_and_keels_shadowed_ones() {
+        let mut t = TestBed::new();
+        paging_enabled_without_exits(&mut t);
+        t.vmcs.write(ControlNat::Cr0ReadShadow, ET);
+        assert_eq!(
+            live_cr0(&t.vmcs, &t.guest),
+            PG | PE | ET | TS,
+            "NE as shadowed"
+        );
+        assert_eq!(live_cr4(&t.vmcs, &t.guest), PAE, "VMXE hidden");
+    }
+
+    #[test]
+    fn cr4_bits_of_hidden_features_are_gp() {
+        let mut t = TestBed::new();
+        let mut caps = crate::vmx::VmxCaps::bochs_skylake_x();
+        caps.cr4_fixed1 |= CET | PKS;
+        t.guest.cr4_rules = GuestCr::cr4(&caps);
+        t.vmcs.write(GuestNat::Cr0, PE | NE | ET | WP);
+        t.set_qualification(mov_to_cr(4, 0));
+        for bit in [CET, PKS, SMXE] {
+            t.guest.regs.rax = PAE | bit;
+            assert_eq!(
+                t.run(ExitReason::ControlRegisterAccess),
+                Action::Inject(Exception::GP0),
+                "{bit:#x}"
+            );
+        }
+    }
+
+    /// A 32-bit guest with PAE on and paging off, its PDPT at 0x1000 (CR3).
+    fn pae_guest(t: &mut TestBed, pdptes: [u64; 4]) {
+        t.vmcs.write(GuestNat::Cr4, PAE | VMXE);
+        t.vmcs
+            .write(ControlNat::Cr4GuestHostMask, t.guest.cr4_rules.mask());
+        t.vmcs.write(GuestNat::Cr0, PE | NE | ET);
+        t.vmcs.write(ControlNat::Cr0ReadShadow, NE | ET);
+        t.vmcs
+            .write(ControlNat::Cr0GuestHostMask, t.guest.cr0_rules.mask());
+        t.vmcs.write(GuestNat::Cr3, 0x1000);
+        for (i, e) in pdptes.iter().enumerate() {
+            let at = 0x1000 + i * 8;
+            t.guest.ram.bytes()[at..at + 8].copy_from_slice(&e.to_le_bytes());
+        }
+    }
+
+    #[test]
+    fn pae_paging_loads_the_pdptes() {
+        let mut t = TestBed::new();
+        pae_guest(&mut t, [0x2001, 0x3001, 0, 0x5000]);
+        // PG on and NE off in one write (NE is Keel's: it exits). SDM 4.4.1: the PDPTEs load.
+        t.guest.regs.rax = PG | PE;
+        t.set_qualification(mov_to_cr(0, 0));
+        assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
+        let pdptes = [
+            Guest64::Pdpte0,
+            Guest64::Pdpte1,
+            Guest64::Pdpte2,
+            Guest64::Pdpte3,
+        ]
+        .map(|f| t.vmcs.read(f));
+        assert_eq!(pdptes, [0x2001, 0x3001, 0, 0x5000]);
+        assert_eq!(t.vmcs.read(GuestNat::Cr0), PG | PE | NE | ET);
+    }
+
+    #[test]
+    fn a_present_pdpte_with_reserved_bits_is_gp() {
+        // Bits 2:1 and 8:5 are reserved in a present PAE PDPTE, and so is every bit from
+        // MAXPHYADDR up (the fake CPU reports 39).
+        for bad in [0x4003, 0x4021, 0x4101, 1 << 39 | 1, 1 << 63 | 1] {
+            let mut t = TestBed::new();
+            pae_guest(&mut t, [0x2001, 0, bad, 0]);
+            t.guest.regs.rax = PG | PE;
+            t.set_qualification(mov_to_cr(0, 0));
+            assert_eq!(
+                t.run(ExitReason::ControlRegisterAccess),
+                Action::Inject(Exception::GP0),
+                "PDPTE {bad:#x}"
+            );
+            assert_eq!(t.vmcs.read(GuestNat::Cr0), PE | NE | ET, "CR0 unchanged");
+            assert_eq!(t.vmcs.read(Guest64::Pdpte0), 0);
+        }
+        // A not-present entry may hold anything.
+        let mut t = TestBed::new();
+        pae_guest(&mut t, [0x2001, 0xffff_fffe, 0, 0]);
+        t.guest.regs.rax = PG | PE;
+        t.set_qualification(mov_to_cr(0, 0));
+        assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
+        assert_eq!(t.vmcs.read(Guest64::Pdpte1), 0xffff_fffe);
     }
 
     #[test]

@@ -145,6 +145,7 @@ pub fn dispatch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         ExitReason::ControlRegisterAccess => cr::handle(cx),
         ExitReason::Rdmsr => msr::read(cx),
         ExitReason::Wrmsr => msr::write(cx),
+        ExitReason::Rdpmc => msr::rdpmc(cx),
         ExitReason::Xsetbv => xsetbv::handle(cx),
         ExitReason::EptViolation => ept::violation(cx),
         ExitReason::EptMisconfiguration => ept::misconfiguration(cx),
@@ -383,9 +384,9 @@ mod tests {
             })
         );
         t.set_qualification(0x1234);
-        match t.run(ExitReason::Rdpmc) {
+        match t.run(ExitReason::Rdtsc) {
             Action::Stop(StopReason::Killed(why)) => {
-                assert!(why.contains("RDPMC") && why.contains("0x1234"), "{why}")
+                assert!(why.contains("RDTSC") && why.contains("0x1234"), "{why}")
             }
             other => panic!("{other:?}"),
         }

@@ -11,6 +11,8 @@ use crate::vmx::{
 use alloc::string::String;
 
 pub struct FakeHost {
+    /// Leaves that answer differently from [`FakeHost::cpuid`]'s defaults: (leaf, subleaf).
+    pub leaves: alloc::vec::Vec<((u32, u32), [u32; 4])>,
     pub interrupts: alloc::vec::Vec<u8>,
     pub nmis: u32,
     pub cr2: u64,
@@ -20,15 +22,33 @@ pub struct FakeHost {
 
 impl Host for FakeHost {
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        if let Some(&(_, v)) = self.leaves.iter().find(|(k, _)| *k == (leaf, subleaf)) {
+            return v;
+        }
+        match (leaf, subleaf) {
+            // A CPU with every leaf-7 and XSAVE feature, so that the tests see each one Keel
+            // hides or keeps.
+            (7, 0) => return [2, u32::MAX, u32::MAX, u32::MAX],
+            (7, 1) | (7, 2) => return [u32::MAX; 4],
+            // x87, SSE, AVX, MPX (3, 4), AVX-512.
+            (0xd, 0) => return [0xff, 0x340, 0xa80, 0],
+            // XSAVEOPT, XSAVEC, XGETBV1, XSAVES, XFD; supervisor states PT (8) and CET (11, 12).
+            (0xd, 1) => return [0x1f, 0x340, 0x1900, 0],
+            // LAHF, LZCNT, PREFETCHW; SYSCALL, NX, 1-GiB pages, RDTSCP, LM.
+            (0x8000_0001, 0) => return [0, 0, 0x121, 0x2c10_0800],
+            _ => {}
+        }
         match leaf {
             // Bochs' corei7_skylake_x leaf 1 (PLATFORM.md): VMX set, plus x2APIC and MONITOR, and OSXSAVE as Keel's own CR4 has it.
             1 => [0x50654, 0x0001_0800, 0x7ffa_f3bf, 0xbfeb_fbff],
             4 => [0x1c00_4121, 0x01c0_003f, 0x3f, 0],
+            // 39 physical and 48 linear address bits.
+            0x8000_0008 => [0x3027, 0, 0, 0],
             _ => [leaf ^ 0x5a5a, subleaf, leaf, 7],
         }
     }
     fn xcr0_supported(&self) -> u64 {
-        0xe7
+        0xff
     }
     fn host_interrupt(&mut self, vector: u8) {
         self.interrupts.push(vector);
@@ -65,22 +85,22 @@ impl TestBed {
             regs: GuestRegs::default(),
             state: RunState::Runnable,
             stats: GuestStats::default(),
-            cr0_shadow: 0,
-            cr4_shadow: 0,
             cr0_rules: GuestCr::cr0(&VmxCaps::bochs_skylake_x(), true),
             cr4_rules: GuestCr::cr4(&VmxCaps::bochs_skylake_x()),
-            apic_base: crate::exits::msr::APIC_BASE_DEFAULT,
-            misc_enable: 1,
+            misc_enable: crate::exits::msr::MISC_ENABLE_DEFAULT,
             mtrr_def_type: 0,
             xcr0: 1,
             stats_requested: false,
             tsc_offset: 0,
             events: Default::default(),
+            tsc_adjust: 0,
+            spec_ctrl: 0,
         };
         Self {
             vmcs: FakeVmcs::new(),
             guest,
             host: FakeHost {
+                leaves: alloc::vec::Vec::new(),
                 interrupts: alloc::vec::Vec::new(),
                 nmis: 0,
                 cr2: 0,

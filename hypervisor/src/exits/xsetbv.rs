@@ -1,7 +1,8 @@
 //! XSETBV: the guest sets XCR0. SDM 13.3 and the XSETBV reference: #GP(0) unless CPL = 0, ECX = 0,
 //! bit 0 (x87) set, no bit the CPU does not support, AVX (bit 2) only with SSE (bit 1), the MPX
 //! pair (bits 3, 4) together, the AVX-512 trio (bits 5-7) all or none and only with AVX.
-//! Keel does not use extended state itself; the value is loaded into the real XCR0 before the
+//! Components of features CPUID hides (MPX) count as unsupported. Keel does not use extended
+//! state itself; the value is loaded into the real XCR0 before the
 //! guest next runs.
 
 use super::{Action, Exception, ExitContext};
@@ -21,7 +22,8 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let cpl = cx.vmcs.read(Guest32::SsAccessRights) >> 5 & 3;
     let ecx = cx.guest.regs.rcx as u32;
     let v = (cx.guest.regs.rdx << 32) | (cx.guest.regs.rax & 0xffff_ffff);
-    if cpl != 0 || ecx != 0 || !valid_xcr0(cx.host.xcr0_supported(), v) {
+    let supported = cx.host.xcr0_supported() & !super::cpuid::XCR0_HIDDEN;
+    if cpl != 0 || ecx != 0 || !valid_xcr0(supported, v) {
         return Action::Inject(Exception::GP0);
     }
     cx.guest.xcr0 = v;
@@ -45,5 +47,35 @@ mod tests {
         assert!(!valid_xcr0(sup, 0b1011), "MPX not supported here");
         assert!(!valid_xcr0(0x1f, 0b1011), "MPX bits go together");
         assert!(valid_xcr0(0x1f, 0b11011));
+    }
+
+    #[test]
+    fn mpx_state_is_refused_as_cpuid_hides_it() {
+        use crate::exits::testing::TestBed;
+        use crate::vmx::ExitReason;
+        let mut t = TestBed::new();
+        t.guest.regs.rax = 0xd;
+        t.guest.regs.rcx = 0;
+        t.run(ExitReason::Cpuid);
+        let advertised = t.guest.regs.rax;
+        assert_eq!(
+            advertised & 0x18,
+            0,
+            "BNDREGS/BNDCSR not in CPUID.(0DH,0):EAX"
+        );
+        for v in [0b1_1011, 0b0_1011, 0b1_0011] {
+            t.guest.regs.rcx = 0;
+            t.guest.regs.rax = v;
+            t.guest.regs.rdx = 0;
+            assert_eq!(
+                t.run(ExitReason::Xsetbv),
+                Action::Inject(Exception::GP0),
+                "{v:#x}"
+            );
+        }
+        t.guest.regs.rcx = 0;
+        t.guest.regs.rax = 0b111;
+        assert_eq!(t.run(ExitReason::Xsetbv), Action::Advance);
+        assert_eq!(t.guest.xcr0, 0b111);
     }
 }

@@ -74,6 +74,11 @@ pub fn fixed_cr0(caps: &VmxCaps, unrestricted: bool) -> (u64, u64) {
     (one, !caps.cr0_fixed1)
 }
 
+/// CR4 bits that enable features `exits::cpuid` hides from every guest: SMXE (SMX), CET
+/// (CET_SS/CET_IBT), PKS, UINTR (bit 25), LAM_SUP (bit 28), FRED (bit 32). Setting one is #GP, as
+/// on a CPU without the feature (SDM 2.5); they read as 0.
+pub const HIDDEN_CR4: u64 = cr4::SMXE | cr4::CET | cr4::PKS | 1 << 25 | 1 << 28 | 1 << 32;
+
 /// (must be one, must be zero) for guest CR4 (SDM A.8). CR4.VMXE is always among the ones.
 pub fn fixed_cr4(caps: &VmxCaps) -> (u64, u64) {
     (caps.cr4_fixed0 | cr4::VMXE, !caps.cr4_fixed1)
@@ -159,7 +164,15 @@ pub struct GuestCr {
     which: Which,
     pub must_be_one: u64,
     pub must_be_zero: u64,
+    /// Bits the guest sets only in its view (the read shadow), never in the real register.
+    pub shadowed: u64,
 }
+
+/// CR0.CD and NW: VM entry and VM exit never load them (SDM 27.3.2.1, 28.5.1), so a guest that
+/// owned them would turn caching off in the CPU for Keel and for every guest after it, and the
+/// others would read its CD. Keel keeps them: the guest sees what it wrote, caching stays on
+/// (with EPT the memory type comes from EPT and PAT: SDM 29.3.7, "EPT and Memory Typing").
+pub const SHADOWED_CR0: u64 = cr0::CD | cr0::NW;
 
 impl GuestCr {
     pub fn cr0(caps: &VmxCaps, unrestricted: bool) -> Self {
@@ -168,22 +181,31 @@ impl GuestCr {
             which: Which::Cr0,
             must_be_one,
             must_be_zero,
+            shadowed: SHADOWED_CR0,
         }
     }
 
+    /// The CR4 rules: VMX's fixed bits, plus the bits of features the guest's CPUID hides
+    /// ([`HIDDEN_CR4`]), which it may not set either.
     pub fn cr4(caps: &VmxCaps) -> Self {
         let (must_be_one, must_be_zero) = fixed_cr4(caps);
         Self {
             which: Which::Cr4,
             must_be_one,
-            must_be_zero,
+            must_be_zero: must_be_zero | HIDDEN_CR4,
+            shadowed: 0,
         }
     }
 
-    /// Host-owned bits: every fixed bit (CR4.VMXE among them). A guest write that changes one
-    /// exits; a read returns the shadow's copy.
+    /// Host-owned bits: every fixed bit (CR4.VMXE among them) and the shadowed ones. A guest
+    /// write that changes one exits; a read returns the shadow's copy.
     pub fn mask(&self) -> u64 {
-        self.must_be_one | self.must_be_zero
+        self.must_be_one | self.must_be_zero | self.shadowed
+    }
+
+    /// The real register (VMCS guest field) for the guest's view `view`.
+    pub fn real(&self, view: u64) -> u64 {
+        (view | self.must_be_one) & !self.must_be_zero & !self.shadowed
     }
 
     /// Mask and shadow for a guest whose view is `view`.
@@ -245,7 +267,7 @@ impl GuestCr {
         };
         let efer = (new_efer != ctx.efer).then_some(new_efer);
         Ok(CrLoad {
-            value: view | self.must_be_one,
+            value: self.real(view),
             shadow: view,
             efer,
         })
@@ -271,7 +293,7 @@ impl GuestCr {
             return Err(CrFault::CetWithoutWp);
         }
         Ok(CrLoad {
-            value: value | self.must_be_one,
+            value: self.real(value),
             shadow: value,
             efer: None,
         })
@@ -308,7 +330,7 @@ mod tests {
         );
         assert_eq!(fixed_cr0(&caps, true), (0x20, 0xffff_ffff_0000_0000));
         assert_eq!(fixed_cr4(&caps), (0x2000, !0x0037_27ff));
-        assert_eq!(GuestCr::cr0(&caps, true).mask(), 0xffff_ffff_0000_0020);
+        assert_eq!(GuestCr::cr0(&caps, true).mask(), 0xffff_ffff_6000_0020);
         let cr4 = GuestCr::cr4(&caps);
         assert_ne!(cr4.mask() & cr4::VMXE, 0);
         assert_ne!(cr4.mask() & cr4::UMIP, 0, "Bochs' skylake_x lacks UMIP");
@@ -336,6 +358,19 @@ mod tests {
         // The guest setting NE itself is seen.
         let load = cr0.write(0x31, &ctx).unwrap();
         assert_eq!((load.value, load.shadow), (0x31, 0x31));
+    }
+
+    #[test]
+    fn cache_disable_is_the_guests_view_only() {
+        // SDM 27.3.2.1 / 28.5.1: VM entry and exit never load CR0.CD and NW, so a guest that
+        // owned them would set them in the CPU for Keel and every guest after it.
+        let cr0 = GuestCr::cr0(&bochs(), true);
+        assert_eq!(cr0.mask() & (cr0::CD | cr0::NW), cr0::CD | cr0::NW);
+        let load = cr0.write(0x6000_0011, &CrContext::default()).unwrap();
+        assert_eq!(load.shadow, 0x6000_0011, "the guest reads what it wrote");
+        assert_eq!(load.value, 0x31, "caching stays on in the real CR0");
+        assert_eq!(cr0.real(0x6000_0011), 0x31);
+        assert_eq!(cr0.view(load.value, load.shadow), 0x6000_0011);
     }
 
     #[test]

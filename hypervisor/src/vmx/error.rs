@@ -154,6 +154,7 @@ impl EntryFailure {
     }
 }
 
+/// What went wrong; the guest's stop reason (`StopReason::EntryFailed`) says "VM entry failed".
 impl fmt::Display for EntryFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

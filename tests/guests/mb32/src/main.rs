@@ -1,8 +1,10 @@
 //! mb32: a multiboot 1 kernel (ELF32 with a multiboot header; QEMU's -kernel boots it too). Prints
-//! what the multiboot info says (command line, mem_upper, modules), runs the standard checks and
-//! exits with 0x12.
+//! what the multiboot info says (command line, mem_upper, modules), runs the standard checks,
+//! turns on PAE paging and IA-32e mode itself (`paging`) and exits with 0x12.
 #![no_std]
 #![no_main]
+
+mod paging;
 
 use core::arch::global_asm;
 use guest_common::console::{c_str, Printable};
@@ -94,5 +96,6 @@ extern "C" fn mb32_main(magic: u32, info: usize) -> ! {
         }
     }
     checks::standard();
+    paging::run();
     checks::done(EXIT_DONE)
 }

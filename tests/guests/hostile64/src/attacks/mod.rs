@@ -2,6 +2,7 @@
 
 mod apic;
 mod cpu_state;
+mod cpuidmsr;
 mod debugregs;
 mod events;
 mod hypercalls;
@@ -28,6 +29,7 @@ const ATTACKS: &[(&[u8], Attack)] = &[
     (b"vmx", vmx::run),
     (b"cr", cpu_state::control_registers),
     (b"msr", msr::run),
+    (b"cpuidmsr", cpuidmsr::run),
     (b"xsetbv", cpu_state::xsetbv),
     (b"cache", cpu_state::cache),
     (b"sse", cpu_state::sse),
