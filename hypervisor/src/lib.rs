@@ -15,6 +15,7 @@ pub mod archive;
 pub mod devices;
 pub mod ept;
 pub mod exits;
+pub mod firmware;
 pub mod gmem;
 pub mod guest;
 pub mod loader;
