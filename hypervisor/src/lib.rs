@@ -25,6 +25,7 @@ pub mod manifest;
 pub mod mm;
 pub mod mmio;
 pub mod sched;
+pub mod smp;
 pub mod vcpu;
 pub mod vmx;
 

@@ -7,6 +7,7 @@
 //! # comments start with '#'
 //! [keel]
 //! quantum_ms = 10          # scheduler time slice (default 10)
+//! fail_vmx_on_cpu = 2      # test switch: host CPU 2's VT-x set-up fails on purpose
 //!
 //! [guest hello64]          # one section per guest; the name is used as the console prefix
 //! kind = elf               # flat | elf | multiboot
@@ -69,6 +70,9 @@ pub enum SelfTest {
 pub struct Manifest {
     pub quantum_ms: u32,
     pub selftest: Option<SelfTest>,
+    /// Test switch (`[keel] fail_vmx_on_cpu = N`): host CPU N (an application processor, N >= 1)
+    /// reports its VT-x set-up as failed, so the tests can watch Keel leave it out.
+    pub fail_vmx_on_cpu: Option<u32>,
     pub guests: Vec<GuestConfig>,
 }
 
@@ -245,6 +249,7 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
     let mut manifest = Manifest {
         quantum_ms: DEFAULT_QUANTUM_MS,
         selftest: None,
+        fail_vmx_on_cpu: None,
         guests: Vec::new(),
     };
     let mut current: Option<Partial> = None;
@@ -324,6 +329,16 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                         "fault" => SelfTest::Fault,
                         _ => return Err(err(line_no, "selftest must be panic or fault")),
                     })
+                }
+                "fail_vmx_on_cpu" => {
+                    manifest.fail_vmx_on_cpu = Some(
+                        parse_u64(value)
+                            .and_then(|n| u32::try_from(n).ok())
+                            .filter(|&n| n >= 1)
+                            .ok_or_else(|| {
+                                err(line_no, "fail_vmx_on_cpu must name an AP: 1 or more")
+                            })?,
+                    )
                 }
                 _ => return Err(err(line_no, format_args!("unknown key {key} in [keel]"))),
             }
@@ -451,6 +466,18 @@ restart = 7
         assert_eq!(
             (e.line, e.message.as_str()),
             (2, "selftest must be panic or fault")
+        );
+        assert_eq!(
+            parse("[keel]\nfail_vmx_on_cpu = 2\n")
+                .unwrap()
+                .fail_vmx_on_cpu,
+            Some(2)
+        );
+        assert_eq!(parse(SAMPLE).unwrap().fail_vmx_on_cpu, None);
+        let e = parse("[keel]\nfail_vmx_on_cpu = 0\n").unwrap_err();
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (2, "fail_vmx_on_cpu must name an AP: 1 or more")
         );
         let e = parse("x = 1\n").unwrap_err();
         assert_eq!((e.line, e.message.as_str()), (1, "key outside a section"));
