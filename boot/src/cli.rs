@@ -32,6 +32,7 @@ RUN OPTIONS:
                       at most 2048)
     --ips N           Bochs instructions per emulated second (default 10000000)
     --cpu MODEL       Bochs CPU model (default corei7_skylake_x)
+    --cpus N          processors of the emulated machine (default 1; Bochs: at most 254)
     --work-dir DIR    keep the run's files (serial.log, e9.log, emulator.*, bochsrc) in DIR
     --no-echo         do not copy COM1 to stdout
     --no-input        do not forward what you type to COM1 (forwarded by default when
@@ -71,6 +72,7 @@ pub struct RunArgs {
     pub memory_mib: Option<u32>,
     pub ips: Option<u64>,
     pub cpu: Option<String>,
+    pub cpus: Option<u32>,
     pub work_dir: Option<PathBuf>,
     pub no_echo: bool,
     pub no_input: bool,
@@ -217,6 +219,16 @@ pub fn parse(argv: &[String]) -> Result<Cmd, String> {
                     "--memory" => r.memory_mib = Some(args.number(&flag)?),
                     "--ips" => r.ips = Some(args.number(&flag)?),
                     "--cpu" => r.cpu = Some(args.value(&flag)?),
+                    "--cpus" => {
+                        r.cpus = Some(args.number(&flag)?)
+                            .filter(|n| (1..=crate::bochs::MAX_CPUS).contains(n));
+                        if r.cpus.is_none() {
+                            return Err(format!(
+                                "--cpus takes 1 to {} processors",
+                                crate::bochs::MAX_CPUS
+                            ));
+                        }
+                    }
                     "--work-dir" => r.work_dir = Some(args.value(&flag)?.into()),
                     "--no-echo" => {
                         args.no_value(&flag)?;
@@ -306,6 +318,26 @@ mod tests {
         assert!(r.uefi && r.build.release);
         assert_eq!(r.timeout_secs, Some(30));
         assert_eq!(r.build.manifest, Some(PathBuf::from("m")));
+    }
+
+    #[test]
+    fn cpus() {
+        let Ok(Cmd::Run(r)) = p("run --cpus 4") else {
+            panic!("--cpus parses");
+        };
+        assert_eq!(r.cpus, Some(4));
+        assert_eq!(
+            p("run --cpus 0"),
+            Err("--cpus takes 1 to 254 processors".into())
+        );
+        assert_eq!(
+            p("run --cpus 255"),
+            Err("--cpus takes 1 to 254 processors".into())
+        );
+        assert_eq!(
+            p("run --cpus two"),
+            Err("--cpus takes a number, not `two`".into())
+        );
     }
 
     #[test]

@@ -96,6 +96,9 @@ pub fn best_emulator() -> Emulator {
     choose_emulator(Path::new("/dev/kvm").exists(), &cpuinfo)
 }
 
+/// Processors of the emulated machine unless `--cpus` says otherwise.
+pub const DEFAULT_CPUS: u32 = 1;
+
 /// How to run one boot.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -108,6 +111,8 @@ pub struct RunOptions {
     pub memory_mib: u32,
     pub bochs_ips: u64,
     pub bochs_cpu: String,
+    /// Processors of the emulated machine (Bochs `cpu: count`, QEMU `-smp`).
+    pub cpus: u32,
     /// Where the run keeps its files (serial.log, e9.log, emulator.log/.stdout/.stderr, the
     /// bochsrc, the disk copy). Created if needed; files of an earlier run there are replaced.
     pub work_dir: PathBuf,
@@ -128,6 +133,7 @@ impl RunOptions {
             memory_mib: 256,
             bochs_ips: bochs::DEFAULT_IPS,
             bochs_cpu: bochs::DEFAULT_CPU_MODEL.into(),
+            cpus: DEFAULT_CPUS,
             work_dir: work_dir.to_path_buf(),
             echo: false,
             console_input: false,
@@ -256,6 +262,7 @@ fn prepare(
                 memory_mib: opts.memory_mib,
                 ips: opts.bochs_ips,
                 cpu_model: opts.bochs_cpu.clone(),
+                cpus: opts.cpus,
                 rom: rom.clone(),
                 vga_rom: vga_rom.clone(),
                 disk: dir.join("disk.img"),
@@ -268,6 +275,7 @@ fn prepare(
             let cfg = qemu::QemuConfig {
                 kvm: opts.emulator == Emulator::QemuKvm,
                 memory_mib: opts.memory_mib,
+                cpus: opts.cpus,
                 disk: std::path::absolute(&opts.image)?,
                 ovmf: None,
                 com1,

@@ -91,6 +91,9 @@ fn run(r: &RunArgs) -> Result<ExitCode> {
     if let Some(m) = r.memory_mib {
         opts.memory_mib = m;
     }
+    if let Some(n) = r.cpus {
+        opts.cpus = n;
+    }
     if let Some(ips) = r.ips {
         opts.bochs_ips = ips;
     }

@@ -11,6 +11,8 @@ use crate::console::Com1;
 pub struct QemuConfig {
     pub kvm: bool,
     pub memory_mib: u32,
+    /// Processors (`-smp N`).
+    pub cpus: u32,
     pub disk: PathBuf,
     /// OVMF code (read-only) and this run's own copy of the variable store, for UEFI.
     pub ovmf: Option<(PathBuf, PathBuf)>,
@@ -35,6 +37,7 @@ pub fn args(cfg: &QemuConfig) -> Vec<OsString> {
         push(&["-accel", "tcg"]);
     }
     push(&["-m", &cfg.memory_mib.to_string()]);
+    push(&["-smp", &cfg.cpus.to_string()]);
     push(&["-no-reboot", "-display", "none", "-monitor", "none"]);
     // Keel writes its exit code to port 0xf4; QEMU then exits with (code << 1) | 1.
     push(&["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
@@ -79,6 +82,7 @@ mod tests {
         QemuConfig {
             kvm: false,
             memory_mib: 256,
+            cpus: 1,
             disk: "/o/keel-bios.img".into(),
             ovmf: None,
             com1: Com1::File("/r/serial.log".into()),
@@ -107,6 +111,7 @@ mod tests {
         assert!(has_pair(&a, "-serial", "file:/r/serial.log"));
         assert!(has_pair(&a, "-debugcon", "file:/r/e9.log"));
         assert!(has_pair(&a, "-m", "256"));
+        assert!(has_pair(&a, "-smp", "1"));
         assert!(a.contains(&"-no-reboot".to_string()));
         assert!(!a.iter().any(|s| s.contains("pflash")));
     }

@@ -126,6 +126,8 @@ pub fn run(machine: MachineInfo) -> ! {
         }
         None => {}
     }
+    // The other CPUs: each with its own tables and VMXON, then idle (the run loop stays here).
+    arch::smp::start_aps(&machine, &caps, manifest.fail_vmx_on_cpu, cal.tsc_hz);
     let mut vms = Vec::new();
     for (id, cfg) in manifest.guests.iter().enumerate() {
         let setup = match guest_setup(cfg, archive, &caps, &controls) {

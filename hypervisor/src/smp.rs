@@ -117,6 +117,8 @@ pub enum Outcome {
     VmxFailed(String),
     /// It never reported back after INIT-SIPI-SIPI (and was sent INIT again to park it).
     NoAnswer,
+    /// Keel could not prepare it (no memory for its stacks or tables).
+    NotStarted(&'static str),
 }
 
 /// The one console line Keel prints per AP.
@@ -127,6 +129,7 @@ pub fn report_line(cpu: &HostCpu, outcome: &Outcome) -> String {
         Outcome::NoAnswer => {
             alloc::format!("{cpu}: did not answer INIT-SIPI-SIPI; left out")
         }
+        Outcome::NotStarted(why) => alloc::format!("{cpu}: not started: {why}"),
     }
 }
 
@@ -228,6 +231,10 @@ mod tests {
         assert_eq!(
             report_line(&c, &Outcome::NoAnswer),
             "cpu 2 (APIC 4): did not answer INIT-SIPI-SIPI; left out"
+        );
+        assert_eq!(
+            report_line(&c, &Outcome::NotStarted("no memory for its stacks")),
+            "cpu 2 (APIC 4): not started: no memory for its stacks"
         );
         assert_eq!(
             LeftOut::NeedsX2apic.to_string(),

@@ -7,6 +7,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 const REG_ID: usize = 0x20;
 const REG_EOI: usize = 0xb0;
 const REG_SVR: usize = 0xf0;
+const REG_ICR_LOW: usize = 0x300;
+const REG_ICR_HIGH: usize = 0x310;
 const REG_LVT_TIMER: usize = 0x320;
 const REG_TIMER_INIT: usize = 0x380;
 const REG_TIMER_CURRENT: usize = 0x390;
@@ -124,6 +126,43 @@ fn restart_periodic() {
 pub fn stop_periodic() {
     PERIOD.store(0, Ordering::Relaxed);
     restart_periodic();
+}
+
+/// Enables an AP's local APIC (the page is mapped already: every CPU sees its own APIC at the
+/// same address), its timer masked: an idle AP sleeps until an IPI wakes it.
+pub fn init_ap() {
+    write(REG_SVR, 0x100 | idt::SPURIOUS_VECTOR as u32);
+    write(REG_LVT_TIMER, LVT_MASKED | idt::TIMER_VECTOR as u32);
+}
+
+/// ICR delivery status (bit 12): the previous IPI is still being sent.
+const ICR_SEND_PENDING: u32 = 1 << 12;
+/// ICR level (bit 14): assert.
+const ICR_ASSERT: u32 = 1 << 14;
+/// ICR delivery modes (bits 10:8).
+const ICR_INIT: u32 = 0b101 << 8;
+const ICR_STARTUP: u32 = 0b110 << 8;
+
+/// Sends an IPI to the APIC whose ID is `apic_id` (xAPIC: 8-bit destination in ICR[63:56],
+/// physical destination mode, no shorthand) and waits until the APIC has sent it (SDM Vol. 3A
+/// 11.6.1: the ICR low half is written last, which sends the IPI).
+fn send_ipi(apic_id: u32, low: u32) {
+    write(REG_ICR_HIGH, (apic_id & 0xff) << 24);
+    write(REG_ICR_LOW, low);
+    while read(REG_ICR_LOW) & ICR_SEND_PENDING != 0 {
+        core::hint::spin_loop();
+    }
+}
+
+/// INIT (edge, assert) to `apic_id`: resets that processor to wait-for-SIPI.
+pub fn send_init(apic_id: u32) {
+    send_ipi(apic_id, ICR_ASSERT | ICR_INIT);
+}
+
+/// Start-up IPI to `apic_id`: a processor waiting for SIPI starts in real mode at
+/// `page_number << 12` (CS = page_number << 8, IP = 0; SDM Vol. 3A 9.4.4.1).
+pub fn send_startup(apic_id: u32, page_number: u8) {
+    send_ipi(apic_id, ICR_ASSERT | ICR_STARTUP | u32::from(page_number));
 }
 
 pub fn id() -> u32 {

@@ -11,6 +11,7 @@ pub mod idt;
 pub mod lapic;
 pub mod paging;
 pub mod serial;
+pub mod smp;
 pub mod vmcs;
 pub mod vmx;
 

@@ -29,9 +29,10 @@ unsafe impl FrameAllocator<Size4KiB> for Frames {
     }
 }
 
+/// The physical address `virt` maps to; `None` if it is unmapped or not canonical.
 pub fn virt_to_phys(virt: u64) -> Option<u64> {
     mapper()
-        .translate_addr(VirtAddr::new(virt))
+        .translate_addr(VirtAddr::try_new(virt).ok()?)
         .map(|p| p.as_u64())
 }
 
@@ -60,4 +61,42 @@ pub fn map_mmio(pa: u64, size: u64) -> u64 {
         off += 4096;
     }
     virt
+}
+
+/// Maps the page at physical `pa` at virtual address `pa` as well (writable, executable), for
+/// code that runs while paging is being turned on (an AP's start-up trampoline). Fails if that
+/// virtual address already maps something else.
+pub fn map_identity(pa: u64) -> Result<(), &'static str> {
+    let mut m = mapper();
+    let page = Page::<Size4KiB>::containing_address(VirtAddr::new(pa));
+    match m.translate_addr(VirtAddr::new(pa)) {
+        Some(p) if p.as_u64() == pa => return Ok(()),
+        Some(_) => return Err("its virtual address is in use"),
+        None => {}
+    }
+    let frame = PhysFrame::containing_address(PhysAddr::new(pa));
+    // SAFETY: the virtual page is unused (checked above) and the frame belongs to the caller.
+    match unsafe {
+        m.map_to(
+            page,
+            frame,
+            PageTableFlags::PRESENT | PageTableFlags::WRITABLE,
+            &mut Frames,
+        )
+    } {
+        Ok(flush) => {
+            flush.flush();
+            Ok(())
+        }
+        Err(MapToError::FrameAllocationFailed) => Err("no memory for page tables"),
+        Err(_) => Err("a large page covers its virtual address"),
+    }
+}
+
+/// Removes a mapping made by [`map_identity`].
+pub fn unmap_identity(pa: u64) {
+    let page = Page::<Size4KiB>::containing_address(VirtAddr::new(pa));
+    if let Ok((_, flush)) = mapper().unmap(page) {
+        flush.flush();
+    }
 }

@@ -48,11 +48,20 @@ impl FrameAllocator {
 
     /// Allocates `size` bytes aligned to `align` (both multiples of 4 KiB; align a power of two).
     pub fn alloc(&mut self, size: u64, align: u64) -> Option<u64> {
+        self.alloc_below(size, align, u64::MAX)
+    }
+
+    /// Like [`Self::alloc`], but the block must end at or below `limit` (an AP's start-up code
+    /// must lie below 1 MiB).
+    pub fn alloc_below(&mut self, size: u64, align: u64, limit: u64) -> Option<u64> {
         debug_assert!(align.is_power_of_two() && size.is_multiple_of(PAGE_SIZE) && size > 0);
         for i in 0..self.free.len() {
             let r = self.free[i];
             let start = align_up(r.start, align);
             let end = start.checked_add(size)?;
+            if end > limit {
+                return None;
+            }
             if end > r.end {
                 continue;
             }
@@ -153,6 +162,18 @@ mod tests {
         a.free_range(p, PAGE_SIZE);
         assert_eq!(a.free_bytes(), a.total_bytes());
         assert_eq!(a.free.len(), 2, "frees merge back into the original ranges");
+    }
+
+    #[test]
+    fn below_a_limit() {
+        let mut a = alloc_over(&[(MB, 64 * MB)]);
+        assert_eq!(a.alloc_below(PAGE_SIZE, PAGE_SIZE, MB), None);
+        let mut a = alloc_over(&[(0x8000, 0x9000), (0x9_f000, 0xa_0000), (MB, 64 * MB)]);
+        assert_eq!(a.alloc_below(PAGE_SIZE, PAGE_SIZE, MB), Some(0x8000));
+        assert_eq!(a.alloc_below(2 * PAGE_SIZE, PAGE_SIZE, MB), None);
+        assert_eq!(a.alloc_below(PAGE_SIZE, PAGE_SIZE, MB), Some(0x9_f000));
+        assert_eq!(a.alloc_below(PAGE_SIZE, PAGE_SIZE, MB), None);
+        assert_eq!(a.alloc_page(), Some(MB));
     }
 
     #[test]

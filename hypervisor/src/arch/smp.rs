@@ -1,0 +1,565 @@
+//! Starting the host's other CPUs (application processors, APs) and each CPU's own state.
+//!
+//! The bootloader starts only the boot CPU. Keel finds the others in the firmware's MADT
+//! (`firmware::madt`), decides which to start (`smp::plan`), and starts them one at a time with
+//! INIT-SIPI-SIPI (SDM Vol. 3A 9.4.4.1, the universal start-up algorithm: INIT, 10 ms, SIPI,
+//! 200 us, SIPI). An AP wakes in real mode in a trampoline page below 1 MiB, switches to protected
+//! and then long mode with the boot CPU's page tables (the page is identity-mapped meanwhile),
+//! and calls [`ap_entry`] on its own stack. There it loads its own GDT/TSS (IST stacks), the shared
+//! IDT, enables its local APIC, and enters VMX operation with its own VMXON region. A CPU whose
+//! VT-x set-up fails is reported and left out. Each AP then waits in HLT with interrupts on, to be
+//! kicked by an IPI once the scheduler runs vCPUs there.
+//!
+//! Every CPU reaches its own state through one [`PerCpu`], whose address is in IA32_GS_BASE
+//! (Keel never uses GS otherwise; VM exits restore it from the VMCS host-state area, which
+//! `arch::vmcs::write_host_state` fills from the MSR).
+
+use super::gdt::CpuTables;
+use super::{cpu, idt, lapic, paging, vmx};
+use crate::firmware::madt::{self, PhysMemory};
+use crate::machine::MachineInfo;
+use crate::mm;
+use crate::smp::{self, HostCpu, Outcome, MAX_CPUS};
+use crate::vmx::{FlushPolicy, VmxCaps};
+use crate::{info, warn};
+use alloc::boxed::Box;
+use alloc::string::ToString;
+use core::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU64, Ordering};
+
+/// Each AP's stack (the boot CPU's is the bootloader's, of the same size).
+const AP_STACK_SIZE: u64 = 256 * 1024;
+
+/// One CPU's state. `#[repr(C)]` with `this` first, so `gs:[0]` is the structure's own address.
+#[repr(C)]
+pub struct PerCpu {
+    this: *const PerCpu,
+    pub cpu: HostCpu,
+    tables: &'static CpuTables,
+    /// Set by the AP as soon as it runs on its own stack: it no longer reads the trampoline.
+    alive: AtomicBool,
+    outcome: spin::Once<Outcome>,
+    /// Physical address of its VMXON region (0 while not in VMX operation).
+    vmxon: AtomicU64,
+}
+
+// SAFETY: `this` only ever points at the structure itself, which lives as long as Keel; the
+// other fields are atomics, `Once` and shared references.
+unsafe impl Sync for PerCpu {}
+// SAFETY: as for `Sync`.
+unsafe impl Send for PerCpu {}
+
+impl PerCpu {
+    fn leak(cpu: HostCpu, tables: &'static CpuTables) -> &'static PerCpu {
+        let p: &'static mut PerCpu = Box::leak(Box::new(PerCpu {
+            this: core::ptr::null(),
+            cpu,
+            tables,
+            alive: AtomicBool::new(false),
+            outcome: spin::Once::new(),
+            vmxon: AtomicU64::new(0),
+        }));
+        p.this = p as *const PerCpu;
+        p
+    }
+
+    /// Physical address of its VMXON region, once it is in VMX operation.
+    pub fn vmxon_region(&self) -> Option<u64> {
+        match self.vmxon.load(Ordering::Acquire) {
+            0 => None,
+            pa => Some(pa),
+        }
+    }
+
+    /// Base of its TSS (for the VMCS host-state area).
+    pub fn tss_base(&self) -> u64 {
+        self.tables.tss_base()
+    }
+}
+
+/// The CPUs in VMX operation, by their index.
+static ONLINE: [AtomicPtr<PerCpu>; MAX_CPUS] =
+    [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_CPUS];
+
+/// Every CPU that runs Keel with VMX on, boot CPU first.
+pub fn online() -> impl Iterator<Item = &'static PerCpu> {
+    ONLINE.iter().filter_map(|p| {
+        // SAFETY: non-null entries are leaked `PerCpu`s, never freed.
+        unsafe { p.load(Ordering::Acquire).as_ref() }
+    })
+}
+
+/// The calling CPU's state; `None` before [`start_aps`] set it up on the boot CPU.
+pub fn this_cpu() -> Option<&'static PerCpu> {
+    let p = cpu::rdmsr(cpu::msr::IA32_GS_BASE) as *const PerCpu;
+    // SAFETY: GS base is 0 or the address of a leaked `PerCpu` (set in `install`).
+    unsafe { p.as_ref() }
+}
+
+fn install(p: &'static PerCpu) {
+    // SAFETY: Keel does not use GS otherwise; guests' GS bases are switched by the VMCS.
+    unsafe { cpu::wrmsr(cpu::msr::IA32_GS_BASE, p as *const PerCpu as u64) };
+}
+
+fn register(p: &'static PerCpu) {
+    if let Some(slot) = ONLINE.get(p.cpu.index as usize) {
+        slot.store(p as *const PerCpu as *mut PerCpu, Ordering::Release);
+    }
+}
+
+/// What every AP copies from the boot CPU.
+struct BootState {
+    caps: VmxCaps,
+    cr0: u64,
+    cr4: u64,
+    pat: u64,
+    fail_vmx_on_cpu: Option<u32>,
+}
+
+static BOOT: spin::Once<BootState> = spin::Once::new();
+
+const CR4_PCIDE: u64 = 1 << 17;
+const CR4_VMXE: u64 = 1 << 13;
+/// EFER.SCE, LME and NXE: what an AP takes over (LMA is the processor's to set).
+const EFER_COPIED: u64 = (1 << 0) | (1 << 8) | (1 << 11);
+
+/// Physical memory as the parser reads it: through the physical-memory mapping, page by page
+/// checked to be mapped, so a bad table address is an error, not a page fault.
+struct MappedMemory;
+
+impl PhysMemory for MappedMemory {
+    fn read(&self, pa: u64, buf: &mut [u8]) -> bool {
+        let Some(end) = pa.checked_add(buf.len() as u64) else {
+            return false;
+        };
+        if end > 1 << 52 {
+            return false;
+        }
+        let mut page = pa & !(mm::PAGE_SIZE - 1);
+        while page < end {
+            if paging::virt_to_phys(mm::phys_to_virt(page) as u64) != Some(page) {
+                return false;
+            }
+            page += mm::PAGE_SIZE;
+        }
+        // SAFETY: every page of the range is mapped (checked above); the bytes are copied out.
+        let src = unsafe { core::slice::from_raw_parts(mm::phys_to_virt(pa), buf.len()) };
+        buf.copy_from_slice(src);
+        true
+    }
+}
+
+/// Starts every AP the MADT lists (see the module documentation) and returns how many CPUs are
+/// in VMX operation, the boot CPU included. Called once, on the boot CPU, after its own VMXON.
+pub fn start_aps(
+    machine: &MachineInfo,
+    caps: &VmxCaps,
+    fail_vmx_on_cpu: Option<u32>,
+    tsc_hz: u64,
+) -> usize {
+    let t0 = cpu::rdtsc();
+    let boot = PerCpu::leak(
+        HostCpu {
+            index: 0,
+            apic_id: lapic::id(),
+        },
+        super::gdt::boot_tables(),
+    );
+    install(boot);
+    register(boot);
+    BOOT.call_once(|| BootState {
+        caps: *caps,
+        cr0: cpu::read_cr0(),
+        cr4: cpu::read_cr4(),
+        pat: cpu::rdmsr(cpu::msr::IA32_PAT),
+        fail_vmx_on_cpu,
+    });
+    let madt = match madt::find_madt(&MappedMemory, machine.rsdp) {
+        Ok(m) => m,
+        Err(e) => {
+            warn!("host CPUs: {e}; Keel runs on the boot CPU alone");
+            return 1;
+        }
+    };
+    let plan = smp::plan(&madt.cpus, boot.cpu.apic_id, MAX_CPUS);
+    info!(
+        "host CPUs: {} in the MADT; boot {}, starting {} more",
+        madt.cpus.len(),
+        plan.boot,
+        plan.aps.len()
+    );
+    for (apic_id, why) in &plan.left_out {
+        warn!("host CPU with APIC {apic_id} left out: {why}");
+    }
+    if plan.aps.is_empty() {
+        return 1;
+    }
+    let trampoline = match Trampoline::install() {
+        Ok(t) => t,
+        Err(e) => {
+            warn!("cannot start the other CPUs: {e}; Keel runs on the boot CPU alone");
+            return 1;
+        }
+    };
+    let mut up = 1;
+    for ap in &plan.aps {
+        let (outcome, percpu) = start_one(&trampoline, *ap, tsc_hz);
+        let line = smp::report_line(ap, &outcome);
+        match (outcome, percpu) {
+            (Outcome::VmxOn { .. }, Some(p)) => {
+                info!("{line}");
+                register(p);
+                up += 1;
+            }
+            _ => warn!("{line}"),
+        }
+    }
+    drop(trampoline);
+    info!(
+        "{up} of {} CPUs up with VMX on, in {} ms",
+        plan.aps.len() + 1,
+        (cpu::rdtsc() - t0) * 1000 / tsc_hz.max(1)
+    );
+    up
+}
+
+/// Busy-waits `us` microseconds of the boot CPU's TSC.
+fn wait_us(us: u64, tsc_hz: u64) {
+    let end = cpu::rdtsc() + us * tsc_hz / 1_000_000;
+    while cpu::rdtsc() < end {
+        core::hint::spin_loop();
+    }
+}
+
+/// Waits up to `us` microseconds for `done`.
+fn wait_for(us: u64, tsc_hz: u64, done: impl Fn() -> bool) -> bool {
+    let end = cpu::rdtsc() + us * tsc_hz / 1_000_000;
+    loop {
+        if done() {
+            return true;
+        }
+        if cpu::rdtsc() >= end {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// How long an AP may take from the second SIPI to running Rust code, and then to finish its
+/// VT-x set-up (generous: Bochs runs several CPUs in turns).
+const ALIVE_TIMEOUT_US: u64 = 200_000;
+const SETUP_TIMEOUT_US: u64 = 2_000_000;
+
+fn start_one(t: &Trampoline, ap: HostCpu, tsc_hz: u64) -> (Outcome, Option<&'static PerCpu>) {
+    let Some(tables) = CpuTables::for_ap() else {
+        return (Outcome::NotStarted("no memory for its TSS stacks"), None);
+    };
+    let Some(stack) = mm::FRAMES.lock().alloc(AP_STACK_SIZE, mm::PAGE_SIZE) else {
+        return (Outcome::NotStarted("no memory for its stack"), None);
+    };
+    let percpu = PerCpu::leak(ap, tables);
+    let stack_top = mm::phys_to_virt(stack) as u64 + AP_STACK_SIZE;
+    t.prepare(stack_top, percpu);
+    // SDM Vol. 3A 9.4.4.1: INIT, wait 10 ms, SIPI, wait 200 us, SIPI (the second is ignored by a
+    // processor that already left wait-for-SIPI; it is skipped when the AP has checked in).
+    lapic::send_init(ap.apic_id);
+    wait_us(10_000, tsc_hz);
+    lapic::send_startup(ap.apic_id, t.page_number());
+    let alive = || percpu.alive.load(Ordering::Acquire);
+    if !wait_for(200, tsc_hz, alive) {
+        lapic::send_startup(ap.apic_id, t.page_number());
+    }
+    if !wait_for(ALIVE_TIMEOUT_US, tsc_hz, alive) {
+        // Park it in wait-for-SIPI, so it cannot wake later on the next AP's trampoline data.
+        lapic::send_init(ap.apic_id);
+        return (Outcome::NoAnswer, None);
+    }
+    if !wait_for(SETUP_TIMEOUT_US, tsc_hz, || percpu.outcome.is_completed()) {
+        return (Outcome::NoAnswer, None);
+    }
+    let outcome = percpu.outcome.get().cloned().unwrap_or(Outcome::NoAnswer);
+    (outcome, Some(percpu))
+}
+
+/// Where an AP lands after its start-up trampoline, on its own stack, in long mode with the boot
+/// CPU's page tables but still the trampoline's GDT and no IDT.
+extern "C" fn ap_entry(percpu: &'static PerCpu) -> ! {
+    percpu.tables.load();
+    idt::init();
+    install(percpu);
+    percpu.alive.store(true, Ordering::Release);
+    let Some(boot) = BOOT.get() else {
+        // Unreachable: `start_aps` sets BOOT before it starts any AP.
+        super::halt_forever()
+    };
+    // SAFETY: the boot CPU's CR0, CR4 (less VMXE, which VMXON's set-up sets) and PAT run Keel
+    // there; this processor is of the same kind and uses the same page tables.
+    unsafe {
+        cpu::write_cr0(boot.cr0);
+        cpu::write_cr4(boot.cr4 & !CR4_VMXE);
+        cpu::wrmsr(cpu::msr::IA32_PAT, boot.pat);
+    }
+    lapic::init_ap();
+    let outcome = vmx_setup(percpu, boot);
+    percpu.outcome.call_once(|| outcome);
+    loop {
+        // Woken by an IPI (or an NMI); nothing to do yet: the run loop stays on the boot CPU.
+        x86_64::instructions::interrupts::enable_and_hlt();
+    }
+}
+
+/// This CPU's VMX bring-up: the checks and VMXON of `vmx::enable`, then the all-context INVEPT and
+/// INVVPID that the boot CPU runs after its own VMXON (SDM 29.4.3.1, 29.4.3.3).
+fn vmx_setup(percpu: &PerCpu, boot: &BootState) -> Outcome {
+    if let Some(why) = smp::simulated_failure(percpu.cpu.index, boot.fail_vmx_on_cpu) {
+        return Outcome::VmxFailed(why);
+    }
+    if !vmx::has_vmx() {
+        return Outcome::VmxFailed(vmx::EnableError::NoVmx.to_string());
+    }
+    // VMCSs will move between CPUs: they must all take the same controls and revision.
+    let caps = VmxCaps::read(cpu::rdmsr);
+    if caps != boot.caps {
+        return Outcome::VmxFailed("its VMX capability MSRs differ from the boot CPU's".into());
+    }
+    let region = match vmx::enable() {
+        Ok(r) => r,
+        Err(e) => return Outcome::VmxFailed(e.to_string()),
+    };
+    percpu.vmxon.store(region, Ordering::Release);
+    for inv in FlushPolicy::at_vmxon(&caps) {
+        if let Err(e) = vmx::invalidate(&inv) {
+            return Outcome::VmxFailed(alloc::format!("{inv} at VMXON failed: {e}"));
+        }
+    }
+    Outcome::VmxOn {
+        revision: (cpu::rdmsr(cpu::msr::IA32_VMX_BASIC) & 0x7fff_ffff) as u32,
+    }
+}
+
+// The start-up trampoline. It is copied to a page P below 1 MiB and runs there:
+// - 16-bit real mode, CS = P >> 4, IP = 0: load the temporary GDT, set CR0.PE, far jump to a
+//   32-bit code segment whose base is P (so the code needs no absolute addresses);
+// - 32-bit protected mode: CR4 (PAE), CR3, EFER.LME, CR0.PG: IA-32e mode, still executing at
+//   P + offset, which the identity mapping makes the same linear address; far return to the
+//   64-bit code segment (base 0) at the absolute address P + offset;
+// - 64-bit mode: load the stack and the `PerCpu` pointer from the parameters and call
+//   `ap_entry`.
+// The parameters at the end (`TrampolineParams`) are written by the boot CPU for each AP.
+core::arch::global_asm!(
+    r#"
+.pushsection .text.keel_ap_trampoline, "ax"
+.balign 16
+.global keel_ap_trampoline
+keel_ap_trampoline:
+.code16
+    cli
+    cld
+    mov ax, cs
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    lgdt [0x100 + 32]
+    mov eax, cr0
+    or eax, 1
+    mov cr0, eax
+    # jmp 0x08:(.Lkeel_ap_pm32 - keel_ap_trampoline), ptr16:16
+    .byte 0xea
+    .word .Lkeel_ap_pm32 - keel_ap_trampoline
+    .word 0x08
+.code32
+.Lkeel_ap_pm32:
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    mov esp, 0x1000
+    mov eax, [0x100 + 52]
+    mov cr4, eax
+    mov eax, [0x100 + 48]
+    mov cr3, eax
+    mov ecx, 0xc0000080
+    mov eax, [0x100 + 56]
+    xor edx, edx
+    wrmsr
+    mov eax, [0x100 + 44]
+    mov cr0, eax
+    push 0x18
+    mov eax, [0x100 + 40]
+    add eax, 0xc0
+    push eax
+    retf
+.code64
+# The 64-bit part starts at offset 0xC0 (the far return above adds it to the page's address).
+.org 0xc0
+.Lkeel_ap_lm64:
+    xor eax, eax
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    mov rsp, [rip + .Lkeel_ap_stack]
+    mov rdi, [rip + .Lkeel_ap_arg]
+    call qword ptr [rip + .Lkeel_ap_entry]
+    ud2
+# The parameters sit at offset 0x100 of the page (the section holds the trampoline alone, and
+# the code above refers to them by these offsets).
+.org 0x100
+.global keel_ap_trampoline_params
+keel_ap_trampoline_params:
+    .quad 0, 0, 0, 0
+.Lkeel_ap_gdtr:
+    .word 0
+    .long 0
+    .word 0
+.Lkeel_ap_base:
+    .long 0
+.Lkeel_ap_cr0:
+    .long 0
+.Lkeel_ap_cr3:
+    .long 0
+.Lkeel_ap_cr4:
+    .long 0
+.Lkeel_ap_efer:
+    .long 0
+    .long 0
+.Lkeel_ap_stack:
+    .quad 0
+.Lkeel_ap_arg:
+    .quad 0
+.Lkeel_ap_entry:
+    .quad 0
+.global keel_ap_trampoline_end
+keel_ap_trampoline_end:
+.popsection
+"#
+);
+
+unsafe extern "C" {
+    static keel_ap_trampoline: u8;
+    static keel_ap_trampoline_params: u8;
+    static keel_ap_trampoline_end: u8;
+}
+
+/// The trampoline's parameters, laid out as the assembly above reserves them.
+#[repr(C)]
+struct TrampolineParams {
+    /// Null, 32-bit code (base P), data (base P), 64-bit code.
+    gdt: [u64; 4],
+    gdtr_limit: u16,
+    /// The GDT's linear address, as two halves (the field is not 4-byte aligned).
+    gdtr_base: [u16; 2],
+    _pad0: u16,
+    base: u32,
+    cr0: u32,
+    cr3: u32,
+    cr4: u32,
+    efer: u32,
+    _pad1: u32,
+    stack: u64,
+    arg: u64,
+    entry: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<TrampolineParams>() == 88);
+
+/// A flat 4 GiB segment descriptor (G = 1, limit 0xFFFFF) with `base`, access byte `access` and
+/// flags nibble `flags` (SDM Vol. 3A 3.4.5).
+const fn segment(base: u32, access: u8, flags: u8) -> u64 {
+    let base = base as u64;
+    0xffff
+        | (base & 0xff_ffff) << 16
+        | (access as u64) << 40
+        | 0xf << 48
+        | (flags as u64) << 52
+        | (base >> 24) << 56
+}
+
+/// The trampoline page, identity-mapped while it exists.
+struct Trampoline {
+    pa: u64,
+}
+
+impl Trampoline {
+    fn install() -> Result<Self, &'static str> {
+        let cr3 = cpu::read_cr3() & !0xfff;
+        if cr3 >> 32 != 0 {
+            return Err("the page tables lie above 4 GiB, out of reach of 32-bit code");
+        }
+        let (start, params, end) = (
+            core::ptr::addr_of!(keel_ap_trampoline) as usize,
+            core::ptr::addr_of!(keel_ap_trampoline_params) as usize,
+            core::ptr::addr_of!(keel_ap_trampoline_end) as usize,
+        );
+        // The code reads its parameters at offset 0x100; the top of the page is the 32-bit
+        // code's stack (two pushes).
+        if params - start != 0x100 || end - params != 88 || end - start > 4096 - 64 {
+            return Err("the trampoline does not fit its page");
+        }
+        let pa = mm::FRAMES
+            .lock()
+            .alloc_below(mm::PAGE_SIZE, mm::PAGE_SIZE, 1 << 20)
+            .ok_or("no free page below 1 MiB")?;
+        paging::map_identity(pa)?;
+        // SAFETY: the code bytes are Keel's own text; the page is Keel's, just allocated.
+        unsafe {
+            core::ptr::copy_nonoverlapping(start as *const u8, mm::phys_to_virt(pa), end - start)
+        };
+        let base = pa as u32;
+        let gdt_linear = base + (params - start) as u32;
+        let p = TrampolineParams {
+            gdt: [
+                0,
+                segment(base, 0x9a, 0xc),
+                segment(base, 0x92, 0xc),
+                segment(0, 0x9a, 0xa),
+            ],
+            gdtr_limit: 31,
+            gdtr_base: [gdt_linear as u16, (gdt_linear >> 16) as u16],
+            _pad0: 0,
+            base,
+            cr0: cpu::read_cr0() as u32,
+            cr3: cr3 as u32,
+            cr4: (cpu::read_cr4() & !(CR4_VMXE | CR4_PCIDE)) as u32,
+            efer: (cpu::rdmsr(cpu::msr::IA32_EFER) & EFER_COPIED) as u32,
+            _pad1: 0,
+            stack: 0,
+            arg: 0,
+            entry: ap_entry as *const () as u64,
+        };
+        let t = Self { pa };
+        // SAFETY: the parameters block lies inside the page, 8-byte aligned like the assembly's.
+        unsafe { t.params().write_volatile(p) };
+        Ok(t)
+    }
+
+    fn params(&self) -> *mut TrampolineParams {
+        let off = core::ptr::addr_of!(keel_ap_trampoline_params) as usize
+            - core::ptr::addr_of!(keel_ap_trampoline) as usize;
+        // SAFETY: `off` lies inside the page (checked in `install`).
+        unsafe { mm::phys_to_virt(self.pa).add(off) as *mut TrampolineParams }
+    }
+
+    /// Sets the stack and `PerCpu` of the next AP to start.
+    fn prepare(&self, stack_top: u64, percpu: &'static PerCpu) {
+        let p = self.params();
+        // SAFETY: the block is inside the page; no AP runs the trampoline now (the previous one
+        // checked in, or was parked with INIT).
+        unsafe {
+            core::ptr::addr_of_mut!((*p).stack).write_volatile(stack_top);
+            core::ptr::addr_of_mut!((*p).arg).write_volatile(percpu as *const PerCpu as u64);
+        }
+        fence(Ordering::SeqCst);
+    }
+
+    /// The SIPI vector: the page number of the trampoline.
+    fn page_number(&self) -> u8 {
+        (self.pa >> 12) as u8
+    }
+}
+
+impl Drop for Trampoline {
+    /// The page stays reserved (low memory is scarce, and a CPU restart would need it again);
+    /// only its identity mapping goes.
+    fn drop(&mut self) {
+        paging::unmap_identity(self.pa);
+    }
+}
