@@ -112,6 +112,11 @@ pub struct Outcome {
 /// Boots `spec` now (no sharing). Errors are setup failures: a build that failed, a missing
 /// emulator. A guest that misbehaves is an `Outcome` whose checks fail.
 pub fn boot(spec: &BootSpec) -> Result<Outcome, String> {
+    boot_on(spec, None)
+}
+
+/// [`boot`] on a machine with `cpus` processors (`None`: the runner's default).
+pub fn boot_on(spec: &BootSpec, cpus: Option<u32>) -> Result<Outcome, String> {
     let images = images(&spec.manifest)?;
     let image = match spec.firmware {
         Firmware::Bios => &images.bios,
@@ -121,6 +126,9 @@ pub fn boot(spec: &BootSpec) -> Result<Outcome, String> {
     let mut opts = RunOptions::new(image, spec.firmware, spec.emulator, &work_dir);
     if spec.timeout.is_some() {
         opts.timeout = spec.timeout;
+    }
+    if let Some(n) = cpus {
+        opts.cpus = n;
     }
     opts.echo = std::env::var_os("KEEL_TEST_ECHO").is_some();
     let result = keel_boot::run(&opts).map_err(|e| format!("{}: {e:#}", spec.name))?;
@@ -136,10 +144,16 @@ pub fn boot(spec: &BootSpec) -> Result<Outcome, String> {
 /// fails every test that shares the boot, each with the same message.
 #[track_caller]
 pub fn shared_boot(spec: &'static BootSpec) -> Arc<Outcome> {
+    shared_boot_on(spec, None)
+}
+
+/// [`shared_boot`] on a machine with `cpus` processors; `spec.name` still keys the boot.
+#[track_caller]
+pub fn shared_boot_on(spec: &'static BootSpec, cpus: Option<u32>) -> Arc<Outcome> {
     static BOOTS: OnceLock<Mutex<HashMap<String, Slot<Arc<Outcome>>>>> = OnceLock::new();
     let map = BOOTS.get_or_init(Default::default);
     let result = slot(map, spec.name)
-        .get_or_init(|| boot(spec).map(Arc::new))
+        .get_or_init(|| boot_on(spec, cpus).map(Arc::new))
         .clone();
     match result {
         Ok(outcome) => outcome,
