@@ -11,6 +11,8 @@
 //! - `scheduler`: time sharing: fair shares, a sleeper's share, timer rates, a CLI spinner
 //!   (tests/guests/manifests/sched.manifest).
 //! - `cleanup`: a time limit stops the emulator and leaves nothing behind.
+//! - `smp`: Keel starting the other CPUs of a 4-CPU machine, and leaving out one whose VT-x
+//!   set-up fails (tests/guests/manifests/smp-fail.manifest).
 
 mod bringup;
 mod cleanup;
@@ -18,6 +20,7 @@ mod fuzz;
 mod guests;
 mod hostile;
 mod scheduler;
+mod smp;
 
 use keel_tests::Manifest;
 

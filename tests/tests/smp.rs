@@ -1,0 +1,118 @@
+//! Keel on a machine with several CPUs: it finds them in the firmware's MADT, starts each with
+//! INIT-SIPI-SIPI, turns VMX on there and reports one line per CPU; a CPU whose VT-x set-up fails
+//! (on purpose: `[keel] fail_vmx_on_cpu = 2`) is left out and everything else carries on.
+
+use keel_tests::{shared_boot_on, status, BootSpec, Emulator, Firmware, Manifest, Outcome};
+
+use crate::NO_GUESTS;
+
+/// Bochs `cpu: count=4`: the boot CPU and three APs, APIC IDs 0-3.
+const CPUS: u32 = 4;
+
+static FOUR_CPUS: BootSpec = BootSpec {
+    name: "bochs-bios-4cpus",
+    manifest: NO_GUESTS,
+    emulator: Emulator::Bochs,
+    firmware: Firmware::Bios,
+    timeout: None,
+};
+
+static FOUR_CPUS_UEFI: BootSpec = BootSpec {
+    name: "bochs-uefi-4cpus",
+    manifest: NO_GUESTS,
+    emulator: Emulator::Bochs,
+    firmware: Firmware::Uefi,
+    timeout: None,
+};
+
+static CPU2_FAILS: BootSpec = BootSpec {
+    name: "bochs-bios-4cpus-cpu2-fails",
+    manifest: Manifest::File("tests/guests/manifests/smp-fail.manifest"),
+    emulator: Emulator::Bochs,
+    firmware: Firmware::Bios,
+    timeout: None,
+};
+
+/// Bochs' VMCS revision identifier (IA32_VMX_BASIC[30:0]) for its VMX emulation.
+const BOCHS_VMCS_REVISION: &str = "0x2b";
+
+fn vmx_on(cpu: u32) -> String {
+    format!("keel: cpu {cpu} (APIC {cpu}): VMX on, revision {BOCHS_VMCS_REVISION}")
+}
+
+/// The MADT line, one line per AP in APIC order, then the count: all after the boot CPU's VMXON.
+#[track_caller]
+fn expect_all_cpus_up(boot: &Outcome) {
+    let mut lines = vec![
+        "keel: VMXON ok".to_string(),
+        "keel: host CPUs: 4 in the MADT; boot cpu 0 (APIC 0), starting 3 more".to_string(),
+    ];
+    lines.extend((1..CPUS).map(vmx_on));
+    lines.push("keel: 4 of 4 CPUs up with VMX on, in ".to_string());
+    let needles: Vec<&str> = lines.iter().map(String::as_str).collect();
+    boot.expect_in_order(&needles);
+    for cpu in 1..CPUS {
+        let line = boot.expect_line(&format!("keel: cpu {cpu} (APIC {cpu}): "));
+        if line != vmx_on(cpu) {
+            boot.fail(&format!("cpu {cpu}: `{line}`"));
+        }
+    }
+    boot.expect_no_line("keel: warn: ");
+}
+
+#[test]
+fn bochs_bios_starts_three_aps_with_vmx() {
+    let boot = shared_boot_on(&FOUR_CPUS, Some(CPUS));
+    expect_all_cpus_up(&boot);
+    // Nothing to run afterwards: the manifest has no guests.
+    boot.expect_line("keel: fatal: no guest could be started");
+    boot.expect_keel_status(status::NO_GUESTS);
+}
+
+/// OVMF under Bochs installs no ACPI tables (it builds them from QEMU's fw_cfg, which Bochs does
+/// not have), so the bootloader hands over no RSDP: Keel says so and runs on the boot CPU alone.
+#[test]
+fn bochs_uefi_without_acpi_runs_on_the_boot_cpu_alone() {
+    let boot = shared_boot_on(&FOUR_CPUS_UEFI, Some(CPUS));
+    boot.expect_in_order(&[
+        "keel: firmware Uefi",
+        "keel: VMXON ok",
+        "keel: warn: host CPUs: the bootloader found no ACPI RSDP; Keel runs on the boot CPU alone",
+        "keel: fatal: no guest could be started",
+    ]);
+    boot.expect_no_line("VMX on, revision");
+    boot.expect_keel_status(status::NO_GUESTS);
+}
+
+/// The guests of smp-fail.manifest (kinds.manifest's) and the code each writes to port 0xf4.
+const GUESTS: [(&str, u32); 4] = [
+    ("real16", 0x10),
+    ("pm32", 0x11),
+    ("mb32", 0x12),
+    ("long64", 0x13),
+];
+
+#[test]
+fn a_cpu_whose_vmx_setup_fails_is_left_out_and_the_guests_run() {
+    let boot = shared_boot_on(&CPU2_FAILS, Some(CPUS));
+    boot.expect_in_order(&[
+        "keel: host CPUs: 4 in the MADT; boot cpu 0 (APIC 0), starting 3 more",
+        &vmx_on(1),
+        "keel: warn: cpu 2 (APIC 2): VT-x setup failed: simulated by the manifest (fail_vmx_on_cpu = 2)",
+        &vmx_on(3),
+        "keel: 3 of 4 CPUs up with VMX on, in ",
+        "keel: running 4 guests",
+    ]);
+    boot.expect_no_line("keel: cpu 2 (APIC 2): VMX on");
+    for (guest, code) in GUESTS {
+        let ended = format!("keel: guest {guest} ");
+        let status = format!("status {:#x}", (code << 1) | 1);
+        if !boot
+            .lines()
+            .any(|l| l.starts_with(&ended) && l.contains(&status))
+        {
+            boot.fail(&format!("no `{ended}... {status}` line"));
+        }
+    }
+    boot.expect_keel_unhurt();
+}
