@@ -52,6 +52,7 @@ pub fn run(machine: MachineInfo) -> ! {
     match vmx::enable() {
         Ok(region) => {
             info!("VMXON ok (region at {region:#x})");
+            arch::smp::set_boot_vmxon(region);
             if cpu::has_xsave() {
                 cpu::enable_xsave();
                 // Each guest's extended state lives in one 4 KiB page (SavedState).

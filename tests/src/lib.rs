@@ -127,7 +127,11 @@ pub fn boot_on(spec: &BootSpec, cpus: Option<u32>) -> Result<Outcome, String> {
     if spec.timeout.is_some() {
         opts.timeout = spec.timeout;
     }
-    if let Some(n) = cpus {
+    // KEEL_TEST_CPUS=N boots every spec that does not name its CPU count on N processors.
+    let from_env = std::env::var("KEEL_TEST_CPUS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    if let Some(n) = cpus.or(from_env) {
         opts.cpus = n;
     }
     opts.echo = std::env::var_os("KEEL_TEST_ECHO").is_some();

@@ -106,6 +106,14 @@ fn register(p: &'static PerCpu) {
     }
 }
 
+/// The boot CPU's VMXON region, until its `PerCpu` exists.
+static BOOT_VMXON: AtomicU64 = AtomicU64::new(0);
+
+/// Records the boot CPU's VMXON region (its `vmx::enable` ran before any `PerCpu` existed).
+pub fn set_boot_vmxon(pa: u64) {
+    BOOT_VMXON.store(pa, Ordering::Relaxed);
+}
+
 /// What every AP copies from the boot CPU.
 struct BootState {
     caps: VmxCaps,
@@ -164,6 +172,8 @@ pub fn start_aps(
         },
         super::gdt::boot_tables(),
     );
+    boot.vmxon
+        .store(BOOT_VMXON.load(Ordering::Relaxed), Ordering::Release);
     install(boot);
     register(boot);
     BOOT.call_once(|| BootState {
