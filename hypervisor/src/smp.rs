@@ -140,6 +140,18 @@ pub fn simulated_failure(index: u32, fail_vmx_on_cpu: Option<u32>) -> Option<Str
         .then(|| alloc::format!("simulated by the manifest (fail_vmx_on_cpu = {index})"))
 }
 
+/// A flat 4 GiB segment descriptor (G = 1, limit 0xFFFFF) with `base`, access byte `access` and
+/// flags nibble `flags` (SDM Vol. 3A 3.4.5), for the AP start-up trampoline's temporary GDT.
+pub const fn flat_segment(base: u32, access: u8, flags: u8) -> u64 {
+    let base = base as u64;
+    0xffff
+        | (base & 0xff_ffff) << 16
+        | (access as u64) << 40
+        | 0xf << 48
+        | (flags as u64) << 52
+        | (base >> 24) << 56
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +252,16 @@ mod tests {
             LeftOut::NeedsX2apic.to_string(),
             "its APIC ID needs x2APIC mode, which Keel does not use"
         );
+    }
+
+    #[test]
+    fn trampoline_descriptors() {
+        // 64-bit code (L = 1, G = 1), base 0: the usual long-mode code descriptor.
+        assert_eq!(flat_segment(0, 0x9a, 0xa), 0x00af_9a00_0000_ffff);
+        // 32-bit code and data (D/B = 1, G = 1) based at a trampoline page.
+        assert_eq!(flat_segment(0x8000, 0x9a, 0xc), 0x00cf_9a00_8000_ffff);
+        assert_eq!(flat_segment(0x9_f000, 0x92, 0xc), 0x00cf_9209_f000_ffff);
+        assert_eq!(flat_segment(0x1234_5678, 0x92, 0xc), 0x12cf_9234_5678_ffff);
     }
 
     #[test]

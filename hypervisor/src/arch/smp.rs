@@ -471,18 +471,6 @@ struct TrampolineParams {
 
 const _: () = assert!(core::mem::size_of::<TrampolineParams>() == 88);
 
-/// A flat 4 GiB segment descriptor (G = 1, limit 0xFFFFF) with `base`, access byte `access` and
-/// flags nibble `flags` (SDM Vol. 3A 3.4.5).
-const fn segment(base: u32, access: u8, flags: u8) -> u64 {
-    let base = base as u64;
-    0xffff
-        | (base & 0xff_ffff) << 16
-        | (access as u64) << 40
-        | 0xf << 48
-        | (flags as u64) << 52
-        | (base >> 24) << 56
-}
-
 /// The trampoline page, identity-mapped while it exists.
 struct Trampoline {
     pa: u64,
@@ -518,9 +506,9 @@ impl Trampoline {
         let p = TrampolineParams {
             gdt: [
                 0,
-                segment(base, 0x9a, 0xc),
-                segment(base, 0x92, 0xc),
-                segment(0, 0x9a, 0xa),
+                smp::flat_segment(base, 0x9a, 0xc),
+                smp::flat_segment(base, 0x92, 0xc),
+                smp::flat_segment(0, 0x9a, 0xa),
             ],
             gdtr_limit: 31,
             gdtr_base: [gdt_linear as u16, (gdt_linear >> 16) as u16],
