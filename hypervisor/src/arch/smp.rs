@@ -309,7 +309,11 @@ extern "C" fn ap_entry(percpu: &'static PerCpu) -> ! {
         cpu::wrmsr(cpu::msr::IA32_PAT, boot.pat);
     }
     lapic::init_ap();
-    let outcome = vmx_setup(percpu, boot);
+    let outcome = match lapic::id() {
+        id if id == percpu.cpu.apic_id => vmx_setup(percpu, boot),
+        // The MADT and the hardware disagree: this is not the CPU Keel meant to start.
+        id => Outcome::VmxFailed(alloc::format!("it answered as APIC {id}")),
+    };
     percpu.outcome.call_once(|| outcome);
     loop {
         // Woken by an IPI (or an NMI); nothing to do yet: the run loop stays on the boot CPU.
@@ -469,7 +473,22 @@ struct TrampolineParams {
     entry: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<TrampolineParams>() == 88);
+// The offsets the assembly reads (from 0x100): gdtr +32, base +40, cr0 +44, cr3 +48, cr4 +52,
+// efer +56, stack +64, arg +72, entry +80.
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(offset_of!(TrampolineParams, gdtr_limit) == 32);
+    assert!(offset_of!(TrampolineParams, gdtr_base) == 34);
+    assert!(offset_of!(TrampolineParams, base) == 40);
+    assert!(offset_of!(TrampolineParams, cr0) == 44);
+    assert!(offset_of!(TrampolineParams, cr3) == 48);
+    assert!(offset_of!(TrampolineParams, cr4) == 52);
+    assert!(offset_of!(TrampolineParams, efer) == 56);
+    assert!(offset_of!(TrampolineParams, stack) == 64);
+    assert!(offset_of!(TrampolineParams, arg) == 72);
+    assert!(offset_of!(TrampolineParams, entry) == 80);
+    assert!(size_of::<TrampolineParams>() == 88);
+};
 
 /// The trampoline page, identity-mapped while it exists.
 struct Trampoline {
