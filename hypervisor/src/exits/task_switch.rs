@@ -13,7 +13,9 @@
 //! task with RIP on the instruction, and combines with an event being delivered as the processor
 //! would (#DF, triple fault). After it, faults on the new task's segments are raised in the new
 //! task (SDM 8.3, step 12's note; Table 8-2). A 16-bit TSS (type 1 or 3, the 80286 format) is not
-//! emulated: Keel stops the guest with that reason rather than fake a #TS the CPU would not raise.
+//! emulated: Keel stops the guest with that reason rather than fake a #TS the CPU would not raise;
+//! so does a switch to a virtual-8086 task (EFLAGS.VM = 1 in the new TSS). Not checked either:
+//! the privilege rules between the new CS's DPL and RPL (a kernel's task gates name DPL 0 code).
 
 use super::{Action, Exception, ExitContext};
 use crate::gmem::{self, PagingMode};
@@ -77,6 +79,7 @@ const BUSY: u64 = 1 << 41;
 const ACCESSED: u64 = 1 << 40;
 
 const EFLAGS_NT: u64 = 1 << 14;
+const EFLAGS_VM: u64 = 1 << 17;
 const EFLAGS_FIXED: u64 = 1 << 1;
 const CR0_TS: u64 = 1 << 3;
 const CR0_PG: u64 = 1 << 31;
@@ -326,6 +329,11 @@ fn switch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Step<()> {
         let o = off as usize;
         u32::from_le_bytes([image[o], image[o + 1], image[o + 2], image[o + 3]])
     };
+    if u64::from(field(tss::EFLAGS)) & EFLAGS_VM != 0 {
+        return Err(Fault::Stop(StopReason::Killed(format!(
+            "task switch to the virtual-8086 task {selector:#x}: not emulated"
+        ))));
+    }
 
     // Steps 5-8: the old task. JMP and IRET clear its busy bit; IRET clears NT in the saved
     // EFLAGS. EIP is where it resumes: past a CALL/JMP/IRET or INT n, on a faulting instruction.
@@ -340,7 +348,7 @@ fn switch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Step<()> {
     if source == Source::Iret {
         eflags &= !EFLAGS_NT;
     }
-    if matches!(source, Source::Jmp | Source::Iret) {
+    if matches!(source, Source::Jmp | Source::Iret) && old_sel & !7 != 0 {
         if let Some(old) = tables.lookup(&mem, old_sel)? {
             mem.write_u64(old.at, old.raw & !BUSY)?;
         }
@@ -830,6 +838,19 @@ mod tests {
             .write_raw(ReadOnly32::IdtVectoringInfo.encoding(), u64::from(df.raw()));
         switch_exit(&mut t, NEW, 3, 0);
         assert_eq!(t.enter(), Err(StopReason::TripleFault));
+    }
+
+    #[test]
+    fn virtual_8086_task_stops_the_guest() {
+        let mut t = good();
+        put32(&mut t, NEW_BASE + tss::EFLAGS, 0x2_0002);
+        match switch_exit(&mut t, NEW, 2, 7) {
+            Action::Stop(StopReason::Killed(why)) => assert_eq!(
+                why,
+                "task switch to the virtual-8086 task 0x20: not emulated"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
