@@ -274,7 +274,7 @@ impl Layout {
         modules: &[(&str, &[u8])],
     ) -> Option<Self> {
         // QEMU builds the block in a buffer and pads to pages counted from the block's start.
-        let page_after = |addr: u64| Some(kernel_start + align_up(addr - kernel_start)?);
+        let page_after = |addr: u64| kernel_start.checked_add(align_up(addr - kernel_start)?);
         let n = modules.len() as u64;
         let mods_addr = page_after(kernel_end)?;
         let strings = mods_addr.checked_add(n.checked_mul(MOD_ENTRY_SIZE)?)?;
