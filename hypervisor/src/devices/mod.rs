@@ -16,6 +16,7 @@
 //!   than bus devices: every line leads to them and they talk to each other (EOI broadcast, ExtINT).
 //!   Their windows are still entries on the buses, with [`Responder`] naming them.
 
+pub mod board;
 pub mod clock;
 pub mod console;
 pub mod debug_exit;
