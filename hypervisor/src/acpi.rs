@@ -70,7 +70,7 @@ pub mod madt {
     pub const ALL_PROCESSORS: u8 = 0xff;
 }
 
-/// The DSDT's AML: `Name (_S5, Package () { 5, 5, 0, 0 })` (ACPI 6.4 7.4.2: SLP_TYPa, SLP_TYPb,
+/// The DSDT's AML: `Name (_S5, Package () { 0, 0, 0, 0 })` (ACPI 6.4 7.4.2: SLP_TYPa, SLP_TYPb,
 /// two reserved), hand-assembled (ACPI 6.4 20.2: NameOp 0x08, PackageOp 0x12 with a one-byte
 /// PkgLength of 8 covering itself, NumElements 4, BytePrefix 0x0A values and ZeroOp 0x00).
 pub const DSDT_AML: [u8; 14] = [
@@ -502,7 +502,7 @@ mod tests {
         assert_eq!(d[8], 2, "revision 2: 64-bit integers");
         assert_eq!(
             &d[HEADER_LEN..],
-            &[0x08, b'_', b'S', b'5', b'_', 0x12, 8, 4, 0x0a, 5, 0x0a, 5, 0, 0]
+            &[0x08, b'_', b'S', b'5', b'_', 0x12, 8, 4, 0x0a, 0, 0x0a, 0, 0, 0]
         );
         // PkgLength 8 spans from itself to the end of the package.
         assert_eq!(usize::from(d[HEADER_LEN + 6]), d.len() - (HEADER_LEN + 6));

@@ -99,8 +99,10 @@ impl PmBlocks {
 }
 
 /// The SLP_TYP value of the soft-off state: `\_S5` in the DSDT gives it, and the PM1 control
-/// model powers the guest off when the guest writes it with SLP_EN.
-pub const SLP_TYP_S5: u8 = 5;
+/// model powers the guest off when the guest writes it with SLP_EN. 0, as QEMU's PIIX4 PM
+/// (its `\_S5` is {0, 0, 0, 0}), so test kernels that power QEMU off with `outw(0x604, 0x2000)`
+/// power Keel's guest off too.
+pub const SLP_TYP_S5: u8 = 0;
 
 /// The guest's machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
