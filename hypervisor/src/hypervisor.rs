@@ -856,10 +856,13 @@ impl Runner {
             StopReason::DebugExit(_) | StopReason::Shutdown(_) | StopReason::Board(_)
         );
         let vm = &mut self.vms[i];
-        // A reset starts the guest again as a PC would, whatever its restart budget.
+        // A reset starts the guest again as a PC would, whatever its restart budget, with its
+        // CMOS RAM kept (battery-backed on a PC).
         if let StopReason::Board(crate::devices::PowerEvent::Reset(_)) = reason {
+            let platform = vm.guest.platform.after_reset();
             match vm.boot() {
                 Ok(()) => {
+                    vm.guest.platform = platform;
                     vm.saved.restore(vm.guest.xcr0);
                     self.loaded = Some(i);
                     return;

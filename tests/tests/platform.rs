@@ -43,33 +43,42 @@ const SHARED_FACTS: [&str; 23] = [
     "platform32: table FACP",
 ];
 
-/// platform32's output under `qemu-system-x86_64 -kernel` (TCG), and QEMU's exit status.
+/// Builds the guests once for the QEMU runs; the directory they are in.
+fn built_guests() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = keel_boot::image::workspace_root();
+        let dir = keel_tests::harness_dir().join("platform-qemu");
+        keel_boot::image::build_guests(&root, &dir, true).expect("building the guests");
+        dir
+    })
+}
+
+/// platform32's output under `qemu-system-x86_64 -kernel` (TCG, `-m 64`) with command line
+/// `append`, and QEMU's exit status. With `reboot` false QEMU stops at a reset (`-no-reboot`).
+fn qemu(append: &str, reboot: bool) -> (Vec<String>, i32) {
+    let mut cmd = Command::new("timeout");
+    cmd.arg("60").arg("qemu-system-x86_64");
+    cmd.args(["-display", "none", "-serial", "stdio", "-m", "64"]);
+    cmd.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+    if !reboot {
+        cmd.arg("-no-reboot");
+    }
+    cmd.arg("-kernel")
+        .arg(built_guests().join("platform32.elf"));
+    cmd.args(["-append", append]);
+    let out = cmd
+        .output()
+        .expect("qemu-system-x86_64 runs (apt-get install qemu-system-x86)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines = text.lines().map(|l| l.trim_end().to_string()).collect();
+    (lines, out.status.code().unwrap_or(-1))
+}
+
+/// The plain run (no reset), shared by the tests that compare it.
 fn qemu_run() -> &'static (Vec<String>, i32) {
     static RUN: OnceLock<(Vec<String>, i32)> = OnceLock::new();
-    RUN.get_or_init(|| {
-        let root = keel_boot::image::workspace_root();
-        let dir: PathBuf = keel_tests::harness_dir().join("platform-qemu");
-        keel_boot::image::build_guests(&root, &dir, true).expect("building the guests");
-        let out = Command::new("timeout")
-            .arg("60")
-            .arg("qemu-system-x86_64")
-            .args([
-                "-display",
-                "none",
-                "-serial",
-                "stdio",
-                "-no-reboot",
-                "-m",
-                "64",
-            ])
-            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel"])
-            .arg(dir.join("platform32.elf"))
-            .output()
-            .expect("qemu-system-x86_64 runs (apt-get install qemu-system-x86)");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let lines = text.lines().map(|l| l.trim_end().to_string()).collect();
-        (lines, out.status.code().unwrap_or(-1))
-    })
+    RUN.get_or_init(|| qemu("", false))
 }
 
 #[track_caller]
@@ -129,4 +138,43 @@ fn acpi_power_off_ends_the_guest_cleanly_next_to_another() {
     boot.expect_no_line("keel: error");
     boot.expect_no_keel_failure();
     boot.expect_keel_status(keel_tests::status::COMPLETED);
+}
+
+/// Exit code platform32 writes to port 0xf4 when it is back from a reset.
+const RESET_DONE: u32 = 0x15;
+
+#[test]
+fn both_reset_registers_boot_the_guest_again_as_under_qemu() {
+    let boot = shared_boot(&PLATFORM);
+    for (guest, via, event) in [
+        ("kbdreset", "i8042", "reset (i8042 reset line)"),
+        ("cf9reset", "cf9", "reset (reset control register 0xCF9)"),
+    ] {
+        let (qemu, status) = qemu(&format!("reset={via}"), true);
+        let expected = [
+            "platform32: hello from protected mode".to_string(),
+            format!("platform32: resetting via {via}"),
+            "platform32: hello from protected mode".to_string(),
+            format!("platform32: back from a reset via {via}"),
+        ];
+        assert_eq!(qemu, expected, "QEMU, reset via {via}");
+        assert_eq!(
+            status as u32,
+            (RESET_DONE << 1) | 1,
+            "QEMU, reset via {via}"
+        );
+        let prefix = keel_tests::guest_prefix(guest);
+        boot.expect_in_order(&[
+            &format!("{prefix}{}", expected[0]),
+            &format!("{prefix}{}", expected[1]),
+            &format!("keel: guest {guest}: {event}: booting it again"),
+            &format!("{prefix}{}", expected[2]),
+            &format!("{prefix}{}", expected[3]),
+        ]);
+        boot.expect_no_guest_line(guest, "still running");
+        boot.expect_line(&format!(
+            "keel: guest {guest} status {:#x}",
+            (RESET_DONE << 1) | 1
+        ));
+    }
 }

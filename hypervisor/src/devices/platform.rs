@@ -231,6 +231,22 @@ impl Platform {
         p
     }
 
+    /// The platform after a reset of the machine: every device at its power-on state but the
+    /// CMOS RAM (0x0E-0x7F), which is battery-backed on a PC and keeps its contents across a
+    /// reset, as QEMU's does.
+    pub fn after_reset(&self) -> Platform {
+        let mut p = Platform::for_board(self.board.clone(), self.tsc_hz);
+        if let Some(old) = self.device::<Rtc>() {
+            let nvram: Vec<(u8, u8)> = (0x0e..0x80).map(|i| (i, old.cmos(i))).collect();
+            p.with_device(0, |rtc: &mut Rtc, _| {
+                for (i, v) in nvram {
+                    rtc.set_cmos(i, v);
+                }
+            });
+        }
+        p
+    }
+
     /// The machine this platform models (the ACPI tables are built from it).
     pub fn board(&self) -> &Board {
         &self.board
@@ -1056,6 +1072,28 @@ mod tests {
             p.take_power_event(),
             Some(PowerEvent::Reset(super::super::ResetSource::ResetControl))
         );
+    }
+
+    #[test]
+    fn a_reset_keeps_cmos_ram_and_nothing_else() {
+        let mut p = Platform::for_board(Board::pc(32 << 20, 1), TSC_HZ);
+        p.io_write(0x70, 1, 0x40, 0);
+        p.io_write(0x71, 1, 0xa5, 0);
+        p.io_write(0x70, 1, 0x0b, 0);
+        p.io_write(0x71, 1, 0x06, 0); // register B: binary, 24 h
+        p.io_write(0x64, 1, 0xaa, 0); // an i8042 reply waiting
+        let mut q = p.after_reset();
+        q.io_write(0x70, 1, 0x40, 0);
+        assert_eq!(q.io_read(0x71, 1, 0), Some(0xa5), "CMOS RAM kept");
+        q.io_write(0x70, 1, 0x0b, 0);
+        assert_eq!(
+            q.io_read(0x71, 1, 0),
+            Some(0x02),
+            "register B back to reset"
+        );
+        assert_eq!(q.io_read(0x64, 1, 0), Some(0x14), "i8042 empty");
+        assert_eq!(q.board(), p.board());
+        assert_eq!(q.tsc_hz(), TSC_HZ);
     }
 
     #[test]

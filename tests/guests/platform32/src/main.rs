@@ -5,13 +5,19 @@
 //! the i8042. Then it powers the machine off the way such kernels end QEMU: `outw(0x604, 0x2000)`
 //! (ACPI PM1a_CNT, SLP_EN with SLP_TYP 0); if that returns, it exits through port 0xf4 with 0x3f.
 //!
+//! With `reset=i8042` or `reset=cf9` on its command line it tests a reset instead: it leaves a
+//! marker in CMOS RAM (index 0x40, battery-backed: it survives a reset on a PC, in QEMU and in
+//! Keel), prints `resetting via X` and resets the machine through the i8042 (command 0xFE) or the
+//! reset control register (0xCF9 = 6); booted again, it finds the marker, clears it, prints
+//! `back from a reset via X` and exits through port 0xf4 with 0x15.
+//!
 //! It runs under QEMU TCG and under Keel; tests/guests/README.md ("platform32") lists which lines
 //! agree between the two and which differ by design.
 #![no_std]
 #![no_main]
 
 use core::arch::{asm, global_asm};
-use guest_common::console::Printable;
+use guest_common::console::{c_str, Printable};
 use guest_common::cpu::{self, inb, outb};
 use guest_common::{say, EXIT_FAILURE};
 
@@ -35,6 +41,8 @@ platform32_stack_top:
     .globl _start
 _start:
     mov esp, offset platform32_stack_top
+    push ebx
+    push eax
     call {main}
     ud2
     .popsection
@@ -316,9 +324,60 @@ fn i8042() {
     say!("i8042 kbd_reset={:02x} {:02x}", hex(ack), hex(bat));
 }
 
-extern "C" fn platform32_main() -> ! {
+/// Exit code after a reset came back.
+const EXIT_RESET_DONE: u8 = 0x15;
+/// The CMOS RAM byte the reset test marks, and the marker.
+const CMOS_MARK: u8 = 0x40;
+const MARK: u8 = 0xa5;
+
+fn cmos_write(index: u8, v: u8) {
+    outb(0x70, index);
+    outb(0x71, v);
+}
+
+fn cmos_read(index: u8) -> u8 {
+    outb(0x70, index);
+    inb(0x71)
+}
+
+/// The multiboot command line (multiboot spec 3.3: flags bit 2, `cmdline` at offset 16).
+fn cmdline(magic: u32, info: u32) -> &'static [u8] {
+    if magic != 0x2bad_b002 || u32_at(info) & (1 << 2) == 0 {
+        return &[];
+    }
+    // SAFETY: the loader's NUL-terminated command line, left alone (paging is off).
+    unsafe { c_str(u32_at(info + 16) as usize as *const u8, 4096) }
+}
+
+/// The `reset=` test; does not return.
+fn reset_test(via: &[u8]) -> ! {
+    let via = Printable(via);
+    if cmos_read(CMOS_MARK) == MARK {
+        cmos_write(CMOS_MARK, 0);
+        say!("back from a reset via {}", via);
+        cpu::exit(EXIT_RESET_DONE);
+    }
+    cmos_write(CMOS_MARK, MARK);
+    say!("resetting via {}", via);
+    match via.0 {
+        b"i8042" => outb(0x64, 0xfe),
+        b"cf9" => outb(0xcf9, 0x06),
+        _ => say!("unknown reset method"),
+    }
+    say!("still running after the reset");
+    cmos_write(CMOS_MARK, 0);
+    cpu::exit(EXIT_FAILURE)
+}
+
+extern "C" fn platform32_main(magic: u32, info: u32) -> ! {
     guest_common::checks::init("platform32");
     say!("hello from protected mode");
+    let line = cmdline(magic, info);
+    if let Some(at) = line.windows(6).position(|w| w == b"reset=") {
+        let rest = &line[at + 6..];
+        let end = rest.iter().position(|&b| b == b' ').unwrap_or(rest.len());
+        reset_test(&rest[..end]);
+    }
     let t = acpi();
     if let Some(m) = t.madt {
         madt(m);
