@@ -388,7 +388,7 @@ impl Vm {
             id,
             name: cfg.name.clone(),
             ram,
-            platform: Platform::new(tsc_hz),
+            platform: Platform::for_board(crate::devices::board::Board::pc(cfg.memory, 1), tsc_hz),
             regs: GuestRegs::default(),
             state: RunState::Runnable,
             stats: GuestStats::default(),
@@ -456,7 +456,7 @@ impl Vm {
         for m in &cfg.modules {
             let data = setup
                 .archive
-                .get(m)
+                .get(manifest::module_file(m))
                 .ok_or_else(|| alloc::format!("module {m} is not in the ramdisk"))?;
             modules.push((m.as_str(), data));
         }
@@ -469,6 +469,12 @@ impl Vm {
             guest_id: g.id,
         };
         let st = loader::load(g.ram.bytes(), &req).map_err(|e| alloc::format!("{e}"))?;
+        if cfg.kind == manifest::GuestKind::Multiboot {
+            // What QEMU's firmware leaves for a multiboot kernel: ACPI tables in the BIOS area,
+            // which the multiboot memory map reserves (0xA0000-0x100000).
+            crate::acpi::install(g.ram.bytes(), g.platform.board())
+                .map_err(|e| alloc::format!("{e}"))?;
+        }
 
         // A VMCS that cannot be cleared or loaded ends this guest (the caller reports why), not
         // Keel.
@@ -517,7 +523,7 @@ impl Vm {
             rdi: st.rdi,
             ..Default::default()
         };
-        g.platform = Platform::new(g.platform.tsc_hz());
+        g.platform = Platform::for_board(g.platform.board().clone(), g.platform.tsc_hz());
         g.state = RunState::Runnable;
         g.misc_enable = exits::msr::MISC_ENABLE_DEFAULT;
         g.mtrr_def_type = 0;
@@ -808,6 +814,14 @@ impl Runner {
             exits::apply(&mut v, &mut vm.guest, &action);
             let reason = ExitReason::from_basic(vm.guest.stats.last_exit);
             touched = exits::may_touch_platform(reason);
+            // A power-off or reset the guest asked its board for (ACPI S5, i8042, port 0xCF9).
+            if let Some(event) = touched
+                .then(|| vm.guest.platform.take_power_event())
+                .flatten()
+            {
+                self.stop(i, StopReason::Board(event));
+                return;
+            }
             if (touched || reason == ExitReason::Vmcall) && print_console(&mut vm.guest) {
                 crate::log::pump();
             }
@@ -868,13 +882,34 @@ impl Runner {
             print_guest_line(&g.name, &rest);
         }
         match &reason {
-            StopReason::DebugExit(_) | StopReason::Shutdown(_) => {
+            StopReason::Board(crate::devices::PowerEvent::Reset(_)) => {
+                info!("guest {}: {reason}: booting it again", g.name)
+            }
+            StopReason::DebugExit(_) | StopReason::Shutdown(_) | StopReason::Board(_) => {
                 info!("guest {} ended: {reason}", g.name)
             }
             _ => error!("guest {} stopped: {reason}", g.name),
         }
-        let died = !matches!(reason, StopReason::DebugExit(_) | StopReason::Shutdown(_));
+        let died = !matches!(
+            reason,
+            StopReason::DebugExit(_) | StopReason::Shutdown(_) | StopReason::Board(_)
+        );
         let vm = &mut self.vms[i];
+        // A reset starts the guest again as a PC would, whatever its restart budget, with its
+        // CMOS RAM kept (battery-backed on a PC).
+        if let StopReason::Board(crate::devices::PowerEvent::Reset(_)) = reason {
+            let platform = vm.guest.platform.after_reset();
+            match vm.boot() {
+                Ok(()) => {
+                    vm.guest.platform = platform;
+                    vm.saved.restore(vm.guest.xcr0);
+                    self.loaded = Some(i);
+                    return;
+                }
+                Err(e) => error!("guest {}: reboot failed: {e}", vm.guest.name),
+            }
+            self.loaded = Some(i);
+        }
         if died && vm.restarts < vm.setup.cfg.restart {
             vm.restarts += 1;
             match vm.boot() {

@@ -10,15 +10,21 @@
 //! - `fuzz`: guests running random code next to a witness (tests/guests/manifests/fuzz.manifest).
 //! - `scheduler`: time sharing: fair shares, a sleeper's share, timer rates, a CLI spinner
 //!   (tests/guests/manifests/sched.manifest).
+//! - `platform`: the PC platform (ACPI, PM timer, PCI, fw_cfg, i8042) as platform32 reads it under
+//!   Keel and under QEMU (tests/guests/manifests/platform.manifest).
 //! - `cleanup`: a time limit stops the emulator and leaves nothing behind.
 //! - `smp`: Keel starting the other CPUs of a 4-CPU machine, and leaving out one whose VT-x
 //!   set-up fails (tests/guests/manifests/smp-fail.manifest).
+//! - `qemu_kernels`: test kernels written for QEMU's -kernel print the same and end the same
+//!   under Keel as under QEMU (tests/guests/manifests/qemu-kernels.manifest).
 
 mod bringup;
 mod cleanup;
 mod fuzz;
 mod guests;
 mod hostile;
+mod platform;
+mod qemu_kernels;
 mod scheduler;
 mod smp;
 
