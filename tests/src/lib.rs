@@ -17,6 +17,10 @@ use std::time::Duration;
 use keel_boot::{console, image, ImageOptions, RunOptions};
 pub use keel_boot::{Emulator, Firmware, Images, RunResult};
 
+/// Processors of the emulated machine in a test boot that does not name its count: Keel starts
+/// the others at every boot, so every test also checks that AP bring-up leaves the rest intact.
+pub const DEFAULT_TEST_CPUS: u32 = 2;
+
 /// How many serial lines a failure report shows.
 pub const REPORT_LINES: usize = 40;
 
@@ -131,9 +135,7 @@ pub fn boot_on(spec: &BootSpec, cpus: Option<u32>) -> Result<Outcome, String> {
     let from_env = std::env::var("KEEL_TEST_CPUS")
         .ok()
         .and_then(|v| v.parse().ok());
-    if let Some(n) = cpus.or(from_env) {
-        opts.cpus = n;
-    }
+    opts.cpus = cpus.or(from_env).unwrap_or(DEFAULT_TEST_CPUS);
     opts.echo = std::env::var_os("KEEL_TEST_ECHO").is_some();
     let result = keel_boot::run(&opts).map_err(|e| format!("{}: {e:#}", spec.name))?;
     let outcome = Outcome {
