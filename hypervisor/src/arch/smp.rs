@@ -200,6 +200,9 @@ pub fn start_aps(
     for (apic_id, why) in &plan.left_out {
         warn!("host CPU with APIC {apic_id} left out: {why}");
     }
+    if let Some(n) = fail_vmx_on_cpu.filter(|&n| n as usize > plan.aps.len()) {
+        warn!("fail_vmx_on_cpu = {n} names no AP of this machine: nothing fails");
+    }
     if plan.aps.is_empty() {
         return 1;
     }
