@@ -57,7 +57,18 @@ fn expect_all_cpus_up(boot: &Outcome) {
             boot.fail(&format!("cpu {cpu}: `{line}`"));
         }
     }
+    expect_woken(boot, "keel: 4 of 4 CPUs up with VMX on, in ", 3);
     boot.expect_no_line("keel: warn: ");
+}
+
+/// The summary line starts with `prefix` and says that all `aps` APs woke to a kick IPI.
+#[track_caller]
+fn expect_woken(boot: &Outcome, prefix: &str, aps: u32) {
+    let line = boot.expect_line(prefix);
+    let woke = format!(" ms; {aps} of {aps} APs woke to a kick IPI");
+    if !line.ends_with(&woke) {
+        boot.fail(&format!("`{line}` does not end with `{woke}`"));
+    }
 }
 
 #[test]
@@ -104,6 +115,7 @@ fn a_cpu_whose_vmx_setup_fails_is_left_out_and_the_guests_run() {
         "keel: running 4 guests",
     ]);
     boot.expect_no_line("keel: cpu 2 (APIC 2): VMX on");
+    expect_woken(&boot, "keel: 3 of 4 CPUs up with VMX on, in ", 2);
     for (guest, code) in GUESTS {
         let ended = format!("keel: guest {guest} ");
         let status = format!("status {:#x}", (code << 1) | 1);

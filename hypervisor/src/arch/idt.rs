@@ -6,6 +6,8 @@ use spin::Lazy;
 use x86_64::structures::idt::{InterruptDescriptorTable, InterruptStackFrame, PageFaultErrorCode};
 
 pub const TIMER_VECTOR: u8 = 0x30;
+/// The IPI that wakes a CPU from its idle HLT (`arch::smp::kick`).
+pub const KICK_VECTOR: u8 = 0x31;
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
 fn report(name: &str, error: Option<u64>, frame: &InterruptStackFrame) -> ! {
@@ -79,6 +81,9 @@ extern "x86-interrupt" fn timer(_frame: InterruptStackFrame) {
     lapic::on_timer_interrupt();
 }
 extern "x86-interrupt" fn spurious(_frame: InterruptStackFrame) {}
+extern "x86-interrupt" fn kick(_frame: InterruptStackFrame) {
+    super::smp::on_kick();
+}
 
 static IDT: Lazy<InterruptDescriptorTable> = Lazy::new(|| {
     let mut idt = InterruptDescriptorTable::new();
@@ -116,6 +121,7 @@ static IDT: Lazy<InterruptDescriptorTable> = Lazy::new(|| {
     }
     idt[TIMER_VECTOR].set_handler_fn(timer);
     idt[SPURIOUS_VECTOR].set_handler_fn(spurious);
+    idt[KICK_VECTOR].set_handler_fn(kick);
     idt
 });
 

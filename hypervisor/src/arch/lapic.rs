@@ -154,6 +154,11 @@ fn send_ipi(apic_id: u32, low: u32) {
     }
 }
 
+/// A fixed interrupt on `vector` to `apic_id` (delivery mode 000).
+pub fn send_fixed(apic_id: u32, vector: u8) {
+    send_ipi(apic_id, ICR_ASSERT | u32::from(vector));
+}
+
 /// INIT (edge, assert) to `apic_id`: resets that processor to wait-for-SIPI.
 pub fn send_init(apic_id: u32) {
     send_ipi(apic_id, ICR_ASSERT | ICR_INIT);

@@ -40,6 +40,8 @@ pub struct PerCpu {
     outcome: spin::Once<Outcome>,
     /// Physical address of its VMXON region (0 while not in VMX operation).
     vmxon: AtomicU64,
+    /// Kick IPIs it has taken ([`kick`]).
+    kicks: AtomicU64,
 }
 
 // SAFETY: `this` only ever points at the structure itself, which lives as long as Keel; the
@@ -57,6 +59,7 @@ impl PerCpu {
             alive: AtomicBool::new(false),
             outcome: spin::Once::new(),
             vmxon: AtomicU64::new(0),
+            kicks: AtomicU64::new(0),
         }));
         p.this = p as *const PerCpu;
         p
@@ -68,6 +71,11 @@ impl PerCpu {
             0 => None,
             pa => Some(pa),
         }
+    }
+
+    /// How many kick IPIs it has taken.
+    pub fn kicks(&self) -> u64 {
+        self.kicks.load(Ordering::Acquire)
     }
 
     /// Base of its TSS (for the VMCS host-state area).
@@ -86,6 +94,20 @@ pub fn online() -> impl Iterator<Item = &'static PerCpu> {
         // SAFETY: non-null entries are leaked `PerCpu`s, never freed.
         unsafe { p.load(Ordering::Acquire).as_ref() }
     })
+}
+
+/// Wakes `cpu` from HLT with a fixed IPI on [`idt::KICK_VECTOR`] (a CPU in VMX non-root
+/// operation takes it as an external-interrupt exit instead).
+pub fn kick(cpu: &PerCpu) {
+    lapic::send_fixed(cpu.cpu.apic_id, idt::KICK_VECTOR);
+}
+
+/// The kick vector's handler: counts the kick on the CPU that took it.
+pub fn on_kick() {
+    if let Some(p) = this_cpu() {
+        p.kicks.fetch_add(1, Ordering::AcqRel);
+    }
+    lapic::eoi();
 }
 
 /// The calling CPU's state; `None` before [`start_aps`] set it up on the boot CPU.
@@ -227,10 +249,22 @@ pub fn start_aps(
         }
     }
     drop(trampoline);
+    let ms = (cpu::rdtsc() - t0) * 1000 / tsc_hz.max(1);
+    // Each AP idles in HLT: one kick each shows that an IPI reaches it there.
+    let mut woke = 0;
+    for p in online().filter(|p| p.cpu.index != 0) {
+        let before = p.kicks();
+        kick(p);
+        if wait_for(10_000, tsc_hz, || p.kicks() > before) {
+            woke += 1;
+        } else {
+            warn!("{}: took no kick IPI within 10 ms", p.cpu);
+        }
+    }
     info!(
-        "{up} of {} CPUs up with VMX on, in {} ms",
+        "{up} of {} CPUs up with VMX on, in {ms} ms; {woke} of {} APs woke to a kick IPI",
         plan.aps.len() + 1,
-        (cpu::rdtsc() - t0) * 1000 / tsc_hz.max(1)
+        up - 1
     );
     up
 }
