@@ -81,17 +81,36 @@ fn bochs_bios_starts_three_aps_with_vmx() {
 }
 
 /// OVMF under Bochs installs no ACPI tables (it builds them from QEMU's fw_cfg, which Bochs does
-/// not have), so the bootloader hands over no RSDP: Keel says so and runs on the boot CPU alone.
+/// not have), so the bootloader hands over no RSDP: Keel finds the APs by broadcast INIT-SIPI-SIPI.
+/// They number themselves in the order they arrive, so each APIC ID 1-3 must be up under some
+/// number 1-3, each number once.
 #[test]
-fn bochs_uefi_without_acpi_runs_on_the_boot_cpu_alone() {
+fn bochs_uefi_without_acpi_finds_the_aps_by_broadcast() {
     let boot = shared_boot_on(&FOUR_CPUS_UEFI, Some(CPUS));
     boot.expect_in_order(&[
         "keel: firmware Uefi",
         "keel: VMXON ok",
-        "keel: warn: host CPUs: the bootloader found no ACPI RSDP; Keel runs on the boot CPU alone",
+        "keel: warn: host CPUs: the bootloader found no ACPI RSDP; finding the others by broadcast INIT-SIPI-SIPI",
+        "keel: host CPUs: 3 APs answered the broadcast",
+        "keel: 4 of 4 CPUs up with VMX on, in ",
         "keel: fatal: no guest could be started",
     ]);
-    boot.expect_no_line("VMX on, revision");
+    let mut numbers = Vec::new();
+    for apic in 1..CPUS {
+        let suffix = format!(" (APIC {apic}): VMX on, revision {BOCHS_VMCS_REVISION}");
+        let Some(line) = boot
+            .lines()
+            .find(|l| l.starts_with("keel: cpu ") && l.ends_with(&suffix))
+        else {
+            boot.fail(&format!("no `keel: cpu N{suffix}` line"));
+        };
+        numbers.push(line["keel: cpu ".len()..line.len() - suffix.len()].to_string());
+    }
+    numbers.sort();
+    if numbers != ["1", "2", "3"] {
+        boot.fail(&format!("the APs were numbered {numbers:?}"));
+    }
+    expect_woken(&boot, "keel: 4 of 4 CPUs up with VMX on, in ", 3);
     boot.expect_keel_status(status::NO_GUESTS);
 }
 

@@ -170,6 +170,22 @@ pub fn send_startup(apic_id: u32, page_number: u8) {
     send_ipi(apic_id, ICR_ASSERT | ICR_STARTUP | u32::from(page_number));
 }
 
+/// ICR destination shorthand (bits 19:18) "all excluding self".
+const ICR_ALL_BUT_SELF: u32 = 0b11 << 18;
+
+/// INIT to every processor but this one.
+pub fn broadcast_init() {
+    send_ipi(0, ICR_ALL_BUT_SELF | ICR_ASSERT | ICR_INIT);
+}
+
+/// Start-up IPI to every processor but this one (see [`send_startup`]).
+pub fn broadcast_startup(page_number: u8) {
+    send_ipi(
+        0,
+        ICR_ALL_BUT_SELF | ICR_ASSERT | ICR_STARTUP | u32::from(page_number),
+    );
+}
+
 pub fn id() -> u32 {
     read(REG_ID) >> 24
 }

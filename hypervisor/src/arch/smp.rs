@@ -3,7 +3,8 @@
 //! The bootloader starts only the boot CPU. Keel finds the others in the firmware's MADT
 //! (`firmware::madt`), decides which to start (`smp::plan`), and starts them one at a time with
 //! INIT-SIPI-SIPI (SDM Vol. 3A 9.4.4.1, the universal start-up algorithm: INIT, 10 ms, SIPI,
-//! 200 us, SIPI). An AP wakes in real mode in a trampoline page below 1 MiB, switches to protected
+//! 200 us, SIPI); on a machine without a MADT it broadcasts the same sequence and lets the APs
+//! that answer number themselves ([`start_by_broadcast`]). An AP wakes in real mode in a trampoline page below 1 MiB, switches to protected
 //! and then long mode with the boot CPU's page tables (the page is identity-mapped meanwhile),
 //! and calls [`ap_entry`] on its own stack. There it loads its own GDT/TSS (IST stacks), the shared
 //! IDT, enables its local APIC, and enters VMX operation with its own VMXON region. A CPU whose
@@ -24,16 +25,25 @@ use crate::vmx::{FlushPolicy, VmxCaps};
 use crate::{info, warn};
 use alloc::boxed::Box;
 use alloc::string::ToString;
-use core::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use alloc::vec::Vec;
+use core::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 /// Each AP's stack (the boot CPU's is the bootloader's, of the same size).
 const AP_STACK_SIZE: u64 = 256 * 1024;
+
+/// The APIC ID of an AP started by broadcast, until it reads its own.
+const UNKNOWN_APIC: u32 = u32::MAX;
+
+/// Without a MADT, Keel starts the APs by broadcast with room for this many; more are parked.
+const BROADCAST_SLOTS: usize = 7;
 
 /// One CPU's state. `#[repr(C)]` with `this` first, so `gs:[0]` is the structure's own address.
 #[repr(C)]
 pub struct PerCpu {
     this: *const PerCpu,
-    pub cpu: HostCpu,
+    index: u32,
+    /// Its APIC ID; [`UNKNOWN_APIC`] until an AP started by broadcast reports its own.
+    apic_id: AtomicU32,
     tables: &'static CpuTables,
     /// Set by the AP as soon as it runs on its own stack: it no longer reads the trampoline.
     alive: AtomicBool,
@@ -54,7 +64,8 @@ impl PerCpu {
     fn leak(cpu: HostCpu, tables: &'static CpuTables) -> &'static PerCpu {
         let p: &'static mut PerCpu = Box::leak(Box::new(PerCpu {
             this: core::ptr::null(),
-            cpu,
+            index: cpu.index,
+            apic_id: AtomicU32::new(cpu.apic_id),
             tables,
             alive: AtomicBool::new(false),
             outcome: spin::Once::new(),
@@ -63,6 +74,14 @@ impl PerCpu {
         }));
         p.this = p as *const PerCpu;
         p
+    }
+
+    /// Its number and APIC ID.
+    pub fn cpu(&self) -> HostCpu {
+        HostCpu {
+            index: self.index,
+            apic_id: self.apic_id.load(Ordering::Acquire),
+        }
     }
 
     /// Physical address of its VMXON region, once it is in VMX operation.
@@ -99,7 +118,7 @@ pub fn online() -> impl Iterator<Item = &'static PerCpu> {
 /// Wakes `cpu` from HLT with a fixed IPI on [`idt::KICK_VECTOR`] (a CPU in VMX non-root
 /// operation takes it as an external-interrupt exit instead).
 pub fn kick(cpu: &PerCpu) {
-    lapic::send_fixed(cpu.cpu.apic_id, idt::KICK_VECTOR);
+    lapic::send_fixed(cpu.cpu().apic_id, idt::KICK_VECTOR);
 }
 
 /// The kick vector's handler: counts the kick on the CPU that took it.
@@ -123,7 +142,7 @@ fn install(p: &'static PerCpu) {
 }
 
 fn register(p: &'static PerCpu) {
-    if let Some(slot) = ONLINE.get(p.cpu.index as usize) {
+    if let Some(slot) = ONLINE.get(p.index as usize) {
         slot.store(p as *const PerCpu as *mut PerCpu, Ordering::Release);
     }
 }
@@ -207,12 +226,22 @@ pub fn start_aps(
     });
     let madt = match madt::find_madt(&MappedMemory, machine.rsdp) {
         Ok(m) => m,
+        Err(e @ (madt::AcpiError::NoRsdp | madt::AcpiError::NoMadt)) => {
+            warn!("host CPUs: {e}; finding the others by broadcast INIT-SIPI-SIPI");
+            return match Trampoline::install() {
+                Ok(t) => finish(start_by_broadcast(&t, tsc_hz), t0, tsc_hz),
+                Err(e) => {
+                    warn!("cannot start the other CPUs: {e}; Keel runs on the boot CPU alone");
+                    1
+                }
+            };
+        }
         Err(e) => {
             warn!("host CPUs: {e}; Keel runs on the boot CPU alone");
             return 1;
         }
     };
-    let plan = smp::plan(&madt.cpus, boot.cpu.apic_id, MAX_CPUS);
+    let plan = smp::plan(&madt.cpus, boot.cpu().apic_id, MAX_CPUS);
     info!(
         "host CPUs: {} in the MADT; boot {}, starting {} more",
         madt.cpus.len(),
@@ -235,38 +264,121 @@ pub fn start_aps(
             return 1;
         }
     };
-    let mut up = 1;
+    let mut tried = 0;
     for ap in &plan.aps {
         let (outcome, percpu) = start_one(&trampoline, *ap, tsc_hz);
-        let line = smp::report_line(ap, &outcome);
-        match (outcome, percpu) {
-            (Outcome::VmxOn { .. }, Some(p)) => {
-                info!("{line}");
-                register(p);
-                up += 1;
-            }
-            _ => warn!("{line}"),
-        }
+        report(*ap, outcome, percpu);
+        tried += 1;
     }
-    drop(trampoline);
+    finish(tried, t0, tsc_hz)
+}
+
+/// Prints the AP's line and registers it if it is in VMX operation.
+fn report(ap: HostCpu, outcome: Outcome, percpu: Option<&'static PerCpu>) {
+    let line = smp::report_line(&ap, &outcome);
+    match (outcome, percpu) {
+        (Outcome::VmxOn { .. }, Some(p)) => {
+            info!("{line}");
+            register(p);
+        }
+        _ => warn!("{line}"),
+    }
+}
+
+/// After `tried` APs: kicks each one that is up and prints the summary line. Returns how many
+/// CPUs are in VMX operation.
+fn finish(tried: usize, t0: u64, tsc_hz: u64) -> usize {
     let ms = (cpu::rdtsc() - t0) * 1000 / tsc_hz.max(1);
+    let up = online().count();
     // Each AP idles in HLT: one kick each shows that an IPI reaches it there.
     let mut woke = 0;
-    for p in online().filter(|p| p.cpu.index != 0) {
+    for p in online().filter(|p| p.index != 0) {
         let before = p.kicks();
         kick(p);
         if wait_for(10_000, tsc_hz, || p.kicks() > before) {
             woke += 1;
         } else {
-            warn!("{}: took no kick IPI within 10 ms", p.cpu);
+            warn!("{}: took no kick IPI within 10 ms", p.cpu());
         }
     }
     info!(
         "{up} of {} CPUs up with VMX on, in {ms} ms; {woke} of {} APs woke to a kick IPI",
-        plan.aps.len() + 1,
+        tried + 1,
         up - 1
     );
     up
+}
+
+/// An AP's stack and `PerCpu`, ready before it starts.
+fn prepare_ap(ap: HostCpu) -> Result<(u64, &'static PerCpu), &'static str> {
+    let tables = CpuTables::for_ap().ok_or("no memory for its TSS stacks")?;
+    let stack = mm::FRAMES
+        .lock()
+        .alloc(AP_STACK_SIZE, mm::PAGE_SIZE)
+        .ok_or("no memory for its stack")?;
+    Ok((
+        mm::phys_to_virt(stack) as u64 + AP_STACK_SIZE,
+        PerCpu::leak(ap, tables),
+    ))
+}
+
+/// Starts the APs of a machine that has no MADT (OVMF under Bochs installs no ACPI tables): INIT,
+/// SIPI, SIPI to all processors but this one (SDM Vol. 3A 9.4.4.1, which broadcasts too). Each
+/// AP takes the next of [`BROADCAST_SLOTS`] prepared stacks in the trampoline, in the order they
+/// arrive, and reports its own APIC ID. Returns how many APs answered.
+fn start_by_broadcast(t: &Trampoline, tsc_hz: u64) -> usize {
+    let mut slots = Vec::new();
+    for i in 0..BROADCAST_SLOTS {
+        let ap = HostCpu {
+            index: i as u32 + 1,
+            apic_id: UNKNOWN_APIC,
+        };
+        match prepare_ap(ap) {
+            Ok(slot) => slots.push(slot),
+            Err(_) => break,
+        }
+    }
+    t.prepare(&slots);
+    lapic::broadcast_init();
+    wait_us(10_000, tsc_hz);
+    lapic::broadcast_startup(t.page_number());
+    wait_us(200, tsc_hz);
+    lapic::broadcast_startup(t.page_number());
+    // Let them arrive: until no new AP has taken a slot for 20 ms (or 200 ms in all).
+    let end = cpu::rdtsc() + ALIVE_TIMEOUT_US * tsc_hz / 1_000_000;
+    let mut seen = t.arrived();
+    while cpu::rdtsc() < end {
+        wait_us(20_000, tsc_hz);
+        let now = t.arrived();
+        if now == seen && now > 0 {
+            break;
+        }
+        seen = now;
+    }
+    let arrived = t.arrived() as usize;
+    info!("host CPUs: {arrived} APs answered the broadcast");
+    if arrived > slots.len() {
+        warn!(
+            "{} more CPUs answered than Keel had stacks for ({}); they stay halted",
+            arrived - slots.len(),
+            slots.len()
+        );
+    }
+    for (_, percpu) in slots.iter().take(arrived) {
+        let outcome = if wait_for(SETUP_TIMEOUT_US, tsc_hz, || percpu.outcome.is_completed()) {
+            percpu.outcome.get().cloned().unwrap_or(Outcome::NoAnswer)
+        } else {
+            Outcome::NoAnswer
+        };
+        report(percpu.cpu(), outcome, Some(percpu));
+    }
+    // The stacks nobody took go back (their small tables stay).
+    for (stack_top, _) in slots.iter().skip(arrived) {
+        let virt = stack_top - AP_STACK_SIZE;
+        let pa = virt - mm::phys_to_virt(0) as u64;
+        mm::free_pages(pa, AP_STACK_SIZE);
+    }
+    arrived.min(slots.len())
 }
 
 /// Busy-waits `us` microseconds of the boot CPU's TSC.
@@ -297,15 +409,11 @@ const ALIVE_TIMEOUT_US: u64 = 200_000;
 const SETUP_TIMEOUT_US: u64 = 2_000_000;
 
 fn start_one(t: &Trampoline, ap: HostCpu, tsc_hz: u64) -> (Outcome, Option<&'static PerCpu>) {
-    let Some(tables) = CpuTables::for_ap() else {
-        return (Outcome::NotStarted("no memory for its TSS stacks"), None);
+    let (stack_top, percpu) = match prepare_ap(ap) {
+        Ok(slot) => slot,
+        Err(why) => return (Outcome::NotStarted(why), None),
     };
-    let Some(stack) = mm::FRAMES.lock().alloc(AP_STACK_SIZE, mm::PAGE_SIZE) else {
-        return (Outcome::NotStarted("no memory for its stack"), None);
-    };
-    let percpu = PerCpu::leak(ap, tables);
-    let stack_top = mm::phys_to_virt(stack) as u64 + AP_STACK_SIZE;
-    t.prepare(stack_top, percpu);
+    t.prepare(&[(stack_top, percpu)]);
     // SDM Vol. 3A 9.4.4.1: INIT, wait 10 ms, SIPI, wait 200 us, SIPI (the second is ignored by a
     // processor that already left wait-for-SIPI; it is skipped when the AP has checked in).
     lapic::send_init(ap.apic_id);
@@ -347,7 +455,15 @@ extern "C" fn ap_entry(percpu: &'static PerCpu) -> ! {
     }
     lapic::init_ap();
     let outcome = match lapic::id() {
-        id if id == percpu.cpu.apic_id => vmx_setup(percpu, boot),
+        id if id == percpu.cpu().apic_id => vmx_setup(percpu, boot),
+        // Started by broadcast: it tells Keel who it is.
+        id if percpu
+            .apic_id
+            .compare_exchange(UNKNOWN_APIC, id, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok() =>
+        {
+            vmx_setup(percpu, boot)
+        }
         // The MADT and the hardware disagree: this is not the CPU Keel meant to start.
         id => Outcome::VmxFailed(alloc::format!("it answered as APIC {id}")),
     };
@@ -361,7 +477,7 @@ extern "C" fn ap_entry(percpu: &'static PerCpu) -> ! {
 /// This CPU's VMX bring-up: the checks and VMXON of `vmx::enable`, then the all-context INVEPT and
 /// INVVPID that the boot CPU runs after its own VMXON (SDM 29.4.3.1, 29.4.3.3).
 fn vmx_setup(percpu: &PerCpu, boot: &BootState) -> Outcome {
-    if let Some(why) = smp::simulated_failure(percpu.cpu.index, boot.fail_vmx_on_cpu) {
+    if let Some(why) = smp::simulated_failure(percpu.index, boot.fail_vmx_on_cpu) {
         return Outcome::VmxFailed(why);
     }
     if !vmx::has_vmx() {
@@ -423,7 +539,6 @@ keel_ap_trampoline:
     mov ds, ax
     mov es, ax
     mov ss, ax
-    mov esp, 0x1000
     mov eax, [0x100 + 52]
     mov cr4, eax
     mov eax, [0x100 + 48]
@@ -434,23 +549,28 @@ keel_ap_trampoline:
     wrmsr
     mov eax, [0x100 + 44]
     mov cr0, eax
-    push 0x18
-    mov eax, [0x100 + 40]
-    add eax, 0xc0
-    push eax
-    retf
+    # jmp far [0x100 + 60]: m16:32 = (P + 0x80, 0x18), no stack needed (APs started by
+    # broadcast run this at the same time).
+    .byte 0xff, 0x2d
+    .long 0x100 + 60
 .code64
-# The 64-bit part starts at offset 0xC0 (the far return above adds it to the page's address).
-.org 0xc0
+# The 64-bit part starts at offset 0x80 (the far pointer above holds the page's address + 0x80).
+.org 0x80
 .Lkeel_ap_lm64:
-    xor eax, eax
-    mov ds, ax
-    mov es, ax
-    mov ss, ax
-    mov rsp, [rip + .Lkeel_ap_stack]
-    mov rdi, [rip + .Lkeel_ap_arg]
+    # Take the next slot: its stack and its PerCpu; past the last one, halt for good.
+    mov eax, 1
+    lock xadd dword ptr [rip + .Lkeel_ap_counter], eax
+    cmp eax, dword ptr [rip + .Lkeel_ap_capacity]
+    jae 2f
+    mov rbx, qword ptr [rip + .Lkeel_ap_stacks]
+    mov rsp, qword ptr [rbx + rax * 8]
+    mov rbx, qword ptr [rip + .Lkeel_ap_args]
+    mov rdi, qword ptr [rbx + rax * 8]
     call qword ptr [rip + .Lkeel_ap_entry]
-    ud2
+2:
+    cli
+    hlt
+    jmp 2b
 # The parameters sit at offset 0x100 of the page (the section holds the trampoline alone, and
 # the code above refers to them by these offsets).
 .org 0x100
@@ -471,10 +591,18 @@ keel_ap_trampoline_params:
     .long 0
 .Lkeel_ap_efer:
     .long 0
+.Lkeel_ap_far64:
     .long 0
-.Lkeel_ap_stack:
+    .word 0
+    .word 0
+.Lkeel_ap_counter:
+    .long 0
+.Lkeel_ap_capacity:
+    .long 0
+    .long 0
+.Lkeel_ap_stacks:
     .quad 0
-.Lkeel_ap_arg:
+.Lkeel_ap_args:
     .quad 0
 .Lkeel_ap_entry:
     .quad 0
@@ -490,6 +618,10 @@ unsafe extern "C" {
     static keel_ap_trampoline_end: u8;
 }
 
+const PARAMS_LEN: usize = 104;
+/// Where the 64-bit code starts in the page (`.org 0x80` above).
+const LM64_OFFSET: u32 = 0x80;
+
 /// The trampoline's parameters, laid out as the assembly above reserves them.
 #[repr(C)]
 struct TrampolineParams {
@@ -504,14 +636,22 @@ struct TrampolineParams {
     cr3: u32,
     cr4: u32,
     efer: u32,
-    _pad1: u32,
-    stack: u64,
-    arg: u64,
+    /// The far pointer (offset, selector) to the 64-bit code.
+    far64_offset: u32,
+    far64_selector: u16,
+    _pad1: u16,
+    /// Slots taken so far (LOCK XADD by each AP) and how many there are.
+    counter: u32,
+    capacity: u32,
+    _pad2: u32,
+    /// Addresses of the tables of stack tops and of `PerCpu` pointers, one entry per slot.
+    stacks: u64,
+    args: u64,
     entry: u64,
 }
 
-// The offsets the assembly reads (from 0x100): gdtr +32, base +40, cr0 +44, cr3 +48, cr4 +52,
-// efer +56, stack +64, arg +72, entry +80.
+// The offsets the assembly reads (from 0x100): gdtr +32, cr0 +44, cr3 +48, cr4 +52, efer +56,
+// far64 +60; counter, capacity, stacks, args and entry by their labels.
 const _: () = {
     use core::mem::{offset_of, size_of};
     assert!(offset_of!(TrampolineParams, gdtr_limit) == 32);
@@ -521,15 +661,20 @@ const _: () = {
     assert!(offset_of!(TrampolineParams, cr3) == 48);
     assert!(offset_of!(TrampolineParams, cr4) == 52);
     assert!(offset_of!(TrampolineParams, efer) == 56);
-    assert!(offset_of!(TrampolineParams, stack) == 64);
-    assert!(offset_of!(TrampolineParams, arg) == 72);
-    assert!(offset_of!(TrampolineParams, entry) == 80);
-    assert!(size_of::<TrampolineParams>() == 88);
+    assert!(offset_of!(TrampolineParams, far64_offset) == 60);
+    assert!(offset_of!(TrampolineParams, far64_selector) == 64);
+    assert!(offset_of!(TrampolineParams, counter) == 68);
+    assert!(offset_of!(TrampolineParams, capacity) == 72);
+    assert!(offset_of!(TrampolineParams, stacks) == 80);
+    assert!(offset_of!(TrampolineParams, args) == 88);
+    assert!(offset_of!(TrampolineParams, entry) == 96);
+    assert!(size_of::<TrampolineParams>() == PARAMS_LEN);
 };
 
-/// The trampoline page, identity-mapped while it exists.
+/// The trampoline page, identity-mapped while it exists, and the slot tables it points to.
 struct Trampoline {
     pa: u64,
+    slots: spin::Mutex<(Vec<u64>, Vec<u64>)>,
 }
 
 impl Trampoline {
@@ -545,7 +690,7 @@ impl Trampoline {
         );
         // The code reads its parameters at offset 0x100; the top of the page is the 32-bit
         // code's stack (two pushes).
-        if params - start != 0x100 || end - params != 88 || end - start > 4096 - 64 {
+        if params - start != 0x100 || end - params != PARAMS_LEN || end - start > 4096 {
             return Err("the trampoline does not fit its page");
         }
         let pa = mm::FRAMES
@@ -574,12 +719,20 @@ impl Trampoline {
             cr3: cr3 as u32,
             cr4: (cpu::read_cr4() & !(CR4_VMXE | CR4_PCIDE)) as u32,
             efer: (cpu::rdmsr(cpu::msr::IA32_EFER) & EFER_COPIED) as u32,
+            far64_offset: base + LM64_OFFSET,
+            far64_selector: 0x18,
             _pad1: 0,
-            stack: 0,
-            arg: 0,
+            counter: 0,
+            capacity: 0,
+            _pad2: 0,
+            stacks: 0,
+            args: 0,
             entry: ap_entry as *const () as u64,
         };
-        let t = Self { pa };
+        let t = Self {
+            pa,
+            slots: spin::Mutex::new((Vec::new(), Vec::new())),
+        };
         // SAFETY: the parameters block lies inside the page, 8-byte aligned like the assembly's.
         unsafe { t.params().write_volatile(p) };
         Ok(t)
@@ -592,16 +745,31 @@ impl Trampoline {
         unsafe { mm::phys_to_virt(self.pa).add(off) as *mut TrampolineParams }
     }
 
-    /// Sets the stack and `PerCpu` of the next AP to start.
-    fn prepare(&self, stack_top: u64, percpu: &'static PerCpu) {
+    /// Sets the slots (stack top, `PerCpu`) of the next APs to start, in the order they arrive.
+    fn prepare(&self, slots: &[(u64, &'static PerCpu)]) {
+        let mut tables = self.slots.lock();
+        tables.0 = slots.iter().map(|s| s.0).collect();
+        tables.1 = slots.iter().map(|s| s.1 as *const PerCpu as u64).collect();
         let p = self.params();
         // SAFETY: the block is inside the page; no AP runs the trampoline now (the previous one
-        // checked in, or was parked with INIT).
+        // checked in, or was parked with INIT). The tables live in `self.slots` until the next
+        // `prepare` or the end of the bring-up.
         unsafe {
-            core::ptr::addr_of_mut!((*p).stack).write_volatile(stack_top);
-            core::ptr::addr_of_mut!((*p).arg).write_volatile(percpu as *const PerCpu as u64);
+            core::ptr::addr_of_mut!((*p).counter).write_volatile(0);
+            core::ptr::addr_of_mut!((*p).capacity).write_volatile(slots.len() as u32);
+            core::ptr::addr_of_mut!((*p).stacks).write_volatile(tables.0.as_ptr() as u64);
+            core::ptr::addr_of_mut!((*p).args).write_volatile(tables.1.as_ptr() as u64);
         }
         fence(Ordering::SeqCst);
+    }
+
+    /// How many APs have taken a slot (or tried to, past the last one).
+    fn arrived(&self) -> u32 {
+        let p = self.params();
+        // SAFETY: the counter lies inside the page, 4-byte aligned; APs change it only with LOCK
+        // XADD, so an aligned read sees a whole value.
+        let counter = unsafe { &*(core::ptr::addr_of!((*p).counter) as *const AtomicU32) };
+        counter.load(Ordering::Acquire)
     }
 
     /// The SIPI vector: the page number of the trampoline.
