@@ -10,10 +10,13 @@
 //! - `fuzz`: guests running random code next to a witness (tests/guests/manifests/fuzz.manifest).
 //! - `scheduler`: time sharing: fair shares, a sleeper's share, timer rates, a CLI spinner
 //!   (tests/guests/manifests/sched.manifest).
+//! - `console`: a guest flooding its console next to a 100 Hz sleeper
+//!   (tests/guests/manifests/flood.manifest).
 //! - `cleanup`: a time limit stops the emulator and leaves nothing behind.
 
 mod bringup;
 mod cleanup;
+mod console;
 mod fuzz;
 mod guests;
 mod hostile;

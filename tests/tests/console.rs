@@ -1,0 +1,126 @@
+//! Console output must never stall guests, and a guest learns what became of every byte it
+//! wrote: one Bochs boot of `tests/guests/manifests/flood.manifest` (a long64 guest flooding its
+//! console through CONSOLE_WRITE, the UART and PRINT_STATS, next to a 100 Hz sleeper). A module of
+//! the `emulators` test target: `cargo itest console -- --nocapture` shows the figures.
+use std::time::Duration;
+
+use keel_tests::{guest_prefix, shared_boot, BootSpec, Emulator, Firmware, Manifest, Outcome};
+
+use crate::scheduler::{field, keel_tsc_hz, pit_ticks_off};
+
+static FLOOD: BootSpec = BootSpec {
+    name: "bochs-flood",
+    manifest: Manifest::File("tests/guests/manifests/flood.manifest"),
+    emulator: Emulator::Bochs,
+    firmware: Firmware::Bios,
+    timeout: Some(Duration::from_secs(300)),
+};
+
+fn boot() -> std::sync::Arc<Outcome> {
+    shared_boot(&FLOOD)
+}
+
+/// The number right before ` word` in `line` (`number_before("... 1234 bytes", "bytes")` is 1234).
+fn number_before(line: &str, word: &str) -> Option<u64> {
+    let head = &line[..line.find(&format!(" {word}"))?];
+    head.rsplit(' ').next()?.parse().ok()
+}
+
+#[test]
+fn flood_and_sleeper_end_with_their_status() {
+    let boot = boot();
+    boot.expect_keel_status(1);
+    // long64: flood exits 0x27, sleeper 0x24; Keel reports (code << 1) | 1.
+    boot.expect_line("keel: guest flood status 0x4f:");
+    boot.expect_line("keel: guest sleeper status 0x49:");
+    boot.expect_no_line("stopped:");
+    boot.expect_no_line("PANIC");
+}
+
+/// The flood cost the sleeper none of its 100 Hz ticks (before the fix: Keel busy-waited on COM1
+/// with the sleeper's ticks due).
+#[test]
+fn the_sleeper_gets_every_tick_next_to_a_flood() {
+    let boot = boot();
+    let hz = keel_tsc_hz(&boot);
+    if let Some(wrong) = pit_ticks_off(&boot, "sleeper", hz) {
+        boot.fail(&format!("PIT ticks lost next to the flood: {wrong}"));
+    }
+}
+
+/// What the flooder was told (bytes CONSOLE_WRITE accepted; bytes it wrote to THR) plus its
+/// summary line, Keel's count of the bytes it received and dropped, and the bytes printed, agree
+/// exactly: printed + dropped = received = hypercall + uart + summary.
+#[test]
+fn every_byte_of_the_flood_is_accounted_for() {
+    let boot = boot();
+    let summary = boot.expect_guest_line("flood", "flood done:");
+    let number = |key| match field(summary, key) {
+        Some(n) => n,
+        None => boot.fail(&format!("no {key}= in `{summary}`")),
+    };
+    let (hypercall, short, uart, rounds) = (
+        number("hypercall"),
+        number("short"),
+        number("uart"),
+        number("rounds"),
+    );
+    let stats_ok = number("stats");
+    let account = boot.expect_line("keel: console of flood: ");
+    let (Some(received), Some(dropped)) = (
+        number_before(account, "bytes"),
+        number_before(account, "dropped"),
+    ) else {
+        boot.fail(&format!("cannot read `{account}`"))
+    };
+    let prefix = guest_prefix("flood");
+    let printed: u64 = boot.guest_lines("flood").map(|l| l.len() as u64 + 1).sum();
+    let notice = format!("keel: warn: {prefix}... ");
+    let noticed: u64 = boot
+        .lines()
+        .filter(|l| l.starts_with(&notice))
+        .filter_map(|l| number_before(l, "bytes"))
+        .sum();
+    let tables = boot
+        .lines()
+        .filter(|l| l.starts_with("keel: guest ") && l.contains("cpu cycles"))
+        .count() as u64;
+    let summary_len = summary.len() as u64 + 1;
+    println!(
+        "flood: {rounds} rounds; CONSOLE_WRITE accepted {hypercall} bytes ({short} short writes), \
+         UART {uart} bytes, summary {summary_len}; Keel received {received}, dropped {dropped} \
+         (notices say {noticed}), printed {printed}; PRINT_STATS printed {stats_ok} of {rounds} \
+         tables, {tables} tables on COM1"
+    );
+    let mut wrong = Vec::new();
+    if received != hypercall + uart + summary_len {
+        wrong.push(format!(
+            "Keel received {received} bytes, the guest sent {hypercall} + {uart} + {summary_len}"
+        ));
+    }
+    if printed + dropped != received {
+        wrong.push(format!(
+            "printed {printed} + dropped {dropped} != received {received}"
+        ));
+    }
+    if noticed != dropped {
+        wrong.push(format!(
+            "the drop notices add up to {noticed}, the account says {dropped}"
+        ));
+    }
+    // The flood is far faster than COM1 (115200 baud): the throttle must have engaged.
+    if short == 0 || dropped == 0 {
+        wrong.push(format!(
+            "no short write ({short}) or no drop ({dropped}): the flood never filled the console"
+        ));
+    }
+    // One table per PRINT_STATS that returned 0, and Keel's final one.
+    if tables != stats_ok + 1 {
+        wrong.push(format!(
+            "{tables} tables printed, expected {stats_ok} (PRINT_STATS answered 0) + 1"
+        ));
+    }
+    if !wrong.is_empty() {
+        boot.fail(&wrong.join("; "));
+    }
+}
