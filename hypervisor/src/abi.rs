@@ -17,7 +17,9 @@ pub const ABI_VERSION: u32 = 1;
 
 /// Hypercall numbers (RAX).
 pub mod hc {
-    /// Write RCX bytes at guest-physical RBX to the guest's console. Returns bytes written.
+    /// Write RCX bytes at guest-physical RBX to the guest's console. Returns the bytes accepted:
+    /// fewer than RCX (possibly 0) when the guest's console is full; the caller retries the rest
+    /// later (the short write also ends its time slice).
     pub const CONSOLE_WRITE: u64 = 1;
     /// Give up the rest of this time slice. Returns 0.
     pub const YIELD: u64 = 2;
@@ -25,7 +27,8 @@ pub mod hc {
     pub const GUEST_ID: u64 = 3;
     /// Stop the calling guest with exit status RBX. Does not return.
     pub const SHUTDOWN: u64 = 4;
-    /// Print the accounting table of every guest on Keel's console. Returns 0.
+    /// Print the accounting table of every guest on Keel's console. Returns 0, or EAGAIN when
+    /// Keel's console has no room for it now (nothing printed).
     pub const PRINT_STATS: u64 = 5;
     /// Returns the TSC cycles this guest has been given so far (its CPU time).
     pub const CPU_TIME: u64 = 6;
@@ -40,6 +43,8 @@ pub mod status {
     pub const EFAULT: u64 = -14i64 as u64;
     /// An argument is out of range.
     pub const EINVAL: u64 = -22i64 as u64;
+    /// Not now: Keel's console has no room (PRINT_STATS); try again later.
+    pub const EAGAIN: u64 = -11i64 as u64;
 }
 
 /// Ports every guest sees.

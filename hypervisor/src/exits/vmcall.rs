@@ -6,7 +6,7 @@
 
 use super::{Action, ExitContext};
 use crate::abi::{hc, status, CONSOLE_WRITE_MAX};
-use crate::guest::StopReason;
+use crate::guest::{Guest, StopReason};
 use crate::vmx::{Guest32, Vmcs};
 
 /// True when the guest runs 64-bit code (CS.L = 1, SDM 3.4.5).
@@ -34,8 +34,14 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
                 match cx.guest.ram.slice(a1, a2) {
                     Some(bytes) => {
                         let bytes: alloc::vec::Vec<u8> = bytes.to_vec();
-                        cx.guest.platform.console().write(&bytes);
-                        a2
+                        // A short write when the console is full (docs/HYPERCALLS.md): the guest
+                        // retries the rest, and gives up its slice meanwhile so that Keel's
+                        // console can drain without the others waiting.
+                        let taken = cx.guest.platform.console().offer(&bytes);
+                        if taken < bytes.len() {
+                            action = Action::Yield;
+                        }
+                        taken as u64
                     }
                     None => status::EFAULT,
                 }
@@ -54,8 +60,23 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         hc::CPU_TIME => cx.guest.stats.cpu_cycles,
         _ => status::ENOSYS,
     };
-    cx.guest.regs.rax = if wide { result } else { result & 0xffff_ffff };
+    set_result(cx.vmcs, cx.guest, result);
     action
+}
+
+/// Puts a hypercall's result in RAX (its low 32 bits outside 64-bit code).
+fn set_result<V: Vmcs + ?Sized>(vmcs: &V, guest: &mut Guest, result: u64) {
+    guest.regs.rax = if in_64bit_code(vmcs) {
+        result
+    } else {
+        result & 0xffff_ffff
+    };
+}
+
+/// PRINT_STATS found no room for the table on Keel's console (the calling guest's share of it
+/// holds output not yet sent): nothing was printed, and the call returns EAGAIN instead of 0.
+pub fn print_stats_refused<V: Vmcs + ?Sized>(vmcs: &V, guest: &mut Guest) {
+    set_result(vmcs, guest, status::EAGAIN);
 }
 
 #[cfg(test)]
@@ -110,6 +131,77 @@ mod tests {
             t.run(ExitReason::Vmcall),
             Action::Stop(StopReason::Shutdown(7))
         );
+    }
+
+    /// A CONSOLE_WRITE into a full console is short: it returns what was accepted and ends the
+    /// caller's slice, and every accepted byte comes out (issue 8: a 700-line call printed lines
+    /// 444-699 and returned "all bytes written").
+    #[test]
+    fn console_write_is_short_when_the_console_is_full() {
+        let mut t = TestBed::new();
+        t.long_mode();
+        let call: alloc::vec::Vec<u8> = (0..700)
+            .flat_map(|i: u32| alloc::format!("c{i:03}\n").into_bytes())
+            .collect();
+        assert_eq!(call.len(), 3500);
+        t.guest.ram.bytes()[0x1000..0x1000 + call.len()].copy_from_slice(&call);
+        let write = |t: &mut TestBed, from: usize| {
+            t.guest.regs.rax = hc::CONSOLE_WRITE;
+            t.guest.regs.rbx = 0x1000 + from as u64;
+            t.guest.regs.rcx = (call.len() - from) as u64;
+            let action = t.run(ExitReason::Vmcall);
+            (t.guest.regs.rax, action)
+        };
+        // Nobody drains the console meanwhile (Keel's COM1 queue is full).
+        assert_eq!(write(&mut t, 0), (3500, Action::Advance));
+        assert_eq!(write(&mut t, 0), (3500, Action::Advance));
+        let (third, action) = write(&mut t, 0);
+        assert!(third > 0 && third < 3500, "third call accepted {third}");
+        assert_eq!(action, Action::Yield, "a short write ends the slice");
+        assert_eq!(write(&mut t, third as usize), (0, Action::Yield));
+        let mut out = 0;
+        let mut lines = 0;
+        while let Some(line) = t.guest.platform.console().take_line() {
+            assert_eq!(line.len(), 4, "line {lines}: {line:?}");
+            out += line.len() as u64 + 1;
+            lines += 1;
+        }
+        out += t
+            .guest
+            .platform
+            .console()
+            .take_partial()
+            .map_or(0, |p| p.len() as u64);
+        assert_eq!(
+            out,
+            3500 + 3500 + third,
+            "every accepted byte comes out, no other"
+        );
+        // Drained: the rest of the call goes in.
+        assert_eq!(
+            write(&mut t, third as usize),
+            (3500 - third, Action::Advance)
+        );
+    }
+
+    /// PRINT_STATS returns EAGAIN when Keel could not print the table (before: 0 always, and
+    /// Keel waited for COM1 with the other guests' timers due).
+    #[test]
+    fn print_stats_says_when_it_printed_nothing() {
+        let mut t = TestBed::new();
+        t.long_mode();
+        t.guest.regs.rax = hc::PRINT_STATS;
+        assert_eq!(t.run(ExitReason::Vmcall), Action::Advance);
+        assert!(t.guest.stats_requested);
+        assert_eq!(t.guest.regs.rax, status::OK);
+        print_stats_refused(&t.vmcs, &mut t.guest);
+        assert_eq!(t.guest.regs.rax, status::EAGAIN);
+        assert_eq!(status::EAGAIN, -11i64 as u64);
+        let mut t = TestBed::new();
+        t.guest.regs.rax = hc::PRINT_STATS;
+        t.run(ExitReason::Vmcall);
+        print_stats_refused(&t.vmcs, &mut t.guest);
+        assert_eq!(t.guest.regs.rax, 0xffff_fff5, "EAX in 32-bit code");
     }
 
     #[test]
