@@ -18,8 +18,8 @@ pub const ABI_VERSION: u32 = 1;
 /// Hypercall numbers (RAX).
 pub mod hc {
     /// Write RCX bytes at guest-physical RBX to the guest's console. Returns the bytes accepted:
-    /// fewer than RCX (possibly 0) when the guest's console is full; the caller retries the rest
-    /// later (the short write also ends its time slice).
+    /// at most `CONSOLE_WRITE_CHUNK`, fewer (possibly 0) when the guest's console is full (which
+    /// also ends the caller's time slice); the caller continues with the rest.
     pub const CONSOLE_WRITE: u64 = 1;
     /// Give up the rest of this time slice. Returns 0.
     pub const YIELD: u64 = 2;
@@ -57,5 +57,8 @@ pub mod port {
     pub const DEBUGCON: u16 = 0xe9;
 }
 
-/// Largest CONSOLE_WRITE accepted in one call.
+/// Largest CONSOLE_WRITE length allowed (EINVAL above).
 pub const CONSOLE_WRITE_MAX: u64 = 4096;
+/// Most bytes one CONSOLE_WRITE takes: a longer call is a short write, to be continued with the
+/// rest (Keel's work per call stays small enough never to hold up another guest's timer).
+pub const CONSOLE_WRITE_CHUNK: u64 = 1024;

@@ -748,6 +748,24 @@ impl Runner {
                 break;
             }
             match action {
+                // A halted guest's timer fell due. Not only the preemption timer brings this
+                // guest back then: one that exits more often than every `min_gap` (a guest
+                // writing its UART) re-arms it at each entry and would never let it expire.
+                Action::Resume
+                | Action::Advance
+                | Action::AdvanceBy(_)
+                | Action::Inject(_)
+                | Action::Preempted
+                    if others_due.is_some_and(|d| now >= d) =>
+                {
+                    vm.waiting_since = Some(now);
+                    // It gets the CPU back next, but only for what was left of its slice:
+                    // otherwise a guest woken every few ms would hand the same CPU hog a fresh
+                    // quantum each time and starve the others.
+                    vm.slice_left = Some(deadline.saturating_sub(now));
+                    self.sched.interrupted();
+                    return;
+                }
                 Action::Resume | Action::Advance | Action::AdvanceBy(_) | Action::Inject(_) => {
                     if now >= deadline {
                         vm.waiting_since = Some(now);
@@ -757,15 +775,6 @@ impl Runner {
                 Action::Halt => {
                     vm.guest.state = RunState::Halted;
                     vm.halted_since = Some(now);
-                    return;
-                }
-                Action::Preempted if others_due.is_some_and(|d| now >= d) => {
-                    vm.waiting_since = Some(now);
-                    // It gets the CPU back next, but only for what was left of its slice:
-                    // otherwise a guest woken every few ms would hand the same CPU hog a fresh
-                    // quantum each time and starve the others.
-                    vm.slice_left = Some(deadline.saturating_sub(now));
-                    self.sched.interrupted();
                     return;
                 }
                 Action::Preempted if now < deadline => {}
@@ -836,14 +845,15 @@ impl Runner {
     }
 }
 
-/// At most this many bytes of a guest's lines move to COM1's queue at a time (an exit, a turn of
-/// the run loop): more than COM1 sends meanwhile (16 bytes every 1.4 ms), and little enough that
-/// Keel's work on them never holds up a timer that falls due (700 lines moved at once took
-/// 100 ms of Bochs' time).
-const PRINT_BUDGET: usize = 256;
+/// About this many bytes of a guest's lines (as sent, with its prefix) move to COM1's queue at a
+/// time (an exit, a turn of the run loop): more than COM1 sends meanwhile (16 bytes every
+/// 1.4 ms), and little enough that Keel's work on them never holds up a timer that falls due
+/// (700 lines moved at once took 100 ms of Bochs' time, 256 bytes of short lines 9 ms).
+const PRINT_BUDGET: usize = 128;
 
-/// Prints the guest's complete console lines, about `budget` bytes of them, while its share of
-/// Keel's console has room (the rest waits in its console buffer); true if it printed any.
+/// Prints the guest's complete console lines, about `budget` bytes of them (at least one line),
+/// while its share of Keel's console has room (the rest waits in its console buffer); true if it
+/// printed any.
 fn print_console(g: &mut Guest, budget: usize) -> bool {
     let mut printed = false;
     if g.platform.console().front().is_none() {
@@ -865,7 +875,7 @@ fn print_console(g: &mut Guest, budget: usize) -> bool {
         if !ok {
             break;
         }
-        left = left.saturating_sub(text.len() + 1);
+        left = left.saturating_sub(prefix.len() + text.len() + 2);
         g.platform.console().pop();
         printed = true;
         if left == 0 {

@@ -78,8 +78,13 @@ pub struct ConsoleBuffer {
 }
 
 impl ConsoleBuffer {
+    /// An empty console with its room allocated up front (growing it would copy it, on an exit).
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            text: Vec::with_capacity(CAPACITY + 2 * MAX_LINE),
+            partial: Vec::with_capacity(MAX_LINE),
+            ..Self::default()
+        }
     }
 
     /// Bytes of complete lines held.
@@ -114,7 +119,15 @@ impl ConsoleBuffer {
     pub fn offer(&mut self, bytes: &[u8]) -> usize {
         let mut i = 0;
         while i < bytes.len() {
-            // Bytes that end no line are always taken: a stretch of them at once.
+            // Whole plain lines (no NUL or CR, shorter than MAX_LINE) are stored as they are:
+            // this is what CONSOLE_WRITE almost always carries.
+            let room = CAPACITY.saturating_sub(self.held());
+            let n = self.store_plain_lines(&bytes[i..], room);
+            if n > 0 {
+                i += n;
+                continue;
+            }
+            // Bytes that end no line are always taken.
             let plain = bytes[i..]
                 .iter()
                 .take(MAX_LINE - 1 - self.partial.len())
@@ -129,7 +142,7 @@ impl ConsoleBuffer {
             }
             let b = bytes[i];
             // The line this byte ends costs the unfinished line and a newline; one broken at
-            // MAX_LINE at most that, this byte and a newline.
+            // MAX_LINE at most that, this byte and a newline. Other bytes end no line.
             let cost = match b {
                 b'\n' => self.partial.len() + 1,
                 0 | b'\r' => 0,
@@ -144,6 +157,44 @@ impl ConsoleBuffer {
             i += 1;
         }
         bytes.len()
+    }
+
+    /// Stores the complete plain lines at the start of `bytes` (each ended by a newline, with
+    /// no NUL or CR, shorter than MAX_LINE with the unfinished line in front of the first), as
+    /// many as fit in `room`; returns how many bytes of `bytes` that took.
+    fn store_plain_lines(&mut self, bytes: &[u8], room: usize) -> usize {
+        let (mut taken, mut used, mut lines) = (0, 0, 0);
+        let mut len = self.partial.len();
+        for (j, &b) in bytes.iter().enumerate() {
+            match b {
+                b'\n' => {
+                    if used + len + 1 > room {
+                        break;
+                    }
+                    self.lens.push_back(len as u16); // under MAX_LINE
+                    used += len + 1;
+                    lines += 1;
+                    taken = j + 1;
+                    len = 0;
+                }
+                0 | b'\r' => break,
+                _ => {
+                    len += 1;
+                    if len >= MAX_LINE {
+                        break;
+                    }
+                }
+            }
+        }
+        if taken > 0 {
+            // The unfinished line was the start of the first line stored.
+            self.text.append(&mut self.partial);
+            self.text.extend_from_slice(&bytes[..taken]);
+            self.stored += lines;
+            self.bytes += taken as u64;
+            self.partial_promised = false;
+        }
+        taken
     }
 
     /// The oldest entry, if any (it stays until [`pop`](Self::pop)).
@@ -382,6 +433,34 @@ mod tests {
         }
         assert_eq!(out, taken + 1);
         assert_eq!(c.offer(&lines), CAPACITY + 3);
+    }
+
+    /// CONSOLE_WRITE's fast path for whole plain lines cuts lines exactly as the UART's byte
+    /// path does.
+    #[test]
+    fn offer_and_push_make_the_same_lines() {
+        let long = [b'L'; 450];
+        let inputs: [&[u8]; 5] = [
+            b"one\ntwo\n\nthree",
+            b"cr\r\nnul\0byte\n",
+            &long,
+            "x€y\n".as_bytes(),
+            b"\n\n",
+        ];
+        let (mut a, mut b) = (ConsoleBuffer::new(), ConsoleBuffer::new());
+        for input in inputs {
+            assert_eq!(a.offer(input), input.len());
+            b.write(input);
+        }
+        assert_eq!(a.bytes_written(), b.bytes_written());
+        loop {
+            let (la, lb) = (a.take_line(), b.take_line());
+            assert_eq!(la, lb);
+            if la.is_none() {
+                break;
+            }
+        }
+        assert_eq!(a.take_partial(), b.take_partial());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! count, and the result is truncated to 32 bits.
 
 use super::{Action, ExitContext};
-use crate::abi::{hc, status, CONSOLE_WRITE_MAX};
+use crate::abi::{hc, status, CONSOLE_WRITE_CHUNK, CONSOLE_WRITE_MAX};
 use crate::guest::{Guest, StopReason};
 use crate::vmx::{Guest32, Vmcs};
 
@@ -31,14 +31,16 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             if a2 > CONSOLE_WRITE_MAX {
                 status::EINVAL
             } else {
-                match cx.guest.ram.slice(a1, a2) {
+                let guest = &mut *cx.guest;
+                match guest.ram.slice(a1, a2) {
                     Some(bytes) => {
-                        let bytes: alloc::vec::Vec<u8> = bytes.to_vec();
-                        // A short write when the console is full (docs/HYPERCALLS.md): the guest
-                        // retries the rest, and gives up its slice meanwhile so that Keel's
-                        // console can drain without the others waiting.
-                        let taken = cx.guest.platform.console().offer(&bytes);
-                        if taken < bytes.len() {
+                        // A short write (docs/HYPERCALLS.md): at most CONSOLE_WRITE_CHUNK bytes,
+                        // so that one call's work never holds up another guest's timer; and
+                        // only what fits when the console is full, in which case the guest also
+                        // gives up its slice, so that Keel's console drains while it waits.
+                        let chunk = &bytes[..bytes.len().min(CONSOLE_WRITE_CHUNK as usize)];
+                        let taken = guest.platform.console().offer(chunk);
+                        if taken < chunk.len() {
                             action = Action::Yield;
                         }
                         taken as u64
@@ -140,47 +142,52 @@ mod tests {
     fn console_write_is_short_when_the_console_is_full() {
         let mut t = TestBed::new();
         t.long_mode();
-        let call: alloc::vec::Vec<u8> = (0..700)
-            .flat_map(|i: u32| alloc::format!("c{i:03}\n").into_bytes())
+        // 700 lines `c000\n`..`c699\n` (one 3500-byte call's worth), three times over in RAM.
+        let stream: alloc::vec::Vec<u8> = (0..2100)
+            .flat_map(|i: u32| alloc::format!("c{:03}\n", i % 700).into_bytes())
             .collect();
-        assert_eq!(call.len(), 3500);
-        t.guest.ram.bytes()[0x1000..0x1000 + call.len()].copy_from_slice(&call);
-        let write = |t: &mut TestBed, from: usize| {
+        t.guest.ram.bytes()[0x1000..0x1000 + stream.len()].copy_from_slice(&stream);
+        // The guest writes up to 3500 bytes from `from`, as a 700-line call would.
+        let write = |t: &mut TestBed, from: u64| {
             t.guest.regs.rax = hc::CONSOLE_WRITE;
-            t.guest.regs.rbx = 0x1000 + from as u64;
-            t.guest.regs.rcx = (call.len() - from) as u64;
+            t.guest.regs.rbx = 0x1000 + from;
+            t.guest.regs.rcx = 3500;
             let action = t.run(ExitReason::Vmcall);
             (t.guest.regs.rax, action)
         };
-        // Nobody drains the console meanwhile (Keel's COM1 queue is full).
-        assert_eq!(write(&mut t, 0), (3500, Action::Advance));
-        assert_eq!(write(&mut t, 0), (3500, Action::Advance));
-        let (third, action) = write(&mut t, 0);
-        assert!(third > 0 && third < 3500, "third call accepted {third}");
-        assert_eq!(action, Action::Yield, "a short write ends the slice");
-        assert_eq!(write(&mut t, third as usize), (0, Action::Yield));
-        let mut out = 0;
-        let mut lines = 0;
-        while let Some(line) = t.guest.platform.console().take_line() {
-            assert_eq!(line.len(), 4, "line {lines}: {line:?}");
-            out += line.len() as u64 + 1;
-            lines += 1;
+        // Nobody drains the console meanwhile (Keel's COM1 queue is full). Each call takes at
+        // most CONSOLE_WRITE_CHUNK bytes, and the guest goes on from there, until one is short
+        // for want of room.
+        let mut accepted = 0;
+        for _ in 0..8 {
+            assert_eq!(
+                write(&mut t, accepted),
+                (CONSOLE_WRITE_CHUNK, Action::Advance)
+            );
+            accepted += CONSOLE_WRITE_CHUNK;
         }
-        out += t
-            .guest
-            .platform
-            .console()
-            .take_partial()
-            .map_or(0, |p| p.len() as u64);
+        // 8 KiB holds 1638 whole lines (8190 bytes); the next line's `c238` is taken too, but
+        // its newline does not fit.
+        assert_eq!(write(&mut t, accepted), (2, Action::Yield));
+        accepted += 2;
+        assert_eq!(accepted, 1638 * 5 + 4);
+        assert_eq!(write(&mut t, accepted), (0, Action::Yield));
+        let mut out = 0;
+        for i in 0..1638 {
+            let line = t.guest.platform.console().take_line();
+            assert_eq!(line, Some(alloc::format!("c{:03}", i % 700)));
+            out += 5;
+        }
+        assert_eq!(t.guest.platform.console().take_line(), None);
         assert_eq!(
-            out,
-            3500 + 3500 + third,
-            "every accepted byte comes out, no other"
+            t.guest.platform.console().take_partial().as_deref(),
+            Some("c238")
         );
-        // Drained: the rest of the call goes in.
+        assert_eq!(out + 4, accepted, "every accepted byte comes out, no other");
+        // Drained: the guest goes on where it stopped.
         assert_eq!(
-            write(&mut t, third as usize),
-            (3500 - third, Action::Advance)
+            write(&mut t, accepted),
+            (CONSOLE_WRITE_CHUNK, Action::Advance)
         );
     }
 
