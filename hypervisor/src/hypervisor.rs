@@ -790,8 +790,11 @@ impl Runner {
         }
         // Only the PRINT_STATS hypercall leaves the loop this way. The table counts against the
         // caller's share of Keel's console; when that has no room, the call says so.
-        let id = self.vms[i].guest.id;
-        if !print_stats(self.vms.iter().map(|vm| &vm.guest), Writer::Guest(id)) {
+        // A table about as long as the last one must fit, or it is not even put together (a guest
+        // asking for it in a loop would keep Keel formatting tables nobody sees).
+        let who = Writer::Guest(self.vms[i].guest.id);
+        let last = LAST_TABLE.load(core::sync::atomic::Ordering::Relaxed);
+        if !(crate::log::fits(who, last) && print_stats(self.vms.iter().map(|vm| &vm.guest), who)) {
             exits::vmcall::print_stats_refused(&v, &mut self.vms[i].guest);
         }
     }
@@ -885,6 +888,9 @@ fn print_console(g: &mut Guest, budget: usize) -> bool {
     printed
 }
 
+/// The length of the last accounting table, as sent.
+static LAST_TABLE: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
 /// Prints the accounting table as `who`'s output, whole or not at all: false if it did not fit.
 fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>, who: Writer) -> bool {
     use core::fmt::Write;
@@ -932,6 +938,10 @@ fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>, who: Writer) -> bool
             c.dropped_bytes()
         );
     }
+    LAST_TABLE.store(
+        crate::log::wire_len(t.as_bytes()),
+        core::sync::atomic::Ordering::Relaxed,
+    );
     crate::log::write_as(who, t.as_bytes())
 }
 

@@ -170,6 +170,11 @@ pub fn write_as(who: Writer, bytes: &[u8]) -> bool {
     }
 }
 
+/// True if `who` may queue `len` bytes (as sent) now.
+pub fn fits(who: Writer, len: usize) -> bool {
+    LOGGER.lock().queue.fits(who, len)
+}
+
 /// Writes one complete line of guest `id`'s, `prefix` then `body`, if its share of the queue has
 /// room for it (or, when no guest runs any more, once it has); false, with nothing written, if not.
 pub fn write_guest_line(id: u32, prefix: &str, body: &[u8]) -> bool {

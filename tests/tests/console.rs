@@ -1,6 +1,7 @@
 //! Console output must never stall guests, and a guest learns what became of every byte it
 //! wrote: one Bochs boot of `tests/guests/manifests/flood.manifest` (a long64 guest flooding its
-//! console through CONSOLE_WRITE, the UART and PRINT_STATS, next to a 100 Hz sleeper). A module of
+//! console through CONSOLE_WRITE, the UART and PRINT_STATS, another asking for Keel's table as
+//! fast as it can, next to a 100 Hz sleeper). A module of
 //! the `emulators` test target: `cargo itest console -- --nocapture` shows the figures.
 use std::time::Duration;
 
@@ -32,6 +33,7 @@ fn flood_and_sleeper_end_with_their_status() {
     boot.expect_keel_status(1);
     // long64: flood exits 0x27, sleeper 0x24; Keel reports (code << 1) | 1.
     boot.expect_line("keel: guest flood status 0x4f:");
+    boot.expect_line("keel: guest stats status 0x4f:");
     boot.expect_line("keel: guest sleeper status 0x49:");
     boot.expect_no_line("stopped:");
     boot.expect_no_line("PANIC");
@@ -48,31 +50,28 @@ fn the_sleeper_gets_every_tick_next_to_a_flood() {
     }
 }
 
-/// What the flooder was told (bytes CONSOLE_WRITE accepted; bytes it wrote to THR) plus its
+/// A flooding guest's totals (its `flood done:` line) checked against Keel's account of its
+/// console: what it was told (bytes CONSOLE_WRITE accepted; bytes it wrote to THR) plus its
 /// summary line, Keel's count of the bytes it received and dropped, and the bytes printed, agree
-/// exactly: printed + dropped = received = hypercall + uart + summary.
-#[test]
-fn every_byte_of_the_flood_is_accounted_for() {
-    let boot = boot();
-    let summary = boot.expect_guest_line("flood", "flood done:");
+/// exactly: printed + dropped = received = hypercall + uart + summary. Returns the guest's
+/// (PRINT_STATS calls answered 0, calls, short writes, bytes dropped); adds what is wrong to `wrong`.
+fn check_account(boot: &Outcome, guest: &str, wrong: &mut Vec<String>) -> (u64, u64, u64, u64) {
+    let summary = boot.expect_guest_line(guest, "flood done:");
     let number = |key| match field(summary, key) {
         Some(n) => n,
-        None => boot.fail(&format!("no {key}= in `{summary}`")),
+        None => boot.fail(&format!("no {key}= in {guest}'s `{summary}`")),
     };
-    let (hypercall, short, uart, rounds) = (
+    let (hypercall, short, uart, rounds, stats_ok) = (
         number("hypercall"),
         number("short"),
         number("uart"),
         number("rounds"),
+        number("stats"),
     );
-    let stats_ok = number("stats");
     // The final table's account (PRINT_STATS tables before it have their own).
-    let Some(account) = boot
-        .lines()
-        .filter(|l| l.starts_with("keel: console of flood: "))
-        .last()
-    else {
-        boot.fail("no `keel: console of flood:` line")
+    let head = format!("keel: console of {guest}: ");
+    let Some(account) = boot.lines().filter(|l| l.starts_with(&head)).last() else {
+        boot.fail(&format!("no `{head}` line"))
     };
     let (Some(received), Some(dropped)) = (
         number_before(account, "bytes"),
@@ -80,51 +79,66 @@ fn every_byte_of_the_flood_is_accounted_for() {
     ) else {
         boot.fail(&format!("cannot read `{account}`"))
     };
-    let prefix = guest_prefix("flood");
-    let printed: u64 = boot.guest_lines("flood").map(|l| l.len() as u64 + 1).sum();
-    let notice = format!("keel: warn: {prefix}... ");
+    let printed: u64 = boot.guest_lines(guest).map(|l| l.len() as u64 + 1).sum();
+    let notice = format!("keel: warn: {}... ", guest_prefix(guest));
     let noticed: u64 = boot
         .lines()
         .filter(|l| l.starts_with(&notice))
         .filter_map(|l| number_before(l, "bytes"))
         .sum();
-    let tables = boot
-        .lines()
-        .filter(|l| l.starts_with("keel: guest ") && l.contains("cpu cycles"))
-        .count() as u64;
     let summary_len = summary.len() as u64 + 1;
     println!(
-        "flood: {rounds} rounds; CONSOLE_WRITE accepted {hypercall} bytes ({short} short writes), \
-         UART {uart} bytes, summary {summary_len}; Keel received {received}, dropped {dropped} \
-         (notices say {noticed}), printed {printed}; PRINT_STATS printed {stats_ok} of {rounds} \
-         tables, {tables} tables on COM1"
+        "{guest}: {rounds} rounds; CONSOLE_WRITE accepted {hypercall} bytes ({short} short \
+         writes), UART {uart} bytes, summary {summary_len}; Keel received {received}, dropped \
+         {dropped} (notices say {noticed}), printed {printed}; PRINT_STATS printed {stats_ok} of \
+         {rounds} tables"
     );
-    let mut wrong = Vec::new();
     if received != hypercall + uart + summary_len {
         wrong.push(format!(
-            "Keel received {received} bytes, the guest sent {hypercall} + {uart} + {summary_len}"
+            "{guest}: Keel received {received} bytes, the guest sent {hypercall} + {uart} + \
+             {summary_len}"
         ));
     }
     if printed + dropped != received {
         wrong.push(format!(
-            "printed {printed} + dropped {dropped} != received {received}"
+            "{guest}: printed {printed} + dropped {dropped} != received {received}"
         ));
     }
     if noticed != dropped {
         wrong.push(format!(
-            "the drop notices add up to {noticed}, the account says {dropped}"
+            "{guest}: the drop notices add up to {noticed}, the account says {dropped}"
         ));
     }
+    (stats_ok, rounds, short, dropped)
+}
+
+#[test]
+fn every_byte_of_the_flood_is_accounted_for() {
+    let boot = boot();
+    let mut wrong = Vec::new();
+    let (flood_tables, _, short, dropped) = check_account(&boot, "flood", &mut wrong);
+    let (stats_tables, stats_calls, _, _) = check_account(&boot, "stats", &mut wrong);
     // The flood is far faster than COM1 (115200 baud): the throttle must have engaged.
     if short == 0 || dropped == 0 {
         wrong.push(format!(
-            "no short write ({short}) or no drop ({dropped}): the flood never filled the console"
+            "flood: no short write ({short}) or no drop ({dropped}): the console never filled"
+        ));
+    }
+    if stats_tables == 0 || stats_tables == stats_calls {
+        wrong.push(format!(
+            "stats: {stats_tables} of {stats_calls} PRINT_STATS printed: expected some, not all"
         ));
     }
     // One table per PRINT_STATS that returned 0, and Keel's final one.
-    if tables != stats_ok + 1 {
+    let tables = boot
+        .lines()
+        .filter(|l| l.starts_with("keel: guest ") && l.contains("cpu cycles"))
+        .count() as u64;
+    println!("{tables} tables on COM1");
+    if tables != flood_tables + stats_tables + 1 {
         wrong.push(format!(
-            "{tables} tables printed, expected {stats_ok} (PRINT_STATS answered 0) + 1"
+            "{tables} tables printed, expected {flood_tables} + {stats_tables} (PRINT_STATS \
+             answered 0) + 1"
         ));
     }
     if !wrong.is_empty() {

@@ -6,11 +6,12 @@
 //! stopped until all of it was accepted (a short write means Keel's console for this guest is
 //! full); then 20 lines on the UART, which cannot be short (Keel drops what does not fit, counts
 //! it and says so); then one PRINT_STATS (EAGAIN while Keel's console has no room for the table).
+//! With `stats=only` a round is the PRINT_STATS alone: Keel's table asked for as often as it can be.
 //! At the end one line, sent through CONSOLE_WRITE so it cannot be dropped, gives the totals:
 //! `flood done: rounds=R hypercall=H short=S uart=U stats=OK/CALLS`, where H counts the bytes
 //! Keel accepted through the hypercall and U every byte this guest wrote to THR since it started.
 
-use crate::required;
+use crate::{required, value};
 use guest_common::abi::{EAGAIN, HC_CONSOLE_WRITE, HC_PRINT_STATS, HC_YIELD};
 use guest_common::console::Line;
 use guest_common::{cpu, pit, say, serial, EXIT_FAILURE};
@@ -48,6 +49,7 @@ fn write_all(bytes: &[u8]) -> u64 {
 
 pub fn flood(cmdline: &[u8]) -> ! {
     let secs = required(cmdline, b"secs");
+    let stats_only = value(cmdline, b"stats") == Some(b"only");
     let hz = pit::tsc_hz().max(1);
     say!("flood: {} s at tsc {} kHz", secs, hz / 1000);
     let mut call = [0u8; LINES_PER_CALL * LINE_LEN];
@@ -63,10 +65,12 @@ pub fn flood(cmdline: &[u8]) -> ! {
     let (mut rounds, mut hypercall, mut short, mut stats_ok) = (0u64, 0u64, 0u64, 0u64);
     let t0 = cpu::rdtsc();
     while cpu::rdtsc().wrapping_sub(t0) < secs * hz {
-        short += write_all(&call);
-        hypercall += call.len() as u64;
-        for j in 0..UART_LINES_PER_ROUND {
-            say!("u{} {}", rounds, j);
+        if !stats_only {
+            short += write_all(&call);
+            hypercall += call.len() as u64;
+            for j in 0..UART_LINES_PER_ROUND {
+                say!("u{} {}", rounds, j);
+            }
         }
         match cpu::vmcall(HC_PRINT_STATS, 0, 0) {
             Ok(0) => stats_ok += 1,

@@ -14,7 +14,7 @@
 //! | `sleeper`  | halts between PIT ticks for `secs=N` (`timeshare`)       | 0x24      |
 //! | `clispin`  | spins `cycles=N` TSC cycles with interrupts off          | 0x25      |
 //! | `timekeeper` | halts `every=N` s on a LAPIC one-shot, then PRINT_STATS, until `secs=N` | 0x26 |
-//! | `flood`    | floods its console (CONSOLE_WRITE, UART, PRINT_STATS) for `secs=N` (`flood`) | 0x27 |
+//! | `flood`    | floods its console (CONSOLE_WRITE, UART, PRINT_STATS; `stats=only`: PRINT_STATS alone) for `secs=N` (`flood`) | 0x27 |
 //!
 //! Any failure (unexpected exception, expected fault missing) exits with 0x3f.
 #![no_std]
