@@ -1,13 +1,13 @@
 //! Keel's console log: leveled lines with a fixed prefix, written to whatever sink the boot code
-//! installs (COM1 on hardware, a buffer in host tests).
+//! installs (COM1 on hardware; host tests install none, and output is discarded).
 //!
 //! Output waits in a queue ([`OutputQueue`], in `log/queue.rs` with its policy) and leaves as the
 //! UART takes it; while guests run nothing ever waits for the UART.
 //!
 //! Every line Keel prints starts with `keel: `; warnings, errors and fatal errors add their level
 //! (`keel: error: ...`) so that a user (and the integration tests) can grep for them. Guest console
-//! output does not go through here: it is printed by the guest console code with the guest's name
-//! as its prefix.
+//! lines are queued here too ([`write_guest_line`]), with the guest's name as their prefix and
+//! under the guest's share of the queue.
 
 use core::fmt::{self, Write};
 use spin::Mutex;
@@ -152,9 +152,9 @@ pub fn busy() -> bool {
     !LOGGER.lock().queue.is_empty()
 }
 
-/// Writes `bytes` (complete lines) as `who`'s output, whole or not at all: true if queued. A
-/// guest's output never waits; Keel's waits for room only while no guest runs (otherwise it is
-/// dropped and counted like any of Keel's lines that find no room).
+/// Writes `bytes` (complete lines) as `who`'s output, whole or not at all: true if queued. While
+/// guests run nothing waits for room: a guest's output is refused (false), Keel's dropped and
+/// counted like any of its lines that find no room; once no guest runs, both wait.
 pub fn write_as(who: Writer, bytes: &[u8]) -> bool {
     let mut logger = LOGGER.lock();
     if logger.sink.is_none() {
