@@ -54,8 +54,11 @@ struct Logger {
     sink: Option<&'static mut dyn Sink>,
     min_level: Level,
     queue: OutputQueue<QUEUE_BYTES>,
-    /// While guests run, nothing waits for the UART: Keel's own lines that find the queue full
-    /// are dropped and counted. Before and after (boot, the final report, a panic) they wait.
+    /// While guests run, guest output never waits for the UART (it is refused, and waits in the
+    /// guest's console buffer); before and after (boot, the final report, a panic) it does.
+    /// Keel's own lines always wait for room: only Keel's own output can fill the whole queue
+    /// (guests cannot touch its reserve), and dropping "guest stopped" lines would hide what
+    /// happened. docs/HYPERCALLS.md, "Console output", says when that happens.
     guests_running: bool,
 }
 
@@ -72,10 +75,12 @@ impl Logger {
         }
     }
 
-    /// Waits until `who` may queue `len` bytes, unless guests run; false if it may not now.
+    /// Waits until `who` may queue `len` bytes (a guest only when no guest runs); false if it may
+    /// not now.
     fn room(&mut self, who: Writer, len: usize) -> bool {
         while !self.queue.fits(who, len) {
-            if self.guests_running || self.sink.is_none() || self.queue.is_empty() {
+            let may_wait = who == Writer::Keel || !self.guests_running;
+            if !may_wait || self.sink.is_none() || self.queue.is_empty() {
                 return false;
             }
             self.pump();
@@ -117,15 +122,13 @@ pub fn set_level(level: Level) {
     LOGGER.lock().min_level = level;
 }
 
-/// `guests` guests are about to run (0: none runs any more): from now on nothing waits for the
-/// UART, and the guests share the guest part of the queue equally (docs/HYPERCALLS.md, "Console
-/// output").
+/// `guests` guests are about to run (0: none runs any more): from now on guest output never
+/// waits for the UART, the guests share the guest part of the queue equally and Keel keeps to its
+/// reserve (docs/HYPERCALLS.md, "Console output").
 pub fn set_guests_running(guests: usize) {
     let mut logger = LOGGER.lock();
     logger.guests_running = guests > 0;
-    if guests > 0 {
-        logger.queue.set_guests(guests);
-    }
+    logger.queue.set_guests(guests);
 }
 
 /// Lets the console make progress (called from Keel's run loop between guest slices).
@@ -153,8 +156,7 @@ pub fn busy() -> bool {
 }
 
 /// Writes `bytes` (complete lines) as `who`'s output, whole or not at all: true if queued. While
-/// guests run nothing waits for room: a guest's output is refused (false), Keel's dropped and
-/// counted like any of its lines that find no room; once no guest runs, both wait.
+/// guests run a guest's output never waits for room (false: refused); Keel's waits.
 pub fn write_as(who: Writer, bytes: &[u8]) -> bool {
     let mut logger = LOGGER.lock();
     if logger.sink.is_none() {

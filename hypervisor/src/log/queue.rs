@@ -10,8 +10,10 @@
 //!   share (a guest with nothing queued may always queue one line), so one flooding guest neither
 //!   delays another's output for long nor crowds it out;
 //! - the reserve is Keel's own (errors, warnings, its accounting table): a guest's flood cannot
-//!   lose them. Should Keel's lines find even that full, they are dropped and counted, and the
-//!   next line that fits says how many bytes were lost ([`OutputQueue::write_keel`]).
+//!   crowd them out. While guests run Keel keeps to it in turn (`log` waits for room for Keel's
+//!   lines), so Keel's own chatter cannot crowd out the guests either. Should Keel's lines find even that full (`log` waits for room for them, so
+//!   only a line that could never fit), they are dropped and counted, and the next line that fits
+//!   says how many bytes were lost ([`OutputQueue::write_keel`]).
 
 use core::fmt;
 
@@ -125,8 +127,12 @@ pub struct OutputQueue<const N: usize> {
     runs_len: usize,
     /// Bytes each guest slot has in the queue.
     held: [usize; SLOTS],
+    /// Bytes of Keel's own in the queue.
+    keel_held: usize,
     /// Guests sharing the queue (at least 1).
     guests: usize,
+    /// Guests run: Keel keeps to its reserve (a line at a time past it when it holds nothing).
+    shared: bool,
     /// Bytes of Keel's own lines dropped and not yet reported.
     keel_dropped: u64,
 }
@@ -142,7 +148,9 @@ impl<const N: usize> OutputQueue<N> {
             runs_head: 0,
             runs_len: 0,
             held: [0; SLOTS],
+            keel_held: 0,
             guests: 1,
+            shared: false,
             keel_dropped: 0,
         }
     }
@@ -155,9 +163,11 @@ impl<const N: usize> OutputQueue<N> {
         self.bytes.len()
     }
 
-    /// How many guests share the guest part of the queue (each may hold `(N - RESERVE) / n`).
+    /// How many guests run and share the guest part of the queue (each may hold
+    /// `(N - RESERVE) / n`); 0: none runs, and Keel may use the whole queue.
     pub fn set_guests(&mut self, n: usize) {
         self.guests = n.max(1);
+        self.shared = n > 0;
     }
 
     /// The most one guest may hold at once.
@@ -180,10 +190,16 @@ impl<const N: usize> OutputQueue<N> {
         let free = N - self.bytes.len();
         let merges = self.runs_len > 0 && self.runs[self.tail()].owner == who.owner();
         match who {
-            Writer::Keel => len <= free && (merges || self.runs_len < RUNS),
+            Writer::Keel => {
+                let within =
+                    !self.shared || self.keel_held == 0 || self.keel_held + len <= Self::RESERVE;
+                len <= free && within && (merges || self.runs_len < RUNS)
+            }
             Writer::Guest(id) => {
                 let held = self.held(id);
-                self.bytes.len() + len <= N - Self::RESERVE
+                let guests = self.bytes.len() - self.keel_held;
+                len <= free
+                    && guests + len <= N - Self::RESERVE
                     && (held == 0 || held + len <= self.guest_quota())
                     && (merges || self.runs_len < RUNS - RUNS_RESERVE)
             }
@@ -251,6 +267,8 @@ impl<const N: usize> OutputQueue<N> {
         run.len -= 1;
         if run.owner > 0 {
             self.held[run.owner as usize - 1] -= 1;
+        } else {
+            self.keel_held -= 1;
         }
         if run.len == 0 {
             self.runs_head = (self.runs_head + 1) % RUNS;
@@ -281,6 +299,8 @@ impl<const N: usize> OutputQueue<N> {
         self.runs[tail].len += bytes.len() as u32;
         if owner > 0 {
             self.held[owner as usize - 1] += bytes.len();
+        } else {
+            self.keel_held += bytes.len();
         }
     }
 }
@@ -452,6 +472,38 @@ mod tests {
         assert!(q.write_keel(256, |w| w.put(&[&keel[..], b"\n"].concat())));
         assert_eq!(q.len(), 1024);
         assert_eq!(q.keel_dropped(), 0);
+    }
+
+    /// While guests run, Keel keeps to its reserve: its own flood of lines leaves the guests'
+    /// part free (a guest restarted 2000 times made Keel starve the guests' output).
+    #[test]
+    fn keel_keeps_to_its_reserve_while_guests_run() {
+        let mut q = Q::new();
+        q.set_guests(2);
+        let line = [b'k'; 98]; // 100 bytes on the wire
+        let mut keel = 0;
+        while q.fits(Writer::Keel, 100) {
+            assert!(q.write_keel(100, |w| w.put(&[&line[..], b"\n"].concat())));
+            keel += 1;
+        }
+        assert_eq!(
+            (keel, q.len()),
+            (2, 200),
+            "reserve 256: a third line would pass it"
+        );
+        // The guests still have their 768.
+        let g = [b'g'; 126]; // 128
+        for id in 0..2 {
+            for _ in 0..3 {
+                assert!(q.write(Writer::Guest(id), &[&g, b"\n"]));
+            }
+        }
+        assert_eq!(q.len(), 200 + 768);
+        assert!(!q.write(Writer::Guest(1), &[b"x\n"]));
+        // Once no guest runs, Keel may use all of it.
+        q.set_guests(0);
+        assert!(q.write_keel(56, |w| w.put(&[&[b'k'; 54][..], b"\n"].concat())));
+        assert_eq!(q.len(), 1024);
     }
 
     #[test]
