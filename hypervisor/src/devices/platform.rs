@@ -577,6 +577,11 @@ impl Platform {
         &mut self.console
     }
 
+    /// The console, to read its counts.
+    pub fn console_ref(&self) -> &ConsoleBuffer {
+        &self.console
+    }
+
     pub fn stats(&self) -> PlatformStats {
         let timer = self.chipset.lapic.timer_stats();
         PlatformStats {
