@@ -97,8 +97,15 @@ pub fn needed_files(manifest: &Manifest) -> Vec<String> {
 }
 
 /// Parses `text` (so a bad manifest fails here, with its line number, rather than in Keel) and
-/// packs it with the files it names from `files_dir` into a ramdisk archive.
-pub fn pack_ramdisk(manifest_path: &Path, text: &str, files_dir: Option<&Path>) -> Result<Vec<u8>> {
+/// packs it with the files it names from `files_dir` into a ramdisk archive. A linux guest's
+/// kernel is packed as the kernel image Keel loads (`prepare_linux_kernels`); unless `quiet`,
+/// what was made of it is printed.
+pub fn pack_ramdisk(
+    manifest_path: &Path,
+    text: &str,
+    files_dir: Option<&Path>,
+    quiet: bool,
+) -> Result<Vec<u8>> {
     let parsed = manifest::parse(text).map_err(|e| anyhow!("{}: {e}", manifest_path.display()))?;
     let names = needed_files(&parsed);
     let mut contents: Vec<(String, Vec<u8>)> = Vec::new();
@@ -122,10 +129,55 @@ pub fn pack_ramdisk(manifest_path: &Path, text: &str, files_dir: Option<&Path>) 
             contents.push((name, data));
         }
     }
+    prepare_linux_kernels(manifest_path, &parsed, &mut contents, quiet)?;
     check_guests_load(manifest_path, &parsed, &contents)?;
     let mut entries: Vec<(&str, &[u8])> = vec![(keel::archive::MANIFEST_NAME, text.as_bytes())];
     entries.extend(contents.iter().map(|(n, d)| (n.as_str(), d.as_slice())));
     keel::archive::build(&entries).map_err(|e| anyhow!("cannot pack the ramdisk: {e}"))
+}
+
+/// Replaces each linux guest's kernel file (a bzImage or a vmlinux ELF) with the kernel image
+/// Keel's Linux loader reads (`crate::linux::prepare`: the payload decompressed here, not in the
+/// emulator). A file that already is such an image is kept. A kernel file that another guest also
+/// uses as something else (an ELF guest's image, an initrd) is refused: it can be only one entry.
+fn prepare_linux_kernels(
+    manifest_path: &Path,
+    parsed: &Manifest,
+    files: &mut [(String, Vec<u8>)],
+    quiet: bool,
+) -> Result<()> {
+    let linux = |g: &manifest::GuestConfig| g.kind == manifest::GuestKind::Linux;
+    for (name, data) in files.iter_mut() {
+        if !parsed.guests.iter().any(|g| linux(g) && g.image == *name) {
+            continue;
+        }
+        if let Some(other) = parsed
+            .guests
+            .iter()
+            .find(|g| (!linux(g) && g.image == *name) || g.modules.contains(name))
+        {
+            bail!(
+                "{}: `{name}` is a linux guest's kernel and also used by guest {} (kind = {}); \
+                 one file cannot be both: copy it under another name",
+                manifest_path.display(),
+                other.name,
+                kind_name(other.kind)
+            );
+        }
+        if keel::loader::linux::KernelImage::is_kernel_image(data) {
+            continue;
+        }
+        let prepared = crate::linux::prepare(data)
+            .with_context(|| format!("{}: the Linux kernel `{name}`", manifest_path.display()))?;
+        if !quiet {
+            eprintln!(
+                "keel-boot: {}",
+                crate::linux::describe(name, data.len(), &prepared)
+            );
+        }
+        *data = prepared.image;
+    }
+    Ok(())
 }
 
 /// Runs Keel's own loaders against every guest as Keel will start it: its image and modules,
@@ -184,6 +236,7 @@ fn kind_name(kind: manifest::GuestKind) -> &'static str {
         manifest::GuestKind::Flat => "flat",
         manifest::GuestKind::Elf => "elf",
         manifest::GuestKind::Multiboot => "multiboot",
+        manifest::GuestKind::Linux => "linux",
     }
 }
 
@@ -365,7 +418,7 @@ pub fn build_images(opts: &ImageOptions) -> Result<Images> {
             Some(built_guests.clone())
         }
     };
-    let packed = pack_ramdisk(&opts.manifest, &text, files_dir.as_deref());
+    let packed = pack_ramdisk(&opts.manifest, &text, files_dir.as_deref(), opts.quiet);
     let _ = std::fs::remove_dir_all(&built_guests);
     let archive = packed?;
 
@@ -445,7 +498,7 @@ memory = 2M
     }
 
     fn pack_error(manifest: &str, dir: &Path) -> String {
-        let e = pack_ramdisk(Path::new("t.manifest"), manifest, Some(dir))
+        let e = pack_ramdisk(Path::new("t.manifest"), manifest, Some(dir), true)
             .expect_err("the manifest is refused");
         format!("{e:#}")
     }
@@ -483,7 +536,8 @@ memory = 2M
         assert!(pack_ramdisk(
             Path::new("t"),
             &guest("multiboot", "mb.elf", "2M", ""),
-            Some(&dir)
+            Some(&dir),
+            true
         )
         .is_ok());
         assert_eq!(
@@ -521,7 +575,7 @@ memory = 2M
         }
         let text = "[guest a]\nkind = flat\nimage = a/x.bin\nmemory = 2M\n\
                     [guest b]\nkind = flat\nimage = b/x.bin\nmemory = 2M\n";
-        let bytes = pack_ramdisk(Path::new("t"), text, Some(&dir))?;
+        let bytes = pack_ramdisk(Path::new("t"), text, Some(&dir), true)?;
         let archive = Archive::parse(&bytes).map_err(|e| anyhow!("{e}"))?;
         assert_eq!(archive.get("a/x.bin"), Some(&b"\xeb\xfe"[..]));
         assert_eq!(archive.get("b/x.bin"), Some(&b"\xf4\xf4"[..]));
@@ -546,6 +600,70 @@ memory = 2M
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A linux guest's bzImage is packed as Keel's kernel image (decompressed), its initrd as
+    /// its one module, and the Linux loader runs against them at pack time.
+    #[test]
+    fn linux_kernels_are_prepared_and_checked_at_pack_time() -> Result<()> {
+        use crate::linux::tests::{bzimage, text, vmlinux};
+        use keel::loader::linux::KernelImage;
+        let elf = vmlinux(&text());
+        let bz = bzimage(&elf);
+        let dir = files_dir(
+            "linux",
+            &[
+                ("bzImage", &bz),
+                ("rootfs", b"070701"),
+                ("b.bin", b"\xeb\xfe"),
+            ],
+        );
+        let text = "[guest lx]\nkind = linux\nimage = bzImage\nmemory = 32M\n\
+                    initrd = rootfs\ncmdline = console=ttyS0\n";
+        let bytes = pack_ramdisk(Path::new("t"), text, Some(&dir), true)?;
+        let archive = Archive::parse(&bytes).map_err(|e| anyhow!("{e}"))?;
+        let packed = archive.get("bzImage").expect("the kernel entry");
+        assert_eq!(packed, &crate::linux::prepare(&bz)?.image[..]);
+        let k = KernelImage::parse(packed).map_err(|e| anyhow!("{e}"))?;
+        assert_eq!((k.entry, k.segments[0].paddr), (0x100_0000, 0x100_0000));
+        assert_eq!(archive.get("rootfs"), Some(&b"070701"[..]));
+        // The loader at pack time: the kernel at 16 MiB needs more than 16 MiB of RAM, and
+        // the initrd must fit above it.
+        assert_eq!(
+            pack_error(&text.replace("32M", "16M"), &dir),
+            "t.manifest: guest lx: `bzImage` (kind = linux, memory = 16M) cannot be loaded: \
+             guest RAM of 0x1000000 bytes is too small, need 0x104a3e0"
+        );
+        assert_eq!(
+            pack_error(
+                &text.replace("32M", "18M").replace("rootfs", "bzImage"),
+                &dir
+            ),
+            "t.manifest: `bzImage` is a linux guest's kernel and also used by guest lx \
+             (kind = linux); one file cannot be both: copy it under another name"
+        );
+        assert_eq!(
+            pack_error(
+                &format!(
+                    "{text}[guest b]\nkind = flat\nimage = b.bin\nmemory = 2M\nmodules = bzImage\n"
+                ),
+                &dir
+            ),
+            "t.manifest: `bzImage` is a linux guest's kernel and also used by guest b \
+             (kind = flat); one file cannot be both: copy it under another name"
+        );
+        let cut = files_dir(
+            "linux-cut",
+            &[("bzImage", &bz[..bz.len() - 9]), ("rootfs", b"")],
+        );
+        let e = pack_error(text, &cut);
+        assert!(
+            e.starts_with("t.manifest: the Linux kernel `bzImage`: "),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&cut);
+        Ok(())
+    }
+
     #[test]
     fn needed_files_in_first_use_order_once() {
         let m = manifest::parse(TWO_GUESTS).expect("sample parses");
@@ -560,7 +678,7 @@ memory = 2M
         std::fs::write(dir.join("initrd"), b"INITRD")?;
         std::fs::write(dir.join("b.bin"), b"\xeb\xfe")?;
         std::fs::write(dir.join("unused"), b"not packed")?;
-        let bytes = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, Some(&dir))?;
+        let bytes = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, Some(&dir), true)?;
         let archive = Archive::parse(&bytes).map_err(|e| anyhow!("{e}"))?;
         let names: Vec<&str> = archive.entries().map(|(n, _)| n).collect();
         assert_eq!(names, ["manifest", "a.elf", "initrd", "b.bin"]);
@@ -574,7 +692,8 @@ memory = 2M
     #[test]
     fn bad_manifest_fails_with_path_and_line() {
         let text = "[guest a]\nkind = flat\nimage = x\nmemory = 3M\n";
-        let e = pack_ramdisk(Path::new("demo.manifest"), text, None).expect_err("3M is rejected");
+        let e =
+            pack_ramdisk(Path::new("demo.manifest"), text, None, true).expect_err("3M is rejected");
         let msg = format!("{e:#}");
         assert!(msg.contains("demo.manifest: manifest line 4:"), "{msg}");
     }
@@ -582,11 +701,11 @@ memory = 2M
     #[test]
     fn missing_file_is_named() {
         let dir = scratch("missing");
-        let e = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, Some(&dir))
+        let e = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, Some(&dir), true)
             .expect_err("files are missing");
         let msg = format!("{e:#}");
         assert!(msg.contains("names `a.elf`"), "{msg}");
-        let e = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, None)
+        let e = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, None, true)
             .expect_err("no files directory");
         assert!(format!("{e:#}").contains("a.elf, initrd, b.bin"));
         let _ = std::fs::remove_dir_all(&dir);
@@ -594,7 +713,7 @@ memory = 2M
 
     #[test]
     fn manifest_without_guests_needs_no_files() -> Result<()> {
-        let bytes = pack_ramdisk(Path::new("empty"), "[keel]\nquantum_ms = 5\n", None)?;
+        let bytes = pack_ramdisk(Path::new("empty"), "[keel]\nquantum_ms = 5\n", None, true)?;
         let archive = Archive::parse(&bytes).map_err(|e| anyhow!("{e}"))?;
         assert_eq!(archive.len(), 1);
         Ok(())

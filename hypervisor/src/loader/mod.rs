@@ -6,7 +6,9 @@
 //!
 //! - [`flat`]: a raw binary entered in 16-bit real mode, like a BIOS boot sector;
 //! - [`elf`]: an ELF32 kernel entered in protected mode or an ELF64 kernel entered in long mode;
-//! - [`multiboot`]: a multiboot 1 kernel, entered as the multiboot specification says.
+//! - [`multiboot`]: a multiboot 1 kernel, entered as the multiboot specification says;
+//! - [`linux`]: a Linux kernel (packed by keel-boot from a bzImage or vmlinux), entered by the
+//!   x86 64-bit boot protocol with its own layout below 1 MiB (see that module).
 //!
 //! Nothing here trusts the image: every offset and size read from it is checked, and a malformed
 //! image is a [`LoadError`], never a panic. On error the RAM contents are unspecified; the caller
@@ -26,6 +28,7 @@
 //! top - 0x11000 .. top   initial stack (64 KiB) and a 4 KiB reserve at the very top
 //! ```
 //!
+//! Linux guests use their own layout (0x90000-0x9ffff, e820-reserved; see [`linux`]).
 //! ELF and multiboot images (and multiboot modules) may not overlap `0x1000..0xb000` nor the
 //! stack area; docs/GUESTS.md is the user-facing copy of this table.
 
@@ -191,6 +194,12 @@ pub enum LoadError {
     BadLinux(&'static str),
     /// A bzImage whose boot protocol is older than `linux::MIN_PROTOCOL`.
     LinuxProtocol(u16),
+    /// A Linux initrd larger than the RAM between the kernel (its `init_size`) and the lower of
+    /// the end of RAM and the kernel's `initrd_addr_max`.
+    InitrdTooBig {
+        size: u64,
+        room: u64,
+    },
 }
 
 impl fmt::Display for LoadError {
@@ -256,6 +265,11 @@ impl fmt::Display for LoadError {
                 linux::MIN_PROTOCOL >> 8,
                 linux::MIN_PROTOCOL & 0xff
             ),
+            Self::InitrdTooBig { size, room } => write!(
+                f,
+                "initrd of {size:#x} bytes does not fit the {room:#x} bytes of RAM between the \
+                 kernel's init_size and its initrd_addr_max or the end of RAM"
+            ),
         }
     }
 }
@@ -266,6 +280,7 @@ pub fn load(ram: &mut [u8], req: &LoadRequest) -> Result<InitialState, LoadError
         GuestKind::Flat => flat::load(ram, req),
         GuestKind::Elf => elf::load(ram, req),
         GuestKind::Multiboot => multiboot::load(ram, req),
+        GuestKind::Linux => linux::load(ram, req),
     }
 }
 
