@@ -240,6 +240,59 @@ fn kind_name(kind: manifest::GuestKind) -> &'static str {
     }
 }
 
+/// The directory under the output directory where `--linux` writes its manifest and links to
+/// the kernel and initrd (kept after the run, so the manifest can be copied and extended).
+pub const LINUX_GUEST_DIR: &str = "linux-guest";
+
+/// The one-guest manifest of `--linux`: a guest `linux` with the archive entries `kernel` and
+/// (with an initrd) `initrd`.
+pub fn linux_manifest_text(linux: &crate::cli::LinuxArgs) -> String {
+    let mut text = String::from(
+        "# Written by `cargo keel ... --linux`: one Linux guest (docs/GUESTS.md, kind = linux).\n\
+         # The files are links in this directory; copy the manifest to add guests.\n\
+         [guest linux]\nkind = linux\nimage = kernel\n",
+    );
+    if linux.initrd.is_some() {
+        text.push_str("initrd = initrd\n");
+    }
+    text.push_str(&format!("memory = {}M\n", linux.memory >> 20));
+    text.push_str(&format!("cmdline = {}\n", linux.cmdline));
+    text
+}
+
+/// Writes the `--linux` manifest and links named `kernel` and `initrd` to the user's files into
+/// `out/linux-guest`; returns (the manifest, the files directory).
+pub fn write_linux_guest(out: &Path, linux: &crate::cli::LinuxArgs) -> Result<(PathBuf, PathBuf)> {
+    if linux.cmdline.contains(['\n', '\r']) {
+        bail!("--append: the command line must be one line");
+    }
+    let dir = out.join(LINUX_GUEST_DIR);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let files = std::iter::once(("kernel", &linux.kernel))
+        .chain(linux.initrd.iter().map(|i| ("initrd", i)));
+    for (name, path) in files {
+        let target = std::fs::canonicalize(path)
+            .with_context(|| format!("--linux: cannot read {}", path.display()))?;
+        std::os::unix::fs::symlink(&target, dir.join(name))
+            .with_context(|| format!("cannot link {} in {}", target.display(), dir.display()))?;
+    }
+    let manifest = dir.join("linux.manifest");
+    std::fs::write(&manifest, linux_manifest_text(linux))
+        .with_context(|| format!("cannot write {}", manifest.display()))?;
+    Ok((manifest, dir))
+}
+
+/// MiB of emulated machine for a `--linux` guest of `guest_memory` bytes booted from a ramdisk
+/// of `ramdisk_len` bytes: both, plus 64 MiB for Keel and the firmware, in steps of 64 MiB, at
+/// least the usual 256.
+pub fn linux_machine_mib(guest_memory: u64, ramdisk_len: u64) -> u32 {
+    let mib = (guest_memory >> 20) + ramdisk_len.div_ceil(1 << 20) + 64;
+    u32::try_from(mib.div_ceil(64) * 64)
+        .unwrap_or(u32::MAX)
+        .max(256)
+}
+
 /// Runs a build command; with `quiet`, its output is kept and shown only if it fails.
 fn run_build(mut cmd: Command, what: &str, quiet: bool) -> Result<()> {
     cmd.stdin(Stdio::null());
@@ -662,6 +715,63 @@ memory = 2M
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(&cut);
         Ok(())
+    }
+
+    /// `--linux`: the manifest names `kernel` and `initrd`, which link to the user's files.
+    #[test]
+    fn linux_guest_manifest_and_links() -> Result<()> {
+        let dir = files_dir("linux-guest", &[("bz", b"BZ"), ("rd", b"RD")]);
+        let mut linux = crate::cli::LinuxArgs {
+            kernel: dir.join("bz"),
+            initrd: Some(dir.join("rd")),
+            cmdline: "console=ttyS0 quiet # kept".into(),
+            memory: 512 << 20,
+        };
+        let out = dir.join("out");
+        let (manifest, files) = write_linux_guest(&out, &linux)?;
+        assert_eq!(files, out.join("linux-guest"));
+        let text = std::fs::read_to_string(&manifest)?;
+        let parsed = manifest::parse(&text).map_err(|e| anyhow!("{e}"))?;
+        let g = &parsed.guests[0];
+        assert_eq!(
+            (g.name.as_str(), g.kind, g.image.as_str(), g.memory),
+            ("linux", manifest::GuestKind::Linux, "kernel", 512 << 20)
+        );
+        assert_eq!(g.modules, ["initrd"]);
+        assert_eq!(g.cmdline, "console=ttyS0 quiet # kept");
+        assert_eq!(std::fs::read(files.join("kernel"))?, b"BZ");
+        assert_eq!(std::fs::read(files.join("initrd"))?, b"RD");
+        // Again without an initrd: the old link goes.
+        linux.initrd = None;
+        let (manifest, files) = write_linux_guest(&out, &linux)?;
+        let parsed =
+            manifest::parse(&std::fs::read_to_string(&manifest)?).map_err(|e| anyhow!("{e}"))?;
+        assert!(parsed.guests[0].modules.is_empty());
+        assert!(!files.join("initrd").exists());
+        linux.kernel = dir.join("missing");
+        let e = write_linux_guest(&out, &linux).expect_err("no such kernel");
+        assert!(
+            format!("{e:#}").starts_with("--linux: cannot read "),
+            "{e:#}"
+        );
+        linux.cmdline = "a\nb".into();
+        assert_eq!(
+            format!(
+                "{:#}",
+                write_linux_guest(&out, &linux).expect_err("two lines")
+            ),
+            "--append: the command line must be one line"
+        );
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn linux_machine_memory() {
+        // 256 MiB guest, Debian's 35 MB kernel image: 256 + 34 + 64 -> 384.
+        assert_eq!(linux_machine_mib(256 << 20, 35_000_000), 384);
+        assert_eq!(linux_machine_mib(32 << 20, 1 << 20), 256);
+        assert_eq!(linux_machine_mib(2 << 30, 100 << 20), 2240);
     }
 
     #[test]
