@@ -316,11 +316,13 @@ pub const CMDLINE_ADDR: u64 = 0x9_1000;
 pub const GDT_ADDR: u64 = 0x9_2000;
 /// The PML4; the PDPT and the page directories follow it.
 pub const PML4_ADDR: u64 = 0x9_3000;
+/// The initial stack: from `STACK_BOTTOM` up to `STACK_TOP` (24 KiB), above the page tables.
+pub const STACK_BOTTOM: u64 = 0x9_9000;
 pub const STACK_TOP: u64 = 0x9_f000;
 /// RAM above the PC's BIOS area, where the kernel and the initrd go.
 pub const HIGH_RAM_START: u64 = 0x10_0000;
 const PAGE: u64 = 0x1000;
-const _: () = assert!(PML4_ADDR + IDENTITY_MAP_BYTES <= STACK_TOP - 0x4000);
+const _: () = assert!(PML4_ADDR + IDENTITY_MAP_BYTES <= STACK_BOTTOM);
 
 /// Linux's boot GDT: `__BOOT_CS` = 0x10 (64-bit code), `__BOOT_DS` = 0x18 (data), both flat
 /// (boot.rst: "__BOOT_CS must have execute/read permission, and __BOOT_DS must have read/write
