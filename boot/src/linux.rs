@@ -238,8 +238,8 @@ pub fn prepare(kernel: &[u8]) -> Result<Prepared> {
 /// One line saying what `prepare` made of the kernel file `name` of `file_len` bytes.
 pub fn describe(name: &str, file_len: usize, p: &Prepared) -> String {
     let mb = |n: usize| format!("{:.1} MB", n as f64 / 1e6);
-    let segments = KernelImage::parse(&p.image).map_or(0, |k| k.segments.len());
-    let entry = KernelImage::parse(&p.image).map_or(0, |k| k.entry);
+    let (segments, entry) =
+        KernelImage::parse(&p.image).map_or((0, 0), |k| (k.segments.len(), k.entry));
     let source = match p.protocol {
         Some(v) => format!(
             "bzImage {} (boot protocol {}.{:02}, {} payload) -> vmlinux {}",
