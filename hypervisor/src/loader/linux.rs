@@ -508,7 +508,8 @@ pub fn load(ram: &mut [u8], req: &LoadRequest) -> Result<InitialState, LoadError
     }
     // init_size: what the kernel needs from its load address before it reads the memory map
     // (at least the segments themselves).
-    let needed = end.max(start + u64::from(zp.get_u32(zp::INIT_SIZE)));
+    let init_size = u64::from(zp.get_u32(zp::INIT_SIZE));
+    let needed = end.max(span("kernel (init_size)", start, init_size)?.end);
     if needed > ram_len {
         return Err(LoadError::RamTooSmall {
             needed,
@@ -1004,6 +1005,21 @@ mod tests {
                 what: "kernel segment",
                 addr: u64::MAX - 8,
                 size: 0x40
+            }
+        );
+        // A segment near the top of the address space: its init_size would wrap.
+        assert_eq!(
+            boot(
+                &entry_in(vec![seg(u64::MAX - 0x1fff, 0x1000)]),
+                64 * MIB,
+                "",
+                &[]
+            )
+            .unwrap_err(),
+            LoadError::OutsideRam {
+                what: "kernel (init_size)",
+                addr: u64::MAX - 0x1fff,
+                size: 0x300_0000
             }
         );
         let far = KernelImage {
