@@ -2,7 +2,7 @@
 //!
 //! Guest RAM is handed in as one byte slice covering guest-physical `0..len`. A loader writes the
 //! image and whatever boot structures its convention needs, and returns an [`InitialState`] that
-//! the VMX layer turns into VMCS guest state. Three kinds exist, one file each:
+//! the VMX layer turns into VMCS guest state. Four kinds exist, one file each:
 //!
 //! - [`flat`]: a raw binary entered in 16-bit real mode, like a BIOS boot sector;
 //! - [`elf`]: an ELF32 kernel entered in protected mode or an ELF64 kernel entered in long mode;
