@@ -415,6 +415,10 @@ impl Vm {
             ram_block,
         };
         vm.boot()?;
+        if vm.setup.cfg.refuse {
+            // Dropping `vm` gives back everything allocated above, as for any refusal.
+            return Err("refused on request (selftest = refuse)".into());
+        }
         // The guest's heap share: its device models, buffers and bookkeeping (the `Vm` itself is
         // in the caller's vector and counted by size).
         let heap = arch::boot::heap_used().saturating_sub(heap_before) + core::mem::size_of::<Vm>();

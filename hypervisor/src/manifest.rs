@@ -55,6 +55,10 @@ pub struct GuestConfig {
     pub modules: Vec<String>,
     /// How many times to restart the guest after it dies.
     pub restart: u32,
+    /// `selftest = refuse`: Keel refuses the guest at boot after it has allocated everything the
+    /// guest needs (RAM, EPT, VMCS, ...), so a test can check that a refused guest gives it all
+    /// back. Its image must still be one the loaders accept (they also run at pack time).
+    pub refuse: bool,
 }
 
 /// Keel checking its own failure paths on request (`[keel] selftest = panic | fault`): after VMXON
@@ -141,6 +145,7 @@ struct Partial {
     entry: Option<u64>,
     modules: Vec<String>,
     restart: u32,
+    refuse: bool,
 }
 
 /// Checks that `file` (an `image` or `module` of guest `guest`) can be an archive entry of its
@@ -237,6 +242,7 @@ impl Partial {
             entry: self.entry.unwrap_or(load),
             modules: self.modules,
             restart: self.restart,
+            refuse: self.refuse,
         })
     }
 }
@@ -294,6 +300,7 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     entry: None,
                     modules: Vec::new(),
                     restart: 0,
+                    refuse: false,
                 });
             } else {
                 return Err(err(line_no, format_args!("unknown section [{section}]")));
@@ -380,6 +387,12 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     .ok_or_else(|| err(line_no, "restart must be a number up to 1000000"))?
                     as u32
             }
+            "selftest" => {
+                g.refuse = match value {
+                    "refuse" => true,
+                    _ => return Err(err(line_no, "a guest's selftest must be refuse")),
+                }
+            }
             _ => return Err(err(line_no, format_args!("unknown key {key}"))),
         }
     }
@@ -429,6 +442,15 @@ restart = 7
         assert_eq!(g.cmdline, "console=ttyS0 # kept");
         assert_eq!(g.modules, ["a", "b"]);
         assert_eq!((g.restart, m.guests[0].restart), (7, 0));
+        let refused =
+            parse("[guest r]\nkind = elf\nimage = x\nmemory = 4M\nselftest = refuse\n").unwrap();
+        assert!(refused.guests[0].refuse && !m.guests[0].refuse);
+        let e =
+            parse("[guest r]\nkind = elf\nimage = x\nmemory = 4M\nselftest = panic\n").unwrap_err();
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (5, "a guest's selftest must be refuse")
+        );
     }
 
     #[test]

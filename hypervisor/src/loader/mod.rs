@@ -489,6 +489,7 @@ pub(crate) mod test_util {
             entry: crate::manifest::DEFAULT_FLAT_LOAD,
             modules: Vec::<String>::new(),
             restart: 0,
+            refuse: false,
         }
     }
 

@@ -22,7 +22,6 @@
 
 use super::Tally;
 use core::arch::asm;
-use hostile64::catch::Fault;
 use hostile64::fault;
 
 const PF: u8 = 14;
@@ -176,10 +175,7 @@ fn straddling_elements(t: &mut Tally) {
     t.expect(format_args!("REP INSW into a missing page"), f, Some(PF));
     t.require(
         format_args!("#PF error code {:?} (a supervisor write, not present)", f),
-        f == Some(Fault {
-            vector: PF,
-            error: 0b010,
-        }),
+        f.map(|f| (f.vector, f.error)) == Some((PF, 0b010)),
     );
     t.require(format_args!("CR2 {cr2:#x}"), cr2 == STRADDLE_VA + 0x2000);
     t.require(
