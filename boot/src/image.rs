@@ -87,9 +87,10 @@ fn profile(release: bool) -> &'static str {
 pub fn needed_files(manifest: &Manifest) -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
     for guest in &manifest.guests {
-        for name in std::iter::once(&guest.image).chain(&guest.modules) {
-            if !names.contains(name) {
-                names.push(name.clone());
+        let modules = guest.modules.iter().map(|m| manifest::module_file(m));
+        for name in std::iter::once(guest.image.as_str()).chain(modules) {
+            if !names.iter().any(|n| n == name) {
+                names.push(name.to_string());
             }
         }
     }
@@ -153,7 +154,7 @@ fn check_guests_load(
         let modules = guest
             .modules
             .iter()
-            .map(|m| Ok((m.as_str(), file(m)?)))
+            .map(|m| Ok((m.as_str(), file(manifest::module_file(m))?)))
             .collect::<Result<Vec<_>>>()?;
         let request = keel::loader::LoadRequest {
             cfg: &cfg,
@@ -501,11 +502,11 @@ memory = 2M
             "t.manifest: guest g1: `b.bin` (kind = flat, memory = 2M) cannot be loaded: \
              only multiboot guests take modules"
         );
-        // Too many modules for the multiboot info area.
+        // Too many modules for the RAM: each takes a page after the kernel (QEMU's layout).
         let many = vec!["b.bin"; 600].join(" ");
         assert_eq!(
             pack_error(&guest("multiboot", "mb.elf", "2M", &format!("modules = {many}\n")), &dir),
-            "t.manifest: guest g1: `mb.elf` (kind = multiboot, memory = 2M) cannot be loaded: multiboot modules and strings do not fit the info area"
+            "t.manifest: guest g1: `mb.elf` (kind = multiboot, memory = 2M) cannot be loaded: modules and boot information at 0x100030 (+0x25cfd0) lies outside guest RAM"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -251,7 +251,7 @@ pub fn translate(ram: &GuestRam, mode: &PagingMode, la: u64) -> Option<u64> {
 /// read-only page faults in user mode, and in supervisor mode when CR0.WP = 1; a user access to
 /// a supervisor page faults; with CR4.SMAP a supervisor access to a user page faults unless
 /// RFLAGS.AC = 1). Protection keys (CR4.PKE) are not checked: Keel does not see the guest's PKRU.
-fn check(ram: &GuestRam, mode: &PagingMode, la: u64, kind: AccessKind) -> Result<Walk, Fault> {
+pub fn check(ram: &GuestRam, mode: &PagingMode, la: u64, kind: AccessKind) -> Result<Walk, Fault> {
     let fault = |bits: u32| {
         Fault::Page(PageFault {
             address: la,

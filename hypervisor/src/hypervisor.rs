@@ -453,7 +453,7 @@ impl Vm {
         for m in &cfg.modules {
             let data = setup
                 .archive
-                .get(m)
+                .get(manifest::module_file(m))
                 .ok_or_else(|| alloc::format!("module {m} is not in the ramdisk"))?;
             modules.push((m.as_str(), data));
         }

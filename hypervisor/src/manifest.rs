@@ -16,6 +16,8 @@
 //! load = 0x7c00            # flat: load address (default 0x7c00)
 //! entry = 0x7c00           # flat: entry point (default: load)
 //! modules = initrd.img     # multiboot: archive entries passed as modules
+//! module = data.bin a b    # multiboot: one module whose string is "data.bin a b" (QEMU's
+//!                          # `-initrd "data.bin a b"`): the archive entry, then its arguments
 //! restart = 100            # restart the guest up to 100 times when it dies (default 0)
 //! ```
 //!
@@ -59,6 +61,12 @@ pub struct GuestConfig {
     /// guest needs (RAM, EPT, VMCS, ...), so a test can check that a refused guest gives it all
     /// back. Its image must still be one the loaders accept (they also run at pack time).
     pub refuse: bool,
+}
+
+/// The archive entry of a `modules` entry: its first word (the rest are the arguments a
+/// multiboot kernel sees in the module's string).
+pub fn module_file(module: &str) -> &str {
+    module.split_whitespace().next().unwrap_or("")
 }
 
 /// Keel checking its own failure paths on request (`[keel] selftest = panic | fault`): after VMXON
@@ -376,10 +384,15 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     Some(parse_u64(value).ok_or_else(|| err(line_no, "entry must be a number"))?)
             }
             "modules" => {
-                g.modules = value.split_whitespace().map(|s| s.to_string()).collect();
-                for m in &g.modules {
+                for m in value.split_whitespace() {
                     check_file_name(&g.name, "module", m, line_no)?;
+                    g.modules.push(m.to_string());
                 }
+            }
+            "module" => {
+                check_file_name(&g.name, "module", module_file(value), line_no)?;
+                g.modules
+                    .push(value.split_whitespace().collect::<Vec<_>>().join(" "));
             }
             "restart" => {
                 g.restart = parse_u64(value)
@@ -441,6 +454,14 @@ restart = 7
         assert_eq!(g.memory, 4 << 20);
         assert_eq!(g.cmdline, "console=ttyS0 # kept");
         assert_eq!(g.modules, ["a", "b"]);
+        let m = parse(&one_guest(
+            "modules = a\nmodule = b.bin  x  y # comment\nmodules = c\n",
+        ))
+        .unwrap();
+        assert_eq!(m.guests[0].modules, ["a", "b.bin x y", "c"]);
+        assert_eq!(module_file(&m.guests[0].modules[1]), "b.bin");
+        let e = parse(&one_guest("module = manifest x\n")).unwrap_err();
+        assert!(alloc::format!("{e}").contains("module `manifest`"), "{e}");
         assert_eq!((g.restart, m.guests[0].restart), (7, 0));
         let refused =
             parse("[guest r]\nkind = elf\nimage = x\nmemory = 4M\nselftest = refuse\n").unwrap();

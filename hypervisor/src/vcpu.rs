@@ -28,7 +28,7 @@ pub struct Shadows {
     pub cr4: u64,
 }
 
-fn segment<V: Vmcs + ?Sized>(
+pub(crate) fn segment<V: Vmcs + ?Sized>(
     vmcs: &mut V,
     seg: Segment,
     selector: u16,

@@ -3,6 +3,7 @@
 #   real16.bin  flat 16-bit real-mode binary (load and enter at 0x7c00)
 #   pm32.elf    ELF32, entered in protected mode
 #   mb32.elf    ELF32 multiboot 1 kernel (QEMU -kernel boots it too)
+#   qk32.elf    ELF32 multiboot 1 kernel written for QEMU -kernel (tests/tests/qemu_kernels.rs)
 #   long64.elf  ELF64, entered in long mode
 # Quiet on success; on failure says what is missing or which build failed. See README.md.
 set -euo pipefail
@@ -38,11 +39,12 @@ cargo build --quiet --release --target-dir "$target_dir" --target x86_64-unknown
     -p long64 -p real16 || die "building long64/real16 failed"
 cargo build --quiet --release --target-dir "$target_dir" --target "$here/i686-keel.json" \
     -Zjson-target-spec -Zbuild-std=core -Zbuild-std-features=compiler-builtins-mem \
-    -p pm32 -p mb32 || die "building pm32/mb32 failed"
+    -p pm32 -p mb32 -p qk32 || die "building pm32/mb32/qk32 failed"
 
 cp "$target_dir/x86_64-unknown-none/release/long64" "$out/long64.elf"
 cp "$target_dir/i686-keel/release/pm32" "$out/pm32.elf"
 cp "$target_dir/i686-keel/release/mb32" "$out/mb32.elf"
+cp "$target_dir/i686-keel/release/qk32" "$out/qk32.elf"
 "$objcopy" -O binary "$target_dir/x86_64-unknown-none/release/real16" "$out/real16.bin" ||
     die "llvm-objcopy failed on real16"
 

@@ -11,12 +11,15 @@
 //! - `scheduler`: time sharing: fair shares, a sleeper's share, timer rates, a CLI spinner
 //!   (tests/guests/manifests/sched.manifest).
 //! - `cleanup`: a time limit stops the emulator and leaves nothing behind.
+//! - `qemu_kernels`: test kernels written for QEMU's -kernel print the same and end the same
+//!   under Keel as under QEMU (tests/guests/manifests/qemu-kernels.manifest).
 
 mod bringup;
 mod cleanup;
 mod fuzz;
 mod guests;
 mod hostile;
+mod qemu_kernels;
 mod scheduler;
 
 use keel_tests::Manifest;

@@ -116,7 +116,8 @@ fn guests_get_their_command_lines_and_memory() {
     let boot = shared_boot(&KINDS);
     boot.expect_guest_line("pm32", "cmdline=pm32 says hi ram=16777216");
     boot.expect_guest_line("long64", "cmdline=mode=good ram=16777216");
-    boot.expect_guest_line("mb32", "cmdline=mb32 says hi");
+    // QEMU's convention: the kernel's file name, then the command line (docs/GUESTS.md).
+    boot.expect_guest_line("mb32", "cmdline=mb32.elf mb32 says hi");
     boot.expect_guest_line("mb32", "mods=1");
     let module = boot.expect_guest_line("mb32", "module real16.bin size=");
     let size = module

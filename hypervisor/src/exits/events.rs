@@ -213,6 +213,12 @@ impl EventQueue {
         });
     }
 
+    /// The event an exit interrupted was delivered by Keel (a task switch through a task gate
+    /// ends its delivery, SDM 6.12.2): it is not to be delivered again.
+    pub fn delivered(&mut self) {
+        self.next = None;
+    }
+
     /// Queues an external interrupt the guest can take at this entry (its controller has
     /// acknowledged it).
     pub(super) fn interrupt(&mut self, vector: u8) {

@@ -17,6 +17,7 @@ pub mod hlt;
 pub mod io;
 pub mod msr;
 pub mod simple;
+pub mod task_switch;
 pub mod vmcall;
 pub mod xsetbv;
 
@@ -156,6 +157,7 @@ pub fn dispatch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             Action::Inject(Exception::UD)
         }
         ExitReason::Pause => Action::Advance,
+        ExitReason::TaskSwitch => task_switch::handle(cx),
         other => {
             let qual = cx.vmcs.read(ReadOnlyNat::ExitQualification);
             Action::Stop(StopReason::Killed(format!(

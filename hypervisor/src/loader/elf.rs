@@ -508,6 +508,7 @@ pub(crate) mod mangle {
     /// `entry`) with `field` set to `value` must give: the exact error, or the entry point and the
     /// segments as they must land in RAM. Each rule is the ELF specification's meaning of the field
     /// and the loader's documented checks, in the order the loader makes them.
+    #[allow(clippy::too_many_arguments)]
     pub fn expected(
         is_64: bool,
         good: &[u8],
@@ -516,6 +517,7 @@ pub(crate) mod mangle {
         field: Field,
         value: u64,
         ram: u64,
+        reserved: &[(core::ops::Range<u64>, &'static str)],
     ) -> Result<(u64, Vec<Option<Load>>), LoadError> {
         let (class, machine) = if is_64 { (2, EM_X86_64) } else { (1, EM_386) };
         let mut loads: Vec<Option<Load>> =
@@ -614,17 +616,14 @@ pub(crate) mod mangle {
         if loads.iter().all(Option::is_none) {
             return Err(LoadError::NoLoadableSegment);
         }
-        // Placing: inside RAM, clear of the boot structures and of the stack.
+        // Placing: inside RAM, clear of the reserved areas.
         for l in loads.iter().flatten() {
             let (addr, size) = (l.paddr, l.memsz);
             let what = "segment";
             if addr.checked_add(size).is_none_or(|e| e > ram) {
                 return Err(LoadError::OutsideRam { what, addr, size });
             }
-            for (area, name) in [
-                (crate::loader::BOOT_AREA, "boot structures"),
-                (ram - 0x11000..ram, "initial stack"),
-            ] {
+            for (area, name) in reserved.iter().cloned() {
                 if addr < area.end && area.start < addr + size {
                     return Err(LoadError::Overlaps {
                         what,
@@ -642,6 +641,14 @@ pub(crate) mod mangle {
             .map(|l| l.paddr + (entry - l.vaddr))
             .ok_or(LoadError::EntryOutsideImage { entry })?;
         Ok((rip, loads))
+    }
+
+    /// The ELF loader's reserved areas in `ram` bytes: the boot structures and the stack.
+    pub fn elf_areas(ram: u64) -> [(core::ops::Range<u64>, &'static str); 2] {
+        [
+            (crate::loader::BOOT_AREA, "boot structures"),
+            (ram - 0x11000..ram, "initial stack"),
+        ]
     }
 
     /// The RAM a load of `loads` from `image` must leave, given the RAM of the good load
@@ -930,7 +937,7 @@ mod tests {
     /// field describes (entry point, state and every byte of RAM).
     #[test]
     fn mangled_images_give_the_exact_error_or_load() {
-        use super::mangle::{expected, expected_ram, field_at, good_loads, Field};
+        use super::mangle::{elf_areas, expected, expected_ram, field_at, good_loads, Field};
         const MEM: u64 = 4 << 20;
         const ENTRY: u64 = 0x20_0010;
         let cfg = config(GuestKind::Elf, MEM, "");
@@ -970,12 +977,11 @@ mod tests {
                 bad[at..at + width].fill(0xff);
                 let value = u64::MAX >> (64 - 8 * width);
                 let mut ram = vec![0u8; MEM as usize];
-                let want = expected(is_64, &good, 2, ENTRY, field, value, MEM).map(|(rip, _)| {
-                    InitialState {
+                let want = expected(is_64, &good, 2, ENTRY, field, value, MEM, &elf_areas(MEM))
+                    .map(|(rip, _)| InitialState {
                         rip,
                         ..good_state.clone()
-                    }
-                });
+                    });
                 assert_eq!(run(&bad, &cfg, &mut ram), want, "{field:?} = {value:#x}");
             }
             for i in 0..table_end {
@@ -992,7 +998,7 @@ mod tests {
                     let mut ram = vec![0u8; MEM as usize];
                     let got = run(&bad, &cfg, &mut ram);
                     let what = alloc::format!("byte {i} ({field:?}) = {v:#x}");
-                    match expected(is_64, &good, 2, ENTRY, field, value, MEM) {
+                    match expected(is_64, &good, 2, ENTRY, field, value, MEM, &elf_areas(MEM)) {
                         Err(e) => assert_eq!(got, Err(e), "{what}"),
                         Ok((rip, placed)) => {
                             let want = InitialState {

@@ -13,21 +13,21 @@
 //! drops the guest. The loaders write only the image, its bss and their boot structures, so the
 //! caller hands in zeroed RAM (it must anyway, so no host data leaks into a guest).
 //!
-//! # Guest-physical layout of the boot structures
+//! # Guest-physical layout of the boot structures (ELF)
 //!
 //! ```text
 //! 0x0000 - 0x0fff   untouched (the real-mode IVT/BDA area for flat guests)
-//! 0x1000 - 0x1fff   GDT (ELF and multiboot): null, code32 0x08, data 0x10, code64 0x18
+//! 0x1000 - 0x1fff   GDT: null, code32 0x08, data 0x10, code64 0x18
 //! 0x2000 - 0x2fff   command line, NUL-terminated, at most 4095 bytes
 //! 0x3000 - 0x3fff   PML4            (ELF64 only)
 //! 0x4000 - 0x4fff   PDPT            (ELF64 only)
 //! 0x5000 - 0x8fff   4 page directories, identity map of 0..4 GiB in 2 MiB pages (ELF64 only)
-//! 0x9000 - 0xafff   multiboot info, memory map, module list and strings (multiboot only)
 //! top - 0x11000 .. top   initial stack (64 KiB) and a 4 KiB reserve at the very top
 //! ```
 //!
-//! ELF and multiboot images (and multiboot modules) may not overlap `0x1000..0xb000` nor the
-//! stack area; docs/GUESTS.md is the user-facing copy of this table.
+//! ELF images may not overlap `0x1000..0xb000` nor the stack area. Multiboot kernels get QEMU's
+//! layout instead, with nothing of Keel's in low RAM (see [`multiboot`]). docs/GUESTS.md is the
+//! user-facing copy of both.
 
 pub mod elf;
 pub mod flat;
@@ -35,6 +35,7 @@ pub mod linux;
 pub mod multiboot;
 
 use crate::manifest::{GuestConfig, GuestKind};
+use alloc::vec::Vec;
 use core::fmt;
 use core::ops::Range;
 
@@ -279,8 +280,7 @@ pub const PML4_ADDR: u64 = 0x3000;
 pub const PDPT_ADDR: u64 = 0x4000;
 /// First of the four page directories (0x5000, 0x6000, 0x7000, 0x8000).
 pub const PD_ADDR: u64 = 0x5000;
-pub const MULTIBOOT_INFO_ADDR: u64 = 0x9000;
-/// The area ELF and multiboot images must leave alone.
+/// The area ELF images must leave alone.
 pub const BOOT_AREA: Range<u64> = 0x1000..0xb000;
 /// Bytes left unused at the very top of RAM, above the initial stack.
 pub const STACK_TOP_RESERVE: u64 = 0x1000;
@@ -337,11 +337,27 @@ fn stack_area(ram_len: u64) -> Range<u64> {
 /// against the reserved areas.
 pub(crate) struct GuestRam<'a> {
     bytes: &'a mut [u8],
+    /// The areas image data may not overlap ([`Self::check_free`]), each with its name.
+    reserved: Vec<(Range<u64>, &'static str)>,
 }
 
 impl<'a> GuestRam<'a> {
+    /// RAM whose reserved areas are the ELF and flat loaders' boot area and initial stack.
     pub(crate) fn new(bytes: &'a mut [u8]) -> Self {
-        Self { bytes }
+        let len = bytes.len() as u64;
+        let reserved = alloc::vec![
+            (BOOT_AREA, "boot structures"),
+            (stack_area(len), "initial stack"),
+        ];
+        Self { bytes, reserved }
+    }
+
+    /// RAM with the given reserved areas instead (the multiboot loader's own layout).
+    pub(crate) fn with_reserved(
+        bytes: &'a mut [u8],
+        reserved: Vec<(Range<u64>, &'static str)>,
+    ) -> Self {
+        Self { bytes, reserved }
     }
 
     pub(crate) fn len(&self) -> u64 {
@@ -389,7 +405,7 @@ impl<'a> GuestRam<'a> {
         self.write("boot structure", addr, &v.to_le_bytes())
     }
 
-    /// Checks that `addr..addr+size` is inside RAM and clear of the boot area and the stack.
+    /// Checks that `addr..addr+size` is inside RAM and clear of the reserved areas.
     pub(crate) fn check_free(
         &self,
         what: &'static str,
@@ -398,11 +414,7 @@ impl<'a> GuestRam<'a> {
     ) -> Result<(), LoadError> {
         self.range(what, addr, size)?;
         let end = addr + size; // cannot overflow: checked by `range`
-        let reserved = [
-            (BOOT_AREA, "boot structures"),
-            (stack_area(self.len()), "initial stack"),
-        ];
-        for (area, name) in reserved {
+        for (area, name) in self.reserved.iter().cloned() {
             if size != 0 && addr < area.end && area.start < end {
                 return Err(LoadError::Overlaps {
                     what,

@@ -7,22 +7,33 @@
 //!   bit 1 (memory information: always) and refuses any other, e.g. bit 2 (video mode).
 //! - Flag 16 (the "a.out kludge", 3.1.3): the header's address fields say where the image goes;
 //!   otherwise the image must be an ELF file whose `PT_LOAD` segments are loaded as in [`super::elf`].
-//! - Modules are copied after the kernel, each at a page boundary, in manifest order; each
-//!   module's string is its archive name.
-//! - Machine state (3.2): EAX = 0x2BADB002, EBX = physical address of the multiboot info (3.3),
-//!   32-bit protected mode with flat 4 GiB CS (0x08) and data segments (0x10), paging off,
-//!   interrupts off. Keel also gives a valid GDTR and a stack (ESP = top of RAM - 4 KiB), which the
-//!   spec leaves undefined: a kernel must not rely on them.
-//!
-//! The info structure lives at [`super::MULTIBOOT_INFO_ADDR`] with the memory map, module list and
-//! strings after it; the command line is at [`super::CMDLINE_ADDR`], passed as written in the
-//! manifest (no image name in front).
+//! - Placement is QEMU's (`-kernel`, hw/i386/multiboot.c and its option ROM, as QEMU 7.2 with
+//!   SeaBIOS does it; see docs/GUESTS.md): the memory map at [`MMAP_ADDR`] (0x9000) and the info
+//!   structure at [`INFO_ADDR`] (0x9500) are written first; then one block starting at the
+//!   kernel's lowest address is written over RAM: the kernel (bss zeroed), padded to a page; the
+//!   module list; the module strings, the kernel's command line (`<image name> <cmdline>`, as
+//!   QEMU passes `<kernel file> <-append text>`) and the loader name; padding to a page; each
+//!   module, padded to a page. A kernel loaded low enough for that block to cover 0x9000-0x9558
+//!   (any kernel at 0x8000, say) overwrites its own memory map and info structure, exactly as
+//!   under QEMU; Keel refuses nothing for it.
+//! - The memory map is SeaBIOS's e820 table under QEMU for an Intel CPU: RAM 0-0x9fc00, the
+//!   EBDA and 0xf0000-0xfffff reserved, RAM from 1 MiB up to [`FIRMWARE_SIZE`] below the top of
+//!   RAM, that top area reserved, and the BIOS flash below 4 GiB reserved. Keel keeps what it needs
+//!   to enter the kernel (a GDT, the initial stack) in that reserved top area, where SeaBIOS keeps
+//!   its own tables; nothing of Keel's lies in low RAM. The kernel and its modules may go anywhere
+//!   in RAM except that area.
+//! - Machine state (3.2): EAX = 0x2BADB002, EBX = [`INFO_ADDR`], 32-bit protected mode with flat
+//!   4 GiB CS (0x08) and data segments (0x10) from a GDT laid out like QEMU's (null, code32,
+//!   data, code16, data16), CR0 = PE|ET (0x11, what QEMU enters with), paging and interrupts off.
+//!   ESP points into the reserved top area, 4 KiB below the top (the spec leaves ESP undefined).
 
 use super::elf::{self, ElfImage};
 use super::{
-    read_u32, GuestRam, InitialState, LoadError, LoadRequest, BOOT_AREA, MIN_RAM,
-    MULTIBOOT_INFO_ADDR,
+    initial_stack_top, read_u32, CpuMode, GuestRam, InitialState, LoadError, LoadRequest,
+    CODE32_SELECTOR, CR0_ET, CR0_PE, DATA_SELECTOR, MIN_RAM,
 };
+use alloc::vec;
+use alloc::vec::Vec;
 
 /// Header magic (3.1.2).
 pub const HEADER_MAGIC: u32 = 0x1bad_b002;
@@ -37,42 +48,72 @@ pub const FLAG_VIDEO_MODE: u32 = 1 << 2;
 pub const FLAG_AOUT_KLUDGE: u32 = 1 << 16;
 const SUPPORTED_REQUIRED: u32 = FLAG_PAGE_ALIGN | FLAG_MEMORY_INFO;
 
-/// Info structure flags Keel sets (3.3).
+/// Info structure flags Keel sets (3.3): QEMU's set, 0x24f.
 pub const INFO_MEMORY: u32 = 1 << 0;
+pub const INFO_BOOT_DEVICE: u32 = 1 << 1;
 pub const INFO_CMDLINE: u32 = 1 << 2;
 pub const INFO_MODS: u32 = 1 << 3;
 pub const INFO_MMAP: u32 = 1 << 6;
 pub const INFO_LOADER_NAME: u32 = 1 << 9;
+/// "No BIOS drive" with every partition field 0xff (3.3), the value QEMU passes.
+pub const BOOT_DEVICE: u32 = 0x8000_ffff;
 
 /// Offsets in the multiboot info structure (3.3).
 pub mod info {
     pub const FLAGS: u64 = 0;
     pub const MEM_LOWER: u64 = 4;
     pub const MEM_UPPER: u64 = 8;
+    pub const BOOT_DEVICE: u64 = 12;
     pub const CMDLINE: u64 = 16;
     pub const MODS_COUNT: u64 = 20;
     pub const MODS_ADDR: u64 = 24;
     pub const MMAP_LENGTH: u64 = 44;
     pub const MMAP_ADDR: u64 = 48;
     pub const BOOT_LOADER_NAME: u64 = 64;
-    /// The structure is 116 bytes up to the framebuffer fields; Keel reserves 128.
-    pub const SIZE: u64 = 128;
+    /// The fields up to the APM table pointer: what QEMU writes (88 bytes).
+    pub const SIZE: u64 = 88;
 }
 
+/// Where QEMU's option ROM stores the memory map (read with INT 15h E820) and the info structure.
+pub const MMAP_ADDR: u64 = 0x9000;
+pub const INFO_ADDR: u64 = 0x9500;
 /// Memory map entry types (3.3): 1 = available RAM, 2 = reserved.
 pub const MMAP_AVAILABLE: u32 = 1;
 pub const MMAP_RESERVED: u32 = 2;
 /// Each entry: size (u32, not counting itself), base (u64), length (u64), type (u32).
 pub const MMAP_ENTRY_SIZE: u64 = 24;
-pub const MMAP_ADDR: u64 = MULTIBOOT_INFO_ADDR + info::SIZE;
 /// Module list: 16 bytes per module (mod_start, mod_end, string, reserved).
-pub const MODS_ADDR: u64 = MMAP_ADDR + 0x80;
 pub const MOD_ENTRY_SIZE: u64 = 16;
+/// As long as QEMU's "qemu", so every address after it is the same.
 pub const LOADER_NAME: &str = "Keel";
-/// The legacy PC hole: 640 KiB to 1 MiB is reported reserved (VGA memory and ROMs on a PC).
+/// Conventional memory as INT 12h reports it under SeaBIOS: 639 KiB, the EBDA above it.
+pub const EBDA_START: u64 = 0x9_fc00;
 const LOW_MEMORY_END: u64 = 0xa_0000;
+/// The BIOS area SeaBIOS reports reserved below 1 MiB.
+const BIOS_AREA: u64 = 0xf_0000;
 const HIGH_MEMORY_START: u64 = 0x10_0000;
+/// The top of RAM SeaBIOS keeps for itself and reports reserved; Keel keeps its GDT (at the
+/// start) and the initial stack (4 KiB below the top) there.
+pub const FIRMWARE_SIZE: u64 = 0x2_0000;
+/// The BIOS flash mapped below 4 GiB, reported reserved.
+const FLASH: (u64, u64) = (0xfffc_0000, 0x4_0000);
 const PAGE: u64 = 0x1000;
+
+/// QEMU's option-ROM GDT: null, code32 0x08, data 0x10, 16-bit code 0x18, 16-bit data 0x20. The
+/// two Keel loads have the accessed bit set, as the CPU leaves them (and as the VMCS access
+/// rights must be, SDM 26.3.1.2).
+pub const GDT: [u64; 5] = [
+    0,
+    0x00cf_9b00_0000_ffff,
+    0x00cf_9300_0000_ffff,
+    0x0000_9e00_0000_ffff,
+    0x0000_9200_0000_ffff,
+];
+
+/// The reserved top area of a guest with `ram_len` bytes of RAM.
+pub fn firmware_area(ram_len: u64) -> core::ops::Range<u64> {
+    ram_len.saturating_sub(FIRMWARE_SIZE)..ram_len
+}
 
 /// A multiboot header found in an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,13 +183,21 @@ pub fn find_header(image: &[u8]) -> Result<Header, LoadError> {
     })
 }
 
-/// Loads the image as the address fields say (3.1.3); returns (entry, end of bss).
-fn place_aout(
-    ram: &mut GuestRam,
+/// Where the a.out kludge fields (3.1.3) put the image.
+struct AoutLayout {
+    /// The file bytes copied to `load`.
+    file: core::ops::Range<usize>,
+    load: u64,
+    /// One past the bss.
+    mem_end: u64,
+    entry: u64,
+}
+
+fn aout_layout(
     image: &[u8],
     header_offset: usize,
     a: &AoutAddresses,
-) -> Result<(u64, u64), LoadError> {
+) -> Result<AoutLayout, LoadError> {
     let (header_addr, load_addr) = (u64::from(a.header_addr), u64::from(a.load_addr));
     if load_addr > header_addr {
         return Err(LoadError::BadAoutKludge("load_addr is above header_addr"));
@@ -179,78 +228,150 @@ fn place_aout(
         }
         end => u64::from(end),
     };
-    ram.check_free("image", load_addr, mem_end - load_addr)?;
-    // In range: file_start + load_len <= image.len() was checked above.
-    let data = &image[file_start as usize..(file_start + load_len) as usize];
-    ram.write("image", load_addr, data)?;
-    ram.zero("bss", load_end, mem_end - load_end)?;
     let entry = u64::from(a.entry_addr);
     if !(load_addr..mem_end).contains(&entry) {
         return Err(LoadError::EntryOutsideImage { entry });
     }
-    Ok((entry, mem_end))
+    // In range: file_start + load_len <= image.len() was checked above.
+    Ok(AoutLayout {
+        file: file_start as usize..(file_start + load_len) as usize,
+        load: load_addr,
+        mem_end,
+        entry,
+    })
 }
 
 fn align_up(x: u64) -> Option<u64> {
     Some(x.checked_add(PAGE - 1)? & !(PAGE - 1))
 }
 
+/// Where everything of one multiboot load goes (see the module comment).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// The kernel's lowest address: the start of the block written over RAM.
+    pub kernel_start: u64,
+    /// The module list, right after the kernel padded to a page.
+    pub mods_addr: u64,
+    /// Each module's string, then the kernel's command line, then the loader name.
+    pub module_strings: Vec<u64>,
+    pub cmdline: u64,
+    pub loader_name: u64,
+    /// Each module's address (page aligned).
+    pub modules: Vec<u64>,
+    /// One past the block (page aligned).
+    pub end: u64,
+}
+
+impl Layout {
+    /// QEMU's arithmetic: room for the strings is the length of the kernel's file name, of the
+    /// `-append` text and of the whole `-initrd` argument (the module strings joined by commas,
+    /// a comma inside one written twice), each plus one.
+    fn new(
+        kernel_start: u64,
+        kernel_end: u64,
+        image_name: &str,
+        cmdline: &str,
+        modules: &[(&str, &[u8])],
+    ) -> Option<Self> {
+        // QEMU builds the block in a buffer and pads to pages counted from the block's start.
+        let page_after = |addr: u64| kernel_start.checked_add(align_up(addr - kernel_start)?);
+        let n = modules.len() as u64;
+        let mods_addr = page_after(kernel_end)?;
+        let strings = mods_addr.checked_add(n.checked_mul(MOD_ENTRY_SIZE)?)?;
+        let initrd_arg = match n {
+            0 => 0,
+            _ => {
+                let joined: usize = modules
+                    .iter()
+                    .map(|(s, _)| s.len() + s.matches(',').count())
+                    .sum();
+                joined as u64 + n // n - 1 commas and a NUL
+            }
+        };
+        let room = (image_name.len() as u64 + 1) + (cmdline.len() as u64 + 1) + initrd_arg;
+        let mut next = strings;
+        let module_strings = modules
+            .iter()
+            .map(|(s, _)| {
+                let at = next;
+                next += s.len() as u64 + 1;
+                at
+            })
+            .collect();
+        let cmdline_addr = next;
+        let loader_name = strings.checked_add(room)?;
+        let mut next = page_after(loader_name.checked_add(LOADER_NAME.len() as u64 + 1)?)?;
+        let mut at = Vec::with_capacity(modules.len());
+        for (_, data) in modules {
+            at.push(next);
+            next = page_after(next.checked_add(data.len() as u64)?)?;
+        }
+        Some(Self {
+            kernel_start,
+            mods_addr,
+            module_strings,
+            cmdline: cmdline_addr,
+            loader_name,
+            modules: at,
+            end: next,
+        })
+    }
+}
+
+/// The memory map of a guest with `ram_len` bytes (see the module comment): (base, length, type).
+pub fn memory_map(ram_len: u64) -> [(u64, u64, u32); 6] {
+    let top = firmware_area(ram_len).start;
+    [
+        (0, EBDA_START, MMAP_AVAILABLE),
+        (EBDA_START, LOW_MEMORY_END - EBDA_START, MMAP_RESERVED),
+        (BIOS_AREA, HIGH_MEMORY_START - BIOS_AREA, MMAP_RESERVED),
+        (HIGH_MEMORY_START, top - HIGH_MEMORY_START, MMAP_AVAILABLE),
+        (top, FIRMWARE_SIZE, MMAP_RESERVED),
+        (FLASH.0, FLASH.1, MMAP_RESERVED),
+    ]
+}
+
 /// Loads a multiboot kernel and its modules and writes the multiboot info.
 pub fn load(ram: &mut [u8], req: &LoadRequest) -> Result<InitialState, LoadError> {
-    let mut ram = GuestRam::new(ram);
+    let ram_len = ram.len() as u64;
+    let mut ram = GuestRam::with_reserved(ram, vec![(firmware_area(ram_len), "firmware area")]);
     ram.require(MIN_RAM)?;
     let header = find_header(req.image)?;
-    let (entry, kernel_end) = match &header.addresses {
-        Some(a) => place_aout(&mut ram, req.image, header.offset, a)?,
+    enum Kernel {
+        Aout(AoutLayout),
+        Elf(ElfImage),
+    }
+    let (kernel, start, end) = match &header.addresses {
+        Some(a) => {
+            let l = aout_layout(req.image, header.offset, a)?;
+            let (start, end) = (l.load, l.mem_end);
+            ram.check_free("image", start, end - start)?;
+            (Kernel::Aout(l), start, end)
+        }
         None => {
             let elf: ElfImage = elf::parse(req.image)?;
-            let placed = elf::place_segments(&mut ram, &elf, req.image)?;
-            (placed.entry, placed.end)
+            // Each segment inside RAM and below the firmware area, so is the whole extent
+            // (QEMU's: lowest address to highest end; `parse` gives at least one segment).
+            for s in &elf.segments {
+                ram.check_free("segment", s.paddr, s.memsz)?;
+            }
+            let start = elf.segments.iter().map(|s| s.paddr).min().unwrap_or(0);
+            let end = elf
+                .segments
+                .iter()
+                .map(|s| s.paddr.saturating_add(s.memsz))
+                .max()
+                .unwrap_or(0);
+            (Kernel::Elf(elf), start, end)
         }
     };
-    if entry > u64::from(u32::MAX) {
-        return Err(LoadError::EntryOutsideImage { entry });
-    }
-    ram.write_gdt()?;
-    let cmdline = ram.write_cmdline(&req.cfg.cmdline)?;
-
-    // Strings go after the module list, up to the end of the boot area.
-    let mods_len = (req.modules.len() as u64)
-        .checked_mul(MOD_ENTRY_SIZE)
+    let layout = Layout::new(start, end, &req.cfg.image, &req.cfg.cmdline, req.modules)
         .ok_or(LoadError::BootInfoFull)?;
-    let mut strings = StringArea {
-        next: MODS_ADDR + mods_len,
-    };
-    let loader_name = strings.push(&mut ram, LOADER_NAME)?;
+    ram.check_free("modules and boot information", end, layout.end - end)?;
 
-    let mut next = align_up(kernel_end).ok_or(LoadError::BootInfoFull)?;
-    for (i, (name, data)) in req.modules.iter().enumerate() {
-        let size = data.len() as u64;
-        ram.check_free("module", next, size)?;
-        ram.write("module", next, data)?;
-        let string = strings.push(&mut ram, name)?;
-        let entry = MODS_ADDR + MOD_ENTRY_SIZE * i as u64;
-        ram.write_u32(entry, next as u32)?; // < RAM size <= 3 GiB: fits
-        ram.write_u32(entry + 4, (next + size) as u32)?;
-        ram.write_u32(entry + 8, string)?;
-        ram.write_u32(entry + 12, 0)?;
-        next = align_up(next + size).ok_or(LoadError::BootInfoFull)?;
-    }
-
-    let ram_len = ram.len();
-    let map = [
-        (0, LOW_MEMORY_END, MMAP_AVAILABLE),
-        (
-            LOW_MEMORY_END,
-            HIGH_MEMORY_START - LOW_MEMORY_END,
-            MMAP_RESERVED,
-        ),
-        (
-            HIGH_MEMORY_START,
-            ram_len - HIGH_MEMORY_START,
-            MMAP_AVAILABLE,
-        ),
-    ];
+    // First what QEMU's option ROM writes before it copies the kernel: the info structure and
+    // the memory map (SeaBIOS' E820 table).
+    let map = memory_map(ram_len);
     for (i, (base, len, kind)) in map.iter().enumerate() {
         let e = MMAP_ADDR + MMAP_ENTRY_SIZE * i as u64;
         ram.write_u32(e, (MMAP_ENTRY_SIZE - 4) as u32)?;
@@ -258,65 +379,83 @@ pub fn load(ram: &mut [u8], req: &LoadRequest) -> Result<InitialState, LoadError
         ram.write_u64(e + 12, *len)?;
         ram.write_u32(e + 20, *kind)?;
     }
-
-    let base = MULTIBOOT_INFO_ADDR;
-    ram.zero("multiboot info", base, info::SIZE)?;
-    let flags = INFO_MEMORY | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_LOADER_NAME;
+    ram.zero("multiboot info", INFO_ADDR, info::SIZE)?;
+    let flags =
+        INFO_MEMORY | INFO_BOOT_DEVICE | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_LOADER_NAME;
+    // Below 4 GiB: the block ends inside RAM, which the manifest keeps below 4 GiB.
     let fields = [
         (info::FLAGS, flags),
-        (info::MEM_LOWER, (LOW_MEMORY_END / 1024) as u32),
-        (
-            info::MEM_UPPER,
-            ((ram_len - HIGH_MEMORY_START) / 1024) as u32,
-        ),
-        (info::CMDLINE, cmdline as u32),
+        (info::MEM_LOWER, (EBDA_START / 1024) as u32),
+        (info::MEM_UPPER, (map[3].1 / 1024) as u32),
+        (info::BOOT_DEVICE, BOOT_DEVICE),
+        (info::CMDLINE, layout.cmdline as u32),
         (info::MODS_COUNT, req.modules.len() as u32),
-        (info::MODS_ADDR, MODS_ADDR as u32),
+        (info::MODS_ADDR, layout.mods_addr as u32),
         (
             info::MMAP_LENGTH,
             (MMAP_ENTRY_SIZE * map.len() as u64) as u32,
         ),
         (info::MMAP_ADDR, MMAP_ADDR as u32),
-        (info::BOOT_LOADER_NAME, loader_name),
+        (info::BOOT_LOADER_NAME, layout.loader_name as u32),
     ];
     for (off, v) in fields {
-        ram.write_u32(base + off, v)?;
+        ram.write_u32(INFO_ADDR + off, v)?;
     }
 
+    // Then the block: kernel, padding, module list, strings, modules; every byte of it written.
+    ram.zero("image", start, layout.end - start)?;
+    let entry = match &kernel {
+        Kernel::Aout(l) => {
+            ram.write("image", l.load, &req.image[l.file.clone()])?;
+            l.entry
+        }
+        Kernel::Elf(elf) => elf::place_segments(&mut ram, elf, req.image)?.entry,
+    };
+    if entry > u64::from(u32::MAX) {
+        return Err(LoadError::EntryOutsideImage { entry });
+    }
+    for (i, (name, data)) in req.modules.iter().enumerate() {
+        let (at, string) = (layout.modules[i], layout.module_strings[i]);
+        ram.write("module", at, data)?;
+        ram.write_cstr(string, name, usize::MAX)?;
+        let e = layout.mods_addr + MOD_ENTRY_SIZE * i as u64;
+        ram.write_u32(e, at as u32)?;
+        ram.write_u32(e + 4, (at + data.len() as u64) as u32)?;
+        ram.write_u32(e + 8, string as u32)?;
+        ram.write_u32(e + 12, 0)?;
+    }
+    ram.write_cstr(layout.cmdline, &req.cfg.image, usize::MAX)?;
+    let space = layout.cmdline + req.cfg.image.len() as u64;
+    ram.write("string", space, b" ")?;
+    ram.write_cstr(space + 1, &req.cfg.cmdline, usize::MAX)?;
+    ram.write_cstr(layout.loader_name, LOADER_NAME, usize::MAX)?;
+
+    let gdt = firmware_area(ram_len).start;
+    for (i, d) in GDT.iter().enumerate() {
+        ram.write_u64(gdt + 8 * i as u64, *d)?;
+    }
     Ok(InitialState {
         rip: entry,
+        rsp: initial_stack_top(ram_len),
         rax: u64::from(BOOTLOADER_MAGIC),
-        rbx: base,
-        ..InitialState::protected(ram_len)
+        rbx: INFO_ADDR,
+        cr0: CR0_PE | CR0_ET,
+        gdtr_base: gdt,
+        gdtr_limit: (GDT.len() * 8 - 1) as u16,
+        code_selector: CODE32_SELECTOR,
+        data_selector: DATA_SELECTOR,
+        ..InitialState::new(CpuMode::Protected)
     })
-}
-
-/// Bump allocator for NUL-terminated strings in the rest of the boot area.
-struct StringArea {
-    next: u64,
-}
-
-impl StringArea {
-    /// Writes `s` and returns its address, or `BootInfoFull` when it does not fit.
-    fn push(&mut self, ram: &mut GuestRam, s: &str) -> Result<u32, LoadError> {
-        let addr = self.next;
-        let room = BOOT_AREA.end.saturating_sub(addr);
-        if s.len() as u64 >= room {
-            return Err(LoadError::BootInfoFull);
-        }
-        ram.write_cstr(addr, s, usize::MAX)?;
-        self.next = addr + s.len() as u64 + 1;
-        Ok(addr as u32)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::loader::elf::build::{elf, put32, Seg};
+    use crate::loader::elf::mangle::{expected_ram, Load};
     use crate::loader::elf::EM_386;
     use crate::loader::test_util::{config, cstr_at, u32_at, u64_at};
-    use crate::loader::{CpuMode, CMDLINE_ADDR, GDT_ADDR, GDT_ENTRIES};
+    use crate::loader::CpuMode;
     use crate::manifest::GuestKind;
     use alloc::string::String;
     use alloc::vec;
@@ -368,54 +507,166 @@ mod tests {
         crate::loader::load(&mut ram, &req).map(|s| (s, ram))
     }
 
+    /// An a.out-kludge kernel of `len` bytes loaded at `load`, header at offset 0, entry at
+    /// offset 32, no bss: the shape of the probe kernel run under QEMU for these tests.
+    fn aout_kernel(load: u32, len: usize) -> Vec<u8> {
+        let end = load + len as u32;
+        let mut img = header(FLAG_AOUT_KLUDGE | FLAG_MEMORY_INFO | FLAG_PAGE_ALIGN, None);
+        for f in [load, load, 0, end, load + 32] {
+            img.extend_from_slice(&f.to_le_bytes());
+        }
+        img.resize(len, 0x90);
+        img
+    }
+
+    /// Loads into `memory` bytes of RAM filled with `fill`, as image `name` with `cmdline`.
+    fn load_named(
+        image: &[u8],
+        name: &str,
+        cmdline: &str,
+        modules: &[(&str, &[u8])],
+        memory: u64,
+        fill: u8,
+    ) -> Result<(InitialState, Vec<u8>), LoadError> {
+        let mut cfg = config(GuestKind::Multiboot, memory, cmdline);
+        cfg.image = String::from(name);
+        let mut ram = vec![fill; memory as usize];
+        let req = LoadRequest {
+            cfg: &cfg,
+            image,
+            modules,
+            guest_id: 2,
+        };
+        crate::loader::load(&mut ram, &req).map(|s| (s, ram))
+    }
+
+    /// What QEMU 7.2 (SeaBIOS, `-cpu qemu64,vendor=GenuineIntel -m 32`) gave a probe kernel of
+    /// 0x121 bytes at 1 MiB run as `-kernel p.bin -append "a b c" -initrd "m1 x y,m2"`, with
+    /// m1 = "hello" and m2 = "xyz12": every value below was read back by that kernel.
     #[test]
-    fn elf_kernel_gets_machine_state_and_info() {
-        let img = elf_kernel();
-        let modules: [(&str, &[u8]); 2] = [("initrd.img", &[7; 5000]), ("second", b"abc")];
-        let (s, ram) = run(&img, &modules, RAM).unwrap();
+    fn layout_and_info_equal_qemus() {
+        let img = aout_kernel(0x10_0000, 0x121);
+        let modules: [(&str, &[u8]); 2] = [("m1 x y", b"hello"), ("m2", b"xyz12")];
+        let (s, ram) = load_named(&img, "p.bin", "a b c", &modules, 32 << 20, 0).unwrap();
         assert_eq!(s.mode, CpuMode::Protected);
-        assert_eq!(
-            (s.rip, s.rax, s.rbx),
-            (0x10_000c, 0x2bad_b002, MULTIBOOT_INFO_ADDR)
-        );
-        assert_eq!((s.cr0, s.rflags), (0x31, 2));
+        assert_eq!((s.rip, s.rax, s.rbx), (0x10_0020, 0x2bad_b002, 0x9500));
+        assert_eq!((s.cr0, s.rflags), (0x11, 2));
         assert_eq!((s.code_selector, s.data_selector), (0x08, 0x10));
-        assert_eq!((s.gdtr_base, s.gdtr_limit), (GDT_ADDR, 31));
-        assert_eq!(u64_at(&ram, GDT_ADDR + 16), GDT_ENTRIES[2]);
+        // Keel's GDT and stack are in the reserved top 128 KiB (QEMU's GDT is in its option
+        // ROM at 0xcb2b8, a hole of the map); same limit, same descriptors.
+        assert_eq!((s.gdtr_base, s.gdtr_limit), (0x1fe_0000, 0x27));
+        assert_eq!(s.rsp, 0x1ff_f000);
+        for (i, d) in GDT.iter().enumerate() {
+            assert_eq!(u64_at(&ram, 0x1fe_0000 + 8 * i as u64), *d);
+        }
 
-        let info = |off| u32_at(&ram, MULTIBOOT_INFO_ADDR + off);
-        assert_eq!(info(info::FLAGS), 0x24d);
-        assert_eq!(info(info::MEM_LOWER), 640);
-        assert_eq!(info(info::MEM_UPPER), 15 * 1024);
-        assert_eq!(u64::from(info(info::CMDLINE)), CMDLINE_ADDR);
-        assert_eq!(cstr_at(&ram, CMDLINE_ADDR), "console=ttyS0 hi");
-        assert_eq!(cstr_at(&ram, info(info::BOOT_LOADER_NAME).into()), "Keel");
+        let info: Vec<u32> = (0..22).map(|i| u32_at(&ram, 0x9500 + 4 * i)).collect();
+        let mut want = [0u32; 22];
+        want[..8].copy_from_slice(&[
+            0x24f,
+            0x27f,
+            0x7b80,
+            0x8000_ffff,
+            0x10_102a,
+            2,
+            0x10_1000,
+            0,
+        ]);
+        want[11] = 0x90; // mmap_length: 6 entries
+        want[12] = 0x9000;
+        want[16] = 0x10_1036; // boot_loader_name
+        assert_eq!(info, want);
+        assert_eq!(cstr_at(&ram, 0x10_102a), "p.bin a b c");
+        assert_eq!(cstr_at(&ram, 0x10_1036), "Keel");
+        let mods: Vec<u32> = (0..8).map(|i| u32_at(&ram, 0x10_1000 + 4 * i)).collect();
+        assert_eq!(
+            mods,
+            [0x10_2000, 0x10_2005, 0x10_1020, 0, 0x10_3000, 0x10_3005, 0x10_1027, 0]
+        );
+        assert_eq!(cstr_at(&ram, 0x10_1020), "m1 x y");
+        assert_eq!(cstr_at(&ram, 0x10_1027), "m2");
+        assert_eq!(&ram[0x10_2000..0x10_2006], b"hello\0");
+        assert_eq!(&ram[0x10_3000..0x10_3006], b"xyz12\0");
+        assert_eq!(&ram[0x10_0000..0x10_0121], &img[..]);
 
-        // Kernel ends at 0x100000 + 32 + 0x3000: modules start at the next page.
-        assert_eq!(info(info::MODS_COUNT), 2);
-        let mods = u64::from(info(info::MODS_ADDR));
-        let m = |i: u64, f: u64| u32_at(&ram, mods + 16 * i + f);
-        assert_eq!((m(0, 0), m(0, 4)), (0x10_4000, 0x10_4000 + 5000));
-        assert_eq!(cstr_at(&ram, m(0, 8).into()), "initrd.img");
-        assert_eq!((m(1, 0), m(1, 4)), (0x10_6000, 0x10_6003));
-        assert_eq!(cstr_at(&ram, m(1, 8).into()), "second");
-        assert_eq!(&ram[0x10_6000..0x10_6003], b"abc");
-        assert!(ram[0x10_4000..0x10_4000 + 5000].iter().all(|&b| b == 7));
-
-        let mmap = u64::from(info(info::MMAP_ADDR));
-        assert_eq!(info(info::MMAP_LENGTH), 72);
-        let expect = [
-            (0, 0xa_0000, 1),
-            (0xa_0000, 0x6_0000, 2),
-            (0x10_0000, RAM - 0x10_0000, 1),
+        let expect: [(u64, u64, u32); 6] = [
+            (0, 0x9_fc00, 1),
+            (0x9_fc00, 0x400, 2),
+            (0xf_0000, 0x1_0000, 2),
+            (0x10_0000, 0x1ee_0000, 1),
+            (0x1fe_0000, 0x2_0000, 2),
+            (0xfffc_0000, 0x4_0000, 2),
         ];
         for (i, (base, len, kind)) in expect.into_iter().enumerate() {
-            let e = mmap + 24 * i as u64;
+            let e = 0x9000 + 24 * i as u64;
             assert_eq!(u32_at(&ram, e), 20);
-            assert_eq!(u64_at(&ram, e + 4), base);
-            assert_eq!(u64_at(&ram, e + 12), len);
+            assert_eq!((u64_at(&ram, e + 4), u64_at(&ram, e + 12)), (base, len));
             assert_eq!(u32_at(&ram, e + 20), kind);
         }
+        // Nothing else below 1 MiB: the map, the info structure and nothing of Keel's.
+        let low: Vec<usize> = (0..0x10_0000)
+            .filter(|&a| ram[a] != 0 && !(0x9000..0x9090).contains(&a))
+            .filter(|&a| !(0x9500..0x9558).contains(&a))
+            .collect();
+        assert_eq!(low, Vec::<usize>::new());
+    }
+
+    /// QEMU loads a kernel at 0x8000 and writes its block (kernel page, then the module list
+    /// and strings at 0x9000) over the map and info it stored first: the kernel gets EBX =
+    /// 0x9500 pointing at zeros (flags 0). Keel loads it the same way, byte for byte.
+    #[test]
+    fn kernel_at_0x8000_loads_as_under_qemu() {
+        let img = aout_kernel(0x8000, 0x121);
+        let modules: [(&str, &[u8]); 2] = [("m1 x y", b"hello"), ("m2", b"xyz12")];
+        let (s, ram) = load_named(&img, "p8.bin", "a b", &modules, 32 << 20, 0).unwrap();
+        assert_eq!((s.rip, s.rbx), (0x8020, 0x9500));
+        assert_eq!(&ram[0x8000..0x8121], &img[..]);
+        assert!(ram[0x9500..0x9558].iter().all(|&b| b == 0), "info zeroed");
+        let mods: Vec<u32> = (0..8).map(|i| u32_at(&ram, 0x9000 + 4 * i)).collect();
+        assert_eq!(mods, [0xa000, 0xa005, 0x9020, 0, 0xb000, 0xb005, 0x9027, 0]);
+        assert_eq!(cstr_at(&ram, 0x902a), "p8.bin a b");
+        // Strings room: 7 + 4 + 10 ("m1 x y,m2" and its NUL) = 21 bytes.
+        assert_eq!(cstr_at(&ram, 0x9020 + 21), "Keel");
+        assert_eq!(&ram[0xa000..0xa005], b"hello");
+    }
+
+    /// A kernel at 1 MiB that keeps its state in low memory (a page at 0x2000 here) finds it as
+    /// it was: below 1 MiB the loader writes only the map (0x9000) and the info (0x9500).
+    #[test]
+    fn low_memory_is_the_kernels() {
+        let img = aout_kernel(0x10_0000, 0x121);
+        let (_, ram) = load_named(&img, "k", "", &[("m", b"x")], 16 << 20, 0xa5).unwrap();
+        let touched: Vec<usize> = (0..0x10_0000).filter(|&a| ram[a] != 0xa5).collect();
+        let expect: Vec<usize> = (0x9000..0x9090).chain(0x9500..0x9558).collect();
+        assert_eq!(touched.len(), expect.len());
+        assert!(touched.iter().all(|a| expect.contains(a)));
+        // Without -append the command line is the file name and a space, as QEMU's "%s %s".
+        assert_eq!(cstr_at(&ram, u64::from(u32_at(&ram, 0x9510))), "k ");
+    }
+
+    /// An ELF kernel's block runs from its lowest segment to its highest end; the module list
+    /// follows at the next page counted from that start (QEMU pads inside its buffer).
+    #[test]
+    fn elf_kernel_with_a_low_segment() {
+        let mut text = header(FLAG_PAGE_ALIGN | FLAG_MEMORY_INFO, None);
+        text.extend_from_slice(&[0xf4; 20]);
+        let data = [0x5a; 16];
+        let img = elf(
+            false,
+            EM_386,
+            0x10_000c,
+            &[Seg::at(0x2010, &data, 0), Seg::at(0x10_0000, &text, 0x3000)],
+        );
+        let (s, ram) = run(&img, &[("second", b"abc")], RAM).unwrap();
+        assert_eq!((s.rip, s.rbx), (0x10_000c, 0x9500));
+        assert_eq!(&ram[0x2010..0x2020], &data);
+        // Block start 0x2010, end 0x103020: module list at 0x2010 + 0x102000, the module a
+        // page later (after the strings).
+        assert_eq!(u32_at(&ram, 0x10_4010), 0x10_5010);
+        assert_eq!(cstr_at(&ram, u64::from(u32_at(&ram, 0x10_4018))), "second");
+        assert_eq!(&ram[0x10_5010..0x10_5013], b"abc");
+        // The block covers 0x9000-0x9558: QEMU's map and info are overwritten by its gap.
+        assert_eq!(u32_at(&ram, 0x9500), 0);
     }
 
     #[test]
@@ -434,7 +685,7 @@ mod tests {
         let (s, ram) = run(&img, &[], RAM).unwrap();
         assert_eq!(s.rip, 0x20_0030);
         assert_eq!(&ram[0x20_0000..0x20_0000 + img.len()], &img[..]);
-        assert_eq!(u32_at(&ram, MULTIBOOT_INFO_ADDR + info::MODS_COUNT), 0);
+        assert_eq!(u32_at(&ram, INFO_ADDR + info::MODS_COUNT), 0);
 
         // load_end_addr limits what is copied.
         let mut short = img.clone();
@@ -480,14 +731,29 @@ mod tests {
                 entry: u64::from(load) + 0x1000
             }
         );
-        // The whole 104-byte file is loaded (load_end_addr 0).
+        // The whole 104-byte file is loaded (load_end_addr 0); low RAM is the kernel's, the
+        // top 128 KiB are not.
+        assert!(run(
+            &{
+                let mut img = vec![0u8; 8];
+                img.extend(header(
+                    FLAG_AOUT_KLUDGE,
+                    Some([0x1008, 0x1000, 0, 0, 0x1000]),
+                ));
+                img.extend_from_slice(&[0x90; 64]);
+                img
+            },
+            &[],
+            RAM
+        )
+        .is_ok());
         assert_eq!(
-            with([0x9008, 0x9000, 0, 0, 0x9000]),
+            with([0xfe_0008, 0xfe_0000, 0, 0, 0xfe_0000]),
             LoadError::Overlaps {
                 what: "image",
-                addr: 0x9000,
+                addr: 0xfe_0000,
                 size: 104,
-                area: "boot structures",
+                area: "firmware area",
             }
         );
         assert_eq!(
@@ -549,33 +815,84 @@ mod tests {
     #[test]
     fn modules_must_fit() {
         let img = elf_kernel();
+        // The kernel ends at 0x103020: module list at 0x104000, strings, the module at
+        // 0x105000. 16 MiB of RAM: the firmware area starts at 0xfe0000.
+        let fits = vec![1u8; 0xfe_0000 - 0x10_5000];
+        let (_, ram) = run(&img, &[("big", &fits)], RAM).unwrap();
+        assert_eq!(u32_at(&ram, 0x10_4004), 0xfe_0000);
+        let over = vec![1u8; 0xfe_0000 - 0x10_5000 + 1];
+        assert_eq!(
+            run(&img, &[("big", &over)], RAM).unwrap_err(),
+            LoadError::Overlaps {
+                what: "modules and boot information",
+                addr: 0x10_3020,
+                size: 0xfe_1000 - 0x10_3020,
+                area: "firmware area",
+            }
+        );
         let big = vec![0u8; 15 << 20];
-        // The kernel ends at 0x103020; the module starts at the next page.
         assert_eq!(
             run(&img, &[("big", &big)], RAM).unwrap_err(),
             LoadError::OutsideRam {
-                what: "module",
-                addr: 0x10_4000,
-                size: 15 << 20
+                what: "modules and boot information",
+                addr: 0x10_3020,
+                size: 0x10_5000 + (15 << 20) - 0x10_3020,
             }
         );
+        // Strings have no limit of their own (QEMU's neither): 600 modules with long names.
         let name: String = "n".repeat(4000);
-        let many: Vec<(&str, &[u8])> = (0..3).map(|_| (name.as_str(), &b""[..])).collect();
-        assert_eq!(run(&img, &many, RAM).unwrap_err(), LoadError::BootInfoFull);
-        let lots: Vec<(&str, &[u8])> = (0..600).map(|_| ("m", &b"x"[..])).collect();
-        assert_eq!(run(&img, &lots, RAM).unwrap_err(), LoadError::BootInfoFull);
-        let ok: Vec<(&str, &[u8])> = (0..100).map(|_| ("m", &b"x"[..])).collect();
-        let (_, ram) = run(&img, &ok, RAM).unwrap();
-        assert_eq!(u32_at(&ram, MULTIBOOT_INFO_ADDR + info::MODS_COUNT), 100);
+        let lots: Vec<(&str, &[u8])> = (0..600).map(|_| (name.as_str(), &b"x"[..])).collect();
+        let (_, ram) = run(&img, &lots, RAM).unwrap();
+        assert_eq!(u32_at(&ram, INFO_ADDR + info::MODS_COUNT), 600);
+        assert_eq!(
+            cstr_at(&ram, u64::from(u32_at(&ram, 0x10_4000 + 599 * 16 + 8))),
+            name
+        );
     }
 
     /// Every truncation of a valid multiboot ELF kernel, and every byte of it set to 0x00, 0xff,
     /// 0x80 and 0x7f, gives exactly the error the damaged part calls for (the ELF headers as the
     /// ELF loader reads them, the multiboot header's magic, flags and checksum), or the load the
     /// change describes (state and every byte of RAM).
+    /// The RAM a load of the one-segment `placed` must leave, from the good load's RAM: the good
+    /// block (segment, padding, strings) removed, the info's three pointers to the block moved,
+    /// the new block written: zeros, the segment as [`expected_ram`] places it, the strings.
+    fn moved_block(
+        good_ram: &[u8],
+        good: &[Load],
+        image: &[u8],
+        placed: &[Option<Load>],
+    ) -> Vec<u8> {
+        const CMDLINE: &str = "console=ttyS0 hi";
+        let block = |l: &Load| Layout::new(l.paddr, l.paddr + l.memsz, "t.img", CMDLINE, &[]);
+        let old = block(&good[0]).unwrap();
+        let mut ram = good_ram.to_vec();
+        ram[old.kernel_start as usize..old.end as usize].fill(0);
+        let Some(new_load) = placed[0] else {
+            unreachable!("one segment, present")
+        };
+        let new = block(&new_load).unwrap();
+        for (off, v) in [
+            (info::CMDLINE, new.cmdline),
+            (info::MODS_ADDR, new.mods_addr),
+            (info::BOOT_LOADER_NAME, new.loader_name),
+        ] {
+            ram[(INFO_ADDR + off) as usize..][..4].copy_from_slice(&(v as u32).to_le_bytes());
+        }
+        ram[new.kernel_start as usize..new.end as usize].fill(0);
+        let mut ram = expected_ram(&ram, &[], image, placed);
+        for (at, s) in [
+            (new.cmdline, "t.img console=ttyS0 hi"),
+            (new.loader_name, "Keel"),
+        ] {
+            ram[at as usize..][..s.len()].copy_from_slice(s.as_bytes());
+        }
+        ram
+    }
+
     #[test]
     fn mangled_images_give_the_exact_error_or_load() {
-        use crate::loader::elf::mangle::{expected, expected_ram, field_at, good_loads, Field};
+        use crate::loader::elf::mangle::{expected, field_at, good_loads, Field};
         const MEM: u64 = 2 << 20;
         const ENTRY: u64 = 0x10_000c;
         let good = elf_kernel();
@@ -615,14 +932,17 @@ mod tests {
                         let mut raw = [0u8; 8];
                         raw[..width].copy_from_slice(&bad[at..at + width]);
                         let value = u64::from_le_bytes(raw);
-                        expected(false, &good, 1, ENTRY, field, value, MEM).map(|(rip, placed)| {
-                            let ram = if field == Field::Ignored {
-                                good_ram.clone()
-                            } else {
-                                expected_ram(&good_ram, &loads, &bad, &placed)
-                            };
-                            (rip, ram)
-                        })
+                        let areas = [(firmware_area(MEM), "firmware area")];
+                        expected(false, &good, 1, ENTRY, field, value, MEM, &areas).map(
+                            |(rip, placed)| {
+                                let ram = if field == Field::Ignored {
+                                    good_ram.clone()
+                                } else {
+                                    moved_block(&good_ram, &loads, &bad, &placed)
+                                };
+                                (rip, ram)
+                            },
+                        )
                     }
                     _ if i < mb + 4 => Err(LoadError::NoMultibootHeader),
                     _ if i < mb + 12 => Err(LoadError::BadMultibootChecksum { offset: mb }),
