@@ -51,6 +51,7 @@ const SVR: u64 = 0x0f0;
 const ISR0: u64 = 0x100;
 const TMR0: u64 = 0x180;
 const IRR0: u64 = 0x200;
+const IRR_LAST: u64 = 0x270;
 const ESR: u64 = 0x280;
 const ICR_LOW: u64 = 0x300;
 const ICR_HIGH: u64 = 0x310;
@@ -732,12 +733,16 @@ impl Lapic {
             ID => u64::from(self.x2apic_id),
             LDR => u64::from(self.x2apic_ldr()),
             ICR_LOW => u64::from(self.icr_high) << 32 | u64::from(self.icr_low),
-            VERSION | TPR | PPR | SVR | ESR | LVT_TIMER..=LVT_ERROR => {
-                u64::from(self.read_register(offset, now))
-            }
-            ISR0..=0x270 | TIMER_INITIAL | TIMER_CURRENT | TIMER_DIVIDE => {
-                u64::from(self.read_register(offset, now))
-            }
+            VERSION
+            | TPR
+            | PPR
+            | SVR
+            | ISR0..=IRR_LAST
+            | ESR
+            | LVT_TIMER..=LVT_ERROR
+            | TIMER_INITIAL
+            | TIMER_CURRENT
+            | TIMER_DIVIDE => u64::from(self.read_register(offset, now)),
             _ => return Err(GpFault),
         })
     }
