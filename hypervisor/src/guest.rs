@@ -82,6 +82,9 @@ pub enum StopReason {
     DebugExit(u32),
     /// It asked with the SHUTDOWN hypercall.
     Shutdown(u64),
+    /// It turned its machine off (ACPI S5: status 0, as QEMU exits) or reset it (Keel boots it
+    /// again; this stays its reason only if that fails).
+    Board(crate::devices::PowerEvent),
     TripleFault,
     /// It touched guest-physical memory that holds neither RAM nor a device.
     BadMemoryAccess {
@@ -112,6 +115,7 @@ impl core::fmt::Display for StopReason {
         match self {
             Self::DebugExit(s) => write!(f, "debug-exit status {s:#x}"),
             Self::Shutdown(v) => write!(f, "shutdown hypercall ({v})"),
+            Self::Board(event) => write!(f, "{event}"),
             Self::TripleFault => write!(f, "triple fault"),
             Self::BadMemoryAccess { gpa, write } => {
                 write!(
@@ -384,5 +388,8 @@ mod tests {
         assert_eq!(StopReason::DebugExit(0x21).status(), 0x21);
         assert_eq!(StopReason::Shutdown(3).status(), 7);
         assert_eq!(StopReason::TripleFault.status(), 0);
+        let off = StopReason::Board(crate::devices::PowerEvent::SoftOff);
+        assert_eq!(off.status(), 0);
+        assert_eq!(alloc::format!("{off}"), "powered off (ACPI S5)");
     }
 }

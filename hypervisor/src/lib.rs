@@ -11,6 +11,7 @@
 extern crate alloc;
 
 pub mod abi;
+pub mod acpi;
 pub mod archive;
 pub mod devices;
 pub mod ept;

@@ -61,3 +61,8 @@ cargo build --quiet --release --target-dir "$target_dir" --target "$here/i686-ke
     -Zjson-target-spec -Zbuild-std=core -Zbuild-std-features=compiler-builtins-mem \
     -p fuzz32 || die "building fuzz32 failed"
 cp "$target_dir/i686-keel/release/fuzz32" "$out/fuzz32.elf"
+# platform32: reads the PC platform as a kernel written for QEMU's -kernel does (README.md).
+cargo build --quiet --release --target-dir "$target_dir" --target "$here/i686-keel.json" \
+    -Zjson-target-spec -Zbuild-std=core -Zbuild-std-features=compiler-builtins-mem \
+    -p platform32 || die "building platform32 failed"
+cp "$target_dir/i686-keel/release/platform32" "$out/platform32.elf"

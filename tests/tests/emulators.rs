@@ -10,15 +10,21 @@
 //! - `fuzz`: guests running random code next to a witness (tests/guests/manifests/fuzz.manifest).
 //! - `scheduler`: time sharing: fair shares, a sleeper's share, timer rates, a CLI spinner
 //!   (tests/guests/manifests/sched.manifest).
+//! - `console`: a guest flooding its console next to a 100 Hz sleeper
+//!   (tests/guests/manifests/flood.manifest).
+//! - `platform`: the PC platform (ACPI, PM timer, PCI, fw_cfg, i8042) as platform32 reads it under
+//!   Keel and under QEMU (tests/guests/manifests/platform.manifest).
 //! - `cleanup`: a time limit stops the emulator and leaves nothing behind.
 //! - `qemu_kernels`: test kernels written for QEMU's -kernel print the same and end the same
 //!   under Keel as under QEMU (tests/guests/manifests/qemu-kernels.manifest).
 
 mod bringup;
 mod cleanup;
+mod console;
 mod fuzz;
 mod guests;
 mod hostile;
+mod platform;
 mod qemu_kernels;
 mod scheduler;
 

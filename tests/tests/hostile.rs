@@ -226,6 +226,13 @@ fn claimed(port: u32) -> bool {
             | 0xe9
             | 0x3f8..=0x3ff
             | 0x4d0..=0x4d1
+            // The board's i8042, fw_cfg, ACPI PM blocks and PCI configuration ports.
+            | 0x60
+            | 0x64
+            | 0x510..=0x511
+            | 0x600..=0x605
+            | 0x608..=0x60b
+            | 0xcf8..=0xcff
     )
 }
 

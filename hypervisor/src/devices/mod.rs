@@ -16,11 +16,16 @@
 //!   than bus devices: every line leads to them and they talk to each other (EOI broadcast, ExtINT).
 //!   Their windows are still entries on the buses, with [`Responder`] naming them.
 
+pub mod acpi_pm;
+pub mod board;
 pub mod clock;
 pub mod console;
 pub mod debug_exit;
+pub mod fw_cfg;
+pub mod i8042;
 pub mod ioapic;
 pub mod lapic;
+pub mod pci;
 pub mod pic8259;
 pub mod pit8254;
 pub mod platform;
@@ -99,13 +104,42 @@ pub trait IrqSink {
     fn ticks_coalesced(&mut self, line: u8, count: u64);
 }
 
+/// What a guest asked its board to do to the whole machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerEvent {
+    /// Soft off (ACPI S5): SLP_EN written with the `\_S5` SLP_TYP in PM1 control.
+    SoftOff,
+    /// A hard reset of the machine.
+    Reset(ResetSource),
+}
+
+/// Which register reset the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetSource {
+    /// The i8042's output port bit 0 (the CPU reset line), pulsed by command 0xFE.
+    I8042,
+    /// The reset control register at port 0xCF9 (also the FADT's RESET_REG).
+    ResetControl,
+}
+
+impl fmt::Display for PowerEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::SoftOff => "powered off (ACPI S5)",
+            Self::Reset(ResetSource::I8042) => "reset (i8042 reset line)",
+            Self::Reset(ResetSource::ResetControl) => "reset (reset control register 0xCF9)",
+        })
+    }
+}
+
 /// What a device may reach while it handles an access or a timer: the time, its interrupt lines,
-/// the guest's console and the guest's exit status.
+/// the guest's console, the guest's exit status and its power requests.
 pub struct DeviceContext<'a> {
     now: u64,
     irq: &'a mut dyn IrqSink,
     console: &'a mut ConsoleBuffer,
     exit_status: &'a mut Option<u32>,
+    power: &'a mut Option<PowerEvent>,
 }
 
 impl<'a> DeviceContext<'a> {
@@ -114,12 +148,14 @@ impl<'a> DeviceContext<'a> {
         irq: &'a mut dyn IrqSink,
         console: &'a mut ConsoleBuffer,
         exit_status: &'a mut Option<u32>,
+        power: &'a mut Option<PowerEvent>,
     ) -> Self {
         DeviceContext {
             now,
             irq,
             console,
             exit_status,
+            power,
         }
     }
 
@@ -164,6 +200,14 @@ impl<'a> DeviceContext<'a> {
     pub fn set_exit_status(&mut self, status: u32) {
         if self.exit_status.is_none() {
             *self.exit_status = Some(status);
+        }
+    }
+
+    /// Asks for the machine to be powered off or reset; the first request wins. The run loop
+    /// acts on it after the access that made it.
+    pub fn request_power(&mut self, event: PowerEvent) {
+        if self.power.is_none() {
+            *self.power = Some(event);
         }
     }
 }
@@ -413,6 +457,7 @@ pub(crate) mod testing {
         pub lines: LineLog,
         pub console: ConsoleBuffer,
         pub exit_status: Option<u32>,
+        pub power: Option<PowerEvent>,
     }
 
     impl Bench {
@@ -422,6 +467,7 @@ pub(crate) mod testing {
                 &mut self.lines,
                 &mut self.console,
                 &mut self.exit_status,
+                &mut self.power,
             )
         }
     }

@@ -7,10 +7,15 @@
 //! it, and reports the injection with [`Platform::acknowledge`]. [`Platform::next_deadline`] tells
 //! the scheduler when the next timer interrupt is due.
 
+use super::acpi_pm::AcpiPm;
+use super::board::Board;
 use super::console::DebugConsole;
 use super::debug_exit::DebugExit;
+use super::fw_cfg::FwCfg;
+use super::i8042::I8042;
 use super::ioapic::{self, IoApic};
 use super::lapic::{self, Ipi, Lapic};
+use super::pci::{self, PciHost};
 use super::pic8259::{self, PicPair};
 use super::pit8254::{self, Pit};
 use super::port80::Port80;
@@ -18,7 +23,7 @@ use super::rtc::{self, Rtc};
 use super::uart16550::{self, Uart16550};
 use super::{
     BusError, ConsoleBuffer, Device, DeviceContext, DeviceId, IrqSink, Latch, MmioBus, PortBus,
-    Responder, IRQ_LINES,
+    PowerEvent, Responder, IRQ_LINES,
 };
 use crate::abi::port;
 use alloc::boxed::Box;
@@ -139,6 +144,7 @@ impl IrqSink for Chipset {
 
 /// The virtual PC of one guest.
 pub struct Platform {
+    board: Board,
     tsc_hz: u64,
     devices: Vec<Box<dyn Device>>,
     ports: PortBus,
@@ -146,6 +152,8 @@ pub struct Platform {
     chipset: Chipset,
     console: ConsoleBuffer,
     exit_status: Option<u32>,
+    /// A power-off or reset the guest asked for, until the run loop takes it.
+    power: Option<PowerEvent>,
     /// The earliest timer deadline, recomputed after every operation that can change a timer
     /// (device accesses, firings, TSC-deadline writes), so that `advance` and `next_deadline`
     /// cost nothing on the many exits that touch no device.
@@ -153,9 +161,17 @@ pub struct Platform {
 }
 
 impl Platform {
-    /// A PC with every Keel device at its standard place, on a guest TSC of `tsc_hz`.
+    /// A one-CPU PC with every Keel device at its standard place, on a guest TSC of `tsc_hz`, for
+    /// callers that do not know the guest's RAM (fw_cfg reports 0 bytes).
     pub fn new(tsc_hz: u64) -> Self {
+        Self::for_board(Board::pc(0, 1), tsc_hz)
+    }
+
+    /// The PC `board` describes, on a guest TSC of `tsc_hz`: the chipset and the ACPI, PCI, i8042
+    /// and fw_cfg models at the places the board gives (and `crate::acpi` reports).
+    pub fn for_board(board: Board, tsc_hz: u64) -> Self {
         let mut p = Platform {
+            board,
             tsc_hz: tsc_hz.max(1),
             devices: Vec::new(),
             ports: PortBus::default(),
@@ -163,6 +179,7 @@ impl Platform {
             chipset: Chipset::new(tsc_hz),
             console: ConsoleBuffer::new(),
             exit_status: None,
+            power: None,
             next: None,
         };
         let chipset_ports = [
@@ -176,13 +193,13 @@ impl Platform {
         }
         let chipset_mmio = [
             (
-                lapic::LAPIC_BASE,
+                p.board.lapic_base,
                 lapic::LAPIC_SIZE,
                 Responder::Lapic,
                 "lapic",
             ),
             (
-                ioapic::IOAPIC_BASE,
+                p.board.ioapic.base,
                 ioapic::IOAPIC_SIZE,
                 Responder::Ioapic,
                 "ioapic",
@@ -201,7 +218,43 @@ impl Platform {
         p.attach_builtin(Box::new(DebugExit), &[(port::DEBUG_EXIT, 4)]);
         let com1 = Uart16550::new(port::COM1, uart16550::COM1_IRQ);
         p.attach_builtin(Box::new(com1), &[(port::COM1, 8)]);
+        let pm = AcpiPm::new(p.board.pm, p.board.sci_irq, p.tsc_hz);
+        let pm_ports = pm.ports();
+        p.attach_builtin(Box::new(pm), &pm_ports);
+        p.attach_builtin(
+            Box::new(PciHost::new()),
+            &[(pci::CONFIG_ADDRESS, pci::PORTS)],
+        );
+        p.attach_builtin(Box::new(I8042::new()), &I8042::ports());
+        let fw_cfg = FwCfg::new(&p.board);
+        p.attach_builtin(Box::new(fw_cfg), &FwCfg::ports());
         p
+    }
+
+    /// The platform after a reset of the machine: every device at its power-on state but the
+    /// CMOS RAM (0x0E-0x7F), which is battery-backed on a PC and keeps its contents across a
+    /// reset, as QEMU's does.
+    pub fn after_reset(&self) -> Platform {
+        let mut p = Platform::for_board(self.board.clone(), self.tsc_hz);
+        if let Some(old) = self.device::<Rtc>() {
+            let nvram: Vec<(u8, u8)> = (0x0e..0x80).map(|i| (i, old.cmos(i))).collect();
+            p.with_device(0, |rtc: &mut Rtc, _| {
+                for (i, v) in nvram {
+                    rtc.set_cmos(i, v);
+                }
+            });
+        }
+        p
+    }
+
+    /// The machine this platform models (the ACPI tables are built from it).
+    pub fn board(&self) -> &Board {
+        &self.board
+    }
+
+    /// Takes the power-off or reset the guest asked for, if any (the run loop acts on it).
+    pub fn take_power_event(&mut self) -> Option<PowerEvent> {
+        self.power.take()
     }
 
     fn attach_builtin(&mut self, device: Box<dyn Device>, ports: &[(u16, u16)]) {
@@ -286,6 +339,7 @@ impl Platform {
             &mut self.chipset,
             &mut self.console,
             &mut self.exit_status,
+            &mut self.power,
         );
         Some(f(dev.as_mut(), &mut cx))
     }
@@ -542,6 +596,11 @@ impl Platform {
 
     pub fn console(&mut self) -> &mut ConsoleBuffer {
         &mut self.console
+    }
+
+    /// The console, to read its counts.
+    pub fn console_ref(&self) -> &ConsoleBuffer {
+        &self.console
     }
 
     pub fn stats(&self) -> PlatformStats {
@@ -962,6 +1021,105 @@ mod tests {
         assert!(p.claims_mmio(0xfee0_0030));
         assert!(p.claims_mmio(0xfec0_0010));
         assert!(!p.claims_mmio(0xfed0_0000));
+    }
+
+    /// The ports and addresses the ACPI tables give are the ones the models answer at.
+    #[test]
+    fn acpi_tables_and_devices_agree() {
+        let board = Board::pc(64 << 20, 1);
+        let mut ram = alloc::vec![0u8; 1 << 20];
+        crate::acpi::install(&mut ram, &board).unwrap();
+        let l = crate::acpi::layout(&board);
+        let fadt = &ram[l.fadt as usize..];
+        let word = |t: &[u8], at: usize| u32::from_le_bytes(t[at..at + 4].try_into().unwrap());
+        let (evt, cnt, tmr) = (
+            word(fadt, 56) as u16,
+            word(fadt, 64) as u16,
+            word(fadt, 76) as u16,
+        );
+        let sci = u16::from_le_bytes([fadt[46], fadt[47]]);
+        let mut p = Platform::for_board(board, TSC_HZ);
+        // The PM timer at PM_TMR_BLK runs at 3.579545 MHz; a dword read is one value.
+        assert_eq!(p.io_read(tmr, 4, TSC_HZ), Some(3_579_545));
+        assert_eq!(p.io_read(cnt, 2, 0), Some(1), "SCI_EN");
+        // TMR_EN, then the timer's bit 31 flips: the SCI line of SCI_INT rises.
+        p.io_write(evt + 2, 2, 1, 0);
+        let flip = ClockRate::new(3_579_545, TSC_HZ).tsc_at(1 << 31);
+        p.advance(flip);
+        assert_eq!(p.io_read(evt, 2, flip), Some(1), "TMR_STS");
+        assert_eq!(p.stats().lines[usize::from(sci)].raised, 1);
+        // The MADT's IOAPIC ID and address are the model's.
+        let madt = &ram[l.madt as usize..];
+        let io = 44 + 8;
+        assert_eq!(madt[io], 1, "IOAPIC entry");
+        let base = u64::from(word(madt, io + 4));
+        p.mmio_write(base, 4, 0, 0);
+        assert_eq!(
+            p.mmio_read(base + 0x10, 4, 0),
+            Some(u64::from(madt[io + 2]) << 24)
+        );
+        assert_eq!(u64::from(word(madt, 36)), lapic::LAPIC_BASE);
+        assert!(p.claims_mmio(u64::from(word(madt, 36))));
+        // Soft off through PM1a_CNT, as Linux writes it: a word write.
+        assert_eq!(p.take_power_event(), None);
+        p.io_write(cnt, 2, 0x2000, 0); // QEMU's poweroff idiom
+        assert_eq!(p.take_power_event(), Some(PowerEvent::SoftOff));
+        assert_eq!(p.take_power_event(), None, "taken once");
+    }
+
+    #[test]
+    fn pci_i8042_and_fw_cfg_answer_through_the_buses() {
+        let mut p = Platform::for_board(Board::pc(96 << 20, 1), TSC_HZ);
+        p.io_write(0xcf8, 4, 0x8000_0000, 0);
+        assert_eq!(p.io_read(0xcf8, 4, 0), Some(0x8000_0000));
+        assert_eq!(p.io_read(0xcfc, 4, 0), Some(0x1237_8086));
+        p.io_write(0xcf8, 4, 0x8000_0800, 0); // 00:01.0
+        assert_eq!(p.io_read(0xcfc, 4, 0), Some(u32::MAX));
+        // i8042 self-test.
+        p.io_write(0x64, 1, 0xaa, 0);
+        assert_eq!(p.io_read(0x64, 1, 0).map(|s| s & 1), Some(1));
+        assert_eq!(p.io_read(0x60, 1, 0), Some(0x55));
+        // fw_cfg: a word write selects (it must not be split into a data write at 0x511).
+        p.io_write(0x510, 2, 0x03, 0);
+        let ram: Vec<u32> = (0..8).filter_map(|_| p.io_read(0x511, 1, 0)).collect();
+        assert_eq!(ram, [0, 0, 0, 6, 0, 0, 0, 0], "96 MiB");
+        p.io_write(0x510, 2, 0x00, 0);
+        let sig: Vec<u32> = (0..4).filter_map(|_| p.io_read(0x511, 1, 0)).collect();
+        assert_eq!(sig, [0x51, 0x45, 0x4d, 0x55]);
+        assert_eq!(p.io_read(0x514, 4, 0), None, "no DMA port");
+        // Both resets.
+        p.io_write(0x64, 1, 0xfe, 0);
+        assert_eq!(
+            p.take_power_event(),
+            Some(PowerEvent::Reset(super::super::ResetSource::I8042))
+        );
+        p.io_write(0xcf9, 1, 0x06, 0);
+        assert_eq!(
+            p.take_power_event(),
+            Some(PowerEvent::Reset(super::super::ResetSource::ResetControl))
+        );
+    }
+
+    #[test]
+    fn a_reset_keeps_cmos_ram_and_nothing_else() {
+        let mut p = Platform::for_board(Board::pc(32 << 20, 1), TSC_HZ);
+        p.io_write(0x70, 1, 0x40, 0);
+        p.io_write(0x71, 1, 0xa5, 0);
+        p.io_write(0x70, 1, 0x0b, 0);
+        p.io_write(0x71, 1, 0x06, 0); // register B: binary, 24 h
+        p.io_write(0x64, 1, 0xaa, 0); // an i8042 reply waiting
+        let mut q = p.after_reset();
+        q.io_write(0x70, 1, 0x40, 0);
+        assert_eq!(q.io_read(0x71, 1, 0), Some(0xa5), "CMOS RAM kept");
+        q.io_write(0x70, 1, 0x0b, 0);
+        assert_eq!(
+            q.io_read(0x71, 1, 0),
+            Some(0x02),
+            "register B back to reset"
+        );
+        assert_eq!(q.io_read(0x64, 1, 0), Some(0x14), "i8042 empty");
+        assert_eq!(q.board(), p.board());
+        assert_eq!(q.tsc_hz(), TSC_HZ);
     }
 
     #[test]

@@ -182,6 +182,12 @@ impl Rtc {
         self.nmi_masked
     }
 
+    /// CMOS RAM byte `index` as stored (0x0e-0x7f are the battery-backed RAM that outlives a
+    /// reset; 0x00-0x0d are the clock's registers, read through the ports).
+    pub fn cmos(&self, index: u8) -> u8 {
+        self.cmos.get(usize::from(index)).copied().unwrap_or(0xff)
+    }
+
     /// A CMOS RAM byte (for the loader: memory sizes and the like).
     pub fn set_cmos(&mut self, index: u8, value: u8) {
         if let Some(b) = self

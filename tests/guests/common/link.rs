@@ -5,7 +5,7 @@ fn main() {
     let name = std::env::var("CARGO_PKG_NAME").unwrap_or_default();
     let base: u32 = match name.as_str() {
         // Where a multiboot kernel conventionally lives, and QEMU's -kernel accepts it.
-        "mb32" | "qk32" => 0x10_0000,
+        "mb32" | "qk32" | "platform32" => 0x10_0000,
         // 2 MiB: above the loader's boot area and the 1 MiB PC hole.
         "pm32" | "long64" => 0x20_0000,
         other => panic!("guest {other:?} has no base address in common/link.rs"),
