@@ -11,7 +11,12 @@
 pub const CPUID_SIGNATURE_LEAF: u32 = 0x4000_0000;
 /// CPUID leaf 0x4000_0001: EAX = hypercall ABI version, EBX = feature bits (none defined yet).
 pub const CPUID_INTERFACE_LEAF: u32 = 0x4000_0001;
-pub const CPUID_MAX_LEAF: u32 = CPUID_INTERFACE_LEAF;
+/// CPUID leaf 0x4000_0010, the timing leaf other hypervisors (VMware, ACRN) define at this
+/// number: EAX = the guest's TSC frequency in kHz, EBX = the local APIC timer's input (bus)
+/// clock in kHz, ECX = EDX = 0.
+pub const CPUID_TIMING_LEAF: u32 = 0x4000_0010;
+/// The highest hypervisor leaf (leaf 0x4000_0000's EAX).
+pub const CPUID_MAX_LEAF: u32 = CPUID_TIMING_LEAF;
 pub const SIGNATURE: &[u8; 12] = b"KeelKeelKeel";
 pub const ABI_VERSION: u32 = 1;
 
