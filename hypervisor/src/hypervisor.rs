@@ -5,11 +5,13 @@ use crate::arch::host::{Frames, RealHost};
 use crate::arch::vmcs::{CurrentVmcs, VmcsRegion};
 use crate::arch::{self, cpu, lapic, vmx, ExitCode};
 use crate::archive::{self, Archive};
+use crate::devices::console::ConsoleLine;
 use crate::devices::Platform;
 use crate::ept::{Ept, EptPerms, MemType};
 use crate::exits::{self, Action, ExitContext};
 use crate::guest::{Guest, GuestRam, GuestRegs, GuestStats, RunState, StopReason};
 use crate::loader::{self, LoadRequest};
+use crate::log::Writer;
 use crate::machine::MachineInfo;
 use crate::manifest::{self, GuestConfig};
 use crate::mm;
@@ -163,7 +165,9 @@ pub fn run(machine: MachineInfo) -> ! {
         cal,
         spec_ctrl: 0,
     };
+    crate::log::set_guests_running(runner.vms.len());
     runner.run();
+    crate::log::set_guests_running(0);
     runner.report();
     arch::exit(ExitCode::Completed)
 }
@@ -469,9 +473,13 @@ impl Vm {
             guest_id: g.id,
         };
         let st = loader::load(g.ram.bytes(), &req).map_err(|e| alloc::format!("{e}"))?;
-        if cfg.kind == manifest::GuestKind::Multiboot {
-            // What QEMU's firmware leaves for a multiboot kernel: ACPI tables in the BIOS area,
-            // which the multiboot memory map reserves (0xA0000-0x100000).
+        if matches!(
+            cfg.kind,
+            manifest::GuestKind::Multiboot | manifest::GuestKind::Linux
+        ) {
+            // What QEMU's firmware leaves for a multiboot kernel, and what Linux reads through
+            // boot_params.acpi_rsdp_addr: ACPI tables in the BIOS area, which both memory maps
+            // reserve (multiboot 0xA0000-0x100000, Linux's e820 0x90000-0x100000).
             crate::acpi::install(g.ram.bytes(), g.platform.board())
                 .map_err(|e| alloc::format!("{e}"))?;
         }
@@ -624,7 +632,9 @@ impl Runner {
     fn poll_console(&mut self) {
         while let Some(key) = arch::serial::try_read() {
             match key {
-                b's' => print_stats(self.vms.iter().map(|vm| &vm.guest)),
+                b's' => {
+                    print_stats(self.vms.iter().map(|vm| &vm.guest), Writer::Keel);
+                }
                 b'p' => (0..self.vms.len()).for_each(|i| {
                     let _ = self.pause(i);
                 }),
@@ -657,6 +667,10 @@ impl Runner {
         loop {
             self.poll_console();
             crate::log::pump();
+            // Console lines that found no room on COM1's queue before (stopped guests' too).
+            for vm in &mut self.vms {
+                print_console(&mut vm.guest, PRINT_BUDGET);
+            }
             let now = cpu::rdtsc();
             let mut live = 0;
             for vm in &mut self.vms {
@@ -822,7 +836,9 @@ impl Runner {
                 self.stop(i, StopReason::Board(event));
                 return;
             }
-            if (touched || reason == ExitReason::Vmcall) && print_console(&mut vm.guest) {
+            if (touched || reason == ExitReason::Vmcall)
+                && print_console(&mut vm.guest, PRINT_BUDGET)
+            {
                 crate::log::pump();
             }
             if reason == ExitReason::Xsetbv && vm.guest.xcr0 != xcr0 {
@@ -840,6 +856,24 @@ impl Runner {
                 break;
             }
             match action {
+                // A halted guest's timer fell due. Not only the preemption timer brings this
+                // guest back then: one that exits more often than every `min_gap` (a guest
+                // writing its UART) re-arms it at each entry and would never let it expire.
+                Action::Resume
+                | Action::Advance
+                | Action::AdvanceBy(_)
+                | Action::Inject(_)
+                | Action::Preempted
+                    if others_due.is_some_and(|d| now >= d) =>
+                {
+                    vm.waiting_since = Some(now);
+                    // It gets the CPU back next, but only for what was left of its slice:
+                    // otherwise a guest woken every few ms would hand the same CPU hog a fresh
+                    // quantum each time and starve the others.
+                    vm.slice_left = Some(deadline.saturating_sub(now));
+                    self.sched.interrupted();
+                    return;
+                }
                 Action::Resume | Action::Advance | Action::AdvanceBy(_) | Action::Inject(_) => {
                     if now >= deadline {
                         vm.waiting_since = Some(now);
@@ -849,15 +883,6 @@ impl Runner {
                 Action::Halt => {
                     vm.guest.state = RunState::Halted;
                     vm.halted_since = Some(now);
-                    return;
-                }
-                Action::Preempted if others_due.is_some_and(|d| now >= d) => {
-                    vm.waiting_since = Some(now);
-                    // It gets the CPU back next, but only for what was left of its slice:
-                    // otherwise a guest woken every few ms would hand the same CPU hog a fresh
-                    // quantum each time and starve the others.
-                    vm.slice_left = Some(deadline.saturating_sub(now));
-                    self.sched.interrupted();
                     return;
                 }
                 Action::Preempted if now < deadline => {}
@@ -871,16 +896,21 @@ impl Runner {
                 }
             }
         }
-        // Only the PRINT_STATS hypercall leaves the loop this way.
-        print_stats(self.vms.iter().map(|vm| &vm.guest));
+        // Only the PRINT_STATS hypercall leaves the loop this way. The table counts against the
+        // caller's share of Keel's console; when that has no room, the call says so.
+        // A table about as long as the last one must fit, or it is not even put together (a guest
+        // asking for it in a loop would keep Keel formatting tables nobody sees).
+        let who = Writer::Guest(self.vms[i].guest.id);
+        let last = LAST_TABLE.load(core::sync::atomic::Ordering::Relaxed);
+        if !(crate::log::fits(who, last) && print_stats(self.vms.iter().map(|vm| &vm.guest), who)) {
+            exits::vmcall::print_stats_refused(&v, &mut self.vms[i].guest);
+        }
     }
 
     fn stop(&mut self, i: usize, reason: StopReason) {
         let g = &mut self.vms[i].guest;
-        print_console(g);
-        if let Some(rest) = g.platform.console().take_partial() {
-            print_guest_line(&g.name, &rest);
-        }
+        g.platform.console().finish();
+        print_console(g, PRINT_BUDGET);
         match &reason {
             StopReason::Board(crate::devices::PowerEvent::Reset(_)) => {
                 info!("guest {}: {reason}: booting it again", g.name)
@@ -912,7 +942,12 @@ impl Runner {
         }
         if died && vm.restarts < vm.setup.cfg.restart {
             vm.restarts += 1;
-            match vm.boot() {
+            // What the guest printed and Keel has not yet sent, and its console's counts, outlive
+            // the restart (`boot` gives it a new platform).
+            let console = core::mem::take(vm.guest.platform.console());
+            let booted = vm.boot();
+            *vm.guest.platform.console() = console;
+            match booted {
                 Ok(()) => {
                     // `boot` made this guest's VMCS current; its extended state, XCR0 and MSRs
                     // go back to their power-on values too.
@@ -927,8 +962,12 @@ impl Runner {
         vm.guest.state = RunState::Stopped(reason);
     }
 
-    fn report(&self) {
-        print_stats(self.vms.iter().map(|vm| &vm.guest));
+    fn report(&mut self) {
+        // No guest runs any more: the last console lines wait for room now.
+        for vm in &mut self.vms {
+            print_console(&mut vm.guest, usize::MAX);
+        }
+        print_stats(self.vms.iter().map(|vm| &vm.guest), Writer::Keel);
         for vm in &self.vms {
             let g = &vm.guest;
             if let RunState::Stopped(r) = &g.state {
@@ -938,24 +977,57 @@ impl Runner {
     }
 }
 
-fn print_guest_line(name: &str, line: &str) {
-    crate::log::write_line(&alloc::format!("[{name}] "), line.as_bytes());
-}
+/// About this many bytes of a guest's lines (as sent, with its prefix) move to COM1's queue at a
+/// time (an exit, a turn of the run loop): more than COM1 sends meanwhile (16 bytes every
+/// 1.4 ms), and little enough that Keel's work on them never holds up a timer that falls due
+/// (700 lines moved at once took 100 ms of Bochs' time, 256 bytes of short lines 9 ms).
+const PRINT_BUDGET: usize = 128;
 
-/// Prints the guest's complete console lines; true if there were any.
-fn print_console(g: &mut Guest) -> bool {
+/// Prints the guest's complete console lines, about `budget` bytes of them (at least one line),
+/// while its share of Keel's console has room (the rest waits in its console buffer); true if it
+/// printed any.
+fn print_console(g: &mut Guest, budget: usize) -> bool {
     let mut printed = false;
-    while let Some(line) = g.platform.console().take_line() {
-        print_guest_line(&g.name, &line);
+    if g.platform.console().front().is_none() {
+        return false;
+    }
+    let mut left = budget;
+    let prefix = alloc::format!("[{}] ", g.name);
+    while let Some(entry) = g.platform.console().front() {
+        let text = entry.text();
+        let ok = match entry {
+            ConsoleLine::Line(_) => crate::log::write_guest_line(g.id, &prefix, text.as_bytes()),
+            // Keel's own words, charged to the guest whose output was lost.
+            ConsoleLine::Dropped(_) => crate::log::write_guest_line(
+                g.id,
+                &alloc::format!("keel: warn: {prefix}"),
+                text.as_bytes(),
+            ),
+        };
+        if !ok {
+            break;
+        }
+        left = left.saturating_sub(prefix.len() + text.len() + 2);
+        g.platform.console().pop();
         printed = true;
+        if left == 0 {
+            break;
+        }
     }
     printed
 }
 
-fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>) {
+/// The length of the last accounting table, as sent.
+static LAST_TABLE: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// Prints the accounting table as `who`'s output, whole or not at all: false if it did not fit.
+fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>, who: Writer) -> bool {
+    use core::fmt::Write;
     let guests: Vec<&Guest> = guests.collect();
-    info!(
-        "{:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "keel: {:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
         "guest", "cpu cycles", "keel cycles", "halted cycles", "exits", "irqs", "state"
     );
     for g in &guests {
@@ -965,8 +1037,9 @@ fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>) {
             RunState::Paused { .. } => "paused",
             RunState::Stopped(_) => "stopped",
         };
-        info!(
-            "{:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
+        let _ = writeln!(
+            t,
+            "keel: {:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
             g.name,
             g.stats.cpu_cycles,
             g.stats.keel_cycles,
@@ -977,8 +1050,28 @@ fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>) {
         );
     }
     for g in &guests {
-        info!("exits of {}: {}", g.name, g.stats.exits_by_reason());
+        let _ = writeln!(
+            t,
+            "keel: exits of {}: {}",
+            g.name,
+            g.stats.exits_by_reason()
+        );
     }
+    for g in &guests {
+        let c = g.platform.console_ref();
+        let _ = writeln!(
+            t,
+            "keel: console of {}: {} bytes, {} dropped",
+            g.name,
+            c.bytes_written(),
+            c.dropped_bytes()
+        );
+    }
+    LAST_TABLE.store(
+        crate::log::wire_len(t.as_bytes()),
+        core::sync::atomic::Ordering::Relaxed,
+    );
+    crate::log::write_as(who, t.as_bytes())
 }
 
 fn report_cpu() {
