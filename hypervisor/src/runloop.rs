@@ -558,3 +558,8 @@ fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>) {
         info!("exits of {}: {}", g.name, g.stats.exits_by_reason());
     }
 }
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
