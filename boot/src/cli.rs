@@ -15,6 +15,12 @@ USAGE:
 
 IMAGE OPTIONS:
     --manifest PATH   guest manifest (default tests/guests/manifests/demo.manifest)
+    --linux KERNEL    instead of a manifest: one Linux guest booting KERNEL (a bzImage or
+                      vmlinux; the manifest written for it is <out>/linux-guest/linux.manifest)
+    --initrd FILE     (with --linux) the guest's initrd / initramfs
+    --append TEXT     (with --linux) its command line (default: console=ttyS0)
+    --linux-memory SIZE  (with --linux) its RAM, e.g. 512M (default 256M); the emulated
+                      machine gets enough more for Keel and the ramdisk unless --memory says
     --files DIR       take the files the manifest names from DIR instead of building
                       the guests with tests/guests/build.sh
     --out DIR         where images go (default target/keel/<profile>)
@@ -51,9 +57,26 @@ BENCH OPTIONS (docs/BENCHMARKS.md; always a release build, default manifest benc
     --echo            copy COM1 of both boots to the terminal
 ";
 
+/// `--linux KERNEL [--initrd FILE] [--append TEXT] [--linux-memory SIZE]`: a one-guest manifest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinuxArgs {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+}
+
+/// The guest RAM `--linux` gives when `--linux-memory` does not say.
+pub const DEFAULT_LINUX_MEMORY: u64 = 256 << 20;
+/// The command line `--linux` gives when `--append` does not say.
+pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0";
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImageArgs {
     pub manifest: Option<PathBuf>,
+    /// `--linux`: build a one-guest manifest instead of reading one.
+    pub linux: Option<LinuxArgs>,
     pub files: Option<PathBuf>,
     pub out: Option<PathBuf>,
     pub release: bool,
@@ -141,10 +164,40 @@ impl<'a> Args<'a> {
     }
 }
 
+/// The `--linux` options as they are read, checked together by [`finish_image_args`].
+#[derive(Default)]
+struct LinuxFlags {
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    append: Option<String>,
+    memory: Option<u64>,
+}
+
 /// Handles the options every subcommand shares; false if `flag` is not one of them.
-fn image_flag(flag: &str, args: &mut Args, b: &mut ImageArgs) -> Result<bool, String> {
+fn image_flag(
+    flag: &str,
+    args: &mut Args,
+    b: &mut ImageArgs,
+    lx: &mut LinuxFlags,
+) -> Result<bool, String> {
     match flag {
         "--manifest" => b.manifest = Some(args.value(flag)?.into()),
+        "--linux" => lx.kernel = Some(args.value(flag)?.into()),
+        "--initrd" => lx.initrd = Some(args.value(flag)?.into()),
+        "--append" => lx.append = Some(args.value(flag)?),
+        "--linux-memory" => {
+            let v = args.value(flag)?;
+            let m = keel::manifest::parse_size(&v)
+                .filter(|&m| {
+                    m != 0
+                        && m % keel::manifest::MEMORY_GRANULE == 0
+                        && m <= keel::manifest::MAX_GUEST_MEMORY
+                })
+                .ok_or_else(|| {
+                    format!("--linux-memory takes a multiple of 2M up to 3G (e.g. 512M), not `{v}`")
+                })?;
+            lx.memory = Some(m)
+        }
         "--files" => b.files = Some(args.value(flag)?.into()),
         "--out" => b.out = Some(args.value(flag)?.into()),
         "--release" => {
@@ -158,6 +211,37 @@ fn image_flag(flag: &str, args: &mut Args, b: &mut ImageArgs) -> Result<bool, St
         _ => return Ok(false),
     }
     Ok(true)
+}
+
+/// Turns the `--linux` flags into `b.linux`: the others need `--linux`, which excludes a
+/// manifest and a files directory (it makes both).
+fn finish_image_args(b: &mut ImageArgs, lx: LinuxFlags) -> Result<(), String> {
+    let Some(kernel) = lx.kernel else {
+        for (given, flag) in [
+            (lx.initrd.is_some(), "--initrd"),
+            (lx.append.is_some(), "--append"),
+            (lx.memory.is_some(), "--linux-memory"),
+        ] {
+            if given {
+                return Err(format!("{flag} goes with --linux KERNEL"));
+            }
+        }
+        return Ok(());
+    };
+    if b.manifest.is_some() || b.files.is_some() {
+        return Err(
+            "--linux makes its own manifest: use it without --manifest and --files (or add a \
+             `kind = linux` guest to your manifest)"
+                .into(),
+        );
+    }
+    b.linux = Some(LinuxArgs {
+        kernel,
+        initrd: lx.initrd,
+        cmdline: lx.append.unwrap_or_else(|| DEFAULT_LINUX_CMDLINE.into()),
+        memory: lx.memory.unwrap_or(DEFAULT_LINUX_MEMORY),
+    });
+    Ok(())
 }
 
 /// The most memory Bochs emulates: its `megs` (and `memory: host=`) setting stops at 2048 MiB.
@@ -188,17 +272,20 @@ pub fn parse(argv: &[String]) -> Result<Cmd, String> {
         "help" | "--help" | "-h" => Ok(Cmd::Help),
         "image" => {
             let mut b = ImageArgs::default();
+            let mut lx = LinuxFlags::default();
             while let Some(flag) = args.next_flag() {
-                if !image_flag(&flag, &mut args, &mut b)? {
+                if !image_flag(&flag, &mut args, &mut b, &mut lx)? {
                     return Err(format!("image: unknown option `{flag}`"));
                 }
             }
+            finish_image_args(&mut b, lx)?;
             Ok(Cmd::Image(b))
         }
         "run" => {
             let mut r = RunArgs::default();
+            let mut lx = LinuxFlags::default();
             while let Some(flag) = args.next_flag() {
-                if image_flag(&flag, &mut args, &mut r.build)? {
+                if image_flag(&flag, &mut args, &mut r.build, &mut lx)? {
                     continue;
                 }
                 match flag.as_str() {
@@ -229,14 +316,16 @@ pub fn parse(argv: &[String]) -> Result<Cmd, String> {
                     _ => return Err(format!("run: unknown option `{flag}`")),
                 }
             }
+            finish_image_args(&mut r.build, lx)?;
             check_memory(&r)?;
             Ok(Cmd::Run(r))
         }
         "flash" => {
             let mut f = FlashArgs::default();
+            let mut lx = LinuxFlags::default();
             let mut device = None;
             while let Some(flag) = args.next_flag() {
-                if image_flag(&flag, &mut args, &mut f.build)? {
+                if image_flag(&flag, &mut args, &mut f.build, &mut lx)? {
                     continue;
                 }
                 match flag.as_str() {
@@ -260,13 +349,15 @@ pub fn parse(argv: &[String]) -> Result<Cmd, String> {
                     other => return Err(format!("flash: unexpected argument `{other}`")),
                 }
             }
+            finish_image_args(&mut f.build, lx)?;
             f.device = device.ok_or("flash: which device? e.g. `cargo keel flash /dev/sdb`")?;
             Ok(Cmd::Flash(f))
         }
         "bench" => {
             let mut b = crate::bench::BenchArgs::default();
+            let mut lx = LinuxFlags::default();
             while let Some(flag) = args.next_flag() {
-                if image_flag(&flag, &mut args, &mut b.build)? {
+                if image_flag(&flag, &mut args, &mut b.build, &mut lx)? {
                     continue;
                 }
                 match flag.as_str() {
@@ -278,6 +369,10 @@ pub fn parse(argv: &[String]) -> Result<Cmd, String> {
                     _ => return Err(format!("bench: unknown option `{flag}`")),
                 }
             }
+            if lx.kernel.is_some() {
+                return Err("bench: --linux is for image, run and flash".into());
+            }
+            finish_image_args(&mut b.build, lx)?;
             b.build.release = true;
             Ok(Cmd::Bench(b))
         }
@@ -350,6 +445,70 @@ mod tests {
             p("run --memory 0"),
             Err("--memory 0: the emulated machine needs some memory".into())
         );
+    }
+
+    /// `--linux` and its companions; `--append` keeps its spaces when given as one argument.
+    #[test]
+    fn linux_options() {
+        let argv: Vec<String> = [
+            "run",
+            "--linux",
+            "bz",
+            "--initrd=rd.cpio",
+            "--append",
+            "console=ttyS0 quiet",
+            "--linux-memory",
+            "512M",
+            "--emulator",
+            "bochs",
+        ]
+        .map(String::from)
+        .to_vec();
+        let Ok(Cmd::Run(r)) = parse(&argv) else {
+            panic!("run --linux parses");
+        };
+        assert_eq!(
+            r.build.linux,
+            Some(LinuxArgs {
+                kernel: "bz".into(),
+                initrd: Some("rd.cpio".into()),
+                cmdline: "console=ttyS0 quiet".into(),
+                memory: 512 << 20,
+            })
+        );
+        assert_eq!(
+            r.memory_mib, None,
+            "the machine's memory is left to the run"
+        );
+        let Ok(Cmd::Image(b)) = p("image --linux vmlinux") else {
+            panic!("image --linux parses");
+        };
+        assert_eq!(
+            b.linux,
+            Some(LinuxArgs {
+                kernel: "vmlinux".into(),
+                initrd: None,
+                cmdline: "console=ttyS0".into(),
+                memory: 256 << 20,
+            })
+        );
+        assert_eq!(
+            p("run --initrd x"),
+            Err("--initrd goes with --linux KERNEL".into())
+        );
+        assert_eq!(
+            p("run --linux-memory 3M --linux bz"),
+            Err("--linux-memory takes a multiple of 2M up to 3G (e.g. 512M), not `3M`".into())
+        );
+        assert_eq!(
+            p("run --linux bz --manifest m"),
+            Err(
+                "--linux makes its own manifest: use it without --manifest and --files (or add \
+                 a `kind = linux` guest to your manifest)"
+                    .into()
+            )
+        );
+        assert!(p("bench --linux bz").is_err());
     }
 
     #[test]

@@ -98,8 +98,15 @@ pub fn needed_files(manifest: &Manifest) -> Vec<String> {
 }
 
 /// Parses `text` (so a bad manifest fails here, with its line number, rather than in Keel) and
-/// packs it with the files it names from `files_dir` into a ramdisk archive.
-pub fn pack_ramdisk(manifest_path: &Path, text: &str, files_dir: Option<&Path>) -> Result<Vec<u8>> {
+/// packs it with the files it names from `files_dir` into a ramdisk archive. A linux guest's
+/// kernel is packed as the kernel image Keel loads (`prepare_linux_kernels`); unless `quiet`,
+/// what was made of it is printed.
+pub fn pack_ramdisk(
+    manifest_path: &Path,
+    text: &str,
+    files_dir: Option<&Path>,
+    quiet: bool,
+) -> Result<Vec<u8>> {
     let parsed = manifest::parse(text).map_err(|e| anyhow!("{}: {e}", manifest_path.display()))?;
     let names = needed_files(&parsed);
     let mut contents: Vec<(String, Vec<u8>)> = Vec::new();
@@ -123,10 +130,55 @@ pub fn pack_ramdisk(manifest_path: &Path, text: &str, files_dir: Option<&Path>) 
             contents.push((name, data));
         }
     }
+    prepare_linux_kernels(manifest_path, &parsed, &mut contents, quiet)?;
     check_guests_load(manifest_path, &parsed, &contents)?;
     let mut entries: Vec<(&str, &[u8])> = vec![(keel::archive::MANIFEST_NAME, text.as_bytes())];
     entries.extend(contents.iter().map(|(n, d)| (n.as_str(), d.as_slice())));
     keel::archive::build(&entries).map_err(|e| anyhow!("cannot pack the ramdisk: {e}"))
+}
+
+/// Replaces each linux guest's kernel file (a bzImage or a vmlinux ELF) with the kernel image
+/// Keel's Linux loader reads (`crate::linux::prepare`: the payload decompressed here, not in the
+/// emulator). A file that already is such an image is kept. A kernel file that another guest also
+/// uses as something else (an ELF guest's image, an initrd) is refused: it can be only one entry.
+fn prepare_linux_kernels(
+    manifest_path: &Path,
+    parsed: &Manifest,
+    files: &mut [(String, Vec<u8>)],
+    quiet: bool,
+) -> Result<()> {
+    let linux = |g: &manifest::GuestConfig| g.kind == manifest::GuestKind::Linux;
+    for (name, data) in files.iter_mut() {
+        if !parsed.guests.iter().any(|g| linux(g) && g.image == *name) {
+            continue;
+        }
+        if let Some(other) = parsed
+            .guests
+            .iter()
+            .find(|g| (!linux(g) && g.image == *name) || g.modules.contains(name))
+        {
+            bail!(
+                "{}: `{name}` is a linux guest's kernel and also used by guest {} (kind = {}); \
+                 one file cannot be both: copy it under another name",
+                manifest_path.display(),
+                other.name,
+                kind_name(other.kind)
+            );
+        }
+        if keel::loader::linux::KernelImage::is_kernel_image(data) {
+            continue;
+        }
+        let prepared = crate::linux::prepare(data)
+            .with_context(|| format!("{}: the Linux kernel `{name}`", manifest_path.display()))?;
+        if !quiet {
+            eprintln!(
+                "keel-boot: {}",
+                crate::linux::describe(name, data.len(), &prepared)
+            );
+        }
+        *data = prepared.image;
+    }
+    Ok(())
 }
 
 /// Runs Keel's own loaders against every guest as Keel will start it: its image and modules,
@@ -185,7 +237,61 @@ fn kind_name(kind: manifest::GuestKind) -> &'static str {
         manifest::GuestKind::Flat => "flat",
         manifest::GuestKind::Elf => "elf",
         manifest::GuestKind::Multiboot => "multiboot",
+        manifest::GuestKind::Linux => "linux",
     }
+}
+
+/// The directory under the output directory where `--linux` writes its manifest and links to
+/// the kernel and initrd (kept after the run, so the manifest can be copied and extended).
+pub const LINUX_GUEST_DIR: &str = "linux-guest";
+
+/// The one-guest manifest of `--linux`: a guest `linux` with the archive entries `kernel` and
+/// (with an initrd) `initrd`.
+pub fn linux_manifest_text(linux: &crate::cli::LinuxArgs) -> String {
+    let mut text = String::from(
+        "# Written by `cargo keel ... --linux`: one Linux guest (docs/GUESTS.md, kind = linux).\n\
+         # The files are links in this directory; copy the manifest to add guests.\n\
+         [guest linux]\nkind = linux\nimage = kernel\n",
+    );
+    if linux.initrd.is_some() {
+        text.push_str("initrd = initrd\n");
+    }
+    text.push_str(&format!("memory = {}M\n", linux.memory >> 20));
+    text.push_str(&format!("cmdline = {}\n", linux.cmdline));
+    text
+}
+
+/// Writes the `--linux` manifest and links named `kernel` and `initrd` to the user's files into
+/// `out/linux-guest`; returns (the manifest, the files directory).
+pub fn write_linux_guest(out: &Path, linux: &crate::cli::LinuxArgs) -> Result<(PathBuf, PathBuf)> {
+    if linux.cmdline.contains(['\n', '\r']) {
+        bail!("--append: the command line must be one line");
+    }
+    let dir = out.join(LINUX_GUEST_DIR);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let files = std::iter::once(("kernel", &linux.kernel))
+        .chain(linux.initrd.iter().map(|i| ("initrd", i)));
+    for (name, path) in files {
+        let target = std::fs::canonicalize(path)
+            .with_context(|| format!("--linux: cannot read {}", path.display()))?;
+        std::os::unix::fs::symlink(&target, dir.join(name))
+            .with_context(|| format!("cannot link {} in {}", target.display(), dir.display()))?;
+    }
+    let manifest = dir.join("linux.manifest");
+    std::fs::write(&manifest, linux_manifest_text(linux))
+        .with_context(|| format!("cannot write {}", manifest.display()))?;
+    Ok((manifest, dir))
+}
+
+/// MiB of emulated machine for a `--linux` guest of `guest_memory` bytes booted from a ramdisk
+/// of `ramdisk_len` bytes: both, plus 64 MiB for Keel and the firmware, in steps of 64 MiB, at
+/// least the usual 256.
+pub fn linux_machine_mib(guest_memory: u64, ramdisk_len: u64) -> u32 {
+    let mib = (guest_memory >> 20) + ramdisk_len.div_ceil(1 << 20) + 64;
+    u32::try_from(mib.div_ceil(64) * 64)
+        .unwrap_or(u32::MAX)
+        .max(256)
 }
 
 /// Runs a build command; with `quiet`, its output is kept and shown only if it fails.
@@ -366,7 +472,7 @@ pub fn build_images(opts: &ImageOptions) -> Result<Images> {
             Some(built_guests.clone())
         }
     };
-    let packed = pack_ramdisk(&opts.manifest, &text, files_dir.as_deref());
+    let packed = pack_ramdisk(&opts.manifest, &text, files_dir.as_deref(), opts.quiet);
     let _ = std::fs::remove_dir_all(&built_guests);
     let archive = packed?;
 
@@ -446,7 +552,7 @@ memory = 2M
     }
 
     fn pack_error(manifest: &str, dir: &Path) -> String {
-        let e = pack_ramdisk(Path::new("t.manifest"), manifest, Some(dir))
+        let e = pack_ramdisk(Path::new("t.manifest"), manifest, Some(dir), true)
             .expect_err("the manifest is refused");
         format!("{e:#}")
     }
@@ -484,7 +590,8 @@ memory = 2M
         assert!(pack_ramdisk(
             Path::new("t"),
             &guest("multiboot", "mb.elf", "2M", ""),
-            Some(&dir)
+            Some(&dir),
+            true
         )
         .is_ok());
         assert_eq!(
@@ -522,7 +629,7 @@ memory = 2M
         }
         let text = "[guest a]\nkind = flat\nimage = a/x.bin\nmemory = 2M\n\
                     [guest b]\nkind = flat\nimage = b/x.bin\nmemory = 2M\n";
-        let bytes = pack_ramdisk(Path::new("t"), text, Some(&dir))?;
+        let bytes = pack_ramdisk(Path::new("t"), text, Some(&dir), true)?;
         let archive = Archive::parse(&bytes).map_err(|e| anyhow!("{e}"))?;
         assert_eq!(archive.get("a/x.bin"), Some(&b"\xeb\xfe"[..]));
         assert_eq!(archive.get("b/x.bin"), Some(&b"\xf4\xf4"[..]));
@@ -547,6 +654,127 @@ memory = 2M
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A linux guest's bzImage is packed as Keel's kernel image (decompressed), its initrd as
+    /// its one module, and the Linux loader runs against them at pack time.
+    #[test]
+    fn linux_kernels_are_prepared_and_checked_at_pack_time() -> Result<()> {
+        use crate::linux::tests::{bzimage, text, vmlinux};
+        use keel::loader::linux::KernelImage;
+        let elf = vmlinux(&text());
+        let bz = bzimage(&elf);
+        let dir = files_dir(
+            "linux",
+            &[
+                ("bzImage", &bz),
+                ("rootfs", b"070701"),
+                ("b.bin", b"\xeb\xfe"),
+            ],
+        );
+        let text = "[guest lx]\nkind = linux\nimage = bzImage\nmemory = 32M\n\
+                    initrd = rootfs\ncmdline = console=ttyS0\n";
+        let bytes = pack_ramdisk(Path::new("t"), text, Some(&dir), true)?;
+        let archive = Archive::parse(&bytes).map_err(|e| anyhow!("{e}"))?;
+        let packed = archive.get("bzImage").expect("the kernel entry");
+        assert_eq!(packed, &crate::linux::prepare(&bz)?.image[..]);
+        let k = KernelImage::parse(packed).map_err(|e| anyhow!("{e}"))?;
+        assert_eq!((k.entry, k.segments[0].paddr), (0x100_0000, 0x100_0000));
+        assert_eq!(archive.get("rootfs"), Some(&b"070701"[..]));
+        // The loader at pack time: the kernel at 16 MiB needs more than 16 MiB of RAM, and
+        // the initrd must fit above it.
+        assert_eq!(
+            pack_error(&text.replace("32M", "16M"), &dir),
+            "t.manifest: guest lx: `bzImage` (kind = linux, memory = 16M) cannot be loaded: \
+             guest RAM of 0x1000000 bytes is too small, need 0x104a3e0"
+        );
+        assert_eq!(
+            pack_error(
+                &text.replace("32M", "18M").replace("rootfs", "bzImage"),
+                &dir
+            ),
+            "t.manifest: `bzImage` is a linux guest's kernel and also used by guest lx \
+             (kind = linux); one file cannot be both: copy it under another name"
+        );
+        assert_eq!(
+            pack_error(
+                &format!(
+                    "{text}[guest b]\nkind = flat\nimage = b.bin\nmemory = 2M\nmodules = bzImage\n"
+                ),
+                &dir
+            ),
+            "t.manifest: `bzImage` is a linux guest's kernel and also used by guest b \
+             (kind = flat); one file cannot be both: copy it under another name"
+        );
+        let cut = files_dir(
+            "linux-cut",
+            &[("bzImage", &bz[..bz.len() - 9]), ("rootfs", b"")],
+        );
+        let e = pack_error(text, &cut);
+        assert!(
+            e.starts_with("t.manifest: the Linux kernel `bzImage`: "),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&cut);
+        Ok(())
+    }
+
+    /// `--linux`: the manifest names `kernel` and `initrd`, which link to the user's files.
+    #[test]
+    fn linux_guest_manifest_and_links() -> Result<()> {
+        let dir = files_dir("linux-guest", &[("bz", b"BZ"), ("rd", b"RD")]);
+        let mut linux = crate::cli::LinuxArgs {
+            kernel: dir.join("bz"),
+            initrd: Some(dir.join("rd")),
+            cmdline: "console=ttyS0 quiet # kept".into(),
+            memory: 512 << 20,
+        };
+        let out = dir.join("out");
+        let (manifest, files) = write_linux_guest(&out, &linux)?;
+        assert_eq!(files, out.join("linux-guest"));
+        let text = std::fs::read_to_string(&manifest)?;
+        let parsed = manifest::parse(&text).map_err(|e| anyhow!("{e}"))?;
+        let g = &parsed.guests[0];
+        assert_eq!(
+            (g.name.as_str(), g.kind, g.image.as_str(), g.memory),
+            ("linux", manifest::GuestKind::Linux, "kernel", 512 << 20)
+        );
+        assert_eq!(g.modules, ["initrd"]);
+        assert_eq!(g.cmdline, "console=ttyS0 quiet # kept");
+        assert_eq!(std::fs::read(files.join("kernel"))?, b"BZ");
+        assert_eq!(std::fs::read(files.join("initrd"))?, b"RD");
+        // Again without an initrd: the old link goes.
+        linux.initrd = None;
+        let (manifest, files) = write_linux_guest(&out, &linux)?;
+        let parsed =
+            manifest::parse(&std::fs::read_to_string(&manifest)?).map_err(|e| anyhow!("{e}"))?;
+        assert!(parsed.guests[0].modules.is_empty());
+        assert!(!files.join("initrd").exists());
+        linux.kernel = dir.join("missing");
+        let e = write_linux_guest(&out, &linux).expect_err("no such kernel");
+        assert!(
+            format!("{e:#}").starts_with("--linux: cannot read "),
+            "{e:#}"
+        );
+        linux.cmdline = "a\nb".into();
+        assert_eq!(
+            format!(
+                "{:#}",
+                write_linux_guest(&out, &linux).expect_err("two lines")
+            ),
+            "--append: the command line must be one line"
+        );
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn linux_machine_memory() {
+        // 256 MiB guest, Debian's 35 MB kernel image: 256 + 34 + 64 -> 384.
+        assert_eq!(linux_machine_mib(256 << 20, 35_000_000), 384);
+        assert_eq!(linux_machine_mib(32 << 20, 1 << 20), 256);
+        assert_eq!(linux_machine_mib(2 << 30, 100 << 20), 2240);
+    }
+
     #[test]
     fn needed_files_in_first_use_order_once() {
         let m = manifest::parse(TWO_GUESTS).expect("sample parses");
@@ -561,7 +789,7 @@ memory = 2M
         std::fs::write(dir.join("initrd"), b"INITRD")?;
         std::fs::write(dir.join("b.bin"), b"\xeb\xfe")?;
         std::fs::write(dir.join("unused"), b"not packed")?;
-        let bytes = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, Some(&dir))?;
+        let bytes = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, Some(&dir), true)?;
         let archive = Archive::parse(&bytes).map_err(|e| anyhow!("{e}"))?;
         let names: Vec<&str> = archive.entries().map(|(n, _)| n).collect();
         assert_eq!(names, ["manifest", "a.elf", "initrd", "b.bin"]);
@@ -575,7 +803,8 @@ memory = 2M
     #[test]
     fn bad_manifest_fails_with_path_and_line() {
         let text = "[guest a]\nkind = flat\nimage = x\nmemory = 3M\n";
-        let e = pack_ramdisk(Path::new("demo.manifest"), text, None).expect_err("3M is rejected");
+        let e =
+            pack_ramdisk(Path::new("demo.manifest"), text, None, true).expect_err("3M is rejected");
         let msg = format!("{e:#}");
         assert!(msg.contains("demo.manifest: manifest line 4:"), "{msg}");
     }
@@ -583,11 +812,11 @@ memory = 2M
     #[test]
     fn missing_file_is_named() {
         let dir = scratch("missing");
-        let e = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, Some(&dir))
+        let e = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, Some(&dir), true)
             .expect_err("files are missing");
         let msg = format!("{e:#}");
         assert!(msg.contains("names `a.elf`"), "{msg}");
-        let e = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, None)
+        let e = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, None, true)
             .expect_err("no files directory");
         assert!(format!("{e:#}").contains("a.elf, initrd, b.bin"));
         let _ = std::fs::remove_dir_all(&dir);
@@ -595,7 +824,7 @@ memory = 2M
 
     #[test]
     fn manifest_without_guests_needs_no_files() -> Result<()> {
-        let bytes = pack_ramdisk(Path::new("empty"), "[keel]\nquantum_ms = 5\n", None)?;
+        let bytes = pack_ramdisk(Path::new("empty"), "[keel]\nquantum_ms = 5\n", None, true)?;
         let archive = Archive::parse(&bytes).map_err(|e| anyhow!("{e}"))?;
         assert_eq!(archive.len(), 1);
         Ok(())

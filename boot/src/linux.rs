@@ -235,14 +235,36 @@ pub fn prepare(kernel: &[u8]) -> Result<Prepared> {
     }
 }
 
+/// One line saying what `prepare` made of the kernel file `name` of `file_len` bytes.
+pub fn describe(name: &str, file_len: usize, p: &Prepared) -> String {
+    let mb = |n: usize| format!("{:.1} MB", n as f64 / 1e6);
+    let (segments, entry) =
+        KernelImage::parse(&p.image).map_or((0, 0), |k| (k.segments.len(), k.entry));
+    let source = match p.protocol {
+        Some(v) => format!(
+            "bzImage {} (boot protocol {}.{:02}, {} payload) -> vmlinux {}",
+            mb(file_len),
+            v >> 8,
+            v & 0xff,
+            p.compression.name(),
+            mb(p.vmlinux_len)
+        ),
+        None => format!("vmlinux {}", mb(file_len)),
+    };
+    format!(
+        "{name}: Linux kernel: {source} -> kernel image {} ({segments} segments, 64-bit entry {entry:#x})",
+        mb(p.image.len())
+    )
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use keel::loader::linux::KernelImage;
 
     /// A minimal ELF64 vmlinux: one PT_LOAD of `text` linked at 0xffffffff81000000, loaded at
     /// physical 0x1000000, entry at its start.
-    fn vmlinux(text: &[u8]) -> Vec<u8> {
+    pub(crate) fn vmlinux(text: &[u8]) -> Vec<u8> {
         let mut e = vec![0u8; 64 + 56];
         e[..4].copy_from_slice(b"\x7fELF");
         e[4] = 2;
@@ -267,13 +289,13 @@ mod tests {
         e
     }
 
-    fn with_size(mut stream: Vec<u8>, size: usize) -> Vec<u8> {
+    pub(crate) fn with_size(mut stream: Vec<u8>, size: usize) -> Vec<u8> {
         stream.extend_from_slice(&(size as u32).to_le_bytes());
         stream
     }
 
     /// The legacy LZ4 frame as `lz4 -l` writes it, from blocks compressed by lz4_flex.
-    fn lz4_legacy(data: &[u8], block: usize) -> Vec<u8> {
+    pub(crate) fn lz4_legacy(data: &[u8], block: usize) -> Vec<u8> {
         let mut out = 0x184c_2102u32.to_le_bytes().to_vec();
         for chunk in data.chunks(block) {
             let c = lz4_flex::block::compress(chunk);
@@ -292,7 +314,7 @@ mod tests {
         out
     }
 
-    fn text() -> Vec<u8> {
+    pub(crate) fn text() -> Vec<u8> {
         (0..300_000u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 & 0x3f)
             .collect()
@@ -331,11 +353,10 @@ mod tests {
             .contains("unknown compression"));
     }
 
-    #[test]
-    fn bzimage_becomes_a_kernel_image() {
-        let elf = vmlinux(&text());
-        let payload = with_size(lz4_legacy(&elf, 1 << 20), elf.len());
-        // The setup header a real bzImage has: protocol 2.15, 64-bit entry, payload after it.
+    /// A bzImage with the setup header a real one has (protocol 2.15, 64-bit entry,
+    /// cmdline_size 2047, initrd_addr_max 0x7fffffff, init_size 0) and `elf` as its LZ4 payload.
+    pub(crate) fn bzimage(elf: &[u8]) -> Vec<u8> {
+        let payload = with_size(lz4_legacy(elf, 1 << 20), elf.len());
         let mut bz = vec![0u8; 2 * 512];
         bz[0x1f1] = 1;
         bz[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
@@ -343,10 +364,19 @@ mod tests {
         bz[0x201] = 0x6a;
         bz[0x202..0x206].copy_from_slice(b"HdrS");
         bz[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        bz[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
         bz[0x236..0x238].copy_from_slice(&1u16.to_le_bytes());
+        bz[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
         bz[0x248..0x24c].copy_from_slice(&0u32.to_le_bytes());
         bz[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         bz.extend_from_slice(&payload);
+        bz
+    }
+
+    #[test]
+    fn bzimage_becomes_a_kernel_image() {
+        let elf = vmlinux(&text());
+        let bz = bzimage(&elf);
         let p = prepare(&bz).unwrap();
         assert_eq!(
             (p.compression, p.vmlinux_len, p.protocol),

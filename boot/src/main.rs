@@ -17,7 +17,7 @@ const EXIT_TIMEOUT: u8 = 124;
 /// `run`'s exit status when interrupted (128 + SIGINT).
 const EXIT_INTERRUPTED: u8 = 130;
 
-fn image_options(b: &ImageArgs) -> ImageOptions {
+fn image_options(b: &ImageArgs) -> Result<ImageOptions> {
     let root = image::workspace_root();
     let mut opts = ImageOptions::new(&root);
     if let Some(m) = &b.manifest {
@@ -30,11 +30,16 @@ fn image_options(b: &ImageArgs) -> ImageOptions {
         .clone()
         .unwrap_or_else(|| image::default_out_dir(&root, b.release));
     opts.quiet = b.quiet;
-    opts
+    if let Some(linux) = &b.linux {
+        let (manifest, files) = image::write_linux_guest(&opts.out, linux)?;
+        opts.manifest = manifest;
+        opts.files = Some(files);
+    }
+    Ok(opts)
 }
 
 fn build(b: &ImageArgs) -> Result<Images> {
-    let opts = image_options(b);
+    let opts = image_options(b)?;
     let images = image::build_images(&opts)?;
     eprintln!(
         "keel-boot: {} guest(s) [{}] from {}\n  BIOS image: {}\n  UEFI image: {}",
@@ -90,6 +95,18 @@ fn run(r: &RunArgs) -> Result<ExitCode> {
     }
     if let Some(m) = r.memory_mib {
         opts.memory_mib = m;
+    } else if let (Some(linux), None) = (&r.build.linux, &r.image) {
+        // Room for the guest, the ramdisk and Keel (docs/BOOTING.md, `--linux`).
+        let ramdisk = std::fs::metadata(out.join("ramdisk.keelarc")).map_or(0, |m| m.len());
+        opts.memory_mib = image::linux_machine_mib(linux.memory, ramdisk);
+        if emulator == emulator::Emulator::Bochs && opts.memory_mib > cli::BOCHS_MAX_MEMORY_MIB {
+            bail!(
+                "a {} MiB Linux guest needs a {} MiB machine, more than Bochs' {} MiB: use a smaller --linux-memory",
+                linux.memory >> 20,
+                opts.memory_mib,
+                cli::BOCHS_MAX_MEMORY_MIB
+            );
+        }
     }
     if let Some(ips) = r.ips {
         opts.bochs_ips = ips;
@@ -210,7 +227,7 @@ fn main() -> ExitCode {
         Cmd::Image(b) => build(&b).map(|_| ExitCode::SUCCESS),
         Cmd::Run(r) => run(&r),
         Cmd::Flash(f) => flash_cmd(&f),
-        Cmd::Bench(b) => keel_boot::bench::run(&image_options(&b.build), &b),
+        Cmd::Bench(b) => image_options(&b.build).and_then(|opts| keel_boot::bench::run(&opts, &b)),
     };
     match result {
         Ok(code) => code,

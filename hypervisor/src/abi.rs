@@ -11,13 +11,20 @@
 pub const CPUID_SIGNATURE_LEAF: u32 = 0x4000_0000;
 /// CPUID leaf 0x4000_0001: EAX = hypercall ABI version, EBX = feature bits (none defined yet).
 pub const CPUID_INTERFACE_LEAF: u32 = 0x4000_0001;
-pub const CPUID_MAX_LEAF: u32 = CPUID_INTERFACE_LEAF;
+/// CPUID leaf 0x4000_0010, the timing leaf other hypervisors (VMware, ACRN) define at this
+/// number: EAX = the guest's TSC frequency in kHz, EBX = the local APIC timer's input (bus)
+/// clock in kHz, ECX = EDX = 0.
+pub const CPUID_TIMING_LEAF: u32 = 0x4000_0010;
+/// The highest hypervisor leaf (leaf 0x4000_0000's EAX).
+pub const CPUID_MAX_LEAF: u32 = CPUID_TIMING_LEAF;
 pub const SIGNATURE: &[u8; 12] = b"KeelKeelKeel";
 pub const ABI_VERSION: u32 = 1;
 
 /// Hypercall numbers (RAX).
 pub mod hc {
-    /// Write RCX bytes at guest-physical RBX to the guest's console. Returns bytes written.
+    /// Write RCX bytes at guest-physical RBX to the guest's console. Returns the bytes accepted:
+    /// at most `CONSOLE_WRITE_CHUNK`, fewer (possibly 0) when the guest's console is full (which
+    /// also ends the caller's time slice); the caller continues with the rest.
     pub const CONSOLE_WRITE: u64 = 1;
     /// Give up the rest of this time slice. Returns 0.
     pub const YIELD: u64 = 2;
@@ -25,7 +32,8 @@ pub mod hc {
     pub const GUEST_ID: u64 = 3;
     /// Stop the calling guest with exit status RBX. Does not return.
     pub const SHUTDOWN: u64 = 4;
-    /// Print the accounting table of every guest on Keel's console. Returns 0.
+    /// Print the accounting table of every guest on Keel's console. Returns 0, or EAGAIN when
+    /// Keel's console has no room for it now (nothing printed).
     pub const PRINT_STATS: u64 = 5;
     /// Returns the TSC cycles this guest has been given so far (its CPU time).
     pub const CPU_TIME: u64 = 6;
@@ -40,6 +48,8 @@ pub mod status {
     pub const EFAULT: u64 = -14i64 as u64;
     /// An argument is out of range.
     pub const EINVAL: u64 = -22i64 as u64;
+    /// Not now: Keel's console has no room (PRINT_STATS); try again later.
+    pub const EAGAIN: u64 = -11i64 as u64;
 }
 
 /// Ports every guest sees.
@@ -52,5 +62,8 @@ pub mod port {
     pub const DEBUGCON: u16 = 0xe9;
 }
 
-/// Largest CONSOLE_WRITE accepted in one call.
+/// Largest CONSOLE_WRITE length allowed (EINVAL above).
 pub const CONSOLE_WRITE_MAX: u64 = 4096;
+/// Most bytes one CONSOLE_WRITE takes: a longer call is a short write, to be continued with the
+/// rest (Keel's work per call stays small enough never to hold up another guest's timer).
+pub const CONSOLE_WRITE_CHUNK: u64 = 1024;

@@ -162,7 +162,9 @@ pub fn run(machine: MachineInfo) -> ! {
         spec_ctrl: 0,
     };
     let mut runner = Runner::new(cpu, config, slots);
+    crate::log::set_guests_running(runner.slots.len());
     runner.run();
+    crate::log::set_guests_running(0);
     runner.report();
     arch::exit(ExitCode::Completed)
 }
@@ -521,9 +523,13 @@ impl Vm {
             guest_id: g.id,
         };
         let st = loader::load(g.ram.bytes(), &req).map_err(|e| alloc::format!("{e}"))?;
-        if cfg.kind == manifest::GuestKind::Multiboot {
-            // What QEMU's firmware leaves for a multiboot kernel: ACPI tables in the BIOS area,
-            // which the multiboot memory map reserves (0xA0000-0x100000).
+        if matches!(
+            cfg.kind,
+            manifest::GuestKind::Multiboot | manifest::GuestKind::Linux
+        ) {
+            // What QEMU's firmware leaves for a multiboot kernel, and what Linux reads through
+            // boot_params.acpi_rsdp_addr: ACPI tables in the BIOS area, which both memory maps
+            // reserve (multiboot 0xA0000-0x100000, Linux's e820 0x90000-0x100000).
             crate::acpi::install(g.ram.bytes(), g.platform.board())
                 .map_err(|e| alloc::format!("{e}"))?;
         }

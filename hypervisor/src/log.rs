@@ -1,10 +1,13 @@
 //! Keel's console log: leveled lines with a fixed prefix, written to whatever sink the boot code
-//! installs (COM1 on hardware, a buffer in host tests).
+//! installs (COM1 on hardware; host tests install none, and output is discarded).
+//!
+//! Output waits in a queue ([`OutputQueue`], in `log/queue.rs` with its policy) and leaves as the
+//! UART takes it; while guests run nothing ever waits for the UART.
 //!
 //! Every line Keel prints starts with `keel: `; warnings, errors and fatal errors add their level
 //! (`keel: error: ...`) so that a user (and the integration tests) can grep for them. Guest console
-//! output does not go through here: it is printed by the guest console code with the guest's name
-//! as its prefix.
+//! lines are queued here too ([`write_guest_line`]), with the guest's name as their prefix and
+//! under the guest's share of the queue.
 
 use core::fmt::{self, Write};
 use spin::Mutex;
@@ -30,102 +33,84 @@ impl Level {
     }
 }
 
-/// Where log bytes go. Implemented by the serial driver in `arch`.
+mod queue;
+
+pub use queue::{wire_len, wire_len_of, ByteRing, OutputQueue, Writer};
+
+/// The console device: COM1 on hardware (`arch::serial`). It only sends bytes; what waits to be
+/// sent, and whose it is, lives in Keel's [`OutputQueue`].
 pub trait Sink: Send {
-    fn write_bytes(&mut self, bytes: &[u8]);
-    /// Moves queued bytes to the device as far as it can take them now, without waiting.
-    fn pump(&mut self) {}
-    /// Waits until every queued byte has left.
-    fn flush(&mut self) {}
-    /// True while bytes wait to be sent.
-    fn busy(&self) -> bool {
-        false
-    }
+    /// How many bytes the device takes right now, without waiting.
+    fn ready(&self) -> usize;
+    fn send(&mut self, byte: u8);
+    /// Waits (briefly) until the device has sent its last byte.
+    fn settle(&mut self) {}
 }
 
-/// A fixed-size byte queue: console output waits here so that Keel never stalls guests on a slow
-/// UART (at 115200 baud one byte takes 87 us; a line of output took 5 ms of polling).
-pub struct ByteRing<const N: usize> {
-    buf: [u8; N],
-    head: usize,
-    len: usize,
-}
-
-impl<const N: usize> ByteRing<N> {
-    pub const fn new() -> Self {
-        Self {
-            buf: [0; N],
-            head: 0,
-            len: 0,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn is_full(&self) -> bool {
-        self.len == N
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Appends a byte; false (and nothing stored) when full.
-    pub fn push(&mut self, b: u8) -> bool {
-        if self.is_full() {
-            return false;
-        }
-        self.buf[(self.head + self.len) % N] = b;
-        self.len += 1;
-        true
-    }
-
-    pub fn pop(&mut self) -> Option<u8> {
-        if self.len == 0 {
-            return None;
-        }
-        let b = self.buf[self.head];
-        self.head = (self.head + 1) % N;
-        self.len -= 1;
-        Some(b)
-    }
-}
-
-impl<const N: usize> Default for ByteRing<N> {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// Lets the console make progress (called from Keel's run loop between guest slices).
-pub fn pump() {
-    if let Some(sink) = LOGGER.lock().sink.as_mut() {
-        sink.pump();
-    }
-}
-
-/// Waits until all console output has been sent.
-pub fn flush() {
-    if let Some(sink) = LOGGER.lock().sink.as_mut() {
-        sink.flush();
-    }
-}
-
-/// True while console output is still queued.
-pub fn busy() -> bool {
-    LOGGER.lock().sink.as_ref().is_some_and(|s| s.busy())
-}
+/// Size of Keel's console queue: 5.7 s of output at 115200 baud.
+pub const QUEUE_BYTES: usize = 64 * 1024;
 
 struct Logger {
     sink: Option<&'static mut dyn Sink>,
     min_level: Level,
+    queue: OutputQueue<QUEUE_BYTES>,
+    /// While guests run, guest output never waits for the UART (it is refused, and waits in the
+    /// guest's console buffer); before and after (boot, the final report, a panic) it does.
+    /// Keel's own lines always wait for room: only Keel's own output can fill the whole queue
+    /// (guests cannot touch its reserve), and dropping "guest stopped" lines would hide what
+    /// happened. docs/HYPERCALLS.md, "Console output", says when that happens.
+    guests_running: bool,
+}
+
+impl Logger {
+    /// Moves queued bytes to the device as far as it takes them now.
+    fn pump(&mut self) {
+        if let Some(sink) = self.sink.as_mut() {
+            for _ in 0..sink.ready() {
+                match self.queue.pop() {
+                    Some(b) => sink.send(b),
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// Waits until `who` may queue `len` bytes (a guest only when no guest runs); false if it may
+    /// not now.
+    fn room(&mut self, who: Writer, len: usize) -> bool {
+        while !self.queue.fits(who, len) {
+            let may_wait = who == Writer::Keel || !self.guests_running;
+            if !may_wait || self.sink.is_none() || self.queue.is_empty() {
+                return false;
+            }
+            self.pump();
+        }
+        true
+    }
+
+    /// Queues one of Keel's lines (`len` wire bytes written by `fill`) and starts sending; false
+    /// if it was dropped (and counted) for want of room.
+    fn keel_line(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut queue::Appender<QUEUE_BYTES>),
+    ) -> bool {
+        if self.sink.is_none() {
+            return true;
+        }
+        let need = self.queue.keel_need(len);
+        self.room(Writer::Keel, need);
+        let ok = self.queue.write_keel(len, fill);
+        self.pump();
+        ok
+    }
 }
 
 static LOGGER: Mutex<Logger> = Mutex::new(Logger {
     sink: None,
     min_level: Level::Info,
+    queue: OutputQueue::new(),
+    guests_running: false,
 });
 
 /// Installs the sink (once, early in boot).
@@ -137,29 +122,73 @@ pub fn set_level(level: Level) {
     LOGGER.lock().min_level = level;
 }
 
-/// Writes raw bytes to the console under the log lock, so they never interleave with a log line.
-pub fn write_raw(bytes: &[u8]) {
-    if let Some(sink) = LOGGER.lock().sink.as_mut() {
-        sink.write_bytes(bytes);
+/// `guests` guests are about to run (0: none runs any more): from now on guest output never
+/// waits for the UART, the guests share the guest part of the queue equally and Keel keeps to its
+/// reserve (docs/HYPERCALLS.md, "Console output").
+pub fn set_guests_running(guests: usize) {
+    let mut logger = LOGGER.lock();
+    logger.guests_running = guests > 0;
+    logger.queue.set_guests(guests);
+}
+
+/// Lets the console make progress (called from Keel's run loop between guest slices).
+pub fn pump() {
+    LOGGER.lock().pump();
+}
+
+/// Waits until all console output has been sent.
+pub fn flush() {
+    let mut logger = LOGGER.lock();
+    if logger.sink.is_none() {
+        return;
+    }
+    while !logger.queue.is_empty() {
+        logger.pump();
+    }
+    if let Some(sink) = logger.sink.as_mut() {
+        sink.settle();
     }
 }
 
-/// Writes one complete line, `prefix` then `body`, under the lock.
-pub fn write_line(prefix: &str, body: &[u8]) {
-    if let Some(sink) = LOGGER.lock().sink.as_mut() {
-        sink.write_bytes(prefix.as_bytes());
-        sink.write_bytes(body);
-        sink.write_bytes(b"\n");
+/// True while console output is still queued.
+pub fn busy() -> bool {
+    !LOGGER.lock().queue.is_empty()
+}
+
+/// Writes `bytes` (complete lines) as `who`'s output, whole or not at all: true if queued. While
+/// guests run a guest's output never waits for room (false: refused); Keel's waits.
+pub fn write_as(who: Writer, bytes: &[u8]) -> bool {
+    let mut logger = LOGGER.lock();
+    if logger.sink.is_none() {
+        return true;
+    }
+    match who {
+        Writer::Keel => logger.keel_line(wire_len(bytes), |w| w.put(bytes)),
+        Writer::Guest(_) => {
+            let ok = logger.room(who, wire_len(bytes)) && logger.queue.write(who, &[bytes]);
+            logger.pump();
+            ok
+        }
     }
 }
 
-struct SinkWriter<'a>(&'a mut dyn Sink);
+/// True if `who` may queue `len` bytes (as sent) now.
+pub fn fits(who: Writer, len: usize) -> bool {
+    LOGGER.lock().queue.fits(who, len)
+}
 
-impl Write for SinkWriter<'_> {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        self.0.write_bytes(s.as_bytes());
-        Ok(())
+/// Writes one complete line of guest `id`'s, `prefix` then `body`, if its share of the queue has
+/// room for it (or, when no guest runs any more, once it has); false, with nothing written, if not.
+pub fn write_guest_line(id: u32, prefix: &str, body: &[u8]) -> bool {
+    let mut logger = LOGGER.lock();
+    if logger.sink.is_none() {
+        return true;
     }
+    let who = Writer::Guest(id);
+    let len = wire_len(prefix.as_bytes()) + wire_len(body) + 2;
+    let ok = logger.room(who, len) && logger.queue.write(who, &[prefix.as_bytes(), body, b"\n"]);
+    logger.pump();
+    ok
 }
 
 #[doc(hidden)]
@@ -168,19 +197,22 @@ pub fn log(level: Level, args: fmt::Arguments) {
     if level < logger.min_level {
         return;
     }
-    if let Some(sink) = logger.sink.as_mut() {
-        let mut w = SinkWriter(&mut **sink);
-        let _ = writeln!(w, "keel: {}{}", level.tag(), args);
-    }
+    let line = format_args!("keel: {}{}\n", level.tag(), args);
+    let len = wire_len_of(line);
+    logger.keel_line(len, |w| {
+        let _ = w.write_fmt(line);
+    });
 }
 
-/// Used by the panic handler: the lock may be held by the code that panicked.
+/// Used by the panic handler: the lock may be held by the code that panicked. Keel's lines wait
+/// for room from now on (nothing else will run).
 ///
 /// # Safety
 /// Only call when no other code will run afterwards (the caller halts).
 pub unsafe fn force_unlock() {
     // SAFETY: the caller guarantees nothing else uses the logger concurrently any more.
     unsafe { LOGGER.force_unlock() };
+    LOGGER.lock().guests_running = false;
 }
 
 #[macro_export]
@@ -193,24 +225,3 @@ macro_rules! error { ($($t:tt)*) => { $crate::log::log($crate::log::Level::Error
 macro_rules! debug { ($($t:tt)*) => { $crate::log::log($crate::log::Level::Debug, format_args!($($t)*)) } }
 #[macro_export]
 macro_rules! fatal { ($($t:tt)*) => { $crate::log::log($crate::log::Level::Fatal, format_args!($($t)*)) } }
-
-#[cfg(test)]
-mod tests {
-    use super::ByteRing;
-
-    #[test]
-    fn ring_keeps_order_and_refuses_when_full() {
-        let mut r: ByteRing<4> = ByteRing::new();
-        assert!(r.is_empty() && r.pop().is_none());
-        for b in 1..=4 {
-            assert!(r.push(b));
-        }
-        assert!(r.is_full() && !r.push(9));
-        assert_eq!(r.pop(), Some(1));
-        assert!(r.push(5), "wraps around");
-        assert_eq!(
-            (r.pop(), r.pop(), r.pop(), r.pop(), r.pop()),
-            (Some(2), Some(3), Some(4), Some(5), None)
-        );
-    }
-}

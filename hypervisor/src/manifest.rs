@@ -9,7 +9,7 @@
 //! quantum_ms = 10          # scheduler time slice (default 10)
 //!
 //! [guest hello64]          # one section per guest; the name is used as the console prefix
-//! kind = elf               # flat | elf | multiboot
+//! kind = elf               # flat | elf | multiboot | linux
 //! image = hello64.elf      # archive entry holding the image
 //! memory = 16M             # guest RAM, a multiple of 2M (K, M and G suffixes)
 //! cmdline = quiet debug    # free text to the end of the line
@@ -18,6 +18,7 @@
 //! modules = initrd.img     # multiboot: archive entries passed as modules
 //! module = data.bin a b    # multiboot: one module whose string is "data.bin a b" (QEMU's
 //!                          # `-initrd "data.bin a b"`): the archive entry, then its arguments
+//! initrd = rootfs.cpio     # linux: the initrd (carried as the guest's one module)
 //! restart = 100            # restart the guest up to 100 times when it dies (default 0)
 //! ```
 //!
@@ -43,6 +44,9 @@ pub enum GuestKind {
     Elf,
     /// A multiboot 1 kernel, entered as a multiboot loader such as QEMU's `-kernel` would.
     Multiboot,
+    /// A Linux kernel (keel-boot packs a bzImage or vmlinux into `loader::linux::KernelImage`),
+    /// entered by the x86 64-bit boot protocol; its `initrd` is carried as its one module.
+    Linux,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +156,10 @@ struct Partial {
     load: Option<u64>,
     entry: Option<u64>,
     modules: Vec<String>,
+    /// The line of the `modules` key (0 when there is none).
+    modules_line: usize,
+    /// `initrd` and its line (linux guests).
+    initrd: Option<(String, usize)>,
     restart: u32,
     refuse: bool,
 }
@@ -225,11 +233,36 @@ impl Partial {
         Ok(())
     }
 
-    fn finish(self) -> Result<GuestConfig, ManifestError> {
+    fn finish(mut self) -> Result<GuestConfig, ManifestError> {
         self.check_cmdline()?;
         let kind = self
             .kind
             .ok_or_else(|| err(self.line, format_args!("guest {} has no kind", self.name)))?;
+        // A Linux guest's initrd travels as its one module; other kinds have no initrd.
+        match (kind, self.initrd.take()) {
+            (GuestKind::Linux, initrd) => {
+                if self.modules_line != 0 {
+                    return Err(err(
+                        self.modules_line,
+                        format_args!(
+                            "guest {}: a linux guest takes `initrd = FILE`, not modules",
+                            self.name
+                        ),
+                    ));
+                }
+                self.modules = initrd.map(|(file, _)| file).into_iter().collect();
+            }
+            (_, Some((_, line))) => {
+                return Err(err(
+                    line,
+                    format_args!(
+                        "guest {}: initrd is for kind = linux (multiboot guests take modules)",
+                        self.name
+                    ),
+                ))
+            }
+            (_, None) => {}
+        }
         let image = self
             .image
             .ok_or_else(|| err(self.line, format_args!("guest {} has no image", self.name)))?;
@@ -307,6 +340,8 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     load: None,
                     entry: None,
                     modules: Vec::new(),
+                    modules_line: 0,
+                    initrd: None,
                     restart: 0,
                     refuse: false,
                 });
@@ -353,7 +388,8 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     "flat" => GuestKind::Flat,
                     "elf" => GuestKind::Elf,
                     "multiboot" => GuestKind::Multiboot,
-                    _ => return Err(err(line_no, "kind must be flat, elf or multiboot")),
+                    "linux" => GuestKind::Linux,
+                    _ => return Err(err(line_no, "kind must be flat, elf, multiboot or linux")),
                 })
             }
             "image" => {
@@ -388,6 +424,11 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     check_file_name(&g.name, "module", m, line_no)?;
                     g.modules.push(m.to_string());
                 }
+                g.modules_line = line_no;
+            }
+            "initrd" => {
+                check_file_name(&g.name, "initrd", value, line_no)?;
+                g.initrd = Some((value.to_string(), line_no));
             }
             "module" => {
                 check_file_name(&g.name, "module", module_file(value), line_no)?;
@@ -570,6 +611,43 @@ restart = 7
         assert!(e.message.contains("at most 4079 without it"), "{e}");
         let e = parse(&one_guest("cmdline = a\0b\n")).unwrap_err();
         assert_eq!(e.message, "guest g1: command line contains a NUL byte");
+    }
+
+    /// `kind = linux` takes its initrd with `initrd =` and carries it as its one module; other
+    /// kinds refuse `initrd`, and a linux guest refuses `modules`.
+    #[test]
+    fn linux_guests_take_an_initrd() {
+        let linux = "[guest lx]\nkind = linux\nimage = bzImage\nmemory = 256M\n";
+        let m = parse(&format!(
+            "{linux}initrd = rootfs.cpio\ncmdline = console=ttyS0\n"
+        ))
+        .unwrap();
+        let g = &m.guests[0];
+        assert_eq!(g.kind, GuestKind::Linux);
+        assert_eq!((g.image.as_str(), g.memory), ("bzImage", 256 << 20));
+        assert_eq!(g.modules, ["rootfs.cpio"]);
+        assert_eq!(g.cmdline, "console=ttyS0");
+        assert!(parse(linux).unwrap().guests[0].modules.is_empty());
+        let e = parse(&format!("{linux}modules = a\n")).unwrap_err();
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (
+                5,
+                "guest lx: a linux guest takes `initrd = FILE`, not modules"
+            )
+        );
+        let e = parse(&one_guest("initrd = rootfs.cpio\n")).unwrap_err();
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (
+                5,
+                "guest g1: initrd is for kind = linux (multiboot guests take modules)"
+            )
+        );
+        let e = parse(&format!("{linux}initrd = manifest\n")).unwrap_err();
+        assert_eq!(e.line, 5);
+        let e = parse("[guest a]\nkind = vms\n").unwrap_err();
+        assert_eq!(e.message, "kind must be flat, elf, multiboot or linux");
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! hardware; the tests below drive the loop with a fake CPU whose guests execute scripts, through
 //! the cases that have gone wrong before (docs/SCHEDULING.md).
 
+use crate::devices::console::ConsoleLine;
 use crate::exits::{self, Action, ExitContext, Host};
 use crate::guest::{Guest, GuestRegs, RunState, StopReason};
+use crate::log::Writer;
 use crate::sched::RoundRobin;
 use crate::vmx::{Control64, ExitReason, Guest32, Vmcs, VmxError};
 use crate::{error, info};
@@ -149,6 +151,10 @@ impl<C: Cpu> RunLoop<C> {
     pub fn step(&mut self) -> bool {
         self.poll_console();
         crate::log::pump();
+        // Console lines that found no room on COM1's queue before (stopped guests' too).
+        for s in &mut self.slots {
+            print_console(&mut s.guest, PRINT_BUDGET);
+        }
         let now = self.cpu.rdtsc();
         let mut live = 0;
         for s in &mut self.slots {
@@ -350,7 +356,9 @@ impl<C: Cpu> RunLoop<C> {
                 self.stop(i, StopReason::Board(event));
                 return;
             }
-            if (touched || reason == ExitReason::Vmcall) && print_console(&mut s.guest) {
+            if (touched || reason == ExitReason::Vmcall)
+                && print_console(&mut s.guest, PRINT_BUDGET)
+            {
                 crate::log::pump();
             }
             if reason == ExitReason::Xsetbv && s.guest.xcr0 != xcr0 {
@@ -367,6 +375,24 @@ impl<C: Cpu> RunLoop<C> {
                 break;
             }
             match action {
+                // A halted guest's timer fell due. Not only the preemption timer brings this
+                // guest back then: one that exits more often than every `min_gap` (a guest
+                // writing its UART) re-arms it at each entry and would never let it expire.
+                Action::Resume
+                | Action::Advance
+                | Action::AdvanceBy(_)
+                | Action::Inject(_)
+                | Action::Preempted
+                    if others_due.is_some_and(|d| now >= d) =>
+                {
+                    s.waiting_since = Some(now);
+                    // It gets the CPU back next, but only for what was left of its slice:
+                    // otherwise a guest woken every few ms would hand the same CPU hog a fresh
+                    // quantum each time and starve the others.
+                    s.slice_left = Some(deadline.saturating_sub(now));
+                    self.sched.interrupted();
+                    return;
+                }
                 Action::Resume | Action::Advance | Action::AdvanceBy(_) | Action::Inject(_) => {
                     if now >= deadline {
                         s.waiting_since = Some(now);
@@ -376,15 +402,6 @@ impl<C: Cpu> RunLoop<C> {
                 Action::Halt => {
                     s.guest.state = RunState::Halted;
                     s.halted_since = Some(now);
-                    return;
-                }
-                Action::Preempted if others_due.is_some_and(|d| now >= d) => {
-                    s.waiting_since = Some(now);
-                    // It gets the CPU back next, but only for what was left of its slice:
-                    // otherwise a guest woken every few ms would hand the same CPU hog a fresh
-                    // quantum each time and starve the others.
-                    s.slice_left = Some(deadline.saturating_sub(now));
-                    self.sched.interrupted();
                     return;
                 }
                 Action::Preempted if now < deadline => {}
@@ -398,18 +415,24 @@ impl<C: Cpu> RunLoop<C> {
                 }
             }
         }
-        // Only the PRINT_STATS hypercall leaves the loop this way.
-        print_stats(self.slots.iter().map(|s| &s.guest));
+        // Only the PRINT_STATS hypercall leaves the loop this way. The table counts against the
+        // caller's share of Keel's console; when that has no room, the call says so.
+        // A table about as long as the last one must fit, or it is not even put together (a guest
+        // asking for it in a loop would keep Keel formatting tables nobody sees).
+        let who = Writer::Guest(self.slots[i].guest.id);
+        let last = LAST_TABLE.load(core::sync::atomic::Ordering::Relaxed);
+        if !(crate::log::fits(who, last) && print_stats(self.slots.iter().map(|s| &s.guest), who)) {
+            let s = &mut self.slots[i];
+            exits::vmcall::print_stats_refused(C::vmcs(&mut s.vcpu), &mut s.guest);
+        }
     }
 
     /// Guest `i` (the one in the CPU) stops: it is booted again if it reset its board or if it
     /// died and has restarts left, otherwise it stops for good.
     fn stop(&mut self, i: usize, reason: StopReason) {
         let g = &mut self.slots[i].guest;
-        print_console(g);
-        if let Some(rest) = g.platform.console().take_partial() {
-            print_guest_line(&g.name, &rest);
-        }
+        g.platform.console().finish();
+        print_console(g, PRINT_BUDGET);
         match &reason {
             StopReason::Board(crate::devices::PowerEvent::Reset(_)) => {
                 info!("guest {}: {reason}: booting it again", g.name)
@@ -442,7 +465,12 @@ impl<C: Cpu> RunLoop<C> {
         }
         if died && s.restarts < s.restart_limit {
             s.restarts += 1;
-            match self.cpu.boot(&mut s.vcpu, &mut s.guest, s.restarts) {
+            // What the guest printed and Keel has not yet sent, and its console's counts, outlive
+            // the restart (`boot` gives it a new platform).
+            let console = core::mem::take(s.guest.platform.console());
+            let booted = self.cpu.boot(&mut s.vcpu, &mut s.guest, s.restarts);
+            *s.guest.platform.console() = console;
+            match booted {
                 Ok(()) => {
                     // `boot` made this guest's VMCS current; its extended state, XCR0 and MSRs
                     // go back to their power-on values too.
@@ -492,7 +520,9 @@ impl<C: Cpu> RunLoop<C> {
     fn poll_console(&mut self) {
         while let Some(key) = self.cpu.console_key() {
             match key {
-                b's' => print_stats(self.slots.iter().map(|s| &s.guest)),
+                b's' => {
+                    print_stats(self.slots.iter().map(|s| &s.guest), Writer::Keel);
+                }
                 b'p' => (0..self.slots.len()).for_each(|i| {
                     let _ = self.pause(i);
                 }),
@@ -505,8 +535,12 @@ impl<C: Cpu> RunLoop<C> {
     }
 
     /// The final accounting table and one status line per guest.
-    pub fn report(&self) {
-        print_stats(self.slots.iter().map(|s| &s.guest));
+    pub fn report(&mut self) {
+        // No guest runs any more: the last console lines wait for room now.
+        for s in &mut self.slots {
+            print_console(&mut s.guest, usize::MAX);
+        }
+        print_stats(self.slots.iter().map(|s| &s.guest), Writer::Keel);
         for s in &self.slots {
             let g = &s.guest;
             if let RunState::Stopped(r) = &g.state {
@@ -516,24 +550,57 @@ impl<C: Cpu> RunLoop<C> {
     }
 }
 
-fn print_guest_line(name: &str, line: &str) {
-    crate::log::write_line(&alloc::format!("[{name}] "), line.as_bytes());
-}
+/// About this many bytes of a guest's lines (as sent, with its prefix) move to COM1's queue at a
+/// time (an exit, a turn of the run loop): more than COM1 sends meanwhile (16 bytes every
+/// 1.4 ms), and little enough that Keel's work on them never holds up a timer that falls due
+/// (700 lines moved at once took 100 ms of Bochs' time, 256 bytes of short lines 9 ms).
+const PRINT_BUDGET: usize = 128;
 
-/// Prints the guest's complete console lines; true if there were any.
-fn print_console(g: &mut Guest) -> bool {
+/// Prints the guest's complete console lines, about `budget` bytes of them (at least one line),
+/// while its share of Keel's console has room (the rest waits in its console buffer); true if it
+/// printed any.
+fn print_console(g: &mut Guest, budget: usize) -> bool {
     let mut printed = false;
-    while let Some(line) = g.platform.console().take_line() {
-        print_guest_line(&g.name, &line);
+    if g.platform.console().front().is_none() {
+        return false;
+    }
+    let mut left = budget;
+    let prefix = alloc::format!("[{}] ", g.name);
+    while let Some(entry) = g.platform.console().front() {
+        let text = entry.text();
+        let ok = match entry {
+            ConsoleLine::Line(_) => crate::log::write_guest_line(g.id, &prefix, text.as_bytes()),
+            // Keel's own words, charged to the guest whose output was lost.
+            ConsoleLine::Dropped(_) => crate::log::write_guest_line(
+                g.id,
+                &alloc::format!("keel: warn: {prefix}"),
+                text.as_bytes(),
+            ),
+        };
+        if !ok {
+            break;
+        }
+        left = left.saturating_sub(prefix.len() + text.len() + 2);
+        g.platform.console().pop();
         printed = true;
+        if left == 0 {
+            break;
+        }
     }
     printed
 }
 
-fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>) {
+/// The length of the last accounting table, as sent.
+static LAST_TABLE: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// Prints the accounting table as `who`'s output, whole or not at all: false if it did not fit.
+fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>, who: Writer) -> bool {
+    use core::fmt::Write;
     let guests: Vec<&Guest> = guests.collect();
-    info!(
-        "{:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "keel: {:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
         "guest", "cpu cycles", "keel cycles", "halted cycles", "exits", "irqs", "state"
     );
     for g in &guests {
@@ -543,8 +610,9 @@ fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>) {
             RunState::Paused { .. } => "paused",
             RunState::Stopped(_) => "stopped",
         };
-        info!(
-            "{:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
+        let _ = writeln!(
+            t,
+            "keel: {:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
             g.name,
             g.stats.cpu_cycles,
             g.stats.keel_cycles,
@@ -555,8 +623,28 @@ fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>) {
         );
     }
     for g in &guests {
-        info!("exits of {}: {}", g.name, g.stats.exits_by_reason());
+        let _ = writeln!(
+            t,
+            "keel: exits of {}: {}",
+            g.name,
+            g.stats.exits_by_reason()
+        );
     }
+    for g in &guests {
+        let c = g.platform.console_ref();
+        let _ = writeln!(
+            t,
+            "keel: console of {}: {} bytes, {} dropped",
+            g.name,
+            c.bytes_written(),
+            c.dropped_bytes()
+        );
+    }
+    LAST_TABLE.store(
+        crate::log::wire_len(t.as_bytes()),
+        core::sync::atomic::Ordering::Relaxed,
+    );
+    crate::log::write_as(who, t.as_bytes())
 }
 
 #[cfg(test)]

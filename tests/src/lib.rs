@@ -449,7 +449,7 @@ mod tests {
             read("arch/mod.rs"),
             read("hypervisor.rs"),
         );
-        assert!(log.contains(r#"writeln!(w, "keel: {}{}", level.tag(), args)"#));
+        assert!(log.contains(r#"format_args!("keel: {}{}\n", level.tag(), args)"#));
         assert!(log.contains(r#"Level::Fatal => "fatal: ""#));
         assert!(main.contains(r#"fatal!("PANIC at {}:{}: {}""#));
         assert!(ept.contains(r#""KEEL BUG: EPT misconfiguration"#));

@@ -10,6 +10,8 @@
 //! - `fuzz`: guests running random code next to a witness (tests/guests/manifests/fuzz.manifest).
 //! - `scheduler`: time sharing: fair shares, a sleeper's share, timer rates, a CLI spinner
 //!   (tests/guests/manifests/sched.manifest).
+//! - `console`: a guest flooding its console next to a 100 Hz sleeper
+//!   (tests/guests/manifests/flood.manifest).
 //! - `platform`: the PC platform (ACPI, PM timer, PCI, fw_cfg, i8042) as platform32 reads it under
 //!   Keel and under QEMU (tests/guests/manifests/platform.manifest).
 //! - `cleanup`: a time limit stops the emulator and leaves nothing behind.
@@ -18,6 +20,7 @@
 
 mod bringup;
 mod cleanup;
+mod console;
 mod fuzz;
 mod guests;
 mod hostile;

@@ -151,7 +151,7 @@ fn tables(boot: &Outcome) -> (Table, Table) {
 }
 
 /// The decimal number after `key=` in `line`.
-fn field(line: &str, key: &str) -> Option<u64> {
+pub(crate) fn field(line: &str, key: &str) -> Option<u64> {
     let rest = &line[line.find(&format!("{key}="))? + key.len() + 1..];
     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
@@ -160,7 +160,7 @@ fn field(line: &str, key: &str) -> Option<u64> {
 /// The TSC rate Keel measured on the real PIT at boot (`... calibrated: TSC 9999 kHz ...`), in Hz:
 /// the guests' TSCs run at this rate (offset, never scaled), and their device models count time
 /// from it.
-fn keel_tsc_hz(boot: &Outcome) -> f64 {
+pub(crate) fn keel_tsc_hz(boot: &Outcome) -> f64 {
     let line = boot.expect_line("timer calibrated: TSC ");
     let khz = line
         .split("TSC ")
@@ -311,6 +311,27 @@ fn count_before(line: &str, what: &str) -> Option<u64> {
         .ok()
 }
 
+/// Checks the 100 Hz PIT tick count in a timeshare guest's `demo: done:` line against its own
+/// time (`tsc=` at Keel's TSC rate `hz`); prints the figures, and returns what is wrong, if
+/// anything.
+pub(crate) fn pit_ticks_off(boot: &Outcome, guest: &str, hz: f64) -> Option<String> {
+    let line = boot.expect_guest_line(guest, "demo: done:");
+    let (Some(ticks), Some(tsc)) = (count_before(line, " PIT ticks"), field(line, "tsc")) else {
+        boot.fail(&format!("cannot read {guest}'s `{line}`"))
+    };
+    let expected = 100.0 * tsc as f64 / hz;
+    // As in the ticks guest: 1% of the expected count plus the +-1 tick fencepost.
+    let allowed = 0.01 * expected + 1.0;
+    let error = ticks as f64 - expected;
+    println!(
+        "{guest}: {ticks} PIT ticks in {:.4} s of its own time, expected {expected:.1} ({:+.2}%)",
+        tsc as f64 / hz,
+        100.0 * error / expected
+    );
+    (error.abs() > allowed)
+        .then(|| format!("{guest} {ticks}, expected {expected:.1} +- {allowed:.1}"))
+}
+
 /// Beyond the ticks guest: the CPU-bound guests (whose clocks stop while they wait) and the
 /// sleeper (whose clock runs while it is halted, and whose ticks must wake it in time) count
 /// their 100 Hz PIT ticks over their own time too, each in its `done:` line.
@@ -318,28 +339,11 @@ fn count_before(line: &str, what: &str) -> Option<u64> {
 fn every_guest_counts_its_pit_ticks_in_its_own_time() {
     let boot = boot();
     let hz = keel_tsc_hz(&boot);
-    let mut wrong = Vec::new();
-    for guest in CPU_BOUND.iter().chain(&["sleeper"]) {
-        let line = boot.expect_guest_line(guest, "demo: done:");
-        let (Some(ticks), Some(tsc)) = (count_before(line, " PIT ticks"), field(line, "tsc"))
-        else {
-            boot.fail(&format!("cannot read {guest}'s `{line}`"))
-        };
-        let expected = 100.0 * tsc as f64 / hz;
-        // As in the ticks guest: 1% of the expected count plus the +-1 tick fencepost.
-        let allowed = 0.01 * expected + 1.0;
-        let error = ticks as f64 - expected;
-        println!(
-            "{guest}: {ticks} PIT ticks in {:.4} s of its own time, expected {expected:.1} ({:+.2}%)",
-            tsc as f64 / hz,
-            100.0 * error / expected
-        );
-        if error.abs() > allowed {
-            wrong.push(format!(
-                "{guest} {ticks}, expected {expected:.1} +- {allowed:.1}"
-            ));
-        }
-    }
+    let wrong: Vec<String> = CPU_BOUND
+        .iter()
+        .chain(&["sleeper"])
+        .filter_map(|guest| pit_ticks_off(&boot, guest, hz))
+        .collect();
     if !wrong.is_empty() {
         boot.fail(&format!("PIT tick counts off: {}", wrong.join("; ")));
     }

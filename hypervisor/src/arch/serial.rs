@@ -1,22 +1,20 @@
-//! COM1, Keel's console. Keel's log and every guest's console lines go out here.
+//! COM1, Keel's console. Keel's log and every guest's console lines go out here; what waits to be
+//! sent (and the policy of who may queue how much) is `log::OutputQueue`, this is only the device.
 
 use super::cpu;
-use crate::log::ByteRing;
 use uart_16550::SerialPort;
 
 const THR: u16 = 0x3f8;
 const LSR: u16 = 0x3fd;
+const LSR_DATA_READY: u8 = 1 << 0;
 const LSR_THRE: u8 = 1 << 5;
 const LSR_TEMT: u8 = 1 << 6;
 /// The 16550's transmit FIFO (enabled by `SerialPort::init`): this many bytes go in at once when
 /// THRE says it is empty.
 const TX_FIFO: usize = 16;
 
-/// COM1 with an output queue: writers append and return; the bytes leave as the UART takes them,
-/// from `pump` (Keel's run loop) or when a writer finds the queue full.
 pub struct Com1 {
     _port: SerialPort,
-    queue: ByteRing<{ 64 * 1024 }>,
 }
 
 fn lsr() -> u8 {
@@ -24,58 +22,26 @@ fn lsr() -> u8 {
     unsafe { cpu::inb(LSR) }
 }
 
-impl Com1 {
-    /// Sends up to one FIFO's worth if the transmitter is empty; true if it sent anything.
-    fn send_some(&mut self) -> bool {
-        if self.queue.is_empty() || lsr() & LSR_THRE == 0 {
-            return false;
-        }
-        for _ in 0..TX_FIFO {
-            match self.queue.pop() {
-                // SAFETY: THR takes a byte whenever THRE is set (and the FIFO has room).
-                Some(b) => unsafe { cpu::outb(THR, b) },
-                None => break,
-            }
-        }
-        true
-    }
-
-    fn push(&mut self, b: u8) {
-        while !self.queue.push(b) {
-            // Full: wait for the UART rather than drop Keel's own messages.
-            self.send_some();
-        }
-    }
-}
-
 impl crate::log::Sink for Com1 {
-    fn write_bytes(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            if b == b'\n' {
-                self.push(b'\r');
-            }
-            self.push(b);
+    fn ready(&self) -> usize {
+        if lsr() & LSR_THRE != 0 {
+            TX_FIFO
+        } else {
+            0
         }
-        self.send_some();
     }
 
-    fn pump(&mut self) {
-        self.send_some();
+    fn send(&mut self, byte: u8) {
+        // SAFETY: THR takes a byte whenever THRE was set and the FIFO has room (`ready`).
+        unsafe { cpu::outb(THR, byte) }
     }
 
-    fn flush(&mut self) {
-        while !self.queue.is_empty() {
-            self.send_some();
-        }
+    fn settle(&mut self) {
         for _ in 0..1_000_000 {
             if lsr() & LSR_TEMT != 0 {
                 return;
             }
         }
-    }
-
-    fn busy(&self) -> bool {
-        !self.queue.is_empty()
     }
 }
 
@@ -86,15 +52,12 @@ pub fn drain() {
 
 /// A byte typed on COM1, if one is waiting (LSR bit 0, data ready).
 pub fn try_read() -> Option<u8> {
-    // SAFETY: reading COM1's line status and receive registers has no side effect beyond taking
-    // the received byte, which is what the caller wants.
-    unsafe {
-        if super::cpu::inb(0x3fd) & 1 != 0 {
-            Some(super::cpu::inb(0x3f8))
-        } else {
-            None
-        }
+    if lsr() & LSR_DATA_READY == 0 {
+        return None;
     }
+    // SAFETY: reading the receive register takes the received byte, which is what the caller
+    // wants; it has no other effect.
+    Some(unsafe { cpu::inb(THR) })
 }
 
 /// Brings up COM1 (115200 8N1) and makes it the log sink.
@@ -106,10 +69,7 @@ pub fn init() {
         let mut port = SerialPort::new(0x3f8);
         port.init();
         let slot = &mut *core::ptr::addr_of_mut!(COM1);
-        *slot = Some(Com1 {
-            _port: port,
-            queue: ByteRing::new(),
-        });
+        *slot = Some(Com1 { _port: port });
         if let Some(c) = slot.as_mut() {
             crate::log::set_sink(c);
         }

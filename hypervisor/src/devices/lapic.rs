@@ -1,14 +1,18 @@
-//! The guest's local APIC in xAPIC mode (MMIO page at 0xFEE00000).
+//! The guest's local APIC: xAPIC mode (MMIO page at 0xFEE00000) and x2APIC mode (MSRs
+//! 0x800-0x8FF).
 //!
-//! After the Intel SDM Vol. 3A chapter 10 ("Advanced Programmable Interrupt Controller"; chapter
-//! 11 in editions from 2023): ID, version, TPR/PPR (10.8.3.1), EOI (10.8.5), LDR/DFR and logical
-//! destinations (10.6.2), SVR software enable (10.4.7.2), ISR/TMR/IRR (10.8.4), ESR (10.5.3), ICR
-//! (10.6.1), the LVT (10.5.1) and the timer in one-shot, periodic and TSC-deadline modes (10.5.4).
+//! After the Intel SDM Vol. 3A chapter 11 ("Advanced Programmable Interrupt Controller"; chapter
+//! 10 in editions before 2023): ID, version, TPR/PPR (11.8.3.1), EOI (11.8.5), LDR/DFR and logical
+//! destinations (11.6.2), SVR software enable (11.4.7.2), ISR/TMR/IRR (11.8.4), ESR (11.5.3), ICR
+//! (11.6.1), the LVT (11.5.1) and the timer in one-shot, periodic and TSC-deadline modes (11.5.4);
+//! x2APIC (11.12): the mode transitions of IA32_APIC_BASE (11.12.5), the MSR interface with its
+//! #GP rules (11.12.1, Table 11-6), the 32-bit ID and derived logical ID (11.12.10), the 64-bit
+//! ICR (11.12.9) and SELF IPI (11.12.11).
 //!
 //! One vCPU per guest, so interrupts sent to others are only recorded ([`Lapic::take_ipi`]).
-//! The timer's input clock is [`LAPIC_TIMER_HZ`]. Not modelled: x2APIC (MSR access), the
-//! arbitration priority register (reads 0), the thermal and performance-counter sources (their
-//! LVT entries are plain storage), relocation of the MMIO page, focus checking.
+//! The timer's input clock is [`LAPIC_TIMER_HZ`]. Not modelled: the arbitration priority register
+//! (reads 0), the thermal and performance-counter sources (their LVT entries are plain storage),
+//! relocation of the MMIO page, focus checking, INIT and SIPI to oneself.
 
 use super::clock::{ClockRate, Schedule, LAPIC_TIMER_HZ};
 use super::Latch;
@@ -21,9 +25,17 @@ pub const LAPIC_SIZE: u64 = 0x1000;
 /// broadcast suppression.
 pub const LAPIC_VERSION: u32 = 0x0005_0014;
 
-/// IA32_APIC_BASE bits (SDM 10.4.4).
+/// IA32_APIC_BASE bits (SDM 11.4.4, 11.12.1): BSP, EXTD (x2APIC mode), EN (global enable).
 pub const APIC_BASE_BSP: u64 = 1 << 8;
+pub const APIC_BASE_EXTD: u64 = 1 << 10;
 pub const APIC_BASE_ENABLE: u64 = 1 << 11;
+
+/// The x2APIC's MSRs: MSR 0x800 + n is the register at offset n * 16 of the xAPIC page
+/// (SDM 11.12.1.2).
+pub const X2APIC_MSRS: core::ops::RangeInclusive<u32> = 0x800..=0x8ff;
+
+/// The initial APIC ID of the guest's one vCPU (CPUID.1:EBX[31:24], CPUID.0BH:EDX).
+pub const INITIAL_APIC_ID: u32 = 0;
 
 // Register offsets (SDM Table 10-1).
 const ID: u64 = 0x020;
@@ -39,6 +51,7 @@ const SVR: u64 = 0x0f0;
 const ISR0: u64 = 0x100;
 const TMR0: u64 = 0x180;
 const IRR0: u64 = 0x200;
+const IRR_LAST: u64 = 0x270;
 const ESR: u64 = 0x280;
 const ICR_LOW: u64 = 0x300;
 const ICR_HIGH: u64 = 0x310;
@@ -47,6 +60,8 @@ const LVT_ERROR: u64 = 0x370;
 const TIMER_INITIAL: u64 = 0x380;
 const TIMER_CURRENT: u64 = 0x390;
 const TIMER_DIVIDE: u64 = 0x3e0;
+/// x2APIC only (SDM 11.12.11).
+const SELF_IPI: u64 = 0x3f0;
 
 // LVT indices, in register order from 0x320.
 const TIMER: usize = 0;
@@ -63,6 +78,24 @@ const SVR_ENABLE: u32 = 1 << 8;
 // ESR bits (SDM Figure 10-9).
 const ESR_SEND_ILLEGAL_VECTOR: u32 = 1 << 5;
 const ESR_RECEIVE_ILLEGAL_VECTOR: u32 = 1 << 6;
+
+/// Bits of the low ICR dword that exist (vector, delivery mode, destination mode, level, trigger
+/// mode, shorthand); the xAPIC's delivery status (12) is read-only, and absent in x2APIC mode
+/// (SDM 11.12.9).
+const ICR_LOW_BITS: u32 = 0x000c_cfff;
+
+/// A register access the APIC refuses: #GP (RDMSR/WRMSR in x2APIC mode, WRMSR of
+/// IA32_APIC_BASE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpFault;
+
+/// The APIC's mode, from IA32_APIC_BASE.EN and EXTD (SDM Table 11-5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApicMode {
+    Disabled,
+    XApic,
+    X2Apic,
+}
 
 /// Delivery modes (SDM 10.5.1, 10.6.1).
 pub mod delivery {
@@ -99,7 +132,10 @@ pub trait MessageSink {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ipi {
     pub icr_low: u32,
+    /// xAPIC: the destination in bits 31:24; x2APIC: the 32-bit destination.
     pub icr_high: u32,
+    /// Sent in x2APIC mode.
+    pub x2apic: bool,
 }
 
 impl Ipi {
@@ -113,8 +149,24 @@ impl Ipi {
     pub fn shorthand(&self) -> u8 {
         ((self.icr_low >> 18) & 3) as u8
     }
-    pub fn destination(&self) -> u8 {
-        (self.icr_high >> 24) as u8
+    /// Logical (true) or physical destination mode.
+    pub fn logical(&self) -> bool {
+        self.icr_low & (1 << 11) != 0
+    }
+    /// The destination field: 8 bits in xAPIC mode, 32 in x2APIC mode.
+    pub fn destination(&self) -> u32 {
+        if self.x2apic {
+            self.icr_high
+        } else {
+            self.icr_high >> 24
+        }
+    }
+    /// SDM Table 11-3 ("Valid Combinations for the Pentium 4 and Intel Xeon Processors' Local
+    /// xAPIC Interrupt Command Register"), which x2APIC mode keeps: the "self" and "all including
+    /// self" shorthands go with fixed delivery only. The SDM leaves the effect of an invalid
+    /// combination undefined; Keel sends nothing.
+    pub fn valid(&self) -> bool {
+        !matches!(self.shorthand(), 1 | 2) || self.delivery_mode() == delivery::FIXED
     }
 }
 
@@ -137,7 +189,10 @@ pub struct TimerStats {
 pub struct Lapic {
     clock: ClockRate,
     apic_base: u64,
+    /// The xAPIC ID register's 8 bits (writable in xAPIC mode).
     id: u8,
+    /// The x2APIC ID (read-only; the vCPU's initial APIC ID).
+    x2apic_id: u32,
     tpr: u8,
     ldr: u32,
     dfr: u32,
@@ -171,7 +226,8 @@ impl Lapic {
         let mut l = Lapic {
             clock: ClockRate::new(LAPIC_TIMER_HZ, tsc_hz),
             apic_base: LAPIC_BASE | APIC_BASE_ENABLE | APIC_BASE_BSP,
-            id: 0,
+            id: INITIAL_APIC_ID as u8,
+            x2apic_id: INITIAL_APIC_ID,
             tpr: 0,
             ldr: 0,
             dfr: 0,
@@ -229,15 +285,47 @@ impl Lapic {
         self.apic_base
     }
 
-    /// A guest write of IA32_APIC_BASE. The base address stays at 0xFEE00000 and the BSP flag is
-    /// kept; clearing the enable bit puts the APIC in its power-up state (SDM 10.4.3), and while it
-    /// is clear the 8259A's INTR goes straight to the CPU.
-    pub fn set_apic_base(&mut self, value: u64) {
-        let enable = value & APIC_BASE_ENABLE;
-        if enable == 0 && self.globally_enabled() {
-            self.reset();
+    /// The mode IA32_APIC_BASE selects.
+    pub fn mode(&self) -> ApicMode {
+        match (
+            self.globally_enabled(),
+            self.apic_base & APIC_BASE_EXTD != 0,
+        ) {
+            (false, _) => ApicMode::Disabled,
+            (true, false) => ApicMode::XApic,
+            (true, true) => ApicMode::X2Apic,
         }
-        self.apic_base = (self.apic_base & !APIC_BASE_ENABLE) | enable;
+    }
+
+    /// A guest write of IA32_APIC_BASE's EN and EXTD bits (the caller checks the base address
+    /// and reserved bits). The base address stays at 0xFEE00000 and the BSP flag is kept.
+    ///
+    /// SDM 11.12.5 (Figure 11-27): the legal transitions are disabled -> xAPIC, xAPIC -> x2APIC
+    /// and xAPIC or x2APIC -> disabled; x2APIC -> xAPIC, disabled -> x2APIC and EXTD without EN
+    /// are #GP. Disabling puts the APIC in its power-up state (SDM 11.4.3) and passes the
+    /// 8259A's INTR straight to the CPU; entering x2APIC mode keeps the registers except the ID
+    /// (the x2APIC ID), the LDR (derived from it) and the ICR's destination half (11.12.5.1).
+    pub fn write_apic_base(&mut self, value: u64) -> Result<(), GpFault> {
+        let new = match (value & APIC_BASE_ENABLE != 0, value & APIC_BASE_EXTD != 0) {
+            (false, false) => ApicMode::Disabled,
+            (true, false) => ApicMode::XApic,
+            (true, true) => ApicMode::X2Apic,
+            (false, true) => return Err(GpFault),
+        };
+        match (self.mode(), new) {
+            (ApicMode::X2Apic, ApicMode::XApic) | (ApicMode::Disabled, ApicMode::X2Apic) => {
+                return Err(GpFault)
+            }
+            (ApicMode::XApic, ApicMode::X2Apic) => {
+                self.id = self.x2apic_id as u8;
+                self.icr_high = 0;
+            }
+            (ApicMode::XApic | ApicMode::X2Apic, ApicMode::Disabled) => self.reset(),
+            _ => {}
+        }
+        let bits = APIC_BASE_ENABLE | APIC_BASE_EXTD;
+        self.apic_base = (self.apic_base & !bits) | (value & bits);
+        Ok(())
     }
 
     fn globally_enabled(&self) -> bool {
@@ -334,14 +422,26 @@ impl Lapic {
         }
     }
 
-    /// Does a message for `destination` reach this APIC (SDM 10.6.2)?
+    /// Does a message for `destination` (8 bits: from the IOAPIC, or an xAPIC IPI) reach this
+    /// APIC (SDM 11.6.2)? 0xFF is the broadcast.
     pub fn matches(&self, destination: u8, logical: bool) -> bool {
-        if destination == 0xff {
-            return true;
+        destination == 0xff || self.matches_id(u32::from(destination), logical)
+    }
+
+    /// Whether `destination` names this APIC: its ID, or its logical ID by the LDR and DFR in
+    /// xAPIC mode (11.6.2.2) or by the x2APIC's cluster and bit (11.12.10.2).
+    fn matches_id(&self, destination: u32, logical: bool) -> bool {
+        let x2apic = self.mode() == ApicMode::X2Apic;
+        match (x2apic, logical) {
+            (true, false) => return destination == self.x2apic_id,
+            (false, false) => return destination == u32::from(self.id),
+            (true, true) => {
+                let ldr = self.x2apic_ldr();
+                return destination >> 16 == ldr >> 16 && destination & ldr & 0xffff != 0;
+            }
+            (false, true) => {}
         }
-        if !logical {
-            return destination == self.id;
-        }
+        let destination = destination as u8;
         let ldr = (self.ldr >> 24) as u8;
         if self.dfr >> 28 == 0xf {
             ldr & destination != 0 // flat model: a bit per APIC
@@ -517,7 +617,7 @@ impl Lapic {
             }
             ESR => self.esr = core::mem::take(&mut self.esr_pending),
             ICR_LOW => {
-                self.icr_low = value & 0x000c_cfff;
+                self.icr_low = value & ICR_LOW_BITS;
                 self.send_ipi();
             }
             ICR_HIGH => self.icr_high = value & 0xff00_0000,
@@ -571,22 +671,28 @@ impl Lapic {
         None
     }
 
-    /// Acts on the ICR just written (SDM 10.6.1). Self-directed fixed and NMI interrupts are
-    /// delivered; everything aimed at other processors is recorded.
+    /// Acts on the ICR just written (SDM 11.6.1, 11.12.9). Self-directed fixed and NMI
+    /// interrupts are delivered; everything aimed at other processors is recorded. With one vCPU
+    /// an INIT or SIPI to all excluding self finds nobody: it is accepted and does nothing (the
+    /// delivery status reads idle at once).
     fn send_ipi(&mut self) {
         let ipi = Ipi {
             icr_low: self.icr_low,
             icr_high: self.icr_high,
+            x2apic: self.mode() == ApicMode::X2Apic,
         };
-        let logical = self.icr_low & (1 << 11) != 0;
+        if !ipi.valid() {
+            return;
+        }
         let (to_self, to_others) = match ipi.shorthand() {
             1 => (true, false),
             2 => (true, true),
             3 => (false, true),
             _ => {
                 let dest = ipi.destination();
-                let me = self.matches(dest, logical);
-                (me, dest == 0xff || !me)
+                let broadcast = if ipi.x2apic { u32::MAX } else { 0xff };
+                let me = dest == broadcast || self.matches_id(dest, ipi.logical());
+                (me, dest == broadcast || !me)
             }
         };
         if to_others {
@@ -599,24 +705,106 @@ impl Lapic {
             return;
         }
         match ipi.delivery_mode() {
-            delivery::FIXED | delivery::LOWEST_PRIORITY => {
-                if ipi.vector() < 16 {
-                    self.error(ESR_SEND_ILLEGAL_VECTOR);
-                } else {
-                    self.accept(ipi.vector(), false);
-                }
-            }
+            delivery::FIXED | delivery::LOWEST_PRIORITY => self.self_ipi(ipi.vector()),
             delivery::NMI => self.nmi_pending = true,
             _ => {} // SMI, INIT, SIPI to oneself: not modelled
         }
     }
 
+    /// A fixed, edge-triggered interrupt to oneself (an ICR command or x2APIC SELF IPI).
+    /// Vectors 0-15 set "send illegal vector" instead (SDM 11.5.3).
+    fn self_ipi(&mut self, vector: u8) {
+        if vector < 16 {
+            self.error(ESR_SEND_ILLEGAL_VECTOR);
+        } else {
+            self.accept(vector, false);
+        }
+    }
+
+    /// RDMSR of x2APIC register `msr` (SDM 11.12.1.2, Table 11-6). #GP outside x2APIC mode, for
+    /// an MSR of the range that names no register (APR, RRD, DFR, the ICR's high half, CMCI:
+    /// this APIC has six LVT entries), and for the write-only EOI and SELF IPI.
+    pub fn x2apic_read(&self, msr: u32, now: u64) -> Result<u64, GpFault> {
+        let offset = x2apic_offset(msr)?;
+        if self.mode() != ApicMode::X2Apic {
+            return Err(GpFault);
+        }
+        Ok(match offset {
+            ID => u64::from(self.x2apic_id),
+            LDR => u64::from(self.x2apic_ldr()),
+            ICR_LOW => u64::from(self.icr_high) << 32 | u64::from(self.icr_low),
+            VERSION
+            | TPR
+            | PPR
+            | SVR
+            | ISR0..=IRR_LAST
+            | ESR
+            | LVT_TIMER..=LVT_ERROR
+            | TIMER_INITIAL
+            | TIMER_CURRENT
+            | TIMER_DIVIDE => u64::from(self.read_register(offset, now)),
+            _ => return Err(GpFault),
+        })
+    }
+
+    /// WRMSR of x2APIC register `msr`. #GP as for [`Lapic::x2apic_read`], for read-only
+    /// registers, and for a value with a reserved bit set (SDM 11.12.1.3: RsvdZ; bits 63:32 of
+    /// every register but the ICR; an EOI or ESR write of anything but 0). Returns the vector
+    /// of a level-triggered EOI for the IOAPIC.
+    pub fn x2apic_write(&mut self, msr: u32, value: u64, now: u64) -> Result<Option<u8>, GpFault> {
+        let offset = x2apic_offset(msr)?;
+        if self.mode() != ApicMode::X2Apic {
+            return Err(GpFault);
+        }
+        let defined: u64 = match offset {
+            TPR | SELF_IPI => 0xff,
+            // Vector, software enable, focus checking; no EOI-broadcast suppression (the
+            // version register does not offer it), so bit 12 is reserved too.
+            SVR => 0x3ff,
+            EOI | ESR => 0,
+            // Delivery status (12) and remote IRR (14, LINT0/1) are read-only but defined.
+            LVT_TIMER..=LVT_ERROR => {
+                let i = ((offset - LVT_TIMER) >> 4) as usize;
+                let remote_irr = if i == LINT0 || i == LINT1 { 1 << 14 } else { 0 };
+                u64::from(LVT_WRITABLE[i] | 1 << 12 | remote_irr)
+            }
+            TIMER_INITIAL => u64::from(u32::MAX),
+            TIMER_DIVIDE => 0xb,
+            ICR_LOW => 0xffff_ffff_0000_0000 | u64::from(ICR_LOW_BITS & !(1 << 12)),
+            _ => return Err(GpFault), // read-only or absent
+        };
+        if value & !defined != 0 {
+            return Err(GpFault);
+        }
+        match offset {
+            ICR_LOW => {
+                self.icr_low = value as u32;
+                self.icr_high = (value >> 32) as u32;
+                self.send_ipi();
+                Ok(None)
+            }
+            SELF_IPI => {
+                self.self_ipi(value as u8);
+                Ok(None)
+            }
+            _ => Ok(self.write_register(offset, value as u32, now)),
+        }
+    }
+
+    /// The logical x2APIC ID (SDM 11.12.10.2): cluster ID[19:4] in bits 31:16, a bit for
+    /// ID[3:0] in bits 15:0.
+    fn x2apic_ldr(&self) -> u32 {
+        (self.x2apic_id >> 4) << 16 | 1 << (self.x2apic_id & 0xf)
+    }
+
     /// An MMIO load of `size` bytes at `offset`. Registers are 32 bits wide at 16-byte
     /// boundaries (SDM 10.4.1); a narrower load inside the first 4 bytes reads part of one.
     /// While the APIC is globally disabled (IA32_APIC_BASE.EN clear) the processor has none
-    /// (SDM 10.4.3): the page reads as an empty bus, all ones.
+    /// (SDM 11.4.3): the page reads as an empty bus, all ones. In x2APIC mode the page behaves
+    /// the same way (SDM 11.12.1.2: "similar to that of a legacy xAPIC in globally disabled
+    /// state"); the registers are MSRs then.
     pub fn mmio_read(&mut self, offset: u64, size: u8, now: u64) -> u64 {
-        if !self.globally_enabled() {
+        if self.mode() != ApicMode::XApic {
             return u64::MAX >> (64 - 8 * u32::from(size.clamp(1, 8)));
         }
         let within = offset & 0xf;
@@ -636,9 +824,9 @@ impl Lapic {
     /// others are dropped, their effect being undefined in the SDM. Returns the vector of a
     /// level-triggered EOI for the IOAPIC.
     ///
-    /// Dropped while the APIC is globally disabled (see [`Lapic::mmio_read`]).
+    /// Dropped while the APIC is globally disabled or in x2APIC mode (see [`Lapic::mmio_read`]).
     pub fn mmio_write(&mut self, offset: u64, size: u8, value: u64, now: u64) -> Option<u8> {
-        if !self.globally_enabled() || offset & 0xf != 0 || size < 4 || offset >= LAPIC_SIZE {
+        if self.mode() != ApicMode::XApic || offset & 0xf != 0 || size < 4 || offset >= LAPIC_SIZE {
             return None;
         }
         self.write_register(offset, value as u32, now)
@@ -666,6 +854,15 @@ impl MessageSink for Lapic {
             // ExtINT through the IOAPIC, SMI and INIT are not modelled.
             _ => Latch::Masked,
         }
+    }
+}
+
+/// The xAPIC page offset of x2APIC MSR `msr` (#GP outside 0x800-0x8FF).
+fn x2apic_offset(msr: u32) -> Result<u64, GpFault> {
+    if X2APIC_MSRS.contains(&msr) {
+        Ok(u64::from(msr - X2APIC_MSRS.start()) << 4)
+    } else {
+        Err(GpFault)
     }
 }
 
@@ -841,7 +1038,7 @@ mod tests {
     fn global_disable_resets_and_passes_the_pic_through() {
         let mut l = enabled();
         l.accept(0x40, false);
-        l.set_apic_base(LAPIC_BASE);
+        l.write_apic_base(LAPIC_BASE).unwrap();
         assert_eq!(l.apic_base(), LAPIC_BASE | APIC_BASE_BSP);
         assert!(l.accepts_pic_intr());
         assert_eq!(l.deliverable(), None);
@@ -855,7 +1052,7 @@ mod tests {
             }),
             Latch::Masked
         );
-        l.set_apic_base(LAPIC_BASE | APIC_BASE_ENABLE);
+        l.write_apic_base(LAPIC_BASE | APIC_BASE_ENABLE).unwrap();
         assert_eq!(read(&mut l, SVR, 0), 0xff);
         assert_eq!(read(&mut l, IRR0 + 0x20, 0), 0);
     }
@@ -864,7 +1061,7 @@ mod tests {
     fn a_globally_disabled_apic_leaves_its_page() {
         let mut l = enabled();
         l.mmio_write(TPR, 4, 0x20, 0);
-        l.set_apic_base(LAPIC_BASE);
+        l.write_apic_base(LAPIC_BASE).unwrap();
         // SDM 10.4.3: with IA32_APIC_BASE.EN clear the processor has no APIC; the page reads as
         // an empty bus (all ones) and takes no writes.
         assert_eq!(l.mmio_read(VERSION, 4, 0), 0xffff_ffff);
@@ -876,7 +1073,7 @@ mod tests {
             0,
             "reset when disabled, and the write went nowhere"
         );
-        l.set_apic_base(LAPIC_BASE | APIC_BASE_ENABLE);
+        l.write_apic_base(LAPIC_BASE | APIC_BASE_ENABLE).unwrap();
         assert_eq!(read(&mut l, VERSION, 0), 0x50014);
         assert_eq!(read(&mut l, SVR, 0), 0xff, "back from its reset state");
     }
@@ -998,6 +1195,237 @@ mod tests {
         l.write_tsc_deadline(9000, 6000);
         l.mmio_write(LVT_TIMER, 4, 0xef, 6000);
         assert_eq!(l.next_deadline(), None);
+    }
+
+    /// IA32_APIC_BASE in each mode: disabled, xAPIC, x2APIC.
+    const DISABLED: u64 = LAPIC_BASE | APIC_BASE_BSP;
+    const XAPIC: u64 = DISABLED | APIC_BASE_ENABLE;
+    const X2APIC: u64 = XAPIC | APIC_BASE_EXTD;
+
+    fn x2apic() -> Lapic {
+        let mut l = Lapic::new(TSC_HZ);
+        assert_eq!(l.write_apic_base(X2APIC), Ok(()));
+        assert_eq!(l.x2apic_write(0x80f, 0x1ff, 0), Ok(None));
+        l
+    }
+
+    #[test]
+    fn apic_base_transitions_follow_the_x2apic_state_diagram() {
+        // SDM 11.12.5 (Figure 11-27): xAPIC -> x2APIC, x2APIC -> disabled -> xAPIC; x2APIC ->
+        // xAPIC directly and EXTD without EN are #GP, and a refused write changes nothing.
+        let mut l = Lapic::new(TSC_HZ);
+        assert_eq!(l.write_apic_base(DISABLED | APIC_BASE_EXTD), Err(GpFault));
+        assert_eq!(l.apic_base(), XAPIC);
+        assert_eq!(l.write_apic_base(X2APIC), Ok(()));
+        assert_eq!(l.apic_base(), X2APIC);
+        assert_eq!(l.write_apic_base(XAPIC), Err(GpFault));
+        assert_eq!(l.write_apic_base(DISABLED | APIC_BASE_EXTD), Err(GpFault));
+        assert_eq!(l.apic_base(), X2APIC);
+        assert_eq!(l.write_apic_base(DISABLED), Ok(()));
+        assert_eq!(l.apic_base(), DISABLED);
+        // Disabled -> x2APIC directly is not a legal transition either.
+        assert_eq!(l.write_apic_base(X2APIC), Err(GpFault));
+        assert_eq!(l.write_apic_base(XAPIC), Ok(()));
+        assert_eq!(l.write_apic_base(X2APIC), Ok(()));
+        // Rewriting the current state is no transition.
+        assert_eq!(l.write_apic_base(X2APIC), Ok(()));
+    }
+
+    #[test]
+    fn x2apic_msrs_answer_only_in_x2apic_mode() {
+        let mut l = enabled();
+        assert_eq!(l.x2apic_read(0x803, 0), Err(GpFault), "xAPIC mode: #GP");
+        assert_eq!(l.x2apic_write(0x808, 0x20, 0), Err(GpFault));
+        l.write_apic_base(X2APIC).unwrap();
+        assert_eq!(l.x2apic_read(0x803, 0), Ok(0x50014));
+        // SDM 11.12.1.2: in x2APIC mode the MMIO page behaves as a globally disabled xAPIC's.
+        assert_eq!(l.mmio_read(VERSION, 4, 0), 0xffff_ffff);
+        l.mmio_write(TPR, 4, 0x70, 0);
+        assert_eq!(l.tpr(), 0);
+        // Leaving through disabled: back to the page, in its reset state.
+        l.x2apic_write(0x808, 0x30, 0).unwrap();
+        l.write_apic_base(DISABLED).unwrap();
+        assert_eq!(l.x2apic_read(0x803, 0), Err(GpFault));
+        l.write_apic_base(XAPIC).unwrap();
+        assert_eq!(read(&mut l, VERSION, 0), 0x50014);
+        assert_eq!(read(&mut l, TPR, 0), 0);
+        assert_eq!(read(&mut l, SVR, 0), 0xff);
+    }
+
+    #[test]
+    fn x2apic_id_ldr_and_version_are_read_only() {
+        let mut l = enabled();
+        l.mmio_write(ID, 4, 0x0500_0000, 0); // an xAPIC ID the x2APIC does not keep
+        l.mmio_write(LDR, 4, 0x0800_0000, 0);
+        l.mmio_write(ICR_HIGH, 4, 0x0300_0000, 0);
+        l.write_apic_base(X2APIC).unwrap();
+        // SDM 11.12.5.1: the x2APIC ID is the initial APIC ID (the vCPU's, 0), the LDR is
+        // derived from it (11.12.10.2: cluster ID[19:4] in 31:16, bit ID[3:0] in 15:0) and the
+        // ICR's destination half is not kept.
+        assert_eq!(l.x2apic_read(0x802, 0), Ok(0));
+        assert_eq!(l.x2apic_read(0x80d, 0), Ok(1));
+        assert_eq!(l.x2apic_read(0x830, 0), Ok(0));
+        for msr in [
+            0x802, 0x803, 0x80a, 0x80d, 0x810, 0x817, 0x818, 0x820, 0x827, 0x839,
+        ] {
+            assert_eq!(
+                l.x2apic_write(msr, 0, 0),
+                Err(GpFault),
+                "{msr:#x} read-only"
+            );
+        }
+    }
+
+    #[test]
+    fn x2apic_registers_that_do_not_exist_are_gp() {
+        let mut l = x2apic();
+        // SDM Table 11-6: no APR, RRD, DFR, ICR high half, CMCI (no LVT entry 6 here) or the
+        // unnamed MSRs of the range.
+        for msr in [
+            0x800, 0x801, 0x804, 0x807, 0x809, 0x80c, 0x80e, 0x82f, 0x831, 0x83a, 0x83d, 0x840,
+            0x8ff,
+        ] {
+            assert_eq!(l.x2apic_read(msr, 0), Err(GpFault), "RDMSR {msr:#x}");
+            assert_eq!(l.x2apic_write(msr, 0, 0), Err(GpFault), "WRMSR {msr:#x}");
+        }
+        // Write-only registers: EOI and SELF IPI.
+        assert_eq!(l.x2apic_read(0x80b, 0), Err(GpFault));
+        assert_eq!(l.x2apic_read(0x83f, 0), Err(GpFault));
+    }
+
+    #[test]
+    fn x2apic_reserved_bits_are_gp() {
+        let mut l = x2apic();
+        // SDM 11.12.1.3: a non-zero write to a reserved bit is #GP; the register keeps its value.
+        let cases: &[(u32, u64)] = &[
+            (0x808, 0x100),   // TPR 31:8
+            (0x808, 1 << 32), // upper half of a 32-bit register
+            (0x80f, 1 << 12), // SVR: no EOI-broadcast suppression
+            (0x80f, 1 << 13),
+            (0x80b, 1),       // EOI: only 0
+            (0x828, 1),       // ESR: only 0
+            (0x832, 1 << 19), // LVT timer
+            (0x835, 1 << 17), // LVT LINT0
+            (0x837, 1 << 8),  // LVT error has no delivery mode
+            (0x83e, 0x4),     // divide configuration: bits 0, 1, 3
+            (0x830, 1 << 13), // ICR
+            (0x830, 1 << 12), // ICR: no delivery status in x2APIC mode
+            (0x830, 1 << 20),
+            (0x83f, 0x100), // SELF IPI: vector only
+        ];
+        for &(msr, v) in cases {
+            assert_eq!(
+                l.x2apic_write(msr, v, 0),
+                Err(GpFault),
+                "WRMSR {msr:#x} of {v:#x}"
+            );
+        }
+        assert_eq!(l.x2apic_read(0x808, 0), Ok(0));
+        assert_eq!(l.x2apic_read(0x80f, 0), Ok(0x1ff));
+        assert_eq!(l.deliverable(), None);
+        // The read-only delivery status and remote IRR bits of an LVT entry are defined bits:
+        // writing them is allowed and has no effect.
+        assert_eq!(
+            l.x2apic_write(0x835, 1 << 12 | 1 << 14 | 0x700, 0),
+            Ok(None)
+        );
+        assert_eq!(l.x2apic_read(0x835, 0), Ok(0x700));
+    }
+
+    #[test]
+    fn x2apic_tpr_eoi_and_self_ipi() {
+        let mut l = x2apic();
+        assert_eq!(l.x2apic_write(0x83f, 0x51, 0), Ok(None));
+        assert_eq!(l.x2apic_read(0x820 + 2, 0), Ok(1 << 17), "IRR bit 0x51");
+        assert_eq!(l.deliverable(), Some(0x51));
+        l.acknowledge(0x51);
+        assert_eq!(l.x2apic_read(0x810 + 2, 0), Ok(1 << 17), "ISR bit 0x51");
+        assert_eq!(l.x2apic_read(0x80a, 0), Ok(0x50), "PPR");
+        assert_eq!(l.x2apic_write(0x808, 0x60, 0), Ok(None));
+        assert_eq!(l.x2apic_read(0x808, 0), Ok(0x60));
+        assert_eq!(l.x2apic_write(0x80b, 0, 0), Ok(None));
+        assert_eq!(l.x2apic_read(0x810 + 2, 0), Ok(0));
+        // A level-triggered vector's EOI is reported for the IOAPIC's broadcast.
+        l.x2apic_write(0x808, 0, 0).unwrap();
+        l.accept(0x41, true);
+        l.acknowledge(0x41);
+        assert_eq!(l.x2apic_write(0x80b, 0, 0), Ok(Some(0x41)));
+        // SELF IPI of an illegal vector: ESR "send illegal vector" (SDM 11.5.3).
+        l.x2apic_write(0x83f, 5, 0).unwrap();
+        l.x2apic_write(0x828, 0, 0).unwrap();
+        assert_eq!(
+            l.x2apic_read(0x828, 0),
+            Ok(u64::from(ESR_SEND_ILLEGAL_VECTOR))
+        );
+    }
+
+    #[test]
+    fn x2apic_icr_is_one_64_bit_register() {
+        let mut l = x2apic();
+        // Fixed 0x44 to x2APIC ID 0 (ourselves), physical.
+        assert_eq!(l.x2apic_write(0x830, 0x44, 0), Ok(None));
+        assert_eq!(l.deliverable(), Some(0x44));
+        assert_eq!(l.take_ipi(), None);
+        // Fixed 0x45 to x2APIC ID 0x100: somebody else, whose 8 low bits are ours.
+        l.x2apic_write(0x830, 0x100 << 32 | 0x45, 0).unwrap();
+        assert_eq!(l.x2apic_read(0x830, 0), Ok(0x100 << 32 | 0x45));
+        assert_eq!(l.take_ipi().map(|i| i.icr_high), Some(0x100));
+        assert_eq!(l.x2apic_read(0x820 + 2, 0), Ok(1 << 4), "only 0x44 pending");
+        // Logical: cluster 0, bit 0 is us; cluster 1, bit 0 is not.
+        l.x2apic_write(0x830, 1 << 32 | 1 << 11 | 0x46, 0).unwrap();
+        l.x2apic_write(0x830, 0x1_0001 << 32 | 1 << 11 | 0x47, 0)
+            .unwrap();
+        assert_eq!(l.x2apic_read(0x820 + 2, 0), Ok(1 << 4 | 1 << 6));
+        // Broadcast 0xFFFFFFFF reaches us too.
+        l.x2apic_write(0x830, 0xffff_ffff << 32 | 0x48, 0).unwrap();
+        assert_eq!(l.x2apic_read(0x820 + 2, 0), Ok(1 << 4 | 1 << 6 | 1 << 8));
+    }
+
+    #[test]
+    fn x2apic_timer_through_msrs() {
+        let mut l = x2apic();
+        l.x2apic_write(0x83e, 0xb, 0).unwrap(); // divide by 1
+        l.x2apic_write(0x832, 0x2_0040, 0).unwrap(); // periodic, vector 0x40
+        l.x2apic_write(0x838, 100, 0).unwrap();
+        assert_eq!(l.x2apic_read(0x838, 0), Ok(100));
+        assert_eq!(l.x2apic_read(0x839, 30), Ok(70));
+        l.advance(100);
+        assert_eq!(l.deliverable(), Some(0x40));
+        assert_eq!(l.next_deadline(), Some(200));
+    }
+
+    #[test]
+    fn invalid_icr_shorthand_combinations_do_nothing() {
+        // SDM Table 11-3: "self" and "all including self" are valid with fixed delivery only.
+        let mut l = enabled();
+        for (mode, shorthand) in [(4, 1), (5, 1), (6, 1), (1, 1), (4, 2), (5, 2), (6, 2)] {
+            l.mmio_write(ICR_LOW, 4, shorthand << 18 | mode << 8 | 0x30, 0);
+            assert!(!l.take_nmi(), "mode {mode} shorthand {shorthand}");
+            assert_eq!(l.take_ipi(), None, "mode {mode} shorthand {shorthand}");
+            assert_eq!(l.deliverable(), None);
+        }
+        // NMI to ourselves by destination (no shorthand) is valid.
+        l.mmio_write(ICR_LOW, 4, 4 << 8, 0);
+        assert!(l.take_nmi());
+    }
+
+    #[test]
+    fn init_sipi_broadcasts_find_no_other_cpu() {
+        // A QEMU test kernel probing for APs: INIT, SIPI, SIPI to all excluding self. One vCPU:
+        // nothing starts, nothing is raised here, and the ICR reads idle each time.
+        let mut l = enabled();
+        for icr in [0x000c_4500, 0x000c_4608, 0x000c_4608] {
+            l.mmio_write(ICR_LOW, 4, icr, 0);
+            assert_eq!(
+                read(&mut l, ICR_LOW, 0) & 1 << 12,
+                0,
+                "delivery status idle"
+            );
+            assert_eq!(l.deliverable(), None);
+            assert!(!l.take_nmi());
+            l.mmio_write(ESR, 4, 0, 0);
+            assert_eq!(read(&mut l, ESR, 0), 0, "no error");
+        }
     }
 
     #[test]

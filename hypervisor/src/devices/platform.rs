@@ -550,10 +550,31 @@ impl Platform {
         self.chipset.lapic.apic_base()
     }
 
-    /// A guest write of IA32_APIC_BASE (only the global enable bit takes effect).
-    pub fn set_apic_base(&mut self, value: u64) {
-        self.chipset.lapic.set_apic_base(value);
+    /// A guest write of IA32_APIC_BASE's EN and EXTD bits (`Lapic::write_apic_base`).
+    pub fn set_apic_base(&mut self, value: u64) -> Result<(), lapic::GpFault> {
+        let r = self.chipset.lapic.write_apic_base(value);
         self.refresh();
+        r
+    }
+
+    /// RDMSR of an x2APIC register (`Lapic::x2apic_read`).
+    pub fn x2apic_read(&mut self, msr: u32, now: u64) -> Result<u64, lapic::GpFault> {
+        self.advance(now);
+        let r = self.chipset.lapic.x2apic_read(msr, now);
+        self.refresh();
+        r
+    }
+
+    /// WRMSR of an x2APIC register; a level-triggered EOI goes on to the IOAPIC.
+    pub fn x2apic_write(&mut self, msr: u32, value: u64, now: u64) -> Result<(), lapic::GpFault> {
+        self.advance(now);
+        let c = &mut self.chipset;
+        let r = c.lapic.x2apic_write(msr, value, now);
+        if let Ok(Some(vector)) = r {
+            c.ioapic.eoi(vector, &mut c.lapic);
+        }
+        self.refresh();
+        r.map(|_| ())
     }
 
     /// Sets the guest's wall clock (the RTC) to `unix_seconds` at guest TSC `now`.
@@ -575,6 +596,11 @@ impl Platform {
 
     pub fn console(&mut self) -> &mut ConsoleBuffer {
         &mut self.console
+    }
+
+    /// The console, to read its counts.
+    pub fn console_ref(&self) -> &ConsoleBuffer {
+        &self.console
     }
 
     pub fn stats(&self) -> PlatformStats {
@@ -933,7 +959,7 @@ mod tests {
         p.mmio_write(LAPIC + 0x350, 4, 0x1_0700, 0); // mask LINT0
         assert_eq!(p.pending_interrupt(), None);
         // A globally disabled local APIC passes the 8259A straight through.
-        p.set_apic_base(lapic::LAPIC_BASE);
+        assert_eq!(p.set_apic_base(lapic::LAPIC_BASE), Ok(()));
         assert_eq!(p.pending_interrupt(), Some(0x30));
         assert_eq!(p.apic_base() & lapic::APIC_BASE_ENABLE, 0);
     }

@@ -9,6 +9,8 @@
 
 use super::{Action, ExitContext, Host};
 use crate::abi;
+use crate::devices::clock::LAPIC_TIMER_HZ;
+use crate::devices::lapic;
 use crate::guest::Guest;
 use crate::vmx::controls::{PrimaryControls, SecondaryControls};
 use crate::vmx::{Control32, Vmcs};
@@ -78,7 +80,6 @@ pub const HIDDEN: &[Hidden] = &[
     hide(1, 0, ECX, 1 << 14, "xTPR: MISC_ENABLE bit 23 not kept"),
     hide(1, 0, ECX, 1 << 15, "PDCM: no IA32_PERF_CAPABILITIES"),
     hide(1, 0, ECX, 1 << 18, "DCA: no IA32_PLATFORM_DCA_CAP"),
-    hide(1, 0, ECX, 1 << 21, "x2APIC: MSRs 0x800-0x8ff not emulated"),
     hide(1, 0, EDX, 1 << 21, "DS: no IA32_DS_AREA"),
     hide(1, 0, EDX, 1 << 22, "ACPI: no thermal MSRs"),
     hide(1, 0, EDX, 1 << 28, "HTT: one thread"),
@@ -147,19 +148,25 @@ pub const HIDDEN: &[Hidden] = &[
 /// leaves them out and XSETBV refuses them (`exits::xsetbv`), as on a CPU without MPX.
 pub const XCR0_HIDDEN: u64 = 0b11 << 3;
 
+/// The least highest basic leaf the guest is told (CPUID.0:EAX): Keel answers the TSC leaves 0x15
+/// and 0x16 itself, whatever the CPU has.
+pub const MIN_MAX_BASIC_LEAF: u32 = 0x16;
+
 /// Leaves that read as zeros: the features they describe are hidden.
 const ZERO_LEAVES: &[u32] = &[5, 6, 0xa, 0xf, 0x10, 0x12, 0x14, 0x19, 0x1b, 0x1c, 0x20];
 
 /// What a guest's CPUID depends on besides the CPU: its CR4 (OSXSAVE, OSPKE), its APIC's global
-/// enable (CPUID.1:EDX.APIC, SDM 10.4.3), and the execution controls that decide whether RDTSCP,
+/// enable (CPUID.1:EDX.APIC, SDM 10.4.3), the execution controls that decide whether RDTSCP,
 /// RDPID, INVPCID, XSAVES and TSC offsetting work in it (SDM 26.3: without them RDTSCP, INVPCID
-/// and XSAVES are #UD).
+/// and XSAVES are #UD), and the rate of its TSC (its platform's: the rate its device models run
+/// at; 0 if unknown), for the leaves 0x15, 0x16 and 0x4000_0010.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GuestFeatures {
     pub cr4: u64,
     pub apic_enabled: bool,
     pub primary: u32,
     pub secondary: u32,
+    pub tsc_hz: u64,
 }
 
 impl GuestFeatures {
@@ -169,6 +176,7 @@ impl GuestFeatures {
             apic_enabled: guest.platform.apic_base() & crate::exits::msr::APIC_BASE_ENABLE != 0,
             primary: vmcs.read(Control32::PrimaryProcBasedControls),
             secondary: vmcs.read(Control32::SecondaryProcBasedControls),
+            tsc_hz: guest.platform.tsc_hz(),
         }
     }
 
@@ -181,8 +189,9 @@ impl GuestFeatures {
     }
 }
 
-/// The leaves whose answer depends on [`GuestFeatures`]; the others (CPUID 0 among them: the
-/// benchmark's exit) skip the VMCS reads.
+/// The leaves whose answer depends on the VMCS part of [`GuestFeatures`]; the others (CPUID 0
+/// among them: the benchmark's exit) skip the VMCS reads. The TSC rate costs no VMCS read and is
+/// always filled in.
 fn depends_on_guest(leaf: u32) -> bool {
     matches!(leaf, 1 | 7 | 0xd | 0x8000_0001)
 }
@@ -198,7 +207,10 @@ pub fn of_guest<V: Vmcs + ?Sized>(
     let f = if depends_on_guest(leaf) {
         GuestFeatures::of(vmcs, guest)
     } else {
-        GuestFeatures::default()
+        GuestFeatures {
+            tsc_hz: guest.platform.tsc_hz(),
+            ..GuestFeatures::default()
+        }
     };
     policy(host, leaf, subleaf, &f)
 }
@@ -214,20 +226,41 @@ pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32, f: &GuestFeatures) -> [u
             return [abi::CPUID_MAX_LEAF, w(0), w(4), w(8)];
         }
         abi::CPUID_INTERFACE_LEAF => return [abi::ABI_VERSION, 0, 0, 0],
+        abi::CPUID_TIMING_LEAF => {
+            let khz = |hz: u64| u32::try_from(hz / 1000).unwrap_or(u32::MAX);
+            return [khz(f.tsc_hz), khz(LAPIC_TIMER_HZ), 0, 0];
+        }
         0x4000_0002..=0x4000_00ff => return [0; 4],
         l if ZERO_LEAVES.contains(&l) => return [0; 4],
+        0 => {
+            let mut r = host.cpuid(0, 0);
+            r[EAX] = r[EAX].max(MIN_MAX_BASIC_LEAF);
+            return r;
+        }
+        0x15 => return tsc_leaf(f.tsc_hz),
+        0x16 => {
+            // Processor base and maximum frequency, and the bus (reference) clock, in MHz
+            // (bits 15:0): the TSC's rate, and the LAPIC timer's input clock.
+            let mhz = |hz: u64| ((hz + 500_000) / 1_000_000).min(0xffff) as u32;
+            return match f.tsc_hz {
+                0 => [0; 4],
+                hz => [mhz(hz), mhz(hz), mhz(LAPIC_TIMER_HZ), 0],
+            };
+        }
         1 => {
             let [a, b, c, d] = host.cpuid(1, 0);
             // OSXSAVE mirrors the guest's own CR4.OSXSAVE, not Keel's (SDM Vol. 2A, CPUID).
-            let c = (c & !ECX1_OSXSAVE) | ECX1_HYPERVISOR;
+            // x2APIC is Keel's own model (`devices::lapic`), whatever the CPU has.
+            let c = (c & !ECX1_OSXSAVE) | ECX1_HYPERVISOR | ECX1_X2APIC;
             let c = if f.cr4 & CR4_OSXSAVE != 0 {
                 c | ECX1_OSXSAVE
             } else {
                 c
             };
             let d = if f.apic_enabled { d } else { d & !EDX1_APIC };
-            // EBX: initial APIC ID 0 (bits 31:24), one logical processor (23:16), CLFLUSH size kept.
-            let b = (b & 0xffff) | (1 << 16);
+            // EBX: the initial APIC ID (bits 31:24), one logical processor (23:16), CLFLUSH
+            // line size and brand index kept.
+            let b = (b & 0xffff) | (1 << 16) | (lapic::INITIAL_APIC_ID & 0xff) << 24;
             [a, b, c, d]
         }
         4 => {
@@ -276,12 +309,30 @@ pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32, f: &GuestFeatures) -> [u
             }
             r
         }
-        // Extended topology: one thread (level 1, SMT) in one core (level 2), x2APIC ID 0.
+        // Extended topology: one thread (level 1, SMT) in one core (level 2); EDX is the
+        // x2APIC ID in every subleaf (SDM Vol. 2A, CPUID leaf 0BH). Leaf 0x1F (V2 topology)
+        // exists only up to the guest's highest basic leaf.
+        0x1f if host.cpuid(0, 0)[EAX] < 0x1f => {
+            return policy(host, MIN_MAX_BASIC_LEAF, subleaf, f);
+        }
         0xb | 0x1f => {
+            let id = lapic::INITIAL_APIC_ID;
             return match subleaf {
-                0 => [0, 1, 1 << 8, 0],
-                1 => [0, 1, 1 | (2 << 8), 0],
-                n => [0, 0, n & 0xff, 0],
+                0 => [0, 1, 1 << 8, id],
+                1 => [0, 1, 1 | (2 << 8), id],
+                n => [0, 0, n & 0xff, id],
+            };
+        }
+        l if l < 0x4000_0000 => {
+            // A basic leaf the CPU does not have: zeros up to the guest's highest, the highest
+            // basic leaf's answer above it (SDM Vol. 2A, CPUID), as on the CPU.
+            let host_max = host.cpuid(0, 0)[EAX];
+            if l <= host_max {
+                host.cpuid(leaf, subleaf)
+            } else if l <= MIN_MAX_BASIC_LEAF {
+                return [0; 4];
+            } else {
+                return policy(host, host_max.max(MIN_MAX_BASIC_LEAF), subleaf, f);
             }
         }
         _ => host.cpuid(leaf, subleaf),
@@ -294,6 +345,56 @@ pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32, f: &GuestFeatures) -> [u
         }
     }
     r
+}
+
+/// Leaf 0x15 for a TSC of `tsc_hz` (SDM Vol. 2A, CPUID leaf 15H: TSC = ECX * EBX / EAX): the core
+/// crystal clock in ECX is the local APIC timer's input clock, as on the CPUs that enumerate it,
+/// so a guest learns the timer's rate as well (Linux 6.1 sets `lapic_timer_period` from it); the
+/// ratio EBX/EAX is the best fraction for the TSC whose numerator keeps `crystal kHz * EBX` below
+/// 2^32, because Linux 6.1's `native_calibrate_tsc` computes the TSC in kHz that way in 32-bit
+/// arithmetic. Zeros when the rate is unknown (the leaf then enumerates nothing).
+fn tsc_leaf(tsc_hz: u64) -> [u32; 4] {
+    let crystal_khz = LAPIC_TIMER_HZ / 1000;
+    let max_numerator = u64::from(u32::MAX) / crystal_khz;
+    match best_fraction(tsc_hz, LAPIC_TIMER_HZ, max_numerator, u64::from(u32::MAX)) {
+        Some((num, den)) => [den as u32, num as u32, LAPIC_TIMER_HZ as u32, 0],
+        None => [0; 4],
+    }
+}
+
+/// The fraction p/q closest to `n/d` with 1 <= p <= `max_p` and 1 <= q <= `max_q`: the last
+/// continued-fraction convergent within the bounds, or the semiconvergent after it when that is
+/// closer. None if n or d is 0.
+fn best_fraction(n: u64, d: u64, max_p: u64, max_q: u64) -> Option<(u64, u64)> {
+    if n == 0 || d == 0 {
+        return None;
+    }
+    let (max_p, max_q) = (u128::from(max_p), u128::from(max_q));
+    // Convergents h(k-2)/k(k-2) and h(k-1)/k(k-1), starting from 0/1 and 1/0.
+    let (mut p0, mut q0, mut p1, mut q1) = (0u128, 1u128, 1u128, 0u128);
+    let (mut num, mut den) = (u128::from(n), u128::from(d));
+    while den != 0 {
+        let a = num / den;
+        let (p2, q2) = (a * p1 + p0, a * q1 + q0);
+        if p2 > max_p || q2 > max_q {
+            // The largest t < a that stays within bounds gives the semiconvergent.
+            let t = [(max_p - p0) / p1.max(1), (max_q - q0) / q1.max(1)]
+                .into_iter()
+                .min()
+                .unwrap_or(0);
+            let (ps, qs) = (t * p1 + p0, t * q1 + q0);
+            // Closer to n/d: |ps/qs - n/d| < |p1/q1 - n/d|, both sides multiplied by d*qs*q1.
+            let (x, y) = (u128::from(n), u128::from(d));
+            let closer = (ps * y).abs_diff(x * qs) * q1 < (p1 * y).abs_diff(x * q1) * qs;
+            if t > 0 && (q1 == 0 || closer) {
+                (p1, q1) = (ps, qs);
+            }
+            break;
+        }
+        (p0, q0, p1, q1) = (p1, q1, p2, q2);
+        (num, den) = (den, num - a * den);
+    }
+    (p1 >= 1 && q1 >= 1).then_some((p1 as u64, q1 as u64))
 }
 
 /// Whether the guest's CPUID(leaf, subleaf) register `reg` has `bit` set.
@@ -340,6 +441,7 @@ mod tests {
             apic_enabled: true,
             primary: 0,
             secondary: 0,
+            tsc_hz: 0,
         }
     }
 
@@ -354,14 +456,14 @@ mod tests {
         sig[4..8].copy_from_slice(&(r.rcx as u32).to_le_bytes());
         sig[8..].copy_from_slice(&(r.rdx as u32).to_le_bytes());
         assert_eq!(&sig, b"KeelKeelKeel");
-        assert_eq!(r.rax, 0x4000_0001);
+        assert_eq!(r.rax, 0x4000_0010, "up to the timing leaf");
 
         t.guest.regs.rax = 1;
         t.run(crate::vmx::ExitReason::Cpuid);
         let c = t.guest.regs.rcx as u32;
         assert_ne!(c & bit::ECX1_HYPERVISOR, 0, "hypervisor bit set");
         assert_eq!(c & bit::ECX1_VMX, 0, "VMX hidden");
-        assert_eq!(c & bit::ECX1_X2APIC, 0);
+        assert_ne!(c & bit::ECX1_X2APIC, 0, "x2APIC emulated");
         assert_eq!((t.guest.regs.rbx >> 16) & 0xff, 1, "one logical processor");
         assert_eq!(t.guest.regs.rdx as u32 & bit::EDX1_HTT, 0);
     }
@@ -379,6 +481,84 @@ mod tests {
             policy(&t.host, 1, 0, &features(bit::CR4_OSXSAVE))[2] & bit::ECX1_OSXSAVE,
             0
         );
+    }
+
+    /// What Linux 6.1's `native_calibrate_tsc` computes from leaf 0x15, in its own 32-bit
+    /// arithmetic: `crystal_khz * ebx_numerator / eax_denominator` (a product past 2^32 wraps).
+    fn linux_tsc_khz(leaf15: [u32; 4]) -> u32 {
+        let [den, num, crystal_hz, _] = leaf15;
+        (crystal_hz / 1000).wrapping_mul(num) / den
+    }
+
+    fn at_tsc(tsc_hz: u64) -> GuestFeatures {
+        GuestFeatures {
+            tsc_hz,
+            ..features(0)
+        }
+    }
+
+    #[test]
+    fn tsc_leaves_describe_the_guests_tsc_and_apic_timer() {
+        let t = TestBed::new();
+        // Leaf 0x15: the core crystal clock is the LAPIC timer's input clock (1 GHz), so Linux
+        // takes its timer period from it without calibrating; the ratio gives the TSC.
+        let l15 = policy(&t.host, 0x15, 0, &at_tsc(10_000_000));
+        assert_eq!(l15, [100, 1, 1_000_000_000, 0]);
+        assert_eq!(linux_tsc_khz(l15), 10_000);
+        assert_eq!(
+            policy(&t.host, 0x15, 0, &at_tsc(3_000_000_000)),
+            [1, 3, 1_000_000_000, 0]
+        );
+        // A calibrated, odd rate: the best fraction whose numerator keeps Linux's 32-bit product
+        // in range (crystal kHz * numerator < 2^32): within 1 ppm and Linux's whole kHz.
+        for hz in [2_893_417_123u64, 1_999_999_999, 4_700_000_001, 123_456_789] {
+            let l15 = policy(&t.host, 0x15, 0, &at_tsc(hz));
+            assert!(u64::from(l15[1]) * 1_000_000 < 1 << 32, "{hz}: {l15:?}");
+            let khz = u64::from(linux_tsc_khz(l15));
+            assert!(
+                (khz * 1000).abs_diff(hz) <= 1000 + hz / 1_000_000,
+                "{hz}: {khz} kHz"
+            );
+        }
+        // Leaf 0x16: base and maximum frequency in MHz, and the bus (LAPIC timer) clock.
+        assert_eq!(
+            policy(&t.host, 0x16, 0, &at_tsc(2_893_417_123)),
+            [2893, 2893, 1000, 0]
+        );
+        // The hypervisor timing leaf: TSC and LAPIC timer in kHz.
+        assert_eq!(
+            policy(&t.host, 0x4000_0010, 0, &at_tsc(2_893_417_123)),
+            [2_893_417, 1_000_000, 0, 0]
+        );
+        // No rate known: the leaves say so with zeros (Linux then calibrates).
+        assert_eq!(policy(&t.host, 0x15, 0, &at_tsc(0)), [0; 4]);
+    }
+
+    #[test]
+    fn max_leaves_cover_the_tsc_leaves() {
+        let mut t = TestBed::new();
+        // A CPU whose highest basic leaf is 0xD (Bochs' older models).
+        t.host
+            .leaves
+            .push(((0, 0), [0xd, 0x756e_6547, 0x6c65_746e, 0x4965_6e69]));
+        let f = at_tsc(3_000_000_000);
+        let l0 = policy(&t.host, 0, 0, &f);
+        assert_eq!(l0, [0x16, 0x756e_6547, 0x6c65_746e, 0x4965_6e69]);
+        // Leaves the CPU does not have up to the new maximum read as zeros; above it, as the
+        // highest basic leaf (SDM Vol. 2A, CPUID: "If a value entered for CPUID.EAX is higher
+        // than the maximum input value for basic or extended function...").
+        assert_eq!(policy(&t.host, 0xe, 0, &f), [0; 4]);
+        assert_eq!(policy(&t.host, 0x13, 0, &f), [0; 4]);
+        assert_eq!(policy(&t.host, 0x17, 0, &f), policy(&t.host, 0x16, 0, &f));
+        assert_eq!(policy(&t.host, 0x1f, 0, &f), policy(&t.host, 0x16, 0, &f));
+        // A CPU with more basic leaves keeps its maximum.
+        t.host.leaves[0].1[0] = 0x1f;
+        assert_eq!(policy(&t.host, 0, 0, &f)[0], 0x1f);
+        assert_eq!(policy(&t.host, 0x1f, 0, &f), [0, 1, 1 << 8, 0]);
+        // Keel's hypervisor leaves end at the timing leaf.
+        assert_eq!(policy(&t.host, 0x4000_0000, 0, &f)[0], 0x4000_0010);
+        assert_eq!(policy(&t.host, 0x4000_0002, 0, &f), [0; 4]);
+        assert_eq!(policy(&t.host, 0x4000_0011, 0, &f), [0; 4]);
     }
 
     #[test]
@@ -424,6 +604,7 @@ mod tests {
             apic_enabled: true,
             primary: u32::MAX,
             secondary: u32::MAX,
+            tsc_hz: 0,
         };
         let leaves = (0..0x30)
             .chain(0x4000_0000..0x4000_0010)

@@ -98,9 +98,8 @@ pub fn bitmap(edx7: u32) -> [u8; 4096] {
     b
 }
 
-const APIC_BASE_BSP: u64 = 1 << 8;
-const APIC_BASE_X2APIC: u64 = 1 << 10;
-pub const APIC_BASE_ENABLE: u64 = 1 << 11;
+pub use crate::devices::lapic::APIC_BASE_ENABLE;
+use crate::devices::lapic::{APIC_BASE_BSP, X2APIC_MSRS};
 /// IA32_MISC_ENABLE at reset as Keel offers it: fast strings (bit 0) on, BTS (11) and PEBS (12)
 /// unavailable (read-only; CPUID hides DS). Only bit 0 may change: the other writable bits
 /// (SpeedStep 16, MONITOR FSM 18, CPUID limit 22, xTPR 23, XD disable 34) belong to features
@@ -185,6 +184,19 @@ pub fn rdpmc<V: Vmcs + ?Sized>(_cx: &mut ExitContext<'_, V>) -> Action {
 pub fn read<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     use super::cpuid::{bit, has, LEAF1_ECX, LEAF7_EBX, LEAFD1_EAX};
     let msr = cx.guest.regs.rcx as u32;
+    if X2APIC_MSRS.contains(&msr) {
+        // The x2APIC's registers (`devices::lapic`: #GP outside x2APIC mode, for absent and
+        // write-only registers).
+        return match cx.guest.platform.x2apic_read(msr, cx.now) {
+            Ok(value) => {
+                let g = &mut *cx.guest;
+                g.regs.rax = value & 0xffff_ffff;
+                g.regs.rdx = value >> 32;
+                Action::Advance
+            }
+            Err(_) => Action::Inject(Exception::GP0),
+        };
+    }
     let (vmcs, g, host) = (&*cx.vmcs, &*cx.guest, &*cx.host);
     let value = match msr {
         index::FEATURE_CONTROL => 1, // locked, VMX off: what a CPU without VMX shows
@@ -217,6 +229,13 @@ pub fn write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     use crate::vmx::cr::{cr0::PG, efer::LMA, efer::LME};
     let msr = cx.guest.regs.rcx as u32;
     let value = (cx.guest.regs.rdx << 32) | (cx.guest.regs.rax & 0xffff_ffff);
+    if X2APIC_MSRS.contains(&msr) {
+        // #GP outside x2APIC mode, for read-only and absent registers and reserved bits.
+        return match cx.guest.platform.x2apic_write(msr, value, cx.now) {
+            Ok(()) => Action::Advance,
+            Err(_) => Action::Inject(Exception::GP0),
+        };
+    }
     let (vmcs, host) = (&mut *cx.vmcs, &*cx.host);
     let g = &mut *cx.guest;
     match msr {
@@ -240,13 +259,15 @@ pub fn write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             vmcs.write(Guest64::Ia32Pat, value);
         }
         index::APIC_BASE => {
-            // The xAPIC page stays at its default place; x2APIC is not offered. EN may change:
-            // clearing it removes the APIC (SDM 10.4.3, `devices::lapic`).
-            if value & APIC_BASE_X2APIC != 0 || value & !0xfff != 0xfee0_0000 || value & 0x2ff != 0
-            {
+            // The xAPIC page stays at its default place (a write that moves it is #GP: Keel
+            // does not relocate it); bits 7:0 and 9 are reserved, BSP is read-only. EN and EXTD
+            // change the mode by the rules of SDM 11.12.5 (`devices::lapic`), or #GP.
+            if value & !0xfff != 0xfee0_0000 || value & 0x2ff != 0 {
                 return Action::Inject(Exception::GP0);
             }
-            g.platform.set_apic_base(value);
+            if g.platform.set_apic_base(value).is_err() {
+                return Action::Inject(Exception::GP0);
+            }
         }
         index::MISC_ENABLE => {
             if (value ^ g.misc_enable) & !MISC_ENABLE_WRITABLE != 0 {
@@ -354,14 +375,59 @@ mod tests {
             Action::Inject(Exception::GP0)
         );
         assert_eq!(rd(&mut t, index::APIC_BASE), Ok(APIC_BASE_DEFAULT));
+        // EXTD without EN is the invalid state of SDM Table 11-5.
         assert_eq!(
             wr(
                 &mut t,
                 index::APIC_BASE,
-                APIC_BASE_DEFAULT | APIC_BASE_X2APIC
+                0xfee0_0000 | APIC_BASE_BSP | 1 << 10
             ),
             Action::Inject(Exception::GP0)
         );
+    }
+
+    #[test]
+    fn x2apic_mode_through_wrmsr_and_its_msrs() {
+        let mut t = TestBed::new();
+        let x2apic = APIC_BASE_DEFAULT | 1 << 10;
+        // CPUID offers x2APIC (SDM 11.12.1: CPUID.1:ECX[21]) with APIC ID 0 in leaf 1 and 0BH.
+        assert_ne!(cpuid(&mut t, 1, 0)[2] & 1 << 21, 0);
+        assert_eq!(cpuid(&mut t, 1, 0)[1] >> 24, 0);
+        assert_eq!(cpuid(&mut t, 0xb, 0)[3], 0);
+        // xAPIC mode: the MSRs are #GP.
+        assert_eq!(rd(&mut t, 0x803), Err(GP));
+        assert_eq!(wr(&mut t, index::APIC_BASE, x2apic), Action::Advance);
+        assert_eq!(rd(&mut t, index::APIC_BASE), Ok(x2apic));
+        assert_eq!(rd(&mut t, 0x803), Ok(0x50014));
+        assert_eq!(rd(&mut t, 0x802), Ok(0));
+        // x2APIC -> xAPIC directly is #GP; through disabled it works.
+        assert_eq!(wr(&mut t, index::APIC_BASE, APIC_BASE_DEFAULT), GP);
+        assert_eq!(rd(&mut t, index::APIC_BASE), Ok(x2apic));
+        // SVR on, TPR, self IPI through ICR and SELF IPI; EOI with a non-zero value is #GP.
+        assert_eq!(wr(&mut t, 0x80f, 0x1ff), Action::Advance);
+        assert_eq!(wr(&mut t, 0x83f, 0x61), Action::Advance);
+        assert_eq!(t.guest.platform.pending_interrupt(), Some(0x61));
+        t.guest.platform.acknowledge(0x61);
+        assert_eq!(wr(&mut t, 0x80b, 1), GP);
+        assert_eq!(wr(&mut t, 0x80b, 0), Action::Advance);
+        assert_eq!(rd(&mut t, 0x80b), Err(GP), "EOI is write-only");
+        assert_eq!(wr(&mut t, 0x830, 0x62), Action::Advance);
+        assert_eq!(t.guest.platform.pending_interrupt(), Some(0x62));
+        assert_eq!(rd(&mut t, 0x830), Ok(0x62));
+        assert_eq!(wr(&mut t, 0x808, 1 << 32), GP, "reserved upper half");
+        assert_eq!(rd(&mut t, 0x80e), Err(GP), "no DFR");
+        // The xAPIC page does not answer as an APIC in x2APIC mode.
+        assert_eq!(
+            t.guest.platform.mmio_read(0xfee0_0030, 4, 0),
+            Some(0xffff_ffff)
+        );
+        assert_eq!(wr(&mut t, index::APIC_BASE, 0xfee0_0100), Action::Advance);
+        assert_eq!(rd(&mut t, 0x803), Err(GP));
+        assert_eq!(
+            wr(&mut t, index::APIC_BASE, APIC_BASE_DEFAULT),
+            Action::Advance
+        );
+        assert_eq!(t.guest.platform.mmio_read(0xfee0_0030, 4, 0), Some(0x50014));
     }
 
     fn exits_in(b: &[u8; 4096], msr: u32, write: bool) -> bool {
@@ -592,15 +658,6 @@ mod tests {
         ("MTRR", 1, 0, 3, 1 << 12, &[0x2ff], true),
         ("MTRR cap", 1, 0, 3, 1 << 12, &[0xfe], false),
         ("MCA", 1, 0, 3, 1 << 14, &[0x179], false),
-        (
-            "x2APIC",
-            1,
-            0,
-            2,
-            1 << 21,
-            &[0x802, 0x803, 0x808, 0x80b, 0x830],
-            true,
-        ),
         ("PDCM", 1, 0, 2, 1 << 15, &[0x345], true),
         ("DS", 1, 0, 3, 1 << 21, &[0x600], true),
         ("EIST", 1, 0, 2, 1 << 7, &[0x198, 0x199], true),

@@ -5,8 +5,8 @@
 //! count, and the result is truncated to 32 bits.
 
 use super::{Action, ExitContext};
-use crate::abi::{hc, status, CONSOLE_WRITE_MAX};
-use crate::guest::StopReason;
+use crate::abi::{hc, status, CONSOLE_WRITE_CHUNK, CONSOLE_WRITE_MAX};
+use crate::guest::{Guest, StopReason};
 use crate::vmx::{Guest32, Vmcs};
 
 /// True when the guest runs 64-bit code (IA-32e mode and CS.L = 1, SDM 3.4.5).
@@ -31,11 +31,19 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             if a2 > CONSOLE_WRITE_MAX {
                 status::EINVAL
             } else {
-                match cx.guest.ram.slice(a1, a2) {
+                let guest = &mut *cx.guest;
+                match guest.ram.slice(a1, a2) {
                     Some(bytes) => {
-                        let bytes: alloc::vec::Vec<u8> = bytes.to_vec();
-                        cx.guest.platform.console().write(&bytes);
-                        a2
+                        // A short write (docs/HYPERCALLS.md): at most CONSOLE_WRITE_CHUNK bytes,
+                        // so that one call's work never holds up another guest's timer; and
+                        // only what fits when the console is full, in which case the guest also
+                        // gives up its slice, so that Keel's console drains while it waits.
+                        let chunk = &bytes[..bytes.len().min(CONSOLE_WRITE_CHUNK as usize)];
+                        let taken = guest.platform.console().offer(chunk);
+                        if taken < chunk.len() {
+                            action = Action::Yield;
+                        }
+                        taken as u64
                     }
                     None => status::EFAULT,
                 }
@@ -54,8 +62,23 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         hc::CPU_TIME => cx.guest.stats.cpu_cycles,
         _ => status::ENOSYS,
     };
-    cx.guest.regs.rax = if wide { result } else { result & 0xffff_ffff };
+    set_result(cx.vmcs, cx.guest, result);
     action
+}
+
+/// Puts a hypercall's result in RAX (its low 32 bits outside 64-bit code).
+fn set_result<V: Vmcs + ?Sized>(vmcs: &V, guest: &mut Guest, result: u64) {
+    guest.regs.rax = if in_64bit_code(vmcs) {
+        result
+    } else {
+        result & 0xffff_ffff
+    };
+}
+
+/// PRINT_STATS found no room for the table on Keel's console (the calling guest's share of it
+/// holds output not yet sent): nothing was printed, and the call returns EAGAIN instead of 0.
+pub fn print_stats_refused<V: Vmcs + ?Sized>(vmcs: &V, guest: &mut Guest) {
+    set_result(vmcs, guest, status::EAGAIN);
 }
 
 #[cfg(test)]
@@ -110,6 +133,82 @@ mod tests {
             t.run(ExitReason::Vmcall),
             Action::Stop(StopReason::Shutdown(7))
         );
+    }
+
+    /// A CONSOLE_WRITE into a full console is short: it returns what was accepted and ends the
+    /// caller's slice, and every accepted byte comes out (issue 8: a 700-line call printed lines
+    /// 444-699 and returned "all bytes written").
+    #[test]
+    fn console_write_is_short_when_the_console_is_full() {
+        let mut t = TestBed::new();
+        t.long_mode();
+        // 700 lines `c000\n`..`c699\n` (one 3500-byte call's worth), three times over in RAM.
+        let stream: alloc::vec::Vec<u8> = (0..2100)
+            .flat_map(|i: u32| alloc::format!("c{:03}\n", i % 700).into_bytes())
+            .collect();
+        t.guest.ram.bytes()[0x1000..0x1000 + stream.len()].copy_from_slice(&stream);
+        // The guest writes up to 3500 bytes from `from`, as a 700-line call would.
+        let write = |t: &mut TestBed, from: u64| {
+            t.guest.regs.rax = hc::CONSOLE_WRITE;
+            t.guest.regs.rbx = 0x1000 + from;
+            t.guest.regs.rcx = 3500;
+            let action = t.run(ExitReason::Vmcall);
+            (t.guest.regs.rax, action)
+        };
+        // Nobody drains the console meanwhile (Keel's COM1 queue is full). Each call takes at
+        // most CONSOLE_WRITE_CHUNK bytes, and the guest goes on from there, until one is short
+        // for want of room.
+        let mut accepted = 0;
+        for _ in 0..8 {
+            assert_eq!(
+                write(&mut t, accepted),
+                (CONSOLE_WRITE_CHUNK, Action::Advance)
+            );
+            accepted += CONSOLE_WRITE_CHUNK;
+        }
+        // 8 KiB holds 1638 whole lines (8190 bytes); the next line's `c238` is taken too, but
+        // its newline does not fit.
+        assert_eq!(write(&mut t, accepted), (2, Action::Yield));
+        accepted += 2;
+        assert_eq!(accepted, 1638 * 5 + 4);
+        assert_eq!(write(&mut t, accepted), (0, Action::Yield));
+        let mut out = 0;
+        for i in 0..1638 {
+            let line = t.guest.platform.console().take_line();
+            assert_eq!(line, Some(alloc::format!("c{:03}", i % 700)));
+            out += 5;
+        }
+        assert_eq!(t.guest.platform.console().take_line(), None);
+        assert_eq!(
+            t.guest.platform.console().take_partial().as_deref(),
+            Some("c238")
+        );
+        assert_eq!(out + 4, accepted, "every accepted byte comes out, no other");
+        // Drained: the guest goes on where it stopped.
+        assert_eq!(
+            write(&mut t, accepted),
+            (CONSOLE_WRITE_CHUNK, Action::Advance)
+        );
+    }
+
+    /// PRINT_STATS returns EAGAIN when Keel could not print the table (before: 0 always, and
+    /// Keel waited for COM1 with the other guests' timers due).
+    #[test]
+    fn print_stats_says_when_it_printed_nothing() {
+        let mut t = TestBed::new();
+        t.long_mode();
+        t.guest.regs.rax = hc::PRINT_STATS;
+        assert_eq!(t.run(ExitReason::Vmcall), Action::Advance);
+        assert!(t.guest.stats_requested);
+        assert_eq!(t.guest.regs.rax, status::OK);
+        print_stats_refused(&t.vmcs, &mut t.guest);
+        assert_eq!(t.guest.regs.rax, status::EAGAIN);
+        assert_eq!(status::EAGAIN, -11i64 as u64);
+        let mut t = TestBed::new();
+        t.guest.regs.rax = hc::PRINT_STATS;
+        t.run(ExitReason::Vmcall);
+        print_stats_refused(&t.vmcs, &mut t.guest);
+        assert_eq!(t.guest.regs.rax, 0xffff_fff5, "EAX in 32-bit code");
     }
 
     /// In 32-bit code only EAX/EBX/ECX count (values whose upper halves would make them ENOSYS

@@ -230,7 +230,7 @@ pub fn load(ram: &mut [u8], req: &LoadRequest) -> Result<InitialState, LoadError
         ..InitialState::protected(ram.len())
     };
     if elf.is_64 {
-        write_identity_map(&mut ram)?;
+        write_identity_map(&mut ram, PML4_ADDR)?;
         state.mode = super::CpuMode::Long;
         state.cr0 |= CR0_PG;
         state.cr3 = PML4_ADDR;
@@ -258,12 +258,21 @@ const PAGE_2M: u64 = 2 << 20;
 /// Page directories written: one per GiB of the identity map.
 pub const IDENTITY_MAP_GIB: u64 = 4;
 
-/// PML4[0] -> PDPT, PDPT[0..4] -> four page directories of 2 MiB pages covering 0..4 GiB.
-fn write_identity_map(ram: &mut GuestRam) -> Result<(), LoadError> {
-    ram.write_u64(PML4_ADDR, PDPT_ADDR | PTE_PRESENT | PTE_WRITABLE)?;
+/// Bytes of page tables [`write_identity_map`] writes: PML4, PDPT and the page directories.
+pub const IDENTITY_MAP_BYTES: u64 = (2 + IDENTITY_MAP_GIB) * 0x1000;
+
+// The ELF64 layout (loader/mod.rs) is the identity map written at PML4_ADDR.
+const _: () = assert!(PDPT_ADDR == PML4_ADDR + 0x1000 && PD_ADDR == PML4_ADDR + 0x2000);
+
+/// PML4[0] -> PDPT, PDPT[0..4] -> four page directories of 2 MiB pages covering 0..4 GiB; the
+/// PML4 at `pml4`, the PDPT in the next page and the page directories after it
+/// ([`IDENTITY_MAP_BYTES`] in all).
+pub(crate) fn write_identity_map(ram: &mut GuestRam, pml4: u64) -> Result<(), LoadError> {
+    let pdpt = pml4 + 0x1000;
+    ram.write_u64(pml4, pdpt | PTE_PRESENT | PTE_WRITABLE)?;
     for gib in 0..IDENTITY_MAP_GIB {
-        let pd = PD_ADDR + gib * 0x1000;
-        ram.write_u64(PDPT_ADDR + gib * 8, pd | PTE_PRESENT | PTE_WRITABLE)?;
+        let pd = pdpt + 0x1000 + gib * 0x1000;
+        ram.write_u64(pdpt + gib * 8, pd | PTE_PRESENT | PTE_WRITABLE)?;
         for i in 0..512 {
             let addr = (gib * 512 + i) * PAGE_2M;
             ram.write_u64(pd + i * 8, identity_pde(addr, ram.len()))?;

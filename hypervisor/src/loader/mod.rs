@@ -2,11 +2,13 @@
 //!
 //! Guest RAM is handed in as one byte slice covering guest-physical `0..len`. A loader writes the
 //! image and whatever boot structures its convention needs, and returns an [`InitialState`] that
-//! the VMX layer turns into VMCS guest state. Three kinds exist, one file each:
+//! the VMX layer turns into VMCS guest state. Four kinds exist, one file each:
 //!
 //! - [`flat`]: a raw binary entered in 16-bit real mode, like a BIOS boot sector;
 //! - [`elf`]: an ELF32 kernel entered in protected mode or an ELF64 kernel entered in long mode;
-//! - [`multiboot`]: a multiboot 1 kernel, entered as the multiboot specification says.
+//! - [`multiboot`]: a multiboot 1 kernel, entered as the multiboot specification says;
+//! - [`linux`]: a Linux kernel (packed by keel-boot from a bzImage or vmlinux), entered by the
+//!   x86 64-bit boot protocol with its own layout below 1 MiB (see that module).
 //!
 //! Nothing here trusts the image: every offset and size read from it is checked, and a malformed
 //! image is a [`LoadError`], never a panic. On error the RAM contents are unspecified; the caller
@@ -27,7 +29,8 @@
 //!
 //! ELF images may not overlap `0x1000..0xb000` nor the stack area. Multiboot kernels get QEMU's
 //! layout instead, with nothing of Keel's in low RAM (see [`multiboot`]). docs/GUESTS.md is the
-//! user-facing copy of both.
+//! user-facing copy of both. Linux guests use their own layout (0x90000-0x9ffff,
+//! e820-reserved; see [`linux`]).
 
 pub mod elf;
 pub mod flat;
@@ -192,6 +195,12 @@ pub enum LoadError {
     BadLinux(&'static str),
     /// A bzImage whose boot protocol is older than `linux::MIN_PROTOCOL`.
     LinuxProtocol(u16),
+    /// A Linux initrd larger than the RAM between the kernel (its `init_size`) and the lower of
+    /// the end of RAM and the kernel's `initrd_addr_max`.
+    InitrdTooBig {
+        size: u64,
+        room: u64,
+    },
 }
 
 impl fmt::Display for LoadError {
@@ -257,6 +266,11 @@ impl fmt::Display for LoadError {
                 linux::MIN_PROTOCOL >> 8,
                 linux::MIN_PROTOCOL & 0xff
             ),
+            Self::InitrdTooBig { size, room } => write!(
+                f,
+                "initrd of {size:#x} bytes does not fit the {room:#x} bytes of RAM between the \
+                 kernel's init_size and its initrd_addr_max or the end of RAM"
+            ),
         }
     }
 }
@@ -267,6 +281,7 @@ pub fn load(ram: &mut [u8], req: &LoadRequest) -> Result<InitialState, LoadError
         GuestKind::Flat => flat::load(ram, req),
         GuestKind::Elf => elf::load(ram, req),
         GuestKind::Multiboot => multiboot::load(ram, req),
+        GuestKind::Linux => linux::load(ram, req),
     }
 }
 

@@ -5,11 +5,15 @@
 pub const CPUID_SIGNATURE_LEAF: u32 = 0x4000_0000;
 /// Hypercall numbers (EAX/RAX for VMCALL).
 pub const HC_CONSOLE_WRITE: usize = 1;
+/// Give up the rest of the time slice.
+pub const HC_YIELD: usize = 2;
 pub const HC_GUEST_ID: usize = 3;
 /// Keel prints its accounting table (one row per guest).
 pub const HC_PRINT_STATS: usize = 5;
 /// TSC cycles the calling guest has run so far.
 pub const HC_CPU_TIME: usize = 6;
+/// PRINT_STATS's answer while Keel's console has no room for the table: -11 (nothing printed).
+pub const EAGAIN: usize = -11isize as usize;
 /// A number Keel does not define: must fail with ENOSYS.
 pub const HC_UNKNOWN: usize = 0x7777;
 /// -38 as a register value: the low 32 bits of the 64-bit status in 32-bit guests.

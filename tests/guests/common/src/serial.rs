@@ -1,6 +1,7 @@
 //! The 16550 UART at COM1 (0x3F8), programmed for 115200 8N1 and driven by polling.
 
 use crate::cpu::{inb, outb};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 const COM1: u16 = 0x3f8;
 /// Register offsets from the base port.
@@ -24,7 +25,16 @@ pub fn init() {
     outb(COM1 + MCR, 0x03);
 }
 
+/// Bytes written to THR since boot (the flood guest accounts for every byte it sent).
+static SENT: AtomicU64 = AtomicU64::new(0);
+
+/// How many bytes [`write_byte`] has sent so far.
+pub fn bytes_sent() -> u64 {
+    SENT.load(Ordering::Relaxed)
+}
+
 pub fn write_byte(b: u8) {
+    SENT.fetch_add(1, Ordering::Relaxed);
     while inb(COM1 + LSR) & LSR_THR_EMPTY == 0 {
         core::hint::spin_loop();
     }

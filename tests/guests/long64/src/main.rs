@@ -14,11 +14,13 @@
 //! | `sleeper`  | halts between PIT ticks for `secs=N` (`timeshare`)       | 0x24      |
 //! | `clispin`  | spins `cycles=N` TSC cycles with interrupts off          | 0x25      |
 //! | `timekeeper` | halts `every=N` s on a LAPIC one-shot, then PRINT_STATS, until `secs=N` | 0x26 |
+//! | `flood`    | floods its console (CONSOLE_WRITE, UART, PRINT_STATS; `stats=only`: PRINT_STATS alone) for `secs=N` (`flood`) | 0x27 |
 //!
 //! Any failure (unexpected exception, expected fault missing) exits with 0x3f.
 #![no_std]
 #![no_main]
 
+mod flood;
 mod timeshare;
 
 use core::arch::{asm, global_asm};
@@ -84,6 +86,7 @@ extern "C" fn long64_main(cmdline: *const u8, ram_size: u64) -> ! {
         b"sleeper" => timeshare::sleeper(&plan(cmdline)),
         b"clispin" => timeshare::clispin(required(cmdline, b"cycles")),
         b"timekeeper" => timeshare::timekeeper(&plan(cmdline)),
+        b"flood" => flood::flood(cmdline),
         other => {
             say!("unknown mode {}", Printable(other));
             cpu::exit(EXIT_FAILURE)

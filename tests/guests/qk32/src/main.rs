@@ -8,8 +8,9 @@
 //! memory sizes, the memory map and each module (string, size, FNV-1a hash of its bytes); takes a
 //! double fault through a task gate (a #GP whose IDT entry is not present gives #NP, and #NP on
 //! top of #GP is #DF), reports from the #DF task, returns with IRET to the faulting task past the
-//! instruction, checks the low tables are intact, reads the RTC and the PIT, and writes 0x2a to
-//! the isa-debug-exit port (status 0x55).
+//! instruction, checks the low tables are intact, reads the RTC and the PIT, probes for other CPUs
+//! with INIT-SIPI-SIPI through the local APIC, and writes 0x2a to the isa-debug-exit port (status
+//! 0x55).
 #![no_std]
 #![no_main]
 
@@ -181,7 +182,11 @@ impl fmt::Display for CStr {
             if b == 0 {
                 break;
             }
-            let c = if (0x20..0x7f).contains(&b) { b as char } else { '?' };
+            let c = if (0x20..0x7f).contains(&b) {
+                b as char
+            } else {
+                '?'
+            };
             f.write_fmt(format_args!("{c}"))?;
         }
         Ok(())
@@ -305,7 +310,11 @@ fn print_info(info: usize) {
     let flags = read32(info);
     say!("flags={:#x}", flags);
     if flags & 1 != 0 {
-        say!("mem_lower={} mem_upper={}", read32(info + 4), read32(info + 8));
+        say!(
+            "mem_lower={} mem_upper={}",
+            read32(info + 4),
+            read32(info + 8)
+        );
     }
     if flags & (1 << 2) != 0 {
         say!("argv: {}", CStr(read32(info + 16) as usize));
@@ -385,6 +394,100 @@ fn check_pit() {
     say!("pit: counter moves={}", later != first);
 }
 
+/// The local APIC (SDM Vol. 3A 11.4, 11.6.1; QEMU's is at its reset base 0xFEE00000).
+const APIC: usize = 0xfee0_0000;
+const APIC_ID: usize = APIC + 0x20;
+const APIC_VERSION: usize = APIC + 0x30;
+const APIC_SVR: usize = APIC + 0xf0;
+const APIC_ESR: usize = APIC + 0x280;
+const APIC_ICR_LOW: usize = APIC + 0x300;
+const APIC_ICR_HIGH: usize = APIC + 0x310;
+/// ICR: all excluding self (19:18 = 11b), level assert (14), INIT (10:8 = 101b) or start-up
+/// (110b) with vector 0x08 (the APs would start at 0x8000).
+const INIT_ALL_BUT_SELF: u32 = 0x000c_4500;
+const SIPI_ALL_BUT_SELF: u32 = 0x000c_4608;
+const ICR_BUSY: u32 = 1 << 12;
+/// A real-mode AP entry at 0x8000 that would set this byte: `mov byte [0x7ff0], 1; cli; hlt`.
+const AP_FLAG: usize = 0x7ff0;
+const AP_TRAMPOLINE: [u8; 9] = [0xc6, 0x06, 0xf0, 0x7f, 0x01, 0xfa, 0xf4, 0xeb, 0xfd];
+
+fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: RDMSR of an architectural MSR the CPU has (IA32_APIC_BASE, CPUID.1:EDX.APIC).
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    u64::from(hi) << 32 | u64::from(lo)
+}
+
+fn wrmsr(msr: u32, v: u64) {
+    // SAFETY: writes IA32_APIC_BASE back with the value it had.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32,
+            options(nomem, nostack))
+    };
+}
+
+fn apic_read(addr: usize) -> u32 {
+    // SAFETY: paging is off; the APIC page is MMIO, not RAM this kernel owns.
+    unsafe { (addr as *const u32).read_volatile() }
+}
+
+fn apic_write(addr: usize, v: u32) {
+    // SAFETY: as in `apic_read`.
+    unsafe { (addr as *mut u32).write_volatile(v) }
+}
+
+/// A short wait between IPIs (the MP specification's INIT and SIPI delays on real hardware).
+fn ipi_delay() {
+    for _ in 0..200 {
+        inb(0x80);
+    }
+}
+
+/// The SMP probe of a kernel written for QEMU: IA32_APIC_BASE, the APIC's ID and version, then
+/// INIT, SIPI, SIPI to all excluding self. With one CPU every command is accepted, the ICR reads
+/// idle afterwards, no error is recorded and no AP runs the trampoline.
+fn check_apic() {
+    let base = rdmsr(0x1b);
+    wrmsr(0x1b, base);
+    say!(
+        "apic: base={:#x} id={:#x} version={:#x}",
+        rdmsr(0x1b),
+        apic_read(APIC_ID),
+        apic_read(APIC_VERSION)
+    );
+    for (i, b) in AP_TRAMPOLINE.iter().enumerate() {
+        // SAFETY: 0x7ff0-0x8008 is free RAM below QEMU's multiboot structures (0x9000).
+        unsafe { ((0x8000 + i) as *mut u8).write_volatile(*b) };
+    }
+    // SAFETY: as above.
+    unsafe { (AP_FLAG as *mut u8).write_volatile(0) };
+    apic_write(APIC_SVR, 0x1ff);
+    apic_write(APIC_ESR, 0);
+    let mut icr = [0u32; 3];
+    for (i, command) in [INIT_ALL_BUT_SELF, SIPI_ALL_BUT_SELF, SIPI_ALL_BUT_SELF]
+        .into_iter()
+        .enumerate()
+    {
+        apic_write(APIC_ICR_HIGH, 0);
+        apic_write(APIC_ICR_LOW, command);
+        icr[i] = apic_read(APIC_ICR_LOW);
+        ipi_delay();
+    }
+    apic_write(APIC_ESR, 0);
+    let busy = icr.iter().any(|v| v & ICR_BUSY != 0);
+    // SAFETY: as above.
+    let started = unsafe { (AP_FLAG as *const u8).read_volatile() };
+    say!(
+        "apic: init-sipi-sipi icr={:#x},{:#x},{:#x} busy={} esr={:#x} aps started={}",
+        icr[0],
+        icr[1],
+        icr[2],
+        busy,
+        apic_read(APIC_ESR),
+        started
+    );
+}
+
 extern "C" fn qk32_main(magic: u32, info: usize) -> ! {
     // Low state first: a loader that left its own structures at 0x2000 would lose them here.
     setup_low_state();
@@ -412,6 +515,7 @@ extern "C" fn qk32_main(magic: u32, info: usize) -> ! {
     say!("low state at 0x2000 intact={}", intact);
     check_rtc();
     check_pit();
+    check_apic();
     say!("done");
     exit(EXIT_DONE)
 }

@@ -15,6 +15,7 @@ mod ports;
 mod stringio;
 mod tables;
 mod vmx;
+mod x2apic;
 
 use core::fmt;
 use guest_common::{cpu, say, EXIT_FAILURE};
@@ -46,6 +47,7 @@ const ATTACKS: &[(&[u8], Attack)] = &[
     (b"probe", memory::probe),
     (b"events", events::run),
     (b"debugregs", debugregs::run),
+    (b"x2apic", x2apic::run),
 ];
 
 pub fn find(name: &[u8]) -> Option<Attack> {

@@ -1,7 +1,8 @@
 //! `attack=msr`: MSR accesses Keel must refuse with #GP, as a CPU without the MSR (or with the
 //! value out of range) would: writes to IA32_FEATURE_CONTROL, EFER reserved bits, reads and
-//! writes of the VMX capability MSRs 0x480-0x493, MSRs nobody defines, an x2APIC or relocated
-//! APIC base, an invalid PAT, non-canonical bases in the MSRs that go straight to the CPU.
+//! writes of the VMX capability MSRs 0x480-0x493, MSRs nobody defines, an invalid (EXTD without
+//! EN) or relocated APIC base, an invalid PAT, non-canonical bases in the MSRs that go straight to
+//! the CPU.
 //! IA32_FEATURE_CONTROL must read as 1 (locked, VMX off).
 //!
 //! Prints `hostile64: msr gp=<n>/<n> ok`.
@@ -74,8 +75,9 @@ pub fn run(_cmdline: &[u8], _ram: u64) -> ! {
         t.expect(format_args!("RDMSR {msr:#x}"), rdmsr(msr).0, gp);
         t.expect(format_args!("WRMSR {msr:#x}"), wrmsr(msr, 0), gp);
     }
-    // x2APIC enable; the xAPIC page moved; reserved bits.
-    for v in [0xfee0_0d00, 0xfed0_0900, 0xfee0_0901] {
+    // x2APIC enable without the global enable (SDM Table 11-5: invalid); the xAPIC page moved;
+    // reserved bits.
+    for v in [0xfee0_0500, 0xfed0_0900, 0xfee0_0901] {
         t.expect(
             format_args!("WRMSR APIC_BASE={v:#x}"),
             wrmsr(APIC_BASE, v),
