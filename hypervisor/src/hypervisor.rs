@@ -2,7 +2,7 @@
 //! asks for and run them until they have all ended.
 
 use crate::arch::host::{Frames, RealHost};
-use crate::arch::vmcs::{CurrentVmcs, VmcsRegion};
+use crate::arch::vmcs::{LoadedVmcs, VmcsRegion};
 use crate::arch::{self, cpu, lapic, vmx, ExitCode};
 use crate::archive::{self, Archive};
 use crate::devices::Platform;
@@ -183,11 +183,7 @@ pub type Runner = RunLoop<RealCpu>;
 
 impl Cpu for RealCpu {
     type Vcpu = Vm;
-    type Vmcs = CurrentVmcs;
-
-    fn vmcs(vm: &mut Vm) -> &mut CurrentVmcs {
-        &mut vm.current
-    }
+    type Loaded<'a> = LoadedVmcs<'a>;
 
     fn rdtsc(&mut self) -> u64 {
         cpu::rdtsc()
@@ -201,14 +197,12 @@ impl Cpu for RealCpu {
         vm.saved.restore(xcr0);
     }
 
-    fn load(&mut self, vm: &mut Vm) -> Result<(), String> {
+    fn load<'a>(&mut self, vm: &'a mut Vm) -> Result<LoadedVmcs<'a>, String> {
         vm.vmcs.load().map_err(|e| alloc::format!("{e}"))
     }
 
-    fn enter(&mut self, vm: &mut Vm, regs: &mut GuestRegs) -> Result<(), VmxError> {
-        arch::vmcs::enter(regs, vm.launched)?;
-        vm.launched = true;
-        Ok(())
+    fn enter(&mut self, vmcs: &mut LoadedVmcs<'_>, regs: &mut GuestRegs) -> Result<(), VmxError> {
+        vmcs.enter(regs)
     }
 
     fn host(&mut self) -> &mut dyn exits::Host {
@@ -240,11 +234,8 @@ impl Cpu for RealCpu {
 /// One guest on the hardware: its VMCS and the structures the VMCS points to. The
 /// hardware-independent [`Guest`] and its place in the schedule are in its `runloop::Slot`.
 pub struct Vm {
+    /// Loaded (VMPTRLD) for each use: its handle is the only way to read or write it.
     vmcs: VmcsRegion,
-    /// VMREAD/VMWRITE, which reach this guest's VMCS while it is current (the run loop loads it
-    /// before it uses them).
-    current: CurrentVmcs,
-    launched: bool,
     ept: Ept<Frames>,
     /// Register state that VMX does not switch, saved while another guest runs.
     saved: SavedState,
@@ -462,8 +453,6 @@ impl Vm {
         };
         let vm = Self {
             vmcs,
-            current: CurrentVmcs,
-            launched: false,
             ept,
             saved,
             setup,
@@ -495,7 +484,7 @@ impl Vm {
     }
 
     /// (Re)starts the guest from its image: fresh RAM contents, devices, registers and VMCS.
-    /// Leaves this guest's VMCS current on the CPU. `restarts` counts its earlier deaths.
+    /// `restarts` counts its earlier deaths.
     fn boot(&mut self, g: &mut Guest, restarts: u32) -> Result<(), String> {
         let setup = &self.setup;
         let mut cfg = setup.cfg.clone();
@@ -537,9 +526,7 @@ impl Vm {
         // A VMCS that cannot be cleared or loaded ends this guest (the caller reports why), not
         // Keel.
         self.vmcs.clear().map_err(|e| alloc::format!("{e}"))?;
-        self.vmcs.load().map_err(|e| alloc::format!("{e}"))?;
-        self.launched = false;
-        let mut v = CurrentVmcs;
+        let mut v = self.vmcs.load().map_err(|e| alloc::format!("{e}"))?;
         let id = g.id;
         let vpid = guest_vpid(id);
         let eptp = self.ept.eptp();

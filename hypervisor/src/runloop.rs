@@ -27,12 +27,12 @@ pub trait Cpu {
     /// A guest's share of the hardware: its VMCS, EPT, saved registers, image (everything of the
     /// guest that is not in [`Guest`]).
     type Vcpu;
-    /// Access to a guest's VMCS.
-    type Vmcs: Vmcs;
+    /// A guest's VMCS made current on this CPU ([`Cpu::load`]): the only way to read or write it,
+    /// and to enter the guest.
+    type Loaded<'a>: Vmcs
+    where
+        Self::Vcpu: 'a;
 
-    /// The VMCS of `vcpu`. Only valid while it is the current VMCS: the loop loads it
-    /// ([`Cpu::load`]) before it asks.
-    fn vmcs(vcpu: &mut Self::Vcpu) -> &mut Self::Vmcs;
     /// The host TSC.
     fn rdtsc(&mut self) -> u64;
     /// Saves the registers VMX does not switch (extended state, XCR0's domain, CR2, DR0-DR3/DR6,
@@ -40,11 +40,11 @@ pub trait Cpu {
     fn save(&mut self, vcpu: &mut Self::Vcpu);
     /// Loads what [`Cpu::save`] saved, and the guest's XCR0: the guest is being switched in.
     fn restore(&mut self, vcpu: &mut Self::Vcpu, xcr0: u64);
-    /// Makes the guest's VMCS the current one (VMPTRLD).
-    fn load(&mut self, vcpu: &mut Self::Vcpu) -> Result<(), String>;
-    /// Enters the guest (VMLAUNCH the first time after a boot, else VMRESUME) and returns at its
-    /// next VM exit, with its general-purpose registers back in `regs`.
-    fn enter(&mut self, vcpu: &mut Self::Vcpu, regs: &mut GuestRegs) -> Result<(), VmxError>;
+    /// Makes the guest's VMCS the current one (VMPTRLD) and hands out the handle to it.
+    fn load<'a>(&mut self, vcpu: &'a mut Self::Vcpu) -> Result<Self::Loaded<'a>, String>;
+    /// Enters the guest of `vmcs` (VMLAUNCH the first time after a boot, else VMRESUME) and
+    /// returns at its next VM exit, with its general-purpose registers back in `regs`.
+    fn enter(&mut self, vmcs: &mut Self::Loaded<'_>, regs: &mut GuestRegs) -> Result<(), VmxError>;
     /// The machine services the exit handlers use.
     fn host(&mut self) -> &mut dyn Host;
     /// Loads XCR0 after the guest changed it with XSETBV (validated by `exits::xsetbv`).
@@ -54,7 +54,7 @@ pub trait Cpu {
     /// Sleeps until host TSC `wake` (at most `max` cycles from now) or an interrupt for Keel.
     fn sleep_until(&mut self, wake: u64, max: u64);
     /// (Re)starts the guest from its image: fresh RAM, devices, registers and VMCS. `restarts`
-    /// counts earlier deaths (it picks the command line). Leaves the guest's VMCS current.
+    /// counts earlier deaths (it picks the command line).
     fn boot(
         &mut self,
         vcpu: &mut Self::Vcpu,
@@ -126,8 +126,9 @@ pub struct RunLoop<C: Cpu> {
     pub cpu: C,
     sched: RoundRobin,
     cfg: LoopConfig,
-    /// Index of the guest whose VMCS is current and whose registers are in the CPU.
-    loaded: Option<usize>,
+    /// Index of the guest whose registers (those VMX does not switch) are in the CPU. Its VMCS
+    /// is loaded afresh at each of its slices, so which VMCS is current is never remembered.
+    in_cpu: Option<usize>,
 }
 
 impl<C: Cpu> RunLoop<C> {
@@ -137,7 +138,7 @@ impl<C: Cpu> RunLoop<C> {
             cpu,
             sched: RoundRobin::new(cfg.quantum),
             cfg,
-            loaded: None,
+            in_cpu: None,
         }
     }
 
@@ -224,40 +225,29 @@ impl<C: Cpu> RunLoop<C> {
             .min()
     }
 
-    /// Switches guest `i` in if it is not the one in the CPU: the previous guest's registers are
-    /// saved, guest `i`'s restored and its VMCS loaded. False if it could not be (the guest is
-    /// stopped).
-    fn switch_to(&mut self, i: usize) -> bool {
-        if self.loaded == Some(i) {
-            return true;
+    /// Switches guest `i`'s registers in if they are not in the CPU: the previous guest's are
+    /// saved, guest `i`'s restored.
+    fn switch_to(&mut self, i: usize) {
+        if self.in_cpu == Some(i) {
+            return;
         }
-        if let Some(prev) = self.loaded {
-            self.cpu.save(&mut self.slots[prev].vcpu);
-        }
+        self.switch_out();
         let s = &mut self.slots[i];
         self.cpu.restore(&mut s.vcpu, s.guest.xcr0);
-        if let Err(e) = self.cpu.load(&mut s.vcpu) {
-            self.loaded = None;
-            self.stop(i, StopReason::Killed(e));
-            return false;
-        }
-        self.loaded = Some(i);
-        true
+        self.in_cpu = Some(i);
     }
 
-    /// Saves the registers of the guest in the CPU, if any, and forgets which it was: before
-    /// something else makes a VMCS current (a new guest's boot).
+    /// Saves the registers of the guest in the CPU, if any: before another guest's are loaded,
+    /// or a new guest boots.
     pub fn switch_out(&mut self) {
-        if let Some(prev) = self.loaded.take() {
+        if let Some(prev) = self.in_cpu.take() {
             self.cpu.save(&mut self.slots[prev].vcpu);
         }
     }
 
     /// Runs guest `i` for one time slice (or what is left of one).
     fn run_slice(&mut self, i: usize) {
-        if !self.switch_to(i) {
-            return;
-        }
+        self.switch_to(i);
         let quantum = self.slots[i]
             .slice_left
             .take()
@@ -265,168 +255,206 @@ impl<C: Cpu> RunLoop<C> {
         // When a halted guest's timer falls due, this slice ends early so that guest can run.
         let others_due = self.earliest_halted_deadline(Some(i));
         let cfg = self.cfg;
-        let cpu = &mut self.cpu;
-        let s = &mut self.slots[i];
-        cpu.load_spec_ctrl(s.guest.spec_ctrl);
-        let start = cpu.rdtsc();
-        s.woken = false;
-        if let Some(since) = s.waiting_since.take() {
-            if cfg.tsc_offsetting {
-                s.guest.tsc_offset = s.guest.tsc_offset.wrapping_sub(start - since);
-                C::vmcs(&mut s.vcpu).write(Control64::TscOffset, s.guest.vmcs_tsc_offset());
-            }
-        }
-        let deadline = start + quantum;
-        let min_gap = cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR;
-        let mut xcr0 = s.guest.xcr0;
-        // The guest's platform is only consulted when it may have changed: after an exit that
-        // reached a device, or when one of its timers falls due. CPUID, VMCALL and the like then
-        // cost no device work at all (docs/BENCHMARKS.md).
-        let mut touched = true;
-        let mut timer_due: Option<u64> = None;
-        let mut until = deadline;
-        // The time of the last exit serves for the timer checks. Time in the guest (entry to exit)
-        // is its cpu time; Keel's handling of its exits (exit to next entry) is kept apart.
-        let mut now = start;
-        loop {
-            let v = C::vmcs(&mut s.vcpu);
-            if touched || timer_due.is_some_and(|d| now >= d) {
-                s.guest.platform.advance(s.guest.now(now));
-                exits::inject_pending_interrupt(v, &mut s.guest);
-                timer_due = s
-                    .guest
-                    .platform
-                    .next_deadline()
-                    .map(|d| s.guest.host_time(d));
-                // Come back at the end of the slice, when one of the guest's own timers falls
-                // due, or when a halted guest's does, whichever is first.
-                until = [timer_due, others_due]
-                    .into_iter()
-                    .flatten()
-                    .fold(deadline, u64::min);
-            }
-            // The one place an event is written to the VM-entry fields (exits::events).
-            if let Err(reason) = exits::events::commit(v, &mut s.guest) {
-                self.stop(i, reason);
-                return;
-            }
-            // The timer is armed afresh before every entry, from a fresh TSC read: it only
-            // counts while the guest runs (SDM 26.5.1), so Keel's own time since the last exit
-            // must come off it, or a guest timer fires that much late and ticks are lost.
-            let t0 = cpu.rdtsc();
-            if let Some(rate) = cfg.preemption_timer {
-                // The guest runs at least `min_gap` before the timer brings it back, so a timer
-                // faster than Keel can deliver (a PIT programmed with count 1 ticks every 0.84 us)
-                // cannot livelock it in back-to-back exits: its ticks are coalesced instead
-                // (docs/SCHEDULING.md).
-                let left = until.max(t0 + min_gap).saturating_sub(t0) >> rate;
-                v.write(
-                    Guest32::PreemptionTimerValue,
-                    left.min(u32::MAX as u64) as u32,
-                );
-            }
-            s.guest.stats.keel_cycles += t0 - now;
-            let entered = cpu.enter(&mut s.vcpu, &mut s.guest.regs);
-            let t1 = cpu.rdtsc();
-            s.guest.stats.cpu_cycles += t1 - t0;
-            now = t1;
-            if let Err(e) = entered {
-                self.stop(i, StopReason::EntryFailed(alloc::format!("{e}")));
-                return;
-            }
-            let guest_now = s.guest.now(t1);
-            let v = C::vmcs(&mut s.vcpu);
-            let action = {
-                let mut cx = ExitContext {
-                    vmcs: &mut *v,
-                    guest: &mut s.guest,
-                    host: cpu.host(),
-                    now: guest_now,
-                };
-                exits::dispatch(&mut cx)
-            };
-            exits::apply(v, &mut s.guest, &action);
-            let reason = ExitReason::from_basic(s.guest.stats.last_exit);
-            touched = exits::may_touch_platform(reason);
-            // A power-off or reset the guest asked its board for (ACPI S5, i8042, port 0xCF9).
-            if let Some(event) = touched
-                .then(|| s.guest.platform.take_power_event())
-                .flatten()
-            {
-                self.stop(i, StopReason::Board(event));
-                return;
-            }
-            if (touched || reason == ExitReason::Vmcall)
-                && print_console(&mut s.guest, PRINT_BUDGET)
-            {
-                crate::log::pump();
-            }
-            if reason == ExitReason::Xsetbv && s.guest.xcr0 != xcr0 {
-                // The guest executed XSETBV (validated by its handler): load it for the next entry.
-                cpu.load_xcr0(s.guest.xcr0);
-                xcr0 = s.guest.xcr0;
-            }
-            if reason == ExitReason::Wrmsr {
-                cpu.load_spec_ctrl(s.guest.spec_ctrl);
-            }
-            if s.guest.stats_requested {
-                s.guest.stats_requested = false;
-                s.waiting_since = Some(cpu.rdtsc());
-                break;
-            }
-            match action {
-                // A halted guest's timer fell due. Not only the preemption timer brings this
-                // guest back then: one that exits more often than every `min_gap` (a guest
-                // writing its UART) re-arms it at each entry and would never let it expire.
-                Action::Resume
-                | Action::Advance
-                | Action::AdvanceBy(_)
-                | Action::Inject(_)
-                | Action::Preempted
-                    if others_due.is_some_and(|d| now >= d) =>
-                {
-                    s.waiting_since = Some(now);
-                    // It gets the CPU back next, but only for what was left of its slice:
-                    // otherwise a guest woken every few ms would hand the same CPU hog a fresh
-                    // quantum each time and starve the others.
-                    s.slice_left = Some(deadline.saturating_sub(now));
-                    self.sched.interrupted();
-                    return;
-                }
-                Action::Resume | Action::Advance | Action::AdvanceBy(_) | Action::Inject(_) => {
-                    if now >= deadline {
-                        s.waiting_since = Some(now);
-                        return;
-                    }
-                }
-                Action::Halt => {
-                    s.guest.state = RunState::Halted;
-                    s.halted_since = Some(now);
-                    return;
-                }
-                Action::Preempted if now < deadline => {}
-                Action::Yield | Action::Preempted => {
-                    s.waiting_since = Some(now);
-                    return;
-                }
-                Action::Stop(reason) => {
-                    self.stop(i, reason);
-                    return;
-                }
-            }
-        }
-        // Only the PRINT_STATS hypercall leaves the loop this way. The table counts against the
-        // caller's share of Keel's console; when that has no room, the call says so.
-        // A table about as long as the last one must fit, or it is not even put together (a guest
-        // asking for it in a loop would keep Keel formatting tables nobody sees).
-        let who = Writer::Guest(self.slots[i].guest.id);
-        let last = LAST_TABLE.load(core::sync::atomic::Ordering::Relaxed);
-        if !(crate::log::fits(who, last) && print_stats(self.slots.iter().map(|s| &s.guest), who)) {
-            let s = &mut self.slots[i];
-            exits::vmcall::print_stats_refused(C::vmcs(&mut s.vcpu), &mut s.guest);
+        match slice(&mut self.cpu, &mut self.slots[i], cfg, quantum, others_due) {
+            SliceEnd::Over => {}
+            SliceEnd::Interrupted => self.sched.interrupted(),
+            SliceEnd::Stop(reason) => self.stop(i, reason),
+            SliceEnd::StatsRequested => self.print_stats_for(i),
         }
     }
 
+    /// The PRINT_STATS hypercall of guest `i`. The table counts against the caller's share of
+    /// Keel's console; when that has no room, the call says so. A table about as long as the last
+    /// one must fit, or it is not even put together (a guest asking for it in a loop would keep
+    /// Keel formatting tables nobody sees).
+    fn print_stats_for(&mut self, i: usize) {
+        let who = Writer::Guest(self.slots[i].guest.id);
+        let last = LAST_TABLE.load(core::sync::atomic::Ordering::Relaxed);
+        if crate::log::fits(who, last) && print_stats(self.slots.iter().map(|s| &s.guest), who) {
+            return;
+        }
+        // The answer goes back through the VMCS (it depends on the guest's mode).
+        let s = &mut self.slots[i];
+        let refused = match self.cpu.load(&mut s.vcpu) {
+            Ok(v) => {
+                exits::vmcall::print_stats_refused(&v, &mut s.guest);
+                None
+            }
+            Err(e) => Some(e),
+        };
+        if let Some(e) = refused {
+            self.stop(i, StopReason::Killed(e));
+        }
+    }
+}
+
+/// How a time slice ended: what the loop does next.
+enum SliceEnd {
+    /// Used up, given up (YIELD, HLT), or the guest's own doing: the next pick decides.
+    Over,
+    /// Cut short for a halted guest whose timer fell due: the guest gets the rest of it next.
+    Interrupted,
+    /// The guest stops (or is booted again).
+    Stop(StopReason),
+    /// The guest asked for the accounting table (PRINT_STATS).
+    StatsRequested,
+}
+
+/// One time slice of the guest in `s`, `quantum` cycles long, cut short at `others_due` (the
+/// earliest timer of a halted guest). Its registers are in the CPU; its VMCS is loaded here, and
+/// every access to it goes through that handle.
+fn slice<C: Cpu>(
+    cpu: &mut C,
+    s: &mut Slot<C::Vcpu>,
+    cfg: LoopConfig,
+    quantum: u64,
+    others_due: Option<u64>,
+) -> SliceEnd {
+    let mut v = match cpu.load(&mut s.vcpu) {
+        Ok(v) => v,
+        Err(e) => return SliceEnd::Stop(StopReason::Killed(e)),
+    };
+    cpu.load_spec_ctrl(s.guest.spec_ctrl);
+    let start = cpu.rdtsc();
+    s.woken = false;
+    if let Some(since) = s.waiting_since.take() {
+        if cfg.tsc_offsetting {
+            s.guest.tsc_offset = s.guest.tsc_offset.wrapping_sub(start - since);
+            v.write(Control64::TscOffset, s.guest.vmcs_tsc_offset());
+        }
+    }
+    let deadline = start + quantum;
+    let min_gap = cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR;
+    let mut xcr0 = s.guest.xcr0;
+    // The guest's platform is only consulted when it may have changed: after an exit that
+    // reached a device, or when one of its timers falls due. CPUID, VMCALL and the like then
+    // cost no device work at all (docs/BENCHMARKS.md).
+    let mut touched = true;
+    let mut timer_due: Option<u64> = None;
+    let mut until = deadline;
+    // The time of the last exit serves for the timer checks. Time in the guest (entry to exit)
+    // is its cpu time; Keel's handling of its exits (exit to next entry) is kept apart.
+    let mut now = start;
+    loop {
+        if touched || timer_due.is_some_and(|d| now >= d) {
+            s.guest.platform.advance(s.guest.now(now));
+            exits::inject_pending_interrupt(&mut v, &mut s.guest);
+            timer_due = s
+                .guest
+                .platform
+                .next_deadline()
+                .map(|d| s.guest.host_time(d));
+            // Come back at the end of the slice, when one of the guest's own timers falls
+            // due, or when a halted guest's does, whichever is first.
+            until = [timer_due, others_due]
+                .into_iter()
+                .flatten()
+                .fold(deadline, u64::min);
+        }
+        // The one place an event is written to the VM-entry fields (exits::events).
+        if let Err(reason) = exits::events::commit(&mut v, &mut s.guest) {
+            return SliceEnd::Stop(reason);
+        }
+        // The timer is armed afresh before every entry, from a fresh TSC read: it only
+        // counts while the guest runs (SDM 26.5.1), so Keel's own time since the last exit
+        // must come off it, or a guest timer fires that much late and ticks are lost.
+        let t0 = cpu.rdtsc();
+        if let Some(rate) = cfg.preemption_timer {
+            // The guest runs at least `min_gap` before the timer brings it back, so a timer
+            // faster than Keel can deliver (a PIT programmed with count 1 ticks every 0.84 us)
+            // cannot livelock it in back-to-back exits: its ticks are coalesced instead
+            // (docs/SCHEDULING.md).
+            let left = until.max(t0 + min_gap).saturating_sub(t0) >> rate;
+            v.write(
+                Guest32::PreemptionTimerValue,
+                left.min(u32::MAX as u64) as u32,
+            );
+        }
+        s.guest.stats.keel_cycles += t0 - now;
+        let entered = cpu.enter(&mut v, &mut s.guest.regs);
+        let t1 = cpu.rdtsc();
+        s.guest.stats.cpu_cycles += t1 - t0;
+        now = t1;
+        if let Err(e) = entered {
+            return SliceEnd::Stop(StopReason::EntryFailed(alloc::format!("{e}")));
+        }
+        let guest_now = s.guest.now(t1);
+        let action = {
+            let mut cx = ExitContext {
+                vmcs: &mut v,
+                guest: &mut s.guest,
+                host: cpu.host(),
+                now: guest_now,
+            };
+            exits::dispatch(&mut cx)
+        };
+        exits::apply(&mut v, &mut s.guest, &action);
+        let reason = ExitReason::from_basic(s.guest.stats.last_exit);
+        touched = exits::may_touch_platform(reason);
+        // A power-off or reset the guest asked its board for (ACPI S5, i8042, port 0xCF9).
+        if let Some(event) = touched
+            .then(|| s.guest.platform.take_power_event())
+            .flatten()
+        {
+            return SliceEnd::Stop(StopReason::Board(event));
+        }
+        if (touched || reason == ExitReason::Vmcall) && print_console(&mut s.guest, PRINT_BUDGET) {
+            crate::log::pump();
+        }
+        if reason == ExitReason::Xsetbv && s.guest.xcr0 != xcr0 {
+            // The guest executed XSETBV (validated by its handler): load it for the next entry.
+            cpu.load_xcr0(s.guest.xcr0);
+            xcr0 = s.guest.xcr0;
+        }
+        if reason == ExitReason::Wrmsr {
+            cpu.load_spec_ctrl(s.guest.spec_ctrl);
+        }
+        if s.guest.stats_requested {
+            s.guest.stats_requested = false;
+            s.waiting_since = Some(cpu.rdtsc());
+            // The table is printed after the exit.
+            return SliceEnd::StatsRequested;
+        }
+        match action {
+            // A halted guest's timer fell due. Not only the preemption timer brings this
+            // guest back then: one that exits more often than every `min_gap` (a guest
+            // writing its UART) re-arms it at each entry and would never let it expire.
+            Action::Resume
+            | Action::Advance
+            | Action::AdvanceBy(_)
+            | Action::Inject(_)
+            | Action::Preempted
+                if others_due.is_some_and(|d| now >= d) =>
+            {
+                s.waiting_since = Some(now);
+                // It gets the CPU back next, but only for what was left of its slice:
+                // otherwise a guest woken every few ms would hand the same CPU hog a fresh
+                // quantum each time and starve the others.
+                s.slice_left = Some(deadline.saturating_sub(now));
+                return SliceEnd::Interrupted;
+            }
+            Action::Resume | Action::Advance | Action::AdvanceBy(_) | Action::Inject(_) => {
+                if now >= deadline {
+                    s.waiting_since = Some(now);
+                    return SliceEnd::Over;
+                }
+            }
+            Action::Halt => {
+                s.guest.state = RunState::Halted;
+                s.halted_since = Some(now);
+                return SliceEnd::Over;
+            }
+            Action::Preempted if now < deadline => {}
+            Action::Yield | Action::Preempted => {
+                s.waiting_since = Some(now);
+                return SliceEnd::Over;
+            }
+            Action::Stop(reason) => return SliceEnd::Stop(reason),
+        }
+    }
+}
+
+impl<C: Cpu> RunLoop<C> {
     /// Guest `i` (the one in the CPU) stops: it is booted again if it reset its board or if it
     /// died and has restarts left, otherwise it stops for good.
     fn stop(&mut self, i: usize, reason: StopReason) {
@@ -456,12 +484,12 @@ impl<C: Cpu> RunLoop<C> {
                     s.guest.platform = platform;
                     s.waiting_since = None;
                     self.cpu.restore(&mut s.vcpu, s.guest.xcr0);
-                    self.loaded = Some(i);
+                    self.in_cpu = Some(i);
                     return;
                 }
                 Err(e) => error!("guest {}: reboot failed: {e}", s.guest.name),
             }
-            self.loaded = Some(i);
+            self.in_cpu = Some(i);
         }
         if died && s.restarts < s.restart_limit {
             s.restarts += 1;
@@ -472,16 +500,15 @@ impl<C: Cpu> RunLoop<C> {
             *s.guest.platform.console() = console;
             match booted {
                 Ok(()) => {
-                    // `boot` made this guest's VMCS current; its extended state, XCR0 and MSRs
-                    // go back to their power-on values too.
+                    // Its extended state, XCR0 and MSRs go back to their power-on values too.
                     s.waiting_since = None;
                     self.cpu.restore(&mut s.vcpu, s.guest.xcr0);
-                    self.loaded = Some(i);
+                    self.in_cpu = Some(i);
                     return;
                 }
                 Err(e) => error!("guest {}: restart failed: {e}", s.guest.name),
             }
-            self.loaded = Some(i);
+            self.in_cpu = Some(i);
         }
         s.guest.state = RunState::Stopped(reason);
     }

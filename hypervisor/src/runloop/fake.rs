@@ -11,7 +11,7 @@ use crate::guest::{Guest, GuestRegs, RunState};
 use crate::vmx::controls::PrimaryControls;
 use crate::vmx::{
     Control32, Control64, ExitReason, FakeVmcs, Guest32, GuestNat, ReadOnly32, ReadOnlyNat, Vmcs,
-    VmxError,
+    VmcsAccess, VmxError,
 };
 use alloc::collections::VecDeque;
 use alloc::string::String;
@@ -135,6 +135,19 @@ pub struct FakeVcpu {
     pub boots: u32,
 }
 
+/// A fake guest's VMCS, loaded.
+pub struct FakeLoaded<'a>(&'a mut FakeVcpu);
+
+impl VmcsAccess for FakeLoaded<'_> {
+    fn read_raw(&self, encoding: u32) -> u64 {
+        self.0.vmcs.read_raw(encoding)
+    }
+
+    fn write_raw(&mut self, encoding: u32, value: u64) {
+        self.0.vmcs.write_raw(encoding, value)
+    }
+}
+
 /// One VM entry as the fake CPU saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
@@ -165,8 +178,9 @@ pub struct FakeCpu {
     pub keys: VecDeque<u8>,
     pub spec_ctrl_writes: Vec<u64>,
     pub host: FakeHost,
-    /// The guest whose VMCS is current.
+    /// The guest whose VMCS is current, and how many VMPTRLDs there were.
     current: Option<usize>,
+    pub loads: u64,
     /// The guest whose registers (those VMX does not switch) are in the CPU.
     in_cpu: Option<usize>,
 }
@@ -182,6 +196,7 @@ impl FakeCpu {
             spec_ctrl_writes: Vec::new(),
             host: TestBed::new().host,
             current: None,
+            loads: 0,
             in_cpu: None,
         }
     }
@@ -302,11 +317,7 @@ fn power_on(vcpu: &mut FakeVcpu, guest: &mut Guest, clock: u64) {
 
 impl Cpu for FakeCpu {
     type Vcpu = FakeVcpu;
-    type Vmcs = FakeVmcs;
-
-    fn vmcs(vcpu: &mut FakeVcpu) -> &mut FakeVmcs {
-        &mut vcpu.vmcs
-    }
+    type Loaded<'a> = FakeLoaded<'a>;
 
     fn rdtsc(&mut self) -> u64 {
         self.clock += KEEL_COST;
@@ -332,12 +343,14 @@ impl Cpu for FakeCpu {
         self.in_cpu = Some(vcpu.id);
     }
 
-    fn load(&mut self, vcpu: &mut FakeVcpu) -> Result<(), String> {
+    fn load<'a>(&mut self, vcpu: &'a mut FakeVcpu) -> Result<FakeLoaded<'a>, String> {
         self.current = Some(vcpu.id);
-        Ok(())
+        self.loads += 1;
+        Ok(FakeLoaded(vcpu))
     }
 
-    fn enter(&mut self, vcpu: &mut FakeVcpu, regs: &mut GuestRegs) -> Result<(), VmxError> {
+    fn enter(&mut self, vmcs: &mut FakeLoaded<'_>, regs: &mut GuestRegs) -> Result<(), VmxError> {
+        let vcpu = &mut *vmcs.0;
         assert_eq!(
             self.current,
             Some(vcpu.id),

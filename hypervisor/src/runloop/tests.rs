@@ -144,6 +144,8 @@ fn three_cpu_bound_guests_get_equal_shares() {
             .collect::<Vec<_>>(),
         [0, 1, 2, 0]
     );
+    // Each slice loads its guest's VMCS (VMPTRLD) and reaches it only through that handle.
+    assert_eq!(rl.cpu.loads, 300);
 }
 
 /// The first catch of the Bochs scheduler test (commit 9b8ba3a: +65.7% / -6.7% / -59.1%): a
