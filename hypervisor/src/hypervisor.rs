@@ -2,31 +2,26 @@
 //! asks for and run them until they have all ended.
 
 use crate::arch::host::{Frames, RealHost};
-use crate::arch::vmcs::{CurrentVmcs, VmcsRegion};
+use crate::arch::vmcs::{LoadedVmcs, VmcsRegion};
 use crate::arch::{self, cpu, lapic, vmx, ExitCode};
 use crate::archive::{self, Archive};
-use crate::devices::console::ConsoleLine;
 use crate::devices::Platform;
 use crate::ept::{Ept, EptPerms, MemType};
-use crate::exits::{self, Action, ExitContext};
-use crate::guest::{Guest, GuestRam, GuestRegs, GuestStats, RunState, StopReason};
+use crate::exits;
+use crate::guest::{Guest, GuestRam, GuestRegs, GuestStats, RunState};
 use crate::loader::{self, LoadRequest};
-use crate::log::Writer;
 use crate::machine::MachineInfo;
 use crate::manifest::{self, GuestConfig};
 use crate::mm;
-use crate::sched::RoundRobin;
+use crate::runloop::{Cpu, LoopConfig, RunLoop, Slot};
 use crate::vcpu::{self, ControlSet};
 use crate::vmx::controls::{PrimaryControls, SecondaryControls};
 use crate::vmx::cr::GuestCr;
 use crate::vmx::invalidate::guest_vpid;
-use crate::vmx::{ExitReason, FlushPolicy, Guest32, Vmcs, VmxCaps};
+use crate::vmx::{FlushPolicy, Vmcs, VmxCaps, VmxError};
 use crate::{error, fatal, info};
 use alloc::string::String;
 use alloc::vec::Vec;
-
-/// A guest's own timers may bring it back to Keel at most this often: every 1/20000 s (50 us).
-const MIN_TIMER_GAP_DIVISOR: u64 = 20_000;
 
 /// Keel's own tick rate (Hz).
 pub const TICK_HZ: u64 = 100;
@@ -131,7 +126,7 @@ pub fn run(machine: MachineInfo) -> ! {
     }
     // The other CPUs: each with its own tables and VMXON, then idle (the run loop stays here).
     arch::smp::start_aps(&machine, &caps, manifest.fail_vmx_on_cpu, cal.tsc_hz);
-    let mut vms = Vec::new();
+    let mut slots = Vec::new();
     for (id, cfg) in manifest.guests.iter().enumerate() {
         let setup = match guest_setup(cfg, archive, &caps, &controls) {
             Ok(s) => s,
@@ -141,63 +136,115 @@ pub fn run(machine: MachineInfo) -> ! {
             }
         };
         match Vm::create(id as u32, setup, cal.tsc_hz) {
-            Ok(vm) => vms.push(vm),
+            Ok(slot) => slots.push(slot),
             Err(e) => error!("guest {}: not started: {e}", cfg.name),
         }
     }
-    if vms.is_empty() {
+    if slots.is_empty() {
         fatal!("no guest could be started");
         arch::exit(ExitCode::NoGuests)
     }
     let quantum = cal.tsc_hz * manifest.quantum_ms as u64 / 1000;
     info!(
         "running {} guests, quantum {} ms ({} TSC cycles)",
-        vms.len(),
+        slots.len(),
         manifest.quantum_ms,
         quantum
     );
-    let mut runner = Runner {
-        vms,
-        sched: RoundRobin::new(quantum),
-        loaded: None,
-        caps,
-        controls,
+    let config = LoopConfig {
+        quantum,
+        tsc_hz: cal.tsc_hz,
+        preemption_timer: controls
+            .preemption_timer
+            .then(|| caps.preemption_timer_rate()),
+        tsc_offsetting: controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0,
+    };
+    let cpu = RealCpu {
+        host: RealHost,
         cal,
         spec_ctrl: 0,
     };
-    crate::log::set_guests_running(runner.vms.len());
+    let mut runner = Runner::new(cpu, config, slots);
+    crate::log::set_guests_running(runner.slots.len());
     runner.run();
     crate::log::set_guests_running(0);
     runner.report();
     arch::exit(ExitCode::Completed)
 }
 
-/// One guest on the hardware: its VMCS and the structures the VMCS points to, plus the
-/// hardware-independent [`Guest`].
+/// The real machine behind the run loop: RDTSC, VMPTRLD, VMLAUNCH/VMRESUME, XSAVE/XRSTOR and
+/// the other registers VMX does not switch, the LAPIC timer for idle sleep, COM1 for keys.
+pub struct RealCpu {
+    host: RealHost,
+    cal: lapic::Calibration,
+    /// What Keel last wrote to the real IA32_SPEC_CTRL (0, its reset value, until a guest sets it).
+    spec_ctrl: u64,
+}
+
+/// The run loop on the real machine.
+pub type Runner = RunLoop<RealCpu>;
+
+impl Cpu for RealCpu {
+    type Vcpu = Vm;
+    type Loaded<'a> = LoadedVmcs<'a>;
+
+    fn rdtsc(&mut self) -> u64 {
+        cpu::rdtsc()
+    }
+
+    fn save(&mut self, vm: &mut Vm) {
+        vm.saved.save();
+    }
+
+    fn restore(&mut self, vm: &mut Vm, xcr0: u64) {
+        vm.saved.restore(xcr0);
+    }
+
+    fn load<'a>(&mut self, vm: &'a mut Vm) -> Result<LoadedVmcs<'a>, String> {
+        vm.vmcs.load().map_err(|e| alloc::format!("{e}"))
+    }
+
+    fn enter(&mut self, vmcs: &mut LoadedVmcs<'_>, regs: &mut GuestRegs) -> Result<(), VmxError> {
+        vmcs.enter(regs)
+    }
+
+    fn host(&mut self) -> &mut dyn exits::Host {
+        &mut self.host
+    }
+
+    fn load_xcr0(&mut self, xcr0: u64) {
+        // SAFETY: `exits::xsetbv` only stores values valid for this CPU.
+        unsafe { cpu::xsetbv0(xcr0) };
+    }
+
+    fn load_spec_ctrl(&mut self, value: u64) {
+        load_spec_ctrl(&mut self.spec_ctrl, value);
+    }
+
+    fn sleep_until(&mut self, wake: u64, max: u64) {
+        lapic::sleep_until(wake, max, &self.cal);
+    }
+
+    fn boot(&mut self, vm: &mut Vm, guest: &mut Guest, restarts: u32) -> Result<(), String> {
+        vm.boot(guest, restarts)
+    }
+
+    fn console_key(&mut self) -> Option<u8> {
+        arch::serial::try_read()
+    }
+}
+
+/// One guest on the hardware: its VMCS and the structures the VMCS points to. The
+/// hardware-independent [`Guest`] and its place in the schedule are in its `runloop::Slot`.
 pub struct Vm {
-    guest: Guest,
+    /// Loaded (VMPTRLD) for each use: its handle is the only way to read or write it.
     vmcs: VmcsRegion,
-    launched: bool,
     ept: Ept<Frames>,
     /// Register state that VMX does not switch, saved while another guest runs.
     saved: SavedState,
-    /// Host TSC since which the guest has been runnable but waiting for the CPU. Its clock does
-    /// not advance meanwhile: when it runs again, the wait is taken out of its TSC offset, so its
-    /// timers keep their programmed rate in its own time and no ticks pile up while others run.
-    /// Time spent halted does pass (the guest asked to wait). docs/ARCHITECTURE.md, "Time".
-    waiting_since: Option<u64>,
     setup: Setup,
-    /// Host TSC at which the guest executed HLT (for its halted-time account).
-    halted_since: Option<u64>,
-    /// What was left of its time slice when a woken guest cut it short.
-    slice_left: Option<u64>,
-    /// How many times the guest has been restarted after dying (manifest key `restart`).
-    restarts: u32,
-    /// Woken from HLT by an interrupt and not run since: scheduled ahead of the rotation, so a
-    /// timer interrupt reaches a waiting guest within its period even while others compute.
-    woken: bool,
     /// The guest's RAM (`guest.ram` views it). Last, so it is given back after everything that
-    /// refers to it when a `Vm` is dropped (a guest refused at boot).
+    /// refers to it when a `Vm` is dropped (a guest refused at boot; its `Guest` goes first).
     ram_block: mm::OwnedPages,
 }
 
@@ -365,7 +412,7 @@ impl Vm {
     /// Allocates everything a guest needs (RAM, EPT, bitmaps, VMCS, save area) and boots it. Each
     /// of them is owned by a value that gives it back when dropped, so when any step fails (the
     /// image is refused, say) the guest keeps nothing.
-    fn create(id: u32, setup: Setup, tsc_hz: u64) -> Result<Self, String> {
+    fn create(id: u32, setup: Setup, tsc_hz: u64) -> Result<Slot<Self>, String> {
         let heap_before = arch::boot::heap_used();
         let cfg = &setup.cfg;
         let ram_block = mm::OwnedPages::alloc(cfg.memory, 2 << 20)
@@ -407,50 +454,46 @@ impl Vm {
             tsc_adjust: 0,
             spec_ctrl: 0,
         };
-        let mut vm = Self {
-            guest,
+        let vm = Self {
             vmcs,
-            launched: false,
             ept,
             saved,
-            waiting_since: None,
-            woken: false,
             setup,
-            slice_left: None,
-            halted_since: None,
-            restarts: 0,
             ram_block,
         };
-        vm.boot()?;
-        if vm.setup.cfg.refuse {
+        let restart_limit = vm.setup.cfg.restart;
+        let mut slot = Slot::new(guest, vm, restart_limit);
+        slot.vcpu.boot(&mut slot.guest, 0)?;
+        if slot.vcpu.setup.cfg.refuse {
             // Dropping `vm` gives back everything allocated above, as for any refusal.
             return Err("refused on request (selftest = refuse)".into());
         }
-        // The guest's heap share: its device models, buffers and bookkeeping (the `Vm` itself is
-        // in the caller's vector and counted by size).
-        let heap = arch::boot::heap_used().saturating_sub(heap_before) + core::mem::size_of::<Vm>();
+        // The guest's heap share: its device models, buffers and bookkeeping (the `Slot` itself
+        // is in the caller's vector and counted by size).
+        let heap =
+            arch::boot::heap_used().saturating_sub(heap_before) + core::mem::size_of::<Slot<Vm>>();
         let o = Overhead {
-            ept_tables: vm.ept.tables_used(),
+            ept_tables: slot.vcpu.ept.tables_used(),
             device_bytes: heap,
         };
         info!(
             "guest {id} {} overhead: {} KiB (VMCS 4, EPT {} tables, I/O+MSR bitmaps 12, XSAVE 4, devices and bookkeeping {} B)",
-            vm.guest.name,
+            slot.guest.name,
             o.total() >> 10,
             o.ept_tables,
             o.device_bytes
         );
-        Ok(vm)
+        Ok(slot)
     }
 
     /// (Re)starts the guest from its image: fresh RAM contents, devices, registers and VMCS.
-    /// Leaves this guest's VMCS current on the CPU.
-    fn boot(&mut self) -> Result<(), String> {
+    /// `restarts` counts its earlier deaths.
+    fn boot(&mut self, g: &mut Guest, restarts: u32) -> Result<(), String> {
         let setup = &self.setup;
         let mut cfg = setup.cfg.clone();
-        if self.restarts > 0 {
+        if restarts > 0 {
             // The manifest parser checked that the last restart's command line fits the loaders.
-            cfg.cmdline = manifest::restart_cmdline(&cfg.cmdline, self.restarts);
+            cfg.cmdline = manifest::restart_cmdline(&cfg.cmdline, restarts);
         }
         let image = setup
             .archive
@@ -464,7 +507,6 @@ impl Vm {
                 .ok_or_else(|| alloc::format!("module {m} is not in the ramdisk"))?;
             modules.push((m.as_str(), data));
         }
-        let g = &mut self.guest;
         g.ram.bytes().fill(0);
         let req = LoadRequest {
             cfg: &cfg,
@@ -487,9 +529,7 @@ impl Vm {
         // A VMCS that cannot be cleared or loaded ends this guest (the caller reports why), not
         // Keel.
         self.vmcs.clear().map_err(|e| alloc::format!("{e}"))?;
-        self.vmcs.load().map_err(|e| alloc::format!("{e}"))?;
-        self.launched = false;
-        let mut v = CurrentVmcs;
+        let mut v = self.vmcs.load().map_err(|e| alloc::format!("{e}"))?;
         let id = g.id;
         let vpid = guest_vpid(id);
         let eptp = self.ept.eptp();
@@ -538,7 +578,6 @@ impl Vm {
         g.xcr0 = 1;
         g.events = Default::default();
         self.saved.reset();
-        self.waiting_since = None;
         info!(
             "guest {id} {}: {:?} {} KiB image, {} MiB RAM at {:#x}, entry {:?} mode at {:#x}{}",
             cfg.name,
@@ -548,26 +587,14 @@ impl Vm {
             self.ram_block.pa(),
             st.mode,
             st.rip,
-            if self.restarts > 0 {
-                alloc::format!(" (restart {})", self.restarts)
+            if restarts > 0 {
+                alloc::format!(" (restart {restarts})")
             } else {
                 String::new()
             }
         );
         Ok(())
     }
-}
-
-pub struct Runner {
-    vms: Vec<Vm>,
-    sched: RoundRobin,
-    /// Index of the VMCS currently loaded on the CPU.
-    loaded: Option<usize>,
-    caps: VmxCaps,
-    controls: ControlSet,
-    cal: lapic::Calibration,
-    /// What Keel last wrote to the real IA32_SPEC_CTRL (0, its reset value, until a guest sets it).
-    spec_ctrl: u64,
 }
 
 /// Gives the CPU the running guest's IA32_SPEC_CTRL (a guest's IBRS, STIBP or SSBD must hold
@@ -585,493 +612,16 @@ fn load_spec_ctrl(loaded: &mut u64, value: u64) {
 impl Runner {
     /// Adds a guest while the others run: it is scheduled from the next pick on.
     pub fn add_guest(&mut self, setup: Setup, tsc_hz: u64) -> Result<u32, String> {
-        // Past every id in use: guests refused at boot leave gaps, so `vms.len()` could repeat
+        // Past every id in use: guests refused at boot leave gaps, so `slots.len()` could repeat
         // an id (and with it a VPID).
-        let id = self.vms.iter().map(|vm| vm.guest.id + 1).max().unwrap_or(0);
+        let id = self.slots.iter().map(|s| s.guest.id + 1).max().unwrap_or(0);
         // `create` makes the new guest's VMCS current: the guest whose state is in the CPU now
         // is switched out first, so its extended state and MSRs are kept.
-        if let Some(prev) = self.loaded.take() {
-            let p = &mut self.vms[prev];
-            p.saved.save();
-        }
-        let vm = Vm::create(id, setup, tsc_hz)?;
-        self.vms.push(vm);
+        self.switch_out();
+        let slot = Vm::create(id, setup, tsc_hz)?;
+        self.slots.push(slot);
         Ok(id)
     }
-
-    /// Pauses a guest: it keeps its state and is not scheduled until resumed.
-    pub fn pause(&mut self, id: usize) -> Result<(), String> {
-        let vm = self.vms.get_mut(id).ok_or("no such guest")?;
-        vm.guest.state.pause().map_err(|e| alloc::format!("{e}"))?;
-        info!("guest {} paused", vm.guest.name);
-        Ok(())
-    }
-
-    pub fn resume(&mut self, id: usize) -> Result<(), String> {
-        let vm = self.vms.get_mut(id).ok_or("no such guest")?;
-        vm.guest.state.resume().map_err(|e| alloc::format!("{e}"))?;
-        // Its clock stopped while paused, as while waiting for the CPU.
-        vm.waiting_since.get_or_insert(cpu::rdtsc());
-        info!("guest {} resumed", vm.guest.name);
-        Ok(())
-    }
-
-    /// Stops a guest for good (an operator's kill: no restart).
-    pub fn kill(&mut self, id: usize) -> Result<(), String> {
-        let vm = self.vms.get_mut(id).ok_or("no such guest")?;
-        vm.guest
-            .state
-            .stop(StopReason::Killed("by the operator".into()))
-            .map_err(|e| alloc::format!("{e}"))?;
-        info!("guest {} killed", vm.guest.name);
-        Ok(())
-    }
-
-    /// Keys typed on Keel's console (COM1): `s` prints the accounting table, `p` pauses every
-    /// running guest, `r` resumes every paused one. The management monitor will grow from here.
-    fn poll_console(&mut self) {
-        while let Some(key) = arch::serial::try_read() {
-            match key {
-                b's' => {
-                    print_stats(self.vms.iter().map(|vm| &vm.guest), Writer::Keel);
-                }
-                b'p' => (0..self.vms.len()).for_each(|i| {
-                    let _ = self.pause(i);
-                }),
-                b'r' => (0..self.vms.len()).for_each(|i| {
-                    let _ = self.resume(i);
-                }),
-                _ => {}
-            }
-        }
-    }
-
-    /// The host TSC at which the first timer of a halted guest (other than `except`) falls due:
-    /// when a running guest must make room, or when Keel must wake from idle. Stopped and paused
-    /// guests do not count.
-    fn earliest_halted_deadline(&self, except: Option<usize>) -> Option<u64> {
-        self.vms
-            .iter()
-            .enumerate()
-            .filter(|(j, vm)| Some(*j) != except && vm.guest.state == RunState::Halted)
-            .filter_map(|(_, vm)| {
-                vm.guest
-                    .platform
-                    .next_deadline()
-                    .map(|d| vm.guest.host_time(d))
-            })
-            .min()
-    }
-
-    fn run(&mut self) {
-        loop {
-            self.poll_console();
-            crate::log::pump();
-            // Console lines that found no room on COM1's queue before (stopped guests' too).
-            for vm in &mut self.vms {
-                print_console(&mut vm.guest, PRINT_BUDGET);
-            }
-            let now = cpu::rdtsc();
-            let mut live = 0;
-            for vm in &mut self.vms {
-                let g = &mut vm.guest;
-                if matches!(g.state, RunState::Stopped(_)) {
-                    continue;
-                }
-                live += 1;
-                // A runnable guest waiting for its turn has its clock stopped (see
-                // `Vm::waiting_since`); only halted guests need their timers checked here.
-                if g.state == RunState::Halted {
-                    g.platform.advance(g.now(now));
-                    if g.platform.pending_interrupt().is_some() {
-                        g.state = RunState::Runnable;
-                        if let Some(since) = vm.halted_since.take() {
-                            g.stats.halted_cycles += now.saturating_sub(since);
-                        }
-                        vm.waiting_since = Some(now);
-                        vm.woken = true;
-                    }
-                }
-            }
-            if live == 0 {
-                return;
-            }
-            let vms = &self.vms;
-            match self.sched.pick_urgent_first(
-                vms.len(),
-                |i| vms[i].guest.state == RunState::Runnable,
-                |i| vms[i].woken,
-            ) {
-                Some(i) => self.run_slice(i),
-                None => {
-                    // Every live guest is halted: sleep until the earliest guest timer (or at
-                    // most one quantum, in case an interrupt source has no deadline).
-                    let t0 = cpu::rdtsc();
-                    let wake = self
-                        .earliest_halted_deadline(None)
-                        .unwrap_or(t0 + self.sched.quantum);
-                    // While console output is queued, wake often enough to keep the UART busy
-                    // (16 bytes of FIFO last 1.4 ms at 115200 baud).
-                    let max = if crate::log::busy() {
-                        self.cal.tsc_hz / 1000
-                    } else {
-                        self.sched.quantum
-                    };
-                    lapic::sleep_until(wake, max, &self.cal);
-                }
-            }
-        }
-    }
-
-    fn run_slice(&mut self, i: usize) {
-        if self.loaded != Some(i) {
-            if let Some(prev) = self.loaded {
-                let p = &mut self.vms[prev];
-                p.saved.save();
-            }
-            let vm = &self.vms[i];
-            vm.saved.restore(vm.guest.xcr0);
-            if let Err(e) = vm.vmcs.load() {
-                self.loaded = None;
-                self.stop(i, StopReason::Killed(alloc::format!("{e}")));
-                return;
-            }
-            self.loaded = Some(i);
-        }
-        let quantum = self.vms[i].slice_left.take().unwrap_or(self.sched.quantum);
-        // When a halted guest's timer falls due, this slice ends early so that guest can run.
-        let others_due = self.earliest_halted_deadline(Some(i));
-        let rate = self.caps.preemption_timer_rate();
-        let use_timer = self.controls.preemption_timer;
-        let use_offsetting =
-            self.controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0;
-        let vm = &mut self.vms[i];
-        load_spec_ctrl(&mut self.spec_ctrl, vm.guest.spec_ctrl);
-        let mut v = CurrentVmcs;
-        let start = cpu::rdtsc();
-        vm.woken = false;
-        if let Some(since) = vm.waiting_since.take() {
-            if use_offsetting {
-                vm.guest.tsc_offset = vm.guest.tsc_offset.wrapping_sub(start - since);
-                v.write(crate::vmx::Control64::TscOffset, vm.guest.vmcs_tsc_offset());
-            }
-        }
-        let deadline = start + quantum;
-        let min_gap = self.cal.tsc_hz / MIN_TIMER_GAP_DIVISOR;
-        let mut xcr0 = vm.guest.xcr0;
-        // The guest's platform is only consulted when it may have changed: after an exit that
-        // reached a device, or when one of its timers falls due. CPUID, VMCALL and the like then
-        // cost no device work at all (docs/BENCHMARKS.md).
-        let mut touched = true;
-        let mut timer_due: Option<u64> = None;
-        let mut until = deadline;
-        // The time of the last exit serves for the timer checks. Time in the guest (entry to exit)
-        // is its cpu time; Keel's handling of its exits (exit to next entry) is kept apart.
-        let mut now = start;
-        loop {
-            if touched || timer_due.is_some_and(|d| now >= d) {
-                vm.guest.platform.advance(vm.guest.now(now));
-                exits::inject_pending_interrupt(&mut v, &mut vm.guest);
-                timer_due = vm
-                    .guest
-                    .platform
-                    .next_deadline()
-                    .map(|d| vm.guest.host_time(d));
-                // Come back at the end of the slice, when one of the guest's own timers falls
-                // due, or when a halted guest's does, whichever is first.
-                until = [timer_due, others_due]
-                    .into_iter()
-                    .flatten()
-                    .fold(deadline, u64::min);
-            }
-            // The one place an event is written to the VM-entry fields (exits::events).
-            if let Err(reason) = exits::events::commit(&mut v, &mut vm.guest) {
-                self.stop(i, reason);
-                return;
-            }
-            // The timer is armed afresh before every entry, from a fresh TSC read: it only
-            // counts while the guest runs (SDM 26.5.1), so Keel's own time since the last exit
-            // must come off it, or a guest timer fires that much late and ticks are lost.
-            let t0 = cpu::rdtsc();
-            if use_timer {
-                // The guest runs at least `min_gap` before the timer brings it back, so a timer
-                // faster than Keel can deliver (a PIT programmed with count 1 ticks every 0.84 us)
-                // cannot livelock it in back-to-back exits: its ticks are coalesced instead
-                // (docs/SCHEDULING.md).
-                let left = until.max(t0 + min_gap).saturating_sub(t0) >> rate;
-                v.write(
-                    Guest32::PreemptionTimerValue,
-                    left.min(u32::MAX as u64) as u32,
-                );
-            }
-            vm.guest.stats.keel_cycles += t0 - now;
-            let entered = arch::vmcs::enter(&mut vm.guest.regs, vm.launched);
-            let t1 = cpu::rdtsc();
-            vm.guest.stats.cpu_cycles += t1 - t0;
-            now = t1;
-            if let Err(e) = entered {
-                self.stop(i, StopReason::EntryFailed(alloc::format!("{e}")));
-                return;
-            }
-            vm.launched = true;
-            let guest_now = vm.guest.now(t1);
-            let action = {
-                let mut host = RealHost;
-                let mut cx = ExitContext {
-                    vmcs: &mut v,
-                    guest: &mut vm.guest,
-                    host: &mut host,
-                    now: guest_now,
-                };
-                exits::dispatch(&mut cx)
-            };
-            exits::apply(&mut v, &mut vm.guest, &action);
-            let reason = ExitReason::from_basic(vm.guest.stats.last_exit);
-            touched = exits::may_touch_platform(reason);
-            // A power-off or reset the guest asked its board for (ACPI S5, i8042, port 0xCF9).
-            if let Some(event) = touched
-                .then(|| vm.guest.platform.take_power_event())
-                .flatten()
-            {
-                self.stop(i, StopReason::Board(event));
-                return;
-            }
-            if (touched || reason == ExitReason::Vmcall)
-                && print_console(&mut vm.guest, PRINT_BUDGET)
-            {
-                crate::log::pump();
-            }
-            if reason == ExitReason::Xsetbv && vm.guest.xcr0 != xcr0 {
-                // The guest executed XSETBV (validated by its handler): load it for the next entry.
-                // SAFETY: `exits::xsetbv` only stores values valid for this CPU.
-                unsafe { cpu::xsetbv0(vm.guest.xcr0) };
-                xcr0 = vm.guest.xcr0;
-            }
-            if reason == ExitReason::Wrmsr {
-                load_spec_ctrl(&mut self.spec_ctrl, vm.guest.spec_ctrl);
-            }
-            if vm.guest.stats_requested {
-                vm.guest.stats_requested = false;
-                vm.waiting_since = Some(cpu::rdtsc());
-                break;
-            }
-            match action {
-                // A halted guest's timer fell due. Not only the preemption timer brings this
-                // guest back then: one that exits more often than every `min_gap` (a guest
-                // writing its UART) re-arms it at each entry and would never let it expire.
-                Action::Resume
-                | Action::Advance
-                | Action::AdvanceBy(_)
-                | Action::Inject(_)
-                | Action::Preempted
-                    if others_due.is_some_and(|d| now >= d) =>
-                {
-                    vm.waiting_since = Some(now);
-                    // It gets the CPU back next, but only for what was left of its slice:
-                    // otherwise a guest woken every few ms would hand the same CPU hog a fresh
-                    // quantum each time and starve the others.
-                    vm.slice_left = Some(deadline.saturating_sub(now));
-                    self.sched.interrupted();
-                    return;
-                }
-                Action::Resume | Action::Advance | Action::AdvanceBy(_) | Action::Inject(_) => {
-                    if now >= deadline {
-                        vm.waiting_since = Some(now);
-                        return;
-                    }
-                }
-                Action::Halt => {
-                    vm.guest.state = RunState::Halted;
-                    vm.halted_since = Some(now);
-                    return;
-                }
-                Action::Preempted if now < deadline => {}
-                Action::Yield | Action::Preempted => {
-                    vm.waiting_since = Some(now);
-                    return;
-                }
-                Action::Stop(reason) => {
-                    self.stop(i, reason);
-                    return;
-                }
-            }
-        }
-        // Only the PRINT_STATS hypercall leaves the loop this way. The table counts against the
-        // caller's share of Keel's console; when that has no room, the call says so.
-        // A table about as long as the last one must fit, or it is not even put together (a guest
-        // asking for it in a loop would keep Keel formatting tables nobody sees).
-        let who = Writer::Guest(self.vms[i].guest.id);
-        let last = LAST_TABLE.load(core::sync::atomic::Ordering::Relaxed);
-        if !(crate::log::fits(who, last) && print_stats(self.vms.iter().map(|vm| &vm.guest), who)) {
-            exits::vmcall::print_stats_refused(&v, &mut self.vms[i].guest);
-        }
-    }
-
-    fn stop(&mut self, i: usize, reason: StopReason) {
-        let g = &mut self.vms[i].guest;
-        g.platform.console().finish();
-        print_console(g, PRINT_BUDGET);
-        match &reason {
-            StopReason::Board(crate::devices::PowerEvent::Reset(_)) => {
-                info!("guest {}: {reason}: booting it again", g.name)
-            }
-            StopReason::DebugExit(_) | StopReason::Shutdown(_) | StopReason::Board(_) => {
-                info!("guest {} ended: {reason}", g.name)
-            }
-            _ => error!("guest {} stopped: {reason}", g.name),
-        }
-        let died = !matches!(
-            reason,
-            StopReason::DebugExit(_) | StopReason::Shutdown(_) | StopReason::Board(_)
-        );
-        let vm = &mut self.vms[i];
-        // A reset starts the guest again as a PC would, whatever its restart budget, with its
-        // CMOS RAM kept (battery-backed on a PC).
-        if let StopReason::Board(crate::devices::PowerEvent::Reset(_)) = reason {
-            let platform = vm.guest.platform.after_reset();
-            match vm.boot() {
-                Ok(()) => {
-                    vm.guest.platform = platform;
-                    vm.saved.restore(vm.guest.xcr0);
-                    self.loaded = Some(i);
-                    return;
-                }
-                Err(e) => error!("guest {}: reboot failed: {e}", vm.guest.name),
-            }
-            self.loaded = Some(i);
-        }
-        if died && vm.restarts < vm.setup.cfg.restart {
-            vm.restarts += 1;
-            // What the guest printed and Keel has not yet sent, and its console's counts, outlive
-            // the restart (`boot` gives it a new platform).
-            let console = core::mem::take(vm.guest.platform.console());
-            let booted = vm.boot();
-            *vm.guest.platform.console() = console;
-            match booted {
-                Ok(()) => {
-                    // `boot` made this guest's VMCS current; its extended state, XCR0 and MSRs
-                    // go back to their power-on values too.
-                    vm.saved.restore(vm.guest.xcr0);
-                    self.loaded = Some(i);
-                    return;
-                }
-                Err(e) => error!("guest {}: restart failed: {e}", vm.guest.name),
-            }
-            self.loaded = Some(i);
-        }
-        vm.guest.state = RunState::Stopped(reason);
-    }
-
-    fn report(&mut self) {
-        // No guest runs any more: the last console lines wait for room now.
-        for vm in &mut self.vms {
-            print_console(&mut vm.guest, usize::MAX);
-        }
-        print_stats(self.vms.iter().map(|vm| &vm.guest), Writer::Keel);
-        for vm in &self.vms {
-            let g = &vm.guest;
-            if let RunState::Stopped(r) = &g.state {
-                info!("guest {} status {:#x}: {r}", g.name, r.status());
-            }
-        }
-    }
-}
-
-/// About this many bytes of a guest's lines (as sent, with its prefix) move to COM1's queue at a
-/// time (an exit, a turn of the run loop): more than COM1 sends meanwhile (16 bytes every
-/// 1.4 ms), and little enough that Keel's work on them never holds up a timer that falls due
-/// (700 lines moved at once took 100 ms of Bochs' time, 256 bytes of short lines 9 ms).
-const PRINT_BUDGET: usize = 128;
-
-/// Prints the guest's complete console lines, about `budget` bytes of them (at least one line),
-/// while its share of Keel's console has room (the rest waits in its console buffer); true if it
-/// printed any.
-fn print_console(g: &mut Guest, budget: usize) -> bool {
-    let mut printed = false;
-    if g.platform.console().front().is_none() {
-        return false;
-    }
-    let mut left = budget;
-    let prefix = alloc::format!("[{}] ", g.name);
-    while let Some(entry) = g.platform.console().front() {
-        let text = entry.text();
-        let ok = match entry {
-            ConsoleLine::Line(_) => crate::log::write_guest_line(g.id, &prefix, text.as_bytes()),
-            // Keel's own words, charged to the guest whose output was lost.
-            ConsoleLine::Dropped(_) => crate::log::write_guest_line(
-                g.id,
-                &alloc::format!("keel: warn: {prefix}"),
-                text.as_bytes(),
-            ),
-        };
-        if !ok {
-            break;
-        }
-        left = left.saturating_sub(prefix.len() + text.len() + 2);
-        g.platform.console().pop();
-        printed = true;
-        if left == 0 {
-            break;
-        }
-    }
-    printed
-}
-
-/// The length of the last accounting table, as sent.
-static LAST_TABLE: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
-
-/// Prints the accounting table as `who`'s output, whole or not at all: false if it did not fit.
-fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>, who: Writer) -> bool {
-    use core::fmt::Write;
-    let guests: Vec<&Guest> = guests.collect();
-    let mut t = String::new();
-    let _ = writeln!(
-        t,
-        "keel: {:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
-        "guest", "cpu cycles", "keel cycles", "halted cycles", "exits", "irqs", "state"
-    );
-    for g in &guests {
-        let state = match &g.state {
-            RunState::Runnable => "run",
-            RunState::Halted => "halted",
-            RunState::Paused { .. } => "paused",
-            RunState::Stopped(_) => "stopped",
-        };
-        let _ = writeln!(
-            t,
-            "keel: {:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
-            g.name,
-            g.stats.cpu_cycles,
-            g.stats.keel_cycles,
-            g.stats.halted_cycles,
-            g.stats.total_exits(),
-            g.stats.interrupts_injected,
-            state
-        );
-    }
-    for g in &guests {
-        let _ = writeln!(
-            t,
-            "keel: exits of {}: {}",
-            g.name,
-            g.stats.exits_by_reason()
-        );
-    }
-    for g in &guests {
-        let c = g.platform.console_ref();
-        let _ = writeln!(
-            t,
-            "keel: console of {}: {} bytes, {} dropped",
-            g.name,
-            c.bytes_written(),
-            c.dropped_bytes()
-        );
-    }
-    LAST_TABLE.store(
-        crate::log::wire_len(t.as_bytes()),
-        core::sync::atomic::Ordering::Relaxed,
-    );
-    crate::log::write_as(who, t.as_bytes())
 }
 
 fn report_cpu() {

@@ -25,6 +25,7 @@ pub mod machine;
 pub mod manifest;
 pub mod mm;
 pub mod mmio;
+pub mod runloop;
 pub mod sched;
 pub mod smp;
 pub mod vcpu;

@@ -9,10 +9,15 @@ use crate::vmx::{Host16, Host32, Host64, HostNat, Vmcs, VmcsAccess, VmcsError, V
 use core::arch::{asm, global_asm};
 use core::mem::offset_of;
 
-/// The current VMCS of this CPU, accessed with VMREAD/VMWRITE.
-pub struct CurrentVmcs;
+/// A VMCS made current on this CPU by VMPTRLD ([`VmcsRegion::load`]): the only way to read or
+/// write a VMCS (VMREAD/VMWRITE act on the current one, SDM 25.11.2) and to enter its guest.
+/// Which VMCS is current is never implicit: whoever holds the handle loaded it, and it borrows
+/// the region, which cannot be cleared or loaded again meanwhile.
+pub struct LoadedVmcs<'a> {
+    region: &'a mut VmcsRegion,
+}
 
-impl VmcsAccess for CurrentVmcs {
+impl VmcsAccess for LoadedVmcs<'_> {
     #[inline(always)]
     fn read_raw(&self, encoding: u32) -> u64 {
         let value: u64;
@@ -65,6 +70,8 @@ fn vm_instruction_failed(what: &str, encoding: u32) -> ! {
 /// state that it could later write into the frame, SDM 25.11.1) and gives the frame back.
 pub struct VmcsRegion {
     pub pa: u64,
+    /// Its launch state (SDM 25.11.3): "launched" after a VMLAUNCH, "clear" after a VMCLEAR.
+    launched: bool,
 }
 
 impl VmcsRegion {
@@ -72,27 +79,35 @@ impl VmcsRegion {
         let pa = mm::alloc_zeroed_page().ok_or(VmcsError::OutOfMemory)?;
         // SAFETY: a fresh frame owned by this region; SDM 25.2: the first 31 bits hold the revision.
         unsafe { (mm::phys_to_virt(pa) as *mut u32).write(revision) };
-        let r = Self { pa };
+        let mut r = Self {
+            pa,
+            launched: false,
+        };
         // VMCLEAR initialises the region's launch state (SDM 25.11.3). On failure `r` is dropped,
         // which tries once more and keeps the frame out of the pool if that fails too.
         r.clear()?;
         Ok(r)
     }
 
-    /// VMCLEAR: writes back any cached state and makes the next entry a VMLAUNCH (SDM 25.11.3).
-    pub fn clear(&self) -> Result<(), VmcsError> {
+    /// VMCLEAR: writes back any cached state, makes the VMCS current on no CPU, and makes the
+    /// next entry a VMLAUNCH (SDM 25.11.3). What unbinds a VMCS from a CPU before another loads
+    /// it (SDM 25.11.1).
+    pub fn clear(&mut self) -> Result<(), VmcsError> {
         // SAFETY: the region is a 4 KiB-aligned frame owned by this value, stamped with this
         // CPU's revision; VMCLEAR only writes the region itself.
         unsafe { vmx_instruction!("vmclear [{p}]", p = in(reg) &self.pa,) }
-            .map_err(|e| VmcsError::Clear(self.pa, e))
+            .map_err(|e| VmcsError::Clear(self.pa, e))?;
+        self.launched = false;
+        Ok(())
     }
 
-    /// Makes this the current VMCS (VMPTRLD).
-    pub fn load(&self) -> Result<(), VmcsError> {
+    /// VMPTRLD: makes this the current VMCS, and hands out the one way to use it.
+    pub fn load(&mut self) -> Result<LoadedVmcs<'_>, VmcsError> {
         // SAFETY: the region was VMCLEARed with the right revision id; VMPTRLD only makes it
         // current.
         unsafe { vmx_instruction!("vmptrld [{p}]", p = in(reg) &self.pa,) }
-            .map_err(|e| VmcsError::Load(self.pa, e))
+            .map_err(|e| VmcsError::Load(self.pa, e))?;
+        Ok(LoadedVmcs { region: self })
     }
 }
 
@@ -108,7 +123,7 @@ impl Drop for VmcsRegion {
 
 /// Writes the host-state area (SDM 25.5, checked by 27.2.2-27.2.4): where the CPU returns to on
 /// every VM exit: Keel's own CR0/CR3/CR4, segments, descriptor tables and the exit entry point.
-pub fn write_host_state(vmcs: &mut CurrentVmcs) {
+pub fn write_host_state(vmcs: &mut LoadedVmcs<'_>) {
     let sel = gdt::selectors();
     vmcs.write(HostNat::Cr0, cpu::read_cr0());
     vmcs.write(HostNat::Cr3, cpu::read_cr3());
@@ -249,16 +264,20 @@ global_asm!(
     r15 = const offset_of!(GuestRegs, r15),
 );
 
-/// Enters the guest once and returns when it exits. `Err` says how VMLAUNCH/VMRESUME itself failed
-/// (VMfailInvalid, or VMfailValid with the VM-instruction error, SDM 31.2).
-pub fn enter(regs: &mut GuestRegs, launched: bool) -> Result<(), VmxError> {
-    // SAFETY: the current VMCS holds a complete guest and host state (written by the caller);
-    // `regs` is valid for the duration of the call.
-    let rflags = unsafe { keel_vm_enter(regs, launched as u64) };
-    if rflags == 0 {
+impl LoadedVmcs<'_> {
+    /// Enters the guest once (VMLAUNCH if the VMCS is clear, else VMRESUME) and returns when it
+    /// exits. `Err` says how VMLAUNCH/VMRESUME itself failed (VMfailInvalid, or VMfailValid with
+    /// the VM-instruction error, SDM 31.2).
+    pub fn enter(&mut self, regs: &mut GuestRegs) -> Result<(), VmxError> {
+        // SAFETY: this VMCS is current (the handle exists) and holds a complete guest and host
+        // state (written by the caller); `regs` is valid for the duration of the call.
+        let rflags = unsafe { keel_vm_enter(regs, self.region.launched as u64) };
+        if rflags != 0 {
+            VmxError::check(rflags, super::vmx::read_instruction_error)?;
+        }
+        // SDM 27.11: the launch state becomes "launched" after a VMLAUNCH that did not fail.
+        self.region.launched = true;
         Ok(())
-    } else {
-        VmxError::check(rflags, super::vmx::read_instruction_error)
     }
 }
 

@@ -1,0 +1,680 @@
+//! The run loop of one CPU: which guest runs next and for how long, what happens around each VM
+//! entry (interrupt injection, the one event commit, the VMX-preemption timer), what an exit's
+//! [`Action`] means for the schedule, and the clocks and accounts of every guest.
+//!
+//! Everything it needs from the machine comes in through [`Cpu`]: the clock (RDTSC), the state
+//! switch between guests (the registers VMX does not switch, VMPTRLD), VM entry, VMCS access,
+//! idle sleep, and the odd register write (XCR0, IA32_SPEC_CTRL). `hypervisor::RealCpu` is the
+//! hardware; the tests below drive the loop with a fake CPU whose guests execute scripts, through
+//! the cases that have gone wrong before (docs/SCHEDULING.md).
+
+use crate::devices::console::ConsoleLine;
+use crate::exits::{self, Action, ExitContext, Host};
+use crate::guest::{Guest, GuestRegs, RunState, StopReason};
+use crate::log::Writer;
+use crate::sched::RoundRobin;
+use crate::vmx::{Control64, ExitReason, Guest32, Vmcs, VmxError};
+use crate::{error, info};
+use alloc::string::String;
+use alloc::vec::Vec;
+
+/// A guest's own timers may bring it back to Keel at most this often: every 1/20000 s (50 us).
+pub const MIN_TIMER_GAP_DIVISOR: u64 = 20_000;
+
+/// The machine as the run loop uses it. Implemented by the hardware (`hypervisor::RealCpu`) and by
+/// the tests' fake.
+pub trait Cpu {
+    /// A guest's share of the hardware: its VMCS, EPT, saved registers, image (everything of the
+    /// guest that is not in [`Guest`]).
+    type Vcpu;
+    /// A guest's VMCS made current on this CPU ([`Cpu::load`]): the only way to read or write it,
+    /// and to enter the guest.
+    type Loaded<'a>: Vmcs
+    where
+        Self::Vcpu: 'a;
+
+    /// The host TSC.
+    fn rdtsc(&mut self) -> u64;
+    /// Saves the registers VMX does not switch (extended state, XCR0's domain, CR2, DR0-DR3/DR6,
+    /// the SYSCALL MSRs) into `vcpu`: the guest is being switched out.
+    fn save(&mut self, vcpu: &mut Self::Vcpu);
+    /// Loads what [`Cpu::save`] saved, and the guest's XCR0: the guest is being switched in.
+    fn restore(&mut self, vcpu: &mut Self::Vcpu, xcr0: u64);
+    /// Makes the guest's VMCS the current one (VMPTRLD) and hands out the handle to it.
+    fn load<'a>(&mut self, vcpu: &'a mut Self::Vcpu) -> Result<Self::Loaded<'a>, String>;
+    /// Enters the guest of `vmcs` (VMLAUNCH the first time after a boot, else VMRESUME) and
+    /// returns at its next VM exit, with its general-purpose registers back in `regs`.
+    fn enter(&mut self, vmcs: &mut Self::Loaded<'_>, regs: &mut GuestRegs) -> Result<(), VmxError>;
+    /// The machine services the exit handlers use.
+    fn host(&mut self) -> &mut dyn Host;
+    /// Loads XCR0 after the guest changed it with XSETBV (validated by `exits::xsetbv`).
+    fn load_xcr0(&mut self, xcr0: u64);
+    /// Gives the CPU the running guest's IA32_SPEC_CTRL (written only when it differs).
+    fn load_spec_ctrl(&mut self, value: u64);
+    /// Sleeps until host TSC `wake` (at most `max` cycles from now) or an interrupt for Keel.
+    fn sleep_until(&mut self, wake: u64, max: u64);
+    /// (Re)starts the guest from its image: fresh RAM, devices, registers and VMCS. `restarts`
+    /// counts earlier deaths (it picks the command line).
+    fn boot(
+        &mut self,
+        vcpu: &mut Self::Vcpu,
+        guest: &mut Guest,
+        restarts: u32,
+    ) -> Result<(), String>;
+    /// A key typed on Keel's console, if any.
+    fn console_key(&mut self) -> Option<u8>;
+}
+
+/// What the loop needs to know about the CPU's VMX features and Keel's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct LoopConfig {
+    /// Length of a time slice in TSC cycles (`quantum_ms` in the manifest).
+    pub quantum: u64,
+    /// The host TSC rate.
+    pub tsc_hz: u64,
+    /// `Some(rate)` when slices end by the VMX-preemption timer, which counts TSC >> rate
+    /// (IA32_VMX_MISC[4:0]); `None` when Keel's periodic tick ends them.
+    pub preemption_timer: Option<u8>,
+    /// The guests run with TSC offsetting ("use TSC offsetting"), so their clocks can be stopped.
+    pub tsc_offsetting: bool,
+}
+
+/// One guest in the run loop: its hardware-independent state, its hardware, and its place in the
+/// schedule.
+pub struct Slot<V> {
+    pub guest: Guest,
+    /// Declared after `guest`, so it is dropped after it: the real one owns the RAM `guest.ram`
+    /// views.
+    pub vcpu: V,
+    /// Host TSC since which the guest has been runnable but waiting for the CPU. Its clock does
+    /// not advance meanwhile: when it runs again, the wait is taken out of its TSC offset, so its
+    /// timers keep their programmed rate in its own time and no ticks pile up while others run.
+    /// Time spent halted does pass (the guest asked to wait). docs/ARCHITECTURE.md, "Time".
+    waiting_since: Option<u64>,
+    /// Host TSC at which the guest executed HLT (for its halted-time account).
+    halted_since: Option<u64>,
+    /// What was left of its time slice when a woken guest cut it short.
+    slice_left: Option<u64>,
+    /// Woken from HLT by an interrupt and not run since: scheduled ahead of the rotation, so a
+    /// timer interrupt reaches a waiting guest within its period even while others compute.
+    woken: bool,
+    /// How many times the guest has been restarted after dying.
+    restarts: u32,
+    /// How many restarts it may have (manifest key `restart`).
+    restart_limit: u32,
+}
+
+impl<V> Slot<V> {
+    /// A freshly booted guest, runnable from the next pick on.
+    pub fn new(guest: Guest, vcpu: V, restart_limit: u32) -> Self {
+        Self {
+            guest,
+            vcpu,
+            waiting_since: None,
+            halted_since: None,
+            slice_left: None,
+            woken: false,
+            restarts: 0,
+            restart_limit,
+        }
+    }
+}
+
+/// The guests of one CPU and the loop that runs them.
+pub struct RunLoop<C: Cpu> {
+    pub slots: Vec<Slot<C::Vcpu>>,
+    pub cpu: C,
+    sched: RoundRobin,
+    cfg: LoopConfig,
+    /// Index of the guest whose registers (those VMX does not switch) are in the CPU. Its VMCS
+    /// is loaded afresh at each of its slices, so which VMCS is current is never remembered.
+    in_cpu: Option<usize>,
+}
+
+impl<C: Cpu> RunLoop<C> {
+    pub fn new(cpu: C, cfg: LoopConfig, slots: Vec<Slot<C::Vcpu>>) -> Self {
+        Self {
+            slots,
+            cpu,
+            sched: RoundRobin::new(cfg.quantum),
+            cfg,
+            in_cpu: None,
+        }
+    }
+
+    /// Runs until every guest has stopped.
+    pub fn run(&mut self) {
+        while self.step() {}
+    }
+
+    /// One turn of the loop: wake the halted guests whose interrupts came, then run one time
+    /// slice, or sleep if every live guest is halted. False when every guest has stopped.
+    pub fn step(&mut self) -> bool {
+        self.poll_console();
+        crate::log::pump();
+        // Console lines that found no room on COM1's queue before (stopped guests' too).
+        for s in &mut self.slots {
+            print_console(&mut s.guest, PRINT_BUDGET);
+        }
+        let now = self.cpu.rdtsc();
+        let mut live = 0;
+        for s in &mut self.slots {
+            let g = &mut s.guest;
+            if matches!(g.state, RunState::Stopped(_)) {
+                continue;
+            }
+            live += 1;
+            // A runnable guest waiting for its turn has its clock stopped (see
+            // `Slot::waiting_since`); only halted guests need their timers checked here.
+            if g.state == RunState::Halted {
+                g.platform.advance(g.now(now));
+                if g.platform.pending_interrupt().is_some() {
+                    g.state = RunState::Runnable;
+                    if let Some(since) = s.halted_since.take() {
+                        g.stats.halted_cycles += now.saturating_sub(since);
+                    }
+                    s.waiting_since = Some(now);
+                    s.woken = true;
+                }
+            }
+        }
+        if live == 0 {
+            return false;
+        }
+        let slots = &self.slots;
+        match self.sched.pick_urgent_first(
+            slots.len(),
+            |i| slots[i].guest.state == RunState::Runnable,
+            |i| slots[i].woken,
+        ) {
+            Some(i) => self.run_slice(i),
+            None => {
+                // Every live guest is halted: sleep until the earliest guest timer (or at most
+                // one quantum, in case an interrupt source has no deadline).
+                let t0 = self.cpu.rdtsc();
+                let wake = self
+                    .earliest_halted_deadline(None)
+                    .unwrap_or(t0 + self.sched.quantum);
+                // While console output is queued, wake often enough to keep the UART busy
+                // (16 bytes of FIFO last 1.4 ms at 115200 baud).
+                let max = if crate::log::busy() {
+                    self.cfg.tsc_hz / 1000
+                } else {
+                    self.sched.quantum
+                };
+                self.cpu.sleep_until(wake, max);
+            }
+        }
+        true
+    }
+
+    /// The host TSC at which the first timer of a halted guest (other than `except`) falls due:
+    /// when a running guest must make room, or when Keel must wake from idle. Stopped and paused
+    /// guests do not count.
+    fn earliest_halted_deadline(&self, except: Option<usize>) -> Option<u64> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(j, s)| Some(*j) != except && s.guest.state == RunState::Halted)
+            .filter_map(|(_, s)| {
+                s.guest
+                    .platform
+                    .next_deadline()
+                    .map(|d| s.guest.host_time(d))
+            })
+            .min()
+    }
+
+    /// Switches guest `i`'s registers in if they are not in the CPU: the previous guest's are
+    /// saved, guest `i`'s restored.
+    fn switch_to(&mut self, i: usize) {
+        if self.in_cpu == Some(i) {
+            return;
+        }
+        self.switch_out();
+        let s = &mut self.slots[i];
+        self.cpu.restore(&mut s.vcpu, s.guest.xcr0);
+        self.in_cpu = Some(i);
+    }
+
+    /// Saves the registers of the guest in the CPU, if any: before another guest's are loaded,
+    /// or a new guest boots.
+    pub fn switch_out(&mut self) {
+        if let Some(prev) = self.in_cpu.take() {
+            self.cpu.save(&mut self.slots[prev].vcpu);
+        }
+    }
+
+    /// Runs guest `i` for one time slice (or what is left of one).
+    fn run_slice(&mut self, i: usize) {
+        self.switch_to(i);
+        let quantum = self.slots[i]
+            .slice_left
+            .take()
+            .unwrap_or(self.sched.quantum);
+        // When a halted guest's timer falls due, this slice ends early so that guest can run.
+        let others_due = self.earliest_halted_deadline(Some(i));
+        let cfg = self.cfg;
+        match slice(&mut self.cpu, &mut self.slots[i], cfg, quantum, others_due) {
+            SliceEnd::Over => {}
+            SliceEnd::Interrupted => self.sched.interrupted(),
+            SliceEnd::Stop(reason) => self.stop(i, reason),
+            SliceEnd::StatsRequested => self.print_stats_for(i),
+        }
+    }
+
+    /// The PRINT_STATS hypercall of guest `i`. The table counts against the caller's share of
+    /// Keel's console; when that has no room, the call says so. A table about as long as the last
+    /// one must fit, or it is not even put together (a guest asking for it in a loop would keep
+    /// Keel formatting tables nobody sees).
+    fn print_stats_for(&mut self, i: usize) {
+        let who = Writer::Guest(self.slots[i].guest.id);
+        let last = LAST_TABLE.load(core::sync::atomic::Ordering::Relaxed);
+        if crate::log::fits(who, last) && print_stats(self.slots.iter().map(|s| &s.guest), who) {
+            return;
+        }
+        // The answer goes back through the VMCS (it depends on the guest's mode).
+        let s = &mut self.slots[i];
+        let refused = match self.cpu.load(&mut s.vcpu) {
+            Ok(v) => {
+                exits::vmcall::print_stats_refused(&v, &mut s.guest);
+                None
+            }
+            Err(e) => Some(e),
+        };
+        if let Some(e) = refused {
+            self.stop(i, StopReason::Killed(e));
+        }
+    }
+}
+
+/// How a time slice ended: what the loop does next.
+enum SliceEnd {
+    /// Used up, given up (YIELD, HLT), or the guest's own doing: the next pick decides.
+    Over,
+    /// Cut short for a halted guest whose timer fell due: the guest gets the rest of it next.
+    Interrupted,
+    /// The guest stops (or is booted again).
+    Stop(StopReason),
+    /// The guest asked for the accounting table (PRINT_STATS).
+    StatsRequested,
+}
+
+/// One time slice of the guest in `s`, `quantum` cycles long, cut short at `others_due` (the
+/// earliest timer of a halted guest). Its registers are in the CPU; its VMCS is loaded here, and
+/// every access to it goes through that handle.
+fn slice<C: Cpu>(
+    cpu: &mut C,
+    s: &mut Slot<C::Vcpu>,
+    cfg: LoopConfig,
+    quantum: u64,
+    others_due: Option<u64>,
+) -> SliceEnd {
+    let mut v = match cpu.load(&mut s.vcpu) {
+        Ok(v) => v,
+        Err(e) => return SliceEnd::Stop(StopReason::Killed(e)),
+    };
+    cpu.load_spec_ctrl(s.guest.spec_ctrl);
+    let start = cpu.rdtsc();
+    s.woken = false;
+    if let Some(since) = s.waiting_since.take() {
+        if cfg.tsc_offsetting {
+            s.guest.tsc_offset = s.guest.tsc_offset.wrapping_sub(start - since);
+            v.write(Control64::TscOffset, s.guest.vmcs_tsc_offset());
+        }
+    }
+    let deadline = start + quantum;
+    let min_gap = cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR;
+    let mut xcr0 = s.guest.xcr0;
+    // The guest's platform is only consulted when it may have changed: after an exit that
+    // reached a device, or when one of its timers falls due. CPUID, VMCALL and the like then
+    // cost no device work at all (docs/BENCHMARKS.md).
+    let mut touched = true;
+    let mut timer_due: Option<u64> = None;
+    let mut until = deadline;
+    // The time of the last exit serves for the timer checks. Time in the guest (entry to exit)
+    // is its cpu time; Keel's handling of its exits (exit to next entry) is kept apart.
+    let mut now = start;
+    loop {
+        if touched || timer_due.is_some_and(|d| now >= d) {
+            s.guest.platform.advance(s.guest.now(now));
+            exits::inject_pending_interrupt(&mut v, &mut s.guest);
+            timer_due = s
+                .guest
+                .platform
+                .next_deadline()
+                .map(|d| s.guest.host_time(d));
+            // Come back at the end of the slice, when one of the guest's own timers falls
+            // due, or when a halted guest's does, whichever is first.
+            until = [timer_due, others_due]
+                .into_iter()
+                .flatten()
+                .fold(deadline, u64::min);
+        }
+        // The one place an event is written to the VM-entry fields (exits::events).
+        if let Err(reason) = exits::events::commit(&mut v, &mut s.guest) {
+            return SliceEnd::Stop(reason);
+        }
+        // The timer is armed afresh before every entry, from a fresh TSC read: it only
+        // counts while the guest runs (SDM 26.5.1), so Keel's own time since the last exit
+        // must come off it, or a guest timer fires that much late and ticks are lost.
+        let t0 = cpu.rdtsc();
+        if let Some(rate) = cfg.preemption_timer {
+            // The guest runs at least `min_gap` before the timer brings it back, so a timer
+            // faster than Keel can deliver (a PIT programmed with count 1 ticks every 0.84 us)
+            // cannot livelock it in back-to-back exits: its ticks are coalesced instead
+            // (docs/SCHEDULING.md).
+            let left = until.max(t0 + min_gap).saturating_sub(t0) >> rate;
+            v.write(
+                Guest32::PreemptionTimerValue,
+                left.min(u32::MAX as u64) as u32,
+            );
+        }
+        s.guest.stats.keel_cycles += t0 - now;
+        let entered = cpu.enter(&mut v, &mut s.guest.regs);
+        let t1 = cpu.rdtsc();
+        s.guest.stats.cpu_cycles += t1 - t0;
+        now = t1;
+        if let Err(e) = entered {
+            return SliceEnd::Stop(StopReason::EntryFailed(alloc::format!("{e}")));
+        }
+        let guest_now = s.guest.now(t1);
+        let action = {
+            let mut cx = ExitContext {
+                vmcs: &mut v,
+                guest: &mut s.guest,
+                host: cpu.host(),
+                now: guest_now,
+            };
+            exits::dispatch(&mut cx)
+        };
+        exits::apply(&mut v, &mut s.guest, &action);
+        let reason = ExitReason::from_basic(s.guest.stats.last_exit);
+        touched = exits::may_touch_platform(reason);
+        // A power-off or reset the guest asked its board for (ACPI S5, i8042, port 0xCF9).
+        if let Some(event) = touched
+            .then(|| s.guest.platform.take_power_event())
+            .flatten()
+        {
+            return SliceEnd::Stop(StopReason::Board(event));
+        }
+        if (touched || reason == ExitReason::Vmcall) && print_console(&mut s.guest, PRINT_BUDGET) {
+            crate::log::pump();
+        }
+        if reason == ExitReason::Xsetbv && s.guest.xcr0 != xcr0 {
+            // The guest executed XSETBV (validated by its handler): load it for the next entry.
+            cpu.load_xcr0(s.guest.xcr0);
+            xcr0 = s.guest.xcr0;
+        }
+        if reason == ExitReason::Wrmsr {
+            cpu.load_spec_ctrl(s.guest.spec_ctrl);
+        }
+        if s.guest.stats_requested {
+            s.guest.stats_requested = false;
+            s.waiting_since = Some(cpu.rdtsc());
+            // The table is printed after the exit.
+            return SliceEnd::StatsRequested;
+        }
+        match action {
+            // A halted guest's timer fell due. Not only the preemption timer brings this
+            // guest back then: one that exits more often than every `min_gap` (a guest
+            // writing its UART) re-arms it at each entry and would never let it expire.
+            Action::Resume
+            | Action::Advance
+            | Action::AdvanceBy(_)
+            | Action::Inject(_)
+            | Action::Preempted
+                if others_due.is_some_and(|d| now >= d) =>
+            {
+                s.waiting_since = Some(now);
+                // It gets the CPU back next, but only for what was left of its slice:
+                // otherwise a guest woken every few ms would hand the same CPU hog a fresh
+                // quantum each time and starve the others.
+                s.slice_left = Some(deadline.saturating_sub(now));
+                return SliceEnd::Interrupted;
+            }
+            Action::Resume | Action::Advance | Action::AdvanceBy(_) | Action::Inject(_) => {
+                if now >= deadline {
+                    s.waiting_since = Some(now);
+                    return SliceEnd::Over;
+                }
+            }
+            Action::Halt => {
+                s.guest.state = RunState::Halted;
+                s.halted_since = Some(now);
+                return SliceEnd::Over;
+            }
+            Action::Preempted if now < deadline => {}
+            Action::Yield | Action::Preempted => {
+                s.waiting_since = Some(now);
+                return SliceEnd::Over;
+            }
+            Action::Stop(reason) => return SliceEnd::Stop(reason),
+        }
+    }
+}
+
+impl<C: Cpu> RunLoop<C> {
+    /// Guest `i` (the one in the CPU) stops: it is booted again if it reset its board or if it
+    /// died and has restarts left, otherwise it stops for good.
+    fn stop(&mut self, i: usize, reason: StopReason) {
+        let g = &mut self.slots[i].guest;
+        g.platform.console().finish();
+        print_console(g, PRINT_BUDGET);
+        match &reason {
+            StopReason::Board(crate::devices::PowerEvent::Reset(_)) => {
+                info!("guest {}: {reason}: booting it again", g.name)
+            }
+            StopReason::DebugExit(_) | StopReason::Shutdown(_) | StopReason::Board(_) => {
+                info!("guest {} ended: {reason}", g.name)
+            }
+            _ => error!("guest {} stopped: {reason}", g.name),
+        }
+        let died = !matches!(
+            reason,
+            StopReason::DebugExit(_) | StopReason::Shutdown(_) | StopReason::Board(_)
+        );
+        let s = &mut self.slots[i];
+        // A reset starts the guest again as a PC would, whatever its restart budget, with its
+        // CMOS RAM kept (battery-backed on a PC).
+        if let StopReason::Board(crate::devices::PowerEvent::Reset(_)) = reason {
+            let platform = s.guest.platform.after_reset();
+            match self.cpu.boot(&mut s.vcpu, &mut s.guest, s.restarts) {
+                Ok(()) => {
+                    s.guest.platform = platform;
+                    s.waiting_since = None;
+                    self.cpu.restore(&mut s.vcpu, s.guest.xcr0);
+                    self.in_cpu = Some(i);
+                    return;
+                }
+                Err(e) => error!("guest {}: reboot failed: {e}", s.guest.name),
+            }
+            self.in_cpu = Some(i);
+        }
+        if died && s.restarts < s.restart_limit {
+            s.restarts += 1;
+            // What the guest printed and Keel has not yet sent, and its console's counts, outlive
+            // the restart (`boot` gives it a new platform).
+            let console = core::mem::take(s.guest.platform.console());
+            let booted = self.cpu.boot(&mut s.vcpu, &mut s.guest, s.restarts);
+            *s.guest.platform.console() = console;
+            match booted {
+                Ok(()) => {
+                    // Its extended state, XCR0 and MSRs go back to their power-on values too.
+                    s.waiting_since = None;
+                    self.cpu.restore(&mut s.vcpu, s.guest.xcr0);
+                    self.in_cpu = Some(i);
+                    return;
+                }
+                Err(e) => error!("guest {}: restart failed: {e}", s.guest.name),
+            }
+            self.in_cpu = Some(i);
+        }
+        s.guest.state = RunState::Stopped(reason);
+    }
+
+    /// Pauses a guest: it keeps its state and is not scheduled until resumed.
+    pub fn pause(&mut self, id: usize) -> Result<(), String> {
+        let s = self.slots.get_mut(id).ok_or("no such guest")?;
+        s.guest.state.pause().map_err(|e| alloc::format!("{e}"))?;
+        info!("guest {} paused", s.guest.name);
+        Ok(())
+    }
+
+    pub fn resume(&mut self, id: usize) -> Result<(), String> {
+        let now = self.cpu.rdtsc();
+        let s = self.slots.get_mut(id).ok_or("no such guest")?;
+        s.guest.state.resume().map_err(|e| alloc::format!("{e}"))?;
+        // Its clock stopped while paused, as while waiting for the CPU.
+        s.waiting_since.get_or_insert(now);
+        info!("guest {} resumed", s.guest.name);
+        Ok(())
+    }
+
+    /// Stops a guest for good (an operator's kill: no restart).
+    pub fn kill(&mut self, id: usize) -> Result<(), String> {
+        let s = self.slots.get_mut(id).ok_or("no such guest")?;
+        s.guest
+            .state
+            .stop(StopReason::Killed("by the operator".into()))
+            .map_err(|e| alloc::format!("{e}"))?;
+        info!("guest {} killed", s.guest.name);
+        Ok(())
+    }
+
+    /// Keys typed on Keel's console (COM1): `s` prints the accounting table, `p` pauses every
+    /// running guest, `r` resumes every paused one. The management monitor will grow from here.
+    fn poll_console(&mut self) {
+        while let Some(key) = self.cpu.console_key() {
+            match key {
+                b's' => {
+                    print_stats(self.slots.iter().map(|s| &s.guest), Writer::Keel);
+                }
+                b'p' => (0..self.slots.len()).for_each(|i| {
+                    let _ = self.pause(i);
+                }),
+                b'r' => (0..self.slots.len()).for_each(|i| {
+                    let _ = self.resume(i);
+                }),
+                _ => {}
+            }
+        }
+    }
+
+    /// The final accounting table and one status line per guest.
+    pub fn report(&mut self) {
+        // No guest runs any more: the last console lines wait for room now.
+        for s in &mut self.slots {
+            print_console(&mut s.guest, usize::MAX);
+        }
+        print_stats(self.slots.iter().map(|s| &s.guest), Writer::Keel);
+        for s in &self.slots {
+            let g = &s.guest;
+            if let RunState::Stopped(r) = &g.state {
+                info!("guest {} status {:#x}: {r}", g.name, r.status());
+            }
+        }
+    }
+}
+
+/// About this many bytes of a guest's lines (as sent, with its prefix) move to COM1's queue at a
+/// time (an exit, a turn of the run loop): more than COM1 sends meanwhile (16 bytes every
+/// 1.4 ms), and little enough that Keel's work on them never holds up a timer that falls due
+/// (700 lines moved at once took 100 ms of Bochs' time, 256 bytes of short lines 9 ms).
+const PRINT_BUDGET: usize = 128;
+
+/// Prints the guest's complete console lines, about `budget` bytes of them (at least one line),
+/// while its share of Keel's console has room (the rest waits in its console buffer); true if it
+/// printed any.
+fn print_console(g: &mut Guest, budget: usize) -> bool {
+    let mut printed = false;
+    if g.platform.console().front().is_none() {
+        return false;
+    }
+    let mut left = budget;
+    let prefix = alloc::format!("[{}] ", g.name);
+    while let Some(entry) = g.platform.console().front() {
+        let text = entry.text();
+        let ok = match entry {
+            ConsoleLine::Line(_) => crate::log::write_guest_line(g.id, &prefix, text.as_bytes()),
+            // Keel's own words, charged to the guest whose output was lost.
+            ConsoleLine::Dropped(_) => crate::log::write_guest_line(
+                g.id,
+                &alloc::format!("keel: warn: {prefix}"),
+                text.as_bytes(),
+            ),
+        };
+        if !ok {
+            break;
+        }
+        left = left.saturating_sub(prefix.len() + text.len() + 2);
+        g.platform.console().pop();
+        printed = true;
+        if left == 0 {
+            break;
+        }
+    }
+    printed
+}
+
+/// The length of the last accounting table, as sent.
+static LAST_TABLE: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// Prints the accounting table as `who`'s output, whole or not at all: false if it did not fit.
+fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>, who: Writer) -> bool {
+    use core::fmt::Write;
+    let guests: Vec<&Guest> = guests.collect();
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "keel: {:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
+        "guest", "cpu cycles", "keel cycles", "halted cycles", "exits", "irqs", "state"
+    );
+    for g in &guests {
+        let state = match &g.state {
+            RunState::Runnable => "run",
+            RunState::Halted => "halted",
+            RunState::Paused { .. } => "paused",
+            RunState::Stopped(_) => "stopped",
+        };
+        let _ = writeln!(
+            t,
+            "keel: {:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
+            g.name,
+            g.stats.cpu_cycles,
+            g.stats.keel_cycles,
+            g.stats.halted_cycles,
+            g.stats.total_exits(),
+            g.stats.interrupts_injected,
+            state
+        );
+    }
+    for g in &guests {
+        let _ = writeln!(
+            t,
+            "keel: exits of {}: {}",
+            g.name,
+            g.stats.exits_by_reason()
+        );
+    }
+    for g in &guests {
+        let c = g.platform.console_ref();
+        let _ = writeln!(
+            t,
+            "keel: console of {}: {} bytes, {} dropped",
+            g.name,
+            c.bytes_written(),
+            c.dropped_bytes()
+        );
+    }
+    LAST_TABLE.store(
+        crate::log::wire_len(t.as_bytes()),
+        core::sync::atomic::Ordering::Relaxed,
+    );
+    crate::log::write_as(who, t.as_bytes())
+}
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,438 @@
+//! A fake CPU for the run loop's tests. Its clock advances by a fixed cost at every RDTSC (Keel's
+//! own work) and by what the guests execute; each guest runs a script of operations with cycle
+//! costs and the exits they cause, stops early when the VMX-preemption timer the loop armed runs
+//! out, and takes the interrupts the loop injects by running its handler script. Every entry is
+//! recorded, so the tests see what ran when, what it was given, and what its clock read.
+
+use super::{Cpu, Slot};
+use crate::exits::testing::{FakeHost, TestBed};
+use crate::exits::Host;
+use crate::guest::{Guest, GuestRegs, RunState};
+use crate::vmx::controls::PrimaryControls;
+use crate::vmx::{
+    Control32, Control64, ExitReason, FakeVmcs, Guest32, GuestNat, ReadOnly32, ReadOnlyNat, Vmcs,
+    VmcsAccess, VmxError,
+};
+use alloc::collections::VecDeque;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+/// The TSC rate of the fake machine (Bochs' is about the same).
+pub const TSC_HZ: u64 = crate::exits::testing::TEST_TSC_HZ;
+/// What each RDTSC costs: Keel's own work between two reads of the clock.
+pub const KEEL_COST: u64 = 10;
+/// The clock at the start of a test: far from 0, so a wrong offset shows.
+pub const START: u64 = 1_000_000_000;
+
+/// One thing a fake guest does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Executes this many cycles of code that causes no exit (the preemption timer may cut it;
+    /// the rest runs when the guest is entered again).
+    Run(u64),
+    /// HLT.
+    Hlt,
+    /// `OUT imm8, AL`: a byte to a port.
+    Out(u16, u8),
+    /// CPUID leaf 0.
+    Cpuid,
+    /// VMCALL with RAX = the hypercall number.
+    Hypercall(u64),
+    /// A triple fault.
+    TripleFault,
+}
+
+/// A guest's behaviour.
+#[derive(Debug, Clone)]
+pub struct Program {
+    /// Executed in order; at the end the guest goes back to `main[repeat_from]`, or spins for
+    /// ever if `None`.
+    pub main: Vec<Op>,
+    pub repeat_from: Option<usize>,
+    /// Executed on each injected external interrupt, then the guest returns to where it was.
+    pub handler: Vec<Op>,
+    /// RFLAGS (0x202: interrupts on; 0x2: off).
+    pub rflags: u64,
+}
+
+impl Program {
+    /// Computes for ever; an interrupt costs 200 cycles and an EOI.
+    pub fn compute() -> Self {
+        Self {
+            main: alloc::vec![Op::Run(u64::MAX)],
+            repeat_from: None,
+            handler: alloc::vec![Op::Run(200), Op::Out(0x20, 0x20)],
+            rflags: 0x202,
+        }
+    }
+
+    /// Halts between interrupts; each interrupt costs `handler` cycles and an EOI to the master
+    /// 8259A.
+    pub fn sleeper(handler: u64) -> Self {
+        Self {
+            main: alloc::vec![Op::Hlt],
+            repeat_from: Some(0),
+            handler: alloc::vec![Op::Run(handler), Op::Out(0x20, 0x20)],
+            rflags: 0x202,
+        }
+    }
+
+    /// Runs `ops` once, then spins.
+    pub fn once(ops: &[Op]) -> Self {
+        Self {
+            main: ops.to_vec(),
+            repeat_from: None,
+            handler: alloc::vec![Op::Run(100), Op::Out(0x20, 0x20)],
+            rflags: 0x202,
+        }
+    }
+
+    /// The same program after a setup that initialises the 8259A pair (IRQ0 at vector 0x20,
+    /// every other line masked) and starts PIT channel 0 in mode 2 (rate generator) with
+    /// `count`: [`PIT_SETUP_EXITS`] OUTs, the count's high byte last.
+    pub fn with_pit(mut self, count: u16) -> Self {
+        let setup = [
+            Op::Out(0x20, 0x11),
+            Op::Out(0x21, 0x20),
+            Op::Out(0x21, 0x04),
+            Op::Out(0x21, 0x01),
+            Op::Out(0x21, 0xfe),
+            Op::Out(0xa0, 0x11),
+            Op::Out(0xa1, 0x28),
+            Op::Out(0xa1, 0x02),
+            Op::Out(0xa1, 0x01),
+            Op::Out(0xa1, 0xff),
+            Op::Out(0x43, 0x34),
+            Op::Out(0x40, count as u8),
+            Op::Out(0x40, (count >> 8) as u8),
+        ];
+        self.main.splice(0..0, setup);
+        self.repeat_from = self.repeat_from.map(|i| i + setup.len());
+        self
+    }
+}
+
+/// How many exits [`Program::with_pit`]'s setup takes.
+pub const PIT_SETUP_EXITS: usize = 13;
+
+/// Where a fake guest is in its program.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cursor {
+    pc: usize,
+    /// Cycles left of a `Run` the preemption timer cut short.
+    left: Option<u64>,
+}
+
+/// A guest's hardware on the fake CPU.
+pub struct FakeVcpu {
+    pub id: usize,
+    pub vmcs: FakeVmcs,
+    pub launched: bool,
+    pub program: Program,
+    main: Cursor,
+    /// In the interrupt handler (where, in the handler's ops).
+    handler: Option<Cursor>,
+    pub boots: u32,
+}
+
+/// A fake guest's VMCS, loaded.
+pub struct FakeLoaded<'a>(&'a mut FakeVcpu);
+
+impl VmcsAccess for FakeLoaded<'_> {
+    fn read_raw(&self, encoding: u32) -> u64 {
+        self.0.vmcs.read_raw(encoding)
+    }
+
+    fn write_raw(&mut self, encoding: u32, value: u64) {
+        self.0.vmcs.write_raw(encoding, value)
+    }
+}
+
+/// One VM entry as the fake CPU saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub guest: usize,
+    /// Host TSC at VM entry and at the VM exit.
+    pub start: u64,
+    pub end: u64,
+    /// The guest's TSC at entry (host TSC + the VMCS TSC offset).
+    pub guest_start: u64,
+    /// The external interrupt injected at this entry.
+    pub injected: Option<u8>,
+    pub exit: ExitReason,
+}
+
+impl Entry {
+    pub fn guest_end(&self) -> u64 {
+        self.guest_start + (self.end - self.start)
+    }
+}
+
+pub struct FakeCpu {
+    pub clock: u64,
+    /// The VMX-preemption timer's rate (it counts TSC >> rate), or none.
+    pub timer_rate: Option<u8>,
+    pub trace: Vec<Entry>,
+    /// (host TSC when Keel went to sleep, wake, max) of each idle sleep.
+    pub sleeps: Vec<(u64, u64, u64)>,
+    pub keys: VecDeque<u8>,
+    pub spec_ctrl_writes: Vec<u64>,
+    pub host: FakeHost,
+    /// The guest whose VMCS is current, and how many VMPTRLDs there were.
+    current: Option<usize>,
+    pub loads: u64,
+    /// The guest whose registers (those VMX does not switch) are in the CPU.
+    in_cpu: Option<usize>,
+}
+
+impl FakeCpu {
+    pub fn new() -> Self {
+        Self {
+            clock: START,
+            timer_rate: Some(0),
+            trace: Vec::new(),
+            sleeps: Vec::new(),
+            keys: VecDeque::new(),
+            spec_ctrl_writes: Vec::new(),
+            host: TestBed::new().host,
+            current: None,
+            loads: 0,
+            in_cpu: None,
+        }
+    }
+
+    /// A guest running `program` on this CPU, created now (its clock reads 0).
+    pub fn guest(&self, id: usize, program: Program, restart_limit: u32) -> Slot<FakeVcpu> {
+        let mut guest = TestBed::new().guest;
+        guest.id = id as u32;
+        guest.name = alloc::format!("g{id}");
+        let mut vcpu = FakeVcpu {
+            id,
+            vmcs: FakeVmcs::new(),
+            launched: false,
+            program,
+            main: Cursor::default(),
+            handler: None,
+            boots: 0,
+        };
+        power_on(&mut vcpu, &mut guest, self.clock);
+        Slot::new(guest, vcpu, restart_limit)
+    }
+
+    /// The entries of guest `id`, in order.
+    pub fn entries(&self, id: usize) -> impl Iterator<Item = &Entry> {
+        self.trace.iter().filter(move |e| e.guest == id)
+    }
+
+    /// Runs the guest from its current position until it exits; returns the exit and its
+    /// instruction length.
+    fn execute(
+        &mut self,
+        vcpu: &mut FakeVcpu,
+        regs: &mut GuestRegs,
+        budget: u64,
+    ) -> (ExitReason, u64) {
+        let mut budget = budget;
+        loop {
+            let in_handler = vcpu.handler.is_some();
+            let ops = match vcpu.handler {
+                Some(_) => &vcpu.program.handler,
+                None => &vcpu.program.main,
+            };
+            let cursor = match vcpu.handler.as_mut() {
+                Some(c) => c,
+                None => &mut vcpu.main,
+            };
+            let op = match ops.get(cursor.pc) {
+                Some(&op) => op,
+                // The handler's IRET: back to the interrupted code.
+                None if in_handler => {
+                    vcpu.handler = None;
+                    continue;
+                }
+                None if vcpu.program.repeat_from.is_some() => {
+                    cursor.pc = vcpu.program.repeat_from.unwrap_or(0);
+                    continue;
+                }
+                None => Op::Run(u64::MAX),
+            };
+            if !matches!(op, Op::Run(_)) {
+                cursor.pc += 1;
+            }
+            let qual = |port: u16| (port as u64) << 16 | 1 << 6;
+            let (reason, len) = match op {
+                Op::Run(n) => {
+                    let rest = cursor.left.take().unwrap_or(n);
+                    if rest <= budget {
+                        budget -= rest;
+                        self.clock += rest;
+                        cursor.pc += 1;
+                        continue;
+                    }
+                    self.clock += budget;
+                    cursor.left = Some(rest - budget);
+                    return (ExitReason::PreemptionTimer, 0);
+                }
+                Op::Hlt => (ExitReason::Hlt, 1),
+                Op::Out(port, value) => {
+                    regs.rax = value as u64;
+                    vcpu.vmcs.set(ReadOnlyNat::ExitQualification, qual(port));
+                    (ExitReason::IoInstruction, 2)
+                }
+                Op::Cpuid => {
+                    regs.rax = 0;
+                    regs.rcx = 0;
+                    (ExitReason::Cpuid, 2)
+                }
+                Op::Hypercall(nr) => {
+                    regs.rax = nr;
+                    (ExitReason::Vmcall, 3)
+                }
+                Op::TripleFault => (ExitReason::TripleFault, 0),
+            };
+            // An exiting instruction takes one cycle.
+            self.clock += 1;
+            return (reason, len);
+        }
+    }
+}
+
+/// The guest at power-on, created at host TSC `clock`: its program from the start, a fresh VMCS
+/// with RFLAGS and the TSC offset, registers and platform at reset.
+fn power_on(vcpu: &mut FakeVcpu, guest: &mut Guest, clock: u64) {
+    vcpu.vmcs = FakeVmcs::new();
+    vcpu.launched = false;
+    vcpu.main = Cursor::default();
+    vcpu.handler = None;
+    vcpu.vmcs.set(GuestNat::Rflags, vcpu.program.rflags);
+    guest.tsc_offset = 0u64.wrapping_sub(clock);
+    guest.tsc_adjust = 0;
+    vcpu.vmcs.set(Control64::TscOffset, guest.vmcs_tsc_offset());
+    guest.regs = GuestRegs::default();
+    guest.platform = crate::devices::Platform::new(TSC_HZ);
+    guest.state = RunState::Runnable;
+    guest.xcr0 = 1;
+    guest.events = Default::default();
+}
+
+impl Cpu for FakeCpu {
+    type Vcpu = FakeVcpu;
+    type Loaded<'a> = FakeLoaded<'a>;
+
+    fn rdtsc(&mut self) -> u64 {
+        self.clock += KEEL_COST;
+        self.clock
+    }
+
+    fn save(&mut self, vcpu: &mut FakeVcpu) {
+        assert_eq!(
+            self.in_cpu,
+            Some(vcpu.id),
+            "saved a guest that is not in the CPU"
+        );
+        self.in_cpu = None;
+    }
+
+    fn restore(&mut self, vcpu: &mut FakeVcpu, _xcr0: u64) {
+        assert!(
+            self.in_cpu.is_none() || self.in_cpu == Some(vcpu.id),
+            "guest {} restored over guest {:?}, which was not saved",
+            vcpu.id,
+            self.in_cpu
+        );
+        self.in_cpu = Some(vcpu.id);
+    }
+
+    fn load<'a>(&mut self, vcpu: &'a mut FakeVcpu) -> Result<FakeLoaded<'a>, String> {
+        self.current = Some(vcpu.id);
+        self.loads += 1;
+        Ok(FakeLoaded(vcpu))
+    }
+
+    fn enter(&mut self, vmcs: &mut FakeLoaded<'_>, regs: &mut GuestRegs) -> Result<(), VmxError> {
+        let vcpu = &mut *vmcs.0;
+        assert_eq!(
+            self.current,
+            Some(vcpu.id),
+            "entered a guest whose VMCS is not current"
+        );
+        assert_eq!(
+            self.in_cpu,
+            Some(vcpu.id),
+            "entered a guest with another's registers"
+        );
+        let start = self.clock;
+        let guest_start = start.wrapping_add(vcpu.vmcs.read(Control64::TscOffset));
+        // SDM 27.6: the event in the VM-entry interruption-information field is delivered first.
+        let info = vcpu.vmcs.read(Control32::EntryInterruptionInfo);
+        let mut injected = None;
+        if info & 1 << 31 != 0 {
+            vcpu.vmcs
+                .set(Control32::EntryInterruptionInfo, info & !(1 << 31));
+            if (info >> 8) & 7 == 0 {
+                injected = Some(info as u8);
+                vcpu.handler = Some(Cursor::default());
+            }
+        }
+        let window = vcpu.vmcs.read(Control32::PrimaryProcBasedControls)
+            & PrimaryControls::INTERRUPT_WINDOW_EXITING.bits()
+            != 0;
+        let (reason, len) = if window && injected.is_none() && vcpu.program.rflags & 1 << 9 != 0 {
+            // SDM 26.7.5: an open interrupt window exits before the first instruction.
+            (ExitReason::InterruptWindow, 0)
+        } else {
+            let budget = match self.timer_rate {
+                Some(rate) => (vcpu.vmcs.read(Guest32::PreemptionTimerValue) as u64) << rate,
+                None => u64::MAX,
+            };
+            self.execute(vcpu, regs, budget)
+        };
+        vcpu.vmcs
+            .set(ReadOnly32::ExitReason, reason.number() as u32);
+        vcpu.vmcs.set(ReadOnly32::ExitInstructionLength, len as u32);
+        vcpu.launched = true;
+        self.trace.push(Entry {
+            guest: vcpu.id,
+            start,
+            end: self.clock,
+            guest_start,
+            injected,
+            exit: reason,
+        });
+        Ok(())
+    }
+
+    fn host(&mut self) -> &mut dyn Host {
+        &mut self.host
+    }
+
+    fn load_xcr0(&mut self, _xcr0: u64) {}
+
+    fn load_spec_ctrl(&mut self, value: u64) {
+        if self.spec_ctrl_writes.last() != Some(&value) {
+            self.spec_ctrl_writes.push(value);
+        }
+    }
+
+    fn sleep_until(&mut self, wake: u64, max: u64) {
+        self.sleeps.push((self.clock, wake, max));
+        // As `arch::lapic::sleep_until`: at least one cycle, at most `max`.
+        self.clock += wake.saturating_sub(self.clock).clamp(1, max);
+    }
+
+    fn boot(
+        &mut self,
+        vcpu: &mut FakeVcpu,
+        guest: &mut Guest,
+        _restarts: u32,
+    ) -> Result<(), String> {
+        vcpu.boots += 1;
+        power_on(vcpu, guest, self.clock);
+        self.current = Some(vcpu.id);
+        Ok(())
+    }
+
+    fn console_key(&mut self) -> Option<u8> {
+        self.keys.pop_front()
+    }
+}

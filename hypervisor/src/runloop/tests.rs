@@ -1,0 +1,438 @@
+//! The run loop driven on the fake CPU through the cases that went wrong before
+//! (docs/SCHEDULING.md, "Problems the test found"): unfair shares, lost and late ticks, timer
+//! storms, a guest woken while another holds the CPU, clocks that run while a guest waits.
+
+use super::fake::{Entry, FakeCpu, Op, Program, KEEL_COST, PIT_SETUP_EXITS, TSC_HZ};
+use super::*;
+use crate::devices::clock::PIT_HZ;
+use alloc::vec;
+
+/// 10 ms, Keel's default.
+const QUANTUM: u64 = TSC_HZ / 100;
+const MIN_GAP: u64 = TSC_HZ / MIN_TIMER_GAP_DIVISOR;
+/// PIT channel 0 counts for 100 Hz (99.998 Hz) and for about 132.6 Hz, whose ticks fall at every
+/// phase of a 10 ms slice.
+const PIT_100HZ: u16 = 11932;
+const PIT_132HZ: u16 = 9000;
+
+fn config() -> LoopConfig {
+    LoopConfig {
+        quantum: QUANTUM,
+        tsc_hz: TSC_HZ,
+        preemption_timer: Some(0),
+        tsc_offsetting: true,
+    }
+}
+
+fn rig(programs: Vec<Program>) -> RunLoop<FakeCpu> {
+    let cpu = FakeCpu::new();
+    let slots = programs
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| cpu.guest(i, p, 0))
+        .collect();
+    RunLoop::new(cpu, config(), slots)
+}
+
+/// PIT period of `count` in TSC cycles.
+fn period(count: u16) -> f64 {
+    count as f64 * TSC_HZ as f64 / PIT_HZ as f64
+}
+
+/// Runs the loop until the fake clock has advanced by `cycles`.
+fn run_for(rl: &mut RunLoop<FakeCpu>, cycles: u64) {
+    let end = rl.cpu.clock + cycles;
+    while rl.cpu.clock < end {
+        assert!(rl.step(), "every guest stopped");
+    }
+}
+
+/// Checks that guest `i`, which started its PIT with `count` ([`Program::with_pit`]), took every
+/// tick that fell due (all but those too recent to have been delivered) and no more, each within
+/// the minimum gap of its time in the guest's own time.
+fn every_tick_on_time(rl: &RunLoop<FakeCpu>, i: usize, count: u16) {
+    // The PIT starts counting when the count's last byte is written: at the guest's time of that
+    // exit's handling (the RDTSC after the exit).
+    let started = rl
+        .cpu
+        .entries(i)
+        .nth(PIT_SETUP_EXITS - 1)
+        .unwrap()
+        .guest_end()
+        + KEEL_COST;
+    // Its time now: a halted guest's clock runs on; a runnable one's stopped when it last exited.
+    let now = match rl.slots[i].guest.state {
+        RunState::Halted => rl.slots[i].guest.now(rl.cpu.clock),
+        _ => rl.cpu.entries(i).last().unwrap().guest_end() + KEEL_COST,
+    };
+    let own = now - started;
+    let ticks: Vec<&Entry> = rl.cpu.entries(i).filter(|e| e.injected.is_some()).collect();
+    let due = (own as f64 / period(count)) as usize;
+    let surely_delivered = ((own - MIN_GAP - 10 * KEEL_COST) as f64 / period(count)) as usize;
+    assert!(
+        (surely_delivered..=due).contains(&ticks.len()),
+        "guest {i}: {} ticks, {due} due",
+        ticks.len()
+    );
+    assert!(ticks.iter().all(|e| e.injected == Some(0x20)));
+    assert_eq!(
+        rl.slots[i].guest.platform.stats().lines[0].coalesced,
+        0,
+        "no tick lost"
+    );
+    for (k, e) in ticks.iter().enumerate() {
+        let due = started + ((k + 1) as f64 * period(count)).ceil() as u64;
+        let late = e.guest_start as i64 - due as i64;
+        assert!(
+            (0..=(MIN_GAP + 10 * KEEL_COST) as i64).contains(&late),
+            "guest {i} tick {k}: {late} cycles late"
+        );
+    }
+}
+
+fn cpu_cycles(rl: &RunLoop<FakeCpu>, i: usize) -> u64 {
+    rl.slots[i].guest.stats.cpu_cycles
+}
+
+/// Each value's distance from their mean, as a fraction of it.
+fn spread(values: &[u64]) -> Vec<f64> {
+    let mean = values.iter().sum::<u64>() as f64 / values.len() as f64;
+    values.iter().map(|&v| (v as f64 - mean) / mean).collect()
+}
+
+/// The entries of the guests in `ids`, grouped into time slices: consecutive entries of one
+/// guest, with the entries of the other guests (a woken sleeper) in between left out.
+fn slices(trace: &[Entry], ids: &[usize]) -> Vec<(usize, Vec<Entry>)> {
+    let mut out: Vec<(usize, Vec<Entry>)> = Vec::new();
+    for e in trace.iter().filter(|e| ids.contains(&e.guest)) {
+        match out.last_mut() {
+            Some((g, entries)) if *g == e.guest => entries.push(*e),
+            _ => out.push((e.guest, vec![*e])),
+        }
+    }
+    out
+}
+
+#[test]
+fn three_cpu_bound_guests_get_equal_shares() {
+    let mut rl = rig(vec![Program::compute(); 3]);
+    // 300 slices: 100 each.
+    for _ in 0..300 {
+        assert!(rl.step());
+    }
+    let cycles: Vec<u64> = (0..3).map(|i| cpu_cycles(&rl, i)).collect();
+    for d in spread(&cycles) {
+        assert!(d.abs() < 0.01, "shares {cycles:?}");
+    }
+    // Each ran 100 quanta in the guest, less Keel's own time around each entry.
+    for (i, &c) in cycles.iter().enumerate() {
+        assert!(
+            c <= 100 * QUANTUM && c > 100 * QUANTUM * 99 / 100,
+            "guest {i}: {c}"
+        );
+        let s = &rl.slots[i].guest.stats;
+        assert_eq!(
+            s.total_exits(),
+            100,
+            "guest {i}: one preemption-timer exit a slice"
+        );
+    }
+    assert_eq!(
+        rl.cpu.trace[..4]
+            .iter()
+            .map(|e| e.guest)
+            .collect::<Vec<_>>(),
+        [0, 1, 2, 0]
+    );
+    // Each slice loads its guest's VMCS (VMPTRLD) and reaches it only through that handle.
+    assert_eq!(rl.cpu.loads, 300);
+}
+
+/// The first catch of the Bochs scheduler test (commit 9b8ba3a: +65.7% / -6.7% / -59.1%): a
+/// guest whose slice a waking sleeper cut short got a whole new quantum.
+#[test]
+fn cpu_bound_guests_stay_fair_while_a_sleeper_wakes_in_their_slices() {
+    let mut programs = vec![Program::compute(); 3];
+    programs.push(Program::sleeper(200).with_pit(PIT_132HZ));
+    let mut rl = rig(programs);
+    run_for(&mut rl, 6 * TSC_HZ);
+    let cycles: Vec<u64> = (0..3).map(|i| cpu_cycles(&rl, i)).collect();
+    for d in spread(&cycles) {
+        assert!(d.abs() < 0.01, "shares {cycles:?}");
+    }
+    let total: u64 = (0..4).map(|i| cpu_cycles(&rl, i)).sum();
+    let sleeper = cpu_cycles(&rl, 3) as f64 / total as f64;
+    assert!(sleeper < 0.01, "the sleeper's share {sleeper}");
+}
+
+#[test]
+fn a_halted_guest_gets_every_tick_on_time_while_others_compute() {
+    let mut programs = vec![Program::compute(); 2];
+    programs.push(Program::sleeper(200).with_pit(PIT_100HZ));
+    let mut rl = rig(programs);
+    run_for(&mut rl, 2 * TSC_HZ);
+    // Its clock ran with the machine's while it was halted, and stopped only between its
+    // wake-ups and its first instruction after them.
+    let own_time = rl.slots[2].guest.now(rl.cpu.clock);
+    let elapsed = rl.cpu.clock - super::fake::START;
+    assert!(
+        own_time <= elapsed && own_time > elapsed * 999 / 1000,
+        "{own_time} of {elapsed}"
+    );
+    every_tick_on_time(&rl, 2, PIT_100HZ);
+    // The other two shared the rest equally.
+    let cycles = [cpu_cycles(&rl, 0), cpu_cycles(&rl, 1)];
+    assert!(spread(&cycles)[0].abs() < 0.01, "{cycles:?}");
+}
+
+#[test]
+fn a_woken_guest_runs_first_and_the_interrupted_guest_gets_the_rest_of_its_slice() {
+    let mut programs = vec![Program::compute(); 2];
+    programs.push(Program::sleeper(200).with_pit(PIT_132HZ));
+    let mut rl = rig(programs);
+    run_for(&mut rl, TSC_HZ);
+    let trace = &rl.cpu.trace;
+    let mut interrupted = 0;
+    for (n, e) in trace
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.injected.is_some())
+    {
+        // The sleeper's wake-up ran right after the exit that made room for it, and the guest
+        // that made room ran right after the sleeper halted again.
+        let before = trace[n - 1];
+        assert_ne!(before.guest, 2);
+        assert!(
+            e.start - before.end < 10 * KEEL_COST,
+            "{before:?} then {e:?}"
+        );
+        let back = trace[n + 1..].iter().find(|x| x.guest != 2).unwrap();
+        if before.exit == ExitReason::PreemptionTimer && back.guest == before.guest {
+            interrupted += 1;
+        }
+    }
+    assert!(interrupted > 100, "{interrupted} slices cut short");
+    // Every whole slice holds one quantum of guest time, whether a wake-up cut it or not.
+    let all = slices(trace, &[0, 1]);
+    for (g, entries) in &all[..all.len() - 1] {
+        let ran: u64 = entries.iter().map(|e| e.end - e.start).sum();
+        assert!(
+            ran <= QUANTUM && ran > QUANTUM - 20 * KEEL_COST * entries.len() as u64,
+            "guest {g}: {ran} cycles in {} entries",
+            entries.len()
+        );
+    }
+}
+
+/// A PIT programmed with count 1 is due every 0.84 us: without the minimum gap every entry of
+/// its guest exited at once (a livelock of back-to-back exits).
+#[test]
+fn a_timer_that_is_always_due_does_not_livelock_its_guest() {
+    let mut storm = Program::once(&[Op::Run(1_000_000), Op::Out(0xf4, 0x21)]);
+    // Interrupts off: the interrupt stays pending and the timer always due.
+    storm.rflags = 0x2;
+    let mut rl = rig(vec![storm.with_pit(1), Program::compute()]);
+    for _ in 0..1_000 {
+        if !rl.slots[0].guest.state.is_live() {
+            break;
+        }
+        assert!(rl.step());
+    }
+    assert_eq!(
+        rl.slots[0].guest.state,
+        RunState::Stopped(StopReason::DebugExit(0x43)),
+        "the storm's guest finished its work"
+    );
+    let s = &rl.slots[0].guest.stats;
+    // Every entry ran at least the minimum gap (but the last of each slice).
+    let slices = 1_000_000 / QUANTUM + 1;
+    assert!(
+        s.total_exits() <= 1_000_000 / MIN_GAP + 2 * slices,
+        "{} exits",
+        s.total_exits()
+    );
+    let share = s.cpu_cycles as f64 / (s.cpu_cycles + s.keel_cycles) as f64;
+    assert!(share > 0.9, "{share} of its time in the guest");
+    // The other guest had its turns meanwhile.
+    assert!(cpu_cycles(&rl, 1) >= 1_000_000 - QUANTUM);
+}
+
+/// A runnable guest's clock stops while another has the CPU, and while it is paused: its timers
+/// keep their rate in its own time.
+#[test]
+fn clocks_stop_while_a_guest_waits_and_while_it_is_paused() {
+    let mut rl = rig(vec![Program::compute(); 2]);
+    let gaps = |rl: &RunLoop<FakeCpu>| -> Vec<u64> {
+        let mine: Vec<&Entry> = rl.cpu.entries(0).collect();
+        mine.windows(2)
+            .map(|w| w[1].guest_start - w[0].guest_end())
+            .collect()
+    };
+    for _ in 0..10 {
+        assert!(rl.step());
+    }
+    assert!(
+        gaps(&rl).iter().all(|&g| g < 10 * KEEL_COST),
+        "{:?}",
+        gaps(&rl)
+    );
+    rl.pause(0).unwrap();
+    let paused_at = rl.cpu.trace.len();
+    run_for(&mut rl, 20 * QUANTUM);
+    assert!(
+        rl.cpu.trace[paused_at..].iter().all(|e| e.guest == 1),
+        "a paused guest ran"
+    );
+    rl.resume(0).unwrap();
+    for _ in 0..4 {
+        assert!(rl.step());
+    }
+    assert!(rl.cpu.trace[paused_at..].iter().any(|e| e.guest == 0));
+    let gaps = gaps(&rl);
+    assert!(gaps.iter().all(|&g| g < 10 * KEEL_COST), "{gaps:?}");
+    // The console keys do the same for every guest.
+    rl.cpu.keys.extend(b"p");
+    let before = rl.cpu.trace.len();
+    assert!(rl.step());
+    assert_eq!(
+        rl.cpu.trace.len(),
+        before,
+        "nothing runs while all are paused"
+    );
+    assert_eq!(rl.cpu.sleeps.last().map(|s| s.2), Some(QUANTUM));
+    rl.cpu.keys.extend(b"r");
+    assert!(rl.step());
+    assert_eq!(rl.cpu.trace.len(), before + 1);
+}
+
+#[test]
+fn stopped_guests_never_run_again() {
+    let cpu = FakeCpu::new();
+    let slots = vec![
+        cpu.guest(0, Program::once(&[Op::Run(250_000), Op::Out(0xf4, 1)]), 0),
+        cpu.guest(1, Program::compute(), 0),
+        // Dies twice: booted again once (its restart budget), then stopped.
+        cpu.guest(2, Program::once(&[Op::Run(50_000), Op::TripleFault]), 1),
+    ];
+    let mut rl = RunLoop::new(cpu, config(), slots);
+    run_for(&mut rl, 20 * QUANTUM);
+    rl.kill(1).unwrap();
+    let killed_at = rl.cpu.trace.len();
+    let mut steps = 0;
+    while rl.step() {
+        steps += 1;
+        assert!(steps < 1000, "the loop did not end");
+    }
+    let state = |i: usize| rl.slots[i].guest.state.clone();
+    assert_eq!(state(0), RunState::Stopped(StopReason::DebugExit(3)));
+    assert_eq!(
+        state(1),
+        RunState::Stopped(StopReason::Killed("by the operator".into()))
+    );
+    assert_eq!(state(2), RunState::Stopped(StopReason::TripleFault));
+    assert_eq!(rl.slots[2].vcpu.boots, 1);
+    let last = |i: usize| rl.cpu.trace.iter().rposition(|e| e.guest == i).unwrap();
+    assert_eq!(rl.cpu.trace[last(0)].exit, ExitReason::IoInstruction);
+    assert!(last(1) < killed_at);
+    assert_eq!(rl.cpu.trace[last(2)].exit, ExitReason::TripleFault);
+    let deaths = rl
+        .cpu
+        .entries(2)
+        .filter(|e| e.exit == ExitReason::TripleFault)
+        .count();
+    assert_eq!(deaths, 2);
+    // Its 250 000 cycles and the OUT, plus the RDTSC that ends each entry's account.
+    let entries = rl.cpu.entries(0).count() as u64;
+    assert_eq!(
+        rl.slots[0].guest.stats.cpu_cycles,
+        250_000 + 1 + entries * KEEL_COST
+    );
+}
+
+/// With every guest halted Keel sleeps until the earliest guest timer, and no longer.
+#[test]
+fn idle_sleeps_until_the_earliest_halted_timer() {
+    let mut rl = rig(vec![
+        Program::sleeper(200).with_pit(PIT_100HZ),
+        Program::sleeper(200).with_pit(PIT_132HZ),
+    ]);
+    run_for(&mut rl, TSC_HZ / 2);
+    assert!(rl.cpu.sleeps.len() > 100);
+    for &(at, wake, max) in &rl.cpu.sleeps {
+        assert_eq!(max, QUANTUM);
+        assert!(
+            wake > at && wake - at <= period(PIT_100HZ) as u64 + 1,
+            "{at} {wake}"
+        );
+    }
+    // Woken at the deadline it slept to, each guest takes its tick.
+    every_tick_on_time(&rl, 0, PIT_100HZ);
+    every_tick_on_time(&rl, 1, PIT_132HZ);
+    assert_eq!(
+        rl.cpu.spec_ctrl_writes,
+        [0],
+        "IA32_SPEC_CTRL is written only when it changes"
+    );
+}
+
+/// A guest takes its own timer's ticks on time whether it exits often (CPUID: no device work
+/// after it, so the loop must consult its platform when a timer falls due) or never (the
+/// preemption timer must bring it back for them); and a halted guest's ticks are on time while
+/// a guest that exits more often than the minimum gap has the CPU (its preemption timer, re-armed
+/// at every entry, never expires: the loop must look at the halted guests' deadlines after every
+/// exit).
+#[test]
+fn every_guest_gets_its_ticks_on_time_whether_the_running_one_exits_often_or_never() {
+    let busy = Program {
+        main: vec![Op::Run(300), Op::Cpuid],
+        repeat_from: Some(0),
+        ..Program::compute()
+    };
+    let mut rl = rig(vec![
+        busy.with_pit(PIT_100HZ),
+        Program::compute().with_pit(PIT_132HZ),
+        Program::sleeper(200).with_pit(PIT_132HZ),
+    ]);
+    run_for(&mut rl, TSC_HZ);
+    every_tick_on_time(&rl, 0, PIT_100HZ);
+    every_tick_on_time(&rl, 1, PIT_132HZ);
+    every_tick_on_time(&rl, 2, PIT_132HZ);
+    let cpuid = rl.slots[0].guest.stats.exits[ExitReason::Cpuid.number() as usize];
+    assert!(cpuid > 10_000, "{cpuid} CPUID exits");
+}
+
+/// YIELD gives the rest of the slice to the next guest; PRINT_STATS does too (the table is
+/// printed after the caller's exit).
+#[test]
+fn yield_and_print_stats_end_the_slice() {
+    let yielder = |nr| Program {
+        main: vec![Op::Run(1_000), Op::Hypercall(nr)],
+        repeat_from: Some(0),
+        ..Program::compute()
+    };
+    let mut rl = rig(vec![
+        yielder(crate::abi::hc::YIELD),
+        yielder(crate::abi::hc::PRINT_STATS),
+        Program::compute(),
+    ]);
+    for _ in 0..30 {
+        assert!(rl.step());
+    }
+    let all = slices(&rl.cpu.trace, &[0, 1, 2]);
+    assert_eq!(all.len(), 30, "one guest after the other");
+    for (g, entries) in &all {
+        let ran: u64 = entries.iter().map(|e| e.end - e.start).sum();
+        if *g < 2 {
+            assert_eq!(entries.len(), 1);
+            assert_eq!(entries[0].exit, ExitReason::Vmcall);
+            assert_eq!(ran, 1_000 + 1);
+        } else {
+            assert!(ran > QUANTUM * 99 / 100, "{ran}");
+        }
+    }
+    // Their clocks stop while they wait, as after a slice that ran out.
+    let mine: Vec<&Entry> = rl.cpu.entries(1).collect();
+    assert!(mine
+        .windows(2)
+        .all(|w| w[1].guest_start - w[0].guest_end() < 10 * KEEL_COST));
+}
