@@ -265,8 +265,7 @@ fn main() -> ExitCode {
         Cmd::Flash(f) => flash_cmd(&f, ws),
         Cmd::Bench(b) => {
             image_options(&b.build, ws).and_then(|opts| keel_boot::bench::run(&opts, &b))
-        }
-        // Cmd::Ctl(c) => ...: the control channel's client.
+        } // Cmd::Ctl(c) => ...: the control channel's client.
     };
     match result {
         Ok(code) => code,

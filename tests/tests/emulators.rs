@@ -17,6 +17,7 @@
 //! - `cleanup`: a time limit stops the emulator and leaves nothing behind.
 //! - `qemu_kernels`: test kernels written for QEMU's -kernel print the same and end the same
 //!   under Keel as under QEMU (tests/guests/manifests/qemu-kernels.manifest).
+//! - `walkthrough`: the commands of docs/GUESTS.md's walk-through, run as they stand.
 
 mod bringup;
 mod cleanup;
@@ -27,6 +28,7 @@ mod hostile;
 mod platform;
 mod qemu_kernels;
 mod scheduler;
+mod walkthrough;
 
 use keel_tests::Manifest;
 
