@@ -154,3 +154,24 @@ fn version_and_help() {
         assert!(help.contains(&format!("Usage: cargo keel {sub}")), "{help}");
     }
 }
+
+/// `flash` refuses a device that is not a USB disk before it builds anything: here, outside a
+/// checkout, a build would have failed first with the workspace error.
+#[test]
+fn flash_checks_the_device_before_building() {
+    let dir = std::env::temp_dir().join(format!("keel-run-flash-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let out = Command::new(KEEL_BOOT)
+        .args(["flash", "/dev/null", "--yes"])
+        .current_dir(&dir)
+        .env_remove("KEEL_WORKSPACE")
+        .output()
+        .expect("run keel-boot");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "keel-boot: error: refusing /dev/null: it is a character device, not a block device (give \
+         the whole USB disk, e.g. /dev/sdb)\n"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
