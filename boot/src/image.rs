@@ -541,8 +541,14 @@ pub fn write_disk_images(kernel: &Path, ramdisk: &Path, out: &Path) -> Result<(P
 /// The whole `image` step: validate the manifest, build the kernel and (if needed) the guests,
 /// pack the ramdisk, write both disk images.
 pub fn build_images(opts: &ImageOptions) -> Result<Images> {
-    let text = std::fs::read_to_string(&opts.manifest)
-        .with_context(|| format!("cannot read the manifest {}", opts.manifest.display()))?;
+    let text = std::fs::read_to_string(&opts.manifest).with_context(|| {
+        format!(
+            "cannot read the manifest {} (Keel's own are in {}; docs/GUESTS.md says how to \
+                 write one)",
+            opts.manifest.display(),
+            opts.root.join("tests/guests/manifests").display()
+        )
+    })?;
     let parsed = manifest::parse(&text).map_err(|e| anyhow!("{}: {e}", opts.manifest.display()))?;
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("cannot create {}", opts.out.display()))?;
