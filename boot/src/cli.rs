@@ -93,7 +93,7 @@ const ABOUT: &str = "Build, boot and flash Keel images (docs/BOOTING.md)";
 const RUN_AFTER_HELP: &str = "\
 Exit status: QEMU's ((code << 1) | 1 from isa-debug-exit) or, in Bochs, the N of Keel's
 `keel: exit status N` line; 1 when Keel printed no status line, 124 on a timeout, 130 after Ctrl-C.
-While it runs, what you type goes to Keel's console on COM1 (docs/BOOTING.md, \"The console\").";
+While it runs, what you type goes to COM1 (the keys Keel reads there: docs/BOOTING.md, \"Keel's console keys\").";
 
 #[derive(Parser, Debug)]
 #[command(
