@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Keel needs, and nothing when it is all there already:
 #   - Debian/Ubuntu packages: the emulators (Bochs with its X display and BIOS, QEMU, OVMF, Xvfb)
-#     and a C linker for the host crates;
+#     a C linker for the host crates, and gcc and binutils for docs/GUESTS.md's walk-through;
 #   - the Rust toolchain pinned in rust-toolchain.toml, with rust-src, llvm-tools-preview, clippy,
 #     rustfmt and the x86_64-unknown-none target (rustup itself from sh.rustup.rs if absent).
 # When it cannot install something (no apt, no root and no sudo, no network) it prints exactly
@@ -20,6 +20,7 @@ checks=(
     "xvfb-run:xvfb"
     "xauth:xauth"
     "cc:gcc"
+    "as:binutils"
     "/usr/include/stdio.h:libc6-dev"
     "curl:curl"
     "/etc/ssl/certs/ca-certificates.crt:ca-certificates"

@@ -663,17 +663,13 @@ keel: guest 0 bench-a overhead: 35 KiB (VMCS 4, EPT 3 tables, I/O+MSR bitmaps 12
 
     #[test]
     fn command_line() {
-        let argv: Vec<String> = ["bench", "--timeout", "30", "--echo", "--quiet"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let Ok(crate::cli::Cmd::Bench(b)) = crate::cli::parse(&argv) else {
+        let argv = ["keel-boot", "bench", "--timeout", "30", "--echo", "--quiet"];
+        let Ok(crate::cli::Cmd::Bench(b)) = crate::cli::parse(argv).map(|i| i.cmd) else {
             panic!("bench parses");
         };
         assert_eq!(b.timeout_secs, Some(30));
         assert!(b.echo && b.build.quiet && b.build.release, "always release");
-        let bad: Vec<String> = vec!["bench".into(), "--uefi".into()];
-        assert!(crate::cli::parse(&bad).is_err());
+        assert!(crate::cli::parse(["keel-boot", "bench", "--uefi"]).is_err());
     }
 
     const LOG: &str = "\

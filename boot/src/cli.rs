@@ -1,62 +1,20 @@
-//! The command line of `keel-boot` (also reached as `cargo keel ...`).
+//! The command line of `keel-boot` (also reached as `cargo keel ...`), declared with clap.
+//!
+//! [`parse`] reads it and hands back the plain option structs the library takes ([`Cmd`]) after
+//! the checks that involve more than one option; `--help`, `--version` and clap's own errors come
+//! back as a `clap::Error` that knows how to print itself and with which exit status.
+//!
+//! Adding a subcommand: a variant of `Sub` (its help line is the doc comment), an arm in
+//! `Cli::into_invocation`, a variant of [`Cmd`] and an arm in main.rs.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
+use clap::builder::PossibleValue;
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+
 use crate::emulator::Emulator;
-
-pub const USAGE: &str = "\
-keel-boot: build, boot and flash Keel images
-
-USAGE:
-    cargo keel image [IMAGE OPTIONS]
-    cargo keel run   [IMAGE OPTIONS] [RUN OPTIONS]
-    cargo keel flash DEVICE [IMAGE OPTIONS] [--image PATH] [--bios] [--force] [--yes]
-    cargo keel bench [IMAGE OPTIONS] [--timeout SECS] [--echo]
-
-IMAGE OPTIONS:
-    --manifest PATH   guest manifest (default tests/guests/manifests/demo.manifest)
-    --linux KERNEL    instead of a manifest: one Linux guest booting KERNEL (a bzImage or
-                      vmlinux; the manifest written for it is <out>/linux-guest/linux.manifest)
-    --initrd FILE     (with --linux) the guest's initrd / initramfs
-    --append TEXT     (with --linux) its command line (default: console=ttyS0)
-    --linux-memory SIZE  (with --linux) its RAM, e.g. 512M (default 256M); the emulated
-                      machine gets enough more for Keel and the ramdisk unless --memory says
-    --files DIR       take the files the manifest names from DIR instead of building
-                      the guests with tests/guests/build.sh
-    --out DIR         where images go (default target/keel/<profile>)
-    --release         build the kernel with the release profile
-    --quiet           hide build output unless a build fails
-
-RUN OPTIONS:
-    --image PATH      boot this disk image instead of building one
-    --emulator E      bochs | qemu | qemu-kvm (default: qemu-kvm if /dev/kvm exists and
-                      the CPU has vmx, else bochs)
-    --uefi            boot the UEFI image with OVMF (default: BIOS image)
-    --timeout SECS    stop the emulator after SECS (0: never; default 300 Bochs BIOS,
-                      600 Bochs UEFI, 120 QEMU, 60 KVM)
-    --memory MIB      guest-physical memory of the emulated machine (default 256; Bochs:
-                      at most 2048)
-    --ips N           Bochs instructions per emulated second (default 10000000)
-    --cpu MODEL       Bochs CPU model (default corei7_skylake_x)
-    --cpus N          processors of the emulated machine (default 1; Bochs: at most 254)
-    --work-dir DIR    keep the run's files (serial.log, e9.log, emulator.*, bochsrc) in DIR
-    --no-echo         do not copy COM1 to stdout
-    --no-input        do not forward what you type to COM1 (forwarded by default when
-                      stdin is a terminal; Keel reads keys such as `s` there, then Enter)
-
-`run` exits with QEMU's status ((code << 1) | 1 from isa-debug-exit) or, in Bochs, the status
-of Keel's `keel: exit status N` line; 124 on a timeout, 130 when interrupted.
-
-FLASH OPTIONS:
-    --image PATH      write this image (default: build, then write the UEFI image)
-    --bios            write the BIOS image instead of the UEFI one
-    --force           accept a device that is not marked removable
-    --yes             do not ask for confirmation
-
-BENCH OPTIONS (docs/BENCHMARKS.md; always a release build, default manifest bench.manifest):
-    --timeout SECS    time limit of each of the two Bochs boots (default 120)
-    --echo            copy COM1 of both boots to the terminal
-";
 
 /// `--linux KERNEL [--initrd FILE] [--append TEXT] [--linux-memory SIZE]`: a one-guest manifest.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -95,6 +53,7 @@ pub struct RunArgs {
     pub memory_mib: Option<u32>,
     pub ips: Option<u64>,
     pub cpu: Option<String>,
+    /// Processors of the emulated machine (Bochs `cpu: count=N`, QEMU `-smp N`).
     pub cpus: Option<u32>,
     pub work_dir: Option<PathBuf>,
     pub no_echo: bool,
@@ -117,137 +76,259 @@ pub enum Cmd {
     Run(RunArgs),
     Flash(FlashArgs),
     Bench(crate::bench::BenchArgs),
-    Help,
+    // `Ctl(...)`: commands to a running Keel over its control channel go here.
 }
 
-/// Splits `--key=value` and hands out values of `--key value`.
-struct Args<'a> {
-    items: std::slice::Iter<'a, String>,
-    inline: Option<String>,
-}
-
-impl<'a> Args<'a> {
-    fn next_flag(&mut self) -> Option<String> {
-        let item = self.items.next()?;
-        match item.split_once('=') {
-            Some((flag, value)) if item.starts_with("--") => {
-                self.inline = Some(value.to_string());
-                Some(flag.to_string())
-            }
-            _ => {
-                self.inline = None;
-                Some(item.clone())
-            }
-        }
-    }
-
-    fn value(&mut self, flag: &str) -> Result<String, String> {
-        if let Some(v) = self.inline.take() {
-            return Ok(v);
-        }
-        self.items
-            .next()
-            .cloned()
-            .ok_or_else(|| format!("{flag} needs a value"))
-    }
-
-    fn number<T: std::str::FromStr>(&mut self, flag: &str) -> Result<T, String> {
-        let v = self.value(flag)?;
-        v.parse()
-            .map_err(|_| format!("{flag} takes a number, not `{v}`"))
-    }
-
-    /// A flag that takes no value must not have been given one.
-    fn no_value(&mut self, flag: &str) -> Result<(), String> {
-        match self.inline.take() {
-            Some(_) => Err(format!("{flag} takes no value")),
-            None => Ok(()),
-        }
-    }
-}
-
-/// The `--linux` options as they are read, checked together by [`finish_image_args`].
-#[derive(Default)]
-struct LinuxFlags {
-    kernel: Option<PathBuf>,
-    initrd: Option<PathBuf>,
-    append: Option<String>,
-    memory: Option<u64>,
-}
-
-/// Handles the options every subcommand shares; false if `flag` is not one of them.
-fn image_flag(
-    flag: &str,
-    args: &mut Args,
-    b: &mut ImageArgs,
-    lx: &mut LinuxFlags,
-) -> Result<bool, String> {
-    match flag {
-        "--manifest" => b.manifest = Some(args.value(flag)?.into()),
-        "--linux" => lx.kernel = Some(args.value(flag)?.into()),
-        "--initrd" => lx.initrd = Some(args.value(flag)?.into()),
-        "--append" => lx.append = Some(args.value(flag)?),
-        "--linux-memory" => {
-            let v = args.value(flag)?;
-            let m = keel::manifest::parse_size(&v)
-                .filter(|&m| {
-                    m != 0
-                        && m % keel::manifest::MEMORY_GRANULE == 0
-                        && m <= keel::manifest::MAX_GUEST_MEMORY
-                })
-                .ok_or_else(|| {
-                    format!("--linux-memory takes a multiple of 2M up to 3G (e.g. 512M), not `{v}`")
-                })?;
-            lx.memory = Some(m)
-        }
-        "--files" => b.files = Some(args.value(flag)?.into()),
-        "--out" => b.out = Some(args.value(flag)?.into()),
-        "--release" => {
-            args.no_value(flag)?;
-            b.release = true
-        }
-        "--quiet" => {
-            args.no_value(flag)?;
-            b.quiet = true
-        }
-        _ => return Ok(false),
-    }
-    Ok(true)
-}
-
-/// Turns the `--linux` flags into `b.linux`: the others need `--linux`, which excludes a
-/// manifest and a files directory (it makes both).
-fn finish_image_args(b: &mut ImageArgs, lx: LinuxFlags) -> Result<(), String> {
-    let Some(kernel) = lx.kernel else {
-        for (given, flag) in [
-            (lx.initrd.is_some(), "--initrd"),
-            (lx.append.is_some(), "--append"),
-            (lx.memory.is_some(), "--linux-memory"),
-        ] {
-            if given {
-                return Err(format!("{flag} goes with --linux KERNEL"));
-            }
-        }
-        return Ok(());
-    };
-    if b.manifest.is_some() || b.files.is_some() {
-        return Err(
-            "--linux makes its own manifest: use it without --manifest and --files (or add a \
-             `kind = linux` guest to your manifest)"
-                .into(),
-        );
-    }
-    b.linux = Some(LinuxArgs {
-        kernel,
-        initrd: lx.initrd,
-        cmdline: lx.append.unwrap_or_else(|| DEFAULT_LINUX_CMDLINE.into()),
-        memory: lx.memory.unwrap_or(DEFAULT_LINUX_MEMORY),
-    });
-    Ok(())
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invocation {
+    /// `--workspace DIR`: the Keel checkout to build from (see `image::locate_workspace`).
+    pub workspace: Option<PathBuf>,
+    pub cmd: Cmd,
 }
 
 /// The most memory Bochs emulates: its `megs` (and `memory: host=`) setting stops at 2048 MiB.
 pub const BOCHS_MAX_MEMORY_MIB: u32 = 2048;
+
+const ABOUT: &str = "Build, boot and flash Keel images (docs/BOOTING.md)";
+
+const RUN_AFTER_HELP: &str = "\
+Exit status: QEMU's ((code << 1) | 1 from isa-debug-exit) or, in Bochs, the N of Keel's
+`keel: exit status N` line; 1 when Keel printed no status line, 124 on a timeout, 130 after Ctrl-C.
+While it runs, what you type goes to COM1 (the keys Keel reads there: docs/BOOTING.md, \"Keel's console keys\").";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "keel-boot",
+    bin_name = "cargo keel",
+    version,
+    about = ABOUT,
+    arg_required_else_help = true,
+    after_help = "Run `cargo keel help COMMAND` or `cargo keel COMMAND --help` for its options."
+)]
+struct Cli {
+    /// The Keel checkout to build in [default: the one holding the current directory, or
+    /// $KEEL_WORKSPACE]
+    #[arg(long, global = true, value_name = "DIR")]
+    workspace: Option<PathBuf>,
+    #[command(subcommand)]
+    sub: Sub,
+}
+
+#[derive(Subcommand, Debug)]
+enum Sub {
+    /// Build the kernel and the guests, pack the ramdisk, write the BIOS and UEFI disk images
+    Image {
+        #[command(flatten)]
+        build: BuildOpts,
+        #[command(flatten)]
+        linux: LinuxOpts,
+    },
+    /// Build the images (or take --image) and boot one in an emulator, showing COM1
+    #[command(after_help = RUN_AFTER_HELP)]
+    Run(Box<RunOpts>),
+    /// Write an image to a USB stick, after checking that DEVICE is one
+    Flash(FlashOpts),
+    /// The exit-path benchmark: Keel and a bare run in Bochs, one table (docs/BENCHMARKS.md)
+    Bench(BenchOpts),
+    // `ctl`: commands to a running Keel over its control channel (COM2) go here.
+}
+
+/// The options of every command that builds an image.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Image options")]
+struct BuildOpts {
+    /// Guest manifest [default: tests/guests/manifests/demo.manifest in the workspace]
+    #[arg(long, value_name = "PATH")]
+    manifest: Option<PathBuf>,
+    /// Take the files the manifest names from DIR instead of building the test guests with
+    /// tests/guests/build.sh
+    #[arg(long, value_name = "DIR")]
+    files: Option<PathBuf>,
+    /// Where the images go [default: target/keel/<debug|release>]
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Build the kernel with the release profile
+    #[arg(long)]
+    release: bool,
+    /// No progress lines; build output only when a build fails
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// `--linux` and its companions.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "A Linux guest instead of a manifest")]
+struct LinuxOpts {
+    /// Boot one Linux guest from KERNEL (a bzImage or vmlinux); the manifest written for it is
+    /// <out>/linux-guest/linux.manifest
+    #[arg(long, value_name = "KERNEL")]
+    linux: Option<PathBuf>,
+    /// (with --linux) the guest's initrd / initramfs
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    /// (with --linux) its command line [default: console=ttyS0]
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
+    append: Option<String>,
+    /// (with --linux) its RAM, a multiple of 2M up to 3G, e.g. 512M [default: 256M]; the
+    /// emulated machine gets enough more for Keel and the ramdisk unless --memory says
+    #[arg(long, value_name = "SIZE", value_parser = linux_memory)]
+    linux_memory: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+struct RunOpts {
+    #[command(flatten)]
+    build: BuildOpts,
+    #[command(flatten)]
+    linux: LinuxOpts,
+    /// Boot this disk image instead of building one
+    #[arg(long, value_name = "PATH", help_heading = "Run options")]
+    image: Option<PathBuf>,
+    /// The emulator [default: qemu-kvm if /dev/kvm exists and the CPU has VT-x (vmx), else bochs]
+    #[arg(long, value_name = "E", help_heading = "Run options")]
+    emulator: Option<Emulator>,
+    /// Boot the UEFI image with OVMF [default: the BIOS image]
+    #[arg(long, help_heading = "Run options")]
+    uefi: bool,
+    /// Stop the emulator after SECS, 0 for never [default: Bochs 300 (BIOS) / 600 (UEFI), QEMU
+    /// 120, KVM 60]
+    #[arg(long, value_name = "SECS", help_heading = "Run options")]
+    timeout: Option<u64>,
+    /// Memory of the emulated machine [default: 256; Bochs: at most 2048]
+    #[arg(long, value_name = "MIB", help_heading = "Run options")]
+    memory: Option<u32>,
+    /// Bochs instructions per emulated second [default: 10000000]
+    #[arg(long, value_name = "N", help_heading = "Run options")]
+    ips: Option<u64>,
+    /// Bochs CPU model [default: corei7_skylake_x]
+    #[arg(long, value_name = "MODEL", help_heading = "Run options")]
+    cpu: Option<String>,
+    /// Processors of the emulated machine [default: 1; Bochs: at most 254]
+    #[arg(long, value_name = "N", help_heading = "Run options",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::bochs::MAX_CPUS)))]
+    cpus: Option<u32>,
+    /// Keep the run's files (serial.log, e9.log, emulator.*, bochsrc) in DIR
+    #[arg(long, value_name = "DIR", help_heading = "Run options")]
+    work_dir: Option<PathBuf>,
+    /// Do not copy COM1 to the terminal
+    #[arg(long, help_heading = "Run options")]
+    no_echo: bool,
+    /// Do not forward what you type to COM1 (forwarded when stdin is a terminal)
+    #[arg(long, help_heading = "Run options")]
+    no_input: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "Example: cargo keel flash /dev/sdb (find the stick with lsblk)")]
+struct FlashOpts {
+    /// The whole USB disk to write, e.g. /dev/sdb (checked before anything is built)
+    #[arg(value_name = "DEVICE")]
+    device: PathBuf,
+    #[command(flatten)]
+    build: BuildOpts,
+    #[command(flatten)]
+    linux: LinuxOpts,
+    /// Write this image [default: build, then write the UEFI image]
+    #[arg(long, value_name = "PATH", help_heading = "Flash options")]
+    image: Option<PathBuf>,
+    /// Write the BIOS image instead of the UEFI one
+    #[arg(long, help_heading = "Flash options")]
+    bios: bool,
+    /// Accept a device that is not marked removable
+    #[arg(long, help_heading = "Flash options")]
+    force: bool,
+    /// Do not ask for confirmation
+    #[arg(long, help_heading = "Flash options")]
+    yes: bool,
+}
+
+/// Always a release build; the default manifest is bench.manifest.
+#[derive(Args, Debug)]
+struct BenchOpts {
+    #[command(flatten)]
+    build: BuildOpts,
+    /// Time limit of each of the two Bochs boots [default: 120]
+    #[arg(long, value_name = "SECS", help_heading = "Bench options")]
+    timeout: Option<u64>,
+    /// Copy COM1 of both boots to the terminal
+    #[arg(long, help_heading = "Bench options")]
+    echo: bool,
+}
+
+/// `--emulator`'s values; an unknown one is answered with this list.
+impl ValueEnum for Emulator {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Emulator::Bochs, Emulator::Qemu, Emulator::QemuKvm]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self {
+            Emulator::Bochs => PossibleValue::new("bochs").help("Bochs and its VT-x emulation"),
+            Emulator::Qemu => PossibleValue::new("qemu")
+                .alias("qemu-tcg")
+                .help("QEMU TCG: no VT-x, Keel stops with \"no VMX\" (tests the boot path)"),
+            Emulator::QemuKvm => PossibleValue::new("qemu-kvm")
+                .alias("kvm")
+                .help("QEMU with KVM: a host with VT-x and nested virtualization"),
+        })
+    }
+}
+
+/// `--linux-memory`: what a manifest's `memory` accepts.
+fn linux_memory(v: &str) -> Result<u64, String> {
+    keel::manifest::parse_size(v)
+        .filter(|&m| {
+            m != 0
+                && m % keel::manifest::MEMORY_GRANULE == 0
+                && m <= keel::manifest::MAX_GUEST_MEMORY
+        })
+        .ok_or_else(|| "takes a multiple of 2M up to 3G (e.g. 512M)".into())
+}
+
+impl BuildOpts {
+    /// Turns the `--linux` flags into `linux`: the others need `--linux`, which excludes a
+    /// manifest and a files directory (it makes both).
+    fn into_image_args(self, lx: Option<LinuxOpts>) -> Result<ImageArgs, String> {
+        let mut b = ImageArgs {
+            manifest: self.manifest,
+            linux: None,
+            files: self.files,
+            out: self.out,
+            release: self.release,
+            quiet: self.quiet,
+        };
+        let Some(lx) = lx else {
+            return Ok(b);
+        };
+        let Some(kernel) = lx.linux else {
+            for (given, flag) in [
+                (lx.initrd.is_some(), "--initrd"),
+                (lx.append.is_some(), "--append"),
+                (lx.linux_memory.is_some(), "--linux-memory"),
+            ] {
+                if given {
+                    return Err(format!("{flag} goes with --linux KERNEL"));
+                }
+            }
+            return Ok(b);
+        };
+        if b.manifest.is_some() || b.files.is_some() {
+            return Err(
+                "--linux makes its own manifest: use it without --manifest and --files (or add a \
+                 `kind = linux` guest to your manifest)"
+                    .into(),
+            );
+        }
+        b.linux = Some(LinuxArgs {
+            kernel,
+            initrd: lx.initrd,
+            cmdline: lx.append.unwrap_or_else(|| DEFAULT_LINUX_CMDLINE.into()),
+            memory: lx.linux_memory.unwrap_or(DEFAULT_LINUX_MEMORY),
+        });
+        Ok(b)
+    }
+}
 
 /// `--memory` must be something the chosen emulator can give (checked once the whole command
 /// line is read, so the order of `--emulator` and `--memory` does not matter).
@@ -261,146 +342,103 @@ fn check_memory(r: &RunArgs) -> Result<(), String> {
     }
 }
 
-/// Parses the arguments after the program name.
-pub fn parse(argv: &[String]) -> Result<Cmd, String> {
-    let Some((sub, rest)) = argv.split_first() else {
-        return Ok(Cmd::Help);
-    };
-    let mut args = Args {
-        items: rest.iter(),
-        inline: None,
-    };
-    match sub.as_str() {
-        "help" | "--help" | "-h" => Ok(Cmd::Help),
-        "image" => {
-            let mut b = ImageArgs::default();
-            let mut lx = LinuxFlags::default();
-            while let Some(flag) = args.next_flag() {
-                if !image_flag(&flag, &mut args, &mut b, &mut lx)? {
-                    return Err(format!("image: unknown option `{flag}`"));
-                }
+impl Cli {
+    /// The option structs, or (subcommand name, message) for a combination that does not go.
+    fn into_invocation(self) -> Result<Invocation, (&'static str, String)> {
+        let cmd = match self.sub {
+            Sub::Image { build, linux } => Cmd::Image(
+                build
+                    .into_image_args(Some(linux))
+                    .map_err(|e| ("image", e))?,
+            ),
+            Sub::Run(r) => {
+                let r = *r;
+                let run = RunArgs {
+                    build: r
+                        .build
+                        .into_image_args(Some(r.linux))
+                        .map_err(|e| ("run", e))?,
+                    image: r.image,
+                    emulator: r.emulator,
+                    uefi: r.uefi,
+                    timeout_secs: r.timeout,
+                    memory_mib: r.memory,
+                    ips: r.ips,
+                    cpu: r.cpu,
+                    cpus: r.cpus,
+                    work_dir: r.work_dir,
+                    no_echo: r.no_echo,
+                    no_input: r.no_input,
+                };
+                check_memory(&run).map_err(|e| ("run", e))?;
+                Cmd::Run(run)
             }
-            finish_image_args(&mut b, lx)?;
-            Ok(Cmd::Image(b))
-        }
-        "run" => {
-            let mut r = RunArgs::default();
-            let mut lx = LinuxFlags::default();
-            while let Some(flag) = args.next_flag() {
-                if image_flag(&flag, &mut args, &mut r.build, &mut lx)? {
-                    continue;
-                }
-                match flag.as_str() {
-                    "--image" => r.image = Some(args.value(&flag)?.into()),
-                    "--emulator" => {
-                        let v = args.value(&flag)?;
-                        r.emulator = Some(Emulator::parse(&v).ok_or_else(|| {
-                            format!("--emulator takes bochs, qemu or qemu-kvm, not `{v}`")
-                        })?)
-                    }
-                    "--uefi" => {
-                        args.no_value(&flag)?;
-                        r.uefi = true
-                    }
-                    "--timeout" => r.timeout_secs = Some(args.number(&flag)?),
-                    "--memory" => r.memory_mib = Some(args.number(&flag)?),
-                    "--ips" => r.ips = Some(args.number(&flag)?),
-                    "--cpu" => r.cpu = Some(args.value(&flag)?),
-                    "--cpus" => {
-                        r.cpus = Some(args.number(&flag)?)
-                            .filter(|n| (1..=crate::bochs::MAX_CPUS).contains(n));
-                        if r.cpus.is_none() {
-                            return Err(format!(
-                                "--cpus takes 1 to {} processors",
-                                crate::bochs::MAX_CPUS
-                            ));
-                        }
-                    }
-                    "--work-dir" => r.work_dir = Some(args.value(&flag)?.into()),
-                    "--no-echo" => {
-                        args.no_value(&flag)?;
-                        r.no_echo = true
-                    }
-                    "--no-input" => {
-                        args.no_value(&flag)?;
-                        r.no_input = true
-                    }
-                    _ => return Err(format!("run: unknown option `{flag}`")),
-                }
+            Sub::Flash(f) => Cmd::Flash(FlashArgs {
+                build: f
+                    .build
+                    .into_image_args(Some(f.linux))
+                    .map_err(|e| ("flash", e))?,
+                device: f.device,
+                image: f.image,
+                bios: f.bios,
+                force: f.force,
+                yes: f.yes,
+            }),
+            Sub::Bench(b) => {
+                let mut build = b.build.into_image_args(None).map_err(|e| ("bench", e))?;
+                build.release = true;
+                Cmd::Bench(crate::bench::BenchArgs {
+                    build,
+                    timeout_secs: b.timeout,
+                    echo: b.echo,
+                })
             }
-            finish_image_args(&mut r.build, lx)?;
-            check_memory(&r)?;
-            Ok(Cmd::Run(r))
-        }
-        "flash" => {
-            let mut f = FlashArgs::default();
-            let mut lx = LinuxFlags::default();
-            let mut device = None;
-            while let Some(flag) = args.next_flag() {
-                if image_flag(&flag, &mut args, &mut f.build, &mut lx)? {
-                    continue;
-                }
-                match flag.as_str() {
-                    "--image" => f.image = Some(args.value(&flag)?.into()),
-                    "--bios" => {
-                        args.no_value(&flag)?;
-                        f.bios = true
-                    }
-                    "--force" => {
-                        args.no_value(&flag)?;
-                        f.force = true
-                    }
-                    "--yes" => {
-                        args.no_value(&flag)?;
-                        f.yes = true
-                    }
-                    other if other.starts_with('-') => {
-                        return Err(format!("flash: unknown option `{other}`"))
-                    }
-                    other if device.is_none() => device = Some(PathBuf::from(other)),
-                    other => return Err(format!("flash: unexpected argument `{other}`")),
-                }
-            }
-            finish_image_args(&mut f.build, lx)?;
-            f.device = device.ok_or("flash: which device? e.g. `cargo keel flash /dev/sdb`")?;
-            Ok(Cmd::Flash(f))
-        }
-        "bench" => {
-            let mut b = crate::bench::BenchArgs::default();
-            let mut lx = LinuxFlags::default();
-            while let Some(flag) = args.next_flag() {
-                if image_flag(&flag, &mut args, &mut b.build, &mut lx)? {
-                    continue;
-                }
-                match flag.as_str() {
-                    "--timeout" => b.timeout_secs = Some(args.number(&flag)?),
-                    "--echo" => {
-                        args.no_value(&flag)?;
-                        b.echo = true
-                    }
-                    _ => return Err(format!("bench: unknown option `{flag}`")),
-                }
-            }
-            if lx.kernel.is_some() {
-                return Err("bench: --linux is for image, run and flash".into());
-            }
-            finish_image_args(&mut b.build, lx)?;
-            b.build.release = true;
-            Ok(Cmd::Bench(b))
-        }
-        other => Err(format!(
-            "unknown command `{other}` (image, run, flash, bench or help)"
-        )),
+        };
+        Ok(Invocation {
+            workspace: self.workspace,
+            cmd,
+        })
     }
+}
+
+/// Parses a command line, program name first (as `std::env::args_os()` gives it).
+pub fn parse<I, T>(argv: I) -> Result<Invocation, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(argv)?;
+    cli.into_invocation().map_err(|(sub, msg)| {
+        let mut cmd = Cli::command();
+        cmd.build();
+        match cmd.find_subcommand_mut(sub) {
+            Some(sub) => sub.error(ErrorKind::ArgumentConflict, msg),
+            None => cmd.error(ErrorKind::ArgumentConflict, msg),
+        }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn p(line: &str) -> Result<Cmd, String> {
-        let argv: Vec<String> = line.split_whitespace().map(String::from).collect();
-        parse(&argv)
+    fn p(line: &str) -> Result<Cmd, clap::Error> {
+        let argv = std::iter::once("keel-boot").chain(line.split_whitespace());
+        parse(argv).map(|i| i.cmd)
+    }
+
+    /// The message of a refusal, without clap's usage lines.
+    fn err(line: &str) -> String {
+        match p(line) {
+            Ok(cmd) => panic!("`{line}` was accepted: {cmd:?}"),
+            Err(e) => e.to_string().lines().next().unwrap_or_default().to_string(),
+        }
+    }
+
+    /// clap's own checks of the declarations (conflicting names, bad defaults).
+    #[test]
+    fn declarations_are_consistent() {
+        Cli::command().debug_assert();
     }
 
     #[test]
@@ -413,6 +451,15 @@ mod tests {
         assert!(r.uefi && r.build.release);
         assert_eq!(r.timeout_secs, Some(30));
         assert_eq!(r.build.manifest, Some(PathBuf::from("m")));
+        let Ok(Cmd::Run(r)) = p("run --emulator kvm --memory 512 --ips 5 --cpu x --no-echo -q")
+        else {
+            panic!("run parses");
+        };
+        assert_eq!(
+            (r.emulator, r.memory_mib, r.ips, r.cpu.as_deref()),
+            (Some(Emulator::QemuKvm), Some(512), Some(5), Some("x"))
+        );
+        assert!(r.no_echo && !r.no_input && r.build.quiet);
     }
 
     #[test]
@@ -422,24 +469,75 @@ mod tests {
         };
         assert_eq!(r.cpus, Some(4));
         assert_eq!(
-            p("run --cpus 0"),
-            Err("--cpus takes 1 to 254 processors".into())
-        );
-        assert_eq!(
-            p("run --cpus 255"),
-            Err("--cpus takes 1 to 254 processors".into())
-        );
-        assert_eq!(
-            p("run --cpus two"),
-            Err("--cpus takes a number, not `two`".into())
+            err("run --cpus 0"),
+            "error: invalid value '0' for '--cpus <N>': 0 is not in 1..=254"
         );
     }
 
     #[test]
-    fn image_defaults_and_help() {
-        assert_eq!(p("image"), Ok(Cmd::Image(ImageArgs::default())));
-        assert_eq!(p(""), Ok(Cmd::Help));
-        assert_eq!(p("--help"), Ok(Cmd::Help));
+    fn image_defaults() {
+        assert_eq!(p("image").ok(), Some(Cmd::Image(ImageArgs::default())));
+        let Ok(Cmd::Image(b)) = p("image --files g --out o") else {
+            panic!("image parses");
+        };
+        assert_eq!(
+            (b.files, b.out),
+            (Some(PathBuf::from("g")), Some(PathBuf::from("o")))
+        );
+    }
+
+    /// `--workspace` goes before or after the subcommand.
+    #[test]
+    fn workspace_anywhere() {
+        for line in [
+            "keel-boot --workspace /k image",
+            "keel-boot image --workspace /k",
+        ] {
+            let inv = parse(line.split_whitespace()).expect("parses");
+            assert_eq!(inv.workspace, Some(PathBuf::from("/k")), "{line}");
+        }
+        let inv = parse(["keel-boot", "image"]).expect("parses");
+        assert_eq!(inv.workspace, None);
+    }
+
+    /// `--help` on every subcommand and `--version` answer on stdout (exit status 0).
+    #[test]
+    fn help_and_version() {
+        for line in [
+            "--help",
+            "help",
+            "image --help",
+            "run --help",
+            "flash --help",
+            "bench --help",
+            "help run",
+        ] {
+            let e = p(line).expect_err("help is an early exit");
+            assert_eq!(e.kind(), ErrorKind::DisplayHelp, "{line}");
+            assert!(!e.use_stderr(), "{line}");
+        }
+        let help = p("run --help").expect_err("help").to_string();
+        assert!(help.contains("Usage: cargo keel run [OPTIONS]"), "{help}");
+        for flag in [
+            "--emulator <E>",
+            "--files <DIR>",
+            "--linux <KERNEL>",
+            "--workspace <DIR>",
+        ] {
+            assert!(help.contains(flag), "{flag} in\n{help}");
+        }
+        let e = p("--version").expect_err("version is an early exit");
+        assert_eq!(e.kind(), ErrorKind::DisplayVersion);
+        assert_eq!(
+            e.to_string(),
+            format!("keel-boot {}\n", env!("CARGO_PKG_VERSION"))
+        );
+        // No arguments: the help, as an error (status 2).
+        let e = p("").expect_err("nothing to do");
+        assert_eq!(
+            e.kind(),
+            ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        );
     }
 
     #[test]
@@ -450,20 +548,26 @@ mod tests {
         assert_eq!(f.device, PathBuf::from("/dev/sdb"));
         assert!(f.yes && !f.force);
         assert_eq!(f.image, Some(PathBuf::from("x.img")));
-        assert!(p("flash").is_err());
-        assert!(p("flash /dev/sdb /dev/sdc").is_err());
+        assert_eq!(
+            err("flash"),
+            "error: the following required arguments were not provided:"
+        );
+        assert_eq!(
+            err("flash /dev/sdb /dev/sdc"),
+            "error: unexpected argument '/dev/sdc' found"
+        );
     }
 
     /// Bochs' `megs` takes at most 2048 MiB; more must fail here, not in Bochs' log.
     #[test]
     fn bochs_memory_is_capped() {
         assert_eq!(
-            p("run --emulator bochs --memory 4096"),
-            Err("--memory 4096: Bochs emulates at most 2048 MiB (its `megs` limit)".into())
+            err("run --emulator bochs --memory 4096"),
+            "error: --memory 4096: Bochs emulates at most 2048 MiB (its `megs` limit)"
         );
         assert_eq!(
-            p("run --memory 3000 --emulator bochs"),
-            Err("--memory 3000: Bochs emulates at most 2048 MiB (its `megs` limit)".into())
+            err("run --memory 3000 --emulator bochs"),
+            "error: --memory 3000: Bochs emulates at most 2048 MiB (its `megs` limit)"
         );
         let Ok(Cmd::Run(r)) = p("run --emulator bochs --memory 2048") else {
             panic!("2048 MiB is Bochs' largest");
@@ -474,15 +578,16 @@ mod tests {
             Ok(Cmd::Run(_))
         ));
         assert_eq!(
-            p("run --memory 0"),
-            Err("--memory 0: the emulated machine needs some memory".into())
+            err("run --memory 0"),
+            "error: --memory 0: the emulated machine needs some memory"
         );
     }
 
     /// `--linux` and its companions; `--append` keeps its spaces when given as one argument.
     #[test]
     fn linux_options() {
-        let argv: Vec<String> = [
+        let argv = [
+            "keel-boot",
             "run",
             "--linux",
             "bz",
@@ -493,10 +598,11 @@ mod tests {
             "512M",
             "--emulator",
             "bochs",
-        ]
-        .map(String::from)
-        .to_vec();
-        let Ok(Cmd::Run(r)) = parse(&argv) else {
+        ];
+        let Ok(Invocation {
+            cmd: Cmd::Run(r), ..
+        }) = parse(argv)
+        else {
             panic!("run --linux parses");
         };
         assert_eq!(
@@ -525,37 +631,76 @@ mod tests {
             })
         );
         assert_eq!(
-            p("run --initrd x"),
-            Err("--initrd goes with --linux KERNEL".into())
+            err("run --initrd x"),
+            "error: --initrd goes with --linux KERNEL"
         );
         assert_eq!(
-            p("run --linux-memory 3M --linux bz"),
-            Err("--linux-memory takes a multiple of 2M up to 3G (e.g. 512M), not `3M`".into())
+            err("run --linux-memory 3M --linux bz"),
+            "error: invalid value '3M' for '--linux-memory <SIZE>': takes a multiple of 2M up to \
+             3G (e.g. 512M)"
         );
         assert_eq!(
-            p("run --linux bz --manifest m"),
-            Err(
-                "--linux makes its own manifest: use it without --manifest and --files (or add \
-                 a `kind = linux` guest to your manifest)"
-                    .into()
-            )
+            err("run --linux bz --manifest m"),
+            "error: --linux makes its own manifest: use it without --manifest and --files (or \
+             add a `kind = linux` guest to your manifest)"
         );
-        assert!(p("bench --linux bz").is_err());
+        assert_eq!(
+            err("bench --linux bz"),
+            "error: unexpected argument '--linux' found"
+        );
+    }
+
+    /// Errors name the option and, where there is a choice, list it.
+    #[test]
+    fn errors_suggest_the_fix() {
+        let e = p("run --emulator vbox").expect_err("no such emulator");
+        assert_eq!(e.kind(), ErrorKind::InvalidValue);
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(
+                "error: invalid value 'vbox' for '--emulator <E>'\n  \
+                 [possible values: bochs, qemu, qemu-kvm]"
+            ),
+            "{msg}"
+        );
+        assert_eq!(
+            err("run --timeout soon"),
+            "error: invalid value 'soon' for '--timeout <SECS>': invalid digit found in string"
+        );
+        assert_eq!(
+            err("run --timeout"),
+            "error: a value is required for '--timeout <SECS>' but none was supplied"
+        );
+        assert_eq!(
+            err("run --uefi=1"),
+            "error: unexpected value '1' for '--uefi' found; no more were expected"
+        );
+        // A misspelt option or command gets the near one suggested.
+        let e = p("run --emulater bochs").expect_err("misspelt");
+        assert!(
+            e.to_string()
+                .contains("tip: a similar argument exists: '--emulator'"),
+            "{e}"
+        );
+        let e = p("imgae").expect_err("misspelt");
+        assert!(
+            e.to_string()
+                .contains("tip: a similar subcommand exists: 'image'"),
+            "{e}"
+        );
+        assert_eq!(
+            err("image --bogus"),
+            "error: unexpected argument '--bogus' found"
+        );
     }
 
     #[test]
-    fn errors_are_readable() {
-        assert_eq!(
-            p("run --emulator vbox"),
-            Err("--emulator takes bochs, qemu or qemu-kvm, not `vbox`".into())
-        );
-        assert_eq!(
-            p("run --timeout soon"),
-            Err("--timeout takes a number, not `soon`".into())
-        );
-        assert_eq!(p("run --timeout"), Err("--timeout needs a value".into()));
-        assert_eq!(p("run --uefi=1"), Err("--uefi takes no value".into()));
-        assert!(p("image --bogus").is_err());
-        assert!(p("boot").is_err());
+    fn bench_is_always_release() {
+        let Ok(Cmd::Bench(b)) = p("bench --timeout 5 --echo --files g") else {
+            panic!("bench parses");
+        };
+        assert!(b.build.release && b.echo);
+        assert_eq!(b.timeout_secs, Some(5));
+        assert_eq!(b.build.files, Some(PathBuf::from("g")));
     }
 }

@@ -79,11 +79,7 @@ impl Firmware {
 /// KVM is only worth using when it can give Keel VMX: `/dev/kvm` must exist and the host CPU must
 /// show `vmx` (an AMD host or a software KVM such as kvm_pvm has none). Otherwise Bochs.
 pub fn choose_emulator(kvm_device: bool, cpuinfo: &str) -> Emulator {
-    let vmx = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx"));
-    if kvm_device && vmx {
+    if kvm_device && tools::cpu_has_vmx(cpuinfo) {
         Emulator::QemuKvm
     } else {
         Emulator::Bochs

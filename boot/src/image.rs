@@ -56,10 +56,96 @@ pub struct Images {
     pub guests: Vec<String>,
 }
 
-/// The workspace this tool was built from.
+/// The environment variable that names the Keel checkout to work in, like `--workspace DIR`.
+pub const WORKSPACE_ENV: &str = "KEEL_WORKSPACE";
+
+/// Whether `toml` (a Cargo.toml) declares Keel's workspace: a `[workspace]` table whose
+/// `members` include `"hypervisor"`. Read as text: a table header starts a line, and the members
+/// array runs from `members =` to its `]`, over several lines if need be.
+pub fn declares_keel_workspace(toml: &str) -> bool {
+    let mut in_workspace = false;
+    let mut members: Option<String> = None;
+    for line in toml.lines() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if let Some(m) = members.as_mut() {
+            m.push_str(line);
+        } else if line.starts_with('[') && !line.starts_with("[[") && line.ends_with(']') {
+            in_workspace = line == "[workspace]";
+            continue;
+        } else if in_workspace {
+            if let Some(rest) = line.strip_prefix("members") {
+                if let Some(array) = rest.trim_start().strip_prefix('=') {
+                    members = Some(array.to_string());
+                }
+            }
+        }
+        if let Some(m) = &members {
+            if let Some(end) = m.find(']') {
+                let items = m[..end].trim_start().strip_prefix('[').unwrap_or_default();
+                return items.split(',').any(|s| s.trim() == "\"hypervisor\"");
+            }
+        }
+    }
+    false
+}
+
+/// Whether `dir` is the root of a Keel checkout (see [`declares_keel_workspace`]).
+pub fn is_keel_workspace(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("Cargo.toml")).is_ok_and(|t| declares_keel_workspace(&t))
+}
+
+/// The Keel checkout to work in: `explicit` (`--workspace DIR`), else `env` (`$KEEL_WORKSPACE`),
+/// else the nearest directory from `cwd` upwards that is one. Relative paths are taken from `cwd`.
+pub fn resolve_workspace(
+    explicit: Option<&Path>,
+    env: Option<&Path>,
+    cwd: &Path,
+) -> Result<PathBuf> {
+    let named = explicit
+        .map(|d| (d, "--workspace"))
+        .or(env.map(|d| (d, WORKSPACE_ENV)));
+    if let Some((dir, how)) = named {
+        let dir = cwd.join(dir);
+        if !is_keel_workspace(&dir) {
+            bail!(
+                "{how} {}: not a Keel checkout (no Cargo.toml there whose [workspace] members \
+                 include \"hypervisor\")",
+                dir.display()
+            );
+        }
+        return Ok(dir);
+    }
+    cwd.ancestors()
+        .find(|d| is_keel_workspace(d))
+        .map(Path::to_path_buf)
+        .ok_or_else(|| {
+            anyhow!(
+                "{} is not inside a Keel checkout (no Cargo.toml whose [workspace] members include \
+                 \"hypervisor\" there or above): run this in your checkout, or name it with \
+                 --workspace DIR or {WORKSPACE_ENV}=DIR",
+                cwd.display()
+            )
+        })
+}
+
+/// [`resolve_workspace`] for this process: its `--workspace`, `$KEEL_WORKSPACE` and current
+/// directory. The checkout is the one the tool is run in, not the one it was built from.
+pub fn locate_workspace(explicit: Option<&Path>) -> Result<PathBuf> {
+    let env = std::env::var_os(WORKSPACE_ENV).map(PathBuf::from);
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    resolve_workspace(explicit, env.as_deref(), &cwd)
+}
+
+/// The checkout holding the current directory, for the integration tests (which run in it):
+/// [`locate_workspace`] without `--workspace`.
+///
+/// # Panics
+/// Outside a Keel checkout, with the message of [`resolve_workspace`].
 pub fn workspace_root() -> PathBuf {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    here.parent().unwrap_or(here).to_path_buf()
+    match locate_workspace(None) {
+        Ok(root) => root,
+        Err(e) => panic!("{e:#}"),
+    }
 }
 
 /// Cargo's target directory: `CARGO_TARGET_DIR` if set, else `<root>/target`.
@@ -113,7 +199,7 @@ pub fn pack_ramdisk(
     if !names.is_empty() {
         let dir = files_dir.ok_or_else(|| {
             anyhow!(
-                "{} names files ({}) but no directory to take them from",
+                "{} names files ({}) but no directory to take them from: pass it with --files DIR",
                 manifest_path.display(),
                 names.join(", ")
             )
@@ -122,7 +208,8 @@ pub fn pack_ramdisk(
             let path = dir.join(&name);
             let data = std::fs::read(&path).with_context(|| {
                 format!(
-                    "{} names `{name}`, but {} cannot be read",
+                    "{} names `{name}`, but {} cannot be read (your own guests: pass the \
+                     directory that holds them with --files DIR, docs/GUESTS.md)",
                     manifest_path.display(),
                     path.display()
                 )
@@ -454,11 +541,27 @@ pub fn write_disk_images(kernel: &Path, ramdisk: &Path, out: &Path) -> Result<(P
 /// The whole `image` step: validate the manifest, build the kernel and (if needed) the guests,
 /// pack the ramdisk, write both disk images.
 pub fn build_images(opts: &ImageOptions) -> Result<Images> {
-    let text = std::fs::read_to_string(&opts.manifest)
-        .with_context(|| format!("cannot read the manifest {}", opts.manifest.display()))?;
+    let text = std::fs::read_to_string(&opts.manifest).with_context(|| {
+        format!(
+            "cannot read the manifest {} (Keel's own are in {}; docs/GUESTS.md says how to \
+                 write one)",
+            opts.manifest.display(),
+            opts.root.join("tests/guests/manifests").display()
+        )
+    })?;
     let parsed = manifest::parse(&text).map_err(|e| anyhow!("{}: {e}", opts.manifest.display()))?;
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("cannot create {}", opts.out.display()))?;
+    let say = |what: String| {
+        if !opts.quiet {
+            eprintln!("keel-boot: {what}");
+        }
+    };
+    say(format!(
+        "building the kernel ({}) in {}...",
+        profile(opts.release),
+        opts.root.display()
+    ));
     let kernel = build_kernel(&opts.root, opts.release, opts.quiet)?;
 
     // Guests go to a directory of this process's own, so two runs in one checkout do not read
@@ -468,10 +571,20 @@ pub fn build_images(opts: &ImageOptions) -> Result<Images> {
         (Some(dir), _) => Some(dir.clone()),
         (None, true) => None,
         (None, false) => {
+            say(format!("building the guests ({GUEST_BUILD_SCRIPT})..."));
             build_guests(&opts.root, &built_guests, opts.quiet)?;
             Some(built_guests.clone())
         }
     };
+    say(format!(
+        "packing {} guest(s) from {}{}...",
+        parsed.guests.len(),
+        opts.manifest.display(),
+        match (&opts.files, &files_dir) {
+            (Some(dir), _) => format!(" with the files in {}", dir.display()),
+            _ => String::new(),
+        }
+    ));
     let packed = pack_ramdisk(&opts.manifest, &text, files_dir.as_deref(), opts.quiet);
     let _ = std::fs::remove_dir_all(&built_guests);
     let archive = packed?;
@@ -485,6 +598,7 @@ pub fn build_images(opts: &ImageOptions) -> Result<Images> {
     } else {
         strip_kernel(&kernel, &opts.out)?
     };
+    say("writing the BIOS and UEFI disk images...".into());
     let (bios, uefi) = write_disk_images(&packed_kernel, &ramdisk, &opts.out)?;
     Ok(Images {
         kernel,
@@ -505,6 +619,87 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
         dir
+    }
+
+    /// The checkout's own Cargo.toml is Keel's; the test guests' workspace is not.
+    #[test]
+    fn keel_workspace_is_recognised() {
+        assert!(declares_keel_workspace(include_str!("../../Cargo.toml")));
+        assert!(!declares_keel_workspace(include_str!(
+            "../../tests/guests/Cargo.toml"
+        )));
+        let multi = "[package]\nname = \"x\"\n[workspace]\nmembers = [\n  \"boot\", # host\n  \"hypervisor\",\n]\n";
+        assert!(declares_keel_workspace(multi));
+        for not in [
+            "[workspace]\nmembers = [\"hypervisor-x\"]\n",
+            "[workspace.package]\nmembers = [\"hypervisor\"]\n",
+            "[workspace]\nexclude = [\"hypervisor\"]\nmembers = [\"boot\"]\n",
+            "members = [\"hypervisor\"]\n",
+            "",
+        ] {
+            assert!(!declares_keel_workspace(not), "{not}");
+        }
+    }
+
+    /// The checkout is found from the current directory upwards, past the test guests' own
+    /// workspace; `--workspace` and KEEL_WORKSPACE name it outright, and must name a checkout.
+    #[test]
+    fn workspace_is_found_from_the_current_directory() -> Result<()> {
+        let root = scratch("workspace");
+        std::fs::write(
+            root.join("Cargo.toml"),
+            "[workspace]\nmembers = [\"hypervisor\", \"boot\", \"tests\"]\n",
+        )?;
+        let guests = root.join("tests/guests");
+        std::fs::create_dir_all(guests.join("long64/src"))?;
+        std::fs::write(
+            guests.join("Cargo.toml"),
+            "[workspace]\nmembers = [\"common\", \"long64\"]\n",
+        )?;
+        assert_eq!(
+            resolve_workspace(None, None, &guests.join("long64/src"))?,
+            root
+        );
+        assert_eq!(resolve_workspace(None, None, &root)?, root);
+
+        let outside = scratch("no-workspace");
+        assert_eq!(
+            format!(
+                "{:#}",
+                resolve_workspace(None, None, &outside).expect_err("outside")
+            ),
+            format!(
+                "{} is not inside a Keel checkout (no Cargo.toml whose [workspace] members \
+                 include \"hypervisor\" there or above): run this in your checkout, or name it \
+                 with --workspace DIR or KEEL_WORKSPACE=DIR",
+                outside.display()
+            )
+        );
+        assert_eq!(resolve_workspace(Some(&root), None, &outside)?, root);
+        assert_eq!(resolve_workspace(None, Some(&root), &outside)?, root);
+        assert_eq!(
+            resolve_workspace(Some(Path::new("../..")), None, &guests)?,
+            guests.join("../..")
+        );
+        assert_eq!(
+            format!(
+                "{:#}",
+                resolve_workspace(Some(&guests), Some(&root), &root).expect_err("not Keel's")
+            ),
+            format!(
+                "--workspace {}: not a Keel checkout (no Cargo.toml there whose [workspace] \
+                 members include \"hypervisor\")",
+                guests.display()
+            )
+        );
+        assert!(format!(
+            "{:#}",
+            resolve_workspace(None, Some(&outside), &root).expect_err("env wins")
+        )
+        .starts_with("KEEL_WORKSPACE "));
+        std::fs::remove_dir_all(&root)?;
+        std::fs::remove_dir_all(&outside)?;
+        Ok(())
     }
 
     const TWO_GUESTS: &str = "\
@@ -816,9 +1011,19 @@ memory = 2M
             .expect_err("files are missing");
         let msg = format!("{e:#}");
         assert!(msg.contains("names `a.elf`"), "{msg}");
+        assert!(
+            msg.ends_with(
+                "cannot be read (your own guests: pass the directory that holds them with \
+                 --files DIR, docs/GUESTS.md): No such file or directory (os error 2)"
+            ),
+            "{msg}"
+        );
         let e = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, None, true)
             .expect_err("no files directory");
-        assert!(format!("{e:#}").contains("a.elf, initrd, b.bin"));
+        assert!(format!("{e:#}").ends_with(
+            "names files (a.elf, initrd, b.bin) but no directory to take them from: pass it with \
+             --files DIR"
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

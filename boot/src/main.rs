@@ -1,14 +1,14 @@
 //! `keel-boot` (`cargo keel ...`): build images, boot them in an emulator, flash a USB stick.
-//! See `keel-boot help` and docs/BOOTING.md.
+//! See `cargo keel --help` and docs/BOOTING.md.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
 use keel_boot::cli::{self, Cmd, FlashArgs, ImageArgs, RunArgs};
-use keel_boot::emulator::{self, Firmware, RunOptions};
+use keel_boot::emulator::{self, Emulator, Firmware, RunOptions};
 use keel_boot::image::{self, ImageOptions, Images};
 use keel_boot::{console, flash};
 
@@ -17,8 +17,8 @@ const EXIT_TIMEOUT: u8 = 124;
 /// `run`'s exit status when interrupted (128 + SIGINT).
 const EXIT_INTERRUPTED: u8 = 130;
 
-fn image_options(b: &ImageArgs) -> Result<ImageOptions> {
-    let root = image::workspace_root();
+fn image_options(b: &ImageArgs, workspace: Option<&Path>) -> Result<ImageOptions> {
+    let root = image::locate_workspace(workspace)?;
     let mut opts = ImageOptions::new(&root);
     if let Some(m) = &b.manifest {
         opts.manifest = m.clone();
@@ -38,8 +38,27 @@ fn image_options(b: &ImageArgs) -> Result<ImageOptions> {
     Ok(opts)
 }
 
-fn build(b: &ImageArgs) -> Result<Images> {
-    let opts = image_options(b)?;
+/// What the user waits for between the emulator's start and Keel's first line: the firmware,
+/// which prints little or nothing. The figures are those of docs/BOOTING.md, "Measurements".
+fn firmware_wait(emulator: Emulator, firmware: Firmware) -> String {
+    let (who, after) = match (emulator, firmware) {
+        (Emulator::Bochs, Firmware::Bios) => ("Bochs", "~1 s"),
+        (Emulator::Bochs, Firmware::Uefi) => ("Bochs", "~10 s"),
+        (Emulator::Qemu, Firmware::Bios) => ("QEMU", "~1.5 s"),
+        (Emulator::Qemu, Firmware::Uefi) => ("QEMU", "~5 s"),
+        // Not measured (the project's machines have no VT-x): KVM runs the firmware at native
+        // speed, faster than TCG.
+        (Emulator::QemuKvm, _) => ("QEMU/KVM", "~1 s"),
+    };
+    let fw = match firmware {
+        Firmware::Bios => "BIOS",
+        Firmware::Uefi => "UEFI",
+    };
+    format!("{who}: waiting for the firmware ({fw}); Keel's first line usually comes after {after}")
+}
+
+fn build(b: &ImageArgs, workspace: Option<&Path>) -> Result<Images> {
+    let opts = image_options(b, workspace)?;
     let images = image::build_images(&opts)?;
     eprintln!(
         "keel-boot: {} guest(s) [{}] from {}\n  BIOS image: {}\n  UEFI image: {}",
@@ -56,7 +75,7 @@ fn secs(d: Option<Duration>) -> String {
     d.map_or("-".into(), |d| format!("{:.1} s", d.as_secs_f64()))
 }
 
-fn run(r: &RunArgs) -> Result<ExitCode> {
+fn run(r: &RunArgs, workspace: Option<&Path>) -> Result<ExitCode> {
     let firmware = if r.uefi {
         Firmware::Uefi
     } else {
@@ -66,12 +85,17 @@ fn run(r: &RunArgs) -> Result<ExitCode> {
     // Check the emulator before spending a build on it.
     keel_boot::tools::require(emulator, firmware)?;
     let (image, out) = match &r.image {
+        Some(path) if !path.is_file() => bail!(
+            "--image {}: no such file (`cargo keel image` builds the images and prints where they \
+             are; without --image, `run` builds and boots in one go)",
+            path.display()
+        ),
         Some(path) => {
             let out = path.parent().map(PathBuf::from).unwrap_or_default();
             (path.clone(), out)
         }
         None => {
-            let images = build(&r.build)?;
+            let images = build(&r.build, workspace)?;
             let out = images.bios.parent().map(PathBuf::from).unwrap_or_default();
             let image = match firmware {
                 Firmware::Bios => images.bios,
@@ -127,8 +151,28 @@ fn run(r: &RunArgs) -> Result<ExitCode> {
         opts.timeout
             .map_or("none".into(), |t| format!("{} s", t.as_secs()))
     );
+    if !r.build.quiet {
+        eprintln!("keel-boot: {}", firmware_wait(emulator, firmware));
+    }
     emulator::install_interrupt_handler();
     let result = emulator::run(&opts)?;
+    if result.interrupted {
+        // Ctrl-C: the user knows why the run ended; one line, not the failure report.
+        let newline = if std::io::stderr().is_terminal() {
+            "\n"
+        } else {
+            ""
+        };
+        eprintln!(
+            "{newline}keel-boot: interrupted: {} stopped after {:.1} s",
+            emulator.name(),
+            result.wall.as_secs_f64()
+        );
+        if !kept {
+            let _ = std::fs::remove_dir_all(&work_dir);
+        }
+        return Ok(ExitCode::from(EXIT_INTERRUPTED));
+    }
     eprintln!(
         "keel-boot: {} after {:.1} s (first serial line {}, first Keel line {})",
         match (result.keel_status, result.exit_code) {
@@ -146,7 +190,7 @@ fn run(r: &RunArgs) -> Result<ExitCode> {
             result.exit_code, result.keel_status
         );
     }
-    let failed = result.timed_out || result.interrupted || result.keel_status.is_none();
+    let failed = result.timed_out || result.keel_status.is_none();
     if failed {
         if result.timed_out {
             eprintln!("keel-boot: timed out; the emulator was stopped");
@@ -167,9 +211,7 @@ fn run(r: &RunArgs) -> Result<ExitCode> {
     } else if !kept {
         let _ = std::fs::remove_dir_all(&work_dir);
     }
-    Ok(if result.interrupted {
-        ExitCode::from(EXIT_INTERRUPTED)
-    } else if result.timed_out {
+    Ok(if result.timed_out {
         ExitCode::from(EXIT_TIMEOUT)
     } else if result.keel_status.is_none() {
         // QEMU ends with 0 after a triple fault (-no-reboot): without Keel's line it is a failure.
@@ -182,11 +224,13 @@ fn run(r: &RunArgs) -> Result<ExitCode> {
     })
 }
 
-fn flash_cmd(f: &FlashArgs) -> Result<ExitCode> {
+fn flash_cmd(f: &FlashArgs, workspace: Option<&Path>) -> Result<ExitCode> {
+    // The device is checked before a build is spent on it (and again before writing).
+    flash::check_device(&f.device, &flash::SystemView::live()?, f.force)?;
     let image = match &f.image {
         Some(p) => p.clone(),
         None => {
-            let images = build(&f.build)?;
+            let images = build(&f.build, workspace)?;
             if f.bios {
                 images.bios
             } else {
@@ -214,23 +258,19 @@ fn flash_cmd(f: &FlashArgs) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let cmd = match cli::parse(&argv) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("keel-boot: {e}\n\n{}", cli::USAGE);
-            return ExitCode::from(2);
-        }
+    let inv = match cli::parse(std::env::args_os()) {
+        Ok(inv) => inv,
+        // --help and --version (status 0), or a usage error with its hint (status 2).
+        Err(e) => e.exit(),
     };
-    let result = match cmd {
-        Cmd::Help => {
-            print!("{}", cli::USAGE);
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Image(b) => build(&b).map(|_| ExitCode::SUCCESS),
-        Cmd::Run(r) => run(&r),
-        Cmd::Flash(f) => flash_cmd(&f),
-        Cmd::Bench(b) => image_options(&b.build).and_then(|opts| keel_boot::bench::run(&opts, &b)),
+    let ws = inv.workspace.as_deref();
+    let result = match inv.cmd {
+        Cmd::Image(b) => build(&b, ws).map(|_| ExitCode::SUCCESS),
+        Cmd::Run(r) => run(&r, ws),
+        Cmd::Flash(f) => flash_cmd(&f, ws),
+        Cmd::Bench(b) => {
+            image_options(&b.build, ws).and_then(|opts| keel_boot::bench::run(&opts, &b))
+        } // Cmd::Ctl(c) => ...: the control channel's client.
     };
     match result {
         Ok(code) => code,
@@ -238,5 +278,23 @@ fn main() -> ExitCode {
             eprintln!("keel-boot: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `run` says while the firmware is silent: the figures of docs/BOOTING.md.
+    #[test]
+    fn firmware_wait_names_the_usual_delay() {
+        assert_eq!(
+            firmware_wait(Emulator::Bochs, Firmware::Bios),
+            "Bochs: waiting for the firmware (BIOS); Keel's first line usually comes after ~1 s"
+        );
+        assert_eq!(
+            firmware_wait(Emulator::Bochs, Firmware::Uefi),
+            "Bochs: waiting for the firmware (UEFI); Keel's first line usually comes after ~10 s"
+        );
     }
 }

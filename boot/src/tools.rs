@@ -162,12 +162,6 @@ pub fn probe(emulator: Emulator, firmware: Firmware) -> Result<HostTools, Vec<Mi
                     }
                 }
             };
-            if emulator == Emulator::QemuKvm && !Path::new("/dev/kvm").exists() {
-                missing.push(Missing {
-                    what: "/dev/kvm (load kvm_intel with nested=1 on an Intel host)".into(),
-                    package: "the kernel's kvm_intel module",
-                });
-            }
             HostTools::Qemu { qemu, ovmf }
         }
     };
@@ -200,8 +194,53 @@ pub fn missing_message(missing: &[Missing]) -> String {
     msg
 }
 
-/// `probe` as an `anyhow` result.
+/// Whether `cpuinfo` (the text of /proc/cpuinfo) shows VT-x: the `vmx` flag.
+pub fn cpu_has_vmx(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx"))
+}
+
+/// Why QEMU with KVM cannot give Keel VT-x on this host, if it cannot: `kvm_device` is whether
+/// /dev/kvm exists, `cpuinfo` the text of /proc/cpuinfo. Without the check QEMU starts and then
+/// fails in its own way (on a software KVM such as kvm_pvm it aborts setting an MSR or hangs).
+pub fn kvm_problem(kvm_device: bool, cpuinfo: &str) -> Option<String> {
+    if !cpu_has_vmx(cpuinfo) {
+        let why = if cpuinfo.contains("AuthenticAMD") {
+            "this is an AMD CPU (AMD-V, not VT-x)"
+        } else {
+            "VT-x is off in the firmware setup, or this is a virtual machine whose hypervisor \
+             does not pass VT-x on"
+        };
+        let kvm = if kvm_device {
+            " /dev/kvm exists, but KVM cannot give a guest what the CPU does not have."
+        } else {
+            ""
+        };
+        return Some(format!(
+            "--emulator qemu-kvm: no VT-x here: /proc/cpuinfo shows no `vmx` flag ({why}).{kvm} \
+             Keel needs VT-x: use --emulator bochs, which emulates it (the default on this host)"
+        ));
+    }
+    if !kvm_device {
+        return Some(
+            "--emulator qemu-kvm: the CPU has VT-x but there is no /dev/kvm: load kvm_intel \
+             with nested=1 (docs/BOOTING.md, \"QEMU with KVM\"), or use --emulator bochs"
+                .into(),
+        );
+    }
+    None
+}
+
+/// `probe` as an `anyhow` result; for QEMU with KVM, first [`kvm_problem`].
 pub fn require(emulator: Emulator, firmware: Firmware) -> Result<HostTools> {
+    if emulator == Emulator::QemuKvm {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        if let Some(problem) = kvm_problem(Path::new("/dev/kvm").exists(), &cpuinfo) {
+            bail!("{problem}");
+        }
+    }
     match probe(emulator, firmware) {
         Ok(t) => Ok(t),
         Err(missing) => bail!("{}", missing_message(&missing)),
@@ -216,6 +255,42 @@ mod tests {
     fn finds_a_program_every_host_has() {
         assert!(find_program("sh").is_some());
         assert!(find_program("no-such-program-keel").is_none());
+    }
+
+    const AMD_PVM: &str = "processor\t: 0\nvendor_id\t: AuthenticAMD\n\
+                           flags\t\t: fpu vme de pse tsc msr hypervisor\n";
+    const INTEL: &str = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu vmx ept tsc\n";
+
+    /// This machine's case: an AMD host whose /dev/kvm is kvm_pvm.
+    #[test]
+    fn kvm_without_vt_x_says_so() {
+        assert_eq!(
+            kvm_problem(true, AMD_PVM).as_deref(),
+            Some(
+                "--emulator qemu-kvm: no VT-x here: /proc/cpuinfo shows no `vmx` flag (this is an \
+                 AMD CPU (AMD-V, not VT-x)). /dev/kvm exists, but KVM cannot give a guest what the \
+                 CPU does not have. Keel needs VT-x: use --emulator bochs, which emulates it (the \
+                 default on this host)"
+            )
+        );
+        let intel_off = INTEL.replace(" vmx", "");
+        let msg = kvm_problem(false, &intel_off).unwrap_or_default();
+        assert!(
+            msg.contains("(VT-x is off in the firmware setup, or this is a virtual machine"),
+            "{msg}"
+        );
+        assert!(!msg.contains("/dev/kvm exists"), "{msg}");
+        assert_eq!(
+            kvm_problem(false, INTEL).as_deref(),
+            Some(
+                "--emulator qemu-kvm: the CPU has VT-x but there is no /dev/kvm: load kvm_intel \
+                 with nested=1 (docs/BOOTING.md, \"QEMU with KVM\"), or use --emulator bochs"
+            )
+        );
+        assert_eq!(kvm_problem(true, INTEL), None);
+        // `vmx` must be a whole flag.
+        assert!(!cpu_has_vmx("flags\t: vmxfake\n"));
+        assert!(!cpu_has_vmx("model name\t: vmx\n"));
     }
 
     #[test]

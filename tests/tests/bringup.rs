@@ -50,6 +50,18 @@ fn bochs_bios_reaches_vmxon() {
     boot.expect_keel_status(status::NO_GUESTS);
 }
 
+/// Keel's first line is a line of its own, not glued to the bootloader's last one (resetting
+/// the UART while the bootloader's final newline was in its FIFO once dropped that newline).
+#[test]
+fn keels_first_line_starts_a_line() {
+    for spec in [&BOCHS_BIOS, &QEMU_BIOS] {
+        let boot = shared_boot(spec);
+        if !boot.lines().any(|l| l.starts_with("keel: Keel ")) {
+            boot.fail("no COM1 line starts with `keel: Keel `");
+        }
+    }
+}
+
 #[test]
 fn bochs_bios_reports_its_machine() {
     let boot = shared_boot(&BOCHS_BIOS);

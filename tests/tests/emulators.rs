@@ -19,6 +19,7 @@
 //!   set-up fails (tests/guests/manifests/smp-fail.manifest).
 //! - `qemu_kernels`: test kernels written for QEMU's -kernel print the same and end the same
 //!   under Keel as under QEMU (tests/guests/manifests/qemu-kernels.manifest).
+//! - `walkthrough`: the commands of docs/GUESTS.md's walk-through, run as they stand.
 
 mod bringup;
 mod cleanup;
@@ -30,6 +31,7 @@ mod platform;
 mod qemu_kernels;
 mod scheduler;
 mod smp;
+mod walkthrough;
 
 use keel_tests::Manifest;
 

@@ -37,10 +37,15 @@ impl crate::log::Sink for Com1 {
     }
 
     fn settle(&mut self) {
-        for _ in 0..1_000_000 {
-            if lsr() & LSR_TEMT != 0 {
-                return;
-            }
+        wait_until_sent();
+    }
+}
+
+/// Waits (boundedly) until the transmitter is empty: every byte written has gone out.
+fn wait_until_sent() {
+    for _ in 0..1_000_000 {
+        if lsr() & LSR_TEMT != 0 {
+            return;
         }
     }
 }
@@ -66,6 +71,9 @@ pub fn init() {
     // SAFETY: 0x3F8 is the standard COM1 base; this runs once, on the boot CPU, before anything
     // else uses the port or the static.
     unsafe {
+        // The bootloader's last byte (its final newline) may still be in the transmitter, and
+        // `init` clears the FIFO: let it go out first, or Keel's first line joins that line.
+        wait_until_sent();
         let mut port = SerialPort::new(0x3f8);
         port.init();
         let slot = &mut *core::ptr::addr_of_mut!(COM1);
