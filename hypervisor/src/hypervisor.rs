@@ -9,6 +9,7 @@ use crate::devices::console::ConsoleLine;
 use crate::devices::Platform;
 use crate::ept::{Ept, EptPerms, MemType};
 use crate::exits::{self, Action, ExitContext};
+use crate::focus::{Focus, Key};
 use crate::guest::{Guest, GuestRam, GuestRegs, GuestStats, RunState, StopReason};
 use crate::loader::{self, LoadRequest};
 use crate::log::Writer;
@@ -153,6 +154,7 @@ pub fn run(machine: MachineInfo) -> ! {
         manifest.quantum_ms,
         quantum
     );
+    let vms_len = vms.len();
     let mut runner = Runner {
         vms,
         sched: RoundRobin::new(quantum),
@@ -161,6 +163,7 @@ pub fn run(machine: MachineInfo) -> ! {
         controls,
         cal,
         spec_ctrl: 0,
+        focus: Focus::new(vms_len),
     };
     crate::log::set_guests_running(runner.vms.len());
     runner.run();
@@ -565,6 +568,8 @@ pub struct Runner {
     cal: lapic::Calibration,
     /// What Keel last wrote to the real IA32_SPEC_CTRL (0, its reset value, until a guest sets it).
     spec_ctrl: u64,
+    /// Which guest gets the bytes typed on COM1.
+    focus: Focus,
 }
 
 /// Gives the CPU the running guest's IA32_SPEC_CTRL (a guest's IBRS, STIBP or SSBD must hold
@@ -626,21 +631,38 @@ impl Runner {
 
     /// Keys typed on Keel's console (COM1): `s` prints the accounting table, `p` pauses every
     /// running guest, `r` resumes every paused one. The management monitor will grow from here.
+    /// Reads the keys typed on COM1: Ctrl-A commands for Keel, every other byte for the focused
+    /// guest's 16550 (see `focus`), which gets them as its receive FIFO has room.
     fn poll_console(&mut self) {
-        while let Some(key) = arch::serial::try_read() {
-            match key {
-                b's' => {
+        while let Some(byte) = arch::serial::try_read() {
+            let vms = &self.vms;
+            let running = |i: usize| !matches!(vms[i].guest.state, RunState::Stopped(_));
+            match self.focus.key(byte, running) {
+                Key::Stats => {
                     print_stats(self.vms.iter().map(|vm| &vm.guest), Writer::Keel);
                 }
-                b'p' => (0..self.vms.len()).for_each(|i| {
+                Key::Pause => (0..self.vms.len()).for_each(|i| {
                     let _ = self.pause(i);
                 }),
-                b'r' => (0..self.vms.len()).for_each(|i| {
+                Key::Resume => (0..self.vms.len()).for_each(|i| {
                     let _ = self.resume(i);
                 }),
-                _ => {}
+                Key::Focus(i) => info!("input goes to {}", self.vms[i].guest.name),
+                // The monitor is not part of this loop (yet): Ctrl-A c does nothing here.
+                Key::Monitor | Key::Guest(..) | Key::None => {}
             }
         }
+        if self.focus.pending() == 0 {
+            return;
+        }
+        let now = cpu::rdtsc();
+        let g = &mut self.vms[self.focus.current()].guest;
+        let t = g.now(now);
+        let running = !matches!(g.state, RunState::Stopped(_));
+        // A halted guest wakes for the receive interrupt in `run`, as for its timers.
+        self.focus.deliver(running, |b| {
+            g.platform.serial_input_room(t) && g.platform.push_serial_input(b, t)
+        });
     }
 
     /// The host TSC at which the first timer of a halted guest (other than `except`) falls due:

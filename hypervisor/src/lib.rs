@@ -16,6 +16,7 @@ pub mod archive;
 pub mod devices;
 pub mod ept;
 pub mod exits;
+pub mod focus;
 pub mod gmem;
 pub mod guest;
 pub mod loader;

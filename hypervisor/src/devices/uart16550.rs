@@ -156,6 +156,11 @@ impl Uart16550 {
         accepted
     }
 
+    /// Whether the receiver can take another byte without an overrun.
+    pub fn rx_room(&self) -> bool {
+        self.rx.len() < self.rx_capacity()
+    }
+
     fn fifo_enabled(&self) -> bool {
         self.fcr & FCR_ENABLE != 0
     }
