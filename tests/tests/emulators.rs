@@ -15,6 +15,8 @@
 //! - `platform`: the PC platform (ACPI, PM timer, PCI, fw_cfg, i8042) as platform32 reads it under
 //!   Keel and under QEMU (tests/guests/manifests/platform.manifest).
 //! - `cleanup`: a time limit stops the emulator and leaves nothing behind.
+//! - `linux`: Debian's kernel and a busybox initramfs (fetched with apt at test time) to a shell,
+//!   driven over the serial console, next to two of Keel's guests.
 //! - `qemu_kernels`: test kernels written for QEMU's -kernel print the same and end the same
 //!   under Keel as under QEMU (tests/guests/manifests/qemu-kernels.manifest).
 
@@ -24,6 +26,7 @@ mod console;
 mod fuzz;
 mod guests;
 mod hostile;
+mod linux;
 mod platform;
 mod qemu_kernels;
 mod scheduler;
