@@ -119,18 +119,29 @@ pub fn linux_files(cache: &Path) -> Result<LinuxFiles, String> {
     unpack(&bdeb, &bdir)?;
     let files = cache.join("files");
     std::fs::create_dir_all(&files).map_err(|e| e.to_string())?;
-    let vmlinuz = kdir.join("boot").join(format!("vmlinuz-{release}"));
-    std::fs::copy(&vmlinuz, files.join("vmlinuz"))
-        .map_err(|e| format!("{}: {e}", vmlinuz.display()))?;
-    let busybox_path = bdir.join("bin/busybox");
-    let busybox =
-        std::fs::read(&busybox_path).map_err(|e| format!("{}: {e}", busybox_path.display()))?;
-    std::fs::write(files.join("initrd"), initramfs(&busybox)).map_err(|e| e.to_string())?;
+    let read = |p: PathBuf| std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()));
+    let vmlinuz = read(kdir.join("boot").join(format!("vmlinuz-{release}")))?;
+    let busybox = read(bdir.join("bin/busybox"))?;
+    write_if_changed(&files.join("vmlinuz"), &vmlinuz)?;
+    write_if_changed(&files.join("initrd"), &initramfs(&busybox))?;
     Ok(LinuxFiles {
         dir: files,
         release,
         package,
     })
+}
+
+/// Writes `data` to `path` unless it holds that already; through a temporary file and a rename,
+/// so that another process packing an image from `path` (the demo, a test) never reads half a
+/// file.
+fn write_if_changed(path: &Path, data: &[u8]) -> Result<(), String> {
+    if std::fs::read(path).is_ok_and(|old| old == data) {
+        return Ok(());
+    }
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, data)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// The busybox applets the initramfs links (`/bin/NAME -> busybox`).

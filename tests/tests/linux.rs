@@ -34,6 +34,9 @@ memory = 16M
 cmdline = mode=good
 ";
 
+/// The head of Keel's accounting table.
+const STATS_HEADER: &str = "keel: guest                cpu cycles";
+
 /// Sum of i*i for i in 0..1000 = 999 * 1000 * 1999 / 6.
 const SUM_OF_SQUARES: u64 = 332_833_500;
 
@@ -65,10 +68,24 @@ fn linux_run() -> &'static Run {
         for (i, cmd) in commands().iter().enumerate().skip(1) {
             script.push(Step::new(&format!("M-{i}"), cmd, secs(120)));
         }
+        // Keel's keys: Ctrl-A s prints the accounting table; Ctrl-A 2 gives the keyboard to
+        // pm32 (ended by now: what is typed for it is dropped, never reaching linux); Ctrl-A 1
+        // gives it back.
         script.push(Step::new(
             &format!("M-{}", commands().len()),
-            "poweroff -f\r",
+            "\u{1}s",
             secs(120),
+        ));
+        script.push(Step::new(STATS_HEADER, "\u{1}2", secs(60)));
+        script.push(Step::new(
+            "keel: input goes to pm32",
+            "echo LOST-$((1+1))\r\u{1}1",
+            secs(60),
+        ));
+        script.push(Step::new(
+            "keel: input goes to linux",
+            "poweroff -f\r",
+            secs(60),
         ));
         let outcome = boot_scripted(ScriptedBoot {
             name: "linux-shell",
@@ -134,6 +151,8 @@ fn linux_shell_answers_over_the_serial_console() {
 fn linux_powers_off_and_the_other_guests_are_intact() {
     let o = outcome();
     o.expect_line("keel: guest linux ended: powered off (ACPI S5)");
+    // What was typed while pm32 had the keyboard went nowhere.
+    o.expect_no_line("LOST");
     o.expect_guest_line("pm32", "cmdline=pm32 says hi ram=16777216");
     o.expect_guest_line("pm32", "pm32: done");
     o.expect_line("keel: guest pm32 ended: debug-exit status 0x23");

@@ -11,10 +11,21 @@ use keel_tests::{debian, harness_dir};
 fn linux_guest(interactive: bool) -> String {
     let shell = if interactive { "" } else { " KEEL_SHELL=no" };
     format!(
-        "\n# Added by scripts/run-demo.sh: Debian's cloud kernel with a busybox initramfs. Type into\n\
+        "# Added by scripts/run-demo.sh: Debian's cloud kernel with a busybox initramfs. Type into\n\
          # its shell on the console (Ctrl-A 1..9 / n moves the keyboard; docs/BOOTING.md).\n\
          [guest linux]\nkind = linux\nimage = vmlinuz\ninitrd = initrd\nmemory = 192M\n\
          cmdline = console=ttyS0 cryptomgr.notests{shell}\n"
+    )
+}
+
+/// The demo manifest with the Linux guest as its first guest, so that it has the keyboard.
+fn with_linux_first(demo: &str, interactive: bool) -> String {
+    let at = demo.find("\n[guest ").map_or(demo.len(), |i| i + 1);
+    format!(
+        "{}{}\n{}",
+        &demo[..at],
+        linux_guest(interactive).trim_start(),
+        &demo[at..]
     )
 }
 
@@ -27,7 +38,7 @@ fn main() {
             .map_err(|e| format!("{}: {e}", image::DEFAULT_MANIFEST))?;
         let path = harness_dir().join("manifests").join("demo-linux.manifest");
         std::fs::create_dir_all(harness_dir().join("manifests"))
-            .and_then(|()| std::fs::write(&path, demo + &linux_guest(interactive)))
+            .and_then(|()| std::fs::write(&path, with_linux_first(&demo, interactive)))
             .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok((path, files.dir))
     });
