@@ -559,6 +559,14 @@ pub fn emulate<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, gpa: u64) -> Actio
             cx.guest.platform.mmio_write(gpa, size, v, now);
         }
     }
+    // SDM 17.2.4: a data breakpoint on the operand traps after the instruction, as when the CPU
+    // makes the access itself (17.3.1.2: data breakpoints are traps).
+    let (size, write) = match d.op {
+        MmioOp::Read { size, .. } => (size, false),
+        MmioOp::Write { size, .. } => (size, true),
+    };
+    let met = crate::exits::debug::Breakpoints::of(cx).data(operand_la, u64::from(size), write);
+    crate::exits::debug::queue_trap(cx.vmcs, met);
     Action::AdvanceBy(d.len)
 }
 

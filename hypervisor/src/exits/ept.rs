@@ -128,6 +128,40 @@ mod code_size_tests {
         t.guest.platform.mmio_read(TPR, 4, 0).unwrap_or(u64::MAX)
     }
 
+    /// SDM 17.2.4: a data breakpoint on an operand Keel emulated as an MMIO access traps after
+    /// the instruction, as it would had the CPU made the access (before: no #DB at all).
+    #[test]
+    fn a_data_breakpoint_on_an_emulated_mmio_access_traps() {
+        let mut t = TestBed::new();
+        // Real mode, CS:IP = 0:0x100, DS base 0xfee00000 (a big-real-mode data segment).
+        t.vmcs.write(GuestNat::Cr0, 0x10);
+        t.vmcs.write(GuestNat::Rflags, 2);
+        t.vmcs.write(Guest32::CsAccessRights, 0x9b);
+        t.vmcs.write(GuestNat::Rip, 0x100);
+        t.vmcs.write(GuestNat::DsBase, 0xfee0_0000);
+        // DR0 = the TPR's linear address, L0, R/W0 = 11 (reads or writes), LEN0 = 4 bytes.
+        t.host.dr = [TPR, 0, 0, 0];
+        t.vmcs
+            .write(GuestNat::Dr7, 0x400 | 1 | 0b11 << 16 | 0b11 << 18);
+        // mov [0x80], ax (89 06 80 00): a 16-bit write of the TPR.
+        assert_eq!(
+            mmio_exit(&mut t, TPR, true, &[0x89, 0x06, 0x80, 0]),
+            Action::AdvanceBy(4)
+        );
+        let b0 = crate::exits::debug::pending::ENABLED_BREAKPOINT | 1;
+        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), b0);
+        // A write-only breakpoint (R/W0 = 01) does not see a read.
+        t.vmcs.write(GuestNat::PendingDebugExceptions, 0);
+        t.vmcs
+            .write(GuestNat::Dr7, 0x400 | 1 | 0b01 << 16 | 0b11 << 18);
+        t.vmcs.write(GuestNat::Rip, 0x100);
+        assert_eq!(
+            mmio_exit(&mut t, TPR, false, &[0x8b, 0x06, 0x80, 0]),
+            Action::AdvanceBy(4)
+        );
+        assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), 0);
+    }
+
     #[test]
     fn sixteen_bit_code_reaches_the_apic_with_32_bit_moves() {
         // Real mode (SDM 20.1: 16-bit operands and addresses), CS = 0x1000, IP = 0x100.

@@ -23,6 +23,7 @@ pub mod index {
     pub const MCG_CAP: u32 = 0x179;
     pub const MCG_STATUS: u32 = 0x17a;
     pub const MISC_ENABLE: u32 = 0x1a0;
+    pub const DEBUGCTL: u32 = 0x1d9;
     pub const PAT: u32 = 0x277;
     pub const MTRR_DEF_TYPE: u32 = 0x2ff;
     pub const VMX_FIRST: u32 = 0x480;
@@ -181,6 +182,9 @@ pub fn rdpmc<V: Vmcs + ?Sized>(_cx: &mut ExitContext<'_, V>) -> Action {
     Action::Inject(Exception::GP0)
 }
 
+/// IA32_DEBUGCTL.BTF (SDM 17.4.1): TF single-steps on branches.
+const DEBUGCTL_BTF: u64 = 1 << 1;
+
 pub fn read<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     use super::cpuid::{bit, has, LEAF1_ECX, LEAF7_EBX, LEAFD1_EAX};
     let msr = cx.guest.regs.rcx as u32;
@@ -203,6 +207,7 @@ pub fn read<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         index::APIC_BASE => g.platform.apic_base(),
         index::EFER => vmcs.read(Guest64::Ia32Efer),
         index::PAT => vmcs.read(Guest64::Ia32Pat),
+        index::DEBUGCTL => vmcs.read(Guest64::Ia32Debugctl),
         index::MISC_ENABLE => g.misc_enable,
         index::MTRR_CAP => 0,
         index::MTRR_DEF_TYPE => g.mtrr_def_type,
@@ -269,6 +274,16 @@ pub fn write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
                 return Action::Inject(Exception::GP0);
             }
         }
+        // SDM 17.4.1: of IA32_DEBUGCTL only BTF (single-step on branches) is offered: LBR, BTS
+        // and the PMU freeze bits need MSRs Keel hides (CPUID DS, PDCM, leaf 0AH), and setting an
+        // unsupported bit is #GP like a reserved one. The VMCS loads it while the guest runs
+        // ("load debug controls", SDM 27.3.2.1).
+        index::DEBUGCTL => {
+            if value & !DEBUGCTL_BTF != 0 {
+                return Action::Inject(Exception::GP0);
+            }
+            vmcs.write(Guest64::Ia32Debugctl, value);
+        }
         index::MISC_ENABLE => {
             if (value ^ g.misc_enable) & !MISC_ENABLE_WRITABLE != 0 {
                 return Action::Inject(Exception::GP0);
@@ -320,6 +335,30 @@ mod tests {
     use super::*;
     use crate::exits::testing::*;
     use crate::vmx::ExitReason;
+
+    /// IA32_DEBUGCTL (SDM 17.4.1) exists on every Intel 64 CPU: Linux reads it unguarded. It
+    /// lives in the VMCS (load/save debug controls); only BTF is offered, since Keel offers no
+    /// LBR, BTS or PMU MSRs (the other bits #GP, as reserved bits do).
+    #[test]
+    fn debugctl_keeps_btf_and_refuses_what_keel_lacks() {
+        let mut t = TestBed::new();
+        assert_eq!(rd(&mut t, index::DEBUGCTL), Ok(0));
+        assert_eq!(wr(&mut t, index::DEBUGCTL, 1 << 1), Action::Advance);
+        assert_eq!(t.vmcs.read(Guest64::Ia32Debugctl), 1 << 1);
+        assert_eq!(rd(&mut t, index::DEBUGCTL), Ok(1 << 1));
+        for bad in [1u64, 1 << 6, 1 << 7, 1 << 14, 1 << 32] {
+            assert_eq!(
+                wr(&mut t, index::DEBUGCTL, bad | 1 << 1),
+                Action::Inject(Exception::GP0),
+                "DEBUGCTL {bad:#x}"
+            );
+        }
+        assert_eq!(
+            rd(&mut t, index::DEBUGCTL),
+            Ok(1 << 1),
+            "a refused write changes nothing"
+        );
+    }
 
     fn rd(t: &mut TestBed, msr: u32) -> Result<u64, Action> {
         t.guest.regs.rcx = msr as u64;

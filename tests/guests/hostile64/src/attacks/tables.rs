@@ -6,8 +6,10 @@
 //! faulting load are a load Keel's decoder takes and UD2, so a Keel that emulates the wrong
 //! instructions skips ahead and names their bytes when it gives up.
 //!
-//! Prints `hostile64: idtmmio` and is stopped: `triple fault`, or killed naming the faulting
-//! load's bytes (`8b 06`), never those of the instructions after it.
+//! Prints `hostile64: idtmmio` and is stopped by Keel naming the delivery's access: `killed:
+//! event delivery touched guest-physical 0xfee000d0, which is device memory (IDT, GDT or stack
+//! outside RAM)` (tests/tests/hostile.rs), never with the bytes of the faulting load or of the
+//! instructions after it.
 
 use core::arch::asm;
 use guest_common::{cpu, say, EXIT_FAILURE};
