@@ -80,9 +80,21 @@ impl Focus {
                 self.escaped = true;
                 return Key::None;
             }
-            return self.for_guest(byte);
+            return self.typed(byte);
         }
         self.escaped = false;
+        self.command(byte, running)
+    }
+
+    /// A byte typed for the focused guest (queued: take them with [`Focus::deliver`]). With
+    /// `monitor::Prompt` in front of this (it owns the escape there), its `Key::Pass` bytes come
+    /// here and its `Key::Prefixed` ones to [`Focus::command`].
+    pub fn typed(&mut self, byte: u8) -> Key {
+        self.for_guest(byte)
+    }
+
+    /// The key typed after Ctrl-A (see the table above).
+    pub fn command(&mut self, byte: u8, running: impl Fn(usize) -> bool) -> Key {
         match byte {
             ESCAPE => self.for_guest(ESCAPE),
             b'1'..=b'9' => self.move_to(usize::from(byte - b'1')),
@@ -183,6 +195,9 @@ mod tests {
         // Ctrl-A twice sends one Ctrl-A.
         f.key(ESCAPE, all);
         assert_eq!(f.key(ESCAPE, all), Key::Guest(0, ESCAPE));
+        // The same, split as the monitor's prompt splits it.
+        assert_eq!(f.command(b'2', all), Key::Focus(1));
+        assert_eq!(f.typed(b'x'), Key::Guest(1, b'x'));
     }
 
     #[test]

@@ -34,9 +34,6 @@ memory = 16M
 cmdline = mode=good
 ";
 
-/// The head of Keel's accounting table.
-const STATS_HEADER: &str = "keel: guest                cpu cycles";
-
 /// Sum of i*i for i in 0..1000 = 999 * 1000 * 1999 / 6.
 const SUM_OF_SQUARES: u64 = 332_833_500;
 
@@ -68,15 +65,13 @@ fn linux_run() -> &'static Run {
         for (i, cmd) in commands().iter().enumerate().skip(1) {
             script.push(Step::new(&format!("M-{i}"), cmd, secs(120)));
         }
-        // Keel's keys: Ctrl-A s prints the accounting table; Ctrl-A 2 gives the keyboard to
-        // pm32 (ended by now: what is typed for it is dropped, never reaching linux); Ctrl-A 1
-        // gives it back.
+        // Keel's keys: Ctrl-A 2 gives the keyboard to pm32 (ended by now: what is typed for it
+        // is dropped, never reaching linux); Ctrl-A 1 gives it back.
         script.push(Step::new(
             &format!("M-{}", commands().len()),
-            "\u{1}s",
+            "\u{1}2",
             secs(120),
         ));
-        script.push(Step::new(STATS_HEADER, "\u{1}2", secs(60)));
         script.push(Step::new(
             "keel: input goes to pm32",
             "echo LOST-$((1+1))\r\u{1}1",
