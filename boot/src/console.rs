@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Where an emulator's COM1 goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +69,96 @@ pub fn tail_lines(text: &str, n: usize) -> String {
     out
 }
 
+/// One step of a scripted console session: wait for a complete COM1 line that contains `expect`
+/// (after the line the previous step matched), then type `send` on COM1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub expect: String,
+    pub send: Vec<u8>,
+    /// From the previous step's match (or the start of the run) to this step's line.
+    pub timeout: Duration,
+}
+
+impl Step {
+    pub fn new(expect: &str, send: &str, timeout: Duration) -> Self {
+        Self {
+            expect: expect.into(),
+            send: send.as_bytes().to_vec(),
+            timeout,
+        }
+    }
+}
+
+/// What a [`Script`] wants done now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cue {
+    /// Keep watching.
+    Wait,
+    /// Step `step` matched: type these bytes.
+    Send { step: usize, bytes: Vec<u8> },
+    /// Step `step` saw no line with its text in time.
+    TimedOut { step: usize },
+    /// Every step has matched.
+    Done,
+}
+
+/// "Expect line X, then send Y", step after step, against the growing text of COM1.
+#[derive(Debug, Clone)]
+pub struct Script {
+    steps: Vec<Step>,
+    next: usize,
+    /// Where the next search starts: just after the line the last step matched.
+    from: usize,
+    /// When the last step matched (run time).
+    since: Duration,
+    /// When each step matched (run time), in step order.
+    pub matched_at: Vec<Duration>,
+}
+
+impl Script {
+    pub fn new(steps: Vec<Step>) -> Self {
+        Self {
+            steps,
+            next: 0,
+            from: 0,
+            since: Duration::ZERO,
+            matched_at: Vec::new(),
+        }
+    }
+
+    pub fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    /// Looks at `text` (all of COM1 so far) at run time `now`: the next step's cue. Call again
+    /// after a `Send`: several steps may match the same text.
+    pub fn poll(&mut self, text: &str, now: Duration) -> Cue {
+        let Some(step) = self.steps.get(self.next) else {
+            return Cue::Done;
+        };
+        let end = text.rfind('\n').map_or(0, |i| i + 1);
+        let mut at = self.from.min(end);
+        for line in text[at..end].split_inclusive('\n') {
+            at += line.len();
+            if line.contains(step.expect.as_str()) {
+                let i = self.next;
+                self.next += 1;
+                self.from = at;
+                self.since = now;
+                self.matched_at.push(now);
+                return Cue::Send {
+                    step: i,
+                    bytes: step.send.clone(),
+                };
+            }
+        }
+        if now.saturating_sub(self.since) > step.timeout {
+            return Cue::TimedOut { step: self.next };
+        }
+        Cue::Wait
+    }
+}
+
 /// Follows a file that another process appends to (Bochs' COM1 file, QEMU's `-serial file:`).
 /// The file may not exist yet when following starts.
 pub struct FileTail {
@@ -122,6 +213,38 @@ pub fn file_tail(path: &Path, max_lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn script_matches_lines_in_order_and_times_out() {
+        let secs = Duration::from_secs;
+        let mut script = Script::new(vec![
+            Step::new("login:", "root\r", secs(10)),
+            Step::new("# ", "uname -r\r", secs(10)),
+            Step::new("6.1", "", secs(5)),
+        ]);
+        assert_eq!(
+            script.poll("boot\nlogin:", secs(1)),
+            Cue::Wait,
+            "no newline yet"
+        );
+        let text = "boot\nlogin:\n";
+        let send = |step: usize, s: &str| Cue::Send {
+            step,
+            bytes: s.as_bytes().to_vec(),
+        };
+        assert_eq!(script.poll(text, secs(2)), send(0, "root\r"));
+        // The line step 0 matched is not searched again.
+        assert_eq!(script.poll("boot\nlogin:\nPassword:\n", secs(3)), Cue::Wait);
+        let text = "boot\nlogin:\n/ # uname -r\n6.1.0-57\n";
+        assert_eq!(script.poll(text, secs(4)), send(1, "uname -r\r"));
+        assert_eq!(script.poll(text, secs(4)), send(2, ""));
+        assert_eq!(script.poll(text, secs(100)), Cue::Done);
+        assert_eq!(script.matched_at, vec![secs(2), secs(4), secs(4)]);
+
+        let mut late = Script::new(vec![Step::new("never", "", secs(5))]);
+        assert_eq!(late.poll("x\n", secs(5)), Cue::Wait);
+        assert_eq!(late.poll("x\n", secs(6)), Cue::TimedOut { step: 0 });
+    }
 
     #[test]
     fn clean_drops_cr_and_nul() {

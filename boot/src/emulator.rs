@@ -117,6 +117,11 @@ pub struct RunOptions {
     /// Connect COM1 to a pseudo-terminal and forward this process's stdin to it, so the user can
     /// type to Keel. Off: COM1 goes straight to a file and nothing can be typed.
     pub console_input: bool,
+    /// A scripted session on COM1 (expect a line, type a reply), instead of this process's stdin.
+    /// A step that times out stops the run (`RunResult::script_failed`).
+    pub script: Vec<console::Step>,
+    /// The time between two bytes the script types.
+    pub type_pace: Duration,
 }
 
 impl RunOptions {
@@ -133,6 +138,8 @@ impl RunOptions {
             work_dir: work_dir.to_path_buf(),
             echo: false,
             console_input: false,
+            script: Vec::new(),
+            type_pace: Duration::from_millis(20),
         }
     }
 }
@@ -160,6 +167,10 @@ pub struct RunResult {
     /// From the start of the emulator to the first line Keel printed.
     pub first_keel_line_after: Option<Duration>,
     pub work_dir: PathBuf,
+    /// When each step of `RunOptions::script` saw its line (from the start of the emulator).
+    pub script_matched_at: Vec<Duration>,
+    /// The step that saw no line in time, as a sentence.
+    pub script_failed: Option<String>,
 }
 
 impl RunResult {
@@ -417,10 +428,35 @@ fn stop(child: &mut Child, emulator: Emulator) -> Option<ExitStatus> {
     wait_until(child, Duration::from_secs(5))
 }
 
+/// Plays `script` against the text of COM1 so far: types the replies of the steps that matched.
+/// A sentence naming the step if one timed out.
+fn follow_script(
+    script: &mut console::Script,
+    serial: &str,
+    start: Instant,
+    typist: &crate::pty::Typist,
+) -> Option<String> {
+    loop {
+        match script.poll(serial, start.elapsed()) {
+            console::Cue::Send { bytes, .. } => typist.send(bytes),
+            console::Cue::Wait | console::Cue::Done => return None,
+            console::Cue::TimedOut { step } => {
+                let s = &script.steps()[step];
+                return Some(format!(
+                    "script step {step}: no COM1 line containing {:?} within {:.0} s",
+                    s.expect,
+                    s.timeout.as_secs_f64()
+                ));
+            }
+        }
+    }
+}
+
 /// Boots `opts.image` and watches it; see the module documentation.
 pub fn run(opts: &RunOptions) -> Result<RunResult> {
     let tools = tools::require(opts.emulator, opts.firmware)?;
-    let pty = if opts.console_input {
+    let scripted = !opts.script.is_empty();
+    let pty = if opts.console_input || scripted {
         let pty = Pty::open()?;
         crate::pty::check_path(&pty.path)?;
         Some(pty)
@@ -433,7 +469,9 @@ pub fn run(opts: &RunOptions) -> Result<RunResult> {
     let pump = match &pty {
         Some(pty) => {
             let pump = pty.copy_output_to(&files.serial, pump_stop.clone())?;
-            pty.forward_stdin()?;
+            if !scripted {
+                pty.forward_stdin()?;
+            }
             Some(pump)
         }
         None => None,
@@ -453,6 +491,11 @@ pub fn run(opts: &RunOptions) -> Result<RunResult> {
     };
     let mut echo = std::io::stdout();
     let mut status_seen: Option<Instant> = None;
+    let mut script = console::Script::new(opts.script.clone());
+    let typist = match (&pty, scripted) {
+        (Some(pty), true) => Some(pty.typist(opts.type_pace)?),
+        _ => None,
+    };
     let exit_status = loop {
         let exited = child.try_wait().context("cannot wait for the emulator")?;
         let new = tail.poll().context("cannot read the serial log")?;
@@ -477,6 +520,12 @@ pub fn run(opts: &RunOptions) -> Result<RunResult> {
         }
         if exited.is_some() {
             break exited;
+        }
+        if let Some(typist) = &typist {
+            if let Some(failed) = follow_script(&mut script, &result.serial, start, typist) {
+                result.script_failed = Some(failed);
+                break stop(&mut child, opts.emulator);
+            }
         }
         if status_seen.is_none() && console::keel_status(&result.serial).is_some() {
             status_seen = Some(Instant::now());
@@ -503,6 +552,7 @@ pub fn run(opts: &RunOptions) -> Result<RunResult> {
         std::thread::sleep(Duration::from_millis(25));
     };
     result.wall = start.elapsed();
+    result.script_matched_at = script.matched_at.clone();
     pump_stop.store(true, Ordering::SeqCst);
     if let Some(pump) = pump {
         let _ = pump.join();

@@ -114,6 +114,38 @@ impl Pty {
     }
 }
 
+/// Types what it is sent into the terminal, one byte every `pace`: an emulated 16550 holds 16
+/// bytes, and Keel reads its COM1 only between guest time slices.
+pub struct Typist {
+    tx: std::sync::mpsc::Sender<Vec<u8>>,
+}
+
+impl Typist {
+    pub fn send(&self, bytes: Vec<u8>) {
+        // The thread only ends when this sender is dropped or the terminal fails.
+        let _ = self.tx.send(bytes);
+    }
+}
+
+impl Pty {
+    /// A [`Typist`] for this terminal.
+    pub fn typist(&self, pace: std::time::Duration) -> Result<Typist> {
+        let mut master = self.master.try_clone()?;
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        std::thread::spawn(move || {
+            while let Ok(bytes) = rx.recv() {
+                for b in bytes {
+                    if master.write_all(&[b]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(pace);
+                }
+            }
+        });
+        Ok(Typist { tx })
+    }
+}
+
 /// Whether `file` has bytes to read within `timeout_ms`.
 fn readable(file: &File, timeout_ms: i32) -> bool {
     let mut pfd = libc::pollfd {

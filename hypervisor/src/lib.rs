@@ -17,6 +17,7 @@ pub mod devices;
 pub mod ept;
 pub mod exits;
 pub mod firmware;
+pub mod focus;
 pub mod gmem;
 pub mod guest;
 pub mod loader;

@@ -129,16 +129,20 @@ pub struct RunLoop<C: Cpu> {
     /// Index of the guest whose registers (those VMX does not switch) are in the CPU. Its VMCS
     /// is loaded afresh at each of its slices, so which VMCS is current is never remembered.
     in_cpu: Option<usize>,
+    /// Which guest gets the bytes typed on COM1 (`focus`).
+    focus: crate::focus::Focus,
 }
 
 impl<C: Cpu> RunLoop<C> {
     pub fn new(cpu: C, cfg: LoopConfig, slots: Vec<Slot<C::Vcpu>>) -> Self {
+        let slots_len = slots.len();
         Self {
             slots,
             cpu,
             sched: RoundRobin::new(cfg.quantum),
             cfg,
             in_cpu: None,
+            focus: crate::focus::Focus::new(slots_len),
         }
     }
 
@@ -542,23 +546,39 @@ impl<C: Cpu> RunLoop<C> {
         Ok(())
     }
 
-    /// Keys typed on Keel's console (COM1): `s` prints the accounting table, `p` pauses every
-    /// running guest, `r` resumes every paused one. The management monitor will grow from here.
+    /// Reads the keys typed on COM1: Ctrl-A commands for Keel (statistics, pause and resume all,
+    /// focus), every other byte for the focused guest's 16550 (`focus`), which gets them as its
+    /// receive FIFO has room; a halted guest wakes for the receive interrupt as for its timers.
     fn poll_console(&mut self) {
-        while let Some(key) = self.cpu.console_key() {
-            match key {
-                b's' => {
+        use crate::focus::Key;
+        while let Some(byte) = self.cpu.console_key() {
+            let slots = &self.slots;
+            let running = |i: usize| !matches!(slots[i].guest.state, RunState::Stopped(_));
+            match self.focus.key(byte, running) {
+                Key::Stats => {
                     print_stats(self.slots.iter().map(|s| &s.guest), Writer::Keel);
                 }
-                b'p' => (0..self.slots.len()).for_each(|i| {
+                Key::Pause => (0..self.slots.len()).for_each(|i| {
                     let _ = self.pause(i);
                 }),
-                b'r' => (0..self.slots.len()).for_each(|i| {
+                Key::Resume => (0..self.slots.len()).for_each(|i| {
                     let _ = self.resume(i);
                 }),
-                _ => {}
+                Key::Focus(i) => info!("input goes to {}", self.slots[i].guest.name),
+                // The monitor is not part of this loop yet: Ctrl-A c does nothing here.
+                Key::Monitor | Key::Guest(..) | Key::None => {}
             }
         }
+        if self.focus.pending() == 0 || self.slots.is_empty() {
+            return;
+        }
+        let now = self.cpu.rdtsc();
+        let g = &mut self.slots[self.focus.current()].guest;
+        let t = g.now(now);
+        let running = !matches!(g.state, RunState::Stopped(_));
+        self.focus.deliver(running, |b| {
+            g.platform.serial_input_room(t) && g.platform.push_serial_input(b, t)
+        });
     }
 
     /// The final accounting table and one status line per guest.

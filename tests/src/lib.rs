@@ -14,12 +14,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+pub use keel_boot::console::Step;
 use keel_boot::{console, image, ImageOptions, RunOptions};
 pub use keel_boot::{Emulator, Firmware, Images, RunResult};
 
 /// Processors of the emulated machine in a test boot that does not name its count: Keel starts
 /// the others at every boot, so every test also checks that AP bring-up leaves the rest intact.
 pub const DEFAULT_TEST_CPUS: u32 = 2;
+
+pub mod debian;
 
 /// How many serial lines a failure report shows.
 pub const REPORT_LINES: usize = 40;
@@ -136,12 +139,15 @@ pub fn boot_on(spec: &BootSpec, cpus: Option<u32>) -> Result<Outcome, String> {
         .ok()
         .and_then(|v| v.parse().ok());
     opts.cpus = cpus.or(from_env).unwrap_or(DEFAULT_TEST_CPUS);
+
+    run_and_summarize(spec.name, opts)
+}
+
+/// Runs `opts` (echoing COM1 with `KEEL_TEST_ECHO`) and prints the outcome's summary line.
+fn run_and_summarize(name: &'static str, mut opts: RunOptions) -> Result<Outcome, String> {
     opts.echo = std::env::var_os("KEEL_TEST_ECHO").is_some();
-    let result = keel_boot::run(&opts).map_err(|e| format!("{}: {e:#}", spec.name))?;
-    let outcome = Outcome {
-        name: spec.name,
-        result,
-    };
+    let result = keel_boot::run(&opts).map_err(|e| format!("{name}: {e:#}"))?;
+    let outcome = Outcome { name, result };
     eprintln!("{}", outcome.summary());
     Ok(outcome)
 }
@@ -165,6 +171,49 @@ pub fn shared_boot_on(spec: &'static BootSpec, cpus: Option<u32>) -> Arc<Outcome
         Ok(outcome) => outcome,
         Err(e) => panic!("{}: the boot could not run: {e}", spec.name),
     }
+}
+
+/// A boot whose COM1 is driven by a script: each [`Step`] waits for a line, then types its reply
+/// into Keel's console (which hands it to the focused guest's 16550). The manifest's files come
+/// from `files` (the guests of tests/guests are built into it too). A step that sees no line in
+/// time ends the run: `RunResult::script_failed` says which.
+pub struct ScriptedBoot<'a> {
+    pub name: &'static str,
+    /// Manifest text; the files it names are in `files`.
+    pub manifest: &'a str,
+    pub files: &'a std::path::Path,
+    pub script: Vec<Step>,
+    pub memory_mib: u32,
+    pub timeout: Duration,
+}
+
+/// Runs a [`ScriptedBoot`] in Bochs (BIOS). Errors are setup failures.
+pub fn boot_scripted(b: ScriptedBoot<'_>) -> Result<Outcome, String> {
+    let root = image::workspace_root();
+    let dir = harness_dir();
+    image::build_guests(&root, b.files, true).map_err(|e| {
+        format!(
+            "building the test guests into {} failed: {e:#}",
+            b.files.display()
+        )
+    })?;
+    let manifest = dir.join("manifests").join(format!("{}.manifest", b.name));
+    std::fs::create_dir_all(dir.join("manifests"))
+        .and_then(|()| std::fs::write(&manifest, b.manifest))
+        .map_err(|e| format!("cannot write {}: {e}", manifest.display()))?;
+    let mut opts = ImageOptions::new(&root);
+    opts.manifest = manifest;
+    opts.files = Some(b.files.to_path_buf());
+    opts.out = dir.join("images").join(b.name);
+    opts.quiet = true;
+    let images =
+        keel_boot::build_images(&opts).map_err(|e| format!("building the images failed: {e:#}"))?;
+    let work_dir = dir.join("runs").join(b.name);
+    let mut run = RunOptions::new(&images.bios, Firmware::Bios, Emulator::Bochs, &work_dir);
+    run.timeout = Some(b.timeout);
+    run.memory_mib = b.memory_mib;
+    run.script = b.script;
+    run_and_summarize(b.name, run)
 }
 
 /// Keel's exit statuses: `(code << 1) | 1` for each `ExitCode` of hypervisor/src/arch/mod.rs,
@@ -467,7 +516,7 @@ mod tests {
             read("guest.rs"),
             read("main.rs"),
             read("arch/mod.rs"),
-            read("hypervisor.rs"),
+            read("runloop.rs"),
         );
         assert!(log.contains(r#"format_args!("keel: {}{}\n", level.tag(), args)"#));
         assert!(log.contains(r#"Level::Fatal => "fatal: ""#));

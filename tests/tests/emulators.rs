@@ -17,6 +17,8 @@
 //! - `cleanup`: a time limit stops the emulator and leaves nothing behind.
 //! - `smp`: Keel starting the other CPUs of a 4-CPU machine, and leaving out one whose VT-x
 //!   set-up fails (tests/guests/manifests/smp-fail.manifest).
+//! - `linux`: Debian's kernel and a busybox initramfs (fetched with apt at test time) to a shell,
+//!   driven over the serial console, next to two of Keel's guests.
 //! - `qemu_kernels`: test kernels written for QEMU's -kernel print the same and end the same
 //!   under Keel as under QEMU (tests/guests/manifests/qemu-kernels.manifest).
 //! - `walkthrough`: the commands of docs/GUESTS.md's walk-through, run as they stand.
@@ -27,6 +29,7 @@ mod console;
 mod fuzz;
 mod guests;
 mod hostile;
+mod linux;
 mod platform;
 mod qemu_kernels;
 mod scheduler;

@@ -352,6 +352,12 @@ impl Platform {
             .unwrap_or(false)
     }
 
+    /// Whether COM1's receiver takes another byte now without an overrun.
+    pub fn serial_input_room(&mut self, now: u64) -> bool {
+        self.with_device(now, |uart: &mut Uart16550, _| uart.rx_room())
+            .unwrap_or(false)
+    }
+
     /// A guest `IN` of `size` bytes (1, 2 or 4) from `port`; None if no device claims the port
     /// (the caller returns all ones to the guest).
     pub fn io_read(&mut self, port: u16, size: u8, now: u64) -> Option<u32> {

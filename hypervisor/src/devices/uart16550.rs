@@ -1,7 +1,8 @@
 //! A 16550A UART (COM1 at 0x3F8-0x3FF, IRQ4), the guest's serial console.
 //!
-//! Register model after the National Semiconductor PC16550D datasheet (Table II: registers;
-//! Table IV: interrupt identification). Transmission is instantaneous: a byte written to THR goes
+//! Register model after the PC16550D datasheet (National Semiconductor, now Texas Instruments
+//! SNLS378: Table II registers; Table IV interrupt identification; section 8.6 FIFO interrupt mode
+//! operation: the trigger level and the character timeout). Transmission is instantaneous: a byte written to THR goes
 //! to the guest's console at once, so LSR always shows THRE and TEMT and the THRE interrupt
 //! re-arms right after each write. Received bytes come from [`Uart16550::push_input`] into a
 //! 16-byte FIFO (one byte with the FIFOs off).
@@ -154,6 +155,11 @@ impl Uart16550 {
         let accepted = self.receive(byte);
         self.update_irq(cx);
         accepted
+    }
+
+    /// Whether the receiver can take another byte without an overrun.
+    pub fn rx_room(&self) -> bool {
+        self.rx.len() < self.rx_capacity()
     }
 
     fn fifo_enabled(&self) -> bool {
@@ -485,6 +491,52 @@ mod tests {
         assert_eq!(rest, FIFO_SIZE - 1);
         assert!(!r.irq());
         assert_eq!(r.read(RBR_THR_DLL), 0);
+    }
+
+    /// What Linux's 8250 driver does with a 16550A in interrupt mode: FIFO with trigger level 8
+    /// (FCR 0x81), IER = RDI | RLSI | THRI, OUT2. A few typed bytes (below the trigger) show as
+    /// the character timeout (IIR 0xCC), which outranks THRE (Table IV); reading them while
+    /// LSR.DR clears it and leaves THRE to report (IIR 0xC2).
+    #[test]
+    fn linux_interrupt_mode_receive_then_transmit() {
+        let mut r = Rig::new();
+        r.write(IIR_FCR, 0x81);
+        r.write(MCR, MCR_OUT2 | MCR_DTR | MCR_RTS);
+        r.write(IER_DLM, IER_RDA | IER_RLS | IER_THRE);
+        assert!(r.uart.rx_room());
+        for b in b"ls\r" {
+            assert!(r.push(*b));
+        }
+        assert!(r.irq());
+        assert_eq!(r.read(IIR_FCR), IIR_FIFO_ENABLED | IIR_TIMEOUT);
+        let mut got = alloc::vec::Vec::new();
+        while r.read(LSR) & LSR_DR != 0 {
+            got.push(r.read(RBR_THR_DLL));
+        }
+        assert_eq!(got, b"ls\r");
+        assert_eq!(r.read(IIR_FCR), IIR_FIFO_ENABLED | IIR_THRE);
+        assert_eq!(r.read(IIR_FCR), IIR_FIFO_ENABLED | IIR_NONE);
+        assert!(!r.irq());
+        // Eight bytes reach the trigger level: received data available, not the timeout.
+        for b in 0..8 {
+            r.push(b);
+        }
+        assert_eq!(r.read(IIR_FCR), IIR_FIFO_ENABLED | IIR_RDA);
+        r.read(RBR_THR_DLL);
+        assert_eq!(
+            r.read(IIR_FCR),
+            IIR_FIFO_ENABLED | IIR_TIMEOUT,
+            "below the trigger again"
+        );
+        for _ in 0..7 {
+            r.read(RBR_THR_DLL);
+        }
+        assert!(!r.irq());
+        // A full FIFO has no room: Keel holds further bytes instead of overrunning it.
+        for b in 0..FIFO_SIZE as u8 {
+            r.push(b);
+        }
+        assert!(!r.uart.rx_room());
     }
 
     #[test]

@@ -291,7 +291,7 @@ fn clocks_stop_while_a_guest_waits_and_while_it_is_paused() {
     let gaps = gaps(&rl);
     assert!(gaps.iter().all(|&g| g < 10 * KEEL_COST), "{gaps:?}");
     // The console keys do the same for every guest.
-    rl.cpu.keys.extend(b"p");
+    rl.cpu.keys.extend(b"\x01p"); // Ctrl-A p
     let before = rl.cpu.trace.len();
     assert!(rl.step());
     assert_eq!(
@@ -300,7 +300,7 @@ fn clocks_stop_while_a_guest_waits_and_while_it_is_paused() {
         "nothing runs while all are paused"
     );
     assert_eq!(rl.cpu.sleeps.last().map(|s| s.2), Some(QUANTUM));
-    rl.cpu.keys.extend(b"r");
+    rl.cpu.keys.extend(b"\x01r"); // Ctrl-A r
     assert!(rl.step());
     assert_eq!(rl.cpu.trace.len(), before + 1);
 }
