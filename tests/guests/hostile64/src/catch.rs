@@ -197,3 +197,15 @@ macro_rules! fault {
         $crate::catch::take()
     }};
 }
+
+/// RDMSR with the catcher armed: the fault it raised (if any) and the value it read.
+pub fn rdmsr(msr: u32) -> (Option<Fault>, u64) {
+    let (lo, hi): (u32, u32);
+    let f = crate::fault!("rdmsr", in("ecx") msr, inout("eax") 0u32 => lo, inout("edx") 0u32 => hi);
+    (f, u64::from(hi) << 32 | u64::from(lo))
+}
+
+/// WRMSR with the catcher armed: the fault it raised, if any.
+pub fn wrmsr(msr: u32, v: u64) -> Option<Fault> {
+    crate::fault!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32)
+}

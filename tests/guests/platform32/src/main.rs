@@ -126,7 +126,11 @@ fn acpi() -> Tables {
     };
     say!("acpi rsdp found");
     let rev = byte(rsdp + 15);
-    say!("acpi rsdp rev={} oem={}", rev, Printable(&bytes::<6>(rsdp + 9)));
+    say!(
+        "acpi rsdp rev={} oem={}",
+        rev,
+        Printable(&bytes::<6>(rsdp + 9))
+    );
     // ACPI 2.0+: the XSDT (its table addresses are 64 bits; these are under 4 GiB).
     let (root, entry) = if rev >= 2 && sum(rsdp, 36) == 0 && u32_at(rsdp + 28) == 0 {
         (u32_at(rsdp + 24), 8)
@@ -290,14 +294,15 @@ fn fw_cfg() {
     fw_cfg_read(0x03, &mut v);
     say!("fw_cfg ram={}", u64::from_le_bytes(v));
     fw_cfg_read(0x19, &mut v[..4]);
-    say!("fw_cfg files={}", u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
+    say!(
+        "fw_cfg files={}",
+        u32::from_be_bytes([v[0], v[1], v[2], v[3]])
+    );
 }
 
 /// Waits for the i8042's output buffer and reads it (None after a bounded wait).
 fn i8042_read() -> Option<u8> {
-    (0..100_000)
-        .find(|_| inb(0x64) & 1 != 0)
-        .map(|_| inb(0x60))
+    (0..100_000).find(|_| inb(0x64) & 1 != 0).map(|_| inb(0x60))
 }
 
 fn i8042_command(cmd: u8) -> Option<u8> {

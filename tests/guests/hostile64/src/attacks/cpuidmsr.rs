@@ -15,8 +15,8 @@
 //!
 //! Prints `hostile64: cpuidmsr agree=<n>/<n> ok`.
 
-use super::{Tally, GP};
-use hostile64::catch::Fault;
+use super::{cpuid, Tally, GP};
+use hostile64::catch::{rdmsr, wrmsr};
 use hostile64::fault;
 
 const EAX: usize = 0;
@@ -85,21 +85,6 @@ const LAPIC_VERSION: u64 = 0xfee0_0030;
 const JUMP: u64 = 1 << 40;
 /// The guest's time between its RDTSC and the WRMSR's exit, at most (Bochs: a few thousand).
 const SLACK: u64 = 100_000_000;
-
-fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
-    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-    [r.eax, r.ebx, r.ecx, r.edx]
-}
-
-fn rdmsr(msr: u32) -> (Option<Fault>, u64) {
-    let (lo, hi): (u32, u32);
-    let f = fault!("rdmsr", in("ecx") msr, inout("eax") 0u32 => lo, inout("edx") 0u32 => hi);
-    (f, u64::from(hi) << 32 | u64::from(lo))
-}
-
-fn wrmsr(msr: u32, v: u64) -> Option<Fault> {
-    fault!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32)
-}
 
 fn read32(addr: u64) -> u32 {
     // SAFETY: the xAPIC page is identity mapped; an access to it is MMIO Keel answers.

@@ -22,6 +22,12 @@ use guest_common::{cpu, say, EXIT_FAILURE};
 use hostile64::catch::Fault;
 use hostile64::EXIT_OK;
 
+/// CPUID(leaf, subleaf) as [EAX, EBX, ECX, EDX].
+fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
 /// An attack: gets the command line and the RAM size, never returns.
 pub type Attack = fn(&[u8], u64) -> !;
 

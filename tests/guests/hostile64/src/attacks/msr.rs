@@ -8,8 +8,7 @@
 //! Prints `hostile64: msr gp=<n>/<n> ok`.
 
 use super::{Tally, GP};
-use hostile64::catch::Fault;
-use hostile64::fault;
+use hostile64::catch::{rdmsr, wrmsr};
 
 const FEATURE_CONTROL: u32 = 0x3a;
 const APIC_BASE: u32 = 0x1b;
@@ -33,16 +32,6 @@ const UNKNOWN: [u32; 9] = [
     0xdead_beef,
     0xffff_ffff,
 ];
-
-fn rdmsr(msr: u32) -> (Option<Fault>, u64) {
-    let (lo, hi): (u32, u32);
-    let f = fault!("rdmsr", in("ecx") msr, inout("eax") 0u32 => lo, inout("edx") 0u32 => hi);
-    (f, u64::from(hi) << 32 | u64::from(lo))
-}
-
-fn wrmsr(msr: u32, v: u64) -> Option<Fault> {
-    fault!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32)
-}
 
 pub fn run(_cmdline: &[u8], _ram: u64) -> ! {
     let mut t = Tally::new("msr", "gp");

@@ -19,12 +19,11 @@
 //! Prints `hostile64: x2apic tsc=<Hz> timer=<Hz> cpuid15=<EAX>/<EBX>/<ECX>` and then
 //! `hostile64: x2apic cases=<n>/<n> ok`.
 
-use super::{Tally, GP};
+use super::{cpuid, Tally, GP};
 use core::arch::asm;
 use core::sync::atomic::{AtomicU32, Ordering};
 use guest_common::{cpu, pit, say};
-use hostile64::catch::{self, Fault, InterruptFrame};
-use hostile64::fault;
+use hostile64::catch::{self, rdmsr, wrmsr, InterruptFrame};
 
 const APIC_BASE: u32 = 0x1b;
 const XAPIC: u64 = 0xfee0_0900;
@@ -59,21 +58,6 @@ const TIMER_COUNT: u64 = 1_000_000;
 static SELF_IPIS: AtomicU32 = AtomicU32::new(0);
 static ICR_IPIS: AtomicU32 = AtomicU32::new(0);
 static TIMER_TICKS: AtomicU32 = AtomicU32::new(0);
-
-fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
-    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-    [r.eax, r.ebx, r.ecx, r.edx]
-}
-
-fn rdmsr(msr: u32) -> (Option<Fault>, u64) {
-    let (lo, hi): (u32, u32);
-    let f = fault!("rdmsr", in("ecx") msr, inout("eax") 0u32 => lo, inout("edx") 0u32 => hi);
-    (f, u64::from(hi) << 32 | u64::from(lo))
-}
-
-fn wrmsr(msr: u32, v: u64) -> Option<Fault> {
-    fault!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32)
-}
 
 /// End of interrupt in x2APIC mode, from a handler (no fault catcher there: it must not fault).
 fn eoi() {
