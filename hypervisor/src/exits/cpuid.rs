@@ -215,6 +215,12 @@ pub fn of_guest<V: Vmcs + ?Sized>(
     policy(host, leaf, subleaf, &f)
 }
 
+/// MAXPHYADDR as the guest's CPUID reports it (leaf 8000_0008H EAX[7:0], which depends on nothing
+/// of the guest's state): the width the reserved bits of its paging entries start at (SDM 4.1.4).
+pub fn guest_maxphyaddr(host: &dyn Host) -> u8 {
+    policy(host, 0x8000_0008, 0, &GuestFeatures::default())[0] as u8
+}
+
 /// The answer the guest gets for CPUID(leaf, subleaf).
 #[inline]
 pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32, f: &GuestFeatures) -> [u32; 4] {

@@ -217,8 +217,7 @@ fn string<V: Vmcs + ?Sized>(
     let step = size as u64;
     let rflags = cx.vmcs.read(GuestNat::Rflags);
     let df = rflags & RFLAGS_DF != 0;
-    // MAXPHYADDR as the guest's CPUID says it, for the reserved bits of its paging entries.
-    let maxphyaddr = super::cpuid::policy(&*cx.host, 0x8000_0008, 0, &Default::default())[0] as u8;
+    let maxphyaddr = super::cpuid::guest_maxphyaddr(&*cx.host);
     let mode = PagingMode::of(cx.vmcs, maxphyaddr);
     let how = if mode.cr0 & CR0_PE == 0 || rflags & RFLAGS_VM != 0 {
         AddressingMode::Real

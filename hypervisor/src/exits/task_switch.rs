@@ -269,8 +269,7 @@ fn switch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Step<()> {
         | Some(InterruptionType::HardwareException) => 1,
         _ => 0,
     };
-    // MAXPHYADDR as the guest's CPUID says it, for the reserved bits of its paging entries.
-    let maxphyaddr = super::cpuid::policy(&*cx.host, 0x8000_0008, 0, &Default::default())[0] as u8;
+    let maxphyaddr = super::cpuid::guest_maxphyaddr(&*cx.host);
     let mode = PagingMode::of(&*vmcs, maxphyaddr);
     if mode.efer & EFER_LMA != 0 {
         // SDM 8.7: IA-32e mode has no hardware task switching; the CPU raises #GP itself, so
