@@ -253,6 +253,21 @@ fn pm_timer(port: u16) {
     say!("pm timer advances={}", if moved { "yes" } else { "NO" });
 }
 
+/// Waits one second by the ACPI PM timer (3.579545 MHz, 24 bits) before a power-off or reset is
+/// called failed. QEMU acts on both from its main loop, not at the write itself, so a vCPU can
+/// run on for a moment after the write; a machine that really ignored it runs on for the second.
+fn settle() {
+    const PM_TMR: u16 = 0x608;
+    const ONE_SECOND: u32 = 3_579_545;
+    let mut last = inl(PM_TMR) & 0xff_ffff;
+    let mut waited = 0u32;
+    while waited < ONE_SECOND {
+        let now = inl(PM_TMR) & 0xff_ffff;
+        waited += now.wrapping_sub(last) & 0xff_ffff;
+        last = now;
+    }
+}
+
 fn pci_read(bus: u32, dev: u32, func: u32, reg: u32) -> u32 {
     outl(0xcf8, 1 << 31 | bus << 16 | dev << 11 | func << 8 | reg);
     inl(0xcfc)
@@ -369,6 +384,7 @@ fn reset_test(via: &[u8]) -> ! {
         b"cf9" => outb(0xcf9, 0x06),
         _ => say!("unknown reset method"),
     }
+    settle();
     say!("still running after the reset");
     cmos_write(CMOS_MARK, 0);
     cpu::exit(EXIT_FAILURE)
@@ -396,6 +412,7 @@ extern "C" fn platform32_main(magic: u32, info: u32) -> ! {
     i8042();
     say!("powering off");
     outw(0x604, 0x2000);
+    settle();
     say!("still running after ACPI power-off");
     cpu::exit(EXIT_FAILURE)
 }
