@@ -45,7 +45,7 @@ stage() {
 }
 
 guests_and_images() {
-    local manifest=tests/guests/manifests/demo.manifest
+    local manifest=tests/guests/manifests/demo.toml
     if [ ! -f tests/guests/build.sh ] || [ ! -f "$manifest" ]; then
         echo "tests/guests/build.sh or $manifest is not in this checkout yet: building the kernel image without guests"
         local empty

@@ -1,7 +1,7 @@
 //! `keel-boot bench` (`cargo keel bench`): Keel's exit-path benchmark.
 //!
 //! 1. builds the test guests (bench64.elf and the bare disk bench64-bare.img come from
-//!    tests/guests/bench64) and Keel in release with tests/guests/manifests/bench.manifest;
+//!    tests/guests/bench64) and Keel in release with tests/guests/manifests/bench.toml;
 //! 2. boots that in Bochs: two bench64 guests time YIELD round trips against each other, then
 //!    guest 0 times each operation alone;
 //! 3. boots bench64-bare.img in Bochs: the same loop with no hypervisor (the floor);
@@ -29,7 +29,7 @@ use crate::emulator::{self, Emulator, Firmware, RunOptions, RunResult};
 use crate::image::{self, ImageOptions};
 
 /// The manifest `bench` uses unless `--manifest` says otherwise (relative to the workspace root).
-pub const DEFAULT_MANIFEST: &str = "tests/guests/manifests/bench.manifest";
+pub const DEFAULT_MANIFEST: &str = "tests/guests/manifests/bench.toml";
 /// The bare disk image tests/guests/build.sh writes next to the guests.
 pub const BARE_IMAGE: &str = "bench64-bare.img";
 /// The unstripped kernel of the Keel run, kept in its run directory.

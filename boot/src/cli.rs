@@ -138,7 +138,7 @@ enum Sub {
 #[derive(Args, Debug)]
 #[command(next_help_heading = "Image options")]
 struct BuildOpts {
-    /// Guest manifest [default: tests/guests/manifests/demo.manifest in the workspace]
+    /// Guest manifest [default: tests/guests/manifests/demo.toml in the workspace]
     #[arg(long, value_name = "PATH")]
     manifest: Option<PathBuf>,
     /// Take the files the manifest names from DIR instead of building the test guests with
@@ -161,7 +161,7 @@ struct BuildOpts {
 #[command(next_help_heading = "A Linux guest instead of a manifest")]
 struct LinuxOpts {
     /// Boot one Linux guest from KERNEL (a bzImage or vmlinux); the manifest written for it is
-    /// <out>/linux-guest/linux.manifest
+    /// <out>/linux-guest/linux.toml
     #[arg(long, value_name = "KERNEL")]
     linux: Option<PathBuf>,
     /// (with --linux) the guest's initrd / initramfs
@@ -243,7 +243,7 @@ struct FlashOpts {
     yes: bool,
 }
 
-/// Always a release build; the default manifest is bench.manifest.
+/// Always a release build; the default manifest is bench.toml.
 #[derive(Args, Debug)]
 struct BenchOpts {
     #[command(flatten)]

@@ -11,7 +11,7 @@ use keel::manifest::{self, Manifest};
 /// The target the kernel is built for.
 pub const KERNEL_TARGET: &str = "x86_64-unknown-none";
 /// The manifest `image` and `run` use when none is given (relative to the workspace root).
-pub const DEFAULT_MANIFEST: &str = "tests/guests/manifests/demo.manifest";
+pub const DEFAULT_MANIFEST: &str = "tests/guests/manifests/demo.toml";
 /// The script that builds the guest kernels into the directory it is given (owned by tests/guests).
 pub const GUEST_BUILD_SCRIPT: &str = "tests/guests/build.sh";
 
@@ -193,7 +193,8 @@ pub fn pack_ramdisk(
     files_dir: Option<&Path>,
     quiet: bool,
 ) -> Result<Vec<u8>> {
-    let parsed = manifest::parse(text).map_err(|e| anyhow!("{}: {e}", manifest_path.display()))?;
+    let (parsed, translated) = crate::manifest_file::parse(text)
+        .map_err(|e| anyhow!("{}: {e}", manifest_path.display()))?;
     let names = needed_files(&parsed);
     let mut contents: Vec<(String, Vec<u8>)> = Vec::new();
     if !names.is_empty() {
@@ -219,7 +220,9 @@ pub fn pack_ramdisk(
     }
     prepare_linux_kernels(manifest_path, &parsed, &mut contents, quiet)?;
     check_guests_load(manifest_path, &parsed, &contents)?;
-    let mut entries: Vec<(&str, &[u8])> = vec![(keel::archive::MANIFEST_NAME, text.as_bytes())];
+    // Keel reads the manifest in its own line format (`keel::manifest`), translated from the TOML.
+    let mut entries: Vec<(&str, &[u8])> =
+        vec![(keel::archive::MANIFEST_NAME, translated.text.as_bytes())];
     entries.extend(contents.iter().map(|(n, d)| (n.as_str(), d.as_slice())));
     keel::archive::build(&entries).map_err(|e| anyhow!("cannot pack the ramdisk: {e}"))
 }
@@ -338,14 +341,19 @@ pub fn linux_manifest_text(linux: &crate::cli::LinuxArgs) -> String {
     let mut text = String::from(
         "# Written by `cargo keel ... --linux`: one Linux guest (docs/GUESTS.md, kind = linux).\n\
          # The files are links in this directory; copy the manifest to add guests.\n\
-         [guest linux]\nkind = linux\nimage = kernel\n",
+         [[guest]]\nname = \"linux\"\nkind = \"linux\"\nimage = \"kernel\"\n",
     );
     if linux.initrd.is_some() {
-        text.push_str("initrd = initrd\n");
+        text.push_str("initrd = \"initrd\"\n");
     }
-    text.push_str(&format!("memory = {}M\n", linux.memory >> 20));
-    text.push_str(&format!("cmdline = {}\n", linux.cmdline));
+    text.push_str(&format!("memory = \"{}M\"\n", linux.memory >> 20));
+    text.push_str(&format!("cmdline = {}\n", toml_string(&linux.cmdline)));
     text
+}
+
+/// `s` as a TOML basic string (quoted, with `"`, `\\` and control characters escaped).
+pub fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
 }
 
 /// Writes the `--linux` manifest and links named `kernel` and `initrd` to the user's files into
@@ -365,7 +373,7 @@ pub fn write_linux_guest(out: &Path, linux: &crate::cli::LinuxArgs) -> Result<(P
         std::os::unix::fs::symlink(&target, dir.join(name))
             .with_context(|| format!("cannot link {} in {}", target.display(), dir.display()))?;
     }
-    let manifest = dir.join("linux.manifest");
+    let manifest = dir.join("linux.toml");
     std::fs::write(&manifest, linux_manifest_text(linux))
         .with_context(|| format!("cannot write {}", manifest.display()))?;
     Ok((manifest, dir))
@@ -549,7 +557,8 @@ pub fn build_images(opts: &ImageOptions) -> Result<Images> {
             opts.root.join("tests/guests/manifests").display()
         )
     })?;
-    let parsed = manifest::parse(&text).map_err(|e| anyhow!("{}: {e}", opts.manifest.display()))?;
+    let (parsed, _) = crate::manifest_file::parse(&text)
+        .map_err(|e| anyhow!("{}: {e}", opts.manifest.display()))?;
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("cannot create {}", opts.out.display()))?;
     let say = |what: String| {
@@ -703,15 +712,17 @@ mod tests {
     }
 
     const TWO_GUESTS: &str = "\
-[guest a]
-kind = multiboot
-image = a.elf
-memory = 2M
-modules = initrd a.elf
-[guest b]
-kind = flat
-image = b.bin
-memory = 2M
+[[guest]]
+name = \"a\"
+kind = \"multiboot\"
+image = \"a.elf\"
+memory = \"2M\"
+modules = [\"initrd\", \"a.elf\"]
+[[guest]]
+name = \"b\"
+kind = \"flat\"
+image = \"b.bin\"
+memory = \"2M\"
 ";
 
     /// A multiboot kernel the loader accepts: the header with the a.out kludge (flag 16) at
@@ -747,7 +758,7 @@ memory = 2M
     }
 
     fn pack_error(manifest: &str, dir: &Path) -> String {
-        let e = pack_ramdisk(Path::new("t.manifest"), manifest, Some(dir), true)
+        let e = pack_ramdisk(Path::new("t.toml"), manifest, Some(dir), true)
             .expect_err("the manifest is refused");
         format!("{e:#}")
     }
@@ -757,10 +768,15 @@ memory = 2M
     #[test]
     fn an_image_named_manifest_is_refused_with_the_guests_name() {
         let dir = files_dir("named-manifest", &[("manifest", b"\xeb\xfe")]);
-        let text = "[guest g1]\nkind = flat\nimage = manifest\nmemory = 2M\n";
+        let text = r#"[[guest]]
+name = "g1"
+kind = "flat"
+image = "manifest"
+memory = "2M"
+"#;
         assert_eq!(
             pack_error(text, &dir),
-            "t.manifest: manifest line 3: guest g1: image `manifest` has the name of the \
+            "t.toml: line 4: guest g1: image `manifest` has the name of the \
              ramdisk's manifest entry; rename the file"
         );
         let _ = std::fs::remove_dir_all(&dir);
@@ -780,7 +796,7 @@ memory = 2M
             ],
         );
         let guest = |kind: &str, image: &str, memory: &str, rest: &str| {
-            format!("[guest g1]\nkind = {kind}\nimage = {image}\nmemory = {memory}\n{rest}")
+            format!("[[guest]]\nname = \"g1\"\nkind = \"{kind}\"\nimage = \"{image}\"\nmemory = \"{memory}\"\n{rest}")
         };
         assert!(pack_ramdisk(
             Path::new("t"),
@@ -791,24 +807,27 @@ memory = 2M
         .is_ok());
         assert_eq!(
             pack_error(&guest("elf", "junk.elf", "2M", ""), &dir),
-            "t.manifest: guest g1: `junk.elf` (kind = elf, memory = 2M) cannot be loaded: \
+            "t.toml: guest g1: `junk.elf` (kind = elf, memory = 2M) cannot be loaded: \
              the image is not an ELF file"
         );
         assert_eq!(
             pack_error(&guest("flat", "b.bin", "2M", "load = 0x100\n"), &dir),
-            "t.manifest: guest g1: `b.bin` (kind = flat, memory = 2M) cannot be loaded: \
+            "t.toml: guest g1: `b.bin` (kind = flat, memory = 2M) cannot be loaded: \
              flat image at 0x100 (+0x2) must lie within 0x500..0x100000"
         );
         assert_eq!(
-            pack_error(&guest("flat", "b.bin", "2M", "modules = mb.elf\n"), &dir),
-            "t.manifest: guest g1: `b.bin` (kind = flat, memory = 2M) cannot be loaded: \
+            pack_error(
+                &guest("flat", "b.bin", "2M", "modules = [\"mb.elf\"]\n"),
+                &dir
+            ),
+            "t.toml: guest g1: `b.bin` (kind = flat, memory = 2M) cannot be loaded: \
              only multiboot guests take modules"
         );
         // Too many modules for the RAM: each takes a page after the kernel (QEMU's layout).
-        let many = vec!["b.bin"; 600].join(" ");
+        let many = vec!["\"b.bin\""; 600].join(", ");
         assert_eq!(
-            pack_error(&guest("multiboot", "mb.elf", "2M", &format!("modules = {many}\n")), &dir),
-            "t.manifest: guest g1: `mb.elf` (kind = multiboot, memory = 2M) cannot be loaded: modules and boot information at 0x100030 (+0x25cfd0) lies outside guest RAM"
+            pack_error(&guest("multiboot", "mb.elf", "2M", &format!("modules = [{many}]\n")), &dir),
+            "t.toml: guest g1: `mb.elf` (kind = multiboot, memory = 2M) cannot be loaded: modules and boot information at 0x100030 (+0x25cfd0) lies outside guest RAM"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -822,8 +841,8 @@ memory = 2M
             std::fs::create_dir_all(dir.join(sub))?;
             std::fs::write(dir.join(sub).join("x.bin"), code)?;
         }
-        let text = "[guest a]\nkind = flat\nimage = a/x.bin\nmemory = 2M\n\
-                    [guest b]\nkind = flat\nimage = b/x.bin\nmemory = 2M\n";
+        let text = "[[guest]]\nname = \"a\"\nkind = \"flat\"\nimage = \"a/x.bin\"\nmemory = \"2M\"\n\
+                    [[guest]]\nname = \"b\"\nkind = \"flat\"\nimage = \"b/x.bin\"\nmemory = \"2M\"\n";
         let bytes = pack_ramdisk(Path::new("t"), text, Some(&dir), true)?;
         let archive = Archive::parse(&bytes).map_err(|e| anyhow!("{e}"))?;
         assert_eq!(archive.get("a/x.bin"), Some(&b"\xeb\xfe"[..]));
@@ -837,12 +856,12 @@ memory = 2M
     fn a_command_line_too_long_for_a_restart_fails_at_pack_time() {
         let dir = files_dir("cmdline", &[("mb.elf", &multiboot_image())]);
         let text = format!(
-            "[guest g1]\nkind = multiboot\nimage = mb.elf\nmemory = 2M\nrestart = 1\ncmdline = {}\n",
+            "[[guest]]\nname = \"g1\"\nkind = \"multiboot\"\nimage = \"mb.elf\"\nmemory = \"2M\"\nrestart = 1\ncmdline = \"{}\"\n",
             "c".repeat(4095)
         );
         assert_eq!(
             pack_error(&text, &dir),
-            "t.manifest: manifest line 6: guest g1: command line of 4095 bytes is too long: Keel \
+            "t.toml: line 7: guest g1: command line of 4095 bytes is too long: Keel \
              appends ` restart=1` (10 bytes) when it restarts the guest, and command lines are at \
              most 4095 bytes with it, so at most 4085 without it"
         );
@@ -865,8 +884,8 @@ memory = 2M
                 ("b.bin", b"\xeb\xfe"),
             ],
         );
-        let text = "[guest lx]\nkind = linux\nimage = bzImage\nmemory = 32M\n\
-                    initrd = rootfs\ncmdline = console=ttyS0\n";
+        let text = "[[guest]]\nname = \"lx\"\nkind = \"linux\"\nimage = \"bzImage\"\n\
+                    memory = \"32M\"\ninitrd = \"rootfs\"\ncmdline = \"console=ttyS0\"\n";
         let bytes = pack_ramdisk(Path::new("t"), text, Some(&dir), true)?;
         let archive = Archive::parse(&bytes).map_err(|e| anyhow!("{e}"))?;
         let packed = archive.get("bzImage").expect("the kernel entry");
@@ -878,7 +897,7 @@ memory = 2M
         // the initrd must fit above it.
         assert_eq!(
             pack_error(&text.replace("32M", "16M"), &dir),
-            "t.manifest: guest lx: `bzImage` (kind = linux, memory = 16M) cannot be loaded: \
+            "t.toml: guest lx: `bzImage` (kind = linux, memory = 16M) cannot be loaded: \
              guest RAM of 0x1000000 bytes is too small, need 0x104a3e0"
         );
         assert_eq!(
@@ -886,17 +905,17 @@ memory = 2M
                 &text.replace("32M", "18M").replace("rootfs", "bzImage"),
                 &dir
             ),
-            "t.manifest: `bzImage` is a linux guest's kernel and also used by guest lx \
+            "t.toml: `bzImage` is a linux guest's kernel and also used by guest lx \
              (kind = linux); one file cannot be both: copy it under another name"
         );
         assert_eq!(
             pack_error(
                 &format!(
-                    "{text}[guest b]\nkind = flat\nimage = b.bin\nmemory = 2M\nmodules = bzImage\n"
+                    "{text}[[guest]]\nname = \"b\"\nkind = \"flat\"\nimage = \"b.bin\"\nmemory = \"2M\"\nmodules = [\"bzImage\"]\n"
                 ),
                 &dir
             ),
-            "t.manifest: `bzImage` is a linux guest's kernel and also used by guest b \
+            "t.toml: `bzImage` is a linux guest's kernel and also used by guest b \
              (kind = flat); one file cannot be both: copy it under another name"
         );
         let cut = files_dir(
@@ -904,10 +923,7 @@ memory = 2M
             &[("bzImage", &bz[..bz.len() - 9]), ("rootfs", b"")],
         );
         let e = pack_error(text, &cut);
-        assert!(
-            e.starts_with("t.manifest: the Linux kernel `bzImage`: "),
-            "{e}"
-        );
+        assert!(e.starts_with("t.toml: the Linux kernel `bzImage`: "), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(&cut);
         Ok(())
@@ -927,7 +943,7 @@ memory = 2M
         let (manifest, files) = write_linux_guest(&out, &linux)?;
         assert_eq!(files, out.join("linux-guest"));
         let text = std::fs::read_to_string(&manifest)?;
-        let parsed = manifest::parse(&text).map_err(|e| anyhow!("{e}"))?;
+        let (parsed, _) = crate::manifest_file::parse(&text).map_err(|e| anyhow!("{e}"))?;
         let g = &parsed.guests[0];
         assert_eq!(
             (g.name.as_str(), g.kind, g.image.as_str(), g.memory),
@@ -940,8 +956,9 @@ memory = 2M
         // Again without an initrd: the old link goes.
         linux.initrd = None;
         let (manifest, files) = write_linux_guest(&out, &linux)?;
-        let parsed =
-            manifest::parse(&std::fs::read_to_string(&manifest)?).map_err(|e| anyhow!("{e}"))?;
+        let parsed = crate::manifest_file::parse(&std::fs::read_to_string(&manifest)?)
+            .map_err(|e| anyhow!("{e}"))?
+            .0;
         assert!(parsed.guests[0].modules.is_empty());
         assert!(!files.join("initrd").exists());
         linux.kernel = dir.join("missing");
@@ -972,7 +989,7 @@ memory = 2M
 
     #[test]
     fn needed_files_in_first_use_order_once() {
-        let m = manifest::parse(TWO_GUESTS).expect("sample parses");
+        let (m, _) = crate::manifest_file::parse(TWO_GUESTS).expect("sample parses");
         assert_eq!(needed_files(&m), ["a.elf", "initrd", "b.bin"]);
     }
 
@@ -984,11 +1001,14 @@ memory = 2M
         std::fs::write(dir.join("initrd"), b"INITRD")?;
         std::fs::write(dir.join("b.bin"), b"\xeb\xfe")?;
         std::fs::write(dir.join("unused"), b"not packed")?;
-        let bytes = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, Some(&dir), true)?;
+        let bytes = pack_ramdisk(Path::new("two.toml"), TWO_GUESTS, Some(&dir), true)?;
         let archive = Archive::parse(&bytes).map_err(|e| anyhow!("{e}"))?;
         let names: Vec<&str> = archive.entries().map(|(n, _)| n).collect();
         assert_eq!(names, ["manifest", "a.elf", "initrd", "b.bin"]);
-        assert_eq!(archive.get("manifest"), Some(TWO_GUESTS.as_bytes()));
+        let kernel_text = crate::manifest_file::translate(TWO_GUESTS)
+            .expect("translates")
+            .text;
+        assert_eq!(archive.get("manifest"), Some(kernel_text.as_bytes()));
         assert_eq!(archive.get("a.elf"), Some(&a[..]));
         assert_eq!(archive.get("b.bin"), Some(&b"\xeb\xfe"[..]));
         std::fs::remove_dir_all(&dir)?;
@@ -997,17 +1017,16 @@ memory = 2M
 
     #[test]
     fn bad_manifest_fails_with_path_and_line() {
-        let text = "[guest a]\nkind = flat\nimage = x\nmemory = 3M\n";
-        let e =
-            pack_ramdisk(Path::new("demo.manifest"), text, None, true).expect_err("3M is rejected");
+        let text = "[[guest]]\nname = \"a\"\nkind = \"flat\"\nimage = \"x\"\nmemory = \"3M\"\n";
+        let e = pack_ramdisk(Path::new("demo.toml"), text, None, true).expect_err("3M is rejected");
         let msg = format!("{e:#}");
-        assert!(msg.contains("demo.manifest: manifest line 4:"), "{msg}");
+        assert!(msg.contains("demo.toml: line 5:"), "{msg}");
     }
 
     #[test]
     fn missing_file_is_named() {
         let dir = scratch("missing");
-        let e = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, Some(&dir), true)
+        let e = pack_ramdisk(Path::new("two.toml"), TWO_GUESTS, Some(&dir), true)
             .expect_err("files are missing");
         let msg = format!("{e:#}");
         assert!(msg.contains("names `a.elf`"), "{msg}");
@@ -1018,7 +1037,7 @@ memory = 2M
             ),
             "{msg}"
         );
-        let e = pack_ramdisk(Path::new("two.manifest"), TWO_GUESTS, None, true)
+        let e = pack_ramdisk(Path::new("two.toml"), TWO_GUESTS, None, true)
             .expect_err("no files directory");
         assert!(format!("{e:#}").ends_with(
             "names files (a.elf, initrd, b.bin) but no directory to take them from: pass it with \

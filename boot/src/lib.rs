@@ -20,6 +20,7 @@ pub mod emulator;
 pub mod flash;
 pub mod image;
 pub mod linux;
+pub mod manifest_file;
 pub mod pty;
 pub mod qemu;
 pub mod tools;

@@ -1,7 +1,9 @@
 //! The ramdisk manifest: which guests Keel runs and how each one starts.
 //!
-//! A small INI-like text, chosen so that it is easy to write by hand and to parse without a
-//! general-purpose parser in the kernel:
+//! Users write manifests in TOML (docs/GUESTS.md); `cargo keel image` translates the TOML into
+//! this small line format, which the kernel parses without a general-purpose parser, and keeps a
+//! map from these lines back to the TOML file's for its error messages. The same parser checks
+//! the manifest on the host when the image is packed and in Keel when it boots:
 //!
 //! ```text
 //! # comments start with '#'
@@ -31,7 +33,7 @@
 //! `image` and `modules` name archive entries: 1-47 bytes, and never `manifest` (the entry of
 //! this text).
 //!
-//! docs/GUESTS.md documents the same format for users.
+//! docs/GUESTS.md documents the TOML form users write.
 
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;

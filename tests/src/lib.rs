@@ -46,7 +46,7 @@ impl Manifest {
             Manifest::Inline { name, .. } => format!("inline-{name}"),
             Manifest::File(path) => format!(
                 "file-{}",
-                path.trim_end_matches(".manifest")
+                path.trim_end_matches(".toml")
                     .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
             ),
         }
@@ -85,7 +85,7 @@ fn build_images(manifest: &Manifest) -> Result<Images, String> {
     let out = dir.join("images").join(manifest.key());
     let manifest_path = match manifest {
         Manifest::Inline { name, text } => {
-            let path = dir.join("manifests").join(format!("{name}.manifest"));
+            let path = dir.join("manifests").join(format!("{name}.toml"));
             std::fs::create_dir_all(dir.join("manifests"))
                 .and_then(|()| std::fs::write(&path, text))
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
@@ -197,7 +197,7 @@ pub fn boot_scripted(b: ScriptedBoot<'_>) -> Result<Outcome, String> {
             b.files.display()
         )
     })?;
-    let manifest = dir.join("manifests").join(format!("{}.manifest", b.name));
+    let manifest = dir.join("manifests").join(format!("{}.toml", b.name));
     std::fs::create_dir_all(dir.join("manifests"))
         .and_then(|()| std::fs::write(&manifest, b.manifest))
         .map_err(|e| format!("cannot write {}: {e}", manifest.display()))?;
@@ -557,7 +557,7 @@ mod tests {
     #[test]
     fn manifest_keys_are_file_names() {
         assert_eq!(
-            Manifest::File("tests/guests/manifests/demo.manifest").key(),
+            Manifest::File("tests/guests/manifests/demo.toml").key(),
             "file-tests_guests_manifests_demo"
         );
         assert_eq!(

@@ -121,7 +121,7 @@ static SELFTEST_PANIC: BootSpec = BootSpec {
     name: "bochs-selftest-panic",
     manifest: keel_tests::Manifest::Inline {
         name: "selftest-panic",
-        text: "[keel]\nselftest = panic\n",
+        text: "[keel]\nselftest = \"panic\"\n",
     },
     emulator: Emulator::Bochs,
     firmware: Firmware::Bios,
@@ -132,7 +132,7 @@ static SELFTEST_FAULT: BootSpec = BootSpec {
     name: "bochs-selftest-fault",
     manifest: keel_tests::Manifest::Inline {
         name: "selftest-fault",
-        text: "[keel]\nselftest = fault\n",
+        text: "[keel]\nselftest = \"fault\"\n",
     },
     emulator: Emulator::Bochs,
     firmware: Firmware::Bios,

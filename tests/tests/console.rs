@@ -1,5 +1,5 @@
 //! Console output must never stall guests, and a guest learns what became of every byte it
-//! wrote: one Bochs boot of `tests/guests/manifests/flood.manifest` (a long64 guest flooding its
+//! wrote: one Bochs boot of `tests/guests/manifests/flood.toml` (a long64 guest flooding its
 //! console through CONSOLE_WRITE, the UART and PRINT_STATS, another asking for Keel's table as
 //! fast as it can, next to a 100 Hz sleeper). A module of
 //! the `emulators` test target: `cargo itest console -- --nocapture` shows the figures.
@@ -11,7 +11,7 @@ use crate::scheduler::{field, keel_tsc_hz, pit_ticks_off};
 
 static FLOOD: BootSpec = BootSpec {
     name: "bochs-flood",
-    manifest: Manifest::File("tests/guests/manifests/flood.manifest"),
+    manifest: Manifest::File("tests/guests/manifests/flood.toml"),
     emulator: Emulator::Bochs,
     firmware: Firmware::Bios,
     timeout: Some(Duration::from_secs(300)),

@@ -6,21 +6,21 @@
 //!
 //! - `bringup`: Keel alone: VMXON in Bochs (BIOS and UEFI), "no VMX" in QEMU TCG.
 //! - `guests`: the manifests of tests/guests: every guest kind, and misbehaving guests.
-//! - `hostile`: attacking guests next to a witness (tests/guests/manifests/hostile.manifest).
-//! - `fuzz`: guests running random code next to a witness (tests/guests/manifests/fuzz.manifest).
+//! - `hostile`: attacking guests next to a witness (tests/guests/manifests/hostile.toml).
+//! - `fuzz`: guests running random code next to a witness (tests/guests/manifests/fuzz.toml).
 //! - `scheduler`: time sharing: fair shares, a sleeper's share, timer rates, a CLI spinner
-//!   (tests/guests/manifests/sched.manifest).
+//!   (tests/guests/manifests/sched.toml).
 //! - `console`: a guest flooding its console next to a 100 Hz sleeper
-//!   (tests/guests/manifests/flood.manifest).
+//!   (tests/guests/manifests/flood.toml).
 //! - `platform`: the PC platform (ACPI, PM timer, PCI, fw_cfg, i8042) as platform32 reads it under
-//!   Keel and under QEMU (tests/guests/manifests/platform.manifest).
+//!   Keel and under QEMU (tests/guests/manifests/platform.toml).
 //! - `cleanup`: a time limit stops the emulator and leaves nothing behind.
 //! - `smp`: Keel starting the other CPUs of a 4-CPU machine, and leaving out one whose VT-x
-//!   set-up fails (tests/guests/manifests/smp-fail.manifest).
+//!   set-up fails (tests/guests/manifests/smp-fail.toml).
 //! - `linux`: Debian's kernel and a busybox initramfs (fetched with apt at test time) to a shell,
 //!   driven over the serial console, next to two of Keel's guests.
 //! - `qemu_kernels`: test kernels written for QEMU's -kernel print the same and end the same
-//!   under Keel as under QEMU (tests/guests/manifests/qemu-kernels.manifest).
+//!   under Keel as under QEMU (tests/guests/manifests/qemu-kernels.toml).
 //! - `walkthrough`: the commands of docs/GUESTS.md's walk-through, run as they stand.
 
 mod bringup;

@@ -1,4 +1,4 @@
-//! Random code cannot hurt Keel: boots tests/guests/manifests/fuzz.manifest in Bochs (fuzz64 and
+//! Random code cannot hurt Keel: boots tests/guests/manifests/fuzz.toml in Bochs (fuzz64 and
 //! fuzz32, each in user and in kernel mode, next to the witness: tests/guests/fuzz and fuzz32)
 //! and checks that Keel stays up
 //! and ends, that every fuzzer ran its seeds (restarted by Keel whenever it died), that each
@@ -14,13 +14,13 @@ use std::time::Duration;
 
 static FUZZ: BootSpec = BootSpec {
     name: "bochs-fuzz",
-    manifest: Manifest::File("tests/guests/manifests/fuzz.manifest"),
+    manifest: Manifest::File("tests/guests/manifests/fuzz.toml"),
     emulator: Emulator::Bochs,
     firmware: Firmware::Bios,
     timeout: Some(Duration::from_secs(240)),
 };
 
-/// The fuzzers of fuzz.manifest: name, `restart =`.
+/// The fuzzers of fuzz.toml: name, `restart =`.
 const FUZZERS: [(&str, usize); 4] = [
     ("fuzz-user", 40),
     ("fuzz-kernel", 100),

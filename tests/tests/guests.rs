@@ -5,7 +5,7 @@ use keel_tests::{shared_boot, BootSpec, Emulator, Firmware, Manifest, Outcome};
 
 static KINDS: BootSpec = BootSpec {
     name: "bochs-bios-kinds",
-    manifest: Manifest::File("tests/guests/manifests/kinds.manifest"),
+    manifest: Manifest::File("tests/guests/manifests/kinds.toml"),
     emulator: Emulator::Bochs,
     firmware: Firmware::Bios,
     timeout: None,
@@ -13,7 +13,7 @@ static KINDS: BootSpec = BootSpec {
 
 static ISOLATION: BootSpec = BootSpec {
     name: "bochs-bios-isolation",
-    manifest: Manifest::File("tests/guests/manifests/isolation.manifest"),
+    manifest: Manifest::File("tests/guests/manifests/isolation.toml"),
     emulator: Emulator::Bochs,
     firmware: Firmware::Bios,
     timeout: None,
@@ -21,7 +21,7 @@ static ISOLATION: BootSpec = BootSpec {
 
 static REFUSED: BootSpec = BootSpec {
     name: "bochs-bios-refused",
-    manifest: Manifest::File("tests/guests/manifests/refused.manifest"),
+    manifest: Manifest::File("tests/guests/manifests/refused.toml"),
     emulator: Emulator::Bochs,
     firmware: Firmware::Bios,
     timeout: None,
@@ -29,7 +29,7 @@ static REFUSED: BootSpec = BootSpec {
 
 static DEMO_UEFI: BootSpec = BootSpec {
     name: "bochs-uefi-demo",
-    manifest: Manifest::File("tests/guests/manifests/demo.manifest"),
+    manifest: Manifest::File("tests/guests/manifests/demo.toml"),
     emulator: Emulator::Bochs,
     firmware: Firmware::Uefi,
     timeout: None,
@@ -38,7 +38,7 @@ static DEMO_UEFI: BootSpec = BootSpec {
 /// Keel's status when every guest ran to its end: `ExitCode::Completed` (0) as `(0 << 1) | 1`.
 const COMPLETED: u32 = keel_tests::status::COMPLETED;
 
-/// The guests of kinds.manifest in manifest order (their guest ids): name (the manifest's and
+/// The guests of kinds.toml in manifest order (their guest ids): name (the manifest's and
 /// the guest's own), the mode it says hello from, the code it writes to port 0xf4.
 const KIND_GUESTS: [(&str, &str, u32); 4] = [
     ("real16", "real mode", 0x10),

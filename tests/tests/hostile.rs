@@ -1,5 +1,5 @@
 //! A hostile guest cannot hurt Keel: boots Keel in Bochs with attacking guests next to a witness
-//! (tests/guests/manifests/hostile.manifest, the guests in tests/guests/hostile64, described in
+//! (tests/guests/manifests/hostile.toml, the guests in tests/guests/hostile64, described in
 //! docs/SECURITY.md) and checks that Keel stays up, that the witness computes the right checksum,
 //! and that every attacker gets its documented outcome.
 //!
@@ -13,7 +13,7 @@ use std::time::Duration;
 
 static HOSTILE: BootSpec = BootSpec {
     name: "bochs-hostile",
-    manifest: Manifest::File("tests/guests/manifests/hostile.manifest"),
+    manifest: Manifest::File("tests/guests/manifests/hostile.toml"),
     emulator: Emulator::Bochs,
     firmware: Firmware::Bios,
     timeout: Some(Duration::from_secs(240)),
@@ -21,7 +21,7 @@ static HOSTILE: BootSpec = BootSpec {
 
 static SWEEP: BootSpec = BootSpec {
     name: "bochs-hostile-sweep",
-    manifest: Manifest::File("tests/guests/manifests/hostile-sweep.manifest"),
+    manifest: Manifest::File("tests/guests/manifests/hostile-sweep.toml"),
     emulator: Emulator::Bochs,
     firmware: Firmware::Bios,
     timeout: Some(Duration::from_secs(420)),
@@ -31,7 +31,7 @@ static SWEEP: BootSpec = BootSpec {
 /// results still come in.
 static STORM: BootSpec = BootSpec {
     name: "bochs-hostile-storm",
-    manifest: Manifest::File("tests/guests/manifests/hostile-storm.manifest"),
+    manifest: Manifest::File("tests/guests/manifests/hostile-storm.toml"),
     emulator: Emulator::Bochs,
     firmware: Firmware::Bios,
     timeout: Some(Duration::from_secs(90)),
@@ -83,7 +83,7 @@ pub(crate) fn witness_checksum(rounds: u64) -> u64 {
     buf.iter().fold(h, |c, &w| c.rotate_left(1) ^ w)
 }
 
-/// `rounds=` of the witnesses in hostile.manifest and fuzz.manifest.
+/// `rounds=` of the witnesses in hostile.toml and fuzz.toml.
 pub(crate) const WITNESS_ROUNDS: u64 = 48;
 
 /// Keel ran to its end with every guest done (`keel: exit status 1`), and printed none of the

@@ -14,24 +14,27 @@ use keel_tests::{boot_scripted, harness_dir, Outcome, ScriptedBoot, Step};
 const MANIFEST: &str = "\
 # Written by tests/tests/linux.rs: Debian's kernel first (it gets the keyboard), then two guests
 # of tests/guests whose results must survive it.
-[guest linux]
-kind = linux
-image = vmlinuz
-initrd = initrd
-memory = 192M
-cmdline = console=ttyS0 cryptomgr.notests
+[[guest]]
+name = \"linux\"
+kind = \"linux\"
+image = \"vmlinuz\"
+initrd = \"initrd\"
+memory = \"192M\"
+cmdline = \"console=ttyS0 cryptomgr.notests\"
 
-[guest pm32]
-kind = elf
-image = pm32.elf
-memory = 16M
-cmdline = pm32 says hi
+[[guest]]
+name = \"pm32\"
+kind = \"elf\"
+image = \"pm32.elf\"
+memory = \"16M\"
+cmdline = \"pm32 says hi\"
 
-[guest long64]
-kind = elf
-image = long64.elf
-memory = 16M
-cmdline = mode=good
+[[guest]]
+name = \"long64\"
+kind = \"elf\"
+image = \"long64.elf\"
+memory = \"16M\"
+cmdline = \"mode=good\"
 ";
 
 /// Sum of i*i for i in 0..1000 = 999 * 1000 * 1999 / 6.

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 static PLATFORM: BootSpec = BootSpec {
     name: "bochs-bios-platform",
-    manifest: Manifest::File("tests/guests/manifests/platform.manifest"),
+    manifest: Manifest::File("tests/guests/manifests/platform.toml"),
     emulator: Emulator::Bochs,
     firmware: Firmware::Bios,
     timeout: None,

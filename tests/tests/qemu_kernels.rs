@@ -1,7 +1,7 @@
 //! Test kernels written for QEMU (`qemu-system-x86_64 -kernel K -initrd "M1 args,M2" -append
 //! "..." -device isa-debug-exit`) run under Keel unmodified: the same kernel file, modules and
 //! command line run once under QEMU (TCG, no Keel) and once as a Keel guest in Bochs
-//! (tests/guests/manifests/qemu-kernels.manifest), and both must print the same lines and end
+//! (tests/guests/manifests/qemu-kernels.toml), and both must print the same lines and end
 //! with the same status. Where they differ Keel is wrong: QEMU is the reference.
 
 use std::path::Path;
@@ -12,7 +12,7 @@ use keel_tests::{harness_dir, shared_boot, BootSpec, Emulator, Firmware, Manifes
 
 static QEMU_KERNELS: BootSpec = BootSpec {
     name: "bochs-bios-qemu-kernels",
-    manifest: Manifest::File("tests/guests/manifests/qemu-kernels.manifest"),
+    manifest: Manifest::File("tests/guests/manifests/qemu-kernels.toml"),
     emulator: Emulator::Bochs,
     firmware: Firmware::Bios,
     timeout: None,

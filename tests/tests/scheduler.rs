@@ -1,4 +1,4 @@
-//! The scheduler and virtual-time checks: one Bochs boot of `tests/guests/manifests/sched.manifest`
+//! The scheduler and virtual-time checks: one Bochs boot of `tests/guests/manifests/sched.toml`
 //! (seven long64 guests, docs/SCHEDULING.md), several tests reading it. A module of the
 //! `emulators` test target (`cargo itest scheduler -- --nocapture`); the measured shares and tick
 //! counts are printed, and `--nocapture` shows them when the tests pass.
@@ -16,7 +16,7 @@ use keel_tests::{guest_prefix, shared_boot, BootSpec, Emulator, Firmware, Manife
 
 static SCHED: BootSpec = BootSpec {
     name: "bochs-sched",
-    manifest: Manifest::File("tests/guests/manifests/sched.manifest"),
+    manifest: Manifest::File("tests/guests/manifests/sched.toml"),
     emulator: Emulator::Bochs,
     firmware: Firmware::Bios,
     // About 10-20 s on an idle machine; the limit leaves room for a loaded one.

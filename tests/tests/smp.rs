@@ -27,7 +27,7 @@ static FOUR_CPUS_UEFI: BootSpec = BootSpec {
 
 static CPU2_FAILS: BootSpec = BootSpec {
     name: "bochs-bios-4cpus-cpu2-fails",
-    manifest: Manifest::File("tests/guests/manifests/smp-fail.manifest"),
+    manifest: Manifest::File("tests/guests/manifests/smp-fail.toml"),
     emulator: Emulator::Bochs,
     firmware: Firmware::Bios,
     timeout: None,
@@ -114,7 +114,7 @@ fn bochs_uefi_without_acpi_finds_the_aps_by_broadcast() {
     boot.expect_keel_status(status::NO_GUESTS);
 }
 
-/// The guests of smp-fail.manifest (kinds.manifest's) and the code each writes to port 0xf4.
+/// The guests of smp-fail.toml (kinds.toml's) and the code each writes to port 0xf4.
 const GUESTS: [(&str, u32); 4] = [
     ("real16", 0x10),
     ("pm32", 0x11),

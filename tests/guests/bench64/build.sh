@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the benchmark guest into OUTDIR (called by ../build.sh, which has set up the toolchain):
-#   bench64.elf       the ELF64 guest Keel runs (tests/guests/manifests/bench.manifest)
+#   bench64.elf       the ELF64 guest Keel runs (tests/guests/manifests/bench.toml)
 #   bench64-bare.img  a BIOS disk: bench64-boot's boot sector, then bench64 as a flat binary,
 #                     padded to two 16-head, 63-sector cylinders (Bochs takes the geometry of a
 #                     flat disk from its size)

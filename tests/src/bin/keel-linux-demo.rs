@@ -13,14 +13,14 @@ fn linux_guest(interactive: bool) -> String {
     format!(
         "# Added by scripts/run-demo.sh: Debian's cloud kernel with a busybox initramfs. Type into\n\
          # its shell on the console (Ctrl-A 1..9 / n moves the keyboard; docs/BOOTING.md).\n\
-         [guest linux]\nkind = linux\nimage = vmlinuz\ninitrd = initrd\nmemory = 192M\n\
-         cmdline = console=ttyS0 cryptomgr.notests{shell}\n"
+         [[guest]]\nname = \"linux\"\nkind = \"linux\"\nimage = \"vmlinuz\"\ninitrd = \"initrd\"\n\
+         memory = \"192M\"\ncmdline = \"console=ttyS0 cryptomgr.notests{shell}\"\n"
     )
 }
 
 /// The demo manifest with the Linux guest as its first guest, so that it has the keyboard.
 fn with_linux_first(demo: &str, interactive: bool) -> String {
-    let at = demo.find("\n[guest ").map_or(demo.len(), |i| i + 1);
+    let at = demo.find("\n[[guest]]").map_or(demo.len(), |i| i + 1);
     format!(
         "{}{}\n{}",
         &demo[..at],
@@ -36,7 +36,7 @@ fn main() {
         image::build_guests(&root, &files.dir, true).map_err(|e| format!("{e:#}"))?;
         let demo = std::fs::read_to_string(root.join(image::DEFAULT_MANIFEST))
             .map_err(|e| format!("{}: {e}", image::DEFAULT_MANIFEST))?;
-        let path = harness_dir().join("manifests").join("demo-linux.manifest");
+        let path = harness_dir().join("manifests").join("demo-linux.toml");
         std::fs::create_dir_all(harness_dir().join("manifests"))
             .and_then(|()| std::fs::write(&path, with_linux_first(&demo, interactive)))
             .map_err(|e| format!("{}: {e}", path.display()))?;

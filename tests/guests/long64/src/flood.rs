@@ -1,6 +1,6 @@
 //! `flood`: writes to its console as fast as it can for `secs=N` seconds of its own time, to show
 //! that a flooding guest costs nobody else their timer ticks and that it learns what became of
-//! every byte (tests/guests/manifests/flood.manifest, tests/tests/console.rs).
+//! every byte (tests/guests/manifests/flood.toml, tests/tests/console.rs).
 //!
 //! Each round: one CONSOLE_WRITE of 700 five-byte lines (`cNNN\n`), retried from where Keel
 //! stopped until all of it was accepted (a short write means Keel's console for this guest is

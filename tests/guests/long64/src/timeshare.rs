@@ -1,5 +1,5 @@
-//! The time-sharing modes: the guests of the demo (`tests/guests/manifests/demo.manifest`) and of
-//! the scheduler test (`sched.manifest`, asserted by `tests/tests/scheduler.rs`).
+//! The time-sharing modes: the guests of the demo (`tests/guests/manifests/demo.toml`) and of
+//! the scheduler test (`sched.toml`, asserted by `tests/tests/scheduler.rs`).
 //!
 //! Every guest measures time with its own TSC, whose rate it first measures against 10 periods of
 //! its PIT at 100 Hz (halting meanwhile). Under Keel that TSC is the guest's virtual clock: it

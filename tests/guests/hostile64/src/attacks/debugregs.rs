@@ -5,7 +5,7 @@
 //!    DR7 = 400H, not what another guest left there: `debugregs reset=6/6 ok`.
 //! 2. `rounds=<n> seed=<s>`: each round writes a pattern of its own into DR0-DR3, the writable
 //!    bits of DR6 and DR7 (no breakpoint enabled), yields, and counts the rounds after which all
-//!    six read back unchanged: `debugregs kept=<n>/<n> ok`. hostile.manifest runs it as two guests
+//!    six read back unchanged: `debugregs kept=<n>/<n> ok`. hostile.toml runs it as two guests
 //!    with different seeds (`dr-a`, `dr-b`), which read each other's values when Keel did not switch
 //!    them, and DR7 came back as 400H after every exit when the VMCS did not carry it.
 //!    `settle=<n>`: yield n times first, so the other guests have written theirs. `die=1`: after
