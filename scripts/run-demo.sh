@@ -17,8 +17,6 @@ if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
     # shellcheck disable=SC1091
     . "$HOME/.cargo/env"
 fi
-# `cargo keel run` exits with Keel's status, which is 1 ((0 << 1) | 1) when every guest ran to its
-# end; this script says 0 then, and passes any other status on.
 linux_args=()
 if [ "${KEEL_DEMO_LINUX:-1}" != 0 ]; then
     interactive=()
@@ -36,9 +34,6 @@ if [ "${KEEL_DEMO_LINUX:-1}" != 0 ]; then
     fi
     rm -f /tmp/keel-demo-linux.$$
 fi
-status=0
-cargo keel run "${linux_args[@]}" "$@" || status=$?
-if [ $status -eq 1 ]; then
-    exit 0
-fi
-exit $status
+# `cargo keel run` exits 0 when every guest ran to its end (Keel's status 1), otherwise with
+# Keel's status (docs/BOOTING.md).
+exec cargo keel run "${linux_args[@]}" "$@"

@@ -217,12 +217,23 @@ fn run(r: &RunArgs, workspace: Option<&Path>) -> Result<ExitCode> {
         // QEMU ends with 0 after a triple fault (-no-reboot): without Keel's line it is a failure.
         ExitCode::FAILURE
     } else {
-        match result.status() {
-            Some(s) => ExitCode::from(u8::try_from(s).unwrap_or(u8::MAX)),
-            None => ExitCode::FAILURE,
-        }
+        run_status(result.status())
     })
 }
+
+/// `run`'s exit status for Keel's (or QEMU's) status: 0 when Keel completed (status 1, `(0 << 1)
+/// | 1`: every guest ran to its end), so that shells and CI read a good run as success; any other
+/// status as it is.
+fn run_status(status: Option<i32>) -> ExitCode {
+    match status {
+        Some(COMPLETED) => ExitCode::SUCCESS,
+        Some(s) => ExitCode::from(u8::try_from(s).unwrap_or(u8::MAX)),
+        None => ExitCode::FAILURE,
+    }
+}
+
+/// Keel's status when every guest ran to its end (`arch::ExitCode::Completed`, 0, on port 0xF4).
+const COMPLETED: i32 = 1;
 
 fn flash_cmd(f: &FlashArgs, workspace: Option<&Path>) -> Result<ExitCode> {
     // The device is checked before a build is spent on it (and again before writing).
@@ -296,5 +307,14 @@ mod tests {
             firmware_wait(Emulator::Bochs, Firmware::Uefi),
             "Bochs: waiting for the firmware (UEFI); Keel's first line usually comes after ~10 s"
         );
+    }
+
+    /// A good run is a success to the shell; every other ending keeps its number.
+    #[test]
+    fn a_completed_run_exits_0() {
+        assert_eq!(run_status(Some(1)), ExitCode::SUCCESS);
+        assert_eq!(run_status(Some(39)), ExitCode::from(39));
+        assert_eq!(run_status(Some(300)), ExitCode::from(255));
+        assert_eq!(run_status(None), ExitCode::FAILURE);
     }
 }

@@ -71,8 +71,8 @@ fn walkthrough_own_guests_next_to_the_demo() {
             "no line `{line}`\n{report}"
         );
     }
-    // `cargo keel run` ends with Keel's status (1: every guest ended), and so does the script.
-    assert_eq!(out.status.code(), Some(1), "{report}");
+    // Keel's status 1 (every guest ended) makes `cargo keel run`, and so the script, succeed.
+    assert_eq!(out.status.code(), Some(0), "{report}");
     assert!(
         stderr.contains(
             "keel-boot: 6 guest(s) [cruncher1, cruncher2, sleeper, timekeeper, hello16, hellomb]"
