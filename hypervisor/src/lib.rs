@@ -29,6 +29,7 @@ pub mod mmio;
 pub mod runloop;
 pub mod sched;
 pub mod smp;
+pub mod state;
 pub mod vcpu;
 pub mod vmx;
 

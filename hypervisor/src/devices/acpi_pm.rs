@@ -21,6 +21,7 @@
 use super::board::{PmBlocks, SLP_TYP_S5};
 use super::clock::ClockRate;
 use super::{Device, DeviceContext, PowerEvent};
+use crate::state::{self, Reader, StateError, Writer};
 
 /// The PM timer's clock (ACPI 6.4 4.8.3.3): 3.579545 MHz.
 pub const PM_TIMER_HZ: u64 = 3_579_545;
@@ -137,9 +138,41 @@ fn byte_of(v: u32, i: u16) -> u32 {
     (v >> (8 * u32::from(i))) & 0xff
 }
 
+crate::codec_struct!(AcpiPm {
+    blocks,
+    sci,
+    timer,
+    tmr_sts,
+    msb_epoch,
+    pm1_en,
+    pm1_cnt,
+    sci_level,
+});
+
+/// The section of this device's state (`crate::state`).
+const STATE_TAG: [u8; 4] = *b"ACPI";
+const STATE_VERSION: u16 = 1;
+
 impl Device for AcpiPm {
     fn name(&self) -> &'static str {
         "acpi-pm"
+    }
+
+    fn save(&self, w: &mut Writer) {
+        state::save_whole(w, STATE_TAG, STATE_VERSION, self);
+    }
+
+    fn restore(&mut self, r: &mut Reader<'_>) -> Result<(), StateError> {
+        let (blocks, sci, timer) = (self.blocks, self.sci, self.timer);
+        state::restore_whole(r, STATE_TAG, STATE_VERSION, self, |v| {
+            if (v.blocks, v.sci, v.timer) != (blocks, sci, timer) {
+                return Err("ACPI PM registers at other ports, SCI or clock");
+            }
+            if v.msb_epoch > 1 << 56 {
+                return Err("a PM timer epoch beyond 2^56");
+            }
+            Ok(())
+        })
     }
 
     fn io_read(&mut self, port: u16, _size: u8, cx: &mut DeviceContext<'_>) -> u32 {

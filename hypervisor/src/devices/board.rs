@@ -92,6 +92,12 @@ pub struct PmBlocks {
     pub timer: u16,
 }
 
+crate::codec_struct!(PmBlocks {
+    event,
+    control,
+    timer
+});
+
 impl PmBlocks {
     pub const EVENT_LEN: u8 = 4;
     pub const CONTROL_LEN: u8 = 2;

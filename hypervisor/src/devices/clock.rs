@@ -54,6 +54,8 @@ impl ClockRate {
     }
 }
 
+crate::codec_struct!(ClockRate { hz, tsc_hz });
+
 /// When a timer fires next, in ticks of its own clock: once, or every `period` ticks.
 ///
 /// [`Schedule::fire`] implements the coalescing policy shared by all the timers: however many
@@ -104,6 +106,8 @@ impl Schedule {
         Some(missed)
     }
 }
+
+crate::codec_struct!(Schedule { next, period });
 
 #[cfg(test)]
 mod tests {

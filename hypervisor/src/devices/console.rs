@@ -325,6 +325,17 @@ impl Device for DebugConsole {
         "debugcon"
     }
 
+    fn save(&self, w: &mut crate::state::Writer) {
+        crate::state::save_empty(w, *b"DCON");
+    }
+
+    fn restore(
+        &mut self,
+        r: &mut crate::state::Reader<'_>,
+    ) -> Result<(), crate::state::StateError> {
+        crate::state::restore_empty(r, *b"DCON")
+    }
+
     fn io_read(&mut self, _port: u16, _size: u8, _cx: &mut DeviceContext<'_>) -> u32 {
         0xe9
     }

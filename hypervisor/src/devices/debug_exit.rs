@@ -17,6 +17,17 @@ impl Device for DebugExit {
         "isa-debug-exit"
     }
 
+    fn save(&self, w: &mut crate::state::Writer) {
+        crate::state::save_empty(w, *b"DBGX");
+    }
+
+    fn restore(
+        &mut self,
+        r: &mut crate::state::Reader<'_>,
+    ) -> Result<(), crate::state::StateError> {
+        crate::state::restore_empty(r, *b"DBGX")
+    }
+
     /// Takes 8/16/32-bit writes whole, like QEMU's device with iosize 4.
     fn wide_ports(&self) -> bool {
         true

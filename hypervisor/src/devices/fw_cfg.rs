@@ -18,6 +18,7 @@
 
 use super::board::{Board, FW_CFG_PORT};
 use super::{size_mask, Device, DeviceContext};
+use crate::state::{self, Reader, StateError, Writer};
 use alloc::vec::Vec;
 
 /// Selector keys (QEMU include/standard-headers/linux/qemu_fw_cfg.h).
@@ -86,9 +87,32 @@ impl FwCfg {
     }
 }
 
+crate::codec_struct!(FwCfg {
+    items,
+    selected,
+    offset
+});
+
+/// The section of this device's state (`crate::state`).
+const STATE_TAG: [u8; 4] = *b"FWCF";
+const STATE_VERSION: u16 = 1;
+
 impl Device for FwCfg {
     fn name(&self) -> &'static str {
         "fw_cfg"
+    }
+
+    fn save(&self, w: &mut Writer) {
+        state::save_whole(w, STATE_TAG, STATE_VERSION, self);
+    }
+
+    fn restore(&mut self, r: &mut Reader<'_>) -> Result<(), StateError> {
+        state::restore_whole(r, STATE_TAG, STATE_VERSION, self, |v| {
+            if v.selected.is_some_and(|i| i >= v.items.len()) {
+                return Err("an fw_cfg selection beyond its items");
+            }
+            Ok(())
+        })
     }
 
     /// The selector is a 16-bit register: it must see the guest's word write whole.

@@ -30,6 +30,7 @@
 
 use super::board::{I8042_COMMAND_PORT, I8042_DATA_PORT};
 use super::{Device, DeviceContext, PowerEvent, ResetSource};
+use crate::state::{self, Reader, StateError, Writer};
 use alloc::collections::VecDeque;
 
 pub const KEYBOARD_IRQ: u8 = 1;
@@ -255,9 +256,81 @@ impl I8042 {
     }
 }
 
+impl state::Codec for Source {
+    fn put(&self, w: &mut Writer) {
+        match *self {
+            Source::Keyboard => w.put(&0u8),
+            Source::Aux { timeout } => w.put(&(1 + u8::from(timeout))),
+        }
+    }
+
+    fn get(r: &mut Reader<'_>) -> Result<Self, StateError> {
+        Ok(match r.get::<u8>()? {
+            0 => Source::Keyboard,
+            1 => Source::Aux { timeout: false },
+            2 => Source::Aux { timeout: true },
+            _ => return Err(StateError::Invalid("an unknown i8042 byte source")),
+        })
+    }
+}
+
+impl state::Codec for Expect {
+    fn put(&self, w: &mut Writer) {
+        let (n, arg) = match *self {
+            Expect::Keyboard => (0u8, 0u8),
+            Expect::CommandByte => (1, 0),
+            Expect::OutputPort => (2, 0),
+            Expect::KeyboardOutput => (3, 0),
+            Expect::AuxOutput => (4, 0),
+            Expect::AuxDevice => (5, 0),
+            Expect::KeyboardArgument(c) => (6, c),
+        };
+        w.put(&(n, arg));
+    }
+
+    fn get(r: &mut Reader<'_>) -> Result<Self, StateError> {
+        Ok(match r.get::<(u8, u8)>()? {
+            (0, 0) => Expect::Keyboard,
+            (1, 0) => Expect::CommandByte,
+            (2, 0) => Expect::OutputPort,
+            (3, 0) => Expect::KeyboardOutput,
+            (4, 0) => Expect::AuxOutput,
+            (5, 0) => Expect::AuxDevice,
+            (6, c) => Expect::KeyboardArgument(c),
+            _ => return Err(StateError::Invalid("an unknown i8042 data-port state")),
+        })
+    }
+}
+
+crate::codec_struct!(I8042 {
+    ctr,
+    last_was_command,
+    expect,
+    out,
+    irq_levels,
+    scan_set,
+});
+
+/// The section of this device's state (`crate::state`).
+const STATE_TAG: [u8; 4] = *b"8042";
+const STATE_VERSION: u16 = 1;
+
 impl Device for I8042 {
     fn name(&self) -> &'static str {
         "i8042"
+    }
+
+    fn save(&self, w: &mut Writer) {
+        state::save_whole(w, STATE_TAG, STATE_VERSION, self);
+    }
+
+    fn restore(&mut self, r: &mut Reader<'_>) -> Result<(), StateError> {
+        state::restore_whole(r, STATE_TAG, STATE_VERSION, self, |v| {
+            if v.out.len() > QUEUE_MAX {
+                return Err("an i8042 output queue beyond 16 bytes");
+            }
+            Ok(())
+        })
     }
 
     fn io_read(&mut self, port: u16, _size: u8, cx: &mut DeviceContext<'_>) -> u32 {

@@ -55,6 +55,33 @@ pub struct IoApic {
     asserted: u32,
 }
 
+crate::codec_struct!(IoApic {
+    id,
+    ioregsel,
+    redirection,
+    asserted
+});
+
+impl IoApic {
+    /// Writes the IOAPIC's state (section `IOAP`, `crate::state`).
+    pub fn save(&self, w: &mut crate::state::Writer) {
+        crate::state::save_whole(w, *b"IOAP", 1, self);
+    }
+
+    /// Takes over what [`IoApic::save`] wrote; unchanged on an error.
+    pub fn restore(
+        &mut self,
+        r: &mut crate::state::Reader<'_>,
+    ) -> Result<(), crate::state::StateError> {
+        crate::state::restore_whole(r, *b"IOAP", 1, self, |v| {
+            if v.asserted >> IOAPIC_PINS != 0 {
+                return Err("an IOAPIC pin beyond its 24");
+            }
+            Ok(())
+        })
+    }
+}
+
 impl Default for IoApic {
     fn default() -> Self {
         Self::new()

@@ -93,6 +93,18 @@ pub trait Device: Any + Send {
     fn next_deadline(&self) -> Option<u64> {
         None
     }
+
+    /// Writes the device's state as one section of a state stream ([`crate::state`]):
+    /// everything needed to bring the device back as it is (registers, FIFOs, latches, timers,
+    /// whose deadlines are on the guest's own clock). Required, so that no device is left out
+    /// of a snapshot by default.
+    fn save(&self, w: &mut crate::state::Writer);
+
+    /// Takes over what [`Device::save`] wrote, after checking it as the untrusted input it is
+    /// (indexes in range, FIFOs within their size, the same clocks and ports as this device's);
+    /// on an error the device is unchanged.
+    fn restore(&mut self, r: &mut crate::state::Reader<'_>)
+        -> Result<(), crate::state::StateError>;
 }
 
 /// Where a device's interrupt lines go. The platform's chipset implements it; tests use a recorder.
@@ -412,6 +424,9 @@ pub fn size_mask(size: u8) -> u32 {
         _ => u32::MAX,
     }
 }
+
+#[cfg(test)]
+mod state_tests;
 
 #[cfg(test)]
 pub(crate) mod testing {

@@ -20,6 +20,7 @@
 
 use super::board::RESET_CONTROL_PORT;
 use super::{size_mask, Device, DeviceContext, PowerEvent, ResetSource};
+use crate::state::{self, Reader, StateError, Writer};
 
 pub const CONFIG_ADDRESS: u16 = 0xcf8;
 pub const CONFIG_DATA: u16 = 0xcfc;
@@ -121,9 +122,34 @@ impl PciHost {
     }
 }
 
+crate::codec_struct!(PciHost {
+    address,
+    reset_control,
+    config,
+    writable,
+});
+
+/// The section of this device's state (`crate::state`).
+const STATE_TAG: [u8; 4] = *b"PCI0";
+const STATE_VERSION: u16 = 1;
+
 impl Device for PciHost {
     fn name(&self) -> &'static str {
         "pci-conf1"
+    }
+
+    fn save(&self, w: &mut Writer) {
+        state::save_whole(w, STATE_TAG, STATE_VERSION, self);
+    }
+
+    fn restore(&mut self, r: &mut Reader<'_>) -> Result<(), StateError> {
+        let writable = self.writable;
+        state::restore_whole(r, STATE_TAG, STATE_VERSION, self, |v| {
+            if v.writable != writable {
+                return Err("a PCI host bridge of another kind");
+            }
+            Ok(())
+        })
     }
 
     fn wide_ports(&self) -> bool {

@@ -300,6 +300,66 @@ pub struct PicPair {
     spurious: u64,
 }
 
+crate::codec_enum!(Init {
+    Ready = 0,
+    Icw2 = 1,
+    Icw3 = 2,
+    Icw4 = 3
+});
+crate::codec_struct!(Chip {
+    irr,
+    isr,
+    imr,
+    input,
+    elcr,
+    elcr_writable,
+    base,
+    highest,
+    init,
+    needs_icw4,
+    single,
+    level_all,
+    icw3,
+    auto_eoi,
+    rotate_on_auto_eoi,
+    special_fully_nested,
+    special_mask,
+    read_isr,
+    poll,
+    is_master,
+});
+crate::codec_struct!(PicPair {
+    master,
+    slave,
+    spurious
+});
+
+impl PicPair {
+    /// Writes the pair's state (section `PIC2`, `crate::state`).
+    pub fn save(&self, w: &mut crate::state::Writer) {
+        crate::state::save_whole(w, *b"PIC2", 1, self);
+    }
+
+    /// Takes over what [`PicPair::save`] wrote: each chip in its place (master, slave), with
+    /// the ELCR bits the chipset lets software change; unchanged on an error.
+    pub fn restore(
+        &mut self,
+        r: &mut crate::state::Reader<'_>,
+    ) -> Result<(), crate::state::StateError> {
+        let fixed = |c: &Chip| (c.is_master, c.elcr_writable);
+        let (master, slave) = (fixed(&self.master), fixed(&self.slave));
+        crate::state::restore_whole(r, *b"PIC2", 1, self, |v| {
+            if (fixed(&v.master), fixed(&v.slave)) != (master, slave) {
+                return Err("a PIC pair wired otherwise");
+            }
+            if v.master.highest > 7 || v.slave.highest > 7 {
+                return Err("a PIC priority beyond IR7");
+            }
+            Ok(())
+        })
+    }
+}
+
 impl Default for PicPair {
     fn default() -> Self {
         Self::new()

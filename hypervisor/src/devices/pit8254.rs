@@ -20,6 +20,7 @@
 
 use super::clock::{ClockRate, Schedule, PIT_HZ};
 use super::{Device, DeviceContext};
+use crate::state::{self, Codec, Reader, StateError, Writer};
 
 pub const CHANNEL0: u16 = 0x40;
 pub const CHANNEL2: u16 = 0x42;
@@ -388,9 +389,103 @@ impl Pit {
     }
 }
 
+crate::codec_enum!(Access {
+    Lsb = 1,
+    Msb = 2,
+    LsbMsb = 3
+});
+
+impl Codec for Run {
+    fn put(&self, w: &mut Writer) {
+        match *self {
+            Run::Idle => w.put(&0u8),
+            Run::Counting { start } => {
+                w.put(&1u8);
+                w.put(&start);
+            }
+            Run::Held { elapsed } => {
+                w.put(&2u8);
+                w.put(&elapsed);
+            }
+            Run::AwaitTrigger => w.put(&3u8),
+        }
+    }
+
+    fn get(r: &mut Reader<'_>) -> Result<Self, StateError> {
+        Ok(match r.get::<u8>()? {
+            0 => Run::Idle,
+            1 => Run::Counting { start: r.get()? },
+            2 => Run::Held { elapsed: r.get()? },
+            3 => Run::AwaitTrigger,
+            _ => return Err(StateError::Invalid("an unknown PIT counting state")),
+        })
+    }
+}
+
+crate::codec_struct!(Channel {
+    mode,
+    mode_bits,
+    access,
+    bcd,
+    reload,
+    run,
+    gate,
+    pending_lsb,
+    read_msb_next,
+    latched_count,
+    latched_status,
+    null_count,
+});
+crate::codec_struct!(Pit {
+    clock,
+    channels,
+    port61,
+    irq
+});
+
+/// The section of the PIT's state (docs/DEVICES.md).
+const STATE_TAG: [u8; 4] = *b"PIT0";
+const STATE_VERSION: u16 = 1;
+/// PIT ticks of the guest's clock a restored counter may have started at or counted: far
+/// beyond any real run (2^56 ticks are 640 years at 1.19 MHz), far from overflowing the sums
+/// the counter's arithmetic makes.
+const STATE_TICKS_MAX: u64 = 1 << 56;
+
+impl Channel {
+    /// What the channel's arithmetic relies on: a mode of the 8254 and a count it can hold.
+    fn check(&self) -> Result<(), &'static str> {
+        if self.mode > 5 {
+            return Err("a PIT mode above 5");
+        }
+        if !(1..=0x1_0000).contains(&self.reload) {
+            return Err("a PIT count outside 1..=0x10000");
+        }
+        match self.run {
+            Run::Counting { start: t } | Run::Held { elapsed: t } if t > STATE_TICKS_MAX => {
+                Err("a PIT counter beyond 2^56 ticks")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Device for Pit {
     fn name(&self) -> &'static str {
         "pit8254"
+    }
+
+    fn save(&self, w: &mut Writer) {
+        state::save_whole(w, STATE_TAG, STATE_VERSION, self);
+    }
+
+    fn restore(&mut self, r: &mut Reader<'_>) -> Result<(), StateError> {
+        let clock = self.clock;
+        state::restore_whole(r, STATE_TAG, STATE_VERSION, self, |v| {
+            if v.clock != clock {
+                return Err("the PIT's clock differs from this machine's");
+            }
+            v.channels.iter().try_for_each(Channel::check)
+        })
     }
 
     fn io_read(&mut self, port: u16, _size: u8, cx: &mut DeviceContext<'_>) -> u32 {

@@ -4,6 +4,7 @@
 //! debugging a guest, and no driver depends on either).
 
 use super::{Device, DeviceContext};
+use crate::state::{self, Reader, StateError, Writer};
 
 #[derive(Debug, Default)]
 pub struct Port80 {
@@ -23,9 +24,23 @@ impl Port80 {
     }
 }
 
+crate::codec_struct!(Port80 { last, writes });
+
+/// The section of this device's state (`crate::state`).
+const STATE_TAG: [u8; 4] = *b"P80 ";
+const STATE_VERSION: u16 = 1;
+
 impl Device for Port80 {
     fn name(&self) -> &'static str {
         "post-code"
+    }
+
+    fn save(&self, w: &mut Writer) {
+        state::save_whole(w, STATE_TAG, STATE_VERSION, self);
+    }
+
+    fn restore(&mut self, r: &mut Reader<'_>) -> Result<(), StateError> {
+        state::restore_whole(r, STATE_TAG, STATE_VERSION, self, |_| Ok(()))
     }
 
     fn io_read(&mut self, _port: u16, _size: u8, _cx: &mut DeviceContext<'_>) -> u32 {

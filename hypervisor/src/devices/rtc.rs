@@ -16,6 +16,7 @@
 
 use super::clock::{ClockRate, RTC_HZ};
 use super::{Device, DeviceContext};
+use crate::state::{self, Reader, StateError, Writer};
 
 pub const RTC_INDEX: u16 = 0x70;
 pub const RTC_DATA: u16 = 0x71;
@@ -435,9 +436,52 @@ impl Rtc {
     }
 }
 
+crate::codec_struct!(Rtc {
+    clock,
+    index,
+    nmi_masked,
+    cmos,
+    base_seconds,
+    base_tick,
+    evaluated,
+    irq_level,
+});
+
+/// Seconds since 1970 a restored clock may hold (2^40: 34,000 years), and RTC ticks of the
+/// guest's clock (2^56): beyond any real run, far from overflowing the clock's sums.
+const STATE_SECONDS_MAX: u64 = 1 << 40;
+const STATE_TICKS_MAX: u64 = 1 << 56;
+
+/// The section of this device's state (`crate::state`).
+const STATE_TAG: [u8; 4] = *b"RTC0";
+const STATE_VERSION: u16 = 1;
+
 impl Device for Rtc {
     fn name(&self) -> &'static str {
         "rtc-cmos"
+    }
+
+    fn save(&self, w: &mut Writer) {
+        state::save_whole(w, STATE_TAG, STATE_VERSION, self);
+    }
+
+    fn restore(&mut self, r: &mut Reader<'_>) -> Result<(), StateError> {
+        let clock = self.clock;
+        state::restore_whole(r, STATE_TAG, STATE_VERSION, self, |v| {
+            if v.clock != clock {
+                return Err("the RTC's clock differs from this machine's");
+            }
+            if v.index > 0x7f {
+                return Err("a CMOS index above 0x7f");
+            }
+            if v.base_seconds > STATE_SECONDS_MAX
+                || v.base_tick > STATE_TICKS_MAX
+                || v.evaluated > STATE_TICKS_MAX
+            {
+                return Err("an RTC time beyond what Keel keeps");
+            }
+            Ok(())
+        })
     }
 
     fn io_read(&mut self, port: u16, _size: u8, cx: &mut DeviceContext<'_>) -> u32 {

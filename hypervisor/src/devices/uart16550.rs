@@ -12,6 +12,7 @@
 //! datasheet disconnects OUT2 from its pin in loopback mode. Linux's 8250 driver sets OUT2 on PCs.
 
 use super::{Device, DeviceContext};
+use crate::state::{self, Reader, StateError, Writer};
 use alloc::collections::VecDeque;
 
 pub const COM1_BASE: u16 = 0x3f8;
@@ -345,9 +346,49 @@ impl Uart16550 {
     }
 }
 
+crate::codec_struct!(Uart16550 {
+    base,
+    irq,
+    rx,
+    ier,
+    fcr,
+    lcr,
+    mcr,
+    lsr_errors,
+    msr_deltas,
+    scr,
+    dll,
+    dlm,
+    thre_pending,
+    irq_level,
+    tx_bytes,
+    rx_lost,
+});
+
+/// The section of this device's state (`crate::state`).
+const STATE_TAG: [u8; 4] = *b"UART";
+const STATE_VERSION: u16 = 1;
+
 impl Device for Uart16550 {
     fn name(&self) -> &'static str {
         "uart16550"
+    }
+
+    fn save(&self, w: &mut Writer) {
+        state::save_whole(w, STATE_TAG, STATE_VERSION, self);
+    }
+
+    fn restore(&mut self, r: &mut Reader<'_>) -> Result<(), StateError> {
+        let (base, irq) = (self.base, self.irq);
+        state::restore_whole(r, STATE_TAG, STATE_VERSION, self, |v| {
+            if (v.base, v.irq) != (base, irq) {
+                return Err("a UART at other ports or on another IRQ");
+            }
+            if v.rx.len() > FIFO_SIZE {
+                return Err("a UART receive FIFO beyond 16 bytes");
+            }
+            Ok(())
+        })
     }
 
     fn io_read(&mut self, port: u16, _size: u8, cx: &mut DeviceContext<'_>) -> u32 {
