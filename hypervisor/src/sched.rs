@@ -67,6 +67,113 @@ impl RoundRobin {
     }
 }
 
+/// A guest's claim on the CPU (manifest `weight` and `cap`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    /// Relative weight, 1..=[`WEIGHT_MAX`]: among guests that all want the CPU, each gets CPU
+    /// time in proportion to its weight (its time slice is `weight` quanta).
+    pub weight: u32,
+    /// The most CPU the guest may use, in percent of one CPU (1..=100), even when the CPU would
+    /// otherwise idle (a hard cap, as Xen's credit scheduler has it). `None`: no cap.
+    pub cap_percent: Option<u32>,
+}
+
+pub const WEIGHT_MAX: u32 = 64;
+
+impl Default for Share {
+    fn default() -> Self {
+        Share {
+            weight: 1,
+            cap_percent: None,
+        }
+    }
+}
+
+/// The accounting period over which caps are enforced, in quanta: a capped guest's budget is
+/// `cap` percent of it, refilled at each period's start. Ten 10 ms quanta give caps a 100 ms
+/// period: short enough that a capped guest's use never bunches up for long, long enough that a
+/// cap of a few percent is still a whole number of slices' worth of cycles.
+pub const CAP_PERIOD_QUANTA: u64 = 10;
+
+/// Weights and caps over the guests of one CPU: how long each may run now, whether a capped one
+/// has used its budget, and when budgets come back. Pure bookkeeping on the TSC, host-tested.
+#[derive(Debug, Clone)]
+pub struct Shares {
+    quantum: u64,
+    period: u64,
+    period_start: u64,
+    shares: alloc::vec::Vec<Share>,
+    /// CPU cycles each guest used in the current period.
+    used: alloc::vec::Vec<u64>,
+}
+
+impl Shares {
+    pub fn new(quantum: u64, shares: alloc::vec::Vec<Share>) -> Self {
+        let quantum = quantum.max(1);
+        Shares {
+            quantum,
+            period: quantum.saturating_mul(CAP_PERIOD_QUANTA),
+            period_start: 0,
+            used: alloc::vec![0; shares.len()],
+            shares,
+        }
+    }
+
+    fn budget(&self, i: usize) -> Option<u64> {
+        let cap = self.shares.get(i)?.cap_percent?;
+        Some((u128::from(self.period) * u128::from(cap) / 100) as u64)
+    }
+
+    /// Starts a new period (budgets back) when `now` is past the current one.
+    pub fn refill(&mut self, now: u64) {
+        if now.saturating_sub(self.period_start) >= self.period {
+            let periods = (now - self.period_start) / self.period;
+            self.period_start += periods * self.period;
+            self.used.iter_mut().for_each(|u| *u = 0);
+        }
+    }
+
+    /// True unless guest `i` has used its capped budget for this period.
+    pub fn may_run(&self, i: usize) -> bool {
+        match self.budget(i) {
+            Some(b) => self.used.get(i).is_some_and(|&u| u < b),
+            None => true,
+        }
+    }
+
+    /// How long guest `i` may run from now: its weight in quanta, no further than what is left
+    /// of its budget (and of a capped guest's period: its budget comes back only then).
+    pub fn slice(&self, i: usize) -> u64 {
+        let weight = self
+            .shares
+            .get(i)
+            .map_or(1, |s| s.weight.clamp(1, WEIGHT_MAX));
+        let slice = self.quantum.saturating_mul(u64::from(weight));
+        match self.budget(i) {
+            Some(b) => slice.min(b.saturating_sub(self.used.get(i).copied().unwrap_or(0))),
+            None => slice,
+        }
+    }
+
+    /// Guest `i` ran `cycles` on the CPU.
+    pub fn charge(&mut self, i: usize, cycles: u64) {
+        if let Some(u) = self.used.get_mut(i) {
+            *u = u.saturating_add(cycles);
+        }
+    }
+
+    /// When the current period ends and capped guests get their budgets back: the CPU has
+    /// nothing better to do than sleep until then when only capped guests want it.
+    pub fn period_end(&self) -> u64 {
+        self.period_start.saturating_add(self.period)
+    }
+
+    /// True if any guest has a cap (the run loop then watches period ends).
+    pub fn any_cap(&self) -> bool {
+        self.shares.iter().any(|s| s.cap_percent.is_some())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,5 +213,84 @@ mod tests {
             assert_eq!(s.pick(4, |i| i == 2), Some(2));
         }
         assert_eq!(s.switches, 1);
+    }
+
+    /// A fake CPU that runs CPU-bound guests by the rules for `total` cycles: what share each gets.
+    fn shares_of(shares: alloc::vec::Vec<Share>, total: u64) -> alloc::vec::Vec<f64> {
+        let quantum = 1000;
+        let n = shares.len();
+        let mut rr = RoundRobin::new(quantum);
+        let mut sh = Shares::new(quantum, shares);
+        let (mut now, mut used) = (0u64, alloc::vec![0u64; n]);
+        while now < total {
+            sh.refill(now);
+            match rr.pick(n, |i| sh.may_run(i)) {
+                Some(i) => {
+                    let ran = sh.slice(i).min(total - now);
+                    sh.charge(i, ran);
+                    used[i] += ran;
+                    now += ran;
+                }
+                None => now = sh.period_end().min(total),
+            }
+        }
+        used.iter()
+            .map(|&u| u as f64 * 100.0 / total as f64)
+            .collect()
+    }
+
+    fn share(weight: u32, cap: Option<u32>) -> Share {
+        Share {
+            weight,
+            cap_percent: cap,
+        }
+    }
+
+    #[test]
+    fn weights_divide_the_cpu_in_proportion() {
+        let got = shares_of(
+            alloc::vec![share(1, None), share(2, None), share(1, None)],
+            4_000_000,
+        );
+        for (g, want) in got.iter().zip([25.0, 50.0, 25.0]) {
+            assert!((g - want).abs() < 0.5, "{got:?}");
+        }
+    }
+
+    #[test]
+    fn a_cap_holds_even_when_the_cpu_would_idle() {
+        let got = shares_of(alloc::vec![share(1, Some(25))], 4_000_000);
+        assert!((got[0] - 25.0).abs() < 0.5, "{got:?}");
+        let got = shares_of(
+            alloc::vec![share(1, Some(10)), share(1, None), share(1, None)],
+            4_000_000,
+        );
+        for (g, want) in got.iter().zip([10.0, 45.0, 45.0]) {
+            assert!((g - want).abs() < 0.5, "{got:?}");
+        }
+    }
+
+    #[test]
+    fn a_cap_above_the_fair_share_changes_nothing() {
+        let got = shares_of(alloc::vec![share(1, Some(60)), share(1, None)], 4_000_000);
+        assert!((got[0] - 50.0).abs() < 0.5, "{got:?}");
+    }
+
+    #[test]
+    fn budgets_come_back_each_period() {
+        let mut sh = Shares::new(100, alloc::vec![share(4, Some(30))]);
+        assert_eq!(
+            sh.slice(0),
+            300,
+            "the cap's 300 of the 1000-cycle period, not 4 quanta"
+        );
+        sh.charge(0, 300);
+        assert!(!sh.may_run(0));
+        assert_eq!(sh.period_end(), 1000);
+        sh.refill(999);
+        assert!(!sh.may_run(0));
+        sh.refill(2500);
+        assert!(sh.may_run(0));
+        assert_eq!(sh.period_end(), 3000);
     }
 }
