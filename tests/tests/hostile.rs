@@ -341,6 +341,24 @@ fn mmio_from_16_bit_code_follows_the_operand_and_address_size_prefixes() {
     expect_ended(&boot, "mmio16", OK_STATUS);
 }
 
+/// The TPR through CR8 and the xAPIC page: one register, and an interrupt it held back arrives
+/// as soon as it drops, whether the CPU keeps the TPR (APIC virtualization, the TPR threshold)
+/// or Keel emulates every access (`apicv = off`).
+#[test]
+fn the_tpr_behaves_the_same_with_and_without_apic_virtualization() {
+    let boot = shared_boot(&HOSTILE);
+    for guest in ["tpr", "tpr-emul"] {
+        boot.expect_guest_line(guest, "hostile64: tpr checks=7/7 ok");
+        expect_ended(&boot, guest, OK_STATUS);
+    }
+    boot.expect_guest_line("mmio16-emul", "hostile64: mmio16 mmio=5/5 ok");
+    expect_ended(&boot, "mmio16-emul", OK_STATUS);
+    boot.expect_line("APIC virtualization: TPR shadow + virtualized APIC accesses");
+    for guest in ["tpr-emul", "mmio16-emul"] {
+        boot.expect_line(&format!("{guest}: APIC virtualization off"));
+    }
+}
+
 #[test]
 fn an_idt_on_the_apic_page_does_not_make_keel_emulate_the_wrong_instructions() {
     let boot = shared_boot(&HOSTILE);
