@@ -96,7 +96,7 @@ pub(crate) fn expect_keel_unhurt(boot: &Outcome) {
 #[test]
 fn keel_survives_every_attack() {
     let boot = shared_boot(&HOSTILE);
-    boot.expect_line("keel: running 29 guests");
+    boot.expect_line("keel: running 32 guests");
     expect_keel_unhurt(&boot);
 }
 

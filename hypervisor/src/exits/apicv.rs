@@ -162,6 +162,47 @@ mod tests {
         );
     }
 
+    /// With the xAPIC page mapped, a load that starts on it and runs past its end faults on the
+    /// next page first: it still goes to the APIC whole, at its start; a load wholly on the next
+    /// page is no device's.
+    #[test]
+    fn an_access_across_the_end_of_the_apic_page_is_the_apics() {
+        for (bx, apicv, want) in [
+            (0xffe, true, Action::AdvanceBy(3)),
+            (
+                0x1000,
+                true,
+                Action::Stop(StopReason::BadMemoryAccess {
+                    gpa: 0xfee0_1000,
+                    write: false,
+                }),
+            ),
+            (
+                0xffe,
+                false,
+                Action::Stop(StopReason::BadMemoryAccess {
+                    gpa: 0xfee0_1000,
+                    write: false,
+                }),
+            ),
+        ] {
+            let mut t = if apicv { with_apicv() } else { TestBed::new() };
+            t.real_mode(0x1_0000, 0x100);
+            t.vmcs.write(GuestNat::DsBase, 0xfee0_0000);
+            // mov eax, [bx] (66 8B 07).
+            t.guest.regs.rbx = bx;
+            t.guest.ram.bytes()[0x10100..0x10103].copy_from_slice(&[0x66, 0x8b, 0x07]);
+            t.vmcs
+                .write_raw(ReadOnly64::GuestPhysicalAddr.encoding(), 0xfee0_1000);
+            t.set_qualification(1 | 3 << 7); // a read, linear address valid and translated
+            assert_eq!(
+                t.run(ExitReason::EptViolation),
+                want,
+                "BX {bx:#x}, apicv {apicv}"
+            );
+        }
+    }
+
     #[test]
     fn fetches_and_event_delivery_stop_the_guest() {
         let mut t = with_apicv();

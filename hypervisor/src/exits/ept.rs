@@ -36,6 +36,19 @@ pub fn violation<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     if cx.guest.platform.claims_mmio(gpa) && !q.contains(EptViolationQualification::FETCH) {
         return crate::mmio::emulate(cx, gpa);
     }
+    // The page after the xAPIC page, while that one is mapped for APIC virtualization: an access
+    // that starts on the APIC page and runs past its end (`mmio::emulate_spill`).
+    let apic_page = cx.guest.platform.board().lapic_base;
+    if gpa == apic_page + 0x1000
+        && cx
+            .guest
+            .apicv
+            .as_ref()
+            .is_some_and(|a| a.features().virtualize_apic_accesses)
+        && !q.contains(EptViolationQualification::FETCH)
+    {
+        return crate::mmio::emulate_spill(cx, gpa);
+    }
     Action::Stop(StopReason::BadMemoryAccess {
         gpa,
         write: q.contains(EptViolationQualification::WRITE),
