@@ -47,7 +47,7 @@ pub fn before_entry<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest) {
     };
     let p = &guest.platform;
     let xapic = p.apic_base() & (APIC_BASE_ENABLE | APIC_BASE_EXTD) == APIC_BASE_ENABLE;
-    a.before_entry(vmcs, p.tpr(), p.highest_irr(), xapic);
+    a.before_entry(vmcs, p.tpr(), || p.highest_irr(), xapic);
 }
 
 /// An APIC-access VM exit. The messages for the accesses Keel does not emulate are those of

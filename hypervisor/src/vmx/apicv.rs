@@ -118,6 +118,8 @@ pub struct VirtualApic {
     /// Whether "virtualize APIC accesses" is on in the VMCS now (only while the guest's APIC is in
     /// xAPIC mode).
     accesses_virtualized: bool,
+    /// The TPR threshold in the VMCS now (written only when it changes: a VMWRITE is dear).
+    threshold: u32,
 }
 
 impl core::fmt::Debug for VirtualApic {
@@ -149,6 +151,7 @@ impl VirtualApic {
             access_pa,
             features,
             accesses_virtualized: features.virtualize_apic_accesses,
+            threshold: 0,
         }
     }
 
@@ -177,6 +180,7 @@ impl VirtualApic {
         self.vapic.fill(0);
         self.access.fill(0);
         self.accesses_virtualized = self.features.virtualize_apic_accesses;
+        self.threshold = 0;
     }
 
     /// The VMCS fields of APIC virtualization, at guest boot: the two page addresses and a TPR
@@ -186,21 +190,22 @@ impl VirtualApic {
             return;
         }
         vmcs.write(Control64::VirtualApicAddr, self.vapic_pa);
-        vmcs.write(Control32::TprThreshold, 0);
+        vmcs.write(Control32::TprThreshold, self.threshold);
         if self.features.virtualize_apic_accesses {
             vmcs.write(Control64::ApicAccessAddr, self.access_pa);
         }
     }
 
     /// Before an entry that follows a device access: VTPR from the model's `tpr`, the TPR
-    /// threshold for the interrupt the TPR holds back (`blocked`: the highest vector pending in
-    /// the model's IRR), and "virtualize APIC accesses" only while the APIC is in xAPIC mode
-    /// (`xapic`): in x2APIC mode or disabled, the MMIO page is no APIC register at all.
+    /// threshold for the interrupt the TPR holds back (`highest_irr`: the highest vector pending
+    /// in the model's IRR, asked only when the TPR could hold one back), and "virtualize APIC
+    /// accesses" only while the APIC is in xAPIC mode (`xapic`): in x2APIC mode or disabled, the
+    /// MMIO page is no APIC register at all.
     pub fn before_entry<V: Vmcs + ?Sized>(
         &mut self,
         vmcs: &mut V,
         tpr: u8,
-        highest_irr: Option<u8>,
+        highest_irr: impl FnOnce() -> Option<u8>,
         xapic: bool,
     ) {
         if !self.features.tpr_shadow {
@@ -209,7 +214,16 @@ impl VirtualApic {
         if self.vtpr() != tpr {
             self.set_vtpr(tpr);
         }
-        vmcs.write(Control32::TprThreshold, tpr_threshold(tpr, highest_irr));
+        // TPR class 0 holds nothing back (vectors 0-15 are never delivered): no IRR scan.
+        let threshold = if tpr >> 4 == 0 {
+            0
+        } else {
+            tpr_threshold(tpr, highest_irr())
+        };
+        if threshold != self.threshold {
+            self.threshold = threshold;
+            vmcs.write(Control32::TprThreshold, threshold);
+        }
         let virtualize = self.features.virtualize_apic_accesses && xapic;
         if virtualize != self.accesses_virtualized {
             self.accesses_virtualized = virtualize;
@@ -349,21 +363,21 @@ mod tests {
         let mut v = FakeVmcs::new();
         v.write(Control32::SecondaryProcBasedControls, s);
         let mut a = vapic(ALL);
-        a.before_entry(&mut v, 0x70, Some(0x41), true);
+        a.before_entry(&mut v, 0x70, || Some(0x41), true);
         assert_eq!((a.vtpr(), v.read(Control32::TprThreshold)), (0x70, 4));
         let vaa = SecondaryControls::VIRTUALIZE_APIC_ACCESSES.bits();
         assert_ne!(v.read(Control32::SecondaryProcBasedControls) & vaa, 0);
         // x2APIC mode: the MMIO page is no longer the APIC's; it reads all ones.
-        a.before_entry(&mut v, 0x70, None, false);
+        a.before_entry(&mut v, 0x70, || None, false);
         assert_eq!(v.read(Control32::SecondaryProcBasedControls) & vaa, 0);
         assert_eq!(v.read(Control32::TprThreshold), 0);
         assert!(a.access.iter().all(|&b| b == 0xff));
         // Back to xAPIC mode (through a disable and re-enable).
-        a.before_entry(&mut v, 0, None, true);
+        a.before_entry(&mut v, 0, || None, true);
         assert_ne!(v.read(Control32::SecondaryProcBasedControls) & vaa, 0);
         // Without the features nothing is written.
         let mut v = FakeVmcs::new();
-        vapic(ApicvFeatures::default()).before_entry(&mut v, 0x70, Some(0x41), true);
+        vapic(ApicvFeatures::default()).before_entry(&mut v, 0x70, || Some(0x41), true);
         assert_eq!(v.read(Control32::TprThreshold), 0);
         assert_eq!(v.read(Control64::VirtualApicAddr), 0);
     }
