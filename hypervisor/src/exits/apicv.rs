@@ -41,6 +41,7 @@ pub fn after_exit(guest: &mut Guest) {
 
 /// Before an entry that follows a device access (the model may have changed its TPR, its IRR or
 /// its mode): VTPR, the TPR threshold and "virtualize APIC accesses" from the model.
+#[inline]
 pub fn before_entry<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest) {
     let Some(a) = &mut guest.apicv else {
         return;

@@ -201,6 +201,7 @@ impl VirtualApic {
     /// in the model's IRR, asked only when the TPR could hold one back), and "virtualize APIC
     /// accesses" only while the APIC is in xAPIC mode (`xapic`): in x2APIC mode or disabled, the
     /// MMIO page is no APIC register at all.
+    #[inline]
     pub fn before_entry<V: Vmcs + ?Sized>(
         &mut self,
         vmcs: &mut V,
