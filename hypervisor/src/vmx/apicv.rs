@@ -46,8 +46,9 @@ pub struct ApicvFeatures {
 impl ApicvFeatures {
     /// What Keel uses on a CPU with `caps` when the guest wants APIC virtualization (`wanted`):
     /// the TPR shadow if the primary controls allow it, and "virtualize APIC accesses" on top if
-    /// the secondary controls allow it too (SDM 27.2.1.1 refuses the latter without the former
-    /// only for "virtual-interrupt delivery"; Keel's MMIO TPR needs VTPR all the same).
+    /// the secondary controls allow it too (SDM 27.2.1.1 lets "virtualize APIC accesses" be 1
+    /// without the TPR shadow, but then no access is virtualized, SDM 30.4.2: every one exits,
+    /// which gains nothing over the EPT violation).
     pub fn select(caps: &VmxCaps, wanted: bool) -> Self {
         let tpr_shadow = wanted && can_set(caps, PrimaryControls::USE_TPR_SHADOW);
         let virtualize_apic_accesses = tpr_shadow
