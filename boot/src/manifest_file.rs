@@ -162,6 +162,30 @@ pub fn translate(src: &str) -> Result<Translated, ManifestFileError> {
     Ok(out)
 }
 
+/// `src` with `[keel] key = value` set, replacing any value the file gave it (a guest's own key
+/// still wins in Keel): the tests and the benchmark run a manifest again with one of Keel's
+/// settings changed. Comments are not kept.
+pub fn with_keel_setting(src: &str, key: &str, value: &str) -> Result<String, ManifestFileError> {
+    let mut table: toml::Table = toml::from_str(src).map_err(|e| ManifestFileError {
+        line: e.span().map_or(1, |s| line_of(src, s.start)),
+        message: e.message().trim_end().to_string(),
+    })?;
+    let keel = table
+        .entry("keel")
+        .or_insert_with(|| Value::Table(toml::Table::new()));
+    let Value::Table(keel) = keel else {
+        return Err(ManifestFileError {
+            line: 1,
+            message: "keel must be a table: [keel]".into(),
+        });
+    };
+    keel.insert(key.into(), Value::String(value.into()));
+    toml::to_string(&table).map_err(|e| ManifestFileError {
+        line: 1,
+        message: e.to_string(),
+    })
+}
+
 /// One key of a table as kernel lines (`modules` gives one `module` line per entry).
 fn keys(
     src: &str,
@@ -334,6 +358,37 @@ restart = 3
         let e = error("[guest a]\nkind = flat\n");
         assert_eq!(e.line, 1, "{e}");
         assert!(e.message.contains("[[guest]]"), "{e}");
+    }
+
+    #[test]
+    fn a_keel_setting_is_added_or_replaced() {
+        for src in [
+            KINDS,
+            "[[guest]]\nname = \"a\"\nkind = \"flat\"\nimage = \"x\"\nmemory = \"2M\"\n",
+        ] {
+            let off = with_keel_setting(src, "apicv", "off").expect("a good manifest");
+            let (m, _) = parse(&off).expect("still good");
+            assert!(!m.apicv, "{off}");
+            assert_eq!(
+                m.guests,
+                parse(src)
+                    .unwrap()
+                    .0
+                    .guests
+                    .into_iter()
+                    .map(|mut g| {
+                        g.apicv = Some(false);
+                        g
+                    })
+                    .collect::<Vec<_>>()
+            );
+        }
+        let back = with_keel_setting(
+            &with_keel_setting(KINDS, "apicv", "off").unwrap(),
+            "apicv",
+            "on",
+        );
+        assert!(parse(&back.unwrap()).unwrap().0.apicv);
     }
 
     #[test]

@@ -274,6 +274,9 @@ pub struct Guest {
     /// IA32_SPEC_CTRL as the guest last wrote it (`exits::msr`); the run loop loads it into the
     /// real MSR whenever this guest runs.
     pub spec_ctrl: u64,
+    /// The pages of APIC virtualization, when this guest runs with it (`vmx::apicv`): the CPU
+    /// owns the TPR then, and `exits::apicv` keeps `platform`'s local APIC in step with it.
+    pub apicv: Option<crate::vmx::apicv::VirtualApic>,
 }
 
 /// A management request that does not fit the guest's current state.

@@ -15,6 +15,7 @@ use crate::manifest::{self, GuestConfig};
 use crate::mm;
 use crate::runloop::{Cpu, LoopConfig, RunLoop, Slot};
 use crate::vcpu::{self, ControlSet};
+use crate::vmx::apicv::{ApicvFeatures, VirtualApic};
 use crate::vmx::controls::{PrimaryControls, SecondaryControls};
 use crate::vmx::cr::GuestCr;
 use crate::vmx::invalidate::guest_vpid;
@@ -86,6 +87,10 @@ pub fn run(machine: MachineInfo) -> ! {
             arch::exit(ExitCode::VmxSetupFailed)
         }
     };
+    info!(
+        "APIC virtualization: {}",
+        ApicvFeatures::select(&caps, true).describe()
+    );
     if controls.preemption_timer {
         lapic::stop_periodic();
         info!("time slices by the VMX-preemption timer; Keel's periodic tick is off");
@@ -375,26 +380,42 @@ fn guest_setup(
             4096,
         );
     }
+    // APIC virtualization where the CPU has it and the manifest does not turn it off: the
+    // guest's own virtual-APIC and APIC-access pages, and its controls (`vmx::apicv`).
+    let apicv = ApicvFeatures::select(caps, cfg.apicv != Some(false));
+    let mut controls = *controls;
+    (controls.primary, controls.secondary) = apicv
+        .apply(caps, controls.primary, controls.secondary)
+        .map_err(|e| alloc::format!("{e}"))?;
+    let apic_pages = if apicv.any() {
+        Some((page()?, page()?))
+    } else {
+        None
+    };
     Ok(Setup {
         cfg: cfg.clone(),
         archive,
         caps: *caps,
-        controls: *controls,
+        controls,
         io_bitmaps: (io_a, io_b),
         msr_bitmap: msr,
+        apicv,
+        apic_pages,
     })
 }
 
 struct Overhead {
     ept_tables: usize,
+    apic_pages: usize,
     /// Heap bytes: the guest's bookkeeping and device models.
     device_bytes: usize,
 }
 
 impl Overhead {
     fn total(&self) -> usize {
-        // VMCS, two I/O bitmaps, the MSR bitmap and the XSAVE area are one page each.
-        (1 + 2 + 1 + 1 + self.ept_tables) * 4096 + self.device_bytes
+        // VMCS, two I/O bitmaps, the MSR bitmap and the XSAVE area are one page each, and so
+        // are the virtual-APIC and APIC-access pages with APIC virtualization.
+        (1 + 2 + 1 + 1 + self.apic_pages + self.ept_tables) * 4096 + self.device_bytes
     }
 }
 
@@ -406,6 +427,9 @@ pub struct Setup {
     controls: ControlSet,
     io_bitmaps: (mm::OwnedPages, mm::OwnedPages),
     msr_bitmap: mm::OwnedPages,
+    /// APIC virtualization for this guest, and its virtual-APIC and APIC-access pages when on.
+    apicv: ApicvFeatures,
+    apic_pages: Option<(mm::OwnedPages, mm::OwnedPages)>,
 }
 
 impl Vm {
@@ -433,6 +457,34 @@ impl Vm {
             MemType::WriteBack,
         )
         .map_err(|e| alloc::format!("{e}"))?;
+        let apicv = match &setup.apic_pages {
+            Some((vapic, access)) => {
+                if setup.apicv.virtualize_apic_accesses {
+                    // The xAPIC page, in this guest's EPT only: its accesses are virtualized or
+                    // exit (SDM 30.4); the page itself holds nothing.
+                    ept.map(
+                        crate::devices::lapic::LAPIC_BASE,
+                        access.pa(),
+                        mm::PAGE_SIZE,
+                        EptPerms::READ | EptPerms::WRITE,
+                        MemType::WriteBack,
+                    )
+                    .map_err(|e| alloc::format!("{e}"))?;
+                }
+                // SAFETY: two zeroed frames of this guest's `Setup`, which outlives its `Guest`
+                // (the `Slot` drops the guest first), mapped at phys_to_virt.
+                Some(unsafe {
+                    VirtualApic::new(
+                        &mut *mm::phys_to_virt(vapic.pa()).cast::<[u8; 4096]>(),
+                        vapic.pa(),
+                        &mut *mm::phys_to_virt(access.pa()).cast::<[u8; 4096]>(),
+                        access.pa(),
+                        setup.apicv,
+                    )
+                })
+            }
+            None => None,
+        };
         let vmcs = VmcsRegion::new(setup.caps.revision_id()).map_err(|e| alloc::format!("{e}"))?;
         let saved = SavedState::new().ok_or("out of memory")?;
         let guest = Guest {
@@ -453,6 +505,7 @@ impl Vm {
             events: Default::default(),
             tsc_adjust: 0,
             spec_ctrl: 0,
+            apicv,
         };
         let vm = Self {
             vmcs,
@@ -474,15 +527,24 @@ impl Vm {
             arch::boot::heap_used().saturating_sub(heap_before) + core::mem::size_of::<Slot<Vm>>();
         let o = Overhead {
             ept_tables: slot.vcpu.ept.tables_used(),
+            apic_pages: if slot.vcpu.setup.apic_pages.is_some() {
+                2
+            } else {
+                0
+            },
             device_bytes: heap,
         };
         info!(
-            "guest {id} {} overhead: {} KiB (VMCS 4, EPT {} tables, I/O+MSR bitmaps 12, XSAVE 4, devices and bookkeeping {} B)",
+            "guest {id} {} overhead: {} KiB (VMCS 4, EPT {} tables, I/O+MSR bitmaps 12, XSAVE 4, APIC pages {}, devices and bookkeeping {} B)",
             slot.guest.name,
             o.total() >> 10,
             o.ept_tables,
+            o.apic_pages * 4,
             o.device_bytes
         );
+        if !slot.vcpu.setup.apicv.any() {
+            info!("guest {id} {}: APIC virtualization off", slot.guest.name);
+        }
         Ok(slot)
     }
 
@@ -541,6 +603,11 @@ impl Vm {
             eptp,
             vpid,
         );
+        if let Some(a) = &mut g.apicv {
+            // Power-on: TPR 0 in the model (`g.platform` below) and in VTPR.
+            a.reset();
+            a.write_fields(&mut v);
+        }
         // Nothing cached under this guest's EPTP or VPID may outlive its previous life or another
         // guest's use of the same tags (vmx::invalidate).
         let secondary = SecondaryControls::from_bits_retain(setup.controls.secondary);

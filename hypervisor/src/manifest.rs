@@ -10,6 +10,7 @@
 //! [keel]
 //! quantum_ms = 10          # scheduler time slice (default 10)
 //! fail_vmx_on_cpu = 2      # test switch: host CPU 2's VT-x set-up fails on purpose
+//! apicv = off              # no APIC virtualization for any guest (default on, where the CPU has it)
 //!
 //! [guest hello64]          # one section per guest; the name is used as the console prefix
 //! kind = elf               # flat | elf | multiboot | linux
@@ -23,6 +24,7 @@
 //!                          # `-initrd "data.bin a b"`): the archive entry, then its arguments
 //! initrd = rootfs.cpio     # linux: the initrd (carried as the guest's one module)
 //! restart = 100            # restart the guest up to 100 times when it dies (default 0)
+//! apicv = off              # this guest without APIC virtualization (default: [keel]'s apicv)
 //! ```
 //!
 //! A guest "dies" when Keel stops it for any reason other than its own debug-exit or SHUTDOWN
@@ -68,6 +70,9 @@ pub struct GuestConfig {
     /// guest needs (RAM, EPT, VMCS, ...), so a test can check that a refused guest gives it all
     /// back. Its image must still be one the loaders accept (they also run at pack time).
     pub refuse: bool,
+    /// `apicv = on | off`: APIC virtualization (`vmx::apicv`) where the CPU offers it, or every
+    /// APIC access emulated. After [`parse`] always `Some` (the guest's own key, else `[keel]`'s).
+    pub apicv: Option<bool>,
 }
 
 /// The archive entry of a `modules` entry: its first word (the rest are the arguments a
@@ -91,6 +96,8 @@ pub struct Manifest {
     /// Test switch (`[keel] fail_vmx_on_cpu = N`): host CPU N (an application processor, N >= 1)
     /// reports its VT-x set-up as failed, so the tests can watch Keel leave it out.
     pub fail_vmx_on_cpu: Option<u32>,
+    /// `[keel] apicv = on | off` (default on): the default of every guest's `apicv`.
+    pub apicv: bool,
     pub guests: Vec<GuestConfig>,
 }
 
@@ -168,6 +175,7 @@ struct Partial {
     initrd: Option<(String, usize)>,
     restart: u32,
     refuse: bool,
+    apicv: Option<bool>,
 }
 
 /// Checks that `file` (an `image` or `module` of guest `guest`) can be an archive entry of its
@@ -290,7 +298,17 @@ impl Partial {
             modules: self.modules,
             restart: self.restart,
             refuse: self.refuse,
+            apicv: self.apicv,
         })
+    }
+}
+
+/// `on` or `off`.
+fn parse_switch(value: &str, line: usize, key: &str) -> Result<bool, ManifestError> {
+    match value {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(err(line, format_args!("{key} must be on or off"))),
     }
 }
 
@@ -299,6 +317,7 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
         quantum_ms: DEFAULT_QUANTUM_MS,
         selftest: None,
         fail_vmx_on_cpu: None,
+        apicv: true,
         guests: Vec::new(),
     };
     let mut current: Option<Partial> = None;
@@ -351,6 +370,7 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     initrd: None,
                     restart: 0,
                     refuse: false,
+                    apicv: None,
                 });
             } else {
                 return Err(err(line_no, format_args!("unknown section [{section}]")));
@@ -392,6 +412,7 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                             })?,
                     )
                 }
+                "apicv" => manifest.apicv = parse_switch(value, line_no, "apicv")?,
                 _ => return Err(err(line_no, format_args!("unknown key {key} in [keel]"))),
             }
             continue;
@@ -464,11 +485,15 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     _ => return Err(err(line_no, "a guest's selftest must be refuse")),
                 }
             }
+            "apicv" => g.apicv = Some(parse_switch(value, line_no, "apicv")?),
             _ => return Err(err(line_no, format_args!("unknown key {key}"))),
         }
     }
     if let Some(done) = current.take() {
         manifest.guests.push(done.finish()?);
+    }
+    for g in &mut manifest.guests {
+        g.apicv.get_or_insert(manifest.apicv);
     }
     Ok(manifest)
 }
@@ -496,6 +521,27 @@ cmdline = console=ttyS0 # kept
 modules = a b
 restart = 7
 ";
+
+    /// `apicv`: on by default, off for every guest from `[keel]` (wherever that section is),
+    /// and a guest's own key wins.
+    #[test]
+    fn apicv_switch() {
+        let m = parse(SAMPLE).unwrap();
+        assert!(m.apicv && m.guests.iter().all(|g| g.apicv == Some(true)));
+        let m = parse(&alloc::format!("{SAMPLE}[keel]\napicv = off\n")).unwrap();
+        assert!(m.guests.iter().all(|g| g.apicv == Some(false)));
+        let text = SAMPLE.replace("restart = 7", "restart = 7\napicv = off");
+        let m = parse(&text).unwrap();
+        assert_eq!(m.guests[0].apicv, Some(true));
+        assert_eq!(m.guests[1].apicv, Some(false));
+        let text = alloc::format!("[keel]\napicv = off\n{}", one_guest("apicv = on\n"));
+        assert_eq!(parse(&text).unwrap().guests[0].apicv, Some(true));
+        let e = parse(&one_guest("apicv = yes\n")).unwrap_err();
+        assert!(
+            alloc::format!("{e}").contains("apicv must be on or off"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn parses_sample() {

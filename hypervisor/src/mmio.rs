@@ -476,7 +476,30 @@ fn fetch(
     got
 }
 
+/// Emulates the access at RIP, which the CPU reported at guest-physical `gpa` (the first byte it
+/// touched on the device page).
 pub fn emulate<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, gpa: u64) -> Action {
+    emulate_at(cx, Reported::Exact(gpa))
+}
+
+/// Emulates the access at RIP, which the CPU reported at `next_page` (a page start): with APIC
+/// virtualization the xAPIC page is mapped (to the APIC-access page), so an access that starts
+/// on it and runs past its end faults on the page after it first (EPT violations come before
+/// APIC-access exits, SDM 30.4.1). Such an access goes to the device whole, at its own start,
+/// as when the device page was unmapped; any other access there is not a device's.
+pub fn emulate_spill<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, next_page: u64) -> Action {
+    emulate_at(cx, Reported::SpilledInto(next_page))
+}
+
+/// Where the CPU said the access was.
+#[derive(Clone, Copy)]
+enum Reported {
+    Exact(u64),
+    SpilledInto(u64),
+}
+
+fn emulate_at<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, reported: Reported) -> Action {
+    let (Reported::Exact(gpa) | Reported::SpilledInto(gpa)) = reported;
     // The CPU has fetched the instruction through these page tables, so their entries have no
     // reserved bits: no need to ask CPUID for MAXPHYADDR (52 checks none).
     let mode = PagingMode::of(cx.vmcs, 52);
@@ -506,6 +529,22 @@ pub fn emulate<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, gpa: u64) -> Actio
     // the device page and runs past its end goes to the device whole, which ignores the bytes
     // beyond its registers (the `apic` hostile attack reads across the APIC page's end).
     let operand_la = operand_linear_address(cx.vmcs, &cx.guest.regs, &d, code, rip);
+    let gpa = match reported {
+        Reported::Exact(_) => gpa,
+        Reported::SpilledInto(next) => {
+            let size = match d.op {
+                MmioOp::Read { size, .. } | MmioOp::Write { size, .. } => u64::from(size),
+            };
+            let start = operand_la & 0xfff;
+            if start + size <= 0x1000 {
+                return Action::Stop(StopReason::BadMemoryAccess {
+                    gpa: next,
+                    write: matches!(d.op, MmioOp::Write { .. }),
+                });
+            }
+            next - 0x1000 + start
+        }
+    };
     if operand_la & 0xfff != gpa & 0xfff {
         let size = match d.op {
             MmioOp::Read { size, .. } | MmioOp::Write { size, .. } => u64::from(size),

@@ -343,6 +343,7 @@ fn slice<C: Cpu>(
         if touched || timer_due.is_some_and(|d| now >= d) {
             s.guest.platform.advance(s.guest.now(now));
             exits::inject_pending_interrupt(&mut v, &mut s.guest);
+            exits::apicv::before_entry(&mut v, &mut s.guest);
             timer_due = s
                 .guest
                 .platform

@@ -96,7 +96,7 @@ pub(crate) fn expect_keel_unhurt(boot: &Outcome) {
 #[test]
 fn keel_survives_every_attack() {
     let boot = shared_boot(&HOSTILE);
-    boot.expect_line("keel: running 29 guests");
+    boot.expect_line("keel: running 32 guests");
     expect_keel_unhurt(&boot);
 }
 
@@ -339,6 +339,24 @@ fn mmio_from_16_bit_code_follows_the_operand_and_address_size_prefixes() {
     let boot = shared_boot(&HOSTILE);
     boot.expect_guest_line("mmio16", "hostile64: mmio16 mmio=5/5 ok");
     expect_ended(&boot, "mmio16", OK_STATUS);
+}
+
+/// The TPR through CR8 and the xAPIC page: one register, and an interrupt it held back arrives
+/// as soon as it drops, whether the CPU keeps the TPR (APIC virtualization, the TPR threshold)
+/// or Keel emulates every access (`apicv = "off"`).
+#[test]
+fn the_tpr_behaves_the_same_with_and_without_apic_virtualization() {
+    let boot = shared_boot(&HOSTILE);
+    for guest in ["tpr", "tpr-emul"] {
+        boot.expect_guest_line(guest, "hostile64: tpr checks=7/7 ok");
+        expect_ended(&boot, guest, OK_STATUS);
+    }
+    boot.expect_guest_line("mmio16-emul", "hostile64: mmio16 mmio=5/5 ok");
+    expect_ended(&boot, "mmio16-emul", OK_STATUS);
+    boot.expect_line("APIC virtualization: TPR shadow + virtualized APIC accesses");
+    for guest in ["tpr-emul", "mmio16-emul"] {
+        boot.expect_line(&format!("{guest}: APIC virtualization off"));
+    }
 }
 
 #[test]

@@ -377,6 +377,12 @@ impl Lapic {
         (v & 0xf0 > self.ppr() & 0xf0).then_some(v)
     }
 
+    /// The highest vector pending in IRR, deliverable or not (for the TPR threshold of APIC
+    /// virtualization, `vmx::apicv`).
+    pub fn highest_irr(&self) -> Option<u8> {
+        highest(&self.irr)
+    }
+
     /// The processor accepted `vector`: IRR to ISR (SDM 10.8.4).
     pub fn acknowledge(&mut self, vector: u8) {
         clear_bit(&mut self.irr, vector);

@@ -540,6 +540,11 @@ impl Platform {
         self.chipset.lapic.set_tpr(tpr);
     }
 
+    /// The local APIC's highest pending IRR vector, whether PPR lets it through or not.
+    pub fn highest_irr(&self) -> Option<u8> {
+        self.chipset.lapic.highest_irr()
+    }
+
     /// IA32_TSC_DEADLINE as the guest reads it (0 outside TSC-deadline mode).
     pub fn tsc_deadline(&self) -> u64 {
         self.chipset.lapic.tsc_deadline()

@@ -36,6 +36,19 @@ pub fn violation<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     if cx.guest.platform.claims_mmio(gpa) && !q.contains(EptViolationQualification::FETCH) {
         return crate::mmio::emulate(cx, gpa);
     }
+    // The page after the xAPIC page, while that one is mapped for APIC virtualization: an access
+    // that starts on the APIC page and runs past its end (`mmio::emulate_spill`).
+    let apic_page = cx.guest.platform.board().lapic_base;
+    if gpa == apic_page + 0x1000
+        && cx
+            .guest
+            .apicv
+            .as_ref()
+            .is_some_and(|a| a.features().virtualize_apic_accesses)
+        && !q.contains(EptViolationQualification::FETCH)
+    {
+        return crate::mmio::emulate_spill(cx, gpa);
+    }
     Action::Stop(StopReason::BadMemoryAccess {
         gpa,
         write: q.contains(EptViolationQualification::WRITE),
@@ -166,11 +179,7 @@ mod code_size_tests {
     fn sixteen_bit_code_reaches_the_apic_with_32_bit_moves() {
         // Real mode (SDM 20.1: 16-bit operands and addresses), CS = 0x1000, IP = 0x100.
         let mut t = TestBed::new();
-        t.vmcs.write(GuestNat::Cr0, 0x10);
-        t.vmcs.write(GuestNat::Rflags, 2);
-        t.vmcs.write(GuestNat::CsBase, 0x1_0000);
-        t.vmcs.write(Guest32::CsAccessRights, 0x9b);
-        t.vmcs.write(GuestNat::Rip, 0x100);
+        t.real_mode(0x1_0000, 0x100);
         // mov dword [dword 0xfee00080], 0x20 (66 67 C7 05 disp32 imm32): 12 bytes, the whole
         // 32-bit value reaches the TPR.
         let store = [0x66, 0x67, 0xc7, 0x05, 0x80, 0, 0xe0, 0xfe, 0x20, 0, 0, 0];

@@ -8,6 +8,7 @@
 //! before the next VM entry. Those rules live in one spot each. Everything here runs against traits, so the host tests drive it with
 //! `vmx::FakeVmcs` and a fake [`Host`].
 
+pub mod apicv;
 pub mod cpuid;
 pub mod cr;
 pub mod debug;
@@ -112,6 +113,7 @@ pub fn dispatch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             crate::vmx::EntryFailure::from_exit(raw, qual)
         )));
     }
+    apicv::after_exit(cx.guest);
     if may_interrupt_delivery(reason) {
         requeue_interrupted_event(cx.vmcs, cx.guest);
     }
@@ -150,6 +152,8 @@ pub fn dispatch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         ExitReason::Xsetbv => xsetbv::handle(cx),
         ExitReason::EptViolation => ept::violation(cx),
         ExitReason::EptMisconfiguration => ept::misconfiguration(cx),
+        ExitReason::ApicAccess => apicv::access(cx),
+        ExitReason::TprBelowThreshold => Action::Resume,
         ExitReason::PreemptionTimer => Action::Preempted,
         ExitReason::Invd | ExitReason::Wbinvd => simple::cache_flush(cx),
         r if simple::is_vmx_instruction(r) => Action::Inject(Exception::UD),

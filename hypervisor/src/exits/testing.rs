@@ -95,6 +95,7 @@ impl TestBed {
             events: Default::default(),
             tsc_adjust: 0,
             spec_ctrl: 0,
+            apicv: None,
         };
         Self {
             vmcs: FakeVmcs::new(),
@@ -118,6 +119,17 @@ impl TestBed {
         let efer = self.vmcs.read(Guest64::Ia32Efer);
         self.vmcs.write(Guest64::Ia32Efer, efer | 1 << 8 | 1 << 10);
         self.vmcs.write(Guest32::CsAccessRights, 0xa09b);
+    }
+
+    /// Marks the guest as running real-mode code (unrestricted guest, CR0.PE = 0) at CS base
+    /// `cs_base`, IP `ip`.
+    pub fn real_mode(&mut self, cs_base: u64, ip: u64) {
+        use crate::vmx::GuestNat;
+        self.vmcs.write(GuestNat::Cr0, 0x10);
+        self.vmcs.write(GuestNat::Rflags, 2);
+        self.vmcs.write(GuestNat::CsBase, cs_base);
+        self.vmcs.write(Guest32::CsAccessRights, 0x9b);
+        self.vmcs.write(GuestNat::Rip, ip);
     }
 
     pub fn set_qualification(&mut self, q: u64) {
@@ -160,6 +172,52 @@ impl TestBed {
     /// interrupts and commit one event to the VMCS. `Err` is a reason to stop the guest instead.
     pub fn enter(&mut self) -> Result<(), crate::guest::StopReason> {
         super::inject_pending_interrupt(&mut self.vmcs, &mut self.guest);
+        super::apicv::before_entry(&mut self.vmcs, &mut self.guest);
         super::events::commit(&mut self.vmcs, &mut self.guest)
+    }
+
+    /// Gives the guest APIC virtualization with `features`: its two pages (leaked, this test's
+    /// alone) and the controls Keel computes for Bochs.
+    pub fn enable_apicv(&mut self, features: crate::vmx::apicv::ApicvFeatures) {
+        use crate::vmx::Control32;
+        let page = || -> &'static mut [u8; 4096] {
+            alloc::boxed::Box::leak(alloc::boxed::Box::new([0u8; 4096]))
+        };
+        // SAFETY: two leaked pages that belong to this test alone.
+        let a = unsafe {
+            crate::vmx::apicv::VirtualApic::new(page(), 0x7000, page(), 0x8000, features)
+        };
+        let caps = VmxCaps::bochs_skylake_x();
+        let c = crate::vcpu::compute_controls(&caps).unwrap();
+        let (primary, secondary) = features.apply(&caps, c.primary, c.secondary).unwrap();
+        self.vmcs
+            .write(Control32::PrimaryProcBasedControls, primary);
+        self.vmcs
+            .write(Control32::SecondaryProcBasedControls, secondary);
+        a.write_fields(&mut self.vmcs);
+        self.guest.apicv = Some(a);
+    }
+
+    /// Software-enables the local APIC (SVR bit 8, spurious vector 0xFF).
+    pub fn enable_lapic(&mut self) {
+        let base = crate::devices::lapic::LAPIC_BASE;
+        self.guest.platform.mmio_write(base + 0xf0, 4, 0x1ff, 0);
+    }
+
+    /// A fixed self-IPI of `vector` through the ICR (shorthand self).
+    pub fn self_ipi(&mut self, vector: u8) {
+        let base = crate::devices::lapic::LAPIC_BASE;
+        self.guest
+            .platform
+            .mmio_write(base + 0x300, 4, 1 << 18 | u64::from(vector), 0);
+    }
+
+    /// The external interrupt the last [`TestBed::enter`] wrote to the VM-entry fields, if any.
+    pub fn injected(&self) -> Option<u8> {
+        let info = crate::vmx::InterruptionInfo(
+            self.vmcs.read(crate::vmx::Control32::EntryInterruptionInfo),
+        );
+        (info.valid() && info.kind() == crate::vmx::InterruptionType::External)
+            .then(|| info.vector())
     }
 }

@@ -517,6 +517,7 @@ pub(crate) mod test_util {
             modules: Vec::<String>::new(),
             restart: 0,
             refuse: false,
+            apicv: Some(true),
         }
     }
 

@@ -51,6 +51,7 @@ macro_rules! numbered_enum {
     };
 }
 
+pub mod apicv;
 pub mod caps;
 pub mod controls;
 pub mod cr;

@@ -50,6 +50,7 @@ const MSR_MISC_ENABLE: u32 = 0x1a0;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 const MSR_TSC_DEADLINE: u32 = 0x6e0;
 const LAPIC_TPR: usize = 0xfee0_0080;
+const LAPIC_EOI: usize = 0xfee0_00b0;
 const LAPIC_ICR_LOW: usize = 0xfee0_0300;
 const LAPIC_LVT_TIMER: usize = 0xfee0_0320;
 /// The first of the 24 read-only registers ISR, TMR and IRR (0x100-0x270) used as landmarks.
@@ -267,6 +268,13 @@ fn suite(mode: Mode) {
     measure(
         "mmio-write",
         || timed!("mov dword ptr [{a}], {v:e}"; a = in(reg) LAPIC_TPR, v = in(reg) 0u32),
+    );
+    measure("cr8-read", || timed!("mov {v}, cr8"; v = out(reg) _));
+    measure("cr8-write", || timed!("mov cr8, {v}"; v = in(reg) 0u64));
+    // Nothing in service: the EOI changes nothing, it only has to reach the APIC.
+    measure(
+        "eoi",
+        || timed!("mov dword ptr [{a}], {v:e}"; a = in(reg) LAPIC_EOI, v = in(reg) 0u32),
     );
     mmio_write(LAPIC_LVT_TIMER, LVT_TSC_DEADLINE | u32::from(TIMER_VECTOR));
     measure("hlt", hlt_wake);

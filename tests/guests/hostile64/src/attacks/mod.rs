@@ -14,6 +14,7 @@ mod msr;
 mod ports;
 mod stringio;
 mod tables;
+mod tpr;
 mod vmx;
 mod x2apic;
 
@@ -54,6 +55,7 @@ const ATTACKS: &[(&[u8], Attack)] = &[
     (b"events", events::run),
     (b"debugregs", debugregs::run),
     (b"x2apic", x2apic::run),
+    (b"tpr", tpr::run),
 ];
 
 pub fn find(name: &[u8]) -> Option<Attack> {

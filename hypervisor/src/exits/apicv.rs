@@ -1,0 +1,238 @@
+//! The exits APIC virtualization brings (`vmx::apicv`), and keeping the local APIC model and the
+//! virtual-APIC page in step around every exit.
+//!
+//! - "TPR below threshold" (SDM 30.1.2, trap-like: the instruction that lowered VTPR has
+//!   completed): nothing to emulate; the run loop then finds the interrupt the TPR let through.
+//! - "APIC access" (SDM 30.4, 28.2.1 Table 28-6 for the qualification): an access to the xAPIC page
+//!   the CPU does not virtualize. A data read or write by an instruction is emulated through the
+//!   local APIC model, exactly as an EPT violation there is without APIC virtualization; an
+//!   instruction fetch or an access during event delivery or a page walk stops the guest with
+//!   the reasons `exits::ept` gives for the same accesses.
+
+use super::{Action, ExitContext};
+use crate::devices::lapic::{APIC_BASE_ENABLE, APIC_BASE_EXTD};
+use crate::guest::{Guest, StopReason};
+use crate::vmx::{ReadOnly64, ReadOnlyNat, Vmcs};
+use alloc::format;
+
+/// APIC-access exit qualification, bits 15:12: how the page was accessed (SDM Table 28-6).
+mod access_type {
+    pub const LINEAR_READ: u64 = 0;
+    pub const LINEAR_WRITE: u64 = 1;
+    pub const LINEAR_FETCH: u64 = 2;
+    pub const LINEAR_EVENT_DELIVERY: u64 = 3;
+    pub const PHYSICAL_EVENT_DELIVERY: u64 = 10;
+    pub const PHYSICAL_FETCH_OR_WALK: u64 = 15;
+}
+
+/// After every exit: the model takes the TPR the guest left in VTPR (CR8 and MMIO TPR writes do
+/// not exit), before anything looks at its priorities.
+#[inline]
+pub fn after_exit(guest: &mut Guest) {
+    if let Some(a) = &guest.apicv {
+        if a.features().tpr_shadow {
+            let vtpr = a.vtpr();
+            if guest.platform.tpr() != vtpr {
+                guest.platform.set_tpr(vtpr);
+            }
+        }
+    }
+}
+
+/// Before an entry that follows a device access (the model may have changed its TPR, its IRR or
+/// its mode): VTPR, the TPR threshold and "virtualize APIC accesses" from the model.
+#[inline]
+pub fn before_entry<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest) {
+    let Some(a) = &mut guest.apicv else {
+        return;
+    };
+    let p = &guest.platform;
+    let xapic = p.apic_base() & (APIC_BASE_ENABLE | APIC_BASE_EXTD) == APIC_BASE_ENABLE;
+    a.before_entry(vmcs, p.tpr(), || p.highest_irr(), xapic);
+}
+
+/// An APIC-access VM exit. The messages for the accesses Keel does not emulate are those of
+/// `exits::ept` for the same accesses to an unmapped device page.
+pub fn access<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
+    let q = cx.vmcs.read(ReadOnlyNat::ExitQualification);
+    let kind = (q >> 12) & 0xf;
+    // Bits 11:0 are the page offset of a linear access; a guest-physical access reports its
+    // address in the guest-physical address field (SDM 28.2.1, Table 28-6; 28.2.4).
+    let gpa = if kind >= access_type::PHYSICAL_EVENT_DELIVERY {
+        cx.vmcs.read(ReadOnly64::GuestPhysicalAddr)
+    } else {
+        cx.guest.platform.board().lapic_base + (q & 0xfff)
+    };
+    match kind {
+        access_type::LINEAR_READ | access_type::LINEAR_WRITE => crate::mmio::emulate(cx, gpa),
+        access_type::LINEAR_FETCH => {
+            Action::Stop(StopReason::BadMemoryAccess { gpa, write: false })
+        }
+        access_type::LINEAR_EVENT_DELIVERY | access_type::PHYSICAL_EVENT_DELIVERY => {
+            Action::Stop(StopReason::Killed(format!(
+                "event delivery touched guest-physical {gpa:#x}, which is device memory (IDT, GDT \
+                 or stack outside RAM)"
+            )))
+        }
+        access_type::PHYSICAL_FETCH_OR_WALK => Action::Stop(StopReason::Killed(format!(
+            "the guest's page walk touched guest-physical {gpa:#x} (page tables outside RAM)"
+        ))),
+        other => Action::Stop(StopReason::Killed(format!(
+            "APIC-access exit of access type {other} at {gpa:#x}, which Keel does not handle"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::exits::testing::*;
+    use crate::exits::Action;
+    use crate::guest::StopReason;
+    use crate::vmx::apicv::ApicvFeatures;
+    use crate::vmx::{Control32, ExitReason, GuestNat, ReadOnly64, Vmcs, VmcsAccess, VmcsField};
+
+    fn with_apicv() -> TestBed {
+        let mut t = TestBed::new();
+        t.enable_apicv(ApicvFeatures {
+            tpr_shadow: true,
+            virtualize_apic_accesses: true,
+        });
+        t
+    }
+
+    /// A MOV to CR8 or a virtualized MMIO write leaves the TPR in VTPR: the model sees it at the
+    /// next exit, whatever that exit is.
+    #[test]
+    fn the_model_reads_the_tpr_the_guest_left_in_vtpr() {
+        let mut t = with_apicv();
+        t.guest.apicv.as_mut().unwrap().set_vtpr(0xa0);
+        t.run(ExitReason::Cpuid);
+        assert_eq!(t.guest.platform.tpr(), 0xa0);
+        // Lowered below the threshold: a trap-like exit, nothing to skip.
+        t.guest.apicv.as_mut().unwrap().set_vtpr(0x10);
+        let rip = t.vmcs.read(GuestNat::Rip);
+        assert_eq!(t.run(ExitReason::TprBelowThreshold), Action::Resume);
+        assert_eq!(t.vmcs.read(GuestNat::Rip), rip);
+        assert_eq!(t.guest.platform.tpr(), 0x10);
+    }
+
+    /// The interrupt a raised TPR holds back: the threshold is its class, and once the guest's
+    /// TPR drops below it (a TPR-below-threshold exit) it is injected.
+    #[test]
+    fn an_interrupt_held_back_by_the_tpr_comes_when_the_tpr_drops() {
+        let mut t = with_apicv();
+        t.enable_lapic();
+        t.guest.apicv.as_mut().unwrap().set_vtpr(0x80);
+        t.run(ExitReason::Cpuid);
+        t.self_ipi(0x51);
+        t.vmcs.write(GuestNat::Rflags, 0x202);
+        t.enter().unwrap();
+        assert_eq!(t.injected(), None, "TPR 0x80 holds vector 0x51 back");
+        assert_eq!(t.vmcs.read(Control32::TprThreshold), 5);
+        t.guest.apicv.as_mut().unwrap().set_vtpr(0x40);
+        assert_eq!(t.run(ExitReason::TprBelowThreshold), Action::Resume);
+        t.enter().unwrap();
+        assert_eq!(t.injected(), Some(0x51));
+        assert_eq!(t.vmcs.read(Control32::TprThreshold), 0);
+    }
+
+    /// An x2APIC TPR write goes to the model (it exits); the next entry gives the CPU the value.
+    #[test]
+    fn a_tpr_the_model_changed_reaches_vtpr() {
+        let mut t = with_apicv();
+        t.guest.platform.set_tpr(0x30);
+        t.enter().unwrap();
+        assert_eq!(t.guest.apicv.as_ref().unwrap().vtpr(), 0x30);
+    }
+
+    /// Reads of other registers than the TPR exit and are emulated like an EPT violation there.
+    #[test]
+    fn other_registers_are_emulated_through_the_model() {
+        let mut t = with_apicv();
+        // Real mode, CS:IP = 0x1000:0x100, DS based at the APIC page.
+        t.real_mode(0x1_0000, 0x100);
+        t.vmcs.write(GuestNat::DsBase, 0xfee0_0000);
+        // mov eax, [bx] (66 8B 07) with BX = 0x30: the version register.
+        t.guest.regs.rbx = 0x30;
+        t.guest.ram.bytes()[0x10100..0x10103].copy_from_slice(&[0x66, 0x8b, 0x07]);
+        t.set_qualification(0x030); // a linear read at offset 30H
+        assert_eq!(t.run(ExitReason::ApicAccess), Action::AdvanceBy(3));
+        assert_eq!(
+            t.guest.regs.rax as u32,
+            crate::devices::lapic::LAPIC_VERSION
+        );
+    }
+
+    /// With the xAPIC page mapped, a load that starts on it and runs past its end faults on the
+    /// next page first: it still goes to the APIC whole, at its start; a load wholly on the next
+    /// page is no device's.
+    #[test]
+    fn an_access_across_the_end_of_the_apic_page_is_the_apics() {
+        for (bx, apicv, want) in [
+            (0xffe, true, Action::AdvanceBy(3)),
+            (
+                0x1000,
+                true,
+                Action::Stop(StopReason::BadMemoryAccess {
+                    gpa: 0xfee0_1000,
+                    write: false,
+                }),
+            ),
+            (
+                0xffe,
+                false,
+                Action::Stop(StopReason::BadMemoryAccess {
+                    gpa: 0xfee0_1000,
+                    write: false,
+                }),
+            ),
+        ] {
+            let mut t = if apicv { with_apicv() } else { TestBed::new() };
+            t.real_mode(0x1_0000, 0x100);
+            t.vmcs.write(GuestNat::DsBase, 0xfee0_0000);
+            // mov eax, [bx] (66 8B 07).
+            t.guest.regs.rbx = bx;
+            t.guest.ram.bytes()[0x10100..0x10103].copy_from_slice(&[0x66, 0x8b, 0x07]);
+            t.vmcs
+                .write_raw(ReadOnly64::GuestPhysicalAddr.encoding(), 0xfee0_1000);
+            t.set_qualification(1 | 3 << 7); // a read, linear address valid and translated
+            assert_eq!(
+                t.run(ExitReason::EptViolation),
+                want,
+                "BX {bx:#x}, apicv {apicv}"
+            );
+        }
+    }
+
+    #[test]
+    fn fetches_and_event_delivery_stop_the_guest() {
+        let mut t = with_apicv();
+        t.set_qualification(2 << 12 | 0x10);
+        assert_eq!(
+            t.run(ExitReason::ApicAccess),
+            Action::Stop(StopReason::BadMemoryAccess {
+                gpa: 0xfee0_0010,
+                write: false
+            })
+        );
+        t.vmcs
+            .write_raw(ReadOnly64::GuestPhysicalAddr.encoding(), 0xfee0_00d0);
+        for (kind, what) in [
+            (
+                3,
+                "event delivery touched guest-physical 0xfee000d0, which is device memory",
+            ),
+            (
+                10,
+                "event delivery touched guest-physical 0xfee000d0, which is device memory",
+            ),
+            (15, "page walk touched guest-physical 0xfee000d0"),
+        ] {
+            t.set_qualification(kind << 12 | 0xd0);
+            match t.run(ExitReason::ApicAccess) {
+                Action::Stop(StopReason::Killed(why)) => assert!(why.contains(what), "{why}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! APIC virtualization, the VMX side (SDM Vol. 3C chapter 30, "APIC Virtualization and Virtual
+//! Interrupts"; chapter 29 in editions before 2023): which controls Keel turns on, the two pages
+//! each guest gets for them, and the TPR threshold.
+//!
+//! What Keel uses, when the CPU offers it and the guest's manifest does not say `apicv = off`:
+//! - **"use TPR shadow"** (SDM 30.1.1, 30.3): the guest's TPR lives at offset 80H of its own
+//!   *virtual-APIC page* (VTPR). MOV to/from CR8 read and write VTPR without a VM exit, so the
+//!   "CR8-load/store exiting" controls are turned off.
+//! - **"virtualize APIC accesses"** (SDM 30.4): the guest-physical xAPIC page (0xFEE00000) is
+//!   mapped in the guest's EPT to its own *APIC-access page*. A 32-bit read or a write at offset
+//!   80H is turned into an access to VTPR (SDM 30.4.2, 30.4.3.1: with "APIC-register
+//!   virtualization" and "virtual-interrupt delivery" both 0, only the TPR is virtualized); every
+//!   other access to the page is an APIC-access VM exit, which Keel emulates through the local APIC
+//!   model as it does an EPT violation there (`exits::apicv`).
+//! - the **TPR threshold** (SDM 30.1.2): after the guest lowers VTPR (by CR8 or MMIO) below bits 3:0
+//!   of the threshold, the CPU exits ("TPR below threshold", trap-like). Keel sets the threshold to
+//!   the priority class of the highest interrupt the guest's TPR holds back, so that interrupt is
+//!   delivered as soon as the TPR lets it through.
+//!
+//! One truth: the local APIC model (`devices::lapic`) keeps the TPR it computes PPR and
+//! deliverability with; while the CPU owns it, the model is refreshed from VTPR after every exit
+//! ([`VirtualApic::vtpr`]) and VTPR from the model before an entry that follows a device access
+//! ([`VirtualApic::set_vtpr`]; an x2APIC TPR write or an APIC reset changes it in the model).
+//!
+//! Isolation: both pages belong to one guest. The virtual-APIC page is in no EPT; the APIC-access
+//! page is mapped only in its own guest's EPT, at the xAPIC page, and holds nothing: accesses the
+//! CPU does not virtualize exit, and an implementation that lets one through (SDM 30.4.6.2) reaches
+//! only this guest's empty page.
+
+use super::controls::{adjust_controls, can_set, ControlError, PrimaryControls, SecondaryControls};
+use super::VmxCaps;
+use crate::vmx::{Control32, Control64, Vmcs};
+
+/// Offset of the TPR on the virtual-APIC page (VTPR, SDM 30.1.1).
+pub const VTPR: usize = 0x80;
+
+/// Which APIC virtualization features a guest runs with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApicvFeatures {
+    /// "use TPR shadow": CR8 without exits, a virtual-APIC page.
+    pub tpr_shadow: bool,
+    /// "virtualize APIC accesses": MMIO TPR without exits, an APIC-access page.
+    pub virtualize_apic_accesses: bool,
+}
+
+impl ApicvFeatures {
+    /// What Keel uses on a CPU with `caps` when the guest wants APIC virtualization (`wanted`):
+    /// the TPR shadow if the primary controls allow it, and "virtualize APIC accesses" on top if
+    /// the secondary controls allow it too (SDM 27.2.1.1 lets "virtualize APIC accesses" be 1
+    /// without the TPR shadow, but then no access is virtualized, SDM 30.4.2: every one exits,
+    /// which gains nothing over the EPT violation).
+    pub fn select(caps: &VmxCaps, wanted: bool) -> Self {
+        let tpr_shadow = wanted && can_set(caps, PrimaryControls::USE_TPR_SHADOW);
+        let virtualize_apic_accesses = tpr_shadow
+            && can_set(caps, PrimaryControls::ACTIVATE_SECONDARY_CONTROLS)
+            && can_set(caps, SecondaryControls::VIRTUALIZE_APIC_ACCESSES);
+        Self {
+            tpr_shadow,
+            virtualize_apic_accesses,
+        }
+    }
+
+    pub fn any(&self) -> bool {
+        self.tpr_shadow
+    }
+
+    /// The primary and secondary control words `primary`/`secondary` (as `compute_controls`
+    /// made them) changed for these features: with the TPR shadow, CR8 accesses stop exiting.
+    pub fn apply(
+        &self,
+        caps: &VmxCaps,
+        primary: u32,
+        secondary: u32,
+    ) -> Result<(u32, u32), ControlError> {
+        if !self.tpr_shadow {
+            return Ok((primary, secondary));
+        }
+        let primary = PrimaryControls::from_bits_retain(primary);
+        let without_cr8 =
+            primary - (PrimaryControls::CR8_LOAD_EXITING | PrimaryControls::CR8_STORE_EXITING);
+        let primary = adjust_controls(
+            caps,
+            without_cr8 | PrimaryControls::USE_TPR_SHADOW,
+            PrimaryControls::empty(),
+        )?;
+        let secondary = SecondaryControls::from_bits_retain(secondary);
+        let secondary = if self.virtualize_apic_accesses {
+            adjust_controls(
+                caps,
+                secondary | SecondaryControls::VIRTUALIZE_APIC_ACCESSES,
+                SecondaryControls::empty(),
+            )?
+        } else {
+            secondary
+        };
+        Ok((primary.bits(), secondary.bits()))
+    }
+
+    /// A short description for Keel's log.
+    pub fn describe(&self) -> &'static str {
+        match (self.tpr_shadow, self.virtualize_apic_accesses) {
+            (false, _) => "off (every TPR access exits)",
+            (true, false) => "TPR shadow (CR8 without exits; MMIO TPR exits)",
+            (true, true) => {
+                "TPR shadow + virtualized APIC accesses (CR8 and MMIO TPR without exits)"
+            }
+        }
+    }
+}
+
+/// A guest's virtual-APIC page and APIC-access page: the memory the CPU reads and writes for APIC
+/// virtualization (the owner of the frames keeps them alive; this is the view of them).
+pub struct VirtualApic {
+    vapic: &'static mut [u8; 4096],
+    vapic_pa: u64,
+    access: &'static mut [u8; 4096],
+    access_pa: u64,
+    features: ApicvFeatures,
+    /// Whether "virtualize APIC accesses" is on in the VMCS now (only while the guest's APIC is in
+    /// xAPIC mode).
+    accesses_virtualized: bool,
+    /// The TPR threshold in the VMCS now (written only when it changes: a VMWRITE is dear).
+    threshold: u32,
+}
+
+impl core::fmt::Debug for VirtualApic {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("VirtualApic")
+            .field("vapic_pa", &self.vapic_pa)
+            .field("access_pa", &self.access_pa)
+            .field("features", &self.features)
+            .field("vtpr", &self.vtpr())
+            .finish()
+    }
+}
+
+impl VirtualApic {
+    /// # Safety
+    /// `vapic` and `access` must be two distinct page-aligned 4 KiB frames at host-physical
+    /// `vapic_pa` and `access_pa`, owned by this guest alone for as long as the view lives.
+    pub unsafe fn new(
+        vapic: &'static mut [u8; 4096],
+        vapic_pa: u64,
+        access: &'static mut [u8; 4096],
+        access_pa: u64,
+        features: ApicvFeatures,
+    ) -> Self {
+        Self {
+            vapic,
+            vapic_pa,
+            access,
+            access_pa,
+            features,
+            accesses_virtualized: features.virtualize_apic_accesses,
+            threshold: 0,
+        }
+    }
+
+    pub fn features(&self) -> ApicvFeatures {
+        self.features
+    }
+
+    /// Host-physical address of the APIC-access page (mapped at the guest's xAPIC page).
+    pub fn access_pa(&self) -> u64 {
+        self.access_pa
+    }
+
+    /// VTPR as the guest left it (SDM 30.1.1: byte 80H; CR8 writes clear bits 3:0, SDM 30.3).
+    pub fn vtpr(&self) -> u8 {
+        self.vapic[VTPR]
+    }
+
+    /// Writes VTPR (bits 31:8 of the 32-bit field are 0, as a virtualized write leaves them).
+    pub fn set_vtpr(&mut self, tpr: u8) {
+        self.vapic[VTPR..VTPR + 4].copy_from_slice(&u32::from(tpr).to_le_bytes());
+    }
+
+    /// Power-on: both pages zero (the TPR is 0), accesses virtualized again (the APIC starts in
+    /// xAPIC mode).
+    pub fn reset(&mut self) {
+        self.vapic.fill(0);
+        self.access.fill(0);
+        self.accesses_virtualized = self.features.virtualize_apic_accesses;
+        self.threshold = 0;
+    }
+
+    /// The VMCS fields of APIC virtualization, at guest boot: the two page addresses and a TPR
+    /// threshold of 0 (SDM 25.6.8; 27.2.1.1 checks the addresses are page aligned).
+    pub fn write_fields<V: Vmcs + ?Sized>(&self, vmcs: &mut V) {
+        if !self.features.tpr_shadow {
+            return;
+        }
+        vmcs.write(Control64::VirtualApicAddr, self.vapic_pa);
+        vmcs.write(Control32::TprThreshold, self.threshold);
+        if self.features.virtualize_apic_accesses {
+            vmcs.write(Control64::ApicAccessAddr, self.access_pa);
+        }
+    }
+
+    /// Before an entry that follows a device access: VTPR from the model's `tpr`, the TPR
+    /// threshold for the interrupt the TPR holds back (`highest_irr`: the highest vector pending
+    /// in the model's IRR, asked only when the TPR could hold one back), and "virtualize APIC
+    /// accesses" only while the APIC is in xAPIC mode (`xapic`): in x2APIC mode or disabled, the
+    /// MMIO page is no APIC register at all.
+    #[inline]
+    pub fn before_entry<V: Vmcs + ?Sized>(
+        &mut self,
+        vmcs: &mut V,
+        tpr: u8,
+        highest_irr: impl FnOnce() -> Option<u8>,
+        xapic: bool,
+    ) {
+        if !self.features.tpr_shadow {
+            return;
+        }
+        if self.vtpr() != tpr {
+            self.set_vtpr(tpr);
+        }
+        // TPR class 0 holds nothing back (vectors 0-15 are never delivered): no IRR scan.
+        let threshold = if tpr >> 4 == 0 {
+            0
+        } else {
+            tpr_threshold(tpr, highest_irr())
+        };
+        if threshold != self.threshold {
+            self.threshold = threshold;
+            vmcs.write(Control32::TprThreshold, threshold);
+        }
+        let virtualize = self.features.virtualize_apic_accesses && xapic;
+        if virtualize != self.accesses_virtualized {
+            self.accesses_virtualized = virtualize;
+            let bit = SecondaryControls::VIRTUALIZE_APIC_ACCESSES.bits();
+            let secondary = vmcs.read(Control32::SecondaryProcBasedControls);
+            vmcs.write(
+                Control32::SecondaryProcBasedControls,
+                if virtualize {
+                    secondary | bit
+                } else {
+                    secondary & !bit
+                },
+            );
+            if !virtualize {
+                // The page stays mapped; with the control off a guest access reaches its memory,
+                // which then reads as the empty bus the model gives outside xAPIC mode (all ones).
+                self.access.fill(0xff);
+            }
+        }
+    }
+}
+
+/// The TPR threshold (SDM 30.1.2): the CPU exits once VTPR[7:4] drops below its bits 3:0. The
+/// threshold is the priority class of the highest pending vector when the TPR is what holds it
+/// back (class <= TPR class), so the exit comes exactly when the TPR lets it through; otherwise 0
+/// (nothing pending, or the vector is deliverable now, or an in-service vector holds it back and
+/// its EOI exits anyway). Never above VTPR[7:4]: SDM 27.2.1.1 refuses that at entry without
+/// "virtualize APIC accesses", and SDM 27.7.7 exits right after the entry with it.
+pub fn tpr_threshold(tpr: u8, highest_irr: Option<u8>) -> u32 {
+    match highest_irr {
+        Some(v) => u32::from((v >> 4).min(tpr >> 4)),
+        None => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmx::FakeVmcs;
+    use alloc::boxed::Box;
+
+    fn page() -> &'static mut [u8; 4096] {
+        Box::leak(Box::new([0u8; 4096]))
+    }
+
+    fn vapic(f: ApicvFeatures) -> VirtualApic {
+        // SAFETY: two leaked pages that belong to this test alone.
+        unsafe { VirtualApic::new(page(), 0x5000, page(), 0x6000, f) }
+    }
+
+    const ALL: ApicvFeatures = ApicvFeatures {
+        tpr_shadow: true,
+        virtualize_apic_accesses: true,
+    };
+
+    #[test]
+    fn bochs_offers_tpr_shadow_and_apic_access_virtualization() {
+        let caps = VmxCaps::bochs_skylake_x();
+        assert_eq!(ApicvFeatures::select(&caps, true), ALL);
+        assert_eq!(
+            ApicvFeatures::select(&caps, false),
+            ApicvFeatures::default()
+        );
+    }
+
+    #[test]
+    fn a_cpu_without_them_falls_back_to_exits() {
+        let mut caps = VmxCaps::bochs_skylake_x();
+        caps.procbased2 &= !(u64::from(SecondaryControls::VIRTUALIZE_APIC_ACCESSES.bits()) << 32);
+        let f = ApicvFeatures::select(&caps, true);
+        assert!(f.tpr_shadow && !f.virtualize_apic_accesses);
+        let bit = u64::from(PrimaryControls::USE_TPR_SHADOW.bits()) << 32;
+        caps.procbased &= !bit;
+        caps.true_procbased &= !bit;
+        assert_eq!(ApicvFeatures::select(&caps, true), ApicvFeatures::default());
+    }
+
+    #[test]
+    fn tpr_shadow_turns_cr8_exits_off() {
+        let caps = VmxCaps::bochs_skylake_x();
+        let c = crate::vcpu::compute_controls(&caps).unwrap();
+        let cr8 = PrimaryControls::CR8_LOAD_EXITING | PrimaryControls::CR8_STORE_EXITING;
+        assert!(PrimaryControls::from_bits_retain(c.primary).contains(cr8));
+        let (p, s) = ALL.apply(&caps, c.primary, c.secondary).unwrap();
+        let p = PrimaryControls::from_bits_retain(p);
+        assert!(p.contains(PrimaryControls::USE_TPR_SHADOW) && !p.intersects(cr8));
+        // Everything else Keel relies on stays.
+        assert!(p.contains(PrimaryControls::HLT_EXITING | PrimaryControls::USE_IO_BITMAPS));
+        let s = SecondaryControls::from_bits_retain(s);
+        assert!(
+            s.contains(SecondaryControls::VIRTUALIZE_APIC_ACCESSES | SecondaryControls::ENABLE_EPT)
+        );
+        // Off: the controls are Keel's usual ones.
+        assert_eq!(
+            ApicvFeatures::default().apply(&caps, c.primary, c.secondary),
+            Ok((c.primary, c.secondary))
+        );
+    }
+
+    #[test]
+    fn fields_at_boot() {
+        let mut v = FakeVmcs::new();
+        vapic(ALL).write_fields(&mut v);
+        assert_eq!(v.read(Control64::VirtualApicAddr), 0x5000);
+        assert_eq!(v.read(Control64::ApicAccessAddr), 0x6000);
+        assert_eq!(v.read(Control32::TprThreshold), 0);
+    }
+
+    #[test]
+    fn vtpr_is_byte_80h_of_the_virtual_apic_page() {
+        let mut a = vapic(ALL);
+        a.set_vtpr(0x9c);
+        assert_eq!(a.vapic[0x80..0x84], [0x9c, 0, 0, 0]);
+        assert_eq!(a.vtpr(), 0x9c);
+        a.reset();
+        assert_eq!(a.vtpr(), 0);
+    }
+
+    /// SDM 30.1.2: an interrupt the TPR holds back must come the moment the TPR drops below it.
+    #[test]
+    fn threshold_is_the_class_the_tpr_holds_back() {
+        assert_eq!(tpr_threshold(0x00, None), 0);
+        // Vector 0x51 pending, TPR 0x80: exit when TPR[7:4] < 5.
+        assert_eq!(tpr_threshold(0x80, Some(0x51)), 5);
+        // Same class as the TPR: still held back (PPR[7:4] >= class), exit below it.
+        assert_eq!(tpr_threshold(0x5f, Some(0x51)), 5);
+        // Above the TPR: deliverable now (or held by the ISR), the threshold must not exceed
+        // VTPR[7:4].
+        assert_eq!(tpr_threshold(0x30, Some(0x51)), 3);
+    }
+
+    #[test]
+    fn before_entry_keeps_vtpr_and_threshold_and_follows_the_apic_mode() {
+        let caps = VmxCaps::bochs_skylake_x();
+        let c = crate::vcpu::compute_controls(&caps).unwrap();
+        let (_, s) = ALL.apply(&caps, c.primary, c.secondary).unwrap();
+        let mut v = FakeVmcs::new();
+        v.write(Control32::SecondaryProcBasedControls, s);
+        let mut a = vapic(ALL);
+        a.before_entry(&mut v, 0x70, || Some(0x41), true);
+        assert_eq!((a.vtpr(), v.read(Control32::TprThreshold)), (0x70, 4));
+        let vaa = SecondaryControls::VIRTUALIZE_APIC_ACCESSES.bits();
+        assert_ne!(v.read(Control32::SecondaryProcBasedControls) & vaa, 0);
+        // x2APIC mode: the MMIO page is no longer the APIC's; it reads all ones.
+        a.before_entry(&mut v, 0x70, || None, false);
+        assert_eq!(v.read(Control32::SecondaryProcBasedControls) & vaa, 0);
+        assert_eq!(v.read(Control32::TprThreshold), 0);
+        assert!(a.access.iter().all(|&b| b == 0xff));
+        // Back to xAPIC mode (through a disable and re-enable).
+        a.before_entry(&mut v, 0, || None, true);
+        assert_ne!(v.read(Control32::SecondaryProcBasedControls) & vaa, 0);
+        // Without the features nothing is written.
+        let mut v = FakeVmcs::new();
+        vapic(ApicvFeatures::default()).before_entry(&mut v, 0x70, || Some(0x41), true);
+        assert_eq!(v.read(Control32::TprThreshold), 0);
+        assert_eq!(v.read(Control64::VirtualApicAddr), 0);
+    }
+}
