@@ -93,6 +93,10 @@ pub struct Slot<V> {
     waiting_since: Option<u64>,
     /// Host TSC at which the guest executed HLT (for its halted-time account).
     halted_since: Option<u64>,
+    /// Host TSC at which the operator paused it. Its clock stops meanwhile, halted or not: on
+    /// resume the pause is taken out of its TSC offset (a runnable guest's through
+    /// `waiting_since`), so no tick falls due during the pause and none is lost after it.
+    paused_since: Option<u64>,
     /// What was left of its time slice when a woken guest cut it short.
     slice_left: Option<u64>,
     /// Woken from HLT by an interrupt and not run since: scheduled ahead of the rotation, so a
@@ -112,6 +116,7 @@ impl<V> Slot<V> {
             vcpu,
             waiting_since: None,
             halted_since: None,
+            paused_since: None,
             slice_left: None,
             woken: false,
             restarts: 0,
@@ -339,6 +344,9 @@ fn slice<C: Cpu>(
     // The time of the last exit serves for the timer checks. Time in the guest (entry to exit)
     // is its cpu time; Keel's handling of its exits (exit to next entry) is kept apart.
     let mut now = start;
+    // Whether the guest exited in this slice: the time to the next entry is then Keel's handling
+    // of that exit (`GuestStats::exit_cycles`).
+    let mut after_exit = false;
     loop {
         if touched || timer_due.is_some_and(|d| now >= d) {
             s.guest.platform.advance(s.guest.now(now));
@@ -375,6 +383,11 @@ fn slice<C: Cpu>(
             );
         }
         s.guest.stats.keel_cycles += t0 - now;
+        if after_exit {
+            let last = s.guest.stats.last_exit;
+            s.guest.stats.record_exit_cycles(last, t0 - now);
+        }
+        after_exit = true;
         let entered = cpu.enter(&mut v, &mut s.guest.regs);
         let t1 = cpu.rdtsc();
         s.guest.stats.cpu_cycles += t1 - t0;
@@ -519,18 +532,35 @@ impl<C: Cpu> RunLoop<C> {
 
     /// Pauses a guest: it keeps its state and is not scheduled until resumed.
     pub fn pause(&mut self, id: usize) -> Result<(), String> {
+        let now = self.cpu.rdtsc();
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
         s.guest.state.pause().map_err(|e| alloc::format!("{e}"))?;
+        s.paused_since = Some(now);
         info!("guest {} paused", s.guest.name);
         Ok(())
     }
 
+    /// Resumes a paused guest where it was (running or in HLT), its clock as it was at the pause.
     pub fn resume(&mut self, id: usize) -> Result<(), String> {
         let now = self.cpu.rdtsc();
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
         s.guest.state.resume().map_err(|e| alloc::format!("{e}"))?;
-        // Its clock stopped while paused, as while waiting for the CPU.
-        s.waiting_since.get_or_insert(now);
+        let paused = now.saturating_sub(s.paused_since.take().unwrap_or(now));
+        if s.guest.state == RunState::Halted {
+            // A halted guest's clock runs while it waits; the pause comes off it here. Its VMCS
+            // gets the new offset at its next slice (it wakes through `waiting_since`), and the
+            // pause is no halted time.
+            if self.cfg.tsc_offsetting {
+                s.guest.tsc_offset = s.guest.tsc_offset.wrapping_sub(paused);
+            }
+            if let Some(since) = s.halted_since.as_mut() {
+                *since = since.saturating_add(paused).min(now);
+            }
+        } else {
+            // A runnable guest's clock stopped when it last left the CPU (`waiting_since`), which
+            // covers the pause.
+            s.waiting_since.get_or_insert(now);
+        }
         info!("guest {} resumed", s.guest.name);
         Ok(())
     }
