@@ -124,7 +124,8 @@ impl Focus {
         Key::Guest(self.current, byte)
     }
 
-    fn move_to(&mut self, i: usize) -> Key {
+    /// Gives the keyboard to guest `i` (Ctrl-A digit, the monitor's `console NAME`).
+    pub fn move_to(&mut self, i: usize) -> Key {
         if i >= self.guests || i == self.current {
             return Key::None;
         }

@@ -97,6 +97,8 @@ pub enum StopReason {
     Killed(String),
     /// The CPU refused to enter it (VM-entry failure: a Keel bug or a state Keel failed to check).
     EntryFailed(String),
+    /// The operator stopped it (the monitor's `kill` or `quit`).
+    Operator(&'static str),
 }
 
 impl StopReason {
@@ -107,6 +109,18 @@ impl StopReason {
             StopReason::Shutdown(v) => (*v as u32) << 1 | 1,
             _ => 0,
         }
+    }
+
+    /// True when the guest ended by a failure (its own or Keel's), not by its own choice or the
+    /// operator's: `quit` ends Keel with success only when no guest stopped this way.
+    pub fn is_failure(&self) -> bool {
+        !matches!(
+            self,
+            StopReason::DebugExit(_)
+                | StopReason::Shutdown(_)
+                | StopReason::Board(_)
+                | StopReason::Operator(_)
+        )
     }
 }
 
@@ -127,6 +141,7 @@ impl core::fmt::Display for StopReason {
             Self::HaltedForever => write!(f, "HLT with interrupts disabled and no way to wake up"),
             Self::Killed(why) => write!(f, "killed: {why}"),
             Self::EntryFailed(why) => write!(f, "VM entry failed: {why}"),
+            Self::Operator(cmd) => write!(f, "stopped by the operator ({cmd})"),
         }
     }
 }

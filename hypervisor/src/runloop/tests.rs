@@ -325,10 +325,7 @@ fn stopped_guests_never_run_again() {
     }
     let state = |i: usize| rl.slots[i].guest.state.clone();
     assert_eq!(state(0), RunState::Stopped(StopReason::DebugExit(3)));
-    assert_eq!(
-        state(1),
-        RunState::Stopped(StopReason::Killed("by the operator".into()))
-    );
+    assert_eq!(state(1), RunState::Stopped(StopReason::Operator("kill")));
     assert_eq!(state(2), RunState::Stopped(StopReason::TripleFault));
     assert_eq!(rl.slots[2].vcpu.boots, 1);
     let last = |i: usize| rl.cpu.trace.iter().rposition(|e| e.guest == i).unwrap();
@@ -488,4 +485,137 @@ fn exit_handling_time_is_counted_by_reason() {
         avg >= KEEL_COST && avg <= st.exit_cycles_max[cpuid],
         "{avg}"
     );
+}
+
+/// The replies on the control channel so far, one per line.
+fn replies(rl: &RunLoop<FakeCpu>) -> Vec<String> {
+    String::from_utf8_lossy(&rl.cpu.control_out)
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// Runs the loop until `n` replies are complete (COM2 takes 16 bytes per turn of the loop).
+fn until_replies(rl: &mut RunLoop<FakeCpu>, n: usize) {
+    for _ in 0..10_000 {
+        if rl.cpu.control_out.iter().filter(|&&b| b == b'\n').count() >= n {
+            return;
+        }
+        assert!(rl.step());
+    }
+    panic!("{n} replies never came: {:?}", replies(rl));
+}
+
+fn send(rl: &mut RunLoop<FakeCpu>, line: &str) {
+    rl.cpu.control_in.extend(line.bytes());
+    rl.cpu.control_in.push_back(b'\n');
+}
+
+/// The control channel drives the loop: pause stops a guest (and its clock), resume brings it
+/// back, kill stops it for good, start boots it again, quit stops everything; every line gets
+/// one JSON reply, sent a FIFO at a time without holding up the guests.
+#[test]
+fn the_control_channel_operates_the_guests() {
+    let mut rl = rig(vec![Program::compute(), Program::compute()]);
+    run_for(&mut rl, 4 * QUANTUM);
+    send(&mut rl, "pause g0");
+    assert!(rl.step());
+    assert_eq!(rl.slots[0].guest.state, RunState::Paused { halted: false });
+    let paused_at = rl.cpu.trace.len();
+    run_for(&mut rl, 10 * QUANTUM);
+    assert!(rl.cpu.trace[paused_at..].iter().all(|e| e.guest == 1));
+    send(&mut rl, "list");
+    until_replies(&mut rl, 2);
+    let r = replies(&rl);
+    assert_eq!(r[0], "{\"ok\":true,\"guest\":\"g0\"}");
+    assert!(
+        r[1].starts_with("{\"ok\":true,\"guests\":[{\"id\":0,\"name\":\"g0\",\"state\":\"paused\""),
+        "{}",
+        r[1]
+    );
+    send(&mut rl, "resume g0");
+    send(&mut rl, "kill g1");
+    send(&mut rl, "start g1");
+    send(&mut rl, "start g0");
+    until_replies(&mut rl, 6);
+    let r = replies(&rl);
+    assert_eq!(
+        r[2..4],
+        [
+            "{\"ok\":true,\"guest\":\"g0\"}",
+            "{\"ok\":true,\"guest\":\"g1\"}"
+        ]
+    );
+    assert_eq!(r[4], "{\"ok\":true,\"guest\":\"g1\"}");
+    assert_eq!(
+        r[5],
+        "{\"ok\":false,\"error\":\"start g0: the guest is running (restart boots it again)\"}"
+    );
+    assert_eq!(rl.slots[1].vcpu.boots, 1, "started again after the kill");
+    assert_eq!(rl.slots[1].guest.state, RunState::Runnable);
+    assert!(!rl.quit_requested());
+    send(&mut rl, "quit");
+    while rl.step() {}
+    rl.flush_control();
+    assert_eq!(replies(&rl)[6], "{\"ok\":true,\"quit\":true}");
+    assert!(rl.quit_requested());
+    assert!(!rl.any_failed(), "quit and kill are no failures");
+    assert!(rl
+        .slots
+        .iter()
+        .all(|s| s.guest.state == RunState::Stopped(StopReason::Operator("quit"))));
+}
+
+/// Ctrl-A c opens the prompt; a line typed there runs (the guests keep running meanwhile), other
+/// bytes no longer reach the guest, and `exit` gives the keyboard back.
+#[test]
+fn the_console_prompt_runs_commands_and_leaves_the_guests_running() {
+    let mut rl = rig(vec![
+        Program::sleeper(100).with_pit(PIT_100HZ),
+        Program::compute(),
+    ]);
+    run_for(&mut rl, 2 * QUANTUM);
+    rl.cpu.keys.extend(b"\x01cpause g1\r");
+    let before = rl.cpu.trace.len();
+    run_for(&mut rl, 10 * QUANTUM);
+    assert!(matches!(rl.slots[1].guest.state, RunState::Paused { .. }));
+    assert!(
+        rl.cpu.trace[before..].iter().any(|e| e.guest == 0),
+        "g0 ran"
+    );
+    assert_eq!(
+        rl.focus.pending(),
+        0,
+        "the typed line did not go to the guest"
+    );
+    rl.cpu.keys.extend(b"resume 1\rexit\rx");
+    run_for(&mut rl, 2 * QUANTUM);
+    assert_ne!(rl.slots[1].guest.state, RunState::Paused { halted: false });
+    assert!(!rl.ops.prompt.is_open());
+    // After `exit`, bytes go to the focused guest again (g0 took the `x`: its FIFO had room).
+    assert_eq!(rl.focus.dropped, 0);
+    // `console g1` moves the keyboard and closes the prompt.
+    rl.cpu.keys.extend(b"\x01cconsole g1\r");
+    assert!(rl.step());
+    assert_eq!(rl.focus.current(), 1);
+    assert!(!rl.ops.prompt.is_open());
+    // `top` shows the list every second until a key.
+    rl.cpu.keys.extend(b"\x01ctop\r");
+    assert!(rl.step());
+    assert!(rl.ops.top.is_some());
+    rl.cpu.keys.push_back(b'q');
+    assert!(rl.step());
+    assert!(rl.ops.top.is_none());
+    assert_eq!(rl.focus.pending(), 0, "the key that ended top went nowhere");
+}
+
+/// A guest that failed (here: a triple fault, no restarts) makes `quit` end without success.
+#[test]
+fn quit_after_a_failure_is_no_success() {
+    let mut rl = rig(vec![Program::once(&[Op::TripleFault]), Program::compute()]);
+    run_for(&mut rl, 3 * QUANTUM);
+    send(&mut rl, "quit");
+    while rl.step() {}
+    assert!(rl.quit_requested());
+    assert!(rl.any_failed());
 }
