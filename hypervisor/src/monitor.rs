@@ -583,6 +583,11 @@ impl Prompt {
         self.open
     }
 
+    /// What has been typed at the prompt so far.
+    pub fn line(&self) -> &str {
+        &self.line
+    }
+
     /// Closes the prompt (the `console` command moves the keyboard to a guest).
     pub fn close(&mut self) {
         self.open = false;

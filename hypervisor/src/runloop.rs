@@ -635,6 +635,7 @@ impl<C: Cpu> RunLoop<C> {
             if self.ops.top.take().is_some() {
                 // Any key ends `top`.
                 self.prompt_again();
+                self.show_prompt();
                 continue;
             }
             let key = match self.ops.prompt.key(byte) {
@@ -652,6 +653,7 @@ impl<C: Cpu> RunLoop<C> {
                     Key::None
                 }
                 PromptKey::Closed => {
+                    crate::log::set_prompt(None);
                     console_text("\n");
                     Key::None
                 }
@@ -665,6 +667,7 @@ impl<C: Cpu> RunLoop<C> {
                 }
                 PromptKey::Line(line) => {
                     console_text("\n");
+                    crate::log::set_prompt(None);
                     let reply = self.command(&line, crate::monitor::Form::Text);
                     console_text(&reply.text);
                     if reply.top {
@@ -677,6 +680,7 @@ impl<C: Cpu> RunLoop<C> {
                 }
                 PromptKey::None => Key::None,
             };
+            self.show_prompt();
             match key {
                 Key::Stats => {
                     print_stats(self.slots.iter().map(|s| &s.guest), Writer::Keel);
@@ -710,6 +714,17 @@ impl<C: Cpu> RunLoop<C> {
         self.focus.deliver(running, |b| {
             g.platform.serial_input_room(t) && g.platform.push_serial_input(b, t)
         });
+    }
+
+    /// Tells the console what the prompt line shows now (nothing while `top` runs or the prompt
+    /// is closed), so other lines are written around it (`log::set_prompt`).
+    fn show_prompt(&self) {
+        match (self.ops.prompt.is_open(), self.ops.top) {
+            (true, None) => {
+                crate::log::set_prompt(Some(&alloc::format!("keel> {}", self.ops.prompt.line())))
+            }
+            _ => crate::log::set_prompt(None),
+        }
     }
 
     /// `keel> ` on the console, while the prompt is open.
@@ -786,6 +801,7 @@ impl<C: Cpu> RunLoop<C> {
 
     /// The final accounting table and one status line per guest.
     pub fn report(&mut self) {
+        crate::log::set_prompt(None);
         // No guest runs any more: the last console lines wait for room now.
         for s in &mut self.slots {
             print_console(&mut s.guest, usize::MAX);
@@ -942,6 +958,8 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
 
     fn quit(&mut self) {
         self.ops.quit = true;
+        self.ops.prompt.close();
+        self.ops.top = None;
         for s in &mut self.slots {
             let _ = s.guest.state.stop(StopReason::Operator("quit"));
         }

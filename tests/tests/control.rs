@@ -203,3 +203,68 @@ fn a_paused_sleeper_keeps_every_tick_of_its_own_time() {
         boot.fail(&format!("PIT ticks after a pause: {wrong}"));
     }
 }
+
+/// The same monitor on Keel's console: Ctrl-A c opens the `keel>` prompt on COM1, commands typed
+/// there act (the guests keep running and printing), and `quit` typed there ends Keel with 0.
+#[test]
+fn the_console_prompt_takes_the_same_commands() {
+    use keel_tests::{boot_scripted, ScriptedBoot, Step};
+    const PROMPT_MANIFEST: &str = "\
+# Written by tests/tests/control.rs: the monitor's prompt on COM1.
+[guest ticker]
+kind = elf
+image = long64.elf
+memory = 4M
+cmdline = mode=sleeper secs=300
+
+[guest cpu]
+kind = elf
+image = long64.elf
+memory = 4M
+cmdline = mode=crunch secs=300
+";
+    let secs = Duration::from_secs;
+    let files = std::env::temp_dir().join("keel-control-prompt-guests");
+    let script = vec![
+        Step::new("keel: running 2 guests", "\x01c", secs(300)),
+        Step::new(
+            "keel monitor: `help` lists the commands",
+            "pause cpu\r",
+            secs(60),
+        ),
+        Step::new("keel: guest cpu paused", "list\r", secs(60)),
+        Step::new("cpu              paused", "quit\r", secs(60)),
+        Step::new("keel: exit status 0", "", secs(60)),
+    ];
+    let boot = boot_scripted(ScriptedBoot {
+        name: "bochs-control-prompt",
+        manifest: PROMPT_MANIFEST,
+        files: &files,
+        script,
+        memory_mib: 256,
+        timeout: secs(500),
+    })
+    .unwrap_or_else(|e| panic!("bochs-control-prompt: the boot could not run: {e}"));
+    if let Some(failed) = &boot.result.script_failed {
+        boot.fail(failed);
+    }
+    boot.expect_in_order(&[
+        "keel> pause cpu",
+        "keel: guest cpu paused",
+        "keel> list",
+        "keel> quit",
+        "keel: quit: every guest stopped",
+    ]);
+    // The ticker went on printing while the prompt was open.
+    let open = boot.expect_line("keel> pause cpu");
+    let after: Vec<&str> = boot
+        .lines()
+        .skip_while(|l| *l != open)
+        .filter(|l| l.starts_with("[ticker] "))
+        .collect();
+    if after.is_empty() {
+        boot.fail("the ticker printed nothing while the prompt was open");
+    }
+    boot.expect_keel_status(keel_tests::status::QUIT);
+    boot.expect_no_keel_failure();
+}
