@@ -606,7 +606,10 @@ impl<C: Cpu> RunLoop<C> {
             }
         } else {
             // A runnable guest's clock stopped when it last left the CPU (`waiting_since`), which
-            // covers the pause.
+            // covers the pause; one paused before its first slice has no such mark yet.
+            if s.waiting_since.is_none() && self.cfg.tsc_offsetting {
+                s.guest.tsc_offset = s.guest.tsc_offset.wrapping_sub(paused);
+            }
             s.waiting_since.get_or_insert(now);
         }
         info!("guest {} resumed", s.guest.name);

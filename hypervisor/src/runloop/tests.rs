@@ -619,3 +619,20 @@ fn quit_after_a_failure_is_no_success() {
     assert!(rl.quit_requested());
     assert!(rl.any_failed());
 }
+
+/// A guest paused before it ever ran starts with its clock where the pause found it.
+#[test]
+fn a_guest_paused_before_its_first_slice_starts_near_zero() {
+    let mut rl = rig(vec![Program::compute(), Program::compute()]);
+    rl.pause(0).unwrap();
+    run_for(&mut rl, 20 * QUANTUM);
+    rl.resume(0).unwrap();
+    while rl.cpu.entries(0).next().is_none() {
+        assert!(rl.step());
+    }
+    let first = rl.cpu.entries(0).next().unwrap().guest_start;
+    assert!(
+        first < 100 * KEEL_COST,
+        "its clock read {first} at its first entry"
+    );
+}
