@@ -33,6 +33,8 @@ pub struct BochsConfig {
     /// The disk image (a per-run copy: Bochs locks the file it opens).
     pub disk: PathBuf,
     pub com1: Com1,
+    /// COM2, Keel's control channel: the terminal it is connected to (`control::Bridge`).
+    pub com2: Option<PathBuf>,
     pub log: PathBuf,
 }
 
@@ -64,7 +66,7 @@ ata0: enabled=1, ioaddr1=0x1f0, ioaddr2=0x3f0, irq=14
 ata0-master: type=disk, path=\"{disk}\", mode=flat
 boot: disk
 com1: enabled=1, mode={com1_mode}, dev=\"{com1}\"
-port_e9_hack: enabled=1
+{com2}port_e9_hack: enabled=1
 log: \"{log}\"
 # Keel stops Bochs by writing \"Shutdown\" to port 0x8900, which Bochs reports as a panic.
 panic: action=fatal
@@ -86,6 +88,10 @@ speaker: enabled=0
             Com1::Terminal(_) => "term",
         },
         com1 = rc_path(cfg.com1.path()),
+        com2 = match &cfg.com2 {
+            Some(tty) => format!("com2: enabled=1, mode=term, dev=\"{}\"\n", rc_path(tty)),
+            None => String::new(),
+        },
         log = rc_path(&cfg.log),
     )
 }
@@ -154,6 +160,7 @@ mod tests {
             vga_rom: "/usr/share/vgabios/vgabios.bin".into(),
             disk: "/tmp/run/disk.img".into(),
             com1: Com1::File("/tmp/run/serial.log".into()),
+            com2: None,
             log: "/tmp/run/bochs.log".into(),
         }
     }
@@ -185,6 +192,14 @@ mod tests {
                 == "cpu: model=corei7_skylake_x, count=4, ips=10000000, reset_on_triple_fault=0"),
             "{rc}"
         );
+    }
+
+    #[test]
+    fn com2_on_a_terminal_only_when_asked() {
+        let mut cfg = sample();
+        assert!(!bochsrc(&cfg).contains("com2"));
+        cfg.com2 = Some("/dev/pts/9".into());
+        assert!(bochsrc(&cfg).contains("\ncom2: enabled=1, mode=term, dev=\"/dev/pts/9\"\n"));
     }
 
     #[test]

@@ -58,6 +58,20 @@ pub struct RunArgs {
     pub work_dir: Option<PathBuf>,
     pub no_echo: bool,
     pub no_input: bool,
+    /// `--control PATH`: the control channel's socket [default: `control::default_socket`].
+    pub control: Option<PathBuf>,
+}
+
+/// `cargo keel ctl COMMAND...`: one command to a running Keel over its control channel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CtlArgs {
+    /// The command line, words joined by spaces (`list`, `pause NAME`, ...).
+    pub command: String,
+    /// The socket [default: `control::default_socket` of the checkout].
+    pub control: Option<PathBuf>,
+    /// Print the raw JSON reply.
+    pub json: bool,
+    pub timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -76,7 +90,7 @@ pub enum Cmd {
     Run(RunArgs),
     Flash(FlashArgs),
     Bench(crate::bench::BenchArgs),
-    // `Ctl(...)`: commands to a running Keel over its control channel go here.
+    Ctl(CtlArgs),
 }
 
 /// What the command line asks for.
@@ -131,7 +145,32 @@ enum Sub {
     Flash(FlashOpts),
     /// The exit-path benchmark: Keel and a bare run in Bochs, one table (docs/BENCHMARKS.md)
     Bench(BenchOpts),
-    // `ctl`: commands to a running Keel over its control channel (COM2) go here.
+    /// Send one command to a running `cargo keel run` over Keel's control channel (COM2)
+    #[command(after_help = CTL_AFTER_HELP)]
+    Ctl(CtlOpts),
+}
+
+const CTL_AFTER_HELP: &str = "\
+Commands: help, list, stats NAME, regs NAME, pause NAME, resume NAME, kill NAME, restart NAME,
+start NAME, console NAME, quit (NAME: a guest's name or id). Examples: `cargo keel ctl list`,
+`cargo keel ctl pause linux`, `cargo keel ctl --json stats 0`. Exit status 0 when Keel answered
+ok, 1 when it answered with an error or did not answer (docs/BOOTING.md, \"The monitor and the
+control channel\").";
+
+#[derive(Args, Debug)]
+struct CtlOpts {
+    /// The command and its argument, e.g. `list` or `pause NAME`
+    #[arg(value_name = "COMMAND", required = true, num_args = 1..)]
+    command: Vec<String>,
+    /// The control socket of the run [default: target/keel/control.sock in the checkout]
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Print Keel's reply as it came: one JSON object
+    #[arg(long)]
+    json: bool,
+    /// How long to wait for the reply, in seconds
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    timeout: u64,
 }
 
 /// The options of every command that builds an image.
@@ -217,6 +256,10 @@ struct RunOpts {
     /// Do not forward what you type to COM1 (forwarded when stdin is a terminal)
     #[arg(long, help_heading = "Run options")]
     no_input: bool,
+    /// The control channel's socket, for `cargo keel ctl` [default: target/keel/control.sock in
+    /// the checkout]
+    #[arg(long, value_name = "PATH", help_heading = "Run options")]
+    control: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -369,6 +412,7 @@ impl Cli {
                     work_dir: r.work_dir,
                     no_echo: r.no_echo,
                     no_input: r.no_input,
+                    control: r.control,
                 };
                 check_memory(&run).map_err(|e| ("run", e))?;
                 Cmd::Run(run)
@@ -393,6 +437,12 @@ impl Cli {
                     echo: b.echo,
                 })
             }
+            Sub::Ctl(c) => Cmd::Ctl(CtlArgs {
+                command: c.command.join(" "),
+                control: c.control,
+                json: c.json,
+                timeout_secs: c.timeout,
+            }),
         };
         Ok(Invocation {
             workspace: self.workspace,
@@ -460,6 +510,31 @@ mod tests {
             (Some(Emulator::QemuKvm), Some(512), Some(5), Some("x"))
         );
         assert!(r.no_echo && !r.no_input && r.build.quiet);
+    }
+
+    #[test]
+    fn ctl_sends_the_words_as_one_line() {
+        assert_eq!(
+            p("ctl pause linux").ok(),
+            Some(Cmd::Ctl(CtlArgs {
+                command: "pause linux".into(),
+                control: None,
+                json: false,
+                timeout_secs: 30,
+            }))
+        );
+        let Ok(Cmd::Ctl(c)) = p("ctl --json --control /tmp/k.sock --timeout 5 list") else {
+            panic!("ctl parses");
+        };
+        assert_eq!(
+            (c.command.as_str(), c.control, c.json, c.timeout_secs),
+            ("list", Some(PathBuf::from("/tmp/k.sock")), true, 5)
+        );
+        assert!(err("ctl").contains("required"), "{}", err("ctl"));
+        let Ok(Cmd::Run(r)) = p("run --control /tmp/k.sock") else {
+            panic!("run --control parses");
+        };
+        assert_eq!(r.control, Some(PathBuf::from("/tmp/k.sock")));
     }
 
     #[test]

@@ -122,6 +122,9 @@ pub struct RunOptions {
     pub script: Vec<console::Step>,
     /// The time between two bytes the script types.
     pub type_pace: Duration,
+    /// Keel's control channel: COM2 on a pseudo-terminal joined to a unix socket at this path
+    /// (`control::Bridge`) for the length of the run. `None`: no COM2.
+    pub control: Option<PathBuf>,
 }
 
 impl RunOptions {
@@ -140,6 +143,7 @@ impl RunOptions {
             console_input: false,
             script: Vec::new(),
             type_pace: Duration::from_millis(20),
+            control: None,
         }
     }
 }
@@ -176,7 +180,12 @@ pub struct RunResult {
 impl RunResult {
     /// The run's verdict as a process exit status: QEMU's own status if it ended by itself,
     /// otherwise the status Keel printed.
+    /// Keel's status 0 (the operator's `quit`, nothing failed) is the one QEMU cannot give: its
+    /// isa-debug-exit always ends with an odd status (3 then).
     pub fn status(&self) -> Option<i32> {
+        if self.keel_status == Some(KEEL_SUCCESS) {
+            return Some(0);
+        }
         self.exit_code
             .or(self.keel_status.and_then(|s| i32::try_from(s).ok()))
     }
@@ -184,6 +193,7 @@ impl RunResult {
     /// True when both QEMU's status and Keel's line exist and disagree.
     pub fn status_mismatch(&self) -> bool {
         match (self.exit_code, self.keel_status) {
+            (Some(QEMU_AFTER_SUCCESS), Some(KEEL_SUCCESS)) => false,
             (Some(code), Some(keel)) => i64::from(code) != i64::from(keel),
             _ => false,
         }
@@ -194,6 +204,10 @@ impl RunResult {
         self.serial.lines().filter(move |l| l.contains(needle))
     }
 }
+
+/// Keel's status after `quit` with no guest failed (`ExitCode::Quit`), and QEMU's then.
+pub const KEEL_SUCCESS: u32 = 0;
+const QEMU_AFTER_SUCCESS: i32 = (1 << 1) | 1;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -226,6 +240,7 @@ fn prepare(
     opts: &RunOptions,
     tools: &HostTools,
     terminal: Option<&Path>,
+    com2: Option<&Path>,
 ) -> Result<(Command, RunFiles)> {
     // The emulator runs in the work directory, so every path it gets must be absolute.
     let dir = &std::path::absolute(&opts.work_dir)
@@ -274,6 +289,7 @@ fn prepare(
                 vga_rom: vga_rom.clone(),
                 disk: dir.join("disk.img"),
                 com1,
+                com2: com2.map(Path::to_path_buf),
                 log: files.log.clone(),
             };
             bochs_command(opts, dir, &cfg, xvfb_run, bochs)?
@@ -286,6 +302,7 @@ fn prepare(
                 disk: std::path::absolute(&opts.image)?,
                 ovmf: None,
                 com1,
+                com2: com2.map(Path::to_path_buf),
                 e9_out: files.e9.clone(),
             };
             qemu_command(dir, cfg, qemu, ovmf.as_ref())?
@@ -314,7 +331,10 @@ fn bochs_command(
         )
     })?;
     let _ = std::fs::remove_file(dir.join("disk.img.lock"));
-    for p in [&cfg.rom, &cfg.vga_rom, &cfg.disk, cfg.com1.path(), &cfg.log] {
+    for p in [&cfg.rom, &cfg.vga_rom, &cfg.disk, cfg.com1.path(), &cfg.log]
+        .into_iter()
+        .chain(cfg.com2.as_deref())
+    {
         if !bochs::rc_safe(p) {
             bail!(
                 "{} cannot go into a bochsrc (quote, comma or newline)",
@@ -350,7 +370,10 @@ fn qemu_command(
         })?;
         cfg.ovmf = Some((code.clone(), vars));
     }
-    for p in [&cfg.disk, cfg.com1.path(), &cfg.e9_out] {
+    for p in [&cfg.disk, cfg.com1.path(), &cfg.e9_out]
+        .into_iter()
+        .chain(cfg.com2.as_deref())
+    {
         if !qemu::path_ok(p) {
             bail!(
                 "QEMU cannot take the path {} (it holds a comma)",
@@ -463,7 +486,23 @@ pub fn run(opts: &RunOptions) -> Result<RunResult> {
     } else {
         None
     };
-    let (mut cmd, files) = prepare(opts, &tools, pty.as_ref().map(|p| p.path.as_path()))?;
+    // COM2's terminal and its socket live as long as this function: the bridge is dropped (and
+    // its socket removed) when the run ends.
+    let control = match &opts.control {
+        Some(socket) => {
+            let pty = Pty::open()?;
+            crate::pty::check_path(&pty.path)?;
+            let bridge = crate::control::Bridge::start(pty.controller()?, socket)?;
+            Some((pty, bridge))
+        }
+        None => None,
+    };
+    let (mut cmd, files) = prepare(
+        opts,
+        &tools,
+        pty.as_ref().map(|p| p.path.as_path()),
+        control.as_ref().map(|(p, _)| p.path.as_path()),
+    )?;
     // With a terminal, this tool writes serial.log itself from what the emulator sends.
     let pump_stop = Arc::new(AtomicBool::new(false));
     let pump = match &pty {
@@ -644,6 +683,14 @@ mod tests {
         r.exit_code = Some(0);
         assert_eq!(r.status(), Some(0));
         assert!(r.status_mismatch());
+        // `quit`: Keel says 0, QEMU can only say 3.
+        let quit = RunResult {
+            keel_status: Some(0),
+            exit_code: Some(3),
+            ..RunResult::default()
+        };
+        assert_eq!(quit.status(), Some(0));
+        assert!(!quit.status_mismatch());
     }
 
     #[test]
@@ -654,7 +701,9 @@ mod tests {
             qemu: "qemu-system-x86_64".into(),
             ovmf: None,
         };
-        let e = prepare(&opts, &tools, None).err().map(|e| format!("{e:#}"));
+        let e = prepare(&opts, &tools, None, None)
+            .err()
+            .map(|e| format!("{e:#}"));
         assert!(
             e.as_deref()
                 .is_some_and(|m| m.contains("none.img does not exist")),

@@ -5,6 +5,8 @@
 //! - [`emulator`]: boots an image in Bochs, QEMU (TCG) or QEMU with KVM, follows COM1 and port
 //!   0xE9, and reports Keel's exit status ([`emulator::run`] returns a [`RunResult`]).
 //! - [`linux`]: turns a Linux bzImage or vmlinux into the kernel image Keel loads (`kind = linux`).
+//! - [`control`]: the control channel's socket (joined to the emulator's COM2) and its client,
+//!   `cargo keel ctl`.
 //! - [`flash`]: writes an image to a USB stick after checking it is the right kind of device.
 //! - [`bench`]: `cargo keel bench`, the exit-path benchmark (docs/BENCHMARKS.md).
 //! - [`tools`]: which host programs and firmware files each run needs, and their Debian packages.
@@ -16,6 +18,7 @@ pub mod bench;
 pub mod bochs;
 pub mod cli;
 pub mod console;
+pub mod control;
 pub mod emulator;
 pub mod flash;
 pub mod image;

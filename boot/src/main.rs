@@ -141,15 +141,29 @@ fn run(r: &RunArgs, workspace: Option<&Path>) -> Result<ExitCode> {
     if let Some(cpu) = &r.cpu {
         opts.bochs_cpu = cpu.clone();
     }
+    let socket = match &r.control {
+        Some(p) => p.clone(),
+        None => {
+            let default = keel_boot::control::default_socket(&image::locate_workspace(workspace)?);
+            // Another run has the default one: this run's gets its process id.
+            if std::os::unix::net::UnixStream::connect(&default).is_ok() {
+                default.with_file_name(format!("control-{}.sock", std::process::id()))
+            } else {
+                default
+            }
+        }
+    };
+    opts.control = Some(socket.clone());
     opts.echo = !r.no_echo;
     opts.console_input = !r.no_input && std::io::stdin().is_terminal();
     eprintln!(
-        "keel-boot: booting {} in {} ({}), time limit {}",
+        "keel-boot: booting {} in {} ({}), time limit {}; control channel (`cargo keel ctl`) on {}",
         image.display(),
         emulator.name(),
         firmware.name(),
         opts.timeout
-            .map_or("none".into(), |t| format!("{} s", t.as_secs()))
+            .map_or("none".into(), |t| format!("{} s", t.as_secs())),
+        socket.display()
     );
     if !r.build.quiet {
         eprintln!("keel-boot: {}", firmware_wait(emulator, firmware));
@@ -235,6 +249,29 @@ fn run_status(status: Option<i32>) -> ExitCode {
 /// Keel's status when every guest ran to its end (`arch::ExitCode::Completed`, 0, on port 0xF4).
 const COMPLETED: i32 = 1;
 
+/// `cargo keel ctl`: sends the command, prints the reply (as JSON with --json).
+fn ctl(c: &cli::CtlArgs, workspace: Option<&Path>) -> Result<ExitCode> {
+    let socket = match &c.control {
+        Some(p) => p.clone(),
+        None => keel_boot::control::default_socket(&image::locate_workspace(workspace)?),
+    };
+    let reply =
+        keel_boot::control::request(&socket, &c.command, Duration::from_secs(c.timeout_secs))?;
+    let described = keel_boot::control::describe(&reply);
+    if c.json {
+        println!("{reply}");
+    } else if let Ok(text) = &described {
+        print!("{text}");
+    }
+    match described {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("keel-boot: Keel answered: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
 fn flash_cmd(f: &FlashArgs, workspace: Option<&Path>) -> Result<ExitCode> {
     // The device is checked before a build is spent on it (and again before writing).
     flash::check_device(&f.device, &flash::SystemView::live()?, f.force)?;
@@ -281,7 +318,8 @@ fn main() -> ExitCode {
         Cmd::Flash(f) => flash_cmd(&f, ws),
         Cmd::Bench(b) => {
             image_options(&b.build, ws).and_then(|opts| keel_boot::bench::run(&opts, &b))
-        } // Cmd::Ctl(c) => ...: the control channel's client.
+        }
+        Cmd::Ctl(c) => ctl(&c, ws),
     };
     match result {
         Ok(code) => code,

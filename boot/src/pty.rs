@@ -66,6 +66,12 @@ impl Pty {
         })
     }
 
+    /// The controlling side of the terminal (what the emulator writes comes out of it; what is
+    /// written to it, the emulator's UART receives).
+    pub fn controller(&self) -> Result<File> {
+        Ok(self.master.try_clone()?)
+    }
+
     /// Starts copying what the emulator writes to `log` (appending) until `stop` is set; the
     /// thread drains what is pending before it ends.
     pub fn copy_output_to(&self, log: &Path, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>> {
@@ -147,7 +153,7 @@ impl Pty {
 }
 
 /// Whether `file` has bytes to read within `timeout_ms`.
-fn readable(file: &File, timeout_ms: i32) -> bool {
+pub(crate) fn readable(file: &File, timeout_ms: i32) -> bool {
     let mut pfd = libc::pollfd {
         fd: file.as_raw_fd(),
         events: libc::POLLIN,

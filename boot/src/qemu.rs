@@ -17,6 +17,8 @@ pub struct QemuConfig {
     /// OVMF code (read-only) and this run's own copy of the variable store, for UEFI.
     pub ovmf: Option<(PathBuf, PathBuf)>,
     pub com1: Com1,
+    /// COM2, Keel's control channel: the terminal it is connected to (`control::Bridge`).
+    pub com2: Option<PathBuf>,
     pub e9_out: PathBuf,
 }
 
@@ -56,6 +58,11 @@ pub fn args(cfg: &QemuConfig) -> Vec<OsString> {
         // A host terminal device: QEMU reads and writes it.
         Com1::Terminal(path) => path.as_os_str().to_owned(),
     });
+    // The second -serial is COM2.
+    if let Some(tty) = &cfg.com2 {
+        a.push("-serial".into());
+        a.push(tty.as_os_str().to_owned());
+    }
     a.push("-debugcon".into());
     a.push(joined("file:", &cfg.e9_out));
     a
@@ -86,6 +93,7 @@ mod tests {
             disk: "/o/keel-bios.img".into(),
             ovmf: None,
             com1: Com1::File("/r/serial.log".into()),
+            com2: None,
             e9_out: "/r/e9.log".into(),
         }
     }
@@ -134,6 +142,20 @@ mod tests {
             "-drive",
             "if=pflash,format=raw,file=/r/vars.fd"
         ));
+    }
+
+    #[test]
+    fn com2_is_the_second_serial_port() {
+        let mut cfg = config();
+        cfg.com2 = Some("/dev/pts/9".into());
+        let a = strings(&cfg);
+        let serials: Vec<&String> = a
+            .iter()
+            .zip(a.iter().skip(1))
+            .filter(|(k, _)| *k == "-serial")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(serials, ["file:/r/serial.log", "/dev/pts/9"]);
     }
 
     #[test]

@@ -87,8 +87,8 @@ impl Focus {
     }
 
     /// A byte typed for the focused guest (queued: take them with [`Focus::deliver`]). With
-    /// `monitor::Prompt` in front of this (it owns the escape there), its `Key::Pass` bytes come
-    /// here and its `Key::Prefixed` ones to [`Focus::command`].
+    /// `monitor::Prompt` in front of this (it owns the escape there), its `PromptKey::Pass`
+    /// bytes come here and its `PromptKey::Prefixed` ones to [`Focus::command`].
     pub fn typed(&mut self, byte: u8) -> Key {
         self.for_guest(byte)
     }
@@ -124,7 +124,8 @@ impl Focus {
         Key::Guest(self.current, byte)
     }
 
-    fn move_to(&mut self, i: usize) -> Key {
+    /// Gives the keyboard to guest `i` (Ctrl-A digit, the monitor's `console NAME`).
+    pub fn move_to(&mut self, i: usize) -> Key {
         if i >= self.guests || i == self.current {
             return Key::None;
         }

@@ -97,6 +97,8 @@ pub enum StopReason {
     Killed(String),
     /// The CPU refused to enter it (VM-entry failure: a Keel bug or a state Keel failed to check).
     EntryFailed(String),
+    /// The operator stopped it (the monitor's `kill` or `quit`).
+    Operator(&'static str),
 }
 
 impl StopReason {
@@ -107,6 +109,18 @@ impl StopReason {
             StopReason::Shutdown(v) => (*v as u32) << 1 | 1,
             _ => 0,
         }
+    }
+
+    /// True when the guest ended by a failure (its own or Keel's), not by its own choice or the
+    /// operator's: `quit` ends Keel with success only when no guest stopped this way.
+    pub fn is_failure(&self) -> bool {
+        !matches!(
+            self,
+            StopReason::DebugExit(_)
+                | StopReason::Shutdown(_)
+                | StopReason::Board(_)
+                | StopReason::Operator(_)
+        )
     }
 }
 
@@ -127,6 +141,7 @@ impl core::fmt::Display for StopReason {
             Self::HaltedForever => write!(f, "HLT with interrupts disabled and no way to wake up"),
             Self::Killed(why) => write!(f, "killed: {why}"),
             Self::EntryFailed(why) => write!(f, "VM entry failed: {why}"),
+            Self::Operator(cmd) => write!(f, "stopped by the operator ({cmd})"),
         }
     }
 }
@@ -162,6 +177,13 @@ pub struct GuestStats {
     pub hypercalls: u64,
     /// Basic reason of the most recent exit.
     pub last_exit: u16,
+    /// Keel's handling time of the exits after which the guest went on in the same time slice
+    /// (host TSC from the VM exit to the next VM entry), by basic reason: the sum, how many
+    /// exits it covers, and the longest. An exit that ends the slice (HLT, the end of the
+    /// quantum) has no such time: what follows it is the next guest's.
+    pub exit_cycles: [u64; EXIT_REASONS],
+    pub exits_timed: [u64; EXIT_REASONS],
+    pub exit_cycles_max: [u64; EXIT_REASONS],
 }
 
 impl Default for GuestStats {
@@ -176,6 +198,9 @@ impl Default for GuestStats {
             unclaimed_port_accesses: 0,
             hypercalls: 0,
             last_exit: 0,
+            exit_cycles: [0; EXIT_REASONS],
+            exits_timed: [0; EXIT_REASONS],
+            exit_cycles_max: [0; EXIT_REASONS],
         }
     }
 }
@@ -183,6 +208,23 @@ impl Default for GuestStats {
 impl GuestStats {
     pub fn total_exits(&self) -> u64 {
         self.exits.iter().sum()
+    }
+
+    /// Keel took `cycles` to handle an exit of basic reason `reason` before entering the guest
+    /// again.
+    pub fn record_exit_cycles(&mut self, reason: u16, cycles: u64) {
+        let r = usize::from(reason);
+        if r < EXIT_REASONS {
+            self.exit_cycles[r] += cycles;
+            self.exits_timed[r] += 1;
+            self.exit_cycles_max[r] = self.exit_cycles_max[r].max(cycles);
+        }
+    }
+
+    /// The average handling time of exits of basic reason `reason`, if any was timed.
+    pub fn average_exit_cycles(&self, reason: usize) -> Option<u64> {
+        let n = *self.exits_timed.get(reason)?;
+        (n > 0).then(|| self.exit_cycles[reason] / n)
     }
 
     /// "I/O instruction 340, CPUID 12, ...": the non-zero exit counts, most frequent first.
@@ -384,6 +426,18 @@ mod tests {
         s.exits[12] = 3;
         assert_eq!(s.exits_by_reason(), "I/O instruction 7, CPUID 3, HLT 3");
         assert_eq!(s.total_exits(), 13);
+    }
+
+    #[test]
+    fn exit_cycles_sum_count_and_max() {
+        let mut s = GuestStats::default();
+        assert_eq!(s.average_exit_cycles(10), None);
+        s.record_exit_cycles(10, 1000);
+        s.record_exit_cycles(10, 3000);
+        s.record_exit_cycles(500, 1);
+        assert_eq!(s.average_exit_cycles(10), Some(2000));
+        assert_eq!(s.exit_cycles_max[10], 3000);
+        assert_eq!(s.average_exit_cycles(500), None, "out of range is ignored");
     }
 
     #[test]

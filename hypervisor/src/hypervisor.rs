@@ -164,17 +164,30 @@ pub fn run(machine: MachineInfo) -> ! {
             .then(|| caps.preemption_timer_rate()),
         tsc_offsetting: controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0,
     };
+    let com2 = arch::com2::Com2::probe();
+    match com2 {
+        Some(_) => info!("control channel on COM2 (0x2f8), monitor on COM1: Ctrl-A c"),
+        None => info!("no COM2: no control channel; monitor on COM1: Ctrl-A c"),
+    }
     let cpu = RealCpu {
         host: RealHost,
         cal,
         spec_ctrl: 0,
+        com2,
     };
     let mut runner = Runner::new(cpu, config, slots);
     crate::log::set_guests_running(runner.slots.len());
     runner.run();
     crate::log::set_guests_running(0);
     runner.report();
-    arch::exit(ExitCode::Completed)
+    runner.flush_control();
+    // Only the operator's `quit`, with no guest failed, is a success; runs that end by themselves
+    // keep their status.
+    arch::exit(if runner.quit_requested() && !runner.any_failed() {
+        ExitCode::Quit
+    } else {
+        ExitCode::Completed
+    })
 }
 
 /// The real machine behind the run loop: RDTSC, VMPTRLD, VMLAUNCH/VMRESUME, XSAVE/XRSTOR and
@@ -184,6 +197,8 @@ pub struct RealCpu {
     cal: lapic::Calibration,
     /// What Keel last wrote to the real IA32_SPEC_CTRL (0, its reset value, until a guest sets it).
     spec_ctrl: u64,
+    /// The control channel's UART, if the machine has one.
+    com2: Option<arch::com2::Com2>,
 }
 
 /// The run loop on the real machine.
@@ -236,6 +251,17 @@ impl Cpu for RealCpu {
 
     fn console_key(&mut self) -> Option<u8> {
         arch::serial::try_read()
+    }
+
+    fn control_byte(&mut self) -> Option<u8> {
+        self.com2.as_mut()?.read()
+    }
+
+    fn control_send(&mut self, out: &mut alloc::collections::VecDeque<u8>) {
+        match self.com2.as_mut() {
+            Some(c) => c.send(out),
+            None => out.clear(),
+        }
     }
 }
 

@@ -26,6 +26,7 @@ pub mod machine;
 pub mod manifest;
 pub mod mm;
 pub mod mmio;
+pub mod monitor;
 pub mod runloop;
 pub mod sched;
 pub mod smp;

@@ -60,7 +60,15 @@ struct Logger {
     /// (guests cannot touch its reserve), and dropping "guest stopped" lines would hide what
     /// happened. docs/HYPERCALLS.md, "Console output", says when that happens.
     guests_running: bool,
+    /// The monitor's prompt line as it stands on the console (`keel> ` and what was typed so far)
+    /// while it is open. A line written meanwhile takes its place (carriage return, erase the
+    /// line: ECMA-48 EL) and the prompt line is written again after it, so that guest output keeps
+    /// flowing without mixing into what the operator types.
+    prompt: Option<alloc::string::String>,
 }
+
+/// Carriage return and "erase in line" (ECMA-48 `CSI K`): the prompt line goes away.
+const ERASE_LINE: &[u8] = b"\r\x1b[K";
 
 impl Logger {
     /// Moves queued bytes to the device as far as it takes them now.
@@ -111,7 +119,13 @@ static LOGGER: Mutex<Logger> = Mutex::new(Logger {
     min_level: Level::Info,
     queue: OutputQueue::new(),
     guests_running: false,
+    prompt: None,
 });
+
+/// The prompt line now on the console (`None`: no prompt open); see `Logger::prompt`.
+pub fn set_prompt(line: Option<&str>) {
+    LOGGER.lock().prompt = line.map(alloc::string::String::from);
+}
 
 /// Installs the sink (once, early in boot).
 pub fn set_sink(sink: &'static mut dyn Sink) {
@@ -185,8 +199,14 @@ pub fn write_guest_line(id: u32, prefix: &str, body: &[u8]) -> bool {
         return true;
     }
     let who = Writer::Guest(id);
-    let len = wire_len(prefix.as_bytes()) + wire_len(body) + 2;
-    let ok = logger.room(who, len) && logger.queue.write(who, &[prefix.as_bytes(), body, b"\n"]);
+    let prompt = logger.prompt.clone();
+    let (before, after): (&[u8], &[u8]) = match &prompt {
+        Some(p) => (ERASE_LINE, p.as_bytes()),
+        None => (b"", b""),
+    };
+    let parts = [before, prefix.as_bytes(), body, b"\n", after];
+    let len = parts.iter().map(|p| wire_len(p)).sum();
+    let ok = logger.room(who, len) && logger.queue.write(who, &parts);
     logger.pump();
     ok
 }
@@ -198,9 +218,16 @@ pub fn log(level: Level, args: fmt::Arguments) {
         return;
     }
     let line = format_args!("keel: {}{}\n", level.tag(), args);
-    let len = wire_len_of(line);
+    let prompt = logger.prompt.clone();
+    let (before, after): (&[u8], &[u8]) = match &prompt {
+        Some(p) => (ERASE_LINE, p.as_bytes()),
+        None => (b"", b""),
+    };
+    let len = wire_len(before) + wire_len_of(line) + wire_len(after);
     logger.keel_line(len, |w| {
+        w.put(before);
         let _ = w.write_fmt(line);
+        w.put(after);
     });
 }
 

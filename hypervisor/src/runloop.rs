@@ -63,6 +63,11 @@ pub trait Cpu {
     ) -> Result<(), String>;
     /// A key typed on Keel's console, if any.
     fn console_key(&mut self) -> Option<u8>;
+    /// A byte from the control channel (COM2), if any.
+    fn control_byte(&mut self) -> Option<u8>;
+    /// Moves to the control channel's transmitter as much of `out` as it takes now, without
+    /// waiting.
+    fn control_send(&mut self, out: &mut alloc::collections::VecDeque<u8>);
 }
 
 /// What the loop needs to know about the CPU's VMX features and Keel's configuration.
@@ -93,6 +98,10 @@ pub struct Slot<V> {
     waiting_since: Option<u64>,
     /// Host TSC at which the guest executed HLT (for its halted-time account).
     halted_since: Option<u64>,
+    /// Host TSC at which the operator paused it. Its clock stops meanwhile, halted or not: on
+    /// resume the pause is taken out of its TSC offset (a runnable guest's through
+    /// `waiting_since`), so no tick falls due during the pause and none is lost after it.
+    paused_since: Option<u64>,
     /// What was left of its time slice when a woken guest cut it short.
     slice_left: Option<u64>,
     /// Woken from HLT by an interrupt and not run since: scheduled ahead of the rotation, so a
@@ -112,6 +121,7 @@ impl<V> Slot<V> {
             vcpu,
             waiting_since: None,
             halted_since: None,
+            paused_since: None,
             slice_left: None,
             woken: false,
             restarts: 0,
@@ -131,7 +141,27 @@ pub struct RunLoop<C: Cpu> {
     in_cpu: Option<usize>,
     /// Which guest gets the bytes typed on COM1 (`focus`).
     focus: crate::focus::Focus,
+    /// The operator's side: the console prompt, the control channel and the monitor behind both.
+    ops: Operator,
 }
+
+/// What the run loop keeps for the monitor (`monitor`): the `keel>` prompt on COM1, the lines
+/// from COM2 and the replies waiting to go out there, `top`, and whether `quit` was given.
+struct Operator {
+    monitor: Option<crate::monitor::Monitor>,
+    prompt: crate::monitor::Prompt,
+    channel: crate::monitor::LineReader,
+    /// Replies for COM2 not yet sent (one JSON object per line).
+    reply: alloc::collections::VecDeque<u8>,
+    /// `top` runs: the host TSC of its next refresh.
+    top: Option<u64>,
+    quit: bool,
+    /// Host TSC of the loop's first turn: the monitor's first rates count from there.
+    started: Option<u64>,
+}
+
+/// Replies waiting for COM2 beyond this many bytes are dropped whole (nobody reads them).
+const REPLY_MAX: usize = 64 * 1024;
 
 impl<C: Cpu> RunLoop<C> {
     pub fn new(cpu: C, cfg: LoopConfig, slots: Vec<Slot<C::Vcpu>>) -> Self {
@@ -143,7 +173,28 @@ impl<C: Cpu> RunLoop<C> {
             cfg,
             in_cpu: None,
             focus: crate::focus::Focus::new(slots_len),
+            ops: Operator {
+                monitor: None,
+                prompt: Default::default(),
+                channel: Default::default(),
+                reply: Default::default(),
+                top: None,
+                quit: false,
+                started: None,
+            },
         }
+    }
+
+    /// True once the operator gave `quit`.
+    pub fn quit_requested(&self) -> bool {
+        self.ops.quit
+    }
+
+    /// True when some guest stopped by a failure ([`StopReason::is_failure`]).
+    pub fn any_failed(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| matches!(&s.guest.state, RunState::Stopped(r) if r.is_failure()))
     }
 
     /// Runs until every guest has stopped.
@@ -155,12 +206,14 @@ impl<C: Cpu> RunLoop<C> {
     /// slice, or sleep if every live guest is halted. False when every guest has stopped.
     pub fn step(&mut self) -> bool {
         self.poll_console();
+        self.poll_control();
         crate::log::pump();
         // Console lines that found no room on COM1's queue before (stopped guests' too).
         for s in &mut self.slots {
             print_console(&mut s.guest, PRINT_BUDGET);
         }
         let now = self.cpu.rdtsc();
+        self.ops.started.get_or_insert(now);
         let mut live = 0;
         for s in &mut self.slots {
             let g = &mut s.guest;
@@ -199,9 +252,9 @@ impl<C: Cpu> RunLoop<C> {
                 let wake = self
                     .earliest_halted_deadline(None)
                     .unwrap_or(t0 + self.sched.quantum);
-                // While console output is queued, wake often enough to keep the UART busy
-                // (16 bytes of FIFO last 1.4 ms at 115200 baud).
-                let max = if crate::log::busy() {
+                // While console output or a control-channel reply is queued, wake often enough
+                // to keep the UART busy (16 bytes of FIFO last 1.4 ms at 115200 baud).
+                let max = if crate::log::busy() || !self.ops.reply.is_empty() {
                     self.cfg.tsc_hz / 1000
                 } else {
                     self.sched.quantum
@@ -339,6 +392,9 @@ fn slice<C: Cpu>(
     // The time of the last exit serves for the timer checks. Time in the guest (entry to exit)
     // is its cpu time; Keel's handling of its exits (exit to next entry) is kept apart.
     let mut now = start;
+    // Whether the guest exited in this slice: the time to the next entry is then Keel's handling
+    // of that exit (`GuestStats::exit_cycles`).
+    let mut after_exit = false;
     loop {
         if touched || timer_due.is_some_and(|d| now >= d) {
             s.guest.platform.advance(s.guest.now(now));
@@ -376,6 +432,11 @@ fn slice<C: Cpu>(
             );
         }
         s.guest.stats.keel_cycles += t0 - now;
+        if after_exit {
+            let last = s.guest.stats.last_exit;
+            s.guest.stats.record_exit_cycles(last, t0 - now);
+        }
+        after_exit = true;
         let entered = cpu.enter(&mut v, &mut s.guest.regs);
         let t1 = cpu.rdtsc();
         s.guest.stats.cpu_cycles += t1 - t0;
@@ -520,18 +581,38 @@ impl<C: Cpu> RunLoop<C> {
 
     /// Pauses a guest: it keeps its state and is not scheduled until resumed.
     pub fn pause(&mut self, id: usize) -> Result<(), String> {
+        let now = self.cpu.rdtsc();
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
         s.guest.state.pause().map_err(|e| alloc::format!("{e}"))?;
+        s.paused_since = Some(now);
         info!("guest {} paused", s.guest.name);
         Ok(())
     }
 
+    /// Resumes a paused guest where it was (running or in HLT), its clock as it was at the pause.
     pub fn resume(&mut self, id: usize) -> Result<(), String> {
         let now = self.cpu.rdtsc();
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
         s.guest.state.resume().map_err(|e| alloc::format!("{e}"))?;
-        // Its clock stopped while paused, as while waiting for the CPU.
-        s.waiting_since.get_or_insert(now);
+        let paused = now.saturating_sub(s.paused_since.take().unwrap_or(now));
+        if s.guest.state == RunState::Halted {
+            // A halted guest's clock runs while it waits; the pause comes off it here. Its VMCS
+            // gets the new offset at its next slice (it wakes through `waiting_since`), and the
+            // pause is no halted time.
+            if self.cfg.tsc_offsetting {
+                s.guest.tsc_offset = s.guest.tsc_offset.wrapping_sub(paused);
+            }
+            if let Some(since) = s.halted_since.as_mut() {
+                *since = since.saturating_add(paused).min(now);
+            }
+        } else {
+            // A runnable guest's clock stopped when it last left the CPU (`waiting_since`), which
+            // covers the pause; one paused before its first slice has no such mark yet.
+            if s.waiting_since.is_none() && self.cfg.tsc_offsetting {
+                s.guest.tsc_offset = s.guest.tsc_offset.wrapping_sub(paused);
+            }
+            s.waiting_since.get_or_insert(now);
+        }
         info!("guest {} resumed", s.guest.name);
         Ok(())
     }
@@ -541,21 +622,70 @@ impl<C: Cpu> RunLoop<C> {
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
         s.guest
             .state
-            .stop(StopReason::Killed("by the operator".into()))
+            .stop(StopReason::Operator("kill"))
             .map_err(|e| alloc::format!("{e}"))?;
         info!("guest {} killed", s.guest.name);
         Ok(())
     }
 
     /// Reads the keys typed on COM1: Ctrl-A commands for Keel (statistics, pause and resume all,
-    /// focus), every other byte for the focused guest's 16550 (`focus`), which gets them as its
-    /// receive FIFO has room; a halted guest wakes for the receive interrupt as for its timers.
+    /// focus, the `keel>` prompt), lines typed at the prompt for the monitor, every other byte for
+    /// the focused guest's 16550 (`focus`), which gets them as its receive FIFO has room; a halted
+    /// guest wakes for the receive interrupt as for its timers.
     fn poll_console(&mut self) {
         use crate::focus::Key;
+        use crate::monitor::PromptKey;
         while let Some(byte) = self.cpu.console_key() {
-            let slots = &self.slots;
-            let running = |i: usize| !matches!(slots[i].guest.state, RunState::Stopped(_));
-            match self.focus.key(byte, running) {
+            if self.ops.top.take().is_some() {
+                // Any key ends `top`.
+                self.prompt_again();
+                self.show_prompt();
+                continue;
+            }
+            let key = match self.ops.prompt.key(byte) {
+                PromptKey::Pass(b) => self.focus.typed(b),
+                PromptKey::Prefixed(b) => {
+                    let slots = &self.slots;
+                    let running = |i: usize| !matches!(slots[i].guest.state, RunState::Stopped(_));
+                    self.focus.command(b, running)
+                }
+                PromptKey::Opened => {
+                    console_text(
+                        "keel monitor: `help` lists the commands, `exit` or Ctrl-A c leaves\n",
+                    );
+                    self.prompt_again();
+                    Key::None
+                }
+                PromptKey::Closed => {
+                    crate::log::set_prompt(None);
+                    console_text("\n");
+                    Key::None
+                }
+                PromptKey::Echo(b) => {
+                    console_text(core::str::from_utf8(&[b]).unwrap_or(""));
+                    Key::None
+                }
+                PromptKey::Erase => {
+                    console_text("\x08 \x08");
+                    Key::None
+                }
+                PromptKey::Line(line) => {
+                    console_text("\n");
+                    crate::log::set_prompt(None);
+                    let reply = self.command(&line, crate::monitor::Form::Text);
+                    console_text(&reply.text);
+                    if reply.top {
+                        let now = self.cpu.rdtsc();
+                        self.ops.top = Some(now + self.cfg.tsc_hz);
+                    } else {
+                        self.prompt_again();
+                    }
+                    Key::None
+                }
+                PromptKey::None => Key::None,
+            };
+            self.show_prompt();
+            match key {
                 Key::Stats => {
                     print_stats(self.slots.iter().map(|s| &s.guest), Writer::Keel);
                 }
@@ -566,8 +696,16 @@ impl<C: Cpu> RunLoop<C> {
                     let _ = self.resume(i);
                 }),
                 Key::Focus(i) => info!("input goes to {}", self.slots[i].guest.name),
-                // The monitor is not part of this loop yet: Ctrl-A c does nothing here.
+                // Ctrl-A c is the prompt's (`monitor::Prompt`), so the focus never sees it.
                 Key::Monitor | Key::Guest(..) | Key::None => {}
+            }
+        }
+        if let Some(due) = self.ops.top {
+            let now = self.cpu.rdtsc();
+            if now >= due {
+                let reply = self.command("list", crate::monitor::Form::Text);
+                console_text(&reply.text);
+                self.ops.top = Some(now + self.cfg.tsc_hz);
             }
         }
         if self.focus.pending() == 0 || self.slots.is_empty() {
@@ -582,8 +720,92 @@ impl<C: Cpu> RunLoop<C> {
         });
     }
 
+    /// Tells the console what the prompt line shows now (nothing while `top` runs or the prompt
+    /// is closed), so other lines are written around it (`log::set_prompt`).
+    fn show_prompt(&self) {
+        match (self.ops.prompt.is_open(), self.ops.top) {
+            (true, None) => {
+                crate::log::set_prompt(Some(&alloc::format!("keel> {}", self.ops.prompt.line())))
+            }
+            _ => crate::log::set_prompt(None),
+        }
+    }
+
+    /// `keel> ` on the console, while the prompt is open.
+    fn prompt_again(&self) {
+        if self.ops.prompt.is_open() {
+            console_text("keel> ");
+        }
+    }
+
+    /// Reads the control channel (COM2): each line is a monitor command, answered with one JSON
+    /// object on one line; the replies go out as COM2 takes them.
+    fn poll_control(&mut self) {
+        use crate::monitor::ChannelLine;
+        while let Some(byte) = self.cpu.control_byte() {
+            let reply = match self.ops.channel.push(byte) {
+                None => continue,
+                Some(ChannelLine::Command(line)) => self.command(&line, crate::monitor::Form::Json),
+                Some(ChannelLine::TooLong) => crate::monitor::too_long(),
+            };
+            if self.ops.reply.len() + reply.text.len() <= REPLY_MAX {
+                self.ops.reply.extend(reply.text.as_bytes());
+            }
+        }
+        if !self.ops.reply.is_empty() {
+            self.cpu.control_send(&mut self.ops.reply);
+        }
+    }
+
+    /// Sends the control channel's last replies (after `quit`): waits, boundedly, for COM2.
+    pub fn flush_control(&mut self) {
+        for _ in 0..1_000_000 {
+            if self.ops.reply.is_empty() {
+                return;
+            }
+            self.cpu.control_send(&mut self.ops.reply);
+        }
+    }
+
+    /// Runs one monitor command against this loop.
+    fn command(&mut self, line: &str, form: crate::monitor::Form) -> crate::monitor::Reply {
+        let mut monitor = match self.ops.monitor.take() {
+            Some(m) => m,
+            None => crate::monitor::Monitor::new(self.ops.started.unwrap_or(0)),
+        };
+        let reply = monitor.execute(line, self, form);
+        self.ops.monitor = Some(monitor);
+        reply
+    }
+
+    /// Boots guest `i` afresh from its image (the monitor's `restart` and `start`).
+    fn reboot(&mut self, i: usize) -> Result<(), String> {
+        self.switch_out();
+        let s = &mut self.slots[i];
+        let console = core::mem::take(s.guest.platform.console());
+        let booted = self.cpu.boot(&mut s.vcpu, &mut s.guest, s.restarts);
+        *s.guest.platform.console() = console;
+        if let Err(e) = booted {
+            let _ = s
+                .guest
+                .state
+                .stop(StopReason::Killed(alloc::format!("restart failed: {e}")));
+            return Err(e);
+        }
+        s.waiting_since = None;
+        s.halted_since = None;
+        s.paused_since = None;
+        s.slice_left = None;
+        s.woken = false;
+        self.cpu.restore(&mut s.vcpu, s.guest.xcr0);
+        self.in_cpu = Some(i);
+        info!("guest {} booted again", s.guest.name);
+        Ok(())
+    }
+
     /// The final accounting table and one status line per guest.
     pub fn report(&mut self) {
+        crate::log::set_prompt(None);
         // No guest runs any more: the last console lines wait for room now.
         for s in &mut self.slots {
             print_console(&mut s.guest, usize::MAX);
@@ -636,6 +858,117 @@ fn print_console(g: &mut Guest, budget: usize) -> bool {
         }
     }
     printed
+}
+
+/// Monitor output on Keel's console (replies, echo, the prompt): Keel's, as its log lines.
+fn console_text(text: &str) {
+    crate::log::write_as(Writer::Keel, text.as_bytes());
+}
+
+impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
+    fn now(&mut self) -> u64 {
+        self.cpu.rdtsc()
+    }
+
+    fn tsc_hz(&self) -> u64 {
+        self.cfg.tsc_hz
+    }
+
+    fn guests(&self) -> Vec<crate::monitor::GuestView> {
+        use crate::monitor::{GuestView, State};
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(id, s)| {
+                let g = &s.guest;
+                let (state, stop_reason) = match &g.state {
+                    RunState::Runnable => (State::Running, None),
+                    RunState::Halted => (State::Halted, None),
+                    RunState::Paused { .. } => (State::Paused, None),
+                    RunState::Stopped(r) => (State::Stopped, Some(alloc::format!("{r}"))),
+                };
+                GuestView {
+                    id,
+                    name: g.name.clone(),
+                    state,
+                    stop_reason,
+                    vcpus: 1,
+                    memory: g.ram.len(),
+                    stats: g.stats.clone(),
+                }
+            })
+            .collect()
+    }
+
+    fn regs(&mut self, id: usize) -> Result<Vec<(&'static str, u64)>, String> {
+        use crate::vmx::{Guest64, GuestNat};
+        let s = self.slots.get_mut(id).ok_or("no such guest")?;
+        if !s.guest.state.is_live() {
+            return Err("the guest has stopped".into());
+        }
+        let r = s.guest.regs;
+        let v = self.cpu.load(&mut s.vcpu)?;
+        Ok(alloc::vec![
+            ("rax", r.rax),
+            ("rbx", r.rbx),
+            ("rcx", r.rcx),
+            ("rdx", r.rdx),
+            ("rsi", r.rsi),
+            ("rdi", r.rdi),
+            ("rbp", r.rbp),
+            ("rsp", v.read(GuestNat::Rsp)),
+            ("r8", r.r8),
+            ("r9", r.r9),
+            ("r10", r.r10),
+            ("r11", r.r11),
+            ("r12", r.r12),
+            ("r13", r.r13),
+            ("r14", r.r14),
+            ("r15", r.r15),
+            ("rip", v.read(GuestNat::Rip)),
+            ("rflags", v.read(GuestNat::Rflags)),
+            ("cr0", v.read(GuestNat::Cr0)),
+            ("cr3", v.read(GuestNat::Cr3)),
+            ("cr4", v.read(GuestNat::Cr4)),
+            ("efer", v.read(Guest64::Ia32Efer)),
+        ])
+    }
+
+    fn control(&mut self, id: usize, op: crate::monitor::Control) -> Result<(), String> {
+        use crate::monitor::Control;
+        let live = self
+            .slots
+            .get(id)
+            .ok_or("no such guest")?
+            .guest
+            .state
+            .is_live();
+        match op {
+            Control::Pause => self.pause(id),
+            Control::Resume => self.resume(id),
+            Control::Kill => self.kill(id),
+            Control::Restart => self.reboot(id),
+            Control::Start if live => Err("the guest is running (restart boots it again)".into()),
+            Control::Start => self.reboot(id),
+            Control::Console if !live => Err("the guest has stopped".into()),
+            Control::Console => {
+                self.focus.move_to(id);
+                self.ops.prompt.close();
+                info!("input goes to {}", self.slots[id].guest.name);
+                Ok(())
+            }
+        }
+    }
+
+    fn quit(&mut self) {
+        self.ops.quit = true;
+        self.ops.prompt.close();
+        self.ops.top = None;
+        for s in &mut self.slots {
+            let _ = s.guest.state.stop(StopReason::Operator("quit"));
+        }
+        info!("quit: every guest stopped");
+    }
 }
 
 /// The length of the last accounting table, as sent.

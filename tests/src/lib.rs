@@ -247,6 +247,9 @@ pub mod status {
     pub const NO_GUESTS: u32 = (0x13 << 1) | 1;
     /// `ExitCode::Panic` (0x1f): a panic or a CPU exception in Keel.
     pub const PANIC: u32 = (0x1f << 1) | 1;
+    /// `ExitCode::Quit`: the operator's `quit` with no guest failed, the one success (Keel prints
+    /// 0; QEMU's isa-debug-exit can only end with 3 then).
+    pub const QUIT: u32 = 0;
 }
 
 /// What Keel prints, and only prints, when Keel itself failed: a fatal line (a panic is

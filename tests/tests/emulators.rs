@@ -12,6 +12,8 @@
 //!   (tests/guests/manifests/sched.toml).
 //! - `console`: a guest flooding its console next to a 100 Hz sleeper
 //!   (tests/guests/manifests/flood.toml).
+//! - `control`: Keel operated over its control channel (COM2) while it runs: list, pause with the
+//!   clock stopped, resume, kill, restart, quit with status 0 (tests/guests/manifests/control.toml).
 //! - `platform`: the PC platform (ACPI, PM timer, PCI, fw_cfg, i8042) as platform32 reads it under
 //!   Keel and under QEMU (tests/guests/manifests/platform.toml).
 //! - `cleanup`: a time limit stops the emulator and leaves nothing behind.
@@ -26,6 +28,7 @@
 mod bringup;
 mod cleanup;
 mod console;
+mod control;
 mod fuzz;
 mod guests;
 mod hostile;

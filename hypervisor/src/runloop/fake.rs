@@ -176,6 +176,9 @@ pub struct FakeCpu {
     /// (host TSC when Keel went to sleep, wake, max) of each idle sleep.
     pub sleeps: Vec<(u64, u64, u64)>,
     pub keys: VecDeque<u8>,
+    /// Bytes arriving on the control channel, and what Keel sent back on it.
+    pub control_in: VecDeque<u8>,
+    pub control_out: Vec<u8>,
     pub spec_ctrl_writes: Vec<u64>,
     pub host: FakeHost,
     /// The guest whose VMCS is current, and how many VMPTRLDs there were.
@@ -193,6 +196,8 @@ impl FakeCpu {
             trace: Vec::new(),
             sleeps: Vec::new(),
             keys: VecDeque::new(),
+            control_in: VecDeque::new(),
+            control_out: Vec::new(),
             spec_ctrl_writes: Vec::new(),
             host: TestBed::new().host,
             current: None,
@@ -434,5 +439,19 @@ impl Cpu for FakeCpu {
 
     fn console_key(&mut self) -> Option<u8> {
         self.keys.pop_front()
+    }
+
+    fn control_byte(&mut self) -> Option<u8> {
+        self.control_in.pop_front()
+    }
+
+    fn control_send(&mut self, out: &mut VecDeque<u8>) {
+        // A transmitter that takes 16 bytes (a FIFO's worth) at a time.
+        for _ in 0..16 {
+            match out.pop_front() {
+                Some(b) => self.control_out.push(b),
+                None => return,
+            }
+        }
     }
 }

@@ -1,0 +1,328 @@
+//! The host side of Keel's control channel (COM2): during `cargo keel run` the emulator's COM2 is
+//! a pseudo-terminal, and a [`Bridge`] joins it to a unix socket, so `cargo keel ctl` (and the
+//! integration tests) can send Keel one command line and read its one-line JSON reply
+//! ([`request`]). docs/BOOTING.md, "The monitor and the control channel".
+//!
+//! One client at a time: a new connection takes over from the previous one. What Keel sends while
+//! nobody is connected is dropped.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Where `cargo keel run` puts the socket unless told otherwise: `target/keel/control.sock` of
+/// the checkout.
+pub fn default_socket(workspace: &Path) -> PathBuf {
+    crate::image::target_dir(workspace)
+        .join("keel")
+        .join("control.sock")
+}
+
+/// The socket joined to the emulator's COM2 terminal, for the length of a run.
+pub struct Bridge {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    path: PathBuf,
+}
+
+/// The client connected now.
+type Current = Arc<Mutex<Option<UnixStream>>>;
+
+impl Bridge {
+    /// Listens on `socket` (replacing a stale one) and copies bytes between its client and
+    /// `terminal`, the controlling side of COM2's pseudo-terminal.
+    pub fn start(terminal: File, socket: &Path) -> Result<Self> {
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        if UnixStream::connect(socket).is_ok() {
+            bail!(
+                "{} is in use: another `cargo keel run` has its control channel there (give this one --control PATH)",
+                socket.display()
+            );
+        }
+        match std::fs::remove_file(socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", socket.display())),
+        }
+        let listener = UnixListener::bind(socket)
+            .with_context(|| format!("cannot listen on {}", socket.display()))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let current: Current = Arc::new(Mutex::new(None));
+        let to_keel = terminal.try_clone()?;
+        let accept = {
+            let (stop, current) = (stop.clone(), current.clone());
+            std::thread::spawn(move || accept_loop(listener, to_keel, current, stop))
+        };
+        let from_keel = {
+            let (stop, current) = (stop.clone(), current.clone());
+            std::thread::spawn(move || copy_replies(terminal, current, stop))
+        };
+        Ok(Self {
+            stop,
+            threads: vec![accept, from_keel],
+            path: socket.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(listener: UnixListener, to_keel: File, current: Current, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                let (Ok(reader), Ok(mut keel)) = (stream.try_clone(), to_keel.try_clone()) else {
+                    continue;
+                };
+                if let Ok(mut c) = current.lock() {
+                    *c = Some(stream);
+                }
+                // The client's lines go to COM2 as they come; the thread ends with the client.
+                std::thread::spawn(move || {
+                    let mut reader = reader;
+                    let mut buf = [0u8; 256];
+                    while let Ok(n) = reader.read(&mut buf) {
+                        if n == 0 || keel.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn copy_replies(mut terminal: File, current: Current, stop: Arc<AtomicBool>) {
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::SeqCst) {
+        if !crate::pty::readable(&terminal, 50) {
+            continue;
+        }
+        let n = match terminal.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if let Ok(mut c) = current.lock() {
+            let gone = c
+                .as_mut()
+                .is_some_and(|client| client.write_all(&buf[..n]).is_err());
+            if gone {
+                *c = None;
+            }
+        }
+    }
+}
+
+/// Sends one command line to the Keel behind `socket` and returns its reply line (JSON, without
+/// the newline). Keel reads COM2 between guest time slices, so the reply may take a moment.
+pub fn request(socket: &Path, command: &str, timeout: Duration) -> Result<String> {
+    if command.contains(['\n', '\r']) {
+        bail!("a command is one line");
+    }
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot connect to {} (is `cargo keel run` running? it prints its control socket)",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(timeout))?;
+    let start = Instant::now();
+    stream.write_all(format!("{command}\n").as_bytes())?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        match reader.read_line(&mut line) {
+            Ok(0) => bail!("the control channel closed before Keel replied"),
+            Ok(_) if line.ends_with('\n') => {
+                let reply = line.trim_end().to_string();
+                // Bytes a terminal left on the line before the reply are no reply.
+                if reply.starts_with('{') {
+                    return Ok(reply);
+                }
+                line.clear();
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                bail!(
+                    "no reply from Keel within {:.0} s",
+                    start.elapsed().as_secs_f64()
+                )
+            }
+            Err(e) => return Err(e).context("reading Keel's reply"),
+        }
+    }
+}
+
+/// A reply for people: `{"ok":false,"error":"..."}` becomes the error's text; a success is shown
+/// as its fields, one `key: value` a line (nested lists and objects stay JSON).
+pub fn describe(reply: &str) -> std::result::Result<String, String> {
+    let Some(body) = reply.strip_prefix('{').and_then(|r| r.strip_suffix('}')) else {
+        return Err(format!("not a reply: {reply}"));
+    };
+    if let Some(rest) = body.strip_prefix("\"ok\":false,\"error\":") {
+        return Err(unquote(rest));
+    }
+    let Some(rest) = body.strip_prefix("\"ok\":true") else {
+        return Err(format!("not a reply: {reply}"));
+    };
+    let mut out = String::new();
+    for (key, value) in top_level_fields(rest.trim_start_matches(',')) {
+        out.push_str(&format!("{}: {}\n", unquote(key), unquote(value)));
+    }
+    Ok(out)
+}
+
+/// `"a":1,"b":[..]` split at the commas outside strings, brackets and braces, into (key, value).
+fn top_level_fields(s: &str) -> Vec<(&str, &str)> {
+    let mut fields = Vec::new();
+    let (mut depth, mut in_str, mut escaped, mut start) = (0i32, false, false, 0);
+    let bytes = s.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        if in_str {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' => depth -= 1,
+            b',' if depth == 0 => {
+                fields.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if start < s.len() {
+        fields.push(&s[start..]);
+    }
+    fields
+        .into_iter()
+        .filter_map(|f| {
+            // The key is a string without a colon in it (Keel's keys are plain words).
+            let colon = f.find("\":")?;
+            Some((&f[..colon + 1], &f[colon + 2..]))
+        })
+        .collect()
+}
+
+/// A JSON string's text (the escapes Keel writes undone); other values as they are.
+fn unquote(s: &str) -> String {
+    let Some(inner) = s.strip_prefix('"').and_then(|r| r.strip_suffix('"')) else {
+        return s.to_string();
+    };
+    let mut out = String::new();
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('t') => out.push('\t'),
+            Some('u') => {
+                let hex: String = chars.by_ref().take(4).collect();
+                if let Some(c) = u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32) {
+                    out.push(c);
+                }
+            }
+            Some(c) => out.push(c),
+            None => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pty::Pty;
+    use std::fs::OpenOptions;
+
+    #[test]
+    fn replies_are_described_for_people() {
+        assert_eq!(
+            describe("{\"ok\":false,\"error\":\"no guest \\\"x\\\" (see list)\"}"),
+            Err("no guest \"x\" (see list)".to_string())
+        );
+        assert_eq!(
+            describe("{\"ok\":true,\"guest\":\"g,1\",\"regs\":{\"rax\":1,\"rip\":2}}"),
+            Ok("guest: g,1\nregs: {\"rax\":1,\"rip\":2}\n".to_string())
+        );
+        assert_eq!(describe("{\"ok\":true}"), Ok(String::new()));
+        assert!(describe("garbage").is_err());
+    }
+
+    /// A command sent to the socket reaches the emulator's side of the terminal; the line the
+    /// emulator writes back is the reply.
+    #[test]
+    fn a_request_goes_through_the_terminal_and_back() -> Result<()> {
+        let pty = Pty::open()?;
+        let dir = std::env::temp_dir().join(format!("keel-ctl-{}", std::process::id()));
+        let socket = dir.join("control.sock");
+        let bridge = Bridge::start(pty.controller()?, &socket)?;
+        let mut keel = OpenOptions::new().read(true).write(true).open(&pty.path)?;
+        let echo = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+            let mut got = Vec::new();
+            let mut b = [0u8; 1];
+            while !got.ends_with(b"\n") {
+                keel.read_exact(&mut b)?;
+                got.push(b[0]);
+            }
+            keel.write_all(b"{\"ok\":true,\"guest\":\"g0\"}\n")?;
+            Ok(got)
+        });
+        let reply = request(&socket, "pause g0", Duration::from_secs(10))?;
+        assert_eq!(reply, "{\"ok\":true,\"guest\":\"g0\"}");
+        let sent = echo
+            .join()
+            .map_err(|_| anyhow::anyhow!("the emulator side panicked"))??;
+        assert_eq!(sent, b"pause g0\n");
+        // A second run may not take the socket of a live one.
+        let busy = Bridge::start(pty.controller()?, &socket).err();
+        assert!(format!("{busy:?}").contains("is in use"), "{busy:?}");
+        drop(bridge);
+        assert!(!socket.exists(), "the socket goes with the run");
+        let err = request(&socket, "list", Duration::from_secs(1)).unwrap_err();
+        assert!(format!("{err:#}").contains("is `cargo keel run` running?"));
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+}

@@ -1,0 +1,284 @@
+//! The monitor driven through a fake target: what each command shows and does, in both forms.
+
+use super::*;
+use alloc::vec;
+
+/// Two guests; records what the monitor asked of it.
+struct FakeTarget {
+    clock: u64,
+    guests: Vec<GuestView>,
+    done: Vec<(usize, Control)>,
+    quit: bool,
+}
+
+const HZ: u64 = 1_000_000;
+
+fn view(id: usize, name: &str, state: State) -> GuestView {
+    GuestView {
+        id,
+        name: name.into(),
+        state,
+        stop_reason: None,
+        vcpus: 1,
+        memory: 16 << 20,
+        stats: GuestStats::default(),
+    }
+}
+
+impl FakeTarget {
+    fn new() -> Self {
+        Self {
+            clock: 0,
+            guests: vec![
+                view(0, "alpha", State::Running),
+                view(1, "beta", State::Halted),
+            ],
+            done: Vec::new(),
+            quit: false,
+        }
+    }
+}
+
+impl MonitorTarget for FakeTarget {
+    fn now(&mut self) -> u64 {
+        self.clock
+    }
+
+    fn tsc_hz(&self) -> u64 {
+        HZ
+    }
+
+    fn guests(&self) -> Vec<GuestView> {
+        self.guests.clone()
+    }
+
+    fn regs(&mut self, id: usize) -> Result<Vec<(&'static str, u64)>, String> {
+        match id {
+            0 => Ok(vec![("rax", 0x1234), ("rip", 0x7c00)]),
+            _ => Err("the guest has stopped".into()),
+        }
+    }
+
+    fn control(&mut self, id: usize, op: Control) -> Result<(), String> {
+        if op == Control::Resume && self.guests[id].state != State::Paused {
+            return Err("the guest is not paused".into());
+        }
+        self.done.push((id, op));
+        if op == Control::Pause {
+            self.guests[id].state = State::Paused;
+        }
+        Ok(())
+    }
+
+    fn quit(&mut self) {
+        self.quit = true;
+    }
+}
+
+fn run(m: &mut Monitor, t: &mut FakeTarget, line: &str, form: Form) -> Reply {
+    m.execute(line, t, form)
+}
+
+#[test]
+fn list_shows_cpu_share_and_exit_rate_since_the_last_list() {
+    let mut t = FakeTarget::new();
+    let mut m = Monitor::new(0);
+    // In the first half second alpha ran 0.25 s and exited 1000 times.
+    t.clock = HZ / 2;
+    t.guests[0].stats.cpu_cycles = HZ / 4;
+    t.guests[0].stats.exits[10] = 1000;
+    let r = run(&mut m, &mut t, "list", Form::Text);
+    assert!(!r.failed);
+    let lines: Vec<&str> = r.text.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", r.text);
+    assert!(lines[0].contains("cpu %") && lines[0].contains("exits/s"));
+    let alpha: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        alpha,
+        ["0", "alpha", "running", "1", "16", "M", "50.0", "2000"]
+    );
+    // The next list counts from here: alpha idle for a second, beta ran 10%.
+    t.clock += HZ;
+    t.guests[1].stats.cpu_cycles = HZ / 10;
+    let r = run(&mut m, &mut t, "list", Form::Json);
+    assert_eq!(
+        r.text,
+        "{\"ok\":true,\"guests\":[\
+         {\"id\":0,\"name\":\"alpha\",\"state\":\"running\",\"vcpus\":1,\"memory\":16777216,\"cpu_permille\":0,\"exits_per_s\":0},\
+         {\"id\":1,\"name\":\"beta\",\"state\":\"halted\",\"vcpus\":1,\"memory\":16777216,\"cpu_permille\":100,\"exits_per_s\":0}]}\n"
+    );
+}
+
+#[test]
+fn commands_reach_the_named_guest_by_name_or_id() {
+    let mut t = FakeTarget::new();
+    let mut m = Monitor::new(0);
+    let r = run(&mut m, &mut t, "pause beta", Form::Json);
+    assert_eq!(r.text, "{\"ok\":true,\"guest\":\"beta\"}\n");
+    let r = run(&mut m, &mut t, "resume 1", Form::Text);
+    assert_eq!(r.text, "beta resumed\n");
+    for (cmd, op) in [
+        ("kill", Control::Kill),
+        ("restart", Control::Restart),
+        ("start", Control::Start),
+        ("console", Control::Console),
+    ] {
+        assert!(!run(&mut m, &mut t, &alloc::format!("{cmd} alpha"), Form::Json).failed);
+        assert_eq!(t.done.last(), Some(&(0, op)));
+    }
+    assert_eq!(t.done[..2], [(1, Control::Pause), (1, Control::Resume)]);
+}
+
+#[test]
+fn errors_say_what_is_wrong_and_change_nothing() {
+    let mut t = FakeTarget::new();
+    let mut m = Monitor::new(0);
+    for (line, msg) in [
+        ("pause gamma", "no guest \\\"gamma\\\" (see list)"),
+        ("pause", "pause needs a guest: pause NAME"),
+        ("list all", "list takes no argument"),
+        ("stats alpha beta", "stats: unexpected \\\"beta\\\""),
+        (
+            "frobnicate",
+            "unknown command \\\"frobnicate\\\" (help lists them)",
+        ),
+        ("resume alpha", "resume alpha: the guest is not paused"),
+        ("regs beta", "regs beta: the guest has stopped"),
+    ] {
+        let r = run(&mut m, &mut t, line, Form::Json);
+        assert!(r.failed, "{line}");
+        assert_eq!(
+            r.text,
+            alloc::format!("{{\"ok\":false,\"error\":\"{msg}\"}}\n")
+        );
+    }
+    assert!(t.done.is_empty());
+    let r = run(&mut m, &mut t, "pause gamma", Form::Text);
+    assert_eq!(r.text, "error: no guest \"gamma\" (see list)\n");
+}
+
+#[test]
+fn stats_gives_counts_and_cycles_per_exit_kind() {
+    let mut t = FakeTarget::new();
+    let mut m = Monitor::new(0);
+    let s = &mut t.guests[0].stats;
+    s.exits[10] = 3; // CPUID
+    s.record_exit_cycles(10, 900);
+    s.record_exit_cycles(10, 1100);
+    s.exits[12] = 5; // HLT: ends the slice, untimed
+    s.interrupts_injected = 7;
+    s.halted_cycles = HZ * 2;
+    let r = run(&mut m, &mut t, "stats alpha", Form::Text);
+    let lines: Vec<&str> = r.text.lines().collect();
+    assert!(
+        lines[0].starts_with("alpha (running): 8 exits"),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[0].contains("7 interrupts injected") && lines[0].contains("halted 2000 ms"));
+    let hlt: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!(hlt, ["HLT", "5", "-", "-"]);
+    let cpuid: Vec<&str> = lines[3].split_whitespace().collect();
+    assert_eq!(cpuid, ["CPUID", "3", "1000", "1100"]);
+    let j = run(&mut m, &mut t, "stats 0", Form::Json).text;
+    assert!(j.starts_with("{\"ok\":true,\"guest\":\"alpha\",\"state\":\"running\",\"exits_total\":8,\"exits\":[{\"reason\":\"HLT\",\"number\":12,\"count\":5,\"timed\":0},{\"reason\":\"CPUID\",\"number\":10,\"count\":3,\"timed\":2,\"avg_cycles\":1000,\"max_cycles\":1100}],\"interrupts_injected\":7,\"halted_cycles\":2000000,"), "{j}");
+}
+
+#[test]
+fn regs_help_top_and_quit() {
+    let mut t = FakeTarget::new();
+    let mut m = Monitor::new(0);
+    let r = run(&mut m, &mut t, "regs alpha", Form::Json);
+    assert_eq!(
+        r.text,
+        "{\"ok\":true,\"guest\":\"alpha\",\"regs\":{\"rax\":4660,\"rip\":31744}}\n"
+    );
+    let r = run(&mut m, &mut t, "regs alpha", Form::Text);
+    assert!(r.text.contains("rip    0x0000000000007c00"), "{}", r.text);
+    let h = run(&mut m, &mut t, "help", Form::Text).text;
+    for (cmd, _) in HELP {
+        assert!(h.contains(cmd), "{cmd}");
+    }
+    assert!(run(&mut m, &mut t, "top", Form::Text).top);
+    assert!(!run(&mut m, &mut t, "top", Form::Json).top);
+    assert!(!t.quit);
+    assert_eq!(
+        run(&mut m, &mut t, "quit", Form::Json).text,
+        "{\"ok\":true,\"quit\":true}\n"
+    );
+    assert!(t.quit);
+    // An empty line is no command and no error.
+    assert_eq!(run(&mut m, &mut t, "  ", Form::Text).text, "");
+}
+
+#[test]
+fn json_strings_are_escaped() {
+    let mut t = FakeTarget::new();
+    t.guests[0].name = "a\"b\\c\u{1}".into();
+    let mut m = Monitor::new(0);
+    let r = run(&mut m, &mut t, "pause 0", Form::Json);
+    assert_eq!(r.text, "{\"ok\":true,\"guest\":\"a\\\"b\\\\c\\u0001\"}\n");
+}
+
+#[test]
+fn the_prompt_opens_and_closes_and_lets_the_focus_keys_through() {
+    let mut p = Prompt::default();
+    assert_eq!(p.key(b'x'), PromptKey::Pass(b'x'));
+    assert_eq!(p.key(crate::focus::ESCAPE), PromptKey::None);
+    assert_eq!(p.key(b'2'), PromptKey::Prefixed(b'2'));
+    p.key(crate::focus::ESCAPE);
+    assert_eq!(p.key(b'c'), PromptKey::Opened);
+    assert!(p.is_open());
+    let keys: Vec<PromptKey> = b"lisx\x7ft\r".iter().map(|&b| p.key(b)).collect();
+    assert_eq!(
+        keys,
+        [
+            PromptKey::Echo(b'l'),
+            PromptKey::Echo(b'i'),
+            PromptKey::Echo(b's'),
+            PromptKey::Echo(b'x'),
+            PromptKey::Erase,
+            PromptKey::Echo(b't'),
+            PromptKey::Line("list".into()),
+        ]
+    );
+    // Ctrl-A s still works at the prompt; Ctrl-A Ctrl-A is a literal for the focus.
+    p.key(crate::focus::ESCAPE);
+    assert_eq!(p.key(b's'), PromptKey::Prefixed(b's'));
+    assert_eq!(p.key(0x7f), PromptKey::None, "nothing to erase");
+    for b in b"exit" {
+        p.key(*b);
+    }
+    assert_eq!(p.key(b'\n'), PromptKey::Closed);
+    assert_eq!(p.key(b'a'), PromptKey::Pass(b'a'));
+    p.key(crate::focus::ESCAPE);
+    p.key(b'c');
+    p.key(crate::focus::ESCAPE);
+    assert_eq!(p.key(b'c'), PromptKey::Closed);
+}
+
+#[test]
+fn channel_lines_and_overlong_ones() {
+    let mut r = LineReader::default();
+    let got: Vec<ChannelLine> = b"list\r\n\npause a\n"
+        .iter()
+        .filter_map(|&b| r.push(b))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ChannelLine::Command("list".into()),
+            ChannelLine::Command("pause a".into())
+        ]
+    );
+    let long = [b'x'; LINE_MAX + 5];
+    assert!(long.iter().all(|&b| r.push(b).is_none()));
+    assert_eq!(r.push(b'\n'), Some(ChannelLine::TooLong));
+    assert_eq!(
+        too_long().text,
+        "{\"ok\":false,\"error\":\"line longer than 128 bytes\"}\n"
+    );
+    // The next line is whole again.
+    b"help".iter().for_each(|&b| assert!(r.push(b).is_none()));
+    assert_eq!(r.push(b'\n'), Some(ChannelLine::Command("help".into())));
+}
