@@ -8,7 +8,7 @@ use crate::archive::{self, Archive};
 use crate::devices::Platform;
 use crate::ept::{Ept, EptPerms, MemType};
 use crate::exits;
-use crate::guest::{Guest, GuestRam, GuestRegs, GuestStats, RunState};
+use crate::guest::{GuestRam, GuestRegs, RunState, Vcpu, Vm};
 use crate::loader::{self, LoadRequest};
 use crate::machine::MachineInfo;
 use crate::manifest::{self, GuestConfig};
@@ -16,7 +16,6 @@ use crate::mm;
 use crate::runloop::{Cpu, LoopConfig, RunLoop, Slot};
 use crate::vcpu::{self, ControlSet};
 use crate::vmx::controls::{PrimaryControls, SecondaryControls};
-use crate::vmx::cr::GuestCr;
 use crate::vmx::invalidate::guest_vpid;
 use crate::vmx::{FlushPolicy, Vmcs, VmxCaps, VmxError};
 use crate::{error, fatal, info};
@@ -135,7 +134,7 @@ pub fn run(machine: MachineInfo) -> ! {
                 continue;
             }
         };
-        match Vm::create(id as u32, setup, cal.tsc_hz) {
+        match VmHw::create(id as u32, setup, cal.tsc_hz) {
             Ok(slot) => slots.push(slot),
             Err(e) => error!("guest {}: not started: {e}", cfg.name),
         }
@@ -185,22 +184,22 @@ pub struct RealCpu {
 pub type Runner = RunLoop<RealCpu>;
 
 impl Cpu for RealCpu {
-    type Vcpu = Vm;
+    type Vcpu = VmHw;
     type Loaded<'a> = LoadedVmcs<'a>;
 
     fn rdtsc(&mut self) -> u64 {
         cpu::rdtsc()
     }
 
-    fn save(&mut self, vm: &mut Vm) {
+    fn save(&mut self, vm: &mut VmHw) {
         vm.saved.save();
     }
 
-    fn restore(&mut self, vm: &mut Vm, xcr0: u64) {
+    fn restore(&mut self, vm: &mut VmHw, xcr0: u64) {
         vm.saved.restore(xcr0);
     }
 
-    fn load<'a>(&mut self, vm: &'a mut Vm) -> Result<LoadedVmcs<'a>, String> {
+    fn load<'a>(&mut self, vm: &'a mut VmHw) -> Result<LoadedVmcs<'a>, String> {
         vm.vmcs.load().map_err(|e| alloc::format!("{e}"))
     }
 
@@ -225,8 +224,14 @@ impl Cpu for RealCpu {
         lapic::sleep_until(wake, max, &self.cal);
     }
 
-    fn boot(&mut self, vm: &mut Vm, guest: &mut Guest, restarts: u32) -> Result<(), String> {
-        vm.boot(guest, restarts)
+    fn boot(
+        &mut self,
+        hw: &mut VmHw,
+        vm: &mut Vm,
+        vcpu: &mut Vcpu,
+        restarts: u32,
+    ) -> Result<(), String> {
+        hw.boot(vm, vcpu, restarts)
     }
 
     fn console_key(&mut self) -> Option<u8> {
@@ -236,7 +241,7 @@ impl Cpu for RealCpu {
 
 /// One guest on the hardware: its VMCS and the structures the VMCS points to. The
 /// hardware-independent [`Guest`] and its place in the schedule are in its `runloop::Slot`.
-pub struct Vm {
+pub struct VmHw {
     /// Loaded (VMPTRLD) for each use: its handle is the only way to read or write it.
     vmcs: VmcsRegion,
     ept: Ept<Frames>,
@@ -244,7 +249,7 @@ pub struct Vm {
     saved: SavedState,
     setup: Setup,
     /// The guest's RAM (`guest.ram` views it). Last, so it is given back after everything that
-    /// refers to it when a `Vm` is dropped (a guest refused at boot; its `Guest` goes first).
+    /// refers to it when a `VmHw` is dropped (a guest refused at boot; its `Guest` goes first).
     ram_block: mm::OwnedPages,
 }
 
@@ -408,7 +413,7 @@ pub struct Setup {
     msr_bitmap: mm::OwnedPages,
 }
 
-impl Vm {
+impl VmHw {
     /// Allocates everything a guest needs (RAM, EPT, bitmaps, VMCS, save area) and boots it. Each
     /// of them is owned by a value that gives it back when dropped, so when any step fails (the
     /// image is refused, say) the guest keeps nothing.
@@ -435,25 +440,15 @@ impl Vm {
         .map_err(|e| alloc::format!("{e}"))?;
         let vmcs = VmcsRegion::new(setup.caps.revision_id()).map_err(|e| alloc::format!("{e}"))?;
         let saved = SavedState::new().ok_or("out of memory")?;
-        let guest = Guest {
+        let guest = Vm {
             id,
             name: cfg.name.clone(),
             ram,
             platform: Platform::for_board(crate::devices::board::Board::pc(cfg.memory, 1), tsc_hz),
-            regs: GuestRegs::default(),
-            state: RunState::Runnable,
-            stats: GuestStats::default(),
-            cr0_rules: GuestCr::cr0(&setup.caps, true),
-            cr4_rules: GuestCr::cr4(&setup.caps),
-            misc_enable: exits::msr::MISC_ENABLE_DEFAULT,
-            mtrr_def_type: 0,
-            xcr0: 1,
             stats_requested: false,
             tsc_offset: 0,
-            events: Default::default(),
-            tsc_adjust: 0,
-            spec_ctrl: 0,
         };
+        let vcpu = Vcpu::new(0, &setup.caps);
         let vm = Self {
             vmcs,
             ept,
@@ -462,23 +457,23 @@ impl Vm {
             ram_block,
         };
         let restart_limit = vm.setup.cfg.restart;
-        let mut slot = Slot::new(guest, vm, restart_limit);
-        slot.vcpu.boot(&mut slot.guest, 0)?;
-        if slot.vcpu.setup.cfg.refuse {
+        let mut slot = Slot::new(guest, vcpu, vm, restart_limit);
+        slot.hw.boot(&mut slot.vm, &mut slot.vcpu, 0)?;
+        if slot.hw.setup.cfg.refuse {
             // Dropping `vm` gives back everything allocated above, as for any refusal.
             return Err("refused on request (selftest = refuse)".into());
         }
         // The guest's heap share: its device models, buffers and bookkeeping (the `Slot` itself
         // is in the caller's vector and counted by size).
-        let heap =
-            arch::boot::heap_used().saturating_sub(heap_before) + core::mem::size_of::<Slot<Vm>>();
+        let heap = arch::boot::heap_used().saturating_sub(heap_before)
+            + core::mem::size_of::<Slot<VmHw>>();
         let o = Overhead {
-            ept_tables: slot.vcpu.ept.tables_used(),
+            ept_tables: slot.hw.ept.tables_used(),
             device_bytes: heap,
         };
         info!(
             "guest {id} {} overhead: {} KiB (VMCS 4, EPT {} tables, I/O+MSR bitmaps 12, XSAVE 4, devices and bookkeeping {} B)",
-            slot.guest.name,
+            slot.vm.name,
             o.total() >> 10,
             o.ept_tables,
             o.device_bytes
@@ -488,7 +483,7 @@ impl Vm {
 
     /// (Re)starts the guest from its image: fresh RAM contents, devices, registers and VMCS.
     /// `restarts` counts its earlier deaths.
-    fn boot(&mut self, g: &mut Guest, restarts: u32) -> Result<(), String> {
+    fn boot(&mut self, g: &mut Vm, vcpu: &mut Vcpu, restarts: u32) -> Result<(), String> {
         let setup = &self.setup;
         let mut cfg = setup.cfg.clone();
         if restarts > 0 {
@@ -553,16 +548,18 @@ impl Vm {
             vmx::invalidate(&inv).map_err(|e| alloc::format!("{inv} failed: {e}"))?;
         }
         arch::vmcs::write_host_state(&mut v);
-        vcpu::write_guest_state(&mut v, &st, &g.cr0_rules, &g.cr4_rules);
+        vcpu::write_guest_state(&mut v, &st, &vcpu.cr0_rules, &vcpu.cr4_rules);
         g.tsc_offset = if setup.controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0 {
             0u64.wrapping_sub(cpu::rdtsc())
         } else {
             0
         };
-        g.tsc_adjust = 0;
-        g.spec_ctrl = 0;
-        v.write(crate::vmx::Control64::TscOffset, g.vmcs_tsc_offset());
-        g.regs = GuestRegs {
+        vcpu.reset();
+        v.write(
+            crate::vmx::Control64::TscOffset,
+            vcpu.vmcs_tsc_offset(g.tsc_offset),
+        );
+        vcpu.regs = GuestRegs {
             rax: st.rax,
             rbx: st.rbx,
             rcx: st.rcx,
@@ -572,11 +569,7 @@ impl Vm {
             ..Default::default()
         };
         g.platform = Platform::for_board(g.platform.board().clone(), g.platform.tsc_hz());
-        g.state = RunState::Runnable;
-        g.misc_enable = exits::msr::MISC_ENABLE_DEFAULT;
-        g.mtrr_def_type = 0;
-        g.xcr0 = 1;
-        g.events = Default::default();
+        debug_assert_eq!(vcpu.state, RunState::Runnable);
         self.saved.reset();
         info!(
             "guest {id} {}: {:?} {} KiB image, {} MiB RAM at {:#x}, entry {:?} mode at {:#x}{}",
@@ -614,11 +607,11 @@ impl Runner {
     pub fn add_guest(&mut self, setup: Setup, tsc_hz: u64) -> Result<u32, String> {
         // Past every id in use: guests refused at boot leave gaps, so `slots.len()` could repeat
         // an id (and with it a VPID).
-        let id = self.slots.iter().map(|s| s.guest.id + 1).max().unwrap_or(0);
+        let id = self.slots.iter().map(|s| s.vm.id + 1).max().unwrap_or(0);
         // `create` makes the new guest's VMCS current: the guest whose state is in the CPU now
         // is switched out first, so its extended state and MSRs are kept.
         self.switch_out();
-        let slot = Vm::create(id, setup, tsc_hz)?;
+        let slot = VmHw::create(id, setup, tsc_hz)?;
         self.slots.push(slot);
         Ok(id)
     }

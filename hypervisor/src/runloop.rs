@@ -10,7 +10,7 @@
 
 use crate::devices::console::ConsoleLine;
 use crate::exits::{self, Action, ExitContext, Host};
-use crate::guest::{Guest, GuestRegs, RunState, StopReason};
+use crate::guest::{GuestRegs, RunState, StopReason, Vcpu, Vm};
 use crate::log::Writer;
 use crate::sched::RoundRobin;
 use crate::vmx::{Control64, ExitReason, Guest32, Vmcs, VmxError};
@@ -25,7 +25,7 @@ pub const MIN_TIMER_GAP_DIVISOR: u64 = 20_000;
 /// the tests' fake.
 pub trait Cpu {
     /// A guest's share of the hardware: its VMCS, EPT, saved registers, image (everything of the
-    /// guest that is not in [`Guest`]).
+    /// guest that is not in its [`Vm`] and [`Vcpu`]).
     type Vcpu;
     /// A guest's VMCS made current on this CPU ([`Cpu::load`]): the only way to read or write it,
     /// and to enter the guest.
@@ -57,8 +57,9 @@ pub trait Cpu {
     /// counts earlier deaths (it picks the command line).
     fn boot(
         &mut self,
-        vcpu: &mut Self::Vcpu,
-        guest: &mut Guest,
+        hw: &mut Self::Vcpu,
+        vm: &mut Vm,
+        vcpu: &mut Vcpu,
         restarts: u32,
     ) -> Result<(), String>;
     /// A key typed on Keel's console, if any.
@@ -82,10 +83,12 @@ pub struct LoopConfig {
 /// One guest in the run loop: its hardware-independent state, its hardware, and its place in the
 /// schedule.
 pub struct Slot<V> {
-    pub guest: Guest,
-    /// Declared after `guest`, so it is dropped after it: the real one owns the RAM `guest.ram`
-    /// views.
-    pub vcpu: V,
+    /// What the guest's vCPUs share.
+    pub vm: Vm,
+    /// Its vCPU.
+    pub vcpu: Vcpu,
+    /// Declared after `vm`, so it is dropped after it: the real one owns the RAM `vm.ram` views.
+    pub hw: V,
     /// Host TSC since which the guest has been runnable but waiting for the CPU. Its clock does
     /// not advance meanwhile: when it runs again, the wait is taken out of its TSC offset, so its
     /// timers keep their programmed rate in its own time and no ticks pile up while others run.
@@ -106,10 +109,11 @@ pub struct Slot<V> {
 
 impl<V> Slot<V> {
     /// A freshly booted guest, runnable from the next pick on.
-    pub fn new(guest: Guest, vcpu: V, restart_limit: u32) -> Self {
+    pub fn new(vm: Vm, vcpu: Vcpu, hw: V, restart_limit: u32) -> Self {
         Self {
-            guest,
+            vm,
             vcpu,
+            hw,
             waiting_since: None,
             halted_since: None,
             slice_left: None,
@@ -158,24 +162,24 @@ impl<C: Cpu> RunLoop<C> {
         crate::log::pump();
         // Console lines that found no room on COM1's queue before (stopped guests' too).
         for s in &mut self.slots {
-            print_console(&mut s.guest, PRINT_BUDGET);
+            print_console(&mut s.vm, PRINT_BUDGET);
         }
         let now = self.cpu.rdtsc();
         let mut live = 0;
         for s in &mut self.slots {
-            let g = &mut s.guest;
-            if matches!(g.state, RunState::Stopped(_)) {
+            let (vm, vcpu) = (&mut s.vm, &mut s.vcpu);
+            if matches!(vcpu.state, RunState::Stopped(_)) {
                 continue;
             }
             live += 1;
             // A runnable guest waiting for its turn has its clock stopped (see
             // `Slot::waiting_since`); only halted guests need their timers checked here.
-            if g.state == RunState::Halted {
-                g.platform.advance(g.now(now));
-                if g.platform.pending_interrupt().is_some() {
-                    g.state = RunState::Runnable;
+            if vcpu.state == RunState::Halted {
+                vm.platform.advance(vm.now(now));
+                if vm.platform.pending_interrupt().is_some() {
+                    vcpu.state = RunState::Runnable;
                     if let Some(since) = s.halted_since.take() {
-                        g.stats.halted_cycles += now.saturating_sub(since);
+                        vcpu.stats.halted_cycles += now.saturating_sub(since);
                     }
                     s.waiting_since = Some(now);
                     s.woken = true;
@@ -188,7 +192,7 @@ impl<C: Cpu> RunLoop<C> {
         let slots = &self.slots;
         match self.sched.pick_urgent_first(
             slots.len(),
-            |i| slots[i].guest.state == RunState::Runnable,
+            |i| slots[i].vcpu.state == RunState::Runnable,
             |i| slots[i].woken,
         ) {
             Some(i) => self.run_slice(i),
@@ -219,13 +223,8 @@ impl<C: Cpu> RunLoop<C> {
         self.slots
             .iter()
             .enumerate()
-            .filter(|(j, s)| Some(*j) != except && s.guest.state == RunState::Halted)
-            .filter_map(|(_, s)| {
-                s.guest
-                    .platform
-                    .next_deadline()
-                    .map(|d| s.guest.host_time(d))
-            })
+            .filter(|(j, s)| Some(*j) != except && s.vcpu.state == RunState::Halted)
+            .filter_map(|(_, s)| s.vm.platform.next_deadline().map(|d| s.vm.host_time(d)))
             .min()
     }
 
@@ -237,7 +236,7 @@ impl<C: Cpu> RunLoop<C> {
         }
         self.switch_out();
         let s = &mut self.slots[i];
-        self.cpu.restore(&mut s.vcpu, s.guest.xcr0);
+        self.cpu.restore(&mut s.hw, s.vcpu.xcr0);
         self.in_cpu = Some(i);
     }
 
@@ -245,7 +244,7 @@ impl<C: Cpu> RunLoop<C> {
     /// or a new guest boots.
     pub fn switch_out(&mut self) {
         if let Some(prev) = self.in_cpu.take() {
-            self.cpu.save(&mut self.slots[prev].vcpu);
+            self.cpu.save(&mut self.slots[prev].hw);
         }
     }
 
@@ -272,16 +271,18 @@ impl<C: Cpu> RunLoop<C> {
     /// one must fit, or it is not even put together (a guest asking for it in a loop would keep
     /// Keel formatting tables nobody sees).
     fn print_stats_for(&mut self, i: usize) {
-        let who = Writer::Guest(self.slots[i].guest.id);
+        let who = Writer::Guest(self.slots[i].vm.id);
         let last = LAST_TABLE.load(core::sync::atomic::Ordering::Relaxed);
-        if crate::log::fits(who, last) && print_stats(self.slots.iter().map(|s| &s.guest), who) {
+        if crate::log::fits(who, last)
+            && print_stats(self.slots.iter().map(|s| (&s.vm, &s.vcpu)), who)
+        {
             return;
         }
         // The answer goes back through the VMCS (it depends on the guest's mode).
         let s = &mut self.slots[i];
-        let refused = match self.cpu.load(&mut s.vcpu) {
+        let refused = match self.cpu.load(&mut s.hw) {
             Ok(v) => {
-                exits::vmcall::print_stats_refused(&v, &mut s.guest);
+                exits::vmcall::print_stats_refused(&v, &mut s.vcpu);
                 None
             }
             Err(e) => Some(e),
@@ -314,22 +315,25 @@ fn slice<C: Cpu>(
     quantum: u64,
     others_due: Option<u64>,
 ) -> SliceEnd {
-    let mut v = match cpu.load(&mut s.vcpu) {
+    let mut v = match cpu.load(&mut s.hw) {
         Ok(v) => v,
         Err(e) => return SliceEnd::Stop(StopReason::Killed(e)),
     };
-    cpu.load_spec_ctrl(s.guest.spec_ctrl);
+    cpu.load_spec_ctrl(s.vcpu.spec_ctrl);
     let start = cpu.rdtsc();
     s.woken = false;
     if let Some(since) = s.waiting_since.take() {
         if cfg.tsc_offsetting {
-            s.guest.tsc_offset = s.guest.tsc_offset.wrapping_sub(start - since);
-            v.write(Control64::TscOffset, s.guest.vmcs_tsc_offset());
+            s.vm.tsc_offset = s.vm.tsc_offset.wrapping_sub(start - since);
+            v.write(
+                Control64::TscOffset,
+                s.vcpu.vmcs_tsc_offset(s.vm.tsc_offset),
+            );
         }
     }
     let deadline = start + quantum;
     let min_gap = cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR;
-    let mut xcr0 = s.guest.xcr0;
+    let mut xcr0 = s.vcpu.xcr0;
     // The guest's platform is only consulted when it may have changed: after an exit that
     // reached a device, or when one of its timers falls due. CPUID, VMCALL and the like then
     // cost no device work at all (docs/BENCHMARKS.md).
@@ -341,13 +345,9 @@ fn slice<C: Cpu>(
     let mut now = start;
     loop {
         if touched || timer_due.is_some_and(|d| now >= d) {
-            s.guest.platform.advance(s.guest.now(now));
-            exits::inject_pending_interrupt(&mut v, &mut s.guest);
-            timer_due = s
-                .guest
-                .platform
-                .next_deadline()
-                .map(|d| s.guest.host_time(d));
+            s.vm.platform.advance(s.vm.now(now));
+            exits::inject_pending_interrupt(&mut v, &mut s.vcpu, &mut s.vm);
+            timer_due = s.vm.platform.next_deadline().map(|d| s.vm.host_time(d));
             // Come back at the end of the slice, when one of the guest's own timers falls
             // due, or when a halted guest's does, whichever is first.
             until = [timer_due, others_due]
@@ -356,7 +356,7 @@ fn slice<C: Cpu>(
                 .fold(deadline, u64::min);
         }
         // The one place an event is written to the VM-entry fields (exits::events).
-        if let Err(reason) = exits::events::commit(&mut v, &mut s.guest) {
+        if let Err(reason) = exits::events::commit(&mut v, &mut s.vcpu) {
             return SliceEnd::Stop(reason);
         }
         // The timer is armed afresh before every entry, from a fresh TSC read: it only
@@ -374,47 +374,45 @@ fn slice<C: Cpu>(
                 left.min(u32::MAX as u64) as u32,
             );
         }
-        s.guest.stats.keel_cycles += t0 - now;
-        let entered = cpu.enter(&mut v, &mut s.guest.regs);
+        s.vcpu.stats.keel_cycles += t0 - now;
+        let entered = cpu.enter(&mut v, &mut s.vcpu.regs);
         let t1 = cpu.rdtsc();
-        s.guest.stats.cpu_cycles += t1 - t0;
+        s.vcpu.stats.cpu_cycles += t1 - t0;
         now = t1;
         if let Err(e) = entered {
             return SliceEnd::Stop(StopReason::EntryFailed(alloc::format!("{e}")));
         }
-        let guest_now = s.guest.now(t1);
+        let guest_now = s.vm.now(t1);
         let action = {
             let mut cx = ExitContext {
                 vmcs: &mut v,
-                guest: &mut s.guest,
+                vcpu: &mut s.vcpu,
+                vm: &mut s.vm,
                 host: cpu.host(),
                 now: guest_now,
             };
             exits::dispatch(&mut cx)
         };
-        exits::apply(&mut v, &mut s.guest, &action);
-        let reason = ExitReason::from_basic(s.guest.stats.last_exit);
+        exits::apply(&mut v, &mut s.vcpu, &action);
+        let reason = ExitReason::from_basic(s.vcpu.stats.last_exit);
         touched = exits::may_touch_platform(reason);
         // A power-off or reset the guest asked its board for (ACPI S5, i8042, port 0xCF9).
-        if let Some(event) = touched
-            .then(|| s.guest.platform.take_power_event())
-            .flatten()
-        {
+        if let Some(event) = touched.then(|| s.vm.platform.take_power_event()).flatten() {
             return SliceEnd::Stop(StopReason::Board(event));
         }
-        if (touched || reason == ExitReason::Vmcall) && print_console(&mut s.guest, PRINT_BUDGET) {
+        if (touched || reason == ExitReason::Vmcall) && print_console(&mut s.vm, PRINT_BUDGET) {
             crate::log::pump();
         }
-        if reason == ExitReason::Xsetbv && s.guest.xcr0 != xcr0 {
+        if reason == ExitReason::Xsetbv && s.vcpu.xcr0 != xcr0 {
             // The guest executed XSETBV (validated by its handler): load it for the next entry.
-            cpu.load_xcr0(s.guest.xcr0);
-            xcr0 = s.guest.xcr0;
+            cpu.load_xcr0(s.vcpu.xcr0);
+            xcr0 = s.vcpu.xcr0;
         }
         if reason == ExitReason::Wrmsr {
-            cpu.load_spec_ctrl(s.guest.spec_ctrl);
+            cpu.load_spec_ctrl(s.vcpu.spec_ctrl);
         }
-        if s.guest.stats_requested {
-            s.guest.stats_requested = false;
+        if s.vm.stats_requested {
+            s.vm.stats_requested = false;
             s.waiting_since = Some(cpu.rdtsc());
             // The table is printed after the exit.
             return SliceEnd::StatsRequested;
@@ -444,7 +442,7 @@ fn slice<C: Cpu>(
                 }
             }
             Action::Halt => {
-                s.guest.state = RunState::Halted;
+                s.vcpu.state = RunState::Halted;
                 s.halted_since = Some(now);
                 return SliceEnd::Over;
             }
@@ -462,7 +460,7 @@ impl<C: Cpu> RunLoop<C> {
     /// Guest `i` (the one in the CPU) stops: it is booted again if it reset its board or if it
     /// died and has restarts left, otherwise it stops for good.
     fn stop(&mut self, i: usize, reason: StopReason) {
-        let g = &mut self.slots[i].guest;
+        let g = &mut self.slots[i].vm;
         g.platform.console().finish();
         print_console(g, PRINT_BUDGET);
         match &reason {
@@ -482,16 +480,16 @@ impl<C: Cpu> RunLoop<C> {
         // A reset starts the guest again as a PC would, whatever its restart budget, with its
         // CMOS RAM kept (battery-backed on a PC).
         if let StopReason::Board(crate::devices::PowerEvent::Reset(_)) = reason {
-            let platform = s.guest.platform.after_reset();
-            match self.cpu.boot(&mut s.vcpu, &mut s.guest, s.restarts) {
+            let platform = s.vm.platform.after_reset();
+            match self.cpu.boot(&mut s.hw, &mut s.vm, &mut s.vcpu, s.restarts) {
                 Ok(()) => {
-                    s.guest.platform = platform;
+                    s.vm.platform = platform;
                     s.waiting_since = None;
-                    self.cpu.restore(&mut s.vcpu, s.guest.xcr0);
+                    self.cpu.restore(&mut s.hw, s.vcpu.xcr0);
                     self.in_cpu = Some(i);
                     return;
                 }
-                Err(e) => error!("guest {}: reboot failed: {e}", s.guest.name),
+                Err(e) => error!("guest {}: reboot failed: {e}", s.vm.name),
             }
             self.in_cpu = Some(i);
         }
@@ -499,50 +497,50 @@ impl<C: Cpu> RunLoop<C> {
             s.restarts += 1;
             // What the guest printed and Keel has not yet sent, and its console's counts, outlive
             // the restart (`boot` gives it a new platform).
-            let console = core::mem::take(s.guest.platform.console());
-            let booted = self.cpu.boot(&mut s.vcpu, &mut s.guest, s.restarts);
-            *s.guest.platform.console() = console;
+            let console = core::mem::take(s.vm.platform.console());
+            let booted = self.cpu.boot(&mut s.hw, &mut s.vm, &mut s.vcpu, s.restarts);
+            *s.vm.platform.console() = console;
             match booted {
                 Ok(()) => {
                     // Its extended state, XCR0 and MSRs go back to their power-on values too.
                     s.waiting_since = None;
-                    self.cpu.restore(&mut s.vcpu, s.guest.xcr0);
+                    self.cpu.restore(&mut s.hw, s.vcpu.xcr0);
                     self.in_cpu = Some(i);
                     return;
                 }
-                Err(e) => error!("guest {}: restart failed: {e}", s.guest.name),
+                Err(e) => error!("guest {}: restart failed: {e}", s.vm.name),
             }
             self.in_cpu = Some(i);
         }
-        s.guest.state = RunState::Stopped(reason);
+        s.vcpu.state = RunState::Stopped(reason);
     }
 
     /// Pauses a guest: it keeps its state and is not scheduled until resumed.
     pub fn pause(&mut self, id: usize) -> Result<(), String> {
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
-        s.guest.state.pause().map_err(|e| alloc::format!("{e}"))?;
-        info!("guest {} paused", s.guest.name);
+        s.vcpu.state.pause().map_err(|e| alloc::format!("{e}"))?;
+        info!("guest {} paused", s.vm.name);
         Ok(())
     }
 
     pub fn resume(&mut self, id: usize) -> Result<(), String> {
         let now = self.cpu.rdtsc();
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
-        s.guest.state.resume().map_err(|e| alloc::format!("{e}"))?;
+        s.vcpu.state.resume().map_err(|e| alloc::format!("{e}"))?;
         // Its clock stopped while paused, as while waiting for the CPU.
         s.waiting_since.get_or_insert(now);
-        info!("guest {} resumed", s.guest.name);
+        info!("guest {} resumed", s.vm.name);
         Ok(())
     }
 
     /// Stops a guest for good (an operator's kill: no restart).
     pub fn kill(&mut self, id: usize) -> Result<(), String> {
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
-        s.guest
+        s.vcpu
             .state
             .stop(StopReason::Killed("by the operator".into()))
             .map_err(|e| alloc::format!("{e}"))?;
-        info!("guest {} killed", s.guest.name);
+        info!("guest {} killed", s.vm.name);
         Ok(())
     }
 
@@ -553,10 +551,10 @@ impl<C: Cpu> RunLoop<C> {
         use crate::focus::Key;
         while let Some(byte) = self.cpu.console_key() {
             let slots = &self.slots;
-            let running = |i: usize| !matches!(slots[i].guest.state, RunState::Stopped(_));
+            let running = |i: usize| !matches!(slots[i].vcpu.state, RunState::Stopped(_));
             match self.focus.key(byte, running) {
                 Key::Stats => {
-                    print_stats(self.slots.iter().map(|s| &s.guest), Writer::Keel);
+                    print_stats(self.slots.iter().map(|s| (&s.vm, &s.vcpu)), Writer::Keel);
                 }
                 Key::Pause => (0..self.slots.len()).for_each(|i| {
                     let _ = self.pause(i);
@@ -564,7 +562,7 @@ impl<C: Cpu> RunLoop<C> {
                 Key::Resume => (0..self.slots.len()).for_each(|i| {
                     let _ = self.resume(i);
                 }),
-                Key::Focus(i) => info!("input goes to {}", self.slots[i].guest.name),
+                Key::Focus(i) => info!("input goes to {}", self.slots[i].vm.name),
                 // The monitor is not part of this loop yet: Ctrl-A c does nothing here.
                 Key::Monitor | Key::Guest(..) | Key::None => {}
             }
@@ -573,9 +571,10 @@ impl<C: Cpu> RunLoop<C> {
             return;
         }
         let now = self.cpu.rdtsc();
-        let g = &mut self.slots[self.focus.current()].guest;
+        let s = &mut self.slots[self.focus.current()];
+        let g = &mut s.vm;
         let t = g.now(now);
-        let running = !matches!(g.state, RunState::Stopped(_));
+        let running = !matches!(s.vcpu.state, RunState::Stopped(_));
         self.focus.deliver(running, |b| {
             g.platform.serial_input_room(t) && g.platform.push_serial_input(b, t)
         });
@@ -585,13 +584,12 @@ impl<C: Cpu> RunLoop<C> {
     pub fn report(&mut self) {
         // No guest runs any more: the last console lines wait for room now.
         for s in &mut self.slots {
-            print_console(&mut s.guest, usize::MAX);
+            print_console(&mut s.vm, usize::MAX);
         }
-        print_stats(self.slots.iter().map(|s| &s.guest), Writer::Keel);
+        print_stats(self.slots.iter().map(|s| (&s.vm, &s.vcpu)), Writer::Keel);
         for s in &self.slots {
-            let g = &s.guest;
-            if let RunState::Stopped(r) = &g.state {
-                info!("guest {} status {:#x}: {r}", g.name, r.status());
+            if let RunState::Stopped(r) = &s.vcpu.state {
+                info!("guest {} status {:#x}: {r}", s.vm.name, r.status());
             }
         }
     }
@@ -606,7 +604,7 @@ const PRINT_BUDGET: usize = 128;
 /// Prints the guest's complete console lines, about `budget` bytes of them (at least one line),
 /// while its share of Keel's console has room (the rest waits in its console buffer); true if it
 /// printed any.
-fn print_console(g: &mut Guest, budget: usize) -> bool {
+fn print_console(g: &mut Vm, budget: usize) -> bool {
     let mut printed = false;
     if g.platform.console().front().is_none() {
         return false;
@@ -641,17 +639,17 @@ fn print_console(g: &mut Guest, budget: usize) -> bool {
 static LAST_TABLE: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
 
 /// Prints the accounting table as `who`'s output, whole or not at all: false if it did not fit.
-fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>, who: Writer) -> bool {
+fn print_stats<'a>(guests: impl Iterator<Item = (&'a Vm, &'a Vcpu)>, who: Writer) -> bool {
     use core::fmt::Write;
-    let guests: Vec<&Guest> = guests.collect();
+    let guests: Vec<(&Vm, &Vcpu)> = guests.collect();
     let mut t = String::new();
     let _ = writeln!(
         t,
         "keel: {:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
         "guest", "cpu cycles", "keel cycles", "halted cycles", "exits", "irqs", "state"
     );
-    for g in &guests {
-        let state = match &g.state {
+    for (vm, vcpu) in &guests {
+        let state = match &vcpu.state {
             RunState::Runnable => "run",
             RunState::Halted => "halted",
             RunState::Paused { .. } => "paused",
@@ -660,29 +658,29 @@ fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>, who: Writer) -> bool
         let _ = writeln!(
             t,
             "keel: {:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
-            g.name,
-            g.stats.cpu_cycles,
-            g.stats.keel_cycles,
-            g.stats.halted_cycles,
-            g.stats.total_exits(),
-            g.stats.interrupts_injected,
+            vm.name,
+            vcpu.stats.cpu_cycles,
+            vcpu.stats.keel_cycles,
+            vcpu.stats.halted_cycles,
+            vcpu.stats.total_exits(),
+            vcpu.stats.interrupts_injected,
             state
         );
     }
-    for g in &guests {
+    for (vm, vcpu) in &guests {
         let _ = writeln!(
             t,
             "keel: exits of {}: {}",
-            g.name,
-            g.stats.exits_by_reason()
+            vm.name,
+            vcpu.stats.exits_by_reason()
         );
     }
-    for g in &guests {
-        let c = g.platform.console_ref();
+    for (vm, _) in &guests {
+        let c = vm.platform.console_ref();
         let _ = writeln!(
             t,
             "keel: console of {}: {} bytes, {} dropped",
-            g.name,
+            vm.name,
             c.bytes_written(),
             c.dropped_bytes()
         );

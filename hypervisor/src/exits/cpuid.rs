@@ -11,7 +11,7 @@ use super::{Action, ExitContext, Host};
 use crate::abi;
 use crate::devices::clock::LAPIC_TIMER_HZ;
 use crate::devices::lapic;
-use crate::guest::Guest;
+use crate::guest::{Vcpu, Vm};
 use crate::vmx::controls::{PrimaryControls, SecondaryControls};
 use crate::vmx::{Control32, Vmcs};
 
@@ -170,13 +170,13 @@ pub struct GuestFeatures {
 }
 
 impl GuestFeatures {
-    pub fn of<V: Vmcs + ?Sized>(vmcs: &V, guest: &Guest) -> Self {
+    pub fn of<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &Vcpu, vm: &Vm) -> Self {
         Self {
-            cr4: super::cr::live_cr4(vmcs, guest),
-            apic_enabled: guest.platform.apic_base() & crate::exits::msr::APIC_BASE_ENABLE != 0,
+            cr4: super::cr::live_cr4(vmcs, vcpu),
+            apic_enabled: vm.platform.apic_base() & crate::exits::msr::APIC_BASE_ENABLE != 0,
             primary: vmcs.read(Control32::PrimaryProcBasedControls),
             secondary: vmcs.read(Control32::SecondaryProcBasedControls),
-            tsc_hz: guest.platform.tsc_hz(),
+            tsc_hz: vm.platform.tsc_hz(),
         }
     }
 
@@ -199,16 +199,17 @@ fn depends_on_guest(leaf: u32) -> bool {
 /// The guest's CPUID(leaf, subleaf) now: what the MSR handlers check a feature against.
 pub fn of_guest<V: Vmcs + ?Sized>(
     vmcs: &V,
-    guest: &Guest,
+    vcpu: &Vcpu,
+    vm: &Vm,
     host: &dyn Host,
     leaf: u32,
     subleaf: u32,
 ) -> [u32; 4] {
     let f = if depends_on_guest(leaf) {
-        GuestFeatures::of(vmcs, guest)
+        GuestFeatures::of(vmcs, vcpu, vm)
     } else {
         GuestFeatures {
-            tsc_hz: guest.platform.tsc_hz(),
+            tsc_hz: vm.platform.tsc_hz(),
             ..GuestFeatures::default()
         }
     };
@@ -406,12 +407,13 @@ fn best_fraction(n: u64, d: u64, max_p: u64, max_q: u64) -> Option<(u64, u64)> {
 /// Whether the guest's CPUID(leaf, subleaf) register `reg` has `bit` set.
 pub fn has<V: Vmcs + ?Sized>(
     vmcs: &V,
-    guest: &Guest,
+    vcpu: &Vcpu,
+    vm: &Vm,
     host: &dyn Host,
     (leaf, subleaf, reg): (u32, u32, usize),
     bit: u32,
 ) -> bool {
-    of_guest(vmcs, guest, host, leaf, subleaf)[reg] & bit != 0
+    of_guest(vmcs, vcpu, vm, host, leaf, subleaf)[reg] & bit != 0
 }
 
 /// Register positions for [`has`].
@@ -424,10 +426,10 @@ pub const LEAF81_EDX: (u32, u32, usize) = (0x8000_0001, 0, EDX);
 
 #[inline]
 pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
-    let leaf = cx.guest.regs.rax as u32;
-    let subleaf = cx.guest.regs.rcx as u32;
-    let [a, b, c, d] = of_guest(cx.vmcs, cx.guest, cx.host, leaf, subleaf);
-    let r = &mut cx.guest.regs;
+    let leaf = cx.vcpu.regs.rax as u32;
+    let subleaf = cx.vcpu.regs.rcx as u32;
+    let [a, b, c, d] = of_guest(cx.vmcs, cx.vcpu, cx.vm, cx.host, leaf, subleaf);
+    let r = &mut cx.vcpu.regs;
     // CPUID writes the low 32 bits and clears the upper halves in 64-bit mode.
     r.rax = a as u64;
     r.rbx = b as u64;
@@ -454,9 +456,9 @@ mod tests {
     #[test]
     fn signature_and_bits() {
         let mut t = TestBed::new();
-        t.guest.regs.rax = 0x4000_0000;
+        t.vcpu.regs.rax = 0x4000_0000;
         assert_eq!(t.run(crate::vmx::ExitReason::Cpuid), Action::Advance);
-        let r = t.guest.regs;
+        let r = t.vcpu.regs;
         let mut sig = [0u8; 12];
         sig[..4].copy_from_slice(&(r.rbx as u32).to_le_bytes());
         sig[4..8].copy_from_slice(&(r.rcx as u32).to_le_bytes());
@@ -464,14 +466,14 @@ mod tests {
         assert_eq!(&sig, b"KeelKeelKeel");
         assert_eq!(r.rax, 0x4000_0010, "up to the timing leaf");
 
-        t.guest.regs.rax = 1;
+        t.vcpu.regs.rax = 1;
         t.run(crate::vmx::ExitReason::Cpuid);
-        let c = t.guest.regs.rcx as u32;
+        let c = t.vcpu.regs.rcx as u32;
         assert_ne!(c & bit::ECX1_HYPERVISOR, 0, "hypervisor bit set");
         assert_eq!(c & bit::ECX1_VMX, 0, "VMX hidden");
         assert_ne!(c & bit::ECX1_X2APIC, 0, "x2APIC emulated");
-        assert_eq!((t.guest.regs.rbx >> 16) & 0xff, 1, "one logical processor");
-        assert_eq!(t.guest.regs.rdx as u32 & bit::EDX1_HTT, 0);
+        assert_eq!((t.vcpu.regs.rbx >> 16) & 0xff, 1, "one logical processor");
+        assert_eq!(t.vcpu.regs.rdx as u32 & bit::EDX1_HTT, 0);
     }
 
     #[test]

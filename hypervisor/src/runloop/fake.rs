@@ -7,7 +7,7 @@
 use super::{Cpu, Slot};
 use crate::exits::testing::{FakeHost, TestBed};
 use crate::exits::Host;
-use crate::guest::{Guest, GuestRegs, RunState};
+use crate::guest::{GuestRegs, RunState, Vcpu, Vm};
 use crate::vmx::controls::PrimaryControls;
 use crate::vmx::{
     Control32, Control64, ExitReason, FakeVmcs, Guest32, GuestNat, ReadOnly32, ReadOnlyNat, Vmcs,
@@ -203,10 +203,11 @@ impl FakeCpu {
 
     /// A guest running `program` on this CPU, created now (its clock reads 0).
     pub fn guest(&self, id: usize, program: Program, restart_limit: u32) -> Slot<FakeVcpu> {
-        let mut guest = TestBed::new().guest;
-        guest.id = id as u32;
-        guest.name = alloc::format!("g{id}");
-        let mut vcpu = FakeVcpu {
+        let bed = TestBed::new();
+        let (mut vm, mut vcpu) = (bed.vm, bed.vcpu);
+        vm.id = id as u32;
+        vm.name = alloc::format!("g{id}");
+        let mut hw = FakeVcpu {
             id,
             vmcs: FakeVmcs::new(),
             launched: false,
@@ -215,8 +216,8 @@ impl FakeCpu {
             handler: None,
             boots: 0,
         };
-        power_on(&mut vcpu, &mut guest, self.clock);
-        Slot::new(guest, vcpu, restart_limit)
+        power_on(&mut hw, &mut vm, &mut vcpu, self.clock);
+        Slot::new(vm, vcpu, hw, restart_limit)
     }
 
     /// The entries of guest `id`, in order.
@@ -299,20 +300,18 @@ impl FakeCpu {
 
 /// The guest at power-on, created at host TSC `clock`: its program from the start, a fresh VMCS
 /// with RFLAGS and the TSC offset, registers and platform at reset.
-fn power_on(vcpu: &mut FakeVcpu, guest: &mut Guest, clock: u64) {
-    vcpu.vmcs = FakeVmcs::new();
-    vcpu.launched = false;
-    vcpu.main = Cursor::default();
-    vcpu.handler = None;
-    vcpu.vmcs.set(GuestNat::Rflags, vcpu.program.rflags);
-    guest.tsc_offset = 0u64.wrapping_sub(clock);
-    guest.tsc_adjust = 0;
-    vcpu.vmcs.set(Control64::TscOffset, guest.vmcs_tsc_offset());
-    guest.regs = GuestRegs::default();
-    guest.platform = crate::devices::Platform::new(TSC_HZ);
-    guest.state = RunState::Runnable;
-    guest.xcr0 = 1;
-    guest.events = Default::default();
+fn power_on(hw: &mut FakeVcpu, vm: &mut Vm, vcpu: &mut Vcpu, clock: u64) {
+    hw.vmcs = FakeVmcs::new();
+    hw.launched = false;
+    hw.main = Cursor::default();
+    hw.handler = None;
+    hw.vmcs.set(GuestNat::Rflags, hw.program.rflags);
+    vm.tsc_offset = 0u64.wrapping_sub(clock);
+    vm.platform = crate::devices::Platform::new(TSC_HZ);
+    vcpu.reset();
+    debug_assert_eq!(vcpu.state, RunState::Runnable);
+    hw.vmcs
+        .set(Control64::TscOffset, vcpu.vmcs_tsc_offset(vm.tsc_offset));
 }
 
 impl Cpu for FakeCpu {
@@ -422,13 +421,14 @@ impl Cpu for FakeCpu {
 
     fn boot(
         &mut self,
-        vcpu: &mut FakeVcpu,
-        guest: &mut Guest,
+        hw: &mut FakeVcpu,
+        vm: &mut Vm,
+        vcpu: &mut Vcpu,
         _restarts: u32,
     ) -> Result<(), String> {
-        vcpu.boots += 1;
-        power_on(vcpu, guest, self.clock);
-        self.current = Some(vcpu.id);
+        hw.boots += 1;
+        power_on(hw, vm, vcpu, self.clock);
+        self.current = Some(hw.id);
         Ok(())
     }
 

@@ -61,8 +61,8 @@ fn every_tick_on_time(rl: &RunLoop<FakeCpu>, i: usize, count: u16) {
         .guest_end()
         + KEEL_COST;
     // Its time now: a halted guest's clock runs on; a runnable one's stopped when it last exited.
-    let now = match rl.slots[i].guest.state {
-        RunState::Halted => rl.slots[i].guest.now(rl.cpu.clock),
+    let now = match rl.slots[i].vcpu.state {
+        RunState::Halted => rl.slots[i].vm.now(rl.cpu.clock),
         _ => rl.cpu.entries(i).last().unwrap().guest_end() + KEEL_COST,
     };
     let own = now - started;
@@ -76,7 +76,7 @@ fn every_tick_on_time(rl: &RunLoop<FakeCpu>, i: usize, count: u16) {
     );
     assert!(ticks.iter().all(|e| e.injected == Some(0x20)));
     assert_eq!(
-        rl.slots[i].guest.platform.stats().lines[0].coalesced,
+        rl.slots[i].vm.platform.stats().lines[0].coalesced,
         0,
         "no tick lost"
     );
@@ -91,7 +91,7 @@ fn every_tick_on_time(rl: &RunLoop<FakeCpu>, i: usize, count: u16) {
 }
 
 fn cpu_cycles(rl: &RunLoop<FakeCpu>, i: usize) -> u64 {
-    rl.slots[i].guest.stats.cpu_cycles
+    rl.slots[i].vcpu.stats.cpu_cycles
 }
 
 /// Each value's distance from their mean, as a fraction of it.
@@ -130,7 +130,7 @@ fn three_cpu_bound_guests_get_equal_shares() {
             c <= 100 * QUANTUM && c > 100 * QUANTUM * 99 / 100,
             "guest {i}: {c}"
         );
-        let s = &rl.slots[i].guest.stats;
+        let s = &rl.slots[i].vcpu.stats;
         assert_eq!(
             s.total_exits(),
             100,
@@ -173,7 +173,7 @@ fn a_halted_guest_gets_every_tick_on_time_while_others_compute() {
     run_for(&mut rl, 2 * TSC_HZ);
     // Its clock ran with the machine's while it was halted, and stopped only between its
     // wake-ups and its first instruction after them.
-    let own_time = rl.slots[2].guest.now(rl.cpu.clock);
+    let own_time = rl.slots[2].vm.now(rl.cpu.clock);
     let elapsed = rl.cpu.clock - super::fake::START;
     assert!(
         own_time <= elapsed && own_time > elapsed * 999 / 1000,
@@ -233,17 +233,17 @@ fn a_timer_that_is_always_due_does_not_livelock_its_guest() {
     storm.rflags = 0x2;
     let mut rl = rig(vec![storm.with_pit(1), Program::compute()]);
     for _ in 0..1_000 {
-        if !rl.slots[0].guest.state.is_live() {
+        if !rl.slots[0].vcpu.state.is_live() {
             break;
         }
         assert!(rl.step());
     }
     assert_eq!(
-        rl.slots[0].guest.state,
+        rl.slots[0].vcpu.state,
         RunState::Stopped(StopReason::DebugExit(0x43)),
         "the storm's guest finished its work"
     );
-    let s = &rl.slots[0].guest.stats;
+    let s = &rl.slots[0].vcpu.stats;
     // Every entry ran at least the minimum gap (but the last of each slice).
     let slices = 1_000_000 / QUANTUM + 1;
     assert!(
@@ -323,14 +323,14 @@ fn stopped_guests_never_run_again() {
         steps += 1;
         assert!(steps < 1000, "the loop did not end");
     }
-    let state = |i: usize| rl.slots[i].guest.state.clone();
+    let state = |i: usize| rl.slots[i].vcpu.state.clone();
     assert_eq!(state(0), RunState::Stopped(StopReason::DebugExit(3)));
     assert_eq!(
         state(1),
         RunState::Stopped(StopReason::Killed("by the operator".into()))
     );
     assert_eq!(state(2), RunState::Stopped(StopReason::TripleFault));
-    assert_eq!(rl.slots[2].vcpu.boots, 1);
+    assert_eq!(rl.slots[2].hw.boots, 1);
     let last = |i: usize| rl.cpu.trace.iter().rposition(|e| e.guest == i).unwrap();
     assert_eq!(rl.cpu.trace[last(0)].exit, ExitReason::IoInstruction);
     assert!(last(1) < killed_at);
@@ -344,7 +344,7 @@ fn stopped_guests_never_run_again() {
     // Its 250 000 cycles and the OUT, plus the RDTSC that ends each entry's account.
     let entries = rl.cpu.entries(0).count() as u64;
     assert_eq!(
-        rl.slots[0].guest.stats.cpu_cycles,
+        rl.slots[0].vcpu.stats.cpu_cycles,
         250_000 + 1 + entries * KEEL_COST
     );
 }
@@ -397,7 +397,7 @@ fn every_guest_gets_its_ticks_on_time_whether_the_running_one_exits_often_or_nev
     every_tick_on_time(&rl, 0, PIT_100HZ);
     every_tick_on_time(&rl, 1, PIT_132HZ);
     every_tick_on_time(&rl, 2, PIT_132HZ);
-    let cpuid = rl.slots[0].guest.stats.exits[ExitReason::Cpuid.number() as usize];
+    let cpuid = rl.slots[0].vcpu.stats.exits[ExitReason::Cpuid.number() as usize];
     assert!(cpuid > 10_000, "{cpuid} CPUID exits");
 }
 
