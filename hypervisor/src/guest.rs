@@ -137,6 +137,9 @@ pub enum RunState {
     Runnable,
     /// Executed HLT; runnable again when an interrupt is pending for it.
     Halted,
+    /// An application processor after power-on or INIT (SDM 8.4.1, 10.6.1): not scheduled until
+    /// a STARTUP IPI starts it.
+    WaitForSipi,
     /// Paused from the management API; not scheduled until resumed. `halted` remembers whether
     /// it was waiting in HLT, so resuming puts it back exactly where it was.
     Paused {
@@ -182,6 +185,27 @@ impl Default for GuestStats {
 }
 
 impl GuestStats {
+    /// The counts of several vCPUs added up (the last exit is the first one's).
+    pub fn sum<'a>(all: impl Iterator<Item = &'a GuestStats>) -> GuestStats {
+        let mut t = GuestStats::default();
+        for (n, s) in all.enumerate() {
+            for (a, b) in t.exits.iter_mut().zip(s.exits.iter()) {
+                *a += b;
+            }
+            t.cpu_cycles += s.cpu_cycles;
+            t.keel_cycles += s.keel_cycles;
+            t.halted_cycles += s.halted_cycles;
+            t.interrupts_injected += s.interrupts_injected;
+            t.exceptions_injected += s.exceptions_injected;
+            t.unclaimed_port_accesses += s.unclaimed_port_accesses;
+            t.hypercalls += s.hypercalls;
+            if n == 0 {
+                t.last_exit = s.last_exit;
+            }
+        }
+        t
+    }
+
     pub fn total_exits(&self) -> u64 {
         self.exits.iter().sum()
     }
@@ -342,8 +366,8 @@ pub struct Vm {
 /// accounts. Its VMCS and the registers VMX does not switch are its hardware half
 /// (`hypervisor::VcpuHw`).
 pub struct Vcpu {
-    /// Its number in the guest, 0 for the bootstrap processor.
-    pub index: u32,
+    /// Its number in the guest, 0 for the bootstrap processor; also its APIC ID.
+    pub index: usize,
     pub regs: GuestRegs,
     pub state: RunState,
     pub stats: GuestStats,
@@ -367,7 +391,7 @@ pub struct Vcpu {
 
 impl Vcpu {
     /// A vCPU at power-on with the CR rules of `caps`.
-    pub fn new(index: u32, caps: &crate::vmx::VmxCaps) -> Self {
+    pub fn new(index: usize, caps: &crate::vmx::VmxCaps) -> Self {
         Self {
             index,
             regs: GuestRegs::default(),
@@ -430,6 +454,8 @@ impl RunState {
             RunState::Halted => RunState::Paused { halted: true },
             RunState::Paused { .. } => return Err(ControlError::AlreadyPaused),
             RunState::Stopped(_) => return Err(ControlError::AlreadyStopped),
+            // Nothing to pause: it stays waiting (no vCPU of a paused guest sends it a SIPI).
+            RunState::WaitForSipi => RunState::WaitForSipi,
         };
         Ok(())
     }

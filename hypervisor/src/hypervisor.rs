@@ -16,7 +16,7 @@ use crate::mm;
 use crate::runloop::{Cpu, LoopConfig, RunLoop, Slot};
 use crate::vcpu::{self, ControlSet};
 use crate::vmx::controls::{PrimaryControls, SecondaryControls};
-use crate::vmx::invalidate::guest_vpid;
+use crate::vmx::invalidate::vcpu_vpid;
 use crate::vmx::{FlushPolicy, Vmcs, VmxCaps, VmxError};
 use crate::{error, fatal, info};
 use alloc::string::String;
@@ -191,16 +191,21 @@ impl Cpu for RealCpu {
         cpu::rdtsc()
     }
 
-    fn save(&mut self, vm: &mut VmHw) {
-        vm.saved.save();
+    fn save(&mut self, vm: &mut VmHw, cpu: usize) {
+        if let Some(c) = vm.cpus.get_mut(cpu) {
+            c.saved.save();
+        }
     }
 
-    fn restore(&mut self, vm: &mut VmHw, xcr0: u64) {
-        vm.saved.restore(xcr0);
+    fn restore(&mut self, vm: &mut VmHw, cpu: usize, xcr0: u64) {
+        if let Some(c) = vm.cpus.get(cpu) {
+            c.saved.restore(xcr0);
+        }
     }
 
-    fn load<'a>(&mut self, vm: &'a mut VmHw) -> Result<LoadedVmcs<'a>, String> {
-        vm.vmcs.load().map_err(|e| alloc::format!("{e}"))
+    fn load<'a>(&mut self, vm: &'a mut VmHw, cpu: usize) -> Result<LoadedVmcs<'a>, String> {
+        let c = vm.cpus.get_mut(cpu).ok_or("no such vCPU")?;
+        c.vmcs.load().map_err(|e| alloc::format!("{e}"))
     }
 
     fn enter(&mut self, vmcs: &mut LoadedVmcs<'_>, regs: &mut GuestRegs) -> Result<(), VmxError> {
@@ -228,10 +233,10 @@ impl Cpu for RealCpu {
         &mut self,
         hw: &mut VmHw,
         vm: &mut Vm,
-        vcpu: &mut Vcpu,
+        vcpus: &mut [Vcpu],
         restarts: u32,
     ) -> Result<(), String> {
-        hw.boot(vm, vcpu, restarts)
+        hw.boot(vm, vcpus, restarts)
     }
 
     fn console_key(&mut self) -> Option<u8> {
@@ -239,18 +244,25 @@ impl Cpu for RealCpu {
     }
 }
 
-/// One guest on the hardware: its VMCS and the structures the VMCS points to. The
-/// hardware-independent [`Guest`] and its place in the schedule are in its `runloop::Slot`.
+/// One guest on the hardware: each vCPU's VMCS and saved registers, and the structures the
+/// VMCSs point to. The hardware-independent [`Vm`] and [`Vcpu`]s and their places in the
+/// schedule are in its `runloop::Slot`.
 pub struct VmHw {
-    /// Loaded (VMPTRLD) for each use: its handle is the only way to read or write it.
-    vmcs: VmcsRegion,
+    /// vCPU i's hardware is `cpus[i]`.
+    cpus: Vec<VcpuHw>,
     ept: Ept<Frames>,
-    /// Register state that VMX does not switch, saved while another guest runs.
-    saved: SavedState,
     setup: Setup,
     /// The guest's RAM (`guest.ram` views it). Last, so it is given back after everything that
     /// refers to it when a `VmHw` is dropped (a guest refused at boot; its `Guest` goes first).
     ram_block: mm::OwnedPages,
+}
+
+/// One vCPU on the hardware.
+struct VcpuHw {
+    /// Loaded (VMPTRLD) for each use: its handle is the only way to read or write it.
+    vmcs: VmcsRegion,
+    /// Register state that VMX does not switch, saved while another vCPU runs.
+    saved: SavedState,
 }
 
 /// The MSRs in `exits::msr::PASSTHROUGH` that the VMCS does not switch.
@@ -391,6 +403,7 @@ fn guest_setup(
 }
 
 struct Overhead {
+    vcpus: usize,
     ept_tables: usize,
     /// Heap bytes: the guest's bookkeeping and device models.
     device_bytes: usize,
@@ -398,8 +411,8 @@ struct Overhead {
 
 impl Overhead {
     fn total(&self) -> usize {
-        // VMCS, two I/O bitmaps, the MSR bitmap and the XSAVE area are one page each.
-        (1 + 2 + 1 + 1 + self.ept_tables) * 4096 + self.device_bytes
+        // Each vCPU's VMCS and XSAVE area, two I/O bitmaps and the MSR bitmap are one page each.
+        (2 * self.vcpus + 2 + 1 + self.ept_tables) * 4096 + self.device_bytes
     }
 }
 
@@ -438,27 +451,33 @@ impl VmHw {
             MemType::WriteBack,
         )
         .map_err(|e| alloc::format!("{e}"))?;
-        let vmcs = VmcsRegion::new(setup.caps.revision_id()).map_err(|e| alloc::format!("{e}"))?;
-        let saved = SavedState::new().ok_or("out of memory")?;
+        let mut cpus = Vec::new();
+        for _ in 0..cfg.vcpus.max(1) {
+            cpus.push(VcpuHw {
+                vmcs: VmcsRegion::new(setup.caps.revision_id())
+                    .map_err(|e| alloc::format!("{e}"))?,
+                saved: SavedState::new().ok_or("out of memory")?,
+            });
+        }
+        let board = crate::devices::board::Board::pc(cfg.memory, cfg.vcpus.max(1));
         let guest = Vm {
             id,
             name: cfg.name.clone(),
             ram,
-            platform: Platform::for_board(crate::devices::board::Board::pc(cfg.memory, 1), tsc_hz),
+            platform: Platform::for_board(board, tsc_hz),
             stats_requested: false,
             tsc_offset: 0,
         };
-        let vcpu = Vcpu::new(0, &setup.caps);
+        let vcpus = (0..cpus.len()).map(|c| Vcpu::new(c, &setup.caps)).collect();
         let vm = Self {
-            vmcs,
+            cpus,
             ept,
-            saved,
             setup,
             ram_block,
         };
         let restart_limit = vm.setup.cfg.restart;
-        let mut slot = Slot::new(guest, vcpu, vm, restart_limit);
-        slot.hw.boot(&mut slot.vm, &mut slot.vcpu, 0)?;
+        let mut slot = Slot::new(guest, vcpus, vm, restart_limit);
+        slot.hw.boot(&mut slot.vm, &mut slot.vcpus, 0)?;
         if slot.hw.setup.cfg.refuse {
             // Dropping `vm` gives back everything allocated above, as for any refusal.
             return Err("refused on request (selftest = refuse)".into());
@@ -468,13 +487,15 @@ impl VmHw {
         let heap = arch::boot::heap_used().saturating_sub(heap_before)
             + core::mem::size_of::<Slot<VmHw>>();
         let o = Overhead {
+            vcpus: slot.vcpus.len(),
             ept_tables: slot.hw.ept.tables_used(),
             device_bytes: heap,
         };
         info!(
-            "guest {id} {} overhead: {} KiB (VMCS 4, EPT {} tables, I/O+MSR bitmaps 12, XSAVE 4, devices and bookkeeping {} B)",
+            "guest {id} {} overhead: {} KiB ({} vCPUs: VMCS 4 and XSAVE 4 each; EPT {} tables, I/O+MSR bitmaps 12, devices and bookkeeping {} B)",
             slot.vm.name,
             o.total() >> 10,
+            o.vcpus,
             o.ept_tables,
             o.device_bytes
         );
@@ -483,7 +504,7 @@ impl VmHw {
 
     /// (Re)starts the guest from its image: fresh RAM contents, devices, registers and VMCS.
     /// `restarts` counts its earlier deaths.
-    fn boot(&mut self, g: &mut Vm, vcpu: &mut Vcpu, restarts: u32) -> Result<(), String> {
+    fn boot(&mut self, g: &mut Vm, vcpus: &mut [Vcpu], restarts: u32) -> Result<(), String> {
         let setup = &self.setup;
         let mut cfg = setup.cfg.clone();
         if restarts > 0 {
@@ -521,63 +542,75 @@ impl VmHw {
                 .map_err(|e| alloc::format!("{e}"))?;
         }
 
-        // A VMCS that cannot be cleared or loaded ends this guest (the caller reports why), not
-        // Keel.
-        self.vmcs.clear().map_err(|e| alloc::format!("{e}"))?;
-        let mut v = self.vmcs.load().map_err(|e| alloc::format!("{e}"))?;
+        g.tsc_offset = if setup.controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0 {
+            0u64.wrapping_sub(cpu::rdtsc())
+        } else {
+            0
+        };
+        g.platform = Platform::for_board(g.platform.board().clone(), g.platform.tsc_hz());
         let id = g.id;
-        let vpid = guest_vpid(id);
         let eptp = self.ept.eptp();
-        vcpu::write_controls(
-            &mut v,
-            &setup.controls,
-            (setup.io_bitmaps.0.pa(), setup.io_bitmaps.1.pa()),
-            setup.msr_bitmap.pa(),
-            eptp,
-            vpid,
-        );
-        // Nothing cached under this guest's EPTP or VPID may outlive its previous life or another
-        // guest's use of the same tags (vmx::invalidate).
         let secondary = SecondaryControls::from_bits_retain(setup.controls.secondary);
         let policy = FlushPolicy::new(
             &setup.caps,
             secondary.contains(SecondaryControls::ENABLE_EPT),
             secondary.contains(SecondaryControls::ENABLE_VPID),
         );
-        for inv in policy.at_guest_boot(eptp, vpid) {
-            vmx::invalidate(&inv).map_err(|e| alloc::format!("{inv} failed: {e}"))?;
+        for (c, (hw, vcpu)) in self.cpus.iter_mut().zip(vcpus.iter_mut()).enumerate() {
+            // A VMCS that cannot be cleared or loaded ends this guest (the caller reports why),
+            // not Keel.
+            hw.vmcs.clear().map_err(|e| alloc::format!("{e}"))?;
+            let mut v = hw.vmcs.load().map_err(|e| alloc::format!("{e}"))?;
+            let vpid = vcpu_vpid(id, c);
+            vcpu::write_controls(
+                &mut v,
+                &setup.controls,
+                (setup.io_bitmaps.0.pa(), setup.io_bitmaps.1.pa()),
+                setup.msr_bitmap.pa(),
+                eptp,
+                vpid,
+            );
+            // Nothing cached under this guest's EPTP or its vCPUs' VPIDs may outlive its previous
+            // life or another guest's use of the same tags (vmx::invalidate).
+            for inv in policy.at_guest_boot(eptp, vpid) {
+                vmx::invalidate(&inv).map_err(|e| alloc::format!("{inv} failed: {e}"))?;
+            }
+            arch::vmcs::write_host_state(&mut v);
+            vcpu.reset();
+            if c == 0 {
+                vcpu::write_guest_state(&mut v, &st, &vcpu.cr0_rules, &vcpu.cr4_rules);
+                vcpu.regs = GuestRegs {
+                    rax: st.rax,
+                    rbx: st.rbx,
+                    rcx: st.rcx,
+                    rdx: st.rdx,
+                    rsi: st.rsi,
+                    rdi: st.rdi,
+                    ..Default::default()
+                };
+            } else {
+                // An application processor waits for its SIPI (SDM 8.4.1), which writes its
+                // guest state (`runloop`); meanwhile it holds the INIT state.
+                let init = loader::InitialState::startup_ipi(0);
+                vcpu::write_guest_state(&mut v, &init, &vcpu.cr0_rules, &vcpu.cr4_rules);
+                vcpu.state = RunState::WaitForSipi;
+            }
+            v.write(
+                crate::vmx::Control64::TscOffset,
+                vcpu.vmcs_tsc_offset(g.tsc_offset),
+            );
+            drop(v);
+            hw.saved.reset();
         }
-        arch::vmcs::write_host_state(&mut v);
-        vcpu::write_guest_state(&mut v, &st, &vcpu.cr0_rules, &vcpu.cr4_rules);
-        g.tsc_offset = if setup.controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0 {
-            0u64.wrapping_sub(cpu::rdtsc())
-        } else {
-            0
-        };
-        vcpu.reset();
-        v.write(
-            crate::vmx::Control64::TscOffset,
-            vcpu.vmcs_tsc_offset(g.tsc_offset),
-        );
-        vcpu.regs = GuestRegs {
-            rax: st.rax,
-            rbx: st.rbx,
-            rcx: st.rcx,
-            rdx: st.rdx,
-            rsi: st.rsi,
-            rdi: st.rdi,
-            ..Default::default()
-        };
-        g.platform = Platform::for_board(g.platform.board().clone(), g.platform.tsc_hz());
-        debug_assert_eq!(vcpu.state, RunState::Runnable);
-        self.saved.reset();
         info!(
-            "guest {id} {}: {:?} {} KiB image, {} MiB RAM at {:#x}, entry {:?} mode at {:#x}{}",
+            "guest {id} {}: {:?} {} KiB image, {} MiB RAM at {:#x}, {} vCPU{}, entry {:?} mode at {:#x}{}",
             cfg.name,
             cfg.kind,
             image.len() >> 10,
             cfg.memory >> 20,
             self.ram_block.pa(),
+            vcpus.len(),
+            if vcpus.len() == 1 { "" } else { "s" },
             st.mode,
             st.rip,
             if restarts > 0 {

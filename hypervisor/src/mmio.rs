@@ -533,7 +533,12 @@ pub fn emulate<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, gpa: u64) -> Actio
             size,
             dst_size,
         } => {
-            let v = cx.vm.platform.mmio_read(gpa, size, now).unwrap_or(u64::MAX) & size_mask(size);
+            let v = cx
+                .vm
+                .platform
+                .mmio_read(cx.vcpu.index, gpa, size, now)
+                .unwrap_or(u64::MAX)
+                & size_mask(size);
             if let Operand::Reg { index, high_byte } = dst {
                 if index == 4 && !high_byte {
                     let old = cx.vmcs.read(GuestNat::Rsp);
@@ -550,7 +555,7 @@ pub fn emulate<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, gpa: u64) -> Actio
         MmioOp::Write { src, size } => {
             let rsp = cx.vmcs.read(GuestNat::Rsp);
             let v = read_operand(&cx.vcpu.regs, rsp, src) & size_mask(size);
-            cx.vm.platform.mmio_write(gpa, size, v, now);
+            cx.vm.platform.mmio_write(cx.vcpu.index, gpa, size, v, now);
         }
     }
     // SDM 17.2.4: a data breakpoint on the operand traps after the instruction, as when the CPU

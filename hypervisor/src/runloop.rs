@@ -10,12 +10,13 @@
 
 use crate::devices::console::ConsoleLine;
 use crate::exits::{self, Action, ExitContext, Host};
-use crate::guest::{GuestRegs, RunState, StopReason, Vcpu, Vm};
+use crate::guest::{GuestRegs, GuestStats, RunState, StopReason, Vcpu, Vm};
 use crate::log::Writer;
 use crate::sched::RoundRobin;
 use crate::vmx::{Control64, ExitReason, Guest32, Vmcs, VmxError};
 use crate::{error, info};
 use alloc::string::String;
+use alloc::vec;
 use alloc::vec::Vec;
 
 /// A guest's own timers may bring it back to Keel at most this often: every 1/20000 s (50 us).
@@ -24,11 +25,11 @@ pub const MIN_TIMER_GAP_DIVISOR: u64 = 20_000;
 /// The machine as the run loop uses it. Implemented by the hardware (`hypervisor::RealCpu`) and by
 /// the tests' fake.
 pub trait Cpu {
-    /// A guest's share of the hardware: its VMCS, EPT, saved registers, image (everything of the
-    /// guest that is not in its [`Vm`] and [`Vcpu`]).
+    /// A guest's share of the hardware: its EPT, RAM block and image, and each vCPU's VMCS and
+    /// saved registers (everything of the guest that is not in its [`Vm`] and [`Vcpu`]s).
     type Vcpu;
-    /// A guest's VMCS made current on this CPU ([`Cpu::load`]): the only way to read or write it,
-    /// and to enter the guest.
+    /// A vCPU's VMCS made current on this CPU ([`Cpu::load`]): the only way to read or write it,
+    /// and to enter the vCPU.
     type Loaded<'a>: Vmcs
     where
         Self::Vcpu: 'a;
@@ -36,12 +37,12 @@ pub trait Cpu {
     /// The host TSC.
     fn rdtsc(&mut self) -> u64;
     /// Saves the registers VMX does not switch (extended state, XCR0's domain, CR2, DR0-DR3/DR6,
-    /// the SYSCALL MSRs) into `vcpu`: the guest is being switched out.
-    fn save(&mut self, vcpu: &mut Self::Vcpu);
-    /// Loads what [`Cpu::save`] saved, and the guest's XCR0: the guest is being switched in.
-    fn restore(&mut self, vcpu: &mut Self::Vcpu, xcr0: u64);
-    /// Makes the guest's VMCS the current one (VMPTRLD) and hands out the handle to it.
-    fn load<'a>(&mut self, vcpu: &'a mut Self::Vcpu) -> Result<Self::Loaded<'a>, String>;
+    /// the SYSCALL MSRs) into vCPU `cpu` of `hw`: it is being switched out.
+    fn save(&mut self, hw: &mut Self::Vcpu, cpu: usize);
+    /// Loads what [`Cpu::save`] saved, and the vCPU's XCR0: it is being switched in.
+    fn restore(&mut self, hw: &mut Self::Vcpu, cpu: usize, xcr0: u64);
+    /// Makes vCPU `cpu`'s VMCS the current one (VMPTRLD) and hands out the handle to it.
+    fn load<'a>(&mut self, hw: &'a mut Self::Vcpu, cpu: usize) -> Result<Self::Loaded<'a>, String>;
     /// Enters the guest of `vmcs` (VMLAUNCH the first time after a boot, else VMRESUME) and
     /// returns at its next VM exit, with its general-purpose registers back in `regs`.
     fn enter(&mut self, vmcs: &mut Self::Loaded<'_>, regs: &mut GuestRegs) -> Result<(), VmxError>;
@@ -53,13 +54,14 @@ pub trait Cpu {
     fn load_spec_ctrl(&mut self, value: u64);
     /// Sleeps until host TSC `wake` (at most `max` cycles from now) or an interrupt for Keel.
     fn sleep_until(&mut self, wake: u64, max: u64);
-    /// (Re)starts the guest from its image: fresh RAM, devices, registers and VMCS. `restarts`
-    /// counts earlier deaths (it picks the command line).
+    /// (Re)starts the guest from its image: fresh RAM, devices, registers and VMCSs. vCPU 0
+    /// starts at the image's entry; the others wait for a SIPI ([`RunState::WaitForSipi`]).
+    /// `restarts` counts earlier deaths (it picks the command line).
     fn boot(
         &mut self,
         hw: &mut Self::Vcpu,
         vm: &mut Vm,
-        vcpu: &mut Vcpu,
+        vcpus: &mut [Vcpu],
         restarts: u32,
     ) -> Result<(), String>;
     /// A key typed on Keel's console, if any.
@@ -80,59 +82,77 @@ pub struct LoopConfig {
     pub tsc_offsetting: bool,
 }
 
-/// One guest in the run loop: its hardware-independent state, its hardware, and its place in the
-/// schedule.
+/// One guest in the run loop: what its vCPUs share, each vCPU with its place in the schedule,
+/// and its hardware.
 pub struct Slot<V> {
-    /// What the guest's vCPUs share.
     pub vm: Vm,
-    /// Its vCPU.
-    pub vcpu: Vcpu,
+    /// vCPU i has APIC ID i; vCPU 0 is the bootstrap processor.
+    pub vcpus: Vec<Vcpu>,
+    /// Each vCPU's place in the schedule.
+    seats: Vec<Seat>,
     /// Declared after `vm`, so it is dropped after it: the real one owns the RAM `vm.ram` views.
     pub hw: V,
-    /// Host TSC since which the guest has been runnable but waiting for the CPU. Its clock does
-    /// not advance meanwhile: when it runs again, the wait is taken out of its TSC offset, so its
-    /// timers keep their programmed rate in its own time and no ticks pile up while others run.
-    /// Time spent halted does pass (the guest asked to wait). docs/ARCHITECTURE.md, "Time".
+    /// Host TSC since which the guest has been runnable but none of its vCPUs has had the CPU.
+    /// Its clock does not advance meanwhile: when one of its vCPUs runs again, the wait is taken
+    /// out of its TSC offset, so its timers keep their programmed rate in its own time and no
+    /// ticks pile up while others run. Time spent halted does pass (the guest asked to wait).
+    /// The clock is the guest's, not a vCPU's: its vCPUs' TSCs stay in step. docs/ARCHITECTURE.md,
+    /// "Time".
     waiting_since: Option<u64>,
-    /// Host TSC at which the guest executed HLT (for its halted-time account).
-    halted_since: Option<u64>,
-    /// What was left of its time slice when a woken guest cut it short.
-    slice_left: Option<u64>,
-    /// Woken from HLT by an interrupt and not run since: scheduled ahead of the rotation, so a
-    /// timer interrupt reaches a waiting guest within its period even while others compute.
-    woken: bool,
     /// How many times the guest has been restarted after dying.
     restarts: u32,
     /// How many restarts it may have (manifest key `restart`).
     restart_limit: u32,
 }
 
+/// One vCPU's place in the schedule.
+#[derive(Debug, Default, Clone)]
+struct Seat {
+    /// Host TSC at which the vCPU executed HLT (for its halted-time account).
+    halted_since: Option<u64>,
+    /// What was left of its time slice when a woken vCPU cut it short.
+    slice_left: Option<u64>,
+    /// Woken from HLT by an interrupt and not run since: scheduled ahead of the rotation, so a
+    /// timer interrupt reaches a waiting vCPU within its period even while others compute.
+    woken: bool,
+}
+
 impl<V> Slot<V> {
     /// A freshly booted guest, runnable from the next pick on.
-    pub fn new(vm: Vm, vcpu: Vcpu, hw: V, restart_limit: u32) -> Self {
+    pub fn new(vm: Vm, vcpus: Vec<Vcpu>, hw: V, restart_limit: u32) -> Self {
         Self {
             vm,
-            vcpu,
+            seats: vec![Seat::default(); vcpus.len()],
+            vcpus,
             hw,
             waiting_since: None,
-            halted_since: None,
-            slice_left: None,
-            woken: false,
             restarts: 0,
             restart_limit,
         }
     }
+
+    /// The guest's bootstrap processor, vCPU 0: its run state is the guest's (it stops, and
+    /// every vCPU with it, when the guest stops).
+    pub fn bsp(&self) -> &Vcpu {
+        &self.vcpus[0]
+    }
+
+    /// True while the guest has not stopped.
+    fn live(&self) -> bool {
+        self.bsp().state.is_live()
+    }
 }
 
-/// The guests of one CPU and the loop that runs them.
+/// The guests of one CPU and the loop that runs them. The schedule is over vCPUs: every vCPU of
+/// every guest takes its turn ([`RunLoop::seats`] numbers them guest by guest).
 pub struct RunLoop<C: Cpu> {
     pub slots: Vec<Slot<C::Vcpu>>,
     pub cpu: C,
     sched: RoundRobin,
     cfg: LoopConfig,
-    /// Index of the guest whose registers (those VMX does not switch) are in the CPU. Its VMCS
-    /// is loaded afresh at each of its slices, so which VMCS is current is never remembered.
-    in_cpu: Option<usize>,
+    /// The vCPU (guest, vCPU) whose registers (those VMX does not switch) are in the CPU. Its
+    /// VMCS is loaded afresh at each of its slices, so which VMCS is current is never remembered.
+    in_cpu: Option<(usize, usize)>,
     /// Which guest gets the bytes typed on COM1 (`focus`).
     focus: crate::focus::Focus,
 }
@@ -150,13 +170,22 @@ impl<C: Cpu> RunLoop<C> {
         }
     }
 
+    /// Every vCPU of every guest, in schedule order: (guest, vCPU).
+    fn seats(&self) -> Vec<(usize, usize)> {
+        let mut v = Vec::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            v.extend((0..s.vcpus.len()).map(|c| (i, c)));
+        }
+        v
+    }
+
     /// Runs until every guest has stopped.
     pub fn run(&mut self) {
         while self.step() {}
     }
 
-    /// One turn of the loop: wake the halted guests whose interrupts came, then run one time
-    /// slice, or sleep if every live guest is halted. False when every guest has stopped.
+    /// One turn of the loop: wake the halted vCPUs whose interrupts came, then run one time
+    /// slice, or sleep if every live vCPU is halted. False when every guest has stopped.
     pub fn step(&mut self) -> bool {
         self.poll_console();
         crate::log::pump();
@@ -167,37 +196,45 @@ impl<C: Cpu> RunLoop<C> {
         let now = self.cpu.rdtsc();
         let mut live = 0;
         for s in &mut self.slots {
-            let (vm, vcpu) = (&mut s.vm, &mut s.vcpu);
-            if matches!(vcpu.state, RunState::Stopped(_)) {
+            if !s.live() {
                 continue;
             }
             live += 1;
             // A runnable guest waiting for its turn has its clock stopped (see
-            // `Slot::waiting_since`); only halted guests need their timers checked here.
-            if vcpu.state == RunState::Halted {
-                vm.platform.advance(vm.now(now));
-                if vm.platform.pending_interrupt().is_some() {
+            // `Slot::waiting_since`); only halted vCPUs need their timers checked here.
+            if !s.vcpus.iter().any(|v| v.state == RunState::Halted) {
+                continue;
+            }
+            s.vm.platform.advance(s.vm.now(now));
+            for (c, (vcpu, seat)) in s.vcpus.iter_mut().zip(&mut s.seats).enumerate() {
+                if vcpu.state == RunState::Halted && s.vm.platform.pending_interrupt(c).is_some()
+                    || vcpu.state == RunState::Halted && s.vm.platform.nmi_pending(c)
+                {
                     vcpu.state = RunState::Runnable;
-                    if let Some(since) = s.halted_since.take() {
+                    if let Some(since) = seat.halted_since.take() {
                         vcpu.stats.halted_cycles += now.saturating_sub(since);
                     }
-                    s.waiting_since = Some(now);
-                    s.woken = true;
+                    s.waiting_since.get_or_insert(now);
+                    seat.woken = true;
                 }
             }
         }
         if live == 0 {
             return false;
         }
+        let seats = self.seats();
         let slots = &self.slots;
         match self.sched.pick_urgent_first(
-            slots.len(),
-            |i| slots[i].vcpu.state == RunState::Runnable,
-            |i| slots[i].woken,
+            seats.len(),
+            |k| {
+                let (i, c) = seats[k];
+                slots[i].live() && slots[i].vcpus[c].state == RunState::Runnable
+            },
+            |k| slots[seats[k].0].seats[seats[k].1].woken,
         ) {
-            Some(i) => self.run_slice(i),
+            Some(k) => self.run_slice(seats[k]),
             None => {
-                // Every live guest is halted: sleep until the earliest guest timer (or at most
+                // Every live vCPU is halted: sleep until the earliest guest timer (or at most
                 // one quantum, in case an interrupt source has no deadline).
                 let t0 = self.cpu.rdtsc();
                 let wake = self
@@ -216,73 +253,137 @@ impl<C: Cpu> RunLoop<C> {
         true
     }
 
-    /// The host TSC at which the first timer of a halted guest (other than `except`) falls due:
-    /// when a running guest must make room, or when Keel must wake from idle. Stopped and paused
-    /// guests do not count.
+    /// The host TSC at which the first timer of a guest with a halted vCPU (other than guest
+    /// `except`) falls due: when a running vCPU must make room, or when Keel must wake from idle.
+    /// Stopped and paused guests do not count.
     fn earliest_halted_deadline(&self, except: Option<usize>) -> Option<u64> {
         self.slots
             .iter()
             .enumerate()
-            .filter(|(j, s)| Some(*j) != except && s.vcpu.state == RunState::Halted)
+            .filter(|(j, s)| {
+                Some(*j) != except
+                    && s.live()
+                    && s.vcpus.iter().any(|v| v.state == RunState::Halted)
+            })
             .filter_map(|(_, s)| s.vm.platform.next_deadline().map(|d| s.vm.host_time(d)))
             .min()
     }
 
-    /// Switches guest `i`'s registers in if they are not in the CPU: the previous guest's are
-    /// saved, guest `i`'s restored.
-    fn switch_to(&mut self, i: usize) {
-        if self.in_cpu == Some(i) {
+    /// Switches vCPU `seat`'s registers in if they are not in the CPU: the previous vCPU's are
+    /// saved, this one's restored.
+    fn switch_to(&mut self, seat: (usize, usize)) {
+        if self.in_cpu == Some(seat) {
             return;
         }
         self.switch_out();
+        let (i, c) = seat;
         let s = &mut self.slots[i];
-        self.cpu.restore(&mut s.hw, s.vcpu.xcr0);
-        self.in_cpu = Some(i);
+        self.cpu.restore(&mut s.hw, c, s.vcpus[c].xcr0);
+        self.in_cpu = Some(seat);
     }
 
-    /// Saves the registers of the guest in the CPU, if any: before another guest's are loaded,
+    /// Saves the registers of the vCPU in the CPU, if any: before another vCPU's are loaded,
     /// or a new guest boots.
     pub fn switch_out(&mut self) {
-        if let Some(prev) = self.in_cpu.take() {
-            self.cpu.save(&mut self.slots[prev].hw);
+        if let Some((i, c)) = self.in_cpu.take() {
+            self.cpu.save(&mut self.slots[i].hw, c);
         }
     }
 
-    /// Runs guest `i` for one time slice (or what is left of one).
-    fn run_slice(&mut self, i: usize) {
-        self.switch_to(i);
-        let quantum = self.slots[i]
+    /// Runs vCPU `seat` for one time slice (or what is left of one).
+    fn run_slice(&mut self, seat: (usize, usize)) {
+        let (i, c) = seat;
+        self.switch_to(seat);
+        let quantum = self.slots[i].seats[c]
             .slice_left
             .take()
             .unwrap_or(self.sched.quantum);
-        // When a halted guest's timer falls due, this slice ends early so that guest can run.
+        // When a halted vCPU's timer falls due, this slice ends early so that vCPU can run.
         let others_due = self.earliest_halted_deadline(Some(i));
         let cfg = self.cfg;
-        match slice(&mut self.cpu, &mut self.slots[i], cfg, quantum, others_due) {
+        let end = slice(
+            &mut self.cpu,
+            &mut self.slots[i],
+            c,
+            cfg,
+            quantum,
+            others_due,
+        );
+        // INIT and SIPI the vCPU sent to its siblings (ICR writes): their run states change.
+        self.start_signals(i);
+        match end {
             SliceEnd::Over => {}
             SliceEnd::Interrupted => self.sched.interrupted(),
             SliceEnd::Stop(reason) => self.stop(i, reason),
-            SliceEnd::StatsRequested => self.print_stats_for(i),
+            SliceEnd::StatsRequested => self.print_stats_for(seat),
         }
     }
 
-    /// The PRINT_STATS hypercall of guest `i`. The table counts against the caller's share of
+    /// Acts on the INIT and STARTUP IPIs guest `i`'s vCPUs sent each other (SDM 10.6.1, 8.4.4):
+    /// INIT puts an application processor in wait-for-SIPI, whatever it was doing; a STARTUP
+    /// IPI starts one that waits, in real mode at CS = vector << 8 (base vector << 12), IP 0,
+    /// with the registers of the INIT state (SDM 9.1.1, Table 9-1). A SIPI to a vCPU not
+    /// waiting for one is ignored, as the processor ignores it; INIT to the bootstrap processor
+    /// is ignored too (Keel does not model its reset through INIT).
+    fn start_signals(&mut self, i: usize) {
+        let s = &mut self.slots[i];
+        while let Some((c, signal)) = s.vm.platform.take_start_signal() {
+            let Some(vcpu) = s.vcpus.get_mut(c) else {
+                continue;
+            };
+            if c == 0 || !vcpu.state.is_live() {
+                continue;
+            }
+            match signal {
+                crate::devices::StartSignal::Init => {
+                    vcpu.reset();
+                    vcpu.state = RunState::WaitForSipi;
+                    s.seats[c] = Seat::default();
+                }
+                crate::devices::StartSignal::Startup(vector) => {
+                    if vcpu.state != RunState::WaitForSipi {
+                        continue;
+                    }
+                    let state = crate::loader::InitialState::startup_ipi(vector);
+                    match self.cpu.load(&mut s.hw, c) {
+                        Ok(mut v) => {
+                            crate::vcpu::write_guest_state(
+                                &mut v,
+                                &state,
+                                &vcpu.cr0_rules,
+                                &vcpu.cr4_rules,
+                            );
+                            v.write(Control64::TscOffset, vcpu.vmcs_tsc_offset(s.vm.tsc_offset));
+                            vcpu.regs = GuestRegs::default();
+                            vcpu.state = RunState::Runnable;
+                            s.seats[c].woken = true;
+                            s.waiting_since.get_or_insert(self.cpu.rdtsc());
+                        }
+                        Err(e) => {
+                            error!("guest {}: vCPU {c} cannot start: {e}", s.vm.name);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The PRINT_STATS hypercall of vCPU `seat`. The table counts against the caller's share of
     /// Keel's console; when that has no room, the call says so. A table about as long as the last
     /// one must fit, or it is not even put together (a guest asking for it in a loop would keep
     /// Keel formatting tables nobody sees).
-    fn print_stats_for(&mut self, i: usize) {
+    fn print_stats_for(&mut self, seat: (usize, usize)) {
+        let (i, c) = seat;
         let who = Writer::Guest(self.slots[i].vm.id);
         let last = LAST_TABLE.load(core::sync::atomic::Ordering::Relaxed);
-        if crate::log::fits(who, last)
-            && print_stats(self.slots.iter().map(|s| (&s.vm, &s.vcpu)), who)
-        {
+        if crate::log::fits(who, last) && print_stats(self.slots.iter(), who) {
             return;
         }
         // The answer goes back through the VMCS (it depends on the guest's mode).
         let s = &mut self.slots[i];
-        let refused = match self.cpu.load(&mut s.hw) {
+        let refused = match self.cpu.load(&mut s.hw, c) {
             Ok(v) => {
-                exits::vmcall::print_stats_refused(&v, &mut s.vcpu);
+                exits::vmcall::print_stats_refused(&v, &mut s.vcpus[c]);
                 None
             }
             Err(e) => Some(e),
@@ -292,7 +393,6 @@ impl<C: Cpu> RunLoop<C> {
         }
     }
 }
-
 /// How a time slice ended: what the loop does next.
 enum SliceEnd {
     /// Used up, given up (YIELD, HLT), or the guest's own doing: the next pick decides.
@@ -311,29 +411,37 @@ enum SliceEnd {
 fn slice<C: Cpu>(
     cpu: &mut C,
     s: &mut Slot<C::Vcpu>,
+    c: usize,
     cfg: LoopConfig,
     quantum: u64,
     others_due: Option<u64>,
 ) -> SliceEnd {
-    let mut v = match cpu.load(&mut s.hw) {
+    let mut v = match cpu.load(&mut s.hw, c) {
         Ok(v) => v,
         Err(e) => return SliceEnd::Stop(StopReason::Killed(e)),
     };
-    cpu.load_spec_ctrl(s.vcpu.spec_ctrl);
+    let (vm, vcpu, seat, waiting_since) = (
+        &mut s.vm,
+        &mut s.vcpus[c],
+        &mut s.seats[c],
+        &mut s.waiting_since,
+    );
+    cpu.load_spec_ctrl(vcpu.spec_ctrl);
     let start = cpu.rdtsc();
-    s.woken = false;
-    if let Some(since) = s.waiting_since.take() {
-        if cfg.tsc_offsetting {
-            s.vm.tsc_offset = s.vm.tsc_offset.wrapping_sub(start - since);
-            v.write(
-                Control64::TscOffset,
-                s.vcpu.vmcs_tsc_offset(s.vm.tsc_offset),
-            );
+    seat.woken = false;
+    if cfg.tsc_offsetting {
+        if let Some(since) = waiting_since.take() {
+            vm.tsc_offset = vm.tsc_offset.wrapping_sub(start - since);
         }
+        // Written at every slice: the clock may have stopped since this vCPU's last one, while
+        // the guest waited with another of its vCPUs runnable.
+        v.write(Control64::TscOffset, vcpu.vmcs_tsc_offset(vm.tsc_offset));
+    } else {
+        *waiting_since = None;
     }
     let deadline = start + quantum;
     let min_gap = cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR;
-    let mut xcr0 = s.vcpu.xcr0;
+    let mut xcr0 = vcpu.xcr0;
     // The guest's platform is only consulted when it may have changed: after an exit that
     // reached a device, or when one of its timers falls due. CPUID, VMCALL and the like then
     // cost no device work at all (docs/BENCHMARKS.md).
@@ -345,9 +453,9 @@ fn slice<C: Cpu>(
     let mut now = start;
     loop {
         if touched || timer_due.is_some_and(|d| now >= d) {
-            s.vm.platform.advance(s.vm.now(now));
-            exits::inject_pending_interrupt(&mut v, &mut s.vcpu, &mut s.vm);
-            timer_due = s.vm.platform.next_deadline().map(|d| s.vm.host_time(d));
+            vm.platform.advance(vm.now(now));
+            exits::inject_pending_interrupt(&mut v, &mut *vcpu, &mut *vm);
+            timer_due = vm.platform.next_deadline().map(|d| vm.host_time(d));
             // Come back at the end of the slice, when one of the guest's own timers falls
             // due, or when a halted guest's does, whichever is first.
             until = [timer_due, others_due]
@@ -356,7 +464,7 @@ fn slice<C: Cpu>(
                 .fold(deadline, u64::min);
         }
         // The one place an event is written to the VM-entry fields (exits::events).
-        if let Err(reason) = exits::events::commit(&mut v, &mut s.vcpu) {
+        if let Err(reason) = exits::events::commit(&mut v, &mut *vcpu) {
             return SliceEnd::Stop(reason);
         }
         // The timer is armed afresh before every entry, from a fresh TSC read: it only
@@ -374,46 +482,56 @@ fn slice<C: Cpu>(
                 left.min(u32::MAX as u64) as u32,
             );
         }
-        s.vcpu.stats.keel_cycles += t0 - now;
-        let entered = cpu.enter(&mut v, &mut s.vcpu.regs);
+        vcpu.stats.keel_cycles += t0 - now;
+        let entered = cpu.enter(&mut v, &mut vcpu.regs);
         let t1 = cpu.rdtsc();
-        s.vcpu.stats.cpu_cycles += t1 - t0;
+        vcpu.stats.cpu_cycles += t1 - t0;
         now = t1;
         if let Err(e) = entered {
             return SliceEnd::Stop(StopReason::EntryFailed(alloc::format!("{e}")));
         }
-        let guest_now = s.vm.now(t1);
+        let guest_now = vm.now(t1);
         let action = {
             let mut cx = ExitContext {
                 vmcs: &mut v,
-                vcpu: &mut s.vcpu,
-                vm: &mut s.vm,
+                vcpu: &mut *vcpu,
+                vm: &mut *vm,
                 host: cpu.host(),
                 now: guest_now,
             };
             exits::dispatch(&mut cx)
         };
-        exits::apply(&mut v, &mut s.vcpu, &action);
-        let reason = ExitReason::from_basic(s.vcpu.stats.last_exit);
+        exits::apply(&mut v, &mut *vcpu, &action);
+        let reason = ExitReason::from_basic(vcpu.stats.last_exit);
         touched = exits::may_touch_platform(reason);
         // A power-off or reset the guest asked its board for (ACPI S5, i8042, port 0xCF9).
-        if let Some(event) = touched.then(|| s.vm.platform.take_power_event()).flatten() {
+        if let Some(event) = touched.then(|| vm.platform.take_power_event()).flatten() {
             return SliceEnd::Stop(StopReason::Board(event));
         }
-        if (touched || reason == ExitReason::Vmcall) && print_console(&mut s.vm, PRINT_BUDGET) {
+        if (touched || reason == ExitReason::Vmcall) && print_console(&mut *vm, PRINT_BUDGET) {
             crate::log::pump();
         }
-        if reason == ExitReason::Xsetbv && s.vcpu.xcr0 != xcr0 {
+        if reason == ExitReason::Xsetbv && vcpu.xcr0 != xcr0 {
             // The guest executed XSETBV (validated by its handler): load it for the next entry.
-            cpu.load_xcr0(s.vcpu.xcr0);
-            xcr0 = s.vcpu.xcr0;
+            cpu.load_xcr0(vcpu.xcr0);
+            xcr0 = vcpu.xcr0;
         }
         if reason == ExitReason::Wrmsr {
-            cpu.load_spec_ctrl(s.vcpu.spec_ctrl);
+            cpu.load_spec_ctrl(vcpu.spec_ctrl);
         }
-        if s.vm.stats_requested {
-            s.vm.stats_requested = false;
-            s.waiting_since = Some(cpu.rdtsc());
+        // An IPI to another vCPU of the guest (fixed, NMI, INIT or SIPI) ends the slice, so the
+        // target is woken (or started) and runs next, and the sender right after it: a vCPU
+        // waiting in HLT for an IPI does not wait for the sender's quantum to run out.
+        if touched && vm.platform.take_kicked() & !(1 << c) != 0 {
+            if !matches!(action, Action::Halt | Action::Stop(_)) {
+                *waiting_since = Some(now);
+                seat.slice_left = Some(deadline.saturating_sub(now));
+                return SliceEnd::Interrupted;
+            }
+        }
+        if vm.stats_requested {
+            vm.stats_requested = false;
+            *waiting_since = Some(cpu.rdtsc());
             // The table is printed after the exit.
             return SliceEnd::StatsRequested;
         }
@@ -428,27 +546,27 @@ fn slice<C: Cpu>(
             | Action::Preempted
                 if others_due.is_some_and(|d| now >= d) =>
             {
-                s.waiting_since = Some(now);
+                *waiting_since = Some(now);
                 // It gets the CPU back next, but only for what was left of its slice:
                 // otherwise a guest woken every few ms would hand the same CPU hog a fresh
                 // quantum each time and starve the others.
-                s.slice_left = Some(deadline.saturating_sub(now));
+                seat.slice_left = Some(deadline.saturating_sub(now));
                 return SliceEnd::Interrupted;
             }
             Action::Resume | Action::Advance | Action::AdvanceBy(_) | Action::Inject(_) => {
                 if now >= deadline {
-                    s.waiting_since = Some(now);
+                    *waiting_since = Some(now);
                     return SliceEnd::Over;
                 }
             }
             Action::Halt => {
-                s.vcpu.state = RunState::Halted;
-                s.halted_since = Some(now);
+                vcpu.state = RunState::Halted;
+                seat.halted_since = Some(now);
                 return SliceEnd::Over;
             }
             Action::Preempted if now < deadline => {}
             Action::Yield | Action::Preempted => {
-                s.waiting_since = Some(now);
+                *waiting_since = Some(now);
                 return SliceEnd::Over;
             }
             Action::Stop(reason) => return SliceEnd::Stop(reason),
@@ -481,44 +599,61 @@ impl<C: Cpu> RunLoop<C> {
         // CMOS RAM kept (battery-backed on a PC).
         if let StopReason::Board(crate::devices::PowerEvent::Reset(_)) = reason {
             let platform = s.vm.platform.after_reset();
-            match self.cpu.boot(&mut s.hw, &mut s.vm, &mut s.vcpu, s.restarts) {
+            match self
+                .cpu
+                .boot(&mut s.hw, &mut s.vm, &mut s.vcpus, s.restarts)
+            {
                 Ok(()) => {
                     s.vm.platform = platform;
                     s.waiting_since = None;
-                    self.cpu.restore(&mut s.hw, s.vcpu.xcr0);
-                    self.in_cpu = Some(i);
+                    s.seats.iter_mut().for_each(|seat| *seat = Seat::default());
+                    self.cpu.restore(&mut s.hw, 0, s.vcpus[0].xcr0);
+                    self.in_cpu = Some((i, 0));
                     return;
                 }
                 Err(e) => error!("guest {}: reboot failed: {e}", s.vm.name),
             }
-            self.in_cpu = Some(i);
+            // `boot` reset every vCPU's saved registers: vCPU 0's (power-on values) are in the
+            // CPU's place now, as after a successful boot.
+            self.cpu.restore(&mut s.hw, 0, s.vcpus[0].xcr0);
+            self.in_cpu = Some((i, 0));
         }
         if died && s.restarts < s.restart_limit {
             s.restarts += 1;
             // What the guest printed and Keel has not yet sent, and its console's counts, outlive
             // the restart (`boot` gives it a new platform).
             let console = core::mem::take(s.vm.platform.console());
-            let booted = self.cpu.boot(&mut s.hw, &mut s.vm, &mut s.vcpu, s.restarts);
+            let booted = self
+                .cpu
+                .boot(&mut s.hw, &mut s.vm, &mut s.vcpus, s.restarts);
             *s.vm.platform.console() = console;
             match booted {
                 Ok(()) => {
                     // Its extended state, XCR0 and MSRs go back to their power-on values too.
                     s.waiting_since = None;
-                    self.cpu.restore(&mut s.hw, s.vcpu.xcr0);
-                    self.in_cpu = Some(i);
+                    s.seats.iter_mut().for_each(|seat| *seat = Seat::default());
+                    self.cpu.restore(&mut s.hw, 0, s.vcpus[0].xcr0);
+                    self.in_cpu = Some((i, 0));
                     return;
                 }
                 Err(e) => error!("guest {}: restart failed: {e}", s.vm.name),
             }
-            self.in_cpu = Some(i);
+            // `boot` reset every vCPU's saved registers: vCPU 0's (power-on values) are in the
+            // CPU's place now, as after a successful boot.
+            self.cpu.restore(&mut s.hw, 0, s.vcpus[0].xcr0);
+            self.in_cpu = Some((i, 0));
         }
-        s.vcpu.state = RunState::Stopped(reason);
+        for vcpu in &mut s.vcpus {
+            vcpu.state = RunState::Stopped(reason.clone());
+        }
     }
 
     /// Pauses a guest: it keeps its state and is not scheduled until resumed.
     pub fn pause(&mut self, id: usize) -> Result<(), String> {
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
-        s.vcpu.state.pause().map_err(|e| alloc::format!("{e}"))?;
+        for vcpu in &mut s.vcpus {
+            vcpu.state.pause().map_err(|e| alloc::format!("{e}"))?;
+        }
         info!("guest {} paused", s.vm.name);
         Ok(())
     }
@@ -526,7 +661,11 @@ impl<C: Cpu> RunLoop<C> {
     pub fn resume(&mut self, id: usize) -> Result<(), String> {
         let now = self.cpu.rdtsc();
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
-        s.vcpu.state.resume().map_err(|e| alloc::format!("{e}"))?;
+        for vcpu in s.vcpus.iter_mut() {
+            if vcpu.state != RunState::WaitForSipi {
+                vcpu.state.resume().map_err(|e| alloc::format!("{e}"))?;
+            }
+        }
         // Its clock stopped while paused, as while waiting for the CPU.
         s.waiting_since.get_or_insert(now);
         info!("guest {} resumed", s.vm.name);
@@ -536,10 +675,11 @@ impl<C: Cpu> RunLoop<C> {
     /// Stops a guest for good (an operator's kill: no restart).
     pub fn kill(&mut self, id: usize) -> Result<(), String> {
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
-        s.vcpu
-            .state
-            .stop(StopReason::Killed("by the operator".into()))
-            .map_err(|e| alloc::format!("{e}"))?;
+        for vcpu in s.vcpus.iter_mut() {
+            vcpu.state
+                .stop(StopReason::Killed("by the operator".into()))
+                .map_err(|e| alloc::format!("{e}"))?;
+        }
         info!("guest {} killed", s.vm.name);
         Ok(())
     }
@@ -551,10 +691,10 @@ impl<C: Cpu> RunLoop<C> {
         use crate::focus::Key;
         while let Some(byte) = self.cpu.console_key() {
             let slots = &self.slots;
-            let running = |i: usize| !matches!(slots[i].vcpu.state, RunState::Stopped(_));
+            let running = |i: usize| slots[i].live();
             match self.focus.key(byte, running) {
                 Key::Stats => {
-                    print_stats(self.slots.iter().map(|s| (&s.vm, &s.vcpu)), Writer::Keel);
+                    print_stats(self.slots.iter(), Writer::Keel);
                 }
                 Key::Pause => (0..self.slots.len()).for_each(|i| {
                     let _ = self.pause(i);
@@ -572,9 +712,9 @@ impl<C: Cpu> RunLoop<C> {
         }
         let now = self.cpu.rdtsc();
         let s = &mut self.slots[self.focus.current()];
+        let running = s.live();
         let g = &mut s.vm;
         let t = g.now(now);
-        let running = !matches!(s.vcpu.state, RunState::Stopped(_));
         self.focus.deliver(running, |b| {
             g.platform.serial_input_room(t) && g.platform.push_serial_input(b, t)
         });
@@ -586,9 +726,9 @@ impl<C: Cpu> RunLoop<C> {
         for s in &mut self.slots {
             print_console(&mut s.vm, usize::MAX);
         }
-        print_stats(self.slots.iter().map(|s| (&s.vm, &s.vcpu)), Writer::Keel);
+        print_stats(self.slots.iter(), Writer::Keel);
         for s in &self.slots {
-            if let RunState::Stopped(r) = &s.vcpu.state {
+            if let RunState::Stopped(r) = &s.bsp().state {
                 info!("guest {} status {:#x}: {r}", s.vm.name, r.status());
             }
         }
@@ -639,48 +779,51 @@ fn print_console(g: &mut Vm, budget: usize) -> bool {
 static LAST_TABLE: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
 
 /// Prints the accounting table as `who`'s output, whole or not at all: false if it did not fit.
-fn print_stats<'a>(guests: impl Iterator<Item = (&'a Vm, &'a Vcpu)>, who: Writer) -> bool {
+fn print_stats<'a, V: 'a>(guests: impl Iterator<Item = &'a Slot<V>>, who: Writer) -> bool {
     use core::fmt::Write;
-    let guests: Vec<(&Vm, &Vcpu)> = guests.collect();
+    let guests: Vec<&Slot<V>> = guests.collect();
     let mut t = String::new();
     let _ = writeln!(
         t,
         "keel: {:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
         "guest", "cpu cycles", "keel cycles", "halted cycles", "exits", "irqs", "state"
     );
-    for (vm, vcpu) in &guests {
-        let state = match &vcpu.state {
-            RunState::Runnable => "run",
+    for s in &guests {
+        // The guest's row: its vCPUs' counts added up; its state is its bootstrap processor's.
+        let state = match &s.bsp().state {
+            RunState::Runnable | RunState::WaitForSipi => "run",
             RunState::Halted => "halted",
             RunState::Paused { .. } => "paused",
             RunState::Stopped(_) => "stopped",
         };
+        let stats = GuestStats::sum(s.vcpus.iter().map(|v| &v.stats));
         let _ = writeln!(
             t,
             "keel: {:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
-            vm.name,
-            vcpu.stats.cpu_cycles,
-            vcpu.stats.keel_cycles,
-            vcpu.stats.halted_cycles,
-            vcpu.stats.total_exits(),
-            vcpu.stats.interrupts_injected,
+            s.vm.name,
+            stats.cpu_cycles,
+            stats.keel_cycles,
+            stats.halted_cycles,
+            stats.total_exits(),
+            stats.interrupts_injected,
             state
         );
     }
-    for (vm, vcpu) in &guests {
+    for s in &guests {
+        let stats = GuestStats::sum(s.vcpus.iter().map(|v| &v.stats));
         let _ = writeln!(
             t,
             "keel: exits of {}: {}",
-            vm.name,
-            vcpu.stats.exits_by_reason()
+            s.vm.name,
+            stats.exits_by_reason()
         );
     }
-    for (vm, _) in &guests {
-        let c = vm.platform.console_ref();
+    for s in &guests {
+        let c = s.vm.platform.console_ref();
         let _ = writeln!(
             t,
             "keel: console of {}: {} bytes, {} dropped",
-            vm.name,
+            s.vm.name,
             c.bytes_written(),
             c.dropped_bytes()
         );

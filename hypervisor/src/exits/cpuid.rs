@@ -10,7 +10,6 @@
 use super::{Action, ExitContext, Host};
 use crate::abi;
 use crate::devices::clock::LAPIC_TIMER_HZ;
-use crate::devices::lapic;
 use crate::guest::{Vcpu, Vm};
 use crate::vmx::controls::{PrimaryControls, SecondaryControls};
 use crate::vmx::{Control32, Vmcs};
@@ -159,7 +158,8 @@ const ZERO_LEAVES: &[u32] = &[5, 6, 0xa, 0xf, 0x10, 0x12, 0x14, 0x19, 0x1b, 0x1c
 /// enable (CPUID.1:EDX.APIC, SDM 10.4.3), the execution controls that decide whether RDTSCP,
 /// RDPID, INVPCID, XSAVES and TSC offsetting work in it (SDM 26.3: without them RDTSCP, INVPCID
 /// and XSAVES are #UD), and the rate of its TSC (its platform's: the rate its device models run
-/// at; 0 if unknown), for the leaves 0x15, 0x16 and 0x4000_0010.
+/// at; 0 if unknown), for the leaves 0x15, 0x16 and 0x4000_0010; and which vCPU asks, of how
+/// many (its initial APIC ID and the topology, leaves 1, 4 and 0xB).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GuestFeatures {
     pub cr4: u64,
@@ -167,16 +167,23 @@ pub struct GuestFeatures {
     pub primary: u32,
     pub secondary: u32,
     pub tsc_hz: u64,
+    /// The vCPU's initial APIC ID (its index).
+    pub apic_id: u32,
+    /// How many vCPUs the guest has (0 is taken as 1).
+    pub cpus: u32,
 }
 
 impl GuestFeatures {
     pub fn of<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &Vcpu, vm: &Vm) -> Self {
         Self {
             cr4: super::cr::live_cr4(vmcs, vcpu),
-            apic_enabled: vm.platform.apic_base() & crate::exits::msr::APIC_BASE_ENABLE != 0,
+            apic_enabled: vm.platform.apic_base(vcpu.index) & crate::exits::msr::APIC_BASE_ENABLE
+                != 0,
             primary: vmcs.read(Control32::PrimaryProcBasedControls),
             secondary: vmcs.read(Control32::SecondaryProcBasedControls),
             tsc_hz: vm.platform.tsc_hz(),
+            apic_id: vcpu.index as u32,
+            cpus: vm.platform.cpus() as u32,
         }
     }
 
@@ -210,6 +217,8 @@ pub fn of_guest<V: Vmcs + ?Sized>(
     } else {
         GuestFeatures {
             tsc_hz: vm.platform.tsc_hz(),
+            apic_id: vcpu.index as u32,
+            cpus: vm.platform.cpus() as u32,
             ..GuestFeatures::default()
         }
     };
@@ -265,15 +274,25 @@ pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32, f: &GuestFeatures) -> [u
                 c
             };
             let d = if f.apic_enabled { d } else { d & !EDX1_APIC };
-            // EBX: the initial APIC ID (bits 31:24), one logical processor (23:16), CLFLUSH
-            // line size and brand index kept.
-            let b = (b & 0xffff) | (1 << 16) | (lapic::INITIAL_APIC_ID & 0xff) << 24;
+            // EBX: the vCPU's initial APIC ID (bits 31:24), the package's logical processors
+            // (23:16; EDX.HTT stays hidden, so software takes the topology from leaf 0BH),
+            // CLFLUSH line size and brand index kept. The vCPUs are cores of one package, one
+            // thread each.
+            let n = f.cpus.max(1);
+            let b = (b & 0xffff) | (n.min(0xff) << 16) | (f.apic_id & 0xff) << 24;
             [a, b, c, d]
         }
         4 => {
-            // Deterministic cache parameters: keep the cache, report one core and one thread.
+            // Deterministic cache parameters: keep the cache; EAX[31:26] is the package's cores
+            // less one (one per vCPU), and one thread shares each cache (25:14 = 0).
             let [a, b, c, d] = host.cpuid(4, subleaf);
-            [a & 0x3fff, b, c, d]
+            let cores = f.cpus.max(1).min(64) - 1;
+            [
+                (a & 0x3fff) | if a & 0x1f != 0 { cores << 26 } else { 0 },
+                b,
+                c,
+                d,
+            ]
         }
         7 if subleaf == 0 => {
             let [a, mut b, mut c, d] = host.cpuid(7, 0);
@@ -316,17 +335,20 @@ pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32, f: &GuestFeatures) -> [u
             }
             r
         }
-        // Extended topology: one thread (level 1, SMT) in one core (level 2); EDX is the
-        // x2APIC ID in every subleaf (SDM Vol. 2A, CPUID leaf 0BH). Leaf 0x1F (V2 topology)
-        // exists only up to the guest's highest basic leaf.
+        // Extended topology: one thread (level 1, SMT) per core, the guest's vCPUs the cores of
+        // one package (level 2: EBX their number, EAX the bits the x2APIC ID shifts to reach the
+        // package ID); EDX is the vCPU's x2APIC ID in every subleaf (SDM Vol. 2A, CPUID leaf
+        // 0BH). Leaf 0x1F (V2 topology) exists only up to the guest's highest basic leaf.
         0x1f if host.cpuid(0, 0)[EAX] < 0x1f => {
             return policy(host, MIN_MAX_BASIC_LEAF, subleaf, f);
         }
         0xb | 0x1f => {
-            let id = lapic::INITIAL_APIC_ID;
+            let id = f.apic_id;
+            let n = f.cpus.max(1);
+            let shift = u32::BITS - (n - 1).leading_zeros();
             return match subleaf {
                 0 => [0, 1, 1 << 8, id],
-                1 => [0, 1, 1 | (2 << 8), id],
+                1 => [shift, n, 1 | (2 << 8), id],
                 n => [0, 0, n & 0xff, id],
             };
         }
@@ -450,7 +472,37 @@ mod tests {
             primary: 0,
             secondary: 0,
             tsc_hz: 0,
+            apic_id: 0,
+            cpus: 1,
         }
+    }
+
+    #[test]
+    fn each_vcpu_reads_its_own_apic_id_and_the_guests_cpu_count() {
+        let t = TestBed::new();
+        let vcpu = |apic_id, cpus| GuestFeatures {
+            apic_id,
+            cpus,
+            ..features(0)
+        };
+        let leaf1 = policy(&t.host, 1, 0, &vcpu(2, 4));
+        assert_eq!(leaf1[EBX] >> 24, 2, "initial APIC ID");
+        assert_eq!(
+            (leaf1[EBX] >> 16) & 0xff,
+            4,
+            "logical processors in the package"
+        );
+        let one = policy(&t.host, 1, 0, &vcpu(0, 1));
+        assert_eq!((one[EBX] >> 24, one[EBX] >> 16 & 0xff), (0, 1));
+        // Leaf 0BH: SMT level one thread, core level 4 vCPUs behind a 2-bit shift; EDX the ID.
+        assert_eq!(policy(&t.host, 0xb, 0, &vcpu(3, 4)), [0, 1, 1 << 8, 3]);
+        assert_eq!(policy(&t.host, 0xb, 1, &vcpu(3, 4)), [2, 4, 1 | 2 << 8, 3]);
+        assert_eq!(policy(&t.host, 0xb, 1, &vcpu(0, 1)), [0, 1, 1 | 2 << 8, 0]);
+        assert_eq!(
+            policy(&t.host, 4, 0, &vcpu(1, 4))[EAX] >> 26,
+            3,
+            "cores less one"
+        );
     }
 
     #[test]
@@ -613,6 +665,8 @@ mod tests {
             primary: u32::MAX,
             secondary: u32::MAX,
             tsc_hz: 0,
+            apic_id: 0,
+            cpus: 1,
         };
         let leaves = (0..0x30)
             .chain(0x4000_0000..0x4000_0010)

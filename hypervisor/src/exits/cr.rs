@@ -168,11 +168,11 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             if v > 15 {
                 return Action::Inject(Exception::GP0);
             }
-            vm.platform.set_tpr((v as u8) << 4);
+            vm.platform.set_tpr(vcpu.index, (v as u8) << 4);
             Action::Advance
         }
         (CrAccessType::MovFromCr, 8) => {
-            let v = (vm.platform.tpr() >> 4) as u64;
+            let v = (vm.platform.tpr(vcpu.index) >> 4) as u64;
             if q.gpr == 4 {
                 vmcs.write(GuestNat::Rsp, v);
             } else {
@@ -398,7 +398,7 @@ mod tests {
         t.vcpu.regs.rcx = 9;
         t.set_qualification(mov_to_cr(8, 1));
         assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
-        assert_eq!(t.vm.platform.tpr(), 0x90);
+        assert_eq!(t.vm.platform.tpr(0), 0x90);
         t.set_qualification(8 | 1 << 4 | 2 << 8); // MOV from CR8 to RDX
         t.run(ExitReason::ControlRegisterAccess);
         assert_eq!(t.vcpu.regs.rdx, 9);

@@ -306,7 +306,7 @@ mod tests {
             t.vm.platform.io_write(port, 1, v, 0);
         }
         t.vm.platform.advance(TEST_TSC_HZ / 100);
-        assert!(t.vm.platform.pending_interrupt().is_some());
+        assert!(t.vm.platform.pending_interrupt(0).is_some());
         t.vmcs.write(GuestNat::Rflags, 0x202);
         queue_trap(&mut t.vmcs, 0b0001);
         super::super::inject_pending_interrupt(&mut t.vmcs, &mut t.vcpu, &mut t.vm);

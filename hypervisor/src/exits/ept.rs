@@ -125,7 +125,7 @@ mod code_size_tests {
     }
 
     fn tpr(t: &mut TestBed) -> u64 {
-        t.vm.platform.mmio_read(TPR, 4, 0).unwrap_or(u64::MAX)
+        t.vm.platform.mmio_read(0, TPR, 4, 0).unwrap_or(u64::MAX)
     }
 
     /// SDM 17.2.4: a data breakpoint on an operand Keel emulated as an MMIO access traps after

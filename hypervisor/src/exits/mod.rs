@@ -304,13 +304,13 @@ pub fn requeue_interrupted_event<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &mut Vcpu) {
 pub fn inject_pending_interrupt<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu, vm: &mut Vm) {
     use crate::vmx::controls::PrimaryControls;
     use crate::vmx::Control32;
-    if vm.platform.take_nmi() {
+    if vm.platform.take_nmi(vcpu.index) {
         vcpu.events.nmi();
     }
     let window = PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
     let primary = vmcs.read(Control32::PrimaryProcBasedControls);
     let held = vcpu.events.held_interrupt();
-    let want_window = match held.or_else(|| vm.platform.pending_interrupt()) {
+    let want_window = match held.or_else(|| vm.platform.pending_interrupt(vcpu.index)) {
         None => false,
         // An event of the queue, or a debug trap already pending in the VMCS (an I/O breakpoint
         // of an emulated instruction), comes first and would be lost to an injection.
@@ -322,7 +322,7 @@ pub fn inject_pending_interrupt<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu,
                 if held.is_some() {
                     vcpu.events.take_held_interrupt();
                 } else {
-                    vm.platform.acknowledge(vector);
+                    vm.platform.acknowledge(vcpu.index, vector);
                 }
                 vcpu.events.interrupt(vector);
                 vcpu.stats.interrupts_injected += 1;
@@ -456,7 +456,7 @@ mod tests {
         t.vm.platform.io_write(0x40, 1, 100, 0);
         t.vm.platform.io_write(0x40, 1, 0, 0);
         t.vm.platform.advance(TEST_TSC_HZ / 100);
-        assert!(t.vm.platform.pending_interrupt().is_some());
+        assert!(t.vm.platform.pending_interrupt(0).is_some());
         // IF = 0: no injection, interrupt-window exiting armed.
         t.vmcs.write(GuestNat::Rflags, 0x2);
         assert_eq!(t.enter(), Ok(()));
@@ -680,7 +680,10 @@ mod tests {
 
     /// Writes the guest's xAPIC ICR (low half) as an MMIO store would.
     fn send_ipi(t: &mut TestBed, icr_low: u32) {
-        assert!(t.vm.platform.mmio_write(0xfee0_0300, 4, icr_low as u64, 0));
+        assert!(t
+            .vm
+            .platform
+            .mmio_write(0, 0xfee0_0300, 4, icr_low as u64, 0));
     }
 
     #[test]

@@ -171,12 +171,12 @@ fn set_tsc_adjust<V: Vmcs + ?Sized>(
     v: u64,
     now: u64,
 ) {
-    let deadline = deadline_to_guest(vm.platform.tsc_deadline(), g.tsc_adjust);
+    let deadline = deadline_to_guest(vm.platform.tsc_deadline(g.index), g.tsc_adjust);
     g.tsc_adjust = v;
     vmcs.write(Control64::TscOffset, g.vmcs_tsc_offset(vm.tsc_offset));
     if deadline != 0 {
         vm.platform
-            .write_tsc_deadline(deadline_to_platform(deadline, v), now);
+            .write_tsc_deadline(g.index, deadline_to_platform(deadline, v), now);
     }
 }
 
@@ -196,7 +196,7 @@ pub fn read<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     if X2APIC_MSRS.contains(&msr) {
         // The x2APIC's registers (`devices::lapic`: #GP outside x2APIC mode, for absent and
         // write-only registers).
-        return match cx.vm.platform.x2apic_read(msr, cx.now) {
+        return match cx.vm.platform.x2apic_read(cx.vcpu.index, msr, cx.now) {
             Ok(value) => {
                 let g = &mut *cx.vcpu;
                 g.regs.rax = value & 0xffff_ffff;
@@ -209,7 +209,7 @@ pub fn read<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let (vmcs, g, vm, host) = (&*cx.vmcs, &*cx.vcpu, &*cx.vm, &*cx.host);
     let value = match msr {
         index::FEATURE_CONTROL => 1, // locked, VMX off: what a CPU without VMX shows
-        index::APIC_BASE => vm.platform.apic_base(),
+        index::APIC_BASE => vm.platform.apic_base(g.index),
         index::EFER => vmcs.read(Guest64::Ia32Efer),
         index::PAT => vmcs.read(Guest64::Ia32Pat),
         index::DEBUGCTL => vmcs.read(Guest64::Ia32Debugctl),
@@ -218,7 +218,7 @@ pub fn read<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         index::MTRR_DEF_TYPE => g.mtrr_def_type,
         index::PLATFORM_ID | index::BIOS_SIGN_ID | index::MCG_CAP | index::MCG_STATUS => 0,
         index::TSC_DEADLINE if has(vmcs, g, vm, host, LEAF1_ECX, bit::ECX1_TSC_DEADLINE) => {
-            deadline_to_guest(vm.platform.tsc_deadline(), g.tsc_adjust)
+            deadline_to_guest(vm.platform.tsc_deadline(g.index), g.tsc_adjust)
         }
         index::TSC_ADJUST if has(vmcs, g, vm, host, LEAF7_EBX, bit::EBX7_TSC_ADJUST) => {
             g.tsc_adjust
@@ -245,7 +245,11 @@ pub fn write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let value = (cx.vcpu.regs.rdx << 32) | (cx.vcpu.regs.rax & 0xffff_ffff);
     if X2APIC_MSRS.contains(&msr) {
         // #GP outside x2APIC mode, for read-only and absent registers and reserved bits.
-        return match cx.vm.platform.x2apic_write(msr, value, cx.now) {
+        return match cx
+            .vm
+            .platform
+            .x2apic_write(cx.vcpu.index, msr, value, cx.now)
+        {
             Ok(()) => Action::Advance,
             Err(_) => Action::Inject(Exception::GP0),
         };
@@ -279,7 +283,7 @@ pub fn write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             if value & !0xfff != 0xfee0_0000 || value & 0x2ff != 0 {
                 return Action::Inject(Exception::GP0);
             }
-            if vm.platform.set_apic_base(value).is_err() {
+            if vm.platform.set_apic_base(g.index, value).is_err() {
                 return Action::Inject(Exception::GP0);
             }
         }
@@ -307,7 +311,7 @@ pub fn write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         }
         index::TSC_DEADLINE if has(vmcs, g, vm, host, LEAF1_ECX, bit::ECX1_TSC_DEADLINE) => {
             let v = deadline_to_platform(value, g.tsc_adjust);
-            vm.platform.write_tsc_deadline(v, cx.now)
+            vm.platform.write_tsc_deadline(g.index, v, cx.now)
         }
         index::TSC_ADJUST if has(vmcs, g, vm, host, LEAF7_EBX, bit::EBX7_TSC_ADJUST) => {
             set_tsc_adjust(vmcs, (g, vm), value, cx.now)
@@ -454,19 +458,19 @@ mod tests {
         // SVR on, TPR, self IPI through ICR and SELF IPI; EOI with a non-zero value is #GP.
         assert_eq!(wr(&mut t, 0x80f, 0x1ff), Action::Advance);
         assert_eq!(wr(&mut t, 0x83f, 0x61), Action::Advance);
-        assert_eq!(t.vm.platform.pending_interrupt(), Some(0x61));
-        t.vm.platform.acknowledge(0x61);
+        assert_eq!(t.vm.platform.pending_interrupt(0), Some(0x61));
+        t.vm.platform.acknowledge(0, 0x61);
         assert_eq!(wr(&mut t, 0x80b, 1), GP);
         assert_eq!(wr(&mut t, 0x80b, 0), Action::Advance);
         assert_eq!(rd(&mut t, 0x80b), Err(GP), "EOI is write-only");
         assert_eq!(wr(&mut t, 0x830, 0x62), Action::Advance);
-        assert_eq!(t.vm.platform.pending_interrupt(), Some(0x62));
+        assert_eq!(t.vm.platform.pending_interrupt(0), Some(0x62));
         assert_eq!(rd(&mut t, 0x830), Ok(0x62));
         assert_eq!(wr(&mut t, 0x808, 1 << 32), GP, "reserved upper half");
         assert_eq!(rd(&mut t, 0x80e), Err(GP), "no DFR");
         // The xAPIC page does not answer as an APIC in x2APIC mode.
         assert_eq!(
-            t.vm.platform.mmio_read(0xfee0_0030, 4, 0),
+            t.vm.platform.mmio_read(0, 0xfee0_0030, 4, 0),
             Some(0xffff_ffff)
         );
         assert_eq!(wr(&mut t, index::APIC_BASE, 0xfee0_0100), Action::Advance);
@@ -475,7 +479,7 @@ mod tests {
             wr(&mut t, index::APIC_BASE, APIC_BASE_DEFAULT),
             Action::Advance
         );
-        assert_eq!(t.vm.platform.mmio_read(0xfee0_0030, 4, 0), Some(0x50014));
+        assert_eq!(t.vm.platform.mmio_read(0, 0xfee0_0030, 4, 0), Some(0x50014));
     }
 
     fn exits_in(b: &[u8; 4096], msr: u32, write: bool) -> bool {
@@ -547,16 +551,16 @@ mod tests {
         assert_eq!(t.vm.tsc_offset, 0x1_0000);
         // IA32_TSC_DEADLINE is in the guest's TSC, the timer in Keel's clock.
         let lapic = 0xfee0_0000;
-        t.vm.platform.mmio_write(lapic + 0xf0, 4, 0x1ff, 0);
+        t.vm.platform.mmio_write(0, lapic + 0xf0, 4, 0x1ff, 0);
         t.vm.platform
-            .mmio_write(lapic + 0x320, 4, 2 << 17 | 0x30, 0);
+            .mmio_write(0, lapic + 0x320, 4, 2 << 17 | 0x30, 0);
         assert_eq!(wr(&mut t, index::TSC_DEADLINE, 9000), Action::Advance);
-        assert_eq!(t.vm.platform.tsc_deadline(), 4000);
+        assert_eq!(t.vm.platform.tsc_deadline(0), 4000);
         assert_eq!(rd(&mut t, index::TSC_DEADLINE), Ok(9000));
         // Moving the TSC keeps the deadline where the guest put it, in its TSC.
         assert_eq!(wr(&mut t, 0x3b, 6000), Action::Advance);
         assert_eq!(rd(&mut t, index::TSC_DEADLINE), Ok(9000));
-        assert_eq!(t.vm.platform.tsc_deadline(), 3000);
+        assert_eq!(t.vm.platform.tsc_deadline(0), 3000);
     }
 
     #[test]
@@ -679,7 +683,7 @@ mod tests {
         assert_eq!(rd(&mut t, index::APIC_BASE), Ok(0xfee0_0100));
         assert!(!apic(&mut t), "CPUID.1:EDX.APIC follows IA32_APIC_BASE.EN");
         assert_eq!(
-            t.vm.platform.mmio_read(0xfee0_0030, 4, 0),
+            t.vm.platform.mmio_read(0, 0xfee0_0030, 4, 0),
             Some(0xffff_ffff),
             "no APIC version register"
         );
@@ -688,7 +692,7 @@ mod tests {
             Action::Advance
         );
         assert!(apic(&mut t));
-        assert_eq!(t.vm.platform.mmio_read(0xfee0_0030, 4, 0), Some(0x50014));
+        assert_eq!(t.vm.platform.mmio_read(0, 0xfee0_0030, 4, 0), Some(0x50014));
     }
 
     /// A CPUID feature and the MSRs it implies: (name, leaf, subleaf, register, bits, MSRs,

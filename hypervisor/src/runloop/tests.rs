@@ -25,13 +25,7 @@ fn config() -> LoopConfig {
 }
 
 fn rig(programs: Vec<Program>) -> RunLoop<FakeCpu> {
-    let cpu = FakeCpu::new();
-    let slots = programs
-        .into_iter()
-        .enumerate()
-        .map(|(i, p)| cpu.guest(i, p, 0))
-        .collect();
-    RunLoop::new(cpu, config(), slots)
+    smp_rig(programs.into_iter().map(|p| vec![p]).collect())
 }
 
 /// PIT period of `count` in TSC cycles.
@@ -61,7 +55,7 @@ fn every_tick_on_time(rl: &RunLoop<FakeCpu>, i: usize, count: u16) {
         .guest_end()
         + KEEL_COST;
     // Its time now: a halted guest's clock runs on; a runnable one's stopped when it last exited.
-    let now = match rl.slots[i].vcpu.state {
+    let now = match rl.slots[i].vcpus[0].state {
         RunState::Halted => rl.slots[i].vm.now(rl.cpu.clock),
         _ => rl.cpu.entries(i).last().unwrap().guest_end() + KEEL_COST,
     };
@@ -91,7 +85,7 @@ fn every_tick_on_time(rl: &RunLoop<FakeCpu>, i: usize, count: u16) {
 }
 
 fn cpu_cycles(rl: &RunLoop<FakeCpu>, i: usize) -> u64 {
-    rl.slots[i].vcpu.stats.cpu_cycles
+    rl.slots[i].vcpus[0].stats.cpu_cycles
 }
 
 /// Each value's distance from their mean, as a fraction of it.
@@ -130,7 +124,7 @@ fn three_cpu_bound_guests_get_equal_shares() {
             c <= 100 * QUANTUM && c > 100 * QUANTUM * 99 / 100,
             "guest {i}: {c}"
         );
-        let s = &rl.slots[i].vcpu.stats;
+        let s = &rl.slots[i].vcpus[0].stats;
         assert_eq!(
             s.total_exits(),
             100,
@@ -233,17 +227,17 @@ fn a_timer_that_is_always_due_does_not_livelock_its_guest() {
     storm.rflags = 0x2;
     let mut rl = rig(vec![storm.with_pit(1), Program::compute()]);
     for _ in 0..1_000 {
-        if !rl.slots[0].vcpu.state.is_live() {
+        if !rl.slots[0].vcpus[0].state.is_live() {
             break;
         }
         assert!(rl.step());
     }
     assert_eq!(
-        rl.slots[0].vcpu.state,
+        rl.slots[0].vcpus[0].state,
         RunState::Stopped(StopReason::DebugExit(0x43)),
         "the storm's guest finished its work"
     );
-    let s = &rl.slots[0].vcpu.stats;
+    let s = &rl.slots[0].vcpus[0].stats;
     // Every entry ran at least the minimum gap (but the last of each slice).
     let slices = 1_000_000 / QUANTUM + 1;
     assert!(
@@ -323,7 +317,7 @@ fn stopped_guests_never_run_again() {
         steps += 1;
         assert!(steps < 1000, "the loop did not end");
     }
-    let state = |i: usize| rl.slots[i].vcpu.state.clone();
+    let state = |i: usize| rl.slots[i].vcpus[0].state.clone();
     assert_eq!(state(0), RunState::Stopped(StopReason::DebugExit(3)));
     assert_eq!(
         state(1),
@@ -344,7 +338,7 @@ fn stopped_guests_never_run_again() {
     // Its 250 000 cycles and the OUT, plus the RDTSC that ends each entry's account.
     let entries = rl.cpu.entries(0).count() as u64;
     assert_eq!(
-        rl.slots[0].vcpu.stats.cpu_cycles,
+        rl.slots[0].vcpus[0].stats.cpu_cycles,
         250_000 + 1 + entries * KEEL_COST
     );
 }
@@ -397,7 +391,7 @@ fn every_guest_gets_its_ticks_on_time_whether_the_running_one_exits_often_or_nev
     every_tick_on_time(&rl, 0, PIT_100HZ);
     every_tick_on_time(&rl, 1, PIT_132HZ);
     every_tick_on_time(&rl, 2, PIT_132HZ);
-    let cpuid = rl.slots[0].vcpu.stats.exits[ExitReason::Cpuid.number() as usize];
+    let cpuid = rl.slots[0].vcpus[0].stats.exits[ExitReason::Cpuid.number() as usize];
     assert!(cpuid > 10_000, "{cpuid} CPUID exits");
 }
 
@@ -435,4 +429,184 @@ fn yield_and_print_stats_end_the_slice() {
     assert!(mine
         .windows(2)
         .all(|w| w[1].guest_start - w[0].guest_end() < 10 * KEEL_COST));
+}
+
+// ----- Guests with several vCPUs -----
+
+/// IA32_APIC_BASE, the x2APIC's SVR, EOI and ICR MSRs (SDM 11.12.1.2).
+const APIC_BASE: u32 = 0x1b;
+const X2APIC_SVR: u32 = 0x80f;
+const X2APIC_EOI: u32 = 0x80b;
+const X2APIC_ICR: u32 = 0x830;
+
+/// A vCPU turning its APIC on in x2APIC mode, software enabled (SVR bit 8).
+fn x2apic_on() -> [Op; 2] {
+    [
+        Op::Wrmsr(APIC_BASE, 0xfee0_0000 | 1 << 11 | 1 << 10),
+        Op::Wrmsr(X2APIC_SVR, 0x1ff),
+    ]
+}
+
+/// An x2APIC ICR command to APIC `dest`: delivery mode `mode` (5 INIT, 6 STARTUP, 0 fixed),
+/// level asserted.
+fn ipi(dest: u32, mode: u64, vector: u8) -> Op {
+    Op::Wrmsr(
+        X2APIC_ICR,
+        u64::from(dest) << 32 | 1 << 14 | mode << 8 | u64::from(vector),
+    )
+}
+
+/// The bootstrap processor of an SMP guest: its APIC on, INIT and SIPI (vector 0x9a) to each of
+/// `aps`, then `then`.
+fn starter(aps: u32, then: &[Op]) -> Program {
+    let mut main = x2apic_on().to_vec();
+    for ap in 1..=aps {
+        main.push(ipi(ap, 5, 0));
+        main.push(ipi(ap, 6, 0x9a));
+    }
+    main.extend_from_slice(then);
+    Program {
+        main,
+        repeat_from: None,
+        handler: vec![Op::Run(100), Op::Wrmsr(X2APIC_EOI, 0)],
+        rflags: 0x202,
+    }
+}
+
+/// An application processor that turns its APIC on, then halts between interrupts, each
+/// handled in 100 cycles and an x2APIC EOI.
+fn ap_sleeper() -> Program {
+    let mut main = x2apic_on().to_vec();
+    main.push(Op::Sti);
+    main.push(Op::Hlt);
+    Program {
+        main,
+        repeat_from: Some(3),
+        handler: vec![Op::Run(100), Op::Wrmsr(X2APIC_EOI, 0)],
+        rflags: 0x202,
+    }
+}
+
+fn smp_rig(guests: Vec<Vec<Program>>) -> RunLoop<FakeCpu> {
+    let cpu = FakeCpu::new();
+    let slots = guests
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| cpu.smp_guest(i, p, 0))
+        .collect();
+    RunLoop::new(cpu, config(), slots)
+}
+
+#[test]
+fn application_processors_wait_for_sipi_and_start_in_real_mode_at_its_vector() {
+    use crate::vmx::{GuestNat, Segment};
+    // The BSP computes for a while before it starts its APs: until then they must not run.
+    let mut rl = smp_rig(vec![vec![
+        starter(0, &[Op::Run(3 * QUANTUM)]),
+        Program::compute(),
+        Program::compute(),
+    ]]);
+    run_for(&mut rl, 2 * QUANTUM);
+    assert_eq!(
+        rl.cpu.vcpu_entries(0, 1).count(),
+        0,
+        "AP 1 ran without a SIPI"
+    );
+    assert_eq!(rl.slots[0].vcpus[1].state, RunState::WaitForSipi);
+
+    // Now one that starts AP 1 only: AP 2 keeps waiting.
+    let mut rl = smp_rig(vec![vec![
+        starter(1, &[Op::Run(u64::MAX)]),
+        Program::compute(),
+        Program::compute(),
+    ]]);
+    run_for(&mut rl, 4 * QUANTUM);
+    let first = rl.cpu.vcpu_entries(0, 1).next().expect("AP 1 never ran");
+    let sipi = rl.cpu.vcpu_entries(0, 0).nth(3).unwrap();
+    assert_eq!(sipi.exit, ExitReason::Wrmsr);
+    assert!(
+        first.start - sipi.end < 20 * KEEL_COST,
+        "AP 1 started {} cycles after the SIPI",
+        first.start - sipi.end
+    );
+    assert_eq!(rl.cpu.vcpu_entries(0, 2).count(), 0, "AP 2 had no SIPI");
+    assert_eq!(rl.slots[0].vcpus[2].state, RunState::WaitForSipi);
+    let vmcs = &rl.slots[0].hw.cores[1].vmcs;
+    assert_eq!(vmcs.read(Segment::Cs.selector()), 0x9a00);
+    assert_eq!(vmcs.read(Segment::Cs.base()), 0x9a000);
+    // Both running vCPUs share the CPU evenly from then on.
+    let a = rl.slots[0].vcpus[0].stats.cpu_cycles;
+    let b = rl.slots[0].vcpus[1].stats.cpu_cycles;
+    assert!(b > QUANTUM, "AP 1 ran {b} cycles, the BSP {a}");
+    assert_eq!(
+        vmcs.read(GuestNat::Rflags) & 1 << 9,
+        0,
+        "IF clear after INIT-SIPI"
+    );
+}
+
+#[test]
+fn a_fixed_ipi_wakes_a_halted_vcpu_without_waiting_for_the_senders_slice() {
+    // The BSP starts AP 1, computes 2 quanta, sends vector 0x40 to APIC 1, and computes on.
+    let mut rl = smp_rig(vec![
+        vec![
+            starter(
+                1,
+                &[Op::Run(2 * QUANTUM), ipi(1, 0, 0x40), Op::Run(u64::MAX)],
+            ),
+            ap_sleeper(),
+        ],
+        vec![Program::compute()],
+    ]);
+    run_for(&mut rl, 8 * QUANTUM);
+    let sent = rl
+        .cpu
+        .vcpu_entries(0, 0)
+        .filter(|e| e.exit == ExitReason::Wrmsr)
+        .nth(4)
+        .copied()
+        .expect("the IPI was sent");
+    let got = rl
+        .cpu
+        .vcpu_entries(0, 1)
+        .find(|e| e.injected == Some(0x40))
+        .copied()
+        .expect("AP 1 never took the IPI");
+    assert!(
+        got.start > sent.end && got.start - sent.end < 20 * KEEL_COST,
+        "the IPI reached AP 1 {} cycles after it was sent",
+        got.start.wrapping_sub(sent.end)
+    );
+    // Once AP 1 has handled it and halted again, the sender gets the CPU back, for the rest of
+    // its slice, before guest 1's turn.
+    let back = rl
+        .cpu
+        .trace
+        .iter()
+        .find(|e| e.start > got.end && (e.guest, e.vcpu) != (0, 1))
+        .unwrap();
+    assert_eq!((back.guest, back.vcpu), (0, 0));
+}
+
+#[test]
+fn every_vcpu_of_every_guest_gets_an_equal_share() {
+    // Guest 0 with two computing vCPUs, guest 1 with one: three equal shares.
+    let mut rl = smp_rig(vec![
+        vec![starter(1, &[Op::Run(u64::MAX)]), Program::compute()],
+        vec![Program::compute()],
+    ]);
+    run_for(&mut rl, 300 * QUANTUM);
+    let shares: Vec<u64> = [(0, 0), (0, 1), (1, 0)]
+        .iter()
+        .map(|&(g, c)| rl.slots[g].vcpus[c].stats.cpu_cycles)
+        .collect();
+    let mean = shares.iter().sum::<u64>() / 3;
+    for s in &shares {
+        let off = s.abs_diff(mean) as f64 / mean as f64;
+        assert!(
+            off < 0.02,
+            "shares {shares:?}: one is {:.1}% off",
+            off * 100.0
+        );
+    }
 }
