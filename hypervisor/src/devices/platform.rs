@@ -1154,6 +1154,75 @@ mod tests {
         assert_eq!(p.apic_base(0) & lapic::APIC_BASE_ENABLE, 0);
     }
 
+    /// A PC with `cpus` vCPUs, every APIC software-enabled.
+    fn smp(cpus: u8) -> Platform {
+        let mut p = Platform::for_board(Board::pc(0, cpus), TSC_HZ);
+        for c in 0..usize::from(cpus) {
+            assert!(p.mmio_write(c, LAPIC + 0xf0, 4, 0x1ff, 0));
+        }
+        p
+    }
+
+    fn icr(p: &mut Platform, from: usize, dest: u8, low: u32) {
+        p.mmio_write(from, LAPIC + 0x310, 4, u64::from(dest) << 24, 0);
+        p.mmio_write(from, LAPIC + 0x300, 4, u64::from(low), 0);
+    }
+
+    #[test]
+    fn each_vcpu_has_its_own_apic_and_ipis_reach_the_ones_they_name() {
+        let mut p = smp(4);
+        for c in 0..4 {
+            assert_eq!(p.mmio_read(c, LAPIC + 0x20, 4, 0), Some((c as u64) << 24));
+        }
+        assert_ne!(p.apic_base(0) & lapic::APIC_BASE_BSP, 0);
+        assert_eq!(
+            p.apic_base(1) & lapic::APIC_BASE_BSP,
+            0,
+            "only vCPU 0 is the BSP"
+        );
+        // Fixed, physical destination 2, from vCPU 0.
+        icr(&mut p, 0, 2, 0x41);
+        assert_eq!(
+            (0..4).map(|c| p.pending_interrupt(c)).collect::<Vec<_>>(),
+            [None, None, Some(0x41), None]
+        );
+        assert_eq!(p.take_kicked(), 0b100);
+        p.acknowledge(2, 0x41);
+        // Its EOI, or 0x41 in service would hold back 0x42 (same priority class).
+        p.mmio_write(2, LAPIC + 0xb0, 4, 0, 0);
+        // All excluding self (shorthand 3), from vCPU 1.
+        icr(&mut p, 1, 0, 3 << 18 | 0x42);
+        assert_eq!(
+            (0..4).map(|c| p.pending_interrupt(c)).collect::<Vec<_>>(),
+            [Some(0x42), None, Some(0x42), Some(0x42)]
+        );
+        // NMI to 3; INIT then STARTUP to 1, in order; an INIT de-assert does nothing.
+        icr(&mut p, 0, 3, 4 << 8);
+        assert!(p.nmi_pending(3) && !p.nmi_pending(0));
+        icr(&mut p, 0, 1, 5 << 8 | 1 << 14);
+        icr(&mut p, 0, 1, 5 << 8 | 1 << 15);
+        icr(&mut p, 0, 1, 6 << 8 | 1 << 14 | 0x9a);
+        assert_eq!(p.take_start_signal(), Some((1, StartSignal::Init)));
+        assert_eq!(p.take_start_signal(), Some((1, StartSignal::Startup(0x9a))));
+        assert_eq!(p.take_start_signal(), None);
+    }
+
+    #[test]
+    fn the_ioapic_sends_to_the_apic_its_entry_names() {
+        let mut p = smp(2);
+        let ioapic = crate::devices::ioapic::IOAPIC_BASE;
+        // Pin 1 (IRQ1, the keyboard's): vector 0x51 to APIC 1, edge, unmasked.
+        for (reg, v) in [(0x13u64, 1u64 << 24), (0x12, 0x51)] {
+            p.mmio_write(0, ioapic, 4, reg, 0);
+            p.mmio_write(0, ioapic + 0x10, 4, v, 0);
+        }
+        p.chipset.set_line(1, true);
+        assert_eq!(
+            (p.pending_interrupt(0), p.pending_interrupt(1)),
+            (None, Some(0x51))
+        );
+    }
+
     #[test]
     fn lapic_vectors_outrank_the_8259a() {
         let mut p = Platform::new(TSC_HZ);
