@@ -766,6 +766,24 @@ memory = 2M
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A vCPU count Keel cannot give is refused when the image is packed, naming the guest.
+    #[test]
+    fn a_bad_vcpu_count_is_refused_at_pack_time_with_the_guests_name() {
+        let dir = files_dir("vcpus", &[("a.bin", b"\xeb\xfe")]);
+        for bad in ["0", "17", "many"] {
+            let text =
+                format!("[guest web]\nkind = flat\nimage = a.bin\nmemory = 2M\nvcpus = {bad}\n");
+            assert_eq!(
+                pack_error(&text, &dir),
+                format!(
+                    "t.manifest: manifest line 5: guest web: vcpus must be a number from 1 to 16, \
+                     not `{bad}`"
+                )
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// The loaders run at pack time against each guest's image, memory and longest command
     /// line: what Keel would refuse at boot (or at a restart) fails here, naming the guest.
     #[test]

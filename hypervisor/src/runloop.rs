@@ -522,12 +522,13 @@ fn slice<C: Cpu>(
         // An IPI to another vCPU of the guest (fixed, NMI, INIT or SIPI) ends the slice, so the
         // target is woken (or started) and runs next, and the sender right after it: a vCPU
         // waiting in HLT for an IPI does not wait for the sender's quantum to run out.
-        if touched && vm.platform.take_kicked() & !(1 << c) != 0 {
-            if !matches!(action, Action::Halt | Action::Stop(_)) {
-                *waiting_since = Some(now);
-                seat.slice_left = Some(deadline.saturating_sub(now));
-                return SliceEnd::Interrupted;
-            }
+        if touched
+            && vm.platform.take_kicked() & !(1 << c) != 0
+            && !matches!(action, Action::Halt | Action::Stop(_))
+        {
+            *waiting_since = Some(now);
+            seat.slice_left = Some(deadline.saturating_sub(now));
+            return SliceEnd::Interrupted;
         }
         if vm.stats_requested {
             vm.stats_requested = false;

@@ -192,7 +192,7 @@ impl Chipset {
     /// level) only synchronises arbitration IDs and does nothing here.
     fn route_ipis(&mut self, from: usize) {
         while let Some(ipi) = self.lapics.0.get_mut(from).and_then(Lapic::take_ipi) {
-            let all_others = (1u64 << self.lapics.0.len()) - 1 & !(1 << from);
+            let all_others = ((1u64 << self.lapics.0.len()) - 1) & !(1 << from);
             let set = match ipi.shorthand() {
                 0 => {
                     let broadcast = if ipi.x2apic { u32::MAX } else { 0xff };

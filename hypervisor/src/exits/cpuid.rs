@@ -286,7 +286,7 @@ pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32, f: &GuestFeatures) -> [u
             // Deterministic cache parameters: keep the cache; EAX[31:26] is the package's cores
             // less one (one per vCPU), and one thread shares each cache (25:14 = 0).
             let [a, b, c, d] = host.cpuid(4, subleaf);
-            let cores = f.cpus.max(1).min(64) - 1;
+            let cores = f.cpus.clamp(1, 64) - 1;
             [
                 (a & 0x3fff) | if a & 0x1f != 0 { cores << 26 } else { 0 },
                 b,
