@@ -487,6 +487,17 @@ fn ap_sleeper() -> Program {
     }
 }
 
+/// The exit of guest 0's BSP for its fifth WRMSR: after [`starter`]`(1, ..)`'s four (APIC base,
+/// SVR, INIT, SIPI), the first of its own.
+fn fifth_wrmsr_of_the_bsp(rl: &RunLoop<FakeCpu>) -> Entry {
+    rl.cpu
+        .vcpu_entries(0, 0)
+        .filter(|e| e.exit == ExitReason::Wrmsr)
+        .nth(4)
+        .copied()
+        .expect("the BSP wrote its fifth MSR")
+}
+
 fn smp_rig(guests: Vec<Vec<Program>>) -> RunLoop<FakeCpu> {
     let cpu = FakeCpu::new();
     let slots = guests
@@ -559,13 +570,7 @@ fn a_fixed_ipi_wakes_a_halted_vcpu_without_waiting_for_the_senders_slice() {
         vec![Program::compute()],
     ]);
     run_for(&mut rl, 8 * QUANTUM);
-    let sent = rl
-        .cpu
-        .vcpu_entries(0, 0)
-        .filter(|e| e.exit == ExitReason::Wrmsr)
-        .nth(4)
-        .copied()
-        .expect("the IPI was sent");
+    let sent = fifth_wrmsr_of_the_bsp(&rl);
     let got = rl
         .cpu
         .vcpu_entries(0, 1)
@@ -609,4 +614,44 @@ fn every_vcpu_of_every_guest_gets_an_equal_share() {
             off * 100.0
         );
     }
+}
+
+#[test]
+fn init_sends_a_running_ap_back_to_wait_for_sipi() {
+    // The BSP starts AP 1, lets it compute for 3 of its own quanta, then sends it INIT.
+    let mut rl = smp_rig(vec![vec![
+        starter(1, &[Op::Run(3 * QUANTUM), ipi(1, 5, 0), Op::Run(u64::MAX)]),
+        Program::compute(),
+    ]]);
+    run_for(&mut rl, 12 * QUANTUM);
+    assert_eq!(rl.slots[0].vcpus[1].state, RunState::WaitForSipi);
+    let init = fifth_wrmsr_of_the_bsp(&rl);
+    assert!(
+        rl.cpu.vcpu_entries(0, 1).any(|e| e.end < init.start),
+        "AP 1 ran before"
+    );
+    assert!(
+        rl.cpu.vcpu_entries(0, 1).all(|e| e.start < init.end),
+        "AP 1 ran after its INIT"
+    );
+    // The BSP alone has the CPU now.
+    assert!(rl.slots[0].vcpus[0].state.is_live());
+}
+
+#[test]
+fn a_triple_fault_on_one_vcpu_stops_the_whole_guest_and_only_it() {
+    let mut rl = smp_rig(vec![
+        vec![
+            starter(1, &[Op::Run(u64::MAX)]),
+            Program::once(&[Op::Run(50_000), Op::TripleFault]),
+        ],
+        vec![Program::compute()],
+    ]);
+    run_for(&mut rl, 10 * QUANTUM);
+    for v in &rl.slots[0].vcpus {
+        assert_eq!(v.state, RunState::Stopped(StopReason::TripleFault));
+    }
+    assert_eq!(rl.slots[1].vcpus[0].state, RunState::Runnable);
+    let stopped = rl.cpu.trace.iter().rposition(|e| e.guest == 0).unwrap();
+    assert!(rl.cpu.trace[stopped + 1..].iter().all(|e| e.guest == 1));
 }
