@@ -782,6 +782,25 @@ memory = "2M"
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A vCPU count Keel cannot give is refused when the image is packed, naming the guest.
+    #[test]
+    fn a_bad_vcpu_count_is_refused_at_pack_time_with_the_guests_name() {
+        let dir = files_dir("vcpus", &[("a.bin", b"\xeb\xfe")]);
+        for (bad, shown) in [("0", "0"), ("17", "17"), ("\"many\"", "many")] {
+            let text = format!(
+                "[[guest]]\nname = \"web\"\nkind = \"flat\"\nimage = \"a.bin\"\n\
+                 memory = \"2M\"\nvcpus = {bad}\n"
+            );
+            assert_eq!(
+                pack_error(&text, &dir),
+                format!(
+                    "t.toml: line 6: guest web: vcpus must be a number from 1 to 16, not `{shown}`"
+                )
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// The loaders run at pack time against each guest's image, memory and longest command
     /// line: what Keel would refuse at boot (or at a restart) fails here, naming the guest.
     #[test]

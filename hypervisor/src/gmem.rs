@@ -47,15 +47,11 @@ const PAGE_SIZE_BIT: u64 = 1 << 7;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 fn read_u64(ram: &GuestRam, gpa: u64) -> Option<u64> {
-    let b = ram.slice(gpa, 8)?;
-    let mut a = [0u8; 8];
-    a.copy_from_slice(b);
-    Some(u64::from_le_bytes(a))
+    ram.read_u64(gpa)
 }
 
 fn read_u32(ram: &GuestRam, gpa: u64) -> Option<u64> {
-    let b = ram.slice(gpa, 4)?;
-    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64)
+    ram.read_u32(gpa).map(u64::from)
 }
 
 /// A successful walk: the guest-physical address and the permissions of the whole path (a page
@@ -291,12 +287,10 @@ pub enum Fault {
 /// leaf, as the CPU does for an access it makes (SDM 4.8). Keel's emulated accesses are the
 /// guest's own: an OS that finds dirty pages by the D flag must see a page INS wrote as dirty.
 fn mark_used(ram: &mut GuestRam, w: &Walk, write: bool) {
-    let bytes = ram.bytes();
     for (i, &at) in w.entries[..w.levels].iter().enumerate() {
         let dirty = if write && i + 1 == w.levels { DIRTY } else { 0 };
-        if let Some(b) = bytes.get_mut(at as usize) {
-            *b |= ACCESSED | dirty;
-        }
+        // The walk read every entry from RAM, so each is there.
+        let _ = ram.fetch_or_u8(at, ACCESSED | dirty);
     }
 }
 

@@ -1,5 +1,6 @@
-//! What Keel knows about one guest apart from the hardware: its registers between exits, its
-//! memory, its virtual platform, its run state and its accounting. Everything here is plain data so
+//! What Keel knows about one guest apart from the hardware, in two parts: the [`Vm`] all its vCPUs
+//! share (memory, virtual platform, clock) and each [`Vcpu`] (registers between exits, CR rules,
+//! emulated MSRs, event queue, run state, accounting). Everything here is plain data so
 //! the exit handlers that work on it are tested on the build host.
 
 use crate::devices::Platform;
@@ -151,6 +152,9 @@ pub enum RunState {
     Runnable,
     /// Executed HLT; runnable again when an interrupt is pending for it.
     Halted,
+    /// An application processor after power-on or INIT (SDM 8.4.1, 10.6.1): not scheduled until
+    /// a STARTUP IPI starts it.
+    WaitForSipi,
     /// Paused from the management API; not scheduled until resumed. `halted` remembers whether
     /// it was waiting in HLT, so resuming puts it back exactly where it was.
     Paused {
@@ -206,6 +210,32 @@ impl Default for GuestStats {
 }
 
 impl GuestStats {
+    /// The counts of several vCPUs added up (the last exit is the first one's).
+    pub fn sum<'a>(all: impl Iterator<Item = &'a GuestStats>) -> GuestStats {
+        let mut t = GuestStats::default();
+        for (n, s) in all.enumerate() {
+            for (a, b) in t.exits.iter_mut().zip(s.exits.iter()) {
+                *a += b;
+            }
+            t.cpu_cycles += s.cpu_cycles;
+            t.keel_cycles += s.keel_cycles;
+            t.halted_cycles += s.halted_cycles;
+            t.interrupts_injected += s.interrupts_injected;
+            t.exceptions_injected += s.exceptions_injected;
+            t.unclaimed_port_accesses += s.unclaimed_port_accesses;
+            t.hypercalls += s.hypercalls;
+            for r in 0..EXIT_REASONS {
+                t.exit_cycles[r] += s.exit_cycles[r];
+                t.exits_timed[r] += s.exits_timed[r];
+                t.exit_cycles_max[r] = t.exit_cycles_max[r].max(s.exit_cycles_max[r]);
+            }
+            if n == 0 {
+                t.last_exit = s.last_exit;
+            }
+        }
+        t
+    }
+
     pub fn total_exits(&self) -> u64 {
         self.exits.iter().sum()
     }
@@ -250,75 +280,203 @@ impl GuestStats {
 }
 
 /// Guest RAM: guest-physical 0..len, backed by one contiguous host block.
+///
+/// Every vCPU of a guest reaches this memory, and the guest itself writes it from every vCPU while
+/// Keel reads it, so Keel never holds a Rust reference into it across an exit: the accessors copy
+/// bytes in and out through the raw pointer ([`GuestRam::read`], [`GuestRam::write`]), which stays
+/// sound when another CPU touches the same bytes at the same time (the guest sees a torn value, as
+/// it would from a device doing DMA). Only [`GuestRam::bytes`] hands out a slice, and it takes
+/// `&mut self`: for the loaders, while the guest is being (re)built and none of its vCPUs runs.
 pub struct GuestRam {
-    mem: &'static mut [u8],
+    base: *mut u8,
+    len: usize,
     /// Host-physical address of guest-physical 0.
     pub hpa: u64,
 }
+
+// SAFETY: a `GuestRam` is a view of memory owned by its guest; every access through a shared
+// reference is a raw-pointer copy (no reference into guest memory is ever formed from `&self`).
+unsafe impl Send for GuestRam {}
+// SAFETY: as above.
+unsafe impl Sync for GuestRam {}
 
 impl GuestRam {
     /// # Safety
     /// `mem` must be memory owned by this guest alone for as long as the `GuestRam` lives.
     pub unsafe fn new(mem: &'static mut [u8], hpa: u64) -> Self {
-        Self { mem, hpa }
+        Self {
+            base: mem.as_mut_ptr(),
+            len: mem.len(),
+            hpa,
+        }
     }
 
     pub fn len(&self) -> u64 {
-        self.mem.len() as u64
+        self.len as u64
     }
 
     pub fn is_empty(&self) -> bool {
-        self.mem.is_empty()
+        self.len == 0
     }
 
+    /// The whole of RAM as a slice, for the loaders while no vCPU of the guest runs.
     pub fn bytes(&mut self) -> &mut [u8] {
-        self.mem
+        // SAFETY: the block is this guest's (`new`), and `&mut self` is the only access to it
+        // from Keel meanwhile; the guest does not run while it is being loaded.
+        unsafe { core::slice::from_raw_parts_mut(self.base, self.len) }
     }
 
-    /// The guest-physical range [gpa, gpa+len) if it lies wholly in RAM.
-    pub fn slice(&self, gpa: u64, len: u64) -> Option<&[u8]> {
-        let end = gpa.checked_add(len)?;
-        if end > self.len() {
-            return None;
-        }
-        Some(&self.mem[gpa as usize..end as usize])
+    /// The offset of the guest-physical range [gpa, gpa+len) if it lies wholly in RAM.
+    fn range(&self, gpa: u64, len: usize) -> Option<usize> {
+        let end = gpa.checked_add(len as u64)?;
+        (end <= self.len as u64).then_some(gpa as usize)
+    }
+
+    /// True if [gpa, gpa+len) lies wholly in RAM.
+    pub fn contains(&self, gpa: u64, len: u64) -> bool {
+        usize::try_from(len).is_ok_and(|n| self.range(gpa, n).is_some())
+    }
+
+    /// Copies guest-physical [gpa, gpa+buf.len()) into `buf`; None (and `buf` untouched) if the
+    /// range is not wholly RAM.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Option<()> {
+        let at = self.range(gpa, buf.len())?;
+        // SAFETY: in bounds (checked above) of the block this view owns; a byte copy through the
+        // raw pointer forms no reference to memory other CPUs may write.
+        unsafe { core::ptr::copy_nonoverlapping(self.base.add(at), buf.as_mut_ptr(), buf.len()) };
+        Some(())
+    }
+
+    /// Copies `data` to guest-physical `gpa`; None (and nothing written) if the range is not
+    /// wholly RAM.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Option<()> {
+        let at = self.range(gpa, data.len())?;
+        // SAFETY: as in `read`.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(at), data.len()) };
+        Some(())
+    }
+
+    /// The guest-physical range [gpa, gpa+len) copied out, if it lies wholly in RAM.
+    pub fn slice(&self, gpa: u64, len: u64) -> Option<alloc::vec::Vec<u8>> {
+        let mut v = alloc::vec![0u8; usize::try_from(len).ok()?];
+        self.read(gpa, &mut v)?;
+        Some(v)
+    }
+
+    pub fn read_u32(&self, gpa: u64) -> Option<u32> {
+        let mut b = [0; 4];
+        self.read(gpa, &mut b)?;
+        Some(u32::from_le_bytes(b))
+    }
+
+    pub fn read_u64(&self, gpa: u64) -> Option<u64> {
+        let mut b = [0; 8];
+        self.read(gpa, &mut b)?;
+        Some(u64::from_le_bytes(b))
+    }
+
+    pub fn write_u64(&self, gpa: u64, v: u64) -> Option<()> {
+        self.write(gpa, &v.to_le_bytes())
+    }
+
+    /// Sets `bits` in the byte at `gpa` with one atomic read-modify-write, as the CPU sets the
+    /// accessed and dirty flags of a paging entry (a locked operation, SDM 4.8): another vCPU
+    /// updating the same entry meanwhile loses nothing. None if `gpa` is not RAM.
+    pub fn fetch_or_u8(&self, gpa: u64, bits: u8) -> Option<()> {
+        let at = self.range(gpa, 1)?;
+        // SAFETY: in bounds of the block this view owns; AtomicU8 has the alignment and size of
+        // u8, and every access Keel makes to guest RAM is a raw copy or this atomic.
+        let byte = unsafe { &*(self.base.add(at) as *const core::sync::atomic::AtomicU8) };
+        byte.fetch_or(bits, core::sync::atomic::Ordering::SeqCst);
+        Some(())
     }
 }
 
-/// Everything about a guest that is not hardware state.
-pub struct Guest {
+/// What all vCPUs of one guest share: its RAM, its virtual platform (the shared devices and the
+/// interrupt fabric), its clock and the requests it made of Keel. The hardware behind it (EPT, RAM
+/// block, bitmaps) is `hypervisor::VmHw`'s.
+pub struct Vm {
     pub id: u32,
     pub name: String,
     pub ram: GuestRam,
     pub platform: Platform,
-    pub regs: GuestRegs,
-    pub state: RunState,
-    pub stats: GuestStats,
-    /// Emulated MSRs (IA32_APIC_BASE is the local APIC's, in `platform`).
-    pub misc_enable: u64,
-    pub mtrr_def_type: u64,
-    /// The CR0/CR4 bits VMX forces for this guest and the checks on guest writes.
-    pub cr0_rules: crate::vmx::cr::GuestCr,
-    pub cr4_rules: crate::vmx::cr::GuestCr,
-    /// The guest's XCR0, loaded before it runs.
-    pub xcr0: u64,
     /// Set by the PRINT_STATS hypercall; Keel prints the table after the exit.
     pub stats_requested: bool,
     /// Added to the host TSC to give the guest's virtual time: every guest's clock starts near 0
-    /// when it is created, and its device timers run on that clock. Its TSC adds `tsc_adjust`
-    /// (the VMCS TSC offset, SDM 26.3, is [`Guest::vmcs_tsc_offset`]).
+    /// when it is created, and its device timers run on that clock. Each vCPU's TSC adds its own
+    /// `tsc_adjust` (the VMCS TSC offset, SDM 26.3, is [`Vcpu::vmcs_tsc_offset`]).
     pub tsc_offset: u64,
-    /// Exceptions, NMIs and interrupts owed to the guest at its next VM entries.
+}
+
+/// One virtual CPU of a guest: its registers between exits, the control-register rules, the MSRs
+/// Keel emulates or switches for it, its event queue, its TSC adjustment, its run state and its
+/// accounts. Its VMCS and the registers VMX does not switch are its hardware half
+/// (`hypervisor::VcpuHw`).
+pub struct Vcpu {
+    /// Its number in the guest, 0 for the bootstrap processor; also its APIC ID.
+    pub index: usize,
+    pub regs: GuestRegs,
+    pub state: RunState,
+    pub stats: GuestStats,
+    /// Emulated MSRs (IA32_APIC_BASE is the local APIC's, in the VM's platform).
+    pub misc_enable: u64,
+    pub mtrr_def_type: u64,
+    /// The CR0/CR4 bits VMX forces for this vCPU and the checks on guest writes.
+    pub cr0_rules: crate::vmx::cr::GuestCr,
+    pub cr4_rules: crate::vmx::cr::GuestCr,
+    /// The vCPU's XCR0, loaded before it runs.
+    pub xcr0: u64,
+    /// Exceptions, NMIs and interrupts owed to the vCPU at its next VM entries.
     pub events: crate::exits::events::EventQueue,
-    /// IA32_TSC_ADJUST (SDM 17.17.3): what the guest added to its own TSC with WRMSR. Its TSC is
-    /// Keel's clock plus this ([`Guest::vmcs_tsc_offset`]); its devices keep Keel's clock.
+    /// IA32_TSC_ADJUST (SDM 17.17.3): what the guest added to this vCPU's TSC with WRMSR. Its TSC
+    /// is the VM's clock plus this ([`Vcpu::vmcs_tsc_offset`]); the devices keep the VM's clock.
     pub tsc_adjust: u64,
     /// IA32_SPEC_CTRL as the guest last wrote it (`exits::msr`); the run loop loads it into the
-    /// real MSR whenever this guest runs.
+    /// real MSR whenever this vCPU runs.
     pub spec_ctrl: u64,
     /// The pages of APIC virtualization, when this guest runs with it (`vmx::apicv`): the CPU
     /// owns the TPR then, and `exits::apicv` keeps `platform`'s local APIC in step with it.
     pub apicv: Option<crate::vmx::apicv::VirtualApic>,
+}
+
+impl Vcpu {
+    /// A vCPU at power-on with the CR rules of `caps`.
+    pub fn new(index: usize, caps: &crate::vmx::VmxCaps) -> Self {
+        Self {
+            index,
+            regs: GuestRegs::default(),
+            state: RunState::Runnable,
+            stats: GuestStats::default(),
+            cr0_rules: crate::vmx::cr::GuestCr::cr0(caps, true),
+            cr4_rules: crate::vmx::cr::GuestCr::cr4(caps),
+            misc_enable: crate::exits::msr::MISC_ENABLE_DEFAULT,
+            mtrr_def_type: 0,
+            xcr0: 1,
+            events: Default::default(),
+            tsc_adjust: 0,
+            spec_ctrl: 0,
+            apicv: None,
+        }
+    }
+
+    /// Back to the power-on values of everything Keel emulates for the vCPU (registers, MSRs,
+    /// XCR0, events); its CR rules and accounts stay.
+    pub fn reset(&mut self) {
+        self.regs = GuestRegs::default();
+        self.state = RunState::Runnable;
+        self.misc_enable = crate::exits::msr::MISC_ENABLE_DEFAULT;
+        self.mtrr_def_type = 0;
+        self.xcr0 = 1;
+        self.events = Default::default();
+        self.tsc_adjust = 0;
+        self.spec_ctrl = 0;
+    }
+
+    /// The VMCS TSC offset: the VM's clock (`vm_offset`, [`Vm::tsc_offset`]) plus this vCPU's
+    /// IA32_TSC_ADJUST.
+    pub fn vmcs_tsc_offset(&self, vm_offset: u64) -> u64 {
+        vm_offset.wrapping_add(self.tsc_adjust)
+    }
 }
 
 /// A management request that does not fit the guest's current state.
@@ -347,6 +505,8 @@ impl RunState {
             RunState::Halted => RunState::Paused { halted: true },
             RunState::Paused { .. } => return Err(ControlError::AlreadyPaused),
             RunState::Stopped(_) => return Err(ControlError::AlreadyStopped),
+            // Nothing to pause: it stays waiting (no vCPU of a paused guest sends it a SIPI).
+            RunState::WaitForSipi => RunState::WaitForSipi,
         };
         Ok(())
     }
@@ -375,19 +535,14 @@ impl RunState {
     }
 }
 
-impl Guest {
+impl Vm {
     /// The guest's virtual time at host TSC `host_tsc`: the clock its devices run on, which is
-    /// its TSC less its own IA32_TSC_ADJUST.
+    /// a vCPU's TSC less that vCPU's own IA32_TSC_ADJUST.
     pub fn now(&self, host_tsc: u64) -> u64 {
         host_tsc.wrapping_add(self.tsc_offset)
     }
 
-    /// The VMCS TSC offset: Keel's clock for the guest plus the guest's IA32_TSC_ADJUST.
-    pub fn vmcs_tsc_offset(&self) -> u64 {
-        self.tsc_offset.wrapping_add(self.tsc_adjust)
-    }
-
-    /// The host TSC at which the guest's virtual time ([`Guest::now`]) reads `guest_tsc`.
+    /// The host TSC at which the guest's virtual time ([`Vm::now`]) reads `guest_tsc`.
     pub fn host_time(&self, guest_tsc: u64) -> u64 {
         guest_tsc.wrapping_sub(self.tsc_offset)
     }

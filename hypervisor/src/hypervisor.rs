@@ -8,7 +8,7 @@ use crate::archive::{self, Archive};
 use crate::devices::Platform;
 use crate::ept::{Ept, EptPerms, MemType};
 use crate::exits;
-use crate::guest::{Guest, GuestRam, GuestRegs, GuestStats, RunState};
+use crate::guest::{GuestRam, GuestRegs, RunState, Vcpu, Vm};
 use crate::loader::{self, LoadRequest};
 use crate::machine::MachineInfo;
 use crate::manifest::{self, GuestConfig};
@@ -17,8 +17,7 @@ use crate::runloop::{Cpu, LoopConfig, RunLoop, Slot};
 use crate::vcpu::{self, ControlSet};
 use crate::vmx::apicv::{ApicvFeatures, VirtualApic};
 use crate::vmx::controls::{PrimaryControls, SecondaryControls};
-use crate::vmx::cr::GuestCr;
-use crate::vmx::invalidate::guest_vpid;
+use crate::vmx::invalidate::vcpu_vpid;
 use crate::vmx::{FlushPolicy, Vmcs, VmxCaps, VmxError};
 use crate::{error, fatal, info};
 use alloc::string::String;
@@ -140,7 +139,7 @@ pub fn run(machine: MachineInfo) -> ! {
                 continue;
             }
         };
-        match Vm::create(id as u32, setup, cal.tsc_hz) {
+        match VmHw::create(id as u32, setup, cal.tsc_hz) {
             Ok(slot) => slots.push(slot),
             Err(e) => error!("guest {}: not started: {e}", cfg.name),
         }
@@ -205,23 +204,28 @@ pub struct RealCpu {
 pub type Runner = RunLoop<RealCpu>;
 
 impl Cpu for RealCpu {
-    type Vcpu = Vm;
+    type Vcpu = VmHw;
     type Loaded<'a> = LoadedVmcs<'a>;
 
     fn rdtsc(&mut self) -> u64 {
         cpu::rdtsc()
     }
 
-    fn save(&mut self, vm: &mut Vm) {
-        vm.saved.save();
+    fn save(&mut self, vm: &mut VmHw, cpu: usize) {
+        if let Some(c) = vm.cpus.get_mut(cpu) {
+            c.saved.save();
+        }
     }
 
-    fn restore(&mut self, vm: &mut Vm, xcr0: u64) {
-        vm.saved.restore(xcr0);
+    fn restore(&mut self, vm: &mut VmHw, cpu: usize, xcr0: u64) {
+        if let Some(c) = vm.cpus.get(cpu) {
+            c.saved.restore(xcr0);
+        }
     }
 
-    fn load<'a>(&mut self, vm: &'a mut Vm) -> Result<LoadedVmcs<'a>, String> {
-        vm.vmcs.load().map_err(|e| alloc::format!("{e}"))
+    fn load<'a>(&mut self, vm: &'a mut VmHw, cpu: usize) -> Result<LoadedVmcs<'a>, String> {
+        let c = vm.cpus.get_mut(cpu).ok_or("no such vCPU")?;
+        c.vmcs.load().map_err(|e| alloc::format!("{e}"))
     }
 
     fn enter(&mut self, vmcs: &mut LoadedVmcs<'_>, regs: &mut GuestRegs) -> Result<(), VmxError> {
@@ -245,8 +249,14 @@ impl Cpu for RealCpu {
         lapic::sleep_until(wake, max, &self.cal);
     }
 
-    fn boot(&mut self, vm: &mut Vm, guest: &mut Guest, restarts: u32) -> Result<(), String> {
-        vm.boot(guest, restarts)
+    fn boot(
+        &mut self,
+        hw: &mut VmHw,
+        vm: &mut Vm,
+        vcpus: &mut [Vcpu],
+        restarts: u32,
+    ) -> Result<(), String> {
+        hw.boot(vm, vcpus, restarts)
     }
 
     fn console_key(&mut self) -> Option<u8> {
@@ -265,18 +275,25 @@ impl Cpu for RealCpu {
     }
 }
 
-/// One guest on the hardware: its VMCS and the structures the VMCS points to. The
-/// hardware-independent [`Guest`] and its place in the schedule are in its `runloop::Slot`.
-pub struct Vm {
-    /// Loaded (VMPTRLD) for each use: its handle is the only way to read or write it.
-    vmcs: VmcsRegion,
+/// One guest on the hardware: each vCPU's VMCS and saved registers, and the structures the
+/// VMCSs point to. The hardware-independent [`Vm`] and [`Vcpu`]s and their places in the
+/// schedule are in its `runloop::Slot`.
+pub struct VmHw {
+    /// vCPU i's hardware is `cpus[i]`.
+    cpus: Vec<VcpuHw>,
     ept: Ept<Frames>,
-    /// Register state that VMX does not switch, saved while another guest runs.
-    saved: SavedState,
     setup: Setup,
     /// The guest's RAM (`guest.ram` views it). Last, so it is given back after everything that
-    /// refers to it when a `Vm` is dropped (a guest refused at boot; its `Guest` goes first).
+    /// refers to it when a `VmHw` is dropped (a guest refused at boot; its `Guest` goes first).
     ram_block: mm::OwnedPages,
+}
+
+/// One vCPU on the hardware.
+struct VcpuHw {
+    /// Loaded (VMPTRLD) for each use: its handle is the only way to read or write it.
+    vmcs: VmcsRegion,
+    /// Register state that VMX does not switch, saved while another vCPU runs.
+    saved: SavedState,
 }
 
 /// The MSRs in `exits::msr::PASSTHROUGH` that the VMCS does not switch.
@@ -407,8 +424,10 @@ fn guest_setup(
         );
     }
     // APIC virtualization where the CPU has it and the manifest does not turn it off: the
-    // guest's own virtual-APIC and APIC-access pages, and its controls (`vmx::apicv`).
-    let apicv = ApicvFeatures::select(caps, cfg.apicv != Some(false));
+    // guest's own virtual-APIC and APIC-access pages, and its controls (`vmx::apicv`). One
+    // virtual-APIC page serves one local APIC, so guests with several vCPUs use the emulated
+    // APIC for now.
+    let apicv = ApicvFeatures::select(caps, cfg.apicv != Some(false) && cfg.vcpus <= 1);
     let mut controls = *controls;
     (controls.primary, controls.secondary) = apicv
         .apply(caps, controls.primary, controls.secondary)
@@ -431,6 +450,7 @@ fn guest_setup(
 }
 
 struct Overhead {
+    vcpus: usize,
     ept_tables: usize,
     apic_pages: usize,
     /// Heap bytes: the guest's bookkeeping and device models.
@@ -439,9 +459,9 @@ struct Overhead {
 
 impl Overhead {
     fn total(&self) -> usize {
-        // VMCS, two I/O bitmaps, the MSR bitmap and the XSAVE area are one page each, and so
-        // are the virtual-APIC and APIC-access pages with APIC virtualization.
-        (1 + 2 + 1 + 1 + self.apic_pages + self.ept_tables) * 4096 + self.device_bytes
+        // VMCS and XSAVE area per vCPU, two I/O bitmaps and the MSR bitmap are one page each, and
+        // so are the virtual-APIC and APIC-access pages with APIC virtualization.
+        (2 * self.vcpus + 2 + 1 + self.apic_pages + self.ept_tables) * 4096 + self.device_bytes
     }
 }
 
@@ -458,7 +478,7 @@ pub struct Setup {
     apic_pages: Option<(mm::OwnedPages, mm::OwnedPages)>,
 }
 
-impl Vm {
+impl VmHw {
     /// Allocates everything a guest needs (RAM, EPT, bitmaps, VMCS, save area) and boots it. Each
     /// of them is owned by a value that gives it back when dropped, so when any step fails (the
     /// image is refused, say) the guest keeps nothing.
@@ -497,8 +517,8 @@ impl Vm {
                     )
                     .map_err(|e| alloc::format!("{e}"))?;
                 }
-                // SAFETY: two zeroed frames of this guest's `Setup`, which outlives its `Guest`
-                // (the `Slot` drops the guest first), mapped at phys_to_virt.
+                // SAFETY: two zeroed frames of this guest's `Setup`, which outlives its `Vcpu`s
+                // (the `Slot` drops them first), mapped at phys_to_virt.
                 Some(unsafe {
                     VirtualApic::new(
                         &mut *mm::phys_to_virt(vapic.pa()).cast::<[u8; 4096]>(),
@@ -511,49 +531,47 @@ impl Vm {
             }
             None => None,
         };
-        let vmcs = VmcsRegion::new(setup.caps.revision_id()).map_err(|e| alloc::format!("{e}"))?;
-        let saved = SavedState::new().ok_or("out of memory")?;
-        let guest = Guest {
+        let mut cpus = Vec::new();
+        for _ in 0..cfg.vcpus.max(1) {
+            cpus.push(VcpuHw {
+                vmcs: VmcsRegion::new(setup.caps.revision_id())
+                    .map_err(|e| alloc::format!("{e}"))?,
+                saved: SavedState::new().ok_or("out of memory")?,
+            });
+        }
+        let board = crate::devices::board::Board::pc(cfg.memory, cfg.vcpus.max(1));
+        let guest = Vm {
             id,
             name: cfg.name.clone(),
             ram,
-            platform: Platform::for_board(crate::devices::board::Board::pc(cfg.memory, 1), tsc_hz),
-            regs: GuestRegs::default(),
-            state: RunState::Runnable,
-            stats: GuestStats::default(),
-            cr0_rules: GuestCr::cr0(&setup.caps, true),
-            cr4_rules: GuestCr::cr4(&setup.caps),
-            misc_enable: exits::msr::MISC_ENABLE_DEFAULT,
-            mtrr_def_type: 0,
-            xcr0: 1,
+            platform: Platform::for_board(board, tsc_hz),
             stats_requested: false,
             tsc_offset: 0,
-            events: Default::default(),
-            tsc_adjust: 0,
-            spec_ctrl: 0,
-            apicv,
         };
+        let mut vcpus: Vec<Vcpu> = (0..cpus.len()).map(|c| Vcpu::new(c, &setup.caps)).collect();
+        // APIC virtualization is set up for one-vCPU guests only (`guest_setup`): vCPU 0 holds it.
+        vcpus[0].apicv = apicv;
         let vm = Self {
-            vmcs,
+            cpus,
             ept,
-            saved,
             setup,
             ram_block,
         };
         let restart_limit = vm.setup.cfg.restart;
-        let mut slot = Slot::new(guest, vm, restart_limit);
-        slot.vcpu.boot(&mut slot.guest, 0)?;
-        if slot.vcpu.setup.cfg.refuse {
+        let mut slot = Slot::new(guest, vcpus, vm, restart_limit);
+        slot.hw.boot(&mut slot.vm, &mut slot.vcpus, 0)?;
+        if slot.hw.setup.cfg.refuse {
             // Dropping `vm` gives back everything allocated above, as for any refusal.
             return Err("refused on request (selftest = refuse)".into());
         }
         // The guest's heap share: its device models, buffers and bookkeeping (the `Slot` itself
         // is in the caller's vector and counted by size).
-        let heap =
-            arch::boot::heap_used().saturating_sub(heap_before) + core::mem::size_of::<Slot<Vm>>();
+        let heap = arch::boot::heap_used().saturating_sub(heap_before)
+            + core::mem::size_of::<Slot<VmHw>>();
         let o = Overhead {
-            ept_tables: slot.vcpu.ept.tables_used(),
-            apic_pages: if slot.vcpu.setup.apic_pages.is_some() {
+            vcpus: slot.vcpus.len(),
+            ept_tables: slot.hw.ept.tables_used(),
+            apic_pages: if slot.hw.setup.apic_pages.is_some() {
                 2
             } else {
                 0
@@ -561,22 +579,23 @@ impl Vm {
             device_bytes: heap,
         };
         info!(
-            "guest {id} {} overhead: {} KiB (VMCS 4, EPT {} tables, I/O+MSR bitmaps 12, XSAVE 4, APIC pages {}, devices and bookkeeping {} B)",
-            slot.guest.name,
+            "guest {id} {} overhead: {} KiB ({} vCPUs: VMCS 4 and XSAVE 4 each; EPT {} tables, I/O+MSR bitmaps 12, APIC pages {}, devices and bookkeeping {} B)",
+            slot.vm.name,
             o.total() >> 10,
+            o.vcpus,
             o.ept_tables,
             o.apic_pages * 4,
             o.device_bytes
         );
-        if !slot.vcpu.setup.apicv.any() {
-            info!("guest {id} {}: APIC virtualization off", slot.guest.name);
+        if !slot.hw.setup.apicv.any() {
+            info!("guest {id} {}: APIC virtualization off", slot.vm.name);
         }
         Ok(slot)
     }
 
     /// (Re)starts the guest from its image: fresh RAM contents, devices, registers and VMCS.
     /// `restarts` counts its earlier deaths.
-    fn boot(&mut self, g: &mut Guest, restarts: u32) -> Result<(), String> {
+    fn boot(&mut self, g: &mut Vm, vcpus: &mut [Vcpu], restarts: u32) -> Result<(), String> {
         let setup = &self.setup;
         let mut cfg = setup.cfg.clone();
         if restarts > 0 {
@@ -614,70 +633,80 @@ impl Vm {
                 .map_err(|e| alloc::format!("{e}"))?;
         }
 
-        // A VMCS that cannot be cleared or loaded ends this guest (the caller reports why), not
-        // Keel.
-        self.vmcs.clear().map_err(|e| alloc::format!("{e}"))?;
-        let mut v = self.vmcs.load().map_err(|e| alloc::format!("{e}"))?;
+        g.tsc_offset = if setup.controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0 {
+            0u64.wrapping_sub(cpu::rdtsc())
+        } else {
+            0
+        };
+        g.platform = Platform::for_board(g.platform.board().clone(), g.platform.tsc_hz());
         let id = g.id;
-        let vpid = guest_vpid(id);
         let eptp = self.ept.eptp();
-        vcpu::write_controls(
-            &mut v,
-            &setup.controls,
-            (setup.io_bitmaps.0.pa(), setup.io_bitmaps.1.pa()),
-            setup.msr_bitmap.pa(),
-            eptp,
-            vpid,
-        );
-        if let Some(a) = &mut g.apicv {
-            // Power-on: TPR 0 in the model (`g.platform` below) and in VTPR.
-            a.reset();
-            a.write_fields(&mut v);
-        }
-        // Nothing cached under this guest's EPTP or VPID may outlive its previous life or another
-        // guest's use of the same tags (vmx::invalidate).
         let secondary = SecondaryControls::from_bits_retain(setup.controls.secondary);
         let policy = FlushPolicy::new(
             &setup.caps,
             secondary.contains(SecondaryControls::ENABLE_EPT),
             secondary.contains(SecondaryControls::ENABLE_VPID),
         );
-        for inv in policy.at_guest_boot(eptp, vpid) {
-            vmx::invalidate(&inv).map_err(|e| alloc::format!("{inv} failed: {e}"))?;
+        for (c, (hw, vcpu)) in self.cpus.iter_mut().zip(vcpus.iter_mut()).enumerate() {
+            // A VMCS that cannot be cleared or loaded ends this guest (the caller reports why),
+            // not Keel.
+            hw.vmcs.clear().map_err(|e| alloc::format!("{e}"))?;
+            let mut v = hw.vmcs.load().map_err(|e| alloc::format!("{e}"))?;
+            let vpid = vcpu_vpid(id, c);
+            vcpu::write_controls(
+                &mut v,
+                &setup.controls,
+                (setup.io_bitmaps.0.pa(), setup.io_bitmaps.1.pa()),
+                setup.msr_bitmap.pa(),
+                eptp,
+                vpid,
+            );
+            // Nothing cached under this guest's EPTP or its vCPUs' VPIDs may outlive its previous
+            // life or another guest's use of the same tags (vmx::invalidate).
+            for inv in policy.at_guest_boot(eptp, vpid) {
+                vmx::invalidate(&inv).map_err(|e| alloc::format!("{inv} failed: {e}"))?;
+            }
+            arch::vmcs::write_host_state(&mut v);
+            vcpu.reset();
+            if let Some(a) = &mut vcpu.apicv {
+                // Power-on: TPR 0 in the model (`g.platform`, made afresh above) and in VTPR.
+                a.reset();
+                a.write_fields(&mut v);
+            }
+            if c == 0 {
+                vcpu::write_guest_state(&mut v, &st, &vcpu.cr0_rules, &vcpu.cr4_rules);
+                vcpu.regs = GuestRegs {
+                    rax: st.rax,
+                    rbx: st.rbx,
+                    rcx: st.rcx,
+                    rdx: st.rdx,
+                    rsi: st.rsi,
+                    rdi: st.rdi,
+                    ..Default::default()
+                };
+            } else {
+                // An application processor waits for its SIPI (SDM 8.4.1), which writes its
+                // guest state (`runloop`); meanwhile it holds the INIT state.
+                let init = loader::InitialState::startup_ipi(0);
+                vcpu::write_guest_state(&mut v, &init, &vcpu.cr0_rules, &vcpu.cr4_rules);
+                vcpu.state = RunState::WaitForSipi;
+            }
+            v.write(
+                crate::vmx::Control64::TscOffset,
+                vcpu.vmcs_tsc_offset(g.tsc_offset),
+            );
+            drop(v);
+            hw.saved.reset();
         }
-        arch::vmcs::write_host_state(&mut v);
-        vcpu::write_guest_state(&mut v, &st, &g.cr0_rules, &g.cr4_rules);
-        g.tsc_offset = if setup.controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0 {
-            0u64.wrapping_sub(cpu::rdtsc())
-        } else {
-            0
-        };
-        g.tsc_adjust = 0;
-        g.spec_ctrl = 0;
-        v.write(crate::vmx::Control64::TscOffset, g.vmcs_tsc_offset());
-        g.regs = GuestRegs {
-            rax: st.rax,
-            rbx: st.rbx,
-            rcx: st.rcx,
-            rdx: st.rdx,
-            rsi: st.rsi,
-            rdi: st.rdi,
-            ..Default::default()
-        };
-        g.platform = Platform::for_board(g.platform.board().clone(), g.platform.tsc_hz());
-        g.state = RunState::Runnable;
-        g.misc_enable = exits::msr::MISC_ENABLE_DEFAULT;
-        g.mtrr_def_type = 0;
-        g.xcr0 = 1;
-        g.events = Default::default();
-        self.saved.reset();
         info!(
-            "guest {id} {}: {:?} {} KiB image, {} MiB RAM at {:#x}, entry {:?} mode at {:#x}{}",
+            "guest {id} {}: {:?} {} KiB image, {} MiB RAM at {:#x}, {} vCPU{}, entry {:?} mode at {:#x}{}",
             cfg.name,
             cfg.kind,
             image.len() >> 10,
             cfg.memory >> 20,
             self.ram_block.pa(),
+            vcpus.len(),
+            if vcpus.len() == 1 { "" } else { "s" },
             st.mode,
             st.rip,
             if restarts > 0 {
@@ -707,11 +736,11 @@ impl Runner {
     pub fn add_guest(&mut self, setup: Setup, tsc_hz: u64) -> Result<u32, String> {
         // Past every id in use: guests refused at boot leave gaps, so `slots.len()` could repeat
         // an id (and with it a VPID).
-        let id = self.slots.iter().map(|s| s.guest.id + 1).max().unwrap_or(0);
+        let id = self.slots.iter().map(|s| s.vm.id + 1).max().unwrap_or(0);
         // `create` makes the new guest's VMCS current: the guest whose state is in the CPU now
         // is switched out first, so its extended state and MSRs are kept.
         self.switch_out();
-        let slot = Vm::create(id, setup, tsc_hz)?;
+        let slot = VmHw::create(id, setup, tsc_hz)?;
         self.slots.push(slot);
         Ok(id)
     }

@@ -25,6 +25,8 @@
 //! initrd = rootfs.cpio     # linux: the initrd (carried as the guest's one module)
 //! restart = 100            # restart the guest up to 100 times when it dies (default 0)
 //! apicv = off              # this guest without APIC virtualization (default: [keel]'s apicv)
+//! vcpus = 4                # virtual CPUs, 1 to 16 (default 1): APIC IDs 0-3, the others
+//!                          # started by the guest's INIT/SIPI
 //! ```
 //!
 //! A guest "dies" when Keel stops it for any reason other than its own debug-exit or SHUTDOWN
@@ -66,6 +68,8 @@ pub struct GuestConfig {
     pub modules: Vec<String>,
     /// How many times to restart the guest after it dies.
     pub restart: u32,
+    /// How many vCPUs it has (`vcpus`, 1 to [`MAX_VCPUS`]; APIC IDs 0..vcpus-1).
+    pub vcpus: u8,
     /// `selftest = refuse`: Keel refuses the guest at boot after it has allocated everything the
     /// guest needs (RAM, EPT, VMCS, ...), so a test can check that a refused guest gives it all
     /// back. Its image must still be one the loaders accept (they also run at pack time).
@@ -106,6 +110,10 @@ pub const DEFAULT_FLAT_LOAD: u64 = 0x7c00;
 /// Guest RAM is built from 2 MiB EPT pages, so sizes are whole multiples of this.
 pub const MEMORY_GRANULE: u64 = 2 << 20;
 pub const MAX_GUEST_MEMORY: u64 = 3 << 30;
+/// The most vCPUs a guest may have: one bit each in the platform's IPI bookkeeping, APIC IDs
+/// below the xAPIC broadcast 0xFF, and few enough that every vCPU's VMCS and save area (8 KiB)
+/// stay small next to the guest's RAM.
+pub const MAX_VCPUS: u8 = 16;
 
 /// The command line a guest gets at its `restart`-th restart: Keel appends ` restart=<k>`.
 pub fn restart_cmdline(cmdline: &str, restart: u32) -> String {
@@ -174,6 +182,7 @@ struct Partial {
     /// `initrd` and its line (linux guests).
     initrd: Option<(String, usize)>,
     restart: u32,
+    vcpus: u8,
     refuse: bool,
     apicv: Option<bool>,
 }
@@ -297,6 +306,7 @@ impl Partial {
             entry: self.entry.unwrap_or(load),
             modules: self.modules,
             restart: self.restart,
+            vcpus: self.vcpus,
             refuse: self.refuse,
             apicv: self.apicv,
         })
@@ -369,6 +379,7 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     modules_line: 0,
                     initrd: None,
                     restart: 0,
+                    vcpus: 1,
                     refuse: false,
                     apicv: None,
                 });
@@ -478,6 +489,19 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     .filter(|&r| r <= 1_000_000)
                     .ok_or_else(|| err(line_no, "restart must be a number up to 1000000"))?
                     as u32
+            }
+            "vcpus" => {
+                g.vcpus = parse_u64(value)
+                    .filter(|n| (1..=u64::from(MAX_VCPUS)).contains(n))
+                    .ok_or_else(|| {
+                        err(
+                            line_no,
+                            format_args!(
+                            "guest {}: vcpus must be a number from 1 to {MAX_VCPUS}, not `{value}`",
+                            g.name
+                        ),
+                        )
+                    })? as u8
             }
             "selftest" => {
                 g.refuse = match value {
@@ -723,6 +747,26 @@ restart = 7
         assert_eq!(e.line, 5);
         let e = parse("[guest a]\nkind = vms\n").unwrap_err();
         assert_eq!(e.message, "kind must be flat, elf, multiboot or linux");
+    }
+
+    #[test]
+    fn vcpus_from_one_to_the_maximum() {
+        let one = parse("[guest a]\nkind = flat\nimage = a.bin\nmemory = 2M\n").unwrap();
+        assert_eq!(one.guests[0].vcpus, 1, "one vCPU by default");
+        let four =
+            parse("[guest a]\nkind = flat\nimage = a.bin\nmemory = 2M\nvcpus = 4\n").unwrap();
+        assert_eq!(four.guests[0].vcpus, 4);
+        for bad in ["0", "17", "-1", "two", "256"] {
+            let text = alloc::format!(
+                "[guest web]\nkind = flat\nimage = a.bin\nmemory = 2M\nvcpus = {bad}\n"
+            );
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.line, 5, "{bad}");
+            assert_eq!(
+                e.message,
+                alloc::format!("guest web: vcpus must be a number from 1 to 16, not `{bad}`")
+            );
+        }
     }
 
     #[test]

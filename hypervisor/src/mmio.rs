@@ -467,10 +467,9 @@ fn fetch(
         let Some(pa) = gmem::translate(ram, mode, at) else {
             break;
         };
-        let Some(src) = ram.slice(pa, n as u64) else {
+        if ram.read(pa, &mut out[got..got + n]).is_none() {
             break;
-        };
-        out[got..got + n].copy_from_slice(src);
+        }
         got += n;
     }
     got
@@ -513,7 +512,7 @@ fn emulate_at<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, reported: Reported)
     };
     let la = cx.vmcs.read(GuestNat::CsBase).wrapping_add(rip);
     let mut bytes = [0u8; 15];
-    let got = fetch(&cx.guest.ram, &mode, la, linear_mask, &mut bytes);
+    let got = fetch(&cx.vm.ram, &mode, la, linear_mask, &mut bytes);
     let Some(d) = decode(&bytes[..got], code) else {
         return Action::Stop(StopReason::Killed(format!(
             "MMIO access to {gpa:#x} by an instruction Keel does not emulate: {:02x?}",
@@ -528,7 +527,7 @@ fn emulate_at<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, reported: Reported)
     // wrong bytes into the device and lose those for the page below). An access that starts on
     // the device page and runs past its end goes to the device whole, which ignores the bytes
     // beyond its registers (the `apic` hostile attack reads across the APIC page's end).
-    let operand_la = operand_linear_address(cx.vmcs, &cx.guest.regs, &d, code, rip);
+    let operand_la = operand_linear_address(cx.vmcs, &cx.vcpu.regs, &d, code, rip);
     let gpa = match reported {
         Reported::Exact(_) => gpa,
         Reported::SpilledInto(next) => {
@@ -574,9 +573,9 @@ fn emulate_at<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, reported: Reported)
             dst_size,
         } => {
             let v = cx
-                .guest
+                .vm
                 .platform
-                .mmio_read(gpa, size, now)
+                .mmio_read(cx.vcpu.index, gpa, size, now)
                 .unwrap_or(u64::MAX)
                 & size_mask(size);
             if let Operand::Reg { index, high_byte } = dst {
@@ -585,8 +584,8 @@ fn emulate_at<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, reported: Reported)
                     cx.vmcs
                         .write(GuestNat::Rsp, write_register(old, v, dst_size, false));
                 } else {
-                    let old = cx.guest.regs.get(index);
-                    cx.guest
+                    let old = cx.vcpu.regs.get(index);
+                    cx.vcpu
                         .regs
                         .set(index, write_register(old, v, dst_size, high_byte));
                 }
@@ -594,8 +593,8 @@ fn emulate_at<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, reported: Reported)
         }
         MmioOp::Write { src, size } => {
             let rsp = cx.vmcs.read(GuestNat::Rsp);
-            let v = read_operand(&cx.guest.regs, rsp, src) & size_mask(size);
-            cx.guest.platform.mmio_write(gpa, size, v, now);
+            let v = read_operand(&cx.vcpu.regs, rsp, src) & size_mask(size);
+            cx.vm.platform.mmio_write(cx.vcpu.index, gpa, size, v, now);
         }
     }
     // SDM 17.2.4: a data breakpoint on the operand traps after the instruction, as when the CPU

@@ -10,12 +10,13 @@
 
 use crate::devices::console::ConsoleLine;
 use crate::exits::{self, Action, ExitContext, Host};
-use crate::guest::{Guest, GuestRegs, RunState, StopReason};
+use crate::guest::{GuestRegs, GuestStats, RunState, StopReason, Vcpu, Vm};
 use crate::log::Writer;
 use crate::sched::RoundRobin;
 use crate::vmx::{Control64, ExitReason, Guest32, Vmcs, VmxError};
 use crate::{error, info};
 use alloc::string::String;
+use alloc::vec;
 use alloc::vec::Vec;
 
 /// A guest's own timers may bring it back to Keel at most this often: every 1/20000 s (50 us).
@@ -24,11 +25,11 @@ pub const MIN_TIMER_GAP_DIVISOR: u64 = 20_000;
 /// The machine as the run loop uses it. Implemented by the hardware (`hypervisor::RealCpu`) and by
 /// the tests' fake.
 pub trait Cpu {
-    /// A guest's share of the hardware: its VMCS, EPT, saved registers, image (everything of the
-    /// guest that is not in [`Guest`]).
+    /// A guest's share of the hardware: its EPT, RAM block and image, and each vCPU's VMCS and
+    /// saved registers (everything of the guest that is not in its [`Vm`] and [`Vcpu`]s).
     type Vcpu;
-    /// A guest's VMCS made current on this CPU ([`Cpu::load`]): the only way to read or write it,
-    /// and to enter the guest.
+    /// A vCPU's VMCS made current on this CPU ([`Cpu::load`]): the only way to read or write it,
+    /// and to enter the vCPU.
     type Loaded<'a>: Vmcs
     where
         Self::Vcpu: 'a;
@@ -36,12 +37,12 @@ pub trait Cpu {
     /// The host TSC.
     fn rdtsc(&mut self) -> u64;
     /// Saves the registers VMX does not switch (extended state, XCR0's domain, CR2, DR0-DR3/DR6,
-    /// the SYSCALL MSRs) into `vcpu`: the guest is being switched out.
-    fn save(&mut self, vcpu: &mut Self::Vcpu);
-    /// Loads what [`Cpu::save`] saved, and the guest's XCR0: the guest is being switched in.
-    fn restore(&mut self, vcpu: &mut Self::Vcpu, xcr0: u64);
-    /// Makes the guest's VMCS the current one (VMPTRLD) and hands out the handle to it.
-    fn load<'a>(&mut self, vcpu: &'a mut Self::Vcpu) -> Result<Self::Loaded<'a>, String>;
+    /// the SYSCALL MSRs) into vCPU `cpu` of `hw`: it is being switched out.
+    fn save(&mut self, hw: &mut Self::Vcpu, cpu: usize);
+    /// Loads what [`Cpu::save`] saved, and the vCPU's XCR0: it is being switched in.
+    fn restore(&mut self, hw: &mut Self::Vcpu, cpu: usize, xcr0: u64);
+    /// Makes vCPU `cpu`'s VMCS the current one (VMPTRLD) and hands out the handle to it.
+    fn load<'a>(&mut self, hw: &'a mut Self::Vcpu, cpu: usize) -> Result<Self::Loaded<'a>, String>;
     /// Enters the guest of `vmcs` (VMLAUNCH the first time after a boot, else VMRESUME) and
     /// returns at its next VM exit, with its general-purpose registers back in `regs`.
     fn enter(&mut self, vmcs: &mut Self::Loaded<'_>, regs: &mut GuestRegs) -> Result<(), VmxError>;
@@ -53,12 +54,14 @@ pub trait Cpu {
     fn load_spec_ctrl(&mut self, value: u64);
     /// Sleeps until host TSC `wake` (at most `max` cycles from now) or an interrupt for Keel.
     fn sleep_until(&mut self, wake: u64, max: u64);
-    /// (Re)starts the guest from its image: fresh RAM, devices, registers and VMCS. `restarts`
-    /// counts earlier deaths (it picks the command line).
+    /// (Re)starts the guest from its image: fresh RAM, devices, registers and VMCSs. vCPU 0
+    /// starts at the image's entry; the others wait for a SIPI ([`RunState::WaitForSipi`]).
+    /// `restarts` counts earlier deaths (it picks the command line).
     fn boot(
         &mut self,
-        vcpu: &mut Self::Vcpu,
-        guest: &mut Guest,
+        hw: &mut Self::Vcpu,
+        vm: &mut Vm,
+        vcpus: &mut [Vcpu],
         restarts: u32,
     ) -> Result<(), String>;
     /// A key typed on Keel's console, if any.
@@ -84,61 +87,82 @@ pub struct LoopConfig {
     pub tsc_offsetting: bool,
 }
 
-/// One guest in the run loop: its hardware-independent state, its hardware, and its place in the
-/// schedule.
+/// One guest in the run loop: what its vCPUs share, each vCPU with its place in the schedule,
+/// and its hardware.
 pub struct Slot<V> {
-    pub guest: Guest,
-    /// Declared after `guest`, so it is dropped after it: the real one owns the RAM `guest.ram`
-    /// views.
-    pub vcpu: V,
-    /// Host TSC since which the guest has been runnable but waiting for the CPU. Its clock does
-    /// not advance meanwhile: when it runs again, the wait is taken out of its TSC offset, so its
-    /// timers keep their programmed rate in its own time and no ticks pile up while others run.
-    /// Time spent halted does pass (the guest asked to wait). docs/ARCHITECTURE.md, "Time".
+    pub vm: Vm,
+    /// vCPU i has APIC ID i; vCPU 0 is the bootstrap processor.
+    pub vcpus: Vec<Vcpu>,
+    /// Each vCPU's place in the schedule.
+    seats: Vec<Seat>,
+    /// Declared after `vm`, so it is dropped after it: the real one owns the RAM `vm.ram` views.
+    pub hw: V,
+    /// Host TSC since which the guest has been runnable but none of its vCPUs has had the CPU.
+    /// Its clock does not advance meanwhile: when one of its vCPUs runs again, the wait is taken
+    /// out of its TSC offset, so its timers keep their programmed rate in its own time and no
+    /// ticks pile up while others run. Time spent halted does pass (the guest asked to wait).
+    /// The clock is the guest's, not a vCPU's: its vCPUs' TSCs stay in step. docs/ARCHITECTURE.md,
+    /// "Time".
     waiting_since: Option<u64>,
-    /// Host TSC at which the guest executed HLT (for its halted-time account).
-    halted_since: Option<u64>,
     /// Host TSC at which the operator paused it. Its clock stops meanwhile, halted or not: on
     /// resume the pause is taken out of its TSC offset (a runnable guest's through
     /// `waiting_since`), so no tick falls due during the pause and none is lost after it.
     paused_since: Option<u64>,
-    /// What was left of its time slice when a woken guest cut it short.
-    slice_left: Option<u64>,
-    /// Woken from HLT by an interrupt and not run since: scheduled ahead of the rotation, so a
-    /// timer interrupt reaches a waiting guest within its period even while others compute.
-    woken: bool,
     /// How many times the guest has been restarted after dying.
     restarts: u32,
     /// How many restarts it may have (manifest key `restart`).
     restart_limit: u32,
 }
 
+/// One vCPU's place in the schedule.
+#[derive(Debug, Default, Clone)]
+struct Seat {
+    /// Host TSC at which the vCPU executed HLT (for its halted-time account).
+    halted_since: Option<u64>,
+    /// What was left of its time slice when a woken vCPU cut it short.
+    slice_left: Option<u64>,
+    /// Woken from HLT by an interrupt and not run since: scheduled ahead of the rotation, so a
+    /// timer interrupt reaches a waiting vCPU within its period even while others compute.
+    woken: bool,
+}
+
 impl<V> Slot<V> {
     /// A freshly booted guest, runnable from the next pick on.
-    pub fn new(guest: Guest, vcpu: V, restart_limit: u32) -> Self {
+    pub fn new(vm: Vm, vcpus: Vec<Vcpu>, hw: V, restart_limit: u32) -> Self {
         Self {
-            guest,
-            vcpu,
+            vm,
+            seats: vec![Seat::default(); vcpus.len()],
+            vcpus,
+            hw,
             waiting_since: None,
-            halted_since: None,
             paused_since: None,
-            slice_left: None,
-            woken: false,
             restarts: 0,
             restart_limit,
         }
     }
+
+    /// The guest's bootstrap processor, vCPU 0: its run state is the guest's (it stops, and
+    /// every vCPU with it, when the guest stops).
+    pub fn bsp(&self) -> &Vcpu {
+        &self.vcpus[0]
+    }
+
+    /// True while the guest has not stopped.
+    fn live(&self) -> bool {
+        self.bsp().state.is_live()
+    }
 }
 
-/// The guests of one CPU and the loop that runs them.
+/// The guests of one CPU and the loop that runs them. The schedule is over vCPUs: every vCPU of
+/// every guest takes its turn ([`RunLoop::seats`] numbers them guest by guest).
 pub struct RunLoop<C: Cpu> {
     pub slots: Vec<Slot<C::Vcpu>>,
     pub cpu: C,
     sched: RoundRobin,
     cfg: LoopConfig,
-    /// Index of the guest whose registers (those VMX does not switch) are in the CPU. Its VMCS
-    /// is loaded afresh at each of its slices, so which VMCS is current is never remembered.
-    in_cpu: Option<usize>,
+    /// The vCPU (guest, vCPU) whose registers (those VMX does not switch) are in the CPU. Its
+    /// VMCS is loaded afresh at each of its slices, so which VMCS is current is never remembered.
+    in_cpu: Option<(usize, usize)>,
     /// Which guest gets the bytes typed on COM1 (`focus`).
     focus: crate::focus::Focus,
     /// The operator's side: the console prompt, the control channel and the monitor behind both.
@@ -192,9 +216,20 @@ impl<C: Cpu> RunLoop<C> {
 
     /// True when some guest stopped by a failure ([`StopReason::is_failure`]).
     pub fn any_failed(&self) -> bool {
-        self.slots
-            .iter()
-            .any(|s| matches!(&s.guest.state, RunState::Stopped(r) if r.is_failure()))
+        self.slots.iter().any(|s| {
+            s.vcpus
+                .iter()
+                .any(|v| matches!(&v.state, RunState::Stopped(r) if r.is_failure()))
+        })
+    }
+
+    /// Every vCPU of every guest, in schedule order: (guest, vCPU).
+    fn seats(&self) -> Vec<(usize, usize)> {
+        let mut v = Vec::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            v.extend((0..s.vcpus.len()).map(|c| (i, c)));
+        }
+        v
     }
 
     /// Runs until every guest has stopped.
@@ -202,51 +237,59 @@ impl<C: Cpu> RunLoop<C> {
         while self.step() {}
     }
 
-    /// One turn of the loop: wake the halted guests whose interrupts came, then run one time
-    /// slice, or sleep if every live guest is halted. False when every guest has stopped.
+    /// One turn of the loop: wake the halted vCPUs whose interrupts came, then run one time
+    /// slice, or sleep if every live vCPU is halted. False when every guest has stopped.
     pub fn step(&mut self) -> bool {
         self.poll_console();
         self.poll_control();
         crate::log::pump();
         // Console lines that found no room on COM1's queue before (stopped guests' too).
         for s in &mut self.slots {
-            print_console(&mut s.guest, PRINT_BUDGET);
+            print_console(&mut s.vm, PRINT_BUDGET);
         }
         let now = self.cpu.rdtsc();
         self.ops.started.get_or_insert(now);
         let mut live = 0;
         for s in &mut self.slots {
-            let g = &mut s.guest;
-            if matches!(g.state, RunState::Stopped(_)) {
+            if !s.live() {
                 continue;
             }
             live += 1;
             // A runnable guest waiting for its turn has its clock stopped (see
-            // `Slot::waiting_since`); only halted guests need their timers checked here.
-            if g.state == RunState::Halted {
-                g.platform.advance(g.now(now));
-                if g.platform.pending_interrupt().is_some() {
-                    g.state = RunState::Runnable;
-                    if let Some(since) = s.halted_since.take() {
-                        g.stats.halted_cycles += now.saturating_sub(since);
+            // `Slot::waiting_since`); only halted vCPUs need their timers checked here.
+            if !s.vcpus.iter().any(|v| v.state == RunState::Halted) {
+                continue;
+            }
+            s.vm.platform.advance(s.vm.now(now));
+            for (c, (vcpu, seat)) in s.vcpus.iter_mut().zip(&mut s.seats).enumerate() {
+                if vcpu.state == RunState::Halted && s.vm.platform.pending_interrupt(c).is_some()
+                    || vcpu.state == RunState::Halted && s.vm.platform.nmi_pending(c)
+                {
+                    vcpu.state = RunState::Runnable;
+                    if let Some(since) = seat.halted_since.take() {
+                        vcpu.stats.halted_cycles += now.saturating_sub(since);
                     }
-                    s.waiting_since = Some(now);
-                    s.woken = true;
+                    s.waiting_since.get_or_insert(now);
+                    seat.woken = true;
                 }
             }
         }
         if live == 0 {
             return false;
         }
+        let seats = self.seats();
         let slots = &self.slots;
         match self.sched.pick_urgent_first(
-            slots.len(),
-            |i| slots[i].guest.state == RunState::Runnable,
-            |i| slots[i].woken,
+            seats.len(),
+            |k| {
+                let (i, c) = seats[k];
+                slots[i].live() && slots[i].vcpus[c].state == RunState::Runnable
+            },
+            |k| slots[seats[k].0].seats[seats[k].1].woken,
         ) {
-            Some(i) => self.run_slice(i),
+            Some(k) => self.run_slice(seats[k]),
             None => {
-                // Every live guest is halted: sleep until the earliest guest timer (or at most
+                // Every live vCPU is halted: sleep until the earliest guest timer (or at most
                 // one quantum, in case an interrupt source has no deadline).
                 let t0 = self.cpu.rdtsc();
                 let wake = self
@@ -265,76 +308,137 @@ impl<C: Cpu> RunLoop<C> {
         true
     }
 
-    /// The host TSC at which the first timer of a halted guest (other than `except`) falls due:
-    /// when a running guest must make room, or when Keel must wake from idle. Stopped and paused
-    /// guests do not count.
+    /// The host TSC at which the first timer of a guest with a halted vCPU (other than guest
+    /// `except`) falls due: when a running vCPU must make room, or when Keel must wake from idle.
+    /// Stopped and paused guests do not count.
     fn earliest_halted_deadline(&self, except: Option<usize>) -> Option<u64> {
         self.slots
             .iter()
             .enumerate()
-            .filter(|(j, s)| Some(*j) != except && s.guest.state == RunState::Halted)
-            .filter_map(|(_, s)| {
-                s.guest
-                    .platform
-                    .next_deadline()
-                    .map(|d| s.guest.host_time(d))
+            .filter(|(j, s)| {
+                Some(*j) != except
+                    && s.live()
+                    && s.vcpus.iter().any(|v| v.state == RunState::Halted)
             })
+            .filter_map(|(_, s)| s.vm.platform.next_deadline().map(|d| s.vm.host_time(d)))
             .min()
     }
 
-    /// Switches guest `i`'s registers in if they are not in the CPU: the previous guest's are
-    /// saved, guest `i`'s restored.
-    fn switch_to(&mut self, i: usize) {
-        if self.in_cpu == Some(i) {
+    /// Switches vCPU `seat`'s registers in if they are not in the CPU: the previous vCPU's are
+    /// saved, this one's restored.
+    fn switch_to(&mut self, seat: (usize, usize)) {
+        if self.in_cpu == Some(seat) {
             return;
         }
         self.switch_out();
+        let (i, c) = seat;
         let s = &mut self.slots[i];
-        self.cpu.restore(&mut s.vcpu, s.guest.xcr0);
-        self.in_cpu = Some(i);
+        self.cpu.restore(&mut s.hw, c, s.vcpus[c].xcr0);
+        self.in_cpu = Some(seat);
     }
 
-    /// Saves the registers of the guest in the CPU, if any: before another guest's are loaded,
+    /// Saves the registers of the vCPU in the CPU, if any: before another vCPU's are loaded,
     /// or a new guest boots.
     pub fn switch_out(&mut self) {
-        if let Some(prev) = self.in_cpu.take() {
-            self.cpu.save(&mut self.slots[prev].vcpu);
+        if let Some((i, c)) = self.in_cpu.take() {
+            self.cpu.save(&mut self.slots[i].hw, c);
         }
     }
 
-    /// Runs guest `i` for one time slice (or what is left of one).
-    fn run_slice(&mut self, i: usize) {
-        self.switch_to(i);
-        let quantum = self.slots[i]
+    /// Runs vCPU `seat` for one time slice (or what is left of one).
+    fn run_slice(&mut self, seat: (usize, usize)) {
+        let (i, c) = seat;
+        self.switch_to(seat);
+        let quantum = self.slots[i].seats[c]
             .slice_left
             .take()
             .unwrap_or(self.sched.quantum);
-        // When a halted guest's timer falls due, this slice ends early so that guest can run.
+        // When a halted vCPU's timer falls due, this slice ends early so that vCPU can run.
         let others_due = self.earliest_halted_deadline(Some(i));
         let cfg = self.cfg;
-        match slice(&mut self.cpu, &mut self.slots[i], cfg, quantum, others_due) {
+        let end = slice(
+            &mut self.cpu,
+            &mut self.slots[i],
+            c,
+            cfg,
+            quantum,
+            others_due,
+        );
+        // INIT and SIPI the vCPU sent to its siblings (ICR writes): their run states change.
+        self.start_signals(i);
+        match end {
             SliceEnd::Over => {}
             SliceEnd::Interrupted => self.sched.interrupted(),
             SliceEnd::Stop(reason) => self.stop(i, reason),
-            SliceEnd::StatsRequested => self.print_stats_for(i),
+            SliceEnd::StatsRequested => self.print_stats_for(seat),
         }
     }
 
-    /// The PRINT_STATS hypercall of guest `i`. The table counts against the caller's share of
+    /// Acts on the INIT and STARTUP IPIs guest `i`'s vCPUs sent each other (SDM 10.6.1, 8.4.4):
+    /// INIT puts an application processor in wait-for-SIPI, whatever it was doing; a STARTUP
+    /// IPI starts one that waits, in real mode at CS = vector << 8 (base vector << 12), IP 0,
+    /// with the registers of the INIT state (SDM 9.1.1, Table 9-1). A SIPI to a vCPU not
+    /// waiting for one is ignored, as the processor ignores it; INIT to the bootstrap processor
+    /// is ignored too (Keel does not model its reset through INIT).
+    fn start_signals(&mut self, i: usize) {
+        let s = &mut self.slots[i];
+        while let Some((c, signal)) = s.vm.platform.take_start_signal() {
+            let Some(vcpu) = s.vcpus.get_mut(c) else {
+                continue;
+            };
+            if c == 0 || !vcpu.state.is_live() {
+                continue;
+            }
+            match signal {
+                crate::devices::StartSignal::Init => {
+                    vcpu.reset();
+                    vcpu.state = RunState::WaitForSipi;
+                    s.seats[c] = Seat::default();
+                }
+                crate::devices::StartSignal::Startup(vector) => {
+                    if vcpu.state != RunState::WaitForSipi {
+                        continue;
+                    }
+                    let state = crate::loader::InitialState::startup_ipi(vector);
+                    match self.cpu.load(&mut s.hw, c) {
+                        Ok(mut v) => {
+                            crate::vcpu::write_guest_state(
+                                &mut v,
+                                &state,
+                                &vcpu.cr0_rules,
+                                &vcpu.cr4_rules,
+                            );
+                            v.write(Control64::TscOffset, vcpu.vmcs_tsc_offset(s.vm.tsc_offset));
+                            vcpu.regs = GuestRegs::default();
+                            vcpu.state = RunState::Runnable;
+                            s.seats[c].woken = true;
+                            s.waiting_since.get_or_insert(self.cpu.rdtsc());
+                        }
+                        Err(e) => {
+                            error!("guest {}: vCPU {c} cannot start: {e}", s.vm.name);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The PRINT_STATS hypercall of vCPU `seat`. The table counts against the caller's share of
     /// Keel's console; when that has no room, the call says so. A table about as long as the last
     /// one must fit, or it is not even put together (a guest asking for it in a loop would keep
     /// Keel formatting tables nobody sees).
-    fn print_stats_for(&mut self, i: usize) {
-        let who = Writer::Guest(self.slots[i].guest.id);
+    fn print_stats_for(&mut self, seat: (usize, usize)) {
+        let (i, c) = seat;
+        let who = Writer::Guest(self.slots[i].vm.id);
         let last = LAST_TABLE.load(core::sync::atomic::Ordering::Relaxed);
-        if crate::log::fits(who, last) && print_stats(self.slots.iter().map(|s| &s.guest), who) {
+        if crate::log::fits(who, last) && print_stats(self.slots.iter(), who) {
             return;
         }
         // The answer goes back through the VMCS (it depends on the guest's mode).
         let s = &mut self.slots[i];
-        let refused = match self.cpu.load(&mut s.vcpu) {
+        let refused = match self.cpu.load(&mut s.hw, c) {
             Ok(v) => {
-                exits::vmcall::print_stats_refused(&v, &mut s.guest);
+                exits::vmcall::print_stats_refused(&v, &mut s.vcpus[c]);
                 None
             }
             Err(e) => Some(e),
@@ -344,7 +448,6 @@ impl<C: Cpu> RunLoop<C> {
         }
     }
 }
-
 /// How a time slice ended: what the loop does next.
 enum SliceEnd {
     /// Used up, given up (YIELD, HLT), or the guest's own doing: the next pick decides.
@@ -363,26 +466,37 @@ enum SliceEnd {
 fn slice<C: Cpu>(
     cpu: &mut C,
     s: &mut Slot<C::Vcpu>,
+    c: usize,
     cfg: LoopConfig,
     quantum: u64,
     others_due: Option<u64>,
 ) -> SliceEnd {
-    let mut v = match cpu.load(&mut s.vcpu) {
+    let mut v = match cpu.load(&mut s.hw, c) {
         Ok(v) => v,
         Err(e) => return SliceEnd::Stop(StopReason::Killed(e)),
     };
-    cpu.load_spec_ctrl(s.guest.spec_ctrl);
+    let (vm, vcpu, seat, waiting_since) = (
+        &mut s.vm,
+        &mut s.vcpus[c],
+        &mut s.seats[c],
+        &mut s.waiting_since,
+    );
+    cpu.load_spec_ctrl(vcpu.spec_ctrl);
     let start = cpu.rdtsc();
-    s.woken = false;
-    if let Some(since) = s.waiting_since.take() {
-        if cfg.tsc_offsetting {
-            s.guest.tsc_offset = s.guest.tsc_offset.wrapping_sub(start - since);
-            v.write(Control64::TscOffset, s.guest.vmcs_tsc_offset());
+    seat.woken = false;
+    if cfg.tsc_offsetting {
+        if let Some(since) = waiting_since.take() {
+            vm.tsc_offset = vm.tsc_offset.wrapping_sub(start - since);
         }
+        // Written at every slice: the clock may have stopped since this vCPU's last one, while
+        // the guest waited with another of its vCPUs runnable.
+        v.write(Control64::TscOffset, vcpu.vmcs_tsc_offset(vm.tsc_offset));
+    } else {
+        *waiting_since = None;
     }
     let deadline = start + quantum;
     let min_gap = cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR;
-    let mut xcr0 = s.guest.xcr0;
+    let mut xcr0 = vcpu.xcr0;
     // The guest's platform is only consulted when it may have changed: after an exit that
     // reached a device, or when one of its timers falls due. CPUID, VMCALL and the like then
     // cost no device work at all (docs/BENCHMARKS.md).
@@ -397,14 +511,10 @@ fn slice<C: Cpu>(
     let mut after_exit = false;
     loop {
         if touched || timer_due.is_some_and(|d| now >= d) {
-            s.guest.platform.advance(s.guest.now(now));
-            exits::inject_pending_interrupt(&mut v, &mut s.guest);
-            exits::apicv::before_entry(&mut v, &mut s.guest);
-            timer_due = s
-                .guest
-                .platform
-                .next_deadline()
-                .map(|d| s.guest.host_time(d));
+            vm.platform.advance(vm.now(now));
+            exits::inject_pending_interrupt(&mut v, &mut *vcpu, &mut *vm);
+            exits::apicv::before_entry(&mut v, &mut *vcpu, &mut *vm);
+            timer_due = vm.platform.next_deadline().map(|d| vm.host_time(d));
             // Come back at the end of the slice, when one of the guest's own timers falls
             // due, or when a halted guest's does, whichever is first.
             until = [timer_due, others_due]
@@ -413,7 +523,7 @@ fn slice<C: Cpu>(
                 .fold(deadline, u64::min);
         }
         // The one place an event is written to the VM-entry fields (exits::events).
-        if let Err(reason) = exits::events::commit(&mut v, &mut s.guest) {
+        if let Err(reason) = exits::events::commit(&mut v, &mut *vcpu) {
             return SliceEnd::Stop(reason);
         }
         // The timer is armed afresh before every entry, from a fresh TSC read: it only
@@ -431,53 +541,62 @@ fn slice<C: Cpu>(
                 left.min(u32::MAX as u64) as u32,
             );
         }
-        s.guest.stats.keel_cycles += t0 - now;
+        vcpu.stats.keel_cycles += t0 - now;
         if after_exit {
-            let last = s.guest.stats.last_exit;
-            s.guest.stats.record_exit_cycles(last, t0 - now);
+            let last = vcpu.stats.last_exit;
+            vcpu.stats.record_exit_cycles(last, t0 - now);
         }
         after_exit = true;
-        let entered = cpu.enter(&mut v, &mut s.guest.regs);
+        let entered = cpu.enter(&mut v, &mut vcpu.regs);
         let t1 = cpu.rdtsc();
-        s.guest.stats.cpu_cycles += t1 - t0;
+        vcpu.stats.cpu_cycles += t1 - t0;
         now = t1;
         if let Err(e) = entered {
             return SliceEnd::Stop(StopReason::EntryFailed(alloc::format!("{e}")));
         }
-        let guest_now = s.guest.now(t1);
+        let guest_now = vm.now(t1);
         let action = {
             let mut cx = ExitContext {
                 vmcs: &mut v,
-                guest: &mut s.guest,
+                vcpu: &mut *vcpu,
+                vm: &mut *vm,
                 host: cpu.host(),
                 now: guest_now,
             };
             exits::dispatch(&mut cx)
         };
-        exits::apply(&mut v, &mut s.guest, &action);
-        let reason = ExitReason::from_basic(s.guest.stats.last_exit);
+        exits::apply(&mut v, &mut *vcpu, &action);
+        let reason = ExitReason::from_basic(vcpu.stats.last_exit);
         touched = exits::may_touch_platform(reason);
         // A power-off or reset the guest asked its board for (ACPI S5, i8042, port 0xCF9).
-        if let Some(event) = touched
-            .then(|| s.guest.platform.take_power_event())
-            .flatten()
-        {
+        if let Some(event) = touched.then(|| vm.platform.take_power_event()).flatten() {
             return SliceEnd::Stop(StopReason::Board(event));
         }
-        if (touched || reason == ExitReason::Vmcall) && print_console(&mut s.guest, PRINT_BUDGET) {
+        if (touched || reason == ExitReason::Vmcall) && print_console(&mut *vm, PRINT_BUDGET) {
             crate::log::pump();
         }
-        if reason == ExitReason::Xsetbv && s.guest.xcr0 != xcr0 {
+        if reason == ExitReason::Xsetbv && vcpu.xcr0 != xcr0 {
             // The guest executed XSETBV (validated by its handler): load it for the next entry.
-            cpu.load_xcr0(s.guest.xcr0);
-            xcr0 = s.guest.xcr0;
+            cpu.load_xcr0(vcpu.xcr0);
+            xcr0 = vcpu.xcr0;
         }
         if reason == ExitReason::Wrmsr {
-            cpu.load_spec_ctrl(s.guest.spec_ctrl);
+            cpu.load_spec_ctrl(vcpu.spec_ctrl);
         }
-        if s.guest.stats_requested {
-            s.guest.stats_requested = false;
-            s.waiting_since = Some(cpu.rdtsc());
+        // An IPI to another vCPU of the guest (fixed, NMI, INIT or SIPI) ends the slice, so the
+        // target is woken (or started) and runs next, and the sender right after it: a vCPU
+        // waiting in HLT for an IPI does not wait for the sender's quantum to run out.
+        if touched
+            && vm.platform.take_kicked() & !(1 << c) != 0
+            && !matches!(action, Action::Halt | Action::Stop(_))
+        {
+            *waiting_since = Some(now);
+            seat.slice_left = Some(deadline.saturating_sub(now));
+            return SliceEnd::Interrupted;
+        }
+        if vm.stats_requested {
+            vm.stats_requested = false;
+            *waiting_since = Some(cpu.rdtsc());
             // The table is printed after the exit.
             return SliceEnd::StatsRequested;
         }
@@ -492,27 +611,27 @@ fn slice<C: Cpu>(
             | Action::Preempted
                 if others_due.is_some_and(|d| now >= d) =>
             {
-                s.waiting_since = Some(now);
+                *waiting_since = Some(now);
                 // It gets the CPU back next, but only for what was left of its slice:
                 // otherwise a guest woken every few ms would hand the same CPU hog a fresh
                 // quantum each time and starve the others.
-                s.slice_left = Some(deadline.saturating_sub(now));
+                seat.slice_left = Some(deadline.saturating_sub(now));
                 return SliceEnd::Interrupted;
             }
             Action::Resume | Action::Advance | Action::AdvanceBy(_) | Action::Inject(_) => {
                 if now >= deadline {
-                    s.waiting_since = Some(now);
+                    *waiting_since = Some(now);
                     return SliceEnd::Over;
                 }
             }
             Action::Halt => {
-                s.guest.state = RunState::Halted;
-                s.halted_since = Some(now);
+                vcpu.state = RunState::Halted;
+                seat.halted_since = Some(now);
                 return SliceEnd::Over;
             }
             Action::Preempted if now < deadline => {}
             Action::Yield | Action::Preempted => {
-                s.waiting_since = Some(now);
+                *waiting_since = Some(now);
                 return SliceEnd::Over;
             }
             Action::Stop(reason) => return SliceEnd::Stop(reason),
@@ -524,7 +643,7 @@ impl<C: Cpu> RunLoop<C> {
     /// Guest `i` (the one in the CPU) stops: it is booted again if it reset its board or if it
     /// died and has restarts left, otherwise it stops for good.
     fn stop(&mut self, i: usize, reason: StopReason) {
-        let g = &mut self.slots[i].guest;
+        let g = &mut self.slots[i].vm;
         g.platform.console().finish();
         print_console(g, PRINT_BUDGET);
         match &reason {
@@ -544,48 +663,67 @@ impl<C: Cpu> RunLoop<C> {
         // A reset starts the guest again as a PC would, whatever its restart budget, with its
         // CMOS RAM kept (battery-backed on a PC).
         if let StopReason::Board(crate::devices::PowerEvent::Reset(_)) = reason {
-            let platform = s.guest.platform.after_reset();
-            match self.cpu.boot(&mut s.vcpu, &mut s.guest, s.restarts) {
+            let platform = s.vm.platform.after_reset();
+            match self
+                .cpu
+                .boot(&mut s.hw, &mut s.vm, &mut s.vcpus, s.restarts)
+            {
                 Ok(()) => {
-                    s.guest.platform = platform;
+                    s.vm.platform = platform;
                     s.waiting_since = None;
-                    self.cpu.restore(&mut s.vcpu, s.guest.xcr0);
-                    self.in_cpu = Some(i);
+                    s.seats.iter_mut().for_each(|seat| *seat = Seat::default());
+                    self.cpu.restore(&mut s.hw, 0, s.vcpus[0].xcr0);
+                    self.in_cpu = Some((i, 0));
                     return;
                 }
-                Err(e) => error!("guest {}: reboot failed: {e}", s.guest.name),
+                Err(e) => error!("guest {}: reboot failed: {e}", s.vm.name),
             }
-            self.in_cpu = Some(i);
+            // `boot` reset every vCPU's saved registers: vCPU 0's (power-on values) are in the
+            // CPU's place now, as after a successful boot.
+            self.cpu.restore(&mut s.hw, 0, s.vcpus[0].xcr0);
+            self.in_cpu = Some((i, 0));
         }
         if died && s.restarts < s.restart_limit {
             s.restarts += 1;
             // What the guest printed and Keel has not yet sent, and its console's counts, outlive
             // the restart (`boot` gives it a new platform).
-            let console = core::mem::take(s.guest.platform.console());
-            let booted = self.cpu.boot(&mut s.vcpu, &mut s.guest, s.restarts);
-            *s.guest.platform.console() = console;
+            let console = core::mem::take(s.vm.platform.console());
+            let booted = self
+                .cpu
+                .boot(&mut s.hw, &mut s.vm, &mut s.vcpus, s.restarts);
+            *s.vm.platform.console() = console;
             match booted {
                 Ok(()) => {
                     // Its extended state, XCR0 and MSRs go back to their power-on values too.
                     s.waiting_since = None;
-                    self.cpu.restore(&mut s.vcpu, s.guest.xcr0);
-                    self.in_cpu = Some(i);
+                    s.seats.iter_mut().for_each(|seat| *seat = Seat::default());
+                    self.cpu.restore(&mut s.hw, 0, s.vcpus[0].xcr0);
+                    self.in_cpu = Some((i, 0));
                     return;
                 }
-                Err(e) => error!("guest {}: restart failed: {e}", s.guest.name),
+                Err(e) => error!("guest {}: restart failed: {e}", s.vm.name),
             }
-            self.in_cpu = Some(i);
+            // `boot` reset every vCPU's saved registers: vCPU 0's (power-on values) are in the
+            // CPU's place now, as after a successful boot.
+            self.cpu.restore(&mut s.hw, 0, s.vcpus[0].xcr0);
+            self.in_cpu = Some((i, 0));
         }
-        s.guest.state = RunState::Stopped(reason);
+        for vcpu in &mut s.vcpus {
+            vcpu.state = RunState::Stopped(reason.clone());
+        }
     }
 
     /// Pauses a guest: it keeps its state and is not scheduled until resumed.
     pub fn pause(&mut self, id: usize) -> Result<(), String> {
         let now = self.cpu.rdtsc();
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
-        s.guest.state.pause().map_err(|e| alloc::format!("{e}"))?;
+        for vcpu in &mut s.vcpus {
+            if vcpu.state != RunState::WaitForSipi {
+                vcpu.state.pause().map_err(|e| alloc::format!("{e}"))?;
+            }
+        }
         s.paused_since = Some(now);
-        info!("guest {} paused", s.guest.name);
+        info!("guest {} paused", s.vm.name);
         Ok(())
     }
 
@@ -593,38 +731,44 @@ impl<C: Cpu> RunLoop<C> {
     pub fn resume(&mut self, id: usize) -> Result<(), String> {
         let now = self.cpu.rdtsc();
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
-        s.guest.state.resume().map_err(|e| alloc::format!("{e}"))?;
-        let paused = now.saturating_sub(s.paused_since.take().unwrap_or(now));
-        if s.guest.state == RunState::Halted {
-            // A halted guest's clock runs while it waits; the pause comes off it here. Its VMCS
-            // gets the new offset at its next slice (it wakes through `waiting_since`), and the
-            // pause is no halted time.
-            if self.cfg.tsc_offsetting {
-                s.guest.tsc_offset = s.guest.tsc_offset.wrapping_sub(paused);
+        for vcpu in s.vcpus.iter_mut() {
+            if vcpu.state != RunState::WaitForSipi {
+                vcpu.state.resume().map_err(|e| alloc::format!("{e}"))?;
             }
-            if let Some(since) = s.halted_since.as_mut() {
-                *since = since.saturating_add(paused).min(now);
+        }
+        let paused = now.saturating_sub(s.paused_since.take().unwrap_or(now));
+        if !s.vcpus.iter().any(|v| v.state == RunState::Runnable) {
+            // A halted guest's clock runs while it waits; the pause comes off it here. Its VMCS
+            // gets the new offset at its next slice, and the pause is no halted time.
+            if self.cfg.tsc_offsetting {
+                s.vm.tsc_offset = s.vm.tsc_offset.wrapping_sub(paused);
+            }
+            for seat in &mut s.seats {
+                if let Some(since) = seat.halted_since.as_mut() {
+                    *since = since.saturating_add(paused).min(now);
+                }
             }
         } else {
             // A runnable guest's clock stopped when it last left the CPU (`waiting_since`), which
             // covers the pause; one paused before its first slice has no such mark yet.
             if s.waiting_since.is_none() && self.cfg.tsc_offsetting {
-                s.guest.tsc_offset = s.guest.tsc_offset.wrapping_sub(paused);
+                s.vm.tsc_offset = s.vm.tsc_offset.wrapping_sub(paused);
             }
             s.waiting_since.get_or_insert(now);
         }
-        info!("guest {} resumed", s.guest.name);
+        info!("guest {} resumed", s.vm.name);
         Ok(())
     }
 
     /// Stops a guest for good (an operator's kill: no restart).
     pub fn kill(&mut self, id: usize) -> Result<(), String> {
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
-        s.guest
-            .state
-            .stop(StopReason::Operator("kill"))
-            .map_err(|e| alloc::format!("{e}"))?;
-        info!("guest {} killed", s.guest.name);
+        for vcpu in s.vcpus.iter_mut() {
+            vcpu.state
+                .stop(StopReason::Operator("kill"))
+                .map_err(|e| alloc::format!("{e}"))?;
+        }
+        info!("guest {} killed", s.vm.name);
         Ok(())
     }
 
@@ -646,7 +790,7 @@ impl<C: Cpu> RunLoop<C> {
                 PromptKey::Pass(b) => self.focus.typed(b),
                 PromptKey::Prefixed(b) => {
                     let slots = &self.slots;
-                    let running = |i: usize| !matches!(slots[i].guest.state, RunState::Stopped(_));
+                    let running = |i: usize| slots[i].live();
                     self.focus.command(b, running)
                 }
                 PromptKey::Opened => {
@@ -687,7 +831,7 @@ impl<C: Cpu> RunLoop<C> {
             self.show_prompt();
             match key {
                 Key::Stats => {
-                    print_stats(self.slots.iter().map(|s| &s.guest), Writer::Keel);
+                    print_stats(self.slots.iter(), Writer::Keel);
                 }
                 Key::Pause => (0..self.slots.len()).for_each(|i| {
                     let _ = self.pause(i);
@@ -695,7 +839,7 @@ impl<C: Cpu> RunLoop<C> {
                 Key::Resume => (0..self.slots.len()).for_each(|i| {
                     let _ = self.resume(i);
                 }),
-                Key::Focus(i) => info!("input goes to {}", self.slots[i].guest.name),
+                Key::Focus(i) => info!("input goes to {}", self.slots[i].vm.name),
                 // Ctrl-A c is the prompt's (`monitor::Prompt`), so the focus never sees it.
                 Key::Monitor | Key::Guest(..) | Key::None => {}
             }
@@ -712,9 +856,10 @@ impl<C: Cpu> RunLoop<C> {
             return;
         }
         let now = self.cpu.rdtsc();
-        let g = &mut self.slots[self.focus.current()].guest;
+        let s = &mut self.slots[self.focus.current()];
+        let running = s.live();
+        let g = &mut s.vm;
         let t = g.now(now);
-        let running = !matches!(g.state, RunState::Stopped(_));
         self.focus.deliver(running, |b| {
             g.platform.serial_input_room(t) && g.platform.push_serial_input(b, t)
         });
@@ -782,24 +927,25 @@ impl<C: Cpu> RunLoop<C> {
     fn reboot(&mut self, i: usize) -> Result<(), String> {
         self.switch_out();
         let s = &mut self.slots[i];
-        let console = core::mem::take(s.guest.platform.console());
-        let booted = self.cpu.boot(&mut s.vcpu, &mut s.guest, s.restarts);
-        *s.guest.platform.console() = console;
+        let console = core::mem::take(s.vm.platform.console());
+        let booted = self
+            .cpu
+            .boot(&mut s.hw, &mut s.vm, &mut s.vcpus, s.restarts);
+        *s.vm.platform.console() = console;
         if let Err(e) = booted {
-            let _ = s
-                .guest
-                .state
-                .stop(StopReason::Killed(alloc::format!("restart failed: {e}")));
+            for v in s.vcpus.iter_mut() {
+                let _ = v
+                    .state
+                    .stop(StopReason::Killed(alloc::format!("restart failed: {e}")));
+            }
             return Err(e);
         }
         s.waiting_since = None;
-        s.halted_since = None;
         s.paused_since = None;
-        s.slice_left = None;
-        s.woken = false;
-        self.cpu.restore(&mut s.vcpu, s.guest.xcr0);
-        self.in_cpu = Some(i);
-        info!("guest {} booted again", s.guest.name);
+        s.seats.iter_mut().for_each(|seat| *seat = Seat::default());
+        self.cpu.restore(&mut s.hw, 0, s.vcpus[0].xcr0);
+        self.in_cpu = Some((i, 0));
+        info!("guest {} booted again", s.vm.name);
         Ok(())
     }
 
@@ -808,13 +954,12 @@ impl<C: Cpu> RunLoop<C> {
         crate::log::set_prompt(None);
         // No guest runs any more: the last console lines wait for room now.
         for s in &mut self.slots {
-            print_console(&mut s.guest, usize::MAX);
+            print_console(&mut s.vm, usize::MAX);
         }
-        print_stats(self.slots.iter().map(|s| &s.guest), Writer::Keel);
+        print_stats(self.slots.iter(), Writer::Keel);
         for s in &self.slots {
-            let g = &s.guest;
-            if let RunState::Stopped(r) = &g.state {
-                info!("guest {} status {:#x}: {r}", g.name, r.status());
+            if let RunState::Stopped(r) = &s.bsp().state {
+                info!("guest {} status {:#x}: {r}", s.vm.name, r.status());
             }
         }
     }
@@ -829,7 +974,7 @@ const PRINT_BUDGET: usize = 128;
 /// Prints the guest's complete console lines, about `budget` bytes of them (at least one line),
 /// while its share of Keel's console has room (the rest waits in its console buffer); true if it
 /// printed any.
-fn print_console(g: &mut Guest, budget: usize) -> bool {
+fn print_console(g: &mut Vm, budget: usize) -> bool {
     let mut printed = false;
     if g.platform.console().front().is_none() {
         return false;
@@ -880,21 +1025,20 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
             .iter()
             .enumerate()
             .map(|(id, s)| {
-                let g = &s.guest;
-                let (state, stop_reason) = match &g.state {
-                    RunState::Runnable => (State::Running, None),
+                let (state, stop_reason) = match &s.bsp().state {
+                    RunState::Runnable | RunState::WaitForSipi => (State::Running, None),
                     RunState::Halted => (State::Halted, None),
                     RunState::Paused { .. } => (State::Paused, None),
                     RunState::Stopped(r) => (State::Stopped, Some(alloc::format!("{r}"))),
                 };
                 GuestView {
                     id,
-                    name: g.name.clone(),
+                    name: s.vm.name.clone(),
                     state,
                     stop_reason,
-                    vcpus: 1,
-                    memory: g.ram.len(),
-                    stats: g.stats.clone(),
+                    vcpus: s.vcpus.len() as u32,
+                    memory: s.vm.ram.len(),
+                    stats: GuestStats::sum(s.vcpus.iter().map(|v| &v.stats)),
                 }
             })
             .collect()
@@ -903,11 +1047,12 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
     fn regs(&mut self, id: usize) -> Result<Vec<(&'static str, u64)>, String> {
         use crate::vmx::{Guest64, GuestNat};
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
-        if !s.guest.state.is_live() {
+        if !s.live() {
             return Err("the guest has stopped".into());
         }
-        let r = s.guest.regs;
-        let v = self.cpu.load(&mut s.vcpu)?;
+        // The bootstrap processor's registers.
+        let r = s.vcpus[0].regs;
+        let v = self.cpu.load(&mut s.hw, 0)?;
         Ok(alloc::vec![
             ("rax", r.rax),
             ("rbx", r.rbx),
@@ -936,13 +1081,7 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
 
     fn control(&mut self, id: usize, op: crate::monitor::Control) -> Result<(), String> {
         use crate::monitor::Control;
-        let live = self
-            .slots
-            .get(id)
-            .ok_or("no such guest")?
-            .guest
-            .state
-            .is_live();
+        let live = self.slots.get(id).ok_or("no such guest")?.live();
         match op {
             Control::Pause => self.pause(id),
             Control::Resume => self.resume(id),
@@ -954,7 +1093,7 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
             Control::Console => {
                 self.focus.move_to(id);
                 self.ops.prompt.close();
-                info!("input goes to {}", self.slots[id].guest.name);
+                info!("input goes to {}", self.slots[id].vm.name);
                 Ok(())
             }
         }
@@ -965,7 +1104,9 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
         self.ops.prompt.close();
         self.ops.top = None;
         for s in &mut self.slots {
-            let _ = s.guest.state.stop(StopReason::Operator("quit"));
+            for v in s.vcpus.iter_mut() {
+                let _ = v.state.stop(StopReason::Operator("quit"));
+            }
         }
         info!("quit: every guest stopped");
     }
@@ -975,48 +1116,51 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
 static LAST_TABLE: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
 
 /// Prints the accounting table as `who`'s output, whole or not at all: false if it did not fit.
-fn print_stats<'a>(guests: impl Iterator<Item = &'a Guest>, who: Writer) -> bool {
+fn print_stats<'a, V: 'a>(guests: impl Iterator<Item = &'a Slot<V>>, who: Writer) -> bool {
     use core::fmt::Write;
-    let guests: Vec<&Guest> = guests.collect();
+    let guests: Vec<&Slot<V>> = guests.collect();
     let mut t = String::new();
     let _ = writeln!(
         t,
         "keel: {:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
         "guest", "cpu cycles", "keel cycles", "halted cycles", "exits", "irqs", "state"
     );
-    for g in &guests {
-        let state = match &g.state {
-            RunState::Runnable => "run",
+    for s in &guests {
+        // The guest's row: its vCPUs' counts added up; its state is its bootstrap processor's.
+        let state = match &s.bsp().state {
+            RunState::Runnable | RunState::WaitForSipi => "run",
             RunState::Halted => "halted",
             RunState::Paused { .. } => "paused",
             RunState::Stopped(_) => "stopped",
         };
+        let stats = GuestStats::sum(s.vcpus.iter().map(|v| &v.stats));
         let _ = writeln!(
             t,
             "keel: {:<16} {:>14} {:>14} {:>14} {:>10} {:>10} {:>8}",
-            g.name,
-            g.stats.cpu_cycles,
-            g.stats.keel_cycles,
-            g.stats.halted_cycles,
-            g.stats.total_exits(),
-            g.stats.interrupts_injected,
+            s.vm.name,
+            stats.cpu_cycles,
+            stats.keel_cycles,
+            stats.halted_cycles,
+            stats.total_exits(),
+            stats.interrupts_injected,
             state
         );
     }
-    for g in &guests {
+    for s in &guests {
+        let stats = GuestStats::sum(s.vcpus.iter().map(|v| &v.stats));
         let _ = writeln!(
             t,
             "keel: exits of {}: {}",
-            g.name,
-            g.stats.exits_by_reason()
+            s.vm.name,
+            stats.exits_by_reason()
         );
     }
-    for g in &guests {
-        let c = g.platform.console_ref();
+    for s in &guests {
+        let c = s.vm.platform.console_ref();
         let _ = writeln!(
             t,
             "keel: console of {}: {} bytes, {} dropped",
-            g.name,
+            s.vm.name,
             c.bytes_written(),
             c.dropped_bytes()
         );

@@ -66,3 +66,8 @@ cargo build --quiet --release --target-dir "$target_dir" --target "$here/i686-ke
     -Zjson-target-spec -Zbuild-std=core -Zbuild-std-features=compiler-builtins-mem \
     -p platform32 || die "building platform32 failed"
 cp "$target_dir/i686-keel/release/platform32" "$out/platform32.elf"
+# smp32: several vCPUs that start each other, count together and send each other IPIs.
+cargo build --quiet --release --target-dir "$target_dir" --target "$here/i686-keel.json" \
+    -Zjson-target-spec -Zbuild-std=core -Zbuild-std-features=compiler-builtins-mem \
+    -p smp32 || die "building smp32 failed"
+cp "$target_dir/i686-keel/release/smp32" "$out/smp32.elf"

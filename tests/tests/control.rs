@@ -218,17 +218,19 @@ fn the_console_prompt_takes_the_same_commands() {
     use keel_tests::{boot_scripted, ScriptedBoot, Step};
     const PROMPT_MANIFEST: &str = "\
 # Written by tests/tests/control.rs: the monitor's prompt on COM1.
-[guest ticker]
-kind = elf
-image = long64.elf
-memory = 4M
-cmdline = mode=sleeper secs=300
+[[guest]]
+name = \"ticker\"
+kind = \"elf\"
+image = \"long64.elf\"
+memory = \"4M\"
+cmdline = \"mode=sleeper secs=300\"
 
-[guest cpu]
-kind = elf
-image = long64.elf
-memory = 4M
-cmdline = mode=crunch secs=300
+[[guest]]
+name = \"cpu\"
+kind = \"elf\"
+image = \"long64.elf\"
+memory = \"4M\"
+cmdline = \"mode=crunch secs=300\"
 ";
     let secs = Duration::from_secs;
     let files = std::env::temp_dir().join("keel-control-prompt-guests");

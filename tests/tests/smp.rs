@@ -147,3 +147,46 @@ fn a_cpu_whose_vmx_setup_fails_is_left_out_and_the_guests_run() {
     }
     boot.expect_keel_unhurt();
 }
+
+static SMP_GUESTS: BootSpec = BootSpec {
+    name: "bochs-bios-4cpus-smp-guests",
+    manifest: Manifest::File("tests/guests/manifests/smp-guests.toml"),
+    emulator: Emulator::Bochs,
+    firmware: Firmware::Bios,
+    timeout: None,
+};
+
+/// Guests with 1, 2 and 4 vCPUs (7 in all, more than the machine's 4 CPUs): every vCPU of each
+/// starts (the others through their bootstrap processor's INIT and SIPI), reports with its own
+/// APIC ID, takes the IPI of the one before it, and the counter all of them incremented with
+/// LOCK XADD comes out exact.
+#[test]
+fn guests_with_1_2_and_4_vcpus_start_count_and_send_each_other_ipis() {
+    let boot = shared_boot_on(&SMP_GUESTS, Some(CPUS));
+    for (guest, n) in [("smp1", 1u32), ("smp2", 2), ("smp4", 4)] {
+        boot.expect_guest_line(guest, &format!("smp32: {n} vCPUs"));
+        for id in 0..n {
+            boot.expect_guest_line(guest, &format!("smp32: cpu {id} of {n} up"));
+            let from = (id + n - 1) % n;
+            boot.expect_guest_line(
+                guest,
+                &format!("smp32: cpu {id} counted 200000 and took the IPI of cpu {from}"),
+            );
+        }
+        boot.expect_guest_line(
+            guest,
+            &format!("smp32: counter {} = {n} x 200000", n * 200_000),
+        );
+        if boot.guest_lines(guest).any(|l| l.contains("FAILED")) {
+            boot.fail(&format!("guest {guest} reported a failure"));
+        }
+        let prefix = format!("keel: guest {guest} ");
+        if !boot
+            .lines()
+            .any(|l| l.starts_with(&prefix) && l.contains("status 0x43"))
+        {
+            boot.fail(&format!("no `{prefix}... status 0x43` line"));
+        }
+    }
+    boot.expect_keel_unhurt();
+}

@@ -9,7 +9,9 @@
 //! #GP rules (11.12.1, Table 11-6), the 32-bit ID and derived logical ID (11.12.10), the 64-bit
 //! ICR (11.12.9) and SELF IPI (11.12.11).
 //!
-//! One vCPU per guest, so interrupts sent to others are only recorded ([`Lapic::take_ipi`]).
+//! Each vCPU has one, with its index as APIC ID. Interrupts it sends to other processors are
+//! recorded ([`Lapic::take_ipi`]) and delivered by the VM's interrupt fabric
+//! (`devices::platform`), which owns every vCPU's APIC.
 //! The timer's input clock is [`LAPIC_TIMER_HZ`]. Not modelled: the arbitration priority register
 //! (reads 0), the thermal and performance-counter sources (their LVT entries are plain storage),
 //! relocation of the MMIO page, focus checking, INIT and SIPI to oneself.
@@ -34,7 +36,8 @@ pub const APIC_BASE_ENABLE: u64 = 1 << 11;
 /// (SDM 11.12.1.2).
 pub const X2APIC_MSRS: core::ops::RangeInclusive<u32> = 0x800..=0x8ff;
 
-/// The initial APIC ID of the guest's one vCPU (CPUID.1:EBX[31:24], CPUID.0BH:EDX).
+/// The initial APIC ID of a guest's bootstrap processor, vCPU 0 (CPUID.1:EBX[31:24],
+/// CPUID.0BH:EDX); vCPU n has APIC ID n.
 pub const INITIAL_APIC_ID: u32 = 0;
 
 // Register offsets (SDM Table 10-1).
@@ -223,11 +226,20 @@ impl Lapic {
     /// software-disabled (SVR 0xFF), LINT0 in ExtINT and LINT1 in NMI delivery (virtual-wire mode,
     /// MP spec 3.6.2.2), so the 8259A's interrupts reach the CPU until the guest takes over.
     pub fn new(tsc_hz: u64) -> Self {
+        Self::for_cpu(INITIAL_APIC_ID as u8, tsc_hz)
+    }
+
+    /// The APIC of vCPU `id` (its APIC ID) at power-on. Only the bootstrap processor (ID 0) has
+    /// IA32_APIC_BASE.BSP and the virtual-wire LINT0/LINT1 set-up the firmware leaves; an
+    /// application processor's LVT entries are all masked (SDM 10.4.7.1), so the 8259A's INTR
+    /// reaches the BSP only.
+    pub fn for_cpu(id: u8, tsc_hz: u64) -> Self {
+        let bsp = u32::from(id) == INITIAL_APIC_ID;
         let mut l = Lapic {
             clock: ClockRate::new(LAPIC_TIMER_HZ, tsc_hz),
-            apic_base: LAPIC_BASE | APIC_BASE_ENABLE | APIC_BASE_BSP,
-            id: INITIAL_APIC_ID as u8,
-            x2apic_id: INITIAL_APIC_ID,
+            apic_base: LAPIC_BASE | APIC_BASE_ENABLE | if bsp { APIC_BASE_BSP } else { 0 },
+            id,
+            x2apic_id: u32::from(id),
             tpr: 0,
             ldr: 0,
             dfr: 0,
@@ -250,9 +262,33 @@ impl Lapic {
             timer_stats: TimerStats::default(),
         };
         l.reset();
-        l.lvt[LINT0] = u32::from(delivery::EXTINT) << 8;
-        l.lvt[LINT1] = u32::from(delivery::NMI) << 8;
+        if bsp {
+            l.lvt[LINT0] = u32::from(delivery::EXTINT) << 8;
+            l.lvt[LINT1] = u32::from(delivery::NMI) << 8;
+        }
         l
+    }
+
+    /// An INIT IPI arrived (SDM 10.4.7.3): the APIC goes back to its power-up state but keeps
+    /// its ID and IA32_APIC_BASE; a pending NMI and unsent IPIs go too.
+    pub fn init(&mut self) {
+        self.reset();
+        self.nmi_pending = false;
+        self.ipis.clear();
+    }
+
+    /// An NMI arrived from another processor's ICR: pending until taken.
+    pub fn raise_nmi(&mut self) -> Latch {
+        if core::mem::replace(&mut self.nmi_pending, true) {
+            Latch::AlreadyPending
+        } else {
+            Latch::New
+        }
+    }
+
+    /// Whether this APIC takes fixed interrupts and NMIs at all (globally enabled, SDM 10.4.3).
+    pub fn enabled(&self) -> bool {
+        self.globally_enabled()
     }
 
     /// The power-up state of SDM 10.4.7.1 (kept: the ID and IA32_APIC_BASE).
@@ -389,6 +425,11 @@ impl Lapic {
         set_bit(&mut self.isr, vector);
     }
 
+    /// Whether an NMI is pending.
+    pub fn nmi_pending(&self) -> bool {
+        self.nmi_pending
+    }
+
     /// Takes a pending NMI (from the IOAPIC, LINT1 or an ICR NMI to self).
     pub fn take_nmi(&mut self) -> bool {
         core::mem::take(&mut self.nmi_pending)
@@ -436,7 +477,7 @@ impl Lapic {
 
     /// Whether `destination` names this APIC: its ID, or its logical ID by the LDR and DFR in
     /// xAPIC mode (11.6.2.2) or by the x2APIC's cluster and bit (11.12.10.2).
-    fn matches_id(&self, destination: u32, logical: bool) -> bool {
+    pub fn matches_id(&self, destination: u32, logical: bool) -> bool {
         let x2apic = self.mode() == ApicMode::X2Apic;
         match (x2apic, logical) {
             (true, false) => return destination == self.x2apic_id,

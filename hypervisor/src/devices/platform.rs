@@ -14,7 +14,7 @@ use super::debug_exit::DebugExit;
 use super::fw_cfg::FwCfg;
 use super::i8042::I8042;
 use super::ioapic::{self, IoApic};
-use super::lapic::{self, Ipi, Lapic};
+use super::lapic::{self, delivery, ApicMessage, Lapic, MessageSink};
 use super::pci::{self, PciHost};
 use super::pic8259::{self, PicPair};
 use super::pit8254::{self, Pit};
@@ -60,16 +60,82 @@ pub struct PlatformStats {
 }
 
 /// The interrupt fabric: line levels and the controllers they lead to. Every ISA line goes to
-/// the 8259A pair and to the IOAPIC (IRQ0 on pin 2); the IOAPIC sends to the local APIC; the
-/// 8259A's INTR reaches the CPU through LINT0 in ExtINT mode (or directly while the local APIC is
-/// globally disabled).
+/// the 8259A pair and to the IOAPIC (IRQ0 on pin 2); the IOAPIC sends to the local APICs its
+/// redirection entries name; the 8259A's INTR reaches a CPU through LINT0 in ExtINT mode (or
+/// directly while its local APIC is globally disabled). Each vCPU has its own local APIC
+/// (`lapics[i]` is vCPU i's, APIC ID i); they live here, with the VM, because the IOAPIC and the
+/// other vCPUs' ICRs write into them.
 #[derive(Debug)]
 struct Chipset {
     levels: [bool; IRQ_LINES],
     pic: PicPair,
     ioapic: IoApic,
-    lapic: Lapic,
+    lapics: Apics,
+    /// INIT and SIPI messages for vCPUs, in the order sent: the run loop acts on them.
+    starts: Vec<(usize, StartSignal)>,
+    /// vCPUs an IPI or interrupt message reached since the run loop last looked (a bit each).
+    kicked: u64,
     stats: PlatformStats,
+}
+
+/// An INIT or STARTUP IPI for a vCPU (SDM 10.6.1, 8.4.4): what changes its run state, which the
+/// run loop owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartSignal {
+    /// INIT: the vCPU waits for a SIPI (its APIC is already reset).
+    Init,
+    /// STARTUP with this vector: a vCPU waiting for SIPI starts in real mode at vector << 12.
+    Startup(u8),
+}
+
+/// Every vCPU's local APIC: the destination of IOAPIC messages and IPIs.
+#[derive(Debug)]
+struct Apics(Vec<Lapic>);
+
+impl Apics {
+    /// The vCPUs a message for `destination` reaches (SDM 10.6.2), `broadcast` being the
+    /// all-processors destination of the addressing mode.
+    fn targets(&self, destination: u32, logical: bool, broadcast: u32) -> u64 {
+        let mut set = 0;
+        for (i, l) in self.0.iter().enumerate() {
+            if destination == broadcast || l.matches_id(destination, logical) {
+                set |= 1 << i;
+            }
+        }
+        set
+    }
+
+    /// Of the vCPUs in `set`, the one lowest-priority delivery picks: the lowest TPR, the lowest
+    /// APIC ID among equals (SDM 10.6.2.4 leaves the arbitration to the model).
+    fn lowest_priority(&self, set: u64) -> u64 {
+        (0..self.0.len())
+            .filter(|&i| set & (1 << i) != 0 && self.0[i].enabled())
+            .min_by_key(|&i| self.0[i].tpr())
+            .map_or(0, |i| 1 << i)
+    }
+}
+
+impl MessageSink for Apics {
+    /// A message from the IOAPIC, to the APICs its destination names.
+    fn deliver(&mut self, msg: ApicMessage) -> Latch {
+        let mut set = self.targets(u32::from(msg.destination), msg.logical, 0xff);
+        if msg.delivery_mode == delivery::LOWEST_PRIORITY {
+            set = self.lowest_priority(set);
+        }
+        let mut latch = Latch::Masked;
+        for (i, l) in self.0.iter_mut().enumerate() {
+            if set & (1 << i) != 0 {
+                latch = match (latch, l.deliver(msg)) {
+                    (Latch::New, _) | (_, Latch::New) => Latch::New,
+                    (Latch::AlreadyPending, _) | (_, Latch::AlreadyPending) => {
+                        Latch::AlreadyPending
+                    }
+                    _ => Latch::Masked,
+                };
+            }
+        }
+        latch
+    }
 }
 
 /// Which controller offers the interrupt to inject.
@@ -80,31 +146,89 @@ enum Source {
 }
 
 impl Chipset {
-    fn new(tsc_hz: u64) -> Self {
+    fn new(cpus: u8, tsc_hz: u64) -> Self {
         Chipset {
             levels: [false; IRQ_LINES],
             pic: PicPair::new(),
             ioapic: IoApic::new(),
-            lapic: Lapic::new(tsc_hz),
+            lapics: Apics(
+                (0..cpus.max(1))
+                    .map(|id| Lapic::for_cpu(id, tsc_hz))
+                    .collect(),
+            ),
+            starts: Vec::new(),
+            kicked: 0,
             stats: PlatformStats::default(),
         }
     }
 
-    /// The interrupt the CPU would take next: the local APIC's highest IRR vector above PPR,
+    /// The interrupt vCPU `cpu` would take next: its local APIC's highest IRR vector above PPR,
     /// else the 8259A's if its INTR gets through.
-    fn pending(&self) -> Option<(Source, u8)> {
-        if let Some(v) = self.lapic.deliverable() {
+    fn pending(&self, cpu: usize) -> Option<(Source, u8)> {
+        let lapic = self.lapics.0.get(cpu)?;
+        if let Some(v) = lapic.deliverable() {
             return Some((Source::Lapic, v));
         }
-        if self.lapic.accepts_pic_intr() {
+        if lapic.accepts_pic_intr() {
             return self.pic.pending_vector().map(|v| (Source::Pic, v));
         }
         None
     }
 
-    fn lapic_write(&mut self, offset: u64, size: u8, value: u64, now: u64) {
-        if let Some(vector) = self.lapic.mmio_write(offset, size, value, now) {
-            self.ioapic.eoi(vector, &mut self.lapic);
+    fn lapic_write(&mut self, cpu: usize, offset: u64, size: u8, value: u64, now: u64) {
+        let Some(lapic) = self.lapics.0.get_mut(cpu) else {
+            return;
+        };
+        if let Some(vector) = lapic.mmio_write(offset, size, value, now) {
+            self.ioapic.eoi(vector, &mut self.lapics);
+        }
+        self.route_ipis(cpu);
+    }
+
+    /// Delivers the IPIs vCPU `from` sent to other processors through its ICR (SDM 10.6.1):
+    /// fixed and lowest-priority interrupts set the targets' IRR (edge triggered), NMIs make
+    /// one pending, INIT resets the targets' APICs and STARTUP carries its vector; both go to
+    /// the run loop as [`StartSignal`]s. An INIT level de-assert (INIT with level 0, trigger
+    /// level) only synchronises arbitration IDs and does nothing here.
+    fn route_ipis(&mut self, from: usize) {
+        while let Some(ipi) = self.lapics.0.get_mut(from).and_then(Lapic::take_ipi) {
+            let all_others = ((1u64 << self.lapics.0.len()) - 1) & !(1 << from);
+            let set = match ipi.shorthand() {
+                0 => {
+                    let broadcast = if ipi.x2apic { u32::MAX } else { 0xff };
+                    let set = self
+                        .lapics
+                        .targets(ipi.destination(), ipi.logical(), broadcast)
+                        & !(1 << from);
+                    if ipi.delivery_mode() == delivery::LOWEST_PRIORITY {
+                        self.lapics.lowest_priority(set)
+                    } else {
+                        set
+                    }
+                }
+                // The sender's own part of "all including self" was delivered by its APIC.
+                _ => all_others,
+            };
+            let deassert = ipi.icr_low & (1 << 14) == 0 && ipi.icr_low & (1 << 15) != 0;
+            for to in (0..self.lapics.0.len()).filter(|i| set & (1 << i) != 0) {
+                let lapic = &mut self.lapics.0[to];
+                match ipi.delivery_mode() {
+                    // Vectors 0-15 set the receiver's "receive illegal vector" (`accept`).
+                    delivery::FIXED | delivery::LOWEST_PRIORITY if lapic.enabled() => {
+                        lapic.accept(ipi.vector(), false);
+                    }
+                    delivery::NMI if lapic.enabled() => {
+                        lapic.raise_nmi();
+                    }
+                    delivery::INIT if !deassert => {
+                        lapic.init();
+                        self.starts.push((to, StartSignal::Init));
+                    }
+                    delivery::STARTUP => self.starts.push((to, StartSignal::Startup(ipi.vector()))),
+                    _ => continue, // SMI, ExtINT, a disabled APIC: nothing arrives
+                }
+                self.kicked |= 1 << to;
+            }
         }
     }
 }
@@ -123,7 +247,7 @@ impl IrqSink for Chipset {
             Latch::Masked
         };
         let pin = ioapic::pin_for_line(line);
-        let io = self.ioapic.set_pin(pin, level, &mut self.lapic);
+        let io = self.ioapic.set_pin(pin, level, &mut self.lapics);
         if rising {
             let stats = &mut self.stats.lines[i];
             stats.raised += 1;
@@ -170,13 +294,14 @@ impl Platform {
     /// The PC `board` describes, on a guest TSC of `tsc_hz`: the chipset and the ACPI, PCI, i8042
     /// and fw_cfg models at the places the board gives (and `crate::acpi` reports).
     pub fn for_board(board: Board, tsc_hz: u64) -> Self {
+        let chipset = Chipset::new(board.cpus, tsc_hz);
         let mut p = Platform {
             board,
             tsc_hz: tsc_hz.max(1),
             devices: Vec::new(),
             ports: PortBus::default(),
             mmio: MmioBus::default(),
-            chipset: Chipset::new(tsc_hz),
+            chipset,
             console: ConsoleBuffer::new(),
             exit_status: None,
             power: None,
@@ -421,14 +546,15 @@ impl Platform {
         self.mmio.find(gpa).is_some()
     }
 
-    /// A guest load of `size` bytes at `gpa`; None if no device claims it.
-    pub fn mmio_read(&mut self, gpa: u64, size: u8, now: u64) -> Option<u64> {
-        let r = self.mmio_read_inner(gpa, size, now);
+    /// A load of `size` bytes at `gpa` by vCPU `cpu` (the local APIC page is each vCPU's own);
+    /// None if no device claims it.
+    pub fn mmio_read(&mut self, cpu: usize, gpa: u64, size: u8, now: u64) -> Option<u64> {
+        let r = self.mmio_read_inner(cpu, gpa, size, now);
         self.refresh();
         r
     }
 
-    fn mmio_read_inner(&mut self, gpa: u64, size: u8, now: u64) -> Option<u64> {
+    fn mmio_read_inner(&mut self, cpu: usize, gpa: u64, size: u8, now: u64) -> Option<u64> {
         self.advance(now);
         let Some((r, offset)) = self.mmio.find(gpa) else {
             self.chipset.stats.unclaimed_mmio_reads += 1;
@@ -438,21 +564,24 @@ impl Platform {
             Responder::Device(id) => self
                 .call(id, now, |dev, cx| dev.mmio_read(offset, size, cx))
                 .unwrap_or(u64::MAX),
-            Responder::Lapic => self.chipset.lapic.mmio_read(offset, size, now),
+            Responder::Lapic => match self.chipset.lapics.0.get_mut(cpu) {
+                Some(lapic) => lapic.mmio_read(offset, size, now),
+                None => u64::MAX,
+            },
             Responder::Ioapic => self.chipset.ioapic.mmio_read(offset, size),
             Responder::Pic | Responder::Elcr => u64::MAX,
         };
         Some(value)
     }
 
-    /// A guest store of `size` bytes at `gpa`; false if no device claims it.
-    pub fn mmio_write(&mut self, gpa: u64, size: u8, value: u64, now: u64) -> bool {
-        let r = self.mmio_write_inner(gpa, size, value, now);
+    /// A store of `size` bytes at `gpa` by vCPU `cpu`; false if no device claims it.
+    pub fn mmio_write(&mut self, cpu: usize, gpa: u64, size: u8, value: u64, now: u64) -> bool {
+        let r = self.mmio_write_inner(cpu, gpa, size, value, now);
         self.refresh();
         r
     }
 
-    fn mmio_write_inner(&mut self, gpa: u64, size: u8, value: u64, now: u64) -> bool {
+    fn mmio_write_inner(&mut self, cpu: usize, gpa: u64, size: u8, value: u64, now: u64) -> bool {
         self.advance(now);
         let Some((r, offset)) = self.mmio.find(gpa) else {
             self.chipset.stats.unclaimed_mmio_writes += 1;
@@ -463,10 +592,12 @@ impl Platform {
             Responder::Device(id) => {
                 self.call(id, now, |dev, cx| dev.mmio_write(offset, size, value, cx));
             }
-            Responder::Lapic => chipset.lapic_write(offset, size, value, now),
-            Responder::Ioapic => chipset
-                .ioapic
-                .mmio_write(offset, size, value, &mut chipset.lapic),
+            Responder::Lapic => chipset.lapic_write(cpu, offset, size, value, now),
+            Responder::Ioapic => {
+                chipset
+                    .ioapic
+                    .mmio_write(offset, size, value, &mut chipset.lapics)
+            }
             Responder::Pic | Responder::Elcr => {}
         }
         true
@@ -482,7 +613,9 @@ impl Platform {
                 self.call(DeviceId(i), now, |dev, cx| dev.advance(cx));
             }
         }
-        self.chipset.lapic.advance(now);
+        for lapic in &mut self.chipset.lapics.0 {
+            lapic.advance(now);
+        }
         self.refresh();
     }
 
@@ -494,22 +627,29 @@ impl Platform {
     /// Recomputes the cached earliest deadline from every timer.
     fn refresh(&mut self) {
         let devices = self.devices.iter().filter_map(|d| d.next_deadline());
-        self.next = devices.chain(self.chipset.lapic.next_deadline()).min();
+        let lapics = self
+            .chipset
+            .lapics
+            .0
+            .iter()
+            .filter_map(|l| l.next_deadline());
+        self.next = devices.chain(lapics).min();
     }
 
-    /// The vector to inject next, if any (call [`Platform::advance`] first): the local APIC's
-    /// highest IRR vector above PPR, else the 8259A's vector if its INTR reaches the CPU.
-    pub fn pending_interrupt(&self) -> Option<u8> {
-        self.chipset.pending().map(|(_, v)| v)
+    /// The vector to inject into vCPU `cpu` next, if any (call [`Platform::advance`] first):
+    /// its local APIC's highest IRR vector above PPR, else the 8259A's vector if its INTR
+    /// reaches that vCPU.
+    pub fn pending_interrupt(&self, cpu: usize) -> Option<u8> {
+        self.chipset.pending(cpu).map(|(_, v)| v)
     }
 
-    /// Reports that `vector` (from [`Platform::pending_interrupt`]) was injected: the INTA cycle
-    /// of the controller that offered it (IRR to ISR). A vector no controller offers is counted
-    /// in `stale_acks` and otherwise ignored.
-    pub fn acknowledge(&mut self, vector: u8) {
+    /// Reports that `vector` (from [`Platform::pending_interrupt`]) was injected into vCPU
+    /// `cpu`: the INTA cycle of the controller that offered it (IRR to ISR). A vector no
+    /// controller offers is counted in `stale_acks` and otherwise ignored.
+    pub fn acknowledge(&mut self, cpu: usize, vector: u8) {
         let c = &mut self.chipset;
-        match c.pending() {
-            Some((Source::Lapic, v)) if v == vector => c.lapic.acknowledge(v),
+        match c.pending(cpu) {
+            Some((Source::Lapic, v)) if v == vector => c.lapics.0[cpu].acknowledge(v),
             Some((Source::Pic, v)) if v == vector => {
                 c.pic.acknowledge();
             }
@@ -521,69 +661,107 @@ impl Platform {
         c.stats.acknowledged += 1;
     }
 
-    /// Takes a pending NMI for injection (IOAPIC or ICR NMI delivery).
-    pub fn take_nmi(&mut self) -> bool {
-        self.chipset.lapic.take_nmi()
+    /// vCPU `cpu`'s local APIC; the APIC of vCPU 0 for an index past the last (the callers pass
+    /// their own vCPU's index, which the board's CPU count covers).
+    fn lapic(&self, cpu: usize) -> &Lapic {
+        let l = &self.chipset.lapics.0;
+        l.get(cpu).unwrap_or(&l[0])
     }
 
-    /// Takes the oldest IPI the guest sent to processors other than its own (not delivered).
-    pub fn take_ipi(&mut self) -> Option<Ipi> {
-        self.chipset.lapic.take_ipi()
+    fn lapic_mut(&mut self, cpu: usize) -> &mut Lapic {
+        let l = &mut self.chipset.lapics.0;
+        let i = if cpu < l.len() { cpu } else { 0 };
+        &mut l[i]
+    }
+
+    /// How many vCPUs (local APICs) the platform has.
+    pub fn cpus(&self) -> usize {
+        self.chipset.lapics.0.len()
+    }
+
+    /// Whether vCPU `cpu` has an NMI pending (it wakes a halted vCPU).
+    pub fn nmi_pending(&self, cpu: usize) -> bool {
+        self.lapic(cpu).nmi_pending()
+    }
+
+    /// Takes a pending NMI of vCPU `cpu` for injection (IOAPIC or ICR NMI delivery).
+    pub fn take_nmi(&mut self, cpu: usize) -> bool {
+        self.lapic_mut(cpu).take_nmi()
+    }
+
+    /// Takes the oldest INIT or STARTUP IPI sent to a vCPU, with the vCPU's index.
+    pub fn take_start_signal(&mut self) -> Option<(usize, StartSignal)> {
+        let s = &mut self.chipset.starts;
+        (!s.is_empty()).then(|| s.remove(0))
+    }
+
+    /// The vCPUs (a bit each) that an IPI reached since the last call.
+    pub fn take_kicked(&mut self) -> u64 {
+        core::mem::take(&mut self.chipset.kicked)
     }
 
     /// The local APIC's task-priority register (CR8 is its bits 7:4, SDM 10.8.6.1).
-    pub fn tpr(&self) -> u8 {
-        self.chipset.lapic.tpr()
+    pub fn tpr(&self, cpu: usize) -> u8 {
+        self.lapic(cpu).tpr()
     }
 
-    pub fn set_tpr(&mut self, tpr: u8) {
-        self.chipset.lapic.set_tpr(tpr);
+    pub fn set_tpr(&mut self, cpu: usize, tpr: u8) {
+        self.lapic_mut(cpu).set_tpr(tpr);
     }
 
     /// The local APIC's highest pending IRR vector, whether PPR lets it through or not.
-    pub fn highest_irr(&self) -> Option<u8> {
-        self.chipset.lapic.highest_irr()
+    pub fn highest_irr(&self, cpu: usize) -> Option<u8> {
+        self.lapic(cpu).highest_irr()
     }
 
     /// IA32_TSC_DEADLINE as the guest reads it (0 outside TSC-deadline mode).
-    pub fn tsc_deadline(&self) -> u64 {
-        self.chipset.lapic.tsc_deadline()
+    pub fn tsc_deadline(&self, cpu: usize) -> u64 {
+        self.lapic(cpu).tsc_deadline()
     }
 
     /// A guest write of IA32_TSC_DEADLINE at time `now` (the MSR exit handler calls this).
-    pub fn write_tsc_deadline(&mut self, value: u64, now: u64) {
-        self.chipset.lapic.write_tsc_deadline(value, now);
+    pub fn write_tsc_deadline(&mut self, cpu: usize, value: u64, now: u64) {
+        self.lapic_mut(cpu).write_tsc_deadline(value, now);
         self.refresh();
     }
 
     /// IA32_APIC_BASE as the guest reads it.
-    pub fn apic_base(&self) -> u64 {
-        self.chipset.lapic.apic_base()
+    pub fn apic_base(&self, cpu: usize) -> u64 {
+        self.lapic(cpu).apic_base()
     }
 
     /// A guest write of IA32_APIC_BASE's EN and EXTD bits (`Lapic::write_apic_base`).
-    pub fn set_apic_base(&mut self, value: u64) -> Result<(), lapic::GpFault> {
-        let r = self.chipset.lapic.write_apic_base(value);
+    pub fn set_apic_base(&mut self, cpu: usize, value: u64) -> Result<(), lapic::GpFault> {
+        let r = self.lapic_mut(cpu).write_apic_base(value);
         self.refresh();
         r
     }
 
     /// RDMSR of an x2APIC register (`Lapic::x2apic_read`).
-    pub fn x2apic_read(&mut self, msr: u32, now: u64) -> Result<u64, lapic::GpFault> {
+    pub fn x2apic_read(&mut self, cpu: usize, msr: u32, now: u64) -> Result<u64, lapic::GpFault> {
         self.advance(now);
-        let r = self.chipset.lapic.x2apic_read(msr, now);
+        let r = self.lapic_mut(cpu).x2apic_read(msr, now);
         self.refresh();
         r
     }
 
-    /// WRMSR of an x2APIC register; a level-triggered EOI goes on to the IOAPIC.
-    pub fn x2apic_write(&mut self, msr: u32, value: u64, now: u64) -> Result<(), lapic::GpFault> {
+    /// WRMSR of an x2APIC register; a level-triggered EOI goes on to the IOAPIC, an ICR write
+    /// to the vCPUs it names.
+    pub fn x2apic_write(
+        &mut self,
+        cpu: usize,
+        msr: u32,
+        value: u64,
+        now: u64,
+    ) -> Result<(), lapic::GpFault> {
         self.advance(now);
+        let cpu = if cpu < self.cpus() { cpu } else { 0 };
         let c = &mut self.chipset;
-        let r = c.lapic.x2apic_write(msr, value, now);
+        let r = c.lapics.0[cpu].x2apic_write(msr, value, now);
         if let Ok(Some(vector)) = r {
-            c.ioapic.eoi(vector, &mut c.lapic);
+            c.ioapic.eoi(vector, &mut c.lapics);
         }
+        c.route_ipis(cpu);
         self.refresh();
         r.map(|_| ())
     }
@@ -615,7 +793,13 @@ impl Platform {
     }
 
     pub fn stats(&self) -> PlatformStats {
-        let timer = self.chipset.lapic.timer_stats();
+        let timer = self.chipset.lapics.0.iter().map(|l| l.timer_stats()).fold(
+            lapic::TimerStats::default(),
+            |a, t| lapic::TimerStats {
+                fired: a.fired + t.fired,
+                coalesced: a.coalesced + t.coalesced,
+            },
+        );
         PlatformStats {
             lapic_timer: LineStats {
                 raised: timer.fired,
@@ -691,8 +875,8 @@ mod tests {
         let mut p = Platform::new(TSC_HZ);
         assert_eq!(p.io_read(0x1234, 1, 0), None);
         assert!(!p.io_write(0x1234, 2, 0, 0));
-        assert_eq!(p.mmio_read(0x1000, 4, 0), None);
-        assert!(!p.mmio_write(0x1000, 4, 0, 0));
+        assert_eq!(p.mmio_read(0, 0x1000, 4, 0), None);
+        assert!(!p.mmio_write(0, 0x1000, 4, 0, 0));
         let s = p.stats();
         assert_eq!(
             (s.unclaimed_io_reads, s.unclaimed_io_writes),
@@ -778,8 +962,8 @@ mod tests {
         let mut now = from;
         while now <= to {
             p.advance(now);
-            while let Some(v) = p.pending_interrupt() {
-                p.acknowledge(v);
+            while let Some(v) = p.pending_interrupt(0) {
+                p.acknowledge(0, v);
                 got.push(v);
                 eoi(p, v, now);
             }
@@ -847,7 +1031,7 @@ mod tests {
         );
         // A jump of a whole second: one edge, the rest counted as coalesced.
         p.io_write(0x20, 1, 0x20, TSC_HZ);
-        p.acknowledge(0x30);
+        p.acknowledge(0, 0x30);
         p.io_write(0x20, 1, 0x20, TSC_HZ);
         p.advance(2 * TSC_HZ);
         let s = p.stats().lines[0];
@@ -878,18 +1062,18 @@ mod tests {
     const IOAPIC: u64 = ioapic::IOAPIC_BASE;
 
     fn lapic_eoi(p: &mut Platform, _v: u8, now: u64) {
-        p.mmio_write(LAPIC + 0xb0, 4, 0, now);
+        p.mmio_write(0, LAPIC + 0xb0, 4, 0, now);
     }
 
     fn enable_lapic(p: &mut Platform) {
-        p.mmio_write(LAPIC + 0xf0, 4, 0x1ff, 0);
+        p.mmio_write(0, LAPIC + 0xf0, 4, 0x1ff, 0);
     }
 
     fn ioapic_route(p: &mut Platform, pin: u64, entry: u64) {
-        p.mmio_write(IOAPIC, 4, 0x10 + 2 * pin + 1, 0);
-        p.mmio_write(IOAPIC + 0x10, 4, entry >> 32, 0);
-        p.mmio_write(IOAPIC, 4, 0x10 + 2 * pin, 0);
-        p.mmio_write(IOAPIC + 0x10, 4, entry & 0xffff_ffff, 0);
+        p.mmio_write(0, IOAPIC, 4, 0x10 + 2 * pin + 1, 0);
+        p.mmio_write(0, IOAPIC + 0x10, 4, entry >> 32, 0);
+        p.mmio_write(0, IOAPIC, 4, 0x10 + 2 * pin, 0);
+        p.mmio_write(0, IOAPIC + 0x10, 4, entry & 0xffff_ffff, 0);
     }
 
     #[test]
@@ -897,9 +1081,9 @@ mod tests {
         let mut p = Platform::new(TSC_HZ);
         enable_lapic(&mut p);
         let ticks_per_ms = LAPIC_TIMER_HZ / 16 / 1000;
-        p.mmio_write(LAPIC + 0x3e0, 4, 0x3, 0); // divide by 16
-        p.mmio_write(LAPIC + 0x320, 4, 0x2_00ec, 0); // periodic, vector 0xec
-        p.mmio_write(LAPIC + 0x380, 4, ticks_per_ms, 0);
+        p.mmio_write(0, LAPIC + 0x3e0, 4, 0x3, 0); // divide by 16
+        p.mmio_write(0, LAPIC + 0x320, 4, 0x2_00ec, 0); // periodic, vector 0xec
+        p.mmio_write(0, LAPIC + 0x380, 4, ticks_per_ms, 0);
         assert_eq!(p.next_deadline(), Some(TSC_HZ / 1000));
         let got = run(&mut p, 0, TSC_HZ, TSC_HZ / 4000, lapic_eoi);
         assert_eq!(got.len(), 1000);
@@ -907,7 +1091,7 @@ mod tests {
         let s = p.stats();
         assert_eq!((s.lapic_timer.raised, s.lapic_timer.coalesced), (1000, 0));
         // The current count runs down between ticks.
-        let half = p.mmio_read(LAPIC + 0x390, 4, TSC_HZ + TSC_HZ / 2000);
+        let half = p.mmio_read(0, LAPIC + 0x390, 4, TSC_HZ + TSC_HZ / 2000);
         assert_eq!(half, Some(ticks_per_ms / 2));
     }
 
@@ -915,12 +1099,12 @@ mod tests {
     fn tsc_deadline_through_the_platform() {
         let mut p = Platform::new(TSC_HZ);
         enable_lapic(&mut p);
-        p.mmio_write(LAPIC + 0x320, 4, 0x4_00d0, 0);
-        p.write_tsc_deadline(5_000, 0);
-        assert_eq!(p.tsc_deadline(), 5_000);
+        p.mmio_write(0, LAPIC + 0x320, 4, 0x4_00d0, 0);
+        p.write_tsc_deadline(0, 5_000, 0);
+        assert_eq!(p.tsc_deadline(0), 5_000);
         assert_eq!(p.next_deadline(), Some(5_000));
         assert_eq!(run(&mut p, 0, 10_000, 1_000, lapic_eoi), [0xd0]);
-        assert_eq!(p.tsc_deadline(), 0);
+        assert_eq!(p.tsc_deadline(0), 0);
     }
 
     #[test]
@@ -947,16 +1131,16 @@ mod tests {
         p.io_write(port::COM1 + 2, 1, 0x01, 0); // FIFO on, trigger level 1
         p.push_serial_input(b'a', 0);
         p.push_serial_input(b'b', 0);
-        assert_eq!(p.pending_interrupt(), Some(0x51));
-        p.acknowledge(0x51);
+        assert_eq!(p.pending_interrupt(0), Some(0x51));
+        p.acknowledge(0, 0x51);
         // The handler reads one byte and sends EOI: the line is still up, so it comes again.
         assert_eq!(p.io_read(port::COM1, 1, 0), Some(u32::from(b'a')));
         lapic_eoi(&mut p, 0x51, 0);
-        assert_eq!(p.pending_interrupt(), Some(0x51));
-        p.acknowledge(0x51);
+        assert_eq!(p.pending_interrupt(0), Some(0x51));
+        p.acknowledge(0, 0x51);
         assert_eq!(p.io_read(port::COM1, 1, 0), Some(u32::from(b'b')));
         lapic_eoi(&mut p, 0x51, 0);
-        assert_eq!(p.pending_interrupt(), None);
+        assert_eq!(p.pending_interrupt(0), None);
     }
 
     #[test]
@@ -965,14 +1149,83 @@ mod tests {
         init_pic(&mut p, 0xfa);
         pit_periodic(&mut p, 100);
         p.advance(PIT.tsc_at(100));
-        assert_eq!(p.pending_interrupt(), Some(0x30), "virtual wire at reset");
+        assert_eq!(p.pending_interrupt(0), Some(0x30), "virtual wire at reset");
         enable_lapic(&mut p);
-        p.mmio_write(LAPIC + 0x350, 4, 0x1_0700, 0); // mask LINT0
-        assert_eq!(p.pending_interrupt(), None);
+        p.mmio_write(0, LAPIC + 0x350, 4, 0x1_0700, 0); // mask LINT0
+        assert_eq!(p.pending_interrupt(0), None);
         // A globally disabled local APIC passes the 8259A straight through.
-        assert_eq!(p.set_apic_base(lapic::LAPIC_BASE), Ok(()));
-        assert_eq!(p.pending_interrupt(), Some(0x30));
-        assert_eq!(p.apic_base() & lapic::APIC_BASE_ENABLE, 0);
+        assert_eq!(p.set_apic_base(0, lapic::LAPIC_BASE), Ok(()));
+        assert_eq!(p.pending_interrupt(0), Some(0x30));
+        assert_eq!(p.apic_base(0) & lapic::APIC_BASE_ENABLE, 0);
+    }
+
+    /// A PC with `cpus` vCPUs, every APIC software-enabled.
+    fn smp(cpus: u8) -> Platform {
+        let mut p = Platform::for_board(Board::pc(0, cpus), TSC_HZ);
+        for c in 0..usize::from(cpus) {
+            assert!(p.mmio_write(c, LAPIC + 0xf0, 4, 0x1ff, 0));
+        }
+        p
+    }
+
+    fn icr(p: &mut Platform, from: usize, dest: u8, low: u32) {
+        p.mmio_write(from, LAPIC + 0x310, 4, u64::from(dest) << 24, 0);
+        p.mmio_write(from, LAPIC + 0x300, 4, u64::from(low), 0);
+    }
+
+    #[test]
+    fn each_vcpu_has_its_own_apic_and_ipis_reach_the_ones_they_name() {
+        let mut p = smp(4);
+        for c in 0..4 {
+            assert_eq!(p.mmio_read(c, LAPIC + 0x20, 4, 0), Some((c as u64) << 24));
+        }
+        assert_ne!(p.apic_base(0) & lapic::APIC_BASE_BSP, 0);
+        assert_eq!(
+            p.apic_base(1) & lapic::APIC_BASE_BSP,
+            0,
+            "only vCPU 0 is the BSP"
+        );
+        // Fixed, physical destination 2, from vCPU 0.
+        icr(&mut p, 0, 2, 0x41);
+        assert_eq!(
+            (0..4).map(|c| p.pending_interrupt(c)).collect::<Vec<_>>(),
+            [None, None, Some(0x41), None]
+        );
+        assert_eq!(p.take_kicked(), 0b100);
+        p.acknowledge(2, 0x41);
+        // Its EOI, or 0x41 in service would hold back 0x42 (same priority class).
+        p.mmio_write(2, LAPIC + 0xb0, 4, 0, 0);
+        // All excluding self (shorthand 3), from vCPU 1.
+        icr(&mut p, 1, 0, 3 << 18 | 0x42);
+        assert_eq!(
+            (0..4).map(|c| p.pending_interrupt(c)).collect::<Vec<_>>(),
+            [Some(0x42), None, Some(0x42), Some(0x42)]
+        );
+        // NMI to 3; INIT then STARTUP to 1, in order; an INIT de-assert does nothing.
+        icr(&mut p, 0, 3, 4 << 8);
+        assert!(p.nmi_pending(3) && !p.nmi_pending(0));
+        icr(&mut p, 0, 1, 5 << 8 | 1 << 14);
+        icr(&mut p, 0, 1, 5 << 8 | 1 << 15);
+        icr(&mut p, 0, 1, 6 << 8 | 1 << 14 | 0x9a);
+        assert_eq!(p.take_start_signal(), Some((1, StartSignal::Init)));
+        assert_eq!(p.take_start_signal(), Some((1, StartSignal::Startup(0x9a))));
+        assert_eq!(p.take_start_signal(), None);
+    }
+
+    #[test]
+    fn the_ioapic_sends_to_the_apic_its_entry_names() {
+        let mut p = smp(2);
+        let ioapic = crate::devices::ioapic::IOAPIC_BASE;
+        // Pin 1 (IRQ1, the keyboard's): vector 0x51 to APIC 1, edge, unmasked.
+        for (reg, v) in [(0x13u64, 1u64 << 24), (0x12, 0x51)] {
+            p.mmio_write(0, ioapic, 4, reg, 0);
+            p.mmio_write(0, ioapic + 0x10, 4, v, 0);
+        }
+        p.chipset.set_line(1, true);
+        assert_eq!(
+            (p.pending_interrupt(0), p.pending_interrupt(1)),
+            (None, Some(0x51))
+        );
     }
 
     #[test]
@@ -980,17 +1233,17 @@ mod tests {
         let mut p = Platform::new(TSC_HZ);
         init_pic(&mut p, 0xfa);
         enable_lapic(&mut p);
-        p.mmio_write(LAPIC + 0x350, 4, 0x700, 0); // LINT0 ExtINT
+        p.mmio_write(0, LAPIC + 0x350, 4, 0x700, 0); // LINT0 ExtINT
         pit_periodic(&mut p, 100);
-        p.mmio_write(LAPIC + 0x300, 4, 0x4_0060, 0); // self-IPI 0x60
+        p.mmio_write(0, LAPIC + 0x300, 4, 0x4_0060, 0); // self-IPI 0x60
         p.advance(PIT.tsc_at(100));
-        assert_eq!(p.pending_interrupt(), Some(0x60));
-        p.acknowledge(0x30);
+        assert_eq!(p.pending_interrupt(0), Some(0x60));
+        p.acknowledge(0, 0x30);
         assert_eq!(p.stats().stale_acks, 1, "not the vector on offer");
-        p.acknowledge(0x60);
-        assert_eq!(p.pending_interrupt(), Some(0x30), "ExtINT ignores PPR");
-        p.acknowledge(0x30);
-        assert_eq!(p.pending_interrupt(), None);
+        p.acknowledge(0, 0x60);
+        assert_eq!(p.pending_interrupt(0), Some(0x30), "ExtINT ignores PPR");
+        p.acknowledge(0, 0x30);
+        assert_eq!(p.pending_interrupt(0), None);
         assert_eq!(p.stats().acknowledged, 2);
     }
 
@@ -1064,9 +1317,9 @@ mod tests {
         let io = 44 + 8;
         assert_eq!(madt[io], 1, "IOAPIC entry");
         let base = u64::from(word(madt, io + 4));
-        p.mmio_write(base, 4, 0, 0);
+        p.mmio_write(0, base, 4, 0, 0);
         assert_eq!(
-            p.mmio_read(base + 0x10, 4, 0),
+            p.mmio_read(0, base + 0x10, 4, 0),
             Some(u64::from(madt[io + 2]) << 24)
         );
         assert_eq!(u64::from(word(madt, 36)), lapic::LAPIC_BASE);

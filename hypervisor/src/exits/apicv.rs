@@ -11,7 +11,7 @@
 
 use super::{Action, ExitContext};
 use crate::devices::lapic::{APIC_BASE_ENABLE, APIC_BASE_EXTD};
-use crate::guest::{Guest, StopReason};
+use crate::guest::{StopReason, Vcpu, Vm};
 use crate::vmx::{ReadOnly64, ReadOnlyNat, Vmcs};
 use alloc::format;
 
@@ -28,12 +28,12 @@ mod access_type {
 /// After every exit: the model takes the TPR the guest left in VTPR (CR8 and MMIO TPR writes do
 /// not exit), before anything looks at its priorities.
 #[inline]
-pub fn after_exit(guest: &mut Guest) {
-    if let Some(a) = &guest.apicv {
+pub fn after_exit(vcpu: &Vcpu, vm: &mut Vm) {
+    if let Some(a) = &vcpu.apicv {
         if a.features().tpr_shadow {
             let vtpr = a.vtpr();
-            if guest.platform.tpr() != vtpr {
-                guest.platform.set_tpr(vtpr);
+            if vm.platform.tpr(vcpu.index) != vtpr {
+                vm.platform.set_tpr(vcpu.index, vtpr);
             }
         }
     }
@@ -42,13 +42,14 @@ pub fn after_exit(guest: &mut Guest) {
 /// Before an entry that follows a device access (the model may have changed its TPR, its IRR or
 /// its mode): VTPR, the TPR threshold and "virtualize APIC accesses" from the model.
 #[inline]
-pub fn before_entry<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest) {
-    let Some(a) = &mut guest.apicv else {
+pub fn before_entry<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu, vm: &mut Vm) {
+    let cpu = vcpu.index;
+    let Some(a) = &mut vcpu.apicv else {
         return;
     };
-    let p = &guest.platform;
-    let xapic = p.apic_base() & (APIC_BASE_ENABLE | APIC_BASE_EXTD) == APIC_BASE_ENABLE;
-    a.before_entry(vmcs, p.tpr(), || p.highest_irr(), xapic);
+    let p = &vm.platform;
+    let xapic = p.apic_base(cpu) & (APIC_BASE_ENABLE | APIC_BASE_EXTD) == APIC_BASE_ENABLE;
+    a.before_entry(vmcs, p.tpr(cpu), || p.highest_irr(cpu), xapic);
 }
 
 /// An APIC-access VM exit. The messages for the accesses Keel does not emulate are those of
@@ -61,7 +62,7 @@ pub fn access<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let gpa = if kind >= access_type::PHYSICAL_EVENT_DELIVERY {
         cx.vmcs.read(ReadOnly64::GuestPhysicalAddr)
     } else {
-        cx.guest.platform.board().lapic_base + (q & 0xfff)
+        cx.vm.platform.board().lapic_base + (q & 0xfff)
     };
     match kind {
         access_type::LINEAR_READ | access_type::LINEAR_WRITE => crate::mmio::emulate(cx, gpa),
@@ -105,15 +106,15 @@ mod tests {
     #[test]
     fn the_model_reads_the_tpr_the_guest_left_in_vtpr() {
         let mut t = with_apicv();
-        t.guest.apicv.as_mut().unwrap().set_vtpr(0xa0);
+        t.vcpu.apicv.as_mut().unwrap().set_vtpr(0xa0);
         t.run(ExitReason::Cpuid);
-        assert_eq!(t.guest.platform.tpr(), 0xa0);
+        assert_eq!(t.vm.platform.tpr(0), 0xa0);
         // Lowered below the threshold: a trap-like exit, nothing to skip.
-        t.guest.apicv.as_mut().unwrap().set_vtpr(0x10);
+        t.vcpu.apicv.as_mut().unwrap().set_vtpr(0x10);
         let rip = t.vmcs.read(GuestNat::Rip);
         assert_eq!(t.run(ExitReason::TprBelowThreshold), Action::Resume);
         assert_eq!(t.vmcs.read(GuestNat::Rip), rip);
-        assert_eq!(t.guest.platform.tpr(), 0x10);
+        assert_eq!(t.vm.platform.tpr(0), 0x10);
     }
 
     /// The interrupt a raised TPR holds back: the threshold is its class, and once the guest's
@@ -122,14 +123,14 @@ mod tests {
     fn an_interrupt_held_back_by_the_tpr_comes_when_the_tpr_drops() {
         let mut t = with_apicv();
         t.enable_lapic();
-        t.guest.apicv.as_mut().unwrap().set_vtpr(0x80);
+        t.vcpu.apicv.as_mut().unwrap().set_vtpr(0x80);
         t.run(ExitReason::Cpuid);
         t.self_ipi(0x51);
         t.vmcs.write(GuestNat::Rflags, 0x202);
         t.enter().unwrap();
         assert_eq!(t.injected(), None, "TPR 0x80 holds vector 0x51 back");
         assert_eq!(t.vmcs.read(Control32::TprThreshold), 5);
-        t.guest.apicv.as_mut().unwrap().set_vtpr(0x40);
+        t.vcpu.apicv.as_mut().unwrap().set_vtpr(0x40);
         assert_eq!(t.run(ExitReason::TprBelowThreshold), Action::Resume);
         t.enter().unwrap();
         assert_eq!(t.injected(), Some(0x51));
@@ -140,9 +141,9 @@ mod tests {
     #[test]
     fn a_tpr_the_model_changed_reaches_vtpr() {
         let mut t = with_apicv();
-        t.guest.platform.set_tpr(0x30);
+        t.vm.platform.set_tpr(0, 0x30);
         t.enter().unwrap();
-        assert_eq!(t.guest.apicv.as_ref().unwrap().vtpr(), 0x30);
+        assert_eq!(t.vcpu.apicv.as_ref().unwrap().vtpr(), 0x30);
     }
 
     /// Reads of other registers than the TPR exit and are emulated like an EPT violation there.
@@ -153,14 +154,11 @@ mod tests {
         t.real_mode(0x1_0000, 0x100);
         t.vmcs.write(GuestNat::DsBase, 0xfee0_0000);
         // mov eax, [bx] (66 8B 07) with BX = 0x30: the version register.
-        t.guest.regs.rbx = 0x30;
-        t.guest.ram.bytes()[0x10100..0x10103].copy_from_slice(&[0x66, 0x8b, 0x07]);
+        t.vcpu.regs.rbx = 0x30;
+        t.vm.ram.write(0x10100, &[0x66, 0x8b, 0x07]);
         t.set_qualification(0x030); // a linear read at offset 30H
         assert_eq!(t.run(ExitReason::ApicAccess), Action::AdvanceBy(3));
-        assert_eq!(
-            t.guest.regs.rax as u32,
-            crate::devices::lapic::LAPIC_VERSION
-        );
+        assert_eq!(t.vcpu.regs.rax as u32, crate::devices::lapic::LAPIC_VERSION);
     }
 
     /// With the xAPIC page mapped, a load that starts on it and runs past its end faults on the
@@ -191,8 +189,8 @@ mod tests {
             t.real_mode(0x1_0000, 0x100);
             t.vmcs.write(GuestNat::DsBase, 0xfee0_0000);
             // mov eax, [bx] (66 8B 07).
-            t.guest.regs.rbx = bx;
-            t.guest.ram.bytes()[0x10100..0x10103].copy_from_slice(&[0x66, 0x8b, 0x07]);
+            t.vcpu.regs.rbx = bx;
+            t.vm.ram.write(0x10100, &[0x66, 0x8b, 0x07]);
             t.vmcs
                 .write_raw(ReadOnly64::GuestPhysicalAddr.encoding(), 0xfee0_1000);
             t.set_qualification(1 | 3 << 7); // a read, linear address valid and translated

@@ -10,8 +10,7 @@
 use super::{Action, ExitContext, Host};
 use crate::abi;
 use crate::devices::clock::LAPIC_TIMER_HZ;
-use crate::devices::lapic;
-use crate::guest::Guest;
+use crate::guest::{Vcpu, Vm};
 use crate::vmx::controls::{PrimaryControls, SecondaryControls};
 use crate::vmx::{Control32, Vmcs};
 
@@ -159,7 +158,8 @@ const ZERO_LEAVES: &[u32] = &[5, 6, 0xa, 0xf, 0x10, 0x12, 0x14, 0x19, 0x1b, 0x1c
 /// enable (CPUID.1:EDX.APIC, SDM 10.4.3), the execution controls that decide whether RDTSCP,
 /// RDPID, INVPCID, XSAVES and TSC offsetting work in it (SDM 26.3: without them RDTSCP, INVPCID
 /// and XSAVES are #UD), and the rate of its TSC (its platform's: the rate its device models run
-/// at; 0 if unknown), for the leaves 0x15, 0x16 and 0x4000_0010.
+/// at; 0 if unknown), for the leaves 0x15, 0x16 and 0x4000_0010; and which vCPU asks, of how
+/// many (its initial APIC ID and the topology, leaves 1, 4 and 0xB).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GuestFeatures {
     pub cr4: u64,
@@ -167,16 +167,23 @@ pub struct GuestFeatures {
     pub primary: u32,
     pub secondary: u32,
     pub tsc_hz: u64,
+    /// The vCPU's initial APIC ID (its index).
+    pub apic_id: u32,
+    /// How many vCPUs the guest has (0 is taken as 1).
+    pub cpus: u32,
 }
 
 impl GuestFeatures {
-    pub fn of<V: Vmcs + ?Sized>(vmcs: &V, guest: &Guest) -> Self {
+    pub fn of<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &Vcpu, vm: &Vm) -> Self {
         Self {
-            cr4: super::cr::live_cr4(vmcs, guest),
-            apic_enabled: guest.platform.apic_base() & crate::exits::msr::APIC_BASE_ENABLE != 0,
+            cr4: super::cr::live_cr4(vmcs, vcpu),
+            apic_enabled: vm.platform.apic_base(vcpu.index) & crate::exits::msr::APIC_BASE_ENABLE
+                != 0,
             primary: vmcs.read(Control32::PrimaryProcBasedControls),
             secondary: vmcs.read(Control32::SecondaryProcBasedControls),
-            tsc_hz: guest.platform.tsc_hz(),
+            tsc_hz: vm.platform.tsc_hz(),
+            apic_id: vcpu.index as u32,
+            cpus: vm.platform.cpus() as u32,
         }
     }
 
@@ -199,16 +206,19 @@ fn depends_on_guest(leaf: u32) -> bool {
 /// The guest's CPUID(leaf, subleaf) now: what the MSR handlers check a feature against.
 pub fn of_guest<V: Vmcs + ?Sized>(
     vmcs: &V,
-    guest: &Guest,
+    vcpu: &Vcpu,
+    vm: &Vm,
     host: &dyn Host,
     leaf: u32,
     subleaf: u32,
 ) -> [u32; 4] {
     let f = if depends_on_guest(leaf) {
-        GuestFeatures::of(vmcs, guest)
+        GuestFeatures::of(vmcs, vcpu, vm)
     } else {
         GuestFeatures {
-            tsc_hz: guest.platform.tsc_hz(),
+            tsc_hz: vm.platform.tsc_hz(),
+            apic_id: vcpu.index as u32,
+            cpus: vm.platform.cpus() as u32,
             ..GuestFeatures::default()
         }
     };
@@ -264,15 +274,25 @@ pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32, f: &GuestFeatures) -> [u
                 c
             };
             let d = if f.apic_enabled { d } else { d & !EDX1_APIC };
-            // EBX: the initial APIC ID (bits 31:24), one logical processor (23:16), CLFLUSH
-            // line size and brand index kept.
-            let b = (b & 0xffff) | (1 << 16) | (lapic::INITIAL_APIC_ID & 0xff) << 24;
+            // EBX: the vCPU's initial APIC ID (bits 31:24), the package's logical processors
+            // (23:16; EDX.HTT stays hidden, so software takes the topology from leaf 0BH),
+            // CLFLUSH line size and brand index kept. The vCPUs are cores of one package, one
+            // thread each.
+            let n = f.cpus.max(1);
+            let b = (b & 0xffff) | (n.min(0xff) << 16) | (f.apic_id & 0xff) << 24;
             [a, b, c, d]
         }
         4 => {
-            // Deterministic cache parameters: keep the cache, report one core and one thread.
+            // Deterministic cache parameters: keep the cache; EAX[31:26] is the package's cores
+            // less one (one per vCPU), and one thread shares each cache (25:14 = 0).
             let [a, b, c, d] = host.cpuid(4, subleaf);
-            [a & 0x3fff, b, c, d]
+            let cores = f.cpus.clamp(1, 64) - 1;
+            [
+                (a & 0x3fff) | if a & 0x1f != 0 { cores << 26 } else { 0 },
+                b,
+                c,
+                d,
+            ]
         }
         7 if subleaf == 0 => {
             let [a, mut b, mut c, d] = host.cpuid(7, 0);
@@ -315,17 +335,20 @@ pub fn policy(host: &dyn Host, leaf: u32, subleaf: u32, f: &GuestFeatures) -> [u
             }
             r
         }
-        // Extended topology: one thread (level 1, SMT) in one core (level 2); EDX is the
-        // x2APIC ID in every subleaf (SDM Vol. 2A, CPUID leaf 0BH). Leaf 0x1F (V2 topology)
-        // exists only up to the guest's highest basic leaf.
+        // Extended topology: one thread (level 1, SMT) per core, the guest's vCPUs the cores of
+        // one package (level 2: EBX their number, EAX the bits the x2APIC ID shifts to reach the
+        // package ID); EDX is the vCPU's x2APIC ID in every subleaf (SDM Vol. 2A, CPUID leaf
+        // 0BH). Leaf 0x1F (V2 topology) exists only up to the guest's highest basic leaf.
         0x1f if host.cpuid(0, 0)[EAX] < 0x1f => {
             return policy(host, MIN_MAX_BASIC_LEAF, subleaf, f);
         }
         0xb | 0x1f => {
-            let id = lapic::INITIAL_APIC_ID;
+            let id = f.apic_id;
+            let n = f.cpus.max(1);
+            let shift = u32::BITS - (n - 1).leading_zeros();
             return match subleaf {
                 0 => [0, 1, 1 << 8, id],
-                1 => [0, 1, 1 | (2 << 8), id],
+                1 => [shift, n, 1 | (2 << 8), id],
                 n => [0, 0, n & 0xff, id],
             };
         }
@@ -406,12 +429,13 @@ fn best_fraction(n: u64, d: u64, max_p: u64, max_q: u64) -> Option<(u64, u64)> {
 /// Whether the guest's CPUID(leaf, subleaf) register `reg` has `bit` set.
 pub fn has<V: Vmcs + ?Sized>(
     vmcs: &V,
-    guest: &Guest,
+    vcpu: &Vcpu,
+    vm: &Vm,
     host: &dyn Host,
     (leaf, subleaf, reg): (u32, u32, usize),
     bit: u32,
 ) -> bool {
-    of_guest(vmcs, guest, host, leaf, subleaf)[reg] & bit != 0
+    of_guest(vmcs, vcpu, vm, host, leaf, subleaf)[reg] & bit != 0
 }
 
 /// Register positions for [`has`].
@@ -424,10 +448,10 @@ pub const LEAF81_EDX: (u32, u32, usize) = (0x8000_0001, 0, EDX);
 
 #[inline]
 pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
-    let leaf = cx.guest.regs.rax as u32;
-    let subleaf = cx.guest.regs.rcx as u32;
-    let [a, b, c, d] = of_guest(cx.vmcs, cx.guest, cx.host, leaf, subleaf);
-    let r = &mut cx.guest.regs;
+    let leaf = cx.vcpu.regs.rax as u32;
+    let subleaf = cx.vcpu.regs.rcx as u32;
+    let [a, b, c, d] = of_guest(cx.vmcs, cx.vcpu, cx.vm, cx.host, leaf, subleaf);
+    let r = &mut cx.vcpu.regs;
     // CPUID writes the low 32 bits and clears the upper halves in 64-bit mode.
     r.rax = a as u64;
     r.rbx = b as u64;
@@ -448,15 +472,45 @@ mod tests {
             primary: 0,
             secondary: 0,
             tsc_hz: 0,
+            apic_id: 0,
+            cpus: 1,
         }
+    }
+
+    #[test]
+    fn each_vcpu_reads_its_own_apic_id_and_the_guests_cpu_count() {
+        let t = TestBed::new();
+        let vcpu = |apic_id, cpus| GuestFeatures {
+            apic_id,
+            cpus,
+            ..features(0)
+        };
+        let leaf1 = policy(&t.host, 1, 0, &vcpu(2, 4));
+        assert_eq!(leaf1[EBX] >> 24, 2, "initial APIC ID");
+        assert_eq!(
+            (leaf1[EBX] >> 16) & 0xff,
+            4,
+            "logical processors in the package"
+        );
+        let one = policy(&t.host, 1, 0, &vcpu(0, 1));
+        assert_eq!((one[EBX] >> 24, one[EBX] >> 16 & 0xff), (0, 1));
+        // Leaf 0BH: SMT level one thread, core level 4 vCPUs behind a 2-bit shift; EDX the ID.
+        assert_eq!(policy(&t.host, 0xb, 0, &vcpu(3, 4)), [0, 1, 1 << 8, 3]);
+        assert_eq!(policy(&t.host, 0xb, 1, &vcpu(3, 4)), [2, 4, 1 | 2 << 8, 3]);
+        assert_eq!(policy(&t.host, 0xb, 1, &vcpu(0, 1)), [0, 1, 1 | 2 << 8, 0]);
+        assert_eq!(
+            policy(&t.host, 4, 0, &vcpu(1, 4))[EAX] >> 26,
+            3,
+            "cores less one"
+        );
     }
 
     #[test]
     fn signature_and_bits() {
         let mut t = TestBed::new();
-        t.guest.regs.rax = 0x4000_0000;
+        t.vcpu.regs.rax = 0x4000_0000;
         assert_eq!(t.run(crate::vmx::ExitReason::Cpuid), Action::Advance);
-        let r = t.guest.regs;
+        let r = t.vcpu.regs;
         let mut sig = [0u8; 12];
         sig[..4].copy_from_slice(&(r.rbx as u32).to_le_bytes());
         sig[4..8].copy_from_slice(&(r.rcx as u32).to_le_bytes());
@@ -464,14 +518,14 @@ mod tests {
         assert_eq!(&sig, b"KeelKeelKeel");
         assert_eq!(r.rax, 0x4000_0010, "up to the timing leaf");
 
-        t.guest.regs.rax = 1;
+        t.vcpu.regs.rax = 1;
         t.run(crate::vmx::ExitReason::Cpuid);
-        let c = t.guest.regs.rcx as u32;
+        let c = t.vcpu.regs.rcx as u32;
         assert_ne!(c & bit::ECX1_HYPERVISOR, 0, "hypervisor bit set");
         assert_eq!(c & bit::ECX1_VMX, 0, "VMX hidden");
         assert_ne!(c & bit::ECX1_X2APIC, 0, "x2APIC emulated");
-        assert_eq!((t.guest.regs.rbx >> 16) & 0xff, 1, "one logical processor");
-        assert_eq!(t.guest.regs.rdx as u32 & bit::EDX1_HTT, 0);
+        assert_eq!((t.vcpu.regs.rbx >> 16) & 0xff, 1, "one logical processor");
+        assert_eq!(t.vcpu.regs.rdx as u32 & bit::EDX1_HTT, 0);
     }
 
     #[test]
@@ -611,6 +665,8 @@ mod tests {
             primary: u32::MAX,
             secondary: u32::MAX,
             tsc_hz: 0,
+            apic_id: 0,
+            cpus: 1,
         };
         let leaves = (0..0x30)
             .chain(0x4000_0000..0x4000_0010)

@@ -7,7 +7,7 @@
 //! and setting it is a #GP, as on a CPU without VMX).
 
 use super::{Action, Exception, ExitContext, Host};
-use crate::guest::Guest;
+use crate::guest::{Vcpu, Vm};
 use crate::vmx::cr::{clts, lmsw, CrContext, CrLoad};
 use crate::vmx::{
     Control32, ControlNat, CrAccessQualification, CrAccessType, Guest32, Guest64, GuestNat,
@@ -17,11 +17,11 @@ use crate::vmx::{
 /// VM-entry control "IA-32e mode guest" (SDM 24.8.1).
 pub const ENTRY_IA32E_MODE: u32 = 1 << 9;
 
-fn gpr<V: Vmcs + ?Sized>(vmcs: &V, guest: &Guest, index: u8) -> u64 {
+fn gpr<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &Vcpu, index: u8) -> u64 {
     if index == 4 {
         vmcs.read(GuestNat::Rsp)
     } else {
-        guest.regs.get(index)
+        vcpu.regs.get(index)
     }
 }
 
@@ -29,26 +29,26 @@ fn gpr<V: Vmcs + ?Sized>(vmcs: &V, guest: &Guest, index: u8) -> u64 {
 /// exit and live only in the VMCS guest CR0; bits Keel owns read from the read shadow (SDM 25.3,
 /// MOV from CR0). Keel keeps no copy of its own: one would go stale at the guest's next write of
 /// PG, WP, TS or any other guest-owned bit.
-pub fn live_cr0<V: Vmcs + ?Sized>(vmcs: &V, guest: &Guest) -> u64 {
-    guest.cr0_rules.view(
+pub fn live_cr0<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &Vcpu) -> u64 {
+    vcpu.cr0_rules.view(
         vmcs.read(GuestNat::Cr0),
         vmcs.read(ControlNat::Cr0ReadShadow),
     )
 }
 
 /// The CR4 the guest sees now (as [`live_cr0`]).
-pub fn live_cr4<V: Vmcs + ?Sized>(vmcs: &V, guest: &Guest) -> u64 {
-    guest.cr4_rules.view(
+pub fn live_cr4<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &Vcpu) -> u64 {
+    vcpu.cr4_rules.view(
         vmcs.read(GuestNat::Cr4),
         vmcs.read(ControlNat::Cr4ReadShadow),
     )
 }
 
 /// What a CR write is checked against: the live values, never a copy from an earlier exit.
-fn context<V: Vmcs + ?Sized>(vmcs: &V, guest: &Guest) -> CrContext {
+fn context<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &Vcpu) -> CrContext {
     CrContext {
-        cr0: live_cr0(vmcs, guest),
-        cr4: live_cr4(vmcs, guest),
+        cr0: live_cr0(vmcs, vcpu),
+        cr4: live_cr4(vmcs, vcpu),
         efer: vmcs.read(Guest64::Ia32Efer),
         cs_long: vmcs.read(Guest32::CsAccessRights) & (1 << 13) != 0,
     }
@@ -84,7 +84,7 @@ fn pdpte_reserved(maxphyaddr: u32) -> u64 {
 /// would read all ones), makes the instruction fault with #GP(0) before anything changes.
 fn load_pdptes<V: Vmcs + ?Sized>(
     vmcs: &mut V,
-    guest: &Guest,
+    vm: &Vm,
     host: &dyn Host,
     cr0: u64,
     cr4: u64,
@@ -95,11 +95,10 @@ fn load_pdptes<V: Vmcs + ?Sized>(
         return Ok(());
     }
     let table = vmcs.read(GuestNat::Cr3) & 0xffff_ffe0;
-    let bytes = guest.ram.slice(table, 32).ok_or(())?;
     let reserved = pdpte_reserved(host.cpuid(0x8000_0008, 0)[0] & 0xff);
     let mut pdptes = [0u64; 4];
-    for (e, b) in pdptes.iter_mut().zip(bytes.as_chunks::<8>().0) {
-        *e = u64::from_le_bytes(*b);
+    for (i, e) in pdptes.iter_mut().enumerate() {
+        *e = vm.ram.read_u64(table + 8 * i as u64).ok_or(())?;
         if *e & 1 != 0 && *e & reserved != 0 {
             return Err(());
         }
@@ -116,25 +115,35 @@ fn load_pdptes<V: Vmcs + ?Sized>(
     Ok(())
 }
 
-fn write_cr0<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, host: &dyn Host, v: u64) -> Action {
-    let ctx = context(vmcs, guest);
-    let Ok(load) = guest.cr0_rules.write(v, &ctx) else {
+fn write_cr0<V: Vmcs + ?Sized>(
+    vmcs: &mut V,
+    (vcpu, vm): (&Vcpu, &Vm),
+    host: &dyn Host,
+    v: u64,
+) -> Action {
+    let ctx = context(vmcs, vcpu);
+    let Ok(load) = vcpu.cr0_rules.write(v, &ctx) else {
         return Action::Inject(Exception::GP0);
     };
     let efer = load.efer.unwrap_or(ctx.efer);
-    if load_pdptes(vmcs, guest, host, load.shadow, ctx.cr4, efer).is_err() {
+    if load_pdptes(vmcs, vm, host, load.shadow, ctx.cr4, efer).is_err() {
         return Action::Inject(Exception::GP0);
     }
     load_cr0(vmcs, load);
     Action::Advance
 }
 
-fn write_cr4<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, host: &dyn Host, v: u64) -> Action {
-    let ctx = context(vmcs, guest);
-    let Ok(load) = guest.cr4_rules.write(v, &ctx) else {
+fn write_cr4<V: Vmcs + ?Sized>(
+    vmcs: &mut V,
+    (vcpu, vm): (&Vcpu, &Vm),
+    host: &dyn Host,
+    v: u64,
+) -> Action {
+    let ctx = context(vmcs, vcpu);
+    let Ok(load) = vcpu.cr4_rules.write(v, &ctx) else {
         return Action::Inject(Exception::GP0);
     };
-    if load_pdptes(vmcs, guest, host, ctx.cr0, load.shadow, ctx.efer).is_err() {
+    if load_pdptes(vmcs, vm, host, ctx.cr0, load.shadow, ctx.efer).is_err() {
         return Action::Inject(Exception::GP0);
     }
     vmcs.write(ControlNat::Cr4ReadShadow, load.shadow);
@@ -144,40 +153,40 @@ fn write_cr4<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, host: &dyn Host,
 
 pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let q = CrAccessQualification::decode(cx.vmcs.read(ReadOnlyNat::ExitQualification));
-    let (vmcs, guest, host) = (&mut *cx.vmcs, &mut *cx.guest, &*cx.host);
+    let (vmcs, vcpu, vm, host) = (&mut *cx.vmcs, &mut *cx.vcpu, &mut *cx.vm, &*cx.host);
     match (q.access, q.cr) {
         (CrAccessType::MovToCr, 0) => {
-            let v = gpr(vmcs, guest, q.gpr);
-            write_cr0(vmcs, guest, host, v)
+            let v = gpr(vmcs, vcpu, q.gpr);
+            write_cr0(vmcs, (&*vcpu, &*vm), host, v)
         }
         (CrAccessType::MovToCr, 4) => {
-            let v = gpr(vmcs, guest, q.gpr);
-            write_cr4(vmcs, guest, host, v)
+            let v = gpr(vmcs, vcpu, q.gpr);
+            write_cr4(vmcs, (&*vcpu, &*vm), host, v)
         }
         (CrAccessType::MovToCr, 8) => {
-            let v = gpr(vmcs, guest, q.gpr);
+            let v = gpr(vmcs, vcpu, q.gpr);
             if v > 15 {
                 return Action::Inject(Exception::GP0);
             }
-            guest.platform.set_tpr((v as u8) << 4);
+            vm.platform.set_tpr(vcpu.index, (v as u8) << 4);
             Action::Advance
         }
         (CrAccessType::MovFromCr, 8) => {
-            let v = (guest.platform.tpr() >> 4) as u64;
+            let v = (vm.platform.tpr(vcpu.index) >> 4) as u64;
             if q.gpr == 4 {
                 vmcs.write(GuestNat::Rsp, v);
             } else {
-                guest.regs.set(q.gpr, v);
+                vcpu.regs.set(q.gpr, v);
             }
             Action::Advance
         }
         (CrAccessType::Clts, _) => {
-            let v = clts(live_cr0(vmcs, guest));
-            write_cr0(vmcs, guest, host, v)
+            let v = clts(live_cr0(vmcs, vcpu));
+            write_cr0(vmcs, (&*vcpu, &*vm), host, v)
         }
         (CrAccessType::Lmsw, _) => {
-            let v = lmsw(live_cr0(vmcs, guest), q.lmsw_source);
-            write_cr0(vmcs, guest, host, v)
+            let v = lmsw(live_cr0(vmcs, vcpu), q.lmsw_source);
+            write_cr0(vmcs, (&*vcpu, &*vm), host, v)
         }
         _ => Action::Inject(Exception::UD),
     }
@@ -198,13 +207,13 @@ mod tests {
     #[test]
     fn cr4_vmxe_is_refused_and_fixed_bits_stay() {
         let mut t = TestBed::new();
-        t.guest.regs.rax = VMXE | PAE;
+        t.vcpu.regs.rax = VMXE | PAE;
         t.set_qualification(mov_to_cr(4, 0));
         assert_eq!(
             t.run(ExitReason::ControlRegisterAccess),
             Action::Inject(Exception::GP0)
         );
-        t.guest.regs.rax = PAE;
+        t.vcpu.regs.rax = PAE;
         assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
         assert_eq!(
             t.vmcs.read(ControlNat::Cr4ReadShadow),
@@ -221,7 +230,7 @@ mod tests {
     #[test]
     fn cr0_rules_and_long_mode_activation() {
         let mut t = TestBed::new();
-        t.guest.regs.rbx = PG; // PG without PE
+        t.vcpu.regs.rbx = PG; // PG without PE
         t.set_qualification(mov_to_cr(0, 3));
         assert_eq!(
             t.run(ExitReason::ControlRegisterAccess),
@@ -229,7 +238,7 @@ mod tests {
         );
         t.vmcs.write(GuestNat::Cr4, PAE | VMXE);
         t.vmcs.write(Guest64::Ia32Efer, LME);
-        t.guest.regs.rbx = PG | PE;
+        t.vcpu.regs.rbx = PG | PE;
         assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
         assert_eq!(t.vmcs.read(Guest64::Ia32Efer), LME | LMA);
         assert_ne!(t.vmcs.read(Control32::EntryControls) & ENTRY_IA32E_MODE, 0);
@@ -246,11 +255,11 @@ mod tests {
         t.vmcs.write(GuestNat::Cr4, PAE | VMXE);
         t.vmcs.write(ControlNat::Cr4ReadShadow, 0);
         t.vmcs
-            .write(ControlNat::Cr4GuestHostMask, t.guest.cr4_rules.mask());
+            .write(ControlNat::Cr4GuestHostMask, t.vcpu.cr4_rules.mask());
         t.vmcs.write(GuestNat::Cr0, PG | PE | NE | ET | TS);
         t.vmcs.write(ControlNat::Cr0ReadShadow, NE | ET);
         t.vmcs
-            .write(ControlNat::Cr0GuestHostMask, t.guest.cr0_rules.mask());
+            .write(ControlNat::Cr0GuestHostMask, t.vcpu.cr0_rules.mask());
         t.vmcs.write(Guest64::Ia32Efer, LME | LMA);
         t.vmcs.write(Control32::EntryControls, ENTRY_IA32E_MODE);
     }
@@ -260,7 +269,7 @@ mod tests {
         let mut t = TestBed::new();
         paging_enabled_without_exits(&mut t);
         // Clearing NE (a bit Keel owns) exits; PG and PAE are already on.
-        t.guest.regs.rax = PG | WP | PE;
+        t.vcpu.regs.rax = PG | WP | PE;
         t.set_qualification(mov_to_cr(0, 0));
         assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
         assert_eq!(t.vmcs.read(GuestNat::Cr0), PG | WP | PE | NE | ET);
@@ -297,11 +306,11 @@ mod tests {
         paging_enabled_without_exits(&mut t);
         t.vmcs.write(ControlNat::Cr0ReadShadow, ET);
         assert_eq!(
-            live_cr0(&t.vmcs, &t.guest),
+            live_cr0(&t.vmcs, &t.vcpu),
             PG | PE | ET | TS,
             "NE as shadowed"
         );
-        assert_eq!(live_cr4(&t.vmcs, &t.guest), PAE, "VMXE hidden");
+        assert_eq!(live_cr4(&t.vmcs, &t.vcpu), PAE, "VMXE hidden");
     }
 
     #[test]
@@ -309,11 +318,11 @@ mod tests {
         let mut t = TestBed::new();
         let mut caps = crate::vmx::VmxCaps::bochs_skylake_x();
         caps.cr4_fixed1 |= CET | PKS;
-        t.guest.cr4_rules = GuestCr::cr4(&caps);
+        t.vcpu.cr4_rules = GuestCr::cr4(&caps);
         t.vmcs.write(GuestNat::Cr0, PE | NE | ET | WP);
         t.set_qualification(mov_to_cr(4, 0));
         for bit in [CET, PKS, SMXE] {
-            t.guest.regs.rax = PAE | bit;
+            t.vcpu.regs.rax = PAE | bit;
             assert_eq!(
                 t.run(ExitReason::ControlRegisterAccess),
                 Action::Inject(Exception::GP0),
@@ -326,15 +335,15 @@ mod tests {
     fn pae_guest(t: &mut TestBed, pdptes: [u64; 4]) {
         t.vmcs.write(GuestNat::Cr4, PAE | VMXE);
         t.vmcs
-            .write(ControlNat::Cr4GuestHostMask, t.guest.cr4_rules.mask());
+            .write(ControlNat::Cr4GuestHostMask, t.vcpu.cr4_rules.mask());
         t.vmcs.write(GuestNat::Cr0, PE | NE | ET);
         t.vmcs.write(ControlNat::Cr0ReadShadow, NE | ET);
         t.vmcs
-            .write(ControlNat::Cr0GuestHostMask, t.guest.cr0_rules.mask());
+            .write(ControlNat::Cr0GuestHostMask, t.vcpu.cr0_rules.mask());
         t.vmcs.write(GuestNat::Cr3, 0x1000);
         for (i, e) in pdptes.iter().enumerate() {
             let at = 0x1000 + i * 8;
-            t.guest.ram.bytes()[at..at + 8].copy_from_slice(&e.to_le_bytes());
+            t.vm.ram.bytes()[at..at + 8].copy_from_slice(&e.to_le_bytes());
         }
     }
 
@@ -343,7 +352,7 @@ mod tests {
         let mut t = TestBed::new();
         pae_guest(&mut t, [0x2001, 0x3001, 0, 0x5000]);
         // PG on and NE off in one write (NE is Keel's: it exits). SDM 4.4.1: the PDPTEs load.
-        t.guest.regs.rax = PG | PE;
+        t.vcpu.regs.rax = PG | PE;
         t.set_qualification(mov_to_cr(0, 0));
         assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
         let pdptes = [
@@ -364,7 +373,7 @@ mod tests {
         for bad in [0x4003, 0x4021, 0x4101, 1 << 39 | 1, 1 << 63 | 1] {
             let mut t = TestBed::new();
             pae_guest(&mut t, [0x2001, 0, bad, 0]);
-            t.guest.regs.rax = PG | PE;
+            t.vcpu.regs.rax = PG | PE;
             t.set_qualification(mov_to_cr(0, 0));
             assert_eq!(
                 t.run(ExitReason::ControlRegisterAccess),
@@ -377,7 +386,7 @@ mod tests {
         // A not-present entry may hold anything.
         let mut t = TestBed::new();
         pae_guest(&mut t, [0x2001, 0xffff_fffe, 0, 0]);
-        t.guest.regs.rax = PG | PE;
+        t.vcpu.regs.rax = PG | PE;
         t.set_qualification(mov_to_cr(0, 0));
         assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
         assert_eq!(t.vmcs.read(Guest64::Pdpte1), 0xffff_fffe);
@@ -386,14 +395,14 @@ mod tests {
     #[test]
     fn cr8_is_the_virtual_tpr() {
         let mut t = TestBed::new();
-        t.guest.regs.rcx = 9;
+        t.vcpu.regs.rcx = 9;
         t.set_qualification(mov_to_cr(8, 1));
         assert_eq!(t.run(ExitReason::ControlRegisterAccess), Action::Advance);
-        assert_eq!(t.guest.platform.tpr(), 0x90);
+        assert_eq!(t.vm.platform.tpr(0), 0x90);
         t.set_qualification(8 | 1 << 4 | 2 << 8); // MOV from CR8 to RDX
         t.run(ExitReason::ControlRegisterAccess);
-        assert_eq!(t.guest.regs.rdx, 9);
-        t.guest.regs.rcx = 16;
+        assert_eq!(t.vcpu.regs.rdx, 9);
+        t.vcpu.regs.rcx = 16;
         t.set_qualification(mov_to_cr(8, 1));
         assert_eq!(
             t.run(ExitReason::ControlRegisterAccess),

@@ -280,7 +280,7 @@ mod tests {
             ExitReason::Vmxon,
         ] {
             t.run(reason);
-            super::super::inject_pending_interrupt(&mut t.vmcs, &mut t.guest);
+            super::super::inject_pending_interrupt(&mut t.vmcs, &mut t.vcpu, &mut t.vm);
         }
         let dr7 = GuestNat::Dr7.encoding();
         assert!(!t.vmcs.writes.iter().any(|&(e, _)| e == dr7));
@@ -300,16 +300,16 @@ mod tests {
             (0x21, 1),
             (0x21, 0xfe),
         ] {
-            t.guest.platform.io_write(port, 1, v, 0);
+            t.vm.platform.io_write(port, 1, v, 0);
         }
         for (port, v) in [(0x43, 0x34), (0x40, 100), (0x40, 0)] {
-            t.guest.platform.io_write(port, 1, v, 0);
+            t.vm.platform.io_write(port, 1, v, 0);
         }
-        t.guest.platform.advance(TEST_TSC_HZ / 100);
-        assert!(t.guest.platform.pending_interrupt().is_some());
+        t.vm.platform.advance(TEST_TSC_HZ / 100);
+        assert!(t.vm.platform.pending_interrupt(0).is_some());
         t.vmcs.write(GuestNat::Rflags, 0x202);
         queue_trap(&mut t.vmcs, 0b0001);
-        super::super::inject_pending_interrupt(&mut t.vmcs, &mut t.guest);
+        super::super::inject_pending_interrupt(&mut t.vmcs, &mut t.vcpu, &mut t.vm);
         assert_eq!(
             t.vmcs.read(Control32::EntryInterruptionInfo) >> 31,
             0,

@@ -21,7 +21,7 @@ pub fn violation<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     if cx.vmcs.read(ReadOnly32::IdtVectoringInfo) & (1 << 31) != 0 {
         return Action::Stop(StopReason::Killed(format!(
             "event delivery touched guest-physical {gpa:#x}, which is {} (IDT, GDT or stack outside RAM)",
-            if cx.guest.platform.claims_mmio(gpa) { "device memory" } else { "neither RAM nor a device" }
+            if cx.vm.platform.claims_mmio(gpa) { "device memory" } else { "neither RAM nor a device" }
         )));
     }
     // Bit 8 clear with bit 7 set: the access was the CPU reading the guest's own page tables
@@ -33,15 +33,15 @@ pub fn violation<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             "the guest's page walk touched guest-physical {gpa:#x} (page tables outside RAM)"
         )));
     }
-    if cx.guest.platform.claims_mmio(gpa) && !q.contains(EptViolationQualification::FETCH) {
+    if cx.vm.platform.claims_mmio(gpa) && !q.contains(EptViolationQualification::FETCH) {
         return crate::mmio::emulate(cx, gpa);
     }
     // The page after the xAPIC page, while that one is mapped for APIC virtualization: an access
     // that starts on the APIC page and runs past its end (`mmio::emulate_spill`).
-    let apic_page = cx.guest.platform.board().lapic_base;
+    let apic_page = cx.vm.platform.board().lapic_base;
     if gpa == apic_page + 0x1000
         && cx
-            .guest
+            .vcpu
             .apicv
             .as_ref()
             .is_some_and(|a| a.features().virtualize_apic_accesses)
@@ -59,7 +59,7 @@ pub fn misconfiguration<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action
     let gpa = cx.vmcs.read(ReadOnly64::GuestPhysicalAddr);
     crate::error!(
         "KEEL BUG: EPT misconfiguration at guest-physical {gpa:#x} in guest {}",
-        cx.guest.name
+        cx.vm.name
     );
     Action::Stop(StopReason::Killed(format!(
         "EPT misconfiguration at {gpa:#x} (a Keel bug)"
@@ -129,7 +129,7 @@ mod code_size_tests {
     /// placed in RAM first.
     fn mmio_exit(t: &mut TestBed, gpa: u64, write: bool, code: &[u8]) -> Action {
         let la = (t.vmcs.read(GuestNat::CsBase) + t.vmcs.read(GuestNat::Rip)) as usize;
-        t.guest.ram.bytes()[la..la + code.len()].copy_from_slice(code);
+        t.vm.ram.bytes()[la..la + code.len()].copy_from_slice(code);
         t.vmcs
             .write_raw(ReadOnly64::GuestPhysicalAddr.encoding(), gpa);
         // SDM Table 28-7: bit 0 read, bit 1 write, bits 7-8 linear address valid, translated.
@@ -138,7 +138,7 @@ mod code_size_tests {
     }
 
     fn tpr(t: &mut TestBed) -> u64 {
-        t.guest.platform.mmio_read(TPR, 4, 0).unwrap_or(u64::MAX)
+        t.vm.platform.mmio_read(0, TPR, 4, 0).unwrap_or(u64::MAX)
     }
 
     /// SDM 17.2.4: a data breakpoint on an operand Keel emulated as an MMIO access traps after
@@ -187,27 +187,27 @@ mod code_size_tests {
         assert_eq!(t.vmcs.read(GuestNat::Rip), 0x10c);
         assert_eq!(tpr(&mut t), 0x20);
         // mov eax, [dword 0xfee00080] (66 67 8B 05 disp32): a 32-bit read, 8 bytes.
-        t.guest.regs.rax = 0xffff_ffff_ffff_ffff;
+        t.vcpu.regs.rax = 0xffff_ffff_ffff_ffff;
         let load = [0x66, 0x67, 0x8b, 0x05, 0x80, 0, 0xe0, 0xfe];
         assert_eq!(mmio_exit(&mut t, TPR, false, &load), Action::AdvanceBy(8));
-        assert_eq!(t.guest.regs.rax, 0x20);
+        assert_eq!(t.vcpu.regs.rax, 0x20);
         // mov [bx], eax (66 89 07) with EAX = 0x30, BX = 0x80, DS based at the APIC page: a
         // 32-bit store, 3 bytes.
         t.vmcs.write(GuestNat::DsBase, 0xfee0_0000);
-        t.guest.regs.rbx = 0x80;
-        t.guest.regs.rax = 0x30;
+        t.vcpu.regs.rbx = 0x80;
+        t.vcpu.regs.rax = 0x30;
         assert_eq!(
             mmio_exit(&mut t, TPR, true, &[0x66, 0x89, 0x07]),
             Action::AdvanceBy(3)
         );
         assert_eq!(tpr(&mut t), 0x30);
         // mov ax, [0x80] (8B 06 disp16): a 16-bit read merges into AX.
-        t.guest.regs.rax = 0xffff_ffff_ffff_0000;
+        t.vcpu.regs.rax = 0xffff_ffff_ffff_0000;
         assert_eq!(
             mmio_exit(&mut t, TPR, false, &[0x8b, 0x06, 0x80, 0x00]),
             Action::AdvanceBy(4)
         );
-        assert_eq!(t.guest.regs.rax, 0xffff_ffff_ffff_0030);
+        assert_eq!(t.vcpu.regs.rax, 0xffff_ffff_ffff_0030);
     }
 
     #[test]
@@ -221,8 +221,8 @@ mod code_size_tests {
         t.vmcs.write(Guest32::CsAccessRights, 0x209b);
         t.vmcs.write(GuestNat::Rip, 0x100);
         t.vmcs.write(GuestNat::DsBase, 0xfee0_0000);
-        t.guest.regs.rbx = 0x80;
-        t.guest.regs.rax = 0x40;
+        t.vcpu.regs.rbx = 0x80;
+        t.vcpu.regs.rax = 0x40;
         assert_eq!(
             mmio_exit(&mut t, TPR, true, &[0x66, 0x89, 0x07]),
             Action::AdvanceBy(3)
@@ -253,8 +253,8 @@ mod code_size_tests {
         // EPT violation names the APIC page's first byte; writing all four bytes there would
         // put EAX's low half into APIC offset 0 and lose the bytes for the page below.
         let mut t = flat32();
-        t.guest.regs.rdi = 0xfedf_fffe;
-        t.guest.regs.rax = 0x1122_3344;
+        t.vcpu.regs.rdi = 0xfedf_fffe;
+        t.vcpu.regs.rax = 0x1122_3344;
         let why = killed(mmio_exit(&mut t, 0xfee0_0000, true, &[0x89, 0x07]));
         assert!(why.contains("cross a page boundary"), "{why}");
         assert_eq!(t.vmcs.read(GuestNat::Rip), 0x100);
@@ -265,14 +265,14 @@ mod code_size_tests {
         // The decoded operand (DS:[EBX+8] = 0xfee00048) is not at the page offset the CPU
         // reported (0x80): the bytes at RIP are not the instruction that faulted.
         let mut t = flat32();
-        t.guest.regs.rbx = 0xfee0_0040;
+        t.vcpu.regs.rbx = 0xfee0_0040;
         let why = killed(mmio_exit(&mut t, TPR, false, &[0x8b, 0x43, 0x08]));
         assert!(
             why.contains("0xfee00048") && why.contains("a Keel bug"),
             "{why}"
         );
         // With EBX = 0xfee00078 it is the TPR: emulated.
-        t.guest.regs.rbx = 0xfee0_0078;
+        t.vcpu.regs.rbx = 0xfee0_0078;
         assert_eq!(
             mmio_exit(&mut t, TPR, false, &[0x8b, 0x43, 0x08]),
             Action::AdvanceBy(3)

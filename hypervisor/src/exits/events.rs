@@ -35,7 +35,7 @@
 //! an external interrupt (SDM 6.9).
 
 use super::Exception;
-use crate::guest::{Guest, StopReason};
+use crate::guest::{StopReason, Vcpu};
 use crate::vmx::controls::{PinBasedControls, PrimaryControls};
 use crate::vmx::exit::{exception_has_error_code, vector};
 use crate::vmx::{
@@ -275,8 +275,8 @@ fn virtual_nmis<V: Vmcs + ?Sized>(vmcs: &V) -> bool {
 /// Right before VM entry: writes the one event the guest gets at this entry to the VM-entry
 /// injection fields and arms or disarms NMI-window exiting. `Err` means the guest is to stop (a
 /// triple fault). Costs no VMCS access when nothing is queued.
-pub fn commit<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest) -> Result<(), StopReason> {
-    let q = &mut guest.events;
+pub fn commit<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu) -> Result<(), StopReason> {
+    let q = &mut vcpu.events;
     if q.idle() {
         return Ok(());
     }
@@ -288,7 +288,7 @@ pub fn commit<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest) -> Result<(), S
     if let Some(event) = q.next.take() {
         write(vmcs, event);
         if event.raised {
-            guest.stats.exceptions_injected += 1;
+            vcpu.stats.exceptions_injected += 1;
         }
         nmi_window = q.nmi;
     } else if q.debug_trap != 0 {

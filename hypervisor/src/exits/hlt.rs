@@ -1,7 +1,9 @@
-//! HLT: the guest waits for an interrupt. The scheduler blocks it until one is pending; HLT with
-//! RFLAGS.IF = 0 can only be left by an NMI, and the only NMIs a guest gets are those it sends
-//! itself through its local APIC, which are injected before its next instruction unless it blocks
-//! NMIs (exits/events.rs): either way none can arrive during this HLT, so that guest is stopped.
+//! HLT: the vCPU waits for an interrupt. The scheduler blocks it until one is pending; HLT with
+//! RFLAGS.IF = 0 can only be left by an NMI (or INIT). In a guest with one vCPU the only NMIs are
+//! those it sends itself through its local APIC, which are injected before its next instruction
+//! unless it blocks NMIs (exits/events.rs): none can arrive during this HLT, so that guest is
+//! stopped. With several vCPUs another one may send the NMI or INIT (an OS parks processors
+//! with CLI; HLT), so the vCPU only halts.
 
 use super::{Action, ExitContext};
 use crate::guest::StopReason;
@@ -10,7 +12,7 @@ use crate::vmx::{GuestNat, Vmcs};
 const RFLAGS_IF: u64 = 1 << 9;
 
 pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
-    if cx.vmcs.read(GuestNat::Rflags) & RFLAGS_IF == 0 {
+    if cx.vmcs.read(GuestNat::Rflags) & RFLAGS_IF == 0 && cx.vm.platform.cpus() == 1 {
         return Action::Stop(StopReason::HaltedForever);
     }
     Action::Halt
@@ -35,5 +37,9 @@ mod tests {
             t.run(ExitReason::Hlt),
             Action::Stop(StopReason::HaltedForever)
         );
+        // With a second vCPU, which may send it an NMI or INIT, it waits.
+        let board = crate::devices::board::Board::pc(0, 2);
+        t.vm.platform = crate::devices::Platform::for_board(board, TEST_TSC_HZ);
+        assert_eq!(t.run(ExitReason::Hlt), Action::Halt);
     }
 }

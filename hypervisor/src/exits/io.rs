@@ -16,18 +16,18 @@ use alloc::format;
 pub const STRING_CHUNK: u64 = 256;
 
 fn port_in<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, port: u16, size: u8) -> u32 {
-    match cx.guest.platform.io_read(port, size, cx.now) {
+    match cx.vm.platform.io_read(port, size, cx.now) {
         Some(v) => v,
         None => {
-            cx.guest.stats.unclaimed_port_accesses += 1;
+            cx.vcpu.stats.unclaimed_port_accesses += 1;
             u32::MAX
         }
     }
 }
 
 fn port_out<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, port: u16, size: u8, value: u32) {
-    if !cx.guest.platform.io_write(port, size, value, cx.now) {
-        cx.guest.stats.unclaimed_port_accesses += 1;
+    if !cx.vm.platform.io_write(port, size, value, cx.now) {
+        cx.vcpu.stats.unclaimed_port_accesses += 1;
     }
 }
 
@@ -52,13 +52,13 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let watch = debug::Breakpoints::of(cx);
     let breakpoints = watch.io(port, size);
     let index = if q.direction == IoDirection::In { 7 } else { 6 };
-    let index_before = cx.guest.regs.get(index);
+    let index_before = cx.vcpu.regs.get(index);
     let action = if q.string {
         let budget = if breakpoints != 0 { 1 } else { STRING_CHUNK };
         string(cx, &q, budget, &watch)
     } else if q.direction == IoDirection::In {
         let v = port_in(cx, port, size) as u64 & mask(size);
-        let rax = &mut cx.guest.regs.rax;
+        let rax = &mut cx.vcpu.regs.rax;
         // A 32-bit destination zero-extends into RAX; 8- and 16-bit ones merge.
         *rax = if size == 4 {
             v
@@ -67,15 +67,15 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         };
         Action::Advance
     } else {
-        let v = (cx.guest.regs.rax & mask(size)) as u32;
+        let v = (cx.vcpu.regs.rax & mask(size)) as u32;
         port_out(cx, port, size, v);
         Action::Advance
     };
-    if let Some(status) = cx.guest.platform.exit_status() {
+    if let Some(status) = cx.vm.platform.exit_status() {
         return Action::Stop(StopReason::DebugExit(status));
     }
     // IN/OUT always access the port; INS/OUTS did if an element moved its index register.
-    if !q.string || cx.guest.regs.get(index) != index_before {
+    if !q.string || cx.vcpu.regs.get(index) != index_before {
         debug::queue_trap(cx.vmcs, breakpoints);
     }
     action
@@ -260,7 +260,7 @@ fn string<V: Vmcs + ?Sized>(
         ac: rflags & RFLAGS_AC != 0,
     };
     let mut count = if q.rep {
-        cx.guest.regs.rcx & addr_mask
+        cx.vcpu.regs.rcx & addr_mask
     } else {
         1
     };
@@ -268,7 +268,7 @@ fn string<V: Vmcs + ?Sized>(
         return Action::Advance;
     }
     while count > 0 && budget > 0 {
-        let index = cx.guest.regs.get(index_reg) & addr_mask;
+        let index = cx.vcpu.regs.get(index_reg) & addr_mask;
         let la = match seg.linear(index, step, is_in, how) {
             Ok(la) => la,
             Err(e) => return Action::Inject(e),
@@ -276,8 +276,7 @@ fn string<V: Vmcs + ?Sized>(
         // The access goes through the guest's own page tables with its permissions, each page
         // of the element on its own: a fault is the guest's #PF (CR2 = the address), as if its
         // CPU had done the access itself.
-        let pieces = match gmem::access_bytes(&mut cx.guest.ram, &mode, la, step, kind, linear_mask)
-        {
+        let pieces = match gmem::access_bytes(&mut cx.vm.ram, &mode, la, step, kind, linear_mask) {
             Ok(p) => p,
             Err(gmem::Fault::Page(pf)) => {
                 cx.host.set_guest_cr2(pf.address);
@@ -293,10 +292,7 @@ fn string<V: Vmcs + ?Sized>(
                 )))
             }
         };
-        if let Some((gpa, _)) = pieces
-            .iter()
-            .find(|&(gpa, n)| cx.guest.ram.slice(gpa, n).is_none())
-        {
+        if let Some((gpa, _)) = pieces.iter().find(|&(gpa, n)| !cx.vm.ram.contains(gpa, n)) {
             return Action::Stop(StopReason::BadMemoryAccess { gpa, write: is_in });
         }
         let mut b = [0u8; 4];
@@ -305,11 +301,12 @@ fn string<V: Vmcs + ?Sized>(
         }
         let mut at = 0;
         for (gpa, n) in pieces.iter() {
-            let (ram, part) = (gpa as usize..(gpa + n) as usize, at..at + n as usize);
+            let part = at..at + n as usize;
+            // Every piece was checked to be RAM above.
             if is_in {
-                cx.guest.ram.bytes()[ram].copy_from_slice(&b[part]);
+                let _ = cx.vm.ram.write(gpa, &b[part]);
             } else {
-                b[part].copy_from_slice(&cx.guest.ram.bytes()[ram]);
+                let _ = cx.vm.ram.read(gpa, &mut b[part]);
             }
             at += n as usize;
         }
@@ -321,8 +318,8 @@ fn string<V: Vmcs + ?Sized>(
         } else {
             index.wrapping_add(step)
         } & addr_mask;
-        let old = cx.guest.regs.get(index_reg);
-        cx.guest.regs.set(index_reg, (old & !addr_mask) | next);
+        let old = cx.vcpu.regs.get(index_reg);
+        cx.vcpu.regs.set(index_reg, (old & !addr_mask) | next);
         count -= 1;
         budget -= 1;
         // SDM 17.3.1.2: a repeated INS/OUTS traps after the iteration that met a data breakpoint.
@@ -332,10 +329,10 @@ fn string<V: Vmcs + ?Sized>(
             budget = 0;
         }
         if q.rep {
-            let rcx = cx.guest.regs.rcx;
-            cx.guest.regs.rcx = (rcx & !addr_mask) | count;
+            let rcx = cx.vcpu.regs.rcx;
+            cx.vcpu.regs.rcx = (rcx & !addr_mask) | count;
         }
-        if cx.guest.platform.exit_status().is_some() {
+        if cx.vm.platform.exit_status().is_some() {
             break;
         }
     }
@@ -365,32 +362,29 @@ mod tests {
     #[test]
     fn unclaimed_port_reads_all_ones_and_counts() {
         let mut t = TestBed::new();
-        t.guest.regs.rax = 0x1234_5678_9abc_def0;
+        t.vcpu.regs.rax = 0x1234_5678_9abc_def0;
         t.set_qualification(io_qual(0x1234, 1, true, false, false));
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
         assert_eq!(
-            t.guest.regs.rax, 0x1234_5678_9abc_deff,
+            t.vcpu.regs.rax, 0x1234_5678_9abc_deff,
             "8-bit IN merges into AL"
         );
         t.set_qualification(io_qual(0x1234, 4, true, false, false));
         t.run(ExitReason::IoInstruction);
-        assert_eq!(t.guest.regs.rax, 0xffff_ffff, "32-bit IN zero-extends");
-        assert_eq!(t.guest.stats.unclaimed_port_accesses, 2);
+        assert_eq!(t.vcpu.regs.rax, 0xffff_ffff, "32-bit IN zero-extends");
+        assert_eq!(t.vcpu.stats.unclaimed_port_accesses, 2);
     }
 
     #[test]
     fn uart_output_reaches_the_console_and_debug_exit_stops() {
         let mut t = TestBed::new();
         for &b in b"hi\n" {
-            t.guest.regs.rax = b as u64;
+            t.vcpu.regs.rax = b as u64;
             t.set_qualification(io_qual(0x3f8, 1, false, false, false));
             assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
         }
-        assert_eq!(
-            t.guest.platform.console().take_line().as_deref(),
-            Some("hi")
-        );
-        t.guest.regs.rax = 0x10;
+        assert_eq!(t.vm.platform.console().take_line().as_deref(), Some("hi"));
+        t.vcpu.regs.rax = 0x10;
         t.set_qualification(io_qual(0xf4, 1, false, false, false));
         assert_eq!(
             t.run(ExitReason::IoInstruction),
@@ -402,18 +396,18 @@ mod tests {
     fn string_io_respects_the_guests_page_tables() {
         let mut t = paged_bed();
         // INSB into read-only page 7: #PF(W|P), CR2 = the address, RIP and RDI unchanged.
-        t.guest.regs.rdi = 0x7010;
+        t.vcpu.regs.rdi = 0x7010;
         t.set_qualification(io_qual(0x3f8, 1, true, true, false));
         assert_eq!(t.run(ExitReason::IoInstruction), pf(0b011));
-        assert_eq!((t.host.cr2, t.guest.regs.rdi), (0x7010, 0x7010));
+        assert_eq!((t.host.cr2, t.vcpu.regs.rdi), (0x7010, 0x7010));
         assert_eq!(t.vmcs.read(GuestNat::Rip), 0x7000);
         // OUTSB from page 9, which is not present: #PF(0).
-        t.guest.regs.rsi = 0x9000;
+        t.vcpu.regs.rsi = 0x9000;
         t.set_qualification(io_qual(0x3f8, 1, false, true, false));
         assert_eq!(t.run(ExitReason::IoInstruction), pf(0));
         assert_eq!(t.host.cr2, 0x9000);
         // OUTSB from the read-only page is fine.
-        t.guest.regs.rsi = 0x7020;
+        t.vcpu.regs.rsi = 0x7020;
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
     }
 
@@ -424,7 +418,7 @@ mod tests {
     fn paged_bed() -> TestBed {
         let mut t = TestBed::new();
         let put = |t: &mut TestBed, at: usize, v: u64| {
-            t.guest.ram.bytes()[at..at + 8].copy_from_slice(&v.to_le_bytes())
+            t.vm.ram.bytes()[at..at + 8].copy_from_slice(&v.to_le_bytes())
         };
         put(&mut t, 0x1000, 0x2007);
         put(&mut t, 0x2000, 0x3007);
@@ -452,10 +446,10 @@ mod tests {
 
     /// Ends the console line with an OUT of '\n' to COM1 and returns it.
     fn console_line(t: &mut TestBed) -> Option<alloc::string::String> {
-        t.guest.regs.rax = b'\n' as u64;
+        t.vcpu.regs.rax = b'\n' as u64;
         t.set_qualification(io_qual(0x3f8, 1, false, false, false));
         t.run(ExitReason::IoInstruction);
-        t.guest.platform.console().take_line()
+        t.vm.platform.console().take_line()
     }
 
     fn pf(error_code: u32) -> Action {
@@ -470,18 +464,18 @@ mod tests {
         let mut t = paged_bed();
         // INSW from port 0x80 (reads back 0xab; port 0x81 is unclaimed: 0xff) at the last byte
         // of linear page 5: the low byte lands at 0x9fff, the high byte on page 6 (0xb000).
-        t.guest.platform.io_write(0x80, 1, 0xab, 0);
-        t.guest.regs.rdi = 0x5fff;
+        t.vm.platform.io_write(0x80, 1, 0xab, 0);
+        t.vcpu.regs.rdi = 0x5fff;
         t.set_qualification(io_qual(0x80, 2, true, true, false));
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
-        let ram = t.guest.ram.bytes();
+        let ram = t.vm.ram.bytes();
         assert_eq!((ram[0x9fff], ram[0xb000], ram[0xa000]), (0xab, 0xff, 0));
-        assert_eq!(t.guest.regs.rdi, 0x6001);
+        assert_eq!(t.vcpu.regs.rdi, 0x6001);
         // OUTSW of the same two pages to the debug-exit port (takes 16 bits whole).
-        t.guest.ram.bytes()[0x9fff] = 0x34;
-        t.guest.ram.bytes()[0xa000] = 0x99;
-        t.guest.ram.bytes()[0xb000] = 0x12;
-        t.guest.regs.rsi = 0x5fff;
+        t.vm.ram.bytes()[0x9fff] = 0x34;
+        t.vm.ram.bytes()[0xa000] = 0x99;
+        t.vm.ram.bytes()[0xb000] = 0x12;
+        t.vcpu.regs.rsi = 0x5fff;
         t.set_qualification(io_qual(0xf4, 2, false, true, false));
         assert_eq!(t.run(ExitReason::IoInstruction), debug_exit(0x1234));
     }
@@ -489,54 +483,54 @@ mod tests {
     #[test]
     fn a_fault_on_the_second_page_comes_before_any_byte_moves() {
         let mut t = paged_bed();
-        t.guest.ram.bytes()[0xdff8..0xe000].fill(0x5a);
+        t.vm.ram.bytes()[0xdff8..0xe000].fill(0x5a);
         // INSD at 0x8ffe: page 8 is fine, page 9 is not present. #PF(W), CR2 = the first byte
         // of page 9, nothing written.
-        t.guest.regs.rdi = 0x8ffe;
+        t.vcpu.regs.rdi = 0x8ffe;
         t.set_qualification(io_qual(0x80, 4, true, true, false));
         assert_eq!(t.run(ExitReason::IoInstruction), pf(0b010));
-        assert_eq!((t.host.cr2, t.guest.regs.rdi), (0x9000, 0x8ffe));
-        assert_eq!(t.guest.ram.bytes()[0xdffe..0xe000], [0x5a, 0x5a]);
+        assert_eq!((t.host.cr2, t.vcpu.regs.rdi), (0x9000, 0x8ffe));
+        assert_eq!(t.vm.ram.bytes()[0xdffe..0xe000], [0x5a, 0x5a]);
         assert_eq!(t.vmcs.read(GuestNat::Rip), 0x7000);
         // INSW at 0x6fff into read-only page 7 (CR0.WP = 1, CPL 0): #PF(P|W), CR2 = 0x7000.
-        t.guest.ram.bytes()[0xbfff] = 0x5a;
-        t.guest.regs.rdi = 0x6fff;
+        t.vm.ram.bytes()[0xbfff] = 0x5a;
+        t.vcpu.regs.rdi = 0x6fff;
         t.set_qualification(io_qual(0x80, 2, true, true, false));
         assert_eq!(t.run(ExitReason::IoInstruction), pf(0b011));
-        assert_eq!((t.host.cr2, t.guest.ram.bytes()[0xbfff]), (0x7000, 0x5a));
+        assert_eq!((t.host.cr2, t.vm.ram.bytes()[0xbfff]), (0x7000, 0x5a));
         // OUTSW from 0x8fff: a read of the missing page, #PF(0), CR2 = 0x9000.
-        t.guest.regs.rsi = 0x8fff;
+        t.vcpu.regs.rsi = 0x8fff;
         t.set_qualification(io_qual(0xf4, 2, false, true, false));
         assert_eq!(t.run(ExitReason::IoInstruction), pf(0));
         assert_eq!(t.host.cr2, 0x9000);
-        assert_eq!(t.guest.platform.exit_status(), None, "nothing was sent");
+        assert_eq!(t.vm.platform.exit_status(), None, "nothing was sent");
     }
 
     #[test]
     fn a_rep_that_faults_mid_way_stops_at_the_faulting_element() {
         let mut t = paged_bed();
-        t.guest.ram.bytes()[0xdff8..0xe000].fill(0x5a);
-        t.guest.platform.io_write(0x80, 1, 0xab, 0);
+        t.vm.ram.bytes()[0xdff8..0xe000].fill(0x5a);
+        t.vm.platform.io_write(0x80, 1, 0xab, 0);
         // REP INSW x3 at 0x8ffb: two elements land, the third straddles into page 9.
-        t.guest.regs.rdi = 0x8ffb;
-        t.guest.regs.rcx = 3;
+        t.vcpu.regs.rdi = 0x8ffb;
+        t.vcpu.regs.rcx = 3;
         t.set_qualification(io_qual(0x80, 2, true, true, true));
         assert_eq!(t.run(ExitReason::IoInstruction), pf(0b010));
         assert_eq!(
-            t.guest.ram.bytes()[0xdffa..0xe000],
+            t.vm.ram.bytes()[0xdffa..0xe000],
             [0x5a, 0xab, 0xff, 0xab, 0xff, 0x5a]
         );
-        assert_eq!((t.guest.regs.rdi, t.guest.regs.rcx), (0x8fff, 1));
+        assert_eq!((t.vcpu.regs.rdi, t.vcpu.regs.rcx), (0x8fff, 1));
         assert_eq!(t.host.cr2, 0x9000);
         // With DF = 1 a REP OUTSB walks down, from page 6 into page 5 at the boundary.
         t.vmcs.write(GuestNat::Rflags, 2 | 1 << 10);
-        t.guest.ram.bytes()[0xb000] = b'b';
-        t.guest.ram.bytes()[0x9fff] = b'a';
-        t.guest.regs.rsi = 0x6000;
-        t.guest.regs.rcx = 2;
+        t.vm.ram.bytes()[0xb000] = b'b';
+        t.vm.ram.bytes()[0x9fff] = b'a';
+        t.vcpu.regs.rsi = 0x6000;
+        t.vcpu.regs.rcx = 2;
         t.set_qualification(io_qual(0x3f8, 1, false, true, true));
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
-        assert_eq!((t.guest.regs.rsi, t.guest.regs.rcx), (0x5ffe, 0));
+        assert_eq!((t.vcpu.regs.rsi, t.vcpu.regs.rcx), (0x5ffe, 0));
         assert_eq!(console_line(&mut t).as_deref(), Some("ba"));
     }
 
@@ -544,14 +538,14 @@ mod tests {
     fn ins_marks_the_page_dirty_and_respects_smap() {
         let mut t = paged_bed();
         // SDM 4.8: the write sets A and D in the leaf (page 5's PTE at 0x4028), A above it.
-        t.guest.regs.rdi = 0x5000;
+        t.vcpu.regs.rdi = 0x5000;
         t.set_qualification(io_qual(0x80, 1, true, true, false));
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
-        assert_eq!(t.guest.ram.bytes()[0x4028] & 0x60, 0x60);
-        assert_eq!(t.guest.ram.bytes()[0x3000] & 0x60, 0x20);
+        assert_eq!(t.vm.ram.bytes()[0x4028] & 0x60, 0x60);
+        assert_eq!(t.vm.ram.bytes()[0x3000] & 0x60, 0x20);
         // SDM 4.6.1: with CR4.SMAP, CPL 0 may not write a user page unless RFLAGS.AC = 1.
         t.vmcs.write(GuestNat::Cr4, 0x20 | 1 << 21);
-        t.guest.regs.rdi = 0x5000;
+        t.vcpu.regs.rdi = 0x5000;
         assert_eq!(t.run(ExitReason::IoInstruction), pf(0b011));
         t.vmcs.write(GuestNat::Rflags, 2 | 1 << 18);
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
@@ -598,14 +592,14 @@ mod tests {
         // iteration; the #DB handler returns to the instruction, which goes on with the rest.
         let mut t = flat32_bed(); // 32-bit addresses, DS, paging off
         io_breakpoint_on_port_80(&mut t);
-        t.guest.regs.rsi = 0x5000;
-        t.guest.regs.rcx = 5;
+        t.vcpu.regs.rsi = 0x5000;
+        t.vcpu.regs.rcx = 5;
         t.set_qualification(io_qual(0x80, 1, false, true, true));
         assert_eq!(run_io(&mut t), (Action::Resume, TRAP_B0));
-        assert_eq!((t.guest.regs.rcx, t.guest.regs.rsi), (4, 0x5001));
+        assert_eq!((t.vcpu.regs.rcx, t.vcpu.regs.rsi), (4, 0x5001));
         assert_eq!(t.vmcs.read(GuestNat::Rip), 0x7000);
         // The last element: RIP moves past the instruction, and the trap is pending again.
-        t.guest.regs.rcx = 1;
+        t.vcpu.regs.rcx = 1;
         assert_eq!(run_io(&mut t), (Action::Advance, TRAP_B0));
         assert_eq!(t.vmcs.read(GuestNat::Rip), 0x7002);
         // REP with RCX = 0 accesses no port: no trap.
@@ -621,17 +615,17 @@ mod tests {
         t.host.dr = [0x5002, 0, 0, 0];
         t.vmcs.write(GuestNat::Rip, 0x7000);
         t.set_instruction_info(1 << 7); // 32-bit addresses
-        t.guest.regs.rdi = 0x5000;
-        t.guest.regs.rcx = 10;
+        t.vcpu.regs.rdi = 0x5000;
+        t.vcpu.regs.rcx = 10;
         t.set_qualification(io_qual(0x1234, 1, true, true, true));
         // Elements 5000H-5002H are written, then the trap; RIP stays on the REP INSB.
         assert_eq!(run_io(&mut t), (Action::Resume, TRAP_B0));
-        assert_eq!((t.guest.regs.rcx, t.guest.regs.rdi), (7, 0x5003));
-        assert_eq!(t.guest.ram.bytes()[0x5002], 0xff);
+        assert_eq!((t.vcpu.regs.rcx, t.vcpu.regs.rdi), (7, 0x5003));
+        assert_eq!(t.vm.ram.bytes()[0x5002], 0xff);
         // The rest runs on without a trap; OUTSB reading the byte does not meet a write breakpoint.
         assert_eq!(run_io(&mut t), (Action::Advance, 0));
-        assert_eq!(t.guest.regs.rcx, 0);
-        t.guest.regs.rsi = 0x5002;
+        assert_eq!(t.vcpu.regs.rcx, 0);
+        t.vcpu.regs.rsi = 0x5002;
         t.set_qualification(io_qual(0x1234, 1, false, true, false));
         assert_eq!(run_io(&mut t), (Action::Advance, 0));
     }
@@ -641,7 +635,7 @@ mod tests {
         // As when the CPU's own walk touches them (exits::ept): not a #PF the CPU would not give.
         let mut t = paged_bed();
         t.vmcs.write(GuestNat::Cr3, 0x4000_0000);
-        t.guest.regs.rdi = 0x5000;
+        t.vcpu.regs.rdi = 0x5000;
         t.set_qualification(io_qual(0x80, 1, true, true, false));
         match t.run(ExitReason::IoInstruction) {
             Action::Stop(StopReason::Killed(why)) => {
@@ -662,13 +656,13 @@ mod tests {
         t.vmcs.write(GuestNat::EsBase, 0x1000);
         t.vmcs.write(GuestNat::DsBase, 0x1000);
         t.vmcs.write(GuestNat::FsBase, 0x1000);
-        t.guest.platform.io_write(0x80, 1, 0x42, 0);
-        t.guest.regs.rdi = 0x5000;
+        t.vm.platform.io_write(0x80, 1, 0x42, 0);
+        t.vcpu.regs.rdi = 0x5000;
         t.set_qualification(io_qual(0x80, 1, true, true, false));
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
-        assert_eq!(t.guest.ram.bytes()[0x9000], 0x42, "ES base ignored");
-        t.guest.ram.bytes()[0xb000] = 7;
-        t.guest.regs.rsi = 0x5000;
+        assert_eq!(t.vm.ram.bytes()[0x9000], 0x42, "ES base ignored");
+        t.vm.ram.bytes()[0xb000] = 7;
+        t.vcpu.regs.rsi = 0x5000;
         t.set_instruction_info(2 << 7 | 4 << 15); // FS:
         t.set_qualification(io_qual(0xf4, 1, false, true, false));
         assert_eq!(
@@ -677,7 +671,7 @@ mod tests {
             "FS base 0x1000 + 0x5000 = page 6"
         );
         let mut t = paged_bed();
-        t.guest.regs.rsi = 0x8000_0000_0000;
+        t.vcpu.regs.rsi = 0x8000_0000_0000;
         t.set_qualification(io_qual(0xf4, 1, false, true, false));
         assert_eq!(
             t.run(ExitReason::IoInstruction),
@@ -685,17 +679,17 @@ mod tests {
         );
         t.set_instruction_info(2 << 7 | 2 << 15); // SS:
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Inject(SS0));
-        assert_eq!(t.guest.platform.exit_status(), None);
+        assert_eq!(t.vm.platform.exit_status(), None);
         // A word at the very top of the address space does not wrap to 0 (nor panic Keel).
         t.set_instruction_info(2 << 7 | 3 << 15);
-        t.guest.regs.rsi = u64::MAX;
+        t.vcpu.regs.rsi = u64::MAX;
         t.set_qualification(io_qual(0xf4, 2, false, true, false));
         assert_eq!(
             t.run(ExitReason::IoInstruction),
             Action::Inject(Exception::GP0)
         );
         t.set_qualification(io_qual(0xf4, 1, false, true, false));
-        t.guest.regs.rsi = 0x8000_0000_0000;
+        t.vcpu.regs.rsi = 0x8000_0000_0000;
         // With 5-level paging (CR4.LA57) addresses are canonical up to bit 56: this one is, and
         // its PML5 entry (0x5000, empty) is not present: #PF(0).
         t.vmcs.write(GuestNat::Cr4, 0x20 | 1 << 12);
@@ -730,17 +724,17 @@ mod tests {
         // when the segment is SS; nothing moves.
         let mut t = flat32_bed();
         t.vmcs.write(Guest32::EsLimit, 0xffff);
-        t.guest.regs.rdi = 0xffff; // the word's second byte is past the limit
+        t.vcpu.regs.rdi = 0xffff; // the word's second byte is past the limit
         t.set_qualification(io_qual(0x80, 2, true, true, false));
         assert_eq!(
             t.run(ExitReason::IoInstruction),
             Action::Inject(Exception::GP0)
         );
-        t.guest.regs.rdi = 0xfffe;
+        t.vcpu.regs.rdi = 0xfffe;
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
         // INS into a read-only data segment, or an unusable ES.
         t.vmcs.write(Guest32::EsAccessRights, 0xc091);
-        t.guest.regs.rdi = 0x100;
+        t.vcpu.regs.rdi = 0x100;
         assert_eq!(
             t.run(ExitReason::IoInstruction),
             Action::Inject(Exception::GP0)
@@ -753,7 +747,7 @@ mod tests {
         // OUTS through SS past its limit: #SS(0); through an execute-only CS: #GP(0); through a
         // readable CS: fine.
         t.vmcs.write(Guest32::SsLimit, 0xfff);
-        t.guest.regs.rsi = 0x1000;
+        t.vcpu.regs.rsi = 0x1000;
         t.set_instruction_info(1 << 7 | 2 << 15);
         t.set_qualification(io_qual(0x80, 1, false, true, false));
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Inject(SS0));
@@ -770,12 +764,12 @@ mod tests {
         t.vmcs.write(Guest32::DsAccessRights, 0xc097);
         t.vmcs.write(Guest32::DsLimit, 0x0fff);
         t.set_instruction_info(1 << 7 | 3 << 15);
-        t.guest.regs.rsi = 0x0fff;
+        t.vcpu.regs.rsi = 0x0fff;
         assert_eq!(
             t.run(ExitReason::IoInstruction),
             Action::Inject(Exception::GP0)
         );
-        t.guest.regs.rsi = 0x1000;
+        t.vcpu.regs.rsi = 0x1000;
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
     }
 
@@ -791,23 +785,23 @@ mod tests {
         t.vmcs.write(Guest32::DsLimit, 0xffff);
         t.vmcs.write(Guest32::DsAccessRights, 0x93);
         t.set_instruction_info(3 << 15); // 16-bit addresses, DS
-        t.guest.ram.bytes()[0x1ffff] = b'y';
-        t.guest.ram.bytes()[0x10000] = b'z';
-        t.guest.regs.rsi = 0xdead_0000_ffff;
-        t.guest.regs.rcx = 0xbeef_0000_0002;
+        t.vm.ram.bytes()[0x1ffff] = b'y';
+        t.vm.ram.bytes()[0x10000] = b'z';
+        t.vcpu.regs.rsi = 0xdead_0000_ffff;
+        t.vcpu.regs.rcx = 0xbeef_0000_0002;
         t.set_qualification(io_qual(0x3f8, 1, false, true, true));
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
         assert_eq!(
-            (t.guest.regs.rsi, t.guest.regs.rcx),
+            (t.vcpu.regs.rsi, t.vcpu.regs.rcx),
             (0xdead_0000_0001, 0xbeef_0000_0000)
         );
         // CX = 0 (RCX = 0x1_0000): no element moves, the instruction completes.
-        t.guest.regs.rcx = 0x1_0000;
+        t.vcpu.regs.rcx = 0x1_0000;
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
-        assert_eq!(t.guest.regs.rsi, 0xdead_0000_0001);
+        assert_eq!(t.vcpu.regs.rsi, 0xdead_0000_0001);
         assert_eq!(console_line(&mut t).as_deref(), Some("yz"));
         // A word at SI = 0xffff runs past the real-mode limit: #GP(0).
-        t.guest.regs.rsi = 0xffff;
+        t.vcpu.regs.rsi = 0xffff;
         t.set_qualification(io_qual(0xf4, 2, false, true, false));
         assert_eq!(
             t.run(ExitReason::IoInstruction),
@@ -826,8 +820,8 @@ mod tests {
         t.vmcs.write(Guest32::DsLimit, 0xffff_ffff);
         t.vmcs.write(Guest32::DsAccessRights, 0xc093);
         t.set_instruction_info(1 << 7 | 3 << 15);
-        t.guest.ram.bytes()[0x9800] = 9;
-        t.guest.regs.rsi = 0x6800;
+        t.vm.ram.bytes()[0x9800] = 9;
+        t.vcpu.regs.rsi = 0x6800;
         t.set_qualification(io_qual(0xf4, 1, false, true, false));
         assert_eq!(t.run(ExitReason::IoInstruction), debug_exit(9));
     }
@@ -836,20 +830,20 @@ mod tests {
     fn rep_outsb_walks_memory_in_chunks() {
         let mut t = flat32_bed(); // paging off
         let text = [b'x'; 300];
-        t.guest.ram.bytes()[0x5000..0x5000 + 300].copy_from_slice(&text);
-        t.guest.regs.rsi = 0x5000;
-        t.guest.regs.rcx = 300;
+        t.vm.ram.bytes()[0x5000..0x5000 + 300].copy_from_slice(&text);
+        t.vcpu.regs.rsi = 0x5000;
+        t.vcpu.regs.rcx = 300;
         t.set_qualification(io_qual(0x3f8, 1, false, true, true));
         assert_eq!(
             t.run(ExitReason::IoInstruction),
             Action::Resume,
             "first chunk"
         );
-        assert_eq!(t.guest.regs.rcx, 300 - STRING_CHUNK);
+        assert_eq!(t.vcpu.regs.rcx, 300 - STRING_CHUNK);
         assert_eq!(t.run(ExitReason::IoInstruction), Action::Advance);
-        assert_eq!(t.guest.regs.rcx, 0);
-        assert_eq!(t.guest.regs.rsi, 0x5000 + 300);
-        let line = t.guest.platform.console().take_line().unwrap();
+        assert_eq!(t.vcpu.regs.rcx, 0);
+        assert_eq!(t.vcpu.regs.rsi, 0x5000 + 300);
+        let line = t.vm.platform.console().take_line().unwrap();
         assert!(line.starts_with("xxxx"));
     }
 }

@@ -25,7 +25,7 @@ pub mod xsetbv;
 #[cfg(test)]
 pub(crate) mod testing;
 
-use crate::guest::{Guest, StopReason};
+use crate::guest::{StopReason, Vcpu, Vm};
 use crate::vmx::{ExitReason, Guest32, GuestNat, InterruptionInfo, ReadOnly32, ReadOnlyNat, Vmcs};
 use alloc::format;
 
@@ -89,7 +89,10 @@ pub enum Action {
 /// Everything a handler may look at or change.
 pub struct ExitContext<'a, V: Vmcs + ?Sized> {
     pub vmcs: &'a mut V,
-    pub guest: &'a mut Guest,
+    /// The vCPU that exited.
+    pub vcpu: &'a mut Vcpu,
+    /// What it shares with the guest's other vCPUs (RAM, platform, clock).
+    pub vm: &'a mut Vm,
     pub host: &'a mut dyn Host,
     /// The guest's virtual TSC at the exit.
     pub now: u64,
@@ -101,8 +104,8 @@ pub fn dispatch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let raw = cx.vmcs.read(ReadOnly32::ExitReason);
     let reason = crate::vmx::ExitReasonField::from_raw(raw).basic;
     let basic = (raw & 0xffff) as usize;
-    cx.guest.stats.last_exit = basic as u16;
-    if let Some(slot) = cx.guest.stats.exits.get_mut(basic) {
+    cx.vcpu.stats.last_exit = basic as u16;
+    if let Some(slot) = cx.vcpu.stats.exits.get_mut(basic) {
         *slot += 1;
     }
     if raw & (1 << 31) != 0 {
@@ -113,9 +116,9 @@ pub fn dispatch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             crate::vmx::EntryFailure::from_exit(raw, qual)
         )));
     }
-    apicv::after_exit(cx.guest);
+    apicv::after_exit(cx.vcpu, cx.vm);
     if may_interrupt_delivery(reason) {
-        requeue_interrupted_event(cx.vmcs, cx.guest);
+        requeue_interrupted_event(cx.vmcs, cx.vcpu);
     }
     match reason {
         ExitReason::ExternalInterrupt => {
@@ -194,7 +197,7 @@ pub fn may_touch_platform(reason: ExitReason) -> bool {
 /// Carries out an action's effect on the VMCS (RIP) and on the guest's event queue (an exception
 /// to deliver); the scheduling part of the action is the run loop's.
 #[inline]
-pub fn apply<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, action: &Action) {
+pub fn apply<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu, action: &Action) {
     match action {
         Action::Halt => {
             let len = vmcs.read(ReadOnly32::ExitInstructionLength) as u64;
@@ -203,13 +206,13 @@ pub fn apply<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, action: &Action)
         Action::Advance | Action::Yield => {
             let len = vmcs.read(ReadOnly32::ExitInstructionLength) as u64;
             advance_rip(vmcs, len);
-            complete_instruction(vmcs, guest);
+            complete_instruction(vmcs, vcpu);
         }
         Action::AdvanceBy(len) => {
             advance_rip(vmcs, *len as u64);
-            complete_instruction(vmcs, guest);
+            complete_instruction(vmcs, vcpu);
         }
-        Action::Inject(e) => guest.events.exception(*e),
+        Action::Inject(e) => vcpu.events.exception(*e),
         Action::Resume | Action::Preempted | Action::Stop(_) => {}
     }
 }
@@ -221,13 +224,13 @@ pub fn apply<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest, action: &Action)
 ///   missed. Instruction-caused exits save RF = 0.
 /// - with TF = 1 (and DEBUGCTL.BTF = 0, which steps branches only), a single-step #DB trap follows
 ///   it, DR6.BS set (SDM 17.3.1.4). HLT is left out: its trap waits for the halt to end.
-fn complete_instruction<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest) {
+fn complete_instruction<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu) {
     let rflags = vmcs.read(GuestNat::Rflags);
     if rflags & RFLAGS_RF != 0 {
         vmcs.write(GuestNat::Rflags, rflags & !RFLAGS_RF);
     }
     if rflags & RFLAGS_TF != 0 && vmcs.read(crate::vmx::Guest64::Ia32Debugctl) & DEBUGCTL_BTF == 0 {
-        guest.events.debug_trap(PENDING_DEBUG_BS);
+        vcpu.events.debug_trap(PENDING_DEBUG_BS);
     }
 }
 
@@ -277,7 +280,7 @@ pub fn may_interrupt_delivery(reason: ExitReason) -> bool {
 /// exception the handler raises then arose during that delivery, and the queue combines the two
 /// (SDM 6.15) instead of one replacing the other.
 #[inline]
-pub fn requeue_interrupted_event<V: Vmcs + ?Sized>(vmcs: &V, guest: &mut Guest) {
+pub fn requeue_interrupted_event<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &mut Vcpu) {
     let idt = InterruptionInfo(vmcs.read(ReadOnly32::IdtVectoringInfo));
     if !idt.valid() {
         return;
@@ -294,7 +297,7 @@ pub fn requeue_interrupted_event<V: Vmcs + ?Sized>(vmcs: &V, guest: &mut Guest) 
     } else {
         0
     };
-    guest.events.interrupted(idt, code, len);
+    vcpu.events.interrupted(idt, code, len);
 }
 
 /// After the guest's platform may have changed: requests the NMI its local APIC holds, and queues
@@ -302,31 +305,31 @@ pub fn requeue_interrupted_event<V: Vmcs + ?Sized>(vmcs: &V, guest: &mut Guest) 
 /// blocking, no exception or NMI going in at this entry), otherwise asks for an interrupt-window
 /// exit so Keel gets back the moment it can (SDM 26.7.5, 27.2.1.3). [`events::commit`] then
 /// writes it.
-pub fn inject_pending_interrupt<V: Vmcs + ?Sized>(vmcs: &mut V, guest: &mut Guest) {
+pub fn inject_pending_interrupt<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu, vm: &mut Vm) {
     use crate::vmx::controls::PrimaryControls;
     use crate::vmx::Control32;
-    if guest.platform.take_nmi() {
-        guest.events.nmi();
+    if vm.platform.take_nmi(vcpu.index) {
+        vcpu.events.nmi();
     }
     let window = PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
     let primary = vmcs.read(Control32::PrimaryProcBasedControls);
-    let held = guest.events.held_interrupt();
-    let want_window = match held.or_else(|| guest.platform.pending_interrupt()) {
+    let held = vcpu.events.held_interrupt();
+    let want_window = match held.or_else(|| vm.platform.pending_interrupt(vcpu.index)) {
         None => false,
         // An event of the queue, or a debug trap already pending in the VMCS (an I/O breakpoint
         // of an emulated instruction), comes first and would be lost to an injection.
-        Some(_) if guest.events.claims_entry(vmcs) || debug::trap_pending(vmcs) => true,
+        Some(_) if vcpu.events.claims_entry(vmcs) || debug::trap_pending(vmcs) => true,
         Some(vector) => {
             let open = vmcs.read(GuestNat::Rflags) & RFLAGS_IF != 0
                 && vmcs.read(Guest32::InterruptibilityState) & 0b11 == 0;
             if open {
                 if held.is_some() {
-                    guest.events.take_held_interrupt();
+                    vcpu.events.take_held_interrupt();
                 } else {
-                    guest.platform.acknowledge(vector);
+                    vm.platform.acknowledge(vcpu.index, vector);
                 }
-                guest.events.interrupt(vector);
-                guest.stats.interrupts_injected += 1;
+                vcpu.events.interrupt(vector);
+                vcpu.stats.interrupts_injected += 1;
                 false
             } else {
                 true
@@ -369,7 +372,7 @@ mod tests {
                 "faults do not advance RIP"
             );
         }
-        assert_eq!(t.guest.stats.exceptions_injected, 4);
+        assert_eq!(t.vcpu.stats.exceptions_injected, 4);
     }
 
     #[test]
@@ -405,7 +408,8 @@ mod tests {
             .write_raw(ReadOnly32::ExitReason.encoding(), (1 << 31) | 33);
         let mut cx = ExitContext {
             vmcs: &mut t.vmcs,
-            guest: &mut t.guest,
+            vcpu: &mut t.vcpu,
+            vm: &mut t.vm,
             host: &mut t.host,
             now: 0,
         };
@@ -450,13 +454,13 @@ mod tests {
             (0x21, 1),
             (0x21, 0xfe),
         ] {
-            assert!(t.guest.platform.io_write(port, 1, v, 0));
+            assert!(t.vm.platform.io_write(port, 1, v, 0));
         }
-        t.guest.platform.io_write(0x43, 1, 0x34, 0);
-        t.guest.platform.io_write(0x40, 1, 100, 0);
-        t.guest.platform.io_write(0x40, 1, 0, 0);
-        t.guest.platform.advance(TEST_TSC_HZ / 100);
-        assert!(t.guest.platform.pending_interrupt().is_some());
+        t.vm.platform.io_write(0x43, 1, 0x34, 0);
+        t.vm.platform.io_write(0x40, 1, 100, 0);
+        t.vm.platform.io_write(0x40, 1, 0, 0);
+        t.vm.platform.advance(TEST_TSC_HZ / 100);
+        assert!(t.vm.platform.pending_interrupt(0).is_some());
         // IF = 0: no injection, interrupt-window exiting armed.
         t.vmcs.write(GuestNat::Rflags, 0x2);
         assert_eq!(t.enter(), Ok(()));
@@ -469,7 +473,7 @@ mod tests {
         let info = InterruptionInfo(t.vmcs.read(Control32::EntryInterruptionInfo));
         assert_eq!((info.vector(), info.raw() >> 31), (0x20, 1));
         assert_eq!(t.vmcs.read(Control32::PrimaryProcBasedControls) & window, 0);
-        assert_eq!(t.guest.stats.interrupts_injected, 1);
+        assert_eq!(t.vcpu.stats.interrupts_injected, 1);
     }
 
     const RF: u64 = 1 << 16;
@@ -497,7 +501,7 @@ mod tests {
 
     /// A handler raised `e` while the exit's IDT-vectoring event was pending.
     fn raise(t: &mut TestBed, e: Exception) {
-        apply(&mut t.vmcs, &mut t.guest, &Action::Inject(e));
+        apply(&mut t.vmcs, &mut t.vcpu, &Action::Inject(e));
     }
 
     #[test]
@@ -681,9 +685,9 @@ mod tests {
     /// Writes the guest's xAPIC ICR (low half) as an MMIO store would.
     fn send_ipi(t: &mut TestBed, icr_low: u32) {
         assert!(t
-            .guest
+            .vm
             .platform
-            .mmio_write(0xfee0_0300, 4, icr_low as u64, 0));
+            .mmio_write(0, 0xfee0_0300, 4, icr_low as u64, 0));
     }
 
     #[test]
@@ -726,7 +730,7 @@ mod tests {
         t.vmcs.write(GuestNat::Rip, 0x1000);
         // What an EPT-violation exit saves (SDM 28.3.3); Keel emulates the MMIO access.
         t.vmcs.write(GuestNat::Rflags, 0x2 | RF);
-        apply(&mut t.vmcs, &mut t.guest, &Action::AdvanceBy(3));
+        apply(&mut t.vmcs, &mut t.vcpu, &Action::AdvanceBy(3));
         assert_eq!(t.vmcs.read(GuestNat::Rip), 0x1003);
         assert_eq!(t.vmcs.read(GuestNat::Rflags), 0x2);
     }

@@ -163,15 +163,20 @@ fn deadline_to_platform(guest: u64, adjust: u64) -> u64 {
 }
 
 /// Sets IA32_TSC_ADJUST: the guest's TSC moves by the same amount (SDM 17.17.3), through the
-/// VMCS TSC offset; Keel's clock for its devices (`Guest::tsc_offset`) does not. An armed
+/// VMCS TSC offset; Keel's clock for its devices (`Vm::tsc_offset`) does not. An armed
 /// TSC-deadline timer keeps its deadline in the guest's TSC.
-fn set_tsc_adjust<V: Vmcs + ?Sized>(vmcs: &mut V, g: &mut crate::guest::Guest, v: u64, now: u64) {
-    let deadline = deadline_to_guest(g.platform.tsc_deadline(), g.tsc_adjust);
+fn set_tsc_adjust<V: Vmcs + ?Sized>(
+    vmcs: &mut V,
+    (g, vm): (&mut crate::guest::Vcpu, &mut crate::guest::Vm),
+    v: u64,
+    now: u64,
+) {
+    let deadline = deadline_to_guest(vm.platform.tsc_deadline(g.index), g.tsc_adjust);
     g.tsc_adjust = v;
-    vmcs.write(Control64::TscOffset, g.vmcs_tsc_offset());
+    vmcs.write(Control64::TscOffset, g.vmcs_tsc_offset(vm.tsc_offset));
     if deadline != 0 {
-        g.platform
-            .write_tsc_deadline(deadline_to_platform(deadline, v), now);
+        vm.platform
+            .write_tsc_deadline(g.index, deadline_to_platform(deadline, v), now);
     }
 }
 
@@ -187,13 +192,13 @@ const DEBUGCTL_BTF: u64 = 1 << 1;
 
 pub fn read<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     use super::cpuid::{bit, has, LEAF1_ECX, LEAF7_EBX, LEAFD1_EAX};
-    let msr = cx.guest.regs.rcx as u32;
+    let msr = cx.vcpu.regs.rcx as u32;
     if X2APIC_MSRS.contains(&msr) {
         // The x2APIC's registers (`devices::lapic`: #GP outside x2APIC mode, for absent and
         // write-only registers).
-        return match cx.guest.platform.x2apic_read(msr, cx.now) {
+        return match cx.vm.platform.x2apic_read(cx.vcpu.index, msr, cx.now) {
             Ok(value) => {
-                let g = &mut *cx.guest;
+                let g = &mut *cx.vcpu;
                 g.regs.rax = value & 0xffff_ffff;
                 g.regs.rdx = value >> 32;
                 Action::Advance
@@ -201,10 +206,10 @@ pub fn read<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             Err(_) => Action::Inject(Exception::GP0),
         };
     }
-    let (vmcs, g, host) = (&*cx.vmcs, &*cx.guest, &*cx.host);
+    let (vmcs, g, vm, host) = (&*cx.vmcs, &*cx.vcpu, &*cx.vm, &*cx.host);
     let value = match msr {
         index::FEATURE_CONTROL => 1, // locked, VMX off: what a CPU without VMX shows
-        index::APIC_BASE => g.platform.apic_base(),
+        index::APIC_BASE => vm.platform.apic_base(g.index),
         index::EFER => vmcs.read(Guest64::Ia32Efer),
         index::PAT => vmcs.read(Guest64::Ia32Pat),
         index::DEBUGCTL => vmcs.read(Guest64::Ia32Debugctl),
@@ -212,18 +217,22 @@ pub fn read<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         index::MTRR_CAP => 0,
         index::MTRR_DEF_TYPE => g.mtrr_def_type,
         index::PLATFORM_ID | index::BIOS_SIGN_ID | index::MCG_CAP | index::MCG_STATUS => 0,
-        index::TSC_DEADLINE if has(vmcs, g, host, LEAF1_ECX, bit::ECX1_TSC_DEADLINE) => {
-            deadline_to_guest(g.platform.tsc_deadline(), g.tsc_adjust)
+        index::TSC_DEADLINE if has(vmcs, g, vm, host, LEAF1_ECX, bit::ECX1_TSC_DEADLINE) => {
+            deadline_to_guest(vm.platform.tsc_deadline(g.index), g.tsc_adjust)
         }
-        index::TSC_ADJUST if has(vmcs, g, host, LEAF7_EBX, bit::EBX7_TSC_ADJUST) => g.tsc_adjust,
-        index::SPEC_CTRL if spec_ctrl_bits(super::cpuid::of_guest(vmcs, g, host, 7, 0)[3]) != 0 => {
+        index::TSC_ADJUST if has(vmcs, g, vm, host, LEAF7_EBX, bit::EBX7_TSC_ADJUST) => {
+            g.tsc_adjust
+        }
+        index::SPEC_CTRL
+            if spec_ctrl_bits(super::cpuid::of_guest(vmcs, g, vm, host, 7, 0)[3]) != 0 =>
+        {
             g.spec_ctrl
         }
         // No supervisor state component is enabled (CPUID.(EAX=0DH,ECX=1):ECX/EDX are 0).
-        index::XSS if has(vmcs, g, host, LEAFD1_EAX, bit::EAXD1_XSAVES) => 0,
+        index::XSS if has(vmcs, g, vm, host, LEAFD1_EAX, bit::EAXD1_XSAVES) => 0,
         _ => return Action::Inject(Exception::GP0),
     };
-    let g = &mut *cx.guest;
+    let g = &mut *cx.vcpu;
     g.regs.rax = value & 0xffff_ffff;
     g.regs.rdx = value >> 32;
     Action::Advance
@@ -232,20 +241,24 @@ pub fn read<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
 pub fn write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     use super::cpuid::{bit, has, of_guest, LEAF1_ECX, LEAF7_EBX, LEAFD1_EAX};
     use crate::vmx::cr::{cr0::PG, efer::LMA, efer::LME};
-    let msr = cx.guest.regs.rcx as u32;
-    let value = (cx.guest.regs.rdx << 32) | (cx.guest.regs.rax & 0xffff_ffff);
+    let msr = cx.vcpu.regs.rcx as u32;
+    let value = (cx.vcpu.regs.rdx << 32) | (cx.vcpu.regs.rax & 0xffff_ffff);
     if X2APIC_MSRS.contains(&msr) {
         // #GP outside x2APIC mode, for read-only and absent registers and reserved bits.
-        return match cx.guest.platform.x2apic_write(msr, value, cx.now) {
+        return match cx
+            .vm
+            .platform
+            .x2apic_write(cx.vcpu.index, msr, value, cx.now)
+        {
             Ok(()) => Action::Advance,
             Err(_) => Action::Inject(Exception::GP0),
         };
     }
     let (vmcs, host) = (&mut *cx.vmcs, &*cx.host);
-    let g = &mut *cx.guest;
+    let (g, vm) = (&mut *cx.vcpu, &mut *cx.vm);
     match msr {
         index::EFER => {
-            if value & !efer_bits(of_guest(vmcs, g, host, 0x8000_0001, 0)[3]) != 0 {
+            if value & !efer_bits(of_guest(vmcs, g, vm, host, 0x8000_0001, 0)[3]) != 0 {
                 return Action::Inject(Exception::GP0);
             }
             let old = vmcs.read(Guest64::Ia32Efer);
@@ -270,7 +283,7 @@ pub fn write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             if value & !0xfff != 0xfee0_0000 || value & 0x2ff != 0 {
                 return Action::Inject(Exception::GP0);
             }
-            if g.platform.set_apic_base(value).is_err() {
+            if vm.platform.set_apic_base(g.index, value).is_err() {
                 return Action::Inject(Exception::GP0);
             }
         }
@@ -296,29 +309,29 @@ pub fn write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             }
             g.mtrr_def_type = value
         }
-        index::TSC_DEADLINE if has(vmcs, g, host, LEAF1_ECX, bit::ECX1_TSC_DEADLINE) => {
+        index::TSC_DEADLINE if has(vmcs, g, vm, host, LEAF1_ECX, bit::ECX1_TSC_DEADLINE) => {
             let v = deadline_to_platform(value, g.tsc_adjust);
-            g.platform.write_tsc_deadline(v, cx.now)
+            vm.platform.write_tsc_deadline(g.index, v, cx.now)
         }
-        index::TSC_ADJUST if has(vmcs, g, host, LEAF7_EBX, bit::EBX7_TSC_ADJUST) => {
-            set_tsc_adjust(vmcs, g, value, cx.now)
+        index::TSC_ADJUST if has(vmcs, g, vm, host, LEAF7_EBX, bit::EBX7_TSC_ADJUST) => {
+            set_tsc_adjust(vmcs, (g, vm), value, cx.now)
         }
         // SDM 17.17.3: a write of the TSC changes IA32_TSC_ADJUST by the same amount. The exit
         // happened at Keel's time `now` for the guest, where its TSC read now + TSC_ADJUST.
-        index::TSC if has(vmcs, g, host, LEAF7_EBX, bit::EBX7_TSC_ADJUST) => {
-            set_tsc_adjust(vmcs, g, value.wrapping_sub(cx.now), cx.now)
+        index::TSC if has(vmcs, g, vm, host, LEAF7_EBX, bit::EBX7_TSC_ADJUST) => {
+            set_tsc_adjust(vmcs, (g, vm), value.wrapping_sub(cx.now), cx.now)
         }
         // Without TSC offsetting the guest's TSC is the CPU's and cannot be moved.
         index::TSC | index::BIOS_SIGN_ID | index::MCG_STATUS => {}
         index::SPEC_CTRL => {
-            let bits = spec_ctrl_bits(of_guest(vmcs, g, host, 7, 0)[3]);
+            let bits = spec_ctrl_bits(of_guest(vmcs, g, vm, host, 7, 0)[3]);
             if bits == 0 || value & !bits != 0 {
                 return Action::Inject(Exception::GP0);
             }
             // Loaded into the real MSR before the guest runs again (`hypervisor`).
             g.spec_ctrl = value;
         }
-        index::XSS if has(vmcs, g, host, LEAFD1_EAX, bit::EAXD1_XSAVES) => {
+        index::XSS if has(vmcs, g, vm, host, LEAFD1_EAX, bit::EAXD1_XSAVES) => {
             // SDM 13.3: bits not enumerated in CPUID.(EAX=0DH,ECX=1):EDX:ECX are #GP; Keel
             // enumerates none, so only 0 is accepted.
             if value != 0 {
@@ -361,17 +374,17 @@ mod tests {
     }
 
     fn rd(t: &mut TestBed, msr: u32) -> Result<u64, Action> {
-        t.guest.regs.rcx = msr as u64;
+        t.vcpu.regs.rcx = msr as u64;
         match t.run(ExitReason::Rdmsr) {
-            Action::Advance => Ok(t.guest.regs.rdx << 32 | t.guest.regs.rax),
+            Action::Advance => Ok(t.vcpu.regs.rdx << 32 | t.vcpu.regs.rax),
             other => Err(other),
         }
     }
 
     fn wr(t: &mut TestBed, msr: u32, v: u64) -> Action {
-        t.guest.regs.rcx = msr as u64;
-        t.guest.regs.rax = v & 0xffff_ffff;
-        t.guest.regs.rdx = v >> 32;
+        t.vcpu.regs.rcx = msr as u64;
+        t.vcpu.regs.rax = v & 0xffff_ffff;
+        t.vcpu.regs.rdx = v >> 32;
         t.run(ExitReason::Wrmsr)
     }
 
@@ -445,19 +458,19 @@ mod tests {
         // SVR on, TPR, self IPI through ICR and SELF IPI; EOI with a non-zero value is #GP.
         assert_eq!(wr(&mut t, 0x80f, 0x1ff), Action::Advance);
         assert_eq!(wr(&mut t, 0x83f, 0x61), Action::Advance);
-        assert_eq!(t.guest.platform.pending_interrupt(), Some(0x61));
-        t.guest.platform.acknowledge(0x61);
+        assert_eq!(t.vm.platform.pending_interrupt(0), Some(0x61));
+        t.vm.platform.acknowledge(0, 0x61);
         assert_eq!(wr(&mut t, 0x80b, 1), GP);
         assert_eq!(wr(&mut t, 0x80b, 0), Action::Advance);
         assert_eq!(rd(&mut t, 0x80b), Err(GP), "EOI is write-only");
         assert_eq!(wr(&mut t, 0x830, 0x62), Action::Advance);
-        assert_eq!(t.guest.platform.pending_interrupt(), Some(0x62));
+        assert_eq!(t.vm.platform.pending_interrupt(0), Some(0x62));
         assert_eq!(rd(&mut t, 0x830), Ok(0x62));
         assert_eq!(wr(&mut t, 0x808, 1 << 32), GP, "reserved upper half");
         assert_eq!(rd(&mut t, 0x80e), Err(GP), "no DFR");
         // The xAPIC page does not answer as an APIC in x2APIC mode.
         assert_eq!(
-            t.guest.platform.mmio_read(0xfee0_0030, 4, 0),
+            t.vm.platform.mmio_read(0, 0xfee0_0030, 4, 0),
             Some(0xffff_ffff)
         );
         assert_eq!(wr(&mut t, index::APIC_BASE, 0xfee0_0100), Action::Advance);
@@ -466,7 +479,7 @@ mod tests {
             wr(&mut t, index::APIC_BASE, APIC_BASE_DEFAULT),
             Action::Advance
         );
-        assert_eq!(t.guest.platform.mmio_read(0xfee0_0030, 4, 0), Some(0x50014));
+        assert_eq!(t.vm.platform.mmio_read(0, 0xfee0_0030, 4, 0), Some(0x50014));
     }
 
     fn exits_in(b: &[u8; 4096], msr: u32, write: bool) -> bool {
@@ -496,10 +509,10 @@ mod tests {
     const GP: Action = Action::Inject(Exception::GP0);
 
     fn cpuid(t: &mut TestBed, leaf: u32, subleaf: u32) -> [u32; 4] {
-        t.guest.regs.rax = leaf.into();
-        t.guest.regs.rcx = subleaf.into();
+        t.vcpu.regs.rax = leaf.into();
+        t.vcpu.regs.rcx = subleaf.into();
         assert_eq!(t.run(ExitReason::Cpuid), Action::Advance);
-        let r = t.guest.regs;
+        let r = t.vcpu.regs;
         [r.rax, r.rbx, r.rcx, r.rdx].map(|v| v as u32)
     }
 
@@ -523,7 +536,7 @@ mod tests {
         let mut t = TestBed::new();
         with_controls(&mut t);
         assert_ne!(cpuid(&mut t, 7, 0)[1] & 2, 0, "TSC_ADJUST advertised");
-        t.guest.tsc_offset = 0x1_0000;
+        t.vm.tsc_offset = 0x1_0000;
         assert_eq!(rd(&mut t, 0x3b), Ok(0));
         // SDM 17.17.3: a write of IA32_TSC_ADJUST adds the difference to the TSC...
         assert_eq!(wr(&mut t, 0x3b, 1000), Action::Advance);
@@ -535,20 +548,19 @@ mod tests {
         assert_eq!(rd(&mut t, 0x3b), Ok(5000));
         assert_eq!(t.vmcs.read(Control64::TscOffset), 0x1_0000 + 5000);
         // Keel's device clock is not moved: the platform still runs on the guest's own time.
-        assert_eq!(t.guest.tsc_offset, 0x1_0000);
+        assert_eq!(t.vm.tsc_offset, 0x1_0000);
         // IA32_TSC_DEADLINE is in the guest's TSC, the timer in Keel's clock.
         let lapic = 0xfee0_0000;
-        t.guest.platform.mmio_write(lapic + 0xf0, 4, 0x1ff, 0);
-        t.guest
-            .platform
-            .mmio_write(lapic + 0x320, 4, 2 << 17 | 0x30, 0);
+        t.vm.platform.mmio_write(0, lapic + 0xf0, 4, 0x1ff, 0);
+        t.vm.platform
+            .mmio_write(0, lapic + 0x320, 4, 2 << 17 | 0x30, 0);
         assert_eq!(wr(&mut t, index::TSC_DEADLINE, 9000), Action::Advance);
-        assert_eq!(t.guest.platform.tsc_deadline(), 4000);
+        assert_eq!(t.vm.platform.tsc_deadline(0), 4000);
         assert_eq!(rd(&mut t, index::TSC_DEADLINE), Ok(9000));
         // Moving the TSC keeps the deadline where the guest put it, in its TSC.
         assert_eq!(wr(&mut t, 0x3b, 6000), Action::Advance);
         assert_eq!(rd(&mut t, index::TSC_DEADLINE), Ok(9000));
-        assert_eq!(t.guest.platform.tsc_deadline(), 3000);
+        assert_eq!(t.vm.platform.tsc_deadline(0), 3000);
     }
 
     #[test]
@@ -671,7 +683,7 @@ mod tests {
         assert_eq!(rd(&mut t, index::APIC_BASE), Ok(0xfee0_0100));
         assert!(!apic(&mut t), "CPUID.1:EDX.APIC follows IA32_APIC_BASE.EN");
         assert_eq!(
-            t.guest.platform.mmio_read(0xfee0_0030, 4, 0),
+            t.vm.platform.mmio_read(0, 0xfee0_0030, 4, 0),
             Some(0xffff_ffff),
             "no APIC version register"
         );
@@ -680,7 +692,7 @@ mod tests {
             Action::Advance
         );
         assert!(apic(&mut t));
-        assert_eq!(t.guest.platform.mmio_read(0xfee0_0030, 4, 0), Some(0x50014));
+        assert_eq!(t.vm.platform.mmio_read(0, 0xfee0_0030, 4, 0), Some(0x50014));
     }
 
     /// A CPUID feature and the MSRs it implies: (name, leaf, subleaf, register, bits, MSRs,
@@ -789,9 +801,9 @@ mod tests {
     fn rdpmc_is_gp_without_a_pmu() {
         let mut t = TestBed::new();
         assert_eq!(cpuid(&mut t, 0xa, 0), [0; 4]);
-        t.guest.regs.rcx = 0;
+        t.vcpu.regs.rcx = 0;
         assert_eq!(t.run(ExitReason::Rdpmc), GP);
-        t.guest.regs.rcx = 1 << 30; // fixed-function counter 0
+        t.vcpu.regs.rcx = 1 << 30; // fixed-function counter 0
         assert_eq!(t.run(ExitReason::Rdpmc), GP);
     }
 

@@ -177,7 +177,9 @@ impl Linear<'_> {
     fn read(&self, la: u64, out: &mut [u8]) -> Step<()> {
         for (i, b) in out.iter_mut().enumerate() {
             let gpa = self.gpa(la + i as u64, false)?;
-            *b = self.ram.slice(gpa, 1).map_or(0xff, |s| s[0]);
+            let mut one = [0xff];
+            let _ = self.ram.read(gpa, &mut one);
+            *b = one[0];
         }
         Ok(())
     }
@@ -185,9 +187,8 @@ impl Linear<'_> {
     fn write(&mut self, la: u64, data: &[u8]) -> Step<()> {
         for (i, b) in data.iter().enumerate() {
             let gpa = self.gpa(la + i as u64, true)?;
-            if let Some(slot) = self.ram.bytes().get_mut(gpa as usize) {
-                *slot = *b;
-            }
+            // A byte outside RAM is dropped, as the bus drops it.
+            let _ = self.ram.write(gpa, core::slice::from_ref(b));
         }
         Ok(())
     }
@@ -279,7 +280,7 @@ fn switch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Step<()> {
         ))));
     }
     let mut mem = Linear {
-        ram: &mut cx.guest.ram,
+        ram: &mut cx.vm.ram,
         mode,
     };
     let ldtr_ar = vmcs.read(Segment::Ldtr.access_rights());
@@ -365,7 +366,7 @@ fn switch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Step<()> {
             mem.write_u64(old.at, old.raw & !BUSY)?;
         }
     }
-    let regs = cx.guest.regs;
+    let regs = cx.vcpu.regs;
     let gprs = [
         regs.rax,
         regs.rcx,
@@ -416,7 +417,7 @@ fn switch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Step<()> {
     }
     if let Some(e) = gate_event {
         // Delivered by this switch (SDM 6.12.2): not to be injected again.
-        cx.guest.events.delivered();
+        cx.vcpu.events.delivered();
         if e.kind() == InterruptionType::Nmi {
             let s = vmcs.read(Guest32::InterruptibilityState);
             vmcs.write(Guest32::InterruptibilityState, s | BLOCKING_NMI);
@@ -438,18 +439,14 @@ fn switch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Step<()> {
         ];
         for (i, f) in pdptes.into_iter().enumerate() {
             let gpa = (cr3 & 0xffff_ffe0) + 8 * i as u64;
-            let v = mem.ram.slice(gpa, 8).map_or(0, |b| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(b);
-                u64::from_le_bytes(a)
-            });
+            let v = mem.ram.read_u64(gpa).unwrap_or(0);
             vmcs.write(f, v);
         }
     }
     vmcs.write(GuestNat::Rflags, new_eflags);
     vmcs.write(GuestNat::Rip, u64::from(field(tss::EIP)));
     let g = |i: u64| u64::from(field(tss::GPRS + 4 * i));
-    let r = &mut cx.guest.regs;
+    let r = &mut cx.vcpu.regs;
     (r.rax, r.rcx, r.rdx, r.rbx, r.rbp, r.rsi, r.rdi) = (g(0), g(1), g(2), g(3), g(5), g(6), g(7));
     vmcs.write(GuestNat::Rsp, g(4));
     let s = vmcs.read(Guest32::InterruptibilityState);
@@ -514,7 +511,7 @@ fn switch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Step<()> {
         vmcs.write(GuestNat::Rsp, u64::from(esp));
     }
     match late {
-        Some(Fault::Raise(e)) => cx.guest.events.exception(e),
+        Some(Fault::Raise(e)) => cx.vcpu.events.exception(e),
         Some(other) => return Err(other),
         None => {}
     }
@@ -603,20 +600,16 @@ mod tests {
     }
 
     fn put32(t: &mut TestBed, gpa: u64, v: u32) {
-        t.guest.ram.bytes()[gpa as usize..][..4].copy_from_slice(&v.to_le_bytes());
+        t.vm.ram.bytes()[gpa as usize..][..4].copy_from_slice(&v.to_le_bytes());
     }
     fn put64(t: &mut TestBed, gpa: u64, v: u64) {
-        t.guest.ram.bytes()[gpa as usize..][..8].copy_from_slice(&v.to_le_bytes());
+        t.vm.ram.bytes()[gpa as usize..][..8].copy_from_slice(&v.to_le_bytes());
     }
     fn get32(t: &TestBed, gpa: u64) -> u32 {
-        let b = t.guest.ram.slice(gpa, 4).unwrap();
-        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        t.vm.ram.read_u32(gpa).unwrap()
     }
     fn get64(t: &TestBed, gpa: u64) -> u64 {
-        let b = t.guest.ram.slice(gpa, 8).unwrap();
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        u64::from_le_bytes(a)
+        t.vm.ram.read_u64(gpa).unwrap()
     }
     fn type_of(t: &TestBed, sel: u16) -> u64 {
         (get64(t, GDT + u64::from(sel)) >> 40) & 0xf
@@ -659,8 +652,8 @@ mod tests {
         v.write(GuestNat::Rsp, 0x7000);
         v.write(GuestNat::Rflags, 0x202);
         v.write(GuestNat::Dr7, 0x455);
-        t.guest.regs.rax = 0xaaaa;
-        t.guest.regs.rdi = 0xd1d1;
+        t.vcpu.regs.rax = 0xaaaa;
+        t.vcpu.regs.rdi = 0xd1d1;
         let n = NEW_BASE;
         put32(&mut t, n + tss::CR3, 0x5000);
         put32(&mut t, n + tss::EIP, 0x10_0800);
@@ -693,8 +686,8 @@ mod tests {
     /// The new task's state as the TSS gives it, the old task's saved, TR and CR0.TS switched.
     fn assert_in_new_task(t: &TestBed) {
         assert_eq!(t.vmcs.read(GuestNat::Rip), 0x10_0800);
-        assert_eq!(t.guest.regs.rax, 0xb0);
-        assert_eq!(t.guest.regs.rdi, 0);
+        assert_eq!(t.vcpu.regs.rax, 0xb0);
+        assert_eq!(t.vcpu.regs.rdi, 0);
         assert_eq!(t.vmcs.read(GuestNat::Cr3), 0x5000);
         assert_eq!(t.vmcs.read(GuestNat::Cr0), 0x39, "CR0.TS set");
         assert_eq!(t.vmcs.read(GuestNat::Dr7), 0x400, "L0-L3 and LE cleared");
@@ -778,7 +771,7 @@ mod tests {
         assert_eq!(type_of(&t, OLD), TYPE_TSS32_BUSY);
 
         t.vmcs.write(GuestNat::Rip, 0x10_0810);
-        t.guest.regs.rax = 0xc0;
+        t.vcpu.regs.rax = 0xc0;
         assert_eq!(switch_exit(&mut t, OLD, 1, 1), Action::Resume);
         assert_eq!(t.enter(), Ok(()));
         assert_eq!(get32(&t, NEW_BASE + tss::EIP), 0x10_0811);
@@ -794,7 +787,7 @@ mod tests {
         assert_eq!(t.vmcs.read(Segment::Tr.base()), OLD_BASE);
         assert_eq!(t.vmcs.read(GuestNat::Rip), 0x10_0507);
         assert_eq!(t.vmcs.read(GuestNat::Rflags), 0x202);
-        assert_eq!((t.guest.regs.rax, t.guest.regs.rdi), (0xaaaa, 0xd1d1));
+        assert_eq!((t.vcpu.regs.rax, t.vcpu.regs.rdi), (0xaaaa, 0xd1d1));
         assert_eq!(t.vmcs.read(GuestNat::Rsp), 0x7000);
     }
 
@@ -802,7 +795,7 @@ mod tests {
     /// nothing: RIP on the instruction, TR, the TSSs and the GDT as they were.
     fn assert_refused(desc: u64, source: u64, sel: u16, want: (u32, u32)) {
         let mut t = bed(desc);
-        let before = t.guest.ram.slice(0, 0x4000).unwrap().to_vec();
+        let before = t.vm.ram.slice(0, 0x4000).unwrap().to_vec();
         assert_eq!(
             switch_exit(&mut t, sel, source, 7),
             Action::Inject(Exception {
@@ -814,7 +807,7 @@ mod tests {
         assert_eq!(injected(&t), want);
         assert_eq!(t.vmcs.read(GuestNat::Rip), 0x10_0500);
         assert_eq!(t.vmcs.read(Segment::Tr.selector()), OLD);
-        assert!(t.guest.ram.slice(0, 0x4000).unwrap() == &before[..]);
+        assert!(t.vm.ram.slice(0, 0x4000).unwrap() == before);
     }
 
     #[test]

@@ -2,8 +2,7 @@
 
 use super::{apply, dispatch, Action, ExitContext, Host};
 use crate::devices::Platform;
-use crate::guest::{Guest, GuestRam, GuestRegs, GuestStats, RunState};
-use crate::vmx::cr::GuestCr;
+use crate::guest::{GuestRam, Vcpu, Vm};
 use crate::vmx::VmxCaps;
 use crate::vmx::{
     ExitReason, FakeVmcs, Guest32, ReadOnly32, ReadOnlyNat, Vmcs, VmcsAccess, VmcsField,
@@ -66,7 +65,8 @@ impl Host for FakeHost {
 
 pub struct TestBed {
     pub vmcs: FakeVmcs,
-    pub guest: Guest,
+    pub vcpu: Vcpu,
+    pub vm: Vm,
     pub host: FakeHost,
 }
 
@@ -76,30 +76,20 @@ pub const TEST_TSC_HZ: u64 = 10_000_000;
 impl TestBed {
     pub fn new() -> Self {
         let mem: &'static mut [u8] = alloc::vec![0u8; TEST_RAM].leak();
-        let guest = Guest {
+        let vm = Vm {
             id: 3,
             name: String::from("test"),
             // SAFETY: the leaked buffer belongs to this test alone.
             ram: unsafe { GuestRam::new(mem, 0x100_0000) },
             platform: Platform::new(TEST_TSC_HZ),
-            regs: GuestRegs::default(),
-            state: RunState::Runnable,
-            stats: GuestStats::default(),
-            cr0_rules: GuestCr::cr0(&VmxCaps::bochs_skylake_x(), true),
-            cr4_rules: GuestCr::cr4(&VmxCaps::bochs_skylake_x()),
-            misc_enable: crate::exits::msr::MISC_ENABLE_DEFAULT,
-            mtrr_def_type: 0,
-            xcr0: 1,
             stats_requested: false,
             tsc_offset: 0,
-            events: Default::default(),
-            tsc_adjust: 0,
-            spec_ctrl: 0,
-            apicv: None,
         };
+        let vcpu = Vcpu::new(0, &VmxCaps::bochs_skylake_x());
         Self {
             vmcs: FakeVmcs::new(),
-            guest,
+            vcpu,
+            vm,
             host: FakeHost {
                 leaves: alloc::vec::Vec::new(),
                 interrupts: alloc::vec::Vec::new(),
@@ -159,21 +149,22 @@ impl TestBed {
             .write_raw(ReadOnly32::ExitReason.encoding(), reason.number() as u64);
         let mut cx = ExitContext {
             vmcs: &mut self.vmcs,
-            guest: &mut self.guest,
+            vcpu: &mut self.vcpu,
+            vm: &mut self.vm,
             host: &mut self.host,
             now: 0,
         };
         let action = dispatch(&mut cx);
-        apply(&mut self.vmcs, &mut self.guest, &action);
+        apply(&mut self.vmcs, &mut self.vcpu, &action);
         action
     }
 
     /// What the run loop does right before the next VM entry: offer the platform's pending
     /// interrupts and commit one event to the VMCS. `Err` is a reason to stop the guest instead.
     pub fn enter(&mut self) -> Result<(), crate::guest::StopReason> {
-        super::inject_pending_interrupt(&mut self.vmcs, &mut self.guest);
-        super::apicv::before_entry(&mut self.vmcs, &mut self.guest);
-        super::events::commit(&mut self.vmcs, &mut self.guest)
+        super::inject_pending_interrupt(&mut self.vmcs, &mut self.vcpu, &mut self.vm);
+        super::apicv::before_entry(&mut self.vmcs, &mut self.vcpu, &mut self.vm);
+        super::events::commit(&mut self.vmcs, &mut self.vcpu)
     }
 
     /// Gives the guest APIC virtualization with `features`: its two pages (leaked, this test's
@@ -195,21 +186,21 @@ impl TestBed {
         self.vmcs
             .write(Control32::SecondaryProcBasedControls, secondary);
         a.write_fields(&mut self.vmcs);
-        self.guest.apicv = Some(a);
+        self.vcpu.apicv = Some(a);
     }
 
     /// Software-enables the local APIC (SVR bit 8, spurious vector 0xFF).
     pub fn enable_lapic(&mut self) {
         let base = crate::devices::lapic::LAPIC_BASE;
-        self.guest.platform.mmio_write(base + 0xf0, 4, 0x1ff, 0);
+        self.vm.platform.mmio_write(0, base + 0xf0, 4, 0x1ff, 0);
     }
 
     /// A fixed self-IPI of `vector` through the ICR (shorthand self).
     pub fn self_ipi(&mut self, vector: u8) {
         let base = crate::devices::lapic::LAPIC_BASE;
-        self.guest
+        self.vm
             .platform
-            .mmio_write(base + 0x300, 4, 1 << 18 | u64::from(vector), 0);
+            .mmio_write(0, base + 0x300, 4, 1 << 18 | u64::from(vector), 0);
     }
 
     /// The external interrupt the last [`TestBed::enter`] wrote to the VM-entry fields, if any.

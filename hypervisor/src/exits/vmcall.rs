@@ -6,7 +6,7 @@
 
 use super::{Action, ExitContext};
 use crate::abi::{hc, status, CONSOLE_WRITE_CHUNK, CONSOLE_WRITE_MAX};
-use crate::guest::{Guest, StopReason};
+use crate::guest::{StopReason, Vcpu};
 use crate::vmx::{Guest32, Vmcs};
 
 /// True when the guest runs 64-bit code (IA-32e mode and CS.L = 1, SDM 3.4.5).
@@ -20,10 +20,10 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     if cx.vmcs.read(Guest32::SsAccessRights) >> 5 & 3 != 0 {
         return Action::Inject(super::Exception::UD);
     }
-    cx.guest.stats.hypercalls += 1;
+    cx.vcpu.stats.hypercalls += 1;
     let wide = in_64bit_code(cx.vmcs);
     let arg = |v: u64| if wide { v } else { v & 0xffff_ffff };
-    let r = cx.guest.regs;
+    let r = cx.vcpu.regs;
     let (nr, a1, a2) = (arg(r.rax), arg(r.rbx), arg(r.rcx));
     let mut action = Action::Advance;
     let result = match nr {
@@ -31,15 +31,15 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             if a2 > CONSOLE_WRITE_MAX {
                 status::EINVAL
             } else {
-                let guest = &mut *cx.guest;
-                match guest.ram.slice(a1, a2) {
+                let vm = &mut *cx.vm;
+                match vm.ram.slice(a1, a2) {
                     Some(bytes) => {
                         // A short write (docs/HYPERCALLS.md): at most CONSOLE_WRITE_CHUNK bytes,
                         // so that one call's work never holds up another guest's timer; and
                         // only what fits when the console is full, in which case the guest also
                         // gives up its slice, so that Keel's console drains while it waits.
                         let chunk = &bytes[..bytes.len().min(CONSOLE_WRITE_CHUNK as usize)];
-                        let taken = guest.platform.console().offer(chunk);
+                        let taken = vm.platform.console().offer(chunk);
                         if taken < chunk.len() {
                             action = Action::Yield;
                         }
@@ -53,22 +53,22 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             action = Action::Yield;
             status::OK
         }
-        hc::GUEST_ID => cx.guest.id as u64,
+        hc::GUEST_ID => cx.vm.id as u64,
         hc::SHUTDOWN => return Action::Stop(StopReason::Shutdown(a1)),
         hc::PRINT_STATS => {
-            cx.guest.stats_requested = true;
+            cx.vm.stats_requested = true;
             status::OK
         }
-        hc::CPU_TIME => cx.guest.stats.cpu_cycles,
+        hc::CPU_TIME => cx.vcpu.stats.cpu_cycles,
         _ => status::ENOSYS,
     };
-    set_result(cx.vmcs, cx.guest, result);
+    set_result(cx.vmcs, cx.vcpu, result);
     action
 }
 
 /// Puts a hypercall's result in RAX (its low 32 bits outside 64-bit code).
-fn set_result<V: Vmcs + ?Sized>(vmcs: &V, guest: &mut Guest, result: u64) {
-    guest.regs.rax = if in_64bit_code(vmcs) {
+fn set_result<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &mut Vcpu, result: u64) {
+    vcpu.regs.rax = if in_64bit_code(vmcs) {
         result
     } else {
         result & 0xffff_ffff
@@ -77,8 +77,8 @@ fn set_result<V: Vmcs + ?Sized>(vmcs: &V, guest: &mut Guest, result: u64) {
 
 /// PRINT_STATS found no room for the table on Keel's console (the calling guest's share of it
 /// holds output not yet sent): nothing was printed, and the call returns EAGAIN instead of 0.
-pub fn print_stats_refused<V: Vmcs + ?Sized>(vmcs: &V, guest: &mut Guest) {
-    set_result(vmcs, guest, status::EAGAIN);
+pub fn print_stats_refused<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &mut Vcpu) {
+    set_result(vmcs, vcpu, status::EAGAIN);
 }
 
 #[cfg(test)]
@@ -91,44 +91,44 @@ mod tests {
     fn console_write_id_and_errors() {
         let mut t = TestBed::new();
         t.long_mode();
-        t.guest.ram.bytes()[0x100..0x106].copy_from_slice(b"hello\n");
-        t.guest.regs.rax = hc::CONSOLE_WRITE;
-        t.guest.regs.rbx = 0x100;
-        t.guest.regs.rcx = 6;
+        t.vm.ram.bytes()[0x100..0x106].copy_from_slice(b"hello\n");
+        t.vcpu.regs.rax = hc::CONSOLE_WRITE;
+        t.vcpu.regs.rbx = 0x100;
+        t.vcpu.regs.rcx = 6;
         assert_eq!(t.run(ExitReason::Vmcall), Action::Advance);
-        assert_eq!(t.guest.regs.rax, 6);
+        assert_eq!(t.vcpu.regs.rax, 6);
         assert_eq!(
-            t.guest.platform.console().take_line().as_deref(),
+            t.vm.platform.console().take_line().as_deref(),
             Some("hello")
         );
 
-        t.guest.regs.rax = hc::CONSOLE_WRITE;
-        t.guest.regs.rbx = t.guest.ram.len() - 2;
-        t.guest.regs.rcx = 6;
+        t.vcpu.regs.rax = hc::CONSOLE_WRITE;
+        t.vcpu.regs.rbx = t.vm.ram.len() - 2;
+        t.vcpu.regs.rcx = 6;
         t.run(ExitReason::Vmcall);
         assert_eq!(
-            t.guest.regs.rax,
+            t.vcpu.regs.rax,
             status::EFAULT,
             "buffer past the end of RAM"
         );
 
-        t.guest.regs.rax = hc::CONSOLE_WRITE;
-        t.guest.regs.rbx = u64::MAX - 2;
+        t.vcpu.regs.rax = hc::CONSOLE_WRITE;
+        t.vcpu.regs.rbx = u64::MAX - 2;
         t.run(ExitReason::Vmcall);
-        assert_eq!(t.guest.regs.rax, status::EFAULT, "overflowing pointer");
+        assert_eq!(t.vcpu.regs.rax, status::EFAULT, "overflowing pointer");
 
-        t.guest.regs.rax = hc::GUEST_ID;
+        t.vcpu.regs.rax = hc::GUEST_ID;
         t.run(ExitReason::Vmcall);
-        assert_eq!(t.guest.regs.rax, t.guest.id as u64);
+        assert_eq!(t.vcpu.regs.rax, t.vm.id as u64);
 
-        t.guest.regs.rax = 0x7777;
+        t.vcpu.regs.rax = 0x7777;
         t.run(ExitReason::Vmcall);
-        assert_eq!(t.guest.regs.rax, status::ENOSYS);
+        assert_eq!(t.vcpu.regs.rax, status::ENOSYS);
 
-        t.guest.regs.rax = hc::YIELD;
+        t.vcpu.regs.rax = hc::YIELD;
         assert_eq!(t.run(ExitReason::Vmcall), Action::Yield);
-        t.guest.regs.rax = hc::SHUTDOWN;
-        t.guest.regs.rbx = 7;
+        t.vcpu.regs.rax = hc::SHUTDOWN;
+        t.vcpu.regs.rbx = 7;
         assert_eq!(
             t.run(ExitReason::Vmcall),
             Action::Stop(StopReason::Shutdown(7))
@@ -146,14 +146,14 @@ mod tests {
         let stream: alloc::vec::Vec<u8> = (0..2100)
             .flat_map(|i: u32| alloc::format!("c{:03}\n", i % 700).into_bytes())
             .collect();
-        t.guest.ram.bytes()[0x1000..0x1000 + stream.len()].copy_from_slice(&stream);
+        t.vm.ram.bytes()[0x1000..0x1000 + stream.len()].copy_from_slice(&stream);
         // The guest writes up to 3500 bytes from `from`, as a 700-line call would.
         let write = |t: &mut TestBed, from: u64| {
-            t.guest.regs.rax = hc::CONSOLE_WRITE;
-            t.guest.regs.rbx = 0x1000 + from;
-            t.guest.regs.rcx = 3500;
+            t.vcpu.regs.rax = hc::CONSOLE_WRITE;
+            t.vcpu.regs.rbx = 0x1000 + from;
+            t.vcpu.regs.rcx = 3500;
             let action = t.run(ExitReason::Vmcall);
-            (t.guest.regs.rax, action)
+            (t.vcpu.regs.rax, action)
         };
         // Nobody drains the console meanwhile (Keel's COM1 queue is full). Each call takes at
         // most CONSOLE_WRITE_CHUNK bytes, and the guest goes on from there, until one is short
@@ -174,13 +174,13 @@ mod tests {
         assert_eq!(write(&mut t, accepted), (0, Action::Yield));
         let mut out = 0;
         for i in 0..1638 {
-            let line = t.guest.platform.console().take_line();
+            let line = t.vm.platform.console().take_line();
             assert_eq!(line, Some(alloc::format!("c{:03}", i % 700)));
             out += 5;
         }
-        assert_eq!(t.guest.platform.console().take_line(), None);
+        assert_eq!(t.vm.platform.console().take_line(), None);
         assert_eq!(
-            t.guest.platform.console().take_partial().as_deref(),
+            t.vm.platform.console().take_partial().as_deref(),
             Some("c238")
         );
         assert_eq!(out + 4, accepted, "every accepted byte comes out, no other");
@@ -197,18 +197,18 @@ mod tests {
     fn print_stats_says_when_it_printed_nothing() {
         let mut t = TestBed::new();
         t.long_mode();
-        t.guest.regs.rax = hc::PRINT_STATS;
+        t.vcpu.regs.rax = hc::PRINT_STATS;
         assert_eq!(t.run(ExitReason::Vmcall), Action::Advance);
-        assert!(t.guest.stats_requested);
-        assert_eq!(t.guest.regs.rax, status::OK);
-        print_stats_refused(&t.vmcs, &mut t.guest);
-        assert_eq!(t.guest.regs.rax, status::EAGAIN);
+        assert!(t.vm.stats_requested);
+        assert_eq!(t.vcpu.regs.rax, status::OK);
+        print_stats_refused(&t.vmcs, &mut t.vcpu);
+        assert_eq!(t.vcpu.regs.rax, status::EAGAIN);
         assert_eq!(status::EAGAIN, -11i64 as u64);
         let mut t = TestBed::new();
-        t.guest.regs.rax = hc::PRINT_STATS;
+        t.vcpu.regs.rax = hc::PRINT_STATS;
         t.run(ExitReason::Vmcall);
-        print_stats_refused(&t.vmcs, &mut t.guest);
-        assert_eq!(t.guest.regs.rax, 0xffff_fff5, "EAX in 32-bit code");
+        print_stats_refused(&t.vmcs, &mut t.vcpu);
+        assert_eq!(t.vcpu.regs.rax, 0xffff_fff5, "EAX in 32-bit code");
     }
 
     /// In 32-bit code only EAX/EBX/ECX count (values whose upper halves would make them ENOSYS
@@ -220,29 +220,26 @@ mod tests {
             !in_64bit_code(&t.vmcs),
             "the test bed starts in 32-bit code"
         );
-        t.guest.ram.bytes()[0x100..0x103].copy_from_slice(b"hi\n");
-        t.guest.regs.rax = 0xdead_0000_0000_0000 | hc::CONSOLE_WRITE;
-        t.guest.regs.rbx = 0x1_0000_0000 | 0x100;
-        t.guest.regs.rcx = 0xffff_ffff_0000_0000 | 3;
+        t.vm.ram.bytes()[0x100..0x103].copy_from_slice(b"hi\n");
+        t.vcpu.regs.rax = 0xdead_0000_0000_0000 | hc::CONSOLE_WRITE;
+        t.vcpu.regs.rbx = 0x1_0000_0000 | 0x100;
+        t.vcpu.regs.rcx = 0xffff_ffff_0000_0000 | 3;
         assert_eq!(t.run(ExitReason::Vmcall), Action::Advance);
-        assert_eq!(t.guest.regs.rax, 3);
-        assert_eq!(
-            t.guest.platform.console().take_line().as_deref(),
-            Some("hi")
-        );
+        assert_eq!(t.vcpu.regs.rax, 3);
+        assert_eq!(t.vm.platform.console().take_line().as_deref(), Some("hi"));
 
-        t.guest.regs.rax = 0x1_0000_0000 | hc::GUEST_ID;
+        t.vcpu.regs.rax = 0x1_0000_0000 | hc::GUEST_ID;
         t.run(ExitReason::Vmcall);
-        assert_eq!(t.guest.regs.rax, u64::from(t.guest.id));
+        assert_eq!(t.vcpu.regs.rax, u64::from(t.vm.id));
 
-        t.guest.stats.cpu_cycles = 0x1234_5678_9abc_def0;
-        t.guest.regs.rax = hc::CPU_TIME;
+        t.vcpu.stats.cpu_cycles = 0x1234_5678_9abc_def0;
+        t.vcpu.regs.rax = hc::CPU_TIME;
         t.run(ExitReason::Vmcall);
-        assert_eq!(t.guest.regs.rax, 0x9abc_def0, "result cut to 32 bits");
+        assert_eq!(t.vcpu.regs.rax, 0x9abc_def0, "result cut to 32 bits");
 
-        t.guest.regs.rax = 0xdead_0000_0000_0000 | 0x7777;
+        t.vcpu.regs.rax = 0xdead_0000_0000_0000 | 0x7777;
         t.run(ExitReason::Vmcall);
-        assert_eq!(t.guest.regs.rax, status::ENOSYS & 0xffff_ffff);
+        assert_eq!(t.vcpu.regs.rax, status::ENOSYS & 0xffff_ffff);
     }
 
     #[test]
@@ -252,8 +249,8 @@ mod tests {
         let mut t = TestBed::new();
         t.vmcs.write(crate::vmx::GuestNat::Cr0, 0x11);
         t.vmcs.write(Guest32::CsAccessRights, 0x20_9b | 1 << 14);
-        t.guest.regs.rax = 0xdead_0000_0000_0000 | hc::GUEST_ID;
+        t.vcpu.regs.rax = 0xdead_0000_0000_0000 | hc::GUEST_ID;
         t.run(ExitReason::Vmcall);
-        assert_eq!(t.guest.regs.rax, t.guest.id as u64);
+        assert_eq!(t.vcpu.regs.rax, t.vm.id as u64);
     }
 }

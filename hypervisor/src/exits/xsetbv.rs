@@ -20,13 +20,13 @@ pub fn valid_xcr0(supported: u64, v: u64) -> bool {
 
 pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let cpl = cx.vmcs.read(Guest32::SsAccessRights) >> 5 & 3;
-    let ecx = cx.guest.regs.rcx as u32;
-    let v = (cx.guest.regs.rdx << 32) | (cx.guest.regs.rax & 0xffff_ffff);
+    let ecx = cx.vcpu.regs.rcx as u32;
+    let v = (cx.vcpu.regs.rdx << 32) | (cx.vcpu.regs.rax & 0xffff_ffff);
     let supported = cx.host.xcr0_supported() & !super::cpuid::XCR0_HIDDEN;
     if cpl != 0 || ecx != 0 || !valid_xcr0(supported, v) {
         return Action::Inject(Exception::GP0);
     }
-    cx.guest.xcr0 = v;
+    cx.vcpu.xcr0 = v;
     Action::Advance
 }
 
@@ -54,28 +54,28 @@ mod tests {
         use crate::exits::testing::TestBed;
         use crate::vmx::ExitReason;
         let mut t = TestBed::new();
-        t.guest.regs.rax = 0xd;
-        t.guest.regs.rcx = 0;
+        t.vcpu.regs.rax = 0xd;
+        t.vcpu.regs.rcx = 0;
         t.run(ExitReason::Cpuid);
-        let advertised = t.guest.regs.rax;
+        let advertised = t.vcpu.regs.rax;
         assert_eq!(
             advertised & 0x18,
             0,
             "BNDREGS/BNDCSR not in CPUID.(0DH,0):EAX"
         );
         for v in [0b1_1011, 0b0_1011, 0b1_0011] {
-            t.guest.regs.rcx = 0;
-            t.guest.regs.rax = v;
-            t.guest.regs.rdx = 0;
+            t.vcpu.regs.rcx = 0;
+            t.vcpu.regs.rax = v;
+            t.vcpu.regs.rdx = 0;
             assert_eq!(
                 t.run(ExitReason::Xsetbv),
                 Action::Inject(Exception::GP0),
                 "{v:#x}"
             );
         }
-        t.guest.regs.rcx = 0;
-        t.guest.regs.rax = 0b111;
+        t.vcpu.regs.rcx = 0;
+        t.vcpu.regs.rax = 0b111;
         assert_eq!(t.run(ExitReason::Xsetbv), Action::Advance);
-        assert_eq!(t.guest.xcr0, 0b111);
+        assert_eq!(t.vcpu.xcr0, 0b111);
     }
 }

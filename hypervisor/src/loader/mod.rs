@@ -86,6 +86,18 @@ pub struct InitialState {
 }
 
 impl InitialState {
+    /// An application processor started by a STARTUP IPI with `vector` (SDM 8.4.4.1, 10.6.1):
+    /// real mode at CS:IP = (vector << 8):0, so the first instruction is at vector << 12, with
+    /// the rest of the state INIT leaves (SDM 9.1.1, Table 9-1: CR0 60000010H, the other
+    /// registers 0 but RFLAGS' reserved bit and EDX, which holds the processor signature; Keel
+    /// leaves it 0 as it does for its other entry points).
+    pub fn startup_ipi(vector: u8) -> Self {
+        let mut s = Self::new(CpuMode::Real);
+        s.code_selector = u16::from(vector) << 8;
+        s.cr0 = 0x6000_0010;
+        s
+    }
+
     /// All-zero registers except RFLAGS' reserved bit: the base the loaders fill in.
     fn new(mode: CpuMode) -> Self {
         Self {
@@ -516,6 +528,7 @@ pub(crate) mod test_util {
             entry: crate::manifest::DEFAULT_FLAT_LOAD,
             modules: Vec::<String>::new(),
             restart: 0,
+            vcpus: 1,
             refuse: false,
             apicv: Some(true),
         }

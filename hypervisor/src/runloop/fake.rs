@@ -7,7 +7,7 @@
 use super::{Cpu, Slot};
 use crate::exits::testing::{FakeHost, TestBed};
 use crate::exits::Host;
-use crate::guest::{Guest, GuestRegs, RunState};
+use crate::guest::{GuestRegs, RunState, Vcpu, Vm};
 use crate::vmx::controls::PrimaryControls;
 use crate::vmx::{
     Control32, Control64, ExitReason, FakeVmcs, Guest32, GuestNat, ReadOnly32, ReadOnlyNat, Vmcs,
@@ -40,6 +40,10 @@ pub enum Op {
     Hypercall(u64),
     /// A triple fault.
     TripleFault,
+    /// WRMSR of (MSR, value): the x2APIC's registers (`0x800..`) among others.
+    Wrmsr(u32, u64),
+    /// STI: sets RFLAGS.IF (no exit). An application processor starts with it clear.
+    Sti,
 }
 
 /// A guest's behaviour.
@@ -123,28 +127,45 @@ struct Cursor {
     left: Option<u64>,
 }
 
-/// A guest's hardware on the fake CPU.
-pub struct FakeVcpu {
-    pub id: usize,
+/// One vCPU of a guest on the fake CPU: its VMCS and where it is in its program.
+pub struct FakeCore {
     pub vmcs: FakeVmcs,
     pub launched: bool,
     pub program: Program,
     main: Cursor,
     /// In the interrupt handler (where, in the handler's ops).
     handler: Option<Cursor>,
+}
+
+impl FakeCore {
+    fn new(program: Program) -> Self {
+        Self {
+            vmcs: FakeVmcs::new(),
+            launched: false,
+            program,
+            main: Cursor::default(),
+            handler: None,
+        }
+    }
+}
+
+/// A guest's hardware on the fake CPU: one [`FakeCore`] per vCPU.
+pub struct FakeVcpu {
+    pub id: usize,
+    pub cores: Vec<FakeCore>,
     pub boots: u32,
 }
 
-/// A fake guest's VMCS, loaded.
-pub struct FakeLoaded<'a>(&'a mut FakeVcpu);
+/// A fake vCPU's VMCS, loaded: (guest, vCPU) and its core.
+pub struct FakeLoaded<'a>(usize, usize, &'a mut FakeCore);
 
 impl VmcsAccess for FakeLoaded<'_> {
     fn read_raw(&self, encoding: u32) -> u64 {
-        self.0.vmcs.read_raw(encoding)
+        self.2.vmcs.read_raw(encoding)
     }
 
     fn write_raw(&mut self, encoding: u32, value: u64) {
-        self.0.vmcs.write_raw(encoding, value)
+        self.2.vmcs.write_raw(encoding, value)
     }
 }
 
@@ -152,6 +173,8 @@ impl VmcsAccess for FakeLoaded<'_> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
     pub guest: usize,
+    /// The vCPU of the guest.
+    pub vcpu: usize,
     /// Host TSC at VM entry and at the VM exit.
     pub start: u64,
     pub end: u64,
@@ -181,11 +204,11 @@ pub struct FakeCpu {
     pub control_out: Vec<u8>,
     pub spec_ctrl_writes: Vec<u64>,
     pub host: FakeHost,
-    /// The guest whose VMCS is current, and how many VMPTRLDs there were.
-    current: Option<usize>,
+    /// The vCPU (guest, vCPU) whose VMCS is current, and how many VMPTRLDs there were.
+    current: Option<(usize, usize)>,
     pub loads: u64,
-    /// The guest whose registers (those VMX does not switch) are in the CPU.
-    in_cpu: Option<usize>,
+    /// The vCPU whose registers (those VMX does not switch) are in the CPU.
+    in_cpu: Option<(usize, usize)>,
 }
 
 impl FakeCpu {
@@ -208,20 +231,38 @@ impl FakeCpu {
 
     /// A guest running `program` on this CPU, created now (its clock reads 0).
     pub fn guest(&self, id: usize, program: Program, restart_limit: u32) -> Slot<FakeVcpu> {
-        let mut guest = TestBed::new().guest;
-        guest.id = id as u32;
-        guest.name = alloc::format!("g{id}");
-        let mut vcpu = FakeVcpu {
+        self.smp_guest(id, alloc::vec![program], restart_limit)
+    }
+
+    /// A guest with one vCPU per program (vCPU 0 runs the first), created now. The others wait
+    /// for a SIPI.
+    pub fn smp_guest(
+        &self,
+        id: usize,
+        programs: Vec<Program>,
+        restart_limit: u32,
+    ) -> Slot<FakeVcpu> {
+        let bed = TestBed::new();
+        let mut vm = bed.vm;
+        vm.id = id as u32;
+        vm.name = alloc::format!("g{id}");
+        vm.platform = platform(programs.len());
+        let caps = crate::vmx::VmxCaps::bochs_skylake_x();
+        let mut vcpus: Vec<Vcpu> = (0..programs.len()).map(|c| Vcpu::new(c, &caps)).collect();
+        let mut hw = FakeVcpu {
             id,
-            vmcs: FakeVmcs::new(),
-            launched: false,
-            program,
-            main: Cursor::default(),
-            handler: None,
+            cores: programs.into_iter().map(FakeCore::new).collect(),
             boots: 0,
         };
-        power_on(&mut vcpu, &mut guest, self.clock);
-        Slot::new(guest, vcpu, restart_limit)
+        power_on(&mut hw, &mut vm, &mut vcpus, self.clock);
+        Slot::new(vm, vcpus, hw, restart_limit)
+    }
+
+    /// The entries of vCPU `vcpu` of guest `id`, in order.
+    pub fn vcpu_entries(&self, id: usize, vcpu: usize) -> impl Iterator<Item = &Entry> {
+        self.trace
+            .iter()
+            .filter(move |e| e.guest == id && e.vcpu == vcpu)
     }
 
     /// The entries of guest `id`, in order.
@@ -233,7 +274,7 @@ impl FakeCpu {
     /// instruction length.
     fn execute(
         &mut self,
-        vcpu: &mut FakeVcpu,
+        vcpu: &mut FakeCore,
         regs: &mut GuestRegs,
         budget: u64,
     ) -> (ExitReason, u64) {
@@ -294,6 +335,17 @@ impl FakeCpu {
                     (ExitReason::Vmcall, 3)
                 }
                 Op::TripleFault => (ExitReason::TripleFault, 0),
+                Op::Sti => {
+                    let rflags = vcpu.vmcs.read(GuestNat::Rflags);
+                    vcpu.vmcs.set(GuestNat::Rflags, rflags | 1 << 9);
+                    continue;
+                }
+                Op::Wrmsr(msr, value) => {
+                    regs.rcx = msr as u64;
+                    regs.rax = value & 0xffff_ffff;
+                    regs.rdx = value >> 32;
+                    (ExitReason::Wrmsr, 2)
+                }
             };
             // An exiting instruction takes one cycle.
             self.clock += 1;
@@ -302,22 +354,31 @@ impl FakeCpu {
     }
 }
 
-/// The guest at power-on, created at host TSC `clock`: its program from the start, a fresh VMCS
-/// with RFLAGS and the TSC offset, registers and platform at reset.
-fn power_on(vcpu: &mut FakeVcpu, guest: &mut Guest, clock: u64) {
-    vcpu.vmcs = FakeVmcs::new();
-    vcpu.launched = false;
-    vcpu.main = Cursor::default();
-    vcpu.handler = None;
-    vcpu.vmcs.set(GuestNat::Rflags, vcpu.program.rflags);
-    guest.tsc_offset = 0u64.wrapping_sub(clock);
-    guest.tsc_adjust = 0;
-    vcpu.vmcs.set(Control64::TscOffset, guest.vmcs_tsc_offset());
-    guest.regs = GuestRegs::default();
-    guest.platform = crate::devices::Platform::new(TSC_HZ);
-    guest.state = RunState::Runnable;
-    guest.xcr0 = 1;
-    guest.events = Default::default();
+/// A fake guest's platform: a PC with `cpus` CPUs.
+fn platform(cpus: usize) -> crate::devices::Platform {
+    let board = crate::devices::board::Board::pc(0, cpus as u8);
+    crate::devices::Platform::for_board(board, TSC_HZ)
+}
+
+/// The guest at power-on, created at host TSC `clock`: each vCPU's program from the start, a
+/// fresh VMCS with RFLAGS and the TSC offset, registers and platform at reset; vCPU 0 runnable,
+/// the others waiting for a SIPI.
+fn power_on(hw: &mut FakeVcpu, vm: &mut Vm, vcpus: &mut [Vcpu], clock: u64) {
+    vm.tsc_offset = 0u64.wrapping_sub(clock);
+    vm.platform = platform(vcpus.len());
+    for (c, (core, vcpu)) in hw.cores.iter_mut().zip(vcpus.iter_mut()).enumerate() {
+        core.vmcs = FakeVmcs::new();
+        core.launched = false;
+        core.main = Cursor::default();
+        core.handler = None;
+        core.vmcs.set(GuestNat::Rflags, core.program.rflags);
+        vcpu.reset();
+        core.vmcs
+            .set(Control64::TscOffset, vcpu.vmcs_tsc_offset(vm.tsc_offset));
+        if c > 0 {
+            vcpu.state = RunState::WaitForSipi;
+        }
+    }
 }
 
 impl Cpu for FakeCpu {
@@ -329,42 +390,45 @@ impl Cpu for FakeCpu {
         self.clock
     }
 
-    fn save(&mut self, vcpu: &mut FakeVcpu) {
+    fn save(&mut self, hw: &mut FakeVcpu, cpu: usize) {
         assert_eq!(
             self.in_cpu,
-            Some(vcpu.id),
-            "saved a guest that is not in the CPU"
+            Some((hw.id, cpu)),
+            "saved a vCPU that is not in the CPU"
         );
         self.in_cpu = None;
     }
 
-    fn restore(&mut self, vcpu: &mut FakeVcpu, _xcr0: u64) {
+    fn restore(&mut self, hw: &mut FakeVcpu, cpu: usize, _xcr0: u64) {
         assert!(
-            self.in_cpu.is_none() || self.in_cpu == Some(vcpu.id),
-            "guest {} restored over guest {:?}, which was not saved",
-            vcpu.id,
+            self.in_cpu.is_none() || self.in_cpu == Some((hw.id, cpu)),
+            "vCPU {:?} restored over vCPU {:?}, which was not saved",
+            (hw.id, cpu),
             self.in_cpu
         );
-        self.in_cpu = Some(vcpu.id);
+        self.in_cpu = Some((hw.id, cpu));
     }
 
-    fn load<'a>(&mut self, vcpu: &'a mut FakeVcpu) -> Result<FakeLoaded<'a>, String> {
-        self.current = Some(vcpu.id);
+    fn load<'a>(&mut self, hw: &'a mut FakeVcpu, cpu: usize) -> Result<FakeLoaded<'a>, String> {
+        self.current = Some((hw.id, cpu));
         self.loads += 1;
-        Ok(FakeLoaded(vcpu))
+        let id = hw.id;
+        let core = hw.cores.get_mut(cpu).ok_or("no such vCPU")?;
+        Ok(FakeLoaded(id, cpu, core))
     }
 
     fn enter(&mut self, vmcs: &mut FakeLoaded<'_>, regs: &mut GuestRegs) -> Result<(), VmxError> {
-        let vcpu = &mut *vmcs.0;
+        let me = (vmcs.0, vmcs.1);
+        let vcpu = &mut *vmcs.2;
         assert_eq!(
             self.current,
-            Some(vcpu.id),
-            "entered a guest whose VMCS is not current"
+            Some(me),
+            "entered a vCPU whose VMCS is not current"
         );
         assert_eq!(
             self.in_cpu,
-            Some(vcpu.id),
-            "entered a guest with another's registers"
+            Some(me),
+            "entered a vCPU with another's registers"
         );
         let start = self.clock;
         let guest_start = start.wrapping_add(vcpu.vmcs.read(Control64::TscOffset));
@@ -397,7 +461,8 @@ impl Cpu for FakeCpu {
         vcpu.vmcs.set(ReadOnly32::ExitInstructionLength, len as u32);
         vcpu.launched = true;
         self.trace.push(Entry {
-            guest: vcpu.id,
+            guest: me.0,
+            vcpu: me.1,
             start,
             end: self.clock,
             guest_start,
@@ -427,13 +492,14 @@ impl Cpu for FakeCpu {
 
     fn boot(
         &mut self,
-        vcpu: &mut FakeVcpu,
-        guest: &mut Guest,
+        hw: &mut FakeVcpu,
+        vm: &mut Vm,
+        vcpus: &mut [Vcpu],
         _restarts: u32,
     ) -> Result<(), String> {
-        vcpu.boots += 1;
-        power_on(vcpu, guest, self.clock);
-        self.current = Some(vcpu.id);
+        hw.boots += 1;
+        power_on(hw, vm, vcpus, self.clock);
+        self.current = Some((hw.id, 0));
         Ok(())
     }
 

@@ -25,13 +25,7 @@ fn config() -> LoopConfig {
 }
 
 fn rig(programs: Vec<Program>) -> RunLoop<FakeCpu> {
-    let cpu = FakeCpu::new();
-    let slots = programs
-        .into_iter()
-        .enumerate()
-        .map(|(i, p)| cpu.guest(i, p, 0))
-        .collect();
-    RunLoop::new(cpu, config(), slots)
+    smp_rig(programs.into_iter().map(|p| vec![p]).collect())
 }
 
 /// PIT period of `count` in TSC cycles.
@@ -61,8 +55,8 @@ fn every_tick_on_time(rl: &RunLoop<FakeCpu>, i: usize, count: u16) {
         .guest_end()
         + KEEL_COST;
     // Its time now: a halted guest's clock runs on; a runnable one's stopped when it last exited.
-    let now = match rl.slots[i].guest.state {
-        RunState::Halted => rl.slots[i].guest.now(rl.cpu.clock),
+    let now = match rl.slots[i].vcpus[0].state {
+        RunState::Halted => rl.slots[i].vm.now(rl.cpu.clock),
         _ => rl.cpu.entries(i).last().unwrap().guest_end() + KEEL_COST,
     };
     let own = now - started;
@@ -76,7 +70,7 @@ fn every_tick_on_time(rl: &RunLoop<FakeCpu>, i: usize, count: u16) {
     );
     assert!(ticks.iter().all(|e| e.injected == Some(0x20)));
     assert_eq!(
-        rl.slots[i].guest.platform.stats().lines[0].coalesced,
+        rl.slots[i].vm.platform.stats().lines[0].coalesced,
         0,
         "no tick lost"
     );
@@ -91,7 +85,7 @@ fn every_tick_on_time(rl: &RunLoop<FakeCpu>, i: usize, count: u16) {
 }
 
 fn cpu_cycles(rl: &RunLoop<FakeCpu>, i: usize) -> u64 {
-    rl.slots[i].guest.stats.cpu_cycles
+    rl.slots[i].vcpus[0].stats.cpu_cycles
 }
 
 /// Each value's distance from their mean, as a fraction of it.
@@ -130,7 +124,7 @@ fn three_cpu_bound_guests_get_equal_shares() {
             c <= 100 * QUANTUM && c > 100 * QUANTUM * 99 / 100,
             "guest {i}: {c}"
         );
-        let s = &rl.slots[i].guest.stats;
+        let s = &rl.slots[i].vcpus[0].stats;
         assert_eq!(
             s.total_exits(),
             100,
@@ -173,7 +167,7 @@ fn a_halted_guest_gets_every_tick_on_time_while_others_compute() {
     run_for(&mut rl, 2 * TSC_HZ);
     // Its clock ran with the machine's while it was halted, and stopped only between its
     // wake-ups and its first instruction after them.
-    let own_time = rl.slots[2].guest.now(rl.cpu.clock);
+    let own_time = rl.slots[2].vm.now(rl.cpu.clock);
     let elapsed = rl.cpu.clock - super::fake::START;
     assert!(
         own_time <= elapsed && own_time > elapsed * 999 / 1000,
@@ -233,17 +227,17 @@ fn a_timer_that_is_always_due_does_not_livelock_its_guest() {
     storm.rflags = 0x2;
     let mut rl = rig(vec![storm.with_pit(1), Program::compute()]);
     for _ in 0..1_000 {
-        if !rl.slots[0].guest.state.is_live() {
+        if !rl.slots[0].vcpus[0].state.is_live() {
             break;
         }
         assert!(rl.step());
     }
     assert_eq!(
-        rl.slots[0].guest.state,
+        rl.slots[0].vcpus[0].state,
         RunState::Stopped(StopReason::DebugExit(0x43)),
         "the storm's guest finished its work"
     );
-    let s = &rl.slots[0].guest.stats;
+    let s = &rl.slots[0].vcpus[0].stats;
     // Every entry ran at least the minimum gap (but the last of each slice).
     let slices = 1_000_000 / QUANTUM + 1;
     assert!(
@@ -323,11 +317,11 @@ fn stopped_guests_never_run_again() {
         steps += 1;
         assert!(steps < 1000, "the loop did not end");
     }
-    let state = |i: usize| rl.slots[i].guest.state.clone();
+    let state = |i: usize| rl.slots[i].vcpus[0].state.clone();
     assert_eq!(state(0), RunState::Stopped(StopReason::DebugExit(3)));
     assert_eq!(state(1), RunState::Stopped(StopReason::Operator("kill")));
     assert_eq!(state(2), RunState::Stopped(StopReason::TripleFault));
-    assert_eq!(rl.slots[2].vcpu.boots, 1);
+    assert_eq!(rl.slots[2].hw.boots, 1);
     let last = |i: usize| rl.cpu.trace.iter().rposition(|e| e.guest == i).unwrap();
     assert_eq!(rl.cpu.trace[last(0)].exit, ExitReason::IoInstruction);
     assert!(last(1) < killed_at);
@@ -341,7 +335,7 @@ fn stopped_guests_never_run_again() {
     // Its 250 000 cycles and the OUT, plus the RDTSC that ends each entry's account.
     let entries = rl.cpu.entries(0).count() as u64;
     assert_eq!(
-        rl.slots[0].guest.stats.cpu_cycles,
+        rl.slots[0].vcpus[0].stats.cpu_cycles,
         250_000 + 1 + entries * KEEL_COST
     );
 }
@@ -394,7 +388,7 @@ fn every_guest_gets_its_ticks_on_time_whether_the_running_one_exits_often_or_nev
     every_tick_on_time(&rl, 0, PIT_100HZ);
     every_tick_on_time(&rl, 1, PIT_132HZ);
     every_tick_on_time(&rl, 2, PIT_132HZ);
-    let cpuid = rl.slots[0].guest.stats.exits[ExitReason::Cpuid.number() as usize];
+    let cpuid = rl.slots[0].vcpus[0].stats.exits[ExitReason::Cpuid.number() as usize];
     assert!(cpuid > 10_000, "{cpuid} CPUID exits");
 }
 
@@ -445,7 +439,7 @@ fn a_guest_paused_while_halted_loses_no_tick() {
     ]);
     run_for(&mut rl, 50 * QUANTUM);
     // Pause it while it waits in HLT.
-    while rl.slots[0].guest.state != RunState::Halted {
+    while rl.slots[0].vcpus[0].state != RunState::Halted {
         assert!(rl.step());
     }
     rl.pause(0).unwrap();
@@ -464,7 +458,7 @@ fn a_guest_paused_while_halted_loses_no_tick() {
         .collect();
     assert!(after.len() <= 51, "{} ticks in 50 quanta", after.len());
     // Its halted time does not count the pause.
-    let halted = rl.slots[0].guest.stats.halted_cycles;
+    let halted = rl.slots[0].vcpus[0].stats.halted_cycles;
     assert!(halted < 110 * QUANTUM, "halted {halted} cycles");
 }
 
@@ -476,7 +470,7 @@ fn exit_handling_time_is_counted_by_reason() {
     for _ in 0..2 {
         assert!(rl.step());
     }
-    let st = &rl.slots[0].guest.stats;
+    let st = &rl.slots[0].vcpus[0].stats;
     let cpuid = ExitReason::Cpuid.number() as usize;
     assert_eq!(st.exits[cpuid], 3);
     assert_eq!(st.exits_timed[cpuid], 3);
@@ -520,7 +514,10 @@ fn the_control_channel_operates_the_guests() {
     run_for(&mut rl, 4 * QUANTUM);
     send(&mut rl, "pause g0");
     assert!(rl.step());
-    assert_eq!(rl.slots[0].guest.state, RunState::Paused { halted: false });
+    assert_eq!(
+        rl.slots[0].vcpus[0].state,
+        RunState::Paused { halted: false }
+    );
     let paused_at = rl.cpu.trace.len();
     run_for(&mut rl, 10 * QUANTUM);
     assert!(rl.cpu.trace[paused_at..].iter().all(|e| e.guest == 1));
@@ -551,8 +548,8 @@ fn the_control_channel_operates_the_guests() {
         r[5],
         "{\"ok\":false,\"error\":\"start g0: the guest is running (restart boots it again)\"}"
     );
-    assert_eq!(rl.slots[1].vcpu.boots, 1, "started again after the kill");
-    assert_eq!(rl.slots[1].guest.state, RunState::Runnable);
+    assert_eq!(rl.slots[1].hw.boots, 1, "started again after the kill");
+    assert_eq!(rl.slots[1].vcpus[0].state, RunState::Runnable);
     assert!(!rl.quit_requested());
     send(&mut rl, "quit");
     while rl.step() {}
@@ -563,7 +560,7 @@ fn the_control_channel_operates_the_guests() {
     assert!(rl
         .slots
         .iter()
-        .all(|s| s.guest.state == RunState::Stopped(StopReason::Operator("quit"))));
+        .all(|s| s.vcpus[0].state == RunState::Stopped(StopReason::Operator("quit"))));
 }
 
 /// Ctrl-A c opens the prompt; a line typed there runs (the guests keep running meanwhile), other
@@ -578,7 +575,10 @@ fn the_console_prompt_runs_commands_and_leaves_the_guests_running() {
     rl.cpu.keys.extend(b"\x01cpause g1\r");
     let before = rl.cpu.trace.len();
     run_for(&mut rl, 10 * QUANTUM);
-    assert!(matches!(rl.slots[1].guest.state, RunState::Paused { .. }));
+    assert!(matches!(
+        rl.slots[1].vcpus[0].state,
+        RunState::Paused { .. }
+    ));
     assert!(
         rl.cpu.trace[before..].iter().any(|e| e.guest == 0),
         "g0 ran"
@@ -590,7 +590,10 @@ fn the_console_prompt_runs_commands_and_leaves_the_guests_running() {
     );
     rl.cpu.keys.extend(b"resume 1\rexit\rx");
     run_for(&mut rl, 2 * QUANTUM);
-    assert_ne!(rl.slots[1].guest.state, RunState::Paused { halted: false });
+    assert_ne!(
+        rl.slots[1].vcpus[0].state,
+        RunState::Paused { halted: false }
+    );
     assert!(!rl.ops.prompt.is_open());
     // After `exit`, bytes go to the focused guest again (g0 took the `x`: its FIFO had room).
     assert_eq!(rl.focus.dropped, 0);
@@ -635,4 +638,229 @@ fn a_guest_paused_before_its_first_slice_starts_near_zero() {
         first < 100 * KEEL_COST,
         "its clock read {first} at its first entry"
     );
+}
+
+// ----- Guests with several vCPUs -----
+
+/// IA32_APIC_BASE, the x2APIC's SVR, EOI and ICR MSRs (SDM 11.12.1.2).
+const APIC_BASE: u32 = 0x1b;
+const X2APIC_SVR: u32 = 0x80f;
+const X2APIC_EOI: u32 = 0x80b;
+const X2APIC_ICR: u32 = 0x830;
+
+/// A vCPU turning its APIC on in x2APIC mode, software enabled (SVR bit 8).
+fn x2apic_on() -> [Op; 2] {
+    [
+        Op::Wrmsr(APIC_BASE, 0xfee0_0000 | 1 << 11 | 1 << 10),
+        Op::Wrmsr(X2APIC_SVR, 0x1ff),
+    ]
+}
+
+/// An x2APIC ICR command to APIC `dest`: delivery mode `mode` (5 INIT, 6 STARTUP, 0 fixed),
+/// level asserted.
+fn ipi(dest: u32, mode: u64, vector: u8) -> Op {
+    Op::Wrmsr(
+        X2APIC_ICR,
+        u64::from(dest) << 32 | 1 << 14 | mode << 8 | u64::from(vector),
+    )
+}
+
+/// The bootstrap processor of an SMP guest: its APIC on, INIT and SIPI (vector 0x9a) to each of
+/// `aps`, then `then`.
+fn starter(aps: u32, then: &[Op]) -> Program {
+    let mut main = x2apic_on().to_vec();
+    for ap in 1..=aps {
+        main.push(ipi(ap, 5, 0));
+        main.push(ipi(ap, 6, 0x9a));
+    }
+    main.extend_from_slice(then);
+    Program {
+        main,
+        repeat_from: None,
+        handler: vec![Op::Run(100), Op::Wrmsr(X2APIC_EOI, 0)],
+        rflags: 0x202,
+    }
+}
+
+/// An application processor that turns its APIC on, then halts between interrupts, each
+/// handled in 100 cycles and an x2APIC EOI.
+fn ap_sleeper() -> Program {
+    let mut main = x2apic_on().to_vec();
+    main.push(Op::Sti);
+    main.push(Op::Hlt);
+    Program {
+        main,
+        repeat_from: Some(3),
+        handler: vec![Op::Run(100), Op::Wrmsr(X2APIC_EOI, 0)],
+        rflags: 0x202,
+    }
+}
+
+/// The exit of guest 0's BSP for its fifth WRMSR: after [`starter`]`(1, ..)`'s four (APIC base,
+/// SVR, INIT, SIPI), the first of its own.
+fn fifth_wrmsr_of_the_bsp(rl: &RunLoop<FakeCpu>) -> Entry {
+    rl.cpu
+        .vcpu_entries(0, 0)
+        .filter(|e| e.exit == ExitReason::Wrmsr)
+        .nth(4)
+        .copied()
+        .expect("the BSP wrote its fifth MSR")
+}
+
+fn smp_rig(guests: Vec<Vec<Program>>) -> RunLoop<FakeCpu> {
+    let cpu = FakeCpu::new();
+    let slots = guests
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| cpu.smp_guest(i, p, 0))
+        .collect();
+    RunLoop::new(cpu, config(), slots)
+}
+
+#[test]
+fn application_processors_wait_for_sipi_and_start_in_real_mode_at_its_vector() {
+    use crate::vmx::{GuestNat, Segment};
+    // The BSP computes for a while before it starts its APs: until then they must not run.
+    let mut rl = smp_rig(vec![vec![
+        starter(0, &[Op::Run(3 * QUANTUM)]),
+        Program::compute(),
+        Program::compute(),
+    ]]);
+    run_for(&mut rl, 2 * QUANTUM);
+    assert_eq!(
+        rl.cpu.vcpu_entries(0, 1).count(),
+        0,
+        "AP 1 ran without a SIPI"
+    );
+    assert_eq!(rl.slots[0].vcpus[1].state, RunState::WaitForSipi);
+
+    // Now one that starts AP 1 only: AP 2 keeps waiting.
+    let mut rl = smp_rig(vec![vec![
+        starter(1, &[Op::Run(u64::MAX)]),
+        Program::compute(),
+        Program::compute(),
+    ]]);
+    run_for(&mut rl, 4 * QUANTUM);
+    let first = rl.cpu.vcpu_entries(0, 1).next().expect("AP 1 never ran");
+    let sipi = rl.cpu.vcpu_entries(0, 0).nth(3).unwrap();
+    assert_eq!(sipi.exit, ExitReason::Wrmsr);
+    assert!(
+        first.start - sipi.end < 20 * KEEL_COST,
+        "AP 1 started {} cycles after the SIPI",
+        first.start - sipi.end
+    );
+    assert_eq!(rl.cpu.vcpu_entries(0, 2).count(), 0, "AP 2 had no SIPI");
+    assert_eq!(rl.slots[0].vcpus[2].state, RunState::WaitForSipi);
+    let vmcs = &rl.slots[0].hw.cores[1].vmcs;
+    assert_eq!(vmcs.read(Segment::Cs.selector()), 0x9a00);
+    assert_eq!(vmcs.read(Segment::Cs.base()), 0x9a000);
+    // Both running vCPUs share the CPU evenly from then on.
+    let a = rl.slots[0].vcpus[0].stats.cpu_cycles;
+    let b = rl.slots[0].vcpus[1].stats.cpu_cycles;
+    assert!(b > QUANTUM, "AP 1 ran {b} cycles, the BSP {a}");
+    assert_eq!(
+        vmcs.read(GuestNat::Rflags) & 1 << 9,
+        0,
+        "IF clear after INIT-SIPI"
+    );
+}
+
+#[test]
+fn a_fixed_ipi_wakes_a_halted_vcpu_without_waiting_for_the_senders_slice() {
+    // The BSP starts AP 1, computes 2 quanta, sends vector 0x40 to APIC 1, and computes on.
+    let mut rl = smp_rig(vec![
+        vec![
+            starter(
+                1,
+                &[Op::Run(2 * QUANTUM), ipi(1, 0, 0x40), Op::Run(u64::MAX)],
+            ),
+            ap_sleeper(),
+        ],
+        vec![Program::compute()],
+    ]);
+    run_for(&mut rl, 8 * QUANTUM);
+    let sent = fifth_wrmsr_of_the_bsp(&rl);
+    let got = rl
+        .cpu
+        .vcpu_entries(0, 1)
+        .find(|e| e.injected == Some(0x40))
+        .copied()
+        .expect("AP 1 never took the IPI");
+    assert!(
+        got.start > sent.end && got.start - sent.end < 20 * KEEL_COST,
+        "the IPI reached AP 1 {} cycles after it was sent",
+        got.start.wrapping_sub(sent.end)
+    );
+    // Once AP 1 has handled it and halted again, the sender gets the CPU back, for the rest of
+    // its slice, before guest 1's turn.
+    let back = rl
+        .cpu
+        .trace
+        .iter()
+        .find(|e| e.start > got.end && (e.guest, e.vcpu) != (0, 1))
+        .unwrap();
+    assert_eq!((back.guest, back.vcpu), (0, 0));
+}
+
+#[test]
+fn every_vcpu_of_every_guest_gets_an_equal_share() {
+    // Guest 0 with two computing vCPUs, guest 1 with one: three equal shares.
+    let mut rl = smp_rig(vec![
+        vec![starter(1, &[Op::Run(u64::MAX)]), Program::compute()],
+        vec![Program::compute()],
+    ]);
+    run_for(&mut rl, 300 * QUANTUM);
+    let shares: Vec<u64> = [(0, 0), (0, 1), (1, 0)]
+        .iter()
+        .map(|&(g, c)| rl.slots[g].vcpus[c].stats.cpu_cycles)
+        .collect();
+    let mean = shares.iter().sum::<u64>() / 3;
+    for s in &shares {
+        let off = s.abs_diff(mean) as f64 / mean as f64;
+        assert!(
+            off < 0.02,
+            "shares {shares:?}: one is {:.1}% off",
+            off * 100.0
+        );
+    }
+}
+
+#[test]
+fn init_sends_a_running_ap_back_to_wait_for_sipi() {
+    // The BSP starts AP 1, lets it compute for 3 of its own quanta, then sends it INIT.
+    let mut rl = smp_rig(vec![vec![
+        starter(1, &[Op::Run(3 * QUANTUM), ipi(1, 5, 0), Op::Run(u64::MAX)]),
+        Program::compute(),
+    ]]);
+    run_for(&mut rl, 12 * QUANTUM);
+    assert_eq!(rl.slots[0].vcpus[1].state, RunState::WaitForSipi);
+    let init = fifth_wrmsr_of_the_bsp(&rl);
+    assert!(
+        rl.cpu.vcpu_entries(0, 1).any(|e| e.end < init.start),
+        "AP 1 ran before"
+    );
+    assert!(
+        rl.cpu.vcpu_entries(0, 1).all(|e| e.start < init.end),
+        "AP 1 ran after its INIT"
+    );
+    // The BSP alone has the CPU now.
+    assert!(rl.slots[0].vcpus[0].state.is_live());
+}
+
+#[test]
+fn a_triple_fault_on_one_vcpu_stops_the_whole_guest_and_only_it() {
+    let mut rl = smp_rig(vec![
+        vec![
+            starter(1, &[Op::Run(u64::MAX)]),
+            Program::once(&[Op::Run(50_000), Op::TripleFault]),
+        ],
+        vec![Program::compute()],
+    ]);
+    run_for(&mut rl, 10 * QUANTUM);
+    for v in &rl.slots[0].vcpus {
+        assert_eq!(v.state, RunState::Stopped(StopReason::TripleFault));
+    }
+    assert_eq!(rl.slots[1].vcpus[0].state, RunState::Runnable);
+    let stopped = rl.cpu.trace.iter().rposition(|e| e.guest == 0).unwrap();
+    assert!(rl.cpu.trace[stopped + 1..].iter().all(|e| e.guest == 1));
 }

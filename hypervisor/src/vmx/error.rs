@@ -296,7 +296,8 @@ mod tests {
             .write_raw(ReadOnlyNat::ExitQualification.encoding(), 0);
         let mut cx = ExitContext {
             vmcs: &mut t.vmcs,
-            guest: &mut t.guest,
+            vcpu: &mut t.vcpu,
+            vm: &mut t.vm,
             host: &mut t.host,
             now: 0,
         };

@@ -96,6 +96,16 @@ pub fn guest_vpid(id: u32) -> u16 {
     (id % 0xffff) as u16 + 1
 }
 
+/// The VPID of vCPU `index` of guest `id`: each vCPU its own, because the vCPUs of one guest run
+/// different address spaces on the same CPU and a shared tag would let one use the other's cached
+/// translations (SDM 29.1). Guest `id`'s vCPUs take the VPIDs after guest `id - 1`'s
+/// (`crate::manifest::MAX_VCPUS` each); like [`guest_vpid`], they repeat after 65535, safe
+/// because every boot invalidates its VPIDs first.
+pub fn vcpu_vpid(id: u32, index: usize) -> u16 {
+    let n = u64::from(id) * u64::from(crate::manifest::MAX_VCPUS) + index as u64;
+    (n % 0xffff) as u16 + 1
+}
+
 /// What this processor can invalidate and whether Keel's guests run with VPIDs, from the
 /// capability MSRs and the secondary controls Keel chose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +214,19 @@ impl FlushPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_vcpu_has_its_own_vpid_and_none_is_keels() {
+        let mut seen = alloc::collections::BTreeSet::new();
+        for id in 0..8 {
+            for c in 0..usize::from(crate::manifest::MAX_VCPUS) {
+                let v = vcpu_vpid(id, c);
+                assert_ne!(v, 0, "VPID 0 is Keel's");
+                assert!(seen.insert(v), "guest {id} vCPU {c} repeats VPID {v}");
+            }
+        }
+        assert_ne!(vcpu_vpid(u32::MAX, 15), 0);
+    }
     use alloc::string::ToString;
     use alloc::vec;
 

@@ -7,7 +7,7 @@ fn main() {
         // Where a multiboot kernel conventionally lives, and QEMU's -kernel accepts it.
         "mb32" | "qk32" | "platform32" => 0x10_0000,
         // 2 MiB: above the loader's boot area and the 1 MiB PC hole.
-        "pm32" | "long64" => 0x20_0000,
+        "pm32" | "long64" | "smp32" => 0x20_0000,
         other => panic!("guest {other:?} has no base address in common/link.rs"),
     };
     let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default();

@@ -27,6 +27,30 @@ fn read(reg: usize) -> u32 {
     unsafe { core::ptr::read_volatile((BASE + reg) as *const u32) }
 }
 
+const ID: usize = 0x20;
+const ICR_LOW: usize = 0x300;
+const ICR_HIGH: usize = 0x310;
+/// ICR delivery status (bit 12): the previous IPI is still being sent.
+const ICR_PENDING: u32 = 1 << 12;
+
+/// This processor's APIC ID (xAPIC ID register bits 31:24).
+pub fn id() -> u8 {
+    (read(ID) >> 24) as u8
+}
+
+/// Sends an IPI through the ICR (SDM Vol. 3A 11.6.1): `low` is the ICR's low half (vector,
+/// delivery mode, level, shorthand), `dest` the physical destination APIC ID. Waits until the
+/// previous one has gone.
+pub fn send_ipi(dest: u8, low: u32) {
+    // black_box keeps the load a plain MOV: folded into the test it became BT on the MMIO page,
+    // an instruction Keel's MMIO emulation does not take.
+    while core::hint::black_box(read(ICR_LOW)) & ICR_PENDING != 0 {
+        core::hint::spin_loop();
+    }
+    write(ICR_HIGH, u32::from(dest) << 24);
+    write(ICR_LOW, low);
+}
+
 /// Software-enables the APIC (SVR bit 8) with the spurious vector 0xff.
 pub fn enable() {
     write(SPURIOUS, 0x100 | u32::from(SPURIOUS_VECTOR));

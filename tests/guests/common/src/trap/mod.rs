@@ -31,6 +31,10 @@ const VMCALL: [u8; 3] = [0x0f, 0x01, 0xc1];
 
 pub static PIT_TICKS: AtomicU32 = AtomicU32::new(0);
 pub static LAPIC_TICKS: AtomicU32 = AtomicU32::new(0);
+/// The fixed IPI the SMP guest's processors send each other.
+pub const IPI_VECTOR: u8 = 0x40;
+/// IPIs on [`IPI_VECTOR`] taken, per receiving APIC ID (0-15).
+pub static IPIS: [AtomicU32; 16] = [const { AtomicU32::new(0) }; 16];
 
 /// No fault expected: a value no vector has.
 const NO_VECTOR: u32 = u32::MAX;
@@ -54,6 +58,12 @@ pub(crate) fn handle(vector: u8, error: usize, ip: usize) -> usize {
         }
         LAPIC_TIMER_VECTOR => {
             LAPIC_TICKS.fetch_add(1, Ordering::Relaxed);
+            lapic::eoi();
+        }
+        IPI_VECTOR => {
+            if let Some(n) = IPIS.get(usize::from(lapic::id())) {
+                n.fetch_add(1, Ordering::SeqCst);
+            }
             lapic::eoi();
         }
         // Spurious: no EOI (8259A datasheet; SDM Vol. 3A 11.9).
@@ -90,7 +100,8 @@ fn code_at(ip: usize) -> [u8; 3] {
 #[repr(C, align(16))]
 pub(crate) struct Table<T>(UnsafeCell<T>);
 
-// SAFETY: the guests are single-CPU and write their tables only before loading them.
+// SAFETY: only the bootstrap processor writes the tables, once, before any processor loads them
+// (smp32's other processors only load them, `load`).
 unsafe impl<T> Sync for Table<T> {}
 
 impl<T> Table<T> {
@@ -137,13 +148,19 @@ pub fn install() {
             unsafe { (*idt)[GATE_WORDS * vector + i] = word };
         }
     }
+    load();
+}
+
+/// Loads the GDT and IDT [`install`] filled in: on another processor of an SMP guest, after the
+/// bootstrap processor installed them.
+pub fn load() {
     let gdtr = DescriptorTablePointer {
         limit: GDT.limit(),
         base: GDT.get() as usize,
     };
     let idtr = DescriptorTablePointer {
         limit: IDT.limit(),
-        base: idt as usize,
+        base: IDT.get() as usize,
     };
     // SAFETY: both tables are static, complete and use the selectors `load_tables` loads.
     unsafe { load_tables(&gdtr, &idtr) };
