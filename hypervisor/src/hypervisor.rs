@@ -558,7 +558,11 @@ impl VmHw {
             ram_block,
         };
         let restart_limit = vm.setup.cfg.restart;
-        let mut slot = Slot::new(guest, vcpus, vm, restart_limit);
+        let share = crate::sched::Share {
+            weight: vm.setup.cfg.weight,
+            cap_percent: vm.setup.cfg.cap,
+        };
+        let mut slot = Slot::new(guest, vcpus, vm, restart_limit).with_share(share);
         slot.hw.boot(&mut slot.vm, &mut slot.vcpus, 0)?;
         if slot.hw.setup.cfg.refuse {
             // Dropping `vm` gives back everything allocated above, as for any refusal.

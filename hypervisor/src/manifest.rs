@@ -25,6 +25,8 @@
 //! initrd = rootfs.cpio     # linux: the initrd (carried as the guest's one module)
 //! restart = 100            # restart the guest up to 100 times when it dies (default 0)
 //! apicv = off              # this guest without APIC virtualization (default: [keel]'s apicv)
+//! weight = 2               # CPU weight, 1 to 64 (default 1): slices of `weight` quanta
+//! cap = 25%                # at most 25% of a CPU, even when it would idle (default: none)
 //! vcpus = 4                # virtual CPUs, 1 to 16 (default 1): APIC IDs 0-3, the others
 //!                          # started by the guest's INIT/SIPI
 //! ```
@@ -70,6 +72,10 @@ pub struct GuestConfig {
     pub restart: u32,
     /// How many vCPUs it has (`vcpus`, 1 to [`MAX_VCPUS`]; APIC IDs 0..vcpus-1).
     pub vcpus: u8,
+    /// `weight`: its CPU time relative to the others' (1 to [`crate::sched::WEIGHT_MAX`]).
+    pub weight: u32,
+    /// `cap`: the most CPU it may use, in percent of one CPU (1 to 100), if capped.
+    pub cap: Option<u32>,
     /// `selftest = refuse`: Keel refuses the guest at boot after it has allocated everything the
     /// guest needs (RAM, EPT, VMCS, ...), so a test can check that a refused guest gives it all
     /// back. Its image must still be one the loaders accept (they also run at pack time).
@@ -183,6 +189,8 @@ struct Partial {
     initrd: Option<(String, usize)>,
     restart: u32,
     vcpus: u8,
+    weight: u32,
+    cap: Option<u32>,
     refuse: bool,
     apicv: Option<bool>,
 }
@@ -307,6 +315,8 @@ impl Partial {
             modules: self.modules,
             restart: self.restart,
             vcpus: self.vcpus,
+            weight: self.weight,
+            cap: self.cap,
             refuse: self.refuse,
             apicv: self.apicv,
         })
@@ -380,6 +390,8 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     initrd: None,
                     restart: 0,
                     vcpus: 1,
+                    weight: 1,
+                    cap: None,
                     refuse: false,
                     apicv: None,
                 });
@@ -489,6 +501,35 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     .filter(|&r| r <= 1_000_000)
                     .ok_or_else(|| err(line_no, "restart must be a number up to 1000000"))?
                     as u32
+            }
+            "weight" => {
+                let max = crate::sched::WEIGHT_MAX;
+                g.weight = parse_u64(value)
+                    .filter(|n| (1..=u64::from(max)).contains(n))
+                    .ok_or_else(|| {
+                        err(
+                            line_no,
+                            format_args!(
+                                "guest {}: weight must be a number from 1 to {max}, not `{value}`",
+                                g.name
+                            ),
+                        )
+                    })? as u32
+            }
+            "cap" => {
+                g.cap = Some(
+                    parse_u64(value.strip_suffix('%').unwrap_or(value))
+                        .filter(|n| (1..=100).contains(n))
+                        .ok_or_else(|| {
+                            err(
+                                line_no,
+                                format_args!(
+                                "guest {}: cap must be a percentage from 1% to 100%, not `{value}`",
+                                g.name
+                            ),
+                            )
+                        })? as u32,
+                )
             }
             "vcpus" => {
                 g.vcpus = parse_u64(value)
@@ -747,6 +788,41 @@ restart = 7
         assert_eq!(e.line, 5);
         let e = parse("[guest a]\nkind = vms\n").unwrap_err();
         assert_eq!(e.message, "kind must be flat, elf, multiboot or linux");
+    }
+
+    #[test]
+    fn weights_and_caps() {
+        let m =
+            parse("[guest a]\nkind = flat\nimage = a.bin\nmemory = 2M\nweight = 3\ncap = 25%\n")
+                .unwrap();
+        assert_eq!((m.guests[0].weight, m.guests[0].cap), (3, Some(25)));
+        let m = parse("[guest a]\nkind = flat\nimage = a.bin\nmemory = 2M\ncap = 40\n").unwrap();
+        assert_eq!((m.guests[0].weight, m.guests[0].cap), (1, Some(40)));
+        for (bad, says) in [
+            (
+                "weight = 0",
+                "weight must be a number from 1 to 64, not `0`",
+            ),
+            (
+                "weight = 65",
+                "weight must be a number from 1 to 64, not `65`",
+            ),
+            (
+                "cap = 0%",
+                "cap must be a percentage from 1% to 100%, not `0%`",
+            ),
+            (
+                "cap = 101%",
+                "cap must be a percentage from 1% to 100%, not `101%`",
+            ),
+        ] {
+            let e = parse(&alloc::format!(
+                "[guest a]\nkind = flat\nimage = a.bin\nmemory = 2M\n{bad}\n"
+            ))
+            .unwrap_err();
+            assert_eq!(e.line, 5);
+            assert_eq!(e.message, alloc::format!("guest a: {says}"));
+        }
     }
 
     #[test]

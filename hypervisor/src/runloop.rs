@@ -12,7 +12,7 @@ use crate::devices::console::ConsoleLine;
 use crate::exits::{self, Action, ExitContext, Host};
 use crate::guest::{GuestRegs, GuestStats, RunState, StopReason, Vcpu, Vm};
 use crate::log::Writer;
-use crate::sched::RoundRobin;
+use crate::sched::{RoundRobin, Share, Shares};
 use crate::vmx::{Control64, ExitReason, Guest32, Vmcs, VmxError};
 use crate::{error, info};
 use alloc::string::String;
@@ -112,6 +112,8 @@ pub struct Slot<V> {
     restarts: u32,
     /// How many restarts it may have (manifest key `restart`).
     restart_limit: u32,
+    /// Its weight and cap (read by `RunLoop::new`).
+    share: Share,
 }
 
 /// One vCPU's place in the schedule.
@@ -138,7 +140,14 @@ impl<V> Slot<V> {
             paused_since: None,
             restarts: 0,
             restart_limit,
+            share: Share::default(),
         }
+    }
+
+    /// The guest's claim on the CPU (manifest `weight` and `cap`; `sched::Shares`).
+    pub fn with_share(mut self, share: Share) -> Self {
+        self.share = share;
+        self
     }
 
     /// The guest's bootstrap processor, vCPU 0: its run state is the guest's (it stops, and
@@ -159,6 +168,8 @@ pub struct RunLoop<C: Cpu> {
     pub slots: Vec<Slot<C::Vcpu>>,
     pub cpu: C,
     sched: RoundRobin,
+    /// Weights and caps: each guest's slice length and capped budget (`sched::Shares`).
+    shares: Shares,
     cfg: LoopConfig,
     /// The vCPU (guest, vCPU) whose registers (those VMX does not switch) are in the CPU. Its
     /// VMCS is loaded afresh at each of its slices, so which VMCS is current is never remembered.
@@ -190,10 +201,12 @@ const REPLY_MAX: usize = 64 * 1024;
 impl<C: Cpu> RunLoop<C> {
     pub fn new(cpu: C, cfg: LoopConfig, slots: Vec<Slot<C::Vcpu>>) -> Self {
         let slots_len = slots.len();
+        let shares = Shares::new(cfg.quantum, slots.iter().map(|s| s.share).collect());
         Self {
             slots,
             cpu,
             sched: RoundRobin::new(cfg.quantum),
+            shares,
             cfg,
             in_cpu: None,
             focus: crate::focus::Focus::new(slots_len),
@@ -277,13 +290,17 @@ impl<C: Cpu> RunLoop<C> {
         if live == 0 {
             return false;
         }
+        self.shares.refill(now);
         let seats = self.seats();
         let slots = &self.slots;
+        let shares = &self.shares;
         match self.sched.pick_urgent_first(
             seats.len(),
             |k| {
                 let (i, c) = seats[k];
-                slots[i].live() && slots[i].vcpus[c].state == RunState::Runnable
+                slots[i].live()
+                    && slots[i].vcpus[c].state == RunState::Runnable
+                    && shares.may_run(i)
             },
             |k| slots[seats[k].0].seats[seats[k].1].woken,
         ) {
@@ -292,9 +309,13 @@ impl<C: Cpu> RunLoop<C> {
                 // Every live vCPU is halted: sleep until the earliest guest timer (or at most
                 // one quantum, in case an interrupt source has no deadline).
                 let t0 = self.cpu.rdtsc();
-                let wake = self
+                let mut wake = self
                     .earliest_halted_deadline(None)
                     .unwrap_or(t0 + self.sched.quantum);
+                // A capped guest that used its budget runs again when the next period starts.
+                if self.shares.any_cap() {
+                    wake = wake.min(self.shares.period_end());
+                }
                 // While console output or a control-channel reply is queued, wake often enough
                 // to keep the UART busy (16 bytes of FIFO last 1.4 ms at 115200 baud).
                 let max = if crate::log::busy() || !self.ops.reply.is_empty() {
@@ -349,10 +370,13 @@ impl<C: Cpu> RunLoop<C> {
     fn run_slice(&mut self, seat: (usize, usize)) {
         let (i, c) = seat;
         self.switch_to(seat);
+        // Its weight in quanta, no more than a capped guest's budget has left.
         let quantum = self.slots[i].seats[c]
             .slice_left
             .take()
-            .unwrap_or(self.sched.quantum);
+            .unwrap_or(self.shares.slice(i))
+            .min(self.shares.slice(i));
+        let ran_before = self.slots[i].vcpus[c].stats.cpu_cycles;
         // When a halted vCPU's timer falls due, this slice ends early so that vCPU can run.
         let others_due = self.earliest_halted_deadline(Some(i));
         let cfg = self.cfg;
@@ -364,6 +388,8 @@ impl<C: Cpu> RunLoop<C> {
             quantum,
             others_due,
         );
+        let ran = self.slots[i].vcpus[c].stats.cpu_cycles - ran_before;
+        self.shares.charge(i, ran);
         // INIT and SIPI the vCPU sent to its siblings (ICR writes): their run states change.
         self.start_signals(i);
         match end {

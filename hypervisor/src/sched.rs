@@ -124,12 +124,21 @@ impl Shares {
         Some((u128::from(self.period) * u128::from(cap) / 100) as u64)
     }
 
-    /// Starts a new period (budgets back) when `now` is past the current one.
+    /// Starts a new period (budgets back) when `now` is past the current one. What a capped
+    /// guest ran beyond its budget (its last slice cannot stop at the budget's exact cycle) is
+    /// carried into the next periods as a debt, so over time it gets its cap and no more; unused
+    /// budget is not carried.
     pub fn refill(&mut self, now: u64) {
-        if now.saturating_sub(self.period_start) >= self.period {
-            let periods = (now - self.period_start) / self.period;
-            self.period_start += periods * self.period;
-            self.used.iter_mut().for_each(|u| *u = 0);
+        if now.saturating_sub(self.period_start) < self.period {
+            return;
+        }
+        let periods = (now - self.period_start) / self.period;
+        self.period_start += periods * self.period;
+        for i in 0..self.used.len() {
+            let back = self
+                .budget(i)
+                .map_or(u64::MAX, |b| b.saturating_mul(periods));
+            self.used[i] = self.used[i].saturating_sub(back);
         }
     }
 
@@ -292,5 +301,9 @@ mod tests {
         sh.refill(2500);
         assert!(sh.may_run(0));
         assert_eq!(sh.period_end(), 3000);
+        // 40 cycles beyond the budget are owed in the next period.
+        sh.charge(0, 340);
+        sh.refill(3000);
+        assert_eq!(sh.slice(0), 260);
     }
 }

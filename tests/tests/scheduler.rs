@@ -389,3 +389,71 @@ fn the_cli_spinner_does_not_starve_the_others() {
     }
     boot.expect_line("keel: guest clispin ended");
 }
+
+static SHARES: BootSpec = BootSpec {
+    name: "bochs-shares",
+    manifest: Manifest::File("tests/guests/manifests/shares.toml"),
+    emulator: Emulator::Bochs,
+    firmware: Firmware::Bios,
+    timeout: Some(Duration::from_secs(300)),
+};
+
+/// Weights 1:2:1 and a 10% cap (shares.toml; the capped guest's fair share would be 20%): in the
+/// timekeeper's snapshot at 10 s of its time, the weighted guests' CPU time is 1:2:1 within 2%,
+/// and the capped guest has 10% of the CPU time that passed, within 2% of that.
+#[test]
+fn weights_and_caps_share_the_cpu_as_the_manifest_says() {
+    let boot = shared_boot(&SHARES);
+    let lines: Vec<&str> = boot.lines().collect();
+    let Some(snapshot) = Table::parse(&lines, SNAPSHOT_MARKER) else {
+        boot.fail(&format!("no accounting table after `{SNAPSHOT_MARKER}`"))
+    };
+    println!("snapshot (PRINT_STATS from the timekeeper at 10 s of its time):");
+    print!("{}", snapshot.shares());
+    let cpu = |g: &str| match snapshot.cpu(g) {
+        Some(c) => c as f64,
+        None => boot.fail(&format!("no cpu cycles for {g} in the snapshot")),
+    };
+    let unit = (cpu("light") + cpu("heavy") + cpu("light2")) / 4.0;
+    for (g, w) in [("light", 1.0), ("heavy", 2.0), ("light2", 1.0)] {
+        let off = (cpu(g) - w * unit) / (w * unit);
+        println!(
+            "  {g}: weight {w}: {:.0} cycles, {:+.2}% from its share",
+            cpu(g),
+            off * 100.0
+        );
+        if off.abs() > 0.02 {
+            boot.fail(&format!(
+                "{g} is {:+.2}% from its weighted share",
+                off * 100.0
+            ));
+        }
+    }
+    // The time that passed on the CPU: every guest's cycles in it and Keel's for it. The CPU
+    // never idles in this boot (three guests always want it), so this is the wall time since
+    // the guests started. (The timekeeper's own 10 s are less: its clock stops while it waits for
+    // the CPU, which it does through its start-up calibration.)
+    let keel = |g: &str| match snapshot
+        .get(g, "keel cycles")
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        Some(c) => c,
+        None => boot.fail(&format!("no keel cycles for {g} in the snapshot")),
+    };
+    let elapsed: f64 = ["light", "heavy", "light2", "capped", "timekeeper"]
+        .iter()
+        .map(|g| cpu(g) + keel(g))
+        .sum();
+    let capped = cpu("capped") / elapsed;
+    println!(
+        "  capped: {:.2}% of {elapsed:.0} cycles (cap 10%)",
+        capped * 100.0
+    );
+    if (capped - 0.10).abs() / 0.10 > 0.02 {
+        boot.fail(&format!(
+            "the capped guest had {:.2}% of the CPU, cap 10%",
+            capped * 100.0
+        ));
+    }
+    boot.expect_keel_unhurt();
+}

@@ -529,6 +529,8 @@ pub(crate) mod test_util {
             modules: Vec::<String>::new(),
             restart: 0,
             vcpus: 1,
+            weight: 1,
+            cap: None,
             refuse: false,
             apicv: Some(true),
         }

@@ -864,3 +864,55 @@ fn a_triple_fault_on_one_vcpu_stops_the_whole_guest_and_only_it() {
     let stopped = rl.cpu.trace.iter().rposition(|e| e.guest == 0).unwrap();
     assert!(rl.cpu.trace[stopped + 1..].iter().all(|e| e.guest == 1));
 }
+
+// ----- Weights and caps -----
+
+/// CPU-bound guests with the given shares, run for `quanta` quanta: each one's share of the
+/// CPU in percent.
+fn cpu_shares(shares: &[crate::sched::Share], quanta: u64) -> Vec<f64> {
+    let cpu = FakeCpu::new();
+    let slots = shares
+        .iter()
+        .enumerate()
+        .map(|(i, &sh)| cpu.guest(i, Program::compute(), 0).with_share(sh))
+        .collect();
+    let mut rl = RunLoop::new(cpu, config(), slots);
+    let start = rl.cpu.clock;
+    run_for(&mut rl, quanta * QUANTUM);
+    let total = (rl.cpu.clock - start) as f64;
+    rl.slots
+        .iter()
+        .map(|s| s.vcpus[0].stats.cpu_cycles as f64 * 100.0 / total)
+        .collect()
+}
+
+fn share(weight: u32, cap_percent: Option<u32>) -> crate::sched::Share {
+    crate::sched::Share {
+        weight,
+        cap_percent,
+    }
+}
+
+/// Weights 1:2:1 give the CPU-bound guests 25/50/25% of it (Keel's own time taken off evenly):
+/// within 2% of their shares.
+#[test]
+fn weights_divide_the_cpu_in_proportion() {
+    let got = cpu_shares(&[share(1, None), share(2, None), share(1, None)], 400);
+    let busy: f64 = got.iter().sum();
+    for (g, w) in got.iter().zip([1.0, 2.0, 1.0]) {
+        let want = busy * w / 4.0;
+        assert!((g - want).abs() / want < 0.02, "{got:?}");
+    }
+}
+
+/// A guest capped at 25% gets 25% even when the CPU would idle, and next to uncapped guests the
+/// rest is theirs.
+#[test]
+fn a_cap_holds_alone_and_next_to_others() {
+    let got = cpu_shares(&[share(1, Some(25))], 400);
+    assert!((got[0] - 25.0).abs() < 0.5, "{got:?}");
+    let got = cpu_shares(&[share(1, Some(10)), share(1, None), share(1, None)], 400);
+    assert!((got[0] - 10.0).abs() < 0.5, "{got:?}");
+    assert!((got[1] - got[2]).abs() / got[1] < 0.02, "{got:?}");
+    assert!(got[1] > 40.0, "{got:?}");
+}
