@@ -96,11 +96,18 @@ fn line_of(src: &str, at: usize) -> usize {
         + 1
 }
 
+/// A TOML syntax error of `src`, at its line.
+fn toml_error(src: &str, e: &toml::de::Error) -> ManifestFileError {
+    ManifestFileError {
+        line: e.span().map_or(1, |s| line_of(src, s.start)),
+        message: e.message().trim_end().to_string(),
+    }
+}
+
 /// Translates a TOML manifest into the kernel's line format, key by key.
 pub fn translate(src: &str) -> Result<Translated, ManifestFileError> {
     let file: File = toml::from_str(src).map_err(|e| {
-        let line = e.span().map_or(1, |s| line_of(src, s.start));
-        let mut message = e.message().trim_end().to_string();
+        let ManifestFileError { line, mut message } = toml_error(src, &e);
         if src
             .lines()
             .any(|l| l.trim_start().starts_with("[guest ") && !l.contains("[[guest"))
@@ -166,10 +173,7 @@ pub fn translate(src: &str) -> Result<Translated, ManifestFileError> {
 /// still wins in Keel): the tests and the benchmark run a manifest again with one of Keel's
 /// settings changed. Comments are not kept.
 pub fn with_keel_setting(src: &str, key: &str, value: &str) -> Result<String, ManifestFileError> {
-    let mut table: toml::Table = toml::from_str(src).map_err(|e| ManifestFileError {
-        line: e.span().map_or(1, |s| line_of(src, s.start)),
-        message: e.message().trim_end().to_string(),
-    })?;
+    let mut table: toml::Table = toml::from_str(src).map_err(|e| toml_error(src, &e))?;
     let keel = table
         .entry("keel")
         .or_insert_with(|| Value::Table(toml::Table::new()));

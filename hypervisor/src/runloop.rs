@@ -370,12 +370,13 @@ impl<C: Cpu> RunLoop<C> {
     fn run_slice(&mut self, seat: (usize, usize)) {
         let (i, c) = seat;
         self.switch_to(seat);
-        // Its weight in quanta, no more than a capped guest's budget has left.
+        // Its weight in quanta (or what a woken vCPU left of that), no more than a capped
+        // guest's budget has left.
+        let allowed = self.shares.slice(i);
         let quantum = self.slots[i].seats[c]
             .slice_left
             .take()
-            .unwrap_or(self.shares.slice(i))
-            .min(self.shares.slice(i));
+            .map_or(allowed, |left| left.min(allowed));
         let ran_before = self.slots[i].vcpus[c].stats.cpu_cycles;
         // When a halted vCPU's timer falls due, this slice ends early so that vCPU can run.
         let others_due = self.earliest_halted_deadline(Some(i));
