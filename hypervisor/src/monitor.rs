@@ -26,6 +26,8 @@ pub struct GuestView {
     /// Its RAM in bytes.
     pub memory: u64,
     pub stats: GuestStats,
+    /// Its weight and cap (`weight`, `cap`).
+    pub share: crate::sched::Share,
 }
 
 /// A guest's run state, as shown.
@@ -77,6 +79,8 @@ pub trait MonitorTarget {
     fn control(&mut self, id: usize, op: Control) -> Result<(), String>;
     /// Stops every guest and ends Keel once the reply is out.
     fn quit(&mut self);
+    /// Gives guest `id` a new weight and cap (`weight NAME N`, `cap NAME P%|off`).
+    fn set_share(&mut self, id: usize, share: crate::sched::Share) -> Result<(), String>;
 }
 
 /// How a reply is written.
@@ -111,6 +115,11 @@ const HELP: &[(&str, &str)] = &[
         "exits by reason (count, average and max cycles), interrupts, halted time",
     ),
     ("regs NAME", "the guest's registers"),
+    (
+        "weight NAME N",
+        "its CPU weight, 1 to 64 (slices of N quanta)",
+    ),
+    ("cap NAME P%|off", "at most P% of the CPU, or no cap"),
     ("pause NAME", "stop scheduling it; its clock stops"),
     (
         "resume NAME",
@@ -161,6 +170,9 @@ impl Monitor {
         let Some(cmd) = words.next() else {
             return ok(form, String::new(), Vec::new());
         };
+        if matches!(cmd, "weight" | "cap") {
+            return shares::command(cmd, words, target, form);
+        }
         let arg = words.next();
         if let Some(extra) = words.next() {
             return err(form, alloc::format!("{cmd}: unexpected {extra:?}"));
@@ -261,19 +273,21 @@ impl Monitor {
         match form {
             Form::Text => {
                 let mut t = alloc::format!(
-                    "{:>3} {:<16} {:<8} {:>5} {:>9} {:>6} {:>9}\n",
+                    "{:>3} {:<16} {:<8} {:>5} {:>9} {:>6} {:>9} {:>6} {:>4}\n",
                     "id",
                     "name",
                     "state",
                     "vcpus",
                     "memory",
                     "cpu %",
-                    "exits/s"
+                    "exits/s",
+                    "weight",
+                    "cap"
                 );
                 for (g, permille, rate) in rows {
                     let _ = writeln!(
                         t,
-                        "{:>3} {:<16} {:<8} {:>5} {:>7} M {:>4}.{} {:>9}",
+                        "{:>3} {:<16} {:<8} {:>5} {:>7} M {:>4}.{} {:>9} {:>6} {:>4}",
                         g.id,
                         g.name,
                         g.state.name(),
@@ -281,7 +295,9 @@ impl Monitor {
                         g.memory >> 20,
                         permille / 10,
                         permille % 10,
-                        rate
+                        rate,
+                        g.share.weight,
+                        shares::cap_text(g.share)
                     );
                 }
                 text_reply(t)
@@ -298,7 +314,11 @@ impl Monitor {
                             ("memory", Value::Num(g.memory)),
                             ("cpu_permille", Value::Num(permille)),
                             ("exits_per_s", Value::Num(rate)),
+                            ("cpu_cycles", Value::Num(g.stats.cpu_cycles)),
+                            ("keel_cycles", Value::Num(g.stats.keel_cycles)),
+                            ("halted_cycles", Value::Num(g.stats.halted_cycles)),
                         ];
+                        shares::fields(g.share, &mut o);
                         if let Some(r) = &g.stop_reason {
                             o.push(("stop_reason", Value::Str(r.clone())));
                         }
@@ -345,14 +365,16 @@ fn stats(g: &GuestView, hz: u64, form: Form) -> Reply {
     match form {
         Form::Text => {
             let mut t = alloc::format!(
-                "{} ({}): {} exits, {} interrupts injected, halted {} ms, in the guest {} ms, in Keel {} ms\n",
+                "{} ({}): {} exits, {} interrupts injected, halted {} ms, in the guest {} ms, in Keel {} ms, weight {}, cap {}\n",
                 g.name,
                 g.state.name(),
                 s.total_exits(),
                 s.interrupts_injected,
                 ms(s.halted_cycles),
                 ms(s.cpu_cycles),
-                ms(s.keel_cycles)
+                ms(s.keel_cycles),
+                g.share.weight,
+                shares::cap_text(g.share)
             );
             let _ = writeln!(
                 t,
@@ -398,7 +420,7 @@ fn stats(g: &GuestView, hz: u64, form: Form) -> Reply {
                     Value::Obj(o)
                 })
                 .collect();
-            json_ok(alloc::vec![
+            let mut fields = alloc::vec![
                 ("guest", Value::Str(g.name.clone())),
                 ("state", Value::Str(g.state.name().into())),
                 ("exits_total", Value::Num(s.total_exits())),
@@ -408,7 +430,9 @@ fn stats(g: &GuestView, hz: u64, form: Form) -> Reply {
                 ("cpu_cycles", Value::Num(s.cpu_cycles)),
                 ("keel_cycles", Value::Num(s.keel_cycles)),
                 ("tsc_hz", Value::Num(hz)),
-            ])
+            ];
+            shares::fields(g.share, &mut fields);
+            json_ok(fields)
         }
     }
 }
@@ -683,5 +707,6 @@ pub fn too_long() -> Reply {
     )
 }
 
+mod shares;
 #[cfg(test)]
 mod tests;

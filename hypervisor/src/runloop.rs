@@ -178,6 +178,8 @@ pub struct RunLoop<C: Cpu> {
     focus: crate::focus::Focus,
     /// The operator's side: the console prompt, the control channel and the monitor behind both.
     ops: Operator,
+    /// The load policy over the on-demand guests, if any (`policy`).
+    policy: Option<crate::policy::Policy>,
 }
 
 /// What the run loop keeps for the monitor (`monitor`): the `keel>` prompt on COM1, the lines
@@ -219,6 +221,7 @@ impl<C: Cpu> RunLoop<C> {
                 quit: false,
                 started: None,
             },
+            policy: None,
         }
     }
 
@@ -262,6 +265,7 @@ impl<C: Cpu> RunLoop<C> {
         }
         let now = self.cpu.rdtsc();
         self.ops.started.get_or_insert(now);
+        self.policy_turn(now);
         let mut live = 0;
         for s in &mut self.slots {
             if !s.live() {
@@ -1066,6 +1070,7 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
                     vcpus: s.vcpus.len() as u32,
                     memory: s.vm.ram.len(),
                     stats: GuestStats::sum(s.vcpus.iter().map(|v| &v.stats)),
+                    share: self.shares.get(id),
                 }
             })
             .collect()
@@ -1137,6 +1142,17 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
         }
         info!("quit: every guest stopped");
     }
+
+    fn set_share(&mut self, id: usize, share: Share) -> Result<(), String> {
+        let s = self.slots.get_mut(id).ok_or("no such guest")?;
+        s.share = share;
+        self.shares.set(id, share);
+        match share.cap_percent {
+            Some(cap) => info!("guest {}: weight {}, cap {cap}%", s.vm.name, share.weight),
+            None => info!("guest {}: weight {}, no cap", s.vm.name, share.weight),
+        }
+        Ok(())
+    }
 }
 
 /// The length of the last accounting table, as sent.
@@ -1201,5 +1217,6 @@ fn print_stats<'a, V: 'a>(guests: impl Iterator<Item = &'a Slot<V>>, who: Writer
 
 #[cfg(test)]
 mod fake;
+mod policy;
 #[cfg(test)]
 mod tests;
