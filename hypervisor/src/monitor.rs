@@ -325,7 +325,11 @@ impl Monitor {
                         Value::Obj(o)
                     })
                     .collect();
-                json_ok(alloc::vec![("guests", Value::List(items))])
+                // The host TSC of the sample: the time base of the cycle counts.
+                json_ok(alloc::vec![
+                    ("guests", Value::List(items)),
+                    ("tsc", Value::Num(now))
+                ])
             }
         }
     }
@@ -708,5 +712,6 @@ pub fn too_long() -> Reply {
 }
 
 mod shares;
+pub mod table;
 #[cfg(test)]
 mod tests;

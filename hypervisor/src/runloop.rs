@@ -862,7 +862,14 @@ impl<C: Cpu> RunLoop<C> {
             self.show_prompt();
             match key {
                 Key::Stats => {
-                    print_stats(self.slots.iter(), Writer::Keel);
+                    // Only when the console has room for it now: Keel's lines wait for room, and
+                    // the guests would wait with them.
+                    let table = self.readable_table();
+                    if crate::log::fits(Writer::Keel, crate::log::wire_len(table.as_bytes())) {
+                        console_text(&table);
+                    } else {
+                        info!("statistics: the console is busy; ask again in a moment");
+                    }
                 }
                 Key::Pause => (0..self.slots.len()).for_each(|i| {
                     let _ = self.pause(i);
@@ -980,14 +987,32 @@ impl<C: Cpu> RunLoop<C> {
         Ok(())
     }
 
-    /// The final accounting table and one status line per guest.
+    /// The statistics table (`monitor::table`) over the time since the loop started.
+    fn readable_table(&mut self) -> String {
+        use crate::monitor::MonitorTarget;
+        let now = self.cpu.rdtsc();
+        let elapsed = now.saturating_sub(self.ops.started.unwrap_or(now));
+        let rows: Vec<_> = self
+            .guests()
+            .into_iter()
+            .zip(&self.slots)
+            .map(|(g, s)| {
+                let c = s.vm.platform.console_ref();
+                (g, (c.bytes_written(), c.dropped_bytes()))
+            })
+            .collect();
+        crate::monitor::table::readable(&rows, elapsed, self.cfg.tsc_hz)
+    }
+
+    /// The final statistics table and one status line per guest.
     pub fn report(&mut self) {
         crate::log::set_prompt(None);
         // No guest runs any more: the last console lines wait for room now.
         for s in &mut self.slots {
             print_console(&mut s.vm, usize::MAX);
         }
-        print_stats(self.slots.iter(), Writer::Keel);
+        let table = self.readable_table();
+        console_text(&table);
         for s in &self.slots {
             if let RunState::Stopped(r) = &s.bsp().state {
                 info!("guest {} status {:#x}: {r}", s.vm.name, r.status());

@@ -17,7 +17,7 @@ const MANIFEST: Manifest = Manifest::File("tests/guests/manifests/control.toml")
 /// Asks `list` until `done(reply)` holds (Bochs writes its COM1 file in blocks, so the channel,
 /// not serial.log, says what Keel is doing now). A request sent before Keel listens on COM2 is
 /// lost (Keel empties the UART when it takes it over) and is simply asked again.
-fn wait_for_list(
+pub(crate) fn wait_for_list(
     socket: &Path,
     done: impl Fn(&str) -> bool,
     limit: Duration,
@@ -36,14 +36,14 @@ fn wait_for_list(
 }
 
 /// What happened on the channel, for the checks after the run.
-struct Session {
+pub(crate) struct Session {
     /// (command, reply, round trip).
-    exchanges: Vec<(String, String, Duration)>,
-    error: Option<String>,
+    pub(crate) exchanges: Vec<(String, String, Duration)>,
+    pub(crate) error: Option<String>,
 }
 
 impl Session {
-    fn send(&mut self, socket: &Path, command: &str) -> String {
+    pub(crate) fn send(&mut self, socket: &Path, command: &str) -> String {
         let t = Instant::now();
         let reply = control::request(socket, command, Duration::from_secs(60))
             .unwrap_or_else(|e| format!("(no reply: {e:#})"));
@@ -52,7 +52,7 @@ impl Session {
         reply
     }
 
-    fn expect(&mut self, socket: &Path, command: &str, reply: &str) {
+    pub(crate) fn expect(&mut self, socket: &Path, command: &str, reply: &str) {
         let got = self.send(socket, command);
         if got != reply && self.error.is_none() {
             self.error = Some(format!("`{command}`: {got}, expected {reply}"));
@@ -60,7 +60,7 @@ impl Session {
     }
 
     /// The state `list` shows for `guest`.
-    fn state_of(&mut self, socket: &Path, guest: &str) -> String {
+    pub(crate) fn state_of(&mut self, socket: &Path, guest: &str) -> String {
         let list = self.send(socket, "list");
         let key = format!("\"name\":\"{guest}\",\"state\":\"");
         list.find(&key)
@@ -74,7 +74,7 @@ impl Session {
             .unwrap_or_else(|| format!("(not in {list})"))
     }
 
-    fn expect_state(&mut self, socket: &Path, guest: &str, state: &str) {
+    pub(crate) fn expect_state(&mut self, socket: &Path, guest: &str, state: &str) {
         let got = self.state_of(socket, guest);
         if got != state && self.error.is_none() {
             self.error = Some(format!("{guest} is {got}, expected {state}"));

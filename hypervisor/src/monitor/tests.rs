@@ -111,7 +111,7 @@ fn list_shows_cpu_share_and_exit_rate_since_the_last_list() {
         r.text,
         "{\"ok\":true,\"guests\":[\
          {\"id\":0,\"name\":\"alpha\",\"state\":\"running\",\"vcpus\":1,\"memory\":16777216,\"cpu_permille\":0,\"exits_per_s\":0,\"cpu_cycles\":250000,\"keel_cycles\":0,\"halted_cycles\":0,\"weight\":1},\
-         {\"id\":1,\"name\":\"beta\",\"state\":\"halted\",\"vcpus\":1,\"memory\":16777216,\"cpu_permille\":100,\"exits_per_s\":0,\"cpu_cycles\":100000,\"keel_cycles\":0,\"halted_cycles\":0,\"weight\":1}]}\n"
+         {\"id\":1,\"name\":\"beta\",\"state\":\"halted\",\"vcpus\":1,\"memory\":16777216,\"cpu_permille\":100,\"exits_per_s\":0,\"cpu_cycles\":100000,\"keel_cycles\":0,\"halted_cycles\":0,\"weight\":1}],\"tsc\":1500000}\n"
     );
 }
 
