@@ -125,16 +125,20 @@ mod tests {
 
     #[test]
     fn the_table_gives_shares_rates_and_handling_times() {
-        let mut busy = GuestStats::default();
-        busy.cpu_cycles = 2_500_000; // a quarter of 10 s
+        let mut busy = GuestStats {
+            cpu_cycles: 2_500_000, // a quarter of 10 s
+            interrupts_injected: 1000,
+            ..Default::default()
+        };
         busy.exits[30] = 2000; // I/O instruction
         busy.record_exit_cycles(30, 1000);
         busy.record_exit_cycles(30, 3000);
         busy.exits[52] = 500; // VMX-preemption timer expired
-        busy.interrupts_injected = 1000;
-        let mut idle = GuestStats::default();
-        idle.cpu_cycles = 1234;
-        idle.halted_cycles = 9_500_000;
+        let mut idle = GuestStats {
+            cpu_cycles: 1234,
+            halted_cycles: 9_500_000,
+            ..Default::default()
+        };
         for (r, n) in [(10, 5), (12, 4), (18, 3), (28, 2), (31, 1)] {
             idle.exits[r] = n;
         }
