@@ -1240,8 +1240,9 @@ fn print_stats<'a, V: 'a>(guests: impl Iterator<Item = &'a Slot<V>>, who: Writer
     crate::log::write_as(who, t.as_bytes())
 }
 
+mod policy;
+
 #[cfg(test)]
 mod fake;
-mod policy;
 #[cfg(test)]
 mod tests;
