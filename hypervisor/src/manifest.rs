@@ -29,6 +29,8 @@
 //! cap = 25%                # at most 25% of a CPU, even when it would idle (default: none)
 //! vcpus = 4                # virtual CPUs, 1 to 16 (default 1): APIC IDs 0-3, the others
 //!                          # started by the guest's INIT/SIPI
+//! autostart = off          # loaded but not started (nor given RAM) until `start NAME`
+//!                          # (default on)
 //! ```
 //!
 //! A guest "dies" when Keel stops it for any reason other than its own debug-exit or SHUTDOWN
@@ -83,6 +85,9 @@ pub struct GuestConfig {
     /// `apicv = on | off`: APIC virtualization (`vmx::apicv`) where the CPU offers it, or every
     /// APIC access emulated. After [`parse`] always `Some` (the guest's own key, else `[keel]`'s).
     pub apicv: Option<bool>,
+    /// `autostart = on | off` (default on): off loads the guest into the run loop's table without
+    /// RAM or a boot; the monitor's `start` boots it.
+    pub autostart: bool,
 }
 
 /// The archive entry of a `modules` entry: its first word (the rest are the arguments a
@@ -193,6 +198,7 @@ struct Partial {
     cap: Option<u32>,
     refuse: bool,
     apicv: Option<bool>,
+    autostart: bool,
 }
 
 /// Checks that `file` (an `image` or `module` of guest `guest`) can be an archive entry of its
@@ -319,6 +325,7 @@ impl Partial {
             cap: self.cap,
             refuse: self.refuse,
             apicv: self.apicv,
+            autostart: self.autostart,
         })
     }
 }
@@ -394,6 +401,7 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     cap: None,
                     refuse: false,
                     apicv: None,
+                    autostart: true,
                 });
             } else {
                 return Err(err(line_no, format_args!("unknown section [{section}]")));
@@ -551,6 +559,21 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                 }
             }
             "apicv" => g.apicv = Some(parse_switch(value, line_no, "apicv")?),
+            "autostart" => {
+                g.autostart = match value {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => {
+                        return Err(err(
+                            line_no,
+                            format_args!(
+                            "guest {}: autostart must be on or off (true or false), not `{value}`",
+                            g.name
+                        ),
+                        ))
+                    }
+                }
+            }
             _ => return Err(err(line_no, format_args!("unknown key {key}"))),
         }
     }

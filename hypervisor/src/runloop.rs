@@ -71,6 +71,23 @@ pub trait Cpu {
     /// Moves to the control channel's transmitter as much of `out` as it takes now, without
     /// waiting.
     fn control_send(&mut self, out: &mut alloc::collections::VecDeque<u8>);
+    /// Carries out a guest's checked BALLOON_GIVE or BALLOON_TAKE (`balloon`) on its EPT and
+    /// Keel's pool, invalidating what the EPT change left stale; returns the status for the
+    /// guest, or why the guest cannot go on (an INVEPT that failed).
+    fn balloon(
+        &mut self,
+        _hw: &mut Self::Vcpu,
+        _vm: &mut Vm,
+        _req: crate::balloon::Request,
+    ) -> Result<u64, String> {
+        Ok(crate::abi::status::ENOSYS)
+    }
+    /// Gives a stopped guest's RAM back to the pool (it gets RAM again when booted).
+    fn release_ram(&mut self, _hw: &mut Self::Vcpu, _vm: &mut Vm) {}
+    /// Keel's pool of memory for guests: (free bytes, total bytes), if known.
+    fn memory_pool(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// What the loop needs to know about the CPU's VMX features and Keel's configuration.
@@ -398,6 +415,7 @@ impl<C: Cpu> RunLoop<C> {
             SliceEnd::Interrupted => self.sched.interrupted(),
             SliceEnd::Stop(reason) => self.stop(i, reason),
             SliceEnd::StatsRequested => self.print_stats_for(seat),
+            SliceEnd::Balloon => self.balloon_call(seat),
         }
     }
 
@@ -474,6 +492,22 @@ impl<C: Cpu> RunLoop<C> {
             self.stop(i, StopReason::Killed(e));
         }
     }
+
+    /// The BALLOON_GIVE or BALLOON_TAKE of vCPU `seat`: carried out now, its status in RAX (the
+    /// VMCALL was already skipped).
+    fn balloon_call(&mut self, seat: (usize, usize)) {
+        let (i, c) = seat;
+        let s = &mut self.slots[i];
+        let Some((req, wide)) = s.vm.ram.balloon.pending.take() else {
+            return;
+        };
+        match self.cpu.balloon(&mut s.hw, &mut s.vm, req) {
+            Ok(status) => {
+                s.vcpus[c].regs.rax = if wide { status } else { status & 0xffff_ffff };
+            }
+            Err(e) => self.stop(i, StopReason::Killed(e)),
+        }
+    }
 }
 /// How a time slice ended: what the loop does next.
 enum SliceEnd {
@@ -485,6 +519,8 @@ enum SliceEnd {
     Stop(StopReason),
     /// The guest asked for the accounting table (PRINT_STATS).
     StatsRequested,
+    /// The guest gave pages back or took them again (BALLOON_GIVE, BALLOON_TAKE).
+    Balloon,
 }
 
 /// One time slice of the guest in `s`, `quantum` cycles long, cut short at `others_due` (the
@@ -627,6 +663,11 @@ fn slice<C: Cpu>(
             // The table is printed after the exit.
             return SliceEnd::StatsRequested;
         }
+        if vm.ram.balloon.pending.is_some() {
+            *waiting_since = Some(cpu.rdtsc());
+            // Its EPT is changed after the exit, with the VMCS no longer loaded.
+            return SliceEnd::Balloon;
+        }
         match action {
             // A halted guest's timer fell due. Not only the preemption timer brings this
             // guest back then: one that exits more often than every `min_gap` (a guest
@@ -738,6 +779,7 @@ impl<C: Cpu> RunLoop<C> {
         for vcpu in &mut s.vcpus {
             vcpu.state = RunState::Stopped(reason.clone());
         }
+        self.cpu.release_ram(&mut s.hw, &mut s.vm);
     }
 
     /// Pauses a guest: it keeps its state and is not scheduled until resumed.
@@ -795,6 +837,8 @@ impl<C: Cpu> RunLoop<C> {
                 .stop(StopReason::Operator("kill"))
                 .map_err(|e| alloc::format!("{e}"))?;
         }
+        // Its memory can host another guest now (`start` gives it RAM again).
+        self.cpu.release_ram(&mut s.hw, &mut s.vm);
         info!("guest {} killed", s.vm.name);
         Ok(())
     }
@@ -954,6 +998,7 @@ impl<C: Cpu> RunLoop<C> {
     fn reboot(&mut self, i: usize) -> Result<(), String> {
         self.switch_out();
         let s = &mut self.slots[i];
+        let before = s.bsp().state.clone();
         let console = core::mem::take(s.vm.platform.console());
         let booted = self
             .cpu
@@ -961,9 +1006,13 @@ impl<C: Cpu> RunLoop<C> {
         *s.vm.platform.console() = console;
         if let Err(e) = booted {
             for v in s.vcpus.iter_mut() {
-                let _ = v
-                    .state
-                    .stop(StopReason::Killed(alloc::format!("restart failed: {e}")));
+                v.state = match &before {
+                    // A stopped guest that could not start (no memory for it yet) stays as it was.
+                    RunState::Stopped(r) => RunState::Stopped(r.clone()),
+                    _ => {
+                        RunState::Stopped(StopReason::Killed(alloc::format!("restart failed: {e}")))
+                    }
+                };
             }
             return Err(e);
         }
@@ -1064,7 +1113,7 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
                     state,
                     stop_reason,
                     vcpus: s.vcpus.len() as u32,
-                    memory: s.vm.ram.len(),
+                    memory: s.vm.ram.resident(),
                     stats: GuestStats::sum(s.vcpus.iter().map(|v| &v.stats)),
                 }
             })
@@ -1126,6 +1175,27 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
         }
     }
 
+    fn balloon(&mut self, id: usize, keep: u64) -> Result<crate::monitor::BalloonView, String> {
+        let s = self.slots.get_mut(id).ok_or("no such guest")?;
+        if !s.live() {
+            return Err("the guest has stopped".into());
+        }
+        let ram = &mut s.vm.ram;
+        ram.balloon.target = crate::balloon::target_for(keep, ram.len())?;
+        info!(
+            "guest {}: balloon target {} KiB ({} pages to give back, {} given)",
+            s.vm.name,
+            keep >> 10,
+            ram.balloon.target,
+            ram.balloon.given_pages()
+        );
+        Ok(self.balloon_view(id))
+    }
+
+    fn memory_pool(&self) -> Option<(u64, u64)> {
+        self.cpu.memory_pool()
+    }
+
     fn quit(&mut self) {
         self.ops.quit = true;
         self.ops.prompt.close();
@@ -1136,6 +1206,18 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
             }
         }
         info!("quit: every guest stopped");
+    }
+}
+
+impl<C: Cpu> RunLoop<C> {
+    /// Guest `id`'s balloon as `balloon` reports it.
+    fn balloon_view(&self, id: usize) -> crate::monitor::BalloonView {
+        let ram = &self.slots[id].vm.ram;
+        crate::monitor::BalloonView {
+            target_pages: ram.balloon.target,
+            given_pages: ram.balloon.given_pages(),
+            resident: ram.resident(),
+        }
     }
 }
 

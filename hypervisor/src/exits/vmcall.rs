@@ -60,6 +60,25 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             status::OK
         }
         hc::CPU_TIME => cx.vcpu.stats.cpu_cycles,
+        hc::BALLOON_TARGET => cx.vm.ram.balloon.target,
+        hc::BALLOON_GIVEN => cx.vm.ram.balloon.given_pages(),
+        hc::BALLOON_GIVE | hc::BALLOON_TAKE => {
+            use crate::balloon::{check, Op};
+            let op = if nr == hc::BALLOON_GIVE {
+                Op::Give
+            } else {
+                Op::Take
+            };
+            match check(op, a1, a2, &cx.vm.ram) {
+                // Carried out by the run loop right after this exit, which puts the result in
+                // RAX (`runloop`).
+                Ok(req) => {
+                    cx.vm.ram.balloon.pending = Some((req, wide));
+                    status::OK
+                }
+                Err(e) => e,
+            }
+        }
         _ => status::ENOSYS,
     };
     set_result(cx.vmcs, cx.vcpu, result);

@@ -533,6 +533,7 @@ pub(crate) mod test_util {
             cap: None,
             refuse: false,
             apicv: Some(true),
+            autostart: true,
         }
     }
 
