@@ -304,6 +304,19 @@ pub fn release<A: TableAlloc>(
     Ok(stale)
 }
 
+/// The name of a GIVE or TAKE status, for Keel's log.
+pub fn status_name(s: u64) -> &'static str {
+    match s {
+        status::OK => "ok",
+        status::EINVAL => "EINVAL",
+        status::EFAULT => "EFAULT",
+        status::EEXIST => "EEXIST",
+        status::ENOMEM => "ENOMEM",
+        status::ENOSYS => "ENOSYS",
+        _ => "error",
+    }
+}
+
 /// `balloon NAME SIZE`: the guest should keep `keep` bytes of its `ram` bytes; returns the target
 /// in pages to give back, or why not.
 pub fn target_for(keep: u64, ram: u64) -> Result<u64, alloc::string::String> {

@@ -881,4 +881,21 @@ restart = 7
         assert_eq!(parse_size("0x1000"), Some(0x1000));
         assert_eq!(parse_size("zz"), None);
     }
+
+    #[test]
+    fn autostart_off_and_its_errors_name_the_guest() {
+        let base = "[guest web]\nkind = flat\nimage = a.bin\nmemory = 2M\n";
+        assert!(parse(base).unwrap().guests[0].autostart, "on by default");
+        for off in ["off", "false"] {
+            let m = parse(&format!("{base}autostart = {off}\n")).unwrap();
+            assert!(!m.guests[0].autostart);
+        }
+        assert!(parse(&format!("{base}autostart = true\n")).unwrap().guests[0].autostart);
+        let e = parse(&format!("{base}autostart = later\n")).unwrap_err();
+        assert_eq!(e.line, 5);
+        assert_eq!(
+            e.message,
+            "guest web: autostart must be on or off (true or false), not `later`"
+        );
+    }
 }

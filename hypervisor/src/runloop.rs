@@ -501,9 +501,27 @@ impl<C: Cpu> RunLoop<C> {
         let Some((req, wide)) = s.vm.ram.balloon.pending.take() else {
             return;
         };
-        match self.cpu.balloon(&mut s.hw, &mut s.vm, req) {
+        let t0 = self.cpu.rdtsc();
+        let done = self.cpu.balloon(&mut s.hw, &mut s.vm, req);
+        let cycles = self.cpu.rdtsc().saturating_sub(t0);
+        // Keel's work for the guest, as its exits' handling is.
+        s.vcpus[c].stats.keel_cycles += cycles;
+        match done {
             Ok(status) => {
                 s.vcpus[c].regs.rax = if wide { status } else { status & 0xffff_ffff };
+                info!(
+                    "guest {}: {} {} pages at {:#x}: {} ({cycles} cycles); {} pages given, target {}",
+                    s.vm.name,
+                    match req.op {
+                        crate::balloon::Op::Give => "gave",
+                        crate::balloon::Op::Take => "took back",
+                    },
+                    req.pages,
+                    req.gpa,
+                    crate::balloon::status_name(status),
+                    s.vm.ram.balloon.given_pages(),
+                    s.vm.ram.balloon.target
+                );
             }
             Err(e) => self.stop(i, StopReason::Killed(e)),
         }
@@ -1021,7 +1039,11 @@ impl<C: Cpu> RunLoop<C> {
         s.seats.iter_mut().for_each(|seat| *seat = Seat::default());
         self.cpu.restore(&mut s.hw, 0, s.vcpus[0].xcr0);
         self.in_cpu = Some((i, 0));
-        info!("guest {} booted again", s.vm.name);
+        if before == RunState::Stopped(StopReason::NotStarted) {
+            info!("guest {} started", s.vm.name);
+        } else {
+            info!("guest {} booted again", s.vm.name);
+        }
         Ok(())
     }
 

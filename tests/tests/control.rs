@@ -17,7 +17,7 @@ const MANIFEST: Manifest = Manifest::File("tests/guests/manifests/control.toml")
 /// Asks `list` until `done(reply)` holds (Bochs writes its COM1 file in blocks, so the channel,
 /// not serial.log, says what Keel is doing now). A request sent before Keel listens on COM2 is
 /// lost (Keel empties the UART when it takes it over) and is simply asked again.
-fn wait_for_list(
+pub(crate) fn wait_for_list(
     socket: &Path,
     done: impl Fn(&str) -> bool,
     limit: Duration,
@@ -36,14 +36,14 @@ fn wait_for_list(
 }
 
 /// What happened on the channel, for the checks after the run.
-struct Session {
+pub(crate) struct Session {
     /// (command, reply, round trip).
-    exchanges: Vec<(String, String, Duration)>,
-    error: Option<String>,
+    pub(crate) exchanges: Vec<(String, String, Duration)>,
+    pub(crate) error: Option<String>,
 }
 
 impl Session {
-    fn send(&mut self, socket: &Path, command: &str) -> String {
+    pub(crate) fn send(&mut self, socket: &Path, command: &str) -> String {
         let t = Instant::now();
         let reply = control::request(socket, command, Duration::from_secs(60))
             .unwrap_or_else(|e| format!("(no reply: {e:#})"));
@@ -52,7 +52,7 @@ impl Session {
         reply
     }
 
-    fn expect(&mut self, socket: &Path, command: &str, reply: &str) {
+    pub(crate) fn expect(&mut self, socket: &Path, command: &str, reply: &str) {
         let got = self.send(socket, command);
         if got != reply && self.error.is_none() {
             self.error = Some(format!("`{command}`: {got}, expected {reply}"));
@@ -60,7 +60,7 @@ impl Session {
     }
 
     /// The state `list` shows for `guest`.
-    fn state_of(&mut self, socket: &Path, guest: &str) -> String {
+    pub(crate) fn state_of(&mut self, socket: &Path, guest: &str) -> String {
         let list = self.send(socket, "list");
         let key = format!("\"name\":\"{guest}\",\"state\":\"");
         list.find(&key)
@@ -74,7 +74,7 @@ impl Session {
             .unwrap_or_else(|| format!("(not in {list})"))
     }
 
-    fn expect_state(&mut self, socket: &Path, guest: &str, state: &str) {
+    pub(crate) fn expect_state(&mut self, socket: &Path, guest: &str, state: &str) {
         let got = self.state_of(socket, guest);
         if got != state && self.error.is_none() {
             self.error = Some(format!("{guest} is {got}, expected {state}"));
@@ -89,35 +89,44 @@ fn session() -> Arc<(Outcome, Session)> {
 }
 
 fn run_session() -> (Outcome, Session) {
-    let images = images(&MANIFEST).unwrap_or_else(|e| panic!("control: {e}"));
-    let work_dir = harness_dir().join("runs").join("bochs-control");
+    channel_session("bochs-control", &MANIFEST, None, "\"name\":\"idle\"", drive)
+}
+
+/// Boots `manifest` in Bochs (`memory_mib` for the machine, else the default) with the control
+/// channel on, waits until `list` shows `ready`, has `drive` give its commands, and returns the
+/// run's outcome (named `run`, as its directory of run files) with the exchanges, which it prints.
+pub(crate) fn channel_session(
+    run: &'static str,
+    manifest: &Manifest,
+    memory_mib: Option<u32>,
+    ready: &str,
+    drive: fn(&mut Session, &Path),
+) -> (Outcome, Session) {
+    let images = images(manifest).unwrap_or_else(|e| panic!("{run}: {e}"));
+    let work_dir = harness_dir().join("runs").join(run);
     let socket = work_dir.join("control.sock");
     let mut opts = RunOptions::new(&images.bios, Firmware::Bios, Emulator::Bochs, &work_dir);
     opts.timeout = Some(Duration::from_secs(400));
+    if let Some(m) = memory_mib {
+        opts.memory_mib = m;
+    }
     opts.control = Some(socket.clone());
     opts.echo = std::env::var_os("KEEL_TEST_ECHO").is_some();
-    let run = std::thread::spawn(move || keel_boot::run(&opts));
+    let emulator = std::thread::spawn(move || keel_boot::run(&opts));
     let mut s = Session {
         exchanges: Vec::new(),
         error: None,
     };
-    match wait_for_list(
-        &socket,
-        |r| r.contains("\"name\":\"idle\""),
-        Duration::from_secs(300),
-    ) {
+    match wait_for_list(&socket, |r| r.contains(ready), Duration::from_secs(300)) {
         Err(e) => s.error = Some(format!("Keel never answered: {e}")),
         Ok(()) => drive(&mut s, &socket),
     }
-    let result = match run.join() {
+    let result = match emulator.join() {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => panic!("control: the run failed: {e:#}"),
-        Err(_) => panic!("control: the run panicked"),
+        Ok(Err(e)) => panic!("{run}: the run failed: {e:#}"),
+        Err(_) => panic!("{run}: the run panicked"),
     };
-    let outcome = Outcome {
-        name: "bochs-control",
-        result,
-    };
+    let outcome = Outcome { name: run, result };
     eprintln!("{}", outcome.summary());
     for (cmd, reply, t) in &s.exchanges {
         println!("{:>6.0} ms  {cmd:<16} {reply}", t.as_secs_f64() * 1000.0);

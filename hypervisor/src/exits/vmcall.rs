@@ -154,6 +154,38 @@ mod tests {
         );
     }
 
+    /// The balloon calls: the target and count answered at once; a GIVE or TAKE checked here
+    /// (errors in RAX at once) and, when good, left for the run loop with RAX 0 until then.
+    #[test]
+    fn balloon_calls_are_checked_then_left_to_the_run_loop() {
+        use crate::balloon::{Op, Request};
+        let mut t = TestBed::new();
+        t.long_mode();
+        t.vm.ram.balloon.target = 77;
+        let call = |t: &mut TestBed, nr, gpa, pages| {
+            t.vcpu.regs.rax = nr;
+            t.vcpu.regs.rbx = gpa;
+            t.vcpu.regs.rcx = pages;
+            assert_eq!(t.run(ExitReason::Vmcall), Action::Advance);
+            t.vcpu.regs.rax
+        };
+        assert_eq!(call(&mut t, hc::BALLOON_TARGET, 0, 0), 77);
+        assert_eq!(call(&mut t, hc::BALLOON_GIVEN, 0, 0), 0);
+        assert_eq!(call(&mut t, hc::BALLOON_GIVE, 0x1234, 1), status::EINVAL);
+        assert_eq!(call(&mut t, hc::BALLOON_GIVE, 0x1000, 0), status::EINVAL);
+        let end = t.vm.ram.len();
+        assert_eq!(call(&mut t, hc::BALLOON_GIVE, end, 1), status::EINVAL);
+        assert_eq!(call(&mut t, hc::BALLOON_TAKE, 0x1000, 1), status::EEXIST);
+        assert_eq!(t.vm.ram.balloon.pending, None, "nothing for the run loop");
+        assert_eq!(call(&mut t, hc::BALLOON_GIVE, 0x1000, 2), status::OK);
+        let give = Request {
+            op: Op::Give,
+            gpa: 0x1000,
+            pages: 2,
+        };
+        assert_eq!(t.vm.ram.balloon.pending, Some((give, true)));
+    }
+
     /// A CONSOLE_WRITE into a full console is short: it returns what was accepted and ends the
     /// caller's slice, and every accepted byte comes out (issue 8: a 700-line call printed lines
     /// 444-699 and returned "all bytes written").
