@@ -152,9 +152,10 @@ enum Sub {
 
 const CTL_AFTER_HELP: &str = "\
 Commands: help, list, stats NAME, regs NAME, pause NAME, resume NAME, kill NAME, restart NAME,
-start NAME, console NAME, quit (NAME: a guest's name or id). Examples: `cargo keel ctl list`,
-`cargo keel ctl pause linux`, `cargo keel ctl --json stats 0`. Exit status 0 when Keel answered
-ok, 1 when it answered with an error or did not answer (docs/BOOTING.md, \"The monitor and the
+start NAME, balloon NAME SIZE, console NAME, quit (NAME: a guest's name or id). Examples:
+`cargo keel ctl list`, `cargo keel ctl pause linux`, `cargo keel ctl balloon big 8M`,
+`cargo keel ctl --json stats 0`. Exit status 0 when Keel answered ok, 1 when it answered with an
+error or did not answer (docs/BOOTING.md, \"The monitor and the
 control channel\").";
 
 #[derive(Args, Debug)]

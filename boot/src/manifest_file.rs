@@ -335,6 +335,22 @@ restart = 3
     }
 
     #[test]
+    fn autostart_is_a_toml_boolean() {
+        let (m, _) = parse(&KINDS.replace("restart = 3", "autostart = false")).unwrap();
+        assert_eq!(
+            m.guests.iter().map(|g| g.autostart).collect::<Vec<_>>(),
+            [true, false]
+        );
+        let e = error(&KINDS.replace("restart = 3", "autostart = \"later\""));
+        assert_eq!(e.line, 19, "{e}");
+        assert!(
+            e.message
+                .contains("guest flat: autostart must be on or off (true or false), not `later`"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn what_a_guest_lacks_is_reported_at_the_guest() {
         let e = error("[[guest]]\nname = \"a\"\nkind = \"flat\"\nmemory = \"2M\"\n");
         assert!(e.message.contains("guest a has no image"), "{e}");

@@ -37,6 +37,20 @@ pub mod hc {
     pub const PRINT_STATS: u64 = 5;
     /// Returns the TSC cycles this guest has been given so far (its CPU time).
     pub const CPU_TIME: u64 = 6;
+    /// Ballooning (`balloon`, docs/HYPERCALLS.md "Giving memory back"): returns how many 4 KiB
+    /// pages Keel asks the guest to have given back in all (0: keep everything).
+    pub const BALLOON_TARGET: u64 = 7;
+    /// Gives RCX pages of RAM from guest-physical RBX (4 KiB aligned) back to Keel. Returns 0 or
+    /// EINVAL (unaligned, empty, more than `BALLOON_MAX_PAGES`, or not wholly RAM), EFAULT (a
+    /// page was given already), ENOMEM (Keel had no table to split a large page with). All or
+    /// nothing. Touching a given page afterwards stops the guest.
+    pub const BALLOON_GIVE: u64 = 8;
+    /// Takes RCX given pages at guest-physical RBX back; they read as zeros. Returns 0 or EINVAL
+    /// (as for GIVE), EEXIST (a page in the range was not given), ENOMEM (Keel has no free
+    /// memory for them now: nothing taken). All or nothing.
+    pub const BALLOON_TAKE: u64 = 9;
+    /// Returns the number of 4 KiB pages the guest has given back and not taken again.
+    pub const BALLOON_GIVEN: u64 = 10;
 }
 
 /// Hypercall status codes (as two's-complement negatives in RAX).
@@ -50,6 +64,10 @@ pub mod status {
     pub const EINVAL: u64 = -22i64 as u64;
     /// Not now: Keel's console has no room (PRINT_STATS); try again later.
     pub const EAGAIN: u64 = -11i64 as u64;
+    /// Keel has no memory for the request now (BALLOON_TAKE, BALLOON_GIVE).
+    pub const ENOMEM: u64 = -12i64 as u64;
+    /// The range holds a page in the wrong state (BALLOON_TAKE of a page the guest has).
+    pub const EEXIST: u64 = -17i64 as u64;
 }
 
 /// Ports every guest sees.
@@ -67,3 +85,7 @@ pub const CONSOLE_WRITE_MAX: u64 = 4096;
 /// Most bytes one CONSOLE_WRITE takes: a longer call is a short write, to be continued with the
 /// rest (Keel's work per call stays small enough never to hold up another guest's timer).
 pub const CONSOLE_WRITE_CHUNK: u64 = 1024;
+
+/// Most pages one BALLOON_GIVE or BALLOON_TAKE moves (2 MiB): Keel's work per call stays small
+/// enough never to hold up another guest's timer; larger balloons take several calls.
+pub const BALLOON_MAX_PAGES: u64 = 512;

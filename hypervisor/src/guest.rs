@@ -100,6 +100,8 @@ pub enum StopReason {
     EntryFailed(String),
     /// The operator stopped it (the monitor's `kill` or `quit`).
     Operator(&'static str),
+    /// `autostart = false` in the manifest: it waits for the operator's `start`.
+    NotStarted,
 }
 
 impl StopReason {
@@ -121,6 +123,7 @@ impl StopReason {
                 | StopReason::Shutdown(_)
                 | StopReason::Board(_)
                 | StopReason::Operator(_)
+                | StopReason::NotStarted
         )
     }
 }
@@ -143,6 +146,7 @@ impl core::fmt::Display for StopReason {
             Self::Killed(why) => write!(f, "killed: {why}"),
             Self::EntryFailed(why) => write!(f, "VM entry failed: {why}"),
             Self::Operator(cmd) => write!(f, "stopped by the operator ({cmd})"),
+            Self::NotStarted => write!(f, "not started (autostart = false): `start` boots it"),
         }
     }
 }
@@ -279,7 +283,8 @@ impl GuestStats {
     }
 }
 
-/// Guest RAM: guest-physical 0..len, backed by one contiguous host block.
+/// Guest RAM: guest-physical 0..len, backed by one contiguous host block, less the pages the
+/// guest gave back and with the ones it took again on other frames (`balloon`).
 ///
 /// Every vCPU of a guest reaches this memory, and the guest itself writes it from every vCPU while
 /// Keel reads it, so Keel never holds a Rust reference into it across an exit: the accessors copy
@@ -287,11 +292,14 @@ impl GuestStats {
 /// sound when another CPU touches the same bytes at the same time (the guest sees a torn value, as
 /// it would from a device doing DMA). Only [`GuestRam::bytes`] hands out a slice, and it takes
 /// `&mut self`: for the loaders, while the guest is being (re)built and none of its vCPUs runs.
+/// The accessors refuse a range with a page the guest gave back (`balloon`).
 pub struct GuestRam {
     base: *mut u8,
     len: usize,
-    /// Host-physical address of guest-physical 0.
+    /// Host-physical address of guest-physical 0 (of the block).
     pub hpa: u64,
+    /// The pages given back or moved, and the balloon target.
+    pub balloon: crate::balloon::PageMap,
 }
 
 // SAFETY: a `GuestRam` is a view of memory owned by its guest; every access through a shared
@@ -308,6 +316,18 @@ impl GuestRam {
             base: mem.as_mut_ptr(),
             len: mem.len(),
             hpa,
+            balloon: Default::default(),
+        }
+    }
+
+    /// No RAM: a guest not started yet, or whose memory went back to the pool. Every access is
+    /// refused.
+    pub fn none() -> Self {
+        Self {
+            base: core::ptr::NonNull::dangling().as_ptr(),
+            len: 0,
+            hpa: 0,
+            balloon: Default::default(),
         }
     }
 
@@ -319,10 +339,21 @@ impl GuestRam {
         self.len == 0
     }
 
-    /// The whole of RAM as a slice, for the loaders while no vCPU of the guest runs.
+    /// RAM the guest has now: its size less the pages it gave back.
+    pub fn resident(&self) -> u64 {
+        self.len() - self.balloon.given_pages() * crate::balloon::PAGE
+    }
+
+    /// The whole of RAM as a slice, for the loaders while no vCPU of the guest runs. Only for RAM
+    /// wholly in its block (`hypervisor::VmHw::boot` makes it so before loading).
     pub fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: the block is this guest's (`new`), and `&mut self` is the only access to it
-        // from Keel meanwhile; the guest does not run while it is being loaded.
+        assert!(
+            self.balloon.is_pristine(),
+            "guest RAM with pages given back handed to a loader"
+        );
+        // SAFETY: the block is this guest's (`new`) and wholly backs its RAM (checked above),
+        // and `&mut self` is the only access to it from Keel meanwhile; the guest does not run
+        // while it is being loaded.
         unsafe { core::slice::from_raw_parts_mut(self.base, self.len) }
     }
 
@@ -337,23 +368,67 @@ impl GuestRam {
         usize::try_from(len).is_ok_and(|n| self.range(gpa, n).is_some())
     }
 
-    /// Copies guest-physical [gpa, gpa+buf.len()) into `buf`; None (and `buf` untouched) if the
-    /// range is not wholly RAM.
-    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Option<()> {
-        let at = self.range(gpa, buf.len())?;
-        // SAFETY: in bounds (checked above) of the block this view owns; a byte copy through the
-        // raw pointer forms no reference to memory other CPUs may write.
-        unsafe { core::ptr::copy_nonoverlapping(self.base.add(at), buf.as_mut_ptr(), buf.len()) };
+    /// Calls `f(host pointer, offset in the range, length)` for each piece of [gpa, gpa+len) on
+    /// one backing frame, if the range lies wholly in RAM the guest has (no page given back);
+    /// None, and no call, otherwise.
+    fn pieces(&self, gpa: u64, len: usize, mut f: impl FnMut(*mut u8, usize, usize)) -> Option<()> {
+        use crate::balloon::PAGE;
+        let at = self.range(gpa, len)?;
+        if self.balloon.is_pristine() {
+            // SAFETY: in bounds (checked above) of the block this view owns.
+            f(unsafe { self.base.add(at) }, 0, len);
+            return Some(());
+        }
+        if len == 0 {
+            return Some(());
+        }
+        let last = (gpa + len as u64 - 1) / PAGE;
+        if (gpa / PAGE..=last).any(|p| self.balloon.is_given(p)) {
+            return None;
+        }
+        let mut done = 0;
+        while done < len {
+            let a = gpa + done as u64;
+            let n = (len - done).min((PAGE - a % PAGE) as usize);
+            let ptr = match self.balloon.moved(a / PAGE) {
+                // SAFETY: the frame is the guest's (`balloon`), 4 KiB long; a % PAGE + n <= PAGE.
+                Some(frame) => unsafe { frame.ptr.add((a % PAGE) as usize) },
+                // SAFETY: in bounds of the block, on a page backed by it.
+                None => unsafe { self.base.add(a as usize) },
+            };
+            f(ptr, done, n);
+            done += n;
+        }
         Some(())
     }
 
+    /// Copies guest-physical [gpa, gpa+buf.len()) into `buf`; None (and `buf` untouched) if the
+    /// range is not wholly RAM the guest has.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Option<()> {
+        let out = buf.as_mut_ptr();
+        self.pieces(gpa, buf.len(), |src, off, n| {
+            // SAFETY: `pieces` gives pointers to n bytes this view owns; off + n <= buf.len(). A
+            // byte copy through the raw pointer forms no reference to memory other CPUs may write.
+            unsafe { core::ptr::copy_nonoverlapping(src, out.add(off), n) }
+        })
+    }
+
     /// Copies `data` to guest-physical `gpa`; None (and nothing written) if the range is not
-    /// wholly RAM.
+    /// wholly RAM the guest has.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Option<()> {
-        let at = self.range(gpa, data.len())?;
-        // SAFETY: as in `read`.
-        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(at), data.len()) };
-        Some(())
+        self.pieces(gpa, data.len(), |dst, off, n| {
+            // SAFETY: as in `read`.
+            unsafe { core::ptr::copy_nonoverlapping(data.as_ptr().add(off), dst, n) }
+        })
+    }
+
+    /// Zeroes page `gpa` of the block (a page taken back onto its own frame, `balloon`).
+    pub(crate) fn zero_home_page(&mut self, gpa: u64) {
+        use crate::balloon::PAGE;
+        if let Some(at) = self.range(gpa & !(PAGE - 1), PAGE as usize) {
+            // SAFETY: in bounds of the block, whose frame the caller just got back for the guest.
+            unsafe { core::ptr::write_bytes(self.base.add(at), 0, PAGE as usize) };
+        }
     }
 
     /// The guest-physical range [gpa, gpa+len) copied out, if it lies wholly in RAM.
@@ -381,14 +456,14 @@ impl GuestRam {
 
     /// Sets `bits` in the byte at `gpa` with one atomic read-modify-write, as the CPU sets the
     /// accessed and dirty flags of a paging entry (a locked operation, SDM 4.8): another vCPU
-    /// updating the same entry meanwhile loses nothing. None if `gpa` is not RAM.
+    /// updating the same entry meanwhile loses nothing. None if `gpa` is not RAM the guest has.
     pub fn fetch_or_u8(&self, gpa: u64, bits: u8) -> Option<()> {
-        let at = self.range(gpa, 1)?;
-        // SAFETY: in bounds of the block this view owns; AtomicU8 has the alignment and size of
-        // u8, and every access Keel makes to guest RAM is a raw copy or this atomic.
-        let byte = unsafe { &*(self.base.add(at) as *const core::sync::atomic::AtomicU8) };
-        byte.fetch_or(bits, core::sync::atomic::Ordering::SeqCst);
-        Some(())
+        self.pieces(gpa, 1, |at, _, _| {
+            // SAFETY: a byte this view owns; AtomicU8 has the alignment and size of u8, and every
+            // access Keel makes to guest RAM is a raw copy or this atomic.
+            let byte = unsafe { &*(at as *const core::sync::atomic::AtomicU8) };
+            byte.fetch_or(bits, core::sync::atomic::Ordering::SeqCst);
+        })
     }
 }
 

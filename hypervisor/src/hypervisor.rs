@@ -281,6 +281,51 @@ impl Cpu for RealCpu {
             None => out.clear(),
         }
     }
+
+    fn balloon(
+        &mut self,
+        hw: &mut VmHw,
+        vm: &mut Vm,
+        req: crate::balloon::Request,
+    ) -> Result<u64, String> {
+        let out = crate::balloon::apply(req, &mut vm.ram, &mut hw.ept, &mut FramePool);
+        if let Some(stale) = out.stale {
+            hw.invalidate_ept(stale.eptp)?;
+        }
+        Ok(out.status)
+    }
+
+    fn release_ram(&mut self, hw: &mut VmHw, vm: &mut Vm) {
+        if let Err(e) = hw.release_ram(vm) {
+            error!("guest {}: {e}", vm.name);
+        }
+    }
+
+    fn memory_pool(&self) -> Option<(u64, u64)> {
+        let f = mm::FRAMES.lock();
+        Some((f.free_bytes(), f.total_bytes()))
+    }
+}
+
+/// Keel's frame pool as ballooning uses it.
+struct FramePool;
+
+impl crate::balloon::Pool for FramePool {
+    fn free(&mut self, hpa: u64, len: u64) {
+        mm::free_pages(hpa, len);
+    }
+
+    fn claim(&mut self, hpa: u64) -> bool {
+        mm::FRAMES.lock().claim(hpa, mm::PAGE_SIZE)
+    }
+
+    fn alloc(&mut self) -> Option<crate::balloon::Frame> {
+        let hpa = mm::alloc_zeroed_page()?;
+        Some(crate::balloon::Frame {
+            hpa,
+            ptr: mm::phys_to_virt(hpa),
+        })
+    }
 }
 
 /// One guest on the hardware: each vCPU's VMCS and saved registers, and the structures the
@@ -291,9 +336,11 @@ pub struct VmHw {
     cpus: Vec<VcpuHw>,
     ept: Ept<Frames>,
     setup: Setup,
-    /// The guest's RAM (`guest.ram` views it). Last, so it is given back after everything that
-    /// refers to it when a `VmHw` is dropped (a guest refused at boot; its `Guest` goes first).
-    ram_block: mm::OwnedPages,
+    /// The guest's RAM (`guest.ram` views it), while it has RAM: from its boot until it stops for
+    /// good ([`VmHw::release_ram`]). Last, so it is given back after everything that refers to it
+    /// when a `VmHw` is dropped (a guest refused at boot, before it could give pages back; its
+    /// `Guest` goes first).
+    ram_block: Option<mm::OwnedPages>,
 }
 
 /// One vCPU on the hardware.
@@ -493,24 +540,10 @@ impl VmHw {
     fn create(id: u32, setup: Setup, tsc_hz: u64) -> Result<Slot<Self>, String> {
         let heap_before = arch::boot::heap_used();
         let cfg = &setup.cfg;
-        let ram_block = mm::OwnedPages::alloc(cfg.memory, 2 << 20)
-            .ok_or_else(|| alloc::format!("no {} MiB of RAM left", cfg.memory >> 20))?;
-        let hpa = ram_block.pa();
-        // SAFETY: the block was just allocated for this guest alone and is mapped at phys_to_virt.
-        let mem =
-            unsafe { core::slice::from_raw_parts_mut(mm::phys_to_virt(hpa), cfg.memory as usize) };
-        // SAFETY: as above: the guest owns the block until it is destroyed.
-        let ram = unsafe { GuestRam::new(mem, hpa) };
+        // Its RAM comes with its boot (`acquire_ram`): now, or at `start` for autostart = off.
+        let ram = GuestRam::none();
         let mut ept =
             Ept::new(Frames, setup.caps.ept_1g_pages()).map_err(|e| alloc::format!("{e}"))?;
-        ept.map(
-            0,
-            hpa,
-            cfg.memory,
-            EptPerms::READ | EptPerms::WRITE | EptPerms::EXECUTE,
-            MemType::WriteBack,
-        )
-        .map_err(|e| alloc::format!("{e}"))?;
         let apicv = match &setup.apic_pages {
             Some((vapic, access)) => {
                 if setup.apicv.virtualize_apic_accesses {
@@ -563,7 +596,7 @@ impl VmHw {
             cpus,
             ept,
             setup,
-            ram_block,
+            ram_block: None,
         };
         let restart_limit = vm.setup.cfg.restart;
         let share = crate::sched::Share {
@@ -571,7 +604,18 @@ impl VmHw {
             cap_percent: vm.setup.cfg.cap,
         };
         let mut slot = Slot::new(guest, vcpus, vm, restart_limit).with_share(share);
-        slot.hw.boot(&mut slot.vm, &mut slot.vcpus, 0)?;
+        if slot.hw.setup.cfg.autostart {
+            slot.hw.boot(&mut slot.vm, &mut slot.vcpus, 0)?;
+        } else {
+            for v in &mut slot.vcpus {
+                v.state = RunState::Stopped(crate::guest::StopReason::NotStarted);
+            }
+            info!(
+                "guest {id} {}: autostart = off: waits for `start` ({} MiB of RAM then)",
+                slot.vm.name,
+                cfg_memory_mib(&slot.hw.setup.cfg)
+            );
+        }
         if slot.hw.setup.cfg.refuse {
             // Dropping `vm` gives back everything allocated above, as for any refusal.
             return Err("refused on request (selftest = refuse)".into());
@@ -608,6 +652,15 @@ impl VmHw {
     /// (Re)starts the guest from its image: fresh RAM contents, devices, registers and VMCS.
     /// `restarts` counts its earlier deaths.
     fn boot(&mut self, g: &mut Vm, vcpus: &mut [Vcpu], restarts: u32) -> Result<(), String> {
+        // RAM wholly in one block of its own: a guest that gave pages back (they may be another
+        // guest's now) gets a fresh block, as one that has none yet.
+        if self.ram_block.is_some() && !g.ram.balloon.is_pristine() {
+            self.release_ram(g)?;
+        }
+        if self.ram_block.is_none() {
+            self.acquire_ram(g)?;
+        }
+        g.ram.balloon.target = 0;
         let setup = &self.setup;
         let mut cfg = setup.cfg.clone();
         if restarts > 0 {
@@ -716,7 +769,7 @@ impl VmHw {
             cfg.kind,
             image.len() >> 10,
             cfg.memory >> 20,
-            self.ram_block.pa(),
+            g.ram.hpa,
             vcpus.len(),
             if vcpus.len() == 1 { "" } else { "s" },
             st.mode,
@@ -728,6 +781,89 @@ impl VmHw {
             }
         );
         Ok(())
+    }
+}
+
+fn cfg_memory_mib(cfg: &GuestConfig) -> u64 {
+    cfg.memory >> 20
+}
+
+impl VmHw {
+    /// The INVEPT that drops what the processor cached under `eptp` (SDM 29.4.3.1), after RAM
+    /// left this guest's EPT.
+    fn invalidate_ept(&self, eptp: u64) -> Result<(), String> {
+        let secondary = SecondaryControls::from_bits_retain(self.setup.controls.secondary);
+        let policy = FlushPolicy::new(
+            &self.setup.caps,
+            secondary.contains(SecondaryControls::ENABLE_EPT),
+            secondary.contains(SecondaryControls::ENABLE_VPID),
+        );
+        if let Some(inv) = policy.for_ept(eptp) {
+            vmx::invalidate(&inv).map_err(|e| alloc::format!("{inv} failed: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Gives the guest a block of RAM of its size, mapped in its EPT, or says why not: "not
+    /// enough memory: need X, free Y" (Y may be X or more, in pieces too small: a guest's RAM is
+    /// one 2 MiB-aligned block).
+    fn acquire_ram(&mut self, g: &mut Vm) -> Result<(), String> {
+        const ALIGN: u64 = 2 << 20;
+        let size = self.setup.cfg.memory;
+        let block = mm::OwnedPages::alloc(size, ALIGN).ok_or_else(|| {
+            let f = mm::FRAMES.lock();
+            let (free, largest) = (f.free_bytes(), f.largest_block(ALIGN));
+            let mut why = alloc::format!(
+                "not enough memory: need {} MiB, free {} MiB",
+                size >> 20,
+                free >> 20
+            );
+            if free >= size {
+                why.push_str(&alloc::format!(
+                    " (the largest 2 MiB-aligned block is {} MiB)",
+                    largest >> 20
+                ));
+            }
+            why
+        })?;
+        let hpa = block.pa();
+        self.ept
+            .map(0, hpa, size, EptPerms::RWX, MemType::WriteBack)
+            .map_err(|e| alloc::format!("{e}"))?;
+        // SAFETY: the block was just allocated for this guest alone and is mapped at
+        // phys_to_virt; the guest owns it until `release_ram`.
+        let mem = unsafe { core::slice::from_raw_parts_mut(mm::phys_to_virt(hpa), size as usize) };
+        // SAFETY: as above.
+        g.ram = unsafe { GuestRam::new(mem, hpa) };
+        self.ram_block = Some(block);
+        Ok(())
+    }
+
+    /// Gives the guest's RAM back to the pool: what it has of its block and the frames of pages
+    /// it took back elsewhere (`balloon::release`). Its EPT maps no RAM afterwards and the
+    /// processor holds no translation of it; `g.ram` is empty.
+    fn release_ram(&mut self, g: &mut Vm) -> Result<(), String> {
+        let Some(block) = self.ram_block.take() else {
+            return Ok(());
+        };
+        match crate::balloon::release(&mut g.ram, &mut self.ept, &mut FramePool) {
+            Ok(stale) => {
+                // `balloon::release` freed the block, in the parts the guest still had.
+                let _ = block.into_raw();
+                g.ram = GuestRam::none();
+                match stale {
+                    Some(s) => self.invalidate_ept(s.eptp),
+                    None => Ok(()),
+                }
+            }
+            Err(e) => {
+                // Its EPT still maps the RAM: the block stays the guest's (not reused).
+                self.ram_block = Some(block);
+                Err(alloc::format!(
+                    "its RAM cannot be unmapped ({e}); it stays allocated"
+                ))
+            }
+        }
     }
 }
 

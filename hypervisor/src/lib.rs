@@ -13,6 +13,7 @@ extern crate alloc;
 pub mod abi;
 pub mod acpi;
 pub mod archive;
+pub mod balloon;
 pub mod devices;
 pub mod ept;
 pub mod exits;

@@ -33,6 +33,8 @@
 //! policy = on-demand       # started and paused by the load policy (default none)
 //! vcpus = 4                # virtual CPUs, 1 to 16 (default 1): APIC IDs 0-3, the others
 //!                          # started by the guest's INIT/SIPI
+//! autostart = off          # loaded but not started (nor given RAM) until `start NAME`
+//!                          # (default on)
 //! ```
 //!
 //! A guest "dies" when Keel stops it for any reason other than its own debug-exit or SHUTDOWN
@@ -89,6 +91,9 @@ pub struct GuestConfig {
     pub apicv: Option<bool>,
     /// `policy = on-demand`: the load policy starts and pauses (or stops) it (`crate::policy`).
     pub on_demand: bool,
+    /// `autostart = on | off` (default on): off loads the guest into the run loop's table without
+    /// RAM or a boot; the monitor's `start` boots it.
+    pub autostart: bool,
 }
 
 /// The archive entry of a `modules` entry: its first word (the rest are the arguments a
@@ -202,6 +207,7 @@ struct Partial {
     refuse: bool,
     apicv: Option<bool>,
     on_demand: bool,
+    autostart: bool,
 }
 
 /// Checks that `file` (an `image` or `module` of guest `guest`) can be an archive entry of its
@@ -329,6 +335,7 @@ impl Partial {
             refuse: self.refuse,
             apicv: self.apicv,
             on_demand: self.on_demand,
+            autostart: self.autostart,
         })
     }
 }
@@ -408,6 +415,7 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     refuse: false,
                     apicv: None,
                     on_demand: false,
+                    autostart: true,
                 });
             } else {
                 return Err(err(line_no, format_args!("unknown section [{section}]")));
@@ -575,6 +583,21 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
             "policy" => {
                 g.on_demand = crate::policy::parse_guest_key(value)
                     .map_err(|m| err(line_no, format_args!("guest {}: {m}", g.name)))?;
+            }
+            "autostart" => {
+                g.autostart = match value {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => {
+                        return Err(err(
+                            line_no,
+                            format_args!(
+                            "guest {}: autostart must be on or off (true or false), not `{value}`",
+                            g.name
+                        ),
+                        ))
+                    }
+                }
             }
             _ => return Err(err(line_no, format_args!("unknown key {key}"))),
         }
@@ -920,5 +943,22 @@ restart = 7
         assert_eq!(parse_size("1G"), Some(1 << 30));
         assert_eq!(parse_size("0x1000"), Some(0x1000));
         assert_eq!(parse_size("zz"), None);
+    }
+
+    #[test]
+    fn autostart_off_and_its_errors_name_the_guest() {
+        let base = "[guest web]\nkind = flat\nimage = a.bin\nmemory = 2M\n";
+        assert!(parse(base).unwrap().guests[0].autostart, "on by default");
+        for off in ["off", "false"] {
+            let m = parse(&format!("{base}autostart = {off}\n")).unwrap();
+            assert!(!m.guests[0].autostart);
+        }
+        assert!(parse(&format!("{base}autostart = true\n")).unwrap().guests[0].autostart);
+        let e = parse(&format!("{base}autostart = later\n")).unwrap_err();
+        assert_eq!(e.line, 5);
+        assert_eq!(
+            e.message,
+            "guest web: autostart must be on or off (true or false), not `later`"
+        );
     }
 }

@@ -23,7 +23,8 @@ pub struct GuestView {
     /// Why it stopped, for a stopped guest.
     pub stop_reason: Option<String>,
     pub vcpus: u32,
-    /// Its RAM in bytes.
+    /// The RAM it has now in bytes: its size less what it gave back (ballooning), 0 when it has
+    /// none (not started, or stopped: its memory went back to the pool).
     pub memory: u64,
     pub stats: GuestStats,
     /// Its weight and cap (`weight`, `cap`).
@@ -81,6 +82,25 @@ pub trait MonitorTarget {
     fn quit(&mut self);
     /// Gives guest `id` a new weight and cap (`weight NAME N`, `cap NAME P%|off`).
     fn set_share(&mut self, id: usize, share: crate::sched::Share) -> Result<(), String>;
+    /// `balloon`: asks guest `id` to keep `keep` bytes of its RAM and give the rest back.
+    fn balloon(&mut self, _id: usize, _keep: u64) -> Result<BalloonView, String> {
+        Err("ballooning is not available".into())
+    }
+    /// Keel's memory for guests: (free bytes, total bytes), if known.
+    fn memory_pool(&self) -> Option<(u64, u64)> {
+        None
+    }
+}
+
+/// A guest's balloon after `balloon NAME SIZE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BalloonView {
+    /// Pages Keel asks it to have given back in all.
+    pub target_pages: u64,
+    /// Pages it has given back so far.
+    pub given_pages: u64,
+    /// The RAM it has now, in bytes.
+    pub resident: u64,
 }
 
 /// How a reply is written.
@@ -127,7 +147,14 @@ const HELP: &[(&str, &str)] = &[
     ),
     ("kill NAME", "stop it for good"),
     ("restart NAME", "boot it again from its image"),
-    ("start NAME", "boot a stopped guest"),
+    (
+        "start NAME",
+        "boot a stopped guest (one with autostart = false, or killed)",
+    ),
+    (
+        "balloon NAME SIZE",
+        "ask it to keep SIZE of its RAM (like 8M) and give the rest back",
+    ),
     (
         "console NAME",
         "give it the keyboard (what is typed on COM1)",
@@ -174,6 +201,9 @@ impl Monitor {
             return shares::command(cmd, words, target, form);
         }
         let arg = words.next();
+        if cmd == "balloon" {
+            return balloon(target, arg, words.next(), words.next(), form);
+        }
         if let Some(extra) = words.next() {
             return err(form, alloc::format!("{cmd}: unexpected {extra:?}"));
         }
@@ -300,6 +330,14 @@ impl Monitor {
                         shares::cap_text(g.share)
                     );
                 }
+                if let Some((free, total)) = target.memory_pool() {
+                    let _ = writeln!(
+                        t,
+                        "memory for guests: {} M free of {} M",
+                        free >> 20,
+                        total >> 20
+                    );
+                }
                 text_reply(t)
             }
             Form::Json => {
@@ -326,12 +364,61 @@ impl Monitor {
                     })
                     .collect();
                 // The host TSC of the sample: the time base of the cycle counts.
-                json_ok(alloc::vec![
-                    ("guests", Value::List(items)),
-                    ("tsc", Value::Num(now))
-                ])
+                let mut fields =
+                    alloc::vec![("guests", Value::List(items)), ("tsc", Value::Num(now))];
+                if let Some((free, total)) = target.memory_pool() {
+                    fields.push(("memory_free", Value::Num(free)));
+                    fields.push(("memory_total", Value::Num(total)));
+                }
+                json_ok(fields)
             }
         }
+    }
+}
+
+/// `balloon NAME SIZE`.
+fn balloon(
+    target: &mut dyn MonitorTarget,
+    name: Option<&str>,
+    size: Option<&str>,
+    extra: Option<&str>,
+    form: Form,
+) -> Reply {
+    let (Some(name), Some(size), None) = (name, size, extra) else {
+        return err(
+            form,
+            "balloon needs a guest and a size: balloon NAME 8M".into(),
+        );
+    };
+    let guests = target.guests();
+    let Some(g) = find(&guests, name) else {
+        return err(form, alloc::format!("no guest {name:?} (see list)"));
+    };
+    let Some(keep) = crate::manifest::parse_size(size) else {
+        return err(
+            form,
+            alloc::format!("balloon {}: {size:?} is not a size like 8M", g.name),
+        );
+    };
+    match target.balloon(g.id, keep) {
+        Ok(b) => ok(
+            form,
+            alloc::format!(
+                "{}: balloon target {} K: {} pages to give back ({} given, {} K in use)",
+                g.name,
+                keep >> 10,
+                b.target_pages,
+                b.given_pages,
+                b.resident >> 10
+            ),
+            alloc::vec![
+                ("guest", Value::Str(g.name.clone())),
+                ("target_pages", Value::Num(b.target_pages)),
+                ("given_pages", Value::Num(b.given_pages)),
+                ("memory", Value::Num(b.resident)),
+            ],
+        ),
+        Err(e) => err(form, alloc::format!("balloon {}: {e}", g.name)),
     }
 }
 

@@ -71,6 +71,23 @@ pub trait Cpu {
     /// Moves to the control channel's transmitter as much of `out` as it takes now, without
     /// waiting.
     fn control_send(&mut self, out: &mut alloc::collections::VecDeque<u8>);
+    /// Carries out a guest's checked BALLOON_GIVE or BALLOON_TAKE (`balloon`) on its EPT and
+    /// Keel's pool, invalidating what the EPT change left stale; returns the status for the
+    /// guest, or why the guest cannot go on (an INVEPT that failed).
+    fn balloon(
+        &mut self,
+        _hw: &mut Self::Vcpu,
+        _vm: &mut Vm,
+        _req: crate::balloon::Request,
+    ) -> Result<u64, String> {
+        Ok(crate::abi::status::ENOSYS)
+    }
+    /// Gives a stopped guest's RAM back to the pool (it gets RAM again when booted).
+    fn release_ram(&mut self, _hw: &mut Self::Vcpu, _vm: &mut Vm) {}
+    /// Keel's pool of memory for guests: (free bytes, total bytes), if known.
+    fn memory_pool(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// What the loop needs to know about the CPU's VMX features and Keel's configuration.
@@ -402,6 +419,7 @@ impl<C: Cpu> RunLoop<C> {
             SliceEnd::Interrupted => self.sched.interrupted(),
             SliceEnd::Stop(reason) => self.stop(i, reason),
             SliceEnd::StatsRequested => self.print_stats_for(seat),
+            SliceEnd::Balloon => self.balloon_call(seat),
         }
     }
 
@@ -478,6 +496,40 @@ impl<C: Cpu> RunLoop<C> {
             self.stop(i, StopReason::Killed(e));
         }
     }
+
+    /// The BALLOON_GIVE or BALLOON_TAKE of vCPU `seat`: carried out now, its status in RAX (the
+    /// VMCALL was already skipped).
+    fn balloon_call(&mut self, seat: (usize, usize)) {
+        let (i, c) = seat;
+        let s = &mut self.slots[i];
+        let Some((req, wide)) = s.vm.ram.balloon.pending.take() else {
+            return;
+        };
+        let t0 = self.cpu.rdtsc();
+        let done = self.cpu.balloon(&mut s.hw, &mut s.vm, req);
+        let cycles = self.cpu.rdtsc().saturating_sub(t0);
+        // Keel's work for the guest, as its exits' handling is.
+        s.vcpus[c].stats.keel_cycles += cycles;
+        match done {
+            Ok(status) => {
+                s.vcpus[c].regs.rax = if wide { status } else { status & 0xffff_ffff };
+                info!(
+                    "guest {}: {} {} pages at {:#x}: {} ({cycles} cycles); {} pages given, target {}",
+                    s.vm.name,
+                    match req.op {
+                        crate::balloon::Op::Give => "gave",
+                        crate::balloon::Op::Take => "took back",
+                    },
+                    req.pages,
+                    req.gpa,
+                    crate::balloon::status_name(status),
+                    s.vm.ram.balloon.given_pages(),
+                    s.vm.ram.balloon.target
+                );
+            }
+            Err(e) => self.stop(i, StopReason::Killed(e)),
+        }
+    }
 }
 /// How a time slice ended: what the loop does next.
 enum SliceEnd {
@@ -489,6 +541,8 @@ enum SliceEnd {
     Stop(StopReason),
     /// The guest asked for the accounting table (PRINT_STATS).
     StatsRequested,
+    /// The guest gave pages back or took them again (BALLOON_GIVE, BALLOON_TAKE).
+    Balloon,
 }
 
 /// One time slice of the guest in `s`, `quantum` cycles long, cut short at `others_due` (the
@@ -631,6 +685,11 @@ fn slice<C: Cpu>(
             // The table is printed after the exit.
             return SliceEnd::StatsRequested;
         }
+        if vm.ram.balloon.pending.is_some() {
+            *waiting_since = Some(cpu.rdtsc());
+            // Its EPT is changed after the exit, with the VMCS no longer loaded.
+            return SliceEnd::Balloon;
+        }
         match action {
             // A halted guest's timer fell due. Not only the preemption timer brings this
             // guest back then: one that exits more often than every `min_gap` (a guest
@@ -742,6 +801,7 @@ impl<C: Cpu> RunLoop<C> {
         for vcpu in &mut s.vcpus {
             vcpu.state = RunState::Stopped(reason.clone());
         }
+        self.cpu.release_ram(&mut s.hw, &mut s.vm);
     }
 
     /// Pauses a guest: it keeps its state and is not scheduled until resumed.
@@ -799,6 +859,8 @@ impl<C: Cpu> RunLoop<C> {
                 .stop(StopReason::Operator("kill"))
                 .map_err(|e| alloc::format!("{e}"))?;
         }
+        // Its memory can host another guest now (`start` gives it RAM again).
+        self.cpu.release_ram(&mut s.hw, &mut s.vm);
         info!("guest {} killed", s.vm.name);
         Ok(())
     }
@@ -965,6 +1027,7 @@ impl<C: Cpu> RunLoop<C> {
     fn reboot(&mut self, i: usize) -> Result<(), String> {
         self.switch_out();
         let s = &mut self.slots[i];
+        let before = s.bsp().state.clone();
         let console = core::mem::take(s.vm.platform.console());
         let booted = self
             .cpu
@@ -972,9 +1035,13 @@ impl<C: Cpu> RunLoop<C> {
         *s.vm.platform.console() = console;
         if let Err(e) = booted {
             for v in s.vcpus.iter_mut() {
-                let _ = v
-                    .state
-                    .stop(StopReason::Killed(alloc::format!("restart failed: {e}")));
+                v.state = match &before {
+                    // A stopped guest that could not start (no memory for it yet) stays as it was.
+                    RunState::Stopped(r) => RunState::Stopped(r.clone()),
+                    _ => {
+                        RunState::Stopped(StopReason::Killed(alloc::format!("restart failed: {e}")))
+                    }
+                };
             }
             return Err(e);
         }
@@ -983,7 +1050,11 @@ impl<C: Cpu> RunLoop<C> {
         s.seats.iter_mut().for_each(|seat| *seat = Seat::default());
         self.cpu.restore(&mut s.hw, 0, s.vcpus[0].xcr0);
         self.in_cpu = Some((i, 0));
-        info!("guest {} booted again", s.vm.name);
+        if before == RunState::Stopped(StopReason::NotStarted) {
+            info!("guest {} started", s.vm.name);
+        } else {
+            info!("guest {} booted again", s.vm.name);
+        }
         Ok(())
     }
 
@@ -1093,7 +1164,7 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
                     state,
                     stop_reason,
                     vcpus: s.vcpus.len() as u32,
-                    memory: s.vm.ram.len(),
+                    memory: s.vm.ram.resident(),
                     stats: GuestStats::sum(s.vcpus.iter().map(|v| &v.stats)),
                     share: self.shares.get(id),
                 }
@@ -1156,6 +1227,27 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
         }
     }
 
+    fn balloon(&mut self, id: usize, keep: u64) -> Result<crate::monitor::BalloonView, String> {
+        let s = self.slots.get_mut(id).ok_or("no such guest")?;
+        if !s.live() {
+            return Err("the guest has stopped".into());
+        }
+        let ram = &mut s.vm.ram;
+        ram.balloon.target = crate::balloon::target_for(keep, ram.len())?;
+        info!(
+            "guest {}: balloon target {} KiB ({} pages to give back, {} given)",
+            s.vm.name,
+            keep >> 10,
+            ram.balloon.target,
+            ram.balloon.given_pages()
+        );
+        Ok(self.balloon_view(id))
+    }
+
+    fn memory_pool(&self) -> Option<(u64, u64)> {
+        self.cpu.memory_pool()
+    }
+
     fn quit(&mut self) {
         self.ops.quit = true;
         self.ops.prompt.close();
@@ -1177,6 +1269,18 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
             None => info!("guest {}: weight {}, no cap", s.vm.name, share.weight),
         }
         Ok(())
+    }
+}
+
+impl<C: Cpu> RunLoop<C> {
+    /// Guest `id`'s balloon as `balloon` reports it.
+    fn balloon_view(&self, id: usize) -> crate::monitor::BalloonView {
+        let ram = &self.slots[id].vm.ram;
+        crate::monitor::BalloonView {
+            target_pages: ram.balloon.target,
+            given_pages: ram.balloon.given_pages(),
+            resident: ram.resident(),
+        }
     }
 }
 

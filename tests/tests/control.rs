@@ -89,35 +89,44 @@ fn session() -> Arc<(Outcome, Session)> {
 }
 
 fn run_session() -> (Outcome, Session) {
-    let images = images(&MANIFEST).unwrap_or_else(|e| panic!("control: {e}"));
-    let work_dir = harness_dir().join("runs").join("bochs-control");
+    channel_session("bochs-control", &MANIFEST, None, "\"name\":\"idle\"", drive)
+}
+
+/// Boots `manifest` in Bochs (`memory_mib` for the machine, else the default) with the control
+/// channel on, waits until `list` shows `ready`, has `drive` give its commands, and returns the
+/// run's outcome (named `run`, as its directory of run files) with the exchanges, which it prints.
+pub(crate) fn channel_session(
+    run: &'static str,
+    manifest: &Manifest,
+    memory_mib: Option<u32>,
+    ready: &str,
+    drive: fn(&mut Session, &Path),
+) -> (Outcome, Session) {
+    let images = images(manifest).unwrap_or_else(|e| panic!("{run}: {e}"));
+    let work_dir = harness_dir().join("runs").join(run);
     let socket = work_dir.join("control.sock");
     let mut opts = RunOptions::new(&images.bios, Firmware::Bios, Emulator::Bochs, &work_dir);
     opts.timeout = Some(Duration::from_secs(400));
+    if let Some(m) = memory_mib {
+        opts.memory_mib = m;
+    }
     opts.control = Some(socket.clone());
     opts.echo = std::env::var_os("KEEL_TEST_ECHO").is_some();
-    let run = std::thread::spawn(move || keel_boot::run(&opts));
+    let emulator = std::thread::spawn(move || keel_boot::run(&opts));
     let mut s = Session {
         exchanges: Vec::new(),
         error: None,
     };
-    match wait_for_list(
-        &socket,
-        |r| r.contains("\"name\":\"idle\""),
-        Duration::from_secs(300),
-    ) {
+    match wait_for_list(&socket, |r| r.contains(ready), Duration::from_secs(300)) {
         Err(e) => s.error = Some(format!("Keel never answered: {e}")),
         Ok(()) => drive(&mut s, &socket),
     }
-    let result = match run.join() {
+    let result = match emulator.join() {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => panic!("control: the run failed: {e:#}"),
-        Err(_) => panic!("control: the run panicked"),
+        Ok(Err(e)) => panic!("{run}: the run failed: {e:#}"),
+        Err(_) => panic!("{run}: the run panicked"),
     };
-    let outcome = Outcome {
-        name: "bochs-control",
-        result,
-    };
+    let outcome = Outcome { name: run, result };
     eprintln!("{}", outcome.summary());
     for (cmd, reply, t) in &s.exchanges {
         println!("{:>6.0} ms  {cmd:<16} {reply}", t.as_secs_f64() * 1000.0);

@@ -28,6 +28,7 @@
 //!   under Keel as under QEMU (tests/guests/manifests/qemu-kernels.toml).
 //! - `walkthrough`: the commands of docs/GUESTS.md's walk-through, run as they stand.
 
+mod balloon;
 mod bringup;
 mod cleanup;
 mod console;

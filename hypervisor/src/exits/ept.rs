@@ -4,6 +4,9 @@
 //! here. A device that claimed the address on the guest's MMIO bus gets the access (through the
 //! instruction emulator in `mmio`); an access to nothing stops the guest, logged with the address.
 //! A misconfiguration means Keel built a bad EPT entry: a Keel bug, reported as such.
+//!
+//! A page of RAM the guest gave back (BALLOON_GIVE, `balloon`) is not mapped either: touching it
+//! in any way (an instruction, a page walk, event delivery) stops the guest with that reason.
 
 use super::{Action, ExitContext};
 use crate::guest::StopReason;
@@ -14,6 +17,18 @@ pub fn violation<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let gpa = cx.vmcs.read(ReadOnly64::GuestPhysicalAddr);
     let q =
         EptViolationQualification::from_bits_retain(cx.vmcs.read(ReadOnlyNat::ExitQualification));
+    if gpa < cx.vm.ram.len() && cx.vm.ram.balloon.is_given(gpa / crate::balloon::PAGE) {
+        return Action::Stop(StopReason::Killed(format!(
+            "{} guest-physical {gpa:#x}, a page it gave back (BALLOON_GIVE)",
+            if q.contains(EptViolationQualification::FETCH) {
+                "executed at"
+            } else if q.contains(EptViolationQualification::WRITE) {
+                "wrote"
+            } else {
+                "read"
+            }
+        )));
+    }
     // SDM 28.2.4: valid IDT-vectoring information means the access was part of delivering an
     // event (reading the IDT or GDT, pushing onto the stack), not the instruction at RIP: there
     // is no instruction to emulate, and a guest whose IDT, GDT or stack lies in device memory
@@ -92,6 +107,50 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod balloon_tests {
+    use crate::balloon::{apply, check, fake::FakePool, Op};
+    use crate::ept::{Ept, EptPerms, FakeTables, MemType};
+    use crate::exits::testing::*;
+    use crate::exits::Action;
+    use crate::guest::StopReason;
+    use crate::vmx::{ExitReason, ReadOnly64, VmcsAccess, VmcsField};
+
+    /// A guest that touches a page it gave back is stopped, and says so; its other pages, and
+    /// addresses past its RAM, keep their own outcomes.
+    #[test]
+    fn touching_a_given_page_stops_the_guest() {
+        let mut t = TestBed::new();
+        let (hpa, len) = (t.vm.ram.hpa, t.vm.ram.len());
+        let mut ept = Ept::new(FakeTables::new(), false).unwrap();
+        ept.map(0, hpa, len, EptPerms::RWX, MemType::WriteBack)
+            .unwrap();
+        let req = check(Op::Give, 0x5000, 1, &t.vm.ram).unwrap();
+        let out = apply(req, &mut t.vm.ram, &mut ept, &mut FakePool::new());
+        assert_eq!(out.status, 0);
+        t.vmcs
+            .write_raw(ReadOnly64::GuestPhysicalAddr.encoding(), 0x5008);
+        t.set_qualification(2); // a write
+        match t.run(ExitReason::EptViolation) {
+            Action::Stop(StopReason::Killed(why)) => assert_eq!(
+                why,
+                "wrote guest-physical 0x5008, a page it gave back (BALLOON_GIVE)"
+            ),
+            other => panic!("{other:?}"),
+        }
+        let past = t.vm.ram.len() + 0x5008;
+        t.vmcs
+            .write_raw(ReadOnly64::GuestPhysicalAddr.encoding(), past);
+        assert_eq!(
+            t.run(ExitReason::EptViolation),
+            Action::Stop(StopReason::BadMemoryAccess {
+                gpa: past,
+                write: true
+            })
+        );
     }
 }
 

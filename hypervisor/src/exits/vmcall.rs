@@ -60,6 +60,25 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             status::OK
         }
         hc::CPU_TIME => cx.vcpu.stats.cpu_cycles,
+        hc::BALLOON_TARGET => cx.vm.ram.balloon.target,
+        hc::BALLOON_GIVEN => cx.vm.ram.balloon.given_pages(),
+        hc::BALLOON_GIVE | hc::BALLOON_TAKE => {
+            use crate::balloon::{check, Op};
+            let op = if nr == hc::BALLOON_GIVE {
+                Op::Give
+            } else {
+                Op::Take
+            };
+            match check(op, a1, a2, &cx.vm.ram) {
+                // Carried out by the run loop right after this exit, which puts the result in
+                // RAX (`runloop`).
+                Ok(req) => {
+                    cx.vm.ram.balloon.pending = Some((req, wide));
+                    status::OK
+                }
+                Err(e) => e,
+            }
+        }
         _ => status::ENOSYS,
     };
     set_result(cx.vmcs, cx.vcpu, result);
@@ -133,6 +152,38 @@ mod tests {
             t.run(ExitReason::Vmcall),
             Action::Stop(StopReason::Shutdown(7))
         );
+    }
+
+    /// The balloon calls: the target and count answered at once; a GIVE or TAKE checked here
+    /// (errors in RAX at once) and, when good, left for the run loop with RAX 0 until then.
+    #[test]
+    fn balloon_calls_are_checked_then_left_to_the_run_loop() {
+        use crate::balloon::{Op, Request};
+        let mut t = TestBed::new();
+        t.long_mode();
+        t.vm.ram.balloon.target = 77;
+        let call = |t: &mut TestBed, nr, gpa, pages| {
+            t.vcpu.regs.rax = nr;
+            t.vcpu.regs.rbx = gpa;
+            t.vcpu.regs.rcx = pages;
+            assert_eq!(t.run(ExitReason::Vmcall), Action::Advance);
+            t.vcpu.regs.rax
+        };
+        assert_eq!(call(&mut t, hc::BALLOON_TARGET, 0, 0), 77);
+        assert_eq!(call(&mut t, hc::BALLOON_GIVEN, 0, 0), 0);
+        assert_eq!(call(&mut t, hc::BALLOON_GIVE, 0x1234, 1), status::EINVAL);
+        assert_eq!(call(&mut t, hc::BALLOON_GIVE, 0x1000, 0), status::EINVAL);
+        let end = t.vm.ram.len();
+        assert_eq!(call(&mut t, hc::BALLOON_GIVE, end, 1), status::EINVAL);
+        assert_eq!(call(&mut t, hc::BALLOON_TAKE, 0x1000, 1), status::EEXIST);
+        assert_eq!(t.vm.ram.balloon.pending, None, "nothing for the run loop");
+        assert_eq!(call(&mut t, hc::BALLOON_GIVE, 0x1000, 2), status::OK);
+        let give = Request {
+            op: Op::Give,
+            gpa: 0x1000,
+            pages: 2,
+        };
+        assert_eq!(t.vm.ram.balloon.pending, Some((give, true)));
     }
 
     /// A CONSOLE_WRITE into a full console is short: it returns what was accepted and ends the

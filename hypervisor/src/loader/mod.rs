@@ -534,6 +534,7 @@ pub(crate) mod test_util {
             refuse: false,
             apicv: Some(true),
             on_demand: false,
+            autostart: true,
         }
     }
 

@@ -65,26 +65,7 @@ impl FrameAllocator {
             if end > r.end {
                 continue;
             }
-            // Split r into [r.start, start) and [end, r.end).
-            let head = PhysRange {
-                start: r.start,
-                end: start,
-            };
-            let tail = PhysRange {
-                start: end,
-                end: r.end,
-            };
-            match (head.is_empty(), tail.is_empty()) {
-                (true, true) => {
-                    self.free.remove(i);
-                }
-                (false, true) => self.free[i] = head,
-                (true, false) => self.free[i] = tail,
-                (false, false) => {
-                    self.free[i] = head;
-                    self.free.insert(i + 1, tail);
-                }
-            }
+            self.cut(i, start, end);
             return Some(start);
         }
         None
@@ -117,6 +98,54 @@ impl FrameAllocator {
             (false, true) => self.free[i].start = start,
             (false, false) => self.free.insert(i, PhysRange { start, end }),
         }
+    }
+
+    /// Takes `[start, start + size)` out of the pool if all of it is free there (a ballooned page
+    /// taken back onto its own frame).
+    pub fn claim(&mut self, start: u64, size: u64) -> bool {
+        let i = self.free.partition_point(|r| r.end <= start);
+        let end = start + size;
+        match self.free.get(i) {
+            Some(r) if r.start <= start && end <= r.end => {
+                self.cut(i, start, end);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Takes [start, end) out of free range `i`, which holds it: what is left of the range
+    /// before and after it stays free.
+    fn cut(&mut self, i: usize, start: u64, end: u64) {
+        let r = self.free[i];
+        let head = PhysRange {
+            start: r.start,
+            end: start,
+        };
+        let tail = PhysRange {
+            start: end,
+            end: r.end,
+        };
+        match (head.is_empty(), tail.is_empty()) {
+            (true, true) => {
+                self.free.remove(i);
+            }
+            (false, true) => self.free[i] = head,
+            (true, false) => self.free[i] = tail,
+            (false, false) => {
+                self.free[i] = head;
+                self.free.insert(i + 1, tail);
+            }
+        }
+    }
+
+    /// The largest block `alloc(.., align)` could hand out now.
+    pub fn largest_block(&self, align: u64) -> u64 {
+        self.free
+            .iter()
+            .map(|r| r.end.saturating_sub(align_up(r.start, align)))
+            .max()
+            .unwrap_or(0)
     }
 
     pub fn free_bytes(&self) -> u64 {
@@ -174,6 +203,24 @@ mod tests {
         assert_eq!(a.alloc_below(PAGE_SIZE, PAGE_SIZE, MB), Some(0x9_f000));
         assert_eq!(a.alloc_below(PAGE_SIZE, PAGE_SIZE, MB), None);
         assert_eq!(a.alloc_page(), Some(MB));
+    }
+
+    #[test]
+    fn claim_takes_a_given_frame_if_free() {
+        let mut a = alloc_over(&[(MB, 4 * MB)]);
+        assert!(a.claim(2 * MB, PAGE_SIZE));
+        assert!(!a.claim(2 * MB, PAGE_SIZE), "taken already");
+        assert!(!a.claim(8 * MB, PAGE_SIZE), "not in the pool");
+        assert!(a.claim(MB, PAGE_SIZE) && a.claim(4 * MB - PAGE_SIZE, PAGE_SIZE));
+        assert_eq!(a.free_bytes(), 3 * MB - 3 * PAGE_SIZE);
+        assert_eq!(a.largest_block(PAGE_SIZE), 2 * MB - 2 * PAGE_SIZE);
+        assert_eq!(
+            a.largest_block(2 * MB),
+            0,
+            "no 2M-aligned start with room after it"
+        );
+        a.free_range(2 * MB, PAGE_SIZE);
+        assert_eq!(a.largest_block(2 * MB), 2 * MB - PAGE_SIZE);
     }
 
     #[test]

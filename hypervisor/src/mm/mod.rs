@@ -68,6 +68,13 @@ impl OwnedPages {
     pub fn size(&self) -> u64 {
         self.size
     }
+
+    /// The block's address and size, no longer given back on drop: the caller frees it (in parts,
+    /// as ballooning does, `hypervisor::VmHw::release_ram`).
+    pub fn into_raw(self) -> (u64, u64) {
+        let this = core::mem::ManuallyDrop::new(self);
+        (this.pa, this.size)
+    }
 }
 
 impl Drop for OwnedPages {

@@ -354,3 +354,105 @@ fn channel_lines_and_overlong_ones() {
     b"help".iter().for_each(|&b| assert!(r.push(b).is_none()));
     assert_eq!(r.push(b'\n'), Some(ChannelLine::Command("help".into())));
 }
+
+/// A target with a balloon and a memory pool: records the `balloon` requests it gets.
+struct BalloonTarget {
+    base: FakeTarget,
+    asked: Vec<(usize, u64)>,
+}
+
+impl MonitorTarget for BalloonTarget {
+    fn now(&mut self) -> u64 {
+        self.base.now()
+    }
+    fn tsc_hz(&self) -> u64 {
+        HZ
+    }
+    fn guests(&self) -> Vec<GuestView> {
+        self.base.guests()
+    }
+    fn regs(&mut self, id: usize) -> Result<Vec<(&'static str, u64)>, String> {
+        self.base.regs(id)
+    }
+    fn control(&mut self, id: usize, op: Control) -> Result<(), String> {
+        self.base.control(id, op)
+    }
+    fn quit(&mut self) {
+        self.base.quit()
+    }
+    fn set_share(&mut self, id: usize, share: crate::sched::Share) -> Result<(), String> {
+        self.base.set_share(id, share)
+    }
+    fn balloon(&mut self, id: usize, keep: u64) -> Result<BalloonView, String> {
+        let ram = self.base.guests[id].memory;
+        if keep > ram {
+            return Err("the guest has only 16384 KiB of RAM".into());
+        }
+        self.asked.push((id, keep));
+        Ok(BalloonView {
+            target_pages: (ram - keep) / 4096,
+            given_pages: 0,
+            resident: ram,
+        })
+    }
+    fn memory_pool(&self) -> Option<(u64, u64)> {
+        Some((7 << 20, 56 << 20))
+    }
+}
+
+#[test]
+fn balloon_sets_a_target_and_list_shows_the_pool() {
+    let mut t = BalloonTarget {
+        base: FakeTarget::new(),
+        asked: Vec::new(),
+    };
+    let mut m = Monitor::new(0);
+    let r = m.execute("balloon beta 8M", &mut t, Form::Json);
+    assert_eq!(
+        r.text,
+        "{\"ok\":true,\"guest\":\"beta\",\"target_pages\":2048,\"given_pages\":0,\"memory\":16777216}\n"
+    );
+    let r = m.execute("balloon 0 12M", &mut t, Form::Text);
+    assert_eq!(
+        r.text,
+        "alpha: balloon target 12288 K: 1024 pages to give back (0 given, 16384 K in use)\n"
+    );
+    assert_eq!(t.asked, [(1, 8 << 20), (0, 12 << 20)]);
+    for (line, error) in [
+        (
+            "balloon beta",
+            "balloon needs a guest and a size: balloon NAME 8M",
+        ),
+        (
+            "balloon beta 8M 9M",
+            "balloon needs a guest and a size: balloon NAME 8M",
+        ),
+        ("balloon nobody 8M", "no guest \"nobody\" (see list)"),
+        (
+            "balloon beta lots",
+            "balloon beta: \"lots\" is not a size like 8M",
+        ),
+        (
+            "balloon beta 20M",
+            "balloon beta: the guest has only 16384 KiB of RAM",
+        ),
+    ] {
+        let r = m.execute(line, &mut t, Form::Text);
+        assert!(r.failed, "{line}");
+        assert_eq!(r.text, alloc::format!("error: {error}\n"), "{line}");
+    }
+    assert_eq!(t.asked.len(), 2, "refused requests never reach the target");
+    let r = m.execute("list", &mut t, Form::Text);
+    assert!(
+        r.text.ends_with("memory for guests: 7 M free of 56 M\n"),
+        "{}",
+        r.text
+    );
+    let r = m.execute("list", &mut t, Form::Json);
+    assert!(
+        r.text
+            .ends_with("],\"tsc\":0,\"memory_free\":7340032,\"memory_total\":58720256}\n"),
+        "{}",
+        r.text
+    );
+}

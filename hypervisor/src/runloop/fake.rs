@@ -44,6 +44,8 @@ pub enum Op {
     Wrmsr(u32, u64),
     /// STI: sets RFLAGS.IF (no exit). An application processor starts with it clear.
     Sti,
+    /// VMCALL with RAX, RBX and RCX: a balloon hypercall (number, guest-physical, pages).
+    Balloon(u64, u64, u64),
 }
 
 /// A guest's behaviour.
@@ -154,6 +156,9 @@ pub struct FakeVcpu {
     pub id: usize,
     pub cores: Vec<FakeCore>,
     pub boots: u32,
+    /// The balloon requests carried out for it, and how often its RAM went back to the pool.
+    pub balloon_calls: Vec<crate::balloon::Request>,
+    pub released: u32,
 }
 
 /// A fake vCPU's VMCS, loaded: (guest, vCPU) and its core.
@@ -209,6 +214,10 @@ pub struct FakeCpu {
     pub loads: u64,
     /// The vCPU whose registers (those VMX does not switch) are in the CPU.
     in_cpu: Option<(usize, usize)>,
+    /// What every balloon request returns.
+    pub balloon_status: u64,
+    /// Set: every boot fails with this (no memory for the guest, say).
+    pub boot_error: Option<String>,
 }
 
 impl FakeCpu {
@@ -226,6 +235,8 @@ impl FakeCpu {
             current: None,
             loads: 0,
             in_cpu: None,
+            balloon_status: 0,
+            boot_error: None,
         }
     }
 
@@ -253,6 +264,8 @@ impl FakeCpu {
             id,
             cores: programs.into_iter().map(FakeCore::new).collect(),
             boots: 0,
+            balloon_calls: Vec::new(),
+            released: 0,
         };
         power_on(&mut hw, &mut vm, &mut vcpus, self.clock);
         Slot::new(vm, vcpus, hw, restart_limit)
@@ -332,6 +345,10 @@ impl FakeCpu {
                 }
                 Op::Hypercall(nr) => {
                     regs.rax = nr;
+                    (ExitReason::Vmcall, 3)
+                }
+                Op::Balloon(nr, gpa, pages) => {
+                    (regs.rax, regs.rbx, regs.rcx) = (nr, gpa, pages);
                     (ExitReason::Vmcall, 3)
                 }
                 Op::TripleFault => (ExitReason::TripleFault, 0),
@@ -497,6 +514,9 @@ impl Cpu for FakeCpu {
         vcpus: &mut [Vcpu],
         _restarts: u32,
     ) -> Result<(), String> {
+        if let Some(e) = &self.boot_error {
+            return Err(e.clone());
+        }
         hw.boots += 1;
         power_on(hw, vm, vcpus, self.clock);
         self.current = Some((hw.id, 0));
@@ -509,6 +529,20 @@ impl Cpu for FakeCpu {
 
     fn control_byte(&mut self) -> Option<u8> {
         self.control_in.pop_front()
+    }
+
+    fn balloon(
+        &mut self,
+        hw: &mut FakeVcpu,
+        _vm: &mut Vm,
+        req: crate::balloon::Request,
+    ) -> Result<u64, String> {
+        hw.balloon_calls.push(req);
+        Ok(self.balloon_status)
+    }
+
+    fn release_ram(&mut self, hw: &mut FakeVcpu, _vm: &mut Vm) {
+        hw.released += 1;
     }
 
     fn control_send(&mut self, out: &mut VecDeque<u8>) {

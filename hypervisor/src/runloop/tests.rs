@@ -1050,3 +1050,79 @@ fn the_stop_action_stops_and_reboots() {
     assert_eq!(rl.slots[1].vcpus[0].state, RunState::Runnable);
     assert_eq!(rl.slots[1].hw.boots, 1, "booted afresh");
 }
+
+/// A BALLOON_GIVE that passes its checks is carried out by the CPU after the exit, its status in
+/// the caller's RAX; one that fails them never gets there. A killed guest's memory, and one that
+/// ends, goes back to the pool.
+#[test]
+fn balloon_calls_reach_the_cpu_and_stopped_guests_give_their_memory_back() {
+    use crate::abi::{hc, status};
+    use crate::balloon::{Op as BOp, Request};
+    let mut cpu = FakeCpu::new();
+    cpu.balloon_status = status::ENOMEM;
+    let give = |gpa, pages| Op::Balloon(hc::BALLOON_GIVE, gpa, pages);
+    let slots = vec![
+        cpu.guest(
+            0,
+            Program::once(&[Op::Run(1000), give(0x10000, 4), Op::Run(1000)]),
+            0,
+        ),
+        cpu.guest(
+            1,
+            Program::once(&[Op::Run(1000), give(0x10001, 1), Op::Run(1000)]),
+            0,
+        ),
+        cpu.guest(2, Program::once(&[Op::Run(1000), Op::Out(0xf4, 1)]), 0),
+    ];
+    let mut rl = RunLoop::new(cpu, config(), slots);
+    run_for(&mut rl, 5 * QUANTUM);
+    let rax = |rl: &RunLoop<FakeCpu>, i: usize| rl.slots[i].vcpus[0].regs.rax;
+    assert_eq!(
+        rl.slots[0].hw.balloon_calls,
+        [Request {
+            op: BOp::Give,
+            gpa: 0x10000,
+            pages: 4
+        }]
+    );
+    assert_eq!(rax(&rl, 0) as u32, status::ENOMEM as u32);
+    assert!(rl.slots[1].hw.balloon_calls.is_empty());
+    assert_eq!(rax(&rl, 1) as u32, status::EINVAL as u32);
+    assert_eq!(rl.slots[0].vcpus[0].state, RunState::Runnable, "it goes on");
+    // Guest 2 ended by itself, guest 1 is killed: both gave their memory back, once.
+    assert_eq!(rl.slots[2].hw.released, 1);
+    assert_eq!(rl.slots[1].hw.released, 0);
+    rl.kill(1).unwrap();
+    assert_eq!(rl.slots[1].hw.released, 1);
+    assert_eq!(rl.slots[0].hw.released, 0);
+}
+
+/// `start` of a guest that waits for it (autostart = off) and cannot have its memory yet leaves
+/// it waiting, not failed; once memory is there, it starts.
+#[test]
+fn a_start_without_memory_leaves_the_guest_waiting() {
+    use crate::monitor::{Control, MonitorTarget};
+    let cpu = FakeCpu::new();
+    let mut waiting = cpu.guest(1, Program::compute(), 0);
+    for v in &mut waiting.vcpus {
+        v.state = RunState::Stopped(StopReason::NotStarted);
+    }
+    let slots = vec![cpu.guest(0, Program::compute(), 0), waiting];
+    let mut rl = RunLoop::new(cpu, config(), slots);
+    run_for(&mut rl, 2 * QUANTUM);
+    rl.cpu.boot_error = Some("not enough memory: need 16 MiB, free 7 MiB".into());
+    assert_eq!(
+        rl.control(1, Control::Start),
+        Err("not enough memory: need 16 MiB, free 7 MiB".into())
+    );
+    assert_eq!(
+        rl.slots[1].vcpus[0].state,
+        RunState::Stopped(StopReason::NotStarted)
+    );
+    assert!(!rl.any_failed());
+    rl.cpu.boot_error = None;
+    rl.control(1, Control::Start).unwrap();
+    assert!(rl.slots[1].vcpus[0].state.is_live());
+    run_for(&mut rl, 4 * QUANTUM);
+    assert!(rl.cpu.entries(1).count() > 0, "it runs");
+}

@@ -12,6 +12,17 @@ pub const HC_GUEST_ID: usize = 3;
 pub const HC_PRINT_STATS: usize = 5;
 /// TSC cycles the calling guest has run so far.
 pub const HC_CPU_TIME: usize = 6;
+/// Ballooning (docs/HYPERCALLS.md "Giving memory back"): pages Keel asks the guest to have given
+/// back in all.
+pub const HC_BALLOON_TARGET: usize = 7;
+/// Give RCX pages from guest-physical RBX back to Keel.
+pub const HC_BALLOON_GIVE: usize = 8;
+/// Take RCX given pages at guest-physical RBX back (they read as zeros).
+pub const HC_BALLOON_TAKE: usize = 9;
+/// Pages given back and not taken again.
+pub const HC_BALLOON_GIVEN: usize = 10;
+/// Most pages one BALLOON_GIVE or BALLOON_TAKE moves.
+pub const BALLOON_MAX_PAGES: usize = 512;
 /// PRINT_STATS's answer while Keel's console has no room for the table: -11 (nothing printed).
 pub const EAGAIN: usize = -11isize as usize;
 /// A number Keel does not define: must fail with ENOSYS.

@@ -14,12 +14,14 @@
 //! | `sleeper`  | halts between PIT ticks for `secs=N` (`timeshare`)       | 0x24      |
 //! | `clispin`  | spins `cycles=N` TSC cycles with interrupts off          | 0x25      |
 //! | `timekeeper` | halts `every=N` s on a LAPIC one-shot, then PRINT_STATS, until `secs=N` | 0x26 |
+//! | `balloon`  | gives RAM back to Keel and takes it again as Keel's balloon target says, checking the rest, for `secs=N` (`balloon`) | 0x28 |
 //! | `flood`    | floods its console (CONSOLE_WRITE, UART, PRINT_STATS; `stats=only`: PRINT_STATS alone) for `secs=N` (`flood`) | 0x27 |
 //!
 //! Any failure (unexpected exception, expected fault missing) exits with 0x3f.
 #![no_std]
 #![no_main]
 
+mod balloon;
 mod flood;
 mod timeshare;
 
@@ -87,6 +89,7 @@ extern "C" fn long64_main(cmdline: *const u8, ram_size: u64) -> ! {
         b"clispin" => timeshare::clispin(required(cmdline, b"cycles")),
         b"timekeeper" => timeshare::timekeeper(&plan(cmdline)),
         b"flood" => flood::flood(cmdline),
+        b"balloon" => balloon::run(ram_size, required(cmdline, b"secs")),
         other => {
             say!("unknown mode {}", Printable(other));
             cpu::exit(EXIT_FAILURE)

@@ -48,7 +48,7 @@ impl Plan {
 
 /// Measures the TSC rate, then starts the PIT at 100 Hz on IRQ0 (vector 0x20), the only unmasked
 /// line; returns the TSC rate.
-fn start_clock() -> u64 {
+pub(crate) fn start_clock() -> u64 {
     let hz = pit::tsc_hz();
     pic::init();
     pit::start_periodic(PIT_HZ);
