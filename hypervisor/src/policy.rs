@@ -188,15 +188,15 @@ pub struct Decision {
 impl Decision {
     /// The console line: `load 93% over 2.0 s > 90%: pausing NAME`.
     pub fn describe(&self, name: &str) -> String {
-        let (cmp, doing) = match self.op {
-            Op::Start => ('<', "starting"),
-            Op::Pause => ('>', "pausing"),
-            Op::Stop => ('>', "stopping"),
+        // The load in whole percent, rounded away from the threshold, so the figure shown is on
+        // the side of it that made the decision (29.9% is "29% < 30%", 80.1% "81% > 80%").
+        let (cmp, doing, percent) = match self.op {
+            Op::Start => ('<', "starting", self.load_permille / 10),
+            Op::Pause => ('>', "pausing", self.load_permille.div_ceil(10)),
+            Op::Stop => ('>', "stopping", self.load_permille.div_ceil(10)),
         };
         alloc::format!(
-            "load {}% over {}.{} s {cmp} {}%: {doing} {name}",
-            // Rounded to the nearest percent.
-            (self.load_permille + 5) / 10,
+            "load {percent}% over {}.{} s {cmp} {}%: {doing} {name}",
             self.window_ms / 1000,
             self.window_ms % 1000 / 100,
             self.threshold
@@ -552,6 +552,13 @@ mod tests {
             window_ms: 2000,
             threshold: 90,
         };
-        assert_eq!(d.describe("C"), "load 93% over 2.0 s > 90%: pausing C");
+        assert_eq!(d.describe("C"), "load 94% over 2.0 s > 90%: pausing C");
+        let d = Decision {
+            op: Op::Start,
+            load_permille: 299,
+            threshold: 30,
+            ..d
+        };
+        assert_eq!(d.describe("C"), "load 29% over 2.0 s < 30%: starting C");
     }
 }
