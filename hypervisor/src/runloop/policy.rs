@@ -78,11 +78,15 @@ impl<C: Cpu> RunLoop<C> {
             (Op::Start, Seen::Active) => Ok(()),
             (Op::Pause, _) => self.pause(d.guest),
             (Op::Stop, _) => {
-                for v in self.slots[d.guest].vcpus.iter_mut() {
+                let s = &mut self.slots[d.guest];
+                for v in s.vcpus.iter_mut() {
                     v.state
                         .stop(StopReason::Operator("policy"))
                         .map_err(|e| alloc::format!("{e}"))?;
                 }
+                // Its memory goes back to the pool until the policy starts it again (its boot
+                // takes RAM afresh), as after a kill.
+                self.cpu.release_ram(&mut s.hw, &mut s.vm);
                 Ok(())
             }
         }

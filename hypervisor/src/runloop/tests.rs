@@ -1045,6 +1045,10 @@ fn the_stop_action_stops_and_reboots() {
         rl.slots[1].vcpus[0].state,
         RunState::Stopped(StopReason::Operator("policy"))
     );
+    assert_eq!(
+        rl.slots[1].hw.released, 1,
+        "its memory went back to the pool"
+    );
     assert!(!rl.any_failed());
     run_for(&mut rl, window);
     assert_eq!(rl.slots[1].vcpus[0].state, RunState::Runnable);
