@@ -43,7 +43,7 @@ const SNAPSHOT_MARKER: &str = "[timekeeper] demo: 10 s";
 
 /// One `print_stats` table: column name -> value, per guest, in manifest order.
 #[derive(Debug)]
-struct Table {
+pub(crate) struct Table {
     rows: Vec<(String, HashMap<String, String>)>,
 }
 
@@ -51,7 +51,7 @@ impl Table {
     /// The first table that starts after the first line containing `after` (from the start when
     /// `after` is empty). Columns are named by the header, whose names are separated by two or more
     /// spaces (`cpu cycles`, `halted cycles`); a row's values by whitespace.
-    fn parse(lines: &[&str], after: &str) -> Option<Table> {
+    pub(crate) fn parse(lines: &[&str], after: &str) -> Option<Table> {
         let start = lines.iter().position(|l| l.contains(after))?;
         let body: Vec<&str> = lines[start..]
             .iter()
@@ -89,7 +89,7 @@ impl Table {
         row.get(column).map(String::as_str)
     }
 
-    fn cpu(&self, guest: &str) -> Option<u64> {
+    pub(crate) fn cpu(&self, guest: &str) -> Option<u64> {
         self.get(guest, "cpu cycles")?.parse().ok()
     }
 

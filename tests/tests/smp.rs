@@ -4,6 +4,7 @@
 
 use keel_tests::{shared_boot_on, status, BootSpec, Emulator, Firmware, Manifest, Outcome};
 
+use crate::scheduler::Table;
 use crate::NO_GUESTS;
 
 /// Bochs `cpu: count=4`: the boot CPU and three APs, APIC IDs 0-3.
@@ -187,6 +188,85 @@ fn guests_with_1_2_and_4_vcpus_start_count_and_send_each_other_ipis() {
         {
             boot.fail(&format!("no `{prefix}... status 0x43` line"));
         }
+    }
+    boot.expect_keel_unhurt();
+}
+
+static SMP_FAIR: BootSpec = BootSpec {
+    name: "bochs-bios-4cpus-smp-fair",
+    manifest: Manifest::File("tests/guests/manifests/smp-fair.toml"),
+    emulator: Emulator::Bochs,
+    firmware: Firmware::Bios,
+    timeout: None,
+};
+
+/// The guests of smp-fair.toml and their vCPUs: 7 CPU-bound vCPUs in all.
+const FAIR_GUESTS: [(&str, u32); 3] = [("smp1", 1), ("smp2", 2), ("smp4", 4)];
+/// What the timekeeper prints right before its PRINT_STATS, at 5 s.
+const FAIR_SNAPSHOT: &str = "[timekeeper] demo: 5 s";
+
+/// Guests with 1, 2 and 4 CPU-bound vCPUs: every vCPU gets 1/7 of the CPU, within 2%. Keel's
+/// table at the timekeeper's snapshot (all seven vCPUs computing) gives each guest's CPU time;
+/// each guest's own vCPUs report, from Keel's per-vCPU account (hypercall CPU_TIME), how that
+/// time split among them over their common spin. A vCPU's share is the product of the two.
+#[test]
+fn cpu_bound_vcpus_of_guests_with_1_2_and_4_vcpus_get_equal_shares() {
+    let boot = shared_boot_on(&SMP_FAIR, Some(CPUS));
+    let lines: Vec<&str> = boot.lines().collect();
+    let Some(snapshot) = Table::parse(&lines, FAIR_SNAPSHOT) else {
+        boot.fail(&format!("no accounting table after `{FAIR_SNAPSHOT}`"));
+    };
+    let guest_cpu = |guest: &str| {
+        snapshot
+            .cpu(guest)
+            .unwrap_or_else(|| boot.fail(&format!("no cpu cycles for {guest} in the snapshot")))
+    };
+    let total: u64 = FAIR_GUESTS.iter().map(|(g, _)| guest_cpu(g)).sum();
+    let vcpus: u32 = FAIR_GUESTS.iter().map(|(_, n)| n).sum();
+    let fair = 1.0 / f64::from(vcpus);
+    let mut shares = Vec::new();
+    for (guest, n) in FAIR_GUESTS {
+        let spun: Vec<u64> = (0..n)
+            .map(|id| {
+                let prefix = format!("smp32: spin: cpu {id} ran ");
+                let line = boot.expect_guest_line(guest, &prefix);
+                line[line.find(&prefix).unwrap_or(0) + prefix.len()..]
+                    .trim_end_matches(" cycles")
+                    .parse()
+                    .unwrap_or_else(|_| boot.fail(&format!("{guest}: cannot read `{line}`")))
+            })
+            .collect();
+        let guest_spun: u64 = spun.iter().sum::<u64>().max(1);
+        let guest_share = guest_cpu(guest) as f64 / total.max(1) as f64;
+        for (id, cycles) in spun.iter().enumerate() {
+            let share = guest_share * *cycles as f64 / guest_spun as f64;
+            eprintln!(
+                "figure: {guest} vCPU {id}: {cycles} cycles of its guest's {guest_spun} over the spin; \
+                 {:.3}% of the CPU, {:+.2}% from 1/{vcpus}",
+                100.0 * share,
+                100.0 * (share / fair - 1.0)
+            );
+            shares.push((format!("{guest} vCPU {id}"), share));
+        }
+        let prefix = format!("keel: guest {guest} ");
+        if !boot
+            .lines()
+            .any(|l| l.starts_with(&prefix) && l.contains("status 0x43"))
+        {
+            boot.fail(&format!("no `{prefix}... status 0x43` line"));
+        }
+    }
+    let off: Vec<String> = shares
+        .iter()
+        .filter(|(_, share)| (share / fair - 1.0).abs() > 0.02)
+        .map(|(who, share)| format!("{who}: {:.3}%", 100.0 * share))
+        .collect();
+    if !off.is_empty() {
+        boot.fail(&format!(
+            "vCPUs more than 2% from their fair share {:.3}%: {}",
+            100.0 * fair,
+            off.join(", ")
+        ));
     }
     boot.expect_keel_unhurt();
 }

@@ -9,12 +9,19 @@
 //!   until its own arrives;
 //! The bootstrap processor then checks that the counter is exactly N x ROUNDS and exits with
 //! 0x21, or 0x3f on any failure.
+//!
+//! With `mode=spin` on its command line, every vCPU instead computes once all are up, until the
+//! bootstrap processor has seen SPIN_CYCLES of the guest's clock pass; each reads its own CPU time
+//! (hypercall CPU_TIME, Keel's account of that vCPU) when the spin starts and when it ends, and the
+//! bootstrap processor prints `spin: cpu K ran C cycles` for every vCPU (the fairness test,
+//! tests/tests/smp.rs) and exits with 0x21.
 #![no_std]
 #![no_main]
 
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use guest_common::{checks, cpu, lapic, say, trap};
+use guest_common::abi::HC_CPU_TIME;
+use guest_common::{checks, console, cpu, lapic, say, trap};
 
 const EXIT_DONE: u8 = 0x21;
 /// Increments per vCPU.
@@ -27,12 +34,24 @@ const SIPI_VECTOR: u32 = (TRAMPOLINE >> 12) as u32;
 const ICR_INIT: u32 = 5 << 8 | 1 << 14;
 const ICR_STARTUP: u32 = 6 << 8 | 1 << 14;
 
+/// `mode=spin`: how long the vCPUs compute, in cycles of the guest's clock (its TSC, which
+/// runs only while one of its vCPUs has the CPU: with N vCPUs, each gets about 1/N of it).
+const SPIN_CYCLES: u64 = 40_000_000;
+/// The most vCPUs this guest starts (the AP stacks are sized for it).
+const MAX_CPUS: u32 = 16;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 static UP: AtomicU32 = AtomicU32::new(0);
 static READY: AtomicU32 = AtomicU32::new(0);
 static DONE: AtomicU32 = AtomicU32::new(0);
 static CPUS: AtomicU32 = AtomicU32::new(1);
 static FAILED: AtomicBool = AtomicBool::new(false);
+/// `mode=spin` was given.
+static SPIN: AtomicBool = AtomicBool::new(false);
+/// Set by the bootstrap processor when SPIN_CYCLES have passed: every vCPU stops computing.
+static STOP: AtomicBool = AtomicBool::new(false);
+/// Each vCPU's CPU time over its spin, by APIC ID.
+static SPUN: [AtomicU32; MAX_CPUS as usize] = [const { AtomicU32::new(0) }; MAX_CPUS as usize];
 /// One line at a time on the shared UART.
 static SAY_LOCK: AtomicBool = AtomicBool::new(false);
 
@@ -126,12 +145,18 @@ extern "C" {
     static smp32_tramp_end: u8;
 }
 
-extern "C" fn smp32_main(_cmdline: *const u8, _ram_size: usize) -> ! {
+extern "C" fn smp32_main(cmdline: *const u8, _ram_size: usize) -> ! {
     checks::init("smp32");
     trap::install();
     lapic::enable();
+    // SAFETY: the loader passes its NUL-terminated command line, left alone while the guest runs.
+    let cmdline = unsafe { console::c_str(cmdline, 4096) };
+    let spin = cmdline
+        .split(|&b| b == b' ')
+        .any(|word| word == b"mode=spin");
+    SPIN.store(spin, Ordering::SeqCst);
     let cpus = (cpu::cpuid(1).1 >> 16) & 0xff;
-    let cpus = cpus.clamp(1, 16);
+    let cpus = cpus.clamp(1, MAX_CPUS);
     CPUS.store(cpus, Ordering::SeqCst);
     say_locked!("{} vCPUs", cpus);
     if cpus > 1 {
@@ -154,6 +179,20 @@ extern "C" fn smp32_main(_cmdline: *const u8, _ram_size: usize) -> ! {
     work();
     while DONE.load(Ordering::SeqCst) < cpus {
         core::hint::spin_loop();
+    }
+    if spin {
+        for (id, spun) in SPUN.iter().enumerate().take(cpus as usize) {
+            say_locked!(
+                "spin: cpu {} ran {} cycles",
+                id,
+                spun.load(Ordering::SeqCst)
+            );
+        }
+        if FAILED.load(Ordering::SeqCst) {
+            say_locked!("FAILED");
+            cpu::exit(guest_common::EXIT_FAILURE);
+        }
+        checks::done(EXIT_DONE)
     }
     let total = COUNTER.load(Ordering::SeqCst);
     say_locked!("counter {} = {} x {}", total, cpus, ROUNDS);
@@ -191,6 +230,11 @@ fn work() {
     while READY.load(Ordering::SeqCst) < cpus {
         core::hint::spin_loop();
     }
+    if SPIN.load(Ordering::SeqCst) {
+        spin(id);
+        DONE.fetch_add(1, Ordering::SeqCst);
+        return;
+    }
     for _ in 0..ROUNDS {
         COUNTER.fetch_add(1, Ordering::SeqCst);
     }
@@ -212,4 +256,45 @@ fn work() {
         from
     );
     DONE.fetch_add(1, Ordering::SeqCst);
+}
+
+/// `mode=spin`: computes until the bootstrap processor (APIC ID 0) has seen SPIN_CYCLES of the
+/// guest's clock pass, and records the CPU time Keel accounted to this vCPU meanwhile. Each vCPU
+/// reads its start when it first runs after the barrier and its end when it first runs after the
+/// stop, so the readings of all of them frame the same stretch of the guest's life (to within the
+/// slice the bootstrap processor is in).
+fn spin(id: u8) {
+    let Some(start) = cpu_time() else {
+        return;
+    };
+    let t0 = cpu::rdtsc();
+    let mut x = u32::from(id);
+    while !STOP.load(Ordering::SeqCst) {
+        for _ in 0..1000 {
+            x = core::hint::black_box(x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223));
+        }
+        if id == 0 && cpu::rdtsc().wrapping_sub(t0) >= SPIN_CYCLES {
+            STOP.store(true, Ordering::SeqCst);
+        }
+    }
+    let Some(end) = cpu_time() else {
+        return;
+    };
+    if let Some(spun) = SPUN.get(usize::from(id)) {
+        spun.store(end.wrapping_sub(start), Ordering::SeqCst);
+    }
+}
+
+/// This vCPU's CPU time in cycles (the low 32 bits in 32-bit code), or None (and the guest
+/// fails) without a hypervisor that answers CPU_TIME.
+fn cpu_time() -> Option<u32> {
+    match cpu::vmcall(HC_CPU_TIME, 0, 0) {
+        Ok(cycles) => Some(cycles as u32),
+        Err(_) => {
+            say_locked!("spin: no hypervisor answers CPU_TIME");
+            FAILED.store(true, Ordering::SeqCst);
+            STOP.store(true, Ordering::SeqCst);
+            None
+        }
+    }
 }
