@@ -1,6 +1,7 @@
-//! Debian's cloud kernel with a busybox initramfs, under Keel in Bochs next to two of Keel's own
-//! guests: the test types shell commands into the Linux guest's serial console (COM1 -> Keel ->
-//! the guest's 16550, receive interrupts) and checks the answers, then powers it off.
+//! Debian's cloud kernel with a busybox initramfs and two vCPUs, under Keel in Bochs next to two
+//! of Keel's own guests: the test types shell commands into the Linux guest's serial console
+//! (COM1 -> Keel -> the guest's 16550, receive interrupts) and checks the answers, then powers it
+//! off.
 //!
 //! The kernel and busybox come from the host's apt archive at test time (see
 //! `keel_tests::debian`); without apt or the network the test fails, naming what is missing.
@@ -20,6 +21,7 @@ kind = \"linux\"
 image = \"vmlinuz\"
 initrd = \"initrd\"
 memory = \"192M\"
+vcpus = 2
 cmdline = \"console=ttyS0 cryptomgr.notests\"
 
 [[guest]]
@@ -50,6 +52,7 @@ fn commands() -> Vec<&'static str> {
         "cat /proc/interrupts; echo M-$((3+1))\r",
         "dmesg | grep -i -e keel -e 'ACPI: ' ; echo M-$((4+1))\r",
         "i=0; s=0; while [ $i -lt 1000 ]; do s=$((s+i*i)); i=$((i+1)); done; echo SUM=$s; echo M-$((5+1))\r",
+        "grep ^processor /proc/cpuinfo; echo CPUS=$(grep -c ^processor /proc/cpuinfo); echo M-$((6+1))\r",
     ]
 }
 
@@ -124,6 +127,11 @@ fn linux_shell_answers_over_the_serial_console() {
     linux_line_is(o, "vendor_id\t: GenuineIntel");
     linux_line_is(o, "hypervisor");
     linux_line_is(o, &format!("SUM={SUM_OF_SQUARES}"));
+    // Both vCPUs (`vcpus = 2`): started by the kernel with INIT-SIPI-SIPI, listed by /proc/cpuinfo.
+    o.expect_guest_line("linux", "smp: Brought up 1 node, 2 CPUs");
+    linux_line_is(o, "processor\t: 0");
+    linux_line_is(o, "processor\t: 1");
+    linux_line_is(o, "CPUS=2");
     // ttyS0 on IRQ 4 through the IOAPIC, edge-triggered (ISA), with interrupts counted.
     let irq4 = o
         .guest_lines("linux")
@@ -131,7 +139,11 @@ fn linux_shell_answers_over_the_serial_console() {
         .unwrap_or_else(|| o.fail("/proc/interrupts has no IO-APIC line for ttyS0"));
     let fields: Vec<&str> = irq4.split_whitespace().collect();
     assert_eq!(fields.first(), Some(&"4:"), "{irq4}");
-    let count: u64 = fields.get(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    // One count per CPU: the IOAPIC may deliver to either vCPU.
+    let count: u64 = fields[1..]
+        .iter()
+        .map_while(|c| c.parse::<u64>().ok())
+        .sum();
     assert!(count > 0, "no serial interrupts counted: {irq4}");
     assert!(irq4.contains("4-edge"), "{irq4}");
     // The kernel lists Keel's ACPI tables with their OEM ID.
