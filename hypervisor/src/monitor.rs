@@ -434,14 +434,15 @@ fn stats(g: &GuestView, hz: u64, form: Form) -> Reply {
     match form {
         Form::Text => {
             let mut t = alloc::format!(
-                "{} ({}): {} exits, {} interrupts injected, halted {} ms, in the guest {} ms, in Keel {} ms\n",
+                "{} ({}): {} exits, {} interrupts injected, halted {} ms, in the guest {} ms, in Keel {} ms, memory in use {} K\n",
                 g.name,
                 g.state.name(),
                 s.total_exits(),
                 s.interrupts_injected,
                 ms(s.halted_cycles),
                 ms(s.cpu_cycles),
-                ms(s.keel_cycles)
+                ms(s.keel_cycles),
+                g.memory >> 10
             );
             let _ = writeln!(
                 t,
@@ -497,6 +498,7 @@ fn stats(g: &GuestView, hz: u64, form: Form) -> Reply {
                 ("cpu_cycles", Value::Num(s.cpu_cycles)),
                 ("keel_cycles", Value::Num(s.keel_cycles)),
                 ("tsc_hz", Value::Num(hz)),
+                ("memory", Value::Num(g.memory)),
             ])
         }
     }
