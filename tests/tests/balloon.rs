@@ -33,7 +33,10 @@ fn run_session() -> (Outcome, Session) {
         "\"name\":\"big\",\"state\":\"halted\"",
         drive,
     );
-    for line in outcome.lines().filter(|l| l.contains("pages at 0x")) {
+    for line in outcome
+        .lines()
+        .filter(|l| l.contains("balloon target") || l.contains("] balloon: "))
+    {
         println!("{line}");
     }
     (outcome, s)
@@ -148,6 +151,7 @@ fn a_ballooned_guest_makes_room_for_another() {
     }
     boot.expect_in_order(&[
         "keel: guest 2 late: autostart = off",
+        "keel: guest big: balloon target reached: 4096 pages given back, 16384 K in use (8 calls,",
         "[big] balloon: gave 4096 pages (16384 KiB) in 8 calls",
         "[big] balloon: 8192 KiB intact",
         "keel: guest late started",
@@ -159,6 +163,7 @@ fn a_ballooned_guest_makes_room_for_another() {
         "keel: guest late2 ended: debug-exit status 0x49",
     ]);
     boot.expect_in_order(&[
+        "keel: guest big: balloon target reached: 0 pages given back, 32768 K in use (8 calls,",
         "[big] balloon: took back 4096 pages (16384 KiB) in 8 calls",
         "[big] balloon: 24576 KiB intact",
     ]);
