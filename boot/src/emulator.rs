@@ -505,11 +505,15 @@ pub fn run(opts: &RunOptions) -> Result<RunResult> {
     )?;
     // With a terminal, this tool writes serial.log itself from what the emulator sends.
     let pump_stop = Arc::new(AtomicBool::new(false));
+    // While the user's keys go to COM1, they go as typed (no Enter needed, no local echo); the
+    // terminal is put back when this function returns.
+    let mut _keys_as_typed = None;
     let pump = match &pty {
         Some(pty) => {
             let pump = pty.copy_output_to(&files.serial, pump_stop.clone())?;
             if !scripted {
                 pty.forward_stdin()?;
+                _keys_as_typed = crate::terminal::KeysAsTyped::on_stdin()?;
             }
             Some(pump)
         }

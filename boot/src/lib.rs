@@ -26,6 +26,7 @@ pub mod linux;
 pub mod manifest_file;
 pub mod pty;
 pub mod qemu;
+pub mod terminal;
 pub mod tools;
 
 pub use emulator::{best_emulator, run, Emulator, Firmware, RunOptions, RunResult};

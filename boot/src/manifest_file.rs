@@ -190,7 +190,8 @@ pub fn with_keel_setting(src: &str, key: &str, value: &str) -> Result<String, Ma
     })
 }
 
-/// One key of a table as kernel lines (`modules` gives one `module` line per entry).
+/// One key of a table as kernel lines (`modules` gives one `module` line per entry; a table,
+/// such as `policy = { window = "2s" }`, one `policy.window = 2s` line per key).
 fn keys(
     src: &str,
     owner: &str,
@@ -198,16 +199,39 @@ fn keys(
     value: &Spanned<Value>,
     out: &mut Translated,
 ) -> Result<(), ManifestFileError> {
-    let line = line_of(src, value.span().start);
+    key_lines(
+        owner,
+        key,
+        value.get_ref(),
+        line_of(src, value.span().start),
+        out,
+    )
+}
+
+fn key_lines(
+    owner: &str,
+    key: &str,
+    value: &Value,
+    line: usize,
+    out: &mut Translated,
+) -> Result<(), ManifestFileError> {
     let fail = |message: String| Err(ManifestFileError { line, message });
-    if key.is_empty()
-        || !key
+    let (table, name) = key.rsplit_once('.').unwrap_or(("", key));
+    if name.is_empty()
+        || !name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     {
         return fail(format!("{owner}: unknown key `{key}`"));
     }
-    match value.get_ref() {
+    match value {
+        Value::Table(t) if table.is_empty() => {
+            for (k, v) in t {
+                key_lines(owner, &format!("{key}.{k}"), v, line, out)?;
+            }
+            Ok(())
+        }
+        Value::Table(_) => fail(format!("{owner}: {key} cannot hold a table")),
         Value::Array(items) if key == "modules" => {
             for item in items {
                 match item {
@@ -371,6 +395,34 @@ restart = 3
         assert!(e.message.contains("guest names"), "{e}");
         let e = error("[guests]\n");
         assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    /// A table value (`policy = { ... }` or `[keel.policy]`) becomes one `policy.KEY` line per
+    /// key, checked by the kernel's parser at the table's line.
+    #[test]
+    fn a_table_becomes_dotted_keys() {
+        let src = "[keel]\npolicy = { start_below = \"30%\", stop_above = \"80%\", window = \"1s\" }\n\
+                   [[guest]]\nname = \"a\"\nkind = \"flat\"\nimage = \"x\"\nmemory = \"2M\"\npolicy = \"on-demand\"\n";
+        let (m, t) = parse(src).expect("a good manifest");
+        assert!(
+            t.text.contains(
+                "policy.start_below = 30%\npolicy.stop_above = 80%\npolicy.window = 1s\n"
+            ),
+            "{}",
+            t.text
+        );
+        assert_eq!((m.policy.start_below, m.policy.window_ms), (30, 1000));
+        assert!(m.guests[0].on_demand);
+        let e = error(&src.replace("\"80%\"", "\"20%\""));
+        assert_eq!(e.line, 2, "{e}");
+        assert!(e.message.contains("must be under"), "{e}");
+        let e = error("[keel.policy]\nwindow = \"1s\"\nstart_below = { x = 1 }\n");
+        assert!(
+            e.message.contains("policy.start_below cannot hold a table"),
+            "{e}"
+        );
+        let e = error("[keel.policy]\nwindow = \"soon\"\n");
+        assert!(e.message.contains("policy.window must be"), "{e}");
     }
 
     #[test]

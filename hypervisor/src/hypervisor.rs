@@ -174,7 +174,15 @@ pub fn run(machine: MachineInfo) -> ! {
         spec_ctrl: 0,
         com2,
     };
+    // The on-demand guests, under the load policy (`policy`).
+    let on_demand: Vec<usize> = (0..slots.len())
+        .filter(|&i| slots[i].hw.setup.cfg.on_demand)
+        .collect();
     let mut runner = Runner::new(cpu, config, slots);
+    if !on_demand.is_empty() {
+        let policy = crate::policy::Policy::new(manifest.policy, cal.tsc_hz, on_demand);
+        runner = runner.with_policy(policy);
+    }
     crate::log::set_guests_running(runner.slots.len());
     runner.run();
     crate::log::set_guests_running(0);

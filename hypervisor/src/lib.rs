@@ -28,6 +28,7 @@ pub mod manifest;
 pub mod mm;
 pub mod mmio;
 pub mod monitor;
+pub mod policy;
 pub mod runloop;
 pub mod sched;
 pub mod smp;

@@ -11,6 +11,9 @@
 //! quantum_ms = 10          # scheduler time slice (default 10)
 //! fail_vmx_on_cpu = 2      # test switch: host CPU 2's VT-x set-up fails on purpose
 //! apicv = off              # no APIC virtualization for any guest (default on, where the CPU has it)
+//! policy.start_below = 50% # the load policy (`policy`): start on-demand guests under 50% load,
+//! policy.stop_above = 90%  # pause (or stop) them over 90%, the load measured over
+//! policy.window = 2s       # windows of 2 s; action = pause | stop (defaults as shown, pause)
 //!
 //! [guest hello64]          # one section per guest; the name is used as the console prefix
 //! kind = elf               # flat | elf | multiboot | linux
@@ -27,6 +30,7 @@
 //! apicv = off              # this guest without APIC virtualization (default: [keel]'s apicv)
 //! weight = 2               # CPU weight, 1 to 64 (default 1): slices of `weight` quanta
 //! cap = 25%                # at most 25% of a CPU, even when it would idle (default: none)
+//! policy = on-demand       # started and paused by the load policy (default none)
 //! vcpus = 4                # virtual CPUs, 1 to 16 (default 1): APIC IDs 0-3, the others
 //!                          # started by the guest's INIT/SIPI
 //! autostart = off          # loaded but not started (nor given RAM) until `start NAME`
@@ -85,6 +89,8 @@ pub struct GuestConfig {
     /// `apicv = on | off`: APIC virtualization (`vmx::apicv`) where the CPU offers it, or every
     /// APIC access emulated. After [`parse`] always `Some` (the guest's own key, else `[keel]`'s).
     pub apicv: Option<bool>,
+    /// `policy = on-demand`: the load policy starts and pauses (or stops) it (`crate::policy`).
+    pub on_demand: bool,
     /// `autostart = on | off` (default on): off loads the guest into the run loop's table without
     /// RAM or a boot; the monitor's `start` boots it.
     pub autostart: bool,
@@ -113,6 +119,8 @@ pub struct Manifest {
     pub fail_vmx_on_cpu: Option<u32>,
     /// `[keel] apicv = on | off` (default on): the default of every guest's `apicv`.
     pub apicv: bool,
+    /// `[keel] policy.*`: the load policy's settings (used when a guest is on demand).
+    pub policy: crate::policy::PolicyConfig,
     pub guests: Vec<GuestConfig>,
 }
 
@@ -198,6 +206,7 @@ struct Partial {
     cap: Option<u32>,
     refuse: bool,
     apicv: Option<bool>,
+    on_demand: bool,
     autostart: bool,
 }
 
@@ -325,6 +334,7 @@ impl Partial {
             cap: self.cap,
             refuse: self.refuse,
             apicv: self.apicv,
+            on_demand: self.on_demand,
             autostart: self.autostart,
         })
     }
@@ -345,8 +355,11 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
         selftest: None,
         fail_vmx_on_cpu: None,
         apicv: true,
+        policy: Default::default(),
         guests: Vec::new(),
     };
+    // The line of the last `[keel] policy.*` key (0: none).
+    let mut policy_line = 0;
     let mut current: Option<Partial> = None;
     let mut in_keel = false;
     for (i, raw) in text.lines().enumerate() {
@@ -401,6 +414,7 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     cap: None,
                     refuse: false,
                     apicv: None,
+                    on_demand: false,
                     autostart: true,
                 });
             } else {
@@ -444,6 +458,13 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     )
                 }
                 "apicv" => manifest.apicv = parse_switch(value, line_no, "apicv")?,
+                _ if key.starts_with("policy.") => {
+                    manifest
+                        .policy
+                        .set(&key["policy.".len()..], value)
+                        .map_err(|m| err(line_no, m))?;
+                    policy_line = line_no;
+                }
                 _ => return Err(err(line_no, format_args!("unknown key {key} in [keel]"))),
             }
             continue;
@@ -559,6 +580,10 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                 }
             }
             "apicv" => g.apicv = Some(parse_switch(value, line_no, "apicv")?),
+            "policy" => {
+                g.on_demand = crate::policy::parse_guest_key(value)
+                    .map_err(|m| err(line_no, format_args!("guest {}: {m}", g.name)))?;
+            }
             "autostart" => {
                 g.autostart = match value {
                     "on" | "true" => true,
@@ -582,6 +607,9 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
     }
     for g in &mut manifest.guests {
         g.apicv.get_or_insert(manifest.apicv);
+    }
+    if policy_line != 0 {
+        manifest.policy.check().map_err(|m| err(policy_line, m))?;
     }
     Ok(manifest)
 }
@@ -846,6 +874,41 @@ restart = 7
             assert_eq!(e.line, 5);
             assert_eq!(e.message, alloc::format!("guest a: {says}"));
         }
+    }
+
+    /// `[keel] policy.*` and a guest's `policy`: read, and bad values refused at their line with
+    /// the guest's name.
+    #[test]
+    fn load_policy_keys() {
+        let text =
+            "[keel]\npolicy.start_below = 30%\npolicy.stop_above = 80%\npolicy.window = 1s\n\
+                    [guest a]\nkind = flat\nimage = a.bin\nmemory = 2M\npolicy = on-demand\n\
+                    [guest b]\nkind = flat\nimage = b.bin\nmemory = 2M\n";
+        let m = parse(text).unwrap();
+        assert_eq!(
+            m.policy,
+            crate::policy::PolicyConfig {
+                start_below: 30,
+                stop_above: 80,
+                window_ms: 1000,
+                action: crate::policy::Action::Pause
+            }
+        );
+        assert!(m.guests[0].on_demand && !m.guests[1].on_demand);
+        let e = parse(&text.replace("policy = on-demand", "policy = eager")).unwrap_err();
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (9, "guest a: policy must be on-demand or none, not `eager`")
+        );
+        let e = parse(&text.replace("= 30%", "= 90%")).unwrap_err();
+        assert_eq!(e.line, 4);
+        assert!(e.message.contains("must be under policy.stop_above"), "{e}");
+        let e = parse(&text.replace("window = 1s", "window = 5ms")).unwrap_err();
+        assert_eq!(e.line, 4);
+        assert!(e.message.starts_with("policy.window must be"), "{e}");
+        let e = parse("[keel]\npolicy.when = 5%\n").unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(e.message.contains("unknown key policy.when"), "{e}");
     }
 
     #[test]

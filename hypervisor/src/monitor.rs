@@ -27,6 +27,8 @@ pub struct GuestView {
     /// none (not started, or stopped: its memory went back to the pool).
     pub memory: u64,
     pub stats: GuestStats,
+    /// Its weight and cap (`weight`, `cap`).
+    pub share: crate::sched::Share,
 }
 
 /// A guest's run state, as shown.
@@ -78,6 +80,8 @@ pub trait MonitorTarget {
     fn control(&mut self, id: usize, op: Control) -> Result<(), String>;
     /// Stops every guest and ends Keel once the reply is out.
     fn quit(&mut self);
+    /// Gives guest `id` a new weight and cap (`weight NAME N`, `cap NAME P%|off`).
+    fn set_share(&mut self, id: usize, share: crate::sched::Share) -> Result<(), String>;
     /// `balloon`: asks guest `id` to keep `keep` bytes of its RAM and give the rest back.
     fn balloon(&mut self, _id: usize, _keep: u64) -> Result<BalloonView, String> {
         Err("ballooning is not available".into())
@@ -131,6 +135,11 @@ const HELP: &[(&str, &str)] = &[
         "exits by reason (count, average and max cycles), interrupts, halted time",
     ),
     ("regs NAME", "the guest's registers"),
+    (
+        "weight NAME N",
+        "its CPU weight, 1 to 64 (slices of N quanta)",
+    ),
+    ("cap NAME P%|off", "at most P% of the CPU, or no cap"),
     ("pause NAME", "stop scheduling it; its clock stops"),
     (
         "resume NAME",
@@ -188,6 +197,9 @@ impl Monitor {
         let Some(cmd) = words.next() else {
             return ok(form, String::new(), Vec::new());
         };
+        if matches!(cmd, "weight" | "cap") {
+            return shares::command(cmd, words, target, form);
+        }
         let arg = words.next();
         if cmd == "balloon" {
             return balloon(target, arg, words.next(), words.next(), form);
@@ -291,19 +303,21 @@ impl Monitor {
         match form {
             Form::Text => {
                 let mut t = alloc::format!(
-                    "{:>3} {:<16} {:<8} {:>5} {:>9} {:>6} {:>9}\n",
+                    "{:>3} {:<16} {:<8} {:>5} {:>9} {:>6} {:>9} {:>6} {:>4}\n",
                     "id",
                     "name",
                     "state",
                     "vcpus",
                     "memory",
                     "cpu %",
-                    "exits/s"
+                    "exits/s",
+                    "weight",
+                    "cap"
                 );
                 for (g, permille, rate) in rows {
                     let _ = writeln!(
                         t,
-                        "{:>3} {:<16} {:<8} {:>5} {:>7} M {:>4}.{} {:>9}",
+                        "{:>3} {:<16} {:<8} {:>5} {:>7} M {:>4}.{} {:>9} {:>6} {:>4}",
                         g.id,
                         g.name,
                         g.state.name(),
@@ -311,7 +325,9 @@ impl Monitor {
                         g.memory >> 20,
                         permille / 10,
                         permille % 10,
-                        rate
+                        rate,
+                        g.share.weight,
+                        shares::cap_text(g.share)
                     );
                 }
                 if let Some((free, total)) = target.memory_pool() {
@@ -336,14 +352,20 @@ impl Monitor {
                             ("memory", Value::Num(g.memory)),
                             ("cpu_permille", Value::Num(permille)),
                             ("exits_per_s", Value::Num(rate)),
+                            ("cpu_cycles", Value::Num(g.stats.cpu_cycles)),
+                            ("keel_cycles", Value::Num(g.stats.keel_cycles)),
+                            ("halted_cycles", Value::Num(g.stats.halted_cycles)),
                         ];
+                        shares::fields(g.share, &mut o);
                         if let Some(r) = &g.stop_reason {
                             o.push(("stop_reason", Value::Str(r.clone())));
                         }
                         Value::Obj(o)
                     })
                     .collect();
-                let mut fields = alloc::vec![("guests", Value::List(items))];
+                // The host TSC of the sample: the time base of the cycle counts.
+                let mut fields =
+                    alloc::vec![("guests", Value::List(items)), ("tsc", Value::Num(now))];
                 if let Some((free, total)) = target.memory_pool() {
                     fields.push(("memory_free", Value::Num(free)));
                     fields.push(("memory_total", Value::Num(total)));
@@ -434,7 +456,7 @@ fn stats(g: &GuestView, hz: u64, form: Form) -> Reply {
     match form {
         Form::Text => {
             let mut t = alloc::format!(
-                "{} ({}): {} exits, {} interrupts injected, halted {} ms, in the guest {} ms, in Keel {} ms, memory in use {} K\n",
+                "{} ({}): {} exits, {} interrupts injected, halted {} ms, in the guest {} ms, in Keel {} ms, memory in use {} K, weight {}, cap {}\n",
                 g.name,
                 g.state.name(),
                 s.total_exits(),
@@ -442,7 +464,9 @@ fn stats(g: &GuestView, hz: u64, form: Form) -> Reply {
                 ms(s.halted_cycles),
                 ms(s.cpu_cycles),
                 ms(s.keel_cycles),
-                g.memory >> 10
+                g.memory >> 10,
+                g.share.weight,
+                shares::cap_text(g.share)
             );
             let _ = writeln!(
                 t,
@@ -488,7 +512,7 @@ fn stats(g: &GuestView, hz: u64, form: Form) -> Reply {
                     Value::Obj(o)
                 })
                 .collect();
-            json_ok(alloc::vec![
+            let mut fields = alloc::vec![
                 ("guest", Value::Str(g.name.clone())),
                 ("state", Value::Str(g.state.name().into())),
                 ("exits_total", Value::Num(s.total_exits())),
@@ -499,7 +523,9 @@ fn stats(g: &GuestView, hz: u64, form: Form) -> Reply {
                 ("keel_cycles", Value::Num(s.keel_cycles)),
                 ("tsc_hz", Value::Num(hz)),
                 ("memory", Value::Num(g.memory)),
-            ])
+            ];
+            shares::fields(g.share, &mut fields);
+            json_ok(fields)
         }
     }
 }
@@ -774,5 +800,7 @@ pub fn too_long() -> Reply {
     )
 }
 
+mod shares;
+pub mod table;
 #[cfg(test)]
 mod tests;

@@ -195,6 +195,8 @@ pub struct RunLoop<C: Cpu> {
     focus: crate::focus::Focus,
     /// The operator's side: the console prompt, the control channel and the monitor behind both.
     ops: Operator,
+    /// The load policy over the on-demand guests, if any (`policy`).
+    policy: Option<crate::policy::Policy>,
 }
 
 /// What the run loop keeps for the monitor (`monitor`): the `keel>` prompt on COM1, the lines
@@ -236,6 +238,7 @@ impl<C: Cpu> RunLoop<C> {
                 quit: false,
                 started: None,
             },
+            policy: None,
         }
     }
 
@@ -279,6 +282,7 @@ impl<C: Cpu> RunLoop<C> {
         }
         let now = self.cpu.rdtsc();
         self.ops.started.get_or_insert(now);
+        self.policy_turn(now);
         let mut live = 0;
         for s in &mut self.slots {
             if !s.live() {
@@ -918,7 +922,14 @@ impl<C: Cpu> RunLoop<C> {
             self.show_prompt();
             match key {
                 Key::Stats => {
-                    print_stats(self.slots.iter(), Writer::Keel);
+                    // Only when the console has room for it now: Keel's lines wait for room, and
+                    // the guests would wait with them.
+                    let table = self.readable_table();
+                    if crate::log::fits(Writer::Keel, crate::log::wire_len(table.as_bytes())) {
+                        console_text(&table);
+                    } else {
+                        info!("statistics: the console is busy; ask again in a moment");
+                    }
                 }
                 Key::Pause => (0..self.slots.len()).for_each(|i| {
                     let _ = self.pause(i);
@@ -1045,14 +1056,32 @@ impl<C: Cpu> RunLoop<C> {
         Ok(())
     }
 
-    /// The final accounting table and one status line per guest.
+    /// The statistics table (`monitor::table`) over the time since the loop started.
+    fn readable_table(&mut self) -> String {
+        use crate::monitor::MonitorTarget;
+        let now = self.cpu.rdtsc();
+        let elapsed = now.saturating_sub(self.ops.started.unwrap_or(now));
+        let rows: Vec<_> = self
+            .guests()
+            .into_iter()
+            .zip(&self.slots)
+            .map(|(g, s)| {
+                let c = s.vm.platform.console_ref();
+                (g, (c.bytes_written(), c.dropped_bytes()))
+            })
+            .collect();
+        crate::monitor::table::readable(&rows, elapsed, self.cfg.tsc_hz)
+    }
+
+    /// The final statistics table and one status line per guest.
     pub fn report(&mut self) {
         crate::log::set_prompt(None);
         // No guest runs any more: the last console lines wait for room now.
         for s in &mut self.slots {
             print_console(&mut s.vm, usize::MAX);
         }
-        print_stats(self.slots.iter(), Writer::Keel);
+        let table = self.readable_table();
+        console_text(&table);
         for s in &self.slots {
             if let RunState::Stopped(r) = &s.bsp().state {
                 info!("guest {} status {:#x}: {r}", s.vm.name, r.status());
@@ -1135,6 +1164,7 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
                     vcpus: s.vcpus.len() as u32,
                     memory: s.vm.ram.resident(),
                     stats: GuestStats::sum(s.vcpus.iter().map(|v| &v.stats)),
+                    share: self.shares.get(id),
                 }
             })
             .collect()
@@ -1228,6 +1258,17 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
         }
         info!("quit: every guest stopped");
     }
+
+    fn set_share(&mut self, id: usize, share: Share) -> Result<(), String> {
+        let s = self.slots.get_mut(id).ok_or("no such guest")?;
+        s.share = share;
+        self.shares.set(id, share);
+        match share.cap_percent {
+            Some(cap) => info!("guest {}: weight {}, cap {cap}%", s.vm.name, share.weight),
+            None => info!("guest {}: weight {}, no cap", s.vm.name, share.weight),
+        }
+        Ok(())
+    }
 }
 
 impl<C: Cpu> RunLoop<C> {
@@ -1301,6 +1342,8 @@ fn print_stats<'a, V: 'a>(guests: impl Iterator<Item = &'a Slot<V>>, who: Writer
     );
     crate::log::write_as(who, t.as_bytes())
 }
+
+mod policy;
 
 #[cfg(test)]
 mod fake;

@@ -177,6 +177,19 @@ impl Shares {
         self.period_start.saturating_add(self.period)
     }
 
+    /// Guest `i`'s weight and cap.
+    pub fn get(&self, i: usize) -> Share {
+        self.shares.get(i).copied().unwrap_or_default()
+    }
+
+    /// Gives guest `i` a new weight and cap (the monitor's `weight` and `cap`): its next slice
+    /// has the new length; what it used of the current period still counts against a new cap.
+    pub fn set(&mut self, i: usize, share: Share) {
+        if let Some(s) = self.shares.get_mut(i) {
+            *s = share;
+        }
+    }
+
     /// True if any guest has a cap (the run loop then watches period ends).
     pub fn any_cap(&self) -> bool {
         self.shares.iter().any(|s| s.cap_percent.is_some())

@@ -14,6 +14,9 @@
 //!   (tests/guests/manifests/flood.toml).
 //! - `control`: Keel operated over its control channel (COM2) while it runs: list, pause with the
 //!   clock stopped, resume, kill, restart, quit with status 0 (tests/guests/manifests/control.toml).
+//! - `policy`: weights and caps changed over the control channel while guests run, and the load
+//!   policy starting and pausing an on-demand guest (tests/guests/manifests/shares-live.toml,
+//!   policy.toml).
 //! - `platform`: the PC platform (ACPI, PM timer, PCI, fw_cfg, i8042) as platform32 reads it under
 //!   Keel and under QEMU (tests/guests/manifests/platform.toml).
 //! - `cleanup`: a time limit stops the emulator and leaves nothing behind.
@@ -35,6 +38,7 @@ mod guests;
 mod hostile;
 mod linux;
 mod platform;
+mod policy;
 mod qemu_kernels;
 mod scheduler;
 mod smp;

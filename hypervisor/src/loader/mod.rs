@@ -533,6 +533,7 @@ pub(crate) mod test_util {
             cap: None,
             refuse: false,
             apicv: Some(true),
+            on_demand: false,
             autostart: true,
         }
     }

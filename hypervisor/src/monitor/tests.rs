@@ -22,6 +22,7 @@ fn view(id: usize, name: &str, state: State) -> GuestView {
         vcpus: 1,
         memory: 16 << 20,
         stats: GuestStats::default(),
+        share: crate::sched::Share::default(),
     }
 }
 
@@ -73,6 +74,11 @@ impl MonitorTarget for FakeTarget {
     fn quit(&mut self) {
         self.quit = true;
     }
+
+    fn set_share(&mut self, id: usize, share: crate::sched::Share) -> Result<(), String> {
+        self.guests[id].share = share;
+        Ok(())
+    }
 }
 
 fn run(m: &mut Monitor, t: &mut FakeTarget, line: &str, form: Form) -> Reply {
@@ -95,7 +101,7 @@ fn list_shows_cpu_share_and_exit_rate_since_the_last_list() {
     let alpha: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(
         alpha,
-        ["0", "alpha", "running", "1", "16", "M", "50.0", "2000"]
+        ["0", "alpha", "running", "1", "16", "M", "50.0", "2000", "1", "-"]
     );
     // The next list counts from here: alpha idle for a second, beta ran 10%.
     t.clock += HZ;
@@ -104,8 +110,8 @@ fn list_shows_cpu_share_and_exit_rate_since_the_last_list() {
     assert_eq!(
         r.text,
         "{\"ok\":true,\"guests\":[\
-         {\"id\":0,\"name\":\"alpha\",\"state\":\"running\",\"vcpus\":1,\"memory\":16777216,\"cpu_permille\":0,\"exits_per_s\":0},\
-         {\"id\":1,\"name\":\"beta\",\"state\":\"halted\",\"vcpus\":1,\"memory\":16777216,\"cpu_permille\":100,\"exits_per_s\":0}]}\n"
+         {\"id\":0,\"name\":\"alpha\",\"state\":\"running\",\"vcpus\":1,\"memory\":16777216,\"cpu_permille\":0,\"exits_per_s\":0,\"cpu_cycles\":250000,\"keel_cycles\":0,\"halted_cycles\":0,\"weight\":1},\
+         {\"id\":1,\"name\":\"beta\",\"state\":\"halted\",\"vcpus\":1,\"memory\":16777216,\"cpu_permille\":100,\"exits_per_s\":0,\"cpu_cycles\":100000,\"keel_cycles\":0,\"halted_cycles\":0,\"weight\":1}],\"tsc\":1500000}\n"
     );
 }
 
@@ -177,7 +183,7 @@ fn stats_gives_counts_and_cycles_per_exit_kind() {
     );
     assert!(lines[0].contains("7 interrupts injected") && lines[0].contains("halted 2000 ms"));
     assert!(
-        lines[0].ends_with(", memory in use 16384 K"),
+        lines[0].contains(" ms, memory in use 16384 K, weight"),
         "{}",
         lines[0]
     );
@@ -187,7 +193,76 @@ fn stats_gives_counts_and_cycles_per_exit_kind() {
     assert_eq!(cpuid, ["CPUID", "3", "1000", "1100"]);
     let j = run(&mut m, &mut t, "stats 0", Form::Json).text;
     assert!(j.starts_with("{\"ok\":true,\"guest\":\"alpha\",\"state\":\"running\",\"exits_total\":8,\"exits\":[{\"reason\":\"HLT\",\"number\":12,\"count\":5,\"timed\":0},{\"reason\":\"CPUID\",\"number\":10,\"count\":3,\"timed\":2,\"avg_cycles\":1000,\"max_cycles\":1100}],\"interrupts_injected\":7,\"halted_cycles\":2000000,"), "{j}");
-    assert!(j.ends_with(",\"memory\":16777216}\n"), "{j}");
+    assert!(
+        j.contains(",\"tsc_hz\":1000000,\"memory\":16777216,"),
+        "{j}"
+    );
+}
+
+/// `weight` and `cap` change a guest's share; `list` and `stats` show it; bad values are refused
+/// with the reason and change nothing.
+#[test]
+fn weight_and_cap_change_a_guests_share() {
+    let mut t = FakeTarget::new();
+    let mut m = Monitor::new(0);
+    let r = run(&mut m, &mut t, "weight beta 3", Form::Json);
+    assert_eq!(r.text, "{\"ok\":true,\"guest\":\"beta\",\"weight\":3}\n");
+    let r = run(&mut m, &mut t, "cap 1 25%", Form::Text);
+    assert_eq!(r.text, "beta: weight 3, cap 25%\n");
+    assert_eq!(
+        t.guests[1].share,
+        crate::sched::Share {
+            weight: 3,
+            cap_percent: Some(25)
+        }
+    );
+    let list = run(&mut m, &mut t, "list", Form::Text).text;
+    let beta: Vec<&str> = list.lines().nth(2).unwrap().split_whitespace().collect();
+    assert_eq!(beta[8..], ["3", "25%"], "{list}");
+    let j = run(&mut m, &mut t, "stats beta", Form::Json).text;
+    assert!(j.ends_with(",\"weight\":3,\"cap_percent\":25}\n"), "{j}");
+    assert!(run(&mut m, &mut t, "stats beta", Form::Text)
+        .text
+        .lines()
+        .next()
+        .unwrap()
+        .ends_with("weight 3, cap 25%"));
+    let r = run(&mut m, &mut t, "cap beta off", Form::Json);
+    assert_eq!(r.text, "{\"ok\":true,\"guest\":\"beta\",\"weight\":3}\n");
+    assert_eq!(t.guests[1].share.cap_percent, None);
+    for (line, msg) in [
+        (
+            "weight beta 0",
+            "weight must be a number from 1 to 64, not `0`",
+        ),
+        (
+            "weight beta 65",
+            "weight must be a number from 1 to 64, not `65`",
+        ),
+        ("weight beta", "usage: weight NAME N (1 to 64)"),
+        (
+            "cap beta 0%",
+            "cap must be a percentage from 1% to 100% or off, not `0%`",
+        ),
+        (
+            "cap beta 101",
+            "cap must be a percentage from 1% to 100% or off, not `101`",
+        ),
+        (
+            "cap beta 10% x",
+            "usage: cap NAME P% (1% to 100%) or cap NAME off",
+        ),
+        ("cap gamma 10%", "no guest \\\"gamma\\\" (see list)"),
+    ] {
+        let r = run(&mut m, &mut t, line, Form::Json);
+        assert!(r.failed, "{line}");
+        assert_eq!(
+            r.text,
+            alloc::format!("{{\"ok\":false,\"error\":\"{msg}\"}}\n"),
+            "{line}"
+        );
+    }
+    assert_eq!(t.guests[1].share.weight, 3);
 }
 
 #[test]
@@ -314,6 +389,9 @@ impl MonitorTarget for BalloonTarget {
     fn quit(&mut self) {
         self.base.quit()
     }
+    fn set_share(&mut self, id: usize, share: crate::sched::Share) -> Result<(), String> {
+        self.base.set_share(id, share)
+    }
     fn balloon(&mut self, id: usize, keep: u64) -> Result<BalloonView, String> {
         let ram = self.base.guests[id].memory;
         if keep > ram {
@@ -382,7 +460,7 @@ fn balloon_sets_a_target_and_list_shows_the_pool() {
     let r = m.execute("list", &mut t, Form::Json);
     assert!(
         r.text
-            .ends_with("],\"memory_free\":7340032,\"memory_total\":58720256}\n"),
+            .ends_with("],\"tsc\":0,\"memory_free\":7340032,\"memory_total\":58720256}\n"),
         "{}",
         r.text
     );

@@ -917,6 +917,144 @@ fn a_cap_holds_alone_and_next_to_others() {
     assert!(got[1] > 40.0, "{got:?}");
 }
 
+/// `weight` and `cap` over the control channel change the shares of running guests: measured
+/// over a window after the change, within 2% of the new shares.
+#[test]
+fn weights_and_caps_change_at_run_time() {
+    let mut rl = rig(vec![
+        Program::compute(),
+        Program::compute(),
+        Program::compute(),
+    ]);
+    run_for(&mut rl, 30 * QUANTUM);
+    let window = |rl: &mut RunLoop<FakeCpu>| {
+        let before: Vec<u64> = (0..3).map(|i| cpu_cycles(rl, i)).collect();
+        let start = rl.cpu.clock;
+        run_for(rl, 400 * QUANTUM);
+        let total = (rl.cpu.clock - start) as f64;
+        (0..3)
+            .map(|i| (cpu_cycles(rl, i) - before[i]) as f64 * 100.0 / total)
+            .collect::<Vec<f64>>()
+    };
+    send(&mut rl, "weight g1 3");
+    until_replies(&mut rl, 1);
+    assert_eq!(
+        replies(&rl)[0],
+        "{\"ok\":true,\"guest\":\"g1\",\"weight\":3}"
+    );
+    let got = window(&mut rl);
+    let busy: f64 = got.iter().sum();
+    for (g, w) in got.iter().zip([1.0, 3.0, 1.0]) {
+        let want = busy * w / 5.0;
+        assert!((g - want).abs() / want < 0.02, "weights 1:3:1: {got:?}");
+    }
+    send(&mut rl, "cap g2 10%");
+    until_replies(&mut rl, 2);
+    let got = window(&mut rl);
+    assert!((got[2] - 10.0).abs() / 10.0 < 0.02, "cap 10%: {got:?}");
+    assert!((got[1] / got[0] - 3.0).abs() / 3.0 < 0.02, "{got:?}");
+    send(&mut rl, "cap g2 off");
+    send(&mut rl, "weight g1 1");
+    until_replies(&mut rl, 4);
+    let got = window(&mut rl);
+    let busy: f64 = got.iter().sum();
+    for g in &got {
+        assert!(
+            (g - busy / 3.0).abs() / (busy / 3.0) < 0.02,
+            "equal again: {got:?}"
+        );
+    }
+}
+
+// ----- The load policy -----
+
+/// An on-demand sleeper waits paused while a CPU-bound guest keeps the load at 100%; paused, the
+/// hog leaves the CPU idle and the policy starts the sleeper; resumed, it brings the load over
+/// the threshold and the policy pauses the sleeper again. One decision per window.
+#[test]
+fn the_load_policy_starts_and_pauses_on_demand_guests() {
+    use crate::policy::{Action, Policy, PolicyConfig};
+    let cfg = PolicyConfig {
+        start_below: 30,
+        stop_above: 80,
+        window_ms: 200,
+        action: Action::Pause,
+    };
+    let policy = Policy::new(cfg, TSC_HZ, [1]);
+    let mut rl = rig(vec![
+        Program::compute(),
+        Program::sleeper(200).with_pit(PIT_100HZ),
+    ])
+    .with_policy(policy);
+    let window = TSC_HZ / 5;
+    let state = |rl: &RunLoop<FakeCpu>| rl.slots[1].vcpus[0].state.clone();
+    assert_eq!(state(&rl), RunState::Paused { halted: false });
+    run_for(&mut rl, 5 * window);
+    assert_eq!(
+        state(&rl),
+        RunState::Paused { halted: false },
+        "the load is 100%"
+    );
+    assert_eq!(
+        rl.cpu.entries(1).count(),
+        0,
+        "held before its first instruction"
+    );
+    rl.pause(0).unwrap();
+    run_for(&mut rl, 2 * window + QUANTUM);
+    assert!(
+        matches!(state(&rl), RunState::Halted | RunState::Runnable),
+        "started once the CPU idled: {:?}",
+        state(&rl)
+    );
+    assert!(rl.cpu.entries(1).count() > 0);
+    rl.resume(0).unwrap();
+    run_for(&mut rl, 2 * window + QUANTUM);
+    assert!(
+        matches!(state(&rl), RunState::Paused { .. }),
+        "paused at 100% load: {:?}",
+        state(&rl)
+    );
+    // Nothing more to pause; the hog goes on alone.
+    run_for(&mut rl, 5 * window);
+    assert!(matches!(state(&rl), RunState::Paused { .. }));
+}
+
+/// With `action = stop` the guest is stopped (no failure) and booted afresh when the load falls.
+#[test]
+fn the_stop_action_stops_and_reboots() {
+    use crate::policy::{Action, Policy, PolicyConfig};
+    let cfg = PolicyConfig {
+        start_below: 30,
+        stop_above: 80,
+        window_ms: 200,
+        action: Action::Stop,
+    };
+    let mut rl = rig(vec![Program::compute(), Program::compute()]).with_policy(Policy::new(
+        cfg,
+        TSC_HZ,
+        [1],
+    ));
+    let window = TSC_HZ / 5;
+    rl.pause(0).unwrap();
+    run_for(&mut rl, window + QUANTUM);
+    assert_eq!(rl.slots[1].vcpus[0].state, RunState::Runnable);
+    // The on-demand guest is CPU-bound itself: it brings the load over 80% and is stopped.
+    run_for(&mut rl, window);
+    assert_eq!(
+        rl.slots[1].vcpus[0].state,
+        RunState::Stopped(StopReason::Operator("policy"))
+    );
+    assert_eq!(
+        rl.slots[1].hw.released, 1,
+        "its memory went back to the pool"
+    );
+    assert!(!rl.any_failed());
+    run_for(&mut rl, window);
+    assert_eq!(rl.slots[1].vcpus[0].state, RunState::Runnable);
+    assert_eq!(rl.slots[1].hw.boots, 1, "booted afresh");
+}
+
 /// A BALLOON_GIVE that passes its checks is carried out by the CPU after the exit, its status in
 /// the caller's RAX; one that fails them never gets there. A killed guest's memory, and one that
 /// ends, goes back to the pool.
