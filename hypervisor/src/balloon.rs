@@ -47,6 +47,42 @@ pub struct PageMap {
     /// A GIVE or TAKE the guest made, checked, for the run loop to carry out after the exit (the
     /// EPT is the hardware's, `runloop::Cpu::balloon`), and whether its caller runs 64-bit code.
     pub pending: Option<(Request, bool)>,
+    /// Since the operator last set the target: the GIVE and TAKE calls carried out, Keel's cycles
+    /// for them, and whether Keel still owes the line saying the guest reached it (one line per
+    /// target, so that a guest cannot fill Keel's console with balloon calls).
+    pub round: Round,
+}
+
+/// The calls of one balloon round (`PageMap::round`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Round {
+    pub calls: u64,
+    pub cycles: u64,
+    pub announce: bool,
+}
+
+impl PageMap {
+    /// The operator asks for `target` pages given back in all: a new round.
+    pub fn set_target(&mut self, target: u64) {
+        self.target = target;
+        self.round = Round {
+            calls: 0,
+            cycles: 0,
+            announce: true,
+        };
+    }
+
+    /// Counts a call Keel carried out in `cycles`; true when it completed the round (the guest
+    /// has given what the target asks, and Keel has not said so yet).
+    pub fn count_call(&mut self, cycles: u64) -> bool {
+        self.round.calls += 1;
+        self.round.cycles += cycles;
+        let done = self.round.announce && self.given_count == self.target;
+        if done {
+            self.round.announce = false;
+        }
+        done
+    }
 }
 
 impl PageMap {
@@ -302,19 +338,6 @@ pub fn release<A: TableAlloc>(
     }
     ram.balloon = PageMap::default();
     Ok(stale)
-}
-
-/// The name of a GIVE or TAKE status, for Keel's log.
-pub fn status_name(s: u64) -> &'static str {
-    match s {
-        status::OK => "ok",
-        status::EINVAL => "EINVAL",
-        status::EFAULT => "EFAULT",
-        status::EEXIST => "EEXIST",
-        status::ENOMEM => "ENOMEM",
-        status::ENOSYS => "ENOSYS",
-        _ => "error",
-    }
 }
 
 /// `balloon NAME SIZE`: the guest should keep `keep` bytes of its `ram` bytes; returns the target
@@ -579,6 +602,32 @@ mod tests {
         assert_eq!(ept.translate(0), None);
         assert_eq!(ept.translate(0x3f_f000), None);
         assert!(ram.balloon.is_pristine());
+    }
+
+    #[test]
+    fn a_round_is_announced_once_when_the_target_is_reached() {
+        let mut map = PageMap::default();
+        assert!(!map.count_call(5), "no target set: nothing to say");
+        map.set_target(2);
+        map.set_given(7, true);
+        assert!(!map.count_call(10), "1 of 2");
+        map.set_given(8, true);
+        assert!(map.count_call(20));
+        assert_eq!(
+            map.round,
+            Round {
+                calls: 2,
+                cycles: 30,
+                announce: false
+            }
+        );
+        map.set_given(8, false);
+        map.count_call(1);
+        map.set_given(8, true);
+        assert!(
+            !map.count_call(1),
+            "said once per target, however the guest goes on"
+        );
     }
 
     #[test]

@@ -661,6 +661,7 @@ impl VmHw {
             self.acquire_ram(g)?;
         }
         g.ram.balloon.target = 0;
+        g.ram.balloon.round = Default::default();
         let setup = &self.setup;
         let mut cfg = setup.cfg.clone();
         if restarts > 0 {

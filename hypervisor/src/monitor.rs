@@ -456,7 +456,7 @@ fn stats(g: &GuestView, hz: u64, form: Form) -> Reply {
     match form {
         Form::Text => {
             let mut t = alloc::format!(
-                "{} ({}): {} exits, {} interrupts injected, halted {} ms, in the guest {} ms, in Keel {} ms, weight {}, cap {}\n",
+                "{} ({}): {} exits, {} interrupts injected, halted {} ms, in the guest {} ms, in Keel {} ms, memory in use {} K, weight {}, cap {}\n",
                 g.name,
                 g.state.name(),
                 s.total_exits(),
@@ -464,6 +464,7 @@ fn stats(g: &GuestView, hz: u64, form: Form) -> Reply {
                 ms(s.halted_cycles),
                 ms(s.cpu_cycles),
                 ms(s.keel_cycles),
+                g.memory >> 10,
                 g.share.weight,
                 shares::cap_text(g.share)
             );
@@ -521,6 +522,7 @@ fn stats(g: &GuestView, hz: u64, form: Form) -> Reply {
                 ("cpu_cycles", Value::Num(s.cpu_cycles)),
                 ("keel_cycles", Value::Num(s.keel_cycles)),
                 ("tsc_hz", Value::Num(hz)),
+                ("memory", Value::Num(g.memory)),
             ];
             shares::fields(g.share, &mut fields);
             json_ok(fields)

@@ -513,19 +513,17 @@ impl<C: Cpu> RunLoop<C> {
         match done {
             Ok(status) => {
                 s.vcpus[c].regs.rax = if wide { status } else { status & 0xffff_ffff };
-                info!(
-                    "guest {}: {} {} pages at {:#x}: {} ({cycles} cycles); {} pages given, target {}",
-                    s.vm.name,
-                    match req.op {
-                        crate::balloon::Op::Give => "gave",
-                        crate::balloon::Op::Take => "took back",
-                    },
-                    req.pages,
-                    req.gpa,
-                    crate::balloon::status_name(status),
-                    s.vm.ram.balloon.given_pages(),
-                    s.vm.ram.balloon.target
-                );
+                if s.vm.ram.balloon.count_call(cycles) {
+                    let b = &s.vm.ram.balloon;
+                    info!(
+                        "guest {}: balloon target reached: {} pages given back, {} K in use ({} calls, {} cycles in Keel)",
+                        s.vm.name,
+                        b.given_pages(),
+                        s.vm.ram.resident() >> 10,
+                        b.round.calls,
+                        b.round.cycles
+                    );
+                }
             }
             Err(e) => self.stop(i, StopReason::Killed(e)),
         }
@@ -1233,7 +1231,8 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
             return Err("the guest has stopped".into());
         }
         let ram = &mut s.vm.ram;
-        ram.balloon.target = crate::balloon::target_for(keep, ram.len())?;
+        ram.balloon
+            .set_target(crate::balloon::target_for(keep, ram.len())?);
         info!(
             "guest {}: balloon target {} KiB ({} pages to give back, {} given)",
             s.vm.name,

@@ -4,7 +4,8 @@
 //! balloon guest (long64 mode=balloon, 32 MiB) give 16 MiB back; then `late` starts in that
 //! memory and runs to its end.
 //! `late2` starts in the memory of the killed `other`. Finally `balloon big 32M` has `big` take
-//! its memory back (it reads as zeros, its other memory intact). A module of the `emulators` test
+//! its memory back (it reads as zeros, its other memory intact), and `toucher` checks the balloon
+//! calls' errors and is stopped when it reads a page it gave back. A module of the `emulators` test
 //! target: `cargo itest balloon -- --nocapture` shows the exchanges and Keel's balloon lines with
 //! their cycle counts.
 use std::path::Path;
@@ -32,7 +33,10 @@ fn run_session() -> (Outcome, Session) {
         "\"name\":\"big\",\"state\":\"halted\"",
         drive,
     );
-    for line in outcome.lines().filter(|l| l.contains("pages at 0x")) {
+    for line in outcome
+        .lines()
+        .filter(|l| l.contains("balloon target") || l.contains("] balloon: "))
+    {
         println!("{line}");
     }
     (outcome, s)
@@ -125,6 +129,16 @@ fn drive(s: &mut Session, socket: &Path) {
             format!("big did not take its memory back: {e}")
         });
     }
+    // A guest that reads a page it gave back is stopped, with that reason.
+    s.expect(
+        socket,
+        "start toucher",
+        "{\"ok\":true,\"guest\":\"toucher\"}",
+    );
+    let stopped = |r: &str| r.contains("a page it gave back (BALLOON_GIVE)");
+    if let Err(e) = wait_for_list(socket, stopped, Duration::from_secs(60)) {
+        check(s, false, || format!("toucher was not stopped: {e}"));
+    }
     s.expect(socket, "quit", "{\"ok\":true,\"quit\":true}");
 }
 
@@ -137,6 +151,7 @@ fn a_ballooned_guest_makes_room_for_another() {
     }
     boot.expect_in_order(&[
         "keel: guest 2 late: autostart = off",
+        "keel: guest big: balloon target reached: 4096 pages given back, 16384 K in use (8 calls,",
         "[big] balloon: gave 4096 pages (16384 KiB) in 8 calls",
         "[big] balloon: 8192 KiB intact",
         "keel: guest late started",
@@ -148,9 +163,15 @@ fn a_ballooned_guest_makes_room_for_another() {
         "keel: guest late2 ended: debug-exit status 0x49",
     ]);
     boot.expect_in_order(&[
+        "keel: guest big: balloon target reached: 0 pages given back, 32768 K in use (8 calls,",
         "[big] balloon: took back 4096 pages (16384 KiB) in 8 calls",
         "[big] balloon: 24576 KiB intact",
     ]);
     boot.expect_line("keel: guest other status 0x0: stopped by the operator (kill)");
+    boot.expect_in_order(&[
+        "[toucher] balloon: checks passed; reading the page it gave back at 0x3ff000",
+        "keel: error: guest toucher stopped: killed: read guest-physical 0x3ff000, a page it gave back (BALLOON_GIVE)",
+    ]);
+    boot.expect_no_line("and was not stopped");
     boot.expect_no_keel_failure();
 }

@@ -182,12 +182,21 @@ fn stats_gives_counts_and_cycles_per_exit_kind() {
         lines[0]
     );
     assert!(lines[0].contains("7 interrupts injected") && lines[0].contains("halted 2000 ms"));
+    assert!(
+        lines[0].contains(" ms, memory in use 16384 K, weight"),
+        "{}",
+        lines[0]
+    );
     let hlt: Vec<&str> = lines[2].split_whitespace().collect();
     assert_eq!(hlt, ["HLT", "5", "-", "-"]);
     let cpuid: Vec<&str> = lines[3].split_whitespace().collect();
     assert_eq!(cpuid, ["CPUID", "3", "1000", "1100"]);
     let j = run(&mut m, &mut t, "stats 0", Form::Json).text;
     assert!(j.starts_with("{\"ok\":true,\"guest\":\"alpha\",\"state\":\"running\",\"exits_total\":8,\"exits\":[{\"reason\":\"HLT\",\"number\":12,\"count\":5,\"timed\":0},{\"reason\":\"CPUID\",\"number\":10,\"count\":3,\"timed\":2,\"avg_cycles\":1000,\"max_cycles\":1100}],\"interrupts_injected\":7,\"halted_cycles\":2000000,"), "{j}");
+    assert!(
+        j.contains(",\"tsc_hz\":1000000,\"memory\":16777216,"),
+        "{j}"
+    );
 }
 
 /// `weight` and `cap` change a guest's share; `list` and `stats` show it; bad values are refused

@@ -21,6 +21,10 @@ pub const HC_BALLOON_GIVE: usize = 8;
 pub const HC_BALLOON_TAKE: usize = 9;
 /// Pages given back and not taken again.
 pub const HC_BALLOON_GIVEN: usize = 10;
+/// Statuses of the balloon calls: -22, -14, -17.
+pub const EINVAL: usize = -22isize as usize;
+pub const EFAULT: usize = -14isize as usize;
+pub const EEXIST: usize = -17isize as usize;
 /// Most pages one BALLOON_GIVE or BALLOON_TAKE moves.
 pub const BALLOON_MAX_PAGES: usize = 512;
 /// PRINT_STATS's answer while Keel's console has no room for the table: -11 (nothing printed).

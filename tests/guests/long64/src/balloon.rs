@@ -188,3 +188,41 @@ pub fn run(ram_size: u64, secs: u64) -> ! {
     say!("done: {} pages given, {} KiB intact", b.given, b.check() / 1024);
     cpu::exit(EXIT_BALLOON)
 }
+
+/// `mode=balloon-touch`: the hypercalls' answers at their edges, then the defined outcome of
+/// touching a page given back. Gives the top page of its RAM, checks that giving it again is
+/// EFAULT and taking a page it has is EEXIST, takes it back (zeros), gives it again and reads it:
+/// Keel must stop the guest there (docs/HYPERCALLS.md). Reaching the next line is a failure.
+pub fn touch(ram_size: u64) -> ! {
+    use guest_common::abi::{EEXIST, EFAULT, EINVAL};
+    console::set_name("balloon");
+    let top = (ram_size as usize & !(PAGE - 1)) - PAGE;
+    let expect = |what: &str, nr, gpa, pages, want: usize| {
+        let got = cpu::vmcall(nr, gpa, pages).unwrap_or(usize::MAX);
+        if got != want {
+            say!("{}: {:#x}, expected {:#x}", what, got, want);
+            cpu::exit(EXIT_FAILURE)
+        }
+    };
+    // SAFETY: the top page of the guest's RAM, identity-mapped, holding no Rust object.
+    unsafe { core::ptr::write_volatile(top as *mut u64, 0x5eed) };
+    expect("give unaligned", HC_BALLOON_GIVE, top + 8, 1, EINVAL);
+    expect("give past RAM", HC_BALLOON_GIVE, top, 2, EINVAL);
+    expect("give", HC_BALLOON_GIVE, top, 1, 0);
+    expect("given", HC_BALLOON_GIVEN, 0, 0, 1);
+    expect("give again", HC_BALLOON_GIVE, top, 1, EFAULT);
+    expect("take one it has", HC_BALLOON_TAKE, top - PAGE, 2, EEXIST);
+    expect("take", HC_BALLOON_TAKE, top, 1, 0);
+    // SAFETY: taken back: RAM the guest has again.
+    let v = unsafe { core::ptr::read_volatile(top as *const u64) };
+    if v != 0 {
+        say!("a page taken back reads {:#x}, not 0", v);
+        cpu::exit(EXIT_FAILURE)
+    }
+    expect("give", HC_BALLOON_GIVE, top, 1, 0);
+    say!("checks passed; reading the page it gave back at {:#x}", top);
+    // SAFETY: deliberately reads a page the guest gave away: Keel is expected to stop it.
+    let v = unsafe { core::ptr::read_volatile(top as *const u64) };
+    say!("read a page it gave back ({:#x}) and was not stopped", v);
+    cpu::exit(EXIT_FAILURE)
+}

@@ -15,6 +15,7 @@
 //! | `clispin`  | spins `cycles=N` TSC cycles with interrupts off          | 0x25      |
 //! | `timekeeper` | halts `every=N` s on a LAPIC one-shot, then PRINT_STATS, until `secs=N` | 0x26 |
 //! | `balloon`  | gives RAM back to Keel and takes it again as Keel's balloon target says, checking the rest, for `secs=N` (`balloon`) | 0x28 |
+//! | `balloon-touch` | checks the balloon calls' errors, then reads a page it gave back (`balloon`) | (stopped) |
 //! | `flood`    | floods its console (CONSOLE_WRITE, UART, PRINT_STATS; `stats=only`: PRINT_STATS alone) for `secs=N` (`flood`) | 0x27 |
 //!
 //! Any failure (unexpected exception, expected fault missing) exits with 0x3f.
@@ -90,6 +91,7 @@ extern "C" fn long64_main(cmdline: *const u8, ram_size: u64) -> ! {
         b"timekeeper" => timeshare::timekeeper(&plan(cmdline)),
         b"flood" => flood::flood(cmdline),
         b"balloon" => balloon::run(ram_size, required(cmdline, b"secs")),
+        b"balloon-touch" => balloon::touch(ram_size),
         other => {
             say!("unknown mode {}", Printable(other));
             cpu::exit(EXIT_FAILURE)
