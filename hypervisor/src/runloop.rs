@@ -13,7 +13,7 @@ use crate::exits::{self, Action, ExitContext, Host};
 use crate::guest::{GuestRegs, GuestStats, RunState, StopReason, Vcpu, Vm};
 use crate::log::Writer;
 use crate::sched::{RoundRobin, Share, Shares};
-use crate::vmx::{Control64, ExitReason, Guest32, Vmcs, VmxError};
+use crate::vmx::{Control64, ExitReason, Guest32, ReadOnly32, Vmcs, VmxError};
 use crate::{error, info};
 use alloc::string::String;
 use alloc::vec;
@@ -538,6 +538,8 @@ fn slice<C: Cpu>(
     let mut after_exit = false;
     loop {
         if touched || timer_due.is_some_and(|d| now >= d) {
+            // The guest's TPR for the model, if the last exits left it in VTPR.
+            exits::apicv::take_unread_vtpr(&mut *vcpu, &mut *vm);
             vm.platform.advance(vm.now(now));
             exits::inject_pending_interrupt(&mut v, &mut *vcpu, &mut *vm);
             exits::apicv::before_entry(&mut v, &mut *vcpu, &mut *vm);
@@ -582,6 +584,8 @@ fn slice<C: Cpu>(
             return SliceEnd::Stop(StopReason::EntryFailed(alloc::format!("{e}")));
         }
         let guest_now = vm.now(t1);
+        let raw_reason = v.read(ReadOnly32::ExitReason);
+        let reason = ExitReason::from_basic(raw_reason as u16);
         let action = {
             let mut cx = ExitContext {
                 vmcs: &mut v,
@@ -590,11 +594,10 @@ fn slice<C: Cpu>(
                 host: cpu.host(),
                 now: guest_now,
             };
-            exits::dispatch(&mut cx)
+            exits::handle(&mut cx, raw_reason, reason)
         };
         exits::apply(&mut v, &mut *vcpu, &action);
-        let reason = ExitReason::from_basic(vcpu.stats.last_exit);
-        touched = exits::may_touch_platform(reason);
+        touched = exits::touched_platform(reason, &*vcpu, &mut *vm);
         // A power-off or reset the guest asked its board for (ACPI S5, i8042, port 0xCF9).
         if let Some(event) = touched.then(|| vm.platform.take_power_event()).flatten() {
             return SliceEnd::Stop(StopReason::Board(event));
@@ -607,7 +610,9 @@ fn slice<C: Cpu>(
             cpu.load_xcr0(vcpu.xcr0);
             xcr0 = vcpu.xcr0;
         }
-        if reason == ExitReason::Wrmsr {
+        if reason == ExitReason::Wrmsr
+            && vcpu.regs.rcx as u32 == crate::exits::msr::index::SPEC_CTRL
+        {
             cpu.load_spec_ctrl(vcpu.spec_ctrl);
         }
         // An IPI to another vCPU of the guest (fixed, NMI, INIT or SIPI) ends the slice, so the

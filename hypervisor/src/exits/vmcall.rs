@@ -62,7 +62,7 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         hc::CPU_TIME => cx.vcpu.stats.cpu_cycles,
         _ => status::ENOSYS,
     };
-    set_result(cx.vmcs, cx.vcpu, result);
+    cx.vcpu.regs.rax = arg(result);
     action
 }
 
