@@ -523,7 +523,8 @@ impl Platform {
             return None;
         };
         let size = access_size(size);
-        if self.takes_wide(first) {
+        // A byte access goes to `first` whole, as a wide one to a device that takes it.
+        if size == 1 || self.takes_wide(first) {
             return Some(self.port_read(first, port, size, now) & super::size_mask(size));
         }
         // An 8-bit device sees a wide access as byte accesses at successive ports.
@@ -554,7 +555,7 @@ impl Platform {
             return false;
         };
         let size = access_size(size);
-        if self.takes_wide(first) {
+        if size == 1 || self.takes_wide(first) {
             self.port_write(first, port, size, value & super::size_mask(size), now);
             return true;
         }
