@@ -564,10 +564,12 @@ fn slice<C: Cpu>(
             // faster than Keel can deliver (a PIT programmed with count 1 ticks every 0.84 us)
             // cannot livelock it in back-to-back exits: its ticks are coalesced instead
             // (docs/SCHEDULING.md).
-            // One unit of 2^rate TSC ticks more than the count rounded down (SDM 26.5.1):
-            // rounded down it would expire just before `until`, find nothing due and be re-armed
-            // for `min_gap`, by which the guest's timer interrupt would come late.
-            let left = (until.max(t0 + min_gap).saturating_sub(t0) >> rate) + 1;
+            // Rounded up to the timer's unit of 2^rate TSC ticks (SDM 26.5.1): rounded down it
+            // would expire just before `until`, find nothing due and be re-armed for `min_gap`,
+            // by which the guest's timer interrupt would come late; one unit more would let a
+            // slice run past its quantum.
+            let left = until.max(t0 + min_gap).saturating_sub(t0);
+            let left = left.div_ceil(1 << rate);
             v.write(
                 Guest32::PreemptionTimerValue,
                 left.min(u32::MAX as u64) as u32,
