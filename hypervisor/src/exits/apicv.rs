@@ -164,6 +164,25 @@ mod tests {
         assert_eq!(t.vmcs.read(Control32::TprThreshold), 0);
     }
 
+    /// In x2APIC mode a RDMSR of the TPR exits (no x2APIC virtualization): it reads the TPR the
+    /// guest left in VTPR by MOV to CR8, although RDMSR does not otherwise reach the platform.
+    #[test]
+    fn an_x2apic_tpr_read_sees_the_tpr_cr8_left_in_vtpr() {
+        let mut t = with_apicv();
+        t.long_mode();
+        t.vm.platform
+            .set_apic_base(
+                0,
+                0xfee0_0000 | super::APIC_BASE_ENABLE | super::APIC_BASE_EXTD | 1 << 8,
+            )
+            .unwrap();
+        t.vcpu.apicv.as_mut().unwrap().set_vtpr(0x70);
+        t.set_instruction_length(2);
+        t.vcpu.regs.rcx = 0x808;
+        assert_eq!(t.run(ExitReason::Rdmsr), Action::Advance);
+        assert_eq!(t.vcpu.regs.rax, 0x70);
+    }
+
     /// An x2APIC TPR write goes to the model (it exits); the next entry gives the CPU the value.
     #[test]
     fn a_tpr_the_model_changed_reaches_vtpr() {

@@ -129,7 +129,8 @@ pub fn handle<V: Vmcs + ?Sized>(
     }
     // The model needs the guest's TPR only where the platform is consulted: the run loop takes
     // it before it looks at the platform after the other exits (a timer that fell due).
-    if may_touch_platform(reason) {
+    let x2apic_read = reason == ExitReason::Rdmsr && msr::reads_the_apic(cx.vcpu.regs.rcx as u32);
+    if may_touch_platform(reason) || x2apic_read {
         apicv::after_exit(cx.vcpu, cx.vm);
     } else {
         apicv::leave_vtpr(cx.vcpu);
