@@ -5,7 +5,25 @@
 #
 # Every stage runs even when an earlier one failed (except setup), so one run shows everything
 # that is wrong.
+#
+#   scripts/test.sh          # the suite once, with APIC virtualization where the CPU has it
+#   scripts/test.sh --long   # and the emulator tests a second time with it off (KEEL_TEST_APICV=off)
 set -uo pipefail
+
+long=0
+for arg in "$@"; do
+    case "$arg" in
+        --long) long=1 ;;
+        -h | --help)
+            sed -n '2,10p' "$0"
+            exit 0
+            ;;
+        *)
+            echo "test: unknown argument '$arg' (only --long)" >&2
+            exit 2
+            ;;
+    esac
+done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -67,6 +85,10 @@ stage unit cargo test --workspace
 stage images guests_and_images
 # Boot summaries (times to the first serial line) come out through --nocapture.
 stage emulators cargo itest -- --nocapture
+if [ $long -eq 1 ]; then
+    # Every boot again with `[keel] apicv = "off"` in its manifest: the emulated LAPIC path.
+    stage apicv-off env KEEL_TEST_APICV=off cargo itest -- --nocapture
+fi
 
 echo
 echo "=== summary"

@@ -287,13 +287,13 @@ const ROWS: &[Row] = &[
         op: "rdmsr",
         what: "RDMSR IA32_MISC_ENABLE (emulated)",
         kvm: Some((1434, "RDMSR, emulated")),
-        goal: None,
+        goal: Some(Goal::AtMost(150)),
     },
     Row {
         op: "wrmsr",
         what: "WRMSR IA32_MTRR_DEF_TYPE (emulated)",
         kvm: None,
-        goal: None,
+        goal: Some(Goal::AtMost(150)),
     },
     Row {
         op: "mmio-read",
@@ -329,7 +329,13 @@ const ROWS: &[Row] = &[
         op: "hlt",
         what: "HLT: TSC deadline to the timer handler",
         kvm: Some((6975, "HLT to user space")),
-        goal: None,
+        goal: Some(Goal::AtMost(300)),
+    },
+    Row {
+        op: "irq",
+        what: "interrupt to a running guest: TSC deadline to the timer handler",
+        kvm: None,
+        goal: Some(Goal::AtMost(300)),
     },
     Row {
         op: "ipi",

@@ -481,6 +481,8 @@ pub struct Vm {
     /// when it is created, and its device timers run on that clock. Each vCPU's TSC adds its own
     /// `tsc_adjust` (the VMCS TSC offset, SDM 26.3, is [`Vcpu::vmcs_tsc_offset`]).
     pub tsc_offset: u64,
+    /// Its answers to the CPUID leaves that depend on nothing it changes (`exits::cpuid`).
+    pub cpuid: crate::exits::cpuid::CpuidTable,
 }
 
 /// One virtual CPU of a guest: its registers between exits, the control-register rules, the MSRs

@@ -581,14 +581,18 @@ impl VmHw {
             });
         }
         let board = crate::devices::board::Board::pc(cfg.memory, cfg.vcpus.max(1));
-        let guest = Vm {
+        let mut guest = Vm {
             id,
             name: cfg.name.clone(),
             ram,
             platform: Platform::for_board(board, tsc_hz),
             stats_requested: false,
             tsc_offset: 0,
+            cpuid: Default::default(),
         };
+        // The CPUID answers that depend on nothing the guest changes, computed once.
+        let (guest_hz, cpus_n) = (guest.platform.tsc_hz(), guest.platform.cpus() as u32);
+        guest.cpuid.fill(&RealHost, guest_hz, cpus_n);
         let mut vcpus: Vec<Vcpu> = (0..cpus.len()).map(|c| Vcpu::new(c, &setup.caps)).collect();
         // APIC virtualization is set up for one-vCPU guests only (`guest_setup`): vCPU 0 holds it.
         vcpus[0].apicv = apicv;

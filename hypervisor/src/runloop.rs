@@ -13,7 +13,7 @@ use crate::exits::{self, Action, ExitContext, Host};
 use crate::guest::{GuestRegs, GuestStats, RunState, StopReason, Vcpu, Vm};
 use crate::log::Writer;
 use crate::sched::{RoundRobin, Share, Shares};
-use crate::vmx::{Control64, ExitReason, Guest32, Vmcs, VmxError};
+use crate::vmx::{Control64, ExitReason, Guest32, ReadOnly32, Vmcs, VmxError};
 use crate::{error, info};
 use alloc::string::String;
 use alloc::vec;
@@ -594,6 +594,8 @@ fn slice<C: Cpu>(
     let mut after_exit = false;
     loop {
         if touched || timer_due.is_some_and(|d| now >= d) {
+            // The guest's TPR for the model, if the last exits left it in VTPR.
+            exits::apicv::take_unread_vtpr(&mut *vcpu, &mut *vm);
             vm.platform.advance(vm.now(now));
             exits::inject_pending_interrupt(&mut v, &mut *vcpu, &mut *vm);
             exits::apicv::before_entry(&mut v, &mut *vcpu, &mut *vm);
@@ -618,7 +620,12 @@ fn slice<C: Cpu>(
             // faster than Keel can deliver (a PIT programmed with count 1 ticks every 0.84 us)
             // cannot livelock it in back-to-back exits: its ticks are coalesced instead
             // (docs/SCHEDULING.md).
-            let left = until.max(t0 + min_gap).saturating_sub(t0) >> rate;
+            // Rounded up to the timer's unit of 2^rate TSC ticks (SDM 26.5.1): rounded down it
+            // would expire just before `until`, find nothing due and be re-armed for `min_gap`,
+            // by which the guest's timer interrupt would come late; one unit more would let a
+            // slice run past its quantum.
+            let left = until.max(t0 + min_gap).saturating_sub(t0);
+            let left = left.div_ceil(1 << rate);
             v.write(
                 Guest32::PreemptionTimerValue,
                 left.min(u32::MAX as u64) as u32,
@@ -638,6 +645,8 @@ fn slice<C: Cpu>(
             return SliceEnd::Stop(StopReason::EntryFailed(alloc::format!("{e}")));
         }
         let guest_now = vm.now(t1);
+        let raw_reason = v.read(ReadOnly32::ExitReason);
+        let reason = ExitReason::from_basic(raw_reason as u16);
         let action = {
             let mut cx = ExitContext {
                 vmcs: &mut v,
@@ -646,11 +655,10 @@ fn slice<C: Cpu>(
                 host: cpu.host(),
                 now: guest_now,
             };
-            exits::dispatch(&mut cx)
+            exits::handle(&mut cx, raw_reason, reason)
         };
         exits::apply(&mut v, &mut *vcpu, &action);
-        let reason = ExitReason::from_basic(vcpu.stats.last_exit);
-        touched = exits::may_touch_platform(reason);
+        touched = exits::touched_platform(reason, &*vcpu, &mut *vm);
         // A power-off or reset the guest asked its board for (ACPI S5, i8042, port 0xCF9).
         if let Some(event) = touched.then(|| vm.platform.take_power_event()).flatten() {
             return SliceEnd::Stop(StopReason::Board(event));
@@ -663,7 +671,9 @@ fn slice<C: Cpu>(
             cpu.load_xcr0(vcpu.xcr0);
             xcr0 = vcpu.xcr0;
         }
-        if reason == ExitReason::Wrmsr {
+        if reason == ExitReason::Wrmsr
+            && vcpu.regs.rcx as u32 == crate::exits::msr::index::SPEC_CTRL
+        {
             cpu.load_spec_ctrl(vcpu.spec_ctrl);
         }
         // An IPI to another vCPU of the guest (fixed, NMI, INIT or SIPI) ends the slice, so the
@@ -1099,11 +1109,17 @@ const PRINT_BUDGET: usize = 128;
 /// Prints the guest's complete console lines, about `budget` bytes of them (at least one line),
 /// while its share of Keel's console has room (the rest waits in its console buffer); true if it
 /// printed any.
+#[inline]
 fn print_console(g: &mut Vm, budget: usize) -> bool {
-    let mut printed = false;
+    // Checked where it is called (after every VMCALL): most print nothing.
     if g.platform.console().front().is_none() {
         return false;
     }
+    print_console_lines(g, budget)
+}
+
+fn print_console_lines(g: &mut Vm, budget: usize) -> bool {
+    let mut printed = false;
     let mut left = budget;
     let prefix = alloc::format!("[{}] ", g.name);
     while let Some(entry) = g.platform.console().front() {

@@ -152,6 +152,9 @@ pub struct DeviceContext<'a> {
     console: &'a mut ConsoleBuffer,
     exit_status: &'a mut Option<u32>,
     power: &'a mut Option<PowerEvent>,
+    /// Whether the device reached beyond its own registers: drove a line, used the console,
+    /// set an exit status or asked for a power event ([`DeviceContext::reached_out`]).
+    reached_out: bool,
 }
 
 impl<'a> DeviceContext<'a> {
@@ -168,7 +171,16 @@ impl<'a> DeviceContext<'a> {
             console,
             exit_status,
             power,
+            reached_out: false,
         }
+    }
+
+    /// Whether the device drove one of its lines, used the console, set an exit status or asked
+    /// for a power event through this context: when it did none of these (and its timer is as
+    /// it was), the access changed nothing outside the device and the platform need not look
+    /// again at interrupts, deadlines or the console.
+    pub fn reached_out(&self) -> bool {
+        self.reached_out
     }
 
     /// The guest's virtual time in TSC ticks.
@@ -178,21 +190,25 @@ impl<'a> DeviceContext<'a> {
 
     /// Asserts line `line`. An edge-triggered receiver sees a rising edge if it was low.
     pub fn raise_irq(&mut self, line: u8) {
+        self.reached_out = true;
         self.irq.set_line(line, true);
     }
 
     /// Deasserts line `line`.
     pub fn lower_irq(&mut self, line: u8) {
+        self.reached_out = true;
         self.irq.set_line(line, false);
     }
 
     /// Drives line `line` to `level`.
     pub fn set_irq(&mut self, line: u8, level: bool) {
+        self.reached_out = true;
         self.irq.set_line(line, level);
     }
 
     /// A rising then falling edge: how the timers signal a tick on an edge-triggered line.
     pub fn pulse_irq(&mut self, line: u8) {
+        self.reached_out = true;
         self.irq.set_line(line, true);
         self.irq.set_line(line, false);
     }
@@ -205,11 +221,13 @@ impl<'a> DeviceContext<'a> {
     }
 
     pub fn console(&mut self) -> &mut ConsoleBuffer {
+        self.reached_out = true;
         self.console
     }
 
     /// Records the guest's exit status (the debug-exit device); the first one written wins.
     pub fn set_exit_status(&mut self, status: u32) {
+        self.reached_out = true;
         if self.exit_status.is_none() {
             *self.exit_status = Some(status);
         }
@@ -218,6 +236,7 @@ impl<'a> DeviceContext<'a> {
     /// Asks for the machine to be powered off or reset; the first request wins. The run loop
     /// acts on it after the access that made it.
     pub fn request_power(&mut self, event: PowerEvent) {
+        self.reached_out = true;
         if self.power.is_none() {
             *self.power = Some(event);
         }
@@ -291,6 +310,8 @@ pub enum BusError {
         len: u64,
         with: &'static str,
     },
+    /// The port bus holds as many ranges as its table can name ([`MAX_PORT_RANGES`]).
+    Full,
 }
 
 impl fmt::Display for BusError {
@@ -300,6 +321,10 @@ impl fmt::Display for BusError {
             BusError::Overlap { start, len, with } => {
                 write!(f, "range {start:#x}+{len:#x} overlaps {with}")
             }
+            BusError::Full => write!(
+                f,
+                "no room for another port range ({MAX_PORT_RANGES} at most)"
+            ),
         }
     }
 }
@@ -347,10 +372,33 @@ impl RangeMap {
     }
 }
 
-/// The I/O port map of one guest.
-#[derive(Debug, Clone, Default)]
+/// The most port ranges a [`PortBus`] holds: its table names them in a byte.
+pub const MAX_PORT_RANGES: usize = 255;
+
+/// The I/O port map of one guest: the ranges, and a two-level table built from them that finds
+/// a port's responder by index (a directory of 256 entries, one per block of 256 ports, naming
+/// the block's page of responder numbers; blocks without a device share none), so that the
+/// exit path pays a few loads instead of a search (docs/BENCHMARKS.md).
+#[derive(Debug, Clone)]
 pub struct PortBus {
     map: RangeMap,
+    /// Block `port >> 8`'s page in `pages`, plus one; 0 for a block no device claims.
+    dir: [u8; 256],
+    /// Per port of a block: its range's responder in `responders`, plus one; 0 for none.
+    pages: Vec<[u8; 256]>,
+    /// The responder of each range, in the order of `map.ranges`.
+    responders: Vec<Responder>,
+}
+
+impl Default for PortBus {
+    fn default() -> Self {
+        Self {
+            map: RangeMap::default(),
+            dir: [0; 256],
+            pages: Vec::new(),
+            responders: Vec::new(),
+        }
+    }
 }
 
 impl PortBus {
@@ -368,12 +416,48 @@ impl PortBus {
             responder,
             name,
         };
-        self.map.register(m, u64::from(u16::MAX))
+        if self.map.ranges.len() >= MAX_PORT_RANGES {
+            return Err(BusError::Full);
+        }
+        self.map.register(m, u64::from(u16::MAX))?;
+        self.rebuild();
+        Ok(())
+    }
+
+    /// The table from the ranges (at registration only: a guest's devices are attached when its
+    /// platform is built).
+    fn rebuild(&mut self) {
+        self.dir = [0; 256];
+        self.pages.clear();
+        self.responders = self.map.ranges.iter().map(|m| m.responder).collect();
+        for (i, m) in self.map.ranges.iter().enumerate() {
+            for port in m.start..m.end() {
+                let block = (port >> 8) as usize;
+                if self.dir[block] == 0 {
+                    self.pages.push([0; 256]);
+                    // At most 256 blocks: the page index fits with the one added.
+                    self.dir[block] = self.pages.len() as u8;
+                }
+                let page = usize::from(self.dir[block]) - 1;
+                // `register` keeps at most MAX_PORT_RANGES (255) ranges.
+                self.pages[page][(port & 0xff) as usize] = (i + 1) as u8;
+            }
+        }
     }
 
     /// Who answers at `port`.
+    #[inline]
     pub fn find(&self, port: u16) -> Option<Responder> {
-        self.map.find(u64::from(port)).map(|(m, _)| m.responder)
+        let [low, high] = port.to_le_bytes();
+        let page = self.dir[usize::from(high)];
+        if page == 0 {
+            return None;
+        }
+        let range = self.pages.get(usize::from(page - 1))?[usize::from(low)];
+        if range == 0 {
+            return None;
+        }
+        self.responders.get(usize::from(range - 1)).copied()
     }
 
     /// Every registered range in address order (for the docs and the per-guest table).
@@ -507,6 +591,39 @@ mod tests {
         assert_eq!(bus.find(0x21), Some(B));
         assert_eq!(bus.find(0), None);
         assert_eq!(bus.mappings()[0].name, "pic");
+    }
+
+    /// The table finds every port of every range, in blocks of 256 ports the ranges share or
+    /// cross, and nothing outside them; a range registered later moves the others' indexes.
+    #[test]
+    fn port_bus_table_agrees_with_the_ranges() {
+        let mut bus = PortBus::default();
+        let ranges = [(0x3f8, 8), (0xfe, 4), (0x20, 2), (0xcf8, 8), (0xffff, 1)];
+        for (i, (first, count)) in ranges.into_iter().enumerate() {
+            let r = Responder::Device(DeviceId(i));
+            bus.register(first, count, r, "dev").unwrap();
+        }
+        for port in 0..=u16::MAX {
+            let want = ranges
+                .iter()
+                .position(|&(f, c)| {
+                    u32::from(port) >= u32::from(f) && u32::from(port) < u32::from(f) + u32::from(c)
+                })
+                .map(|i| Responder::Device(DeviceId(i)));
+            assert_eq!(bus.find(port), want, "port {port:#x}");
+        }
+    }
+
+    #[test]
+    fn port_bus_holds_at_most_255_ranges() {
+        let mut bus = PortBus::default();
+        for i in 0..MAX_PORT_RANGES as u16 {
+            bus.register(i * 2, 1, A, "one").unwrap();
+        }
+        assert_eq!(bus.register(0x1000, 1, B, "more"), Err(BusError::Full));
+        assert_eq!(bus.find(0x1000), None);
+        assert_eq!(bus.find(2 * 254), Some(A));
+        assert_eq!(bus.find(2 * 254 + 1), None);
     }
 
     #[test]

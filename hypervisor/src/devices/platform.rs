@@ -282,6 +282,12 @@ pub struct Platform {
     /// (device accesses, firings, TSC-deadline writes), so that `advance` and `next_deadline`
     /// cost nothing on the many exits that touch no device.
     next: Option<u64>,
+    /// Whether the port access in progress reached beyond its device's registers (a line, the
+    /// console, a timer, the 8259A) or a timer fired: then the deadline is recomputed.
+    access_changed: bool,
+    /// False once a port access changed something beyond its device, or a timer fired, since
+    /// the last [`Platform::take_ports_quiet`].
+    ports_quiet: bool,
 }
 
 impl Platform {
@@ -306,6 +312,8 @@ impl Platform {
             exit_status: None,
             power: None,
             next: None,
+            access_changed: false,
+            ports_quiet: true,
         };
         let chipset_ports = [
             (pic8259::MASTER_CMD, Responder::Pic, "pic8259 master"),
@@ -486,9 +494,26 @@ impl Platform {
     /// A guest `IN` of `size` bytes (1, 2 or 4) from `port`; None if no device claims the port
     /// (the caller returns all ones to the guest).
     pub fn io_read(&mut self, port: u16, size: u8, now: u64) -> Option<u32> {
+        self.access_changed = false;
         let r = self.io_read_inner(port, size, now);
-        self.refresh();
+        self.after_port_access();
         r
+    }
+
+    /// After a port access: the earliest deadline again if the access may have moved it.
+    fn after_port_access(&mut self) {
+        if self.access_changed {
+            self.refresh();
+            self.ports_quiet = false;
+        }
+    }
+
+    /// True if no port access since the last call changed anything beyond its device's own
+    /// registers (no line driven, no console output, no timer moved, no 8259A access) and no
+    /// timer fired: the run loop then skips the injection check and the deadlines after an
+    /// I/O exit. Starts counting afresh.
+    pub fn take_ports_quiet(&mut self) -> bool {
+        core::mem::replace(&mut self.ports_quiet, true)
     }
 
     fn io_read_inner(&mut self, port: u16, size: u8, now: u64) -> Option<u32> {
@@ -498,7 +523,8 @@ impl Platform {
             return None;
         };
         let size = access_size(size);
-        if self.takes_wide(first) {
+        // A byte access goes to `first` whole, as a wide one to a device that takes it.
+        if size == 1 || self.takes_wide(first) {
             return Some(self.port_read(first, port, size, now) & super::size_mask(size));
         }
         // An 8-bit device sees a wide access as byte accesses at successive ports.
@@ -516,8 +542,9 @@ impl Platform {
 
     /// A guest `OUT` of `size` bytes to `port`; false if no device claims the port.
     pub fn io_write(&mut self, port: u16, size: u8, value: u32, now: u64) -> bool {
+        self.access_changed = false;
         let r = self.io_write_inner(port, size, value, now);
-        self.refresh();
+        self.after_port_access();
         r
     }
 
@@ -528,7 +555,7 @@ impl Platform {
             return false;
         };
         let size = access_size(size);
-        if self.takes_wide(first) {
+        if size == 1 || self.takes_wide(first) {
             self.port_write(first, port, size, value & super::size_mask(size), now);
             return true;
         }
@@ -617,6 +644,7 @@ impl Platform {
             lapic.advance(now);
         }
         self.refresh();
+        self.ports_quiet = false;
     }
 
     /// The earliest TSC at which a timer fires.
@@ -819,9 +847,13 @@ impl Platform {
 
     fn port_read(&mut self, r: Responder, port: u16, size: u8, now: u64) -> u32 {
         match r {
-            Responder::Pic | Responder::Elcr => u32::from(self.chipset.pic.read(port)),
+            // A read may acknowledge (poll mode, OCW3): it counts as a change.
+            Responder::Pic | Responder::Elcr => {
+                self.access_changed = true;
+                u32::from(self.chipset.pic.read(port))
+            }
             Responder::Device(id) => self
-                .call(id, now, |dev, cx| dev.io_read(port, size, cx))
+                .call_watched(id, now, |dev, cx| dev.io_read(port, size, cx))
                 .unwrap_or(u32::MAX),
             _ => u32::MAX,
         }
@@ -829,12 +861,34 @@ impl Platform {
 
     fn port_write(&mut self, r: Responder, port: u16, size: u8, value: u32, now: u64) {
         match r {
-            Responder::Pic | Responder::Elcr => self.chipset.pic.write(port, value as u8),
+            Responder::Pic | Responder::Elcr => {
+                self.access_changed = true;
+                self.chipset.pic.write(port, value as u8)
+            }
             Responder::Device(id) => {
-                self.call(id, now, |dev, cx| dev.io_write(port, size, value, cx));
+                self.call_watched(id, now, |dev, cx| dev.io_write(port, size, value, cx));
             }
             Responder::Lapic | Responder::Ioapic => {}
         }
+    }
+
+    /// [`Platform::call`] for a port access, noting in `access_changed` whether the device
+    /// reached beyond its registers ([`DeviceContext::reached_out`]) or moved its timer.
+    fn call_watched<R>(
+        &mut self,
+        id: DeviceId,
+        now: u64,
+        f: impl FnOnce(&mut dyn Device, &mut DeviceContext<'_>) -> R,
+    ) -> Option<R> {
+        let before = self.devices.get(id.0)?.next_deadline();
+        let (r, reached_out) = self.call(id, now, |dev, cx| {
+            let r = f(dev, cx);
+            (r, cx.reached_out())
+        })?;
+        if reached_out || self.devices.get(id.0).and_then(|d| d.next_deadline()) != before {
+            self.access_changed = true;
+        }
+        Some(r)
     }
 }
 
@@ -1408,5 +1462,39 @@ mod tests {
         assert!(id.is_ok());
         assert!(p.claims_mmio(0xd000_000f));
         assert!(!p.claims_mmio(0xd000_0010));
+    }
+    /// The accesses after which the run loop may skip the injection check and the deadlines are
+    /// exactly those that change nothing beyond their device's registers.
+    #[test]
+    fn port_accesses_say_whether_they_changed_anything_beyond_their_device() {
+        let mut p = Platform::new(TSC_HZ);
+        p.take_ports_quiet();
+        // The UART's scratch register, port 0x80, an unclaimed port: nothing else changes.
+        p.io_write(0x3ff, 1, 0x42, 0);
+        assert_eq!(p.io_read(0x3ff, 1, 0), Some(0x42));
+        p.io_write(0x80, 1, 0x99, 0);
+        p.io_read(0x1234, 1, 0);
+        assert!(p.take_ports_quiet());
+        // A byte to the console.
+        p.io_write(port::COM1, 1, u32::from(b'a'), 0);
+        assert!(!p.take_ports_quiet());
+        assert!(p.take_ports_quiet(), "each take starts afresh");
+        // Enabling the UART's THR-empty interrupt with OUT2 raises IRQ 4: a line moved.
+        p.io_write(port::COM1 + 4, 1, 0x08, 0);
+        assert!(p.take_ports_quiet(), "OUT2 alone raises nothing");
+        p.io_write(port::COM1 + 1, 1, 0x02, 0);
+        assert!(!p.take_ports_quiet());
+        // The 8259A (its reads may acknowledge) and a PIT programmed to tick (a new deadline).
+        p.io_read(0x21, 1, 0);
+        assert!(!p.take_ports_quiet());
+        p.io_write(0x43, 1, 0x34, 0);
+        p.io_write(0x40, 1, 0x00, 0);
+        p.io_write(0x40, 1, 0x10, 0);
+        assert!(!p.take_ports_quiet());
+        assert!(p.next_deadline().is_some(), "the PIT's deadline was taken");
+        // A timer that fires counts too, whoever advanced the platform.
+        let due = p.next_deadline().unwrap();
+        p.advance(due);
+        assert!(!p.take_ports_quiet());
     }
 }

@@ -25,17 +25,38 @@ mod access_type {
     pub const PHYSICAL_FETCH_OR_WALK: u64 = 15;
 }
 
-/// After every exit: the model takes the TPR the guest left in VTPR (CR8 and MMIO TPR writes do
-/// not exit), before anything looks at its priorities.
+/// After an exit that reaches the platform, before its handler: the model takes the TPR the
+/// guest left in VTPR (CR8 and MMIO TPR writes do not exit), before anything looks at its
+/// priorities.
 #[inline]
-pub fn after_exit(vcpu: &Vcpu, vm: &mut Vm) {
-    if let Some(a) = &vcpu.apicv {
+pub fn after_exit(vcpu: &mut Vcpu, vm: &mut Vm) {
+    if let Some(a) = &mut vcpu.apicv {
+        a.vtpr_unread = false;
         if a.features().tpr_shadow {
             let vtpr = a.vtpr();
             if vm.platform.tpr(vcpu.index) != vtpr {
                 vm.platform.set_tpr(vcpu.index, vtpr);
             }
         }
+    }
+}
+
+/// After an exit that does not reach the platform (CPUID, VMCALL, ...): VTPR is taken later,
+/// by [`take_unread_vtpr`], if the platform is looked at before the next exit that reaches it.
+#[inline]
+pub fn leave_vtpr(vcpu: &mut Vcpu) {
+    if let Some(a) = &mut vcpu.apicv {
+        a.vtpr_unread = true;
+    }
+}
+
+/// Before the run loop looks at the platform (a timer fell due, a slice starts): the TPR the
+/// guest left in VTPR since the last exit that took it. Not later than that: a handler may
+/// have changed the model's TPR since (an x2APIC TPR write), which VTPR gets at the next entry.
+#[inline]
+pub fn take_unread_vtpr(vcpu: &mut Vcpu, vm: &mut Vm) {
+    if vcpu.apicv.as_ref().is_some_and(|a| a.vtpr_unread) {
+        after_exit(vcpu, vm);
     }
 }
 
@@ -102,13 +123,19 @@ mod tests {
     }
 
     /// A MOV to CR8 or a virtualized MMIO write leaves the TPR in VTPR: the model sees it at the
-    /// next exit, whatever that exit is.
+    /// next exit that reaches the platform, and before the next injection check whatever the
+    /// exit was (a CPUID exit leaves the platform alone).
     #[test]
     fn the_model_reads_the_tpr_the_guest_left_in_vtpr() {
         let mut t = with_apicv();
         t.vcpu.apicv.as_mut().unwrap().set_vtpr(0xa0);
         t.run(ExitReason::Cpuid);
+        t.enter().unwrap();
         assert_eq!(t.vm.platform.tpr(0), 0xa0);
+        t.vcpu.apicv.as_mut().unwrap().set_vtpr(0x90);
+        t.set_qualification(8 | 1 << 4);
+        t.run(ExitReason::ControlRegisterAccess);
+        assert_eq!(t.vm.platform.tpr(0), 0x90, "taken before the handler");
         // Lowered below the threshold: a trap-like exit, nothing to skip.
         t.vcpu.apicv.as_mut().unwrap().set_vtpr(0x10);
         let rip = t.vmcs.read(GuestNat::Rip);
@@ -135,6 +162,25 @@ mod tests {
         t.enter().unwrap();
         assert_eq!(t.injected(), Some(0x51));
         assert_eq!(t.vmcs.read(Control32::TprThreshold), 0);
+    }
+
+    /// In x2APIC mode a RDMSR of the TPR exits (no x2APIC virtualization): it reads the TPR the
+    /// guest left in VTPR by MOV to CR8, although RDMSR does not otherwise reach the platform.
+    #[test]
+    fn an_x2apic_tpr_read_sees_the_tpr_cr8_left_in_vtpr() {
+        let mut t = with_apicv();
+        t.long_mode();
+        t.vm.platform
+            .set_apic_base(
+                0,
+                0xfee0_0000 | super::APIC_BASE_ENABLE | super::APIC_BASE_EXTD | 1 << 8,
+            )
+            .unwrap();
+        t.vcpu.apicv.as_mut().unwrap().set_vtpr(0x70);
+        t.set_instruction_length(2);
+        t.vcpu.regs.rcx = 0x808;
+        assert_eq!(t.run(ExitReason::Rdmsr), Action::Advance);
+        assert_eq!(t.vcpu.regs.rax, 0x70);
     }
 
     /// An x2APIC TPR write goes to the model (it exits); the next entry gives the CPU the value.

@@ -446,11 +446,99 @@ pub const LEAF7_EDX: (u32, u32, usize) = (7, 0, EDX);
 pub const LEAFD1_EAX: (u32, u32, usize) = (0xd, 1, EAX);
 pub const LEAF81_EDX: (u32, u32, usize) = (0x8000_0001, 0, EDX);
 
+/// Basic leaves whose answer depends on neither the guest's state nor ECX (SDM Vol. 2A, CPUID:
+/// none of them has subleaves) nor the vCPU that asks: bit n for leaf n. Leaves 1, 4, 7, 0xB, 0xD
+/// and 0x1F are left out (they follow the guest's CR4 or controls, take a subleaf, or name the
+/// vCPU).
+const TABLE_BASIC: u32 = 1 << 0
+    | 1 << 2
+    | 1 << 3
+    | 1 << 5
+    | 1 << 6
+    | 1 << 9
+    | 1 << 0xa
+    | 1 << 0xf
+    | 1 << 0x10
+    | 1 << 0x12
+    | 1 << 0x14
+    | 1 << 0x15
+    | 1 << 0x16;
+/// Keel's leaves in the table: 0x4000_0000 up to the timing leaf.
+const TABLE_KEEL: usize = (abi::CPUID_TIMING_LEAF - abi::CPUID_SIGNATURE_LEAF) as usize + 1;
+/// Extended leaves in the table: 0x8000_0000 and 0x8000_0002-0x8000_0008 (0x8000_0001 follows
+/// the guest's controls).
+const TABLE_EXT: usize = 9;
+
+/// A guest's answers to the leaves that depend only on the CPU and on what the guest was built
+/// with (its TSC rate, its vCPU count): [`policy`]'s answers, computed at the guest's first CPUID
+/// exit and then read by index, so that the common leaves cost neither the policy's checks nor a
+/// CPUID of the real CPU (itself an exit when Keel runs nested). The other leaves still go
+/// through [`of_guest`].
+#[derive(Debug, Clone, Default)]
+pub struct CpuidTable {
+    filled: bool,
+    basic: [[u32; 4]; 0x17],
+    keel: [[u32; 4]; TABLE_KEEL],
+    ext: [[u32; 4]; TABLE_EXT],
+}
+
+impl CpuidTable {
+    /// Computes every leaf of the table for a guest of `tsc_hz` and `cpus` vCPUs.
+    pub fn fill(&mut self, host: &dyn Host, tsc_hz: u64, cpus: u32) {
+        let f = GuestFeatures {
+            tsc_hz,
+            cpus,
+            ..GuestFeatures::default()
+        };
+        for (leaf, r) in self.basic.iter_mut().enumerate() {
+            if TABLE_BASIC & (1 << leaf) != 0 {
+                *r = policy(host, leaf as u32, 0, &f);
+            }
+        }
+        for (i, r) in self.keel.iter_mut().enumerate() {
+            *r = policy(host, abi::CPUID_SIGNATURE_LEAF + i as u32, 0, &f);
+        }
+        for (i, r) in self.ext.iter_mut().enumerate() {
+            *r = policy(host, 0x8000_0000 + i as u32, 0, &f);
+        }
+        self.filled = true;
+    }
+
+    pub fn filled(&self) -> bool {
+        self.filled
+    }
+
+    /// The answer for `leaf` if the table holds it.
+    #[inline]
+    pub fn get(&self, leaf: u32) -> Option<[u32; 4]> {
+        if !self.filled {
+            return None;
+        }
+        match leaf {
+            0..=0x16 if TABLE_BASIC & (1 << leaf) != 0 => Some(self.basic[leaf as usize]),
+            0x8000_0000 | 0x8000_0002..=0x8000_0008 => {
+                Some(self.ext[(leaf - 0x8000_0000) as usize])
+            }
+            l if l.wrapping_sub(abi::CPUID_SIGNATURE_LEAF) < TABLE_KEEL as u32 => {
+                Some(self.keel[(l - abi::CPUID_SIGNATURE_LEAF) as usize])
+            }
+            _ => None,
+        }
+    }
+}
+
 #[inline]
 pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let leaf = cx.vcpu.regs.rax as u32;
     let subleaf = cx.vcpu.regs.rcx as u32;
-    let [a, b, c, d] = of_guest(cx.vmcs, cx.vcpu, cx.vm, cx.host, leaf, subleaf);
+    if !cx.vm.cpuid.filled() {
+        let (tsc_hz, cpus) = (cx.vm.platform.tsc_hz(), cx.vm.platform.cpus() as u32);
+        cx.vm.cpuid.fill(&*cx.host, tsc_hz, cpus);
+    }
+    let [a, b, c, d] = match cx.vm.cpuid.get(leaf) {
+        Some(r) => r,
+        None => of_guest(cx.vmcs, cx.vcpu, cx.vm, cx.host, leaf, subleaf),
+    };
     let r = &mut cx.vcpu.regs;
     // CPUID writes the low 32 bits and clears the upper halves in 64-bit mode.
     r.rax = a as u64;
@@ -680,5 +768,78 @@ mod tests {
                 );
             }
         }
+    }
+    #[test]
+    fn the_table_answers_what_the_policy_does() {
+        let t = TestBed::new();
+        let mut table = CpuidTable::default();
+        assert_eq!(table.get(0), None, "an empty table answers nothing");
+        table.fill(&t.host, TEST_TSC_HZ, 2);
+        // Whatever the guest's CR4, APIC and controls: the table's leaves depend on none of them.
+        let states = [
+            GuestFeatures::default(),
+            GuestFeatures {
+                cr4: u64::MAX,
+                apic_enabled: true,
+                primary: u32::MAX,
+                secondary: u32::MAX,
+                ..GuestFeatures::default()
+            },
+        ];
+        let leaves = (0..0x30)
+            .chain(0x4000_0000..0x4000_0020)
+            .chain(0x8000_0000..0x8000_0010);
+        let mut held = 0;
+        for leaf in leaves {
+            let Some(r) = table.get(leaf) else { continue };
+            held += 1;
+            assert!(!depends_on_guest(leaf), "leaf {leaf:#x}");
+            for f in states {
+                let f = GuestFeatures {
+                    tsc_hz: TEST_TSC_HZ,
+                    cpus: 2,
+                    apic_id: 1,
+                    ..f
+                };
+                assert_eq!(r, policy(&t.host, leaf, 0, &f), "leaf {leaf:#x}");
+            }
+        }
+        // 0, 2, 3, 5, 6, 9, 0xA, 0xF, 0x10, 0x12, 0x14, 0x15, 0x16; Keel's 17; 8 extended.
+        assert_eq!(held, 13 + 17 + 8);
+        for leaf in [1, 4, 7, 0xb, 0xd, 0x1f, 0x17, 0x8000_0001, 0x4000_0011] {
+            assert_eq!(table.get(leaf), None, "leaf {leaf:#x} is not in the table");
+        }
+    }
+
+    #[test]
+    fn a_cpuid_exit_answers_from_the_table_and_the_policy() {
+        use crate::vmx::ExitReason;
+        let mut t = TestBed::new();
+        t.set_instruction_length(2);
+        // A CPU whose leaf 2 is recognisable: the guest gets it through the table.
+        t.host.leaves.push(((2, 0), [0x11, 0x22, 0x33, 0x44]));
+        t.vcpu.regs.rax = 2;
+        assert_eq!(t.run(ExitReason::Cpuid), Action::Advance);
+        assert!(t.vm.cpuid.filled(), "filled at the first CPUID exit");
+        let r = &t.vcpu.regs;
+        assert_eq!([r.rax, r.rbx, r.rcx, r.rdx], [0x11, 0x22, 0x33, 0x44]);
+        // Leaf 1 follows the guest's CR4 (OSXSAVE), through the policy.
+        t.vcpu.regs.rax = 1;
+        t.vcpu.regs.rcx = 0;
+        t.run(ExitReason::Cpuid);
+        assert_eq!(t.vcpu.regs.rcx as u32 & bit::ECX1_OSXSAVE, 0);
+        // The signature leaf, from the table: "KeelKeelKeel"-style text of `abi::SIGNATURE`.
+        t.vcpu.regs.rax = abi::CPUID_SIGNATURE_LEAF as u64;
+        t.run(ExitReason::Cpuid);
+        assert_eq!(t.vcpu.regs.rax as u32, abi::CPUID_MAX_LEAF);
+        assert_eq!(
+            (t.vcpu.regs.rbx as u32).to_le_bytes(),
+            [
+                abi::SIGNATURE[0],
+                abi::SIGNATURE[1],
+                abi::SIGNATURE[2],
+                abi::SIGNATURE[3]
+            ]
+        );
     }
 }

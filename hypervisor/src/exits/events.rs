@@ -248,6 +248,7 @@ impl EventQueue {
             || (self.nmi && nmi_allowed(vmcs))
     }
 
+    #[inline(always)]
     fn idle(&self) -> bool {
         self.next.is_none()
             && !self.nmi
@@ -275,11 +276,19 @@ fn virtual_nmis<V: Vmcs + ?Sized>(vmcs: &V) -> bool {
 /// Right before VM entry: writes the one event the guest gets at this entry to the VM-entry
 /// injection fields and arms or disarms NMI-window exiting. `Err` means the guest is to stop (a
 /// triple fault). Costs no VMCS access when nothing is queued.
+#[inline(always)]
 pub fn commit<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu) -> Result<(), StopReason> {
-    let q = &mut vcpu.events;
-    if q.idle() {
+    // The common case, nothing queued, in the caller: no call, no saved registers.
+    if vcpu.events.idle() {
         return Ok(());
     }
+    commit_queued(vmcs, vcpu)
+}
+
+/// [`commit`] with something in the queue.
+#[inline(never)]
+fn commit_queued<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu) -> Result<(), StopReason> {
+    let q = &mut vcpu.events;
     if q.triple_fault {
         *q = EventQueue::default();
         return Err(StopReason::TripleFault);

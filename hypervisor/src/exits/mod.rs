@@ -98,11 +98,22 @@ pub struct ExitContext<'a, V: Vmcs + ?Sized> {
     pub now: u64,
 }
 
-/// Decodes the exit reason and runs its handler.
+/// Reads the exit reason (SDM 25.9.1) and runs its handler: [`handle`] for the test bed and
+/// whoever does not hold the exit reason yet.
 #[inline]
 pub fn dispatch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let raw = cx.vmcs.read(ReadOnly32::ExitReason);
-    let reason = crate::vmx::ExitReasonField::from_raw(raw).basic;
+    handle(cx, raw, ExitReason::from_basic(raw as u16))
+}
+
+/// Runs the handler of an exit whose exit-reason field reads `raw` (the run loop reads it once
+/// and decodes its basic reason, `reason`, once, for this and for its own decisions).
+#[inline]
+pub fn handle<V: Vmcs + ?Sized>(
+    cx: &mut ExitContext<'_, V>,
+    raw: u32,
+    reason: ExitReason,
+) -> Action {
     let basic = (raw & 0xffff) as usize;
     cx.vcpu.stats.last_exit = basic as u16;
     if let Some(slot) = cx.vcpu.stats.exits.get_mut(basic) {
@@ -116,7 +127,14 @@ pub fn dispatch<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             crate::vmx::EntryFailure::from_exit(raw, qual)
         )));
     }
-    apicv::after_exit(cx.vcpu, cx.vm);
+    // The model needs the guest's TPR only where the platform is consulted: the run loop takes
+    // it before it looks at the platform after the other exits (a timer that fell due).
+    let x2apic_read = reason == ExitReason::Rdmsr && msr::reads_the_apic(cx.vcpu.regs.rcx as u32);
+    if may_touch_platform(reason) || x2apic_read {
+        apicv::after_exit(cx.vcpu, cx.vm);
+    } else {
+        apicv::leave_vtpr(cx.vcpu);
+    }
     if may_interrupt_delivery(reason) {
         requeue_interrupted_event(cx.vmcs, cx.vcpu);
     }
@@ -192,6 +210,20 @@ pub fn may_touch_platform(reason: ExitReason) -> bool {
             | ExitReason::Monitor
             | ExitReason::Mwait
     ) && !simple::is_vmx_instruction(reason)
+}
+
+/// Whether the exit just handled may have changed the guest's platform (see
+/// [`may_touch_platform`]), refined by what it did: a port access that changed nothing beyond
+/// its device's registers (`Platform::take_ports_quiet`) and a WRMSR of an MSR that does not
+/// reach the platform ([`msr::write_reaches_platform`]) count as untouched, so that the run
+/// loop skips the interrupt check and the deadlines after them.
+#[inline]
+pub fn touched_platform(reason: ExitReason, vcpu: &Vcpu, vm: &mut Vm) -> bool {
+    match reason {
+        ExitReason::IoInstruction => !vm.platform.take_ports_quiet(),
+        ExitReason::Wrmsr => msr::write_reaches_platform(vcpu.regs.rcx as u32),
+        r => may_touch_platform(r),
+    }
 }
 
 /// Carries out an action's effect on the VMCS (RIP) and on the guest's event queue (an exception
@@ -373,6 +405,45 @@ mod tests {
             );
         }
         assert_eq!(t.vcpu.stats.exceptions_injected, 4);
+    }
+
+    /// Which exits make the run loop look at the platform again: a WRMSR only of the MSRs that
+    /// reach it, an I/O exit only when its access changed something beyond its device.
+    #[test]
+    fn exits_that_leave_the_platform_alone_say_so() {
+        use super::msr::index;
+        let mut t = TestBed::new();
+        assert!(!touched_platform(ExitReason::Cpuid, &t.vcpu, &mut t.vm));
+        assert!(touched_platform(ExitReason::Hlt, &t.vcpu, &mut t.vm));
+        for (msr, reaches) in [
+            (index::MTRR_DEF_TYPE, false),
+            (index::MISC_ENABLE, false),
+            (index::EFER, false),
+            (index::TSC_DEADLINE, true),
+            (index::APIC_BASE, true),
+            (index::TSC, true),
+            (0x808, true), // the x2APIC TPR
+        ] {
+            t.vcpu.regs.rcx = u64::from(msr);
+            assert_eq!(
+                touched_platform(ExitReason::Wrmsr, &t.vcpu, &mut t.vm),
+                reaches,
+                "MSR {msr:#x}"
+            );
+        }
+        t.vm.platform.take_ports_quiet();
+        t.vm.platform.io_write(0x3ff, 1, 1, 0);
+        assert!(!touched_platform(
+            ExitReason::IoInstruction,
+            &t.vcpu,
+            &mut t.vm
+        ));
+        t.vm.platform.io_write(0x3f8, 1, u32::from(b'x'), 0);
+        assert!(touched_platform(
+            ExitReason::IoInstruction,
+            &t.vcpu,
+            &mut t.vm
+        ));
     }
 
     #[test]

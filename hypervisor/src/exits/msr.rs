@@ -238,6 +238,23 @@ pub fn read<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     Action::Advance
 }
 
+/// Whether a RDMSR of `msr` reads the local APIC (its x2APIC registers, the TPR and the PPR among
+/// them): the model must have the guest's TPR from VTPR first.
+pub fn reads_the_apic(msr: u32) -> bool {
+    X2APIC_MSRS.contains(&msr)
+}
+
+/// Whether a WRMSR of `msr` can reach the guest's platform: the local APIC's MSRs (x2APIC
+/// registers, IA32_APIC_BASE, IA32_TSC_DEADLINE) and the TSC ones, which move the clock the
+/// device timers run on. After the others the run loop skips the platform.
+pub fn write_reaches_platform(msr: u32) -> bool {
+    X2APIC_MSRS.contains(&msr)
+        || matches!(
+            msr,
+            index::APIC_BASE | index::TSC_DEADLINE | index::TSC | index::TSC_ADJUST
+        )
+}
+
 pub fn write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     use super::cpuid::{bit, has, of_guest, LEAF1_ECX, LEAF7_EBX, LEAFD1_EAX};
     use crate::vmx::cr::{cr0::PG, efer::LMA, efer::LME};

@@ -81,7 +81,7 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         }
         _ => status::ENOSYS,
     };
-    set_result(cx.vmcs, cx.vcpu, result);
+    cx.vcpu.regs.rax = arg(result);
     action
 }
 

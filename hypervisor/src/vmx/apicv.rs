@@ -121,6 +121,9 @@ pub struct VirtualApic {
     accesses_virtualized: bool,
     /// The TPR threshold in the VMCS now (written only when it changes: a VMWRITE is dear).
     threshold: u32,
+    /// Whether the guest ran since the model last took VTPR (`exits::apicv`): the exits that do
+    /// not reach the platform leave the taking to the next look at the platform.
+    pub vtpr_unread: bool,
 }
 
 impl core::fmt::Debug for VirtualApic {
@@ -153,6 +156,7 @@ impl VirtualApic {
             features,
             accesses_virtualized: features.virtualize_apic_accesses,
             threshold: 0,
+            vtpr_unread: false,
         }
     }
 
