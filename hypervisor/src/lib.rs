@@ -32,6 +32,7 @@ pub mod sched;
 pub mod smp;
 pub mod state;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vmx;
 
 #[cfg(target_os = "none")]
