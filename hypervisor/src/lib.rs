@@ -30,6 +30,7 @@ pub mod monitor;
 pub mod runloop;
 pub mod sched;
 pub mod smp;
+pub mod snapshot;
 pub mod state;
 pub mod vcpu;
 pub mod vcpu_state;

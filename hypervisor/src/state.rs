@@ -251,6 +251,31 @@ impl<A: Codec, B: Codec> Codec for (A, B) {
     }
 }
 
+impl Codec for alloc::string::String {
+    fn put(&self, w: &mut Writer) {
+        w.put(&(self.len() as u32));
+        w.raw(self.as_bytes());
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, StateError> {
+        let n = r.get::<u32>()? as usize;
+        let bytes = r.raw(n)?;
+        core::str::from_utf8(bytes)
+            .map(Into::into)
+            .map_err(|_| StateError::Invalid("a string that is not UTF-8"))
+    }
+}
+
+impl<A: Codec, B: Codec, C: Codec> Codec for (A, B, C) {
+    fn put(&self, w: &mut Writer) {
+        w.put(&self.0);
+        w.put(&self.1);
+        w.put(&self.2);
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, StateError> {
+        Ok((r.get()?, r.get()?, r.get()?))
+    }
+}
+
 /// A sequence's element count, checked against what is left in the stream (every element takes
 /// at least one byte), so a corrupt count cannot make the reader allocate without bound.
 fn count(r: &mut Reader<'_>) -> Result<usize, StateError> {

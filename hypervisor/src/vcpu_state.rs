@@ -176,17 +176,6 @@ crate::codec_struct!(XsaveImage {
     bytes
 });
 
-impl Codec for (u8, u32, u32) {
-    fn put(&self, w: &mut Writer) {
-        w.put(&self.0);
-        w.put(&self.1);
-        w.put(&self.2);
-    }
-    fn get(r: &mut Reader<'_>) -> Result<Self, StateError> {
-        Ok((r.get()?, r.get()?, r.get()?))
-    }
-}
-
 impl Codec for GuestRegs {
     fn put(&self, w: &mut Writer) {
         for i in 0..16u8 {
