@@ -32,6 +32,16 @@ pub const PAGE_SIZE: usize = 4096;
 const BATCH: usize = 16;
 /// The END section: tag, version, length and the CRC-32.
 const END_LEN: usize = 4 + 2 + 4 + 4;
+/// The largest snapshot Keel makes or takes: it is held whole in Keel's heap while it travels.
+pub const STREAM_MAX: usize = 2 << 20;
+/// A page record: address, kind, CRC-32 and the bytes.
+const PAGE_RECORD: usize = 8 + 1 + 4 + PAGE_SIZE;
+
+/// The size of a snapshot with `pages` data pages and `state` bytes of platform and vCPU state
+/// (within a few bytes per section).
+pub fn estimate(pages: usize, state: usize) -> usize {
+    1024 + state + pages * PAGE_RECORD + pages.div_ceil(BATCH) * 16
+}
 
 /// What the guest sees of the CPU: a restore on a CPU that differs is refused, since the guest
 /// chose its code paths by these features.
@@ -61,6 +71,96 @@ pub const FINGERPRINT_LEAVES: [(u32, u32); 7] = [
     (0x8000_0001, 0),
     (0x8000_0008, 0),
 ];
+
+/// The fingerprint of the CPU a guest with the execution controls `primary` and `secondary` and
+/// `cpus` vCPUs sees on `host` (`exits::cpuid::policy`, as vCPU 0 with its APIC enabled and
+/// XSAVE turned on), with the extended-state layout `xsave`. The sizes CPUID.0DH reports for the
+/// XCR0 loaded now (EBX of subleaves 0 and 1) are left out: they are whichever guest's ran last.
+pub fn fingerprint(
+    host: &dyn crate::exits::Host,
+    primary: u32,
+    secondary: u32,
+    cpus: u32,
+    xsave: XsaveLayout,
+) -> Fingerprint {
+    let f = crate::exits::cpuid::GuestFeatures {
+        cr4: 1 << 18,
+        apic_enabled: true,
+        primary,
+        secondary,
+        tsc_hz: 0,
+        apic_id: 0,
+        cpus,
+    };
+    let cpuid = FINGERPRINT_LEAVES
+        .iter()
+        .map(|&(leaf, subleaf)| {
+            let mut r = crate::exits::cpuid::policy(host, leaf, subleaf, &f);
+            if leaf == 0xd {
+                r[1] = 0;
+            }
+            (leaf, subleaf, r)
+        })
+        .collect();
+    Fingerprint { cpuid, xsave }
+}
+
+/// Base64 (RFC 4648, with padding): how the snapshot stream travels in the control channel's
+/// JSON lines.
+pub mod base64 {
+    use alloc::string::String;
+    use alloc::vec::Vec;
+
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub fn encode(data: &[u8]) -> String {
+        let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+        for chunk in data.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    fn value(c: u8) -> Option<u32> {
+        ALPHABET.iter().position(|&a| a == c).map(|p| p as u32)
+    }
+
+    /// None if `text` is not padded base64.
+    pub fn decode(text: &str) -> Option<Vec<u8>> {
+        let t = text.as_bytes();
+        if t.len() % 4 != 0 {
+            return None;
+        }
+        let mut out = Vec::with_capacity(t.len() / 4 * 3);
+        for (k, q) in t.chunks(4).enumerate() {
+            let last = k + 1 == t.len() / 4;
+            let pad = q.iter().rev().take_while(|&&c| c == b'=').count();
+            if pad > 2 || (pad > 0 && !last) {
+                return None;
+            }
+            let mut n = 0u32;
+            for &c in &q[..4 - pad] {
+                n = n << 6 | value(c)?;
+            }
+            n <<= 6 * pad as u32;
+            let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+            out.extend_from_slice(&bytes[..3 - pad]);
+        }
+        Some(out)
+    }
+}
 
 /// The guest a snapshot is of.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,8 +339,9 @@ pub fn write(
     mut read_page: impl FnMut(u64, &mut [u8]),
     platform: &[u8],
     vcpus: &[VcpuState],
+    capacity: usize,
 ) -> Vec<u8> {
-    let mut w = Writer::new();
+    let mut w = Writer::with_capacity(capacity);
     w.raw(&MAGIC);
     w.put(&FORMAT_VERSION);
     let head = Head {

@@ -83,6 +83,13 @@ impl Writer {
         Self::default()
     }
 
+    /// A writer with room for `n` bytes (a large stream grows without reallocating).
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(n),
+        }
+    }
+
     pub fn bytes(&self) -> &[u8] {
         &self.buf
     }

@@ -81,6 +81,7 @@ fn stream() -> Vec<u8> {
         |gpa, buf| buf.copy_from_slice(&ram[gpa as usize..gpa as usize + PAGE_SIZE]),
         &platform_bytes(),
         &[vcpu_state(0, 0x10_0000), vcpu_state(1, 0x2000)],
+        0,
     )
 }
 
@@ -89,6 +90,10 @@ fn a_snapshot_parses_back_to_the_guest_it_was() {
     let s = stream();
     // Two pages of data out of 64: the zero pages are left out.
     assert!(s.len() < 3 * PAGE_SIZE + 4096, "{} bytes", s.len());
+    let mut state = Writer::new();
+    vcpu_state(0, 0).save(&mut state);
+    let state = platform_bytes().len() + 2 * state.bytes().len();
+    assert!(estimate(2, state) >= s.len(), "the estimate covers it");
     let snap = parse(&s, &fingerprint()).expect("its own snapshot");
     assert_eq!(snap.guest, guest());
     assert_eq!(snap.keel_version, "0.1.0");
@@ -178,4 +183,18 @@ fn crc32_is_the_ieee_one() {
     assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
     assert_eq!(crc32_update(crc32(b"1234"), b"56789"), 0xcbf4_3926);
     assert_eq!(crc32(b""), 0);
+}
+
+#[test]
+fn base64_round_trips_and_refuses_junk() {
+    for n in 0..10 {
+        let data: Vec<u8> = (0..n).map(|i| (i * 37 + 250) as u8).collect();
+        let text = base64::encode(&data);
+        assert_eq!(base64::decode(&text), Some(data), "{text}");
+    }
+    assert_eq!(base64::encode(b"Keel"), "S2VlbA==");
+    assert_eq!(base64::decode("S2VlbA=="), Some(b"Keel".to_vec()));
+    for bad in ["S2VlbA=", "S2V!bA==", "S2==bA==", "===="] {
+        assert_eq!(base64::decode(bad), None, "{bad}");
+    }
 }
