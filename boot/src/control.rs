@@ -183,6 +183,102 @@ pub fn request(socket: &Path, command: &str, timeout: Duration) -> Result<String
     }
 }
 
+/// The value of field `key` of a success reply `{"ok":true,...}` (strings unquoted); an error
+/// reply is Keel's error.
+fn field(reply: &str, key: &str) -> Result<String> {
+    let body = reply
+        .strip_prefix('{')
+        .and_then(|r| r.strip_suffix('}'))
+        .ok_or_else(|| anyhow::anyhow!("not a reply: {reply}"))?;
+    if body.starts_with("\"ok\":false") {
+        bail!(
+            "Keel answered: {}",
+            describe(reply).err().unwrap_or_default()
+        );
+    }
+    top_level_fields(body)
+        .into_iter()
+        .find(|(k, _)| unquote(k) == key)
+        .map(|(_, v)| unquote(v))
+        .ok_or_else(|| anyhow::anyhow!("Keel's reply has no {key:?}: {reply}"))
+}
+
+/// What a snapshot transfer moved, and how long it took.
+#[derive(Debug, Clone, Copy)]
+pub struct Transfer {
+    pub bytes: usize,
+    pub elapsed: Duration,
+}
+
+/// `cargo keel ctl snapshot NAME [paused] --out FILE`: Keel takes the snapshot (`command`), then
+/// it comes over in base64 chunks (`snapshot-read`); its CRC-32 and header are checked before it
+/// is written to `out`.
+pub fn fetch_snapshot(
+    socket: &Path,
+    command: &str,
+    out: &Path,
+    timeout: Duration,
+) -> Result<Transfer> {
+    let start = Instant::now();
+    let reply = request(socket, command, timeout)?;
+    let size: usize = field(&reply, "bytes")?.parse()?;
+    let crc: u32 = field(&reply, "crc32")?.parse()?;
+    let mut data = Vec::with_capacity(size);
+    while data.len() < size {
+        let reply = request(socket, &format!("snapshot-read {}", data.len()), timeout)?;
+        let chunk = keel::snapshot::base64::decode(&field(&reply, "data")?)
+            .ok_or_else(|| anyhow::anyhow!("a chunk that is not base64"))?;
+        if chunk.is_empty() {
+            bail!("Keel's snapshot ended at {} of {size} bytes", data.len());
+        }
+        data.extend_from_slice(&chunk);
+    }
+    if keel::snapshot::crc32(&data) != crc {
+        bail!("the snapshot was damaged on the way (CRC-32 differs)");
+    }
+    keel::snapshot::describe(&data).map_err(|e| anyhow::anyhow!("{e}"))?;
+    std::fs::write(out, &data).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(Transfer {
+        bytes: size,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// Bytes per `restore-data` line: 6 KiB of base64, within Keel's 8 KiB control line.
+const RESTORE_CHUNK: usize = 4608;
+
+/// `cargo keel ctl restore NAME FILE [paused]`: sends the snapshot in `file` to Keel, which checks
+/// it whole and replaces guest `name` by it (or refuses it, with the reason, changing nothing).
+pub fn send_snapshot(
+    socket: &Path,
+    name: &str,
+    file: &Path,
+    paused: bool,
+    timeout: Duration,
+) -> Result<Transfer> {
+    let start = Instant::now();
+    let data = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let paused = if paused { " paused" } else { "" };
+    let begin = request(
+        socket,
+        &format!("restore {name} {}{paused}", data.len()),
+        timeout,
+    )?;
+    field(&begin, "guest")?;
+    for chunk in data.chunks(RESTORE_CHUNK) {
+        let line = format!("restore-data {}", keel::snapshot::base64::encode(chunk));
+        field(&request(socket, &line, timeout)?, "received")?;
+    }
+    let end = request(socket, "restore-end", timeout)?;
+    if let Err(e) = describe(&end) {
+        bail!("Keel refused the snapshot: {e}");
+    }
+    Ok(Transfer {
+        bytes: data.len(),
+        elapsed: start.elapsed(),
+    })
+}
+
 /// A reply for people: `{"ok":false,"error":"..."}` becomes the error's text; a success is shown
 /// as its fields, one `key: value` a line (nested lists and objects stay JSON).
 pub fn describe(reply: &str) -> std::result::Result<String, String> {
