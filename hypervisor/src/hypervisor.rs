@@ -650,10 +650,20 @@ impl VmHw {
             // The manifest parser checked that the last restart's command line fits the loaders.
             cfg.cmdline = manifest::restart_cmdline(&cfg.cmdline, restarts);
         }
-        let image = setup
-            .archive
+        let archive = setup.archive;
+        let image = archive
             .get(&cfg.image)
             .ok_or_else(|| alloc::format!("image {} is not in the ramdisk", cfg.image))?;
+        if cfg.kind == manifest::GuestKind::Snapshot {
+            // Restored rather than booted (a restart restores it again): it goes on from its
+            // snapshot, its clock too.
+            let offsetting = setup.controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits();
+            let clock = self.restore_snapshot(g, vcpus, image)?;
+            if offsetting != 0 {
+                g.tsc_offset = clock.wrapping_sub(cpu::rdtsc());
+            }
+            return Ok(());
+        }
         let mut modules = Vec::new();
         for m in &cfg.modules {
             let data = setup

@@ -422,6 +422,9 @@ impl VcpuState {
         for &(e, v) in &self.fields {
             vmcs.write_raw(e, v);
         }
+        // The masks the shadows go with (checked equal to this Keel's rules).
+        vmcs.write(ControlNat::Cr0GuestHostMask, self.cr_masks.0);
+        vmcs.write(ControlNat::Cr4GuestHostMask, self.cr_masks.1);
         vmcs.update(Control32::EntryControls, |c| {
             if self.ia32e {
                 c | IA32E
