@@ -105,8 +105,9 @@ fn accept_loop(listener: UnixListener, to_keel: File, current: Current, stop: Ar
                 std::thread::spawn(move || {
                     let mut reader = reader;
                     let mut buf = [0u8; 256];
+                    let mut last = Instant::now() - PACE_IDLE;
                     while let Ok(n) = reader.read(&mut buf) {
-                        if n == 0 || keel.write_all(&buf[..n]).is_err() {
+                        if n == 0 || paced_write(&mut keel, &buf[..n], &mut last).is_err() {
                             return;
                         }
                     }
@@ -115,6 +116,26 @@ fn accept_loop(listener: UnixListener, to_keel: File, current: Current, stop: Ar
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
+}
+
+/// Keel reads COM2 between time slices, and its receive FIFO holds 16 bytes: after a quiet
+/// spell only that much goes at first; once Keel has seen a byte it reads COM2 every millisecond
+/// for a while (`runloop`), and the rest of the line follows at full speed.
+const PACE_FIRST: usize = 14;
+/// What "a quiet spell" is, and how long the first bytes are given.
+const PACE_IDLE: Duration = Duration::from_millis(50);
+const PACE_WAIT: Duration = Duration::from_millis(40);
+
+fn paced_write(keel: &mut File, data: &[u8], last: &mut Instant) -> std::io::Result<()> {
+    let mut data = data;
+    if last.elapsed() >= PACE_IDLE && data.len() > PACE_FIRST {
+        keel.write_all(&data[..PACE_FIRST])?;
+        data = &data[PACE_FIRST..];
+        std::thread::sleep(PACE_WAIT);
+    }
+    keel.write_all(data)?;
+    *last = Instant::now();
+    Ok(())
 }
 
 fn copy_replies(mut terminal: File, current: Current, stop: Arc<AtomicBool>) {

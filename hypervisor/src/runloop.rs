@@ -222,6 +222,10 @@ struct Operator {
     kept: Option<Vec<u8>>,
     /// A snapshot coming in over the control channel: for guest .0, .1 bytes, resumed after if .3.
     incoming: Option<(usize, usize, Vec<u8>, bool)>,
+    /// Host TSC until which COM2 is read every millisecond: its receive FIFO holds 16 bytes, 1.4
+    /// ms at 115200 baud, and a time slice is longer. Set for a while after each byte received,
+    /// so a long line (a snapshot chunk) is not lost to an overrun once it has begun.
+    control_busy_until: u64,
 }
 
 /// Replies waiting for COM2 beyond this many bytes are dropped whole (nobody reads them).
@@ -249,6 +253,7 @@ impl<C: Cpu> RunLoop<C> {
                 started: None,
                 kept: None,
                 incoming: None,
+                control_busy_until: 0,
             },
         }
     }
@@ -349,7 +354,8 @@ impl<C: Cpu> RunLoop<C> {
                 }
                 // While console output or a control-channel reply is queued, wake often enough
                 // to keep the UART busy (16 bytes of FIFO last 1.4 ms at 115200 baud).
-                let max = if crate::log::busy() || !self.ops.reply.is_empty() {
+                let max = if crate::log::busy() || !self.ops.reply.is_empty() || self.control_busy()
+                {
                     self.cfg.tsc_hz / 1000
                 } else {
                     self.sched.quantum
@@ -403,7 +409,10 @@ impl<C: Cpu> RunLoop<C> {
         self.switch_to(seat);
         // Its weight in quanta (or what a woken vCPU left of that), no more than a capped
         // guest's budget has left.
-        let allowed = self.shares.slice(i);
+        let mut allowed = self.shares.slice(i);
+        if self.control_busy() {
+            allowed = allowed.min(self.cfg.tsc_hz / 1000);
+        }
         let quantum = self.slots[i].seats[c]
             .slice_left
             .take()
@@ -1015,6 +1024,7 @@ impl<C: Cpu> RunLoop<C> {
     fn poll_control(&mut self) {
         use crate::monitor::ChannelLine;
         while let Some(byte) = self.cpu.control_byte() {
+            self.ops.control_busy_until = self.cpu.rdtsc() + self.cfg.tsc_hz / 10;
             let reply = match self.ops.channel.push(byte) {
                 None => continue,
                 Some(ChannelLine::Command(line)) => self.command(&line, crate::monitor::Form::Json),
@@ -1027,6 +1037,12 @@ impl<C: Cpu> RunLoop<C> {
         if !self.ops.reply.is_empty() {
             self.cpu.control_send(&mut self.ops.reply);
         }
+    }
+
+    /// True while the control channel is in the middle of a line or a transfer
+    /// (`Operator::control_busy_until`): COM2 is then read every millisecond.
+    fn control_busy(&mut self) -> bool {
+        self.ops.control_busy_until != 0 && self.cpu.rdtsc() < self.ops.control_busy_until
     }
 
     /// Sends the control channel's last replies (after `quit`): waits, boundedly, for COM2.

@@ -18,7 +18,7 @@ use crate::scheduler::{keel_tsc_hz, pit_ticks_off};
 
 const MANIFEST: Manifest = Manifest::File("tests/guests/manifests/snapshot.toml");
 /// The counter's run, in seconds of its own time (snapshot.toml).
-const COUNTER_SECS: u64 = 40;
+const COUNTER_SECS: u64 = 60;
 
 struct Session {
     /// What the session did and saw, in order.
@@ -97,8 +97,7 @@ fn run_session() -> (Outcome, Session) {
 }
 
 fn drive(s: &mut Session, socket: &Path) {
-    // Taken as soon as Keel answers: the counter is a few seconds into its run (Bochs runs a
-    // halting guest's time faster than the wall clock's).
+    // Taken as soon as Keel answers: the counter is a few seconds into its run.
     let timeout = Duration::from_secs(180);
     let file = s.snapshot.clone();
     match control::fetch_snapshot(socket, "snapshot counter paused", &file, timeout) {
