@@ -105,7 +105,7 @@ fn accept_loop(listener: UnixListener, to_keel: File, current: Current, stop: Ar
                 std::thread::spawn(move || {
                     let mut reader = reader;
                     let mut buf = [0u8; 256];
-                    let mut last = Instant::now() - PACE_IDLE;
+                    let mut last = None;
                     while let Ok(n) = reader.read(&mut buf) {
                         if n == 0 || paced_write(&mut keel, &buf[..n], &mut last).is_err() {
                             return;
@@ -118,23 +118,24 @@ fn accept_loop(listener: UnixListener, to_keel: File, current: Current, stop: Ar
     }
 }
 
-/// Keel reads COM2 between time slices, and its receive FIFO holds 16 bytes: after a quiet
-/// spell only that much goes at first; once Keel has seen a byte it reads COM2 every millisecond
-/// for a while (`runloop`), and the rest of the line follows at full speed.
-const PACE_FIRST: usize = 14;
-/// What "a quiet spell" is, and how long the first bytes are given.
-const PACE_IDLE: Duration = Duration::from_millis(50);
-const PACE_WAIT: Duration = Duration::from_millis(40);
+/// Keel reads COM2 between time slices, and its receive FIFO holds 16 bytes: at 115200 baud that
+/// is 1.4 ms, less than a slice, and a byte that finds the FIFO full is lost (an overrun). So the
+/// bridge sends at most 14 bytes at a time, and waits between them long enough for Keel to have
+/// read them (it reads COM2 every millisecond of its time while a line comes in, `runloop`).
+/// Commands of up to 14 bytes go at once; a 6 KiB `restore-data` line takes about 3.5 s.
+const PACE_BYTES: usize = 14;
+const PACE_WAIT: Duration = Duration::from_millis(8);
 
-fn paced_write(keel: &mut File, data: &[u8], last: &mut Instant) -> std::io::Result<()> {
-    let mut data = data;
-    if last.elapsed() >= PACE_IDLE && data.len() > PACE_FIRST {
-        keel.write_all(&data[..PACE_FIRST])?;
-        data = &data[PACE_FIRST..];
-        std::thread::sleep(PACE_WAIT);
+/// Writes `data` in pieces of [`PACE_BYTES`], each at least [`PACE_WAIT`] after the one before
+/// (`last`: when the previous piece went, across calls).
+fn paced_write(keel: &mut File, data: &[u8], last: &mut Option<Instant>) -> std::io::Result<()> {
+    for piece in data.chunks(PACE_BYTES) {
+        if let Some(wait) = last.and_then(|t| PACE_WAIT.checked_sub(t.elapsed())) {
+            std::thread::sleep(wait);
+        }
+        keel.write_all(piece)?;
+        *last = Some(Instant::now());
     }
-    keel.write_all(data)?;
-    *last = Instant::now();
     Ok(())
 }
 

@@ -140,7 +140,7 @@ pub mod base64 {
     /// None if `text` is not padded base64.
     pub fn decode(text: &str) -> Option<Vec<u8>> {
         let t = text.as_bytes();
-        if t.len() % 4 != 0 {
+        if !t.len().is_multiple_of(4) {
             return None;
         }
         let mut out = Vec::with_capacity(t.len() / 4 * 3);
@@ -442,7 +442,7 @@ pub fn parse<'a>(stream: &'a [u8], here: &Fingerprint) -> Result<Snapshot<'a>, S
     let head: Head = r.section(*b"HEAD", 1, |r, _| r.get())?;
     compare(here, &head.fingerprint)?;
     let guest: GuestInfo = r.section(*b"GUES", 1, |r, _| r.get())?;
-    if guest.memory % PAGE_SIZE as u64 != 0 || guest.vcpus == 0 {
+    if !guest.memory.is_multiple_of(PAGE_SIZE as u64) || guest.vcpus == 0 {
         return Err(StateError::Invalid("a guest of no vCPU or of partial pages").into());
     }
     let mut pages = Vec::new();

@@ -120,10 +120,9 @@ fn drive(s: &mut Session, socket: &Path) {
     if let Err(e) = std::fs::write(&damaged, &bytes) {
         return s.fail(format!("cannot write {}: {e}", damaged.display()));
     }
-    let refusals = [
-        ("counter", &damaged, "checksum mismatch"),
-        ("other", &file, "memory size mismatch"),
-    ];
+    // (A guest of another size is refused too, with "memory size mismatch": the unit tests and
+    // docs/SNAPSHOTS.md; each send here costs a minute of the serial line.)
+    let refusals = [("counter", &damaged, "checksum mismatch")];
     for (guest, path, reason) in refusals {
         match control::send_snapshot(socket, guest, path, false, timeout) {
             Ok(_) => return s.fail(format!("{} accepted for {guest}", path.display())),
