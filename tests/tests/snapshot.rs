@@ -18,7 +18,7 @@ use crate::scheduler::{keel_tsc_hz, pit_ticks_off};
 
 const MANIFEST: Manifest = Manifest::File("tests/guests/manifests/snapshot.toml");
 /// The counter's run, in seconds of its own time (snapshot.toml).
-const COUNTER_SECS: u64 = 60;
+const COUNTER_SECS: u64 = 200;
 
 struct Session {
     /// What the session did and saw, in order.
@@ -78,7 +78,11 @@ fn run_session() -> (Outcome, Session) {
     };
     match wait_for(&socket, "\"name\":\"other\"", Duration::from_secs(300)) {
         Err(e) => s.fail(format!("Keel never answered: {e}")),
-        Ok(()) => drive(&mut s, &socket),
+        Ok(()) => {
+            drive(&mut s, &socket);
+            // Whatever happened, the run ends here.
+            s.send(&socket, "quit");
+        }
     }
     let result = match run.join() {
         Ok(Ok(r)) => r,
@@ -97,7 +101,9 @@ fn run_session() -> (Outcome, Session) {
 }
 
 fn drive(s: &mut Session, socket: &Path) {
-    // Taken as soon as Keel answers: the counter is a few seconds into its run.
+    // The replies to `list`s sent before Keel listened may still come: they go to nobody once
+    // this wait is over (a new connection takes over the channel).
+    std::thread::sleep(Duration::from_secs(5));
     let timeout = Duration::from_secs(180);
     let file = s.snapshot.clone();
     match control::fetch_snapshot(socket, "snapshot counter paused", &file, timeout) {
@@ -147,7 +153,6 @@ fn drive(s: &mut Session, socket: &Path) {
     if let Err(e) = wait_for(socket, ended, Duration::from_secs(400)) {
         s.fail(format!("the restored counter did not end: {e}"));
     }
-    s.send(socket, "quit");
 }
 
 /// The seconds the counter printed (`demo: N s, ...`), in order.
