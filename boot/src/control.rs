@@ -126,14 +126,24 @@ fn accept_loop(listener: UnixListener, to_keel: File, current: Current, stop: Ar
 const PACE_BYTES: usize = 14;
 const PACE_WAIT: Duration = Duration::from_millis(8);
 
+/// After a quiet spell Keel may be asleep or running a guest for a whole time slice (10 ms)
+/// before it reads COM2 again: the first piece is given that long.
+const PACE_QUIET: Duration = Duration::from_millis(50);
+const PACE_FIRST_WAIT: Duration = Duration::from_millis(30);
+
 /// Writes `data` in pieces of [`PACE_BYTES`], each at least [`PACE_WAIT`] after the one before
-/// (`last`: when the previous piece went, across calls).
+/// (`last`: when the previous piece went, across calls), the second of a line that follows a
+/// quiet spell [`PACE_FIRST_WAIT`] after the first.
 fn paced_write(keel: &mut File, data: &[u8], last: &mut Option<Instant>) -> std::io::Result<()> {
     for piece in data.chunks(PACE_BYTES) {
+        let quiet = last.is_none_or(|t| t.elapsed() >= PACE_QUIET);
         if let Some(wait) = last.and_then(|t| PACE_WAIT.checked_sub(t.elapsed())) {
             std::thread::sleep(wait);
         }
         keel.write_all(piece)?;
+        if quiet {
+            std::thread::sleep(PACE_FIRST_WAIT);
+        }
         *last = Some(Instant::now());
     }
     Ok(())
