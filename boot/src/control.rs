@@ -256,10 +256,29 @@ pub fn fetch_snapshot(
     let size: usize = field(&reply, "bytes")?.parse()?;
     let crc: u32 = field(&reply, "crc32")?.parse()?;
     let mut data = Vec::with_capacity(size);
+    let mut tries = 0;
     while data.len() < size {
-        let reply = request(socket, &format!("snapshot-read {}", data.len()), timeout)?;
-        let chunk = keel::snapshot::base64::decode(&field(&reply, "data")?)
-            .ok_or_else(|| anyhow::anyhow!("a chunk that is not base64"))?;
+        let read = request(
+            socket,
+            &format!("snapshot-read {}", data.len()),
+            timeout.min(LINE_TIMEOUT),
+        )
+        .and_then(|reply| {
+            let at: usize = field(&reply, "offset")?.parse()?;
+            let chunk = keel::snapshot::base64::decode(&field(&reply, "data")?)
+                .ok_or_else(|| anyhow::anyhow!("a chunk that is not base64"))?;
+            anyhow::ensure!(at == data.len(), "a chunk for offset {at}");
+            Ok(chunk)
+        });
+        let chunk = match read {
+            Ok(chunk) => chunk,
+            Err(e) if tries < LINE_TRIES => {
+                tries += 1;
+                eprintln!("keel-boot: snapshot at {}: {e:#}; asking again", data.len());
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if chunk.is_empty() {
             bail!("Keel's snapshot ended at {} of {size} bytes", data.len());
         }
@@ -275,6 +294,10 @@ pub fn fetch_snapshot(
         elapsed: start.elapsed(),
     })
 }
+
+/// How long a snapshot chunk's reply may take, and how often a damaged chunk is sent again.
+const LINE_TIMEOUT: Duration = Duration::from_secs(30);
+const LINE_TRIES: u32 = 4;
 
 /// Bytes per `restore-data` line: 6 KiB of base64, within Keel's 8 KiB control line.
 const RESTORE_CHUNK: usize = 4608;
@@ -297,9 +320,32 @@ pub fn send_snapshot(
         timeout,
     )?;
     field(&begin, "guest")?;
+    let mut sent = 0;
     for chunk in data.chunks(RESTORE_CHUNK) {
         let line = format!("restore-data {}", keel::snapshot::base64::encode(chunk));
-        field(&request(socket, &line, timeout)?, "received")?;
+        sent += chunk.len();
+        // A line the serial line damaged is refused whole (Keel keeps only whole chunks): it is
+        // sent again, and Keel's count says whether it came.
+        let mut tries = 0;
+        loop {
+            let reply = request(socket, &line, timeout.min(LINE_TIMEOUT));
+            match reply.map_err(|e| e.to_string()).and_then(|r| {
+                field(&r, "received")
+                    .map_err(|e| e.to_string())
+                    .map(|n| n.parse::<usize>().unwrap_or(0))
+            }) {
+                Ok(n) if n == sent => break,
+                Ok(n) => bail!("Keel has {n} bytes of the snapshot, {sent} were sent"),
+                Err(e) if tries < LINE_TRIES => {
+                    tries += 1;
+                    eprintln!(
+                        "keel-boot: chunk at {}: {e}; sending it again",
+                        sent - chunk.len()
+                    );
+                }
+                Err(e) => bail!("{e}"),
+            }
+        }
     }
     let end = request(socket, "restore-end", timeout)?;
     if let Err(e) = describe(&end) {
