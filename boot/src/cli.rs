@@ -72,6 +72,8 @@ pub struct CtlArgs {
     /// Print the raw JSON reply.
     pub json: bool,
     pub timeout_secs: u64,
+    /// `--out FILE`: where `snapshot NAME` writes the snapshot.
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -152,10 +154,12 @@ enum Sub {
 
 const CTL_AFTER_HELP: &str = "\
 Commands: help, list, stats NAME, regs NAME, pause NAME, resume NAME, kill NAME, restart NAME,
-start NAME, balloon NAME SIZE, console NAME, quit (NAME: a guest's name or id). Examples:
-`cargo keel ctl list`, `cargo keel ctl pause linux`, `cargo keel ctl balloon big 8M`,
-`cargo keel ctl --json stats 0`. Exit status 0 when Keel answered ok, 1 when it answered with an
-error or did not answer (docs/BOOTING.md, \"The monitor and the
+start NAME, balloon NAME SIZE, console NAME, quit, snapshot NAME [paused] --out FILE, restore NAME
+FILE [paused] (NAME: a guest's name or id). Examples: `cargo keel ctl list`, `cargo keel ctl pause
+linux`, `cargo keel ctl balloon big 8M`, `cargo keel ctl --json stats 0`, `cargo keel ctl snapshot
+linux --out linux.snap`, `cargo keel ctl restore linux linux.snap` (docs/SNAPSHOTS.md). Exit status
+0 when Keel answered ok, 1 when it answered with an error or did not answer (docs/BOOTING.md, \"The
+monitor and the
 control channel\").";
 
 #[derive(Args, Debug)]
@@ -172,6 +176,9 @@ struct CtlOpts {
     /// How long to wait for the reply, in seconds
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     timeout: u64,
+    /// `snapshot NAME`: write the snapshot to this file
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
 }
 
 /// The options of every command that builds an image.
@@ -443,6 +450,7 @@ impl Cli {
                 control: c.control,
                 json: c.json,
                 timeout_secs: c.timeout,
+                out: c.out,
             }),
         };
         Ok(Invocation {
@@ -522,7 +530,15 @@ mod tests {
                 control: None,
                 json: false,
                 timeout_secs: 30,
+                out: None,
             }))
+        );
+        let Ok(Cmd::Ctl(c)) = p("ctl snapshot linux --out /tmp/l.snap") else {
+            panic!("ctl snapshot parses");
+        };
+        assert_eq!(
+            (c.command.as_str(), c.out),
+            ("snapshot linux", Some(PathBuf::from("/tmp/l.snap")))
         );
         let Ok(Cmd::Ctl(c)) = p("ctl --json --control /tmp/k.sock --timeout 5 list") else {
             panic!("ctl parses");

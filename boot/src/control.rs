@@ -105,8 +105,9 @@ fn accept_loop(listener: UnixListener, to_keel: File, current: Current, stop: Ar
                 std::thread::spawn(move || {
                     let mut reader = reader;
                     let mut buf = [0u8; 256];
+                    let mut last = None;
                     while let Ok(n) = reader.read(&mut buf) {
-                        if n == 0 || keel.write_all(&buf[..n]).is_err() {
+                        if n == 0 || paced_write(&mut keel, &buf[..n], &mut last).is_err() {
                             return;
                         }
                     }
@@ -115,6 +116,37 @@ fn accept_loop(listener: UnixListener, to_keel: File, current: Current, stop: Ar
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
+}
+
+/// Keel reads COM2 between time slices, and its receive FIFO holds 16 bytes: at 115200 baud that
+/// is 1.4 ms, less than a slice, and a byte that finds the FIFO full is lost (an overrun). So the
+/// bridge sends at most 14 bytes at a time, and waits between them long enough for Keel to have
+/// read them (it reads COM2 every millisecond of its time while a line comes in, `runloop`).
+/// Commands of up to 14 bytes go at once; a 6 KiB `restore-data` line takes about 3.5 s.
+const PACE_BYTES: usize = 14;
+const PACE_WAIT: Duration = Duration::from_millis(8);
+
+/// After a quiet spell Keel may be asleep or running a guest for a whole time slice (10 ms)
+/// before it reads COM2 again: the first piece is given that long.
+const PACE_QUIET: Duration = Duration::from_millis(50);
+const PACE_FIRST_WAIT: Duration = Duration::from_millis(30);
+
+/// Writes `data` in pieces of [`PACE_BYTES`], each at least [`PACE_WAIT`] after the one before
+/// (`last`: when the previous piece went, across calls), the second of a line that follows a
+/// quiet spell [`PACE_FIRST_WAIT`] after the first.
+fn paced_write(keel: &mut File, data: &[u8], last: &mut Option<Instant>) -> std::io::Result<()> {
+    for piece in data.chunks(PACE_BYTES) {
+        let quiet = last.is_none_or(|t| t.elapsed() >= PACE_QUIET);
+        if let Some(wait) = last.and_then(|t| PACE_WAIT.checked_sub(t.elapsed())) {
+            std::thread::sleep(wait);
+        }
+        keel.write_all(piece)?;
+        if quiet {
+            std::thread::sleep(PACE_FIRST_WAIT);
+        }
+        *last = Some(Instant::now());
+    }
+    Ok(())
 }
 
 fn copy_replies(mut terminal: File, current: Current, stop: Arc<AtomicBool>) {
@@ -181,6 +213,148 @@ pub fn request(socket: &Path, command: &str, timeout: Duration) -> Result<String
             Err(e) => return Err(e).context("reading Keel's reply"),
         }
     }
+}
+
+/// The value of field `key` of a success reply `{"ok":true,...}` (strings unquoted); an error
+/// reply is Keel's error.
+fn field(reply: &str, key: &str) -> Result<String> {
+    let body = reply
+        .strip_prefix('{')
+        .and_then(|r| r.strip_suffix('}'))
+        .ok_or_else(|| anyhow::anyhow!("not a reply: {reply}"))?;
+    if body.starts_with("\"ok\":false") {
+        bail!(
+            "Keel answered: {}",
+            describe(reply).err().unwrap_or_default()
+        );
+    }
+    top_level_fields(body)
+        .into_iter()
+        .find(|(k, _)| unquote(k) == key)
+        .map(|(_, v)| unquote(v))
+        .ok_or_else(|| anyhow::anyhow!("Keel's reply has no {key:?}: {reply}"))
+}
+
+/// What a snapshot transfer moved, and how long it took.
+#[derive(Debug, Clone, Copy)]
+pub struct Transfer {
+    pub bytes: usize,
+    pub elapsed: Duration,
+}
+
+/// `cargo keel ctl snapshot NAME [paused] --out FILE`: Keel takes the snapshot (`command`), then
+/// it comes over in base64 chunks (`snapshot-read`); its CRC-32 and header are checked before it
+/// is written to `out`.
+pub fn fetch_snapshot(
+    socket: &Path,
+    command: &str,
+    out: &Path,
+    timeout: Duration,
+) -> Result<Transfer> {
+    let start = Instant::now();
+    let reply = request(socket, command, timeout)?;
+    let size: usize = field(&reply, "bytes")?.parse()?;
+    let crc: u32 = field(&reply, "crc32")?.parse()?;
+    let mut data = Vec::with_capacity(size);
+    let mut tries = 0;
+    while data.len() < size {
+        let read = request(
+            socket,
+            &format!("snapshot-read {}", data.len()),
+            timeout.min(LINE_TIMEOUT),
+        )
+        .and_then(|reply| {
+            let at: usize = field(&reply, "offset")?.parse()?;
+            let chunk = keel::snapshot::base64::decode(&field(&reply, "data")?)
+                .ok_or_else(|| anyhow::anyhow!("a chunk that is not base64"))?;
+            anyhow::ensure!(at == data.len(), "a chunk for offset {at}");
+            Ok(chunk)
+        });
+        let chunk = match read {
+            Ok(chunk) => chunk,
+            Err(e) if tries < LINE_TRIES => {
+                tries += 1;
+                eprintln!("keel-boot: snapshot at {}: {e:#}; asking again", data.len());
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            bail!("Keel's snapshot ended at {} of {size} bytes", data.len());
+        }
+        data.extend_from_slice(&chunk);
+    }
+    if keel::snapshot::crc32(&data) != crc {
+        bail!("the snapshot was damaged on the way (CRC-32 differs)");
+    }
+    keel::snapshot::describe(&data).map_err(|e| anyhow::anyhow!("{e}"))?;
+    std::fs::write(out, &data).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(Transfer {
+        bytes: size,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// How long a snapshot chunk's reply may take, and how often a damaged chunk is sent again.
+const LINE_TIMEOUT: Duration = Duration::from_secs(30);
+const LINE_TRIES: u32 = 4;
+
+/// Bytes per `restore-data` line: 6 KiB of base64, within Keel's 8 KiB control line.
+const RESTORE_CHUNK: usize = 4608;
+
+/// `cargo keel ctl restore NAME FILE [paused]`: sends the snapshot in `file` to Keel, which checks
+/// it whole and replaces guest `name` by it (or refuses it, with the reason, changing nothing).
+pub fn send_snapshot(
+    socket: &Path,
+    name: &str,
+    file: &Path,
+    paused: bool,
+    timeout: Duration,
+) -> Result<Transfer> {
+    let start = Instant::now();
+    let data = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let paused = if paused { " paused" } else { "" };
+    let begin = request(
+        socket,
+        &format!("restore {name} {}{paused}", data.len()),
+        timeout,
+    )?;
+    field(&begin, "guest")?;
+    let mut sent = 0;
+    for chunk in data.chunks(RESTORE_CHUNK) {
+        let line = format!("restore-data {}", keel::snapshot::base64::encode(chunk));
+        sent += chunk.len();
+        // A line the serial line damaged is refused whole (Keel keeps only whole chunks): it is
+        // sent again, and Keel's count says whether it came.
+        let mut tries = 0;
+        loop {
+            let reply = request(socket, &line, timeout.min(LINE_TIMEOUT));
+            match reply.map_err(|e| e.to_string()).and_then(|r| {
+                field(&r, "received")
+                    .map_err(|e| e.to_string())
+                    .map(|n| n.parse::<usize>().unwrap_or(0))
+            }) {
+                Ok(n) if n == sent => break,
+                Ok(n) => bail!("Keel has {n} bytes of the snapshot, {sent} were sent"),
+                Err(e) if tries < LINE_TRIES => {
+                    tries += 1;
+                    eprintln!(
+                        "keel-boot: chunk at {}: {e}; sending it again",
+                        sent - chunk.len()
+                    );
+                }
+                Err(e) => bail!("{e}"),
+            }
+        }
+    }
+    let end = request(socket, "restore-end", timeout)?;
+    if let Err(e) = describe(&end) {
+        bail!("Keel refused the snapshot: {e}");
+    }
+    Ok(Transfer {
+        bytes: data.len(),
+        elapsed: start.elapsed(),
+    })
 }
 
 /// A reply for people: `{"ok":false,"error":"..."}` becomes the error's text; a success is shown

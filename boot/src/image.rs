@@ -289,6 +289,10 @@ fn check_guests_load(
             .ok_or_else(|| anyhow!("{}: `{name}` was not read", manifest_path.display()))
     };
     for guest in &parsed.guests {
+        if guest.kind == manifest::GuestKind::Snapshot {
+            check_snapshot(manifest_path, guest, file(&guest.image)?)?;
+            continue;
+        }
         let mut cfg = guest.clone();
         if cfg.restart > 0 {
             cfg.cmdline = manifest::restart_cmdline(&cfg.cmdline, cfg.restart);
@@ -321,6 +325,41 @@ fn check_guests_load(
     Ok(())
 }
 
+/// A `kind = "snapshot"` guest: its image must be a snapshot Keel reads (magic, format, checksum)
+/// of a guest with the memory and vCPUs the manifest gives it. Whether the CPU fits is Keel's to
+/// check when it boots.
+fn check_snapshot(manifest_path: &Path, guest: &manifest::GuestConfig, data: &[u8]) -> Result<()> {
+    let here = |e: String| {
+        anyhow!(
+            "{}: guest {}: `{}` (kind = snapshot): {e}",
+            manifest_path.display(),
+            guest.name,
+            guest.image
+        )
+    };
+    let (_, info) = keel::snapshot::describe(data).map_err(|e| here(e.to_string()))?;
+    if info.memory != guest.memory {
+        return Err(here(
+            keel::snapshot::SnapshotError::MemoryMismatch {
+                snapshot: info.memory,
+                guest: guest.memory,
+            }
+            .to_string()
+                + " (give it the snapshot's memory)",
+        ));
+    }
+    if info.vcpus != u32::from(guest.vcpus) {
+        return Err(here(
+            keel::snapshot::SnapshotError::VcpusMismatch {
+                snapshot: info.vcpus,
+                guest: u32::from(guest.vcpus),
+            }
+            .to_string(),
+        ));
+    }
+    Ok(())
+}
+
 /// The manifest's word for `kind`.
 fn kind_name(kind: manifest::GuestKind) -> &'static str {
     match kind {
@@ -328,6 +367,7 @@ fn kind_name(kind: manifest::GuestKind) -> &'static str {
         manifest::GuestKind::Elf => "elf",
         manifest::GuestKind::Multiboot => "multiboot",
         manifest::GuestKind::Linux => "linux",
+        manifest::GuestKind::Snapshot => "snapshot",
     }
 }
 

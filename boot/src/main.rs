@@ -255,8 +255,42 @@ fn ctl(c: &cli::CtlArgs, workspace: Option<&Path>) -> Result<ExitCode> {
         Some(p) => p.clone(),
         None => keel_boot::control::default_socket(&image::locate_workspace(workspace)?),
     };
-    let reply =
-        keel_boot::control::request(&socket, &c.command, Duration::from_secs(c.timeout_secs))?;
+    let timeout = Duration::from_secs(c.timeout_secs);
+    let words: Vec<&str> = c.command.split_whitespace().collect();
+    let rate = |t: keel_boot::control::Transfer| {
+        format!(
+            "{} bytes in {:.1} s ({:.1} KiB/s)",
+            t.bytes,
+            t.elapsed.as_secs_f64(),
+            t.bytes as f64 / 1024.0 / t.elapsed.as_secs_f64().max(1e-3)
+        )
+    };
+    match (words.as_slice(), &c.out) {
+        (["snapshot", ..], Some(out)) => {
+            let t = keel_boot::control::fetch_snapshot(&socket, &c.command, out, timeout)?;
+            println!("snapshot written to {}: {}", out.display(), rate(t));
+            return Ok(ExitCode::SUCCESS);
+        }
+        (["snapshot", ..], None) if c.json => {}
+        (["snapshot", ..], None) => {
+            bail!("snapshot NAME needs --out FILE (the snapshot is written there)")
+        }
+        (["restore", name, file, rest @ ..], _)
+            if file.parse::<usize>().is_err() && matches!(rest, [] | ["paused"]) =>
+        {
+            let t = keel_boot::control::send_snapshot(
+                &socket,
+                name,
+                Path::new(file),
+                !rest.is_empty(),
+                timeout,
+            )?;
+            println!("{name} restored from {file}: {}", rate(t));
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
+    let reply = keel_boot::control::request(&socket, &c.command, timeout)?;
     let described = keel_boot::control::describe(&reply);
     if c.json {
         println!("{reply}");

@@ -8,13 +8,15 @@ use crate::archive::{self, Archive};
 use crate::devices::Platform;
 use crate::ept::{Ept, EptPerms, MemType};
 use crate::exits;
-use crate::guest::{GuestRam, GuestRegs, RunState, Vcpu, Vm};
+use crate::guest::{GuestRam, GuestRegs, RunState, StopReason, Vcpu, Vm};
 use crate::loader::{self, LoadRequest};
 use crate::machine::MachineInfo;
 use crate::manifest::{self, GuestConfig};
 use crate::mm;
 use crate::runloop::{Cpu, LoopConfig, RunLoop, Slot};
+use crate::snapshot::{self, Fingerprint, GuestInfo};
 use crate::vcpu::{self, ControlSet};
+use crate::vcpu_state::{CpuEnv, SwitchedRegs, VcpuState, XsaveLayout};
 use crate::vmx::apicv::{ApicvFeatures, VirtualApic};
 use crate::vmx::controls::{PrimaryControls, SecondaryControls};
 use crate::vmx::invalidate::vcpu_vpid;
@@ -267,6 +269,26 @@ impl Cpu for RealCpu {
         hw.boot(vm, vcpus, restarts)
     }
 
+    fn snapshot(
+        &mut self,
+        hw: &mut VmHw,
+        vm: &Vm,
+        vcpus: &[Vcpu],
+        clock: u64,
+    ) -> Result<Vec<u8>, String> {
+        hw.snapshot(vm, vcpus, clock)
+    }
+
+    fn restore_snapshot(
+        &mut self,
+        hw: &mut VmHw,
+        vm: &mut Vm,
+        vcpus: &mut [Vcpu],
+        stream: &[u8],
+    ) -> Result<u64, String> {
+        hw.restore_snapshot(vm, vcpus, stream)
+    }
+
     fn console_key(&mut self) -> Option<u8> {
         arch::serial::try_read()
     }
@@ -387,6 +409,28 @@ impl SavedState {
             cr2: 0,
             debug: DEBUG_INIT,
         })
+    }
+
+    /// The saved registers as a vCPU state holds them (`vcpu_state`).
+    fn switched(&self) -> SwitchedRegs {
+        SwitchedRegs {
+            msrs: self.msrs,
+            cr2: self.cr2,
+            debug: self.debug,
+        }
+    }
+
+    fn set_switched(&mut self, r: &SwitchedRegs) {
+        self.msrs = r.msrs;
+        self.cr2 = r.cr2;
+        self.debug = r.debug;
+    }
+
+    /// The XSAVE area, while the vCPU is switched out (nothing else writes it then).
+    fn area(&mut self) -> &mut [u8] {
+        // SAFETY: the guest's own 4 KiB page, mapped at phys_to_virt; `&mut self` is the only
+        // access to it while its vCPU is switched out (`save` and `restore` need `self` too).
+        unsafe { core::slice::from_raw_parts_mut(mm::phys_to_virt(self.xsave_pa), 4096) }
     }
 
     /// Back to power-on: extended state in its init state, MSRs and CR2 zero, DR0-DR3 zero and
@@ -656,26 +700,27 @@ impl VmHw {
     /// (Re)starts the guest from its image: fresh RAM contents, devices, registers and VMCS.
     /// `restarts` counts its earlier deaths.
     fn boot(&mut self, g: &mut Vm, vcpus: &mut [Vcpu], restarts: u32) -> Result<(), String> {
-        // RAM wholly in one block of its own: a guest that gave pages back (they may be another
-        // guest's now) gets a fresh block, as one that has none yet.
-        if self.ram_block.is_some() && !g.ram.balloon.is_pristine() {
-            self.release_ram(g)?;
-        }
-        if self.ram_block.is_none() {
-            self.acquire_ram(g)?;
-        }
-        g.ram.balloon.target = 0;
-        g.ram.balloon.round = Default::default();
+        self.whole_ram(g)?;
         let setup = &self.setup;
         let mut cfg = setup.cfg.clone();
         if restarts > 0 {
             // The manifest parser checked that the last restart's command line fits the loaders.
             cfg.cmdline = manifest::restart_cmdline(&cfg.cmdline, restarts);
         }
-        let image = setup
-            .archive
+        let archive = setup.archive;
+        let image = archive
             .get(&cfg.image)
             .ok_or_else(|| alloc::format!("image {} is not in the ramdisk", cfg.image))?;
+        if cfg.kind == manifest::GuestKind::Snapshot {
+            // Restored rather than booted (a restart restores it again): it goes on from its
+            // snapshot, its clock too.
+            let offsetting = setup.controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits();
+            let clock = self.restore_snapshot(g, vcpus, image)?;
+            if offsetting != 0 {
+                g.tsc_offset = clock.wrapping_sub(cpu::rdtsc());
+            }
+            return Ok(());
+        }
         let mut modules = Vec::new();
         for m in &cfg.modules {
             let data = setup
@@ -711,32 +756,8 @@ impl VmHw {
         g.platform = Platform::for_board(g.platform.board().clone(), g.platform.tsc_hz());
         let id = g.id;
         let eptp = self.ept.eptp();
-        let secondary = SecondaryControls::from_bits_retain(setup.controls.secondary);
-        let policy = FlushPolicy::new(
-            &setup.caps,
-            secondary.contains(SecondaryControls::ENABLE_EPT),
-            secondary.contains(SecondaryControls::ENABLE_VPID),
-        );
         for (c, (hw, vcpu)) in self.cpus.iter_mut().zip(vcpus.iter_mut()).enumerate() {
-            // A VMCS that cannot be cleared or loaded ends this guest (the caller reports why),
-            // not Keel.
-            hw.vmcs.clear().map_err(|e| alloc::format!("{e}"))?;
-            let mut v = hw.vmcs.load().map_err(|e| alloc::format!("{e}"))?;
-            let vpid = vcpu_vpid(id, c);
-            vcpu::write_controls(
-                &mut v,
-                &setup.controls,
-                (setup.io_bitmaps.0.pa(), setup.io_bitmaps.1.pa()),
-                setup.msr_bitmap.pa(),
-                eptp,
-                vpid,
-            );
-            // Nothing cached under this guest's EPTP or its vCPUs' VPIDs may outlive its previous
-            // life or another guest's use of the same tags (vmx::invalidate).
-            for inv in policy.at_guest_boot(eptp, vpid) {
-                vmx::invalidate(&inv).map_err(|e| alloc::format!("{inv} failed: {e}"))?;
-            }
-            arch::vmcs::write_host_state(&mut v);
+            let mut v = fresh_vmcs(hw, setup, eptp, id, c)?;
             vcpu.reset();
             if let Some(a) = &mut vcpu.apicv {
                 // Power-on: TPR 0 in the model (`g.platform`, made afresh above) and in VTPR.
@@ -809,6 +830,21 @@ impl VmHw {
         Ok(())
     }
 
+    /// Makes the guest's RAM one whole block of its own, for a boot or a restore: a guest that
+    /// gave pages back (they may be another guest's now) gets a fresh block, as one that has none
+    /// yet (never started, or killed). Its balloon starts again from nothing.
+    fn whole_ram(&mut self, g: &mut Vm) -> Result<(), String> {
+        if self.ram_block.is_some() && !g.ram.balloon.is_pristine() {
+            self.release_ram(g)?;
+        }
+        if self.ram_block.is_none() {
+            self.acquire_ram(g)?;
+        }
+        g.ram.balloon.target = 0;
+        g.ram.balloon.round = Default::default();
+        Ok(())
+    }
+
     /// Gives the guest a block of RAM of its size, mapped in its EPT, or says why not: "not
     /// enough memory: need X, free Y" (Y may be X or more, in pieces too small: a guest's RAM is
     /// one 2 MiB-aligned block).
@@ -869,6 +905,268 @@ impl VmHw {
                 ))
             }
         }
+    }
+}
+
+/// Clears vCPU `c`'s VMCS and loads it with Keel's controls and host state, for a guest booting
+/// or being restored (guest `id`, EPT pointer `eptp`).
+fn fresh_vmcs<'a>(
+    hw: &'a mut VcpuHw,
+    setup: &Setup,
+    eptp: u64,
+    id: u32,
+    c: usize,
+) -> Result<LoadedVmcs<'a>, String> {
+    let secondary = SecondaryControls::from_bits_retain(setup.controls.secondary);
+    let policy = FlushPolicy::new(
+        &setup.caps,
+        secondary.contains(SecondaryControls::ENABLE_EPT),
+        secondary.contains(SecondaryControls::ENABLE_VPID),
+    );
+    // A VMCS that cannot be cleared or loaded ends this guest (the caller reports why), not Keel.
+    hw.vmcs.clear().map_err(|e| alloc::format!("{e}"))?;
+    let mut v = hw.vmcs.load().map_err(|e| alloc::format!("{e}"))?;
+    let vpid = vcpu_vpid(id, c);
+    vcpu::write_controls(
+        &mut v,
+        &setup.controls,
+        (setup.io_bitmaps.0.pa(), setup.io_bitmaps.1.pa()),
+        setup.msr_bitmap.pa(),
+        eptp,
+        vpid,
+    );
+    // Nothing cached under this guest's EPTP or its vCPUs' VPIDs may outlive its previous life or
+    // another guest's use of the same tags (vmx::invalidate).
+    for inv in policy.at_guest_boot(eptp, vpid) {
+        vmx::invalidate(&inv).map_err(|e| alloc::format!("{inv} failed: {e}"))?;
+    }
+    arch::vmcs::write_host_state(&mut v);
+    Ok(v)
+}
+
+/// Where this CPU keeps each extended-state component (CPUID.(EAX=0DH,ECX=i), SDM 13.2), of those
+/// guests may enable.
+fn xsave_layout() -> XsaveLayout {
+    if !cpu::has_xsave() {
+        return XsaveLayout {
+            xsave: false,
+            supported: 0b11,
+            components: Vec::new(),
+        };
+    }
+    let supported = cpu::xcr0_supported() & !exits::cpuid::XCR0_HIDDEN;
+    let components = (2..64u32)
+        .filter(|c| supported & (1 << c) != 0)
+        .map(|c| {
+            let [size, offset, _, _] = cpu::cpuid(0xd, c);
+            (c as u8, offset, size)
+        })
+        .collect();
+    XsaveLayout {
+        xsave: true,
+        supported,
+        components,
+    }
+}
+
+impl VmHw {
+    /// What the guest sees of this CPU (`snapshot::fingerprint`).
+    fn fingerprint(&self, vcpus: usize) -> Fingerprint {
+        snapshot::fingerprint(
+            &RealHost,
+            self.setup.controls.primary,
+            self.setup.controls.secondary,
+            vcpus as u32,
+            xsave_layout(),
+        )
+    }
+
+    /// The guest's snapshot (`snapshot::write`): every vCPU, its platform and RAM, and its
+    /// `clock` (guest time when it stopped). Its vCPUs must be switched out (their registers in
+    /// their `SavedState`s) and not run meanwhile.
+    fn snapshot(&mut self, vm: &Vm, vcpus: &[Vcpu], clock: u64) -> Result<Vec<u8>, String> {
+        let layout = xsave_layout();
+        let mut states = Vec::new();
+        for (hw, vcpu) in self.cpus.iter_mut().zip(vcpus) {
+            let switched = hw.saved.switched();
+            let v = hw.vmcs.load().map_err(|e| alloc::format!("{e}"))?;
+            let state = VcpuState::capture(&v, vcpu, &switched, hw.saved.area(), &layout)
+                .ok_or("the guest has stopped")?;
+            states.push(state);
+        }
+        let mut platform = crate::state::Writer::new();
+        vm.platform.save(&mut platform);
+        // The stream is held in Keel's heap: its size is known before it is made.
+        let mut page = [0u8; snapshot::PAGE_SIZE];
+        let pages = (0..vm.ram.len() / snapshot::PAGE_SIZE as u64)
+            .filter(|n| {
+                vm.ram
+                    .read(n * snapshot::PAGE_SIZE as u64, &mut page)
+                    .is_some()
+                    && page.iter().any(|&b| b != 0)
+            })
+            .count();
+        let mut vcpu_bytes = crate::state::Writer::new();
+        states.iter().for_each(|s| s.save(&mut vcpu_bytes));
+        let state = platform.bytes().len() + vcpu_bytes.bytes().len();
+        let size = snapshot::estimate(pages, state);
+        if size > snapshot::STREAM_MAX {
+            return Err(alloc::format!(
+                "{}",
+                snapshot::SnapshotError::TooLarge {
+                    size,
+                    max: snapshot::STREAM_MAX
+                }
+            ));
+        }
+        let cfg = &self.setup.cfg;
+        let guest = GuestInfo {
+            name: cfg.name.clone(),
+            kind: alloc::format!("{:?}", cfg.kind).to_lowercase(),
+            memory: cfg.memory,
+            vcpus: vcpus.len() as u32,
+            tsc_hz: vm.platform.tsc_hz(),
+            clock,
+        };
+        Ok(snapshot::write(
+            env!("CARGO_PKG_VERSION"),
+            &self.fingerprint(vcpus.len()),
+            &guest,
+            |gpa, page| {
+                if vm.ram.read(gpa, page).is_none() {
+                    page.fill(0);
+                }
+            },
+            platform.bytes(),
+            &states,
+            size,
+        ))
+    }
+
+    /// Replaces the guest by the one in `stream` (`snapshot::parse`): its RAM, platform and every
+    /// vCPU, with Keel's controls and host state written afresh. Everything is checked before
+    /// anything changes, so a refused snapshot leaves the guest as it was. Returns the guest's
+    /// clock at the snapshot (the caller sets the guest's TSC offset from it); the vCPUs' run
+    /// states are the snapshot's.
+    fn restore_snapshot(
+        &mut self,
+        vm: &mut Vm,
+        vcpus: &mut [Vcpu],
+        stream: &[u8],
+    ) -> Result<u64, String> {
+        let here = self.fingerprint(vcpus.len());
+        let snap = snapshot::parse(stream, &here).map_err(|e| alloc::format!("{e}"))?;
+        let cfg = &self.setup.cfg;
+        if snap.guest.memory != cfg.memory {
+            return Err(alloc::format!(
+                "{}",
+                snapshot::SnapshotError::MemoryMismatch {
+                    snapshot: snap.guest.memory,
+                    guest: cfg.memory
+                }
+            ));
+        }
+        if snap.guest.vcpus as usize != vcpus.len() {
+            return Err(alloc::format!(
+                "{}",
+                snapshot::SnapshotError::VcpusMismatch {
+                    snapshot: snap.guest.vcpus,
+                    guest: vcpus.len() as u32
+                }
+            ));
+        }
+        let env = CpuEnv {
+            xsave: here.xsave.clone(),
+            spec_ctrl_bits: exits::msr::spec_ctrl_bits(
+                here.cpuid
+                    .iter()
+                    .find(|e| (e.0, e.1) == (7, 0))
+                    .map_or(0, |e| e.2[3]),
+            ),
+            cr_masks: (vcpus[0].cr0_rules.mask(), vcpus[0].cr4_rules.mask()),
+        };
+        for state in &snap.vcpus {
+            state.check(&env).map_err(|e| alloc::format!("{e}"))?;
+        }
+        let mut platform = Platform::for_board(vm.platform.board().clone(), snap.guest.tsc_hz);
+        platform
+            .restore(&mut crate::state::Reader::new(snap.platform))
+            .map_err(|e| alloc::format!("{e}"))?;
+        // Checked whole: the guest is replaced from here on. Its RAM is one whole block again
+        // (a killed guest has none; one that ballooned gets a fresh one).
+        if let Err(e) = self.whole_ram(vm) {
+            if self.ram_block.is_none() {
+                // Its RAM went back to the pool and no block could be had: it cannot run.
+                for v in vcpus.iter_mut() {
+                    v.state = RunState::Stopped(StopReason::Killed(alloc::format!(
+                        "restore failed: {e}"
+                    )));
+                }
+            }
+            return Err(e);
+        }
+        vm.ram.bytes().fill(0);
+        for (gpa, data) in &snap.pages {
+            vm.ram.write(*gpa, data);
+        }
+        *platform.console() = core::mem::take(vm.platform.console());
+        vm.platform = platform;
+        let (id, eptp) = (vm.id, self.ept.eptp());
+        if let Err(e) = self.load_vcpus(vm, vcpus, &snap.vcpus, id, eptp) {
+            // The guest was half replaced: it cannot go on.
+            for v in vcpus.iter_mut() {
+                v.state =
+                    RunState::Stopped(StopReason::Killed(alloc::format!("restore failed: {e}")));
+            }
+            return Err(e);
+        }
+        info!(
+            "guest {id} {}: restored from a snapshot of {} ({} KiB, {} pages of RAM, Keel {})",
+            vm.name,
+            snap.guest.name,
+            stream.len() >> 10,
+            snap.pages.len(),
+            snap.keel_version
+        );
+        Ok(snap.guest.clock)
+    }
+
+    /// Each vCPU's VMCS afresh with its state from `states` (checked), for `restore_snapshot`.
+    fn load_vcpus(
+        &mut self,
+        vm: &Vm,
+        vcpus: &mut [Vcpu],
+        states: &[VcpuState],
+        id: u32,
+        eptp: u64,
+    ) -> Result<(), String> {
+        for (c, ((hw, vcpu), state)) in self
+            .cpus
+            .iter_mut()
+            .zip(vcpus.iter_mut())
+            .zip(states)
+            .enumerate()
+        {
+            vcpu.reset();
+            let mut switched = SwitchedRegs::default();
+            let area = {
+                let mut v = fresh_vmcs(hw, &self.setup, eptp, id, c)?;
+                if let Some(a) = &mut vcpu.apicv {
+                    // VTPR from the restored model; the threshold and the xAPIC-page control
+                    // follow at the first entry (`exits::apicv::before_entry`).
+                    a.reset();
+                    a.set_vtpr(vm.platform.tpr(c));
+                    a.write_fields(&mut v);
+                }
+                v.write(crate::vmx::Guest64::VmcsLinkPointer, u64::MAX);
+                let mut area = [0u8; 4096];
+                state.apply(&mut v, vcpu, &mut switched, &mut area);
+                area
+            };
+            hw.saved.set_switched(&switched);
+            hw.saved.area().copy_from_slice(&area);
+        }
+        Ok(())
     }
 }
 

@@ -32,8 +32,10 @@ pub mod policy;
 pub mod runloop;
 pub mod sched;
 pub mod smp;
+pub mod snapshot;
 pub mod state;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vmx;
 
 #[cfg(target_os = "none")]

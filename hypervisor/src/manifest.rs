@@ -62,6 +62,9 @@ pub enum GuestKind {
     /// A Linux kernel (keel-boot packs a bzImage or vmlinux into `loader::linux::KernelImage`),
     /// entered by the x86 64-bit boot protocol; its `initrd` is carried as its one module.
     Linux,
+    /// A guest restored from a snapshot file (`crate::snapshot`) rather than booted: it goes on
+    /// where it was when the snapshot was taken. Its memory and vCPUs must be the snapshot's.
+    Snapshot,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -479,7 +482,13 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     "elf" => GuestKind::Elf,
                     "multiboot" => GuestKind::Multiboot,
                     "linux" => GuestKind::Linux,
-                    _ => return Err(err(line_no, "kind must be flat, elf, multiboot or linux")),
+                    "snapshot" => GuestKind::Snapshot,
+                    _ => {
+                        return Err(err(
+                            line_no,
+                            "kind must be flat, elf, multiboot, linux or snapshot",
+                        ))
+                    }
                 })
             }
             "image" => {
@@ -838,7 +847,10 @@ restart = 7
         let e = parse(&format!("{linux}initrd = manifest\n")).unwrap_err();
         assert_eq!(e.line, 5);
         let e = parse("[guest a]\nkind = vms\n").unwrap_err();
-        assert_eq!(e.message, "kind must be flat, elf, multiboot or linux");
+        assert_eq!(
+            e.message,
+            "kind must be flat, elf, multiboot, linux or snapshot"
+        );
     }
 
     #[test]

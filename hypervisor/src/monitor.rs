@@ -90,6 +90,38 @@ pub trait MonitorTarget {
     fn memory_pool(&self) -> Option<(u64, u64)> {
         None
     }
+    /// Takes guest `id`'s snapshot (`snapshot`) and keeps it for [`MonitorTarget::snapshot_read`]
+    /// and `restore NAME`: its size and CRC-32. The guest is paused while it is taken, and runs
+    /// on after if `resume`.
+    fn snapshot(&mut self, id: usize, resume: bool) -> Result<(usize, u32), String> {
+        let _ = (id, resume);
+        Err("snapshots are not supported here".into())
+    }
+    /// Up to `len` bytes of the kept snapshot from `offset` (none past its end).
+    fn snapshot_read(&mut self, offset: usize, len: usize) -> Result<Vec<u8>, String> {
+        let _ = (offset, len);
+        Err("no snapshot taken".into())
+    }
+    /// Starts receiving a snapshot of `size` bytes for guest `id` ([`MonitorTarget::restore_data`],
+    /// then [`MonitorTarget::restore_end`]); with no size, restores the kept snapshot at once.
+    fn restore_begin(
+        &mut self,
+        id: usize,
+        size: Option<usize>,
+        resume: bool,
+    ) -> Result<(), String> {
+        let _ = (id, size, resume);
+        Err("snapshots are not supported here".into())
+    }
+    /// The next bytes of the snapshot being received: how many it has now.
+    fn restore_data(&mut self, data: &[u8]) -> Result<usize, String> {
+        let _ = data;
+        Err("no restore begun".into())
+    }
+    /// The snapshot being received is whole: restores it.
+    fn restore_end(&mut self) -> Result<(), String> {
+        Err("no restore begun".into())
+    }
 }
 
 /// A guest's balloon after `balloon NAME SIZE`.
@@ -102,6 +134,9 @@ pub struct BalloonView {
     /// The RAM it has now, in bytes.
     pub resident: u64,
 }
+
+/// Bytes of a snapshot per `snapshot-read` reply (4 KiB of base64 on the line).
+pub const SNAPSHOT_CHUNK: usize = 3072;
 
 /// How a reply is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +195,14 @@ const HELP: &[(&str, &str)] = &[
         "give it the keyboard (what is typed on COM1)",
     ),
     (
+        "snapshot NAME [paused]",
+        "take its snapshot (kept for `restore NAME` and `cargo keel ctl snapshot`); it runs on unless `paused`",
+    ),
+    (
+        "restore NAME [paused]",
+        "replace it by the snapshot kept (`cargo keel ctl restore` sends one from a file)",
+    ),
+    (
         "quit",
         "stop every guest and end Keel (status 0 when none failed)",
     ),
@@ -193,6 +236,9 @@ impl Monitor {
 
     /// Runs one command line.
     pub fn execute(&mut self, line: &str, target: &mut dyn MonitorTarget, form: Form) -> Reply {
+        if let Some(reply) = transfer(line, target, form) {
+            return reply;
+        }
         let mut words = line.split_whitespace();
         let Some(cmd) = words.next() else {
             return ok(form, String::new(), Vec::new());
@@ -420,6 +466,88 @@ fn balloon(
         ),
         Err(e) => err(form, alloc::format!("balloon {}: {e}", g.name)),
     }
+}
+
+/// The snapshot commands, whose arguments differ from the others': `snapshot NAME [paused]`,
+/// `snapshot-read OFFSET`, `restore NAME [SIZE] [paused]`, `restore-data BASE64`, `restore-end`.
+/// The stream goes over the control channel in base64 chunks (docs/SNAPSHOTS.md). None for any
+/// other command.
+fn transfer(line: &str, target: &mut dyn MonitorTarget, form: Form) -> Option<Reply> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (&cmd, args) = words.split_first()?;
+    if !matches!(
+        cmd,
+        "snapshot" | "snapshot-read" | "restore" | "restore-data" | "restore-end"
+    ) {
+        return None;
+    }
+    let paused = args.last() == Some(&"paused");
+    let args = if paused {
+        &args[..args.len() - 1]
+    } else {
+        args
+    };
+    let guests = target.guests();
+    let guest = |name: Option<&&str>| match name {
+        None => Err(alloc::format!("{cmd} needs a guest: {cmd} NAME")),
+        Some(a) => find(&guests, a).ok_or_else(|| alloc::format!("no guest {a:?} (see list)")),
+    };
+    let number = |a: Option<&&str>| {
+        a.and_then(|a| a.parse::<usize>().ok())
+            .ok_or_else(|| alloc::format!("{cmd} needs a number"))
+    };
+    let done: Result<Reply, String> = match cmd {
+        "snapshot" if args.len() <= 1 => guest(args.first()).and_then(|g| {
+            let (size, crc) = target.snapshot(g.id, !paused)?;
+            Ok(ok(
+                form,
+                alloc::format!(
+                    "snapshot of {}: {size} bytes, CRC-32 {crc:#010x} (kept for `restore {}`)",
+                    g.name,
+                    g.name
+                ),
+                alloc::vec![
+                    ("guest", Value::Str(g.name.clone())),
+                    ("bytes", Value::Num(size as u64)),
+                    ("crc32", Value::Num(u64::from(crc))),
+                    ("chunk", Value::Num(SNAPSHOT_CHUNK as u64)),
+                ],
+            ))
+        }),
+        "snapshot-read" if args.len() == 1 => number(args.first()).and_then(|at| {
+            let data = target.snapshot_read(at, SNAPSHOT_CHUNK)?;
+            Ok(json_ok(alloc::vec![
+                ("offset", Value::Num(at as u64)),
+                ("data", Value::Str(crate::snapshot::base64::encode(&data))),
+            ]))
+        }),
+        "restore" if args.len() <= 2 => guest(args.first()).and_then(|g| {
+            let size = match args.get(1) {
+                Some(_) => Some(number(args.get(1))?),
+                None => None,
+            };
+            target.restore_begin(g.id, size, !paused)?;
+            let what = if size.is_some() {
+                "receiving its snapshot"
+            } else {
+                "restored"
+            };
+            Ok(ok(
+                form,
+                alloc::format!("{} {what}", g.name),
+                alloc::vec![("guest", Value::Str(g.name.clone()))],
+            ))
+        }),
+        "restore-data" if args.len() == 1 => crate::snapshot::base64::decode(args[0])
+            .ok_or_else(|| "restore-data: not base64".into())
+            .and_then(|data| target.restore_data(&data))
+            .map(|n| json_ok(alloc::vec![("received", Value::Num(n as u64))])),
+        "restore-end" if args.is_empty() => target
+            .restore_end()
+            .map(|()| ok(form, "restored".into(), alloc::vec![])),
+        _ => Err(alloc::format!("{cmd}: wrong arguments (help lists them)")),
+    };
+    Some(done.unwrap_or_else(|e| err(form, alloc::format!("{cmd}: {e}"))))
 }
 
 /// The guest a command names: by name, or by its id.
@@ -663,6 +791,9 @@ fn err(form: Form, message: String) -> Reply {
 
 /// The longest command line kept (longer input is cut there).
 pub const LINE_MAX: usize = 128;
+/// The longest line taken from the control channel: a `restore-data` line carries 6 KiB of
+/// base64.
+pub const CHANNEL_LINE_MAX: usize = 8192;
 
 /// What one byte typed on COM1 means, with the prompt in front of the focus keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -758,7 +889,7 @@ impl Prompt {
 #[derive(Debug, Default)]
 pub struct LineReader {
     line: String,
-    /// The current line grew past [`LINE_MAX`]: it is answered with an error, not run.
+    /// The current line grew past [`CHANNEL_LINE_MAX`]: it is answered with an error, not run.
     overlong: bool,
 }
 
@@ -779,7 +910,7 @@ impl LineReader {
                 }
                 (!line.trim().is_empty()).then_some(ChannelLine::Command(line))
             }
-            _ if self.line.len() >= LINE_MAX => {
+            _ if self.line.len() >= CHANNEL_LINE_MAX => {
                 self.overlong = true;
                 None
             }
@@ -796,7 +927,7 @@ impl LineReader {
 pub fn too_long() -> Reply {
     err(
         Form::Json,
-        alloc::format!("line longer than {LINE_MAX} bytes"),
+        alloc::format!("line longer than {CHANNEL_LINE_MAX} bytes"),
     )
 }
 

@@ -64,6 +64,31 @@ pub trait Cpu {
         vcpus: &mut [Vcpu],
         restarts: u32,
     ) -> Result<(), String>;
+    /// The guest's snapshot (`snapshot`), its vCPUs switched out and not running; `clock` is the
+    /// guest's time when it stopped.
+    fn snapshot(
+        &mut self,
+        hw: &mut Self::Vcpu,
+        vm: &Vm,
+        vcpus: &[Vcpu],
+        clock: u64,
+    ) -> Result<Vec<u8>, String> {
+        let _ = (hw, vm, vcpus, clock);
+        Err("snapshots need the hardware".into())
+    }
+    /// Replaces the guest by the snapshot `stream`, checked whole first (a refused one changes
+    /// nothing); returns the guest's clock at the snapshot. The vCPUs take the snapshot's run
+    /// states.
+    fn restore_snapshot(
+        &mut self,
+        hw: &mut Self::Vcpu,
+        vm: &mut Vm,
+        vcpus: &mut [Vcpu],
+        stream: &[u8],
+    ) -> Result<u64, String> {
+        let _ = (hw, vm, vcpus, stream);
+        Err("snapshots need the hardware".into())
+    }
     /// A key typed on Keel's console, if any.
     fn console_key(&mut self) -> Option<u8>;
     /// A byte from the control channel (COM2), if any.
@@ -212,6 +237,14 @@ struct Operator {
     quit: bool,
     /// Host TSC of the loop's first turn: the monitor's first rates count from there.
     started: Option<u64>,
+    /// The last snapshot taken (`snapshot NAME`), read out over the control channel.
+    kept: Option<Vec<u8>>,
+    /// A snapshot coming in over the control channel: for guest .0, .1 bytes, resumed after if .3.
+    incoming: Option<(usize, usize, Vec<u8>, bool)>,
+    /// Host TSC until which COM2 is read every millisecond: its receive FIFO holds 16 bytes, 1.4
+    /// ms at 115200 baud, and a time slice is longer. Set for a while after each byte received,
+    /// so a long line (a snapshot chunk) is not lost to an overrun once it has begun.
+    control_busy_until: u64,
 }
 
 /// Replies waiting for COM2 beyond this many bytes are dropped whole (nobody reads them).
@@ -237,6 +270,9 @@ impl<C: Cpu> RunLoop<C> {
                 top: None,
                 quit: false,
                 started: None,
+                kept: None,
+                incoming: None,
+                control_busy_until: 0,
             },
             policy: None,
         }
@@ -339,7 +375,8 @@ impl<C: Cpu> RunLoop<C> {
                 }
                 // While console output or a control-channel reply is queued, wake often enough
                 // to keep the UART busy (16 bytes of FIFO last 1.4 ms at 115200 baud).
-                let max = if crate::log::busy() || !self.ops.reply.is_empty() {
+                let max = if crate::log::busy() || !self.ops.reply.is_empty() || self.control_busy()
+                {
                     self.cfg.tsc_hz / 1000
                 } else {
                     self.sched.quantum
@@ -394,24 +431,43 @@ impl<C: Cpu> RunLoop<C> {
         // Its weight in quanta (or what a woken vCPU left of that), no more than a capped
         // guest's budget has left.
         let allowed = self.shares.slice(i);
-        let quantum = self.slots[i].seats[c]
+        let mut left = self.slots[i].seats[c]
             .slice_left
             .take()
             .map_or(allowed, |left| left.min(allowed));
-        let ran_before = self.slots[i].vcpus[c].stats.cpu_cycles;
-        // When a halted vCPU's timer falls due, this slice ends early so that vCPU can run.
-        let others_due = self.earliest_halted_deadline(Some(i));
         let cfg = self.cfg;
-        let end = slice(
-            &mut self.cpu,
-            &mut self.slots[i],
-            c,
-            cfg,
-            quantum,
-            others_due,
-        );
-        let ran = self.slots[i].vcpus[c].stats.cpu_cycles - ran_before;
-        self.shares.charge(i, ran);
+        let end = loop {
+            // While the control channel is busy its FIFO is read every millisecond: the slice
+            // runs in pieces of at most that, the same vCPU going on after each read, so its
+            // length (the guest's weight) is what it would have been.
+            let busy = self.control_busy();
+            let piece = if busy {
+                left.min(cfg.tsc_hz / 1000)
+            } else {
+                left
+            };
+            let ran_before = self.slots[i].vcpus[c].stats.cpu_cycles;
+            // When a halted vCPU's timer falls due, this slice ends early so that vCPU can run.
+            let others_due = self.earliest_halted_deadline(Some(i));
+            let t0 = self.cpu.rdtsc();
+            let end = slice(&mut self.cpu, &mut self.slots[i], c, cfg, piece, others_due);
+            let ran = self.slots[i].vcpus[c].stats.cpu_cycles - ran_before;
+            self.shares.charge(i, ran);
+            let whole = piece == left;
+            // The slice is measured as one would be: by the clock, Keel's exits included.
+            left = left.saturating_sub(self.cpu.rdtsc().saturating_sub(t0).max(1));
+            if whole || !matches!(end, SliceEnd::Over) {
+                break end;
+            }
+            self.poll_control();
+            // A command may have paused, stopped or replaced it meanwhile.
+            let s = &self.slots[i];
+            if left == 0 || !s.live() || s.vcpus[c].state != RunState::Runnable {
+                break end;
+            }
+            self.start_signals(i);
+            self.switch_to(seat);
+        };
         // INIT and SIPI the vCPU sent to its siblings (ICR writes): their run states change.
         self.start_signals(i);
         match end {
@@ -859,6 +915,75 @@ impl<C: Cpu> RunLoop<C> {
         Ok(())
     }
 
+    /// The snapshot of guest `id` (`snapshot`): it is paused while its state is read, and
+    /// resumed after if it was running and `resume` is set. Its clock is the one it had when it
+    /// stopped: a runnable guest's stopped when it last left the CPU, a halted one's at the pause.
+    pub fn snapshot(&mut self, id: usize, resume: bool) -> Result<Vec<u8>, String> {
+        let s = self.slots.get(id).ok_or("no such guest")?;
+        if !s.live() {
+            return Err("the guest has stopped".into());
+        }
+        let was_paused = matches!(s.bsp().state, RunState::Paused { .. });
+        if !was_paused {
+            self.pause(id)?;
+        }
+        self.switch_out();
+        let s = &mut self.slots[id];
+        let runnable = s
+            .vcpus
+            .iter()
+            .any(|v| v.state == RunState::Paused { halted: false });
+        let paused_at = s.paused_since.unwrap_or(0);
+        let stopped_at = if runnable {
+            s.waiting_since.unwrap_or(paused_at)
+        } else {
+            paused_at
+        };
+        let clock = s.vm.now(stopped_at);
+        let taken = self.cpu.snapshot(&mut s.hw, &s.vm, &s.vcpus, clock);
+        if !was_paused && resume {
+            self.resume(id)?;
+        }
+        taken
+    }
+
+    /// Replaces guest `id` (running, paused or stopped) by the snapshot `stream`, of a guest of
+    /// the same memory size and vCPUs. Its clock goes on from the snapshot's; it runs from the
+    /// next pick if `resume`, else it stays paused. A snapshot that is refused leaves the guest
+    /// as it was.
+    pub fn restore(&mut self, id: usize, stream: &[u8], resume: bool) -> Result<(), String> {
+        self.slots.get(id).ok_or("no such guest")?;
+        self.switch_out();
+        let s = &mut self.slots[id];
+        let clock = self
+            .cpu
+            .restore_snapshot(&mut s.hw, &mut s.vm, &mut s.vcpus, stream)?;
+        let now = self.cpu.rdtsc();
+        if self.cfg.tsc_offsetting {
+            s.vm.tsc_offset = clock.wrapping_sub(now);
+        }
+        for (vcpu, seat) in s.vcpus.iter_mut().zip(&mut s.seats) {
+            *seat = Seat::default();
+            if vcpu.state == RunState::Halted {
+                seat.halted_since = Some(now);
+            }
+            if vcpu.state != RunState::WaitForSipi {
+                vcpu.state.pause().map_err(|e| alloc::format!("{e}"))?;
+            }
+        }
+        s.paused_since = Some(now);
+        s.waiting_since = s
+            .vcpus
+            .iter()
+            .any(|v| v.state == RunState::Paused { halted: false })
+            .then_some(now);
+        info!("guest {} restored (paused)", s.vm.name);
+        if resume {
+            self.resume(id)?;
+        }
+        Ok(())
+    }
+
     /// Stops a guest for good (an operator's kill: no restart).
     pub fn kill(&mut self, id: usize) -> Result<(), String> {
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
@@ -996,6 +1121,7 @@ impl<C: Cpu> RunLoop<C> {
     fn poll_control(&mut self) {
         use crate::monitor::ChannelLine;
         while let Some(byte) = self.cpu.control_byte() {
+            self.ops.control_busy_until = self.cpu.rdtsc() + self.cfg.tsc_hz / 10;
             let reply = match self.ops.channel.push(byte) {
                 None => continue,
                 Some(ChannelLine::Command(line)) => self.command(&line, crate::monitor::Form::Json),
@@ -1008,6 +1134,12 @@ impl<C: Cpu> RunLoop<C> {
         if !self.ops.reply.is_empty() {
             self.cpu.control_send(&mut self.ops.reply);
         }
+    }
+
+    /// True while the control channel is in the middle of a line or a transfer
+    /// (`Operator::control_busy_until`): COM2 is then read every millisecond.
+    fn control_busy(&mut self) -> bool {
+        self.ops.control_busy_until != 0 && self.cpu.rdtsc() < self.ops.control_busy_until
     }
 
     /// Sends the control channel's last replies (after `quit`): waits, boundedly, for COM2.
@@ -1261,6 +1393,73 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
 
     fn memory_pool(&self) -> Option<(u64, u64)> {
         self.cpu.memory_pool()
+    }
+
+    fn snapshot(&mut self, id: usize, resume: bool) -> Result<(usize, u32), String> {
+        // The previous one goes first: two need not fit in the heap together.
+        self.ops.kept = None;
+        let stream = RunLoop::snapshot(self, id, resume)?;
+        let answer = (stream.len(), crate::snapshot::crc32(&stream));
+        self.ops.kept = Some(stream);
+        Ok(answer)
+    }
+
+    fn snapshot_read(&mut self, offset: usize, len: usize) -> Result<Vec<u8>, String> {
+        let kept = self.ops.kept.as_ref().ok_or("no snapshot taken")?;
+        let from = offset.min(kept.len());
+        Ok(kept[from..(from + len).min(kept.len())].to_vec())
+    }
+
+    fn restore_begin(
+        &mut self,
+        id: usize,
+        size: Option<usize>,
+        resume: bool,
+    ) -> Result<(), String> {
+        self.slots.get(id).ok_or("no such guest")?;
+        self.ops.incoming = None;
+        match size {
+            None => {
+                let kept = self.ops.kept.take().ok_or("no snapshot kept")?;
+                let done = RunLoop::restore(self, id, &kept, resume);
+                self.ops.kept = Some(kept);
+                done
+            }
+            Some(n) if n > crate::snapshot::STREAM_MAX => Err(alloc::format!(
+                "{}",
+                crate::snapshot::SnapshotError::TooLarge {
+                    size: n,
+                    max: crate::snapshot::STREAM_MAX
+                }
+            )),
+            Some(n) => {
+                // Room for it before it comes: the kept snapshot makes way.
+                self.ops.kept = None;
+                self.ops.incoming = Some((id, n, Vec::with_capacity(n), resume));
+                Ok(())
+            }
+        }
+    }
+
+    fn restore_data(&mut self, data: &[u8]) -> Result<usize, String> {
+        let (_, size, buf, _) = self.ops.incoming.as_mut().ok_or("no restore begun")?;
+        if buf.len() + data.len() > *size {
+            self.ops.incoming = None;
+            return Err("more bytes than announced: restore abandoned".into());
+        }
+        buf.extend_from_slice(data);
+        Ok(buf.len())
+    }
+
+    fn restore_end(&mut self) -> Result<(), String> {
+        let (id, size, buf, resume) = self.ops.incoming.take().ok_or("no restore begun")?;
+        if buf.len() != size {
+            return Err(alloc::format!(
+                "{} of {size} bytes came: restore abandoned",
+                buf.len()
+            ));
+        }
+        RunLoop::restore(self, id, &buf, resume)
     }
 
     fn quit(&mut self) {

@@ -83,6 +83,13 @@ impl Writer {
         Self::default()
     }
 
+    /// A writer with room for `n` bytes (a large stream grows without reallocating).
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(n),
+        }
+    }
+
     pub fn bytes(&self) -> &[u8] {
         &self.buf
     }
@@ -248,6 +255,31 @@ impl<A: Codec, B: Codec> Codec for (A, B) {
     }
     fn get(r: &mut Reader<'_>) -> Result<Self, StateError> {
         Ok((r.get()?, r.get()?))
+    }
+}
+
+impl Codec for alloc::string::String {
+    fn put(&self, w: &mut Writer) {
+        w.put(&(self.len() as u32));
+        w.raw(self.as_bytes());
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, StateError> {
+        let n = r.get::<u32>()? as usize;
+        let bytes = r.raw(n)?;
+        core::str::from_utf8(bytes)
+            .map(Into::into)
+            .map_err(|_| StateError::Invalid("a string that is not UTF-8"))
+    }
+}
+
+impl<A: Codec, B: Codec, C: Codec> Codec for (A, B, C) {
+    fn put(&self, w: &mut Writer) {
+        w.put(&self.0);
+        w.put(&self.1);
+        w.put(&self.2);
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, StateError> {
+        Ok((r.get()?, r.get()?, r.get()?))
     }
 }
 

@@ -26,6 +26,8 @@
 //!   driven over the serial console, next to two of Keel's guests.
 //! - `qemu_kernels`: test kernels written for QEMU's -kernel print the same and end the same
 //!   under Keel as under QEMU (tests/guests/manifests/qemu-kernels.toml).
+//! - `snapshot`: a counting guest snapshotted to a file, killed and restored from it, counting on
+//!   with no gap; damaged and mismatched snapshots refused (tests/guests/manifests/snapshot.toml).
 //! - `walkthrough`: the commands of docs/GUESTS.md's walk-through, run as they stand.
 
 mod balloon;
@@ -42,6 +44,7 @@ mod policy;
 mod qemu_kernels;
 mod scheduler;
 mod smp;
+mod snapshot;
 mod walkthrough;
 
 use keel_tests::Manifest;

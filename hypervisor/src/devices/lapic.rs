@@ -221,6 +221,77 @@ pub struct Lapic {
     timer_stats: TimerStats,
 }
 
+crate::codec_struct!(Ipi {
+    icr_low,
+    icr_high,
+    x2apic
+});
+crate::codec_struct!(TimerStats { fired, coalesced });
+crate::codec_struct!(Lapic {
+    clock,
+    apic_base,
+    id,
+    x2apic_id,
+    tpr,
+    ldr,
+    dfr,
+    svr,
+    irr,
+    isr,
+    tmr,
+    esr,
+    esr_pending,
+    icr_low,
+    icr_high,
+    lvt,
+    timer_initial,
+    timer_divide,
+    timer_start,
+    timer_schedule,
+    tsc_deadline,
+    nmi_pending,
+    ipis,
+    timer_stats
+});
+
+/// IPIs a vCPU may have sent and the platform not yet routed: the run loop routes them after
+/// every APIC write, so a saved APIC holds at most a few.
+const STATE_IPIS_MAX: usize = 64;
+
+impl Lapic {
+    /// Writes the APIC's state (section `LAPC`, `crate::state`): its registers, its pending
+    /// interrupts and its timer, whose start and next expiry are on the guest's own clock (the
+    /// LAPIC timer's ticks of the guest TSC), so a guest restored with its clock resumes its
+    /// timer where it was, with no jump.
+    pub fn save(&self, w: &mut crate::state::Writer) {
+        crate::state::save_whole(w, *b"LAPC", 1, self);
+    }
+
+    /// Takes over what [`Lapic::save`] wrote, if it is this vCPU's APIC (the same x2APIC ID, the
+    /// same clock); unchanged on an error.
+    pub fn restore(
+        &mut self,
+        r: &mut crate::state::Reader<'_>,
+    ) -> Result<(), crate::state::StateError> {
+        let (clock, x2apic_id) = (self.clock, self.x2apic_id);
+        crate::state::restore_whole(r, *b"LAPC", 1, self, |v| {
+            if v.clock != clock {
+                return Err("the local APIC's clock differs from this machine's");
+            }
+            if v.x2apic_id != x2apic_id {
+                return Err("the local APIC of another vCPU");
+            }
+            if v.ipis.len() > STATE_IPIS_MAX {
+                return Err("more unsent IPIs than a local APIC holds");
+            }
+            if v.timer_divide & !0xb != 0 || v.lvt.iter().any(|l| l >> 19 != 0) {
+                return Err("local APIC registers with reserved bits set");
+            }
+            Ok(())
+        })
+    }
+}
+
 impl Lapic {
     /// The bootstrap processor's APIC (ID 0) as firmware hands it over: globally enabled,
     /// software-disabled (SVR 0xFF), LINT0 in ExtINT and LINT1 in NMI delivery (virtual-wire mode,

@@ -380,6 +380,73 @@ impl Platform {
         p
     }
 
+    /// Writes the state of the whole virtual PC (section `PLAT`, `crate::state`): the interrupt
+    /// lines, the 8259A pair, the IOAPIC, every vCPU's local APIC and every device, in the order
+    /// `for_board` builds them. Its timers are on the guest's clock (`guest::Vm::now`). What Keel
+    /// keeps for itself is left out: the guest's console lines not yet printed, the statistics.
+    pub fn save(&self, w: &mut crate::state::Writer) {
+        w.section(*b"PLAT", 1, |w| {
+            w.put(&self.tsc_hz);
+            w.put(&self.chipset.levels);
+            self.chipset.pic.save(w);
+            self.chipset.ioapic.save(w);
+            w.put(&(self.chipset.lapics.0.len() as u32));
+            for l in &self.chipset.lapics.0 {
+                l.save(w);
+            }
+            w.put(&self.exit_status);
+            w.put(&(self.devices.len() as u32));
+            for d in &self.devices {
+                d.save(w);
+            }
+        });
+    }
+
+    /// Takes over what [`Platform::save`] wrote, if it is the state of a PC like this one (the
+    /// same guest TSC rate, vCPUs and devices); on an error the platform is unchanged. The
+    /// guest's console lines not yet printed stay.
+    pub fn restore(
+        &mut self,
+        r: &mut crate::state::Reader<'_>,
+    ) -> Result<(), crate::state::StateError> {
+        use crate::state::StateError;
+        let mut fresh = Platform::for_board(self.board.clone(), self.tsc_hz);
+        if fresh.devices.len() != self.devices.len() {
+            return Err(StateError::Invalid(
+                "a platform with devices beyond the board's cannot be restored",
+            ));
+        }
+        r.section(*b"PLAT", 1, |r, _| {
+            if r.get::<u64>()? != fresh.tsc_hz {
+                return Err(StateError::Invalid(
+                    "the guest's TSC rate differs from this platform's",
+                ));
+            }
+            let c = &mut fresh.chipset;
+            c.levels = r.get()?;
+            c.pic.restore(r)?;
+            c.ioapic.restore(r)?;
+            if r.get::<u32>()? as usize != c.lapics.0.len() {
+                return Err(StateError::Invalid("a different number of local APICs"));
+            }
+            for l in &mut c.lapics.0 {
+                l.restore(r)?;
+            }
+            fresh.exit_status = r.get()?;
+            if r.get::<u32>()? as usize != fresh.devices.len() {
+                return Err(StateError::Invalid("a different set of devices"));
+            }
+            for d in &mut fresh.devices {
+                d.restore(r)?;
+            }
+            Ok(())
+        })?;
+        fresh.console = core::mem::take(&mut self.console);
+        fresh.refresh();
+        *self = fresh;
+        Ok(())
+    }
+
     /// The machine this platform models (the ACPI tables are built from it).
     pub fn board(&self) -> &Board {
         &self.board
@@ -911,6 +978,74 @@ mod tests {
     fn platform_can_move_between_cpus() {
         fn assert_send<T: Send>() {}
         assert_send::<Platform>();
+    }
+
+    fn saved(p: &Platform) -> Vec<u8> {
+        let mut w = crate::state::Writer::new();
+        p.save(&mut w);
+        w.into_bytes()
+    }
+
+    /// A two-vCPU PC with its PIT counting, vCPU 1's LAPIC timer periodic, an IOAPIC entry
+    /// programmed and a CMOS byte written, moved into a fresh PC: the same state, the same
+    /// deadlines, the same interrupts from then on; state from another PC is refused whole.
+    #[test]
+    fn the_whole_platform_moves_into_a_fresh_one() {
+        use crate::devices::lapic::LAPIC_BASE;
+        let board = Board::pc(16 << 20, 2);
+        let mut p = Platform::for_board(board.clone(), TSC_HZ);
+        for (port, v) in [
+            (0x43, 0x34),
+            (0x40, 0xe8),
+            (0x40, 0x03),
+            (0x70, 0x30),
+            (0x71, 0x5a),
+        ] {
+            p.io_write(port, 1, v, 0);
+        }
+        p.mmio_write(1, LAPIC_BASE + 0xf0, 4, 0x1ff, 10);
+        p.mmio_write(1, LAPIC_BASE + 0x3e0, 4, 0xb, 10);
+        p.mmio_write(1, LAPIC_BASE + 0x320, 4, 0x2_0040, 10);
+        p.mmio_write(1, LAPIC_BASE + 0x380, 4, 50_000, 10);
+        p.advance(1_000_000);
+        let state = saved(&p);
+        let fresh = Platform::for_board(board.clone(), TSC_HZ);
+        assert_ne!(saved(&fresh), state);
+        let mut q = Platform::for_board(board.clone(), TSC_HZ);
+        q.restore(&mut crate::state::Reader::new(&state))
+            .expect("its own state");
+        assert_eq!(saved(&q), state);
+        assert_eq!(q.next_deadline(), p.next_deadline());
+        assert_eq!(
+            q.pending_interrupt(1),
+            Some(0x40),
+            "the timer's interrupt came along"
+        );
+        for t in [3_000_000, 7_000_000, 20_000_000] {
+            p.advance(t);
+            q.advance(t);
+            for cpu in 0..2 {
+                assert_eq!(p.pending_interrupt(cpu), q.pending_interrupt(cpu), "{t}");
+            }
+            assert_eq!(p.next_deadline(), q.next_deadline());
+        }
+        let mut other = Platform::for_board(board.clone(), TSC_HZ / 2);
+        let before = saved(&other);
+        assert!(other
+            .restore(&mut crate::state::Reader::new(&state))
+            .is_err());
+        assert_eq!(saved(&other), before, "refused and unchanged");
+        let mut one_cpu = Platform::for_board(Board::pc(16 << 20, 1), TSC_HZ);
+        assert_eq!(
+            one_cpu.restore(&mut crate::state::Reader::new(&state)),
+            Err(crate::state::StateError::Invalid(
+                "a different number of local APICs"
+            ))
+        );
+        let mut q = Platform::for_board(board, TSC_HZ);
+        assert!(q
+            .restore(&mut crate::state::Reader::new(&state[..state.len() - 3]))
+            .is_err());
     }
 
     #[test]

@@ -134,6 +134,32 @@ pub struct EventQueue {
     nmi_window: bool,
 }
 
+/// The queue as part of a vCPU's state (`vcpu_state`): what it owes the guest survives a
+/// snapshot. An event's interruption information is checked by the VM-entry checks when it is
+/// injected (a bad one fails that entry and stops the guest, not Keel).
+impl crate::state::Codec for InterruptionInfo {
+    fn put(&self, w: &mut crate::state::Writer) {
+        w.put(&self.0);
+    }
+    fn get(r: &mut crate::state::Reader<'_>) -> Result<Self, crate::state::StateError> {
+        Ok(InterruptionInfo(r.get()?))
+    }
+}
+crate::codec_struct!(Event {
+    info,
+    error_code,
+    instruction_len,
+    raised
+});
+crate::codec_struct!(EventQueue {
+    next,
+    held_interrupt,
+    nmi,
+    triple_fault,
+    debug_trap,
+    nmi_window
+});
+
 impl EventQueue {
     /// Requests a hardware exception. If an event is already queued for the next entry (the one
     /// an exit interrupted), the new exception arose while delivering it, and the pair is

@@ -148,6 +148,8 @@ pub struct LoadRequest<'a> {
 /// Why an image cannot be loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoadError {
+    /// A snapshot is restored (`crate::snapshot`), never loaded.
+    IsSnapshot,
     RamTooSmall {
         needed: u64,
         have: u64,
@@ -218,6 +220,7 @@ pub enum LoadError {
 impl fmt::Display for LoadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::IsSnapshot => write!(f, "a snapshot is restored, not loaded"),
             Self::RamTooSmall { needed, have } => {
                 write!(f, "guest RAM of {have:#x} bytes is too small, need {needed:#x}")
             }
@@ -294,6 +297,7 @@ pub fn load(ram: &mut [u8], req: &LoadRequest) -> Result<InitialState, LoadError
         GuestKind::Elf => elf::load(ram, req),
         GuestKind::Multiboot => multiboot::load(ram, req),
         GuestKind::Linux => linux::load(ram, req),
+        GuestKind::Snapshot => Err(LoadError::IsSnapshot),
     }
 }
 

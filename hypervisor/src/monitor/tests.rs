@@ -352,12 +352,12 @@ fn channel_lines_and_overlong_ones() {
             ChannelLine::Command("pause a".into())
         ]
     );
-    let long = [b'x'; LINE_MAX + 5];
+    let long = [b'x'; CHANNEL_LINE_MAX + 5];
     assert!(long.iter().all(|&b| r.push(b).is_none()));
     assert_eq!(r.push(b'\n'), Some(ChannelLine::TooLong));
     assert_eq!(
         too_long().text,
-        "{\"ok\":false,\"error\":\"line longer than 128 bytes\"}\n"
+        "{\"ok\":false,\"error\":\"line longer than 8192 bytes\"}\n"
     );
     // The next line is whole again.
     b"help".iter().for_each(|&b| assert!(r.push(b).is_none()));
