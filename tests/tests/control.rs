@@ -135,7 +135,13 @@ pub(crate) fn channel_session(
 }
 
 fn drive(s: &mut Session, socket: &Path) {
-    s.expect_state(socket, "sleeper", "halted");
+    // Keel answers while the guests still start (every one runs then); the sleeper comes to wait
+    // in HLT between its ticks within a few seconds.
+    let halted = "\"name\":\"sleeper\",\"state\":\"halted\"";
+    if let Err(e) = wait_for_list(socket, |r| r.contains(halted), Duration::from_secs(60)) {
+        s.error
+            .get_or_insert(format!("the sleeper never halted: {e}"));
+    }
     s.expect_state(socket, "cpu", "running");
     // Paused while it waits in HLT, for a few seconds of wall time: its clock stops.
     s.expect(

@@ -123,10 +123,12 @@ fn snapshot(s: &mut Session, socket: &Path) -> Option<([u64; 3], u64, u64)> {
         cpu[i] = guest_field(&list, g, "cpu_cycles")?;
         total += cpu[i] + guest_field(&list, g, "keel_cycles")?;
     }
+    // `"tsc":N` follows the guests (the memory pool's fields may come after it).
     let tsc = list
         .rsplit("\"tsc\":")
         .next()?
-        .trim_end_matches('}')
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
         .parse()
         .ok()?;
     Some((cpu, total, tsc))
