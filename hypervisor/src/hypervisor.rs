@@ -908,6 +908,14 @@ impl VmHw {
     }
 }
 
+/// Stops every vCPU of a guest a restore left unable to run, with the reason; returns it.
+fn restore_failed(vcpus: &mut [Vcpu], e: String) -> String {
+    for v in vcpus.iter_mut() {
+        v.state = RunState::Stopped(StopReason::Killed(alloc::format!("restore failed: {e}")));
+    }
+    e
+}
+
 /// Clears vCPU `c`'s VMCS and loads it with Keel's controls and host state, for a guest booting
 /// or being restored (guest `id`, EPT pointer `eptp`).
 fn fresh_vmcs<'a>(
@@ -1095,15 +1103,12 @@ impl VmHw {
         // Checked whole: the guest is replaced from here on. Its RAM is one whole block again
         // (a killed guest has none; one that ballooned gets a fresh one).
         if let Err(e) = self.whole_ram(vm) {
-            if self.ram_block.is_none() {
-                // Its RAM went back to the pool and no block could be had: it cannot run.
-                for v in vcpus.iter_mut() {
-                    v.state = RunState::Stopped(StopReason::Killed(alloc::format!(
-                        "restore failed: {e}"
-                    )));
-                }
-            }
-            return Err(e);
+            // Its RAM went back to the pool and no block could be had: it cannot run. (If its
+            // RAM could not be unmapped, it still has it and runs on as it was.)
+            return Err(match self.ram_block {
+                None => restore_failed(vcpus, e),
+                Some(_) => e,
+            });
         }
         vm.ram.bytes().fill(0);
         for (gpa, data) in &snap.pages {
@@ -1112,14 +1117,9 @@ impl VmHw {
         *platform.console() = core::mem::take(vm.platform.console());
         vm.platform = platform;
         let (id, eptp) = (vm.id, self.ept.eptp());
-        if let Err(e) = self.load_vcpus(vm, vcpus, &snap.vcpus, id, eptp) {
-            // The guest was half replaced: it cannot go on.
-            for v in vcpus.iter_mut() {
-                v.state =
-                    RunState::Stopped(StopReason::Killed(alloc::format!("restore failed: {e}")));
-            }
-            return Err(e);
-        }
+        // A guest half replaced cannot go on.
+        self.load_vcpus(vm, vcpus, &snap.vcpus, id, eptp)
+            .map_err(|e| restore_failed(vcpus, e))?;
         info!(
             "guest {id} {}: restored from a snapshot of {} ({} KiB, {} pages of RAM, Keel {})",
             vm.name,

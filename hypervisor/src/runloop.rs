@@ -986,15 +986,21 @@ impl<C: Cpu> RunLoop<C> {
 
     /// Stops a guest for good (an operator's kill: no restart).
     pub fn kill(&mut self, id: usize) -> Result<(), String> {
+        self.stop_for_good(id, "kill")?;
+        info!("guest {} killed", self.slots[id].vm.name);
+        Ok(())
+    }
+
+    /// Stops guest `id` without a restart, by the operator's or the load policy's `why`. Its
+    /// memory goes back to the pool and can host another guest (its next start takes RAM afresh).
+    fn stop_for_good(&mut self, id: usize, why: &'static str) -> Result<(), String> {
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
         for vcpu in s.vcpus.iter_mut() {
             vcpu.state
-                .stop(StopReason::Operator("kill"))
+                .stop(StopReason::Operator(why))
                 .map_err(|e| alloc::format!("{e}"))?;
         }
-        // Its memory can host another guest now (`start` gives it RAM again).
         self.cpu.release_ram(&mut s.hw, &mut s.vm);
-        info!("guest {} killed", s.vm.name);
         Ok(())
     }
 

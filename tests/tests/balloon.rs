@@ -146,9 +146,7 @@ fn drive(s: &mut Session, socket: &Path) {
 fn a_ballooned_guest_makes_room_for_another() {
     let session = session();
     let (boot, s) = (&session.0, &session.1);
-    if let Some(e) = &s.error {
-        boot.fail(e);
-    }
+    s.fail_on_error(boot);
     boot.expect_in_order(&[
         "keel: guest 2 late: autostart = off",
         "keel: guest big: balloon target reached: 4096 pages given back, 16384 K in use (8 calls,",

@@ -74,6 +74,13 @@ impl Session {
             .unwrap_or_else(|| format!("(not in {list})"))
     }
 
+    /// Fails the test with the first thing that went wrong on the channel during `boot`, if any.
+    pub(crate) fn fail_on_error(&self, boot: &Outcome) {
+        if let Some(e) = &self.error {
+            boot.fail(e);
+        }
+    }
+
     pub(crate) fn expect_state(&mut self, socket: &Path, guest: &str, state: &str) {
         let got = self.state_of(socket, guest);
         if got != state && self.error.is_none() {
@@ -192,9 +199,7 @@ fn drive(s: &mut Session, socket: &Path) {
 fn commands_over_the_control_channel_operate_the_guests() {
     let session = session();
     let (boot, s) = (&session.0, &session.1);
-    if let Some(e) = &s.error {
-        boot.fail(e);
-    }
+    s.fail_on_error(boot);
     boot.expect_line("keel: control channel on COM2");
     boot.expect_line("keel: guest sleeper paused");
     boot.expect_line("keel: guest sleeper resumed");

@@ -208,9 +208,7 @@ fn shares_session() -> Arc<(Outcome, Session, Vec<Window>)> {
 fn weights_and_caps_set_over_the_control_channel_hold_within_two_percent() {
     let session = shares_session();
     let (boot, s, windows) = (&session.0, &session.1, &session.2);
-    if let Some(e) = &s.error {
-        boot.fail(e);
-    }
+    s.fail_on_error(boot);
     let mut wrong = Vec::new();
     let wants: [[Option<f64>; 3]; 3] = [
         [Some(1.0), Some(3.0), Some(1.0)],
@@ -347,9 +345,7 @@ fn load_of(line: &str) -> Option<u32> {
 fn the_load_policy_starts_and_pauses_the_on_demand_guest() {
     let session = policy_session();
     let (boot, s) = (&session.0, &session.1);
-    if let Some(e) = &s.error {
-        boot.fail(e);
-    }
+    s.fail_on_error(boot);
     boot.expect_line("keel: policy: on-demand guests start under 30% load and are paused over 80%, the load measured over 1s");
     boot.expect_line("keel: policy: helper waits for the load to be under 30%");
     let decisions: Vec<&str> = boot

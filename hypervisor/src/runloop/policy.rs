@@ -3,7 +3,7 @@
 //! carries out the policy's decisions, each one logged with the load that made it.
 
 use super::{Cpu, RunLoop, Slot};
-use crate::guest::{RunState, StopReason};
+use crate::guest::RunState;
 use crate::info;
 use crate::policy::{Action, Decision, Op, Policy, Seen};
 use alloc::string::String;
@@ -77,18 +77,7 @@ impl<C: Cpu> RunLoop<C> {
             (Op::Start, Seen::Stopped) => self.reboot(d.guest),
             (Op::Start, Seen::Active) => Ok(()),
             (Op::Pause, _) => self.pause(d.guest),
-            (Op::Stop, _) => {
-                let s = &mut self.slots[d.guest];
-                for v in s.vcpus.iter_mut() {
-                    v.state
-                        .stop(StopReason::Operator("policy"))
-                        .map_err(|e| alloc::format!("{e}"))?;
-                }
-                // Its memory goes back to the pool until the policy starts it again (its boot
-                // takes RAM afresh), as after a kill.
-                self.cpu.release_ram(&mut s.hw, &mut s.vm);
-                Ok(())
-            }
+            (Op::Stop, _) => self.stop_for_good(d.guest, "policy"),
         }
     }
 }
