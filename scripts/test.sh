@@ -78,9 +78,10 @@ guests_and_images() {
 }
 
 stage fmt cargo fmt --all --check
-# Host crates (the kernel binary compiles to a stub on the host). Correctness and suspicious lints
+# Host crates (the kernel binary compiles to a stub on the host), the emulator tests included.
+# Correctness and suspicious lints
 # fail the stage; the rest are shown as warnings.
-stage clippy cargo clippy --workspace --all-targets -- -D clippy::correctness -D clippy::suspicious
+stage clippy cargo clippy --workspace --all-targets --features keel-tests/emulators -- -D clippy::correctness -D clippy::suspicious
 stage unit cargo test --workspace
 stage images guests_and_images
 # Boot summaries (times to the first serial line) come out through --nocapture.
