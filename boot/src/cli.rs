@@ -16,7 +16,8 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::emulator::Emulator;
 
-/// `--linux KERNEL [--initrd FILE] [--append TEXT] [--linux-memory SIZE]`: a one-guest manifest.
+/// `--linux KERNEL [--initrd FILE] [--append TEXT] [--linux-memory SIZE] [--vcpus N]`: a
+/// one-guest manifest.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LinuxArgs {
     pub kernel: PathBuf,
@@ -24,12 +25,16 @@ pub struct LinuxArgs {
     pub cmdline: String,
     /// Guest RAM in bytes.
     pub memory: u64,
+    /// The guest's vCPUs (the manifest's `vcpus`), 1 to `keel::manifest::MAX_VCPUS`.
+    pub vcpus: u8,
 }
 
 /// The guest RAM `--linux` gives when `--linux-memory` does not say.
 pub const DEFAULT_LINUX_MEMORY: u64 = 256 << 20;
 /// The command line `--linux` gives when `--append` does not say.
 pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0";
+/// The vCPUs `--linux` gives when `--vcpus` does not say.
+pub const DEFAULT_LINUX_VCPUS: u8 = 1;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImageArgs {
@@ -221,6 +226,10 @@ struct LinuxOpts {
     /// emulated machine gets enough more for Keel and the ramdisk unless --memory says
     #[arg(long, value_name = "SIZE", value_parser = linux_memory)]
     linux_memory: Option<u64>,
+    /// (with --linux) its virtual CPUs, 1 to 16 [default: 1]; the emulated machine's
+    /// processors are --cpus
+    #[arg(long, value_name = "N", value_parser = linux_vcpus)]
+    vcpus: Option<u8>,
 }
 
 #[derive(Args, Debug)]
@@ -337,6 +346,14 @@ fn linux_memory(v: &str) -> Result<u64, String> {
         .ok_or_else(|| "takes a multiple of 2M up to 3G (e.g. 512M)".into())
 }
 
+/// `--vcpus`: what a manifest's `vcpus` accepts.
+fn linux_vcpus(v: &str) -> Result<u8, String> {
+    v.parse::<u8>()
+        .ok()
+        .filter(|n| (1..=keel::manifest::MAX_VCPUS).contains(n))
+        .ok_or_else(|| format!("takes a number from 1 to {}", keel::manifest::MAX_VCPUS))
+}
+
 impl BuildOpts {
     /// Turns the `--linux` flags into `linux`: the others need `--linux`, which excludes a
     /// manifest and a files directory (it makes both).
@@ -357,6 +374,7 @@ impl BuildOpts {
                 (lx.initrd.is_some(), "--initrd"),
                 (lx.append.is_some(), "--append"),
                 (lx.linux_memory.is_some(), "--linux-memory"),
+                (lx.vcpus.is_some(), "--vcpus"),
             ] {
                 if given {
                     return Err(format!("{flag} goes with --linux KERNEL"));
@@ -376,6 +394,7 @@ impl BuildOpts {
             initrd: lx.initrd,
             cmdline: lx.append.unwrap_or_else(|| DEFAULT_LINUX_CMDLINE.into()),
             memory: lx.linux_memory.unwrap_or(DEFAULT_LINUX_MEMORY),
+            vcpus: lx.vcpus.unwrap_or(DEFAULT_LINUX_VCPUS),
         });
         Ok(b)
     }
@@ -688,6 +707,8 @@ mod tests {
             "console=ttyS0 quiet",
             "--linux-memory",
             "512M",
+            "--vcpus",
+            "2",
             "--emulator",
             "bochs",
         ];
@@ -704,6 +725,7 @@ mod tests {
                 initrd: Some("rd.cpio".into()),
                 cmdline: "console=ttyS0 quiet".into(),
                 memory: 512 << 20,
+                vcpus: 2,
             })
         );
         assert_eq!(
@@ -720,6 +742,7 @@ mod tests {
                 initrd: None,
                 cmdline: "console=ttyS0".into(),
                 memory: 256 << 20,
+                vcpus: 1,
             })
         );
         assert_eq!(
@@ -730,6 +753,18 @@ mod tests {
             err("run --linux-memory 3M --linux bz"),
             "error: invalid value '3M' for '--linux-memory <SIZE>': takes a multiple of 2M up to \
              3G (e.g. 512M)"
+        );
+        assert_eq!(
+            err("run --vcpus 2"),
+            "error: --vcpus goes with --linux KERNEL"
+        );
+        assert_eq!(
+            err("run --linux bz --vcpus 17"),
+            "error: invalid value '17' for '--vcpus <N>': takes a number from 1 to 16"
+        );
+        assert_eq!(
+            err("run --linux bz --vcpus 0"),
+            "error: invalid value '0' for '--vcpus <N>': takes a number from 1 to 16"
         );
         assert_eq!(
             err("run --linux bz --manifest m"),

@@ -376,7 +376,7 @@ fn kind_name(kind: manifest::GuestKind) -> &'static str {
 pub const LINUX_GUEST_DIR: &str = "linux-guest";
 
 /// The one-guest manifest of `--linux`: a guest `linux` with the archive entries `kernel` and
-/// (with an initrd) `initrd`.
+/// (with an initrd) `initrd`, and `--vcpus` vCPUs.
 pub fn linux_manifest_text(linux: &crate::cli::LinuxArgs) -> String {
     let mut text = String::from(
         "# Written by `cargo keel ... --linux`: one Linux guest (docs/GUESTS.md, kind = linux).\n\
@@ -387,6 +387,7 @@ pub fn linux_manifest_text(linux: &crate::cli::LinuxArgs) -> String {
         text.push_str("initrd = \"initrd\"\n");
     }
     text.push_str(&format!("memory = \"{}M\"\n", linux.memory >> 20));
+    text.push_str(&format!("vcpus = {}\n", linux.vcpus));
     text.push_str(&format!("cmdline = {}\n", toml_string(&linux.cmdline)));
     text
 }
@@ -997,6 +998,7 @@ memory = "2M"
             initrd: Some(dir.join("rd")),
             cmdline: "console=ttyS0 quiet # kept".into(),
             memory: 512 << 20,
+            vcpus: 3,
         };
         let out = dir.join("out");
         let (manifest, files) = write_linux_guest(&out, &linux)?;
@@ -1009,6 +1011,7 @@ memory = "2M"
             ("linux", manifest::GuestKind::Linux, "kernel", 512 << 20)
         );
         assert_eq!(g.modules, ["initrd"]);
+        assert_eq!(g.vcpus, 3, "--vcpus reaches the manifest");
         assert_eq!(g.cmdline, "console=ttyS0 quiet # kept");
         assert_eq!(std::fs::read(files.join("kernel"))?, b"BZ");
         assert_eq!(std::fs::read(files.join("initrd"))?, b"RD");
