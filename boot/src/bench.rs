@@ -15,6 +15,8 @@
 //! line with that tick count; bench64 reads LAPIC registers at known points (an EPT violation
 //! under Keel, which Bochs logs), which is how the host times what no guest clock shows.
 //! docs/BENCHMARKS.md explains every figure.
+//!
+//! `bench --linux` ([`linux`]) is another benchmark: a Linux boot's exits by kind.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -27,6 +29,8 @@ use anyhow::{bail, Result};
 use crate::cli::ImageArgs;
 use crate::emulator::{self, Emulator, Firmware, RunOptions, RunResult};
 use crate::image::{self, ImageOptions};
+
+pub mod linux;
 
 /// The manifest `bench` uses unless `--manifest` says otherwise (relative to the workspace root).
 pub const DEFAULT_MANIFEST: &str = "tests/guests/manifests/bench.toml";
@@ -45,6 +49,8 @@ pub struct BenchArgs {
     pub timeout_secs: Option<u64>,
     /// Copy both runs' COM1 to the terminal.
     pub echo: bool,
+    /// `--linux`: the Linux boot's exits by kind ([`linux::run`]) instead of the exit-path table.
+    pub linux: bool,
 }
 
 /// One operation as a guest printed it.
@@ -573,6 +579,9 @@ fn read_log(work_dir: &Path) -> BochsLog {
 
 /// The whole command. `opts` comes from the image options of the command line (release forced).
 pub fn run(opts: &ImageOptions, args: &BenchArgs) -> Result<ExitCode> {
+    if args.linux {
+        return linux::run(opts, args);
+    }
     crate::tools::require(Emulator::Bochs, Firmware::Bios)?;
     let mut opts = opts.clone();
     opts.release = true;
@@ -737,7 +746,21 @@ keel: guest 0 bench-a overhead: 35 KiB (VMCS 4, EPT 3 tables, I/O+MSR bitmaps 12
         };
         assert_eq!(b.timeout_secs, Some(30));
         assert!(b.echo && b.build.quiet && b.build.release, "always release");
+        assert!(!b.linux);
         assert!(crate::cli::parse(["keel-boot", "bench", "--uefi"]).is_err());
+        let Ok(crate::cli::Cmd::Bench(b)) =
+            crate::cli::parse(["keel-boot", "bench", "--linux"]).map(|i| i.cmd)
+        else {
+            panic!("bench --linux parses");
+        };
+        assert!(b.linux && b.build.release);
+        let e = crate::cli::parse(["keel-boot", "bench", "--linux", "--manifest", "m.toml"])
+            .expect_err("--linux makes its own manifest");
+        assert!(
+            e.to_string()
+                .contains("bench --linux writes its own manifest"),
+            "{e}"
+        );
     }
 
     const LOG: &str = "\

@@ -308,12 +308,16 @@ struct FlashOpts {
 struct BenchOpts {
     #[command(flatten)]
     build: BuildOpts,
-    /// Time limit of each of the two Bochs boots [default: 120]
+    /// Time limit of each Bochs boot [default: 120; with --linux 900]
     #[arg(long, value_name = "SECS", help_heading = "Bench options")]
     timeout: Option<u64>,
-    /// Copy COM1 of both boots to the terminal
+    /// Copy COM1 of the boots to the terminal
     #[arg(long, help_heading = "Bench options")]
     echo: bool,
+    /// Instead: boot Debian's kernel (fetched as the Linux test does) to its shell, with and
+    /// without APIC virtualization, and print its exits by kind with Keel's instructions per exit
+    #[arg(long, help_heading = "Bench options")]
+    linux: bool,
 }
 
 /// `--emulator`'s values; an unknown one is answered with this list.
@@ -458,10 +462,18 @@ impl Cli {
             Sub::Bench(b) => {
                 let mut build = b.build.into_image_args(None).map_err(|e| ("bench", e))?;
                 build.release = true;
+                if b.linux && (build.manifest.is_some() || build.files.is_some()) {
+                    return Err((
+                        "bench",
+                        "bench --linux writes its own manifest: use it without --manifest and --files"
+                            .into(),
+                    ));
+                }
                 Cmd::Bench(crate::bench::BenchArgs {
                     build,
                     timeout_secs: b.timeout,
                     echo: b.echo,
+                    linux: b.linux,
                 })
             }
             Sub::Ctl(c) => Cmd::Ctl(CtlArgs {
@@ -773,7 +785,7 @@ mod tests {
         );
         assert_eq!(
             err("bench --linux bz"),
-            "error: unexpected argument '--linux' found"
+            "error: unexpected argument 'bz' found"
         );
     }
 

@@ -4,6 +4,8 @@
 //!   and writes BIOS and UEFI disk images with the `bootloader` crate.
 //! - [`emulator`]: boots an image in Bochs, QEMU (TCG) or QEMU with KVM, follows COM1 and port
 //!   0xE9, and reports Keel's exit status ([`emulator::run`] returns a [`RunResult`]).
+//! - [`debian`]: fetches Debian's cloud kernel and busybox-static with apt and builds the
+//!   initramfs around busybox (the Linux test, the demo and `bench --linux` boot these).
 //! - [`linux`]: turns a Linux bzImage or vmlinux into the kernel image Keel loads (`kind = linux`).
 //! - [`control`]: the control channel's socket (joined to the emulator's COM2) and its client,
 //!   `cargo keel ctl`.
@@ -19,6 +21,7 @@ pub mod bochs;
 pub mod cli;
 pub mod console;
 pub mod control;
+pub mod debian;
 pub mod emulator;
 pub mod flash;
 pub mod image;

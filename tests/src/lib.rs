@@ -22,7 +22,9 @@ pub use keel_boot::{Emulator, Firmware, Images, RunResult};
 /// the others at every boot, so every test also checks that AP bring-up leaves the rest intact.
 pub const DEFAULT_TEST_CPUS: u32 = 2;
 
-pub mod debian;
+/// Debian's kernel and busybox for the Linux tests (kept in `keel-boot`, whose `bench --linux`
+/// boots the same files).
+pub use keel_boot::debian;
 
 /// How many serial lines a failure report shows.
 pub const REPORT_LINES: usize = 40;

@@ -1,4 +1,4 @@
-//! A real Linux for the tests and the demo, fetched at run time: Debian's cloud kernel and
+//! A real Linux for the tests, the demo and `cargo keel bench --linux`, fetched at run time: Debian's cloud kernel and
 //! busybox-static from the host's apt archive (`apt-get download`, unpacked with `dpkg-deb -x`;
 //! nothing prebuilt is committed), and an initramfs built here around busybox (an uncompressed
 //! newc cpio written by [`Cpio`], so no `cpio` tool is needed).
@@ -17,6 +17,14 @@ pub const BUSYBOX: &str = "busybox-static";
 pub const INIT_MARKER: &str = "keel-initramfs: /init running";
 /// The shell's prompt (PS1).
 pub const PROMPT: &str = "keel-sh# ";
+
+/// Where the tests, the demo and `bench --linux` keep the packages and the files made from them,
+/// for the checkout at `root`: `target/keel-tests/debian`.
+pub fn default_cache(root: &Path) -> PathBuf {
+    crate::image::target_dir(root)
+        .join("keel-tests")
+        .join("debian")
+}
 
 /// The files a `kind = linux` guest needs, ready in one directory.
 #[derive(Debug, Clone)]
