@@ -494,6 +494,10 @@ pub struct Vcpu {
     pub index: usize,
     pub regs: GuestRegs,
     pub state: RunState,
+    /// Halted by a HLT executed with RFLAGS.IF = 0: a maskable interrupt does not end that halt,
+    /// only an NMI or INIT does (SDM Vol. 2A HLT; Vol. 3A 9.1.1). Meaningful while `state` is
+    /// [`RunState::Halted`].
+    pub halted_masked: bool,
     pub stats: GuestStats,
     /// Emulated MSRs (IA32_APIC_BASE is the local APIC's, in the VM's platform).
     pub misc_enable: u64,
@@ -523,6 +527,7 @@ impl Vcpu {
             index,
             regs: GuestRegs::default(),
             state: RunState::Runnable,
+            halted_masked: false,
             stats: GuestStats::default(),
             cr0_rules: crate::vmx::cr::GuestCr::cr0(caps, true),
             cr4_rules: crate::vmx::cr::GuestCr::cr4(caps),
@@ -541,6 +546,7 @@ impl Vcpu {
     pub fn reset(&mut self) {
         self.regs = GuestRegs::default();
         self.state = RunState::Runnable;
+        self.halted_masked = false;
         self.misc_enable = crate::exits::msr::MISC_ENABLE_DEFAULT;
         self.mtrr_def_type = 0;
         self.xcr0 = 1;

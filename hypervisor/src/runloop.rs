@@ -332,8 +332,10 @@ impl<C: Cpu> RunLoop<C> {
             }
             s.vm.platform.advance(s.vm.now(now));
             for (c, (vcpu, seat)) in s.vcpus.iter_mut().zip(&mut s.seats).enumerate() {
-                if vcpu.state == RunState::Halted && s.vm.platform.pending_interrupt(c).is_some()
-                    || vcpu.state == RunState::Halted && s.vm.platform.nmi_pending(c)
+                // A HLT with interrupts off ends only with an NMI (or INIT, `start_signals`).
+                if vcpu.state == RunState::Halted
+                    && (!vcpu.halted_masked && s.vm.platform.pending_interrupt(c).is_some()
+                        || s.vm.platform.nmi_pending(c))
                 {
                     vcpu.state = RunState::Runnable;
                     if let Some(since) = seat.halted_since.take() {

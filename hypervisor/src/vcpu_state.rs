@@ -449,6 +449,8 @@ impl VcpuState {
         }
         vcpu.regs = self.regs;
         vcpu.state = self.run.run_state();
+        // A vCPU halted with interrupts off stays deaf to them after the restore too.
+        vcpu.halted_masked = vmcs.read(GuestNat::Rflags) & 1 << 9 == 0;
         vcpu.xcr0 = self.xcr0;
         vcpu.misc_enable = self.misc_enable;
         vcpu.mtrr_def_type = self.mtrr_def_type;

@@ -12,9 +12,11 @@ use crate::vmx::{GuestNat, Vmcs};
 const RFLAGS_IF: u64 = 1 << 9;
 
 pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
-    if cx.vmcs.read(GuestNat::Rflags) & RFLAGS_IF == 0 && cx.vm.platform.cpus() == 1 {
+    let masked = cx.vmcs.read(GuestNat::Rflags) & RFLAGS_IF == 0;
+    if masked && cx.vm.platform.cpus() == 1 {
         return Action::Stop(StopReason::HaltedForever);
     }
+    cx.vcpu.halted_masked = masked;
     Action::Halt
 }
 

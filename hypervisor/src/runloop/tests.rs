@@ -826,6 +826,43 @@ fn a_fixed_ipi_wakes_a_halted_vcpu_without_waiting_for_the_senders_slice() {
 }
 
 #[test]
+fn a_vcpu_halted_with_interrupts_off_stays_halted_when_an_interrupt_comes() {
+    // AP 1 parks as an OS parks a processor: HLT with RFLAGS.IF = 0 (an AP starts with IF
+    // clear). The BSP then sends it a fixed IPI and computes on. HLT with IF = 0 is left only
+    // by an NMI, SMI or INIT (SDM Vol. 3A 9.1.1, Vol. 2A HLT): AP 1 must not run again, and
+    // must not take the CPU from the others.
+    let parked = Program {
+        main: [&x2apic_on()[..], &[Op::Hlt]].concat(),
+        repeat_from: Some(2),
+        handler: vec![Op::Run(100), Op::Wrmsr(X2APIC_EOI, 0)],
+        rflags: 0x2,
+    };
+    let mut rl = smp_rig(vec![
+        vec![
+            starter(
+                1,
+                &[Op::Run(2 * QUANTUM), ipi(1, 0, 0x40), Op::Run(u64::MAX)],
+            ),
+            parked,
+        ],
+        vec![Program::compute()],
+    ]);
+    run_for(&mut rl, 60 * QUANTUM);
+    let sent = fifth_wrmsr_of_the_bsp(&rl);
+    let after = rl
+        .cpu
+        .vcpu_entries(0, 1)
+        .filter(|e| e.start > sent.end)
+        .count();
+    assert_eq!(after, 0, "AP 1 was entered {after} times after the IPI");
+    assert_eq!(rl.slots[0].vcpus[1].state, RunState::Halted);
+    let bsp = rl.slots[0].vcpus[0].stats.cpu_cycles;
+    let other = rl.slots[1].vcpus[0].stats.cpu_cycles;
+    let off = bsp.abs_diff(other) as f64 / other as f64;
+    assert!(off < 0.05, "BSP ran {bsp} cycles, guest 1 {other}");
+}
+
+#[test]
 fn every_vcpu_of_every_guest_gets_an_equal_share() {
     // Guest 0 with two computing vCPUs, guest 1 with one: three equal shares.
     let mut rl = smp_rig(vec![
