@@ -940,6 +940,10 @@ impl<C: Cpu> RunLoop<C> {
             paused_at
         };
         let clock = s.vm.now(stopped_at);
+        // The model is what is saved: the TPR and vectors the CPU held at the last exit go to it.
+        for vcpu in &mut s.vcpus {
+            exits::apicv::take_unread_vtpr(vcpu, &mut s.vm);
+        }
         let taken = self.cpu.snapshot(&mut s.hw, &s.vm, &s.vcpus, clock);
         if !was_paused && resume {
             self.resume(id)?;
