@@ -651,7 +651,7 @@ fn slice<C: Cpu>(
     loop {
         if touched || timer_due.is_some_and(|d| now >= d) {
             // The guest's TPR for the model, if the last exits left it in VTPR.
-            exits::apicv::take_unread_vtpr(&mut *vcpu, &mut *vm);
+            exits::apicv::take_unread(&v, &mut *vcpu, &mut *vm);
             vm.platform.advance(vm.now(now));
             exits::inject_pending_interrupt(&mut v, &mut *vcpu, &mut *vm);
             exits::apicv::before_entry(&mut v, &mut *vcpu, &mut *vm);

@@ -12,6 +12,7 @@
 use super::{Action, ExitContext};
 use crate::devices::lapic::{APIC_BASE_ENABLE, APIC_BASE_EXTD};
 use crate::guest::{StopReason, Vcpu, Vm};
+use crate::vmx::apicv::VirtualApic;
 use crate::vmx::{ReadOnly64, ReadOnlyNat, Vmcs};
 use alloc::format;
 
@@ -32,9 +33,17 @@ mod access_type {
 /// With virtual-interrupt delivery the model takes IRR and ISR from VIRR and VISR too: the
 /// CPU delivered interrupts and virtualized EOIs while the guest ran, and everything that reads
 /// the model after the exit (a register read, PPR, the next interrupt, a snapshot) must see
-/// that.
+/// that. Skipped when nothing can have changed: both were empty at the entry and the guest
+/// interrupt status still reads RVI = SVI = 0 (`VirtualApic::unchanged`).
 #[inline]
-pub fn after_exit(vcpu: &mut Vcpu, vm: &mut Vm) {
+pub fn after_exit<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &mut Vcpu, vm: &mut Vm) {
+    take(vcpu, vm, |a| a.unchanged(vmcs));
+}
+
+/// [`after_exit`]'s work; the vectors are taken unless `unchanged` says the CPU left them as
+/// they were.
+#[inline]
+fn take(vcpu: &mut Vcpu, vm: &mut Vm, unchanged: impl FnOnce(&VirtualApic) -> bool) {
     if let Some(a) = &mut vcpu.apicv {
         a.vtpr_unread = false;
         if a.features().tpr_shadow {
@@ -43,7 +52,7 @@ pub fn after_exit(vcpu: &mut Vcpu, vm: &mut Vm) {
                 vm.platform.set_tpr(vcpu.index, vtpr);
             }
         }
-        if a.features().virtual_interrupt_delivery {
+        if a.features().virtual_interrupt_delivery && !unchanged(a) {
             let (irr, isr) = a.vectors();
             vm.platform.set_apic_vectors(vcpu.index, &irr, &isr);
         }
@@ -51,7 +60,7 @@ pub fn after_exit(vcpu: &mut Vcpu, vm: &mut Vm) {
 }
 
 /// After an exit that does not reach the platform (CPUID, VMCALL, ...): VTPR is taken later,
-/// by [`take_unread_vtpr`], if the platform is looked at before the next exit that reaches it.
+/// by [`take_unread`], if the platform is looked at before the next exit that reaches it.
 #[inline]
 pub fn leave_vtpr(vcpu: &mut Vcpu) {
     if let Some(a) = &mut vcpu.apicv {
@@ -59,13 +68,22 @@ pub fn leave_vtpr(vcpu: &mut Vcpu) {
     }
 }
 
-/// Before the run loop looks at the platform (a timer fell due, a slice starts): the TPR the
-/// guest left in VTPR since the last exit that took it. Not later than that: a handler may
-/// have changed the model's TPR since (an x2APIC TPR write), which VTPR gets at the next entry.
+/// Before the run loop looks at the platform (a timer fell due, a slice starts): the TPR (and
+/// with virtual-interrupt delivery IRR and ISR) the guest left on the virtual-APIC page since
+/// the last exit that took them. Not later than that: a handler may have changed the model's
+/// TPR since (an x2APIC TPR write), which VTPR gets at the next entry.
 #[inline]
+pub fn take_unread<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &mut Vcpu, vm: &mut Vm) {
+    if vcpu.apicv.as_ref().is_some_and(|a| a.vtpr_unread) {
+        take(vcpu, vm, |a| a.unchanged(vmcs));
+    }
+}
+
+/// [`take_unread`] with the guest's VMCS not at hand (before a snapshot): the vectors are taken
+/// whether or not they changed.
 pub fn take_unread_vtpr(vcpu: &mut Vcpu, vm: &mut Vm) {
     if vcpu.apicv.as_ref().is_some_and(|a| a.vtpr_unread) {
-        after_exit(vcpu, vm);
+        take(vcpu, vm, |_| false);
     }
 }
 
@@ -180,6 +198,9 @@ mod tests {
         t
     }
 
+    /// VIRR's word for vectors 0x60-0x7f.
+    const VIRR_3: usize = crate::vmx::apicv::VIRR + 3 * 16;
+
     fn with_vid() -> TestBed {
         let mut t = TestBed::new();
         t.enable_apicv(ApicvFeatures {
@@ -255,6 +276,31 @@ mod tests {
         );
         t.enter().unwrap();
         assert_eq!(rvi_svi(&t), (0x32, 0x51));
+    }
+
+    /// Nothing posted and nothing in service: the exits skip taking the vectors, unless the
+    /// guest interrupt status says the CPU changed them (a self-IPI it virtualized, SDM 30.1.5).
+    #[test]
+    fn a_self_ipi_the_cpu_virtualized_reaches_the_model() {
+        let mut t = with_vid();
+        t.enter().unwrap();
+        assert!(vapic(&t).unchanged(&t.vmcs));
+        // The CPU posts 0x61 itself (ICR write with the "self" shorthand) while IF = 0.
+        t.vcpu
+            .apicv
+            .as_mut()
+            .unwrap()
+            .write_register(VIRR_3, 1 << 1);
+        t.vmcs.write(Guest16::InterruptStatus, 0x61);
+        assert!(!vapic(&t).unchanged(&t.vmcs));
+        t.run(ExitReason::Cpuid);
+        t.enter().unwrap();
+        assert_eq!(
+            t.vm.platform.apic_vectors(0).0[3],
+            1 << 1,
+            "the model's IRR"
+        );
+        assert_eq!(rvi_svi(&t), (0x61, 0));
     }
 
     /// The EOI-exit bitmap is the model's TMR: a level-triggered vector's EOI exits (and goes

@@ -131,7 +131,7 @@ pub fn handle<V: Vmcs + ?Sized>(
     // it before it looks at the platform after the other exits (a timer that fell due).
     let x2apic_read = reason == ExitReason::Rdmsr && msr::reads_the_apic(cx.vcpu.regs.rcx as u32);
     if may_touch_platform(reason) || x2apic_read {
-        apicv::after_exit(cx.vcpu, cx.vm);
+        apicv::after_exit(&*cx.vmcs, cx.vcpu, cx.vm);
     } else {
         apicv::leave_vtpr(cx.vcpu);
     }

@@ -152,6 +152,8 @@ pub struct VirtualApic {
     threshold: u32,
     /// The EOI-exit bitmap in the VMCS now (virtual-interrupt delivery; written when it changes).
     eoi_exit: [u64; 4],
+    /// Whether VIRR and VISR were empty at the last [`VirtualApic::post`] (RVI = SVI = 0).
+    idle: bool,
     /// Whether the guest ran since the model last took VTPR (`exits::apicv`): the exits that do
     /// not reach the platform leave the taking to the next look at the platform.
     pub vtpr_unread: bool,
@@ -188,6 +190,7 @@ impl VirtualApic {
             accesses_virtualized: features.virtualize_apic_accesses,
             threshold: 0,
             eoi_exit: [0; 4],
+            idle: true,
             vtpr_unread: false,
         }
     }
@@ -219,6 +222,7 @@ impl VirtualApic {
         self.accesses_virtualized = self.features.virtualize_apic_accesses;
         self.threshold = 0;
         self.eoi_exit = [0; 4];
+        self.idle = true;
         // The pages hold nothing the model lacks: nothing to take from them.
         self.vtpr_unread = false;
     }
@@ -254,6 +258,16 @@ impl VirtualApic {
             isr[i] = self.word(VISR + i * 16);
         }
         (irr, isr)
+    }
+
+    /// Whether VIRR and VISR are as the last [`VirtualApic::post`] left them, known without
+    /// reading them: both were empty and the guest interrupt status reads RVI = SVI = 0. The
+    /// CPU keeps RVI the highest VIRR vector and SVI the highest VISR vector through every
+    /// change it makes (self-IPI virtualization, delivery, EOI virtualization: SDM 30.1.4,
+    /// 30.1.5, 30.2.2), so both 0 means both are still empty (vectors 0-15 are never set).
+    #[inline]
+    pub fn unchanged<V: Vmcs + ?Sized>(&self, vmcs: &V) -> bool {
+        self.idle && vmcs.read(Guest16::InterruptStatus) == 0
     }
 
     fn word(&self, offset: usize) -> u32 {
@@ -296,6 +310,13 @@ impl VirtualApic {
         tmr: &[u32; 8],
         enabled: bool,
     ) {
+        let (rvi, svi) = (highest(irr), highest(isr));
+        if self.idle && rvi.is_none() && svi.is_none() {
+            // Empty on the page and in the model, RVI = SVI = 0 (the exit found them so,
+            // `unchanged`), and no vector accepted since to change the TMR: nothing to write.
+            return;
+        }
+        self.idle = rvi.is_none() && svi.is_none();
         for i in 0..8 {
             self.set_word(VIRR + i * 16, irr[i]);
             self.set_word(VISR + i * 16, isr[i]);
