@@ -303,6 +303,41 @@ mod tests {
         assert_eq!(rvi_svi(&t), (0x61, 0));
     }
 
+    /// A snapshot taken after the CPU delivered an interrupt (and an exit that left the page
+    /// unread) holds it in service: restored into a fresh platform and a fresh virtual-APIC page,
+    /// the next entry gives the CPU the same ISR and SVI.
+    #[test]
+    fn a_snapshot_keeps_what_the_cpu_had_in_service() {
+        let mut t = with_vid();
+        t.self_ipi(0x51);
+        t.enter().unwrap();
+        // The CPU delivers 0x51 (VIRR to VISR, SVI 0x51), then a CPUID exit leaves it unread.
+        let mut isr = [0u32; 8];
+        isr[2] = 1 << 0x11;
+        let a = t.vcpu.apicv.as_mut().unwrap();
+        a.post(
+            &mut crate::vmx::FakeVmcs::new(),
+            &[0; 8],
+            &isr,
+            &[0; 8],
+            true,
+        );
+        t.vmcs.write(Guest16::InterruptStatus, 0x5100);
+        t.run(ExitReason::Cpuid);
+        super::take_unread_vtpr(&mut t.vcpu, &mut t.vm);
+        let mut w = crate::state::Writer::new();
+        t.vm.platform.save(&mut w);
+        let bytes = w.into_bytes();
+        let mut u = with_vid();
+        u.vm.platform
+            .restore(&mut crate::state::Reader::new(&bytes))
+            .unwrap();
+        u.vcpu.apicv.as_mut().unwrap().reset();
+        u.enter().unwrap();
+        assert_eq!(vapic(&u).vectors(), ([0; 8], isr));
+        assert_eq!(rvi_svi(&u), (0, 0x51));
+    }
+
     /// The EOI-exit bitmap is the model's TMR: a level-triggered vector's EOI exits (and goes
     /// to the IOAPIC), an edge-triggered one's stays in the CPU.
     #[test]
