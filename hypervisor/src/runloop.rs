@@ -653,7 +653,7 @@ fn slice<C: Cpu>(
     loop {
         if touched || timer_due.is_some_and(|d| now >= d) {
             // The guest's TPR for the model, if the last exits left it in VTPR.
-            exits::apicv::take_unread_vtpr(&mut *vcpu, &mut *vm);
+            exits::apicv::take_unread(&v, &mut *vcpu, &mut *vm);
             vm.platform.advance(vm.now(now));
             exits::inject_pending_interrupt(&mut v, &mut *vcpu, &mut *vm);
             exits::apicv::before_entry(&mut v, &mut *vcpu, &mut *vm);
@@ -942,6 +942,10 @@ impl<C: Cpu> RunLoop<C> {
             paused_at
         };
         let clock = s.vm.now(stopped_at);
+        // The model is what is saved: the TPR and vectors the CPU held at the last exit go to it.
+        for vcpu in &mut s.vcpus {
+            exits::apicv::take_unread_vtpr(vcpu, &mut s.vm);
+        }
         let taken = self.cpu.snapshot(&mut s.hw, &s.vm, &s.vcpus, clock);
         if !was_paused && resume {
             self.resume(id)?;

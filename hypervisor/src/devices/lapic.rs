@@ -490,6 +490,27 @@ impl Lapic {
         highest(&self.irr)
     }
 
+    /// The 256-bit IRR, ISR and TMR (SDM 11.8.4), for APIC virtualization
+    /// (`exits::apicv`): the interrupts Keel posts to the CPU, those it has in service, and those
+    /// whose EOI must reach the IOAPIC.
+    pub fn vectors(&self) -> (&[u32; 8], &[u32; 8], &[u32; 8]) {
+        (&self.irr, &self.isr, &self.tmr)
+    }
+
+    /// Takes IRR and ISR from the CPU that owned them while the guest ran (virtual-interrupt
+    /// delivery moves vectors from one to the other, and EOI virtualization clears ISR bits,
+    /// without Keel: SDM 30.2).
+    pub fn set_vectors(&mut self, irr: &[u32; 8], isr: &[u32; 8]) {
+        self.irr = *irr;
+        self.isr = *isr;
+    }
+
+    /// Whether a vector in service is level triggered (its TMR bit), so that its EOI goes on
+    /// to the IOAPIC (SDM 11.8.5).
+    pub fn level_triggered(&self, vector: u8) -> bool {
+        test_bit(&self.tmr, vector)
+    }
+
     /// The processor accepted `vector`: IRR to ISR (SDM 10.8.4).
     pub fn acknowledge(&mut self, vector: u8) {
         clear_bit(&mut self.irr, vector);
@@ -997,7 +1018,7 @@ fn test_bit(regs: &[u32; 8], v: u8) -> bool {
 }
 
 /// The highest vector set in a 256-bit register.
-fn highest(regs: &[u32; 8]) -> Option<u8> {
+pub fn highest(regs: &[u32; 8]) -> Option<u8> {
     regs.iter()
         .enumerate()
         .rev()

@@ -756,6 +756,56 @@ impl Platform {
         c.stats.acknowledged += 1;
     }
 
+    /// With virtual-interrupt delivery the CPU takes the local APIC's interrupts itself
+    /// (`exits::apicv`): the 8259A's vector for vCPU `cpu`, if its INTR reaches it, is all that
+    /// is left to inject.
+    pub fn pending_pic_interrupt(&self, cpu: usize) -> Option<u8> {
+        let lapic = self.chipset.lapics.0.get(cpu)?;
+        if lapic.accepts_pic_intr() {
+            self.chipset.pic.pending_vector()
+        } else {
+            None
+        }
+    }
+
+    /// Reports that the 8259A's `vector` (from [`Platform::pending_pic_interrupt`]) was injected
+    /// into vCPU `cpu`: its INTA cycle. A vector the 8259A no longer offers is counted in
+    /// `stale_acks`.
+    pub fn acknowledge_pic(&mut self, cpu: usize, vector: u8) {
+        let offered = self.pending_pic_interrupt(cpu) == Some(vector);
+        let c = &mut self.chipset;
+        if offered {
+            c.pic.acknowledge();
+            c.stats.acknowledged += 1;
+        } else {
+            c.stats.stale_acks += 1;
+        }
+    }
+
+    /// vCPU `cpu`'s IRR, ISR and TMR (`Lapic::vectors`), and whether its APIC is globally
+    /// enabled (a disabled APIC delivers nothing, SDM 11.4.3).
+    pub fn apic_vectors(&self, cpu: usize) -> (&[u32; 8], &[u32; 8], &[u32; 8], bool) {
+        let l = self.lapic(cpu);
+        let (irr, isr, tmr) = l.vectors();
+        (irr, isr, tmr, l.enabled())
+    }
+
+    /// vCPU `cpu`'s IRR and ISR as the CPU left them (`Lapic::set_vectors`).
+    pub fn set_apic_vectors(&mut self, cpu: usize, irr: &[u32; 8], isr: &[u32; 8]) {
+        self.lapic_mut(cpu).set_vectors(irr, isr);
+    }
+
+    /// The CPU virtualized the guest's EOI of `vector` and exited because the vector is level
+    /// triggered (its EOI-exit bit, SDM 30.1.4): the EOI goes on to the IOAPIC, as the model's
+    /// own EOI does (SDM 11.8.5).
+    pub fn virtualized_eoi(&mut self, cpu: usize, vector: u8) {
+        if self.lapic(cpu).level_triggered(vector) {
+            let c = &mut self.chipset;
+            c.ioapic.eoi(vector, &mut c.lapics);
+        }
+        self.refresh();
+    }
+
     /// vCPU `cpu`'s local APIC; the APIC of vCPU 0 for an index past the last (the callers pass
     /// their own vCPU's index, which the board's CPU count covers).
     fn lapic(&self, cpu: usize) -> &Lapic {
@@ -1330,6 +1380,41 @@ mod tests {
         assert_eq!(p.io_read(port::COM1, 1, 0), Some(u32::from(b'b')));
         lapic_eoi(&mut p, 0x51, 0);
         assert_eq!(p.pending_interrupt(0), None);
+    }
+
+    /// With virtual-interrupt delivery the CPU moves the vector to ISR and clears it at the EOI
+    /// (`set_apic_vectors` takes that in); the EOI of a level-triggered vector exits and goes on
+    /// to the IOAPIC, which sends it again while the line is up.
+    #[test]
+    fn a_virtualized_eoi_of_a_level_vector_reaches_the_ioapic() {
+        let mut p = Platform::new(TSC_HZ);
+        enable_lapic(&mut p);
+        ioapic_route(&mut p, 4, 0x8051); // COM1, level triggered, vector 0x51
+        p.io_write(port::COM1 + 4, 1, 0x08, 0);
+        p.io_write(port::COM1 + 1, 1, 0x01, 0);
+        p.io_write(port::COM1 + 2, 1, 0x01, 0);
+        p.push_serial_input(b'a', 0);
+        p.push_serial_input(b'b', 0);
+        let (irr, _, tmr, enabled) = p.apic_vectors(0);
+        assert!(enabled && irr[2] == 1 << 0x11 && tmr[2] == 1 << 0x11);
+        assert_eq!(
+            p.pending_pic_interrupt(0),
+            None,
+            "the 8259A's line is masked"
+        );
+        // The CPU delivers 0x51 (VIRR to VISR), the handler reads a byte, EOI virtualization
+        // clears VISR and exits for the level-triggered vector.
+        p.set_apic_vectors(0, &[0; 8], &[0, 0, 1 << 0x11, 0, 0, 0, 0, 0]);
+        assert_eq!(p.mmio_read(0, LAPIC + 0xa0, 4, 0), Some(0x50), "PPR");
+        assert_eq!(p.io_read(port::COM1, 1, 0), Some(u32::from(b'a')));
+        p.set_apic_vectors(0, &[0; 8], &[0; 8]);
+        assert_eq!(
+            p.pending_interrupt(0),
+            None,
+            "remote IRR holds it until the EOI"
+        );
+        p.virtualized_eoi(0, 0x51);
+        assert_eq!(p.pending_interrupt(0), Some(0x51), "the line is still up");
     }
 
     #[test]

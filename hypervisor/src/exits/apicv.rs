@@ -12,6 +12,7 @@
 use super::{Action, ExitContext};
 use crate::devices::lapic::{APIC_BASE_ENABLE, APIC_BASE_EXTD};
 use crate::guest::{StopReason, Vcpu, Vm};
+use crate::vmx::apicv::VirtualApic;
 use crate::vmx::{ReadOnly64, ReadOnlyNat, Vmcs};
 use alloc::format;
 
@@ -28,8 +29,21 @@ mod access_type {
 /// After an exit that reaches the platform, before its handler: the model takes the TPR the
 /// guest left in VTPR (CR8 and MMIO TPR writes do not exit), before anything looks at its
 /// priorities.
+///
+/// With virtual-interrupt delivery the model takes IRR and ISR from VIRR and VISR too: the
+/// CPU delivered interrupts and virtualized EOIs while the guest ran, and everything that reads
+/// the model after the exit (a register read, PPR, the next interrupt, a snapshot) must see
+/// that. Skipped when nothing can have changed: both were empty at the entry and the guest
+/// interrupt status still reads RVI = SVI = 0 (`VirtualApic::unchanged`).
 #[inline]
-pub fn after_exit(vcpu: &mut Vcpu, vm: &mut Vm) {
+pub fn after_exit<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &mut Vcpu, vm: &mut Vm) {
+    take(vcpu, vm, |a| a.unchanged(vmcs));
+}
+
+/// [`after_exit`]'s work; the vectors are taken unless `unchanged` says the CPU left them as
+/// they were.
+#[inline]
+fn take(vcpu: &mut Vcpu, vm: &mut Vm, unchanged: impl FnOnce(&VirtualApic) -> bool) {
     if let Some(a) = &mut vcpu.apicv {
         a.vtpr_unread = false;
         if a.features().tpr_shadow {
@@ -38,11 +52,15 @@ pub fn after_exit(vcpu: &mut Vcpu, vm: &mut Vm) {
                 vm.platform.set_tpr(vcpu.index, vtpr);
             }
         }
+        if a.features().virtual_interrupt_delivery && !unchanged(a) {
+            let (irr, isr) = a.vectors();
+            vm.platform.set_apic_vectors(vcpu.index, &irr, &isr);
+        }
     }
 }
 
 /// After an exit that does not reach the platform (CPUID, VMCALL, ...): VTPR is taken later,
-/// by [`take_unread_vtpr`], if the platform is looked at before the next exit that reaches it.
+/// by [`take_unread`], if the platform is looked at before the next exit that reaches it.
 #[inline]
 pub fn leave_vtpr(vcpu: &mut Vcpu) {
     if let Some(a) = &mut vcpu.apicv {
@@ -50,13 +68,22 @@ pub fn leave_vtpr(vcpu: &mut Vcpu) {
     }
 }
 
-/// Before the run loop looks at the platform (a timer fell due, a slice starts): the TPR the
-/// guest left in VTPR since the last exit that took it. Not later than that: a handler may
-/// have changed the model's TPR since (an x2APIC TPR write), which VTPR gets at the next entry.
+/// Before the run loop looks at the platform (a timer fell due, a slice starts): the TPR (and
+/// with virtual-interrupt delivery IRR and ISR) the guest left on the virtual-APIC page since
+/// the last exit that took them. Not later than that: a handler may have changed the model's
+/// TPR since (an x2APIC TPR write), which VTPR gets at the next entry.
 #[inline]
+pub fn take_unread<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &mut Vcpu, vm: &mut Vm) {
+    if vcpu.apicv.as_ref().is_some_and(|a| a.vtpr_unread) {
+        take(vcpu, vm, |a| a.unchanged(vmcs));
+    }
+}
+
+/// [`take_unread`] with the guest's VMCS not at hand (before a snapshot): the vectors are taken
+/// whether or not they changed.
 pub fn take_unread_vtpr(vcpu: &mut Vcpu, vm: &mut Vm) {
     if vcpu.apicv.as_ref().is_some_and(|a| a.vtpr_unread) {
-        after_exit(vcpu, vm);
+        take(vcpu, vm, |_| false);
     }
 }
 
@@ -71,6 +98,50 @@ pub fn before_entry<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu, vm: &mut Vm
     let p = &vm.platform;
     let xapic = p.apic_base(cpu) & (APIC_BASE_ENABLE | APIC_BASE_EXTD) == APIC_BASE_ENABLE;
     a.before_entry(vmcs, p.tpr(cpu), || p.highest_irr(cpu), xapic);
+    if a.features().virtual_interrupt_delivery {
+        let (irr, isr, tmr, enabled) = p.apic_vectors(cpu);
+        a.post(vmcs, irr, isr, tmr, enabled);
+    }
+}
+
+/// Whether the CPU delivers the local APIC's interrupts itself (virtual-interrupt delivery):
+/// then Keel injects only the 8259A's (`exits::inject_pending_interrupt`).
+#[inline]
+pub fn delivers_interrupts(vcpu: &Vcpu) -> bool {
+    vcpu.apicv
+        .as_ref()
+        .is_some_and(|a| a.features().virtual_interrupt_delivery)
+}
+
+/// A virtualized-EOI exit (SDM 30.1.4, trap-like; the qualification is the vector): the CPU
+/// has cleared the vector from VISR (the model took that in `after_exit`) and exits because its
+/// EOI-exit bit is set, the vector being level triggered: the EOI goes on to the IOAPIC.
+pub fn virtualized_eoi<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
+    let vector = cx.vmcs.read(ReadOnlyNat::ExitQualification) as u8;
+    cx.vm.platform.virtualized_eoi(cx.vcpu.index, vector);
+    Action::Resume
+}
+
+/// An APIC-write exit (SDM 30.4.3.3, trap-like; bits 11:0 of the qualification are the page
+/// offset): the guest's write is on the virtual-APIC page, and the CPU leaves its effect to
+/// Keel. With virtual-interrupt delivery and no APIC-register virtualization that is an ICR
+/// write the CPU does not turn into a self-IPI itself (SDM 30.4.3.3: an IPI to another
+/// destination, a self-IPI by destination instead of shorthand, an NMI): the model carries it
+/// out as it does an emulated write, and a fixed interrupt to this vCPU lands in the model's IRR,
+/// which the next entry posts into VIRR.
+pub fn apic_write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
+    let offset = cx.vmcs.read(ReadOnlyNat::ExitQualification) & 0xff0;
+    let Some(a) = &cx.vcpu.apicv else {
+        return Action::Stop(StopReason::Killed(format!(
+            "APIC-write exit at offset {offset:#x} without APIC virtualization"
+        )));
+    };
+    let value = a.register(offset as usize);
+    let gpa = cx.vm.platform.board().lapic_base + offset;
+    cx.vm
+        .platform
+        .mmio_write(cx.vcpu.index, gpa, 4, u64::from(value), cx.now);
+    Action::Resume
 }
 
 /// An APIC-access VM exit. The messages for the accesses Keel does not emulate are those of
@@ -111,15 +182,250 @@ mod tests {
     use crate::exits::Action;
     use crate::guest::StopReason;
     use crate::vmx::apicv::ApicvFeatures;
-    use crate::vmx::{Control32, ExitReason, GuestNat, ReadOnly64, Vmcs, VmcsAccess, VmcsField};
+    use crate::vmx::controls::PrimaryControls;
+    use crate::vmx::{
+        Control32, Control64, ExitReason, Guest16, GuestNat, ReadOnly64, Vmcs, VmcsAccess,
+        VmcsField,
+    };
 
     fn with_apicv() -> TestBed {
         let mut t = TestBed::new();
         t.enable_apicv(ApicvFeatures {
             tpr_shadow: true,
             virtualize_apic_accesses: true,
+            virtual_interrupt_delivery: false,
         });
         t
+    }
+
+    /// VIRR's word for vectors 0x60-0x7f.
+    const VIRR_3: usize = crate::vmx::apicv::VIRR + 3 * 16;
+
+    fn with_vid() -> TestBed {
+        let mut t = TestBed::new();
+        t.enable_apicv(ApicvFeatures {
+            tpr_shadow: true,
+            virtualize_apic_accesses: true,
+            virtual_interrupt_delivery: true,
+        });
+        t.enable_lapic();
+        t
+    }
+
+    fn vapic(t: &TestBed) -> &crate::vmx::apicv::VirtualApic {
+        t.vcpu.apicv.as_ref().unwrap()
+    }
+
+    /// RVI (bits 7:0) and SVI (15:8) of the guest interrupt status.
+    fn rvi_svi(t: &TestBed) -> (u8, u8) {
+        let s = t.vmcs.read(Guest16::InterruptStatus);
+        (s as u8, (s >> 8) as u8)
+    }
+
+    fn window_armed(t: &TestBed) -> bool {
+        let window = PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
+        t.vmcs.read(Control32::PrimaryProcBasedControls) & window != 0
+    }
+
+    /// With virtual-interrupt delivery an interrupt for the local APIC is posted into VIRR and
+    /// RVI: no injection and no interrupt window, whether the guest can take it now or not
+    /// (the CPU delivers it when it can, SDM 30.2.1).
+    #[test]
+    fn interrupts_are_posted_into_the_virtual_irr() {
+        for rflags in [0x202, 0x2] {
+            let mut t = with_vid();
+            t.self_ipi(0x51);
+            t.vmcs.write(GuestNat::Rflags, rflags);
+            t.enter().unwrap();
+            assert_eq!(t.injected(), None, "RFLAGS {rflags:#x}");
+            assert!(!window_armed(&t), "RFLAGS {rflags:#x}");
+            assert_eq!(vapic(&t).vectors().0[2], 1 << 0x11, "VIRR");
+            assert_eq!(rvi_svi(&t), (0x51, 0));
+            assert_eq!(t.vm.platform.stats().acknowledged, 0);
+        }
+    }
+
+    /// What the CPU did while the guest ran (delivered 0x51: VIRR to VISR) is what the model
+    /// reads at the next exit: IRR, ISR and PPR through the guest's register reads, and the next
+    /// entry keeps SVI.
+    #[test]
+    fn the_model_reads_irr_isr_and_ppr_the_cpu_left() {
+        let mut t = with_vid();
+        t.self_ipi(0x51);
+        t.self_ipi(0x32);
+        t.enter().unwrap();
+        assert_eq!(rvi_svi(&t), (0x51, 0));
+        // The CPU delivers 0x51.
+        let a = t.vcpu.apicv.as_mut().unwrap();
+        let mut irr = [0u32; 8];
+        irr[1] = 1 << 0x12;
+        let mut isr = [0u32; 8];
+        isr[2] = 1 << 0x11;
+        a.post(&mut crate::vmx::FakeVmcs::new(), &irr, &isr, &[0; 8], true);
+        t.run(ExitReason::PreemptionTimer);
+        let base = crate::devices::lapic::LAPIC_BASE;
+        let read = |t: &mut TestBed, off: u64| t.vm.platform.mmio_read(0, base + off, 4, 0);
+        assert_eq!(read(&mut t, 0x120), Some(1 << 0x11), "ISR 0x40-0x5f");
+        assert_eq!(read(&mut t, 0x220), Some(0), "IRR 0x40-0x5f");
+        assert_eq!(read(&mut t, 0x210), Some(1 << 0x12), "IRR 0x20-0x3f");
+        assert_eq!(read(&mut t, 0xa0), Some(0x50), "PPR");
+        assert_eq!(
+            t.vm.platform.pending_interrupt(0),
+            None,
+            "0x32 is below PPR"
+        );
+        t.enter().unwrap();
+        assert_eq!(rvi_svi(&t), (0x32, 0x51));
+    }
+
+    /// Nothing posted and nothing in service: the exits skip taking the vectors, unless the
+    /// guest interrupt status says the CPU changed them (a self-IPI it virtualized, SDM 30.1.5).
+    #[test]
+    fn a_self_ipi_the_cpu_virtualized_reaches_the_model() {
+        let mut t = with_vid();
+        t.enter().unwrap();
+        assert!(vapic(&t).unchanged(&t.vmcs));
+        // The CPU posts 0x61 itself (ICR write with the "self" shorthand) while IF = 0.
+        t.vcpu
+            .apicv
+            .as_mut()
+            .unwrap()
+            .write_register(VIRR_3, 1 << 1);
+        t.vmcs.write(Guest16::InterruptStatus, 0x61);
+        assert!(!vapic(&t).unchanged(&t.vmcs));
+        t.run(ExitReason::Cpuid);
+        t.enter().unwrap();
+        assert_eq!(
+            t.vm.platform.apic_vectors(0).0[3],
+            1 << 1,
+            "the model's IRR"
+        );
+        assert_eq!(rvi_svi(&t), (0x61, 0));
+    }
+
+    /// A snapshot taken after the CPU delivered an interrupt (and an exit that left the page
+    /// unread) holds it in service: restored into a fresh platform and a fresh virtual-APIC page,
+    /// the next entry gives the CPU the same ISR and SVI.
+    #[test]
+    fn a_snapshot_keeps_what_the_cpu_had_in_service() {
+        let mut t = with_vid();
+        t.self_ipi(0x51);
+        t.enter().unwrap();
+        // The CPU delivers 0x51 (VIRR to VISR, SVI 0x51), then a CPUID exit leaves it unread.
+        let mut isr = [0u32; 8];
+        isr[2] = 1 << 0x11;
+        let a = t.vcpu.apicv.as_mut().unwrap();
+        a.post(
+            &mut crate::vmx::FakeVmcs::new(),
+            &[0; 8],
+            &isr,
+            &[0; 8],
+            true,
+        );
+        t.vmcs.write(Guest16::InterruptStatus, 0x5100);
+        t.run(ExitReason::Cpuid);
+        super::take_unread_vtpr(&mut t.vcpu, &mut t.vm);
+        let mut w = crate::state::Writer::new();
+        t.vm.platform.save(&mut w);
+        let bytes = w.into_bytes();
+        let mut u = with_vid();
+        u.vm.platform
+            .restore(&mut crate::state::Reader::new(&bytes))
+            .unwrap();
+        u.vcpu.apicv.as_mut().unwrap().reset();
+        u.enter().unwrap();
+        assert_eq!(vapic(&u).vectors(), ([0; 8], isr));
+        assert_eq!(rvi_svi(&u), (0, 0x51));
+    }
+
+    /// The EOI-exit bitmap is the model's TMR: a level-triggered vector's EOI exits (and goes
+    /// to the IOAPIC), an edge-triggered one's stays in the CPU.
+    #[test]
+    fn level_triggered_vectors_set_their_eoi_exit_bit() {
+        let mut tmr = [0u32; 8];
+        tmr[2] = 1 << 0x11; // 0x51
+        tmr[7] = 1 << 31; // 0xff
+        assert_eq!(
+            crate::vmx::apicv::eoi_exit_bitmap(&tmr),
+            [0, 1 << 0x11, 0, 1 << 63]
+        );
+        let mut t = with_vid();
+        t.enter().unwrap();
+        assert_eq!(t.vmcs.read(Control64::EoiExitBitmap1), 0);
+        // A level-triggered message from the IOAPIC for 0x51.
+        t.vm.platform.mmio_write(0, 0xfec0_0000, 4, 0x10 + 2 * 4, 0);
+        t.vm.platform.mmio_write(0, 0xfec0_0010, 4, 0x8051, 0);
+        t.vm.platform.io_write(0x3f8 + 4, 1, 0x08, 0);
+        t.vm.platform.io_write(0x3f8 + 1, 1, 0x01, 0);
+        t.vm.platform.push_serial_input(b'a', 0);
+        t.enter().unwrap();
+        assert_eq!(t.vmcs.read(Control64::EoiExitBitmap1), 1 << 0x11);
+        assert_eq!(rvi_svi(&t).0, 0x51);
+        // Delivered and EOI'd by the CPU; the EOI exits (qualification: the vector). The line
+        // is still up (the byte is unread): the IOAPIC sends it again.
+        t.vcpu.apicv.as_mut().unwrap().post(
+            &mut crate::vmx::FakeVmcs::new(),
+            &[0; 8],
+            &[0; 8],
+            &[0; 8],
+            true,
+        );
+        t.set_qualification(0x51);
+        assert_eq!(t.run(ExitReason::VirtualizedEoi), Action::Resume);
+        t.enter().unwrap();
+        assert_eq!(rvi_svi(&t).0, 0x51);
+        assert_eq!(t.injected(), None);
+    }
+
+    /// An ICR write the CPU does not virtualize (a self-IPI by destination, not shorthand) is on
+    /// the virtual-APIC page at the APIC-write exit: the model sends it, and the next entry posts
+    /// it.
+    #[test]
+    fn a_self_ipi_through_the_apic_write_exit_is_posted() {
+        let mut t = with_vid();
+        t.enter().unwrap();
+        let rip = t.vmcs.read(GuestNat::Rip);
+        // The CPU wrote the ICR (fixed, physical destination 0 = this APIC, vector 0x61) to
+        // the virtual-APIC page; the ICR's high half (destination 0) went to the model.
+        t.vcpu.apicv.as_mut().unwrap().write_register(0x300, 0x61);
+        t.set_qualification(0x300);
+        assert_eq!(t.run(ExitReason::ApicWrite), Action::Resume);
+        assert_eq!(
+            t.vmcs.read(GuestNat::Rip),
+            rip,
+            "trap-like: nothing to skip"
+        );
+        t.enter().unwrap();
+        assert_eq!(rvi_svi(&t), (0x61, 0));
+        assert_eq!(t.injected(), None);
+    }
+
+    /// The 8259A's interrupts still go in by injection (they are not the local APIC's).
+    #[test]
+    fn the_8259a_is_still_injected() {
+        let mut t = with_vid();
+        // Virtual wire: LINT0 ExtINT, the 8259A's IRQ0 (vector 0x20) through the PIT.
+        let base = crate::devices::lapic::LAPIC_BASE;
+        t.vm.platform.mmio_write(0, base + 0x350, 4, 0x700, 0);
+        for (port, v) in [
+            (0x20u16, 0x11u32),
+            (0x21, 0x20),
+            (0x21, 4),
+            (0x21, 1),
+            (0x21, 0xfe),
+        ] {
+            t.vm.platform.io_write(port, 1, v, 0);
+        }
+        t.vm.platform.io_write(0x43, 1, 0x34, 0);
+        t.vm.platform.io_write(0x40, 1, 100, 0);
+        t.vm.platform.io_write(0x40, 1, 0, 0);
+        t.vm.platform.advance(TEST_TSC_HZ / 100);
+        t.self_ipi(0x51);
+        t.vmcs.write(GuestNat::Rflags, 0x202);
+        t.enter().unwrap();
+        assert_eq!(t.injected(), Some(0x20));
+        assert_eq!(rvi_svi(&t).0, 0x51, "the APIC's own interrupt is posted");
+        assert_eq!(t.vm.platform.stats().acknowledged, 1);
     }
 
     /// A MOV to CR8 or a virtualized MMIO write leaves the TPR in VTPR: the model sees it at the

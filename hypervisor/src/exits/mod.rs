@@ -131,7 +131,7 @@ pub fn handle<V: Vmcs + ?Sized>(
     // it before it looks at the platform after the other exits (a timer that fell due).
     let x2apic_read = reason == ExitReason::Rdmsr && msr::reads_the_apic(cx.vcpu.regs.rcx as u32);
     if may_touch_platform(reason) || x2apic_read {
-        apicv::after_exit(cx.vcpu, cx.vm);
+        apicv::after_exit(&*cx.vmcs, cx.vcpu, cx.vm);
     } else {
         apicv::leave_vtpr(cx.vcpu);
     }
@@ -175,6 +175,8 @@ pub fn handle<V: Vmcs + ?Sized>(
         ExitReason::EptMisconfiguration => ept::misconfiguration(cx),
         ExitReason::ApicAccess => apicv::access(cx),
         ExitReason::TprBelowThreshold => Action::Resume,
+        ExitReason::VirtualizedEoi => apicv::virtualized_eoi(cx),
+        ExitReason::ApicWrite => apicv::apic_write(cx),
         ExitReason::PreemptionTimer => Action::Preempted,
         ExitReason::Invd | ExitReason::Wbinvd => simple::cache_flush(cx),
         r if simple::is_vmx_instruction(r) => Action::Inject(Exception::UD),
@@ -346,7 +348,17 @@ pub fn inject_pending_interrupt<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu,
     let window = PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
     let primary = vmcs.read(Control32::PrimaryProcBasedControls);
     let held = vcpu.events.held_interrupt();
-    let want_window = match held.or_else(|| vm.platform.pending_interrupt(vcpu.index)) {
+    // With virtual-interrupt delivery the local APIC's interrupts are posted to the CPU
+    // (`apicv::before_entry`), which delivers them itself: only the 8259A's are injected.
+    let posted = apicv::delivers_interrupts(vcpu);
+    let pending = || {
+        if posted {
+            vm.platform.pending_pic_interrupt(vcpu.index)
+        } else {
+            vm.platform.pending_interrupt(vcpu.index)
+        }
+    };
+    let want_window = match held.or_else(pending) {
         None => false,
         // An event of the queue, or a debug trap already pending in the VMCS (an I/O breakpoint
         // of an emulated instruction), comes first and would be lost to an injection.
@@ -357,6 +369,8 @@ pub fn inject_pending_interrupt<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu,
             if open {
                 if held.is_some() {
                     vcpu.events.take_held_interrupt();
+                } else if posted {
+                    vm.platform.acknowledge_pic(vcpu.index, vector);
                 } else {
                     vm.platform.acknowledge(vcpu.index, vector);
                 }

@@ -163,7 +163,7 @@ impl TestBed {
     /// What the run loop does right before the next VM entry: offer the platform's pending
     /// interrupts and commit one event to the VMCS. `Err` is a reason to stop the guest instead.
     pub fn enter(&mut self) -> Result<(), crate::guest::StopReason> {
-        super::apicv::take_unread_vtpr(&mut self.vcpu, &mut self.vm);
+        super::apicv::take_unread(&self.vmcs, &mut self.vcpu, &mut self.vm);
         super::inject_pending_interrupt(&mut self.vmcs, &mut self.vcpu, &mut self.vm);
         super::apicv::before_entry(&mut self.vmcs, &mut self.vcpu, &mut self.vm);
         super::events::commit(&mut self.vmcs, &mut self.vcpu)

@@ -27,12 +27,19 @@
 //! CPU does not virtualize exit, and an implementation that lets one through (SDM 30.4.6.2) reaches
 //! only this guest's empty page.
 
-use super::controls::{adjust_controls, can_set, ControlError, PrimaryControls, SecondaryControls};
+use super::controls::{
+    adjust_controls, can_set, ControlError, PinBasedControls, PrimaryControls, SecondaryControls,
+};
 use super::VmxCaps;
-use crate::vmx::{Control32, Control64, Vmcs};
+use crate::devices::lapic::highest;
+use crate::vmx::{Control32, Control64, Guest16, Vmcs};
 
 /// Offset of the TPR on the virtual-APIC page (VTPR, SDM 30.1.1).
 pub const VTPR: usize = 0x80;
+/// Offsets of the ISR and IRR on the virtual-APIC page (VISR, VIRR: eight 32-bit words 16 bytes
+/// apart, as on the xAPIC page; SDM 30.1.1).
+pub const VISR: usize = 0x100;
+pub const VIRR: usize = 0x200;
 
 /// Which APIC virtualization features a guest runs with.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -41,6 +48,9 @@ pub struct ApicvFeatures {
     pub tpr_shadow: bool,
     /// "virtualize APIC accesses": MMIO TPR without exits, an APIC-access page.
     pub virtualize_apic_accesses: bool,
+    /// "virtual-interrupt delivery": the CPU owns IRR, ISR and PPR on the virtual-APIC page,
+    /// delivers the interrupts Keel posts there and virtualizes EOI (SDM 30.1.3, 30.2).
+    pub virtual_interrupt_delivery: bool,
 }
 
 impl ApicvFeatures {
@@ -54,9 +64,17 @@ impl ApicvFeatures {
         let virtualize_apic_accesses = tpr_shadow
             && can_set(caps, PrimaryControls::ACTIVATE_SECONDARY_CONTROLS)
             && can_set(caps, SecondaryControls::VIRTUALIZE_APIC_ACCESSES);
+        // SDM 27.2.1.1: "virtual-interrupt delivery" needs the TPR shadow and "external-interrupt
+        // exiting" (which Keel always sets, `vcpu::compute_controls`). Keel asks for it only on
+        // top of "virtualize APIC accesses": then the guest's EOI and ICR writes to the xAPIC
+        // page reach the virtual-APIC page (SDM 30.4.3.1).
+        let virtual_interrupt_delivery = virtualize_apic_accesses
+            && can_set(caps, SecondaryControls::VIRTUAL_INTERRUPT_DELIVERY)
+            && can_set(caps, PinBasedControls::EXTERNAL_INTERRUPT_EXITING);
         Self {
             tpr_shadow,
             virtualize_apic_accesses,
+            virtual_interrupt_delivery,
         }
     }
 
@@ -84,12 +102,15 @@ impl ApicvFeatures {
             PrimaryControls::empty(),
         )?;
         let secondary = SecondaryControls::from_bits_retain(secondary);
-        let secondary = if self.virtualize_apic_accesses {
-            adjust_controls(
-                caps,
-                secondary | SecondaryControls::VIRTUALIZE_APIC_ACCESSES,
-                SecondaryControls::empty(),
-            )?
+        let mut wanted = secondary;
+        if self.virtualize_apic_accesses {
+            wanted |= SecondaryControls::VIRTUALIZE_APIC_ACCESSES;
+        }
+        if self.virtual_interrupt_delivery {
+            wanted |= SecondaryControls::VIRTUAL_INTERRUPT_DELIVERY;
+        }
+        let secondary = if wanted != secondary {
+            adjust_controls(caps, wanted, SecondaryControls::empty())?
         } else {
             secondary
         };
@@ -98,11 +119,19 @@ impl ApicvFeatures {
 
     /// A short description for Keel's log.
     pub fn describe(&self) -> &'static str {
-        match (self.tpr_shadow, self.virtualize_apic_accesses) {
-            (false, _) => "off (every TPR access exits)",
-            (true, false) => "TPR shadow (CR8 without exits; MMIO TPR exits)",
-            (true, true) => {
+        match (
+            self.tpr_shadow,
+            self.virtualize_apic_accesses,
+            self.virtual_interrupt_delivery,
+        ) {
+            (false, _, _) => "off (every TPR access exits)",
+            (true, false, _) => "TPR shadow (CR8 without exits; MMIO TPR exits)",
+            (true, true, false) => {
                 "TPR shadow + virtualized APIC accesses (CR8 and MMIO TPR without exits)"
+            }
+            (true, true, true) => {
+                "TPR shadow + virtualized APIC accesses + virtual-interrupt delivery (CR8, MMIO \
+                 TPR, EOI and self-IPI without exits)"
             }
         }
     }
@@ -121,6 +150,10 @@ pub struct VirtualApic {
     accesses_virtualized: bool,
     /// The TPR threshold in the VMCS now (written only when it changes: a VMWRITE is dear).
     threshold: u32,
+    /// The EOI-exit bitmap in the VMCS now (virtual-interrupt delivery; written when it changes).
+    eoi_exit: [u64; 4],
+    /// Whether VIRR and VISR were empty at the last [`VirtualApic::post`] (RVI = SVI = 0).
+    idle: bool,
     /// Whether the guest ran since the model last took VTPR (`exits::apicv`): the exits that do
     /// not reach the platform leave the taking to the next look at the platform.
     pub vtpr_unread: bool,
@@ -156,6 +189,8 @@ impl VirtualApic {
             features,
             accesses_virtualized: features.virtualize_apic_accesses,
             threshold: 0,
+            eoi_exit: [0; 4],
+            idle: true,
             vtpr_unread: false,
         }
     }
@@ -186,6 +221,10 @@ impl VirtualApic {
         self.access.fill(0);
         self.accesses_virtualized = self.features.virtualize_apic_accesses;
         self.threshold = 0;
+        self.eoi_exit = [0; 4];
+        self.idle = true;
+        // The pages hold nothing the model lacks: nothing to take from them.
+        self.vtpr_unread = false;
     }
 
     /// The VMCS fields of APIC virtualization, at guest boot: the two page addresses and a TPR
@@ -198,6 +237,106 @@ impl VirtualApic {
         vmcs.write(Control32::TprThreshold, self.threshold);
         if self.features.virtualize_apic_accesses {
             vmcs.write(Control64::ApicAccessAddr, self.access_pa);
+        }
+        if self.features.virtual_interrupt_delivery {
+            // SDM 25.4.2, 25.6.8: RVI and SVI 0 (nothing requested or in service), no EOI exits.
+            vmcs.write(Guest16::InterruptStatus, 0);
+            for (field, bits) in EOI_EXIT_BITMAPS.iter().zip(self.eoi_exit) {
+                vmcs.write(*field, bits);
+            }
+        }
+    }
+
+    /// The CPU's IRR and ISR as the guest left them (VIRR, VISR), with virtual-interrupt
+    /// delivery: it moves a vector from VIRR to VISR when it delivers it and clears VISR bits at
+    /// EOIs, without exits (SDM 30.2.2, 30.1.4).
+    pub fn vectors(&self) -> ([u32; 8], [u32; 8]) {
+        let mut irr = [0; 8];
+        let mut isr = [0; 8];
+        for i in 0..8 {
+            irr[i] = self.word(VIRR + i * 16);
+            isr[i] = self.word(VISR + i * 16);
+        }
+        (irr, isr)
+    }
+
+    /// Whether VIRR and VISR are as the last [`VirtualApic::post`] left them, known without
+    /// reading them: both were empty and the guest interrupt status reads RVI = SVI = 0. The
+    /// CPU keeps RVI the highest VIRR vector and SVI the highest VISR vector through every
+    /// change it makes (self-IPI virtualization, delivery, EOI virtualization: SDM 30.1.4,
+    /// 30.1.5, 30.2.2), so both 0 means both are still empty (vectors 0-15 are never set).
+    #[inline]
+    pub fn unchanged<V: Vmcs + ?Sized>(&self, vmcs: &V) -> bool {
+        self.idle && vmcs.read(Guest16::InterruptStatus) == 0
+    }
+
+    fn word(&self, offset: usize) -> u32 {
+        let mut b = [0; 4];
+        b.copy_from_slice(&self.vapic[offset..offset + 4]);
+        u32::from_le_bytes(b)
+    }
+
+    fn set_word(&mut self, offset: usize, value: u32) {
+        if self.word(offset) != value {
+            self.vapic[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
+        }
+    }
+
+    /// Writes a 32-bit register of the virtual-APIC page, as a guest write the CPU virtualizes
+    /// does (for tests of the exits that follow one).
+    #[cfg(test)]
+    pub fn write_register(&mut self, offset: usize, value: u32) {
+        self.set_word(offset & 0xff0, value);
+    }
+
+    /// A 32-bit register the guest wrote to the virtual-APIC page (the value of an APIC-write
+    /// exit, SDM 30.4.3.3), at `offset` rounded down to its register.
+    pub fn register(&self, offset: usize) -> u32 {
+        self.word(offset & 0xff0)
+    }
+
+    /// Before an entry, with virtual-interrupt delivery: the model's pending (`irr`) and
+    /// in-service (`isr`) vectors go to VIRR and VISR, RVI and SVI in the guest interrupt status
+    /// are their highest vectors (SDM 30.1.1: RVI is bits 7:0, SVI bits 15:8), and the EOI-exit
+    /// bitmap holds the level-triggered vectors (`tmr`), whose EOI must reach the IOAPIC. VM
+    /// entry then evaluates the pending virtual interrupt and delivers it when the guest can take
+    /// it (SDM 27.3.2.5, 30.2.1): no interrupt window, no injection. A globally disabled APIC
+    /// (`enabled` false) requests nothing.
+    pub fn post<V: Vmcs + ?Sized>(
+        &mut self,
+        vmcs: &mut V,
+        irr: &[u32; 8],
+        isr: &[u32; 8],
+        tmr: &[u32; 8],
+        enabled: bool,
+    ) {
+        let (rvi, svi) = (highest(irr), highest(isr));
+        if self.idle && rvi.is_none() && svi.is_none() {
+            // Empty on the page and in the model, RVI = SVI = 0 (the exit found them so,
+            // `unchanged`), and no vector accepted since to change the TMR: nothing to write.
+            return;
+        }
+        self.idle = rvi.is_none() && svi.is_none();
+        for i in 0..8 {
+            self.set_word(VIRR + i * 16, irr[i]);
+            self.set_word(VISR + i * 16, isr[i]);
+        }
+        let rvi = if enabled {
+            highest(irr).unwrap_or(0)
+        } else {
+            0
+        };
+        let svi = highest(isr).unwrap_or(0);
+        vmcs.write(
+            Guest16::InterruptStatus,
+            u16::from(svi) << 8 | u16::from(rvi),
+        );
+        let bitmap = eoi_exit_bitmap(tmr);
+        for (i, bits) in bitmap.into_iter().enumerate() {
+            if bits != self.eoi_exit[i] {
+                self.eoi_exit[i] = bits;
+                vmcs.write(EOI_EXIT_BITMAPS[i], bits);
+            }
         }
     }
 
@@ -220,8 +359,10 @@ impl VirtualApic {
         if self.vtpr() != tpr {
             self.set_vtpr(tpr);
         }
-        // TPR class 0 holds nothing back (vectors 0-15 are never delivered): no IRR scan.
-        let threshold = if tpr >> 4 == 0 {
+        // TPR class 0 holds nothing back (vectors 0-15 are never delivered): no IRR scan. With
+        // virtual-interrupt delivery a lowered VTPR lets the interrupt through without an exit
+        // (SDM 30.1.2: TPR virtualization evaluates pending virtual interrupts instead).
+        let threshold = if tpr >> 4 == 0 || self.features.virtual_interrupt_delivery {
             0
         } else {
             tpr_threshold(tpr, highest_irr())
@@ -250,6 +391,26 @@ impl VirtualApic {
             }
         }
     }
+}
+
+/// The four 64-bit EOI-exit bitmap fields, vectors 0-63 first (SDM 25.6.8).
+const EOI_EXIT_BITMAPS: [Control64; 4] = [
+    Control64::EoiExitBitmap0,
+    Control64::EoiExitBitmap1,
+    Control64::EoiExitBitmap2,
+    Control64::EoiExitBitmap3,
+];
+
+/// The EOI-exit bitmap (SDM 30.1.4: an EOI of a vector whose bit is set exits after EOI
+/// virtualization) from the model's TMR: exactly the vectors whose EOI the emulated APIC would
+/// pass to the IOAPIC (`Lapic::eoi`), that is those the IOAPIC delivered level triggered. A vector
+/// accepted edge triggered clears its TMR bit, and its EOI stays in the CPU.
+pub fn eoi_exit_bitmap(tmr: &[u32; 8]) -> [u64; 4] {
+    let mut bits = [0; 4];
+    for (i, b) in bits.iter_mut().enumerate() {
+        *b = u64::from(tmr[2 * i]) | u64::from(tmr[2 * i + 1]) << 32;
+    }
+    bits
 }
 
 /// The TPR threshold (SDM 30.1.2): the CPU exits once VTPR[7:4] drops below its bits 3:0. The
@@ -283,6 +444,13 @@ mod tests {
     const ALL: ApicvFeatures = ApicvFeatures {
         tpr_shadow: true,
         virtualize_apic_accesses: true,
+        virtual_interrupt_delivery: true,
+    };
+
+    /// The TPR alone virtualized (a CPU without virtual-interrupt delivery).
+    const TPR_ONLY: ApicvFeatures = ApicvFeatures {
+        virtual_interrupt_delivery: false,
+        ..ALL
     };
 
     #[test]
@@ -300,7 +468,7 @@ mod tests {
         let mut caps = VmxCaps::bochs_skylake_x();
         caps.procbased2 &= !(u64::from(SecondaryControls::VIRTUALIZE_APIC_ACCESSES.bits()) << 32);
         let f = ApicvFeatures::select(&caps, true);
-        assert!(f.tpr_shadow && !f.virtualize_apic_accesses);
+        assert!(f.tpr_shadow && !f.virtualize_apic_accesses && !f.virtual_interrupt_delivery);
         let bit = u64::from(PrimaryControls::USE_TPR_SHADOW.bits()) << 32;
         caps.procbased &= !bit;
         caps.true_procbased &= !bit;
@@ -319,9 +487,15 @@ mod tests {
         // Everything else Keel relies on stays.
         assert!(p.contains(PrimaryControls::HLT_EXITING | PrimaryControls::USE_IO_BITMAPS));
         let s = SecondaryControls::from_bits_retain(s);
-        assert!(
-            s.contains(SecondaryControls::VIRTUALIZE_APIC_ACCESSES | SecondaryControls::ENABLE_EPT)
-        );
+        assert!(s.contains(
+            SecondaryControls::VIRTUALIZE_APIC_ACCESSES
+                | SecondaryControls::VIRTUAL_INTERRUPT_DELIVERY
+                | SecondaryControls::ENABLE_EPT
+        ));
+        // Without it, the TPR alone.
+        let (_, s) = TPR_ONLY.apply(&caps, c.primary, c.secondary).unwrap();
+        let s = SecondaryControls::from_bits_retain(s);
+        assert!(!s.contains(SecondaryControls::VIRTUAL_INTERRUPT_DELIVERY));
         // Off: the controls are Keel's usual ones.
         assert_eq!(
             ApicvFeatures::default().apply(&caps, c.primary, c.secondary),
@@ -365,10 +539,10 @@ mod tests {
     fn before_entry_keeps_vtpr_and_threshold_and_follows_the_apic_mode() {
         let caps = VmxCaps::bochs_skylake_x();
         let c = crate::vcpu::compute_controls(&caps).unwrap();
-        let (_, s) = ALL.apply(&caps, c.primary, c.secondary).unwrap();
+        let (_, s) = TPR_ONLY.apply(&caps, c.primary, c.secondary).unwrap();
         let mut v = FakeVmcs::new();
         v.write(Control32::SecondaryProcBasedControls, s);
-        let mut a = vapic(ALL);
+        let mut a = vapic(TPR_ONLY);
         a.before_entry(&mut v, 0x70, || Some(0x41), true);
         assert_eq!((a.vtpr(), v.read(Control32::TprThreshold)), (0x70, 4));
         let vaa = SecondaryControls::VIRTUALIZE_APIC_ACCESSES.bits();
