@@ -842,6 +842,26 @@ memory = "2M"
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Host CPUs a board cannot have are refused in `cpus` when the image is packed, naming the
+    /// guest.
+    #[test]
+    fn a_bad_cpu_list_is_refused_at_pack_time_with_the_guests_name() {
+        let dir = files_dir("cpus", &[("a.bin", b"\xeb\xfe")]);
+        for (bad, shown) in [("64", "64"), ("\"0-64\"", "0-64"), ("\"1-0\"", "1-0")] {
+            let text = format!(
+                "[[guest]]\nname = \"web\"\nkind = \"flat\"\nimage = \"a.bin\"\n\
+                 memory = \"2M\"\ncpus = {bad}\n"
+            );
+            assert_eq!(
+                pack_error(&text, &dir),
+                format!(
+                    "t.toml: line 6: guest web: cpus must list host CPUs from 0 to 63 (such as 0-1,3), not `{shown}`"
+                )
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// The loaders run at pack time against each guest's image, memory and longest command
     /// line: what Keel would refuse at boot (or at a restart) fails here, naming the guest.
     #[test]

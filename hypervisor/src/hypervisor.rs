@@ -141,8 +141,20 @@ pub fn run(machine: MachineInfo) -> ! {
                 continue;
             }
         };
+        // The CPUs that run vCPUs: the boot CPU (the APs wait in HLT, docs/ARCHITECTURE.md).
+        let loop_cpus = 1;
+        let pins = match crate::runloop::pins_on(cfg.cpus, loop_cpus) {
+            Ok(p) => p,
+            Err(n) => {
+                crate::warn!(
+                    "guest {}: cpus names CPU {n}, which runs no vCPUs: it may run on every CPU",
+                    cfg.name
+                );
+                None
+            }
+        };
         match VmHw::create(id as u32, setup, cal.tsc_hz) {
-            Ok(slot) => slots.push(slot),
+            Ok(slot) => slots.push(slot.with_pins(pins)),
             Err(e) => error!("guest {}: not started: {e}", cfg.name),
         }
     }
@@ -240,6 +252,11 @@ impl Cpu for RealCpu {
 
     fn enter(&mut self, vmcs: &mut LoadedVmcs<'_>, regs: &mut GuestRegs) -> Result<(), VmxError> {
         vmcs.enter(regs)
+    }
+
+    fn release(&mut self, vm: &mut VmHw, cpu: usize) -> Result<(), String> {
+        let c = vm.cpus.get_mut(cpu).ok_or("no such vCPU")?;
+        c.vmcs.clear().map_err(|e| alloc::format!("{e}"))
     }
 
     fn host(&mut self) -> &mut dyn exits::Host {

@@ -33,6 +33,8 @@
 //! policy = on-demand       # started and paused by the load policy (default none)
 //! vcpus = 4                # virtual CPUs, 1 to 16 (default 1): APIC IDs 0-3, the others
 //!                          # started by the guest's INIT/SIPI
+//! cpus = 0-1,3             # host CPUs its vCPUs may run on (default: all); a CPU that is
+//!                          # not up at boot is a warning, and the guest may run on all
 //! autostart = off          # loaded but not started (nor given RAM) until `start NAME`
 //!                          # (default on)
 //! ```
@@ -81,6 +83,8 @@ pub struct GuestConfig {
     pub restart: u32,
     /// How many vCPUs it has (`vcpus`, 1 to [`MAX_VCPUS`]; APIC IDs 0..vcpus-1).
     pub vcpus: u8,
+    /// `cpus`: the host CPUs its vCPUs may run on, a bit each (CPU n is bit n), if pinned.
+    pub cpus: Option<u64>,
     /// `weight`: its CPU time relative to the others' (1 to [`crate::sched::WEIGHT_MAX`]).
     pub weight: u32,
     /// `cap`: the most CPU it may use, in percent of one CPU (1 to 100), if capped.
@@ -178,6 +182,25 @@ pub fn parse_size(s: &str) -> Option<u64> {
     parse_u64(num)?.checked_mul(mul)
 }
 
+/// A list of host CPUs, `0-1,3` (numbers and ranges, each below [`crate::smp::MAX_CPUS`]), as a
+/// mask with bit n for CPU n; `None` if it is not one (or lists none).
+pub fn parse_cpu_list(s: &str) -> Option<u64> {
+    let mut mask = 0u64;
+    for part in s.split(',') {
+        let (lo, hi) = match part.split_once('-') {
+            Some((lo, hi)) => (parse_u64(lo)?, parse_u64(hi)?),
+            None => (parse_u64(part)?, parse_u64(part)?),
+        };
+        if lo > hi || hi >= crate::smp::MAX_CPUS as u64 {
+            return None;
+        }
+        for n in lo..=hi {
+            mask |= 1 << n;
+        }
+    }
+    (mask != 0).then_some(mask)
+}
+
 pub fn parse_u64(s: &str) -> Option<u64> {
     let s = s.trim();
     if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
@@ -205,6 +228,7 @@ struct Partial {
     initrd: Option<(String, usize)>,
     restart: u32,
     vcpus: u8,
+    cpus: Option<u64>,
     weight: u32,
     cap: Option<u32>,
     refuse: bool,
@@ -333,6 +357,7 @@ impl Partial {
             modules: self.modules,
             restart: self.restart,
             vcpus: self.vcpus,
+            cpus: self.cpus,
             weight: self.weight,
             cap: self.cap,
             refuse: self.refuse,
@@ -413,6 +438,7 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                     initrd: None,
                     restart: 0,
                     vcpus: 1,
+                    cpus: None,
                     weight: 1,
                     cap: None,
                     refuse: false,
@@ -581,6 +607,18 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                         ),
                         )
                     })? as u8
+            }
+            "cpus" => {
+                g.cpus = Some(parse_cpu_list(value).ok_or_else(|| {
+                    err(
+                        line_no,
+                        format_args!(
+                            "guest {}: cpus must list host CPUs from 0 to {} (such as 0-1,3), not `{value}`",
+                            g.name,
+                            crate::smp::MAX_CPUS - 1
+                        ),
+                    )
+                })?)
             }
             "selftest" => {
                 g.refuse = match value {
@@ -921,6 +959,36 @@ restart = 7
         let e = parse("[keel]\npolicy.when = 5%\n").unwrap_err();
         assert_eq!(e.line, 2);
         assert!(e.message.contains("unknown key policy.when"), "{e}");
+    }
+
+    #[test]
+    fn cpus_lists_the_host_cpus_a_guest_may_run_on() {
+        let all = parse("[guest a]\nkind = flat\nimage = a.bin\nmemory = 2M\n").unwrap();
+        assert_eq!(all.guests[0].cpus, None, "every CPU by default");
+        for (list, mask) in [
+            ("1", 0b10),
+            ("0-1", 0b11),
+            ("0-1,3", 0b1011),
+            ("63", 1 << 63),
+        ] {
+            let m = parse(&alloc::format!(
+                "[guest a]\nkind = flat\nimage = a.bin\nmemory = 2M\ncpus = {list}\n"
+            ))
+            .unwrap();
+            assert_eq!(m.guests[0].cpus, Some(mask), "{list}");
+        }
+        for bad in ["64", "1-0", "0-64", "", "a", "0,,1", "-1"] {
+            let e = parse(&alloc::format!(
+                "[guest web]\nkind = flat\nimage = a.bin\nmemory = 2M\ncpus = {bad}\n"
+            ))
+            .unwrap_err();
+            assert_eq!(
+                alloc::format!("{e}"),
+                alloc::format!(
+                    "manifest line 5: guest web: cpus must list host CPUs from 0 to 63 (such as 0-1,3), not `{bad}`"
+                )
+            );
+        }
     }
 
     #[test]

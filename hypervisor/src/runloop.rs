@@ -107,6 +107,17 @@ pub trait Cpu {
     ) -> Result<u64, String> {
         Ok(crate::abi::status::ENOSYS)
     }
+    /// The calls that follow act for host CPU `h` (the hardware has one `Cpu` per CPU; the
+    /// tests' fake plays several).
+    fn on_host(&mut self, _h: usize) {}
+    /// Interrupts host CPU `h`: out of HLT, or out of guest mode (an IPI to a CPU in VMX
+    /// non-root operation is an external-interrupt exit).
+    fn kick(&mut self, _h: usize) {}
+    /// VMCLEAR of vCPU `cpu`'s VMCS on the CPU it leaves, so that another CPU may load it
+    /// (SDM Vol. 3C 25.11.1); its next entry is a VMLAUNCH.
+    fn release(&mut self, _hw: &mut Self::Vcpu, _cpu: usize) -> Result<(), String> {
+        Ok(())
+    }
     /// Gives a stopped guest's RAM back to the pool (it gets RAM again when booted).
     fn release_ram(&mut self, _hw: &mut Self::Vcpu, _vm: &mut Vm) {}
     /// Keel's pool of memory for guests: (free bytes, total bytes), if known.
@@ -156,6 +167,29 @@ pub struct Slot<V> {
     restart_limit: u32,
     /// Its weight and cap (read by `RunLoop::new`).
     share: Share,
+    /// The host CPUs its vCPUs may run on, a bit each (manifest `cpus`), if pinned.
+    pins: Option<u64>,
+    /// Counts its boots and restores: a host CPU whose vCPU was replaced meanwhile (by a command
+    /// on another CPU) drops its slice at the exit.
+    epoch: u32,
+}
+
+/// The pins a guest keeps on a machine whose CPUs in `up` (a bit each) run vCPUs: `pins` if
+/// every CPU it lists is up, else `Err` with the first that is not (the guest may then run on
+/// every CPU: a manifest written for a bigger machine still boots).
+pub fn pins_on(pins: Option<u64>, up: u64) -> Result<Option<u64>, u32> {
+    match pins {
+        Some(m) if m & !up != 0 => Err((m & !up).trailing_zeros()),
+        _ => Ok(pins),
+    }
+}
+
+/// One vCPU of a guest and what it shares, as its entries and exits use them.
+struct Parts<'a> {
+    vm: &'a mut Vm,
+    vcpu: &'a mut Vcpu,
+    seat: &'a mut Seat,
+    waiting_since: &'a mut Option<u64>,
 }
 
 /// One vCPU's place in the schedule.
@@ -168,6 +202,11 @@ struct Seat {
     /// Woken from HLT by an interrupt and not run since: scheduled ahead of the rotation, so a
     /// timer interrupt reaches a waiting vCPU within its period even while others compute.
     woken: bool,
+    /// With several host CPUs: host TSC at which its last slice ended (0: first in line). The
+    /// CPUs pick the vCPU that has waited longest, which is round robin when every vCPU may run
+    /// everywhere, and stays fair when pins keep some off a CPU (one shared rotation cursor
+    /// would skip a vCPU pinned to the CPU that never picks at its turn).
+    left_at: u64,
 }
 
 impl<V> Slot<V> {
@@ -183,6 +222,8 @@ impl<V> Slot<V> {
             restarts: 0,
             restart_limit,
             share: Share::default(),
+            pins: None,
+            epoch: 0,
         }
     }
 
@@ -190,6 +231,17 @@ impl<V> Slot<V> {
     pub fn with_share(mut self, share: Share) -> Self {
         self.share = share;
         self
+    }
+
+    /// Pins the guest's vCPUs to the host CPUs in `pins` (bit n for CPU n; `None`: any CPU).
+    pub fn with_pins(mut self, pins: Option<u64>) -> Self {
+        self.pins = pins;
+        self
+    }
+
+    /// True if its vCPUs may run on host CPU `h`.
+    fn may_run_on(&self, h: usize) -> bool {
+        self.pins.is_none_or(|m| h < 64 && m & (1 << h) != 0)
     }
 
     /// The guest's bootstrap processor, vCPU 0: its run state is the guest's (it stops, and
@@ -202,6 +254,36 @@ impl<V> Slot<V> {
     fn live(&self) -> bool {
         self.bsp().state.is_live()
     }
+
+    /// vCPU `c`'s hardware, and what the loop uses of the guest around its entries.
+    fn parts(&mut self, c: usize) -> (&mut V, Parts<'_>) {
+        (
+            &mut self.hw,
+            Parts {
+                vm: &mut self.vm,
+                vcpu: &mut self.vcpus[c],
+                seat: &mut self.seats[c],
+                waiting_since: &mut self.waiting_since,
+            },
+        )
+    }
+
+    /// Wakes vCPU `c` if it is halted and an interrupt (or NMI) is pending for it: runnable, and
+    /// ahead of the rotation at the next pick.
+    fn wake(&mut self, c: usize, now: u64) {
+        let (vcpu, seat) = (&mut self.vcpus[c], &mut self.seats[c]);
+        // A HLT with interrupts off ends only with an NMI (or INIT, `start_signals`).
+        let interrupt = !vcpu.halted_masked && self.vm.platform.pending_interrupt(c).is_some();
+        if vcpu.state != RunState::Halted || !interrupt && !self.vm.platform.nmi_pending(c) {
+            return;
+        }
+        vcpu.state = RunState::Runnable;
+        if let Some(since) = seat.halted_since.take() {
+            vcpu.stats.halted_cycles += now.saturating_sub(since);
+        }
+        self.waiting_since.get_or_insert(now);
+        seat.woken = true;
+    }
 }
 
 /// The guests of one CPU and the loop that runs them. The schedule is over vCPUs: every vCPU of
@@ -213,9 +295,14 @@ pub struct RunLoop<C: Cpu> {
     /// Weights and caps: each guest's slice length and capped budget (`sched::Shares`).
     shares: Shares,
     cfg: LoopConfig,
-    /// The vCPU (guest, vCPU) whose registers (those VMX does not switch) are in the CPU. Its
-    /// VMCS is loaded afresh at each of its slices, so which VMCS is current is never remembered.
-    in_cpu: Option<(usize, usize)>,
+    /// The host CPUs that run vCPUs (CPU 0 first): what each runs, whose registers are in it.
+    /// A vCPU's VMCS is loaded afresh for each use, so which VMCS is current is never remembered.
+    hosts: Vec<HostCpu>,
+    /// The host CPU the loop acts for now (the one whose calls these are).
+    acting: usize,
+    /// A command (or the load policy) may have loaded VMCSs or registers of vCPUs that no CPU
+    /// runs: host CPU 0 settles them at its next turn.
+    unsettled: bool,
     /// Which guest gets the bytes typed on COM1 (`focus`).
     focus: crate::focus::Focus,
     /// The operator's side: the console prompt, the control channel and the monitor behind both.
@@ -260,7 +347,9 @@ impl<C: Cpu> RunLoop<C> {
             sched: RoundRobin::new(cfg.quantum),
             shares,
             cfg,
-            in_cpu: None,
+            hosts: alloc::vec![HostCpu::default()],
+            acting: 0,
+            unsettled: false,
             focus: crate::focus::Focus::new(slots_len),
             ops: Operator {
                 monitor: None,
@@ -276,6 +365,24 @@ impl<C: Cpu> RunLoop<C> {
             },
             policy: None,
         }
+    }
+
+    /// The loop on `n` host CPUs (1 by default), numbered 0..n; CPU 0 keeps the console, the
+    /// control channel and the log. Each calls [`RunLoop::begin`], [`RunLoop::enter`] and
+    /// [`RunLoop::finish`] for itself.
+    pub fn with_hosts(mut self, n: usize) -> Self {
+        self.hosts.resize_with(n.max(1), HostCpu::default);
+        self
+    }
+
+    /// How many host CPUs run vCPUs.
+    pub fn hosts(&self) -> usize {
+        self.hosts.len()
+    }
+
+    /// The vCPU (guest, vCPU) host CPU `h` runs, if any.
+    pub fn running_on(&self, h: usize) -> Option<(usize, usize)> {
+        self.hosts.get(h)?.running.as_ref().map(|r| r.seat)
     }
 
     /// True once the operator gave `quit`.
@@ -301,26 +408,114 @@ impl<C: Cpu> RunLoop<C> {
         v
     }
 
-    /// Runs until every guest has stopped.
+    /// Runs until every guest has stopped (every vCPU on host CPU 0).
     pub fn run(&mut self) {
         while self.step() {}
     }
 
-    /// One turn of the loop: wake the halted vCPUs whose interrupts came, then run one time
+    /// One turn of host CPU 0: wake the halted vCPUs whose interrupts came, then run one time
     /// slice, or sleep if every live vCPU is halted. False when every guest has stopped.
     pub fn step(&mut self) -> bool {
-        self.poll_console();
-        self.poll_control();
-        crate::log::pump();
-        // Console lines that found no room on COM1's queue before (stopped guests' too).
-        for s in &mut self.slots {
-            print_console(&mut s.vm, PRINT_BUDGET);
+        match self.pick_turn(0) {
+            Turn::Done => false,
+            Turn::Sleep { wake, max } => {
+                self.cpu.sleep_until(wake, max);
+                true
+            }
+            Turn::Enter => {
+                while self.run_piece(0) {}
+                true
+            }
+        }
+    }
+
+    /// Runs host CPU `h`'s piece of a slice as one CPU alone does: its vCPU's VMCS loaded once,
+    /// then entry, exit, entry ... with nothing else in between (the loop's lock is never let go
+    /// of, so no other CPU can have changed what `begin` and `finish` look at). True if the
+    /// slice goes on with a new piece. The same work as `begin`, `enter` and `finish`, without
+    /// their VMCS loads and checks at every exit.
+    fn run_piece(&mut self, h: usize) -> bool {
+        let cfg = self.cfg;
+        let Some(((i, c), p, hw, g)) = running_parts(&mut self.hosts, &mut self.slots, h) else {
+            return false;
+        };
+        let next = match self.cpu.load(hw, c) {
+            Ok(mut v) => loop {
+                if let Err(reason) = before_entry(&mut self.cpu, &mut v, g.vm, g.vcpu, p, cfg) {
+                    break Next::End(SliceEnd::Stop(reason));
+                }
+                let entered = self.cpu.enter(&mut v, &mut g.vcpu.regs);
+                let t1 = self.cpu.rdtsc();
+                g.vcpu.stats.cpu_cycles += t1 - p.entered_at;
+                p.now = t1;
+                if let Err(e) = entered {
+                    break Next::End(SliceEnd::Stop(StopReason::EntryFailed(alloc::format!(
+                        "{e}"
+                    ))));
+                }
+                let parts = Parts {
+                    vm: &mut *g.vm,
+                    vcpu: &mut *g.vcpu,
+                    seat: &mut *g.seat,
+                    waiting_since: &mut *g.waiting_since,
+                };
+                match after_exit(&mut self.cpu, &mut v, parts, c, p, false) {
+                    Next::Go => continue,
+                    other => break other,
+                }
+            },
+            Err(e) => Next::End(SliceEnd::Stop(StopReason::Killed(e))),
+        };
+        // `Go` never comes here: the slice went on above.
+        self.follow(h, (i, c), next) && self.hosts[h].running.is_some()
+    }
+
+    /// Host CPU `h`'s next VM entry, prepared (inject, the one event commit, the preemption
+    /// timer): the entry of the vCPU it is running, or of a vCPU picked now (one no other CPU
+    /// runs). `Turn::Sleep` when it has nothing to run, `Turn::Done` when every guest stopped.
+    /// [`RunLoop::enter`] runs the guest, [`RunLoop::finish`] dispatches its exit; the three,
+    /// interleaved over CPUs, are the loop of every CPU (docs/SCHEDULING.md, "Host CPUs").
+    pub fn begin(&mut self, h: usize) -> Turn {
+        loop {
+            if self.hosts[h].running.is_none() {
+                match self.pick_turn(h) {
+                    Turn::Enter => {}
+                    other => return other,
+                }
+            }
+            if self.prepare(h) {
+                return Turn::Enter;
+            }
+        }
+    }
+
+    /// The wakes, the housekeeping (host CPU 0 only: the console, the control channel, the log,
+    /// the load policy) and the pick of host CPU `h`, which runs no vCPU.
+    fn pick_turn(&mut self, h: usize) -> Turn {
+        self.acting = h;
+        self.cpu.on_host(h);
+        self.hosts[h].asleep = false;
+        self.hosts[h].kicked = false;
+        if h == 0 {
+            self.poll_console();
+            self.poll_control();
+            if core::mem::take(&mut self.unsettled) {
+                (0..self.slots.len()).for_each(|i| self.settle(h, i));
+            }
+            crate::log::pump();
+            // Console lines that found no room on COM1's queue before (stopped guests' too).
+            for s in &mut self.slots {
+                print_console(&mut s.vm, PRINT_BUDGET);
+            }
         }
         let now = self.cpu.rdtsc();
-        self.ops.started.get_or_insert(now);
-        self.policy_turn(now);
+        if h == 0 {
+            self.ops.started.get_or_insert(now);
+            self.policy_turn(now);
+        }
         let mut live = 0;
-        for s in &mut self.slots {
+        for i in 0..self.slots.len() {
+            let s = &mut self.slots[i];
             if !s.live() {
                 continue;
             }
@@ -331,42 +526,48 @@ impl<C: Cpu> RunLoop<C> {
                 continue;
             }
             s.vm.platform.advance(s.vm.now(now));
-            for (c, (vcpu, seat)) in s.vcpus.iter_mut().zip(&mut s.seats).enumerate() {
-                // A HLT with interrupts off ends only with an NMI (or INIT, `start_signals`).
-                if vcpu.state == RunState::Halted
-                    && (!vcpu.halted_masked && s.vm.platform.pending_interrupt(c).is_some()
-                        || s.vm.platform.nmi_pending(c))
-                {
-                    vcpu.state = RunState::Runnable;
-                    if let Some(since) = seat.halted_since.take() {
-                        vcpu.stats.halted_cycles += now.saturating_sub(since);
-                    }
-                    s.waiting_since.get_or_insert(now);
-                    seat.woken = true;
-                }
+            for c in 0..s.vcpus.len() {
+                s.wake(c, now);
             }
         }
         if live == 0 {
-            return false;
+            return Turn::Done;
         }
         self.shares.refill(now);
         let seats = self.seats();
         let slots = &self.slots;
         let shares = &self.shares;
-        match self.sched.pick_urgent_first(
-            seats.len(),
-            |k| {
-                let (i, c) = seats[k];
-                slots[i].live()
-                    && slots[i].vcpus[c].state == RunState::Runnable
-                    && shares.may_run(i)
-            },
-            |k| slots[seats[k].0].seats[seats[k].1].woken,
-        ) {
-            Some(k) => self.run_slice(seats[k]),
+        let hosts = &self.hosts;
+        let runnable = |k: usize| {
+            let (i, c) = seats[k];
+            slots[i].live()
+                && slots[i].vcpus[c].state == RunState::Runnable
+                && shares.may_run(i)
+                && slots[i].may_run_on(h)
+                && !hosts.iter().any(|o| o.runs(seats[k]))
+        };
+        let woken = |k: usize| slots[seats[k].0].seats[seats[k].1].woken;
+        let picked = if hosts.len() == 1 {
+            self.sched.pick_urgent_first(seats.len(), runnable, woken)
+        } else {
+            // Woken first, then the one that waited longest.
+            (0..seats.len())
+                .filter(|&k| runnable(k))
+                .min_by_key(|&k| (!woken(k), slots[seats[k].0].seats[seats[k].1].left_at))
+        };
+        match picked {
+            Some(k) => {
+                self.start_slice(h, seats[k]);
+                if self.hosts[h].running.is_some() {
+                    Turn::Enter
+                } else {
+                    // It stopped before its first entry (its VMCS could not be loaded).
+                    self.pick_turn(h)
+                }
+            }
             None => {
-                // Every live vCPU is halted: sleep until the earliest guest timer (or at most
-                // one quantum, in case an interrupt source has no deadline).
+                // Every live vCPU is halted or taken: sleep until the earliest guest timer (or at
+                // most one quantum, in case an interrupt source has no deadline).
                 let t0 = self.cpu.rdtsc();
                 let mut wake = self
                     .earliest_halted_deadline(None)
@@ -377,16 +578,17 @@ impl<C: Cpu> RunLoop<C> {
                 }
                 // While console output or a control-channel reply is queued, wake often enough
                 // to keep the UART busy (16 bytes of FIFO last 1.4 ms at 115200 baud).
-                let max = if crate::log::busy() || !self.ops.reply.is_empty() || self.control_busy()
+                let max = if h == 0
+                    && (crate::log::busy() || !self.ops.reply.is_empty() || self.control_busy())
                 {
                     self.cfg.tsc_hz / 1000
                 } else {
                     self.sched.quantum
                 };
-                self.cpu.sleep_until(wake, max);
+                self.hosts[h].asleep = true;
+                Turn::Sleep { wake, max }
             }
         }
-        true
     }
 
     /// The host TSC at which the first timer of a guest with a halted vCPU (other than guest
@@ -405,82 +607,413 @@ impl<C: Cpu> RunLoop<C> {
             .min()
     }
 
-    /// Switches vCPU `seat`'s registers in if they are not in the CPU: the previous vCPU's are
-    /// saved, this one's restored.
-    fn switch_to(&mut self, seat: (usize, usize)) {
-        if self.in_cpu == Some(seat) {
+    /// Switches vCPU `seat`'s registers into host CPU `h` if they are not there: the previous
+    /// vCPU's are saved, this one's restored.
+    fn switch_to(&mut self, h: usize, seat: (usize, usize)) {
+        if self.hosts[h].in_cpu == Some(seat) {
             return;
         }
-        self.switch_out();
+        self.switch_out_of(h);
         let (i, c) = seat;
         let s = &mut self.slots[i];
         self.cpu.restore(&mut s.hw, c, s.vcpus[c].xcr0);
-        self.in_cpu = Some(seat);
+        self.hosts[h].in_cpu = Some(seat);
     }
 
-    /// Saves the registers of the vCPU in the CPU, if any: before another vCPU's are loaded,
-    /// or a new guest boots.
+    /// Saves the registers of the vCPU in the CPU the loop acts on, if any: before another
+    /// vCPU's are loaded, or a new guest boots.
     pub fn switch_out(&mut self) {
-        if let Some((i, c)) = self.in_cpu.take() {
+        self.switch_out_of(self.acting);
+    }
+
+    /// Saves the registers of the vCPU in host CPU `h`, if any.
+    fn switch_out_of(&mut self, h: usize) {
+        if let Some((i, c)) = self.hosts[h].in_cpu.take() {
             self.cpu.save(&mut self.slots[i].hw, c);
         }
     }
 
-    /// Runs vCPU `seat` for one time slice (or what is left of one).
-    fn run_slice(&mut self, seat: (usize, usize)) {
+    /// Marks vCPU `seat` as running on host CPU `h` and starts its time slice (or what is left of
+    /// one).
+    fn start_slice(&mut self, h: usize, seat: (usize, usize)) {
         let (i, c) = seat;
-        self.switch_to(seat);
+        self.switch_to(h, seat);
         // Its weight in quanta (or what a woken vCPU left of that), no more than a capped
         // guest's budget has left.
         let allowed = self.shares.slice(i);
-        let mut left = self.slots[i].seats[c]
+        let left = self.slots[i].seats[c]
             .slice_left
             .take()
             .map_or(allowed, |left| left.min(allowed));
+        self.hosts[h].running = Some(Running {
+            seat,
+            epoch: self.slots[i].epoch,
+            left,
+            piece: Piece::default(),
+        });
+        self.start_piece(h);
+    }
+
+    /// Starts a piece of host CPU `h`'s slice. While the control channel is busy its FIFO is read
+    /// every millisecond: the slice runs in pieces of at most that, the same vCPU going on after
+    /// each read, so its length (the guest's weight) is what it would have been.
+    fn start_piece(&mut self, h: usize) -> bool {
         let cfg = self.cfg;
-        let end = loop {
-            // While the control channel is busy its FIFO is read every millisecond: the slice
-            // runs in pieces of at most that, the same vCPU going on after each read, so its
-            // length (the guest's weight) is what it would have been.
-            let busy = self.control_busy();
-            let piece = if busy {
-                left.min(cfg.tsc_hz / 1000)
-            } else {
-                left
-            };
-            let ran_before = self.slots[i].vcpus[c].stats.cpu_cycles;
-            // When a halted vCPU's timer falls due, this slice ends early so that vCPU can run.
-            let others_due = self.earliest_halted_deadline(Some(i));
-            let t0 = self.cpu.rdtsc();
-            let end = slice(&mut self.cpu, &mut self.slots[i], c, cfg, piece, others_due);
-            let ran = self.slots[i].vcpus[c].stats.cpu_cycles - ran_before;
-            self.shares.charge(i, ran);
-            let whole = piece == left;
-            // The slice is measured as one would be: by the clock, Keel's exits included.
-            left = left.saturating_sub(self.cpu.rdtsc().saturating_sub(t0).max(1));
-            if whole || !matches!(end, SliceEnd::Over) {
-                break end;
+        let busy = h == 0 && self.control_busy();
+        let Some(r) = self.hosts[h].running.as_ref() else {
+            return false;
+        };
+        let (i, c) = r.seat;
+        let left = r.left;
+        let piece = if busy {
+            left.min(cfg.tsc_hz / 1000)
+        } else {
+            left
+        };
+        let ran_before = self.slots[i].vcpus[c].stats.cpu_cycles;
+        // When a halted vCPU's timer falls due, this slice ends early so that vCPU can run.
+        let others_due = self.earliest_halted_deadline(Some(i));
+        let t0 = self.cpu.rdtsc();
+        let (hw, g) = self.slots[i].parts(c);
+        let started = match self.cpu.load(hw, c) {
+            Ok(mut v) => {
+                self.cpu.load_spec_ctrl(g.vcpu.spec_ctrl);
+                let start = self.cpu.rdtsc();
+                g.seat.woken = false;
+                if cfg.tsc_offsetting {
+                    if let Some(since) = g.waiting_since.take() {
+                        g.vm.tsc_offset = g.vm.tsc_offset.wrapping_sub(start - since);
+                    }
+                    // Written at every slice: the clock may have stopped since this vCPU's last
+                    // one, while the guest waited with another of its vCPUs runnable.
+                    v.write(
+                        Control64::TscOffset,
+                        g.vcpu.vmcs_tsc_offset(g.vm.tsc_offset),
+                    );
+                } else {
+                    *g.waiting_since = None;
+                }
+                Ok((start, g.vcpu.xcr0))
             }
+            Err(e) => Err(e),
+        };
+        let (start, xcr0) = match started {
+            Ok(s) => s,
+            Err(e) => return self.piece_ended(h, SliceEnd::Stop(StopReason::Killed(e))),
+        };
+        if let Some(r) = self.hosts[h].running.as_mut() {
+            r.piece = Piece {
+                whole: piece == left,
+                t0,
+                ran_before,
+                others_due,
+                deadline: start + piece,
+                touched: true,
+                timer_due: None,
+                until: start + piece,
+                now: start,
+                after_exit: false,
+                xcr0,
+                entered_at: start,
+                entry_failed: None,
+            };
+        }
+        true
+    }
+
+    /// Host CPU `h`'s piece of a slice ended by `end`: it is charged to the guest, and the slice
+    /// goes on with a new piece (true) or ends (false).
+    fn piece_ended(&mut self, h: usize, end: SliceEnd) -> bool {
+        let Some(r) = self.hosts[h].running.as_mut() else {
+            return false;
+        };
+        let (i, c) = r.seat;
+        let ran = self.slots[i].vcpus[c].stats.cpu_cycles - r.piece.ran_before;
+        self.shares.charge(i, ran);
+        // The slice is measured as one would be: by the clock, Keel's exits included.
+        let elapsed = self.cpu.rdtsc().saturating_sub(r.piece.t0).max(1);
+        r.left = r.left.saturating_sub(elapsed);
+        let (whole, left) = (r.piece.whole, r.left);
+        if !whole && matches!(end, SliceEnd::Over) {
             self.poll_control();
             // A command may have paused, stopped or replaced it meanwhile.
             let s = &self.slots[i];
-            if left == 0 || !s.live() || s.vcpus[c].state != RunState::Runnable {
-                break end;
+            if left != 0 && s.live() && s.vcpus[c].state == RunState::Runnable {
+                self.start_signals(i);
+                self.switch_to(h, (i, c));
+                return self.start_piece(h);
             }
-            self.start_signals(i);
-            self.switch_to(seat);
+        }
+        self.end_slice(h, end);
+        false
+    }
+
+    /// Host CPU `h`'s slice ended by `end`: the vCPU leaves the CPU, and the loop acts on how it
+    /// ended.
+    fn end_slice(&mut self, h: usize, end: SliceEnd) {
+        let Some(r) = self.hosts[h].running.take() else {
+            return;
         };
+        let (i, c) = r.seat;
+        self.acting = h;
+        if self.hosts.len() > 1 {
+            // An interrupted vCPU is first in line again (`RoundRobin::interrupted` with one CPU).
+            let left_at = match end {
+                SliceEnd::Interrupted => 0,
+                _ => self.cpu.rdtsc(),
+            };
+            if let Some(seat) = self.slots[i].seats.get_mut(c) {
+                seat.left_at = left_at;
+            }
+        }
         // INIT and SIPI the vCPU sent to its siblings (ICR writes): their run states change.
         self.start_signals(i);
         match end {
             SliceEnd::Over => {}
             SliceEnd::Interrupted => self.sched.interrupted(),
             SliceEnd::Stop(reason) => self.stop(i, reason),
-            SliceEnd::StatsRequested => self.print_stats_for(seat),
-            SliceEnd::Balloon => self.balloon_call(seat),
+            SliceEnd::StatsRequested => self.print_stats_for((i, c)),
+            SliceEnd::Balloon => self.balloon_call((i, c)),
+        }
+        // A guest booted again has vCPU 0's registers in this CPU, a vCPU started has its VMCS
+        // loaded here.
+        self.settle(h, i);
+        self.kick_idle();
+    }
+
+    /// vCPU `seat` leaves host CPU `h`, where several CPUs run vCPUs: its registers are saved and
+    /// its VMCS cleared (VMCLEAR), so that any CPU may load it next (SDM Vol. 3C 25.11.1: a VMCS
+    /// is current on one CPU at a time; its next entry is a VMLAUNCH). With one CPU it stays
+    /// loaded and its registers stay in the CPU until another vCPU needs them.
+    fn leave(&mut self, h: usize, seat: (usize, usize)) {
+        let (i, c) = seat;
+        if self.hosts[h].in_cpu == Some(seat) {
+            self.switch_out_of(h);
+        }
+        if let Err(e) = self.cpu.release(&mut self.slots[i].hw, c) {
+            // Its VMCS may still be cached on this CPU: nobody may load it elsewhere.
+            error!("guest {}: vCPU {c}: {e}", self.slots[i].vm.name);
+            for v in self.slots[i].vcpus.iter_mut() {
+                let _ = v
+                    .state
+                    .stop(StopReason::Killed(alloc::format!("VMCLEAR failed: {e}")));
+            }
         }
     }
 
+    /// Where several CPUs run vCPUs: leaves host CPU `h` holding no vCPU's state but the one it
+    /// runs. The registers in it are saved, and every VMCS of guest `i` it may have loaded (to
+    /// boot, restore, start or inspect a vCPU) is cleared, unless a CPU runs that vCPU (its
+    /// VMCS is active there, or here for `h`'s own). VMCLEAR of an inactive VMCS only sets its
+    /// launch state to clear (SDM Vol. 3C 25.11.3), so clearing them all is safe.
+    fn settle(&mut self, h: usize, i: usize) {
+        if self.hosts.len() == 1 {
+            return;
+        }
+        let own = self.running_on(h);
+        if self.hosts[h].in_cpu.is_some() && self.hosts[h].in_cpu != own {
+            self.switch_out_of(h);
+        }
+        for c in 0..self.slots[i].vcpus.len() {
+            if self.host_of((i, c)).is_none() {
+                self.leave(h, (i, c));
+            }
+        }
+    }
+
+    /// Prepares host CPU `h`'s next entry: the interrupts and the event to inject, the
+    /// VMX-preemption timer. False when the slice ended instead (an event that cannot be
+    /// delivered stops the guest).
+    fn prepare(&mut self, h: usize) -> bool {
+        self.acting = h;
+        self.cpu.on_host(h);
+        let cfg = self.cfg;
+        let Some(((_, c), p, hw, g)) = running_parts(&mut self.hosts, &mut self.slots, h) else {
+            return false;
+        };
+        let prepared = match self.cpu.load(hw, c) {
+            Ok(mut v) => before_entry(&mut self.cpu, &mut v, g.vm, g.vcpu, p, cfg),
+            Err(e) => Err(StopReason::Killed(e)),
+        };
+        match prepared {
+            Ok(()) => true,
+            Err(reason) => self.piece_ended(h, SliceEnd::Stop(reason)) && self.prepare(h),
+        }
+    }
+
+    /// Runs host CPU `h`'s vCPU until its next VM exit (the entry [`RunLoop::begin`] prepared).
+    pub fn enter(&mut self, h: usize) {
+        self.acting = h;
+        self.cpu.on_host(h);
+        let Some(r) = self.hosts[h].running.as_mut() else {
+            return;
+        };
+        let (i, c) = r.seat;
+        let s = &mut self.slots[i];
+        let vcpu = &mut s.vcpus[c];
+        let p = &mut r.piece;
+        p.entry_failed = match self.cpu.load(&mut s.hw, c) {
+            Ok(mut v) => self
+                .cpu
+                .enter(&mut v, &mut vcpu.regs)
+                .err()
+                .map(|e| alloc::format!("{e}")),
+            Err(e) => Some(e),
+        };
+        let t1 = self.cpu.rdtsc();
+        vcpu.stats.cpu_cycles += t1 - p.entered_at;
+        p.now = t1;
+    }
+
+    /// Dispatches the VM exit of host CPU `h`'s vCPU and accounts for it: true if the slice goes
+    /// on (call [`RunLoop::begin`] for its next entry), false if it ended.
+    pub fn finish(&mut self, h: usize) -> bool {
+        self.acting = h;
+        self.cpu.on_host(h);
+        let kicked = core::mem::take(&mut self.hosts[h].kicked);
+        let Some(r) = self.hosts[h].running.as_mut() else {
+            return false;
+        };
+        let (i, c) = r.seat;
+        if r.epoch != self.slots[i].epoch {
+            // Booted again or restored while it ran here: what it did is dropped with the old
+            // guest, and so are its registers in this CPU.
+            self.hosts[h].running = None;
+            self.hosts[h].in_cpu = None;
+            return false;
+        }
+        let p = &mut r.piece;
+        if let Some(e) = p.entry_failed.take() {
+            return self.piece_ended(h, SliceEnd::Stop(StopReason::EntryFailed(e)));
+        }
+        let (hw, g) = self.slots[i].parts(c);
+        let next = match self.cpu.load(hw, c) {
+            Ok(mut v) => after_exit(&mut self.cpu, &mut v, g, c, p, kicked),
+            Err(e) => Next::End(SliceEnd::Stop(StopReason::Killed(e))),
+        };
+        self.follow(h, (i, c), next)
+    }
+
+    /// What host CPU `h` does after vCPU `seat`'s exit, by `next`: true if its slice goes on.
+    fn follow(&mut self, h: usize, seat: (usize, usize), next: Next) -> bool {
+        let (i, c) = seat;
+        match next {
+            Next::Go => true,
+            Next::End(end) => self.piece_ended(h, end),
+            Next::Ipi(targets) => {
+                if self.place_ipis(h, i, targets) {
+                    return true;
+                }
+                // The sender makes room for its targets on this CPU: they run next, and it
+                // gets the rest of its slice after them.
+                let Some(r) = self.hosts[h].running.as_mut() else {
+                    return false;
+                };
+                let (s, p) = (&mut self.slots[i], &r.piece);
+                s.waiting_since = Some(p.now);
+                s.seats[c].slice_left = Some(p.deadline.saturating_sub(p.now));
+                self.piece_ended(h, SliceEnd::Interrupted)
+            }
+        }
+    }
+
+    /// An IPI from a vCPU of guest `i` on host CPU `h` reached the vCPUs in `targets` (a bit
+    /// each): one running on another CPU is kicked out of guest mode there, to take it at its
+    /// next entry; one it woke (or started) is handed to a sleeping CPU, kicked awake for it.
+    /// False when a target is left with no CPU to run on: the sender then makes room.
+    fn place_ipis(&mut self, h: usize, i: usize, targets: u64) -> bool {
+        if self.hosts.len() == 1 {
+            return false;
+        }
+        self.start_signals(i);
+        // The vCPUs started have their VMCSs loaded here: cleared, for any CPU to take them.
+        self.settle(h, i);
+        let now = self.cpu.rdtsc();
+        let mut placed = true;
+        for t in 0..self.slots[i].vcpus.len().min(64) {
+            if targets & (1 << t) == 0 {
+                continue;
+            }
+            if let Some(k) = self.host_of((i, t)) {
+                if k != h {
+                    self.kick_host(k);
+                }
+                continue;
+            }
+            let s = &mut self.slots[i];
+            if s.vcpus[t].state == RunState::Halted {
+                s.vm.platform.advance(s.vm.now(now));
+                s.wake(t, now);
+            }
+            if s.vcpus[t].state != RunState::Runnable {
+                continue;
+            }
+            let slot = &self.slots[i];
+            match (0..self.hosts.len()).find(|&k| self.hosts[k].asleep && slot.may_run_on(k)) {
+                Some(k) => self.kick_host(k),
+                None => placed = false,
+            }
+        }
+        placed
+    }
+
+    /// The host CPU running vCPU `seat`, if any.
+    fn host_of(&self, seat: (usize, usize)) -> Option<usize> {
+        self.hosts.iter().position(|o| o.runs(seat))
+    }
+
+    /// Interrupts host CPU `h`: out of guest mode (its vCPU's run state and interrupts are looked
+    /// at again at its next exit) or out of its sleep.
+    fn kick_host(&mut self, h: usize) {
+        let o = &mut self.hosts[h];
+        o.asleep = false;
+        if o.running.is_some() {
+            o.kicked = true;
+        }
+        self.cpu.kick(h);
+    }
+
+    /// Kicks every host CPU running a vCPU of guest `i`: it was paused, stopped or replaced.
+    fn kick_guest(&mut self, i: usize) {
+        for h in 0..self.hosts.len() {
+            if self.hosts[h]
+                .running
+                .as_ref()
+                .is_some_and(|r| r.seat.0 == i)
+            {
+                self.kick_host(h);
+            }
+        }
+    }
+
+    /// Wakes a sleeping host CPU for each runnable vCPU that no CPU runs.
+    fn kick_idle(&mut self) {
+        if self.hosts.len() == 1 {
+            return;
+        }
+        let mut waiting: Vec<usize> = self
+            .seats()
+            .into_iter()
+            .filter(|&(i, c)| {
+                let s = &self.slots[i];
+                s.live()
+                    && s.vcpus[c].state == RunState::Runnable
+                    && self.shares.may_run(i)
+                    && self.host_of((i, c)).is_none()
+            })
+            .map(|(i, _)| i)
+            .collect();
+        for k in 0..self.hosts.len() {
+            if !self.hosts[k].asleep {
+                continue;
+            }
+            // A sleeping CPU is woken for a vCPU it may run.
+            if let Some(n) = waiting.iter().position(|&i| self.slots[i].may_run_on(k)) {
+                waiting.swap_remove(n);
+                self.kick_host(k);
+            }
+        }
+    }
     /// Acts on the INIT and STARTUP IPIs guest `i`'s vCPUs sent each other (SDM 10.6.1, 8.4.4):
     /// INIT puts an application processor in wait-for-SIPI, whatever it was doing; a STARTUP
     /// IPI starts one that waits, in real mode at CS = vector << 8 (base vector << 12), IP 0,
@@ -488,8 +1021,11 @@ impl<C: Cpu> RunLoop<C> {
     /// waiting for one is ignored, as the processor ignores it; INIT to the bootstrap processor
     /// is ignored too (Keel does not model its reset through INIT).
     fn start_signals(&mut self, i: usize) {
-        let s = &mut self.slots[i];
-        while let Some((c, signal)) = s.vm.platform.take_start_signal() {
+        while let Some((c, signal)) = self.slots[i].vm.platform.take_start_signal() {
+            // A target in guest mode on another CPU leaves it at its next exit (its run state
+            // is looked at there).
+            let elsewhere = self.host_of((i, c)).filter(|&k| k != self.acting);
+            let s = &mut self.slots[i];
             let Some(vcpu) = s.vcpus.get_mut(c) else {
                 continue;
             };
@@ -501,9 +1037,15 @@ impl<C: Cpu> RunLoop<C> {
                     vcpu.reset();
                     vcpu.state = RunState::WaitForSipi;
                     s.seats[c] = Seat::default();
+                    if let Some(k) = elsewhere {
+                        self.kick_host(k);
+                    }
                 }
                 crate::devices::StartSignal::Startup(vector) => {
-                    if vcpu.state != RunState::WaitForSipi {
+                    // One INITed while in guest mode on another CPU has not left it yet: its
+                    // VMCS is still active there, and the SIPI is ignored as one that comes too
+                    // soon after the INIT (guests wait 10 ms between the two, SDM 8.4.4.1).
+                    if vcpu.state != RunState::WaitForSipi || elsewhere.is_some() {
                         continue;
                     }
                     let state = crate::loader::InitialState::startup_ipi(vector);
@@ -587,6 +1129,80 @@ impl<C: Cpu> RunLoop<C> {
         }
     }
 }
+/// One host CPU as the loop sees it.
+#[derive(Default)]
+struct HostCpu {
+    /// The vCPU it runs (its time slice in progress), if any: that vCPU is "on" this CPU, and no
+    /// other CPU picks it.
+    running: Option<Running>,
+    /// The vCPU (guest, vCPU) whose registers (those VMX does not switch) are in this CPU.
+    in_cpu: Option<(usize, usize)>,
+    /// It found nothing to run and sleeps: a vCPU made runnable kicks it.
+    asleep: bool,
+    /// Kicked out of guest mode: at its vCPU's next exit the interrupts to inject are looked at
+    /// again.
+    kicked: bool,
+}
+
+impl HostCpu {
+    fn runs(&self, seat: (usize, usize)) -> bool {
+        self.running.as_ref().is_some_and(|r| r.seat == seat)
+    }
+}
+
+/// What a host CPU reports between its turns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// A vCPU's entry is prepared: [`RunLoop::enter`], then [`RunLoop::finish`].
+    Enter,
+    /// Nothing to run: sleep until host TSC `wake` (at most `max` cycles from now) or a kick.
+    Sleep { wake: u64, max: u64 },
+    /// Every guest has stopped.
+    Done,
+}
+
+/// A time slice in progress on a host CPU.
+#[derive(Clone)]
+struct Running {
+    seat: (usize, usize),
+    /// The guest's [`Slot::epoch`] when the slice began.
+    epoch: u32,
+    /// What is left of the slice, by the clock.
+    left: u64,
+    piece: Piece,
+}
+
+/// A piece of a time slice (the whole slice unless the control channel is busy): `piece`
+/// cycles long, cut short at `others_due` (the earliest timer of a halted guest).
+#[derive(Clone, Default)]
+struct Piece {
+    /// The piece is the rest of the slice.
+    whole: bool,
+    /// Host TSC at its start, and the vCPU's guest time before it (what it is charged).
+    t0: u64,
+    ran_before: u64,
+    others_due: Option<u64>,
+    deadline: u64,
+    /// The guest's platform is only consulted when it may have changed: after an exit that
+    /// reached a device, or when one of its timers falls due. CPUID, VMCALL and the like then
+    /// cost no device work at all (docs/BENCHMARKS.md).
+    touched: bool,
+    timer_due: Option<u64>,
+    /// The preemption timer brings the guest back by then.
+    until: u64,
+    /// The time of the last exit serves for the timer checks. Time in the guest (entry to exit)
+    /// is its cpu time; Keel's handling of its exits (exit to next entry) is kept apart.
+    now: u64,
+    /// Whether the guest exited in this piece: the time to the next entry is then Keel's
+    /// handling of that exit (`GuestStats::exit_cycles`).
+    after_exit: bool,
+    /// The XCR0 in the CPU.
+    xcr0: u64,
+    /// Host TSC at the last VM entry, and why it failed, if it did.
+    entered_at: u64,
+    entry_failed: Option<String>,
+}
+
 /// How a time slice ended: what the loop does next.
 enum SliceEnd {
     /// Used up, given up (YIELD, HLT), or the guest's own doing: the next pick decides.
@@ -601,197 +1217,207 @@ enum SliceEnd {
     Balloon,
 }
 
-/// One time slice of the guest in `s`, `quantum` cycles long, cut short at `others_due` (the
-/// earliest timer of a halted guest). Its registers are in the CPU; its VMCS is loaded here, and
-/// every access to it goes through that handle.
-fn slice<C: Cpu>(
+/// Host CPU `h`'s slice in progress, if any: its vCPU, the piece, the vCPU's hardware and what
+/// the loop uses of its guest.
+#[allow(clippy::type_complexity)]
+fn running_parts<'a, V>(
+    hosts: &'a mut [HostCpu],
+    slots: &'a mut [Slot<V>],
+    h: usize,
+) -> Option<((usize, usize), &'a mut Piece, &'a mut V, Parts<'a>)> {
+    let r = hosts.get_mut(h)?.running.as_mut()?;
+    let (i, c) = r.seat;
+    let (hw, g) = slots.get_mut(i)?.parts(c);
+    Some(((i, c), &mut r.piece, hw, g))
+}
+
+/// What follows a VM exit.
+enum Next {
+    /// The next entry of the same vCPU.
+    Go,
+    /// The piece of the slice ended.
+    End(SliceEnd),
+    /// The vCPU sent an IPI to these siblings (a bit each; fixed, NMI, INIT or SIPI).
+    Ipi(u64),
+}
+
+/// The work before a VM entry of `vcpu` (its VMCS loaded as `v`): the interrupts and the one
+/// event commit, and the VMX-preemption timer armed. An event that cannot be delivered stops
+/// the guest (the reason).
+fn before_entry<C: Cpu>(
     cpu: &mut C,
-    s: &mut Slot<C::Vcpu>,
-    c: usize,
+    v: &mut C::Loaded<'_>,
+    vm: &mut Vm,
+    vcpu: &mut Vcpu,
+    p: &mut Piece,
     cfg: LoopConfig,
-    quantum: u64,
-    others_due: Option<u64>,
-) -> SliceEnd {
-    let mut v = match cpu.load(&mut s.hw, c) {
-        Ok(v) => v,
-        Err(e) => return SliceEnd::Stop(StopReason::Killed(e)),
-    };
-    let (vm, vcpu, seat, waiting_since) = (
-        &mut s.vm,
-        &mut s.vcpus[c],
-        &mut s.seats[c],
-        &mut s.waiting_since,
-    );
-    cpu.load_spec_ctrl(vcpu.spec_ctrl);
-    let start = cpu.rdtsc();
-    seat.woken = false;
-    if cfg.tsc_offsetting {
-        if let Some(since) = waiting_since.take() {
-            vm.tsc_offset = vm.tsc_offset.wrapping_sub(start - since);
-        }
-        // Written at every slice: the clock may have stopped since this vCPU's last one, while
-        // the guest waited with another of its vCPUs runnable.
-        v.write(Control64::TscOffset, vcpu.vmcs_tsc_offset(vm.tsc_offset));
-    } else {
-        *waiting_since = None;
-    }
-    let deadline = start + quantum;
+) -> Result<(), StopReason> {
     let min_gap = cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR;
-    let mut xcr0 = vcpu.xcr0;
-    // The guest's platform is only consulted when it may have changed: after an exit that
-    // reached a device, or when one of its timers falls due. CPUID, VMCALL and the like then
-    // cost no device work at all (docs/BENCHMARKS.md).
-    let mut touched = true;
-    let mut timer_due: Option<u64> = None;
-    let mut until = deadline;
-    // The time of the last exit serves for the timer checks. Time in the guest (entry to exit)
-    // is its cpu time; Keel's handling of its exits (exit to next entry) is kept apart.
-    let mut now = start;
-    // Whether the guest exited in this slice: the time to the next entry is then Keel's handling
-    // of that exit (`GuestStats::exit_cycles`).
-    let mut after_exit = false;
-    loop {
-        if touched || timer_due.is_some_and(|d| now >= d) {
-            // The guest's TPR for the model, if the last exits left it in VTPR.
-            exits::apicv::take_unread(&v, &mut *vcpu, &mut *vm);
-            vm.platform.advance(vm.now(now));
-            exits::inject_pending_interrupt(&mut v, &mut *vcpu, &mut *vm);
-            exits::apicv::before_entry(&mut v, &mut *vcpu, &mut *vm);
-            timer_due = vm.platform.next_deadline().map(|d| vm.host_time(d));
-            // Come back at the end of the slice, when one of the guest's own timers falls
-            // due, or when a halted guest's does, whichever is first.
-            until = [timer_due, others_due]
-                .into_iter()
-                .flatten()
-                .fold(deadline, u64::min);
-        }
-        // The one place an event is written to the VM-entry fields (exits::events).
-        if let Err(reason) = exits::events::commit(&mut v, &mut *vcpu) {
-            return SliceEnd::Stop(reason);
-        }
-        // The timer is armed afresh before every entry, from a fresh TSC read: it only
-        // counts while the guest runs (SDM 26.5.1), so Keel's own time since the last exit
-        // must come off it, or a guest timer fires that much late and ticks are lost.
-        let t0 = cpu.rdtsc();
-        if let Some(rate) = cfg.preemption_timer {
-            // The guest runs at least `min_gap` before the timer brings it back, so a timer
-            // faster than Keel can deliver (a PIT programmed with count 1 ticks every 0.84 us)
-            // cannot livelock it in back-to-back exits: its ticks are coalesced instead
-            // (docs/SCHEDULING.md).
-            // Rounded up to the timer's unit of 2^rate TSC ticks (SDM 26.5.1): rounded down it
-            // would expire just before `until`, find nothing due and be re-armed for `min_gap`,
-            // by which the guest's timer interrupt would come late; one unit more would let a
-            // slice run past its quantum.
-            let left = until.max(t0 + min_gap).saturating_sub(t0);
-            let left = left.div_ceil(1 << rate);
-            v.write(
-                Guest32::PreemptionTimerValue,
-                left.min(u32::MAX as u64) as u32,
-            );
-        }
-        vcpu.stats.keel_cycles += t0 - now;
-        if after_exit {
-            let last = vcpu.stats.last_exit;
-            vcpu.stats.record_exit_cycles(last, t0 - now);
-        }
-        after_exit = true;
-        let entered = cpu.enter(&mut v, &mut vcpu.regs);
-        let t1 = cpu.rdtsc();
-        vcpu.stats.cpu_cycles += t1 - t0;
-        now = t1;
-        if let Err(e) = entered {
-            return SliceEnd::Stop(StopReason::EntryFailed(alloc::format!("{e}")));
-        }
-        let guest_now = vm.now(t1);
-        let raw_reason = v.read(ReadOnly32::ExitReason);
-        let reason = ExitReason::from_basic(raw_reason as u16);
-        let action = {
-            let mut cx = ExitContext {
-                vmcs: &mut v,
-                vcpu: &mut *vcpu,
-                vm: &mut *vm,
-                host: cpu.host(),
-                now: guest_now,
-            };
-            exits::handle(&mut cx, raw_reason, reason)
+    if p.touched || p.timer_due.is_some_and(|d| p.now >= d) {
+        // The guest's TPR for the model, if the last exits left it in VTPR.
+        exits::apicv::take_unread(v, &mut *vcpu, &mut *vm);
+        vm.platform.advance(vm.now(p.now));
+        exits::inject_pending_interrupt(v, &mut *vcpu, &mut *vm);
+        exits::apicv::before_entry(v, &mut *vcpu, &mut *vm);
+        p.timer_due = vm.platform.next_deadline().map(|d| vm.host_time(d));
+        // Come back at the end of the slice, when one of the guest's own timers falls due, or
+        // when a halted guest's does, whichever is first.
+        p.until = [p.timer_due, p.others_due]
+            .into_iter()
+            .flatten()
+            .fold(p.deadline, u64::min);
+    }
+    // The one place an event is written to the VM-entry fields (exits::events).
+    exits::events::commit(v, &mut *vcpu)?;
+    // The timer is armed afresh before every entry, from a fresh TSC read: it only counts while
+    // the guest runs (SDM 26.5.1), so Keel's own time since the last exit must come off it, or a
+    // guest timer fires that much late and ticks are lost.
+    let t0 = cpu.rdtsc();
+    if let Some(rate) = cfg.preemption_timer {
+        // The guest runs at least `min_gap` before the timer brings it back, so a timer faster
+        // than Keel can deliver (a PIT programmed with count 1 ticks every 0.84 us) cannot
+        // livelock it in back-to-back exits: its ticks are coalesced instead
+        // (docs/SCHEDULING.md).
+        // Rounded up to the timer's unit of 2^rate TSC ticks (SDM 26.5.1): rounded down it would
+        // expire just before `until`, find nothing due and be re-armed for `min_gap`, by which
+        // the guest's timer interrupt would come late; one unit more would let a slice run past
+        // its quantum.
+        let left = p.until.max(t0 + min_gap).saturating_sub(t0);
+        let left = left.div_ceil(1 << rate);
+        v.write(
+            Guest32::PreemptionTimerValue,
+            left.min(u32::MAX as u64) as u32,
+        );
+    }
+    vcpu.stats.keel_cycles += t0 - p.now;
+    if p.after_exit {
+        let last = vcpu.stats.last_exit;
+        vcpu.stats.record_exit_cycles(last, t0 - p.now);
+    }
+    p.after_exit = true;
+    p.entered_at = t0;
+    Ok(())
+}
+
+/// The dispatch of vCPU `c`'s VM exit (its VMCS loaded as `v`) and what follows it. `kicked`:
+/// another CPU kicked this one out of guest mode (an IPI for it, a command on its guest).
+fn after_exit<C: Cpu>(
+    cpu: &mut C,
+    v: &mut C::Loaded<'_>,
+    g: Parts<'_>,
+    c: usize,
+    p: &mut Piece,
+    kicked: bool,
+) -> Next {
+    let Parts {
+        vm,
+        vcpu,
+        seat,
+        waiting_since,
+    } = g;
+    let now = p.now;
+    let guest_now = vm.now(now);
+    let raw_reason = v.read(ReadOnly32::ExitReason);
+    let reason = ExitReason::from_basic(raw_reason as u16);
+    let action = {
+        let mut cx = ExitContext {
+            vmcs: &mut *v,
+            vcpu: &mut *vcpu,
+            vm: &mut *vm,
+            host: cpu.host(),
+            now: guest_now,
         };
-        exits::apply(&mut v, &mut *vcpu, &action);
-        touched = exits::touched_platform(reason, &*vcpu, &mut *vm);
-        // A power-off or reset the guest asked its board for (ACPI S5, i8042, port 0xCF9).
-        if let Some(event) = touched.then(|| vm.platform.take_power_event()).flatten() {
-            return SliceEnd::Stop(StopReason::Board(event));
+        exits::handle(&mut cx, raw_reason, reason)
+    };
+    exits::apply(v, &mut *vcpu, &action);
+    let touched = exits::touched_platform(reason, &*vcpu, &mut *vm);
+    // A kick means another CPU changed what this vCPU should be given.
+    p.touched = touched || kicked;
+    // A power-off or reset the guest asked its board for (ACPI S5, i8042, port 0xCF9).
+    if let Some(event) = touched.then(|| vm.platform.take_power_event()).flatten() {
+        return Next::End(SliceEnd::Stop(StopReason::Board(event)));
+    }
+    if (touched || reason == ExitReason::Vmcall) && print_console(&mut *vm, PRINT_BUDGET) {
+        crate::log::pump();
+    }
+    if reason == ExitReason::Xsetbv && vcpu.xcr0 != p.xcr0 {
+        // The guest executed XSETBV (validated by its handler): load it for the next entry.
+        cpu.load_xcr0(vcpu.xcr0);
+        p.xcr0 = vcpu.xcr0;
+    }
+    if reason == ExitReason::Wrmsr && vcpu.regs.rcx as u32 == crate::exits::msr::index::SPEC_CTRL {
+        cpu.load_spec_ctrl(vcpu.spec_ctrl);
+    }
+    // Paused, stopped or sent back to wait-for-SIPI from another CPU while it ran: it leaves at
+    // this exit (a HLT it executed meanwhile is remembered by its pause).
+    if vcpu.state != RunState::Runnable {
+        if action == Action::Halt && vcpu.state == (RunState::Paused { halted: false }) {
+            vcpu.state = RunState::Paused { halted: true };
+            seat.halted_since = Some(now);
+        } else if vcpu.state.is_live() {
+            *waiting_since = Some(now);
         }
-        if (touched || reason == ExitReason::Vmcall) && print_console(&mut *vm, PRINT_BUDGET) {
-            crate::log::pump();
+        return Next::End(SliceEnd::Over);
+    }
+    // An IPI to another vCPU of the guest (fixed, NMI, INIT or SIPI): the target is woken (or
+    // started) and run without waiting for the sender's quantum to run out, on a CPU of its own
+    // or on this one (the sender's slice then ends; a vCPU waiting in HLT for an IPI does not
+    // wait).
+    if touched {
+        let targets = vm.platform.take_kicked() & !(1 << c);
+        if targets != 0 && !matches!(action, Action::Halt | Action::Stop(_)) {
+            return Next::Ipi(targets);
         }
-        if reason == ExitReason::Xsetbv && vcpu.xcr0 != xcr0 {
-            // The guest executed XSETBV (validated by its handler): load it for the next entry.
-            cpu.load_xcr0(vcpu.xcr0);
-            xcr0 = vcpu.xcr0;
-        }
-        if reason == ExitReason::Wrmsr
-            && vcpu.regs.rcx as u32 == crate::exits::msr::index::SPEC_CTRL
-        {
-            cpu.load_spec_ctrl(vcpu.spec_ctrl);
-        }
-        // An IPI to another vCPU of the guest (fixed, NMI, INIT or SIPI) ends the slice, so the
-        // target is woken (or started) and runs next, and the sender right after it: a vCPU
-        // waiting in HLT for an IPI does not wait for the sender's quantum to run out.
-        if touched
-            && vm.platform.take_kicked() & !(1 << c) != 0
-            && !matches!(action, Action::Halt | Action::Stop(_))
+    }
+    if vm.stats_requested {
+        vm.stats_requested = false;
+        *waiting_since = Some(cpu.rdtsc());
+        // The table is printed after the exit.
+        return Next::End(SliceEnd::StatsRequested);
+    }
+    if vm.ram.balloon.pending.is_some() {
+        *waiting_since = Some(cpu.rdtsc());
+        // Its EPT is changed after the exit, with the VMCS no longer loaded.
+        return Next::End(SliceEnd::Balloon);
+    }
+    let deadline = p.deadline;
+    match action {
+        // A halted guest's timer fell due. Not only the preemption timer brings this guest back
+        // then: one that exits more often than every `min_gap` (a guest writing its UART)
+        // re-arms it at each entry and would never let it expire.
+        Action::Resume
+        | Action::Advance
+        | Action::AdvanceBy(_)
+        | Action::Inject(_)
+        | Action::Preempted
+            if p.others_due.is_some_and(|d| now >= d) =>
         {
             *waiting_since = Some(now);
+            // It gets the CPU back next, but only for what was left of its slice: otherwise a
+            // guest woken every few ms would hand the same CPU hog a fresh quantum each time
+            // and starve the others.
             seat.slice_left = Some(deadline.saturating_sub(now));
-            return SliceEnd::Interrupted;
+            Next::End(SliceEnd::Interrupted)
         }
-        if vm.stats_requested {
-            vm.stats_requested = false;
-            *waiting_since = Some(cpu.rdtsc());
-            // The table is printed after the exit.
-            return SliceEnd::StatsRequested;
-        }
-        if vm.ram.balloon.pending.is_some() {
-            *waiting_since = Some(cpu.rdtsc());
-            // Its EPT is changed after the exit, with the VMCS no longer loaded.
-            return SliceEnd::Balloon;
-        }
-        match action {
-            // A halted guest's timer fell due. Not only the preemption timer brings this
-            // guest back then: one that exits more often than every `min_gap` (a guest
-            // writing its UART) re-arms it at each entry and would never let it expire.
-            Action::Resume
-            | Action::Advance
-            | Action::AdvanceBy(_)
-            | Action::Inject(_)
-            | Action::Preempted
-                if others_due.is_some_and(|d| now >= d) =>
-            {
+        Action::Resume | Action::Advance | Action::AdvanceBy(_) | Action::Inject(_) => {
+            if now >= deadline {
                 *waiting_since = Some(now);
-                // It gets the CPU back next, but only for what was left of its slice:
-                // otherwise a guest woken every few ms would hand the same CPU hog a fresh
-                // quantum each time and starve the others.
-                seat.slice_left = Some(deadline.saturating_sub(now));
-                return SliceEnd::Interrupted;
+                Next::End(SliceEnd::Over)
+            } else {
+                Next::Go
             }
-            Action::Resume | Action::Advance | Action::AdvanceBy(_) | Action::Inject(_) => {
-                if now >= deadline {
-                    *waiting_since = Some(now);
-                    return SliceEnd::Over;
-                }
-            }
-            Action::Halt => {
-                vcpu.state = RunState::Halted;
-                seat.halted_since = Some(now);
-                return SliceEnd::Over;
-            }
-            Action::Preempted if now < deadline => {}
-            Action::Yield | Action::Preempted => {
-                *waiting_since = Some(now);
-                return SliceEnd::Over;
-            }
-            Action::Stop(reason) => return SliceEnd::Stop(reason),
         }
+        Action::Halt => {
+            vcpu.state = RunState::Halted;
+            seat.halted_since = Some(now);
+            Next::End(SliceEnd::Over)
+        }
+        Action::Preempted if now < deadline => Next::Go,
+        Action::Yield | Action::Preempted => {
+            *waiting_since = Some(now);
+            Next::End(SliceEnd::Over)
+        }
+        Action::Stop(reason) => Next::End(SliceEnd::Stop(reason)),
     }
 }
 
@@ -820,6 +1446,7 @@ impl<C: Cpu> RunLoop<C> {
         // CMOS RAM kept (battery-backed on a PC).
         if let StopReason::Board(crate::devices::PowerEvent::Reset(_)) = reason {
             let platform = s.vm.platform.after_reset();
+            s.epoch = s.epoch.wrapping_add(1);
             match self
                 .cpu
                 .boot(&mut s.hw, &mut s.vm, &mut s.vcpus, s.restarts)
@@ -829,7 +1456,7 @@ impl<C: Cpu> RunLoop<C> {
                     s.waiting_since = None;
                     s.seats.iter_mut().for_each(|seat| *seat = Seat::default());
                     self.cpu.restore(&mut s.hw, 0, s.vcpus[0].xcr0);
-                    self.in_cpu = Some((i, 0));
+                    self.hosts[self.acting].in_cpu = Some((i, 0));
                     return;
                 }
                 Err(e) => error!("guest {}: reboot failed: {e}", s.vm.name),
@@ -837,13 +1464,14 @@ impl<C: Cpu> RunLoop<C> {
             // `boot` reset every vCPU's saved registers: vCPU 0's (power-on values) are in the
             // CPU's place now, as after a successful boot.
             self.cpu.restore(&mut s.hw, 0, s.vcpus[0].xcr0);
-            self.in_cpu = Some((i, 0));
+            self.hosts[self.acting].in_cpu = Some((i, 0));
         }
         if died && s.restarts < s.restart_limit {
             s.restarts += 1;
             // What the guest printed and Keel has not yet sent, and its console's counts, outlive
             // the restart (`boot` gives it a new platform).
             let console = core::mem::take(s.vm.platform.console());
+            s.epoch = s.epoch.wrapping_add(1);
             let booted = self
                 .cpu
                 .boot(&mut s.hw, &mut s.vm, &mut s.vcpus, s.restarts);
@@ -854,7 +1482,7 @@ impl<C: Cpu> RunLoop<C> {
                     s.waiting_since = None;
                     s.seats.iter_mut().for_each(|seat| *seat = Seat::default());
                     self.cpu.restore(&mut s.hw, 0, s.vcpus[0].xcr0);
-                    self.in_cpu = Some((i, 0));
+                    self.hosts[self.acting].in_cpu = Some((i, 0));
                     return;
                 }
                 Err(e) => error!("guest {}: restart failed: {e}", s.vm.name),
@@ -862,7 +1490,7 @@ impl<C: Cpu> RunLoop<C> {
             // `boot` reset every vCPU's saved registers: vCPU 0's (power-on values) are in the
             // CPU's place now, as after a successful boot.
             self.cpu.restore(&mut s.hw, 0, s.vcpus[0].xcr0);
-            self.in_cpu = Some((i, 0));
+            self.hosts[self.acting].in_cpu = Some((i, 0));
         }
         for vcpu in &mut s.vcpus {
             vcpu.state = RunState::Stopped(reason.clone());
@@ -881,6 +1509,7 @@ impl<C: Cpu> RunLoop<C> {
         }
         s.paused_since = Some(now);
         info!("guest {} paused", s.vm.name);
+        self.kick_guest(id);
         Ok(())
     }
 
@@ -914,6 +1543,7 @@ impl<C: Cpu> RunLoop<C> {
             s.waiting_since.get_or_insert(now);
         }
         info!("guest {} resumed", s.vm.name);
+        self.kick_idle();
         Ok(())
     }
 
@@ -964,6 +1594,7 @@ impl<C: Cpu> RunLoop<C> {
         let clock = self
             .cpu
             .restore_snapshot(&mut s.hw, &mut s.vm, &mut s.vcpus, stream)?;
+        s.epoch = s.epoch.wrapping_add(1);
         let now = self.cpu.rdtsc();
         if self.cfg.tsc_offsetting {
             s.vm.tsc_offset = clock.wrapping_sub(now);
@@ -1006,6 +1637,8 @@ impl<C: Cpu> RunLoop<C> {
                 .stop(StopReason::Operator(why))
                 .map_err(|e| alloc::format!("{e}"))?;
         }
+        self.kick_guest(id);
+        let s = &mut self.slots[id];
         self.cpu.release_ram(&mut s.hw, &mut s.vm);
         Ok(())
     }
@@ -1171,16 +1804,19 @@ impl<C: Cpu> RunLoop<C> {
             None => crate::monitor::Monitor::new(self.ops.started.unwrap_or(0)),
         };
         let reply = monitor.execute(line, self, form);
+        self.unsettled = true;
         self.ops.monitor = Some(monitor);
         reply
     }
 
     /// Boots guest `i` afresh from its image (the monitor's `restart` and `start`).
     fn reboot(&mut self, i: usize) -> Result<(), String> {
+        self.unsettled = true;
         self.switch_out();
         let s = &mut self.slots[i];
         let before = s.bsp().state.clone();
         let console = core::mem::take(s.vm.platform.console());
+        s.epoch = s.epoch.wrapping_add(1);
         let booted = self
             .cpu
             .boot(&mut s.hw, &mut s.vm, &mut s.vcpus, s.restarts);
@@ -1200,8 +1836,10 @@ impl<C: Cpu> RunLoop<C> {
         s.waiting_since = None;
         s.paused_since = None;
         s.seats.iter_mut().for_each(|seat| *seat = Seat::default());
+        self.kick_guest(i);
+        let s = &mut self.slots[i];
         self.cpu.restore(&mut s.hw, 0, s.vcpus[0].xcr0);
-        self.in_cpu = Some((i, 0));
+        self.hosts[self.acting].in_cpu = Some((i, 0));
         if before == RunState::Stopped(StopReason::NotStarted) {
             info!("guest {} started", s.vm.name);
         } else {
@@ -1483,6 +2121,7 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
                 let _ = v.state.stop(StopReason::Operator("quit"));
             }
         }
+        (0..self.slots.len()).for_each(|i| self.kick_guest(i));
         info!("quit: every guest stopped");
     }
 

@@ -101,8 +101,21 @@ impl VmcsRegion {
         Ok(())
     }
 
-    /// VMPTRLD: makes this the current VMCS, and hands out the one way to use it.
+    /// VMPTRLD: makes this the current VMCS, and hands out the one way to use it. A VMCS that is
+    /// current on this CPU already is not loaded again: VMPTRST says so (SDM Vol. 3C 31.3,
+    /// VMPTRST stores the current-VMCS pointer; a VMCLEAR of the current VMCS makes it invalid,
+    /// so a cleared region is always loaded afresh). The run loop uses a vCPU's VMCS around each
+    /// of its exits, and this keeps that at one VMPTRLD a slice.
     pub fn load(&mut self) -> Result<LoadedVmcs<'_>, VmcsError> {
+        let mut current: u64 = u64::MAX;
+        // SAFETY: VMPTRST writes the 8 bytes of `current` and nothing else; it is valid in VMX
+        // root operation at CPL 0, which is where Keel runs after VMXON.
+        unsafe {
+            asm!("vmptrst [{p}]", p = in(reg) &mut current, options(nostack));
+        }
+        if current == self.pa {
+            return Ok(LoadedVmcs { region: self });
+        }
         // SAFETY: the region was VMCLEARed with the right revision id; VMPTRLD only makes it
         // current.
         unsafe { vmx_instruction!("vmptrld [{p}]", p = in(reg) &self.pa,) }

@@ -533,6 +533,7 @@ pub(crate) mod test_util {
             modules: Vec::<String>::new(),
             restart: 0,
             vcpus: 1,
+            cpus: None,
             weight: 1,
             cap: None,
             refuse: false,

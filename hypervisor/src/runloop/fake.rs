@@ -133,6 +133,8 @@ struct Cursor {
 pub struct FakeCore {
     pub vmcs: FakeVmcs,
     pub launched: bool,
+    /// The host CPU its VMCS is active on (loaded there and not cleared since), if any.
+    pub active_on: Option<usize>,
     pub program: Program,
     main: Cursor,
     /// In the interrupt handler (where, in the handler's ops).
@@ -144,6 +146,7 @@ impl FakeCore {
         Self {
             vmcs: FakeVmcs::new(),
             launched: false,
+            active_on: None,
             program,
             main: Cursor::default(),
             handler: None,
@@ -180,6 +183,8 @@ pub struct Entry {
     pub guest: usize,
     /// The vCPU of the guest.
     pub vcpu: usize,
+    /// The host CPU it ran on.
+    pub host: usize,
     /// Host TSC at VM entry and at the VM exit.
     pub start: u64,
     pub end: u64,
@@ -209,11 +214,17 @@ pub struct FakeCpu {
     pub control_out: Vec<u8>,
     pub spec_ctrl_writes: Vec<u64>,
     pub host: FakeHost,
-    /// The vCPU (guest, vCPU) whose VMCS is current, and how many VMPTRLDs there were.
-    current: Option<(usize, usize)>,
+    /// The host CPU the loop acts for (`Cpu::on_host`): the fake plays each of them in turn.
+    pub on: usize,
+    /// On each host CPU: the vCPU (guest, vCPU) whose VMCS is current. And how many VMPTRLDs
+    /// there were (a load of the VMCS that is current already is none).
+    current: Vec<Option<(usize, usize)>>,
     pub loads: u64,
-    /// The vCPU whose registers (those VMX does not switch) are in the CPU.
-    in_cpu: Option<(usize, usize)>,
+    /// On each host CPU: the vCPU whose registers (those VMX does not switch) are in it.
+    in_cpu: Vec<Option<(usize, usize)>>,
+    /// The host CPUs kicked, in order, and how many VMCLEARs there were.
+    pub kicks: Vec<usize>,
+    pub releases: u64,
     /// What every balloon request returns.
     pub balloon_status: u64,
     /// Set: every boot fails with this (no memory for the guest, say).
@@ -232,9 +243,12 @@ impl FakeCpu {
             control_out: Vec::new(),
             spec_ctrl_writes: Vec::new(),
             host: TestBed::new().host,
-            current: None,
+            on: 0,
+            current: alloc::vec![None],
             loads: 0,
-            in_cpu: None,
+            in_cpu: alloc::vec![None],
+            kicks: Vec::new(),
+            releases: 0,
             balloon_status: 0,
             boot_error: None,
         }
@@ -386,6 +400,7 @@ fn power_on(hw: &mut FakeVcpu, vm: &mut Vm, vcpus: &mut [Vcpu], clock: u64) {
     for (c, (core, vcpu)) in hw.cores.iter_mut().zip(vcpus.iter_mut()).enumerate() {
         core.vmcs = FakeVmcs::new();
         core.launched = false;
+        core.active_on = None;
         core.main = Cursor::default();
         core.handler = None;
         core.vmcs.set(GuestNat::Rflags, core.program.rflags);
@@ -408,42 +423,89 @@ impl Cpu for FakeCpu {
     }
 
     fn save(&mut self, hw: &mut FakeVcpu, cpu: usize) {
+        let h = self.on;
         assert_eq!(
-            self.in_cpu,
+            self.in_cpu[h],
             Some((hw.id, cpu)),
-            "saved a vCPU that is not in the CPU"
+            "saved a vCPU that is not in host CPU {h}"
         );
-        self.in_cpu = None;
+        self.in_cpu[h] = None;
     }
 
     fn restore(&mut self, hw: &mut FakeVcpu, cpu: usize, _xcr0: u64) {
+        let (h, me) = (self.on, (hw.id, cpu));
         assert!(
-            self.in_cpu.is_none() || self.in_cpu == Some((hw.id, cpu)),
-            "vCPU {:?} restored over vCPU {:?}, which was not saved",
-            (hw.id, cpu),
-            self.in_cpu
+            self.in_cpu[h].is_none() || self.in_cpu[h] == Some(me),
+            "vCPU {me:?} restored over vCPU {:?}, which was not saved",
+            self.in_cpu[h]
         );
-        self.in_cpu = Some((hw.id, cpu));
+        let elsewhere = self.in_cpu.iter().position(|&o| o == Some(me));
+        assert!(
+            elsewhere.is_none_or(|k| k == h),
+            "vCPU {me:?} restored on host CPU {h} while its registers are in CPU {elsewhere:?}"
+        );
+        self.in_cpu[h] = Some(me);
     }
 
     fn load<'a>(&mut self, hw: &'a mut FakeVcpu, cpu: usize) -> Result<FakeLoaded<'a>, String> {
-        self.current = Some((hw.id, cpu));
-        self.loads += 1;
+        let (h, me) = (self.on, (hw.id, cpu));
         let id = hw.id;
         let core = hw.cores.get_mut(cpu).ok_or("no such vCPU")?;
+        // SDM Vol. 3C 25.11.1: a VMCS is active on one CPU at a time; another may load it only
+        // once that one cleared it.
+        assert!(
+            core.active_on.is_none_or(|k| k == h),
+            "VMPTRLD on host CPU {h} of vCPU {me:?}, still active on CPU {:?}",
+            core.active_on
+        );
+        core.active_on = Some(h);
+        if self.current[h] != Some(me) {
+            self.current[h] = Some(me);
+            self.loads += 1;
+        }
         Ok(FakeLoaded(id, cpu, core))
+    }
+
+    fn on_host(&mut self, h: usize) {
+        if self.current.len() <= h {
+            self.current.resize(h + 1, None);
+            self.in_cpu.resize(h + 1, None);
+        }
+        self.on = h;
+    }
+
+    fn kick(&mut self, h: usize) {
+        self.kicks.push(h);
+    }
+
+    fn release(&mut self, hw: &mut FakeVcpu, cpu: usize) -> Result<(), String> {
+        let (h, me) = (self.on, (hw.id, cpu));
+        let core = hw.cores.get_mut(cpu).ok_or("no such vCPU")?;
+        assert!(
+            core.active_on.is_none_or(|k| k == h),
+            "VMCLEAR on CPU {h} of {me:?}, active on CPU {:?}",
+            core.active_on
+        );
+        core.active_on = None;
+        core.launched = false;
+        if self.current[h] == Some(me) {
+            self.current[h] = None;
+        }
+        self.releases += 1;
+        Ok(())
     }
 
     fn enter(&mut self, vmcs: &mut FakeLoaded<'_>, regs: &mut GuestRegs) -> Result<(), VmxError> {
         let me = (vmcs.0, vmcs.1);
         let vcpu = &mut *vmcs.2;
+        let h = self.on;
         assert_eq!(
-            self.current,
+            self.current[h],
             Some(me),
             "entered a vCPU whose VMCS is not current"
         );
         assert_eq!(
-            self.in_cpu,
+            self.in_cpu[h],
             Some(me),
             "entered a vCPU with another's registers"
         );
@@ -480,6 +542,7 @@ impl Cpu for FakeCpu {
         self.trace.push(Entry {
             guest: me.0,
             vcpu: me.1,
+            host: h,
             start,
             end: self.clock,
             guest_start,
@@ -519,7 +582,7 @@ impl Cpu for FakeCpu {
         }
         hw.boots += 1;
         power_on(hw, vm, vcpus, self.clock);
-        self.current = Some((hw.id, 0));
+        self.current[self.on] = Some((hw.id, 0));
         Ok(())
     }
 

@@ -730,6 +730,24 @@ fn fifth_wrmsr_of_the_bsp(rl: &RunLoop<FakeCpu>) -> Entry {
         .expect("the BSP wrote its fifth MSR")
 }
 
+/// The BSP's WRMSR that sent vector 0x40 to AP 1 and the AP's entry that took it, which must
+/// follow within 20 of Keel's steps.
+fn ipi_0x40_taken_at_once(rl: &RunLoop<FakeCpu>) -> (Entry, Entry) {
+    let sent = fifth_wrmsr_of_the_bsp(rl);
+    let got = rl
+        .cpu
+        .vcpu_entries(0, 1)
+        .find(|e| e.injected == Some(0x40))
+        .copied()
+        .expect("AP 1 never took the IPI");
+    assert!(
+        got.start > sent.end && got.start - sent.end < 20 * KEEL_COST,
+        "the IPI reached AP 1 {} cycles after it was sent",
+        got.start.wrapping_sub(sent.end)
+    );
+    (sent, got)
+}
+
 fn smp_rig(guests: Vec<Vec<Program>>) -> RunLoop<FakeCpu> {
     let cpu = FakeCpu::new();
     let slots = guests
@@ -802,18 +820,7 @@ fn a_fixed_ipi_wakes_a_halted_vcpu_without_waiting_for_the_senders_slice() {
         vec![Program::compute()],
     ]);
     run_for(&mut rl, 8 * QUANTUM);
-    let sent = fifth_wrmsr_of_the_bsp(&rl);
-    let got = rl
-        .cpu
-        .vcpu_entries(0, 1)
-        .find(|e| e.injected == Some(0x40))
-        .copied()
-        .expect("AP 1 never took the IPI");
-    assert!(
-        got.start > sent.end && got.start - sent.end < 20 * KEEL_COST,
-        "the IPI reached AP 1 {} cycles after it was sent",
-        got.start.wrapping_sub(sent.end)
-    );
+    let (_, got) = ipi_0x40_taken_at_once(&rl);
     // Once AP 1 has handled it and halted again, the sender gets the CPU back, for the rest of
     // its slice, before guest 1's turn.
     let back = rl
@@ -862,14 +869,9 @@ fn a_vcpu_halted_with_interrupts_off_stays_halted_when_an_interrupt_comes() {
     assert!(off < 0.05, "BSP ran {bsp} cycles, guest 1 {other}");
 }
 
-#[test]
-fn every_vcpu_of_every_guest_gets_an_equal_share() {
-    // Guest 0 with two computing vCPUs, guest 1 with one: three equal shares.
-    let mut rl = smp_rig(vec![
-        vec![starter(1, &[Op::Run(u64::MAX)]), Program::compute()],
-        vec![Program::compute()],
-    ]);
-    run_for(&mut rl, 300 * QUANTUM);
+/// Checks that vCPUs (0, 0), (0, 1) and (1, 0) had the same guest time, within 2%; returns
+/// the mean.
+fn three_equal_shares(rl: &RunLoop<FakeCpu>) -> u64 {
     let shares: Vec<u64> = [(0, 0), (0, 1), (1, 0)]
         .iter()
         .map(|&(g, c)| rl.slots[g].vcpus[c].stats.cpu_cycles)
@@ -883,6 +885,18 @@ fn every_vcpu_of_every_guest_gets_an_equal_share() {
             off * 100.0
         );
     }
+    mean
+}
+
+#[test]
+fn every_vcpu_of_every_guest_gets_an_equal_share() {
+    // Guest 0 with two computing vCPUs, guest 1 with one: three equal shares.
+    let mut rl = smp_rig(vec![
+        vec![starter(1, &[Op::Run(u64::MAX)]), Program::compute()],
+        vec![Program::compute()],
+    ]);
+    run_for(&mut rl, 300 * QUANTUM);
+    three_equal_shares(&rl);
 }
 
 #[test]
@@ -1192,4 +1206,294 @@ fn a_start_without_memory_leaves_the_guest_waiting() {
     assert!(rl.slots[1].vcpus[0].state.is_live());
     run_for(&mut rl, 4 * QUANTUM);
     assert!(rl.cpu.entries(1).count() > 0, "it runs");
+}
+
+/// What a host CPU of [`Hosts`] does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HostStep {
+    /// Calls `begin`.
+    Ready,
+    /// Its guest ran until a VM exit at its clock: calls `finish`.
+    Exited,
+    /// Sleeps until its clock reaches this, or a kick.
+    Asleep(u64),
+}
+
+/// Several host CPUs over the one fake: each has its own clock, and the one that is furthest
+/// behind acts next (its `begin`, the guest's run to its exit, its `finish`), so their turns
+/// interleave as they would in parallel. A kick wakes a sleeping CPU at the kicker's time; a
+/// CPU in guest mode sees it at its vCPU's next exit.
+struct Hosts {
+    clocks: Vec<u64>,
+    steps: Vec<HostStep>,
+    kicks_seen: usize,
+}
+
+impl Hosts {
+    fn new(rl: &mut RunLoop<FakeCpu>, n: usize) -> Self {
+        let mut taken = core::mem::replace(rl, smp_rig(vec![]));
+        taken = taken.with_hosts(n);
+        *rl = taken;
+        Self {
+            clocks: vec![rl.cpu.clock; n],
+            steps: vec![HostStep::Ready; n],
+            kicks_seen: 0,
+        }
+    }
+
+    /// The host CPU that acts next, and when.
+    fn next(&self) -> (usize, u64) {
+        (0..self.clocks.len())
+            .map(|h| match self.steps[h] {
+                HostStep::Asleep(until) => (h, until),
+                _ => (h, self.clocks[h]),
+            })
+            .min_by_key(|&(_, t)| t)
+            .unwrap()
+    }
+
+    /// Runs every host CPU until all their clocks have passed `until`.
+    fn run_until(&mut self, rl: &mut RunLoop<FakeCpu>, until: u64) {
+        loop {
+            let (h, t) = self.next();
+            if t >= until {
+                return;
+            }
+            rl.cpu.clock = t;
+            match self.steps[h] {
+                HostStep::Asleep(_) | HostStep::Ready => match rl.begin(h) {
+                    Turn::Enter => {
+                        rl.enter(h);
+                        self.steps[h] = HostStep::Exited;
+                    }
+                    Turn::Sleep { wake, max } => {
+                        let now = rl.cpu.clock;
+                        self.steps[h] =
+                            HostStep::Asleep(now + wake.saturating_sub(now).clamp(1, max));
+                    }
+                    Turn::Done => panic!("every guest stopped"),
+                },
+                HostStep::Exited => {
+                    rl.finish(h);
+                    self.steps[h] = HostStep::Ready;
+                }
+            }
+            self.clocks[h] = rl.cpu.clock;
+            // Kicks wake sleeping CPUs now.
+            for &k in &rl.cpu.kicks[self.kicks_seen..] {
+                if let HostStep::Asleep(_) = self.steps[k] {
+                    self.steps[k] = HostStep::Asleep(rl.cpu.clock);
+                }
+            }
+            self.kicks_seen = rl.cpu.kicks.len();
+        }
+    }
+
+    fn run_for(&mut self, rl: &mut RunLoop<FakeCpu>, cycles: u64) {
+        let end = self.clocks.iter().copied().min().unwrap() + cycles;
+        self.run_until(rl, end);
+    }
+}
+
+/// The entries of one vCPU that overlap in time on two host CPUs, if any.
+fn overlapping_entries(trace: &[Entry]) -> Option<(Entry, Entry)> {
+    for (n, a) in trace.iter().enumerate() {
+        for b in &trace[n + 1..] {
+            if (a.guest, a.vcpu) == (b.guest, b.vcpu)
+                && a.host != b.host
+                && a.start < b.end
+                && b.start < a.end
+            {
+                return Some((*a, *b));
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn two_host_cpus_share_three_vcpus_evenly_and_never_run_one_on_both() {
+    // Guest 0 with two computing vCPUs, guest 1 with one, on two host CPUs.
+    let mut rl = smp_rig(vec![
+        vec![starter(1, &[Op::Run(u64::MAX)]), Program::compute()],
+        vec![Program::compute()],
+    ]);
+    let mut hosts = Hosts::new(&mut rl, 2);
+    hosts.run_for(&mut rl, 300 * QUANTUM);
+    assert_eq!(overlapping_entries(&rl.cpu.trace), None);
+    // Both CPUs computed all the time: each vCPU had 2/3 of one CPU.
+    let mean = three_equal_shares(&rl);
+    assert!(
+        mean > 300 * QUANTUM * 2 / 3 * 98 / 100,
+        "the CPUs idled: mean share {mean}"
+    );
+    // vCPUs moved between the CPUs, each time through a VMCLEAR on the CPU it left (the fake
+    // refuses a VMPTRLD of a VMCS still active elsewhere) and a VMLAUNCH after.
+    for seat in [(0, 0), (0, 1), (1, 0)] {
+        let on: Vec<usize> = rl
+            .cpu
+            .trace
+            .iter()
+            .filter(|e| (e.guest, e.vcpu) == seat)
+            .map(|e| e.host)
+            .collect();
+        assert!(on.contains(&0) && on.contains(&1), "{seat:?} ran on {on:?}");
+    }
+    assert!(rl.cpu.releases >= 200, "{} VMCLEARs", rl.cpu.releases);
+}
+
+#[test]
+fn a_vcpu_woken_by_an_ipi_while_the_other_cpu_sleeps_runs_there_at_once() {
+    // The BSP starts AP 1, which halts; the BSP computes 2 quanta, sends vector 0x40 to APIC 1,
+    // and computes on. Host CPU 1 sleeps once the AP halts.
+    let mut rl = smp_rig(vec![vec![
+        starter(
+            1,
+            &[Op::Run(2 * QUANTUM), ipi(1, 0, 0x40), Op::Run(u64::MAX)],
+        ),
+        ap_sleeper(),
+    ]]);
+    let mut hosts = Hosts::new(&mut rl, 2);
+    hosts.run_for(&mut rl, 6 * QUANTUM);
+    assert_eq!(overlapping_entries(&rl.cpu.trace), None);
+    let (sent, got) = ipi_0x40_taken_at_once(&rl);
+    assert_ne!(got.host, sent.host, "the AP took the sender's CPU");
+    assert!(rl.cpu.kicks.contains(&got.host), "kicks {:?}", rl.cpu.kicks);
+    // The sender kept its CPU: its next entry follows its exit at once.
+    let next = rl
+        .cpu
+        .vcpu_entries(0, 0)
+        .find(|e| e.start > sent.end)
+        .unwrap();
+    assert_eq!(next.host, sent.host);
+    assert!(next.start - sent.end < 20 * KEEL_COST);
+}
+
+/// An application processor that turns its APIC on and interrupts, and computes.
+fn ap_computer() -> Program {
+    let mut main = x2apic_on().to_vec();
+    main.push(Op::Sti);
+    main.push(Op::Run(u64::MAX));
+    Program {
+        main,
+        repeat_from: None,
+        handler: vec![Op::Run(100), Op::Wrmsr(X2APIC_EOI, 0)],
+        rflags: 0x202,
+    }
+}
+
+#[test]
+fn an_ipi_to_a_vcpu_running_on_another_cpu_kicks_it_and_comes_at_its_next_entry() {
+    let mut rl = smp_rig(vec![vec![
+        starter(
+            1,
+            &[Op::Run(QUANTUM / 2), ipi(1, 0, 0x41), Op::Run(u64::MAX)],
+        ),
+        ap_computer(),
+    ]]);
+    let mut hosts = Hosts::new(&mut rl, 2);
+    hosts.run_for(&mut rl, 4 * QUANTUM);
+    let sent = fifth_wrmsr_of_the_bsp(&rl);
+    // The AP was in guest mode on the other CPU when the IPI was sent.
+    let during = rl
+        .cpu
+        .vcpu_entries(0, 1)
+        .find(|e| e.start < sent.end && e.end > sent.end)
+        .copied()
+        .expect("AP 1 was not running when the IPI was sent");
+    assert_ne!(during.host, sent.host);
+    assert!(
+        rl.cpu.kicks.contains(&during.host),
+        "kicks {:?}",
+        rl.cpu.kicks
+    );
+    let next = rl
+        .cpu
+        .vcpu_entries(0, 1)
+        .find(|e| e.start >= during.end)
+        .unwrap();
+    assert_eq!(next.injected, Some(0x41), "not at its next entry: {next:?}");
+    // The sender was not held up.
+    assert!(rl.slots[0].vcpus[0].stats.cpu_cycles > 3 * QUANTUM);
+}
+
+#[test]
+fn a_pause_of_a_guest_running_on_another_cpu_takes_effect_at_its_next_exit() {
+    let mut rl = smp_rig(vec![vec![Program::compute()], vec![Program::compute()]]);
+    let mut hosts = Hosts::new(&mut rl, 2);
+    hosts.run_for(&mut rl, QUANTUM / 2);
+    // Guest 0 runs on one CPU, guest 1 on the other.
+    let h = (0..2).find(|&h| rl.running_on(h) == Some((0, 0))).unwrap();
+    rl.pause(0).unwrap();
+    assert!(rl.cpu.kicks.contains(&h), "kicks {:?}", rl.cpu.kicks);
+    let paused_at = rl.cpu.clock;
+    hosts.run_for(&mut rl, 4 * QUANTUM);
+    // Its entry in progress ends at its next exit; none follows.
+    let after: Vec<Entry> = rl
+        .cpu
+        .vcpu_entries(0, 0)
+        .filter(|e| e.end > paused_at)
+        .copied()
+        .collect();
+    assert!(after.len() <= 1, "guest 0 ran on: {after:?}");
+    assert_eq!(
+        rl.slots[0].vcpus[0].state,
+        RunState::Paused { halted: false }
+    );
+    assert_ne!(rl.running_on(h), Some((0, 0)), "its CPU still holds it");
+    // Guest 1 went on, on either CPU.
+    let ran = rl.slots[1].vcpus[0].stats.cpu_cycles;
+    rl.resume(0).unwrap();
+    hosts.run_for(&mut rl, 4 * QUANTUM);
+    assert!(rl.slots[1].vcpus[0].stats.cpu_cycles > ran);
+    assert!(rl
+        .cpu
+        .vcpu_entries(0, 0)
+        .any(|e| e.start > rl.cpu.clock - 3 * QUANTUM));
+}
+
+#[test]
+fn a_pinned_guest_runs_only_on_its_cpus_and_the_others_fill_the_rest() {
+    // Guest 0 pinned to CPU 1, guests 1 and 2 anywhere, on two CPUs.
+    let mut rl = smp_rig(vec![vec![Program::compute()]; 3]);
+    rl.slots[0] = core::mem::replace(&mut rl.slots[0], rl.cpu.guest(0, Program::compute(), 0))
+        .with_pins(Some(0b10));
+    let mut hosts = Hosts::new(&mut rl, 2);
+    hosts.run_for(&mut rl, 60 * QUANTUM);
+    assert_eq!(overlapping_entries(&rl.cpu.trace), None);
+    assert!(
+        rl.cpu.entries(0).count() > 10,
+        "{:?}",
+        rl.cpu
+            .trace
+            .iter()
+            .map(|e| (e.guest, e.host, e.end - e.start))
+            .take(20)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        rl.cpu.entries(0).all(|e| e.host == 1),
+        "guest 0 ran on CPU 0"
+    );
+    // The unpinned guests took CPU 0 whenever guest 0 had CPU 1: CPU 0 never idled.
+    let mut cpu0 = 0;
+    for i in 1..3 {
+        cpu0 += rl
+            .cpu
+            .entries(i)
+            .filter(|e| e.host == 0)
+            .map(|e| e.end - e.start)
+            .sum::<u64>();
+    }
+    assert!(
+        cpu0 > 60 * QUANTUM * 98 / 100,
+        "CPU 0 ran guests {cpu0} cycles"
+    );
+}
+
+#[test]
+fn a_pin_to_a_cpu_that_is_not_up_falls_back_to_every_cpu() {
+    assert_eq!(pins_on(None, 0b1), Ok(None));
+    assert_eq!(pins_on(Some(0b11), 0b111), Ok(Some(0b11)));
+    assert_eq!(pins_on(Some(0b1010), 0b0011), Err(3));
 }
