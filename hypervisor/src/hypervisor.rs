@@ -588,6 +588,9 @@ impl VmHw {
         let ram = GuestRam::none();
         let mut ept =
             Ept::new(Frames, setup.caps.ept_1g_pages()).map_err(|e| alloc::format!("{e}"))?;
+        // Dirty flags from the start, for live migration (`ept::Ept::take_dirty`): the EPTP is
+        // in every VMCS of the guest, so it is chosen once.
+        ept.set_accessed_dirty(setup.caps.ept_accessed_dirty());
         let apicv = match &setup.apic_pages {
             Some((vapic, access)) => {
                 if setup.apicv.virtualize_apic_accesses {
