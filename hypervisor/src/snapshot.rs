@@ -628,4 +628,4 @@ fn compare(here: &Fingerprint, snapshot: &Fingerprint) -> Result<(), SnapshotErr
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
