@@ -594,6 +594,43 @@ impl Receiver {
     }
 }
 
+/// One step of the migration protocol (the control channel's `migrate-*` commands;
+/// docs/SNAPSHOTS.md, "Live migration").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op<'a> {
+    /// On the sending Keel: start migrating guest `id` out (round 0 while it runs).
+    Out { id: usize },
+    /// The stream from `offset` (`migrate-read OFFSET`).
+    Read { offset: u64 },
+    /// The next round: the pages written since the last one began.
+    Next,
+    /// Pause the guest; the last round and its state follow.
+    Final,
+    /// On the sending Keel: the guest runs on the other one; stop it here for good. On the
+    /// receiving one: nothing (it started at `End`).
+    Done,
+    /// Give up: the sending Keel resumes the guest; the receiving one releases its RAM.
+    Abort,
+    /// On the receiving Keel: take the stream into guest `id` (not running).
+    In { id: usize },
+    /// The next bytes of the stream.
+    Data(&'a [u8]),
+    /// The stream is whole: apply the state and start the guest.
+    End,
+}
+
+/// A step's answer: the message for people, numbers for the host tool, and stream bytes for a
+/// read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Answer {
+    pub message: String,
+    pub fields: Vec<(&'static str, u64)>,
+    pub data: Option<Vec<u8>>,
+}
+
+/// Bytes of stream per `migrate-read` reply (4 KiB of base64 on the line).
+pub const CHUNK: usize = 3072;
+
 /// When the host stops the rounds: once a round has at most this many pages to send (the last
 /// round then goes with the guest paused)...
 pub const SMALL_ROUND: u64 = 8;
