@@ -217,7 +217,7 @@ pub fn request(socket: &Path, command: &str, timeout: Duration) -> Result<String
 
 /// The value of field `key` of a success reply `{"ok":true,...}` (strings unquoted); an error
 /// reply is Keel's error.
-fn field(reply: &str, key: &str) -> Result<String> {
+pub fn field(reply: &str, key: &str) -> Result<String> {
     let body = reply
         .strip_prefix('{')
         .and_then(|r| r.strip_suffix('}'))

@@ -270,6 +270,7 @@ impl<C: Cpu> RunLoop<C> {
                         ("offset", offset),
                         ("round", u64::from(tx.round())),
                         ("left", tx.left()),
+                        ("sent", tx.rounds().last().map_or(0, |r| r.pages)),
                         ("end", u64::from(end)),
                     ],
                 );
