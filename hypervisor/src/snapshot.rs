@@ -426,13 +426,13 @@ pub fn write_pages(w: &mut Writer, pages: &[(u64, Option<&[u8]>)]) {
     });
 }
 
+/// Page records: (guest-physical address, bytes or `None` for a page that is all zero).
+pub type PageRecords<'a> = Vec<(u64, Option<&'a [u8]>)>;
+
 /// The pages of one PAGE section (`body`: the section's bytes after its header), each checked
 /// against `memory` (the guest's RAM size) and its CRC-32: (address, bytes or `None` for a zero
 /// page).
-pub fn read_pages<'a>(
-    section: &'a [u8],
-    memory: u64,
-) -> Result<Vec<(u64, Option<&'a [u8]>)>, SnapshotError> {
+pub fn read_pages<'a>(section: &'a [u8], memory: u64) -> Result<PageRecords<'a>, SnapshotError> {
     let mut r = Reader::new(section);
     let mut pages = Vec::new();
     r.section(*b"PAGE", 1, |r, _| {
