@@ -56,7 +56,7 @@ pub struct Report {
 }
 
 /// How often a line is tried again after a reply that was damaged on the serial line.
-const TRIES: u32 = 4;
+const TRIES: u32 = 8;
 
 fn num(reply: &str, key: &str) -> Result<u64> {
     field(reply, key)?
@@ -128,8 +128,7 @@ fn stream(
         let mut bytes = 0u64;
         let (pages, ended) = loop {
             let reply = read(a, offset).map_err(Failure::A)?;
-            let data = keel::snapshot::base64::decode(&field(&reply, "data").map_err(Failure::A)?)
-                .ok_or_else(|| Failure::A(anyhow::anyhow!("a chunk that is not base64")))?;
+            let data = chunk(&reply).map_err(Failure::A)?;
             if data.is_empty() {
                 let pages = num(&reply, "sent").map_err(Failure::A)?;
                 break (pages, num(&reply, "end").map_err(Failure::A)? == 1);
@@ -194,12 +193,24 @@ fn stream(
     })
 }
 
+/// The stream bytes of a `migrate-read` reply, checked against its CRC-32.
+fn chunk(reply: &str) -> Result<Vec<u8>> {
+    let data = keel::snapshot::base64::decode(&field(reply, "data")?)
+        .ok_or_else(|| anyhow::anyhow!("a chunk that is not base64"))?;
+    anyhow::ensure!(
+        u64::from(keel::snapshot::crc32(&data)) == num(reply, "crc32")?,
+        "a chunk damaged on the way (CRC-32 differs)"
+    );
+    Ok(data)
+}
+
 /// `migrate-read OFFSET` on A, asked again when the reply was damaged or lost.
 fn read(a: &mut dyn Channel, offset: u64) -> Result<String> {
     let mut tries = 0;
     loop {
         let reply = a.ask(&format!("migrate-read {offset}")).and_then(|r| {
             anyhow::ensure!(num(&r, "offset")? == offset, "a chunk for another offset");
+            chunk(&r)?;
             Ok(r)
         });
         match reply {
@@ -212,10 +223,14 @@ fn read(a: &mut dyn Channel, offset: u64) -> Result<String> {
     }
 }
 
-/// `migrate-data` on B: sent again only when B says the line came damaged (it then took none of
-/// it); B's count must come to `offset` + the chunk.
+/// `migrate-data CRC32 BASE64` on B: sent again only when B says the line came damaged (it then
+/// took none of it); B's count must come to `offset` + the chunk.
 fn write(b: &mut dyn Channel, data: &[u8], offset: u64) -> Result<()> {
-    let line = format!("migrate-data {}", keel::snapshot::base64::encode(data));
+    let line = format!(
+        "migrate-data {} {}",
+        keel::snapshot::crc32(data),
+        keel::snapshot::base64::encode(data)
+    );
     let want = offset + data.len() as u64;
     let mut tries = 0;
     loop {
@@ -229,7 +244,10 @@ fn write(b: &mut dyn Channel, data: &[u8], offset: u64) -> Result<()> {
                 return Ok(());
             }
             Err(e)
-                if tries < TRIES && (e.contains("not base64") || e.contains("wrong arguments")) =>
+                if tries < TRIES
+                    && ["not base64", "wrong arguments", "damaged line"]
+                        .iter()
+                        .any(|w| e.contains(w)) =>
             {
                 tries += 1;
                 eprintln!("keel-boot: migrate-data at {offset}: {e}; sending it again");

@@ -564,7 +564,7 @@ fn transfer(line: &str, target: &mut dyn MonitorTarget, form: Form) -> Option<Re
 
 /// The live-migration commands (docs/SNAPSHOTS.md, "Live migration"): `migrate-out NAME`,
 /// `migrate-read OFFSET`, `migrate-next`, `migrate-final`, `migrate-done`, `migrate-abort` on
-/// the sending Keel; `migrate-in NAME`, `migrate-data BASE64`, `migrate-end`, `migrate-abort` on
+/// the sending Keel; `migrate-in NAME`, `migrate-data CRC32 BASE64`, `migrate-end`, `migrate-abort` on
 /// the receiving one. None for any other command.
 fn migration(line: &str, target: &mut dyn MonitorTarget, form: Form) -> Option<Reply> {
     use crate::migrate::Op;
@@ -586,11 +586,15 @@ fn migration(line: &str, target: &mut dyn MonitorTarget, form: Form) -> Option<R
             .parse()
             .map(|offset| Op::Read { offset })
             .map_err(|_| "migrate-read needs an offset".into()),
-        ("migrate-data", [b64]) => {
+        ("migrate-data", [crc, b64]) => {
+            // The line's own CRC-32: a line the serial line damaged into other valid base64 is
+            // refused here, before the stream sees it, and can be sent again.
             data = crate::snapshot::base64::decode(b64);
-            data.as_deref()
-                .map(Op::Data)
-                .ok_or_else(|| "not base64".into())
+            match (data.as_deref(), crc.parse::<u32>()) {
+                (None, _) => Err("not base64".into()),
+                (Some(d), Ok(c)) if crate::snapshot::crc32(d) == c => Ok(Op::Data(d)),
+                _ => Err("a damaged line (its CRC-32 differs)".into()),
+            }
         }
         ("migrate-next", []) => Ok(Op::Next),
         ("migrate-final", []) => Ok(Op::Final),
@@ -603,6 +607,7 @@ fn migration(line: &str, target: &mut dyn MonitorTarget, form: Form) -> Option<R
         let mut fields: Vec<(&'static str, Value)> =
             a.fields.iter().map(|&(k, v)| (k, Value::Num(v))).collect();
         if let Some(d) = &a.data {
+            fields.push(("crc32", Value::Num(u64::from(crate::snapshot::crc32(d)))));
             fields.push(("data", Value::Str(crate::snapshot::base64::encode(d))));
         }
         ok(form, a.message, fields)

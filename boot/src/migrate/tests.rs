@@ -29,8 +29,7 @@ impl Channel for Scripted {
 }
 
 const BEGUN: &str = r#"{"ok":true,"round":0,"pages":1024,"chunk":3072}"#;
-const CHUNK: &str =
-    r#"{"ok":true,"offset":0,"round":0,"left":10,"sent":3,"end":0,"data":"S0VFTA=="}"#;
+const CHUNK: &str = r#"{"ok":true,"offset":0,"round":0,"left":10,"sent":3,"end":0,"crc32":3915708912,"data":"S0VFTA=="}"#;
 
 #[test]
 fn b_closing_midway_aborts_on_a() {

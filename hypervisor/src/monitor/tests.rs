@@ -494,11 +494,15 @@ fn migrate_commands_reach_the_target_as_steps() {
     let r = run(&mut m, &mut t, "migrate-read 6144", Form::Json);
     assert_eq!(
         r.text,
-        "{\"ok\":true,\"offset\":6144,\"end\":0,\"data\":\"S0VFTFNOQVA=\"}\n"
+        alloc::format!(
+            "{{\"ok\":true,\"offset\":6144,\"end\":0,\"crc32\":{},\"data\":\"S0VFTFNOQVA=\"}}\n",
+            crate::snapshot::crc32(b"KEELSNAP")
+        )
     );
     let r = run(&mut m, &mut t, "migrate-out beta", Form::Text);
     assert_eq!(r.text, "fine\n");
-    run(&mut m, &mut t, "migrate-data S0VFTA==", Form::Json);
+    let keel = alloc::format!("migrate-data {} S0VFTA==", crate::snapshot::crc32(b"KEEL"));
+    run(&mut m, &mut t, &keel, Form::Json);
     run(&mut m, &mut t, "migrate-next", Form::Json);
     assert_eq!(
         t.migrated,
@@ -524,7 +528,9 @@ fn malformed_migrate_commands_never_reach_the_target() {
     let mut t = FakeTarget::new();
     let mut m = Monitor::new(0);
     for (line, why) in [
-        ("migrate-data not*base64", "not base64"),
+        ("migrate-data 1 not*base64", "not base64"),
+        ("migrate-data 1 S0VFTA==", "damaged line"),
+        ("migrate-data S0VFTA==", "wrong arguments"),
         ("migrate-read", "wrong arguments"),
         ("migrate-read ten", "needs an offset"),
         ("migrate-out", "wrong arguments"),
