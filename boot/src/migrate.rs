@@ -57,6 +57,10 @@ pub struct Report {
 
 /// How often a line is tried again after a reply that was damaged on the serial line.
 const TRIES: u32 = 8;
+/// Stream bytes per `migrate-data` line (1 KiB of base64). Short lines, since the paced line
+/// toward Keel loses a byte now and then when the emulator falls behind (docs/SNAPSHOTS.md,
+/// "Limits and figures"), and a line that lost one is sent again whole.
+const LINE_BYTES: usize = 768;
 
 fn num(reply: &str, key: &str) -> Result<u64> {
     field(reply, key)?
@@ -133,7 +137,9 @@ fn stream(
                 let pages = num(&reply, "sent").map_err(Failure::A)?;
                 break (pages, num(&reply, "end").map_err(Failure::A)? == 1);
             }
-            write(b, &data, offset).map_err(Failure::B)?;
+            for (k, piece) in data.chunks(LINE_BYTES).enumerate() {
+                write(b, piece, offset + (k * LINE_BYTES) as u64).map_err(Failure::B)?;
+            }
             offset += data.len() as u64;
             bytes += data.len() as u64;
         };
