@@ -126,10 +126,13 @@ fn accept_loop(listener: UnixListener, to_keel: File, current: Current, stop: Ar
 const PACE_BYTES: usize = 14;
 const PACE_WAIT: Duration = Duration::from_millis(8);
 
-/// After a quiet spell Keel may be asleep or running a guest for a whole time slice (10 ms)
-/// before it reads COM2 again: the first piece is given that long.
+/// After a quiet spell Keel may be asleep or running a guest for a whole time slice (10 ms of its
+/// time) before it reads COM2 again: the first piece is given that long, in wall time, with room
+/// for an emulator that runs several times slower than the wall clock on a loaded host (the
+/// second piece arriving before Keel read the first overruns the FIFO: in Bochs under load every
+/// long line lost bytes at its start with 30 ms here).
 const PACE_QUIET: Duration = Duration::from_millis(50);
-const PACE_FIRST_WAIT: Duration = Duration::from_millis(30);
+const PACE_FIRST_WAIT: Duration = Duration::from_millis(150);
 
 /// Writes `data` in pieces of [`PACE_BYTES`], each at least [`PACE_WAIT`] after the one before
 /// (`last`: when the previous piece went, across calls), the second of a line that follows a
