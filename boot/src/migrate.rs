@@ -56,7 +56,7 @@ pub struct Report {
 }
 
 /// How often a line is tried again after a reply that was damaged on the serial line.
-const TRIES: u32 = 8;
+const TRIES: u32 = 12;
 /// Stream bytes per `migrate-data` line (1 KiB of base64). Short lines, since the paced line
 /// toward Keel loses a byte now and then when the emulator falls behind (docs/SNAPSHOTS.md,
 /// "Limits and figures"), and a line that lost one is sent again whole.
