@@ -122,8 +122,8 @@ fn accept_loop(listener: UnixListener, to_keel: File, current: Current, stop: Ar
 /// is 1.4 ms, less than a slice, and a byte that finds the FIFO full is lost (an overrun). So the
 /// bridge sends at most 8 bytes at a time (room in the FIFO for a read that comes late: an
 /// emulator slowed by a loaded host reads less often in wall time), and waits between them long
-/// enough for Keel to have
-/// read them (it reads COM2 every millisecond of its time while a line comes in, `runloop`).
+/// enough for Keel to have read them (it reads COM2 every millisecond of its time while a line
+/// comes in, `runloop`).
 /// Commands of up to 8 bytes go at once; a 6 KiB `restore-data` line takes about 4.6 s.
 const PACE_BYTES: usize = 8;
 const PACE_WAIT: Duration = Duration::from_millis(6);

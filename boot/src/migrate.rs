@@ -240,7 +240,19 @@ fn write(b: &mut dyn Channel, data: &[u8], offset: u64) -> Result<()> {
     let want = offset + data.len() as u64;
     let mut tries = 0;
     loop {
-        let reply = b.ask(&line)?;
+        let reply = match b.ask(&line) {
+            Ok(r) => r,
+            // The line's end was lost: B still holds the start of it. An empty line ends it (B
+            // answers that it is damaged) and the line goes again; B's count then says whether
+            // it had come after all.
+            Err(e) if tries < TRIES && e.to_string().contains("no reply") => {
+                tries += 1;
+                eprintln!("keel-boot: migrate-data at {offset}: {e:#}; ending the line and sending it again");
+                let _ = b.ask("");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         match control::describe(&reply) {
             Ok(_) => {
                 let got = num(&reply, "received")?;
