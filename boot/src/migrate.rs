@@ -229,8 +229,8 @@ fn read(a: &mut dyn Channel, offset: u64) -> Result<String> {
     }
 }
 
-/// `migrate-data CRC32 BASE64` on B: sent again only when B says the line came damaged (it then
-/// took none of it); B's count must come to `offset` + the chunk.
+/// `migrate-data CRC32 BASE64` on B: sent again when B says the line came damaged (it then took
+/// none of it); B's count must come to `offset` + the chunk.
 fn write(b: &mut dyn Channel, data: &[u8], offset: u64) -> Result<()> {
     let line = format!(
         "migrate-data {} {}",
@@ -261,12 +261,10 @@ fn write(b: &mut dyn Channel, data: &[u8], offset: u64) -> Result<()> {
                 }
                 return Ok(());
             }
-            Err(e)
-                if tries < TRIES
-                    && ["not base64", "wrong arguments", "damaged line"]
-                        .iter()
-                        .any(|w| e.contains(w)) =>
-            {
+            // B's own refusals of the stream end the migration there ("... migration
+            // abandoned"); any other error is the line damaged on the way (not base64, its CRC,
+            // its start lost into another command), and B took none of it.
+            Err(e) if tries < TRIES && !e.contains("migration abandoned") => {
                 tries += 1;
                 eprintln!("keel-boot: migrate-data at {offset}: {e}; sending it again");
             }

@@ -73,3 +73,41 @@ fn a_refused_stream_on_b_aborts_both() {
     assert_eq!(b.asked, ["migrate-in", "migrate-data", "migrate-abort"]);
     assert_eq!(a.asked.last().map(String::as_str), Some("migrate-abort"));
 }
+
+#[test]
+fn a_damaged_line_is_sent_again_and_goes_on() {
+    let end = r#"{"ok":true,"offset":4,"round":0,"left":0,"sent":1,"end":0,"crc32":0,"data":""}"#;
+    let mut a = Scripted::new(vec![
+        Ok(BEGUN),
+        Ok(CHUNK),
+        Ok(end),
+        Err(anyhow::anyhow!("stop here")),
+    ]);
+    let mut b = Scripted::new(vec![
+        Ok(r#"{"ok":true,"id":1}"#),
+        Ok(r#"{"ok":false,"error":"migrate-data: not base64"}"#),
+        Ok(r#"{"ok":false,"error":"Amigrate-data: unknown command"}"#),
+        Ok(r#"{"ok":true,"received":4}"#),
+    ]);
+    let e = migrate("counter", &mut a, &mut b, &mut |_| {}).unwrap_err();
+    assert!(format!("{e:#}").contains("stop here"), "{e:#}");
+    assert_eq!(
+        b.asked,
+        [
+            "migrate-in",
+            "migrate-data",
+            "migrate-data",
+            "migrate-data",
+            "migrate-abort"
+        ]
+    );
+    assert_eq!(
+        a.asked[..4],
+        [
+            "migrate-out",
+            "migrate-read",
+            "migrate-read",
+            "migrate-next"
+        ]
+    );
+}
