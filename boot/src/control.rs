@@ -120,16 +120,21 @@ fn accept_loop(listener: UnixListener, to_keel: File, current: Current, stop: Ar
 
 /// Keel reads COM2 between time slices, and its receive FIFO holds 16 bytes: at 115200 baud that
 /// is 1.4 ms, less than a slice, and a byte that finds the FIFO full is lost (an overrun). So the
-/// bridge sends at most 14 bytes at a time, and waits between them long enough for Keel to have
-/// read them (it reads COM2 every millisecond of its time while a line comes in, `runloop`).
-/// Commands of up to 14 bytes go at once; a 6 KiB `restore-data` line takes about 3.5 s.
-const PACE_BYTES: usize = 14;
-const PACE_WAIT: Duration = Duration::from_millis(8);
+/// bridge sends at most 8 bytes at a time (room in the FIFO for a read that comes late: an
+/// emulator slowed by a loaded host reads less often in wall time), and waits between them long
+/// enough for Keel to have read them (it reads COM2 every millisecond of its time while a line
+/// comes in, `runloop`).
+/// Commands of up to 8 bytes go at once; a 6 KiB `restore-data` line takes about 4.6 s.
+const PACE_BYTES: usize = 8;
+const PACE_WAIT: Duration = Duration::from_millis(6);
 
-/// After a quiet spell Keel may be asleep or running a guest for a whole time slice (10 ms)
-/// before it reads COM2 again: the first piece is given that long.
+/// After a quiet spell Keel may be asleep or running a guest for a whole time slice (10 ms of its
+/// time) before it reads COM2 again: the first piece is given that long, in wall time, with room
+/// for an emulator that runs several times slower than the wall clock on a loaded host (the
+/// second piece arriving before Keel read the first overruns the FIFO: in Bochs under load every
+/// long line lost bytes at its start with 30 ms here).
 const PACE_QUIET: Duration = Duration::from_millis(50);
-const PACE_FIRST_WAIT: Duration = Duration::from_millis(30);
+const PACE_FIRST_WAIT: Duration = Duration::from_millis(150);
 
 /// Writes `data` in pieces of [`PACE_BYTES`], each at least [`PACE_WAIT`] after the one before
 /// (`last`: when the previous piece went, across calls), the second of a line that follows a
@@ -217,7 +222,7 @@ pub fn request(socket: &Path, command: &str, timeout: Duration) -> Result<String
 
 /// The value of field `key` of a success reply `{"ok":true,...}` (strings unquoted); an error
 /// reply is Keel's error.
-fn field(reply: &str, key: &str) -> Result<String> {
+pub fn field(reply: &str, key: &str) -> Result<String> {
     let body = reply
         .strip_prefix('{')
         .and_then(|r| r.strip_suffix('}'))

@@ -27,6 +27,7 @@ pub mod flash;
 pub mod image;
 pub mod linux;
 pub mod manifest_file;
+pub mod migrate;
 pub mod pty;
 pub mod qemu;
 pub mod terminal;

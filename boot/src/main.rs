@@ -249,6 +249,23 @@ fn run_status(status: Option<i32>) -> ExitCode {
 /// Keel's status when every guest ran to its end (`arch::ExitCode::Completed`, 0, on port 0xF4).
 const COMPLETED: i32 = 1;
 
+/// `cargo keel migrate`: prints each round, then the figures.
+fn migrate(m: &cli::MigrateArgs) -> Result<ExitCode> {
+    use keel_boot::migrate::{self as mig, Socket};
+    let timeout = Duration::from_secs(m.timeout_secs);
+    let mut a = Socket {
+        path: &m.from,
+        timeout,
+    };
+    let mut b = Socket {
+        path: &m.to,
+        timeout,
+    };
+    let report = mig::migrate(&m.name, &mut a, &mut b, &mut |line| println!("{line}"))?;
+    println!("{}", mig::describe(&m.name, &report));
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `cargo keel ctl`: sends the command, prints the reply (as JSON with --json).
 fn ctl(c: &cli::CtlArgs, workspace: Option<&Path>) -> Result<ExitCode> {
     let socket = match &c.control {
@@ -354,6 +371,7 @@ fn main() -> ExitCode {
             image_options(&b.build, ws).and_then(|opts| keel_boot::bench::run(&opts, &b))
         }
         Cmd::Ctl(c) => ctl(&c, ws),
+        Cmd::Migrate(m) => migrate(&m),
     };
     match result {
         Ok(code) => code,

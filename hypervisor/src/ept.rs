@@ -128,6 +128,11 @@ pub const GPA_LIMIT: u64 = 1 << 48;
 const HPA_LIMIT: u64 = 1 << 52;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 const LARGE: u64 = 1 << 7;
+/// Set by the processor in a leaf it wrote through, when the EPTP enables accessed and dirty
+/// flags (SDM Vol. 3C 29.3.5 "Accessed and Dirty Flags for EPT"; bit 8 is the accessed flag).
+const DIRTY: u64 = 1 << 9;
+/// EPTP bit 6: accessed and dirty flags on (SDM 25.6.11).
+const EPTP_ACCESSED_DIRTY: u64 = 1 << 6;
 const PAGE: u64 = 4096;
 /// Bits of a leaf below the address: permissions, memory type, ignore-PAT, large.
 const LEAF_ATTRS: u64 = 0xff;
@@ -164,6 +169,7 @@ pub struct Ept<A: TableAlloc> {
     tables: Vec<u64>,
     pages_1g: bool,
     pages_2m: bool,
+    accessed_dirty: bool,
 }
 
 impl<A: TableAlloc> Ept<A> {
@@ -177,6 +183,7 @@ impl<A: TableAlloc> Ept<A> {
             tables: alloc::vec![root],
             pages_1g,
             pages_2m: true,
+            accessed_dirty: false,
         })
     }
 
@@ -185,11 +192,121 @@ impl<A: TableAlloc> Ept<A> {
         self.pages_2m = enabled;
     }
 
+    /// Turns the accessed and dirty flags on or off in [`eptp`](Self::eptp) (pass
+    /// `VmxCaps::ept_accessed_dirty()`): with them on the processor marks every leaf it writes
+    /// through (bit 9), which [`take_dirty`](Self::take_dirty) collects. Set before the EPTP is
+    /// first written to a VMCS. (With them on, the processor's accesses to the guest's own page
+    /// tables count as writes, SDM 29.3.5: those pages show as dirty too.)
+    pub fn set_accessed_dirty(&mut self, enabled: bool) {
+        self.accessed_dirty = enabled;
+    }
+
+    /// Whether the EPTP enables the accessed and dirty flags.
+    pub fn accessed_dirty(&self) -> bool {
+        self.accessed_dirty
+    }
+
     /// The EPT pointer for the VMCS (SDM 25.6.11): PML4 address, write-back paging-structure
     /// memory type (6) in bits 2:0, page-walk length minus one (3) in bits 5:3, accessed/dirty
-    /// flags off (bit 6 = 0).
+    /// flags in bit 6 when [`set_accessed_dirty`](Self::set_accessed_dirty) turned them on.
     pub fn eptp(&self) -> u64 {
-        self.tables[0] | (3 << 3) | MemType::WriteBack as u64
+        let ad = if self.accessed_dirty {
+            EPTP_ACCESSED_DIRTY
+        } else {
+            0
+        };
+        self.tables[0] | ad | (3 << 3) | MemType::WriteBack as u64
+    }
+
+    /// Splits every 2 MiB and 1 GiB leaf that covers part of `[gpa, gpa + len)` down to 4 KiB
+    /// leaves with the same translation and attributes, so that dirty tracking sees single
+    /// pages. A large leaf that sticks out of the range is split whole. The processor may hold
+    /// the large translations: the result says which EPTP to invalidate. Tables already split
+    /// stay (a split EPT is never merged again while it lives). On `OutOfMemory` part may be
+    /// split; the translation is the same either way.
+    pub fn split_to_4k(&mut self, gpa: u64, len: u64) -> Result<StaleTranslations, EptError> {
+        let end = self.range_end(gpa, len)?;
+        let root = self.tables[0];
+        self.split_range(root, 4, gpa, end)?;
+        Ok(StaleTranslations { eptp: self.eptp() })
+    }
+
+    /// Collects and clears the dirty flags of the leaves in `[gpa, gpa + len)`: `dirty(page)`
+    /// for every 4 KiB page written since its flag was last cleared (every page of a large leaf
+    /// that is dirty; split first with [`split_to_4k`](Self::split_to_4k) for single pages).
+    /// The processor sets a dirty flag only when it walks the tables, and it may keep the
+    /// translation it used with the flag set (SDM 29.3.5, 29.4.3.1): the caller must run the
+    /// INVEPT the result names before the guest runs again, or later writes go unseen.
+    pub fn take_dirty(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        dirty: &mut dyn FnMut(u64),
+    ) -> Result<StaleTranslations, EptError> {
+        let end = self.range_end(gpa, len)?;
+        let root = self.tables[0];
+        self.dirty_range(root, 4, gpa, end, dirty);
+        Ok(StaleTranslations { eptp: self.eptp() })
+    }
+
+    /// The end of `[gpa, gpa + len)`, a 4 KiB-aligned range within the guest-physical space.
+    fn range_end(&self, gpa: u64, len: u64) -> Result<u64, EptError> {
+        if !(gpa | len).is_multiple_of(PAGE) {
+            return Err(EptError::Misaligned { gpa, hpa: 0, len });
+        }
+        gpa.checked_add(len)
+            .filter(|&e| e <= GPA_LIMIT)
+            .ok_or(EptError::OutOfRange { gpa, len })
+    }
+
+    fn split_range(&mut self, table: u64, level: u8, gpa: u64, end: u64) -> Result<(), EptError> {
+        if level == 1 {
+            return Ok(());
+        }
+        let size = entry_size(level);
+        let mut a = gpa;
+        while a < end {
+            let next = ((a & !(size - 1)) + size).min(end);
+            let index = entry_index(a, level);
+            let entry = self.alloc.table(table)[index];
+            if present(entry) {
+                let child = self.below(table, index, level, entry)?;
+                self.split_range(child, level - 1, a, next)?;
+            }
+            a = next;
+        }
+        Ok(())
+    }
+
+    fn dirty_range(
+        &mut self,
+        table: u64,
+        level: u8,
+        gpa: u64,
+        end: u64,
+        dirty: &mut dyn FnMut(u64),
+    ) {
+        let size = entry_size(level);
+        let mut a = gpa;
+        while a < end {
+            let start = a & !(size - 1);
+            let next = (start + size).min(end);
+            let index = entry_index(a, level);
+            let entry = self.alloc.table(table)[index];
+            if present(entry) {
+                if !is_leaf(entry, level) {
+                    self.dirty_range(entry & ADDR_MASK, level - 1, a, next, dirty);
+                } else if entry & DIRTY != 0 {
+                    self.alloc.table(table)[index] = entry & !DIRTY;
+                    let mut page = start;
+                    while page < start + size {
+                        dirty(page);
+                        page += PAGE;
+                    }
+                }
+            }
+            a = next;
+        }
     }
 
     /// Number of 4 KiB tables in use (the memory overhead of this EPT).
@@ -386,11 +503,7 @@ impl<A: TableAlloc> Ept<A> {
                     // The whole entry goes, leaf or subtree (the subtree's tables stay owned).
                     self.alloc.table(table)[index] = 0;
                 } else {
-                    let child = if is_leaf(entry, level) {
-                        self.split(table, index, level, entry)?
-                    } else {
-                        entry & ADDR_MASK
-                    };
+                    let child = self.below(table, index, level, entry)?;
                     self.unmap_range(child, level - 1, a, next)?;
                 }
             }
@@ -399,13 +512,23 @@ impl<A: TableAlloc> Ept<A> {
         Ok(())
     }
 
+    /// The table under the present `entry` (at `level` > 1), a large leaf split for it.
+    fn below(&mut self, table: u64, index: usize, level: u8, entry: u64) -> Result<u64, EptError> {
+        if is_leaf(entry, level) {
+            self.split(table, index, level, entry)
+        } else {
+            Ok(entry & ADDR_MASK)
+        }
+    }
+
     /// Replaces the large leaf `entry` (at `level` > 1) by a table of 512 leaves one level down
     /// with the same attributes, covering the same memory.
     fn split(&mut self, table: u64, index: usize, level: u8, entry: u64) -> Result<u64, EptError> {
         let new = self.alloc.alloc_table().ok_or(EptError::OutOfMemory)?;
         self.tables.push(new);
         let base = entry & ADDR_MASK;
-        let mut attrs = entry & LEAF_ATTRS & !LARGE;
+        // The dirty flag goes to every child: a page written before the split stays dirty.
+        let mut attrs = entry & (LEAF_ATTRS | DIRTY) & !LARGE;
         if level - 1 > 1 {
             attrs |= LARGE;
         }
@@ -526,6 +649,122 @@ mod tests {
         assert_eq!((eptp >> 3) & 7, 3, "4-level walk");
         assert_eq!(eptp & (1 << 6), 0, "A/D off");
         assert_eq!(eptp & ADDR_MASK, e.tables()[0]);
+    }
+
+    #[test]
+    fn eptp_enables_accessed_dirty_flags_when_asked() {
+        let mut e = ept();
+        assert!(!e.accessed_dirty());
+        e.set_accessed_dirty(true);
+        assert_eq!(e.eptp() & (1 << 6), 1 << 6, "bit 6: A/D flags on");
+        assert_eq!(e.eptp() & !(1 << 6), e.tables()[0] | (3 << 3) | 6);
+    }
+
+    /// Marks the leaf for `gpa` written, as the processor does (SDM 29.3.5).
+    fn write_through(e: &mut Ept<FakeTables>, gpa: u64) {
+        let mut table = e.tables[0];
+        for level in (1..=4u8).rev() {
+            let index = entry_index(gpa, level);
+            let entry = e.alloc.table(table)[index];
+            assert!(present(entry), "{gpa:#x} is not mapped");
+            if is_leaf(entry, level) {
+                e.alloc.table(table)[index] = entry | DIRTY | (1 << 8);
+                return;
+            }
+            table = entry & ADDR_MASK;
+        }
+    }
+
+    fn dirty_pages(e: &mut Ept<FakeTables>, gpa: u64, len: u64) -> Vec<u64> {
+        let mut seen = Vec::new();
+        let stale = e.take_dirty(gpa, len, &mut |p| seen.push(p)).unwrap();
+        assert_eq!(stale.eptp, e.eptp(), "the caller must invalidate this EPT");
+        seen
+    }
+
+    #[test]
+    fn split_to_4k_keeps_every_translation() {
+        let mut e = ept();
+        e.map(0, RAM, 4 * MB, EptPerms::RWX, MemType::WriteBack)
+            .unwrap();
+        e.map(
+            8 * MB,
+            RAM + 8 * MB,
+            2 * MB,
+            EptPerms::RX,
+            MemType::Uncacheable,
+        )
+        .unwrap();
+        let before: Vec<_> = (0..10 * MB / PAGE).map(|p| e.translate(p * PAGE)).collect();
+        let stale = e.split_to_4k(0, 16 * MB).unwrap();
+        assert_eq!(stale.eptp, e.eptp());
+        let after: Vec<_> = (0..10 * MB / PAGE).map(|p| e.translate(p * PAGE)).collect();
+        assert_eq!(before, after);
+        for gpa in [0, 2 * MB + 0x5000, 8 * MB, 10 * MB - PAGE] {
+            assert_eq!(leaf(&mut e, gpa).unwrap().1, 1, "{gpa:#x} in a 4 KiB leaf");
+        }
+        assert_eq!(e.tables_used(), 3 + 3, "a page table for each 2 MiB page");
+        // Splitting again changes nothing.
+        let _ = e.split_to_4k(0, 16 * MB).unwrap();
+        assert_eq!(e.tables_used(), 6);
+    }
+
+    #[test]
+    fn dirty_pages_are_reported_once_and_cleared() {
+        let mut e = ept();
+        e.set_accessed_dirty(true);
+        e.map(0, RAM, 4 * MB, EptPerms::RWX, MemType::WriteBack)
+            .unwrap();
+        let _ = e.split_to_4k(0, 4 * MB).unwrap();
+        assert!(
+            dirty_pages(&mut e, 0, 4 * MB).is_empty(),
+            "nothing written yet"
+        );
+        for gpa in [0x3000, 0x3000, 2 * MB + 0x1000, 4 * MB - PAGE] {
+            write_through(&mut e, gpa);
+        }
+        assert_eq!(
+            dirty_pages(&mut e, 0, 4 * MB),
+            [0x3000, 2 * MB + 0x1000, 4 * MB - PAGE]
+        );
+        assert!(dirty_pages(&mut e, 0, 4 * MB).is_empty(), "flags cleared");
+        write_through(&mut e, 0x7000);
+        assert_eq!(dirty_pages(&mut e, 0, 4 * MB), [0x7000]);
+        // The translations are untouched by the clearing.
+        assert_eq!(
+            e.translate(0x7000),
+            Some((RAM + 0x7000, EptPerms::RWX, MemType::WriteBack))
+        );
+    }
+
+    #[test]
+    fn a_dirty_large_page_counts_whole_and_its_split_keeps_the_flag() {
+        let mut e = ept();
+        e.map(0, RAM, 4 * MB, EptPerms::RWX, MemType::WriteBack)
+            .unwrap();
+        write_through(&mut e, 2 * MB + 0x42000);
+        let mut copy = ept();
+        copy.map(0, RAM, 4 * MB, EptPerms::RWX, MemType::WriteBack)
+            .unwrap();
+        write_through(&mut copy, 2 * MB + 0x42000);
+        let whole = dirty_pages(&mut copy, 0, 4 * MB);
+        assert_eq!(whole.len(), 512, "every page of the dirty 2 MiB leaf");
+        assert_eq!((whole[0], whole[511]), (2 * MB, 4 * MB - PAGE));
+        let _ = e.split_to_4k(0, 4 * MB).unwrap();
+        assert_eq!(dirty_pages(&mut e, 0, 4 * MB), whole, "split, still dirty");
+    }
+
+    #[test]
+    fn dirty_tracking_refuses_bad_ranges() {
+        let mut e = ept();
+        assert!(matches!(
+            e.take_dirty(0x10, PAGE, &mut |_| {}),
+            Err(EptError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            e.split_to_4k(GPA_LIMIT - PAGE, 2 * PAGE),
+            Err(EptError::OutOfRange { .. })
+        ));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::loader::{self, LoadRequest};
 use crate::machine::MachineInfo;
 use crate::manifest::{self, GuestConfig};
 use crate::mm;
+use crate::runloop::migrate::MigrateHw;
 use crate::runloop::{Cpu, LoopConfig, RunLoop, Slot};
 use crate::snapshot::{self, Fingerprint, GuestInfo};
 use crate::vcpu::{self, ControlSet};
@@ -344,6 +345,63 @@ impl Cpu for RealCpu {
         let f = mm::FRAMES.lock();
         Some((f.free_bytes(), f.total_bytes()))
     }
+
+    fn migration(&mut self) -> Option<&mut dyn MigrateHw<VmHw>> {
+        Some(self)
+    }
+}
+
+impl MigrateHw<VmHw> for RealCpu {
+    fn dirty_pages(
+        &mut self,
+        hw: &mut VmHw,
+        vm: &Vm,
+        dirty: &mut crate::migrate::PageSet,
+        begin: bool,
+    ) -> Result<(), String> {
+        hw.dirty_pages(vm, dirty, begin)
+    }
+
+    fn describe(
+        &mut self,
+        hw: &mut VmHw,
+        vm: &Vm,
+        vcpus: usize,
+        clock: u64,
+    ) -> Result<(Fingerprint, GuestInfo), String> {
+        Ok((hw.fingerprint(vcpus), hw.guest_info(vm, vcpus, clock)))
+    }
+
+    fn state(
+        &mut self,
+        hw: &mut VmHw,
+        vm: &Vm,
+        vcpus: &[Vcpu],
+        clock: u64,
+    ) -> Result<Vec<u8>, String> {
+        let states = hw.capture(vcpus)?;
+        let mut w = crate::state::Writer::new();
+        snapshot::write_guest(&mut w, &hw.guest_info(vm, vcpus.len(), clock));
+        vm.platform.save(&mut w);
+        snapshot::write_vcpus(&mut w, &states);
+        Ok(w.into_bytes())
+    }
+
+    fn incoming_ram(&mut self, hw: &mut VmHw, vm: &mut Vm) -> Result<(), String> {
+        hw.whole_ram(vm)?;
+        vm.ram.bytes().fill(0);
+        Ok(())
+    }
+
+    fn restore_state(
+        &mut self,
+        hw: &mut VmHw,
+        vm: &mut Vm,
+        vcpus: &mut [Vcpu],
+        stream: &[u8],
+    ) -> Result<u64, String> {
+        hw.restore(vm, vcpus, stream, true)
+    }
 }
 
 /// Keel's frame pool as ballooning uses it.
@@ -605,6 +663,9 @@ impl VmHw {
         let ram = GuestRam::none();
         let mut ept =
             Ept::new(Frames, setup.caps.ept_1g_pages()).map_err(|e| alloc::format!("{e}"))?;
+        // Dirty flags from the start, for live migration (`ept::Ept::take_dirty`): the EPTP is
+        // in every VMCS of the guest, so it is chosen once.
+        ept.set_accessed_dirty(setup.caps.ept_accessed_dirty());
         let apicv = match &setup.apic_pages {
             Some((vapic, access)) => {
                 if setup.apicv.virtualize_apic_accesses {
@@ -1010,15 +1071,7 @@ impl VmHw {
     /// `clock` (guest time when it stopped). Its vCPUs must be switched out (their registers in
     /// their `SavedState`s) and not run meanwhile.
     fn snapshot(&mut self, vm: &Vm, vcpus: &[Vcpu], clock: u64) -> Result<Vec<u8>, String> {
-        let layout = xsave_layout();
-        let mut states = Vec::new();
-        for (hw, vcpu) in self.cpus.iter_mut().zip(vcpus) {
-            let switched = hw.saved.switched();
-            let v = hw.vmcs.load().map_err(|e| alloc::format!("{e}"))?;
-            let state = VcpuState::capture(&v, vcpu, &switched, hw.saved.area(), &layout)
-                .ok_or("the guest has stopped")?;
-            states.push(state);
-        }
+        let states = self.capture(vcpus)?;
         let mut platform = crate::state::Writer::new();
         vm.platform.save(&mut platform);
         // The stream is held in Keel's heap: its size is known before it is made.
@@ -1044,15 +1097,7 @@ impl VmHw {
                 }
             ));
         }
-        let cfg = &self.setup.cfg;
-        let guest = GuestInfo {
-            name: cfg.name.clone(),
-            kind: alloc::format!("{:?}", cfg.kind).to_lowercase(),
-            memory: cfg.memory,
-            vcpus: vcpus.len() as u32,
-            tsc_hz: vm.platform.tsc_hz(),
-            clock,
-        };
+        let guest = self.guest_info(vm, vcpus.len(), clock);
         Ok(snapshot::write(
             env!("CARGO_PKG_VERSION"),
             &self.fingerprint(vcpus.len()),
@@ -1068,6 +1113,67 @@ impl VmHw {
         ))
     }
 
+    /// Every vCPU's state (switched out, not running meanwhile).
+    fn capture(&mut self, vcpus: &[Vcpu]) -> Result<Vec<VcpuState>, String> {
+        let layout = xsave_layout();
+        let mut states = Vec::new();
+        for (hw, vcpu) in self.cpus.iter_mut().zip(vcpus) {
+            let switched = hw.saved.switched();
+            let v = hw.vmcs.load().map_err(|e| alloc::format!("{e}"))?;
+            let state = VcpuState::capture(&v, vcpu, &switched, hw.saved.area(), &layout)
+                .ok_or("the guest has stopped")?;
+            states.push(state);
+        }
+        Ok(states)
+    }
+
+    /// The guest as a snapshot describes it, with its clock `clock`.
+    fn guest_info(&self, vm: &Vm, vcpus: usize, clock: u64) -> GuestInfo {
+        let cfg = &self.setup.cfg;
+        GuestInfo {
+            name: cfg.name.clone(),
+            kind: alloc::format!("{:?}", cfg.kind).to_lowercase(),
+            memory: cfg.memory,
+            vcpus: vcpus as u32,
+            tsc_hz: vm.platform.tsc_hz(),
+            clock,
+        }
+    }
+
+    /// Live migration's dirty tracking (`runloop::migrate::MigrateHw::dirty_pages`): the guest's
+    /// RAM is split to 4 KiB EPT pages when a migration begins (its 2 MiB pages would make every
+    /// write dirty 512 pages) and stays split while the guest lives here; each collection clears
+    /// the flags it read and invalidates the EPT, so the processor walks the tables (and sets
+    /// the flags) again on the next write (SDM 29.3.5, 29.4.3.1).
+    fn dirty_pages(
+        &mut self,
+        vm: &Vm,
+        dirty: &mut crate::migrate::PageSet,
+        begin: bool,
+    ) -> Result<(), String> {
+        if !self.ept.accessed_dirty() {
+            return Err("this CPU's EPT has no accessed and dirty flags (IA32_VMX_EPT_VPID_CAP bit 21): live migration is not possible here".into());
+        }
+        let len = vm.ram.len();
+        if len == 0 {
+            return Err("the guest has no RAM".into());
+        }
+        let fmt = |e: crate::ept::EptError| alloc::format!("{e}");
+        if begin {
+            let _split = self.ept.split_to_4k(0, len).map_err(fmt)?;
+        }
+        let page = snapshot::PAGE_SIZE as u64;
+        let stale = self
+            .ept
+            .take_dirty(0, len, &mut |gpa| {
+                if !begin {
+                    dirty.insert(gpa / page);
+                }
+            })
+            .map_err(fmt)?;
+        self.invalidate_ept(stale.eptp)
+    }
+
     /// Replaces the guest by the one in `stream` (`snapshot::parse`): its RAM, platform and every
     /// vCPU, with Keel's controls and host state written afresh. Everything is checked before
     /// anything changes, so a refused snapshot leaves the guest as it was. Returns the guest's
@@ -1078,6 +1184,18 @@ impl VmHw {
         vm: &mut Vm,
         vcpus: &mut [Vcpu],
         stream: &[u8],
+    ) -> Result<u64, String> {
+        self.restore(vm, vcpus, stream, false)
+    }
+
+    /// [`VmHw::restore_snapshot`]; with `keep_ram`, the guest's RAM is left as it is (a live
+    /// migration wrote it, the stream has no pages).
+    fn restore(
+        &mut self,
+        vm: &mut Vm,
+        vcpus: &mut [Vcpu],
+        stream: &[u8],
+        keep_ram: bool,
     ) -> Result<u64, String> {
         let here = self.fingerprint(vcpus.len());
         let snap = snapshot::parse(stream, &here).map_err(|e| alloc::format!("{e}"))?;
@@ -1119,7 +1237,11 @@ impl VmHw {
             .map_err(|e| alloc::format!("{e}"))?;
         // Checked whole: the guest is replaced from here on. Its RAM is one whole block again
         // (a killed guest has none; one that ballooned gets a fresh one).
-        if let Err(e) = self.whole_ram(vm) {
+        if keep_ram {
+            if self.ram_block.is_none() {
+                return Err(restore_failed(vcpus, "the guest has no RAM".into()));
+            }
+        } else if let Err(e) = self.whole_ram(vm) {
             // Its RAM went back to the pool and no block could be had: it cannot run. (If its
             // RAM could not be unmapped, it still has it and runs on as it was.)
             return Err(match self.ram_block {
@@ -1127,7 +1249,9 @@ impl VmHw {
                 Some(_) => e,
             });
         }
-        vm.ram.bytes().fill(0);
+        if !keep_ram {
+            vm.ram.bytes().fill(0);
+        }
         for (gpa, data) in &snap.pages {
             vm.ram.write(*gpa, data);
         }

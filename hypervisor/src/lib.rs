@@ -25,6 +25,7 @@ pub mod loader;
 pub mod log;
 pub mod machine;
 pub mod manifest;
+pub mod migrate;
 pub mod mm;
 pub mod mmio;
 pub mod monitor;

@@ -122,6 +122,11 @@ pub trait MonitorTarget {
     fn restore_end(&mut self) -> Result<(), String> {
         Err("no restore begun".into())
     }
+    /// One step of a live migration (`migrate-*`).
+    fn migrate(&mut self, op: crate::migrate::Op<'_>) -> Result<crate::migrate::Answer, String> {
+        let _ = op;
+        Err("live migration is not supported here".into())
+    }
 }
 
 /// A guest's balloon after `balloon NAME SIZE`.
@@ -203,6 +208,10 @@ const HELP: &[(&str, &str)] = &[
         "replace it by the snapshot kept (`cargo keel ctl restore` sends one from a file)",
     ),
     (
+        "migrate-out NAME, migrate-in NAME",
+        "live migration, step by step (`cargo keel migrate` drives it; docs/SNAPSHOTS.md)",
+    ),
+    (
         "quit",
         "stop every guest and end Keel (status 0 when none failed)",
     ),
@@ -236,6 +245,9 @@ impl Monitor {
 
     /// Runs one command line.
     pub fn execute(&mut self, line: &str, target: &mut dyn MonitorTarget, form: Form) -> Reply {
+        if let Some(reply) = migration(line, target, form) {
+            return reply;
+        }
         if let Some(reply) = transfer(line, target, form) {
             return reply;
         }
@@ -547,6 +559,59 @@ fn transfer(line: &str, target: &mut dyn MonitorTarget, form: Form) -> Option<Re
             .map(|()| ok(form, "restored".into(), alloc::vec![])),
         _ => Err(alloc::format!("{cmd}: wrong arguments (help lists them)")),
     };
+    Some(done.unwrap_or_else(|e| err(form, alloc::format!("{cmd}: {e}"))))
+}
+
+/// The live-migration commands (docs/SNAPSHOTS.md, "Live migration"): `migrate-out NAME`,
+/// `migrate-read OFFSET`, `migrate-next`, `migrate-final`, `migrate-done`, `migrate-abort` on
+/// the sending Keel; `migrate-in NAME`, `migrate-data CRC32 BASE64`, `migrate-end`, `migrate-abort` on
+/// the receiving one. None for any other command.
+fn migration(line: &str, target: &mut dyn MonitorTarget, form: Form) -> Option<Reply> {
+    use crate::migrate::Op;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (&cmd, args) = words.split_first()?;
+    let cmd = cmd.strip_prefix("migrate-").map(|_| cmd)?;
+    let guests = target.guests();
+    let guest = |name: Option<&&str>| match name {
+        None => Err(alloc::format!("{cmd} needs a guest: {cmd} NAME")),
+        Some(a) => find(&guests, a)
+            .map(|g| g.id)
+            .ok_or_else(|| alloc::format!("no guest {a:?} (see list)")),
+    };
+    let data;
+    let op: Result<Op<'_>, String> = match (cmd, args) {
+        ("migrate-out", [_]) => guest(args.first()).map(|id| Op::Out { id }),
+        ("migrate-in", [_]) => guest(args.first()).map(|id| Op::In { id }),
+        ("migrate-read", [at]) => at
+            .parse()
+            .map(|offset| Op::Read { offset })
+            .map_err(|_| "migrate-read needs an offset".into()),
+        ("migrate-data", [crc, b64]) => {
+            // The line's own CRC-32: a line the serial line damaged into other valid base64 is
+            // refused here, before the stream sees it, and can be sent again.
+            data = crate::snapshot::base64::decode(b64);
+            match (data.as_deref(), crc.parse::<u32>()) {
+                (None, _) => Err("not base64".into()),
+                (Some(d), Ok(c)) if crate::snapshot::crc32(d) == c => Ok(Op::Data(d)),
+                _ => Err("a damaged line (its CRC-32 differs)".into()),
+            }
+        }
+        ("migrate-next", []) => Ok(Op::Next),
+        ("migrate-final", []) => Ok(Op::Final),
+        ("migrate-done", []) => Ok(Op::Done),
+        ("migrate-abort", []) => Ok(Op::Abort),
+        ("migrate-end", []) => Ok(Op::End),
+        _ => Err("wrong arguments (help lists them)".into()),
+    };
+    let done = op.and_then(|op| target.migrate(op)).map(|a| {
+        let mut fields: Vec<(&'static str, Value)> =
+            a.fields.iter().map(|&(k, v)| (k, Value::Num(v))).collect();
+        if let Some(d) = &a.data {
+            fields.push(("crc32", Value::Num(u64::from(crate::snapshot::crc32(d)))));
+            fields.push(("data", Value::Str(crate::snapshot::base64::encode(d))));
+        }
+        ok(form, a.message, fields)
+    });
     Some(done.unwrap_or_else(|e| err(form, alloc::format!("{cmd}: {e}"))))
 }
 

@@ -124,6 +124,10 @@ pub trait Cpu {
     fn memory_pool(&self) -> Option<(u64, u64)> {
         None
     }
+    /// What live migration needs of the hardware (`runloop::migrate`), where it can be had.
+    fn migration(&mut self) -> Option<&mut dyn migrate::MigrateHw<Self::Vcpu>> {
+        None
+    }
 }
 
 /// What the loop needs to know about the CPU's VMX features and Keel's configuration.
@@ -328,6 +332,8 @@ struct Operator {
     kept: Option<Vec<u8>>,
     /// A snapshot coming in over the control channel: for guest .0, .1 bytes, resumed after if .3.
     incoming: Option<(usize, usize, Vec<u8>, bool)>,
+    /// A live migration in progress, out of or into this Keel (`runloop::migrate`).
+    migration: Option<migrate::Migration>,
     /// Host TSC until which COM2 is read every millisecond: its receive FIFO holds 16 bytes, 1.4
     /// ms at 115200 baud, and a time slice is longer. Set for a while after each byte received,
     /// so a long line (a snapshot chunk) is not lost to an overrun once it has begun.
@@ -361,6 +367,7 @@ impl<C: Cpu> RunLoop<C> {
                 started: None,
                 kept: None,
                 incoming: None,
+                migration: None,
                 control_busy_until: 0,
             },
             policy: None,
@@ -1559,6 +1566,18 @@ impl<C: Cpu> RunLoop<C> {
         if !was_paused {
             self.pause(id)?;
         }
+        let clock = self.paused_clock(id);
+        let s = &mut self.slots[id];
+        let taken = self.cpu.snapshot(&mut s.hw, &s.vm, &s.vcpus, clock);
+        if !was_paused && resume {
+            self.resume(id)?;
+        }
+        taken
+    }
+
+    /// The clock of paused guest `id` (switched out here): a runnable guest's stopped when it
+    /// last left the CPU, a halted one's at the pause.
+    fn paused_clock(&mut self, id: usize) -> u64 {
         self.switch_out();
         let s = &mut self.slots[id];
         let runnable = s
@@ -1571,16 +1590,11 @@ impl<C: Cpu> RunLoop<C> {
         } else {
             paused_at
         };
-        let clock = s.vm.now(stopped_at);
         // The model is what is saved: the TPR and vectors the CPU held at the last exit go to it.
         for vcpu in &mut s.vcpus {
             exits::apicv::take_unread_vtpr(vcpu, &mut s.vm);
         }
-        let taken = self.cpu.snapshot(&mut s.hw, &s.vm, &s.vcpus, clock);
-        if !was_paused && resume {
-            self.resume(id)?;
-        }
-        taken
+        s.vm.now(stopped_at)
     }
 
     /// Replaces guest `id` (running, paused or stopped) by the snapshot `stream`, of a guest of
@@ -1588,12 +1602,23 @@ impl<C: Cpu> RunLoop<C> {
     /// next pick if `resume`, else it stays paused. A snapshot that is refused leaves the guest
     /// as it was.
     pub fn restore(&mut self, id: usize, stream: &[u8], resume: bool) -> Result<(), String> {
+        self.restore_with(id, resume, |cpu, s| {
+            cpu.restore_snapshot(&mut s.hw, &mut s.vm, &mut s.vcpus, stream)
+        })
+    }
+
+    /// [`RunLoop::restore`] with the guest's state put in place by `apply`, which returns the
+    /// guest's clock.
+    fn restore_with(
+        &mut self,
+        id: usize,
+        resume: bool,
+        apply: impl FnOnce(&mut C, &mut Slot<C::Vcpu>) -> Result<u64, String>,
+    ) -> Result<(), String> {
         self.slots.get(id).ok_or("no such guest")?;
         self.switch_out();
         let s = &mut self.slots[id];
-        let clock = self
-            .cpu
-            .restore_snapshot(&mut s.hw, &mut s.vm, &mut s.vcpus, stream)?;
+        let clock = apply(&mut self.cpu, s)?;
         s.epoch = s.epoch.wrapping_add(1);
         let now = self.cpu.rdtsc();
         if self.cfg.tsc_offsetting {
@@ -2112,6 +2137,10 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
         RunLoop::restore(self, id, &buf, resume)
     }
 
+    fn migrate(&mut self, op: crate::migrate::Op<'_>) -> Result<crate::migrate::Answer, String> {
+        self.migrate_step(op)
+    }
+
     fn quit(&mut self) {
         self.ops.quit = true;
         self.ops.prompt.close();
@@ -2209,6 +2238,7 @@ fn print_stats<'a, V: 'a>(guests: impl Iterator<Item = &'a Slot<V>>, who: Writer
     crate::log::write_as(who, t.as_bytes())
 }
 
+pub mod migrate;
 mod policy;
 
 #[cfg(test)]

@@ -342,14 +342,7 @@ pub fn write(
     capacity: usize,
 ) -> Vec<u8> {
     let mut w = Writer::with_capacity(capacity);
-    w.raw(&MAGIC);
-    w.put(&FORMAT_VERSION);
-    let head = Head {
-        keel_version: keel_version.into(),
-        fingerprint: fingerprint.clone(),
-    };
-    crate::state::save_whole(&mut w, *b"HEAD", 1, &head);
-    crate::state::save_whole(&mut w, *b"GUES", 1, guest);
+    write_head(&mut w, keel_version, fingerprint, guest);
     let mut batch: Vec<(u64, [u8; PAGE_SIZE])> = Vec::new();
     let mut page = [0u8; PAGE_SIZE];
     let pages = guest.memory / PAGE_SIZE as u64;
@@ -360,31 +353,143 @@ pub fn write(
             batch.push((gpa, page));
         }
         if batch.len() == BATCH || (n + 1 == pages && !batch.is_empty()) {
-            write_pages(&mut w, &batch);
+            let refs: Vec<(u64, Option<&[u8]>)> =
+                batch.iter().map(|(g, d)| (*g, Some(&d[..]))).collect();
+            write_pages(&mut w, &refs);
             batch.clear();
         }
     }
     w.raw(platform);
-    for v in vcpus {
-        v.save(&mut w);
-    }
+    write_vcpus(&mut w, vcpus);
     let crc = crc32(w.bytes());
-    w.section(*b"END ", 1, |w| w.put(&crc));
+    write_end(&mut w, crc);
     w.into_bytes()
 }
 
+/// The start of a stream: magic, format version, HEAD and GUES.
+pub fn write_head(
+    w: &mut Writer,
+    keel_version: &str,
+    fingerprint: &Fingerprint,
+    guest: &GuestInfo,
+) {
+    w.raw(&MAGIC);
+    w.put(&FORMAT_VERSION);
+    let head = Head {
+        keel_version: keel_version.into(),
+        fingerprint: fingerprint.clone(),
+    };
+    crate::state::save_whole(w, *b"HEAD", 1, &head);
+    crate::state::save_whole(w, *b"GUES", 1, guest);
+}
+
+/// A GUES section on its own: a live migration's stream repeats it after its pages with the
+/// guest's clock at the pause (the first one goes out before the clock is known).
+pub fn write_guest(w: &mut Writer, guest: &GuestInfo) {
+    crate::state::save_whole(w, *b"GUES", 1, guest);
+}
+
+/// Every vCPU's VCPU section, in order.
+pub fn write_vcpus(w: &mut Writer, vcpus: &[VcpuState]) {
+    for v in vcpus {
+        v.save(w);
+    }
+}
+
+/// The END section: `crc` is the CRC-32 of every byte before it.
+pub fn write_end(w: &mut Writer, crc: u32) {
+    w.section(*b"END ", 1, |w| w.put(&crc));
+}
+
+/// Pages per PAGE section (64 KiB of data): one checksummed batch.
+pub const PAGES_PER_SECTION: usize = BATCH;
+
 /// One PAGE section: the count, then each page's address, kind, CRC-32 and (for a data page)
-/// its bytes.
-fn write_pages(w: &mut Writer, pages: &[(u64, [u8; PAGE_SIZE])]) {
+/// its bytes; `None` is a page that is all zero now (a zero-page record).
+pub fn write_pages(w: &mut Writer, pages: &[(u64, Option<&[u8]>)]) {
     w.section(*b"PAGE", 1, |w| {
         w.put(&(pages.len() as u32));
-        for (gpa, data) in pages {
-            w.put(gpa);
-            w.put(&PAGE_DATA);
-            w.put(&crc32(data));
-            w.raw(data);
+        for &(gpa, data) in pages {
+            w.put(&gpa);
+            match data {
+                Some(data) => {
+                    w.put(&PAGE_DATA);
+                    w.put(&crc32(data));
+                    w.raw(data);
+                }
+                None => {
+                    w.put(&PAGE_ZERO);
+                    w.put(&crc32(&ZERO_PAGE));
+                }
+            }
         }
     });
+}
+
+/// Page records: (guest-physical address, bytes or `None` for a page that is all zero).
+pub type PageRecords<'a> = Vec<(u64, Option<&'a [u8]>)>;
+
+/// The pages of one PAGE section (`body`: the section's bytes after its header), each checked
+/// against `memory` (the guest's RAM size) and its CRC-32: (address, bytes or `None` for a zero
+/// page).
+pub fn read_pages<'a>(section: &'a [u8], memory: u64) -> Result<PageRecords<'a>, SnapshotError> {
+    let mut r = Reader::new(section);
+    let mut pages = Vec::new();
+    r.section(*b"PAGE", 1, |r, _| {
+        let n = r.get::<u32>()?;
+        for _ in 0..n {
+            let gpa: u64 = r.get()?;
+            let kind: u8 = r.get()?;
+            let crc: u32 = r.get()?;
+            let data: Option<&'a [u8]> = match kind {
+                PAGE_DATA => Some(r.raw(PAGE_SIZE)?),
+                PAGE_ZERO => None,
+                _ => return Err(StateError::Invalid("an unknown page kind")),
+            };
+            pages.push((gpa, crc, data));
+        }
+        Ok(())
+    })?;
+    pages
+        .into_iter()
+        .map(|(gpa, crc, data)| {
+            if gpa % PAGE_SIZE as u64 != 0 || gpa >= memory {
+                return Err(SnapshotError::BadPage { gpa });
+            }
+            if crc32(data.unwrap_or(&ZERO_PAGE)) != crc {
+                return Err(SnapshotError::PageChecksum { gpa });
+            }
+            Ok((gpa, data))
+        })
+        .collect()
+}
+
+/// Checks a HEAD section (whole, header included) against this CPU (`here`): its Keel version.
+pub fn read_head(section: &[u8], here: &Fingerprint) -> Result<String, SnapshotError> {
+    let head: Head = Reader::new(section).section(*b"HEAD", 1, |r, _| r.get())?;
+    compare(here, &head.fingerprint)?;
+    Ok(head.keel_version)
+}
+
+/// A GUES section (whole, header included).
+pub fn read_guest(section: &[u8]) -> Result<GuestInfo, SnapshotError> {
+    let guest: GuestInfo = Reader::new(section).section(*b"GUES", 1, |r, _| r.get())?;
+    if !guest.memory.is_multiple_of(PAGE_SIZE as u64) || guest.vcpus == 0 {
+        return Err(StateError::Invalid("a guest of no vCPU or of partial pages").into());
+    }
+    Ok(guest)
+}
+
+/// A repeated GUES section must describe the same guest; only its clock may differ.
+pub fn check_same_guest(first: &GuestInfo, again: &GuestInfo) -> Result<(), SnapshotError> {
+    let clockless = |g: &GuestInfo| GuestInfo {
+        clock: 0,
+        ..g.clone()
+    };
+    if clockless(first) != clockless(again) {
+        return Err(StateError::Invalid("a second guest section for another guest").into());
+    }
+    Ok(())
 }
 
 /// A snapshot taken apart and checked: every checksum, every section's layout, the CPU it needs.
@@ -397,6 +502,14 @@ pub struct Snapshot<'a> {
     /// The PLAT section, for `Platform::restore`.
     pub platform: &'a [u8],
     pub vcpus: Vec<VcpuState>,
+}
+
+/// The next section whole (header included), whatever its tag.
+fn take_section<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], StateError> {
+    let mut peek = r.clone();
+    peek.raw(6)?;
+    let len: u32 = peek.get()?;
+    r.raw(10 + len as usize)
 }
 
 /// Reads the magic, version and the end mark and checks the whole stream's CRC.
@@ -441,38 +554,20 @@ pub fn parse<'a>(stream: &'a [u8], here: &Fingerprint) -> Result<Snapshot<'a>, S
     let mut r = outer(stream)?;
     let head: Head = r.section(*b"HEAD", 1, |r, _| r.get())?;
     compare(here, &head.fingerprint)?;
-    let guest: GuestInfo = r.section(*b"GUES", 1, |r, _| r.get())?;
-    if !guest.memory.is_multiple_of(PAGE_SIZE as u64) || guest.vcpus == 0 {
-        return Err(StateError::Invalid("a guest of no vCPU or of partial pages").into());
-    }
+    let mut guest = read_guest(take_section(&mut r)?)?;
     let mut pages = Vec::new();
     while r.clone().get::<[u8; 4]>()? == *b"PAGE" {
-        r.section(*b"PAGE", 1, |r, _| {
-            let n = r.get::<u32>()?;
-            for _ in 0..n {
-                let gpa: u64 = r.get()?;
-                let kind: u8 = r.get()?;
-                let crc: u32 = r.get()?;
-                let data: &'a [u8] = match kind {
-                    PAGE_DATA => r.raw(PAGE_SIZE)?,
-                    PAGE_ZERO => &ZERO_PAGE,
-                    _ => return Err(StateError::Invalid("an unknown page kind")),
-                };
-                pages.push((gpa, crc, data));
-            }
-            Ok(())
-        })?;
-    }
-    let mut checked = Vec::with_capacity(pages.len());
-    for (gpa, crc, data) in pages {
-        if gpa % PAGE_SIZE as u64 != 0 || gpa >= guest.memory {
-            return Err(SnapshotError::BadPage { gpa });
+        for (gpa, data) in read_pages(take_section(&mut r)?, guest.memory)? {
+            pages.push((gpa, data.unwrap_or(&ZERO_PAGE)));
         }
-        if crc32(data) != crc {
-            return Err(SnapshotError::PageChecksum { gpa });
-        }
-        checked.push((gpa, data));
     }
+    // A live migration's stream gives the guest again after its pages, with its final clock.
+    if r.clone().get::<[u8; 4]>()? == *b"GUES" {
+        let again = read_guest(take_section(&mut r)?)?;
+        check_same_guest(&guest, &again)?;
+        guest = again;
+    }
+    let checked = pages;
     let platform = {
         let rest = r.clone();
         r.section(*b"PLAT", 1, |r, _| {
@@ -533,4 +628,4 @@ fn compare(here: &Fingerprint, snapshot: &Fingerprint) -> Result<(), SnapshotErr
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -26,6 +26,9 @@
 //!   driven over the serial console, next to two of Keel's guests.
 //! - `qemu_kernels`: test kernels written for QEMU's -kernel print the same and end the same
 //!   under Keel as under QEMU (tests/guests/manifests/qemu-kernels.toml).
+//! - `migrate`: a counting guest live-migrated between two Keels, counting on at B with no gap;
+//!   a migration whose target goes away leaves it running at A
+//!   (tests/guests/manifests/migrate-a.toml, migrate-b.toml).
 //! - `snapshot`: a counting guest snapshotted to a file, killed and restored from it, counting on
 //!   with no gap; damaged and mismatched snapshots refused (tests/guests/manifests/snapshot.toml).
 //! - `walkthrough`: the commands of docs/GUESTS.md's walk-through, run as they stand.
@@ -39,6 +42,7 @@ mod fuzz;
 mod guests;
 mod hostile;
 mod linux;
+mod migrate;
 mod platform;
 mod policy;
 mod qemu_kernels;

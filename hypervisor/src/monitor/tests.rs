@@ -9,6 +9,8 @@ struct FakeTarget {
     guests: Vec<GuestView>,
     done: Vec<(usize, Control)>,
     quit: bool,
+    /// The migration steps asked for, as `Debug` text.
+    migrated: Vec<String>,
 }
 
 const HZ: u64 = 1_000_000;
@@ -36,6 +38,7 @@ impl FakeTarget {
             ],
             done: Vec::new(),
             quit: false,
+            migrated: Vec::new(),
         }
     }
 }
@@ -78,6 +81,24 @@ impl MonitorTarget for FakeTarget {
     fn set_share(&mut self, id: usize, share: crate::sched::Share) -> Result<(), String> {
         self.guests[id].share = share;
         Ok(())
+    }
+
+    fn migrate(&mut self, op: crate::migrate::Op<'_>) -> Result<crate::migrate::Answer, String> {
+        use crate::migrate::{Answer, Op};
+        self.migrated.push(alloc::format!("{op:?}"));
+        match op {
+            Op::Read { offset } => Ok(Answer {
+                message: String::new(),
+                fields: vec![("offset", offset), ("end", 0)],
+                data: Some(b"KEELSNAP".to_vec()),
+            }),
+            Op::End => Err("the snapshot is cut off (no end mark); migration abandoned".into()),
+            _ => Ok(Answer {
+                message: "fine".into(),
+                fields: vec![("round", 1)],
+                data: None,
+            }),
+        }
     }
 }
 
@@ -464,4 +485,61 @@ fn balloon_sets_a_target_and_list_shows_the_pool() {
         "{}",
         r.text
     );
+}
+
+#[test]
+fn migrate_commands_reach_the_target_as_steps() {
+    let mut t = FakeTarget::new();
+    let mut m = Monitor::new(0);
+    let r = run(&mut m, &mut t, "migrate-read 6144", Form::Json);
+    assert_eq!(
+        r.text,
+        alloc::format!(
+            "{{\"ok\":true,\"offset\":6144,\"end\":0,\"crc32\":{},\"data\":\"S0VFTFNOQVA=\"}}\n",
+            crate::snapshot::crc32(b"KEELSNAP")
+        )
+    );
+    let r = run(&mut m, &mut t, "migrate-out beta", Form::Text);
+    assert_eq!(r.text, "fine\n");
+    let keel = alloc::format!("migrate-data {} S0VFTA==", crate::snapshot::crc32(b"KEEL"));
+    run(&mut m, &mut t, &keel, Form::Json);
+    run(&mut m, &mut t, "migrate-next", Form::Json);
+    assert_eq!(
+        t.migrated,
+        [
+            "Read { offset: 6144 }",
+            "Out { id: 1 }",
+            "Data([75, 69, 69, 76])",
+            "Next"
+        ]
+    );
+    // The target's refusal is the reply, with the command.
+    let r = run(&mut m, &mut t, "migrate-end", Form::Json);
+    assert!(r.failed);
+    assert!(
+        r.text.contains("migrate-end: the snapshot is cut off"),
+        "{}",
+        r.text
+    );
+}
+
+#[test]
+fn malformed_migrate_commands_never_reach_the_target() {
+    let mut t = FakeTarget::new();
+    let mut m = Monitor::new(0);
+    for (line, why) in [
+        ("migrate-data 1 not*base64", "not base64"),
+        ("migrate-data 1 S0VFTA==", "damaged line"),
+        ("migrate-data S0VFTA==", "wrong arguments"),
+        ("migrate-read", "wrong arguments"),
+        ("migrate-read ten", "needs an offset"),
+        ("migrate-out", "wrong arguments"),
+        ("migrate-out gamma", "no guest"),
+        ("migrate-next now", "wrong arguments"),
+        ("migrate-sideways", "wrong arguments"),
+    ] {
+        let r = run(&mut m, &mut t, line, Form::Json);
+        assert!(r.failed && r.text.contains(why), "{line}: {}", r.text);
+    }
+    assert!(t.migrated.is_empty(), "{:?}", t.migrated);
 }

@@ -9,10 +9,10 @@ use crate::vcpu_state::SwitchedRegs;
 use crate::vmx::{FakeVmcs, GuestNat, Vmcs, VmxCaps};
 use alloc::vec;
 
-const MEMORY: u64 = 256 << 10;
+pub(crate) const MEMORY: u64 = 256 << 10;
 const TSC_HZ: u64 = 10_000_000;
 
-fn fingerprint() -> Fingerprint {
+pub(crate) fn fingerprint() -> Fingerprint {
     Fingerprint {
         cpuid: vec![
             (0, 0, [0x16, 1, 2, 3]),
@@ -26,7 +26,7 @@ fn fingerprint() -> Fingerprint {
     }
 }
 
-fn vcpu_state(index: usize, rip: u64) -> VcpuState {
+pub(crate) fn vcpu_state(index: usize, rip: u64) -> VcpuState {
     let caps = VmxCaps::bochs_skylake_x();
     let vcpu = Vcpu::new(index, &caps);
     let mut v = FakeVmcs::new();
@@ -55,7 +55,7 @@ fn ram() -> Vec<u8> {
     ram
 }
 
-fn guest() -> GuestInfo {
+pub(crate) fn guest() -> GuestInfo {
     GuestInfo {
         name: "counter".into(),
         kind: "elf".into(),
@@ -66,7 +66,7 @@ fn guest() -> GuestInfo {
     }
 }
 
-fn platform_bytes() -> Vec<u8> {
+pub(crate) fn platform_bytes() -> Vec<u8> {
     let mut w = Writer::new();
     Platform::for_board(Board::pc(MEMORY, 2), TSC_HZ).save(&mut w);
     w.into_bytes()

@@ -264,6 +264,12 @@ impl VmxCaps {
         self.ept_vpid().contains(EptVpidCap::PAGES_1G)
     }
 
+    /// EPT accessed and dirty flags can be enabled (EPTP bit 6; SDM A.10, bit 21): what live
+    /// migration tracks the pages a guest writes by.
+    pub fn ept_accessed_dirty(&self) -> bool {
+        self.ept_vpid().contains(EptVpidCap::ACCESSED_DIRTY)
+    }
+
     /// EPT may map 2 MiB pages (PDE leaves).
     pub fn ept_2m_pages(&self) -> bool {
         self.ept_vpid().contains(EptVpidCap::PAGES_2M)

@@ -1,0 +1,454 @@
+//! Live migration in the run loop: the `migrate-*` steps of the control channel, carried out on
+//! the guests of this loop with `crate::migrate`'s [`Sender`] and [`Receiver`] and the hardware
+//! behind [`MigrateHw`]. docs/SNAPSHOTS.md, "Live migration", is the protocol for users.
+//!
+//! Out of this Keel: `Out` clears the guest's dirty flags and starts round 0 while it runs;
+//! `Read`s take the stream; `Next` starts a round of the pages written since the last began;
+//! `Final` pauses the guest and queues the last round and its state; `Done` (the stream read to
+//! its end) stops it here for good and frees its RAM; `Abort` resumes it, nothing lost. Into this
+//! Keel: `In` gives the (stopped) guest fresh zeroed RAM; `Data` writes the pages as they come;
+//! `End` checks the end mark, puts the state in place and starts the guest; `Abort`, or any
+//! refused piece, releases the RAM and leaves the guest stopped.
+
+use super::{Cpu, RunLoop};
+use crate::guest::{Vcpu, Vm};
+use crate::info;
+use crate::migrate::{Answer, Op, PageSet, Receiver, Sender, Source, CHUNK};
+use crate::snapshot::{Fingerprint, GuestInfo, PAGE_SIZE};
+use alloc::string::String;
+use alloc::vec::Vec;
+
+/// What live migration needs of the hardware, for a guest whose hardware share is `H`.
+pub trait MigrateHw<H> {
+    /// `begin`: splits the guest's RAM to 4 KiB EPT pages and clears every dirty flag; else adds
+    /// to `dirty` the pages written since the last call and clears their flags. Either way the
+    /// processor's cached translations are invalidated. Refused without EPT dirty flags.
+    fn dirty_pages(
+        &mut self,
+        hw: &mut H,
+        vm: &Vm,
+        dirty: &mut PageSet,
+        begin: bool,
+    ) -> Result<(), String>;
+    /// What a stream of the guest says of it and of this CPU, with its clock `clock`.
+    fn describe(
+        &mut self,
+        hw: &mut H,
+        vm: &Vm,
+        vcpus: usize,
+        clock: u64,
+    ) -> Result<(Fingerprint, GuestInfo), String>;
+    /// The paused guest's state for the end of the stream: the guest section with `clock`, the
+    /// platform and every vCPU (switched out).
+    fn state(&mut self, hw: &mut H, vm: &Vm, vcpus: &[Vcpu], clock: u64)
+        -> Result<Vec<u8>, String>;
+    /// Fresh RAM for a guest a stream comes into, all zero.
+    fn incoming_ram(&mut self, hw: &mut H, vm: &mut Vm) -> Result<(), String>;
+    /// Puts the state `stream` (a snapshot without pages: they are in its RAM) in place; returns
+    /// the guest's clock.
+    fn restore_state(
+        &mut self,
+        hw: &mut H,
+        vm: &mut Vm,
+        vcpus: &mut [Vcpu],
+        stream: &[u8],
+    ) -> Result<u64, String>;
+}
+
+/// A migration in progress.
+pub enum Migration {
+    Out {
+        id: usize,
+        tx: Sender,
+        /// The guest's restarts at the start: one since means its RAM was loaded afresh.
+        restarts: u32,
+        /// Whether `Final` paused it (an abort resumes it only then), and the host TSC then.
+        paused: Option<(bool, u64)>,
+    },
+    In {
+        id: usize,
+        rx: Receiver,
+    },
+}
+
+/// A guest's RAM read for the stream.
+struct Ram<'a>(&'a Vm);
+
+impl Source for Ram<'_> {
+    fn read_page(&mut self, n: u64, buf: &mut [u8; PAGE_SIZE]) {
+        if self.0.ram.read(n * PAGE_SIZE as u64, buf).is_none() {
+            buf.fill(0);
+        }
+    }
+}
+
+/// A guest's RAM written from the stream.
+struct Target<'a>(&'a Vm);
+
+impl crate::migrate::Sink for Target<'_> {
+    fn write_page(&mut self, n: u64, data: Option<&[u8]>) {
+        let zero = [0u8; PAGE_SIZE];
+        // The receiver checked the address against the guest's size.
+        let _ = self
+            .0
+            .ram
+            .write(n * PAGE_SIZE as u64, data.unwrap_or(&zero));
+    }
+}
+
+fn answer(message: String, fields: Vec<(&'static str, u64)>) -> Answer {
+    Answer {
+        message,
+        fields,
+        data: None,
+    }
+}
+
+impl<C: Cpu> RunLoop<C> {
+    /// One step of a migration (`MonitorTarget::migrate`).
+    pub(super) fn migrate_step(&mut self, op: Op<'_>) -> Result<Answer, String> {
+        match op {
+            Op::Out { id } => self.migrate_out(id),
+            Op::In { id } => self.migrate_in(id),
+            Op::Abort => self.migrate_abort(),
+            op => match self.ops.migration.take() {
+                None => Err("no migration begun".into()),
+                Some(m) => {
+                    let (m, done) = self.migrate_on(m, op);
+                    self.ops.migration = m;
+                    done
+                }
+            },
+        }
+    }
+
+    fn migrate_out(&mut self, id: usize) -> Result<Answer, String> {
+        if self.ops.migration.is_some() {
+            return Err("a migration is in progress (migrate-abort ends it)".into());
+        }
+        let s = self.slots.get(id).ok_or("no such guest")?;
+        if !s.live() {
+            return Err("the guest is not running".into());
+        }
+        self.switch_out();
+        let s = &mut self.slots[id];
+        let hw = self
+            .cpu
+            .migration()
+            .ok_or("live migration needs the hardware")?;
+        let mut none = PageSet::empty(0);
+        hw.dirty_pages(&mut s.hw, &s.vm, &mut none, true)?;
+        let (fingerprint, guest) = hw.describe(&mut s.hw, &s.vm, s.vcpus.len(), 0)?;
+        let tx = Sender::new(env!("CARGO_PKG_VERSION"), &fingerprint, &guest);
+        info!("guest {}: migrating out", s.vm.name);
+        let pages = guest.memory / PAGE_SIZE as u64;
+        self.ops.migration = Some(Migration::Out {
+            id,
+            tx,
+            restarts: s.restarts,
+            paused: None,
+        });
+        Ok(answer(
+            alloc::format!("{}: round 0 of {pages} pages begun", guest.name),
+            alloc::vec![("round", 0), ("pages", pages), ("chunk", CHUNK as u64)],
+        ))
+    }
+
+    fn migrate_in(&mut self, id: usize) -> Result<Answer, String> {
+        if self.ops.migration.is_some() {
+            return Err("a migration is in progress (migrate-abort ends it)".into());
+        }
+        let s = self.slots.get(id).ok_or("no such guest")?;
+        if s.vcpus.iter().any(|v| v.state.is_live()) {
+            return Err(alloc::format!(
+                "{} is running here: a guest comes in only to a stopped one (autostart = false, or kill it)",
+                s.vm.name
+            ));
+        }
+        self.switch_out();
+        let hw = self
+            .cpu
+            .migration()
+            .ok_or("live migration needs the hardware")?;
+        let s = &mut self.slots[id];
+        hw.incoming_ram(&mut s.hw, &mut s.vm)?;
+        let (here, _) = hw.describe(&mut s.hw, &s.vm, s.vcpus.len(), 0)?;
+        let rx = Receiver::new(s.vm.ram.len(), s.vcpus.len() as u32, here);
+        info!("guest {}: migrating in", s.vm.name);
+        let name = s.vm.name.clone();
+        self.ops.migration = Some(Migration::In { id, rx });
+        Ok(answer(
+            alloc::format!("{name}: receiving"),
+            alloc::vec![("id", id as u64)],
+        ))
+    }
+
+    /// A step of the migration `m` in progress: what remains of it (`None`: it is over).
+    fn migrate_on(
+        &mut self,
+        m: Migration,
+        op: Op<'_>,
+    ) -> (Option<Migration>, Result<Answer, String>) {
+        match m {
+            Migration::Out {
+                id,
+                mut tx,
+                restarts,
+                paused,
+            } => {
+                let s = &self.slots[id];
+                if !s.live() || s.restarts != restarts {
+                    // Stopped or booted afresh: the pages sent are not its RAM any more.
+                    if let Some((true, _)) = paused {
+                        let _ = self.resume(id);
+                    }
+                    return (
+                        None,
+                        Err("the guest stopped or restarted: migration abandoned".into()),
+                    );
+                }
+                let done = self.out_step(id, &mut tx, op, paused);
+                match done {
+                    Ok((a, Step::Keep(p))) => (
+                        Some(Migration::Out {
+                            id,
+                            tx,
+                            restarts,
+                            paused: p.or(paused),
+                        }),
+                        Ok(a),
+                    ),
+                    Ok((a, Step::Over)) => (None, Ok(a)),
+                    Err(e) => (
+                        Some(Migration::Out {
+                            id,
+                            tx,
+                            restarts,
+                            paused,
+                        }),
+                        Err(e),
+                    ),
+                }
+            }
+            Migration::In { id, mut rx } => match self.in_step(id, &mut rx, op) {
+                Ok((a, true)) => (Some(Migration::In { id, rx }), Ok(a)),
+                Ok((a, false)) => (None, Ok(a)),
+                Err(e) => {
+                    self.abandon_in(id);
+                    (
+                        None,
+                        Err(alloc::format!(
+                            "{e}; migration abandoned, the guest's RAM released"
+                        )),
+                    )
+                }
+            },
+        }
+    }
+
+    fn out_step(
+        &mut self,
+        id: usize,
+        tx: &mut Sender,
+        op: Op<'_>,
+        paused: Option<(bool, u64)>,
+    ) -> Result<(Answer, Step), String> {
+        let round_fields = |tx: &Sender, pages: u64| {
+            alloc::vec![("round", u64::from(tx.round())), ("pages", pages)]
+        };
+        match op {
+            Op::Read { offset } => {
+                let s = &self.slots[id];
+                let data = tx
+                    .read(&mut Ram(&s.vm), offset, CHUNK)
+                    .map_err(|e| alloc::format!("{e}"))?
+                    .to_vec();
+                let end = tx.finishing() && data.is_empty() || tx.ended();
+                let mut a = answer(
+                    String::new(),
+                    alloc::vec![
+                        ("offset", offset),
+                        ("round", u64::from(tx.round())),
+                        ("left", tx.left()),
+                        ("sent", tx.rounds().last().map_or(0, |r| r.pages)),
+                        ("end", u64::from(end)),
+                    ],
+                );
+                a.data = Some(data);
+                Ok((a, Step::Keep(None)))
+            }
+            Op::Next => {
+                let dirty = self.collect_dirty(id)?;
+                let pages = tx.next_round(&dirty).map_err(|e| alloc::format!("{e}"))?;
+                Ok((
+                    answer(
+                        alloc::format!("round {}: {pages} pages", tx.round()),
+                        round_fields(tx, pages),
+                    ),
+                    Step::Keep(None),
+                ))
+            }
+            Op::Final => {
+                if tx.finishing() {
+                    return Err("the final step has begun".into());
+                }
+                let was_paused = matches!(
+                    self.slots[id].bsp().state,
+                    crate::guest::RunState::Paused { .. }
+                );
+                if !was_paused {
+                    self.pause(id)?;
+                }
+                let at = self.cpu.rdtsc();
+                let clock = self.paused_clock(id);
+                let taken = self.collect_dirty(id).and_then(|dirty| {
+                    let s = &mut self.slots[id];
+                    let hw = self
+                        .cpu
+                        .migration()
+                        .ok_or("live migration needs the hardware")?;
+                    let state = hw.state(&mut s.hw, &s.vm, &s.vcpus, clock)?;
+                    tx.finish(&dirty, state).map_err(|e| alloc::format!("{e}"))
+                });
+                let pages = match taken {
+                    Ok(p) => p,
+                    Err(e) => {
+                        if !was_paused {
+                            let _ = self.resume(id);
+                        }
+                        return Err(e);
+                    }
+                };
+                let mut fields = round_fields(tx, pages);
+                fields.extend([("clock", clock), ("tsc", at)]);
+                Ok((
+                    answer(
+                        alloc::format!("paused; the last round has {pages} pages"),
+                        fields,
+                    ),
+                    Step::Keep(Some((!was_paused, at))),
+                ))
+            }
+            Op::Done => {
+                if !tx.ended() {
+                    return Err(alloc::format!(
+                        "{}",
+                        crate::migrate::MigrateError::NotRead { sent: tx.made() }
+                    ));
+                }
+                let down = paused.map_or(0, |(_, at)| self.cpu.rdtsc().wrapping_sub(at));
+                self.stop_for_good(id, "migrated")?;
+                let s = &self.slots[id];
+                info!("guest {} migrated away", s.vm.name);
+                let mut fields = alloc::vec![
+                    ("rounds", u64::from(tx.round()) + 1),
+                    ("resent", tx.resent()),
+                    ("bytes", tx.made()),
+                    ("paused_tsc", down),
+                ];
+                fields.extend(tx.rounds().iter().map(|r| ("round_pages", r.pages)));
+                Ok((
+                    answer(alloc::format!("{} migrated away", s.vm.name), fields),
+                    Step::Over,
+                ))
+            }
+            _ => Err("not a step of a migration out of this Keel".into()),
+        }
+    }
+
+    fn in_step(
+        &mut self,
+        id: usize,
+        rx: &mut Receiver,
+        op: Op<'_>,
+    ) -> Result<(Answer, bool), String> {
+        match op {
+            Op::Data(data) => {
+                let s = &self.slots[id];
+                rx.feed(data, &mut Target(&s.vm))
+                    .map_err(|e| alloc::format!("{e}"))?;
+                Ok((
+                    answer(String::new(), alloc::vec![("received", rx.received())]),
+                    true,
+                ))
+            }
+            Op::End => {
+                let state = rx.state().map_err(|e| alloc::format!("{e}"))?;
+                let mut clock = 0;
+                self.restore_with(id, true, |cpu, s| {
+                    let hw = cpu.migration().ok_or("live migration needs the hardware")?;
+                    clock = hw.restore_state(&mut s.hw, &mut s.vm, &mut s.vcpus, &state)?;
+                    Ok(clock)
+                })?;
+                let name = self.slots[id].vm.name.clone();
+                info!("guest {name} migrated in ({} pages)", rx.pages());
+                Ok((
+                    answer(
+                        alloc::format!("{name} runs here"),
+                        alloc::vec![
+                            ("clock", clock),
+                            ("tsc", self.cpu.rdtsc()),
+                            ("pages", rx.pages()),
+                            ("bytes", rx.received()),
+                        ],
+                    ),
+                    false,
+                ))
+            }
+            _ => Err("not a step of a migration into this Keel".into()),
+        }
+    }
+
+    /// The pages guest `id` wrote since the last collection.
+    fn collect_dirty(&mut self, id: usize) -> Result<PageSet, String> {
+        self.switch_out();
+        let s = &mut self.slots[id];
+        let mut dirty = PageSet::empty(s.vm.ram.len() / PAGE_SIZE as u64);
+        let hw = self
+            .cpu
+            .migration()
+            .ok_or("live migration needs the hardware")?;
+        hw.dirty_pages(&mut s.hw, &s.vm, &mut dirty, false)?;
+        Ok(dirty)
+    }
+
+    /// Gives up a migration into guest `id`: its RAM goes back, it stays stopped.
+    fn abandon_in(&mut self, id: usize) {
+        let s = &mut self.slots[id];
+        self.cpu.release_ram(&mut s.hw, &mut s.vm);
+        info!("guest {}: incoming migration abandoned", s.vm.name);
+    }
+
+    fn migrate_abort(&mut self) -> Result<Answer, String> {
+        match self.ops.migration.take() {
+            None => Err("no migration begun".into()),
+            Some(Migration::In { id, .. }) => {
+                self.abandon_in(id);
+                Ok(answer(
+                    "incoming migration abandoned; the guest's RAM released".into(),
+                    alloc::vec![],
+                ))
+            }
+            Some(Migration::Out { id, paused, .. }) => {
+                if let Some((true, _)) = paused {
+                    self.resume(id)?;
+                }
+                info!(
+                    "guest {}: migration aborted, it runs on",
+                    self.slots[id].vm.name
+                );
+                Ok(answer(
+                    "migration aborted; the guest runs on here".into(),
+                    alloc::vec![],
+                ))
+            }
+        }
+    }
+}
+
+/// What becomes of a migration out after a step.
+enum Step {
+    /// It goes on; `Some` when the step paused the guest (whether it did, and the host TSC).
+    Keep(Option<(bool, u64)>),
+    Over,
+}
