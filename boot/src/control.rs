@@ -6,8 +6,8 @@
 //! One client at a time: a new connection takes over from the previous one. What Keel sends while
 //! nobody is connected is dropped.
 //!
-//! Toward Keel the bridge keeps to Keel's flow control (`keel::credit`): at most a receive FIFO's
-//! worth of bytes on the way and not acknowledged; the acknowledgements are taken out of the
+//! Toward Keel the bridge keeps to Keel's flow control (`keel::credit`): at most a window of bytes
+//! on the way and not acknowledged; the acknowledgements are taken out of the
 //! replies.
 
 use std::fs::File;
@@ -32,6 +32,7 @@ pub fn default_socket(workspace: &Path) -> PathBuf {
 /// The socket joined to the emulator's COM2 terminal, for the length of a run.
 pub struct Bridge {
     stop: Arc<AtomicBool>,
+    flow: Arc<Flow>,
     threads: Vec<JoinHandle<()>>,
     path: PathBuf,
 }
@@ -71,10 +72,12 @@ impl Bridge {
         };
         let from_keel = {
             let (stop, current) = (stop.clone(), current.clone());
+            let flow = flow.clone();
             std::thread::spawn(move || copy_replies(terminal, current, flow, stop))
         };
         Ok(Self {
             stop,
+            flow,
             threads: vec![accept, from_keel],
             path: socket.to_path_buf(),
         })
@@ -87,6 +90,14 @@ impl Bridge {
 
 impl Drop for Bridge {
     fn drop(&mut self) {
+        if let Ok(w) = self.flow.window.lock() {
+            if w.total_sent > 0 {
+                eprintln!(
+                    "keel-boot: control channel: {} bytes to Keel, {} acknowledged, {} acknowledgement timeouts",
+                    w.total_sent, w.total_acked, w.timeouts
+                );
+            }
+        }
         self.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -146,6 +157,9 @@ struct Window {
     since: Instant,
     /// Times the window was taken to be free without an acknowledgement.
     timeouts: u64,
+    /// Bytes sent and bytes acknowledged over the bridge's life.
+    total_sent: u64,
+    total_acked: u64,
 }
 
 impl Window {
@@ -154,6 +168,8 @@ impl Window {
             unacked: 0,
             since: now,
             timeouts: 0,
+            total_sent: 0,
+            total_acked: 0,
         }
     }
 
@@ -173,12 +189,14 @@ impl Window {
 
     fn sent(&mut self, n: usize, now: Instant) {
         self.unacked += n;
+        self.total_sent += n as u64;
         self.since = now;
     }
 
     fn acked(&mut self, n: usize, now: Instant) {
         // More than is on the way: acknowledgements of bytes sent before a timeout.
         self.unacked = self.unacked.saturating_sub(n);
+        self.total_acked += n as u64;
         self.since = now;
     }
 }
@@ -552,33 +570,34 @@ mod tests {
 
     #[test]
     fn the_window_holds_a_fifo_and_opens_with_acknowledgements_or_a_timeout() {
+        const W: usize = keel::credit::WINDOW;
         let t0 = Instant::now();
         let mut w = Window::new(t0);
-        assert_eq!(w.room(t0), 16);
-        w.sent(16, t0);
+        assert_eq!(w.room(t0), W);
+        w.sent(W, t0);
         assert_eq!(w.room(t0), 0);
         let t1 = t0 + Duration::from_millis(5);
-        w.acked(5, t1);
-        assert_eq!(w.room(t1), 5);
-        w.sent(5, t1);
+        w.acked(1, t1);
+        assert_eq!(w.room(t1), 1);
+        w.sent(1, t1);
         // An acknowledgement restarts the clock; nothing for a whole timeout frees the window.
         let t2 = t1 + ACK_TIMEOUT - Duration::from_millis(1);
         assert_eq!(w.room(t2), 0);
         assert_eq!(w.wait(t2), Duration::from_millis(1));
         assert_eq!(w.timeouts, 0);
         let t3 = t1 + ACK_TIMEOUT;
-        assert_eq!(w.room(t3), 16);
+        assert_eq!(w.room(t3), W);
         assert_eq!(w.timeouts, 1);
         // Late acknowledgements of what went before the timeout open no more than the window.
-        w.sent(3, t3);
-        w.acked(16, t3);
-        assert_eq!(w.room(t3), 16);
+        w.sent(1, t3);
+        w.acked(W + 5, t3);
+        assert_eq!(w.room(t3), W);
         // An idle window (nothing on the way) never times out.
-        assert_eq!(w.room(t3 + 10 * ACK_TIMEOUT), 16);
+        assert_eq!(w.room(t3 + 10 * ACK_TIMEOUT), W);
         assert_eq!(w.timeouts, 1);
     }
 
-    /// A Keel that reads its FIFO slowly never finds more than 16 bytes in it, however long the
+    /// A Keel that reads its FIFO slowly never finds more than the window in it, however long the
     /// line: the bridge sends only what was acknowledged. Its reply reaches the client without
     /// the acknowledgements.
     #[test]
@@ -656,6 +675,9 @@ mod tests {
             while !got.ends_with(b"\n") {
                 keel.read_exact(&mut b)?;
                 got.push(b[0]);
+                let mut ack = std::collections::VecDeque::new();
+                keel::credit::acknowledge(1, &mut ack);
+                keel.write_all(ack.make_contiguous())?;
             }
             keel.write_all(b"{\"ok\":true,\"guest\":\"g0\"}\n")?;
             Ok(got)
