@@ -5,13 +5,17 @@
 //!
 //! One client at a time: a new connection takes over from the previous one. What Keel sends while
 //! nobody is connected is dropped.
+//!
+//! Toward Keel the bridge keeps to Keel's flow control (`keel::credit`): at most a window of bytes
+//! on the way and not acknowledged; the acknowledgements are taken out of the
+//! replies.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -28,6 +32,7 @@ pub fn default_socket(workspace: &Path) -> PathBuf {
 /// The socket joined to the emulator's COM2 terminal, for the length of a run.
 pub struct Bridge {
     stop: Arc<AtomicBool>,
+    flow: Arc<Flow>,
     threads: Vec<JoinHandle<()>>,
     path: PathBuf,
 }
@@ -60,16 +65,19 @@ impl Bridge {
         let stop = Arc::new(AtomicBool::new(false));
         let current: Current = Arc::new(Mutex::new(None));
         let to_keel = terminal.try_clone()?;
+        let flow = Arc::new(Flow::new());
         let accept = {
-            let (stop, current) = (stop.clone(), current.clone());
-            std::thread::spawn(move || accept_loop(listener, to_keel, current, stop))
+            let (stop, current, flow) = (stop.clone(), current.clone(), flow.clone());
+            std::thread::spawn(move || accept_loop(listener, to_keel, current, flow, stop))
         };
         let from_keel = {
             let (stop, current) = (stop.clone(), current.clone());
-            std::thread::spawn(move || copy_replies(terminal, current, stop))
+            let flow = flow.clone();
+            std::thread::spawn(move || copy_replies(terminal, current, flow, stop))
         };
         Ok(Self {
             stop,
+            flow,
             threads: vec![accept, from_keel],
             path: socket.to_path_buf(),
         })
@@ -82,6 +90,14 @@ impl Bridge {
 
 impl Drop for Bridge {
     fn drop(&mut self) {
+        if let Ok(w) = self.flow.window.lock() {
+            if w.total_sent > 0 {
+                eprintln!(
+                    "keel-boot: control channel: {} bytes to Keel, {} acknowledged, {} acknowledgement timeouts",
+                    w.total_sent, w.total_acked, w.timeouts
+                );
+            }
+        }
         self.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -90,7 +106,13 @@ impl Drop for Bridge {
     }
 }
 
-fn accept_loop(listener: UnixListener, to_keel: File, current: Current, stop: Arc<AtomicBool>) {
+fn accept_loop(
+    listener: UnixListener,
+    to_keel: File,
+    current: Current,
+    flow: Arc<Flow>,
+    stop: Arc<AtomicBool>,
+) {
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -101,13 +123,14 @@ fn accept_loop(listener: UnixListener, to_keel: File, current: Current, stop: Ar
                 if let Ok(mut c) = current.lock() {
                     *c = Some(stream);
                 }
-                // The client's lines go to COM2 as they come; the thread ends with the client.
+                // The client's lines go to COM2 as Keel's window allows; the thread ends with the
+                // client.
+                let flow = flow.clone();
                 std::thread::spawn(move || {
                     let mut reader = reader;
                     let mut buf = [0u8; 256];
-                    let mut last = None;
                     while let Ok(n) = reader.read(&mut buf) {
-                        if n == 0 || paced_write(&mut keel, &buf[..n], &mut last).is_err() {
+                        if n == 0 || flow.write(&mut keel, &buf[..n]).is_err() {
                             return;
                         }
                     }
@@ -118,44 +141,126 @@ fn accept_loop(listener: UnixListener, to_keel: File, current: Current, stop: Ar
     }
 }
 
-/// Keel reads COM2 between time slices, and its receive FIFO holds 16 bytes: at 115200 baud that
-/// is 1.4 ms, less than a slice, and a byte that finds the FIFO full is lost (an overrun). So the
-/// bridge sends at most 8 bytes at a time (room in the FIFO for a read that comes late: an
-/// emulator slowed by a loaded host reads less often in wall time), and waits between them long
-/// enough for Keel to have read them (it reads COM2 every millisecond of its time while a line
-/// comes in, `runloop`).
-/// Commands of up to 8 bytes go at once; a 6 KiB `restore-data` line takes about 4.6 s.
-const PACE_BYTES: usize = 8;
-const PACE_WAIT: Duration = Duration::from_millis(6);
+/// How long the bridge waits for an acknowledgement before it takes the window to be free
+/// again: Keel acknowledges within a time slice of its own time (a command line before it runs),
+/// so only a Keel that restarted (the bytes went before it listened) or one without flow control
+/// leaves bytes unacknowledged. Generous, because an emulator on a loaded host may be many times
+/// slower than real time, and acknowledgements that come after it open the window too early.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// After a quiet spell Keel may be asleep or running a guest for a whole time slice (10 ms of its
-/// time) before it reads COM2 again: the first piece is given that long, in wall time, with room
-/// for an emulator that runs several times slower than the wall clock on a loaded host (the
-/// second piece arriving before Keel read the first overruns the FIFO: in Bochs under load every
-/// long line lost bytes at its start with 30 ms here).
-const PACE_QUIET: Duration = Duration::from_millis(50);
-const PACE_FIRST_WAIT: Duration = Duration::from_millis(150);
-
-/// Writes `data` in pieces of [`PACE_BYTES`], each at least [`PACE_WAIT`] after the one before
-/// (`last`: when the previous piece went, across calls), the second of a line that follows a
-/// quiet spell [`PACE_FIRST_WAIT`] after the first.
-fn paced_write(keel: &mut File, data: &[u8], last: &mut Option<Instant>) -> std::io::Result<()> {
-    for piece in data.chunks(PACE_BYTES) {
-        let quiet = last.is_none_or(|t| t.elapsed() >= PACE_QUIET);
-        if let Some(wait) = last.and_then(|t| PACE_WAIT.checked_sub(t.elapsed())) {
-            std::thread::sleep(wait);
-        }
-        keel.write_all(piece)?;
-        if quiet {
-            std::thread::sleep(PACE_FIRST_WAIT);
-        }
-        *last = Some(Instant::now());
-    }
-    Ok(())
+/// The sender's side of the flow control (`keel::credit`): how many bytes are on the way to Keel
+/// and not yet acknowledged. Pure: the caller says what time it is.
+#[derive(Debug)]
+struct Window {
+    unacked: usize,
+    /// When bytes last went or an acknowledgement last came.
+    since: Instant,
+    /// Times the window was taken to be free without an acknowledgement.
+    timeouts: u64,
+    /// Bytes sent and bytes acknowledged over the bridge's life.
+    total_sent: u64,
+    total_acked: u64,
 }
 
-fn copy_replies(mut terminal: File, current: Current, stop: Arc<AtomicBool>) {
+impl Window {
+    fn new(now: Instant) -> Self {
+        Self {
+            unacked: 0,
+            since: now,
+            timeouts: 0,
+            total_sent: 0,
+            total_acked: 0,
+        }
+    }
+
+    /// Bytes that may be sent now (0 while the window is full and not yet timed out).
+    fn room(&mut self, now: Instant) -> usize {
+        if self.unacked > 0 && now.saturating_duration_since(self.since) >= ACK_TIMEOUT {
+            self.unacked = 0;
+            self.timeouts += 1;
+        }
+        keel::credit::WINDOW - self.unacked
+    }
+
+    /// How long until a full window times out.
+    fn wait(&self, now: Instant) -> Duration {
+        ACK_TIMEOUT.saturating_sub(now.saturating_duration_since(self.since))
+    }
+
+    fn sent(&mut self, n: usize, now: Instant) {
+        self.unacked += n;
+        self.total_sent += n as u64;
+        self.since = now;
+    }
+
+    fn acked(&mut self, n: usize, now: Instant) {
+        // More than is on the way: acknowledgements of bytes sent before a timeout.
+        self.unacked = self.unacked.saturating_sub(n);
+        self.total_acked += n as u64;
+        self.since = now;
+    }
+}
+
+/// The [`Window`] shared by the thread that writes to Keel and the one that reads its replies.
+struct Flow {
+    window: Mutex<Window>,
+    changed: Condvar,
+}
+
+impl Flow {
+    fn new() -> Self {
+        Self {
+            window: Mutex::new(Window::new(Instant::now())),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// Writes `data` to Keel, never more than the window allows on the way.
+    fn write(&self, keel: &mut File, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            let n = self.take(data.len());
+            keel.write_all(&data[..n])?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Waits for room in the window and takes up to `want` bytes of it.
+    fn take(&self, want: usize) -> usize {
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let now = Instant::now();
+            let timeouts = w.timeouts;
+            let room = w.room(now);
+            if w.timeouts != timeouts {
+                eprintln!(
+                    "keel-boot: no acknowledgement from Keel on the control channel for {} s; sending on",
+                    ACK_TIMEOUT.as_secs()
+                );
+            }
+            if room > 0 {
+                let n = room.min(want);
+                w.sent(n, now);
+                return n;
+            }
+            let wait = w.wait(now).max(Duration::from_millis(1));
+            w = match self.changed.wait_timeout(w, wait) {
+                Ok((w, _)) => w,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+
+    fn acked(&self, n: usize) {
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        w.acked(n, Instant::now());
+        self.changed.notify_all();
+    }
+}
+
+fn copy_replies(mut terminal: File, current: Current, flow: Arc<Flow>, stop: Arc<AtomicBool>) {
     let mut buf = [0u8; 4096];
+    let mut text = Vec::with_capacity(buf.len());
     while !stop.load(Ordering::SeqCst) {
         if !crate::pty::readable(&terminal, 50) {
             continue;
@@ -164,10 +269,18 @@ fn copy_replies(mut terminal: File, current: Current, stop: Arc<AtomicBool>) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        text.clear();
+        let acked = keel::credit::strip_acks(&buf[..n], &mut text);
+        if acked > 0 {
+            flow.acked(acked);
+        }
+        if text.is_empty() {
+            continue;
+        }
         if let Ok(mut c) = current.lock() {
             let gone = c
                 .as_mut()
-                .is_some_and(|client| client.write_all(&buf[..n]).is_err());
+                .is_some_and(|client| client.write_all(&text).is_err());
             if gone {
                 *c = None;
             }
@@ -456,6 +569,84 @@ mod tests {
     use std::fs::OpenOptions;
 
     #[test]
+    fn the_window_holds_a_fifo_and_opens_with_acknowledgements_or_a_timeout() {
+        const W: usize = keel::credit::WINDOW;
+        let t0 = Instant::now();
+        let mut w = Window::new(t0);
+        assert_eq!(w.room(t0), W);
+        w.sent(W, t0);
+        assert_eq!(w.room(t0), 0);
+        let t1 = t0 + Duration::from_millis(5);
+        w.acked(1, t1);
+        assert_eq!(w.room(t1), 1);
+        w.sent(1, t1);
+        // An acknowledgement restarts the clock; nothing for a whole timeout frees the window.
+        let t2 = t1 + ACK_TIMEOUT - Duration::from_millis(1);
+        assert_eq!(w.room(t2), 0);
+        assert_eq!(w.wait(t2), Duration::from_millis(1));
+        assert_eq!(w.timeouts, 0);
+        let t3 = t1 + ACK_TIMEOUT;
+        assert_eq!(w.room(t3), W);
+        assert_eq!(w.timeouts, 1);
+        // Late acknowledgements of what went before the timeout open no more than the window.
+        w.sent(1, t3);
+        w.acked(W + 5, t3);
+        assert_eq!(w.room(t3), W);
+        // An idle window (nothing on the way) never times out.
+        assert_eq!(w.room(t3 + 10 * ACK_TIMEOUT), W);
+        assert_eq!(w.timeouts, 1);
+    }
+
+    /// A Keel that reads its FIFO slowly never finds more than the window in it, however long the
+    /// line: the bridge sends only what was acknowledged. Its reply reaches the client without
+    /// the acknowledgements.
+    #[test]
+    fn a_slow_reader_never_gets_more_than_its_fifo() -> Result<()> {
+        let pty = Pty::open()?;
+        let dir = std::env::temp_dir().join(format!("keel-flow-{}", std::process::id()));
+        let socket = dir.join("control.sock");
+        let _bridge = Bridge::start(pty.controller()?, &socket)?;
+        let mut keel = OpenOptions::new().read(true).write(true).open(&pty.path)?;
+        let line: String = (0..300)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let keel_side = std::thread::spawn(move || -> std::io::Result<(Vec<u8>, usize)> {
+            let (mut got, mut most) = (Vec::new(), 0);
+            let mut buf = [0u8; 256];
+            while !got.ends_with(b"\n") {
+                // Keel busy with a guest: the FIFO fills meanwhile.
+                std::thread::sleep(Duration::from_millis(15));
+                if !crate::pty::readable(&keel, 1000) {
+                    break;
+                }
+                let n = keel.read(&mut buf)?;
+                most = most.max(n);
+                got.extend_from_slice(&buf[..n]);
+                let mut acks = std::collections::VecDeque::new();
+                keel::credit::acknowledge(n, &mut acks);
+                keel.write_all(acks.make_contiguous())?;
+            }
+            let mut reply = Vec::from(&b"{\"ok\":"[..]);
+            reply.push(0xff);
+            reply.extend_from_slice(b"true}\n");
+            keel.write_all(&reply)?;
+            Ok((got, most))
+        });
+        let reply = request(&socket, &line, Duration::from_secs(20))?;
+        assert_eq!(reply, "{\"ok\":true}");
+        let (got, most) = keel_side
+            .join()
+            .map_err(|_| anyhow::anyhow!("the emulator side panicked"))??;
+        assert_eq!(got, format!("{line}\n").as_bytes(), "every byte, in order");
+        assert!(
+            most <= keel::credit::WINDOW,
+            "{most} bytes waited in a 16-byte FIFO"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    #[test]
     fn replies_are_described_for_people() {
         assert_eq!(
             describe("{\"ok\":false,\"error\":\"no guest \\\"x\\\" (see list)\"}"),
@@ -484,6 +675,9 @@ mod tests {
             while !got.ends_with(b"\n") {
                 keel.read_exact(&mut b)?;
                 got.push(b[0]);
+                let mut ack = std::collections::VecDeque::new();
+                keel::credit::acknowledge(1, &mut ack);
+                keel.write_all(ack.make_contiguous())?;
             }
             keel.write_all(b"{\"ok\":true,\"guest\":\"g0\"}\n")?;
             Ok(got)

@@ -14,6 +14,7 @@ pub mod abi;
 pub mod acpi;
 pub mod archive;
 pub mod balloon;
+pub mod credit;
 pub mod devices;
 pub mod ept;
 pub mod exits;

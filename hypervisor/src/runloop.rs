@@ -1790,17 +1790,26 @@ impl<C: Cpu> RunLoop<C> {
     /// object on one line; the replies go out as COM2 takes them.
     fn poll_control(&mut self) {
         use crate::monitor::ChannelLine;
+        let mut read = 0;
         while let Some(byte) = self.cpu.control_byte() {
+            read += 1;
             self.ops.control_busy_until = self.cpu.rdtsc() + self.cfg.tsc_hz / 10;
-            let reply = match self.ops.channel.push(byte) {
-                None => continue,
-                Some(ChannelLine::Command(line)) => self.command(&line, crate::monitor::Form::Json),
-                Some(ChannelLine::TooLong) => crate::monitor::too_long(),
+            let Some(line) = self.ops.channel.push(byte) else {
+                continue;
+            };
+            // A line is acknowledged before it runs: a restore may take a while (`credit`).
+            crate::credit::acknowledge(core::mem::take(&mut read), &mut self.ops.reply);
+            self.cpu.control_send(&mut self.ops.reply);
+            let reply = match line {
+                ChannelLine::Command(line) => self.command(&line, crate::monitor::Form::Json),
+                ChannelLine::TooLong => crate::monitor::too_long(),
             };
             if self.ops.reply.len() + reply.text.len() <= REPLY_MAX {
                 self.ops.reply.extend(reply.text.as_bytes());
             }
         }
+        // The sender may send as many again (`credit`: the FIFO cannot overrun).
+        crate::credit::acknowledge(read, &mut self.ops.reply);
         if !self.ops.reply.is_empty() {
             self.cpu.control_send(&mut self.ops.reply);
         }

@@ -1,6 +1,7 @@
 //! COM2 (0x2F8), Keel's control channel: a polled 16550, 115200 8N1, no interrupts. Keel owns it;
 //! guests never reach it (every guest I/O port access exits, and no guest device sits at 0x2F8).
-//! The line protocol on top is the run loop's (`runloop::RunLoop::poll_control`).
+//! The line protocol on top is the run loop's (`runloop::RunLoop::poll_control`), its flow control
+//! `credit`'s.
 //!
 //! Registers and bits: the 16550D datasheet (RBR/THR at +0, IER +1, FCR +2, LCR +3, MCR +4,
 //! LSR +5, SCR +7; DLL/DLM at +0/+1 while LCR.DLAB is set).

@@ -504,9 +504,11 @@ fn exit_handling_time_is_counted_by_reason() {
     );
 }
 
-/// The replies on the control channel so far, one per line.
+/// The replies on the control channel so far, one per line (acknowledgements taken out).
 fn replies(rl: &RunLoop<FakeCpu>) -> Vec<String> {
-    String::from_utf8_lossy(&rl.cpu.control_out)
+    let mut text = Vec::new();
+    crate::credit::strip_acks(&rl.cpu.control_out, &mut text);
+    String::from_utf8_lossy(&text)
         .lines()
         .map(String::from)
         .collect()
@@ -584,6 +586,46 @@ fn the_control_channel_operates_the_guests() {
         .slots
         .iter()
         .all(|s| s.vcpus[0].state == RunState::Stopped(StopReason::Operator("quit"))));
+}
+
+/// Every byte Keel takes from COM2 is acknowledged (`credit`), and the acknowledgement goes out
+/// ahead of a long reply still being sent, so the sender's window opens again at once.
+#[test]
+fn the_control_channel_acknowledges_what_it_read_ahead_of_replies() {
+    let mut rl = rig(vec![Program::compute()]);
+    run_for(&mut rl, 2 * QUANTUM);
+    send(&mut rl, "help");
+    assert!(rl.step());
+    let acked = |rl: &RunLoop<FakeCpu>| -> usize {
+        rl.cpu
+            .control_out
+            .iter()
+            .filter_map(|&b| crate::credit::acknowledged(b))
+            .sum()
+    };
+    assert_eq!(acked(&rl), 5, "help and its newline");
+    assert!(
+        rl.cpu.control_out[..1]
+            .iter()
+            .all(|&b| crate::credit::acknowledged(b).is_some()),
+        "the acknowledgement comes first: {:?}",
+        rl.cpu.control_out
+    );
+    // The help text is many FIFOs long; a line sent meanwhile is acknowledged before its end.
+    send(&mut rl, "list g0 and a line of twenty-odd bytes");
+    assert!(rl.step());
+    let help_end = rl.cpu.control_out.iter().position(|&b| b == b'\n');
+    let before_end = &rl.cpu.control_out[..help_end.unwrap_or(rl.cpu.control_out.len())];
+    let acked_before_end: usize = before_end
+        .iter()
+        .filter_map(|&b| crate::credit::acknowledged(b))
+        .sum();
+    assert_eq!(acked_before_end, 5 + 39, "{help_end:?}");
+    until_replies(&mut rl, 2);
+    let r = replies(&rl);
+    assert!(r[0].starts_with("{\"ok\":true"), "{}", r[0]);
+    assert!(r[1].starts_with("{\"ok\":false"), "{}", r[1]);
+    assert_eq!(acked(&rl), 5 + 39, "each byte acknowledged once");
 }
 
 /// Ctrl-A c opens the prompt; a line typed there runs (the guests keep running meanwhile), other
