@@ -57,9 +57,9 @@ pub struct Report {
 
 /// How often a line is tried again after a reply that was damaged on the serial line.
 const TRIES: u32 = 12;
-/// Stream bytes per `migrate-data` line (1 KiB of base64). Short lines, since the paced line
-/// toward Keel loses a byte now and then when the emulator falls behind (docs/SNAPSHOTS.md,
-/// "Limits and figures"), and a line that lost one is sent again whole.
+/// Stream bytes per `migrate-data` line (1 KiB of base64). Short lines: the control channel's
+/// flow control keeps bytes from being lost to COM2 overruns, but a line damaged for any other
+/// reason is refused by its CRC-32 and sent again whole.
 const LINE_BYTES: usize = 768;
 
 fn num(reply: &str, key: &str) -> Result<u64> {
