@@ -35,6 +35,11 @@ pub(crate) fn wait_for_list(
     Err(format!("not there within {limit:?}; last `list`: {last}"))
 }
 
+/// [`wait_for_list`] until the reply contains `needle`; the error names it.
+pub(crate) fn wait_for_in_list(socket: &Path, needle: &str, limit: Duration) -> Result<(), String> {
+    wait_for_list(socket, |r| r.contains(needle), limit).map_err(|e| format!("{needle} {e}"))
+}
+
 /// What happened on the channel, for the checks after the run.
 pub(crate) struct Session {
     /// (command, reply, round trip).

@@ -8,12 +8,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keel_boot::control;
 use keel_boot::migrate::{self as mig, Socket};
 use keel_boot::{RunOptions, RunResult};
 use keel_tests::{harness_dir, images, Emulator, Firmware, Manifest, Outcome};
+
+use crate::control::wait_for_in_list;
 
 /// A Bochs run in its thread.
 type Run = JoinHandle<Result<RunResult, String>>;
@@ -53,22 +55,6 @@ struct Runs {
 fn session() -> Arc<Runs> {
     static ONCE: std::sync::OnceLock<Arc<Runs>> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| Arc::new(run_session())).clone()
-}
-
-fn wait_for(socket: &Path, needle: &str, limit: Duration) -> Result<(), String> {
-    let end = Instant::now() + limit;
-    let mut last = String::new();
-    while Instant::now() < end {
-        match control::request(socket, "list", Duration::from_secs(3)) {
-            Ok(reply) if reply.contains(needle) => return Ok(()),
-            Ok(reply) => last = reply,
-            Err(e) => last = format!("{e:#}"),
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    Err(format!(
-        "{needle} not there within {limit:?}; last `list`: {last}"
-    ))
 }
 
 /// Starts a Bochs run of `manifest` with its control socket at `name`/control.sock.
@@ -122,8 +108,8 @@ fn run_session() -> Runs {
         report: None,
     };
     let ready = "\"name\":\"other\"";
-    let up = wait_for(&sock_a, ready, Duration::from_secs(400))
-        .and_then(|()| wait_for(&sock_gone, ready, Duration::from_secs(400)));
+    let up = wait_for_in_list(&sock_a, ready, Duration::from_secs(400))
+        .and_then(|()| wait_for_in_list(&sock_gone, ready, Duration::from_secs(400)));
     if let Err(e) = up {
         s.fail(format!("Keel never answered: {e}"));
     } else {
@@ -140,7 +126,7 @@ fn run_session() -> Runs {
     };
     let (sock_b, run_b) = start(&B, "bochs-migrate-b");
     if s.error.is_none() {
-        match wait_for(&sock_b, ready, Duration::from_secs(400)) {
+        match wait_for_in_list(&sock_b, ready, Duration::from_secs(400)) {
             Err(e) => s.fail(format!("the second B never answered: {e}")),
             Ok(()) => {
                 std::thread::sleep(Duration::from_secs(5));
@@ -181,7 +167,7 @@ fn interrupted(s: &mut Session, a: &Path, b: &Path) {
             }
         }
     }
-    if let Err(e) = wait_for(
+    if let Err(e) = wait_for_in_list(
         a,
         "\"name\":\"counter\",\"state\":\"running\"",
         Duration::from_secs(60),
@@ -235,14 +221,14 @@ fn completed(s: &mut Session, a: &Path, b: &Path) {
             s.report = Some(report);
         }
     }
-    if let Err(e) = wait_for(
+    if let Err(e) = wait_for_in_list(
         b,
         "\"name\":\"counter\",\"state\":\"running\"",
         Duration::from_secs(60),
     ) {
         s.fail(format!("the counter does not run at B: {e}"));
     }
-    if let Err(e) = wait_for(
+    if let Err(e) = wait_for_in_list(
         a,
         "\"name\":\"counter\",\"state\":\"stopped\"",
         Duration::from_secs(60),

@@ -8,12 +8,13 @@
 //! transfer rates).
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keel_boot::control;
 use keel_boot::RunOptions;
 use keel_tests::{harness_dir, images, Emulator, Firmware, Manifest, Outcome};
 
+use crate::control::wait_for_in_list;
 use crate::scheduler::{keel_tsc_hz, pit_ticks_off};
 
 const MANIFEST: Manifest = Manifest::File("tests/guests/manifests/snapshot.toml");
@@ -46,22 +47,6 @@ fn session() -> Arc<(Outcome, Session)> {
     ONCE.get_or_init(|| Arc::new(run_session())).clone()
 }
 
-fn wait_for(socket: &Path, needle: &str, limit: Duration) -> Result<(), String> {
-    let end = Instant::now() + limit;
-    let mut last = String::new();
-    while Instant::now() < end {
-        match control::request(socket, "list", Duration::from_secs(3)) {
-            Ok(reply) if reply.contains(needle) => return Ok(()),
-            Ok(reply) => last = reply,
-            Err(e) => last = format!("{e:#}"),
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    Err(format!(
-        "{needle} not there within {limit:?}; last `list`: {last}"
-    ))
-}
-
 fn run_session() -> (Outcome, Session) {
     let images = images(&MANIFEST).unwrap_or_else(|e| panic!("snapshot: {e}"));
     let work_dir = harness_dir().join("runs").join("bochs-snapshot");
@@ -76,7 +61,7 @@ fn run_session() -> (Outcome, Session) {
         error: None,
         snapshot: work_dir.join("counter.snap"),
     };
-    match wait_for(&socket, "\"name\":\"other\"", Duration::from_secs(300)) {
+    match wait_for_in_list(&socket, "\"name\":\"other\"", Duration::from_secs(300)) {
         Err(e) => s.fail(format!("Keel never answered: {e}")),
         Ok(()) => {
             drive(&mut s, &socket);
@@ -150,7 +135,7 @@ fn drive(s: &mut Session, socket: &Path) {
         Err(e) => return s.fail(format!("restore: {e:#}")),
     }
     let ended = "\"name\":\"counter\",\"state\":\"stopped\"";
-    if let Err(e) = wait_for(socket, ended, Duration::from_secs(400)) {
+    if let Err(e) = wait_for_in_list(socket, ended, Duration::from_secs(400)) {
         s.fail(format!("the restored counter did not end: {e}"));
     }
 }
