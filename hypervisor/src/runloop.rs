@@ -313,6 +313,8 @@ pub struct RunLoop<C: Cpu> {
     ops: Operator,
     /// The load policy over the on-demand guests, if any (`policy`).
     policy: Option<crate::policy::Policy>,
+    /// Every vCPU in schedule order, rebuilt at each pick (kept for its allocation).
+    seat_list: Vec<(usize, usize)>,
 }
 
 /// What the run loop keeps for the monitor (`monitor`): the `keel>` prompt on COM1, the lines
@@ -371,6 +373,7 @@ impl<C: Cpu> RunLoop<C> {
                 control_busy_until: 0,
             },
             policy: None,
+            seat_list: Vec::new(),
         }
     }
 
@@ -541,17 +544,30 @@ impl<C: Cpu> RunLoop<C> {
             return Turn::Done;
         }
         self.shares.refill(now);
-        let seats = self.seats();
+        // The list of every vCPU, kept from the last pick unless a guest was added since: guests
+        // are only ever appended (`slots`), and a guest's vCPUs are fixed when it is created.
+        let mut seats = core::mem::take(&mut self.seat_list);
+        let last = self
+            .slots
+            .len()
+            .checked_sub(1)
+            .map(|i| (i, self.slots[i].vcpus.len()));
+        if seats.last().map(|&(i, c)| (i, c + 1)) != last {
+            seats = self.seats();
+        }
+        debug_assert_eq!(seats, self.seats());
         let slots = &self.slots;
         let shares = &self.shares;
         let hosts = &self.hosts;
+        // With one host CPU, the one picking runs nothing: no vCPU is taken.
+        let alone = hosts.len() == 1;
         let runnable = |k: usize| {
             let (i, c) = seats[k];
             slots[i].live()
                 && slots[i].vcpus[c].state == RunState::Runnable
                 && shares.may_run(i)
                 && slots[i].may_run_on(h)
-                && !hosts.iter().any(|o| o.runs(seats[k]))
+                && (alone || !hosts.iter().any(|o| o.runs(seats[k])))
         };
         let woken = |k: usize| slots[seats[k].0].seats[seats[k].1].woken;
         let picked = if hosts.len() == 1 {
@@ -562,9 +578,11 @@ impl<C: Cpu> RunLoop<C> {
                 .filter(|&k| runnable(k))
                 .min_by_key(|&k| (!woken(k), slots[seats[k].0].seats[seats[k].1].left_at))
         };
+        let picked = picked.map(|k| seats[k]);
+        self.seat_list = seats;
         match picked {
-            Some(k) => {
-                self.start_slice(h, seats[k]);
+            Some(seat) => {
+                self.start_slice(h, seat);
                 if self.hosts[h].running.is_some() {
                     Turn::Enter
                 } else {
@@ -681,48 +699,30 @@ impl<C: Cpu> RunLoop<C> {
         // When a halted vCPU's timer falls due, this slice ends early so that vCPU can run.
         let others_due = self.earliest_halted_deadline(Some(i));
         let t0 = self.cpu.rdtsc();
-        let (hw, g) = self.slots[i].parts(c);
-        let started = match self.cpu.load(hw, c) {
-            Ok(mut v) => {
-                self.cpu.load_spec_ctrl(g.vcpu.spec_ctrl);
-                let start = self.cpu.rdtsc();
-                g.seat.woken = false;
-                if cfg.tsc_offsetting {
-                    if let Some(since) = g.waiting_since.take() {
-                        g.vm.tsc_offset = g.vm.tsc_offset.wrapping_sub(start - since);
-                    }
-                    // Written at every slice: the clock may have stopped since this vCPU's last
-                    // one, while the guest waited with another of its vCPUs runnable.
-                    v.write(
-                        Control64::TscOffset,
-                        g.vcpu.vmcs_tsc_offset(g.vm.tsc_offset),
-                    );
-                } else {
-                    *g.waiting_since = None;
-                }
-                Ok((start, g.vcpu.xcr0))
-            }
-            Err(e) => Err(e),
+        let s = &mut self.slots[i];
+        s.seats[c].woken = false;
+        // The guest's clock restarts at the piece's first entry (`Piece::start_at_entry`), with the
+        // VMCS loaded for it: whatever the loop does until then is not the guest's time.
+        let waited = if cfg.tsc_offsetting {
+            s.waiting_since.take()
+        } else {
+            s.waiting_since = None;
+            None
         };
-        let (start, xcr0) = match started {
-            Ok(s) => s,
-            Err(e) => return self.piece_ended(h, SliceEnd::Stop(StopReason::Killed(e))),
-        };
+        let xcr0 = s.vcpus[c].xcr0;
         if let Some(r) = self.hosts[h].running.as_mut() {
             r.piece = Piece {
                 whole: piece == left,
                 t0,
                 ran_before,
                 others_due,
-                deadline: start + piece,
+                fresh: true,
+                len: piece,
+                waited,
+                offsetting: cfg.tsc_offsetting,
                 touched: true,
-                timer_due: None,
-                until: start + piece,
-                now: start,
-                after_exit: false,
                 xcr0,
-                entered_at: start,
-                entry_failed: None,
+                ..Piece::default()
             };
         }
         true
@@ -735,6 +735,12 @@ impl<C: Cpu> RunLoop<C> {
             return false;
         };
         let (i, c) = r.seat;
+        if r.piece.fresh {
+            // It never entered: the time it waited is still to come off its clock.
+            if let Some(since) = r.piece.waited.take() {
+                self.slots[i].waiting_since.get_or_insert(since);
+            }
+        }
         let ran = self.slots[i].vcpus[c].stats.cpu_cycles - r.piece.ran_before;
         self.shares.charge(i, ran);
         // The slice is measured as one would be: by the clock, Keel's exits included.
@@ -782,10 +788,12 @@ impl<C: Cpu> RunLoop<C> {
             SliceEnd::StatsRequested => self.print_stats_for((i, c)),
             SliceEnd::Balloon => self.balloon_call((i, c)),
         }
-        // A guest booted again has vCPU 0's registers in this CPU, a vCPU started has its VMCS
-        // loaded here.
-        self.settle(h, i);
-        self.kick_idle();
+        if self.hosts.len() > 1 {
+            // A guest booted again has vCPU 0's registers in this CPU, a vCPU started has its
+            // VMCS loaded here.
+            self.settle(h, i);
+            self.kick_idle();
+        }
     }
 
     /// vCPU `seat` leaves host CPU `h`, where several CPUs run vCPUs: its registers are saved and
@@ -1189,6 +1197,13 @@ struct Piece {
     t0: u64,
     ran_before: u64,
     others_due: Option<u64>,
+    /// Not entered yet: its first entry starts it (`Piece::start_at_entry`), `len` cycles long, and
+    /// takes the time the guest `waited` (host TSC since) out of its clock.
+    fresh: bool,
+    len: u64,
+    waited: Option<u64>,
+    /// The guests run with TSC offsetting (`LoopConfig::tsc_offsetting`).
+    offsetting: bool,
     deadline: u64,
     /// The guest's platform is only consulted when it may have changed: after an exit that
     /// reached a device, or when one of its timers falls due. CPUID, VMCALL and the like then
@@ -1260,6 +1275,9 @@ fn before_entry<C: Cpu>(
     cfg: LoopConfig,
 ) -> Result<(), StopReason> {
     let min_gap = cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR;
+    if p.fresh {
+        p.start_at_entry(cpu, v, (&mut *vm, &*vcpu));
+    }
     if p.touched || p.timer_due.is_some_and(|d| p.now >= d) {
         // The guest's TPR for the model, if the last exits left it in VTPR.
         exits::apicv::take_unread(v, &mut *vcpu, &mut *vm);
@@ -1304,6 +1322,32 @@ fn before_entry<C: Cpu>(
     p.after_exit = true;
     p.entered_at = t0;
     Ok(())
+}
+
+impl Piece {
+    /// Starts the piece at its first entry, `vcpu`'s VMCS loaded as `v` for that entry: its
+    /// IA32_SPEC_CTRL in the CPU, the guest's clock restarted (the time it waited taken out of
+    /// its TSC offset) and the piece's deadline counted from now. Done here rather than when the
+    /// piece is planned, so that the loop's work in between (the pick, the register switch) is
+    /// neither in the guest's clock nor a second VMCS load.
+    fn start_at_entry<C: Cpu>(&mut self, cpu: &mut C, v: &mut C::Loaded<'_>, g: (&mut Vm, &Vcpu)) {
+        let (vm, vcpu) = g;
+        self.fresh = false;
+        cpu.load_spec_ctrl(vcpu.spec_ctrl);
+        let start = cpu.rdtsc();
+        if let Some(since) = self.waited.take() {
+            vm.tsc_offset = vm.tsc_offset.wrapping_sub(start - since);
+        }
+        if self.offsetting {
+            // Written at every slice: the clock may have stopped since this vCPU's last one,
+            // while the guest waited with another of its vCPUs runnable.
+            v.write(Control64::TscOffset, vcpu.vmcs_tsc_offset(vm.tsc_offset));
+        }
+        self.deadline = start + self.len;
+        self.until = self.deadline;
+        self.now = start;
+        self.entered_at = start;
+    }
 }
 
 /// The dispatch of vCPU `c`'s VM exit (its VMCS loaded as `v`) and what follows it. `kicked`:

@@ -220,6 +220,9 @@ pub struct FakeCpu {
     /// there were (a load of the VMCS that is current already is none).
     current: Vec<Option<(usize, usize)>>,
     pub loads: u64,
+    /// How many times a VMCS handle was asked for (`Cpu::load`), current already or not: on
+    /// the hardware each is a VMPTRST at least.
+    pub handles: u64,
     /// On each host CPU: the vCPU whose registers (those VMX does not switch) are in it.
     in_cpu: Vec<Option<(usize, usize)>>,
     /// The host CPUs kicked, in order, and how many VMCLEARs there were.
@@ -246,6 +249,7 @@ impl FakeCpu {
             on: 0,
             current: alloc::vec![None],
             loads: 0,
+            handles: 0,
             in_cpu: alloc::vec![None],
             kicks: Vec::new(),
             releases: 0,
@@ -459,6 +463,7 @@ impl Cpu for FakeCpu {
             core.active_on
         );
         core.active_on = Some(h);
+        self.handles += 1;
         if self.current[h] != Some(me) {
             self.current[h] = Some(me);
             self.loads += 1;
