@@ -450,26 +450,49 @@ impl<C: Cpu> RunLoop<C> {
             return false;
         };
         let next = match self.cpu.load(hw, c) {
-            Ok(mut v) => loop {
+            Ok(mut v) => 'slice: loop {
                 if let Err(reason) = before_entry(&mut self.cpu, &mut v, g.vm, g.vcpu, p, cfg) {
                     break Next::End(SliceEnd::Stop(reason));
                 }
-                let entered = self.cpu.enter(&mut v, &mut g.vcpu.regs);
-                let t1 = self.cpu.rdtsc();
-                g.vcpu.stats.cpu_cycles += t1 - p.entered_at;
-                p.now = t1;
-                if let Err(e) = entered {
-                    break Next::End(SliceEnd::Stop(StopReason::EntryFailed(alloc::format!(
-                        "{e}"
-                    ))));
-                }
+                // The tight loop: entries and the register-only exits (`exits::fast`) until an
+                // exit that needs more, or the first at or past the piece's next deadline.
+                let raw = loop {
+                    let entered = self.cpu.enter(&mut v, &mut g.vcpu.regs);
+                    let t1 = self.cpu.rdtsc();
+                    g.vcpu.stats.cpu_cycles += t1 - p.entered_at;
+                    p.now = t1;
+                    if let Err(e) = entered {
+                        break 'slice Next::End(SliceEnd::Stop(StopReason::EntryFailed(
+                            alloc::format!("{e}"),
+                        )));
+                    }
+                    let raw = v.read(ReadOnly32::ExitReason);
+                    let regs = &g.vcpu.regs;
+                    if t1 >= p.until || !exits::fast::is_register_only(raw, regs.rax, regs.rcx) {
+                        break raw;
+                    }
+                    let now = g.vm.now(t1);
+                    let mut cx = ExitContext {
+                        vmcs: &mut v,
+                        vcpu: &mut *g.vcpu,
+                        vm: &mut *g.vm,
+                        host: self.cpu.host(),
+                        now,
+                    };
+                    exits::fast::handle_register_only(&mut cx, raw);
+                    // Nothing but registers changed: no platform look before the next entry.
+                    p.touched = false;
+                    if let Err(reason) = arm_entry(&mut self.cpu, &mut v, g.vcpu, p, cfg) {
+                        break 'slice Next::End(SliceEnd::Stop(reason));
+                    }
+                };
                 let parts = Parts {
                     vm: &mut *g.vm,
                     vcpu: &mut *g.vcpu,
                     seat: &mut *g.seat,
                     waiting_since: &mut *g.waiting_since,
                 };
-                match after_exit(&mut self.cpu, &mut v, parts, c, p, false) {
+                match after_exit(&mut self.cpu, &mut v, parts, c, p, raw, false) {
                     Next::Go => continue,
                     other => break other,
                 }
@@ -903,7 +926,10 @@ impl<C: Cpu> RunLoop<C> {
         }
         let (hw, g) = self.slots[i].parts(c);
         let next = match self.cpu.load(hw, c) {
-            Ok(mut v) => after_exit(&mut self.cpu, &mut v, g, c, p, kicked),
+            Ok(mut v) => {
+                let raw = v.read(ReadOnly32::ExitReason);
+                after_exit(&mut self.cpu, &mut v, g, c, p, raw, kicked)
+            }
             Err(e) => Next::End(SliceEnd::Stop(StopReason::Killed(e))),
         };
         self.follow(h, (i, c), next)
@@ -1274,7 +1300,6 @@ fn before_entry<C: Cpu>(
     p: &mut Piece,
     cfg: LoopConfig,
 ) -> Result<(), StopReason> {
-    let min_gap = cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR;
     if p.fresh {
         p.start_at_entry(cpu, v, (&mut *vm, &*vcpu));
     }
@@ -1292,6 +1317,21 @@ fn before_entry<C: Cpu>(
             .flatten()
             .fold(p.deadline, u64::min);
     }
+    arm_entry(cpu, v, vcpu, p, cfg)
+}
+
+/// The last of the work before a VM entry of `vcpu`, after every exit (the register-only ones
+/// of `exits::fast` included): the one event commit, the VMX-preemption timer armed, and the
+/// accounts of Keel's time.
+#[inline(always)]
+fn arm_entry<C: Cpu>(
+    cpu: &mut C,
+    v: &mut C::Loaded<'_>,
+    vcpu: &mut Vcpu,
+    p: &mut Piece,
+    cfg: LoopConfig,
+) -> Result<(), StopReason> {
+    let min_gap = cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR;
     // The one place an event is written to the VM-entry fields (exits::events).
     exits::events::commit(v, &mut *vcpu)?;
     // The timer is armed afresh before every entry, from a fresh TSC read: it only counts while
@@ -1350,7 +1390,8 @@ impl Piece {
     }
 }
 
-/// The dispatch of vCPU `c`'s VM exit (its VMCS loaded as `v`) and what follows it. `kicked`:
+/// The dispatch of vCPU `c`'s VM exit (its VMCS loaded as `v`, its exit-reason field read as
+/// `raw_reason`) and what follows it. `kicked`:
 /// another CPU kicked this one out of guest mode (an IPI for it, a command on its guest).
 fn after_exit<C: Cpu>(
     cpu: &mut C,
@@ -1358,6 +1399,7 @@ fn after_exit<C: Cpu>(
     g: Parts<'_>,
     c: usize,
     p: &mut Piece,
+    raw_reason: u32,
     kicked: bool,
 ) -> Next {
     let Parts {
@@ -1368,7 +1410,6 @@ fn after_exit<C: Cpu>(
     } = g;
     let now = p.now;
     let guest_now = vm.now(now);
-    let raw_reason = v.read(ReadOnly32::ExitReason);
     let reason = ExitReason::from_basic(raw_reason as u16);
     let action = {
         let mut cx = ExitContext {

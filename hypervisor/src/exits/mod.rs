@@ -14,6 +14,7 @@ pub mod cr;
 pub mod debug;
 pub mod ept;
 pub mod events;
+pub mod fast;
 pub mod hlt;
 pub mod io;
 pub mod msr;
