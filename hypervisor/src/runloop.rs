@@ -34,6 +34,10 @@ pub trait Cpu {
     where
         Self::Vcpu: 'a;
 
+    /// What entering a vCPU needs away from the loop and its lock (on the hardware, its VMCS's
+    /// launch state; the VMCS stays current on the CPU): [`RunLoop::detach`], [`RunLoop::reattach`].
+    type Detached;
+
     /// The host TSC.
     fn rdtsc(&mut self) -> u64;
     /// Saves the registers VMX does not switch (extended state, XCR0's domain, CR2, DR0-DR3/DR6,
@@ -116,6 +120,17 @@ pub trait Cpu {
     /// VMCLEAR of vCPU `cpu`'s VMCS on the CPU it leaves, so that another CPU may load it
     /// (SDM Vol. 3C 25.11.1); its next entry is a VMLAUNCH.
     fn release(&mut self, _hw: &mut Self::Vcpu, _cpu: usize) -> Result<(), String> {
+        Ok(())
+    }
+    /// Makes vCPU `cpu`'s VMCS current on this CPU and hands out what entering it takes, for an
+    /// entry made without the loop's lock.
+    fn detach(&mut self, hw: &mut Self::Vcpu, cpu: usize) -> Result<Self::Detached, String>;
+    /// Takes back what [`Cpu::detach`] handed out, after the entry (its launch state).
+    fn reattach(&mut self, hw: &mut Self::Vcpu, cpu: usize, d: Self::Detached);
+    /// INVEPT of the guest's EPT on this CPU, which may hold translations from before its EPT
+    /// last changed (SDM Vol. 3C 29.4.3.1: EPT-derived translations outlive VM exits and VMCS
+    /// switches; [`Slot::ept_changed`]).
+    fn flush_ept(&mut self, _hw: &mut Self::Vcpu) -> Result<(), String> {
         Ok(())
     }
     /// Gives a stopped guest's RAM back to the pool (it gets RAM again when booted).
@@ -850,16 +865,12 @@ impl<C: Cpu> RunLoop<C> {
 
     /// Runs host CPU `h`'s vCPU until its next VM exit (the entry [`RunLoop::begin`] prepared).
     pub fn enter(&mut self, h: usize) {
-        self.acting = h;
-        self.cpu.on_host(h);
-        let Some(r) = self.hosts[h].running.as_mut() else {
+        let Some((i, c)) = self.act_for(h) else {
             return;
         };
-        let (i, c) = r.seat;
         let s = &mut self.slots[i];
         let vcpu = &mut s.vcpus[c];
-        let p = &mut r.piece;
-        p.entry_failed = match self.cpu.load(&mut s.hw, c) {
+        let failed = match self.cpu.load(&mut s.hw, c) {
             Ok(mut v) => self
                 .cpu
                 .enter(&mut v, &mut vcpu.regs)
@@ -868,7 +879,64 @@ impl<C: Cpu> RunLoop<C> {
             Err(e) => Some(e),
         };
         let t1 = self.cpu.rdtsc();
-        vcpu.stats.cpu_cycles += t1 - p.entered_at;
+        self.exited(h, failed, t1);
+    }
+
+    /// Host CPU `h`'s prepared entry (after [`RunLoop::begin`] said [`Turn::Enter`]), handed out
+    /// so that the CPU enters the guest without the loop's lock: what the hardware needs, and a
+    /// copy of the vCPU's registers, which the CPU alone holds until [`RunLoop::reattach`]
+    /// (nothing else may change them meanwhile: an INIT waits for the vCPU's exit). `None` when
+    /// there is no entry to make (its VMCS could not be loaded: [`RunLoop::finish`] ends the
+    /// slice).
+    pub fn detach(&mut self, h: usize) -> Option<(C::Detached, GuestRegs)> {
+        let (i, c) = self.act_for(h)?;
+        let s = &mut self.slots[i];
+        match self.cpu.detach(&mut s.hw, c) {
+            Ok(d) => Some((d, s.vcpus[c].regs)),
+            Err(e) => {
+                let t1 = self.cpu.rdtsc();
+                self.exited(h, Some(e), t1);
+                None
+            }
+        }
+    }
+
+    /// Host CPU `h` is back from the entry [`RunLoop::detach`] handed out, at host TSC
+    /// `exited_at`, with the vCPU's registers `regs`; `entered` says whether VMLAUNCH/VMRESUME
+    /// failed. [`RunLoop::finish`] dispatches the exit.
+    pub fn reattach(
+        &mut self,
+        h: usize,
+        d: C::Detached,
+        regs: GuestRegs,
+        entered: Result<(), VmxError>,
+        exited_at: u64,
+    ) {
+        let Some((i, c)) = self.act_for(h) else {
+            return;
+        };
+        let s = &mut self.slots[i];
+        self.cpu.reattach(&mut s.hw, c, d);
+        s.vcpus[c].regs = regs;
+        self.exited(h, entered.err().map(|e| alloc::format!("{e}")), exited_at);
+    }
+
+    /// The calls that follow are host CPU `h`'s: the vCPU it runs, if any.
+    fn act_for(&mut self, h: usize) -> Option<(usize, usize)> {
+        self.acting = h;
+        self.cpu.on_host(h);
+        Some(self.hosts[h].running.as_ref()?.seat)
+    }
+
+    /// Host CPU `h`'s vCPU left guest mode at host TSC `t1` (or could not enter: `failed`).
+    fn exited(&mut self, h: usize, failed: Option<String>, t1: u64) {
+        let Some(r) = self.hosts[h].running.as_mut() else {
+            return;
+        };
+        let (i, c) = r.seat;
+        let p = &mut r.piece;
+        self.slots[i].vcpus[c].stats.cpu_cycles += t1.saturating_sub(p.entered_at);
+        p.entry_failed = failed;
         p.now = t1;
     }
 

@@ -225,6 +225,8 @@ pub struct FakeCpu {
     /// The host CPUs kicked, in order, and how many VMCLEARs there were.
     pub kicks: Vec<usize>,
     pub releases: u64,
+    /// The INVEPTs of a guest's EPT: (host CPU, guest).
+    pub ept_flushes: Vec<(usize, usize)>,
     /// What every balloon request returns.
     pub balloon_status: u64,
     /// Set: every boot fails with this (no memory for the guest, say).
@@ -249,6 +251,7 @@ impl FakeCpu {
             in_cpu: alloc::vec![None],
             kicks: Vec::new(),
             releases: 0,
+            ept_flushes: Vec::new(),
             balloon_status: 0,
             boot_error: None,
         }
@@ -416,6 +419,7 @@ fn power_on(hw: &mut FakeVcpu, vm: &mut Vm, vcpus: &mut [Vcpu], clock: u64) {
 impl Cpu for FakeCpu {
     type Vcpu = FakeVcpu;
     type Loaded<'a> = FakeLoaded<'a>;
+    type Detached = ();
 
     fn rdtsc(&mut self) -> u64 {
         self.clock += KEEL_COST;
@@ -476,6 +480,17 @@ impl Cpu for FakeCpu {
 
     fn kick(&mut self, h: usize) {
         self.kicks.push(h);
+    }
+
+    fn detach(&mut self, hw: &mut FakeVcpu, cpu: usize) -> Result<(), String> {
+        self.load(hw, cpu).map(|_| ())
+    }
+
+    fn reattach(&mut self, _hw: &mut FakeVcpu, _cpu: usize, _d: ()) {}
+
+    fn flush_ept(&mut self, hw: &mut FakeVcpu) -> Result<(), String> {
+        self.ept_flushes.push((self.on, hw.id));
+        Ok(())
     }
 
     fn release(&mut self, hw: &mut FakeVcpu, cpu: usize) -> Result<(), String> {
