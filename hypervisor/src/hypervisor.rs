@@ -135,8 +135,7 @@ pub fn run(machine: MachineInfo) -> ! {
     arch::smp::start_aps(&machine, &caps, manifest.fail_vmx_on_cpu, cal.tsc_hz);
     // The CPUs that run vCPUs: every one in VMX operation (`arch::smp::online`, the boot CPU
     // first); the run loop numbers them 0, 1, ... in that order.
-    let mut hosts: Vec<&'static arch::smp::PerCpu> = arch::smp::online().collect();
-    hosts.truncate(1);
+    let hosts: Vec<&'static arch::smp::PerCpu> = arch::smp::online().collect();
     let mut slots = Vec::new();
     for (id, cfg) in manifest.guests.iter().enumerate() {
         let setup = match guest_setup(cfg, archive, &caps, &controls) {

@@ -136,6 +136,16 @@ fn a_cpu_whose_vmx_setup_fails_is_left_out_and_the_guests_run() {
     ]);
     boot.expect_no_line("keel: cpu 2 (APIC 2): VMX on");
     expect_woken(&boot, "keel: 3 of 4 CPUs up with VMX on, in ", 2);
+    // The three CPUs up ran the guests, the one that failed none.
+    boot.expect_line("keel: the run loop runs on 3 CPUs");
+    let used: u32 = GUESTS
+        .iter()
+        .map(|(g, _)| host_cpus_used(&boot, g))
+        .max()
+        .unwrap_or(0);
+    if used < 2 {
+        boot.fail("every guest ran on one CPU");
+    }
     for (guest, code) in GUESTS {
         let ended = format!("keel: guest {guest} ");
         let status = format!("status {:#x}", (code << 1) | 1);
@@ -188,8 +198,25 @@ fn guests_with_1_2_and_4_vcpus_start_count_and_send_each_other_ipis() {
         {
             boot.fail(&format!("no `{prefix}... status 0x43` line"));
         }
+        // The APs ran vCPUs: a guest with several vCPUs had them on several CPUs.
+        if n > 1 && host_cpus_used(&boot, guest) < 2 {
+            boot.fail(&format!("guest {guest}'s {n} vCPUs all ran on one CPU"));
+        }
     }
     boot.expect_keel_unhurt();
+}
+
+/// How many host CPUs guest `guest`'s vCPUs ran on, from Keel's closing line
+/// `keel: guest NAME: its vCPUs ran on N host CPUs: ...`.
+#[track_caller]
+fn host_cpus_used(boot: &Outcome, guest: &str) -> u32 {
+    let prefix = format!("keel: guest {guest}: its vCPUs ran on ");
+    let line = boot.expect_line(&prefix);
+    line[prefix.len()..]
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| boot.fail(&format!("cannot read `{line}`")))
 }
 
 static SMP_FAIR: BootSpec = BootSpec {
@@ -202,8 +229,8 @@ static SMP_FAIR: BootSpec = BootSpec {
 
 /// The guests of smp-fair.toml and their vCPUs: 7 CPU-bound vCPUs in all.
 const FAIR_GUESTS: [(&str, u32); 3] = [("smp1", 1), ("smp2", 2), ("smp4", 4)];
-/// What the timekeeper prints right before its PRINT_STATS, at 5 s.
-const FAIR_SNAPSHOT: &str = "[timekeeper] demo: 5 s";
+/// What the timekeeper prints right before its PRINT_STATS, at 3 s.
+const FAIR_SNAPSHOT: &str = "[timekeeper] demo: 3 s";
 
 /// Guests with 1, 2 and 4 CPU-bound vCPUs: every vCPU gets 1/7 of the CPU, within 2%. Keel's
 /// table at the timekeeper's snapshot (all seven vCPUs computing) gives each guest's CPU time;

@@ -416,6 +416,22 @@ fn power_on(hw: &mut FakeVcpu, vm: &mut Vm, vcpus: &mut [Vcpu], clock: u64) {
     }
 }
 
+impl FakeCpu {
+    /// A guest's RAM, EPT or VMCSs change (`what`): none of its vCPUs may be on another host
+    /// CPU, where it could be in guest mode (its VMCS is active there until it leaves).
+    fn none_elsewhere(&self, hw: &FakeVcpu, what: &str) {
+        for (c, core) in hw.cores.iter().enumerate() {
+            assert!(
+                core.active_on.is_none_or(|k| k == self.on),
+                "{what} of guest {} on host CPU {} while its vCPU {c} is active on CPU {:?}",
+                hw.id,
+                self.on,
+                core.active_on
+            );
+        }
+    }
+}
+
 impl Cpu for FakeCpu {
     type Vcpu = FakeVcpu;
     type Loaded<'a> = FakeLoaded<'a>;
@@ -595,6 +611,7 @@ impl Cpu for FakeCpu {
         if let Some(e) = &self.boot_error {
             return Err(e.clone());
         }
+        self.none_elsewhere(hw, "boot");
         hw.boots += 1;
         power_on(hw, vm, vcpus, self.clock);
         self.current[self.on] = Some((hw.id, 0));
@@ -615,11 +632,13 @@ impl Cpu for FakeCpu {
         _vm: &mut Vm,
         req: crate::balloon::Request,
     ) -> Result<u64, String> {
+        self.none_elsewhere(hw, "balloon call");
         hw.balloon_calls.push(req);
         Ok(self.balloon_status)
     }
 
     fn release_ram(&mut self, hw: &mut FakeVcpu, _vm: &mut Vm) {
+        self.none_elsewhere(hw, "release of its RAM");
         hw.released += 1;
     }
 

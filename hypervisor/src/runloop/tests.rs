@@ -1539,3 +1539,83 @@ fn a_pin_to_a_cpu_that_is_not_up_falls_back_to_every_cpu() {
     assert_eq!(pins_on(Some(0b11), 0b111), Ok(Some(0b11)));
     assert_eq!(pins_on(Some(0b1010), 0b0011), Err(3));
 }
+
+/// The BSP of guest 0 starts AP 1, computes `before` cycles, then does `then`; AP 1 computes.
+/// Guest 1 computes. Three vCPUs on two host CPUs, so each CPU holds guest 0 at times.
+fn two_cpus_with(before: u64, then: &[Op]) -> (RunLoop<FakeCpu>, Hosts) {
+    let mut main = vec![Op::Run(before)];
+    main.extend_from_slice(then);
+    main.push(Op::Run(u64::MAX));
+    let mut rl = smp_rig(vec![
+        vec![starter(1, &main), ap_computer()],
+        vec![Program::compute()],
+    ]);
+    let hosts = Hosts::new(&mut rl, 2);
+    (rl, hosts)
+}
+
+#[test]
+fn a_guest_stopped_by_one_vcpu_gives_its_ram_back_only_once_its_others_left_guest_mode() {
+    // The fake refuses a release of RAM (or a boot, or a balloon call) while a vCPU of the guest
+    // is active on another CPU, where it may be in guest mode.
+    let (mut rl, mut hosts) = two_cpus_with(3 * QUANTUM / 2, &[Op::TripleFault]);
+    hosts.run_for(&mut rl, 20 * QUANTUM);
+    assert!(matches!(
+        rl.slots[0].bsp().state,
+        RunState::Stopped(StopReason::TripleFault)
+    ));
+    assert_eq!(rl.slots[0].hw.released, 1, "its RAM went back once");
+    assert!(rl.slots[0].deferred.is_empty());
+    assert_eq!(overlapping_entries(&rl.cpu.trace), None);
+    // Guest 1 has both CPUs now, one at a time.
+    assert_eq!(rl.slots[1].vcpus[0].state, RunState::Runnable);
+}
+
+#[test]
+fn after_a_balloon_call_every_cpu_runs_invept_before_it_enters_the_guest_again() {
+    use crate::abi::hc;
+    let give = Op::Balloon(hc::BALLOON_GIVE, 0x10000, 4);
+    let (mut rl, mut hosts) = two_cpus_with(3 * QUANTUM / 2, &[give]);
+    hosts.run_for(&mut rl, 2 * QUANTUM);
+    let before = rl.cpu.trace.len();
+    hosts.run_for(&mut rl, 20 * QUANTUM);
+    assert_eq!(rl.slots[0].hw.balloon_calls.len(), 1);
+    assert_eq!(rl.slots[0].ept_gen, 1);
+    // Each host CPU that entered guest 0 after the call flushed its EPT translations first.
+    for h in 0..2 {
+        let entered = rl.cpu.trace[before..]
+            .iter()
+            .any(|e| e.host == h && e.guest == 0);
+        let flushed = rl.cpu.ept_flushes.contains(&(h, 0));
+        assert!(
+            !entered || flushed,
+            "host CPU {h} entered guest 0 without INVEPT; flushes {:?}",
+            rl.cpu.ept_flushes
+        );
+        assert!(entered, "host CPU {h} never ran guest 0 again");
+    }
+    // Once per CPU and change, not at every entry.
+    assert!(rl.cpu.ept_flushes.len() <= 2, "{:?}", rl.cpu.ept_flushes);
+}
+
+#[test]
+fn monitor_lines_wait_until_no_other_cpu_runs_a_vcpu() {
+    // `regs` loads a VMCS: the fake refuses that while it is active on another CPU.
+    let (mut rl, mut hosts) = two_cpus_with(u64::MAX / 4, &[]);
+    hosts.run_for(&mut rl, 4 * QUANTUM);
+    for line in ["regs 0", "regs 1"] {
+        rl.cpu.control_in.extend(line.bytes());
+        rl.cpu.control_in.push_back(b'\n');
+    }
+    hosts.run_for(&mut rl, 6 * QUANTUM);
+    let out = String::from_utf8_lossy(&rl.cpu.control_out).into_owned();
+    assert_eq!(out.matches("\"rip\"").count(), 2, "{out}");
+    assert!(rl.ops.held.is_empty());
+    // And the guests ran on after.
+    let late = rl
+        .cpu
+        .trace
+        .iter()
+        .filter(|e| e.start > rl.cpu.clock - QUANTUM);
+    assert!(late.count() > 0);
+}
