@@ -773,6 +773,11 @@ impl<C: Cpu> RunLoop<C> {
         let ran_before = self.slots[i].vcpus[c].stats.cpu_cycles;
         // When a halted vCPU's timer falls due, this slice ends early so that vCPU can run.
         let others_due = self.earliest_halted_deadline(Some(i));
+        if self.elsewhere(h, i).is_some() {
+            // Another of its vCPUs is on a CPU: the guest's clock has been running (a wake
+            // meanwhile marked it waiting), and its other VMCSs hold the offset as it is.
+            self.slots[i].waiting_since = None;
+        }
         let t0 = self.cpu.rdtsc();
         let (hw, g) = self.slots[i].parts(c);
         let started = match self.cpu.load(hw, c) {
@@ -867,6 +872,15 @@ impl<C: Cpu> RunLoop<C> {
             }
         }
         if self.hosts.len() > 1 {
+            // The guest's clock stops only once none of its vCPUs is on a CPU: from this exit,
+            // if this vCPU was the last (not from an earlier wake or exit, while others ran).
+            let elsewhere = self.elsewhere(h, i).is_some();
+            let s = &mut self.slots[i];
+            s.waiting_since = match s.waiting_since {
+                _ if elsewhere => None,
+                Some(since) => Some(since.max(r.piece.now)),
+                None => None,
+            };
             // An interrupted vCPU is first in line again (`RoundRobin::interrupted` with one CPU).
             let left_at = match end {
                 SliceEnd::Interrupted => 0,
