@@ -253,6 +253,11 @@ struct Seat {
     /// An INIT came while it was on another CPU: its registers are reset at its exit there
     /// (until then that CPU holds them), and it waits for a SIPI.
     init_pending: bool,
+    /// An IPI a sibling sent it and that it has not been entered with yet: host TSC of the
+    /// sender's exit, and the sender's host CPU ([`Figures`]).
+    ipi_sent: Option<(u64, usize)>,
+    /// The host CPU it last ran on.
+    last_host: Option<usize>,
 }
 
 impl<V> Slot<V> {
@@ -364,6 +369,32 @@ pub struct RunLoop<C: Cpu> {
     ops: Operator,
     /// The load policy over the on-demand guests, if any (`policy`).
     policy: Option<crate::policy::Policy>,
+    /// With several host CPUs: IPI delivery and guest switch times, on one CPU and across CPUs.
+    figures: Figures,
+}
+
+/// What IPI delivery and guest switches cost with several host CPUs, in host TSC cycles, each
+/// as (count, sum): `[0]` on one CPU, `[1]` across CPUs. An IPI's delivery runs from the
+/// sender's exit to the target's next entry (on the sender's CPU, or on another: kicked awake or
+/// out of guest mode); a switch from the exit that ends a CPU's slice to the first entry of the
+/// next vCPU it picks without sleeping (one that last ran there, or one that moved from another
+/// CPU). Printed at the end (`RunLoop::report`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Figures {
+    pub ipi: [(u64, u64); 2],
+    pub switch: [(u64, u64); 2],
+}
+
+impl Figures {
+    fn text(pairs: &[(u64, u64); 2], same: &str, cross: &str) -> String {
+        let cell = |(n, sum): (u64, u64), what: &str| {
+            alloc::format!(
+                "{what} {n} x avg {} cycles",
+                sum.checked_div(n).unwrap_or(0)
+            )
+        };
+        alloc::format!("{}, {}", cell(pairs[0], same), cell(pairs[1], cross))
+    }
 }
 
 /// What the run loop keeps for the monitor (`monitor`): the `keel>` prompt on COM1, the lines
@@ -436,7 +467,13 @@ impl<C: Cpu> RunLoop<C> {
                 control_busy_until: 0,
             },
             policy: None,
+            figures: Figures::default(),
         }
+    }
+
+    /// The IPI delivery and guest switch times so far ([`Figures`]).
+    pub fn figures(&self) -> Figures {
+        self.figures
     }
 
     /// The loop on `n` host CPUs (1 by default), numbered 0..n; CPU 0 keeps the console, the
@@ -669,6 +706,7 @@ impl<C: Cpu> RunLoop<C> {
                     self.sched.quantum
                 };
                 self.hosts[h].asleep = true;
+                self.hosts[h].switch_from = None;
                 Turn::Sleep { wake, max }
             }
         }
@@ -881,6 +919,7 @@ impl<C: Cpu> RunLoop<C> {
                 Some(since) => Some(since.max(r.piece.now)),
                 None => None,
             };
+            self.hosts[h].switch_from = Some(r.piece.now);
             // An interrupted vCPU is first in line again (`RoundRobin::interrupted` with one CPU).
             let left_at = match end {
                 SliceEnd::Interrupted => 0,
@@ -966,9 +1005,34 @@ impl<C: Cpu> RunLoop<C> {
             Err(e) => Err(StopReason::Killed(e)),
         };
         match prepared {
-            Ok(()) => true,
+            Ok(()) => {
+                self.note_entry(h);
+                true
+            }
             Err(reason) => self.piece_ended(h, SliceEnd::Stop(reason)) && self.prepare(h),
         }
+    }
+
+    /// Host CPU `h` is about to enter its vCPU: the IPI it was sent and the switch to it, if
+    /// any, are timed ([`Figures`]).
+    fn note_entry(&mut self, h: usize) {
+        let Some(r) = self.hosts[h].running.as_ref() else {
+            return;
+        };
+        let ((i, c), at) = (r.seat, r.piece.entered_at);
+        let Some(seat) = self.slots[i].seats.get_mut(c) else {
+            return;
+        };
+        let f = &mut self.figures;
+        if let Some((sent, from)) = seat.ipi_sent.take() {
+            let e = &mut f.ipi[usize::from(from != h)];
+            *e = (e.0 + 1, e.1 + at.saturating_sub(sent));
+        }
+        if let Some(t) = self.hosts[h].switch_from.take() {
+            let e = &mut f.switch[usize::from(seat.last_host.is_some_and(|k| k != h))];
+            *e = (e.0 + 1, e.1 + at.saturating_sub(t));
+        }
+        seat.last_host = Some(h);
     }
 
     /// Runs host CPU `h`'s vCPU until its next VM exit (the entry [`RunLoop::begin`] prepared).
@@ -1093,6 +1157,12 @@ impl<C: Cpu> RunLoop<C> {
             Next::Go => true,
             Next::End(end) => self.piece_ended(h, end),
             Next::Ipi(targets) => {
+                let now = self.hosts[h].running.as_ref().map_or(0, |r| r.piece.now);
+                for (t, seat) in self.slots[i].seats.iter_mut().enumerate().take(64) {
+                    if targets & (1 << t) != 0 {
+                        seat.ipi_sent.get_or_insert((now, h));
+                    }
+                }
                 if self.place_ipis(h, i, targets) {
                     return true;
                 }
@@ -1344,6 +1414,9 @@ struct HostCpu {
     kicked: bool,
     /// Each guest's [`Slot::ept_gen`] when this CPU last ran INVEPT for it (or 0).
     ept_seen: Vec<u32>,
+    /// Host TSC of the exit that ended its last slice, until its next vCPU's first entry (none
+    /// if it slept in between): a guest switch ([`Figures`]).
+    switch_from: Option<u64>,
 }
 
 impl HostCpu {
@@ -2227,6 +2300,15 @@ impl<C: Cpu> RunLoop<C> {
                     cpus.join(" ")
                 );
             }
+            let f = self.figures;
+            info!(
+                "IPI delivery: {}",
+                Figures::text(&f.ipi, "same CPU", "across CPUs")
+            );
+            info!(
+                "guest switch: {}",
+                Figures::text(&f.switch, "same CPU", "moved from another CPU")
+            );
         }
     }
 }
