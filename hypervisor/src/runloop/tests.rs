@@ -1266,6 +1266,14 @@ enum HostStep {
 /// interleave as they would in parallel. A kick wakes a sleeping CPU at the kicker's time; a
 /// CPU in guest mode sees it at its vCPU's next exit.
 struct Hosts {
+    /// Each CPU's entry in progress: the vCPU's registers, how the entry went, when it exited.
+    away: Vec<
+        Option<(
+            crate::guest::GuestRegs,
+            Result<(), crate::vmx::VmxError>,
+            u64,
+        )>,
+    >,
     clocks: Vec<u64>,
     steps: Vec<HostStep>,
     kicks_seen: usize,
@@ -1277,6 +1285,7 @@ impl Hosts {
         taken = taken.with_hosts(n);
         *rl = taken;
         Self {
+            away: vec![None; n],
             clocks: vec![rl.cpu.clock; n],
             steps: vec![HostStep::Ready; n],
             kicks_seen: 0,
@@ -1299,13 +1308,29 @@ impl Hosts {
         loop {
             let (h, t) = self.next();
             if t >= until {
+                // The entries in progress are accounted for (their `finish` comes later), so the
+                // tests read every vCPU's time up to its last exit.
+                for k in 0..self.away.len() {
+                    if let Some((regs, entered, at)) = self.away[k].take() {
+                        rl.reattach(k, (), regs, entered, at);
+                    }
+                }
                 return;
             }
             rl.cpu.clock = t;
             match self.steps[h] {
                 HostStep::Asleep(_) | HostStep::Ready => match rl.begin(h) {
                     Turn::Enter => {
-                        rl.enter(h);
+                        // As the hardware does it: the entry handed out, the guest run on this
+                        // CPU's copy of its registers, and given back at the `finish` step,
+                        // while the other CPUs act in between.
+                        self.away[h] = rl.detach(h).map(|((), mut regs)| {
+                            let (i, c) = rl.running_on(h).expect("a vCPU to enter");
+                            let s = &mut rl.slots[i];
+                            let mut v = rl.cpu.load(&mut s.hw, c).expect("its VMCS loads");
+                            let entered = rl.cpu.enter(&mut v, &mut regs);
+                            (regs, entered, rl.cpu.clock)
+                        });
                         self.steps[h] = HostStep::Exited;
                     }
                     Turn::Sleep { wake, max } => {
@@ -1316,6 +1341,9 @@ impl Hosts {
                     Turn::Done => panic!("every guest stopped"),
                 },
                 HostStep::Exited => {
+                    if let Some((regs, entered, at)) = self.away[h].take() {
+                        rl.reattach(h, (), regs, entered, at);
+                    }
                     rl.finish(h);
                     self.steps[h] = HostStep::Ready;
                 }
@@ -1649,4 +1677,28 @@ fn a_guests_clock_never_runs_backwards_across_its_vcpus_on_several_cpus() {
             );
         }
     }
+}
+
+#[test]
+fn an_init_to_a_vcpu_in_guest_mode_on_another_cpu_resets_it_at_its_exit() {
+    // The BSP sends AP 1 an INIT while the AP computes on the other CPU, which holds its
+    // registers until that entry's exit: the reset comes after, not before (where the CPU's
+    // registers, handed back at the exit, would overwrite it).
+    let (mut rl, mut hosts) = two_cpus_with(3 * QUANTUM / 2, &[ipi(1, 5, 0)]);
+    hosts.run_for(&mut rl, 8 * QUANTUM);
+    // It was in guest mode on the other CPU at the INIT.
+    let sent = rl
+        .cpu
+        .vcpu_entries(0, 0)
+        .find(|e| e.exit == crate::vmx::ExitReason::Wrmsr && e.start > super::fake::START + QUANTUM)
+        .copied()
+        .expect("the BSP's INIT");
+    assert!(rl
+        .cpu
+        .vcpu_entries(0, 1)
+        .any(|e| e.start < sent.end && e.end > sent.end && e.host != sent.host));
+    let ap = &rl.slots[0].vcpus[1];
+    assert_eq!(ap.state, RunState::WaitForSipi);
+    assert_eq!(ap.regs, crate::guest::GuestRegs::default());
+    assert!(!rl.slots[0].seats[1].init_pending);
 }
