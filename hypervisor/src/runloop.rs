@@ -1141,7 +1141,10 @@ impl<C: Cpu> RunLoop<C> {
         };
         let next = match next {
             // Monitor lines wait for this CPU, or an act on the whole guest does: it leaves now.
-            Next::Go if !self.ops.held.is_empty() || !self.slots[i].deferred.is_empty() => {
+            // (An IPI it sent is in its targets' APICs: a halted one wakes at the next pick.)
+            Next::Go | Next::Ipi(_)
+                if !self.ops.held.is_empty() || !self.slots[i].deferred.is_empty() =>
+            {
                 self.slots[i].waiting_since.get_or_insert(now);
                 Next::End(SliceEnd::Over)
             }
