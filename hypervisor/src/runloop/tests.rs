@@ -1261,19 +1261,20 @@ enum HostStep {
     Asleep(u64),
 }
 
+/// A host CPU's entry in progress: the vCPU's registers, how the entry went, when it exited.
+type Away = (
+    crate::guest::GuestRegs,
+    Result<(), crate::vmx::VmxError>,
+    u64,
+);
+
 /// Several host CPUs over the one fake: each has its own clock, and the one that is furthest
 /// behind acts next (its `begin`, the guest's run to its exit, its `finish`), so their turns
 /// interleave as they would in parallel. A kick wakes a sleeping CPU at the kicker's time; a
 /// CPU in guest mode sees it at its vCPU's next exit.
 struct Hosts {
     /// Each CPU's entry in progress: the vCPU's registers, how the entry went, when it exited.
-    away: Vec<
-        Option<(
-            crate::guest::GuestRegs,
-            Result<(), crate::vmx::VmxError>,
-            u64,
-        )>,
-    >,
+    away: Vec<Option<Away>>,
     clocks: Vec<u64>,
     steps: Vec<HostStep>,
     kicks_seen: usize,
