@@ -131,8 +131,11 @@ pub fn run(machine: MachineInfo) -> ! {
         }
         None => {}
     }
-    // The other CPUs: each with its own tables and VMXON, then idle (the run loop stays here).
+    // The other CPUs: each with its own tables and VMXON, then idle until the run loop starts.
     arch::smp::start_aps(&machine, &caps, manifest.fail_vmx_on_cpu, cal.tsc_hz);
+    // The CPUs that run vCPUs: every one in VMX operation (`arch::smp::online`, the boot CPU
+    // first); the run loop numbers them 0, 1, ... in that order.
+    let hosts: Vec<&'static arch::smp::PerCpu> = arch::smp::online().collect();
     let mut slots = Vec::new();
     for (id, cfg) in manifest.guests.iter().enumerate() {
         let setup = match guest_setup(cfg, archive, &caps, &controls) {
@@ -142,10 +145,8 @@ pub fn run(machine: MachineInfo) -> ! {
                 continue;
             }
         };
-        // The CPUs that run vCPUs: the boot CPU (the APs wait in HLT, docs/ARCHITECTURE.md).
-        let loop_cpus = 1;
-        let pins = match crate::runloop::pins_on(cfg.cpus, loop_cpus) {
-            Ok(p) => p,
+        let pins = match crate::runloop::pins_on(cfg.cpus, cpu_mask(&hosts)) {
+            Ok(p) => p.map(|m| host_mask(&hosts, m)),
             Err(n) => {
                 crate::warn!(
                     "guest {}: cpus names CPU {n}, which runs no vCPUs: it may run on every CPU",
@@ -186,20 +187,37 @@ pub fn run(machine: MachineInfo) -> ! {
     let cpu = RealCpu {
         host: RealHost,
         cal,
-        spec_ctrl: 0,
+        cpus: hosts
+            .iter()
+            .map(|&p| CpuHw {
+                percpu: p,
+                spec_ctrl: 0,
+            })
+            .collect(),
+        on: 0,
         com2,
     };
     // The on-demand guests, under the load policy (`policy`).
     let on_demand: Vec<usize> = (0..slots.len())
         .filter(|&i| slots[i].hw.setup.cfg.on_demand)
         .collect();
-    let mut runner = Runner::new(cpu, config, slots);
+    let n = hosts.len();
+    let mut runner = Runner::new(cpu, config, slots).with_hosts(n);
     if !on_demand.is_empty() {
         let policy = crate::policy::Policy::new(manifest.policy, cal.tsc_hz, on_demand);
         runner = runner.with_policy(policy);
     }
     crate::log::set_guests_running(runner.slots.len());
-    runner.run();
+    let shared = LOOP.call_once(|| SharedLoop(spin::mutex::TicketMutex::new(runner)));
+    if n == 1 {
+        // One CPU: the loop never lets go of its lock (`RunLoop::step`).
+        shared.0.lock().run();
+    } else {
+        info!("the run loop runs on {n} CPUs");
+        arch::smp::start_loop(ap_main);
+        run_host(0, &cal);
+    }
+    let mut runner = shared.0.lock();
     crate::log::set_guests_running(0);
     runner.report();
     runner.flush_control();
@@ -212,15 +230,107 @@ pub fn run(machine: MachineInfo) -> ! {
     })
 }
 
+/// The CPU numbers (`cpus =` in a manifest) of the loop's CPUs, a bit each.
+fn cpu_mask(hosts: &[&'static arch::smp::PerCpu]) -> u64 {
+    hosts
+        .iter()
+        .map(|p| p.cpu().index)
+        .filter(|&i| i < 64)
+        .fold(0, |m, i| m | 1 << i)
+}
+
+/// A mask of CPU numbers as the run loop numbers its CPUs (its host CPU `h` is `hosts[h]`).
+fn host_mask(hosts: &[&'static arch::smp::PerCpu], cpus: u64) -> u64 {
+    hosts
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.cpu().index < 64 && cpus & (1 << p.cpu().index) != 0)
+        .fold(0, |m, (h, _)| m | 1 << h)
+}
+
+/// The run loop shared by every CPU, behind one lock taken around `begin` and `finish`; guest
+/// mode (`Detached::enter`) runs outside it, so guests execute in parallel while their exits are
+/// handled one at a time. A ticket lock: the CPUs get it in the order they asked, so none
+/// waits behind the others for long.
+struct SharedLoop(spin::mutex::TicketMutex<Runner>);
+
+// SAFETY: the loop's data (guests, their RAM views and hardware) is only reached with the lock
+// held, except a vCPU's VMCS and its registers' copy, which only the CPU that runs it touches
+// between `detach` and `reattach` (`arch::vmcs::Detached`).
+unsafe impl Sync for SharedLoop {}
+// SAFETY: as for `Sync`.
+unsafe impl Send for SharedLoop {}
+
+static LOOP: spin::Once<SharedLoop> = spin::Once::new();
+
+/// Where an AP goes when the run loop starts (`arch::smp::start_loop`): its place in the loop,
+/// by its position among the CPUs online, and then the loop, until every guest has stopped.
+fn ap_main(me: &'static arch::smp::PerCpu) {
+    let Some(shared) = LOOP.get() else {
+        return;
+    };
+    let (h, cal) = {
+        let g = shared.0.lock();
+        let h = g.cpu.cpus.iter().position(|c| core::ptr::eq(c.percpu, me));
+        (h, g.cpu.cal)
+    };
+    if let Some(h) = h {
+        run_host(h, &cal);
+    }
+}
+
+/// Host CPU `h`'s loop: `begin`, then the guest (without the lock), then `finish`, until every
+/// guest has stopped; it sleeps in HLT, interrupts on, until a kick or its timer when it has
+/// nothing to run.
+fn run_host(h: usize, cal: &lapic::Calibration) {
+    let Some(shared) = LOOP.get() else {
+        return;
+    };
+    loop {
+        let mut g = shared.0.lock();
+        match g.begin(h) {
+            crate::runloop::Turn::Done => return,
+            crate::runloop::Turn::Sleep { wake, max } => {
+                drop(g);
+                lapic::sleep_until(wake, max, cal);
+            }
+            crate::runloop::Turn::Enter => {
+                let Some((mut d, mut regs)) = g.detach(h) else {
+                    g.finish(h);
+                    continue;
+                };
+                drop(g);
+                let entered = d.enter(&mut regs);
+                let exited_at = cpu::rdtsc();
+                let mut g = shared.0.lock();
+                g.reattach(h, d, regs, entered, exited_at);
+                g.finish(h);
+            }
+        }
+    }
+}
+
 /// The real machine behind the run loop: RDTSC, VMPTRLD, VMLAUNCH/VMRESUME, XSAVE/XRSTOR and
-/// the other registers VMX does not switch, the LAPIC timer for idle sleep, COM1 for keys.
+/// the other registers VMX does not switch, the LAPIC timer for idle sleep, COM1 for keys. The
+/// loop's calls for host CPU `h` are made on that CPU (`Cpu::on_host`), so each acts on the CPU
+/// it runs on; what is kept per CPU is in `cpus[h]`.
 pub struct RealCpu {
     host: RealHost,
     cal: lapic::Calibration,
-    /// What Keel last wrote to the real IA32_SPEC_CTRL (0, its reset value, until a guest sets it).
-    spec_ctrl: u64,
-    /// The control channel's UART, if the machine has one.
+    /// One per CPU of the run loop (its host CPU `h` is `cpus[h]`).
+    cpus: Vec<CpuHw>,
+    /// The host CPU the loop acts for now: the one executing.
+    on: usize,
+    /// The control channel's UART, if the machine has one (CPU 0's alone: only it polls it).
     com2: Option<arch::com2::Com2>,
+}
+
+/// What Keel keeps of one CPU that runs vCPUs.
+struct CpuHw {
+    percpu: &'static arch::smp::PerCpu,
+    /// What Keel last wrote to this CPU's IA32_SPEC_CTRL (0, its reset value, until a guest sets
+    /// it).
+    spec_ctrl: u64,
 }
 
 /// The run loop on the real machine.
@@ -229,6 +339,7 @@ pub type Runner = RunLoop<RealCpu>;
 impl Cpu for RealCpu {
     type Vcpu = VmHw;
     type Loaded<'a> = LoadedVmcs<'a>;
+    type Detached = arch::vmcs::Detached;
 
     fn rdtsc(&mut self) -> u64 {
         cpu::rdtsc()
@@ -270,7 +381,35 @@ impl Cpu for RealCpu {
     }
 
     fn load_spec_ctrl(&mut self, value: u64) {
-        load_spec_ctrl(&mut self.spec_ctrl, value);
+        if let Some(c) = self.cpus.get_mut(self.on) {
+            load_spec_ctrl(&mut c.spec_ctrl, value);
+        }
+    }
+
+    fn on_host(&mut self, h: usize) {
+        self.on = h;
+    }
+
+    fn kick(&mut self, h: usize) {
+        if let Some(c) = self.cpus.get(h) {
+            arch::smp::kick(c.percpu);
+        }
+    }
+
+    fn detach(&mut self, vm: &mut VmHw, cpu: usize) -> Result<arch::vmcs::Detached, String> {
+        let c = vm.cpus.get_mut(cpu).ok_or("no such vCPU")?;
+        drop(c.vmcs.load().map_err(|e| alloc::format!("{e}"))?);
+        Ok(c.vmcs.detach())
+    }
+
+    fn reattach(&mut self, vm: &mut VmHw, cpu: usize, d: arch::vmcs::Detached) {
+        if let Some(c) = vm.cpus.get_mut(cpu) {
+            c.vmcs.reattach(d);
+        }
+    }
+
+    fn flush_ept(&mut self, hw: &mut VmHw) -> Result<(), String> {
+        hw.invalidate_ept(hw.ept.eptp())
     }
 
     fn sleep_until(&mut self, wake: u64, max: u64) {

@@ -34,6 +34,10 @@ pub trait Cpu {
     where
         Self::Vcpu: 'a;
 
+    /// What entering a vCPU needs away from the loop and its lock (on the hardware, its VMCS's
+    /// launch state; the VMCS stays current on the CPU): [`RunLoop::detach`], [`RunLoop::reattach`].
+    type Detached;
+
     /// The host TSC.
     fn rdtsc(&mut self) -> u64;
     /// Saves the registers VMX does not switch (extended state, XCR0's domain, CR2, DR0-DR3/DR6,
@@ -118,6 +122,17 @@ pub trait Cpu {
     fn release(&mut self, _hw: &mut Self::Vcpu, _cpu: usize) -> Result<(), String> {
         Ok(())
     }
+    /// Makes vCPU `cpu`'s VMCS current on this CPU and hands out what entering it takes, for an
+    /// entry made without the loop's lock.
+    fn detach(&mut self, hw: &mut Self::Vcpu, cpu: usize) -> Result<Self::Detached, String>;
+    /// Takes back what [`Cpu::detach`] handed out, after the entry (its launch state).
+    fn reattach(&mut self, hw: &mut Self::Vcpu, cpu: usize, d: Self::Detached);
+    /// INVEPT of the guest's EPT on this CPU, which may hold translations from before its EPT
+    /// last changed (SDM Vol. 3C 29.4.3.1: EPT-derived translations outlive VM exits and VMCS
+    /// switches; [`Slot::ept_changed`]).
+    fn flush_ept(&mut self, _hw: &mut Self::Vcpu) -> Result<(), String> {
+        Ok(())
+    }
     /// Gives a stopped guest's RAM back to the pool (it gets RAM again when booted).
     fn release_ram(&mut self, _hw: &mut Self::Vcpu, _vm: &mut Vm) {}
     /// Keel's pool of memory for guests: (free bytes, total bytes), if known.
@@ -176,6 +191,30 @@ pub struct Slot<V> {
     /// Counts its boots and restores: a host CPU whose vCPU was replaced meanwhile (by a command
     /// on another CPU) drops its slice at the exit.
     epoch: u32,
+    /// Acts on the whole guest that one of its vCPUs asked for (a stop, a balloon call) or the
+    /// load policy decided while others of its vCPUs ran on other CPUs: they wait until none
+    /// does (its vCPUs are not picked meanwhile, and those in guest mode are kicked out), so no
+    /// CPU runs the guest while its RAM, EPT or VMCSs change.
+    deferred: Vec<Deferred>,
+    /// Counts the changes to its EPT that may leave translations cached on a CPU stale (RAM
+    /// given back by ballooning or at a stop, dirty flags cleared by migration, a new boot or
+    /// restore): a CPU that last ran the guest under an older count runs INVEPT before its next
+    /// entry of it (`HostCpu::ept_seen`), so every CPU that may hold the guest's translations
+    /// drops them, not only the one that made the change (SDM Vol. 3C 29.4.3.1).
+    ept_gen: u32,
+    /// The host CPUs its vCPUs have run on, a bit each (the first 64).
+    ran_on: u64,
+}
+
+/// An act on a whole guest put off until none of its vCPUs is on another CPU ([`Slot::deferred`]).
+#[derive(Debug, Clone)]
+enum Deferred {
+    /// The guest stops (and restarts, if it may).
+    Stop(StopReason),
+    /// vCPU .0's BALLOON_GIVE or BALLOON_TAKE.
+    Balloon(usize),
+    /// Its RAM goes back to the pool (stopped for good by the load policy).
+    ReleaseRam,
 }
 
 /// The pins a guest keeps on a machine whose CPUs in `up` (a bit each) run vCPUs: `pins` if
@@ -211,6 +250,14 @@ struct Seat {
     /// everywhere, and stays fair when pins keep some off a CPU (one shared rotation cursor
     /// would skip a vCPU pinned to the CPU that never picks at its turn).
     left_at: u64,
+    /// An INIT came while it was on another CPU: its registers are reset at its exit there
+    /// (until then that CPU holds them), and it waits for a SIPI.
+    init_pending: bool,
+    /// An IPI a sibling sent it and that it has not been entered with yet: host TSC of the
+    /// sender's exit, and the sender's host CPU ([`Figures`]).
+    ipi_sent: Option<(u64, usize)>,
+    /// The host CPU it last ran on.
+    last_host: Option<usize>,
 }
 
 impl<V> Slot<V> {
@@ -228,7 +275,16 @@ impl<V> Slot<V> {
             share: Share::default(),
             pins: None,
             epoch: 0,
+            deferred: Vec::new(),
+            ept_gen: 0,
+            ran_on: 0,
         }
+    }
+
+    /// Its EPT changed in a way that may leave other CPUs' cached translations stale: each CPU
+    /// runs INVEPT before it next enters the guest ([`Slot::ept_gen`]).
+    fn ept_changed(&mut self) {
+        self.ept_gen = self.ept_gen.wrapping_add(1);
     }
 
     /// The guest's claim on the CPU (manifest `weight` and `cap`; `sched::Shares`).
@@ -315,6 +371,32 @@ pub struct RunLoop<C: Cpu> {
     policy: Option<crate::policy::Policy>,
     /// Every vCPU in schedule order, rebuilt at each pick (kept for its allocation).
     seat_list: Vec<(usize, usize)>,
+    /// With several host CPUs: IPI delivery and guest switch times, on one CPU and across CPUs.
+    figures: Figures,
+}
+
+/// What IPI delivery and guest switches cost with several host CPUs, in host TSC cycles, each
+/// as (count, sum): `[0]` on one CPU, `[1]` across CPUs. An IPI's delivery runs from the
+/// sender's exit to the target's next entry (on the sender's CPU, or on another: kicked awake or
+/// out of guest mode); a switch from the exit that ends a CPU's slice to the first entry of the
+/// next vCPU it picks without sleeping (one that last ran there, or one that moved from another
+/// CPU). Printed at the end (`RunLoop::report`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Figures {
+    pub ipi: [(u64, u64); 2],
+    pub switch: [(u64, u64); 2],
+}
+
+impl Figures {
+    fn text(pairs: &[(u64, u64); 2], same: &str, cross: &str) -> String {
+        let cell = |(n, sum): (u64, u64), what: &str| {
+            alloc::format!(
+                "{what} {n} x avg {} cycles",
+                sum.checked_div(n).unwrap_or(0)
+            )
+        };
+        alloc::format!("{}, {}", cell(pairs[0], same), cell(pairs[1], cross))
+    }
 }
 
 /// What the run loop keeps for the monitor (`monitor`): the `keel>` prompt on COM1, the lines
@@ -336,10 +418,23 @@ struct Operator {
     incoming: Option<(usize, usize, Vec<u8>, bool)>,
     /// A live migration in progress, out of or into this Keel (`runloop::migrate`).
     migration: Option<migrate::Migration>,
+    /// Monitor lines that wait until no other CPU runs a vCPU ([`RunLoop::quiet`]): a command
+    /// may read or replace any guest's VMCSs, registers and RAM, which a CPU in guest mode holds.
+    /// Other CPUs end their slices at their next exit and pick nothing while any wait.
+    held: alloc::collections::VecDeque<(Origin, crate::monitor::ChannelLine)>,
     /// Host TSC until which COM2 is read every millisecond: its receive FIFO holds 16 bytes, 1.4
     /// ms at 115200 baud, and a time slice is longer. Set for a while after each byte received,
     /// so a long line (a snapshot chunk) is not lost to an overrun once it has begun.
     control_busy_until: u64,
+}
+
+/// Where a monitor line came from: its reply goes back there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// The `keel>` prompt on COM1.
+    Console,
+    /// The control channel (COM2).
+    Channel,
 }
 
 /// Replies waiting for COM2 beyond this many bytes are dropped whole (nobody reads them).
@@ -370,11 +465,18 @@ impl<C: Cpu> RunLoop<C> {
                 kept: None,
                 incoming: None,
                 migration: None,
+                held: Default::default(),
                 control_busy_until: 0,
             },
             policy: None,
             seat_list: Vec::new(),
+            figures: Figures::default(),
         }
+    }
+
+    /// The IPI delivery and guest switch times so far ([`Figures`]).
+    pub fn figures(&self) -> Figures {
+        self.figures
     }
 
     /// The loop on `n` host CPUs (1 by default), numbered 0..n; CPU 0 keeps the console, the
@@ -532,6 +634,7 @@ impl<C: Cpu> RunLoop<C> {
         if h == 0 {
             self.poll_console();
             self.poll_control();
+            self.run_held();
             if core::mem::take(&mut self.unsettled) {
                 (0..self.slots.len()).for_each(|i| self.settle(h, i));
             }
@@ -566,6 +669,15 @@ impl<C: Cpu> RunLoop<C> {
         if live == 0 {
             return Turn::Done;
         }
+        if !self.ops.held.is_empty() {
+            // Monitor lines wait for the other CPUs to leave guest mode: nobody starts a slice.
+            self.hosts[h].asleep = true;
+            let poll = self.cfg.tsc_hz / 10_000;
+            return Turn::Sleep {
+                wake: now + poll,
+                max: if h == 0 { poll } else { self.sched.quantum },
+            };
+        }
         self.shares.refill(now);
         // The list of every vCPU, kept from the last pick unless a guest was added since: guests
         // are only ever appended (`slots`), and a guest's vCPUs are fixed when it is created.
@@ -588,6 +700,7 @@ impl<C: Cpu> RunLoop<C> {
             let (i, c) = seats[k];
             slots[i].live()
                 && slots[i].vcpus[c].state == RunState::Runnable
+                && slots[i].deferred.is_empty()
                 && shares.may_run(i)
                 && slots[i].may_run_on(h)
                 && (alone || !hosts.iter().any(|o| o.runs(seats[k])))
@@ -634,6 +747,7 @@ impl<C: Cpu> RunLoop<C> {
                     self.sched.quantum
                 };
                 self.hosts[h].asleep = true;
+                self.hosts[h].switch_from = None;
                 Turn::Sleep { wake, max }
             }
         }
@@ -685,6 +799,23 @@ impl<C: Cpu> RunLoop<C> {
     /// one).
     fn start_slice(&mut self, h: usize, seat: (usize, usize)) {
         let (i, c) = seat;
+        if h < 64 {
+            self.slots[i].ran_on |= 1 << h;
+        }
+        if self.hosts.len() > 1 {
+            let gen = self.slots[i].ept_gen;
+            let seen = &mut self.hosts[h].ept_seen;
+            if seen.len() < self.slots.len() {
+                seen.resize(self.slots.len(), 0);
+            }
+            if seen[i] != gen {
+                if let Err(e) = self.cpu.flush_ept(&mut self.slots[i].hw) {
+                    self.stop_or_defer(h, i, StopReason::Killed(e));
+                    return;
+                }
+                self.hosts[h].ept_seen[i] = gen;
+            }
+        }
         self.switch_to(h, seat);
         // Its weight in quanta (or what a woken vCPU left of that), no more than a capped
         // guest's budget has left.
@@ -721,6 +852,11 @@ impl<C: Cpu> RunLoop<C> {
         let ran_before = self.slots[i].vcpus[c].stats.cpu_cycles;
         // When a halted vCPU's timer falls due, this slice ends early so that vCPU can run.
         let others_due = self.earliest_halted_deadline(Some(i));
+        if self.elsewhere(h, i).is_some() {
+            // Another of its vCPUs is on a CPU: the guest's clock has been running (a wake
+            // meanwhile marked it waiting), and its other VMCSs hold the offset as it is.
+            self.slots[i].waiting_since = None;
+        }
         let t0 = self.cpu.rdtsc();
         let s = &mut self.slots[i];
         s.seats[c].woken = false;
@@ -792,7 +928,27 @@ impl<C: Cpu> RunLoop<C> {
         };
         let (i, c) = r.seat;
         self.acting = h;
+        if let Some(seat) = self.slots[i].seats.get_mut(c) {
+            if core::mem::take(&mut seat.init_pending) {
+                // The INIT that came while it ran here: its registers are back in the loop now.
+                let v = &mut self.slots[i].vcpus[c];
+                if v.state.is_live() {
+                    v.reset();
+                    v.state = RunState::WaitForSipi;
+                }
+            }
+        }
         if self.hosts.len() > 1 {
+            // The guest's clock stops only once none of its vCPUs is on a CPU: from this exit,
+            // if this vCPU was the last (not from an earlier wake or exit, while others ran).
+            let elsewhere = self.elsewhere(h, i).is_some();
+            let s = &mut self.slots[i];
+            s.waiting_since = match s.waiting_since {
+                _ if elsewhere => None,
+                Some(since) => Some(since.max(r.piece.now)),
+                None => None,
+            };
+            self.hosts[h].switch_from = Some(r.piece.now);
             // An interrupted vCPU is first in line again (`RoundRobin::interrupted` with one CPU).
             let left_at = match end {
                 SliceEnd::Interrupted => 0,
@@ -807,9 +963,15 @@ impl<C: Cpu> RunLoop<C> {
         match end {
             SliceEnd::Over => {}
             SliceEnd::Interrupted => self.sched.interrupted(),
-            SliceEnd::Stop(reason) => self.stop(i, reason),
+            SliceEnd::Stop(reason) => self.stop_or_defer(h, i, reason),
             SliceEnd::StatsRequested => self.print_stats_for((i, c)),
-            SliceEnd::Balloon => self.balloon_call((i, c)),
+            SliceEnd::Balloon => self.defer_or_act(h, i, Deferred::Balloon(c)),
+        }
+        // The last of the guest's vCPUs on another CPU may have left: what waited for that.
+        if !self.slots[i].deferred.is_empty() && self.elsewhere(h, i).is_none() {
+            for act in core::mem::take(&mut self.slots[i].deferred) {
+                self.act(i, act);
+            }
         }
         if self.hosts.len() > 1 {
             // A guest booted again has vCPU 0's registers in this CPU, a vCPU started has its
@@ -874,23 +1036,44 @@ impl<C: Cpu> RunLoop<C> {
             Err(e) => Err(StopReason::Killed(e)),
         };
         match prepared {
-            Ok(()) => true,
+            Ok(()) => {
+                self.note_entry(h);
+                true
+            }
             Err(reason) => self.piece_ended(h, SliceEnd::Stop(reason)) && self.prepare(h),
         }
     }
 
-    /// Runs host CPU `h`'s vCPU until its next VM exit (the entry [`RunLoop::begin`] prepared).
-    pub fn enter(&mut self, h: usize) {
-        self.acting = h;
-        self.cpu.on_host(h);
-        let Some(r) = self.hosts[h].running.as_mut() else {
+    /// Host CPU `h` is about to enter its vCPU: the IPI it was sent and the switch to it, if
+    /// any, are timed ([`Figures`]).
+    fn note_entry(&mut self, h: usize) {
+        let Some(r) = self.hosts[h].running.as_ref() else {
             return;
         };
-        let (i, c) = r.seat;
+        let ((i, c), at) = (r.seat, r.piece.entered_at);
+        let Some(seat) = self.slots[i].seats.get_mut(c) else {
+            return;
+        };
+        let f = &mut self.figures;
+        if let Some((sent, from)) = seat.ipi_sent.take() {
+            let e = &mut f.ipi[usize::from(from != h)];
+            *e = (e.0 + 1, e.1 + at.saturating_sub(sent));
+        }
+        if let Some(t) = self.hosts[h].switch_from.take() {
+            let e = &mut f.switch[usize::from(seat.last_host.is_some_and(|k| k != h))];
+            *e = (e.0 + 1, e.1 + at.saturating_sub(t));
+        }
+        seat.last_host = Some(h);
+    }
+
+    /// Runs host CPU `h`'s vCPU until its next VM exit (the entry [`RunLoop::begin`] prepared).
+    pub fn enter(&mut self, h: usize) {
+        let Some((i, c)) = self.act_for(h) else {
+            return;
+        };
         let s = &mut self.slots[i];
         let vcpu = &mut s.vcpus[c];
-        let p = &mut r.piece;
-        p.entry_failed = match self.cpu.load(&mut s.hw, c) {
+        let failed = match self.cpu.load(&mut s.hw, c) {
             Ok(mut v) => self
                 .cpu
                 .enter(&mut v, &mut vcpu.regs)
@@ -899,7 +1082,64 @@ impl<C: Cpu> RunLoop<C> {
             Err(e) => Some(e),
         };
         let t1 = self.cpu.rdtsc();
-        vcpu.stats.cpu_cycles += t1 - p.entered_at;
+        self.exited(h, failed, t1);
+    }
+
+    /// Host CPU `h`'s prepared entry (after [`RunLoop::begin`] said [`Turn::Enter`]), handed out
+    /// so that the CPU enters the guest without the loop's lock: what the hardware needs, and a
+    /// copy of the vCPU's registers, which the CPU alone holds until [`RunLoop::reattach`]
+    /// (nothing else may change them meanwhile: an INIT waits for the vCPU's exit). `None` when
+    /// there is no entry to make (its VMCS could not be loaded: [`RunLoop::finish`] ends the
+    /// slice).
+    pub fn detach(&mut self, h: usize) -> Option<(C::Detached, GuestRegs)> {
+        let (i, c) = self.act_for(h)?;
+        let s = &mut self.slots[i];
+        match self.cpu.detach(&mut s.hw, c) {
+            Ok(d) => Some((d, s.vcpus[c].regs)),
+            Err(e) => {
+                let t1 = self.cpu.rdtsc();
+                self.exited(h, Some(e), t1);
+                None
+            }
+        }
+    }
+
+    /// Host CPU `h` is back from the entry [`RunLoop::detach`] handed out, at host TSC
+    /// `exited_at`, with the vCPU's registers `regs`; `entered` says whether VMLAUNCH/VMRESUME
+    /// failed. [`RunLoop::finish`] dispatches the exit.
+    pub fn reattach(
+        &mut self,
+        h: usize,
+        d: C::Detached,
+        regs: GuestRegs,
+        entered: Result<(), VmxError>,
+        exited_at: u64,
+    ) {
+        let Some((i, c)) = self.act_for(h) else {
+            return;
+        };
+        let s = &mut self.slots[i];
+        self.cpu.reattach(&mut s.hw, c, d);
+        s.vcpus[c].regs = regs;
+        self.exited(h, entered.err().map(|e| alloc::format!("{e}")), exited_at);
+    }
+
+    /// The calls that follow are host CPU `h`'s: the vCPU it runs, if any.
+    fn act_for(&mut self, h: usize) -> Option<(usize, usize)> {
+        self.acting = h;
+        self.cpu.on_host(h);
+        Some(self.hosts[h].running.as_ref()?.seat)
+    }
+
+    /// Host CPU `h`'s vCPU left guest mode at host TSC `t1` (or could not enter: `failed`).
+    fn exited(&mut self, h: usize, failed: Option<String>, t1: u64) {
+        let Some(r) = self.hosts[h].running.as_mut() else {
+            return;
+        };
+        let (i, c) = r.seat;
+        let p = &mut r.piece;
+        self.slots[i].vcpus[c].stats.cpu_cycles += t1.saturating_sub(p.entered_at);
+        p.entry_failed = failed;
         p.now = t1;
     }
 
@@ -924,6 +1164,7 @@ impl<C: Cpu> RunLoop<C> {
         if let Some(e) = p.entry_failed.take() {
             return self.piece_ended(h, SliceEnd::Stop(StopReason::EntryFailed(e)));
         }
+        let now = p.now;
         let (hw, g) = self.slots[i].parts(c);
         let next = match self.cpu.load(hw, c) {
             Ok(mut v) => {
@@ -931,6 +1172,17 @@ impl<C: Cpu> RunLoop<C> {
                 after_exit(&mut self.cpu, &mut v, g, c, p, raw, kicked)
             }
             Err(e) => Next::End(SliceEnd::Stop(StopReason::Killed(e))),
+        };
+        let next = match next {
+            // Monitor lines wait for this CPU, or an act on the whole guest does: it leaves now.
+            // (An IPI it sent is in its targets' APICs: a halted one wakes at the next pick.)
+            Next::Go | Next::Ipi(_)
+                if !self.ops.held.is_empty() || !self.slots[i].deferred.is_empty() =>
+            {
+                self.slots[i].waiting_since.get_or_insert(now);
+                Next::End(SliceEnd::Over)
+            }
+            next => next,
         };
         self.follow(h, (i, c), next)
     }
@@ -942,6 +1194,12 @@ impl<C: Cpu> RunLoop<C> {
             Next::Go => true,
             Next::End(end) => self.piece_ended(h, end),
             Next::Ipi(targets) => {
+                let now = self.hosts[h].running.as_ref().map_or(0, |r| r.piece.now);
+                for (t, seat) in self.slots[i].seats.iter_mut().enumerate().take(64) {
+                    if targets & (1 << t) != 0 {
+                        seat.ipi_sent.get_or_insert((now, h));
+                    }
+                }
                 if self.place_ipis(h, i, targets) {
                     return true;
                 }
@@ -1075,11 +1333,16 @@ impl<C: Cpu> RunLoop<C> {
             }
             match signal {
                 crate::devices::StartSignal::Init => {
-                    vcpu.reset();
-                    vcpu.state = RunState::WaitForSipi;
                     s.seats[c] = Seat::default();
                     if let Some(k) = elsewhere {
+                        // Its registers are with that CPU until its exit: reset there
+                        // (`end_slice`). It leaves at that exit (its run state says so).
+                        s.seats[c].init_pending = true;
+                        vcpu.state = RunState::WaitForSipi;
                         self.kick_host(k);
+                    } else {
+                        vcpu.reset();
+                        vcpu.state = RunState::WaitForSipi;
                     }
                 }
                 crate::devices::StartSignal::Startup(vector) => {
@@ -1134,7 +1397,7 @@ impl<C: Cpu> RunLoop<C> {
             Err(e) => Some(e),
         };
         if let Some(e) = refused {
-            self.stop(i, StopReason::Killed(e));
+            self.stop_or_defer(self.acting, i, StopReason::Killed(e));
         }
     }
 
@@ -1151,6 +1414,9 @@ impl<C: Cpu> RunLoop<C> {
         let cycles = self.cpu.rdtsc().saturating_sub(t0);
         // Keel's work for the guest, as its exits' handling is.
         s.vcpus[c].stats.keel_cycles += cycles;
+        // Pages left or joined its EPT: every other CPU that ran it runs INVEPT before it enters
+        // it again (this one's INVEPT was part of the call).
+        s.ept_changed();
         match done {
             Ok(status) => {
                 s.vcpus[c].regs.rax = if wide { status } else { status & 0xffff_ffff };
@@ -1183,6 +1449,11 @@ struct HostCpu {
     /// Kicked out of guest mode: at its vCPU's next exit the interrupts to inject are looked at
     /// again.
     kicked: bool,
+    /// Each guest's [`Slot::ept_gen`] when this CPU last ran INVEPT for it (or 0).
+    ept_seen: Vec<u32>,
+    /// Host TSC of the exit that ended its last slice, until its next vCPU's first entry (none
+    /// if it slept in between): a guest switch ([`Figures`]).
+    switch_from: Option<u64>,
 }
 
 impl HostCpu {
@@ -1514,6 +1785,66 @@ fn after_exit<C: Cpu>(
 }
 
 impl<C: Cpu> RunLoop<C> {
+    /// A host CPU other than `h` running a vCPU of guest `i`, if any.
+    fn elsewhere(&self, h: usize, i: usize) -> Option<usize> {
+        (0..self.hosts.len()).find(|&k| {
+            k != h
+                && self.hosts[k]
+                    .running
+                    .as_ref()
+                    .is_some_and(|r| r.seat.0 == i)
+        })
+    }
+
+    /// True when no host CPU but the acting one runs a vCPU: a monitor command may then touch
+    /// any guest's VMCSs, registers and RAM.
+    fn quiet(&self) -> bool {
+        (0..self.hosts.len()).all(|k| k == self.acting || self.hosts[k].running.is_none())
+    }
+
+    /// `act` on guest `i` now if none of its vCPUs is on a CPU other than `h`, else once none is
+    /// ([`Slot::deferred`]): those CPUs are kicked out of guest mode and leave at their exit.
+    fn defer_or_act(&mut self, h: usize, i: usize, act: Deferred) {
+        if self.elsewhere(h, i).is_none() {
+            self.act(i, act);
+            return;
+        }
+        self.slots[i].deferred.push(act);
+        for k in 0..self.hosts.len() {
+            if k != h
+                && self.hosts[k]
+                    .running
+                    .as_ref()
+                    .is_some_and(|r| r.seat.0 == i)
+            {
+                self.kick_host(k);
+            }
+        }
+    }
+
+    /// Guest `i` stops by `reason` ([`RunLoop::stop`]) once none of its vCPUs is on a CPU other
+    /// than `h`: its RAM and VMCSs change then.
+    fn stop_or_defer(&mut self, h: usize, i: usize, reason: StopReason) {
+        self.defer_or_act(h, i, Deferred::Stop(reason));
+    }
+
+    /// Carries out `act` on guest `i`, none of whose vCPUs is on another CPU.
+    fn act(&mut self, i: usize, act: Deferred) {
+        match act {
+            // A stop that came first wins: nothing more happens to a stopped guest.
+            Deferred::Stop(reason) if self.slots[i].live() => self.stop(i, reason),
+            Deferred::Stop(_) => {}
+            Deferred::Balloon(c) => self.balloon_call((i, c)),
+            Deferred::ReleaseRam => {
+                let s = &mut self.slots[i];
+                if !s.live() {
+                    self.cpu.release_ram(&mut s.hw, &mut s.vm);
+                    s.ept_changed();
+                }
+            }
+        }
+    }
+
     /// Guest `i` (the one in the CPU) stops: it is booted again if it reset its board or if it
     /// died and has restarts left, otherwise it stops for good.
     fn stop(&mut self, i: usize, reason: StopReason) {
@@ -1539,6 +1870,7 @@ impl<C: Cpu> RunLoop<C> {
         if let StopReason::Board(crate::devices::PowerEvent::Reset(_)) = reason {
             let platform = s.vm.platform.after_reset();
             s.epoch = s.epoch.wrapping_add(1);
+            s.ept_changed();
             match self
                 .cpu
                 .boot(&mut s.hw, &mut s.vm, &mut s.vcpus, s.restarts)
@@ -1588,6 +1920,7 @@ impl<C: Cpu> RunLoop<C> {
             vcpu.state = RunState::Stopped(reason.clone());
         }
         self.cpu.release_ram(&mut s.hw, &mut s.vm);
+        s.ept_changed();
     }
 
     /// Pauses a guest: it keeps its state and is not scheduled until resumed.
@@ -1705,6 +2038,7 @@ impl<C: Cpu> RunLoop<C> {
         let s = &mut self.slots[id];
         let clock = apply(&mut self.cpu, s)?;
         s.epoch = s.epoch.wrapping_add(1);
+        s.ept_changed();
         let now = self.cpu.rdtsc();
         if self.cfg.tsc_offsetting {
             s.vm.tsc_offset = clock.wrapping_sub(now);
@@ -1748,8 +2082,9 @@ impl<C: Cpu> RunLoop<C> {
                 .map_err(|e| alloc::format!("{e}"))?;
         }
         self.kick_guest(id);
-        let s = &mut self.slots[id];
-        self.cpu.release_ram(&mut s.hw, &mut s.vm);
+        // Its RAM goes back only once no CPU runs it any more (a CPU in guest mode still
+        // reaches that RAM through its EPT).
+        self.defer_or_act(self.acting, id, Deferred::ReleaseRam);
         Ok(())
     }
 
@@ -1797,14 +2132,7 @@ impl<C: Cpu> RunLoop<C> {
                 PromptKey::Line(line) => {
                     console_text("\n");
                     crate::log::set_prompt(None);
-                    let reply = self.command(&line, crate::monitor::Form::Text);
-                    console_text(&reply.text);
-                    if reply.top {
-                        let now = self.cpu.rdtsc();
-                        self.ops.top = Some(now + self.cfg.tsc_hz);
-                    } else {
-                        self.prompt_again();
-                    }
+                    self.run_or_hold(Origin::Console, crate::monitor::ChannelLine::Command(line));
                     Key::None
                 }
                 PromptKey::None => Key::None,
@@ -1874,7 +2202,6 @@ impl<C: Cpu> RunLoop<C> {
     /// Reads the control channel (COM2): each line is a monitor command, answered with one JSON
     /// object on one line; the replies go out as COM2 takes them.
     fn poll_control(&mut self) {
-        use crate::monitor::ChannelLine;
         let mut read = 0;
         while let Some(byte) = self.cpu.control_byte() {
             read += 1;
@@ -1885,18 +2212,67 @@ impl<C: Cpu> RunLoop<C> {
             // A line is acknowledged before it runs: a restore may take a while (`credit`).
             crate::credit::acknowledge(core::mem::take(&mut read), &mut self.ops.reply);
             self.cpu.control_send(&mut self.ops.reply);
-            let reply = match line {
-                ChannelLine::Command(line) => self.command(&line, crate::monitor::Form::Json),
-                ChannelLine::TooLong => crate::monitor::too_long(),
-            };
-            if self.ops.reply.len() + reply.text.len() <= REPLY_MAX {
-                self.ops.reply.extend(reply.text.as_bytes());
-            }
+            self.run_or_hold(Origin::Channel, line);
         }
         // The sender may send as many again (`credit`: the FIFO cannot overrun).
         crate::credit::acknowledge(read, &mut self.ops.reply);
         if !self.ops.reply.is_empty() {
             self.cpu.control_send(&mut self.ops.reply);
+        }
+    }
+
+    /// Runs monitor line `line` now if no other CPU runs a vCPU and no line waits, else holds it
+    /// until none does ([`Operator::held`]): the CPUs running vCPUs are kicked out of guest mode.
+    fn run_or_hold(&mut self, from: Origin, line: crate::monitor::ChannelLine) {
+        if self.ops.held.is_empty() && self.quiet() {
+            self.run_line(from, line);
+            return;
+        }
+        self.ops.held.push_back((from, line));
+        for k in 0..self.hosts.len() {
+            if k != self.acting && self.hosts[k].running.is_some() {
+                self.kick_host(k);
+            }
+        }
+    }
+
+    /// Runs the lines held for the other CPUs to leave guest mode, once none runs a vCPU; the
+    /// CPUs asleep meanwhile are woken for the vCPUs waiting.
+    fn run_held(&mut self) {
+        if self.ops.held.is_empty() || !self.quiet() {
+            return;
+        }
+        while let Some((from, line)) = self.ops.held.pop_front() {
+            self.run_line(from, line);
+        }
+        self.kick_idle();
+    }
+
+    /// Runs monitor line `line` and sends its reply where it came from.
+    fn run_line(&mut self, from: Origin, line: crate::monitor::ChannelLine) {
+        use crate::monitor::{ChannelLine, Form};
+        match (from, line) {
+            (Origin::Channel, line) => {
+                let reply = match line {
+                    ChannelLine::Command(line) => self.command(&line, Form::Json),
+                    ChannelLine::TooLong => crate::monitor::too_long(),
+                };
+                if self.ops.reply.len() + reply.text.len() <= REPLY_MAX {
+                    self.ops.reply.extend(reply.text.as_bytes());
+                }
+            }
+            (Origin::Console, ChannelLine::Command(line)) => {
+                let reply = self.command(&line, Form::Text);
+                console_text(&reply.text);
+                if reply.top {
+                    let now = self.cpu.rdtsc();
+                    self.ops.top = Some(now + self.cfg.tsc_hz);
+                } else {
+                    self.prompt_again();
+                }
+                self.show_prompt();
+            }
+            (Origin::Console, ChannelLine::TooLong) => {}
         }
     }
 
@@ -1936,6 +2312,7 @@ impl<C: Cpu> RunLoop<C> {
         let before = s.bsp().state.clone();
         let console = core::mem::take(s.vm.platform.console());
         s.epoch = s.epoch.wrapping_add(1);
+        s.ept_changed();
         let booted = self
             .cpu
             .boot(&mut s.hw, &mut s.vm, &mut s.vcpus, s.restarts);
@@ -1997,6 +2374,29 @@ impl<C: Cpu> RunLoop<C> {
             if let RunState::Stopped(r) = &s.bsp().state {
                 info!("guest {} status {:#x}: {r}", s.vm.name, r.status());
             }
+        }
+        if self.hosts.len() > 1 {
+            for s in &self.slots {
+                let cpus: Vec<String> = (0..64)
+                    .filter(|h| s.ran_on & (1 << h) != 0)
+                    .map(|h| alloc::format!("{h}"))
+                    .collect();
+                info!(
+                    "guest {}: its vCPUs ran on {} host CPUs: {}",
+                    s.vm.name,
+                    cpus.len(),
+                    cpus.join(" ")
+                );
+            }
+            let f = self.figures;
+            info!(
+                "IPI delivery: {}",
+                Figures::text(&f.ipi, "same CPU", "across CPUs")
+            );
+            info!(
+                "guest switch: {}",
+                Figures::text(&f.switch, "same CPU", "moved from another CPU")
+            );
         }
     }
 }
@@ -2232,7 +2632,12 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
     }
 
     fn migrate(&mut self, op: crate::migrate::Op<'_>) -> Result<crate::migrate::Answer, String> {
-        self.migrate_step(op)
+        let answer = self.migrate_step(op);
+        // A round's dirty collection cleared EPT dirty flags (and an incoming guest's RAM was
+        // mapped): every CPU runs INVEPT before it enters the guests again, so the flags are
+        // set afresh by the next writes (SDM Vol. 3C 29.3.5).
+        self.slots.iter_mut().for_each(Slot::ept_changed);
+        answer
     }
 
     fn quit(&mut self) {

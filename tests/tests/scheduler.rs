@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use keel_tests::{guest_prefix, shared_boot, BootSpec, Emulator, Firmware, Manifest, Outcome};
+use keel_tests::{guest_prefix, shared_boot_on, BootSpec, Emulator, Firmware, Manifest, Outcome};
 
 static SCHED: BootSpec = BootSpec {
     name: "bochs-sched",
@@ -117,8 +117,13 @@ impl Table {
     }
 }
 
+/// The scheduler's tests measure how one CPU is shared out (its slices, weights, caps and
+/// clocks), so they boot a machine with one CPU; sharing several CPUs among vCPUs is
+/// tests/tests/smp.rs's.
+const ONE_CPU: Option<u32> = Some(1);
+
 fn boot() -> std::sync::Arc<Outcome> {
-    shared_boot(&SCHED)
+    shared_boot_on(&SCHED, ONE_CPU)
 }
 
 /// The statistics table Keel prints when it ends: per guest, its state and CPU % of the run.
@@ -443,7 +448,7 @@ static SHARES: BootSpec = BootSpec {
 /// and the capped guest has 10% of the CPU time that passed, within 2% of that.
 #[test]
 fn weights_and_caps_share_the_cpu_as_the_manifest_says() {
-    let boot = shared_boot(&SHARES);
+    let boot = shared_boot_on(&SHARES, ONE_CPU);
     let lines: Vec<&str> = boot.lines().collect();
     let Some(snapshot) = Table::parse(&lines, SNAPSHOT_MARKER) else {
         boot.fail(&format!("no accounting table after `{SNAPSHOT_MARKER}`"))

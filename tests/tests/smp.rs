@@ -136,6 +136,16 @@ fn a_cpu_whose_vmx_setup_fails_is_left_out_and_the_guests_run() {
     ]);
     boot.expect_no_line("keel: cpu 2 (APIC 2): VMX on");
     expect_woken(&boot, "keel: 3 of 4 CPUs up with VMX on, in ", 2);
+    // The three CPUs up ran the guests, the one that failed none.
+    boot.expect_line("keel: the run loop runs on 3 CPUs");
+    let used: u32 = GUESTS
+        .iter()
+        .map(|(g, _)| host_cpus_used(&boot, g))
+        .max()
+        .unwrap_or(0);
+    if used < 2 {
+        boot.fail("every guest ran on one CPU");
+    }
     for (guest, code) in GUESTS {
         let ended = format!("keel: guest {guest} ");
         let status = format!("status {:#x}", (code << 1) | 1);
@@ -188,8 +198,25 @@ fn guests_with_1_2_and_4_vcpus_start_count_and_send_each_other_ipis() {
         {
             boot.fail(&format!("no `{prefix}... status 0x43` line"));
         }
+        // The APs ran vCPUs: a guest with several vCPUs had them on several CPUs.
+        if n > 1 && host_cpus_used(&boot, guest) < 2 {
+            boot.fail(&format!("guest {guest}'s {n} vCPUs all ran on one CPU"));
+        }
     }
     boot.expect_keel_unhurt();
+}
+
+/// How many host CPUs guest `guest`'s vCPUs ran on, from Keel's closing line
+/// `keel: guest NAME: its vCPUs ran on N host CPUs: ...`.
+#[track_caller]
+fn host_cpus_used(boot: &Outcome, guest: &str) -> u32 {
+    let prefix = format!("keel: guest {guest}: its vCPUs ran on ");
+    let line = boot.expect_line(&prefix);
+    line[prefix.len()..]
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| boot.fail(&format!("cannot read `{line}`")))
 }
 
 static SMP_FAIR: BootSpec = BootSpec {
@@ -202,8 +229,8 @@ static SMP_FAIR: BootSpec = BootSpec {
 
 /// The guests of smp-fair.toml and their vCPUs: 7 CPU-bound vCPUs in all.
 const FAIR_GUESTS: [(&str, u32); 3] = [("smp1", 1), ("smp2", 2), ("smp4", 4)];
-/// What the timekeeper prints right before its PRINT_STATS, at 5 s.
-const FAIR_SNAPSHOT: &str = "[timekeeper] demo: 5 s";
+/// What the timekeeper prints right before its PRINT_STATS, at 3 s.
+const FAIR_SNAPSHOT: &str = "[timekeeper] demo: 3 s";
 
 /// Guests with 1, 2 and 4 CPU-bound vCPUs: every vCPU gets 1/7 of the CPU, within 2%. Keel's
 /// table at the timekeeper's snapshot (all seven vCPUs computing) gives each guest's CPU time;
@@ -267,6 +294,66 @@ fn cpu_bound_vcpus_of_guests_with_1_2_and_4_vcpus_get_equal_shares() {
             100.0 * fair,
             off.join(", ")
         ));
+    }
+    boot.expect_keel_unhurt();
+}
+
+static SMP_PINGPONG: BootSpec = BootSpec {
+    name: "bochs-bios-4cpus-smp-pingpong",
+    manifest: Manifest::File("tests/guests/manifests/smp-pingpong.toml"),
+    emulator: Emulator::Bochs,
+    firmware: Firmware::Bios,
+    timeout: None,
+};
+
+/// The `(count, average)` of one cell of Keel's `keel: WHAT: same CPU N x avg C cycles, ...`.
+#[track_caller]
+fn figure_cell(boot: &Outcome, line: &str, cell: &str) -> (u64, u64) {
+    let Some(at) = line.find(cell) else {
+        boot.fail(&format!("`{line}` has no `{cell}`"));
+    };
+    let mut words = line[at + cell.len()..].split_whitespace();
+    let n = words.next().and_then(|w| w.parse().ok());
+    let avg = words.nth(2).and_then(|w| w.parse().ok());
+    match (n, avg) {
+        (Some(n), Some(avg)) => (n, avg),
+        _ => boot.fail(&format!("cannot read `{cell}` in `{line}`")),
+    }
+}
+
+/// Two guests ping-pong 200 IPIs between their two vCPUs, one pinned to CPU 0 and one free:
+/// every IPI arrives (both end with 0x43), the pinned one's on its CPU and the free one's across
+/// CPUs, and Keel's times for both are printed as figures (docs/BENCHMARKS.md).
+#[test]
+fn ipis_between_vcpus_arrive_on_one_cpu_and_across_cpus() {
+    let boot = shared_boot_on(&SMP_PINGPONG, Some(CPUS));
+    for guest in ["pp-one", "pp-many"] {
+        boot.expect_guest_line(guest, "smp32: pingpong: 200 round trips");
+        let prefix = format!("keel: guest {guest} ");
+        if !boot
+            .lines()
+            .any(|l| l.starts_with(&prefix) && l.contains("status 0x43"))
+        {
+            boot.fail(&format!("no `{prefix}... status 0x43` line"));
+        }
+    }
+    if host_cpus_used(&boot, "pp-one") != 1 {
+        boot.fail("pp-one, pinned to CPU 0, ran elsewhere");
+    }
+    let ipi = boot.expect_line("keel: IPI delivery: ").to_string();
+    let switch = boot.expect_line("keel: guest switch: ").to_string();
+    let (same, same_avg) = figure_cell(&boot, &ipi, "same CPU ");
+    let (cross, cross_avg) = figure_cell(&boot, &ipi, "across CPUs ");
+    eprintln!("figure: IPI delivery on one CPU: {same} IPIs, avg {same_avg} cycles");
+    eprintln!("figure: IPI delivery across CPUs: {cross} IPIs, avg {cross_avg} cycles");
+    let (n, avg) = figure_cell(&boot, &switch, "same CPU ");
+    eprintln!("figure: guest switch on one CPU: {n} switches, avg {avg} cycles");
+    let (n, avg) = figure_cell(&boot, &switch, "moved from another CPU ");
+    eprintln!("figure: guest switch to a vCPU from another CPU: {n} switches, avg {avg} cycles");
+    // pp-one's 400 IPIs stay on CPU 0; pp-many's go across CPUs (or to the sender's CPU when
+    // none sleeps).
+    if same < 400 || cross == 0 {
+        boot.fail(&format!("{same} IPIs on one CPU, {cross} across CPUs"));
     }
     boot.expect_keel_unhurt();
 }

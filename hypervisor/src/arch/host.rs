@@ -32,6 +32,9 @@ impl crate::exits::Host for RealHost {
     fn host_interrupt(&mut self, vector: u8) {
         if vector == idt::TIMER_VECTOR {
             lapic::on_timer_interrupt();
+        } else if vector == idt::KICK_VECTOR {
+            // Another CPU kicked this one out of guest mode (`arch::smp::kick`).
+            super::smp::on_kick();
         } else if vector != idt::SPURIOUS_VECTOR {
             crate::warn!("unexpected host interrupt vector {vector:#x}");
             lapic::eoi();

@@ -467,10 +467,27 @@ extern "C" fn ap_entry(percpu: &'static PerCpu) -> ! {
         // The MADT and the hardware disagree: this is not the CPU Keel meant to start.
         id => Outcome::VmxFailed(alloc::format!("it answered as APIC {id}")),
     };
+    let up = matches!(outcome, Outcome::VmxOn { .. });
     percpu.outcome.call_once(|| outcome);
     loop {
-        // Woken by an IPI (or an NMI); nothing to do yet: the run loop stays on the boot CPU.
+        // Woken by an IPI (or an NMI): the run loop may have started.
         x86_64::instructions::interrupts::enable_and_hlt();
+        x86_64::instructions::interrupts::disable();
+        if let Some(run) = LOOP_ENTRY.get().filter(|_| up) {
+            run(percpu);
+        }
+    }
+}
+
+/// What every AP in VMX operation runs once the run loop starts ([`start_loop`]).
+static LOOP_ENTRY: spin::Once<fn(&'static PerCpu)> = spin::Once::new();
+
+/// Starts `run` on every AP in VMX operation (each is kicked out of its HLT for it); it returns
+/// when the AP has nothing more to do, and the AP waits in HLT again.
+pub fn start_loop(run: fn(&'static PerCpu)) {
+    LOOP_ENTRY.call_once(|| run);
+    for p in online().filter(|p| p.index != 0) {
+        kick(p);
     }
 }
 

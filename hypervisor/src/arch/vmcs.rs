@@ -72,6 +72,9 @@ pub struct VmcsRegion {
     pub pa: u64,
     /// Its launch state (SDM 25.11.3): "launched" after a VMLAUNCH, "clear" after a VMCLEAR.
     launched: bool,
+    /// The IA32_GS_BASE (the `arch::smp::PerCpu` address, so which CPU) whose GS base, GDTR and
+    /// TR base its host-state area holds: a load on another CPU writes that CPU's (0: none yet).
+    host_gs: u64,
 }
 
 impl VmcsRegion {
@@ -82,6 +85,7 @@ impl VmcsRegion {
         let mut r = Self {
             pa,
             launched: false,
+            host_gs: 0,
         };
         // VMCLEAR initialises the region's launch state (SDM 25.11.3). On failure `r` is dropped,
         // which tries once more and keeps the frame out of the pool if that fails too.
@@ -120,7 +124,50 @@ impl VmcsRegion {
         // current.
         unsafe { vmx_instruction!("vmptrld [{p}]", p = in(reg) &self.pa,) }
             .map_err(|e| VmcsError::Load(self.pa, e))?;
-        Ok(LoadedVmcs { region: self })
+        let here = cpu::rdmsr(cpu::msr::IA32_GS_BASE);
+        let mut v = LoadedVmcs { region: self };
+        if v.region.host_gs != here {
+            // Last used on another CPU: a VM exit must come back to this one's tables.
+            write_cpu_host_state(&mut v);
+        }
+        Ok(v)
+    }
+
+    /// Its launch state, for an entry made away from the region ([`Detached`]).
+    pub fn detach(&mut self) -> Detached {
+        Detached {
+            launched: self.launched,
+        }
+    }
+
+    /// Takes back the launch state an entry through `d` left ([`Detached::enter`]).
+    pub fn reattach(&mut self, d: Detached) {
+        self.launched = d.launched;
+    }
+}
+
+/// What entering a vCPU whose VMCS is current on this CPU needs, held by the CPU that runs it,
+/// outside the run loop's lock (`hypervisor::run_host`): the VMCS's launch state. The VMCS
+/// itself stays current on this CPU from the load that preceded [`VmcsRegion::detach`] until
+/// [`VmcsRegion::reattach`].
+pub struct Detached {
+    launched: bool,
+}
+
+impl Detached {
+    /// Enters the guest of the VMCS current on this CPU (VMLAUNCH if it is clear, else
+    /// VMRESUME) and returns at its next VM exit, as [`LoadedVmcs::enter`] does.
+    ///
+    /// The invariant this relies on (docs/ARCHITECTURE.md, "Host CPUs"): between `detach` and
+    /// `reattach`, the run loop marks the vCPU as on this CPU, and no code anywhere loads,
+    /// clears, reads or writes a VMCS a CPU's mark holds, nor its registers, except that CPU (a
+    /// monitor command waits until no other CPU runs a vCPU; a guest-wide act waits until none
+    /// of the guest's vCPUs is on another CPU). So the current VMCS here is still the one
+    /// loaded under the lock, and `regs` is this CPU's own copy of the vCPU's registers.
+    pub fn enter(&mut self, regs: &mut GuestRegs) -> Result<(), VmxError> {
+        // SAFETY: the current VMCS is the detached vCPU's, loaded on this CPU and complete (the
+        // invariant above keeps every other CPU off it and off its registers).
+        unsafe { enter_current(&mut self.launched, regs) }
     }
 }
 
@@ -149,9 +196,7 @@ pub fn write_host_state(vmcs: &mut LoadedVmcs<'_>) {
     vmcs.write(Host16::GsSelector, 0);
     vmcs.write(Host16::TrSelector, sel.tss.0);
     vmcs.write(HostNat::FsBase, cpu::rdmsr(cpu::msr::IA32_FS_BASE));
-    vmcs.write(HostNat::GsBase, cpu::rdmsr(cpu::msr::IA32_GS_BASE));
-    vmcs.write(HostNat::TrBase, gdt::tss_base());
-    vmcs.write(HostNat::GdtrBase, gdt::gdt_base());
+    write_cpu_host_state(vmcs);
     vmcs.write(HostNat::IdtrBase, idt::idt_base());
     vmcs.write(
         Host32::Ia32SysenterCs,
@@ -168,6 +213,19 @@ pub fn write_host_state(vmcs: &mut LoadedVmcs<'_>) {
     vmcs.write(Host64::Ia32Efer, cpu::rdmsr(cpu::msr::IA32_EFER));
     vmcs.write(Host64::Ia32Pat, cpu::rdmsr(cpu::msr::IA32_PAT));
     vmcs.write(HostNat::Rip, keel_vm_exit as *const () as u64);
+}
+
+/// The host-state fields that differ between CPUs (SDM Vol. 3C 25.5, loaded at every VM exit
+/// by 28.5.1-28.5.2): GS base (each CPU's `PerCpu`), GDTR base and TR base (each CPU's GDT and
+/// TSS). The selectors, control registers, IDT and MSRs are the same on every CPU (an AP copies
+/// the boot CPU's CR0, CR4, PAT and EFER, and loads the same GDT layout and IDT), so a VMCS
+/// moving to another CPU needs only these three rewritten after its VMPTRLD there.
+fn write_cpu_host_state(vmcs: &mut LoadedVmcs<'_>) {
+    let gs = cpu::rdmsr(cpu::msr::IA32_GS_BASE);
+    vmcs.write(HostNat::GsBase, gs);
+    vmcs.write(HostNat::TrBase, gdt::tss_base());
+    vmcs.write(HostNat::GdtrBase, gdt::gdt_base());
+    vmcs.region.host_gs = gs;
 }
 
 unsafe extern "C" {
@@ -283,15 +341,26 @@ impl LoadedVmcs<'_> {
     /// the VM-instruction error, SDM 31.2).
     pub fn enter(&mut self, regs: &mut GuestRegs) -> Result<(), VmxError> {
         // SAFETY: this VMCS is current (the handle exists) and holds a complete guest and host
-        // state (written by the caller); `regs` is valid for the duration of the call.
-        let rflags = unsafe { keel_vm_enter(regs, self.region.launched as u64) };
-        if rflags != 0 {
-            VmxError::check(rflags, super::vmx::read_instruction_error)?;
-        }
-        // SDM 27.11: the launch state becomes "launched" after a VMLAUNCH that did not fail.
-        self.region.launched = true;
-        Ok(())
+        // state (written by the caller).
+        unsafe { enter_current(&mut self.region.launched, regs) }
     }
+}
+
+/// VMLAUNCH (`launched` false) or VMRESUME of the current VMCS, back at its next VM exit with
+/// the guest's registers in `regs`.
+///
+/// # Safety
+/// The VMCS current on this CPU holds a complete guest and host state, `launched` is its launch
+/// state, and no other CPU uses it meanwhile.
+unsafe fn enter_current(launched: &mut bool, regs: &mut GuestRegs) -> Result<(), VmxError> {
+    // SAFETY: the caller's promise; `regs` is valid for the duration of the call.
+    let rflags = unsafe { keel_vm_enter(regs, *launched as u64) };
+    if rflags != 0 {
+        VmxError::check(rflags, super::vmx::read_instruction_error)?;
+    }
+    // SDM 27.11: the launch state becomes "launched" after a VMLAUNCH that did not fail.
+    *launched = true;
+    Ok(())
 }
 
 // `keel_vm_enter`/`keel_vm_exit` move whole 8-byte registers at the offsets above: every field must

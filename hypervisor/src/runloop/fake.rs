@@ -228,6 +228,8 @@ pub struct FakeCpu {
     /// The host CPUs kicked, in order, and how many VMCLEARs there were.
     pub kicks: Vec<usize>,
     pub releases: u64,
+    /// The INVEPTs of a guest's EPT: (host CPU, guest).
+    pub ept_flushes: Vec<(usize, usize)>,
     /// What every balloon request returns.
     pub balloon_status: u64,
     /// Set: every boot fails with this (no memory for the guest, say).
@@ -253,6 +255,7 @@ impl FakeCpu {
             in_cpu: alloc::vec![None],
             kicks: Vec::new(),
             releases: 0,
+            ept_flushes: Vec::new(),
             balloon_status: 0,
             boot_error: None,
         }
@@ -417,9 +420,26 @@ fn power_on(hw: &mut FakeVcpu, vm: &mut Vm, vcpus: &mut [Vcpu], clock: u64) {
     }
 }
 
+impl FakeCpu {
+    /// A guest's RAM, EPT or VMCSs change (`what`): none of its vCPUs may be on another host
+    /// CPU, where it could be in guest mode (its VMCS is active there until it leaves).
+    fn none_elsewhere(&self, hw: &FakeVcpu, what: &str) {
+        for (c, core) in hw.cores.iter().enumerate() {
+            assert!(
+                core.active_on.is_none_or(|k| k == self.on),
+                "{what} of guest {} on host CPU {} while its vCPU {c} is active on CPU {:?}",
+                hw.id,
+                self.on,
+                core.active_on
+            );
+        }
+    }
+}
+
 impl Cpu for FakeCpu {
     type Vcpu = FakeVcpu;
     type Loaded<'a> = FakeLoaded<'a>;
+    type Detached = ();
 
     fn rdtsc(&mut self) -> u64 {
         self.clock += KEEL_COST;
@@ -481,6 +501,17 @@ impl Cpu for FakeCpu {
 
     fn kick(&mut self, h: usize) {
         self.kicks.push(h);
+    }
+
+    fn detach(&mut self, hw: &mut FakeVcpu, cpu: usize) -> Result<(), String> {
+        self.load(hw, cpu).map(|_| ())
+    }
+
+    fn reattach(&mut self, _hw: &mut FakeVcpu, _cpu: usize, _d: ()) {}
+
+    fn flush_ept(&mut self, hw: &mut FakeVcpu) -> Result<(), String> {
+        self.ept_flushes.push((self.on, hw.id));
+        Ok(())
     }
 
     fn release(&mut self, hw: &mut FakeVcpu, cpu: usize) -> Result<(), String> {
@@ -585,6 +616,7 @@ impl Cpu for FakeCpu {
         if let Some(e) = &self.boot_error {
             return Err(e.clone());
         }
+        self.none_elsewhere(hw, "boot");
         hw.boots += 1;
         power_on(hw, vm, vcpus, self.clock);
         self.current[self.on] = Some((hw.id, 0));
@@ -605,11 +637,13 @@ impl Cpu for FakeCpu {
         _vm: &mut Vm,
         req: crate::balloon::Request,
     ) -> Result<u64, String> {
+        self.none_elsewhere(hw, "balloon call");
         hw.balloon_calls.push(req);
         Ok(self.balloon_status)
     }
 
     fn release_ram(&mut self, hw: &mut FakeVcpu, _vm: &mut Vm) {
+        self.none_elsewhere(hw, "release of its RAM");
         hw.released += 1;
     }
 

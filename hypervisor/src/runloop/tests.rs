@@ -1317,11 +1317,20 @@ enum HostStep {
     Asleep(u64),
 }
 
+/// A host CPU's entry in progress: the vCPU's registers, how the entry went, when it exited.
+type Away = (
+    crate::guest::GuestRegs,
+    Result<(), crate::vmx::VmxError>,
+    u64,
+);
+
 /// Several host CPUs over the one fake: each has its own clock, and the one that is furthest
 /// behind acts next (its `begin`, the guest's run to its exit, its `finish`), so their turns
 /// interleave as they would in parallel. A kick wakes a sleeping CPU at the kicker's time; a
 /// CPU in guest mode sees it at its vCPU's next exit.
 struct Hosts {
+    /// Each CPU's entry in progress: the vCPU's registers, how the entry went, when it exited.
+    away: Vec<Option<Away>>,
     clocks: Vec<u64>,
     steps: Vec<HostStep>,
     kicks_seen: usize,
@@ -1333,6 +1342,7 @@ impl Hosts {
         taken = taken.with_hosts(n);
         *rl = taken;
         Self {
+            away: vec![None; n],
             clocks: vec![rl.cpu.clock; n],
             steps: vec![HostStep::Ready; n],
             kicks_seen: 0,
@@ -1355,13 +1365,29 @@ impl Hosts {
         loop {
             let (h, t) = self.next();
             if t >= until {
+                // The entries in progress are accounted for (their `finish` comes later), so the
+                // tests read every vCPU's time up to its last exit.
+                for k in 0..self.away.len() {
+                    if let Some((regs, entered, at)) = self.away[k].take() {
+                        rl.reattach(k, (), regs, entered, at);
+                    }
+                }
                 return;
             }
             rl.cpu.clock = t;
             match self.steps[h] {
                 HostStep::Asleep(_) | HostStep::Ready => match rl.begin(h) {
                     Turn::Enter => {
-                        rl.enter(h);
+                        // As the hardware does it: the entry handed out, the guest run on this
+                        // CPU's copy of its registers, and given back at the `finish` step,
+                        // while the other CPUs act in between.
+                        self.away[h] = rl.detach(h).map(|((), mut regs)| {
+                            let (i, c) = rl.running_on(h).expect("a vCPU to enter");
+                            let s = &mut rl.slots[i];
+                            let mut v = rl.cpu.load(&mut s.hw, c).expect("its VMCS loads");
+                            let entered = rl.cpu.enter(&mut v, &mut regs);
+                            (regs, entered, rl.cpu.clock)
+                        });
                         self.steps[h] = HostStep::Exited;
                     }
                     Turn::Sleep { wake, max } => {
@@ -1372,6 +1398,9 @@ impl Hosts {
                     Turn::Done => panic!("every guest stopped"),
                 },
                 HostStep::Exited => {
+                    if let Some((regs, entered, at)) = self.away[h].take() {
+                        rl.reattach(h, (), regs, entered, at);
+                    }
                     rl.finish(h);
                     self.steps[h] = HostStep::Ready;
                 }
@@ -1594,4 +1623,139 @@ fn a_pin_to_a_cpu_that_is_not_up_falls_back_to_every_cpu() {
     assert_eq!(pins_on(None, 0b1), Ok(None));
     assert_eq!(pins_on(Some(0b11), 0b111), Ok(Some(0b11)));
     assert_eq!(pins_on(Some(0b1010), 0b0011), Err(3));
+}
+
+/// The BSP of guest 0 starts AP 1, computes `before` cycles, then does `then`; AP 1 computes.
+/// Guest 1 computes. Three vCPUs on two host CPUs, so each CPU holds guest 0 at times.
+fn two_cpus_with(before: u64, then: &[Op]) -> (RunLoop<FakeCpu>, Hosts) {
+    let mut main = vec![Op::Run(before)];
+    main.extend_from_slice(then);
+    main.push(Op::Run(u64::MAX));
+    let mut rl = smp_rig(vec![
+        vec![starter(1, &main), ap_computer()],
+        vec![Program::compute()],
+    ]);
+    let hosts = Hosts::new(&mut rl, 2);
+    (rl, hosts)
+}
+
+#[test]
+fn a_guest_stopped_by_one_vcpu_gives_its_ram_back_only_once_its_others_left_guest_mode() {
+    // The fake refuses a release of RAM (or a boot, or a balloon call) while a vCPU of the guest
+    // is active on another CPU, where it may be in guest mode.
+    let (mut rl, mut hosts) = two_cpus_with(3 * QUANTUM / 2, &[Op::TripleFault]);
+    hosts.run_for(&mut rl, 20 * QUANTUM);
+    assert!(matches!(
+        rl.slots[0].bsp().state,
+        RunState::Stopped(StopReason::TripleFault)
+    ));
+    assert_eq!(rl.slots[0].hw.released, 1, "its RAM went back once");
+    assert!(rl.slots[0].deferred.is_empty());
+    assert_eq!(overlapping_entries(&rl.cpu.trace), None);
+    // Guest 1 has both CPUs now, one at a time.
+    assert_eq!(rl.slots[1].vcpus[0].state, RunState::Runnable);
+}
+
+#[test]
+fn after_a_balloon_call_every_cpu_runs_invept_before_it_enters_the_guest_again() {
+    use crate::abi::hc;
+    let give = Op::Balloon(hc::BALLOON_GIVE, 0x10000, 4);
+    let (mut rl, mut hosts) = two_cpus_with(3 * QUANTUM / 2, &[give]);
+    hosts.run_for(&mut rl, 2 * QUANTUM);
+    let before = rl.cpu.trace.len();
+    hosts.run_for(&mut rl, 20 * QUANTUM);
+    assert_eq!(rl.slots[0].hw.balloon_calls.len(), 1);
+    assert_eq!(rl.slots[0].ept_gen, 1);
+    // Each host CPU that entered guest 0 after the call flushed its EPT translations first.
+    for h in 0..2 {
+        let entered = rl.cpu.trace[before..]
+            .iter()
+            .any(|e| e.host == h && e.guest == 0);
+        let flushed = rl.cpu.ept_flushes.contains(&(h, 0));
+        assert!(
+            !entered || flushed,
+            "host CPU {h} entered guest 0 without INVEPT; flushes {:?}",
+            rl.cpu.ept_flushes
+        );
+        assert!(entered, "host CPU {h} never ran guest 0 again");
+    }
+    // Once per CPU and change, not at every entry.
+    assert!(rl.cpu.ept_flushes.len() <= 2, "{:?}", rl.cpu.ept_flushes);
+}
+
+#[test]
+fn monitor_lines_wait_until_no_other_cpu_runs_a_vcpu() {
+    // `regs` loads a VMCS: the fake refuses that while it is active on another CPU.
+    let (mut rl, mut hosts) = two_cpus_with(u64::MAX / 4, &[]);
+    hosts.run_for(&mut rl, 4 * QUANTUM);
+    for line in ["regs 0", "regs 1"] {
+        rl.cpu.control_in.extend(line.bytes());
+        rl.cpu.control_in.push_back(b'\n');
+    }
+    hosts.run_for(&mut rl, 6 * QUANTUM);
+    let out = String::from_utf8_lossy(&rl.cpu.control_out).into_owned();
+    assert_eq!(out.matches("\"rip\"").count(), 2, "{out}");
+    assert!(rl.ops.held.is_empty());
+    // And the guests ran on after.
+    let late = rl
+        .cpu
+        .trace
+        .iter()
+        .filter(|e| e.start > rl.cpu.clock - QUANTUM);
+    assert!(late.count() > 0);
+}
+
+#[test]
+fn a_guests_clock_never_runs_backwards_across_its_vcpus_on_several_cpus() {
+    // The BSP computes and sends AP 1 an IPI every half quantum; the AP sleeps between them
+    // (each wake marks the guest as waiting while the BSP runs on the other CPU); guest 1
+    // computes, so the CPUs are contended.
+    let mut then = Vec::new();
+    for _ in 0..40 {
+        then.push(Op::Run(QUANTUM / 2));
+        then.push(ipi(1, 0, 0x40));
+    }
+    let (mut rl, mut hosts) = two_cpus_with(QUANTUM / 4, &then);
+    hosts.run_for(&mut rl, 30 * QUANTUM);
+    let entries: Vec<Entry> = rl.cpu.entries(0).copied().collect();
+    assert!(entries
+        .iter()
+        .any(|e| e.vcpu == 1 && e.injected == Some(0x40)));
+    // What one vCPU read of the guest's TSC before another's entry, that one reads at least.
+    for a in &entries {
+        for b in entries.iter().filter(|b| b.start >= a.end) {
+            assert!(
+                b.guest_start >= a.guest_end(),
+                "vCPU {} entered at guest time {} after vCPU {} left at {}",
+                b.vcpu,
+                b.guest_start,
+                a.vcpu,
+                a.guest_end()
+            );
+        }
+    }
+}
+
+#[test]
+fn an_init_to_a_vcpu_in_guest_mode_on_another_cpu_resets_it_at_its_exit() {
+    // The BSP sends AP 1 an INIT while the AP computes on the other CPU, which holds its
+    // registers until that entry's exit: the reset comes after, not before (where the CPU's
+    // registers, handed back at the exit, would overwrite it).
+    let (mut rl, mut hosts) = two_cpus_with(3 * QUANTUM / 2, &[ipi(1, 5, 0)]);
+    hosts.run_for(&mut rl, 8 * QUANTUM);
+    // It was in guest mode on the other CPU at the INIT.
+    let sent = rl
+        .cpu
+        .vcpu_entries(0, 0)
+        .find(|e| e.exit == crate::vmx::ExitReason::Wrmsr && e.start > super::fake::START + QUANTUM)
+        .copied()
+        .expect("the BSP's INIT");
+    assert!(rl
+        .cpu
+        .vcpu_entries(0, 1)
+        .any(|e| e.start < sent.end && e.end > sent.end && e.host != sent.host));
+    let ap = &rl.slots[0].vcpus[1];
+    assert_eq!(ap.state, RunState::WaitForSipi);
+    assert_eq!(ap.regs, crate::guest::GuestRegs::default());
+    assert!(!rl.slots[0].seats[1].init_pending);
 }

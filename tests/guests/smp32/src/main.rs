@@ -15,6 +15,11 @@
 //! (hypercall CPU_TIME, Keel's account of that vCPU) when the spin starts and when it ends, and the
 //! bootstrap processor prints `spin: cpu K ran C cycles` for every vCPU (the fairness test,
 //! tests/tests/smp.rs) and exits with 0x21.
+//!
+//! With `mode=pingpong`, once all are up, vCPU 0 sends vCPU 1 a fixed IPI and waits in HLT for
+//! one back, PINGPONGS times, while vCPU 1 answers each (the IPI delivery figures: Keel times each
+//! IPI from the sender's exit to the target's entry, on one CPU or across CPUs), and exits with
+//! 0x21 after `pingpong: N round trips`.
 #![no_std]
 #![no_main]
 
@@ -37,6 +42,8 @@ const ICR_STARTUP: u32 = 6 << 8 | 1 << 14;
 /// `mode=spin`: how long the vCPUs compute, in cycles of the guest's clock (its TSC, which
 /// runs only while one of its vCPUs has the CPU: with N vCPUs, each gets about 1/N of it).
 const SPIN_CYCLES: u64 = 40_000_000;
+/// `mode=pingpong`: how many IPI round trips vCPUs 0 and 1 make.
+const PINGPONGS: u32 = 200;
 /// The most vCPUs this guest starts (the AP stacks are sized for it).
 const MAX_CPUS: u32 = 16;
 
@@ -48,6 +55,8 @@ static CPUS: AtomicU32 = AtomicU32::new(1);
 static FAILED: AtomicBool = AtomicBool::new(false);
 /// `mode=spin` was given.
 static SPIN: AtomicBool = AtomicBool::new(false);
+/// `mode=pingpong` was given.
+static PINGPONG: AtomicBool = AtomicBool::new(false);
 /// Set by the bootstrap processor when SPIN_CYCLES have passed: every vCPU stops computing.
 static STOP: AtomicBool = AtomicBool::new(false);
 /// Each vCPU's CPU time over its spin, by APIC ID.
@@ -155,6 +164,10 @@ extern "C" fn smp32_main(cmdline: *const u8, _ram_size: usize) -> ! {
         .split(|&b| b == b' ')
         .any(|word| word == b"mode=spin");
     SPIN.store(spin, Ordering::SeqCst);
+    let pingpong = cmdline
+        .split(|&b| b == b' ')
+        .any(|word| word == b"mode=pingpong");
+    PINGPONG.store(pingpong, Ordering::SeqCst);
     let cpus = (cpu::cpuid(1).1 >> 16) & 0xff;
     let cpus = cpus.clamp(1, MAX_CPUS);
     CPUS.store(cpus, Ordering::SeqCst);
@@ -179,6 +192,14 @@ extern "C" fn smp32_main(cmdline: *const u8, _ram_size: usize) -> ! {
     work();
     while DONE.load(Ordering::SeqCst) < cpus {
         core::hint::spin_loop();
+    }
+    if pingpong {
+        say_locked!("pingpong: {} round trips", PINGPONGS);
+        if FAILED.load(Ordering::SeqCst) {
+            say_locked!("FAILED");
+            cpu::exit(guest_common::EXIT_FAILURE);
+        }
+        checks::done(EXIT_DONE)
     }
     if spin {
         for (id, spun) in SPUN.iter().enumerate().take(cpus as usize) {
@@ -235,19 +256,19 @@ fn work() {
         DONE.fetch_add(1, Ordering::SeqCst);
         return;
     }
+    if PINGPONG.load(Ordering::SeqCst) {
+        if cpus >= 2 && id < 2 {
+            ping_pong(id);
+        }
+        DONE.fetch_add(1, Ordering::SeqCst);
+        return;
+    }
     for _ in 0..ROUNDS {
         COUNTER.fetch_add(1, Ordering::SeqCst);
     }
     let next = ((u32::from(id) + 1) % cpus) as u8;
     lapic::send_ipi(next, u32::from(trap::IPI_VECTOR));
-    let mine = &trap::IPIS[usize::from(id)];
-    while mine.load(Ordering::SeqCst) == 0 {
-        // STI's one-instruction shadow: the IPI cannot slip in between the check and the HLT.
-        // SAFETY: waits for an interrupt; the IDT handles IPI_VECTOR.
-        unsafe {
-            asm!("cli", "cmpl $0, ({0})", "jne 2f", "sti", "hlt", "2:", "sti", in(reg) mine.as_ptr(), options(att_syntax))
-        };
-    }
+    wait_for_ipis(id, 1);
     let from = (u32::from(id) + cpus - 1) % cpus;
     say_locked!(
         "cpu {} counted {} and took the IPI of cpu {}",
@@ -256,6 +277,33 @@ fn work() {
         from
     );
     DONE.fetch_add(1, Ordering::SeqCst);
+}
+
+/// `mode=pingpong`: vCPU 0 sends, vCPU 1 answers, PINGPONGS times; each waits in HLT for its
+/// turn.
+fn ping_pong(id: u8) {
+    let other = 1 - id;
+    for n in 0..PINGPONGS {
+        if id == 0 {
+            lapic::send_ipi(other, u32::from(trap::IPI_VECTOR));
+        }
+        wait_for_ipis(id, n + 1);
+        if id == 1 {
+            lapic::send_ipi(other, u32::from(trap::IPI_VECTOR));
+        }
+    }
+}
+
+/// Waits in STI; HLT until vCPU `id` has taken `n` IPIs.
+fn wait_for_ipis(id: u8, n: u32) {
+    let mine = &trap::IPIS[usize::from(id)];
+    while mine.load(Ordering::SeqCst) < n {
+        // STI's one-instruction shadow: the IPI cannot slip in between the check and the HLT.
+        // SAFETY: waits for an interrupt; the IDT handles IPI_VECTOR.
+        unsafe {
+            asm!("cli", "cmpl {n:e}, ({p})", "jae 2f", "sti", "hlt", "2:", "sti", p = in(reg) mine.as_ptr(), n = in(reg) n, options(att_syntax))
+        };
+    }
 }
 
 /// `mode=spin`: computes until the bootstrap processor (APIC ID 0) has seen SPIN_CYCLES of the
