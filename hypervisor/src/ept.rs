@@ -162,6 +162,38 @@ pub struct StaleTranslations {
     pub eptp: u64,
 }
 
+/// A present entry an [`Ept::walk`] reached: its level (1 = PT), whether it is a leaf, the
+/// guest-physical address it starts at, and the part `[from, to)` of the walked range it covers.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    level: u8,
+    leaf: bool,
+    start: u64,
+    from: u64,
+    to: u64,
+}
+
+impl Slot {
+    /// The range covers the whole entry.
+    fn whole(&self) -> bool {
+        self.from == self.start && self.to == self.start + entry_size(self.level)
+    }
+}
+
+/// Where an [`Ept::walk`] goes after visiting an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// To the next entry at the same level.
+    Next,
+    /// Into the table below the entry first; a large leaf is split into one.
+    Descend,
+    /// Nowhere: the walk ends.
+    Stop,
+}
+
+/// The leaf work of a walk: sees an entry (and may change it) and says where to go next.
+type Visitor<'a> = dyn FnMut(Slot, &mut u64) -> Step + 'a;
+
 /// One EPT hierarchy.
 pub struct Ept<A: TableAlloc> {
     alloc: A,
@@ -226,8 +258,14 @@ impl<A: TableAlloc> Ept<A> {
     /// split; the translation is the same either way.
     pub fn split_to_4k(&mut self, gpa: u64, len: u64) -> Result<StaleTranslations, EptError> {
         let end = self.range_end(gpa, len)?;
-        let root = self.tables[0];
-        self.split_range(root, 4, gpa, end)?;
+        // Down every present entry above the PTs: a large leaf is split to go down.
+        self.walk(gpa, end, &mut |slot, _| {
+            if slot.level > 1 {
+                Step::Descend
+            } else {
+                Step::Next
+            }
+        })?;
         Ok(StaleTranslations { eptp: self.eptp() })
     }
 
@@ -244,8 +282,21 @@ impl<A: TableAlloc> Ept<A> {
         dirty: &mut dyn FnMut(u64),
     ) -> Result<StaleTranslations, EptError> {
         let end = self.range_end(gpa, len)?;
-        let root = self.tables[0];
-        self.dirty_range(root, 4, gpa, end, dirty);
+        // Only tables are gone down, so nothing is split (and nothing can fail).
+        self.walk(gpa, end, &mut |slot, entry| {
+            if !slot.leaf {
+                return Step::Descend;
+            }
+            if *entry & DIRTY != 0 {
+                *entry &= !DIRTY;
+                let mut page = slot.start;
+                while page < slot.start + entry_size(slot.level) {
+                    dirty(page);
+                    page += PAGE;
+                }
+            }
+            Step::Next
+        })?;
         Ok(StaleTranslations { eptp: self.eptp() })
     }
 
@@ -257,56 +308,6 @@ impl<A: TableAlloc> Ept<A> {
         gpa.checked_add(len)
             .filter(|&e| e <= GPA_LIMIT)
             .ok_or(EptError::OutOfRange { gpa, len })
-    }
-
-    fn split_range(&mut self, table: u64, level: u8, gpa: u64, end: u64) -> Result<(), EptError> {
-        if level == 1 {
-            return Ok(());
-        }
-        let size = entry_size(level);
-        let mut a = gpa;
-        while a < end {
-            let next = ((a & !(size - 1)) + size).min(end);
-            let index = entry_index(a, level);
-            let entry = self.alloc.table(table)[index];
-            if present(entry) {
-                let child = self.below(table, index, level, entry)?;
-                self.split_range(child, level - 1, a, next)?;
-            }
-            a = next;
-        }
-        Ok(())
-    }
-
-    fn dirty_range(
-        &mut self,
-        table: u64,
-        level: u8,
-        gpa: u64,
-        end: u64,
-        dirty: &mut dyn FnMut(u64),
-    ) {
-        let size = entry_size(level);
-        let mut a = gpa;
-        while a < end {
-            let start = a & !(size - 1);
-            let next = (start + size).min(end);
-            let index = entry_index(a, level);
-            let entry = self.alloc.table(table)[index];
-            if present(entry) {
-                if !is_leaf(entry, level) {
-                    self.dirty_range(entry & ADDR_MASK, level - 1, a, next, dirty);
-                } else if entry & DIRTY != 0 {
-                    self.alloc.table(table)[index] = entry & !DIRTY;
-                    let mut page = start;
-                    while page < start + size {
-                        dirty(page);
-                        page += PAGE;
-                    }
-                }
-            }
-            a = next;
-        }
     }
 
     /// Number of 4 KiB tables in use (the memory overhead of this EPT).
@@ -345,17 +346,17 @@ impl<A: TableAlloc> Ept<A> {
         if !perms.contains(EptPerms::READ) {
             return Err(EptError::BadPermissions(perms));
         }
-        let root = self.tables[0];
-        if let Some(at) = self.first_mapped(root, 4, gpa, end) {
+        if let Some(at) = self.first_mapped(gpa, end) {
             return Err(EptError::Overlap { gpa: at });
         }
         let attrs = u64::from(perms.bits()) | ((mem_type as u64) << 3);
         let delta = hpa.wrapping_sub(gpa);
+        let root = self.tables[0];
         let result = self.map_range(root, 4, gpa, end, delta, attrs);
         if result.is_err() {
             // Undo the part that was mapped; it lies wholly inside the range, so no split (and no
             // allocation) is needed.
-            let _ = self.unmap_range(root, 4, gpa, end);
+            let _ = self.unmap_range(gpa, end);
         }
         result
     }
@@ -372,8 +373,7 @@ impl<A: TableAlloc> Ept<A> {
             .checked_add(len)
             .filter(|&e| e <= GPA_LIMIT)
             .ok_or(EptError::OutOfRange { gpa, len })?;
-        let root = self.tables[0];
-        self.unmap_range(root, 4, gpa, end)?;
+        self.unmap_range(gpa, end)?;
         Ok(StaleTranslations { eptp: self.eptp() })
     }
 
@@ -418,24 +418,75 @@ impl<A: TableAlloc> Ept<A> {
         true
     }
 
-    /// The first address in `[gpa, end)` covered by a leaf under `table`.
-    fn first_mapped(&mut self, table: u64, level: u8, gpa: u64, end: u64) -> Option<u64> {
+    /// The first address in `[gpa, end)` covered by a leaf.
+    fn first_mapped(&mut self, gpa: u64, end: u64) -> Option<u64> {
+        let mut hit = None;
+        // Only tables are gone down: nothing is split, and the walk cannot fail.
+        let _ = self.walk(gpa, end, &mut |slot, _| {
+            if slot.leaf {
+                hit = Some(slot.from);
+                Step::Stop
+            } else {
+                Step::Descend
+            }
+        });
+        hit
+    }
+
+    /// Calls `visit` for every present entry that covers part of `[gpa, end)`, top down from the
+    /// PML4, with the entry to change in place, and goes on as it says: to the entry's next
+    /// sibling, one level down under it ([`Step::Descend`], splitting a large leaf to do so;
+    /// at a PT the same as [`Step::Next`]), or nowhere ([`Step::Stop`]). The range and leaf work
+    /// of `split_to_4k`, `take_dirty`, `unmap` and `map`'s overlap check are all walks.
+    fn walk(&mut self, gpa: u64, end: u64, visit: &mut Visitor<'_>) -> Result<(), EptError> {
+        let root = self.tables[0];
+        self.walk_table(root, 4, gpa, end, visit).map(|_| ())
+    }
+
+    /// [`walk`](Self::walk) of the part `[gpa, end)` under `table` at `level`; true when a visit
+    /// said [`Step::Stop`].
+    fn walk_table(
+        &mut self,
+        table: u64,
+        level: u8,
+        gpa: u64,
+        end: u64,
+        visit: &mut Visitor<'_>,
+    ) -> Result<bool, EptError> {
         let size = entry_size(level);
         let mut a = gpa;
         while a < end {
-            let next = ((a & !(size - 1)) + size).min(end);
-            let entry = self.alloc.table(table)[entry_index(a, level)];
-            if present(entry) {
-                if is_leaf(entry, level) {
-                    return Some(a);
+            let start = a & !(size - 1);
+            let next = (start + size).min(end);
+            let index = entry_index(a, level);
+            let before = self.alloc.table(table)[index];
+            if present(before) {
+                let slot = Slot {
+                    level,
+                    leaf: is_leaf(before, level),
+                    start,
+                    from: a,
+                    to: next,
+                };
+                let mut entry = before;
+                let step = visit(slot, &mut entry);
+                if entry != before {
+                    self.alloc.table(table)[index] = entry;
                 }
-                if let Some(hit) = self.first_mapped(entry & ADDR_MASK, level - 1, a, next) {
-                    return Some(hit);
+                match step {
+                    Step::Stop => return Ok(true),
+                    Step::Descend if level > 1 && present(entry) => {
+                        let child = self.below(table, index, level, entry)?;
+                        if self.walk_table(child, level - 1, a, next, visit)? {
+                            return Ok(true);
+                        }
+                    }
+                    Step::Descend | Step::Next => {}
                 }
             }
             a = next;
         }
-        None
+        Ok(false)
     }
 
     /// The table an entry points to, allocating it when the entry is empty.
@@ -490,26 +541,17 @@ impl<A: TableAlloc> Ept<A> {
         Ok(())
     }
 
-    fn unmap_range(&mut self, table: u64, level: u8, gpa: u64, end: u64) -> Result<(), EptError> {
-        let size = entry_size(level);
-        let mut a = gpa;
-        while a < end {
-            let start = a & !(size - 1);
-            let next = (start + size).min(end);
-            let index = entry_index(a, level);
-            let entry = self.alloc.table(table)[index];
-            if present(entry) {
-                if a == start && next == start + size {
-                    // The whole entry goes, leaf or subtree (the subtree's tables stay owned).
-                    self.alloc.table(table)[index] = 0;
-                } else {
-                    let child = self.below(table, index, level, entry)?;
-                    self.unmap_range(child, level - 1, a, next)?;
-                }
+    /// Clears every entry wholly inside `[gpa, end)`, leaf or subtree (a subtree's tables stay
+    /// owned), and goes down (splitting a large leaf) where the range covers part of one.
+    fn unmap_range(&mut self, gpa: u64, end: u64) -> Result<(), EptError> {
+        self.walk(gpa, end, &mut |slot, entry| {
+            if slot.whole() {
+                *entry = 0;
+                Step::Next
+            } else {
+                Step::Descend
             }
-            a = next;
-        }
-        Ok(())
+        })
     }
 
     /// The table under the present `entry` (at `level` > 1), a large leaf split for it.
