@@ -12,9 +12,9 @@
 
 use super::{Cpu, RunLoop};
 use crate::guest::{Vcpu, Vm};
-use crate::info;
 use crate::migrate::{Answer, Op, PageSet, Receiver, Sender, Source, CHUNK};
 use crate::snapshot::{Fingerprint, GuestInfo, PAGE_SIZE};
+use crate::{error, info};
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -30,6 +30,11 @@ pub trait MigrateHw<H> {
         dirty: &mut PageSet,
         begin: bool,
     ) -> Result<(), String>;
+    /// The migration ended with the guest still here (aborted, or abandoned): its RAM goes back
+    /// to 2 MiB EPT pages wherever the 4 KiB ones made for tracking still map a whole 2 MiB
+    /// block alike, and the processor's cached translations are invalidated. Returns how many
+    /// 2 MiB pages came back.
+    fn end_tracking(&mut self, hw: &mut H, vm: &Vm) -> Result<u64, String>;
     /// What a stream of the guest says of it and of this CPU, with its clock `clock`.
     fn describe(
         &mut self,
@@ -202,6 +207,7 @@ impl<C: Cpu> RunLoop<C> {
                     if let Some((true, _)) = paused {
                         let _ = self.resume(id);
                     }
+                    self.end_tracking(id);
                     return (
                         None,
                         Err("the guest stopped or restarted: migration abandoned".into()),
@@ -419,6 +425,23 @@ impl<C: Cpu> RunLoop<C> {
         info!("guest {}: incoming migration abandoned", s.vm.name);
     }
 
+    /// A migration out of guest `id` ended with the guest here: its EPT back to 2 MiB pages
+    /// (`MigrateHw::end_tracking`), logged.
+    fn end_tracking(&mut self, id: usize) {
+        self.switch_out();
+        let s = &mut self.slots[id];
+        let Some(hw) = self.cpu.migration() else {
+            return;
+        };
+        match hw.end_tracking(&mut s.hw, &s.vm) {
+            Ok(pages) => info!(
+                "guest {}: {pages} 2 MiB EPT pages restored after the migration",
+                s.vm.name
+            ),
+            Err(e) => error!("guest {}: {e}", s.vm.name),
+        }
+    }
+
     fn migrate_abort(&mut self) -> Result<Answer, String> {
         match self.ops.migration.take() {
             None => Err("no migration begun".into()),
@@ -437,6 +460,7 @@ impl<C: Cpu> RunLoop<C> {
                     "guest {}: migration aborted, it runs on",
                     self.slots[id].vm.name
                 );
+                self.end_tracking(id);
                 Ok(answer(
                     "migration aborted; the guest runs on here".into(),
                     alloc::vec![],
