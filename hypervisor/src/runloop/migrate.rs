@@ -143,6 +143,8 @@ impl<C: Cpu> RunLoop<C> {
             .ok_or("live migration needs the hardware")?;
         let mut none = PageSet::empty(0);
         hw.dirty_pages(&mut s.hw, &s.vm, &mut none, true)?;
+        // Keel's own writes into its RAM are dirty too: the EPT's flags do not see them.
+        s.vm.ram.log_writes(true);
         let (fingerprint, guest) = hw.describe(&mut s.hw, &s.vm, s.vcpus.len(), 0)?;
         let tx = Sender::new(env!("CARGO_PKG_VERSION"), &fingerprint, &guest);
         info!("guest {}: migrating out", s.vm.name);
@@ -405,7 +407,7 @@ impl<C: Cpu> RunLoop<C> {
         }
     }
 
-    /// The pages guest `id` wrote since the last collection.
+    /// The pages guest `id` wrote since the last collection, and those Keel wrote into its RAM.
     fn collect_dirty(&mut self, id: usize) -> Result<PageSet, String> {
         self.switch_out();
         let s = &mut self.slots[id];
@@ -415,6 +417,7 @@ impl<C: Cpu> RunLoop<C> {
             .migration()
             .ok_or("live migration needs the hardware")?;
         hw.dirty_pages(&mut s.hw, &s.vm, &mut dirty, false)?;
+        s.vm.ram.take_written(&mut |page| dirty.insert(page));
         Ok(dirty)
     }
 
@@ -425,11 +428,12 @@ impl<C: Cpu> RunLoop<C> {
         info!("guest {}: incoming migration abandoned", s.vm.name);
     }
 
-    /// A migration out of guest `id` ended with the guest here: its EPT back to 2 MiB pages
-    /// (`MigrateHw::end_tracking`), logged.
+    /// A migration out of guest `id` ended with the guest here: Keel's writes no longer logged,
+    /// its EPT back to 2 MiB pages (`MigrateHw::end_tracking`), logged.
     fn end_tracking(&mut self, id: usize) {
         self.switch_out();
         let s = &mut self.slots[id];
+        s.vm.ram.log_writes(false);
         let Some(hw) = self.cpu.migration() else {
             return;
         };
