@@ -525,7 +525,8 @@ impl<A: TableAlloc> Ept<A> {
     /// PML4, with the entry to change in place, and goes on as it says: to the entry's next
     /// sibling, one level down under it ([`Step::Descend`], splitting a large leaf to do so;
     /// at a PT the same as [`Step::Next`]), or nowhere ([`Step::Stop`]). The range and leaf work
-    /// of `split_to_4k`, `take_dirty`, `unmap` and `map`'s overlap check are all walks.
+    /// of `split_to_4k`, `take_dirty`, `unmap`, `map`'s overlap check and `merge_to_2m`'s search
+    /// for page tables are all walks.
     fn walk(&mut self, gpa: u64, end: u64, visit: &mut Visitor<'_>) -> Result<(), EptError> {
         let root = self.tables[0];
         self.walk_table(root, 4, gpa, end, visit).map(|_| ())
