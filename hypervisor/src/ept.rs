@@ -3,9 +3,11 @@
 //!
 //! [`Ept`] builds a 4-level structure (PML4, PDPT, PD, PT) through a [`TableAlloc`], using the
 //! largest leaf that fits: 1 GiB (when enabled), 2 MiB, else 4 KiB. It refuses overlapping or
-//! misaligned maps rather than silently replacing entries. Tables are never freed while the
-//! `Ept` lives (an unmapped subtree stays owned); dropping the `Ept` gives every table it
-//! allocated back to its [`TableAlloc`], so a guest that is refused or destroyed keeps none.
+//! misaligned maps rather than silently replacing entries. An unmapped subtree's tables stay
+//! owned; the only tables freed while the `Ept` lives are page tables [`Ept::merge_to_2m`] made
+//! redundant, and only once the caller has invalidated the EPT ([`Ept::free_retired`]). Dropping
+//! the `Ept` gives every table it allocated back to its [`TableAlloc`], so a guest that is refused
+//! or destroyed keeps none.
 //!
 //! After removing entries from a live EPT the caller must INVEPT the context before the guest runs
 //! again: [`Ept::unmap`] returns a [`StaleTranslations`] that says so and may not be ignored.
@@ -131,6 +133,7 @@ const LARGE: u64 = 1 << 7;
 /// Set by the processor in a leaf it wrote through, when the EPTP enables accessed and dirty
 /// flags (SDM Vol. 3C 29.3.5 "Accessed and Dirty Flags for EPT"; bit 8 is the accessed flag).
 const DIRTY: u64 = 1 << 9;
+const ACCESSED: u64 = 1 << 8;
 /// EPTP bit 6: accessed and dirty flags on (SDM 25.6.11).
 const EPTP_ACCESSED_DIRTY: u64 = 1 << 6;
 const PAGE: u64 = 4096;
@@ -162,11 +165,59 @@ pub struct StaleTranslations {
     pub eptp: u64,
 }
 
+/// A present entry an [`Ept::walk`] reached: where it is, its level (1 = PT), whether it is a
+/// leaf, the guest-physical address it starts at, and the part `[from, to)` of the walked range
+/// it covers.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    /// The table the entry is in, and its index there.
+    table: u64,
+    index: usize,
+    level: u8,
+    leaf: bool,
+    start: u64,
+    from: u64,
+    to: u64,
+}
+
+impl Slot {
+    /// The range covers the whole entry.
+    fn whole(&self) -> bool {
+        self.from == self.start && self.to == self.start + entry_size(self.level)
+    }
+}
+
+/// What [`Ept::merge_to_2m`] did: the 2 MiB leaves it made, and the EPTP to invalidate before
+/// the guest runs again and before [`Ept::free_retired`].
+#[must_use = "invalidate the EPT, then free_retired (SDM 29.4.3.1)"]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Merged {
+    pub pages: u64,
+    pub stale: StaleTranslations,
+}
+
+/// Where an [`Ept::walk`] goes after visiting an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// To the next entry at the same level.
+    Next,
+    /// Into the table below the entry first; a large leaf is split into one.
+    Descend,
+    /// Nowhere: the walk ends.
+    Stop,
+}
+
+/// The leaf work of a walk: sees an entry (and may change it) and says where to go next.
+type Visitor<'a> = dyn FnMut(Slot, &mut u64) -> Step + 'a;
+
 /// One EPT hierarchy.
 pub struct Ept<A: TableAlloc> {
     alloc: A,
     /// Every table, the PML4 first.
     tables: Vec<u64>,
+    /// Page tables a merge took out of the hierarchy, which the processor may still reach
+    /// through cached entries until the EPT is invalidated ([`Ept::free_retired`]).
+    retired: Vec<u64>,
     pages_1g: bool,
     pages_2m: bool,
     accessed_dirty: bool,
@@ -181,6 +232,7 @@ impl<A: TableAlloc> Ept<A> {
         Ok(Self {
             alloc,
             tables: alloc::vec![root],
+            retired: Vec::new(),
             pages_1g,
             pages_2m: true,
             accessed_dirty: false,
@@ -222,13 +274,87 @@ impl<A: TableAlloc> Ept<A> {
     /// leaves with the same translation and attributes, so that dirty tracking sees single
     /// pages. A large leaf that sticks out of the range is split whole. The processor may hold
     /// the large translations: the result says which EPTP to invalidate. Tables already split
-    /// stay (a split EPT is never merged again while it lives). On `OutOfMemory` part may be
-    /// split; the translation is the same either way.
+    /// stay until [`merge_to_2m`](Self::merge_to_2m). On `OutOfMemory` part may be split; the
+    /// translation is the same either way.
     pub fn split_to_4k(&mut self, gpa: u64, len: u64) -> Result<StaleTranslations, EptError> {
         let end = self.range_end(gpa, len)?;
-        let root = self.tables[0];
-        self.split_range(root, 4, gpa, end)?;
+        // Down every present entry above the PTs: a large leaf is split to go down.
+        self.walk(gpa, end, &mut |slot, _| {
+            if slot.level > 1 {
+                Step::Descend
+            } else {
+                Step::Next
+            }
+        })?;
         Ok(StaleTranslations { eptp: self.eptp() })
+    }
+
+    /// Undoes [`split_to_4k`](Self::split_to_4k) where it can: every page table under a 2 MiB
+    /// entry wholly inside `[gpa, gpa + len)` whose 512 entries still map one 2 MiB-aligned,
+    /// contiguous host block with the same rights, memory type and ignore-PAT bit becomes one
+    /// 2 MiB leaf again (with the accessed and dirty flags of any of its pages). A table with a
+    /// hole (a page ballooned out), a page on another frame or other rights stays. A 1 GiB leaf
+    /// split before comes back as 2 MiB leaves. Returns how many 2 MiB leaves it made; nothing
+    /// when 2 MiB leaves are off.
+    ///
+    /// The processor may hold the 4 KiB translations and the entries that lead to the old page
+    /// tables (SDM 29.4.3.1): the caller runs the INVEPT the result names, and only then gives
+    /// the old tables back with [`free_retired`](Self::free_retired), so that no cached entry
+    /// leads into a frame that serves something else.
+    pub fn merge_to_2m(&mut self, gpa: u64, len: u64) -> Result<Merged, EptError> {
+        let end = self.range_end(gpa, len)?;
+        let mut pts = Vec::new();
+        if self.leaf_allowed(2) {
+            self.walk(gpa, end, &mut |slot, entry| match slot.level {
+                2 if !slot.leaf && slot.whole() => {
+                    pts.push((slot.table, slot.index, *entry & ADDR_MASK));
+                    Step::Next
+                }
+                3 | 4 if !slot.leaf => Step::Descend,
+                _ => Step::Next,
+            })?;
+        }
+        let mut pages = 0;
+        for (pd, index, pt) in pts {
+            if let Some(leaf) = self.merged_leaf(pt) {
+                self.alloc.table(pd)[index] = leaf;
+                self.tables.retain(|&t| t != pt);
+                self.retired.push(pt);
+                pages += 1;
+            }
+        }
+        Ok(Merged {
+            pages,
+            stale: StaleTranslations { eptp: self.eptp() },
+        })
+    }
+
+    /// The 2 MiB leaf that translates as the page table `pt` does, if one can.
+    fn merged_leaf(&mut self, pt: u64) -> Option<u64> {
+        let entries = self.alloc.table(pt);
+        let base = entries[0] & ADDR_MASK;
+        // Rights, memory type, ignore-PAT and the bits above the address must agree.
+        let kind = |e: u64| e & !(ADDR_MASK | ACCESSED | DIRTY);
+        let same = kind(entries[0]);
+        if !base.is_multiple_of(entry_size(2)) {
+            return None;
+        }
+        let mut flags = 0;
+        for (i, &e) in entries.iter().enumerate() {
+            if !present(e) || e & ADDR_MASK != base + i as u64 * PAGE || kind(e) != same {
+                return None;
+            }
+            flags |= e & (ACCESSED | DIRTY);
+        }
+        Some(base | same | flags | LARGE)
+    }
+
+    /// Gives back the page tables [`merge_to_2m`](Self::merge_to_2m) took out; call it after the
+    /// INVEPT that merge asked for.
+    pub fn free_retired(&mut self) {
+        for t in self.retired.drain(..) {
+            self.alloc.free_table(t);
+        }
     }
 
     /// Collects and clears the dirty flags of the leaves in `[gpa, gpa + len)`: `dirty(page)`
@@ -244,8 +370,21 @@ impl<A: TableAlloc> Ept<A> {
         dirty: &mut dyn FnMut(u64),
     ) -> Result<StaleTranslations, EptError> {
         let end = self.range_end(gpa, len)?;
-        let root = self.tables[0];
-        self.dirty_range(root, 4, gpa, end, dirty);
+        // Only tables are gone down, so nothing is split (and nothing can fail).
+        self.walk(gpa, end, &mut |slot, entry| {
+            if !slot.leaf {
+                return Step::Descend;
+            }
+            if *entry & DIRTY != 0 {
+                *entry &= !DIRTY;
+                let mut page = slot.start;
+                while page < slot.start + entry_size(slot.level) {
+                    dirty(page);
+                    page += PAGE;
+                }
+            }
+            Step::Next
+        })?;
         Ok(StaleTranslations { eptp: self.eptp() })
     }
 
@@ -257,56 +396,6 @@ impl<A: TableAlloc> Ept<A> {
         gpa.checked_add(len)
             .filter(|&e| e <= GPA_LIMIT)
             .ok_or(EptError::OutOfRange { gpa, len })
-    }
-
-    fn split_range(&mut self, table: u64, level: u8, gpa: u64, end: u64) -> Result<(), EptError> {
-        if level == 1 {
-            return Ok(());
-        }
-        let size = entry_size(level);
-        let mut a = gpa;
-        while a < end {
-            let next = ((a & !(size - 1)) + size).min(end);
-            let index = entry_index(a, level);
-            let entry = self.alloc.table(table)[index];
-            if present(entry) {
-                let child = self.below(table, index, level, entry)?;
-                self.split_range(child, level - 1, a, next)?;
-            }
-            a = next;
-        }
-        Ok(())
-    }
-
-    fn dirty_range(
-        &mut self,
-        table: u64,
-        level: u8,
-        gpa: u64,
-        end: u64,
-        dirty: &mut dyn FnMut(u64),
-    ) {
-        let size = entry_size(level);
-        let mut a = gpa;
-        while a < end {
-            let start = a & !(size - 1);
-            let next = (start + size).min(end);
-            let index = entry_index(a, level);
-            let entry = self.alloc.table(table)[index];
-            if present(entry) {
-                if !is_leaf(entry, level) {
-                    self.dirty_range(entry & ADDR_MASK, level - 1, a, next, dirty);
-                } else if entry & DIRTY != 0 {
-                    self.alloc.table(table)[index] = entry & !DIRTY;
-                    let mut page = start;
-                    while page < start + size {
-                        dirty(page);
-                        page += PAGE;
-                    }
-                }
-            }
-            a = next;
-        }
     }
 
     /// Number of 4 KiB tables in use (the memory overhead of this EPT).
@@ -345,17 +434,17 @@ impl<A: TableAlloc> Ept<A> {
         if !perms.contains(EptPerms::READ) {
             return Err(EptError::BadPermissions(perms));
         }
-        let root = self.tables[0];
-        if let Some(at) = self.first_mapped(root, 4, gpa, end) {
+        if let Some(at) = self.first_mapped(gpa, end) {
             return Err(EptError::Overlap { gpa: at });
         }
         let attrs = u64::from(perms.bits()) | ((mem_type as u64) << 3);
         let delta = hpa.wrapping_sub(gpa);
+        let root = self.tables[0];
         let result = self.map_range(root, 4, gpa, end, delta, attrs);
         if result.is_err() {
             // Undo the part that was mapped; it lies wholly inside the range, so no split (and no
             // allocation) is needed.
-            let _ = self.unmap_range(root, 4, gpa, end);
+            let _ = self.unmap_range(gpa, end);
         }
         result
     }
@@ -372,8 +461,7 @@ impl<A: TableAlloc> Ept<A> {
             .checked_add(len)
             .filter(|&e| e <= GPA_LIMIT)
             .ok_or(EptError::OutOfRange { gpa, len })?;
-        let root = self.tables[0];
-        self.unmap_range(root, 4, gpa, end)?;
+        self.unmap_range(gpa, end)?;
         Ok(StaleTranslations { eptp: self.eptp() })
     }
 
@@ -418,24 +506,78 @@ impl<A: TableAlloc> Ept<A> {
         true
     }
 
-    /// The first address in `[gpa, end)` covered by a leaf under `table`.
-    fn first_mapped(&mut self, table: u64, level: u8, gpa: u64, end: u64) -> Option<u64> {
+    /// The first address in `[gpa, end)` covered by a leaf.
+    fn first_mapped(&mut self, gpa: u64, end: u64) -> Option<u64> {
+        let mut hit = None;
+        // Only tables are gone down: nothing is split, and the walk cannot fail.
+        let _ = self.walk(gpa, end, &mut |slot, _| {
+            if slot.leaf {
+                hit = Some(slot.from);
+                Step::Stop
+            } else {
+                Step::Descend
+            }
+        });
+        hit
+    }
+
+    /// Calls `visit` for every present entry that covers part of `[gpa, end)`, top down from the
+    /// PML4, with the entry to change in place, and goes on as it says: to the entry's next
+    /// sibling, one level down under it ([`Step::Descend`], splitting a large leaf to do so;
+    /// at a PT the same as [`Step::Next`]), or nowhere ([`Step::Stop`]). The range and leaf work
+    /// of `split_to_4k`, `take_dirty`, `unmap`, `map`'s overlap check and `merge_to_2m`'s search
+    /// for page tables are all walks.
+    fn walk(&mut self, gpa: u64, end: u64, visit: &mut Visitor<'_>) -> Result<(), EptError> {
+        let root = self.tables[0];
+        self.walk_table(root, 4, gpa, end, visit).map(|_| ())
+    }
+
+    /// [`walk`](Self::walk) of the part `[gpa, end)` under `table` at `level`; true when a visit
+    /// said [`Step::Stop`].
+    fn walk_table(
+        &mut self,
+        table: u64,
+        level: u8,
+        gpa: u64,
+        end: u64,
+        visit: &mut Visitor<'_>,
+    ) -> Result<bool, EptError> {
         let size = entry_size(level);
         let mut a = gpa;
         while a < end {
-            let next = ((a & !(size - 1)) + size).min(end);
-            let entry = self.alloc.table(table)[entry_index(a, level)];
-            if present(entry) {
-                if is_leaf(entry, level) {
-                    return Some(a);
+            let start = a & !(size - 1);
+            let next = (start + size).min(end);
+            let index = entry_index(a, level);
+            let before = self.alloc.table(table)[index];
+            if present(before) {
+                let slot = Slot {
+                    table,
+                    index,
+                    level,
+                    leaf: is_leaf(before, level),
+                    start,
+                    from: a,
+                    to: next,
+                };
+                let mut entry = before;
+                let step = visit(slot, &mut entry);
+                if entry != before {
+                    self.alloc.table(table)[index] = entry;
                 }
-                if let Some(hit) = self.first_mapped(entry & ADDR_MASK, level - 1, a, next) {
-                    return Some(hit);
+                match step {
+                    Step::Stop => return Ok(true),
+                    Step::Descend if level > 1 && present(entry) => {
+                        let child = self.below(table, index, level, entry)?;
+                        if self.walk_table(child, level - 1, a, next, visit)? {
+                            return Ok(true);
+                        }
+                    }
+                    Step::Descend | Step::Next => {}
                 }
             }
             a = next;
         }
-        None
+        Ok(false)
     }
 
     /// The table an entry points to, allocating it when the entry is empty.
@@ -490,26 +632,17 @@ impl<A: TableAlloc> Ept<A> {
         Ok(())
     }
 
-    fn unmap_range(&mut self, table: u64, level: u8, gpa: u64, end: u64) -> Result<(), EptError> {
-        let size = entry_size(level);
-        let mut a = gpa;
-        while a < end {
-            let start = a & !(size - 1);
-            let next = (start + size).min(end);
-            let index = entry_index(a, level);
-            let entry = self.alloc.table(table)[index];
-            if present(entry) {
-                if a == start && next == start + size {
-                    // The whole entry goes, leaf or subtree (the subtree's tables stay owned).
-                    self.alloc.table(table)[index] = 0;
-                } else {
-                    let child = self.below(table, index, level, entry)?;
-                    self.unmap_range(child, level - 1, a, next)?;
-                }
+    /// Clears every entry wholly inside `[gpa, end)`, leaf or subtree (a subtree's tables stay
+    /// owned), and goes down (splitting a large leaf) where the range covers part of one.
+    fn unmap_range(&mut self, gpa: u64, end: u64) -> Result<(), EptError> {
+        self.walk(gpa, end, &mut |slot, entry| {
+            if slot.whole() {
+                *entry = 0;
+                Step::Next
+            } else {
+                Step::Descend
             }
-            a = next;
-        }
-        Ok(())
+        })
     }
 
     /// The table under the present `entry` (at `level` > 1), a large leaf split for it.
@@ -552,6 +685,7 @@ impl<A: TableAlloc> Drop for Ept<A> {
             self.alloc.free_table(t);
         }
         self.tables.clear();
+        self.free_retired();
     }
 }
 
@@ -626,7 +760,7 @@ mod tests {
     }
 
     /// The raw leaf entry for `gpa` and the level it sits at.
-    fn leaf(e: &mut Ept<FakeTables>, gpa: u64) -> Option<(u64, u8)> {
+    fn leaf<A: TableAlloc>(e: &mut Ept<A>, gpa: u64) -> Option<(u64, u8)> {
         let mut table = e.tables[0];
         for level in (1..=4u8).rev() {
             let entry = e.alloc.table(table)[entry_index(gpa, level)];
@@ -682,19 +816,19 @@ mod tests {
         seen
     }
 
+    /// RAM at `[0, len)` in 2 MiB pages, and 8-10 MiB read-execute and uncached.
+    fn ram_and_uncached<A: TableAlloc>(e: &mut Ept<A>, len: u64) {
+        e.map(0, RAM, len, EptPerms::RWX, MemType::WriteBack)
+            .unwrap();
+        let uc = MemType::Uncacheable;
+        e.map(8 * MB, RAM + 8 * MB, 2 * MB, EptPerms::RX, uc)
+            .unwrap();
+    }
+
     #[test]
     fn split_to_4k_keeps_every_translation() {
         let mut e = ept();
-        e.map(0, RAM, 4 * MB, EptPerms::RWX, MemType::WriteBack)
-            .unwrap();
-        e.map(
-            8 * MB,
-            RAM + 8 * MB,
-            2 * MB,
-            EptPerms::RX,
-            MemType::Uncacheable,
-        )
-        .unwrap();
+        ram_and_uncached(&mut e, 4 * MB);
         let before: Vec<_> = (0..10 * MB / PAGE).map(|p| e.translate(p * PAGE)).collect();
         let stale = e.split_to_4k(0, 16 * MB).unwrap();
         assert_eq!(stale.eptp, e.eptp());
@@ -709,13 +843,150 @@ mod tests {
         assert_eq!(e.tables_used(), 6);
     }
 
+    /// Every translation of `[0, len)`, page by page.
+    fn translations<A: TableAlloc>(
+        e: &mut Ept<A>,
+        len: u64,
+    ) -> Vec<Option<(u64, EptPerms, MemType)>> {
+        (0..len / PAGE).map(|p| e.translate(p * PAGE)).collect()
+    }
+
     #[test]
-    fn dirty_pages_are_reported_once_and_cleared() {
+    fn a_split_then_a_merge_gives_back_the_2m_pages_and_the_same_translations() {
+        let mut tables = FakeTables::new();
+        let mut e = Ept::new(&mut tables, false).unwrap();
+        ram_and_uncached(&mut e, 8 * MB);
+        let before = translations(&mut e, 12 * MB);
+        let _ = e.split_to_4k(0, 10 * MB).unwrap();
+        assert_eq!(e.tables_used(), 3 + 5);
+        let merged = e.merge_to_2m(0, 10 * MB).unwrap();
+        assert_eq!(merged.pages, 5, "every 2 MiB page the split made 4 KiB");
+        assert_eq!(merged.stale.eptp, e.eptp(), "the EPTP to invalidate");
+        assert_eq!(translations(&mut e, 12 * MB), before);
+        for gpa in [0, 3 * MB, 8 * MB, 10 * MB - PAGE] {
+            assert_eq!(leaf(&mut e, gpa).unwrap().1, 2, "{gpa:#x} in a 2 MiB leaf");
+        }
+        assert_eq!(e.tables_used(), 3, "PML4, PDPT, PD");
+        // The page tables go back only once the caller has invalidated the EPT.
+        let merged_again = e.merge_to_2m(0, 10 * MB).unwrap();
+        assert_eq!(merged_again.pages, 0, "nothing left to merge");
+        e.free_retired();
+        drop(e);
+        assert_eq!(tables.freed.len(), 8, "each table freed once");
+    }
+
+    #[test]
+    fn retired_tables_wait_for_free_retired() {
+        let mut tables = FakeTables::new();
+        {
+            let mut e = Ept::new(&mut tables, false).unwrap();
+            e.map(0, RAM, 2 * MB, EptPerms::RWX, MemType::WriteBack)
+                .unwrap();
+            let _ = e.split_to_4k(0, 2 * MB).unwrap();
+            let _ = e.merge_to_2m(0, 2 * MB).unwrap();
+            assert!(e.alloc.freed.is_empty(), "not before the INVEPT");
+            e.free_retired();
+            assert_eq!(e.alloc.freed.len(), 1, "the page table");
+            // Retired and not yet freed: dropping the EPT frees it.
+            let _ = e.split_to_4k(0, 2 * MB).unwrap();
+            let _ = e.merge_to_2m(0, 2 * MB).unwrap();
+        }
+        assert_eq!(tables.freed.len(), 5, "PML4, PDPT, PD, two page tables");
+    }
+
+    #[test]
+    fn a_hole_a_moved_page_or_other_rights_keep_the_split() {
+        let mut e = ept();
+        e.map(0, RAM, 10 * MB, EptPerms::RWX, MemType::WriteBack)
+            .unwrap();
+        let _ = e.split_to_4k(0, 10 * MB).unwrap();
+        // 0-2M: a page given back (a balloon hole). 2M-4M: a page on another frame.
+        // 4M-6M: a page read-only. 6M-8M: a page uncached. 8M-10M: untouched.
+        let _ = e.unmap(MB, PAGE).unwrap();
+        let _ = e.unmap(3 * MB, PAGE).unwrap();
+        e.map(3 * MB, 3 * GB, PAGE, EptPerms::RWX, MemType::WriteBack)
+            .unwrap();
+        let _ = e.unmap(5 * MB, PAGE).unwrap();
+        e.map(5 * MB, RAM + 5 * MB, PAGE, EptPerms::RX, MemType::WriteBack)
+            .unwrap();
+        let _ = e.unmap(7 * MB, PAGE).unwrap();
+        e.map(
+            7 * MB,
+            RAM + 7 * MB,
+            PAGE,
+            EptPerms::RWX,
+            MemType::Uncacheable,
+        )
+        .unwrap();
+        let before = translations(&mut e, 10 * MB);
+        let merged = e.merge_to_2m(0, 10 * MB).unwrap();
+        assert_eq!(merged.pages, 1, "only the untouched 2 MiB");
+        assert_eq!(translations(&mut e, 10 * MB), before);
+        for gpa in [0, 2 * MB, 4 * MB, 6 * MB] {
+            assert_eq!(leaf(&mut e, gpa).unwrap().1, 1, "{gpa:#x} stays split");
+        }
+        assert_eq!(leaf(&mut e, 8 * MB).unwrap().1, 2);
+        assert_eq!(e.translate(MB), None, "the hole stays a hole");
+        // The page taken back onto its own frame: its 2 MiB merges.
+        e.map(MB, RAM + MB, PAGE, EptPerms::RWX, MemType::WriteBack)
+            .unwrap();
+        assert_eq!(e.merge_to_2m(0, 10 * MB).unwrap().pages, 1);
+        assert_eq!(leaf(&mut e, MB).unwrap().1, 2);
+        assert_eq!(e.translate(MB + 5).unwrap().0, RAM + MB + 5);
+    }
+
+    #[test]
+    fn a_merge_keeps_dirty_flags_and_respects_its_range_and_the_2m_switch() {
+        let mut e = tracked(4 * MB);
+        write_through(&mut e, 2 * MB + 0x5000);
+        // A range that covers only part of a 2 MiB entry does not merge it.
+        assert_eq!(e.merge_to_2m(0, 4 * MB - PAGE).unwrap().pages, 1);
+        assert_eq!(leaf(&mut e, 2 * MB).unwrap().1, 1);
+        e.set_2m_pages(false);
+        assert_eq!(e.merge_to_2m(0, 4 * MB).unwrap().pages, 0);
+        e.set_2m_pages(true);
+        assert_eq!(e.merge_to_2m(0, 4 * MB).unwrap().pages, 1);
+        let (entry, level) = leaf(&mut e, 2 * MB).unwrap();
+        assert_eq!(level, 2);
+        assert_ne!(
+            entry & DIRTY,
+            0,
+            "a page written before the merge stays dirty"
+        );
+        assert_eq!(dirty_pages(&mut e, 0, 4 * MB).len(), 512);
+        assert!(matches!(
+            e.merge_to_2m(0x10, PAGE),
+            Err(EptError::Misaligned { .. })
+        ));
+    }
+
+    #[test]
+    fn a_split_1g_page_merges_back_to_2m_pages() {
+        let mut e = Ept::new(FakeTables::new(), true).unwrap();
+        e.map(0, GB, GB, EptPerms::RWX, MemType::WriteBack).unwrap();
+        let before: Vec<_> = (0..GB).step_by(0x3_3000).map(|g| e.translate(g)).collect();
+        let _ = e.split_to_4k(0, GB).unwrap();
+        assert_eq!(e.tables_used(), 2 + 1 + 512);
+        assert_eq!(e.merge_to_2m(0, GB).unwrap().pages, 512);
+        assert_eq!(e.tables_used(), 3);
+        let after: Vec<_> = (0..GB).step_by(0x3_3000).map(|g| e.translate(g)).collect();
+        assert_eq!(before, after);
+        assert_eq!(leaf(&mut e, GB - 1).unwrap().1, 2);
+    }
+
+    /// RAM at `[0, len)` with dirty flags on, split to 4 KiB pages as a migration does.
+    fn tracked(len: u64) -> Ept<FakeTables> {
         let mut e = ept();
         e.set_accessed_dirty(true);
-        e.map(0, RAM, 4 * MB, EptPerms::RWX, MemType::WriteBack)
+        e.map(0, RAM, len, EptPerms::RWX, MemType::WriteBack)
             .unwrap();
-        let _ = e.split_to_4k(0, 4 * MB).unwrap();
+        let _ = e.split_to_4k(0, len).unwrap();
+        e
+    }
+
+    #[test]
+    fn dirty_pages_are_reported_once_and_cleared() {
+        let mut e = tracked(4 * MB);
         assert!(
             dirty_pages(&mut e, 0, 4 * MB).is_empty(),
             "nothing written yet"

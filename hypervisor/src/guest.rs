@@ -5,6 +5,7 @@
 
 use crate::devices::Platform;
 use alloc::string::String;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// The guest general-purpose registers that VMX does not keep in the VMCS (RSP and RIP are VMCS
 /// guest-state fields, SDM 25.4.1). The layout is fixed: the VM-entry/exit assembly in
@@ -300,7 +301,12 @@ pub struct GuestRam {
     pub hpa: u64,
     /// The pages given back or moved, and the balloon target.
     pub balloon: crate::balloon::PageMap,
+    /// The pages Keel wrote, a bit each, while a migration logs them ([`GuestRam::log_writes`]).
+    written: Option<alloc::boxed::Box<[AtomicU64]>>,
 }
+
+/// Pages of the write log are 4 KiB, as the EPT's and a migration's.
+const PAGE_BYTES: u64 = 4096;
 
 // SAFETY: a `GuestRam` is a view of memory owned by its guest; every access through a shared
 // reference is a raw-pointer copy (no reference into guest memory is ever formed from `&self`).
@@ -317,6 +323,7 @@ impl GuestRam {
             len: mem.len(),
             hpa,
             balloon: Default::default(),
+            written: None,
         }
     }
 
@@ -328,6 +335,7 @@ impl GuestRam {
             len: 0,
             hpa: 0,
             balloon: Default::default(),
+            written: None,
         }
     }
 
@@ -351,6 +359,8 @@ impl GuestRam {
             self.balloon.is_pristine(),
             "guest RAM with pages given back handed to a loader"
         );
+        // Whatever the loader writes, everything is to be sent again.
+        self.wrote(0, self.len);
         // SAFETY: the block is this guest's (`new`) and wholly backs its RAM (checked above),
         // and `&mut self` is the only access to it from Keel meanwhile; the guest does not run
         // while it is being loaded.
@@ -419,7 +429,9 @@ impl GuestRam {
         self.pieces(gpa, data.len(), |dst, off, n| {
             // SAFETY: as in `read`.
             unsafe { core::ptr::copy_nonoverlapping(data.as_ptr().add(off), dst, n) }
-        })
+        })?;
+        self.wrote(gpa, data.len());
+        Some(())
     }
 
     /// Zeroes page `gpa` of the block (a page taken back onto its own frame, `balloon`).
@@ -428,6 +440,7 @@ impl GuestRam {
         if let Some(at) = self.range(gpa & !(PAGE - 1), PAGE as usize) {
             // SAFETY: in bounds of the block, whose frame the caller just got back for the guest.
             unsafe { core::ptr::write_bytes(self.base.add(at), 0, PAGE as usize) };
+            self.wrote(at as u64, PAGE as usize);
         }
     }
 
@@ -454,6 +467,43 @@ impl GuestRam {
         self.write(gpa, &v.to_le_bytes())
     }
 
+    /// Starts (a fresh, empty log) or ends logging the pages Keel writes, for a live migration
+    /// (`runloop::migrate`): the EPT's dirty flags see only the guest's own writes, made through
+    /// its EPT (SDM 29.3.5), not Keel's through its own mapping.
+    pub fn log_writes(&mut self, on: bool) {
+        self.written = on.then(|| {
+            let words = (self.len as u64).div_ceil(PAGE_BYTES * 64);
+            (0..words).map(|_| AtomicU64::new(0)).collect()
+        });
+    }
+
+    /// Calls `page` for every page (guest-physical address / 4096) Keel wrote since the log
+    /// began or was last taken, in order, and empties the log.
+    pub fn take_written(&self, page: &mut dyn FnMut(u64)) {
+        for (w, word) in self.written.iter().flat_map(|log| log.iter()).enumerate() {
+            let mut bits = word.swap(0, Ordering::SeqCst);
+            while bits != 0 {
+                page(w as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+    }
+
+    /// Logs a write to `[gpa, gpa + len)` (in RAM) when a migration asked for it.
+    fn wrote(&self, gpa: u64, len: usize) {
+        let Some(log) = &self.written else {
+            return;
+        };
+        if len == 0 {
+            return;
+        }
+        for p in gpa / PAGE_BYTES..=(gpa + len as u64 - 1) / PAGE_BYTES {
+            if let Some(word) = log.get((p / 64) as usize) {
+                word.fetch_or(1 << (p % 64), Ordering::SeqCst);
+            }
+        }
+    }
+
     /// Sets `bits` in the byte at `gpa` with one atomic read-modify-write, as the CPU sets the
     /// accessed and dirty flags of a paging entry (a locked operation, SDM 4.8): another vCPU
     /// updating the same entry meanwhile loses nothing. None if `gpa` is not RAM the guest has.
@@ -463,7 +513,9 @@ impl GuestRam {
             // access Keel makes to guest RAM is a raw copy or this atomic.
             let byte = unsafe { &*(at as *const core::sync::atomic::AtomicU8) };
             byte.fetch_or(bits, core::sync::atomic::Ordering::SeqCst);
-        })
+        })?;
+        self.wrote(gpa, 1);
+        Some(())
     }
 }
 
@@ -634,6 +686,50 @@ impl Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RAM of `pages` pages on the heap, this test's alone.
+    fn test_ram(pages: usize) -> GuestRam {
+        let mem: &'static mut [u8] = alloc::vec![0u8; pages * 4096].leak();
+        // SAFETY: the leaked buffer belongs to this test alone.
+        unsafe { GuestRam::new(mem, 0x100_0000) }
+    }
+
+    fn written(ram: &GuestRam) -> alloc::vec::Vec<u64> {
+        let mut pages = alloc::vec::Vec::new();
+        ram.take_written(&mut |p| pages.push(p));
+        pages
+    }
+
+    /// Keel's own writes into a guest's RAM (an emulated instruction's operand, a task switch,
+    /// a hypercall's answer, a page the balloon gives back zeroed) do not go through the EPT,
+    /// so its dirty flags never see them: while a migration logs them, each such write puts its
+    /// pages in the set the next round sends.
+    #[test]
+    fn keel_writes_while_logged_are_in_the_next_round() {
+        let mut ram = test_ram(16);
+        ram.write(0x1000, b"before").unwrap();
+        ram.log_writes(true);
+        assert!(written(&ram).is_empty(), "the log starts empty");
+        ram.write(0x3005, b"x").unwrap();
+        ram.write_u64(0x4ffc, u64::MAX).unwrap(); // across pages 4 and 5
+        ram.fetch_or_u8(0x9000, 0x20).unwrap(); // a guest paging entry's accessed flag
+        assert_eq!(written(&ram), [3, 4, 5, 9]);
+        assert!(written(&ram).is_empty(), "taken once");
+        // A write after the round's collection is in the next round.
+        ram.write(0xa000, &[1; 8]).unwrap();
+        assert_eq!(written(&ram), [10]);
+        // A refused write (past the end) marks nothing; a page zeroed for the balloon does.
+        assert_eq!(ram.write(0xfffc, &[0; 8]), None);
+        ram.zero_home_page(0x7123);
+        assert_eq!(written(&ram), [7]);
+        // A loader's view of the whole RAM: every page.
+        let _ = ram.bytes();
+        assert_eq!(written(&ram).len(), 16);
+        // The migration over: nothing is logged.
+        ram.log_writes(false);
+        ram.write(0x2000, b"after").unwrap();
+        assert!(written(&ram).is_empty());
+    }
 
     #[test]
     fn pause_resume_stop() {

@@ -501,6 +501,10 @@ impl MigrateHw<VmHw> for RealCpu {
         hw.dirty_pages(vm, dirty, begin)
     }
 
+    fn end_tracking(&mut self, hw: &mut VmHw, vm: &Vm) -> Result<u64, String> {
+        hw.end_tracking(vm)
+    }
+
     fn describe(
         &mut self,
         hw: &mut VmHw,
@@ -1281,7 +1285,8 @@ impl VmHw {
 
     /// Live migration's dirty tracking (`runloop::migrate::MigrateHw::dirty_pages`): the guest's
     /// RAM is split to 4 KiB EPT pages when a migration begins (its 2 MiB pages would make every
-    /// write dirty 512 pages) and stays split while the guest lives here; each collection clears
+    /// write dirty 512 pages) and stays split until the migration ends with the guest still here
+    /// ([`VmHw::end_tracking`] merges it back); each collection clears
     /// the flags it read and invalidates the EPT, so the processor walks the tables (and sets
     /// the flags) again on the next write (SDM 29.3.5, 29.4.3.1).
     fn dirty_pages(
@@ -1311,6 +1316,24 @@ impl VmHw {
             })
             .map_err(fmt)?;
         self.invalidate_ept(stale.eptp)
+    }
+
+    /// The end of a migration that left the guest here (`MigrateHw::end_tracking`): the page
+    /// tables the split made go where all 512 entries still map a 2 MiB block alike (a page the
+    /// balloon took keeps its split), then INVEPT, then the old tables back to the pool (no
+    /// cached entry may lead into them once they serve something else, SDM 29.4.3.1).
+    fn end_tracking(&mut self, vm: &Vm) -> Result<u64, String> {
+        let len = vm.ram.len();
+        if len == 0 {
+            return Ok(0);
+        }
+        let merged = self
+            .ept
+            .merge_to_2m(0, len)
+            .map_err(|e| alloc::format!("{e}"))?;
+        self.invalidate_ept(merged.stale.eptp)?;
+        self.ept.free_retired();
+        Ok(merged.pages)
     }
 
     /// Replaces the guest by the one in `stream` (`snapshot::parse`): its RAM, platform and every

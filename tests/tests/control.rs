@@ -258,7 +258,9 @@ memory = \"4M\"
 cmdline = \"mode=crunch secs=300\"
 ";
     let secs = Duration::from_secs;
-    let files = std::env::temp_dir().join("keel-control-prompt-guests");
+    // In this checkout's target directory: other checkouts' test runs on the same machine use
+    // the same name.
+    let files = harness_dir().join("keel-control-prompt-guests");
     let script = vec![
         Step::new("keel: running 2 guests", "\x01c", secs(300)),
         Step::new(

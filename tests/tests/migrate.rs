@@ -295,6 +295,8 @@ fn a_migration_whose_target_goes_away_leaves_the_guest_running() {
     runs.a.expect_in_order(&[
         "keel: guest counter: migrating out",
         "keel: guest counter: migration aborted, it runs on",
+        // Its 4 MiB, split to 4 KiB EPT pages for the migration, are two 2 MiB pages again.
+        "keel: guest counter: 2 2 MiB EPT pages restored after the migration",
         "keel: guest counter: migrating out",
         "keel: guest counter migrated away",
     ]);

@@ -212,7 +212,9 @@ fn a_snapshot_boots_in_a_new_keel_and_counts_on() {
             .collect()
     };
     let last = *before_kill.last().unwrap_or(&0);
-    let files = std::env::temp_dir().join("keel-snapshot-new-keel");
+    // In this checkout's target directory: other checkouts' test runs on the same machine use
+    // the same name.
+    let files = harness_dir().join("keel-snapshot-new-keel");
     if let Err(e) = std::fs::create_dir_all(&files)
         .and_then(|()| std::fs::copy(&s.snapshot, files.join("counter.snap")).map(|_| ()))
     {

@@ -407,19 +407,7 @@ mod tests {
         // Virtual wire: LINT0 ExtINT, the 8259A's IRQ0 (vector 0x20) through the PIT.
         let base = crate::devices::lapic::LAPIC_BASE;
         t.vm.platform.mmio_write(0, base + 0x350, 4, 0x700, 0);
-        for (port, v) in [
-            (0x20u16, 0x11u32),
-            (0x21, 0x20),
-            (0x21, 4),
-            (0x21, 1),
-            (0x21, 0xfe),
-        ] {
-            t.vm.platform.io_write(port, 1, v, 0);
-        }
-        t.vm.platform.io_write(0x43, 1, 0x34, 0);
-        t.vm.platform.io_write(0x40, 1, 100, 0);
-        t.vm.platform.io_write(0x40, 1, 0, 0);
-        t.vm.platform.advance(TEST_TSC_HZ / 100);
+        t.raise_pit_irq0();
         t.self_ipi(0x51);
         t.vmcs.write(GuestNat::Rflags, 0x202);
         t.enter().unwrap();

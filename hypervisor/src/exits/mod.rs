@@ -532,20 +532,7 @@ mod tests {
     #[test]
     fn pending_interrupts_are_injected_or_wait_for_a_window() {
         let mut t = TestBed::new();
-        // Program the guest's PIC (vector base 0x20, IRQ0 unmasked) and raise IRQ0 via the PIT.
-        for (port, v) in [
-            (0x20u16, 0x11u32),
-            (0x21, 0x20),
-            (0x21, 4),
-            (0x21, 1),
-            (0x21, 0xfe),
-        ] {
-            assert!(t.vm.platform.io_write(port, 1, v, 0));
-        }
-        t.vm.platform.io_write(0x43, 1, 0x34, 0);
-        t.vm.platform.io_write(0x40, 1, 100, 0);
-        t.vm.platform.io_write(0x40, 1, 0, 0);
-        t.vm.platform.advance(TEST_TSC_HZ / 100);
+        t.raise_pit_irq0();
         assert!(t.vm.platform.pending_interrupt(0).is_some());
         // IF = 0: no injection, interrupt-window exiting armed.
         t.vmcs.write(GuestNat::Rflags, 0x2);

@@ -205,6 +205,25 @@ impl TestBed {
             .mmio_write(0, base + 0x300, 4, 1 << 18 | u64::from(vector), 0);
     }
 
+    /// Programs the guest's 8259A (ICW1-ICW4: edge-triggered, cascaded with a slave on IRQ2,
+    /// vector base 0x20, 8086 mode; then every IRQ masked but IRQ0) and the PIT's channel 0
+    /// (mode 2, the rate generator, count 100), then lets 10 ms pass: the PIT's IRQ0 is pending
+    /// at the 8259A, vector 0x20.
+    pub fn raise_pit_irq0(&mut self) {
+        let pic = [
+            (0x20u16, 0x11u32),
+            (0x21, 0x20),
+            (0x21, 4),
+            (0x21, 1),
+            (0x21, 0xfe),
+        ];
+        let pit = [(0x43, 0x34), (0x40, 100), (0x40, 0)];
+        for (port, v) in pic.into_iter().chain(pit) {
+            assert!(self.vm.platform.io_write(port, 1, v, 0), "port {port:#x}");
+        }
+        self.vm.platform.advance(TEST_TSC_HZ / 100);
+    }
+
     /// The external interrupt the last [`TestBed::enter`] wrote to the VM-entry fields, if any.
     pub fn injected(&self) -> Option<u8> {
         let info = crate::vmx::InterruptionInfo(

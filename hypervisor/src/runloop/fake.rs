@@ -234,6 +234,8 @@ pub struct FakeCpu {
     pub balloon_status: u64,
     /// Set: every boot fails with this (no memory for the guest, say).
     pub boot_error: Option<String>,
+    /// Set: the CPU can migrate guests (`Cpu::migration`), with this fake of the hardware.
+    pub migrate: Option<super::migrate::tests::FakeMigrate>,
 }
 
 impl FakeCpu {
@@ -258,6 +260,7 @@ impl FakeCpu {
             ept_flushes: Vec::new(),
             balloon_status: 0,
             boot_error: None,
+            migrate: None,
         }
     }
 
@@ -645,6 +648,12 @@ impl Cpu for FakeCpu {
     fn release_ram(&mut self, hw: &mut FakeVcpu, _vm: &mut Vm) {
         self.none_elsewhere(hw, "release of its RAM");
         hw.released += 1;
+    }
+
+    fn migration(&mut self) -> Option<&mut dyn super::migrate::MigrateHw<FakeVcpu>> {
+        self.migrate
+            .as_mut()
+            .map(|m| m as &mut dyn super::migrate::MigrateHw<FakeVcpu>)
     }
 
     fn control_send(&mut self, out: &mut VecDeque<u8>) {

@@ -12,9 +12,9 @@
 
 use super::{Cpu, RunLoop};
 use crate::guest::{Vcpu, Vm};
-use crate::info;
 use crate::migrate::{Answer, Op, PageSet, Receiver, Sender, Source, CHUNK};
 use crate::snapshot::{Fingerprint, GuestInfo, PAGE_SIZE};
+use crate::{error, info};
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -30,6 +30,11 @@ pub trait MigrateHw<H> {
         dirty: &mut PageSet,
         begin: bool,
     ) -> Result<(), String>;
+    /// The migration ended with the guest still here (aborted, or abandoned): its RAM goes back
+    /// to 2 MiB EPT pages wherever the 4 KiB ones made for tracking still map a whole 2 MiB
+    /// block alike, and the processor's cached translations are invalidated. Returns how many
+    /// 2 MiB pages came back.
+    fn end_tracking(&mut self, hw: &mut H, vm: &Vm) -> Result<u64, String>;
     /// What a stream of the guest says of it and of this CPU, with its clock `clock`.
     fn describe(
         &mut self,
@@ -60,8 +65,9 @@ pub enum Migration {
     Out {
         id: usize,
         tx: Sender,
-        /// The guest's restarts at the start: one since means its RAM was loaded afresh.
-        restarts: u32,
+        /// The guest's epoch at the start (`Slot::epoch`): a boot since (a restart, or a reset
+        /// the guest asked for) or a restore means its RAM is not what was sent.
+        epoch: u32,
         /// Whether `Final` paused it (an abort resumes it only then), and the host TSC then.
         paused: Option<(bool, u64)>,
     },
@@ -138,6 +144,8 @@ impl<C: Cpu> RunLoop<C> {
             .ok_or("live migration needs the hardware")?;
         let mut none = PageSet::empty(0);
         hw.dirty_pages(&mut s.hw, &s.vm, &mut none, true)?;
+        // Keel's own writes into its RAM are dirty too: the EPT's flags do not see them.
+        s.vm.ram.log_writes(true);
         let (fingerprint, guest) = hw.describe(&mut s.hw, &s.vm, s.vcpus.len(), 0)?;
         let tx = Sender::new(env!("CARGO_PKG_VERSION"), &fingerprint, &guest);
         info!("guest {}: migrating out", s.vm.name);
@@ -145,7 +153,7 @@ impl<C: Cpu> RunLoop<C> {
         self.ops.migration = Some(Migration::Out {
             id,
             tx,
-            restarts: s.restarts,
+            epoch: s.epoch,
             paused: None,
         });
         Ok(answer(
@@ -193,15 +201,16 @@ impl<C: Cpu> RunLoop<C> {
             Migration::Out {
                 id,
                 mut tx,
-                restarts,
+                epoch,
                 paused,
             } => {
                 let s = &self.slots[id];
-                if !s.live() || s.restarts != restarts {
+                if !s.live() || s.epoch != epoch {
                     // Stopped or booted afresh: the pages sent are not its RAM any more.
                     if let Some((true, _)) = paused {
                         let _ = self.resume(id);
                     }
+                    self.end_tracking(id);
                     return (
                         None,
                         Err("the guest stopped or restarted: migration abandoned".into()),
@@ -213,7 +222,7 @@ impl<C: Cpu> RunLoop<C> {
                         Some(Migration::Out {
                             id,
                             tx,
-                            restarts,
+                            epoch,
                             paused: p.or(paused),
                         }),
                         Ok(a),
@@ -223,7 +232,7 @@ impl<C: Cpu> RunLoop<C> {
                         Some(Migration::Out {
                             id,
                             tx,
-                            restarts,
+                            epoch,
                             paused,
                         }),
                         Err(e),
@@ -399,7 +408,7 @@ impl<C: Cpu> RunLoop<C> {
         }
     }
 
-    /// The pages guest `id` wrote since the last collection.
+    /// The pages guest `id` wrote since the last collection, and those Keel wrote into its RAM.
     fn collect_dirty(&mut self, id: usize) -> Result<PageSet, String> {
         self.switch_out();
         let s = &mut self.slots[id];
@@ -409,6 +418,7 @@ impl<C: Cpu> RunLoop<C> {
             .migration()
             .ok_or("live migration needs the hardware")?;
         hw.dirty_pages(&mut s.hw, &s.vm, &mut dirty, false)?;
+        s.vm.ram.take_written(&mut |page| dirty.insert(page));
         Ok(dirty)
     }
 
@@ -417,6 +427,24 @@ impl<C: Cpu> RunLoop<C> {
         let s = &mut self.slots[id];
         self.cpu.release_ram(&mut s.hw, &mut s.vm);
         info!("guest {}: incoming migration abandoned", s.vm.name);
+    }
+
+    /// A migration out of guest `id` ended with the guest here: Keel's writes no longer logged,
+    /// its EPT back to 2 MiB pages (`MigrateHw::end_tracking`), logged.
+    fn end_tracking(&mut self, id: usize) {
+        self.switch_out();
+        let s = &mut self.slots[id];
+        s.vm.ram.log_writes(false);
+        let Some(hw) = self.cpu.migration() else {
+            return;
+        };
+        match hw.end_tracking(&mut s.hw, &s.vm) {
+            Ok(pages) => info!(
+                "guest {}: {pages} 2 MiB EPT pages restored after the migration",
+                s.vm.name
+            ),
+            Err(e) => error!("guest {}: {e}", s.vm.name),
+        }
     }
 
     fn migrate_abort(&mut self) -> Result<Answer, String> {
@@ -437,6 +465,7 @@ impl<C: Cpu> RunLoop<C> {
                     "guest {}: migration aborted, it runs on",
                     self.slots[id].vm.name
                 );
+                self.end_tracking(id);
                 Ok(answer(
                     "migration aborted; the guest runs on here".into(),
                     alloc::vec![],
@@ -451,4 +480,208 @@ enum Step {
     /// It goes on; `Some` when the step paused the guest (whether it did, and the host TSC).
     Keep(Option<(bool, u64)>),
     Over,
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::super::fake::{FakeCpu, FakeVcpu, Op as GuestOp, Program};
+    use super::super::{LoopConfig, RunLoop};
+    use super::*;
+    use crate::vcpu_state::XsaveLayout;
+
+    /// Live migration's hardware on the fake CPU: the pages the test says the guest's own
+    /// writes dirtied (as the EPT's flags would show them), and what the run loop asked.
+    #[derive(Default)]
+    pub struct FakeMigrate {
+        /// Pages the processor marked dirty since the last collection.
+        pub ept_dirty: Vec<u64>,
+        /// Collections made, `begin` first; and ends of tracking.
+        pub collections: u32,
+        pub tracking_ended: u32,
+    }
+
+    impl MigrateHw<FakeVcpu> for FakeMigrate {
+        fn dirty_pages(
+            &mut self,
+            _hw: &mut FakeVcpu,
+            _vm: &Vm,
+            dirty: &mut PageSet,
+            begin: bool,
+        ) -> Result<(), String> {
+            self.collections += 1;
+            for page in self.ept_dirty.drain(..) {
+                if !begin {
+                    dirty.insert(page);
+                }
+            }
+            Ok(())
+        }
+
+        fn end_tracking(&mut self, _hw: &mut FakeVcpu, _vm: &Vm) -> Result<u64, String> {
+            self.tracking_ended += 1;
+            Ok(0)
+        }
+
+        fn describe(
+            &mut self,
+            _hw: &mut FakeVcpu,
+            vm: &Vm,
+            vcpus: usize,
+            clock: u64,
+        ) -> Result<(Fingerprint, GuestInfo), String> {
+            let fingerprint = Fingerprint {
+                cpuid: Vec::new(),
+                xsave: XsaveLayout {
+                    xsave: false,
+                    supported: 3,
+                    components: Vec::new(),
+                },
+            };
+            let guest = GuestInfo {
+                name: vm.name.clone(),
+                kind: "flat".into(),
+                memory: vm.ram.len(),
+                vcpus: vcpus as u32,
+                tsc_hz: vm.platform.tsc_hz(),
+                clock,
+            };
+            Ok((fingerprint, guest))
+        }
+
+        fn state(
+            &mut self,
+            _hw: &mut FakeVcpu,
+            _vm: &Vm,
+            _vcpus: &[Vcpu],
+            _clock: u64,
+        ) -> Result<Vec<u8>, String> {
+            Ok(Vec::new())
+        }
+
+        fn incoming_ram(&mut self, _hw: &mut FakeVcpu, _vm: &mut Vm) -> Result<(), String> {
+            Err("not in these tests".into())
+        }
+
+        fn restore_state(
+            &mut self,
+            _hw: &mut FakeVcpu,
+            _vm: &mut Vm,
+            _vcpus: &mut [Vcpu],
+            _stream: &[u8],
+        ) -> Result<u64, String> {
+            Err("not in these tests".into())
+        }
+    }
+
+    fn config() -> LoopConfig {
+        LoopConfig {
+            quantum: super::super::fake::TSC_HZ / 100,
+            tsc_hz: super::super::fake::TSC_HZ,
+            preemption_timer: Some(0),
+            tsc_offsetting: true,
+        }
+    }
+
+    /// One guest that computes, on a fake CPU that can migrate it.
+    fn rig() -> RunLoop<FakeCpu> {
+        let mut cpu = FakeCpu::new();
+        cpu.migrate = Some(FakeMigrate::default());
+        let slots = alloc::vec![cpu.guest(0, Program::compute(), 0)];
+        RunLoop::new(cpu, config(), slots)
+    }
+
+    fn fake(rl: &mut RunLoop<FakeCpu>) -> &mut FakeMigrate {
+        rl.cpu.migrate.as_mut().expect("a fake with migration")
+    }
+
+    fn field(a: &Answer, name: &str) -> u64 {
+        a.fields
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("no field {name} in {:?}", a.fields))
+            .1
+    }
+
+    /// Reads the round in progress to its end; returns how many pages it sent.
+    fn read_round(rl: &mut RunLoop<FakeCpu>, offset: &mut u64) -> u64 {
+        loop {
+            let a = rl.migrate_step(Op::Read { offset: *offset }).unwrap();
+            let n = a.data.as_ref().map_or(0, |d| d.len() as u64);
+            if n == 0 {
+                return field(&a, "sent");
+            }
+            *offset += n;
+        }
+    }
+
+    /// The brief of issue 13's review: a page Keel writes into the guest's RAM after a round's
+    /// collection (an emulated instruction's operand, a hypercall's answer) is in the next
+    /// round, though the EPT's dirty flags never see it.
+    #[test]
+    fn a_page_keel_writes_is_sent_again_in_the_next_round() {
+        let mut rl = rig();
+        rl.slots[0].vm.ram.write(0x1000, b"loaded").unwrap();
+        rl.migrate_step(Op::Out { id: 0 }).unwrap();
+        let mut offset = 0;
+        assert_eq!(
+            read_round(&mut rl, &mut offset),
+            1,
+            "round 0 skips zero pages"
+        );
+        // The guest writes page 2 (its EPT says so); Keel writes pages 7 and 8 for it.
+        fake(&mut rl).ept_dirty.push(2);
+        rl.slots[0].vm.ram.write(0x7ffe, &[0xab; 4]).unwrap();
+        let a = rl.migrate_step(Op::Next).unwrap();
+        assert_eq!(field(&a, "pages"), 3, "page 2, and 7 and 8 that Keel wrote");
+        assert_eq!(read_round(&mut rl, &mut offset), 3);
+        // Nothing written since: the next round is empty.
+        let a = rl.migrate_step(Op::Next).unwrap();
+        assert_eq!(field(&a, "pages"), 0);
+    }
+
+    /// A guest that resets itself (port 0xCF9) during a migration is booted afresh with its
+    /// restart count unchanged: the pages sent are not its RAM any more, so the migration ends
+    /// at the next step, and the guest runs on here.
+    #[test]
+    fn a_guest_reset_during_a_migration_ends_it() {
+        let mut cpu = FakeCpu::new();
+        cpu.migrate = Some(FakeMigrate::default());
+        let program = Program {
+            main: alloc::vec![GuestOp::Run(50_000), GuestOp::Out(0xcf9, 0x06)],
+            ..Program::compute()
+        };
+        let slots = alloc::vec![cpu.guest(0, program, 0)];
+        let mut rl = RunLoop::new(cpu, config(), slots);
+        rl.migrate_step(Op::Out { id: 0 }).unwrap();
+        let boots = rl.slots[0].hw.boots;
+        while rl.slots[0].hw.boots == boots {
+            assert!(rl.step(), "the guest stopped");
+        }
+        assert_eq!(rl.slots[0].restarts, 0, "a reset is no restart");
+        let e = rl
+            .migrate_step(Op::Next)
+            .expect_err("the migration goes on");
+        assert!(e.contains("stopped or restarted"), "{e}");
+        assert_eq!(fake(&mut rl).tracking_ended, 1);
+        assert!(rl.ops.migration.is_none());
+        assert!(rl.slots[0].live());
+    }
+
+    #[test]
+    fn an_abort_ends_the_tracking_and_the_log_of_keel_writes() {
+        let mut rl = rig();
+        rl.migrate_step(Op::Out { id: 0 }).unwrap();
+        assert_eq!(
+            fake(&mut rl).collections,
+            1,
+            "the dirty flags cleared at the start"
+        );
+        rl.migrate_step(Op::Abort).unwrap();
+        assert_eq!(fake(&mut rl).tracking_ended, 1, "back to 2 MiB pages");
+        rl.slots[0].vm.ram.write(0x3000, b"after").unwrap();
+        let mut logged = 0;
+        rl.slots[0].vm.ram.take_written(&mut |_| logged += 1);
+        assert_eq!(logged, 0, "no log once the migration is over");
+        assert!(rl.slots[0].live(), "the guest runs on");
+    }
 }
