@@ -938,6 +938,11 @@ impl Lapic {
         image
     }
 
+    /// Whether [`Lapic::page_image`] may have changed since [`Lapic::take_page_stale`].
+    pub fn page_stale(&self) -> bool {
+        self.page_stale.0
+    }
+
     /// Takes the news that [`Lapic::page_image`] may have changed since the last call.
     pub fn take_page_stale(&mut self) -> bool {
         core::mem::replace(&mut self.page_stale, Stale(false)).0

@@ -801,6 +801,11 @@ impl Platform {
         l.take_page_stale().then(|| l.page_image())
     }
 
+    /// Whether [`Platform::take_apic_page_image`] would give an image now.
+    pub fn apic_page_stale(&self, cpu: usize) -> bool {
+        self.lapic(cpu).page_stale()
+    }
+
     /// vCPU `cpu`'s local APIC mode (IA32_APIC_BASE.EN and EXTD).
     pub fn apic_mode(&self, cpu: usize) -> lapic::ApicMode {
         self.lapic(cpu).mode()

@@ -58,17 +58,23 @@ fn take(vcpu: &mut Vcpu, vm: &mut Vm, unchanged: impl FnOnce(&VirtualApic) -> bo
             let (irr, isr) = a.vectors();
             vm.platform.set_apic_vectors(vcpu.index, &irr, &isr);
         }
-        if a.features().register_virtualization && a.accesses_virtualized() {
-            // A write of the ICR's high half stays on the page without an exit (SDM 30.4.3.2).
-            let high = a.register(ICR_HIGH);
-            if vm.platform.icr_high(vcpu.index) != high {
-                vm.platform.set_icr_high(vcpu.index, high);
-            }
+    }
+}
+
+/// With APIC-register virtualization in xAPIC mode, a write of the ICR's high half stays on the
+/// page without an exit (SDM 30.4.3.2): the model takes it before it sends an IPI, before its
+/// registers are written to the page (which would overwrite it) and before a snapshot.
+fn take_icr_high(a: &VirtualApic, vm: &mut Vm, cpu: usize) {
+    if a.features().register_virtualization && a.accesses_virtualized() {
+        let high = a.register(ICR_HIGH);
+        if vm.platform.icr_high(cpu) != high {
+            vm.platform.set_icr_high(cpu, high);
         }
     }
 }
 
-/// Offset of the ICR's high half on the xAPIC page (SDM Table 11-1).
+/// Offsets of the ICR's halves on the xAPIC page (SDM Table 11-1).
+const ICR_LOW: u64 = 0x300;
 const ICR_HIGH: usize = 0x310;
 
 /// After an exit that does not reach the platform (CPUID, VMCALL, ...): VTPR is taken later,
@@ -97,6 +103,9 @@ pub fn take_unread_vtpr(vcpu: &mut Vcpu, vm: &mut Vm) {
     if vcpu.apicv.as_ref().is_some_and(|a| a.vtpr_unread) {
         take(vcpu, vm, |_| false);
     }
+    if let Some(a) = &vcpu.apicv {
+        take_icr_high(a, vm, vcpu.index);
+    }
 }
 
 /// Before an entry that follows a device access (the model may have changed its TPR, its IRR or
@@ -114,11 +123,16 @@ pub fn before_entry<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu, vm: &mut Vm
         a.post(vmcs, irr, isr, tmr, enabled);
     }
     if a.features().register_virtualization {
-        // The registers the guest reads without an exit: those the model changed, and the PPR
-        // (SDM 30.4.2, 30.5).
-        a.set_vppr(p.ppr(cpu));
-        if let Some(image) = vm.platform.take_apic_page_image(cpu) {
-            a.mirror(&image);
+        // The registers the guest reads without an exit (SDM 30.4.2, 30.5): those the model
+        // changed, and in x2APIC mode the PPR (an xAPIC read of the PPR exits).
+        if a.x2apic_virtualized() {
+            a.set_vppr(p.ppr(cpu));
+        }
+        if vm.platform.apic_page_stale(cpu) {
+            take_icr_high(a, vm, cpu);
+            if let Some(image) = vm.platform.take_apic_page_image(cpu) {
+                a.mirror(&image);
+            }
         }
     }
 }
@@ -167,6 +181,9 @@ pub fn apic_write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         // 63:8 of a SELF IPI are 0); a write the model refuses has no effect.
         let _ = cx.vm.platform.x2apic_write(cpu, msr, value, cx.now);
         return Action::Resume;
+    }
+    if offset == ICR_LOW {
+        take_icr_high(a, cx.vm, cpu);
     }
     let gpa = cx.vm.platform.board().lapic_base + offset;
     cx.vm
@@ -684,10 +701,6 @@ mod register_tests {
         // The LDR keeps bits 31:24 only.
         guest_writes(&mut t, 0xd0, 0x0312_3456, true);
         assert_eq!(page(&t, 0xd0), 0x0300_0000);
-        // VPPR is the model's PPR.
-        t.vm.platform.set_tpr(0, 0x50);
-        t.enter().unwrap();
-        assert_eq!(page(&t, 0xa0), 0x50);
     }
 
     /// A write of the ICR's high half stays on the page (no exit); the ICR write that follows
@@ -728,6 +741,10 @@ mod register_tests {
             (0, 1),
             "x2APIC ID and LDR"
         );
+        // VPPR (RDMSR 0x80A) is the model's PPR.
+        t.vm.platform.set_tpr(0, 0x50);
+        t.enter().unwrap();
+        assert_eq!(page(&t, 0xa0), 0x50);
         vapic_mut(&mut t).write_register(0x3f0, 5);
         t.set_qualification(0x3f0);
         assert_eq!(t.run(ExitReason::ApicWrite), Action::Resume);
