@@ -770,4 +770,33 @@ mod register_tests {
         assert!(s.contains(SecondaryControls::VIRTUALIZE_APIC_ACCESSES));
         assert_eq!(t.vcpu.apicv.as_ref().unwrap().register64(0x300) >> 32, 0);
     }
+
+    /// A guest snapshotted in x2APIC mode and restored into a fresh virtual APIC (closed MSR
+    /// bitmap, xAPIC controls) is in x2APIC virtualization again at its first entry, with the
+    /// model's registers on the page.
+    #[test]
+    fn a_restored_x2apic_guest_is_virtualized_at_its_first_entry() {
+        let mut t = with_all();
+        t.enable_lapic();
+        let x2apic = 0xfee0_0000 | 1 << 8 | 1 << 10 | 1 << 11;
+        t.vm.platform.set_apic_base(0, x2apic).unwrap();
+        assert_eq!(t.vm.platform.x2apic_write(0, 0x832, 0x1_0045, 0), Ok(()));
+        t.enter().unwrap();
+        super::take_unread_vtpr(&mut t.vcpu, &mut t.vm);
+        let mut w = crate::state::Writer::new();
+        t.vm.platform.save(&mut w);
+        let bytes = w.into_bytes();
+        let mut u = with_all();
+        u.vm.platform
+            .restore(&mut crate::state::Reader::new(&bytes))
+            .unwrap();
+        vapic_mut(&mut u).reset();
+        assert!(!u.vcpu.apicv.as_ref().unwrap().x2apic_virtualized());
+        u.enter().unwrap();
+        let s =
+            SecondaryControls::from_bits_retain(u.vmcs.read(Control32::SecondaryProcBasedControls));
+        assert!(s.contains(SecondaryControls::VIRTUALIZE_X2APIC_MODE));
+        assert!(!s.contains(SecondaryControls::VIRTUALIZE_APIC_ACCESSES));
+        assert_eq!((page(&u, 0x320), page(&u, 0xd0)), (0x1_0045, 1));
+    }
 }
