@@ -89,10 +89,8 @@ pub fn run(machine: MachineInfo) -> ! {
             arch::exit(ExitCode::VmxSetupFailed)
         }
     };
-    info!(
-        "APIC virtualization: {}",
-        ApicvFeatures::select(&caps, true).describe()
-    );
+    let (xapic, x2apic) = ApicvFeatures::select(&caps, true).describe();
+    info!("APIC virtualization: {xapic}; {x2apic}");
     if controls.preemption_timer {
         lapic::stop_periodic();
         info!("time slices by the VMX-preemption timer; Keel's periodic tick is off");
@@ -825,7 +823,7 @@ impl VmHw {
                 }
                 // SAFETY: two zeroed frames of this guest's `Setup`, which outlives its `Vcpu`s
                 // (the `Slot` drops them first), mapped at phys_to_virt.
-                Some(unsafe {
+                let mut a = unsafe {
                     VirtualApic::new(
                         &mut *mm::phys_to_virt(vapic.pa()).cast::<[u8; 4096]>(),
                         vapic.pa(),
@@ -833,7 +831,16 @@ impl VmHw {
                         access.pa(),
                         setup.apicv,
                     )
-                })
+                };
+                // SAFETY: the MSR bitmap of this guest's VMCSs, a frame of its `Setup` (which
+                // outlives the view, as above); APIC virtualization is for one-vCPU guests only
+                // (`guest_setup`), so the x2APIC part it opens is that vCPU's.
+                unsafe {
+                    a.set_msr_bitmap(
+                        &mut *mm::phys_to_virt(setup.msr_bitmap.pa()).cast::<[u8; 4096]>(),
+                    )
+                };
+                Some(a)
             }
             None => None,
         };

@@ -40,6 +40,12 @@ pub const X2APIC_MSRS: core::ops::RangeInclusive<u32> = 0x800..=0x8ff;
 /// CPUID.0BH:EDX); vCPU n has APIC ID n.
 pub const INITIAL_APIC_ID: u32 = 0;
 
+/// The x2APIC MSR of the timer's current count: the one readable register whose value is not
+/// stored but computed at the read, so APIC-register virtualization cannot serve it.
+pub const X2APIC_TIMER_CURRENT: u32 = 0x839;
+/// How many registers [`Lapic::page_image`] gives.
+pub const PAGE_IMAGE_LEN: usize = 25;
+
 // Register offsets (SDM Table 10-1).
 const ID: u64 = 0x020;
 const VERSION: u64 = 0x030;
@@ -219,6 +225,20 @@ pub struct Lapic {
     nmi_pending: bool,
     ipis: Vec<Ipi>,
     timer_stats: TimerStats,
+    /// Whether a register of [`Lapic::page_image`] may have changed since it was last taken.
+    page_stale: Stale,
+}
+
+/// A flag that is no part of the APIC's saved state: a restored APIC reads as stale, so the
+/// virtual-APIC page is written afresh from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stale(bool);
+
+impl crate::state::Codec for Stale {
+    fn put(&self, _w: &mut crate::state::Writer) {}
+    fn get(_r: &mut crate::state::Reader<'_>) -> Result<Self, crate::state::StateError> {
+        Ok(Stale(true))
+    }
 }
 
 crate::codec_struct!(Ipi {
@@ -251,7 +271,8 @@ crate::codec_struct!(Lapic {
     tsc_deadline,
     nmi_pending,
     ipis,
-    timer_stats
+    timer_stats,
+    page_stale
 });
 
 /// IPIs a vCPU may have sent and the platform not yet routed: the run loop routes them after
@@ -331,6 +352,7 @@ impl Lapic {
             nmi_pending: false,
             ipis: Vec::new(),
             timer_stats: TimerStats::default(),
+            page_stale: Stale(true),
         };
         l.reset();
         if bsp {
@@ -381,6 +403,7 @@ impl Lapic {
         self.timer_start = None;
         self.timer_schedule = None;
         self.tsc_deadline = 0;
+        self.page_stale = Stale(true);
     }
 
     pub fn id(&self) -> u8 {
@@ -432,6 +455,8 @@ impl Lapic {
         }
         let bits = APIC_BASE_ENABLE | APIC_BASE_EXTD;
         self.apic_base = (self.apic_base & !bits) | (value & bits);
+        // The ID, the LDR and the ICR's destination have another layout in x2APIC mode.
+        self.page_stale = Stale(true);
         Ok(())
     }
 
@@ -538,6 +563,9 @@ impl Lapic {
         if vector < 16 {
             self.error(ESR_RECEIVE_ILLEGAL_VECTOR);
             return Latch::Masked;
+        }
+        if test_bit(&self.tmr, vector) != level_triggered {
+            self.page_stale = Stale(true);
         }
         if level_triggered {
             set_bit(&mut self.tmr, vector);
@@ -739,6 +767,7 @@ impl Lapic {
     /// A 32-bit register write. Returns the vector of a level-triggered EOI to broadcast.
     fn write_register(&mut self, offset: u64, value: u32, now: u64) -> Option<u8> {
         let t = self.clock.ticks_at(now);
+        self.page_stale = Stale(true);
         match offset {
             ID => self.id = (value >> 24) as u8,
             TPR => self.tpr = value as u8,
@@ -865,25 +894,71 @@ impl Lapic {
     /// this APIC has six LVT entries), and for the write-only EOI and SELF IPI.
     pub fn x2apic_read(&self, msr: u32, now: u64) -> Result<u64, GpFault> {
         let offset = x2apic_offset(msr)?;
-        if self.mode() != ApicMode::X2Apic {
+        if self.mode() != ApicMode::X2Apic || !x2apic_readable(msr) {
             return Err(GpFault);
         }
         Ok(match offset {
             ID => u64::from(self.x2apic_id),
             LDR => u64::from(self.x2apic_ldr()),
             ICR_LOW => u64::from(self.icr_high) << 32 | u64::from(self.icr_low),
-            VERSION
-            | TPR
-            | PPR
-            | SVR
-            | ISR0..=IRR_LAST
-            | ESR
-            | LVT_TIMER..=LVT_ERROR
-            | TIMER_INITIAL
-            | TIMER_CURRENT
-            | TIMER_DIVIDE => u64::from(self.read_register(offset, now)),
-            _ => return Err(GpFault),
+            _ => u64::from(self.read_register(offset, now)),
         })
+    }
+
+    /// The registers that APIC-register virtualization reads from the virtual-APIC page without
+    /// an exit (SDM Vol. 3C 30.4.2 for the xAPIC page, 30.5 for RDMSR in x2APIC mode), as
+    /// (page offset, value) in the current mode's layout, leaving out those kept there apart:
+    /// the TPR, the PPR, the ISR and the IRR (`vmx::apicv`). In x2APIC mode a RDMSR reads 64
+    /// bits at offset (MSR & 0xFF) << 4, so the ICR's destination half is at 304H and the ID and
+    /// LDR are the x2APIC ones; 310H and the DFR, which x2APIC mode lacks, hold 0.
+    pub fn page_image(&self) -> [(usize, u32); PAGE_IMAGE_LEN] {
+        let x2apic = self.mode() == ApicMode::X2Apic;
+        let (id, ldr, dfr, icr_high) = if x2apic {
+            (self.x2apic_id, self.x2apic_ldr(), 0, 0)
+        } else {
+            (u32::from(self.id) << 24, self.ldr, self.dfr, self.icr_high)
+        };
+        let icr_destination = if x2apic { self.icr_high } else { 0 };
+        let mut image = [(0, 0); PAGE_IMAGE_LEN];
+        let fixed = [
+            (ID, id),
+            (LDR, ldr),
+            (DFR, dfr),
+            (ICR_HIGH, icr_high),
+            (ICR_LOW + 4, icr_destination),
+        ];
+        let stored = [VERSION, SVR, ESR, ICR_LOW, TIMER_INITIAL, TIMER_DIVIDE]
+            .into_iter()
+            .chain((0..8).map(|i| TMR0 + 16 * i))
+            .chain((0..6).map(|i| LVT_TIMER + 16 * i))
+            .map(|offset| (offset, self.read_register(offset, 0)));
+        for (slot, (offset, value)) in image.iter_mut().zip(fixed.into_iter().chain(stored)) {
+            *slot = (offset as usize, value);
+        }
+        image
+    }
+
+    /// Whether [`Lapic::page_image`] may have changed since [`Lapic::take_page_stale`].
+    pub fn page_stale(&self) -> bool {
+        self.page_stale.0
+    }
+
+    /// Takes the news that [`Lapic::page_image`] may have changed since the last call.
+    pub fn take_page_stale(&mut self) -> bool {
+        core::mem::replace(&mut self.page_stale, Stale(false)).0
+    }
+
+    /// The ICR's destination half (xAPIC mode: bits 31:24; x2APIC: the 32-bit destination).
+    pub fn icr_high(&self) -> u32 {
+        self.icr_high
+    }
+
+    /// The ICR's destination half as the guest wrote it to the virtual-APIC page, where
+    /// APIC-register virtualization leaves a write of 310H without an exit (SDM 30.4.3.2: the
+    /// CPU clears bits 23:0 as the model does).
+    pub fn set_icr_high(&mut self, value: u32) {
+        self.icr_high = value & 0xff00_0000;
+        self.page_stale = Stale(true);
     }
 
     /// WRMSR of x2APIC register `msr`. #GP as for [`Lapic::x2apic_read`], for read-only
@@ -919,6 +994,7 @@ impl Lapic {
             ICR_LOW => {
                 self.icr_low = value as u32;
                 self.icr_high = (value >> 32) as u32;
+                self.page_stale = Stale(true);
                 self.send_ipi();
                 Ok(None)
             }
@@ -993,6 +1069,30 @@ impl MessageSink for Lapic {
             // ExtINT through the IOAPIC, SMI and INIT are not modelled.
             _ => Latch::Masked,
         }
+    }
+}
+
+/// Whether RDMSR of x2APIC MSR `msr` reads a register in x2APIC mode (SDM 11.12.1.2, Table
+/// 11-6): not for the write-only EOI and SELF IPI, nor for the MSRs that name no register (APR,
+/// RRD, DFR, the ICR's high half, CMCI: this APIC has six LVT entries).
+pub fn x2apic_readable(msr: u32) -> bool {
+    match x2apic_offset(msr) {
+        Ok(offset) => matches!(
+            offset,
+            ID | VERSION
+                | TPR
+                | PPR
+                | LDR
+                | SVR
+                | ISR0..=IRR_LAST
+                | ESR
+                | ICR_LOW
+                | LVT_TIMER..=LVT_ERROR
+                | TIMER_INITIAL
+                | TIMER_CURRENT
+                | TIMER_DIVIDE
+        ),
+        Err(_) => false,
     }
 }
 
@@ -1576,5 +1676,105 @@ mod tests {
         assert_eq!(highest(&r), Some(0xff));
         clear_bit(&mut r, 0xff);
         assert_eq!(highest(&r), Some(0x20));
+    }
+
+    fn image_value(l: &Lapic, offset: u64) -> Option<u32> {
+        l.page_image()
+            .iter()
+            .find(|&&(o, _)| o == offset as usize)
+            .map(|&(_, v)| v)
+    }
+
+    /// What APIC-register virtualization reads from the virtual-APIC page is what the model
+    /// reads, in each mode's layout (SDM 30.4.2, 30.5), and is reported stale after every
+    /// change of it.
+    #[test]
+    fn the_page_image_is_what_the_registers_read() {
+        let mut l = enabled();
+        assert!(
+            l.take_page_stale(),
+            "a new APIC has not been written to a page yet"
+        );
+        assert!(!l.take_page_stale());
+        l.mmio_write(LDR, 4, 0x0312_3456, 0);
+        l.mmio_write(LVT_TIMER, 4, 0x2_0040, 0);
+        l.mmio_write(ICR_HIGH, 4, 0x0700_0000, 0);
+        assert!(l.take_page_stale());
+        let offsets: Vec<usize> = l.page_image().iter().map(|&(o, _)| o).collect();
+        for offset in [
+            ID,
+            VERSION,
+            LDR,
+            DFR,
+            SVR,
+            ESR,
+            ICR_LOW,
+            ICR_HIGH,
+            TIMER_INITIAL,
+        ] {
+            assert!(offsets.contains(&(offset as usize)), "{offset:#x}");
+            assert_eq!(
+                image_value(&l, offset),
+                Some(read(&mut l, offset, 0)),
+                "{offset:#x}"
+            );
+        }
+        for i in 0..8 {
+            assert_eq!(image_value(&l, TMR0 + 16 * i), Some(0));
+        }
+        assert_eq!(image_value(&l, LVT_TIMER), Some(0x2_0040));
+        assert_eq!(image_value(&l, LDR), Some(0x0300_0000));
+        // A level-triggered vector changes the TMR: stale; the same again does not.
+        l.accept(0x61, true);
+        assert!(l.take_page_stale());
+        assert_eq!(image_value(&l, TMR0 + 0x30), Some(1 << 1));
+        l.eoi();
+        l.accept(0x61, true);
+        assert!(!l.take_page_stale());
+        // x2APIC mode: RDMSR reads 64 bits at (MSR & 0xFF) << 4.
+        assert_eq!(l.write_apic_base(X2APIC), Ok(()));
+        assert!(l.take_page_stale());
+        assert_eq!(l.x2apic_write(0x830, 5 << 32 | 0x4_0051, 0), Ok(None));
+        assert!(l.take_page_stale());
+        assert_eq!(image_value(&l, ID), Some(0));
+        assert_eq!(image_value(&l, LDR), Some(1));
+        assert_eq!(image_value(&l, DFR), Some(0));
+        assert_eq!(image_value(&l, ICR_LOW), Some(0x4_0051));
+        assert_eq!(image_value(&l, ICR_LOW + 4), Some(5));
+        assert_eq!(image_value(&l, ICR_HIGH), Some(0));
+        // A restored APIC is stale (its page is written afresh).
+        let mut w = crate::state::Writer::new();
+        l.save(&mut w);
+        let bytes = w.into_bytes();
+        let mut m = Lapic::new(TSC_HZ);
+        m.take_page_stale();
+        m.restore(&mut crate::state::Reader::new(&bytes)).unwrap();
+        assert!(m.take_page_stale());
+    }
+
+    /// The x2APIC MSRs RDMSR reads (Table 11-6), which the MSR bitmap lets through with
+    /// APIC-register virtualization (`vmx::apicv`).
+    #[test]
+    fn x2apic_readable_registers() {
+        let l = x2apic();
+        for msr in X2APIC_MSRS {
+            assert_eq!(
+                x2apic_readable(msr),
+                l.x2apic_read(msr, 0).is_ok(),
+                "{msr:#x}"
+            );
+        }
+        assert!(!x2apic_readable(0x7ff) && !x2apic_readable(0x900));
+        assert!(x2apic_readable(X2APIC_TIMER_CURRENT));
+    }
+
+    /// The ICR's destination half the CPU left on the page (a write of 310H does not exit).
+    #[test]
+    fn icr_high_from_the_page() {
+        let mut l = enabled();
+        l.take_page_stale();
+        l.set_icr_high(0x0123_4567);
+        assert_eq!(l.icr_high(), 0x0100_0000);
+        assert!(l.take_page_stale());
     }
 }

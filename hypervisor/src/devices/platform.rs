@@ -790,6 +790,42 @@ impl Platform {
         (irr, isr, tmr, l.enabled())
     }
 
+    /// vCPU `cpu`'s registers for the virtual-APIC page (`Lapic::page_image`), if any may have
+    /// changed since the last call: what APIC-register virtualization lets the guest read without
+    /// an exit.
+    pub fn take_apic_page_image(
+        &mut self,
+        cpu: usize,
+    ) -> Option<[(usize, u32); lapic::PAGE_IMAGE_LEN]> {
+        let l = self.lapic_mut(cpu);
+        l.take_page_stale().then(|| l.page_image())
+    }
+
+    /// Whether [`Platform::take_apic_page_image`] would give an image now.
+    pub fn apic_page_stale(&self, cpu: usize) -> bool {
+        self.lapic(cpu).page_stale()
+    }
+
+    /// vCPU `cpu`'s local APIC mode (IA32_APIC_BASE.EN and EXTD).
+    pub fn apic_mode(&self, cpu: usize) -> lapic::ApicMode {
+        self.lapic(cpu).mode()
+    }
+
+    /// vCPU `cpu`'s processor priority (SDM 11.8.3.1).
+    pub fn ppr(&self, cpu: usize) -> u8 {
+        self.lapic(cpu).ppr()
+    }
+
+    /// vCPU `cpu`'s ICR destination half (`Lapic::icr_high`).
+    pub fn icr_high(&self, cpu: usize) -> u32 {
+        self.lapic(cpu).icr_high()
+    }
+
+    /// The ICR destination half the guest wrote without an exit (`Lapic::set_icr_high`).
+    pub fn set_icr_high(&mut self, cpu: usize, value: u32) {
+        self.lapic_mut(cpu).set_icr_high(value);
+    }
+
     /// vCPU `cpu`'s IRR and ISR as the CPU left them (`Lapic::set_vectors`).
     pub fn set_apic_vectors(&mut self, cpu: usize, irr: &[u32; 8], isr: &[u32; 8]) {
         self.lapic_mut(cpu).set_vectors(irr, isr);

@@ -10,6 +10,8 @@
 //!   the reasons `exits::ept` gives for the same accesses.
 
 use super::{Action, ExitContext};
+use crate::devices::lapic::X2APIC_MSRS;
+#[cfg(test)]
 use crate::devices::lapic::{APIC_BASE_ENABLE, APIC_BASE_EXTD};
 use crate::guest::{StopReason, Vcpu, Vm};
 use crate::vmx::apicv::VirtualApic;
@@ -59,6 +61,22 @@ fn take(vcpu: &mut Vcpu, vm: &mut Vm, unchanged: impl FnOnce(&VirtualApic) -> bo
     }
 }
 
+/// With APIC-register virtualization in xAPIC mode, a write of the ICR's high half stays on the
+/// page without an exit (SDM 30.4.3.2): the model takes it before it sends an IPI, before its
+/// registers are written to the page (which would overwrite it) and before a snapshot.
+fn take_icr_high(a: &VirtualApic, vm: &mut Vm, cpu: usize) {
+    if a.features().register_virtualization && a.accesses_virtualized() {
+        let high = a.register(ICR_HIGH);
+        if vm.platform.icr_high(cpu) != high {
+            vm.platform.set_icr_high(cpu, high);
+        }
+    }
+}
+
+/// Offsets of the ICR's halves on the xAPIC page (SDM Table 11-1).
+const ICR_LOW: u64 = 0x300;
+const ICR_HIGH: usize = 0x310;
+
 /// After an exit that does not reach the platform (CPUID, VMCALL, ...): VTPR is taken later,
 /// by [`take_unread`], if the platform is looked at before the next exit that reaches it.
 #[inline]
@@ -85,6 +103,9 @@ pub fn take_unread_vtpr(vcpu: &mut Vcpu, vm: &mut Vm) {
     if vcpu.apicv.as_ref().is_some_and(|a| a.vtpr_unread) {
         take(vcpu, vm, |_| false);
     }
+    if let Some(a) = &vcpu.apicv {
+        take_icr_high(a, vm, vcpu.index);
+    }
 }
 
 /// Before an entry that follows a device access (the model may have changed its TPR, its IRR or
@@ -96,11 +117,23 @@ pub fn before_entry<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu, vm: &mut Vm
         return;
     };
     let p = &vm.platform;
-    let xapic = p.apic_base(cpu) & (APIC_BASE_ENABLE | APIC_BASE_EXTD) == APIC_BASE_ENABLE;
-    a.before_entry(vmcs, p.tpr(cpu), || p.highest_irr(cpu), xapic);
+    a.before_entry(vmcs, p.tpr(cpu), || p.highest_irr(cpu), p.apic_mode(cpu));
     if a.features().virtual_interrupt_delivery {
         let (irr, isr, tmr, enabled) = p.apic_vectors(cpu);
         a.post(vmcs, irr, isr, tmr, enabled);
+    }
+    if a.features().register_virtualization {
+        // The registers the guest reads without an exit (SDM 30.4.2, 30.5): those the model
+        // changed, and in x2APIC mode the PPR (an xAPIC read of the PPR exits).
+        if a.x2apic_virtualized() {
+            a.set_vppr(p.ppr(cpu));
+        }
+        if vm.platform.apic_page_stale(cpu) {
+            take_icr_high(a, vm, cpu);
+            if let Some(image) = vm.platform.take_apic_page_image(cpu) {
+                a.mirror(&image);
+            }
+        }
     }
 }
 
@@ -124,11 +157,14 @@ pub fn virtualized_eoi<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action 
 
 /// An APIC-write exit (SDM 30.4.3.3, trap-like; bits 11:0 of the qualification are the page
 /// offset): the guest's write is on the virtual-APIC page, and the CPU leaves its effect to
-/// Keel. With virtual-interrupt delivery and no APIC-register virtualization that is an ICR
+/// Keel, which the model carries out as it does an emulated write (the next entry writes back
+/// what the model made of it, `before_entry`). With virtual-interrupt delivery that is an ICR
 /// write the CPU does not turn into a self-IPI itself (SDM 30.4.3.3: an IPI to another
-/// destination, a self-IPI by destination instead of shorthand, an NMI): the model carries it
-/// out as it does an emulated write, and a fixed interrupt to this vCPU lands in the model's IRR,
-/// which the next entry posts into VIRR.
+/// destination, a self-IPI by destination instead of shorthand, an NMI): a fixed interrupt to this
+/// vCPU lands in the model's IRR, which the next entry posts into VIRR. With APIC-register
+/// virtualization it is also a write of the ID, LDR, DFR, SVR, ESR, an LVT entry or the timer
+/// (SDM 30.4.3.2). In x2APIC mode it is a SELF IPI of a vector below 16, which the CPU does
+/// not virtualize (SDM 30.5): the model's SELF IPI register takes the 64 bits it wrote.
 pub fn apic_write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let offset = cx.vmcs.read(ReadOnlyNat::ExitQualification) & 0xff0;
     let Some(a) = &cx.vcpu.apicv else {
@@ -137,10 +173,22 @@ pub fn apic_write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         )));
     };
     let value = a.register(offset as usize);
+    let cpu = cx.vcpu.index;
+    if a.x2apic_virtualized() {
+        let msr = *X2APIC_MSRS.start() + (offset >> 4) as u32;
+        let value = a.register64(offset as usize);
+        // Trap-like: the WRMSR has completed, and the CPU checked what it virtualizes (bits
+        // 63:8 of a SELF IPI are 0); a write the model refuses has no effect.
+        let _ = cx.vm.platform.x2apic_write(cpu, msr, value, cx.now);
+        return Action::Resume;
+    }
+    if offset == ICR_LOW {
+        take_icr_high(a, cx.vm, cpu);
+    }
     let gpa = cx.vm.platform.board().lapic_base + offset;
     cx.vm
         .platform
-        .mmio_write(cx.vcpu.index, gpa, 4, u64::from(value), cx.now);
+        .mmio_write(cpu, gpa, 4, u64::from(value), cx.now);
     Action::Resume
 }
 
@@ -194,6 +242,7 @@ mod tests {
             tpr_shadow: true,
             virtualize_apic_accesses: true,
             virtual_interrupt_delivery: false,
+            ..ApicvFeatures::default()
         });
         t
     }
@@ -207,6 +256,7 @@ mod tests {
             tpr_shadow: true,
             virtualize_apic_accesses: true,
             virtual_interrupt_delivery: true,
+            ..ApicvFeatures::default()
         });
         t.enable_lapic();
         t
@@ -572,5 +622,169 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+}
+
+/// APIC-register virtualization and the x2APIC mode's virtualization at the exits.
+#[cfg(test)]
+mod register_tests {
+    use crate::exits::testing::*;
+    use crate::exits::Action;
+    use crate::vmx::apicv::{ApicvFeatures, VirtualApic};
+    use crate::vmx::controls::SecondaryControls;
+    use crate::vmx::{Control32, ExitReason, Guest16, Vmcs};
+    use alloc::boxed::Box;
+
+    /// Everything Bochs offers, the MSR bitmap included.
+    fn with_all() -> TestBed {
+        let mut t = TestBed::new();
+        t.enable_apicv(ApicvFeatures {
+            tpr_shadow: true,
+            virtualize_apic_accesses: true,
+            virtual_interrupt_delivery: true,
+            register_virtualization: true,
+            virtualize_x2apic: true,
+        });
+        let bitmap = Box::leak(Box::new([0xffu8; 4096]));
+        // SAFETY: a leaked page that belongs to this test alone.
+        unsafe { vapic_mut(&mut t).set_msr_bitmap(bitmap) };
+        t
+    }
+
+    fn vapic_mut(t: &mut TestBed) -> &mut VirtualApic {
+        t.vcpu.apicv.as_mut().unwrap()
+    }
+
+    fn page(t: &TestBed, offset: usize) -> u32 {
+        t.vcpu.apicv.as_ref().unwrap().register(offset)
+    }
+
+    /// The guest writes `value` at `offset` of the xAPIC page, which the CPU puts on the
+    /// virtual-APIC page; `exits` says whether an APIC-write exit follows (SDM 30.4.3.2).
+    fn guest_writes(t: &mut TestBed, offset: usize, value: u32, exits: bool) {
+        vapic_mut(t).write_register(offset, value);
+        if exits {
+            t.set_qualification(offset as u64);
+            assert_eq!(t.run(ExitReason::ApicWrite), Action::Resume);
+        }
+        t.enter().unwrap();
+    }
+
+    /// The guest reads the page without exits: after the first entry it holds the model's
+    /// registers, and a write the model changes (an LVT entry, masked while the APIC is
+    /// software-disabled, SDM 11.4.7.2) reads back as the model made it.
+    #[test]
+    fn the_page_holds_the_models_registers() {
+        let mut t = with_all();
+        t.enter().unwrap();
+        assert_eq!(page(&t, 0x30), crate::devices::lapic::LAPIC_VERSION);
+        assert_eq!(page(&t, 0xe0), u32::MAX, "DFR at reset");
+        assert_eq!(page(&t, 0xf0), 0xff, "SVR at reset");
+        assert_eq!(page(&t, 0x350), 0x700, "LINT0: ExtINT");
+        guest_writes(&mut t, 0x320, 0x40, true);
+        assert_eq!(page(&t, 0x320), 0x1_0040, "masked by the model");
+        guest_writes(&mut t, 0xf0, 0x1ff, true);
+        guest_writes(&mut t, 0x320, 0x2_0040, true);
+        assert_eq!(page(&t, 0x320), 0x2_0040);
+        // The LDR keeps bits 31:24 only.
+        guest_writes(&mut t, 0xd0, 0x0312_3456, true);
+        assert_eq!(page(&t, 0xd0), 0x0300_0000);
+    }
+
+    /// A write of the ICR's high half stays on the page (no exit); the ICR write that follows
+    /// (an APIC-write exit: a destination, not the self shorthand) is sent with it.
+    #[test]
+    fn the_icr_destination_the_guest_left_on_the_page_is_used() {
+        let mut t = with_all();
+        t.enable_lapic();
+        t.enter().unwrap();
+        // Destination 5: no such APIC, nothing arrives.
+        guest_writes(&mut t, 0x310, 0x0500_0000, false);
+        guest_writes(&mut t, 0x300, 0x61, true);
+        assert_eq!(t.vmcs.read(Guest16::InterruptStatus) as u8, 0);
+        // Destination 0: this APIC.
+        guest_writes(&mut t, 0x310, 0, false);
+        guest_writes(&mut t, 0x300, 0x61, true);
+        assert_eq!(t.vmcs.read(Guest16::InterruptStatus) as u8, 0x61);
+        assert_eq!(t.vm.platform.icr_high(0), 0);
+    }
+
+    /// In x2APIC mode the next entry turns "virtualize x2APIC mode" on (and "virtualize APIC
+    /// accesses" off), the page holds the x2APIC ID and LDR, and a SELF IPI of an illegal vector
+    /// (an APIC-write exit at 3F0H, SDM 30.5) reaches the model, which sets ESR bit 5.
+    #[test]
+    fn x2apic_mode_is_virtualized() {
+        let mut t = with_all();
+        t.enable_lapic();
+        t.enter().unwrap();
+        let x2apic = 0xfee0_0000 | 1 << 8 | 1 << 10 | 1 << 11;
+        t.vm.platform.set_apic_base(0, x2apic).unwrap();
+        t.enter().unwrap();
+        let s =
+            SecondaryControls::from_bits_retain(t.vmcs.read(Control32::SecondaryProcBasedControls));
+        assert!(s.contains(SecondaryControls::VIRTUALIZE_X2APIC_MODE));
+        assert!(!s.contains(SecondaryControls::VIRTUALIZE_APIC_ACCESSES));
+        assert_eq!(
+            (page(&t, 0x20), page(&t, 0xd0)),
+            (0, 1),
+            "x2APIC ID and LDR"
+        );
+        // VPPR (RDMSR 0x80A) is the model's PPR.
+        t.vm.platform.set_tpr(0, 0x50);
+        t.enter().unwrap();
+        assert_eq!(page(&t, 0xa0), 0x50);
+        vapic_mut(&mut t).write_register(0x3f0, 5);
+        t.set_qualification(0x3f0);
+        assert_eq!(t.run(ExitReason::ApicWrite), Action::Resume);
+        assert_eq!(t.vm.platform.x2apic_write(0, 0x828, 0, 0), Ok(()));
+        assert_eq!(t.vm.platform.x2apic_read(0, 0x828, 0), Ok(1 << 5));
+        // A 64-bit ICR written through the model is on the page as RDMSR 830H reads it.
+        assert_eq!(
+            t.vm.platform.x2apic_write(0, 0x830, 7 << 32 | 0x62, 0),
+            Ok(())
+        );
+        t.enter().unwrap();
+        assert_eq!(
+            t.vcpu.apicv.as_ref().unwrap().register64(0x300),
+            7 << 32 | 0x62
+        );
+        // Back to xAPIC mode through disabled.
+        t.vm.platform.set_apic_base(0, 0xfee0_0100).unwrap();
+        t.vm.platform.set_apic_base(0, 0xfee0_0900).unwrap();
+        t.enter().unwrap();
+        let s =
+            SecondaryControls::from_bits_retain(t.vmcs.read(Control32::SecondaryProcBasedControls));
+        assert!(!s.contains(SecondaryControls::VIRTUALIZE_X2APIC_MODE));
+        assert!(s.contains(SecondaryControls::VIRTUALIZE_APIC_ACCESSES));
+        assert_eq!(t.vcpu.apicv.as_ref().unwrap().register64(0x300) >> 32, 0);
+    }
+
+    /// A guest snapshotted in x2APIC mode and restored into a fresh virtual APIC (closed MSR
+    /// bitmap, xAPIC controls) is in x2APIC virtualization again at its first entry, with the
+    /// model's registers on the page.
+    #[test]
+    fn a_restored_x2apic_guest_is_virtualized_at_its_first_entry() {
+        let mut t = with_all();
+        t.enable_lapic();
+        let x2apic = 0xfee0_0000 | 1 << 8 | 1 << 10 | 1 << 11;
+        t.vm.platform.set_apic_base(0, x2apic).unwrap();
+        assert_eq!(t.vm.platform.x2apic_write(0, 0x832, 0x1_0045, 0), Ok(()));
+        t.enter().unwrap();
+        super::take_unread_vtpr(&mut t.vcpu, &mut t.vm);
+        let mut w = crate::state::Writer::new();
+        t.vm.platform.save(&mut w);
+        let bytes = w.into_bytes();
+        let mut u = with_all();
+        u.vm.platform
+            .restore(&mut crate::state::Reader::new(&bytes))
+            .unwrap();
+        vapic_mut(&mut u).reset();
+        assert!(!u.vcpu.apicv.as_ref().unwrap().x2apic_virtualized());
+        u.enter().unwrap();
+        let s =
+            SecondaryControls::from_bits_retain(u.vmcs.read(Control32::SecondaryProcBasedControls));
+        assert!(s.contains(SecondaryControls::VIRTUALIZE_X2APIC_MODE));
+        assert!(!s.contains(SecondaryControls::VIRTUALIZE_APIC_ACCESSES));
+        assert_eq!((page(&u, 0x320), page(&u, 0xd0)), (0x1_0045, 1));
     }
 }

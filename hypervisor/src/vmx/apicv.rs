@@ -17,6 +17,22 @@
 //!   the priority class of the highest interrupt the guest's TPR holds back, so that interrupt is
 //!   delivered as soon as the TPR lets it through.
 //!
+//! - **"APIC-register virtualization"** (SDM 30.4.2, 30.4.3.2), with virtual-interrupt delivery:
+//!   reads of the xAPIC page's registers (ID, version, TPR, EOI, LDR, DFR, SVR, ISR, TMR, IRR,
+//!   ESR, ICR, LVT, initial count, divide configuration) come from the virtual-APIC page without
+//!   an exit; writes to the registers with side effects land there and exit after the write
+//!   ("APIC write", trap-like), except the ICR's high half, which only lands there. Keel writes
+//!   the model's registers to the page whenever they change ([`VirtualApic::mirror`]), and
+//!   takes the ICR's high half back.
+//! - **"virtualize x2APIC mode"** (SDM 30.5), while the guest's APIC is in x2APIC mode, in place
+//!   of "virtualize APIC accesses" (SDM 27.2.1.1: never both): the MSR bitmap lets RDMSR of the
+//!   registers the page holds through (all readable ones but the timer's current count, with
+//!   APIC-register virtualization; the TPR alone without it) and WRMSR of the TPR, and with
+//!   virtual-interrupt delivery of EOI and SELF IPI, which the CPU virtualizes (TPR, EOI and
+//!   self-IPI virtualization, SDM 30.1.2-30.1.5). Every other x2APIC MSR still exits to the
+//!   model. Switched in [`VirtualApic::before_entry`] when the model's mode changes (the guest
+//!   wrote IA32_APIC_BASE), and back.
+//!
 //! One truth: the local APIC model (`devices::lapic`) keeps the TPR it computes PPR and
 //! deliverability with; while the CPU owns it, the model is refreshed from VTPR after every exit
 //! ([`VirtualApic::vtpr`]) and VTPR from the model before an entry that follows a device access
@@ -31,11 +47,15 @@ use super::controls::{
     adjust_controls, can_set, ControlError, PinBasedControls, PrimaryControls, SecondaryControls,
 };
 use super::VmxCaps;
-use crate::devices::lapic::highest;
+use crate::devices::lapic::{
+    highest, x2apic_readable, ApicMode, X2APIC_MSRS, X2APIC_TIMER_CURRENT,
+};
 use crate::vmx::{Control32, Control64, Guest16, Vmcs};
 
 /// Offset of the TPR on the virtual-APIC page (VTPR, SDM 30.1.1).
 pub const VTPR: usize = 0x80;
+/// Offset of the PPR on the virtual-APIC page (VPPR, SDM 30.1.1).
+pub const VPPR: usize = 0xa0;
 /// Offsets of the ISR and IRR on the virtual-APIC page (VISR, VIRR: eight 32-bit words 16 bytes
 /// apart, as on the xAPIC page; SDM 30.1.1).
 pub const VISR: usize = 0x100;
@@ -51,6 +71,11 @@ pub struct ApicvFeatures {
     /// "virtual-interrupt delivery": the CPU owns IRR, ISR and PPR on the virtual-APIC page,
     /// delivers the interrupts Keel posts there and virtualizes EOI (SDM 30.1.3, 30.2).
     pub virtual_interrupt_delivery: bool,
+    /// "APIC-register virtualization": register reads from the virtual-APIC page, writes with
+    /// an APIC-write exit after them (SDM 30.4.2, 30.4.3).
+    pub register_virtualization: bool,
+    /// "virtualize x2APIC mode" while the guest's APIC is in x2APIC mode (SDM 30.5).
+    pub virtualize_x2apic: bool,
 }
 
 impl ApicvFeatures {
@@ -71,10 +96,19 @@ impl ApicvFeatures {
         let virtual_interrupt_delivery = virtualize_apic_accesses
             && can_set(caps, SecondaryControls::VIRTUAL_INTERRUPT_DELIVERY)
             && can_set(caps, PinBasedControls::EXTERNAL_INTERRUPT_EXITING);
+        // SDM 27.2.1.1: both need the TPR shadow. Keel asks for register virtualization only
+        // with virtual-interrupt delivery, which keeps the ISR, the IRR and the PPR on the page
+        // current while the guest runs (SDM 30.1.3, 30.2); Keel keeps the rest.
+        let register_virtualization = virtual_interrupt_delivery
+            && can_set(caps, SecondaryControls::APIC_REGISTER_VIRTUALIZATION);
+        let virtualize_x2apic =
+            tpr_shadow && can_set(caps, SecondaryControls::VIRTUALIZE_X2APIC_MODE);
         Self {
             tpr_shadow,
             virtualize_apic_accesses,
             virtual_interrupt_delivery,
+            register_virtualization,
+            virtualize_x2apic,
         }
     }
 
@@ -109,6 +143,11 @@ impl ApicvFeatures {
         if self.virtual_interrupt_delivery {
             wanted |= SecondaryControls::VIRTUAL_INTERRUPT_DELIVERY;
         }
+        if self.register_virtualization {
+            wanted |= SecondaryControls::APIC_REGISTER_VIRTUALIZATION;
+        }
+        // "virtualize x2APIC mode" is not on at boot: the APIC starts in xAPIC mode
+        // (`VirtualApic::before_entry` switches it).
         let secondary = if wanted != secondary {
             adjust_controls(caps, wanted, SecondaryControls::empty())?
         } else {
@@ -117,23 +156,40 @@ impl ApicvFeatures {
         Ok((primary.bits(), secondary.bits()))
     }
 
-    /// A short description for Keel's log.
-    pub fn describe(&self) -> &'static str {
-        match (
+    /// A short description for Keel's log: the first part what the xAPIC mode has, the second
+    /// what the x2APIC mode has.
+    pub fn describe(&self) -> (&'static str, &'static str) {
+        let xapic = match (
             self.tpr_shadow,
             self.virtualize_apic_accesses,
             self.virtual_interrupt_delivery,
+            self.register_virtualization,
         ) {
-            (false, _, _) => "off (every TPR access exits)",
-            (true, false, _) => "TPR shadow (CR8 without exits; MMIO TPR exits)",
-            (true, true, false) => {
+            (false, ..) => "off (every TPR access exits)",
+            (true, false, ..) => "TPR shadow (CR8 without exits; MMIO TPR exits)",
+            (true, true, false, _) => {
                 "TPR shadow + virtualized APIC accesses (CR8 and MMIO TPR without exits)"
             }
-            (true, true, true) => {
+            (true, true, true, false) => {
                 "TPR shadow + virtualized APIC accesses + virtual-interrupt delivery (CR8, MMIO \
                  TPR, EOI and self-IPI without exits)"
             }
-        }
+            (true, true, true, true) => {
+                "TPR shadow + virtualized APIC accesses + virtual-interrupt delivery + register \
+                 virtualization (CR8, EOI, self-IPI and register reads without exits)"
+            }
+        };
+        let x2apic = match (
+            self.virtualize_x2apic,
+            self.virtual_interrupt_delivery,
+            self.register_virtualization,
+        ) {
+            (false, ..) => "x2APIC MSRs exit",
+            (true, false, _) => "x2APIC TPR without exits",
+            (true, true, false) => "x2APIC TPR, EOI and SELF IPI without exits",
+            (true, true, true) => "x2APIC TPR, EOI, SELF IPI and register reads without exits",
+        };
+        (xapic, x2apic)
     }
 }
 
@@ -145,9 +201,15 @@ pub struct VirtualApic {
     access: &'static mut [u8; 4096],
     access_pa: u64,
     features: ApicvFeatures,
+    /// The guest's MSR bitmap, whose x2APIC part this view opens and closes (None: the x2APIC
+    /// mode is not virtualized).
+    msr_bitmap: Option<&'static mut [u8; 4096]>,
     /// Whether "virtualize APIC accesses" is on in the VMCS now (only while the guest's APIC is in
     /// xAPIC mode).
     accesses_virtualized: bool,
+    /// Whether "virtualize x2APIC mode" is on in the VMCS now, and the MSR bitmap open for it
+    /// (only while the guest's APIC is in x2APIC mode).
+    x2apic_virtualized: bool,
     /// The TPR threshold in the VMCS now (written only when it changes: a VMWRITE is dear).
     threshold: u32,
     /// The EOI-exit bitmap in the VMCS now (virtual-interrupt delivery; written when it changes).
@@ -187,7 +249,9 @@ impl VirtualApic {
             access,
             access_pa,
             features,
+            msr_bitmap: None,
             accesses_virtualized: features.virtualize_apic_accesses,
+            x2apic_virtualized: false,
             threshold: 0,
             eoi_exit: [0; 4],
             idle: true,
@@ -197,6 +261,44 @@ impl VirtualApic {
 
     pub fn features(&self) -> ApicvFeatures {
         self.features
+    }
+
+    /// Gives this view the guest's MSR bitmap, for "virtualize x2APIC mode": its x2APIC part
+    /// is opened while the guest's APIC is in x2APIC mode ([`VirtualApic::before_entry`]).
+    ///
+    /// # Safety
+    /// `bitmap` must be the MSR bitmap of this guest's VMCS (one vCPU: the part it opens is
+    /// that vCPU's APIC), owned by this guest for as long as the view lives.
+    pub unsafe fn set_msr_bitmap(&mut self, bitmap: &'static mut [u8; 4096]) {
+        set_x2apic_msrs(bitmap, self.features, self.x2apic_virtualized);
+        self.msr_bitmap = Some(bitmap);
+    }
+
+    /// Whether "virtualize APIC accesses" is on now (the guest's APIC in xAPIC mode).
+    pub fn accesses_virtualized(&self) -> bool {
+        self.accesses_virtualized
+    }
+
+    /// Whether "virtualize x2APIC mode" is on now (the guest's APIC in x2APIC mode).
+    pub fn x2apic_virtualized(&self) -> bool {
+        self.x2apic_virtualized
+    }
+
+    /// Writes the model's registers that APIC-register virtualization reads from the page
+    /// (`Lapic::page_image`: (offset, value)).
+    pub fn mirror(&mut self, image: &[(usize, u32)]) {
+        for &(offset, value) in image {
+            self.set_word(offset, value);
+        }
+    }
+
+    /// Writes VPPR (SDM 30.1.1: offset A0H), which an x2APIC RDMSR of the PPR reads with
+    /// register virtualization. The CPU keeps it current while the guest runs (PPR
+    /// virtualization at TPR virtualization, EOI virtualization and delivery, SDM 30.1.3); Keel
+    /// writes the model's after an exit, which computes it the same way from the same TPR and
+    /// ISR.
+    pub fn set_vppr(&mut self, ppr: u8) {
+        self.set_word(VPPR, u32::from(ppr));
     }
 
     /// Host-physical address of the APIC-access page (mapped at the guest's xAPIC page).
@@ -220,6 +322,10 @@ impl VirtualApic {
         self.vapic.fill(0);
         self.access.fill(0);
         self.accesses_virtualized = self.features.virtualize_apic_accesses;
+        self.x2apic_virtualized = false;
+        if let Some(b) = &mut self.msr_bitmap {
+            set_x2apic_msrs(b, self.features, false);
+        }
         self.threshold = 0;
         self.eoi_exit = [0; 4];
         self.idle = true;
@@ -295,6 +401,13 @@ impl VirtualApic {
         self.word(offset & 0xff0)
     }
 
+    /// The 64 bits a WRMSR of an x2APIC register wrote to the virtual-APIC page (SDM 30.5: at
+    /// `offset`, the register's, and the 4 bytes after it).
+    pub fn register64(&self, offset: usize) -> u64 {
+        let offset = offset & 0xff0;
+        u64::from(self.word(offset + 4)) << 32 | u64::from(self.word(offset))
+    }
+
     /// Before an entry, with virtual-interrupt delivery: the model's pending (`irr`) and
     /// in-service (`isr`) vectors go to VIRR and VISR, RVI and SVI in the guest interrupt status
     /// are their highest vectors (SDM 30.1.1: RVI is bits 7:0, SVI bits 15:8), and the EOI-exit
@@ -342,16 +455,17 @@ impl VirtualApic {
 
     /// Before an entry that follows a device access: VTPR from the model's `tpr`, the TPR
     /// threshold for the interrupt the TPR holds back (`highest_irr`: the highest vector pending
-    /// in the model's IRR, asked only when the TPR could hold one back), and "virtualize APIC
-    /// accesses" only while the APIC is in xAPIC mode (`xapic`): in x2APIC mode or disabled, the
-    /// MMIO page is no APIC register at all.
+    /// in the model's IRR, asked only when the TPR could hold one back), and the controls for the
+    /// APIC's `mode`: "virtualize APIC accesses" only in xAPIC mode (in x2APIC mode or disabled,
+    /// the MMIO page is no APIC register at all), "virtualize x2APIC mode" and the open MSR
+    /// bitmap only in x2APIC mode.
     #[inline]
     pub fn before_entry<V: Vmcs + ?Sized>(
         &mut self,
         vmcs: &mut V,
         tpr: u8,
         highest_irr: impl FnOnce() -> Option<u8>,
-        xapic: bool,
+        mode: ApicMode,
     ) {
         if !self.features.tpr_shadow {
             return;
@@ -371,27 +485,77 @@ impl VirtualApic {
             self.threshold = threshold;
             vmcs.write(Control32::TprThreshold, threshold);
         }
-        let virtualize = self.features.virtualize_apic_accesses && xapic;
-        if virtualize != self.accesses_virtualized {
-            self.accesses_virtualized = virtualize;
-            let bit = SecondaryControls::VIRTUALIZE_APIC_ACCESSES.bits();
-            let secondary = vmcs.read(Control32::SecondaryProcBasedControls);
-            vmcs.write(
-                Control32::SecondaryProcBasedControls,
-                if virtualize {
-                    secondary | bit
-                } else {
-                    secondary & !bit
-                },
+        let accesses = self.features.virtualize_apic_accesses && mode == ApicMode::XApic;
+        let x2apic = self.features.virtualize_x2apic
+            && self.msr_bitmap.is_some()
+            && mode == ApicMode::X2Apic;
+        if (accesses, x2apic) != (self.accesses_virtualized, self.x2apic_virtualized) {
+            // One VMWRITE for both: the two are never on together (SDM 27.2.1.1).
+            let (vaa, vx2) = (
+                SecondaryControls::VIRTUALIZE_APIC_ACCESSES.bits(),
+                SecondaryControls::VIRTUALIZE_X2APIC_MODE.bits(),
             );
-            if !virtualize {
+            let mut secondary = vmcs.read(Control32::SecondaryProcBasedControls) & !(vaa | vx2);
+            if accesses {
+                secondary |= vaa;
+            }
+            if x2apic {
+                secondary |= vx2;
+            }
+            vmcs.write(Control32::SecondaryProcBasedControls, secondary);
+            if !accesses && self.accesses_virtualized {
                 // The page stays mapped; with the control off a guest access reaches its memory,
                 // which then reads as the empty bus the model gives outside xAPIC mode (all ones).
                 self.access.fill(0xff);
             }
+            if x2apic != self.x2apic_virtualized {
+                // Never open without the control: RDMSR and WRMSR would reach the CPU's own APIC
+                // (SDM 30.5: without "virtualize x2APIC mode" they operate normally).
+                if let Some(b) = &mut self.msr_bitmap {
+                    set_x2apic_msrs(b, self.features, x2apic);
+                }
+            }
+            self.accesses_virtualized = accesses;
+            self.x2apic_virtualized = x2apic;
         }
     }
 }
+
+/// The x2APIC part of an MSR bitmap (SDM 25.6.9: a set bit exits; MSRs 0-1FFFH have their read
+/// bits at bytes 0-1023 and their write bits at 2048-3071), `open` for "virtualize x2APIC mode"
+/// with `f`, or closed: every RDMSR and WRMSR of 800H-8FFH exits to the model.
+///
+/// Open (SDM 30.5): RDMSR of the TPR; with APIC-register virtualization every register the page
+/// holds (those x2APIC mode reads, `lapic::x2apic_readable`, but the timer's current count,
+/// which is computed at the read); the others, and the write-only EOI and SELF IPI, still exit,
+/// so the model gives their #GP. WRMSR of the TPR, and with virtual-interrupt delivery of EOI
+/// and SELF IPI, which the CPU virtualizes (and checks their reserved bits itself); every other
+/// write exits to the model.
+pub fn set_x2apic_msrs(bitmap: &mut [u8; 4096], f: ApicvFeatures, open: bool) {
+    for msr in X2APIC_MSRS {
+        let read = open
+            && (msr == X2APIC_TPR
+                || (f.register_virtualization
+                    && x2apic_readable(msr)
+                    && msr != X2APIC_TIMER_CURRENT));
+        let write = open
+            && (msr == X2APIC_TPR
+                || (f.virtual_interrupt_delivery && (msr == X2APIC_EOI || msr == X2APIC_SELF_IPI)));
+        for (base, passes) in [(0, read), (2048, write)] {
+            let (byte, bit) = (base + (msr / 8) as usize, 1 << (msr % 8));
+            if passes {
+                bitmap[byte] &= !bit;
+            } else {
+                bitmap[byte] |= bit;
+            }
+        }
+    }
+}
+
+/// The x2APIC MSRs the CPU virtualizes writes of (SDM 30.5).
+const X2APIC_TPR: u32 = 0x808;
+const X2APIC_EOI: u32 = 0x80b;
+const X2APIC_SELF_IPI: u32 = 0x83f;
 
 /// The four 64-bit EOI-exit bitmap fields, vectors 0-63 first (SDM 25.6.8).
 const EOI_EXIT_BITMAPS: [Control64; 4] = [
@@ -445,11 +609,15 @@ mod tests {
         tpr_shadow: true,
         virtualize_apic_accesses: true,
         virtual_interrupt_delivery: true,
+        register_virtualization: true,
+        virtualize_x2apic: true,
     };
 
     /// The TPR alone virtualized (a CPU without virtual-interrupt delivery).
     const TPR_ONLY: ApicvFeatures = ApicvFeatures {
         virtual_interrupt_delivery: false,
+        register_virtualization: false,
+        virtualize_x2apic: false,
         ..ALL
     };
 
@@ -543,22 +711,150 @@ mod tests {
         let mut v = FakeVmcs::new();
         v.write(Control32::SecondaryProcBasedControls, s);
         let mut a = vapic(TPR_ONLY);
-        a.before_entry(&mut v, 0x70, || Some(0x41), true);
+        a.before_entry(&mut v, 0x70, || Some(0x41), ApicMode::XApic);
         assert_eq!((a.vtpr(), v.read(Control32::TprThreshold)), (0x70, 4));
         let vaa = SecondaryControls::VIRTUALIZE_APIC_ACCESSES.bits();
         assert_ne!(v.read(Control32::SecondaryProcBasedControls) & vaa, 0);
         // x2APIC mode: the MMIO page is no longer the APIC's; it reads all ones.
-        a.before_entry(&mut v, 0x70, || None, false);
+        a.before_entry(&mut v, 0x70, || None, ApicMode::X2Apic);
         assert_eq!(v.read(Control32::SecondaryProcBasedControls) & vaa, 0);
         assert_eq!(v.read(Control32::TprThreshold), 0);
         assert!(a.access.iter().all(|&b| b == 0xff));
         // Back to xAPIC mode (through a disable and re-enable).
-        a.before_entry(&mut v, 0, || None, true);
+        a.before_entry(&mut v, 0, || None, ApicMode::XApic);
         assert_ne!(v.read(Control32::SecondaryProcBasedControls) & vaa, 0);
         // Without the features nothing is written.
         let mut v = FakeVmcs::new();
-        vapic(ApicvFeatures::default()).before_entry(&mut v, 0x70, || Some(0x41), true);
+        vapic(ApicvFeatures::default()).before_entry(&mut v, 0x70, || Some(0x41), ApicMode::XApic);
         assert_eq!(v.read(Control32::TprThreshold), 0);
         assert_eq!(v.read(Control64::VirtualApicAddr), 0);
+    }
+
+    /// Whether MSR `msr`'s read (or write) bit in `b` lets it through.
+    fn passes(b: &[u8; 4096], msr: u32, write: bool) -> bool {
+        let byte = if write { 2048 } else { 0 } + (msr / 8) as usize;
+        b[byte] & (1 << (msr % 8)) == 0
+    }
+
+    fn bitmap_page() -> &'static mut [u8; 4096] {
+        Box::leak(Box::new([0xffu8; 4096]))
+    }
+
+    /// SDM 30.5: with register virtualization every register the page holds is read without an
+    /// exit, but the timer's current count (computed at the read), the write-only EOI and SELF
+    /// IPI and the MSRs that name no register, whose #GP the model gives. Writes pass for the
+    /// TPR, EOI and SELF IPI only; everything else reaches the model.
+    #[test]
+    fn the_x2apic_msrs_opened_are_those_the_cpu_virtualizes() {
+        let mut b = [0xffu8; 4096];
+        set_x2apic_msrs(&mut b, ALL, true);
+        for msr in [
+            0x802, 0x803, 0x808, 0x80a, 0x80d, 0x80f, 0x810, 0x827, 0x828, 0x830,
+        ] {
+            assert!(passes(&b, msr, false), "RDMSR {msr:#x}");
+        }
+        for msr in [0x832, 0x837, 0x838, 0x83e] {
+            assert!(passes(&b, msr, false), "RDMSR {msr:#x}");
+        }
+        for msr in [
+            0x800, 0x809, 0x80b, 0x80c, 0x80e, 0x82f, 0x831, 0x839, 0x83f, 0x8ff,
+        ] {
+            assert!(!passes(&b, msr, false), "RDMSR {msr:#x} exits");
+        }
+        for msr in X2APIC_MSRS {
+            let virtualized = matches!(msr, 0x808 | 0x80b | 0x83f);
+            assert_eq!(passes(&b, msr, true), virtualized, "WRMSR {msr:#x}");
+        }
+        // Nothing outside the range changed.
+        assert!(b[..0x100]
+            .iter()
+            .chain(&b[0x120..2048 + 0x100])
+            .all(|&x| x == 0xff));
+        assert!(b[2048 + 0x120..].iter().all(|&x| x == 0xff));
+        // Without register virtualization and virtual-interrupt delivery: the TPR alone.
+        let tpr_only = ApicvFeatures {
+            virtualize_x2apic: true,
+            ..TPR_ONLY
+        };
+        let mut t = [0xffu8; 4096];
+        set_x2apic_msrs(&mut t, tpr_only, true);
+        for msr in X2APIC_MSRS {
+            assert_eq!(passes(&t, msr, false), msr == 0x808, "RDMSR {msr:#x}");
+            assert_eq!(passes(&t, msr, true), msr == 0x808, "WRMSR {msr:#x}");
+        }
+        // Closed again: every access exits.
+        set_x2apic_msrs(&mut b, ALL, false);
+        assert!(b.iter().all(|&x| x == 0xff));
+    }
+
+    /// SDM 27.2.1.1: "virtualize x2APIC mode" and "virtualize APIC accesses" are never on
+    /// together; the MSR bitmap is open exactly while the first is on (x2APIC mode), and
+    /// closed in xAPIC mode and while the APIC is disabled.
+    #[test]
+    fn the_controls_and_the_bitmap_follow_the_apic_mode() {
+        let caps = VmxCaps::bochs_skylake_x();
+        let c = crate::vcpu::compute_controls(&caps).unwrap();
+        let (_, s) = ALL.apply(&caps, c.primary, c.secondary).unwrap();
+        let s2 = SecondaryControls::from_bits_retain(s);
+        assert!(s2.contains(SecondaryControls::APIC_REGISTER_VIRTUALIZATION));
+        assert!(!s2.contains(SecondaryControls::VIRTUALIZE_X2APIC_MODE));
+        let mut v = FakeVmcs::new();
+        v.write(Control32::SecondaryProcBasedControls, s);
+        let mut a = vapic(ALL);
+        // SAFETY: a leaked page that belongs to this test alone.
+        unsafe { a.set_msr_bitmap(bitmap_page()) };
+        let controls = |v: &FakeVmcs| {
+            let s =
+                SecondaryControls::from_bits_retain(v.read(Control32::SecondaryProcBasedControls));
+            (
+                s.contains(SecondaryControls::VIRTUALIZE_APIC_ACCESSES),
+                s.contains(SecondaryControls::VIRTUALIZE_X2APIC_MODE),
+            )
+        };
+        let open = |a: &VirtualApic| passes(a.msr_bitmap.as_ref().unwrap(), 0x80b, true);
+        a.before_entry(&mut v, 0, || None, ApicMode::XApic);
+        assert_eq!(controls(&v), (true, false));
+        assert!(!open(&a));
+        a.before_entry(&mut v, 0, || None, ApicMode::X2Apic);
+        assert_eq!(controls(&v), (false, true));
+        assert!(open(&a) && a.x2apic_virtualized());
+        assert!(
+            a.access.iter().all(|&b| b == 0xff),
+            "the page reads all ones"
+        );
+        a.before_entry(&mut v, 0, || None, ApicMode::Disabled);
+        assert_eq!(controls(&v), (false, false));
+        assert!(!open(&a));
+        a.before_entry(&mut v, 0, || None, ApicMode::XApic);
+        assert_eq!(controls(&v), (true, false));
+        // A reset (the guest reboots, or is restored) closes the bitmap with the control.
+        a.before_entry(&mut v, 0, || None, ApicMode::X2Apic);
+        a.reset();
+        assert!(!open(&a) && !a.x2apic_virtualized());
+        // Everything else in the secondary controls stays.
+        assert_eq!(
+            v.read(Control32::SecondaryProcBasedControls)
+                & !(SecondaryControls::VIRTUALIZE_APIC_ACCESSES.bits()
+                    | SecondaryControls::VIRTUALIZE_X2APIC_MODE.bits()),
+            s & !SecondaryControls::VIRTUALIZE_APIC_ACCESSES.bits()
+        );
+        // Without the bitmap (or the feature) the x2APIC mode is not virtualized.
+        let mut b = vapic(ALL);
+        b.before_entry(&mut v, 0, || None, ApicMode::X2Apic);
+        assert!(!b.x2apic_virtualized());
+    }
+
+    #[test]
+    fn bochs_offers_register_and_x2apic_virtualization() {
+        let f = ApicvFeatures::select(&VmxCaps::bochs_skylake_x(), true);
+        assert!(f.register_virtualization && f.virtualize_x2apic);
+        let mut caps = VmxCaps::bochs_skylake_x();
+        caps.procbased2 &= !(u64::from(SecondaryControls::VIRTUAL_INTERRUPT_DELIVERY.bits()) << 32);
+        let f = ApicvFeatures::select(&caps, true);
+        assert!(
+            !f.register_virtualization,
+            "only with virtual-interrupt delivery"
+        );
+        assert!(f.virtualize_x2apic);
     }
 }

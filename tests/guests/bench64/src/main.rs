@@ -61,6 +61,16 @@ const LVT_TSC_DEADLINE: u32 = 0b10 << 17;
 const ICR_SELF_FIXED: u32 = 1 << 18;
 const TIMER_VECTOR: u8 = 0x40;
 const IPI_VECTOR: u8 = 0x41;
+/// The self-IPI in x2APIC mode, whose handler ends with an x2APIC EOI.
+const X2APIC_IPI_VECTOR: u8 = 0x42;
+/// IA32_APIC_BASE.EXTD: x2APIC mode (SDM Vol. 3A 11.12.1).
+const MSR_APIC_BASE: u32 = 0x1b;
+const APIC_BASE_EXTD: u64 = 1 << 10;
+/// x2APIC registers (SDM Vol. 3A Table 11-6).
+const X2APIC_TPR: u32 = 0x808;
+const X2APIC_EOI: u32 = 0x80b;
+const X2APIC_LVT_TIMER: u32 = 0x832;
+const X2APIC_SELF_IPI: u32 = 0x83f;
 /// How far ahead the HLT test arms the TSC deadline: far more than arming and halting cost
 /// under Keel, so the guest is always halted when it falls due.
 const HLT_DELAY: u64 = 20_000;
@@ -116,6 +126,24 @@ _start:
     .pushsection .text.bench_traps, "ax"
     BENCH_STAMP bench_timer_entry, {timer}
     BENCH_STAMP bench_ipi_entry, {ipi}
+
+    # The same in x2APIC mode, where the EOI is WRMSR 0x80B of 0.
+    .globl bench_x2apic_ipi_entry
+bench_x2apic_ipi_entry:
+    push rax
+    push rcx
+    push rdx
+    rdtsc
+    mov dword ptr [rip + {ipi}], eax
+    mov dword ptr [rip + {ipi} + 4], edx
+    mov ecx, 0x80b
+    xor eax, eax
+    xor edx, edx
+    wrmsr
+    pop rdx
+    pop rcx
+    pop rax
+    iretq
     .popsection
 "#,
     first = sym FIRST_TSC,
@@ -127,6 +155,7 @@ _start:
 extern "C" {
     fn bench_timer_entry();
     fn bench_ipi_entry();
+    fn bench_x2apic_ipi_entry();
     /// guest-common's 16-byte trap stubs, one per vector (trap/x86_64.rs).
     static guest_trap_stubs: u8;
 }
@@ -280,9 +309,64 @@ fn suite(mode: Mode) {
     measure("hlt", hlt_wake);
     measure("irq", timer_while_running);
     measure("ipi", self_ipi);
+    x2apic_suite();
     if !keel {
         say!("yield n/a (no hypervisor)");
     }
+}
+
+/// A plain register read in xAPIC mode, then the APIC in x2APIC mode (it stays there): a
+/// register read, a TPR write, an EOI and a self-IPI through the MSRs. Last, as nothing after
+/// it may use the xAPIC page.
+fn x2apic_suite() {
+    measure(
+        "apic-read",
+        || timed!("mov {v:e}, dword ptr [{a}]"; a = in(reg) LAPIC_LVT_TIMER, v = out(reg) _),
+    );
+    wrmsr(MSR_APIC_BASE, rdmsr(MSR_APIC_BASE) | APIC_BASE_EXTD);
+    measure(
+        "x2apic-read",
+        || timed!("rdmsr"; in("ecx") X2APIC_LVT_TIMER),
+    );
+    measure(
+        "x2apic-tpr",
+        || timed!("xor eax, eax", "xor edx, edx", "wrmsr"; in("ecx") X2APIC_TPR),
+    );
+    // Nothing in service, as for `eoi`.
+    measure(
+        "x2apic-eoi",
+        || timed!("xor eax, eax", "xor edx, edx", "wrmsr"; in("ecx") X2APIC_EOI),
+    );
+    measure("x2apic-ipi", x2apic_self_ipi);
+}
+
+/// A self-IPI through the x2APIC SELF IPI register: the cycles from before the WRMSR to the
+/// handler's first RDTSC.
+fn x2apic_self_ipi() -> u32 {
+    IPI_TSC.store(0, Ordering::SeqCst);
+    let t0: u32;
+    // SAFETY: the IDT sends the vector to `bench_x2apic_ipi_entry`, which preserves every
+    // register; the stack has no red zone on this target.
+    unsafe {
+        asm!(
+            "sti",
+            "rdtsc",
+            "mov {t0:e}, eax",
+            "mov eax, {v:e}",
+            "xor edx, edx",
+            "wrmsr",
+            t0 = out(reg) t0,
+            v = in(reg) u32::from(X2APIC_IPI_VECTOR),
+            in("ecx") X2APIC_SELF_IPI,
+            out("eax") _,
+            out("edx") _,
+        );
+    }
+    while IPI_TSC.load(Ordering::SeqCst) == 0 {
+        core::hint::spin_loop();
+    }
+    cpu::disable_interrupts();
+    (IPI_TSC.load(Ordering::SeqCst) as u32).wrapping_sub(t0)
 }
 
 /// Runs `op` [`WARMUP`] times untimed, then [`SAMPLES`] times, and prints its line.
@@ -422,6 +506,7 @@ fn install_idt() {
         let handler = match vector as u8 {
             TIMER_VECTOR => bench_timer_entry as *const () as usize,
             IPI_VECTOR => bench_ipi_entry as *const () as usize,
+            X2APIC_IPI_VECTOR => bench_x2apic_ipi_entry as *const () as usize,
             _ => stubs + 16 * vector,
         };
         let h = handler as u64;
