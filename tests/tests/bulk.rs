@@ -1,0 +1,199 @@
+//! Snapshots through the bulk disk (docs/SNAPSHOTS.md, "The bulk disk"): one Bochs boot of
+//! tests/guests/manifests/bulk.toml with a bulk disk, driven over the control channel. A guest
+//! with 12 MiB of patterned RAM is snapshotted through the disk (a stream of over 12 MiB: the
+//! serial path stops at 2 MiB), a damaged copy of the file is refused with the guest left
+//! running, and the file is restored: the guest then checks every word of its pattern.
+//! `cargo itest bulk -- --nocapture` prints the figures (size, times).
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_boot::bulk::Keel;
+use keel_boot::control;
+use keel_boot::migrate::Socket;
+use keel_boot::RunOptions;
+use keel_tests::{harness_dir, images, Emulator, Firmware, Manifest, Outcome};
+
+use crate::control::{driven_run, wait_for_in_list, wait_for_list};
+
+const MANIFEST: Manifest = Manifest::File("tests/guests/manifests/bulk.toml");
+
+/// What the session did and saw, and the snapshot's size.
+struct Session {
+    log: Vec<String>,
+    error: Option<String>,
+    snapshot: PathBuf,
+    bulk: PathBuf,
+    size: usize,
+}
+
+impl Session {
+    fn fail(&mut self, why: String) {
+        self.log.push(format!("FAILED: {why}"));
+        self.error.get_or_insert(why);
+    }
+
+    /// `command`'s reply, which must be ok.
+    fn ok(&mut self, socket: &Path, command: &str) -> bool {
+        let reply = control::request(socket, command, Duration::from_secs(120))
+            .unwrap_or_else(|e| format!("(no reply: {e:#})"));
+        self.log.push(format!("{command} -> {reply}"));
+        let ok = reply.starts_with("{\"ok\":true");
+        if !ok {
+            self.fail(format!("{command}: {reply}"));
+        }
+        ok
+    }
+}
+
+fn session() -> Arc<(Outcome, Session)> {
+    static ONCE: std::sync::OnceLock<Arc<(Outcome, Session)>> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| Arc::new(run_session())).clone()
+}
+
+fn run_session() -> (Outcome, Session) {
+    let images = images(&MANIFEST).unwrap_or_else(|e| panic!("bulk: {e}"));
+    let work_dir = harness_dir().join("runs").join("bochs-bulk");
+    let socket = work_dir.join("control.sock");
+    let bulk = work_dir.join("bulk.img");
+    let _ = std::fs::create_dir_all(&work_dir);
+    let _ = std::fs::remove_file(&bulk);
+    let mut opts = RunOptions::new(&images.bios, Firmware::Bios, Emulator::Bochs, &work_dir);
+    opts.timeout = Some(Duration::from_secs(1500));
+    opts.control = Some(socket.clone());
+    opts.bulk = Some(bulk.clone());
+    opts.echo = std::env::var_os("KEEL_TEST_ECHO").is_some();
+    let mut s = Session {
+        log: Vec::new(),
+        error: None,
+        snapshot: work_dir.join("filler.snap"),
+        bulk,
+        size: 0,
+    };
+    let outcome = driven_run("bochs-bulk", opts, || {
+        match wait_for_in_list(&socket, "\"name\":\"keeper\"", Duration::from_secs(300)) {
+            Err(e) => s.fail(format!("Keel never answered: {e}")),
+            Ok(()) => {
+                drive(&mut s, &socket);
+                s.ok(&socket, "quit");
+            }
+        }
+    });
+    for line in &s.log {
+        println!("{line}");
+    }
+    (outcome, s)
+}
+
+fn drive(s: &mut Session, socket: &Path) {
+    // Time for the guest to fill its RAM (and for stale `list` replies to drain).
+    std::thread::sleep(Duration::from_secs(20));
+    let mut channel = Socket {
+        path: socket,
+        timeout: Duration::from_secs(300),
+    };
+    let bulk = s.bulk.clone();
+    let mut k = Keel {
+        channel: &mut channel,
+        bulk: &bulk,
+    };
+    match keel_boot::bulk::fetch_snapshot(&mut k, "filler", false, &s.snapshot) {
+        Ok(t) => {
+            s.size = t.bytes;
+            s.log.push(format!(
+                "snapshot through the disk: {} bytes in {:.1} s",
+                t.bytes,
+                t.elapsed.as_secs_f64()
+            ))
+        }
+        Err(e) => return s.fail(format!("snapshot: {e:#}")),
+    }
+    let mut bytes = std::fs::read(&s.snapshot).unwrap_or_default();
+    // A byte of a page in the middle flipped, the end checksum made to match: the page's own
+    // CRC-32 refuses it.
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    let end = bytes.len() - 4;
+    let crc = crc32(&bytes[..bytes.len() - 14]);
+    bytes[end..].copy_from_slice(&crc.to_le_bytes());
+    let damaged = s.snapshot.with_extension("damaged");
+    if let Err(e) = std::fs::write(&damaged, &bytes) {
+        return s.fail(format!("cannot write {}: {e}", damaged.display()));
+    }
+    match keel_boot::bulk::send_snapshot(&mut k, "filler", &damaged) {
+        Ok(_) => return s.fail("the damaged snapshot was accepted".into()),
+        Err(e) => {
+            let e = format!("{e:#}");
+            s.log.push(format!("damaged copy refused: {e}"));
+            if !e.contains("checksum mismatch in the page at") {
+                return s.fail(format!(
+                    "refused otherwise than by the page's checksum: {e}"
+                ));
+            }
+        }
+    }
+    // Running or halted between its timer ticks: not stopped, not paused.
+    let alive = |r: &str| {
+        ["running", "halted"]
+            .iter()
+            .any(|st| r.contains(&format!("\"name\":\"filler\",\"state\":\"{st}\"")))
+    };
+    if let Err(e) = wait_for_list(socket, alive, Duration::from_secs(60)) {
+        return s.fail(format!(
+            "after the refused restore the guest is not running: {e}"
+        ));
+    }
+    match keel_boot::bulk::send_snapshot(&mut k, "filler", &s.snapshot) {
+        Ok(t) => s.log.push(format!(
+            "restore through the disk: {} bytes in {:.1} s (checked, then written)",
+            t.bytes,
+            t.elapsed.as_secs_f64()
+        )),
+        Err(e) => return s.fail(format!("restore: {e:#}")),
+    }
+    if s.ok(socket, "balloon filler 12M") {
+        std::thread::sleep(Duration::from_secs(30));
+    }
+}
+
+#[test]
+fn a_snapshot_larger_than_the_serial_limit_goes_through_the_disk_and_restores_whole() {
+    let session = session();
+    let (boot, s) = (&session.0, &session.1);
+    if let Some(e) = &s.error {
+        boot.fail(e);
+    }
+    if s.size <= 12 << 20 {
+        boot.fail(&format!(
+            "a snapshot of {} bytes: the guest's 12 MiB of pattern are not all in it",
+            s.size
+        ));
+    }
+    boot.expect_in_order(&[
+        "keel: bulk disk: ",
+        "[filler] balloon: 16384 KiB of RAM",
+        "keel: guest filler paused",
+        "keel: guest filler resumed",
+        "keel: guest filler killed",
+        "restored from a snapshot of filler",
+        "[filler] balloon: gave 1024 pages (4096 KiB)",
+        "[filler] balloon: 8192 KiB intact",
+    ]);
+    boot.expect_no_keel_failure();
+}
+
+/// CRC-32 (IEEE 802.3, reflected), bit by bit: to forge a snapshot's end checksum.
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
