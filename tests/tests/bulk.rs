@@ -197,3 +197,158 @@ fn crc32(data: &[u8]) -> u32 {
     }
     !c
 }
+
+/// A Linux guest (Debian's kernel, busybox) snapshotted through the bulk disk in the middle of
+/// its shell session and restored into the same Keel: it answers the next command typed.
+mod linux {
+    use super::*;
+    use keel_boot::debian::{self, INIT_MARKER};
+    use keel_tests::{scripted_options, ScriptedBoot, Step};
+
+    const NAME: &str = "bochs-bulk-linux";
+    const MANIFEST: &str = "\
+# Written by tests/tests/bulk.rs: a Linux shell snapshotted and restored through the bulk disk;
+# the sleeper keeps Keel going while linux is killed for the restore.
+[[guest]]
+name = \"linux\"
+kind = \"linux\"
+image = \"vmlinuz\"
+initrd = \"initrd\"
+memory = \"128M\"
+cmdline = \"console=ttyS0 cryptomgr.notests\"
+
+[[guest]]
+name = \"keeper\"
+kind = \"elf\"
+image = \"long64.elf\"
+memory = \"4M\"
+cmdline = \"mode=sleeper secs=100000 every=1000\"
+";
+
+    fn session() -> Arc<(Outcome, Session)> {
+        static ONCE: std::sync::OnceLock<Arc<(Outcome, Session)>> = std::sync::OnceLock::new();
+        ONCE.get_or_init(|| Arc::new(run())).clone()
+    }
+
+    fn run() -> (Outcome, Session) {
+        let files = debian::linux_files(&harness_dir().join("debian"))
+            .unwrap_or_else(|e| panic!("{NAME}: {e}"));
+        let secs = Duration::from_secs;
+        let script = vec![
+            Step::new(INIT_MARKER, "echo A-$((0+1))\r", secs(600)),
+            // The test snapshots and restores linux here (below), from this thread's other side.
+            Step::new("A-1", "", secs(120)),
+            Step::new(
+                "restored from a snapshot of linux",
+                "echo B-$((1+1))\r",
+                secs(1500),
+            ),
+            Step::new("B-2", "uname -r; echo C-$((2+1))\r", secs(300)),
+        ];
+        let mut opts = scripted_options(ScriptedBoot {
+            name: NAME,
+            manifest: MANIFEST,
+            files: &files.dir,
+            script,
+            memory_mib: 512,
+            timeout: secs(2400),
+        })
+        .unwrap_or_else(|e| panic!("{NAME}: {e}"));
+        let work_dir = opts.work_dir.clone();
+        let socket = work_dir.join("control.sock");
+        let bulk = work_dir.join("bulk.img");
+        let _ = std::fs::create_dir_all(&work_dir);
+        let _ = std::fs::remove_file(&bulk);
+        opts.control = Some(socket.clone());
+        opts.bulk = Some(bulk.clone());
+        let mut s = Session {
+            log: Vec::new(),
+            error: None,
+            snapshot: work_dir.join("linux.snap"),
+            bulk,
+            size: 0,
+        };
+        let serial = work_dir.join("serial.log");
+        let outcome = driven_run(NAME, opts, || {
+            if let Err(e) = wait_for_line(&serial, "[linux] A-1", secs(900)) {
+                return s.fail(e);
+            }
+            snapshot_and_restore(&mut s, &socket);
+            if s.error.is_none() {
+                if let Err(e) = wait_for_line(&serial, "[linux] C-3", secs(600)) {
+                    s.fail(e);
+                }
+            }
+            s.ok(&socket, "quit");
+        });
+        for line in &s.log {
+            println!("{line}");
+        }
+        (outcome, s)
+    }
+
+    /// Waits until the run's serial log has a line starting with `start`.
+    fn wait_for_line(serial: &Path, start: &str, limit: Duration) -> Result<(), String> {
+        let t = std::time::Instant::now();
+        while t.elapsed() < limit {
+            let text = std::fs::read_to_string(serial).unwrap_or_default();
+            if text.lines().any(|l| l.trim_end().starts_with(start)) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        Err(format!("no line `{start}` within {}s", limit.as_secs()))
+    }
+
+    fn snapshot_and_restore(s: &mut Session, socket: &Path) {
+        let mut channel = Socket {
+            path: socket,
+            timeout: Duration::from_secs(300),
+        };
+        let bulk = s.bulk.clone();
+        let mut k = Keel {
+            channel: &mut channel,
+            bulk: &bulk,
+        };
+        match keel_boot::bulk::fetch_snapshot(&mut k, "linux", true, &s.snapshot) {
+            Ok(t) => {
+                s.size = t.bytes;
+                s.log.push(format!(
+                    "linux snapshot through the disk: {} bytes in {:.1} s",
+                    t.bytes,
+                    t.elapsed.as_secs_f64()
+                ))
+            }
+            Err(e) => return s.fail(format!("snapshot: {e:#}")),
+        }
+        match keel_boot::bulk::send_snapshot(&mut k, "linux", &s.snapshot) {
+            Ok(t) => s.log.push(format!(
+                "linux restore through the disk: {} bytes in {:.1} s (checked, then written)",
+                t.bytes,
+                t.elapsed.as_secs_f64()
+            )),
+            Err(e) => s.fail(format!("restore: {e:#}")),
+        }
+    }
+
+    #[test]
+    fn a_linux_shell_snapshotted_and_restored_answers_the_next_command() {
+        let session = session();
+        let (boot, s) = (&session.0, &session.1);
+        if let Some(e) = &s.error {
+            boot.fail(e);
+        }
+        if let Some(failed) = &boot.result.script_failed {
+            boot.fail(failed);
+        }
+        boot.expect_in_order(&[
+            "[linux] A-1",
+            "keel: guest linux paused",
+            "keel: guest linux killed",
+            "restored from a snapshot of linux",
+            "[linux] B-2",
+            "[linux] C-3",
+        ]);
+        boot.expect_no_keel_failure();
+    }
+}
