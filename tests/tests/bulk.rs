@@ -288,7 +288,7 @@ cmdline = \"mode=sleeper secs=100000 every=1000\"
     }
 
     /// Waits until the run's serial log has a line starting with `start`.
-    fn wait_for_line(serial: &Path, start: &str, limit: Duration) -> Result<(), String> {
+    pub(super) fn wait_for_line(serial: &Path, start: &str, limit: Duration) -> Result<(), String> {
         let t = std::time::Instant::now();
         while t.elapsed() < limit {
             let text = std::fs::read_to_string(serial).unwrap_or_default();
@@ -350,5 +350,181 @@ cmdline = \"mode=sleeper secs=100000 every=1000\"
             "[linux] C-3",
         ]);
         boot.expect_no_keel_failure();
+    }
+}
+
+/// A Linux guest live-migrated mid-shell between two Bochs runs, the stream through both bulk
+/// disks: it answers the next command typed on B. `--nocapture` prints the figures.
+mod linux_migrate {
+    use super::*;
+    use keel_boot::debian::{self, INIT_MARKER};
+    use keel_boot::migrate::{self as mig, Transport};
+    use keel_tests::{scripted_options, ScriptedBoot, Step};
+
+    const LINUX: &str = "\
+[[guest]]
+name = \"linux\"
+kind = \"linux\"
+image = \"vmlinuz\"
+initrd = \"initrd\"
+memory = \"128M\"
+cmdline = \"console=ttyS0 cryptomgr.notests\"
+";
+    const KEEPER: &str = "
+[[guest]]
+name = \"keeper\"
+kind = \"elf\"
+image = \"long64.elf\"
+memory = \"4M\"
+cmdline = \"mode=sleeper secs=100000 every=1000\"
+";
+
+    struct Runs {
+        a: Outcome,
+        b: Outcome,
+        s: Session,
+        report: Option<mig::Report>,
+    }
+
+    fn session() -> Arc<Runs> {
+        static ONCE: std::sync::OnceLock<Arc<Runs>> = std::sync::OnceLock::new();
+        ONCE.get_or_init(|| Arc::new(run())).clone()
+    }
+
+    /// A run named `name` of `manifest` with `script` on its console, a control channel and a
+    /// bulk disk: its options, socket, bulk file and serial log.
+    fn options(
+        name: &'static str,
+        manifest: &str,
+        script: Vec<Step>,
+    ) -> (RunOptions, PathBuf, PathBuf, PathBuf) {
+        let files = debian::linux_files(&harness_dir().join("debian"))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut opts = scripted_options(ScriptedBoot {
+            name,
+            manifest,
+            files: &files.dir,
+            script,
+            memory_mib: 512,
+            timeout: Duration::from_secs(2400),
+        })
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let dir = opts.work_dir.clone();
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::remove_file(dir.join("bulk.img"));
+        opts.control = Some(dir.join("control.sock"));
+        opts.bulk = Some(dir.join("bulk.img"));
+        (
+            opts,
+            dir.join("control.sock"),
+            dir.join("bulk.img"),
+            dir.join("serial.log"),
+        )
+    }
+
+    fn run() -> Runs {
+        let secs = Duration::from_secs;
+        let (opts_a, sock_a, bulk_a, serial_a) = options(
+            "bochs-bulk-migrate-a",
+            &format!("{LINUX}{KEEPER}"),
+            vec![
+                Step::new(INIT_MARKER, "echo A-$((0+1))\r", secs(600)),
+                Step::new("A-1", "", secs(120)),
+            ],
+        );
+        let (opts_b, sock_b, bulk_b, serial_b) = options(
+            "bochs-bulk-migrate-b",
+            &format!("{LINUX}autostart = false\n{KEEPER}"),
+            vec![
+                Step::new("guest linux migrated in", "echo B-$((1+1))\r", secs(2000)),
+                Step::new("B-2", "uname -r; echo C-$((2+1))\r", secs(300)),
+            ],
+        );
+        let mut s = Session {
+            log: Vec::new(),
+            error: None,
+            snapshot: PathBuf::new(),
+            bulk: bulk_a.clone(),
+            size: 0,
+        };
+        let mut report = None;
+        let run_b = std::thread::spawn(move || keel_boot::run(&opts_b));
+        let a = driven_run("bochs-bulk-migrate-a", opts_a, || {
+            let up = linux::wait_for_line(&serial_a, "[linux] A-1", secs(900))
+                .and_then(|()| wait_for_in_list(&sock_b, "\"name\":\"keeper\"", secs(300)));
+            if let Err(e) = up {
+                s.fail(e);
+            } else {
+                let timeout = secs(300);
+                let mut a = Socket {
+                    path: &sock_a,
+                    timeout,
+                };
+                let mut b = Socket {
+                    path: &sock_b,
+                    timeout,
+                };
+                let disks = Transport::Disk {
+                    a: &bulk_a,
+                    b: &bulk_b,
+                };
+                let log = &mut s.log;
+                match mig::migrate_over("linux", &mut a, &mut b, disks, &mut |l| {
+                    log.push(l.to_string())
+                }) {
+                    Ok(r) => {
+                        s.log.push(mig::describe("linux", &r));
+                        report = Some(r);
+                        if let Err(e) = linux::wait_for_line(&serial_b, "[linux] C-3", secs(600)) {
+                            s.fail(e);
+                        }
+                    }
+                    Err(e) => s.fail(format!("migration: {e:#}")),
+                }
+            }
+            s.ok(&sock_b, "quit");
+            s.ok(&sock_a, "quit");
+        });
+        let b = match run_b.join() {
+            Ok(Ok(result)) => Outcome {
+                name: "bochs-bulk-migrate-b",
+                result,
+            },
+            Ok(Err(e)) => panic!("bochs-bulk-migrate-b: the run failed: {e:#}"),
+            Err(_) => panic!("bochs-bulk-migrate-b: the run panicked"),
+        };
+        eprintln!("{}", b.summary());
+        for line in &s.log {
+            println!("{line}");
+        }
+        Runs { a, b, s, report }
+    }
+
+    #[test]
+    fn a_linux_shell_migrated_through_the_disks_answers_the_next_command_on_b() {
+        let r = session();
+        if let Some(e) = &r.s.error {
+            r.a.fail(e);
+        }
+        if let Some(failed) = &r.b.result.script_failed {
+            r.b.fail(failed);
+        }
+        r.a.expect_in_order(&["[linux] A-1", "keel: guest linux migrated away"]);
+        r.b.expect_in_order(&[
+            "keel: guest linux migrated in",
+            "[linux] B-2",
+            "[linux] C-3",
+        ]);
+        let Some(report) = &r.report else {
+            r.a.fail("no migration report");
+        };
+        if report.clock_a != report.clock_b {
+            r.b.fail(&format!(
+                "the guest's clock was {} at the pause on A, {} at its start on B",
+                report.clock_a, report.clock_b
+            ));
+        }
+        r.a.expect_no_keel_failure();
+        r.b.expect_no_keel_failure();
     }
 }
