@@ -209,7 +209,7 @@ const HELP: &[(&str, &str)] = &[
     ),
     (
         "migrate-out NAME, migrate-in NAME",
-        "live migration, step by step (`cargo keel migrate` drives it; docs/SNAPSHOTS.md)",
+        "live migration and bulk-disk snapshots, step by step (`cargo keel migrate` and `cargo keel ctl ... --bulk` drive them; docs/SNAPSHOTS.md)",
     ),
     (
         "quit",
