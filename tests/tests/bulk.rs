@@ -33,6 +33,49 @@ impl Session {
         self.error.get_or_insert(why);
     }
 
+    /// `guest`'s snapshot through the disk into [`Session::snapshot`] (left paused if `paused`);
+    /// false when it failed.
+    fn take(&mut self, path: &Path, guest: &str, paused: bool) -> bool {
+        let (bulk, out) = (self.bulk.clone(), self.snapshot.clone());
+        let channel = &mut socket(path);
+        let k = &mut Keel {
+            channel,
+            bulk: &bulk,
+        };
+        match keel_boot::bulk::fetch_snapshot(k, guest, paused, &out) {
+            Ok(t) => {
+                self.size = t.bytes;
+                self.log.push(format!(
+                    "{guest} snapshot through the disk: {} bytes in {:.1} s",
+                    t.bytes,
+                    t.elapsed.as_secs_f64()
+                ));
+                true
+            }
+            Err(e) => {
+                self.fail(format!("snapshot: {e:#}"));
+                false
+            }
+        }
+    }
+
+    /// Restores `guest` from `file` through the disk: Keel's refusal as the error.
+    fn give(&mut self, path: &Path, guest: &str, file: &Path) -> Result<(), String> {
+        let bulk = self.bulk.clone();
+        let channel = &mut socket(path);
+        let k = &mut Keel {
+            channel,
+            bulk: &bulk,
+        };
+        let t = keel_boot::bulk::send_snapshot(k, guest, file).map_err(|e| format!("{e:#}"))?;
+        self.log.push(format!(
+            "{guest} restore through the disk: {} bytes in {:.1} s (checked, then written)",
+            t.bytes,
+            t.elapsed.as_secs_f64()
+        ));
+        Ok(())
+    }
+
     /// `command`'s reply, which must be ok.
     fn ok(&mut self, socket: &Path, command: &str) -> bool {
         let reply = control::request(socket, command, Duration::from_secs(120))
@@ -85,28 +128,19 @@ fn run_session() -> (Outcome, Session) {
     (outcome, s)
 }
 
+/// A socket with room for a piece's round trip.
+fn socket(path: &Path) -> Socket<'_> {
+    Socket {
+        path,
+        timeout: Duration::from_secs(300),
+    }
+}
+
 fn drive(s: &mut Session, socket: &Path) {
     // Time for the guest to fill its RAM (and for stale `list` replies to drain).
     std::thread::sleep(Duration::from_secs(20));
-    let mut channel = Socket {
-        path: socket,
-        timeout: Duration::from_secs(300),
-    };
-    let bulk = s.bulk.clone();
-    let mut k = Keel {
-        channel: &mut channel,
-        bulk: &bulk,
-    };
-    match keel_boot::bulk::fetch_snapshot(&mut k, "filler", false, &s.snapshot) {
-        Ok(t) => {
-            s.size = t.bytes;
-            s.log.push(format!(
-                "snapshot through the disk: {} bytes in {:.1} s",
-                t.bytes,
-                t.elapsed.as_secs_f64()
-            ))
-        }
-        Err(e) => return s.fail(format!("snapshot: {e:#}")),
+    if !s.take(socket, "filler", false) {
+        return;
     }
     let mut bytes = std::fs::read(&s.snapshot).unwrap_or_default();
     // A byte of a page in the middle flipped, the end checksum made to match: the page's own
@@ -120,10 +154,9 @@ fn drive(s: &mut Session, socket: &Path) {
     if let Err(e) = std::fs::write(&damaged, &bytes) {
         return s.fail(format!("cannot write {}: {e}", damaged.display()));
     }
-    match keel_boot::bulk::send_snapshot(&mut k, "filler", &damaged) {
-        Ok(_) => return s.fail("the damaged snapshot was accepted".into()),
+    match s.give(socket, "filler", &damaged) {
+        Ok(()) => return s.fail("the damaged snapshot was accepted".into()),
         Err(e) => {
-            let e = format!("{e:#}");
             s.log.push(format!("damaged copy refused: {e}"));
             if !e.contains("checksum mismatch in the page at") {
                 return s.fail(format!(
@@ -143,13 +176,9 @@ fn drive(s: &mut Session, socket: &Path) {
             "after the refused restore the guest is not running: {e}"
         ));
     }
-    match keel_boot::bulk::send_snapshot(&mut k, "filler", &s.snapshot) {
-        Ok(t) => s.log.push(format!(
-            "restore through the disk: {} bytes in {:.1} s (checked, then written)",
-            t.bytes,
-            t.elapsed.as_secs_f64()
-        )),
-        Err(e) => return s.fail(format!("restore: {e:#}")),
+    let file = s.snapshot.clone();
+    if let Err(e) = s.give(socket, "filler", &file) {
+        return s.fail(format!("restore: {e}"));
     }
     if s.ok(socket, "balloon filler 12M") {
         std::thread::sleep(Duration::from_secs(30));
@@ -198,17 +227,9 @@ fn crc32(data: &[u8]) -> u32 {
     !c
 }
 
-/// A Linux guest (Debian's kernel, busybox) snapshotted through the bulk disk in the middle of
-/// its shell session and restored into the same Keel: it answers the next command typed.
-mod linux {
-    use super::*;
-    use keel_boot::debian::{self, INIT_MARKER};
-    use keel_tests::{scripted_options, ScriptedBoot, Step};
-
-    const NAME: &str = "bochs-bulk-linux";
-    const MANIFEST: &str = "\
-# Written by tests/tests/bulk.rs: a Linux shell snapshotted and restored through the bulk disk;
-# the sleeper keeps Keel going while linux is killed for the restore.
+/// The Linux guest of the tests below: Debian's kernel and busybox, one vCPU; the sleeper keeps
+/// Keel going while linux is killed for a restore or not yet migrated in.
+const LINUX: &str = "\
 [[guest]]
 name = \"linux\"
 kind = \"linux\"
@@ -216,7 +237,8 @@ image = \"vmlinuz\"
 initrd = \"initrd\"
 memory = \"128M\"
 cmdline = \"console=ttyS0 cryptomgr.notests\"
-
+";
+const KEEPER: &str = "
 [[guest]]
 name = \"keeper\"
 kind = \"elf\"
@@ -225,6 +247,14 @@ memory = \"4M\"
 cmdline = \"mode=sleeper secs=100000 every=1000\"
 ";
 
+/// A Linux guest (Debian's kernel, busybox) snapshotted through the bulk disk in the middle of
+/// its shell session and restored into the same Keel: it answers the next command typed.
+mod linux {
+    use super::*;
+    use keel_boot::debian::{self, INIT_MARKER};
+    use keel_tests::{scripted_options, ScriptedBoot, Step};
+
+    const NAME: &str = "bochs-bulk-linux";
     fn session() -> Arc<(Outcome, Session)> {
         static ONCE: std::sync::OnceLock<Arc<(Outcome, Session)>> = std::sync::OnceLock::new();
         ONCE.get_or_init(|| Arc::new(run())).clone()
@@ -245,9 +275,10 @@ cmdline = \"mode=sleeper secs=100000 every=1000\"
             ),
             Step::new("B-2", "uname -r; echo C-$((2+1))\r", secs(300)),
         ];
+        let manifest = format!("# Written by tests/tests/bulk.rs (linux).\n{LINUX}{KEEPER}");
         let mut opts = scripted_options(ScriptedBoot {
             name: NAME,
-            manifest: MANIFEST,
+            manifest: &manifest,
             files: &files.dir,
             script,
             memory_mib: 512,
@@ -301,33 +332,11 @@ cmdline = \"mode=sleeper secs=100000 every=1000\"
     }
 
     fn snapshot_and_restore(s: &mut Session, socket: &Path) {
-        let mut channel = Socket {
-            path: socket,
-            timeout: Duration::from_secs(300),
-        };
-        let bulk = s.bulk.clone();
-        let mut k = Keel {
-            channel: &mut channel,
-            bulk: &bulk,
-        };
-        match keel_boot::bulk::fetch_snapshot(&mut k, "linux", true, &s.snapshot) {
-            Ok(t) => {
-                s.size = t.bytes;
-                s.log.push(format!(
-                    "linux snapshot through the disk: {} bytes in {:.1} s",
-                    t.bytes,
-                    t.elapsed.as_secs_f64()
-                ))
+        if s.take(socket, "linux", true) {
+            let file = s.snapshot.clone();
+            if let Err(e) = s.give(socket, "linux", &file) {
+                s.fail(format!("restore: {e}"));
             }
-            Err(e) => return s.fail(format!("snapshot: {e:#}")),
-        }
-        match keel_boot::bulk::send_snapshot(&mut k, "linux", &s.snapshot) {
-            Ok(t) => s.log.push(format!(
-                "linux restore through the disk: {} bytes in {:.1} s (checked, then written)",
-                t.bytes,
-                t.elapsed.as_secs_f64()
-            )),
-            Err(e) => s.fail(format!("restore: {e:#}")),
         }
     }
 
@@ -360,24 +369,6 @@ mod linux_migrate {
     use keel_boot::debian::{self, INIT_MARKER};
     use keel_boot::migrate::{self as mig, Transport};
     use keel_tests::{scripted_options, ScriptedBoot, Step};
-
-    const LINUX: &str = "\
-[[guest]]
-name = \"linux\"
-kind = \"linux\"
-image = \"vmlinuz\"
-initrd = \"initrd\"
-memory = \"128M\"
-cmdline = \"console=ttyS0 cryptomgr.notests\"
-";
-    const KEEPER: &str = "
-[[guest]]
-name = \"keeper\"
-kind = \"elf\"
-image = \"long64.elf\"
-memory = \"4M\"
-cmdline = \"mode=sleeper secs=100000 every=1000\"
-";
 
     struct Runs {
         a: Outcome,
