@@ -202,7 +202,8 @@ Commands: help, list, stats NAME, regs NAME, pause NAME, resume NAME, kill NAME,
 start NAME, balloon NAME SIZE, console NAME, quit, snapshot NAME [paused] --out FILE, restore NAME
 FILE [paused] (NAME: a guest's name or id). Examples: `cargo keel ctl list`, `cargo keel ctl pause
 linux`, `cargo keel ctl balloon big 8M`, `cargo keel ctl --json stats 0`, `cargo keel ctl snapshot
-linux --out linux.snap`, `cargo keel ctl restore linux linux.snap` (docs/SNAPSHOTS.md). Exit status
+linux --out linux.snap`, `cargo keel ctl restore linux linux.snap` (docs/SNAPSHOTS.md); with `--bulk FILE` (the run's
+`--bulk` disk) both go through the disk, without the serial line's 2 MiB limit. Exit status
 0 when Keel answered ok, 1 when it answered with an error or did not answer (docs/BOOTING.md, \"The
 monitor and the
 control channel\").";
