@@ -301,15 +301,16 @@ mod linux {
         };
         let serial = work_dir.join("serial.log");
         let outcome = driven_run(NAME, opts, || {
-            if let Err(e) = wait_for_line(&serial, "[linux] A-1", secs(900)) {
-                return s.fail(e);
+            match wait_for_line(&serial, "[linux] A-1", secs(1500)) {
+                Err(e) => s.fail(e),
+                Ok(()) => snapshot_and_restore(&mut s, &socket),
             }
-            snapshot_and_restore(&mut s, &socket);
             if s.error.is_none() {
                 if let Err(e) = wait_for_line(&serial, "[linux] C-3", secs(600)) {
                     s.fail(e);
                 }
             }
+            // Whatever happened, the run ends here.
             s.ok(&socket, "quit");
         });
         for line in &s.log {
@@ -322,7 +323,9 @@ mod linux {
     pub(super) fn wait_for_line(serial: &Path, start: &str, limit: Duration) -> Result<(), String> {
         let t = std::time::Instant::now();
         while t.elapsed() < limit {
-            let text = std::fs::read_to_string(serial).unwrap_or_default();
+            // Lossy: a guest's console may carry bytes that are not UTF-8.
+            let bytes = std::fs::read(serial).unwrap_or_default();
+            let text = String::from_utf8_lossy(&bytes);
             if text.lines().any(|l| l.trim_end().starts_with(start)) {
                 return Ok(());
             }
