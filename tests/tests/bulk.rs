@@ -300,6 +300,8 @@ mod linux {
             size: 0,
         };
         let serial = work_dir.join("serial.log");
+        // An earlier run's log would answer the waits below before this run has begun.
+        let _ = std::fs::remove_file(&serial);
         let outcome = driven_run(NAME, opts, || {
             match wait_for_line(&serial, "[linux] A-1", secs(1500)) {
                 Err(e) => s.fail(e),
@@ -406,6 +408,8 @@ mod linux_migrate {
         let dir = opts.work_dir.clone();
         let _ = std::fs::create_dir_all(&dir);
         let _ = std::fs::remove_file(dir.join("bulk.img"));
+        // An earlier run's log would answer the waits before this run has begun.
+        let _ = std::fs::remove_file(dir.join("serial.log"));
         opts.control = Some(dir.join("control.sock"));
         opts.bulk = Some(dir.join("bulk.img"));
         (
