@@ -35,6 +35,9 @@ pub struct BochsConfig {
     pub com1: Com1,
     /// COM2, Keel's control channel: the terminal it is connected to (`control::Bridge`).
     pub com2: Option<PathBuf>,
+    /// Keel's bulk disk: a raw file as the primary channel's slave (flat mode: every write goes
+    /// straight to the file, where the host reads it).
+    pub bulk: Option<PathBuf>,
     pub log: PathBuf,
 }
 
@@ -64,7 +67,7 @@ vga: extension=vbe
 display_library: x
 ata0: enabled=1, ioaddr1=0x1f0, ioaddr2=0x3f0, irq=14
 ata0-master: type=disk, path=\"{disk}\", mode=flat
-boot: disk
+{bulk}boot: disk
 com1: enabled=1, mode={com1_mode}, dev=\"{com1}\"
 {com2}port_e9_hack: enabled=1
 log: \"{log}\"
@@ -88,6 +91,13 @@ speaker: enabled=0
             Com1::Terminal(_) => "term",
         },
         com1 = rc_path(cfg.com1.path()),
+        bulk = match &cfg.bulk {
+            Some(f) => format!(
+                "ata0-slave: type=disk, path=\"{}\", mode=flat\n",
+                rc_path(f)
+            ),
+            None => String::new(),
+        },
         com2 = match &cfg.com2 {
             Some(tty) => format!("com2: enabled=1, mode=term, dev=\"{}\"\n", rc_path(tty)),
             None => String::new(),
@@ -161,6 +171,7 @@ mod tests {
             disk: "/tmp/run/disk.img".into(),
             com1: Com1::File("/tmp/run/serial.log".into()),
             com2: None,
+            bulk: None,
             log: "/tmp/run/bochs.log".into(),
         }
     }
@@ -192,6 +203,14 @@ mod tests {
                 == "cpu: model=corei7_skylake_x, count=4, ips=10000000, reset_on_triple_fault=0"),
             "{rc}"
         );
+    }
+
+    #[test]
+    fn the_bulk_disk_is_the_primary_slave_in_flat_mode_only_when_asked() {
+        let mut cfg = sample();
+        assert!(!bochsrc(&cfg).contains("ata0-slave"));
+        cfg.bulk = Some("/tmp/b.img".into());
+        assert!(bochsrc(&cfg).contains("\nata0-slave: type=disk, path=\"/tmp/b.img\", mode=flat\n"));
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub struct RunArgs {
     pub no_input: bool,
     /// `--control PATH`: the control channel's socket [default: `control::default_socket`].
     pub control: Option<PathBuf>,
+    /// `--bulk FILE`: Keel's bulk disk (docs/SNAPSHOTS.md, "The bulk disk").
+    pub bulk: Option<PathBuf>,
 }
 
 /// `cargo keel ctl COMMAND...`: one command to a running Keel over its control channel.
@@ -79,6 +81,8 @@ pub struct CtlArgs {
     pub timeout_secs: u64,
     /// `--out FILE`: where `snapshot NAME` writes the snapshot.
     pub out: Option<PathBuf>,
+    /// `--bulk FILE`: the run's bulk disk, through which `snapshot` and `restore` move the stream.
+    pub bulk: Option<PathBuf>,
 }
 
 /// `cargo keel migrate NAME --from SOCKET_A --to SOCKET_B`: live migration between two runs.
@@ -88,6 +92,8 @@ pub struct MigrateArgs {
     pub from: PathBuf,
     pub to: PathBuf,
     pub timeout_secs: u64,
+    /// `--from-bulk FILE --to-bulk FILE`: both runs' bulk disks, through which the stream goes.
+    pub bulk: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -182,6 +188,13 @@ struct MigrateOpts {
     /// How long to wait for each reply, in seconds
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     timeout: u64,
+    /// The bulk disk of the Keel the guest runs on now (`cargo keel run --bulk FILE`): with
+    /// `--to-bulk`, the stream goes through the disks instead of the serial lines
+    #[arg(long, value_name = "FILE", requires = "to_bulk")]
+    from_bulk: Option<PathBuf>,
+    /// The bulk disk of the Keel it moves to
+    #[arg(long, value_name = "FILE", requires = "from_bulk")]
+    to_bulk: Option<PathBuf>,
 }
 
 const CTL_AFTER_HELP: &str = "\
@@ -189,7 +202,8 @@ Commands: help, list, stats NAME, regs NAME, pause NAME, resume NAME, kill NAME,
 start NAME, balloon NAME SIZE, console NAME, quit, snapshot NAME [paused] --out FILE, restore NAME
 FILE [paused] (NAME: a guest's name or id). Examples: `cargo keel ctl list`, `cargo keel ctl pause
 linux`, `cargo keel ctl balloon big 8M`, `cargo keel ctl --json stats 0`, `cargo keel ctl snapshot
-linux --out linux.snap`, `cargo keel ctl restore linux linux.snap` (docs/SNAPSHOTS.md). Exit status
+linux --out linux.snap`, `cargo keel ctl restore linux linux.snap` (docs/SNAPSHOTS.md); with `--bulk FILE` (the run's
+`--bulk` disk) both go through the disk, without the serial line's 2 MiB limit. Exit status
 0 when Keel answered ok, 1 when it answered with an error or did not answer (docs/BOOTING.md, \"The
 monitor and the
 control channel\").";
@@ -211,6 +225,10 @@ struct CtlOpts {
     /// `snapshot NAME`: write the snapshot to this file
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// `snapshot` and `restore`: move the stream through the run's bulk disk (`cargo keel run
+    /// --bulk FILE`) instead of the serial line; no 2 MiB limit
+    #[arg(long, value_name = "FILE")]
+    bulk: Option<PathBuf>,
 }
 
 /// The options of every command that builds an image.
@@ -304,6 +322,10 @@ struct RunOpts {
     /// the checkout]
     #[arg(long, value_name = "PATH", help_heading = "Run options")]
     control: Option<PathBuf>,
+    /// A raw file attached as Keel's bulk disk (the second ATA disk), made 4 MiB if it does not
+    /// exist: the fast path of snapshots and live migration (docs/SNAPSHOTS.md)
+    #[arg(long, value_name = "FILE", help_heading = "Run options")]
+    bulk: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -471,6 +493,7 @@ impl Cli {
                     no_echo: r.no_echo,
                     no_input: r.no_input,
                     control: r.control,
+                    bulk: r.bulk,
                 };
                 check_memory(&run).map_err(|e| ("run", e))?;
                 Cmd::Run(run)
@@ -508,6 +531,7 @@ impl Cli {
                 from: m.from,
                 to: m.to,
                 timeout_secs: m.timeout,
+                bulk: m.from_bulk.zip(m.to_bulk),
             }),
             Sub::Ctl(c) => Cmd::Ctl(CtlArgs {
                 command: c.command.join(" "),
@@ -515,6 +539,7 @@ impl Cli {
                 json: c.json,
                 timeout_secs: c.timeout,
                 out: c.out,
+                bulk: c.bulk,
             }),
         };
         Ok(Invocation {
@@ -595,6 +620,7 @@ mod tests {
                 json: false,
                 timeout_secs: 30,
                 out: None,
+                bulk: None,
             }))
         );
         assert_eq!(
@@ -604,11 +630,22 @@ mod tests {
                 from: "/tmp/a.sock".into(),
                 to: "/tmp/b.sock".into(),
                 timeout_secs: 30,
+                bulk: None,
             }))
         );
         assert!(
             p("migrate counter --from /tmp/a.sock").is_err(),
             "--to is needed"
+        );
+        let Ok(Cmd::Migrate(m)) =
+            p("migrate c --from a --to b --from-bulk /tmp/a.img --to-bulk /tmp/b.img")
+        else {
+            panic!("migrate with both bulk disks parses");
+        };
+        assert_eq!(m.bulk, Some(("/tmp/a.img".into(), "/tmp/b.img".into())));
+        assert!(
+            p("migrate c --from a --to b --from-bulk /tmp/a.img").is_err(),
+            "--from-bulk needs --to-bulk"
         );
         let Ok(Cmd::Ctl(c)) = p("ctl snapshot linux --out /tmp/l.snap") else {
             panic!("ctl snapshot parses");

@@ -125,6 +125,37 @@ pub struct RunOptions {
     /// Keel's control channel: COM2 on a pseudo-terminal joined to a unix socket at this path
     /// (`control::Bridge`) for the length of the run. `None`: no COM2.
     pub control: Option<PathBuf>,
+    /// Keel's bulk disk (docs/SNAPSHOTS.md, "The bulk disk"): a raw file attached as the primary
+    /// channel's second ATA disk (Bochs `ata0-slave`, QEMU IDE index 1), made
+    /// [`BULK_FILE_BYTES`] long if it does not exist. `None`: no bulk disk.
+    pub bulk: Option<PathBuf>,
+}
+
+/// The size of a bulk disk file made by a run: 8 cylinders of 16 heads and 63 sectors (a whole
+/// CHS geometry, which Bochs wants of a flat image), room for a 1 MiB piece and its header.
+pub const BULK_FILE_BYTES: u64 = 8 * 16 * 63 * 512;
+
+/// Makes the bulk disk file if it does not exist (zeros, [`BULK_FILE_BYTES`]); a file that
+/// exists must be a whole number of sectors. Returns its absolute path.
+pub fn bulk_file(path: &Path) -> Result<PathBuf> {
+    let path =
+        std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))?;
+    match std::fs::metadata(&path) {
+        Ok(m) if m.len() % 512 != 0 || m.len() < 2 * 512 => bail!(
+            "bulk disk {} is {} bytes: not a whole number of 512-byte sectors (at least 2)",
+            path.display(),
+            m.len()
+        ),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let f =
+                File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+            f.set_len(BULK_FILE_BYTES)
+                .with_context(|| format!("cannot size {}", path.display()))?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    Ok(path)
 }
 
 impl RunOptions {
@@ -144,6 +175,7 @@ impl RunOptions {
             script: Vec::new(),
             type_pace: Duration::from_millis(20),
             control: None,
+            bulk: None,
         }
     }
 }
@@ -273,6 +305,7 @@ fn prepare(
         Some(tty) => Com1::Terminal(tty.to_path_buf()),
         None => Com1::File(files.serial.clone()),
     };
+    let bulk = opts.bulk.as_deref().map(bulk_file).transpose()?;
     let mut cmd = match tools {
         HostTools::Bochs {
             bochs,
@@ -290,6 +323,7 @@ fn prepare(
                 disk: dir.join("disk.img"),
                 com1,
                 com2: com2.map(Path::to_path_buf),
+                bulk: bulk.clone(),
                 log: files.log.clone(),
             };
             bochs_command(opts, dir, &cfg, xvfb_run, bochs)?
@@ -303,6 +337,7 @@ fn prepare(
                 ovmf: None,
                 com1,
                 com2: com2.map(Path::to_path_buf),
+                bulk: bulk.clone(),
                 e9_out: files.e9.clone(),
             };
             qemu_command(dir, cfg, qemu, ovmf.as_ref())?
@@ -331,9 +366,16 @@ fn bochs_command(
         )
     })?;
     let _ = std::fs::remove_file(dir.join("disk.img.lock"));
+    if let Some(bulk) = &cfg.bulk {
+        // Bochs' lock of a run that was killed.
+        let mut lock = bulk.clone().into_os_string();
+        lock.push(".lock");
+        let _ = std::fs::remove_file(lock);
+    }
     for p in [&cfg.rom, &cfg.vga_rom, &cfg.disk, cfg.com1.path(), &cfg.log]
         .into_iter()
         .chain(cfg.com2.as_deref())
+        .chain(cfg.bulk.as_deref())
     {
         if !bochs::rc_safe(p) {
             bail!(
@@ -373,6 +415,7 @@ fn qemu_command(
     for p in [&cfg.disk, cfg.com1.path(), &cfg.e9_out]
         .into_iter()
         .chain(cfg.com2.as_deref())
+        .chain(cfg.bulk.as_deref())
     {
         if !qemu::path_ok(p) {
             bail!(

@@ -18,6 +18,7 @@
 
 pub mod bench;
 pub mod bochs;
+pub mod bulk;
 pub mod cli;
 pub mod console;
 pub mod control;

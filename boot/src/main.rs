@@ -154,6 +154,7 @@ fn run(r: &RunArgs, workspace: Option<&Path>) -> Result<ExitCode> {
         }
     };
     opts.control = Some(socket.clone());
+    opts.bulk = r.bulk.clone();
     opts.echo = !r.no_echo;
     opts.console_input = !r.no_input && std::io::stdin().is_terminal();
     eprintln!(
@@ -261,7 +262,13 @@ fn migrate(m: &cli::MigrateArgs) -> Result<ExitCode> {
         path: &m.to,
         timeout,
     };
-    let report = mig::migrate(&m.name, &mut a, &mut b, &mut |line| println!("{line}"))?;
+    let transport = match &m.bulk {
+        Some((from, to)) => mig::Transport::Disk { a: from, b: to },
+        None => mig::Transport::Serial,
+    };
+    let report = mig::migrate_over(&m.name, &mut a, &mut b, transport, &mut |line| {
+        println!("{line}")
+    })?;
     println!("{}", mig::describe(&m.name, &report));
     Ok(ExitCode::SUCCESS)
 }
@@ -282,6 +289,30 @@ fn ctl(c: &cli::CtlArgs, workspace: Option<&Path>) -> Result<ExitCode> {
             t.bytes as f64 / 1024.0 / t.elapsed.as_secs_f64().max(1e-3)
         )
     };
+    if let Some(bulk) = &c.bulk {
+        let mut channel = keel_boot::migrate::Socket {
+            path: &socket,
+            timeout,
+        };
+        let mut k = keel_boot::bulk::Keel {
+            channel: &mut channel,
+            bulk,
+        };
+        match (words.as_slice(), &c.out) {
+            (["snapshot", name, rest @ ..], Some(out)) if matches!(rest, [] | ["paused"]) => {
+                let t = keel_boot::bulk::fetch_snapshot(&mut k, name, !rest.is_empty(), out)?;
+                println!("snapshot written to {}: {}", out.display(), rate(t));
+            }
+            (["restore", name, file], _) => {
+                let t = keel_boot::bulk::send_snapshot(&mut k, name, Path::new(file))?;
+                println!("{name} restored from {file}: {}", rate(t));
+            }
+            _ => {
+                bail!("--bulk goes with `snapshot NAME [paused] --out FILE` or `restore NAME FILE`")
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     match (words.as_slice(), &c.out) {
         (["snapshot", ..], Some(out)) => {
             let t = keel_boot::control::fetch_snapshot(&socket, &c.command, out, timeout)?;

@@ -68,11 +68,32 @@ fn num(reply: &str, key: &str) -> Result<u64> {
         .with_context(|| format!("Keel's {key} is not a number: {reply}"))
 }
 
+/// How the stream's bytes travel between the Keels (the commands go over the control channels
+/// either way).
+#[derive(Debug, Clone, Copy)]
+pub enum Transport<'p> {
+    /// In base64 on the control channels.
+    Serial,
+    /// Through both Keels' bulk disks (`cargo keel run --bulk FILE`): A's and B's files.
+    Disk { a: &'p Path, b: &'p Path },
+}
+
 /// Migrates guest `name` from `a` to `b`, printing each round with `log`.
 pub fn migrate(
     name: &str,
     a: &mut dyn Channel,
     b: &mut dyn Channel,
+    log: &mut dyn FnMut(&str),
+) -> Result<Report> {
+    migrate_over(name, a, b, Transport::Serial, log)
+}
+
+/// [`migrate`] with the stream's bytes going by `transport`.
+pub fn migrate_over(
+    name: &str,
+    a: &mut dyn Channel,
+    b: &mut dyn Channel,
+    transport: Transport<'_>,
     log: &mut dyn FnMut(&str),
 ) -> Result<Report> {
     let start = Instant::now();
@@ -84,7 +105,7 @@ pub fn migrate(
     if let Err(e) = went {
         return Err(abort_a(a, e.context("B refused to take the guest")));
     }
-    match stream(name, a, b, log, start) {
+    match stream(name, a, b, transport, log, start) {
         Ok(report) => Ok(report),
         Err(Failure::B(e)) => {
             let _ = b.ask("migrate-abort");
@@ -121,6 +142,7 @@ fn stream(
     name: &str,
     a: &mut dyn Channel,
     b: &mut dyn Channel,
+    transport: Transport<'_>,
     log: &mut dyn FnMut(&str),
     start: Instant,
 ) -> std::result::Result<Report, Failure> {
@@ -131,14 +153,35 @@ fn stream(
         let round_start = Instant::now();
         let mut bytes = 0u64;
         let (pages, ended) = loop {
-            let reply = read(a, offset).map_err(Failure::A)?;
-            let data = chunk(&reply).map_err(Failure::A)?;
+            let (reply, data) = match transport {
+                Transport::Serial => read(a, offset)
+                    .and_then(|r| chunk(&r).map(|d| (r, d)))
+                    .map_err(Failure::A)?,
+                Transport::Disk { a: disk, .. } => {
+                    let mut k = crate::bulk::Keel {
+                        channel: &mut *a,
+                        bulk: disk,
+                    };
+                    crate::bulk::read(&mut k, offset).map_err(Failure::A)?
+                }
+            };
             if data.is_empty() {
                 let pages = num(&reply, "sent").map_err(Failure::A)?;
                 break (pages, num(&reply, "end").map_err(Failure::A)? == 1);
             }
-            for (k, piece) in data.chunks(LINE_BYTES).enumerate() {
-                write(b, piece, offset + (k * LINE_BYTES) as u64).map_err(Failure::B)?;
+            match transport {
+                Transport::Serial => {
+                    for (k, piece) in data.chunks(LINE_BYTES).enumerate() {
+                        write(b, piece, offset + (k * LINE_BYTES) as u64).map_err(Failure::B)?;
+                    }
+                }
+                Transport::Disk { b: disk, .. } => {
+                    let mut k = crate::bulk::Keel {
+                        channel: &mut *b,
+                        bulk: disk,
+                    };
+                    crate::bulk::write(&mut k, offset, &data).map_err(Failure::B)?;
+                }
             }
             offset += data.len() as u64;
             bytes += data.len() as u64;

@@ -19,6 +19,8 @@ pub struct QemuConfig {
     pub com1: Com1,
     /// COM2, Keel's control channel: the terminal it is connected to (`control::Bridge`).
     pub com2: Option<PathBuf>,
+    /// Keel's bulk disk: a raw file on the first IDE channel's slave (index 1), written through.
+    pub bulk: Option<PathBuf>,
     pub e9_out: PathBuf,
 }
 
@@ -52,6 +54,13 @@ pub fn args(cfg: &QemuConfig) -> Vec<OsString> {
     // snapshot=on: writes go to a temporary overlay, so parallel runs can share one image.
     a.push("-drive".into());
     a.push(joined("format=raw,snapshot=on,file=", &cfg.disk));
+    if let Some(bulk) = &cfg.bulk {
+        a.push("-drive".into());
+        a.push(joined(
+            "if=ide,index=1,format=raw,cache=writethrough,file=",
+            bulk,
+        ));
+    }
     a.push("-serial".into());
     a.push(match &cfg.com1 {
         Com1::File(path) => joined("file:", path),
@@ -94,6 +103,7 @@ mod tests {
             ovmf: None,
             com1: Com1::File("/r/serial.log".into()),
             com2: None,
+            bulk: None,
             e9_out: "/r/e9.log".into(),
         }
     }
@@ -141,6 +151,17 @@ mod tests {
             &a,
             "-drive",
             "if=pflash,format=raw,file=/r/vars.fd"
+        ));
+    }
+
+    #[test]
+    fn the_bulk_disk_is_the_second_ide_disk() {
+        let mut cfg = config();
+        assert!(!strings(&cfg).iter().any(|s| s.contains("index=1")));
+        cfg.bulk = Some("/r/bulk.img".into());
+        let a = strings(&cfg);
+        assert!(a.contains(
+            &"if=ide,index=1,format=raw,cache=writethrough,file=/r/bulk.img".to_string()
         ));
     }
 

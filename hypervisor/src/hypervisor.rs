@@ -182,6 +182,20 @@ pub fn run(machine: MachineInfo) -> ! {
         Some(_) => info!("control channel on COM2 (0x2f8), monitor on COM1: Ctrl-A c"),
         None => info!("no COM2: no control channel; monitor on COM1: Ctrl-A c"),
     }
+    // The bulk disk: the primary IDE channel's slave (docs/SNAPSHOTS.md, "The bulk disk").
+    let bulk = match crate::ata::Ata::identify(arch::ata::Primary, crate::ata::Drive::Slave) {
+        Ok(d) => {
+            info!(
+                "bulk disk: {} KiB on the primary IDE channel's slave",
+                d.sectors() / 2
+            );
+            Some(d)
+        }
+        Err(e) => {
+            info!("no bulk disk: {e}");
+            None
+        }
+    };
     let cpu = RealCpu {
         host: RealHost,
         cal,
@@ -194,6 +208,7 @@ pub fn run(machine: MachineInfo) -> ! {
             .collect(),
         on: 0,
         com2,
+        bulk,
     };
     // The on-demand guests, under the load policy (`policy`).
     let on_demand: Vec<usize> = (0..slots.len())
@@ -321,6 +336,8 @@ pub struct RealCpu {
     on: usize,
     /// The control channel's UART, if the machine has one (CPU 0's alone: only it polls it).
     com2: Option<arch::com2::Com2>,
+    /// The bulk disk, if the machine has one.
+    bulk: Option<crate::ata::Ata<arch::ata::Primary>>,
 }
 
 /// What Keel keeps of one CPU that runs vCPUs.
@@ -542,6 +559,10 @@ impl MigrateHw<VmHw> for RealCpu {
         stream: &[u8],
     ) -> Result<u64, String> {
         hw.restore(vm, vcpus, stream, true)
+    }
+
+    fn bulk(&mut self) -> Option<&mut dyn crate::bulk::Disk> {
+        self.bulk.as_mut().map(|d| d as &mut dyn crate::bulk::Disk)
     }
 }
 

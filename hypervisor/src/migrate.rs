@@ -207,6 +207,20 @@ impl Sender {
         s
     }
 
+    /// The stream of a paused guest in one go, its snapshot: the head, every page that is not
+    /// zero, then `state` (as for [`Sender::finish`]) and the end mark. No rounds follow: it is
+    /// a snapshot stream made from the guest's RAM as it is read, never held whole.
+    pub fn snapshot(
+        keel_version: &str,
+        fingerprint: &Fingerprint,
+        guest: &GuestInfo,
+        state: Vec<u8>,
+    ) -> Self {
+        let mut s = Self::new(keel_version, fingerprint, guest);
+        s.tail = Some(state);
+        s
+    }
+
     /// The round being sent (0 first).
     pub fn round(&self) -> u32 {
         self.rounds.len() as u32 - 1
@@ -611,8 +625,19 @@ pub enum Op<'a> {
     Done,
     /// Give up: the sending Keel resumes the guest; the receiving one releases its RAM.
     Abort,
+    /// On the sending Keel: guest `id`'s snapshot as a stream (`Sender::snapshot`): paused now,
+    /// read with `Read`/`ReadDisk`; `Done` (or `Abort`) resumes it if `resume`.
+    Snapshot { id: usize, resume: bool },
+    /// The stream from `offset` onto the bulk disk (`migrate-read OFFSET disk`): as much as one
+    /// piece holds.
+    ReadDisk { offset: u64 },
     /// On the receiving Keel: take the stream into guest `id` (not running).
     In { id: usize },
+    /// On the receiving Keel: check a stream for guest `id` (running or not) whole, writing
+    /// nothing: a restore checks the snapshot so before it replaces the guest.
+    Check { id: usize },
+    /// The next bytes of the stream from the bulk disk: `len` bytes with CRC-32 `crc`.
+    DataDisk { len: u32, crc: u32 },
     /// The next bytes of the stream.
     Data(&'a [u8]),
     /// The stream is whole: apply the state and start the guest.

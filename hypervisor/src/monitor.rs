@@ -209,7 +209,7 @@ const HELP: &[(&str, &str)] = &[
     ),
     (
         "migrate-out NAME, migrate-in NAME",
-        "live migration, step by step (`cargo keel migrate` drives it; docs/SNAPSHOTS.md)",
+        "live migration and bulk-disk snapshots, step by step (`cargo keel migrate` and `cargo keel ctl ... --bulk` drive them; docs/SNAPSHOTS.md)",
     ),
     (
         "quit",
@@ -562,10 +562,11 @@ fn transfer(line: &str, target: &mut dyn MonitorTarget, form: Form) -> Option<Re
     Some(done.unwrap_or_else(|e| err(form, alloc::format!("{cmd}: {e}"))))
 }
 
-/// The live-migration commands (docs/SNAPSHOTS.md, "Live migration"): `migrate-out NAME`,
-/// `migrate-read OFFSET`, `migrate-next`, `migrate-final`, `migrate-done`, `migrate-abort` on
-/// the sending Keel; `migrate-in NAME`, `migrate-data CRC32 BASE64`, `migrate-end`, `migrate-abort` on
-/// the receiving one. None for any other command.
+/// The live-migration commands (docs/SNAPSHOTS.md, "Live migration"): `migrate-out NAME
+/// [snapshot [paused]]`, `migrate-read OFFSET [disk]`, `migrate-next`, `migrate-final`,
+/// `migrate-done`, `migrate-abort` on the sending Keel; `migrate-in NAME [check]`, `migrate-data
+/// CRC32 BASE64`, `migrate-data-disk LEN CRC32`, `migrate-end`, `migrate-abort` on the receiving
+/// one. None for any other command.
 fn migration(line: &str, target: &mut dyn MonitorTarget, form: Form) -> Option<Reply> {
     use crate::migrate::Op;
     let words: Vec<&str> = line.split_whitespace().collect();
@@ -581,11 +582,25 @@ fn migration(line: &str, target: &mut dyn MonitorTarget, form: Form) -> Option<R
     let data;
     let op: Result<Op<'_>, String> = match (cmd, args) {
         ("migrate-out", [_]) => guest(args.first()).map(|id| Op::Out { id }),
+        ("migrate-out", [_, "snapshot", rest @ ..]) if matches!(rest, [] | ["paused"]) => {
+            guest(args.first()).map(|id| Op::Snapshot {
+                id,
+                resume: rest.is_empty(),
+            })
+        }
         ("migrate-in", [_]) => guest(args.first()).map(|id| Op::In { id }),
-        ("migrate-read", [at]) => at
+        ("migrate-in", [_, "check"]) => guest(args.first()).map(|id| Op::Check { id }),
+        ("migrate-read", [at, rest @ ..]) if matches!(rest, [] | ["disk"]) => at
             .parse()
-            .map(|offset| Op::Read { offset })
+            .map(|offset| match rest {
+                [] => Op::Read { offset },
+                _ => Op::ReadDisk { offset },
+            })
             .map_err(|_| "migrate-read needs an offset".into()),
+        ("migrate-data-disk", [len, crc]) => match (len.parse(), crc.parse()) {
+            (Ok(len), Ok(crc)) => Ok(Op::DataDisk { len, crc }),
+            _ => Err("migrate-data-disk needs a length and a CRC-32".into()),
+        },
         ("migrate-data", [crc, b64]) => {
             // The line's own CRC-32: a line the serial line damaged into other valid base64 is
             // refused here, before the stream sees it, and can be sent again.

@@ -210,6 +210,13 @@ pub struct ScriptedBoot<'a> {
 
 /// Runs a [`ScriptedBoot`] in Bochs (BIOS). Errors are setup failures.
 pub fn boot_scripted(b: ScriptedBoot<'_>) -> Result<Outcome, String> {
+    let name = b.name;
+    run_and_summarize(name, scripted_options(b)?)
+}
+
+/// The run options of a [`ScriptedBoot`], its images built: for a run that adds to them (a
+/// control channel, a bulk disk) before it starts.
+pub fn scripted_options(b: ScriptedBoot<'_>) -> Result<RunOptions, String> {
     let root = image::workspace_root();
     let dir = harness_dir();
     image::build_guests(&root, b.files, true).map_err(|e| {
@@ -234,7 +241,8 @@ pub fn boot_scripted(b: ScriptedBoot<'_>) -> Result<Outcome, String> {
     run.timeout = Some(b.timeout);
     run.memory_mib = b.memory_mib;
     run.script = b.script;
-    run_and_summarize(b.name, run)
+    run.echo = std::env::var_os("KEEL_TEST_ECHO").is_some();
+    Ok(run)
 }
 
 /// Keel's exit statuses: `(code << 1) | 1` for each `ExitCode` of hypervisor/src/arch/mod.rs,

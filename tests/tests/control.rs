@@ -40,6 +40,21 @@ pub(crate) fn wait_for_in_list(socket: &Path, needle: &str, limit: Duration) -> 
     wait_for_list(socket, |r| r.contains(needle), limit).map_err(|e| format!("{needle} {e}"))
 }
 
+/// Runs `opts` (a Bochs run with a control channel) while `drive` operates it from this thread;
+/// the run's outcome once the emulator ended. `name` names the run in panics and the summary.
+pub(crate) fn driven_run(name: &'static str, opts: RunOptions, drive: impl FnOnce()) -> Outcome {
+    let run = std::thread::spawn(move || keel_boot::run(&opts));
+    drive();
+    let result = match run.join() {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => panic!("{name}: the run failed: {e:#}"),
+        Err(_) => panic!("{name}: the run panicked"),
+    };
+    let outcome = Outcome { name, result };
+    eprintln!("{}", outcome.summary());
+    outcome
+}
+
 /// What happened on the channel, for the checks after the run.
 pub(crate) struct Session {
     /// (command, reply, round trip).

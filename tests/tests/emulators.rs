@@ -35,6 +35,7 @@
 
 mod balloon;
 mod bringup;
+mod bulk;
 mod cleanup;
 mod console;
 mod control;

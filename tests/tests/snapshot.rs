@@ -14,7 +14,7 @@ use keel_boot::control;
 use keel_boot::RunOptions;
 use keel_tests::{harness_dir, images, Emulator, Firmware, Manifest, Outcome};
 
-use crate::control::wait_for_in_list;
+use crate::control::{driven_run, wait_for_in_list};
 use crate::scheduler::{keel_tsc_hz, pit_ticks_off};
 
 const MANIFEST: Manifest = Manifest::File("tests/guests/manifests/snapshot.toml");
@@ -55,30 +55,21 @@ fn run_session() -> (Outcome, Session) {
     opts.timeout = Some(Duration::from_secs(900));
     opts.control = Some(socket.clone());
     opts.echo = std::env::var_os("KEEL_TEST_ECHO").is_some();
-    let run = std::thread::spawn(move || keel_boot::run(&opts));
     let mut s = Session {
         log: Vec::new(),
         error: None,
         snapshot: work_dir.join("counter.snap"),
     };
-    match wait_for_in_list(&socket, "\"name\":\"other\"", Duration::from_secs(300)) {
-        Err(e) => s.fail(format!("Keel never answered: {e}")),
-        Ok(()) => {
-            drive(&mut s, &socket);
-            // Whatever happened, the run ends here.
-            s.send(&socket, "quit");
+    let outcome = driven_run("bochs-snapshot", opts, || {
+        match wait_for_in_list(&socket, "\"name\":\"other\"", Duration::from_secs(300)) {
+            Err(e) => s.fail(format!("Keel never answered: {e}")),
+            Ok(()) => {
+                drive(&mut s, &socket);
+                // Whatever happened, the run ends here.
+                s.send(&socket, "quit");
+            }
         }
-    }
-    let result = match run.join() {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => panic!("snapshot: the run failed: {e:#}"),
-        Err(_) => panic!("snapshot: the run panicked"),
-    };
-    let outcome = Outcome {
-        name: "bochs-snapshot",
-        result,
-    };
-    eprintln!("{}", outcome.summary());
+    });
     for line in &s.log {
         println!("{line}");
     }

@@ -3,6 +3,7 @@
 //! through small traits (`vmx::VmcsAccess`, `ept::TableAlloc`, `log::Sink`) so it can be tested on
 //! the build host.
 
+pub mod ata;
 pub mod boot;
 pub mod com2;
 pub mod cpu;

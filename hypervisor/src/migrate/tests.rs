@@ -170,6 +170,44 @@ fn the_whole_stream_is_a_snapshot() {
 }
 
 #[test]
+fn a_snapshot_stream_through_a_small_disk_is_the_guest_whole() {
+    use crate::ata::SECTOR;
+    use crate::bulk::{self, tests::MemDisk};
+    let mut ram = Ram::new();
+    let mut g = guest();
+    g.clock = 9;
+    // The sender: the paused guest's stream, read a disk's worth (8 KiB) at a time; the
+    // receiver takes each piece off the other disk.
+    let mut tx = Sender::snapshot("0.1.0", &fingerprint(), &g, state(9));
+    let mut rx = receiver();
+    let mut target = zeroed();
+    let (mut a, mut b) = (MemDisk(vec![0; 17 * SECTOR]), MemDisk(vec![0; 17 * SECTOR]));
+    let mut offset = 0;
+    let mut pieces = 0;
+    while !tx.ended() {
+        let cap = bulk::capacity(&a);
+        let data = tx.read(&mut ram, offset, cap).unwrap();
+        let crc = bulk::put(&mut a, offset, data).unwrap();
+        let len = data.len() as u32;
+        // The host copies the piece from A's disk to B's.
+        b.0.copy_from_slice(&a.0);
+        let (h, piece) = bulk::take(&mut b, len, crc).unwrap();
+        assert_eq!(h.offset, offset);
+        rx.feed(&piece, &mut target).unwrap();
+        offset += u64::from(len);
+        pieces += 1;
+    }
+    assert!(pieces > 2, "a stream larger than the disk goes in pieces");
+    assert!(tx.finishing(), "a snapshot has no rounds");
+    assert!(rx.ended());
+    assert!(target == ram, "every page");
+    assert_eq!(rx.pages(), 5, "zero pages are left out");
+    let state = rx.state().unwrap();
+    let snap = snapshot::parse(&state, &fingerprint()).unwrap();
+    assert_eq!(snap.guest.clock, 9);
+}
+
+#[test]
 fn a_lost_reply_is_read_again_and_old_bytes_are_gone() {
     let mut ram = Ram::new();
     let mut tx = sender();

@@ -524,6 +524,32 @@ fn migrate_commands_reach_the_target_as_steps() {
 }
 
 #[test]
+fn the_bulk_disk_steps_reach_the_target() {
+    let mut t = FakeTarget::new();
+    let mut m = Monitor::new(0);
+    for line in [
+        "migrate-out beta snapshot",
+        "migrate-out beta snapshot paused",
+        "migrate-read 4096 disk",
+        "migrate-in beta check",
+        "migrate-data-disk 1048576 3735928559",
+    ] {
+        let r = run(&mut m, &mut t, line, Form::Json);
+        assert!(!r.failed, "{line}: {}", r.text);
+    }
+    assert_eq!(
+        t.migrated,
+        [
+            "Snapshot { id: 1, resume: true }",
+            "Snapshot { id: 1, resume: false }",
+            "ReadDisk { offset: 4096 }",
+            "Check { id: 1 }",
+            "DataDisk { len: 1048576, crc: 3735928559 }",
+        ]
+    );
+}
+
+#[test]
 fn malformed_migrate_commands_never_reach_the_target() {
     let mut t = FakeTarget::new();
     let mut m = Monitor::new(0);
@@ -537,6 +563,12 @@ fn malformed_migrate_commands_never_reach_the_target() {
         ("migrate-out gamma", "no guest"),
         ("migrate-next now", "wrong arguments"),
         ("migrate-sideways", "wrong arguments"),
+        ("migrate-read 0 tape", "wrong arguments"),
+        ("migrate-out beta snapshot later", "wrong arguments"),
+        ("migrate-in beta verify", "wrong arguments"),
+        ("migrate-data-disk 10", "wrong arguments"),
+        ("migrate-data-disk ten 5", "a length and a CRC-32"),
+        ("migrate-data-disk 10 4294967296", "a length and a CRC-32"),
     ] {
         let r = run(&mut m, &mut t, line, Form::Json);
         assert!(r.failed && r.text.contains(why), "{line}: {}", r.text);

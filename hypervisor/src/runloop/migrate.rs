@@ -11,6 +11,7 @@
 //! refused piece, releases the RAM and leaves the guest stopped.
 
 use super::{Cpu, RunLoop};
+use crate::bulk::BulkError;
 use crate::guest::{Vcpu, Vm};
 use crate::migrate::{Answer, Op, PageSet, Receiver, Sender, Source, CHUNK};
 use crate::snapshot::{Fingerprint, GuestInfo, PAGE_SIZE};
@@ -58,6 +59,10 @@ pub trait MigrateHw<H> {
         vcpus: &mut [Vcpu],
         stream: &[u8],
     ) -> Result<u64, String>;
+    /// The bulk disk (docs/SNAPSHOTS.md, "The bulk disk"), if this Keel has one.
+    fn bulk(&mut self) -> Option<&mut dyn crate::bulk::Disk> {
+        None
+    }
 }
 
 /// A migration in progress.
@@ -70,11 +75,22 @@ pub enum Migration {
         epoch: u32,
         /// Whether `Final` paused it (an abort resumes it only then), and the host TSC then.
         paused: Option<(bool, u64)>,
+        /// A snapshot (`Op::Snapshot`): `Done` leaves the guest here.
+        snapshot: bool,
     },
     In {
         id: usize,
         rx: Receiver,
+        /// Only checking (`Op::Check`): nothing is written, the guest is not touched.
+        check: bool,
     },
+}
+
+/// A sink that writes nothing: a stream checked before it replaces a guest.
+struct Nowhere;
+
+impl crate::migrate::Sink for Nowhere {
+    fn write_page(&mut self, _: u64, _: Option<&[u8]>) {}
 }
 
 /// A guest's RAM read for the stream.
@@ -115,7 +131,9 @@ impl<C: Cpu> RunLoop<C> {
     pub(super) fn migrate_step(&mut self, op: Op<'_>) -> Result<Answer, String> {
         match op {
             Op::Out { id } => self.migrate_out(id),
-            Op::In { id } => self.migrate_in(id),
+            Op::Snapshot { id, resume } => self.snapshot_out(id, resume),
+            Op::In { id } => self.migrate_in(id, false),
+            Op::Check { id } => self.migrate_in(id, true),
             Op::Abort => self.migrate_abort(),
             op => match self.ops.migration.take() {
                 None => Err("no migration begun".into()),
@@ -155,6 +173,7 @@ impl<C: Cpu> RunLoop<C> {
             tx,
             epoch: s.epoch,
             paused: None,
+            snapshot: false,
         });
         Ok(answer(
             alloc::format!("{}: round 0 of {pages} pages begun", guest.name),
@@ -162,11 +181,79 @@ impl<C: Cpu> RunLoop<C> {
         ))
     }
 
-    fn migrate_in(&mut self, id: usize) -> Result<Answer, String> {
+    /// Guest `id`'s snapshot as a stream read like a migration's (`Op::Snapshot`): the guest is
+    /// paused and its state taken now; its pages are read from its RAM as the stream is.
+    fn snapshot_out(&mut self, id: usize, resume: bool) -> Result<Answer, String> {
         if self.ops.migration.is_some() {
             return Err("a migration is in progress (migrate-abort ends it)".into());
         }
         let s = self.slots.get(id).ok_or("no such guest")?;
+        if !s.live() {
+            return Err("the guest has stopped".into());
+        }
+        let was_paused = matches!(s.bsp().state, crate::guest::RunState::Paused { .. });
+        if !was_paused {
+            self.pause(id)?;
+        }
+        let at = self.cpu.rdtsc();
+        let clock = self.paused_clock(id);
+        let s = &mut self.slots[id];
+        let taken = self
+            .cpu
+            .migration()
+            .ok_or_else(|| String::from("snapshots need the hardware"))
+            .and_then(|hw| {
+                let (fingerprint, guest) = hw.describe(&mut s.hw, &s.vm, s.vcpus.len(), clock)?;
+                let state = hw.state(&mut s.hw, &s.vm, &s.vcpus, clock)?;
+                Ok((fingerprint, guest, state))
+            });
+        let (fingerprint, guest, state) = match taken {
+            Ok(t) => t,
+            Err(e) => {
+                if !was_paused {
+                    let _ = self.resume(id);
+                }
+                return Err(e);
+            }
+        };
+        let tx = Sender::snapshot(env!("CARGO_PKG_VERSION"), &fingerprint, &guest, state);
+        info!("guest {}: snapshot streaming", s.vm.name);
+        self.ops.migration = Some(Migration::Out {
+            id,
+            tx,
+            epoch: s.epoch,
+            paused: Some((!was_paused && resume, at)),
+            snapshot: true,
+        });
+        Ok(answer(
+            alloc::format!(
+                "{}: snapshot of {} KiB of RAM begun",
+                guest.name,
+                guest.memory >> 10
+            ),
+            alloc::vec![("clock", clock), ("chunk", CHUNK as u64)],
+        ))
+    }
+
+    fn migrate_in(&mut self, id: usize, check: bool) -> Result<Answer, String> {
+        if self.ops.migration.is_some() {
+            return Err("a migration is in progress (migrate-abort ends it)".into());
+        }
+        let s = self.slots.get(id).ok_or("no such guest")?;
+        if check {
+            let vcpus = s.vcpus.len();
+            let memory = s.vm.ram.len();
+            self.switch_out();
+            let s = &mut self.slots[id];
+            let hw = self.cpu.migration().ok_or("snapshots need the hardware")?;
+            let (here, _) = hw.describe(&mut s.hw, &s.vm, vcpus, 0)?;
+            let rx = Receiver::new(memory, vcpus as u32, here);
+            self.ops.migration = Some(Migration::In { id, rx, check });
+            return Ok(answer(
+                alloc::format!("{}: checking a stream", s.vm.name),
+                alloc::vec![("id", id as u64)],
+            ));
+        }
         if s.vcpus.iter().any(|v| v.state.is_live()) {
             return Err(alloc::format!(
                 "{} is running here: a guest comes in only to a stopped one (autostart = false, or kill it)",
@@ -184,7 +271,11 @@ impl<C: Cpu> RunLoop<C> {
         let rx = Receiver::new(s.vm.ram.len(), s.vcpus.len() as u32, here);
         info!("guest {}: migrating in", s.vm.name);
         let name = s.vm.name.clone();
-        self.ops.migration = Some(Migration::In { id, rx });
+        self.ops.migration = Some(Migration::In {
+            id,
+            rx,
+            check: false,
+        });
         Ok(answer(
             alloc::format!("{name}: receiving"),
             alloc::vec![("id", id as u64)],
@@ -203,6 +294,7 @@ impl<C: Cpu> RunLoop<C> {
                 mut tx,
                 epoch,
                 paused,
+                snapshot,
             } => {
                 let s = &self.slots[id];
                 if !s.live() || s.epoch != epoch {
@@ -216,32 +308,30 @@ impl<C: Cpu> RunLoop<C> {
                         Err("the guest stopped or restarted: migration abandoned".into()),
                     );
                 }
-                let done = self.out_step(id, &mut tx, op, paused);
+                let done = if snapshot && matches!(op, Op::Done) {
+                    self.snapshot_done(id, &tx, paused)
+                } else if snapshot && matches!(op, Op::Next | Op::Final) {
+                    Err("a snapshot has no rounds".into())
+                } else {
+                    self.out_step(id, &mut tx, op, paused)
+                };
+                let keep = |paused| Migration::Out {
+                    id,
+                    tx,
+                    epoch,
+                    paused,
+                    snapshot,
+                };
                 match done {
-                    Ok((a, Step::Keep(p))) => (
-                        Some(Migration::Out {
-                            id,
-                            tx,
-                            epoch,
-                            paused: p.or(paused),
-                        }),
-                        Ok(a),
-                    ),
+                    Ok((a, Step::Keep(p))) => (Some(keep(p.or(paused))), Ok(a)),
                     Ok((a, Step::Over)) => (None, Ok(a)),
-                    Err(e) => (
-                        Some(Migration::Out {
-                            id,
-                            tx,
-                            epoch,
-                            paused,
-                        }),
-                        Err(e),
-                    ),
+                    Err(e) => (Some(keep(paused)), Err(e)),
                 }
             }
-            Migration::In { id, mut rx } => match self.in_step(id, &mut rx, op) {
-                Ok((a, true)) => (Some(Migration::In { id, rx }), Ok(a)),
+            Migration::In { id, mut rx, check } => match self.in_step(id, &mut rx, op, check) {
+                Ok((a, true)) => (Some(Migration::In { id, rx, check }), Ok(a)),
                 Ok((a, false)) => (None, Ok(a)),
+                Err(e) if check => (None, Err(alloc::format!("{e}; nothing changed"))),
                 Err(e) => {
                     self.abandon_in(id);
                     (
@@ -266,6 +356,22 @@ impl<C: Cpu> RunLoop<C> {
             alloc::vec![("round", u64::from(tx.round())), ("pages", pages)]
         };
         match op {
+            Op::ReadDisk { offset } => {
+                let s = &self.slots[id];
+                let disk = self.cpu.migration().and_then(|hw| hw.bulk());
+                let disk = disk.ok_or_else(|| alloc::format!("{}", BulkError::NoDisk))?;
+                let len = crate::bulk::capacity(disk);
+                let data = tx
+                    .read(&mut Ram(&s.vm), offset, len)
+                    .map_err(|e| alloc::format!("{e}"))?;
+                let crc =
+                    crate::bulk::put(disk, offset, data).map_err(|e| alloc::format!("{e}"))?;
+                let n = data.len() as u64;
+                let end = tx.finishing() && n == 0 || tx.ended();
+                let mut a = answer(String::new(), read_fields(tx, offset, end));
+                a.fields.extend([("len", n), ("crc32", u64::from(crc))]);
+                Ok((a, Step::Keep(None)))
+            }
             Op::Read { offset } => {
                 let s = &self.slots[id];
                 let data = tx
@@ -273,16 +379,7 @@ impl<C: Cpu> RunLoop<C> {
                     .map_err(|e| alloc::format!("{e}"))?
                     .to_vec();
                 let end = tx.finishing() && data.is_empty() || tx.ended();
-                let mut a = answer(
-                    String::new(),
-                    alloc::vec![
-                        ("offset", offset),
-                        ("round", u64::from(tx.round())),
-                        ("left", tx.left()),
-                        ("sent", tx.rounds().last().map_or(0, |r| r.pages)),
-                        ("end", u64::from(end)),
-                    ],
-                );
+                let mut a = answer(String::new(), read_fields(tx, offset, end));
                 a.data = Some(data);
                 Ok((a, Step::Keep(None)))
             }
@@ -370,15 +467,41 @@ impl<C: Cpu> RunLoop<C> {
         id: usize,
         rx: &mut Receiver,
         op: Op<'_>,
+        check: bool,
     ) -> Result<(Answer, bool), String> {
-        match op {
-            Op::Data(data) => {
-                let s = &self.slots[id];
+        let piece;
+        let data = match op {
+            Op::Data(data) => Some(data),
+            Op::DataDisk { len, crc } => {
+                let disk = self.cpu.migration().and_then(|hw| hw.bulk());
+                let disk = disk.ok_or_else(|| alloc::format!("{}", BulkError::NoDisk))?;
+                piece = crate::bulk::take(disk, len, crc).map_err(|e| alloc::format!("{e}"))?;
+                Some(&piece.1[..])
+            }
+            _ => None,
+        };
+        if let Some(data) = data {
+            let s = &self.slots[id];
+            let fed = if check {
+                rx.feed(data, &mut Nowhere)
+            } else {
                 rx.feed(data, &mut Target(&s.vm))
-                    .map_err(|e| alloc::format!("{e}"))?;
+            };
+            fed.map_err(|e| alloc::format!("{e}"))?;
+            return Ok((
+                answer(String::new(), alloc::vec![("received", rx.received())]),
+                true,
+            ));
+        }
+        match op {
+            Op::End if check => {
+                rx.state().map_err(|e| alloc::format!("{e}"))?;
                 Ok((
-                    answer(String::new(), alloc::vec![("received", rx.received())]),
-                    true,
+                    answer(
+                        alloc::format!("the stream checks: {} pages", rx.pages()),
+                        alloc::vec![("pages", rx.pages()), ("bytes", rx.received())],
+                    ),
+                    false,
                 ))
             }
             Op::End => {
@@ -450,6 +573,10 @@ impl<C: Cpu> RunLoop<C> {
     fn migrate_abort(&mut self) -> Result<Answer, String> {
         match self.ops.migration.take() {
             None => Err("no migration begun".into()),
+            Some(Migration::In { check: true, .. }) => Ok(answer(
+                "check abandoned; nothing changed".into(),
+                alloc::vec![],
+            )),
             Some(Migration::In { id, .. }) => {
                 self.abandon_in(id);
                 Ok(answer(
@@ -473,6 +600,54 @@ impl<C: Cpu> RunLoop<C> {
             }
         }
     }
+}
+
+impl<C: Cpu> RunLoop<C> {
+    /// The snapshot stream was read to its end: the guest runs on (unless it was paused before
+    /// or `paused` was asked for).
+    fn snapshot_done(
+        &mut self,
+        id: usize,
+        tx: &Sender,
+        paused: Option<(bool, u64)>,
+    ) -> Result<(Answer, Step), String> {
+        if !tx.ended() {
+            return Err(alloc::format!(
+                "{}",
+                crate::migrate::MigrateError::NotRead { sent: tx.made() }
+            ));
+        }
+        if let Some((true, _)) = paused {
+            self.resume(id)?;
+        }
+        let s = &self.slots[id];
+        info!(
+            "guest {}: snapshot of {} bytes read out",
+            s.vm.name,
+            tx.made()
+        );
+        Ok((
+            answer(
+                alloc::format!("snapshot of {}: {} bytes", s.vm.name, tx.made()),
+                alloc::vec![
+                    ("bytes", tx.made()),
+                    ("pages", tx.rounds().first().map_or(0, |r| r.pages)),
+                ],
+            ),
+            Step::Over,
+        ))
+    }
+}
+
+/// A read's reply fields: where it began, the round, pages left and sent in it, the end.
+fn read_fields(tx: &Sender, offset: u64, end: bool) -> Vec<(&'static str, u64)> {
+    alloc::vec![
+        ("offset", offset),
+        ("round", u64::from(tx.round())),
+        ("left", tx.left()),
+        ("sent", tx.rounds().last().map_or(0, |r| r.pages)),
+        ("end", u64::from(end)),
+    ]
 }
 
 /// What becomes of a migration out after a step.
