@@ -24,7 +24,7 @@ static SWEEP: BootSpec = BootSpec {
     manifest: Manifest::File("tests/guests/manifests/hostile-sweep.toml"),
     emulator: Emulator::Bochs,
     firmware: Firmware::Bios,
-    timeout: Some(Duration::from_secs(420)),
+    timeout: Some(Duration::from_secs(600)),
 };
 
 /// The interrupt storm alone with a witness: if the storm makes Keel hang, the other attacks'
