@@ -214,6 +214,14 @@ pub fn boot_scripted(b: ScriptedBoot<'_>) -> Result<Outcome, String> {
     run_and_summarize(name, scripted_options(b)?)
 }
 
+/// [`boot_scripted`] on a machine with `cpus` processors (Keel runs vCPUs on each).
+pub fn boot_scripted_on(b: ScriptedBoot<'_>, cpus: u32) -> Result<Outcome, String> {
+    let name = b.name;
+    let mut opts = scripted_options(b)?;
+    opts.cpus = cpus;
+    run_and_summarize(name, opts)
+}
+
 /// The run options of a [`ScriptedBoot`], its images built: for a run that adds to them (a
 /// control channel, a bulk disk) before it starts.
 pub fn scripted_options(b: ScriptedBoot<'_>) -> Result<RunOptions, String> {
