@@ -2409,7 +2409,8 @@ impl<C: Cpu> RunLoop<C> {
                 (g, (c.bytes_written(), c.dropped_bytes()))
             })
             .collect();
-        crate::monitor::table::readable(&rows, elapsed, self.cfg.tsc_hz)
+        let cpus = self.hosts.len() as u64;
+        crate::monitor::table::readable(&rows, elapsed, self.cfg.tsc_hz, cpus)
     }
 
     /// The final statistics table and one status line per guest.
@@ -2510,6 +2511,10 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
 
     fn tsc_hz(&self) -> u64 {
         self.cfg.tsc_hz
+    }
+
+    fn host_cpus(&self) -> u64 {
+        self.hosts.len() as u64
     }
 
     fn guests(&self) -> Vec<crate::monitor::GuestView> {
