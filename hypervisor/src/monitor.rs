@@ -181,9 +181,12 @@ const HELP: &[(&str, &str)] = &[
     ("regs NAME", "the guest's registers"),
     (
         "weight NAME N",
-        "its CPU weight, 1 to 64 (slices of N quanta)",
+        "its CPU weight, 1 to 64 (N times a weight-1 vCPU's CPU time)",
     ),
-    ("cap NAME P%|off", "at most P% of the CPU, or no cap"),
+    (
+        "cap NAME P%|off",
+        "at most P% of the machine's CPU time (every host CPU's), or no cap",
+    ),
     ("pause NAME", "stop scheduling it; its clock stops"),
     (
         "resume NAME",
