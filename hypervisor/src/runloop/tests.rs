@@ -1195,6 +1195,33 @@ fn the_load_policy_starts_and_pauses_on_demand_guests() {
     assert!(matches!(state(&rl), RunState::Paused { .. }));
 }
 
+/// The load is of the whole machine: one CPU-bound guest on two host CPUs is 50%, under a
+/// `start_below` of 60%, and the on-demand guest starts.
+#[test]
+fn the_load_policy_measures_the_load_of_every_host_cpu() {
+    use crate::policy::{Action, Policy, PolicyConfig};
+    let cfg = PolicyConfig {
+        start_below: 60,
+        stop_above: 90,
+        window_ms: 200,
+        action: Action::Pause,
+    };
+    let mut rl = rig(vec![
+        Program::compute(),
+        Program::sleeper(200).with_pit(PIT_100HZ),
+    ])
+    .with_policy(Policy::new(cfg, TSC_HZ, [1]));
+    let mut hosts = Hosts::new(&mut rl, 2);
+    let state = |rl: &RunLoop<FakeCpu>| rl.slots[1].vcpus[0].state.clone();
+    assert_eq!(state(&rl), RunState::Paused { halted: false });
+    hosts.run_for(&mut rl, TSC_HZ);
+    assert!(
+        matches!(state(&rl), RunState::Halted | RunState::Runnable),
+        "not started at half the machine's load: {:?}",
+        state(&rl)
+    );
+}
+
 /// With `action = stop` the guest is stopped (no failure) and booted afresh when the load falls.
 #[test]
 fn the_stop_action_stops_and_reboots() {
