@@ -245,10 +245,10 @@ struct Seat {
     /// Woken from HLT by an interrupt and not run since: scheduled ahead of the rotation, so a
     /// timer interrupt reaches a waiting vCPU within its period even while others compute.
     woken: bool,
-    /// With several host CPUs: host TSC at which its last slice ended (0: first in line). The
-    /// CPUs pick the vCPU that has waited longest, which is round robin when every vCPU may run
-    /// everywhere, and stays fair when pins keep some off a CPU (one shared rotation cursor
-    /// would skip a vCPU pinned to the CPU that never picks at its turn).
+    /// With several host CPUs: host TSC at which its last slice ended (0: first in line, cut
+    /// short for a woken vCPU or not run yet). Among vCPUs equally below their shares the CPUs
+    /// pick the one that has waited longest (`sched::pick_fairest`); a shared rotation cursor
+    /// would skip a vCPU pinned to a CPU that never picks at its turn.
     left_at: u64,
     /// An INIT came while it was on another CPU: its registers are reset at its exit there
     /// (until then that CPU holds them), and it waits for a SIPI.
