@@ -29,7 +29,7 @@
 //! restart = 100            # restart the guest up to 100 times when it dies (default 0)
 //! apicv = off              # this guest without APIC virtualization (default: [keel]'s apicv)
 //! weight = 2               # CPU weight, 1 to 64 (default 1): slices of `weight` quanta
-//! cap = 25%                # at most 25% of a CPU, even when it would idle (default: none)
+//! cap = 25%                # at most 25% of the machine's CPU time, even when it would idle (default: none)
 //! policy = on-demand       # started and paused by the load policy (default none)
 //! vcpus = 4                # virtual CPUs, 1 to 16 (default 1): APIC IDs 0-3, the others
 //!                          # started by the guest's INIT/SIPI
@@ -87,7 +87,8 @@ pub struct GuestConfig {
     pub cpus: Option<u64>,
     /// `weight`: its CPU time relative to the others' (1 to [`crate::sched::WEIGHT_MAX`]).
     pub weight: u32,
-    /// `cap`: the most CPU it may use, in percent of one CPU (1 to 100), if capped.
+    /// `cap`: the most CPU time it may use, in percent of the machine's (every host CPU's; 1 to
+    /// 100), if capped.
     pub cap: Option<u32>,
     /// `selftest = refuse`: Keel refuses the guest at boot after it has allocated everything the
     /// guest needs (RAM, EPT, VMCS, ...), so a test can check that a refused guest gives it all

@@ -72,6 +72,10 @@ pub trait MonitorTarget {
     fn now(&mut self) -> u64;
     /// The host TSC rate.
     fn tsc_hz(&self) -> u64;
+    /// How many host CPUs run vCPUs: `list` shows CPU time as a share of all of theirs.
+    fn host_cpus(&self) -> u64 {
+        1
+    }
     /// Every guest, in id order.
     fn guests(&self) -> Vec<GuestView>;
     /// Guest `id`'s registers: (name, value) pairs, general-purpose registers and the VMCS's.
@@ -177,9 +181,12 @@ const HELP: &[(&str, &str)] = &[
     ("regs NAME", "the guest's registers"),
     (
         "weight NAME N",
-        "its CPU weight, 1 to 64 (slices of N quanta)",
+        "its CPU weight, 1 to 64 (N times a weight-1 vCPU's CPU time)",
     ),
-    ("cap NAME P%|off", "at most P% of the CPU, or no cap"),
+    (
+        "cap NAME P%|off",
+        "at most P% of the machine's CPU time (every host CPU's), or no cap",
+    ),
     ("pause NAME", "stop scheduling it; its clock stops"),
     (
         "resume NAME",
@@ -339,14 +346,16 @@ impl Monitor {
         let now = target.now();
         let hz = target.tsc_hz().max(1);
         let span = now.saturating_sub(self.last.at).max(1);
+        // CPU time is shown as a share of every host CPU's time, as caps are.
+        let machine = u128::from(span) * u128::from(target.host_cpus().max(1));
         let rows: Vec<(&GuestView, u64, u64)> = guests
             .iter()
             .map(|g| {
                 let (cpu0, exits0) = self.last.guests.get(g.id).copied().unwrap_or((0, 0));
                 let cpu = g.stats.cpu_cycles.saturating_sub(cpu0);
                 let exits = g.stats.total_exits().saturating_sub(exits0);
-                // CPU % in tenths, exits per second.
-                let permille = (cpu as u128 * 1000 / span as u128) as u64;
+                // CPU % of the machine in tenths, exits per second.
+                let permille = (cpu as u128 * 1000 / machine) as u64;
                 let rate = (exits as u128 * hz as u128 / span as u128) as u64;
                 (g, permille, rate)
             })

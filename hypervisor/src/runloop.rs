@@ -245,10 +245,10 @@ struct Seat {
     /// Woken from HLT by an interrupt and not run since: scheduled ahead of the rotation, so a
     /// timer interrupt reaches a waiting vCPU within its period even while others compute.
     woken: bool,
-    /// With several host CPUs: host TSC at which its last slice ended (0: first in line). The
-    /// CPUs pick the vCPU that has waited longest, which is round robin when every vCPU may run
-    /// everywhere, and stays fair when pins keep some off a CPU (one shared rotation cursor
-    /// would skip a vCPU pinned to the CPU that never picks at its turn).
+    /// With several host CPUs: host TSC at which its last slice ended (0: first in line, cut
+    /// short for a woken vCPU or not run yet). Among vCPUs equally below their shares the CPUs
+    /// pick the one that has waited longest (`sched::pick_fairest`); a shared rotation cursor
+    /// would skip a vCPU pinned to a CPU that never picks at its turn.
     left_at: u64,
     /// An INIT came while it was on another CPU: its registers are reset at its exit there
     /// (until then that CPU holds them), and it waits for a SIPI.
@@ -258,6 +258,9 @@ struct Seat {
     ipi_sent: Option<(u64, usize)>,
     /// The host CPU it last ran on.
     last_host: Option<usize>,
+    /// Its virtual time: CPU time over its guest's weight (`sched::advance`), what the picks over
+    /// several host CPUs go by.
+    vtime: u64,
 }
 
 impl<V> Slot<V> {
@@ -484,6 +487,7 @@ impl<C: Cpu> RunLoop<C> {
     /// [`RunLoop::finish`] for itself.
     pub fn with_hosts(mut self, n: usize) -> Self {
         self.hosts.resize_with(n.max(1), HostCpu::default);
+        self.shares.set_hosts(self.hosts.len());
         self
     }
 
@@ -691,6 +695,9 @@ impl<C: Cpu> RunLoop<C> {
             seats = self.seats();
         }
         debug_assert_eq!(seats, self.seats());
+        if self.hosts.len() > 1 {
+            self.catch_up(&seats);
+        }
         let slots = &self.slots;
         let shares = &self.shares;
         let hosts = &self.hosts;
@@ -709,10 +716,20 @@ impl<C: Cpu> RunLoop<C> {
         let picked = if hosts.len() == 1 {
             self.sched.pick_urgent_first(seats.len(), runnable, woken)
         } else {
-            // Woken first, then the one that waited longest.
-            (0..seats.len())
-                .filter(|&k| runnable(k))
-                .min_by_key(|&k| (!woken(k), slots[seats[k].0].seats[seats[k].1].left_at))
+            // Woken first, then the one furthest below its share of the machine.
+            let candidates = (0..seats.len()).filter(|&k| runnable(k)).map(|k| {
+                let seat = &slots[seats[k].0].seats[seats[k].1];
+                let candidate = crate::sched::Candidate {
+                    vtime: seat.vtime,
+                    woken: seat.woken,
+                    // An interrupted vCPU is first in line (`end_slice`).
+                    interrupted: seat.left_at == 0,
+                    here: seat.last_host == Some(h),
+                    left_at: seat.left_at,
+                };
+                (k, candidate)
+            });
+            crate::sched::pick_fairest(candidates, self.cfg.quantum * crate::sched::AFFINITY_QUANTA)
         };
         let picked = picked.map(|k| seats[k]);
         self.seat_list = seats;
@@ -749,6 +766,33 @@ impl<C: Cpu> RunLoop<C> {
                 self.hosts[h].asleep = true;
                 self.hosts[h].switch_from = None;
                 Turn::Sleep { wake, max }
+            }
+        }
+    }
+
+    /// Brings every vCPU that wants the CPU to within `sched::LAG_QUANTA` of virtual time of the
+    /// one furthest ahead (`sched::catch_up`): time it did not want (halted, paused, capped, not
+    /// yet started) is no claim on the machine's future.
+    fn catch_up(&mut self, seats: &[(usize, usize)]) {
+        let wants = |s: &Slot<C::Vcpu>, i: usize, c: usize| {
+            s.live()
+                && s.vcpus[c].state == RunState::Runnable
+                && s.deferred.is_empty()
+                && self.shares.may_run(i)
+        };
+        let ahead = seats
+            .iter()
+            .filter(|&&(i, c)| wants(&self.slots[i], i, c))
+            .map(|&(i, c)| self.slots[i].seats[c].vtime)
+            .max();
+        let Some(ahead) = ahead else {
+            return;
+        };
+        let lag = self.cfg.quantum.saturating_mul(crate::sched::LAG_QUANTA);
+        for &(i, c) in seats {
+            if wants(&self.slots[i], i, c) {
+                let seat = &mut self.slots[i].seats[c];
+                seat.vtime = crate::sched::catch_up(seat.vtime, ahead, lag);
             }
         }
     }
@@ -824,6 +868,8 @@ impl<C: Cpu> RunLoop<C> {
             .slice_left
             .take()
             .map_or(allowed, |left| left.min(allowed));
+        // What is left of the slice is held from a capped budget while it runs.
+        self.shares.hold(i, left);
         self.hosts[h].running = Some(Running {
             seat,
             epoch: self.slots[i].epoch,
@@ -902,8 +948,11 @@ impl<C: Cpu> RunLoop<C> {
         }
         let ran = self.slots[i].vcpus[c].stats.cpu_cycles - r.piece.ran_before;
         self.shares.charge(i, ran);
+        let seat = &mut self.slots[i].seats[c];
+        seat.vtime = crate::sched::advance(seat.vtime, ran, self.shares.weight(i));
         // The slice is measured as one would be: by the clock, Keel's exits included.
         let elapsed = self.cpu.rdtsc().saturating_sub(r.piece.t0).max(1);
+        self.shares.release(i, elapsed.min(r.left));
         r.left = r.left.saturating_sub(elapsed);
         let (whole, left) = (r.piece.whole, r.left);
         if !whole && matches!(end, SliceEnd::Over) {
@@ -927,6 +976,7 @@ impl<C: Cpu> RunLoop<C> {
             return;
         };
         let (i, c) = r.seat;
+        self.shares.release(i, r.left);
         self.acting = h;
         if let Some(seat) = self.slots[i].seats.get_mut(c) {
             if core::mem::take(&mut seat.init_pending) {
@@ -1156,6 +1206,7 @@ impl<C: Cpu> RunLoop<C> {
         if r.epoch != self.slots[i].epoch {
             // Booted again or restored while it ran here: what it did is dropped with the old
             // guest, and so are its registers in this CPU.
+            self.shares.release(i, r.left);
             self.hosts[h].running = None;
             self.hosts[h].in_cpu = None;
             return false;
@@ -2358,7 +2409,8 @@ impl<C: Cpu> RunLoop<C> {
                 (g, (c.bytes_written(), c.dropped_bytes()))
             })
             .collect();
-        crate::monitor::table::readable(&rows, elapsed, self.cfg.tsc_hz)
+        let cpus = self.hosts.len() as u64;
+        crate::monitor::table::readable(&rows, elapsed, self.cfg.tsc_hz, cpus)
     }
 
     /// The final statistics table and one status line per guest.
@@ -2459,6 +2511,10 @@ impl<C: Cpu> crate::monitor::MonitorTarget for RunLoop<C> {
 
     fn tsc_hz(&self) -> u64 {
         self.cfg.tsc_hz
+    }
+
+    fn host_cpus(&self) -> u64 {
+        self.hosts.len() as u64
     }
 
     fn guests(&self) -> Vec<crate::monitor::GuestView> {

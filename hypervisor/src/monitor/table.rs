@@ -16,9 +16,11 @@ pub const TOP_EXITS: usize = 4;
 /// One guest's console account: bytes that reached the console, bytes dropped.
 pub type ConsoleCount = (u64, u64);
 
-/// The table over `elapsed` TSC cycles at `hz`, one `keel: ` line each.
-pub fn readable(guests: &[(GuestView, ConsoleCount)], elapsed: u64, hz: u64) -> String {
+/// The table over `elapsed` TSC cycles at `hz`, one `keel: ` line each. A guest's `cpu %` is its
+/// share of the machine's time over them: of `cpus` host CPUs' (as its cap is).
+pub fn readable(guests: &[(GuestView, ConsoleCount)], elapsed: u64, hz: u64, cpus: u64) -> String {
     let elapsed = elapsed.max(1);
+    let machine = elapsed.saturating_mul(cpus.max(1));
     let hz = hz.max(1);
     let mut t = String::new();
     let tenths = |n: u64| alloc::format!("{}.{:01}", n / 10, n % 10);
@@ -40,7 +42,7 @@ pub fn readable(guests: &[(GuestView, ConsoleCount)], elapsed: u64, hz: u64) -> 
             "keel: {:<16} {:<8} {:>7} {:>10} {:>9} {:>10} {:>6} M",
             g.name,
             g.state.name(),
-            hundredths(mul_div(s.cpu_cycles, 10_000, elapsed)),
+            hundredths(mul_div(s.cpu_cycles, 10_000, machine)),
             hundredths(mul_div(s.halted_cycles, 100, hz)),
             mul_div(s.total_exits(), hz, elapsed),
             s.interrupts_injected,
@@ -149,6 +151,7 @@ mod tests {
             ],
             10 * HZ,
             HZ,
+            1,
         );
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines[0], "keel: statistics over 10.0 s:");

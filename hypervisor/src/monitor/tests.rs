@@ -11,6 +11,8 @@ struct FakeTarget {
     quit: bool,
     /// The migration steps asked for, as `Debug` text.
     migrated: Vec<String>,
+    /// Host CPUs running vCPUs.
+    cpus: u64,
 }
 
 const HZ: u64 = 1_000_000;
@@ -39,6 +41,7 @@ impl FakeTarget {
             done: Vec::new(),
             quit: false,
             migrated: Vec::new(),
+            cpus: 1,
         }
     }
 }
@@ -50,6 +53,10 @@ impl MonitorTarget for FakeTarget {
 
     fn tsc_hz(&self) -> u64 {
         HZ
+    }
+
+    fn host_cpus(&self) -> u64 {
+        self.cpus
     }
 
     fn guests(&self) -> Vec<GuestView> {
@@ -134,6 +141,22 @@ fn list_shows_cpu_share_and_exit_rate_since_the_last_list() {
          {\"id\":0,\"name\":\"alpha\",\"state\":\"running\",\"vcpus\":1,\"memory\":16777216,\"cpu_permille\":0,\"exits_per_s\":0,\"cpu_cycles\":250000,\"keel_cycles\":0,\"halted_cycles\":0,\"weight\":1},\
          {\"id\":1,\"name\":\"beta\",\"state\":\"halted\",\"vcpus\":1,\"memory\":16777216,\"cpu_permille\":100,\"exits_per_s\":0,\"cpu_cycles\":100000,\"keel_cycles\":0,\"halted_cycles\":0,\"weight\":1}],\"tsc\":1500000}\n"
     );
+}
+
+/// With several host CPUs `list` shows a guest's CPU time as a share of all of theirs, the
+/// measure its cap is in: a guest capped at 10% shows at most 10%.
+#[test]
+fn list_shows_cpu_time_as_a_share_of_every_host_cpu() {
+    let mut t = FakeTarget::new();
+    t.cpus = 4;
+    let mut m = Monitor::new(0);
+    // In one second alpha's two vCPUs ran 0.4 s each: 0.8 of 4 CPU-seconds.
+    t.clock = HZ;
+    t.guests[0].vcpus = 2;
+    t.guests[0].stats.cpu_cycles = HZ * 8 / 10;
+    let r = run(&mut m, &mut t, "list", Form::Text);
+    let alpha: Vec<&str> = r.text.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(alpha[6], "20.0", "{}", r.text);
 }
 
 #[test]

@@ -46,13 +46,15 @@ impl<C: Cpu> RunLoop<C> {
         let Some(mut policy) = self.policy.take() else {
             return;
         };
-        // Time on the guests: in them and in Keel for their exits (all of it outside idle sleep).
+        // Time on the guests: in them and in Keel for their exits (all of it outside idle sleep),
+        // as a share of the machine's (every host CPU's, as weights and caps are).
         let busy = self
             .slots
             .iter()
             .flat_map(|s| &s.vcpus)
             .map(|v| v.stats.cpu_cycles.saturating_add(v.stats.keel_cycles))
-            .fold(0u64, u64::saturating_add);
+            .fold(0u64, u64::saturating_add)
+            / self.hosts.len().max(1) as u64;
         let slots = &self.slots;
         let decision = policy.tick(now, busy, |i| slots.get(i).map_or(Seen::Stopped, seen));
         if let Some(d) = decision {

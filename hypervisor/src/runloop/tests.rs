@@ -1195,6 +1195,33 @@ fn the_load_policy_starts_and_pauses_on_demand_guests() {
     assert!(matches!(state(&rl), RunState::Paused { .. }));
 }
 
+/// The load is of the whole machine: one CPU-bound guest on two host CPUs is 50%, under a
+/// `start_below` of 60%, and the on-demand guest starts.
+#[test]
+fn the_load_policy_measures_the_load_of_every_host_cpu() {
+    use crate::policy::{Action, Policy, PolicyConfig};
+    let cfg = PolicyConfig {
+        start_below: 60,
+        stop_above: 90,
+        window_ms: 200,
+        action: Action::Pause,
+    };
+    let mut rl = rig(vec![
+        Program::compute(),
+        Program::sleeper(200).with_pit(PIT_100HZ),
+    ])
+    .with_policy(Policy::new(cfg, TSC_HZ, [1]));
+    let mut hosts = Hosts::new(&mut rl, 2);
+    let state = |rl: &RunLoop<FakeCpu>| rl.slots[1].vcpus[0].state.clone();
+    assert_eq!(state(&rl), RunState::Paused { halted: false });
+    hosts.run_for(&mut rl, TSC_HZ);
+    assert!(
+        matches!(state(&rl), RunState::Halted | RunState::Runnable),
+        "not started at half the machine's load: {:?}",
+        state(&rl)
+    );
+}
+
 /// With `action = stop` the guest is stopped (no failure) and booted afresh when the load falls.
 #[test]
 fn the_stop_action_stops_and_reboots() {
@@ -1454,18 +1481,20 @@ fn two_host_cpus_share_three_vcpus_evenly_and_never_run_one_on_both() {
         mean > 300 * QUANTUM * 2 / 3 * 98 / 100,
         "the CPUs idled: mean share {mean}"
     );
-    // vCPUs moved between the CPUs, each time through a VMCLEAR on the CPU it left (the fake
-    // refuses a VMPTRLD of a VMCS still active elsewhere) and a VMLAUNCH after.
-    for seat in [(0, 0), (0, 1), (1, 0)] {
-        let on: Vec<usize> = rl
+    // Three vCPUs cannot share two CPUs without moving: some ran on both, each move through a
+    // VMCLEAR on the CPU it left (the fake refuses a VMPTRLD of a VMCS still active elsewhere)
+    // and a VMLAUNCH after. (Each slice ends with a VMCLEAR where several CPUs run vCPUs.)
+    let moved = [(0, 0), (0, 1), (1, 0)].iter().any(|&seat| {
+        let mut on = rl
             .cpu
             .trace
             .iter()
             .filter(|e| (e.guest, e.vcpu) == seat)
-            .map(|e| e.host)
-            .collect();
-        assert!(on.contains(&0) && on.contains(&1), "{seat:?} ran on {on:?}");
-    }
+            .map(|e| e.host);
+        let first = on.next();
+        on.any(|h| Some(h) != first)
+    });
+    assert!(moved, "no vCPU moved");
     assert!(rl.cpu.releases >= 200, "{} VMCLEARs", rl.cpu.releases);
 }
 
@@ -1741,7 +1770,7 @@ fn an_init_to_a_vcpu_in_guest_mode_on_another_cpu_resets_it_at_its_exit() {
     // The BSP sends AP 1 an INIT while the AP computes on the other CPU, which holds its
     // registers until that entry's exit: the reset comes after, not before (where the CPU's
     // registers, handed back at the exit, would overwrite it).
-    let (mut rl, mut hosts) = two_cpus_with(3 * QUANTUM / 2, &[ipi(1, 5, 0)]);
+    let (mut rl, mut hosts) = two_cpus_with(QUANTUM / 2, &[ipi(1, 5, 0)]);
     hosts.run_for(&mut rl, 8 * QUANTUM);
     // It was in guest mode on the other CPU at the INIT.
     let sent = rl
@@ -1758,4 +1787,206 @@ fn an_init_to_a_vcpu_in_guest_mode_on_another_cpu_resets_it_at_its_exit() {
     assert_eq!(ap.state, RunState::WaitForSipi);
     assert_eq!(ap.regs, crate::guest::GuestRegs::default());
     assert!(!rl.slots[0].seats[1].init_pending);
+}
+
+// ----- Weights and caps over several host CPUs -----
+
+/// Guests of one vCPU each with the given shares, CPU-bound, on `hosts` host CPUs for `quanta`
+/// quanta: the loop, and when the measured window started (after a warm-up of 20 quanta).
+fn machine_rig(
+    shares: &[crate::sched::Share],
+    pins: &[Option<u64>],
+    hosts: usize,
+) -> (RunLoop<FakeCpu>, Hosts) {
+    let cpu = FakeCpu::new();
+    let slots = shares
+        .iter()
+        .enumerate()
+        .map(|(i, &sh)| {
+            cpu.guest(i, Program::compute(), 0)
+                .with_share(sh)
+                .with_pins(pins.get(i).copied().flatten())
+        })
+        .collect();
+    let mut rl = RunLoop::new(cpu, config(), slots);
+    let hosts = Hosts::new(&mut rl, hosts);
+    (rl, hosts)
+}
+
+/// Each guest's CPU time over a window of `quanta` quanta (after a warm-up of 20), in percent of
+/// the machine's time (every host CPU's).
+fn machine_window(rl: &mut RunLoop<FakeCpu>, hosts: &mut Hosts, quanta: u64) -> Vec<f64> {
+    hosts.run_for(rl, 20 * QUANTUM);
+    let guest_cycles = |rl: &RunLoop<FakeCpu>| -> Vec<u64> {
+        rl.slots
+            .iter()
+            .map(|s| s.vcpus.iter().map(|v| v.stats.cpu_cycles).sum())
+            .collect()
+    };
+    let before = guest_cycles(rl);
+    let start = hosts.clocks.iter().copied().min().unwrap();
+    hosts.run_for(rl, quanta * QUANTUM);
+    let end = hosts.clocks.iter().copied().min().unwrap();
+    let machine = ((end - start) * hosts.clocks.len() as u64) as f64;
+    guest_cycles(rl)
+        .iter()
+        .zip(before)
+        .map(|(&a, b)| (a - b) as f64 * 100.0 / machine)
+        .collect()
+}
+
+/// Checks that the guests' shares `got` are in proportion to `weights`, each within 2% of its
+/// share of what they had together.
+fn in_proportion(got: &[f64], weights: &[f64]) {
+    let busy: f64 = got.iter().sum();
+    let total: f64 = weights.iter().sum();
+    for (g, w) in got.iter().zip(weights) {
+        let want = busy * w / total;
+        assert!(
+            (g - want).abs() / want < 0.02,
+            "weights {weights:?}: got {got:?}"
+        );
+    }
+}
+
+#[test]
+fn weights_divide_two_and_four_cpus_in_proportion() {
+    // Two CPUs: weights 2, 1, 1, 1 give 40/20/20/20% of the machine (0.8 and 0.4 of a CPU).
+    let sh = [
+        share(2, None),
+        share(1, None),
+        share(1, None),
+        share(1, None),
+    ];
+    let (mut rl, mut hosts) = machine_rig(&sh, &[], 2);
+    let got = machine_window(&mut rl, &mut hosts, 400);
+    in_proportion(&got, &[2.0, 1.0, 1.0, 1.0]);
+    assert!(got.iter().sum::<f64>() > 98.0, "the CPUs idled: {got:?}");
+    // Four CPUs, eight guests: weights 2, 2 and six of 1.
+    let mut sh = vec![share(2, None); 2];
+    sh.extend([share(1, None); 6]);
+    let (mut rl, mut hosts) = machine_rig(&sh, &[], 4);
+    let got = machine_window(&mut rl, &mut hosts, 400);
+    in_proportion(&got, &[2.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
+    assert!(got.iter().sum::<f64>() > 98.0, "the CPUs idled: {got:?}");
+    assert_eq!(overlapping_entries(&rl.cpu.trace), None);
+}
+
+#[test]
+fn a_weight_no_vcpu_can_use_leaves_the_rest_to_the_others() {
+    // Two CPUs, weights 8, 1, 1: the weight-8 guest's share (1.6 CPUs) is more than its one
+    // vCPU can run; it has one CPU, and the other two share the other evenly.
+    let sh = [share(8, None), share(1, None), share(1, None)];
+    let (mut rl, mut hosts) = machine_rig(&sh, &[], 2);
+    let got = machine_window(&mut rl, &mut hosts, 400);
+    assert!(got[0] > 49.0, "{got:?}");
+    in_proportion(&got[1..], &[1.0, 1.0]);
+}
+
+#[test]
+fn a_cap_is_a_share_of_the_whole_machine_on_two_and_four_cpus() {
+    for hosts_n in [2, 4] {
+        // Capped at 10% of the machine next to uncapped guests (its fair share: 1/4 of 2 CPUs,
+        // 1/6 of 4).
+        let mut sh = vec![share(1, Some(10))];
+        sh.extend(vec![share(1, None); if hosts_n == 2 { 3 } else { 5 }]);
+        let (mut rl, mut hosts) = machine_rig(&sh, &[], hosts_n);
+        let got = machine_window(&mut rl, &mut hosts, 400);
+        assert!((got[0] - 10.0).abs() < 0.1, "{hosts_n} CPUs: {got:?}");
+        in_proportion(&got[1..], &vec![1.0; sh.len() - 1]);
+        assert!(got.iter().sum::<f64>() > 98.0, "the CPUs idled: {got:?}");
+    }
+}
+
+#[test]
+fn a_capped_guest_alone_leaves_the_cpus_idle_beyond_its_cap() {
+    // One vCPU capped at 10% of two CPUs: 20% of one, and the CPUs sleep the rest.
+    let (mut rl, mut hosts) = machine_rig(&[share(1, Some(10))], &[], 2);
+    let got = machine_window(&mut rl, &mut hosts, 400);
+    assert!((got[0] - 10.0).abs() < 0.1, "{got:?}");
+    // Two vCPUs of one guest capped at 10% of two CPUs, running at once on both: together no
+    // more than the cap (each slice takes only what the other's left of the budget).
+    let cpu = FakeCpu::new();
+    let slot = cpu
+        .smp_guest(
+            0,
+            vec![starter(1, &[Op::Run(u64::MAX)]), Program::compute()],
+            0,
+        )
+        .with_share(share(1, Some(10)));
+    let mut rl = RunLoop::new(cpu, config(), vec![slot]);
+    let mut hosts = Hosts::new(&mut rl, 2);
+    let got = machine_window(&mut rl, &mut hosts, 400);
+    assert!((got[0] - 10.0).abs() < 0.1, "{got:?}");
+    let both = |c| rl.cpu.vcpu_entries(0, c).count();
+    assert!(both(0) > 10 && both(1) > 10, "{} and {}", both(0), both(1));
+}
+
+#[test]
+fn a_vcpu_woken_while_another_cpu_idles_runs_there_at_once() {
+    // Two CPUs: one CPU-bound guest, and a 100 Hz sleeper that last ran on the CPU the cruncher
+    // has now. The idle CPU takes every tick, on time; the cruncher is never cut short.
+    let cpu = FakeCpu::new();
+    let slots = vec![
+        cpu.guest(0, Program::compute(), 0),
+        cpu.guest(1, Program::sleeper(200).with_pit(PIT_100HZ), 0),
+    ];
+    let mut rl = RunLoop::new(cpu, config(), slots);
+    let mut hosts = Hosts::new(&mut rl, 2);
+    hosts.run_for(&mut rl, TSC_HZ);
+    every_tick_on_time(&rl, 1, PIT_100HZ);
+    let ticks: Vec<&Entry> = rl.cpu.entries(1).filter(|e| e.injected.is_some()).collect();
+    assert!(ticks.len() > 90, "{} ticks", ticks.len());
+    // The cruncher ran all but a few of Keel's cycles of the second.
+    let cruncher = cpu_cycles(&rl, 0);
+    assert!(cruncher > TSC_HZ * 99 / 100, "{cruncher}");
+    let hosts_of_ticks: Vec<usize> = ticks.iter().map(|e| e.host).collect();
+    for e in rl.cpu.entries(0) {
+        assert!(
+            !ticks
+                .iter()
+                .any(|t| t.host == e.host && t.start > e.start && t.end < e.end),
+            "a tick ran inside the cruncher's slice on CPU {}: {hosts_of_ticks:?}",
+            e.host
+        );
+    }
+}
+
+#[test]
+fn pins_hold_with_weights_on_four_cpus() {
+    // Four CPUs: guest 0 (weight 2) pinned to CPUs 2-3, guest 1 pinned to CPU 3, five others
+    // anywhere.
+    let mut sh = vec![share(2, None), share(1, None)];
+    sh.extend([share(1, None); 5]);
+    let (mut rl, mut hosts) = machine_rig(&sh, &[Some(0b1100), Some(0b1000)], 4);
+    let got = machine_window(&mut rl, &mut hosts, 400);
+    assert!(
+        rl.cpu.entries(0).all(|e| e.host >= 2),
+        "guest 0 left CPUs 2-3"
+    );
+    assert!(rl.cpu.entries(1).all(|e| e.host == 3), "guest 1 left CPU 3");
+    assert_eq!(overlapping_entries(&rl.cpu.trace), None);
+    // No CPU idled, and the weights held among the guests the pins do not hold back: 2:1.
+    assert!(got.iter().sum::<f64>() > 98.0, "the CPUs idled: {got:?}");
+    let mut rest = vec![got[0]];
+    rest.extend(&got[2..]);
+    in_proportion(&rest, &[2.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
+}
+
+#[test]
+fn vcpus_stay_on_their_cpu_when_no_other_is_further_below_its_share() {
+    // Seven equal vCPUs on four CPUs: fair within 2% of 1/7 each, and most picks keep a vCPU on
+    // the CPU it last ran on (each move costs a VMCLEAR and a VMPTRLD). Without the preference
+    // 1230 of 2876 guest switches moved a vCPU; with it 246.
+    let (mut rl, mut hosts) = machine_rig(&[share(1, None); 7], &[], 4);
+    let got = machine_window(&mut rl, &mut hosts, 700);
+    let f = rl.figures();
+    let (same, cross) = (f.switch[0].0, f.switch[1].0);
+    std::println!("guest switches: {same} on the same CPU, {cross} across CPUs; {got:?}");
+    in_proportion(&got, &[1.0; 7]);
+    assert!(
+        cross * 10 < same + cross,
+        "{cross} of {} switches moved a vCPU",
+        same + cross
+    );
 }
