@@ -1168,10 +1168,15 @@ impl crate::state::Codec for Vectors {
 /// page's VIRR and VISR, `vmx::apicv`): the four 64-bit halves from the top, a leading-zero count
 /// on the first that is not zero.
 pub fn highest(regs: &[u32; 8]) -> Option<u8> {
-    (0..4).rev().find_map(|i| {
+    let mut i = 4;
+    while i > 0 {
+        i -= 1;
         let w = u64::from(regs[2 * i + 1]) << 32 | u64::from(regs[2 * i]);
-        (w != 0).then(|| (i as u8) * 64 + (63 - w.leading_zeros() as u8))
-    })
+        if w != 0 {
+            return Some(i as u8 * 64 + (63 - w.leading_zeros() as u8));
+        }
+    }
+    None
 }
 
 #[cfg(test)]
