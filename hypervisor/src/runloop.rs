@@ -536,6 +536,7 @@ impl<C: Cpu> RunLoop<C> {
             Turn::Done => false,
             Turn::Sleep { wake, max } => {
                 self.cpu.sleep_until(wake, max);
+                self.hosts[0].slept_till_wake = self.cpu.rdtsc() >= wake;
                 true
             }
             Turn::Enter => {
@@ -635,7 +636,16 @@ impl<C: Cpu> RunLoop<C> {
         self.cpu.on_host(h);
         self.hosts[h].asleep = false;
         self.hosts[h].kicked = false;
-        if h == 0 {
+        // The idle fast path: CPU 0 slept until the time it was to wake. If a halted vCPU's
+        // interrupt has come (its guest's timer), it is woken and picked before the
+        // housekeeping, which waits for this CPU's next pick (when a vCPU halts or a slice ends:
+        // at most one slice later), so the interrupt is not late by the console, the control
+        // channel and the log. A wake that woke nobody (a timer whose line is masked) does the
+        // housekeeping, as does every pick after a command left vCPUs to settle.
+        let early = (core::mem::take(&mut self.hosts[h].slept_till_wake) && !self.unsettled)
+            .then(|| self.cpu.rdtsc());
+        let woke = early.is_some_and(|now| self.wake_halted(now).1);
+        if h == 0 && !woke {
             self.poll_console();
             self.poll_control();
             self.run_held();
@@ -648,28 +658,15 @@ impl<C: Cpu> RunLoop<C> {
                 print_console(&mut s.vm, PRINT_BUDGET);
             }
         }
-        let now = self.cpu.rdtsc();
+        let now = match early {
+            Some(t) if woke => t,
+            _ => self.cpu.rdtsc(),
+        };
         if h == 0 {
             self.ops.started.get_or_insert(now);
             self.policy_turn(now);
         }
-        let mut live = 0;
-        for i in 0..self.slots.len() {
-            let s = &mut self.slots[i];
-            if !s.live() {
-                continue;
-            }
-            live += 1;
-            // A runnable guest waiting for its turn has its clock stopped (see
-            // `Slot::waiting_since`); only halted vCPUs need their timers checked here.
-            if !s.vcpus.iter().any(|v| v.state == RunState::Halted) {
-                continue;
-            }
-            s.vm.platform.advance(s.vm.now(now));
-            for c in 0..s.vcpus.len() {
-                s.wake(c, now);
-            }
-        }
+        let (live, _) = self.wake_halted(now);
         if live == 0 {
             return Turn::Done;
         }
@@ -795,6 +792,30 @@ impl<C: Cpu> RunLoop<C> {
                 seat.vtime = crate::sched::catch_up(seat.vtime, ahead, lag);
             }
         }
+    }
+
+    /// Wakes the halted vCPUs whose interrupts came by host TSC `now` (their guests' timers
+    /// advanced to it): how many guests are live, and whether a vCPU woke.
+    fn wake_halted(&mut self, now: u64) -> (usize, bool) {
+        let (mut live, mut woke) = (0, false);
+        for s in &mut self.slots {
+            if !s.live() {
+                continue;
+            }
+            live += 1;
+            // A runnable guest waiting for its turn has its clock stopped (see
+            // `Slot::waiting_since`); only halted vCPUs need their timers checked here.
+            if !s.vcpus.iter().any(|v| v.state == RunState::Halted) {
+                continue;
+            }
+            s.vm.platform.advance(s.vm.now(now));
+            for c in 0..s.vcpus.len() {
+                let halted = s.vcpus[c].state == RunState::Halted;
+                s.wake(c, now);
+                woke |= halted && s.vcpus[c].state == RunState::Runnable;
+            }
+        }
+        (live, woke)
     }
 
     /// The host TSC at which the first timer of a guest with a halted vCPU (other than guest
@@ -1505,6 +1526,9 @@ struct HostCpu {
     /// Host TSC of the exit that ended its last slice, until its next vCPU's first entry (none
     /// if it slept in between): a guest switch ([`Figures`]).
     switch_from: Option<u64>,
+    /// It slept until the time it was to wake (not woken early by a key or a kick): the idle
+    /// fast path of its next pick ([`RunLoop::pick_turn`]).
+    slept_till_wake: bool,
 }
 
 impl HostCpu {

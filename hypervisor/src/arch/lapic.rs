@@ -25,6 +25,10 @@ static PERIOD: AtomicU64 = AtomicU64::new(0);
 pub struct Calibration {
     pub tsc_hz: u64,
     pub apic_timer_hz: u64,
+    /// APIC timer ticks per TSC cycle, a 32.32 fixed-point number: [`sleep_until`]'s count is a
+    /// multiplication, not a 128-bit division between reading the TSC and starting the timer,
+    /// by which every wake-up would be that much late.
+    apic_per_tsc: u64,
 }
 
 fn reg(offset: usize) -> *mut u32 {
@@ -83,9 +87,12 @@ pub fn init(hz: u64) -> Calibration {
     write(REG_TIMER_DIVIDE, 0b1011); // divide by 1
     write(REG_LVT_TIMER, LVT_MASKED | idt::TIMER_VECTOR as u32);
     let (tsc, apic) = measure(10);
+    let (tsc_hz, apic_timer_hz) = (tsc * 100, apic * 100);
+    let ratio = (u128::from(apic_timer_hz) << 32) / u128::from(tsc_hz.max(1));
     let cal = Calibration {
-        tsc_hz: tsc * 100,
-        apic_timer_hz: apic * 100,
+        tsc_hz,
+        apic_timer_hz,
+        apic_per_tsc: ratio.min(u128::from(u64::MAX)) as u64,
     };
     write(REG_LVT_TIMER, LVT_PERIODIC | idt::TIMER_VECTOR as u32);
     let period = (cal.apic_timer_hz / hz).max(1);
@@ -100,8 +107,8 @@ pub fn init(hz: u64) -> Calibration {
 pub fn sleep_until(tsc_deadline: u64, max_tsc: u64, cal: &Calibration) {
     let now = cpu::rdtsc();
     let delta = tsc_deadline.saturating_sub(now).clamp(1, max_tsc);
-    let count = ((delta as u128 * cal.apic_timer_hz as u128) / cal.tsc_hz.max(1) as u128)
-        .clamp(1, u32::MAX as u128);
+    let count =
+        ((u128::from(delta) * u128::from(cal.apic_per_tsc)) >> 32).clamp(1, u32::MAX as u128);
     write(REG_LVT_TIMER, idt::TIMER_VECTOR as u32); // one-shot
     write(REG_TIMER_INIT, count as u32);
     x86_64::instructions::interrupts::enable_and_hlt();

@@ -206,9 +206,9 @@ pub struct Lapic {
     ldr: u32,
     dfr: u32,
     svr: u32,
-    irr: [u32; 8],
-    isr: [u32; 8],
-    tmr: [u32; 8],
+    irr: Vectors,
+    isr: Vectors,
+    tmr: Vectors,
     esr: u32,
     esr_pending: u32,
     icr_low: u32,
@@ -336,9 +336,9 @@ impl Lapic {
             ldr: 0,
             dfr: 0,
             svr: 0,
-            irr: [0; 8],
-            isr: [0; 8],
-            tmr: [0; 8],
+            irr: Vectors::EMPTY,
+            isr: Vectors::EMPTY,
+            tmr: Vectors::EMPTY,
             esr: 0,
             esr_pending: 0,
             icr_low: 0,
@@ -390,9 +390,9 @@ impl Lapic {
         self.ldr = 0;
         self.dfr = u32::MAX;
         self.svr = 0xff;
-        self.irr = [0; 8];
-        self.isr = [0; 8];
-        self.tmr = [0; 8];
+        self.irr = Vectors::EMPTY;
+        self.isr = Vectors::EMPTY;
+        self.tmr = Vectors::EMPTY;
         self.esr = 0;
         self.esr_pending = 0;
         self.icr_low = 0;
@@ -479,7 +479,7 @@ impl Lapic {
 
     /// Processor priority (SDM 10.8.3.1).
     pub fn ppr(&self) -> u8 {
-        let isrv = highest(&self.isr).unwrap_or(0);
+        let isrv = self.isr.highest().unwrap_or(0);
         if self.tpr >> 4 >= isrv >> 4 {
             self.tpr
         } else {
@@ -505,41 +505,41 @@ impl Lapic {
         if !self.globally_enabled() {
             return None;
         }
-        let v = highest(&self.irr)?;
+        let v = self.irr.highest()?;
         (v & 0xf0 > self.ppr() & 0xf0).then_some(v)
     }
 
     /// The highest vector pending in IRR, deliverable or not (for the TPR threshold of APIC
     /// virtualization, `vmx::apicv`).
     pub fn highest_irr(&self) -> Option<u8> {
-        highest(&self.irr)
+        self.irr.highest()
     }
 
     /// The 256-bit IRR, ISR and TMR (SDM 11.8.4), for APIC virtualization
     /// (`exits::apicv`): the interrupts Keel posts to the CPU, those it has in service, and those
     /// whose EOI must reach the IOAPIC.
     pub fn vectors(&self) -> (&[u32; 8], &[u32; 8], &[u32; 8]) {
-        (&self.irr, &self.isr, &self.tmr)
+        (&self.irr.words, &self.isr.words, &self.tmr.words)
     }
 
     /// Takes IRR and ISR from the CPU that owned them while the guest ran (virtual-interrupt
     /// delivery moves vectors from one to the other, and EOI virtualization clears ISR bits,
     /// without Keel: SDM 30.2).
     pub fn set_vectors(&mut self, irr: &[u32; 8], isr: &[u32; 8]) {
-        self.irr = *irr;
-        self.isr = *isr;
+        self.irr = Vectors::from_words(*irr);
+        self.isr = Vectors::from_words(*isr);
     }
 
     /// Whether a vector in service is level triggered (its TMR bit), so that its EOI goes on
     /// to the IOAPIC (SDM 11.8.5).
     pub fn level_triggered(&self, vector: u8) -> bool {
-        test_bit(&self.tmr, vector)
+        self.tmr.test(vector)
     }
 
     /// The processor accepted `vector`: IRR to ISR (SDM 10.8.4).
     pub fn acknowledge(&mut self, vector: u8) {
-        clear_bit(&mut self.irr, vector);
-        set_bit(&mut self.isr, vector);
+        self.irr.clear(vector);
+        self.isr.set(vector);
     }
 
     /// Whether an NMI is pending.
@@ -564,18 +564,18 @@ impl Lapic {
             self.error(ESR_RECEIVE_ILLEGAL_VECTOR);
             return Latch::Masked;
         }
-        if test_bit(&self.tmr, vector) != level_triggered {
+        if self.tmr.test(vector) != level_triggered {
             self.page_stale = Stale(true);
         }
         if level_triggered {
-            set_bit(&mut self.tmr, vector);
+            self.tmr.set(vector);
         } else {
-            clear_bit(&mut self.tmr, vector);
+            self.tmr.clear(vector);
         }
-        if test_bit(&self.irr, vector) {
+        if self.irr.test(vector) {
             return Latch::AlreadyPending;
         }
-        set_bit(&mut self.irr, vector);
+        self.irr.set(vector);
         Latch::New
     }
 
@@ -585,7 +585,7 @@ impl Lapic {
         self.esr_pending |= bits;
         let lvt = self.lvt[ERROR];
         if new != 0 && lvt & LVT_MASKED == 0 && lvt as u8 >= 16 {
-            set_bit(&mut self.irr, lvt as u8);
+            self.irr.set(lvt as u8);
         }
     }
 
@@ -621,9 +621,9 @@ impl Lapic {
     /// End of interrupt: clears the highest ISR bit; returns its vector if it was level
     /// triggered, for the EOI broadcast to the IOAPIC (SDM 10.8.5).
     pub fn eoi(&mut self) -> Option<u8> {
-        let v = highest(&self.isr)?;
-        clear_bit(&mut self.isr, v);
-        test_bit(&self.tmr, v).then_some(v)
+        let v = self.isr.highest()?;
+        self.isr.clear(v);
+        self.tmr.test(v).then_some(v)
     }
 
     fn timer_mode(&self) -> TimerMode {
@@ -749,9 +749,9 @@ impl Lapic {
             LDR => self.ldr,
             DFR => self.dfr,
             SVR => self.svr,
-            0x100..=0x170 => self.isr[((offset - ISR0) >> 4) as usize],
-            0x180..=0x1f0 => self.tmr[((offset - TMR0) >> 4) as usize],
-            0x200..=0x270 => self.irr[((offset - IRR0) >> 4) as usize],
+            0x100..=0x170 => self.isr.words[((offset - ISR0) >> 4) as usize],
+            0x180..=0x1f0 => self.tmr.words[((offset - TMR0) >> 4) as usize],
+            0x200..=0x270 => self.irr.words[((offset - IRR0) >> 4) as usize],
             ESR => self.esr,
             // Delivery status (bit 12) always reads idle: IPIs are delivered at once.
             ICR_LOW => self.icr_low & !(1 << 12),
@@ -1105,25 +1105,78 @@ fn x2apic_offset(msr: u32) -> Result<u64, GpFault> {
     }
 }
 
-fn set_bit(regs: &mut [u32; 8], v: u8) {
-    regs[usize::from(v >> 5)] |= 1 << (v & 31);
+/// A 256-bit vector register (IRR, ISR or TMR: SDM Vol. 3A 11.8.4) that keeps, next to its eight
+/// words, which of them are non-zero: the highest vector set is then two leading-zero counts
+/// (the summary's, then the word's) instead of a scan over the words, on every question the
+/// run loop asks (`deliverable`, `ppr`, `eoi`), and setting or clearing a vector keeps the
+/// summary in step. Saved as the eight words alone (the summary follows from them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Vectors {
+    words: [u32; 8],
+    /// Bit i: `words[i]` is non-zero.
+    summary: u8,
 }
 
-fn clear_bit(regs: &mut [u32; 8], v: u8) {
-    regs[usize::from(v >> 5)] &= !(1 << (v & 31));
+impl Vectors {
+    const EMPTY: Vectors = Vectors {
+        words: [0; 8],
+        summary: 0,
+    };
+
+    fn from_words(words: [u32; 8]) -> Self {
+        let summary = (0..8).fold(0, |s, i| s | u8::from(words[i] != 0) << i);
+        Vectors { words, summary }
+    }
+
+    fn set(&mut self, v: u8) {
+        let i = usize::from(v >> 5);
+        self.words[i] |= 1 << (v & 31);
+        self.summary |= 1 << i;
+    }
+
+    fn clear(&mut self, v: u8) {
+        let i = usize::from(v >> 5);
+        self.words[i] &= !(1 << (v & 31));
+        if self.words[i] == 0 {
+            self.summary &= !(1 << i);
+        }
+    }
+
+    fn test(&self, v: u8) -> bool {
+        self.words[usize::from(v >> 5)] & (1 << (v & 31)) != 0
+    }
+
+    fn highest(&self) -> Option<u8> {
+        if self.summary == 0 {
+            return None;
+        }
+        let i = 7 - self.summary.leading_zeros() as u8;
+        Some(i * 32 + (31 - self.words[usize::from(i)].leading_zeros() as u8))
+    }
 }
 
-fn test_bit(regs: &[u32; 8], v: u8) -> bool {
-    regs[usize::from(v >> 5)] & (1 << (v & 31)) != 0
+impl crate::state::Codec for Vectors {
+    fn put(&self, w: &mut crate::state::Writer) {
+        self.words.put(w);
+    }
+    fn get(r: &mut crate::state::Reader<'_>) -> Result<Self, crate::state::StateError> {
+        Ok(Vectors::from_words(r.get()?))
+    }
 }
 
-/// The highest vector set in a 256-bit register.
+/// The highest vector set in a 256-bit register given as its eight words (the virtual-APIC
+/// page's VIRR and VISR, `vmx::apicv`): the four 64-bit halves from the top, a leading-zero count
+/// on the first that is not zero.
 pub fn highest(regs: &[u32; 8]) -> Option<u8> {
-    regs.iter()
-        .enumerate()
-        .rev()
-        .find(|(_, &w)| w != 0)
-        .map(|(i, &w)| (i as u8) * 32 + (31 - w.leading_zeros() as u8))
+    let mut i = 4;
+    while i > 0 {
+        i -= 1;
+        let w = u64::from(regs[2 * i + 1]) << 32 | u64::from(regs[2 * i]);
+        if w != 0 {
+            return Some(i as u8 * 64 + (63 - w.leading_zeros() as u8));
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -1667,15 +1720,121 @@ mod tests {
         }
     }
 
+    /// The scan the kept summaries replace: the highest set bit, word by word from the top.
+    fn scanned(regs: &[u32; 8]) -> Option<u8> {
+        (0..256usize)
+            .rev()
+            .find(|&v| regs[v / 32] & (1 << (v % 32)) != 0)
+            .map(|v| v as u8)
+    }
+
+    /// A small xorshift generator: the same pseudo-random sequences on every run.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
     #[test]
     fn highest_vector() {
         let mut r = [0u32; 8];
         assert_eq!(highest(&r), None);
-        set_bit(&mut r, 0x20);
-        set_bit(&mut r, 0xff);
+        r[1] = 1; // vector 0x20
+        r[7] = 1 << 31; // vector 0xff
         assert_eq!(highest(&r), Some(0xff));
-        clear_bit(&mut r, 0xff);
+        r[7] = 0;
         assert_eq!(highest(&r), Some(0x20));
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..2000 {
+            // Sparse words, so that every word position is the highest one now and then.
+            let words: [u32; 8] = core::array::from_fn(|_| {
+                if rng.next().is_multiple_of(3) {
+                    rng.next() as u32
+                } else {
+                    0
+                }
+            });
+            assert_eq!(highest(&words), scanned(&words), "{words:x?}");
+        }
+    }
+
+    /// Random sequences of sets and clears: the kept summary answers as the scan of the words
+    /// does after every step, and a register rebuilt from its words (as a restore does) too.
+    #[test]
+    fn kept_highest_vector_agrees_with_the_scan() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for _ in 0..200 {
+            let mut v = Vectors::EMPTY;
+            for _ in 0..300 {
+                // Few distinct vectors, so that clears often empty a word.
+                let vector = (rng.next() % 256) as u8
+                    & if rng.next().is_multiple_of(2) {
+                        0xe3
+                    } else {
+                        0xff
+                    };
+                if rng.next().is_multiple_of(3) {
+                    v.clear(vector);
+                    assert!(!v.test(vector));
+                } else {
+                    v.set(vector);
+                    assert!(v.test(vector));
+                }
+                assert_eq!(v.highest(), scanned(&v.words));
+                assert_eq!(Vectors::from_words(v.words), v);
+            }
+        }
+    }
+
+    /// The APIC's answers that rest on the kept summaries (deliverable, PPR, EOI) follow the
+    /// rules of SDM Vol. 3A 11.8.3-11.8.5 computed from the plain registers, over random
+    /// interrupts, acknowledgements, TPR writes and EOIs.
+    #[test]
+    fn deliverable_ppr_and_eoi_follow_the_registers() {
+        let mut rng = Rng(0xdead_beef_cafe_f00d);
+        let mut l = enabled();
+        for step in 0..5000 {
+            match rng.next() % 4 {
+                0 => {
+                    let _ = l.accept(16 + (rng.next() % 240) as u8, rng.next().is_multiple_of(4));
+                }
+                1 => {
+                    if let Some(v) = l.deliverable() {
+                        l.acknowledge(v);
+                    }
+                }
+                2 => l.set_tpr((rng.next() % 256) as u8),
+                _ => {
+                    // EOI clears the highest ISR bit; a level-triggered one goes on to the IOAPIC.
+                    let mut expected = l.isr.words;
+                    let top = scanned(&expected);
+                    if let Some(v) = top {
+                        expected[usize::from(v / 32)] &= !(1 << (v % 32));
+                    }
+                    let level = top.filter(|&v| l.tmr.test(v));
+                    assert_eq!(l.eoi(), level, "step {step}");
+                    assert_eq!(l.isr.words, expected, "step {step}");
+                }
+            }
+            let isrv = scanned(&l.isr.words).unwrap_or(0);
+            let ppr = if l.tpr() >> 4 >= isrv >> 4 {
+                l.tpr()
+            } else {
+                isrv & 0xf0
+            };
+            assert_eq!(l.ppr(), ppr, "step {step}");
+            let irrv = scanned(&l.irr.words);
+            assert_eq!(l.highest_irr(), irrv, "step {step}");
+            assert_eq!(
+                l.deliverable(),
+                irrv.filter(|v| v & 0xf0 > ppr & 0xf0),
+                "step {step}"
+            );
+        }
     }
 
     fn image_value(l: &Lapic, offset: u64) -> Option<u32> {

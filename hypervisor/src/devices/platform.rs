@@ -282,6 +282,13 @@ pub struct Platform {
     /// (device accesses, firings, TSC-deadline writes), so that `advance` and `next_deadline`
     /// cost nothing on the many exits that touch no device.
     next: Option<u64>,
+    /// Each device's next deadline as it last reported it (`Device::next_deadline`, a function
+    /// of the device's own state), taken after every call into the device ([`Platform::call`],
+    /// the only way its state changes) and after a restore; and the earliest of them. So a
+    /// local APIC timer that fires, or an access to one device, does not ask every device
+    /// again (`advance`, `refresh`).
+    deadlines: Vec<Option<u64>>,
+    devices_next: Option<u64>,
     /// Whether the port access in progress reached beyond its device's registers (a line, the
     /// console, a timer, the 8259A) or a timer fired: then the deadline is recomputed.
     access_changed: bool,
@@ -305,6 +312,8 @@ impl Platform {
             board,
             tsc_hz: tsc_hz.max(1),
             devices: Vec::new(),
+            deadlines: Vec::new(),
+            devices_next: None,
             ports: PortBus::default(),
             mmio: MmioBus::default(),
             chipset,
@@ -442,6 +451,8 @@ impl Platform {
             Ok(())
         })?;
         fresh.console = core::mem::take(&mut self.console);
+        fresh.deadlines = fresh.devices.iter().map(|d| d.next_deadline()).collect();
+        fresh.devices_next = fresh.deadlines.iter().flatten().copied().min();
         fresh.refresh();
         *self = fresh;
         Ok(())
@@ -482,7 +493,9 @@ impl Platform {
         }
         self.ports = port_bus;
         self.mmio = mmio_bus;
+        self.deadlines.push(device.next_deadline());
         self.devices.push(device);
+        self.devices_next = self.deadlines.iter().flatten().copied().min();
         self.refresh();
         Ok(id)
     }
@@ -541,7 +554,15 @@ impl Platform {
             &mut self.exit_status,
             &mut self.power,
         );
-        Some(f(dev.as_mut(), &mut cx))
+        let r = f(dev.as_mut(), &mut cx);
+        let deadline = dev.next_deadline();
+        if let Some(kept) = self.deadlines.get_mut(id.0) {
+            if *kept != deadline {
+                *kept = deadline;
+                self.devices_next = self.deadlines.iter().flatten().copied().min();
+            }
+        }
+        Some(r)
     }
 
     /// Delivers a byte typed at the guest's serial console to COM1's receiver. False if the
@@ -702,9 +723,11 @@ impl Platform {
         if !self.next.is_some_and(|d| d <= now) {
             return;
         }
-        for i in 0..self.devices.len() {
-            if self.devices[i].next_deadline().is_some_and(|d| d <= now) {
-                self.call(DeviceId(i), now, |dev, cx| dev.advance(cx));
+        if self.devices_next.is_some_and(|d| d <= now) {
+            for i in 0..self.devices.len() {
+                if self.deadlines[i].is_some_and(|d| d <= now) {
+                    self.call(DeviceId(i), now, |dev, cx| dev.advance(cx));
+                }
             }
         }
         for lapic in &mut self.chipset.lapics.0 {
@@ -721,14 +744,21 @@ impl Platform {
 
     /// Recomputes the cached earliest deadline from every timer.
     fn refresh(&mut self) {
-        let devices = self.devices.iter().filter_map(|d| d.next_deadline());
+        debug_assert_eq!(
+            self.deadlines,
+            self.devices
+                .iter()
+                .map(|d| d.next_deadline())
+                .collect::<Vec<_>>(),
+            "a device changed outside `Platform::call`"
+        );
         let lapics = self
             .chipset
             .lapics
             .0
             .iter()
             .filter_map(|l| l.next_deadline());
-        self.next = devices.chain(lapics).min();
+        self.next = self.devices_next.into_iter().chain(lapics).min();
     }
 
     /// The vector to inject into vCPU `cpu` next, if any (call [`Platform::advance`] first):
@@ -1033,12 +1063,13 @@ impl Platform {
         now: u64,
         f: impl FnOnce(&mut dyn Device, &mut DeviceContext<'_>) -> R,
     ) -> Option<R> {
-        let before = self.devices.get(id.0)?.next_deadline();
+        // `call` takes the device's deadline again after the access.
+        let before = *self.deadlines.get(id.0)?;
         let (r, reached_out) = self.call(id, now, |dev, cx| {
             let r = f(dev, cx);
             (r, cx.reached_out())
         })?;
-        if reached_out || self.devices.get(id.0).and_then(|d| d.next_deadline()) != before {
+        if reached_out || self.deadlines.get(id.0).copied().flatten() != before {
             self.access_changed = true;
         }
         Some(r)

@@ -1990,3 +1990,60 @@ fn vcpus_stay_on_their_cpu_when_no_other_is_further_below_its_share() {
         same + cross
     );
 }
+
+/// The idle fast path (`RunLoop::pick_turn`): CPU 0 slept until a halted guest's timer, and at
+/// the wake that guest runs before the housekeeping. A key typed during the sleep is read at the
+/// next pick (when the guest halts again), not before the guest's interrupt.
+#[test]
+fn a_timer_wake_runs_the_guest_before_the_housekeeping() {
+    let mut rl = rig(vec![Program::sleeper(200).with_pit(PIT_100HZ)]);
+    while rl.cpu.sleeps.is_empty() {
+        assert!(rl.step());
+    }
+    let entries = rl.cpu.trace.len();
+    rl.cpu.keys.push_back(b'x');
+    assert!(rl.step(), "the wake");
+    let woken = &rl.cpu.trace[entries..];
+    assert!(
+        woken.iter().any(|e| e.injected.is_some()),
+        "the guest took its tick at the wake: {woken:?}"
+    );
+    assert_eq!(rl.cpu.keys.len(), 1, "the key waits for the next pick");
+    assert!(rl.step());
+    assert!(rl.cpu.keys.is_empty(), "and is read there");
+    run_for(&mut rl, TSC_HZ / 10);
+    every_tick_on_time(&rl, 0, PIT_100HZ);
+}
+
+/// Two halted guests whose timers fall due close together: the one a timer wake finds due is
+/// picked at once, the other still gets its turn, and neither tick is late.
+#[test]
+fn a_timer_wake_leaves_the_other_sleepers_their_turn() {
+    let mut rl = rig(vec![Program::sleeper(200).with_pit(PIT_100HZ); 2]);
+    run_for(&mut rl, TSC_HZ / 2);
+    every_tick_on_time(&rl, 0, PIT_100HZ);
+    every_tick_on_time(&rl, 1, PIT_100HZ);
+}
+
+/// A timer wake that wakes nobody (the guest's PIT ticks on a masked line) does the housekeeping
+/// at once: the fast path never leaves the console unread for a sleeper that stays asleep.
+#[test]
+fn a_timer_wake_that_wakes_nobody_does_the_housekeeping() {
+    let mut program = Program::sleeper(200).with_pit(PIT_100HZ);
+    let unmask = program
+        .main
+        .iter()
+        .position(|op| matches!(op, Op::Out(0x21, 0xfe)));
+    program.main[unmask.unwrap()] = Op::Out(0x21, 0xff);
+    let mut rl = rig(vec![program]);
+    while rl.cpu.sleeps.is_empty() {
+        assert!(rl.step());
+    }
+    rl.cpu.keys.push_back(b'x');
+    assert!(rl.step());
+    assert!(rl.cpu.keys.is_empty(), "the key was read at the wake");
+    assert!(
+        !rl.cpu.trace.iter().any(|e| e.injected.is_some()),
+        "the masked line woke nobody"
+    );
+}

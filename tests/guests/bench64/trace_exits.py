@@ -32,7 +32,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")
 RUN_DIR = os.path.join(ROOT, "target/keel/release/bench/keel")
 # Execution order in bench64 (the ping-pong first, then `suite`).
 OPS = ["yield", "cpuid", "vmcall", "out", "in", "rdmsr", "wrmsr", "mmio-read", "mmio-write",
-       "hlt", "ipi"]
+       "hlt", "irq", "ipi"]
 # Instructions that are one Bochs tick but cost far more on silicon.
 SPECIAL = {"vmread", "vmwrite", "vmresume", "vmlaunch", "vmptrld", "rdtsc", "rdmsr", "wrmsr",
            "xsave", "xrstor", "xsetbv", "in", "out", "hlt", "invept", "invvpid"}
@@ -97,6 +97,11 @@ def find_ops(code, guest_elf):
             found["ipi"] = (code[i + 3][0], symbol(guest_elf, "bench_ipi_entry") + 2)
         if code[i + 1][1] == "hlt":
             found["hlt"] = (code[i + 1][0], symbol(guest_elf, "bench_timer_entry") + 2)
+        # irq: wrmsr (the deadline); sti; mov; test; jne; pause (the spin) -> the timer handler's
+        # RDTSC: from the WRMSR, so the trace holds its exit, the spin (guest instructions) and
+        # Keel's whole path from the timer's exit to the handler.
+        if code[i - 1][1] == "wrmsr" and code[i + 4][1] == "pause":
+            found["irq"] = (code[i - 1][0], symbol(guest_elf, "bench_timer_entry") + 2)
     return found
 
 
