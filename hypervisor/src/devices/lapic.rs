@@ -227,6 +227,28 @@ pub struct Lapic {
     timer_stats: TimerStats,
     /// Whether a register of [`Lapic::page_image`] may have changed since it was last taken.
     page_stale: Stale,
+    /// With virtual-interrupt delivery: what the CPU's copy of IRR and ISR (on the vCPU's
+    /// virtual-APIC page) lacks since they were last posted there ([`Lapic::posted`]), for
+    /// [`Lapic::set_vectors`] to merge.
+    since_post: SincePost,
+}
+
+/// What happened to an APIC since its IRR and ISR were last posted to the virtual-APIC page
+/// (no part of its saved state: a restored APIC posts afresh before its vCPU runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SincePost {
+    /// The vectors accepted since (a sibling's IPI, an IOAPIC interrupt, the timer while
+    /// another vCPU advanced the platform): the CPU has not seen them.
+    Arrived([u32; 8]),
+    /// The APIC was reset (INIT, a disable): what the page holds is from before.
+    Reset,
+}
+
+impl crate::state::Codec for SincePost {
+    fn put(&self, _w: &mut crate::state::Writer) {}
+    fn get(_r: &mut crate::state::Reader<'_>) -> Result<Self, crate::state::StateError> {
+        Ok(SincePost::Reset)
+    }
 }
 
 /// A flag that is no part of the APIC's saved state: a restored APIC reads as stale, so the
@@ -272,7 +294,8 @@ crate::codec_struct!(Lapic {
     nmi_pending,
     ipis,
     timer_stats,
-    page_stale
+    page_stale,
+    since_post
 });
 
 /// IPIs a vCPU may have sent and the platform not yet routed: the run loop routes them after
@@ -353,6 +376,7 @@ impl Lapic {
             ipis: Vec::new(),
             timer_stats: TimerStats::default(),
             page_stale: Stale(true),
+            since_post: SincePost::Reset,
         };
         l.reset();
         if bsp {
@@ -404,6 +428,7 @@ impl Lapic {
         self.timer_schedule = None;
         self.tsc_deadline = 0;
         self.page_stale = Stale(true);
+        self.since_post = SincePost::Reset;
     }
 
     pub fn id(&self) -> u8 {
@@ -523,11 +548,26 @@ impl Lapic {
     }
 
     /// Takes IRR and ISR from the CPU that owned them while the guest ran (virtual-interrupt
-    /// delivery moves vectors from one to the other, and EOI virtualization clears ISR bits,
-    /// without Keel: SDM 30.2).
+    /// delivery moves vectors from one to the other, EOI virtualization clears ISR bits and
+    /// self-IPI virtualization sets IRR bits, without Keel: SDM 30.1.4, 30.1.5, 30.2). The
+    /// vectors accepted since they were posted ([`Lapic::posted`]), while the vCPU ran (a
+    /// sibling's IPI, an IOAPIC interrupt, sent from another host CPU), stay pending: the
+    /// CPU's copy lacks them, even one it delivered from an earlier post meanwhile. After a
+    /// reset since the post the CPU's copy is stale and the model's stands.
     pub fn set_vectors(&mut self, irr: &[u32; 8], isr: &[u32; 8]) {
-        self.irr = *irr;
+        let SincePost::Arrived(arrived) = self.since_post else {
+            return;
+        };
+        for i in 0..8 {
+            self.irr[i] = irr[i] | arrived[i];
+        }
         self.isr = *isr;
+    }
+
+    /// IRR and ISR were posted to the CPU as [`Lapic::vectors`] gives them: from here on the
+    /// CPU owns them while the vCPU runs, and [`Lapic::set_vectors`] merges what arrives.
+    pub fn posted(&mut self) {
+        self.since_post = SincePost::Arrived([0; 8]);
     }
 
     /// Whether a vector in service is level triggered (its TMR bit), so that its EOI goes on
@@ -571,6 +611,10 @@ impl Lapic {
             set_bit(&mut self.tmr, vector);
         } else {
             clear_bit(&mut self.tmr, vector);
+        }
+        if let SincePost::Arrived(arrived) = &mut self.since_post {
+            // Even one the model holds pending: the CPU may have delivered it since the post.
+            set_bit(arrived, vector);
         }
         if test_bit(&self.irr, vector) {
             return Latch::AlreadyPending;

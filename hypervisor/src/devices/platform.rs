@@ -831,6 +831,12 @@ impl Platform {
         self.lapic_mut(cpu).set_vectors(irr, isr);
     }
 
+    /// vCPU `cpu`'s IRR and ISR ([`Platform::apic_vectors`]) are on its virtual-APIC page now
+    /// (`Lapic::posted`).
+    pub fn apic_vectors_posted(&mut self, cpu: usize) {
+        self.lapic_mut(cpu).posted();
+    }
+
     /// The CPU virtualized the guest's EOI of `vector` and exited because the vector is level
     /// triggered (its EOI-exit bit, SDM 30.1.4): the EOI goes on to the IOAPIC, as the model's
     /// own EOI does (SDM 11.8.5).
@@ -1433,6 +1439,8 @@ mod tests {
         p.push_serial_input(b'b', 0);
         let (irr, _, tmr, enabled) = p.apic_vectors(0);
         assert!(enabled && irr[2] == 1 << 0x11 && tmr[2] == 1 << 0x11);
+        // Posted to the CPU at the entry.
+        p.apic_vectors_posted(0);
         assert_eq!(
             p.pending_pic_interrupt(0),
             None,
