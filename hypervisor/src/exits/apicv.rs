@@ -762,35 +762,6 @@ mod register_tests {
         assert!(s.contains(SecondaryControls::VIRTUALIZE_APIC_ACCESSES));
         assert_eq!(t.vcpu.apicv.as_ref().unwrap().register64(0x300) >> 32, 0);
     }
-
-    /// A guest snapshotted in x2APIC mode and restored into a fresh virtual APIC (closed MSR
-    /// bitmap, xAPIC controls) is in x2APIC virtualization again at its first entry, with the
-    /// model's registers on the page.
-    #[test]
-    fn a_restored_x2apic_guest_is_virtualized_at_its_first_entry() {
-        let mut t = with_all();
-        t.enable_lapic();
-        let x2apic = 0xfee0_0000 | 1 << 8 | 1 << 10 | 1 << 11;
-        t.vm.platform.set_apic_base(0, x2apic).unwrap();
-        assert_eq!(t.vm.platform.x2apic_write(0, 0x832, 0x1_0045, 0), Ok(()));
-        t.enter().unwrap();
-        super::take_unread_vtpr(&mut t.vcpu, &mut t.vm);
-        let mut w = crate::state::Writer::new();
-        t.vm.platform.save(&mut w);
-        let bytes = w.into_bytes();
-        let mut u = with_all();
-        u.vm.platform
-            .restore(&mut crate::state::Reader::new(&bytes))
-            .unwrap();
-        vapic_mut(&mut u).reset();
-        assert!(!u.vcpu.apicv.as_ref().unwrap().x2apic_virtualized());
-        u.enter().unwrap();
-        let s =
-            SecondaryControls::from_bits_retain(u.vmcs.read(Control32::SecondaryProcBasedControls));
-        assert!(s.contains(SecondaryControls::VIRTUALIZE_X2APIC_MODE));
-        assert!(!s.contains(SecondaryControls::VIRTUALIZE_APIC_ACCESSES));
-        assert_eq!((page(&u, 0x320), page(&u, 0xd0)), (0x1_0045, 1));
-    }
 }
 
 /// A guest with two vCPUs, each with its own virtual-APIC page and MSR bitmap: interrupts
@@ -983,6 +954,16 @@ mod smp_tests {
         assert_eq!(rvi_svi(&t), (0x45, 0));
     }
 
+    /// ("virtualize APIC accesses", "virtualize x2APIC mode") in the bed's VMCS.
+    fn controls(t: &TestBed) -> (bool, bool) {
+        let s =
+            SecondaryControls::from_bits_retain(t.vmcs.read(Control32::SecondaryProcBasedControls));
+        (
+            s.contains(SecondaryControls::VIRTUALIZE_APIC_ACCESSES),
+            s.contains(SecondaryControls::VIRTUALIZE_X2APIC_MODE),
+        )
+    }
+
     /// vCPU 0 turns on x2APIC mode, vCPU 1 stays in xAPIC mode: each VMCS has its own controls
     /// and each MSR bitmap its own x2APIC part.
     #[test]
@@ -991,15 +972,6 @@ mod smp_tests {
         let x2apic = 0xfee0_0000 | 1 << 10 | 1 << 11;
         t.vm.platform.set_apic_base(0, x2apic | 1 << 8).unwrap();
         t.enter().unwrap();
-        let controls = |t: &TestBed| {
-            let s = SecondaryControls::from_bits_retain(
-                t.vmcs.read(Control32::SecondaryProcBasedControls),
-            );
-            (
-                s.contains(SecondaryControls::VIRTUALIZE_APIC_ACCESSES),
-                s.contains(SecondaryControls::VIRTUALIZE_X2APIC_MODE),
-            )
-        };
         assert_eq!(controls(&t), (false, true));
         assert!(vapic(&t).x2apic_virtualized());
         assert_eq!(vapic(&t).register(0x20), 0, "x2APIC ID 0");
@@ -1030,5 +1002,57 @@ mod smp_tests {
         t.enter().unwrap();
         assert_eq!(vapic(&t).vectors(), ([0; 8], [0; 8]));
         assert_eq!(rvi_svi(&t), (0, 0));
+    }
+
+    /// A guest snapshotted with vCPU 0 in x2APIC mode and vCPU 1 in xAPIC mode, vCPU 1 with an
+    /// IPI that arrived while it ran, and restored into fresh virtual APICs (closed MSR bitmaps,
+    /// xAPIC controls): at its first entry each vCPU is virtualized in its own mode with its own
+    /// registers on its own page, and the IPI is posted to vCPU 1.
+    #[test]
+    fn a_restored_guest_has_each_vcpus_apic_at_its_first_entry() {
+        let (mut t, mut s) = bed();
+        let base = crate::devices::lapic::LAPIC_BASE;
+        let x2apic = 0xfee0_0000 | 1 << 8 | 1 << 10 | 1 << 11;
+        t.vm.platform.set_apic_base(0, x2apic).unwrap();
+        assert_eq!(t.vm.platform.x2apic_write(0, 0x832, 0x1_0045, 0), Ok(()));
+        t.vm.platform.mmio_write(1, base + 0x320, 4, 0x1_0046, 0);
+        t.enter().unwrap();
+        // To APIC 1, vector 0x61, while vCPU 1 runs.
+        assert_eq!(
+            t.vm.platform.x2apic_write(0, 0x830, 1 << 32 | 0x61, 0),
+            Ok(())
+        );
+        // Paused: what each CPU held goes to the model, which is saved.
+        super::take_unread_vtpr(&mut t.vcpu, &mut t.vm);
+        t.swap(&mut s);
+        t.run(ExitReason::PreemptionTimer);
+        super::take_unread_vtpr(&mut t.vcpu, &mut t.vm);
+        let mut w = crate::state::Writer::new();
+        t.vm.platform.save(&mut w);
+        let bytes = w.into_bytes();
+        let (mut u, mut us) = bed();
+        u.vm.platform
+            .restore(&mut crate::state::Reader::new(&bytes))
+            .unwrap();
+        for _ in 0..2 {
+            vapic_mut(&mut u).reset();
+            assert!(!vapic(&u).x2apic_virtualized());
+            u.enter().unwrap();
+            u.swap(&mut us);
+        }
+        assert_eq!(controls(&u), (false, true), "vCPU 0: x2APIC");
+        assert_eq!(
+            (vapic(&u).register(0x320), vapic(&u).register(0xd0)),
+            (0x1_0045, 1)
+        );
+        assert_eq!(rvi_svi(&u), (0, 0));
+        u.swap(&mut us);
+        assert_eq!(controls(&u), (true, false), "vCPU 1: xAPIC");
+        assert_eq!(
+            (vapic(&u).register(0x320), vapic(&u).register(0x20)),
+            (0x1_0046, 1 << 24)
+        );
+        assert!(has(&vapic(&u).vectors().0, 0x61));
+        assert_eq!(rvi_svi(&u), (0x61, 0));
     }
 }
