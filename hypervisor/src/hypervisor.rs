@@ -828,10 +828,7 @@ fn guest_setup(
         .apply(caps, controls.primary, controls.secondary)
         .map_err(|e| alloc::format!("{e}"))?;
     let apic_access = if apicv.virtualize_apic_accesses {
-        let access = page()?;
-        // SAFETY: a fresh frame owned by this guest's `Setup`.
-        unsafe { core::ptr::write_bytes(mm::phys_to_virt(access.pa()), 0xff, 4096) };
-        Some(access)
+        Some(page()?)
     } else {
         None
     };
@@ -876,6 +873,20 @@ pub struct Setup {
     /// accesses" (one for all its vCPUs: its EPT maps the xAPIC page there, SDM 30.4).
     apicv: ApicvFeatures,
     apic_access: Option<mm::OwnedPages>,
+}
+
+impl Setup {
+    /// The APIC-access page all ones, at each boot or restore of the guest: what a vCPU whose
+    /// APIC is not in xAPIC mode reads at 0xFEE00000, as the model gives it (stores it made
+    /// there in a previous life are gone).
+    fn clear_apic_access(&self) {
+        if let Some(access) = &self.apic_access {
+            // SAFETY: a frame of this guest's `Setup`, mapped at phys_to_virt, that no Rust
+            // reference covers; only this guest's EPT maps it (and the CPU reads it only for a
+            // vCPU of this guest whose accesses are not virtualized), so nothing else sees it.
+            unsafe { core::ptr::write_bytes(mm::phys_to_virt(access.pa()), 0xff, 4096) };
+        }
+    }
 }
 
 impl VmHw {
@@ -1048,6 +1059,7 @@ impl VmHw {
             0
         };
         g.platform = Platform::for_board(g.platform.board().clone(), g.platform.tsc_hz());
+        setup.clear_apic_access();
         let id = g.id;
         let eptp = self.ept.eptp();
         for (c, (hw, vcpu)) in self.cpus.iter_mut().zip(vcpus.iter_mut()).enumerate() {
@@ -1498,6 +1510,7 @@ impl VmHw {
         *platform.console() = core::mem::take(vm.platform.console());
         vm.platform = platform;
         let (id, eptp) = (vm.id, self.ept.eptp());
+        self.setup.clear_apic_access();
         // A guest half replaced cannot go on.
         self.load_vcpus(vm, vcpus, &snap.vcpus, id, eptp)
             .map_err(|e| restore_failed(vcpus, e))?;
