@@ -227,6 +227,9 @@ pub struct Lapic {
     timer_stats: TimerStats,
     /// Whether a register of [`Lapic::page_image`] may have changed since it was last taken.
     page_stale: Stale,
+    /// Whether the ICR's low half changed since the page was last written, and nothing else
+    /// of [`Lapic::page_image`] ([`Lapic::take_icr_stale`]): an IPI sent.
+    icr_stale: Stale,
     /// With virtual-interrupt delivery: what the CPU's copy of IRR and ISR (on the vCPU's
     /// virtual-APIC page) lacks since they were last posted there ([`Lapic::posted`]), for
     /// [`Lapic::set_vectors`] to merge.
@@ -295,6 +298,7 @@ crate::codec_struct!(Lapic {
     ipis,
     timer_stats,
     page_stale,
+    icr_stale,
     since_post
 });
 
@@ -376,6 +380,7 @@ impl Lapic {
             ipis: Vec::new(),
             timer_stats: TimerStats::default(),
             page_stale: Stale(true),
+            icr_stale: Stale(false),
             since_post: SincePost::Reset,
         };
         l.reset();
@@ -811,7 +816,13 @@ impl Lapic {
     /// A 32-bit register write. Returns the vector of a level-triggered EOI to broadcast.
     fn write_register(&mut self, offset: u64, value: u32, now: u64) -> Option<u8> {
         let t = self.clock.ticks_at(now);
-        self.page_stale = Stale(true);
+        if offset == ICR_LOW {
+            // An IPI changes no other register of the page (a self-IPI that changes the TMR
+            // marks it in `accept`): the ICR alone is written again.
+            self.icr_stale = Stale(true);
+        } else {
+            self.page_stale = Stale(true);
+        }
         match offset {
             ID => self.id = (value >> 24) as u8,
             TPR => self.tpr = value as u8,
@@ -987,9 +998,20 @@ impl Lapic {
         self.page_stale.0
     }
 
-    /// Takes the news that [`Lapic::page_image`] may have changed since the last call.
+    /// Takes the news that [`Lapic::page_image`] may have changed since the last call (the
+    /// image holds the ICR too).
     pub fn take_page_stale(&mut self) -> bool {
+        self.icr_stale = Stale(false);
         core::mem::replace(&mut self.page_stale, Stale(false)).0
+    }
+
+    /// The ICR's low half as the page must read it, if it is all of [`Lapic::page_image`] that
+    /// changed since the page was last written (an xAPIC ICR write: the guest's value is on the
+    /// page, the model's masks its reserved bits and delivery status, SDM 10.6.1).
+    pub fn take_icr_stale(&mut self) -> Option<(usize, u32)> {
+        core::mem::replace(&mut self.icr_stale, Stale(false))
+            .0
+            .then(|| (ICR_LOW as usize, self.read_register(ICR_LOW, 0)))
     }
 
     /// The ICR's destination half (xAPIC mode: bits 31:24; x2APIC: the 32-bit destination).
@@ -999,10 +1021,9 @@ impl Lapic {
 
     /// The ICR's destination half as the guest wrote it to the virtual-APIC page, where
     /// APIC-register virtualization leaves a write of 310H without an exit (SDM 30.4.3.2: the
-    /// CPU clears bits 23:0 as the model does).
+    /// CPU clears bytes 2:0 there as the model does, so the page already reads what it holds).
     pub fn set_icr_high(&mut self, value: u32) {
         self.icr_high = value & 0xff00_0000;
-        self.page_stale = Stale(true);
     }
 
     /// WRMSR of x2APIC register `msr`. #GP as for [`Lapic::x2apic_read`], for read-only
@@ -1812,13 +1833,16 @@ mod tests {
         assert!(x2apic_readable(X2APIC_TIMER_CURRENT));
     }
 
-    /// The ICR's destination half the CPU left on the page (a write of 310H does not exit).
+    /// The ICR's destination half the CPU left on the page (a write of 310H does not exit, and
+    /// the CPU clears bytes 2:0 there, SDM 30.4.3.2): the model takes it, and the page needs no
+    /// rewrite for it.
     #[test]
     fn icr_high_from_the_page() {
         let mut l = enabled();
         l.take_page_stale();
         l.set_icr_high(0x0123_4567);
         assert_eq!(l.icr_high(), 0x0100_0000);
-        assert!(l.take_page_stale());
+        assert!(!l.take_page_stale());
+        assert_eq!(l.take_icr_stale(), None);
     }
 }

@@ -801,6 +801,12 @@ impl Platform {
         l.take_page_stale().then(|| l.page_image())
     }
 
+    /// vCPU `cpu`'s ICR low half for the virtual-APIC page, (offset, value), if it alone changed
+    /// since the page was last written (`Lapic::take_icr_stale`).
+    pub fn take_apic_icr(&mut self, cpu: usize) -> Option<(usize, u32)> {
+        self.lapic_mut(cpu).take_icr_stale()
+    }
+
     /// Whether [`Platform::take_apic_page_image`] would give an image now.
     pub fn apic_page_stale(&self, cpu: usize) -> bool {
         self.lapic(cpu).page_stale()

@@ -137,6 +137,9 @@ pub fn before_entry<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu, vm: &mut Vm
             if let Some(image) = vm.platform.take_apic_page_image(cpu) {
                 a.mirror(&image);
             }
+        } else if let Some(icr) = vm.platform.take_apic_icr(cpu) {
+            // An IPI sent: one register, not the whole image.
+            a.mirror(&[icr]);
         }
     }
 }
@@ -711,6 +714,24 @@ mod register_tests {
         guest_writes(&mut t, 0x300, 0x61, true);
         assert_eq!(t.vmcs.read(Guest16::InterruptStatus) as u8, 0x61);
         assert_eq!(t.vm.platform.icr_high(0), 0);
+    }
+
+    /// After an ICR write the page reads the ICR as the model keeps it (reserved bits 13 and
+    /// 16-17 and the delivery status clear, SDM 10.6.1), and only the ICR is written again: a
+    /// register the guest wrote to the page meanwhile without an exit stays as it is.
+    #[test]
+    fn an_ipi_writes_the_icr_back_alone() {
+        let mut t = with_all();
+        t.enable_lapic();
+        t.enter().unwrap();
+        guest_writes(&mut t, 0x310, 0x0500_0000, false);
+        vapic_mut(&mut t).write_register(0x3e0, 0xdead);
+        guest_writes(&mut t, 0x300, 0x3_3061, true);
+        assert_eq!(page(&t, 0x300), 0x61);
+        assert_eq!(page(&t, 0x3e0), 0xdead, "not rewritten from the model");
+        // Any other register write rewrites the whole page.
+        guest_writes(&mut t, 0x320, 0x1_0040, true);
+        assert_eq!(page(&t, 0x3e0), 0);
     }
 
     /// In x2APIC mode the next entry turns "virtualize x2APIC mode" on (and "virtualize APIC
