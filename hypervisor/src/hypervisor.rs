@@ -608,6 +608,65 @@ struct VcpuHw {
     vmcs: VmcsRegion,
     /// Register state that VMX does not switch, saved while another vCPU runs.
     saved: SavedState,
+    /// Its pages of APIC virtualization, when its guest runs with it.
+    apic: Option<VcpuApic>,
+}
+
+/// A vCPU's own pages of APIC virtualization (`vmx::apicv`): its virtual-APIC page (its local
+/// APIC's registers, SDM 30.1.1), and with x2APIC virtualization its own MSR bitmap, a copy of
+/// the guest's whose x2APIC part is open while this vCPU's APIC is in x2APIC mode (its siblings'
+/// may not be).
+struct VcpuApic {
+    vapic: mm::OwnedPages,
+    msr_bitmap: Option<mm::OwnedPages>,
+}
+
+impl VcpuApic {
+    /// The pages for a vCPU of the guest `setup` describes (None without APIC virtualization).
+    fn new(setup: &Setup) -> Result<Option<Self>, String> {
+        if !setup.apicv.any() {
+            return Ok(None);
+        }
+        let page = || mm::OwnedPages::zeroed_page().ok_or("out of memory");
+        let vapic = page()?;
+        let msr_bitmap = if setup.apicv.virtualize_x2apic {
+            let b = page()?;
+            // SAFETY: a fresh frame owned by this vCPU, and the guest's bitmap, a frame of its
+            // `Setup`; both mapped at phys_to_virt.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    mm::phys_to_virt(setup.msr_bitmap.pa()),
+                    mm::phys_to_virt(b.pa()),
+                    4096,
+                )
+            };
+            Some(b)
+        } else {
+            None
+        };
+        Ok(Some(Self { vapic, msr_bitmap }))
+    }
+
+    /// The view of these pages the vCPU's exits use (`Vcpu::apicv`), for `features` and the
+    /// guest's APIC-access page at `access_pa`.
+    fn view(&self, features: ApicvFeatures, access_pa: u64) -> VirtualApic {
+        // SAFETY: the virtual-APIC page is this vCPU's alone, a zeroed frame mapped at
+        // phys_to_virt; it outlives the view (a `Slot` drops its `Vcpu`s before its hardware).
+        let mut a = unsafe {
+            VirtualApic::new(
+                &mut *mm::phys_to_virt(self.vapic.pa()).cast::<[u8; 4096]>(),
+                self.vapic.pa(),
+                access_pa,
+                features,
+            )
+        };
+        if let Some(b) = &self.msr_bitmap {
+            // SAFETY: this vCPU's own MSR bitmap (its VMCS's alone, `fresh_vmcs`), which outlives
+            // the view as above.
+            unsafe { a.set_msr_bitmap(&mut *mm::phys_to_virt(b.pa()).cast::<[u8; 4096]>()) };
+        }
+        a
+    }
 }
 
 /// The MSRs in `exits::msr::PASSTHROUGH` that the VMCS does not switch.
@@ -759,17 +818,17 @@ fn guest_setup(
             4096,
         );
     }
-    // APIC virtualization where the CPU has it and the manifest does not turn it off: the
-    // guest's own virtual-APIC and APIC-access pages, and its controls (`vmx::apicv`). One
-    // virtual-APIC page serves one local APIC, so guests with several vCPUs use the emulated
-    // APIC for now.
-    let apicv = ApicvFeatures::select(caps, cfg.apicv != Some(false) && cfg.vcpus <= 1);
+    // APIC virtualization where the CPU has it and the manifest does not turn it off, for any
+    // number of vCPUs: the controls (`vmx::apicv`) and the guest's APIC-access page, all ones
+    // (what a vCPU whose APIC is not in xAPIC mode reads there); each vCPU's own pages come
+    // with it (`VcpuHw::apic`).
+    let apicv = ApicvFeatures::select(caps, cfg.apicv != Some(false));
     let mut controls = *controls;
     (controls.primary, controls.secondary) = apicv
         .apply(caps, controls.primary, controls.secondary)
         .map_err(|e| alloc::format!("{e}"))?;
-    let apic_pages = if apicv.any() {
-        Some((page()?, page()?))
+    let apic_access = if apicv.virtualize_apic_accesses {
+        Some(page()?)
     } else {
         None
     };
@@ -781,13 +840,14 @@ fn guest_setup(
         io_bitmaps: (io_a, io_b),
         msr_bitmap: msr,
         apicv,
-        apic_pages,
+        apic_access,
     })
 }
 
 struct Overhead {
     vcpus: usize,
     ept_tables: usize,
+    /// The APIC-access page and every vCPU's virtual-APIC page and MSR bitmap.
     apic_pages: usize,
     /// Heap bytes: the guest's bookkeeping and device models.
     device_bytes: usize,
@@ -796,7 +856,7 @@ struct Overhead {
 impl Overhead {
     fn total(&self) -> usize {
         // VMCS and XSAVE area per vCPU, two I/O bitmaps and the MSR bitmap are one page each, and
-        // so are the virtual-APIC and APIC-access pages with APIC virtualization.
+        // so are the pages of APIC virtualization.
         (2 * self.vcpus + 2 + 1 + self.apic_pages + self.ept_tables) * 4096 + self.device_bytes
     }
 }
@@ -809,9 +869,24 @@ pub struct Setup {
     controls: ControlSet,
     io_bitmaps: (mm::OwnedPages, mm::OwnedPages),
     msr_bitmap: mm::OwnedPages,
-    /// APIC virtualization for this guest, and its virtual-APIC and APIC-access pages when on.
+    /// APIC virtualization for this guest, and its APIC-access page with "virtualize APIC
+    /// accesses" (one for all its vCPUs: its EPT maps the xAPIC page there, SDM 30.4).
     apicv: ApicvFeatures,
-    apic_pages: Option<(mm::OwnedPages, mm::OwnedPages)>,
+    apic_access: Option<mm::OwnedPages>,
+}
+
+impl Setup {
+    /// The APIC-access page all ones, at each boot or restore of the guest: what a vCPU whose
+    /// APIC is not in xAPIC mode reads at 0xFEE00000, as the model gives it (stores it made
+    /// there in a previous life are gone).
+    fn clear_apic_access(&self) {
+        if let Some(access) = &self.apic_access {
+            // SAFETY: a frame of this guest's `Setup`, mapped at phys_to_virt, that no Rust
+            // reference covers; only this guest's EPT maps it (and the CPU reads it only for a
+            // vCPU of this guest whose accesses are not virtualized), so nothing else sees it.
+            unsafe { core::ptr::write_bytes(mm::phys_to_virt(access.pa()), 0xff, 4096) };
+        }
+    }
 }
 
 impl VmHw {
@@ -828,49 +903,25 @@ impl VmHw {
         // Dirty flags from the start, for live migration (`ept::Ept::take_dirty`): the EPTP is
         // in every VMCS of the guest, so it is chosen once.
         ept.set_accessed_dirty(setup.caps.ept_accessed_dirty());
-        let apicv = match &setup.apic_pages {
-            Some((vapic, access)) => {
-                if setup.apicv.virtualize_apic_accesses {
-                    // The xAPIC page, in this guest's EPT only: its accesses are virtualized or
-                    // exit (SDM 30.4); the page itself holds nothing.
-                    ept.map(
-                        crate::devices::lapic::LAPIC_BASE,
-                        access.pa(),
-                        mm::PAGE_SIZE,
-                        EptPerms::READ | EptPerms::WRITE,
-                        MemType::WriteBack,
-                    )
-                    .map_err(|e| alloc::format!("{e}"))?;
-                }
-                // SAFETY: two zeroed frames of this guest's `Setup`, which outlives its `Vcpu`s
-                // (the `Slot` drops them first), mapped at phys_to_virt.
-                let mut a = unsafe {
-                    VirtualApic::new(
-                        &mut *mm::phys_to_virt(vapic.pa()).cast::<[u8; 4096]>(),
-                        vapic.pa(),
-                        &mut *mm::phys_to_virt(access.pa()).cast::<[u8; 4096]>(),
-                        access.pa(),
-                        setup.apicv,
-                    )
-                };
-                // SAFETY: the MSR bitmap of this guest's VMCSs, a frame of its `Setup` (which
-                // outlives the view, as above); APIC virtualization is for one-vCPU guests only
-                // (`guest_setup`), so the x2APIC part it opens is that vCPU's.
-                unsafe {
-                    a.set_msr_bitmap(
-                        &mut *mm::phys_to_virt(setup.msr_bitmap.pa()).cast::<[u8; 4096]>(),
-                    )
-                };
-                Some(a)
-            }
-            None => None,
-        };
+        if let Some(access) = &setup.apic_access {
+            // The xAPIC page, in this guest's EPT only: its accesses are virtualized or exit
+            // (SDM 30.4); the page itself holds all ones.
+            ept.map(
+                crate::devices::lapic::LAPIC_BASE,
+                access.pa(),
+                mm::PAGE_SIZE,
+                EptPerms::READ | EptPerms::WRITE,
+                MemType::WriteBack,
+            )
+            .map_err(|e| alloc::format!("{e}"))?;
+        }
         let mut cpus = Vec::new();
         for _ in 0..cfg.vcpus.max(1) {
             cpus.push(VcpuHw {
                 vmcs: VmcsRegion::new(setup.caps.revision_id())
                     .map_err(|e| alloc::format!("{e}"))?,
                 saved: SavedState::new().ok_or("out of memory")?,
+                apic: VcpuApic::new(&setup)?,
             });
         }
         let board = crate::devices::board::Board::pc(cfg.memory, cfg.vcpus.max(1));
@@ -887,8 +938,10 @@ impl VmHw {
         let (guest_hz, cpus_n) = (guest.platform.tsc_hz(), guest.platform.cpus() as u32);
         guest.cpuid.fill(&RealHost, guest_hz, cpus_n);
         let mut vcpus: Vec<Vcpu> = (0..cpus.len()).map(|c| Vcpu::new(c, &setup.caps)).collect();
-        // APIC virtualization is set up for one-vCPU guests only (`guest_setup`): vCPU 0 holds it.
-        vcpus[0].apicv = apicv;
+        let access_pa = setup.apic_access.as_ref().map_or(0, |a| a.pa());
+        for (vcpu, hw) in vcpus.iter_mut().zip(&cpus) {
+            vcpu.apicv = hw.apic.as_ref().map(|p| p.view(setup.apicv, access_pa));
+        }
         let vm = Self {
             cpus,
             ept,
@@ -924,11 +977,14 @@ impl VmHw {
         let o = Overhead {
             vcpus: slot.vcpus.len(),
             ept_tables: slot.hw.ept.tables_used(),
-            apic_pages: if slot.hw.setup.apic_pages.is_some() {
-                2
-            } else {
-                0
-            },
+            apic_pages: usize::from(slot.hw.setup.apic_access.is_some())
+                + slot
+                    .hw
+                    .cpus
+                    .iter()
+                    .filter_map(|c| c.apic.as_ref())
+                    .map(|p| 1 + usize::from(p.msr_bitmap.is_some()))
+                    .sum::<usize>(),
             device_bytes: heap,
         };
         info!(
@@ -1003,6 +1059,7 @@ impl VmHw {
             0
         };
         g.platform = Platform::for_board(g.platform.board().clone(), g.platform.tsc_hz());
+        setup.clear_apic_access();
         let id = g.id;
         let eptp = self.ept.eptp();
         for (c, (hw, vcpu)) in self.cpus.iter_mut().zip(vcpus.iter_mut()).enumerate() {
@@ -1184,11 +1241,16 @@ fn fresh_vmcs<'a>(
     hw.vmcs.clear().map_err(|e| alloc::format!("{e}"))?;
     let mut v = hw.vmcs.load().map_err(|e| alloc::format!("{e}"))?;
     let vpid = vcpu_vpid(id, c);
+    // The vCPU's own MSR bitmap with x2APIC virtualization, else the guest's.
+    let msr_bitmap = match hw.apic.as_ref().and_then(|a| a.msr_bitmap.as_ref()) {
+        Some(b) => b.pa(),
+        None => setup.msr_bitmap.pa(),
+    };
     vcpu::write_controls(
         &mut v,
         &setup.controls,
         (setup.io_bitmaps.0.pa(), setup.io_bitmaps.1.pa()),
-        setup.msr_bitmap.pa(),
+        msr_bitmap,
         eptp,
         vpid,
     );
@@ -1448,6 +1510,7 @@ impl VmHw {
         *platform.console() = core::mem::take(vm.platform.console());
         vm.platform = platform;
         let (id, eptp) = (vm.id, self.ept.eptp());
+        self.setup.clear_apic_access();
         // A guest half replaced cannot go on.
         self.load_vcpus(vm, vcpus, &snap.vcpus, id, eptp)
             .map_err(|e| restore_failed(vcpus, e))?;

@@ -81,13 +81,18 @@ fn slot<T>(map: &Mutex<HashMap<String, Slot<T>>>, key: &str) -> Slot<T> {
     map.entry(key.to_string()).or_default().clone()
 }
 
+/// Whether the suite runs without APIC virtualization (`KEEL_TEST_APICV=off`).
+fn apicv_off() -> bool {
+    std::env::var("KEEL_TEST_APICV").is_ok_and(|v| v == "off")
+}
+
 fn build_images(manifest: &Manifest) -> Result<Images, String> {
     let root = image::workspace_root();
     let dir = harness_dir();
     // KEEL_TEST_APICV=off runs every boot without APIC virtualization: `[keel] apicv = "off"` is
     // added to each manifest (a guest's own `apicv` key still wins), so the suite checks the
     // emulated path too.
-    let apicv_off = std::env::var("KEEL_TEST_APICV").is_ok_and(|v| v == "off");
+    let apicv_off = apicv_off();
     let key = if apicv_off {
         format!("{}-apicv-off", manifest.key())
     } else {
@@ -233,18 +238,26 @@ pub fn scripted_options(b: ScriptedBoot<'_>) -> Result<RunOptions, String> {
             b.files.display()
         )
     })?;
-    let manifest = dir.join("manifests").join(format!("{}.toml", b.name));
+    // KEEL_TEST_APICV=off: as for the other boots (`build_images`), under a name of its own.
+    let (name, text) = if apicv_off() {
+        let off = keel_boot::manifest_file::with_keel_setting(b.manifest, "apicv", "off")
+            .map_err(|e| format!("{}: {e}", b.name))?;
+        (format!("{}-apicv-off", b.name), off)
+    } else {
+        (b.name.to_string(), b.manifest.to_string())
+    };
+    let manifest = dir.join("manifests").join(format!("{name}.toml"));
     std::fs::create_dir_all(dir.join("manifests"))
-        .and_then(|()| std::fs::write(&manifest, b.manifest))
+        .and_then(|()| std::fs::write(&manifest, text))
         .map_err(|e| format!("cannot write {}: {e}", manifest.display()))?;
     let mut opts = ImageOptions::new(&root);
     opts.manifest = manifest;
     opts.files = Some(b.files.to_path_buf());
-    opts.out = dir.join("images").join(b.name);
+    opts.out = dir.join("images").join(&name);
     opts.quiet = true;
     let images =
         keel_boot::build_images(&opts).map_err(|e| format!("building the images failed: {e:#}"))?;
-    let work_dir = dir.join("runs").join(b.name);
+    let work_dir = dir.join("runs").join(&name);
     let mut run = RunOptions::new(&images.bios, Firmware::Bios, Emulator::Bochs, &work_dir);
     run.timeout = Some(b.timeout);
     run.memory_mib = b.memory_mib;

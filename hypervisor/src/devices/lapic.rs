@@ -227,6 +227,31 @@ pub struct Lapic {
     timer_stats: TimerStats,
     /// Whether a register of [`Lapic::page_image`] may have changed since it was last taken.
     page_stale: Stale,
+    /// Whether the ICR's low half changed since the page was last written, and nothing else
+    /// of [`Lapic::page_image`] ([`Lapic::take_icr_stale`]): an IPI sent.
+    icr_stale: Stale,
+    /// With virtual-interrupt delivery: what the CPU's copy of IRR and ISR (on the vCPU's
+    /// virtual-APIC page) lacks since they were last posted there ([`Lapic::posted`]), for
+    /// [`Lapic::set_vectors`] to merge.
+    since_post: SincePost,
+}
+
+/// What happened to an APIC since its IRR and ISR were last posted to the virtual-APIC page
+/// (no part of its saved state: a restored APIC posts afresh before its vCPU runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SincePost {
+    /// The vectors accepted since (a sibling's IPI, an IOAPIC interrupt, the timer while
+    /// another vCPU advanced the platform): the CPU has not seen them.
+    Arrived([u32; 8]),
+    /// The APIC was reset (INIT, a disable): what the page holds is from before.
+    Reset,
+}
+
+impl crate::state::Codec for SincePost {
+    fn put(&self, _w: &mut crate::state::Writer) {}
+    fn get(_r: &mut crate::state::Reader<'_>) -> Result<Self, crate::state::StateError> {
+        Ok(SincePost::Reset)
+    }
 }
 
 /// A flag that is no part of the APIC's saved state: a restored APIC reads as stale, so the
@@ -272,7 +297,9 @@ crate::codec_struct!(Lapic {
     nmi_pending,
     ipis,
     timer_stats,
-    page_stale
+    page_stale,
+    icr_stale,
+    since_post
 });
 
 /// IPIs a vCPU may have sent and the platform not yet routed: the run loop routes them after
@@ -353,6 +380,8 @@ impl Lapic {
             ipis: Vec::new(),
             timer_stats: TimerStats::default(),
             page_stale: Stale(true),
+            icr_stale: Stale(false),
+            since_post: SincePost::Reset,
         };
         l.reset();
         if bsp {
@@ -404,6 +433,7 @@ impl Lapic {
         self.timer_schedule = None;
         self.tsc_deadline = 0;
         self.page_stale = Stale(true);
+        self.since_post = SincePost::Reset;
     }
 
     pub fn id(&self) -> u8 {
@@ -523,11 +553,24 @@ impl Lapic {
     }
 
     /// Takes IRR and ISR from the CPU that owned them while the guest ran (virtual-interrupt
-    /// delivery moves vectors from one to the other, and EOI virtualization clears ISR bits,
-    /// without Keel: SDM 30.2).
+    /// delivery moves vectors from one to the other, EOI virtualization clears ISR bits and
+    /// self-IPI virtualization sets IRR bits, without Keel: SDM 30.1.4, 30.1.5, 30.2). The
+    /// vectors accepted since they were posted ([`Lapic::posted`]), while the vCPU ran (a
+    /// sibling's IPI, an IOAPIC interrupt, sent from another host CPU), stay pending: the
+    /// CPU's copy lacks them, even one it delivered from an earlier post meanwhile. After a
+    /// reset since the post the CPU's copy is stale and the model's stands.
     pub fn set_vectors(&mut self, irr: &[u32; 8], isr: &[u32; 8]) {
-        self.irr = Vectors::from_words(*irr);
+        let SincePost::Arrived(arrived) = self.since_post else {
+            return;
+        };
+        self.irr = Vectors::from_words(core::array::from_fn(|i| irr[i] | arrived[i]));
         self.isr = Vectors::from_words(*isr);
+    }
+
+    /// IRR and ISR were posted to the CPU as [`Lapic::vectors`] gives them: from here on the
+    /// CPU owns them while the vCPU runs, and [`Lapic::set_vectors`] merges what arrives.
+    pub fn posted(&mut self) {
+        self.since_post = SincePost::Arrived([0; 8]);
     }
 
     /// Whether a vector in service is level triggered (its TMR bit), so that its EOI goes on
@@ -571,6 +614,10 @@ impl Lapic {
             self.tmr.set(vector);
         } else {
             self.tmr.clear(vector);
+        }
+        if let SincePost::Arrived(arrived) = &mut self.since_post {
+            // Even one the model holds pending: the CPU may have delivered it since the post.
+            arrived[usize::from(vector >> 5)] |= 1 << (vector & 31);
         }
         if self.irr.test(vector) {
             return Latch::AlreadyPending;
@@ -767,7 +814,13 @@ impl Lapic {
     /// A 32-bit register write. Returns the vector of a level-triggered EOI to broadcast.
     fn write_register(&mut self, offset: u64, value: u32, now: u64) -> Option<u8> {
         let t = self.clock.ticks_at(now);
-        self.page_stale = Stale(true);
+        if offset == ICR_LOW {
+            // An IPI changes no other register of the page (a self-IPI that changes the TMR
+            // marks it in `accept`): the ICR alone is written again.
+            self.icr_stale = Stale(true);
+        } else {
+            self.page_stale = Stale(true);
+        }
         match offset {
             ID => self.id = (value >> 24) as u8,
             TPR => self.tpr = value as u8,
@@ -943,9 +996,20 @@ impl Lapic {
         self.page_stale.0
     }
 
-    /// Takes the news that [`Lapic::page_image`] may have changed since the last call.
+    /// Takes the news that [`Lapic::page_image`] may have changed since the last call (the
+    /// image holds the ICR too).
     pub fn take_page_stale(&mut self) -> bool {
+        self.icr_stale = Stale(false);
         core::mem::replace(&mut self.page_stale, Stale(false)).0
+    }
+
+    /// The ICR's low half as the page must read it, if it is all of [`Lapic::page_image`] that
+    /// changed since the page was last written (an xAPIC ICR write: the guest's value is on the
+    /// page, the model's masks its reserved bits and delivery status, SDM 10.6.1).
+    pub fn take_icr_stale(&mut self) -> Option<(usize, u32)> {
+        core::mem::replace(&mut self.icr_stale, Stale(false))
+            .0
+            .then(|| (ICR_LOW as usize, self.read_register(ICR_LOW, 0)))
     }
 
     /// The ICR's destination half (xAPIC mode: bits 31:24; x2APIC: the 32-bit destination).
@@ -955,10 +1019,9 @@ impl Lapic {
 
     /// The ICR's destination half as the guest wrote it to the virtual-APIC page, where
     /// APIC-register virtualization leaves a write of 310H without an exit (SDM 30.4.3.2: the
-    /// CPU clears bits 23:0 as the model does).
+    /// CPU clears bytes 2:0 there as the model does, so the page already reads what it holds).
     pub fn set_icr_high(&mut self, value: u32) {
         self.icr_high = value & 0xff00_0000;
-        self.page_stale = Stale(true);
     }
 
     /// WRMSR of x2APIC register `msr`. #GP as for [`Lapic::x2apic_read`], for read-only
@@ -1927,13 +1990,16 @@ mod tests {
         assert!(x2apic_readable(X2APIC_TIMER_CURRENT));
     }
 
-    /// The ICR's destination half the CPU left on the page (a write of 310H does not exit).
+    /// The ICR's destination half the CPU left on the page (a write of 310H does not exit, and
+    /// the CPU clears bytes 2:0 there, SDM 30.4.3.2): the model takes it, and the page needs no
+    /// rewrite for it.
     #[test]
     fn icr_high_from_the_page() {
         let mut l = enabled();
         l.take_page_stale();
         l.set_icr_high(0x0123_4567);
         assert_eq!(l.icr_high(), 0x0100_0000);
-        assert!(l.take_page_stale());
+        assert!(!l.take_page_stale());
+        assert_eq!(l.take_icr_stale(), None);
     }
 }

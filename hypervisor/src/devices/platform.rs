@@ -831,6 +831,12 @@ impl Platform {
         l.take_page_stale().then(|| l.page_image())
     }
 
+    /// vCPU `cpu`'s ICR low half for the virtual-APIC page, (offset, value), if it alone changed
+    /// since the page was last written (`Lapic::take_icr_stale`).
+    pub fn take_apic_icr(&mut self, cpu: usize) -> Option<(usize, u32)> {
+        self.lapic_mut(cpu).take_icr_stale()
+    }
+
     /// Whether [`Platform::take_apic_page_image`] would give an image now.
     pub fn apic_page_stale(&self, cpu: usize) -> bool {
         self.lapic(cpu).page_stale()
@@ -859,6 +865,12 @@ impl Platform {
     /// vCPU `cpu`'s IRR and ISR as the CPU left them (`Lapic::set_vectors`).
     pub fn set_apic_vectors(&mut self, cpu: usize, irr: &[u32; 8], isr: &[u32; 8]) {
         self.lapic_mut(cpu).set_vectors(irr, isr);
+    }
+
+    /// vCPU `cpu`'s IRR and ISR ([`Platform::apic_vectors`]) are on its virtual-APIC page now
+    /// (`Lapic::posted`).
+    pub fn apic_vectors_posted(&mut self, cpu: usize) {
+        self.lapic_mut(cpu).posted();
     }
 
     /// The CPU virtualized the guest's EOI of `vector` and exited because the vector is level
@@ -1464,6 +1476,8 @@ mod tests {
         p.push_serial_input(b'b', 0);
         let (irr, _, tmr, enabled) = p.apic_vectors(0);
         assert!(enabled && irr[2] == 1 << 0x11 && tmr[2] == 1 << 0x11);
+        // Posted to the CPU at the entry.
+        p.apic_vectors_posted(0);
         assert_eq!(
             p.pending_pic_interrupt(0),
             None,

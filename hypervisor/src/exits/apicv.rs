@@ -55,7 +55,7 @@ fn take(vcpu: &mut Vcpu, vm: &mut Vm, unchanged: impl FnOnce(&VirtualApic) -> bo
             }
         }
         if a.features().virtual_interrupt_delivery && !unchanged(a) {
-            let (irr, isr) = a.vectors();
+            let (irr, isr) = a.take_vectors();
             vm.platform.set_apic_vectors(vcpu.index, &irr, &isr);
         }
     }
@@ -121,7 +121,11 @@ pub fn before_entry<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu, vm: &mut Vm
     if a.features().virtual_interrupt_delivery {
         let (irr, isr, tmr, enabled) = p.apic_vectors(cpu);
         a.post(vmcs, irr, isr, tmr, enabled);
+        // From here the CPU owns them until the next exit; what arrives meanwhile (from a
+        // sibling on another host CPU) is merged at that exit (`Lapic::set_vectors`).
+        vm.platform.apic_vectors_posted(cpu);
     }
+    let p = &vm.platform;
     if a.features().register_virtualization {
         // The registers the guest reads without an exit (SDM 30.4.2, 30.5): those the model
         // changed, and in x2APIC mode the PPR (an xAPIC read of the PPR exits).
@@ -133,6 +137,9 @@ pub fn before_entry<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu, vm: &mut Vm
             if let Some(image) = vm.platform.take_apic_page_image(cpu) {
                 a.mirror(&image);
             }
+        } else if let Some(icr) = vm.platform.take_apic_icr(cpu) {
+            // An IPI sent: one register, not the whole image.
+            a.mirror(&[icr]);
         }
     }
 }
@@ -709,6 +716,24 @@ mod register_tests {
         assert_eq!(t.vm.platform.icr_high(0), 0);
     }
 
+    /// After an ICR write the page reads the ICR as the model keeps it (reserved bits 13 and
+    /// 16-17 and the delivery status clear, SDM 10.6.1), and only the ICR is written again: a
+    /// register the guest wrote to the page meanwhile without an exit stays as it is.
+    #[test]
+    fn an_ipi_writes_the_icr_back_alone() {
+        let mut t = with_all();
+        t.enable_lapic();
+        t.enter().unwrap();
+        guest_writes(&mut t, 0x310, 0x0500_0000, false);
+        vapic_mut(&mut t).write_register(0x3e0, 0xdead);
+        guest_writes(&mut t, 0x300, 0x3_3061, true);
+        assert_eq!(page(&t, 0x300), 0x61);
+        assert_eq!(page(&t, 0x3e0), 0xdead, "not rewritten from the model");
+        // Any other register write rewrites the whole page.
+        guest_writes(&mut t, 0x320, 0x1_0040, true);
+        assert_eq!(page(&t, 0x3e0), 0);
+    }
+
     /// In x2APIC mode the next entry turns "virtualize x2APIC mode" on (and "virtualize APIC
     /// accesses" off), the page holds the x2APIC ID and LDR, and a SELF IPI of an illegal vector
     /// (an APIC-write exit at 3F0H, SDM 30.5) reaches the model, which sets ESR bit 5.
@@ -758,33 +783,297 @@ mod register_tests {
         assert!(s.contains(SecondaryControls::VIRTUALIZE_APIC_ACCESSES));
         assert_eq!(t.vcpu.apicv.as_ref().unwrap().register64(0x300) >> 32, 0);
     }
+}
 
-    /// A guest snapshotted in x2APIC mode and restored into a fresh virtual APIC (closed MSR
-    /// bitmap, xAPIC controls) is in x2APIC virtualization again at its first entry, with the
-    /// model's registers on the page.
+/// A guest with two vCPUs, each with its own virtual-APIC page and MSR bitmap: interrupts
+/// between them and the EOIs of each (vCPU 1 runs on another host CPU while vCPU 0's exits are
+/// handled: the bed swaps between them).
+#[cfg(test)]
+mod smp_tests {
+    use crate::exits::testing::*;
+    use crate::exits::Action;
+    use crate::vmx::apicv::{ApicvFeatures, VirtualApic, VIRR, VISR};
+    use crate::vmx::controls::SecondaryControls;
+    use crate::vmx::{Control32, Control64, ExitReason, Guest16, Vmcs};
+    use alloc::boxed::Box;
+
+    const ALL: ApicvFeatures = ApicvFeatures::ALL;
+
+    /// vCPU 0 in the bed, vCPU 1 beside it; both have run once.
+    fn bed() -> (TestBed, Sibling) {
+        let mut t = TestBed::smp(2);
+        let mut s = TestBed::sibling(1);
+        for _ in 0..2 {
+            t.enable_apicv(ALL);
+            let bitmap = Box::leak(Box::new([0xffu8; 4096]));
+            // SAFETY: a leaked page that belongs to this test's vCPU alone.
+            unsafe { vapic_mut(&mut t).set_msr_bitmap(bitmap) };
+            t.enable_lapic();
+            t.enter().unwrap();
+            t.swap(&mut s);
+        }
+        (t, s)
+    }
+
+    fn vapic(t: &TestBed) -> &VirtualApic {
+        t.vcpu.apicv.as_ref().unwrap()
+    }
+
+    fn vapic_mut(t: &mut TestBed) -> &mut VirtualApic {
+        t.vcpu.apicv.as_mut().unwrap()
+    }
+
+    /// RVI (bits 7:0) and SVI (15:8) of the guest interrupt status.
+    fn rvi_svi(t: &TestBed) -> (u8, u8) {
+        let s = t.vmcs.read(Guest16::InterruptStatus);
+        (s as u8, (s >> 8) as u8)
+    }
+
+    fn has(words: &[u32; 8], vector: u8) -> bool {
+        words[usize::from(vector >> 5)] & 1 << (vector & 31) != 0
+    }
+
+    /// The bed's vCPU writes the ICR on its page: the destination half stays there, the low
+    /// half exits (APIC write, SDM 30.4.3.2).
+    fn send(t: &mut TestBed, dest: u8, icr_low: u32) {
+        let a = vapic_mut(t);
+        a.write_register(0x310, u32::from(dest) << 24);
+        a.write_register(0x300, icr_low);
+        t.set_qualification(0x300);
+        assert_eq!(t.run(ExitReason::ApicWrite), Action::Resume);
+    }
+
+    /// What the CPU does while the guest runs, without exits: `deliver` moves the highest
+    /// VIRR vector to VISR (SDM 30.2.2), `eoi` clears the highest VISR vector (SDM 30.1.4);
+    /// RVI and SVI follow.
+    fn cpu(t: &mut TestBed, deliver: bool) {
+        let (mut irr, mut isr) = vapic(t).vectors();
+        let top = |w: &[u32; 8]| crate::devices::lapic::highest(w);
+        let v = if deliver { top(&irr) } else { top(&isr) }.unwrap();
+        let (from, to) = if deliver {
+            (&mut irr, Some(&mut isr))
+        } else {
+            (&mut isr, None)
+        };
+        from[usize::from(v >> 5)] &= !(1 << (v & 31));
+        if let Some(to) = to {
+            to[usize::from(v >> 5)] |= 1 << (v & 31);
+        }
+        let a = vapic_mut(t);
+        for i in 0..8 {
+            a.write_register(VIRR + 16 * i, irr[i]);
+            a.write_register(VISR + 16 * i, isr[i]);
+        }
+        let status = u16::from(top(&isr).unwrap_or(0)) << 8 | u16::from(top(&irr).unwrap_or(0));
+        t.vmcs.write(Guest16::InterruptStatus, status);
+    }
+
+    /// vCPU 0 sends `vector` to vCPU 1, which takes it at its next entry (the bed runs vCPU 1
+    /// then, the vector in service).
+    fn sibling_takes(t: &mut TestBed, s: &mut Sibling, vector: u32) {
+        send(t, 1, vector);
+        t.swap(s);
+        t.run(ExitReason::PreemptionTimer);
+        t.enter().unwrap();
+        cpu(t, true);
+    }
+
+    /// vCPU 0 sends vector 0x61 to APIC 1: it lands in vCPU 1's model, and in its VIRR and RVI
+    /// at its next entry (after the exit the run loop's kick causes); vCPU 0's page and RVI
+    /// stay as they were.
     #[test]
-    fn a_restored_x2apic_guest_is_virtualized_at_its_first_entry() {
-        let mut t = with_all();
-        t.enable_lapic();
+    fn an_ipi_to_a_sibling_lands_in_its_virtual_irr_at_its_next_entry() {
+        let (mut t, mut s) = bed();
+        send(&mut t, 1, 0x61);
+        assert_eq!(t.vm.platform.take_kicked(), 1 << 1, "vCPU 1 is kicked");
+        t.enter().unwrap();
+        assert_eq!(rvi_svi(&t), (0, 0), "not the sender's");
+        assert!(!has(&vapic(&t).vectors().0, 0x61));
+        t.swap(&mut s);
+        assert!(!has(&vapic(&t).vectors().0, 0x61), "not while it runs");
+        t.run(ExitReason::PreemptionTimer);
+        t.enter().unwrap();
+        assert!(has(&vapic(&t).vectors().0, 0x61));
+        assert_eq!(rvi_svi(&t), (0x61, 0));
+        assert_eq!(t.injected(), None, "posted, not injected");
+    }
+
+    /// While vCPU 1 runs (its CPU owns VIRR and VISR), vCPU 0 sends it 0x61 again, which vCPU 1
+    /// took meanwhile, and 0x72: at vCPU 1's exit both stay pending beside what its CPU did.
+    #[test]
+    fn an_ipi_that_arrives_while_the_sibling_runs_is_not_lost() {
+        let (mut t, mut s) = bed();
+        sibling_takes(&mut t, &mut s, 0x61);
+        assert_eq!(rvi_svi(&t), (0, 0x61));
+        t.swap(&mut s);
+        send(&mut t, 1, 0x61);
+        send(&mut t, 1, 0x72);
+        t.swap(&mut s);
+        t.run(ExitReason::PreemptionTimer);
+        t.enter().unwrap();
+        let (irr, isr) = vapic(&t).vectors();
+        assert!(has(&irr, 0x61) && has(&irr, 0x72), "{irr:x?}");
+        assert!(has(&isr, 0x61));
+        assert_eq!(rvi_svi(&t), (0x72, 0x61));
+    }
+
+    /// Each vCPU has a vector in service; vCPU 1's EOI (virtualized, no exit) clears its own
+    /// ISR, in the model at its next exit, and nothing of vCPU 0's.
+    #[test]
+    fn an_eoi_touches_only_its_own_vcpus_apic() {
+        let (mut t, mut s) = bed();
+        t.self_ipi(0x51);
+        t.enter().unwrap();
+        cpu(&mut t, true);
+        send(&mut t, 1, 0x61);
+        t.enter().unwrap();
+        t.swap(&mut s);
+        t.run(ExitReason::PreemptionTimer);
+        t.enter().unwrap();
+        cpu(&mut t, true);
+        assert_eq!(rvi_svi(&t), (0, 0x61));
+        cpu(&mut t, false);
+        t.run(ExitReason::PreemptionTimer);
+        t.enter().unwrap();
+        let base = crate::devices::lapic::LAPIC_BASE;
+        let isr = |t: &mut TestBed, c: usize, word: u64| {
+            t.vm.platform.mmio_read(c, base + 0x100 + 16 * word, 4, 0)
+        };
+        assert_eq!(isr(&mut t, 1, 3), Some(0), "vCPU 1's ISR");
+        assert_eq!(rvi_svi(&t), (0, 0));
+        t.swap(&mut s);
+        assert_eq!(isr(&mut t, 0, 2), Some(1 << 0x11), "vCPU 0's ISR");
+        t.run(ExitReason::PreemptionTimer);
+        t.enter().unwrap();
+        assert!(has(&vapic(&t).vectors().1, 0x51));
+        assert_eq!(rvi_svi(&t), (0, 0x51));
+    }
+
+    /// A level-triggered IOAPIC interrupt routed to APIC 1 (COM1's, vector 0x45): vCPU 1's
+    /// EOI-exit bitmap holds it, so its EOI exits and reaches the IOAPIC; vCPU 0's does not.
+    #[test]
+    fn the_eoi_exit_bitmap_is_the_routed_vcpus() {
+        let (mut t, mut s) = bed();
+        let ioapic = crate::devices::ioapic::IOAPIC_BASE;
+        // Pin 4: vector 0x45, level triggered, to APIC 1.
+        for (reg, v) in [(0x19u64, 1u64 << 24), (0x18, 0x8045)] {
+            t.vm.platform.mmio_write(0, ioapic, 4, reg, 0);
+            t.vm.platform.mmio_write(0, ioapic + 0x10, 4, v, 0);
+        }
+        // COM1: OUT2, receive interrupts on; a byte arrives.
+        for (port, v) in [(0x3fcu16, 0x08u32), (0x3f9, 0x01)] {
+            assert!(t.vm.platform.io_write(port, 1, v, 0));
+        }
+        t.vm.platform.push_serial_input(b'k', 0);
+        t.enter().unwrap();
+        assert_eq!(t.vmcs.read(Control64::EoiExitBitmap1), 0, "vCPU 0's");
+        assert_eq!(rvi_svi(&t), (0, 0));
+        t.swap(&mut s);
+        t.run(ExitReason::PreemptionTimer);
+        t.enter().unwrap();
+        assert_eq!(t.vmcs.read(Control64::EoiExitBitmap1), 1 << (0x45 - 64));
+        assert_eq!(rvi_svi(&t), (0x45, 0));
+    }
+
+    /// ("virtualize APIC accesses", "virtualize x2APIC mode") in the bed's VMCS.
+    fn controls(t: &TestBed) -> (bool, bool) {
+        let s =
+            SecondaryControls::from_bits_retain(t.vmcs.read(Control32::SecondaryProcBasedControls));
+        (
+            s.contains(SecondaryControls::VIRTUALIZE_APIC_ACCESSES),
+            s.contains(SecondaryControls::VIRTUALIZE_X2APIC_MODE),
+        )
+    }
+
+    /// vCPU 0 turns on x2APIC mode, vCPU 1 stays in xAPIC mode: each VMCS has its own controls
+    /// and each MSR bitmap its own x2APIC part.
+    #[test]
+    fn one_vcpu_in_x2apic_mode_and_one_in_xapic_mode() {
+        let (mut t, mut s) = bed();
+        let x2apic = 0xfee0_0000 | 1 << 10 | 1 << 11;
+        t.vm.platform.set_apic_base(0, x2apic | 1 << 8).unwrap();
+        t.enter().unwrap();
+        assert_eq!(controls(&t), (false, true));
+        assert!(vapic(&t).x2apic_virtualized());
+        assert_eq!(vapic(&t).register(0x20), 0, "x2APIC ID 0");
+        t.swap(&mut s);
+        t.run(ExitReason::PreemptionTimer);
+        t.enter().unwrap();
+        assert_eq!(controls(&t), (true, false));
+        assert!(!vapic(&t).x2apic_virtualized());
+        assert_eq!(vapic(&t).register(0x20), 1 << 24, "xAPIC ID 1");
+    }
+
+    /// vCPU 0 sends INIT to vCPU 1 while vCPU 1 runs with a vector in service: what its CPU
+    /// left on the page is from before the INIT, and its APIC stays reset.
+    #[test]
+    fn an_init_while_the_sibling_runs_drops_what_its_page_held() {
+        let (mut t, mut s) = bed();
+        sibling_takes(&mut t, &mut s, 0x61);
+        t.swap(&mut s);
+        send(&mut t, 1, 0x4500);
+        t.swap(&mut s);
+        t.run(ExitReason::PreemptionTimer);
+        let base = crate::devices::lapic::LAPIC_BASE;
+        assert_eq!(
+            t.vm.platform.mmio_read(1, base + 0x130, 4, 0),
+            Some(0),
+            "ISR"
+        );
+        t.enter().unwrap();
+        assert_eq!(vapic(&t).vectors(), ([0; 8], [0; 8]));
+        assert_eq!(rvi_svi(&t), (0, 0));
+    }
+
+    /// A guest snapshotted with vCPU 0 in x2APIC mode and vCPU 1 in xAPIC mode, vCPU 1 with an
+    /// IPI that arrived while it ran, and restored into fresh virtual APICs (closed MSR bitmaps,
+    /// xAPIC controls): at its first entry each vCPU is virtualized in its own mode with its own
+    /// registers on its own page, and the IPI is posted to vCPU 1.
+    #[test]
+    fn a_restored_guest_has_each_vcpus_apic_at_its_first_entry() {
+        let (mut t, mut s) = bed();
+        let base = crate::devices::lapic::LAPIC_BASE;
         let x2apic = 0xfee0_0000 | 1 << 8 | 1 << 10 | 1 << 11;
         t.vm.platform.set_apic_base(0, x2apic).unwrap();
         assert_eq!(t.vm.platform.x2apic_write(0, 0x832, 0x1_0045, 0), Ok(()));
+        t.vm.platform.mmio_write(1, base + 0x320, 4, 0x1_0046, 0);
         t.enter().unwrap();
+        // To APIC 1, vector 0x61, while vCPU 1 runs.
+        assert_eq!(
+            t.vm.platform.x2apic_write(0, 0x830, 1 << 32 | 0x61, 0),
+            Ok(())
+        );
+        // Paused: what each CPU held goes to the model, which is saved.
+        super::take_unread_vtpr(&mut t.vcpu, &mut t.vm);
+        t.swap(&mut s);
+        t.run(ExitReason::PreemptionTimer);
         super::take_unread_vtpr(&mut t.vcpu, &mut t.vm);
         let mut w = crate::state::Writer::new();
         t.vm.platform.save(&mut w);
         let bytes = w.into_bytes();
-        let mut u = with_all();
+        let (mut u, mut us) = bed();
         u.vm.platform
             .restore(&mut crate::state::Reader::new(&bytes))
             .unwrap();
-        vapic_mut(&mut u).reset();
-        assert!(!u.vcpu.apicv.as_ref().unwrap().x2apic_virtualized());
-        u.enter().unwrap();
-        let s =
-            SecondaryControls::from_bits_retain(u.vmcs.read(Control32::SecondaryProcBasedControls));
-        assert!(s.contains(SecondaryControls::VIRTUALIZE_X2APIC_MODE));
-        assert!(!s.contains(SecondaryControls::VIRTUALIZE_APIC_ACCESSES));
-        assert_eq!((page(&u, 0x320), page(&u, 0xd0)), (0x1_0045, 1));
+        for _ in 0..2 {
+            vapic_mut(&mut u).reset();
+            assert!(!vapic(&u).x2apic_virtualized());
+            u.enter().unwrap();
+            u.swap(&mut us);
+        }
+        assert_eq!(controls(&u), (false, true), "vCPU 0: x2APIC");
+        assert_eq!(
+            (vapic(&u).register(0x320), vapic(&u).register(0xd0)),
+            (0x1_0045, 1)
+        );
+        assert_eq!(rvi_svi(&u), (0, 0));
+        u.swap(&mut us);
+        assert_eq!(controls(&u), (true, false), "vCPU 1: xAPIC");
+        assert_eq!(
+            (vapic(&u).register(0x320), vapic(&u).register(0x20)),
+            (0x1_0046, 1 << 24)
+        );
+        assert!(has(&vapic(&u).vectors().0, 0x61));
+        assert_eq!(rvi_svi(&u), (0x61, 0));
     }
 }

@@ -70,6 +70,12 @@ pub struct TestBed {
     pub host: FakeHost,
 }
 
+/// A vCPU of the guest the bed is not running now ([`TestBed::swap`]).
+pub struct Sibling {
+    pub vmcs: FakeVmcs,
+    pub vcpu: Vcpu,
+}
+
 pub const TEST_RAM: usize = 1 << 20;
 pub const TEST_TSC_HZ: u64 = 10_000_000;
 
@@ -99,6 +105,29 @@ impl TestBed {
                 dr: [0; 4],
             },
         }
+    }
+
+    /// A guest with `cpus` vCPUs (local APICs 0..cpus-1); the bed runs vCPU 0, and
+    /// [`TestBed::swap`] runs another in its place.
+    pub fn smp(cpus: u8) -> Self {
+        let mut t = Self::new();
+        t.vm.platform = Platform::for_board(crate::devices::board::Board::pc(0, cpus), TEST_TSC_HZ);
+        t
+    }
+
+    /// vCPU `index` of the guest, with its own VMCS, for [`TestBed::swap`].
+    pub fn sibling(index: usize) -> Sibling {
+        Sibling {
+            vmcs: FakeVmcs::new(),
+            vcpu: Vcpu::new(index, &VmxCaps::bochs_skylake_x()),
+        }
+    }
+
+    /// The bed runs `s`'s vCPU from now on (`run`, `enter` and the helpers act for it), and `s`
+    /// holds the one it ran.
+    pub fn swap(&mut self, s: &mut Sibling) {
+        core::mem::swap(&mut self.vmcs, &mut s.vmcs);
+        core::mem::swap(&mut self.vcpu, &mut s.vcpu);
     }
 
     /// Marks the guest as running 64-bit code: IA-32e mode (CR0.PE and PG, EFER.LME and LMA)
@@ -176,10 +205,8 @@ impl TestBed {
         let page = || -> &'static mut [u8; 4096] {
             alloc::boxed::Box::leak(alloc::boxed::Box::new([0u8; 4096]))
         };
-        // SAFETY: two leaked pages that belong to this test alone.
-        let a = unsafe {
-            crate::vmx::apicv::VirtualApic::new(page(), 0x7000, page(), 0x8000, features)
-        };
+        // SAFETY: a leaked page that belongs to this test alone.
+        let a = unsafe { crate::vmx::apicv::VirtualApic::new(page(), 0x7000, 0x8000, features) };
         let caps = VmxCaps::bochs_skylake_x();
         let c = crate::vcpu::compute_controls(&caps).unwrap();
         let (primary, secondary) = features.apply(&caps, c.primary, c.secondary).unwrap();
@@ -191,10 +218,12 @@ impl TestBed {
         self.vcpu.apicv = Some(a);
     }
 
-    /// Software-enables the local APIC (SVR bit 8, spurious vector 0xFF).
+    /// Software-enables the local APIC of the vCPU the bed runs (SVR bit 8, spurious vector
+    /// 0xFF).
     pub fn enable_lapic(&mut self) {
         let base = crate::devices::lapic::LAPIC_BASE;
-        self.vm.platform.mmio_write(0, base + 0xf0, 4, 0x1ff, 0);
+        let c = self.vcpu.index;
+        self.vm.platform.mmio_write(c, base + 0xf0, 4, 0x1ff, 0);
     }
 
     /// A fixed self-IPI of `vector` through the ICR (shorthand self).

@@ -38,10 +38,18 @@
 //! ([`VirtualApic::vtpr`]) and VTPR from the model before an entry that follows a device access
 //! ([`VirtualApic::set_vtpr`]; an x2APIC TPR write or an APIC reset changes it in the model).
 //!
-//! Isolation: both pages belong to one guest. The virtual-APIC page is in no EPT; the APIC-access
-//! page is mapped only in its own guest's EPT, at the xAPIC page, and holds nothing: accesses the
-//! CPU does not virtualize exit, and an implementation that lets one through (SDM 30.4.6.2) reaches
-//! only this guest's empty page.
+//! Several vCPUs: each has its own virtual-APIC page (its local APIC's registers, SDM 30.1.1),
+//! and its own MSR bitmap where the x2APIC part is opened (one vCPU may be in x2APIC mode while
+//! another is not). The APIC-access page is one per guest: the CPU recognizes an access to it by
+//! the host-physical address the guest's EPT translates to (SDM 30.4), and the EPT is shared by
+//! every vCPU, so every VMCS of the guest names the same page.
+//!
+//! Isolation: the pages belong to one guest. The virtual-APIC pages are in no EPT; the
+//! APIC-access page is mapped only in its own guest's EPT, at the xAPIC page, and holds nothing
+//! but all ones (written when the guest is set up): accesses the CPU does not virtualize exit, an
+//! implementation that lets one through (SDM 30.4.6.2) reaches only this guest's page, and so
+//! does every access of a vCPU whose APIC is not in xAPIC mode (the control off), which then
+//! reads the empty bus the model gives outside xAPIC mode.
 
 use super::controls::{
     adjust_controls, can_set, ControlError, PinBasedControls, PrimaryControls, SecondaryControls,
@@ -111,6 +119,16 @@ impl ApicvFeatures {
             virtualize_x2apic,
         }
     }
+
+    /// Every feature (what Bochs offers), for tests.
+    #[cfg(test)]
+    pub const ALL: Self = Self {
+        tpr_shadow: true,
+        virtualize_apic_accesses: true,
+        virtual_interrupt_delivery: true,
+        register_virtualization: true,
+        virtualize_x2apic: true,
+    };
 
     pub fn any(&self) -> bool {
         self.tpr_shadow
@@ -193,15 +211,15 @@ impl ApicvFeatures {
     }
 }
 
-/// A guest's virtual-APIC page and APIC-access page: the memory the CPU reads and writes for APIC
-/// virtualization (the owner of the frames keeps them alive; this is the view of them).
+/// A vCPU's virtual-APIC page, the address of its guest's APIC-access page and its MSR bitmap:
+/// the memory the CPU reads and writes for APIC virtualization (the owner of the frames keeps
+/// them alive; this is the view of them).
 pub struct VirtualApic {
     vapic: &'static mut [u8; 4096],
     vapic_pa: u64,
-    access: &'static mut [u8; 4096],
     access_pa: u64,
     features: ApicvFeatures,
-    /// The guest's MSR bitmap, whose x2APIC part this view opens and closes (None: the x2APIC
+    /// The vCPU's MSR bitmap, whose x2APIC part this view opens and closes (None: the x2APIC
     /// mode is not virtualized).
     msr_bitmap: Option<&'static mut [u8; 4096]>,
     /// Whether "virtualize APIC accesses" is on in the VMCS now (only while the guest's APIC is in
@@ -234,19 +252,18 @@ impl core::fmt::Debug for VirtualApic {
 
 impl VirtualApic {
     /// # Safety
-    /// `vapic` and `access` must be two distinct page-aligned 4 KiB frames at host-physical
-    /// `vapic_pa` and `access_pa`, owned by this guest alone for as long as the view lives.
+    /// `vapic` must be a page-aligned 4 KiB frame at host-physical `vapic_pa`, owned by this
+    /// vCPU alone for as long as the view lives; `access_pa` the guest's APIC-access page (all
+    /// ones, mapped only in its EPT), which the view does not touch.
     pub unsafe fn new(
         vapic: &'static mut [u8; 4096],
         vapic_pa: u64,
-        access: &'static mut [u8; 4096],
         access_pa: u64,
         features: ApicvFeatures,
     ) -> Self {
         Self {
             vapic,
             vapic_pa,
-            access,
             access_pa,
             features,
             msr_bitmap: None,
@@ -267,8 +284,8 @@ impl VirtualApic {
     /// is opened while the guest's APIC is in x2APIC mode ([`VirtualApic::before_entry`]).
     ///
     /// # Safety
-    /// `bitmap` must be the MSR bitmap of this guest's VMCS (one vCPU: the part it opens is
-    /// that vCPU's APIC), owned by this guest for as long as the view lives.
+    /// `bitmap` must be the MSR bitmap of this vCPU's VMCS alone (the part it opens is this
+    /// vCPU's APIC), owned by its guest for as long as the view lives.
     pub unsafe fn set_msr_bitmap(&mut self, bitmap: &'static mut [u8; 4096]) {
         set_x2apic_msrs(bitmap, self.features, self.x2apic_virtualized);
         self.msr_bitmap = Some(bitmap);
@@ -316,11 +333,10 @@ impl VirtualApic {
         self.vapic[VTPR..VTPR + 4].copy_from_slice(&u32::from(tpr).to_le_bytes());
     }
 
-    /// Power-on: both pages zero (the TPR is 0), accesses virtualized again (the APIC starts in
-    /// xAPIC mode).
+    /// Power-on: the virtual-APIC page zero (the TPR is 0), accesses virtualized again (the APIC
+    /// starts in xAPIC mode).
     pub fn reset(&mut self) {
         self.vapic.fill(0);
-        self.access.fill(0);
         self.accesses_virtualized = self.features.virtualize_apic_accesses;
         self.x2apic_virtualized = false;
         if let Some(b) = &mut self.msr_bitmap {
@@ -364,6 +380,14 @@ impl VirtualApic {
             isr[i] = self.word(VISR + i * 16);
         }
         (irr, isr)
+    }
+
+    /// [`VirtualApic::vectors`] after the guest ran and changed them: the next
+    /// [`VirtualApic::post`] writes the page even if the model has nothing (after an INIT of the
+    /// vCPU while it ran, what the CPU left there is stale).
+    pub fn take_vectors(&mut self) -> ([u32; 8], [u32; 8]) {
+        self.idle = false;
+        self.vectors()
     }
 
     /// Whether VIRR and VISR are as the last [`VirtualApic::post`] left them, known without
@@ -502,12 +526,9 @@ impl VirtualApic {
             if x2apic {
                 secondary |= vx2;
             }
+            // The APIC-access page stays mapped; with the control off a guest access reaches
+            // its memory, all ones, as the empty bus the model gives outside xAPIC mode.
             vmcs.write(Control32::SecondaryProcBasedControls, secondary);
-            if !accesses && self.accesses_virtualized {
-                // The page stays mapped; with the control off a guest access reaches its memory,
-                // which then reads as the empty bus the model gives outside xAPIC mode (all ones).
-                self.access.fill(0xff);
-            }
             if x2apic != self.x2apic_virtualized {
                 // Never open without the control: RDMSR and WRMSR would reach the CPU's own APIC
                 // (SDM 30.5: without "virtualize x2APIC mode" they operate normally).
@@ -601,17 +622,11 @@ mod tests {
     }
 
     fn vapic(f: ApicvFeatures) -> VirtualApic {
-        // SAFETY: two leaked pages that belong to this test alone.
-        unsafe { VirtualApic::new(page(), 0x5000, page(), 0x6000, f) }
+        // SAFETY: a leaked page that belongs to this test alone.
+        unsafe { VirtualApic::new(page(), 0x5000, 0x6000, f) }
     }
 
-    const ALL: ApicvFeatures = ApicvFeatures {
-        tpr_shadow: true,
-        virtualize_apic_accesses: true,
-        virtual_interrupt_delivery: true,
-        register_virtualization: true,
-        virtualize_x2apic: true,
-    };
+    const ALL: ApicvFeatures = ApicvFeatures::ALL;
 
     /// The TPR alone virtualized (a CPU without virtual-interrupt delivery).
     const TPR_ONLY: ApicvFeatures = ApicvFeatures {
@@ -715,11 +730,10 @@ mod tests {
         assert_eq!((a.vtpr(), v.read(Control32::TprThreshold)), (0x70, 4));
         let vaa = SecondaryControls::VIRTUALIZE_APIC_ACCESSES.bits();
         assert_ne!(v.read(Control32::SecondaryProcBasedControls) & vaa, 0);
-        // x2APIC mode: the MMIO page is no longer the APIC's; it reads all ones.
+        // x2APIC mode: the MMIO page is no longer the APIC's (the APIC-access page, all ones).
         a.before_entry(&mut v, 0x70, || None, ApicMode::X2Apic);
         assert_eq!(v.read(Control32::SecondaryProcBasedControls) & vaa, 0);
         assert_eq!(v.read(Control32::TprThreshold), 0);
-        assert!(a.access.iter().all(|&b| b == 0xff));
         // Back to xAPIC mode (through a disable and re-enable).
         a.before_entry(&mut v, 0, || None, ApicMode::XApic);
         assert_ne!(v.read(Control32::SecondaryProcBasedControls) & vaa, 0);
@@ -818,10 +832,6 @@ mod tests {
         a.before_entry(&mut v, 0, || None, ApicMode::X2Apic);
         assert_eq!(controls(&v), (false, true));
         assert!(open(&a) && a.x2apic_virtualized());
-        assert!(
-            a.access.iter().all(|&b| b == 0xff),
-            "the page reads all ones"
-        );
         a.before_entry(&mut v, 0, || None, ApicMode::Disabled);
         assert_eq!(controls(&v), (false, false));
         assert!(!open(&a));
