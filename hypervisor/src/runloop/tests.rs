@@ -404,7 +404,12 @@ fn every_guest_gets_its_ticks_on_time_whether_the_running_one_exits_often_or_nev
 #[test]
 fn quiet_port_accesses_keep_ticks_counters_and_devices() {
     let busy = Program {
-        main: vec![Op::Run(300), Op::Out(0x3ff, 0x5a), Op::Run(300), Op::Out(0x3ff, 0xa5)],
+        main: vec![
+            Op::Run(300),
+            Op::Out(0x3ff, 0x5a),
+            Op::Run(300),
+            Op::Out(0x3ff, 0xa5),
+        ],
         repeat_from: Some(0),
         ..Program::compute()
     };
@@ -449,8 +454,15 @@ fn quiet_port_accesses_keep_ticks_counters_and_devices() {
     let outs_2 = outs(2);
     let now = rl.slots[0].vm.now(rl.cpu.clock);
     let scratch = rl.slots[0].vm.platform.io_read(0x3ff, 1, now);
-    assert_eq!(scratch, Some(expected), "the UART holds the last value written");
-    let uart = rl.slots[2].vm.platform.device::<crate::devices::uart16550::Uart16550>();
+    assert_eq!(
+        scratch,
+        Some(expected),
+        "the UART holds the last value written"
+    );
+    let uart = rl.slots[2]
+        .vm
+        .platform
+        .device::<crate::devices::uart16550::Uart16550>();
     let sent = uart.map(|u| u.tx_bytes()).unwrap_or(0);
     // Its OUTs: the setup, an EOI per tick, and the console bytes.
     let ticks = rl.cpu.entries(2).filter(|e| e.injected.is_some()).count() as u64;
