@@ -1675,9 +1675,9 @@ impl Piece {
 }
 
 /// The dispatch of vCPU `c`'s VM exit (its VMCS loaded as `v`, its exit-reason field read as
-/// `raw_reason`) and what follows it. `handled`: the action of an exit the tight loop already
-/// handled, counted and applied, which touched the platform (`exits::fast::PortExit::Changed`);
-/// the follow-up continues from it. `kicked`: another CPU kicked this one out of guest mode (an
+/// `raw_reason`) and what follows it. `handled`: an exit the tight loop already handled, counted
+/// and completed, which touched the platform (`exits::fast::PortExit::Changed`); the follow-up
+/// continues from its action. `kicked`: another CPU kicked this one out of guest mode (an
 /// IPI for it, a command on its guest).
 fn after_exit<C: Cpu>(
     cpu: &mut C,
@@ -1685,7 +1685,7 @@ fn after_exit<C: Cpu>(
     g: Parts<'_>,
     c: usize,
     p: &mut Piece,
-    (raw_reason, handled): (u32, Option<Action>),
+    (raw_reason, handled): (u32, Option<exits::fast::Handled>),
     kicked: bool,
 ) -> Next {
     let Parts {
@@ -1697,8 +1697,8 @@ fn after_exit<C: Cpu>(
     let now = p.now;
     let guest_now = vm.now(now);
     let reason = ExitReason::from_basic(raw_reason as u16);
-    let (action, touched) = match handled {
-        Some(action) => (action, true),
+    let action = match handled {
+        Some(done) => done.action(),
         None => {
             let mut cx = ExitContext {
                 vmcs: &mut *v,
@@ -1707,9 +1707,14 @@ fn after_exit<C: Cpu>(
                 host: cpu.host(),
                 now: guest_now,
             };
-            let action = exits::handle(&mut cx, raw_reason, reason);
+            exits::handle(&mut cx, raw_reason, reason)
+        }
+    };
+    let touched = match handled {
+        Some(_) => true,
+        None => {
             exits::apply(v, &mut *vcpu, &action);
-            (action, exits::touched_platform(reason, &*vcpu, &mut *vm))
+            exits::touched_platform(reason, &*vcpu, &mut *vm)
         }
     };
     // A kick means another CPU changed what this vCPU should be given.

@@ -81,8 +81,10 @@ pub fn handle_register_only<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, raw: 
     super::apply(cx.vmcs, cx.vcpu, &action);
 }
 
-/// What the tight loop made of an I/O exit ([`handle_port`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the tight loop made of an I/O exit ([`handle_port`]). Small and `Copy`: it leaves the
+/// loop with the exit, and an [`Action`] (whose stop reasons carry strings) would be copied on
+/// the way at the cost of every general exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PortExit {
     /// Not one the loop completes (INS/OUTS with or without REP, an armed breakpoint in DR7, a
     /// qualification the SDM does not define): nothing done, the general dispatch handles it.
@@ -91,9 +93,26 @@ pub enum PortExit {
     /// line driven, no console output, no timer moved, no exit status, no power request: the
     /// platform's `take_ports_quiet`): the guest is entered again as after a register-only exit.
     Quiet,
-    /// Done, counted and completed (the action applied), but the access reached beyond its
-    /// device: the general follow-up continues from this action, the platform touched.
-    Changed(Action),
+    /// Done, counted and completed (its action applied), but the access reached beyond its
+    /// device: the general follow-up continues from [`Handled::action`], the platform touched.
+    Changed(Handled),
+}
+
+/// A port access the tight loop completed whose follow-up is the general one's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handled {
+    /// The exit status the guest wrote to the debug-exit device, which stops it.
+    pub debug_exit: Option<u32>,
+}
+
+impl Handled {
+    /// The action the general handler returns for the same access (`io::handle`).
+    pub fn action(self) -> Action {
+        match self.debug_exit {
+            Some(status) => Action::Stop(crate::guest::StopReason::DebugExit(status)),
+            None => Action::Advance,
+        }
+    }
 }
 
 /// An IN or OUT (exit reason [`IO`]) handled in the tight loop: the exit qualification read
@@ -119,13 +138,18 @@ pub fn handle_port<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> PortExit {
     // the guest's TPR (and with virtual-interrupt delivery its IRR and ISR) before a device can
     // drive a line into it.
     apicv::after_exit(&*cx.vmcs, cx.vcpu, cx.vm);
-    let action = io::in_or_out(cx, &q);
-    let action = io::debug_exit(cx).unwrap_or(action);
-    super::apply(cx.vmcs, cx.vcpu, &action);
-    if cx.vm.platform.take_ports_quiet() && action == Action::Advance {
+    io::in_or_out(cx, &q);
+    let done = Handled {
+        debug_exit: cx.vm.platform.exit_status(),
+    };
+    if done.debug_exit.is_none() {
+        // `Action::Advance`'s completion; a stop leaves RIP on the instruction.
+        super::apply(cx.vmcs, cx.vcpu, &Action::Advance);
+    }
+    if cx.vm.platform.take_ports_quiet() && done.debug_exit.is_none() {
         PortExit::Quiet
     } else {
-        PortExit::Changed(action)
+        PortExit::Changed(done)
     }
 }
 
@@ -303,8 +327,12 @@ mod tests {
             crate::exits::apply(&mut slow.vmcs, &mut slow.vcpu, &action);
             let slow_touched =
                 crate::exits::touched_platform(ExitReason::IoInstruction, &slow.vcpu, &mut slow.vm);
-            if let PortExit::Changed(a) = outcome {
-                assert_eq!(*a, action, "{qual:#x}: the action the follow-up gets");
+            if let PortExit::Changed(done) = outcome {
+                assert_eq!(
+                    done.action(),
+                    action,
+                    "{qual:#x}: the action the follow-up gets"
+                );
             }
             assert_eq!(fast_touched, slow_touched, "{qual:#x}: platform touched");
             for f in [
@@ -401,13 +429,21 @@ mod tests {
         // Channel 0's count, low byte then high byte: the second starts it (its deadline moves).
         let out = port_same_as_dispatch(pit, io_qual(0x40, 1, false, false, false), 0x10);
         assert!(
-            matches!(out, [PortExit::Quiet, PortExit::Changed(Action::Advance)]),
+            matches!(
+                out,
+                [
+                    PortExit::Quiet,
+                    PortExit::Changed(Handled { debug_exit: None })
+                ]
+            ),
             "{out:?}"
         );
         let out = port_same_as_dispatch(nothing, io_qual(0xf4, 1, false, false, false), 0x10);
         assert_eq!(
             out[0],
-            PortExit::Changed(Action::Stop(crate::guest::StopReason::DebugExit(0x21)))
+            PortExit::Changed(Handled {
+                debug_exit: Some(0x21)
+            })
         );
         // The UART's interrupt line: enabled (OUT2, IER.THRE), then raised by its IER write.
         let uart_irq = |t: &mut TestBed| {
@@ -416,7 +452,7 @@ mod tests {
         };
         let out = port_same_as_dispatch(uart_irq, io_qual(0x3f9, 1, false, false, false), 0x02);
         assert!(
-            matches!(out[0], PortExit::Changed(Action::Advance)),
+            matches!(out[0], PortExit::Changed(Handled { debug_exit: None })),
             "{out:?}"
         );
     }
