@@ -560,7 +560,7 @@ impl<C: Cpu> RunLoop<C> {
                 // The tight loop: entries, the register-only exits and the port accesses that
                 // change nothing beyond their device (`exits::fast`) until an exit that needs
                 // more, or the first at or past the piece's next deadline. A port access that
-                // reached further leaves with its action done (`handled`).
+                // reached further leaves done (`handled`), for the general follow-up.
                 let (raw, handled) = loop {
                     let entered = self.cpu.enter(&mut v, &mut g.vcpu.regs);
                     let t1 = self.cpu.rdtsc();
@@ -590,7 +590,7 @@ impl<C: Cpu> RunLoop<C> {
                     } else {
                         match exits::fast::handle_port(&mut cx) {
                             PortExit::Quiet => {}
-                            PortExit::Changed(action) => break (raw, Some(action)),
+                            PortExit::Changed(done) => break (raw, Some(done)),
                             PortExit::General => break (raw, None),
                         }
                     }
