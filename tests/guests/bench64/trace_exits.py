@@ -199,6 +199,9 @@ def main():
             sys.exit(f"trace_exits: {tool} is missing")
     guest_elf = os.path.join(args.run_dir, "..", "guests", "bench64.elf")
     keel_elf = os.path.join(args.run_dir, "keel.elf")
+    if not os.path.exists(keel_elf):
+        # The run with APIC virtualization off (keel-apicv-off) boots the same kernel.
+        keel_elf = os.path.join(os.path.dirname(os.path.abspath(args.run_dir)), "keel", "keel.elf")
     for f in (guest_elf, keel_elf, os.path.join(args.run_dir, "disk.img")):
         if not os.path.exists(f):
             sys.exit(f"trace_exits: {f} is missing: run `cargo keel bench` first")
