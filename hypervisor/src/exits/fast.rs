@@ -12,6 +12,11 @@
 //! - RDMSR and WRMSR of an MSR that does not reach the platform (`msr::reads_the_apic`,
 //!   `msr::write_reaches_platform`), and not IA32_SPEC_CTRL, whose write the run loop loads.
 //!
+//! IN and OUT ([`handle_port`]) are made there too, since only the device can tell afterwards
+//! whether the access reached beyond its registers: one that did not is completed like the
+//! register-only exits; one that did leaves the loop done ([`Handled`]) and the general
+//! follow-up continues from it. INS/OUTS, REP and armed breakpoints keep the general path.
+//!
 //! The handlers are the general ones, and so are the rules of completing an instruction
 //! ([`super::apply`]: RIP advanced by the exit's instruction length, RF cleared, the single-step
 //! trap queued when TF is set, STI/MOV-SS blocking cleared: SDM Vol. 3C 28.2.4, 26.6.6.1; Vol. 3A
