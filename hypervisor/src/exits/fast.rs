@@ -126,9 +126,8 @@ impl Handled {
 /// dispatch leaves them. INS/OUTS (and REP) keep the general path, which checks segments,
 /// paging and data breakpoints, and so does any access while DR7 enables a breakpoint (the I/O
 /// breakpoints of SDM 17.2.4, which need CR4.DE and DR0-DR3): one VMREAD tells.
-// Not inlined into the run loop: inlined, its registers crowded the loop's, and every general
-// exit paid about 27 instructions of spills for it (docs/BENCHMARKS.md); a call costs the port
-// accesses about 15.
+// Not inlined into the run loop: inlined, it made every general exit about 27 instructions
+// longer (measured, docs/BENCHMARKS.md), against about 15 that the call costs a port access.
 #[inline(never)]
 pub fn handle_port<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> PortExit {
     let Some(q) = IoQualification::decode(cx.vmcs.read(ReadOnlyNat::ExitQualification)) else {
