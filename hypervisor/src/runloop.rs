@@ -9,6 +9,7 @@
 //! the cases that have gone wrong before (docs/SCHEDULING.md).
 
 use crate::devices::console::ConsoleLine;
+use crate::exits::fast::PortExit;
 use crate::exits::{self, Action, ExitContext, Host};
 use crate::guest::{GuestRegs, GuestStats, RunState, StopReason, Vcpu, Vm};
 use crate::log::Writer;
@@ -561,9 +562,11 @@ impl<C: Cpu> RunLoop<C> {
                 if let Err(reason) = before_entry(&mut self.cpu, &mut v, g.vm, g.vcpu, p, cfg) {
                     break Next::End(SliceEnd::Stop(reason));
                 }
-                // The tight loop: entries and the register-only exits (`exits::fast`) until an
-                // exit that needs more, or the first at or past the piece's next deadline.
-                let raw = loop {
+                // The tight loop: entries, the register-only exits and the port accesses that
+                // change nothing beyond their device (`exits::fast`) until an exit that needs
+                // more, or the first at or past the piece's next deadline. A port access that
+                // reached further leaves done (`handled`), for the general follow-up.
+                let (raw, handled) = loop {
                     let entered = self.cpu.enter(&mut v, &mut g.vcpu.regs);
                     let t1 = self.cpu.rdtsc();
                     g.vcpu.stats.cpu_cycles += t1 - p.entered_at;
@@ -575,8 +578,9 @@ impl<C: Cpu> RunLoop<C> {
                     }
                     let raw = v.read(ReadOnly32::ExitReason);
                     let regs = &g.vcpu.regs;
-                    if t1 >= p.until || !exits::fast::is_register_only(raw, regs.rax, regs.rcx) {
-                        break raw;
+                    let register_only = exits::fast::is_register_only(raw, regs.rax, regs.rcx);
+                    if t1 >= p.until || !(register_only || raw == exits::fast::IO) {
+                        break (raw, None);
                     }
                     let now = g.vm.now(t1);
                     let mut cx = ExitContext {
@@ -586,8 +590,17 @@ impl<C: Cpu> RunLoop<C> {
                         host: self.cpu.host(),
                         now,
                     };
-                    exits::fast::handle_register_only(&mut cx, raw);
-                    // Nothing but registers changed: no platform look before the next entry.
+                    if register_only {
+                        exits::fast::handle_register_only(&mut cx, raw);
+                    } else {
+                        match exits::fast::handle_port(&mut cx) {
+                            PortExit::Quiet => {}
+                            PortExit::Changed(done) => break (raw, Some(done)),
+                            PortExit::General => break (raw, None),
+                        }
+                    }
+                    // Nothing but registers (and a device's own) changed: no platform look
+                    // before the next entry.
                     p.touched = false;
                     if let Err(reason) = arm_entry(&mut self.cpu, &mut v, g.vcpu, p, cfg) {
                         break 'slice Next::End(SliceEnd::Stop(reason));
@@ -599,7 +612,7 @@ impl<C: Cpu> RunLoop<C> {
                     seat: &mut *g.seat,
                     waiting_since: &mut *g.waiting_since,
                 };
-                match after_exit(&mut self.cpu, &mut v, parts, c, p, raw, false) {
+                match after_exit(&mut self.cpu, &mut v, parts, c, p, (raw, handled), false) {
                     Next::Go => continue,
                     other => break other,
                 }
@@ -1241,7 +1254,7 @@ impl<C: Cpu> RunLoop<C> {
         let next = match self.cpu.load(hw, c) {
             Ok(mut v) => {
                 let raw = v.read(ReadOnly32::ExitReason);
-                after_exit(&mut self.cpu, &mut v, g, c, p, raw, kicked)
+                after_exit(&mut self.cpu, &mut v, g, c, p, (raw, None), kicked)
             }
             Err(e) => Next::End(SliceEnd::Stop(StopReason::Killed(e))),
         };
@@ -1737,15 +1750,17 @@ impl Piece {
 }
 
 /// The dispatch of vCPU `c`'s VM exit (its VMCS loaded as `v`, its exit-reason field read as
-/// `raw_reason`) and what follows it. `kicked`:
-/// another CPU kicked this one out of guest mode (an IPI for it, a command on its guest).
+/// `raw_reason`) and what follows it. `handled`: an exit the tight loop already handled, counted
+/// and completed, which touched the platform (`exits::fast::PortExit::Changed`); the follow-up
+/// continues from its action. `kicked`: another CPU kicked this one out of guest mode (an
+/// IPI for it, a command on its guest).
 fn after_exit<C: Cpu>(
     cpu: &mut C,
     v: &mut C::Loaded<'_>,
     g: Parts<'_>,
     c: usize,
     p: &mut Piece,
-    raw_reason: u32,
+    (raw_reason, handled): (u32, Option<exits::fast::Handled>),
     kicked: bool,
 ) -> Next {
     let Parts {
@@ -1757,18 +1772,26 @@ fn after_exit<C: Cpu>(
     let now = p.now;
     let guest_now = vm.now(now);
     let reason = ExitReason::from_basic(raw_reason as u16);
-    let action = {
-        let mut cx = ExitContext {
-            vmcs: &mut *v,
-            vcpu: &mut *vcpu,
-            vm: &mut *vm,
-            host: cpu.host(),
-            now: guest_now,
-        };
-        exits::handle(&mut cx, raw_reason, reason)
+    let action = match handled {
+        Some(done) => done.action(),
+        None => {
+            let mut cx = ExitContext {
+                vmcs: &mut *v,
+                vcpu: &mut *vcpu,
+                vm: &mut *vm,
+                host: cpu.host(),
+                now: guest_now,
+            };
+            exits::handle(&mut cx, raw_reason, reason)
+        }
     };
-    exits::apply(v, &mut *vcpu, &action);
-    let touched = exits::touched_platform(reason, &*vcpu, &mut *vm);
+    let touched = match handled {
+        Some(_) => true,
+        None => {
+            exits::apply(v, &mut *vcpu, &action);
+            exits::touched_platform(reason, &*vcpu, &mut *vm)
+        }
+    };
     // A kick means another CPU changed what this vCPU should be given.
     p.touched = touched || kicked;
     // A power-off or reset the guest asked its board for (ACPI S5, i8042, port 0xCF9).

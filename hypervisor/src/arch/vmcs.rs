@@ -44,6 +44,29 @@ impl VmcsAccess for LoadedVmcs<'_> {
             vm_instruction_failed("VMWRITE", encoding);
         }
     }
+
+    #[inline(always)]
+    fn read_present(&self, encoding: u32) -> u64 {
+        debug_assert!(crate::vmx::always_present(encoding));
+        let value: u64;
+        // SAFETY: VMREAD of a field every VMX processor has (`vmx::always_present`) from the
+        // current VMCS (this handle exists only while it is current): it cannot fail (SDM Vol.
+        // 3C 31.3), so its flags need no test.
+        unsafe {
+            asm!("vmread {v}, {e}", v = out(reg) value, e = in(reg) encoding as u64, options(nostack))
+        };
+        value
+    }
+
+    #[inline(always)]
+    fn write_present(&mut self, encoding: u32, value: u64) {
+        debug_assert!(crate::vmx::always_present(encoding));
+        // SAFETY: VMWRITE of a writable field every VMX processor has to the current VMCS: as
+        // `read_present`, it cannot fail.
+        unsafe {
+            asm!("vmwrite {e}, {v}", e = in(reg) encoding as u64, v = in(reg) value, options(nostack))
+        };
+    }
 }
 
 /// A failed VMREAD/VMWRITE is a Keel bug (wrong encoding or no current VMCS): stop loudly.

@@ -540,6 +540,7 @@ impl Platform {
     }
 
     /// Runs `f` on device `id` with a context at time `now`.
+    #[inline]
     fn call<R>(
         &mut self,
         id: DeviceId,
@@ -581,6 +582,7 @@ impl Platform {
 
     /// A guest `IN` of `size` bytes (1, 2 or 4) from `port`; None if no device claims the port
     /// (the caller returns all ones to the guest).
+    #[inline]
     pub fn io_read(&mut self, port: u16, size: u8, now: u64) -> Option<u32> {
         self.access_changed = false;
         let r = self.io_read_inner(port, size, now);
@@ -589,6 +591,7 @@ impl Platform {
     }
 
     /// After a port access: the earliest deadline again if the access may have moved it.
+    #[inline]
     fn after_port_access(&mut self) {
         if self.access_changed {
             self.refresh();
@@ -604,8 +607,11 @@ impl Platform {
         core::mem::replace(&mut self.ports_quiet, true)
     }
 
+    /// The access itself, inlined into [`Platform::io_read`] with the device's call, so that
+    /// the exit path pays one call for a byte access to a device (docs/BENCHMARKS.md).
+    #[inline]
     fn io_read_inner(&mut self, port: u16, size: u8, now: u64) -> Option<u32> {
-        self.advance(now);
+        self.advance_if_due(now);
         let Some(first) = self.ports.find(port) else {
             self.chipset.stats.unclaimed_io_reads += 1;
             return None;
@@ -629,6 +635,7 @@ impl Platform {
     }
 
     /// A guest `OUT` of `size` bytes to `port`; false if no device claims the port.
+    #[inline]
     pub fn io_write(&mut self, port: u16, size: u8, value: u32, now: u64) -> bool {
         self.access_changed = false;
         let r = self.io_write_inner(port, size, value, now);
@@ -636,8 +643,10 @@ impl Platform {
         r
     }
 
+    /// As [`Platform::io_read_inner`].
+    #[inline]
     fn io_write_inner(&mut self, port: u16, size: u8, value: u32, now: u64) -> bool {
-        self.advance(now);
+        self.advance_if_due(now);
         let Some(first) = self.ports.find(port) else {
             self.chipset.stats.unclaimed_io_writes += 1;
             return false;
@@ -1040,6 +1049,7 @@ impl Platform {
         }
     }
 
+    #[inline]
     fn port_read(&mut self, r: Responder, port: u16, size: u8, now: u64) -> u32 {
         match r {
             // A read may acknowledge (poll mode, OCW3): it counts as a change.
@@ -1054,6 +1064,7 @@ impl Platform {
         }
     }
 
+    #[inline]
     fn port_write(&mut self, r: Responder, port: u16, size: u8, value: u32, now: u64) {
         match r {
             Responder::Pic | Responder::Elcr => {
@@ -1069,6 +1080,7 @@ impl Platform {
 
     /// [`Platform::call`] for a port access, noting in `access_changed` whether the device
     /// reached beyond its registers ([`DeviceContext::reached_out`]) or moved its timer.
+    #[inline]
     fn call_watched<R>(
         &mut self,
         id: DeviceId,
@@ -1088,7 +1100,19 @@ impl Platform {
     }
 }
 
+impl Platform {
+    /// [`Platform::advance`] when a timer is due by `now`: its test inlined where a port access
+    /// begins, the firing called only then.
+    #[inline(always)]
+    fn advance_if_due(&mut self, now: u64) {
+        if self.next.is_some_and(|d| d <= now) {
+            self.advance(now);
+        }
+    }
+}
+
 /// The access size in bytes: 1, 2 or 4 (anything else is taken as 4).
+#[inline]
 fn access_size(size: u8) -> u8 {
     match size {
         1 | 2 => size,

@@ -34,6 +34,8 @@ pub const DR6_INIT: u64 = 0xffff_0ff0;
 pub const DR7_INIT: u64 = 0x400;
 
 const CR4_DE: u64 = 1 << 3;
+/// DR7's enable bits L0-L3 and G0-G3 (SDM 17.2.4): with none set, no breakpoint is armed.
+pub const DR7_ENABLES: u64 = 0xff;
 
 /// Bits of the pending-debug-exceptions field (SDM 25.4.2, Table 25-4).
 pub mod pending {
@@ -80,7 +82,7 @@ impl Breakpoints {
     #[inline]
     pub fn of<V: Vmcs + ?Sized>(cx: &ExitContext<'_, V>) -> Self {
         let dr7 = cx.vmcs.read(GuestNat::Dr7);
-        if dr7 & 0xff == 0 {
+        if dr7 & DR7_ENABLES == 0 {
             return Self::default();
         }
         Self {

@@ -12,19 +12,26 @@
 //! - RDMSR and WRMSR of an MSR that does not reach the platform (`msr::reads_the_apic`,
 //!   `msr::write_reaches_platform`), and not IA32_SPEC_CTRL, whose write the run loop loads.
 //!
+//! IN and OUT ([`handle_port`]) are made there too, since only the device can tell afterwards
+//! whether the access reached beyond its registers: one that did not is completed like the
+//! register-only exits; one that did leaves the loop done ([`Handled`]) and the general
+//! follow-up continues from it. INS/OUTS, REP and armed breakpoints keep the general path.
+//!
 //! The handlers are the general ones, and so are the rules of completing an instruction
 //! ([`super::apply`]: RIP advanced by the exit's instruction length, RF cleared, the single-step
 //! trap queued when TF is set, STI/MOV-SS blocking cleared: SDM Vol. 3C 28.2.4, 26.6.6.1; Vol. 3A
 //! 17.3.1.1, 17.3.1.4) and the exit counters `stats` shows.
 
-use super::{apicv, cpuid, msr, vmcall, Action, ExitContext};
+use super::{apicv, cpuid, debug, io, msr, vmcall, Action, ExitContext};
 use crate::abi::hc;
-use crate::vmx::{ExitReason, Vmcs};
+use crate::vmx::{ExitReason, GuestNat, IoQualification, ReadOnlyNat, Vmcs};
 
 const CPUID: u32 = ExitReason::Cpuid.number() as u32;
 const VMCALL: u32 = ExitReason::Vmcall.number() as u32;
 const RDMSR: u32 = ExitReason::Rdmsr.number() as u32;
 const WRMSR: u32 = ExitReason::Wrmsr.number() as u32;
+/// The exit reason of IN, OUT, INS and OUTS ([`handle_port`]).
+pub const IO: u32 = ExitReason::IoInstruction.number() as u32;
 
 /// Whether the exit whose exit-reason field reads `raw` touches only registers, given the
 /// vCPU's RAX and RCX (the hypercall number, the MSR index).
@@ -77,6 +84,80 @@ pub fn handle_register_only<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, raw: 
     };
     debug_assert!(matches!(action, Action::Advance | Action::Inject(_)));
     super::apply(cx.vmcs, cx.vcpu, &action);
+}
+
+/// What the tight loop made of an I/O exit ([`handle_port`]). Small and `Copy`: it leaves the
+/// loop with the exit, and an [`Action`] (whose stop reasons carry strings) would be copied on
+/// the way at the cost of every general exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortExit {
+    /// Not one the loop completes (INS/OUTS with or without REP, an armed breakpoint in DR7, a
+    /// qualification the SDM does not define): nothing done, the general dispatch handles it.
+    General,
+    /// Done, counted and completed, and the device changed nothing beyond its own registers (no
+    /// line driven, no console output, no timer moved, no exit status, no power request: the
+    /// platform's `take_ports_quiet`): the guest is entered again as after a register-only exit.
+    Quiet,
+    /// Done, counted and completed (its action applied), but the access reached beyond its
+    /// device: the general follow-up continues from [`Handled::action`], the platform touched.
+    Changed(Handled),
+}
+
+/// A port access the tight loop completed whose follow-up is the general one's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handled {
+    /// The exit status the guest wrote to the debug-exit device, which stops it.
+    pub debug_exit: Option<u32>,
+}
+
+impl Handled {
+    /// The action the general handler returns for the same access (`io::handle`).
+    pub fn action(self) -> Action {
+        match self.debug_exit {
+            Some(status) => Action::Stop(crate::guest::StopReason::DebugExit(status)),
+            None => Action::Advance,
+        }
+    }
+}
+
+/// An IN or OUT (exit reason [`IO`]) handled in the tight loop: the exit qualification read
+/// once and decoded once, and the access made through the port table with the general handler's
+/// own code (`io::in_or_out`), so the device, RAX, RIP and the counters end as the general
+/// dispatch leaves them. INS/OUTS (and REP) keep the general path, which checks segments,
+/// paging and data breakpoints, and so does any access while DR7 enables a breakpoint (the I/O
+/// breakpoints of SDM 17.2.4, which need CR4.DE and DR0-DR3): one VMREAD tells.
+// Not inlined into the run loop: inlined, it made every general exit about 27 instructions
+// longer (measured, docs/BENCHMARKS.md), against about 15 that the call costs a port access.
+#[inline(never)]
+pub fn handle_port<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> PortExit {
+    let Some(q) = IoQualification::decode(cx.vmcs.read(ReadOnlyNat::ExitQualification)) else {
+        return PortExit::General;
+    };
+    if q.string || cx.vmcs.read(GuestNat::Dr7) & debug::DR7_ENABLES != 0 {
+        return PortExit::General;
+    }
+    let stats = &mut cx.vcpu.stats;
+    stats.last_exit = IO as u16;
+    if let Some(slot) = stats.exits.get_mut(IO as usize) {
+        *slot += 1;
+    }
+    // As the general dispatch does before any exit that reaches the platform: the model takes
+    // the guest's TPR (and with virtual-interrupt delivery its IRR and ISR) before a device can
+    // drive a line into it.
+    apicv::after_exit(&*cx.vmcs, cx.vcpu, cx.vm);
+    io::in_or_out(cx, &q);
+    let done = Handled {
+        debug_exit: cx.vm.platform.exit_status(),
+    };
+    if done.debug_exit.is_none() {
+        // `Action::Advance`'s completion; a stop leaves RIP on the instruction.
+        super::apply(cx.vmcs, cx.vcpu, &Action::Advance);
+    }
+    if cx.vm.platform.take_ports_quiet() && done.debug_exit.is_none() {
+        PortExit::Quiet
+    } else {
+        PortExit::Changed(done)
+    }
 }
 
 #[cfg(test)]
@@ -195,6 +276,218 @@ mod tests {
             t.vcpu.regs.rcx = rcx;
             assert!(!handle(&mut cx(&mut t), raw));
             assert!(t.vcpu.stats.exits.iter().all(|&n| n == 0), "not counted");
+        }
+    }
+
+    /// An I/O exit's qualification (SDM Table 28-5): size, direction, string, REP, port.
+    fn io_qual(port: u16, size: u8, is_in: bool, string: bool, rep: bool) -> u64 {
+        (size as u64 - 1)
+            | (is_in as u64) << 3
+            | (string as u64) << 4
+            | (rep as u64) << 5
+            | (port as u64) << 16
+    }
+
+    fn saved(t: &TestBed) -> alloc::vec::Vec<u8> {
+        let mut w = crate::state::Writer::new();
+        t.vm.platform.save(&mut w);
+        w.into_bytes()
+    }
+
+    /// Runs the I/O exit `qual` with RAX = `rax` once by [`handle_port`] (as the run loop does:
+    /// the general follow-up continues from a `Changed` action) and once by the general dispatch,
+    /// from the same state twice over (the second access sees the first's device state): both
+    /// leave the same device state, console, registers, RIP, RFLAGS, interruptibility,
+    /// counters, events and "platform touched". Returns what the fast path made of each.
+    fn port_same_as_dispatch(setup: impl Fn(&mut TestBed), qual: u64, rax: u64) -> [PortExit; 2] {
+        let mut fast = TestBed::new();
+        let mut slow = TestBed::new();
+        for t in [&mut fast, &mut slow] {
+            t.long_mode();
+            setup(t);
+        }
+        let mut outcomes = [PortExit::General, PortExit::General];
+        for outcome in &mut outcomes {
+            for t in [&mut fast, &mut slow] {
+                t.vmcs.set(ReadOnly32::ExitReason, IO);
+                t.vmcs.set(ReadOnlyNat::ExitQualification, qual);
+                t.vmcs.set(ReadOnly32::ExitInstructionLength, 2);
+                t.vmcs.set(GuestNat::Rflags, 0x1_0302); // RF, TF, IF
+                t.vmcs.set(Guest32::InterruptibilityState, 2); // MOV-SS blocking
+                t.vcpu.regs.rax = rax;
+            }
+            *outcome = handle_port(&mut cx(&mut fast));
+            let fast_touched = match outcome {
+                PortExit::General => {
+                    let action = dispatch(&mut cx(&mut fast));
+                    crate::exits::apply(&mut fast.vmcs, &mut fast.vcpu, &action);
+                    crate::exits::touched_platform(
+                        ExitReason::IoInstruction,
+                        &fast.vcpu,
+                        &mut fast.vm,
+                    )
+                }
+                PortExit::Quiet => false,
+                PortExit::Changed(_) => true,
+            };
+            let action = dispatch(&mut cx(&mut slow));
+            crate::exits::apply(&mut slow.vmcs, &mut slow.vcpu, &action);
+            let slow_touched =
+                crate::exits::touched_platform(ExitReason::IoInstruction, &slow.vcpu, &mut slow.vm);
+            if let PortExit::Changed(done) = outcome {
+                assert_eq!(
+                    done.action(),
+                    action,
+                    "{qual:#x}: the action the follow-up gets"
+                );
+            }
+            assert_eq!(fast_touched, slow_touched, "{qual:#x}: platform touched");
+            for f in [
+                GuestNat::Rip,
+                GuestNat::Rflags,
+                GuestNat::PendingDebugExceptions,
+            ] {
+                assert_eq!(fast.vmcs.read(f), slow.vmcs.read(f), "{qual:#x}: {f:?}");
+            }
+            assert_eq!(
+                fast.vmcs.read(Guest32::InterruptibilityState),
+                slow.vmcs.read(Guest32::InterruptibilityState)
+            );
+            assert_eq!(fast.vcpu.regs, slow.vcpu.regs, "{qual:#x}");
+            assert_eq!(fast.vcpu.stats.exits, slow.vcpu.stats.exits);
+            assert_eq!(fast.vcpu.stats.last_exit, slow.vcpu.stats.last_exit);
+            assert_eq!(
+                fast.vcpu.stats.unclaimed_port_accesses,
+                slow.vcpu.stats.unclaimed_port_accesses
+            );
+            assert_eq!(fast.vcpu.events, slow.vcpu.events, "{qual:#x}");
+            assert_eq!(saved(&fast), saved(&slow), "{qual:#x}: device state");
+            assert_eq!(
+                fast.vm.platform.console().take_line(),
+                slow.vm.platform.console().take_line()
+            );
+            assert_eq!(fast.vm.platform.stats(), slow.vm.platform.stats());
+        }
+        outcomes
+    }
+
+    #[test]
+    fn port_accesses_in_the_loop_end_as_the_general_dispatch_does() {
+        let quiet = [PortExit::Quiet, PortExit::Quiet];
+        let nothing = |_: &mut TestBed| {};
+        // bench64's: the UART's scratch register, written then read; 16- and 32-bit reads of
+        // the UART (byte accesses at successive ports); a port no device claims.
+        assert_eq!(
+            port_same_as_dispatch(nothing, io_qual(0x3ff, 1, false, false, false), 0x5a),
+            quiet
+        );
+        assert_eq!(
+            port_same_as_dispatch(nothing, io_qual(0x3ff, 1, true, false, false), !0),
+            quiet
+        );
+        assert_eq!(
+            port_same_as_dispatch(nothing, io_qual(0x3fe, 2, true, false, false), !0),
+            quiet
+        );
+        assert_eq!(
+            port_same_as_dispatch(nothing, io_qual(0x3fc, 4, true, false, false), 7),
+            quiet
+        );
+        assert_eq!(
+            port_same_as_dispatch(nothing, io_qual(0x1234, 4, true, false, false), 7),
+            quiet
+        );
+        assert_eq!(
+            port_same_as_dispatch(nothing, io_qual(0x1234, 2, false, false, false), 7),
+            quiet
+        );
+        // CMOS index then data (RTC: registers only).
+        assert_eq!(
+            port_same_as_dispatch(nothing, io_qual(0x70, 1, false, false, false), 0x30),
+            quiet
+        );
+    }
+
+    #[test]
+    fn port_accesses_that_reach_further_continue_into_the_follow_up() {
+        let nothing = |_: &mut TestBed| {};
+        let changed = |o: &[PortExit; 2]| o.iter().all(|o| matches!(o, PortExit::Changed(_)));
+        // A byte to the UART's transmitter: the console.
+        assert!(changed(&port_same_as_dispatch(
+            nothing,
+            io_qual(0x3f8, 1, false, false, false),
+            b'k' as u64
+        )));
+        // The 8259A (a read may acknowledge), the PIT's timer moved, the debug-exit device.
+        assert!(changed(&port_same_as_dispatch(
+            nothing,
+            io_qual(0x20, 1, false, false, false),
+            0x20
+        )));
+        assert!(changed(&port_same_as_dispatch(
+            nothing,
+            io_qual(0x21, 1, true, false, false),
+            0
+        )));
+        let pit = |t: &mut TestBed| {
+            t.vm.platform.io_write(0x43, 1, 0x34, 0);
+            t.vm.platform.take_ports_quiet();
+        };
+        // Channel 0's count, low byte then high byte: the second starts it (its deadline moves).
+        let out = port_same_as_dispatch(pit, io_qual(0x40, 1, false, false, false), 0x10);
+        assert!(
+            matches!(
+                out,
+                [
+                    PortExit::Quiet,
+                    PortExit::Changed(Handled { debug_exit: None })
+                ]
+            ),
+            "{out:?}"
+        );
+        let out = port_same_as_dispatch(nothing, io_qual(0xf4, 1, false, false, false), 0x10);
+        assert_eq!(
+            out[0],
+            PortExit::Changed(Handled {
+                debug_exit: Some(0x21)
+            })
+        );
+        // The UART's interrupt line: enabled (OUT2, IER.THRE), then raised by its IER write.
+        let uart_irq = |t: &mut TestBed| {
+            t.vm.platform.io_write(0x3fc, 1, 0x08, 0);
+            t.vm.platform.take_ports_quiet();
+        };
+        let out = port_same_as_dispatch(uart_irq, io_qual(0x3f9, 1, false, false, false), 0x02);
+        assert!(
+            matches!(out[0], PortExit::Changed(Handled { debug_exit: None })),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn string_io_and_armed_breakpoints_keep_the_general_path() {
+        for (qual, dr7) in [
+            (io_qual(0x3ff, 1, true, true, false), 0), // INSB
+            (io_qual(0x3ff, 1, false, true, true), 0), // REP OUTSB
+            (io_qual(0x3ff, 1, false, false, false), 0x400 | 1 << 1), // G0 armed
+            (io_qual(0x3ff, 1, false, false, false), 0x400 | 1 << 6), // L3 armed
+            (2, 0), // size encoding 2: not defined (SDM Table 28-5)
+        ] {
+            let mut t = TestBed::new();
+            t.vmcs.set(ReadOnlyNat::ExitQualification, qual);
+            t.vmcs.set(GuestNat::Dr7, dr7);
+            t.vmcs.set(GuestNat::Rip, 0x1000);
+            t.vcpu.regs.rax = 0x5a;
+            assert_eq!(
+                handle_port(&mut cx(&mut t)),
+                PortExit::General,
+                "{qual:#x} {dr7:#x}"
+            );
+            assert!(t.vcpu.stats.exits.iter().all(|&n| n == 0), "not counted");
+            assert_eq!(t.vmcs.read(GuestNat::Rip), 0x1000, "not completed");
+            let mut untouched = TestBed::new();
+            assert_eq!(saved(&t), saved(&untouched), "no access made");
+            assert!(untouched.vm.platform.take_ports_quiet());
         }
     }
 }

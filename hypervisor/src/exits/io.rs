@@ -56,7 +56,28 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let action = if q.string {
         let budget = if breakpoints != 0 { 1 } else { STRING_CHUNK };
         string(cx, &q, budget, &watch)
-    } else if q.direction == IoDirection::In {
+    } else {
+        in_or_out(cx, &q)
+    };
+    if let Some(stop) = debug_exit(cx) {
+        return stop;
+    }
+    // IN/OUT always access the port; INS/OUTS did if an element moved its index register.
+    if !q.string || cx.vcpu.regs.get(index) != index_before {
+        debug::queue_trap(cx.vmcs, breakpoints);
+    }
+    action
+}
+
+/// An IN or OUT (not INS/OUTS) of the exit `q` describes: the port access, and RAX for an IN.
+/// Shared by [`handle`] and the run loop's tight loop (`exits::fast::handle_port`).
+#[inline]
+pub(super) fn in_or_out<V: Vmcs + ?Sized>(
+    cx: &mut ExitContext<'_, V>,
+    q: &IoQualification,
+) -> Action {
+    let (port, size) = (q.port, q.size);
+    if q.direction == IoDirection::In {
         let v = port_in(cx, port, size) as u64 & mask(size);
         let rax = &mut cx.vcpu.regs.rax;
         // A 32-bit destination zero-extends into RAX; 8- and 16-bit ones merge.
@@ -65,20 +86,18 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         } else {
             (*rax & !mask(size)) | v
         };
-        Action::Advance
     } else {
         let v = (cx.vcpu.regs.rax & mask(size)) as u32;
         port_out(cx, port, size, v);
-        Action::Advance
-    };
-    if let Some(status) = cx.vm.platform.exit_status() {
-        return Action::Stop(StopReason::DebugExit(status));
     }
-    // IN/OUT always access the port; INS/OUTS did if an element moved its index register.
-    if !q.string || cx.vcpu.regs.get(index) != index_before {
-        debug::queue_trap(cx.vmcs, breakpoints);
-    }
-    action
+    Action::Advance
+}
+
+/// The stop an access to the debug-exit device asked for (the guest's exit status), if any.
+#[inline]
+pub(super) fn debug_exit<V: Vmcs + ?Sized>(cx: &ExitContext<'_, V>) -> Option<Action> {
+    let status = cx.vm.platform.exit_status()?;
+    Some(Action::Stop(StopReason::DebugExit(status)))
 }
 
 /// How the guest's CPU forms addresses from segments (SDM 3.4.4, 20.1).

@@ -397,6 +397,82 @@ fn every_guest_gets_its_ticks_on_time_whether_the_running_one_exits_often_or_nev
     assert!(cpuid > 10_000, "{cpuid} CPUID exits");
 }
 
+/// The same with port accesses the tight loop completes (`exits::fast::handle_port`: the UART's
+/// scratch register changes nothing beyond the UART): counted, the device left as the guest
+/// wrote it, every tick of its own PIT and of the other guests on time, a quantum each. An OUT
+/// that reaches further (a byte to the console) goes on to the general follow-up, in the slice.
+#[test]
+fn quiet_port_accesses_keep_ticks_counters_and_devices() {
+    let busy = Program {
+        main: vec![
+            Op::Run(300),
+            Op::Out(0x3ff, 0x5a),
+            Op::Run(300),
+            Op::Out(0x3ff, 0xa5),
+        ],
+        repeat_from: Some(0),
+        ..Program::compute()
+    };
+    let printer = Program {
+        main: vec![Op::Run(1000), Op::Out(0x3f8, b'k'), Op::Out(0x3f8, b'\n')],
+        repeat_from: Some(0),
+        ..Program::compute()
+    };
+    let mut rl = rig(vec![
+        busy.with_pit(PIT_100HZ),
+        Program::sleeper(200).with_pit(PIT_132HZ),
+        printer.with_pit(PIT_132HZ),
+    ]);
+    run_for(&mut rl, TSC_HZ);
+    every_tick_on_time(&rl, 0, PIT_100HZ);
+    every_tick_on_time(&rl, 1, PIT_132HZ);
+    every_tick_on_time(&rl, 2, PIT_132HZ);
+    let io = ExitReason::IoInstruction.number() as usize;
+    let outs = |i: usize| rl.slots[i].vcpus[0].stats.exits[io];
+    let entries = |i: usize| rl.cpu.entries(i).count() as u64;
+    // Every exit of the busy guest but its preemptions is one of its OUTs: no access lost or
+    // counted twice.
+    let preempted = rl
+        .cpu
+        .entries(0)
+        .filter(|e| e.exit == ExitReason::PreemptionTimer)
+        .count() as u64;
+    assert_eq!(outs(0), entries(0) - preempted, "every OUT counted once");
+    assert!(outs(0) > 10_000, "{} OUTs", outs(0));
+    let last = rl
+        .cpu
+        .entries(0)
+        .filter(|e| e.exit == ExitReason::IoInstruction)
+        .count();
+    // Less the setup and an EOI per tick: the OUTs of the main loop, alternating.
+    let ticks = rl.cpu.entries(0).filter(|e| e.injected.is_some()).count();
+    let expected = if (last - PIT_SETUP_EXITS - ticks) % 2 == 1 {
+        0x5a
+    } else {
+        0xa5
+    };
+    let outs_2 = outs(2);
+    let now = rl.slots[0].vm.now(rl.cpu.clock);
+    let scratch = rl.slots[0].vm.platform.io_read(0x3ff, 1, now);
+    assert_eq!(
+        scratch,
+        Some(expected),
+        "the UART holds the last value written"
+    );
+    let uart = rl.slots[2]
+        .vm
+        .platform
+        .device::<crate::devices::uart16550::Uart16550>();
+    let sent = uart.map(|u| u.tx_bytes()).unwrap_or(0);
+    // Its OUTs: the setup, an EOI per tick, and the console bytes.
+    let ticks = rl.cpu.entries(2).filter(|e| e.injected.is_some()).count() as u64;
+    assert_eq!(
+        sent,
+        outs_2 - PIT_SETUP_EXITS as u64 - ticks,
+        "every console byte went out"
+    );
+}
+
 /// The VMX-preemption timer counts in units of 2^rate TSC cycles (SDM 26.5.1): armed for a
 /// guest timer's deadline, it must not expire before it (rounded down, it did, found nothing due
 /// and was re-armed for the minimum gap: each tick came up to that much late).

@@ -136,18 +136,72 @@ pub trait WritableField: VmcsField {}
 pub trait VmcsAccess {
     fn read_raw(&self, encoding: u32) -> u64;
     fn write_raw(&mut self, encoding: u32, value: u64);
+
+    /// [`VmcsAccess::read_raw`] of a field every VMX processor has ([`always_present`]), which
+    /// the typed [`Vmcs::read`] picks for those fields. With a VMCS current such a VMREAD
+    /// cannot fail (SDM Vol. 3C 31.3 "VMREAD": VMfailInvalid only without a current VMCS,
+    /// VMfailValid only for a field the processor does not support), so the hardware layer's
+    /// handle on the current VMCS leaves its check out. The default is the checked read.
+    #[inline(always)]
+    fn read_present(&self, encoding: u32) -> u64 {
+        self.read_raw(encoding)
+    }
+
+    /// [`VmcsAccess::write_raw`] of a writable field every VMX processor has: as
+    /// [`VmcsAccess::read_present`] (VMWRITE also fails for a read-only field, which
+    /// [`WritableField`] rules out at compile time).
+    #[inline(always)]
+    fn write_present(&mut self, encoding: u32, value: u64) {
+        self.write_raw(encoding, value)
+    }
+}
+
+/// Whether every processor with VMX has the field `encoding`: the exit information, the
+/// guest's RIP, RSP, RFLAGS, control and debug registers, segment access rights, interruptibility
+/// and activity state, IA32_DEBUGCTL, and the entry-event and primary processor-based controls
+/// (SDM Vol. 3C Appendix B lists them without a condition; the VMX-preemption timer value,
+/// guest interrupt status, IA32_EFER, PAT, the EPT and APIC fields and the rest exist only with
+/// their feature). Decided at compile time where the field is a constant, as on the exit path.
+#[inline(always)]
+pub const fn always_present(encoding: u32) -> bool {
+    matches!(
+        encoding,
+        // VM-exit information (B.3.2, B.4.2): reason, interruption and IDT-vectoring
+        // information and error codes, instruction length and information; qualification,
+        // guest-linear address.
+        0x4402..=0x440e | 0x6400 | 0x640a
+        // Guest CR0, CR3, CR4, DR7, RSP, RIP, RFLAGS, pending debug exceptions (B.4.3).
+        | 0x6800 | 0x6802 | 0x6804 | 0x681a..=0x6822
+        // Guest segment access rights, interruptibility, activity state (B.3.3).
+        | 0x4814..=0x4826
+        // Guest IA32_DEBUGCTL (B.2.3).
+        | 0x2802
+        // Primary processor-based controls, VM-entry interruption information, exception
+        // error code and instruction length (B.3.1).
+        | 0x4002 | 0x4016..=0x401a
+    ) && encoding & 1 == 0
 }
 
 /// Typed access, provided for every [`VmcsAccess`].
 pub trait Vmcs: VmcsAccess {
     #[inline(always)]
     fn read<F: VmcsField>(&self, field: F) -> F::Value {
-        F::Value::from_raw(self.read_raw(field.encoding()))
+        let encoding = field.encoding();
+        F::Value::from_raw(if always_present(encoding) {
+            self.read_present(encoding)
+        } else {
+            self.read_raw(encoding)
+        })
     }
 
     #[inline(always)]
     fn write<F: WritableField>(&mut self, field: F, value: F::Value) {
-        self.write_raw(field.encoding(), value.into_raw());
+        let encoding = field.encoding();
+        if always_present(encoding) {
+            self.write_present(encoding, value.into_raw())
+        } else {
+            self.write_raw(encoding, value.into_raw())
+        }
     }
 
     /// Read, change, write back.
@@ -190,6 +244,7 @@ macro_rules! vmcs_group {
 
         impl VmcsField for $name {
             type Value = $value;
+            #[inline(always)]
             fn encoding(self) -> u32 {
                 self as u32
             }
@@ -691,5 +746,47 @@ mod tests {
         assert_eq!(FieldWidth::of(0x4800).mask(), 0xffff_ffff);
         assert_eq!(FieldWidth::of(0x2800).mask(), u64::MAX);
         assert_eq!(FieldWidth::of(0x6800), FieldWidth::Natural);
+    }
+
+    /// The fields whose VMREAD/VMWRITE the hardware layer does not check are those every VMX
+    /// processor has: the exit path's, and none that depends on a feature.
+    #[test]
+    fn unchecked_access_only_for_fields_every_processor_has() {
+        let present = [
+            ReadOnly32::ExitReason.encoding(),
+            ReadOnly32::ExitInstructionLength.encoding(),
+            ReadOnly32::ExitInstructionInfo.encoding(),
+            ReadOnly32::IdtVectoringInfo.encoding(),
+            ReadOnlyNat::ExitQualification.encoding(),
+            GuestNat::Rip.encoding(),
+            GuestNat::Rflags.encoding(),
+            GuestNat::Dr7.encoding(),
+            GuestNat::Cr4.encoding(),
+            GuestNat::PendingDebugExceptions.encoding(),
+            Guest32::InterruptibilityState.encoding(),
+            Guest32::SsAccessRights.encoding(),
+            Guest64::Ia32Debugctl.encoding(),
+            Control32::PrimaryProcBasedControls.encoding(),
+            Control32::EntryInterruptionInfo.encoding(),
+        ];
+        for e in present {
+            assert!(always_present(e), "{e:#x}");
+        }
+        let feature = [
+            Guest32::PreemptionTimerValue.encoding(),
+            Guest16::InterruptStatus.encoding(),
+            Guest16::PmlIndex.encoding(),
+            Guest64::Ia32Efer.encoding(),
+            Guest64::Ia32Pat.encoding(),
+            Guest64::Ia32Debugctl.encoding() + 1, // its high half
+            Control32::SecondaryProcBasedControls.encoding(),
+            Control32::TprThreshold.encoding(),
+            Control64::EptPointer.encoding(),
+            ReadOnly64::GuestPhysicalAddr.encoding(),
+            Guest32::Smbase.encoding(),
+        ];
+        for e in feature {
+            assert!(!always_present(e), "{e:#x}");
+        }
     }
 }

@@ -76,9 +76,9 @@ pub use exit::{
 };
 pub use fake::FakeVmcs;
 pub use fields::{
-    Control16, Control32, Control64, ControlNat, Guest16, Guest32, Guest64, GuestNat, Host16,
-    Host32, Host64, HostNat, ReadOnly32, ReadOnly64, ReadOnlyNat, Segment, Vmcs, VmcsAccess,
-    VmcsField, WritableField,
+    always_present, Control16, Control32, Control64, ControlNat, Guest16, Guest32, Guest64,
+    GuestNat, Host16, Host32, Host64, HostNat, ReadOnly32, ReadOnly64, ReadOnlyNat, Segment, Vmcs,
+    VmcsAccess, VmcsField, WritableField,
 };
 pub use guest_state::{check_guest_state, check_guest_state_with, EntryEnv};
 pub use invalidate::{FlushPolicy, Invalidation};
