@@ -430,7 +430,14 @@ struct Operator {
     /// ms at 115200 baud, and a time slice is longer. Set for a while after each byte received,
     /// so a long line (a snapshot chunk) is not lost to an overrun once it has begun.
     control_busy_until: u64,
+    /// Keys read from COM1 and not yet handled ([`RunLoop::take_keys`]): COM1's receive FIFO holds
+    /// 16 bytes, and a host that pastes or types into an emulator may deliver them faster than a
+    /// time slice, so they are taken out of the FIFO at every piece's end and handled at the pick.
+    keys: alloc::collections::VecDeque<u8>,
 }
+
+/// Keys kept beyond this many are dropped (counted in the log): nobody types that far ahead.
+const KEYS_MAX: usize = 4096;
 
 /// Where a monitor line came from: its reply goes back there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -471,6 +478,7 @@ impl<C: Cpu> RunLoop<C> {
                 migration: None,
                 held: Default::default(),
                 control_busy_until: 0,
+                keys: Default::default(),
             },
             policy: None,
             seat_list: Vec::new(),
@@ -658,6 +666,10 @@ impl<C: Cpu> RunLoop<C> {
         let early = (core::mem::take(&mut self.hosts[h].slept_till_wake) && !self.unsettled)
             .then(|| self.cpu.rdtsc());
         let woke = early.is_some_and(|now| self.wake_halted(now).1);
+        if h == 0 && woke {
+            // Not the housekeeping, but COM1's FIFO emptied: keys must not overflow it meanwhile.
+            self.take_keys();
+        }
         if h == 0 && !woke {
             self.poll_console();
             self.poll_control();
@@ -989,6 +1001,9 @@ impl<C: Cpu> RunLoop<C> {
         self.shares.release(i, elapsed.min(r.left));
         r.left = r.left.saturating_sub(elapsed);
         let (whole, left) = (r.piece.whole, r.left);
+        if h == 0 {
+            self.take_keys();
+        }
         if !whole && matches!(end, SliceEnd::Over) {
             self.poll_control();
             // A command may have paused, stopped or replaced it meanwhile.
@@ -2193,7 +2208,8 @@ impl<C: Cpu> RunLoop<C> {
     fn poll_console(&mut self) {
         use crate::focus::Key;
         use crate::monitor::PromptKey;
-        while let Some(byte) = self.cpu.console_key() {
+        self.take_keys();
+        while let Some(byte) = self.ops.keys.pop_front() {
             if self.ops.top.take().is_some() {
                 // Any key ends `top`.
                 self.prompt_again();
@@ -2294,6 +2310,24 @@ impl<C: Cpu> RunLoop<C> {
     fn prompt_again(&self) {
         if self.ops.prompt.is_open() {
             console_text("keel> ");
+        }
+    }
+
+    /// Moves the keys waiting in COM1's receive FIFO into [`Operator::keys`], without acting on
+    /// them: cheap enough for any point of the loop. While keys come, the serial lines are read
+    /// every millisecond, as for the control channel (`control_busy`).
+    fn take_keys(&mut self) {
+        let mut dropped = 0u32;
+        while let Some(byte) = self.cpu.console_key() {
+            if self.ops.keys.len() < KEYS_MAX {
+                self.ops.keys.push_back(byte);
+            } else {
+                dropped += 1;
+            }
+            self.ops.control_busy_until = self.cpu.rdtsc() + self.cfg.tsc_hz / 10;
+        }
+        if dropped > 0 {
+            crate::warn!("console: {dropped} keys dropped ({KEYS_MAX} were waiting)");
         }
     }
 
