@@ -2314,8 +2314,8 @@ impl<C: Cpu> RunLoop<C> {
     }
 
     /// Moves the keys waiting in COM1's receive FIFO into [`Operator::keys`], without acting on
-    /// them: cheap enough for any point of the loop. While keys come, the serial lines are read
-    /// every millisecond, as for the control channel (`control_busy`).
+    /// them: cheap enough for any point of the loop. For a second after a key, the serial lines
+    /// are read every millisecond, as while the control channel is busy (`control_busy`).
     fn take_keys(&mut self) {
         let mut dropped = 0u32;
         while let Some(byte) = self.cpu.console_key() {
@@ -2324,7 +2324,9 @@ impl<C: Cpu> RunLoop<C> {
             } else {
                 dropped += 1;
             }
-            self.ops.control_busy_until = self.cpu.rdtsc() + self.cfg.tsc_hz / 10;
+            // A second: the next line typed (or pasted) finds the lines read every millisecond
+            // from its first key, whatever backlog the host's terminal hands over at once.
+            self.ops.control_busy_until = self.cpu.rdtsc() + self.cfg.tsc_hz;
         }
         if dropped > 0 {
             crate::warn!("console: {dropped} keys dropped ({KEYS_MAX} were waiting)");
