@@ -261,7 +261,7 @@ fn host_mask(hosts: &[&'static arch::smp::PerCpu], cpus: u64) -> u64 {
         .fold(0, |m, (h, _)| m | 1 << h)
 }
 
-/// The run loop shared by every CPU, behind one lock taken around `begin` and `finish`; guest
+/// The run loop shared by every CPU, behind one lock taken around `finish` and `begin`; guest
 /// mode (`Detached::enter`) runs outside it, so guests execute in parallel while their exits are
 /// handled one at a time. A ticket lock: the CPUs get it in the order they asked, so none
 /// waits behind the others for long.
@@ -299,13 +299,16 @@ fn run_host(h: usize, cal: &lapic::Calibration) {
     let Some(shared) = LOOP.get() else {
         return;
     };
+    // The lock is let go only for guest mode and for sleep: an exit's `finish` and the next
+    // entry's `begin` are one turn with it, so a vCPU waits for it once per exit.
+    let mut g = shared.0.lock();
     loop {
-        let mut g = shared.0.lock();
         match g.begin(h) {
             crate::runloop::Turn::Done => return,
             crate::runloop::Turn::Sleep { wake, max } => {
                 drop(g);
                 lapic::sleep_until(wake, max, cal);
+                g = shared.0.lock();
             }
             crate::runloop::Turn::Enter => {
                 let Some((mut d, mut regs)) = g.detach(h) else {
@@ -315,7 +318,7 @@ fn run_host(h: usize, cal: &lapic::Calibration) {
                 drop(g);
                 let entered = d.enter(&mut regs);
                 let exited_at = cpu::rdtsc();
-                let mut g = shared.0.lock();
+                g = shared.0.lock();
                 g.reattach(h, d, regs, entered, exited_at);
                 g.finish(h);
             }

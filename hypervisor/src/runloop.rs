@@ -1231,7 +1231,17 @@ impl<C: Cpu> RunLoop<C> {
     }
 
     /// Host CPU `h`'s vCPU left guest mode at host TSC `t1` (or could not enter: `failed`).
+    ///
+    /// With several host CPUs the exit waited for the loop's lock from `t1` to now (another CPU
+    /// held it: a pick, another guest's exit, a command). That wait is Keel's, not the guest's,
+    /// as a wait for the CPU is: if none of the guest's vCPUs is on another CPU (its clock is
+    /// this vCPU's alone), the wait comes off the guest's clock (its TSC offset, written at the
+    /// next entry), so two readings of its PIT, LAPIC timer or TSC a few exits apart are as far
+    /// apart as the guest's own time between them, however busy the other CPUs are. A guest
+    /// with vCPUs on other CPUs keeps its clock running: they see it.
     fn exited(&mut self, h: usize, failed: Option<String>, t1: u64) {
+        let now = self.cpu.rdtsc();
+        let elsewhere = self.hosts.len() > 1 && self.elsewhere(h, self.acting_guest(h)).is_some();
         let Some(r) = self.hosts[h].running.as_mut() else {
             return;
         };
@@ -1239,7 +1249,23 @@ impl<C: Cpu> RunLoop<C> {
         let p = &mut r.piece;
         self.slots[i].vcpus[c].stats.cpu_cycles += t1.saturating_sub(p.entered_at);
         p.entry_failed = failed;
-        p.now = t1;
+        let waited = now.saturating_sub(t1);
+        if self.cfg.tsc_offsetting && !elsewhere && waited != 0 {
+            let vm = &mut self.slots[i].vm;
+            vm.tsc_offset = vm.tsc_offset.wrapping_sub(waited);
+            // Its timers fall due later in host time by as much: the deadline kept is early, so
+            // at worst one platform look finds nothing due and takes the new one.
+            p.offset_moved = true;
+        }
+        p.now = now;
+    }
+
+    /// The guest whose vCPU host CPU `h` runs (`usize::MAX` if none).
+    fn acting_guest(&self, h: usize) -> usize {
+        self.hosts[h]
+            .running
+            .as_ref()
+            .map_or(usize::MAX, |r| r.seat.0)
     }
 
     /// Dispatches the VM exit of host CPU `h`'s vCPU and accounts for it: true if the slice goes
@@ -1604,6 +1630,8 @@ struct Piece {
     waited: Option<u64>,
     /// The guests run with TSC offsetting (`LoopConfig::tsc_offsetting`).
     offsetting: bool,
+    /// The guest's TSC offset changed since the last entry: the VMCS is to hold the new one.
+    offset_moved: bool,
     deadline: u64,
     /// The guest's platform is only consulted when it may have changed: after an exit that
     /// reached a device, or when one of its timers falls due. CPUID, VMCALL and the like then
@@ -1676,6 +1704,9 @@ fn before_entry<C: Cpu>(
 ) -> Result<(), StopReason> {
     if p.fresh {
         p.start_at_entry(cpu, v, (&mut *vm, &*vcpu));
+    } else if core::mem::take(&mut p.offset_moved) {
+        // The exit's wait for the loop's lock came off the guest's clock (`RunLoop::exited`).
+        v.write(Control64::TscOffset, vcpu.vmcs_tsc_offset(vm.tsc_offset));
     }
     if p.touched || p.timer_due.is_some_and(|d| p.now >= d) {
         // The guest's TPR for the model, if the last exits left it in VTPR.
@@ -1750,7 +1781,9 @@ impl Piece {
         cpu.load_spec_ctrl(vcpu.spec_ctrl);
         let start = cpu.rdtsc();
         if let Some(since) = self.waited.take() {
-            vm.tsc_offset = vm.tsc_offset.wrapping_sub(start - since);
+            // Saturating: on a machine whose CPUs' TSCs are not in step, `since` (another CPU's)
+            // may be ahead.
+            vm.tsc_offset = vm.tsc_offset.wrapping_sub(start.saturating_sub(since));
         }
         if self.offsetting {
             // Written at every slice: the clock may have stopped since this vCPU's last one,

@@ -7,7 +7,7 @@
 //! the sweep of guest-physical memory (about a minute); every test below asserts on it. Run them alone with
 //! `cargo itest hostile`.
 
-use keel_tests::{shared_boot, shared_boot_on, BootSpec, Emulator, Firmware, Manifest, Outcome};
+use keel_tests::{shared_boot, BootSpec, Emulator, Firmware, Manifest, Outcome};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -17,15 +17,6 @@ static HOSTILE: BootSpec = BootSpec {
     emulator: Emulator::Bochs,
     firmware: Firmware::Bios,
     timeout: Some(Duration::from_secs(240)),
-};
-
-/// The same guests on a machine of one processor, for the check of the timing leaves: with the
-/// run loop on two host CPUs the LAPIC timer rate the x2apic guest measures against its PIT comes
-/// out 2-6% off (938-1015 MHz for 1 GHz; on one CPU 1,000.01 MHz), a defect not found yet
-/// (docs/SECURITY.md, "Still open").
-static HOSTILE_ONE_CPU: BootSpec = BootSpec {
-    name: "bochs-hostile-1cpu",
-    ..HOSTILE
 };
 
 static SWEEP: BootSpec = BootSpec {
@@ -202,7 +193,7 @@ fn cpuid_and_msrs_agree() {
 /// rates the guest measures with the PIT (within 1%).
 #[test]
 fn x2apic_and_the_timing_leaves() {
-    let boot = shared_boot_on(&HOSTILE_ONE_CPU, Some(1));
+    let boot = shared_boot(&HOSTILE);
     boot.expect_guest_line("x2apic", "hostile64: x2apic cases=50/50 ok");
     expect_ended(&boot, "x2apic", OK_STATUS);
 }

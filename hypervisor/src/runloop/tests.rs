@@ -1439,6 +1439,8 @@ struct Hosts {
     clocks: Vec<u64>,
     steps: Vec<HostStep>,
     kicks_seen: usize,
+    /// How long each CPU waits for the loop's lock after a VM exit (another CPU holds it).
+    lock_wait: u64,
 }
 
 impl Hosts {
@@ -1451,6 +1453,7 @@ impl Hosts {
             clocks: vec![rl.cpu.clock; n],
             steps: vec![HostStep::Ready; n],
             kicks_seen: 0,
+            lock_wait: 0,
         }
     }
 
@@ -1472,11 +1475,15 @@ impl Hosts {
             if t >= until {
                 // The entries in progress are accounted for (their `finish` comes later), so the
                 // tests read every vCPU's time up to its last exit.
+                // Each back at its own exit's time, with no wait for the lock.
+                let clock = rl.cpu.clock;
                 for k in 0..self.away.len() {
                     if let Some((regs, entered, at)) = self.away[k].take() {
+                        rl.cpu.clock = at;
                         rl.reattach(k, (), regs, entered, at);
                     }
                 }
+                rl.cpu.clock = rl.cpu.clock.max(clock);
                 return;
             }
             rl.cpu.clock = t;
@@ -1504,6 +1511,7 @@ impl Hosts {
                 },
                 HostStep::Exited => {
                     if let Some((regs, entered, at)) = self.away[h].take() {
+                        rl.cpu.clock += self.lock_wait;
                         rl.reattach(h, (), regs, entered, at);
                     }
                     rl.finish(h);
@@ -1541,6 +1549,41 @@ fn overlapping_entries(trace: &[Entry]) -> Option<(Entry, Entry)> {
         }
     }
     None
+}
+
+/// The guest's TSC from each exit of `seat` to its next entry: the time its clock ran while
+/// Keel had it out of guest mode.
+fn clock_gaps(rl: &RunLoop<FakeCpu>, seat: (usize, usize)) -> Vec<u64> {
+    let entries: Vec<&Entry> = rl.cpu.vcpu_entries(seat.0, seat.1).collect();
+    entries
+        .windows(2)
+        .map(|w| w[1].guest_start.wrapping_sub(w[0].guest_end()))
+        .collect()
+}
+
+#[test]
+fn a_vcpu_waiting_for_the_loop_lock_does_not_see_its_clock_run() {
+    // One guest with one vCPU that exits every 1,000 cycles, on two host CPUs, each exit
+    // waiting 5,000 cycles (half a millisecond) for the loop's lock (another CPU's long exit holds it): the wait
+    // is Keel's, like a wait for the CPU, so the guest's clock does not run through it. (It
+    // did: every PIT or LAPIC timer reading two exits apart in the guest was off by the wait,
+    // and the hostile x2apic guest measured its LAPIC timer 2-6% off against its PIT.)
+    let cpuid_loop = Program {
+        main: vec![Op::Run(1_000), Op::Cpuid],
+        repeat_from: Some(0),
+        ..Program::compute()
+    };
+    let mut rl = smp_rig(vec![vec![cpuid_loop]]);
+    let mut hosts = Hosts::new(&mut rl, 2);
+    hosts.lock_wait = 5_000;
+    hosts.run_for(&mut rl, 20 * QUANTUM);
+    let gaps = clock_gaps(&rl, (0, 0));
+    assert!(gaps.len() > 100, "{} entries", gaps.len());
+    let worst = gaps.iter().copied().max().unwrap();
+    assert!(
+        worst < 100 * KEEL_COST,
+        "the guest's clock ran {worst} cycles from an exit to its next entry"
+    );
 }
 
 #[test]
