@@ -5,7 +5,7 @@
 //! the `emulators` test target: `cargo itest console -- --nocapture` shows the figures.
 use std::time::Duration;
 
-use keel_tests::{guest_prefix, shared_boot_on, BootSpec, Emulator, Firmware, Manifest, Outcome};
+use keel_tests::{guest_prefix, shared_boot, BootSpec, Emulator, Firmware, Manifest, Outcome};
 
 use crate::scheduler::{field, keel_tsc_hz, pit_ticks_off};
 
@@ -17,14 +17,10 @@ static FLOOD: BootSpec = BootSpec {
     timeout: Some(Duration::from_secs(300)),
 };
 
-/// One host CPU. With two, the sleeper on one CPU and the flood on the other, the sleeper's exits
-/// wait for the run loop's lock while the flood's CONSOLE_WRITE exits are handled under it (every
-/// exit of every guest is handled under the one lock), and in Bochs, where a 10 ms tick is 100,000
-/// instructions and a flood's exit some 15,000 to 85,000, the sleeper then loses about 2% of its
-/// ticks (491 of 500.6, docs/SECURITY.md "Still open"). What this file checks, that console output
-/// itself never holds a guest up, is a property of one CPU's loop.
+/// Two host CPUs (the tests' default): the flood on one, the sleeper on the other or both on one,
+/// as the loop places them.
 fn boot() -> std::sync::Arc<Outcome> {
-    shared_boot_on(&FLOOD, Some(1))
+    shared_boot(&FLOOD)
 }
 
 /// The number right before ` word` in `line` (`number_before("... 1234 bytes", "bytes")` is 1234).
