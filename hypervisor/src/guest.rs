@@ -533,6 +533,11 @@ pub struct Vm {
     /// when it is created, and its device timers run on that clock. Each vCPU's TSC adds its own
     /// `tsc_adjust` (the VMCS TSC offset, SDM 26.3, is [`Vcpu::vmcs_tsc_offset`]).
     pub tsc_offset: u64,
+    /// The latest of its virtual time ([`Vm::now`]) Keel has used from another host CPU (a wake,
+    /// an IPI, a key) or at an exit: an exit's wait for the run loop's lock is taken off its
+    /// clock only down to here, so the clock never goes back behind what was seen
+    /// (`RunLoop::exited`). Set back with the clock at a boot or a restore.
+    pub clock_seen: u64,
     /// Its answers to the CPUID leaves that depend on nothing it changes (`exits::cpuid`).
     pub cpuid: crate::exits::cpuid::CpuidTable,
 }
@@ -675,6 +680,13 @@ impl Vm {
     /// a vCPU's TSC less that vCPU's own IA32_TSC_ADJUST.
     pub fn now(&self, host_tsc: u64) -> u64 {
         host_tsc.wrapping_add(self.tsc_offset)
+    }
+
+    /// [`Vm::now`], noted as seen ([`Vm::clock_seen`]).
+    pub fn now_seen(&mut self, host_tsc: u64) -> u64 {
+        let t = self.now(host_tsc);
+        self.clock_seen = self.clock_seen.max(t);
+        t
     }
 
     /// The host TSC at which the guest's virtual time ([`Vm::now`]) reads `guest_tsc`.

@@ -935,6 +935,7 @@ impl VmHw {
             platform: Platform::for_board(board, tsc_hz),
             stats_requested: false,
             tsc_offset: 0,
+            clock_seen: 0,
             cpuid: Default::default(),
         };
         // The CPUID answers that depend on nothing the guest changes, computed once.
@@ -1027,6 +1028,7 @@ impl VmHw {
             if offsetting != 0 {
                 g.tsc_offset = clock.wrapping_sub(cpu::rdtsc());
             }
+            g.clock_seen = clock;
             return Ok(());
         }
         let mut modules = Vec::new();
@@ -1056,6 +1058,7 @@ impl VmHw {
                 .map_err(|e| alloc::format!("{e}"))?;
         }
 
+        g.clock_seen = 0;
         g.tsc_offset = if setup.controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0 {
             0u64.wrapping_sub(cpu::rdtsc())
         } else {

@@ -833,7 +833,8 @@ impl<C: Cpu> RunLoop<C> {
             if !s.vcpus.iter().any(|v| v.state == RunState::Halted) {
                 continue;
             }
-            s.vm.platform.advance(s.vm.now(now));
+            let t = s.vm.now_seen(now);
+            s.vm.platform.advance(t);
             for c in 0..s.vcpus.len() {
                 let halted = s.vcpus[c].state == RunState::Halted;
                 s.wake(c, now);
@@ -1249,14 +1250,20 @@ impl<C: Cpu> RunLoop<C> {
         let p = &mut r.piece;
         self.slots[i].vcpus[c].stats.cpu_cycles += t1.saturating_sub(p.entered_at);
         p.entry_failed = failed;
-        let waited = now.saturating_sub(t1);
-        if self.cfg.tsc_offsetting && !elsewhere && waited != 0 {
-            let vm = &mut self.slots[i].vm;
-            vm.tsc_offset = vm.tsc_offset.wrapping_sub(waited);
-            // Its timers fall due later in host time by as much: the deadline kept is early, so
-            // at worst one platform look finds nothing due and takes the new one.
-            p.offset_moved = true;
+        let vm = &mut self.slots[i].vm;
+        if self.cfg.tsc_offsetting && !elsewhere {
+            // Back to the exit's time, or to the latest time another CPU used meanwhile (a wake
+            // of a halted sibling, a key), whichever is later.
+            let floor = vm.now(t1).max(vm.clock_seen);
+            let waited = vm.now(now).saturating_sub(floor);
+            if waited != 0 {
+                vm.tsc_offset = vm.tsc_offset.wrapping_sub(waited);
+                // Its timers fall due later in host time by as much: the deadline kept is early,
+                // so at worst one platform look finds nothing due and takes the new one.
+                p.offset_moved = true;
+            }
         }
+        vm.now_seen(now);
         p.now = now;
     }
 
@@ -1367,7 +1374,8 @@ impl<C: Cpu> RunLoop<C> {
             }
             let s = &mut self.slots[i];
             if s.vcpus[t].state == RunState::Halted {
-                s.vm.platform.advance(s.vm.now(now));
+                let at = s.vm.now_seen(now);
+                s.vm.platform.advance(at);
                 s.wake(t, now);
             }
             if s.vcpus[t].state != RunState::Runnable {
@@ -2186,6 +2194,7 @@ impl<C: Cpu> RunLoop<C> {
         s.epoch = s.epoch.wrapping_add(1);
         s.ept_changed();
         let now = self.cpu.rdtsc();
+        s.vm.clock_seen = clock;
         if self.cfg.tsc_offsetting {
             s.vm.tsc_offset = clock.wrapping_sub(now);
         }
@@ -2322,7 +2331,7 @@ impl<C: Cpu> RunLoop<C> {
         let s = &mut self.slots[self.focus.current()];
         let running = s.live();
         let g = &mut s.vm;
-        let t = g.now(now);
+        let t = g.now_seen(now);
         self.focus.deliver(running, |b| {
             g.platform.serial_input_room(t) && g.platform.push_serial_input(b, t)
         });

@@ -90,6 +90,7 @@ impl TestBed {
             platform: Platform::new(TEST_TSC_HZ),
             stats_requested: false,
             tsc_offset: 0,
+            clock_seen: 0,
             cpuid: Default::default(),
         };
         let vcpu = Vcpu::new(0, &VmxCaps::bochs_skylake_x());

@@ -406,6 +406,7 @@ fn platform(cpus: usize) -> crate::devices::Platform {
 /// the others waiting for a SIPI.
 fn power_on(hw: &mut FakeVcpu, vm: &mut Vm, vcpus: &mut [Vcpu], clock: u64) {
     vm.tsc_offset = 0u64.wrapping_sub(clock);
+    vm.clock_seen = 0;
     vm.platform = platform(vcpus.len());
     for (c, (core, vcpu)) in hw.cores.iter_mut().zip(vcpus.iter_mut()).enumerate() {
         core.vmcs = FakeVmcs::new();

@@ -1416,8 +1416,10 @@ fn a_start_without_memory_leaves_the_guest_waiting() {
 enum HostStep {
     /// Calls `begin`.
     Ready,
-    /// Its guest ran until a VM exit at its clock: calls `finish`.
+    /// Its guest ran until a VM exit at its clock: calls `finish` (after waiting for the lock).
     Exited,
+    /// Its exit waited for the loop's lock until its clock: calls `finish` now.
+    Locked,
     /// Sleeps until its clock reaches this, or a kick.
     Asleep(u64),
 }
@@ -1439,7 +1441,8 @@ struct Hosts {
     clocks: Vec<u64>,
     steps: Vec<HostStep>,
     kicks_seen: usize,
-    /// How long each CPU waits for the loop's lock after a VM exit (another CPU holds it).
+    /// How long each CPU waits for the loop's lock after a VM exit (another CPU holds it),
+    /// while the others act.
     lock_wait: u64,
 }
 
@@ -1509,9 +1512,14 @@ impl Hosts {
                     }
                     Turn::Done => panic!("every guest stopped"),
                 },
-                HostStep::Exited => {
+                HostStep::Exited if self.lock_wait > 0 => {
+                    // Another CPU holds the lock: the others act meanwhile.
+                    self.steps[h] = HostStep::Locked;
+                    self.clocks[h] = t + self.lock_wait;
+                    continue;
+                }
+                HostStep::Exited | HostStep::Locked => {
                     if let Some((regs, entered, at)) = self.away[h].take() {
-                        rl.cpu.clock += self.lock_wait;
                         rl.reattach(h, (), regs, entered, at);
                     }
                     rl.finish(h);
@@ -1872,6 +1880,37 @@ fn a_guests_clock_never_runs_backwards_across_its_vcpus_on_several_cpus() {
         .iter()
         .any(|e| e.vcpu == 1 && e.injected == Some(0x40)));
     // What one vCPU read of the guest's TSC before another's entry, that one reads at least.
+    for a in &entries {
+        for b in entries.iter().filter(|b| b.start >= a.end) {
+            assert!(
+                b.guest_start >= a.guest_end(),
+                "vCPU {} entered at guest time {} after vCPU {} left at {}",
+                b.vcpu,
+                b.guest_start,
+                a.vcpu,
+                a.guest_end()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_guests_clock_never_runs_backwards_when_its_vcpus_exits_wait_for_the_lock() {
+    // As above, with every exit waiting a twentieth of a quantum for the loop's lock: a wait
+    // comes off the guest's clock only as far as no other vCPU of it saw the clock meanwhile
+    // (one that ran, exited, and left its CPU during the wait).
+    let mut then = Vec::new();
+    for _ in 0..40 {
+        then.push(Op::Run(QUANTUM / 2));
+        then.push(ipi(1, 0, 0x40));
+    }
+    let (mut rl, mut hosts) = two_cpus_with(QUANTUM / 4, &then);
+    hosts.lock_wait = QUANTUM / 20;
+    hosts.run_for(&mut rl, 30 * QUANTUM);
+    let entries: Vec<Entry> = rl.cpu.entries(0).copied().collect();
+    assert!(entries
+        .iter()
+        .any(|e| e.vcpu == 1 && e.injected == Some(0x40)));
     for a in &entries {
         for b in entries.iter().filter(|b| b.start >= a.end) {
             assert!(
