@@ -258,15 +258,7 @@ mod tests {
     const VIRR_3: usize = crate::vmx::apicv::VIRR + 3 * 16;
 
     fn with_vid() -> TestBed {
-        let mut t = TestBed::new();
-        t.enable_apicv(ApicvFeatures {
-            tpr_shadow: true,
-            virtualize_apic_accesses: true,
-            virtual_interrupt_delivery: true,
-            ..ApicvFeatures::default()
-        });
-        t.enable_lapic();
-        t
+        TestBed::with_virtual_interrupt_delivery()
     }
 
     fn vapic(t: &TestBed) -> &crate::vmx::apicv::VirtualApic {
