@@ -588,6 +588,23 @@ impl<C: Cpu> RunLoop<C> {
                     let regs = &g.vcpu.regs;
                     let register_only = exits::fast::is_register_only(raw, regs.rax, regs.rcx);
                     if t1 >= p.until || !(register_only || raw == exits::fast::IO) {
+                        // The VMX-preemption timer inside the slice, with no halted guest's
+                        // timer due: usually one of this guest's own timers fell due. Its
+                        // follow-up is the platform look that `before_entry` makes anyway (the
+                        // timer fired, the interrupt posted or injected), not the general
+                        // dispatch's (`after_exit`: nothing for the schedule, no console, no
+                        // device reached by the exit itself).
+                        let go_on = raw == exits::fast::PREEMPTED
+                            && t1 < p.deadline
+                            && p.others_due.is_none_or(|d| t1 < d)
+                            && g.vcpu.state == RunState::Runnable
+                            && !g.vm.stats_requested
+                            && g.vm.ram.balloon.pending.is_none();
+                        if go_on {
+                            exits::fast::handle_preempted(&v, g.vcpu);
+                            p.touched = true;
+                            continue 'slice;
+                        }
                         break (raw, None);
                     }
                     let now = g.vm.now(t1);

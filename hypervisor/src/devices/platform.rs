@@ -42,6 +42,10 @@ pub struct LineStats {
     pub masked: u64,
 }
 
+/// A vCPU's local APIC vectors as APIC virtualization posts them ([`Platform::apic_vectors`]): IRR,
+/// ISR, TMR, whether the APIC is enabled, and which words of IRR and ISR are non-zero.
+pub type ApicVectors<'a> = (&'a [u32; 8], &'a [u32; 8], &'a [u32; 8], bool, (u8, u8));
+
 /// Counters of one platform, for the accounting table.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PlatformStats {
@@ -821,12 +825,13 @@ impl Platform {
         }
     }
 
-    /// vCPU `cpu`'s IRR, ISR and TMR (`Lapic::vectors`), and whether its APIC is globally
-    /// enabled (a disabled APIC delivers nothing, SDM 11.4.3).
-    pub fn apic_vectors(&self, cpu: usize) -> (&[u32; 8], &[u32; 8], &[u32; 8], bool) {
+    /// vCPU `cpu`'s IRR, ISR and TMR (`Lapic::vectors`), whether its APIC is globally enabled
+    /// (a disabled APIC delivers nothing, SDM 11.4.3), and which words of IRR and ISR are
+    /// non-zero (`Lapic::vector_summaries`).
+    pub fn apic_vectors(&self, cpu: usize) -> ApicVectors<'_> {
         let l = self.lapic(cpu);
         let (irr, isr, tmr) = l.vectors();
-        (irr, isr, tmr, l.enabled())
+        (irr, isr, tmr, l.enabled(), l.vector_summaries())
     }
 
     /// vCPU `cpu`'s registers for the virtual-APIC page (`Lapic::page_image`), if any may have
@@ -1498,7 +1503,7 @@ mod tests {
         p.io_write(port::COM1 + 2, 1, 0x01, 0);
         p.push_serial_input(b'a', 0);
         p.push_serial_input(b'b', 0);
-        let (irr, _, tmr, enabled) = p.apic_vectors(0);
+        let (irr, _, tmr, enabled, _) = p.apic_vectors(0);
         assert!(enabled && irr[2] == 1 << 0x11 && tmr[2] == 1 << 0x11);
         // Posted to the CPU at the entry.
         p.apic_vectors_posted(0);

@@ -119,8 +119,8 @@ pub fn before_entry<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu, vm: &mut Vm
     let p = &vm.platform;
     a.before_entry(vmcs, p.tpr(cpu), || p.highest_irr(cpu), p.apic_mode(cpu));
     if a.features().virtual_interrupt_delivery {
-        let (irr, isr, tmr, enabled) = p.apic_vectors(cpu);
-        a.post(vmcs, irr, isr, tmr, enabled);
+        let (irr, isr, tmr, enabled, summaries) = p.apic_vectors(cpu);
+        a.post(vmcs, (irr, isr), summaries, tmr, enabled);
         // From here the CPU owns them until the next exit; what arrives meanwhile (from a
         // sibling on another host CPU) is merged at that exit (`Lapic::set_vectors`).
         vm.platform.apic_vectors_posted(cpu);
@@ -236,7 +236,7 @@ mod tests {
     use crate::exits::testing::*;
     use crate::exits::Action;
     use crate::guest::StopReason;
-    use crate::vmx::apicv::ApicvFeatures;
+    use crate::vmx::apicv::{summary, ApicvFeatures};
     use crate::vmx::controls::PrimaryControls;
     use crate::vmx::{
         Control32, Control64, ExitReason, Guest16, GuestNat, ReadOnly64, Vmcs, VmcsAccess,
@@ -258,15 +258,7 @@ mod tests {
     const VIRR_3: usize = crate::vmx::apicv::VIRR + 3 * 16;
 
     fn with_vid() -> TestBed {
-        let mut t = TestBed::new();
-        t.enable_apicv(ApicvFeatures {
-            tpr_shadow: true,
-            virtualize_apic_accesses: true,
-            virtual_interrupt_delivery: true,
-            ..ApicvFeatures::default()
-        });
-        t.enable_lapic();
-        t
+        TestBed::with_virtual_interrupt_delivery()
     }
 
     fn vapic(t: &TestBed) -> &crate::vmx::apicv::VirtualApic {
@@ -318,7 +310,14 @@ mod tests {
         irr[1] = 1 << 0x12;
         let mut isr = [0u32; 8];
         isr[2] = 1 << 0x11;
-        a.post(&mut crate::vmx::FakeVmcs::new(), &irr, &isr, &[0; 8], true);
+        let summaries = (summary(&irr), summary(&isr));
+        a.post(
+            &mut crate::vmx::FakeVmcs::new(),
+            (&irr, &isr),
+            summaries,
+            &[0; 8],
+            true,
+        );
         t.run(ExitReason::PreemptionTimer);
         let base = crate::devices::lapic::LAPIC_BASE;
         let read = |t: &mut TestBed, off: u64| t.vm.platform.mmio_read(0, base + off, 4, 0);
@@ -374,8 +373,8 @@ mod tests {
         let a = t.vcpu.apicv.as_mut().unwrap();
         a.post(
             &mut crate::vmx::FakeVmcs::new(),
-            &[0; 8],
-            &isr,
+            (&[0; 8], &isr),
+            (0, summary(&isr)),
             &[0; 8],
             true,
         );
@@ -422,8 +421,8 @@ mod tests {
         // is still up (the byte is unread): the IOAPIC sends it again.
         t.vcpu.apicv.as_mut().unwrap().post(
             &mut crate::vmx::FakeVmcs::new(),
-            &[0; 8],
-            &[0; 8],
+            (&[0; 8], &[0; 8]),
+            (0, 0),
             &[0; 8],
             true,
         );

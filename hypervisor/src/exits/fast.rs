@@ -32,6 +32,8 @@ const RDMSR: u32 = ExitReason::Rdmsr.number() as u32;
 const WRMSR: u32 = ExitReason::Wrmsr.number() as u32;
 /// The exit reason of IN, OUT, INS and OUTS ([`handle_port`]).
 pub const IO: u32 = ExitReason::IoInstruction.number() as u32;
+/// The exit reason of a VMX-preemption timer that ran out ([`handle_preempted`]).
+pub const PREEMPTED: u32 = ExitReason::PreemptionTimer.number() as u32;
 
 /// Whether the exit whose exit-reason field reads `raw` touches only registers, given the
 /// vCPU's RAX and RCX (the hypercall number, the MSR index).
@@ -84,6 +86,25 @@ pub fn handle_register_only<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, raw: 
     };
     debug_assert!(matches!(action, Action::Advance | Action::Inject(_)));
     super::apply(cx.vmcs, cx.vcpu, &action);
+}
+
+/// A VMX-preemption-timer exit (exit reason [`PREEMPTED`]) inside the slice, for the tight loop:
+/// all the general handler does for it (`super::handle`: there is no instruction to complete
+/// and nothing to emulate) without the general follow-up. It is counted; an event whose
+/// delivery the exit cut short goes back into the guest's event queue (SDM Vol. 3C 28.2.4: the
+/// preemption timer can end an event's delivery); the TPR (and the vectors) the guest left on
+/// the virtual-APIC page stay there until the platform look that follows, which the caller
+/// makes before the next entry (`apicv::take_unread`, as after every exit that may touch the
+/// platform: a timer of the guest's has usually fallen due).
+#[inline]
+pub fn handle_preempted<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &mut crate::guest::Vcpu) {
+    let stats = &mut vcpu.stats;
+    stats.last_exit = PREEMPTED as u16;
+    if let Some(slot) = stats.exits.get_mut(PREEMPTED as usize) {
+        *slot += 1;
+    }
+    apicv::leave_vtpr(vcpu);
+    super::requeue_interrupted_event(vmcs, vcpu);
 }
 
 /// What the tight loop made of an I/O exit ([`handle_port`]). Small and `Copy`: it leaves the
@@ -224,6 +245,55 @@ mod tests {
             ExitReason::Wrmsr,
         );
         same_as_dispatch(|t| t.vcpu.regs.rcx = 0x1234_5678, ExitReason::Rdmsr);
+    }
+
+    /// A VMX-preemption-timer exit handled by the tight loop (`handle_preempted`, then the
+    /// platform look before the entry) against the general dispatch of the same exit: with an
+    /// external interrupt's delivery cut short by the exit (SDM 28.2.4) and a TPR the guest
+    /// wrote to the virtual-APIC page without an exit, both count it once, requeue the
+    /// interrupt and enter with it, and give the model the guest's TPR.
+    #[test]
+    fn a_preemption_timer_exit_in_the_loop_ends_as_the_general_dispatch_does() {
+        use crate::vmx::{Control32, InterruptionInfo};
+        let mut fast = TestBed::with_virtual_interrupt_delivery();
+        let mut slow = TestBed::with_virtual_interrupt_delivery();
+        for t in [&mut fast, &mut slow] {
+            t.long_mode();
+            t.enter().unwrap();
+            t.vmcs.set(GuestNat::Rip, 0x1000);
+            t.vmcs.set(GuestNat::Rflags, 0x202);
+            t.vmcs.set(ReadOnly32::ExitReason, PREEMPTED);
+            t.vmcs.set(
+                ReadOnly32::IdtVectoringInfo,
+                InterruptionInfo::external(0x30).raw(),
+            );
+            // VTPR: what a guest's MOV to CR8 leaves on the page.
+            t.vcpu.apicv.as_mut().unwrap().write_register(0x80, 0x20);
+        }
+        handle_preempted(&fast.vmcs, &mut fast.vcpu);
+        let action = dispatch(&mut cx(&mut slow));
+        assert_eq!(action, Action::Preempted);
+        crate::exits::apply(&mut slow.vmcs, &mut slow.vcpu, &action);
+        assert_eq!(fast.vcpu.stats.exits, slow.vcpu.stats.exits);
+        assert_eq!(fast.vcpu.stats.exits[PREEMPTED as usize], 1);
+        assert_eq!(fast.vcpu.stats.last_exit, slow.vcpu.stats.last_exit);
+        assert_eq!(fast.vcpu.events, slow.vcpu.events);
+        for t in [&mut fast, &mut slow] {
+            t.enter().unwrap();
+            assert_eq!(
+                t.vm.platform.tpr(0),
+                0x20,
+                "the guest's TPR reached the model"
+            );
+        }
+        let info = |t: &TestBed| t.vmcs.read(Control32::EntryInterruptionInfo);
+        assert_eq!(info(&fast), info(&slow));
+        assert_eq!(info(&fast), InterruptionInfo::external(0x30).raw());
+        assert_eq!(
+            fast.vmcs.read(GuestNat::Rip),
+            0x1000,
+            "no instruction to complete"
+        );
     }
 
     #[test]

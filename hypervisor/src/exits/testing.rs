@@ -219,6 +219,20 @@ impl TestBed {
         self.vcpu.apicv = Some(a);
     }
 
+    /// A bed whose guest has the TPR shadow, virtualized APIC accesses and virtual-interrupt
+    /// delivery, its local APIC software-enabled.
+    pub fn with_virtual_interrupt_delivery() -> Self {
+        let mut t = Self::new();
+        t.enable_apicv(crate::vmx::apicv::ApicvFeatures {
+            tpr_shadow: true,
+            virtualize_apic_accesses: true,
+            virtual_interrupt_delivery: true,
+            ..Default::default()
+        });
+        t.enable_lapic();
+        t
+    }
+
     /// Software-enables the local APIC of the vCPU the bed runs (SVR bit 8, spurious vector
     /// 0xFF).
     pub fn enable_lapic(&mut self) {

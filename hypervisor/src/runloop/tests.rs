@@ -112,6 +112,20 @@ fn slices(trace: &[Entry], ids: &[usize]) -> Vec<(usize, Vec<Entry>)> {
     out
 }
 
+/// Every slice of the guests in `ids` but the last (still running) holds one quantum of guest
+/// time, less Keel's work around its entries.
+fn whole_slices_hold_a_quantum(trace: &[Entry], ids: &[usize]) {
+    let all = slices(trace, ids);
+    for (g, entries) in &all[..all.len() - 1] {
+        let ran: u64 = entries.iter().map(|e| e.end - e.start).sum();
+        assert!(
+            ran <= QUANTUM && ran > QUANTUM - 20 * KEEL_COST * entries.len() as u64,
+            "guest {g}: {ran} cycles in {} entries",
+            entries.len()
+        );
+    }
+}
+
 #[test]
 fn three_cpu_bound_guests_get_equal_shares() {
     let mut rl = rig(vec![Program::compute(); 3]);
@@ -212,15 +226,7 @@ fn a_woken_guest_runs_first_and_the_interrupted_guest_gets_the_rest_of_its_slice
     }
     assert!(interrupted > 100, "{interrupted} slices cut short");
     // Every whole slice holds one quantum of guest time, whether a wake-up cut it or not.
-    let all = slices(trace, &[0, 1]);
-    for (g, entries) in &all[..all.len() - 1] {
-        let ran: u64 = entries.iter().map(|e| e.end - e.start).sum();
-        assert!(
-            ran <= QUANTUM && ran > QUANTUM - 20 * KEEL_COST * entries.len() as u64,
-            "guest {g}: {ran} cycles in {} entries",
-            entries.len()
-        );
-    }
+    whole_slices_hold_a_quantum(trace, &[0, 1]);
 }
 
 /// A PIT programmed with count 1 is due every 0.84 us: without the minimum gap every entry of
@@ -397,6 +403,50 @@ fn every_guest_gets_its_ticks_on_time_whether_the_running_one_exits_often_or_nev
     every_tick_on_time(&rl, 2, PIT_132HZ);
     let cpuid = rl.slots[0].vcpus[0].stats.exits[ExitReason::Cpuid.number() as usize];
     assert!(cpuid > 10_000, "{cpuid} CPUID exits");
+}
+
+/// A computing guest's own timer that falls due inside its slice brings it back by the
+/// VMX-preemption timer, which the tight loop follows with the platform look alone
+/// (`exits::fast::handle_preempted`, no general dispatch): the tick goes in at the next entry,
+/// in the same slice, on time; every preemption exit is counted once and its handling timed;
+/// the slices still hold a quantum each.
+#[test]
+fn a_guests_own_timer_inside_its_slice_is_taken_there_and_every_preemption_counted() {
+    let mut rl = rig(vec![
+        Program::compute().with_pit(PIT_132HZ),
+        Program::compute().with_pit(PIT_100HZ),
+    ]);
+    run_for(&mut rl, TSC_HZ);
+    every_tick_on_time(&rl, 0, PIT_132HZ);
+    every_tick_on_time(&rl, 1, PIT_100HZ);
+    let trace = &rl.cpu.trace;
+    let preempted = ExitReason::PreemptionTimer.number() as usize;
+    for i in 0..2 {
+        let st = &rl.slots[i].vcpus[0].stats;
+        let traced = rl
+            .cpu
+            .entries(i)
+            .filter(|e| e.exit == ExitReason::PreemptionTimer)
+            .count() as u64;
+        assert_eq!(st.exits[preempted], traced, "guest {i}: each counted once");
+        // The handling of those inside a slice is timed (up to the next entry).
+        let inside = trace
+            .windows(2)
+            .filter(|w| w[0].guest == i && w[1].guest == i)
+            .filter(|w| w[0].exit == ExitReason::PreemptionTimer)
+            .collect::<Vec<_>>();
+        assert!(
+            st.exits_timed[preempted] >= inside.len() as u64,
+            "guest {i}"
+        );
+        // Ticks taken in the slice they fell due in: right after its own preemption exit.
+        let in_slice = inside.iter().filter(|w| w[1].injected.is_some()).count();
+        assert!(
+            in_slice > 30,
+            "guest {i}: {in_slice} ticks inside its slices"
+        );
+    }
+    whole_slices_hold_a_quantum(trace, &[0, 1]);
 }
 
 /// The same with port accesses the tight loop completes (`exits::fast::handle_port`: the UART's

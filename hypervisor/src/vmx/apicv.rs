@@ -55,9 +55,7 @@ use super::controls::{
     adjust_controls, can_set, ControlError, PinBasedControls, PrimaryControls, SecondaryControls,
 };
 use super::VmxCaps;
-use crate::devices::lapic::{
-    highest, x2apic_readable, ApicMode, X2APIC_MSRS, X2APIC_TIMER_CURRENT,
-};
+use crate::devices::lapic::{x2apic_readable, ApicMode, X2APIC_MSRS, X2APIC_TIMER_CURRENT};
 use crate::vmx::{Control32, Control64, Guest16, Vmcs};
 
 /// Offset of the TPR on the virtual-APIC page (VTPR, SDM 30.1.1).
@@ -438,32 +436,52 @@ impl VirtualApic {
     /// bitmap holds the level-triggered vectors (`tmr`), whose EOI must reach the IOAPIC. VM
     /// entry then evaluates the pending virtual interrupt and delivers it when the guest can take
     /// it (SDM 27.3.2.5, 30.2.1): no interrupt window, no injection. A globally disabled APIC
-    /// (`enabled` false) requests nothing.
+    /// (`enabled` false) requests nothing. `summaries` says which words of IRR and ISR are
+    /// non-zero (bit i for word i, [`summary`]; the model keeps them): the highest vectors come
+    /// from them without a scan, and a page known empty gets only those words.
     pub fn post<V: Vmcs + ?Sized>(
         &mut self,
         vmcs: &mut V,
-        irr: &[u32; 8],
-        isr: &[u32; 8],
+        (irr, isr): (&[u32; 8], &[u32; 8]),
+        summaries: (u8, u8),
         tmr: &[u32; 8],
         enabled: bool,
     ) {
-        let (rvi, svi) = (highest(irr), highest(isr));
-        if self.idle && rvi.is_none() && svi.is_none() {
+        debug_assert_eq!(summaries, (summary(irr), summary(isr)));
+        let (irr_words, isr_words) = summaries;
+        if self.idle && irr_words == 0 && isr_words == 0 {
             // Empty on the page and in the model, RVI = SVI = 0 (the exit found them so,
             // `unchanged`), and no vector accepted since to change the TMR: nothing to write.
             return;
         }
-        self.idle = rvi.is_none() && svi.is_none();
-        for i in 0..8 {
-            self.set_word(VIRR + i * 16, irr[i]);
-            self.set_word(VISR + i * 16, isr[i]);
+        if self.idle {
+            // VIRR and VISR are all zero on the page (what the early return rests on too): only
+            // the model's non-zero words are written.
+            let mut m = irr_words;
+            while m != 0 {
+                let i = m.trailing_zeros() as usize;
+                self.set_word(VIRR + i * 16, irr[i]);
+                m &= m - 1;
+            }
+            let mut m = isr_words;
+            while m != 0 {
+                let i = m.trailing_zeros() as usize;
+                self.set_word(VISR + i * 16, isr[i]);
+                m &= m - 1;
+            }
+        } else {
+            for i in 0..8 {
+                self.set_word(VIRR + i * 16, irr[i]);
+                self.set_word(VISR + i * 16, isr[i]);
+            }
         }
+        self.idle = irr_words == 0 && isr_words == 0;
         let rvi = if enabled {
-            highest(irr).unwrap_or(0)
+            top(irr, irr_words).unwrap_or(0)
         } else {
             0
         };
-        let svi = highest(isr).unwrap_or(0);
+        let svi = top(isr, isr_words).unwrap_or(0);
         vmcs.write(
             Guest16::InterruptStatus,
             u16::from(svi) << 8 | u16::from(rvi),
@@ -586,6 +604,25 @@ const EOI_EXIT_BITMAPS: [Control64; 4] = [
     Control64::EoiExitBitmap3,
 ];
 
+/// Which words of a 256-bit register are non-zero: bit i for word i (what the local APIC model
+/// keeps next to its IRR and ISR, and [`VirtualApic::post`] takes).
+pub fn summary(words: &[u32; 8]) -> u8 {
+    words
+        .iter()
+        .enumerate()
+        .fold(0, |m, (i, &w)| m | u8::from(w != 0) << i)
+}
+
+/// The highest vector set in `words`, whose non-zero words are the bits of `summary`: two
+/// leading-zero counts, no scan.
+fn top(words: &[u32; 8], summary: u8) -> Option<u8> {
+    if summary == 0 {
+        return None;
+    }
+    let i = 7 - summary.leading_zeros() as u8;
+    Some(i * 32 + (31 - words[usize::from(i)].leading_zeros() as u8))
+}
+
 /// The EOI-exit bitmap (SDM 30.1.4: an EOI of a vector whose bit is set exits after EOI
 /// virtualization) from the model's TMR: exactly the vectors whose EOI the emulated APIC would
 /// pass to the IOAPIC (`Lapic::eoi`), that is those the IOAPIC delivered level triggered. A vector
@@ -614,6 +651,7 @@ pub fn tpr_threshold(tpr: u8, highest_irr: Option<u8>) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::lapic::highest;
     use crate::vmx::FakeVmcs;
     use alloc::boxed::Box;
 
@@ -635,6 +673,87 @@ mod tests {
         virtualize_x2apic: false,
         ..ALL
     };
+
+    /// `post` against the exit protocol, over 5,000 random rounds: the guest runs (the CPU may
+    /// set vectors in VIRR, move one to VISR, clear one from VISR, keeping RVI and SVI: SDM
+    /// 30.1.4, 30.2.2, 30.1.5), the exit takes the vectors unless `unchanged` says they are as
+    /// posted, the model changes, and `post` gives it back. After every post VIRR and VISR on
+    /// the page are the model's, word for word, and RVI and SVI its highest vectors, whichever
+    /// words it wrote or skipped.
+    #[test]
+    fn every_post_leaves_the_page_as_the_model_has_it() {
+        let mut a = vapic(ALL);
+        let mut vmcs = FakeVmcs::new();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut irr, mut isr) = ([0u32; 8], [0u32; 8]);
+        let vector = |r: u64| 16 + (r % 240) as usize;
+        for round in 0..5_000 {
+            // The guest runs: at times the CPU changes VIRR and VISR on the page.
+            let (mut pirr, mut pisr) = a.vectors();
+            match next() % 4 {
+                0 => {
+                    let v = vector(next());
+                    pirr[v / 32] |= 1 << (v % 32);
+                }
+                1 => {
+                    if let Some(v) = highest(&pirr) {
+                        let v = usize::from(v);
+                        pirr[v / 32] &= !(1 << (v % 32));
+                        pisr[v / 32] |= 1 << (v % 32);
+                    }
+                }
+                2 => {
+                    if let Some(v) = highest(&pisr) {
+                        let v = usize::from(v);
+                        pisr[v / 32] &= !(1 << (v % 32));
+                    }
+                }
+                _ => {}
+            }
+            for i in 0..8 {
+                a.set_word(VIRR + i * 16, pirr[i]);
+                a.set_word(VISR + i * 16, pisr[i]);
+            }
+            let status = u16::from(highest(&pisr).unwrap_or(0)) << 8
+                | u16::from(highest(&pirr).unwrap_or(0));
+            vmcs.set(Guest16::InterruptStatus, status);
+            // The exit: the model takes what changed.
+            if !a.unchanged(&vmcs) {
+                (irr, isr) = a.take_vectors();
+            }
+            // The model moves on: an interrupt accepted, one taken away, or nothing.
+            match next() % 3 {
+                0 => {
+                    let v = vector(next());
+                    irr[v / 32] |= 1 << (v % 32);
+                }
+                1 => {
+                    irr = [0; 8];
+                    if next() % 2 == 0 {
+                        isr = [0; 8];
+                    }
+                }
+                _ => {}
+            }
+            a.post(
+                &mut vmcs,
+                (&irr, &isr),
+                (summary(&irr), summary(&isr)),
+                &[0; 8],
+                true,
+            );
+            assert_eq!(a.vectors(), (irr, isr), "round {round}");
+            let want =
+                u16::from(highest(&isr).unwrap_or(0)) << 8 | u16::from(highest(&irr).unwrap_or(0));
+            assert_eq!(vmcs.read(Guest16::InterruptStatus), want, "round {round}");
+        }
+    }
 
     #[test]
     fn bochs_offers_tpr_shadow_and_apic_access_virtualization() {
