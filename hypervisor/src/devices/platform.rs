@@ -803,6 +803,12 @@ impl Platform {
     /// (`exits::apicv`): the 8259A's vector for vCPU `cpu`, if its INTR reaches it, is all that
     /// is left to inject.
     pub fn pending_pic_interrupt(&self, cpu: usize) -> Option<u8> {
+        // Checked before every entry with virtual-interrupt delivery, and the 8259A's output is
+        // down nearly always (masked by a guest that uses the local APIC): no look-up of the
+        // vCPU's APIC and its LINT0, no priority resolver then.
+        if self.chipset.pic.output_down() {
+            return None;
+        }
         let lapic = self.chipset.lapics.0.get(cpu)?;
         if lapic.accepts_pic_intr() {
             self.chipset.pic.pending_vector()
