@@ -654,17 +654,23 @@ impl<C: Cpu> RunLoop<C> {
     /// [`RunLoop::enter`] runs the guest, [`RunLoop::finish`] dispatches its exit; the three,
     /// interleaved over CPUs, are the loop of every CPU (docs/SCHEDULING.md, "Host CPUs").
     pub fn begin(&mut self, h: usize) -> Turn {
-        loop {
+        let turn = loop {
             if self.hosts[h].running.is_none() {
                 match self.pick_turn(h) {
                     Turn::Enter => {}
-                    other => return other,
+                    other => break other,
                 }
             }
             if self.prepare(h) {
-                return Turn::Enter;
+                break Turn::Enter;
             }
+        };
+        // The last thing before the lock is let go (an exit's `finish` and this are one turn
+        // with it): what this turn's device work raised for vCPUs of other CPUs.
+        if self.hosts.len() > 1 {
+            self.place_raised(h);
         }
+        turn
     }
 
     /// The wakes, the housekeeping (host CPU 0 only: the console, the control channel, the log,
@@ -1405,6 +1411,52 @@ impl<C: Cpu> RunLoop<C> {
             }
         }
         placed
+    }
+
+    /// Where several CPUs run vCPUs: the vCPUs a device interrupt reached since the last look
+    /// (an IOAPIC message, the 8259A's INTR: `Platform::take_raised`; raised by an exit's port
+    /// or MMIO access, a timer that fell due, a key pushed into a UART) are told, as an IPI's
+    /// targets are ([`RunLoop::place_ipis`]): one in guest mode on another CPU is kicked out to
+    /// take the interrupt at its next entry, a halted one is woken, and a sleeping CPU is kicked
+    /// awake for one that is runnable and on no CPU. Host CPU `h`'s own vCPU takes it at its
+    /// next entry already (its platform is looked at after the exit or the pick that raised it).
+    /// Without this the interrupt waited for the target's slice to end, or for its CPU's sleep
+    /// to end: up to a quantum.
+    fn place_raised(&mut self, h: usize) {
+        let now = self.cpu.rdtsc();
+        for i in 0..self.slots.len() {
+            let raised = self.slots[i].vm.platform.take_raised();
+            if raised == 0 || !self.slots[i].live() {
+                continue;
+            }
+            for t in 0..self.slots[i].vcpus.len().min(64) {
+                if raised & (1 << t) == 0 {
+                    continue;
+                }
+                match self.host_of((i, t)) {
+                    Some(k) if k == h => continue,
+                    Some(k) => {
+                        self.kick_host(k);
+                        continue;
+                    }
+                    None => {}
+                }
+                let s = &mut self.slots[i];
+                if s.vcpus[t].state == RunState::Halted {
+                    s.vm.platform.advance(s.vm.now(now));
+                    s.wake(t, now);
+                }
+                if s.vcpus[t].state != RunState::Runnable || !self.shares.may_run(i) {
+                    continue;
+                }
+                let slot = &self.slots[i];
+                if let Some(k) =
+                    (0..self.hosts.len()).find(|&k| self.hosts[k].asleep && slot.may_run_on(k))
+                {
+                    self.kick_host(k);
+                }
+            }
+        }
     }
 
     /// The host CPU running vCPU `seat`, if any.

@@ -77,7 +77,7 @@ struct Chipset {
     lapics: Apics,
     /// INIT and SIPI messages for vCPUs, in the order sent: the run loop acts on them.
     starts: Vec<(usize, StartSignal)>,
-    /// vCPUs an IPI or interrupt message reached since the run loop last looked (a bit each).
+    /// vCPUs an IPI reached since the run loop last looked (a bit each).
     kicked: u64,
     stats: PlatformStats,
 }
@@ -92,9 +92,11 @@ pub enum StartSignal {
     Startup(u8),
 }
 
-/// Every vCPU's local APIC: the destination of IOAPIC messages and IPIs.
+/// Every vCPU's local APIC: the destination of IOAPIC messages and IPIs; and the vCPUs an
+/// IOAPIC message or the 8259A's INTR reached since the run loop last looked (a bit each,
+/// [`Platform::take_raised`]).
 #[derive(Debug)]
-struct Apics(Vec<Lapic>);
+struct Apics(Vec<Lapic>, u64);
 
 impl Apics {
     /// The vCPUs a message for `destination` reaches (SDM 10.6.2), `broadcast` being the
@@ -129,7 +131,13 @@ impl MessageSink for Apics {
         let mut latch = Latch::Masked;
         for (i, l) in self.0.iter_mut().enumerate() {
             if set & (1 << i) != 0 {
-                latch = match (latch, l.deliver(msg)) {
+                let got = l.deliver(msg);
+                if got != Latch::Masked {
+                    // Even one it holds pending: the CPU running that vCPU may lack it
+                    // (`Lapic::accept`).
+                    self.1 |= 1 << i;
+                }
+                latch = match (latch, got) {
                     (Latch::New, _) | (_, Latch::New) => Latch::New,
                     (Latch::AlreadyPending, _) | (_, Latch::AlreadyPending) => {
                         Latch::AlreadyPending
@@ -159,6 +167,7 @@ impl Chipset {
                 (0..cpus.max(1))
                     .map(|id| Lapic::for_cpu(id, tsc_hz))
                     .collect(),
+                0,
             ),
             starts: Vec::new(),
             kicked: 0,
@@ -250,6 +259,14 @@ impl IrqSink for Chipset {
         } else {
             Latch::Masked
         };
+        if pic == Latch::New {
+            // The 8259A's INTR goes to the vCPUs whose LINT0 takes it (`Chipset::pending`).
+            for (c, l) in self.lapics.0.iter().enumerate() {
+                if l.accepts_pic_intr() {
+                    self.lapics.1 |= 1 << c;
+                }
+            }
+        }
         let pin = ioapic::pin_for_line(line);
         let io = self.ioapic.set_pin(pin, level, &mut self.lapics);
         if rising {
@@ -941,6 +958,14 @@ impl Platform {
     /// The vCPUs (a bit each) that an IPI reached since the last call.
     pub fn take_kicked(&mut self) -> u64 {
         core::mem::take(&mut self.chipset.kicked)
+    }
+
+    /// The vCPUs a device interrupt reached since the last call (a bit each): an IOAPIC message
+    /// accepted by their local APICs, or the 8259A's INTR through LINT0. With vCPUs on several
+    /// host CPUs the run loop kicks those in guest mode elsewhere and wakes the halted ones
+    /// (`RunLoop::place_raised`), as it does for IPIs ([`Platform::take_kicked`]).
+    pub fn take_raised(&mut self) -> u64 {
+        core::mem::take(&mut self.chipset.lapics.1)
     }
 
     /// The local APIC's task-priority register (CR8 is its bits 7:4, SDM 10.8.6.1).

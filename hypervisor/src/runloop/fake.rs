@@ -225,8 +225,10 @@ pub struct FakeCpu {
     pub handles: u64,
     /// On each host CPU: the vCPU whose registers (those VMX does not switch) are in it.
     in_cpu: Vec<Option<(usize, usize)>>,
-    /// The host CPUs kicked, in order, and how many VMCLEARs there were.
+    /// The host CPUs kicked, in order, and when (the fake clock at each kick); how many
+    /// VMCLEARs there were.
     pub kicks: Vec<usize>,
+    pub kicked_at: Vec<u64>,
     pub releases: u64,
     /// The INVEPTs of a guest's EPT: (host CPU, guest).
     pub ept_flushes: Vec<(usize, usize)>,
@@ -256,6 +258,7 @@ impl FakeCpu {
             handles: 0,
             in_cpu: alloc::vec![None],
             kicks: Vec::new(),
+            kicked_at: Vec::new(),
             releases: 0,
             ept_flushes: Vec::new(),
             balloon_status: 0,
@@ -505,6 +508,7 @@ impl Cpu for FakeCpu {
 
     fn kick(&mut self, h: usize) {
         self.kicks.push(h);
+        self.kicked_at.push(self.clock);
     }
 
     fn detach(&mut self, hw: &mut FakeVcpu, cpu: usize) -> Result<(), String> {

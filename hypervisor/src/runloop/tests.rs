@@ -960,18 +960,25 @@ fn fifth_wrmsr_of_the_bsp(rl: &RunLoop<FakeCpu>) -> Entry {
 /// follow within 20 of Keel's steps.
 fn ipi_0x40_taken_at_once(rl: &RunLoop<FakeCpu>) -> (Entry, Entry) {
     let sent = fifth_wrmsr_of_the_bsp(rl);
+    (sent, taken_at_once(rl, sent, 0x40))
+}
+
+/// AP 1's entry that took `vector`, which must follow the BSP's exit `sent` (that sent or
+/// raised it) within 20 of Keel's steps.
+fn taken_at_once(rl: &RunLoop<FakeCpu>, sent: Entry, vector: u8) -> Entry {
     let got = rl
         .cpu
         .vcpu_entries(0, 1)
-        .find(|e| e.injected == Some(0x40))
+        .find(|e| e.injected == Some(vector))
         .copied()
-        .expect("AP 1 never took the IPI");
+        .unwrap_or_else(|| panic!("AP 1 never took vector {vector:#x}"));
     assert!(
         got.start > sent.end && got.start - sent.end < 20 * KEEL_COST,
-        "the IPI reached AP 1 {} cycles after it was sent",
-        got.start.wrapping_sub(sent.end)
+        "vector {vector:#x} reached AP 1 {} cycles after it was sent (kicks {:?})",
+        got.start.wrapping_sub(sent.end),
+        rl.cpu.kicks
     );
-    (sent, got)
+    got
 }
 
 fn smp_rig(guests: Vec<Vec<Program>>) -> RunLoop<FakeCpu> {
@@ -1577,10 +1584,12 @@ impl Hosts {
                 }
             }
             self.clocks[h] = rl.cpu.clock;
-            // Kicks wake sleeping CPUs now.
-            for &k in &rl.cpu.kicks[self.kicks_seen..] {
+            // Kicks wake sleeping CPUs at the time they were made (one made in `begin` comes
+            // before the guest's run that moved the clock since).
+            let kicks = rl.cpu.kicks.iter().zip(&rl.cpu.kicked_at);
+            for (&k, &at) in kicks.skip(self.kicks_seen) {
                 if let HostStep::Asleep(_) = self.steps[k] {
-                    self.steps[k] = HostStep::Asleep(rl.cpu.clock);
+                    self.steps[k] = HostStep::Asleep(at);
                 }
             }
             self.kicks_seen = rl.cpu.kicks.len();
@@ -1704,6 +1713,18 @@ fn a_vcpu_woken_by_an_ipi_while_the_other_cpu_sleeps_runs_there_at_once() {
     assert!(next.start - sent.end < 20 * KEEL_COST);
 }
 
+/// AP 1's entry in progress on another host CPU when the BSP's exit `sent` happened.
+fn ap_in_guest_mode_on_another_cpu_at(rl: &RunLoop<FakeCpu>, sent: Entry) -> Entry {
+    let during = rl
+        .cpu
+        .vcpu_entries(0, 1)
+        .find(|e| e.start < sent.end && e.end > sent.end)
+        .copied()
+        .expect("AP 1 was not in guest mode then");
+    assert_ne!(during.host, sent.host);
+    during
+}
+
 /// An application processor that turns its APIC on and interrupts, and computes.
 fn ap_computer() -> Program {
     let mut main = x2apic_on().to_vec();
@@ -1730,13 +1751,7 @@ fn an_ipi_to_a_vcpu_running_on_another_cpu_kicks_it_and_comes_at_its_next_entry(
     hosts.run_for(&mut rl, 4 * QUANTUM);
     let sent = fifth_wrmsr_of_the_bsp(&rl);
     // The AP was in guest mode on the other CPU when the IPI was sent.
-    let during = rl
-        .cpu
-        .vcpu_entries(0, 1)
-        .find(|e| e.start < sent.end && e.end > sent.end)
-        .copied()
-        .expect("AP 1 was not running when the IPI was sent");
-    assert_ne!(during.host, sent.host);
+    let during = ap_in_guest_mode_on_another_cpu_at(&rl, sent);
     assert!(
         rl.cpu.kicks.contains(&during.host),
         "kicks {:?}",
@@ -1750,6 +1765,85 @@ fn an_ipi_to_a_vcpu_running_on_another_cpu_kicks_it_and_comes_at_its_next_entry(
     assert_eq!(next.injected, Some(0x41), "not at its next entry: {next:?}");
     // The sender was not held up.
     assert!(rl.slots[0].vcpus[0].stats.cpu_cycles > 3 * QUANTUM);
+}
+
+/// COM1's IRQ 4 routed by the IOAPIC to APIC 1 (edge, fixed, physical) as vector 0x44, and the
+/// UART's interrupt output enabled (MCR.OUT2): the guest's IER write that enables the THRE
+/// interrupt (THR is always empty) raises it.
+fn route_com1_to_apic_1(rl: &mut RunLoop<FakeCpu>) {
+    let base = crate::devices::board::IOAPIC_BASE;
+    let p = &mut rl.slots[0].vm.platform;
+    for (reg, value) in [(0x19, 1u64 << 24), (0x18, 0x44)] {
+        p.mmio_write(0, base, 4, reg, 0);
+        p.mmio_write(0, base + 0x10, 4, value, 0);
+    }
+}
+
+/// The BSP's ops that raise COM1's interrupt: OUT2 on, then IER.ETBEI (the THRE interrupt).
+const RAISE_IRQ4: [Op; 2] = [Op::Out(0x3fc, 0x08), Op::Out(0x3f9, 0x02)];
+
+/// The BSP's OUT that raised IRQ 4 (its second OUT, the IER write).
+fn irq4_raised(rl: &RunLoop<FakeCpu>) -> Entry {
+    rl.cpu
+        .vcpu_entries(0, 0)
+        .filter(|e| e.exit == ExitReason::IoInstruction)
+        .nth(1)
+        .copied()
+        .expect("the BSP wrote IER")
+}
+
+#[test]
+fn a_device_interrupt_for_a_vcpu_running_on_another_cpu_kicks_it_and_comes_at_its_next_entry() {
+    // As an IPI does: the IOAPIC's message (a UART's IRQ 4 that the sender's port write raised,
+    // routed to the other vCPU) kicks the CPU in guest mode with the target, which takes it at its
+    // next entry. (It did not: the target took it only when its slice ended, up to a quantum
+    // later, or at its next exit that reached the platform.)
+    let mut then = vec![Op::Run(QUANTUM / 2)];
+    then.extend(RAISE_IRQ4);
+    then.push(Op::Run(u64::MAX));
+    let mut rl = smp_rig(vec![vec![starter(1, &then), ap_computer()]]);
+    route_com1_to_apic_1(&mut rl);
+    let mut hosts = Hosts::new(&mut rl, 2);
+    hosts.run_for(&mut rl, 4 * QUANTUM);
+    let sent = irq4_raised(&rl);
+    let during = ap_in_guest_mode_on_another_cpu_at(&rl, sent);
+    // Its CPU was kicked when IRQ 4 was raised (the fake runs a guest to its next exit
+    // regardless; on the hardware the kick is that exit, an external interrupt).
+    let kicked = rl
+        .cpu
+        .kicks
+        .iter()
+        .zip(&rl.cpu.kicked_at)
+        .any(|(&k, &at)| k == during.host && at >= sent.end && at - sent.end < 20 * KEEL_COST);
+    assert!(
+        kicked,
+        "no kick of CPU {} when IRQ 4 was raised at {}: kicks {:?} at {:?}",
+        during.host, sent.end, rl.cpu.kicks, rl.cpu.kicked_at
+    );
+    let next = rl
+        .cpu
+        .vcpu_entries(0, 1)
+        .find(|e| e.start >= during.end)
+        .unwrap();
+    assert_eq!(next.injected, Some(0x44), "not at its next entry: {next:?}");
+}
+
+#[test]
+fn a_device_interrupt_for_a_halted_vcpu_wakes_it_on_the_sleeping_cpu_at_once() {
+    // The AP halts and its host CPU sleeps; the BSP raises IRQ 4, routed to the AP: the sleeping
+    // CPU is kicked awake for it, as for an IPI. (It slept on until its timer, a quantum.)
+    let mut then = vec![Op::Run(2 * QUANTUM)];
+    then.extend(RAISE_IRQ4);
+    then.push(Op::Run(u64::MAX));
+    let mut rl = smp_rig(vec![vec![starter(1, &then), ap_sleeper()]]);
+    route_com1_to_apic_1(&mut rl);
+    let mut hosts = Hosts::new(&mut rl, 2);
+    hosts.run_for(&mut rl, 6 * QUANTUM);
+    assert_eq!(overlapping_entries(&rl.cpu.trace), None);
+    let sent = irq4_raised(&rl);
+    let got = taken_at_once(&rl, sent, 0x44);
+    assert_ne!(got.host, sent.host, "the AP took the sender's CPU");
+    assert!(rl.cpu.kicks.contains(&got.host), "kicks {:?}", rl.cpu.kicks);
 }
 
 #[test]
