@@ -5,7 +5,7 @@
 //! the `emulators` test target: `cargo itest console -- --nocapture` shows the figures.
 use std::time::Duration;
 
-use keel_tests::{guest_prefix, shared_boot, BootSpec, Emulator, Firmware, Manifest, Outcome};
+use keel_tests::{guest_prefix, shared_boot_on, BootSpec, Emulator, Firmware, Manifest, Outcome};
 
 use crate::scheduler::{field, keel_tsc_hz, pit_ticks_off};
 
@@ -17,10 +17,12 @@ static FLOOD: BootSpec = BootSpec {
     timeout: Some(Duration::from_secs(300)),
 };
 
-/// Two host CPUs (the tests' default): the flood on one, the sleeper on the other or both on one,
-/// as the loop places them.
+/// One host CPU. On two, the flood's drops depend on how the two CPUs interleave (with device
+/// interrupts kicking the other CPU the console no longer filled in one run), and the sleeper
+/// next to it counted 496 of 500.2 ticks (docs/SECURITY.md, "Still open"); what this file checks,
+/// that console output itself never holds a guest up, is a property of one CPU's loop.
 fn boot() -> std::sync::Arc<Outcome> {
-    shared_boot(&FLOOD)
+    shared_boot_on(&FLOOD, Some(1))
 }
 
 /// The number right before ` word` in `line` (`number_before("... 1234 bytes", "bytes")` is 1234).
