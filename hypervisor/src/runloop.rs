@@ -1265,11 +1265,13 @@ impl<C: Cpu> RunLoop<C> {
     /// with vCPUs on other CPUs keeps its clock running: they see it.
     fn exited(&mut self, h: usize, failed: Option<String>, t1: u64) {
         let now = self.cpu.rdtsc();
-        let elsewhere = self.hosts.len() > 1 && self.elsewhere(h, self.acting_guest(h)).is_some();
+        let Some((i, c)) = self.hosts[h].running.as_ref().map(|r| r.seat) else {
+            return;
+        };
+        let elsewhere = self.hosts.len() > 1 && self.elsewhere(h, i).is_some();
         let Some(r) = self.hosts[h].running.as_mut() else {
             return;
         };
-        let (i, c) = r.seat;
         let p = &mut r.piece;
         self.slots[i].vcpus[c].stats.cpu_cycles += t1.saturating_sub(p.entered_at);
         p.entry_failed = failed;
@@ -1288,14 +1290,6 @@ impl<C: Cpu> RunLoop<C> {
         }
         vm.now_seen(now);
         p.now = now;
-    }
-
-    /// The guest whose vCPU host CPU `h` runs (`usize::MAX` if none).
-    fn acting_guest(&self, h: usize) -> usize {
-        self.hosts[h]
-            .running
-            .as_ref()
-            .map_or(usize::MAX, |r| r.seat.0)
     }
 
     /// Dispatches the VM exit of host CPU `h`'s vCPU and accounts for it: true if the slice goes
@@ -1389,28 +1383,42 @@ impl<C: Cpu> RunLoop<C> {
             if targets & (1 << t) == 0 {
                 continue;
             }
-            if let Some(k) = self.host_of((i, t)) {
-                if k != h {
-                    self.kick_host(k);
-                }
+            if !self.reach(h, (i, t), now) {
                 continue;
             }
-            let s = &mut self.slots[i];
-            if s.vcpus[t].state == RunState::Halted {
-                let at = s.vm.now_seen(now);
-                s.vm.platform.advance(at);
-                s.wake(t, now);
-            }
-            if s.vcpus[t].state != RunState::Runnable {
-                continue;
-            }
-            let slot = &self.slots[i];
-            match (0..self.hosts.len()).find(|&k| self.hosts[k].asleep && slot.may_run_on(k)) {
+            match self.sleeping_host_for(i) {
                 Some(k) => self.kick_host(k),
                 None => placed = false,
             }
         }
         placed
+    }
+
+    /// An interrupt came for vCPU `seat` (an IPI, a device's): if another CPU runs it, that CPU
+    /// is kicked out of guest mode to take it at its next entry (host CPU `h`'s own takes it at
+    /// its next entry anyway); if it is halted, it is woken. True if it is runnable and on no
+    /// CPU: it needs one.
+    fn reach(&mut self, h: usize, seat: (usize, usize), now: u64) -> bool {
+        if let Some(k) = self.host_of(seat) {
+            if k != h {
+                self.kick_host(k);
+            }
+            return false;
+        }
+        let (i, t) = seat;
+        let s = &mut self.slots[i];
+        if s.vcpus[t].state == RunState::Halted {
+            let at = s.vm.now_seen(now);
+            s.vm.platform.advance(at);
+            s.wake(t, now);
+        }
+        s.vcpus[t].state == RunState::Runnable
+    }
+
+    /// A sleeping host CPU that may run guest `i`'s vCPUs, if any.
+    fn sleeping_host_for(&self, i: usize) -> Option<usize> {
+        let slot = &self.slots[i];
+        (0..self.hosts.len()).find(|&k| self.hosts[k].asleep && slot.may_run_on(k))
     }
 
     /// Where several CPUs run vCPUs: the vCPUs a device interrupt reached since the last look
@@ -1433,26 +1441,10 @@ impl<C: Cpu> RunLoop<C> {
                 if raised & (1 << t) == 0 {
                     continue;
                 }
-                match self.host_of((i, t)) {
-                    Some(k) if k == h => continue,
-                    Some(k) => {
-                        self.kick_host(k);
-                        continue;
-                    }
-                    None => {}
-                }
-                let s = &mut self.slots[i];
-                if s.vcpus[t].state == RunState::Halted {
-                    s.vm.platform.advance(s.vm.now(now));
-                    s.wake(t, now);
-                }
-                if s.vcpus[t].state != RunState::Runnable || !self.shares.may_run(i) {
+                if !self.reach(h, (i, t), now) || !self.shares.may_run(i) {
                     continue;
                 }
-                let slot = &self.slots[i];
-                if let Some(k) =
-                    (0..self.hosts.len()).find(|&k| self.hosts[k].asleep && slot.may_run_on(k))
-                {
+                if let Some(k) = self.sleeping_host_for(i) {
                     self.kick_host(k);
                 }
             }
