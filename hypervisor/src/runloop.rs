@@ -602,8 +602,19 @@ impl<C: Cpu> RunLoop<C> {
                             && g.vm.ram.balloon.pending.is_none();
                         if go_on {
                             exits::fast::handle_preempted(&v, g.vcpu);
-                            p.touched = true;
-                            continue 'slice;
+                            let now = g.vm.now(t1);
+                            if !exits::apicv::fire_timer(&mut v, g.vcpu, g.vm, now) {
+                                p.touched = true;
+                                continue 'slice;
+                            }
+                            // The guest's APIC timer alone fell due and is posted: the rest
+                            // of `before_entry`'s look, its next deadline.
+                            p.touched = false;
+                            note_deadline(g.vm, p);
+                            if let Err(reason) = arm_entry(&mut self.cpu, &mut v, g.vcpu, p, cfg) {
+                                break 'slice Next::End(SliceEnd::Stop(reason));
+                            }
+                            continue;
                         }
                         break (raw, None);
                     }
@@ -1783,15 +1794,22 @@ fn before_entry<C: Cpu>(
         vm.platform.advance(vm.now(p.now));
         exits::inject_pending_interrupt(v, &mut *vcpu, &mut *vm);
         exits::apicv::before_entry(v, &mut *vcpu, &mut *vm);
-        p.timer_due = vm.platform.next_deadline().map(|d| vm.host_time(d));
-        // Come back at the end of the slice, when one of the guest's own timers falls due, or
-        // when a halted guest's does, whichever is first.
-        p.until = [p.timer_due, p.others_due]
-            .into_iter()
-            .flatten()
-            .fold(p.deadline, u64::min);
+        note_deadline(vm, p);
     }
     arm_entry(cpu, v, vcpu, p, cfg)
+}
+
+/// The piece's next deadline after a look at `vm`'s platform: the guest's next timer, and the
+/// time to come back.
+#[inline(always)]
+fn note_deadline(vm: &Vm, p: &mut Piece) {
+    p.timer_due = vm.platform.next_deadline().map(|d| vm.host_time(d));
+    // Come back at the end of the slice, when one of the guest's own timers falls due, or
+    // when a halted guest's does, whichever is first.
+    p.until = [p.timer_due, p.others_due]
+        .into_iter()
+        .flatten()
+        .fold(p.deadline, u64::min);
 }
 
 /// The last of the work before a VM entry of `vcpu`, after every exit (the register-only ones

@@ -760,6 +760,31 @@ impl Lapic {
         }
     }
 
+    /// The vector a timer expiry would set in IRR, if nothing else of the APIC changes with it
+    /// and it is all the APIC holds for the virtual-APIC page: the APIC globally enabled, the
+    /// timer's LVT entry unmasked with a legal vector (16-255, SDM 11.5.3) that is not marked
+    /// level triggered in the TMR (the timer's interrupt is edge triggered: its acceptance
+    /// leaves the TMR, so the EOI-exit bitmap and the page image, unchanged), IRR and ISR empty,
+    /// nothing accepted since the last post ([`Lapic::posted`]), no NMI pending, and, when the
+    /// page mirrors the registers (`mirrored`: APIC-register virtualization), none of them nor
+    /// the ICR changed since they were taken. Then the expiry is one vector to post
+    /// ([`Platform::fire_timer_alone`](super::Platform::fire_timer_alone)).
+    pub fn timer_alone_vector(&self, mirrored: bool) -> Option<u8> {
+        let lvt = self.lvt[TIMER];
+        let vector = lvt as u8;
+        let quiet = self.globally_enabled()
+            && lvt & LVT_MASKED == 0
+            && vector >= 16
+            && !self.tmr.test(vector)
+            && self.irr.summary == 0
+            && self.isr.summary == 0
+            // Eight ORs, not a comparison of the arrays (a call of `memcmp`).
+            && matches!(self.since_post, SincePost::Arrived(a) if a.iter().fold(0, |s, w| s | w) == 0)
+            && !(mirrored && (self.page_stale.0 || self.icr_stale.0))
+            && !self.nmi_pending;
+        quiet.then_some(vector)
+    }
+
     /// Fires the timer if it fell due by TSC `now`.
     pub fn advance(&mut self, now: u64) {
         if self.timer_mode() == TimerMode::TscDeadline {
@@ -1559,6 +1584,50 @@ mod tests {
         assert_eq!(l.next_deadline(), None);
     }
 
+    /// The timer's expiry is one vector to post only while nothing else is pending, in service,
+    /// arrived since the post, mirrored stale or an NMI, and its vector legal, unmasked and
+    /// edge-triggered in the TMR (a level-triggered IOAPIC vector of the same number leaves its
+    /// TMR bit set: the timer's acceptance would clear it and change the EOI-exit bitmap).
+    #[test]
+    fn a_timer_alone_has_nothing_else_to_post() {
+        let mut l = enabled();
+        l.mmio_write(LVT_TIMER, 4, 0x4_0030, 0);
+        // Reset since the last post (`enabled` wrote the SVR of a fresh APIC): not alone.
+        assert_eq!(l.timer_alone_vector(false), None);
+        l.posted();
+        assert_eq!(l.timer_alone_vector(false), Some(0x30));
+        // The SVR and LVT writes left the mirrored image stale.
+        assert_eq!(l.timer_alone_vector(true), None);
+        l.take_page_stale();
+        assert_eq!(l.timer_alone_vector(true), Some(0x30));
+        l.mmio_write(LVT_TIMER, 4, 0x5_0030, 0); // masked
+        l.take_page_stale();
+        assert_eq!(l.timer_alone_vector(true), None);
+        l.mmio_write(LVT_TIMER, 4, 0x4_0008, 0); // illegal vector
+        assert_eq!(l.timer_alone_vector(false), None);
+        l.mmio_write(LVT_TIMER, 4, 0x4_0030, 0);
+        // A level-triggered interrupt of the same vector, delivered and EOIed: TMR stays.
+        assert_eq!(l.accept(0x30, true), Latch::New);
+        l.posted();
+        assert_eq!(l.timer_alone_vector(false), None, "pending");
+        l.acknowledge(0x30);
+        assert_eq!(l.timer_alone_vector(false), None, "in service");
+        assert_eq!(l.eoi(), Some(0x30));
+        assert_eq!(l.timer_alone_vector(false), None, "level in the TMR");
+        l.mmio_write(LVT_TIMER, 4, 0x4_0031, 0);
+        assert_eq!(l.timer_alone_vector(false), Some(0x31));
+        // Arrived since the post (while another CPU ran the platform), and an NMI.
+        l.accept(0x40, false);
+        l.acknowledge(0x40);
+        l.eoi();
+        assert_eq!(l.timer_alone_vector(false), None, "arrived since the post");
+        l.posted();
+        assert_eq!(l.raise_nmi(), Latch::New);
+        assert_eq!(l.timer_alone_vector(false), None, "NMI");
+        l.take_nmi();
+        assert_eq!(l.timer_alone_vector(false), Some(0x31));
+    }
+
     /// IA32_APIC_BASE in each mode: disabled, xAPIC, x2APIC.
     const DISABLED: u64 = LAPIC_BASE | APIC_BASE_BSP;
     const XAPIC: u64 = DISABLED | APIC_BASE_ENABLE;
@@ -1798,16 +1867,7 @@ mod tests {
             .map(|v| v as u8)
     }
 
-    /// A small xorshift generator: the same pseudo-random sequences on every run.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-    }
+    use crate::exits::testing::Rng;
 
     #[test]
     fn highest_vector() {

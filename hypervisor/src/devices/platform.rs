@@ -46,6 +46,92 @@ pub struct LineStats {
 /// ISR, TMR, whether the APIC is enabled, and which words of IRR and ISR are non-zero.
 pub type ApicVectors<'a> = (&'a [u32; 8], &'a [u32; 8], &'a [u32; 8], bool, (u8, u8));
 
+/// One vCPU's local APIC for APIC virtualization ([`Platform::apic_view`]): its TPR, mode, IRR,
+/// ISR and TMR, and the registers the virtual-APIC page mirrors; none of them a timer or a
+/// message.
+pub struct ApicView<'a>(&'a mut Lapic);
+
+impl ApicView<'_> {
+    /// The task-priority register (`Lapic::tpr`).
+    #[inline]
+    pub fn tpr(&self) -> u8 {
+        self.0.tpr()
+    }
+
+    /// The TPR the guest left in VTPR (`Lapic::set_tpr`).
+    #[inline]
+    pub fn set_tpr(&mut self, tpr: u8) {
+        self.0.set_tpr(tpr);
+    }
+
+    /// The highest vector pending in IRR (`Lapic::highest_irr`).
+    #[inline]
+    pub fn highest_irr(&self) -> Option<u8> {
+        self.0.highest_irr()
+    }
+
+    /// IA32_APIC_BASE's mode (`Lapic::mode`).
+    #[inline]
+    pub fn mode(&self) -> lapic::ApicMode {
+        self.0.mode()
+    }
+
+    /// The processor priority (`Lapic::ppr`).
+    #[inline]
+    pub fn ppr(&self) -> u8 {
+        self.0.ppr()
+    }
+
+    /// As [`Platform::apic_vectors`].
+    #[inline]
+    pub fn vectors(&self) -> ApicVectors<'_> {
+        let (irr, isr, tmr) = self.0.vectors();
+        (irr, isr, tmr, self.0.enabled(), self.0.vector_summaries())
+    }
+
+    /// As [`Platform::set_apic_vectors`].
+    #[inline]
+    pub fn set_vectors(&mut self, irr: &[u32; 8], isr: &[u32; 8]) {
+        self.0.set_vectors(irr, isr);
+    }
+
+    /// As [`Platform::apic_vectors_posted`].
+    #[inline]
+    pub fn posted(&mut self) {
+        self.0.posted();
+    }
+
+    /// As [`Platform::apic_page_stale`].
+    #[inline]
+    pub fn page_stale(&self) -> bool {
+        self.0.page_stale()
+    }
+
+    /// As [`Platform::take_apic_page_image`].
+    #[inline]
+    pub fn take_page_image(&mut self) -> Option<[(usize, u32); lapic::PAGE_IMAGE_LEN]> {
+        self.0.take_page_stale().then(|| self.0.page_image())
+    }
+
+    /// As [`Platform::take_apic_icr`].
+    #[inline]
+    pub fn take_icr(&mut self) -> Option<(usize, u32)> {
+        self.0.take_icr_stale()
+    }
+
+    /// As [`Platform::icr_high`].
+    #[inline]
+    pub fn icr_high(&self) -> u32 {
+        self.0.icr_high()
+    }
+
+    /// As [`Platform::set_icr_high`].
+    #[inline]
+    pub fn set_icr_high(&mut self, value: u32) {
+        self.0.set_icr_high(value);
+    }
+}
+
 /// Counters of one platform, for the accounting table.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PlatformStats {
@@ -767,6 +853,44 @@ impl Platform {
         self.ports_quiet = false;
     }
 
+    /// The short way of [`Platform::advance`] for the run loop before vCPU `cpu`'s entry,
+    /// when the timer that fell due by `now` is that vCPU's local APIC timer alone: no device's
+    /// kept deadline and no other APIC's timer has passed, and the APIC has nothing else for
+    /// its virtual-APIC page (`Lapic::timer_alone_vector`; `mirrored`: the page mirrors its
+    /// registers, with APIC-register virtualization). The timer fires by the model's own
+    /// code (`Lapic::advance`: the same expiry, reload, coalescing and counters in every timer
+    /// mode) and the earliest deadline is taken again; the vector it set in IRR, the only one
+    /// there, is returned for the caller to post (`exits::apicv::fire_timer`). None, with
+    /// nothing done, in every other case: then `advance` is the way.
+    pub fn fire_timer_alone(&mut self, cpu: usize, now: u64, mirrored: bool) -> Option<u8> {
+        if !self.next.is_some_and(|d| d <= now) || self.devices_next.is_some_and(|d| d <= now) {
+            return None;
+        }
+        let lapics = &mut self.chipset.lapics.0;
+        let others_due = lapics
+            .iter()
+            .enumerate()
+            .any(|(i, l)| i != cpu && l.next_deadline().is_some_and(|d| d <= now));
+        let l = lapics.get_mut(cpu)?;
+        if others_due || !l.next_deadline().is_some_and(|d| d <= now) {
+            return None;
+        }
+        let vector = l.timer_alone_vector(mirrored)?;
+        l.advance(now);
+        // The timer's own deadline is the first TSC at which it fires (`ClockRate::tsc_at`),
+        // so it did; should a saturated clock say otherwise, nothing changed and `advance`
+        // finds the same.
+        let fired = l.highest_irr() == Some(vector);
+        self.refresh();
+        self.ports_quiet = false;
+        fired.then_some(vector)
+    }
+
+    /// Whether the 8259A's INTR output is down (no request it would offer a CPU).
+    pub fn pic_output_down(&self) -> bool {
+        self.chipset.pic.output_down()
+    }
+
     /// The earliest TSC at which a timer fires.
     pub fn next_deadline(&self) -> Option<u64> {
         self.next
@@ -932,6 +1056,15 @@ impl Platform {
         let l = &mut self.chipset.lapics.0;
         let i = if cpu < l.len() { cpu } else { 0 };
         &mut l[i]
+    }
+
+    /// vCPU `cpu`'s local APIC as APIC virtualization sees it before an entry and after an exit
+    /// (`exits::apicv`): looked up once for all the registers it reads and writes, not once per
+    /// register (docs/BENCHMARKS.md). Nothing it offers moves a timer, drives a line or sends
+    /// a message, so the platform's kept deadlines stay true without a `refresh`.
+    #[inline]
+    pub fn apic_view(&mut self, cpu: usize) -> ApicView<'_> {
+        ApicView(self.lapic_mut(cpu))
     }
 
     /// How many vCPUs (local APICs) the platform has.

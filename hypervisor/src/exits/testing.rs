@@ -9,6 +9,24 @@ use crate::vmx::{
 };
 use alloc::string::String;
 
+/// A small xorshift generator for randomized tests: the same pseudo-random sequences on every
+/// run.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n` (not 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
 pub struct FakeHost {
     /// Leaves that answer differently from [`FakeHost::cpuid`]'s defaults: (leaf, subleaf).
     pub leaves: alloc::vec::Vec<((u32, u32), [u32; 4])>,

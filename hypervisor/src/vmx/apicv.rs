@@ -495,6 +495,20 @@ impl VirtualApic {
         }
     }
 
+    /// [`VirtualApic::post`] of a model whose IRR holds `vector` alone and whose ISR is empty,
+    /// onto a page that [`VirtualApic::unchanged`] found as the last post left it with nothing
+    /// (VIRR and VISR empty, RVI = SVI = 0) and an unchanged TMR: the one VIRR word and
+    /// RVI = `vector` (SVI stays 0; the EOI-exit bitmaps, from the same TMR, stay). The APIC is
+    /// enabled (the caller's `Lapic::timer_alone_vector` says so), so RVI requests the vector
+    /// (SDM 30.1.2), as `post` makes it.
+    #[inline]
+    pub fn post_one<V: Vmcs + ?Sized>(&mut self, vmcs: &mut V, vector: u8) {
+        debug_assert!(self.idle && vector >= 16);
+        self.set_word(VIRR + usize::from(vector >> 5) * 16, 1 << (vector & 31));
+        self.idle = false;
+        vmcs.write(Guest16::InterruptStatus, u16::from(vector));
+    }
+
     /// Before an entry that follows a device access: VTPR from the model's `tpr`, the TPR
     /// threshold for the interrupt the TPR holds back (`highest_irr`: the highest vector pending
     /// in the model's IRR, asked only when the TPR could hold one back), and the controls for the
