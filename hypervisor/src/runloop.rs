@@ -23,6 +23,18 @@ use alloc::vec::Vec;
 /// A guest's own timers may bring it back to Keel at most this often: every 1/20000 s (50 us).
 pub const MIN_TIMER_GAP_DIVISOR: u64 = 20_000;
 
+/// TSC ticks by which the VMX-preemption timer is armed short of a guest timer's deadline
+/// (`arm_entry`). The timer counts only from the VM entry (SDM 26.5.1), which comes after the
+/// TSC read it is armed from by the rest of `arm_entry`, the run loop's way to the entry and
+/// the entry's own instructions: 80 instructions in the release build, one Bochs tick each
+/// (`trace_exits.py --ops irq`); on silicon the VM entry alone takes more TSC ticks than this.
+/// Armed for the full time, the timer expired that much after the deadline, and the guest's
+/// interrupt came that much later. Armed shorter, an exit that still comes before the deadline
+/// (a way to the entry shorter than counted) waits for it in Keel (`catch_up`), at most this
+/// long: never the minimum gap of a re-armed timer, and never an interrupt before its deadline
+/// (a guest's timer fires only when Keel's clock, read after the exit, has reached it).
+pub const ENTRY_LEAD: u64 = 64;
+
 /// The machine as the run loop uses it. Implemented by the hardware (`hypervisor::RealCpu`) and by
 /// the tests' fake.
 pub trait Cpu {
@@ -602,7 +614,8 @@ impl<C: Cpu> RunLoop<C> {
                             && g.vm.ram.balloon.pending.is_none();
                         if go_on {
                             exits::fast::handle_preempted(&v, g.vcpu);
-                            let now = g.vm.now(t1);
+                            catch_up(&mut self.cpu, g.vcpu, p);
+                            let now = g.vm.now(p.now);
                             if !exits::apicv::fire_timer(&mut v, g.vcpu, g.vm, now) {
                                 p.touched = true;
                                 continue 'slice;
@@ -1799,6 +1812,26 @@ fn before_entry<C: Cpu>(
     arm_entry(cpu, v, vcpu, p, cfg)
 }
 
+/// After a VMX-preemption-timer exit that came before the guest timer's deadline by no more than
+/// the lead it was armed with ([`ENTRY_LEAD`]): waits for the deadline, so that the look that
+/// follows finds the timer due rather than re-arming for the minimum gap. The wait is Keel's
+/// time in the accounts.
+#[inline(always)]
+fn catch_up<C: Cpu>(cpu: &mut C, vcpu: &mut Vcpu, p: &mut Piece) {
+    let Some(due) = p.timer_due else {
+        return;
+    };
+    if p.now < due && due - p.now <= ENTRY_LEAD {
+        let mut t = p.now;
+        while t < due {
+            core::hint::spin_loop();
+            t = cpu.rdtsc();
+        }
+        vcpu.stats.keel_cycles += t - p.now;
+        p.now = t;
+    }
+}
+
 /// The piece's next deadline after a look at `vm`'s platform: the guest's next timer, and the
 /// time to come back.
 #[inline(always)]
@@ -1839,7 +1872,17 @@ fn arm_entry<C: Cpu>(
         // expire just before `until`, find nothing due and be re-armed for `min_gap`, by which
         // the guest's timer interrupt would come late; one unit more would let a slice run past
         // its quantum.
-        let left = p.until.max(t0 + min_gap).saturating_sub(t0);
+        // Short of a guest timer's deadline by the way to the entry ([`ENTRY_LEAD`]); the
+        // slice's end and a halted guest's timer as they are, and a guest timer within the
+        // minimum gap of the slice's end too (the wait for it, `catch_up`, would take the
+        // slice on past the guest's interrupt rather than end it there).
+        let until = match p.timer_due {
+            Some(d) if d == p.until && d.saturating_add(min_gap) <= p.deadline => {
+                d.saturating_sub(ENTRY_LEAD)
+            }
+            _ => p.until,
+        };
+        let left = until.max(t0 + min_gap).saturating_sub(t0);
         let left = left.div_ceil(1 << rate);
         v.write(
             Guest32::PreemptionTimerValue,
