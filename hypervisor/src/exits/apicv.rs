@@ -1147,8 +1147,9 @@ mod fire_timer_tests {
     use crate::vmx::apicv::{ApicvFeatures, VIRR, VISR};
     use crate::vmx::{Guest16, Vmcs};
 
-    fn bed(register_virtualization: bool) -> TestBed {
-        let mut t = TestBed::new();
+    /// A bed with `cpus` vCPUs (the bed runs vCPU 0; the others' APICs only keep timers).
+    fn bed(register_virtualization: bool, cpus: u8) -> TestBed {
+        let mut t = TestBed::smp(cpus);
         t.enable_apicv(ApicvFeatures {
             tpr_shadow: true,
             virtualize_apic_accesses: true,
@@ -1269,11 +1270,22 @@ mod fire_timer_tests {
     /// taken often enough for that to mean something.
     #[test]
     fn a_timer_fired_alone_ends_as_the_general_look() {
-        for (seed, register_virtualization) in [(0x2545_f491_4f6c_dd1d, false), (0x9e37_79b9, true)]
-        {
+        for (seed, register_virtualization, cpus) in [
+            (0x2545_f491_4f6c_dd1d, false, 1),
+            (0x9e37_79b9, true, 1),
+            (0x6c8e_9cf5_7093_2bd5, false, 2),
+        ] {
             let mut rng = Rng(seed);
-            let mut fast = bed(register_virtualization);
-            let mut slow = bed(register_virtualization);
+            let mut fast = bed(register_virtualization, cpus);
+            let mut slow = bed(register_virtualization, cpus);
+            if cpus > 1 {
+                for t in [&mut fast, &mut slow] {
+                    // vCPU 1's APIC enabled, its timer in TSC-deadline mode (vector 0x50).
+                    t.vm.platform.mmio_write(1, LAPIC_BASE + 0xf0, 4, 0x1ff, 0);
+                    t.vm.platform
+                        .mmio_write(1, LAPIC_BASE + 0x320, 4, 2 << 17 | 0x50, 0);
+                }
+            }
             let mut now = 1000;
             for t in [&mut fast, &mut slow] {
                 general_look(t, now);
@@ -1286,6 +1298,12 @@ mod fire_timer_tests {
                 let guest = rng.below(8);
                 let platform = rng.below(32);
                 let value = rng.next();
+                // With two vCPUs, vCPU 1's timer now and then set within 32 ticks of the
+                // earliest deadline, so that both fall due at the same exit.
+                let other = rng.next();
+                let near = fast.vm.platform.next_deadline().unwrap_or(now);
+                let other_at = (other.is_multiple_of(4) && cpus > 1)
+                    .then(|| (near + (other >> 32) % 64).saturating_sub(32).max(1));
                 for t in [&mut fast, &mut slow] {
                     match guest {
                         0 => cpu_delivers(t),
@@ -1303,7 +1321,10 @@ mod fire_timer_tests {
                         }
                         _ => {}
                     }
-                    let touched = match platform {
+                    if let Some(at) = other_at {
+                        t.vm.platform.write_tsc_deadline(1, at, now);
+                    }
+                    let acted = match platform {
                         0 | 1 => {
                             // LVT timer: mode (one-shot, periodic, TSC deadline), mask, vector.
                             let vector = [0x08, 0x30, 0x31, 0xec, 0xff][(value % 5) as usize];
@@ -1335,6 +1356,15 @@ mod fire_timer_tests {
                             mmio(t, 0x300, 1 << 18 | vector, now);
                             true
                         }
+                        8 if cpus > 1 => {
+                            // vCPU 1's timer: a deadline near ours, or disarmed.
+                            let at = match value % 3 {
+                                0 => 0,
+                                _ => now + (value >> 20) % 4000,
+                            };
+                            t.vm.platform.write_tsc_deadline(1, at, now);
+                            true
+                        }
                         7 => {
                             // Software disable (every LVT masked) now and then, enable again.
                             let svr = if value.is_multiple_of(7) { 0xff } else { 0x1ff };
@@ -1343,7 +1373,7 @@ mod fire_timer_tests {
                         }
                         _ => false,
                     };
-                    if touched {
+                    if acted || other_at.is_some() {
                         general_look(t, now);
                         crate::exits::events::commit(&mut t.vmcs, &mut t.vcpu).unwrap();
                     }
