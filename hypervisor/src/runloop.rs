@@ -389,6 +389,19 @@ pub struct RunLoop<C: Cpu> {
     seat_list: Vec<(usize, usize)>,
     /// With several host CPUs: IPI delivery and guest switch times, on one CPU and across CPUs.
     figures: Figures,
+    /// CPU 0's last housekeeping at a pick ([`Chores`]).
+    chores: Chores,
+}
+
+/// When CPU 0's housekeeping at a pick (the console, the control channel, held monitor lines,
+/// the log and the guests' console lines to COM1's queue) last ended, and how long it took, in
+/// host TSC: a pick puts it off when a halted vCPU's timer would fall due before it ended
+/// ([`RunLoop::pick_turn`]). Next to guests flooding their consoles it took longer than a
+/// 100 Hz tick's period in Bochs.
+#[derive(Debug, Default, Clone, Copy)]
+struct Chores {
+    at: u64,
+    took: u64,
 }
 
 /// What IPI delivery and guest switches cost with several host CPUs, in host TSC cycles, each
@@ -495,6 +508,7 @@ impl<C: Cpu> RunLoop<C> {
             policy: None,
             seat_list: Vec::new(),
             figures: Figures::default(),
+            chores: Chores::default(),
         }
     }
 
@@ -557,7 +571,7 @@ impl<C: Cpu> RunLoop<C> {
             Turn::Done => false,
             Turn::Sleep { wake, max } => {
                 self.cpu.sleep_until(wake, max);
-                self.hosts[0].slept_till_wake = self.cpu.rdtsc() >= wake;
+                self.hosts[0].wake_due = self.cpu.rdtsc() >= wake;
                 true
             }
             Turn::Enter => {
@@ -710,14 +724,25 @@ impl<C: Cpu> RunLoop<C> {
         // at most one slice later), so the interrupt is not late by the console, the control
         // channel and the log. A wake that woke nobody (a timer whose line is masked) does the
         // housekeeping, as does every pick after a command left vCPUs to settle.
-        let early = (core::mem::take(&mut self.hosts[h].slept_till_wake) && !self.unsettled)
+        let early = (core::mem::take(&mut self.hosts[h].wake_due) && !self.unsettled)
             .then(|| self.cpu.rdtsc());
         let woke = early.is_some_and(|now| self.wake_halted(now).1);
-        if h == 0 && woke {
+        // The housekeeping is put off, too, when a halted vCPU's timer falls due before it would
+        // end (by how long it took last time): that vCPU's interrupt would wait for it. It runs
+        // at a later pick, and at least once a quantum.
+        let put_off = h == 0 && !woke && !self.unsettled && {
+            let t = self.cpu.rdtsc();
+            t.saturating_sub(self.chores.at) < self.sched.quantum
+                && self
+                    .earliest_halted_deadline(None)
+                    .is_some_and(|d| d <= t.saturating_add(self.chores.took))
+        };
+        if h == 0 && (woke || put_off) {
             // Not the housekeeping, but COM1's FIFO emptied: keys must not overflow it meanwhile.
             self.take_keys();
         }
-        if h == 0 && !woke {
+        if h == 0 && !woke && !put_off {
+            let t0 = self.cpu.rdtsc();
             self.poll_console();
             self.poll_control();
             self.run_held();
@@ -729,6 +754,11 @@ impl<C: Cpu> RunLoop<C> {
             for s in &mut self.slots {
                 print_console(&mut s.vm, PRINT_BUDGET);
             }
+            let t1 = self.cpu.rdtsc();
+            self.chores = Chores {
+                at: t1,
+                took: t1.saturating_sub(t0),
+            };
         }
         let now = match early {
             Some(t) if woke => t,
@@ -1051,6 +1081,12 @@ impl<C: Cpu> RunLoop<C> {
         let (whole, left) = (r.piece.whole, r.left);
         if h == 0 {
             self.take_keys();
+        }
+        if matches!(end, SliceEnd::Interrupted) {
+            // A halted vCPU's timer fell due (or an IPI woke one): it runs before the
+            // housekeeping, which in Bochs next to flooding guests took longer than a 100 Hz
+            // tick's period.
+            self.hosts[h].wake_due = true;
         }
         if !whole && matches!(end, SliceEnd::Over) {
             self.poll_control();
@@ -1673,9 +1709,10 @@ struct HostCpu {
     /// Host TSC of the exit that ended its last slice, until its next vCPU's first entry (none
     /// if it slept in between): a guest switch ([`Figures`]).
     switch_from: Option<u64>,
-    /// It slept until the time it was to wake (not woken early by a key or a kick): the idle
-    /// fast path of its next pick ([`RunLoop::pick_turn`]).
-    slept_till_wake: bool,
+    /// A halted vCPU's time to wake came: it slept until then (not woken early by a key or a
+    /// kick), or its slice was cut short for it (`SliceEnd::Interrupted`). Its next pick takes
+    /// the fast path ([`RunLoop::pick_turn`]): the woken vCPU first, the housekeeping after.
+    wake_due: bool,
 }
 
 impl HostCpu {

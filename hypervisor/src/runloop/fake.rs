@@ -212,6 +212,10 @@ pub struct FakeCpu {
     /// Bytes arriving on the control channel, and what Keel sent back on it.
     pub control_in: VecDeque<u8>,
     pub control_out: Vec<u8>,
+    /// What each look at the control channel costs (`Cpu::control_byte`): it stands for the
+    /// housekeeping of CPU 0's picks (on the machine, moving the guests' console lines and
+    /// Keel's own to COM1's queue), which a woken guest's interrupt must not wait for.
+    pub control_cost: u64,
     pub spec_ctrl_writes: Vec<u64>,
     pub host: FakeHost,
     /// The host CPU the loop acts for (`Cpu::on_host`): the fake plays each of them in turn.
@@ -250,6 +254,7 @@ impl FakeCpu {
             keys: VecDeque::new(),
             control_in: VecDeque::new(),
             control_out: Vec::new(),
+            control_cost: 0,
             spec_ctrl_writes: Vec::new(),
             host: TestBed::new().host,
             on: 0,
@@ -636,6 +641,7 @@ impl Cpu for FakeCpu {
     }
 
     fn control_byte(&mut self) -> Option<u8> {
+        self.clock += self.control_cost;
         self.control_in.pop_front()
     }
 
