@@ -157,6 +157,12 @@ impl Focus {
     pub fn pending(&self) -> usize {
         self.pending.len()
     }
+
+    /// The bytes waiting for the focused guest, oldest first.
+    #[cfg(test)]
+    pub fn pending_bytes(&self) -> alloc::vec::Vec<u8> {
+        self.pending.iter().copied().collect()
+    }
 }
 
 #[cfg(test)]

@@ -430,6 +430,10 @@ impl Cpu for RealCpu {
         hw.invalidate_ept(hw.ept.eptp())
     }
 
+    fn flush_vpid(&mut self, hw: &mut VmHw, id: u32, cpu: usize) -> Result<(), String> {
+        hw.invalidate_vpid(vcpu_vpid(id, cpu))
+    }
+
     fn sleep_until(&mut self, wake: u64, max: u64) {
         lapic::sleep_until(wake, max, &self.cal);
     }
@@ -1130,16 +1134,30 @@ impl VmHw {
     /// The INVEPT that drops what the processor cached under `eptp` (SDM 29.4.3.1), after RAM
     /// left this guest's EPT.
     fn invalidate_ept(&self, eptp: u64) -> Result<(), String> {
-        let secondary = SecondaryControls::from_bits_retain(self.setup.controls.secondary);
-        let policy = FlushPolicy::new(
-            &self.setup.caps,
-            secondary.contains(SecondaryControls::ENABLE_EPT),
-            secondary.contains(SecondaryControls::ENABLE_VPID),
-        );
-        if let Some(inv) = policy.for_ept(eptp) {
+        if let Some(inv) = self.flush_policy().for_ept(eptp) {
             vmx::invalidate(&inv).map_err(|e| alloc::format!("{inv} failed: {e}"))?;
         }
         Ok(())
+    }
+
+    /// The INVVPID that drops what this CPU cached under `vpid` (linear and combined mappings,
+    /// SDM 29.4.3.1), before a vCPU that ran on another CPU since runs here again. Nothing
+    /// when the guest runs without VPIDs: every VM entry and exit then invalidates them.
+    fn invalidate_vpid(&self, vpid: u16) -> Result<(), String> {
+        if let Some(inv) = self.flush_policy().for_vpid(vpid) {
+            vmx::invalidate(&inv).map_err(|e| alloc::format!("{inv} failed: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Which INVEPT and INVVPID types this guest's controls and the processor allow.
+    fn flush_policy(&self) -> FlushPolicy {
+        let secondary = SecondaryControls::from_bits_retain(self.setup.controls.secondary);
+        FlushPolicy::new(
+            &self.setup.caps,
+            secondary.contains(SecondaryControls::ENABLE_EPT),
+            secondary.contains(SecondaryControls::ENABLE_VPID),
+        )
     }
 
     /// Makes the guest's RAM one whole block of its own, for a boot or a restore: a guest that
