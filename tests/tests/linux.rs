@@ -88,9 +88,9 @@ fn linux_run() -> &'static Run {
             "poweroff -f\r",
             secs(60),
         ));
-        // One processor. On two (Keel runs the vCPUs on both) it passes alone, but in a full
-        // suite run, with other Bochs runs loading the machine, the guest's output once stalled
-        // mid-command, not yet explained (docs/SECURITY.md, "Still open").
+        // One processor. On two (Keel runs the vCPUs on both) it passes alone, but under load the
+        // guest can stall with both vCPUs spinning on a kernel lock, not yet explained (the
+        // stress variant below shows it; docs/SECURITY.md, "Still open").
         let outcome = boot_scripted_on(
             ScriptedBoot {
                 name: "linux-shell",
