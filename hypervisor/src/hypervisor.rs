@@ -221,7 +221,7 @@ pub fn run(machine: MachineInfo) -> ! {
         runner = runner.with_policy(policy);
     }
     crate::log::set_guests_running(runner.slots.len());
-    let shared = LOOP.call_once(|| SharedLoop(spin::mutex::TicketMutex::new(runner)));
+    let shared = LOOP.call_once(|| SharedLoop(crate::ticket::TicketLock::new(runner)));
     if n == 1 {
         // One CPU: the loop never lets go of its lock (`RunLoop::step`).
         shared.0.lock().run();
@@ -264,8 +264,15 @@ fn host_mask(hosts: &[&'static arch::smp::PerCpu], cpus: u64) -> u64 {
 /// The run loop shared by every CPU, behind one lock taken around `finish` and `begin`; guest
 /// mode (`Detached::enter`) runs outside it, so guests execute in parallel while their exits are
 /// handled one at a time. A ticket lock: the CPUs get it in the order they asked, so none
-/// waits behind the others for long.
-struct SharedLoop(spin::mutex::TicketMutex<Runner>);
+/// waits behind the others for long; a CPU waiting for it reads COM1 meanwhile ([`lock_loop`]).
+struct SharedLoop(crate::ticket::TicketLock<Runner>);
+
+/// The loop's lock for a CPU back from guest mode or from sleep. While other CPUs have it, the
+/// keys waiting in COM1's FIFO are stashed (`arch::serial::stash_keys`): one CPU's turn with the
+/// lock may outlast the FIFO, and the loop reads COM1 only at each turn.
+fn lock_loop(shared: &SharedLoop) -> crate::ticket::TicketGuard<'_, Runner> {
+    shared.0.lock_while(arch::serial::stash_keys)
+}
 
 // SAFETY: the loop's data (guests, their RAM views and hardware) is only reached with the lock
 // held, except a vCPU's VMCS and its registers' copy, which only the CPU that runs it touches
@@ -301,14 +308,14 @@ fn run_host(h: usize, cal: &lapic::Calibration) {
     };
     // The lock is let go only for guest mode and for sleep: an exit's `finish` and the next
     // entry's `begin` are one turn with it, so a vCPU waits for it once per exit.
-    let mut g = shared.0.lock();
+    let mut g = lock_loop(shared);
     loop {
         match g.begin(h) {
             crate::runloop::Turn::Done => return,
             crate::runloop::Turn::Sleep { wake, max } => {
                 drop(g);
                 lapic::sleep_until(wake, max, cal);
-                g = shared.0.lock();
+                g = lock_loop(shared);
             }
             crate::runloop::Turn::Enter => {
                 let Some((mut d, mut regs)) = g.detach(h) else {
@@ -318,7 +325,7 @@ fn run_host(h: usize, cal: &lapic::Calibration) {
                 drop(g);
                 let entered = d.enter(&mut regs);
                 let exited_at = cpu::rdtsc();
-                g = shared.0.lock();
+                g = lock_loop(shared);
                 g.reattach(h, d, regs, entered, exited_at);
                 g.finish(h);
             }
@@ -428,6 +435,10 @@ impl Cpu for RealCpu {
 
     fn flush_ept(&mut self, hw: &mut VmHw) -> Result<(), String> {
         hw.invalidate_ept(hw.ept.eptp())
+    }
+
+    fn flush_vpid(&mut self, hw: &mut VmHw, id: u32, cpu: usize) -> Result<(), String> {
+        hw.invalidate_vpid(vcpu_vpid(id, cpu))
     }
 
     fn sleep_until(&mut self, wake: u64, max: u64) {
@@ -1130,16 +1141,30 @@ impl VmHw {
     /// The INVEPT that drops what the processor cached under `eptp` (SDM 29.4.3.1), after RAM
     /// left this guest's EPT.
     fn invalidate_ept(&self, eptp: u64) -> Result<(), String> {
-        let secondary = SecondaryControls::from_bits_retain(self.setup.controls.secondary);
-        let policy = FlushPolicy::new(
-            &self.setup.caps,
-            secondary.contains(SecondaryControls::ENABLE_EPT),
-            secondary.contains(SecondaryControls::ENABLE_VPID),
-        );
-        if let Some(inv) = policy.for_ept(eptp) {
+        if let Some(inv) = self.flush_policy().for_ept(eptp) {
             vmx::invalidate(&inv).map_err(|e| alloc::format!("{inv} failed: {e}"))?;
         }
         Ok(())
+    }
+
+    /// The INVVPID that drops what this CPU cached under `vpid` (linear and combined mappings,
+    /// SDM 29.4.3.1), before a vCPU that ran on another CPU since runs here again. Nothing
+    /// when the guest runs without VPIDs: every VM entry and exit then invalidates them.
+    fn invalidate_vpid(&self, vpid: u16) -> Result<(), String> {
+        if let Some(inv) = self.flush_policy().for_vpid(vpid) {
+            vmx::invalidate(&inv).map_err(|e| alloc::format!("{inv} failed: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Which INVEPT and INVVPID types this guest's controls and the processor allow.
+    fn flush_policy(&self) -> FlushPolicy {
+        let secondary = SecondaryControls::from_bits_retain(self.setup.controls.secondary);
+        FlushPolicy::new(
+            &self.setup.caps,
+            secondary.contains(SecondaryControls::ENABLE_EPT),
+            secondary.contains(SecondaryControls::ENABLE_VPID),
+        )
     }
 
     /// Makes the guest's RAM one whole block of its own, for a boot or a restore: a guest that

@@ -146,6 +146,14 @@ pub trait Cpu {
     fn flush_ept(&mut self, _hw: &mut Self::Vcpu) -> Result<(), String> {
         Ok(())
     }
+    /// INVVPID of vCPU `cpu`'s VPID on this CPU, which may hold its linear and combined
+    /// translations from an earlier run here: INVLPG, MOV to CR3 and INVPCID the guest executed
+    /// on another CPU since invalidated them only there (SDM Vol. 3C 29.4.3.1), so they may be
+    /// stale ([`Seat::tlb_on`]).
+    /// `id` is the guest's (`Vm::id`), whose vCPUs' VPIDs follow from it.
+    fn flush_vpid(&mut self, _hw: &mut Self::Vcpu, _id: u32, _cpu: usize) -> Result<(), String> {
+        Ok(())
+    }
     /// Gives a stopped guest's RAM back to the pool (it gets RAM again when booted).
     fn release_ram(&mut self, _hw: &mut Self::Vcpu, _vm: &mut Vm) {}
     /// Keel's pool of memory for guests: (free bytes, total bytes), if known.
@@ -271,6 +279,11 @@ struct Seat {
     ipi_sent: Option<(u64, usize)>,
     /// The host CPU it last ran on.
     last_host: Option<usize>,
+    /// Where several CPUs run vCPUs: the host CPU whose cached translations under this vCPU's
+    /// VPID are current (it ran there last, and since its last INVVPID there); any other CPU's
+    /// may be stale, and one that runs it next invalidates its VPID first
+    /// ([`Cpu::flush_vpid`]). None after a boot or a restore.
+    tlb_on: Option<usize>,
     /// Its virtual time: CPU time over its guest's weight (`sched::advance`), what the picks over
     /// several host CPUs go by.
     vtime: u64,
@@ -692,6 +705,14 @@ impl<C: Cpu> RunLoop<C> {
     /// [`RunLoop::enter`] runs the guest, [`RunLoop::finish`] dispatches its exit; the three,
     /// interleaved over CPUs, are the loop of every CPU (docs/SCHEDULING.md, "Host CPUs").
     pub fn begin(&mut self, h: usize) -> Turn {
+        if self.hosts.len() > 1 {
+            // COM1's receive FIFO lasts 1.4 ms at 115200 baud: it is read at every turn of the
+            // loop, on whichever CPU has it (CPU 0 may be in guest mode or waiting for the lock
+            // that long), into `Operator::keys`, which CPU 0 acts on in order.
+            self.acting = h;
+            self.cpu.on_host(h);
+            self.take_keys();
+        }
         let turn = loop {
             if self.hosts[h].running.is_none() {
                 match self.pick_turn(h) {
@@ -982,6 +1003,17 @@ impl<C: Cpu> RunLoop<C> {
                     return;
                 }
                 self.hosts[h].ept_seen[i] = gen;
+            }
+            // The guest's INVLPGs and CR3 writes on other CPUs since it last ran here did not
+            // reach this CPU's TLB (SDM Vol. 3C 29.4.3.1), nor did its boot's INVVPID: the
+            // vCPU's VPID is invalidated here first. (EPT-derived translations are `ept_gen`'s.)
+            if self.slots[i].seats[c].tlb_on != Some(h) {
+                let s = &mut self.slots[i];
+                if let Err(e) = self.cpu.flush_vpid(&mut s.hw, s.vm.id, c) {
+                    self.stop_or_defer(h, i, StopReason::Killed(e));
+                    return;
+                }
+                self.slots[i].seats[c].tlb_on = Some(h);
             }
         }
         self.switch_to(h, seat);
@@ -1357,6 +1389,10 @@ impl<C: Cpu> RunLoop<C> {
     pub fn finish(&mut self, h: usize) -> bool {
         self.acting = h;
         self.cpu.on_host(h);
+        if self.hosts.len() > 1 {
+            // As in `begin`: COM1 is read at every turn, whichever CPU has the loop.
+            self.take_keys();
+        }
         let kicked = core::mem::take(&mut self.hosts[h].kicked);
         let Some(r) = self.hosts[h].running.as_mut() else {
             return false;

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use keel_tests::debian::{self, LinuxFiles, INIT_MARKER};
-use keel_tests::{boot_scripted, harness_dir, Outcome, ScriptedBoot, Step};
+use keel_tests::{boot_scripted_on, harness_dir, Outcome, ScriptedBoot, Step};
 
 const MANIFEST: &str = "\
 # Written by tests/tests/linux.rs: Debian's kernel first (it gets the keyboard), then two guests
@@ -88,17 +88,20 @@ fn linux_run() -> &'static Run {
             "poweroff -f\r",
             secs(60),
         ));
-        // One processor. On two (Keel runs the vCPUs on both) it passes alone, but in a full
-        // suite run, with other Bochs runs loading the machine, the guest's output once stalled
-        // mid-command, not yet explained (docs/SECURITY.md, "Still open").
-        let outcome = boot_scripted(ScriptedBoot {
-            name: "linux-shell",
-            manifest: MANIFEST,
-            files: &files.dir,
-            script,
-            memory_mib: 512,
-            timeout: secs(900),
-        })?;
+        // One processor. On two (Keel runs the vCPUs on both) it passes alone, but under load the
+        // guest can stall with both vCPUs spinning on a kernel lock, not yet explained (the
+        // stress variant below shows it; docs/SECURITY.md, "Still open").
+        let outcome = boot_scripted_on(
+            ScriptedBoot {
+                name: "linux-shell",
+                manifest: MANIFEST,
+                files: &files.dir,
+                script,
+                memory_mib: 512,
+                timeout: secs(900),
+            },
+            1,
+        )?;
         Ok(Run { files, outcome })
     });
     match r {
@@ -189,6 +192,70 @@ fn linux_boot_figures() {
     for (i, t) in o.result.script_matched_at.iter().enumerate() {
         eprintln!(
             "figure: script step {i} matched at {:.1} s wall",
+            t.as_secs_f64()
+        );
+    }
+}
+
+/// Rounds of [`linux_stress_on_two_host_cpus`].
+const STRESS_ROUNDS: usize = 40;
+
+/// Round `r` of the stress run: a busy loop of varying length, the kernel's interrupt counts and
+/// log, then `ROUND-<r>.` computed by the shell (so never the echo of what was typed).
+fn stress_command(r: usize) -> String {
+    let n = 50 + (r * 37) % 300;
+    format!(
+        "i=0; while [ $i -lt {n} ]; do i=$((i+1)); done; cat /proc/interrupts; dmesg | tail; echo ROUND-$(({r}+0)).\r"
+    )
+}
+
+/// The stress variant of the test above, ignored by default (about 10 minutes in Bochs on an
+/// idle machine; `cargo itest --test linux -- --ignored linux_stress --nocapture`): the Linux
+/// guest's two vCPUs on two host CPUs answer 40 rounds of commands, each typed once the last
+/// answer is out, then power off. Before the fixes of issue 10 this stopped in 5 of 9 boots
+/// (keys lost to COM1's FIFO, or both vCPUs spinning on a guest lock with interrupts off).
+#[test]
+#[ignore]
+fn linux_stress_on_two_host_cpus() {
+    let files =
+        debian::linux_files(&harness_dir().join("debian")).unwrap_or_else(|e| panic!("{e}"));
+    let secs = Duration::from_secs;
+    let mut script = vec![Step::new(INIT_MARKER, &stress_command(1), secs(400))];
+    for r in 2..=STRESS_ROUNDS {
+        script.push(Step::new(
+            &format!("ROUND-{}.", r - 1),
+            &stress_command(r),
+            secs(120),
+        ));
+    }
+    script.push(Step::new(
+        &format!("ROUND-{STRESS_ROUNDS}."),
+        "poweroff -f\r",
+        secs(120),
+    ));
+    let o = boot_scripted_on(
+        ScriptedBoot {
+            name: "linux-stress",
+            manifest: MANIFEST,
+            files: &files.dir,
+            script,
+            memory_mib: 512,
+            timeout: secs(3000),
+        },
+        2,
+    )
+    .unwrap_or_else(|e| panic!("linux-stress: the boot could not run: {e}"));
+    if let Some(failed) = &o.result.script_failed {
+        o.fail(failed);
+    }
+    for r in 1..=STRESS_ROUNDS {
+        linux_line_is(&o, &format!("ROUND-{r}."));
+    }
+    o.expect_line("keel: guest linux ended: powered off (ACPI S5)");
+    o.expect_keel_unhurt();
+    for (i, t) in o.result.script_matched_at.iter().enumerate() {
+        eprintln!(
+            "figure: stress step {i} matched at {:.1} s wall",
             t.as_secs_f64()
         );
     }

@@ -139,6 +139,10 @@ pub struct FakeCore {
     main: Cursor,
     /// In the interrupt handler (where, in the handler's ops).
     handler: Option<Cursor>,
+    /// The guest's paging as of its last entry (a number no other entry has, `FakeCpu::tlb`):
+    /// every run may change its page tables and invalidate what it cached (INVLPG, MOV to CR3),
+    /// which reaches only the CPU it runs on (SDM Vol. 3C 29.4.3.1).
+    paging: u64,
 }
 
 impl FakeCore {
@@ -150,6 +154,7 @@ impl FakeCore {
             program,
             main: Cursor::default(),
             handler: None,
+            paging: 0,
         }
     }
 }
@@ -236,6 +241,17 @@ pub struct FakeCpu {
     pub releases: u64,
     /// The INVEPTs of a guest's EPT: (host CPU, guest).
     pub ept_flushes: Vec<(usize, usize)>,
+    /// On each host CPU: the translations it caches under each vCPU's VPID, as the paging of
+    /// the vCPU's run there that cached them ([`FakeCore::paging`]); INVVPID drops them.
+    tlb: Vec<alloc::collections::BTreeMap<(usize, usize), u64>>,
+    /// Numbers the entries for [`FakeCore::paging`].
+    pagings: u64,
+    /// The INVVPIDs of a vCPU's VPID: (host CPU, guest, vCPU).
+    pub vpid_flushes: Vec<(usize, usize, usize)>,
+    /// The entries that found translations of their vCPU's VPID in the CPU from a run older
+    /// than its last (the vCPU ran on another CPU since, or its guest booted again): the guest
+    /// would have used mappings it had changed and invalidated elsewhere.
+    pub stale_entries: Vec<Entry>,
     /// What every balloon request returns.
     pub balloon_status: u64,
     /// Set: every boot fails with this (no memory for the guest, say).
@@ -266,6 +282,10 @@ impl FakeCpu {
             kicked_at: Vec::new(),
             releases: 0,
             ept_flushes: Vec::new(),
+            tlb: alloc::vec![Default::default()],
+            pagings: 0,
+            vpid_flushes: Vec::new(),
+            stale_entries: Vec::new(),
             balloon_status: 0,
             boot_error: None,
             migrate: None,
@@ -422,6 +442,8 @@ fn power_on(hw: &mut FakeVcpu, vm: &mut Vm, vcpus: &mut [Vcpu], clock: u64) {
         core.active_on = None;
         core.main = Cursor::default();
         core.handler = None;
+        // A paging no CPU cached: what any CPU holds of the old life is stale.
+        core.paging = 0;
         core.vmcs.set(GuestNat::Rflags, core.program.rflags);
         vcpu.reset();
         core.vmcs
@@ -507,6 +529,7 @@ impl Cpu for FakeCpu {
         if self.current.len() <= h {
             self.current.resize(h + 1, None);
             self.in_cpu.resize(h + 1, None);
+            self.tlb.resize(h + 1, Default::default());
         }
         self.on = h;
     }
@@ -524,6 +547,12 @@ impl Cpu for FakeCpu {
 
     fn flush_ept(&mut self, hw: &mut FakeVcpu) -> Result<(), String> {
         self.ept_flushes.push((self.on, hw.id));
+        Ok(())
+    }
+
+    fn flush_vpid(&mut self, hw: &mut FakeVcpu, _id: u32, cpu: usize) -> Result<(), String> {
+        self.tlb[self.on].remove(&(hw.id, cpu));
+        self.vpid_flushes.push((self.on, hw.id, cpu));
         Ok(())
     }
 
@@ -588,7 +617,7 @@ impl Cpu for FakeCpu {
             .set(ReadOnly32::ExitReason, reason.number() as u32);
         vcpu.vmcs.set(ReadOnly32::ExitInstructionLength, len as u32);
         vcpu.launched = true;
-        self.trace.push(Entry {
+        let entry = Entry {
             guest: me.0,
             vcpu: me.1,
             host: h,
@@ -597,7 +626,16 @@ impl Cpu for FakeCpu {
             guest_start,
             injected,
             exit: reason,
-        });
+        };
+        // What this CPU cached of the vCPU's paging must be from its last run (wherever that
+        // was): else it is from before changes made elsewhere.
+        if self.tlb[h].get(&me).is_some_and(|&p| p != vcpu.paging) {
+            self.stale_entries.push(entry);
+        }
+        self.pagings += 1;
+        vcpu.paging = self.pagings;
+        self.tlb[h].insert(me, vcpu.paging);
+        self.trace.push(entry);
         Ok(())
     }
 
@@ -632,6 +670,9 @@ impl Cpu for FakeCpu {
         self.none_elsewhere(hw, "boot");
         hw.boots += 1;
         power_on(hw, vm, vcpus, self.clock);
+        // As `hypervisor::VmHw::boot`: each vCPU's VPID invalidated on this CPU (only).
+        let (on, id) = (self.on, hw.id);
+        self.tlb[on].retain(|&(g, _), _| g != id);
         self.current[self.on] = Some((hw.id, 0));
         Ok(())
     }

@@ -1645,6 +1645,15 @@ fn clock_gaps(rl: &RunLoop<FakeCpu>, seat: (usize, usize)) -> Vec<u64> {
         .collect()
 }
 
+/// A vCPU that exits every 1,000 cycles (CPUID), for good.
+fn cpuid_loop() -> Program {
+    Program {
+        main: vec![Op::Run(1_000), Op::Cpuid],
+        repeat_from: Some(0),
+        ..Program::compute()
+    }
+}
+
 #[test]
 fn a_vcpu_waiting_for_the_loop_lock_does_not_see_its_clock_run() {
     // One guest with one vCPU that exits every 1,000 cycles, on two host CPUs, each exit
@@ -1652,12 +1661,7 @@ fn a_vcpu_waiting_for_the_loop_lock_does_not_see_its_clock_run() {
     // is Keel's, like a wait for the CPU, so the guest's clock does not run through it. (It
     // did: every PIT or LAPIC timer reading two exits apart in the guest was off by the wait,
     // and the hostile x2apic guest measured its LAPIC timer 2-6% off against its PIT.)
-    let cpuid_loop = Program {
-        main: vec![Op::Run(1_000), Op::Cpuid],
-        repeat_from: Some(0),
-        ..Program::compute()
-    };
-    let mut rl = smp_rig(vec![vec![cpuid_loop]]);
+    let mut rl = smp_rig(vec![vec![cpuid_loop()]]);
     let mut hosts = Hosts::new(&mut rl, 2);
     hosts.lock_wait = 5_000;
     hosts.run_for(&mut rl, 20 * QUANTUM);
@@ -1670,15 +1674,20 @@ fn a_vcpu_waiting_for_the_loop_lock_does_not_see_its_clock_run() {
     );
 }
 
-#[test]
-fn two_host_cpus_share_three_vcpus_evenly_and_never_run_one_on_both() {
-    // Guest 0 with two computing vCPUs, guest 1 with one, on two host CPUs.
+/// Guest 0 with two computing vCPUs, guest 1 with one, on two host CPUs, run for `quanta`.
+fn three_vcpus_on_two_host_cpus(quanta: u64) -> RunLoop<FakeCpu> {
     let mut rl = smp_rig(vec![
         vec![starter(1, &[Op::Run(u64::MAX)]), Program::compute()],
         vec![Program::compute()],
     ]);
     let mut hosts = Hosts::new(&mut rl, 2);
-    hosts.run_for(&mut rl, 300 * QUANTUM);
+    hosts.run_for(&mut rl, quanta * QUANTUM);
+    rl
+}
+
+#[test]
+fn two_host_cpus_share_three_vcpus_evenly_and_never_run_one_on_both() {
+    let rl = three_vcpus_on_two_host_cpus(300);
     assert_eq!(overlapping_entries(&rl.cpu.trace), None);
     // Both CPUs computed all the time: each vCPU had 2/3 of one CPU.
     let mean = three_equal_shares(&rl);
@@ -1701,6 +1710,77 @@ fn two_host_cpus_share_three_vcpus_evenly_and_never_run_one_on_both() {
     });
     assert!(moved, "no vCPU moved");
     assert!(rl.cpu.releases >= 200, "{} VMCLEARs", rl.cpu.releases);
+}
+
+#[test]
+fn a_vcpu_back_on_a_cpu_never_uses_translations_cached_there_before_it_ran_elsewhere() {
+    // Three computing vCPUs on two host CPUs: they move. A guest's INVLPG and MOV to CR3
+    // invalidate its cached translations on the CPU it runs on only (SDM Vol. 3C 29.4.3.1): what
+    // a CPU cached under a vCPU's VPID before the vCPU ran on the other CPU may map pages the
+    // guest has since unmapped or moved (a freed kernel stack, a page-table page), so the CPU it
+    // comes back to must run INVVPID first. A vCPU that stays needs none.
+    let rl = three_vcpus_on_two_host_cpus(100);
+    let trace = &rl.cpu.trace;
+    let moves = trace
+        .iter()
+        .enumerate()
+        .filter(|&(n, e)| {
+            let before = trace[..n]
+                .iter()
+                .rev()
+                .find(|b| (b.guest, b.vcpu) == (e.guest, e.vcpu));
+            before.is_none_or(|b| b.host != e.host)
+        })
+        .count();
+    assert!(moves > 20, "{moves} moves");
+    let stale = &rl.cpu.stale_entries;
+    assert!(
+        stale.is_empty(),
+        "{} of {} entries ran on stale translations, the first {:?}",
+        stale.len(),
+        trace.len(),
+        stale.first()
+    );
+    assert_eq!(rl.cpu.vpid_flushes.len(), moves, "one INVVPID per move");
+}
+
+#[test]
+fn keys_are_taken_from_com1_by_whichever_host_cpu_has_the_loop_before_its_fifo_fills() {
+    // Two guests on two host CPUs: one computes through whole slices (no exit for a quantum),
+    // the other exits every 1,000 cycles. A line typed on COM1 arrives at 115200 baud, and the
+    // UART's 16-byte receive FIFO overflows (keys lost) unless read within 16 characters'
+    // time: whichever CPU runs the loop must read it, not CPU 0 alone at its slice ends. Each
+    // line comes after a quiet second (no read-every-millisecond left from the last).
+    let mut rl = smp_rig(vec![vec![Program::compute()], vec![cpuid_loop()]]);
+    let mut hosts = Hosts::new(&mut rl, 2);
+    let fifo_time = TSC_HZ * 16 * 10 / 115_200;
+    hosts.run_for(&mut rl, 3 * QUANTUM);
+    let mut typed = Vec::new();
+    for round in 0..4u8 {
+        let line: Vec<u8> = (0..16).map(|k| b'a' + (round * 16 + k) % 26).collect();
+        rl.cpu.keys.extend(line.iter().copied());
+        typed.extend(line);
+        hosts.run_for(&mut rl, fifo_time);
+        assert!(
+            rl.cpu.keys.is_empty(),
+            "line {round}: {} of 16 keys still in COM1's FIFO after {fifo_time} cycles",
+            rl.cpu.keys.len()
+        );
+        hosts.run_for(&mut rl, TSC_HZ + QUANTUM / 3);
+    }
+    // Every key is on its way to the focused guest (guest 0, which never reads its UART: past
+    // what its FIFO took, they wait for room in Keel), in the order typed.
+    assert_eq!(rl.focus.current(), 0);
+    let pending = rl.focus.pending_bytes();
+    assert!(
+        pending.len() >= typed.len() - 16,
+        "{} keys lost",
+        typed.len() - 16 - pending.len()
+    );
+    assert!(
+        typed.ends_with(&pending),
+        "{pending:?} is not the end of {typed:?}"
+    );
 }
 
 #[test]
