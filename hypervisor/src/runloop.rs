@@ -750,14 +750,19 @@ impl<C: Cpu> RunLoop<C> {
         let woke = early.is_some_and(|now| self.wake_halted(now).1);
         // The housekeeping is put off, too, when a halted vCPU's timer falls due before it would
         // end (by how long it took last time): that vCPU's interrupt would wait for it. It runs
-        // at a later pick, and at least once a quantum.
-        let put_off = h == 0 && !woke && !self.unsettled && {
-            let t = self.cpu.rdtsc();
-            t.saturating_sub(self.chores.at) < self.sched.quantum
-                && self
-                    .earliest_halted_deadline(None)
-                    .is_some_and(|d| d <= t.saturating_add(self.chores.took))
-        };
+        // at a later pick, and at least once a quantum. A housekeeping shorter than the minimum
+        // gap Keel keeps between a guest's timer exits is not worth the look.
+        let put_off = h == 0
+            && !woke
+            && !self.unsettled
+            && self.chores.took >= self.cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR
+            && {
+                let t = self.cpu.rdtsc();
+                t.saturating_sub(self.chores.at) < self.sched.quantum
+                    && self
+                        .earliest_halted_deadline(None)
+                        .is_some_and(|d| d <= t.saturating_add(self.chores.took))
+            };
         if h == 0 && (woke || put_off) {
             // Not the housekeeping, but COM1's FIFO emptied: keys must not overflow it meanwhile.
             self.take_keys();
