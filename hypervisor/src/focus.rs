@@ -165,45 +165,10 @@ impl Focus {
     }
 }
 
-/// Keys read from COM1 ahead of the run loop (by a CPU waiting for its lock, `ticket`), oldest
-/// first: the loop takes these before reading the UART again, so the order typed is kept.
-pub type KeyStash<const N: usize> = crate::log::ByteRing<N>;
-
-/// Fills `stash` from `read` (COM1's receiver) until it is full or `read` has nothing: when full
-/// it takes no more, and the UART's FIFO holds the rest.
-pub fn stash_keys<const N: usize>(stash: &mut KeyStash<N>, mut read: impl FnMut() -> Option<u8>) {
-    while !stash.is_full() {
-        match read() {
-            Some(b) => {
-                stash.push(b);
-            }
-            None => return,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use alloc::vec::Vec;
-
-    #[test]
-    fn the_stash_keeps_keys_in_order_and_leaves_what_does_not_fit_in_the_uart() {
-        let mut uart: VecDeque<u8> = (0..10).collect();
-        let mut stash = KeyStash::<4>::new();
-        stash_keys(&mut stash, || uart.pop_front());
-        assert!(stash.is_full());
-        assert_eq!(uart.len(), 6, "read past the stash's room");
-        assert_eq!((stash.pop(), stash.pop()), (Some(0), Some(1)));
-        stash_keys(&mut stash, || uart.pop_front());
-        let mut out = Vec::new();
-        // The loop's read: the stash first, then the UART.
-        while let Some(b) = stash.pop().or_else(|| uart.pop_front()) {
-            out.push(b);
-        }
-        assert_eq!(out, (2..10).collect::<Vec<u8>>());
-        assert!(!stash.push(0) || stash.pop() == Some(0));
-    }
 
     fn all(_: usize) -> bool {
         true

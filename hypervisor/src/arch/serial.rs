@@ -55,35 +55,14 @@ pub fn drain() {
     crate::log::flush();
 }
 
-/// Keys a CPU read from COM1 while it waited for the run loop's lock ([`stash_keys`]), which
-/// [`try_read`] hands out first. Its lock is also what lets one CPU at a time read the UART.
-static STASH: spin::Mutex<crate::focus::KeyStash<256>> =
-    spin::Mutex::new(crate::focus::KeyStash::new());
-
-/// The byte in COM1's receiver, if one is waiting (LSR bit 0, data ready).
-fn receive() -> Option<u8> {
+/// A byte typed on COM1, if one is waiting (LSR bit 0, data ready).
+pub fn try_read() -> Option<u8> {
     if lsr() & LSR_DATA_READY == 0 {
         return None;
     }
     // SAFETY: reading the receive register takes the received byte, which is what the caller
     // wants; it has no other effect.
     Some(unsafe { cpu::inb(THR) })
-}
-
-/// A byte typed on COM1, if one is waiting: those stashed first, then the UART's, in the order
-/// typed.
-pub fn try_read() -> Option<u8> {
-    let mut stash = STASH.lock();
-    stash.pop().or_else(receive)
-}
-
-/// Moves what waits in COM1's receive FIFO into the stash, unless another CPU reads COM1 now:
-/// for a CPU waiting for the run loop's lock, so the 16-byte FIFO does not overflow while
-/// another CPU holds the lock (1.4 ms at 115200 baud).
-pub fn stash_keys() {
-    if let Some(mut stash) = STASH.try_lock() {
-        crate::focus::stash_keys(&mut stash, receive);
-    }
 }
 
 /// Brings up COM1 (115200 8N1) and makes it the log sink.
