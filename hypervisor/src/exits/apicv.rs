@@ -125,10 +125,16 @@ pub fn before_entry<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu, vm: &mut Vm
     a.before_entry(vmcs, l.tpr(), || l.highest_irr(), l.mode());
     if a.features().virtual_interrupt_delivery {
         let (irr, isr, tmr, enabled, summaries) = l.vectors();
-        a.post(vmcs, (irr, isr), summaries, tmr, enabled);
+        let rvi = a.post(vmcs, (irr, isr), summaries, tmr, enabled);
         // From here the CPU owns them until the next exit; what arrives meanwhile (from a
         // sibling on another host CPU) is merged at that exit (`Lapic::set_vectors`).
         l.posted();
+        // The entry recognizes a virtual interrupt when RVI[7:4] > VPPR[7:4] (SDM 27.3.2.5,
+        // 30.2.1); VPPR is the model's PPR (the same TPR and highest in-service vector,
+        // SDM 30.1.3).
+        if rvi >> 4 > l.ppr() >> 4 {
+            hold_while_masked(vmcs);
+        }
     }
     if a.features().register_virtualization {
         // The registers the guest reads without an exit (SDM 30.4.2, 30.5): those the model
@@ -145,6 +151,40 @@ pub fn before_entry<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu, vm: &mut Vm
             // An IPI sent: one register, not the whole image.
             a.mirror(&[icr]);
         }
+    }
+}
+
+/// RFLAGS.IF (SDM 3.4.3).
+const RFLAGS_IF: u64 = 1 << 9;
+
+/// Before an entry at which the CPU will recognize a virtual interrupt: if the guest has
+/// RFLAGS.IF = 0, arms interrupt-window exiting, under which the CPU recognizes none (SDM
+/// 30.2.1: a virtual interrupt is recognized only while "interrupt-window exiting" is 0). The
+/// window exit comes once the guest sets IF and has no STI/MOV-SS blocking (SDM 26.7.5), and the
+/// next entry lets the CPU recognize and deliver it (`exits::inject_pending_interrupt` clears
+/// the window then).
+///
+/// On silicon a recognized virtual interrupt waits for IF = 1 anyway (SDM 30.2.2), so this
+/// costs one exit and changes nothing the guest sees. It is for Bochs 2.7: while the guest has
+/// IF = 0 with "external-interrupt exiting" set, a physical interrupt arriving for the host
+/// CPU (a kick from another host CPU) makes it deliver the recognized virtual interrupt
+/// instead of exiting, IF = 0 or not (its `InterruptAcknowledge` checks that the virtual
+/// interrupt is pending, not that it is unmasked). A Linux guest then took its serial
+/// interrupt inside a CLI section and deadlocked on the port lock it held (docs/SECURITY.md).
+/// A virtual interrupt the guest makes recognizable itself while it runs with IF = 0 after an
+/// entry with IF = 1 (an EOI or a TPR write below a pending vector, a self-IPI) is not
+/// covered: no exit tells Keel of it.
+#[inline]
+fn hold_while_masked<V: Vmcs + ?Sized>(vmcs: &mut V) {
+    use crate::vmx::controls::PrimaryControls;
+    use crate::vmx::{Control32, GuestNat};
+    if vmcs.read(GuestNat::Rflags) & RFLAGS_IF != 0 {
+        return;
+    }
+    let window = PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
+    let primary = vmcs.read(Control32::PrimaryProcBasedControls);
+    if primary & window == 0 {
+        vmcs.write(Control32::PrimaryProcBasedControls, primary | window);
     }
 }
 
@@ -178,6 +218,11 @@ pub fn fire_timer<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu, vm: &mut Vm, 
     // `inject_pending_interrupt` would clear the window bit with nothing to wait for.
     let window = PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
     if vmcs.read(Control32::PrimaryProcBasedControls) & window != 0 {
+        return false;
+    }
+    // With IF = 0 the vector is to wait behind the interrupt window (`hold_while_masked`),
+    // which the general look arms.
+    if vmcs.read(crate::vmx::GuestNat::Rflags) & RFLAGS_IF == 0 {
         return false;
     }
     // `take_unread` of a page found unchanged: the TPR alone.
@@ -338,8 +383,8 @@ mod tests {
     }
 
     /// With virtual-interrupt delivery an interrupt for the local APIC is posted into VIRR and
-    /// RVI: no injection and no interrupt window, whether the guest can take it now or not
-    /// (the CPU delivers it when it can, SDM 30.2.1).
+    /// RVI, whether the guest can take it now or not: no injection (the CPU delivers it when it
+    /// can, SDM 30.2.1), and an interrupt window only while the guest has IF = 0.
     #[test]
     fn interrupts_are_posted_into_the_virtual_irr() {
         for rflags in [0x202, 0x2] {
@@ -348,7 +393,8 @@ mod tests {
             t.vmcs.write(GuestNat::Rflags, rflags);
             t.enter().unwrap();
             assert_eq!(t.injected(), None, "RFLAGS {rflags:#x}");
-            assert!(!window_armed(&t), "RFLAGS {rflags:#x}");
+            // With IF = 0 the window holds it back (the test after this one says why).
+            assert_eq!(window_armed(&t), rflags == 0x2, "RFLAGS {rflags:#x}");
             assert_eq!(vapic(&t).vectors().0[2], 1 << 0x11, "VIRR");
             assert_eq!(rvi_svi(&t), (0x51, 0));
             assert_eq!(t.vm.platform.stats().acknowledged, 0);
@@ -358,6 +404,63 @@ mod tests {
     /// What the CPU did while the guest ran (delivered 0x51: VIRR to VISR) is what the model
     /// reads at the next exit: IRR, ISR and PPR through the guest's register reads, and the next
     /// entry keeps SVI.
+    /// An interrupt posted at an entry where the guest has RFLAGS.IF = 0 (here right after a
+    /// CLI at which a kick from another host CPU brought it out) is still posted, and the entry
+    /// arms interrupt-window exiting, which keeps the CPU from recognizing it until the guest
+    /// sets IF (SDM 30.2.1). Without it, Bochs 2.7 delivers a recognized virtual interrupt
+    /// with IF = 0 at the next physical interrupt (its `InterruptAcknowledge`), which is how
+    /// the Linux stress test's vCPU took the serial interrupt inside a CLI section. At the
+    /// window exit (IF = 1) the window is off again and the vector goes in.
+    #[test]
+    fn an_interrupt_posted_while_the_guest_masks_interrupts_waits_for_its_window() {
+        let mut t = with_vid();
+        t.self_ipi(0x51);
+        t.vmcs.write(GuestNat::Rflags, 0x2);
+        t.enter().unwrap();
+        assert_eq!(rvi_svi(&t), (0x51, 0), "still posted");
+        assert!(window_armed(&t), "IF = 0: the window holds it back");
+        assert_eq!(t.injected(), None);
+        // The guest executes STI: the interrupt-window exit.
+        t.vmcs.write(GuestNat::Rflags, 0x202);
+        assert_eq!(t.run(ExitReason::InterruptWindow), Action::Resume);
+        t.enter().unwrap();
+        assert!(!window_armed(&t), "IF = 1: the CPU delivers it");
+        assert_eq!(rvi_svi(&t), (0x51, 0));
+        assert_eq!(t.injected(), None);
+
+        // A vector the TPR holds back is not recognized (RVI[7:4] <= VPPR[7:4]): no window.
+        let mut t = with_vid();
+        let base = crate::devices::lapic::LAPIC_BASE;
+        t.vm.platform.mmio_write(0, base + 0x80, 4, 0x60, 0);
+        t.self_ipi(0x51);
+        t.vmcs.write(GuestNat::Rflags, 0x2);
+        t.enter().unwrap();
+        assert_eq!(rvi_svi(&t), (0x51, 0));
+        assert!(!window_armed(&t), "0x51 is below the TPR's class");
+    }
+
+    /// The short look after a preemption-timer exit (`fire_timer`) leaves an entry with IF = 0
+    /// to the general look, which arms the window for the timer's vector.
+    #[test]
+    fn the_short_timer_look_leaves_a_masked_guest_to_the_general_one() {
+        let mut t = with_vid();
+        let base = crate::devices::lapic::LAPIC_BASE;
+        t.vmcs.write(GuestNat::Rflags, 0x2);
+        t.enter().unwrap();
+        // One-shot timer, vector 0x40, count 1, divide by 1.
+        t.vm.platform.mmio_write(0, base + 0x3e0, 4, 0xb, 0);
+        t.vm.platform.mmio_write(0, base + 0x320, 4, 0x40, 0);
+        t.vm.platform.mmio_write(0, base + 0x380, 4, 1, 0);
+        t.enter().unwrap();
+        crate::exits::fast::handle_preempted(&t.vmcs, &mut t.vcpu);
+        let now = 1_000_000;
+        assert!(!super::fire_timer(&mut t.vmcs, &mut t.vcpu, &mut t.vm, now));
+        t.vm.platform.advance(now);
+        t.enter().unwrap();
+        assert_eq!(rvi_svi(&t), (0x40, 0));
+        assert!(window_armed(&t));
+    }
+
     #[test]
     fn the_model_reads_irr_isr_and_ppr_the_cpu_left() {
         let mut t = with_vid();
@@ -1301,10 +1404,13 @@ mod fire_timer_tests {
                 // With two vCPUs, vCPU 1's timer now and then set within 32 ticks of the
                 // earliest deadline, so that both fall due at the same exit.
                 let other = rng.next();
+                // The guest runs with IF = 0 now and then (the short look refuses those).
+                let rflags = if rng.below(8) == 0 { 0x2 } else { 0x202 };
                 let near = fast.vm.platform.next_deadline().unwrap_or(now);
                 let other_at = (other.is_multiple_of(4) && cpus > 1)
                     .then(|| (near + (other >> 32) % 64).saturating_sub(32).max(1));
                 for t in [&mut fast, &mut slow] {
+                    t.vmcs.write(crate::vmx::GuestNat::Rflags, rflags);
                     match guest {
                         0 => cpu_delivers(t),
                         1 => cpu_eoi(t),

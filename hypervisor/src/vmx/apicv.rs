@@ -438,7 +438,8 @@ impl VirtualApic {
     /// it (SDM 27.3.2.5, 30.2.1): no interrupt window, no injection. A globally disabled APIC
     /// (`enabled` false) requests nothing. `summaries` says which words of IRR and ISR are
     /// non-zero (bit i for word i, [`summary`]; the model keeps them): the highest vectors come
-    /// from them without a scan, and a page known empty gets only those words.
+    /// from them without a scan, and a page known empty gets only those words. Returns the RVI
+    /// written (0: nothing requested).
     pub fn post<V: Vmcs + ?Sized>(
         &mut self,
         vmcs: &mut V,
@@ -446,13 +447,13 @@ impl VirtualApic {
         summaries: (u8, u8),
         tmr: &[u32; 8],
         enabled: bool,
-    ) {
+    ) -> u8 {
         debug_assert_eq!(summaries, (summary(irr), summary(isr)));
         let (irr_words, isr_words) = summaries;
         if self.idle && irr_words == 0 && isr_words == 0 {
             // Empty on the page and in the model, RVI = SVI = 0 (the exit found them so,
             // `unchanged`), and no vector accepted since to change the TMR: nothing to write.
-            return;
+            return 0;
         }
         if self.idle {
             // VIRR and VISR are all zero on the page (what the early return rests on too): only
@@ -493,6 +494,7 @@ impl VirtualApic {
                 vmcs.write(EOI_EXIT_BITMAPS[i], bits);
             }
         }
+        rvi
     }
 
     /// [`VirtualApic::post`] of a model whose IRR holds `vector` alone and whose ISR is empty,
