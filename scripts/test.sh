@@ -11,7 +11,7 @@
 #   scripts/test.sh --long-budget MIN
 #                            # that second pass only if the whole run is expected to end within MIN
 #                            # minutes of its start (the pass is expected to take as long as the
-#                            # first emulator stage did)
+#                            # first emulator stage did); CI runs this way
 set -uo pipefail
 
 long=0
