@@ -88,9 +88,11 @@ fn linux_run() -> &'static Run {
             "poweroff -f\r",
             secs(60),
         ));
-        // One processor. On two (Keel runs the vCPUs on both) it passes alone, but under load the
-        // guest can stall with both vCPUs spinning on a kernel lock, not yet explained (the
-        // stress variant below shows it; docs/SECURITY.md, "Still open").
+        // One processor. On two (Keel runs the vCPUs on both) it passes alone; under load the
+        // guest stalled with both vCPUs spinning on a kernel lock (Bochs' virtual-interrupt
+        // delivery let an interrupt in with IF = 0). Keel now holds such interrupts back, and
+        // the stress variant below passed its two boots since, too few to move this test
+        // (docs/SECURITY.md, "Still open").
         let outcome = boot_scripted_on(
             ScriptedBoot {
                 name: "linux-shell",
@@ -210,7 +212,7 @@ fn stress_command(r: usize) -> String {
 }
 
 /// The stress variant of the test above, ignored by default (about 10 minutes in Bochs on an
-/// idle machine; `cargo itest --test linux -- --ignored linux_stress --nocapture`): the Linux
+/// idle machine; `cargo itest -- linux::linux_stress --ignored --nocapture`): the Linux
 /// guest's two vCPUs on two host CPUs answer 40 rounds of commands, each typed once the last
 /// answer is out, then power off. Before the fixes of issue 10 this stopped in 5 of 9 boots
 /// (keys lost to COM1's FIFO, or both vCPUs spinning on a guest lock with interrupts off).

@@ -5,11 +5,9 @@
 //! stopped. With several vCPUs another one may send the NMI or INIT (an OS parks processors
 //! with CLI; HLT), so the vCPU only halts.
 
-use super::{Action, ExitContext};
+use super::{Action, ExitContext, RFLAGS_IF};
 use crate::guest::StopReason;
 use crate::vmx::{GuestNat, Vmcs};
-
-const RFLAGS_IF: u64 = 1 << 9;
 
 pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let masked = cx.vmcs.read(GuestNat::Rflags) & RFLAGS_IF == 0;
