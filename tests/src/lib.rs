@@ -227,6 +227,21 @@ pub fn boot_scripted_on(b: ScriptedBoot<'_>, cpus: u32) -> Result<Outcome, Strin
     run_and_summarize(name, opts)
 }
 
+/// A [`ScriptedBoot`] that must run to its script's end, on `cpus` processors (`None`: the
+/// default, as [`boot_scripted`]): a setup failure panics with the boot's name, a step that saw
+/// no line in time fails the test with the run's report.
+#[track_caller]
+pub fn run_script(b: ScriptedBoot<'_>, cpus: Option<u32>) -> Outcome {
+    let name = b.name;
+    let outcome = match cpus {
+        Some(n) => boot_scripted_on(b, n),
+        None => boot_scripted(b),
+    }
+    .unwrap_or_else(|e| panic!("{name}: the boot could not run: {e}"));
+    outcome.expect_script_done();
+    outcome
+}
+
 /// The run options of a [`ScriptedBoot`], its images built: for a run that adds to them (a
 /// control channel, a bulk disk) before it starts.
 pub fn scripted_options(b: ScriptedBoot<'_>) -> Result<RunOptions, String> {
@@ -349,6 +364,15 @@ impl Outcome {
     #[track_caller]
     pub fn fail(&self, why: &str) -> ! {
         panic!("{}: {why}\n{}", self.name, self.report())
+    }
+
+    /// Fails unless a scripted boot's every step saw its line in time
+    /// (`RunResult::script_failed` names the one that did not).
+    #[track_caller]
+    pub fn expect_script_done(&self) {
+        if let Some(failed) = &self.result.script_failed {
+            self.fail(failed);
+        }
     }
 
     /// The first line containing `needle`; fails the test if there is none.

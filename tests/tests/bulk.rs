@@ -352,9 +352,7 @@ mod linux {
         if let Some(e) = &s.error {
             boot.fail(e);
         }
-        if let Some(failed) = &boot.result.script_failed {
-            boot.fail(failed);
-        }
+        boot.expect_script_done();
         boot.expect_in_order(&[
             "[linux] A-1",
             "keel: guest linux paused",
@@ -504,9 +502,7 @@ mod linux_migrate {
         if let Some(e) = &r.s.error {
             r.a.fail(e);
         }
-        if let Some(failed) = &r.b.result.script_failed {
-            r.b.fail(failed);
-        }
+        r.b.expect_script_done();
         r.a.expect_in_order(&["[linux] A-1", "keel: guest linux migrated away"]);
         r.b.expect_in_order(&[
             "keel: guest linux migrated in",

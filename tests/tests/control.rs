@@ -255,7 +255,7 @@ fn a_paused_sleeper_keeps_every_tick_of_its_own_time() {
 /// there act (the guests keep running and printing), and `quit` typed there ends Keel with 0.
 #[test]
 fn the_console_prompt_takes_the_same_commands() {
-    use keel_tests::{boot_scripted, ScriptedBoot, Step};
+    use keel_tests::{run_script, ScriptedBoot, Step};
     const PROMPT_MANIFEST: &str = "\
 # Written by tests/tests/control.rs: the monitor's prompt on COM1.
 [[guest]]
@@ -289,18 +289,17 @@ cmdline = \"mode=crunch secs=300\"
         Step::new("[ticker] demo:", "quit\r", secs(60)),
         Step::new("keel: exit status 0", "", secs(60)),
     ];
-    let boot = boot_scripted(ScriptedBoot {
-        name: "bochs-control-prompt",
-        manifest: PROMPT_MANIFEST,
-        files: &files,
-        script,
-        memory_mib: 256,
-        timeout: secs(500),
-    })
-    .unwrap_or_else(|e| panic!("bochs-control-prompt: the boot could not run: {e}"));
-    if let Some(failed) = &boot.result.script_failed {
-        boot.fail(failed);
-    }
+    let boot = run_script(
+        ScriptedBoot {
+            name: "bochs-control-prompt",
+            manifest: PROMPT_MANIFEST,
+            files: &files,
+            script,
+            memory_mib: 256,
+            timeout: secs(500),
+        },
+        None,
+    );
     boot.expect_in_order(&[
         "keel> pause cpu",
         "keel: guest cpu paused",

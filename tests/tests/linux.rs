@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use keel_tests::debian::{self, LinuxFiles, INIT_MARKER};
-use keel_tests::{boot_scripted_on, harness_dir, Outcome, ScriptedBoot, Step};
+use keel_tests::{boot_scripted_on, harness_dir, run_script, Outcome, ScriptedBoot, Step};
 
 const MANIFEST: &str = "\
 # Written by tests/tests/linux.rs: Debian's kernel first (it gets the keyboard), then two guests
@@ -114,9 +114,7 @@ fn linux_run() -> &'static Run {
 
 fn outcome() -> &'static Outcome {
     let o = &linux_run().outcome;
-    if let Some(failed) = &o.result.script_failed {
-        o.fail(failed);
-    }
+    o.expect_script_done();
     o
 }
 
@@ -235,7 +233,7 @@ fn linux_stress_on_two_host_cpus() {
         "poweroff -f\r",
         secs(120),
     ));
-    let o = boot_scripted_on(
+    let o = run_script(
         ScriptedBoot {
             name: "linux-stress",
             manifest: MANIFEST,
@@ -244,12 +242,8 @@ fn linux_stress_on_two_host_cpus() {
             memory_mib: 512,
             timeout: secs(3000),
         },
-        2,
-    )
-    .unwrap_or_else(|e| panic!("linux-stress: the boot could not run: {e}"));
-    if let Some(failed) = &o.result.script_failed {
-        o.fail(failed);
-    }
+        Some(2),
+    );
     for r in 1..=STRESS_ROUNDS {
         linux_line_is(&o, &format!("ROUND-{r}."));
     }
