@@ -187,8 +187,8 @@ pub fn stash_keys<const N: usize>(stash: &mut KeyStash<N>, mut read: impl FnMut(
 /// each turn) and the CPUs waiting for the loop's lock ([`KeyReader::stash`], while they wait).
 /// One CPU at a time reads the UART (the stash's lock), so no byte is read twice or out of order.
 ///
-/// The loop goes first: while it wants to read, no waiter starts a read and one reading stops
-/// after the byte in hand, so the loop waits for at most a byte per waiting CPU. A plain lock for both would let the waiters,
+/// The loop goes first: while it wants to read, no waiter starts a read, so it waits at most for
+/// the reads already started, one per waiting CPU. A plain lock for both would let the waiters,
 /// which read in a tight loop, take it in turns forever: the holder never reads, never lets go of
 /// the loop's lock, and the waiters wait for that lock for ever (4-CPU boots in Bochs hung so).
 pub struct KeyReader<const N: usize> {
@@ -226,14 +226,13 @@ impl<const N: usize> KeyReader<N> {
     }
 
     /// A waiting CPU's read: what `uart` has goes to the stash, unless the loop wants to read or
-    /// another CPU reads the UART now; it stops when the loop wants to read.
-    pub fn stash(&self, mut uart: impl FnMut() -> Option<u8>) {
-        let wanted = || self.wanted.load(Ordering::SeqCst) != 0;
-        if wanted() {
+    /// another CPU reads the UART now.
+    pub fn stash(&self, uart: impl FnMut() -> Option<u8>) {
+        if self.wanted.load(Ordering::SeqCst) != 0 {
             return;
         }
         if let Some(mut stash) = self.stash.try_lock() {
-            stash_keys(&mut stash, || if wanted() { None } else { uart() });
+            stash_keys(&mut stash, uart);
         }
     }
 }
@@ -322,19 +321,6 @@ mod tests {
             "waiters read COM1 {waiter_reads} times ahead of the loop"
         );
         drop(want);
-        // A waiter in the middle of a read when the loop comes stops after the byte in hand.
-        let mut uart: VecDeque<u8> = b"xyz".iter().copied().collect();
-        let mut want = None;
-        keys.stash(|| {
-            want.get_or_insert_with(|| keys.want());
-            uart.pop_front()
-        });
-        assert_eq!(uart.len(), 2, "the waiter read on with the loop waiting");
-        let want = want.unwrap();
-        assert_eq!(want.try_read(|| None), Some(Some(b'x')));
-        assert_eq!(want.try_read(|| uart.pop_front()), Some(Some(b'y')));
-        drop(want);
-        uart.clear();
         // Once the loop has read, the waiters read again.
         let mut uart: VecDeque<u8> = b"ab".iter().copied().collect();
         keys.stash(|| uart.pop_front());
