@@ -19,6 +19,7 @@
 //! `keel: input goes to NAME` when it moves; bytes typed for a guest that has stopped are dropped.
 
 use alloc::collections::VecDeque;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// Ctrl-A: the next byte is for Keel.
 pub const ESCAPE: u8 = 0x01;
@@ -165,10 +166,172 @@ impl Focus {
     }
 }
 
+/// Keys read from COM1 ahead of the run loop (by a CPU waiting for its lock, `ticket`), oldest
+/// first: the loop takes these before reading the UART again, so the order typed is kept.
+pub type KeyStash<const N: usize> = crate::log::ByteRing<N>;
+
+/// Fills `stash` from `read` (COM1's receiver) until it is full or `read` has nothing: when full
+/// it takes no more, and the UART's FIFO holds the rest.
+pub fn stash_keys<const N: usize>(stash: &mut KeyStash<N>, mut read: impl FnMut() -> Option<u8>) {
+    while !stash.is_full() {
+        match read() {
+            Some(b) => {
+                stash.push(b);
+            }
+            None => return,
+        }
+    }
+}
+
+/// COM1's receiver as two kinds of CPU read it: the run loop's holder ([`KeyReader::read`], at
+/// each turn) and the CPUs waiting for the loop's lock ([`KeyReader::stash`], while they wait).
+/// One CPU at a time reads the UART (the stash's lock), so no byte is read twice or out of order.
+///
+/// The loop goes first: while it wants to read, no waiter starts a read, so it waits at most for
+/// the reads already started, one per waiting CPU. A plain lock for both would let the waiters,
+/// which read in a tight loop, take it in turns forever: the holder never reads, never lets go of
+/// the loop's lock, and the waiters wait for that lock for ever (4-CPU boots in Bochs hung so).
+pub struct KeyReader<const N: usize> {
+    stash: spin::Mutex<KeyStash<N>>,
+    /// How many CPUs want to read for the loop now ([`Want`]).
+    wanted: AtomicUsize,
+}
+
+impl<const N: usize> KeyReader<N> {
+    pub const fn new() -> Self {
+        Self {
+            stash: spin::Mutex::new(KeyStash::new()),
+            wanted: AtomicUsize::new(0),
+        }
+    }
+
+    /// The loop's read: a key stashed, else the UART's (`uart`), in the order typed.
+    pub fn read(&self, mut uart: impl FnMut() -> Option<u8>) -> Option<u8> {
+        let want = self.want();
+        loop {
+            if let Some(key) = want.try_read(&mut uart) {
+                return key;
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// The loop's wish to read, for as long as the token lives: no waiter starts a read
+    /// meanwhile.
+    pub fn want(&self) -> Want<'_, N> {
+        // SeqCst, with the load in `stash`: a waiter that looks after this sees it. One that
+        // looked before may still start a read, once.
+        self.wanted.fetch_add(1, Ordering::SeqCst);
+        Want { reader: self }
+    }
+
+    /// A waiting CPU's read: what `uart` has goes to the stash, unless the loop wants to read or
+    /// another CPU reads the UART now.
+    pub fn stash(&self, uart: impl FnMut() -> Option<u8>) {
+        if self.wanted.load(Ordering::SeqCst) != 0 {
+            return;
+        }
+        if let Some(mut stash) = self.stash.try_lock() {
+            stash_keys(&mut stash, uart);
+        }
+    }
+}
+
+impl<const N: usize> Default for KeyReader<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The run loop's wish to read COM1 ([`KeyReader::want`]).
+pub struct Want<'a, const N: usize> {
+    reader: &'a KeyReader<N>,
+}
+
+impl<const N: usize> Drop for Want<'_, N> {
+    fn drop(&mut self) {
+        self.reader.wanted.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl<const N: usize> Want<'_, N> {
+    /// One try: `Some(key)` (the key may be `None`: nothing typed) if no other CPU reads the
+    /// UART now, `None` if one does.
+    pub fn try_read(&self, uart: impl FnMut() -> Option<u8>) -> Option<Option<u8>> {
+        let mut stash = self.reader.stash.try_lock()?;
+        Some(stash.pop().or_else(uart))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use alloc::vec::Vec;
+
+    #[test]
+    fn the_stash_keeps_keys_in_order_and_leaves_what_does_not_fit_in_the_uart() {
+        let mut uart: VecDeque<u8> = (0..10).collect();
+        let mut stash = KeyStash::<4>::new();
+        stash_keys(&mut stash, || uart.pop_front());
+        assert!(stash.is_full());
+        assert_eq!(uart.len(), 6, "read past the stash's room");
+        assert_eq!((stash.pop(), stash.pop()), (Some(0), Some(1)));
+        stash_keys(&mut stash, || uart.pop_front());
+        let mut out = Vec::new();
+        // The loop's read: the stash first, then the UART.
+        while let Some(b) = stash.pop().or_else(|| uart.pop_front()) {
+            out.push(b);
+        }
+        assert_eq!(out, (2..10).collect::<Vec<u8>>());
+        assert!(!stash.push(0) || stash.pop() == Some(0));
+    }
+
+    #[test]
+    fn the_loops_read_gets_the_uart_as_soon_as_the_waiter_reading_it_is_done() {
+        // What hung 4-CPU boots in Bochs: CPU 0 holds the loop's lock and reads COM1 at its
+        // turn, CPUs 1..3 wait for the lock and read COM1 meanwhile. Bochs runs the CPUs in turns
+        // of a few instructions, and each time CPU 0 came to try, one of the others was in the
+        // middle of its read: CPU 0 never got COM1, so never let go of the loop's lock. Here
+        // the loop tries once at each waiter's turn: in the middle of the waiter's read if it
+        // reads, after its turn if not.
+        let keys = KeyReader::<16>::new();
+        let want = keys.want();
+        let mut got = None;
+        let mut waiter_reads = 0;
+        'turns: for _ in 0..100 {
+            for _waiter in 0..3 {
+                let mut read = false;
+                keys.stash(|| {
+                    read = true;
+                    waiter_reads += 1;
+                    assert_eq!(want.try_read(|| Some(b'x')), None, "two CPUs read the UART");
+                    None
+                });
+                if !read {
+                    if let Some(key) = want.try_read(|| Some(b'k')) {
+                        got = Some(key);
+                        break 'turns;
+                    }
+                }
+            }
+        }
+        assert_eq!(got, Some(Some(b'k')), "the loop never got COM1");
+        assert!(
+            waiter_reads <= 3,
+            "waiters read COM1 {waiter_reads} times ahead of the loop"
+        );
+        drop(want);
+        // Once the loop has read, the waiters read again.
+        let mut uart: VecDeque<u8> = b"ab".iter().copied().collect();
+        keys.stash(|| uart.pop_front());
+        assert!(
+            uart.is_empty(),
+            "a waiter left COM1 alone with the loop done"
+        );
+        assert_eq!(keys.read(|| None), Some(b'a'));
+        assert_eq!(keys.read(|| Some(b'c')), Some(b'b'));
+        assert_eq!(keys.read(|| Some(b'c')), Some(b'c'));
+    }
 
     fn all(_: usize) -> bool {
         true

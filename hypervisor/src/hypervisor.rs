@@ -221,7 +221,7 @@ pub fn run(machine: MachineInfo) -> ! {
         runner = runner.with_policy(policy);
     }
     crate::log::set_guests_running(runner.slots.len());
-    let shared = LOOP.call_once(|| SharedLoop(spin::mutex::TicketMutex::new(runner)));
+    let shared = LOOP.call_once(|| SharedLoop(crate::ticket::TicketLock::new(runner)));
     if n == 1 {
         // One CPU: the loop never lets go of its lock (`RunLoop::step`).
         shared.0.lock().run();
@@ -264,8 +264,15 @@ fn host_mask(hosts: &[&'static arch::smp::PerCpu], cpus: u64) -> u64 {
 /// The run loop shared by every CPU, behind one lock taken around `finish` and `begin`; guest
 /// mode (`Detached::enter`) runs outside it, so guests execute in parallel while their exits are
 /// handled one at a time. A ticket lock: the CPUs get it in the order they asked, so none
-/// waits behind the others for long.
-struct SharedLoop(spin::mutex::TicketMutex<Runner>);
+/// waits behind the others for long; a CPU waiting for it reads COM1 meanwhile ([`lock_loop`]).
+struct SharedLoop(crate::ticket::TicketLock<Runner>);
+
+/// The loop's lock for a CPU back from guest mode or from sleep. While other CPUs have it, the
+/// keys waiting in COM1's FIFO are stashed (`arch::serial::stash_keys`): one CPU's turn with the
+/// lock may outlast the FIFO, and the loop reads COM1 only at each turn.
+fn lock_loop(shared: &SharedLoop) -> crate::ticket::TicketGuard<'_, Runner> {
+    shared.0.lock_while(arch::serial::stash_keys)
+}
 
 // SAFETY: the loop's data (guests, their RAM views and hardware) is only reached with the lock
 // held, except a vCPU's VMCS and its registers' copy, which only the CPU that runs it touches
@@ -301,14 +308,14 @@ fn run_host(h: usize, cal: &lapic::Calibration) {
     };
     // The lock is let go only for guest mode and for sleep: an exit's `finish` and the next
     // entry's `begin` are one turn with it, so a vCPU waits for it once per exit.
-    let mut g = shared.0.lock();
+    let mut g = lock_loop(shared);
     loop {
         match g.begin(h) {
             crate::runloop::Turn::Done => return,
             crate::runloop::Turn::Sleep { wake, max } => {
                 drop(g);
                 lapic::sleep_until(wake, max, cal);
-                g = shared.0.lock();
+                g = lock_loop(shared);
             }
             crate::runloop::Turn::Enter => {
                 let Some((mut d, mut regs)) = g.detach(h) else {
@@ -318,7 +325,7 @@ fn run_host(h: usize, cal: &lapic::Calibration) {
                 drop(g);
                 let entered = d.enter(&mut regs);
                 let exited_at = cpu::rdtsc();
-                g = shared.0.lock();
+                g = lock_loop(shared);
                 g.reattach(h, d, regs, entered, exited_at);
                 g.finish(h);
             }

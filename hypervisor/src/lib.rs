@@ -38,6 +38,7 @@ pub mod sched;
 pub mod smp;
 pub mod snapshot;
 pub mod state;
+pub mod ticket;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vmx;

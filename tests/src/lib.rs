@@ -274,6 +274,14 @@ pub fn scripted_options(b: ScriptedBoot<'_>) -> Result<RunOptions, String> {
         keel_boot::build_images(&opts).map_err(|e| format!("building the images failed: {e:#}"))?;
     let work_dir = dir.join("runs").join(&name);
     let mut run = RunOptions::new(&images.bios, Firmware::Bios, Emulator::Bochs, &work_dir);
+    // One CPU (the keys typed reach Keel at the turns of one CPU), or N with KEEL_TEST_CPUS=N:
+    // typed keys with several CPUs reading COM1 (`boot_scripted_on` names its count itself).
+    if let Some(n) = std::env::var("KEEL_TEST_CPUS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        run.cpus = n;
+    }
     run.timeout = Some(b.timeout);
     run.memory_mib = b.memory_mib;
     run.script = b.script;

@@ -55,14 +55,33 @@ pub fn drain() {
     crate::log::flush();
 }
 
-/// A byte typed on COM1, if one is waiting (LSR bit 0, data ready).
-pub fn try_read() -> Option<u8> {
+/// COM1's receiver, read by the run loop's holder at each turn ([`try_read`]) and by the CPUs
+/// waiting for the loop's lock ([`stash_keys`]), one CPU at a time, the loop first; the keys the
+/// waiters read wait in its stash. The logger writes THR meanwhile: a different register, and
+/// each port access is one bus cycle; LCR is written only by [`init`], before any other CPU runs.
+static KEYS: crate::focus::KeyReader<256> = crate::focus::KeyReader::new();
+
+/// The byte in COM1's receiver, if one is waiting (LSR bit 0, data ready).
+fn receive() -> Option<u8> {
     if lsr() & LSR_DATA_READY == 0 {
         return None;
     }
     // SAFETY: reading the receive register takes the received byte, which is what the caller
     // wants; it has no other effect.
     Some(unsafe { cpu::inb(THR) })
+}
+
+/// A byte typed on COM1, if one is waiting: those stashed first, then the UART's, in the order
+/// typed. For the run loop's holder: the waiters leave the UART to it (`focus::KeyReader`).
+pub fn try_read() -> Option<u8> {
+    KEYS.read(receive)
+}
+
+/// Moves what waits in COM1's receive FIFO into the stash, unless the loop reads COM1 or another
+/// CPU does now: for a CPU waiting for the run loop's lock, so the 16-byte FIFO does not overflow
+/// while another CPU holds the lock (1.4 ms at 115200 baud).
+pub fn stash_keys() {
+    KEYS.stash(receive);
 }
 
 /// Brings up COM1 (115200 8N1) and makes it the log sink.
