@@ -1,5 +1,6 @@
 //! Keel's IDT: every CPU exception prints what happened and halts (a fault in Keel is a Keel bug);
-//! the LAPIC timer and spurious vectors have real handlers.
+//! the LAPIC timer, kick and spurious vectors and the NMI (a kick, `arch::smp::kick`) have real
+//! handlers.
 
 use super::{cpu, gdt, lapic};
 use spin::Lazy;
@@ -52,7 +53,6 @@ macro_rules! with_code {
 
 plain!(divide_error, "#DE divide error");
 plain!(debug, "#DB debug");
-plain!(nmi, "NMI");
 plain!(breakpoint, "#BP breakpoint");
 plain!(overflow, "#OF overflow");
 plain!(bound_range, "#BR bound range exceeded");
@@ -81,6 +81,10 @@ extern "x86-interrupt" fn timer(_frame: InterruptStackFrame) {
     lapic::on_timer_interrupt();
 }
 extern "x86-interrupt" fn spurious(_frame: InterruptStackFrame) {}
+/// An NMI in Keel: a kick from another CPU (`arch::smp::kick`), on its own IST stack.
+extern "x86-interrupt" fn nmi(_frame: InterruptStackFrame) {
+    super::smp::on_kick_nmi();
+}
 extern "x86-interrupt" fn kick(_frame: InterruptStackFrame) {
     super::smp::on_kick();
 }
