@@ -149,9 +149,10 @@ pub fn kicks_are_nmis() -> bool {
 ///   and ends the NMI blocking the exit leaves, [`super::cpu::unblock_nmis`]);
 /// - in Keel (between an exit and the next entry, its lock let go or not, or asleep in HLT):
 ///   the IDT's NMI handler turns it into a pending fixed self-IPI on `KICK_VECTOR`
-///   ([`on_kick_nmi`]), taken at once if interrupts are on (it wakes the HLT), else kept
+///   ([`on_kick_nmi`]), taken at once if interrupts are on (the NMI wakes the HLT; one
+///   between the STI and the HLT returns past the HLT, `arch::idt`), else kept
 ///   pending with IF = 0 until the next VM entry, after which "external-interrupt exiting"
-///   makes it a VM exit before the guest's first instruction (SDM Vol. 3C 26.7.5/25.2): the
+///   makes it a VM exit before the guest's first instruction (SDM Vol. 3C 25.2): the
 ///   guarantee a fixed-IPI kick had by itself;
 /// - between an NMI-caused exit and its IRETQ, NMIs blocked: held pending by the CPU (SDM
 ///   Vol. 3A 6.7.1) and taken after the IRETQ, in Keel, as above (several kicks meanwhile
