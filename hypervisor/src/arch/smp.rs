@@ -145,8 +145,9 @@ pub fn kicks_are_nmis() -> bool {
 /// No kick is lost or late. The kicker has set the target's `kicked` under the run loop's
 /// lock before it sends (`RunLoop::kick_host`); the target reads it under that lock after its
 /// VM exit. Where the NMI finds the target:
-/// - in guest mode: a VM exit (exit reason 0, NMI exiting; `exits::handle` counts the kick
-///   and ends the NMI blocking the exit leaves, [`super::cpu::unblock_nmis`]);
+/// - in guest mode: a VM exit (exit reason 0, NMI exiting), after which `arch::vmcs` ends the
+///   NMI blocking the exit leaves at once ([`super::cpu::unblock_nmis`]) and `exits::handle`
+///   counts the kick;
 /// - in Keel (between an exit and the next entry, its lock let go or not, or asleep in HLT):
 ///   the IDT's NMI handler turns it into a pending fixed self-IPI on `KICK_VECTOR`
 ///   ([`on_kick_nmi`]), taken at once if interrupts are on (the NMI wakes the HLT; one
@@ -184,14 +185,13 @@ pub fn on_kick() {
     lapic::eoi();
 }
 
-/// A kick that came as an NMI to a CPU in guest mode (a VM exit, `exits::handle`): counts it
-/// and ends the blocking of NMIs the exit left ([`super::cpu::unblock_nmis`]), without which
-/// the next kick would wait for that CPU's next IRET.
+/// A kick that came as an NMI to a CPU in guest mode (a VM exit, `exits::handle`): counts it.
+/// The blocking of NMIs the exit left was ended right after it (`arch::vmcs`, with
+/// [`super::cpu::unblock_nmis`]).
 pub fn on_kick_exit() {
     if let Some(p) = this_cpu() {
         p.kicks.fetch_add(1, Ordering::AcqRel);
     }
-    super::cpu::unblock_nmis();
 }
 
 /// The calling CPU's state; `None` before [`start_aps`] set it up on the boot CPU.

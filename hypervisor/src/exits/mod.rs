@@ -38,8 +38,8 @@ pub trait Host {
     fn xcr0_supported(&self) -> u64;
     /// An interrupt that arrived for Keel while the guest ran (acknowledged on exit).
     fn host_interrupt(&mut self, vector: u8);
-    /// An NMI caused the exit (a kick from another CPU): the host counts it and ends the NMI
-    /// blocking the exit leaves (SDM Vol. 3C 27.1).
+    /// An NMI caused the exit (a kick from another CPU): the host counts it (the NMI blocking the
+    /// exit leaves, SDM Vol. 3C 27.1, was ended right after the exit, `arch::vmcs`).
     fn host_nmi(&mut self);
     /// Sets the guest's CR2 (for an injected #PF). VMX does not switch CR2 (SDM 28.3): the
     /// value in the CPU at VM entry is the guest's.
