@@ -91,7 +91,7 @@ fn linux_run() -> &'static Run {
         // One processor. On two (Keel runs the vCPUs on both) the guest once stalled under load
         // with both vCPUs spinning on a kernel lock (Bochs' virtual-interrupt delivery let an
         // interrupt in with IF = 0 when a kick reached the CPU); kicks are NMIs now, and no
-        // stress boot since stalled, but two of four stopped on typed input altered, which
+        // stress boot since stalled, but two of five stopped on typed input altered, which
         // this test's typed steps would meet too (docs/SECURITY.md, "Still open").
         let outcome = boot_scripted_on(
             ScriptedBoot {
