@@ -89,6 +89,12 @@ pub fn run(machine: MachineInfo) -> ! {
             arch::exit(ExitCode::VmxSetupFailed)
         }
     };
+    // Kicks between CPUs are NMIs where every guest has virtual NMIs (`arch::smp::kick`).
+    let virtual_nmis = controls.pin & crate::vmx::controls::PinBasedControls::VIRTUAL_NMIS.bits();
+    arch::smp::kick_by_nmi(virtual_nmis != 0);
+    if virtual_nmis == 0 {
+        info!("no virtual NMIs: kicks between CPUs are fixed IPIs");
+    }
     let (xapic, x2apic) = ApicvFeatures::select(&caps, true).describe();
     info!("APIC virtualization: {xapic}; {x2apic}");
     if controls.preemption_timer {

@@ -88,11 +88,11 @@ fn linux_run() -> &'static Run {
             "poweroff -f\r",
             secs(60),
         ));
-        // One processor. On two (Keel runs the vCPUs on both) it passes alone; under load the
-        // guest stalled with both vCPUs spinning on a kernel lock (Bochs' virtual-interrupt
-        // delivery let an interrupt in with IF = 0). Keel now holds such interrupts back, and
-        // the stress variant below passed its two boots since, too few to move this test
-        // (docs/SECURITY.md, "Still open").
+        // One processor. On two (Keel runs the vCPUs on both) the guest once stalled under load
+        // with both vCPUs spinning on a kernel lock (Bochs' virtual-interrupt delivery let an
+        // interrupt in with IF = 0 when a kick reached the CPU); kicks are NMIs now, and no
+        // stress boot since stalled, but two of five stopped on typed input altered, which
+        // this test's typed steps would meet too (docs/SECURITY.md, "Still open").
         let outcome = boot_scripted_on(
             ScriptedBoot {
                 name: "linux-shell",

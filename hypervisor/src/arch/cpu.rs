@@ -221,3 +221,33 @@ pub unsafe fn write_debug_registers(v: &[u64; 5]) {
              options(nomem, nostack, preserves_flags))
     }
 }
+
+/// Ends the blocking of NMIs that a VM exit caused by an NMI leaves behind (SDM Vol. 3C 27.1: an
+/// NMI that causes a VM exit blocks later NMIs once the exit completes, as its delivery would
+/// have), by the one thing that ends it, an IRET (SDM Vol. 3A 6.7.1): an IRETQ to the next
+/// instruction, through a frame of the current SS:RSP, RFLAGS and CS. An NMI that arrived
+/// meanwhile was held pending and is taken right after it.
+pub fn unblock_nmis() {
+    // SAFETY: the frame pushed is the current state, so IRETQ returns to label 2 with the same
+    // stack pointer, flags and segments; the stack use is within what `asm!` allows without
+    // `nostack` (no red zone is touched).
+    unsafe {
+        asm!(
+            "mov {sp}, rsp",
+            "xor {tmp:e}, {tmp:e}",
+            "mov {tmp:x}, ss",
+            "push {tmp}",
+            "push {sp}",
+            "pushfq",
+            "xor {tmp:e}, {tmp:e}",
+            "mov {tmp:x}, cs",
+            "push {tmp}",
+            "lea {tmp}, [rip + 2f]",
+            "push {tmp}",
+            "iretq",
+            "2:",
+            sp = out(reg) _,
+            tmp = out(reg) _,
+        )
+    }
+}

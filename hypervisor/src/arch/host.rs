@@ -15,8 +15,8 @@ impl crate::exits::Host for RealHost {
     }
 
     fn host_nmi(&mut self) {
-        // Nothing on the machine sends Keel NMIs on purpose yet (no watchdog, one CPU): report it.
-        crate::warn!("NMI while a guest ran");
+        // Another CPU kicked this one out of guest mode with an NMI (`arch::smp::kick`).
+        super::smp::on_kick_exit();
     }
 
     fn set_guest_cr2(&mut self, value: u64) {

@@ -1,8 +1,10 @@
 //! Keel's IDT: every CPU exception prints what happened and halts (a fault in Keel is a Keel bug);
-//! the LAPIC timer and spurious vectors have real handlers.
+//! the LAPIC timer, kick and spurious vectors and the NMI (a kick, `arch::smp::kick`) have real
+//! handlers.
 
 use super::{cpu, gdt, lapic};
 use spin::Lazy;
+use x86_64::registers::rflags::RFlags;
 use x86_64::structures::idt::{InterruptDescriptorTable, InterruptStackFrame, PageFaultErrorCode};
 
 pub const TIMER_VECTOR: u8 = 0x30;
@@ -52,7 +54,6 @@ macro_rules! with_code {
 
 plain!(divide_error, "#DE divide error");
 plain!(debug, "#DB debug");
-plain!(nmi, "NMI");
 plain!(breakpoint, "#BP breakpoint");
 plain!(overflow, "#OF overflow");
 plain!(bound_range, "#BR bound range exceeded");
@@ -81,6 +82,29 @@ extern "x86-interrupt" fn timer(_frame: InterruptStackFrame) {
     lapic::on_timer_interrupt();
 }
 extern "x86-interrupt" fn spurious(_frame: InterruptStackFrame) {}
+/// HLT's opcode.
+const HLT: u8 = 0xf4;
+
+/// An NMI in Keel: a kick from another CPU (`arch::smp::kick`), on its own IST stack, made a
+/// pending fixed self-IPI. One that came between the STI and the HLT of an `sti; hlt` (the STI
+/// shadow may or may not hold NMIs back, SDM Vol. 2B "STI") would return to the HLT with the
+/// self-IPI taken first and the CPU then asleep with its kick spent: the return goes past the
+/// HLT instead, as the kick's wake-up would have. Every HLT of Keel with interrupts on is such a
+/// sleep, and its caller looks again at what woke it.
+extern "x86-interrupt" fn nmi(mut frame: InterruptStackFrame) {
+    super::smp::on_kick_nmi();
+    let rip = frame.instruction_pointer;
+    // SAFETY: `rip` is where Keel was interrupted: an instruction of Keel's own code, mapped.
+    let at_hlt = unsafe { rip.as_ptr::<u8>().read_volatile() } == HLT;
+    if at_hlt && frame.cpu_flags.contains(RFlags::INTERRUPT_FLAG) {
+        // SAFETY: the return address moves past a one-byte HLT to the next instruction.
+        unsafe {
+            frame
+                .as_mut()
+                .update(|f| f.instruction_pointer = rip + 1u64)
+        };
+    }
+}
 extern "x86-interrupt" fn kick(_frame: InterruptStackFrame) {
     super::smp::on_kick();
 }

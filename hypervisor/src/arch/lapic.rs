@@ -149,6 +149,9 @@ const ICR_ASSERT: u32 = 1 << 14;
 /// ICR delivery modes (bits 10:8).
 const ICR_INIT: u32 = 0b101 << 8;
 const ICR_STARTUP: u32 = 0b110 << 8;
+const ICR_NMI: u32 = 0b100 << 8;
+/// ICR destination shorthand (bits 19:18) "self".
+const ICR_SELF: u32 = 0b01 << 18;
 
 /// Sends an IPI to the APIC whose ID is `apic_id` (xAPIC: 8-bit destination in ICR[63:56],
 /// physical destination mode, no shorthand) and waits until the APIC has sent it (SDM Vol. 3A
@@ -164,6 +167,31 @@ fn send_ipi(apic_id: u32, low: u32) {
 /// A fixed interrupt on `vector` to `apic_id` (delivery mode 000).
 pub fn send_fixed(apic_id: u32, vector: u8) {
     send_ipi(apic_id, ICR_ASSERT | u32::from(vector));
+}
+
+/// An NMI to `apic_id` (delivery mode 100; the vector field is ignored, SDM Vol. 3A 11.6.1).
+pub fn send_nmi(apic_id: u32) {
+    send_ipi(apic_id, ICR_ASSERT | ICR_NMI);
+}
+
+/// A fixed interrupt on `vector` to this CPU, by the "self" shorthand, from Keel's NMI handler
+/// (`arch::idt`), which may have interrupted [`send_ipi`] anywhere: the shorthand makes the
+/// APIC ignore the destination in ICR[63:56] (SDM Vol. 3A 11.6.1), so the ICR high half the
+/// interrupted code may have written is left as it was; the wait before the write lets an IPI
+/// it already sent go first (a write while the delivery status is "send pending" is not
+/// allowed), and the wait after leaves the ICR idle as `send_ipi` expects it. Nothing when the
+/// APIC is not mapped yet (an NMI that early has no kick to carry).
+pub fn raise_self_from_nmi(vector: u8) {
+    if BASE.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    while read(REG_ICR_LOW) & ICR_SEND_PENDING != 0 {
+        core::hint::spin_loop();
+    }
+    write(REG_ICR_LOW, ICR_SELF | ICR_ASSERT | u32::from(vector));
+    while read(REG_ICR_LOW) & ICR_SEND_PENDING != 0 {
+        core::hint::spin_loop();
+    }
 }
 
 /// INIT (edge, assert) to `apic_id`: resets that processor to wait-for-SIPI.

@@ -115,10 +115,66 @@ pub fn online() -> impl Iterator<Item = &'static PerCpu> {
     })
 }
 
-/// Wakes `cpu` from HLT with a fixed IPI on [`idt::KICK_VECTOR`] (a CPU in VMX non-root
-/// operation takes it as an external-interrupt exit instead).
+/// Whether kicks are NMIs ([`kick`]); set once before the run loop starts ([`kick_by_nmi`]).
+static KICK_BY_NMI: AtomicBool = AtomicBool::new(false);
+
+/// Makes [`kick`] send NMIs (`on`) or fixed IPIs on [`idt::KICK_VECTOR`]. NMIs need the
+/// "virtual NMIs" control on every CPU (Keel requires "NMI exiting"): without it an NMI Keel
+/// injects into a guest blocks physical NMIs until the next VM exit, since the guest's IRET
+/// then leaves that blocking alone (SDM Vol. 3C 25.3 "IRET", 26.6.1), and a kick would wait
+/// for an exit of another cause. Every CPU has the boot CPU's VMX capabilities
+/// (`vmx_setup`), so the boot CPU decides for all.
+pub fn kick_by_nmi(on: bool) {
+    KICK_BY_NMI.store(on, Ordering::Release);
+}
+
+/// Whether kicks are NMIs ([`kick_by_nmi`]).
+pub fn kicks_are_nmis() -> bool {
+    KICK_BY_NMI.load(Ordering::Acquire)
+}
+
+/// Kicks `cpu`: out of guest mode at once, out of HLT, or, in Keel with interrupts off, at its
+/// next STI or VM entry. An NMI ([`kick_by_nmi`]) or else a fixed IPI on
+/// [`idt::KICK_VECTOR`].
+///
+/// Why NMIs: Bochs 2.7, in guest mode with a virtual interrupt recognized while the guest
+/// has RFLAGS.IF = 0, delivers that interrupt when a physical maskable interrupt arrives,
+/// IF = 0 or not (`exits::apicv::hold_while_masked`); it takes an NMI first, so with NMI kicks
+/// no maskable interrupt reaches a CPU in guest mode from another CPU.
+///
+/// No kick is lost or late. The kicker has set the target's `kicked` under the run loop's
+/// lock before it sends (`RunLoop::kick_host`); the target reads it under that lock after its
+/// VM exit. Where the NMI finds the target:
+/// - in guest mode: a VM exit (exit reason 0, NMI exiting), after which `arch::vmcs` ends the
+///   NMI blocking the exit leaves at once ([`super::cpu::unblock_nmis`]) and `exits::handle`
+///   counts the kick;
+/// - in Keel (between an exit and the next entry, its lock let go or not, or asleep in HLT):
+///   the IDT's NMI handler turns it into a pending fixed self-IPI on `KICK_VECTOR`
+///   ([`on_kick_nmi`]), taken at once if interrupts are on (the NMI wakes the HLT; one
+///   between the STI and the HLT returns past the HLT, `arch::idt`), else kept
+///   pending with IF = 0 until the next VM entry, after which "external-interrupt exiting"
+///   makes it a VM exit before the guest's first instruction (SDM Vol. 3C 25.2): the
+///   guarantee a fixed-IPI kick had by itself;
+/// - between an NMI-caused exit and its IRETQ, NMIs blocked: held pending by the CPU (SDM
+///   Vol. 3A 6.7.1) and taken after the IRETQ, in Keel, as above (several kicks meanwhile
+///   may become one: one is all the target needs, `kicked` being a flag).
+///
+/// The self-IPI reaches guest mode only at such an entry, the case the fixed IPI had too.
 pub fn kick(cpu: &PerCpu) {
-    lapic::send_fixed(cpu.cpu().apic_id, idt::KICK_VECTOR);
+    if kicks_are_nmis() {
+        lapic::send_nmi(cpu.cpu().apic_id);
+    } else {
+        lapic::send_fixed(cpu.cpu().apic_id, idt::KICK_VECTOR);
+    }
+}
+
+/// An NMI taken in Keel (the IDT's vector 2, on its own IST stack): a kick ([`kick`]) that
+/// found the CPU in VMX root operation, made a pending fixed self-IPI on
+/// [`idt::KICK_VECTOR`], which [`on_kick`] counts when it is taken. Safe at any instruction:
+/// it takes no lock and touches only the ICR ([`lapic::raise_self_from_nmi`]). An NMI of another
+/// origin (Keel sets up none: no watchdog) costs at most one spurious kick.
+pub fn on_kick_nmi() {
+    lapic::raise_self_from_nmi(idt::KICK_VECTOR);
 }
 
 /// The kick vector's handler: counts the kick on the CPU that took it.
@@ -127,6 +183,15 @@ pub fn on_kick() {
         p.kicks.fetch_add(1, Ordering::AcqRel);
     }
     lapic::eoi();
+}
+
+/// A kick that came as an NMI to a CPU in guest mode (a VM exit, `exits::handle`): counts it.
+/// The blocking of NMIs the exit left was ended right after it (`arch::vmcs`, with
+/// [`super::cpu::unblock_nmis`]).
+pub fn on_kick_exit() {
+    if let Some(p) = this_cpu() {
+        p.kicks.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// The calling CPU's state; `None` before [`start_aps`] set it up on the boot CPU.

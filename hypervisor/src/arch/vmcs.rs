@@ -383,7 +383,27 @@ unsafe fn enter_current(launched: &mut bool, regs: &mut GuestRegs) -> Result<(),
     }
     // SDM 27.11: the launch state becomes "launched" after a VMLAUNCH that did not fail.
     *launched = true;
+    end_nmi_blocking_after_an_nmi_exit();
     Ok(())
+}
+
+/// After a VM exit caused by an NMI (basic exit reason 0, interruption type NMI: a kick,
+/// `arch::smp::kick`), NMIs stay blocked until the next IRET (SDM Vol. 3C 27.1): ended here,
+/// right after the exit, so that no path that drops an exit (a vCPU replaced while it ran)
+/// leaves the next kick waiting for this CPU's next interrupt handler. One VMREAD on the other
+/// exits.
+fn end_nmi_blocking_after_an_nmi_exit() {
+    /// Exit reason and VM-exit interruption information (SDM Vol. 3C Appendix B.3.2).
+    const EXIT_REASON: u64 = 0x4402;
+    const EXIT_INTERRUPTION_INFO: u64 = 0x4404;
+    /// Valid (bit 31) and interruption type NMI (2 in bits 10:8).
+    const VALID_NMI: u64 = 1 << 31 | 2 << 8;
+    let nmi_exit = super::vmx::read_field(EXIT_REASON).is_some_and(|r| r & 0x8000_ffff == 0)
+        && super::vmx::read_field(EXIT_INTERRUPTION_INFO)
+            .is_some_and(|i| i & (1 << 31 | 7 << 8) == VALID_NMI);
+    if nmi_exit {
+        super::cpu::unblock_nmis();
+    }
 }
 
 // `keel_vm_enter`/`keel_vm_exit` move whole 8-byte registers at the offsets above: every field must

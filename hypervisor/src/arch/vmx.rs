@@ -36,25 +36,27 @@ pub(crate) fn status(cf: u8, zf: u8) -> Result<(), VmxError> {
 /// The VM-instruction error field of the current VMCS (SDM 31.4); 0 (no error number) when there
 /// is no current VMCS to read it from.
 pub(crate) fn read_instruction_error() -> u32 {
+    read_field(0x4400).unwrap_or(0) as u32
+}
+
+/// VMREAD of field `encoding` of the current VMCS; `None` when it fails (no current VMCS, or no
+/// such field).
+pub(crate) fn read_field(encoding: u64) -> Option<u64> {
     let value: u64;
     let failed: u8;
-    // SAFETY: VMREAD of the read-only VM-instruction error field (encoding 0x4400); with no
-    // current VMCS it fails with CF = 1 and nothing is read.
+    // SAFETY: VMREAD only reads the current VMCS; with none, or with an unsupported field, it
+    // fails with CF or ZF set and nothing is read.
     unsafe {
         asm!(
             "vmread {v}, {e}",
             "setbe {f}",
             v = out(reg) value,
-            e = in(reg) 0x4400u64,
+            e = in(reg) encoding,
             f = out(reg_byte) failed,
             options(nostack),
         )
     };
-    if failed != 0 {
-        0
-    } else {
-        value as u32
-    }
+    (failed == 0).then_some(value)
 }
 
 /// Executes one INVEPT or INVVPID (SDM 31.3) that a [`crate::vmx::FlushPolicy`] chose, with the

@@ -170,7 +170,9 @@ pub fn before_entry<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu, vm: &mut Vm
 /// interrupt inside a CLI section and deadlocked on the port lock it held (docs/SECURITY.md).
 /// A virtual interrupt the guest makes recognizable itself while it runs with IF = 0 after an
 /// entry with IF = 1 (an EOI or a TPR write below a pending vector, a self-IPI) is not
-/// covered: no exit tells Keel of it.
+/// covered here (no exit tells Keel of it): kicks are NMIs for that (`arch::smp::kick`), so
+/// no physical maskable interrupt reaches the CPU in guest mode; with fixed-IPI kicks (no
+/// virtual NMIs) it stays open.
 #[inline]
 fn hold_while_masked<V: Vmcs + ?Sized>(vmcs: &mut V) {
     use crate::vmx::controls::PrimaryControls;

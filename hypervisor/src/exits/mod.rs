@@ -38,7 +38,8 @@ pub trait Host {
     fn xcr0_supported(&self) -> u64;
     /// An interrupt that arrived for Keel while the guest ran (acknowledged on exit).
     fn host_interrupt(&mut self, vector: u8);
-    /// An NMI that arrived while the guest ran.
+    /// An NMI caused the exit (a kick from another CPU): the host counts it (the NMI blocking the
+    /// exit leaves, SDM Vol. 3C 27.1, was ended right after the exit, `arch::vmcs`).
     fn host_nmi(&mut self);
     /// Sets the guest's CR2 (for an injected #PF). VMX does not switch CR2 (SDM 28.3): the
     /// value in the CPU at VM entry is the guest's.
@@ -149,7 +150,9 @@ pub fn handle<V: Vmcs + ?Sized>(
         }
         ExitReason::ExceptionOrNmi => {
             // The exception bitmap is empty, so this is an NMI that arrived while the guest ran
-            // ("NMI exiting", SDM 25.2): it belongs to the machine, not the guest.
+            // ("NMI exiting", SDM 25.2): it belongs to the machine, not the guest; it is another
+            // CPU's kick (`arch::smp::kick`), which the run loop sees as it sees the fixed-IPI
+            // kick's external-interrupt exit (its `kicked`, set under its lock).
             let info = InterruptionInfo(cx.vmcs.read(ReadOnly32::ExitInterruptionInfo));
             if info.kind() == crate::vmx::InterruptionType::Nmi {
                 cx.host.host_nmi();
