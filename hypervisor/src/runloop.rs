@@ -9,6 +9,7 @@
 //! the cases that have gone wrong before (docs/SCHEDULING.md).
 
 use crate::devices::console::ConsoleLine;
+use crate::devices::TimerShot;
 use crate::exits::fast::PortExit;
 use crate::exits::{self, Action, ExitContext, Host};
 use crate::guest::{GuestRegs, GuestStats, RunState, StopReason, Vcpu, Vm};
@@ -643,10 +644,16 @@ impl<C: Cpu> RunLoop<C> {
                             exits::fast::handle_preempted(&v, g.vcpu);
                             catch_up(&mut self.cpu, g.vcpu, p);
                             let now = g.vm.now(p.now);
-                            if !exits::apicv::fire_timer(&mut v, g.vcpu, g.vm, now) {
+                            let fired = p.shot.as_ref().is_some_and(|shot| {
+                                exits::apicv::fire_timer(&mut v, g.vcpu, g.vm, now, shot)
+                            });
+                            if !fired {
                                 p.touched = true;
                                 continue 'slice;
                             }
+                            // Fired: the shot is spent (the post leaves the page not idle,
+                            // so the next look works out the next one).
+                            p.shot = None;
                             // The guest's APIC timer alone fell due and is posted: the rest
                             // of `before_entry`'s look, its next deadline.
                             p.touched = false;
@@ -1809,6 +1816,9 @@ struct Piece {
     /// cost no device work at all (docs/BENCHMARKS.md).
     touched: bool,
     timer_due: Option<u64>,
+    /// The guest's LAPIC timer expiry as the last platform look worked it out, for the short
+    /// way after the preemption-timer exit armed for it (`exits::apicv::fire_timer`).
+    shot: Option<TimerShot>,
     /// The preemption timer brings the guest back by then.
     until: u64,
     /// The time of the last exit serves for the timer checks. Time in the guest (entry to exit)
@@ -1886,6 +1896,12 @@ fn before_entry<C: Cpu>(
         exits::inject_pending_interrupt(v, &mut *vcpu, &mut *vm);
         exits::apicv::before_entry(v, &mut *vcpu, &mut *vm);
         note_deadline(vm, p);
+        // Worked out only while a guest timer is set (none is most often the case at a slice's
+        // first entry, after a YIELD or a wake).
+        p.shot = match p.timer_due {
+            Some(_) => exits::apicv::timer_shot(vcpu, vm),
+            None => None,
+        };
     }
     arm_entry(cpu, v, vcpu, p, cfg)
 }
