@@ -905,24 +905,32 @@ impl Platform {
     /// the timer that fell due by `now` is that vCPU's local APIC timer alone, as `shot` worked
     /// it out: `now` at or past its deadline, before any other timer's and before a second
     /// expiry of its own, and no timer of the platform changed since (its deadlines were not
-    /// taken again, `refresh`, and the APIC's timer is as it was, `Lapic::fire_shot`). The
-    /// timer fires as `Lapic::advance` would fire it, and the earliest deadline is the one the
-    /// shot worked out; the vector it set in IRR, the only one there, is returned for the
-    /// caller to post (`exits::apicv::fire_timer`). None, with nothing done, in every other
-    /// case: then `advance` is the way.
+    /// taken again, `refresh`, and the APIC's timer is as it was, `Lapic::fire_shot`). The APIC
+    /// is looked up once: it takes the guest's `tpr` first (whatever follows: the caller has
+    /// taken it from VTPR), then the timer fires as `Lapic::advance` would fire it, the earliest
+    /// deadline is the one the shot worked out, and the APIC's vectors count as posted
+    /// (`Lapic::posted`); the vector it set in IRR, the only one there, is returned for the
+    /// caller to post (`exits::apicv::fire_timer`). None, with nothing done but the TPR, in
+    /// every other case: then `advance` is the way.
     #[inline]
-    pub fn fire_shot(&mut self, cpu: usize, now: u64, shot: &TimerShot) -> Option<u8> {
-        let l = &shot.lapic;
-        if now < l.at || now >= shot.others || now >= l.single_before || self.epoch != shot.epoch {
+    pub fn fire_shot(&mut self, cpu: usize, now: u64, shot: &TimerShot, tpr: u8) -> Option<u8> {
+        let epoch = self.epoch;
+        let l = self.lapic_mut(cpu);
+        if l.tpr() != tpr {
+            l.set_tpr(tpr);
+        }
+        let s = &shot.lapic;
+        if now < s.at || now >= shot.others || now >= s.single_before || epoch != shot.epoch {
             return None;
         }
-        if !self.chipset.lapics.0.get_mut(cpu)?.fire_shot(l) {
+        if !l.fire_shot(s) {
             return None;
         }
+        l.posted();
         self.next = shot.next;
-        self.epoch = self.epoch.wrapping_add(1);
+        self.epoch = epoch.wrapping_add(1);
         self.ports_quiet = false;
-        Some(l.vector)
+        Some(s.vector)
     }
 
     /// Whether the 8259A's INTR output is down (no request it would offer a CPU).

@@ -245,26 +245,20 @@ pub fn fire_timer<V: Vmcs + ?Sized>(
         return false;
     }
     // `take_unread` of a page found unchanged: the TPR alone (written out rather than calling
-    // `take`, whose second look at `vcpu.apicv` and the TPR-shadow test cost `irq` 5 more).
+    // `take`, whose second look at `vcpu.apicv` and the TPR-shadow test cost `irq` 5 more),
+    // given to the APIC by `fire_shot`, which looks it up once for that and the timer.
     a.vtpr_unread = false;
-    let vtpr = a.vtpr();
-    let mut l = vm.platform.apic_view(cpu);
-    if l.tpr() != vtpr {
-        l.set_tpr(vtpr);
-    }
-    let Some(vector) = vm.platform.fire_shot(cpu, now, shot) else {
+    let Some(vector) = vm.platform.fire_shot(cpu, now, shot, a.vtpr()) else {
         return false;
     };
     a.post_one(vmcs, vector);
-    let mut l = vm.platform.apic_view(cpu);
-    l.posted();
     // What `before_entry` writes besides the post: VPPR in x2APIC mode with register
     // virtualization (the page image and the ICR are not stale, `Lapic::timer_alone_vector`);
     // VTPR, the TPR threshold (0 with virtual-interrupt delivery) and the APIC-mode controls
     // are as the last entry left them, the TPR having come from VTPR and the mode unchanged
     // (it changes only by an exit that reaches the platform, after which the general look runs).
     if a.features().register_virtualization && a.x2apic_virtualized() {
-        a.set_vppr(l.ppr());
+        a.set_vppr(vm.platform.apic_view(cpu).ppr());
     }
     true
 }
