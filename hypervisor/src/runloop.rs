@@ -656,19 +656,8 @@ impl<C: Cpu> RunLoop<C> {
                             p.shot = None;
                             // The guest's APIC timer alone fell due and is posted: the rest
                             // of `before_entry`'s look, its next deadline.
-                            // The deadlines after it, as the look worked them out with the
-                            // shot: what `note_deadline` finds now.
                             p.touched = false;
-                            debug_assert_eq!(
-                                p.after_shot,
-                                deadlines(
-                                    g.vm,
-                                    p,
-                                    g.vm.platform.next_deadline(),
-                                    cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR
-                                )
-                            );
-                            (p.timer_due, p.until, p.armed) = p.after_shot;
+                            note_deadline(g.vm, p, cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR);
                             if let Err(reason) = arm_entry(&mut self.cpu, &mut v, g.vcpu, p, cfg) {
                                 break 'slice Next::End(SliceEnd::Stop(reason));
                             }
@@ -1830,9 +1819,6 @@ struct Piece {
     /// The guest's LAPIC timer expiry as the last platform look worked it out, for the short
     /// way after the preemption-timer exit armed for it (`exits::apicv::fire_timer`).
     shot: Option<TimerShot>,
-    /// `timer_due`, `until` and `armed` after the shot fired (the platform's next deadline then
-    /// being the shot's), worked out with it: the fire needs no `note_deadline`.
-    after_shot: (Option<u64>, u64, u64),
     /// The preemption timer brings the guest back by then.
     until: u64,
     /// The preemption timer's target (`until`, or short of a guest timer's deadline by
@@ -1919,10 +1905,6 @@ fn before_entry<C: Cpu>(
         // shot (15 instructions of `rep movsq` at every look, measured).
         if p.timer_due.is_some() {
             p.shot = exits::apicv::timer_shot(vcpu, vm);
-            if let Some(shot) = &p.shot {
-                let min_gap = cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR;
-                p.after_shot = deadlines(vm, p, shot.next(), min_gap);
-            }
         } else if p.shot.is_some() {
             p.shot = None;
         }
@@ -1955,17 +1937,10 @@ fn catch_up<C: Cpu>(cpu: &mut C, vcpu: &mut Vcpu, p: &mut Piece) {
 /// once per look, rather than at every entry; `min_gap` is the guest's least run).
 #[inline(always)]
 fn note_deadline(vm: &Vm, p: &mut Piece, min_gap: u64) {
-    (p.timer_due, p.until, p.armed) = deadlines(vm, p, vm.platform.next_deadline(), min_gap);
-}
-
-/// [`note_deadline`]'s work for the guest's earliest timer at guest TSC `next`: its host time,
-/// the piece's `until` and the preemption timer's target (`Piece::timer_due`, `until`, `armed`).
-#[inline(always)]
-fn deadlines(vm: &Vm, p: &Piece, next: Option<u64>, min_gap: u64) -> (Option<u64>, u64, u64) {
-    let timer_due = next.map(|d| vm.host_time(d));
+    p.timer_due = vm.platform.next_deadline().map(|d| vm.host_time(d));
     // Come back at the end of the slice, when one of the guest's own timers falls due, or
     // when a halted guest's does, whichever is first.
-    let until = [timer_due, p.others_due]
+    p.until = [p.timer_due, p.others_due]
         .into_iter()
         .flatten()
         .fold(p.deadline, u64::min);
@@ -1973,13 +1948,12 @@ fn deadlines(vm: &Vm, p: &Piece, next: Option<u64>, min_gap: u64) -> (Option<u64
     // end and a halted guest's timer as they are, and a guest timer within the minimum gap of
     // the slice's end too (the wait for it, `catch_up`, would take the slice on past the
     // guest's interrupt rather than end it there).
-    let armed = match timer_due {
-        Some(d) if d == until && d.saturating_add(min_gap) <= p.deadline => {
+    p.armed = match p.timer_due {
+        Some(d) if d == p.until && d.saturating_add(min_gap) <= p.deadline => {
             d.saturating_sub(ENTRY_LEAD)
         }
-        _ => until,
+        _ => p.until,
     };
-    (timer_due, until, armed)
 }
 
 /// The last of the work before a VM entry of `vcpu`, after every exit (the register-only ones

@@ -419,9 +419,9 @@ pub struct TimerShot {
 }
 
 impl TimerShot {
-    /// The platform's earliest deadline after the expiry.
-    pub fn next(&self) -> Option<u64> {
-        self.next
+    /// The TSC at which the timer fires.
+    pub fn at(&self) -> u64 {
+        self.lapic.at
     }
 }
 
