@@ -9,6 +9,7 @@
 //! the cases that have gone wrong before (docs/SCHEDULING.md).
 
 use crate::devices::console::ConsoleLine;
+use crate::devices::TimerShot;
 use crate::exits::fast::PortExit;
 use crate::exits::{self, Action, ExitContext, Host};
 use crate::guest::{GuestRegs, GuestStats, RunState, StopReason, Vcpu, Vm};
@@ -643,14 +644,20 @@ impl<C: Cpu> RunLoop<C> {
                             exits::fast::handle_preempted(&v, g.vcpu);
                             catch_up(&mut self.cpu, g.vcpu, p);
                             let now = g.vm.now(p.now);
-                            if !exits::apicv::fire_timer(&mut v, g.vcpu, g.vm, now) {
+                            let fired = p.shot.as_ref().is_some_and(|shot| {
+                                exits::apicv::fire_timer(&mut v, g.vcpu, g.vm, now, shot)
+                            });
+                            if !fired {
                                 p.touched = true;
                                 continue 'slice;
                             }
+                            // Fired: the shot is spent (the post leaves the page not idle,
+                            // so the next look works out the next one).
+                            p.shot = None;
                             // The guest's APIC timer alone fell due and is posted: the rest
                             // of `before_entry`'s look, its next deadline.
                             p.touched = false;
-                            note_deadline(g.vm, p);
+                            note_deadline(g.vm, p, cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR);
                             if let Err(reason) = arm_entry(&mut self.cpu, &mut v, g.vcpu, p, cfg) {
                                 break 'slice Next::End(SliceEnd::Stop(reason));
                             }
@@ -1809,8 +1816,14 @@ struct Piece {
     /// cost no device work at all (docs/BENCHMARKS.md).
     touched: bool,
     timer_due: Option<u64>,
+    /// The guest's LAPIC timer expiry as the last platform look worked it out, for the short
+    /// way after the preemption-timer exit armed for it (`exits::apicv::fire_timer`).
+    shot: Option<TimerShot>,
     /// The preemption timer brings the guest back by then.
     until: u64,
+    /// The preemption timer's target (`until`, or short of a guest timer's deadline by
+    /// [`ENTRY_LEAD`]), as the last look worked it out (`note_deadline`).
+    armed: u64,
     /// The time of the last exit serves for the timer checks. Time in the guest (entry to exit)
     /// is its cpu time; Keel's handling of its exits (exit to next entry) is kept apart.
     now: u64,
@@ -1885,7 +1898,16 @@ fn before_entry<C: Cpu>(
         vm.platform.advance(vm.now(p.now));
         exits::inject_pending_interrupt(v, &mut *vcpu, &mut *vm);
         exits::apicv::before_entry(v, &mut *vcpu, &mut *vm);
-        note_deadline(vm, p);
+        note_deadline(vm, p, cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR);
+        // Worked out only while a guest timer is set (none is most often the case at a slice's
+        // first entry, after a YIELD or a wake).
+        // `None` written in place: a value built apart and copied in costs a copy of the whole
+        // shot (15 instructions of `rep movsq` at every look, measured).
+        if p.timer_due.is_some() {
+            p.shot = exits::apicv::timer_shot(vcpu, vm);
+        } else if p.shot.is_some() {
+            p.shot = None;
+        }
     }
     arm_entry(cpu, v, vcpu, p, cfg)
 }
@@ -1910,10 +1932,11 @@ fn catch_up<C: Cpu>(cpu: &mut C, vcpu: &mut Vcpu, p: &mut Piece) {
     }
 }
 
-/// The piece's next deadline after a look at `vm`'s platform: the guest's next timer, and the
-/// time to come back.
+/// The piece's next deadline after a look at `vm`'s platform: the guest's next timer, the time
+/// to come back, and the VMX-preemption timer's target for it (`arm_entry`: worked out here,
+/// once per look, rather than at every entry; `min_gap` is the guest's least run).
 #[inline(always)]
-fn note_deadline(vm: &Vm, p: &mut Piece) {
+fn note_deadline(vm: &Vm, p: &mut Piece, min_gap: u64) {
     p.timer_due = vm.platform.next_deadline().map(|d| vm.host_time(d));
     // Come back at the end of the slice, when one of the guest's own timers falls due, or
     // when a halted guest's does, whichever is first.
@@ -1921,6 +1944,16 @@ fn note_deadline(vm: &Vm, p: &mut Piece) {
         .into_iter()
         .flatten()
         .fold(p.deadline, u64::min);
+    // Short of a guest timer's deadline by the way to the entry ([`ENTRY_LEAD`]); the slice's
+    // end and a halted guest's timer as they are, and a guest timer within the minimum gap of
+    // the slice's end too (the wait for it, `catch_up`, would take the slice on past the
+    // guest's interrupt rather than end it there).
+    p.armed = match p.timer_due {
+        Some(d) if d == p.until && d.saturating_add(min_gap) <= p.deadline => {
+            d.saturating_sub(ENTRY_LEAD)
+        }
+        _ => p.until,
+    };
 }
 
 /// The last of the work before a VM entry of `vcpu`, after every exit (the register-only ones
@@ -1950,17 +1983,8 @@ fn arm_entry<C: Cpu>(
         // expire just before `until`, find nothing due and be re-armed for `min_gap`, by which
         // the guest's timer interrupt would come late; one unit more would let a slice run past
         // its quantum.
-        // Short of a guest timer's deadline by the way to the entry ([`ENTRY_LEAD`]); the
-        // slice's end and a halted guest's timer as they are, and a guest timer within the
-        // minimum gap of the slice's end too (the wait for it, `catch_up`, would take the
-        // slice on past the guest's interrupt rather than end it there).
-        let until = match p.timer_due {
-            Some(d) if d == p.until && d.saturating_add(min_gap) <= p.deadline => {
-                d.saturating_sub(ENTRY_LEAD)
-            }
-            _ => p.until,
-        };
-        let left = until.max(t0 + min_gap).saturating_sub(t0);
+        // Its target, from the last look (`note_deadline`).
+        let left = p.armed.max(t0 + min_gap).saturating_sub(t0);
         let left = left.div_ceil(1 << rate);
         v.write(
             Guest32::PreemptionTimerValue,
@@ -2000,6 +2024,7 @@ impl Piece {
         }
         self.deadline = start + self.len;
         self.until = self.deadline;
+        self.armed = self.deadline;
         self.now = start;
         self.entered_at = start;
     }

@@ -194,6 +194,30 @@ pub struct TimerStats {
     pub coalesced: u64,
 }
 
+/// The LAPIC timer's next expiry, worked out ahead ([`Lapic::timer_shot`]): valid while the timer
+/// is as it was ([`Lapic::fire_shot`] checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimerShot {
+    lvt: u32,
+    tsc_deadline: u64,
+    schedule: Option<Schedule>,
+    after: Option<Schedule>,
+    /// The TSC at which the timer fires.
+    pub at: u64,
+    /// The TSC from which a second expiry would be due (the following one of a periodic timer,
+    /// also its next deadline after this one; `u64::MAX` for the other modes).
+    pub single_before: u64,
+    /// The vector its expiry sets in IRR.
+    pub vector: u8,
+}
+
+impl TimerShot {
+    /// The timer's deadline after the expiry: the following one of a periodic timer.
+    pub fn next_after(&self) -> Option<u64> {
+        self.after.is_some().then_some(self.single_before)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Lapic {
     clock: ClockRate,
@@ -768,7 +792,7 @@ impl Lapic {
     /// nothing accepted since the last post ([`Lapic::posted`]), no NMI pending, and, when the
     /// page mirrors the registers (`mirrored`: APIC-register virtualization), none of them nor
     /// the ICR changed since they were taken. Then the expiry is one vector to post
-    /// ([`Platform::fire_timer_alone`](super::Platform::fire_timer_alone)).
+    /// ([`Platform::fire_shot`](super::Platform::fire_shot)).
     pub fn timer_alone_vector(&self, mirrored: bool) -> Option<u8> {
         let lvt = self.lvt[TIMER];
         let vector = lvt as u8;
@@ -783,6 +807,68 @@ impl Lapic {
             && !(mirrored && (self.page_stale.0 || self.icr_stale.0))
             && !self.nmi_pending;
         quiet.then_some(vector)
+    }
+
+    /// The timer's next expiry worked out ahead, for the VMX-preemption timer armed for it
+    /// (`runloop::note_deadline`): the TSC at which it fires, its vector, and what the expiry
+    /// leaves (the timer's next deadline, its schedule), when [`Lapic::timer_alone_vector`]
+    /// says the expiry is that vector alone. [`Lapic::fire_shot`] carries it out, but only while
+    /// the LVT entry and the timer's count or deadline are as they were here.
+    pub fn timer_shot(&self, mirrored: bool) -> Option<TimerShot> {
+        let at = self.next_deadline()?;
+        let vector = self.timer_alone_vector(mirrored)?;
+        let (after, single_before) = match self.timer_mode() {
+            TimerMode::TscDeadline => (None, u64::MAX),
+            _ => {
+                // `advance` at a tick before `next + period`: one expiry, none missed
+                // (`Schedule::fire`); the first TSC of that tick is `tsc_at`'s.
+                let mut s = self.timer_schedule?;
+                let next = s.next()?;
+                s.fire(next)?;
+                match s.next() {
+                    Some(n) => (Some(s), self.clock.tsc_at(n)),
+                    None => (None, u64::MAX),
+                }
+            }
+        };
+        // A saturated clock's deadline is never reached (`advance` would find nothing due).
+        (at != u64::MAX).then_some(TimerShot {
+            lvt: self.lvt[TIMER],
+            tsc_deadline: self.tsc_deadline,
+            schedule: self.timer_schedule,
+            after,
+            at,
+            single_before,
+            vector,
+        })
+    }
+
+    /// The timer's expiry as `shot` worked it out (`now` at or past `shot.at`, before
+    /// `shot.single_before`), if the timer is still as it was then (the LVT entry, the TSC
+    /// deadline, the count's schedule): the state [`Lapic::advance`] leaves, its counter, and the
+    /// vector in IRR. The rest of what the shot was worked out from ([`Lapic::timer_alone_vector`]:
+    /// IRR and ISR empty, nothing accepted since the post, no NMI) changes only by the platform's
+    /// own calls, after which the run loop works the shot out again. False, nothing done, if
+    /// the timer changed since.
+    #[inline]
+    pub fn fire_shot(&mut self, shot: &TimerShot) -> bool {
+        if self.lvt[TIMER] != shot.lvt
+            || self.tsc_deadline != shot.tsc_deadline
+            || self.timer_schedule != shot.schedule
+        {
+            return false;
+        }
+        if self.timer_mode() == TimerMode::TscDeadline {
+            self.tsc_deadline = 0;
+        } else {
+            self.timer_schedule = shot.after;
+        }
+        // `timer_fired`'s work for an unmasked, edge-triggered vector whose IRR bit is clear
+        // (`accept`: a new vector, TMR left clear; its record since the post is cleared by the
+        // post that follows, `posted`).
+        self.timer_stats.fired += 1;
+        self.irr.set(shot.vector);
+        true
     }
 
     /// Fires the timer if it fell due by TSC `now`.

@@ -35,7 +35,7 @@ pub mod uart16550;
 
 pub use clock::{ClockRate, Schedule};
 pub use console::ConsoleBuffer;
-pub use platform::{LineStats, Platform, PlatformStats, StartSignal};
+pub use platform::{LineStats, Platform, PlatformStats, StartSignal, TimerShot};
 
 use alloc::vec::Vec;
 use core::any::Any;

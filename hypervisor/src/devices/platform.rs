@@ -402,6 +402,27 @@ pub struct Platform {
     /// False once a port access changed something beyond its device, or a timer fired, since
     /// the last [`Platform::take_ports_quiet`].
     ports_quiet: bool,
+    /// Counts the changes of the timers' deadlines (each `refresh`, each device deadline
+    /// kept anew): a [`TimerShot`] stands only in the epoch it was worked out in.
+    epoch: u32,
+}
+
+/// A vCPU's LAPIC timer expiry worked out ahead ([`Platform::timer_shot`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimerShot {
+    lapic: lapic::TimerShot,
+    /// Before this TSC no other timer of the platform falls due.
+    others: u64,
+    /// The earliest deadline after the expiry.
+    next: Option<u64>,
+    epoch: u32,
+}
+
+impl TimerShot {
+    /// The TSC at which the timer fires.
+    pub fn at(&self) -> u64 {
+        self.lapic.at
+    }
 }
 
 impl Platform {
@@ -430,6 +451,7 @@ impl Platform {
             next: None,
             access_changed: false,
             ports_quiet: true,
+            epoch: 0,
         };
         let chipset_ports = [
             (pic8259::MASTER_CMD, Responder::Pic, "pic8259 master"),
@@ -668,6 +690,7 @@ impl Platform {
             if *kept != deadline {
                 *kept = deadline;
                 self.devices_next = self.deadlines.iter().flatten().copied().min();
+                self.epoch = self.epoch.wrapping_add(1);
             }
         }
         Some(r)
@@ -853,37 +876,61 @@ impl Platform {
         self.ports_quiet = false;
     }
 
-    /// The short way of [`Platform::advance`] for the run loop before vCPU `cpu`'s entry,
-    /// when the timer that fell due by `now` is that vCPU's local APIC timer alone: no device's
-    /// kept deadline and no other APIC's timer has passed, and the APIC has nothing else for
-    /// its virtual-APIC page (`Lapic::timer_alone_vector`; `mirrored`: the page mirrors its
-    /// registers, with APIC-register virtualization). The timer fires by the model's own
-    /// code (`Lapic::advance`: the same expiry, reload, coalescing and counters in every timer
-    /// mode) and the earliest deadline is taken again; the vector it set in IRR, the only one
-    /// there, is returned for the caller to post (`exits::apicv::fire_timer`). None, with
-    /// nothing done, in every other case: then `advance` is the way.
-    pub fn fire_timer_alone(&mut self, cpu: usize, now: u64, mirrored: bool) -> Option<u8> {
-        if !self.next.is_some_and(|d| d <= now) || self.devices_next.is_some_and(|d| d <= now) {
-            return None;
-        }
-        let lapics = &mut self.chipset.lapics.0;
-        let others_due = lapics
+    /// vCPU `cpu`'s LAPIC timer expiry worked out ahead (`Lapic::timer_shot`), when the run loop
+    /// arms the VMX-preemption timer after a look at the platform: the expiry's vector when it is
+    /// all the APIC holds for the virtual-APIC page (`Lapic::timer_alone_vector`; `mirrored`: the
+    /// page mirrors its registers, with APIC-register virtualization), the time before which no
+    /// other timer (a device's kept deadline, another APIC's) falls due, and the earliest
+    /// deadline after it. [`Platform::fire_shot`] carries it out.
+    pub fn timer_shot(&self, cpu: usize, mirrored: bool) -> Option<TimerShot> {
+        let lapics = &self.chipset.lapics.0;
+        let lapic = lapics.get(cpu)?.timer_shot(mirrored)?;
+        let others = lapics
             .iter()
             .enumerate()
-            .any(|(i, l)| i != cpu && l.next_deadline().is_some_and(|d| d <= now));
-        let l = lapics.get_mut(cpu)?;
-        if others_due || !l.next_deadline().is_some_and(|d| d <= now) {
+            .filter(|&(i, _)| i != cpu)
+            .filter_map(|(_, l)| l.next_deadline())
+            .chain(self.devices_next)
+            .min();
+        let own_after = lapic.next_after();
+        Some(TimerShot {
+            lapic,
+            others: others.unwrap_or(u64::MAX),
+            next: others.into_iter().chain(own_after).min(),
+            epoch: self.epoch,
+        })
+    }
+
+    /// The short way of [`Platform::advance`] for the run loop before vCPU `cpu`'s entry, when
+    /// the timer that fell due by `now` is that vCPU's local APIC timer alone, as `shot` worked
+    /// it out: `now` at or past its deadline, before any other timer's and before a second
+    /// expiry of its own, and no timer of the platform changed since (its deadlines were not
+    /// taken again, `refresh`, and the APIC's timer is as it was, `Lapic::fire_shot`). The APIC
+    /// is looked up once: it takes the guest's `tpr` first (whatever follows: the caller has
+    /// taken it from VTPR), then the timer fires as `Lapic::advance` would fire it, the earliest
+    /// deadline is the one the shot worked out, and the APIC's vectors count as posted
+    /// (`Lapic::posted`); the vector it set in IRR, the only one there, is returned for the
+    /// caller to post (`exits::apicv::fire_timer`). None, with nothing done but the TPR, in
+    /// every other case: then `advance` is the way.
+    #[inline]
+    pub fn fire_shot(&mut self, cpu: usize, now: u64, shot: &TimerShot, tpr: u8) -> Option<u8> {
+        let epoch = self.epoch;
+        let l = self.lapic_mut(cpu);
+        if l.tpr() != tpr {
+            l.set_tpr(tpr);
+        }
+        let s = &shot.lapic;
+        if now < s.at || now >= shot.others || now >= s.single_before || epoch != shot.epoch {
             return None;
         }
-        let vector = l.timer_alone_vector(mirrored)?;
-        l.advance(now);
-        // The timer's own deadline is the first TSC at which it fires (`ClockRate::tsc_at`),
-        // so it did; should a saturated clock say otherwise, nothing changed and `advance`
-        // finds the same.
-        let fired = l.highest_irr() == Some(vector);
-        self.refresh();
+        if !l.fire_shot(s) {
+            return None;
+        }
+        l.posted();
+        self.next = shot.next;
+        self.epoch = epoch.wrapping_add(1);
         self.ports_quiet = false;
-        fired.then_some(vector)
+        Some(s.vector)
     }
 
     /// Whether the 8259A's INTR output is down (no request it would offer a CPU).
@@ -898,6 +945,7 @@ impl Platform {
 
     /// Recomputes the cached earliest deadline from every timer.
     fn refresh(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
         debug_assert_eq!(
             self.deadlines,
             self.devices

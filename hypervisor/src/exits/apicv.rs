@@ -14,6 +14,7 @@ use crate::devices::lapic::X2APIC_MSRS;
 #[cfg(test)]
 use crate::devices::lapic::{APIC_BASE_ENABLE, APIC_BASE_EXTD};
 use crate::devices::platform::ApicView;
+use crate::devices::TimerShot;
 use crate::guest::{StopReason, Vcpu, Vm};
 use crate::vmx::apicv::VirtualApic;
 use crate::vmx::{ReadOnly64, ReadOnlyNat, Vmcs};
@@ -187,20 +188,41 @@ fn hold_while_masked<V: Vmcs + ?Sized>(vmcs: &mut V) {
     }
 }
 
+/// The guest's LAPIC timer expiry worked out ahead at a platform look (after [`before_entry`]),
+/// for [`fire_timer`] after the VMX-preemption-timer exit it is armed for: with
+/// virtual-interrupt delivery and a page the post left empty (else the short way is not taken
+/// anyway), `Platform::timer_shot`.
+#[inline]
+pub fn timer_shot(vcpu: &Vcpu, vm: &Vm) -> Option<TimerShot> {
+    let a = vcpu.apicv.as_ref()?;
+    if !a.features().virtual_interrupt_delivery || !a.idle() {
+        return None;
+    }
+    vm.platform
+        .timer_shot(vcpu.index, a.features().register_virtualization)
+}
+
 /// The platform look before the entry after a VMX-preemption-timer exit (`exits::fast`),
 /// made short when the guest's local APIC timer is all that fell due by `now` (the guest's
 /// TSC) and all there is to deliver: with virtual-interrupt delivery, the page and the model as
 /// the last post left them with nothing pending or in service (`VirtualApic::unchanged`,
 /// `Lapic::timer_alone_vector`), no interrupt held in the event queue, the 8259A's output down
-/// and no interrupt window asked for. Then the guest's TPR is taken, the timer fires
-/// (`Platform::fire_timer_alone`) and its vector is posted as one VIRR word and RVI
+/// and no interrupt window asked for. Then the guest's TPR is taken, the timer fires as `shot`
+/// (from [`timer_shot`] at the last platform look) worked it out (`Platform::fire_shot`, which
+/// refuses if any timer changed since) and its vector is posted as one VIRR word and RVI
 /// (`VirtualApic::post_one`): what [`take_unread`], `Platform::advance`,
 /// `exits::inject_pending_interrupt` and [`before_entry`] make of the same state, without
 /// their general checks (a unit test compares the two over random timer set-ups). False when
 /// the case is another; the general look is then the way (the TPR it may have taken already
 /// is taken again as the same).
 #[inline]
-pub fn fire_timer<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu, vm: &mut Vm, now: u64) -> bool {
+pub fn fire_timer<V: Vmcs + ?Sized>(
+    vmcs: &mut V,
+    vcpu: &mut Vcpu,
+    vm: &mut Vm,
+    now: u64,
+    shot: &TimerShot,
+) -> bool {
     use crate::vmx::controls::PrimaryControls;
     use crate::vmx::Control32;
     let cpu = vcpu.index;
@@ -225,27 +247,20 @@ pub fn fire_timer<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu, vm: &mut Vm, 
         return false;
     }
     // `take_unread` of a page found unchanged: the TPR alone (written out rather than calling
-    // `take`, whose second look at `vcpu.apicv` and the TPR-shadow test cost `irq` 5 more).
+    // `take`, whose second look at `vcpu.apicv` and the TPR-shadow test cost `irq` 5 more),
+    // given to the APIC by `fire_shot`, which looks it up once for that and the timer.
     a.vtpr_unread = false;
-    let vtpr = a.vtpr();
-    let mut l = vm.platform.apic_view(cpu);
-    if l.tpr() != vtpr {
-        l.set_tpr(vtpr);
-    }
-    let mirrored = a.features().register_virtualization;
-    let Some(vector) = vm.platform.fire_timer_alone(cpu, now, mirrored) else {
+    let Some(vector) = vm.platform.fire_shot(cpu, now, shot, a.vtpr()) else {
         return false;
     };
     a.post_one(vmcs, vector);
-    let mut l = vm.platform.apic_view(cpu);
-    l.posted();
     // What `before_entry` writes besides the post: VPPR in x2APIC mode with register
     // virtualization (the page image and the ICR are not stale, `Lapic::timer_alone_vector`);
     // VTPR, the TPR threshold (0 with virtual-interrupt delivery) and the APIC-mode controls
     // are as the last entry left them, the TPR having come from VTPR and the mode unchanged
     // (it changes only by an exit that reaches the platform, after which the general look runs).
     if a.features().register_virtualization && a.x2apic_virtualized() {
-        a.set_vppr(l.ppr());
+        a.set_vppr(vm.platform.apic_view(cpu).ppr());
     }
     true
 }
@@ -452,9 +467,16 @@ mod tests {
         t.vm.platform.mmio_write(0, base + 0x320, 4, 0x40, 0);
         t.vm.platform.mmio_write(0, base + 0x380, 4, 1, 0);
         t.enter().unwrap();
+        let shot = super::timer_shot(&t.vcpu, &t.vm).expect("the timer alone is due");
         crate::exits::fast::handle_preempted(&t.vmcs, &mut t.vcpu);
         let now = 1_000_000;
-        assert!(!super::fire_timer(&mut t.vmcs, &mut t.vcpu, &mut t.vm, now));
+        assert!(!super::fire_timer(
+            &mut t.vmcs,
+            &mut t.vcpu,
+            &mut t.vm,
+            now,
+            &shot
+        ));
         t.vm.platform.advance(now);
         t.enter().unwrap();
         assert_eq!(rvi_svi(&t), (0x40, 0));
@@ -1265,12 +1287,14 @@ mod fire_timer_tests {
     }
 
     /// What the run loop does before an entry after an exit that touched the platform, or
-    /// after a preemption exit the short way refused (`runloop::before_entry`), then the commit.
-    fn general_look(t: &mut TestBed, now: u64) {
+    /// after a preemption exit the short way refused (`runloop::before_entry`), then the commit;
+    /// the timer's expiry it works out for the short way.
+    fn general_look(t: &mut TestBed, now: u64) -> Option<TimerShot> {
         take_unread(&t.vmcs, &mut t.vcpu, &mut t.vm);
         t.vm.platform.advance(now);
         crate::exits::inject_pending_interrupt(&mut t.vmcs, &mut t.vcpu, &mut t.vm);
         before_entry(&mut t.vmcs, &mut t.vcpu, &mut t.vm);
+        timer_shot(&t.vcpu, &t.vm)
     }
 
     fn words(t: &TestBed, base: usize) -> [u32; 8] {
@@ -1390,26 +1414,38 @@ mod fire_timer_tests {
                 }
             }
             let mut now = 1000;
+            let mut shot = None;
             for t in [&mut fast, &mut slow] {
-                general_look(t, now);
+                shot = general_look(t, now);
                 crate::exits::events::commit(&mut t.vmcs, &mut t.vcpu).unwrap();
             }
-            let mut short = 0;
-            for round in 0..20_000 {
+            let (mut short, mut stale_tries) = (0, 0);
+            for round in 0..30_000 {
                 // What the guest does while it runs, then what its exits do to the platform
                 // (each followed by the general look, as the run loop makes it).
                 let guest = rng.below(8);
-                let platform = rng.below(32);
+                // With an expiry worked out, the timers are changed more often (the first
+                // eight: its LVT entry, count, divide, TSC deadline, a self-IPI, the SVR).
+                let platform = if shot.is_some() && rng.below(2) == 0 {
+                    rng.below(8)
+                } else {
+                    rng.below(32)
+                };
                 let value = rng.next();
                 // With two vCPUs, vCPU 1's timer now and then set within 32 ticks of the
                 // earliest deadline, so that both fall due at the same exit.
                 let other = rng.next();
                 // The guest runs with IF = 0 now and then (the short look refuses those).
                 let rflags = if rng.below(8) == 0 { 0x2 } else { 0x202 };
+                // Now and then the fast bed keeps the expiry worked out before the timers
+                // changed (as if the look after the change had not worked it out again): the
+                // short way must never fire from it.
+                let keep_stale = rng.below(2) == 0;
+                let mut stale = false;
                 let near = fast.vm.platform.next_deadline().unwrap_or(now);
                 let other_at = (other.is_multiple_of(4) && cpus > 1)
                     .then(|| (near + (other >> 32) % 64).saturating_sub(32).max(1));
-                for t in [&mut fast, &mut slow] {
+                for (bed, t) in [&mut fast, &mut slow].into_iter().enumerate() {
                     t.vmcs.write(crate::vmx::GuestNat::Rflags, rflags);
                     match guest {
                         0 => cpu_delivers(t),
@@ -1480,7 +1516,14 @@ mod fire_timer_tests {
                         _ => false,
                     };
                     if acted || other_at.is_some() {
-                        general_look(t, now);
+                        let worked_out = general_look(t, now);
+                        if bed == 0 {
+                            if keep_stale && shot.is_some() {
+                                stale = true;
+                            } else {
+                                shot = worked_out;
+                            }
+                        }
                         crate::exits::events::commit(&mut t.vmcs, &mut t.vcpu).unwrap();
                     }
                 }
@@ -1490,8 +1533,11 @@ mod fire_timer_tests {
                     let read =
                         |t: &mut TestBed| t.vm.platform.mmio_read(0, LAPIC_BASE + 0x390, 4, now);
                     assert_eq!(read(&mut fast), read(&mut slow), "round {round}");
-                    for t in [&mut fast, &mut slow] {
-                        general_look(t, now);
+                    for (bed, t) in [&mut fast, &mut slow].into_iter().enumerate() {
+                        let worked_out = general_look(t, now);
+                        if bed == 0 && !stale {
+                            shot = worked_out;
+                        }
                         crate::exits::events::commit(&mut t.vmcs, &mut t.vcpu).unwrap();
                     }
                 }
@@ -1503,10 +1549,21 @@ mod fire_timer_tests {
                 };
                 crate::exits::fast::handle_preempted(&fast.vmcs, &mut fast.vcpu);
                 crate::exits::fast::handle_preempted(&slow.vmcs, &mut slow.vcpu);
-                if fire_timer(&mut fast.vmcs, &mut fast.vcpu, &mut fast.vm, now) {
+                let fired = shot.as_ref().is_some_and(|s| {
+                    fire_timer(&mut fast.vmcs, &mut fast.vcpu, &mut fast.vm, now, s)
+                });
+                if stale {
+                    stale_tries += 1;
+                    assert!(
+                        !fired,
+                        "round {round}: fired from an expiry worked out before"
+                    );
+                }
+                if fired {
                     short += 1;
+                    shot = None;
                 } else {
-                    general_look(&mut fast, now);
+                    shot = general_look(&mut fast, now);
                 }
                 general_look(&mut slow, now);
                 for t in [&mut fast, &mut slow] {
@@ -1516,6 +1573,7 @@ mod fire_timer_tests {
                 assert_same(&fast, &slow, round);
             }
             assert!(short > 200, "the short way taken {short} times");
+            assert!(stale_tries > 20, "a stale expiry tried {stale_tries} times");
         }
     }
 }

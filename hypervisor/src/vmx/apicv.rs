@@ -388,11 +388,19 @@ impl VirtualApic {
         self.vectors()
     }
 
-    /// Whether VIRR and VISR are as the last [`VirtualApic::post`] left them, known without
-    /// reading them: both were empty and the guest interrupt status reads RVI = SVI = 0. The
-    /// CPU keeps RVI the highest VIRR vector and SVI the highest VISR vector through every
-    /// change it makes (self-IPI virtualization, delivery, EOI virtualization: SDM 30.1.4,
-    /// 30.1.5, 30.2.2), so both 0 means both are still empty (vectors 0-15 are never set).
+    /// Whether the last [`VirtualApic::post`] left VIRR and VISR empty, and nothing was taken
+    /// from the page since.
+    #[inline]
+    pub fn idle(&self) -> bool {
+        self.idle
+    }
+
+    /// Whether VIRR and VISR are as the last [`VirtualApic::post`] left them (see
+    /// [`VirtualApic::idle`]), known without reading them: both were empty and the guest
+    /// interrupt status reads RVI = SVI = 0. The CPU keeps RVI the highest VIRR vector and SVI
+    /// the highest VISR vector through every change it makes (self-IPI virtualization,
+    /// delivery, EOI virtualization: SDM 30.1.4, 30.1.5, 30.2.2), so both 0 means both are
+    /// still empty (vectors 0-15 are never set).
     #[inline]
     pub fn unchanged<V: Vmcs + ?Sized>(&self, vmcs: &V) -> bool {
         self.idle && vmcs.read(Guest16::InterruptStatus) == 0
