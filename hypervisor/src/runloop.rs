@@ -425,7 +425,7 @@ struct Chores {
 /// ([`RunLoop::halted_due`]) for whichever of its looks needs them: whether the housekeeping is
 /// put off, when the picked vCPU's slice must end for another guest (`Piece::others_due`), and
 /// how long CPU 0 may sleep.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct HaltedDue {
     /// The earliest, and its guest.
     first: Option<(u64, usize)>,
@@ -434,6 +434,17 @@ struct HaltedDue {
 }
 
 impl HaltedDue {
+    /// Guest `j`'s first timer falls due at `d`.
+    fn add(&mut self, d: u64, j: usize) {
+        match self.first {
+            Some((f, _)) if f <= d => self.second = Some(self.second.map_or(d, |e| e.min(d))),
+            _ => {
+                self.second = self.first.map(|(f, _)| f);
+                self.first = Some((d, j));
+            }
+        }
+    }
+
     /// The earliest of every guest's but `except`'s.
     fn except(&self, except: Option<usize>) -> Option<u64> {
         match self.first {
@@ -770,8 +781,7 @@ impl<C: Cpu> RunLoop<C> {
         // the timers of those still halted are looked at once for the whole pick (`HaltedDue`).
         let early = core::mem::take(&mut self.hosts[h].wake_due) && !self.unsettled;
         let mut now = self.cpu.rdtsc();
-        let (mut live, woke) = self.wake_halted(now);
-        let mut due = None;
+        let (mut live, woke, mut due) = self.wake_halted(now);
         // CPU 0's housekeeping (the console, the control channel, held monitor lines, the log,
         // the guests' console lines) is put off at a pick in three cases, and never once it last
         // ended a quantum ago (nor while a command left vCPUs to settle): so two are at most a
@@ -799,7 +809,6 @@ impl<C: Cpu> RunLoop<C> {
                 || soon
                 || (self.chores.took >= self.cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR
                     && due
-                        .insert(self.halted_due())
                         .except(None)
                         .is_some_and(|d| d <= now.saturating_add(self.chores.took))));
         if h == 0 && put_off {
@@ -810,14 +819,12 @@ impl<C: Cpu> RunLoop<C> {
             self.housekeeping(h, now);
             // A command may have changed any guest, and timers fell due meanwhile.
             now = self.chores.at;
-            live = self.wake_halted(now).0;
-            due = None;
+            (live, _, due) = self.wake_halted(now);
         }
         if h == 0 {
             self.ops.started.get_or_insert(now);
             if self.policy_turn(now) {
-                live = self.wake_halted(now).0;
-                due = None;
+                (live, _, due) = self.wake_halted(now);
             }
         }
         if live == 0 {
@@ -885,7 +892,7 @@ impl<C: Cpu> RunLoop<C> {
         self.seat_list = seats;
         match picked {
             Some(seat) => {
-                self.start_slice(h, seat, due);
+                self.start_slice(h, seat, Some(due));
                 if self.hosts[h].running.is_some() {
                     Turn::Enter
                 } else {
@@ -904,10 +911,7 @@ impl<C: Cpu> RunLoop<C> {
                 // Every live vCPU is halted or taken: sleep until the earliest guest timer (or at
                 // most one quantum, in case an interrupt source has no deadline).
                 let t0 = self.cpu.rdtsc();
-                let mut wake = due
-                    .unwrap_or_else(|| self.halted_due())
-                    .except(None)
-                    .unwrap_or(t0 + self.sched.quantum);
+                let mut wake = due.except(None).unwrap_or(t0 + self.sched.quantum);
                 // A capped guest that used its budget runs again when the next period starts.
                 if self.shares.any_cap() {
                     wake = wake.min(self.shares.period_end());
@@ -977,10 +981,12 @@ impl<C: Cpu> RunLoop<C> {
     }
 
     /// Wakes the halted vCPUs whose interrupts came by host TSC `now` (their guests' timers
-    /// advanced to it): how many guests are live, and whether a vCPU woke.
-    fn wake_halted(&mut self, now: u64) -> (usize, bool) {
-        let (mut live, mut woke) = (0, false);
-        for s in &mut self.slots {
+    /// advanced to it): how many guests are live, whether a vCPU woke, and the first timers of
+    /// the guests with a vCPU still halted (as [`RunLoop::halted_due`] finds them, in the same
+    /// pass).
+    fn wake_halted(&mut self, now: u64) -> (usize, bool, HaltedDue) {
+        let (mut live, mut woke, mut due) = (0, false, HaltedDue::default());
+        for (j, s) in self.slots.iter_mut().enumerate() {
             if !s.live() {
                 continue;
             }
@@ -992,13 +998,21 @@ impl<C: Cpu> RunLoop<C> {
             }
             let t = s.vm.now_seen(now);
             s.vm.platform.advance(t);
+            let mut still = false;
             for c in 0..s.vcpus.len() {
                 let halted = s.vcpus[c].state == RunState::Halted;
                 s.wake(c, now);
-                woke |= halted && s.vcpus[c].state == RunState::Runnable;
+                let state = &s.vcpus[c].state;
+                woke |= halted && *state == RunState::Runnable;
+                still |= *state == RunState::Halted;
+            }
+            if still {
+                if let Some(d) = s.vm.platform.next_deadline() {
+                    due.add(s.vm.host_time(d), j);
+                }
             }
         }
-        (live, woke)
+        (live, woke, due)
     }
 
     /// The first timers of the guests with a halted vCPU ([`HaltedDue`]): when a running vCPU
@@ -1009,15 +1023,8 @@ impl<C: Cpu> RunLoop<C> {
             if !s.live() || !s.vcpus.iter().any(|v| v.state == RunState::Halted) {
                 continue;
             }
-            let Some(d) = s.vm.platform.next_deadline().map(|d| s.vm.host_time(d)) else {
-                continue;
-            };
-            match due.first {
-                Some((f, _)) if f <= d => due.second = Some(due.second.map_or(d, |e| e.min(d))),
-                _ => {
-                    due.second = due.first.map(|(f, _)| f);
-                    due.first = Some((d, j));
-                }
+            if let Some(d) = s.vm.platform.next_deadline() {
+                due.add(s.vm.host_time(d), j);
             }
         }
         due

@@ -2541,3 +2541,25 @@ fn halted_due_gives_the_earliest_of_the_other_guests() {
     assert_eq!(due.except(Some(2)), None);
     assert_eq!(HaltedDue::default().except(None), None);
 }
+
+/// The wakes find the halted guests' timers in the same pass (`RunLoop::wake_halted`): what a
+/// look of its own finds after them, at every pick of sleepers at 100 and 132 Hz next to a
+/// computing guest.
+#[test]
+fn the_wakes_find_the_timers_a_look_of_their_own_finds() {
+    let mut rl = rig(vec![
+        Program::sleeper(200).with_pit(PIT_100HZ),
+        Program::sleeper(3_000).with_pit(PIT_132HZ),
+        Program::compute(),
+        Program::sleeper(50_000).with_pit(PIT_132HZ),
+    ]);
+    let (mut found, end) = (0, rl.cpu.clock + TSC_HZ / 5);
+    while rl.cpu.clock < end {
+        assert!(rl.step());
+        let now = rl.cpu.clock;
+        let (_, _, due) = rl.wake_halted(now);
+        assert_eq!(due, rl.halted_due());
+        found += usize::from(due.second.is_some());
+    }
+    assert!(found > 10, "two halted guests with timers at {found} looks");
+}
