@@ -800,17 +800,17 @@ impl<C: Cpu> RunLoop<C> {
         //   Before CPU 0 sleeps it runs all the same (below).
         let since = now.saturating_sub(self.chores.at);
         let may_put_off = h == 0 && !self.unsettled && since < self.sched.quantum;
-        let soon = may_put_off
-            && !(early && woke)
-            && since < self.cfg.tsc_hz / HOUSEKEEPING_GAP_DIVISOR
-            && self.ops.keys.is_empty();
-        let put_off = may_put_off
+        let for_a_timer = may_put_off
             && ((early && woke)
-                || soon
                 || (self.chores.took >= self.cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR
                     && due
                         .except(None)
                         .is_some_and(|d| d <= now.saturating_add(self.chores.took))));
+        let soon = may_put_off
+            && !for_a_timer
+            && since < self.cfg.tsc_hz / HOUSEKEEPING_GAP_DIVISOR
+            && self.ops.keys.is_empty();
+        let put_off = for_a_timer || soon;
         if h == 0 && put_off {
             // Not the housekeeping, but COM1's FIFO emptied: keys must not overflow it meanwhile.
             self.take_keys();
