@@ -800,17 +800,12 @@ impl<C: Cpu> RunLoop<C> {
         //   Before CPU 0 sleeps it runs all the same (below).
         let since = now.saturating_sub(self.chores.at);
         let may_put_off = h == 0 && !self.unsettled && since < self.sched.quantum;
-        let for_a_timer = may_put_off
-            && ((early && woke)
-                || (self.chores.took >= self.cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR
-                    && due
-                        .except(None)
-                        .is_some_and(|d| d <= now.saturating_add(self.chores.took))));
         let soon = may_put_off
-            && !for_a_timer
+            && !(early && woke)
             && since < self.cfg.tsc_hz / HOUSEKEEPING_GAP_DIVISOR
             && self.ops.keys.is_empty();
-        let put_off = for_a_timer || soon;
+        let put_off =
+            may_put_off && ((early && woke) || soon || self.chores_would_delay(&due, now));
         if h == 0 && put_off {
             // Not the housekeeping, but COM1's FIFO emptied: keys must not overflow it meanwhile.
             self.take_keys();
@@ -900,7 +895,7 @@ impl<C: Cpu> RunLoop<C> {
                     self.pick_turn(h)
                 }
             }
-            None if soon => {
+            None if soon && !self.chores_would_delay(&due, now) => {
                 // Nothing to run, and the housekeeping was put off only because it ran a moment
                 // ago: it runs before CPU 0 sleeps (the log, replies and console lines would
                 // wait for the wake otherwise), and the pick again after it.
@@ -930,6 +925,16 @@ impl<C: Cpu> RunLoop<C> {
                 Turn::Sleep { wake, max }
             }
         }
+    }
+
+    /// Whether CPU 0's housekeeping, begun at `now`, would end after a halted vCPU's timer falls
+    /// due (by how long it took last time), one that is worth the look: longer than the minimum
+    /// gap Keel keeps between a guest's timer exits.
+    fn chores_would_delay(&self, due: &HaltedDue, now: u64) -> bool {
+        self.chores.took >= self.cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR
+            && due
+                .except(None)
+                .is_some_and(|d| d <= now.saturating_add(self.chores.took))
     }
 
     /// CPU 0's housekeeping at a pick (`now`): the console, the control channel, held monitor
