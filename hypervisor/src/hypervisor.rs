@@ -210,9 +210,12 @@ pub fn run(machine: MachineInfo) -> ! {
             .map(|&p| CpuHw {
                 percpu: p,
                 spec_ctrl: 0,
+                left: false,
+                left_msrs: [0; 6],
             })
             .collect(),
         on: 0,
+        xsave: cpu::has_xsave().then(cpu::xcr0_supported),
         com2,
         bulk,
     };
@@ -350,6 +353,9 @@ pub struct RealCpu {
     cpus: Vec<CpuHw>,
     /// The host CPU the loop acts for now: the one executing.
     on: usize,
+    /// Every XCR0 component the CPU supports, if it has XSAVE (looked up once, not at each
+    /// guest switch).
+    xsave: Option<u64>,
     /// The control channel's UART, if the machine has one (CPU 0's alone: only it polls it).
     com2: Option<arch::com2::Com2>,
     /// The bulk disk, if the machine has one.
@@ -362,6 +368,13 @@ struct CpuHw {
     /// What Keel last wrote to this CPU's IA32_SPEC_CTRL (0, its reset value, until a guest sets
     /// it).
     spec_ctrl: u64,
+    /// What the last save of a vCPU's registers left in this CPU, until the next restore: XCR0
+    /// set to every supported component, and the switched MSRs as read (`left_msrs`), while
+    /// nothing else has run there. The restore that follows (a guest switch) skips the XSETBV and
+    /// the WRMSRs of values already there: both guests' SYSCALL MSRs are often equal (the same
+    /// kernel), and a WRMSR costs far more than the compare on silicon.
+    left: bool,
+    left_msrs: [u64; 6],
 }
 
 /// The run loop on the real machine.
@@ -377,14 +390,16 @@ impl Cpu for RealCpu {
     }
 
     fn save(&mut self, vm: &mut VmHw, cpu: usize) {
-        if let Some(c) = vm.cpus.get_mut(cpu) {
-            c.saved.save();
+        if let (Some(c), Some(h)) = (vm.cpus.get_mut(cpu), self.cpus.get_mut(self.on)) {
+            c.saved.save(self.xsave, &mut h.left_msrs);
+            h.left = true;
         }
     }
 
     fn restore(&mut self, vm: &mut VmHw, cpu: usize, xcr0: u64) {
-        if let Some(c) = vm.cpus.get(cpu) {
-            c.saved.restore(xcr0);
+        if let (Some(c), Some(h)) = (vm.cpus.get(cpu), self.cpus.get_mut(self.on)) {
+            let left = core::mem::take(&mut h.left).then_some(&h.left_msrs);
+            c.saved.restore(self.xsave, xcr0, left);
         }
     }
 
@@ -407,6 +422,9 @@ impl Cpu for RealCpu {
     }
 
     fn load_xcr0(&mut self, xcr0: u64) {
+        if let Some(h) = self.cpus.get_mut(self.on) {
+            h.left = false;
+        }
         // SAFETY: `exits::xsetbv` only stores values valid for this CPU.
         unsafe { cpu::xsetbv0(xcr0) };
     }
@@ -762,9 +780,10 @@ impl SavedState {
     /// Saves the guest's registers. Extended state is saved whole, every component the CPU has,
     /// whatever the guest's XCR0: a guest with XCR0 = x87 may still use SSE (its state is
     /// component 1 all the same), so Keel widens XCR0 while it saves and restores (SDM 13.7-13.8).
-    fn save(&mut self) {
-        if cpu::has_xsave() {
-            let all = cpu::xcr0_supported();
+    /// `xsave`: every XCR0 component the CPU supports, if it has XSAVE. The MSRs are also
+    /// written to `left` (what stays in the CPU: `CpuHw::left`).
+    fn save(&mut self, xsave: Option<u64>, left: &mut [u64; 6]) {
+        if let Some(all) = xsave {
             // SAFETY: a page-aligned 4 KiB area owned by this guest (the full XSAVE image of
             // this CPU fits: CPUID.(EAX=0DH,ECX=0):ECX, checked at boot); XCR0 = every supported
             // component is a valid XCR0.
@@ -776,21 +795,24 @@ impl SavedState {
             // SAFETY: as above; FXSAVE covers x87 and SSE, all a CPU without XSAVE has.
             unsafe { cpu::fxsave(mm::phys_to_virt(self.xsave_pa)) };
         }
-        for (slot, &msr) in self.msrs.iter_mut().zip(SWITCHED_MSRS.iter()) {
-            *slot = cpu::rdmsr(msr);
+        for k in 0..SWITCHED_MSRS.len() {
+            let v = cpu::rdmsr(SWITCHED_MSRS[k]);
+            (self.msrs[k], left[k]) = (v, v);
         }
         self.cr2 = cpu::read_cr2();
         self.debug = cpu::read_debug_registers();
     }
 
-    fn restore(&self, xcr0: u64) {
-        if cpu::has_xsave() {
-            let all = cpu::xcr0_supported();
+    /// `left`: what the last save left in this CPU, if nothing ran there since.
+    fn restore(&self, xsave: Option<u64>, xcr0: u64, left: Option<&[u64; 6]>) {
+        if let Some(all) = xsave {
             // SAFETY: the area was written by `save` or is zeroed (every component then takes
             // its init state); the guest's XCR0 was validated by the XSETBV handler (or is the
             // x87-only power-on value).
             unsafe {
-                cpu::xsetbv0(all);
+                if left.is_none() {
+                    cpu::xsetbv0(all);
+                }
                 cpu::xrstor(mm::phys_to_virt(self.xsave_pa), all);
                 cpu::xsetbv0(xcr0);
             }
@@ -798,7 +820,10 @@ impl SavedState {
             // SAFETY: a zeroed FXSAVE image has MXCSR = 0, a valid value; otherwise `save` wrote it.
             unsafe { cpu::fxrstor(mm::phys_to_virt(self.xsave_pa)) };
         }
-        for (&v, &msr) in self.msrs.iter().zip(SWITCHED_MSRS.iter()) {
+        for (k, (&v, &msr)) in self.msrs.iter().zip(SWITCHED_MSRS.iter()).enumerate() {
+            if left.is_some_and(|l| l[k] == v) {
+                continue;
+            }
             // SAFETY: the values were read from the same MSRs (or are 0, their reset value);
             // TSC_AUX and the SYSCALL MSRs take any value Keel saved.
             unsafe { cpu::wrmsr(msr, v) };

@@ -24,6 +24,10 @@ use alloc::vec::Vec;
 /// A guest's own timers may bring it back to Keel at most this often: every 1/20000 s (50 us).
 pub const MIN_TIMER_GAP_DIVISOR: u64 = 20_000;
 
+/// CPU 0's housekeeping at a pick runs at most every 1/1000 s (1 ms) while no key waits, unless a
+/// vCPU is to be settled or CPU 0 is to sleep ([`RunLoop::pick_turn`]).
+pub const HOUSEKEEPING_GAP_DIVISOR: u64 = 1000;
+
 /// TSC ticks by which the VMX-preemption timer is armed short of a guest timer's deadline
 /// (`arm_entry`). The timer counts only from the VM entry (SDM 26.5.1), which comes after the
 /// TSC read it is armed from by the rest of `arm_entry`, the run loop's way to the entry and
@@ -418,6 +422,40 @@ struct Chores {
     took: u64,
 }
 
+/// The earliest timers of the guests with a halted vCPU (host TSC), found once at a pick
+/// ([`RunLoop::halted_due`]) for whichever of its looks needs them: whether the housekeeping is
+/// put off, when the picked vCPU's slice must end for another guest (`Piece::others_due`), and
+/// how long CPU 0 may sleep.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct HaltedDue {
+    /// The earliest, and its guest.
+    first: Option<(u64, usize)>,
+    /// The earliest of every other guest's.
+    second: Option<u64>,
+}
+
+impl HaltedDue {
+    /// Guest `j`'s first timer falls due at `d`.
+    fn add(&mut self, d: u64, j: usize) {
+        match self.first {
+            Some((f, _)) if f <= d => self.second = Some(self.second.map_or(d, |e| e.min(d))),
+            _ => {
+                self.second = self.first.map(|(f, _)| f);
+                self.first = Some((d, j));
+            }
+        }
+    }
+
+    /// The earliest of every guest's but `except`'s.
+    fn except(&self, except: Option<usize>) -> Option<u64> {
+        match self.first {
+            Some((d, j)) if Some(j) != except => Some(d),
+            Some(_) => self.second,
+            None => None,
+        }
+    }
+}
+
 /// What IPI delivery and guest switches cost with several host CPUs, in host TSC cycles, each
 /// as (count, sum): `[0]` on one CPU, `[1]` across CPUs. An IPI's delivery runs from the
 /// sender's exit to the target's next entry (on the sender's CPU, or on another: kicked awake or
@@ -746,62 +784,51 @@ impl<C: Cpu> RunLoop<C> {
         self.cpu.on_host(h);
         self.hosts[h].asleep = false;
         self.hosts[h].kicked = false;
-        // The idle fast path: CPU 0 slept until the time it was to wake. If a halted vCPU's
-        // interrupt has come (its guest's timer), it is woken and picked before the
-        // housekeeping, which waits for this CPU's next pick (when a vCPU halts or a slice ends:
-        // at most one slice later), so the interrupt is not late by the console, the control
-        // channel and the log. A wake that woke nobody (a timer whose line is masked) does the
-        // housekeeping, as does every pick after a command left vCPUs to settle.
-        let early = (core::mem::take(&mut self.hosts[h].wake_due) && !self.unsettled)
-            .then(|| self.cpu.rdtsc());
-        let woke = early.is_some_and(|now| self.wake_halted(now).1);
-        // The housekeeping is put off, too, when a halted vCPU's timer falls due before it would
-        // end (by how long it took last time): that vCPU's interrupt would wait for it. It runs
-        // at a later pick, and at least once a quantum. A housekeeping shorter than the minimum
-        // gap Keel keeps between a guest's timer exits is not worth the look.
-        let put_off = h == 0
-            && !woke
-            && !self.unsettled
-            && self.chores.took >= self.cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR
-            && {
-                let t = self.cpu.rdtsc();
-                t.saturating_sub(self.chores.at) < self.sched.quantum
-                    && self
-                        .earliest_halted_deadline(None)
-                        .is_some_and(|d| d <= t.saturating_add(self.chores.took))
-            };
-        if h == 0 && (woke || put_off) {
+        // The wakes come first: the halted vCPUs whose interrupts came by now are runnable, and
+        // the timers of those still halted are looked at once for the whole pick (`HaltedDue`).
+        let early = core::mem::take(&mut self.hosts[h].wake_due) && !self.unsettled;
+        let mut now = self.cpu.rdtsc();
+        let (mut live, woke, mut due) = self.wake_halted(now);
+        // CPU 0's housekeeping (the console, the control channel, held monitor lines, the log,
+        // the guests' console lines) is put off at a pick in three cases, and never once it last
+        // ended a quantum ago (nor while a command left vCPUs to settle): so two are at most a
+        // quantum and a slice apart, however many picks in a row would put it off.
+        // - The idle fast path: CPU 0 slept until the time it was to wake, or its slice was cut
+        //   short for a woken vCPU (`SliceEnd::Interrupted`), and a halted vCPU's interrupt has
+        //   come (its guest's timer): it is picked before the housekeeping, so the interrupt is
+        //   not late by it. A wake that woke nobody (a timer whose line is masked) does it.
+        // - A halted vCPU's timer falls due before it would end (by how long it took last time):
+        //   that vCPU's interrupt would wait for it. A housekeeping shorter than the minimum gap
+        //   Keel keeps between a guest's timer exits is not worth the look.
+        // - It ran less than `HOUSEKEEPING_GAP_DIVISOR`'s millisecond ago and no key waits: guests
+        //   that switch often (YIELD, short halts) do not pay it at every switch. COM1's FIFO is
+        //   emptied at every piece's end and here, COM2's (16 bytes, 1.4 ms at 115200 baud) lasts
+        //   longer than the gap, and the log and the replies wait at most that long.
+        //   Before CPU 0 sleeps it runs all the same (below).
+        let since = now.saturating_sub(self.chores.at);
+        let may_put_off = h == 0 && !self.unsettled && since < self.sched.quantum;
+        let soon = may_put_off
+            && !(early && woke)
+            && since < self.cfg.tsc_hz / HOUSEKEEPING_GAP_DIVISOR
+            && self.ops.keys.is_empty();
+        let put_off =
+            may_put_off && ((early && woke) || soon || self.chores_would_delay(&due, now));
+        if h == 0 && put_off {
             // Not the housekeeping, but COM1's FIFO emptied: keys must not overflow it meanwhile.
             self.take_keys();
         }
-        if h == 0 && !woke && !put_off {
-            let t0 = self.cpu.rdtsc();
-            self.poll_console();
-            self.poll_control();
-            self.run_held();
-            if core::mem::take(&mut self.unsettled) {
-                (0..self.slots.len()).for_each(|i| self.settle(h, i));
-            }
-            crate::log::pump();
-            // Console lines that found no room on COM1's queue before (stopped guests' too).
-            for s in &mut self.slots {
-                print_console(&mut s.vm, PRINT_BUDGET);
-            }
-            let t1 = self.cpu.rdtsc();
-            self.chores = Chores {
-                at: t1,
-                took: t1.saturating_sub(t0),
-            };
+        if h == 0 && !put_off {
+            self.housekeeping(h, now);
+            // A command may have changed any guest, and timers fell due meanwhile.
+            now = self.chores.at;
+            (live, _, due) = self.wake_halted(now);
         }
-        let now = match early {
-            Some(t) if woke => t,
-            _ => self.cpu.rdtsc(),
-        };
         if h == 0 {
             self.ops.started.get_or_insert(now);
-            self.policy_turn(now);
+            if self.policy_turn(now) {
+                (live, _, due) = self.wake_halted(now);
+            }
         }
-        let (live, _) = self.wake_halted(now);
         if live == 0 {
             return Turn::Done;
         }
@@ -867,7 +894,7 @@ impl<C: Cpu> RunLoop<C> {
         self.seat_list = seats;
         match picked {
             Some(seat) => {
-                self.start_slice(h, seat);
+                self.start_slice(h, seat, Some(due));
                 if self.hosts[h].running.is_some() {
                     Turn::Enter
                 } else {
@@ -875,13 +902,18 @@ impl<C: Cpu> RunLoop<C> {
                     self.pick_turn(h)
                 }
             }
+            None if soon && !self.chores_would_delay(&due, now) => {
+                // Nothing to run, and the housekeeping was put off only because it ran a moment
+                // ago: it runs before CPU 0 sleeps (the log, replies and console lines would
+                // wait for the wake otherwise), and the pick again after it.
+                self.chores.at = 0;
+                self.pick_turn(h)
+            }
             None => {
                 // Every live vCPU is halted or taken: sleep until the earliest guest timer (or at
                 // most one quantum, in case an interrupt source has no deadline).
                 let t0 = self.cpu.rdtsc();
-                let mut wake = self
-                    .earliest_halted_deadline(None)
-                    .unwrap_or(t0 + self.sched.quantum);
+                let mut wake = due.except(None).unwrap_or(t0 + self.sched.quantum);
                 // A capped guest that used its budget runs again when the next period starts.
                 if self.shares.any_cap() {
                     wake = wake.min(self.shares.period_end());
@@ -900,6 +932,37 @@ impl<C: Cpu> RunLoop<C> {
                 Turn::Sleep { wake, max }
             }
         }
+    }
+
+    /// Whether CPU 0's housekeeping, begun at `now`, would end after a halted vCPU's timer falls
+    /// due (by how long it took last time), one that is worth the look: longer than the minimum
+    /// gap Keel keeps between a guest's timer exits.
+    fn chores_would_delay(&self, due: &HaltedDue, now: u64) -> bool {
+        self.chores.took >= self.cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR
+            && due
+                .except(None)
+                .is_some_and(|d| d <= now.saturating_add(self.chores.took))
+    }
+
+    /// CPU 0's housekeeping at a pick (`now`): the console, the control channel, held monitor
+    /// lines, vCPUs left to settle, the log and the guests' console lines to COM1's queue.
+    fn housekeeping(&mut self, h: usize, now: u64) {
+        self.poll_console();
+        self.poll_control();
+        self.run_held();
+        if core::mem::take(&mut self.unsettled) {
+            (0..self.slots.len()).for_each(|i| self.settle(h, i));
+        }
+        crate::log::pump();
+        // Console lines that found no room on COM1's queue before (stopped guests' too).
+        for s in &mut self.slots {
+            print_console(&mut s.vm, PRINT_BUDGET);
+        }
+        let t1 = self.cpu.rdtsc();
+        self.chores = Chores {
+            at: t1,
+            took: t1.saturating_sub(now),
+        };
     }
 
     /// Brings every vCPU that wants the CPU to within `sched::LAG_QUANTA` of virtual time of the
@@ -930,10 +993,12 @@ impl<C: Cpu> RunLoop<C> {
     }
 
     /// Wakes the halted vCPUs whose interrupts came by host TSC `now` (their guests' timers
-    /// advanced to it): how many guests are live, and whether a vCPU woke.
-    fn wake_halted(&mut self, now: u64) -> (usize, bool) {
-        let (mut live, mut woke) = (0, false);
-        for s in &mut self.slots {
+    /// advanced to it): how many guests are live, whether a vCPU woke, and the first timers of
+    /// the guests with a vCPU still halted (as [`RunLoop::halted_due`] finds them, in the same
+    /// pass).
+    fn wake_halted(&mut self, now: u64) -> (usize, bool, HaltedDue) {
+        let (mut live, mut woke, mut due) = (0, false, HaltedDue::default());
+        for (j, s) in self.slots.iter_mut().enumerate() {
             if !s.live() {
                 continue;
             }
@@ -945,29 +1010,36 @@ impl<C: Cpu> RunLoop<C> {
             }
             let t = s.vm.now_seen(now);
             s.vm.platform.advance(t);
+            let mut still = false;
             for c in 0..s.vcpus.len() {
                 let halted = s.vcpus[c].state == RunState::Halted;
                 s.wake(c, now);
-                woke |= halted && s.vcpus[c].state == RunState::Runnable;
+                let state = &s.vcpus[c].state;
+                woke |= halted && *state == RunState::Runnable;
+                still |= *state == RunState::Halted;
+            }
+            if still {
+                if let Some(d) = s.vm.platform.next_deadline() {
+                    due.add(s.vm.host_time(d), j);
+                }
             }
         }
-        (live, woke)
+        (live, woke, due)
     }
 
-    /// The host TSC at which the first timer of a guest with a halted vCPU (other than guest
-    /// `except`) falls due: when a running vCPU must make room, or when Keel must wake from idle.
-    /// Stopped and paused guests do not count.
-    fn earliest_halted_deadline(&self, except: Option<usize>) -> Option<u64> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(j, s)| {
-                Some(*j) != except
-                    && s.live()
-                    && s.vcpus.iter().any(|v| v.state == RunState::Halted)
-            })
-            .filter_map(|(_, s)| s.vm.platform.next_deadline().map(|d| s.vm.host_time(d)))
-            .min()
+    /// The first timers of the guests with a halted vCPU ([`HaltedDue`]): when a running vCPU
+    /// must make room, or when Keel must wake from idle. Stopped and paused guests do not count.
+    fn halted_due(&self) -> HaltedDue {
+        let mut due = HaltedDue::default();
+        for (j, s) in self.slots.iter().enumerate() {
+            if !s.live() || !s.vcpus.iter().any(|v| v.state == RunState::Halted) {
+                continue;
+            }
+            if let Some(d) = s.vm.platform.next_deadline() {
+                due.add(s.vm.host_time(d), j);
+            }
+        }
+        due
     }
 
     /// Switches vCPU `seat`'s registers into host CPU `h` if they are not there: the previous
@@ -998,7 +1070,7 @@ impl<C: Cpu> RunLoop<C> {
 
     /// Marks vCPU `seat` as running on host CPU `h` and starts its time slice (or what is left of
     /// one).
-    fn start_slice(&mut self, h: usize, seat: (usize, usize)) {
+    fn start_slice(&mut self, h: usize, seat: (usize, usize), due: Option<HaltedDue>) {
         let (i, c) = seat;
         if h < 64 {
             self.slots[i].ran_on |= 1 << h;
@@ -1044,13 +1116,14 @@ impl<C: Cpu> RunLoop<C> {
             left,
             piece: Piece::default(),
         });
-        self.start_piece(h);
+        self.start_piece(h, due);
     }
 
     /// Starts a piece of host CPU `h`'s slice. While the control channel is busy its FIFO is read
     /// every millisecond: the slice runs in pieces of at most that, the same vCPU going on after
-    /// each read, so its length (the guest's weight) is what it would have been.
-    fn start_piece(&mut self, h: usize) -> bool {
+    /// each read, so its length (the guest's weight) is what it would have been. `due`: the
+    /// halted guests' timers if the pick found them with nothing changed since.
+    fn start_piece(&mut self, h: usize, due: Option<HaltedDue>) -> bool {
         let cfg = self.cfg;
         let busy = h == 0 && self.control_busy();
         let Some(r) = self.hosts[h].running.as_ref() else {
@@ -1065,7 +1138,7 @@ impl<C: Cpu> RunLoop<C> {
         };
         let ran_before = self.slots[i].vcpus[c].stats.cpu_cycles;
         // When a halted vCPU's timer falls due, this slice ends early so that vCPU can run.
-        let others_due = self.earliest_halted_deadline(Some(i));
+        let others_due = due.unwrap_or_else(|| self.halted_due()).except(Some(i));
         if self.elsewhere(h, i).is_some() {
             // Another of its vCPUs is on a CPU: the guest's clock has been running (a wake
             // meanwhile marked it waiting), and its other VMCSs hold the offset as it is.
@@ -1139,7 +1212,7 @@ impl<C: Cpu> RunLoop<C> {
             if left != 0 && s.live() && s.vcpus[c].state == RunState::Runnable {
                 self.start_signals(i);
                 self.switch_to(h, (i, c));
-                return self.start_piece(h);
+                return self.start_piece(h, None);
             }
         }
         self.end_slice(h, end);

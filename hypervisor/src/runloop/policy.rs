@@ -38,13 +38,14 @@ impl<C: Cpu> RunLoop<C> {
     }
 
     /// The hook in each turn of the loop: at the end of a policy window, the load over it and
-    /// what the policy does about it.
-    pub(super) fn policy_turn(&mut self, now: u64) {
+    /// what the policy does about it. True when it looked (and may have started or stopped a
+    /// guest).
+    pub(super) fn policy_turn(&mut self, now: u64) -> bool {
         if !self.policy.as_ref().is_some_and(|p| p.due(now)) {
-            return;
+            return false;
         }
         let Some(mut policy) = self.policy.take() else {
-            return;
+            return false;
         };
         // Time on the guests: in them and in Keel for their exits (all of it outside idle sleep),
         // as a share of the machine's (every host CPU's, as weights and caps are).
@@ -69,6 +70,7 @@ impl<C: Cpu> RunLoop<C> {
             policy.done(&d, done.is_ok());
         }
         self.policy = Some(policy);
+        true
     }
 
     fn carry_out(&mut self, d: &Decision) -> Result<(), String> {

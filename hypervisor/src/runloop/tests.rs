@@ -2456,3 +2456,110 @@ fn a_timer_wake_that_wakes_nobody_does_the_housekeeping() {
         "the masked line woke nobody"
     );
 }
+
+/// The longest time between two of CPU 0's housekeepings (by when each ended) while the loop
+/// runs for `cycles`.
+fn longest_without_housekeeping(rl: &mut RunLoop<FakeCpu>, cycles: u64) -> u64 {
+    let end = rl.cpu.clock + cycles;
+    let (mut last, mut longest) = (rl.chores.at, 0);
+    while rl.cpu.clock < end {
+        assert!(rl.step(), "every guest stopped");
+        if rl.chores.at != last {
+            longest = longest.max(rl.chores.at - last);
+            last = rl.chores.at;
+        }
+    }
+    longest.max(rl.cpu.clock - last)
+}
+
+/// Sleepers whose handlers outlast the gaps between the others' ticks: each woken one's slice is
+/// cut short by the next one's tick, and the picks that follow take the wake's fast path, one
+/// after another. The housekeeping still runs at least once a quantum: no pick puts it off once
+/// it last ended a quantum ago, so two are at most a quantum and a slice (another quantum) apart.
+#[test]
+fn chains_of_woken_picks_keep_the_housekeeping_within_a_quantum() {
+    // 20 Hz, each tick's handler 20 ms: six of them want more than the CPU has. (Before the
+    // bound, the housekeeping waited 4 quanta here.)
+    let mut rl = rig(vec![Program::sleeper(TSC_HZ / 50).with_pit(59659); 6]);
+    run_for(&mut rl, TSC_HZ / 10);
+    let longest = longest_without_housekeeping(&mut rl, TSC_HZ);
+    assert!(
+        longest <= 2 * QUANTUM + 100 * KEEL_COST,
+        "the housekeeping waited {longest} cycles ({} quanta)",
+        longest as f64 / QUANTUM as f64
+    );
+}
+
+/// Guests that YIELD to each other every 1,000 cycles: CPU 0's housekeeping runs about once a
+/// millisecond, not at each of their switches (`HOUSEKEEPING_GAP_DIVISOR`), and a key typed is
+/// still handled at the next pick.
+#[test]
+fn guests_that_switch_often_pay_the_housekeeping_once_a_millisecond() {
+    let yielder = Program {
+        main: vec![Op::Run(1_000), Op::Hypercall(crate::abi::hc::YIELD)],
+        repeat_from: Some(0),
+        ..Program::compute()
+    };
+    let mut rl = rig(vec![yielder; 2]);
+    run_for(&mut rl, TSC_HZ / 100);
+    let (picks, at) = (rl.sched.switches, rl.chores.at);
+    let (mut runs, mut last) = (0, at);
+    let end = rl.cpu.clock + TSC_HZ / 10;
+    while rl.cpu.clock < end {
+        assert!(rl.step());
+        if rl.chores.at != last {
+            let gap = rl.chores.at - last;
+            assert!(gap >= TSC_HZ / 1000, "again after {gap} cycles");
+            assert!(gap <= TSC_HZ / 1000 + 2_000, "only after {gap} cycles");
+            (runs, last) = (runs + 1, rl.chores.at);
+        }
+    }
+    let picks = rl.sched.switches - picks;
+    assert!(picks > 10 * runs, "{runs} housekeepings at {picks} picks");
+    // Each a millisecond and at most a slice after the last.
+    assert!((90..=100).contains(&runs), "{runs} housekeepings in 100 ms");
+    rl.cpu.keys.push_back(b'k');
+    assert!(rl.step() && rl.step());
+    assert!(rl.cpu.keys.is_empty() && rl.ops.keys.is_empty());
+}
+
+/// The halted guests' timers found once at a pick serve every guest's look: the earliest of the
+/// others' for the guest that holds the earliest, ties included.
+#[test]
+fn halted_due_gives_the_earliest_of_the_other_guests() {
+    let due = HaltedDue {
+        first: Some((5, 2)),
+        second: Some(5),
+    };
+    assert_eq!(due.except(None), Some(5));
+    assert_eq!(due.except(Some(2)), Some(5));
+    assert_eq!(due.except(Some(0)), Some(5));
+    let due = HaltedDue {
+        first: Some((5, 2)),
+        second: None,
+    };
+    assert_eq!(due.except(Some(2)), None);
+    assert_eq!(HaltedDue::default().except(None), None);
+}
+
+/// The wakes find the halted guests' timers in the same pass (`RunLoop::wake_halted`): what a
+/// look of its own finds after them, at every pick of sleepers at 100 and 132 Hz next to a
+/// computing guest.
+#[test]
+fn the_wakes_find_the_timers_a_look_of_their_own_finds() {
+    let mut rl = rig(vec![
+        Program::sleeper(200).with_pit(PIT_100HZ),
+        Program::sleeper(3_000).with_pit(PIT_132HZ),
+        Program::compute(),
+        Program::sleeper(50_000).with_pit(PIT_132HZ),
+    ]);
+    let (mut found, end) = (0, rl.cpu.clock + TSC_HZ / 5);
+    while rl.cpu.clock < end {
+        assert!(rl.step());
+        let now = rl.cpu.clock;
+        let (_, _, due) = rl.wake_halted(now);
+        assert_eq!(due, rl.halted_due());
+        found += usize::from(due.second.is_some());
+    }
+    assert!(found > 10, "two halted guests with timers at {found} looks");
+}
