@@ -232,7 +232,10 @@ pub fn run(machine: MachineInfo) -> ! {
     crate::log::set_guests_running(runner.slots.len());
     let shared = LOOP.call_once(|| SharedLoop(crate::ticket::TicketLock::new(runner)));
     if n == 1 {
-        // One CPU: the loop never lets go of its lock (`RunLoop::step`).
+        // One CPU: the loop never lets go of its lock (`RunLoop::step`), and no other CPU kicks
+        // this one, so no exit looks for an NMI kick (`arch::vmcs`). An NMI from elsewhere (the
+        // platform) then stays blocked until Keel's next IRET, which nothing here waits for.
+        arch::smp::kick_by_nmi(false);
         shared.0.lock().run();
     } else {
         info!("the run loop runs on {n} CPUs");

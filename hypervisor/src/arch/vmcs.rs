@@ -383,7 +383,11 @@ unsafe fn enter_current(launched: &mut bool, regs: &mut GuestRegs) -> Result<(),
     }
     // SDM 27.11: the launch state becomes "launched" after a VMLAUNCH that did not fail.
     *launched = true;
-    end_nmi_blocking_after_an_nmi_exit();
+    // Only where kicks are NMIs: with one CPU nobody kicks (`hypervisor::run`), and the check's
+    // VMREAD cost every exit about 9 instructions (docs/BENCHMARKS.md).
+    if super::smp::kicks_are_nmis() {
+        end_nmi_blocking_after_an_nmi_exit();
+    }
     Ok(())
 }
 
