@@ -77,6 +77,12 @@ pub fn try_read() -> Option<u8> {
     KEYS.read(receive)
 }
 
+/// A byte typed on COM1, if one is waiting, for a run loop on one CPU: no other CPU reads COM1
+/// or stashes its keys ([`stash_keys`] runs only on CPUs waiting for the loop's lock).
+pub fn read_alone() -> Option<u8> {
+    receive()
+}
+
 /// Moves what waits in COM1's receive FIFO into the stash, unless the loop reads COM1 or another
 /// CPU does now: for a CPU waiting for the run loop's lock, so the 16-byte FIFO does not overflow
 /// while another CPU holds the lock (1.4 ms at 115200 baud).
