@@ -72,6 +72,15 @@ impl Program {
         }
     }
 
+    /// Runs 1,000 cycles, then makes hypercall `nr` (a YIELD, say), for ever.
+    pub fn calling(nr: u64) -> Self {
+        Self {
+            main: alloc::vec![Op::Run(1_000), Op::Hypercall(nr)],
+            repeat_from: Some(0),
+            ..Self::compute()
+        }
+    }
+
     /// Halts between interrupts; each interrupt costs `handler` cycles and an EOI to the master
     /// 8259A.
     pub fn sleeper(handler: u64) -> Self {

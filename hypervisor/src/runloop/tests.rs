@@ -556,14 +556,9 @@ fn a_coarse_preemption_timer_does_not_make_ticks_late() {
 /// printed after the caller's exit).
 #[test]
 fn yield_and_print_stats_end_the_slice() {
-    let yielder = |nr| Program {
-        main: vec![Op::Run(1_000), Op::Hypercall(nr)],
-        repeat_from: Some(0),
-        ..Program::compute()
-    };
     let mut rl = rig(vec![
-        yielder(crate::abi::hc::YIELD),
-        yielder(crate::abi::hc::PRINT_STATS),
+        Program::calling(crate::abi::hc::YIELD),
+        Program::calling(crate::abi::hc::PRINT_STATS),
         Program::compute(),
     ]);
     for _ in 0..30 {
@@ -594,12 +589,7 @@ fn yield_and_print_stats_end_the_slice() {
 /// ends a slice to the next slice's first entry, as before.
 #[test]
 fn a_slice_loads_its_vmcs_once_and_its_guest_clock_restarts_at_its_entry() {
-    let yielder = Program {
-        main: vec![Op::Run(1_000), Op::Hypercall(crate::abi::hc::YIELD)],
-        repeat_from: Some(0),
-        ..Program::compute()
-    };
-    let mut rl = rig(vec![yielder.clone(), yielder]);
+    let mut rl = rig(vec![Program::calling(crate::abi::hc::YIELD); 2]);
     for _ in 0..4 {
         assert!(rl.step());
     }
@@ -2457,19 +2447,28 @@ fn a_timer_wake_that_wakes_nobody_does_the_housekeeping() {
     );
 }
 
+/// When CPU 0's housekeepings ended while the loop ran for `cycles`: the last one before, then
+/// each that ran.
+fn housekeeping_ends(rl: &mut RunLoop<FakeCpu>, cycles: u64) -> Vec<u64> {
+    let end = rl.cpu.clock + cycles;
+    let mut ends = vec![rl.chores.at];
+    while rl.cpu.clock < end {
+        assert!(rl.step(), "every guest stopped");
+        if rl.chores.at != ends[ends.len() - 1] {
+            ends.push(rl.chores.at);
+        }
+    }
+    ends
+}
+
 /// The longest time between two of CPU 0's housekeepings (by when each ended) while the loop
 /// runs for `cycles`.
 fn longest_without_housekeeping(rl: &mut RunLoop<FakeCpu>, cycles: u64) -> u64 {
-    let end = rl.cpu.clock + cycles;
-    let (mut last, mut longest) = (rl.chores.at, 0);
-    while rl.cpu.clock < end {
-        assert!(rl.step(), "every guest stopped");
-        if rl.chores.at != last {
-            longest = longest.max(rl.chores.at - last);
-            last = rl.chores.at;
-        }
-    }
-    longest.max(rl.cpu.clock - last)
+    let ends = housekeeping_ends(rl, cycles);
+    let since_last = rl.cpu.clock - ends[ends.len() - 1];
+    ends.windows(2)
+        .map(|w| w[1] - w[0])
+        .fold(since_last, u64::max)
 }
 
 /// Sleepers whose handlers outlast the gaps between the others' ticks: each woken one's slice is
@@ -2495,25 +2494,15 @@ fn chains_of_woken_picks_keep_the_housekeeping_within_a_quantum() {
 /// still handled at the next pick.
 #[test]
 fn guests_that_switch_often_pay_the_housekeeping_once_a_millisecond() {
-    let yielder = Program {
-        main: vec![Op::Run(1_000), Op::Hypercall(crate::abi::hc::YIELD)],
-        repeat_from: Some(0),
-        ..Program::compute()
-    };
-    let mut rl = rig(vec![yielder; 2]);
+    let mut rl = rig(vec![Program::calling(crate::abi::hc::YIELD); 2]);
     run_for(&mut rl, TSC_HZ / 100);
-    let (picks, at) = (rl.sched.switches, rl.chores.at);
-    let (mut runs, mut last) = (0, at);
-    let end = rl.cpu.clock + TSC_HZ / 10;
-    while rl.cpu.clock < end {
-        assert!(rl.step());
-        if rl.chores.at != last {
-            let gap = rl.chores.at - last;
-            assert!(gap >= TSC_HZ / 1000, "again after {gap} cycles");
-            assert!(gap <= TSC_HZ / 1000 + 2_000, "only after {gap} cycles");
-            (runs, last) = (runs + 1, rl.chores.at);
-        }
+    let picks = rl.sched.switches;
+    let ends = housekeeping_ends(&mut rl, TSC_HZ / 10);
+    for gap in ends.windows(2).map(|w| w[1] - w[0]) {
+        assert!(gap >= TSC_HZ / 1000, "again after {gap} cycles");
+        assert!(gap <= TSC_HZ / 1000 + 2_000, "only after {gap} cycles");
     }
+    let runs = ends.len() as u64 - 1;
     let picks = rl.sched.switches - picks;
     assert!(picks > 10 * runs, "{runs} housekeepings at {picks} picks");
     // Each a millisecond and at most a slice after the last.
