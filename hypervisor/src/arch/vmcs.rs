@@ -397,14 +397,16 @@ unsafe fn enter_current(launched: &mut bool, regs: &mut GuestRegs) -> Result<(),
 /// leaves the next kick waiting for this CPU's next interrupt handler. One VMREAD on the other
 /// exits.
 fn end_nmi_blocking_after_an_nmi_exit() {
-    /// Exit reason and VM-exit interruption information (SDM Vol. 3C Appendix B.3.2).
-    const EXIT_REASON: u64 = 0x4402;
-    const EXIT_INTERRUPTION_INFO: u64 = 0x4404;
-    /// Valid (bit 31) and interruption type NMI (2 in bits 10:8).
-    const VALID_NMI: u64 = 1 << 31 | 2 << 8;
-    let nmi_exit = super::vmx::read_field(EXIT_REASON).is_some_and(|r| r & 0x8000_ffff == 0)
-        && super::vmx::read_field(EXIT_INTERRUPTION_INFO)
-            .is_some_and(|i| i & (1 << 31 | 7 << 8) == VALID_NMI);
+    use crate::vmx::{ExitReason, ExitReasonField, InterruptionInfo, InterruptionType};
+    use crate::vmx::{ReadOnly32, VmcsField};
+    let read = |field: ReadOnly32| super::vmx::read_field(u64::from(field.encoding()));
+    let nmi_exit = read(ReadOnly32::ExitReason).is_some_and(|r| {
+        let r = ExitReasonField::from_raw(r as u32);
+        r.basic == ExitReason::ExceptionOrNmi && !r.entry_failure
+    }) && read(ReadOnly32::ExitInterruptionInfo).is_some_and(|i| {
+        let info = InterruptionInfo(i as u32);
+        info.valid() && info.kind() == InterruptionType::Nmi
+    });
     if nmi_exit {
         super::cpu::unblock_nmis();
     }
