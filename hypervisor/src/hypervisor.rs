@@ -411,6 +411,7 @@ impl Cpu for RealCpu {
         c.vmcs.load().map_err(|e| alloc::format!("{e}"))
     }
 
+    #[inline(always)]
     fn enter(&mut self, vmcs: &mut LoadedVmcs<'_>, regs: &mut GuestRegs) -> Result<(), VmxError> {
         vmcs.enter(regs)
     }

@@ -362,6 +362,7 @@ impl LoadedVmcs<'_> {
     /// Enters the guest once (VMLAUNCH if the VMCS is clear, else VMRESUME) and returns when it
     /// exits. `Err` says how VMLAUNCH/VMRESUME itself failed (VMfailInvalid, or VMfailValid with
     /// the VM-instruction error, SDM 31.2).
+    #[inline(always)]
     pub fn enter(&mut self, regs: &mut GuestRegs) -> Result<(), VmxError> {
         // SAFETY: this VMCS is current (the handle exists) and holds a complete guest and host
         // state (written by the caller).
@@ -375,6 +376,9 @@ impl LoadedVmcs<'_> {
 /// # Safety
 /// The VMCS current on this CPU holds a complete guest and host state, `launched` is its launch
 /// state, and no other CPU uses it meanwhile.
+// Inlined: a call of its own (and the saved register it needs) cost every exit 6 instructions
+// (docs/BENCHMARKS.md).
+#[inline(always)]
 unsafe fn enter_current(launched: &mut bool, regs: &mut GuestRegs) -> Result<(), VmxError> {
     // SAFETY: the caller's promise; `regs` is valid for the duration of the call.
     let rflags = unsafe { keel_vm_enter(regs, *launched as u64) };
