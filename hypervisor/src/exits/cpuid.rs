@@ -510,17 +510,17 @@ impl CpuidTable {
 
     /// The answer for `leaf` if the table holds it.
     #[inline]
-    pub fn get(&self, leaf: u32) -> Option<[u32; 4]> {
+    pub fn get(&self, leaf: u32) -> Option<&[u32; 4]> {
         if !self.filled {
             return None;
         }
         match leaf {
-            0..=0x16 if TABLE_BASIC & (1 << leaf) != 0 => Some(self.basic[leaf as usize]),
+            0..=0x16 if TABLE_BASIC & (1 << leaf) != 0 => Some(&self.basic[leaf as usize]),
             0x8000_0000 | 0x8000_0002..=0x8000_0008 => {
-                Some(self.ext[(leaf - 0x8000_0000) as usize])
+                Some(&self.ext[(leaf - 0x8000_0000) as usize])
             }
             l if l.wrapping_sub(abi::CPUID_SIGNATURE_LEAF) < TABLE_KEEL as u32 => {
-                Some(self.keel[(l - abi::CPUID_SIGNATURE_LEAF) as usize])
+                Some(&self.keel[(l - abi::CPUID_SIGNATURE_LEAF) as usize])
             }
             _ => None,
         }
@@ -535,17 +535,26 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         let (tsc_hz, cpus) = (cx.vm.platform.tsc_hz(), cx.vm.platform.cpus() as u32);
         cx.vm.cpuid.fill(&*cx.host, tsc_hz, cpus);
     }
-    let [a, b, c, d] = match cx.vm.cpuid.get(leaf) {
-        Some(r) => r,
-        None => of_guest(cx.vmcs, cx.vcpu, cx.vm, cx.host, leaf, subleaf),
-    };
-    let r = &mut cx.vcpu.regs;
-    // CPUID writes the low 32 bits and clears the upper halves in 64-bit mode.
+    // Written from the table in place: an answer copied out of either source first went
+    // through the stack (8 instructions an exit, docs/BENCHMARKS.md).
+    match cx.vm.cpuid.get(leaf) {
+        Some(r) => answer(&mut cx.vcpu.regs, r),
+        None => {
+            let r = of_guest(cx.vmcs, cx.vcpu, cx.vm, cx.host, leaf, subleaf);
+            answer(&mut cx.vcpu.regs, &r)
+        }
+    }
+    Action::Advance
+}
+
+/// CPUID's answer in the guest's registers: it writes the low 32 bits of RAX, RBX, RCX and RDX
+/// and clears their upper halves in 64-bit mode (SDM Vol. 2A, CPUID).
+#[inline(always)]
+fn answer(r: &mut crate::guest::GuestRegs, &[a, b, c, d]: &[u32; 4]) {
     r.rax = a as u64;
     r.rbx = b as u64;
     r.rcx = c as u64;
     r.rdx = d as u64;
-    Action::Advance
 }
 
 #[cfg(test)]
@@ -791,7 +800,7 @@ mod tests {
             .chain(0x8000_0000..0x8000_0010);
         let mut held = 0;
         for leaf in leaves {
-            let Some(r) = table.get(leaf) else { continue };
+            let Some(&r) = table.get(leaf) else { continue };
             held += 1;
             assert!(!depends_on_guest(leaf), "leaf {leaf:#x}");
             for f in states {

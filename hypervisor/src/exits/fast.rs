@@ -85,7 +85,10 @@ pub fn handle_register_only<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, raw: 
         _ => msr::write(cx),
     };
     debug_assert!(matches!(action, Action::Advance | Action::Inject(_)));
-    super::apply(cx.vmcs, cx.vcpu, &action);
+    match action {
+        Action::Advance => super::complete(cx.vmcs, cx.vcpu),
+        other => super::apply(cx.vmcs, cx.vcpu, &other),
+    }
 }
 
 /// A VMX-preemption-timer exit (exit reason [`PREEMPTED`]) inside the slice, for the tight loop:
@@ -172,7 +175,7 @@ pub fn handle_port<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> PortExit {
     };
     if done.debug_exit.is_none() {
         // `Action::Advance`'s completion; a stop leaves RIP on the instruction.
-        super::apply(cx.vmcs, cx.vcpu, &Action::Advance);
+        super::complete(cx.vmcs, cx.vcpu);
     }
     if cx.vm.platform.take_ports_quiet() && done.debug_exit.is_none() {
         PortExit::Quiet
