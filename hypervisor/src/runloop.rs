@@ -2057,8 +2057,15 @@ fn arm_entry<C: Cpu>(
         // the guest's timer interrupt would come late; one unit more would let a slice run past
         // its quantum.
         // Its target, from the last look (`note_deadline`).
-        let left = p.armed.max(t0 + min_gap).saturating_sub(t0);
-        let left = left.div_ceil(1 << rate);
+        // (`armed` past `t0 + min_gap`, else `min_gap`: the same as
+        // `armed.max(t0 + min_gap) - t0` without its overflow and saturation checks, and the
+        // division by the unit as a shift with the remainder's carry.)
+        let left = if p.armed > t0 + min_gap {
+            p.armed - t0
+        } else {
+            min_gap
+        };
+        let left = (left >> rate) + u64::from(left & ((1 << rate) - 1) != 0);
         v.write(
             Guest32::PreemptionTimerValue,
             left.min(u32::MAX as u64) as u32,
