@@ -80,7 +80,7 @@ pub fn handle_register_only<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, raw: 
     apicv::leave_vtpr(cx.vcpu);
     let action = match raw {
         CPUID => cpuid::handle(cx),
-        VMCALL => vmcall::handle(cx),
+        VMCALL => vmcall::handle_figure(cx),
         RDMSR => msr::read(cx),
         _ => msr::write(cx),
     };

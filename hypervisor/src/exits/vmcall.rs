@@ -6,7 +6,7 @@
 
 use super::{Action, ExitContext};
 use crate::abi::{hc, status, CONSOLE_WRITE_CHUNK, CONSOLE_WRITE_MAX};
-use crate::guest::{StopReason, Vcpu};
+use crate::guest::{StopReason, Vcpu, Vm};
 use crate::vmx::{Guest32, Vmcs};
 
 /// True when the guest runs 64-bit code (IA-32e mode and CS.L = 1, SDM 3.4.5).
@@ -14,13 +14,59 @@ fn in_64bit_code<V: Vmcs + ?Sized>(vmcs: &V) -> bool {
     crate::mmio::CodeSize::of(vmcs) == crate::mmio::CodeSize::Bits64
 }
 
-#[inline]
-pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
-    // SDM 25.1.3 / VMCALL: CPL > 0 in the guest still exits; Keel only serves ring 0.
-    if cx.vmcs.read(Guest32::SsAccessRights) >> 5 & 3 != 0 {
+/// The hypercalls that only read a figure of Keel's (GUEST_ID, CPU_TIME, BALLOON_TARGET,
+/// BALLOON_GIVEN: `fast::is_register_only`), answered; `None` for any other number.
+#[inline(always)]
+fn figure(nr: u64, vm: &Vm, vcpu: &Vcpu) -> Option<u64> {
+    Some(match nr {
+        hc::GUEST_ID => vm.id as u64,
+        hc::CPU_TIME => vcpu.stats.cpu_cycles,
+        hc::BALLOON_TARGET => vm.ram.balloon.target,
+        hc::BALLOON_GIVEN => vm.ram.balloon.given_pages(),
+        _ => return None,
+    })
+}
+
+/// Whether the guest may make a hypercall: SDM 25.1.3 / VMCALL: CPL > 0 in the guest still
+/// exits; Keel only serves ring 0 (else #UD). Counted when it may.
+#[inline(always)]
+fn admitted<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &mut Vcpu) -> bool {
+    if vmcs.read(Guest32::SsAccessRights) >> 5 & 3 != 0 {
+        return false;
+    }
+    vcpu.stats.hypercalls += 1;
+    true
+}
+
+/// [`handle`] for a hypercall that only reads a figure ([`figure`]; the caller,
+/// `fast::handle_register_only`, checked the number with RAX's upper half clear, so it is the
+/// same in any code size): without the general dispatch over every hypercall and its action
+/// returned through memory (about 30 instructions, docs/BENCHMARKS.md).
+#[inline(always)]
+pub fn handle_figure<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
+    if !admitted(&*cx.vmcs, cx.vcpu) {
         return Action::Inject(super::Exception::UD);
     }
-    cx.vcpu.stats.hypercalls += 1;
+    match figure(cx.vcpu.regs.rax, cx.vm, cx.vcpu) {
+        Some(value) => {
+            set_result(&*cx.vmcs, cx.vcpu, value);
+            Action::Advance
+        }
+        None => handle_admitted(cx),
+    }
+}
+
+#[inline]
+pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
+    if !admitted(&*cx.vmcs, cx.vcpu) {
+        return Action::Inject(super::Exception::UD);
+    }
+    handle_admitted(cx)
+}
+
+/// [`handle`] once the hypercall is admitted and counted.
+#[inline(never)]
+fn handle_admitted<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let wide = in_64bit_code(cx.vmcs);
     let arg = |v: u64| if wide { v } else { v & 0xffff_ffff };
     let r = cx.vcpu.regs;
@@ -53,15 +99,14 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             action = Action::Yield;
             status::OK
         }
-        hc::GUEST_ID => cx.vm.id as u64,
+        hc::GUEST_ID | hc::CPU_TIME | hc::BALLOON_TARGET | hc::BALLOON_GIVEN => {
+            figure(nr, cx.vm, cx.vcpu).unwrap_or(status::ENOSYS)
+        }
         hc::SHUTDOWN => return Action::Stop(StopReason::Shutdown(a1)),
         hc::PRINT_STATS => {
             cx.vm.stats_requested = true;
             status::OK
         }
-        hc::CPU_TIME => cx.vcpu.stats.cpu_cycles,
-        hc::BALLOON_TARGET => cx.vm.ram.balloon.target,
-        hc::BALLOON_GIVEN => cx.vm.ram.balloon.given_pages(),
         hc::BALLOON_GIVE | hc::BALLOON_TAKE => {
             use crate::balloon::{check, Op};
             let op = if nr == hc::BALLOON_GIVE {
