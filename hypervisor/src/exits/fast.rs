@@ -238,6 +238,17 @@ mod tests {
         same_as_dispatch(|t| t.vcpu.regs.rax = 0x4000_0000, ExitReason::Cpuid);
         same_as_dispatch(|t| t.vcpu.regs.rax = hc::GUEST_ID, ExitReason::Vmcall);
         same_as_dispatch(|t| t.vcpu.regs.rax = hc::CPU_TIME, ExitReason::Vmcall);
+        same_as_dispatch(|t| t.vcpu.regs.rax = hc::BALLOON_TARGET, ExitReason::Vmcall);
+        same_as_dispatch(|t| t.vcpu.regs.rax = hc::BALLOON_GIVEN, ExitReason::Vmcall);
+        // From CPL 3 (SS.DPL): #UD, not an answer.
+        same_as_dispatch(
+            |t| {
+                t.vcpu.regs.rax = hc::GUEST_ID;
+                let ss = t.vmcs.read(Guest32::SsAccessRights);
+                t.vmcs.set(Guest32::SsAccessRights, ss | 3 << 5);
+            },
+            ExitReason::Vmcall,
+        );
         // IA32_MISC_ENABLE, IA32_MTRR_DEF_TYPE (as bench64 does), an absent MSR (#GP).
         same_as_dispatch(|t| t.vcpu.regs.rcx = 0x1a0, ExitReason::Rdmsr);
         same_as_dispatch(
