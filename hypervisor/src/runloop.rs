@@ -40,6 +40,28 @@ pub const HOUSEKEEPING_GAP_DIVISOR: u64 = 1000;
 /// (a guest's timer fires only when Keel's clock, read after the exit, has reached it).
 pub const ENTRY_LEAD: u64 = 64;
 
+/// How early, in TSC ticks, the run loop on one CPU aims to read the exit of a VMX-preemption
+/// timer armed for a guest timer (`learned_lead`): a little before the deadline, which Keel then
+/// waits for (`catch_up`), so that the interrupt goes in at its deadline rather than the exit's
+/// way into Keel after it.
+pub const LEAD_MARGIN: u64 = 16;
+
+/// The lead the preemption timer is armed with short of a guest timer's deadline, learned on one
+/// CPU from the timer exits it brings (the way of SDM 26.5.1's count from the entry, and the
+/// exit's way back to Keel's TSC read, both this machine's and this build's): from `lead`, after
+/// an exit aimed at `due - lead` after which Keel was ready to wait at `exit_at`, half the way to being ready
+/// [`LEAD_MARGIN`] before `due`, and never more than `max`. Read late, the lead grows; read
+/// early (Keel waits meanwhile), it shrinks.
+pub fn learned_lead(lead: u64, due: u64, exit_at: u64, max: u64) -> u64 {
+    let target = due.saturating_sub(LEAD_MARGIN);
+    let next = if exit_at > target {
+        lead.saturating_add((exit_at - target).div_ceil(2))
+    } else {
+        lead.saturating_sub((target - exit_at) / 2)
+    };
+    next.min(max)
+}
+
 /// The machine as the run loop uses it. Implemented by the hardware (`hypervisor::RealCpu`) and by
 /// the tests' fake.
 pub trait Cpu {
@@ -680,11 +702,31 @@ impl<C: Cpu> RunLoop<C> {
                             && g.vm.ram.balloon.pending.is_none();
                         if go_on {
                             exits::fast::handle_preempted(&v, g.vcpu);
-                            catch_up(&mut self.cpu, g.vcpu, p);
+                            // Armed for the guest timer's deadline less the lead, for the full
+                            // time (not the minimum gap): how early this exit was read teaches
+                            // the lead. Learned before the wait, which is the interrupt's
+                            // latency from here on.
+                            // So is whether the guest's state lets the timer fire the short
+                            // way (`exits::apicv::timer_may_fire`): the wait changes none of it.
+                            let may_fire =
+                                p.shot.is_some() && exits::apicv::timer_may_fire(&v, g.vcpu, g.vm);
+                            // The lead is learned from when Keel is ready to wait (the exit's
+                            // way in and the checks above included).
+                            let ready = self.cpu.rdtsc();
+                            let min_gap = cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR;
+                            if let Some(due) = p.timer_due.filter(|&due| {
+                                may_fire
+                                    && p.armed.saturating_add(p.lead) == due
+                                    && p.armed > p.entered_at + min_gap
+                            }) {
+                                p.lead = learned_lead(p.lead, due, ready, min_gap / 2);
+                            }
+                            catch_up(&mut self.cpu, g.vcpu, p, ready);
                             let now = g.vm.now(p.now);
-                            let fired = p.shot.as_ref().is_some_and(|shot| {
-                                exits::apicv::fire_timer(&mut v, g.vcpu, g.vm, now, shot)
-                            });
+                            let fired = may_fire
+                                && p.shot.as_ref().is_some_and(|shot| {
+                                    exits::apicv::fire_timer_now(&mut v, g.vcpu, g.vm, now, shot)
+                                });
                             if !fired {
                                 p.touched = true;
                                 continue 'slice;
@@ -1156,8 +1198,15 @@ impl<C: Cpu> RunLoop<C> {
             None
         };
         let xcr0 = s.vcpus[c].xcr0;
+        // Learned only where the tight loop waits for an early timer exit (`run_piece`, one
+        // CPU); the loop of several CPUs has no such wait and keeps the fixed lead.
+        let lead = match self.hosts[h].lead {
+            learned if learned != 0 && self.hosts.len() == 1 => learned,
+            _ => ENTRY_LEAD,
+        };
         if let Some(r) = self.hosts[h].running.as_mut() {
             r.piece = Piece {
+                lead,
                 whole: piece == left,
                 t0,
                 ran_before,
@@ -1177,10 +1226,13 @@ impl<C: Cpu> RunLoop<C> {
     /// Host CPU `h`'s piece of a slice ended by `end`: it is charged to the guest, and the slice
     /// goes on with a new piece (true) or ends (false).
     fn piece_ended(&mut self, h: usize, end: SliceEnd) -> bool {
-        let Some(r) = self.hosts[h].running.as_mut() else {
+        let host = &mut self.hosts[h];
+        let Some(r) = host.running.as_mut() else {
             return false;
         };
         let (i, c) = r.seat;
+        // What the piece learned of the preemption timer's lead (`learned_lead`).
+        host.lead = r.piece.lead;
         if r.piece.fresh {
             // It never entered: the time it waited is still to come off its clock.
             if let Some(since) = r.piece.waited.take() {
@@ -1834,6 +1886,9 @@ struct HostCpu {
     /// kick), or its slice was cut short for it (`SliceEnd::Interrupted`). Its next pick takes
     /// the fast path ([`RunLoop::pick_turn`]): the woken vCPU first, the housekeeping after.
     wake_due: bool,
+    /// The preemption timer's lead short of a guest timer's deadline as this CPU learned it
+    /// ([`learned_lead`]; 0 until a piece starts with [`ENTRY_LEAD`]).
+    lead: u64,
 }
 
 impl HostCpu {
@@ -1890,13 +1945,16 @@ struct Piece {
     touched: bool,
     timer_due: Option<u64>,
     /// The guest's LAPIC timer expiry as the last platform look worked it out, for the short
-    /// way after the preemption-timer exit armed for it (`exits::apicv::fire_timer`).
+    /// way after the preemption-timer exit armed for it (`exits::apicv::fire_timer_now`).
     shot: Option<TimerShot>,
     /// The preemption timer brings the guest back by then.
     until: u64,
     /// The preemption timer's target (`until`, or short of a guest timer's deadline by
-    /// [`ENTRY_LEAD`]), as the last look worked it out (`note_deadline`).
+    /// `lead`), as the last look worked it out (`note_deadline`).
     armed: u64,
+    /// How far short of a guest timer's deadline the preemption timer is armed: [`ENTRY_LEAD`]
+    /// with several CPUs, the lead this CPU learned with one ([`learned_lead`]).
+    lead: u64,
     /// The time of the last exit serves for the timer checks. Time in the guest (entry to exit)
     /// is its cpu time; Keel's handling of its exits (exit to next entry) is kept apart.
     now: u64,
@@ -1986,16 +2044,16 @@ fn before_entry<C: Cpu>(
 }
 
 /// After a VMX-preemption-timer exit that came before the guest timer's deadline by no more than
-/// the lead it was armed with ([`ENTRY_LEAD`]): waits for the deadline, so that the look that
+/// the lead it was armed with (`Piece::lead`): waits for the deadline, so that the look that
 /// follows finds the timer due rather than re-arming for the minimum gap. The wait is Keel's
-/// time in the accounts.
+/// time in the accounts. `ready`: the TSC when Keel got ready to wait.
 #[inline(always)]
-fn catch_up<C: Cpu>(cpu: &mut C, vcpu: &mut Vcpu, p: &mut Piece) {
+fn catch_up<C: Cpu>(cpu: &mut C, vcpu: &mut Vcpu, p: &mut Piece, ready: u64) {
     let Some(due) = p.timer_due else {
         return;
     };
-    if p.now < due && due - p.now <= ENTRY_LEAD {
-        let mut t = p.now;
+    if p.now < due && due - p.now <= p.lead {
+        let mut t = ready;
         while t < due {
             core::hint::spin_loop();
             t = cpu.rdtsc();
@@ -2017,13 +2075,14 @@ fn note_deadline(vm: &Vm, p: &mut Piece, min_gap: u64) {
         .into_iter()
         .flatten()
         .fold(p.deadline, u64::min);
-    // Short of a guest timer's deadline by the way to the entry ([`ENTRY_LEAD`]); the slice's
+    // Short of a guest timer's deadline by the lead (the way to the entry, and on one CPU the
+    // exit's way back: [`learned_lead`]); the slice's
     // end and a halted guest's timer as they are, and a guest timer within the minimum gap of
     // the slice's end too (the wait for it, `catch_up`, would take the slice on past the
     // guest's interrupt rather than end it there).
     p.armed = match p.timer_due {
         Some(d) if d == p.until && d.saturating_add(min_gap) <= p.deadline => {
-            d.saturating_sub(ENTRY_LEAD)
+            d.saturating_sub(p.lead)
         }
         _ => p.until,
     };

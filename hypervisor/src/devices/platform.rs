@@ -910,7 +910,7 @@ impl Platform {
     /// taken it from VTPR), then the timer fires as `Lapic::advance` would fire it, the earliest
     /// deadline is the one the shot worked out, and the APIC's vectors count as posted
     /// (`Lapic::posted`); the vector it set in IRR, the only one there, is returned for the
-    /// caller to post (`exits::apicv::fire_timer`). None, with nothing done but the TPR, in
+    /// caller to post (`exits::apicv::fire_timer_now`). None, with nothing done but the TPR, in
     /// every other case: then `advance` is the way.
     #[inline]
     pub fn fire_shot(&mut self, cpu: usize, now: u64, shot: &TimerShot, tpr: u8) -> Option<u8> {

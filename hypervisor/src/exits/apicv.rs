@@ -189,7 +189,7 @@ fn hold_while_masked<V: Vmcs + ?Sized>(vmcs: &mut V) {
 }
 
 /// The guest's LAPIC timer expiry worked out ahead at a platform look (after [`before_entry`]),
-/// for [`fire_timer`] after the VMX-preemption-timer exit it is armed for: with
+/// for [`fire_timer_now`] after the VMX-preemption-timer exit it is armed for: with
 /// virtual-interrupt delivery and a page the post left empty (else the short way is not taken
 /// anyway), `Platform::timer_shot`.
 #[inline]
@@ -215,18 +215,16 @@ pub fn timer_shot(vcpu: &Vcpu, vm: &Vm) -> Option<TimerShot> {
 /// their general checks (a unit test compares the two over random timer set-ups). False when
 /// the case is another; the general look is then the way (the TPR it may have taken already
 /// is taken again as the same).
+///
+/// The short way comes in two parts: this one, whether the guest's state is the case it
+/// handles, which does not depend on the time and is made before the run loop waits for the
+/// deadline (`runloop::catch_up`, which changes nothing it looks at); and [`fire_timer_now`],
+/// the post, after the wait: the interrupt's way in after its deadline.
 #[inline]
-pub fn fire_timer<V: Vmcs + ?Sized>(
-    vmcs: &mut V,
-    vcpu: &mut Vcpu,
-    vm: &mut Vm,
-    now: u64,
-    shot: &TimerShot,
-) -> bool {
+pub fn timer_may_fire<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &Vcpu, vm: &Vm) -> bool {
     use crate::vmx::controls::PrimaryControls;
     use crate::vmx::Control32;
-    let cpu = vcpu.index;
-    let Some(a) = &mut vcpu.apicv else {
+    let Some(a) = &vcpu.apicv else {
         return false;
     };
     if !a.features().virtual_interrupt_delivery
@@ -243,9 +241,22 @@ pub fn fire_timer<V: Vmcs + ?Sized>(
     }
     // With IF = 0 the vector is to wait behind the interrupt window (`hold_while_masked`),
     // which the general look arms.
-    if vmcs.read(crate::vmx::GuestNat::Rflags) & super::RFLAGS_IF == 0 {
+    vmcs.read(crate::vmx::GuestNat::Rflags) & super::RFLAGS_IF != 0
+}
+
+/// The short way's post (above) once [`timer_may_fire`] said yes, with nothing changed since.
+#[inline]
+pub fn fire_timer_now<V: Vmcs + ?Sized>(
+    vmcs: &mut V,
+    vcpu: &mut Vcpu,
+    vm: &mut Vm,
+    now: u64,
+    shot: &TimerShot,
+) -> bool {
+    let cpu = vcpu.index;
+    let Some(a) = &mut vcpu.apicv else {
         return false;
-    }
+    };
     // `take_unread` of a page found unchanged: the TPR alone (written out rather than calling
     // `take`, whose second look at `vcpu.apicv` and the TPR-shadow test cost `irq` 5 more),
     // given to the APIC by `fire_shot`, which looks it up once for that and the timer.
@@ -454,7 +465,7 @@ mod tests {
         assert!(!window_armed(&t), "0x51 is below the TPR's class");
     }
 
-    /// The short look after a preemption-timer exit (`fire_timer`) leaves an entry with IF = 0
+    /// The short look after a preemption-timer exit (`timer_may_fire`, `fire_timer_now`) leaves an entry with IF = 0
     /// to the general look, which arms the window for the timer's vector.
     #[test]
     fn the_short_timer_look_leaves_a_masked_guest_to_the_general_one() {
@@ -470,13 +481,7 @@ mod tests {
         let shot = super::timer_shot(&t.vcpu, &t.vm).expect("the timer alone is due");
         crate::exits::fast::handle_preempted(&t.vmcs, &mut t.vcpu);
         let now = 1_000_000;
-        assert!(!super::fire_timer(
-            &mut t.vmcs,
-            &mut t.vcpu,
-            &mut t.vm,
-            now,
-            &shot
-        ));
+        assert!(!t.fire_timer(now, &shot));
         t.vm.platform.advance(now);
         t.enter().unwrap();
         assert_eq!(rvi_svi(&t), (0x40, 0));
@@ -1263,7 +1268,8 @@ mod smp_tests {
     }
 }
 
-/// The short look after a preemption-timer exit (`fire_timer`) against the general one.
+/// The short look after a preemption-timer exit (`timer_may_fire`, `fire_timer_now`) against
+/// the general one.
 #[cfg(test)]
 mod fire_timer_tests {
     use super::*;
@@ -1549,9 +1555,7 @@ mod fire_timer_tests {
                 };
                 crate::exits::fast::handle_preempted(&fast.vmcs, &mut fast.vcpu);
                 crate::exits::fast::handle_preempted(&slow.vmcs, &mut slow.vcpu);
-                let fired = shot.as_ref().is_some_and(|s| {
-                    fire_timer(&mut fast.vmcs, &mut fast.vcpu, &mut fast.vm, now, s)
-                });
+                let fired = shot.as_ref().is_some_and(|s| fast.fire_timer(now, s));
                 if stale {
                     stale_tries += 1;
                     assert!(

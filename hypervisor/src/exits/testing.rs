@@ -98,6 +98,13 @@ pub const TEST_RAM: usize = 1 << 20;
 pub const TEST_TSC_HZ: u64 = 10_000_000;
 
 impl TestBed {
+    /// The run loop's short way after a preemption-timer exit for the LAPIC timer's `shot`
+    /// (`runloop::run_piece`): the checks, then the post at `now`.
+    pub fn fire_timer(&mut self, now: u64, shot: &crate::devices::TimerShot) -> bool {
+        super::apicv::timer_may_fire(&self.vmcs, &self.vcpu, &self.vm)
+            && super::apicv::fire_timer_now(&mut self.vmcs, &mut self.vcpu, &mut self.vm, now, shot)
+    }
+
     pub fn new() -> Self {
         let mem: &'static mut [u8] = alloc::vec![0u8; TEST_RAM].leak();
         let vm = Vm {

@@ -2552,3 +2552,39 @@ fn the_wakes_find_the_timers_a_look_of_their_own_finds() {
     }
     assert!(found > 10, "two halted guests with timers at {found} looks");
 }
+
+/// The preemption timer's lead on one CPU (`learned_lead`): with a fixed way from the timer's
+/// expiry to Keel being ready to wait, it settles where Keel is ready `LEAD_MARGIN` before the
+/// deadline (so the guest's interrupt goes in at its deadline, not the way's length after it),
+/// from below and from above; it never passes its cap; and a way that changes is followed.
+#[test]
+fn the_timer_lead_settles_where_keel_is_ready_just_before_the_deadline() {
+    use crate::runloop::{learned_lead, ENTRY_LEAD, LEAD_MARGIN};
+    let due = 1_000_000;
+    // The exit comes at `due - lead + way` (the timer armed `lead` short), Keel is ready then.
+    let settle = |mut lead: u64, way: u64, max: u64| {
+        for _ in 0..64 {
+            lead = learned_lead(lead, due, due - lead + way, max);
+        }
+        lead
+    };
+    for way in [40, 100, 130, 2_000] {
+        for start in [0, ENTRY_LEAD, 5_000] {
+            let lead = settle(start, way, 10_000);
+            let ready = due - lead + way;
+            assert!(
+                ready < due && due - ready <= LEAD_MARGIN + 1,
+                "way {way}, from {start}: lead {lead}, ready {} before the deadline",
+                due - ready
+            );
+        }
+    }
+    // Capped: a way longer than the cap leaves the lead at it (the exit is then late).
+    assert_eq!(settle(ENTRY_LEAD, 50_000, 10_000), 10_000);
+    // A way that shortens: the lead follows it down.
+    let long = settle(ENTRY_LEAD, 400, 10_000);
+    let short = settle(long, 100, 10_000);
+    assert!(short < long && due - (due - short + 100) <= LEAD_MARGIN + 1);
+    // Never below zero, however early the exit.
+    assert_eq!(learned_lead(10, due, 0, 10_000), 0);
+}
