@@ -1200,10 +1200,7 @@ impl<C: Cpu> RunLoop<C> {
         let xcr0 = s.vcpus[c].xcr0;
         // Learned only where the tight loop waits for an early timer exit (`run_piece`, one
         // CPU); the loop of several CPUs has no such wait and keeps the fixed lead.
-        let lead = match self.hosts[h].lead {
-            learned if learned != 0 && self.hosts.len() == 1 => learned,
-            _ => ENTRY_LEAD,
-        };
+        let lead = self.hosts[h].lead.0;
         if let Some(r) = self.hosts[h].running.as_mut() {
             r.piece = Piece {
                 lead,
@@ -1232,7 +1229,7 @@ impl<C: Cpu> RunLoop<C> {
         };
         let (i, c) = r.seat;
         // What the piece learned of the preemption timer's lead (`learned_lead`).
-        host.lead = r.piece.lead;
+        host.lead = Lead(r.piece.lead);
         if r.piece.fresh {
             // It never entered: the time it waited is still to come off its clock.
             if let Some(since) = r.piece.waited.take() {
@@ -1887,8 +1884,18 @@ struct HostCpu {
     /// the fast path ([`RunLoop::pick_turn`]): the woken vCPU first, the housekeeping after.
     wake_due: bool,
     /// The preemption timer's lead short of a guest timer's deadline as this CPU learned it
-    /// ([`learned_lead`]; 0 until a piece starts with [`ENTRY_LEAD`]).
-    lead: u64,
+    /// ([`learned_lead`]; only the loop of one CPU learns).
+    lead: Lead,
+}
+
+/// A host CPU's preemption-timer lead ([`learned_lead`]), [`ENTRY_LEAD`] to begin with.
+#[derive(Clone, Copy)]
+struct Lead(u64);
+
+impl Default for Lead {
+    fn default() -> Self {
+        Lead(ENTRY_LEAD)
+    }
 }
 
 impl HostCpu {
@@ -1952,8 +1959,9 @@ struct Piece {
     /// The preemption timer's target (`until`, or short of a guest timer's deadline by
     /// `lead`), as the last look worked it out (`note_deadline`).
     armed: u64,
-    /// How far short of a guest timer's deadline the preemption timer is armed: [`ENTRY_LEAD`]
-    /// with several CPUs, the lead this CPU learned with one ([`learned_lead`]).
+    /// How far short of a guest timer's deadline the preemption timer is armed: the host CPU's
+    /// [`Lead`], which the tight loop of one CPU learns ([`learned_lead`]; it stays
+    /// [`ENTRY_LEAD`] with several).
     lead: u64,
     /// The time of the last exit serves for the timer checks. Time in the guest (entry to exit)
     /// is its cpu time; Keel's handling of its exits (exit to next entry) is kept apart.
