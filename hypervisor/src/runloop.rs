@@ -47,17 +47,17 @@ pub const ENTRY_LEAD: u64 = 64;
 pub const LEAD_MARGIN: u64 = 16;
 
 /// The lead the preemption timer is armed with short of a guest timer's deadline, learned on one
-/// CPU from the timer exits it brings (the way of SDM 26.5.1's count from the entry, and the
-/// exit's way back to Keel's TSC read, both this machine's and this build's): from `lead`, after
-/// an exit aimed at `due - lead` after which Keel was ready to wait at `exit_at`, half the way to being ready
-/// [`LEAD_MARGIN`] before `due`, and never more than `max`. Read late, the lead grows; read
-/// early (Keel waits meanwhile), it shrinks.
-pub fn learned_lead(lead: u64, due: u64, exit_at: u64, max: u64) -> u64 {
+/// CPU from the timer exits it brings (the way from the TSC read it is armed from to the entry,
+/// SDM 26.5.1's count starting there, and the exit's way back until Keel is ready to wait: this
+/// machine's and this build's). From `lead`, after an exit aimed at `due - lead` after which
+/// Keel was ready at `ready`: half the way to being ready [`LEAD_MARGIN`] before `due`, never
+/// more than `max`. Ready late, the lead grows; early (Keel waits meanwhile), it shrinks.
+pub fn learned_lead(lead: u64, due: u64, ready: u64, max: u64) -> u64 {
     let target = due.saturating_sub(LEAD_MARGIN);
-    let next = if exit_at > target {
-        lead.saturating_add((exit_at - target).div_ceil(2))
+    let next = if ready > target {
+        lead.saturating_add((ready - target).div_ceil(2))
     } else {
-        lead.saturating_sub((target - exit_at) / 2)
+        lead.saturating_sub((target - ready) / 2)
     };
     next.min(max)
 }
@@ -702,16 +702,15 @@ impl<C: Cpu> RunLoop<C> {
                             && g.vm.ram.balloon.pending.is_none();
                         if go_on {
                             exits::fast::handle_preempted(&v, g.vcpu);
-                            // Armed for the guest timer's deadline less the lead, for the full
-                            // time (not the minimum gap): how early this exit was read teaches
-                            // the lead. Learned before the wait, which is the interrupt's
-                            // latency from here on.
-                            // So is whether the guest's state lets the timer fire the short
-                            // way (`exits::apicv::timer_may_fire`): the wait changes none of it.
+                            // Whether the guest's state lets its timer fire the short way
+                            // (`exits::apicv::timer_may_fire`) is told before the wait for the
+                            // deadline, which changes none of it: after the deadline only the
+                            // post is left.
                             let may_fire =
                                 p.shot.is_some() && exits::apicv::timer_may_fire(&v, g.vcpu, g.vm);
-                            // The lead is learned from when Keel is ready to wait (the exit's
-                            // way in and the checks above included).
+                            // Then Keel is ready to wait. An exit armed for the guest timer's
+                            // deadline less the lead, for the full time (not the minimum gap),
+                            // teaches the lead how early that was (`learned_lead`).
                             let ready = self.cpu.rdtsc();
                             let min_gap = cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR;
                             if let Some(due) = p.timer_due.filter(|&due| {
@@ -2084,9 +2083,8 @@ fn note_deadline(vm: &Vm, p: &mut Piece, min_gap: u64) {
         .flatten()
         .fold(p.deadline, u64::min);
     // Short of a guest timer's deadline by the lead (the way to the entry, and on one CPU the
-    // exit's way back: [`learned_lead`]); the slice's
-    // end and a halted guest's timer as they are, and a guest timer within the minimum gap of
-    // the slice's end too (the wait for it, `catch_up`, would take the slice on past the
+    // exit's way back: [`learned_lead`]); the slice's end and a halted guest's timer as they
+    // are, and a guest timer within the minimum gap of the slice's end too (the wait for it, `catch_up`, would take the slice on past the
     // guest's interrupt rather than end it there).
     p.armed = match p.timer_due {
         Some(d) if d == p.until && d.saturating_add(min_gap) <= p.deadline => {

@@ -465,8 +465,8 @@ mod tests {
         assert!(!window_armed(&t), "0x51 is below the TPR's class");
     }
 
-    /// The short look after a preemption-timer exit (`timer_may_fire`, `fire_timer_now`) leaves an entry with IF = 0
-    /// to the general look, which arms the window for the timer's vector.
+    /// The short look after a preemption-timer exit (`timer_may_fire`, `fire_timer_now`) leaves
+    /// an entry with IF = 0 to the general look, which arms the window for the timer's vector.
     #[test]
     fn the_short_timer_look_leaves_a_masked_guest_to_the_general_one() {
         let mut t = with_vid();
