@@ -77,6 +77,19 @@ pub trait Device: Any + Send {
         let _ = (offset, size, value, cx);
     }
 
+    /// A byte access at `port` (`write`: the byte of an `OUT`, None for an `IN`) made without a
+    /// context, when the device can tell before it starts that the access reads or writes its
+    /// registers and nothing else: it drives no line, touches no console, exit status or power
+    /// request, moves no timer (its [`Device::next_deadline`] stays as it was) and needs no
+    /// time. Then the device makes it and returns the byte read (0 for a write), leaving itself
+    /// exactly as [`Device::io_read`]/[`Device::io_write`] would have; otherwise it returns
+    /// None with nothing changed, and the platform makes the access the ordinary way. The
+    /// default makes none this way.
+    fn io_quiet(&mut self, port: u16, write: Option<u8>) -> Option<u8> {
+        let _ = (port, write);
+        None
+    }
+
     /// True if the device takes 16/32-bit port accesses whole instead of byte by byte.
     fn wide_ports(&self) -> bool {
         false
@@ -377,17 +390,19 @@ pub const MAX_PORT_RANGES: usize = 255;
 
 /// The I/O port map of one guest: the ranges, and a two-level table built from them that finds
 /// a port's responder by index (a directory of 256 entries, one per block of 256 ports, naming
-/// the block's page of responder numbers; blocks without a device share none), so that the
-/// exit path pays a few loads instead of a search (docs/BENCHMARKS.md).
+/// the block's page of responder numbers; the blocks without a device all name page 0, which
+/// names none), so that the exit path pays a few loads and no test of its own for an unclaimed
+/// block instead of a search (docs/BENCHMARKS.md).
 #[derive(Debug, Clone)]
 pub struct PortBus {
     map: RangeMap,
-    /// Block `port >> 8`'s page in `pages`, plus one; 0 for a block no device claims.
-    dir: [u8; 256],
-    /// Per port of a block: its range's responder in `responders`, plus one; 0 for none.
+    /// Block `port >> 8`'s page in `pages`; 0, the empty page, for a block no device claims.
+    dir: [u16; 256],
+    /// Per port of a block: the number of its range's responder in `responders`; 0 for none.
+    /// Page 0 is all zeros.
     pages: Vec<[u8; 256]>,
-    /// The responder of each range, in the order of `map.ranges`.
-    responders: Vec<Responder>,
+    /// None (number 0), then the responder of each range in the order of `map.ranges`.
+    responders: Vec<Option<Responder>>,
 }
 
 impl Default for PortBus {
@@ -395,14 +410,15 @@ impl Default for PortBus {
         Self {
             map: RangeMap::default(),
             dir: [0; 256],
-            pages: Vec::new(),
-            responders: Vec::new(),
+            pages: alloc::vec![[0; 256]],
+            responders: alloc::vec![None],
         }
     }
 }
 
 impl PortBus {
-    /// Claims `count` ports from `first` for `responder`.
+    /// Claims `count` ports from `first` for `responder`. Nothing is claimed if the range is
+    /// empty, runs past port 0xFFFF or overlaps a range claimed before.
     pub fn register(
         &mut self,
         first: u16,
@@ -428,19 +444,21 @@ impl PortBus {
     /// platform is built).
     fn rebuild(&mut self) {
         self.dir = [0; 256];
-        self.pages.clear();
-        self.responders = self.map.ranges.iter().map(|m| m.responder).collect();
-        for (i, m) in self.map.ranges.iter().enumerate() {
+        self.pages.truncate(1);
+        self.responders.truncate(1);
+        for m in &self.map.ranges {
+            self.responders.push(Some(m.responder));
+            // `register` keeps at most MAX_PORT_RANGES (255) ranges: the number fits a byte.
+            let number = (self.responders.len() - 1) as u8;
             for port in m.start..m.end() {
                 let block = (port >> 8) as usize;
                 if self.dir[block] == 0 {
+                    // At most 256 blocks besides page 0: the number fits 16 bits.
                     self.pages.push([0; 256]);
-                    // At most 256 blocks: the page index fits with the one added.
-                    self.dir[block] = self.pages.len() as u8;
+                    self.dir[block] = (self.pages.len() - 1) as u16;
                 }
-                let page = usize::from(self.dir[block]) - 1;
-                // `register` keeps at most MAX_PORT_RANGES (255) ranges.
-                self.pages[page][(port & 0xff) as usize] = (i + 1) as u8;
+                let page = usize::from(self.dir[block]);
+                self.pages[page][(port & 0xff) as usize] = number;
             }
         }
     }
@@ -449,15 +467,20 @@ impl PortBus {
     #[inline]
     pub fn find(&self, port: u16) -> Option<Responder> {
         let [low, high] = port.to_le_bytes();
-        let page = self.dir[usize::from(high)];
-        if page == 0 {
-            return None;
+        let page = self.pages.get(usize::from(self.dir[usize::from(high)]))?;
+        self.responders
+            .get(usize::from(page[usize::from(low)]))
+            .copied()
+            .flatten()
+    }
+
+    /// The device that answers at `port`, if a [`Device`] does (not the chipset).
+    #[inline]
+    pub fn device(&self, port: u16) -> Option<DeviceId> {
+        match self.find(port) {
+            Some(Responder::Device(id)) => Some(id),
+            _ => None,
         }
-        let range = self.pages.get(usize::from(page - 1))?[usize::from(low)];
-        if range == 0 {
-            return None;
-        }
-        self.responders.get(usize::from(range - 1)).copied()
     }
 
     /// Every registered range in address order (for the docs and the per-guest table).
@@ -612,6 +635,31 @@ mod tests {
                 .map(|i| Responder::Device(DeviceId(i)));
             assert_eq!(bus.find(port), want, "port {port:#x}");
         }
+    }
+
+    /// A range over every block of 256 ports (all 65,535 ports from 0, then port 0xFFFF): each
+    /// block gets a page of its own besides the empty one, and every port is found.
+    #[test]
+    fn port_bus_table_covers_every_block() {
+        let mut bus = PortBus::default();
+        bus.register(0, u16::MAX, A, "all").unwrap();
+        bus.register(u16::MAX, 1, B, "last").unwrap();
+        for port in 0..u16::MAX {
+            assert_eq!(bus.find(port), Some(A), "port {port:#x}");
+        }
+        assert_eq!(bus.find(u16::MAX), Some(B));
+        assert_eq!(bus.device(0x3f8), Some(DeviceId(0)));
+    }
+
+    #[test]
+    fn port_bus_names_devices_only() {
+        let mut bus = PortBus::default();
+        bus.register(0x20, 2, Responder::Pic, "pic").unwrap();
+        bus.register(0x3f8, 8, B, "uart").unwrap();
+        assert_eq!(bus.find(0x20), Some(Responder::Pic));
+        assert_eq!(bus.device(0x20), None);
+        assert_eq!(bus.device(0x3ff), Some(DeviceId(1)));
+        assert_eq!(bus.device(0x400), None);
     }
 
     #[test]

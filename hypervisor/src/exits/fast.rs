@@ -24,7 +24,7 @@
 
 use super::{apicv, cpuid, debug, io, msr, vmcall, Action, ExitContext};
 use crate::abi::hc;
-use crate::vmx::{ExitReason, GuestNat, IoQualification, ReadOnlyNat, Vmcs};
+use crate::vmx::{ExitReason, GuestNat, IoDirection, IoQualification, ReadOnlyNat, Vmcs};
 
 const CPUID: u32 = ExitReason::Cpuid.number() as u32;
 const VMCALL: u32 = ExitReason::Vmcall.number() as u32;
@@ -161,6 +161,28 @@ pub fn handle_port<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> PortExit {
     stats.last_exit = IO as u16;
     if let Some(slot) = stats.exits.get_mut(IO as usize) {
         *slot += 1;
+    }
+    // A byte access the device makes from its registers alone (`Platform::io_quiet`: no timer
+    // due, no line, no console, no deadline moved) ends here, as `io::in_or_out` would end it:
+    // the device in the same state, RAX merged for an IN.
+    let platform = &mut cx.vm.platform;
+    let regs = &mut cx.vcpu.regs;
+    let quiet = match q.direction {
+        IoDirection::In => platform
+            .io_quiet(q.port, q.size, None, cx.now)
+            .map(|v| regs.rax = regs.rax & !0xff | u64::from(v)),
+        IoDirection::Out => platform
+            .io_quiet(q.port, q.size, Some(regs.rax as u8), cx.now)
+            .map(drop),
+    };
+    if quiet.is_some() {
+        // Such an access reads nothing of the LAPIC model and drives nothing into it, so the
+        // model may take the guest's TPR (and IRR and ISR) later, as after a CPUID: before the
+        // run loop next looks at the platform (`apicv::take_unread`) or the next exit that
+        // reaches it (`after_exit`, below), whichever comes first.
+        apicv::leave_vtpr(cx.vcpu);
+        super::apply(cx.vmcs, cx.vcpu, &Action::Advance);
+        return PortExit::Quiet;
     }
     // As the general dispatch does before any exit that reaches the platform: the model takes
     // the guest's TPR (and with virtual-interrupt delivery its IRR and ISR) before a device can
@@ -476,6 +498,46 @@ mod tests {
             port_same_as_dispatch(nothing, io_qual(0x70, 1, false, false, false), 0x30),
             quiet
         );
+    }
+
+    /// A quiet OUT in the loop with the guest's TPR and a vector requested on the virtual-APIC
+    /// page: the model takes them before the run loop's next look at the platform (as after a
+    /// CPUID), and the next exit that reaches the platform takes them before its device can
+    /// drive a line (the general dispatch's `after_exit`).
+    #[test]
+    fn a_quiet_port_access_leaves_the_guests_tpr_for_the_next_look() {
+        for next_exit_reaches_the_platform in [false, true] {
+            let mut t = TestBed::with_virtual_interrupt_delivery();
+            t.long_mode();
+            t.enter().unwrap();
+            t.vcpu.apicv.as_mut().unwrap().write_register(0x80, 0x20);
+            t.vmcs.set(ReadOnly32::ExitReason, IO);
+            t.vmcs.set(
+                ReadOnlyNat::ExitQualification,
+                io_qual(0x3ff, 1, false, false, false),
+            );
+            t.vmcs.set(ReadOnly32::ExitInstructionLength, 1);
+            t.vmcs.set(GuestNat::Rip, 0x1000);
+            t.vcpu.regs.rax = 0x5a;
+            assert_eq!(handle_port(&mut cx(&mut t)), PortExit::Quiet);
+            assert_eq!(t.vmcs.read(GuestNat::Rip), 0x1001);
+            if next_exit_reaches_the_platform {
+                // The UART's transmitter: the console, the general follow-up.
+                t.vmcs.set(
+                    ReadOnlyNat::ExitQualification,
+                    io_qual(0x3f8, 1, false, false, false),
+                );
+                assert!(matches!(handle_port(&mut cx(&mut t)), PortExit::Changed(_)));
+                assert_eq!(
+                    t.vm.platform.tpr(0),
+                    0x20,
+                    "taken before the device's access"
+                );
+            } else {
+                t.enter().unwrap();
+                assert_eq!(t.vm.platform.tpr(0), 0x20, "taken before the look");
+            }
+        }
     }
 
     #[test]
