@@ -323,7 +323,8 @@ pub enum BusError {
         len: u64,
         with: &'static str,
     },
-    /// The port bus holds as many ranges as its table can name ([`MAX_PORT_RANGES`]).
+    /// The port bus's table cannot name the responder: a device numbered
+    /// [`MAX_PORT_DEVICES`] or beyond.
     Full,
 }
 
@@ -336,7 +337,7 @@ impl fmt::Display for BusError {
             }
             BusError::Full => write!(
                 f,
-                "no room for another port range ({MAX_PORT_RANGES} at most)"
+                "no room in the port table for another device ({MAX_PORT_DEVICES} at most)"
             ),
         }
     }
@@ -385,24 +386,51 @@ impl RangeMap {
     }
 }
 
-/// The most port ranges a [`PortBus`] holds: its table names them in a byte.
-pub const MAX_PORT_RANGES: usize = 255;
+/// The most devices a [`PortBus`] names: its table names a responder in a byte, 1 to 4 the
+/// chipset's, 5 and up the devices ([`Responder::code`]).
+pub const MAX_PORT_DEVICES: usize = 251;
+
+/// The first code of a device in a port table.
+const FIRST_DEVICE_CODE: u8 = 5;
+
+impl Responder {
+    /// The responder's code in a port table (0 stands for none), if it has one: a device
+    /// numbered below [`MAX_PORT_DEVICES`] or one of the chipset's.
+    fn code(self) -> Option<u8> {
+        match self {
+            Responder::Pic => Some(1),
+            Responder::Elcr => Some(2),
+            Responder::Lapic => Some(3),
+            Responder::Ioapic => Some(4),
+            Responder::Device(DeviceId(n)) => u8::try_from(n).ok()?.checked_add(FIRST_DEVICE_CODE),
+        }
+    }
+
+    /// The responder of code `code` ([`Responder::code`]); None for 0.
+    fn from_code(code: u8) -> Option<Responder> {
+        Some(match code {
+            0 => return None,
+            1 => Responder::Pic,
+            2 => Responder::Elcr,
+            3 => Responder::Lapic,
+            4 => Responder::Ioapic,
+            n => Responder::Device(DeviceId(usize::from(n - FIRST_DEVICE_CODE))),
+        })
+    }
+}
 
 /// The I/O port map of one guest: the ranges, and a two-level table built from them that finds
 /// a port's responder by index (a directory of 256 entries, one per block of 256 ports, naming
-/// the block's page of responder numbers; the blocks without a device all name page 0, which
-/// names none), so that the exit path pays a few loads and no test of its own for an unclaimed
-/// block instead of a search (docs/BENCHMARKS.md).
+/// the block's page of responder codes; the blocks without a device all name page 0, which
+/// names none), so that the exit path pays two loads instead of a search (docs/BENCHMARKS.md).
 #[derive(Debug, Clone)]
 pub struct PortBus {
     map: RangeMap,
     /// Block `port >> 8`'s page in `pages`; 0, the empty page, for a block no device claims.
     dir: [u16; 256],
-    /// Per port of a block: the number of its range's responder in `responders`; 0 for none.
-    /// Page 0 is all zeros.
+    /// Per port of a block: its responder's code ([`Responder::code`]), 0 for none. Page 0 is
+    /// all zeros.
     pages: Vec<[u8; 256]>,
-    /// None (number 0), then the responder of each range in the order of `map.ranges`.
-    responders: Vec<Option<Responder>>,
 }
 
 impl Default for PortBus {
@@ -411,14 +439,14 @@ impl Default for PortBus {
             map: RangeMap::default(),
             dir: [0; 256],
             pages: alloc::vec![[0; 256]],
-            responders: alloc::vec![None],
         }
     }
 }
 
 impl PortBus {
     /// Claims `count` ports from `first` for `responder`. Nothing is claimed if the range is
-    /// empty, runs past port 0xFFFF or overlaps a range claimed before.
+    /// empty, runs past port 0xFFFF or overlaps a range claimed before, or if the table cannot
+    /// name the responder.
     pub fn register(
         &mut self,
         first: u16,
@@ -432,7 +460,7 @@ impl PortBus {
             responder,
             name,
         };
-        if self.map.ranges.len() >= MAX_PORT_RANGES {
+        if responder.code().is_none() {
             return Err(BusError::Full);
         }
         self.map.register(m, u64::from(u16::MAX))?;
@@ -445,11 +473,9 @@ impl PortBus {
     fn rebuild(&mut self) {
         self.dir = [0; 256];
         self.pages.truncate(1);
-        self.responders.truncate(1);
         for m in &self.map.ranges {
-            self.responders.push(Some(m.responder));
-            // `register` keeps at most MAX_PORT_RANGES (255) ranges: the number fits a byte.
-            let number = (self.responders.len() - 1) as u8;
+            // `register` takes only responders with a code.
+            let code = m.responder.code().unwrap_or(0);
             for port in m.start..m.end() {
                 let block = (port >> 8) as usize;
                 if self.dir[block] == 0 {
@@ -458,29 +484,30 @@ impl PortBus {
                     self.dir[block] = (self.pages.len() - 1) as u16;
                 }
                 let page = usize::from(self.dir[block]);
-                self.pages[page][(port & 0xff) as usize] = number;
+                self.pages[page][(port & 0xff) as usize] = code;
             }
         }
+    }
+
+    /// The responder's code at `port` (0 for none).
+    #[inline]
+    fn code(&self, port: u16) -> u8 {
+        let [low, high] = port.to_le_bytes();
+        let page = self.pages.get(usize::from(self.dir[usize::from(high)]));
+        page.map_or(0, |page| page[usize::from(low)])
     }
 
     /// Who answers at `port`.
     #[inline]
     pub fn find(&self, port: u16) -> Option<Responder> {
-        let [low, high] = port.to_le_bytes();
-        let page = self.pages.get(usize::from(self.dir[usize::from(high)]))?;
-        self.responders
-            .get(usize::from(page[usize::from(low)]))
-            .copied()
-            .flatten()
+        Responder::from_code(self.code(port))
     }
 
     /// The device that answers at `port`, if a [`Device`] does (not the chipset).
     #[inline]
     pub fn device(&self, port: u16) -> Option<DeviceId> {
-        match self.find(port) {
-            Some(Responder::Device(id)) => Some(id),
-            _ => None,
-        }
+        let n = self.code(port).checked_sub(FIRST_DEVICE_CODE)?;
+        Some(DeviceId(usize::from(n)))
     }
 
     /// Every registered range in address order (for the docs and the per-guest table).
@@ -662,16 +689,37 @@ mod tests {
         assert_eq!(bus.device(0x400), None);
     }
 
+    /// Devices 0 to 250 and the chipset are named, each by its own code; device 251 is
+    /// refused with nothing claimed; a device may hold any number of ranges.
     #[test]
-    fn port_bus_holds_at_most_255_ranges() {
+    fn port_bus_names_251_devices() {
         let mut bus = PortBus::default();
-        for i in 0..MAX_PORT_RANGES as u16 {
-            bus.register(i * 2, 1, A, "one").unwrap();
+        for i in 0..MAX_PORT_DEVICES as u16 {
+            let r = Responder::Device(DeviceId(usize::from(i)));
+            bus.register(i * 2, 1, r, "one").unwrap();
         }
-        assert_eq!(bus.register(0x1000, 1, B, "more"), Err(BusError::Full));
+        use Responder::{Elcr, Ioapic, Lapic, Pic};
+        let chipset = [Pic, Elcr, Lapic, Ioapic];
+        for (i, r) in chipset.into_iter().enumerate() {
+            bus.register(0x2000 + i as u16, 1, r, "chipset").unwrap();
+        }
+        let next = Responder::Device(DeviceId(MAX_PORT_DEVICES));
+        assert_eq!(bus.register(0x1000, 1, next, "more"), Err(BusError::Full));
         assert_eq!(bus.find(0x1000), None);
-        assert_eq!(bus.find(2 * 254), Some(A));
-        assert_eq!(bus.find(2 * 254 + 1), None);
+        for i in 0..MAX_PORT_DEVICES as u16 {
+            let id = DeviceId(usize::from(i));
+            assert_eq!(bus.find(i * 2), Some(Responder::Device(id)));
+            assert_eq!(bus.device(i * 2), Some(id));
+            assert_eq!(bus.find(i * 2 + 1), None);
+        }
+        for (i, r) in chipset.into_iter().enumerate() {
+            assert_eq!(bus.find(0x2000 + i as u16), Some(r));
+            assert_eq!(bus.device(0x2000 + i as u16), None);
+        }
+        for i in 0..300 {
+            bus.register(0x3000 + i * 2, 1, A, "many").unwrap();
+        }
+        assert_eq!(bus.find(0x3000 + 299 * 2), Some(A));
     }
 
     #[test]
