@@ -12,8 +12,9 @@
 //! - RDMSR and WRMSR of an MSR that does not reach the platform (`msr::reads_the_apic`,
 //!   `msr::write_reaches_platform`), and not IA32_SPEC_CTRL, whose write the run loop loads.
 //!
-//! IN and OUT ([`handle_port`]) are made there too, since only the device can tell afterwards
-//! whether the access reached beyond its registers: one that did not is completed like the
+//! IN and OUT ([`handle_port`]) are made there too, since only the device can tell whether the
+//! access reaches beyond its registers: beforehand for a byte access it makes alone
+//! (`Device::io_quiet`), afterwards for the others. One that did not is completed like the
 //! register-only exits; one that did leaves the loop done ([`Handled`]) and the general
 //! follow-up continues from it. INS/OUTS, REP and armed breakpoints keep the general path.
 //!
@@ -142,9 +143,10 @@ impl Handled {
 }
 
 /// An IN or OUT (exit reason [`IO`]) handled in the tight loop: the exit qualification read
-/// once and decoded once, and the access made through the port table with the general handler's
-/// own code (`io::in_or_out`), so the device, RAX, RIP and the counters end as the general
-/// dispatch leaves them. INS/OUTS (and REP) keep the general path, which checks segments,
+/// once and decoded once, and the access made by the device alone when it says the access stays
+/// in its registers (`Platform::io_quiet`), else through the port table with the general
+/// handler's own code (`io::in_or_out`), so the device, RAX, RIP and the counters end as the
+/// general dispatch leaves them. INS/OUTS (and REP) keep the general path, which checks segments,
 /// paging and data breakpoints, and so does any access while DR7 enables a breakpoint (the I/O
 /// breakpoints of SDM 17.2.4, which need CR4.DE and DR0-DR3): one VMREAD tells.
 // Not inlined into the run loop: inlined, it made every general exit about 27 instructions
