@@ -77,6 +77,19 @@ pub trait Device: Any + Send {
         let _ = (offset, size, value, cx);
     }
 
+    /// A byte access at `port` (`write`: the byte of an `OUT`, None for an `IN`) made without a
+    /// context, when the device can tell before it starts that the access reads or writes its
+    /// registers and nothing else: it drives no line, touches no console, exit status or power
+    /// request, moves no timer (its [`Device::next_deadline`] stays as it was) and needs no
+    /// time. Then the device makes it and returns the byte read (0 for a write), leaving itself
+    /// exactly as [`Device::io_read`]/[`Device::io_write`] would have; otherwise it returns
+    /// None with nothing changed, and the platform makes the access the ordinary way. The
+    /// default makes none this way.
+    fn io_quiet(&mut self, port: u16, write: Option<u8>) -> Option<u8> {
+        let _ = (port, write);
+        None
+    }
+
     /// True if the device takes 16/32-bit port accesses whole instead of byte by byte.
     fn wide_ports(&self) -> bool {
         false
@@ -310,7 +323,8 @@ pub enum BusError {
         len: u64,
         with: &'static str,
     },
-    /// The port bus holds as many ranges as its table can name ([`MAX_PORT_RANGES`]).
+    /// The port bus's table cannot name the responder: a device numbered
+    /// [`MAX_PORT_DEVICES`] or beyond.
     Full,
 }
 
@@ -323,7 +337,7 @@ impl fmt::Display for BusError {
             }
             BusError::Full => write!(
                 f,
-                "no room for another port range ({MAX_PORT_RANGES} at most)"
+                "no room in the port table for another device ({MAX_PORT_DEVICES} at most)"
             ),
         }
     }
@@ -372,22 +386,51 @@ impl RangeMap {
     }
 }
 
-/// The most port ranges a [`PortBus`] holds: its table names them in a byte.
-pub const MAX_PORT_RANGES: usize = 255;
+/// The most devices a [`PortBus`] names: its table names a responder in a byte, 1 to 4 the
+/// chipset's, 5 and up the devices ([`Responder::code`]).
+pub const MAX_PORT_DEVICES: usize = 251;
+
+/// The first code of a device in a port table.
+const FIRST_DEVICE_CODE: u8 = 5;
+
+impl Responder {
+    /// The responder's code in a port table (0 stands for none), if it has one: a device
+    /// numbered below [`MAX_PORT_DEVICES`] or one of the chipset's.
+    fn code(self) -> Option<u8> {
+        match self {
+            Responder::Pic => Some(1),
+            Responder::Elcr => Some(2),
+            Responder::Lapic => Some(3),
+            Responder::Ioapic => Some(4),
+            Responder::Device(DeviceId(n)) => u8::try_from(n).ok()?.checked_add(FIRST_DEVICE_CODE),
+        }
+    }
+
+    /// The responder of code `code` ([`Responder::code`]); None for 0.
+    fn from_code(code: u8) -> Option<Responder> {
+        Some(match code {
+            0 => return None,
+            1 => Responder::Pic,
+            2 => Responder::Elcr,
+            3 => Responder::Lapic,
+            4 => Responder::Ioapic,
+            n => Responder::Device(DeviceId(usize::from(n - FIRST_DEVICE_CODE))),
+        })
+    }
+}
 
 /// The I/O port map of one guest: the ranges, and a two-level table built from them that finds
 /// a port's responder by index (a directory of 256 entries, one per block of 256 ports, naming
-/// the block's page of responder numbers; blocks without a device share none), so that the
-/// exit path pays a few loads instead of a search (docs/BENCHMARKS.md).
+/// the block's page of responder codes; the blocks without a device all name page 0, which
+/// names none), so that the exit path pays two loads instead of a search (docs/BENCHMARKS.md).
 #[derive(Debug, Clone)]
 pub struct PortBus {
     map: RangeMap,
-    /// Block `port >> 8`'s page in `pages`, plus one; 0 for a block no device claims.
-    dir: [u8; 256],
-    /// Per port of a block: its range's responder in `responders`, plus one; 0 for none.
+    /// Block `port >> 8`'s page in `pages`; 0, the empty page, for a block no device claims.
+    dir: [u16; 256],
+    /// Per port of a block: its responder's code ([`Responder::code`]), 0 for none. Page 0 is
+    /// all zeros.
     pages: Vec<[u8; 256]>,
-    /// The responder of each range, in the order of `map.ranges`.
-    responders: Vec<Responder>,
 }
 
 impl Default for PortBus {
@@ -395,14 +438,15 @@ impl Default for PortBus {
         Self {
             map: RangeMap::default(),
             dir: [0; 256],
-            pages: Vec::new(),
-            responders: Vec::new(),
+            pages: alloc::vec![[0; 256]],
         }
     }
 }
 
 impl PortBus {
-    /// Claims `count` ports from `first` for `responder`.
+    /// Claims `count` ports from `first` for `responder`. Nothing is claimed if the range is
+    /// empty, runs past port 0xFFFF or overlaps a range claimed before, or if the table cannot
+    /// name the responder.
     pub fn register(
         &mut self,
         first: u16,
@@ -416,7 +460,7 @@ impl PortBus {
             responder,
             name,
         };
-        if self.map.ranges.len() >= MAX_PORT_RANGES {
+        if responder.code().is_none() {
             return Err(BusError::Full);
         }
         self.map.register(m, u64::from(u16::MAX))?;
@@ -428,36 +472,42 @@ impl PortBus {
     /// platform is built).
     fn rebuild(&mut self) {
         self.dir = [0; 256];
-        self.pages.clear();
-        self.responders = self.map.ranges.iter().map(|m| m.responder).collect();
-        for (i, m) in self.map.ranges.iter().enumerate() {
+        self.pages.truncate(1);
+        for m in &self.map.ranges {
+            // `register` takes only responders with a code.
+            let code = m.responder.code().unwrap_or(0);
             for port in m.start..m.end() {
                 let block = (port >> 8) as usize;
                 if self.dir[block] == 0 {
+                    // At most 256 blocks besides page 0: the number fits 16 bits.
                     self.pages.push([0; 256]);
-                    // At most 256 blocks: the page index fits with the one added.
-                    self.dir[block] = self.pages.len() as u8;
+                    self.dir[block] = (self.pages.len() - 1) as u16;
                 }
-                let page = usize::from(self.dir[block]) - 1;
-                // `register` keeps at most MAX_PORT_RANGES (255) ranges.
-                self.pages[page][(port & 0xff) as usize] = (i + 1) as u8;
+                let page = usize::from(self.dir[block]);
+                self.pages[page][(port & 0xff) as usize] = code;
             }
         }
+    }
+
+    /// The responder's code at `port` (0 for none).
+    #[inline]
+    fn code(&self, port: u16) -> u8 {
+        let [low, high] = port.to_le_bytes();
+        let page = self.pages.get(usize::from(self.dir[usize::from(high)]));
+        page.map_or(0, |page| page[usize::from(low)])
     }
 
     /// Who answers at `port`.
     #[inline]
     pub fn find(&self, port: u16) -> Option<Responder> {
-        let [low, high] = port.to_le_bytes();
-        let page = self.dir[usize::from(high)];
-        if page == 0 {
-            return None;
-        }
-        let range = self.pages.get(usize::from(page - 1))?[usize::from(low)];
-        if range == 0 {
-            return None;
-        }
-        self.responders.get(usize::from(range - 1)).copied()
+        Responder::from_code(self.code(port))
+    }
+
+    /// The device that answers at `port`, if a [`Device`] does (not the chipset).
+    #[inline]
+    pub fn device(&self, port: u16) -> Option<DeviceId> {
+        let n = self.code(port).checked_sub(FIRST_DEVICE_CODE)?;
+        Some(DeviceId(usize::from(n)))
     }
 
     /// Every registered range in address order (for the docs and the per-guest table).
@@ -614,16 +664,62 @@ mod tests {
         }
     }
 
+    /// A range over every block of 256 ports (all 65,535 ports from 0, then port 0xFFFF): each
+    /// block gets a page of its own besides the empty one, and every port is found.
     #[test]
-    fn port_bus_holds_at_most_255_ranges() {
+    fn port_bus_table_covers_every_block() {
         let mut bus = PortBus::default();
-        for i in 0..MAX_PORT_RANGES as u16 {
-            bus.register(i * 2, 1, A, "one").unwrap();
+        bus.register(0, u16::MAX, A, "all").unwrap();
+        bus.register(u16::MAX, 1, B, "last").unwrap();
+        for port in 0..u16::MAX {
+            assert_eq!(bus.find(port), Some(A), "port {port:#x}");
         }
-        assert_eq!(bus.register(0x1000, 1, B, "more"), Err(BusError::Full));
+        assert_eq!(bus.find(u16::MAX), Some(B));
+        assert_eq!(bus.device(0x3f8), Some(DeviceId(0)));
+    }
+
+    #[test]
+    fn port_bus_names_devices_only() {
+        let mut bus = PortBus::default();
+        bus.register(0x20, 2, Responder::Pic, "pic").unwrap();
+        bus.register(0x3f8, 8, B, "uart").unwrap();
+        assert_eq!(bus.find(0x20), Some(Responder::Pic));
+        assert_eq!(bus.device(0x20), None);
+        assert_eq!(bus.device(0x3ff), Some(DeviceId(1)));
+        assert_eq!(bus.device(0x400), None);
+    }
+
+    /// Devices 0 to 250 and the chipset are named, each by its own code; device 251 is
+    /// refused with nothing claimed; a device may hold any number of ranges.
+    #[test]
+    fn port_bus_names_251_devices() {
+        let mut bus = PortBus::default();
+        for i in 0..MAX_PORT_DEVICES as u16 {
+            let r = Responder::Device(DeviceId(usize::from(i)));
+            bus.register(i * 2, 1, r, "one").unwrap();
+        }
+        use Responder::{Elcr, Ioapic, Lapic, Pic};
+        let chipset = [Pic, Elcr, Lapic, Ioapic];
+        for (i, r) in chipset.into_iter().enumerate() {
+            bus.register(0x2000 + i as u16, 1, r, "chipset").unwrap();
+        }
+        let next = Responder::Device(DeviceId(MAX_PORT_DEVICES));
+        assert_eq!(bus.register(0x1000, 1, next, "more"), Err(BusError::Full));
         assert_eq!(bus.find(0x1000), None);
-        assert_eq!(bus.find(2 * 254), Some(A));
-        assert_eq!(bus.find(2 * 254 + 1), None);
+        for i in 0..MAX_PORT_DEVICES as u16 {
+            let id = DeviceId(usize::from(i));
+            assert_eq!(bus.find(i * 2), Some(Responder::Device(id)));
+            assert_eq!(bus.device(i * 2), Some(id));
+            assert_eq!(bus.find(i * 2 + 1), None);
+        }
+        for (i, r) in chipset.into_iter().enumerate() {
+            assert_eq!(bus.find(0x2000 + i as u16), Some(r));
+            assert_eq!(bus.device(0x2000 + i as u16), None);
+        }
+        for i in 0..300 {
+            bus.register(0x3000 + i * 2, 1, A, "many").unwrap();
+        }
+        assert_eq!(bus.find(0x3000 + 299 * 2), Some(A));
     }
 
     #[test]

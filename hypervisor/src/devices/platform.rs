@@ -720,6 +720,23 @@ impl Platform {
         r
     }
 
+    /// A guest byte `IN` (`write` None) or `OUT` at `port` made by its device alone, without the
+    /// context ([`Device::io_quiet`]), when nothing but the device's own registers can change:
+    /// no timer is due by `now` (none fires first, as [`Platform::io_read`] would fire it),
+    /// nothing changed since the last [`Platform::take_ports_quiet`] (which then stays true,
+    /// as after the same access made the ordinary way) and the device says the access reaches
+    /// nothing else. Returns the byte read (0 for a write); None, with nothing done, for any
+    /// other access (a wide one, the chipset's, a port no device claims), which the caller
+    /// makes through `io_read`/`io_write`.
+    #[inline]
+    pub fn io_quiet(&mut self, port: u16, size: u8, write: Option<u8>, now: u64) -> Option<u8> {
+        if size != 1 || !self.ports_quiet || self.next.is_some_and(|d| d <= now) {
+            return None;
+        }
+        let id = self.ports.device(port)?;
+        self.devices.get_mut(id.0)?.io_quiet(port, write)
+    }
+
     /// After a port access: the earliest deadline again if the access may have moved it.
     #[inline]
     fn after_port_access(&mut self) {
@@ -1354,6 +1371,108 @@ mod tests {
         let mut w = crate::state::Writer::new();
         p.save(&mut w);
         w.into_bytes()
+    }
+
+    /// Every byte access to every port a device claims, made without the context
+    /// (`io_quiet`) on one PC and the ordinary way on another in the same state: where the
+    /// device makes it quietly, both read the same byte and end in the same state with the
+    /// same deadline and nothing changed beyond the device (`take_ports_quiet`); where it
+    /// does not, nothing is done. From a fresh PC, the UART's divisor latch open, the UART's
+    /// line raised (OUT2 and THRE enabled), and the PIT counting. The scratch register, port
+    /// 0x80 and the CMOS index take it; the UART's transmitter and receiver, the PIT and the
+    /// chipset's ports do not; nor does any access while a timer is due or after a change the
+    /// run loop has not taken yet.
+    #[test]
+    fn quiet_port_accesses_end_as_the_ordinary_ones() {
+        let setups: [fn(&mut Platform); 4] = [
+            |_| {},
+            |p| {
+                p.io_write(0x3fb, 1, 0x80, 0);
+            },
+            |p| {
+                p.io_write(0x3fc, 1, 0x08, 0);
+                p.io_write(0x3f9, 1, 0x02, 0);
+            },
+            |p| {
+                p.io_write(0x43, 1, 0x34, 0);
+                p.io_write(0x40, 1, 0x00, 0);
+                p.io_write(0x40, 1, 0x10, 0);
+            },
+        ];
+        let fresh = |setup: fn(&mut Platform)| {
+            let mut p = Platform::new(TSC_HZ);
+            setup(&mut p);
+            p.take_ports_quiet();
+            p
+        };
+        let ports: Vec<u16> = fresh(|_| {})
+            .port_bus()
+            .mappings()
+            .iter()
+            .flat_map(|m| m.start as u16..=(m.start + m.len - 1) as u16)
+            .collect();
+        let mut quiet = Vec::new();
+        for (n, &setup) in setups.iter().enumerate() {
+            for &port in &ports {
+                for write in [None, Some(0x00), Some(0x5a), Some(0x83), Some(0xff)] {
+                    let mut a = fresh(setup);
+                    let mut b = fresh(setup);
+                    let before = saved(&a);
+                    let Some(got) = a.io_quiet(port, 1, write, 1) else {
+                        assert_eq!(saved(&a), before, "{port:#x} {write:?}: nothing done");
+                        continue;
+                    };
+                    let want = match write {
+                        Some(v) => {
+                            assert!(b.io_write(port, 1, u32::from(v), 1));
+                            0
+                        }
+                        None => b.io_read(port, 1, 1).unwrap(),
+                    };
+                    let at = alloc::format!("setup {n}, port {port:#x}, {write:?}");
+                    assert_eq!(u32::from(got), want, "{at}");
+                    assert_eq!(saved(&a), saved(&b), "{at}: device state");
+                    assert_eq!(a.next_deadline(), b.next_deadline(), "{at}");
+                    assert!(b.take_ports_quiet(), "{at}: the ordinary way is quiet too");
+                    assert!(a.take_ports_quiet(), "{at}");
+                    quiet.push((n, port, write.is_some()));
+                }
+            }
+        }
+        for (port, write) in [(0x3ff, false), (0x3ff, true), (0x80, true), (0x70, true)] {
+            assert!(quiet.contains(&(0, port, write)), "{port:#x}");
+        }
+        // The divisor latch, and the scratch register with the UART's line up.
+        assert!(quiet.contains(&(1, 0x3f8, true)));
+        assert!(quiet.contains(&(2, 0x3ff, true)));
+        // The transmitter and receiver, IER's write (THRE), IIR, LSR (it clears errors).
+        let uart = [
+            (0x3f8, true),
+            (0x3f8, false),
+            (0x3f9, true),
+            (0x3fa, false),
+            (0x3fd, false),
+        ];
+        for (port, write) in uart {
+            assert!(!quiet.contains(&(0, port, write)), "{port:#x} {write}");
+        }
+        for port in [0x40, 0x43, 0x20, 0x21, 0x71, 0xf4] {
+            assert!(
+                !quiet.iter().any(|&(n, p, _)| n == 0 && p == port),
+                "{port:#x}"
+            );
+        }
+        // A timer due: fired first the ordinary way. A change not yet taken: kept for the run
+        // loop.
+        let mut p = fresh(setups[3]);
+        let due = p.next_deadline().unwrap();
+        assert!(p.io_quiet(0x3ff, 1, Some(1), due - 1).is_some());
+        assert_eq!(p.io_quiet(0x3ff, 1, Some(1), due), None);
+        p.io_write(0x3f8, 1, u32::from(b'k'), 0);
+        assert_eq!(p.io_quiet(0x3ff, 1, Some(1), 0), None);
+        assert!(!p.take_ports_quiet());
+        // Wide accesses go the ordinary way.
+        assert_eq!(fresh(|_| {}).io_quiet(0x3fe, 2, None, 0), None);
     }
 
     /// A two-vCPU PC with its PIT counting, vCPU 1's LAPIC timer periodic, an IOAPIC entry

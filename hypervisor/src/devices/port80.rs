@@ -43,13 +43,24 @@ impl Device for Port80 {
         state::restore_whole(r, STATE_TAG, STATE_VERSION, self, |_| Ok(()))
     }
 
-    fn io_read(&mut self, _port: u16, _size: u8, _cx: &mut DeviceContext<'_>) -> u32 {
-        u32::from(self.last)
+    fn io_read(&mut self, port: u16, _size: u8, _cx: &mut DeviceContext<'_>) -> u32 {
+        u32::from(self.io_quiet(port, None).unwrap_or(self.last))
     }
 
-    fn io_write(&mut self, _port: u16, _size: u8, value: u32, _cx: &mut DeviceContext<'_>) {
-        self.last = value as u8;
-        self.writes += 1;
+    fn io_write(&mut self, port: u16, _size: u8, value: u32, _cx: &mut DeviceContext<'_>) {
+        self.io_quiet(port, Some(value as u8));
+    }
+
+    /// Every access: a latch and a counter, nothing else.
+    fn io_quiet(&mut self, _port: u16, write: Option<u8>) -> Option<u8> {
+        match write {
+            Some(value) => {
+                self.last = value;
+                self.writes += 1;
+                Some(0)
+            }
+            None => Some(self.last),
+        }
     }
 }
 

@@ -485,8 +485,8 @@ impl Device for Rtc {
     }
 
     fn io_read(&mut self, port: u16, _size: u8, cx: &mut DeviceContext<'_>) -> u32 {
-        if port != RTC_DATA {
-            return 0xff; // the index port is write-only
+        if let Some(value) = self.io_quiet(port, None) {
+            return u32::from(value);
         }
         let t = self.clock.ticks_at(cx.now());
         u32::from(self.read_data(t, cx))
@@ -494,12 +494,25 @@ impl Device for Rtc {
 
     fn io_write(&mut self, port: u16, _size: u8, value: u32, cx: &mut DeviceContext<'_>) {
         let value = value as u8;
-        if port == RTC_INDEX {
-            self.index = value & 0x7f;
-            self.nmi_masked = value & 0x80 != 0;
-        } else {
+        if self.io_quiet(port, Some(value)).is_none() {
             let t = self.clock.ticks_at(cx.now());
             self.write_data(value, t, cx);
+        }
+    }
+
+    /// The index port: the register number and the NMI mask (bit 7), written, and an open
+    /// read (the port is write-only). The data port needs the time.
+    fn io_quiet(&mut self, port: u16, write: Option<u8>) -> Option<u8> {
+        if port == RTC_DATA {
+            return None;
+        }
+        match write {
+            Some(value) => {
+                self.index = value & 0x7f;
+                self.nmi_masked = value & 0x80 != 0;
+                Some(0)
+            }
+            None => Some(0xff),
         }
     }
 

@@ -254,22 +254,51 @@ impl Uart16550 {
         }
     }
 
+    /// The level of the interrupt line: a pending interrupt, gated by OUT2, and none in
+    /// loopback mode (the line is then disconnected: datasheet, MCR bit 4).
+    fn line_level(&self) -> bool {
+        self.mcr & MCR_OUT2 != 0 && !self.loopback() && self.interrupt_id() != IIR_NONE
+    }
+
     fn update_irq(&mut self, cx: &mut DeviceContext<'_>) {
-        let out2 = self.mcr & MCR_OUT2 != 0 && !self.loopback();
-        let level = out2 && self.interrupt_id() != IIR_NONE;
+        let level = self.line_level();
         if level != self.irq_level {
             self.irq_level = level;
             cx.set_irq(self.irq, level);
         }
     }
 
-    fn read_register(&mut self, reg: u16) -> u8 {
+    /// An access to a register that is storage and nothing more (`write`: the byte written, None
+    /// for a read): SCR, LCR, the divisor latch while DLAB is set, and reads of IER and MCR.
+    /// Such an access changes no FIFO, no interrupt condition and no modem line. Returns the
+    /// byte read (0 for a write), or None, with nothing done, for any other access.
+    fn plain_register(&mut self, reg: u16, write: Option<u8>) -> Option<u8> {
         let dlab = self.lcr & LCR_DLAB != 0;
+        let slot = match reg {
+            RBR_THR_DLL if dlab => &mut self.dll,
+            IER_DLM if dlab => &mut self.dlm,
+            IER_DLM | MCR if write.is_some() => return None,
+            IER_DLM => &mut self.ier,
+            LCR => &mut self.lcr,
+            MCR => &mut self.mcr,
+            SCR => &mut self.scr,
+            _ => return None,
+        };
+        match write {
+            Some(value) => {
+                *slot = value;
+                Some(0)
+            }
+            None => Some(*slot),
+        }
+    }
+
+    fn read_register(&mut self, reg: u16) -> u8 {
+        if let Some(value) = self.plain_register(reg, None) {
+            return value;
+        }
         match reg {
-            RBR_THR_DLL if dlab => self.dll,
             RBR_THR_DLL => self.rx.pop_front().unwrap_or(0),
-            IER_DLM if dlab => self.dlm,
-            IER_DLM => self.ier,
             IIR_FCR => {
                 let id = self.interrupt_id();
                 if id == IIR_THRE {
@@ -282,8 +311,6 @@ impl Uart16550 {
                 };
                 id | fifo
             }
-            LCR => self.lcr,
-            MCR => self.mcr,
             LSR => {
                 let dr = if self.rx.is_empty() { 0 } else { LSR_DR };
                 let lsr = dr | self.lsr_errors | LSR_THRE | LSR_TEMT;
@@ -295,15 +322,15 @@ impl Uart16550 {
                 self.msr_deltas = 0;
                 msr
             }
-            SCR => self.scr,
             _ => 0xff,
         }
     }
 
     fn write_register(&mut self, reg: u16, value: u8, cx: &mut DeviceContext<'_>) {
-        let dlab = self.lcr & LCR_DLAB != 0;
+        if self.plain_register(reg, Some(value)).is_some() {
+            return;
+        }
         match reg {
-            RBR_THR_DLL if dlab => self.dll = value,
             RBR_THR_DLL => {
                 self.tx_bytes += 1;
                 if self.loopback() {
@@ -314,7 +341,6 @@ impl Uart16550 {
                 // Sent at once: THR is empty again, which is a new THRE condition.
                 self.thre_pending = true;
             }
-            IER_DLM if dlab => self.dlm = value,
             IER_DLM => {
                 let old = self.ier;
                 self.ier = value & 0x0f;
@@ -331,7 +357,6 @@ impl Uart16550 {
                 // Bits 0, 3 (DMA mode) and 7:6 (trigger) are kept; 1 and 2 self-clear.
                 self.fcr = if enable != 0 { value & 0xc9 } else { 0 };
             }
-            LCR => self.lcr = value,
             MCR => {
                 let old = self.modem_status();
                 self.mcr = value & 0x1f;
@@ -340,7 +365,6 @@ impl Uart16550 {
             }
             // LSR and MSR writes are for factory testing; ignored.
             LSR | MSR => {}
-            SCR => self.scr = value,
             _ => {}
         }
     }
@@ -400,6 +424,15 @@ impl Device for Uart16550 {
     fn io_write(&mut self, port: u16, _size: u8, value: u32, cx: &mut DeviceContext<'_>) {
         self.write_register(port.wrapping_sub(self.base) & 7, value as u8, cx);
         self.update_irq(cx);
+    }
+
+    /// The plain registers ([`Uart16550::plain_register`]), while the line already stands where
+    /// `update_irq` puts it: they do not move it, so `io_read`/`io_write` would drive nothing.
+    fn io_quiet(&mut self, port: u16, write: Option<u8>) -> Option<u8> {
+        if self.line_level() != self.irq_level {
+            return None;
+        }
+        self.plain_register(port.wrapping_sub(self.base) & 7, write)
     }
 }
 

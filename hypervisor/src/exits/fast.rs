@@ -12,8 +12,9 @@
 //! - RDMSR and WRMSR of an MSR that does not reach the platform (`msr::reads_the_apic`,
 //!   `msr::write_reaches_platform`), and not IA32_SPEC_CTRL, whose write the run loop loads.
 //!
-//! IN and OUT ([`handle_port`]) are made there too, since only the device can tell afterwards
-//! whether the access reached beyond its registers: one that did not is completed like the
+//! IN and OUT ([`handle_port`]) are made there too, since only the device can tell whether the
+//! access reaches beyond its registers: beforehand for a byte access it makes alone
+//! (`Device::io_quiet`), afterwards for the others. One that did not is completed like the
 //! register-only exits; one that did leaves the loop done ([`Handled`]) and the general
 //! follow-up continues from it. INS/OUTS, REP and armed breakpoints keep the general path.
 //!
@@ -24,7 +25,7 @@
 
 use super::{apicv, cpuid, debug, io, msr, vmcall, Action, ExitContext};
 use crate::abi::hc;
-use crate::vmx::{ExitReason, GuestNat, IoQualification, ReadOnlyNat, Vmcs};
+use crate::vmx::{ExitReason, GuestNat, IoDirection, IoQualification, ReadOnlyNat, Vmcs};
 
 const CPUID: u32 = ExitReason::Cpuid.number() as u32;
 const VMCALL: u32 = ExitReason::Vmcall.number() as u32;
@@ -145,9 +146,10 @@ impl Handled {
 }
 
 /// An IN or OUT (exit reason [`IO`]) handled in the tight loop: the exit qualification read
-/// once and decoded once, and the access made through the port table with the general handler's
-/// own code (`io::in_or_out`), so the device, RAX, RIP and the counters end as the general
-/// dispatch leaves them. INS/OUTS (and REP) keep the general path, which checks segments,
+/// once and decoded once, and the access made by the device alone when it says the access stays
+/// in its registers (`Platform::io_quiet`), else through the port table with the general
+/// handler's own code (`io::in_or_out`), so the device, RAX, RIP and the counters end as the
+/// general dispatch leaves them. INS/OUTS (and REP) keep the general path, which checks segments,
 /// paging and data breakpoints, and so does any access while DR7 enables a breakpoint (the I/O
 /// breakpoints of SDM 17.2.4, which need CR4.DE and DR0-DR3): one VMREAD tells.
 // Not inlined into the run loop: inlined, it made every general exit about 27 instructions
@@ -165,11 +167,47 @@ pub fn handle_port<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> PortExit {
     if let Some(slot) = stats.exits.get_mut(IO as usize) {
         *slot += 1;
     }
+    // A byte access the device makes from its registers alone (`Platform::io_quiet`: no timer
+    // due, no line, no console, no deadline moved) ends here, as `io::in_or_out` would end it:
+    // the device in the same state, RAX merged for an IN.
+    let platform = &mut cx.vm.platform;
+    let regs = &mut cx.vcpu.regs;
+    let quiet = match q.direction {
+        IoDirection::In => platform
+            .io_quiet(q.port, q.size, None, cx.now)
+            .map(|v| regs.rax = regs.rax & !0xff | u64::from(v)),
+        IoDirection::Out => platform
+            .io_quiet(q.port, q.size, Some(regs.rax as u8), cx.now)
+            .map(drop),
+    };
+    if quiet.is_some() {
+        // Such an access reads nothing of the LAPIC model and drives nothing into it, so the
+        // model may take the guest's TPR (and IRR and ISR) later, as after a CPUID: before the
+        // run loop next looks at the platform (`apicv::take_unread`) or the next exit that
+        // reaches it (`after_exit`, below), whichever comes first.
+        apicv::leave_vtpr(cx.vcpu);
+        super::apply(cx.vmcs, cx.vcpu, &Action::Advance);
+        return PortExit::Quiet;
+    }
+    port_by_the_platform(cx, q.port, q.size, q.direction)
+}
+
+/// [`handle_port`]'s access that its device does not make alone, made the ordinary way
+/// (`io::in_or_out`). A call of its own, so that a quiet access does not save and restore
+/// the registers this one needs (docs/BENCHMARKS.md).
+#[inline(never)]
+#[cold]
+fn port_by_the_platform<V: Vmcs + ?Sized>(
+    cx: &mut ExitContext<'_, V>,
+    port: u16,
+    size: u8,
+    direction: IoDirection,
+) -> PortExit {
     // As the general dispatch does before any exit that reaches the platform: the model takes
     // the guest's TPR (and with virtual-interrupt delivery its IRR and ISR) before a device can
     // drive a line into it.
     apicv::after_exit(&*cx.vmcs, cx.vcpu, cx.vm);
-    io::in_or_out(cx, &q);
+    io::in_or_out(cx, port, size, direction);
     let done = Handled {
         debug_exit: cx.vm.platform.exit_status(),
     };
@@ -490,6 +528,46 @@ mod tests {
             port_same_as_dispatch(nothing, io_qual(0x70, 1, false, false, false), 0x30),
             quiet
         );
+    }
+
+    /// A quiet OUT in the loop with the guest's TPR and a vector requested on the virtual-APIC
+    /// page: the model takes them before the run loop's next look at the platform (as after a
+    /// CPUID), and the next exit that reaches the platform takes them before its device can
+    /// drive a line (the general dispatch's `after_exit`).
+    #[test]
+    fn a_quiet_port_access_leaves_the_guests_tpr_for_the_next_look() {
+        for next_exit_reaches_the_platform in [false, true] {
+            let mut t = TestBed::with_virtual_interrupt_delivery();
+            t.long_mode();
+            t.enter().unwrap();
+            t.vcpu.apicv.as_mut().unwrap().write_register(0x80, 0x20);
+            t.vmcs.set(ReadOnly32::ExitReason, IO);
+            t.vmcs.set(
+                ReadOnlyNat::ExitQualification,
+                io_qual(0x3ff, 1, false, false, false),
+            );
+            t.vmcs.set(ReadOnly32::ExitInstructionLength, 1);
+            t.vmcs.set(GuestNat::Rip, 0x1000);
+            t.vcpu.regs.rax = 0x5a;
+            assert_eq!(handle_port(&mut cx(&mut t)), PortExit::Quiet);
+            assert_eq!(t.vmcs.read(GuestNat::Rip), 0x1001);
+            if next_exit_reaches_the_platform {
+                // The UART's transmitter: the console, the general follow-up.
+                t.vmcs.set(
+                    ReadOnlyNat::ExitQualification,
+                    io_qual(0x3f8, 1, false, false, false),
+                );
+                assert!(matches!(handle_port(&mut cx(&mut t)), PortExit::Changed(_)));
+                assert_eq!(
+                    t.vm.platform.tpr(0),
+                    0x20,
+                    "taken before the device's access"
+                );
+            } else {
+                t.enter().unwrap();
+                assert_eq!(t.vm.platform.tpr(0), 0x20, "taken before the look");
+            }
+        }
     }
 
     #[test]

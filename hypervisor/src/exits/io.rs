@@ -57,7 +57,7 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         let budget = if breakpoints != 0 { 1 } else { STRING_CHUNK };
         string(cx, &q, budget, &watch)
     } else {
-        in_or_out(cx, &q)
+        in_or_out(cx, port, size, q.direction)
     };
     if let Some(stop) = debug_exit(cx) {
         return stop;
@@ -74,10 +74,11 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
 #[inline]
 pub(super) fn in_or_out<V: Vmcs + ?Sized>(
     cx: &mut ExitContext<'_, V>,
-    q: &IoQualification,
+    port: u16,
+    size: u8,
+    direction: IoDirection,
 ) -> Action {
-    let (port, size) = (q.port, q.size);
-    if q.direction == IoDirection::In {
+    if direction == IoDirection::In {
         let v = port_in(cx, port, size) as u64 & mask(size);
         let rax = &mut cx.vcpu.regs.rax;
         // A 32-bit destination zero-extends into RAX; 8- and 16-bit ones merge.
