@@ -186,7 +186,7 @@ pub fn handle_port<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> PortExit {
         // run loop next looks at the platform (`apicv::take_unread`) or the next exit that
         // reaches it (`after_exit`, below), whichever comes first.
         apicv::leave_vtpr(cx.vcpu);
-        super::apply(cx.vmcs, cx.vcpu, &Action::Advance);
+        super::complete(cx.vmcs, cx.vcpu);
         return PortExit::Quiet;
     }
     port_by_the_platform(cx, q.port, q.size, q.direction)
