@@ -689,6 +689,12 @@ impl Vm {
         t
     }
 
+    /// The host TSC at which the guest's first timer falls due (its platform's earliest
+    /// deadline), if one is set.
+    pub fn first_timer(&self) -> Option<u64> {
+        self.platform.next_deadline().map(|d| self.host_time(d))
+    }
+
     /// The host TSC at which the guest's virtual time ([`Vm::now`]) reads `guest_tsc`.
     pub fn host_time(&self, guest_tsc: u64) -> u64 {
         guest_tsc.wrapping_sub(self.tsc_offset)

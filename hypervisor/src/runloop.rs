@@ -207,6 +207,15 @@ pub struct LoopConfig {
     pub tsc_offsetting: bool,
 }
 
+impl LoopConfig {
+    /// The least a guest runs before one of its own timers brings it back to Keel, in TSC cycles
+    /// ([`MIN_TIMER_GAP_DIVISOR`]).
+    #[inline(always)]
+    pub fn min_gap(&self) -> u64 {
+        self.tsc_hz / MIN_TIMER_GAP_DIVISOR
+    }
+}
+
 /// One guest in the run loop: what its vCPUs share, each vCPU with its place in the schedule,
 /// and its hardware.
 pub struct Slot<V> {
@@ -712,7 +721,7 @@ impl<C: Cpu> RunLoop<C> {
                             // deadline less the lead, for the full time (not the minimum gap),
                             // teaches the lead how early that was (`learned_lead`).
                             let ready = self.cpu.rdtsc();
-                            let min_gap = cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR;
+                            let min_gap = cfg.min_gap();
                             if let Some(due) = p.timer_due.filter(|&due| {
                                 may_fire
                                     && p.armed.saturating_add(p.lead) == due
@@ -736,7 +745,7 @@ impl<C: Cpu> RunLoop<C> {
                             // The guest's APIC timer alone fell due and is posted: the rest
                             // of `before_entry`'s look, its next deadline.
                             p.touched = false;
-                            note_deadline(g.vm, p, cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR);
+                            note_deadline(g.vm, p, min_gap);
                             if let Err(reason) = arm_entry(&mut self.cpu, &mut v, g.vcpu, p, cfg) {
                                 break 'slice Next::End(SliceEnd::Stop(reason));
                             }
@@ -979,7 +988,7 @@ impl<C: Cpu> RunLoop<C> {
     /// due (by how long it took last time), one that is worth the look: longer than the minimum
     /// gap Keel keeps between a guest's timer exits.
     fn chores_would_delay(&self, due: &HaltedDue, now: u64) -> bool {
-        self.chores.took >= self.cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR
+        self.chores.took >= self.cfg.min_gap()
             && due
                 .except(None)
                 .is_some_and(|d| d <= now.saturating_add(self.chores.took))
@@ -1060,8 +1069,8 @@ impl<C: Cpu> RunLoop<C> {
                 still |= *state == RunState::Halted;
             }
             if still {
-                if let Some(d) = s.vm.platform.next_deadline() {
-                    due.add(s.vm.host_time(d), j);
+                if let Some(d) = s.vm.first_timer() {
+                    due.add(d, j);
                 }
             }
         }
@@ -1076,8 +1085,8 @@ impl<C: Cpu> RunLoop<C> {
             if !s.live() || !s.vcpus.iter().any(|v| v.state == RunState::Halted) {
                 continue;
             }
-            if let Some(d) = s.vm.platform.next_deadline() {
-                due.add(s.vm.host_time(d), j);
+            if let Some(d) = s.vm.first_timer() {
+                due.add(d, j);
             }
         }
         due
@@ -2036,7 +2045,7 @@ fn before_entry<C: Cpu>(
         vm.platform.advance(vm.now(p.now));
         exits::inject_pending_interrupt(v, &mut *vcpu, &mut *vm);
         exits::apicv::before_entry(v, &mut *vcpu, &mut *vm);
-        note_deadline(vm, p, cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR);
+        note_deadline(vm, p, cfg.min_gap());
         // Worked out only while a guest timer is set (none is most often the case at a slice's
         // first entry, after a YIELD or a wake).
         // `None` written in place: a value built apart and copied in costs a copy of the whole
@@ -2075,7 +2084,7 @@ fn catch_up<C: Cpu>(cpu: &mut C, vcpu: &mut Vcpu, p: &mut Piece, ready: u64) {
 /// once per look, rather than at every entry; `min_gap` is the guest's least run).
 #[inline(always)]
 fn note_deadline(vm: &Vm, p: &mut Piece, min_gap: u64) {
-    p.timer_due = vm.platform.next_deadline().map(|d| vm.host_time(d));
+    p.timer_due = vm.first_timer();
     // Come back at the end of the slice, when one of the guest's own timers falls due, or
     // when a halted guest's does, whichever is first.
     p.until = [p.timer_due, p.others_due]
@@ -2084,8 +2093,8 @@ fn note_deadline(vm: &Vm, p: &mut Piece, min_gap: u64) {
         .fold(p.deadline, u64::min);
     // Short of a guest timer's deadline by the lead (the way to the entry, and on one CPU the
     // exit's way back: [`learned_lead`]); the slice's end and a halted guest's timer as they
-    // are, and a guest timer within the minimum gap of the slice's end too (the wait for it, `catch_up`, would take the slice on past the
-    // guest's interrupt rather than end it there).
+    // are, and a guest timer within the minimum gap of the slice's end too (the wait for it,
+    // `catch_up`, would take the slice on past the guest's interrupt rather than end it there).
     p.armed = match p.timer_due {
         Some(d) if d == p.until && d.saturating_add(min_gap) <= p.deadline => {
             d.saturating_sub(p.lead)
@@ -2105,7 +2114,7 @@ fn arm_entry<C: Cpu>(
     p: &mut Piece,
     cfg: LoopConfig,
 ) -> Result<(), StopReason> {
-    let min_gap = cfg.tsc_hz / MIN_TIMER_GAP_DIVISOR;
+    let min_gap = cfg.min_gap();
     // The one place an event is written to the VM-entry fields (exits::events).
     exits::events::commit(v, &mut *vcpu)?;
     // The timer is armed afresh before every entry, from a fresh TSC read: it only counts while

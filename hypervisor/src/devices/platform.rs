@@ -424,13 +424,6 @@ pub struct TimerShot {
     epoch: u32,
 }
 
-impl TimerShot {
-    /// The TSC at which the timer fires.
-    pub fn at(&self) -> u64 {
-        self.lapic.at
-    }
-}
-
 impl Platform {
     /// A one-CPU PC with every Keel device at its standard place, on a guest TSC of `tsc_hz`, for
     /// callers that do not know the guest's RAM (fw_cfg reports 0 bytes).
