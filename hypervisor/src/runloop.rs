@@ -751,6 +751,20 @@ impl<C: Cpu> RunLoop<C> {
                             }
                             continue;
                         }
+                        // A YIELD: the slice ends here, as the general follow-up would end it
+                        // (`after_exit`: the console lines the guest left printed, its clock
+                        // stopped from the exit, the next pick deciding). From CPL > 0 it
+                        // goes the general way (#UD).
+                        if exits::fast::is_yield(raw, g.vcpu.regs.rax)
+                            && exits::fast::handle_yield(&mut v, g.vcpu)
+                        {
+                            if print_console(g.vm, PRINT_BUDGET) {
+                                crate::log::pump();
+                            }
+                            *g.waiting_since = Some(t1);
+                            p.touched = false;
+                            break 'slice Next::End(SliceEnd::Over);
+                        }
                         break (raw, None);
                     }
                     let now = g.vm.now(t1);

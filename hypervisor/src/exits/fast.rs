@@ -92,6 +92,34 @@ pub fn handle_register_only<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, raw: 
     }
 }
 
+/// Whether the exit whose exit-reason field reads `raw` is a VMCALL of YIELD, given the vCPU's
+/// RAX (with its upper half clear, the number is YIELD in any code size).
+#[inline]
+pub fn is_yield(raw: u32, rax: u64) -> bool {
+    raw == VMCALL && rax == hc::YIELD
+}
+
+/// A YIELD ([`is_yield`]) for the tight loop: counted, answered and completed as the general
+/// dispatch does (`vmcall::handle`, then `super::apply` of `Action::Yield`), so that the loop
+/// goes straight to the slice's end without the general dispatch over every exit and every
+/// hypercall (about 180 instructions of a guest switch, docs/BENCHMARKS.md). A YIELD touches
+/// nothing of the platform (`super::may_touch_platform`). False, with nothing done or counted,
+/// from CPL > 0: the general dispatch queues the #UD.
+#[inline]
+pub fn handle_yield<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut crate::guest::Vcpu) -> bool {
+    if !vmcall::handle_yield(&*vmcs, vcpu) {
+        return false;
+    }
+    let stats = &mut vcpu.stats;
+    stats.last_exit = VMCALL as u16;
+    if let Some(slot) = stats.exits.get_mut(VMCALL as usize) {
+        *slot += 1;
+    }
+    apicv::leave_vtpr(vcpu);
+    super::complete(vmcs, vcpu);
+    true
+}
+
 /// A VMX-preemption-timer exit (exit reason [`PREEMPTED`]) inside the slice, for the tight loop:
 /// all the general handler does for it (`super::handle`: there is no instruction to complete
 /// and nothing to emulate) without the general follow-up. It is counted; an event whose
@@ -346,6 +374,72 @@ mod tests {
             0x1000,
             "no instruction to complete"
         );
+    }
+
+    /// A YIELD by the tight loop (`handle_yield`) against the general dispatch: the same RAX,
+    /// RIP, RFLAGS, blocking, counters and events, in 64-bit and in 32-bit code (RAX's upper
+    /// half as the guest left it); from CPL 3 nothing is done here and the dispatch queues #UD.
+    #[test]
+    fn a_yield_in_the_loop_ends_as_the_general_dispatch_does() {
+        for (wide, rax) in [
+            (true, hc::YIELD),
+            (false, hc::YIELD),
+            (false, 1 << 32 | hc::YIELD),
+        ] {
+            let mut fast = TestBed::new();
+            let mut slow = TestBed::new();
+            for t in [&mut fast, &mut slow] {
+                if wide {
+                    t.long_mode();
+                }
+                t.vcpu.regs.rax = rax;
+                t.vmcs.set(ReadOnly32::ExitReason, VMCALL);
+                t.vmcs.set(ReadOnly32::ExitInstructionLength, 3);
+                t.vmcs.set(GuestNat::Rip, 0x1000);
+                t.vmcs.set(GuestNat::Rflags, 0x1_0302); // RF, TF, IF
+                t.vmcs.set(Guest32::InterruptibilityState, 1);
+            }
+            let fast_way = is_yield(VMCALL, rax);
+            assert_eq!(fast_way, rax == hc::YIELD, "{rax:#x}");
+            if !fast_way {
+                continue;
+            }
+            assert!(handle_yield(&mut fast.vmcs, &mut fast.vcpu));
+            let action = dispatch(&mut cx(&mut slow));
+            assert_eq!(action, Action::Yield);
+            crate::exits::apply(&mut slow.vmcs, &mut slow.vcpu, &action);
+            for f in [GuestNat::Rip, GuestNat::Rflags] {
+                assert_eq!(fast.vmcs.read(f), slow.vmcs.read(f), "{f:?}");
+            }
+            assert_eq!(fast.vmcs.read(GuestNat::Rip), 0x1003);
+            assert_eq!(
+                fast.vmcs.read(Guest32::InterruptibilityState),
+                slow.vmcs.read(Guest32::InterruptibilityState)
+            );
+            assert_eq!(fast.vcpu.regs, slow.vcpu.regs);
+            assert_eq!(fast.vcpu.regs.rax, 0, "OK");
+            assert_eq!(fast.vcpu.stats.exits, slow.vcpu.stats.exits);
+            assert_eq!(fast.vcpu.stats.exits[VMCALL as usize], 1);
+            assert_eq!(fast.vcpu.stats.hypercalls, slow.vcpu.stats.hypercalls);
+            assert_eq!(fast.vcpu.stats.last_exit, slow.vcpu.stats.last_exit);
+            assert_eq!(
+                fast.vcpu.events, slow.vcpu.events,
+                "TF: #DB queued both ways"
+            );
+        }
+        // From CPL 3: nothing done or counted; the dispatch queues #UD.
+        let mut t = TestBed::new();
+        t.long_mode();
+        t.vcpu.regs.rax = hc::YIELD;
+        let ss = t.vmcs.read(Guest32::SsAccessRights);
+        t.vmcs.set(Guest32::SsAccessRights, ss | 3 << 5);
+        t.vmcs.set(ReadOnly32::ExitReason, VMCALL);
+        t.vmcs.set(GuestNat::Rip, 0x1000);
+        assert!(!handle_yield(&mut t.vmcs, &mut t.vcpu));
+        assert!(t.vcpu.stats.exits.iter().all(|&n| n == 0), "not counted");
+        assert_eq!(t.vcpu.stats.hypercalls, 0);
+        assert_eq!(t.vmcs.read(GuestNat::Rip), 0x1000);
+        assert_eq!(dispatch(&mut cx(&mut t)), Action::Inject(Exception::UD));
     }
 
     #[test]

@@ -56,6 +56,19 @@ pub fn handle_figure<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     }
 }
 
+/// YIELD for the run loop's tight loop (`fast::handle_yield`), once it checked the number with
+/// RAX's upper half clear (YIELD in any code size): admitted and counted as [`handle`] admits
+/// and counts it, and its result (OK, the same in any code size) in RAX. False, with nothing
+/// done, from CPL > 0: the general dispatch then queues the #UD.
+#[inline(always)]
+pub fn handle_yield<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &mut Vcpu) -> bool {
+    if !admitted(vmcs, vcpu) {
+        return false;
+    }
+    vcpu.regs.rax = status::OK;
+    true
+}
+
 #[inline]
 pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     if !admitted(&*cx.vmcs, cx.vcpu) {
