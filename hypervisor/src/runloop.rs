@@ -323,6 +323,15 @@ struct Seat {
     /// Its virtual time: CPU time over its guest's weight (`sched::advance`), what the picks over
     /// several host CPUs go by.
     vtime: u64,
+    /// Its guest's platform is as the last look before its entry left it (bar the time): its
+    /// last slice ended at an exit that touched nothing (a YIELD, a CPUID at the slice's end),
+    /// and nothing on the host has reached the guest since. Only for a guest of one vCPU on
+    /// one host CPU (a sibling's exits reach the same platform), and taken back by whatever
+    /// reaches guests from outside their exits ([`RunLoop::platforms_reached`]: the
+    /// housekeeping's keys, monitor commands, the load policy). Its next piece then makes the
+    /// platform look at its first entry only if one of its timers fell due meanwhile
+    /// (`before_entry`), as the tight loop does after a register-only exit.
+    untouched: bool,
 }
 
 impl<V> Slot<V> {
@@ -883,6 +892,7 @@ impl<C: Cpu> RunLoop<C> {
         }
         if h == 0 && !put_off {
             self.housekeeping(h, now);
+            self.platforms_reached();
             // A command may have changed any guest, and timers fell due meanwhile.
             now = self.chores.at;
             (live, _, due) = self.wake_halted(now);
@@ -890,6 +900,7 @@ impl<C: Cpu> RunLoop<C> {
         if h == 0 {
             self.ops.started.get_or_insert(now);
             if self.policy_turn(now) {
+                self.platforms_reached();
                 (live, _, due) = self.wake_halted(now);
             }
         }
@@ -1211,6 +1222,7 @@ impl<C: Cpu> RunLoop<C> {
         let t0 = self.cpu.rdtsc();
         let s = &mut self.slots[i];
         s.seats[c].woken = false;
+        let untouched = core::mem::take(&mut s.seats[c].untouched);
         // The guest's clock restarts at the piece's first entry (`Piece::start_at_entry`), with the
         // VMCS loaded for it: whatever the loop does until then is not the guest's time.
         let waited = if cfg.tsc_offsetting {
@@ -1234,7 +1246,7 @@ impl<C: Cpu> RunLoop<C> {
                 len: piece,
                 waited,
                 offsetting: cfg.tsc_offsetting,
-                touched: true,
+                touched: !untouched,
                 xcr0,
                 ..Piece::default()
             };
@@ -1267,6 +1279,8 @@ impl<C: Cpu> RunLoop<C> {
         self.shares.release(i, elapsed.min(r.left));
         r.left = r.left.saturating_sub(elapsed);
         let (whole, left) = (r.piece.whole, r.left);
+        // The piece ran to its end (not given up before it: a YIELD, a monitor line waiting).
+        let ran_out = r.piece.now >= r.piece.deadline;
         if h == 0 {
             self.take_keys();
         }
@@ -1276,7 +1290,7 @@ impl<C: Cpu> RunLoop<C> {
             // tick's period.
             self.hosts[h].wake_due = true;
         }
-        if !whole && matches!(end, SliceEnd::Over) {
+        if !whole && ran_out && matches!(end, SliceEnd::Over) {
             self.poll_control();
             // A command may have paused, stopped or replaced it meanwhile.
             let s = &self.slots[i];
@@ -1299,7 +1313,14 @@ impl<C: Cpu> RunLoop<C> {
         let (i, c) = r.seat;
         self.shares.release(i, r.left);
         self.acting = h;
+        // Left at an exit that touched nothing of its platform (`Seat::untouched`).
+        let untouched = self.hosts.len() == 1
+            && self.slots[i].vcpus.len() == 1
+            && matches!(end, SliceEnd::Over)
+            && !r.piece.fresh
+            && !r.piece.touched;
         if let Some(seat) = self.slots[i].seats.get_mut(c) {
+            seat.untouched = untouched;
             if core::mem::take(&mut seat.init_pending) {
                 // The INIT that came while it ran here: its registers are back in the loop now.
                 let v = &mut self.slots[i].vcpus[c];
@@ -2049,6 +2070,11 @@ fn before_entry<C: Cpu>(
 ) -> Result<(), StopReason> {
     if p.fresh {
         p.start_at_entry(cpu, v, (&mut *vm, &*vcpu));
+        if !p.touched {
+            // Its platform as its last look left it (`Seat::untouched`): the look only if one
+            // of its timers fell due while it waited.
+            note_deadline(vm, p, cfg.min_gap());
+        }
     } else if core::mem::take(&mut p.offset_moved) {
         // The exit's wait for the loop's lock came off the guest's clock (`RunLoop::exited`).
         v.write(Control64::TscOffset, vcpu.vmcs_tsc_offset(vm.tsc_offset));
@@ -2472,6 +2498,7 @@ impl<C: Cpu> RunLoop<C> {
 
     /// Pauses a guest: it keeps its state and is not scheduled until resumed.
     pub fn pause(&mut self, id: usize) -> Result<(), String> {
+        self.platforms_reached();
         let now = self.cpu.rdtsc();
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
         for vcpu in &mut s.vcpus {
@@ -2487,6 +2514,7 @@ impl<C: Cpu> RunLoop<C> {
 
     /// Resumes a paused guest where it was (running or in HLT), its clock as it was at the pause.
     pub fn resume(&mut self, id: usize) -> Result<(), String> {
+        self.platforms_reached();
         let now = self.cpu.rdtsc();
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
         for vcpu in s.vcpus.iter_mut() {
@@ -2580,6 +2608,7 @@ impl<C: Cpu> RunLoop<C> {
         resume: bool,
         apply: impl FnOnce(&mut C, &mut Slot<C::Vcpu>) -> Result<u64, String>,
     ) -> Result<(), String> {
+        self.platforms_reached();
         self.slots.get(id).ok_or("no such guest")?;
         self.switch_out();
         let s = &mut self.slots[id];
@@ -2623,6 +2652,7 @@ impl<C: Cpu> RunLoop<C> {
     /// Stops guest `id` without a restart, by the operator's or the load policy's `why`. Its
     /// memory goes back to the pool and can host another guest (its next start takes RAM afresh).
     fn stop_for_good(&mut self, id: usize, why: &'static str) -> Result<(), String> {
+        self.platforms_reached();
         let s = self.slots.get_mut(id).ok_or("no such guest")?;
         for vcpu in s.vcpus.iter_mut() {
             vcpu.state
@@ -2869,8 +2899,18 @@ impl<C: Cpu> RunLoop<C> {
         };
         let reply = monitor.execute(line, self, form);
         self.unsettled = true;
+        self.platforms_reached();
         self.ops.monitor = Some(monitor);
         reply
+    }
+
+    /// Something from outside the guests' own exits may have reached their platforms (a key, a
+    /// command, the load policy): every vCPU's next piece makes the platform look at its first
+    /// entry ([`Seat::untouched`]).
+    fn platforms_reached(&mut self) {
+        for seat in self.slots.iter_mut().flat_map(|s| s.seats.iter_mut()) {
+            seat.untouched = false;
+        }
     }
 
     /// Boots guest `i` afresh from its image (the monitor's `restart` and `start`).

@@ -583,6 +583,27 @@ fn yield_and_print_stats_end_the_slice() {
         .all(|w| w[1].guest_start - w[0].guest_end() < 10 * KEEL_COST));
 }
 
+/// A YIELD gives up the slice also while the slice runs in pieces (a key typed in the last
+/// second, or the control channel busy: `start_piece`). It did not: the piece ended at the
+/// YIELD, and the next piece went to the same vCPU, which kept the CPU to its quantum's end.
+#[test]
+fn a_yield_gives_up_the_slice_while_keys_come_too() {
+    let mut rl = rig(vec![Program::calling(crate::abi::hc::YIELD); 2]);
+    for _ in 0..4 {
+        assert!(rl.step());
+    }
+    rl.cpu.keys.extend(b"x");
+    let from = rl.cpu.trace.len();
+    for _ in 0..20 {
+        assert!(rl.step());
+    }
+    let after = &rl.cpu.trace[from..];
+    assert!(after.len() >= 20);
+    for w in after.windows(2) {
+        assert_ne!(w[0].guest, w[1].guest, "a YIELD kept the CPU: {w:?}");
+    }
+}
+
 /// The switch at a slice's end costs one VMCS handle per slice on one host CPU: the piece is
 /// started at its first entry with the VMCS loaded for it (`Piece::start_at_entry`), not
 /// loaded once to start it and again to enter it. The guests' clocks stop from the exit that
@@ -609,6 +630,65 @@ fn a_slice_loads_its_vmcs_once_and_its_guest_clock_restarts_at_its_entry() {
             .collect();
         assert!(gaps.iter().all(|&g| g <= 2 * KEEL_COST), "{gaps:?}");
     }
+}
+
+/// A guest that yields (an exit that touches nothing of its platform) starts its next slice
+/// without the platform look (`Seat::untouched`), but not when something reached it while it
+/// waited: a key typed for it, whose UART raises IRQ 4 (routed by the IOAPIC to its APIC as
+/// 0x44), comes at its next entry; and a tick of its PIT that fell due while it waited is
+/// taken at once too.
+#[test]
+fn a_yielding_guest_gets_what_reached_it_while_it_waited_at_its_next_entry() {
+    let mut main = x2apic_on().to_vec();
+    // MCR.OUT2, then IER.ERBFI: a received byte raises IRQ 4.
+    main.extend([Op::Out(0x3fc, 0x08), Op::Out(0x3f9, 0x01)]);
+    let from = main.len();
+    main.extend([Op::Run(1_000), Op::Hypercall(crate::abi::hc::YIELD)]);
+    let yielder = Program {
+        main,
+        repeat_from: Some(from),
+        handler: vec![Op::Run(100), Op::Wrmsr(X2APIC_EOI, 0)],
+        rflags: 0x202,
+    };
+    let mut rl = rig(vec![
+        yielder,
+        Program::calling(crate::abi::hc::YIELD),
+        Program::calling(crate::abi::hc::YIELD).with_pit(PIT_132HZ),
+    ]);
+    let base = crate::devices::board::IOAPIC_BASE;
+    let p = &mut rl.slots[0].vm.platform;
+    for (reg, value) in [(0x19, 0u64), (0x18, 0x44)] {
+        p.mmio_write(0, base, 4, reg, 0);
+        p.mmio_write(0, base + 0x10, 4, value, 0);
+    }
+    run_for(&mut rl, 5 * TSC_HZ / 1000);
+    assert!(
+        rl.cpu.entries(0).all(|e| e.injected.is_none()),
+        "nothing to take yet"
+    );
+    let typed = rl.cpu.clock;
+    rl.cpu.keys.extend(b"x");
+    run_for(&mut rl, 5 * TSC_HZ / 1000);
+    let got = rl
+        .cpu
+        .entries(0)
+        .find(|e| e.injected == Some(0x44))
+        .copied()
+        .expect("the key's interrupt never came");
+    // The keys are taken within the housekeeping's millisecond.
+    assert!(
+        got.start - typed < 2 * TSC_HZ / 1000,
+        "the key's interrupt came {} cycles after it was typed",
+        got.start - typed
+    );
+    let yields = |rl: &RunLoop<FakeCpu>| {
+        rl.cpu
+            .entries(0)
+            .filter(|e| e.exit == ExitReason::Vmcall)
+            .count()
+    };
+    assert!(yields(&rl) > 20, "it yielded {} times", yields(&rl));
+    every_tick_on_time(&rl, 2, PIT_132HZ);
 }
 
 /// A guest added while the others run (`hypervisor::Runner::add_guest` appends a slot) is
