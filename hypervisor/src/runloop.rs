@@ -2068,35 +2068,63 @@ fn before_entry<C: Cpu>(
     p: &mut Piece,
     cfg: LoopConfig,
 ) -> Result<(), StopReason> {
+    let min_gap = cfg.min_gap();
     if p.fresh {
-        p.start_at_entry(cpu, v, (&mut *vm, &*vcpu));
-        if !p.touched {
-            // Its platform as its last look left it (`Seat::untouched`): the look only if one
-            // of its timers fell due while it waited.
-            note_deadline(vm, p, cfg.min_gap());
+        // A piece's first entry. The guest's clock restarts (`Piece::start_at_entry`) at the
+        // time it stopped (`Piece::waited`; at most now, should another CPU's TSC be ahead), and
+        // the platform look is made before, at that same time of the guest's: the guest's
+        // clock then holds none of Keel's work on it, and no timer is looked at against a time
+        // the guest has not reached. A platform as its last look left it (`Seat::untouched`)
+        // is looked at only if one of its timers fell due meanwhile.
+        let now = cpu.rdtsc();
+        let since = p.waited.map_or(now, |since| since.min(now));
+        let look = p.touched || vm.first_timer().is_some_and(|d| since >= d);
+        if look {
+            platform_look(v, vcpu, vm, vm.now(since));
         }
-    } else if core::mem::take(&mut p.offset_moved) {
-        // The exit's wait for the loop's lock came off the guest's clock (`RunLoop::exited`).
-        v.write(Control64::TscOffset, vcpu.vmcs_tsc_offset(vm.tsc_offset));
-    }
-    if p.touched || p.timer_due.is_some_and(|d| p.now >= d) {
-        // The guest's TPR for the model, if the last exits left it in VTPR.
-        exits::apicv::take_unread(v, &mut *vcpu, &mut *vm);
-        vm.platform.advance(vm.now(p.now));
-        exits::inject_pending_interrupt(v, &mut *vcpu, &mut *vm);
-        exits::apicv::before_entry(v, &mut *vcpu, &mut *vm);
-        note_deadline(vm, p, cfg.min_gap());
-        // Worked out only while a guest timer is set (none is most often the case at a slice's
-        // first entry, after a YIELD or a wake).
-        // `None` written in place: a value built apart and copied in costs a copy of the whole
-        // shot (15 instructions of `rep movsq` at every look, measured).
-        if p.timer_due.is_some() {
-            p.shot = exits::apicv::timer_shot(vcpu, vm);
-        } else if p.shot.is_some() {
-            p.shot = None;
+        p.start_at_entry(cpu, v, (&mut *vm, &*vcpu));
+        // Its deadlines in host time, by the restarted clock.
+        note_deadline(vm, p, min_gap);
+        if look {
+            note_shot(vcpu, vm, p);
+        }
+    } else {
+        if core::mem::take(&mut p.offset_moved) {
+            // The exit's wait for the loop's lock came off the guest's clock (`RunLoop::exited`).
+            v.write(Control64::TscOffset, vcpu.vmcs_tsc_offset(vm.tsc_offset));
+        }
+        if p.touched || p.timer_due.is_some_and(|d| p.now >= d) {
+            platform_look(v, vcpu, vm, vm.now(p.now));
+            note_deadline(vm, p, min_gap);
+            note_shot(vcpu, vm, p);
         }
     }
     arm_entry(cpu, v, vcpu, p, cfg)
+}
+
+/// The platform look before an entry of `vcpu`, at the guest's time `now`: its timers advanced,
+/// the interrupt to inject (or the window asked for), the virtual-APIC page posted.
+#[inline(always)]
+fn platform_look<V: Vmcs + ?Sized>(v: &mut V, vcpu: &mut Vcpu, vm: &mut Vm, now: u64) {
+    // The guest's TPR for the model, if the last exits left it in VTPR.
+    exits::apicv::take_unread(v, &mut *vcpu, &mut *vm);
+    vm.platform.advance(now);
+    exits::inject_pending_interrupt(v, &mut *vcpu, &mut *vm);
+    exits::apicv::before_entry(v, &mut *vcpu, &mut *vm);
+}
+
+/// The guest's LAPIC timer expiry for the short way (`exits::apicv::timer_shot`) after a look,
+/// worked out only while a guest timer is set (none is most often the case at a slice's first
+/// entry, after a YIELD or a wake).
+#[inline(always)]
+fn note_shot(vcpu: &Vcpu, vm: &Vm, p: &mut Piece) {
+    // `None` written in place: a value built apart and copied in costs a copy of the whole
+    // shot (15 instructions of `rep movsq` at every look, measured).
+    if p.timer_due.is_some() {
+        p.shot = exits::apicv::timer_shot(vcpu, vm);
+    } else if p.shot.is_some() {
+        p.shot = None;
+    }
 }
 
 /// After a VMX-preemption-timer exit that came before the guest timer's deadline by no more than
