@@ -904,7 +904,7 @@ impl<C: Cpu> RunLoop<C> {
                 (live, _, due) = self.wake_halted(now);
             }
         }
-        if live == 0 {
+        if !live {
             return Turn::Done;
         }
         if !self.ops.held.is_empty() {
@@ -937,16 +937,27 @@ impl<C: Cpu> RunLoop<C> {
         let hosts = &self.hosts;
         // With one host CPU, the one picking runs nothing: no vCPU is taken.
         let alone = hosts.len() == 1;
+        // The run state first: the test that most often fails, and one slot looked up once.
         let runnable = |k: usize| {
-            let (i, c) = seats[k];
-            slots[i].live()
-                && slots[i].vcpus[c].state == RunState::Runnable
-                && slots[i].deferred.is_empty()
+            let Some((s, i, c)) = seats.get(k).and_then(|&(i, c)| Some((slots.get(i)?, i, c)))
+            else {
+                return false;
+            };
+            s.vcpus
+                .get(c)
+                .is_some_and(|v| v.state == RunState::Runnable)
+                && s.live()
+                && s.deferred.is_empty()
                 && shares.may_run(i)
-                && slots[i].may_run_on(h)
-                && (alone || !hosts.iter().any(|o| o.runs(seats[k])))
+                && s.may_run_on(h)
+                && (alone || !hosts.iter().any(|o| o.runs((i, c))))
         };
-        let woken = |k: usize| slots[seats[k].0].seats[seats[k].1].woken;
+        let woken = |k: usize| {
+            seats
+                .get(k)
+                .and_then(|&(i, c)| slots.get(i)?.seats.get(c))
+                .is_some_and(|seat| seat.woken)
+        };
         let picked = if hosts.len() == 1 {
             self.sched.pick_urgent_first(seats.len(), runnable, woken)
         } else {
@@ -1068,21 +1079,20 @@ impl<C: Cpu> RunLoop<C> {
     }
 
     /// Wakes the halted vCPUs whose interrupts came by host TSC `now` (their guests' timers
-    /// advanced to it): how many guests are live, whether a vCPU woke, and the first timers of
+    /// advanced to it): whether any guest is live, whether a vCPU woke, and the first timers of
     /// the guests with a vCPU still halted (as [`RunLoop::halted_due`] finds them, in the same
     /// pass).
-    fn wake_halted(&mut self, now: u64) -> (usize, bool, HaltedDue) {
-        let (mut live, mut woke, mut due) = (0, false, HaltedDue::default());
+    fn wake_halted(&mut self, now: u64) -> (bool, bool, HaltedDue) {
+        let (mut live, mut woke, mut due) = (false, false, HaltedDue::default());
         for (j, s) in self.slots.iter_mut().enumerate() {
-            if !s.live() {
-                continue;
-            }
-            live += 1;
             // A runnable guest waiting for its turn has its clock stopped (see
-            // `Slot::waiting_since`); only halted vCPUs need their timers checked here.
+            // `Slot::waiting_since`); only halted vCPUs need their timers checked here. (A
+            // stopped guest has none: all its vCPUs stop with it.)
             if !s.vcpus.iter().any(|v| v.state == RunState::Halted) {
+                live = live || s.live();
                 continue;
             }
+            live = true;
             let t = s.vm.now_seen(now);
             s.vm.platform.advance(t);
             let mut still = false;
@@ -1185,13 +1195,15 @@ impl<C: Cpu> RunLoop<C> {
             .map_or(allowed, |left| left.min(allowed));
         // What is left of the slice is held from a capped budget while it runs.
         self.shares.hold(i, left);
+        let epoch = self.slots[i].epoch;
+        // Built once, in its place.
+        let piece = self.plan_piece(h, seat, left, due);
         self.hosts[h].running = Some(Running {
             seat,
-            epoch: self.slots[i].epoch,
+            epoch,
             left,
-            piece: Piece::default(),
+            piece,
         });
-        self.start_piece(h, due);
     }
 
     /// Starts a piece of host CPU `h`'s slice. While the control channel is busy its FIFO is read
@@ -1199,13 +1211,29 @@ impl<C: Cpu> RunLoop<C> {
     /// each read, so its length (the guest's weight) is what it would have been. `due`: the
     /// halted guests' timers if the pick found them with nothing changed since.
     fn start_piece(&mut self, h: usize, due: Option<HaltedDue>) -> bool {
-        let cfg = self.cfg;
-        let busy = h == 0 && self.control_busy();
         let Some(r) = self.hosts[h].running.as_ref() else {
             return false;
         };
-        let (i, c) = r.seat;
-        let left = r.left;
+        let (seat, left) = (r.seat, r.left);
+        let piece = self.plan_piece(h, seat, left, due);
+        if let Some(r) = self.hosts[h].running.as_mut() {
+            r.piece = piece;
+        }
+        true
+    }
+
+    /// The next piece of vCPU `(i, c)`'s slice on host CPU `h`, of which `left` cycles are left
+    /// ([`RunLoop::start_piece`]).
+    #[inline(always)]
+    fn plan_piece(
+        &mut self,
+        h: usize,
+        (i, c): (usize, usize),
+        left: u64,
+        due: Option<HaltedDue>,
+    ) -> Piece {
+        let cfg = self.cfg;
+        let busy = h == 0 && self.control_busy();
         let piece = if busy {
             left.min(cfg.tsc_hz / 1000)
         } else {
@@ -1214,7 +1242,7 @@ impl<C: Cpu> RunLoop<C> {
         let ran_before = self.slots[i].vcpus[c].stats.cpu_cycles;
         // When a halted vCPU's timer falls due, this slice ends early so that vCPU can run.
         let others_due = due.unwrap_or_else(|| self.halted_due()).except(Some(i));
-        if self.elsewhere(h, i).is_some() {
+        if self.hosts.len() > 1 && self.elsewhere(h, i).is_some() {
             // Another of its vCPUs is on a CPU: the guest's clock has been running (a wake
             // meanwhile marked it waiting), and its other VMCSs hold the offset as it is.
             self.slots[i].waiting_since = None;
@@ -1235,23 +1263,20 @@ impl<C: Cpu> RunLoop<C> {
         // Learned only where the tight loop waits for an early timer exit (`run_piece`, one
         // CPU); the loop of several CPUs has no such wait and keeps the fixed lead.
         let lead = self.hosts[h].lead.0;
-        if let Some(r) = self.hosts[h].running.as_mut() {
-            r.piece = Piece {
-                lead,
-                whole: piece == left,
-                t0,
-                ran_before,
-                others_due,
-                fresh: true,
-                len: piece,
-                waited,
-                offsetting: cfg.tsc_offsetting,
-                touched: !untouched,
-                xcr0,
-                ..Piece::default()
-            };
+        Piece {
+            lead,
+            whole: piece == left,
+            t0,
+            ran_before,
+            others_due,
+            fresh: true,
+            len: piece,
+            waited,
+            offsetting: cfg.tsc_offsetting,
+            touched: !untouched,
+            xcr0,
+            ..Piece::default()
         }
-        true
     }
 
     /// Host CPU `h`'s piece of a slice ended by `end`: it is charged to the guest, and the slice
