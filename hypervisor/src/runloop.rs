@@ -1332,18 +1332,21 @@ impl<C: Cpu> RunLoop<C> {
     /// Host CPU `h`'s slice ended by `end`: the vCPU leaves the CPU, and the loop acts on how it
     /// ended.
     fn end_slice(&mut self, h: usize, end: SliceEnd) {
-        let Some(r) = self.hosts[h].running.take() else {
+        // What it needs of the slice, read in place: the slice (and its piece) is not moved out.
+        let Some(r) = self.hosts[h].running.as_ref() else {
             return;
         };
-        let (i, c) = r.seat;
-        self.shares.release(i, r.left);
+        let ((i, c), left, fresh, touched, now) =
+            (r.seat, r.left, r.piece.fresh, r.piece.touched, r.piece.now);
+        self.hosts[h].running = None;
+        self.shares.release(i, left);
         self.acting = h;
         // Left at an exit that touched nothing of its platform (`Seat::untouched`).
         let untouched = self.hosts.len() == 1
             && self.slots[i].vcpus.len() == 1
             && matches!(end, SliceEnd::Over)
-            && !r.piece.fresh
-            && !r.piece.touched;
+            && !fresh
+            && !touched;
         if let Some(seat) = self.slots[i].seats.get_mut(c) {
             seat.untouched = untouched;
             if core::mem::take(&mut seat.init_pending) {
@@ -1362,10 +1365,10 @@ impl<C: Cpu> RunLoop<C> {
             let s = &mut self.slots[i];
             s.waiting_since = match s.waiting_since {
                 _ if elsewhere => None,
-                Some(since) => Some(since.max(r.piece.now)),
+                Some(since) => Some(since.max(now)),
                 None => None,
             };
-            self.hosts[h].switch_from = Some(r.piece.now);
+            self.hosts[h].switch_from = Some(now);
             // An interrupted vCPU is first in line again (`RoundRobin::interrupted` with one CPU).
             let left_at = match end {
                 SliceEnd::Interrupted => 0,
@@ -1812,7 +1815,16 @@ impl<C: Cpu> RunLoop<C> {
     /// with the registers of the INIT state (SDM 9.1.1, Table 9-1). A SIPI to a vCPU not
     /// waiting for one is ignored, as the processor ignores it; INIT to the bootstrap processor
     /// is ignored too (Keel does not model its reset through INIT).
+    #[inline]
     fn start_signals(&mut self, i: usize) {
+        if self.slots[i].vm.platform.start_signals_pending() {
+            self.take_start_signals(i);
+        }
+    }
+
+    /// [`RunLoop::start_signals`] when there are some.
+    #[inline(never)]
+    fn take_start_signals(&mut self, i: usize) {
         while let Some((c, signal)) = self.slots[i].vm.platform.take_start_signal() {
             // A target in guest mode on another CPU leaves it at its next exit (its run state
             // is looked at there).

@@ -1149,6 +1149,12 @@ impl Platform {
         self.lapic_mut(cpu).take_nmi()
     }
 
+    /// Whether INITs or STARTUPs wait for [`Platform::take_start_signal`].
+    #[inline]
+    pub fn start_signals_pending(&self) -> bool {
+        !self.chipset.starts.is_empty()
+    }
+
     /// Takes the oldest INIT or STARTUP IPI sent to a vCPU, with the vCPU's index.
     pub fn take_start_signal(&mut self) -> Option<(usize, StartSignal)> {
         let s = &mut self.chipset.starts;
