@@ -2105,36 +2105,41 @@ fn before_entry<C: Cpu>(
     p: &mut Piece,
     cfg: LoopConfig,
 ) -> Result<(), StopReason> {
-    let min_gap = cfg.min_gap();
-    if p.fresh {
+    // Whether to look at the platform, and at which host TSC's time of the guest's.
+    let fresh = p.fresh;
+    let (look, at) = if fresh {
         // A piece's first entry. The guest's clock restarts (`Piece::start_at_entry`) at the
-        // time it stopped (`Piece::waited`; at most now, should another CPU's TSC be ahead), and
-        // the platform look is made before, at that same time of the guest's: the guest's
-        // clock then holds none of Keel's work on it, and no timer is looked at against a time
-        // the guest has not reached. A platform as its last look left it (`Seat::untouched`)
-        // is looked at only if one of its timers fell due meanwhile.
+        // time it stopped (`Piece::waited`; at most now, should another CPU's TSC be ahead),
+        // and the platform look is made before, at that same time of the guest's: the guest's
+        // clock then holds none of Keel's work on it, and no timer is looked at against a
+        // time the guest has not reached. A platform as its last look left it
+        // (`Seat::untouched`) is looked at only if one of its timers fell due meanwhile.
         let now = cpu.rdtsc();
         let since = p.waited.map_or(now, |since| since.min(now));
-        let look = p.touched || vm.first_timer().is_some_and(|d| since >= d);
-        if look {
-            platform_look(v, vcpu, vm, vm.now(since));
-        }
-        p.start_at_entry(cpu, v, (&mut *vm, &*vcpu));
-        // Its deadlines in host time, by the restarted clock.
-        note_deadline(vm, p, min_gap);
-        if look {
-            note_shot(vcpu, vm, p);
-        }
+        (
+            p.touched || vm.first_timer().is_some_and(|d| since >= d),
+            since,
+        )
     } else {
         if core::mem::take(&mut p.offset_moved) {
             // The exit's wait for the loop's lock came off the guest's clock (`RunLoop::exited`).
             v.write(Control64::TscOffset, vcpu.vmcs_tsc_offset(vm.tsc_offset));
         }
-        if p.touched || p.timer_due.is_some_and(|d| p.now >= d) {
-            platform_look(v, vcpu, vm, vm.now(p.now));
-            note_deadline(vm, p, min_gap);
-            note_shot(vcpu, vm, p);
-        }
+        (p.touched || p.timer_due.is_some_and(|d| p.now >= d), p.now)
+    };
+    // One copy of each part for both ways.
+    if look {
+        platform_look(v, vcpu, vm, vm.now(at));
+    }
+    if fresh {
+        p.start_at_entry(cpu, v, (&mut *vm, &*vcpu));
+    }
+    if look || fresh {
+        // The deadlines in host time (by the restarted clock at a first entry).
+        note_deadline(vm, p, cfg.min_gap());
+    }
+    if look {
+        note_shot(vcpu, vm, p);
     }
     arm_entry(cpu, v, vcpu, p, cfg)
 }
