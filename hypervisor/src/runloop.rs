@@ -724,8 +724,14 @@ impl<C: Cpu> RunLoop<C> {
                             // (`exits::apicv::timer_may_fire`) is told before the wait for the
                             // deadline, which changes none of it: after the deadline only the
                             // post is left.
-                            let may_fire =
-                                p.shot.is_some() && exits::apicv::timer_may_fire(&v, g.vcpu, g.vm);
+                            // The timer's expiry is worked out here, once its exit came
+                            // (`Piece::shot_stale`): the platform is as the last look left it.
+                            let may_fire = exits::apicv::timer_may_fire(&v, g.vcpu, g.vm) && {
+                                if core::mem::take(&mut p.shot_stale) {
+                                    p.shot = exits::apicv::timer_shot(g.vcpu, g.vm);
+                                }
+                                p.shot.is_some()
+                            };
                             // Then Keel is ready to wait. An exit armed for the guest timer's
                             // deadline less the lead, for the full time (not the minimum gap),
                             // teaches the lead how early that was (`learned_lead`).
@@ -736,7 +742,10 @@ impl<C: Cpu> RunLoop<C> {
                                     && p.armed.saturating_add(p.lead) == due
                                     && p.armed > p.entered_at + min_gap
                             }) {
-                                p.lead = learned_lead(p.lead, due, ready, min_gap / 2);
+                                // Capped at the minimum gap (the least a guest runs between
+                                // two timer exits): in Bochs the way holds the shot's working
+                                // out (`Piece::shot_stale`), about 190 of its 500 ticks.
+                                p.lead = learned_lead(p.lead, due, ready, min_gap);
                             }
                             catch_up(&mut self.cpu, g.vcpu, p, ready);
                             let now = g.vm.now(p.now);
@@ -2031,9 +2040,15 @@ struct Piece {
     /// cost no device work at all (docs/BENCHMARKS.md).
     touched: bool,
     timer_due: Option<u64>,
-    /// The guest's LAPIC timer expiry as the last platform look worked it out, for the short
-    /// way after the preemption-timer exit armed for it (`exits::apicv::fire_timer_now`).
+    /// The guest's LAPIC timer expiry as of the last platform look, for the short way after
+    /// the preemption-timer exit armed for it (`exits::apicv::fire_timer_now`). Worked out at
+    /// that exit, not at the look (`shot_stale`): a guest that moves its deadline before it
+    /// expires (Linux's TSC deadline, at every tick it reprograms) would pay it at every move.
     shot: Option<TimerShot>,
+    /// The last look found a guest timer set: `shot` is to be worked out at the timer's exit,
+    /// from the platform as that look left it (only register-only exits and port accesses that
+    /// stay in their device, which move no timer, come between).
+    shot_stale: bool,
     /// The preemption timer brings the guest back by then.
     until: u64,
     /// The preemption timer's target (`until`, or short of a guest timer's deadline by
@@ -2139,7 +2154,7 @@ fn before_entry<C: Cpu>(
         note_deadline(vm, p, cfg.min_gap());
     }
     if look {
-        note_shot(vcpu, vm, p);
+        note_shot(p);
     }
     arm_entry(cpu, v, vcpu, p, cfg)
 }
@@ -2155,18 +2170,17 @@ fn platform_look<V: Vmcs + ?Sized>(v: &mut V, vcpu: &mut Vcpu, vm: &mut Vm, now:
     exits::apicv::before_entry(v, &mut *vcpu, &mut *vm);
 }
 
-/// The guest's LAPIC timer expiry for the short way (`exits::apicv::timer_shot`) after a look,
-/// worked out only while a guest timer is set (none is most often the case at a slice's first
-/// entry, after a YIELD or a wake).
+/// After a look: the guest's LAPIC timer expiry for the short way (`exits::apicv::timer_shot`)
+/// is to be worked out at the timer's exit while a guest timer is set (`Piece::shot_stale`);
+/// the one of an earlier look is dropped.
 #[inline(always)]
-fn note_shot(vcpu: &Vcpu, vm: &Vm, p: &mut Piece) {
+fn note_shot(p: &mut Piece) {
     // `None` written in place: a value built apart and copied in costs a copy of the whole
     // shot (15 instructions of `rep movsq` at every look, measured).
-    if p.timer_due.is_some() {
-        p.shot = exits::apicv::timer_shot(vcpu, vm);
-    } else if p.shot.is_some() {
+    if p.shot.is_some() {
         p.shot = None;
     }
+    p.shot_stale = p.timer_due.is_some();
 }
 
 /// After a VMX-preemption-timer exit that came before the guest timer's deadline by no more than
