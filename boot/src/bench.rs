@@ -332,6 +332,12 @@ const ROWS: &[Row] = &[
         goal: Some(Goal::NoExit),
     },
     Row {
+        op: "deadline",
+        what: "WRMSR IA32_TSC_DEADLINE (the armed deadline moved, as Linux's tick does)",
+        kvm: None,
+        goal: Some(Goal::AtMost(150)),
+    },
+    Row {
         op: "hlt",
         what: "HLT: TSC deadline to the timer handler",
         kvm: Some((6975, "HLT to user space")),

@@ -480,6 +480,10 @@ pub struct CpuidTable {
     basic: [[u32; 4]; 0x17],
     keel: [[u32; 4]; TABLE_KEEL],
     ext: [[u32; 4]; TABLE_EXT],
+    /// CPUID.1:ECX.TSC_DEADLINE[bit 24] as the guest is told it: leaf 1 is not in the table (its
+    /// OSXSAVE, APIC and APIC ID bits follow the guest), but this bit depends on the CPU alone,
+    /// and IA32_TSC_DEADLINE (the MSR Linux writes most) checks it at every access.
+    tsc_deadline: bool,
 }
 
 impl CpuidTable {
@@ -501,7 +505,15 @@ impl CpuidTable {
         for (i, r) in self.ext.iter_mut().enumerate() {
             *r = policy(host, 0x8000_0000 + i as u32, 0, &f);
         }
+        self.tsc_deadline = policy(host, 1, 0, &f)[ECX] & bit::ECX1_TSC_DEADLINE != 0;
         self.filled = true;
+    }
+
+    /// Whether the guest's CPUID.1:ECX advertises the TSC-deadline timer (SDM Vol. 3A 11.5.4.1:
+    /// without it IA32_TSC_DEADLINE is #GP). The table must be filled ([`table`]).
+    #[inline]
+    pub fn tsc_deadline(&self) -> bool {
+        self.tsc_deadline
     }
 
     pub fn filled(&self) -> bool {
@@ -527,14 +539,22 @@ impl CpuidTable {
     }
 }
 
+/// Guest `vm`'s [`CpuidTable`], filled at its first use (its first CPUID exit, or the first
+/// access to an MSR whose feature the table holds).
+#[inline(always)]
+pub fn table<'a>(vm: &'a mut Vm, host: &dyn Host) -> &'a CpuidTable {
+    if !vm.cpuid.filled() {
+        let (tsc_hz, cpus) = (vm.platform.tsc_hz(), vm.platform.cpus() as u32);
+        vm.cpuid.fill(host, tsc_hz, cpus);
+    }
+    &vm.cpuid
+}
+
 #[inline]
 pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let leaf = cx.vcpu.regs.rax as u32;
     let subleaf = cx.vcpu.regs.rcx as u32;
-    if !cx.vm.cpuid.filled() {
-        let (tsc_hz, cpus) = (cx.vm.platform.tsc_hz(), cx.vm.platform.cpus() as u32);
-        cx.vm.cpuid.fill(&*cx.host, tsc_hz, cpus);
-    }
+    table(cx.vm, &*cx.host);
     // Written from the table in place: an answer copied out of either source first went
     // through the stack (8 instructions an exit, docs/BENCHMARKS.md).
     match cx.vm.cpuid.get(leaf) {

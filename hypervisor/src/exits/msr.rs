@@ -191,7 +191,7 @@ pub fn rdpmc<V: Vmcs + ?Sized>(_cx: &mut ExitContext<'_, V>) -> Action {
 const DEBUGCTL_BTF: u64 = 1 << 1;
 
 pub fn read<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
-    use super::cpuid::{bit, has, LEAF1_ECX, LEAF7_EBX, LEAFD1_EAX};
+    use super::cpuid::{bit, has, table, LEAF7_EBX, LEAFD1_EAX};
     let msr = cx.vcpu.regs.rcx as u32;
     if X2APIC_MSRS.contains(&msr) {
         // The x2APIC's registers (`devices::lapic`: #GP outside x2APIC mode, for absent and
@@ -206,6 +206,8 @@ pub fn read<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             Err(_) => Action::Inject(Exception::GP0),
         };
     }
+    // From the guest's CPUID table: leaf 1 worked out afresh costs about 450 instructions.
+    let tsc_deadline = msr == index::TSC_DEADLINE && table(cx.vm, &*cx.host).tsc_deadline();
     let (vmcs, g, vm, host) = (&*cx.vmcs, &*cx.vcpu, &*cx.vm, &*cx.host);
     let value = match msr {
         index::FEATURE_CONTROL => 1, // locked, VMX off: what a CPU without VMX shows
@@ -217,7 +219,7 @@ pub fn read<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         index::MTRR_CAP => 0,
         index::MTRR_DEF_TYPE => g.mtrr_def_type,
         index::PLATFORM_ID | index::BIOS_SIGN_ID | index::MCG_CAP | index::MCG_STATUS => 0,
-        index::TSC_DEADLINE if has(vmcs, g, vm, host, LEAF1_ECX, bit::ECX1_TSC_DEADLINE) => {
+        index::TSC_DEADLINE if tsc_deadline => {
             deadline_to_guest(vm.platform.tsc_deadline(g.index), g.tsc_adjust)
         }
         index::TSC_ADJUST if has(vmcs, g, vm, host, LEAF7_EBX, bit::EBX7_TSC_ADJUST) => {
@@ -256,7 +258,7 @@ pub fn write_reaches_platform(msr: u32) -> bool {
 }
 
 pub fn write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
-    use super::cpuid::{bit, has, of_guest, LEAF1_ECX, LEAF7_EBX, LEAFD1_EAX};
+    use super::cpuid::{bit, has, of_guest, table, LEAF7_EBX, LEAFD1_EAX};
     use crate::vmx::cr::{cr0::PG, efer::LMA, efer::LME};
     let msr = cx.vcpu.regs.rcx as u32;
     let value = (cx.vcpu.regs.rdx << 32) | (cx.vcpu.regs.rax & 0xffff_ffff);
@@ -271,6 +273,8 @@ pub fn write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             Err(_) => Action::Inject(Exception::GP0),
         };
     }
+    // From the guest's CPUID table, as for RDMSR.
+    let tsc_deadline = msr == index::TSC_DEADLINE && table(cx.vm, &*cx.host).tsc_deadline();
     let (vmcs, host) = (&mut *cx.vmcs, &*cx.host);
     let (g, vm) = (&mut *cx.vcpu, &mut *cx.vm);
     match msr {
@@ -326,7 +330,7 @@ pub fn write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             }
             g.mtrr_def_type = value
         }
-        index::TSC_DEADLINE if has(vmcs, g, vm, host, LEAF1_ECX, bit::ECX1_TSC_DEADLINE) => {
+        index::TSC_DEADLINE if tsc_deadline => {
             let v = deadline_to_platform(value, g.tsc_adjust);
             vm.platform.write_tsc_deadline(g.index, v, cx.now)
         }
@@ -710,6 +714,26 @@ mod tests {
         );
         assert!(apic(&mut t));
         assert_eq!(t.vm.platform.mmio_read(0, 0xfee0_0030, 4, 0), Some(0x50014));
+    }
+
+    #[test]
+    fn the_tsc_deadline_msr_follows_the_cpu_before_the_guest_asks_cpuid() {
+        // The guest's CPUID table (where the bit is kept) is filled at the MSR's first access
+        // too: a guest that never ran CPUID sees what CPUID would tell it.
+        let with = |ecx: u32| {
+            let mut t = TestBed::new();
+            t.host
+                .leaves
+                .push(((1, 0), [0x50654, 0x800, ecx, 0xbfeb_fbff]));
+            let (r, w) = (
+                rd(&mut t, index::TSC_DEADLINE),
+                wr(&mut t, index::TSC_DEADLINE, 5),
+            );
+            let told = cpuid(&mut t, 1, 0)[2] & (1 << 24) != 0;
+            (r.is_ok(), w == Action::Advance, told)
+        };
+        assert_eq!(with(1 << 24), (true, true, true));
+        assert_eq!(with(!(1 << 24)), (false, false, false));
     }
 
     /// A CPUID feature and the MSRs it implies: (name, leaf, subleaf, register, bits, MSRs,

@@ -32,7 +32,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")
 RUN_DIR = os.path.join(ROOT, "target/keel/release/bench/keel")
 # Execution order in bench64 (the ping-pong first, then `suite`).
 OPS = ["yield", "cpuid", "vmcall", "out", "in", "rdmsr", "wrmsr", "mmio-read", "mmio-write",
-       "cr8-read", "cr8-write", "hlt", "irq", "ipi"]
+       "cr8-read", "cr8-write", "deadline", "hlt", "irq", "ipi"]
 # Instructions that are one Bochs tick but cost far more on silicon.
 SPECIAL = {"vmread", "vmwrite", "vmresume", "vmlaunch", "vmptrld", "rdtsc", "rdmsr", "wrmsr",
            "xsave", "xrstor", "xsetbv", "in", "out", "hlt", "invept", "invvpid"}
@@ -87,7 +87,9 @@ def find_ops(code, guest_elf):
             # same shape; with APIC virtualization they do not even exit.
             ecx = code[i - 1][2] if code[i - 1][1] == "mov" else ""
             m = re.match(r"ecx,0x([0-9a-f]+)$", ecx)
-            if not (m and 0x800 <= int(m.group(1), 16) < 0x900):
+            if m and int(m.group(1), 16) == 0x6e0:
+                name = "deadline"
+            elif not (m and 0x800 <= int(m.group(1), 16) < 0x900):
                 name = op_mnem
         elif op_mnem == "mov" and re.match(r"\w+,cr8$", op_ops):
             name = "cr8-read"

@@ -74,6 +74,9 @@ const X2APIC_SELF_IPI: u32 = 0x83f;
 /// How far ahead the HLT test arms the TSC deadline: far more than arming and halting cost
 /// under Keel, so the guest is always halted when it falls due.
 const HLT_DELAY: u64 = 20_000;
+/// How far ahead the `deadline` row moves the TSC deadline: far enough that it never falls due
+/// while the row runs (a guest's timer moved before it fires, as Linux's tick does).
+const FAR_DELAY: u64 = 1 << 40;
 /// Bochs stops when this string is written to port 0x8900 (the bare run's exit).
 const BOCHS_SHUTDOWN_PORT: u16 = 0x8900;
 const UART_LSR: u16 = 0x3fd;
@@ -306,6 +309,9 @@ fn suite(mode: Mode) {
         || timed!("mov dword ptr [{a}], {v:e}"; a = in(reg) LAPIC_EOI, v = in(reg) 0u32),
     );
     mmio_write(LAPIC_LVT_TIMER, LVT_TSC_DEADLINE | u32::from(TIMER_VECTOR));
+    measure("deadline", move_deadline);
+    // Disarmed (SDM Vol. 3A 11.5.4.1: a write of 0), so the far deadline cannot fire later.
+    wrmsr(MSR_TSC_DEADLINE, 0);
     measure("hlt", hlt_wake);
     measure("irq", timer_while_running);
     measure("ipi", self_ipi);
@@ -420,6 +426,15 @@ fn cpuid0() -> u32 {
         );
     }
     cycles
+}
+
+/// The armed TSC deadline moved [`FAR_DELAY`] ahead of now: one WRMSR of IA32_TSC_DEADLINE in
+/// TSC-deadline mode, the write Linux's tick makes most often.
+fn move_deadline() -> u32 {
+    let deadline = cpu::rdtsc() + FAR_DELAY;
+    timed!("mov eax, {lo:e}", "mov edx, {hi:e}", "wrmsr";
+           in("ecx") MSR_TSC_DEADLINE, lo = in(reg) deadline as u32,
+           hi = in(reg) (deadline >> 32) as u32)
 }
 
 /// HLT until a LAPIC TSC-deadline interrupt armed [`HLT_DELAY`] cycles ahead: the cycles from the
