@@ -10,7 +10,7 @@
 
 use crate::devices::console::ConsoleLine;
 use crate::devices::TimerShot;
-use crate::exits::fast::PortExit;
+use crate::exits::fast::{PortExit, Way};
 use crate::exits::{self, Action, ExitContext, Host};
 use crate::guest::{GuestRegs, GuestStats, RunState, StopReason, Vcpu, Vm};
 use crate::log::Writer;
@@ -704,8 +704,8 @@ impl<C: Cpu> RunLoop<C> {
                     }
                     let raw = v.read(ReadOnly32::ExitReason);
                     let regs = &g.vcpu.regs;
-                    let register_only = exits::fast::is_register_only(raw, regs.rax, regs.rcx);
-                    if t1 >= p.until || !(register_only || raw == exits::fast::IO) {
+                    let way = exits::fast::way(raw, regs.rax, regs.rcx);
+                    if t1 >= p.until || way == Way::General {
                         // The VMX-preemption timer inside the slice, with no halted guest's
                         // timer due: usually one of this guest's own timers fell due. Its
                         // follow-up is the platform look that `before_entry` makes anyway (the
@@ -793,8 +793,24 @@ impl<C: Cpu> RunLoop<C> {
                         host: self.cpu.host(),
                         now,
                     };
-                    if register_only {
+                    if way == Way::Registers {
                         exits::fast::handle_register_only(&mut cx, raw);
+                    } else if way == Way::Deadline {
+                        // The guest's TSC deadline moved: its next timer, and the shot worked
+                        // out for it, follow.
+                        if !exits::fast::handle_deadline(&mut cx) {
+                            break (raw, None);
+                        }
+                        if exits::apicv::post_outstanding(g.vcpu) {
+                            // The timer's short way needs a page the last post left empty: the
+                            // look before the entry takes what the guest did with the last
+                            // post (delivered and ended, as a tick's handler that moves the
+                            // deadline has) and posts afresh, as after the general dispatch.
+                            p.touched = true;
+                            continue 'slice;
+                        }
+                        note_deadline(g.vm, p, cfg.min_gap());
+                        note_shot(p);
                     } else {
                         match exits::fast::handle_port(&mut cx) {
                             PortExit::Quiet => {}

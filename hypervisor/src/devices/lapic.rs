@@ -765,10 +765,22 @@ impl Lapic {
     /// disarms). Ignored outside TSC-deadline mode (SDM 10.5.4.1).
     pub fn write_tsc_deadline(&mut self, value: u64, now: u64) {
         if self.timer_mode() == TimerMode::TscDeadline {
+            // An armed deadline already passed fired before the write moved it.
+            self.advance(now);
             self.tsc_deadline = value;
             // A deadline already passed fires at the next advance.
             self.advance(now);
         }
+    }
+
+    /// Whether a write of IA32_TSC_DEADLINE of `value` at `now` fires nothing
+    /// ([`Lapic::write_tsc_deadline`]): outside TSC-deadline mode it is ignored; in it, with no
+    /// armed deadline passed, 0 disarms the timer and a deadline still ahead only moves it
+    /// (SDM Vol. 3A 11.5.4.1). Then the write changes no register, line or vector, only the
+    /// timer's next deadline.
+    pub fn deadline_write_is_quiet(&self, value: u64, now: u64) -> bool {
+        self.timer_mode() != TimerMode::TscDeadline
+            || ((self.tsc_deadline == 0 || self.tsc_deadline > now) && (value == 0 || value > now))
     }
 
     /// Raises the timer's LVT vector (unless masked); `missed` more expiries were folded in.
@@ -1668,6 +1680,34 @@ mod tests {
         l.write_tsc_deadline(9000, 6000);
         l.mmio_write(LVT_TIMER, 4, 0xef, 6000);
         assert_eq!(l.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_deadline_moved_after_it_passed_has_fired_first() {
+        // SDM Vol. 3A 11.5.4.1: the timer fires when the TSC reaches the deadline. A write of
+        // IA32_TSC_DEADLINE made after that (the model not advanced since) moves the next
+        // deadline; the expiry that came before it stays pending.
+        let mut l = enabled();
+        l.mmio_write(LVT_TIMER, 4, 0x4_00ef, 0);
+        l.write_tsc_deadline(1000, 0);
+        l.write_tsc_deadline(9000, 1500);
+        assert_eq!(l.deliverable(), Some(0xef), "the expiry at 1000");
+        assert_eq!(l.next_deadline(), Some(9000));
+        // A write before the deadline only moves it.
+        l.acknowledge(0xef);
+        l.eoi();
+        l.write_tsc_deadline(12_000, 8000);
+        assert_eq!(l.deliverable(), None);
+        assert_eq!(l.next_deadline(), Some(12_000));
+        // Only a write that fires nothing is quiet: outside deadline mode, 0, or ahead of now.
+        assert!(l.deadline_write_is_quiet(11_001, 11_000));
+        assert!(l.deadline_write_is_quiet(0, 11_000));
+        assert!(!l.deadline_write_is_quiet(11_000, 11_000));
+        assert!(!l.deadline_write_is_quiet(5, 11_000));
+        // ... and not while the armed one is due: it fires.
+        assert!(!l.deadline_write_is_quiet(20_000, 12_000));
+        l.mmio_write(LVT_TIMER, 4, 0xef, 12_000);
+        assert!(l.deadline_write_is_quiet(5, 12_000));
     }
 
     /// The timer's expiry is one vector to post only while nothing else is pending, in service,

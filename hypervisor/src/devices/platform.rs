@@ -1199,6 +1199,18 @@ impl Platform {
         self.refresh();
     }
 
+    /// [`Platform::write_tsc_deadline`] of a write that fires nothing
+    /// (`Lapic::deadline_write_is_quiet`: the timer moved or disarmed, none of its deadlines
+    /// passed): true, and only the timer's deadline changed (the platform's next deadline with
+    /// it). False, with nothing done, for a write that fires the timer.
+    pub fn move_tsc_deadline(&mut self, cpu: usize, value: u64, now: u64) -> bool {
+        if !self.lapic(cpu).deadline_write_is_quiet(value, now) {
+            return false;
+        }
+        self.write_tsc_deadline(cpu, value, now);
+        true
+    }
+
     /// IA32_APIC_BASE as the guest reads it.
     pub fn apic_base(&self, cpu: usize) -> u64 {
         self.lapic(cpu).apic_base()

@@ -190,6 +190,16 @@ fn hold_while_masked<V: Vmcs + ?Sized>(vmcs: &mut V) {
     }
 }
 
+/// Whether the last post to `vcpu`'s virtual-APIC page (virtual-interrupt delivery) left
+/// vectors there that only a platform look takes back: until one, [`timer_shot`] finds no
+/// shot and the timer's exit goes the general way.
+#[inline]
+pub fn post_outstanding(vcpu: &Vcpu) -> bool {
+    vcpu.apicv
+        .as_ref()
+        .is_some_and(|a| a.features().virtual_interrupt_delivery && !a.idle())
+}
+
 /// The guest's LAPIC timer expiry worked out ahead at a platform look (after [`before_entry`]),
 /// for [`fire_timer_now`] after the VMX-preemption-timer exit it is armed for: with
 /// virtual-interrupt delivery and a page the post left empty (else the short way is not taken

@@ -510,10 +510,11 @@ impl CpuidTable {
     }
 
     /// Whether the guest's CPUID.1:ECX advertises the TSC-deadline timer (SDM Vol. 3A 11.5.4.1:
-    /// without it IA32_TSC_DEADLINE is #GP). The table must be filled ([`table`]).
+    /// without it IA32_TSC_DEADLINE is #GP); None until the table is filled (the guest's first
+    /// CPUID exit), when [`has`] tells.
     #[inline]
-    pub fn tsc_deadline(&self) -> bool {
-        self.tsc_deadline
+    pub fn tsc_deadline(&self) -> Option<bool> {
+        self.filled.then_some(self.tsc_deadline)
     }
 
     pub fn filled(&self) -> bool {
@@ -539,22 +540,23 @@ impl CpuidTable {
     }
 }
 
-/// Guest `vm`'s [`CpuidTable`], filled at its first use (its first CPUID exit, or the first
-/// access to an MSR whose feature the table holds).
-#[inline(always)]
-pub fn table<'a>(vm: &'a mut Vm, host: &dyn Host) -> &'a CpuidTable {
-    if !vm.cpuid.filled() {
-        let (tsc_hz, cpus) = (vm.platform.tsc_hz(), vm.platform.cpus() as u32);
-        vm.cpuid.fill(host, tsc_hz, cpus);
-    }
-    &vm.cpuid
+/// Whether the guest's CPUID advertises the TSC-deadline timer: from its table once filled
+/// ([`CpuidTable::tsc_deadline`]), else worked out.
+#[inline]
+pub fn tsc_deadline<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &Vcpu, vm: &Vm, host: &dyn Host) -> bool {
+    vm.cpuid
+        .tsc_deadline()
+        .unwrap_or_else(|| has(vmcs, vcpu, vm, host, LEAF1_ECX, bit::ECX1_TSC_DEADLINE))
 }
 
 #[inline]
 pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
     let leaf = cx.vcpu.regs.rax as u32;
     let subleaf = cx.vcpu.regs.rcx as u32;
-    table(cx.vm, &*cx.host);
+    if !cx.vm.cpuid.filled() {
+        let (tsc_hz, cpus) = (cx.vm.platform.tsc_hz(), cx.vm.platform.cpus() as u32);
+        cx.vm.cpuid.fill(&*cx.host, tsc_hz, cpus);
+    }
     // Written from the table in place: an answer copied out of either source first went
     // through the stack (8 instructions an exit, docs/BENCHMARKS.md).
     match cx.vm.cpuid.get(leaf) {

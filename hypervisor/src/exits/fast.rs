@@ -30,7 +30,9 @@ use crate::vmx::{ExitReason, GuestNat, IoDirection, IoQualification, ReadOnlyNat
 const CPUID: u32 = ExitReason::Cpuid.number() as u32;
 const VMCALL: u32 = ExitReason::Vmcall.number() as u32;
 const RDMSR: u32 = ExitReason::Rdmsr.number() as u32;
-const WRMSR: u32 = ExitReason::Wrmsr.number() as u32;
+/// The exit reason of RDMSR's partner, WRMSR: also the one of a TSC-deadline move
+/// ([`handle_deadline`]).
+pub const WRMSR: u32 = ExitReason::Wrmsr.number() as u32;
 /// The exit reason of IN, OUT, INS and OUTS ([`handle_port`]).
 pub const IO: u32 = ExitReason::IoInstruction.number() as u32;
 /// The exit reason of a VMX-preemption timer that ran out ([`handle_preempted`]).
@@ -54,6 +56,32 @@ pub fn is_register_only(raw: u32, rax: u64, rcx: u64) -> bool {
             !msr::write_reaches_platform(m) && m != msr::index::SPEC_CTRL
         }
         _ => false,
+    }
+}
+
+/// What the tight loop makes of an exit, told from the exit reason and the registers alone
+/// ([`way`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    /// Register-only ([`is_register_only`], [`handle_register_only`]).
+    Registers,
+    /// IN or OUT ([`handle_port`]: the device tells).
+    Port,
+    /// WRMSR of IA32_TSC_DEADLINE ([`handle_deadline`]: the value tells).
+    Deadline,
+    /// The general dispatch.
+    General,
+}
+
+/// [`Way`] of the exit whose exit-reason field reads `raw`, given the vCPU's RAX and RCX: one
+/// test of the reason for the tight loop's three ways.
+#[inline]
+pub fn way(raw: u32, rax: u64, rcx: u64) -> Way {
+    match raw {
+        IO => Way::Port,
+        WRMSR if rcx as u32 == msr::index::TSC_DEADLINE => Way::Deadline,
+        _ if is_register_only(raw, rax, rcx) => Way::Registers,
+        _ => Way::General,
     }
 }
 
@@ -90,6 +118,29 @@ pub fn handle_register_only<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, raw: 
         Action::Advance => super::complete(cx.vmcs, cx.vcpu),
         other => super::apply(cx.vmcs, cx.vcpu, &other),
     }
+}
+
+/// A WRMSR of IA32_TSC_DEADLINE ([`Way::Deadline`]), for the tight loop: made there if
+/// it moves or disarms the guest's TSC-deadline timer without firing it (`msr::move_deadline`),
+/// then counted and completed as the general dispatch does. Only the timer's deadline changed,
+/// so the caller takes the guest's next timer from the platform again (the piece's deadlines)
+/// and makes no platform look: Linux moves its tick's deadline at most of its timer
+/// interrupts and idle entries, far more often than it lets one fire. False, with nothing done
+/// or counted, for a write that fires the timer or faults: the general dispatch makes it.
+#[inline]
+pub fn handle_deadline<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> bool {
+    debug_assert_eq!(cx.vcpu.regs.rcx as u32, msr::index::TSC_DEADLINE);
+    if !msr::move_deadline(cx) {
+        return false;
+    }
+    let stats = &mut cx.vcpu.stats;
+    stats.last_exit = WRMSR as u16;
+    if let Some(slot) = stats.exits.get_mut(WRMSR as usize) {
+        *slot += 1;
+    }
+    apicv::leave_vtpr(cx.vcpu);
+    super::complete(cx.vmcs, cx.vcpu);
+    true
 }
 
 /// Whether the exit whose exit-reason field reads `raw` is a VMCALL of YIELD, given the vCPU's
@@ -493,6 +544,126 @@ mod tests {
             assert!(!handle(&mut cx(&mut t), raw));
             assert!(t.vcpu.stats.exits.iter().all(|&n| n == 0), "not counted");
         }
+    }
+
+    /// A WRMSR of IA32_TSC_DEADLINE of `value` at the guest's time `now`, the timer armed for
+    /// `armed` (in TSC-deadline mode when `deadline_mode`), by [`handle_deadline`] (as the run
+    /// loop makes it) and by the general dispatch. Returns whether the loop made it; if so, both
+    /// leave the same LAPIC and platform, registers, RIP, RFLAGS, interruptibility, counters and
+    /// events; if not, nothing was done or counted.
+    fn deadline_same_as_dispatch(
+        armed: u64,
+        value: u64,
+        now: u64,
+        deadline_mode: bool,
+        cpuid_ecx: Option<u32>,
+    ) -> bool {
+        let mut fast = TestBed::new();
+        let mut slow = TestBed::new();
+        for t in [&mut fast, &mut slow] {
+            t.long_mode();
+            if let Some(ecx) = cpuid_ecx {
+                t.host
+                    .leaves
+                    .push(((1, 0), [0x50654, 0x800, ecx, 0xbfeb_fbff]));
+            }
+            let lapic = 0xfee0_0000;
+            t.vm.platform.mmio_write(0, lapic + 0xf0, 4, 0x1ff, 0);
+            let mode = if deadline_mode { 2 << 17 } else { 0 };
+            t.vm.platform
+                .mmio_write(0, lapic + 0x320, 4, mode | 0x30, 0);
+            t.vm.platform.write_tsc_deadline(0, armed, 0);
+            t.vmcs.set(ReadOnly32::ExitReason, WRMSR);
+            t.vmcs.set(ReadOnly32::ExitInstructionLength, 2);
+            t.vmcs.set(GuestNat::Rip, 0x1000);
+            t.vmcs.set(GuestNat::Rflags, 0x1_0302); // RF, TF, IF
+            t.vmcs.set(Guest32::InterruptibilityState, 1); // STI blocking
+            t.vcpu.regs.rcx = msr::index::TSC_DEADLINE.into();
+            t.vcpu.regs.rax = value & 0xffff_ffff;
+            t.vcpu.regs.rdx = value >> 32;
+        }
+        let before = saved(&fast);
+        let at = |t: &mut TestBed| {
+            let mut c = cx(t);
+            c.now = now;
+            handle_deadline(&mut c)
+        };
+        if !at(&mut fast) {
+            assert_eq!(saved(&fast), before, "nothing done");
+            assert!(fast.vcpu.stats.exits.iter().all(|&n| n == 0), "not counted");
+            assert_eq!(fast.vmcs.read(GuestNat::Rip), 0x1000);
+            return false;
+        }
+        let mut c = cx(&mut slow);
+        c.now = now;
+        let action = dispatch(&mut c);
+        crate::exits::apply(&mut slow.vmcs, &mut slow.vcpu, &action);
+        assert_eq!(saved(&fast), saved(&slow), "the platform");
+        assert_eq!(
+            fast.vm.platform.next_deadline(),
+            slow.vm.platform.next_deadline()
+        );
+        for f in [GuestNat::Rip, GuestNat::Rflags] {
+            assert_eq!(fast.vmcs.read(f), slow.vmcs.read(f), "{f:?}");
+        }
+        assert_eq!(
+            fast.vmcs.read(Guest32::InterruptibilityState),
+            slow.vmcs.read(Guest32::InterruptibilityState)
+        );
+        assert_eq!(fast.vcpu.regs, slow.vcpu.regs);
+        assert_eq!(fast.vcpu.stats.exits, slow.vcpu.stats.exits);
+        assert_eq!(fast.vcpu.stats.last_exit, slow.vcpu.stats.last_exit);
+        assert_eq!(fast.vcpu.events, slow.vcpu.events);
+        true
+    }
+
+    #[test]
+    fn a_tsc_deadline_move_in_the_loop_ends_as_the_general_dispatch_does() {
+        let tsc_deadline = Some(1 << 24);
+        // Moved ahead, armed ahead, disarmed; ignored outside TSC-deadline mode.
+        assert!(deadline_same_as_dispatch(0, 9000, 100, true, tsc_deadline));
+        assert!(deadline_same_as_dispatch(
+            9000,
+            12_000,
+            100,
+            true,
+            tsc_deadline
+        ));
+        assert!(deadline_same_as_dispatch(9000, 0, 100, true, tsc_deadline));
+        assert!(deadline_same_as_dispatch(0, 9000, 100, false, tsc_deadline));
+        // A write that fires the timer (a deadline passed, or the armed one passed meanwhile)
+        // needs the look for its interrupt; one CPUID does not allow is #GP: the general way.
+        assert!(!deadline_same_as_dispatch(
+            9000,
+            50,
+            100,
+            true,
+            tsc_deadline
+        ));
+        assert!(!deadline_same_as_dispatch(
+            9000,
+            100,
+            100,
+            true,
+            tsc_deadline
+        ));
+        assert!(!deadline_same_as_dispatch(
+            50,
+            9000,
+            100,
+            true,
+            tsc_deadline
+        ));
+        assert!(!deadline_same_as_dispatch(0, 9000, 100, true, Some(0)));
+        // Only that MSR goes this way (ECX: RCX's upper half is not the MSR's).
+        assert_eq!(way(WRMSR, 0, 0x6e0), Way::Deadline);
+        assert_eq!(way(WRMSR, 0, 1 << 32 | 0x6e0), Way::Deadline);
+        assert_eq!(way(WRMSR, 0, 0x1b), Way::General);
+        assert_eq!(way(RDMSR, 0, 0x6e0), Way::Registers);
+        assert_eq!(way(WRMSR, 0, 0x2ff), Way::Registers);
+        assert_eq!(way(IO, 0, 0), Way::Port);
+        assert_eq!(way(CPUID, 0, 0), Way::Registers);
+        assert_eq!(way(PREEMPTED, 0, 0), Way::General);
     }
 
     /// An I/O exit's qualification (SDM Table 28-5): size, direction, string, REP, port.

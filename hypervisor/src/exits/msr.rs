@@ -180,6 +180,20 @@ fn set_tsc_adjust<V: Vmcs + ?Sized>(
     }
 }
 
+/// WRMSR of IA32_TSC_DEADLINE as [`write`] makes it, when it fires nothing
+/// (`Platform::move_tsc_deadline`): true, the timer moved or disarmed. False, with nothing
+/// done, when the guest's CPUID does not advertise the timer (#GP, [`write`]'s to raise) or
+/// the write fires it.
+pub fn move_deadline<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> bool {
+    if !super::cpuid::tsc_deadline(&*cx.vmcs, cx.vcpu, cx.vm, &*cx.host) {
+        return false;
+    }
+    let g = &*cx.vcpu;
+    let value = (g.regs.rdx << 32) | (g.regs.rax & 0xffff_ffff);
+    let v = deadline_to_platform(value, g.tsc_adjust);
+    cx.vm.platform.move_tsc_deadline(g.index, v, cx.now)
+}
+
 /// RDPMC: the guest has no performance counters (CPUID leaf 0xA is zero, PDCM hidden), so every
 /// counter index is invalid: #GP(0) (SDM Vol. 2B, RDPMC). Without "RDPMC exiting" it would read
 /// the CPU's own counters, which count for whatever ran before.
@@ -191,7 +205,7 @@ pub fn rdpmc<V: Vmcs + ?Sized>(_cx: &mut ExitContext<'_, V>) -> Action {
 const DEBUGCTL_BTF: u64 = 1 << 1;
 
 pub fn read<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
-    use super::cpuid::{bit, has, table, LEAF7_EBX, LEAFD1_EAX};
+    use super::cpuid::{bit, has, tsc_deadline, LEAF7_EBX, LEAFD1_EAX};
     let msr = cx.vcpu.regs.rcx as u32;
     if X2APIC_MSRS.contains(&msr) {
         // The x2APIC's registers (`devices::lapic`: #GP outside x2APIC mode, for absent and
@@ -206,8 +220,6 @@ pub fn read<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             Err(_) => Action::Inject(Exception::GP0),
         };
     }
-    // From the guest's CPUID table: leaf 1 worked out afresh costs about 450 instructions.
-    let tsc_deadline = msr == index::TSC_DEADLINE && table(cx.vm, &*cx.host).tsc_deadline();
     let (vmcs, g, vm, host) = (&*cx.vmcs, &*cx.vcpu, &*cx.vm, &*cx.host);
     let value = match msr {
         index::FEATURE_CONTROL => 1, // locked, VMX off: what a CPU without VMX shows
@@ -219,7 +231,8 @@ pub fn read<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
         index::MTRR_CAP => 0,
         index::MTRR_DEF_TYPE => g.mtrr_def_type,
         index::PLATFORM_ID | index::BIOS_SIGN_ID | index::MCG_CAP | index::MCG_STATUS => 0,
-        index::TSC_DEADLINE if tsc_deadline => {
+        // From the guest's CPUID table: leaf 1 worked out afresh costs about 450 instructions.
+        index::TSC_DEADLINE if tsc_deadline(vmcs, g, vm, host) => {
             deadline_to_guest(vm.platform.tsc_deadline(g.index), g.tsc_adjust)
         }
         index::TSC_ADJUST if has(vmcs, g, vm, host, LEAF7_EBX, bit::EBX7_TSC_ADJUST) => {
@@ -258,7 +271,7 @@ pub fn write_reaches_platform(msr: u32) -> bool {
 }
 
 pub fn write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
-    use super::cpuid::{bit, has, of_guest, table, LEAF7_EBX, LEAFD1_EAX};
+    use super::cpuid::{bit, has, of_guest, tsc_deadline, LEAF7_EBX, LEAFD1_EAX};
     use crate::vmx::cr::{cr0::PG, efer::LMA, efer::LME};
     let msr = cx.vcpu.regs.rcx as u32;
     let value = (cx.vcpu.regs.rdx << 32) | (cx.vcpu.regs.rax & 0xffff_ffff);
@@ -273,8 +286,6 @@ pub fn write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             Err(_) => Action::Inject(Exception::GP0),
         };
     }
-    // From the guest's CPUID table, as for RDMSR.
-    let tsc_deadline = msr == index::TSC_DEADLINE && table(cx.vm, &*cx.host).tsc_deadline();
     let (vmcs, host) = (&mut *cx.vmcs, &*cx.host);
     let (g, vm) = (&mut *cx.vcpu, &mut *cx.vm);
     match msr {
@@ -330,7 +341,8 @@ pub fn write<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
             }
             g.mtrr_def_type = value
         }
-        index::TSC_DEADLINE if tsc_deadline => {
+        // From the guest's CPUID table: leaf 1 worked out afresh costs about 450 instructions.
+        index::TSC_DEADLINE if tsc_deadline(vmcs, g, vm, host) => {
             let v = deadline_to_platform(value, g.tsc_adjust);
             vm.platform.write_tsc_deadline(g.index, v, cx.now)
         }
@@ -717,9 +729,9 @@ mod tests {
     }
 
     #[test]
-    fn the_tsc_deadline_msr_follows_the_cpu_before_the_guest_asks_cpuid() {
-        // The guest's CPUID table (where the bit is kept) is filled at the MSR's first access
-        // too: a guest that never ran CPUID sees what CPUID would tell it.
+    fn the_tsc_deadline_msr_follows_the_cpu_before_and_after_the_guest_asks_cpuid() {
+        // The guest's CPUID table keeps the bit from its first CPUID exit on; before it, a guest
+        // that never ran CPUID sees what CPUID would tell it all the same.
         let with = |ecx: u32| {
             let mut t = TestBed::new();
             t.host
@@ -730,10 +742,12 @@ mod tests {
                 wr(&mut t, index::TSC_DEADLINE, 5),
             );
             let told = cpuid(&mut t, 1, 0)[2] & (1 << 24) != 0;
-            (r.is_ok(), w == Action::Advance, told)
+            let after = rd(&mut t, index::TSC_DEADLINE).is_ok();
+            let written = wr(&mut t, index::TSC_DEADLINE, 5) == Action::Advance;
+            (r.is_ok(), w == Action::Advance, told, after, written)
         };
-        assert_eq!(with(1 << 24), (true, true, true));
-        assert_eq!(with(!(1 << 24)), (false, false, false));
+        assert_eq!(with(1 << 24), (true, true, true, true, true));
+        assert_eq!(with(!(1 << 24)), (false, false, false, false, false));
     }
 
     /// A CPUID feature and the MSRs it implies: (name, leaf, subleaf, register, bits, MSRs,

@@ -42,6 +42,9 @@ pub enum Op {
     TripleFault,
     /// WRMSR of (MSR, value): the x2APIC's registers (`0x800..`) among others.
     Wrmsr(u32, u64),
+    /// WRMSR of IA32_TSC_DEADLINE: the guest's TSC at the instruction plus this many cycles
+    /// (a deadline already passed when negative).
+    Deadline(i64),
     /// STI: sets RFLAGS.IF (no exit). An application processor starts with it clear.
     Sti,
     /// VMCALL with RAX, RBX and RCX: a balloon hypercall (number, guest-physical, pages).
@@ -417,6 +420,16 @@ impl FakeCpu {
                     let rflags = vcpu.vmcs.read(GuestNat::Rflags);
                     vcpu.vmcs.set(GuestNat::Rflags, rflags | 1 << 9);
                     continue;
+                }
+                Op::Deadline(delta) => {
+                    let tsc = self
+                        .clock
+                        .wrapping_add(vcpu.vmcs.read(Control64::TscOffset));
+                    let value = tsc.wrapping_add_signed(delta);
+                    regs.rcx = crate::exits::msr::index::TSC_DEADLINE.into();
+                    regs.rax = value & 0xffff_ffff;
+                    regs.rdx = value >> 32;
+                    (ExitReason::Wrmsr, 2)
                 }
                 Op::Wrmsr(msr, value) => {
                     regs.rcx = msr as u64;

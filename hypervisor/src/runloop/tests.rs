@@ -992,6 +992,66 @@ fn x2apic_on() -> [Op; 2] {
     ]
 }
 
+/// The x2APIC's LVT timer register (SDM Vol. 3A Table 11-6).
+const X2APIC_LVT_TIMER: u32 = 0x832;
+
+/// A guest that keeps moving its TSC deadline ahead before it falls due, as Linux's tick does
+/// (the tight loop makes those writes, `exits::fast::handle_deadline`), gets no interrupt from
+/// the deadlines it moved, and one at the deadline it let stand, within the minimum gap, also
+/// when it moved it nearer; a deadline written in the past fires at once.
+#[test]
+fn a_moved_tsc_deadline_fires_at_its_new_time_only() {
+    let mut main = x2apic_on().to_vec();
+    main.extend([Op::Wrmsr(X2APIC_LVT_TIMER, 2 << 17 | 0x40), Op::Sti]);
+    for _ in 0..50 {
+        main.extend([Op::Deadline(4_000), Op::Run(3_000)]);
+    }
+    // A deadline far ahead, then moved nearer: the loop must come back for the nearer one.
+    main.extend([Op::Deadline(40_000), Op::Run(1_000), Op::Deadline(2_500)]);
+    main.extend([Op::Run(10_000), Op::Deadline(-5), Op::Run(u64::MAX)]);
+    let mover = Program {
+        main,
+        repeat_from: None,
+        handler: vec![Op::Run(100), Op::Wrmsr(X2APIC_EOI, 0)],
+        rflags: 0x202,
+    };
+    let mut rl = rig(vec![mover, Program::compute()]);
+    run_for(&mut rl, 8 * QUANTUM);
+    let writes: Vec<Entry> = rl
+        .cpu
+        .entries(0)
+        // Not the handler's EOI, the exit of the entry that injected.
+        .filter(|e| e.exit == ExitReason::Wrmsr && e.injected.is_none())
+        .copied()
+        .collect();
+    // The APIC base, the SVR, the LVT, then each deadline.
+    assert_eq!(writes.len(), 3 + 50 + 3, "every deadline written");
+    let ticks: Vec<Entry> = rl
+        .cpu
+        .entries(0)
+        .filter(|e| e.injected == Some(0x40))
+        .copied()
+        .collect();
+    assert_eq!(ticks.len(), 2, "{ticks:?}");
+    // The deadline left standing: 2,500 after the guest's TSC at its WRMSR (its exit's end
+    // less the instruction's cycle).
+    let due = writes[writes.len() - 2].guest_end() - 1 + 2_500;
+    let late = ticks[0].guest_start as i64 - due as i64;
+    assert!(
+        (0..=(MIN_GAP + 10 * KEEL_COST) as i64).contains(&late),
+        "{late} cycles late"
+    );
+    // The one in the past: at the entry after its WRMSR.
+    let past = writes[writes.len() - 1];
+    let next = rl
+        .cpu
+        .entries(0)
+        .find(|e| e.start > past.end)
+        .copied()
+        .expect("an entry after the last write");
+    assert_eq!(next.injected, Some(0x40));
+}
+
 /// An x2APIC ICR command to APIC `dest`: delivery mode `mode` (5 INIT, 6 STARTUP, 0 fixed),
 /// level asserted.
 fn ipi(dest: u32, mode: u64, vector: u8) -> Op {
