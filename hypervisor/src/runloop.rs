@@ -801,11 +801,14 @@ impl<C: Cpu> RunLoop<C> {
                         if !exits::fast::handle_deadline(&mut cx) {
                             break (raw, None);
                         }
-                        if exits::apicv::post_outstanding(g.vcpu) {
-                            // The timer's short way needs a page the last post left empty: the
-                            // look before the entry takes what the guest did with the last
-                            // post (delivered and ended, as a tick's handler that moves the
-                            // deadline has) and posts afresh, as after the general dispatch.
+                        if exits::apicv::post_outstanding(g.vcpu)
+                            && !exits::apicv::settle_empty(&v, g.vcpu, g.vm)
+                        {
+                            // The timer's short way needs a page the last post left empty. A
+                            // tick's handler that moves the deadline has usually taken and
+                            // ended what was posted (`settle_empty`); otherwise the look
+                            // before the entry takes it back and posts afresh, as after the
+                            // general dispatch.
                             p.touched = true;
                             continue 'slice;
                         }

@@ -597,6 +597,20 @@ impl Lapic {
         self.isr = Vectors::from_words(*isr);
     }
 
+    /// The CPU's copy of IRR and ISR, posted ([`Lapic::posted`]), was found empty: the guest
+    /// took and ended every vector posted. When nothing arrived since the post, the model takes
+    /// that (as [`Lapic::set_vectors`] of empty ones and [`Lapic::posted`] would) and true. False,
+    /// with nothing changed, when a vector arrived since (the CPU lacks it: a post must give it)
+    /// or the APIC was reset since.
+    pub fn settle_empty(&mut self) -> bool {
+        if self.since_post != SincePost::Arrived([0; 8]) {
+            return false;
+        }
+        self.irr = Vectors::from_words([0; 8]);
+        self.isr = Vectors::from_words([0; 8]);
+        true
+    }
+
     /// IRR and ISR were posted to the CPU as [`Lapic::vectors`] gives them: from here on the
     /// CPU owns them while the vCPU runs, and [`Lapic::set_vectors`] merges what arrives.
     pub fn posted(&mut self) {

@@ -101,6 +101,12 @@ impl ApicView<'_> {
         self.0.posted();
     }
 
+    /// `Lapic::settle_empty`: the posted vectors were all taken and ended.
+    #[inline]
+    pub fn settle_empty(&mut self) -> bool {
+        self.0.settle_empty()
+    }
+
     /// As [`Platform::apic_page_stale`].
     #[inline]
     pub fn page_stale(&self) -> bool {

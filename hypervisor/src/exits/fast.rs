@@ -18,6 +18,10 @@
 //! register-only exits; one that did leaves the loop done ([`Handled`]) and the general
 //! follow-up continues from it. INS/OUTS, REP and armed breakpoints keep the general path.
 //!
+//! So is a WRMSR of IA32_TSC_DEADLINE that fires nothing ([`handle_deadline`]): it moves only
+//! the guest's next timer, which the loop takes again without a platform look. [`way`] tells
+//! the three apart with one test of the exit reason.
+//!
 //! The handlers are the general ones, and so are the rules of completing an instruction
 //! ([`super::apply`]: RIP advanced by the exit's instruction length, RF cleared, the single-step
 //! trap queued when TF is set, STI/MOV-SS blocking cleared: SDM Vol. 3C 28.2.4, 26.6.6.1; Vol. 3A

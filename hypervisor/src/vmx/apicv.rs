@@ -388,6 +388,14 @@ impl VirtualApic {
         self.vectors()
     }
 
+    /// VIRR and VISR were found empty after a post that was not (RVI = SVI = 0, as
+    /// [`VirtualApic::unchanged`] reasons) and the model holds no vector either: the page is as
+    /// a post of nothing leaves it.
+    #[inline]
+    pub fn posted_empty(&mut self) {
+        self.idle = true;
+    }
+
     /// Whether the last [`VirtualApic::post`] left VIRR and VISR empty, and nothing was taken
     /// from the page since.
     #[inline]
