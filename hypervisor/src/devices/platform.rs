@@ -758,9 +758,9 @@ impl Platform {
     }
 
     /// True if no port access since the last call changed anything beyond its device's own
-    /// registers (no line driven, no console output, no timer moved, no 8259A access) and no
-    /// timer fired: the run loop then skips the injection check and the deadlines after an
-    /// I/O exit. Starts counting afresh.
+    /// registers (no line driven, no timer moved, no 8259A access; a console byte is none of
+    /// these, [`Platform::take_console_written`]) and no timer fired: the run loop then skips
+    /// the injection check and the deadlines after an I/O exit. Starts counting afresh.
     pub fn take_ports_quiet(&mut self) -> bool {
         let quiet = core::mem::replace(&mut self.ports_quiet, true);
         // A console writer's next access (its line status) is no quiet one either.

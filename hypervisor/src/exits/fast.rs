@@ -203,8 +203,9 @@ pub enum PortExit {
     /// qualification the SDM does not define): nothing done, the general dispatch handles it.
     General,
     /// Done, counted and completed, and the device changed nothing beyond its own registers (no
-    /// line driven, no console output, no timer moved, no exit status, no power request: the
-    /// platform's `take_ports_quiet`): the guest is entered again as after a register-only exit.
+    /// line driven, no timer moved, no exit status, no power request: the platform's
+    /// `take_ports_quiet`): the guest is entered again as after a register-only exit, once the
+    /// guest's console lines are printed if the access wrote some (`take_console_written`).
     Quiet,
     /// Done, counted and completed (its action applied), but the access reached beyond its
     /// device: the general follow-up continues from [`Handled::action`], the platform touched.
