@@ -105,11 +105,7 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, raw: u32) -> bool {
 /// [`handle`] for an exit the caller found register-only ([`is_register_only`]) itself.
 #[inline]
 pub fn handle_register_only<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, raw: u32) {
-    let stats = &mut cx.vcpu.stats;
-    stats.last_exit = raw as u16;
-    if let Some(slot) = stats.exits.get_mut(raw as usize) {
-        *slot += 1;
-    }
+    cx.vcpu.stats.count_exit(raw as u16);
     apicv::leave_vtpr(cx.vcpu);
     let action = match raw {
         CPUID => cpuid::handle(cx),
@@ -137,11 +133,7 @@ pub fn handle_deadline<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> bool {
     if !msr::move_deadline(cx) {
         return false;
     }
-    let stats = &mut cx.vcpu.stats;
-    stats.last_exit = WRMSR as u16;
-    if let Some(slot) = stats.exits.get_mut(WRMSR as usize) {
-        *slot += 1;
-    }
+    cx.vcpu.stats.count_exit(WRMSR as u16);
     apicv::leave_vtpr(cx.vcpu);
     super::complete(cx.vmcs, cx.vcpu);
     true
@@ -165,11 +157,7 @@ pub fn handle_yield<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut crate::guest::Vcp
     if !vmcall::handle_yield(&*vmcs, vcpu) {
         return false;
     }
-    let stats = &mut vcpu.stats;
-    stats.last_exit = VMCALL as u16;
-    if let Some(slot) = stats.exits.get_mut(VMCALL as usize) {
-        *slot += 1;
-    }
+    vcpu.stats.count_exit(VMCALL as u16);
     apicv::leave_vtpr(vcpu);
     super::complete(vmcs, vcpu);
     true
@@ -185,11 +173,7 @@ pub fn handle_yield<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut crate::guest::Vcp
 /// platform: a timer of the guest's has usually fallen due).
 #[inline]
 pub fn handle_preempted<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &mut crate::guest::Vcpu) {
-    let stats = &mut vcpu.stats;
-    stats.last_exit = PREEMPTED as u16;
-    if let Some(slot) = stats.exits.get_mut(PREEMPTED as usize) {
-        *slot += 1;
-    }
+    vcpu.stats.count_exit(PREEMPTED as u16);
     apicv::leave_vtpr(vcpu);
     super::requeue_interrupted_event(vmcs, vcpu);
 }
@@ -245,11 +229,7 @@ pub fn handle_port<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> PortExit {
     if q.string || cx.vmcs.read(GuestNat::Dr7) & debug::DR7_ENABLES != 0 {
         return PortExit::General;
     }
-    let stats = &mut cx.vcpu.stats;
-    stats.last_exit = IO as u16;
-    if let Some(slot) = stats.exits.get_mut(IO as usize) {
-        *slot += 1;
-    }
+    cx.vcpu.stats.count_exit(IO as u16);
     // A byte access the device makes from its registers alone (`Platform::io_quiet`: no timer
     // due, no line, no console, no deadline moved) ends here, as `io::in_or_out` would end it:
     // the device in the same state, RAX merged for an IN.

@@ -117,10 +117,7 @@ pub fn handle<V: Vmcs + ?Sized>(
     reason: ExitReason,
 ) -> Action {
     let basic = (raw & 0xffff) as usize;
-    cx.vcpu.stats.last_exit = basic as u16;
-    if let Some(slot) = cx.vcpu.stats.exits.get_mut(basic) {
-        *slot += 1;
-    }
+    cx.vcpu.stats.count_exit(basic as u16);
     if raw & (1 << 31) != 0 {
         // SDM 27.8: a VM-entry failure is reported as an exit with bit 31 set.
         let qual = cx.vmcs.read(ReadOnlyNat::ExitQualification);
