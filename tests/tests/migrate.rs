@@ -1,17 +1,17 @@
 //! Live migration between two Keels (docs/SNAPSHOTS.md, "Live migration"): two Bochs runs of
 //! tests/guests/manifests/migrate-a.toml and migrate-b.toml, driven over their control channels
 //! as `cargo keel migrate` drives them. First a migration whose B goes away midway (B's
-//! emulator is killed during round 0): the counter keeps counting on A. Then, to a new B, a migration that
-//! completes: the counter's seconds go on on B where they stopped on A, none missing or
-//! repeated, and A's copy is gone. `cargo itest migrate -- --nocapture` prints the figures
-//! (rounds, pages, downtime, total time).
+//! emulator is killed before the tenth stream line of round 0): the counter keeps counting on A.
+//! Then, to a new B, a migration that completes: the counter's seconds go on on B where they
+//! stopped on A, none missing or repeated, and A's copy is gone. `cargo itest migrate --
+//! --nocapture` prints the figures (rounds, pages, downtime, total time).
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use keel_boot::control;
-use keel_boot::migrate::{self as mig, Socket};
+use keel_boot::migrate::{self as mig, Channel, Socket};
 use keel_boot::{RunOptions, RunResult};
 use keel_tests::{harness_dir, images, Emulator, Firmware, Manifest, Outcome};
 
@@ -125,14 +125,15 @@ fn run_session() -> Runs {
         _ => None,
     };
     let (sock_b, run_b) = start(&B, "bochs-migrate-b");
-    if s.error.is_none() {
-        match wait_for_in_list(&sock_b, ready, Duration::from_secs(400)) {
-            Err(e) => s.fail(format!("the second B never answered: {e}")),
-            Ok(()) => {
-                std::thread::sleep(Duration::from_secs(5));
-                completed(&mut s, &sock_a, &sock_b);
-            }
+    // Waited for even after a failure, so that its `quit` reaches it (a run never told to quit
+    // lasts to its timeout).
+    match wait_for_in_list(&sock_b, ready, Duration::from_secs(400)) {
+        Err(e) => s.fail(format!("the second B never answered: {e}")),
+        Ok(()) if s.error.is_none() => {
+            std::thread::sleep(Duration::from_secs(5));
+            completed(&mut s, &sock_a, &sock_b);
         }
+        Ok(()) => {}
     }
     s.send(&sock_b, "quit");
     s.send(&sock_a, "quit");
@@ -144,20 +145,57 @@ fn run_session() -> Runs {
     Runs { a, gone, b, s }
 }
 
+/// The `migrate-data` line of round 0 before which B's emulator is killed: round 0 carries about
+/// a hundred of them, so B goes away in its midst however fast the lines go.
+const KILL_AT_LINE: u32 = 10;
+
+/// B's control channel, whose emulator is killed (not told to quit over the channel, which
+/// carries the migration's lines) before the [`KILL_AT_LINE`]th stream line reaches it.
+struct GoesAway<'a> {
+    channel: Socket<'a>,
+    name: &'static str,
+    lines: u32,
+    killed: Option<Result<Vec<i32>, String>>,
+}
+
+impl Channel for GoesAway<'_> {
+    fn ask(&mut self, command: &str) -> anyhow::Result<String> {
+        if command.starts_with("migrate-data ") {
+            self.lines += 1;
+            if self.lines == KILL_AT_LINE {
+                self.killed = Some(kill_emulator(self.name));
+            }
+        }
+        self.channel.ask(command)
+    }
+}
+
 /// A migration whose B is killed during round 0: the counter runs on at A.
 fn interrupted(s: &mut Session, a: &Path, b: &Path) {
-    let (from, to) = (a.to_path_buf(), b.to_path_buf());
-    let mover = std::thread::spawn(move || {
-        let mut log = Vec::new();
-        let r = migrate(&from, &to, &mut log);
-        (r, log)
-    });
-    // Round 0 takes a while over B's line: B's machine goes away within it. Its emulator is
-    // killed (not told to quit over the control channel, which carries the migration's lines).
-    std::thread::sleep(Duration::from_secs(25));
-    kill_emulator(s, "bochs-migrate-gone");
-    let (r, log) = mover.join().expect("the migration thread");
+    let timeout = Duration::from_secs(60);
+    let mut from = Socket { path: a, timeout };
+    let mut to = GoesAway {
+        channel: Socket { path: b, timeout },
+        name: "bochs-migrate-gone",
+        lines: 0,
+        killed: None,
+    };
+    let mut log = Vec::new();
+    let r = mig::migrate("counter", &mut from, &mut to, &mut |line| {
+        log.push(line.to_string())
+    })
+    .map_err(|e| format!("{e:#}"));
     s.log.extend(log);
+    match to.killed {
+        None => s.fail(format!(
+            "the migration sent {} stream lines to B, fewer than the {KILL_AT_LINE} it was to be killed at",
+            to.lines
+        )),
+        Some(Err(e)) => s.fail(e),
+        Some(Ok(pids)) => s.log.push(format!(
+            "killed the emulator of bochs-migrate-gone before stream line {KILL_AT_LINE} (pids {pids:?})"
+        )),
+    }
     match r {
         Ok(_) => s.fail("a migration whose B was killed midway completed".into()),
         Err(e) => {
@@ -177,8 +215,8 @@ fn interrupted(s: &mut Session, a: &Path, b: &Path) {
 }
 
 /// Kills the emulator of run `name` (started by [`start`]): every process whose command line
-/// names its bochsrc (Bochs, and xvfb-run around it), found in /proc.
-fn kill_emulator(s: &mut Session, name: &str) {
+/// names its bochsrc (Bochs, and xvfb-run around it), found in /proc. The pids killed.
+fn kill_emulator(name: &str) -> Result<Vec<i32>, String> {
     let rc = std::path::absolute(harness_dir().join("runs").join(name).join("bochsrc"))
         .expect("an absolute path");
     let rc = rc.to_string_lossy().into_owned();
@@ -202,10 +240,9 @@ fn kill_emulator(s: &mut Session, name: &str) {
         }
     }
     if killed.is_empty() {
-        s.fail(format!("no emulator of {name} to kill"));
+        Err(format!("no emulator of {name} to kill"))
     } else {
-        s.log
-            .push(format!("killed the emulator of {name} (pids {killed:?})"));
+        Ok(killed)
     }
 }
 
