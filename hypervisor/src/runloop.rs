@@ -1917,7 +1917,8 @@ impl<C: Cpu> RunLoop<C> {
         let (i, c) = seat;
         let who = Writer::Guest(self.slots[i].vm.id);
         let last = LAST_TABLE.load(core::sync::atomic::Ordering::Relaxed);
-        if crate::log::fits(who, last) && print_stats(self.slots.iter(), who) {
+        let now = self.cpu.rdtsc();
+        if crate::log::fits(who, last) && print_stats(self.slots.iter(), who, now) {
             return;
         }
         // The answer goes back through the VMCS (it depends on the guest's mode).
@@ -3397,8 +3398,26 @@ impl<C: Cpu> RunLoop<C> {
 /// The length of the last accounting table, as sent.
 static LAST_TABLE: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
 
-/// Prints the accounting table as `who`'s output, whole or not at all: false if it did not fit.
-fn print_stats<'a, V: 'a>(guests: impl Iterator<Item = &'a Slot<V>>, who: Writer) -> bool {
+/// Prints the accounting table ([`stats_table`]) as `who`'s output, whole or not at all: false
+/// if it did not fit.
+fn print_stats<'a, V: 'a>(
+    guests: impl Iterator<Item = &'a Slot<V>>,
+    who: Writer,
+    now: u64,
+) -> bool {
+    let t = stats_table(guests, now);
+    LAST_TABLE.store(
+        crate::log::wire_len(t.as_bytes()),
+        core::sync::atomic::Ordering::Relaxed,
+    );
+    crate::log::write_as(who, t.as_bytes())
+}
+
+/// The accounting table: per guest its cycles, exits, interrupts and state, its exits by reason
+/// and its console's bytes. `now`: the host TSC, printed last (`keel: host tsc N`), so that what
+/// guests used between two tables can be set against the machine's time that passed (the
+/// guests' own clocks stop while they wait for a CPU).
+fn stats_table<'a, V: 'a>(guests: impl Iterator<Item = &'a Slot<V>>, now: u64) -> String {
     use core::fmt::Write;
     let guests: Vec<&Slot<V>> = guests.collect();
     let mut t = String::new();
@@ -3447,11 +3466,8 @@ fn print_stats<'a, V: 'a>(guests: impl Iterator<Item = &'a Slot<V>>, who: Writer
             c.dropped_bytes()
         );
     }
-    LAST_TABLE.store(
-        crate::log::wire_len(t.as_bytes()),
-        core::sync::atomic::Ordering::Relaxed,
-    );
-    crate::log::write_as(who, t.as_bytes())
+    let _ = writeln!(t, "keel: host tsc {now}");
+    t
 }
 
 pub mod migrate;

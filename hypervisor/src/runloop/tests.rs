@@ -583,6 +583,32 @@ fn yield_and_print_stats_end_the_slice() {
         .all(|w| w[1].guest_start - w[0].guest_end() < 10 * KEEL_COST));
 }
 
+/// The accounting table (PRINT_STATS) has a row per guest with its cycles as its statistics
+/// hold them, and ends with the host TSC it was made at: what guests used between two tables is
+/// set against the machine's time by it (their own clocks stop while they wait for the CPU).
+#[test]
+fn the_accounting_table_counts_each_guest_and_ends_with_the_host_tsc() {
+    let mut rl = rig(vec![Program::compute(), Program::compute()]);
+    for _ in 0..6 {
+        assert!(rl.step());
+    }
+    let now = rl.cpu.clock;
+    let t = stats_table(rl.slots.iter(), now);
+    let lines: Vec<&str> = t.lines().collect();
+    assert!(lines[0].starts_with("keel: guest "), "{t}");
+    for (k, s) in rl.slots.iter().enumerate() {
+        let v: Vec<&str> = lines[1 + k].split_whitespace().collect();
+        assert_eq!(v[1], s.vm.name, "{t}");
+        assert_eq!(v[2], s.vcpus[0].stats.cpu_cycles.to_string(), "{t}");
+        assert_eq!(v[3], s.vcpus[0].stats.keel_cycles.to_string(), "{t}");
+        assert!(s.vcpus[0].stats.cpu_cycles > 0);
+    }
+    assert_eq!(
+        lines.last(),
+        Some(&format!("keel: host tsc {now}").as_str())
+    );
+}
+
 /// A YIELD gives up the slice also while the slice runs in pieces (a key typed in the last
 /// second, or the control channel busy: `start_piece`). It did not: the piece ended at the
 /// YIELD, and the next piece went to the same vCPU, which kept the CPU to its quantum's end.
