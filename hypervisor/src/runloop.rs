@@ -816,7 +816,15 @@ impl<C: Cpu> RunLoop<C> {
                         note_shot(p);
                     } else {
                         match exits::fast::handle_port(&mut cx) {
-                            PortExit::Quiet => {}
+                            PortExit::Quiet => {
+                                // A console byte is quiet too (no line, no timer): its lines
+                                // are printed as after the general dispatch.
+                                if g.vm.platform.take_console_written()
+                                    && print_console(g.vm, PRINT_BUDGET)
+                                {
+                                    crate::log::pump();
+                                }
+                            }
                             PortExit::Changed(done) => break (raw, Some(done)),
                             PortExit::General => break (raw, None),
                         }
@@ -2377,7 +2385,10 @@ fn after_exit<C: Cpu>(
     if let Some(event) = touched.then(|| vm.platform.take_power_event()).flatten() {
         return Next::End(SliceEnd::Stop(StopReason::Board(event)));
     }
-    if (touched || reason == ExitReason::Vmcall) && print_console(&mut *vm, PRINT_BUDGET) {
+    // Console output (a hypercall's, or a port access's: quiet as it is, `touched` may be false).
+    let console = vm.platform.take_console_written();
+    if (touched || console || reason == ExitReason::Vmcall) && print_console(&mut *vm, PRINT_BUDGET)
+    {
         crate::log::pump();
     }
     if reason == ExitReason::Xsetbv && vcpu.xcr0 != p.xcr0 {

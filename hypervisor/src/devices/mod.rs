@@ -165,9 +165,11 @@ pub struct DeviceContext<'a> {
     console: &'a mut ConsoleBuffer,
     exit_status: &'a mut Option<u32>,
     power: &'a mut Option<PowerEvent>,
-    /// Whether the device reached beyond its own registers: drove a line, used the console,
-    /// set an exit status or asked for a power event ([`DeviceContext::reached_out`]).
+    /// Whether the device reached beyond its own registers and the console: drove a line, set
+    /// an exit status or asked for a power event ([`DeviceContext::reached_out`]).
     reached_out: bool,
+    /// Whether the device wrote to the guest's console ([`DeviceContext::used_console`]).
+    used_console: bool,
 }
 
 impl<'a> DeviceContext<'a> {
@@ -185,15 +187,22 @@ impl<'a> DeviceContext<'a> {
             exit_status,
             power,
             reached_out: false,
+            used_console: false,
         }
     }
 
-    /// Whether the device drove one of its lines, used the console, set an exit status or asked
-    /// for a power event through this context: when it did none of these (and its timer is as
-    /// it was), the access changed nothing outside the device and the platform need not look
-    /// again at interrupts, deadlines or the console.
+    /// Whether the device drove one of its lines, set an exit status or asked for a power event
+    /// through this context: when it did none of these (and its timer is as it was), the access
+    /// changed nothing outside the device and the console, and the platform need not look again
+    /// at interrupts or deadlines.
     pub fn reached_out(&self) -> bool {
         self.reached_out
+    }
+
+    /// Whether the device wrote to the guest's console through this context: its lines are to
+    /// be printed, which needs no look at interrupts or deadlines.
+    pub fn used_console(&self) -> bool {
+        self.used_console
     }
 
     /// The guest's virtual time in TSC ticks.
@@ -234,7 +243,7 @@ impl<'a> DeviceContext<'a> {
     }
 
     pub fn console(&mut self) -> &mut ConsoleBuffer {
-        self.reached_out = true;
+        self.used_console = true;
         self.console
     }
 

@@ -408,6 +408,10 @@ pub struct Platform {
     /// False once a port access changed something beyond its device, or a timer fired, since
     /// the last [`Platform::take_ports_quiet`].
     ports_quiet: bool,
+    /// A port access wrote to the guest's console since the last
+    /// [`Platform::take_console_written`]: its lines are to be printed. Not a change for
+    /// `ports_quiet` (no line, no timer).
+    console_written: bool,
     /// The last port access ([`Platform::take_ports_quiet`]) reached beyond its device: the
     /// next one does not try the quiet way ([`Platform::io_quiet`]), which a guest that writes
     /// its console (a THR write, then an LSR read, for every character) pays for where it is
@@ -456,6 +460,7 @@ impl Platform {
             next: None,
             access_changed: false,
             ports_quiet: true,
+            console_written: false,
             loud: false,
             epoch: 0,
         };
@@ -753,13 +758,23 @@ impl Platform {
     }
 
     /// True if no port access since the last call changed anything beyond its device's own
-    /// registers (no line driven, no console output, no timer moved, no 8259A access) and no
-    /// timer fired: the run loop then skips the injection check and the deadlines after an
-    /// I/O exit. Starts counting afresh.
+    /// registers (no line driven, no timer moved, no 8259A access; a console byte is none of
+    /// these, [`Platform::take_console_written`]) and no timer fired: the run loop then skips
+    /// the injection check and the deadlines after an I/O exit. Starts counting afresh.
     pub fn take_ports_quiet(&mut self) -> bool {
         let quiet = core::mem::replace(&mut self.ports_quiet, true);
-        self.loud = !quiet;
+        // A console writer's next access (its line status) is no quiet one either.
+        self.loud = !quiet || self.console_written;
         quiet
+    }
+
+    /// True if a port access wrote to the guest's console since the last call (a byte to a
+    /// UART's transmitter, the debug console): the run loop prints the guest's lines. Such an
+    /// access alone is still quiet ([`Platform::take_ports_quiet`]): it drives no line and
+    /// moves no timer, so no look at the platform follows it.
+    #[inline]
+    pub fn take_console_written(&mut self) -> bool {
+        core::mem::take(&mut self.console_written)
     }
 
     /// The access itself, inlined into [`Platform::io_read`] with the device's call, so that
@@ -1349,13 +1364,14 @@ impl Platform {
     ) -> Option<R> {
         // `call` takes the device's deadline again after the access.
         let before = *self.deadlines.get(id.0)?;
-        let (r, reached_out) = self.call(id, now, |dev, cx| {
+        let (r, reached_out, used_console) = self.call(id, now, |dev, cx| {
             let r = f(dev, cx);
-            (r, cx.reached_out())
+            (r, cx.reached_out(), cx.used_console())
         })?;
         if reached_out || self.deadlines.get(id.0).copied().flatten() != before {
             self.access_changed = true;
         }
+        self.console_written |= used_console;
         Some(r)
     }
 }
@@ -1497,16 +1513,22 @@ mod tests {
         let due = p.next_deadline().unwrap();
         assert!(p.io_quiet(0x3ff, 1, Some(1), due - 1).is_some());
         assert_eq!(p.io_quiet(0x3ff, 1, Some(1), due), None);
-        p.io_write(0x3f8, 1, u32::from(b'k'), 0);
+        p.io_read(0x21, 1, 0);
         assert_eq!(p.io_quiet(0x3ff, 1, Some(1), 0), None);
         assert!(!p.take_ports_quiet());
-        // Right after an access that reached further (the console byte above) the quiet way is
+        // Right after an access that reached further (the 8259A's read above) the quiet way is
         // not tried (`Platform::loud`); once an access ends quiet the ordinary way, it is again.
         assert_eq!(p.io_quiet(0x3ff, 1, Some(2), 0), None);
         assert!(p.io_write(0x3ff, 1, 3, 0));
         assert!(p.take_ports_quiet());
         assert!(p.io_quiet(0x3ff, 1, Some(4), 0).is_some());
         assert_eq!(p.io_read(0x3ff, 1, 0), Some(4), "the quiet write made");
+        // A console byte changes nothing the quiet way looks at, but its writer reads the line
+        // status next, which is no quiet access: not tried after it either.
+        p.io_write(0x3f8, 1, u32::from(b'k'), 0);
+        assert!(p.take_ports_quiet());
+        assert!(p.take_console_written());
+        assert_eq!(p.io_quiet(0x3ff, 1, Some(5), 0), None);
         // Wide accesses go the ordinary way.
         assert_eq!(fresh(|_| {}).io_quiet(0x3fe, 2, None, 0), None);
     }
@@ -2172,8 +2194,14 @@ mod tests {
         p.io_write(0x80, 1, 0x99, 0);
         p.io_read(0x1234, 1, 0);
         assert!(p.take_ports_quiet());
-        // A byte to the console.
+        assert!(!p.take_console_written());
+        // A byte to the console: no line, no timer, but lines to print.
         p.io_write(port::COM1, 1, u32::from(b'a'), 0);
+        assert!(p.take_ports_quiet());
+        assert!(p.take_console_written());
+        assert!(!p.take_console_written(), "each take starts afresh");
+        // The 8259A (a read may acknowledge).
+        p.io_read(0x21, 1, 0);
         assert!(!p.take_ports_quiet());
         assert!(p.take_ports_quiet(), "each take starts afresh");
         // Enabling the UART's THR-empty interrupt with OUT2 raises IRQ 4: a line moved.
