@@ -343,6 +343,22 @@ impl Device for DebugConsole {
     fn io_write(&mut self, _port: u16, _size: u8, value: u32, cx: &mut DeviceContext<'_>) {
         cx.console().push(value as u8);
     }
+
+    /// Every access: a byte to the console, or the port's fixed answer.
+    fn io_quiet(
+        &mut self,
+        _port: u16,
+        write: Option<u8>,
+        console: &mut super::QuietConsole<'_>,
+    ) -> Option<u8> {
+        match write {
+            Some(byte) => {
+                console.push(byte);
+                Some(0)
+            }
+            None => Some(0xe9),
+        }
+    }
 }
 
 #[cfg(test)]

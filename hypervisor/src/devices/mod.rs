@@ -79,14 +79,20 @@ pub trait Device: Any + Send {
 
     /// A byte access at `port` (`write`: the byte of an `OUT`, None for an `IN`) made without a
     /// context, when the device can tell before it starts that the access reads or writes its
-    /// registers and nothing else: it drives no line, touches no console, exit status or power
-    /// request, moves no timer (its [`Device::next_deadline`] stays as it was) and needs no
-    /// time. Then the device makes it and returns the byte read (0 for a write), leaving itself
-    /// exactly as [`Device::io_read`]/[`Device::io_write`] would have; otherwise it returns
-    /// None with nothing changed, and the platform makes the access the ordinary way. The
-    /// default makes none this way.
-    fn io_quiet(&mut self, port: u16, write: Option<u8>) -> Option<u8> {
-        let _ = (port, write);
+    /// registers, and at most a byte to the guest's console, and nothing else: it drives no
+    /// line, touches no exit status or power request, moves no timer (its
+    /// [`Device::next_deadline`] stays as it was) and needs no time. Then the device makes it
+    /// and returns the byte read (0 for a write), leaving itself and the console exactly as
+    /// [`Device::io_read`]/[`Device::io_write`] would have; otherwise it returns None with
+    /// nothing changed, and the platform makes the access the ordinary way. The default makes
+    /// none this way.
+    fn io_quiet(
+        &mut self,
+        port: u16,
+        write: Option<u8>,
+        console: &mut QuietConsole<'_>,
+    ) -> Option<u8> {
+        let _ = (port, write, console);
         None
     }
 
@@ -154,6 +160,25 @@ impl fmt::Display for PowerEvent {
             Self::Reset(ResetSource::I8042) => "reset (i8042 reset line)",
             Self::Reset(ResetSource::ResetControl) => "reset (reset control register 0xCF9)",
         })
+    }
+}
+
+/// The guest's console as a quiet access ([`Device::io_quiet`]) writes it: a byte pushed is
+/// noted for the run loop, which prints the guest's lines (`Platform::take_console_written`).
+pub struct QuietConsole<'a> {
+    buffer: &'a mut ConsoleBuffer,
+    written: &'a mut bool,
+}
+
+impl<'a> QuietConsole<'a> {
+    pub fn new(buffer: &'a mut ConsoleBuffer, written: &'a mut bool) -> Self {
+        QuietConsole { buffer, written }
+    }
+
+    /// A byte to the console, as `DeviceContext::console().push` writes it.
+    pub fn push(&mut self, byte: u8) {
+        self.buffer.push(byte);
+        *self.written = true;
     }
 }
 

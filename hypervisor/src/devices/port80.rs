@@ -3,7 +3,7 @@
 //! display latch, and as QEMU does not: it returns 0xff — reading it back is the useful choice for
 //! debugging a guest, and no driver depends on either).
 
-use super::{Device, DeviceContext};
+use super::{Device, DeviceContext, QuietConsole};
 use crate::state::{self, Reader, StateError, Writer};
 
 #[derive(Debug, Default)]
@@ -21,6 +21,19 @@ impl Port80 {
     /// How many writes the port has seen (each one a guest I/O delay or POST code).
     pub fn writes(&self) -> u64 {
         self.writes
+    }
+
+    /// An access (`write`: the byte of an `OUT`): the latch and the counter, nothing else.
+    /// Returns the byte read (0 for a write).
+    fn access(&mut self, write: Option<u8>) -> u8 {
+        match write {
+            Some(value) => {
+                self.last = value;
+                self.writes += 1;
+                0
+            }
+            None => self.last,
+        }
     }
 }
 
@@ -43,24 +56,22 @@ impl Device for Port80 {
         state::restore_whole(r, STATE_TAG, STATE_VERSION, self, |_| Ok(()))
     }
 
-    fn io_read(&mut self, port: u16, _size: u8, _cx: &mut DeviceContext<'_>) -> u32 {
-        u32::from(self.io_quiet(port, None).unwrap_or(self.last))
+    fn io_read(&mut self, _port: u16, _size: u8, _cx: &mut DeviceContext<'_>) -> u32 {
+        u32::from(self.access(None))
     }
 
-    fn io_write(&mut self, port: u16, _size: u8, value: u32, _cx: &mut DeviceContext<'_>) {
-        self.io_quiet(port, Some(value as u8));
+    fn io_write(&mut self, _port: u16, _size: u8, value: u32, _cx: &mut DeviceContext<'_>) {
+        self.access(Some(value as u8));
     }
 
-    /// Every access: a latch and a counter, nothing else.
-    fn io_quiet(&mut self, _port: u16, write: Option<u8>) -> Option<u8> {
-        match write {
-            Some(value) => {
-                self.last = value;
-                self.writes += 1;
-                Some(0)
-            }
-            None => Some(self.last),
-        }
+    /// Every access ([`Port80::access`]).
+    fn io_quiet(
+        &mut self,
+        _port: u16,
+        write: Option<u8>,
+        _console: &mut QuietConsole<'_>,
+    ) -> Option<u8> {
+        Some(self.access(write))
     }
 }
 

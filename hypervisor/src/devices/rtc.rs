@@ -15,7 +15,7 @@
 //! only), daylight saving (DSE), the square-wave output and the extended 256-byte bank.
 
 use super::clock::{ClockRate, RTC_HZ};
-use super::{Device, DeviceContext};
+use super::{Device, DeviceContext, QuietConsole};
 use crate::state::{self, Reader, StateError, Writer};
 
 pub const RTC_INDEX: u16 = 0x70;
@@ -146,6 +146,22 @@ pub struct Rtc {
 }
 
 impl Rtc {
+    /// An access to the index port: the register number and the NMI mask (bit 7), written, and
+    /// an open read (the port is write-only). None, with nothing done, for the data port.
+    fn index_access(&mut self, port: u16, write: Option<u8>) -> Option<u8> {
+        if port == RTC_DATA {
+            return None;
+        }
+        match write {
+            Some(value) => {
+                self.index = value & 0x7f;
+                self.nmi_masked = value & 0x80 != 0;
+                Some(0)
+            }
+            None => Some(0xff),
+        }
+    }
+
     /// An RTC at [`DEFAULT_EPOCH`] at TSC 0: 24-hour BCD, no interrupts, 1024 Hz periodic rate
     /// selected (register A 0x26, as PC firmware leaves it).
     pub fn new(tsc_hz: u64) -> Self {
@@ -485,7 +501,7 @@ impl Device for Rtc {
     }
 
     fn io_read(&mut self, port: u16, _size: u8, cx: &mut DeviceContext<'_>) -> u32 {
-        if let Some(value) = self.io_quiet(port, None) {
+        if let Some(value) = self.index_access(port, None) {
             return u32::from(value);
         }
         let t = self.clock.ticks_at(cx.now());
@@ -494,26 +510,20 @@ impl Device for Rtc {
 
     fn io_write(&mut self, port: u16, _size: u8, value: u32, cx: &mut DeviceContext<'_>) {
         let value = value as u8;
-        if self.io_quiet(port, Some(value)).is_none() {
+        if self.index_access(port, Some(value)).is_none() {
             let t = self.clock.ticks_at(cx.now());
             self.write_data(value, t, cx);
         }
     }
 
-    /// The index port: the register number and the NMI mask (bit 7), written, and an open
-    /// read (the port is write-only). The data port needs the time.
-    fn io_quiet(&mut self, port: u16, write: Option<u8>) -> Option<u8> {
-        if port == RTC_DATA {
-            return None;
-        }
-        match write {
-            Some(value) => {
-                self.index = value & 0x7f;
-                self.nmi_masked = value & 0x80 != 0;
-                Some(0)
-            }
-            None => Some(0xff),
-        }
+    /// The index port ([`Rtc::index_access`]). The data port needs the time.
+    fn io_quiet(
+        &mut self,
+        port: u16,
+        write: Option<u8>,
+        _console: &mut QuietConsole<'_>,
+    ) -> Option<u8> {
+        self.index_access(port, write)
     }
 
     fn advance(&mut self, cx: &mut DeviceContext<'_>) {

@@ -11,7 +11,7 @@
 //! IBM PC the INTRPT pin drives the ISA line through a buffer enabled by the ~OUT2 pin, and the
 //! datasheet disconnects OUT2 from its pin in loopback mode. Linux's 8250 driver sets OUT2 on PCs.
 
-use super::{Device, DeviceContext};
+use super::{Device, DeviceContext, QuietConsole};
 use crate::state::{self, Reader, StateError, Writer};
 use alloc::collections::VecDeque;
 
@@ -293,6 +293,20 @@ impl Uart16550 {
         }
     }
 
+    /// True if reading `reg` now changes nothing (its value aside): RBR with nothing received,
+    /// IIR not reporting THRE (reading that acknowledges it), LSR with no error to clear, MSR
+    /// with no change to clear (datasheet, the register descriptions). The plain registers
+    /// answer before this is asked.
+    fn read_changes_nothing(&self, reg: u16) -> bool {
+        match reg {
+            RBR_THR_DLL => self.rx.is_empty(),
+            IIR_FCR => self.interrupt_id() != IIR_THRE,
+            LSR => self.lsr_errors == 0,
+            MSR => self.msr_deltas == 0,
+            _ => false,
+        }
+    }
+
     fn read_register(&mut self, reg: u16) -> u8 {
         if let Some(value) = self.plain_register(reg, None) {
             return value;
@@ -326,20 +340,29 @@ impl Uart16550 {
         }
     }
 
+    /// A write of THR (DLAB clear): the byte is sent at once, so THR is empty again, which is a
+    /// new THRE condition. Returns the byte for the console; None in loopback, where the
+    /// receiver took it.
+    fn transmit(&mut self, value: u8) -> Option<u8> {
+        self.tx_bytes += 1;
+        self.thre_pending = true;
+        if self.loopback() {
+            self.receive(value);
+            None
+        } else {
+            Some(value)
+        }
+    }
+
     fn write_register(&mut self, reg: u16, value: u8, cx: &mut DeviceContext<'_>) {
         if self.plain_register(reg, Some(value)).is_some() {
             return;
         }
         match reg {
             RBR_THR_DLL => {
-                self.tx_bytes += 1;
-                if self.loopback() {
-                    self.receive(value);
-                } else {
-                    cx.console().push(value);
+                if let Some(byte) = self.transmit(value) {
+                    cx.console().push(byte);
                 }
-                // Sent at once: THR is empty again, which is a new THRE condition.
-                self.thre_pending = true;
             }
             IER_DLM => {
                 let old = self.ier;
@@ -426,13 +449,40 @@ impl Device for Uart16550 {
         self.update_irq(cx);
     }
 
-    /// The plain registers ([`Uart16550::plain_register`]), while the line already stands where
-    /// `update_irq` puts it: they do not move it, so `io_read`/`io_write` would drive nothing.
-    fn io_quiet(&mut self, port: u16, write: Option<u8>) -> Option<u8> {
+    /// The plain registers ([`Uart16550::plain_register`]), the reads that change nothing now
+    /// ([`Uart16550::read_changes_nothing`]: a polled console's line-status read) and a byte
+    /// sent to the console whose new THRE condition leaves the line as it is (THRE's interrupt
+    /// off, as a polled console has it), while the line already stands where `update_irq` puts
+    /// it: `io_read`/`io_write` would drive nothing.
+    fn io_quiet(
+        &mut self,
+        port: u16,
+        write: Option<u8>,
+        console: &mut QuietConsole<'_>,
+    ) -> Option<u8> {
         if self.line_level() != self.irq_level {
             return None;
         }
-        self.plain_register(port.wrapping_sub(self.base) & 7, write)
+        let reg = port.wrapping_sub(self.base) & 7;
+        if let Some(v) = self.plain_register(reg, write) {
+            return Some(v);
+        }
+        match write {
+            None if self.read_changes_nothing(reg) => Some(self.read_register(reg)),
+            // DLAB is clear here: `plain_register` took the divisor latch.
+            Some(value) if reg == RBR_THR_DLL && !self.loopback() => {
+                let was = core::mem::replace(&mut self.thre_pending, true);
+                if self.line_level() != self.irq_level {
+                    self.thre_pending = was;
+                    return None;
+                }
+                if let Some(byte) = self.transmit(value) {
+                    console.push(byte);
+                }
+                Some(0)
+            }
+            _ => None,
+        }
     }
 }
 
