@@ -503,6 +503,8 @@ mod tests {
         assert!(ram.fetch_or_u8(0x10_0000, 1).is_none());
         assert!(ram.read_u32(0xf_fffc).is_some());
         assert_eq!(ram.slice(0x30_0000, 4).as_deref(), Some(&b"keep"[..]));
+        assert_eq!(ram.read_array(0x30_0000), Some(*b"keep"));
+        assert_eq!(ram.read_array::<8>(0x10_1ffc), None);
     }
 
     #[test]

@@ -129,15 +129,18 @@ pub fn walk(ram: &GuestRam, mode: &PagingMode, la: u64) -> Result<Walk, Miss> {
     }
     let (mut writable, mut user) = (true, true);
     let (mut entries, mut levels) = ([0u64; 5], 0);
-    // Reads the entry at `at`: present and without reserved bits (`extra` beyond the common
-    // ones), or why not.
-    let entry = |at: u64, wide: bool, extra: u64| -> Result<u64, Miss> {
-        let e = if wide {
+    // Reads the entry at `at` (8 bytes if `wide`, else 4).
+    let read = |at: u64, wide: bool| -> Result<u64, Miss> {
+        if wide {
             read_u64(ram, at)
         } else {
             read_u32(ram, at)
         }
-        .ok_or(Miss::TableOutsideRam(at))?;
+        .ok_or(Miss::TableOutsideRam(at))
+    };
+    // Entry `e` (read once, by `read`): present and without reserved bits (`extra` beyond the
+    // common ones), or why not.
+    let entry = |e: u64, wide: bool, extra: u64| -> Result<u64, Miss> {
         // 32-bit paging has 4-byte entries without high address bits or XD.
         let has_reserved = if wide {
             reserved(mode, e, extra)
@@ -170,7 +173,7 @@ pub fn walk(ram: &GuestRam, mode: &PagingMode, la: u64) -> Result<Walk, Miss> {
             let shift = 12 + 9 * (level - 1);
             let at = table + ((la >> shift) & 511) * 8;
             // PS is reserved in a PML4E (and PML5E); bits 20:13 or 29:13 in a large page's entry.
-            let e = read_u64(ram, at).ok_or(Miss::TableOutsideRam(at))?;
+            let e = read(at, true)?;
             let large = (2..=3).contains(&level) && e & PAGE_SIZE_BIT != 0;
             let extra = match (level, large) {
                 (4 | 5, _) => PAGE_SIZE_BIT,
@@ -178,7 +181,7 @@ pub fn walk(ram: &GuestRam, mode: &PagingMode, la: u64) -> Result<Walk, Miss> {
                 (2, true) => LARGE_2M,
                 _ => 0,
             };
-            let e = entry(at, true, extra)?;
+            let e = entry(e, true, extra)?;
             leaf(at, e);
             if level == 1 || large {
                 let page_mask = (1u64 << shift) - 1;
@@ -191,23 +194,24 @@ pub fn walk(ram: &GuestRam, mode: &PagingMode, la: u64) -> Result<Walk, Miss> {
     } else if mode.cr4 & CR4_PAE != 0 {
         // PAE PDPTEs carry no R/W, U/S or XD bits: 2:1 and 8:5 are reserved (SDM 4.4.1).
         let at = (mode.cr3 & 0xffff_ffe0) + ((la >> 30) & 3) * 8;
-        let pdpte = entry(at, true, 0x1e6 | 1 << 63)?;
+        let pdpte = entry(read(at, true)?, true, 0x1e6 | 1 << 63)?;
         let at = (pdpte & ADDR_MASK) + ((la >> 21) & 511) * 8;
-        let large = read_u64(ram, at).is_some_and(|e| e & PAGE_SIZE_BIT != 0);
-        let pde = entry(at, true, if large { LARGE_2M } else { 0 })?;
+        let pde = read(at, true)?;
+        let large = pde & PAGE_SIZE_BIT != 0;
+        let pde = entry(pde, true, if large { LARGE_2M } else { 0 })?;
         leaf(at, pde);
         if large {
             (pde & ADDR_MASK & !0x1f_ffff) | (la & 0x1f_ffff)
         } else {
             let at = (pde & ADDR_MASK) + ((la >> 12) & 511) * 8;
-            let pte = entry(at, true, 0)?;
+            let pte = entry(read(at, true)?, true, 0)?;
             leaf(at, pte);
             (pte & ADDR_MASK) | (la & 0xfff)
         }
     } else {
         let at = (mode.cr3 & 0xffff_f000) + ((la >> 22) & 1023) * 4;
-        let large =
-            mode.cr4 & CR4_PSE != 0 && read_u32(ram, at).is_some_and(|e| e & PAGE_SIZE_BIT != 0);
+        let pde = read(at, false)?;
+        let large = mode.cr4 & CR4_PSE != 0 && pde & PAGE_SIZE_BIT != 0;
         // A 4 MiB page's entry: bits 20:13 hold physical-address bits 39:32 (PSE-36) up to
         // MAXPHYADDR (at most 40); bits 21:(M - 19) are reserved (SDM 4.3, Table 4-4).
         let m = mode.physical_bits().min(40);
@@ -216,14 +220,14 @@ pub fn walk(ram: &GuestRam, mode: &PagingMode, la: u64) -> Result<Walk, Miss> {
         } else {
             0
         };
-        let pde = entry(at, false, pde_reserved)?;
+        let pde = entry(pde, false, pde_reserved)?;
         leaf(at, pde);
         if large {
             let high = ((pde >> 13) & 0xff) << 32;
             (high | (pde & 0xffc0_0000) | (la & 0x3f_ffff)) & ((1u64 << m) - 1)
         } else {
             let at = (pde & 0xffff_f000) + ((la >> 12) & 1023) * 4;
-            let pte = entry(at, false, 0)?;
+            let pte = entry(read(at, false)?, false, 0)?;
             leaf(at, pte);
             (pte & 0xffff_f000) | (la & 0xfff)
         }

@@ -449,16 +449,27 @@ fn operand_linear_address<V: Vmcs + ?Sized>(
     }
 }
 
-/// Reads up to `out.len()` instruction bytes at guest-linear `la`, one page walk per page
-/// touched (an instruction may straddle two pages that are not physically adjacent); stops
+/// The longest x86 instruction, in bytes (SDM Vol. 2A 2.3.11).
+const MAX_INSTRUCTION: usize = 15;
+
+/// Reads up to [`MAX_INSTRUCTION`] instruction bytes at guest-linear `la`, one page walk per
+/// page touched (an instruction may straddle two pages that are not physically adjacent); stops
 /// early at a page that is not mapped. Returns how many bytes were read.
 fn fetch(
     ram: &crate::guest::GuestRam,
     mode: &PagingMode,
     la: u64,
     linear_mask: u64,
-    out: &mut [u8],
+    out: &mut [u8; MAX_INSTRUCTION],
 ) -> usize {
+    let start = la & linear_mask;
+    // All of it on one page (the usual case): one walk, one read.
+    if 4096 - (start & 0xfff) >= MAX_INSTRUCTION as u64 {
+        if let Some(bytes) = gmem::translate(ram, mode, start).and_then(|pa| ram.read_array(pa)) {
+            *out = bytes;
+            return MAX_INSTRUCTION;
+        }
+    }
     let mut got = 0;
     while got < out.len() {
         let at = la.wrapping_add(got as u64) & linear_mask;
@@ -511,7 +522,7 @@ fn emulate_at<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, reported: Reported)
         0xffff_ffff
     };
     let la = cx.vmcs.read(GuestNat::CsBase).wrapping_add(rip);
-    let mut bytes = [0u8; 15];
+    let mut bytes = [0u8; MAX_INSTRUCTION];
     let got = fetch(&cx.vm.ram, &mode, la, linear_mask, &mut bytes);
     let Some(d) = decode(&bytes[..got], code) else {
         return Action::Stop(StopReason::Killed(format!(

@@ -97,6 +97,10 @@ impl Breakpoints {
     /// LENn (the processor enforces alignment that way); any byte of the access in it counts.
     #[inline]
     fn met(&self, first: u64, size: u64, accepts: impl Fn(u64) -> bool) -> u8 {
+        // The usual case, no breakpoint enabled: nothing to compare.
+        if self.dr7 & DR7_ENABLES == 0 {
+            return 0;
+        }
         let last = first.saturating_add(size.max(1) - 1);
         let mut hits = 0;
         for (n, &address) in self.addresses.iter().enumerate() {
