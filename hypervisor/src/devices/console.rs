@@ -75,6 +75,9 @@ pub struct ConsoleBuffer {
     dropping: bool,
     dropped: u64,
     bytes: u64,
+    /// A byte came by [`ConsoleBuffer::push`] since the last [`ConsoleBuffer::take_pushed`]:
+    /// the run loop prints the guest's lines after a port access that wrote some.
+    pushed: bool,
 }
 
 impl ConsoleBuffer {
@@ -96,6 +99,7 @@ impl ConsoleBuffer {
     /// buffer full, that line is dropped and counted.
     pub fn push(&mut self, byte: u8) {
         self.bytes += 1;
+        self.pushed = true;
         match byte {
             0 | b'\r' => {}
             b'\n' => self.end_line(self.partial.len(), 1),
@@ -106,6 +110,17 @@ impl ConsoleBuffer {
                 }
             }
         }
+    }
+
+    /// True if a byte came by [`ConsoleBuffer::push`] (a UART's, port 0xE9's) since the last
+    /// call.
+    #[inline]
+    pub fn take_pushed(&mut self) -> bool {
+        if !self.pushed {
+            return false;
+        }
+        self.pushed = false;
+        true
     }
 
     pub fn write(&mut self, bytes: &[u8]) {
@@ -349,7 +364,7 @@ impl Device for DebugConsole {
         &mut self,
         _port: u16,
         write: Option<u8>,
-        console: &mut super::QuietConsole<'_>,
+        console: &mut ConsoleBuffer,
     ) -> Option<u8> {
         match write {
             Some(byte) => {

@@ -90,7 +90,7 @@ pub trait Device: Any + Send {
         &mut self,
         port: u16,
         write: Option<u8>,
-        console: &mut QuietConsole<'_>,
+        console: &mut ConsoleBuffer,
     ) -> Option<u8> {
         let _ = (port, write, console);
         None
@@ -163,25 +163,6 @@ impl fmt::Display for PowerEvent {
     }
 }
 
-/// The guest's console as a quiet access ([`Device::io_quiet`]) writes it: a byte pushed is
-/// noted for the run loop, which prints the guest's lines (`Platform::take_console_written`).
-pub struct QuietConsole<'a> {
-    buffer: &'a mut ConsoleBuffer,
-    written: &'a mut bool,
-}
-
-impl<'a> QuietConsole<'a> {
-    pub fn new(buffer: &'a mut ConsoleBuffer, written: &'a mut bool) -> Self {
-        QuietConsole { buffer, written }
-    }
-
-    /// A byte to the console, as `DeviceContext::console().push` writes it.
-    pub fn push(&mut self, byte: u8) {
-        self.buffer.push(byte);
-        *self.written = true;
-    }
-}
-
 /// What a device may reach while it handles an access or a timer: the time, its interrupt lines,
 /// the guest's console, the guest's exit status and its power requests.
 pub struct DeviceContext<'a> {
@@ -193,8 +174,6 @@ pub struct DeviceContext<'a> {
     /// Whether the device reached beyond its own registers and the console: drove a line, set
     /// an exit status or asked for a power event ([`DeviceContext::reached_out`]).
     reached_out: bool,
-    /// Whether the device wrote to the guest's console ([`DeviceContext::used_console`]).
-    used_console: bool,
 }
 
 impl<'a> DeviceContext<'a> {
@@ -212,7 +191,6 @@ impl<'a> DeviceContext<'a> {
             exit_status,
             power,
             reached_out: false,
-            used_console: false,
         }
     }
 
@@ -222,12 +200,6 @@ impl<'a> DeviceContext<'a> {
     /// at interrupts or deadlines.
     pub fn reached_out(&self) -> bool {
         self.reached_out
-    }
-
-    /// Whether the device wrote to the guest's console through this context: its lines are to
-    /// be printed, which needs no look at interrupts or deadlines.
-    pub fn used_console(&self) -> bool {
-        self.used_console
     }
 
     /// The guest's virtual time in TSC ticks.
@@ -267,8 +239,9 @@ impl<'a> DeviceContext<'a> {
         }
     }
 
+    /// The guest's console. A byte pushed is no change for [`DeviceContext::reached_out`]: the
+    /// buffer notes it for the run loop's print (`ConsoleBuffer::take_pushed`).
     pub fn console(&mut self) -> &mut ConsoleBuffer {
-        self.used_console = true;
         self.console
     }
 

@@ -23,7 +23,7 @@ use super::rtc::{self, Rtc};
 use super::uart16550::{self, Uart16550};
 use super::{
     BusError, ConsoleBuffer, Device, DeviceContext, DeviceId, IrqSink, Latch, MmioBus, PortBus,
-    PowerEvent, QuietConsole, Responder, IRQ_LINES,
+    PowerEvent, Responder, IRQ_LINES,
 };
 use crate::abi::port;
 use alloc::boxed::Box;
@@ -408,10 +408,6 @@ pub struct Platform {
     /// False once a port access changed something beyond its device, or a timer fired, since
     /// the last [`Platform::take_ports_quiet`].
     ports_quiet: bool,
-    /// A port access wrote to the guest's console since the last
-    /// [`Platform::take_console_written`]: its lines are to be printed. Not a change for
-    /// `ports_quiet` (no line, no timer).
-    console_written: bool,
     /// The last port access ([`Platform::take_ports_quiet`]) reached beyond its device: the
     /// next one does not try the quiet way ([`Platform::io_quiet`]), an attempt that costs
     /// about 20 instructions where it fails (a guest driving a device whose every access moves
@@ -460,7 +456,6 @@ impl Platform {
             next: None,
             access_changed: false,
             ports_quiet: true,
-            console_written: false,
             loud: false,
             epoch: 0,
         };
@@ -745,10 +740,9 @@ impl Platform {
             return None;
         }
         let id = self.ports.device(port)?;
-        let mut console = QuietConsole::new(&mut self.console, &mut self.console_written);
         self.devices
             .get_mut(id.0)?
-            .io_quiet(port, write, &mut console)
+            .io_quiet(port, write, &mut self.console)
     }
 
     /// After a port access: the earliest deadline again if the access may have moved it.
@@ -776,7 +770,7 @@ impl Platform {
     /// moves no timer, so no look at the platform follows it.
     #[inline]
     pub fn take_console_written(&mut self) -> bool {
-        core::mem::take(&mut self.console_written)
+        self.console.take_pushed()
     }
 
     /// The access itself, inlined into [`Platform::io_read`] with the device's call, so that
@@ -1366,14 +1360,13 @@ impl Platform {
     ) -> Option<R> {
         // `call` takes the device's deadline again after the access.
         let before = *self.deadlines.get(id.0)?;
-        let (r, reached_out, used_console) = self.call(id, now, |dev, cx| {
+        let (r, reached_out) = self.call(id, now, |dev, cx| {
             let r = f(dev, cx);
-            (r, cx.reached_out(), cx.used_console())
+            (r, cx.reached_out())
         })?;
         if reached_out || self.deadlines.get(id.0).copied().flatten() != before {
             self.access_changed = true;
         }
-        self.console_written |= used_console;
         Some(r)
     }
 }

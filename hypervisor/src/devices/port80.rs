@@ -3,7 +3,7 @@
 //! display latch, and as QEMU does not: it returns 0xff — reading it back is the useful choice for
 //! debugging a guest, and no driver depends on either).
 
-use super::{Device, DeviceContext, QuietConsole};
+use super::{ConsoleBuffer, Device, DeviceContext};
 use crate::state::{self, Reader, StateError, Writer};
 
 #[derive(Debug, Default)]
@@ -69,7 +69,7 @@ impl Device for Port80 {
         &mut self,
         _port: u16,
         write: Option<u8>,
-        _console: &mut QuietConsole<'_>,
+        _console: &mut ConsoleBuffer,
     ) -> Option<u8> {
         Some(self.access(write))
     }

@@ -15,7 +15,7 @@
 //! only), daylight saving (DSE), the square-wave output and the extended 256-byte bank.
 
 use super::clock::{ClockRate, RTC_HZ};
-use super::{Device, DeviceContext, QuietConsole};
+use super::{ConsoleBuffer, Device, DeviceContext};
 use crate::state::{self, Reader, StateError, Writer};
 
 pub const RTC_INDEX: u16 = 0x70;
@@ -521,7 +521,7 @@ impl Device for Rtc {
         &mut self,
         port: u16,
         write: Option<u8>,
-        _console: &mut QuietConsole<'_>,
+        _console: &mut ConsoleBuffer,
     ) -> Option<u8> {
         self.index_access(port, write)
     }

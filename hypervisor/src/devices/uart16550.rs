@@ -11,7 +11,7 @@
 //! IBM PC the INTRPT pin drives the ISA line through a buffer enabled by the ~OUT2 pin, and the
 //! datasheet disconnects OUT2 from its pin in loopback mode. Linux's 8250 driver sets OUT2 on PCs.
 
-use super::{Device, DeviceContext, QuietConsole};
+use super::{ConsoleBuffer, Device, DeviceContext};
 use crate::state::{self, Reader, StateError, Writer};
 use alloc::collections::VecDeque;
 
@@ -450,15 +450,14 @@ impl Device for Uart16550 {
     }
 
     /// The plain registers ([`Uart16550::plain_register`]), the reads that change nothing now
-    /// ([`Uart16550::read_changes_nothing`]: a polled console's line-status read) and a byte
-    /// sent to the console whose new THRE condition leaves the line as it is (THRE's interrupt
-    /// off, as a polled console has it), while the line already stands where `update_irq` puts
-    /// it: `io_read`/`io_write` would drive nothing.
+    /// and a byte sent whose new THRE condition leaves the line as it is
+    /// ([`Uart16550::quiet_status_or_send`]), while the line already stands where `update_irq`
+    /// puts it: `io_read`/`io_write` would drive nothing.
     fn io_quiet(
         &mut self,
         port: u16,
         write: Option<u8>,
-        console: &mut QuietConsole<'_>,
+        console: &mut ConsoleBuffer,
     ) -> Option<u8> {
         if self.line_level() != self.irq_level {
             return None;
@@ -467,6 +466,23 @@ impl Device for Uart16550 {
         if let Some(v) = self.plain_register(reg, write) {
             return Some(v);
         }
+        self.quiet_status_or_send(reg, write, console)
+    }
+}
+
+impl Uart16550 {
+    /// [`Device::io_quiet`] past the plain registers: a read that changes nothing now
+    /// ([`Uart16550::read_changes_nothing`]: a polled console's line-status read), or a byte
+    /// sent whose new THRE condition leaves the line as it is (THRE's interrupt off, as a polled
+    /// console has it). A call of its own, so that a plain register's access saves no
+    /// registers for it.
+    #[inline(never)]
+    fn quiet_status_or_send(
+        &mut self,
+        reg: u16,
+        write: Option<u8>,
+        console: &mut ConsoleBuffer,
+    ) -> Option<u8> {
         match write {
             None if self.read_changes_nothing(reg) => Some(self.read_register(reg)),
             // DLAB is clear here: `plain_register` took the divisor latch.
