@@ -793,8 +793,29 @@ impl Lapic {
     /// (SDM Vol. 3A 11.5.4.1). Then the write changes no register, line or vector, only the
     /// timer's next deadline.
     pub fn deadline_write_is_quiet(&self, value: u64, now: u64) -> bool {
-        self.timer_mode() != TimerMode::TscDeadline
-            || ((self.tsc_deadline == 0 || self.tsc_deadline > now) && (value == 0 || value > now))
+        self.timer_mode() != TimerMode::TscDeadline || self.deadline_only_moves(value, now)
+    }
+
+    /// In TSC-deadline mode: no armed deadline passed, and `value` disarms or lies ahead.
+    #[inline]
+    fn deadline_only_moves(&self, value: u64, now: u64) -> bool {
+        (self.tsc_deadline == 0 || self.tsc_deadline > now) && (value == 0 || value > now)
+    }
+
+    /// [`Lapic::write_tsc_deadline`] of a write that fires nothing
+    /// ([`Lapic::deadline_write_is_quiet`]), checked and made in one step: true, and the
+    /// deadline moved or disarmed (or, outside TSC-deadline mode, the write ignored); false, with
+    /// nothing done, for a write that fires the timer.
+    #[inline]
+    pub fn move_tsc_deadline(&mut self, value: u64, now: u64) -> bool {
+        if self.timer_mode() != TimerMode::TscDeadline {
+            return true;
+        }
+        let moves = self.deadline_only_moves(value, now);
+        if moves {
+            self.tsc_deadline = value;
+        }
+        moves
     }
 
     /// Raises the timer's LVT vector (unless masked); `missed` more expiries were folded in.
@@ -1722,6 +1743,42 @@ mod tests {
         assert!(!l.deadline_write_is_quiet(20_000, 12_000));
         l.mmio_write(LVT_TIMER, 4, 0xef, 12_000);
         assert!(l.deadline_write_is_quiet(5, 12_000));
+    }
+
+    /// A TSC-deadline move made in one step ends as the checked write does: for every timer mode
+    /// (the deadline mode masked too), armed deadline, written value and time around them,
+    /// either it declines with the APIC as it was and the write would not be quiet, or it
+    /// leaves the APIC as `write_tsc_deadline` does.
+    #[test]
+    fn a_deadline_moved_in_one_step_ends_as_the_write() {
+        for lvt in [0x4_00ef, 0x5_00ef, 0x2_00ef, 0x00ef] {
+            for armed in [0, 1000, 2000] {
+                for now in [0, 999, 1000, 1500, 2000, 2500] {
+                    for value in [0, 1, 999, 1000, 1001, 3000] {
+                        let mut before = enabled();
+                        before.mmio_write(LVT_TIMER, 4, lvt, 0);
+                        before.write_tsc_deadline(armed, 0);
+                        let mut moved = before.clone();
+                        let mut written = before.clone();
+                        let at =
+                            alloc::format!("lvt {lvt:#x} armed {armed} now {now} value {value}");
+                        let quiet = before.deadline_write_is_quiet(value, now);
+                        assert_eq!(moved.move_tsc_deadline(value, now), quiet, "{at}");
+                        let target = if quiet {
+                            written.write_tsc_deadline(value, now);
+                            &written
+                        } else {
+                            &before
+                        };
+                        assert_eq!(
+                            alloc::format!("{moved:?}"),
+                            alloc::format!("{target:?}"),
+                            "{at}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// The timer's expiry is one vector to post only while nothing else is pending, in service,

@@ -1221,10 +1221,10 @@ impl Platform {
     /// passed): true, and only the timer's deadline changed (the platform's next deadline with
     /// it). False, with nothing done, for a write that fires the timer.
     pub fn move_tsc_deadline(&mut self, cpu: usize, value: u64, now: u64) -> bool {
-        if !self.lapic(cpu).deadline_write_is_quiet(value, now) {
+        if !self.lapic_mut(cpu).move_tsc_deadline(value, now) {
             return false;
         }
-        self.write_tsc_deadline(cpu, value, now);
+        self.refresh();
         true
     }
 
