@@ -175,14 +175,14 @@ pub fn run(machine: MachineInfo) -> ! {
         manifest.quantum_ms,
         quantum
     );
-    let config = LoopConfig {
+    let config = LoopConfig::new(
         quantum,
-        tsc_hz: cal.tsc_hz,
-        preemption_timer: controls
+        cal.tsc_hz,
+        controls
             .preemption_timer
             .then(|| caps.preemption_timer_rate()),
-        tsc_offsetting: controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0,
-    };
+        controls.primary & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0,
+    );
     let com2 = arch::com2::Com2::probe();
     match com2 {
         Some(_) => info!("control channel on COM2 (0x2f8), monitor on COM1: Ctrl-A c"),

@@ -205,14 +205,31 @@ pub struct LoopConfig {
     pub preemption_timer: Option<u8>,
     /// The guests run with TSC offsetting ("use TSC offsetting"), so their clocks can be stopped.
     pub tsc_offsetting: bool,
+    /// [`LoopConfig::min_gap`], worked out once (it is read at every entry).
+    min_gap: u64,
 }
 
 impl LoopConfig {
+    pub fn new(
+        quantum: u64,
+        tsc_hz: u64,
+        preemption_timer: Option<u8>,
+        tsc_offsetting: bool,
+    ) -> Self {
+        LoopConfig {
+            quantum,
+            tsc_hz,
+            preemption_timer,
+            tsc_offsetting,
+            min_gap: tsc_hz / MIN_TIMER_GAP_DIVISOR,
+        }
+    }
+
     /// The least a guest runs before one of its own timers brings it back to Keel, in TSC cycles
     /// ([`MIN_TIMER_GAP_DIVISOR`]).
     #[inline(always)]
     pub fn min_gap(&self) -> u64 {
-        self.tsc_hz / MIN_TIMER_GAP_DIVISOR
+        self.min_gap
     }
 }
 
@@ -2184,7 +2201,28 @@ fn before_entry<C: Cpu>(
     if look {
         note_shot(p);
     }
+    // The minimum gap keeps a guest's own fast timer from bringing it back at every entry (a
+    // livelock); a piece's first entry is one per piece, so a timer of its own due as the piece
+    // starts (its clock stopped just short of it) fires then, not a minimum gap late. Not so for
+    // another guest's timer or the slice's end: the guest runs at least the gap first.
+    if fresh && p.timer_due.is_some_and(|d| d == p.until) {
+        return arm_first_entry(cpu, v, vcpu, p, cfg);
+    }
     arm_entry(cpu, v, vcpu, p, cfg)
+}
+
+/// [`arm_entry`] at a piece's first entry, when the guest's own timer is what it comes back
+/// for: without the minimum gap ([`before_entry`]). A call of its own, so that every other
+/// entry's way stays as it was.
+#[inline(never)]
+fn arm_first_entry<C: Cpu>(
+    cpu: &mut C,
+    v: &mut C::Loaded<'_>,
+    vcpu: &mut Vcpu,
+    p: &mut Piece,
+    cfg: LoopConfig,
+) -> Result<(), StopReason> {
+    arm_entry_after(cpu, v, vcpu, p, cfg, 0)
 }
 
 /// The platform look before an entry of `vcpu`, at the guest's time `now`: its timers advanced,
@@ -2266,7 +2304,19 @@ fn arm_entry<C: Cpu>(
     p: &mut Piece,
     cfg: LoopConfig,
 ) -> Result<(), StopReason> {
-    let min_gap = cfg.min_gap();
+    arm_entry_after(cpu, v, vcpu, p, cfg, cfg.min_gap())
+}
+
+/// [`arm_entry`] with the least time the guest runs before its timer brings it back.
+#[inline(always)]
+fn arm_entry_after<C: Cpu>(
+    cpu: &mut C,
+    v: &mut C::Loaded<'_>,
+    vcpu: &mut Vcpu,
+    p: &mut Piece,
+    cfg: LoopConfig,
+    min_gap: u64,
+) -> Result<(), StopReason> {
     // The one place an event is written to the VM-entry fields (exits::events).
     exits::events::commit(v, &mut *vcpu)?;
     // The timer is armed afresh before every entry, from a fresh TSC read: it only counts while

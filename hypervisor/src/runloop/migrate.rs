@@ -749,12 +749,8 @@ pub(super) mod tests {
     }
 
     fn config() -> LoopConfig {
-        LoopConfig {
-            quantum: super::super::fake::TSC_HZ / 100,
-            tsc_hz: super::super::fake::TSC_HZ,
-            preemption_timer: Some(0),
-            tsc_offsetting: true,
-        }
+        let hz = super::super::fake::TSC_HZ;
+        LoopConfig::new(hz / 100, hz, Some(0), true)
     }
 
     /// One guest that computes, on a fake CPU that can migrate it.

@@ -16,12 +16,7 @@ const PIT_100HZ: u16 = 11932;
 const PIT_132HZ: u16 = 9000;
 
 fn config() -> LoopConfig {
-    LoopConfig {
-        quantum: QUANTUM,
-        tsc_hz: TSC_HZ,
-        preemption_timer: Some(0),
-        tsc_offsetting: true,
-    }
+    LoopConfig::new(QUANTUM, TSC_HZ, Some(0), true)
 }
 
 fn rig(programs: Vec<Program>) -> RunLoop<FakeCpu> {
@@ -258,10 +253,11 @@ fn a_timer_that_is_always_due_does_not_livelock_its_guest() {
         "the storm's guest finished its work"
     );
     let s = &rl.slots[0].vcpus[0].stats;
-    // Every entry ran at least the minimum gap (but the last of each slice).
+    // Every entry ran at least the minimum gap, but the last of each slice and its first (a
+    // slice's first entry comes back at once for a timer of the guest's own due then).
     let slices = 1_000_000 / QUANTUM + 1;
     assert!(
-        s.total_exits() <= 1_000_000 / MIN_GAP + 2 * slices,
+        s.total_exits() <= 1_000_000 / MIN_GAP + 3 * slices,
         "{} exits",
         s.total_exits()
     );
@@ -1021,43 +1017,49 @@ fn x2apic_on() -> [Op; 2] {
 /// The x2APIC's LVT timer register (SDM Vol. 3A Table 11-6).
 const X2APIC_LVT_TIMER: u32 = 0x832;
 
+/// A guest in x2APIC mode whose LAPIC timer is in TSC-deadline mode (vector 0x40) and that then
+/// runs `ops`; its handler ends each interrupt with an x2APIC EOI.
+fn deadline_guest(ops: &[Op]) -> Program {
+    let mut main = x2apic_on().to_vec();
+    main.extend([Op::Wrmsr(X2APIC_LVT_TIMER, 2 << 17 | 0x40), Op::Sti]);
+    main.extend_from_slice(ops);
+    Program {
+        main,
+        repeat_from: None,
+        handler: vec![Op::Run(100), Op::Wrmsr(X2APIC_EOI, 0)],
+        rflags: 0x202,
+    }
+}
+
+/// Guest 0's WRMSR exits (not the handler's EOI: the exit of the entry that injected) and the
+/// entries that injected its timer's vector 0x40.
+fn deadline_writes_and_ticks(rl: &RunLoop<FakeCpu>) -> (Vec<Entry>, Vec<Entry>) {
+    let entries = || rl.cpu.entries(0).copied();
+    let writes = entries()
+        .filter(|e| e.exit == ExitReason::Wrmsr && e.injected.is_none())
+        .collect();
+    let ticks = entries().filter(|e| e.injected == Some(0x40)).collect();
+    (writes, ticks)
+}
+
 /// A guest that keeps moving its TSC deadline ahead before it falls due, as Linux's tick does
 /// (the tight loop makes those writes, `exits::fast::handle_deadline`), gets no interrupt from
 /// the deadlines it moved, and one at the deadline it let stand, within the minimum gap, also
 /// when it moved it nearer; a deadline written in the past fires at once.
 #[test]
 fn a_moved_tsc_deadline_fires_at_its_new_time_only() {
-    let mut main = x2apic_on().to_vec();
-    main.extend([Op::Wrmsr(X2APIC_LVT_TIMER, 2 << 17 | 0x40), Op::Sti]);
+    let mut main = Vec::new();
     for _ in 0..50 {
         main.extend([Op::Deadline(4_000), Op::Run(3_000)]);
     }
     // A deadline far ahead, then moved nearer: the loop must come back for the nearer one.
     main.extend([Op::Deadline(40_000), Op::Run(1_000), Op::Deadline(2_500)]);
     main.extend([Op::Run(10_000), Op::Deadline(-5), Op::Run(u64::MAX)]);
-    let mover = Program {
-        main,
-        repeat_from: None,
-        handler: vec![Op::Run(100), Op::Wrmsr(X2APIC_EOI, 0)],
-        rflags: 0x202,
-    };
-    let mut rl = rig(vec![mover, Program::compute()]);
+    let mut rl = rig(vec![deadline_guest(&main), Program::compute()]);
     run_for(&mut rl, 8 * QUANTUM);
-    let writes: Vec<Entry> = rl
-        .cpu
-        .entries(0)
-        // Not the handler's EOI, the exit of the entry that injected.
-        .filter(|e| e.exit == ExitReason::Wrmsr && e.injected.is_none())
-        .copied()
-        .collect();
+    let (writes, ticks) = deadline_writes_and_ticks(&rl);
     // The APIC base, the SVR, the LVT, then each deadline.
     assert_eq!(writes.len(), 3 + 50 + 3, "every deadline written");
-    let ticks: Vec<Entry> = rl
-        .cpu
-        .entries(0)
-        .filter(|e| e.injected == Some(0x40))
-        .copied()
-        .collect();
     assert_eq!(ticks.len(), 2, "{ticks:?}");
     // The deadline left standing: 2,500 after the guest's TSC at its WRMSR (its exit's end
     // less the instruction's cycle).
@@ -1076,6 +1078,43 @@ fn a_moved_tsc_deadline_fires_at_its_new_time_only() {
         .copied()
         .expect("an entry after the last write");
     assert_eq!(next.injected, Some(0x40));
+}
+
+/// A TSC deadline that falls due right after the guest's slice starts (its clock stopped just
+/// short of it at the last slice's end) fires then, not a minimum gap late: the minimum gap
+/// keeps a guest's own fast timer from livelocking it in back-to-back exits, which the first
+/// entry of a slice, one per slice, cannot. Deadlines of many lengths next to another guest's
+/// slices, so that some fall due at every point of a slice, its first cycles among them.
+#[test]
+fn a_deadline_due_as_the_slice_starts_fires_on_time() {
+    let mut main = Vec::new();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut delays = Vec::new();
+    for _ in 0..400 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let d = 2_000 + x % 40_000;
+        delays.push(d);
+        main.extend([Op::Deadline(d as i64), Op::Run(d + 3_000)]);
+    }
+    main.push(Op::Run(u64::MAX));
+    let mut rl = rig(vec![deadline_guest(&main), Program::compute()]);
+    run_for(&mut rl, 600 * QUANTUM);
+    let (writes, ticks) = deadline_writes_and_ticks(&rl);
+    assert_eq!(ticks.len(), delays.len(), "a tick for every deadline");
+    let mut worst = 0;
+    // After the APIC base, the SVR and the LVT, each deadline.
+    for ((w, d), t) in writes.iter().skip(3).zip(&delays).zip(&ticks) {
+        let due = w.guest_end() - 1 + d;
+        let late = t.guest_start as i64 - due as i64;
+        assert!(late >= 0, "{late}: early");
+        worst = worst.max(late);
+    }
+    assert!(
+        worst <= (MIN_GAP / 4) as i64,
+        "a tick {worst} cycles late (minimum gap {MIN_GAP})"
+    );
 }
 
 /// An x2APIC ICR command to APIC `dest`: delivery mode `mode` (5 INIT, 6 STARTUP, 0 fixed),
