@@ -793,9 +793,7 @@ impl<C: Cpu> RunLoop<C> {
                         if exits::fast::is_yield(raw, g.vcpu.regs.rax)
                             && exits::fast::handle_yield(&mut v, g.vcpu)
                         {
-                            if print_console(g.vm, PRINT_BUDGET) {
-                                crate::log::pump();
-                            }
+                            print_and_pump(g.vm);
                             *g.waiting_since = Some(t1);
                             p.touched = false;
                             break 'slice Next::End(SliceEnd::Over);
@@ -836,10 +834,8 @@ impl<C: Cpu> RunLoop<C> {
                             PortExit::Quiet => {
                                 // A console byte is quiet too (no line, no timer): its lines
                                 // are printed as after the general dispatch.
-                                if g.vm.platform.take_console_written()
-                                    && print_console(g.vm, PRINT_BUDGET)
-                                {
-                                    crate::log::pump();
+                                if g.vm.platform.take_console_written() {
+                                    print_and_pump(g.vm);
                                 }
                             }
                             PortExit::Changed(done) => break (raw, Some(done)),
@@ -2437,9 +2433,8 @@ fn after_exit<C: Cpu>(
     }
     // Console output (a hypercall's, or a port access's: quiet as it is, `touched` may be false).
     let console = vm.platform.take_console_written();
-    if (touched || console || reason == ExitReason::Vmcall) && print_console(&mut *vm, PRINT_BUDGET)
-    {
-        crate::log::pump();
+    if touched || console || reason == ExitReason::Vmcall {
+        print_and_pump(vm);
     }
     if reason == ExitReason::Xsetbv && vcpu.xcr0 != p.xcr0 {
         // The guest executed XSETBV (validated by its handler): load it for the next entry.
@@ -3181,6 +3176,15 @@ impl<C: Cpu> RunLoop<C> {
 /// 1.4 ms), and little enough that Keel's work on them never holds up a timer that falls due
 /// (700 lines moved at once took 100 ms of Bochs' time, 256 bytes of short lines 9 ms).
 const PRINT_BUDGET: usize = 128;
+
+/// The guest's lines printed after an exit that wrote some ([`print_console`], about
+/// [`PRINT_BUDGET`] bytes), and the log pumped toward COM1 if any went.
+#[inline]
+fn print_and_pump(g: &mut Vm) {
+    if print_console(g, PRINT_BUDGET) {
+        crate::log::pump();
+    }
+}
 
 /// Prints the guest's complete console lines, about `budget` bytes of them (at least one line),
 /// while its share of Keel's console has room (the rest waits in its console buffer); true if it

@@ -727,7 +727,8 @@ impl Platform {
     }
 
     /// A guest byte `IN` (`write` None) or `OUT` at `port` made by its device alone, without the
-    /// context ([`Device::io_quiet`]), when nothing but the device's own registers can change:
+    /// context ([`Device::io_quiet`]), when nothing but the device's own registers (and the
+    /// guest's console, which the run loop prints after it) can change:
     /// no timer is due by `now` (none fires first, as [`Platform::io_read`] would fire it),
     /// nothing changed since the last [`Platform::take_ports_quiet`] (which then stays true,
     /// as after the same access made the ordinary way) and the device says the access reaches

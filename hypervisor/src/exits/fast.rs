@@ -232,8 +232,9 @@ pub fn handle_port<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> PortExit {
     }
     cx.vcpu.stats.count_exit(IO as u16);
     // A byte access the device makes from its registers alone (`Platform::io_quiet`: no timer
-    // due, no line, no console, no deadline moved) ends here, as `io::in_or_out` would end it:
-    // the device in the same state, RAX merged for an IN.
+    // due, no line, no deadline moved; at most a byte to the console, which the run loop
+    // prints) ends here, as `io::in_or_out` would end it: the device in the same state, RAX
+    // merged for an IN.
     let platform = &mut cx.vm.platform;
     let regs = &mut cx.vcpu.regs;
     let quiet = match q.direction {
