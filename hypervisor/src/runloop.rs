@@ -754,6 +754,11 @@ impl<C: Cpu> RunLoop<C> {
                             // teaches the lead how early that was (`learned_lead`).
                             let ready = self.cpu.rdtsc();
                             let min_gap = cfg.min_gap();
+                            // The wait is for the lead this exit was armed with, not the one
+                            // it teaches: a lead shortened here would leave an exit armed
+                            // early unwaited for, and the look would find the timer not yet
+                            // due and re-arm for the minimum gap past it.
+                            let armed_lead = p.lead;
                             if let Some(due) = p.timer_due.filter(|&due| {
                                 may_fire
                                     && p.armed.saturating_add(p.lead) == due
@@ -764,7 +769,7 @@ impl<C: Cpu> RunLoop<C> {
                                 // out (`Piece::shot_stale`), about 190 of its 500 ticks.
                                 p.lead = learned_lead(p.lead, due, ready, min_gap);
                             }
-                            catch_up(&mut self.cpu, g.vcpu, p, ready);
+                            catch_up(&mut self.cpu, g.vcpu, p, ready, armed_lead);
                             let now = g.vm.now(p.now);
                             let fired = may_fire
                                 && p.shot.as_ref().is_some_and(|shot| {
@@ -2246,15 +2251,15 @@ fn note_shot(p: &mut Piece) {
 }
 
 /// After a VMX-preemption-timer exit that came before the guest timer's deadline by no more than
-/// the lead it was armed with (`Piece::lead`): waits for the deadline, so that the look that
-/// follows finds the timer due rather than re-arming for the minimum gap. The wait is Keel's
-/// time in the accounts. `ready`: the TSC when Keel got ready to wait.
+/// the lead it was armed with (`lead`, `Piece::lead` at the arming): waits for the deadline, so
+/// that the look that follows finds the timer due rather than re-arming for the minimum gap. The
+/// wait is Keel's time in the accounts. `ready`: the TSC when Keel got ready to wait.
 #[inline(always)]
-fn catch_up<C: Cpu>(cpu: &mut C, vcpu: &mut Vcpu, p: &mut Piece, ready: u64) {
+fn catch_up<C: Cpu>(cpu: &mut C, vcpu: &mut Vcpu, p: &mut Piece, ready: u64, lead: u64) {
     let Some(due) = p.timer_due else {
         return;
     };
-    if p.now < due && due - p.now <= p.lead {
+    if p.now < due && due - p.now <= lead {
         let mut t = ready;
         while t < due {
             core::hint::spin_loop();

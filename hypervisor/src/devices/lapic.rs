@@ -218,6 +218,17 @@ impl TimerShot {
     }
 }
 
+/// How a timer shot's vector reaches the guest ([`Lapic::timer_shot`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShotWay {
+    /// Posted to the virtual-APIC page (virtual-interrupt delivery); `mirrored`: the page
+    /// mirrors the APIC's registers (APIC-register virtualization).
+    Posted { mirrored: bool },
+    /// Injected at the VM entry (no virtual-interrupt delivery): accepted by the processor as
+    /// the APIC offers it.
+    Injected,
+}
+
 #[derive(Debug, Clone)]
 pub struct Lapic {
     clock: ClockRate,
@@ -832,27 +843,38 @@ impl Lapic {
     }
 
     /// The vector a timer expiry would set in IRR, if nothing else of the APIC changes with it
-    /// and it is all the APIC holds for the virtual-APIC page: the APIC globally enabled, the
-    /// timer's LVT entry unmasked with a legal vector (16-255, SDM 11.5.3) that is not marked
-    /// level triggered in the TMR (the timer's interrupt is edge triggered: its acceptance
-    /// leaves the TMR, so the EOI-exit bitmap and the page image, unchanged), IRR and ISR empty,
-    /// nothing accepted since the last post ([`Lapic::posted`]), no NMI pending, and, when the
-    /// page mirrors the registers (`mirrored`: APIC-register virtualization), none of them nor
-    /// the ICR changed since they were taken. Then the expiry is one vector to post
-    /// ([`Platform::fire_shot`](super::Platform::fire_shot)).
-    pub fn timer_alone_vector(&self, mirrored: bool) -> Option<u8> {
+    /// and it is all the APIC holds for the guest, the way `way` gives it: the APIC globally
+    /// enabled, the timer's LVT entry unmasked with a legal vector (16-255, SDM 11.5.3) that is
+    /// not marked level triggered in the TMR (the timer's interrupt is edge triggered: its
+    /// acceptance leaves the TMR, so the EOI-exit bitmap and the page image, unchanged), IRR
+    /// and ISR empty and no NMI pending. Then:
+    /// - [`ShotWay::Posted`]: nothing accepted since the last post ([`Lapic::posted`]) and,
+    ///   when the page mirrors the registers (`mirrored`: APIC-register virtualization), none
+    ///   of them nor the ICR changed since they were taken. The expiry is one vector to post
+    ///   ([`Platform::fire_shot`](super::Platform::fire_shot)).
+    /// - [`ShotWay::Injected`]: the vector's priority class above the TPR's. With ISR empty
+    ///   the PPR is the TPR (SDM 11.8.3.1), so the vector is the one the APIC offers the
+    ///   processor (SDM 11.8.4) and is accepted at once
+    ///   ([`Platform::fire_shot_injected`](super::Platform::fire_shot_injected)).
+    pub fn timer_alone_vector(&self, way: ShotWay) -> Option<u8> {
         let lvt = self.lvt[TIMER];
         let vector = lvt as u8;
-        let quiet = self.globally_enabled()
+        let alone = self.globally_enabled()
             && lvt & LVT_MASKED == 0
             && vector >= 16
             && !self.tmr.test(vector)
             && self.irr.summary == 0
             && self.isr.summary == 0
-            // Eight ORs, not a comparison of the arrays (a call of `memcmp`).
-            && matches!(self.since_post, SincePost::Arrived(a) if a.iter().fold(0, |s, w| s | w) == 0)
-            && !(mirrored && (self.page_stale.0 || self.icr_stale.0))
             && !self.nmi_pending;
+        let quiet = alone
+            && match way {
+                ShotWay::Posted { mirrored } => {
+                    // Eight ORs, not a comparison of the arrays (a call of `memcmp`).
+                    matches!(self.since_post, SincePost::Arrived(a) if a.iter().fold(0, |s, w| s | w) == 0)
+                        && !(mirrored && (self.page_stale.0 || self.icr_stale.0))
+                }
+                ShotWay::Injected => vector & 0xf0 > self.tpr & 0xf0,
+            };
         quiet.then_some(vector)
     }
 
@@ -861,9 +883,9 @@ impl Lapic {
     /// leaves (the timer's next deadline, its schedule), when [`Lapic::timer_alone_vector`]
     /// says the expiry is that vector alone. [`Lapic::fire_shot`] carries it out, but only while
     /// the LVT entry and the timer's count or deadline are as they were here.
-    pub fn timer_shot(&self, mirrored: bool) -> Option<TimerShot> {
+    pub fn timer_shot(&self, way: ShotWay) -> Option<TimerShot> {
         let at = self.next_deadline()?;
-        let vector = self.timer_alone_vector(mirrored)?;
+        let vector = self.timer_alone_vector(way)?;
         let (after, single_before) = match self.timer_mode() {
             TimerMode::TscDeadline => (None, u64::MAX),
             _ => {
@@ -915,6 +937,21 @@ impl Lapic {
         // post that follows, `posted`).
         self.timer_stats.fired += 1;
         self.irr.set(shot.vector);
+        true
+    }
+
+    /// [`Lapic::fire_shot`] for a shot worked out for [`ShotWay::Injected`], the vector then
+    /// accepted by the processor at once (IRR to ISR, SDM 11.8.4), if the APIC is still as the
+    /// shot found it: besides the timer, what [`Lapic::timer_alone_vector`] looks at may have
+    /// changed since by another vCPU's work (an IPI, an IOAPIC message, an NMI), which no look
+    /// of this vCPU's followed. False, nothing done, otherwise.
+    #[inline]
+    pub fn fire_shot_injected(&mut self, shot: &TimerShot) -> bool {
+        if self.timer_alone_vector(ShotWay::Injected) != Some(shot.vector) || !self.fire_shot(shot)
+        {
+            return false;
+        }
+        self.acknowledge(shot.vector);
         true
     }
 
@@ -1790,39 +1827,102 @@ mod tests {
         let mut l = enabled();
         l.mmio_write(LVT_TIMER, 4, 0x4_0030, 0);
         // Reset since the last post (`enabled` wrote the SVR of a fresh APIC): not alone.
-        assert_eq!(l.timer_alone_vector(false), None);
+        assert_eq!(l.timer_alone_vector(POSTED), None);
         l.posted();
-        assert_eq!(l.timer_alone_vector(false), Some(0x30));
+        assert_eq!(l.timer_alone_vector(POSTED), Some(0x30));
         // The SVR and LVT writes left the mirrored image stale.
-        assert_eq!(l.timer_alone_vector(true), None);
+        assert_eq!(l.timer_alone_vector(MIRRORED), None);
         l.take_page_stale();
-        assert_eq!(l.timer_alone_vector(true), Some(0x30));
+        assert_eq!(l.timer_alone_vector(MIRRORED), Some(0x30));
         l.mmio_write(LVT_TIMER, 4, 0x5_0030, 0); // masked
         l.take_page_stale();
-        assert_eq!(l.timer_alone_vector(true), None);
+        assert_eq!(l.timer_alone_vector(MIRRORED), None);
         l.mmio_write(LVT_TIMER, 4, 0x4_0008, 0); // illegal vector
-        assert_eq!(l.timer_alone_vector(false), None);
+        assert_eq!(l.timer_alone_vector(POSTED), None);
         l.mmio_write(LVT_TIMER, 4, 0x4_0030, 0);
         // A level-triggered interrupt of the same vector, delivered and EOIed: TMR stays.
         assert_eq!(l.accept(0x30, true), Latch::New);
         l.posted();
-        assert_eq!(l.timer_alone_vector(false), None, "pending");
+        assert_eq!(l.timer_alone_vector(POSTED), None, "pending");
         l.acknowledge(0x30);
-        assert_eq!(l.timer_alone_vector(false), None, "in service");
+        assert_eq!(l.timer_alone_vector(POSTED), None, "in service");
         assert_eq!(l.eoi(), Some(0x30));
-        assert_eq!(l.timer_alone_vector(false), None, "level in the TMR");
+        assert_eq!(l.timer_alone_vector(POSTED), None, "level in the TMR");
         l.mmio_write(LVT_TIMER, 4, 0x4_0031, 0);
-        assert_eq!(l.timer_alone_vector(false), Some(0x31));
+        assert_eq!(l.timer_alone_vector(POSTED), Some(0x31));
         // Arrived since the post (while another CPU ran the platform), and an NMI.
         l.accept(0x40, false);
         l.acknowledge(0x40);
         l.eoi();
-        assert_eq!(l.timer_alone_vector(false), None, "arrived since the post");
+        assert_eq!(l.timer_alone_vector(POSTED), None, "arrived since the post");
         l.posted();
         assert_eq!(l.raise_nmi(), Latch::New);
-        assert_eq!(l.timer_alone_vector(false), None, "NMI");
+        assert_eq!(l.timer_alone_vector(POSTED), None, "NMI");
         l.take_nmi();
-        assert_eq!(l.timer_alone_vector(false), Some(0x31));
+        assert_eq!(l.timer_alone_vector(POSTED), Some(0x31));
+    }
+
+    const POSTED: ShotWay = ShotWay::Posted { mirrored: false };
+    const MIRRORED: ShotWay = ShotWay::Posted { mirrored: true };
+
+    /// Injected, the timer's expiry is one vector accepted at once while nothing else is
+    /// pending, in service or an NMI, its vector legal, unmasked and edge-triggered, and its
+    /// priority class above the TPR's (SDM 11.8.3.1: with ISR empty the PPR is the TPR); what
+    /// the last post left does not matter. The shot then ends with the vector in service.
+    #[test]
+    fn a_timer_alone_is_injected_above_the_tpr() {
+        let mut l = enabled();
+        l.mmio_write(LVT_TIMER, 4, 0x4_0031, 0);
+        // Never posted (no virtual-interrupt delivery): alone all the same.
+        assert_eq!(l.timer_alone_vector(POSTED), None);
+        assert_eq!(l.timer_alone_vector(ShotWay::Injected), Some(0x31));
+        for (tpr, alone) in [
+            (0x20, true),
+            (0x2f, true),
+            (0x30, false),
+            (0x3f, false),
+            (0xf0, false),
+        ] {
+            l.set_tpr(tpr);
+            assert_eq!(
+                l.timer_alone_vector(ShotWay::Injected).is_some(),
+                alone,
+                "TPR {tpr:#x}"
+            );
+        }
+        l.set_tpr(0);
+        l.accept(0x40, false);
+        assert_eq!(l.timer_alone_vector(ShotWay::Injected), None, "pending");
+        l.acknowledge(0x40);
+        assert_eq!(l.timer_alone_vector(ShotWay::Injected), None, "in service");
+        l.eoi();
+        l.raise_nmi();
+        assert_eq!(l.timer_alone_vector(ShotWay::Injected), None, "NMI");
+        l.take_nmi();
+        l.mmio_write(LVT_TIMER, 4, 0x5_0031, 0);
+        assert_eq!(l.timer_alone_vector(ShotWay::Injected), None, "masked");
+        // A TSC-deadline shot, fired: the vector goes straight to ISR, the deadline disarmed.
+        l.mmio_write(LVT_TIMER, 4, 0x4_0031, 0);
+        l.write_tsc_deadline(500, 0);
+        let shot = l.timer_shot(ShotWay::Injected).expect("armed alone");
+        assert_eq!((shot.at, shot.vector), (500, 0x31));
+        assert!(l.fire_shot_injected(&shot));
+        assert_eq!(
+            (l.highest_irr(), l.isr.highest(), l.tsc_deadline),
+            (None, Some(0x31), 0)
+        );
+        // The same shot again: the timer changed (disarmed) and the vector is in service.
+        assert!(!l.fire_shot_injected(&shot));
+        // Armed again, then the TPR raised over it before the expiry: declined, nothing done.
+        l.eoi();
+        l.write_tsc_deadline(900, 0);
+        let shot = l.timer_shot(ShotWay::Injected).expect("armed alone");
+        l.set_tpr(0x30);
+        assert!(!l.fire_shot_injected(&shot));
+        assert_eq!(
+            (l.highest_irr(), l.isr.highest(), l.tsc_deadline),
+            (None, None, 900)
+        );
     }
 
     /// IA32_APIC_BASE in each mode: disabled, xAPIC, x2APIC.

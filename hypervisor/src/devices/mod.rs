@@ -35,6 +35,7 @@ pub mod uart16550;
 
 pub use clock::{ClockRate, Schedule};
 pub use console::ConsoleBuffer;
+pub use lapic::ShotWay;
 pub use platform::{LineStats, Platform, PlatformStats, StartSignal, TimerShot};
 
 use alloc::vec::Vec;

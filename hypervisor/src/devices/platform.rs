@@ -14,7 +14,7 @@ use super::debug_exit::DebugExit;
 use super::fw_cfg::FwCfg;
 use super::i8042::I8042;
 use super::ioapic::{self, IoApic};
-use super::lapic::{self, delivery, ApicMessage, Lapic, MessageSink};
+use super::lapic::{self, delivery, ApicMessage, Lapic, MessageSink, ShotWay};
 use super::pci::{self, PciHost};
 use super::pic8259::{self, PicPair};
 use super::pit8254::{self, Pit};
@@ -915,13 +915,13 @@ impl Platform {
 
     /// vCPU `cpu`'s LAPIC timer expiry worked out ahead (`Lapic::timer_shot`), when the run loop
     /// arms the VMX-preemption timer after a look at the platform: the expiry's vector when it is
-    /// all the APIC holds for the virtual-APIC page (`Lapic::timer_alone_vector`; `mirrored`: the
-    /// page mirrors its registers, with APIC-register virtualization), the time before which no
-    /// other timer (a device's kept deadline, another APIC's) falls due, and the earliest
-    /// deadline after it. [`Platform::fire_shot`] carries it out.
-    pub fn timer_shot(&self, cpu: usize, mirrored: bool) -> Option<TimerShot> {
+    /// all the APIC holds for the guest the way `way` gives it (`Lapic::timer_alone_vector`), the
+    /// time before which no other timer (a device's kept deadline, another APIC's) falls due, and
+    /// the earliest deadline after it. [`Platform::fire_shot`] (posted) or
+    /// [`Platform::fire_shot_injected`] carries it out.
+    pub fn timer_shot(&self, cpu: usize, way: ShotWay) -> Option<TimerShot> {
         let lapics = &self.chipset.lapics.0;
-        let lapic = lapics.get(cpu)?.timer_shot(mirrored)?;
+        let lapic = lapics.get(cpu)?.timer_shot(way)?;
         let others = lapics
             .iter()
             .enumerate()
@@ -964,6 +964,38 @@ impl Platform {
             return None;
         }
         l.posted();
+        self.next = shot.next;
+        self.epoch = epoch.wrapping_add(1);
+        self.ports_quiet = false;
+        Some(s.vector)
+    }
+
+    /// The short way of [`Platform::advance`] and the acknowledge after it
+    /// ([`Platform::pending_interrupt`], [`Platform::acknowledge`]) for the run loop before vCPU
+    /// `cpu`'s entry without virtual-interrupt delivery, when the timer that fell due by `now`
+    /// is that vCPU's local APIC timer alone, as `shot` (worked out for `ShotWay::Injected`)
+    /// found it, and the interrupt it raises is the one to inject: the checks of
+    /// [`Platform::fire_shot`] (the time, no timer changed since), the 8259A's output down (it
+    /// would come first), the APIC still as the shot found it, then the timer fires and its
+    /// vector goes from IRR to ISR (`Lapic::fire_shot_injected`), the INTA cycle counted. The
+    /// vector is returned for the caller to inject (`exits::apicv::fire_timer_now`). None, with
+    /// nothing done, in every other case: then `advance` is the way.
+    #[inline]
+    pub fn fire_shot_injected(&mut self, cpu: usize, now: u64, shot: &TimerShot) -> Option<u8> {
+        let epoch = self.epoch;
+        let s = &shot.lapic;
+        if now < s.at
+            || now >= shot.others
+            || now >= s.single_before
+            || epoch != shot.epoch
+            || !self.chipset.pic.output_down()
+        {
+            return None;
+        }
+        if !self.lapic_mut(cpu).fire_shot_injected(s) {
+            return None;
+        }
+        self.chipset.stats.acknowledged += 1;
         self.next = shot.next;
         self.epoch = epoch.wrapping_add(1);
         self.ports_quiet = false;

@@ -14,7 +14,7 @@ use crate::devices::lapic::X2APIC_MSRS;
 #[cfg(test)]
 use crate::devices::lapic::{APIC_BASE_ENABLE, APIC_BASE_EXTD};
 use crate::devices::platform::ApicView;
-use crate::devices::TimerShot;
+use crate::devices::{ShotWay, TimerShot};
 use crate::guest::{StopReason, Vcpu, Vm};
 use crate::vmx::apicv::VirtualApic;
 use crate::vmx::{ReadOnly64, ReadOnlyNat, Vmcs};
@@ -227,14 +227,20 @@ pub fn settle_empty<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &mut Vcpu, vm: &mut Vm) ->
 /// for [`fire_timer_now`] after the VMX-preemption-timer exit it is armed for: with
 /// virtual-interrupt delivery and a page the post left empty (else the short way is not taken
 /// anyway), `Platform::timer_shot`.
+///
+/// Without APIC virtualization the expiry is injected instead (`ShotWay::Injected`,
+/// `super::inject_timer_now`). With the TPR shadow but no virtual-interrupt delivery there is
+/// no shot: the guest's TPR is in VTPR, and the general look is the way.
 #[inline]
 pub fn timer_shot(vcpu: &Vcpu, vm: &Vm) -> Option<TimerShot> {
-    let a = vcpu.apicv.as_ref()?;
-    if !a.features().virtual_interrupt_delivery || !a.idle() {
-        return None;
-    }
-    vm.platform
-        .timer_shot(vcpu.index, a.features().register_virtualization)
+    let way = match &vcpu.apicv {
+        None => ShotWay::Injected,
+        Some(a) if a.features().virtual_interrupt_delivery && a.idle() => ShotWay::Posted {
+            mirrored: a.features().register_virtualization,
+        },
+        Some(_) => return None,
+    };
+    vm.platform.timer_shot(vcpu.index, way)
 }
 
 /// The platform look before the entry after a VMX-preemption-timer exit (`exits::fast`),
@@ -255,12 +261,15 @@ pub fn timer_shot(vcpu: &Vcpu, vm: &Vm) -> Option<TimerShot> {
 /// handles, which does not depend on the time and is made before the run loop waits for the
 /// deadline (`runloop::catch_up`, which changes nothing it looks at); and [`fire_timer_now`],
 /// the post, after the wait: the interrupt's way in after its deadline.
+///
+/// Without APIC virtualization the short way injects the vector instead
+/// (`super::timer_may_inject`, `super::inject_timer_now`).
 #[inline]
 pub fn timer_may_fire<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &Vcpu, vm: &Vm) -> bool {
     use crate::vmx::controls::PrimaryControls;
     use crate::vmx::Control32;
     let Some(a) = &vcpu.apicv else {
-        return false;
+        return super::timer_may_inject(vmcs, vcpu, vm);
     };
     if !a.features().virtual_interrupt_delivery
         || !a.unchanged(vmcs)
@@ -290,7 +299,7 @@ pub fn fire_timer_now<V: Vmcs + ?Sized>(
 ) -> bool {
     let cpu = vcpu.index;
     let Some(a) = &mut vcpu.apicv else {
-        return false;
+        return super::inject_timer_now(vcpu, vm, now, shot);
     };
     // `take_unread` of a page found unchanged: the TPR alone (written out rather than calling
     // `take`, whose second look at `vcpu.apicv` and the TPR-shadow test cost `irq` 5 more),

@@ -274,6 +274,13 @@ impl EventQueue {
             || (self.nmi && nmi_allowed(vmcs))
     }
 
+    /// Nothing queued, held or waited for: an interrupt may go in at this entry as far as the
+    /// queue is concerned (the LAPIC timer's injected short way, `super::timer_may_inject`).
+    #[inline(always)]
+    pub(super) fn quiet(&self) -> bool {
+        self.idle() && self.held_interrupt.is_none()
+    }
+
     #[inline(always)]
     fn idle(&self) -> bool {
         self.next.is_none()

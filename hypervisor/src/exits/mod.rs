@@ -26,6 +26,7 @@ pub mod xsetbv;
 #[cfg(test)]
 pub(crate) mod testing;
 
+use crate::devices::TimerShot;
 use crate::guest::{StopReason, Vcpu, Vm};
 use crate::vmx::{ExitReason, Guest32, GuestNat, InterruptionInfo, ReadOnly32, ReadOnlyNat, Vmcs};
 use alloc::format;
@@ -399,6 +400,44 @@ pub fn inject_pending_interrupt<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu,
     if new != primary {
         vmcs.write(Control32::PrimaryProcBasedControls, new);
     }
+}
+
+/// Without virtual-interrupt delivery, whether the guest's state lets the LAPIC timer's expiry
+/// be injected the short way at the entry after its VMX-preemption-timer exit (the run loop's
+/// `exits::apicv::timer_may_fire`): nothing in the event queue or held (the general look would
+/// deliver that first, or wait for a window), no debug trap pending in the VMCS, the 8259A's
+/// output down, no interrupt window asked for (the general look would clear the bit), and the
+/// guest open to an external interrupt (RFLAGS.IF = 1, no blocking by STI or MOV SS: SDM
+/// 27.3.1.5). What the APIC holds is checked when the timer fires
+/// ([`inject_timer_now`]). None of it depends on the time: it is told before the run loop
+/// waits for the deadline.
+#[inline]
+pub(crate) fn timer_may_inject<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &Vcpu, vm: &Vm) -> bool {
+    use crate::vmx::controls::PrimaryControls;
+    use crate::vmx::Control32;
+    let window = PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
+    vcpu.events.quiet()
+        && vm.platform.pic_output_down()
+        && vmcs.read(Control32::PrimaryProcBasedControls) & window == 0
+        && vmcs.read(GuestNat::Rflags) & RFLAGS_IF != 0
+        && vmcs.read(Guest32::InterruptibilityState) & 0b11 == 0
+        && !debug::trap_pending(vmcs)
+}
+
+/// The LAPIC timer's injected short way once [`timer_may_inject`] said yes: the timer fires as
+/// `shot` worked it out and its vector, accepted by the APIC at once
+/// (`Platform::fire_shot_injected`), is queued for the entry, what `Platform::advance` and
+/// [`inject_pending_interrupt`] make of the same state (a unit test compares the two over
+/// random timer set-ups). False, nothing done, when the platform is not as the shot found it:
+/// the general look is then the way.
+#[inline]
+pub(crate) fn inject_timer_now(vcpu: &mut Vcpu, vm: &mut Vm, now: u64, shot: &TimerShot) -> bool {
+    let Some(vector) = vm.platform.fire_shot_injected(vcpu.index, now, shot) else {
+        return false;
+    };
+    vcpu.events.interrupt(vector);
+    vcpu.stats.interrupts_injected += 1;
+    true
 }
 
 #[cfg(test)]
@@ -868,5 +907,230 @@ mod tests {
         t.run(ExitReason::Cpuid);
         assert_eq!(t.enter(), Ok(()));
         assert_eq!(t.vmcs.read(GuestNat::PendingDebugExceptions), 0);
+    }
+}
+
+/// The LAPIC timer's injected short way (`timer_may_inject`, `inject_timer_now`, through the
+/// run loop's `apicv::timer_may_fire` and `apicv::fire_timer_now`) against the general look.
+#[cfg(test)]
+mod inject_timer_tests {
+    use super::testing::*;
+    use super::*;
+    use crate::devices::lapic::LAPIC_BASE;
+    use crate::vmx::{Control32, Guest32};
+
+    /// What the run loop does before an entry after an exit that touched the platform, or after
+    /// a preemption exit the short way refused (`runloop::before_entry`), without APIC
+    /// virtualization; the timer's expiry it works out for the short way.
+    fn general_look(t: &mut TestBed, now: u64) -> Option<TimerShot> {
+        t.vm.platform.advance(now);
+        inject_pending_interrupt(&mut t.vmcs, &mut t.vcpu, &mut t.vm);
+        apicv::timer_shot(&t.vcpu, &t.vm)
+    }
+
+    fn saved(t: &TestBed) -> alloc::vec::Vec<u8> {
+        let mut w = crate::state::Writer::new();
+        t.vm.platform.save(&mut w);
+        w.into_bytes()
+    }
+
+    fn mmio(t: &mut TestBed, offset: u64, value: u64, now: u64) {
+        t.vm.platform
+            .mmio_write(0, LAPIC_BASE + offset, 4, value, now);
+    }
+
+    /// Everything the guest can see or Keel goes on from: the VMCS fields, the model's saved
+    /// state, its next deadline, its counters, the event queue and the vCPU's counters.
+    fn assert_same(fast: &TestBed, slow: &TestBed, round: usize) {
+        assert_eq!(fast.vmcs.fields, slow.vmcs.fields, "round {round}: VMCS");
+        assert_eq!(saved(fast), saved(slow), "round {round}: model");
+        assert_eq!(
+            fast.vm.platform.next_deadline(),
+            slow.vm.platform.next_deadline(),
+            "round {round}"
+        );
+        assert_eq!(fast.vm.platform.stats(), slow.vm.platform.stats());
+        assert_eq!(fast.vcpu.events, slow.vcpu.events, "round {round}");
+        assert_eq!(
+            fast.vcpu.stats.interrupts_injected, slow.vcpu.stats.interrupts_injected,
+            "round {round}"
+        );
+    }
+
+    /// Random timer set-ups (one-shot, periodic and TSC-deadline modes, masked or not, legal
+    /// and illegal vectors, divide configurations, the APIC software-disabled, another vCPU's
+    /// timer due at the same time), with what the guest does meanwhile (takes the injected
+    /// interrupt or not, EOIs, TPR writes, self-IPIs, runs with IF = 0 or in an STI shadow, an
+    /// NMI through the ICR): after every preemption-timer exit, the short way where it applies
+    /// and the general look give the same VMCS, model, deadline, counters and events; and the
+    /// short way is taken often enough for that to mean something. Now and then the fast bed
+    /// keeps an expiry worked out before the timers changed: the short way must never fire
+    /// from it.
+    #[test]
+    fn an_injected_timer_alone_ends_as_the_general_look() {
+        for (seed, cpus) in [(0x2545_f491_4f6c_dd1d, 1), (0x6c8e_9cf5_7093_2bd5, 2)] {
+            let mut rng = Rng(seed);
+            let mut fast = TestBed::smp(cpus);
+            let mut slow = TestBed::smp(cpus);
+            let mut now = 1000;
+            let mut shot = None;
+            for t in [&mut fast, &mut slow] {
+                t.enable_lapic();
+                if cpus > 1 {
+                    // vCPU 1's APIC enabled, its timer in TSC-deadline mode (vector 0x50).
+                    t.vm.platform.mmio_write(1, LAPIC_BASE + 0xf0, 4, 0x1ff, 0);
+                    t.vm.platform
+                        .mmio_write(1, LAPIC_BASE + 0x320, 4, 2 << 17 | 0x50, 0);
+                }
+                shot = general_look(t, now);
+                events::commit(&mut t.vmcs, &mut t.vcpu).unwrap();
+            }
+            let (mut short, mut stale_tries, mut masked) = (0, 0, 0);
+            for round in 0..60_000 {
+                let guest = rng.below(8);
+                // With an expiry worked out, the timers are changed more often (the first
+                // eight: its LVT entry, count, divide, TSC deadline, a self-IPI, the SVR).
+                let platform = if shot.is_some() && rng.below(2) == 0 {
+                    rng.below(8)
+                } else {
+                    rng.below(16)
+                };
+                let value = rng.next();
+                let other = rng.next();
+                let rflags = if rng.below(8) == 0 { 0x2 } else { 0x202 };
+                let shadow = if rng.below(16) == 0 { 1 } else { 0 };
+                let keep_stale = rng.below(2) == 0;
+                let mut stale = false;
+                let near = fast.vm.platform.next_deadline().unwrap_or(now);
+                let other_at = (other.is_multiple_of(4) && cpus > 1)
+                    .then(|| (near + (other >> 32) % 64).saturating_sub(32).max(1));
+                for (bed, t) in [&mut fast, &mut slow].into_iter().enumerate() {
+                    // The entry delivered what was injected (the valid bit is cleared at
+                    // every exit, SDM 28.2.1)...
+                    if guest != 0 {
+                        t.vmcs.write(Control32::EntryInterruptionInfo, 0);
+                    }
+                    // ...and the guest ran, now and then with IF = 0 or in an STI shadow.
+                    t.vmcs.write(GuestNat::Rflags, rflags);
+                    t.vmcs.write(Guest32::InterruptibilityState, shadow);
+                    let acted = match guest {
+                        // The common case: the handler's EOI, before the platform's change.
+                        1..=5 => {
+                            mmio(t, 0xb0, 0, now);
+                            true
+                        }
+                        _ => false,
+                    };
+                    let acted = acted
+                        || match platform {
+                            0 | 1 => {
+                                let vector = [0x08, 0x30, 0x31, 0xec, 0xff][(value % 5) as usize];
+                                let mode = (value >> 8) % 3;
+                                let masked = u64::from((value >> 12).is_multiple_of(5));
+                                mmio(t, 0x320, vector | mode << 17 | masked << 16, now);
+                                true
+                            }
+                            2 => {
+                                mmio(t, 0x380, 1 + (value >> 16) % 3000, now);
+                                true
+                            }
+                            3 => {
+                                let code = [0, 1, 2, 3, 8, 9, 0xa, 0xb][(value % 8) as usize];
+                                mmio(t, 0x3e0, code, now);
+                                true
+                            }
+                            4 | 5 => {
+                                let at = match value % 4 {
+                                    0 => 0,
+                                    1 => now.saturating_sub(value >> 40),
+                                    _ => now + (value >> 20) % 4000,
+                                };
+                                t.vm.platform.write_tsc_deadline(0, at, now);
+                                true
+                            }
+                            6 => {
+                                // A self-IPI, fixed (some vectors above the timer's, some
+                                // below), or now and then an NMI.
+                                let icr = match value % 8 {
+                                    0 => 4 << 8,
+                                    n => [0x40, 0x31, 0xe0, 0x20][(n % 4) as usize],
+                                };
+                                mmio(t, 0x300, 1 << 18 | icr, now);
+                                true
+                            }
+                            7 => {
+                                let svr = if value.is_multiple_of(7) { 0xff } else { 0x1ff };
+                                mmio(t, 0xf0, svr, now);
+                                true
+                            }
+                            8 => {
+                                let tpr = [0, 0, 0, 0x20, 0x30, 0xf0][(value % 6) as usize];
+                                mmio(t, 0x80, tpr, now);
+                                true
+                            }
+                            9 if cpus > 1 => {
+                                let at = match value % 3 {
+                                    0 => 0,
+                                    _ => now + (value >> 20) % 4000,
+                                };
+                                t.vm.platform.write_tsc_deadline(1, at, now);
+                                true
+                            }
+                            _ => false,
+                        };
+                    if let Some(at) = other_at {
+                        t.vm.platform.write_tsc_deadline(1, at, now);
+                    }
+                    if acted || other_at.is_some() {
+                        let worked_out = general_look(t, now);
+                        if bed == 0 {
+                            if keep_stale && shot.is_some() {
+                                stale = true;
+                            } else {
+                                shot = worked_out;
+                            }
+                        }
+                        events::commit(&mut t.vmcs, &mut t.vcpu).unwrap();
+                    }
+                }
+                assert_same(&fast, &slow, round);
+                // The preemption timer brings the guest back: at its timer's deadline when one
+                // is set and near, else a little later.
+                now = match fast.vm.platform.next_deadline() {
+                    Some(d) if d >= now && d - now < 5000 && rng.below(4) != 0 => d,
+                    _ => now + rng.below(1500),
+                };
+                for t in [&mut fast, &mut slow] {
+                    t.vmcs.write(Control32::EntryInterruptionInfo, 0);
+                    fast::handle_preempted(&t.vmcs, &mut t.vcpu);
+                }
+                if rflags & RFLAGS_IF == 0 || shadow != 0 {
+                    masked += 1;
+                }
+                let fired = shot.as_ref().is_some_and(|s| fast.fire_timer(now, s));
+                if stale {
+                    stale_tries += 1;
+                    assert!(
+                        !fired,
+                        "round {round}: fired from an expiry worked out before"
+                    );
+                }
+                if fired {
+                    assert!(rflags & RFLAGS_IF != 0 && shadow == 0, "round {round}");
+                    short += 1;
+                    shot = None;
+                } else {
+                    shot = general_look(&mut fast, now);
+                }
+                general_look(&mut slow, now);
+                for t in [&mut fast, &mut slow] {
+                    events::commit(&mut t.vmcs, &mut t.vcpu).unwrap();
+                }
+                assert_same(&fast, &slow, round);
+            }
+            assert!(short > 300, "the short way taken {short} times");
+            assert!(stale_tries > 20, "a stale expiry tried {stale_tries} times");
+            assert!(masked > 1000, "the guest masked {masked} times");
+        }
     }
 }
