@@ -856,6 +856,7 @@ impl Lapic {
     ///   the PPR is the TPR (SDM 11.8.3.1), so the vector is the one the APIC offers the
     ///   processor (SDM 11.8.4) and is accepted at once
     ///   ([`Platform::fire_shot_injected`](super::Platform::fire_shot_injected)).
+    #[inline]
     pub fn timer_alone_vector(&self, way: ShotWay) -> Option<u8> {
         let lvt = self.lvt[TIMER];
         let vector = lvt as u8;
@@ -883,6 +884,7 @@ impl Lapic {
     /// leaves (the timer's next deadline, its schedule), when [`Lapic::timer_alone_vector`]
     /// says the expiry is that vector alone. [`Lapic::fire_shot`] carries it out, but only while
     /// the LVT entry and the timer's count or deadline are as they were here.
+    #[inline(always)]
     pub fn timer_shot(&self, way: ShotWay) -> Option<TimerShot> {
         let at = self.next_deadline()?;
         let vector = self.timer_alone_vector(way)?;

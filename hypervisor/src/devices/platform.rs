@@ -919,6 +919,7 @@ impl Platform {
     /// time before which no other timer (a device's kept deadline, another APIC's) falls due, and
     /// the earliest deadline after it. [`Platform::fire_shot`] (posted) or
     /// [`Platform::fire_shot_injected`] carries it out.
+    #[inline(always)]
     pub fn timer_shot(&self, cpu: usize, way: ShotWay) -> Option<TimerShot> {
         let lapics = &self.chipset.lapics.0;
         let lapic = lapics.get(cpu)?.timer_shot(way)?;
