@@ -806,16 +806,19 @@ impl<C: Cpu> RunLoop<C> {
                         break (raw, None);
                     }
                     let now = g.vm.now(t1);
-                    let mut cx = ExitContext {
-                        vmcs: &mut v,
-                        vcpu: &mut *g.vcpu,
-                        vm: &mut *g.vm,
-                        host: self.cpu.host(),
-                        now,
-                    };
                     if way == Way::Registers {
-                        exits::fast::handle_register_only(&mut cx, raw);
+                        let host = self.cpu.host();
+                        exits::fast::handle_register_only_parts(
+                            &mut v, g.vcpu, g.vm, host, now, raw,
+                        );
                     } else if way == Way::Deadline {
+                        let mut cx = ExitContext {
+                            vmcs: &mut v,
+                            vcpu: &mut *g.vcpu,
+                            vm: &mut *g.vm,
+                            host: self.cpu.host(),
+                            now,
+                        };
                         // The guest's TSC deadline moved: its next timer, and the shot worked
                         // out for it, follow.
                         if !exits::fast::handle_deadline(&mut cx) {
@@ -835,6 +838,13 @@ impl<C: Cpu> RunLoop<C> {
                         note_deadline(g.vm, p, cfg.min_gap());
                         note_shot(p);
                     } else {
+                        let mut cx = ExitContext {
+                            vmcs: &mut v,
+                            vcpu: &mut *g.vcpu,
+                            vm: &mut *g.vm,
+                            host: self.cpu.host(),
+                            now,
+                        };
                         match exits::fast::handle_port(&mut cx) {
                             PortExit::Quiet => {
                                 // A console byte is quiet too (no line, no timer): its lines

@@ -105,18 +105,45 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, raw: u32) -> bool {
 /// [`handle`] for an exit the caller found register-only ([`is_register_only`]) itself.
 #[inline]
 pub fn handle_register_only<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>, raw: u32) {
-    cx.vcpu.stats.count_exit(raw as u16);
-    apicv::leave_vtpr(cx.vcpu);
+    handle_register_only_parts(cx.vmcs, cx.vcpu, cx.vm, cx.host, cx.now, raw);
+}
+
+/// [`handle_register_only`] from the context's parts, for the run loop's tight loop: each
+/// handler gets a context of its own, so that the one inlined (CPUID's) keeps it in registers
+/// rather than in a frame the others' calls need (12 stores and their loads at every exit,
+/// docs/BENCHMARKS.md).
+#[inline(always)]
+pub fn handle_register_only_parts<V: Vmcs + ?Sized>(
+    vmcs: &mut V,
+    vcpu: &mut crate::guest::Vcpu,
+    vm: &mut crate::guest::Vm,
+    host: &mut dyn super::Host,
+    now: u64,
+    raw: u32,
+) {
+    vcpu.stats.count_exit(raw as u16);
+    apicv::leave_vtpr(vcpu);
+    macro_rules! cx {
+        () => {
+            &mut ExitContext {
+                vmcs: &mut *vmcs,
+                vcpu: &mut *vcpu,
+                vm: &mut *vm,
+                host: &mut *host,
+                now,
+            }
+        };
+    }
     let action = match raw {
-        CPUID => cpuid::handle(cx),
-        VMCALL => vmcall::handle_figure(cx),
-        RDMSR => msr::read(cx),
-        _ => msr::write(cx),
+        CPUID => cpuid::handle(cx!()),
+        VMCALL => vmcall::handle_figure(cx!()),
+        RDMSR => msr::read(cx!()),
+        _ => msr::write(cx!()),
     };
     debug_assert!(matches!(action, Action::Advance | Action::Inject(_)));
     match action {
-        Action::Advance => super::complete(cx.vmcs, cx.vcpu),
-        other => super::apply(cx.vmcs, cx.vcpu, &other),
+        Action::Advance => super::complete(vmcs, vcpu),
+        other => super::apply(vmcs, vcpu, &other),
     }
 }
 
