@@ -274,6 +274,21 @@ impl EventQueue {
             || (self.nmi && nmi_allowed(vmcs))
     }
 
+    /// The interruption information of the queue's next event when it is an external
+    /// interrupt and all the queue holds for this entry (no NMI pending or waited for, no debug
+    /// trap, no triple fault): [`commit`]'s short way.
+    #[inline(always)]
+    fn lone_external(&self) -> Option<InterruptionInfo> {
+        let e = self.next?;
+        let lone = e.info.kind() == InterruptionType::External
+            && !e.info.has_error_code()
+            && !self.nmi
+            && !self.nmi_window
+            && !self.triple_fault
+            && self.debug_trap == 0;
+        lone.then_some(e.info)
+    }
+
     /// Nothing queued, held or waited for: an interrupt may go in at this entry as far as the
     /// queue is concerned (the LAPIC timer's injected short way, `super::timer_may_inject`).
     #[inline(always)]
@@ -321,6 +336,22 @@ pub fn commit<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu) -> Result<(), Sto
 /// [`commit`] with something in the queue.
 #[inline(never)]
 fn commit_queued<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu) -> Result<(), StopReason> {
+    let q = &mut vcpu.events;
+    // The next most common case, an external interrupt alone (the one `inject_pending_interrupt`
+    // or the LAPIC timer's short way queued): its interruption information is all there is to
+    // write (no error code, no instruction length, SDM 25.8.3; no NMI to wait for), as the
+    // general way below writes it.
+    if let Some(info) = q.lone_external() {
+        q.next = None;
+        vmcs.write(Control32::EntryInterruptionInfo, info.raw());
+        return Ok(());
+    }
+    commit_general(vmcs, vcpu)
+}
+
+/// [`commit_queued`]'s general way: every event the queue can hold.
+#[inline(always)]
+fn commit_general<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu) -> Result<(), StopReason> {
     let q = &mut vcpu.events;
     if q.triple_fault {
         *q = EventQueue::default();
@@ -426,5 +457,68 @@ mod tests {
         );
         let faults: alloc::vec::Vec<u8> = (0..32).filter(|&v| is_fault(v)).collect();
         assert_eq!(faults, [0, 5, 6, 7, 10, 11, 12, 13, 14, 16, 17, 19, 20, 21]);
+    }
+
+    /// `commit` (with its short way for an external interrupt alone) against `commit_general`
+    /// over random queues: external interrupts, re-injected events of every
+    /// type, exceptions raised on them, NMIs, debug traps, with and without virtual NMIs and
+    /// NMI blocking: the same VMCS fields, the same queue, the same counters and result; and
+    /// the short way is taken.
+    #[test]
+    fn an_external_interrupt_alone_commits_as_the_general_way() {
+        use crate::exits::testing::{Rng, TestBed};
+        use crate::vmx::controls::PinBasedControls;
+        let mut rng = Rng(0x243f_6a88_85a3_08d3);
+        let mut short = 0;
+        for round in 0..20_000 {
+            let mut a = TestBed::new();
+            let pin = if rng.below(2) == 0 {
+                PinBasedControls::VIRTUAL_NMIS.bits()
+            } else {
+                0
+            };
+            a.vmcs.write(Control32::PinBasedControls, pin);
+            a.vmcs
+                .write(Guest32::InterruptibilityState, rng.below(16) as u32);
+            a.vmcs.write(GuestNat::Cr0, rng.below(2));
+            let q = &mut a.vcpu.events;
+            for _ in 0..rng.below(3) + 1 {
+                match rng.below(8) {
+                    0..=2 => q.interrupt(rng.next() as u8),
+                    3 => {
+                        let kind = rng.below(8) as u32;
+                        let info = InterruptionInfo(1 << 31 | kind << 8 | rng.below(256) as u32);
+                        q.interrupted(info, rng.next() as u32, rng.below(16) as u32);
+                    }
+                    4 => q.exception(Exception {
+                        vector: [6, 13, 14, 8, 3][rng.below(5) as usize],
+                        error_code: rng.below(2).checked_sub(1).map(|_| 0),
+                    }),
+                    5 => q.nmi(),
+                    6 => q.debug_trap(1 << 14),
+                    _ => {}
+                }
+            }
+            let mut b = TestBed::new();
+            b.vmcs = a.vmcs.clone();
+            b.vcpu.events = a.vcpu.events.clone();
+            if a.vcpu.events.lone_external().is_some() {
+                short += 1;
+            }
+            let ra = commit(&mut a.vmcs, &mut a.vcpu);
+            let rb = if b.vcpu.events.idle() {
+                Ok(())
+            } else {
+                commit_general(&mut b.vmcs, &mut b.vcpu)
+            };
+            assert_eq!(ra, rb, "round {round}");
+            assert_eq!(a.vmcs.fields, b.vmcs.fields, "round {round}");
+            assert_eq!(a.vcpu.events, b.vcpu.events, "round {round}");
+            assert_eq!(
+                a.vcpu.stats.exceptions_injected, b.vcpu.stats.exceptions_injected,
+                "round {round}"
+            );
+        }
+        assert!(short > 3000, "the short way taken {short} times");
     }
 }
