@@ -811,32 +811,6 @@ impl<C: Cpu> RunLoop<C> {
                         exits::fast::handle_register_only_parts(
                             &mut v, g.vcpu, g.vm, host, now, raw,
                         );
-                    } else if way == Way::Deadline {
-                        let mut cx = ExitContext {
-                            vmcs: &mut v,
-                            vcpu: &mut *g.vcpu,
-                            vm: &mut *g.vm,
-                            host: self.cpu.host(),
-                            now,
-                        };
-                        // The guest's TSC deadline moved: its next timer, and the shot worked
-                        // out for it, follow.
-                        if !exits::fast::handle_deadline(&mut cx) {
-                            break (raw, None);
-                        }
-                        if exits::apicv::post_outstanding(g.vcpu)
-                            && !exits::apicv::settle_empty(&v, g.vcpu, g.vm)
-                        {
-                            // The timer's short way needs a page the last post left empty. A
-                            // tick's handler that moves the deadline has usually taken and
-                            // ended what was posted (`settle_empty`); otherwise the look
-                            // before the entry takes it back and posts afresh, as after the
-                            // general dispatch.
-                            p.touched = true;
-                            continue 'slice;
-                        }
-                        note_deadline(g.vm, p, cfg.min_gap());
-                        note_shot(p);
                     } else {
                         let mut cx = ExitContext {
                             vmcs: &mut v,
@@ -845,16 +819,37 @@ impl<C: Cpu> RunLoop<C> {
                             host: self.cpu.host(),
                             now,
                         };
-                        match exits::fast::handle_port(&mut cx) {
-                            PortExit::Quiet => {
-                                // A console byte is quiet too (no line, no timer): its lines
-                                // are printed as after the general dispatch.
-                                if g.vm.platform.take_console_written() {
-                                    print_and_pump(g.vm);
-                                }
+                        if way == Way::Deadline {
+                            // The guest's TSC deadline moved: its next timer, and the shot worked
+                            // out for it, follow.
+                            if !exits::fast::handle_deadline(&mut cx) {
+                                break (raw, None);
                             }
-                            PortExit::Changed(done) => break (raw, Some(done)),
-                            PortExit::General => break (raw, None),
+                            if exits::apicv::post_outstanding(g.vcpu)
+                                && !exits::apicv::settle_empty(&v, g.vcpu, g.vm)
+                            {
+                                // The timer's short way needs a page the last post left empty. A
+                                // tick's handler that moves the deadline has usually taken and
+                                // ended what was posted (`settle_empty`); otherwise the look
+                                // before the entry takes it back and posts afresh, as after the
+                                // general dispatch.
+                                p.touched = true;
+                                continue 'slice;
+                            }
+                            note_deadline(g.vm, p, cfg.min_gap());
+                            note_shot(p);
+                        } else {
+                            match exits::fast::handle_port(&mut cx) {
+                                PortExit::Quiet => {
+                                    // A console byte is quiet too (no line, no timer): its lines
+                                    // are printed as after the general dispatch.
+                                    if g.vm.platform.take_console_written() {
+                                        print_and_pump(g.vm);
+                                    }
+                                }
+                                PortExit::Changed(done) => break (raw, Some(done)),
+                                PortExit::General => break (raw, None),
+                            }
                         }
                     }
                     // Nothing but registers (and a device's own) changed: no platform look

@@ -614,12 +614,20 @@ impl Lapic {
     /// with nothing changed, when a vector arrived since (the CPU lacks it: a post must give it)
     /// or the APIC was reset since.
     pub fn settle_empty(&mut self) -> bool {
-        if self.since_post != SincePost::Arrived([0; 8]) {
+        if !self.nothing_since_post() {
             return false;
         }
         self.irr = Vectors::from_words([0; 8]);
         self.isr = Vectors::from_words([0; 8]);
         true
+    }
+
+    /// Whether IRR and ISR were posted ([`Lapic::posted`]) with no vector accepted and no reset
+    /// since. Eight ORs, not a comparison of the arrays (which is a call of `memcmp`, about 50
+    /// instructions in Bochs).
+    #[inline]
+    fn nothing_since_post(&self) -> bool {
+        matches!(self.since_post, SincePost::Arrived(a) if a.iter().fold(0, |s, w| s | w) == 0)
     }
 
     /// IRR and ISR were posted to the CPU as [`Lapic::vectors`] gives them: from here on the
@@ -870,8 +878,7 @@ impl Lapic {
         let quiet = alone
             && match way {
                 ShotWay::Posted { mirrored } => {
-                    // Eight ORs, not a comparison of the arrays (a call of `memcmp`).
-                    matches!(self.since_post, SincePost::Arrived(a) if a.iter().fold(0, |s, w| s | w) == 0)
+                    self.nothing_since_post()
                         && !(mirrored && (self.page_stale.0 || self.icr_stale.0))
                 }
                 ShotWay::Injected => vector & 0xf0 > self.tpr & 0xf0,

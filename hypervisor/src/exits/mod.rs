@@ -1023,28 +1023,12 @@ mod inject_timer_tests {
                     };
                     let acted = acted
                         || match platform {
-                            0 | 1 => {
-                                let vector = [0x08, 0x30, 0x31, 0xec, 0xff][(value % 5) as usize];
-                                let mode = (value >> 8) % 3;
-                                let masked = u64::from((value >> 12).is_multiple_of(5));
-                                mmio(t, 0x320, vector | mode << 17 | masked << 16, now);
-                                true
-                            }
-                            2 => {
-                                mmio(t, 0x380, 1 + (value >> 16) % 3000, now);
-                                true
-                            }
-                            3 => {
-                                let code = [0, 1, 2, 3, 8, 9, 0xa, 0xb][(value % 8) as usize];
-                                mmio(t, 0x3e0, code, now);
+                            0..=3 => {
+                                t.change_lapic_timer(platform, value, now);
                                 true
                             }
                             4 | 5 => {
-                                let at = match value % 4 {
-                                    0 => 0,
-                                    1 => now.saturating_sub(value >> 40),
-                                    _ => now + (value >> 20) % 4000,
-                                };
+                                let at = random_deadline(value, now);
                                 t.vm.platform.write_tsc_deadline(0, at, now);
                                 true
                             }

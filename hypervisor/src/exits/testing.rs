@@ -94,6 +94,16 @@ pub struct Sibling {
     pub vcpu: Vcpu,
 }
 
+/// A TSC deadline the LAPIC timer tests write at `now` (`value` picks): disarmed, passed, or
+/// up to 4,000 ticks ahead.
+pub fn random_deadline(value: u64, now: u64) -> u64 {
+    match value % 4 {
+        0 => 0,
+        1 => now.saturating_sub(value >> 40),
+        _ => now + (value >> 20) % 4000,
+    }
+}
+
 pub const TEST_RAM: usize = 1 << 20;
 pub const TEST_TSC_HZ: u64 = 10_000_000;
 
@@ -264,6 +274,25 @@ impl TestBed {
         let base = crate::devices::lapic::LAPIC_BASE;
         let c = self.vcpu.index;
         self.vm.platform.mmio_write(c, base + 0xf0, 4, 0x1ff, 0);
+    }
+
+    /// One of the random changes the LAPIC timer tests make to vCPU 0's timer through its xAPIC
+    /// page, `kind` 0-3 (`value` picks within it): the LVT entry (0 or 1: one-shot, periodic or
+    /// TSC-deadline mode, masked now and then, a legal or an illegal vector), the initial count
+    /// (2), the divide configuration (3).
+    pub fn change_lapic_timer(&mut self, kind: u64, value: u64, now: u64) {
+        let (offset, v) = match kind {
+            0 | 1 => {
+                let vector = [0x08, 0x30, 0x31, 0xec, 0xff][(value % 5) as usize];
+                let mode = (value >> 8) % 3;
+                let masked = u64::from((value >> 12).is_multiple_of(5));
+                (0x320, vector | mode << 17 | masked << 16)
+            }
+            2 => (0x380, 1 + (value >> 16) % 3000),
+            _ => (0x3e0, [0, 1, 2, 3, 8, 9, 0xa, 0xb][(value % 8) as usize]),
+        };
+        let base = crate::devices::lapic::LAPIC_BASE;
+        self.vm.platform.mmio_write(0, base + offset, 4, v, now);
     }
 
     /// A fixed self-IPI of `vector` through the ICR (shorthand self).
