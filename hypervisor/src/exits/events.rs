@@ -276,7 +276,7 @@ impl EventQueue {
 
     /// The interruption information of the queue's next event when it is an external
     /// interrupt and all the queue holds for this entry (no NMI pending or waited for, no debug
-    /// trap, no triple fault): [`commit`]'s short way.
+    /// trap, no triple fault): [`commit_queued`]'s short way.
     #[inline(always)]
     fn lone_external(&self) -> Option<InterruptionInfo> {
         let e = self.next?;
