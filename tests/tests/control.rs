@@ -206,7 +206,7 @@ fn drive(s: &mut Session, socket: &Path) {
     if !stats.starts_with("{\"ok\":true,\"guest\":\"sleeper\",") || !stats.contains("\"HLT\"") {
         s.error.get_or_insert(format!("stats sleeper: {stats}"));
     }
-    // The sleeper ends by itself (8 s of its own time); then everything stops on `quit`.
+    // The sleeper ends by itself (20 s of its own time); then everything stops on `quit`.
     let ended = "\"name\":\"sleeper\",\"state\":\"stopped\"";
     if let Err(e) = wait_for_list(socket, |r| r.contains(ended), Duration::from_secs(200)) {
         s.error
