@@ -430,6 +430,17 @@ pub struct TimerShot {
     epoch: u32,
 }
 
+impl TimerShot {
+    /// Whether the shot may fire at `now` on a platform at `epoch`: at or past the APIC timer's
+    /// deadline, before any other timer's and before a second expiry of its own, and no timer
+    /// of the platform changed since it was worked out.
+    #[inline(always)]
+    fn due(&self, now: u64, epoch: u32) -> bool {
+        let s = &self.lapic;
+        s.at <= now && now < self.others && now < s.single_before && epoch == self.epoch
+    }
+}
+
 impl Platform {
     /// A one-CPU PC with every Keel device at its standard place, on a guest TSC of `tsc_hz`, for
     /// callers that do not know the guest's RAM (fw_cfg reports 0 bytes).
@@ -958,17 +969,22 @@ impl Platform {
             l.set_tpr(tpr);
         }
         let s = &shot.lapic;
-        if now < s.at || now >= shot.others || now >= s.single_before || epoch != shot.epoch {
-            return None;
-        }
-        if !l.fire_shot(s) {
+        if !shot.due(now, epoch) || !l.fire_shot(s) {
             return None;
         }
         l.posted();
-        self.next = shot.next;
-        self.epoch = epoch.wrapping_add(1);
-        self.ports_quiet = false;
+        self.shot_fired(shot);
         Some(s.vector)
+    }
+
+    /// What a fired shot leaves of the platform, as [`Platform::advance`] would: the earliest
+    /// deadline the shot worked out, the timers changed (the epoch), the ports' record of no
+    /// change spent.
+    #[inline(always)]
+    fn shot_fired(&mut self, shot: &TimerShot) {
+        self.next = shot.next;
+        self.epoch = self.epoch.wrapping_add(1);
+        self.ports_quiet = false;
     }
 
     /// The short way of [`Platform::advance`] and the acknowledge after it
@@ -983,24 +999,15 @@ impl Platform {
     /// nothing done, in every other case: then `advance` is the way.
     #[inline]
     pub fn fire_shot_injected(&mut self, cpu: usize, now: u64, shot: &TimerShot) -> Option<u8> {
-        let epoch = self.epoch;
-        let s = &shot.lapic;
-        if now < s.at
-            || now >= shot.others
-            || now >= s.single_before
-            || epoch != shot.epoch
+        if !shot.due(now, self.epoch)
             || !self.chipset.pic.output_down()
+            || !self.lapic_mut(cpu).fire_shot_injected(&shot.lapic)
         {
             return None;
         }
-        if !self.lapic_mut(cpu).fire_shot_injected(s) {
-            return None;
-        }
         self.chipset.stats.acknowledged += 1;
-        self.next = shot.next;
-        self.epoch = epoch.wrapping_add(1);
-        self.ports_quiet = false;
-        Some(s.vector)
+        self.shot_fired(shot);
+        Some(shot.lapic.vector)
     }
 
     /// Whether the 8259A's INTR output is down (no request it would offer a CPU).

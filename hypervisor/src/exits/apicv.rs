@@ -266,8 +266,6 @@ pub fn timer_shot(vcpu: &Vcpu, vm: &Vm) -> Option<TimerShot> {
 /// (`super::timer_may_inject`, `super::inject_timer_now`).
 #[inline]
 pub fn timer_may_fire<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &Vcpu, vm: &Vm) -> bool {
-    use crate::vmx::controls::PrimaryControls;
-    use crate::vmx::Control32;
     let Some(a) = &vcpu.apicv else {
         return super::timer_may_inject(vmcs, vcpu, vm);
     };
@@ -279,8 +277,7 @@ pub fn timer_may_fire<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &Vcpu, vm: &Vm) -> bool 
         return false;
     }
     // `inject_pending_interrupt` would clear the window bit with nothing to wait for.
-    let window = PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
-    if vmcs.read(Control32::PrimaryProcBasedControls) & window != 0 {
+    if super::window_asked(vmcs) {
         return false;
     }
     // With IF = 0 the vector is to wait behind the interrupt window (`hold_while_masked`),

@@ -374,9 +374,7 @@ pub fn inject_pending_interrupt<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu,
         // of an emulated instruction), comes first and would be lost to an injection.
         Some(_) if vcpu.events.claims_entry(vmcs) || debug::trap_pending(vmcs) => true,
         Some(vector) => {
-            let open = vmcs.read(GuestNat::Rflags) & RFLAGS_IF != 0
-                && vmcs.read(Guest32::InterruptibilityState) & 0b11 == 0;
-            if open {
+            if open_to_interrupts(vmcs) {
                 if held.is_some() {
                     vcpu.events.take_held_interrupt();
                 } else if posted {
@@ -413,15 +411,29 @@ pub fn inject_pending_interrupt<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu,
 /// waits for the deadline.
 #[inline]
 pub(crate) fn timer_may_inject<V: Vmcs + ?Sized>(vmcs: &V, vcpu: &Vcpu, vm: &Vm) -> bool {
+    vcpu.events.quiet()
+        && vm.platform.pic_output_down()
+        && !window_asked(vmcs)
+        && open_to_interrupts(vmcs)
+        && !debug::trap_pending(vmcs)
+}
+
+/// Whether the guest can take an external interrupt at the next entry: RFLAGS.IF = 1 and no
+/// blocking by STI or MOV SS (SDM 27.3.1.5).
+#[inline(always)]
+fn open_to_interrupts<V: Vmcs + ?Sized>(vmcs: &V) -> bool {
+    vmcs.read(GuestNat::Rflags) & RFLAGS_IF != 0
+        && vmcs.read(Guest32::InterruptibilityState) & 0b11 == 0
+}
+
+/// Whether interrupt-window exiting is on for the guest: an interrupt waits for the window
+/// (SDM 26.7.5).
+#[inline(always)]
+pub(crate) fn window_asked<V: Vmcs + ?Sized>(vmcs: &V) -> bool {
     use crate::vmx::controls::PrimaryControls;
     use crate::vmx::Control32;
     let window = PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
-    vcpu.events.quiet()
-        && vm.platform.pic_output_down()
-        && vmcs.read(Control32::PrimaryProcBasedControls) & window == 0
-        && vmcs.read(GuestNat::Rflags) & RFLAGS_IF != 0
-        && vmcs.read(Guest32::InterruptibilityState) & 0b11 == 0
-        && !debug::trap_pending(vmcs)
+    vmcs.read(Control32::PrimaryProcBasedControls) & window != 0
 }
 
 /// The LAPIC timer's injected short way once [`timer_may_inject`] said yes: the timer fires as
