@@ -6,15 +6,16 @@
 //! One client at a time: a new connection takes over from the previous one. What Keel sends while
 //! nobody is connected is dropped.
 //!
-//! Toward Keel the bridge keeps to Keel's flow control (`keel::credit`): at most a window of bytes
-//! on the way and not acknowledged; the acknowledgements are taken out of the
-//! replies.
+//! Toward Keel the bridge keeps to Keel's flow control (`keel::credit`): nothing before Keel says
+//! it listens, then at most a window of bytes on the way and not acknowledged; the hello and the
+//! acknowledgements are taken out of the replies. A client's lines go whole, one at a time; those
+//! of a client that gave up and was followed by another, not yet begun, never go.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -99,6 +100,7 @@ impl Drop for Bridge {
             }
         }
         self.stop.store(true, Ordering::SeqCst);
+        self.flow.close();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -120,17 +122,24 @@ fn accept_loop(
                 let (Ok(reader), Ok(mut keel)) = (stream.try_clone(), to_keel.try_clone()) else {
                     continue;
                 };
+                let client = flow.connected();
                 if let Ok(mut c) = current.lock() {
                     *c = Some(stream);
                 }
-                // The client's lines go to COM2 as Keel's window allows; the thread ends with the
-                // client.
+                // The client's lines go to COM2 whole, one at a time, as Keel's window allows; the
+                // thread ends with the client, or once another client took over.
                 let flow = flow.clone();
                 std::thread::spawn(move || {
-                    let mut reader = reader;
-                    let mut buf = [0u8; 256];
-                    while let Ok(n) = reader.read(&mut buf) {
-                        if n == 0 || flow.write(&mut keel, &buf[..n]).is_err() {
+                    let mut reader = BufReader::new(reader);
+                    let mut line = Vec::new();
+                    loop {
+                        line.clear();
+                        // A last line without its newline is no command: it does not go.
+                        match reader.read_until(b'\n', &mut line) {
+                            Ok(_) if line.ends_with(b"\n") => {}
+                            _ => return,
+                        }
+                        if !flow.send_line(&mut keel, &line, client) {
                             return;
                         }
                     }
@@ -143,15 +152,17 @@ fn accept_loop(
 
 /// How long the bridge waits for an acknowledgement before it takes the window to be free
 /// again: Keel acknowledges within a time slice of its own time (a command line before it runs),
-/// so only a Keel that restarted (the bytes went before it listened) or one without flow control
-/// leaves bytes unacknowledged. Generous, because an emulator on a loaded host may be many times
-/// slower than real time, and acknowledgements that come after it open the window too early.
+/// and nothing goes before it listens (its hello), so only bytes lost on the line stay
+/// unacknowledged. Generous, because an emulator on a loaded host may be many times slower than
+/// real time, and acknowledgements that come after it open the window too early.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The sender's side of the flow control (`keel::credit`): how many bytes are on the way to Keel
 /// and not yet acknowledged. Pure: the caller says what time it is.
 #[derive(Debug)]
 struct Window {
+    /// Keel said it listens (`keel::credit::HELLO`): nothing goes before.
+    listening: bool,
     unacked: usize,
     /// When bytes last went or an acknowledgement last came.
     since: Instant,
@@ -165,6 +176,7 @@ struct Window {
 impl Window {
     fn new(now: Instant) -> Self {
         Self {
+            listening: false,
             unacked: 0,
             since: now,
             timeouts: 0,
@@ -173,8 +185,12 @@ impl Window {
         }
     }
 
-    /// Bytes that may be sent now (0 while the window is full and not yet timed out).
+    /// Bytes that may be sent now (0 before Keel listens, and while the window is full and not
+    /// yet timed out).
     fn room(&mut self, now: Instant) -> usize {
+        if !self.listening {
+            return 0;
+        }
         if self.unacked > 0 && now.saturating_duration_since(self.since) >= ACK_TIMEOUT {
             self.unacked = 0;
             self.timeouts += 1;
@@ -182,14 +198,25 @@ impl Window {
         keel::credit::WINDOW - self.unacked
     }
 
-    /// How long until a full window times out.
+    /// How long until a full window times out (before Keel listens: until it does, which wakes
+    /// the waiter).
     fn wait(&self, now: Instant) -> Duration {
+        if !self.listening {
+            return Duration::MAX;
+        }
         ACK_TIMEOUT.saturating_sub(now.saturating_duration_since(self.since))
     }
 
     fn sent(&mut self, n: usize, now: Instant) {
         self.unacked += n;
         self.total_sent += n as u64;
+        self.since = now;
+    }
+
+    /// Keel listens now: what went before is lost, and nothing is on the way.
+    fn hello(&mut self, now: Instant) {
+        self.listening = true;
+        self.unacked = 0;
         self.since = now;
     }
 
@@ -201,10 +228,17 @@ impl Window {
     }
 }
 
-/// The [`Window`] shared by the thread that writes to Keel and the one that reads its replies.
+/// The [`Window`] shared by the threads that write to Keel and the one that reads its replies.
 struct Flow {
     window: Mutex<Window>,
     changed: Condvar,
+    /// Clients connected so far: the last one is the client. The lines of one before it that
+    /// have not begun to go never go (its request gave up; a reply to it would reach the next).
+    clients: AtomicU64,
+    /// One line goes to Keel at a time, whole.
+    turn: Mutex<()>,
+    /// The bridge is going: writers waiting for the window give up.
+    closed: AtomicBool,
 }
 
 impl Flow {
@@ -212,23 +246,55 @@ impl Flow {
         Self {
             window: Mutex::new(Window::new(Instant::now())),
             changed: Condvar::new(),
+            clients: AtomicU64::new(0),
+            turn: Mutex::new(()),
+            closed: AtomicBool::new(false),
         }
     }
 
-    /// Writes `data` to Keel, never more than the window allows on the way.
-    fn write(&self, keel: &mut File, mut data: &[u8]) -> std::io::Result<()> {
+    /// A new client took over; its number.
+    fn connected(&self) -> u64 {
+        let _w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let client = self.clients.fetch_add(1, Ordering::SeqCst) + 1;
+        self.changed.notify_all();
+        client
+    }
+
+    fn close(&self) {
+        let _w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        self.closed.store(true, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    /// Writes `line` to Keel, never more than the window allows on the way. False when it did
+    /// not go, or not whole: `client` was no longer the client before its first byte went, the
+    /// bridge closed, or the terminal failed.
+    fn send_line(&self, keel: &mut File, line: &[u8], client: u64) -> bool {
+        let _turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        let mut data = line;
+        let mut begun = false;
         while !data.is_empty() {
-            let n = self.take(data.len());
-            keel.write_all(&data[..n])?;
+            let Some(n) = self.take(data.len(), (!begun).then_some(client)) else {
+                return false;
+            };
+            if keel.write_all(&data[..n]).is_err() {
+                return false;
+            }
+            begun = true;
             data = &data[n..];
         }
-        Ok(())
+        true
     }
 
-    /// Waits for room in the window and takes up to `want` bytes of it.
-    fn take(&self, want: usize) -> usize {
+    /// Waits for room in the window and takes up to `want` bytes of it; `None` once the bridge
+    /// closed, or once client `only_for` (if given) is no longer the client.
+    fn take(&self, want: usize, only_for: Option<u64>) -> Option<usize> {
         let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
         loop {
+            let gone = only_for.is_some_and(|c| self.clients.load(Ordering::SeqCst) != c);
+            if gone || self.closed.load(Ordering::SeqCst) {
+                return None;
+            }
             let now = Instant::now();
             let timeouts = w.timeouts;
             let room = w.room(now);
@@ -241,9 +307,11 @@ impl Flow {
             if room > 0 {
                 let n = room.min(want);
                 w.sent(n, now);
-                return n;
+                return Some(n);
             }
-            let wait = w.wait(now).max(Duration::from_millis(1));
+            let wait = w
+                .wait(now)
+                .clamp(Duration::from_millis(1), Duration::from_secs(1));
             w = match self.changed.wait_timeout(w, wait) {
                 Ok((w, _)) => w,
                 Err(e) => e.into_inner().0,
@@ -251,9 +319,16 @@ impl Flow {
         }
     }
 
-    fn acked(&self, n: usize) {
+    /// What came from Keel besides its text: a hello and acknowledgements.
+    fn received(&self, got: keel::credit::Received) {
         let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        w.acked(n, Instant::now());
+        let now = Instant::now();
+        if got.hello {
+            w.hello(now);
+        }
+        if got.acked > 0 {
+            w.acked(got.acked, now);
+        }
         self.changed.notify_all();
     }
 }
@@ -270,9 +345,9 @@ fn copy_replies(mut terminal: File, current: Current, flow: Arc<Flow>, stop: Arc
             Ok(n) => n,
         };
         text.clear();
-        let acked = keel::credit::strip_acks(&buf[..n], &mut text);
-        if acked > 0 {
-            flow.acked(acked);
+        let got = keel::credit::strip_acks(&buf[..n], &mut text);
+        if got != keel::credit::Received::default() {
+            flow.received(got);
         }
         if text.is_empty() {
             continue;
@@ -568,11 +643,83 @@ mod tests {
     use crate::pty::Pty;
     use std::fs::OpenOptions;
 
+    /// A bridge on socket `dir/control.sock` (`dir` a new directory named after `name`) and the
+    /// emulator's side of its terminal, where the tests play Keel.
+    struct Wire {
+        pty: Pty,
+        dir: PathBuf,
+        socket: PathBuf,
+        bridge: Option<Bridge>,
+        keel: Option<File>,
+    }
+
+    impl Wire {
+        fn open(name: &str) -> Result<Self> {
+            let pty = Pty::open()?;
+            let dir = std::env::temp_dir().join(format!("keel-{name}-{}", std::process::id()));
+            let socket = dir.join("control.sock");
+            let bridge = Bridge::start(pty.controller()?, &socket)?;
+            let keel = OpenOptions::new().read(true).write(true).open(&pty.path)?;
+            Ok(Self {
+                pty,
+                dir,
+                socket,
+                bridge: Some(bridge),
+                keel: Some(keel),
+            })
+        }
+
+        fn keel(&mut self) -> File {
+            self.keel.take().expect("one Keel per line")
+        }
+    }
+
+    impl Drop for Wire {
+        fn drop(&mut self) {
+            drop(self.bridge.take());
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// What the thread playing Keel returned.
+    fn joined<T>(keel_side: std::thread::JoinHandle<std::io::Result<T>>) -> Result<T> {
+        let got = keel_side
+            .join()
+            .map_err(|_| anyhow::anyhow!("the emulator side panicked"))?;
+        Ok(got?)
+    }
+
+    /// Nothing goes before Keel says it listens, however long it takes to boot; its hello
+    /// forgets what was on the way to a Keel before it.
+    #[test]
+    fn the_window_opens_with_keels_hello() {
+        const W: usize = keel::credit::WINDOW;
+        let t0 = Instant::now();
+        let mut w = Window::new(t0);
+        assert_eq!(w.room(t0), 0);
+        assert_eq!(
+            w.room(t0 + 10 * ACK_TIMEOUT),
+            0,
+            "no timeout before the hello"
+        );
+        assert_eq!(w.timeouts, 0);
+        let t1 = t0 + 10 * ACK_TIMEOUT;
+        w.hello(t1);
+        assert_eq!(w.room(t1), W);
+        w.sent(W, t1);
+        assert_eq!(w.room(t1), 0);
+        // Keel started again: what went to the one before is not waited for.
+        w.hello(t1);
+        assert_eq!(w.room(t1), W);
+        assert_eq!(w.timeouts, 0);
+    }
+
     #[test]
     fn the_window_holds_a_fifo_and_opens_with_acknowledgements_or_a_timeout() {
         const W: usize = keel::credit::WINDOW;
         let t0 = Instant::now();
         let mut w = Window::new(t0);
+        w.hello(t0);
         assert_eq!(w.room(t0), W);
         w.sent(W, t0);
         assert_eq!(w.room(t0), 0);
@@ -602,15 +749,14 @@ mod tests {
     /// the acknowledgements.
     #[test]
     fn a_slow_reader_never_gets_more_than_its_fifo() -> Result<()> {
-        let pty = Pty::open()?;
-        let dir = std::env::temp_dir().join(format!("keel-flow-{}", std::process::id()));
-        let socket = dir.join("control.sock");
-        let _bridge = Bridge::start(pty.controller()?, &socket)?;
-        let mut keel = OpenOptions::new().read(true).write(true).open(&pty.path)?;
+        let mut wire = Wire::open("flow")?;
+        let socket = wire.socket.clone();
+        let mut keel = wire.keel();
         let line: String = (0..300)
             .map(|i| char::from(b'a' + (i % 26) as u8))
             .collect();
         let keel_side = std::thread::spawn(move || -> std::io::Result<(Vec<u8>, usize)> {
+            keel.write_all(&[keel::credit::HELLO])?;
             let (mut got, mut most) = (Vec::new(), 0);
             let mut buf = [0u8; 256];
             while !got.ends_with(b"\n") {
@@ -634,15 +780,12 @@ mod tests {
         });
         let reply = request(&socket, &line, Duration::from_secs(20))?;
         assert_eq!(reply, "{\"ok\":true}");
-        let (got, most) = keel_side
-            .join()
-            .map_err(|_| anyhow::anyhow!("the emulator side panicked"))??;
+        let (got, most) = joined(keel_side)?;
         assert_eq!(got, format!("{line}\n").as_bytes(), "every byte, in order");
         assert!(
             most <= keel::credit::WINDOW,
             "{most} bytes waited in a 16-byte FIFO"
         );
-        let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
 
@@ -664,12 +807,11 @@ mod tests {
     /// emulator writes back is the reply.
     #[test]
     fn a_request_goes_through_the_terminal_and_back() -> Result<()> {
-        let pty = Pty::open()?;
-        let dir = std::env::temp_dir().join(format!("keel-ctl-{}", std::process::id()));
-        let socket = dir.join("control.sock");
-        let bridge = Bridge::start(pty.controller()?, &socket)?;
-        let mut keel = OpenOptions::new().read(true).write(true).open(&pty.path)?;
+        let mut wire = Wire::open("ctl")?;
+        let socket = wire.socket.clone();
+        let mut keel = wire.keel();
         let echo = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+            keel.write_all(&[keel::credit::HELLO])?;
             let mut got = Vec::new();
             let mut b = [0u8; 1];
             while !got.ends_with(b"\n") {
@@ -684,18 +826,89 @@ mod tests {
         });
         let reply = request(&socket, "pause g0", Duration::from_secs(10))?;
         assert_eq!(reply, "{\"ok\":true,\"guest\":\"g0\"}");
-        let sent = echo
-            .join()
-            .map_err(|_| anyhow::anyhow!("the emulator side panicked"))??;
+        let sent = joined(echo)?;
         assert_eq!(sent, b"pause g0\n");
         // A second run may not take the socket of a live one.
-        let busy = Bridge::start(pty.controller()?, &socket).err();
+        let busy = Bridge::start(wire.pty.controller()?, &socket).err();
         assert!(format!("{busy:?}").contains("is in use"), "{busy:?}");
-        drop(bridge);
+        drop(wire.bridge.take());
         assert!(!socket.exists(), "the socket goes with the run");
         let err = request(&socket, "list", Duration::from_secs(1)).unwrap_err();
         assert!(format!("{err:#}").contains("is `cargo keel run` running?"));
-        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    /// A Keel that boots: it throws away what reaches it before it listens (as Keel empties
+    /// COM2's FIFO), says hello after `boot`, then acknowledges every byte and answers each
+    /// line with `{"ok":true,"line":N}`, N counting from 1. Returns the lines it answered.
+    fn booting_keel(
+        mut keel: File,
+        boot: Duration,
+        lines: usize,
+    ) -> std::thread::JoinHandle<std::io::Result<Vec<String>>> {
+        std::thread::spawn(move || {
+            let listens = Instant::now() + boot;
+            let mut b = [0u8; 64];
+            while Instant::now() < listens {
+                if crate::pty::readable(&keel, 10) {
+                    let _ = keel.read(&mut b)?;
+                }
+            }
+            keel.write_all(&[keel::credit::HELLO])?;
+            let (mut got, mut line) = (Vec::new(), Vec::new());
+            while got.len() < lines {
+                let n = keel.read(&mut b)?;
+                let mut ack = std::collections::VecDeque::new();
+                keel::credit::acknowledge(n, &mut ack);
+                keel.write_all(ack.make_contiguous())?;
+                for &c in &b[..n] {
+                    if c != b'\n' {
+                        line.push(c);
+                        continue;
+                    }
+                    got.push(String::from_utf8_lossy(&line).into_owned());
+                    line.clear();
+                    keel.write_all(format!("{{\"ok\":true,\"line\":{}}}\n", got.len()).as_bytes())?;
+                }
+            }
+            Ok(got)
+        })
+    }
+
+    /// A command given while Keel still boots waits for its hello and is answered then, whole:
+    /// none of it is lost to the boot, and the bridge never sends into the void.
+    #[test]
+    fn a_command_given_while_keel_boots_is_answered_once_it_listens() -> Result<()> {
+        let mut wire = Wire::open("boots")?;
+        let socket = wire.socket.clone();
+        let keel = wire.keel();
+        let keel_side = booting_keel(keel, Duration::from_millis(400), 1);
+        let reply = request(&socket, "list", Duration::from_secs(30))?;
+        assert_eq!(reply, "{\"ok\":true,\"line\":1}");
+        let got = joined(keel_side)?;
+        assert_eq!(got, ["list"]);
+        let bridge = wire.bridge.as_ref().expect("running");
+        let w = bridge.flow.window.lock().unwrap_or_else(|e| e.into_inner());
+        assert_eq!((w.total_sent, w.timeouts), (5, 0));
+        Ok(())
+    }
+
+    /// A client that gave up (its request timed out) before its line went to Keel takes the line
+    /// with it: Keel sees only the next client's, whole, and that client gets its reply.
+    #[test]
+    fn the_lines_of_a_client_that_left_never_reach_keel() -> Result<()> {
+        let mut wire = Wire::open("left")?;
+        let socket = wire.socket.clone();
+        let keel = wire.keel();
+        let keel_side = booting_keel(keel, Duration::from_millis(1500), 2);
+        let gave_up = request(&socket, "pause g0", Duration::from_millis(300)).unwrap_err();
+        assert!(format!("{gave_up:#}").contains("no reply"), "{gave_up:#}");
+        let reply = request(&socket, "list", Duration::from_secs(30))?;
+        assert_eq!(reply, "{\"ok\":true,\"line\":1}");
+        let reply = request(&socket, "stats", Duration::from_secs(30))?;
+        assert_eq!(reply, "{\"ok\":true,\"line\":2}");
+        let got = joined(keel_side)?;
+        assert_eq!(got, ["list", "stats"]);
         Ok(())
     }
 }

@@ -9,6 +9,11 @@
 //! An acknowledgement is one byte, `0xF7 + n` for `n` bytes read (1 to [`ACK_MAX`]): 0xF8 to 0xFF.
 //! Those bytes never occur in UTF-8 (RFC 3629, section 1), and Keel's replies are Rust strings, so
 //! the receiver can take them out of the reply stream wherever they fall, also inside a reply line.
+//!
+//! Keel's first byte, once it listens, is [`HELLO`] (0xF7, not UTF-8 either): whatever the sender
+//! sent before it is lost (Keel empties the FIFO as it brings COM2 up, and a byte that came while
+//! no Keel ran is no command), so the sender sends nothing until it has seen it, and takes nothing
+//! to be on the way once it has. A Keel that starts again (the machine was reset) says it again.
 
 use alloc::collections::VecDeque;
 
@@ -21,6 +26,18 @@ pub const WINDOW: usize = 4;
 pub const ACK_MAX: usize = 8;
 
 const ACK_BASE: u8 = 0xff - ACK_MAX as u8;
+
+/// Keel listens: nothing sent before this byte reached it, and nothing is on the way.
+pub const HELLO: u8 = ACK_BASE;
+
+/// What [`strip_acks`] found in the byte stream from Keel besides its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Received {
+    /// Bytes acknowledged since the last [`HELLO`] (or in all, without one).
+    pub acked: usize,
+    /// Keel said [`HELLO`]: the window starts afresh before `acked` is counted.
+    pub hello: bool,
+}
 
 /// Queues the acknowledgement of `read` bytes ahead of everything in `out` (a reply being sent
 /// must not hold it up); nothing for 0.
@@ -37,17 +54,23 @@ pub fn acknowledged(byte: u8) -> Option<usize> {
     (byte > ACK_BASE).then(|| usize::from(byte - ACK_BASE))
 }
 
-/// Copies `data` to `text` without its acknowledgement bytes; returns how many bytes they
-/// acknowledge together.
-pub fn strip_acks(data: &[u8], text: &mut alloc::vec::Vec<u8>) -> usize {
-    let mut acked = 0;
+/// Copies `data` to `text` without its acknowledgement and [`HELLO`] bytes; returns what they
+/// said.
+pub fn strip_acks(data: &[u8], text: &mut alloc::vec::Vec<u8>) -> Received {
+    let mut got = Received::default();
     for &b in data {
         match acknowledged(b) {
-            Some(n) => acked += n,
+            Some(n) => got.acked += n,
+            None if b == HELLO => {
+                got = Received {
+                    acked: 0,
+                    hello: true,
+                }
+            }
             None => text.push(b),
         }
     }
-    acked
+    got
 }
 
 #[cfg(test)]
@@ -63,9 +86,9 @@ mod tests {
         assert_eq!(out.len(), 12 + 3);
         let mut text = Vec::new();
         let bytes: Vec<u8> = out.iter().copied().collect();
-        assert_eq!(strip_acks(&bytes[..3], &mut text), 19);
+        assert_eq!(strip_acks(&bytes[..3], &mut text).acked, 19);
         assert!(text.is_empty());
-        assert_eq!(strip_acks(&bytes, &mut text), 19);
+        assert_eq!(strip_acks(&bytes, &mut text).acked, 19);
         assert_eq!(text, b"{\"ok\":true}\n");
         let mut none = VecDeque::new();
         acknowledge(0, &mut none);
@@ -77,11 +100,28 @@ mod tests {
         // Every character's UTF-8 form, control characters and the highest code point included.
         let text = "a\u{1}\u{7f}\u{80}é€\u{fffd}\u{10ffff}\n";
         let mut kept = Vec::new();
-        assert_eq!(strip_acks(text.as_bytes(), &mut kept), 0);
+        assert_eq!(strip_acks(text.as_bytes(), &mut kept), Received::default());
         assert_eq!(kept, text.as_bytes());
         assert_eq!(acknowledged(0xf8), Some(1));
         assert_eq!(acknowledged(0xff), Some(ACK_MAX));
-        assert_eq!(acknowledged(0xf7), None);
+        assert_eq!(acknowledged(HELLO), None);
+    }
+
+    /// A hello starts the count afresh: acknowledgements before it were a Keel's that is gone.
+    #[test]
+    fn a_hello_is_taken_out_and_restarts_the_count() {
+        let mut text = Vec::new();
+        let stream = [0xf9, b'x', HELLO, 0xf8, b'y', 0xfa];
+        let got = strip_acks(&stream, &mut text);
+        assert_eq!(
+            got,
+            Received {
+                acked: 1 + 3,
+                hello: true
+            }
+        );
+        assert_eq!(text, b"xy");
+        assert!(core::str::from_utf8(&[HELLO]).is_err(), "never in a reply");
     }
 
     /// Acknowledgements inside a reply line, split anywhere, come out whole and leave the line.
@@ -93,7 +133,10 @@ mod tests {
         stream.push(0xf9);
         stream.push(b'\n');
         let mut text = Vec::new();
-        let acked: usize = stream.chunks(3).map(|c| strip_acks(c, &mut text)).sum();
+        let acked: usize = stream
+            .chunks(3)
+            .map(|c| strip_acks(c, &mut text).acked)
+            .sum();
         assert_eq!(acked, ACK_MAX + 2);
         assert_eq!(text, b"{\"ok\":true}\n");
     }

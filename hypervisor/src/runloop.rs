@@ -543,7 +543,8 @@ struct Operator {
     monitor: Option<crate::monitor::Monitor>,
     prompt: crate::monitor::Prompt,
     channel: crate::monitor::LineReader,
-    /// Replies for COM2 not yet sent (one JSON object per line).
+    /// Replies for COM2 not yet sent (one JSON object per line), after the hello
+    /// (`credit::HELLO`) at first.
     reply: alloc::collections::VecDeque<u8>,
     /// `top` runs: the host TSC of its next refresh.
     top: Option<u64>,
@@ -603,7 +604,8 @@ impl<C: Cpu> RunLoop<C> {
                 monitor: None,
                 prompt: Default::default(),
                 channel: Default::default(),
-                reply: Default::default(),
+                // Keel listens from its first turn: the sender may begin (`credit::HELLO`).
+                reply: [crate::credit::HELLO].into(),
                 top: None,
                 quit: false,
                 started: None,

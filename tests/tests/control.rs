@@ -22,17 +22,31 @@ pub(crate) fn wait_for_list(
     done: impl Fn(&str) -> bool,
     limit: Duration,
 ) -> Result<(), String> {
-    let end = Instant::now() + limit;
-    let mut last = String::new();
-    while Instant::now() < end {
+    let start = Instant::now();
+    let (mut replies, mut last_reply, mut errors, mut last_error) = (0, None, 0, None);
+    while start.elapsed() < limit {
         match control::request(socket, "list", Duration::from_secs(3)) {
             Ok(reply) if done(&reply) => return Ok(()),
-            Ok(reply) => last = reply,
-            Err(e) => last = format!("{e:#}"),
+            Ok(reply) => {
+                replies += 1;
+                last_reply = Some((start.elapsed(), reply));
+            }
+            Err(e) => {
+                errors += 1;
+                last_error = Some((start.elapsed(), format!("{e:#}")));
+            }
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    Err(format!("not there within {limit:?}; last `list`: {last}"))
+    let at = |x: Option<(Duration, String)>| match x {
+        Some((t, what)) => format!("at {:.1} s: {what}", t.as_secs_f64()),
+        None => "none".to_string(),
+    };
+    Err(format!(
+        "not there within {limit:?}; {replies} other replies, the last {}; {errors} failed, the last {}",
+        at(last_reply),
+        at(last_error)
+    ))
 }
 
 /// [`wait_for_list`] until the reply contains `needle`; the error names it.
@@ -206,7 +220,7 @@ fn drive(s: &mut Session, socket: &Path) {
     if !stats.starts_with("{\"ok\":true,\"guest\":\"sleeper\",") || !stats.contains("\"HLT\"") {
         s.error.get_or_insert(format!("stats sleeper: {stats}"));
     }
-    // The sleeper ends by itself (20 s of its own time); then everything stops on `quit`.
+    // The sleeper ends by itself (60 s of its own time); then everything stops on `quit`.
     let ended = "\"name\":\"sleeper\",\"state\":\"stopped\"";
     if let Err(e) = wait_for_list(socket, |r| r.contains(ended), Duration::from_secs(200)) {
         s.error

@@ -873,6 +873,20 @@ fn the_control_channel_operates_the_guests() {
         .all(|s| s.vcpus[0].state == RunState::Stopped(StopReason::Operator("quit"))));
 }
 
+/// Keel's first byte on the control channel says it listens (`credit::HELLO`): the sender holds
+/// its lines until then, since what came before is lost. It comes once, before any other byte,
+/// with no line asked for.
+#[test]
+fn the_control_channel_says_hello_first_and_once() {
+    let mut rl = rig(vec![Program::compute()]);
+    assert!(rl.step());
+    assert_eq!(rl.cpu.control_out, [crate::credit::HELLO]);
+    send(&mut rl, "list");
+    until_replies(&mut rl, 1);
+    let hellos = rl.cpu.control_out.iter();
+    assert_eq!(hellos.filter(|&&b| b == crate::credit::HELLO).count(), 1);
+}
+
 /// Every byte Keel takes from COM2 is acknowledged (`credit`), and the acknowledgement goes out
 /// ahead of a long reply still being sent, so the sender's window opens again at once.
 #[test]
@@ -890,10 +904,10 @@ fn the_control_channel_acknowledges_what_it_read_ahead_of_replies() {
     };
     assert_eq!(acked(&rl), 5, "help and its newline");
     assert!(
-        rl.cpu.control_out[..1]
+        rl.cpu.control_out[1..2]
             .iter()
             .all(|&b| crate::credit::acknowledged(b).is_some()),
-        "the acknowledgement comes first: {:?}",
+        "the acknowledgement comes first after the hello: {:?}",
         rl.cpu.control_out
     );
     // The help text is many FIFOs long; a line sent meanwhile is acknowledged before its end.
