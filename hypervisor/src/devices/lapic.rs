@@ -1285,6 +1285,30 @@ impl Lapic {
         (self.x2apic_id >> 4) << 16 | 1 << (self.x2apic_id & 0xf)
     }
 
+    /// Whether an MMIO access at `offset` (a store if `store`) changes nothing but this APIC's
+    /// own registers, and nothing that would make the run loop's look at the platform do
+    /// something (`exits::inject_pending_interrupt`): then the tight loop makes it without that
+    /// look (`exits::fast::handle_apic`). Never while an NMI is pending (the look takes it).
+    /// Otherwise that holds for
+    /// - a load: [`Lapic::mmio_read`] changes nothing;
+    /// - a store to TPR or EOI while IRR holds no vector: a lower TPR or PPR then lets nothing
+    ///   through (SDM 11.8.3.1, 11.8.4), and an EOI whose vector (the highest in ISR, if any)
+    ///   is edge triggered sends no EOI message to the IOAPIC (TMR clear, SDM 11.8.5). Dropped
+    ///   (a narrow or unaligned store, or any in x2APIC mode, SDM 11.12.1.2), it changes nothing.
+    ///
+    /// Any other store may send an IPI, move the timer or change an LVT entry: not quiet.
+    #[inline]
+    pub fn access_stays_here(&self, offset: u64, store: bool) -> bool {
+        if store {
+            let register = offset & !0xf;
+            let edge_eoi = || self.isr.highest().is_none_or(|v| !self.tmr.test(v));
+            if !((register == TPR || register == EOI && edge_eoi()) && self.irr.summary == 0) {
+                return false;
+            }
+        }
+        !self.nmi_pending
+    }
+
     /// An MMIO load of `size` bytes at `offset`. Registers are 32 bits wide at 16-byte
     /// boundaries (SDM 10.4.1); a narrower load inside the first 4 bytes reads part of one.
     /// While the APIC is globally disabled (IA32_APIC_BASE.EN clear) the processor has none

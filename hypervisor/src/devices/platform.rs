@@ -876,6 +876,51 @@ impl Platform {
         Some(value)
     }
 
+    /// Whether vCPU `cpu`'s MMIO access at `gpa` (a store if `store`) is one its local APIC
+    /// makes alone at `now` ([`Platform::apic_access_alone`]), after which a look at the
+    /// platform would find as little to do as before it: the address on the APIC's page, no
+    /// timer due by `now` (none fires first, as [`Platform::mmio_read`] would fire it), no
+    /// interrupt pending for the vCPU (from its APIC or the 8259A: a look would inject it or ask
+    /// for a window), and an access that changes nothing beyond the APIC's registers and lets
+    /// no vector through (`Lapic::access_stays_here`).
+    #[inline]
+    pub fn apic_access_quiet(&self, cpu: usize, gpa: u64, store: bool, now: u64) -> bool {
+        let offset = gpa.wrapping_sub(self.board.lapic_base);
+        offset < lapic::LAPIC_SIZE
+            && (self.chipset.lapics.0.get(cpu)).is_some_and(|l| l.access_stays_here(offset, store))
+            && !self.next.is_some_and(|d| d <= now)
+            && self.chipset.pending(cpu).is_none()
+    }
+
+    /// The access [`Platform::apic_access_quiet`] allowed, made by the APIC alone: the value
+    /// loaded (`store` None), or 0 once `store` is stored. What [`Platform::mmio_read`] and
+    /// [`Platform::mmio_write`] would do, less the timers' advance (none is due) and the
+    /// deadlines taken again (none moved): so a [`TimerShot`] worked out before stays good.
+    #[inline]
+    pub fn apic_access_alone(
+        &mut self,
+        cpu: usize,
+        gpa: u64,
+        size: u8,
+        store: Option<u64>,
+        now: u64,
+    ) -> u64 {
+        debug_assert!(self.apic_access_quiet(cpu, gpa, store.is_some(), now));
+        let offset = gpa.wrapping_sub(self.board.lapic_base);
+        let Some(l) = self.chipset.lapics.0.get_mut(cpu) else {
+            return u64::MAX;
+        };
+        match store {
+            None => l.mmio_read(offset, size, now),
+            Some(value) => {
+                // No EOI message to send (`Lapic::access_stays_here`), no IPI to route.
+                let level_eoi = l.mmio_write(offset, size, value, now);
+                debug_assert!(level_eoi.is_none());
+                0
+            }
+        }
+    }
+
     /// A store of `size` bytes at `gpa` by vCPU `cpu`; false if no device claims it.
     pub fn mmio_write(&mut self, cpu: usize, gpa: u64, size: u8, value: u64, now: u64) -> bool {
         let r = self.mmio_write_inner(cpu, gpa, size, value, now);
@@ -1175,6 +1220,12 @@ impl Platform {
     fn lapic(&self, cpu: usize) -> &Lapic {
         let l = &self.chipset.lapics.0;
         l.get(cpu).unwrap_or(&l[0])
+    }
+
+    /// vCPU `cpu`'s local APIC, for tests that set up its state directly.
+    #[cfg(test)]
+    pub(crate) fn lapic_for_tests(&mut self, cpu: usize) -> &mut Lapic {
+        self.lapic_mut(cpu)
     }
 
     fn lapic_mut(&mut self, cpu: usize) -> &mut Lapic {

@@ -20,7 +20,10 @@
 //!
 //! So is a WRMSR of IA32_TSC_DEADLINE that fires nothing ([`handle_deadline`]): it moves only
 //! the guest's next timer, which the loop takes again without a platform look. [`way`] tells
-//! the three apart with one test of the exit reason.
+//! the three apart with one test of the exit reason. Among the exits it leaves to the general
+//! way the loop still tries one, without APIC virtualization: an access to the local APIC's page
+//! that the APIC makes alone ([`handle_apic`]: a load, or an EOI or TPR store while no vector
+//! waits in IRR).
 //!
 //! The handlers are the general ones, and so are the rules of completing an instruction
 //! ([`super::apply`]: RIP advanced by the exit's instruction length, RF cleared, the single-step
@@ -29,7 +32,10 @@
 
 use super::{apicv, cpuid, debug, io, msr, vmcall, Action, ExitContext};
 use crate::abi::hc;
-use crate::vmx::{ExitReason, GuestNat, IoDirection, IoQualification, ReadOnlyNat, Vmcs};
+use crate::vmx::{
+    EptViolationQualification, ExitReason, GuestNat, IoDirection, IoQualification, ReadOnly32,
+    ReadOnly64, ReadOnlyNat, Vmcs,
+};
 
 const CPUID: u32 = ExitReason::Cpuid.number() as u32;
 const VMCALL: u32 = ExitReason::Vmcall.number() as u32;
@@ -39,6 +45,8 @@ const RDMSR: u32 = ExitReason::Rdmsr.number() as u32;
 pub const WRMSR: u32 = ExitReason::Wrmsr.number() as u32;
 /// The exit reason of IN, OUT, INS and OUTS ([`handle_port`]).
 pub const IO: u32 = ExitReason::IoInstruction.number() as u32;
+/// The exit reason of an EPT violation, an MMIO access among them ([`handle_apic`]).
+pub const EPT_VIOLATION: u32 = ExitReason::EptViolation.number() as u32;
 /// The exit reason of a VMX-preemption timer that ran out ([`handle_preempted`]).
 pub const PREEMPTED: u32 = ExitReason::PreemptionTimer.number() as u32;
 
@@ -311,6 +319,77 @@ fn port_by_the_platform<V: Vmcs + ?Sized>(
         PortExit::Quiet
     } else {
         PortExit::Changed(done)
+    }
+}
+
+/// What the tight loop made of an EPT violation ([`handle_apic`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApicExit {
+    /// Not an access the local APIC makes alone: nothing done, the general dispatch handles it.
+    General,
+    /// A load from the APIC's page, made, counted and completed: nothing changed.
+    Loaded,
+    /// An EOI or TPR store (or one the APIC drops), made, counted and completed: the APIC's
+    /// ISR or TPR may have changed, which is all that did.
+    Stored,
+}
+
+/// An EPT violation handled in the tight loop when it is an instruction's access to the local
+/// APIC's page, without APIC virtualization (no virtual-APIC page: every xAPIC access is
+/// emulated, docs/DEVICES.md), that the APIC makes alone (`Platform::apic_access_quiet`: no
+/// timer due, a load, or an EOI or TPR store while IRR is empty and the vector an EOI retires is
+/// edge triggered). Such an access changes nothing that the run loop's look at the platform acts
+/// on (no vector becomes deliverable, no line, timer, IPI or EOI message), so the guest is
+/// entered again as after a CPUID. Every check of the general handler (`ept::violation`:
+/// an instruction's data access, not the CPU's page walk or event delivery; the instruction
+/// decoded and its operand found at the reported address, `mmio::emulate_alone`) is made
+/// before the access; any that fails leaves the exit to the general dispatch, with nothing
+/// done, which then fails it the same way. The access and its completion are the general
+/// handler's.
+// Not inlined into the run loop, as `handle_port` is not: every general exit would pay for it.
+#[inline(never)]
+pub fn handle_apic<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> ApicExit {
+    use EptViolationQualification as Q;
+    // With a virtual-APIC page the xAPIC's accesses do not come here (with the TPR shadow alone,
+    // the model's TPR is the page's): the other devices' MMIO leaves at once.
+    if cx.vcpu.apicv.is_some() {
+        return ApicExit::General;
+    }
+    let gpa = cx.vmcs.read(ReadOnly64::GuestPhysicalAddr);
+    let q = Q::from_bits_retain(cx.vmcs.read(ReadOnlyNat::ExitQualification));
+    let store = q.contains(Q::WRITE);
+    // The APIC's answer first: most accesses it refuses (an ICR write, another device's
+    // register) leave here for the general dispatch after a few instructions.
+    if !cx
+        .vm
+        .platform
+        .apic_access_quiet(cx.vcpu.index, gpa, store, cx.now)
+    {
+        return ApicExit::General;
+    }
+    // Nothing queued or held for the next entry either (the look would deliver it, or ask for a
+    // window).
+    let instruction_data = q.contains(Q::GLA_VALID | Q::GLA_TRANSLATION) && !q.contains(Q::FETCH);
+    // A page of RAM given back (BALLOON_GIVE) is `ept::violation`'s to stop the guest for.
+    let ram = &cx.vm.ram;
+    let given_back = gpa < ram.len() && ram.balloon.is_given(gpa / crate::balloon::PAGE);
+    if !cx.vcpu.events.quiet()
+        || !instruction_data
+        || given_back
+        || cx.vmcs.read(ReadOnly32::IdtVectoringInfo) & (1 << 31) != 0
+    {
+        return ApicExit::General;
+    }
+    let action = crate::mmio::emulate_alone(cx, gpa, store);
+    if !matches!(action, Action::AdvanceBy(_)) {
+        return ApicExit::General;
+    }
+    cx.vcpu.stats.count_exit(EPT_VIOLATION as u16);
+    super::apply(cx.vmcs, cx.vcpu, &action);
+    if store {
+        ApicExit::Stored
+    } else {
+        ApicExit::Loaded
     }
 }
 
@@ -774,6 +853,216 @@ mod tests {
             );
         }
         outcomes
+    }
+
+    /// The state of one round of [`an_apic_access_in_the_loop_ends_as_the_general_dispatch_does`]:
+    /// the local APIC's, the 8259A's, the guest's flags and the access.
+    struct ApicRound {
+        irr: Option<u8>,
+        in_service: alloc::vec::Vec<(u8, bool)>,
+        tpr: u8,
+        pit: bool,
+        timer: Option<(u64, u64)>,
+        rflags: u64,
+        blocking: u32,
+        offset: u64,
+        code: [u8; 2],
+        qualification: u64,
+        rbx_skew: u64,
+        rax: u64,
+        /// The last look's time, and the exit's.
+        looked: u64,
+        now: u64,
+    }
+
+    impl ApicRound {
+        fn random(r: &mut Rng) -> Self {
+            const OFFSETS: [u64; 14] = [
+                0x80, 0x80, 0xb0, 0xb0, 0xb0, 0x20, 0x30, 0xa0, 0x100, 0x200, 0x320, 0x390, 0x300,
+                0x84,
+            ];
+            let vector = |r: &mut Rng| 0x20 + r.below(0xe0) as u8;
+            let looked = TEST_TSC_HZ / 100 + r.below(TEST_TSC_HZ / 50);
+            let in_service = (0..r.below(3))
+                .map(|_| (vector(r), r.below(4) == 0))
+                .collect();
+            // mov eax, [ebx]; mov [ebx], eax; mov [ebx], al.
+            let code = [[0x8b, 0x03], [0x89, 0x03], [0x88, 0x03]][r.below(3) as usize];
+            let store = code[0] != 0x8b;
+            // SDM Table 28-7: bit 0 read, 1 write, 2 fetch, 7 linear address valid, 8 the
+            // access an instruction's (not the CPU's page walk). Now and then one that is not
+            // an instruction's data access, or that names the other direction.
+            let mut qualification = if store { 2 } else { 1 } | 3 << 7;
+            match r.below(12) {
+                0 => qualification |= 4,
+                1 => qualification &= !(1 << 8),
+                2 => qualification ^= 3,
+                _ => {}
+            }
+            Self {
+                irr: (r.below(3) == 0).then(|| vector(r)),
+                in_service,
+                tpr: [0, 0, 0x10, 0x40, 0xff][r.below(5) as usize],
+                pit: r.below(3) == 0,
+                timer: (r.below(3) == 0).then(|| (r.next(), r.next())),
+                rflags: 0x1_0002 | r.below(2) << 9 | u64::from(r.below(5) == 0) << 8,
+                blocking: [0, 0, 0, 1, 2][r.below(5) as usize],
+                offset: OFFSETS[r.below(OFFSETS.len() as u64) as usize],
+                code,
+                qualification,
+                rbx_skew: if r.below(16) == 0 { 0x10 } else { 0 },
+                rax: r.next(),
+                looked,
+                now: looked + r.below(TEST_TSC_HZ / 200),
+            }
+        }
+
+        /// The state as the run loop's last look before the exit left it, then the exit.
+        fn set_up(&self, t: &mut TestBed) {
+            let base = crate::devices::lapic::LAPIC_BASE;
+            t.vmcs.write(GuestNat::Cr0, 0x11);
+            t.vmcs.write(Guest32::CsAccessRights, 0xc09b);
+            t.enable_lapic();
+            // LINT0 in ExtINT mode: the 8259A's INTR reaches the vCPU (the virtual wire).
+            t.vm.platform.mmio_write(0, base + 0x350, 4, 0x700, 0);
+            if self.pit {
+                t.raise_pit_irq0();
+            }
+            if let Some((kind, value)) = self.timer {
+                t.change_lapic_timer(kind % 4, value, 0);
+            }
+            let lapic = t.vm.platform.lapic_for_tests(0);
+            for &(v, level) in &self.in_service {
+                lapic.accept(v, level);
+                lapic.acknowledge(v);
+            }
+            t.vm.platform
+                .mmio_write(0, base + 0x80, 4, u64::from(self.tpr), 0);
+            if let Some(v) = self.irr {
+                t.self_ipi(v);
+            }
+            t.vmcs.write(GuestNat::Rflags, self.rflags);
+            t.vmcs.write(Guest32::InterruptibilityState, self.blocking);
+            // The last look, and the entry it made.
+            t.vm.platform.advance(self.looked);
+            crate::exits::inject_pending_interrupt(&mut t.vmcs, &mut t.vcpu, &mut t.vm);
+            let _ = crate::exits::events::commit(&mut t.vmcs, &mut t.vcpu);
+            // The exit: the entry's event delivered, the instruction at CS:EIP 0x100.
+            let entry = crate::vmx::Control32::EntryInterruptionInfo;
+            let info = t.vmcs.read(entry);
+            t.vmcs.write(entry, info & !(1 << 31));
+            t.vmcs.write(GuestNat::Rip, 0x100);
+            t.vm.ram.bytes()[0x100..0x102].copy_from_slice(&self.code);
+            let gpa = base + self.offset;
+            t.vcpu.regs.rbx = gpa + self.rbx_skew;
+            t.vcpu.regs.rax = self.rax;
+            t.vmcs.set(ReadOnly32::ExitReason, EPT_VIOLATION);
+            t.vmcs.set(ReadOnly64::GuestPhysicalAddr, gpa);
+            t.set_qualification(self.qualification);
+            t.vmcs.set(ReadOnly32::IdtVectoringInfo, 0);
+        }
+    }
+
+    /// The general way after an exit: the dispatch, the action applied, and (the platform being
+    /// touched) the run loop's look before the next entry.
+    fn general_with_look(t: &mut TestBed, now: u64) -> Action {
+        let action = dispatch(&mut ExitContext {
+            vmcs: &mut t.vmcs,
+            vcpu: &mut t.vcpu,
+            vm: &mut t.vm,
+            host: &mut t.host,
+            now,
+        });
+        crate::exits::apply(&mut t.vmcs, &mut t.vcpu, &action);
+        assert!(crate::exits::touched_platform(
+            ExitReason::EptViolation,
+            &t.vcpu,
+            &mut t.vm
+        ));
+        t.vm.platform.advance(now);
+        crate::exits::inject_pending_interrupt(&mut t.vmcs, &mut t.vcpu, &mut t.vm);
+        action
+    }
+
+    /// An access to the local APIC's page (without APIC virtualization) made by
+    /// [`handle_apic`] and entered again with no look at the platform, against the general
+    /// dispatch and the look after it, from the same state: after the run loop's last look
+    /// (the 8259A's IRQ0 raised or not, a LAPIC timer set or not, due by the exit or not,
+    /// vectors waiting in IRR or in service, edge or level triggered, TPR, the guest open to
+    /// interrupts or not, TF), the loads, stores and byte stores of 14 registers, and now and
+    /// then an exit that is not an instruction's data access, that names the other direction,
+    /// or whose operand is elsewhere. Both leave the same
+    /// registers, RIP, RFLAGS, interruptibility, pending debug exceptions, events, interrupt
+    /// window, exit counts, platform state (every register of the APIC) and next deadline, and
+    /// commit the same event at the next entry.
+    #[test]
+    fn an_apic_access_in_the_loop_ends_as_the_general_dispatch_does() {
+        let mut r = Rng(0x5eed_a91c);
+        let mut ways = [0usize; 3];
+        for round in 0..4000 {
+            let a = ApicRound::random(&mut r);
+            let mut fast = TestBed::new();
+            let mut slow = TestBed::new();
+            a.set_up(&mut fast);
+            a.set_up(&mut slow);
+            let way = handle_apic(&mut ExitContext {
+                vmcs: &mut fast.vmcs,
+                vcpu: &mut fast.vcpu,
+                vm: &mut fast.vm,
+                host: &mut fast.host,
+                now: a.now,
+            });
+            ways[way as usize] += 1;
+            let slow_action = general_with_look(&mut slow, a.now);
+            match way {
+                ApicExit::General => {
+                    general_with_look(&mut fast, a.now);
+                }
+                ApicExit::Loaded | ApicExit::Stored => {
+                    assert!(
+                        matches!(slow_action, Action::AdvanceBy(2)),
+                        "{slow_action:?}"
+                    );
+                    assert_eq!(way == ApicExit::Stored, a.code[0] != 0x8b);
+                }
+            }
+            let what = alloc::format!("round {round}: {way:?} at {:#x}", a.offset);
+            for f in [
+                GuestNat::Rip,
+                GuestNat::Rflags,
+                GuestNat::PendingDebugExceptions,
+            ] {
+                assert_eq!(fast.vmcs.read(f), slow.vmcs.read(f), "{what}: {f:?}");
+            }
+            let controls = crate::vmx::Control32::PrimaryProcBasedControls;
+            assert_eq!(fast.vmcs.read(controls), slow.vmcs.read(controls), "{what}");
+            assert_eq!(
+                fast.vmcs.read(Guest32::InterruptibilityState),
+                slow.vmcs.read(Guest32::InterruptibilityState),
+                "{what}"
+            );
+            assert_eq!(fast.vcpu.regs, slow.vcpu.regs, "{what}");
+            assert_eq!(fast.vcpu.stats.exits, slow.vcpu.stats.exits, "{what}");
+            assert_eq!(fast.vcpu.stats.last_exit, slow.vcpu.stats.last_exit);
+            assert_eq!(
+                fast.vcpu.stats.interrupts_injected, slow.vcpu.stats.interrupts_injected,
+                "{what}"
+            );
+            assert_eq!(fast.vcpu.events, slow.vcpu.events, "{what}");
+            assert_eq!(saved(&fast), saved(&slow), "{what}: platform state");
+            assert_eq!(
+                fast.vm.platform.next_deadline(),
+                slow.vm.platform.next_deadline(),
+                "{what}"
+            );
+            let entry = crate::vmx::Control32::EntryInterruptionInfo;
+            let f = crate::exits::events::commit(&mut fast.vmcs, &mut fast.vcpu);
+            let s = crate::exits::events::commit(&mut slow.vmcs, &mut slow.vcpu);
+            assert_eq!(f, s, "{what}");
+            assert_eq!(fast.vmcs.read(entry), slow.vmcs.read(entry), "{what}");
+        }
+        // Every way is taken, the quiet ones often.
+        assert!(ways.iter().all(|&n| n > 300), "{ways:?}");
     }
 
     /// A byte to the UART's transmitter (how Linux writes its console) drives no line and moves

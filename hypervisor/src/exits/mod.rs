@@ -267,6 +267,7 @@ pub fn complete<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu) {
 ///   missed. Instruction-caused exits save RF = 0.
 /// - with TF = 1 (and DEBUGCTL.BTF = 0, which steps branches only), a single-step #DB trap follows
 ///   it, DR6.BS set (SDM 17.3.1.4). HLT is left out: its trap waits for the halt to end.
+#[inline(always)]
 fn complete_instruction<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu) {
     let rflags = vmcs.read(GuestNat::Rflags);
     if rflags & RFLAGS_RF != 0 {

@@ -10,6 +10,7 @@ use crate::guest::{StopReason, Vcpu, Vm};
 use crate::vmx::{Guest32, Vmcs};
 
 /// True when the guest runs 64-bit code (IA-32e mode and CS.L = 1, SDM 3.4.5).
+#[inline(always)]
 fn in_64bit_code<V: Vmcs + ?Sized>(vmcs: &V) -> bool {
     crate::mmio::CodeSize::of(vmcs) == crate::mmio::CodeSize::Bits64
 }
