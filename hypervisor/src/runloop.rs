@@ -805,16 +805,15 @@ impl<C: Cpu> RunLoop<C> {
                             p.touched = false;
                             break 'slice Next::End(SliceEnd::Over);
                         }
-                        // Without APIC virtualization, an access to the local APIC's page that
-                        // the APIC makes alone (`exits::fast::handle_apic`): nothing for the
-                        // look, as after a CPUID. A store (EOI or TPR) changed what the timer's
-                        // short way looks at in the APIC (`Lapic::timer_alone_vector`): the shot
-                        // is worked out afresh. Tested here, among the general exits, rather
-                        // than as a way of its own: a fifth way cost the others (measured).
-                        if raw == exits::fast::EPT_VIOLATION
-                            && t1 < p.until
-                            && g.vcpu.apicv.is_none()
-                        {
+                        // Without APIC virtualization, an access to the local APIC's page, or a
+                        // RDMSR or WRMSR of an x2APIC register, that the APIC makes alone
+                        // (`exits::fast::handle_apic`, `handle_x2apic`): nothing for the look, as
+                        // after a CPUID. A store (EOI or TPR) changed what the timer's short way
+                        // looks at in the APIC (`Lapic::timer_alone_vector`): the shot is worked
+                        // out afresh. Tested here, among the general exits, rather than as a way
+                        // of its own: a fifth way cost the others (measured).
+                        let apic = exits::fast::may_be_apic_alone(raw, g.vcpu.regs.rcx);
+                        if apic && t1 < p.until && g.vcpu.apicv.is_none() {
                             let now = g.vm.now(t1);
                             let mut cx = ExitContext {
                                 vmcs: &mut v,
@@ -823,7 +822,12 @@ impl<C: Cpu> RunLoop<C> {
                                 host: self.cpu.host(),
                                 now,
                             };
-                            match exits::fast::handle_apic(&mut cx) {
+                            let done = if raw == exits::fast::EPT_VIOLATION {
+                                exits::fast::handle_apic(&mut cx)
+                            } else {
+                                exits::fast::handle_x2apic(&mut cx, raw)
+                            };
+                            match done {
                                 ApicExit::General => break (raw, None),
                                 ApicExit::Loaded => {}
                                 ApicExit::Stored => note_shot(p),

@@ -1309,6 +1309,24 @@ impl Lapic {
         !self.nmi_pending
     }
 
+    /// [`Lapic::access_stays_here`] for a RDMSR (`store` None) or WRMSR of x2APIC register
+    /// `msr`, and only where it succeeds: in x2APIC mode, a register RDMSR reads
+    /// ([`x2apic_readable`]), or a store to TPR of bits 7:0 alone or to EOI of 0 (SDM 11.12.1.2:
+    /// other bits, or another value, are a #GP, which goes the general way).
+    #[inline]
+    pub fn x2apic_stays_here(&self, msr: u32, store: Option<u64>) -> bool {
+        let Ok(offset) = x2apic_offset(msr) else {
+            return false;
+        };
+        let succeeds = match store {
+            None => x2apic_readable(msr),
+            Some(value) => offset == TPR && value <= 0xff || offset == EOI && value == 0,
+        };
+        succeeds
+            && self.mode() == ApicMode::X2Apic
+            && self.access_stays_here(offset, store.is_some())
+    }
+
     /// An MMIO load of `size` bytes at `offset`. Registers are 32 bits wide at 16-byte
     /// boundaries (SDM 10.4.1); a narrower load inside the first 4 bytes reads part of one.
     /// While the APIC is globally disabled (IA32_APIC_BASE.EN clear) the processor has none

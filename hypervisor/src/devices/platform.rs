@@ -921,6 +921,41 @@ impl Platform {
         }
     }
 
+    /// [`Platform::apic_access_quiet`] for vCPU `cpu`'s RDMSR (`store` None) or WRMSR of
+    /// x2APIC register `msr` (`Lapic::x2apic_stays_here`).
+    #[inline]
+    pub fn x2apic_access_quiet(&self, cpu: usize, msr: u32, store: Option<u64>, now: u64) -> bool {
+        (self.chipset.lapics.0.get(cpu)).is_some_and(|l| l.x2apic_stays_here(msr, store))
+            && !self.next.is_some_and(|d| d <= now)
+            && self.chipset.pending(cpu).is_none()
+    }
+
+    /// The access [`Platform::x2apic_access_quiet`] allowed, made by the APIC alone: the value
+    /// read (`store` None), or 0 once `store` is written. [`Platform::x2apic_read`] and
+    /// [`Platform::x2apic_write`] less the timers' advance and the deadlines taken again, as
+    /// [`Platform::apic_access_alone`].
+    #[inline]
+    pub fn x2apic_access_alone(
+        &mut self,
+        cpu: usize,
+        msr: u32,
+        store: Option<u64>,
+        now: u64,
+    ) -> u64 {
+        debug_assert!(self.x2apic_access_quiet(cpu, msr, store, now));
+        let Some(l) = self.chipset.lapics.0.get_mut(cpu) else {
+            return 0;
+        };
+        match store {
+            None => l.x2apic_read(msr, now).unwrap_or(0),
+            Some(value) => {
+                let done = l.x2apic_write(msr, value, now);
+                debug_assert_eq!(done, Ok(None));
+                0
+            }
+        }
+    }
+
     /// A store of `size` bytes at `gpa` by vCPU `cpu`; false if no device claims it.
     pub fn mmio_write(&mut self, cpu: usize, gpa: u64, size: u8, value: u64, now: u64) -> bool {
         let r = self.mmio_write_inner(cpu, gpa, size, value, now);
