@@ -21,9 +21,10 @@
 //! So is a WRMSR of IA32_TSC_DEADLINE that fires nothing ([`handle_deadline`]): it moves only
 //! the guest's next timer, which the loop takes again without a platform look. [`way`] tells
 //! the three apart with one test of the exit reason. Among the exits it leaves to the general
-//! way the loop still tries one, without APIC virtualization: an access to the local APIC's page
-//! that the APIC makes alone ([`handle_apic`]: a load, or an EOI or TPR store while no vector
-//! waits in IRR).
+//! way the loop still tries one kind, without APIC virtualization ([`may_be_apic_alone`]): an
+//! access to the local APIC's page ([`handle_apic`]) or a RDMSR or WRMSR of an x2APIC register
+//! ([`handle_x2apic`]) that the APIC makes alone: a load, or an EOI or TPR store while no vector
+//! waits in IRR.
 //!
 //! The handlers are the general ones, and so are the rules of completing an instruction
 //! ([`super::apply`]: RIP advanced by the exit's instruction length, RF cleared, the single-step
@@ -341,15 +342,15 @@ pub fn may_be_apic_alone(raw: u32, rcx: u64) -> bool {
 const X2APIC_TPR: u32 = 0x808;
 const X2APIC_EOI: u32 = 0x80b;
 
-/// What the tight loop made of an EPT violation ([`handle_apic`]).
+/// What the tight loop made of an APIC access ([`handle_apic`], [`handle_x2apic`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApicExit {
     /// Not an access the local APIC makes alone: nothing done, the general dispatch handles it.
     General,
-    /// A load from the APIC's page, made, counted and completed: nothing changed.
+    /// A load (from the APIC's page, or a RDMSR), made, counted and completed: nothing changed.
     Loaded,
     /// An EOI or TPR store (or one the APIC drops), made, counted and completed: the APIC's
-    /// ISR or TPR may have changed, which is all that did.
+    /// ISR or TPR may have changed, and nothing else did.
     Stored,
 }
 
@@ -386,12 +387,12 @@ pub fn handle_apic<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> ApicExit {
     {
         return ApicExit::General;
     }
-    // Nothing queued or held for the next entry either (the look would deliver it, or ask for a
-    // window).
     let instruction_data = q.contains(Q::GLA_VALID | Q::GLA_TRANSLATION) && !q.contains(Q::FETCH);
     // A page of RAM given back (BALLOON_GIVE) is `ept::violation`'s to stop the guest for.
     let ram = &cx.vm.ram;
     let given_back = gpa < ram.len() && ram.balloon.is_given(gpa / crate::balloon::PAGE);
+    // Nothing queued or held for the next entry either (the look would deliver it, or ask for a
+    // window), and the general handler's checks.
     if !cx.vcpu.events.quiet()
         || !instruction_data
         || given_back
