@@ -32,7 +32,7 @@ pub fn default_socket(workspace: &Path) -> PathBuf {
 
 /// The socket joined to the emulator's COM2 terminal, for the length of a run.
 pub struct Bridge {
-    stop: Arc<AtomicBool>,
+    /// The window, and whether the bridge is going (`Flow::close`), which every thread watches.
     flow: Arc<Flow>,
     threads: Vec<JoinHandle<()>>,
     path: PathBuf,
@@ -63,21 +63,18 @@ impl Bridge {
         let listener = UnixListener::bind(socket)
             .with_context(|| format!("cannot listen on {}", socket.display()))?;
         listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
         let current: Current = Arc::new(Mutex::new(None));
         let to_keel = terminal.try_clone()?;
         let flow = Arc::new(Flow::new());
         let accept = {
-            let (stop, current, flow) = (stop.clone(), current.clone(), flow.clone());
-            std::thread::spawn(move || accept_loop(listener, to_keel, current, flow, stop))
+            let (current, flow) = (current.clone(), flow.clone());
+            std::thread::spawn(move || accept_loop(listener, to_keel, current, flow))
         };
         let from_keel = {
-            let (stop, current) = (stop.clone(), current.clone());
-            let flow = flow.clone();
-            std::thread::spawn(move || copy_replies(terminal, current, flow, stop))
+            let (current, flow) = (current.clone(), flow.clone());
+            std::thread::spawn(move || copy_replies(terminal, current, flow))
         };
         Ok(Self {
-            stop,
             flow,
             threads: vec![accept, from_keel],
             path: socket.to_path_buf(),
@@ -99,7 +96,6 @@ impl Drop for Bridge {
                 );
             }
         }
-        self.stop.store(true, Ordering::SeqCst);
         self.flow.close();
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -108,14 +104,8 @@ impl Drop for Bridge {
     }
 }
 
-fn accept_loop(
-    listener: UnixListener,
-    to_keel: File,
-    current: Current,
-    flow: Arc<Flow>,
-    stop: Arc<AtomicBool>,
-) {
-    while !stop.load(Ordering::SeqCst) {
+fn accept_loop(listener: UnixListener, to_keel: File, current: Current, flow: Arc<Flow>) {
+    while !flow.closed() {
         match listener.accept() {
             Ok((stream, _)) => {
                 let _ = stream.set_nonblocking(false);
@@ -237,7 +227,7 @@ struct Flow {
     clients: AtomicU64,
     /// One line goes to Keel at a time, whole.
     turn: Mutex<()>,
-    /// The bridge is going: writers waiting for the window give up.
+    /// The bridge is going: its threads end, and writers waiting for the window give up.
     closed: AtomicBool,
 }
 
@@ -266,6 +256,10 @@ impl Flow {
         self.changed.notify_all();
     }
 
+    fn closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
     /// Writes `line` to Keel, never more than the window allows on the way. False when it did
     /// not go, or not whole: `client` was no longer the client before its first byte went, the
     /// bridge closed, or the terminal failed.
@@ -292,7 +286,7 @@ impl Flow {
         let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let gone = only_for.is_some_and(|c| self.clients.load(Ordering::SeqCst) != c);
-            if gone || self.closed.load(Ordering::SeqCst) {
+            if gone || self.closed() {
                 return None;
             }
             let now = Instant::now();
@@ -333,10 +327,10 @@ impl Flow {
     }
 }
 
-fn copy_replies(mut terminal: File, current: Current, flow: Arc<Flow>, stop: Arc<AtomicBool>) {
+fn copy_replies(mut terminal: File, current: Current, flow: Arc<Flow>) {
     let mut buf = [0u8; 4096];
     let mut text = Vec::with_capacity(buf.len());
-    while !stop.load(Ordering::SeqCst) {
+    while !flow.closed() {
         if !crate::pty::readable(&terminal, 50) {
             continue;
         }
@@ -670,7 +664,7 @@ mod tests {
         }
 
         fn keel(&mut self) -> File {
-            self.keel.take().expect("one Keel per line")
+            self.keel.take().expect("one Keel per wire")
         }
     }
 
