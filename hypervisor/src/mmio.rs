@@ -590,8 +590,9 @@ enum Reported {
 }
 
 /// The emulation; `ALONE` for [`emulate_alone`] (`store` then the direction reported).
-// Inlined into both: as one function for both, it cost every general MMIO exit about 45
-// instructions (its callees inlined otherwise, measured).
+// One body for both ways, made twice by the compiler and inlined into each caller: cut into a
+// decode returned and an access made after it, it cost every general MMIO exit about 45
+// instructions (docs/BENCHMARKS.md, "The quiet APIC accesses").
 #[inline(always)]
 fn emulate_at<const ALONE: bool, V: Vmcs + ?Sized>(
     cx: &mut ExitContext<'_, V>,

@@ -888,8 +888,16 @@ impl Platform {
         let offset = gpa.wrapping_sub(self.board.lapic_base);
         offset < lapic::LAPIC_SIZE
             && (self.chipset.lapics.0.get(cpu)).is_some_and(|l| l.access_stays_here(offset, store))
-            && !self.next.is_some_and(|d| d <= now)
-            && self.chipset.pending(cpu).is_none()
+            && self.nothing_for_a_look(cpu, now)
+    }
+
+    /// What the APIC's quiet accesses ([`Platform::apic_access_quiet`],
+    /// [`Platform::x2apic_access_quiet`]) need beside the access itself: no timer due by `now`
+    /// (none fires first, as the ordinary access would fire it) and no interrupt pending for vCPU
+    /// `cpu` from its APIC or the 8259A (a look would inject it or ask for a window).
+    #[inline(always)]
+    fn nothing_for_a_look(&self, cpu: usize, now: u64) -> bool {
+        !self.next.is_some_and(|d| d <= now) && self.chipset.pending(cpu).is_none()
     }
 
     /// The access [`Platform::apic_access_quiet`] allowed, made by the APIC alone: the value
@@ -926,8 +934,7 @@ impl Platform {
     #[inline]
     pub fn x2apic_access_quiet(&self, cpu: usize, msr: u32, store: Option<u64>, now: u64) -> bool {
         (self.chipset.lapics.0.get(cpu)).is_some_and(|l| l.x2apic_stays_here(msr, store))
-            && !self.next.is_some_and(|d| d <= now)
-            && self.chipset.pending(cpu).is_none()
+            && self.nothing_for_a_look(cpu, now)
     }
 
     /// The access [`Platform::x2apic_access_quiet`] allowed, made by the APIC alone: the value
