@@ -2,18 +2,20 @@
 //! asks for and run them until they have all ended.
 
 use crate::arch::host::{Frames, RealHost};
-use crate::arch::vmcs::{LoadedVmcs, VmcsRegion};
+use crate::arch::vmcs::{CurrentVmcs, LoadedVmcs, VmcsRegion};
 use crate::arch::{self, cpu, lapic, vmx, ExitCode};
 use crate::archive::{self, Archive};
 use crate::devices::Platform;
 use crate::ept::{Ept, EptPerms, MemType};
 use crate::exits;
+use crate::exits::cpuid::CpuidTable;
 use crate::guest::{GuestRam, GuestRegs, RunState, StopReason, Vcpu, Vm};
 use crate::loader::{self, LoadRequest};
 use crate::machine::MachineInfo;
 use crate::manifest::{self, GuestConfig};
 use crate::mm;
 use crate::runloop::migrate::MigrateHw;
+use crate::runloop::reflex::{self, Reflex};
 use crate::runloop::{Cpu, LoopConfig, RunLoop, Slot};
 use crate::snapshot::{self, Fingerprint, GuestInfo};
 use crate::vcpu::{self, ControlSet};
@@ -383,6 +385,23 @@ struct CpuHw {
 /// The run loop on the real machine.
 pub type Runner = RunLoop<RealCpu>;
 
+/// The reflex (`runloop::reflex::take`), called by the VM-exit stub (`arch::vmcs`) at an exit
+/// the reflex may take (`reflex::may_take`, which the stub tests itself), right after it saved
+/// the guest's registers in `regs`, with host interrupts off: true, and the stub resumes the
+/// guest at once. `r` is the reflex `RealCpu::enter_with_reflex` entered with.
+#[no_mangle]
+extern "C" fn keel_reflex(r: *mut Reflex, regs: *mut GuestRegs) -> bool {
+    let t1 = cpu::rdtsc();
+    // SAFETY: the stub passes the reflex `enter_with_reflex` was given, alive and lent to it for
+    // the call, with the guest's CPUID table it wrote there, and the registers of the guest whose
+    // VMCS is current (`LoadedVmcs::enter_with_reflex`): nothing else uses any of them until the
+    // stub returns or resumes the guest.
+    let (r, regs, mut v) = unsafe { (&mut *r, &mut *regs, CurrentVmcs::new()) };
+    // SAFETY: as above.
+    let table = unsafe { &*r.table };
+    reflex::take(&mut v, r, table, regs, t1, cpu::rdtsc)
+}
+
 impl Cpu for RealCpu {
     type Vcpu = VmHw;
     type Loaded<'a> = LoadedVmcs<'a>;
@@ -414,6 +433,20 @@ impl Cpu for RealCpu {
     #[inline(always)]
     fn enter(&mut self, vmcs: &mut LoadedVmcs<'_>, regs: &mut GuestRegs) -> Result<(), VmxError> {
         vmcs.enter(regs)
+    }
+
+    #[inline(always)]
+    fn enter_with_reflex(
+        &mut self,
+        vmcs: &mut LoadedVmcs<'_>,
+        regs: &mut GuestRegs,
+        r: &mut Reflex,
+        table: &CpuidTable,
+    ) -> Result<u32, VmxError> {
+        r.table = table;
+        // SAFETY: `r` is what `keel_reflex` takes, with the table it reads, both alive until the
+        // call returns.
+        unsafe { vmcs.enter_with_reflex(regs, r as *mut Reflex as *mut ()) }
     }
 
     fn release(&mut self, vm: &mut VmHw, cpu: usize) -> Result<(), String> {

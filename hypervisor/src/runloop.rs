@@ -10,6 +10,7 @@
 
 use crate::devices::console::ConsoleLine;
 use crate::devices::TimerShot;
+use crate::exits::cpuid::CpuidTable;
 use crate::exits::fast::{ApicExit, PortExit, Way};
 use crate::exits::{self, Action, ExitContext, Host};
 use crate::guest::{GuestRegs, GuestStats, RunState, StopReason, Vcpu, Vm};
@@ -90,6 +91,29 @@ pub trait Cpu {
     /// Enters the guest of `vmcs` (VMLAUNCH the first time after a boot, else VMRESUME) and
     /// returns at its next VM exit, with its general-purpose registers back in `regs`.
     fn enter(&mut self, vmcs: &mut Self::Loaded<'_>, regs: &mut GuestRegs) -> Result<(), VmxError>;
+    /// [`Cpu::enter`] with the reflex (`reflex::take`) answering the exits it takes on the way:
+    /// returns at the first exit it declines, with its exit-reason field. The hardware calls the reflex from the VM-exit
+    /// stub, without returning here between the exits it takes; this default (the tests' fake)
+    /// calls it after each exit [`Cpu::enter`] returns at.
+    fn enter_with_reflex(
+        &mut self,
+        vmcs: &mut Self::Loaded<'_>,
+        regs: &mut GuestRegs,
+        r: &mut reflex::Reflex,
+        table: &CpuidTable,
+    ) -> Result<u32, VmxError> {
+        loop {
+            self.enter(vmcs, regs)?;
+            let raw = vmcs.read(ReadOnly32::ExitReason);
+            if !reflex::may_take(raw) {
+                return Ok(raw);
+            }
+            let t1 = self.rdtsc();
+            if !reflex::take(vmcs, r, table, regs, t1, || self.rdtsc()) {
+                return Ok(raw);
+            }
+        }
+    }
     /// The machine services the exit handlers use.
     fn host(&mut self) -> &mut dyn Host;
     /// Loads XCR0 after the guest changed it with XSETBV (validated by `exits::xsetbv`).
@@ -702,6 +726,7 @@ impl<C: Cpu> RunLoop<C> {
         let Some(((i, c), p, hw, g)) = running_parts(&mut self.hosts, &mut self.slots, h) else {
             return false;
         };
+        p.reflex.timer(cfg.preemption_timer, cfg.min_gap());
         let next = match self.cpu.load(hw, c) {
             Ok(mut v) => 'slice: loop {
                 if let Err(reason) = before_entry(&mut self.cpu, &mut v, g.vm, g.vcpu, p, cfg) {
@@ -712,19 +737,31 @@ impl<C: Cpu> RunLoop<C> {
                 // more, or the first at or past the piece's next deadline. A port access that
                 // reached further leaves done (`handled`), for the general follow-up.
                 let (raw, handled) = loop {
-                    let entered = self.cpu.enter(&mut v, &mut g.vcpu.regs);
+                    // The CPUIDs the reflex answers come and go inside the call
+                    // (`runloop::reflex`); their accounts are added here.
+                    let entered = self.cpu.enter_with_reflex(
+                        &mut v,
+                        &mut g.vcpu.regs,
+                        &mut p.reflex,
+                        &g.vm.cpuid,
+                    );
                     let t1 = self.cpu.rdtsc();
-                    g.vcpu.stats.cpu_cycles += t1 - p.entered_at;
-                    p.now = t1;
-                    if let Err(e) = entered {
-                        break 'slice Next::End(SliceEnd::Stop(StopReason::EntryFailed(
-                            alloc::format!("{e}"),
-                        )));
+                    if p.reflex.took() {
+                        p.reflex.settle(&mut g.vcpu.stats);
                     }
-                    let raw = v.read(ReadOnly32::ExitReason);
+                    g.vcpu.stats.cpu_cycles += t1 - p.reflex.entered_at;
+                    p.now = t1;
+                    let raw = match entered {
+                        Ok(raw) => raw,
+                        Err(e) => {
+                            break 'slice Next::End(SliceEnd::Stop(StopReason::EntryFailed(
+                                alloc::format!("{e}"),
+                            )))
+                        }
+                    };
                     let regs = &g.vcpu.regs;
                     let way = exits::fast::way(raw, regs.rax, regs.rcx);
-                    if t1 >= p.until || way == Way::General {
+                    if t1 >= p.reflex.until || way == Way::General {
                         // The VMX-preemption timer inside the slice, with no halted guest's
                         // timer due: usually one of this guest's own timers fell due. Its
                         // follow-up is the platform look that `before_entry` makes anyway (the
@@ -763,8 +800,8 @@ impl<C: Cpu> RunLoop<C> {
                             let armed_lead = p.lead;
                             if let Some(due) = p.timer_due.filter(|&due| {
                                 may_fire
-                                    && p.armed.saturating_add(p.lead) == due
-                                    && p.armed > p.entered_at + min_gap
+                                    && p.reflex.armed.saturating_add(p.lead) == due
+                                    && p.reflex.armed > p.reflex.entered_at + min_gap
                             }) {
                                 // Capped at the minimum gap (the least a guest runs between
                                 // two timer exits): in Bochs the way holds the shot's working
@@ -813,7 +850,7 @@ impl<C: Cpu> RunLoop<C> {
                         // out afresh. Tested here, among the general exits, rather than as a way
                         // of its own: a fifth way cost the others (measured).
                         let apic = exits::fast::may_be_apic_alone(raw, g.vcpu.regs.rcx);
-                        if apic && t1 < p.until && g.vcpu.apicv.is_none() {
+                        if apic && t1 < p.reflex.until && g.vcpu.apicv.is_none() {
                             let now = g.vm.now(t1);
                             let mut cx = ExitContext {
                                 vmcs: &mut v,
@@ -1564,7 +1601,7 @@ impl<C: Cpu> RunLoop<C> {
         let Some(r) = self.hosts[h].running.as_ref() else {
             return;
         };
-        let ((i, c), at) = (r.seat, r.piece.entered_at);
+        let ((i, c), at) = (r.seat, r.piece.reflex.entered_at);
         let Some(seat) = self.slots[i].seats.get_mut(c) else {
             return;
         };
@@ -1664,7 +1701,7 @@ impl<C: Cpu> RunLoop<C> {
             return;
         };
         let p = &mut r.piece;
-        self.slots[i].vcpus[c].stats.cpu_cycles += t1.saturating_sub(p.entered_at);
+        self.slots[i].vcpus[c].stats.cpu_cycles += t1.saturating_sub(p.reflex.entered_at);
         p.entry_failed = failed;
         let vm = &mut self.slots[i].vm;
         if self.cfg.tsc_offsetting && !elsewhere {
@@ -2135,11 +2172,6 @@ struct Piece {
     /// from the platform as that look left it (only register-only exits and port accesses that
     /// stay in their device, which move no timer, come between).
     shot_stale: bool,
-    /// The preemption timer brings the guest back by then.
-    until: u64,
-    /// The preemption timer's target (`until`, or short of a guest timer's deadline by
-    /// `lead`), as the last look worked it out (`note_deadline`).
-    armed: u64,
     /// How far short of a guest timer's deadline the preemption timer is armed: the host CPU's
     /// [`Lead`], which the tight loop of one CPU learns ([`learned_lead`]; it stays
     /// [`ENTRY_LEAD`] with several).
@@ -2152,8 +2184,10 @@ struct Piece {
     after_exit: bool,
     /// The XCR0 in the CPU.
     xcr0: u64,
-    /// Host TSC at the last VM entry, and why it failed, if it did.
-    entered_at: u64,
+    /// When the preemption timer brings the guest back (`Reflex::until`), its target
+    /// (`Reflex::armed`) and the host TSC at the last VM entry (`Reflex::entered_at`) are the
+    /// reflex's, which makes entries of its own. Why the last entry failed, if it did.
+    reflex: reflex::Reflex,
     entry_failed: Option<String>,
 }
 
@@ -2246,7 +2280,7 @@ fn before_entry<C: Cpu>(
     // livelock); a piece's first entry is one per piece, so a timer of its own due as the piece
     // starts (its clock stopped just short of it) fires then, not a minimum gap late. Not so for
     // another guest's timer or the slice's end: the guest runs at least the gap first.
-    if fresh && p.timer_due.is_some_and(|d| d == p.until) {
+    if fresh && p.timer_due.is_some_and(|d| d == p.reflex.until) {
         return arm_first_entry(cpu, v, vcpu, p, cfg);
     }
     arm_entry(cpu, v, vcpu, p, cfg)
@@ -2318,7 +2352,7 @@ fn note_deadline(vm: &Vm, p: &mut Piece, min_gap: u64) {
     p.timer_due = vm.first_timer();
     // Come back at the end of the slice, when one of the guest's own timers falls due, or
     // when a halted guest's does, whichever is first.
-    p.until = [p.timer_due, p.others_due]
+    p.reflex.until = [p.timer_due, p.others_due]
         .into_iter()
         .flatten()
         .fold(p.deadline, u64::min);
@@ -2326,11 +2360,11 @@ fn note_deadline(vm: &Vm, p: &mut Piece, min_gap: u64) {
     // exit's way back: [`learned_lead`]); the slice's end and a halted guest's timer as they
     // are, and a guest timer within the minimum gap of the slice's end too (the wait for it,
     // `catch_up`, would take the slice on past the guest's interrupt rather than end it there).
-    p.armed = match p.timer_due {
-        Some(d) if d == p.until && d.saturating_add(min_gap) <= p.deadline => {
+    p.reflex.armed = match p.timer_due {
+        Some(d) if d == p.reflex.until && d.saturating_add(min_gap) <= p.deadline => {
             d.saturating_sub(p.lead)
         }
-        _ => p.until,
+        _ => p.reflex.until,
     };
 }
 
@@ -2358,8 +2392,12 @@ fn arm_entry_after<C: Cpu>(
     cfg: LoopConfig,
     min_gap: u64,
 ) -> Result<(), StopReason> {
-    // The one place an event is written to the VM-entry fields (exits::events).
-    exits::events::commit(v, &mut *vcpu)?;
+    // The one place an event is written to the VM-entry fields (exits::events); the common case,
+    // nothing queued, told here once for the commit and the reflex.
+    let idle = vcpu.events.idle();
+    if !idle {
+        exits::events::commit_queued(v, &mut *vcpu)?;
+    }
     // The timer is armed afresh before every entry, from a fresh TSC read: it only counts while
     // the guest runs (SDM 26.5.1), so Keel's own time since the last exit must come off it, or a
     // guest timer fires that much late and ticks are lost.
@@ -2368,24 +2406,10 @@ fn arm_entry_after<C: Cpu>(
         // The guest runs at least `min_gap` before the timer brings it back, so a timer faster
         // than Keel can deliver (a PIT programmed with count 1 ticks every 0.84 us) cannot
         // livelock it in back-to-back exits: its ticks are coalesced instead
-        // (docs/SCHEDULING.md).
-        // Rounded up to the timer's unit of 2^rate TSC ticks (SDM 26.5.1): rounded down it would
-        // expire just before `until`, find nothing due and be re-armed for `min_gap`, by which
-        // the guest's timer interrupt would come late; one unit more would let a slice run past
-        // its quantum.
-        // Its target, from the last look (`note_deadline`).
-        // (`armed` past `t0 + min_gap`, else `min_gap`: the same as
-        // `armed.max(t0 + min_gap) - t0` without its overflow and saturation checks, and the
-        // division by the unit as a shift with the remainder's carry.)
-        let left = if p.armed > t0 + min_gap {
-            p.armed - t0
-        } else {
-            min_gap
-        };
-        let left = (left >> rate) + u64::from(left & ((1 << rate) - 1) != 0);
-        v.write(
+        // (docs/SCHEDULING.md). Its target is the last look's (`note_deadline`).
+        v.write_supported(
             Guest32::PreemptionTimerValue,
-            left.min(u32::MAX as u64) as u32,
+            reflex::timer_count(p.reflex.armed, t0, min_gap, rate),
         );
     }
     vcpu.stats.keel_cycles += t0 - p.now;
@@ -2394,7 +2418,10 @@ fn arm_entry_after<C: Cpu>(
         vcpu.stats.record_exit_cycles(last, t0 - p.now);
     }
     p.after_exit = true;
-    p.entered_at = t0;
+    // The reflex may take the exits of this entry if their entries commit nothing: no event is
+    // left queued. (One injected now is in the VM-entry fields, delivered at this entry; every
+    // VM exit clears their valid bit, SDM Vol. 3C 28.2, so the reflex's entries inject nothing.)
+    p.reflex.arm(idle, t0);
     Ok(())
 }
 
@@ -2420,10 +2447,10 @@ impl Piece {
             v.write(Control64::TscOffset, vcpu.vmcs_tsc_offset(vm.tsc_offset));
         }
         self.deadline = start + self.len;
-        self.until = self.deadline;
-        self.armed = self.deadline;
+        self.reflex.until = self.deadline;
+        self.reflex.armed = self.deadline;
         self.now = start;
-        self.entered_at = start;
+        self.reflex.entered_at = start;
     }
 }
 
@@ -3582,6 +3609,7 @@ fn stats_table<'a, V: 'a>(guests: impl Iterator<Item = &'a Slot<V>>, now: u64) -
 
 pub mod migrate;
 mod policy;
+pub mod reflex;
 
 #[cfg(test)]
 mod fake;

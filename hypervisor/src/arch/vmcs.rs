@@ -5,7 +5,9 @@ use super::vmx::vmx_instruction;
 use super::{cpu, gdt, idt};
 use crate::guest::GuestRegs;
 use crate::mm;
-use crate::vmx::{Host16, Host32, Host64, HostNat, Vmcs, VmcsAccess, VmcsError, VmxError};
+use crate::vmx::{
+    Host16, Host32, Host64, HostNat, ReadOnly32, Vmcs, VmcsAccess, VmcsError, VmxError,
+};
 use core::arch::{asm, global_asm};
 use core::mem::offset_of;
 
@@ -17,7 +19,51 @@ pub struct LoadedVmcs<'a> {
     region: &'a mut VmcsRegion,
 }
 
+/// The VMCS current on this CPU, whichever it is: the handle of code that runs where a
+/// [`LoadedVmcs`] cannot reach, the reflex called from the VM-exit stub (`keel_reflex`), which
+/// knows that the VMCS of the exit is current (SDM Vol. 3C 28: a VM exit leaves the current
+/// VMCS as it was).
+pub struct CurrentVmcs(());
+
+impl CurrentVmcs {
+    /// # Safety
+    /// A VMCS is current on this CPU for as long as the handle lives, and no other handle to it
+    /// is used meanwhile.
+    pub unsafe fn new() -> Self {
+        Self(())
+    }
+}
+
 impl VmcsAccess for LoadedVmcs<'_> {
+    #[inline(always)]
+    fn read_raw(&self, encoding: u32) -> u64 {
+        CurrentVmcs(()).read_raw(encoding)
+    }
+
+    #[inline(always)]
+    fn write_raw(&mut self, encoding: u32, value: u64) {
+        CurrentVmcs(()).write_raw(encoding, value)
+    }
+
+    #[inline(always)]
+    fn read_present(&self, encoding: u32) -> u64 {
+        CurrentVmcs(()).read_present(encoding)
+    }
+
+    #[inline(always)]
+    fn write_present(&mut self, encoding: u32, value: u64) {
+        CurrentVmcs(()).write_present(encoding, value)
+    }
+
+    #[inline(always)]
+    fn write_supported_raw(&mut self, encoding: u32, value: u64) {
+        CurrentVmcs(()).write_supported_raw(encoding, value)
+    }
+}
+
+// The handle's VMREAD and VMWRITE: the VMCS is current while a `CurrentVmcs` or a `LoadedVmcs`
+// exists.
+impl VmcsAccess for CurrentVmcs {
     #[inline(always)]
     fn read_raw(&self, encoding: u32) -> u64 {
         let value: u64;
@@ -61,8 +107,13 @@ impl VmcsAccess for LoadedVmcs<'_> {
     #[inline(always)]
     fn write_present(&mut self, encoding: u32, value: u64) {
         debug_assert!(crate::vmx::always_present(encoding));
-        // SAFETY: VMWRITE of a writable field every VMX processor has to the current VMCS: as
-        // `read_present`, it cannot fail.
+        self.write_supported_raw(encoding, value)
+    }
+
+    #[inline(always)]
+    fn write_supported_raw(&mut self, encoding: u32, value: u64) {
+        // SAFETY: VMWRITE of a writable field this processor has (every VMX processor, or one
+        // whose feature is in use) to the current VMCS: as `read_present`, it cannot fail.
         unsafe {
             asm!("vmwrite {e}, {v}", e = in(reg) encoding as u64, v = in(reg) value, options(nostack))
         };
@@ -190,7 +241,7 @@ impl Detached {
     pub fn enter(&mut self, regs: &mut GuestRegs) -> Result<(), VmxError> {
         // SAFETY: the current VMCS is the detached vCPU's, loaded on this CPU and complete (the
         // invariant above keeps every other CPU off it and off its registers).
-        unsafe { enter_current(&mut self.launched, regs) }
+        unsafe { enter_current(&mut self.launched, regs, core::ptr::null_mut()).map(|_| ()) }
     }
 }
 
@@ -253,16 +304,22 @@ fn write_cpu_host_state(vmcs: &mut LoadedVmcs<'_>) {
 
 unsafe extern "C" {
     /// Enters the guest (VMLAUNCH if `launched` is 0, else VMRESUME) with the GPRs in `regs`.
-    /// Returns 0 after a VM exit (the guest's GPRs are back in `regs`) or, if the VM entry
-    /// instruction itself failed, RFLAGS as it left it (never 0: bit 1 is always set), whose CF
-    /// and ZF say how (SDM 31.2).
-    fn keel_vm_enter(regs: *mut GuestRegs, launched: u64) -> u64;
+    /// Returns after a VM exit the exit-reason field with bit 32 set (the guest's GPRs are back
+    /// in `regs`) or, if the VM entry instruction itself failed, RFLAGS as it left it (bit 32
+    /// clear; never 0: bit 1 is always set), whose CF and ZF say how (SDM 31.2). With a `reflex`
+    /// that is not null, an exit it may take first calls `keel_reflex(reflex, regs)`: while it
+    /// answers true, the guest is entered again (VMRESUME) at once, and the call returns at the
+    /// first exit it does not take.
+    fn keel_vm_enter(regs: *mut GuestRegs, launched: u64, reflex: *mut ()) -> u64;
     fn keel_vm_exit();
 }
 
 // The register offsets come from `GuestRegs` itself (`offset_of!` as `const` operands), so a
-// reordered or resized struct changes the assembly with it. HOST_RSP is written on every entry so that the exit path finds this frame, with the `regs`
-// pointer on top, whatever the caller's stack depth.
+// reordered or resized struct changes the assembly with it. HOST_RSP is written on every entry
+// so that the exit path finds this frame whatever the caller's stack depth: the `regs` pointer
+// on top, then the `reflex` pointer, then the six callee-saved registers. Eight words: HOST_RSP
+// is 8 short of a multiple of 16 (the caller's RSP was, after its call), so the call of
+// `keel_reflex` moves RSP down one word first (the System V ABI's alignment).
 global_asm!(
     ".global keel_vm_enter",
     "keel_vm_enter:",
@@ -272,6 +329,7 @@ global_asm!(
     "push r13",
     "push r14",
     "push r15",
+    "push rdx",
     "push rdi",
     "mov rax, {host_rsp}",
     "vmwrite rax, rsp",
@@ -304,6 +362,7 @@ global_asm!(
     "pushfq",
     "pop rax",
     "pop rdi",
+    "pop rdx",
     "pop r15",
     "pop r14",
     "pop r13",
@@ -313,34 +372,77 @@ global_asm!(
     "ret",
     ".global keel_vm_exit",
     "keel_vm_exit:",
+    // The guest's registers into `regs`: the ones a call may change first (the System V ABI's
+    // caller-saved ones), then, on the way back to the run loop, RBX, RBP and R12-R15, which a
+    // call of `keel_reflex` leaves as they were (callee-saved).
     "push rdi",
     "mov rdi, [rsp + 8]",
     "mov [rdi + {rax}], rax",
     "mov [rdi + {rcx}], rcx",
     "mov [rdi + {rdx}], rdx",
-    "mov [rdi + {rbx}], rbx",
-    "mov [rdi + {rbp}], rbp",
     "mov [rdi + {rsi}], rsi",
     "mov [rdi + {r8}], r8",
     "mov [rdi + {r9}], r9",
     "mov [rdi + {r10}], r10",
     "mov [rdi + {r11}], r11",
+    "pop rax",
+    "mov [rdi + {rdi}], rax",
+    // The exit reason, returned (RCX until then). The reflex, if there is one and the exit is
+    // one it may take (`runloop::reflex::may_take`: a CPUID, basic exit reason 10 with bits
+    // 16-31 clear): `keel_reflex(reflex, regs)`, with RSP 16-byte aligned. It reads RAX and RCX
+    // from `regs` and writes RAX, RBX, RCX and RDX there. True, and the guest is entered again
+    // with those and the caller-saved registers from `regs`, the callee-saved ones as they are.
+    // A failed VMRESUME leaves as the entry's failure above. False: as any other exit.
+    "mov ecx, {exit_reason}",
+    "vmread rcx, rcx",
+    "cmp ecx, {reflex_reason}",
+    "jne 4f",
+    "mov rax, [rsp + 8]",
+    "test rax, rax",
+    "jz 4f",
+    "mov rsi, rdi",
+    "mov rdi, rax",
+    "sub rsp, 8",
+    "call keel_reflex",
+    "add rsp, 8",
+    "mov rdi, [rsp]",
+    "test al, al",
+    "jz 5f",
+    "mov rax, [rdi + {rax}]",
+    "mov rcx, [rdi + {rcx}]",
+    "mov rdx, [rdi + {rdx}]",
+    "mov rbx, [rdi + {rbx}]",
+    "mov rsi, [rdi + {rsi}]",
+    "mov r8,  [rdi + {r8}]",
+    "mov r9,  [rdi + {r9}]",
+    "mov r10, [rdi + {r10}]",
+    "mov r11, [rdi + {r11}]",
+    "mov rdi, [rdi + {rdi}]",
+    "vmresume",
+    "jmp 3b",
+    "5:",
+    "mov ecx, {reflex_reason}",
+    "4:",
+    "mov [rdi + {rbx}], rbx",
+    "mov [rdi + {rbp}], rbp",
     "mov [rdi + {r12}], r12",
     "mov [rdi + {r13}], r13",
     "mov [rdi + {r14}], r14",
     "mov [rdi + {r15}], r15",
-    "pop rax",
-    "mov [rdi + {rdi}], rax",
     "pop rdi",
+    "pop rdx",
     "pop r15",
     "pop r14",
     "pop r13",
     "pop r12",
     "pop rbp",
     "pop rbx",
-    "xor eax, eax",
+    "bts rcx, 32",
+    "mov rax, rcx",
     "ret",
     host_rsp = const HostNat::Rsp as u32,
+    exit_reason = const ReadOnly32::ExitReason as u32,
+    reflex_reason = const crate::vmx::ExitReason::Cpuid.number() as u32,
     rax = const offset_of!(GuestRegs, rax),
     rcx = const offset_of!(GuestRegs, rcx),
     rdx = const offset_of!(GuestRegs, rdx),
@@ -366,12 +468,30 @@ impl LoadedVmcs<'_> {
     pub fn enter(&mut self, regs: &mut GuestRegs) -> Result<(), VmxError> {
         // SAFETY: this VMCS is current (the handle exists) and holds a complete guest and host
         // state (written by the caller).
-        unsafe { enter_current(&mut self.region.launched, regs) }
+        unsafe { enter_current(&mut self.region.launched, regs, core::ptr::null_mut()).map(|_| ()) }
+    }
+
+    /// [`LoadedVmcs::enter`], with `keel_reflex(reflex, regs)` called first at each VM exit it
+    /// may take (a CPUID): the guest is entered again at once while it answers true. Returns the
+    /// exit-reason field of the exit it did not take.
+    ///
+    /// # Safety
+    /// `reflex` is what `keel_reflex` expects, valid until the call returns; `keel_reflex`
+    /// changes the VMCS and `regs` only as an exit handler would.
+    #[inline(always)]
+    pub unsafe fn enter_with_reflex(
+        &mut self,
+        regs: &mut GuestRegs,
+        reflex: *mut (),
+    ) -> Result<u32, VmxError> {
+        // SAFETY: as `enter`; `reflex` is the caller's promise.
+        unsafe { enter_current(&mut self.region.launched, regs, reflex) }
     }
 }
 
 /// VMLAUNCH (`launched` false) or VMRESUME of the current VMCS, back at its next VM exit with
-/// the guest's registers in `regs`.
+/// the guest's registers in `regs` and the exit-reason field returned (with a `reflex`, the next
+/// exit it does not take: `keel_vm_enter`).
 ///
 /// # Safety
 /// The VMCS current on this CPU holds a complete guest and host state, `launched` is its launch
@@ -379,11 +499,17 @@ impl LoadedVmcs<'_> {
 // Inlined: a call of its own (and the saved register it needs) cost every exit 6 instructions
 // (docs/BENCHMARKS.md).
 #[inline(always)]
-unsafe fn enter_current(launched: &mut bool, regs: &mut GuestRegs) -> Result<(), VmxError> {
+unsafe fn enter_current(
+    launched: &mut bool,
+    regs: &mut GuestRegs,
+    reflex: *mut (),
+) -> Result<u32, VmxError> {
     // SAFETY: the caller's promise; `regs` is valid for the duration of the call.
-    let rflags = unsafe { keel_vm_enter(regs, *launched as u64) };
-    if rflags != 0 {
-        VmxError::check(rflags, super::vmx::read_instruction_error)?;
+    let out = unsafe { keel_vm_enter(regs, *launched as u64, reflex) };
+    if out >> 32 == 0 {
+        // VMLAUNCH, VMRESUME or the VMWRITE before them failed: CF or ZF tells how (SDM 31.2).
+        let failed = VmxError::check(out, super::vmx::read_instruction_error);
+        return Err(failed.err().unwrap_or(VmxError::FailInvalid));
     }
     // SDM 27.11: the launch state becomes "launched" after a VMLAUNCH that did not fail.
     *launched = true;
@@ -392,7 +518,7 @@ unsafe fn enter_current(launched: &mut bool, regs: &mut GuestRegs) -> Result<(),
     if super::smp::kicks_are_nmis() {
         end_nmi_blocking_after_an_nmi_exit();
     }
-    Ok(())
+    Ok(out as u32)
 }
 
 /// After a VM exit caused by an NMI (basic exit reason 0, interruption type NMI: a kick,

@@ -477,6 +477,9 @@ const TABLE_EXT: usize = 9;
 #[derive(Debug, Clone, Default)]
 pub struct CpuidTable {
     filled: bool,
+    /// The basic leaves the table holds: `TABLE_BASIC` once filled, none before (one test in
+    /// [`CpuidTable::get`] for both, on the run loop's reflex).
+    basic_held: u32,
     basic: [[u32; 4]; 0x17],
     keel: [[u32; 4]; TABLE_KEEL],
     ext: [[u32; 4]; TABLE_EXT],
@@ -507,6 +510,7 @@ impl CpuidTable {
         }
         self.tsc_deadline = policy(host, 1, 0, &f)[ECX] & bit::ECX1_TSC_DEADLINE != 0;
         self.filled = true;
+        self.basic_held = TABLE_BASIC;
     }
 
     /// Whether the guest's CPUID.1:ECX advertises the TSC-deadline timer (SDM Vol. 3A 11.5.4.1:
@@ -524,11 +528,9 @@ impl CpuidTable {
     /// The answer for `leaf` if the table holds it.
     #[inline]
     pub fn get(&self, leaf: u32) -> Option<&[u32; 4]> {
-        if !self.filled {
-            return None;
-        }
         match leaf {
-            0..=0x16 if TABLE_BASIC & (1 << leaf) != 0 => Some(&self.basic[leaf as usize]),
+            0..=0x16 if self.basic_held & (1 << leaf) != 0 => Some(&self.basic[leaf as usize]),
+            _ if !self.filled => None,
             0x8000_0000 | 0x8000_0002..=0x8000_0008 => {
                 Some(&self.ext[(leaf - 0x8000_0000) as usize])
             }

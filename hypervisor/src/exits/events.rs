@@ -296,8 +296,10 @@ impl EventQueue {
         self.idle() && self.held_interrupt.is_none()
     }
 
+    /// Nothing for [`commit`] to write at the next entry (the run loop tells it once for the
+    /// commit and its reflex, which is on only then: `runloop::reflex`).
     #[inline(always)]
-    fn idle(&self) -> bool {
+    pub fn idle(&self) -> bool {
         self.next.is_none()
             && !self.nmi
             && !self.triple_fault
@@ -333,9 +335,9 @@ pub fn commit<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu) -> Result<(), Sto
     commit_queued(vmcs, vcpu)
 }
 
-/// [`commit`] with something in the queue.
+/// [`commit`] with something in the queue (not [`EventQueue::idle`]).
 #[inline(never)]
-fn commit_queued<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu) -> Result<(), StopReason> {
+pub fn commit_queued<V: Vmcs + ?Sized>(vmcs: &mut V, vcpu: &mut Vcpu) -> Result<(), StopReason> {
     let q = &mut vcpu.events;
     // The next most common case, an external interrupt alone (the one `inject_pending_interrupt`
     // or the LAPIC timer's short way queued): its interruption information is all there is to

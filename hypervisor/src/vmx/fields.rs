@@ -154,6 +154,14 @@ pub trait VmcsAccess {
     fn write_present(&mut self, encoding: u32, value: u64) {
         self.write_raw(encoding, value)
     }
+
+    /// [`VmcsAccess::write_raw`] of a writable field that not every VMX processor has but this
+    /// one does, its feature being in use (the VMX-preemption timer value while the run loop arms
+    /// the timer): as [`VmcsAccess::write_present`], the hardware layer leaves its check out.
+    #[inline(always)]
+    fn write_supported_raw(&mut self, encoding: u32, value: u64) {
+        self.write_raw(encoding, value)
+    }
 }
 
 /// Whether every processor with VMX has the field `encoding`: the exit information, the
@@ -202,6 +210,12 @@ pub trait Vmcs: VmcsAccess {
         } else {
             self.write_raw(encoding, value.into_raw())
         }
+    }
+
+    /// [`Vmcs::write`] of a field whose feature is in use ([`VmcsAccess::write_supported_raw`]).
+    #[inline(always)]
+    fn write_supported<F: WritableField>(&mut self, field: F, value: F::Value) {
+        self.write_supported_raw(field.encoding(), value.into_raw())
     }
 
     /// Read, change, write back.
