@@ -2,12 +2,12 @@
 //! loop (docs/ARCHITECTURE.md, "The reflex").
 //!
 //! A CPUID whose leaf the guest's table holds (`exits::cpuid::CpuidTable::get`) changes the
-//! guest's registers, its RIP and nothing else. The tight loop's register-only way makes it in
-//! about 200 instructions; about half of them are the way back to the run loop's frame and in
-//! again, and the loop's general bookkeeping, which such an exit needs none of. The hardware layer
-//! calls [`take`] right after the exit stub has saved the guest's registers; when it answers
-//! true, the stub loads them again and resumes the guest without returning, so the run loop
-//! sees only the exits the reflex declines. The tests' fake CPU calls the same [`take`] after
+//! guest's registers, its RIP and nothing else. The tight loop's register-only way made it in
+//! about 200 instructions, about 70 of them the way back to the run loop's frame and in again and
+//! the loop's general work, which such an exit needs none of (the reflex: 130, docs/BENCHMARKS.md).
+//! The VM-exit stub tests the exit reason itself ([`may_take`]) and the hardware layer calls
+//! [`take`] with the guest's registers saved; when it answers true, the stub loads them again and
+//! resumes the guest without returning, so the run loop sees only the exits the reflex declines. The tests' fake CPU calls the same [`take`] after
 //! each exit it makes (`runloop::Cpu::enter_with_reflex`), so the run loop's tests run through
 //! it too.
 //!
@@ -163,7 +163,8 @@ fn timer_count_by(armed: u64, t0: u64, min_gap: u64, rate: u8, mask: u64) -> u32
 }
 
 /// Whether the exit whose exit-reason field reads `raw` is one the reflex may take: the
-/// VM-exit stub's first test, made before [`take`] is called.
+/// VM-exit stub's first test, made before [`take`] is called (the stub, `arch::vmcs`, makes the
+/// same comparison in assembly, with CPUID's number as a constant of the same source).
 #[inline(always)]
 pub fn may_take(raw: u32) -> bool {
     raw == CPUID

@@ -32,7 +32,10 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")
 RUN_DIR = os.path.join(ROOT, "target/keel/release/bench/keel")
 # Execution order in bench64 (the ping-pong first, then `suite`).
 OPS = ["yield", "cpuid", "vmcall", "out", "in", "rdmsr", "wrmsr", "mmio-read", "mmio-write",
-       "cr8-read", "cr8-write", "deadline", "hlt", "irq", "ipi"]
+       "cr8-read", "cr8-write", "eoi", "deadline", "hlt", "irq", "ipi", "apic-read", "x2apic-read",
+       "x2apic-tpr", "x2apic-eoi"]
+# bench64's x2APIC rows by their MSR (ECX, set just before the first RDTSC).
+X2APIC_OPS = {0x832: "x2apic-read", 0x808: "x2apic-tpr", 0x80b: "x2apic-eoi"}
 # Instructions that are one Bochs tick but cost far more on silicon.
 SPECIAL = {"vmread", "vmwrite", "vmresume", "vmlaunch", "vmptrld", "rdtsc", "rdmsr", "wrmsr",
            "xsave", "xrstor", "xsetbv", "in", "out", "hlt", "invept", "invvpid"}
@@ -64,6 +67,7 @@ def find_ops(code, guest_elf):
     """{op: (address of the timed instruction, address of the guest's next instruction)}: the
     last match of each shape, which is the measured loop (the warm-up loop comes first)."""
     found = {}
+    stores = 0  # LAPIC stores by MMIO so far: `mmio-write`'s two loops, then `eoi`'s
     for i, (addr, mnem, ops) in enumerate(code):
         if mnem != "rdtsc":
             continue
@@ -84,21 +88,31 @@ def find_ops(code, guest_elf):
             name = op_mnem
         elif op_mnem in ("rdmsr", "wrmsr"):
             # bench64's x2APIC rows (ECX 0x800-0x8FF, set just before the first RDTSC) have the
-            # same shape; with APIC virtualization they do not even exit.
+            # same shape, told apart by the MSR; with APIC virtualization they do not even exit
+            # (`--run-dir` of the run without it traces their exits).
             ecx = code[i - 1][2] if code[i - 1][1] == "mov" else ""
             m = re.match(r"ecx,0x([0-9a-f]+)$", ecx)
-            if m and int(m.group(1), 16) == 0x6e0:
+            msr = int(m.group(1), 16) if m else None
+            if msr == 0x6e0:
                 name = "deadline"
-            elif not (m and 0x800 <= int(m.group(1), 16) < 0x900):
+            elif msr is not None and 0x800 <= msr < 0x900:
+                name = X2APIC_OPS.get(msr)
+            else:
                 name = op_mnem
         elif op_mnem == "mov" and re.match(r"\w+,cr8$", op_ops):
             name = "cr8-read"
         elif op_mnem == "mov" and re.match(r"cr8,\w+$", op_ops):
             name = "cr8-write"
         elif op_mnem == "mov" and re.match(r"\w+,DWORD PTR \[\w+\]$", op_ops):
-            name = "mmio-read"
+            # The TPR (`mmio-read`) or, in the x2APIC part, the LVT timer (`apic-read`): the
+            # address is loaded just before the first RDTSC.
+            lvt = code[i - 1][1] == "mov" and code[i - 1][2].endswith(",0xfee00320")
+            name = "apic-read" if lvt else "mmio-read"
         elif op_mnem == "mov" and re.match(r"DWORD PTR \[\w+\],\w+$", op_ops):
-            name = "mmio-write"
+            # The TPR (`mmio-write`) then the EOI register (`eoi`), each a warm-up loop and a
+            # timed one, in that order.
+            name = "mmio-write" if stores < 2 else "eoi"
+            stores += 1
         if name:
             found[name] = (op_addr, next_addr)
     # ipi: sti; rdtsc; mov t0, eax; mov [icr], v -> the handler's RDTSC
