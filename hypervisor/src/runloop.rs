@@ -92,9 +92,9 @@ pub trait Cpu {
     /// returns at its next VM exit, with its general-purpose registers back in `regs`.
     fn enter(&mut self, vmcs: &mut Self::Loaded<'_>, regs: &mut GuestRegs) -> Result<(), VmxError>;
     /// [`Cpu::enter`] with the reflex (`reflex::take`) answering the exits it takes on the way:
-    /// returns at the first exit it declines, with its exit-reason field. The hardware calls the reflex from the VM-exit
-    /// stub, without returning here between the exits it takes; this default (the tests' fake)
-    /// calls it after each exit [`Cpu::enter`] returns at.
+    /// returns at the first exit it declines, with its exit-reason field. The hardware calls the
+    /// reflex from the VM-exit stub, without returning here between the exits it takes; this
+    /// default (the tests' fake) calls it after each exit [`Cpu::enter`] returns at.
     fn enter_with_reflex(
         &mut self,
         vmcs: &mut Self::Loaded<'_>,

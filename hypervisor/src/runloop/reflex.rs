@@ -7,9 +7,9 @@
 //! the loop's general work, which such an exit needs none of (the reflex: 130, docs/BENCHMARKS.md).
 //! The VM-exit stub tests the exit reason itself ([`may_take`]) and the hardware layer calls
 //! [`take`] with the guest's registers saved; when it answers true, the stub loads them again and
-//! resumes the guest without returning, so the run loop sees only the exits the reflex declines. The tests' fake CPU calls the same [`take`] after
-//! each exit it makes (`runloop::Cpu::enter_with_reflex`), so the run loop's tests run through
-//! it too.
+//! resumes the guest without returning, so the run loop sees only the exits the reflex declines.
+//! The tests' fake CPU calls the same [`take`] after each exit it makes
+//! (`runloop::Cpu::enter_with_reflex`), so the run loop's tests run through it too.
 //!
 //! What the reflex does is what the tight loop would do for the same exit, in the same order:
 //! - declined (nothing changed) unless the run loop turned it on for this entry
