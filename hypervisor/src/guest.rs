@@ -267,6 +267,20 @@ impl GuestStats {
         }
     }
 
+    /// `count` exits of basic reason `reason` came and were handled in `cycles` in all, the
+    /// longest in `longest`: as many [`GuestStats::count_exit`]s and
+    /// [`GuestStats::record_exit_cycles`] at once, the last exit left as it was (the run loop's
+    /// reflex, which keeps its exits' accounts until the loop sees the next one).
+    pub fn add_timed_exits(&mut self, reason: u16, count: u64, cycles: u64, longest: u64) {
+        let r = usize::from(reason);
+        if r < EXIT_REASONS {
+            self.exits[r] += count;
+            self.exit_cycles[r] += cycles;
+            self.exits_timed[r] += count;
+            self.exit_cycles_max[r] = self.exit_cycles_max[r].max(longest);
+        }
+    }
+
     /// The average handling time of exits of basic reason `reason`, if any was timed.
     pub fn average_exit_cycles(&self, reason: usize) -> Option<u64> {
         let n = *self.exits_timed.get(reason)?;

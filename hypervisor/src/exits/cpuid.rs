@@ -574,7 +574,7 @@ pub fn handle<V: Vmcs + ?Sized>(cx: &mut ExitContext<'_, V>) -> Action {
 /// CPUID's answer in the guest's registers: it writes the low 32 bits of RAX, RBX, RCX and RDX
 /// and clears their upper halves in 64-bit mode (SDM Vol. 2A, CPUID).
 #[inline(always)]
-fn answer(r: &mut crate::guest::GuestRegs, &[a, b, c, d]: &[u32; 4]) {
+pub(crate) fn answer(r: &mut crate::guest::GuestRegs, &[a, b, c, d]: &[u32; 4]) {
     r.rax = a as u64;
     r.rbx = b as u64;
     r.rcx = c as u64;

@@ -42,7 +42,8 @@ use crate::vmx::{
     Control32, Guest32, GuestNat, Interruptibility, InterruptionInfo, InterruptionType, Vmcs,
 };
 
-const RFLAGS_RF: u64 = 1 << 16;
+use super::RFLAGS_RF;
+
 const CR0_PE: u64 = 1;
 
 /// The classes of SDM Vol. 3A Table 6-4 that decide whether two exceptions make a #DF.

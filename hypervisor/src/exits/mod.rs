@@ -292,10 +292,10 @@ pub fn advance_rip<V: Vmcs + ?Sized>(vmcs: &mut V, len: u64) {
     }
 }
 
-const RFLAGS_TF: u64 = 1 << 8;
-/// RFLAGS.IF (SDM Vol. 1 3.4.3.2).
+/// RFLAGS.TF, RFLAGS.IF and RFLAGS.RF (SDM Vol. 1 3.4.3).
+pub(crate) const RFLAGS_TF: u64 = 1 << 8;
 pub(crate) const RFLAGS_IF: u64 = 1 << 9;
-const RFLAGS_RF: u64 = 1 << 16;
+pub(crate) const RFLAGS_RF: u64 = 1 << 16;
 const DEBUGCTL_BTF: u64 = 1 << 1;
 /// Pending debug exceptions bit 14: single step (SDM 25.4.2, Table 25-4).
 const PENDING_DEBUG_BS: u64 = 1 << 14;

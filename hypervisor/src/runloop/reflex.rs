@@ -30,13 +30,12 @@
 //!   count and handling time, kept in the reflex and added to the vCPU's [`GuestStats`] by the
 //!   run loop when it next sees an exit ([`Reflex::settle`]), before anything reads them.
 
-use crate::exits::cpuid::CpuidTable;
+use crate::exits::cpuid::{self, CpuidTable};
+use crate::exits::{RFLAGS_RF, RFLAGS_TF};
 use crate::guest::{GuestRegs, GuestStats};
 use crate::vmx::{ExitReason, Guest32, GuestNat, ReadOnly32, Vmcs};
 
 const CPUID: u32 = ExitReason::Cpuid.number() as u32;
-const RFLAGS_TF: u64 = 1 << 8;
-const RFLAGS_RF: u64 = 1 << 16;
 
 /// What the reflex needs of the running piece, and what it owes the accounts. One per host
 /// CPU's piece; the run loop sets it before each entry of its tight loop ([`Reflex::arm`]).
@@ -124,11 +123,7 @@ impl Reflex {
     /// Keel's time). The last exit stays the loop's own.
     #[cold]
     pub fn settle(&mut self, stats: &mut GuestStats) {
-        let r = CPUID as usize;
-        stats.exits[r] += self.taken;
-        stats.exits_timed[r] += self.taken;
-        stats.exit_cycles[r] += self.keel;
-        stats.exit_cycles_max[r] = stats.exit_cycles_max[r].max(self.keel_max);
+        stats.add_timed_exits(CPUID as u16, self.taken, self.keel, self.keel_max);
         stats.cpu_cycles += self.guest;
         stats.keel_cycles += self.keel;
         self.taken = 0;
@@ -188,17 +183,14 @@ pub fn take<V: Vmcs + ?Sized>(
     if !r.on || t1 >= r.until {
         return false;
     }
-    let Some(&[a, b, c, d]) = table.get(regs.rax as u32) else {
+    let Some(answer) = table.get(regs.rax as u32) else {
         return false;
     };
     let rflags = v.read(GuestNat::Rflags);
     if rflags & RFLAGS_TF != 0 || v.read(Guest32::InterruptibilityState) & 0b11 != 0 {
         return false;
     }
-    regs.rax = a as u64;
-    regs.rbx = b as u64;
-    regs.rcx = c as u64;
-    regs.rdx = d as u64;
+    cpuid::answer(regs, answer);
     let len = v.read(ReadOnly32::ExitInstructionLength) as u64;
     let rip = v.read(GuestNat::Rip);
     v.write(GuestNat::Rip, rip.wrapping_add(len));
